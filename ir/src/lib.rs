@@ -1,0 +1,24 @@
+//! sparsec's graph IR: typed tensor ops carrying pattern attributes, a text form
+//! that round-trips, the verifier, and the reference semantics of every op.
+
+pub mod attr;
+pub mod error;
+pub mod graph;
+pub mod lexer;
+pub mod op;
+pub mod parser;
+pub mod pattern;
+pub mod printer;
+pub mod reference;
+pub mod shape;
+pub mod types;
+pub mod verifier;
+
+pub use error::{IrError, IrResult};
+pub use graph::{Graph, Loc, Node, ValueId};
+pub use op::{GeluApprox, Init, Op};
+pub use parser::parse_graph;
+pub use pattern::{KvAxis, KvCompression, LowRank, NativeSparse, Pattern, Sparsity, Specialize, SvdRank, Window};
+pub use printer::print_graph;
+pub use types::{DType, Dim, SymSize, TensorType};
+pub use verifier::verify;

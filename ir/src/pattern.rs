@@ -1,0 +1,291 @@
+//! The pattern families of DESIGN.md as typed attributes on ops: weight sparsity,
+//! the specialization dial, low rank / shared bases, frequency-domain and
+//! chunked-SVD K/V, sliding windows, native sparse attention.
+//! Their invariants are checked in `verifier.rs`; their spelling is `#name(args)`.
+
+use crate::attr::{AttrArgs, AttrValue};
+
+/// One pattern attached to an op. Closed: adding a family means adding a variant
+/// here and following `docs/add-a-pattern.md`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Pattern {
+    /// Weight sparsity of the right-hand (weight) operand of a matmul.
+    Sparsity(Sparsity),
+    /// How far the compiler specializes a sparse kernel.
+    Specialize(Specialize),
+    /// The weight is factored `W ≈ B·C`, `B` possibly shared by a group of layers.
+    LowRank(LowRank),
+    /// K/V compression of an attention op.
+    Kv(KvCompression),
+    /// Attention window (full, or sliding with sink tokens).
+    Window(Window),
+    /// Native sparse attention: compressed, selected and sliding branches.
+    Nsa(NativeSparse),
+}
+
+/// Which kind of op a pattern may sit on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PatternSite {
+    MatMul,
+    Attention,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Sparsity {
+    /// Magnitude pruning to `ratio` zeros, anywhere.
+    Unstructured { ratio: f32 },
+    /// `n` nonzeros in every group of `m` consecutive elements of a row.
+    NM { n: u32, m: u32 },
+    /// `ratio` of the `rows`×`cols` blocks are zero.
+    Block { ratio: f32, rows: u32, cols: u32 },
+}
+
+/// The specialization dial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Specialize {
+    /// Ignore the zeros: a dense kernel.
+    Dense,
+    /// One sparse kernel; indices and values read at run time.
+    Generic,
+    /// Nonzero structure baked into the code; values read at run time.
+    Indices,
+    /// Indices and values baked as constants.
+    Full,
+    /// The compiler picks from its cost model.
+    Auto,
+}
+
+impl Specialize {
+    pub const ALL: [Specialize; 5] =
+        [Specialize::Dense, Specialize::Generic, Specialize::Indices, Specialize::Full, Specialize::Auto];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Specialize::Dense => "dense",
+            Specialize::Generic => "generic",
+            Specialize::Indices => "indices",
+            Specialize::Full => "full",
+            Specialize::Auto => "auto",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Specialize::ALL.into_iter().find(|v| v.name() == s)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LowRank {
+    pub rank: u32,
+    /// Name of the basis shared by a group of layers; `None` for a private factorization.
+    pub basis: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvAxis {
+    /// Along the head features (a fixed low-pass projection, foldable into weights).
+    Feature,
+    /// Along the sequence (whole or blockwise).
+    Sequence,
+}
+
+impl KvAxis {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvAxis::Feature => "feature",
+            KvAxis::Sequence => "sequence",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SvdRank {
+    Fixed(u32),
+    /// Smallest rank keeping this fraction of the spectral energy.
+    Energy(f32),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum KvCompression {
+    Dct { keep: f32, axis: KvAxis, block: Option<u32> },
+    Pswf { keep: f32, axis: KvAxis, block: Option<u32>, bandwidth: f32 },
+    ChunkedSvd { chunk: u32, rank: SvdRank },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Window {
+    Full,
+    Sliding { size: u32, sinks: u32 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NativeSparse {
+    pub block: u32,
+    pub top_k: u32,
+    pub window: u32,
+}
+
+impl Pattern {
+    /// The name after `#` in the text form.
+    pub fn keyword(&self) -> &'static str {
+        match self {
+            Pattern::Sparsity(_) => "sparsity",
+            Pattern::Specialize(_) => "specialize",
+            Pattern::LowRank(_) => "low_rank",
+            Pattern::Kv(_) => "kv",
+            Pattern::Window(_) => "window",
+            Pattern::Nsa(_) => "nsa",
+        }
+    }
+
+    pub fn site(&self) -> PatternSite {
+        match self {
+            Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::LowRank(_) => PatternSite::MatMul,
+            Pattern::Kv(_) | Pattern::Window(_) | Pattern::Nsa(_) => PatternSite::Attention,
+        }
+    }
+
+    /// The arguments in canonical order, for the printer.
+    pub fn to_args(&self) -> AttrArgs {
+        use AttrValue::{Float, Int, Str, Word};
+        let a = AttrArgs::new();
+        match self {
+            Pattern::Sparsity(Sparsity::Unstructured { ratio }) => {
+                a.word("unstructured").kv("ratio", Float(*ratio as f64))
+            }
+            Pattern::Sparsity(Sparsity::NM { n, m }) => {
+                a.word("nm").kv("n", Int(*n as i128)).kv("m", Int(*m as i128))
+            }
+            Pattern::Sparsity(Sparsity::Block { ratio, rows, cols }) => a
+                .word("block")
+                .kv("ratio", Float(*ratio as f64))
+                .kv("rows", Int(*rows as i128))
+                .kv("cols", Int(*cols as i128)),
+            Pattern::Specialize(s) => a.word(s.name()),
+            Pattern::LowRank(LowRank { rank, basis }) => {
+                let a = a.kv("rank", Int(*rank as i128));
+                match basis {
+                    Some(b) => a.kv("basis", Str(b.clone())),
+                    None => a,
+                }
+            }
+            Pattern::Kv(KvCompression::Dct { keep, axis, block }) => {
+                let a = a.word("dct").kv("keep", Float(*keep as f64)).kv("axis", Word(axis.name().into()));
+                match block {
+                    Some(b) => a.kv("block", Int(*b as i128)),
+                    None => a,
+                }
+            }
+            Pattern::Kv(KvCompression::Pswf { keep, axis, block, bandwidth }) => {
+                let a = a.word("pswf").kv("keep", Float(*keep as f64)).kv("axis", Word(axis.name().into()));
+                let a = match block {
+                    Some(b) => a.kv("block", Int(*b as i128)),
+                    None => a,
+                };
+                a.kv("bandwidth", Float(*bandwidth as f64))
+            }
+            Pattern::Kv(KvCompression::ChunkedSvd { chunk, rank }) => {
+                let a = a.word("chunked_svd").kv("chunk", Int(*chunk as i128));
+                match rank {
+                    SvdRank::Fixed(r) => a.kv("rank", Int(*r as i128)),
+                    SvdRank::Energy(e) => a.kv("energy", Float(*e as f64)),
+                }
+            }
+            Pattern::Window(Window::Full) => a.word("full"),
+            Pattern::Window(Window::Sliding { size, sinks }) => {
+                a.word("sliding").kv("size", Int(*size as i128)).kv("sinks", Int(*sinks as i128))
+            }
+            Pattern::Nsa(NativeSparse { block, top_k, window }) => a
+                .kv("block", Int(*block as i128))
+                .kv("top_k", Int(*top_k as i128))
+                .kv("window", Int(*window as i128)),
+        }
+    }
+
+    /// Builds a pattern from `#keyword(args)`; errors are sentences.
+    pub fn from_args(keyword: &str, args: &AttrArgs) -> Result<Pattern, String> {
+        let what = format!("#{keyword}");
+        let mut r = args.reader(&what);
+        let p = match keyword {
+            "sparsity" => {
+                let kind = r.require_positional("unstructured, nm or block")?;
+                match kind {
+                    "unstructured" => Pattern::Sparsity(Sparsity::Unstructured { ratio: r.f32("ratio")? }),
+                    "nm" => Pattern::Sparsity(Sparsity::NM { n: r.u32("n")?, m: r.u32("m")? }),
+                    "block" => Pattern::Sparsity(Sparsity::Block {
+                        ratio: r.f32("ratio")?,
+                        rows: r.u32("rows")?,
+                        cols: r.u32("cols")?,
+                    }),
+                    other => return Err(format!("{what}: unknown kind `{other}` (expected unstructured, nm or block)")),
+                }
+            }
+            "specialize" => {
+                let level = r.require_positional("dense, generic, indices, full or auto")?;
+                Pattern::Specialize(Specialize::from_name(level).ok_or_else(|| {
+                    format!("{what}: unknown level `{level}` (expected dense, generic, indices, full or auto)")
+                })?)
+            }
+            "low_rank" => Pattern::LowRank(LowRank {
+                rank: r.u32("rank")?,
+                basis: r.opt_str("basis")?.map(str::to_string),
+            }),
+            "kv" => {
+                let kind = r.require_positional("dct, pswf or chunked_svd")?;
+                let axis = |r: &mut crate::attr::ArgReader<'_>| -> Result<KvAxis, String> {
+                    match r.opt_word("axis")? {
+                        None | Some("feature") => Ok(KvAxis::Feature),
+                        Some("sequence") => Ok(KvAxis::Sequence),
+                        Some(o) => Err(format!("{what}: unknown axis `{o}` (expected feature or sequence)")),
+                    }
+                };
+                match kind {
+                    "dct" => Pattern::Kv(KvCompression::Dct {
+                        keep: r.f32("keep")?,
+                        axis: axis(&mut r)?,
+                        block: r.opt_u32("block")?,
+                    }),
+                    "pswf" => Pattern::Kv(KvCompression::Pswf {
+                        keep: r.f32("keep")?,
+                        axis: axis(&mut r)?,
+                        block: r.opt_u32("block")?,
+                        bandwidth: r.f32("bandwidth")?,
+                    }),
+                    "chunked_svd" => {
+                        let chunk = r.u32("chunk")?;
+                        let rank = r.opt_u32("rank")?;
+                        let energy = r.opt_f32("energy")?;
+                        let rank = match (rank, energy) {
+                            (Some(k), None) => SvdRank::Fixed(k),
+                            (None, Some(e)) => SvdRank::Energy(e),
+                            _ => return Err(format!("{what}: chunked_svd needs exactly one of `rank` or `energy`")),
+                        };
+                        Pattern::Kv(KvCompression::ChunkedSvd { chunk, rank })
+                    }
+                    other => return Err(format!("{what}: unknown kind `{other}` (expected dct, pswf or chunked_svd)")),
+                }
+            }
+            "window" => match r.require_positional("full or sliding")? {
+                "full" => Pattern::Window(Window::Full),
+                "sliding" => Pattern::Window(Window::Sliding {
+                    size: r.u32("size")?,
+                    sinks: r.opt_u32("sinks")?.unwrap_or(0),
+                }),
+                other => return Err(format!("{what}: unknown kind `{other}` (expected full or sliding)")),
+            },
+            "nsa" => Pattern::Nsa(NativeSparse {
+                block: r.u32("block")?,
+                top_k: r.u32("top_k")?,
+                window: r.u32("window")?,
+            }),
+            other => {
+                return Err(format!(
+                    "unknown pattern `#{other}` (expected sparsity, specialize, low_rank, kv, window or nsa)"
+                ))
+            }
+        };
+        r.finish()?;
+        Ok(p)
+    }
+}

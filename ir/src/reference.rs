@@ -1,0 +1,179 @@
+//! Reference semantics of every op, in plain f32 loops (f64 accumulation where a
+//! reduction is long). This is the definition compiled kernels are checked against.
+
+use crate::op::{GeluApprox, Op};
+use crate::pattern::{Pattern, Window};
+use ndarray::{ArrayD, IxDyn};
+
+/// GELU, tanh form.
+pub fn gelu_tanh(x: f32) -> f32 {
+    let c = (2.0f32 / std::f32::consts::PI).sqrt();
+    0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// GELU, erf form.
+pub fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x / std::f32::consts::SQRT_2))
+}
+
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+fn contiguous(a: &ArrayD<f32>) -> std::borrow::Cow<'_, [f32]> {
+    match a.as_slice() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+    }
+}
+
+/// Evaluates a compute op on concrete operands. `patterns` are the op's patterns;
+/// weight patterns (sparsity, low rank) have already been applied to the weight
+/// data by the weight-transform passes, so here they change nothing.
+pub fn eval_op(op: &Op, patterns: &[Pattern], operands: &[&ArrayD<f32>]) -> Result<ArrayD<f32>, String> {
+    match op {
+        Op::Input | Op::Weight { .. } | Op::Constant { .. } => Err("leaf ops have no reference kernel".into()),
+        Op::MatMul { transpose_b } => {
+            let (a, b) = (operands[0], operands[1]);
+            let k = *a.shape().last().ok_or("matmul of a scalar")?;
+            let (bk, n) = if *transpose_b { (b.shape()[1], b.shape()[0]) } else { (b.shape()[0], b.shape()[1]) };
+            if bk != k {
+                return Err(format!("inner dimensions differ: {k} vs {bk}"));
+            }
+            let rows = a.len() / k.max(1);
+            let (av, bv) = (contiguous(a), contiguous(b));
+            let mut out = vec![0f32; rows * n];
+            for r in 0..rows {
+                for j in 0..n {
+                    let mut acc = 0f64;
+                    for kk in 0..k {
+                        let w = if *transpose_b { bv[j * k + kk] } else { bv[kk * n + j] };
+                        acc += av[r * k + kk] as f64 * w as f64;
+                    }
+                    out[r * n + j] = acc as f32;
+                }
+            }
+            let mut shape = a.shape().to_vec();
+            *shape.last_mut().unwrap_or(&mut 0) = n;
+            ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| e.to_string())
+        }
+        Op::Add | Op::Mul => {
+            let (a, b) = (operands[0], operands[1]);
+            let (long, short) = if a.ndim() >= b.ndim() { (a, b) } else { (b, a) };
+            let (lv, sv) = (contiguous(long), contiguous(short));
+            let m = sv.len().max(1);
+            let out: Vec<f32> = lv
+                .iter()
+                .enumerate()
+                .map(|(i, x)| if matches!(op, Op::Add) { x + sv[i % m] } else { x * sv[i % m] })
+                .collect();
+            ArrayD::from_shape_vec(long.raw_dim(), out).map_err(|e| e.to_string())
+        }
+        Op::Gelu { approx } => Ok(operands[0].mapv(match approx {
+            GeluApprox::Tanh => gelu_tanh,
+            GeluApprox::Erf => gelu_erf,
+        })),
+        Op::Silu => Ok(operands[0].mapv(silu)),
+        Op::LayerNorm { eps } | Op::RmsNorm { eps } => {
+            let x = operands[0];
+            let d = *x.shape().last().ok_or("norm of a scalar")?;
+            let xv = contiguous(x);
+            let gamma = contiguous(operands[1]);
+            let beta = operands.get(2).map(|b| contiguous(b));
+            let mut out = vec![0f32; xv.len()];
+            for (row, orow) in xv.chunks(d).zip(out.chunks_mut(d)) {
+                let is_layer = matches!(op, Op::LayerNorm { .. });
+                let mean = if is_layer { row.iter().map(|v| *v as f64).sum::<f64>() / d as f64 } else { 0.0 };
+                let var = row.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+                let inv = 1.0 / (var + *eps as f64).sqrt();
+                for j in 0..d {
+                    let y = ((row[j] as f64 - mean) * inv) as f32 * gamma[j];
+                    orow[j] = y + beta.as_ref().map_or(0.0, |b| b[j]);
+                }
+            }
+            ArrayD::from_shape_vec(x.raw_dim(), out).map_err(|e| e.to_string())
+        }
+        Op::Softmax => {
+            let x = operands[0];
+            let d = *x.shape().last().ok_or("softmax of a scalar")?;
+            let mut out = contiguous(x).into_owned();
+            for row in out.chunks_mut(d) {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut s = 0f64;
+                for v in row.iter_mut() {
+                    *v = (*v - m).exp();
+                    s += *v as f64;
+                }
+                for v in row.iter_mut() {
+                    *v = (*v as f64 / s) as f32;
+                }
+            }
+            ArrayD::from_shape_vec(x.raw_dim(), out).map_err(|e| e.to_string())
+        }
+        Op::Attention { heads, kv_heads } => attention(*heads as usize, *kv_heads as usize, patterns, operands),
+    }
+}
+
+/// Causal attention with an optional sliding window (plus sink tokens).
+fn attention(heads: usize, kv_heads: usize, patterns: &[Pattern], operands: &[&ArrayD<f32>]) -> Result<ArrayD<f32>, String> {
+    let mut window: Option<(usize, usize)> = None;
+    for p in patterns {
+        match p {
+            Pattern::Window(Window::Full) => {}
+            Pattern::Window(Window::Sliding { size, sinks }) => window = Some((*size as usize, *sinks as usize)),
+            Pattern::Kv(_) | Pattern::Nsa(_) => {
+                return Err(format!(
+                    "#{} has no reference semantics yet (it arrives with its pattern's lowering)",
+                    p.keyword()
+                ))
+            }
+            Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::LowRank(_) => {
+                return Err(format!("#{} does not apply to attention", p.keyword()))
+            }
+        }
+    }
+    let (q, k, v) = (contiguous(operands[0]), contiguous(operands[1]), contiguous(operands[2]));
+    let s = operands[0].shape()[0];
+    let qw = operands[0].shape()[1];
+    let d = qw / heads;
+    let kvw = d * kv_heads;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = vec![0f32; s * qw];
+    let mut scores = vec![0f64; s];
+    for h in 0..heads {
+        let kh = h / group;
+        for i in 0..s {
+            let visible = |j: usize| match window {
+                None => j <= i,
+                Some((size, sinks)) => j <= i && (j + size > i || j < sinks),
+            };
+            let mut m = f64::NEG_INFINITY;
+            for j in 0..=i {
+                if !visible(j) {
+                    scores[j] = f64::NEG_INFINITY;
+                    continue;
+                }
+                let mut acc = 0f64;
+                for c in 0..d {
+                    acc += q[i * qw + h * d + c] as f64 * k[j * kvw + kh * d + c] as f64;
+                }
+                scores[j] = acc * scale;
+                m = m.max(scores[j]);
+            }
+            let mut sum = 0f64;
+            for sj in scores.iter_mut().take(i + 1) {
+                *sj = if sj.is_finite() { (*sj - m).exp() } else { 0.0 };
+                sum += *sj;
+            }
+            for c in 0..d {
+                let mut acc = 0f64;
+                for j in 0..=i {
+                    acc += scores[j] * v[j * kvw + kh * d + c] as f64;
+                }
+                out[i * qw + h * d + c] = (acc / sum) as f32;
+            }
+        }
+    }
+    ArrayD::from_shape_vec(IxDyn(&[s, qw]), out).map_err(|e| e.to_string())
+}

@@ -1,0 +1,86 @@
+//! Type rules: the result type of each op from its operands' types.
+
+use crate::op::Op;
+use crate::types::{Dim, TensorType};
+
+/// Result type of a compute op, or a sentence saying which operand is wrong and
+/// what was expected. Leaves (input, weight, const) declare their own type.
+pub fn infer_type(op: &Op, operands: &[&TensorType]) -> Result<TensorType, String> {
+    if let Some(first) = operands.first() {
+        if let Some((i, t)) = operands.iter().enumerate().find(|(_, t)| t.dtype != first.dtype) {
+            return Err(format!("operand {i} has element type {}, expected {} like operand 0", t.dtype.name(), first.dtype.name()));
+        }
+    }
+    match op {
+        Op::Input | Op::Weight { .. } | Op::Constant { .. } => {
+            Err("leaf ops declare their type; there is nothing to infer".into())
+        }
+        Op::MatMul { transpose_b } => {
+            let (a, b) = (operands[0], operands[1]);
+            if a.rank() < 1 {
+                return Err(format!("operand 0 has type {a}, expected rank >= 1"));
+            }
+            if b.rank() != 2 {
+                return Err(format!("operand 1 has type {b}, expected a rank-2 matrix"));
+            }
+            let k = a.dims[a.rank() - 1];
+            let (bk, n) = if *transpose_b { (b.dims[1], b.dims[0]) } else { (b.dims[0], b.dims[1]) };
+            if bk != k {
+                let want = if *transpose_b { format!("[N, {k}]") } else { format!("[{k}, N]") };
+                return Err(format!("operand 1 has type {b}, expected {}{want} to match operand 0's {a}", b.dtype.name()));
+            }
+            let mut dims = a.dims[..a.rank() - 1].to_vec();
+            dims.push(n);
+            Ok(TensorType::new(a.dtype, dims))
+        }
+        Op::Add | Op::Mul => {
+            let (a, b) = (operands[0], operands[1]);
+            let (long, short) = if a.rank() >= b.rank() { (a, b) } else { (b, a) };
+            if long.dims[long.rank() - short.rank()..] != short.dims[..] {
+                return Err(format!(
+                    "operands have types {a} and {b}; expected equal shapes or one a trailing suffix of the other"
+                ));
+            }
+            Ok(long.clone())
+        }
+        Op::Gelu { .. } | Op::Silu | Op::Softmax => {
+            let a = operands[0];
+            if a.rank() < 1 {
+                return Err(format!("operand 0 has type {a}, expected rank >= 1"));
+            }
+            Ok(a.clone())
+        }
+        Op::LayerNorm { .. } | Op::RmsNorm { .. } => {
+            let x = operands[0];
+            let Some(d) = x.last_dim() else {
+                return Err(format!("operand 0 has type {x}, expected rank >= 1"));
+            };
+            for (i, p) in operands.iter().enumerate().skip(1) {
+                if p.dims != [d] {
+                    return Err(format!("operand {i} has type {p}, expected {}[{d}] (the normalized axis)", p.dtype.name()));
+                }
+            }
+            Ok(x.clone())
+        }
+        Op::Attention { heads, kv_heads } => {
+            let (q, k, v) = (operands[0], operands[1], operands[2]);
+            if *heads == 0 || *kv_heads == 0 || heads % kv_heads != 0 {
+                return Err(format!("heads = {heads} must be a positive multiple of kv_heads = {kv_heads}"));
+            }
+            let Some(Dim::Fixed(qw)) = q.dims.get(1).copied().filter(|_| q.rank() == 2 && q.dims[0] == Dim::Seq) else {
+                return Err(format!("operand 0 (q) has type {q}, expected {}[seq, heads*head_dim]", q.dtype.name()));
+            };
+            if qw % *heads as u64 != 0 {
+                return Err(format!("operand 0 (q) width {qw} is not divisible by heads = {heads}"));
+            }
+            let kvw = qw / *heads as u64 * *kv_heads as u64;
+            let want = TensorType::new(q.dtype, vec![Dim::Seq, Dim::Fixed(kvw)]);
+            for (i, t) in [(1, k), (2, v)] {
+                if *t != want {
+                    return Err(format!("operand {i} has type {t}, expected {want} (kv_heads*head_dim)"));
+                }
+            }
+            Ok(q.clone())
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The verifier: structural rules, type rules and every pattern invariant.
+//! Passes run it between each other in debug and test builds.
+
+use crate::error::{IrError, IrResult};
+use crate::graph::{Graph, ValueId};
+use crate::op::Op;
+use crate::pattern::{KvCompression, Pattern, PatternSite, Sparsity, SvdRank, Window};
+use crate::shape::infer_type;
+use crate::types::{Dim, TensorType};
+use std::collections::HashSet;
+
+/// Checks the whole graph and returns the type of every value (declared, or
+/// inferred where the text left it out).
+pub fn verify(g: &Graph) -> IrResult<Vec<TensorType>> {
+    let mut types: Vec<TensorType> = Vec::with_capacity(g.nodes.len());
+    let mut seen = HashSet::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        let v = ValueId(i);
+        let fail = |message: String| -> IrError {
+            IrError::Verify { at: g.loc_of(v), op: n.op.keyword(), value: n.name.clone(), message }
+        };
+        if !seen.insert(n.name.as_str()) {
+            return Err(fail(format!("value `%{}` is defined twice", n.name)));
+        }
+        let arity = n.op.arity();
+        if n.operands.len() < arity.min || n.operands.len() > arity.max {
+            let want = if arity.min == arity.max { arity.min.to_string() } else { format!("{}..={}", arity.min, arity.max) };
+            return Err(fail(format!("takes {want} operands, got {}", n.operands.len())));
+        }
+        if let Some(o) = n.operands.iter().find(|o| o.0 >= i) {
+            return Err(fail(format!("operand %{} is not defined before its use", o.0)));
+        }
+        let ty = match &n.op {
+            Op::Input | Op::Weight { .. } | Op::Constant { .. } => {
+                let Some(ty) = n.ty.clone() else {
+                    return Err(fail("a leaf must declare its type".into()));
+                };
+                if !matches!(n.op, Op::Input) && ty.has_seq() {
+                    return Err(fail(format!("type {ty} depends on `seq`; weights and constants need fixed shapes")));
+                }
+                if let Op::Constant { values } = &n.op {
+                    let want = ty.numel().coef as usize;
+                    if values.len() != want {
+                        return Err(fail(format!("has {} values, its type {ty} needs {want}", values.len())));
+                    }
+                }
+                ty
+            }
+            _ => {
+                let ops: Vec<&TensorType> = n.operands.iter().map(|o| &types[o.0]).collect();
+                let inferred = infer_type(&n.op, &ops).map_err(fail)?;
+                if let Some(declared) = &n.ty {
+                    if *declared != inferred {
+                        return Err(fail(format!("declared type {declared} but its operands give {inferred}")));
+                    }
+                }
+                inferred
+            }
+        };
+        verify_patterns(g, v, &types).map_err(fail)?;
+        types.push(ty);
+    }
+    if g.outputs.is_empty() {
+        return Err(IrError::Verify { at: "return".into(), op: "return", value: g.name.clone(), message: "the graph returns nothing".into() });
+    }
+    if let Some(o) = g.outputs.iter().find(|o| o.0 >= g.nodes.len()) {
+        return Err(IrError::Verify { at: "return".into(), op: "return", value: g.name.clone(), message: format!("returns undefined value %{}", o.0) });
+    }
+    Ok(types)
+}
+
+fn ratio_ok(name: &str, r: f32) -> Result<(), String> {
+    if (0.0..1.0).contains(&r) {
+        Ok(())
+    } else {
+        Err(format!("{name} = {r} is outside [0, 1)"))
+    }
+}
+
+fn fraction_ok(name: &str, r: f32) -> Result<(), String> {
+    if r > 0.0 && r <= 1.0 {
+        Ok(())
+    } else {
+        Err(format!("{name} = {r} is outside (0, 1]"))
+    }
+}
+
+fn positive(name: &str, v: u32) -> Result<(), String> {
+    if v > 0 {
+        Ok(())
+    } else {
+        Err(format!("{name} must be positive"))
+    }
+}
+
+/// Pattern invariants for node `v`; `types` holds the types of earlier values.
+fn verify_patterns(g: &Graph, v: ValueId, types: &[TensorType]) -> Result<(), String> {
+    let n = g.node(v);
+    let site = match n.op {
+        Op::MatMul { .. } => Some(PatternSite::MatMul),
+        Op::Attention { .. } => Some(PatternSite::Attention),
+        _ => None,
+    };
+    let mut families = HashSet::new();
+    for p in &n.patterns {
+        if site != Some(p.site()) {
+            let want = match p.site() {
+                PatternSite::MatMul => "matmul",
+                PatternSite::Attention => "attention",
+            };
+            return Err(format!("pattern #{} applies to {want} ops only", p.keyword()));
+        }
+        if !families.insert(p.keyword()) {
+            return Err(format!("pattern #{} is given twice", p.keyword()));
+        }
+    }
+    if families.contains("nsa") && n.patterns.iter().any(|p| matches!(p, Pattern::Window(Window::Sliding { .. }))) {
+        return Err("#nsa carries its own sliding window; remove #window(sliding, ...)".into());
+    }
+    // The weight matrix as [K, N] (reduction, output) for matmul patterns.
+    let weight_kn = |what: &str| -> Result<(u64, u64), String> {
+        let Op::MatMul { transpose_b } = n.op else { return Err(format!("{what} needs a matmul")) };
+        let w = g.node(n.operands[1]);
+        if !matches!(w.op, Op::Weight { .. } | Op::Constant { .. }) {
+            return Err(format!("{what} needs operand 1 to be a weight or constant, got `{}`", w.op.keyword()));
+        }
+        let t = &types[n.operands[1].0];
+        match (t.dims[0], t.dims[1]) {
+            (Dim::Fixed(a), Dim::Fixed(b)) => Ok(if transpose_b { (b, a) } else { (a, b) }),
+            _ => Err(format!("{what} needs a weight of fixed shape, got {t}")),
+        }
+    };
+    for p in &n.patterns {
+        match p {
+            Pattern::Sparsity(s) => {
+                let (k, nn) = weight_kn("#sparsity")?;
+                match s {
+                    Sparsity::Unstructured { ratio } => ratio_ok("ratio", *ratio)?,
+                    Sparsity::NM { n: nz, m } => {
+                        positive("m", *m)?;
+                        positive("n", *nz)?;
+                        if nz > m {
+                            return Err(format!("N:M sparsity needs n <= m, got {nz}:{m}"));
+                        }
+                        if k % *m as u64 != 0 {
+                            return Err(format!("N:M groups of m = {m} do not divide the reduction dimension {k}"));
+                        }
+                    }
+                    Sparsity::Block { ratio, rows, cols } => {
+                        ratio_ok("ratio", *ratio)?;
+                        positive("rows", *rows)?;
+                        positive("cols", *cols)?;
+                        if nn % *rows as u64 != 0 || k % *cols as u64 != 0 {
+                            return Err(format!(
+                                "block {rows}x{cols} does not divide the weight (output {nn} x reduction {k})"
+                            ));
+                        }
+                    }
+                }
+            }
+            Pattern::Specialize(_) => {}
+            Pattern::LowRank(lr) => {
+                let (k, nn) = weight_kn("#low_rank")?;
+                positive("rank", lr.rank)?;
+                if lr.rank as u64 >= k.min(nn) {
+                    return Err(format!("rank {} is not below min({k}, {nn}); the factorization would not compress", lr.rank));
+                }
+                if lr.basis.as_deref() == Some("") {
+                    return Err("basis name is empty".into());
+                }
+            }
+            Pattern::Kv(kv) => match kv {
+                KvCompression::Dct { keep, block, .. } => {
+                    fraction_ok("keep", *keep)?;
+                    if let Some(b) = block {
+                        positive("block", *b)?;
+                    }
+                }
+                KvCompression::Pswf { keep, block, bandwidth, .. } => {
+                    fraction_ok("keep", *keep)?;
+                    if let Some(b) = block {
+                        positive("block", *b)?;
+                    }
+                    if !(*bandwidth > 0.0 && *bandwidth < 0.5) {
+                        return Err(format!("bandwidth = {bandwidth} is outside (0, 0.5)"));
+                    }
+                }
+                KvCompression::ChunkedSvd { chunk, rank } => {
+                    positive("chunk", *chunk)?;
+                    match rank {
+                        SvdRank::Fixed(r) => {
+                            positive("rank", *r)?;
+                            if r > chunk {
+                                return Err(format!("rank {r} exceeds the chunk length {chunk}"));
+                            }
+                        }
+                        SvdRank::Energy(e) => fraction_ok("energy", *e)?,
+                    }
+                }
+            },
+            Pattern::Window(w) => match w {
+                Window::Full => {}
+                Window::Sliding { size, .. } => positive("window size", *size)?,
+            },
+            Pattern::Nsa(nsa) => {
+                positive("block", nsa.block)?;
+                positive("top_k", nsa.top_k)?;
+                positive("window", nsa.window)?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! Round-trip and diagnostics of the IR text form.
+
+use proptest::prelude::*;
+use sparsec_ir::*;
+
+/// One graph that uses every op, every attribute and every pattern variant.
+const EVERY_OP: &str = r#"graph @every_op {
+  %x = input : f32[seq, 64]
+  %w = weight "layers.0.mlp.up" init normal(seed = 7, std = 0.02) : f32[64, 128]
+  %wt = weight "layers.0.mlp.down" init uniform(seed = 3, bound = 0.5) : f32[64, 128]
+  %g = weight "ln.g" init ones : f32[64]
+  %b = weight "ln.b" init zeros : f32[64]
+  %plain = weight "from.checkpoint" : f32[64, 64]
+  %c = const [1.0, -2.5, 1e-7, 3.0] : f32[4]
+  %h = layer_norm %x, %g, %b {eps = 1e-5} : f32[seq, 64]
+  %r = rms_norm %x, %g {eps = 1e-6} : f32[seq, 64]
+  %u = matmul %h, %w #sparsity(unstructured, ratio = 0.9) #specialize(auto) : f32[seq, 128]
+  %u2 = matmul %h, %w #sparsity(nm, n = 2, m = 4) #specialize(indices) : f32[seq, 128]
+  %u3 = matmul %h, %w #sparsity(block, ratio = 0.5, rows = 4, cols = 4) #specialize(full) : f32[seq, 128]
+  %u4 = matmul %h, %w #low_rank(rank = 16, basis = "attn.g0") #specialize(generic) : f32[seq, 128]
+  %u5 = matmul %h, %w #low_rank(rank = 8) #specialize(dense) : f32[seq, 128]
+  %d = matmul %u, %wt {transpose_b = true} : f32[seq, 64]
+  %a = add %d, %r : f32[seq, 64]
+  %m = mul %a, %g : f32[seq, 64]
+  %gt = gelu %u {approx = tanh} : f32[seq, 128]
+  %ge = gelu %u2 {approx = erf} : f32[seq, 128]
+  %s = silu %u3 : f32[seq, 128]
+  %sm = softmax %u4 : f32[seq, 128]
+  %q = matmul %h, %plain : f32[seq, 64]
+  %k = matmul %h, %w : f32[seq, 128]
+  %kv = matmul %k, %wt {transpose_b = true} : f32[seq, 64]
+  %at = attention %q, %kv, %kv {heads = 4, kv_heads = 4} #window(sliding, size = 16, sinks = 2) #kv(dct, keep = 0.25, axis = feature, block = 64) : f32[seq, 64]
+  %at2 = attention %q, %kv, %kv {heads = 2, kv_heads = 2} #window(full) #kv(pswf, keep = 0.5, axis = sequence, bandwidth = 0.1) : f32[seq, 64]
+  %at3 = attention %q, %kv, %kv {heads = 1, kv_heads = 1} #kv(chunked_svd, chunk = 64, rank = 8) #nsa(block = 16, top_k = 4, window = 32) : f32[seq, 64]
+  %at4 = attention %q, %kv, %kv {heads = 2, kv_heads = 2} #kv(chunked_svd, chunk = 32, energy = 0.95) : f32[seq, 64]
+  return %m, %gt, %ge, %s, %sm, %c, %at, %at2, %at3, %at4, %u5
+}
+"#;
+
+#[test]
+fn every_op_and_pattern_round_trips_exactly() {
+    let g = parse_graph(EVERY_OP).expect("parses");
+    verify(&g).expect("verifies");
+    let printed = print_graph(&g);
+    assert_eq!(printed, EVERY_OP, "printer output differs from the canonical input");
+    assert_eq!(parse_graph(&printed).unwrap(), g);
+}
+
+#[test]
+fn every_keyword_appears_in_the_round_trip_graph() {
+    for kw in Op::KEYWORDS {
+        assert!(EVERY_OP.contains(&format!("= {kw} ")), "op `{kw}` missing from EVERY_OP");
+    }
+    for p in ["#sparsity(unstructured", "#sparsity(nm", "#sparsity(block", "#low_rank", "#kv(dct", "#kv(pswf",
+        "#kv(chunked_svd, chunk = 64, rank", "energy =", "#window(full", "#window(sliding", "#nsa"] {
+        assert!(EVERY_OP.contains(p), "{p} missing");
+    }
+    for s in Specialize::ALL {
+        assert!(EVERY_OP.contains(&format!("#specialize({})", s.name())));
+    }
+}
+
+#[test]
+fn types_may_be_omitted_and_are_inferred() {
+    let src = "graph @g {\n  %x = input : f32[seq, 8]\n  %w = weight \"w\" init ones : f32[8, 3]\n  %y = matmul %x, %w\n  return %y\n}\n";
+    let g = parse_graph(src).unwrap();
+    let types = verify(&g).unwrap();
+    assert_eq!(types[2].to_string(), "f32[seq, 3]");
+    assert_eq!(print_graph(&g), src);
+}
+
+fn parse_err(src: &str) -> (u32, u32, String) {
+    match parse_graph(src) {
+        Err(IrError::Parse { line, col, message }) => (line, col, message),
+        other => panic!("expected a parse error, got {other:?}"),
+    }
+}
+
+#[test]
+fn unknown_op_is_reported_at_its_location() {
+    let (l, c, m) = parse_err("graph @g {\n  %x = input : f32[4]\n  %y = frobnicate %x\n  return %y\n}");
+    assert_eq!((l, c), (3, 8));
+    assert!(m.contains("unknown op `frobnicate`"), "{m}");
+}
+
+#[test]
+fn malformed_text_errors_carry_line_and_column() {
+    let cases: &[(&str, (u32, u32), &str)] = &[
+        ("graph @g {\n  %x = input f32[4]\n  return %x\n}", (2, 14), "needs its type"),
+        ("graph @g {\n  %x = input : f33[4]\n  return %x\n}", (2, 16), "unknown element type `f33`"),
+        ("graph @g {\n  %x = input : f32[0]\n  return %x\n}", (2, 20), "positive extent"),
+        ("graph @g {\n  %y = add %x, %x\n  return %y\n}", (2, 12), "undefined value `%x`"),
+        ("graph @g {\n  %x = input : f32[4]\n  %x = input : f32[4]\n  return %x\n}", (3, 3), "defined twice"),
+        ("graph @g {\n  %x = input : f32[4]\n  return %x\n", (4, 1), "expected `}`"),
+        ("graph @g {\n  %x = input : f32[4] $\n  return %x\n}", (2, 23), "unexpected character"),
+        ("graph @g {\n  %w = weight \"w : f32[4]\n  return %w\n}", (2, 15), "unterminated string"),
+        ("graph @g {\n  %x = input : f32[4]\n  %y = gelu %x {approx = cubic}\n  return %y\n}", (3, 8), "unknown approx"),
+        ("graph @g {\n  %x = input : f32[4]\n  %y = softmax %x {axis = 0}\n  return %y\n}", (3, 8), "unknown attribute `axis`"),
+        ("graph @g {\n  %x = input : f32[4, 4]\n  %w = weight \"w\" : f32[4, 4]\n  %y = matmul %x, %w #sparsity(diagonal)\n  return %y\n}", (4, 22), "unknown kind `diagonal`"),
+        ("graph @g {\n  %x = input : f32[4]\n  %y = silu %x #frob(a)\n  return %y\n}", (3, 16), "unknown pattern `#frob`"),
+        ("graph @g {\n  %w = weight \"w\" init normal(seed = 1) : f32[4]\n  return %w\n}", (2, 24), "missing `std`"),
+    ];
+    for (src, at, needle) in cases {
+        let (l, c, m) = parse_err(src);
+        assert!(m.contains(needle), "for {src:?}: message {m:?} lacks {needle:?}");
+        assert_eq!((l, c), *at, "for {src:?}: {m}");
+    }
+}
+
+fn verify_err(src: &str) -> String {
+    let g = parse_graph(src).unwrap_or_else(|e| panic!("{src}: {e}"));
+    match verify(&g) {
+        Err(e @ IrError::Verify { .. }) => e.to_string(),
+        other => panic!("expected a verifier error for {src}, got {other:?}"),
+    }
+}
+
+#[test]
+fn mismatched_shapes_name_op_operand_and_location() {
+    let m = verify_err("graph @g {\n  %x = input : f32[seq, 8]\n  %w = weight \"w\" : f32[7, 3]\n  %y = matmul %x, %w\n  return %y\n}");
+    assert_eq!(m, "4:3: matmul %y: operand 1 has type f32[7, 3], expected f32[8, N] to match operand 0's f32[seq, 8]");
+    let m = verify_err("graph @g {\n  %x = input : f32[seq, 8]\n  %w = weight \"w\" : f32[8, 3]\n  %y = matmul %x, %w : f32[seq, 4]\n  return %y\n}");
+    assert!(m.starts_with("4:3: matmul %y: declared type f32[seq, 4] but its operands give f32[seq, 3]"), "{m}");
+    let m = verify_err("graph @g {\n  %x = input : f32[seq, 8]\n  %b = input : f32[7]\n  %y = add %x, %b\n  return %y\n}");
+    assert!(m.contains("add %y") && m.contains("trailing suffix"), "{m}");
+    let m = verify_err("graph @g {\n  %x = input : f32[seq, 8]\n  %g = weight \"g\" : f32[4]\n  %y = rms_norm %x, %g\n  return %y\n}");
+    assert!(m.contains("operand 1 has type f32[4], expected f32[8]"), "{m}");
+    let m = verify_err("graph @g {\n  %c = const [1.0, 2.0] : f32[3]\n  return %c\n}");
+    assert!(m.contains("has 2 values, its type f32[3] needs 3"), "{m}");
+}
+
+#[test]
+fn pattern_invariants_are_verified() {
+    let base = |pat: &str| {
+        format!("graph @g {{\n  %x = input : f32[seq, 8]\n  %w = weight \"w\" : f32[8, 6]\n  %y = matmul %x, %w {pat}\n  return %y\n}}")
+    };
+    for (pat, needle) in [
+        ("#sparsity(unstructured, ratio = 1.0)", "outside [0, 1)"),
+        ("#sparsity(unstructured, ratio = -0.1)", "outside [0, 1)"),
+        ("#sparsity(nm, n = 4, m = 2)", "n <= m"),
+        ("#sparsity(nm, n = 1, m = 3)", "do not divide the reduction dimension 8"),
+        ("#sparsity(block, ratio = 0.5, rows = 4, cols = 4)", "does not divide"),
+        ("#low_rank(rank = 6)", "not below min(8, 6)"),
+        ("#window(full)", "applies to attention ops only"),
+        ("#specialize(dense) #specialize(full)", "given twice"),
+    ] {
+        let m = verify_err(&base(pat));
+        assert!(m.contains(needle), "{pat}: {m}");
+        assert!(m.starts_with("4:3: matmul %y:"), "{m}");
+    }
+    let att = |pat: &str| {
+        format!("graph @g {{\n  %q = input : f32[seq, 8]\n  %y = attention %q, %q, %q {{heads = 2, kv_heads = 2}} {pat}\n  return %y\n}}")
+    };
+    for (pat, needle) in [
+        ("#kv(dct, keep = 0.0)", "outside (0, 1]"),
+        ("#kv(pswf, keep = 0.5, bandwidth = 0.7)", "bandwidth"),
+        ("#kv(chunked_svd, chunk = 4, rank = 8)", "exceeds the chunk length"),
+        ("#window(sliding, size = 0)", "window size must be positive"),
+        ("#nsa(block = 4, top_k = 2, window = 8) #window(sliding, size = 4)", "own sliding window"),
+        ("#sparsity(nm, n = 2, m = 4)", "applies to matmul ops only"),
+    ] {
+        let m = verify_err(&att(pat));
+        assert!(m.contains(needle), "{pat}: {m}");
+    }
+}
+
+// ---- property-based round trip over generated graphs ----
+
+fn arb_pattern_matmul() -> impl Strategy<Value = Vec<Pattern>> {
+    let sparsity = prop_oneof![
+        (0.0f32..0.99).prop_map(|ratio| Pattern::Sparsity(Sparsity::Unstructured { ratio })),
+        (1u32..4).prop_map(|n| Pattern::Sparsity(Sparsity::NM { n, m: 4 })),
+        (0.0f32..0.99).prop_map(|ratio| Pattern::Sparsity(Sparsity::Block { ratio, rows: 2, cols: 4 })),
+    ];
+    let spec = prop::sample::select(Specialize::ALL.to_vec()).prop_map(Pattern::Specialize);
+    (prop::option::of(sparsity), prop::option::of(spec), prop::option::of((1u32..4, any::<bool>())))
+        .prop_map(|(s, sp, lr)| {
+            let mut v: Vec<Pattern> = s.into_iter().chain(sp).collect();
+            if let Some((rank, shared)) = lr {
+                v.push(Pattern::LowRank(LowRank { rank, basis: shared.then(|| "g\"0\\x".to_string()) }));
+            }
+            v
+        })
+}
+
+fn arb_graph() -> impl Strategy<Value = Graph> {
+    let step = (0u8..7, any::<u32>(), arb_pattern_matmul(), -1e6f32..1e6, 1e-8f32..1e-2);
+    (prop::collection::vec(step, 1..12), any::<u64>()).prop_map(|(steps, seed)| {
+        let mut g = Graph::new("prop");
+        let d = 8u64;
+        let x = g.push(Node::new("x", Op::Input, vec![]).with_type(TensorType::f32(&[Dim::Seq, Dim::Fixed(d)])));
+        let w = g.push(
+            Node::new("w", Op::Weight { name: "w.0".into(), init: Some(Init::Normal { seed, std: 0.5 }) }, vec![])
+                .with_type(TensorType::f32(&[Dim::Fixed(d), Dim::Fixed(d)])),
+        );
+        let gamma = g.push(
+            Node::new("g", Op::Constant { values: (0..d).map(|i| i as f32 * 0.25 - 1.0).collect() }, vec![])
+                .with_type(TensorType::f32(&[Dim::Fixed(d)])),
+        );
+        let mut cur = x;
+        for (i, (kind, pick, pats, cval, eps)) in steps.into_iter().enumerate() {
+            let name = format!("v{i}");
+            let other = ValueId((pick as usize) % g.nodes.len()).max(x);
+            let other = if g.node(other).ty.as_ref().is_some_and(|t| t.dims == [Dim::Seq, Dim::Fixed(d)]) { other } else { cur };
+            let node = match kind {
+                0 => Node::new(name, Op::MatMul { transpose_b: pick % 2 == 0 }, vec![cur, w]).with_patterns(pats),
+                1 => Node::new(name, Op::Add, vec![cur, other]),
+                2 => Node::new(name, Op::Mul, vec![cur, gamma]),
+                3 => Node::new(name, Op::Gelu { approx: if pick % 2 == 0 { GeluApprox::Tanh } else { GeluApprox::Erf } }, vec![cur]),
+                4 => Node::new(name, Op::LayerNorm { eps }, vec![cur, gamma, gamma]),
+                5 => Node::new(name, Op::Constant { values: vec![cval; d as usize] }, vec![])
+                    .with_type(TensorType::f32(&[Dim::Fixed(d)])),
+                _ => Node::new(name, Op::Softmax, vec![cur]),
+            };
+            let is_const = matches!(node.op, Op::Constant { .. });
+            let v = g.push(node);
+            if !is_const {
+                cur = v;
+            }
+        }
+        g.outputs = vec![cur];
+        g
+    })
+}
+
+proptest! {
+    #[test]
+    fn generated_graphs_round_trip(g in arb_graph()) {
+        let text = print_graph(&g);
+        let back = parse_graph(&text).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+        prop_assert_eq!(&back, &g);
+        prop_assert_eq!(print_graph(&back), text);
+        // Generated graphs are well typed by construction; inference must agree.
+        verify(&back).map_err(|e| TestCaseError::fail(format!("{e}\n{}", print_graph(&back))))?;
+    }
+
+    #[test]
+    fn parser_never_panics_on_mutated_text(g in arb_graph(), cut in any::<usize>(), junk in "[%@#=,:\\[\\]{}()a-z0-9\" .-]{0,6}") {
+        let text = print_graph(&g);
+        let at = cut % (text.len() + 1);
+        let at = (0..=at).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+        let mutated = format!("{}{}{}", &text[..at], junk, &text[at..]);
+        let _ = parse_graph(&mutated).map(|g| verify(&g));
+    }
+}
