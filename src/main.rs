@@ -1,1 +1,487 @@
-fn main() {}
+//! The `sparsec` command line: compile, run, eval, bench, inspect.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sparsec_compiler::{compile, Cache, CompileOptions, CompileRequest, Compiled, CpuTarget, Emit, TargetKind};
+use sparsec_passes::PrintOptions;
+use sparsec_runtime::compare::{compare, Tolerance};
+use sparsec_runtime::cpu::CpuExecutor;
+use sparsec_runtime::cuda::CudaExecutor;
+use sparsec_runtime::interpreter::interpret;
+use sparsec_runtime::manifest::MANIFEST_FILE;
+use sparsec_runtime::Artifact;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "sparsec", version, about = "Ahead-of-time compiler for transformer LMs with fixed sparsity/compression patterns")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compile an IR file (or, later, a model) into an artifact.
+    Compile(CompileArgs),
+    /// Run an artifact (or compile-and-run an IR file) on random inputs.
+    Run(RunArgs),
+    /// Perplexity of a model on a text. Needs the model loaders and tokenizers,
+    /// which are not implemented yet: this verb reports that and exits.
+    Eval(EvalArgs),
+    /// Compile-time and run-time figures of an artifact or IR file.
+    Bench(BenchArgs),
+    /// Show what an artifact or IR file contains.
+    Inspect(InspectArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TargetArg {
+    Cpu,
+    Cuda,
+    All,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Args)]
+struct CompileFlags {
+    /// Which code to generate.
+    #[arg(long, value_enum, default_value = "cpu")]
+    target: TargetArg,
+    /// Weights (safetensors, F32) for the graph's `weight` ops; weights with an `init` may be left out.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Plan file (TOML). Plans are not implemented yet: giving one is an error.
+    #[arg(long, conflicts_with = "preset")]
+    plan: Option<PathBuf>,
+    /// Named plan preset. Not implemented yet: giving one is an error.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Also write these into the artifact's emit/ folder: ir,mlir,llvm,ptx,asm.
+    #[arg(long, value_delimiter = ',')]
+    emit: Vec<String>,
+    /// Print the IR after every pass (to stderr).
+    #[arg(long)]
+    print_after_all: bool,
+    /// Print the IR after the named pass (repeatable).
+    #[arg(long)]
+    print_after: Vec<String>,
+    /// Print the IR before the named pass (repeatable).
+    #[arg(long)]
+    print_before: Vec<String>,
+    /// LLVM CPU to generate for (`host`, `x86-64-v3`, `znver3`, ...).
+    #[arg(long, default_value = "host")]
+    cpu: String,
+    /// PTX target architecture.
+    #[arg(long, default_value = "sm_90")]
+    sm: String,
+    /// LLVM optimization level.
+    #[arg(long, default_value_t = 3)]
+    opt_level: u8,
+    /// Do not use the artifact cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Cache directory (default: $SPARSEC_CACHE_DIR, $XDG_CACHE_HOME/sparsec or ~/.cache/sparsec).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Check every PTX file with ptxas.
+    #[arg(long)]
+    ptxas: bool,
+}
+
+#[derive(Args)]
+struct CompileArgs {
+    /// IR file (`.sir`). GGUF files and checkpoint directories are recognized but not loadable yet.
+    input: PathBuf,
+    /// Artifact directory (default: `<graph name>.sparsec` in the current directory).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    flags: CompileFlags,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Artifact directory or IR file (compiled first, through the cache).
+    input: PathBuf,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// Sequence length of the random inputs.
+    #[arg(long, default_value_t = 4)]
+    seq: u64,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Compare with the reference interpreter (exit 1 on mismatch; atol = rtol = 1e-4).
+    #[arg(long)]
+    check: bool,
+    /// Text prompt: needs tokenizers and model loaders, not implemented yet.
+    #[arg(long)]
+    prompt: Option<String>,
+    #[command(flatten)]
+    flags: CompileFlags,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    model: PathBuf,
+    #[arg(long)]
+    text: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// IR file (compiled cold into a fresh cache, then again as a cache hit) or artifact.
+    input: PathBuf,
+    /// Sequence length.
+    #[arg(long, default_value_t = 64)]
+    seq: u64,
+    /// Timed runs (median reported).
+    #[arg(long, default_value_t = 20)]
+    repeat: usize,
+    #[command(flatten)]
+    flags: CompileFlags,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Artifact directory or IR file.
+    input: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Compile(a) => cmd_compile(a),
+        Command::Run(a) => cmd_run(a),
+        Command::Eval(a) => cmd_eval(a),
+        Command::Bench(a) => cmd_bench(a),
+        Command::Inspect(a) => cmd_inspect(a),
+    };
+    if let Err(e) = result {
+        eprintln!("sparsec: error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn options(flags: &CompileFlags) -> Result<CompileOptions> {
+    let mut emit = Vec::new();
+    for e in &flags.emit {
+        emit.push(Emit::parse(e).with_context(|| format!("unknown --emit kind `{e}` (expected ir, mlir, llvm, ptx, asm)"))?);
+    }
+    let cpu = if flags.cpu == "host" {
+        CpuTarget::host()
+    } else {
+        CpuTarget { cpu: flags.cpu.clone(), features: String::new(), ..CpuTarget::host() }
+    };
+    let mut target = match flags.target {
+        TargetArg::Cpu => TargetKind::Cpu,
+        TargetArg::Cuda => TargetKind::Cuda,
+        TargetArg::All => TargetKind::All,
+    };
+    if emit.contains(&Emit::Ptx) && target == TargetKind::Cpu {
+        target = TargetKind::All;
+    }
+    Ok(CompileOptions {
+        target,
+        cpu,
+        cuda: sparsec_compiler::CudaTarget { sm: flags.sm.clone(), ..Default::default() },
+        opt_level: flags.opt_level.min(3),
+        emit,
+    })
+}
+
+fn is_artifact(p: &Path) -> bool {
+    p.join(MANIFEST_FILE).is_file()
+}
+
+fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache: Option<Cache>) -> Result<Compiled> {
+    if flags.plan.is_some() || flags.preset.is_some() {
+        bail!("plans and presets are not implemented yet (the sparse-weights issue adds them); compile without --plan/--preset");
+    }
+    let graph = sparsec_models::load_graph(input)?;
+    let output = output.unwrap_or_else(|| PathBuf::from(format!("{}.sparsec", graph.name)));
+    let print = PrintOptions {
+        after_all: flags.print_after_all,
+        after: flags.print_after.clone(),
+        before: flags.print_before.clone(),
+    };
+    for name in print.after.iter().chain(&print.before) {
+        sparsec_passes::pass_by_name(name)?;
+    }
+    let compiled = compile(CompileRequest {
+        graph,
+        plan_text: None,
+        weights: flags.weights.as_deref(),
+        options: options(flags)?,
+        print,
+        cache,
+        output,
+    })?;
+    for s in &compiled.snapshots {
+        eprintln!("// ----- IR {} -----\n{}", s.label, s.ir);
+    }
+    if flags.ptxas {
+        let ptxas = sparsec_compiler::toolchain::find_ptxas()
+            .context("ptxas not found (set SPARSEC_PTXAS or `pip install nvidia-cuda-nvcc`)")?;
+        for k in &compiled.manifest.kernels {
+            if k.cuda.is_some() {
+                let p = compiled.artifact.join("cuda").join(format!("{}.ptx", k.name));
+                sparsec_compiler::toolchain::check_ptx(&ptxas, &p, &flags.sm)?;
+            }
+        }
+    }
+    Ok(compiled)
+}
+
+fn cache_for(flags: &CompileFlags) -> Option<Cache> {
+    (!flags.no_cache).then(|| Cache::new(flags.cache_dir.clone().unwrap_or_else(Cache::default_location)))
+}
+
+fn cmd_compile(a: CompileArgs) -> Result<()> {
+    let c = do_compile(&a.input, a.output, &a.flags, cache_for(&a.flags))?;
+    let code: usize = c.manifest.kernels.iter().filter_map(|k| k.cpu.as_ref().map(|s| s.code_bytes)).sum();
+    let ptx: usize = c.manifest.kernels.iter().filter_map(|k| k.cuda.as_ref().map(|s| s.code_bytes)).sum();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "artifact": c.artifact, "cache_hit": c.cache_hit, "wall_ms": c.wall_ms,
+                "compile_ms": c.manifest.compile_ms, "kernels": c.manifest.kernels.len(),
+                "cpu_code_bytes": code, "ptx_bytes": ptx, "cache_key": c.manifest.cache_key,
+            }))?
+        );
+    } else {
+        println!(
+            "compiled {} -> {} ({} kernels, {} B x86-64, {} B PTX) in {:.1} ms{}",
+            a.input.display(),
+            c.artifact.display(),
+            c.manifest.kernels.len(),
+            code,
+            ptx,
+            c.wall_ms,
+            if c.cache_hit { format!(" [cache hit; first compile took {:.1} ms]", c.manifest.compile_ms) } else { String::new() }
+        );
+    }
+    Ok(())
+}
+
+fn artifact_for(input: &Path, flags: &CompileFlags, device: DeviceArg) -> Result<PathBuf> {
+    if is_artifact(input) {
+        return Ok(input.to_path_buf());
+    }
+    let mut flags_target = options(flags)?.target;
+    if device == DeviceArg::Cuda && !flags_target.cuda() {
+        flags_target = TargetKind::All;
+    }
+    let dir = Cache::default_location().join("run");
+    std::fs::create_dir_all(&dir)?;
+    let stem = input.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "graph".into());
+    let out = dir.join(format!("{stem}.sparsec"));
+    let mut f = CompileFlags { target: TargetArg::Cpu, ..clone_flags(flags) };
+    f.target = match flags_target {
+        TargetKind::Cpu => TargetArg::Cpu,
+        TargetKind::Cuda => TargetArg::Cuda,
+        TargetKind::All => TargetArg::All,
+    };
+    Ok(do_compile(input, Some(out), &f, cache_for(flags))?.artifact)
+}
+
+fn clone_flags(f: &CompileFlags) -> CompileFlags {
+    CompileFlags {
+        target: f.target,
+        weights: f.weights.clone(),
+        plan: f.plan.clone(),
+        preset: f.preset.clone(),
+        emit: f.emit.clone(),
+        print_after_all: f.print_after_all,
+        print_after: f.print_after.clone(),
+        print_before: f.print_before.clone(),
+        cpu: f.cpu.clone(),
+        sm: f.sm.clone(),
+        opt_level: f.opt_level,
+        no_cache: f.no_cache,
+        cache_dir: f.cache_dir.clone(),
+        ptxas: f.ptxas,
+    }
+}
+
+type Outputs = Vec<ndarray::ArrayD<f32>>;
+
+fn execute(art: &Artifact, device: DeviceArg, inputs: &[ndarray::ArrayD<f32>], repeat: usize) -> Result<(Outputs, f64)> {
+    let run: Box<dyn Fn() -> Result<Outputs>> = match device {
+        DeviceArg::Cpu => {
+            let e = CpuExecutor::load(art)?;
+            Box::new(move || Ok(e.run(art, inputs)?))
+        }
+        DeviceArg::Cuda => {
+            let e = CudaExecutor::load(art)?;
+            Box::new(move || Ok(e.run(art, inputs)?))
+        }
+    };
+    let out = run()?;
+    let mut times = Vec::new();
+    for _ in 0..repeat.max(1) {
+        let t = Instant::now();
+        run()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok((out, times[times.len() / 2]))
+}
+
+fn cmd_run(a: RunArgs) -> Result<()> {
+    if a.prompt.is_some() {
+        bail!("--prompt needs tokenizers and model loaders, which are not implemented yet");
+    }
+    let path = artifact_for(&a.input, &a.flags, a.device)?;
+    let art = Artifact::open(&path)?;
+    let inputs = art.random_inputs(a.seq, a.seed);
+    let (outputs, ms) = execute(&art, a.device, &inputs, 1)?;
+    let mut report = serde_json::json!({ "artifact": path, "seq": a.seq, "run_ms": ms });
+    let mut ok = true;
+    if a.check {
+        let tol = Tolerance::default();
+        let reference = interpret(&art.graph, &inputs, &|n| art.weights.get_array(n).ok())?;
+        let cmps: Vec<_> = outputs.iter().zip(&reference).map(|(g, w)| compare(g, w, tol)).collect();
+        ok = cmps.iter().all(|c| c.passed);
+        report["check"] = serde_json::json!({ "passed": ok, "tolerance": tol, "outputs": cmps });
+    }
+    report["outputs"] = outputs
+        .iter()
+        .map(|o| serde_json::json!({ "shape": o.shape(), "values": o.iter().copied().collect::<Vec<f32>>() }))
+        .collect::<Vec<_>>()
+        .into();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("ran {} on {}, seq = {}: {:.3} ms", art.manifest.graph_name, if a.device == DeviceArg::Cpu { "cpu" } else { "cuda" }, a.seq, ms);
+        for (i, o) in outputs.iter().enumerate() {
+            println!("output {i}: shape {:?}", o.shape());
+            let cols = *o.shape().last().unwrap_or(&1);
+            for (r, row) in o.as_slice().unwrap_or(&[]).chunks(cols.max(1)).enumerate().take(8) {
+                let vals: Vec<String> = row.iter().take(8).map(|v| format!("{v:>9.5}")).collect();
+                println!("  [{r}] {}{}", vals.join(" "), if row.len() > 8 { " ..." } else { "" });
+            }
+        }
+        if let Some(c) = report.get("check") {
+            let worst = c["outputs"].as_array().map(|v| v.iter().filter_map(|o| o["max_abs_error"].as_f64()).fold(0.0, f64::max)).unwrap_or(0.0);
+            println!("reference interpreter: {} (max abs error {worst:.2e}; tolerance atol 1e-4 + rtol 1e-4)", if ok { "MATCH" } else { "MISMATCH" });
+        }
+    }
+    if !ok {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let _ = (a.text, a.json);
+    match sparsec_models::classify(&a.model) {
+        Ok(_) | Err(_) => bail!(
+            "eval computes perplexity of a language model; model loaders and tokenizers are not implemented yet, so it cannot run"
+        ),
+    }
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let mut report = serde_json::json!({ "input": a.input, "seq": a.seq });
+    let path = if is_artifact(&a.input) {
+        a.input.clone()
+    } else {
+        let tmp = tempfile::tempdir()?;
+        let cache = Cache::new(tmp.path().join("cache"));
+        let out = tmp.path().join("bench.sparsec");
+        let cold = do_compile(&a.input, Some(out.clone()), &a.flags, Some(Cache::new(cache.root())))?;
+        let warm = do_compile(&a.input, Some(out.clone()), &a.flags, Some(cache))?;
+        report["compile_cold_ms"] = cold.wall_ms.into();
+        report["compile_cache_hit_ms"] = warm.wall_ms.into();
+        let keep = std::env::temp_dir().join(format!("sparsec-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&keep);
+        sparsec_compiler::cache::copy_dir(&out, &keep)?;
+        keep
+    };
+    let art = Artifact::open(&path)?;
+    let inputs = art.random_inputs(a.seq, 0);
+    let (_, run_ms) = execute(&art, DeviceArg::Cpu, &inputs, a.repeat)?;
+    let t = Instant::now();
+    interpret(&art.graph, &inputs, &|n| art.weights.get_array(n).ok())?;
+    let interp_ms = t.elapsed().as_secs_f64() * 1e3;
+    let code: usize = art.manifest.kernels.iter().filter_map(|k| k.cpu.as_ref().map(|s| s.code_bytes)).sum();
+    let kernel_ms: f64 = art.manifest.kernels.iter().filter_map(|k| k.cpu.as_ref().map(|s| s.compile_ms)).sum();
+    report["run_cpu_ms_median"] = run_ms.into();
+    report["reference_interpreter_ms"] = interp_ms.into();
+    report["speedup_vs_interpreter"] = (interp_ms / run_ms).into();
+    report["cpu_code_bytes"] = code.into();
+    report["kernel_compile_ms_sum"] = kernel_ms.into();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        if let Some(c) = report.get("compile_cold_ms") {
+            println!("compile (cold):      {:>10.1} ms", c.as_f64().unwrap_or(0.0));
+            println!("compile (cache hit): {:>10.1} ms", report["compile_cache_hit_ms"].as_f64().unwrap_or(0.0));
+        }
+        println!("run, cpu (median of {}): {:.3} ms at seq = {}", a.repeat, run_ms, a.seq);
+        println!("reference interpreter:  {:.3} ms ({:.1}x slower)", interp_ms, interp_ms / run_ms);
+        println!("machine code: {code} B in {} kernels", art.manifest.kernels.len());
+    }
+    if !is_artifact(&a.input) {
+        let _ = std::fs::remove_dir_all(&path);
+    }
+    Ok(())
+}
+
+fn cmd_inspect(a: InspectArgs) -> Result<()> {
+    if is_artifact(&a.input) {
+        let art = Artifact::open(&a.input)?;
+        let m = &art.manifest;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(m)?);
+            return Ok(());
+        }
+        println!("artifact {} (manifest v{}, sparsec {})", a.input.display(), m.version, m.sparsec_version);
+        println!("graph @{}  targets {}  compile {:.1} ms", m.graph_name, m.targets.join(","), m.compile_ms);
+        println!("source {}\ncache  {}", m.source_hash, m.cache_key);
+        println!("{:<20} {:<11} {:>10} {:>10} {:>10} {:>10}", "kernel", "op", "cpu ms", "x86 B", "cuda ms", "ptx B");
+        for k in &m.kernels {
+            let f = |s: &Option<sparsec_runtime::manifest::CodeStats>| match s {
+                Some(s) => (format!("{:.2}", s.compile_ms), s.code_bytes.to_string()),
+                None => ("-".into(), "-".into()),
+            };
+            let (cm, cb) = f(&k.cpu);
+            let (gm, gb) = f(&k.cuda);
+            println!("{:<20} {:<11} {:>10} {:>10} {:>10} {:>10}", k.name, k.op, cm, cb, gm, gb);
+        }
+        println!("buffers: {}  steps: {}", m.execution.buffers.len(), m.execution.steps.len());
+        return Ok(());
+    }
+    let mut g = sparsec_models::load_graph(&a.input)?;
+    sparsec_passes::PassManager::default_pipeline(PrintOptions::default()).run(&mut g)?;
+    if a.json {
+        let values: Vec<_> = g
+            .nodes
+            .iter()
+            .map(|n| serde_json::json!({ "name": n.name, "op": n.op.keyword(), "type": n.ty.as_ref().map(|t| t.to_string()) }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "graph": g.name, "values": values }))?);
+    } else {
+        print!("{}", sparsec_ir::print_graph(&g));
+    }
+    Ok(())
+}

@@ -1,1 +1,19 @@
-//! placeholder
+//! sparsec's code generator: graph → kernels → MLIR (melior) → LLVM IR →
+//! inkwell → x86-64 shared library and PTX, packed into an artifact with a
+//! content-addressed cache.
+
+pub mod backend;
+pub mod error;
+pub mod mlir;
+pub mod options;
+
+pub use error::{CompileError, CompileResult};
+pub use options::{CompileOptions, CpuTarget, CudaTarget, Emit, TargetKind};
+pub mod cache;
+pub mod driver;
+pub mod partition;
+pub mod toolchain;
+pub mod weights;
+
+pub use cache::Cache;
+pub use driver::{compile, CompileRequest, Compiled};

@@ -1,1 +1,48 @@
-//! placeholder
+//! Graph passes: the `Pass` trait, the pass manager and the registered passes.
+//! A pass is one file implementing `Pass`, listed once in `registry()`.
+
+mod const_fold;
+mod dce;
+mod manager;
+mod shape_infer;
+mod verify;
+
+pub use const_fold::ConstFold;
+pub use dce::DeadCodeElimination;
+pub use manager::{PassManager, PrintOptions, Snapshot};
+pub use shape_infer::ShapeInference;
+pub use verify::Verify;
+
+use sparsec_ir::{Graph, IrError};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum PassError {
+    #[error("pass `{pass}`: {source}")]
+    Ir { pass: &'static str, source: IrError },
+    #[error("verifier failed after pass `{pass}`: {source}")]
+    BrokeInvariant { pass: &'static str, source: IrError },
+    #[error("unknown pass `{0}` (known: {1})")]
+    UnknownPass(String, String),
+}
+
+/// One transformation (or check) of a graph.
+pub trait Pass {
+    /// The name used by `--print-after=NAME` and in pipelines.
+    fn name(&self) -> &'static str;
+    /// One line for `--help` and `docs/`.
+    fn description(&self) -> &'static str;
+    fn run(&self, g: &mut Graph) -> Result<(), IrError>;
+}
+
+/// Every pass, in default pipeline order.
+pub fn registry() -> Vec<Box<dyn Pass>> {
+    vec![Box::new(Verify), Box::new(ShapeInference), Box::new(ConstFold), Box::new(DeadCodeElimination)]
+}
+
+/// Looks a pass up by name.
+pub fn pass_by_name(name: &str) -> Result<Box<dyn Pass>, PassError> {
+    registry().into_iter().find(|p| p.name() == name).ok_or_else(|| {
+        PassError::UnknownPass(name.to_string(), registry().iter().map(|p| p.name()).collect::<Vec<_>>().join(", "))
+    })
+}

@@ -1,1 +1,13 @@
-//! placeholder
+//! sparsec's runtime: loads artifacts without LLVM and runs them on the CPU
+//! (dlopen) or an NVIDIA GPU (cudarc, PTX), next to the reference interpreter.
+
+pub mod artifact;
+pub mod compare;
+pub mod cpu;
+pub mod cuda;
+pub mod error;
+pub mod interpreter;
+pub mod manifest;
+
+pub use artifact::Artifact;
+pub use error::{RuntimeError, RuntimeResult};

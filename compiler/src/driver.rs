@@ -1,0 +1,204 @@
+//! The compile driver: passes → partition → per-kernel MLIR/LLVM for each target
+//! → link → artifact (staged, then published atomically), with the cache in front.
+
+use crate::backend;
+use crate::cache::{copy_dir, publish, staging_dir_for, Cache};
+use crate::error::{CompileError, CompileResult};
+use crate::mlir::pipeline::MlirSession;
+use crate::mlir::{emit_kernel, Device};
+use crate::options::{CompileOptions, Emit};
+use crate::partition::partition;
+use crate::toolchain;
+use crate::weights::{resolve, write_safetensors, WeightFile};
+use sparsec_ir::{print_graph, Graph};
+use sparsec_passes::{PassManager, PrintOptions, Snapshot};
+use sparsec_runtime::manifest::*;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything one compile needs.
+pub struct CompileRequest<'a> {
+    pub graph: Graph,
+    pub plan_text: Option<String>,
+    pub weights: Option<&'a Path>,
+    pub options: CompileOptions,
+    pub print: PrintOptions,
+    /// `None` disables the cache.
+    pub cache: Option<Cache>,
+    /// Where the artifact goes.
+    pub output: PathBuf,
+}
+
+/// What a compile produced.
+pub struct Compiled {
+    pub artifact: PathBuf,
+    pub cache_hit: bool,
+    pub manifest: Manifest,
+    pub snapshots: Vec<Snapshot>,
+    /// Wall time of this call, cache lookups and copies included.
+    pub wall_ms: f64,
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn write(path: &Path, bytes: impl AsRef<[u8]>) -> CompileResult<()> {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).map_err(CompileError::io(p))?;
+    }
+    std::fs::write(path, bytes).map_err(CompileError::io(path))
+}
+
+fn read_manifest(dir: &Path) -> CompileResult<Manifest> {
+    let p = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&p).map_err(CompileError::io(&p))?;
+    serde_json::from_str(&text).map_err(|e| CompileError::File { path: p, message: e.to_string() })
+}
+
+/// Compiles `req.graph` into an artifact at `req.output`.
+pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
+    let start = Instant::now();
+    let mut g = req.graph;
+    let snapshots = PassManager::default_pipeline(req.print.clone()).run(&mut g)?;
+    let part = partition(&g)?;
+    let weight_file = req.weights.map(WeightFile::open).transpose()?;
+    let tensors = resolve(&g, &part, weight_file.as_ref())?;
+    let graph_text = print_graph(&g);
+
+    let mut src = blake3::Hasher::new();
+    src.update(graph_text.as_bytes());
+    src.update(req.plan_text.as_deref().unwrap_or("").as_bytes());
+    for (name, shape, values) in &tensors {
+        src.update(name.as_bytes());
+        src.update(format!("{shape:?}").as_bytes());
+        for v in values {
+            src.update(&v.to_le_bytes());
+        }
+    }
+    let source_hash = src.finalize().to_hex().to_string();
+    let options_json = req.options.canonical_json();
+    let mut key = blake3::Hasher::new();
+    key.update(source_hash.as_bytes());
+    key.update(options_json.to_string().as_bytes());
+    key.update(env!("CARGO_PKG_VERSION").as_bytes());
+    key.update(&MANIFEST_VERSION.to_le_bytes());
+    let cache_key = key.finalize().to_hex().to_string();
+
+    if let Some(hit) = req.cache.as_ref().and_then(|c| c.lookup(&cache_key)) {
+        let staged = staging_dir_for(&req.output)?;
+        let inner = staged.path().join("artifact");
+        copy_dir(&hit, &inner)?;
+        publish(&inner, &req.output)?;
+        let manifest = read_manifest(&req.output)?;
+        return Ok(Compiled { artifact: req.output, cache_hit: true, manifest, snapshots, wall_ms: ms(start) });
+    }
+
+    let staged = staging_dir_for(&req.output)?;
+    let dir = staged.path().join("artifact");
+    std::fs::create_dir_all(&dir).map_err(CompileError::io(&dir))?;
+    let opts = &req.options;
+    let session = MlirSession::new();
+    let mut records = Vec::new();
+    let mut objects = Vec::new();
+    let obj_dir = staged.path().join("objects");
+    for spec in &part.kernels {
+        let mut rec = KernelRecord { name: spec.name.clone(), op: spec.op.keyword().into(), cpu: None, cuda: None };
+        for device in [Device::Cpu, Device::Nvptx] {
+            if (device == Device::Cpu && !opts.target.cpu()) || (device == Device::Nvptx && !opts.target.cuda()) {
+                continue;
+            }
+            let t = Instant::now();
+            let mlir = emit_kernel(spec, device)?;
+            let llvm = inkwell::context::Context::create();
+            let (module, lowered) = session.lower_to_llvm(&spec.name, &mlir, device, &llvm)?;
+            let tag = if device == Device::Cpu { "cpu" } else { "cuda" };
+            let out = match device {
+                Device::Cpu => backend::emit_cpu(&spec.name, &module, &opts.cpu, opts.opt_level, opts.wants(Emit::Asm))?,
+                Device::Nvptx => backend::emit_ptx(&spec.name, &module, &opts.cuda, opts.opt_level)?,
+            };
+            let stats = CodeStats {
+                compile_ms: ms(t),
+                mlir_bytes: mlir.len(),
+                llvm_ir_bytes: out.llvm_ir.len(),
+                code_bytes: out.code_bytes,
+            };
+            let emit_dir = dir.join("emit").join(tag);
+            if opts.wants(Emit::Mlir) {
+                write(&emit_dir.join(format!("{}.mlir", spec.name)), &mlir)?;
+                write(&emit_dir.join(format!("{}.llvm.mlir", spec.name)), &lowered)?;
+            }
+            if opts.wants(Emit::Llvm) {
+                write(&emit_dir.join(format!("{}.ll", spec.name)), &out.llvm_ir)?;
+            }
+            if let Some(asm) = &out.asm {
+                write(&emit_dir.join(format!("{}.s", spec.name)), asm)?;
+            }
+            match device {
+                Device::Cpu => {
+                    let p = obj_dir.join(format!("{}.o", spec.name));
+                    write(&p, &out.code)?;
+                    objects.push(p);
+                    rec.cpu = Some(stats);
+                }
+                Device::Nvptx => {
+                    write(&dir.join(CUDA_DIR).join(format!("{}.ptx", spec.name)), &out.code)?;
+                    if opts.wants(Emit::Ptx) {
+                        write(&emit_dir.join(format!("{}.ptx", spec.name)), &out.code)?;
+                    }
+                    rec.cuda = Some(stats);
+                }
+            }
+        }
+        records.push(rec);
+    }
+    if opts.target.cpu() {
+        let lib = dir.join(CPU_LIBRARY);
+        if let Some(p) = lib.parent() {
+            std::fs::create_dir_all(p).map_err(CompileError::io(p))?;
+        }
+        if objects.is_empty() {
+            // A graph with no compute (it returns inputs or constants) still gets a library.
+            let p = obj_dir.join("empty.c");
+            write(&p, "")?;
+            objects.push(p);
+        }
+        toolchain::link_shared(&objects, &lib)?;
+    }
+    write_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?;
+    write(&dir.join(GRAPH_FILE), &graph_text)?;
+    if let Some(plan) = &req.plan_text {
+        write(&dir.join(PLAN_FILE), plan)?;
+    }
+    if opts.wants(Emit::Ir) {
+        write(&dir.join("emit").join("graph.sir"), &graph_text)?;
+    }
+    let mut targets = Vec::new();
+    if opts.target.cpu() {
+        targets.push("cpu".to_string());
+    }
+    if opts.target.cuda() {
+        targets.push("cuda".to_string());
+    }
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        sparsec_version: env!("CARGO_PKG_VERSION").into(),
+        graph_name: g.name.clone(),
+        source_hash,
+        cache_key: cache_key.clone(),
+        plan: req.plan_text.clone(),
+        options: options_json,
+        targets,
+        kernels: records,
+        execution: part.plan,
+        compile_ms: ms(start),
+    };
+    let json = serde_json::to_string_pretty(&manifest).map_err(|e| CompileError::File { path: dir.clone(), message: e.to_string() })?;
+    // The manifest is written last: a directory without one is never an artifact.
+    write(&dir.join(MANIFEST_FILE), json)?;
+    publish(&dir, &req.output)?;
+    if let Some(c) = &req.cache {
+        c.insert(&cache_key, &req.output)?;
+    }
+    Ok(Compiled { artifact: req.output, cache_hit: false, manifest, snapshots, wall_ms: ms(start) })
+}

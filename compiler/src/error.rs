@@ -1,0 +1,37 @@
+//! The compiler's typed errors; each says which kernel, stage or file.
+
+use std::path::PathBuf;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum CompileError {
+    #[error(transparent)]
+    Ir(#[from] sparsec_ir::IrError),
+    #[error(transparent)]
+    Pass(#[from] sparsec_passes::PassError),
+    #[error("kernel `{kernel}` ({op}): cannot lower: {why}")]
+    Unsupported { kernel: String, op: &'static str, why: String },
+    #[error("kernel `{kernel}`: MLIR {stage} failed:\n{diagnostics}")]
+    Mlir { kernel: String, stage: &'static str, diagnostics: String },
+    #[error("kernel `{kernel}`: LLVM {stage} failed: {message}")]
+    Llvm { kernel: String, stage: &'static str, message: String },
+    #[error("linking {output} failed ({command}):\n{stderr}")]
+    Link { output: PathBuf, command: String, stderr: String },
+    #[error("ptxas rejected {ptx}:\n{stderr}\nreproduce with: {command}")]
+    Ptxas { ptx: PathBuf, command: String, stderr: String },
+    #[error("weight `{name}` (value %{value}): {message}")]
+    Weight { name: String, value: String, message: String },
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+impl CompileError {
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> CompileError {
+        let path = path.into();
+        move |source| CompileError::Io { path, source }
+    }
+}
+
+pub type CompileResult<T> = Result<T, CompileError>;

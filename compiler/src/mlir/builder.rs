@@ -1,0 +1,274 @@
+//! A structured writer of MLIR kernel functions (func/arith/math/scf plus memref
+//! on the CPU, llvm pointers and nvvm thread ids on NVIDIA). Kernel bodies are
+//! written once against this API and come out right for either target.
+
+use sparsec_ir::SymSize;
+use std::collections::HashMap;
+
+/// Which code the kernel is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Device {
+    /// One call runs all the work in loops; buffers are `memref<?xf32>`.
+    Cpu,
+    /// One thread per unit of work; buffers are `!llvm.ptr`.
+    Nvptx,
+}
+
+/// SSA name of a value.
+pub type V = String;
+
+pub struct KernelBuilder {
+    device: Device,
+    consts: Vec<String>,
+    const_ids: HashMap<String, V>,
+    body: Vec<String>,
+    indent: usize,
+    next: usize,
+}
+
+impl KernelBuilder {
+    pub fn new(device: Device) -> Self {
+        KernelBuilder { device, consts: Vec::new(), const_ids: HashMap::new(), body: Vec::new(), indent: 2, next: 0 }
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    fn fresh(&mut self) -> V {
+        self.next += 1;
+        format!("%v{}", self.next)
+    }
+
+    fn line(&mut self, s: String) {
+        self.body.push(format!("{}{s}", "  ".repeat(self.indent)));
+    }
+
+    /// `lhs = rhs` with a fresh name.
+    fn def(&mut self, rhs: String) -> V {
+        let v = self.fresh();
+        self.line(format!("{v} = {rhs}"));
+        v
+    }
+
+    fn constant(&mut self, literal: String) -> V {
+        if let Some(v) = self.const_ids.get(&literal) {
+            return v.clone();
+        }
+        let v = format!("%c{}", self.const_ids.len());
+        self.consts.push(format!("    {v} = arith.constant {literal}"));
+        self.const_ids.insert(literal, v.clone());
+        v
+    }
+
+    pub fn index(&mut self, n: u64) -> V {
+        self.constant(format!("{n} : index"))
+    }
+
+    pub fn f32(&mut self, x: f32) -> V {
+        // Hex bit pattern: exact, and valid for every value.
+        self.constant(format!("0x{:08X} : f32", x.to_bits()))
+    }
+
+    pub fn i32(&mut self, n: i32) -> V {
+        self.constant(format!("{n} : i32"))
+    }
+
+    /// The run-time `seq` argument, as an index.
+    pub fn seq(&self) -> V {
+        "%seq".into()
+    }
+
+    /// `coef * seq^pow` as an index value.
+    pub fn sym(&mut self, s: SymSize) -> V {
+        let mut v = self.index(s.coef);
+        for _ in 0..s.seq_pow {
+            let seq = self.seq();
+            v = self.def(format!("arith.muli {v}, {seq} : index"));
+        }
+        v
+    }
+
+    pub fn addi(&mut self, a: &str, b: &str) -> V {
+        self.def(format!("arith.addi {a}, {b} : index"))
+    }
+    pub fn muli(&mut self, a: &str, b: &str) -> V {
+        self.def(format!("arith.muli {a}, {b} : index"))
+    }
+    pub fn remui(&mut self, a: &str, b: &str) -> V {
+        self.def(format!("arith.remui {a}, {b} : index"))
+    }
+    pub fn divui(&mut self, a: &str, b: &str) -> V {
+        self.def(format!("arith.divui {a}, {b} : index"))
+    }
+
+    /// A binary f32 op: `addf`, `subf`, `mulf`, `divf`, `maxnumf`, `minnumf`.
+    pub fn fbin(&mut self, op: &str, a: &str, b: &str) -> V {
+        self.def(format!("arith.{op} {a}, {b} : f32"))
+    }
+    pub fn add(&mut self, a: &str, b: &str) -> V {
+        self.fbin("addf", a, b)
+    }
+    pub fn sub(&mut self, a: &str, b: &str) -> V {
+        self.fbin("subf", a, b)
+    }
+    pub fn mul(&mut self, a: &str, b: &str) -> V {
+        self.fbin("mulf", a, b)
+    }
+    pub fn div(&mut self, a: &str, b: &str) -> V {
+        self.fbin("divf", a, b)
+    }
+    /// `a * b + c`, fused.
+    pub fn fma(&mut self, a: &str, b: &str, c: &str) -> V {
+        self.def(format!("math.fma {a}, {b}, {c} : f32"))
+    }
+    /// A unary math-dialect op on f32 (`sqrt`, `floor`, `absf`).
+    pub fn math(&mut self, op: &str, a: &str) -> V {
+        self.def(format!("math.{op} {a} : f32"))
+    }
+    pub fn neg(&mut self, a: &str) -> V {
+        self.def(format!("arith.negf {a} : f32"))
+    }
+    /// `cond ? a : b` on f32.
+    pub fn select_lt0(&mut self, x: &str, a: &str, b: &str) -> V {
+        let zero = self.f32(0.0);
+        let c = self.def(format!("arith.cmpf olt, {x}, {zero} : f32"));
+        self.def(format!("arith.select {c}, {a}, {b} : f32"))
+    }
+
+    /// f32 → i32 bits arithmetic for `2^n`: returns `2^n` as f32 for an integral f32 `n`.
+    pub fn exp2_int(&mut self, n: &str) -> V {
+        let ni = self.def(format!("arith.fptosi {n} : f32 to i32"));
+        let bias = self.i32(127);
+        let shift = self.i32(23);
+        let e = self.def(format!("arith.addi {ni}, {bias} : i32"));
+        let bits = self.def(format!("arith.shli {e}, {shift} : i32"));
+        self.def(format!("arith.bitcast {bits} : i32 to f32"))
+    }
+
+    /// Reads `buf[idx]`.
+    pub fn load(&mut self, buf: &str, idx: &str) -> V {
+        match self.device {
+            Device::Cpu => self.def(format!("memref.load {buf}[{idx}] : memref<?xf32>")),
+            Device::Nvptx => {
+                let i = self.def(format!("arith.index_cast {idx} : index to i64"));
+                let p = self.def(format!("llvm.getelementptr inbounds {buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, f32"));
+                self.def(format!("llvm.load {p} : !llvm.ptr -> f32"))
+            }
+        }
+    }
+
+    /// Writes `buf[idx] = val`.
+    pub fn store(&mut self, val: &str, buf: &str, idx: &str) {
+        match self.device {
+            Device::Cpu => self.line(format!("memref.store {val}, {buf}[{idx}] : memref<?xf32>")),
+            Device::Nvptx => {
+                let i = self.def(format!("arith.index_cast {idx} : index to i64"));
+                let p = self.def(format!("llvm.getelementptr inbounds {buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, f32"));
+                self.line(format!("llvm.store {val}, {p} : f32, !llvm.ptr"));
+            }
+        }
+    }
+
+    /// `for iv in lb..ub { body }`.
+    pub fn for_each(&mut self, lb: &str, ub: &str, body: impl FnOnce(&mut Self, &str)) {
+        let one = self.index(1);
+        let iv = self.fresh();
+        self.line(format!("scf.for {iv} = {lb} to {ub} step {one} {{"));
+        self.indent += 1;
+        body(self, &iv);
+        self.indent -= 1;
+        self.line("}".into());
+    }
+
+    /// A loop carrying f32 accumulators: `body(iv, accs) -> new accs`; returns the final values.
+    pub fn for_fold(
+        &mut self,
+        lb: &str,
+        ub: &str,
+        init: &[V],
+        body: impl FnOnce(&mut Self, &str, &[V]) -> Vec<V>,
+    ) -> Vec<V> {
+        let one = self.index(1);
+        let iv = self.fresh();
+        let accs: Vec<V> = init.iter().map(|_| self.fresh()).collect();
+        let res = self.fresh();
+        let iter_args = accs.iter().zip(init).map(|(a, i)| format!("{a} = {i}")).collect::<Vec<_>>().join(", ");
+        let tys = vec!["f32"; init.len()].join(", ");
+        let res_decl = if init.len() == 1 { res.clone() } else { format!("{res}:{}", init.len()) };
+        self.line(format!("{res_decl} = scf.for {iv} = {lb} to {ub} step {one} iter_args({iter_args}) -> ({tys}) {{"));
+        self.indent += 1;
+        let out = body(self, &iv, &accs);
+        self.line(format!("scf.yield {} : {tys}", out.join(", ")));
+        self.indent -= 1;
+        self.line("}".into());
+        if init.len() == 1 {
+            vec![res]
+        } else {
+            (0..init.len()).map(|i| format!("{res}#{i}")).collect()
+        }
+    }
+
+    /// Runs `body(unit)` for every `unit in 0..work`: a loop on the CPU, one
+    /// thread per unit (with a bounds check) on NVIDIA.
+    pub fn parallel(&mut self, work: &str, body: impl FnOnce(&mut Self, &str)) {
+        match self.device {
+            Device::Cpu => {
+                let zero = self.index(0);
+                self.for_each(&zero, work, body)
+            }
+            Device::Nvptx => {
+                let tid = self.def("nvvm.read.ptx.sreg.tid.x : i32".into());
+                let bid = self.def("nvvm.read.ptx.sreg.ctaid.x : i32".into());
+                let bdim = self.def("nvvm.read.ptx.sreg.ntid.x : i32".into());
+                let tid = self.def(format!("arith.index_castui {tid} : i32 to index"));
+                let bid = self.def(format!("arith.index_castui {bid} : i32 to index"));
+                let bdim = self.def(format!("arith.index_castui {bdim} : i32 to index"));
+                let base = self.muli(&bid, &bdim);
+                let unit = self.addi(&base, &tid);
+                let inb = self.def(format!("arith.cmpi ult, {unit}, {work} : index"));
+                self.line(format!("scf.if {inb} {{"));
+                self.indent += 1;
+                body(self, &unit);
+                self.indent -= 1;
+                self.line("}".into());
+            }
+        }
+    }
+
+    /// The whole `func.func` (CPU) or `llvm.func` kernel (NVIDIA), wrapped in a module.
+    /// `buffers` are the parameter names of the buffer arguments, in ABI order.
+    pub fn finish(self, name: &str, buffers: &[V]) -> String {
+        let mut s = String::from("module {\n");
+        match self.device {
+            Device::Cpu => {
+                let params: Vec<String> = buffers.iter().map(|b| format!("{b}: memref<?xf32>")).collect();
+                s.push_str(&format!(
+                    "  func.func @{name}({}, %seq: index) attributes {{llvm.emit_c_interface}} {{\n",
+                    params.join(", ")
+                ));
+            }
+            Device::Nvptx => {
+                let params: Vec<String> = buffers.iter().map(|b| format!("{b}: !llvm.ptr {{llvm.noalias}}")).collect();
+                s.push_str(&format!(
+                    "  llvm.func @{name}({}, %seq_i64: i64) attributes {{nvvm.kernel}} {{\n",
+                    params.join(", ")
+                ));
+                s.push_str("    %seq = arith.index_cast %seq_i64 : i64 to index\n");
+            }
+        }
+        for c in &self.consts {
+            s.push_str(c);
+            s.push('\n');
+        }
+        for l in &self.body {
+            s.push_str(l);
+            s.push('\n');
+        }
+        s.push_str(match self.device {
+            Device::Cpu => "    return\n  }\n}\n",
+            Device::Nvptx => "    llvm.return\n  }\n}\n",
+        });
+        s
+    }
+}

@@ -1,0 +1,259 @@
+//! One kernel per compute op, written against `KernelBuilder`: the lowering of
+//! every IR op to MLIR. Buffers are flat f32 arrays; shapes are baked in except
+//! `seq`, which arrives at run time.
+
+use super::builder::{Device, KernelBuilder, V};
+use super::math;
+use crate::error::CompileError;
+use sparsec_ir::{GeluApprox, Op, SymSize, TensorType};
+
+/// What a kernel computes: the op, its operand types and its result type.
+#[derive(Clone, Debug)]
+pub struct KernelSpec {
+    pub name: String,
+    pub op: Op,
+    pub operands: Vec<TensorType>,
+    pub result: TensorType,
+}
+
+impl KernelSpec {
+    /// Units of parallel work (GPU threads): one per output element for
+    /// elementwise ops and matmul, one per row for row reductions.
+    pub fn work(&self) -> Result<SymSize, CompileError> {
+        let numel = self.result.numel();
+        let last = |t: &TensorType| match t.last_dim() {
+            Some(sparsec_ir::Dim::Fixed(n)) => Ok(n),
+            _ => Err(self.unsupported("the last dimension must be fixed")),
+        };
+        Ok(match &self.op {
+            Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Softmax => {
+                SymSize { coef: numel.coef / last(&self.result)?, ..numel }
+            }
+            _ => numel,
+        })
+    }
+
+    fn unsupported(&self, why: &str) -> CompileError {
+        CompileError::Unsupported { kernel: self.name.clone(), op: self.op.keyword(), why: why.to_string() }
+    }
+}
+
+fn fixed_last(spec: &KernelSpec, t: &TensorType) -> Result<u64, CompileError> {
+    match t.last_dim() {
+        Some(sparsec_ir::Dim::Fixed(n)) => Ok(n),
+        _ => Err(spec.unsupported("the last dimension must be fixed")),
+    }
+}
+
+/// Writes the MLIR module of one kernel for `device`.
+pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileError> {
+    if let Some(t) = spec.operands.iter().chain([&spec.result]).find(|t| t.dtype != sparsec_ir::DType::F32) {
+        return Err(spec.unsupported(&format!("element type {} (f32 only for now)", t.dtype.name())));
+    }
+    let mut b = KernelBuilder::new(device);
+    let ins: Vec<V> = (0..spec.operands.len()).map(|i| format!("%in{i}")).collect();
+    let out: V = "%out".into();
+    let work = spec.work()?;
+    let work = b.sym(work);
+    match &spec.op {
+        Op::Input | Op::Weight { .. } | Op::Constant { .. } => {
+            return Err(spec.unsupported("leaves are data, not kernels"))
+        }
+        Op::Gelu { .. } | Op::Silu => {
+            let op = spec.op.clone();
+            b.parallel(&work, |b, i| {
+                let x = b.load(&ins[0], i);
+                let y = match op {
+                    Op::Gelu { approx: GeluApprox::Tanh } => {
+                        // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+                        let c = b.f32((2.0f32 / std::f32::consts::PI).sqrt());
+                        let k = b.f32(0.044715);
+                        let x2 = b.mul(&x, &x);
+                        let x3 = b.mul(&x2, &x);
+                        let inner = b.fma(&k, &x3, &x);
+                        let arg = b.mul(&c, &inner);
+                        let t = math::tanh(b, &arg);
+                        let one = b.f32(1.0);
+                        let half = b.f32(0.5);
+                        let s = b.add(&one, &t);
+                        let hx = b.mul(&half, &x);
+                        b.mul(&hx, &s)
+                    }
+                    Op::Gelu { approx: GeluApprox::Erf } => {
+                        let r = b.f32(std::f32::consts::FRAC_1_SQRT_2);
+                        let arg = b.mul(&x, &r);
+                        let e = math::erf(b, &arg);
+                        let one = b.f32(1.0);
+                        let half = b.f32(0.5);
+                        let s = b.add(&one, &e);
+                        let hx = b.mul(&half, &x);
+                        b.mul(&hx, &s)
+                    }
+                    _ => {
+                        let s = math::sigmoid(b, &x);
+                        b.mul(&x, &s)
+                    }
+                };
+                b.store(&y, &out, i);
+            });
+        }
+        Op::Add | Op::Mul => {
+            let n_out = spec.result.numel();
+            let sizes: Vec<SymSize> = spec.operands.iter().map(|t| t.numel()).collect();
+            let fop = if matches!(spec.op, Op::Add) { "addf" } else { "mulf" };
+            let mut moduli = Vec::new();
+            for s in &sizes {
+                // A broadcast operand is read modulo its own size.
+                moduli.push(if *s == n_out { None } else { Some(b.sym(*s)) });
+            }
+            b.parallel(&work, |b, i| {
+                let mut vals = Vec::new();
+                for (k, m) in moduli.iter().enumerate() {
+                    let idx = match m {
+                        None => i.to_string(),
+                        Some(m) => b.remui(i, m),
+                    };
+                    vals.push(b.load(&ins[k], &idx));
+                }
+                let y = b.fbin(fop, &vals[0], &vals[1]);
+                b.store(&y, &out, i);
+            });
+        }
+        Op::MatMul { transpose_b } => {
+            let k = fixed_last(spec, &spec.operands[0])?;
+            let n = fixed_last(spec, &spec.result)?;
+            let (kc, nc) = (b.index(k), b.index(n));
+            let zero_i = b.index(0);
+            let zero = b.f32(0.0);
+            let tb = *transpose_b;
+            let (a_buf, w_buf) = (ins[0].clone(), ins[1].clone());
+            // The reduction over k for output element (r, j).
+            let (kc2, nc2, zero_i2) = (kc.clone(), nc.clone(), zero_i.clone());
+            let dot = move |b: &mut KernelBuilder, r: &str, j: &str| -> V {
+                let (kc, nc, zero_i) = (&kc2, &nc2, &zero_i2);
+                let arow = b.muli(r, kc);
+                let brow = if tb { Some(b.muli(j, kc)) } else { None };
+                let acc = b.for_fold(zero_i, kc, &[zero.clone()], |b, kk, acc| {
+                    let ai = b.addi(&arow, kk);
+                    let a = b.load(&a_buf, &ai);
+                    let bi = match &brow {
+                        Some(brow) => b.addi(brow, kk),
+                        None => {
+                            let t = b.muli(kk, nc);
+                            b.addi(&t, j)
+                        }
+                    };
+                    let w = b.load(&w_buf, &bi);
+                    vec![b.fma(&a, &w, &acc[0])]
+                });
+                acc[0].clone()
+            };
+            match device {
+                Device::Cpu => {
+                    // Rows outer, columns inner: unit-stride writes; LLVM vectorizes over j.
+                    let rows = b.divui(&work, &nc);
+                    b.parallel(&rows, |b, r| {
+                        b.for_each(&zero_i, &nc, |b, j| {
+                            let y = dot(b, r, j);
+                            let rn = b.muli(r, &nc);
+                            let o = b.addi(&rn, j);
+                            b.store(&y, &out, &o);
+                        });
+                    });
+                }
+                Device::Nvptx => {
+                    b.parallel(&work, |b, e| {
+                        let r = b.divui(e, &nc);
+                        let j = b.remui(e, &nc);
+                        let y = dot(b, &r, &j);
+                        b.store(&y, &out, e);
+                    });
+                }
+            }
+        }
+        Op::LayerNorm { eps } | Op::RmsNorm { eps } => {
+            let d = fixed_last(spec, &spec.result)?;
+            let is_layer = matches!(spec.op, Op::LayerNorm { .. });
+            let (dc, zero_i) = (b.index(d), b.index(0));
+            let zero = b.f32(0.0);
+            let inv_d = b.f32(1.0 / d as f32);
+            let eps = b.f32(*eps);
+            b.parallel(&work, |b, r| {
+                let base = b.muli(r, &dc);
+                let mean = if is_layer {
+                    let s = b.for_fold(&zero_i, &dc, &[zero.clone()], |b, j, acc| {
+                        let i = b.addi(&base, j);
+                        let x = b.load(&ins[0], &i);
+                        vec![b.add(&acc[0], &x)]
+                    });
+                    b.mul(&s[0], &inv_d)
+                } else {
+                    zero.clone()
+                };
+                let ss = b.for_fold(&zero_i, &dc, &[zero.clone()], |b, j, acc| {
+                    let i = b.addi(&base, j);
+                    let x = b.load(&ins[0], &i);
+                    let c = b.sub(&x, &mean);
+                    vec![b.fma(&c, &c, &acc[0])]
+                });
+                let var = b.mul(&ss[0], &inv_d);
+                let ve = b.add(&var, &eps);
+                let sd = b.math("sqrt", &ve);
+                let one = b.f32(1.0);
+                let inv = b.div(&one, &sd);
+                b.for_each(&zero_i, &dc, |b, j| {
+                    let i = b.addi(&base, j);
+                    let x = b.load(&ins[0], &i);
+                    let c = b.sub(&x, &mean);
+                    let nrm = b.mul(&c, &inv);
+                    let g = b.load(&ins[1], j);
+                    let y = if is_layer {
+                        let beta = b.load(&ins[2], j);
+                        b.fma(&nrm, &g, &beta)
+                    } else {
+                        b.mul(&nrm, &g)
+                    };
+                    b.store(&y, &out, &i);
+                });
+            });
+        }
+        Op::Softmax => {
+            let d = fixed_last(spec, &spec.result)?;
+            let (dc, zero_i) = (b.index(d), b.index(0));
+            let zero = b.f32(0.0);
+            let ninf = b.f32(f32::NEG_INFINITY);
+            b.parallel(&work, |b, r| {
+                let base = b.muli(r, &dc);
+                let m = b.for_fold(&zero_i, &dc, &[ninf.clone()], |b, j, acc| {
+                    let i = b.addi(&base, j);
+                    let x = b.load(&ins[0], &i);
+                    vec![b.fbin("maximumf", &acc[0], &x)]
+                });
+                let s = b.for_fold(&zero_i, &dc, &[zero.clone()], |b, j, acc| {
+                    let i = b.addi(&base, j);
+                    let x = b.load(&ins[0], &i);
+                    let c = b.sub(&x, &m[0]);
+                    let e = math::exp(b, &c);
+                    b.store(&e, &out, &i);
+                    vec![b.add(&acc[0], &e)]
+                });
+                let one = b.f32(1.0);
+                let inv = b.div(&one, &s[0]);
+                b.for_each(&zero_i, &dc, |b, j| {
+                    let i = b.addi(&base, j);
+                    let e = b.load(&out, &i);
+                    let y = b.mul(&e, &inv);
+                    b.store(&y, &out, &i);
+                });
+            });
+        }
+        Op::Attention { .. } => {
+            return Err(spec.unsupported(
+                "attention is not lowered to MLIR yet (the compiled-model issue adds it); the reference interpreter runs it",
+            ))
+        }
+    }
+    let mut params = ins.clone();
+    params.push(out);
+    Ok(b.finish(&spec.name, &params))
+}

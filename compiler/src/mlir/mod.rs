@@ -1,0 +1,9 @@
+//! Lowering of kernels to MLIR text and through MLIR's passes to LLVM IR.
+
+pub mod builder;
+pub mod kernels;
+pub mod math;
+pub mod pipeline;
+
+pub use builder::Device;
+pub use kernels::{emit_kernel, KernelSpec};

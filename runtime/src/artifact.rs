@@ -1,0 +1,137 @@
+//! Loading an artifact: manifest (version-checked), graph, memory-mapped weights.
+
+use crate::error::{RuntimeError, RuntimeResult};
+use crate::manifest::*;
+use ndarray::{ArrayD, IxDyn};
+use safetensors::{Dtype, SafeTensors};
+use sparsec_ir::{parse_graph, Dim, Graph};
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+pub struct Artifact {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    /// The graph after the compiler's passes: what the kernels implement.
+    pub graph: Graph,
+    pub weights: WeightStore,
+}
+
+/// The artifact's packed weights, memory-mapped.
+pub struct WeightStore {
+    path: PathBuf,
+    map: memmap2::Mmap,
+}
+
+impl WeightStore {
+    pub fn open(path: &Path) -> RuntimeResult<WeightStore> {
+        let f = std::fs::File::open(path).map_err(|source| RuntimeError::Io { path: path.into(), source })?;
+        // SAFETY: mapped read-only; artifacts are immutable once published.
+        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| RuntimeError::Io { path: path.into(), source })?;
+        SafeTensors::deserialize(&map).map_err(|e| RuntimeError::Artifact { path: path.into(), message: e.to_string() })?;
+        Ok(WeightStore { path: path.into(), map })
+    }
+
+    /// The tensor `name` as f32 (borrowed from the map when aligned) and its shape.
+    pub fn get(&self, name: &str) -> RuntimeResult<(Vec<usize>, Cow<'_, [f32]>)> {
+        let bad = |message: String| RuntimeError::Artifact { path: self.path.clone(), message };
+        let st = SafeTensors::deserialize(&self.map).map_err(|e| bad(e.to_string()))?;
+        let t = st.tensor(name).map_err(|_| bad(format!("tensor `{name}` is missing")))?;
+        if t.dtype() != Dtype::F32 {
+            return Err(bad(format!("tensor `{name}` is {:?}, expected F32", t.dtype())));
+        }
+        let bytes = t.data();
+        let shape = t.shape().to_vec();
+        // SAFETY: f32 has no invalid bit patterns; `align_to` only yields the
+        // aligned middle, which we use only when it covers all bytes.
+        let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };
+        if pre.is_empty() && post.is_empty() {
+            return Ok((shape, Cow::Borrowed(mid)));
+        }
+        let v = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        Ok((shape, Cow::Owned(v)))
+    }
+
+    pub fn get_array(&self, name: &str) -> RuntimeResult<ArrayD<f32>> {
+        let (shape, data) = self.get(name)?;
+        ArrayD::from_shape_vec(IxDyn(&shape), data.into_owned())
+            .map_err(|e| RuntimeError::Artifact { path: self.path.clone(), message: e.to_string() })
+    }
+}
+
+impl Artifact {
+    pub fn open(dir: &Path) -> RuntimeResult<Artifact> {
+        let mpath = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&mpath).map_err(|source| RuntimeError::Io { path: mpath.clone(), source })?;
+        let probe: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| RuntimeError::Artifact { path: mpath.clone(), message: format!("not JSON: {e}") })?;
+        let version = probe.get("version").and_then(|v| v.as_u64());
+        if version != Some(MANIFEST_VERSION as u64) {
+            return Err(RuntimeError::Artifact {
+                path: mpath,
+                message: format!("manifest version {version:?}; this runtime reads version {MANIFEST_VERSION}"),
+            });
+        }
+        let manifest: Manifest =
+            serde_json::from_value(probe).map_err(|e| RuntimeError::Artifact { path: mpath.clone(), message: e.to_string() })?;
+        let gpath = dir.join(GRAPH_FILE);
+        let gtext = std::fs::read_to_string(&gpath).map_err(|source| RuntimeError::Io { path: gpath.clone(), source })?;
+        let graph = parse_graph(&gtext)?;
+        let weights = WeightStore::open(&dir.join(WEIGHTS_FILE))?;
+        Ok(Artifact { dir: dir.into(), manifest, graph, weights })
+    }
+
+    /// Binds `seq` from the inputs and checks their shapes against the plan.
+    pub fn bind_seq(&self, inputs: &[ArrayD<f32>]) -> RuntimeResult<u64> {
+        let plan = &self.manifest.execution;
+        if inputs.len() != plan.inputs.len() {
+            return Err(RuntimeError::Input {
+                index: inputs.len(),
+                name: String::new(),
+                message: format!("the graph takes {} inputs, got {}", plan.inputs.len(), inputs.len()),
+            });
+        }
+        let mut seq: Option<u64> = None;
+        for (i, (a, b)) in inputs.iter().zip(&plan.inputs).enumerate() {
+            let spec = &plan.buffers[*b];
+            let err = |message: String| RuntimeError::Input { index: i, name: spec.name.clone(), message };
+            if a.ndim() != spec.dims.len() {
+                return Err(err(format!("rank {} but the graph wants {:?}", a.ndim(), spec.dims)));
+            }
+            for (ext, d) in a.shape().iter().zip(&spec.dims) {
+                match d {
+                    Dim::Fixed(n) if *n as usize != *ext => {
+                        return Err(err(format!("shape {:?} does not match {:?}", a.shape(), spec.dims)))
+                    }
+                    Dim::Seq => match seq {
+                        None => seq = Some(*ext as u64),
+                        Some(s) if s != *ext as u64 => {
+                            return Err(err(format!("seq = {ext} but an earlier input bound seq = {s}")))
+                        }
+                        _ => {}
+                    },
+                    _ => {}
+                }
+            }
+        }
+        let seq = seq.unwrap_or(1);
+        if seq == 0 {
+            return Err(RuntimeError::Input { index: 0, name: String::new(), message: "seq must be at least 1".into() });
+        }
+        Ok(seq)
+    }
+
+    /// Deterministic random inputs (standard normal, ChaCha8 seeded) for `seq`.
+    pub fn random_inputs(&self, seq: u64, seed: u64) -> Vec<ArrayD<f32>> {
+        let plan = &self.manifest.execution;
+        plan.inputs
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let shape: Vec<usize> = plan.buffers[*b].dims.iter().map(|d| d.resolve(seq) as usize).collect();
+                let n = shape.iter().product();
+                let init = sparsec_ir::Init::Normal { seed: seed.wrapping_add(i as u64), std: 1.0 };
+                ArrayD::from_shape_vec(IxDyn(&shape), init.generate(n)).unwrap_or_else(|_| ArrayD::zeros(IxDyn(&shape)))
+            })
+            .collect()
+    }
+}

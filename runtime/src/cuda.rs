@@ -1,0 +1,127 @@
+//! The CUDA executor: loads the artifact's PTX with the driver API (cudarc,
+//! libcuda loaded at run time) and runs the plan on device 0.
+
+use crate::artifact::Artifact;
+use crate::error::{RuntimeError, RuntimeResult};
+use crate::manifest::{BufferKind, CUDA_DIR};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use ndarray::{ArrayD, IxDyn};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Threads per block for every launch.
+pub const BLOCK: u32 = 256;
+
+/// Whether the CUDA driver library can be loaded here.
+pub fn cuda_available() -> bool {
+    // SAFETY: only tries to dlopen the driver library; never panics.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+fn cu<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RuntimeError + '_ {
+    move |e| RuntimeError::Cuda(format!("{what}: {e}"))
+}
+
+pub struct CudaExecutor {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    kernels: HashMap<String, CudaFunction>,
+    /// Weight buffers, uploaded once.
+    weights: HashMap<usize, CudaSlice<f32>>,
+}
+
+impl CudaExecutor {
+    pub fn load(art: &Artifact) -> RuntimeResult<CudaExecutor> {
+        if !cuda_available() {
+            return Err(RuntimeError::NoCuda);
+        }
+        let ctx = CudaContext::new(0).map_err(cu("create context"))?;
+        let stream = ctx.default_stream();
+        let mut kernels = HashMap::new();
+        for step in &art.manifest.execution.steps {
+            if kernels.contains_key(&step.kernel) {
+                continue;
+            }
+            let path = art.dir.join(CUDA_DIR).join(format!("{}.ptx", step.kernel));
+            let ptx = std::fs::read_to_string(&path).map_err(|source| RuntimeError::Io { path: path.clone(), source })?;
+            if ptx.contains('\0') {
+                return Err(RuntimeError::Artifact { path, message: "PTX contains a NUL byte".into() });
+            }
+            let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(cu(&format!("load {}", path.display())))?;
+            let f = module.load_function(&step.kernel).map_err(cu(&format!("function {}", step.kernel)))?;
+            kernels.insert(step.kernel.clone(), f);
+        }
+        let mut weights = HashMap::new();
+        for (i, b) in art.manifest.execution.buffers.iter().enumerate() {
+            if b.kind == BufferKind::Weight {
+                let (_, data) = art.weights.get(&b.name)?;
+                weights.insert(i, stream.clone_htod(&data[..]).map_err(cu("upload weight"))?);
+            }
+        }
+        Ok(CudaExecutor { ctx, stream, kernels, weights })
+    }
+
+    pub fn device_name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|e| format!("<unknown: {e}>"))
+    }
+
+    /// Runs the plan on `inputs`; outputs are copied back to the host.
+    pub fn run(&self, art: &Artifact, inputs: &[ArrayD<f32>]) -> RuntimeResult<Vec<ArrayD<f32>>> {
+        let seq = art.bind_seq(inputs)?;
+        let plan = &art.manifest.execution;
+        let mut owned: HashMap<usize, CudaSlice<f32>> = HashMap::new();
+        let mut input_iter = inputs.iter();
+        for (i, b) in plan.buffers.iter().enumerate() {
+            match b.kind {
+                BufferKind::Weight => {}
+                BufferKind::Input => {
+                    let a = input_iter.next().ok_or_else(|| RuntimeError::Cuda("fewer inputs than the plan".into()))?;
+                    let host: Vec<f32> = a.iter().copied().collect();
+                    owned.insert(i, self.stream.clone_htod(&host).map_err(cu("upload input"))?);
+                }
+                BufferKind::Temp => {
+                    let n = (b.numel().resolve(seq) as usize).max(1);
+                    owned.insert(i, self.stream.alloc_zeros::<f32>(n).map_err(cu("alloc"))?);
+                }
+            }
+        }
+        let seq_arg = seq as i64;
+        for step in &plan.steps {
+            let f = self.kernels.get(&step.kernel).ok_or_else(|| RuntimeError::Cuda(format!("kernel {} not loaded", step.kernel)))?;
+            let out = *step.args.last().ok_or_else(|| RuntimeError::Cuda(format!("kernel {} has no output", step.kernel)))?;
+            let mut out_buf = owned.remove(&out).ok_or_else(|| RuntimeError::Cuda(format!("kernel {} writes a weight", step.kernel)))?;
+            let threads = step.gpu_threads.resolve(seq);
+            let grid = threads.div_ceil(BLOCK as u64).max(1);
+            let grid = u32::try_from(grid).map_err(|_| RuntimeError::Cuda(format!("grid of {grid} blocks is too large")))?;
+            let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            let result = {
+                let mut launch = self.stream.launch_builder(f);
+                for &a in &step.args[..step.args.len() - 1] {
+                    let buf = self.weights.get(&a).or_else(|| owned.get(&a));
+                    let buf = buf.ok_or_else(|| RuntimeError::Cuda(format!("buffer {a} missing")))?;
+                    launch.arg(buf);
+                }
+                launch.arg(&mut out_buf);
+                launch.arg(&seq_arg);
+                // SAFETY: the kernel's parameters are the step's buffers (device
+                // pointers, sized for `seq` by the plan) and then `seq` as i64,
+                // exactly the signature the compiler generated.
+                unsafe { launch.launch(cfg) }.map(|_| ())
+            };
+            result.map_err(cu(&format!("launch {}", step.kernel)))?;
+            owned.insert(out, out_buf);
+        }
+        self.stream.synchronize().map_err(cu("synchronize"))?;
+        plan.outputs
+            .iter()
+            .map(|&o| {
+                let shape: Vec<usize> = plan.buffers[o].dims.iter().map(|d| d.resolve(seq) as usize).collect();
+                let buf = self.weights.get(&o).or_else(|| owned.get(&o)).ok_or_else(|| RuntimeError::Cuda(format!("output {o} missing")))?;
+                let mut host = self.stream.clone_dtoh(buf).map_err(cu("download"))?;
+                self.stream.synchronize().map_err(cu("synchronize"))?;
+                host.truncate(shape.iter().product());
+                ArrayD::from_shape_vec(IxDyn(&shape), host).map_err(|e| RuntimeError::Cuda(e.to_string()))
+            })
+            .collect()
+    }
+}
