@@ -1,0 +1,183 @@
+//! The whole pipe on the README's MLP block: compile to an artifact, run it on the
+//! CPU against the reference interpreter, hit the cache, check the PTX with
+//! ptxas, run on CUDA where a GPU exists, and never leave half an artifact.
+
+use sparsec_compiler::{compile, Cache, CompileError, CompileOptions, CompileRequest, Compiled, TargetKind};
+use sparsec_ir::parse_graph;
+use sparsec_passes::PrintOptions;
+use sparsec_runtime::compare::{compare, Tolerance};
+use sparsec_runtime::cpu::CpuExecutor;
+use sparsec_runtime::interpreter::interpret;
+use sparsec_runtime::Artifact;
+use std::path::{Path, PathBuf};
+
+fn example() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mlp_block.sir")).unwrap()
+}
+
+fn build(src: &str, target: TargetKind, out: &Path, cache: Option<&Path>) -> Result<Compiled, CompileError> {
+    compile(CompileRequest {
+        graph: parse_graph(src)?,
+        plan_text: None,
+        weights: None,
+        options: CompileOptions { target, ..Default::default() },
+        print: PrintOptions::default(),
+        cache: cache.map(Cache::new),
+        output: out.to_path_buf(),
+    })
+}
+
+fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .collect()
+}
+
+#[test]
+fn mlp_block_compiles_runs_equal_to_reference_and_hits_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("mlp.sparsec");
+    let cache = tmp.path().join("cache");
+    let first = build(&example(), TargetKind::All, &out, Some(&cache)).unwrap();
+    assert!(!first.cache_hit);
+    assert_eq!(first.manifest.kernels.len(), 8);
+    for k in &first.manifest.kernels {
+        let cpu = k.cpu.as_ref().expect("cpu stats");
+        let cuda = k.cuda.as_ref().expect("cuda stats");
+        assert!(cpu.compile_ms > 0.0 && cpu.code_bytes > 0 && cpu.llvm_ir_bytes > 0 && cpu.mlir_bytes > 0, "{k:?}");
+        assert!(cuda.code_bytes > 0, "{k:?}");
+        assert!(out.join("cuda").join(format!("{}.ptx", k.name)).is_file());
+    }
+
+    let art = Artifact::open(&out).unwrap();
+    let exec = CpuExecutor::load(&art).unwrap();
+    for seq in [1, 2, 31, 128] {
+        let inputs = art.random_inputs(seq, seq);
+        let got = exec.run(&art, &inputs).unwrap();
+        let want = interpret(&art.graph, &inputs, &|n| art.weights.get_array(n).ok()).unwrap();
+        assert_eq!(got.len(), 2);
+        for (g, w) in got.iter().zip(&want) {
+            let c = compare(g, w, Tolerance::default());
+            assert!(c.passed, "seq {seq}: max abs error {} (atol = rtol = 1e-4)", c.max_abs_error);
+        }
+    }
+
+    let again = build(&example(), TargetKind::All, &out, Some(&cache)).unwrap();
+    assert!(again.cache_hit, "the same graph and options must hit the cache");
+    assert_eq!(again.manifest, first.manifest);
+    let other = build(&example(), TargetKind::Cpu, &tmp.path().join("cpu-only"), Some(&cache)).unwrap();
+    assert!(!other.cache_hit, "different options are a different cache key");
+    assert_ne!(other.manifest.cache_key, first.manifest.cache_key);
+    assert_eq!(other.manifest.source_hash, first.manifest.source_hash);
+    assert!(leftovers(tmp.path()).is_empty(), "staging directories left behind: {:?}", leftovers(tmp.path()));
+}
+
+#[test]
+fn ptx_passes_ptxas_for_sm_90() {
+    let Some(ptxas) = sparsec_compiler::toolchain::find_ptxas() else {
+        assert!(std::env::var_os("CI").is_none(), "ptxas must be installed in CI (pip install nvidia-cuda-nvcc)");
+        eprintln!("SKIPPED ptx_passes_ptxas_for_sm_90: no ptxas (pip install nvidia-cuda-nvcc)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("mlp.sparsec");
+    let c = build(&example(), TargetKind::Cuda, &out, None).unwrap();
+    for k in &c.manifest.kernels {
+        let p = out.join("cuda").join(format!("{}.ptx", k.name));
+        sparsec_compiler::toolchain::check_ptx(&ptxas, &p, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+    }
+    // A broken PTX file is reported with the command that reproduces it.
+    let bad = tmp.path().join("bad.ptx");
+    std::fs::write(&bad, ".version 8.0\n.target sm_90\n.address_size 64\nthis is not ptx\n").unwrap();
+    let err = sparsec_compiler::toolchain::check_ptx(&ptxas, &bad, "sm_90").unwrap_err().to_string();
+    assert!(err.contains("reproduce with:") && err.contains("-arch=sm_90"), "{err}");
+}
+
+#[test]
+fn cuda_run_equals_cpu() {
+    if !sparsec_runtime::cuda::cuda_available() {
+        eprintln!("SKIPPED cuda_run_equals_cpu: no CUDA driver here (run on the GPU machine with `sparsec-run --device cuda --check --compare-cpu`)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("mlp.sparsec");
+    build(&example(), TargetKind::All, &out, None).unwrap();
+    let art = Artifact::open(&out).unwrap();
+    let inputs = art.random_inputs(19, 3);
+    let cpu = CpuExecutor::load(&art).unwrap().run(&art, &inputs).unwrap();
+    let gpu = sparsec_runtime::cuda::CudaExecutor::load(&art).unwrap().run(&art, &inputs).unwrap();
+    for (g, c) in gpu.iter().zip(&cpu) {
+        assert!(compare(g, c, Tolerance::default()).passed);
+    }
+}
+
+#[test]
+fn a_failed_compile_leaves_no_artifact_and_no_staging() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("att.sparsec");
+    // Attention has reference semantics but no lowering yet: codegen fails midway.
+    let src = "graph @att {\n  %q = input : f32[seq, 8]\n  %g = gelu %q\n  %y = attention %g, %q, %q {heads = 2, kv_heads = 2}\n  return %y\n}\n";
+    let err = build(src, TargetKind::Cpu, &out, None).err().expect("must fail");
+    assert!(err.to_string().contains("attention is not lowered"), "{err}");
+    assert!(!out.exists(), "half-written artifact left at {}", out.display());
+    assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
+
+    // A weight without data names itself.
+    let src = "graph @w {\n  %x = input : f32[seq, 4]\n  %w = weight \"layers.0.mlp.up\" : f32[4, 4]\n  %y = matmul %x, %w\n  return %y\n}\n";
+    let err = build(src, TargetKind::Cpu, &out, None).err().expect("must fail").to_string();
+    assert!(err.contains("layers.0.mlp.up") && err.contains("no weights file"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn compiling_over_a_non_artifact_is_refused_and_over_an_artifact_replaces_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let precious = tmp.path().join("precious");
+    std::fs::create_dir(&precious).unwrap();
+    std::fs::write(precious.join("notes.txt"), "keep me").unwrap();
+    let err = build(&example(), TargetKind::Cpu, &precious, None).err().expect("must refuse").to_string();
+    assert!(err.contains("not a sparsec artifact"), "{err}");
+    assert_eq!(std::fs::read_to_string(precious.join("notes.txt")).unwrap(), "keep me");
+
+    let out = tmp.path().join("a.sparsec");
+    build(&example(), TargetKind::Cpu, &out, None).unwrap();
+    let src2 = example().replace("seed = 1,", "seed = 11,");
+    let second = build(&src2, TargetKind::Cpu, &out, None).unwrap();
+    assert_eq!(Artifact::open(&out).unwrap().manifest.source_hash, second.manifest.source_hash);
+    assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
+}
+
+#[test]
+fn weights_file_supplies_data_and_shape_mismatches_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wpath = tmp.path().join("w.safetensors");
+    let data: Vec<f32> = (0..12).map(|i| i as f32 * 0.1).collect();
+    sparsec_compiler::weights::write_safetensors(&wpath, &[("w".into(), vec![4, 3], data.clone())]).unwrap();
+    let src = "graph @w {\n  %x = input : f32[seq, 4]\n  %w = weight \"w\" : f32[4, 3]\n  %y = matmul %x, %w\n  return %y\n}\n";
+    let out = tmp.path().join("w.sparsec");
+    let req = |src: &str| CompileRequest {
+        graph: parse_graph(src).unwrap(),
+        plan_text: None,
+        weights: Some(&wpath),
+        options: CompileOptions::default(),
+        print: PrintOptions::default(),
+        cache: None,
+        output: out.clone(),
+    };
+    compile(req(src)).unwrap();
+    let art = Artifact::open(&out).unwrap();
+    let x = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[1, 4]), vec![1.0, 0.0, 0.0, 1.0]).unwrap();
+    let y = CpuExecutor::load(&art).unwrap().run(&art, &[x]).unwrap();
+    // Row 0 plus row 3 of w.
+    let want = [0.0 + 0.9, 0.1 + 1.0, 0.2 + 1.1];
+    for (g, w) in y[0].iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+    }
+    let err = compile(req(&src.replace("f32[4, 3]", "f32[3, 4]").replace("input : f32[seq, 4]", "input : f32[seq, 3]")))
+        .err()
+        .expect("shape mismatch")
+        .to_string();
+    assert!(err.contains("weight `w`") && err.contains("[4, 3]") && err.contains("[3, 4]"), "{err}");
+}

@@ -1,0 +1,150 @@
+//! The filetest runner: every `tests/filetests/*.sir` names its test on its first
+//! line (`// test passes`, `// test lower-mlir`, `// test run`), produces text, and
+//! the text is pinned with an insta snapshot under `tests/snapshots/`.
+//! Re-bless all of them with `INSTA_UPDATE=always cargo test --test filetests`.
+
+use anyhow::{bail, Context, Result};
+use sparsec_compiler::mlir::pipeline::MlirSession;
+use sparsec_compiler::mlir::{emit_kernel, Device};
+use sparsec_compiler::partition::partition;
+use sparsec_compiler::{backend, compile, CompileOptions, CompileRequest, CpuTarget, CudaTarget, TargetKind};
+use sparsec_ir::{parse_graph, Graph};
+use sparsec_passes::{PassManager, PrintOptions};
+use sparsec_runtime::compare::{compare, Tolerance};
+use sparsec_runtime::cpu::CpuExecutor;
+use sparsec_runtime::interpreter::interpret;
+use sparsec_runtime::Artifact;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+fn section(out: &mut String, title: &str, body: &str) {
+    let _ = writeln!(out, "==== {title} ====\n{}", body.trim_end());
+}
+
+fn run_passes(g: &mut Graph, out: &mut String) -> Result<()> {
+    let print = PrintOptions { after_all: true, ..Default::default() };
+    for s in PassManager::default_pipeline(print).run(g)? {
+        section(out, &format!("IR {}", s.label), &s.ir);
+    }
+    Ok(())
+}
+
+/// The LLVM IR without the module id line, which names nothing stable.
+fn normalize_llvm(ir: &str) -> String {
+    ir.lines().filter(|l| !l.starts_with("; ModuleID")).collect::<Vec<_>>().join("\n")
+}
+
+fn test_passes(g: &mut Graph) -> Result<String> {
+    let mut out = String::new();
+    run_passes(g, &mut out)?;
+    Ok(out)
+}
+
+fn test_lower_mlir(g: &mut Graph) -> Result<String> {
+    let mut out = String::new();
+    run_passes(g, &mut out)?;
+    let part = partition(g)?;
+    let session = MlirSession::new();
+    let cpu = CpuTarget::x86_64_v3();
+    let cuda = CudaTarget::default();
+    for spec in &part.kernels {
+        for device in [Device::Cpu, Device::Nvptx] {
+            let mlir = emit_kernel(spec, device)?;
+            let llvm = inkwell::context::Context::create();
+            let (module, _) = session.lower_to_llvm(&spec.name, &mlir, device, &llvm)?;
+            match device {
+                Device::Cpu => {
+                    section(&mut out, &format!("{}: MLIR (cpu)", spec.name), &mlir);
+                    let code = backend::emit_cpu(&spec.name, &module, &cpu, 3, false)?;
+                    section(&mut out, &format!("{}: LLVM IR (x86-64-v3, O3)", spec.name), &normalize_llvm(&code.llvm_ir));
+                }
+                Device::Nvptx => {
+                    section(&mut out, &format!("{}: MLIR (nvptx)", spec.name), &mlir);
+                    let code = backend::emit_ptx(&spec.name, &module, &cuda, 3)?;
+                    section(&mut out, &format!("{}: PTX ({})", spec.name, cuda.sm), &String::from_utf8_lossy(&code.code));
+                }
+            }
+        }
+    }
+    // The snapshot pins the code; this checks that the code is right.
+    check_against_reference(g)?;
+    Ok(out)
+}
+
+/// Compiles `g` for the CPU, runs it at several `seq` and compares every output
+/// with the reference interpreter (atol = rtol = 1e-4). Returns a summary.
+fn check_against_reference(g: &Graph) -> Result<String> {
+    let tmp = tempfile::tempdir()?;
+    let art_dir = tmp.path().join("a.sparsec");
+    let options = CompileOptions { target: TargetKind::Cpu, cpu: CpuTarget::x86_64_v3(), ..Default::default() };
+    compile(CompileRequest {
+        graph: g.clone(),
+        plan_text: None,
+        weights: None,
+        options,
+        print: PrintOptions::default(),
+        cache: None,
+        output: art_dir.clone(),
+    })?;
+    let art = Artifact::open(&art_dir)?;
+    let exec = CpuExecutor::load(&art)?;
+    let mut summary = String::new();
+    for seq in [1u64, 3, 17] {
+        let inputs = art.random_inputs(seq, 42);
+        let got = exec.run(&art, &inputs)?;
+        let want = interpret(&art.graph, &inputs, &|n| art.weights.get_array(n).ok())?;
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            let c = compare(a, b, Tolerance::default());
+            if !c.passed {
+                bail!("seq {seq}, output {i}: max abs error {} at {} exceeds atol = rtol = 1e-4", c.max_abs_error, c.worst_index);
+            }
+            let head: Vec<String> = a.iter().take(6).map(|v| format!("{v:.4}")).collect();
+            let _ = writeln!(summary, "seq {seq} output {i} shape {:?}: within tolerance; head [{}]", a.shape(), head.join(", "));
+        }
+    }
+    Ok(summary)
+}
+
+fn test_run(g: &mut Graph) -> Result<String> {
+    check_against_reference(g)
+}
+
+fn run_file(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)?;
+    let header = text.lines().next().unwrap_or("");
+    let kind = header.strip_prefix("// test ").with_context(|| format!("first line must be `// test KIND`, got {header:?}"))?;
+    let mut g = parse_graph(&text).with_context(|| format!("parsing {}", path.display()))?;
+    match kind.trim() {
+        "passes" => test_passes(&mut g),
+        "lower-mlir" => test_lower_mlir(&mut g),
+        "run" => test_run(&mut g),
+        other => bail!("unknown test kind `{other}` (expected passes, lower-mlir, run)"),
+    }
+}
+
+#[test]
+fn filetests() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/filetests");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("tests/filetests exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "sir"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no filetests found in {}", dir.display());
+    let mut failures = Vec::new();
+    for f in &files {
+        let name = f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let result = std::panic::catch_unwind(|| {
+            let out = run_file(f).unwrap_or_else(|e| panic!("{}: {e:#}", f.display()));
+            insta::with_settings!({ snapshot_path => "snapshots", prepend_module_to_snapshot => false, input_file => f }, {
+                insta::assert_snapshot!(name.clone(), out);
+            });
+        });
+        if result.is_err() {
+            failures.push(name);
+        }
+    }
+    assert!(failures.is_empty(), "filetests failed: {failures:?} (re-bless intended changes with INSTA_UPDATE=always)");
+    println!("{} filetests passed", files.len());
+}
