@@ -51,7 +51,7 @@ impl Cache {
             }
             // Another compile inserted the same key first: same content, keep theirs.
             Err(_) if self.lookup(key).is_some() => Ok(()),
-            Err(e) => Err(CompileError::Io { path: dest, source: e }),
+            Err(e) => Err(CompileError::Io { path: dest, error: e }),
         }
     }
 }

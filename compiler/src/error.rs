@@ -23,14 +23,14 @@ pub enum CompileError {
     Weight { name: String, value: String, message: String },
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
 }
 
 impl CompileError {
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> CompileError {
         let path = path.into();
-        move |source| CompileError::Io { path, source }
+        move |error| CompileError::Io { path, error }
     }
 }
 

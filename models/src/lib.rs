@@ -8,10 +8,10 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum ModelError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {source}")]
-    Ir { path: PathBuf, source: sparsec_ir::IrError },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("{path}:{error}")]
+    Ir { path: PathBuf, error: sparsec_ir::IrError },
     #[error("{path}: {kind} checkpoints cannot be loaded yet (GPT-2/Llama loaders are not implemented); pass an IR file (.sir)")]
     NotYetSupported { path: PathBuf, kind: &'static str },
     #[error("{0}: not found")]
@@ -46,7 +46,7 @@ pub fn classify(path: &Path) -> Result<SourceKind, ModelError> {
     let mut head = [0u8; 4096];
     let n = std::fs::File::open(path)
         .and_then(|mut f| f.read(&mut head))
-        .map_err(|source| ModelError::Io { path: path.into(), source })?;
+        .map_err(|error| ModelError::Io { path: path.into(), error })?;
     if head[..n].starts_with(b"GGUF") {
         return Ok(SourceKind::Gguf);
     }
@@ -62,8 +62,8 @@ pub fn classify(path: &Path) -> Result<SourceKind, ModelError> {
 pub fn load_graph(path: &Path) -> Result<sparsec_ir::Graph, ModelError> {
     match classify(path)? {
         SourceKind::IrText => {
-            let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
-            sparsec_ir::parse_graph(&text).map_err(|source| ModelError::Ir { path: path.into(), source })
+            let text = std::fs::read_to_string(path).map_err(|error| ModelError::Io { path: path.into(), error })?;
+            sparsec_ir::parse_graph(&text).map_err(|error| ModelError::Ir { path: path.into(), error })
         }
         SourceKind::Gguf => Err(ModelError::NotYetSupported { path: path.into(), kind: "GGUF" }),
         SourceKind::HfDirectory => Err(ModelError::NotYetSupported { path: path.into(), kind: "Hugging Face" }),

@@ -18,10 +18,10 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum PassError {
-    #[error("pass `{pass}`: {source}")]
-    Ir { pass: &'static str, source: IrError },
-    #[error("verifier failed after pass `{pass}`: {source}")]
-    BrokeInvariant { pass: &'static str, source: IrError },
+    #[error("pass `{pass}`: {error}")]
+    Ir { pass: &'static str, error: IrError },
+    #[error("verifier failed after pass `{pass}`: {error}")]
+    BrokeInvariant { pass: &'static str, error: IrError },
     #[error("unknown pass `{0}` (known: {1})")]
     UnknownPass(String, String),
 }

@@ -55,9 +55,9 @@ impl PassManager {
             if self.print.before.iter().any(|n| n == name) {
                 snaps.push(Snapshot { label: format!("before {name}"), ir: print_graph(g) });
             }
-            p.run(g).map_err(|source| PassError::Ir { pass: name, source })?;
+            p.run(g).map_err(|error| PassError::Ir { pass: name, error })?;
             if self.verify_each {
-                verify(g).map_err(|source| PassError::BrokeInvariant { pass: name, source })?;
+                verify(g).map_err(|error| PassError::BrokeInvariant { pass: name, error })?;
             }
             if self.print.after_all || self.print.after.iter().any(|n| n == name) {
                 snaps.push(Snapshot { label: format!("after {name}"), ir: print_graph(g) });

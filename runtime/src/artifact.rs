@@ -24,9 +24,9 @@ pub struct WeightStore {
 
 impl WeightStore {
     pub fn open(path: &Path) -> RuntimeResult<WeightStore> {
-        let f = std::fs::File::open(path).map_err(|source| RuntimeError::Io { path: path.into(), source })?;
+        let f = std::fs::File::open(path).map_err(|error| RuntimeError::Io { path: path.into(), error })?;
         // SAFETY: mapped read-only; artifacts are immutable once published.
-        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| RuntimeError::Io { path: path.into(), source })?;
+        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|error| RuntimeError::Io { path: path.into(), error })?;
         SafeTensors::deserialize(&map).map_err(|e| RuntimeError::Artifact { path: path.into(), message: e.to_string() })?;
         Ok(WeightStore { path: path.into(), map })
     }
@@ -61,7 +61,7 @@ impl WeightStore {
 impl Artifact {
     pub fn open(dir: &Path) -> RuntimeResult<Artifact> {
         let mpath = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&mpath).map_err(|source| RuntimeError::Io { path: mpath.clone(), source })?;
+        let text = std::fs::read_to_string(&mpath).map_err(|error| RuntimeError::Io { path: mpath.clone(), error })?;
         let probe: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| RuntimeError::Artifact { path: mpath.clone(), message: format!("not JSON: {e}") })?;
         let version = probe.get("version").and_then(|v| v.as_u64());
@@ -74,7 +74,7 @@ impl Artifact {
         let manifest: Manifest =
             serde_json::from_value(probe).map_err(|e| RuntimeError::Artifact { path: mpath.clone(), message: e.to_string() })?;
         let gpath = dir.join(GRAPH_FILE);
-        let gtext = std::fs::read_to_string(&gpath).map_err(|source| RuntimeError::Io { path: gpath.clone(), source })?;
+        let gtext = std::fs::read_to_string(&gpath).map_err(|error| RuntimeError::Io { path: gpath.clone(), error })?;
         let graph = parse_graph(&gtext)?;
         let weights = WeightStore::open(&dir.join(WEIGHTS_FILE))?;
         Ok(Artifact { dir: dir.into(), manifest, graph, weights })

@@ -43,7 +43,7 @@ impl CudaExecutor {
                 continue;
             }
             let path = art.dir.join(CUDA_DIR).join(format!("{}.ptx", step.kernel));
-            let ptx = std::fs::read_to_string(&path).map_err(|source| RuntimeError::Io { path: path.clone(), source })?;
+            let ptx = std::fs::read_to_string(&path).map_err(|error| RuntimeError::Io { path: path.clone(), error })?;
             if ptx.contains('\0') {
                 return Err(RuntimeError::Artifact { path, message: "PTX contains a NUL byte".into() });
             }

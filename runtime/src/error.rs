@@ -7,8 +7,8 @@ use thiserror::Error;
 pub enum RuntimeError {
     #[error("{path}: {message}")]
     Artifact { path: PathBuf, message: String },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error(transparent)]
     Ir(#[from] sparsec_ir::IrError),
     #[error("input {index} (%{name}): {message}")]

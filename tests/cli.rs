@@ -1,0 +1,117 @@
+//! The `sparsec` command line as a user meets it: results, `--json`, and clear
+//! errors (with locations) instead of panics.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn sparsec(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sparsec")).args(args).env("SPARSEC_CACHE_DIR", cache).output().expect("runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn example() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mlp_block.sir").display().to_string()
+}
+
+#[test]
+fn compile_then_run_with_check_then_cache_hit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let out = tmp.path().join("mlp.sparsec");
+    let o = sparsec(&["compile", &example(), "-o", out.to_str().unwrap(), "--json"], &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["cache_hit"], false);
+    assert_eq!(j["kernels"], 8);
+    let o = sparsec(&["compile", &example(), "-o", out.to_str().unwrap(), "--json"], &cache);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["cache_hit"], true);
+
+    let o = sparsec(&["run", out.to_str().unwrap(), "--check", "--seq", "3", "--json"], &cache);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["check"]["passed"], true);
+    assert_eq!(j["outputs"][0]["shape"], serde_json::json!([3, 64]));
+
+    let o = sparsec(&["inspect", out.to_str().unwrap(), "--json"], &cache);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["version"], 1);
+    assert_eq!(j["kernels"].as_array().unwrap().len(), 8);
+}
+
+#[test]
+fn run_compiles_an_ir_file_directly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = sparsec(&["run", &example(), "--check", "--seq", "2"], &tmp.path().join("cache"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("reference interpreter: MATCH"), "{text}");
+}
+
+#[test]
+fn bad_ir_gives_located_errors_and_exit_code_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        ("graph @g {\n  %x = input : f32[seq, 4]\n  %y = frob %x\n  return %y\n}\n", "bad.sir:3:8: unknown op `frob`"),
+        ("graph @g {\n  %x = input : f32[seq, 4\n  return %x\n}\n", "bad.sir:3:3: expected `,`"),
+        (
+            "graph @g {\n  %x = input : f32[seq, 4]\n  %w = weight \"w\" init ones : f32[5, 2]\n  %y = matmul %x, %w\n  return %y\n}\n",
+            "4:3: matmul %y: operand 1 has type f32[5, 2], expected f32[4, N]",
+        ),
+    ];
+    for (src, needle) in cases {
+        let p = tmp.path().join("bad.sir");
+        std::fs::write(&p, src).unwrap();
+        let o = sparsec(&["compile", p.to_str().unwrap(), "-o", tmp.path().join("o").to_str().unwrap()], &tmp.path().join("c"));
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        let e = stderr(&o);
+        assert!(e.contains(needle), "stderr {e:?} lacks {needle:?}");
+        assert!(!e.contains("panicked"), "{e}");
+        assert!(!tmp.path().join("o").exists());
+    }
+}
+
+#[test]
+fn unimplemented_work_says_so_instead_of_pretending() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = tmp.path().join("c");
+    let plan = tmp.path().join("p.toml");
+    std::fs::write(&plan, "").unwrap();
+    let o = sparsec(&["compile", &example(), "--plan", plan.to_str().unwrap()], &c);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("plans and presets are not implemented yet"), "{}", stderr(&o));
+    let o = sparsec(&["eval", &example(), "--text", "/usr/share/common-licenses/GPL-3"], &c);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("not implemented yet"));
+    let gguf = tmp.path().join("m.gguf");
+    std::fs::write(&gguf, b"GGUF\x03\x00\x00\x00").unwrap();
+    let o = sparsec(&["compile", gguf.to_str().unwrap()], &c);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("GGUF checkpoints cannot be loaded yet"), "{}", stderr(&o));
+    let o = sparsec(&["run", &example(), "--prompt", "hi"], &c);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn print_after_all_and_emit_show_every_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("a.sparsec");
+    let o = sparsec(
+        &["compile", &example(), "-o", out.to_str().unwrap(), "--print-after-all", "--print-before", "dce", "--emit", "ir,mlir,llvm,ptx,asm", "--no-cache"],
+        &tmp.path().join("c"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    for label in ["IR after verify", "IR after shape-infer", "IR after const-fold", "IR before dce", "IR after dce"] {
+        assert!(e.contains(label), "missing {label}");
+    }
+    for f in ["emit/graph.sir", "emit/cpu/k1_matmul.mlir", "emit/cpu/k1_matmul.llvm.mlir", "emit/cpu/k1_matmul.ll", "emit/cpu/k1_matmul.s", "emit/cuda/k1_matmul.ptx", "emit/cuda/k1_matmul.ll"] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    let o = sparsec(&["compile", &example(), "--print-after", "no-such-pass"], &tmp.path().join("c"));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("unknown pass `no-such-pass`"), "{}", stderr(&o));
+}
