@@ -4,10 +4,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sparsec_compiler::{compile, Cache, CompileOptions, CompileRequest, Compiled, CpuTarget, Emit, TargetKind};
 use sparsec_passes::PrintOptions;
-use sparsec_runtime::compare::{compare, Tolerance};
-use sparsec_runtime::cpu::CpuExecutor;
-use sparsec_runtime::cuda::CudaExecutor;
-use sparsec_runtime::interpreter::interpret;
+use sparsec_runtime::compare::Tolerance;
+use sparsec_runtime::execute::{compare_all, reference_outputs, DeviceKind, Executor};
 use sparsec_runtime::manifest::MANIFEST_FILE;
 use sparsec_runtime::Artifact;
 use std::path::{Path, PathBuf};
@@ -35,7 +33,7 @@ enum Command {
     Inspect(InspectArgs),
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
 enum TargetArg {
     Cpu,
     Cuda,
@@ -48,7 +46,7 @@ enum DeviceArg {
     Cuda,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct CompileFlags {
     /// Which code to generate.
     #[arg(long, value_enum, default_value = "cpu")]
@@ -282,68 +280,28 @@ fn cmd_compile(a: CompileArgs) -> Result<()> {
     Ok(())
 }
 
+/// The artifact to run: `input` itself, or `input` compiled (through the cache)
+/// into `<cache>/run/<stem>.sparsec`, with CUDA code when running on CUDA.
 fn artifact_for(input: &Path, flags: &CompileFlags, device: DeviceArg) -> Result<PathBuf> {
     if is_artifact(input) {
         return Ok(input.to_path_buf());
     }
-    let mut flags_target = options(flags)?.target;
-    if device == DeviceArg::Cuda && !flags_target.cuda() {
-        flags_target = TargetKind::All;
+    let mut flags = flags.clone();
+    if device == DeviceArg::Cuda && matches!(flags.target, TargetArg::Cpu) {
+        flags.target = TargetArg::All;
     }
     let dir = Cache::default_location().join("run");
     std::fs::create_dir_all(&dir)?;
     let stem = input.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "graph".into());
-    let out = dir.join(format!("{stem}.sparsec"));
-    let mut f = CompileFlags { target: TargetArg::Cpu, ..clone_flags(flags) };
-    f.target = match flags_target {
-        TargetKind::Cpu => TargetArg::Cpu,
-        TargetKind::Cuda => TargetArg::Cuda,
-        TargetKind::All => TargetArg::All,
-    };
-    Ok(do_compile(input, Some(out), &f, cache_for(flags))?.artifact)
+    Ok(do_compile(input, Some(dir.join(format!("{stem}.sparsec"))), &flags, cache_for(&flags))?.artifact)
 }
 
-fn clone_flags(f: &CompileFlags) -> CompileFlags {
-    CompileFlags {
-        target: f.target,
-        weights: f.weights.clone(),
-        plan: f.plan.clone(),
-        preset: f.preset.clone(),
-        emit: f.emit.clone(),
-        print_after_all: f.print_after_all,
-        print_after: f.print_after.clone(),
-        print_before: f.print_before.clone(),
-        cpu: f.cpu.clone(),
-        sm: f.sm.clone(),
-        opt_level: f.opt_level,
-        no_cache: f.no_cache,
-        cache_dir: f.cache_dir.clone(),
-        ptxas: f.ptxas,
-    }
-}
-
-type Outputs = Vec<ndarray::ArrayD<f32>>;
-
-fn execute(art: &Artifact, device: DeviceArg, inputs: &[ndarray::ArrayD<f32>], repeat: usize) -> Result<(Outputs, f64)> {
-    let run: Box<dyn Fn() -> Result<Outputs>> = match device {
-        DeviceArg::Cpu => {
-            let e = CpuExecutor::load(art)?;
-            Box::new(move || Ok(e.run(art, inputs)?))
-        }
-        DeviceArg::Cuda => {
-            let e = CudaExecutor::load(art)?;
-            Box::new(move || Ok(e.run(art, inputs)?))
-        }
+fn execute(art: &Artifact, device: DeviceArg, inputs: &[ndarray::ArrayD<f32>], repeat: usize) -> Result<(Vec<ndarray::ArrayD<f32>>, f64)> {
+    let kind = match device {
+        DeviceArg::Cpu => DeviceKind::Cpu,
+        DeviceArg::Cuda => DeviceKind::Cuda,
     };
-    let out = run()?;
-    let mut times = Vec::new();
-    for _ in 0..repeat.max(1) {
-        let t = Instant::now();
-        run()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok((out, times[times.len() / 2]))
+    Ok(Executor::load(art, kind)?.run_timed(art, inputs, repeat)?)
 }
 
 fn cmd_run(a: RunArgs) -> Result<()> {
@@ -358,9 +316,9 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let mut ok = true;
     if a.check {
         let tol = Tolerance::default();
-        let reference = interpret(&art.graph, &inputs, &|n| art.weights.get_array(n).ok())?;
-        let cmps: Vec<_> = outputs.iter().zip(&reference).map(|(g, w)| compare(g, w, tol)).collect();
-        ok = cmps.iter().all(|c| c.passed);
+        let reference = reference_outputs(&art, &inputs)?;
+        let (passed, cmps) = compare_all(&outputs, &reference, tol);
+        ok = passed;
         report["check"] = serde_json::json!({ "passed": ok, "tolerance": tol, "outputs": cmps });
     }
     report["outputs"] = outputs
@@ -421,7 +379,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let inputs = art.random_inputs(a.seq, 0);
     let (_, run_ms) = execute(&art, DeviceArg::Cpu, &inputs, a.repeat)?;
     let t = Instant::now();
-    interpret(&art.graph, &inputs, &|n| art.weights.get_array(n).ok())?;
+    reference_outputs(&art, &inputs)?;
     let interp_ms = t.elapsed().as_secs_f64() * 1e3;
     let code: usize = art.manifest.kernels.iter().filter_map(|k| k.cpu.as_ref().map(|s| s.code_bytes)).sum();
     let kernel_ms: f64 = art.manifest.kernels.iter().filter_map(|k| k.cpu.as_ref().map(|s| s.compile_ms)).sum();

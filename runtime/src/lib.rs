@@ -6,6 +6,7 @@ pub mod compare;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
+pub mod execute;
 pub mod interpreter;
 pub mod manifest;
 

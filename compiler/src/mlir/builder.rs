@@ -189,14 +189,28 @@ impl KernelBuilder {
         init: &[V],
         body: impl FnOnce(&mut Self, &str, &[V]) -> Vec<V>,
     ) -> Vec<V> {
-        let one = self.index(1);
+        let typed: Vec<(V, String)> = init.iter().map(|v| (v.clone(), "f32".to_string())).collect();
+        self.for_fold_typed(lb, ub, 1, &typed, body)
+    }
+
+    /// A loop from `lb` to `ub` by `step` carrying accumulators of the given
+    /// types (`f32`, `vector<8xf32>`, ...); returns their final values.
+    pub fn for_fold_typed(
+        &mut self,
+        lb: &str,
+        ub: &str,
+        step: u64,
+        init: &[(V, String)],
+        body: impl FnOnce(&mut Self, &str, &[V]) -> Vec<V>,
+    ) -> Vec<V> {
+        let step = self.index(step);
         let iv = self.fresh();
         let accs: Vec<V> = init.iter().map(|_| self.fresh()).collect();
         let res = self.fresh();
-        let iter_args = accs.iter().zip(init).map(|(a, i)| format!("{a} = {i}")).collect::<Vec<_>>().join(", ");
-        let tys = vec!["f32"; init.len()].join(", ");
+        let iter_args = accs.iter().zip(init).map(|(a, (i, _))| format!("{a} = {i}")).collect::<Vec<_>>().join(", ");
+        let tys = init.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>().join(", ");
         let res_decl = if init.len() == 1 { res.clone() } else { format!("{res}:{}", init.len()) };
-        self.line(format!("{res_decl} = scf.for {iv} = {lb} to {ub} step {one} iter_args({iter_args}) -> ({tys}) {{"));
+        self.line(format!("{res_decl} = scf.for {iv} = {lb} to {ub} step {step} iter_args({iter_args}) -> ({tys}) {{"));
         self.indent += 1;
         let out = body(self, &iv, &accs);
         self.line(format!("scf.yield {} : {tys}", out.join(", ")));
@@ -207,6 +221,52 @@ impl KernelBuilder {
         } else {
             (0..init.len()).map(|i| format!("{res}#{i}")).collect()
         }
+    }
+
+    /// `for iv in (lb..ub).step_by(step) { body }`.
+    pub fn for_step(&mut self, lb: &str, ub: &str, step: u64, body: impl FnOnce(&mut Self, &str)) {
+        let step = self.index(step);
+        let iv = self.fresh();
+        self.line(format!("scf.for {iv} = {lb} to {ub} step {step} {{"));
+        self.indent += 1;
+        body(self, &iv);
+        self.indent -= 1;
+        self.line("}".into());
+    }
+
+    // ---- vector dialect (CPU only: buffers are memrefs) ----
+
+    /// The type `vector<WxF32>`.
+    pub fn vty(width: u32) -> String {
+        format!("vector<{width}xf32>")
+    }
+
+    /// A vector of zeros.
+    pub fn vzero(&mut self, width: u32) -> V {
+        self.constant(format!("dense<0.0> : {}", Self::vty(width)))
+    }
+
+    /// `buf[idx .. idx + width]`.
+    pub fn vload(&mut self, buf: &str, idx: &str, width: u32) -> V {
+        self.def(format!("vector.load {buf}[{idx}] : memref<?xf32>, {}", Self::vty(width)))
+    }
+
+    pub fn vstore(&mut self, val: &str, buf: &str, idx: &str, width: u32) {
+        self.line(format!("vector.store {val}, {buf}[{idx}] : memref<?xf32>, {}", Self::vty(width)));
+    }
+
+    pub fn vbroadcast(&mut self, scalar: &str, width: u32) -> V {
+        self.def(format!("vector.broadcast {scalar} : f32 to {}", Self::vty(width)))
+    }
+
+    /// `a * b + c` lane by lane.
+    pub fn vfma(&mut self, a: &str, b: &str, c: &str, width: u32) -> V {
+        self.def(format!("vector.fma {a}, {b}, {c} : {}", Self::vty(width)))
+    }
+
+    /// Sum of the lanes.
+    pub fn vsum(&mut self, v: &str, width: u32) -> V {
+        self.def(format!("vector.reduction <add>, {v} : {} into f32", Self::vty(width)))
     }
 
     /// Runs `body(unit)` for every `unit in 0..work`: a loop on the CPU, one

@@ -7,6 +7,9 @@ use super::math;
 use crate::error::CompileError;
 use sparsec_ir::{GeluApprox, Op, SymSize, TensorType};
 
+/// Lanes of the CPU vector kernels (AVX2: 8 × f32).
+const VW: u32 = 8;
+
 /// What a kernel computes: the op, its operand types and its result type.
 #[derive(Clone, Debug)]
 pub struct KernelSpec {
@@ -127,6 +130,7 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
             let zero = b.f32(0.0);
             let tb = *transpose_b;
             let (a_buf, w_buf) = (ins[0].clone(), ins[1].clone());
+            let (a_vec, w_vec) = (ins[0].clone(), ins[1].clone());
             // The reduction over k for output element (r, j).
             let (kc2, nc2, zero_i2) = (kc.clone(), nc.clone(), zero_i.clone());
             let dot = move |b: &mut KernelBuilder, r: &str, j: &str| -> V {
@@ -149,8 +153,66 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                 acc[0].clone()
             };
             match device {
+                Device::Cpu if !tb && n % VW as u64 == 0 => {
+                    // Register-blocked over output columns: `u` vectors of VW columns
+                    // accumulate across k; each step reads a contiguous slice of a B row.
+                    let nvec = n / VW as u64;
+                    let u = [4u64, 2, 1].into_iter().find(|u| nvec % u == 0).unwrap_or(1);
+                    let rows = b.divui(&work, &nc);
+                    b.parallel(&rows, |b, r| {
+                        let arow = b.muli(r, &kc);
+                        let orow = b.muli(r, &nc);
+                        b.for_step(&zero_i, &nc, VW as u64 * u, |b, jb| {
+                            let z = b.vzero(VW);
+                            let init: Vec<(V, String)> = (0..u).map(|_| (z.clone(), KernelBuilder::vty(VW))).collect();
+                            let accs = b.for_fold_typed(&zero_i, &kc, 1, &init, |b, kk, accs| {
+                                let ai = b.addi(&arow, kk);
+                                let a = b.load(&a_vec, &ai);
+                                let av = b.vbroadcast(&a, VW);
+                                let brow = b.muli(kk, &nc);
+                                let base = b.addi(&brow, jb);
+                                (0..u as usize)
+                                    .map(|q| {
+                                        let off = b.index(q as u64 * VW as u64);
+                                        let idx = b.addi(&base, &off);
+                                        let w = b.vload(&w_vec, &idx, VW);
+                                        b.vfma(&av, &w, &accs[q], VW)
+                                    })
+                                    .collect()
+                            });
+                            let obase = b.addi(&orow, jb);
+                            for (q, acc) in accs.iter().enumerate() {
+                                let off = b.index(q as u64 * VW as u64);
+                                let o = b.addi(&obase, &off);
+                                b.vstore(acc, &out, &o, VW);
+                            }
+                        });
+                    });
+                }
+                Device::Cpu if tb && k % VW as u64 == 0 => {
+                    // Both operands are contiguous along k: VW-lane partial sums, then a reduction.
+                    let rows = b.divui(&work, &nc);
+                    b.parallel(&rows, |b, r| {
+                        let arow = b.muli(r, &kc);
+                        let orow = b.muli(r, &nc);
+                        b.for_each(&zero_i, &nc, |b, j| {
+                            let brow = b.muli(j, &kc);
+                            let z = b.vzero(VW);
+                            let acc = b.for_fold_typed(&zero_i, &kc, VW as u64, &[(z, KernelBuilder::vty(VW))], |b, kk, acc| {
+                                let ai = b.addi(&arow, kk);
+                                let av = b.vload(&a_vec, &ai, VW);
+                                let bi = b.addi(&brow, kk);
+                                let bv = b.vload(&w_vec, &bi, VW);
+                                vec![b.vfma(&av, &bv, &acc[0], VW)]
+                            });
+                            let y = b.vsum(&acc[0], VW);
+                            let o = b.addi(&orow, j);
+                            b.store(&y, &out, &o);
+                        });
+                    });
+                }
                 Device::Cpu => {
-                    // Rows outer, columns inner: unit-stride writes; LLVM vectorizes over j.
+                    // Scalar fallback for widths the vector paths do not divide.
                     let rows = b.divui(&work, &nc);
                     b.parallel(&rows, |b, r| {
                         b.for_each(&zero_i, &nc, |b, j| {

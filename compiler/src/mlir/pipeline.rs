@@ -17,7 +17,7 @@ use std::sync::Once;
 pub fn lowering_pipeline(device: Device) -> &'static str {
     match device {
         Device::Cpu => {
-            "builtin.module(convert-scf-to-cf, convert-math-to-llvm, convert-arith-to-llvm, \
+            "builtin.module(convert-scf-to-cf, convert-vector-to-llvm, convert-math-to-llvm, convert-arith-to-llvm, \
              finalize-memref-to-llvm, convert-func-to-llvm, convert-cf-to-llvm, reconcile-unrealized-casts)"
         }
         Device::Nvptx => {

@@ -2,16 +2,13 @@
 //! optionally checking it against the reference interpreter and the CPU.
 //! Links no LLVM: this is what runs on the GPU machine.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use ndarray::ArrayD;
-use sparsec_runtime::compare::{compare, Tolerance};
-use sparsec_runtime::cpu::CpuExecutor;
-use sparsec_runtime::cuda::CudaExecutor;
-use sparsec_runtime::interpreter::interpret;
+use sparsec_runtime::compare::Tolerance;
+use sparsec_runtime::execute::{compare_all, reference_outputs, DeviceKind, Executor};
 use sparsec_runtime::Artifact;
 use std::path::PathBuf;
-use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 enum DeviceArg {
@@ -72,48 +69,28 @@ fn real_main() -> Result<()> {
     let inputs = art.random_inputs(args.seq, args.seed);
     let tol = Tolerance { atol: args.atol, rtol: args.rtol };
     let mut report = serde_json::json!({ "artifact": args.artifact, "graph": art.manifest.graph_name, "seq": args.seq });
-    let timed = |f: &dyn Fn() -> Result<Vec<ArrayD<f32>>>| -> Result<(Vec<ArrayD<f32>>, f64)> {
-        let out = f()?; // warm-up, also the result
-        let mut times = Vec::new();
-        for _ in 0..args.repeat.max(1) {
-            let t = Instant::now();
-            f()?;
-            times.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        times.sort_by(|a, b| a.total_cmp(b));
-        Ok((out, times[times.len() / 2]))
+    let device = match args.device {
+        DeviceArg::Cpu => DeviceKind::Cpu,
+        DeviceArg::Cuda => DeviceKind::Cuda,
     };
-    let (outputs, run_ms, device_name) = match args.device {
-        DeviceArg::Cpu => {
-            let exec = CpuExecutor::load(&art)?;
-            let (o, t) = timed(&|| Ok(exec.run(&art, &inputs)?))?;
-            (o, t, "cpu".to_string())
-        }
-        DeviceArg::Cuda => {
-            if !sparsec_runtime::cuda::cuda_available() {
-                bail!("no CUDA driver (libcuda.so) on this machine; run with --device cpu");
-            }
-            let exec = CudaExecutor::load(&art)?;
-            let (o, t) = timed(&|| Ok(exec.run(&art, &inputs)?))?;
-            (o, t, exec.device_name())
-        }
-    };
+    let exec = Executor::load(&art, device)?;
+    let device_name = exec.device_name();
+    let (outputs, run_ms) = exec.run_timed(&art, &inputs, args.repeat)?;
     report["device"] = device_name.clone().into();
     report["run_ms_median"] = run_ms.into();
     report["outputs"] = outputs.iter().map(summary).collect::<Vec<_>>().into();
     let mut ok = true;
     let mut check = |label: &str, want: &[ArrayD<f32>], report: &mut serde_json::Value| {
-        let cmps: Vec<_> = outputs.iter().zip(want).map(|(g, w)| compare(g, w, tol)).collect();
-        let passed = cmps.iter().all(|c| c.passed) && want.len() == outputs.len();
+        let (passed, cmps) = compare_all(&outputs, want, tol);
         ok &= passed;
         report[label] = serde_json::json!({ "passed": passed, "tolerance": tol, "outputs": cmps });
     };
     if args.check {
-        let reference = interpret(&art.graph, &inputs, &|name| art.weights.get_array(name).ok())?;
+        let reference = reference_outputs(&art, &inputs)?;
         check("check_reference", &reference, &mut report);
     }
     if args.compare_cpu && args.device == DeviceArg::Cuda {
-        let cpu = CpuExecutor::load(&art)?.run(&art, &inputs)?;
+        let cpu = Executor::load(&art, DeviceKind::Cpu)?.run(&art, &inputs)?;
         check("check_cpu", &cpu, &mut report);
     }
     if args.json {
