@@ -164,6 +164,12 @@ struct InspectArgs {
 }
 
 fn main() {
+    // Like other Unix tools, end quietly when the reader of stdout goes away
+    // (`| head`) instead of failing on a broken pipe.
+    // SAFETY: restoring the default disposition of SIGPIPE at start-up, before any threads.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Compile(a) => cmd_compile(a),

@@ -19,3 +19,19 @@ fn sparsec_run_reports_a_missing_artifact_without_panicking() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/a.sparsec") && !err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn sparsec_run_does_not_panic_when_stdout_closes_early() {
+    use std::process::{Command, Stdio};
+    // An artifact that does not exist still prints to stderr only; use --help for stdout.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sparsec-run"))
+        .arg("--help")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away before the writer writes
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}

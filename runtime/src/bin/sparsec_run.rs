@@ -57,6 +57,12 @@ fn summary(a: &ArrayD<f32>) -> serde_json::Value {
 }
 
 fn main() {
+    // Like other Unix tools, end quietly when the reader of stdout goes away
+    // (`| head`) instead of failing on a broken pipe.
+    // SAFETY: restoring the default disposition of SIGPIPE at start-up, before any threads.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     if let Err(e) = real_main() {
         eprintln!("sparsec-run: error: {e:#}");
         std::process::exit(2);
