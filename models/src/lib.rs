@@ -1,7 +1,11 @@
 //! sparsec's model front end: recognizes what the user pointed at (an IR file,
 //! a GGUF file, a Hugging Face checkpoint directory) and loads it. IR files load
-//! here; checkpoint loaders (GGUF, safetensors + config.json) and tokenizers are
-//! the models issue's work and are reported as not supported yet.
+//! into graphs; GGUF files are read and dequantized (`gguf.rs`, `quant.rs`);
+//! graph builders for checkpoints and tokenizers are not written yet, so compiling
+//! a checkpoint reports that.
+
+pub mod gguf;
+pub mod quant;
 
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -14,6 +18,10 @@ pub enum ModelError {
     Ir { path: PathBuf, error: sparsec_ir::IrError },
     #[error("{path}: {kind} checkpoints cannot be loaded yet (GPT-2/Llama loaders are not implemented); pass an IR file (.sir)")]
     NotYetSupported { path: PathBuf, kind: &'static str },
+    #[error("{path}: {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("{path}: tensor `{name}` is missing")]
+    MissingTensor { path: PathBuf, name: String },
     #[error("{0}: not found")]
     NotFound(PathBuf),
     #[error("{path}: not an IR file, GGUF file or checkpoint directory ({why})")]
