@@ -46,6 +46,14 @@ pub enum Op {
     Softmax,
     /// Causal multi-head attention; `q[seq, heads·d]`, `k, v[seq, kv_heads·d]`.
     Attention { heads: u32, kv_heads: u32 },
+    /// Rows of `table[V, D]` picked by `ids[seq]` (i32 token or position ids).
+    Embedding,
+    /// Rotary position embedding of `x[seq, heads·d]` at positions 0..seq, base
+    /// `theta`; `adjacent` rotates pairs (2i, 2i+1) (GGUF/llama.cpp layout), else
+    /// pairs (i, i+d/2) (Hugging Face `rotate_half`).
+    Rope { heads: u32, theta: f32, adjacent: bool },
+    /// The positions `0..seq` as i32.
+    Positions,
 }
 
 /// Operand count: exact, or a range.
@@ -57,9 +65,9 @@ pub struct Arity {
 
 impl Op {
     /// Every op keyword, for error messages and tests.
-    pub const KEYWORDS: [&'static str; 12] = [
+    pub const KEYWORDS: [&'static str; 15] = [
         "input", "weight", "const", "matmul", "add", "mul", "gelu", "silu", "layer_norm", "rms_norm", "softmax",
-        "attention",
+        "attention", "embedding", "rope", "positions",
     ];
 
     pub fn keyword(&self) -> &'static str {
@@ -76,14 +84,17 @@ impl Op {
             Op::RmsNorm { .. } => "rms_norm",
             Op::Softmax => "softmax",
             Op::Attention { .. } => "attention",
+            Op::Embedding => "embedding",
+            Op::Rope { .. } => "rope",
+            Op::Positions => "positions",
         }
     }
 
     pub fn arity(&self) -> Arity {
         let n = match self {
-            Op::Input | Op::Weight { .. } | Op::Constant { .. } => 0,
-            Op::Gelu { .. } | Op::Silu | Op::Softmax => 1,
-            Op::MatMul { .. } | Op::Add | Op::Mul | Op::RmsNorm { .. } => 2,
+            Op::Input | Op::Weight { .. } | Op::Constant { .. } | Op::Positions => 0,
+            Op::Gelu { .. } | Op::Silu | Op::Softmax | Op::Rope { .. } => 1,
+            Op::MatMul { .. } | Op::Add | Op::Mul | Op::RmsNorm { .. } | Op::Embedding => 2,
             Op::LayerNorm { .. } | Op::Attention { .. } => 3,
         };
         Arity { min: n, max: n }
@@ -106,7 +117,11 @@ impl Op {
                     a
                 }
             }
-            Op::Add | Op::Mul | Op::Silu | Op::Softmax => a,
+            Op::Add | Op::Mul | Op::Silu | Op::Softmax | Op::Embedding | Op::Positions => a,
+            Op::Rope { heads, theta, adjacent } => a
+                .kv("heads", AttrValue::Int(*heads as i128))
+                .kv("theta", AttrValue::Float(*theta as f64))
+                .kv("adjacent", AttrValue::Bool(*adjacent)),
             Op::Gelu { approx } => a.kv(
                 "approx",
                 AttrValue::Word(match approx {
@@ -141,6 +156,13 @@ impl Op {
             "rms_norm" => Op::RmsNorm { eps: r.opt_f32("eps")?.unwrap_or(1e-6) },
             "softmax" => Op::Softmax,
             "attention" => Op::Attention { heads: r.u32("heads")?, kv_heads: r.u32("kv_heads")? },
+            "embedding" => Op::Embedding,
+            "positions" => Op::Positions,
+            "rope" => Op::Rope {
+                heads: r.u32("heads")?,
+                theta: r.f32("theta")?,
+                adjacent: r.opt_bool("adjacent")?.unwrap_or(false),
+            },
             _ => return Ok(None),
         };
         r.finish()?;

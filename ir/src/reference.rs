@@ -42,17 +42,14 @@ pub fn eval_op(op: &Op, patterns: &[Pattern], operands: &[&ArrayD<f32>]) -> Resu
             }
             let rows = a.len() / k.max(1);
             let (av, bv) = (contiguous(a), contiguous(b));
-            let mut out = vec![0f32; rows * n];
-            for r in 0..rows {
-                for j in 0..n {
-                    let mut acc = 0f64;
-                    for kk in 0..k {
-                        let w = if *transpose_b { bv[j * k + kk] } else { bv[kk * n + j] };
-                        acc += av[r * k + kk] as f64 * w as f64;
-                    }
-                    out[r * n + j] = acc as f32;
-                }
-            }
+            let a2 = ndarray::ArrayView2::from_shape((rows, k), &av).map_err(|e| e.to_string())?;
+            let b2 = if *transpose_b {
+                ndarray::ArrayView2::from_shape((n, k), &bv).map_err(|e| e.to_string())?.reversed_axes()
+            } else {
+                ndarray::ArrayView2::from_shape((k, n), &bv).map_err(|e| e.to_string())?
+            };
+            // f32 GEMM (matrixmultiply): the same precision class as the kernels.
+            let out = a2.dot(&b2).into_raw_vec_and_offset().0;
             let mut shape = a.shape().to_vec();
             *shape.last_mut().unwrap_or(&mut 0) = n;
             ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| e.to_string())
@@ -111,7 +108,46 @@ pub fn eval_op(op: &Op, patterns: &[Pattern], operands: &[&ArrayD<f32>]) -> Resu
             ArrayD::from_shape_vec(x.raw_dim(), out).map_err(|e| e.to_string())
         }
         Op::Attention { heads, kv_heads } => attention(*heads as usize, *kv_heads as usize, patterns, operands),
+        Op::Embedding => {
+            let (table, ids) = (operands[0], operands[1]);
+            let (rows, width) = (table.shape()[0], table.shape()[1]);
+            let tv = contiguous(table);
+            let mut out = Vec::with_capacity(ids.len() * width);
+            for &id in ids.iter() {
+                // Ids travel as f32 holding integers (exact below 2^24).
+                if id < 0.0 || id.fract() != 0.0 || id as usize >= rows {
+                    return Err(format!("id {id} is outside the table's {rows} rows"));
+                }
+                let r = id as usize;
+                out.extend_from_slice(&tv[r * width..(r + 1) * width]);
+            }
+            ArrayD::from_shape_vec(IxDyn(&[ids.len(), width]), out).map_err(|e| e.to_string())
+        }
+        Op::Positions => Err("positions needs the sequence length; the interpreter evaluates it".into()),
+        Op::Rope { heads, theta, adjacent } => Ok(rope(operands[0], *heads as usize, *theta, *adjacent, 0)),
     }
+}
+
+/// Rotary embedding of `x[seq, heads·d]` at positions `offset..offset+seq`.
+pub fn rope(x: &ArrayD<f32>, heads: usize, theta: f32, adjacent: bool, offset: usize) -> ArrayD<f32> {
+    let (s, w) = (x.shape()[0], x.shape()[1]);
+    let d = w / heads;
+    let mut out = contiguous(x).into_owned();
+    for t in 0..s {
+        let pos = (t + offset) as f64;
+        for h in 0..heads {
+            let base = t * w + h * d;
+            for i in 0..d / 2 {
+                let freq = (theta as f64).powf(-2.0 * i as f64 / d as f64);
+                let (sin, cos) = (pos * freq).sin_cos();
+                let (a, b) = if adjacent { (base + 2 * i, base + 2 * i + 1) } else { (base + i, base + i + d / 2) };
+                let (xa, xb) = (out[a] as f64, out[b] as f64);
+                out[a] = (xa * cos - xb * sin) as f32;
+                out[b] = (xa * sin + xb * cos) as f32;
+            }
+        }
+    }
+    ArrayD::from_shape_vec(x.raw_dim(), out).unwrap_or_else(|_| x.clone())
 }
 
 /// Causal attention with an optional sliding window (plus sink tokens).

@@ -6,6 +6,16 @@ use crate::types::{Dim, TensorType};
 /// Result type of a compute op, or a sentence saying which operand is wrong and
 /// what was expected. Leaves (input, weight, const) declare their own type.
 pub fn infer_type(op: &Op, operands: &[&TensorType]) -> Result<TensorType, String> {
+    // Embedding mixes a float table with integer ids; every other op is uniform.
+    if let (Op::Embedding, [table, ids]) = (op, operands) {
+        if table.rank() != 2 {
+            return Err(format!("operand 0 (table) has type {table}, expected a rank-2 [rows, width] table"));
+        }
+        if ids.dtype != crate::types::DType::I32 || ids.rank() != 1 {
+            return Err(format!("operand 1 (ids) has type {ids}, expected i32[n]"));
+        }
+        return Ok(TensorType::new(table.dtype, vec![ids.dims[0], table.dims[1]]));
+    }
     if let Some(first) = operands.first() {
         if let Some((i, t)) = operands.iter().enumerate().find(|(_, t)| t.dtype != first.dtype) {
             return Err(format!("operand {i} has element type {}, expected {} like operand 0", t.dtype.name(), first.dtype.name()));
@@ -14,6 +24,18 @@ pub fn infer_type(op: &Op, operands: &[&TensorType]) -> Result<TensorType, Strin
     match op {
         Op::Input | Op::Weight { .. } | Op::Constant { .. } => {
             Err("leaf ops declare their type; there is nothing to infer".into())
+        }
+        Op::Embedding => Err("embedding takes a table and ids".into()),
+        Op::Positions => Ok(TensorType::new(crate::types::DType::I32, vec![Dim::Seq])),
+        Op::Rope { heads, .. } => {
+            let x = operands[0];
+            let ok = x.rank() == 2
+                && x.dims[0] == Dim::Seq
+                && matches!(x.dims[1], Dim::Fixed(w) if *heads > 0 && w % (2 * *heads as u64) == 0);
+            if !ok {
+                return Err(format!("operand 0 has type {x}, expected {}[seq, heads*head_dim] with an even head_dim (heads = {heads})", x.dtype.name()));
+            }
+            Ok(x.clone())
         }
         Op::MatMul { transpose_b } => {
             let (a, b) = (operands[0], operands[1]);

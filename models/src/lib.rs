@@ -4,8 +4,12 @@
 //! graph builders for checkpoints and tokenizers are not written yet, so compiling
 //! a checkpoint reports that.
 
+pub mod builder;
+pub mod checkpoint;
 pub mod gguf;
+pub mod llama;
 pub mod quant;
+pub mod safetensors_dir;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};

@@ -54,6 +54,10 @@ pub fn interpret(
                     },
                 }
             }
+            Op::Positions => {
+                let s = seq.unwrap_or(1) as usize;
+                ArrayD::from_shape_vec(IxDyn(&[s]), (0..s).map(|p| p as f32).collect()).map_err(|e| eval_err(e.to_string()))?
+            }
             Op::Constant { values } => {
                 ArrayD::from_shape_vec(IxDyn(&types[i].resolve(0)), values.clone()).map_err(|e| eval_err(e.to_string()))?
             }

@@ -8,6 +8,7 @@ pub mod cuda;
 pub mod error;
 pub mod execute;
 pub mod interpreter;
+pub mod lm;
 pub mod manifest;
 
 pub use artifact::Artifact;

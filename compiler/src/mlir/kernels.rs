@@ -309,6 +309,9 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                 });
             });
         }
+        Op::Embedding | Op::Rope { .. } | Op::Positions => {
+            return Err(spec.unsupported("not lowered to MLIR yet (the compiled-model issue adds it); the reference interpreter runs it"))
+        }
         Op::Attention { .. } => {
             return Err(spec.unsupported(
                 "attention is not lowered to MLIR yet (the compiled-model issue adds it); the reference interpreter runs it",

