@@ -33,7 +33,13 @@ const EVERY_OP: &str = r#"graph @every_op {
   %at2 = attention %q, %kv, %kv {heads = 2, kv_heads = 2} #window(full) #kv(pswf, keep = 0.5, axis = sequence, bandwidth = 0.1) : f32[seq, 64]
   %at3 = attention %q, %kv, %kv {heads = 1, kv_heads = 1} #kv(chunked_svd, chunk = 64, rank = 8) #nsa(block = 16, top_k = 4, window = 32) : f32[seq, 64]
   %at4 = attention %q, %kv, %kv {heads = 2, kv_heads = 2} #kv(chunked_svd, chunk = 32, energy = 0.95) : f32[seq, 64]
-  return %m, %gt, %ge, %s, %sm, %c, %at, %at2, %at3, %at4, %u5
+  %ids = input : i32[seq]
+  %pos = positions : i32[seq]
+  %tok = embedding %w, %ids : f32[seq, 128]
+  %pe = embedding %plain, %pos : f32[seq, 64]
+  %rq = rope %q {heads = 4, theta = 10000.0, adjacent = true} : f32[seq, 64]
+  %rk = rope %kv {heads = 2, theta = 500000.0, adjacent = false} : f32[seq, 64]
+  return %m, %gt, %ge, %s, %sm, %c, %at, %at2, %at3, %at4, %u5, %tok, %pe, %rq, %rk
 }
 "#;
 
@@ -125,6 +131,10 @@ fn mismatched_shapes_name_op_operand_and_location() {
     assert!(m.contains("add %y") && m.contains("trailing suffix"), "{m}");
     let m = verify_err("graph @g {\n  %x = input : f32[seq, 8]\n  %g = weight \"g\" : f32[4]\n  %y = rms_norm %x, %g\n  return %y\n}");
     assert!(m.contains("operand 1 has type f32[4], expected f32[8]"), "{m}");
+    let m = verify_err("graph @g {\n  %t = weight \"t\" : f32[10, 4]\n  %i = input : f32[seq]\n  %e = embedding %t, %i\n  return %e\n}");
+    assert!(m.starts_with("4:3: embedding %e: operand 1 (ids) has type f32[seq], expected i32[n]"), "{m}");
+    let m = verify_err("graph @g {\n  %x = input : f32[seq, 12]\n  %r = rope %x {heads = 4, theta = 10000.0}\n  return %r\n}");
+    assert!(m.contains("rope %r") && m.contains("even head_dim"), "{m}");
     let m = verify_err("graph @g {\n  %c = const [1.0, 2.0] : f32[3]\n  return %c\n}");
     assert!(m.contains("has 2 values, its type f32[3] needs 3"), "{m}");
 }
