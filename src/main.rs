@@ -11,6 +11,8 @@ use sparsec_runtime::Artifact;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod lm_verbs;
+
 #[derive(Parser)]
 #[command(name = "sparsec", version, about = "Ahead-of-time compiler for transformer LMs with fixed sparsity/compression patterns")]
 struct Cli {
@@ -24,8 +26,7 @@ enum Command {
     Compile(CompileArgs),
     /// Run an artifact (or compile-and-run an IR file) on random inputs.
     Run(RunArgs),
-    /// Perplexity of a model on a text. Needs the model loaders and tokenizers,
-    /// which are not implemented yet: this verb reports that and exits.
+    /// Perplexity of a model (GGUF, HF directory, or `smollm2`) on a text file.
     Eval(EvalArgs),
     /// Compile-time and run-time figures of an artifact or IR file.
     Bench(BenchArgs),
@@ -108,10 +109,20 @@ struct CompileArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Artifact directory or IR file (compiled first, through the cache).
+    /// Artifact directory, IR file (compiled first, through the cache), or with
+    /// --prompt a model: GGUF file, Hugging Face directory, or `smollm2`.
     input: PathBuf,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
+    /// New tokens to generate after --prompt.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample among the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
     /// Sequence length of the random inputs.
     #[arg(long, default_value_t = 4)]
     seq: u64,
@@ -121,7 +132,7 @@ struct RunArgs {
     /// Compare with the reference interpreter (exit 1 on mismatch; atol = rtol = 1e-4).
     #[arg(long)]
     check: bool,
-    /// Text prompt: needs tokenizers and model loaders, not implemented yet.
+    /// Generate from this prompt with a model (reference interpreter with a KV cache; streams text).
     #[arg(long)]
     prompt: Option<String>,
     #[command(flatten)]
@@ -132,9 +143,17 @@ struct RunArgs {
 
 #[derive(Args)]
 struct EvalArgs {
-    model: PathBuf,
+    /// GGUF file, Hugging Face directory, or `smollm2` (the installed default).
+    model: String,
+    /// The text to score.
     #[arg(long)]
-    text: Option<PathBuf>,
+    text: PathBuf,
+    /// Tokens per window: the first N tokens of the text, as one sequence (no BOS added).
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// Slide windows of --max-tokens by this many tokens over the whole text.
+    #[arg(long)]
+    stride: Option<usize>,
     #[arg(long)]
     json: bool,
 }
@@ -311,8 +330,19 @@ fn execute(art: &Artifact, device: DeviceArg, inputs: &[ndarray::ArrayD<f32>], r
 }
 
 fn cmd_run(a: RunArgs) -> Result<()> {
-    if a.prompt.is_some() {
-        bail!("--prompt needs tokenizers and model loaders, which are not implemented yet");
+    if let Some(prompt) = &a.prompt {
+        if a.device == DeviceArg::Cuda {
+            bail!("generation runs on the reference interpreter (CPU) for now; drop --device cuda");
+        }
+        return lm_verbs::generate(lm_verbs::GenerateArgs {
+            model: &a.input.to_string_lossy(),
+            prompt,
+            max_new_tokens: a.max_new_tokens,
+            temperature: a.temperature,
+            top_k: a.top_k,
+            seed: a.seed,
+            json: a.json,
+        });
     }
     let path = artifact_for(&a.input, &a.flags, a.device)?;
     let art = Artifact::open(&path)?;
@@ -356,12 +386,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
-    let _ = (a.text, a.json);
-    match sparsec_models::classify(&a.model) {
-        Ok(_) | Err(_) => bail!(
-            "eval computes perplexity of a language model; model loaders and tokenizers are not implemented yet, so it cannot run"
-        ),
-    }
+    lm_verbs::eval(&a.model, &a.text, a.max_tokens, a.stride, a.json)
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {

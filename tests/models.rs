@@ -43,3 +43,23 @@ fn smollm2_perplexity_matches_llama_cpp() {
     let rel = (ppl - 18.83).abs() / 18.83;
     assert!(rel < 0.005, "perplexity {ppl:.4} is {:.2}% from llama.cpp's 18.83", rel * 100.0);
 }
+
+#[test]
+fn kv_cached_decode_equals_the_full_sequence() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama_tiny");
+    let model = Model::load(dir.to_str().unwrap()).unwrap();
+    let ids: Vec<u32> = vec![5, 17, 3, 88, 42, 0, 61, 9];
+    let full = logits(&model, &ids);
+    let mut state = sparsec_runtime::interpreter::KvState::new();
+    let w = |role: &str| model.weight(role).ok();
+    let arr = |s: &[u32]| ArrayD::from_shape_vec(IxDyn(&[s.len()]), s.iter().map(|i| *i as f32).collect()).unwrap();
+    // Prefill 5 tokens, then one token at a time.
+    let mut rows: Vec<f32> = sparsec_runtime::interpreter::interpret_cached(&model.graph, &[arr(&ids[..5])], &w, &mut state).unwrap()[0].iter().copied().collect();
+    for t in 5..ids.len() {
+        let out = sparsec_runtime::interpreter::interpret_cached(&model.graph, &[arr(&ids[t..t + 1])], &w, &mut state).unwrap();
+        rows.extend(out[0].iter());
+    }
+    assert_eq!(state.pos, ids.len());
+    let max_err = full.iter().zip(&rows).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max_err < 1e-5, "cached decode differs from the full sequence by {max_err}");
+}

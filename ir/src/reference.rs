@@ -107,7 +107,9 @@ pub fn eval_op(op: &Op, patterns: &[Pattern], operands: &[&ArrayD<f32>]) -> Resu
             }
             ArrayD::from_shape_vec(x.raw_dim(), out).map_err(|e| e.to_string())
         }
-        Op::Attention { heads, kv_heads } => attention(*heads as usize, *kv_heads as usize, patterns, operands),
+        Op::Attention { heads, kv_heads } => {
+            attention(*heads as usize, *kv_heads as usize, patterns, operands[0], operands[1], operands[2], 0)
+        }
         Op::Embedding => {
             let (table, ids) = (operands[0], operands[1]);
             let (rows, width) = (table.shape()[0], table.shape()[1]);
@@ -150,8 +152,18 @@ pub fn rope(x: &ArrayD<f32>, heads: usize, theta: f32, adjacent: bool, offset: u
     ArrayD::from_shape_vec(x.raw_dim(), out).unwrap_or_else(|_| x.clone())
 }
 
-/// Causal attention with an optional sliding window (plus sink tokens).
-fn attention(heads: usize, kv_heads: usize, patterns: &[Pattern], operands: &[&ArrayD<f32>]) -> Result<ArrayD<f32>, String> {
+/// Causal attention with an optional sliding window (plus sink tokens). The
+/// queries sit at positions `q_offset..q_offset + q.rows`; keys and values cover
+/// positions `0..k.rows` (a KV cache followed by the new rows).
+pub fn attention(
+    heads: usize,
+    kv_heads: usize,
+    patterns: &[Pattern],
+    q: &ArrayD<f32>,
+    k: &ArrayD<f32>,
+    v: &ArrayD<f32>,
+    q_offset: usize,
+) -> Result<ArrayD<f32>, String> {
     let mut window: Option<(usize, usize)> = None;
     for p in patterns {
         match p {
@@ -168,18 +180,23 @@ fn attention(heads: usize, kv_heads: usize, patterns: &[Pattern], operands: &[&A
             }
         }
     }
-    let (q, k, v) = (contiguous(operands[0]), contiguous(operands[1]), contiguous(operands[2]));
-    let s = operands[0].shape()[0];
-    let qw = operands[0].shape()[1];
+    let s = q.shape()[0];
+    let qw = q.shape()[1];
+    let total = k.shape()[0];
+    if total != q_offset + s || v.shape()[0] != total {
+        return Err(format!("{} keys and {} values for queries at {q_offset}..{}", total, v.shape()[0], q_offset + s));
+    }
+    let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
     let d = qw / heads;
     let kvw = d * kv_heads;
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = vec![0f32; s * qw];
-    let mut scores = vec![0f64; s];
+    let mut scores = vec![0f64; total];
     for h in 0..heads {
         let kh = h / group;
-        for i in 0..s {
+        for qi in 0..s {
+            let i = qi + q_offset; // absolute position of this query
             let visible = |j: usize| match window {
                 None => j <= i,
                 Some((size, sinks)) => j <= i && (j + size > i || j < sinks),
@@ -192,7 +209,7 @@ fn attention(heads: usize, kv_heads: usize, patterns: &[Pattern], operands: &[&A
                 }
                 let mut acc = 0f64;
                 for c in 0..d {
-                    acc += q[i * qw + h * d + c] as f64 * k[j * kvw + kh * d + c] as f64;
+                    acc += q[qi * qw + h * d + c] as f64 * k[j * kvw + kh * d + c] as f64;
                 }
                 scores[j] = acc * scale;
                 m = m.max(scores[j]);
@@ -207,7 +224,7 @@ fn attention(heads: usize, kv_heads: usize, patterns: &[Pattern], operands: &[&A
                 for j in 0..=i {
                     acc += scores[j] * v[j * kvw + kh * d + c] as f64;
                 }
-                out[i * qw + h * d + c] = (acc / sum) as f32;
+                out[qi * qw + h * d + c] = (acc / sum) as f32;
             }
         }
     }

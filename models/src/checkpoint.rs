@@ -23,6 +23,8 @@ pub struct Model {
     pub config: LlamaConfig,
     pub graph: Graph,
     pub tokenizer: Option<tokenizers::Tokenizer>,
+    /// End-of-sequence token, when the checkpoint names one.
+    pub eos: Option<u32>,
     source: Source,
     /// role → checkpoint tensor name
     names: HashMap<String, String>,
@@ -96,7 +98,8 @@ impl Model {
             }
         }
         let tokenizer = Some(crate::tokenizer::from_gguf(&g)?);
-        Self::finish(path, config, Source::Gguf(g), names, tokenizer)
+        let eos = g.meta("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
+        Self::finish(path, config, Source::Gguf(g), names, tokenizer, eos)
     }
 
     fn from_hf(dir: &Path) -> Result<Model, ModelError> {
@@ -140,7 +143,8 @@ impl Model {
             p if p.is_file() => Some(crate::tokenizer::from_tokenizer_json(&p)?),
             _ => None,
         };
-        Self::finish(dir, config, Source::Hf(st), names, tokenizer)
+        let eos = c.get("eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
+        Self::finish(dir, config, Source::Hf(st), names, tokenizer, eos)
     }
 
     fn finish(
@@ -149,6 +153,7 @@ impl Model {
         source: Source,
         names: HashMap<String, String>,
         tokenizer: Option<tokenizers::Tokenizer>,
+        eos: Option<u32>,
     ) -> Result<Model, ModelError> {
         let shapes: HashMap<String, Vec<usize>> =
             config.weight_shapes().into_iter().map(|(r, s)| (r, s.into_iter().map(|d| d as usize).collect())).collect();
@@ -166,7 +171,7 @@ impl Model {
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         let graph_name: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
         let graph = config.build_graph(&graph_name);
-        Ok(Model { path: path.into(), config, graph, tokenizer, source, names, shapes, cache: Mutex::new(HashMap::new()) })
+        Ok(Model { path: path.into(), config, graph, tokenizer, eos, source, names, shapes, cache: Mutex::new(HashMap::new()) })
     }
 
     /// The data of a weight role, checked against the config's shape; cached.

@@ -3,15 +3,42 @@
 
 use crate::error::{RuntimeError, RuntimeResult};
 use ndarray::{ArrayD, IxDyn};
-use sparsec_ir::reference::eval_op;
+use sparsec_ir::reference::{attention, eval_op, rope};
+use std::collections::HashMap;
 use sparsec_ir::{Graph, IrError, Op};
 
-/// Runs `g` on `inputs` (graph input order). `weight(name)` supplies checkpoint
-/// data; weights it does not know fall back to their `init`.
+/// The KV cache of a decoding session: how many positions were consumed, and
+/// the keys and values every attention op has seen so far.
+#[derive(Default)]
+pub struct KvState {
+    pub pos: usize,
+    caches: HashMap<usize, (ArrayD<f32>, ArrayD<f32>)>,
+}
+
+impl KvState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// Runs `g` on `inputs` (graph input order) as one whole sequence. `weight(name)`
+/// supplies checkpoint data; weights it does not know fall back to their `init`.
 pub fn interpret(
     g: &Graph,
     inputs: &[ArrayD<f32>],
     weight: &dyn Fn(&str) -> Option<ArrayD<f32>>,
+) -> RuntimeResult<Vec<ArrayD<f32>>> {
+    interpret_cached(g, inputs, weight, &mut KvState::new())
+}
+
+/// Runs `g` on the next `seq` positions: positions and RoPE continue from
+/// `state.pos`, attention sees the cached keys and values, and the cache grows.
+/// Prefill is one call with the prompt; decode is one call per token.
+pub fn interpret_cached(
+    g: &Graph,
+    inputs: &[ArrayD<f32>],
+    weight: &dyn Fn(&str) -> Option<ArrayD<f32>>,
+    state: &mut KvState,
 ) -> RuntimeResult<Vec<ArrayD<f32>>> {
     let types = sparsec_ir::verify(g)?;
     let mut vals: Vec<Option<ArrayD<f32>>> = vec![None; g.nodes.len()];
@@ -56,7 +83,29 @@ pub fn interpret(
             }
             Op::Positions => {
                 let s = seq.unwrap_or(1) as usize;
-                ArrayD::from_shape_vec(IxDyn(&[s]), (0..s).map(|p| p as f32).collect()).map_err(|e| eval_err(e.to_string()))?
+                ArrayD::from_shape_vec(IxDyn(&[s]), (state.pos..state.pos + s).map(|p| p as f32).collect())
+                    .map_err(|e| eval_err(e.to_string()))?
+            }
+            Op::Rope { heads, theta, adjacent } => {
+                let x = vals[n.operands[0].0].as_ref().ok_or_else(|| eval_err("operand not computed".into()))?;
+                rope(x, *heads as usize, *theta, *adjacent, state.pos)
+            }
+            Op::Attention { heads, kv_heads } => {
+                let get = |k: usize| vals[n.operands[k].0].as_ref().ok_or_else(|| eval_err("operand not computed".into()));
+                let (q, k_new, v_new) = (get(0)?, get(1)?, get(2)?);
+                let (k_all, v_all) = match state.caches.remove(&i) {
+                    Some((k_old, v_old)) => {
+                        let cat = |a: &ArrayD<f32>, b: &ArrayD<f32>| {
+                            ndarray::concatenate(ndarray::Axis(0), &[a.view(), b.view()]).map_err(|e| eval_err(e.to_string()))
+                        };
+                        (cat(&k_old, k_new)?, cat(&v_old, v_new)?)
+                    }
+                    None => (k_new.clone(), v_new.clone()),
+                };
+                let out = attention(*heads as usize, *kv_heads as usize, &n.patterns, q, &k_all, &v_all, state.pos)
+                    .map_err(eval_err)?;
+                state.caches.insert(i, (k_all, v_all));
+                out
             }
             Op::Constant { values } => {
                 ArrayD::from_shape_vec(IxDyn(&types[i].resolve(0)), values.clone()).map_err(|e| eval_err(e.to_string()))?
@@ -68,5 +117,6 @@ pub fn interpret(
         };
         vals[i] = Some(v);
     }
+    state.pos += seq.unwrap_or(1) as usize;
     Ok(g.outputs.iter().filter_map(|o| vals[o.0].clone()).collect())
 }

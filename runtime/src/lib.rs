@@ -10,6 +10,7 @@ pub mod execute;
 pub mod interpreter;
 pub mod lm;
 pub mod manifest;
+pub mod sampling;
 
 pub use artifact::Artifact;
 pub use error::{RuntimeError, RuntimeResult};
