@@ -85,12 +85,12 @@ fn unimplemented_work_says_so_instead_of_pretending() {
     assert!(stderr(&o).contains("plans and presets are not implemented yet"), "{}", stderr(&o));
     let o = sparsec(&["eval", &example(), "--text", "/usr/share/common-licenses/GPL-3"], &c);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("not implemented yet"));
+    assert!(stderr(&o).contains("is an IR file, not a model checkpoint"), "{}", stderr(&o));
     let gguf = tmp.path().join("m.gguf");
     std::fs::write(&gguf, b"GGUF\x03\x00\x00\x00").unwrap();
     let o = sparsec(&["compile", gguf.to_str().unwrap()], &c);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("GGUF checkpoints cannot be loaded yet"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("compiling GGUF checkpoints is not implemented yet"), "{}", stderr(&o));
     let o = sparsec(&["run", &example(), "--prompt", "hi"], &c);
     assert_eq!(o.status.code(), Some(2));
 }

@@ -21,7 +21,7 @@ pub enum ModelError {
     Io { path: PathBuf, error: std::io::Error },
     #[error("{path}:{error}")]
     Ir { path: PathBuf, error: sparsec_ir::IrError },
-    #[error("{path}: {kind} checkpoints cannot be loaded yet (GPT-2/Llama loaders are not implemented); pass an IR file (.sir)")]
+    #[error("{path}: compiling {kind} checkpoints is not implemented yet (`sparsec run --prompt` and `sparsec eval` execute them on the reference interpreter); pass an IR file (.sir)")]
     NotYetSupported { path: PathBuf, kind: &'static str },
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
