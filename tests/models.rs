@@ -12,19 +12,37 @@ fn logits(model: &Model, ids: &[u32]) -> ArrayD<f32> {
     out.remove(0)
 }
 
-#[test]
-fn tiny_llama_matches_hf_transformers_logits() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama_tiny");
+/// Loads a fixture made by `tests/fixtures/make_hf_fixtures.py` and returns the
+/// model and the max abs error of our logits against HF transformers'.
+fn hf_fixture_error(name: &str) -> (Model, f32) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name);
     let model = Model::load(dir.to_str().unwrap()).unwrap();
-    assert!(model.config.tied && model.config.kv_heads == 2 && model.config.heads == 4);
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let ids: Vec<u32> = r["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let got = logits(&model, &ids);
     let want: Vec<f32> = r["logits"].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect();
     assert_eq!(got.len(), want.len());
     let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    // f32 throughout on both sides; reference logits were rounded to 7 decimals.
-    assert!(max_err < 1e-4, "max abs error {max_err} vs HF transformers");
+    println!("{name}: max abs error {max_err:.3e} vs HF transformers");
+    (model, max_err)
+}
+
+// Both sides compute in f32; the reference logits were rounded to 7 decimals.
+const HF_TOLERANCE: f32 = 1e-4;
+
+#[test]
+fn tiny_llama_matches_hf_transformers_logits() {
+    let (model, err) = hf_fixture_error("llama_tiny");
+    let sparsec_models::checkpoint::Family::Llama(c) = &model.family else { panic!("not llama") };
+    assert!(c.tied && c.kv_heads == 2 && c.heads == 4, "grouped-query attention with tied embeddings");
+    assert!(err < HF_TOLERANCE, "max abs error {err} vs HF transformers");
+}
+
+#[test]
+fn tiny_gpt2_matches_hf_transformers_logits() {
+    let (model, err) = hf_fixture_error("gpt2_tiny");
+    assert!(matches!(model.family, sparsec_models::checkpoint::Family::Gpt2(_)));
+    assert!(err < HF_TOLERANCE, "max abs error {err} vs HF transformers");
 }
 
 #[test]

