@@ -81,3 +81,77 @@ fn kv_cached_decode_equals_the_full_sequence() {
     let max_err = full.iter().zip(&rows).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(max_err < 1e-5, "cached decode differs from the full sequence by {max_err}");
 }
+
+/// A copy of a fixture directory to break.
+fn fixture_copy(name: &str) -> tempfile::TempDir {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name);
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    tmp
+}
+
+fn load_err(dir: &Path) -> String {
+    match Model::load(dir.to_str().unwrap()) {
+        Ok(_) => panic!("expected {} to fail", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_checkpoints_give_one_clear_error_naming_the_file() {
+    // Truncated safetensors.
+    let t = fixture_copy("llama_tiny");
+    let st = t.path().join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load_err(t.path());
+    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+
+    // A header that is not safetensors at all (wrong magic).
+    std::fs::write(&st, b"\x05\x00\x00\x00\x00\x00\x00\x00hello").unwrap();
+    let e = load_err(t.path());
+    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+
+    // A shape that disagrees with the config.
+    let t = fixture_copy("llama_tiny");
+    let cfg = t.path().join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["intermediate_size"] = serde_json::json!(48);
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let e = load_err(t.path());
+    assert!(e.contains("disagrees with the config") && e.contains("mlp") && e.contains(t.path().to_str().unwrap()), "{e}");
+
+    // A missing tensor: rewrite the file without one.
+    let t = fixture_copy("gpt2_tiny");
+    let st = t.path().join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        parsed.tensors().into_iter().filter(|(n, _)| !n.contains("h.1.mlp.c_fc.bias")).collect();
+    let out = safetensors::serialize(kept, &None).unwrap();
+    std::fs::write(&st, out).unwrap();
+    let e = load_err(t.path());
+    assert!(e.contains("h.1.mlp.c_fc.bias") && e.contains("missing"), "{e}");
+
+    // An unsupported architecture and an unsupported GGUF tensor type are named.
+    let t = fixture_copy("llama_tiny");
+    std::fs::write(t.path().join("config.json"), r#"{"model_type": "mamba"}"#).unwrap();
+    assert!(load_err(t.path()).contains("model_type `mamba` is not supported"));
+}
+
+#[test]
+fn eval_on_an_empty_text_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "\n").unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/gpt2_tiny");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
+        .args(["eval", dir.to_str().unwrap(), "--text", empty.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("empty.txt") && (e.contains("empty") || e.contains("tokenizer")) && !e.contains("panicked"), "{e}");
+}

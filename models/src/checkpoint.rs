@@ -273,15 +273,34 @@ impl Model {
     ) -> Result<Model, ModelError> {
         let shapes: HashMap<String, Vec<usize>> =
             family.weight_shapes().into_iter().map(|(r, s)| (r, s.into_iter().map(|d| d as usize).collect())).collect();
-        // Every tensor the graph needs must be there now, not halfway through a run.
-        for role in shapes.keys() {
-            let (name, _) = names.get(role).ok_or_else(|| fmt(path, format!("no tensor mapped for role `{role}`")))?;
-            let present = match &source {
-                Source::Gguf(g) => g.tensor(name).is_some(),
-                Source::Hf(st) => st.contains(name),
+        // Every tensor the graph needs must be there, decodable and of the shape
+        // the config implies: checked now from the headers, not halfway through a run.
+        let mut roles: Vec<&String> = shapes.keys().collect();
+        roles.sort();
+        for role in roles {
+            let (name, cut) = names.get(role).ok_or_else(|| fmt(path, format!("no tensor mapped for role `{role}`")))?;
+            let stored = match &source {
+                Source::Gguf(g) => {
+                    let t = g.tensor(name).ok_or_else(|| ModelError::MissingTensor { path: path.into(), name: name.clone() })?;
+                    if let crate::quant::GgmlType::Unsupported(_) = t.ty {
+                        return Err(fmt(path, format!("tensor `{name}` has unsupported type {}", t.ty.name())));
+                    }
+                    t.shape()
+                }
+                Source::Hf(st) => st.shape(name)?,
             };
-            if !present {
-                return Err(ModelError::MissingTensor { path: path.into(), name: name.clone() });
+            let got = match (cut, &stored[..]) {
+                (Cut::Whole, _) => Some(stored.clone()),
+                (Cut::Transpose, [r, c]) => Some(vec![*c, *r]),
+                (Cut::ColumnsTransposed(start, len), [r, c]) if start + len <= *c => Some(vec![*len, *r]),
+                (Cut::Range(start, len), [n]) if start + len <= *n => Some(vec![*len]),
+                _ => None,
+            };
+            if got.as_ref() != Some(&shapes[role]) {
+                return Err(fmt(
+                    path,
+                    format!("tensor `{name}` has shape {stored:?}, which disagrees with the config (role `{role}` needs {:?})", shapes[role]),
+                ));
             }
         }
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());

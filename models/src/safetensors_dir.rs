@@ -54,6 +54,18 @@ impl SafetensorsDir {
         self.index.contains_key(name)
     }
 
+    /// The shape of a tensor, from the file header (no data is read).
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>, ModelError> {
+        let i = *self.index.get(name).ok_or_else(|| ModelError::MissingTensor { path: self.dir.clone(), name: name.into() })?;
+        let (path, map) = &self.files[i];
+        let st = SafeTensors::deserialize(map).map_err(|e| fmt(path, e.to_string()))?;
+        let t = st.tensor(name).map_err(|e| fmt(path, e.to_string()))?;
+        if !matches!(t.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(fmt(path, format!("tensor `{name}` has unsupported dtype {:?} (F32, F16, BF16 are)", t.dtype())));
+        }
+        Ok(t.shape().to_vec())
+    }
+
     /// The tensor as f32 (from F32, F16 or BF16) with its shape.
     pub fn get(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
         let i = *self.index.get(name).ok_or_else(|| ModelError::MissingTensor { path: self.dir.clone(), name: name.into() })?;
