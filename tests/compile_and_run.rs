@@ -56,7 +56,7 @@ fn mlp_block_compiles_runs_equal_to_reference_and_hits_the_cache() {
     for seq in [1, 2, 31, 128] {
         let inputs = art.random_inputs(seq, seq);
         let got = exec.run(&art, &inputs).unwrap();
-        let want = interpret(&art.graph, &inputs, &|n| art.weights.get_array(n).ok()).unwrap();
+        let want = interpret(&art.graph, &inputs, &|n| art.weights.get_array(n).ok().map(std::sync::Arc::new)).unwrap();
         assert_eq!(got.len(), 2);
         for (g, w) in got.iter().zip(&want) {
             let c = compare(g, w, Tolerance::default());

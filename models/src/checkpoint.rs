@@ -11,7 +11,7 @@ use ndarray::{ArrayD, IxDyn};
 use sparsec_ir::Graph;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Where the tensors come from.
 enum Source {
@@ -67,7 +67,7 @@ pub struct Model {
     names: HashMap<String, (String, Cut)>,
     /// role → expected shape
     shapes: HashMap<String, Vec<usize>>,
-    cache: Mutex<HashMap<String, ArrayD<f32>>>,
+    cache: Mutex<HashMap<String, Arc<ArrayD<f32>>>>,
 }
 
 /// Applies a `Cut`; errors say which shape did not fit.
@@ -309,8 +309,9 @@ impl Model {
         Ok(Model { path: path.into(), family, graph, tokenizer, eos, source, names, shapes, cache: Mutex::new(HashMap::new()) })
     }
 
-    /// The data of a weight role, checked against the config's shape; cached.
-    pub fn weight(&self, role: &str) -> Result<ArrayD<f32>, ModelError> {
+    /// The data of a weight role, checked against the config's shape; decoded
+    /// once and shared (the f32 copy is the only one; the checkpoint stays mapped).
+    pub fn weight(&self, role: &str) -> Result<Arc<ArrayD<f32>>, ModelError> {
         if let Some(a) = self.cache.lock().ok().and_then(|c| c.get(role).cloned()) {
             return Ok(a);
         }
@@ -324,7 +325,7 @@ impl Model {
         if &shape != want {
             return Err(fmt(&self.path, format!("tensor `{name}` has shape {shape:?}, the config implies {want:?}")));
         }
-        let a = ArrayD::from_shape_vec(IxDyn(&shape), data).map_err(|e| fmt(&self.path, e.to_string()))?;
+        let a = Arc::new(ArrayD::from_shape_vec(IxDyn(&shape), data).map_err(|e| fmt(&self.path, e.to_string()))?);
         if let Ok(mut c) = self.cache.lock() {
             c.insert(role.to_string(), a.clone());
         }

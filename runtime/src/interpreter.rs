@@ -5,7 +5,11 @@ use crate::error::{RuntimeError, RuntimeResult};
 use ndarray::{ArrayD, IxDyn};
 use sparsec_ir::reference::{attention, eval_op, rope};
 use std::collections::HashMap;
+use std::sync::Arc;
 use sparsec_ir::{Graph, IrError, Op};
+
+/// Supplies a weight's data by tensor name, shared rather than copied.
+pub type WeightFn<'a> = &'a dyn Fn(&str) -> Option<Arc<ArrayD<f32>>>;
 
 /// The KV cache of a decoding session: how many positions were consumed, and
 /// the keys and values every attention op has seen so far.
@@ -26,7 +30,7 @@ impl KvState {
 pub fn interpret(
     g: &Graph,
     inputs: &[ArrayD<f32>],
-    weight: &dyn Fn(&str) -> Option<ArrayD<f32>>,
+    weight: WeightFn<'_>,
 ) -> RuntimeResult<Vec<ArrayD<f32>>> {
     interpret_cached(g, inputs, weight, &mut KvState::new())
 }
@@ -37,11 +41,22 @@ pub fn interpret(
 pub fn interpret_cached(
     g: &Graph,
     inputs: &[ArrayD<f32>],
-    weight: &dyn Fn(&str) -> Option<ArrayD<f32>>,
+    weight: WeightFn<'_>,
     state: &mut KvState,
 ) -> RuntimeResult<Vec<ArrayD<f32>>> {
     let types = sparsec_ir::verify(g)?;
-    let mut vals: Vec<Option<ArrayD<f32>>> = vec![None; g.nodes.len()];
+    let mut vals: Vec<Option<Arc<ArrayD<f32>>>> = vec![None; g.nodes.len()];
+    // Values are dropped after their last use, so a whole model's activations
+    // (and weights) are not all alive at once.
+    let mut last_use = vec![usize::MAX; g.nodes.len()];
+    for (i, n) in g.nodes.iter().enumerate() {
+        for o in &n.operands {
+            last_use[o.0] = i;
+        }
+    }
+    for o in &g.outputs {
+        last_use[o.0] = usize::MAX;
+    }
     let mut next_input = 0;
     let mut seq: Option<u64> = None;
     for (i, n) in g.nodes.iter().enumerate() {
@@ -72,7 +87,10 @@ pub fn interpret_cached(
             Op::Weight { name, init } => {
                 let shape = types[i].resolve(0);
                 match weight(name) {
-                    Some(a) if a.shape() == shape.as_slice() => a,
+                    Some(a) if a.shape() == shape.as_slice() => {
+                        vals[i] = Some(a);
+                        continue;
+                    }
                     Some(a) => return Err(eval_err(format!("weight `{name}` has shape {:?}, expected {shape:?}", a.shape()))),
                     None => match init {
                         Some(init) => ArrayD::from_shape_vec(IxDyn(&shape), init.generate(shape.iter().product()))
@@ -87,11 +105,11 @@ pub fn interpret_cached(
                     .map_err(|e| eval_err(e.to_string()))?
             }
             Op::Rope { heads, theta, adjacent } => {
-                let x = vals[n.operands[0].0].as_ref().ok_or_else(|| eval_err("operand not computed".into()))?;
+                let x = vals[n.operands[0].0].as_deref().ok_or_else(|| eval_err("operand not computed".into()))?;
                 rope(x, *heads as usize, *theta, *adjacent, state.pos)
             }
             Op::Attention { heads, kv_heads } => {
-                let get = |k: usize| vals[n.operands[k].0].as_ref().ok_or_else(|| eval_err("operand not computed".into()));
+                let get = |k: usize| vals[n.operands[k].0].as_deref().ok_or_else(|| eval_err("operand not computed".into()));
                 let (q, k_new, v_new) = (get(0)?, get(1)?, get(2)?);
                 let (k_all, v_all) = match state.caches.remove(&i) {
                     Some((k_old, v_old)) => {
@@ -111,12 +129,17 @@ pub fn interpret_cached(
                 ArrayD::from_shape_vec(IxDyn(&types[i].resolve(0)), values.clone()).map_err(|e| eval_err(e.to_string()))?
             }
             op => {
-                let args: Vec<&ArrayD<f32>> = n.operands.iter().filter_map(|o| vals[o.0].as_ref()).collect();
+                let args: Vec<&ArrayD<f32>> = n.operands.iter().filter_map(|o| vals[o.0].as_deref()).collect();
                 eval_op(op, &n.patterns, &args).map_err(eval_err)?
             }
         };
-        vals[i] = Some(v);
+        vals[i] = Some(Arc::new(v));
+        for o in &n.operands {
+            if last_use[o.0] == i {
+                vals[o.0] = None;
+            }
+        }
     }
     state.pos += seq.unwrap_or(1) as usize;
-    Ok(g.outputs.iter().filter_map(|o| vals[o.0].clone()).collect())
+    Ok(g.outputs.iter().filter_map(|o| vals[o.0].as_deref().cloned()).collect())
 }
