@@ -155,3 +155,28 @@ fn eval_on_an_empty_text_is_a_clear_error() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("empty.txt") && (e.contains("empty") || e.contains("tokenizer")) && !e.contains("panicked"), "{e}");
 }
+
+#[test]
+fn sharded_checkpoints_load_like_single_files() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama_tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut all = st.tensors();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let half = all.len() / 2;
+    let mut map = serde_json::Map::new();
+    for (k, part) in [all[..half].to_vec(), all[half..].to_vec()].into_iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", k + 1);
+        for (n, _) in &part {
+            map.insert(n.clone(), serde_json::json!(file));
+        }
+        std::fs::write(tmp.path().join(&file), safetensors::serialize(part, &None).unwrap()).unwrap();
+    }
+    std::fs::write(tmp.path().join("model.safetensors.index.json"), serde_json::json!({ "weight_map": map }).to_string()).unwrap();
+    let sharded = Model::load(tmp.path().to_str().unwrap()).unwrap();
+    let single = Model::load(src.to_str().unwrap()).unwrap();
+    let ids = [3u32, 1, 4, 1, 5];
+    assert_eq!(logits(&sharded, &ids), logits(&single, &ids));
+}
