@@ -61,6 +61,11 @@ fn test_lower_mlir(g: &mut Graph) -> Result<String> {
                 Device::Nvptx => {
                     section(&mut out, &format!("{}: MLIR (nvptx)", spec.name), &mlir);
                     let code = backend::emit_ptx(&spec.name, &module, &cuda, 3)?;
+                    if let Some(ptxas) = sparsec_compiler::toolchain::find_ptxas() {
+                        let f = tempfile::Builder::new().suffix(".ptx").tempfile()?;
+                        std::fs::write(f.path(), &code.code)?;
+                        sparsec_compiler::toolchain::check_ptx(&ptxas, f.path(), &cuda.sm)?;
+                    }
                     section(&mut out, &format!("{}: PTX ({})", spec.name, cuda.sm), &String::from_utf8_lossy(&code.code));
                 }
             }

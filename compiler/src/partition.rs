@@ -59,6 +59,7 @@ pub fn partition(g: &Graph) -> CompileResult<Partition> {
             op: n.op.clone(),
             operands: n.operands.iter().map(|o| types[o.0].clone()).collect(),
             result: types[i].clone(),
+            patterns: n.patterns.clone(),
         };
         let mut args: Vec<usize> = n.operands.iter().map(|o| buffer_of[o.0]).collect();
         args.push(id);

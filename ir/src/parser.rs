@@ -115,9 +115,15 @@ impl Parser {
         }
     }
 
+    /// Whether the next tokens start a definition (`%name =`) rather than an operand.
+    fn at_definition(&self) -> bool {
+        matches!(self.peek().tok, Tok::Value(_)) && self.toks.get(self.pos + 1).is_some_and(|t| t.tok == Tok::Punct('='))
+    }
+
     fn operands(&mut self, names: &HashMap<String, ValueId>) -> IrResult<Vec<ValueId>> {
         let mut out = Vec::new();
-        if !matches!(self.peek().tok, Tok::Value(_)) {
+        // An op without operands (`positions`) may be followed directly by the next definition.
+        if !matches!(self.peek().tok, Tok::Value(_)) || self.at_definition() {
             return Ok(out);
         }
         loop {

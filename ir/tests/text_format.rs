@@ -67,6 +67,14 @@ fn every_keyword_appears_in_the_round_trip_graph() {
 }
 
 #[test]
+fn an_op_without_operands_may_precede_the_next_definition() {
+    let src = "graph @g {\n  %p = positions\n  %x = input : f32[seq, 2]\n  return %p, %x\n}\n";
+    let g = parse_graph(src).unwrap();
+    assert!(g.nodes[0].operands.is_empty());
+    assert_eq!(print_graph(&g), src);
+}
+
+#[test]
 fn types_may_be_omitted_and_are_inferred() {
     let src = "graph @g {\n  %x = input : f32[seq, 8]\n  %w = weight \"w\" init ones : f32[8, 3]\n  %y = matmul %x, %w\n  return %y\n}\n";
     let g = parse_graph(src).unwrap();

@@ -44,8 +44,8 @@ impl KernelBuilder {
         self.body.push(format!("{}{s}", "  ".repeat(self.indent)));
     }
 
-    /// `lhs = rhs` with a fresh name.
-    fn def(&mut self, rhs: String) -> V {
+    /// `lhs = rhs` with a fresh name: an escape hatch for one-off ops.
+    pub fn def(&mut self, rhs: String) -> V {
         let v = self.fresh();
         self.line(format!("{v} = {rhs}"));
         v

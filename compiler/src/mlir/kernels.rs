@@ -5,7 +5,7 @@
 use super::builder::{Device, KernelBuilder, V};
 use super::math;
 use crate::error::CompileError;
-use sparsec_ir::{GeluApprox, Op, SymSize, TensorType};
+use sparsec_ir::{GeluApprox, Op, Pattern, SymSize, TensorType, Window};
 
 /// Lanes of the CPU vector kernels (AVX2: 8 × f32).
 const VW: u32 = 8;
@@ -17,6 +17,8 @@ pub struct KernelSpec {
     pub op: Op,
     pub operands: Vec<TensorType>,
     pub result: TensorType,
+    /// The op's patterns (attention windows, ...).
+    pub patterns: Vec<Pattern>,
 }
 
 impl KernelSpec {
@@ -32,6 +34,8 @@ impl KernelSpec {
             Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Softmax => {
                 SymSize { coef: numel.coef / last(&self.result)?, ..numel }
             }
+            // One unit per (query row, head).
+            Op::Attention { heads, .. } => SymSize { coef: *heads as u64, seq_pow: 1 },
             _ => numel,
         })
     }
@@ -50,8 +54,14 @@ fn fixed_last(spec: &KernelSpec, t: &TensorType) -> Result<u64, CompileError> {
 
 /// Writes the MLIR module of one kernel for `device`.
 pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileError> {
-    if let Some(t) = spec.operands.iter().chain([&spec.result]).find(|t| t.dtype != sparsec_ir::DType::F32) {
-        return Err(spec.unsupported(&format!("element type {} (f32 only for now)", t.dtype.name())));
+    // Buffers hold f32; i32 values (token ids, positions) travel as exact f32 integers.
+    if let Some(t) = spec
+        .operands
+        .iter()
+        .chain([&spec.result])
+        .find(|t| !matches!(t.dtype, sparsec_ir::DType::F32 | sparsec_ir::DType::I32))
+    {
+        return Err(spec.unsupported(&format!("element type {} (f32 and i32 only for now)", t.dtype.name())));
     }
     let mut b = KernelBuilder::new(device);
     let ins: Vec<V> = (0..spec.operands.len()).map(|i| format!("%in{i}")).collect();
@@ -309,13 +319,122 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                 });
             });
         }
-        Op::Embedding | Op::Rope { .. } | Op::Positions => {
-            return Err(spec.unsupported("not lowered to MLIR yet (the compiled-model issue adds it); the reference interpreter runs it"))
+        Op::Embedding => {
+            let (rows, width) = match (spec.operands[0].dims.first(), spec.operands[0].last_dim()) {
+                (Some(sparsec_ir::Dim::Fixed(r)), Some(sparsec_ir::Dim::Fixed(w))) => (*r, w),
+                _ => return Err(spec.unsupported("the table needs a fixed shape")),
+            };
+            let wc = b.index(width);
+            let last_row = b.index(rows - 1);
+            b.parallel(&work, |b, e| {
+                let t = b.divui(e, &wc);
+                let c = b.remui(e, &wc);
+                let idf = b.load(&ins[1], &t);
+                let id = b.def(format!("arith.fptoui {idf} : f32 to i64"));
+                let id = b.def(format!("arith.index_cast {id} : i64 to index"));
+                // Out-of-range ids are clamped (the interpreter rejects them).
+                let id = b.def(format!("arith.minui {id}, {last_row} : index"));
+                let base = b.muli(&id, &wc);
+                let src = b.addi(&base, &c);
+                let v = b.load(&ins[0], &src);
+                b.store(&v, &out, e);
+            });
         }
-        Op::Attention { .. } => {
-            return Err(spec.unsupported(
-                "attention is not lowered to MLIR yet (the compiled-model issue adds it); the reference interpreter runs it",
-            ))
+        Op::Positions => {
+            b.parallel(&work, |b, e| {
+                let i = b.def(format!("arith.index_cast {e} : index to i64"));
+                let f = b.def(format!("arith.uitofp {i} : i64 to f32"));
+                b.store(&f, &out, e);
+            });
+        }
+        Op::Rope { .. } => {
+            return Err(spec.unsupported("rope is not lowered to MLIR yet (it needs exact sin/cos on both targets); the reference interpreter runs it"))
+        }
+        Op::Attention { heads, kv_heads } => {
+            let mut window: Option<(u32, u32)> = None;
+            for p in &spec.patterns {
+                match p {
+                    Pattern::Window(Window::Full) => {}
+                    Pattern::Window(Window::Sliding { size, sinks }) => window = Some((*size, *sinks)),
+                    other => {
+                        return Err(spec.unsupported(&format!("#{} is not lowered yet (its pattern issue adds it)", other.keyword())))
+                    }
+                }
+            }
+            let qw = fixed_last(spec, &spec.operands[0])?;
+            let (h, kvh) = (*heads as u64, *kv_heads as u64);
+            let d = qw / h;
+            let kvw = d * kvh;
+            let (hc, dc, qwc, kvwc, groupc) = (b.index(h), b.index(d), b.index(qw), b.index(kvw), b.index(h / kvh));
+            let zero_i = b.index(0);
+            let one_i = b.index(1);
+            let zero = b.f32(0.0);
+            let ninf = b.f32(-1e30);
+            let scale = b.f32(1.0 / (d as f32).sqrt());
+            let win = window.map(|(size, sinks)| (b.index(size as u64), b.index(sinks as u64)));
+            b.parallel(&work, |b, unit| {
+                // unit = row * heads + head; online softmax over keys 0..=row,
+                // accumulating the weighted values in the output row itself.
+                let row = b.divui(unit, &hc);
+                let head = b.remui(unit, &hc);
+                let kh = b.divui(&head, &groupc);
+                let qrow = b.muli(&row, &qwc);
+                let qhd = b.muli(&head, &dc);
+                let qbase = b.addi(&qrow, &qhd);
+                let khd = b.muli(&kh, &dc);
+                b.for_each(&zero_i, &dc, |b, c| {
+                    let o = b.addi(&qbase, c);
+                    b.store(&zero, &out, &o);
+                });
+                let end = b.addi(&row, &one_i);
+                let ml = b.for_fold(&zero_i, &end, &[ninf.clone(), zero.clone()], |b, j, acc| {
+                    let kbase0 = b.muli(j, &kvwc);
+                    let kbase = b.addi(&kbase0, &khd);
+                    let dot = b.for_fold(&zero_i, &dc, &[zero.clone()], |b, c, a| {
+                        let qi = b.addi(&qbase, c);
+                        let ki = b.addi(&kbase, c);
+                        let qv = b.load(&ins[0], &qi);
+                        let kv = b.load(&ins[1], &ki);
+                        vec![b.fma(&qv, &kv, &a[0])]
+                    });
+                    let s = b.mul(&dot[0], &scale);
+                    // A key outside the window gets -inf (weight 0).
+                    let s = match &win {
+                        None => s,
+                        Some((size, sinks)) => {
+                            let jp = b.addi(j, size);
+                            let recent = b.def(format!("arith.cmpi ugt, {jp}, {row} : index"));
+                            let sink = b.def(format!("arith.cmpi ult, {j}, {sinks} : index"));
+                            let vis = b.def(format!("arith.ori {recent}, {sink} : i1"));
+                            b.def(format!("arith.select {vis}, {s}, {ninf} : f32"))
+                        }
+                    };
+                    let m_new = b.fbin("maximumf", &acc[0], &s);
+                    let dm = b.sub(&acc[0], &m_new);
+                    let corr = math::exp(b, &dm);
+                    let ds = b.sub(&s, &m_new);
+                    let p = math::exp(b, &ds);
+                    let l = b.fma(&acc[1], &corr, &p);
+                    b.for_each(&zero_i, &dc, |b, c| {
+                        let o = b.addi(&qbase, c);
+                        let vi = b.addi(&kbase, c);
+                        let prev = b.load(&out, &o);
+                        let vv = b.load(&ins[2], &vi);
+                        let pv = b.mul(&p, &vv);
+                        let y = b.fma(&prev, &corr, &pv);
+                        b.store(&y, &out, &o);
+                    });
+                    vec![m_new, l]
+                });
+                let one = b.f32(1.0);
+                let inv = b.div(&one, &ml[1]);
+                b.for_each(&zero_i, &dc, |b, c| {
+                    let o = b.addi(&qbase, c);
+                    let y = b.load(&out, &o);
+                    let y = b.mul(&y, &inv);
+                    b.store(&y, &out, &o);
+                });
+            });
         }
     }
     let mut params = ins.clone();
