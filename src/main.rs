@@ -95,7 +95,7 @@ struct CompileFlags {
 
 #[derive(Args)]
 struct CompileArgs {
-    /// IR file (`.sir`). GGUF files and checkpoint directories are recognized but not loadable yet.
+    /// IR file (`.sir`), or a model: GGUF file, Hugging Face directory, or `smollm2`.
     input: PathBuf,
     /// Artifact directory (default: `<graph name>.sparsec` in the current directory).
     #[arg(short, long)]
@@ -176,7 +176,7 @@ struct BenchArgs {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// Artifact directory or IR file.
+    /// Artifact directory, IR file, or model (GGUF, HF directory, `smollm2`).
     input: PathBuf,
     #[arg(long)]
     json: bool,
@@ -238,8 +238,24 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
     if flags.plan.is_some() || flags.preset.is_some() {
         bail!("plans and presets are not implemented yet (the sparse-weights issue adds them); compile without --plan/--preset");
     }
-    let graph = sparsec_models::load_graph(input)?;
+    // A checkpoint (GGUF, HF directory, `smollm2`) brings its weights; an IR file
+    // takes them from --weights or its `init`s.
+    let (graph, model) = load_source(input)?;
     let output = output.unwrap_or_else(|| PathBuf::from(format!("{}.sparsec", graph.name)));
+    let lookup = |role: &str| -> Result<Option<(Vec<usize>, Vec<f32>)>, sparsec_compiler::CompileError> {
+        match &model {
+            Some(m) => m
+                .weight(role)
+                .map(|a| Some((a.shape().to_vec(), a.iter().copied().collect())))
+                .map_err(|e| sparsec_compiler::CompileError::File { path: m.path.clone(), message: e.to_string() }),
+            None => Ok(None),
+        }
+    };
+    let weights = match (&flags.weights, &model) {
+        (Some(p), _) => sparsec_compiler::WeightSource::File(p),
+        (None, Some(_)) => sparsec_compiler::WeightSource::Lookup(&lookup),
+        (None, None) => sparsec_compiler::WeightSource::None,
+    };
     let print = PrintOptions {
         after_all: flags.print_after_all,
         after: flags.print_after.clone(),
@@ -251,7 +267,7 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
     let compiled = compile(CompileRequest {
         graph,
         plan_text: None,
-        weights: flags.weights.as_deref(),
+        weights,
         options: options(flags)?,
         print,
         cache,
@@ -271,6 +287,19 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
         }
     }
     Ok(compiled)
+}
+
+/// The graph of an IR file, or of a model together with the model.
+fn load_source(input: &Path) -> Result<(sparsec_ir::Graph, Option<sparsec_models::checkpoint::Model>)> {
+    let spec = input.to_string_lossy().into_owned();
+    let is_model = spec == "smollm2"
+        || matches!(sparsec_models::classify(input), Ok(sparsec_models::SourceKind::Gguf | sparsec_models::SourceKind::HfDirectory));
+    if is_model {
+        let m = sparsec_models::checkpoint::Model::load(&spec)?;
+        Ok((m.graph.clone(), Some(m)))
+    } else {
+        Ok((sparsec_models::load_graph(input)?, None))
+    }
 }
 
 fn cache_for(flags: &CompileFlags) -> Option<Cache> {
@@ -460,7 +489,7 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         println!("buffers: {}  steps: {}", m.execution.buffers.len(), m.execution.steps.len());
         return Ok(());
     }
-    let mut g = sparsec_models::load_graph(&a.input)?;
+    let (mut g, _) = load_source(&a.input)?;
     sparsec_passes::PassManager::default_pipeline(PrintOptions::default()).run(&mut g)?;
     if a.json {
         let values: Vec<_> = g

@@ -19,7 +19,7 @@ fn build(src: &str, target: TargetKind, out: &Path, cache: Option<&Path>) -> Res
     compile(CompileRequest {
         graph: parse_graph(src)?,
         plan_text: None,
-        weights: None,
+        weights: sparsec_compiler::WeightSource::None,
         options: CompileOptions { target, ..Default::default() },
         print: PrintOptions::default(),
         cache: cache.map(Cache::new),
@@ -160,7 +160,7 @@ fn weights_file_supplies_data_and_shape_mismatches_are_reported() {
     let req = |src: &str| CompileRequest {
         graph: parse_graph(src).unwrap(),
         plan_text: None,
-        weights: Some(&wpath),
+        weights: sparsec_compiler::WeightSource::File(&wpath),
         options: CompileOptions::default(),
         print: PrintOptions::default(),
         cache: None,

@@ -85,7 +85,7 @@ fn check_against_reference(g: &Graph) -> Result<String> {
     compile(CompileRequest {
         graph: g.clone(),
         plan_text: None,
-        weights: None,
+        weights: sparsec_compiler::WeightSource::None,
         options,
         print: PrintOptions::default(),
         cache: None,

@@ -9,7 +9,7 @@ use crate::mlir::{emit_kernel, Device};
 use crate::options::{CompileOptions, Emit};
 use crate::partition::partition;
 use crate::toolchain;
-use crate::weights::{resolve, write_safetensors, WeightFile};
+use crate::weights::{resolve, write_safetensors, WeightSource};
 use sparsec_ir::{print_graph, Graph};
 use sparsec_passes::{PassManager, PrintOptions, Snapshot};
 use sparsec_runtime::manifest::*;
@@ -20,7 +20,7 @@ use std::time::Instant;
 pub struct CompileRequest<'a> {
     pub graph: Graph,
     pub plan_text: Option<String>,
-    pub weights: Option<&'a Path>,
+    pub weights: WeightSource<'a>,
     pub options: CompileOptions,
     pub print: PrintOptions,
     /// `None` disables the cache.
@@ -62,8 +62,7 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
     let mut g = req.graph;
     let snapshots = PassManager::default_pipeline(req.print.clone()).run(&mut g)?;
     let part = partition(&g)?;
-    let weight_file = req.weights.map(WeightFile::open).transpose()?;
-    let tensors = resolve(&g, &part, weight_file.as_ref())?;
+    let tensors = resolve(&g, &part, req.weights)?;
     let graph_text = print_graph(&g);
 
     let mut src = blake3::Hasher::new();

@@ -17,3 +17,4 @@ pub mod weights;
 
 pub use cache::Cache;
 pub use driver::{compile, CompileRequest, Compiled};
+pub use weights::WeightSource;

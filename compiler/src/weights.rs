@@ -44,8 +44,39 @@ impl WeightFile {
     }
 }
 
+/// Weight data by tensor name: shape and row-major f32 values, `None` if unknown.
+pub type WeightLookup<'a> = &'a dyn Fn(&str) -> CompileResult<Option<(Vec<usize>, Vec<f32>)>>;
+
+/// Where a compile's weights come from.
+#[derive(Clone, Copy, Default)]
+pub enum WeightSource<'a> {
+    /// Only the graph's `init`s.
+    #[default]
+    None,
+    /// A safetensors file (`--weights`).
+    File(&'a Path),
+    /// A loaded checkpoint, by tensor name (a model's weight roles).
+    Lookup(WeightLookup<'a>),
+}
+
 /// Resolves the data of every weight buffer of `part`, in buffer order.
-pub fn resolve(g: &Graph, part: &Partition, file: Option<&WeightFile>) -> CompileResult<Vec<(String, Vec<usize>, Vec<f32>)>> {
+pub fn resolve(g: &Graph, part: &Partition, source: WeightSource<'_>) -> CompileResult<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    let file = match source {
+        WeightSource::File(p) => Some(WeightFile::open(p)?),
+        _ => None,
+    };
+    let lookup = |name: &str| -> CompileResult<Option<(Vec<usize>, Vec<f32>)>> {
+        match (&file, source) {
+            (Some(f), _) => f.get(name),
+            (None, WeightSource::Lookup(l)) => l(name),
+            _ => Ok(None),
+        }
+    };
+    let described = match source {
+        WeightSource::None => None,
+        WeightSource::File(p) => Some(p.display().to_string()),
+        WeightSource::Lookup(_) => Some("the checkpoint".to_string()),
+    };
     let mut out = Vec::new();
     for (buf, node) in &part.weight_nodes {
         let spec = &part.plan.buffers[*buf];
@@ -56,17 +87,17 @@ pub fn resolve(g: &Graph, part: &Partition, file: Option<&WeightFile>) -> Compil
             Op::Constant { values } => values.clone(),
             Op::Weight { name, init } => {
                 let err = |message: String| CompileError::Weight { name: name.clone(), value: n.name.clone(), message };
-                match (file.map(|f| f.get(name)).transpose()?.flatten(), init) {
+                match (lookup(name)?, init) {
                     (Some((fshape, values)), _) => {
                         if fshape != shape {
-                            return Err(err(format!("the weights file has shape {fshape:?}, the graph declares {shape:?}")));
+                            return Err(err(format!("the weights have shape {fshape:?}, the graph declares {shape:?}")));
                         }
                         values
                     }
                     (None, Some(init)) => init.generate(numel),
                     (None, None) => {
-                        return Err(err(match file {
-                            Some(f) => format!("not in {} and no `init` given", f.path.display()),
+                        return Err(err(match &described {
+                            Some(d) => format!("not in {d} and no `init` given"),
                             None => "no weights file given (--weights) and no `init` in the graph".into(),
                         }))
                     }

@@ -22,7 +22,7 @@ pub enum ModelError {
     Io { path: PathBuf, error: std::io::Error },
     #[error("{path}:{error}")]
     Ir { path: PathBuf, error: sparsec_ir::IrError },
-    #[error("{path}: compiling {kind} checkpoints is not implemented yet (`sparsec run --prompt` and `sparsec eval` execute them on the reference interpreter); pass an IR file (.sir)")]
+    #[error("{path}: is a {kind} checkpoint, not an IR file; load it with `checkpoint::Model::load`")]
     NotYetSupported { path: PathBuf, kind: &'static str },
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
