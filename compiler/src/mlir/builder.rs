@@ -70,6 +70,14 @@ impl KernelBuilder {
         self.constant(format!("0x{:08X} : f32", x.to_bits()))
     }
 
+    pub fn f64(&mut self, x: f64) -> V {
+        self.constant(format!("0x{:016X} : f64", x.to_bits()))
+    }
+
+    pub fn i64(&mut self, n: i64) -> V {
+        self.constant(format!("{n} : i64"))
+    }
+
     pub fn i32(&mut self, n: i32) -> V {
         self.constant(format!("{n} : i32"))
     }

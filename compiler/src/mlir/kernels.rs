@@ -36,6 +36,8 @@ impl KernelSpec {
             }
             // One unit per (query row, head).
             Op::Attention { heads, .. } => SymSize { coef: *heads as u64, seq_pow: 1 },
+            // One unit per rotated pair.
+            Op::Rope { .. } => SymSize { coef: numel.coef / 2, ..numel },
             _ => numel,
         })
     }
@@ -347,8 +349,63 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                 b.store(&f, &out, e);
             });
         }
-        Op::Rope { .. } => {
-            return Err(spec.unsupported("rope is not lowered to MLIR yet (it needs exact sin/cos on both targets); the reference interpreter runs it"))
+        Op::Rope { heads, theta, adjacent } => {
+            // One unit per (row, head, pair i); the angle pos·θ^(−2i/d) and its
+            // sin/cos are computed in f64 like the reference.
+            let w = fixed_last(spec, &spec.result)?;
+            let d = w / *heads as u64;
+            let half = d / 2;
+            let (wc, dc, halfc) = (b.index(w), b.index(d), b.index(half));
+            // θ^(−2/d); the pair's frequency is its i-th power, by i products in f64
+            // (no transcendental needed on either target).
+            let base_freq = b.f64((*theta as f64).powf(-2.0 / d as f64));
+            let one_f64 = b.f64(1.0);
+            let zero_i = b.index(0);
+            let headsc = b.index(*heads as u64);
+            let adjacent = *adjacent;
+            b.parallel(&work, |b, u| {
+                let i = b.remui(u, &halfc);
+                let rh = b.divui(u, &halfc);
+                let head = b.remui(&rh, &headsc);
+                let row = b.divui(&rh, &headsc);
+                let rowbase = b.muli(&row, &wc);
+                let hd = b.muli(&head, &dc);
+                let base = b.addi(&rowbase, &hd);
+                let (ia, ib) = if adjacent {
+                    let two = b.index(2);
+                    let i2 = b.muli(&i, &two);
+                    let a = b.addi(&base, &i2);
+                    let one = b.index(1);
+                    let bb = b.addi(&a, &one);
+                    (a, bb)
+                } else {
+                    let a = b.addi(&base, &i);
+                    let bb = b.addi(&a, &halfc);
+                    (a, bb)
+                };
+                let freq = b.for_fold_typed(&zero_i, &i, 1, &[(one_f64.clone(), "f64".to_string())], |b, _, acc| {
+                    vec![b.def(format!("arith.mulf {}, {base_freq} : f64", acc[0]))]
+                });
+                let freq = freq[0].clone();
+                let pi = b.def(format!("arith.index_cast {row} : index to i64"));
+                let pf = b.def(format!("arith.sitofp {pi} : i64 to f64"));
+                let angle = b.def(format!("arith.mulf {pf}, {freq} : f64"));
+                let (sin, cos) = math::sincos_f64(b, &angle);
+                let xa = b.load(&ins[0], &ia);
+                let xb = b.load(&ins[0], &ib);
+                let xa = b.def(format!("arith.extf {xa} : f32 to f64"));
+                let xb = b.def(format!("arith.extf {xb} : f32 to f64"));
+                let ac = b.def(format!("arith.mulf {xa}, {cos} : f64"));
+                let bs = b.def(format!("arith.mulf {xb}, {sin} : f64"));
+                let ya = b.def(format!("arith.subf {ac}, {bs} : f64"));
+                let as_ = b.def(format!("arith.mulf {xa}, {sin} : f64"));
+                let bc = b.def(format!("arith.mulf {xb}, {cos} : f64"));
+                let yb = b.def(format!("arith.addf {as_}, {bc} : f64"));
+                let ya = b.def(format!("arith.truncf {ya} : f64 to f32"));
+                let yb = b.def(format!("arith.truncf {yb} : f64 to f32"));
+                b.store(&ya, &out, &ia);
+                b.store(&yb, &out, &ib);
+            });
         }
         Op::Attention { heads, kv_heads } => {
             let mut window: Option<(u32, u32)> = None;

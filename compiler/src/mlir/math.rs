@@ -72,3 +72,57 @@ pub fn erf(b: &mut KernelBuilder, x: &str) -> V {
     let ny = b.neg(&y);
     b.select_lt0(x, &ny, &y)
 }
+
+/// sin(x) and cos(x) in f64 (x an f64 value): Cody-Waite reduction by π/2 in
+/// two parts, Taylor polynomials on |r| ≤ π/4 (error below 1e-15), quadrant
+/// selection. All arith ops, so every target computes the same.
+pub fn sincos_f64(b: &mut KernelBuilder, x: &str) -> (V, V) {
+    let c = |b: &mut KernelBuilder, v: f64| b.f64(v);
+    let two_over_pi = c(b, std::f64::consts::FRAC_2_PI);
+    let t = b.def(format!("arith.mulf {x}, {two_over_pi} : f64"));
+    let k = b.def(format!("math.roundeven {t} : f64"));
+    // π/2 = hi + lo with hi exact in 33 bits, so k·hi is exact for |k| < 2^20.
+    let hi = c(b, 1.570_796_326_734_125_6);
+    let lo = c(b, 6.077_100_506_506_192e-11);
+    let khi = b.def(format!("arith.mulf {k}, {hi} : f64"));
+    let r = b.def(format!("arith.subf {x}, {khi} : f64"));
+    let klo = b.def(format!("arith.mulf {k}, {lo} : f64"));
+    let r = b.def(format!("arith.subf {r}, {klo} : f64"));
+    let r2 = b.def(format!("arith.mulf {r}, {r} : f64"));
+    // sin r = r·(1 − r²/3! + r⁴/5! − ...), cos r = 1 − r²/2! + r⁴/4! − ...
+    let horner = |b: &mut KernelBuilder, coeffs: &[f64]| -> V {
+        let mut p = b.f64(coeffs[0]);
+        for co in &coeffs[1..] {
+            let co = b.f64(*co);
+            let m = b.def(format!("arith.mulf {p}, {r2} : f64"));
+            p = b.def(format!("arith.addf {m}, {co} : f64"));
+        }
+        p
+    };
+    let fact = |n: u32| (1..=n).map(|i| i as f64).product::<f64>();
+    let sin_c: Vec<f64> = (0..9).rev().map(|i| if i % 2 == 0 { 1.0 } else { -1.0 } / fact(2 * i + 1)).collect();
+    let cos_c: Vec<f64> = (0..9).rev().map(|i| if i % 2 == 0 { 1.0 } else { -1.0 } / fact(2 * i)).collect();
+    let sp = horner(b, &sin_c);
+    let s = b.def(format!("arith.mulf {sp}, {r} : f64"));
+    let co = horner(b, &cos_c);
+    // quadrant q = k mod 4: (sin, cos) → (s, c), (c, −s), (−s, −c), (−c, s)
+    let ki = b.def(format!("arith.fptosi {k} : f64 to i64"));
+    let three = b.i64(3);
+    let q = b.def(format!("arith.andi {ki}, {three} : i64"));
+    let one = b.i64(1);
+    let two = b.i64(2);
+    let odd_bit = b.def(format!("arith.andi {q}, {one} : i64"));
+    let odd = b.def(format!("arith.cmpi eq, {odd_bit}, {one} : i64"));
+    let q_plus = b.def(format!("arith.addi {q}, {one} : i64"));
+    let sin_neg_bit = b.def(format!("arith.andi {q}, {two} : i64"));
+    let sin_neg = b.def(format!("arith.cmpi eq, {sin_neg_bit}, {two} : i64"));
+    let cos_neg_bit = b.def(format!("arith.andi {q_plus}, {two} : i64"));
+    let cos_neg = b.def(format!("arith.cmpi eq, {cos_neg_bit}, {two} : i64"));
+    let sin_mag = b.def(format!("arith.select {odd}, {co}, {s} : f64"));
+    let cos_mag = b.def(format!("arith.select {odd}, {s}, {co} : f64"));
+    let nsin = b.def(format!("arith.negf {sin_mag} : f64"));
+    let ncos = b.def(format!("arith.negf {cos_mag} : f64"));
+    let sin = b.def(format!("arith.select {sin_neg}, {nsin}, {sin_mag} : f64"));
+    let cos = b.def(format!("arith.select {cos_neg}, {ncos}, {cos_mag} : f64"));
+    (sin, cos)
+}
