@@ -114,8 +114,17 @@ pub fn generate(a: GenerateArgs<'_>) -> Result<()> {
     Ok(())
 }
 
-pub fn eval(model: &str, text: &Path, max_tokens: usize, stride: Option<usize>, json: bool) -> Result<()> {
+pub fn eval(
+    model: &str,
+    text: &Path,
+    max_tokens: usize,
+    stride: Option<usize>,
+    compiled: Option<&sparsec_runtime::Artifact>,
+    json: bool,
+) -> Result<()> {
     let model = Model::load(model)?;
+    let cpu = compiled.map(sparsec_runtime::cpu::CpuExecutor::load).transpose()?;
+    let executor = if compiled.is_some() { "compiled (cpu)" } else { "reference interpreter" };
     let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
     if body.trim().is_empty() {
         bail!("{}: the text is empty", text.display());
@@ -153,7 +162,10 @@ pub fn eval(model: &str, text: &Path, max_tokens: usize, stride: Option<usize>, 
     let (mut total_nll, mut count) = (0.0f64, 0usize);
     for (start, end, skip) in &windows {
         let w = &ids[*start..*end];
-        let logits = forward(&model, w, &mut KvState::new())?;
+        let logits = match (compiled, &cpu) {
+            (Some(art), Some(exec)) => exec.run(art, &[ids_array(w)])?.into_iter().next().context("no logits")?,
+            _ => forward(&model, w, &mut KvState::new())?,
+        };
         let vocab = logits.shape()[1];
         let flat = logits.as_slice().context("logits are not contiguous")?;
         if *skip == 0 {
@@ -175,12 +187,12 @@ pub fn eval(model: &str, text: &Path, max_tokens: usize, stride: Option<usize>, 
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "perplexity": ppl, "mean_nll": total_nll / count as f64, "tokens": windows.last().map(|w| w.1).unwrap_or(0),
-                "predicted": count, "windows": windows.len(), "seconds": t.elapsed().as_secs_f64(), "executor": "reference interpreter",
+                "predicted": count, "windows": windows.len(), "seconds": t.elapsed().as_secs_f64(), "executor": executor,
             }))?
         );
     } else {
         println!("perplexity: {ppl:.4}");
-        println!("tokens: {} ({count} predicted, {} window(s), {:.1} s, reference interpreter)", windows.last().map(|w| w.1).unwrap_or(0), windows.len(), t.elapsed().as_secs_f64());
+        println!("tokens: {} ({count} predicted, {} window(s), {:.1} s, {executor})", windows.last().map(|w| w.1).unwrap_or(0), windows.len(), t.elapsed().as_secs_f64());
     }
     Ok(())
 }

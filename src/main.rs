@@ -154,6 +154,11 @@ struct EvalArgs {
     /// Slide windows of --max-tokens by this many tokens over the whole text.
     #[arg(long)]
     stride: Option<usize>,
+    /// Run the compiled model (compiled through the cache) instead of the reference interpreter.
+    #[arg(long)]
+    compiled: bool,
+    #[command(flatten)]
+    flags: CompileFlags,
     #[arg(long)]
     json: bool,
 }
@@ -415,7 +420,13 @@ fn cmd_run(a: RunArgs) -> Result<()> {
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
-    lm_verbs::eval(&a.model, &a.text, a.max_tokens, a.stride, a.json)
+    let artifact = if a.compiled {
+        let path = artifact_for(Path::new(&a.model), &a.flags, DeviceArg::Cpu)?;
+        Some(Artifact::open(&path)?)
+    } else {
+        None
+    };
+    lm_verbs::eval(&a.model, &a.text, a.max_tokens, a.stride, artifact.as_ref(), a.json)
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {

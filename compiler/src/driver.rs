@@ -71,8 +71,11 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
     for (name, shape, values) in &tensors {
         src.update(name.as_bytes());
         src.update(format!("{shape:?}").as_bytes());
-        for v in values {
-            src.update(&v.to_le_bytes());
+        let mut buf = Vec::with_capacity(4 * 4096);
+        for chunk in values.chunks(4096) {
+            buf.clear();
+            buf.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
+            src.update(&buf);
         }
     }
     let source_hash = src.finalize().to_hex().to_string();

@@ -1,5 +1,5 @@
-//! Kernel partitioning: one kernel per compute node, one buffer per value, and
-//! the execution plan the runtime follows.
+//! Kernel partitioning: one kernel per distinct compute op (identical ops share
+//! it), one buffer per value, and the execution plan the runtime follows.
 
 use crate::error::CompileResult;
 use crate::mlir::KernelSpec;
@@ -34,6 +34,7 @@ pub fn partition(g: &Graph) -> CompileResult<Partition> {
     let mut weight_nodes = Vec::new();
     let mut kernels = Vec::new();
     let mut steps = Vec::new();
+    let mut by_signature: HashMap<String, String> = HashMap::new();
     let mut inputs = Vec::new();
     for (i, n) in g.nodes.iter().enumerate() {
         let dims = types[i].dims.clone();
@@ -54,17 +55,30 @@ pub fn partition(g: &Graph) -> CompileResult<Partition> {
             inputs.push(id);
             continue;
         }
-        let spec = KernelSpec {
-            name: format!("k{}_{}", kernels.len(), n.op.keyword()),
+        let mut spec = KernelSpec {
+            name: String::new(),
             op: n.op.clone(),
             operands: n.operands.iter().map(|o| types[o.0].clone()).collect(),
             result: types[i].clone(),
             patterns: n.patterns.clone(),
         };
+        // Ops with the same attributes, types and patterns share one kernel
+        // (a model's layers compile once, not once per layer).
+        let signature = format!("{:?}|{:?}|{:?}|{:?}", spec.op, spec.operands, spec.result, spec.patterns);
+        let name = match by_signature.get(&signature) {
+            Some(name) => String::clone(name),
+            None => {
+                spec.name = format!("k{}_{}", kernels.len(), n.op.keyword());
+                by_signature.insert(signature, spec.name.clone());
+                let name = spec.name.clone();
+                kernels.push(spec.clone());
+                name
+            }
+        };
+        spec.name = name;
         let mut args: Vec<usize> = n.operands.iter().map(|o| buffer_of[o.0]).collect();
         args.push(id);
         steps.push(Step { kernel: spec.name.clone(), args, gpu_threads: spec.work()? });
-        kernels.push(spec);
     }
     let outputs = g.outputs.iter().map(|o| buffer_of[o.0]).collect();
     Ok(Partition { kernels, plan: ExecutionPlan { buffers, inputs, outputs, steps }, weight_nodes })
