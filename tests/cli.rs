@@ -38,7 +38,7 @@ fn compile_then_run_with_check_then_cache_hit() {
 
     let o = sparsec(&["inspect", out.to_str().unwrap(), "--json"], &cache);
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(j["version"], 1);
+    assert_eq!(j["version"], sparsec_runtime::manifest::MANIFEST_VERSION);
     assert_eq!(j["kernels"].as_array().unwrap().len(), 8);
 }
 

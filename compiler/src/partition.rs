@@ -78,7 +78,7 @@ pub fn partition(g: &Graph) -> CompileResult<Partition> {
         spec.name = name;
         let mut args: Vec<usize> = n.operands.iter().map(|o| buffer_of[o.0]).collect();
         args.push(id);
-        steps.push(Step { kernel: spec.name.clone(), args, gpu_threads: spec.work()? });
+        steps.push(Step { kernel: spec.name.clone(), args, gpu_threads: spec.work()?, cpu_units: spec.cpu_work()? });
     }
     let outputs = g.outputs.iter().map(|o| buffer_of[o.0]).collect();
     Ok(Partition { kernels, plan: ExecutionPlan { buffers, inputs, outputs, steps }, weight_nodes })

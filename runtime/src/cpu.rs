@@ -21,7 +21,18 @@ struct MemRef1 {
 pub struct CpuExecutor {
     // Kept alive for the function pointers below.
     _lib: libloading::Library,
-    kernels: HashMap<String, *const c_void>,
+    kernels: HashMap<String, usize>,
+    threads: usize,
+    pool: rayon::ThreadPool,
+}
+
+/// Threads for kernels: `$SPARSEC_THREADS`, else every core.
+pub fn default_threads() -> usize {
+    std::env::var("SPARSEC_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n: &usize| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
 /// Calls a kernel whose C signature takes `args.len()` integer-class arguments
@@ -43,6 +54,8 @@ unsafe fn call(f: *const c_void, a: &[usize]) -> Result<(), String> {
             4 => transmute::<*const c_void, extern "C" fn(U, U, U, U)>(f)(a[0], a[1], a[2], a[3]),
             5 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U)>(f)(a[0], a[1], a[2], a[3], a[4]),
             6 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U, U)>(f)(a[0], a[1], a[2], a[3], a[4], a[5]),
+            7 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U, U, U)>(f)(a[0], a[1], a[2], a[3], a[4], a[5], a[6]),
+            8 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U, U, U, U)>(f)(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]),
             n => return Err(format!("no kernel calling convention for {n} arguments")),
         }
     }
@@ -64,9 +77,21 @@ impl CpuExecutor {
             // SAFETY: we only take the symbol's address here; `call` checks arity.
             let f: libloading::Symbol<'_, *const c_void> = unsafe { lib.get(sym.as_bytes()) }
                 .map_err(|e| RuntimeError::Artifact { path: path.clone(), message: format!("{sym}: {e}") })?;
-            kernels.insert(step.kernel.clone(), *f);
+            kernels.insert(step.kernel.clone(), *f as usize);
         }
-        Ok(CpuExecutor { _lib: lib, kernels })
+        let threads = default_threads();
+        Ok(CpuExecutor { _lib: lib, kernels, threads, pool: Self::pool(threads)? })
+    }
+
+    fn pool(threads: usize) -> RuntimeResult<rayon::ThreadPool> {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| RuntimeError::Cpu(e.to_string()))
+    }
+
+    /// Splits each kernel's units over `n` threads (1: run on the caller's thread).
+    pub fn with_threads(mut self, n: usize) -> RuntimeResult<Self> {
+        self.threads = n.max(1);
+        self.pool = Self::pool(self.threads)?;
+        Ok(self)
     }
 
     /// Runs the plan on `inputs` and returns the outputs.
@@ -106,10 +131,31 @@ impl CpuExecutor {
                 .collect();
             let mut args: Vec<usize> = descs.iter().map(|d| d as *const MemRef1 as usize).collect();
             args.push(seq as usize);
-            // SAFETY: arity and buffer sizes follow the manifest written with these kernels;
-            // inputs are only read (the const-to-mut cast is never written through), and
-            // the output buffer is owned and not aliased by any input.
-            unsafe { call(f, &args) }.map_err(RuntimeError::Cpu)?;
+            let units = step.cpu_units.resolve(seq) as usize;
+            let threads = self.threads.min(units).max(1);
+            let chunk = units.div_ceil(threads);
+            let run = |lo: usize, hi: usize| -> Result<(), String> {
+                let mut a = args.clone();
+                a.push(lo);
+                a.push(hi);
+                // SAFETY: arity and buffer sizes follow the manifest written with these
+                // kernels; inputs are only read (the const-to-mut cast is never written
+                // through); the output is owned, not aliased by any input, and units
+                // lo..hi write only their own part of it, so slices run concurrently.
+                unsafe { call(f as *const c_void, &a) }
+            };
+            if threads == 1 {
+                run(0, units).map_err(RuntimeError::Cpu)?;
+            } else {
+                // rayon's pool: spawning into it costs microseconds, not a thread start.
+                let results: Vec<Result<(), String>> = self.pool.install(|| {
+                    use rayon::prelude::*;
+                    (0..threads).into_par_iter().map(|t| run(t * chunk, ((t + 1) * chunk).min(units))).collect()
+                });
+                for r in results {
+                    r.map_err(RuntimeError::Cpu)?;
+                }
+            }
         }
         plan.outputs
             .iter()

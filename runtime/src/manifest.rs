@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use sparsec_ir::{Dim, SymSize};
 
 /// Bumped whenever the manifest or the kernel ABI changes.
-pub const MANIFEST_VERSION: u32 = 1;
+pub const MANIFEST_VERSION: u32 = 2;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const GRAPH_FILE: &str = "graph.sir";
@@ -80,15 +80,17 @@ impl BufferSpec {
     }
 }
 
-/// One kernel launch. Kernel ABI (`MANIFEST_VERSION` 1): arguments are the
+/// One kernel launch. Kernel ABI (`MANIFEST_VERSION` 2): arguments are the
 /// `args` buffers as flat f32 arrays (the last one is written), then `seq` as i64.
-/// CPU: `_mlir_ciface_<kernel>(memref descriptor*..., i64)`; CUDA: `<kernel>(f32*..., i64)`,
-/// one thread per unit of `gpu_threads`.
+/// CPU: `_mlir_ciface_<kernel>(memref descriptor*..., i64 seq, i64 lo, i64 hi)` runs
+/// units `lo..hi` of `cpu_units` (disjoint slices may run on different threads);
+/// CUDA: `<kernel>(f32*..., i64 seq)`, one thread per unit of `gpu_threads`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Step {
     pub kernel: String,
     pub args: Vec<usize>,
     pub gpu_threads: SymSize,
+    pub cpu_units: SymSize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

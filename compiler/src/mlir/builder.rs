@@ -277,13 +277,14 @@ impl KernelBuilder {
         self.def(format!("vector.reduction <add>, {v} : {} into f32", Self::vty(width)))
     }
 
-    /// Runs `body(unit)` for every `unit in 0..work`: a loop on the CPU, one
-    /// thread per unit (with a bounds check) on NVIDIA.
+    /// Runs `body(unit)` for every `unit in 0..work`: on the CPU a loop over the
+    /// caller's slice `lo..min(hi, work)` (the runtime splits units over threads),
+    /// on NVIDIA one thread per unit with a bounds check.
     pub fn parallel(&mut self, work: &str, body: impl FnOnce(&mut Self, &str)) {
         match self.device {
             Device::Cpu => {
-                let zero = self.index(0);
-                self.for_each(&zero, work, body)
+                let ub = self.def(format!("arith.minui %hi, {work} : index"));
+                self.for_each("%lo", &ub, body)
             }
             Device::Nvptx => {
                 let tid = self.def("nvvm.read.ptx.sreg.tid.x : i32".into());
@@ -312,7 +313,7 @@ impl KernelBuilder {
             Device::Cpu => {
                 let params: Vec<String> = buffers.iter().map(|b| format!("{b}: memref<?xf32>")).collect();
                 s.push_str(&format!(
-                    "  func.func @{name}({}, %seq: index) attributes {{llvm.emit_c_interface}} {{\n",
+                    "  func.func @{name}({}, %seq: index, %lo: index, %hi: index) attributes {{llvm.emit_c_interface}} {{\n",
                     params.join(", ")
                 ));
             }

@@ -42,6 +42,19 @@ impl KernelSpec {
         })
     }
 
+    /// Units of the CPU kernel's parallel loop (what the runtime splits over
+    /// threads): rows for matmul, else the same as `work`.
+    pub fn cpu_work(&self) -> Result<SymSize, CompileError> {
+        match &self.op {
+            Op::MatMul { .. } => {
+                let n = fixed_last(self, &self.result)?;
+                let numel = self.result.numel();
+                Ok(SymSize { coef: numel.coef / n.max(1), ..numel })
+            }
+            _ => self.work(),
+        }
+    }
+
     fn unsupported(&self, why: &str) -> CompileError {
         CompileError::Unsupported { kernel: self.name.clone(), op: self.op.keyword(), why: why.to_string() }
     }
