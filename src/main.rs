@@ -256,9 +256,10 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
             None => Ok(None),
         }
     };
+    let fingerprint = model.as_ref().map(|m| m.fingerprint()).unwrap_or_default();
     let weights = match (&flags.weights, &model) {
         (Some(p), _) => sparsec_compiler::WeightSource::File(p),
-        (None, Some(_)) => sparsec_compiler::WeightSource::Lookup(&lookup),
+        (None, Some(_)) => sparsec_compiler::WeightSource::Lookup { lookup: &lookup, fingerprint: &fingerprint },
         (None, None) => sparsec_compiler::WeightSource::None,
     };
     let print = PrintOptions {

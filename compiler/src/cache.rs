@@ -42,7 +42,7 @@ impl Cache {
     pub fn insert(&self, key: &str, artifact: &Path) -> CompileResult<()> {
         std::fs::create_dir_all(&self.root).map_err(CompileError::io(&self.root))?;
         let tmp = tempfile::Builder::new().prefix(".incoming-").tempdir_in(&self.root).map_err(CompileError::io(&self.root))?;
-        copy_dir(artifact, tmp.path())?;
+        link_or_copy_dir(artifact, tmp.path())?;
         let dest = self.entry(key);
         match std::fs::rename(tmp.path(), &dest) {
             Ok(()) => {
@@ -66,6 +66,23 @@ pub fn copy_dir(from: &Path, to: &Path) -> CompileResult<()> {
         if src.is_dir() {
             copy_dir(&src, &dst)?;
         } else {
+            std::fs::copy(&src, &dst).map_err(CompileError::io(&src))?;
+        }
+    }
+    Ok(())
+}
+
+/// Like `copy_dir`, but hard-links files where the filesystem allows: artifacts
+/// are immutable once published, so the cache and the outputs can share them.
+pub fn link_or_copy_dir(from: &Path, to: &Path) -> CompileResult<()> {
+    std::fs::create_dir_all(to).map_err(CompileError::io(to))?;
+    for entry in std::fs::read_dir(from).map_err(CompileError::io(from))? {
+        let entry = entry.map_err(CompileError::io(from))?;
+        let src = entry.path();
+        let dst = to.join(entry.file_name());
+        if src.is_dir() {
+            link_or_copy_dir(&src, &dst)?;
+        } else if std::fs::hard_link(&src, &dst).is_err() {
             std::fs::copy(&src, &dst).map_err(CompileError::io(&src))?;
         }
     }

@@ -2,7 +2,7 @@
 //! → link → artifact (staged, then published atomically), with the cache in front.
 
 use crate::backend;
-use crate::cache::{copy_dir, publish, staging_dir_for, Cache};
+use crate::cache::{link_or_copy_dir, publish, staging_dir_for, Cache};
 use crate::error::{CompileError, CompileResult};
 use crate::mlir::pipeline::MlirSession;
 use crate::mlir::{emit_kernel, Device};
@@ -62,20 +62,26 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
     let mut g = req.graph;
     let snapshots = PassManager::default_pipeline(req.print.clone()).run(&mut g)?;
     let part = partition(&g)?;
-    let tensors = resolve(&g, &part, req.weights)?;
     let graph_text = print_graph(&g);
 
+    // The source is the graph, the plan and the weights as stored (checkpoint or
+    // weights file bytes; `init`s are in the graph text): hashing it needs no
+    // decoding, so a cache hit never touches the weight data.
     let mut src = blake3::Hasher::new();
     src.update(graph_text.as_bytes());
     src.update(req.plan_text.as_deref().unwrap_or("").as_bytes());
-    for (name, shape, values) in &tensors {
-        src.update(name.as_bytes());
-        src.update(format!("{shape:?}").as_bytes());
-        let mut buf = Vec::with_capacity(4 * 4096);
-        for chunk in values.chunks(4096) {
-            buf.clear();
-            buf.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
-            src.update(&buf);
+    match req.weights {
+        WeightSource::None => {}
+        WeightSource::File(p) => {
+            let f = std::fs::File::open(p).map_err(CompileError::io(p))?;
+            // SAFETY: read-only map of the user's weights file for hashing.
+            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(CompileError::io(p))?;
+            src.update(b"file:");
+            src.update(&map);
+        }
+        WeightSource::Lookup { fingerprint, .. } => {
+            src.update(b"checkpoint:");
+            src.update(fingerprint.as_bytes());
         }
     }
     let source_hash = src.finalize().to_hex().to_string();
@@ -90,12 +96,13 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
     if let Some(hit) = req.cache.as_ref().and_then(|c| c.lookup(&cache_key)) {
         let staged = staging_dir_for(&req.output)?;
         let inner = staged.path().join("artifact");
-        copy_dir(&hit, &inner)?;
+        link_or_copy_dir(&hit, &inner)?;
         publish(&inner, &req.output)?;
         let manifest = read_manifest(&req.output)?;
         return Ok(Compiled { artifact: req.output, cache_hit: true, manifest, snapshots, wall_ms: ms(start) });
     }
 
+    let tensors = resolve(&g, &part, req.weights)?;
     let staged = staging_dir_for(&req.output)?;
     let dir = staged.path().join("artifact");
     std::fs::create_dir_all(&dir).map_err(CompileError::io(&dir))?;

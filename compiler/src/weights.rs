@@ -55,8 +55,9 @@ pub enum WeightSource<'a> {
     None,
     /// A safetensors file (`--weights`).
     File(&'a Path),
-    /// A loaded checkpoint, by tensor name (a model's weight roles).
-    Lookup(WeightLookup<'a>),
+    /// A loaded checkpoint, by tensor name (a model's weight roles), with a
+    /// fingerprint of its stored bytes (it keys the cache).
+    Lookup { lookup: WeightLookup<'a>, fingerprint: &'a str },
 }
 
 /// Resolves the data of every weight buffer of `part`, in buffer order.
@@ -68,14 +69,14 @@ pub fn resolve(g: &Graph, part: &Partition, source: WeightSource<'_>) -> Compile
     let lookup = |name: &str| -> CompileResult<Option<(Vec<usize>, Vec<f32>)>> {
         match (&file, source) {
             (Some(f), _) => f.get(name),
-            (None, WeightSource::Lookup(l)) => l(name),
+            (None, WeightSource::Lookup { lookup, .. }) => lookup(name),
             _ => Ok(None),
         }
     };
     let described = match source {
         WeightSource::None => None,
         WeightSource::File(p) => Some(p.display().to_string()),
-        WeightSource::Lookup(_) => Some("the checkpoint".to_string()),
+        WeightSource::Lookup { .. } => Some("the checkpoint".to_string()),
     };
     let mut out = Vec::new();
     for (buf, node) in &part.weight_nodes {

@@ -332,6 +332,26 @@ impl Model {
         Ok(a)
     }
 
+    /// blake3 of the checkpoint as stored (the GGUF file; or config.json and every
+    /// safetensors shard): identifies the weights without decoding them.
+    pub fn fingerprint(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        match &self.source {
+            Source::Gguf(g) => {
+                h.update(g.bytes());
+            }
+            Source::Hf(st) => {
+                if let Ok(c) = std::fs::read(st.dir.join("config.json")) {
+                    h.update(&c);
+                }
+                for b in st.file_bytes() {
+                    h.update(b);
+                }
+            }
+        }
+        h.finalize().to_hex().to_string()
+    }
+
     pub fn tokenizer(&self) -> Result<&tokenizers::Tokenizer, ModelError> {
         self.tokenizer.as_ref().ok_or_else(|| fmt(&self.path, "has no tokenizer (tokenizer.json or GGUF tokenizer metadata)".into()))
     }

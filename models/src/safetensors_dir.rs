@@ -50,6 +50,11 @@ impl SafetensorsDir {
         Ok(SafetensorsDir { dir: dir.into(), files, index })
     }
 
+    /// Every shard's bytes, as mapped.
+    pub fn file_bytes(&self) -> impl Iterator<Item = &[u8]> {
+        self.files.iter().map(|(_, m)| &m[..])
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
