@@ -444,7 +444,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         report["compile_cache_hit_ms"] = warm.wall_ms.into();
         let keep = std::env::temp_dir().join(format!("sparsec-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&keep);
-        sparsec_compiler::cache::copy_dir(&out, &keep)?;
+        sparsec_compiler::cache::link_or_copy_dir(&out, &keep)?;
         keep
     };
     let art = Artifact::open(&path)?;

@@ -194,6 +194,141 @@ fn sharded_checkpoints_load_like_single_files() {
     assert_eq!(logits(&sharded, &ids), logits(&single, &ids));
 }
 
+/// Compiles a fixture with `sparsec compile` (CPU and PTX, ptxas-checked), runs
+/// it on the CPU with the fixture's ids, and returns the max abs error of the
+/// logits against HF transformers'.
+fn compiled_fixture_error(name: &str) -> f32 {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name);
+    let out = tmp.path().join("m.sparsec");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
+        .args(["compile", dir.to_str().unwrap(), "-o", out.to_str().unwrap(), "--no-cache", "--target", "all", "--ptxas"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let art = sparsec_runtime::Artifact::open(&out).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let ids: Vec<f32> = r["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as f32).collect();
+    let x = ArrayD::from_shape_vec(IxDyn(&[ids.len()]), ids).unwrap();
+    let got = sparsec_runtime::cpu::CpuExecutor::load(&art).unwrap().run(&art, &[x]).unwrap().remove(0);
+    let want: Vec<f32> = r["logits"].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect();
+    assert_eq!(got.len(), want.len());
+    let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    println!("compiled {name}: max abs error {max_err:.3e} vs HF transformers");
+    max_err
+}
+
+#[test]
+fn compiled_gpt2_matches_hf_transformers() {
+    let err = compiled_fixture_error("gpt2_tiny");
+    assert!(err < HF_TOLERANCE, "compiled GPT-2: max abs error {err}");
+}
+
+#[test]
+fn compiled_llama_matches_hf_transformers() {
+    let err = compiled_fixture_error("llama_tiny");
+    assert!(err < HF_TOLERANCE, "compiled Llama: max abs error {err}");
+}
+
+/// A copy of a fixture directory to break.
+fn fixture_copy(name: &str) -> tempfile::TempDir {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name);
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    tmp
+}
+
+fn load_err(dir: &Path) -> String {
+    match Model::load(dir.to_str().unwrap()) {
+        Ok(_) => panic!("expected {} to fail", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_checkpoints_give_one_clear_error_naming_the_file() {
+    // Truncated safetensors.
+    let t = fixture_copy("llama_tiny");
+    let st = t.path().join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load_err(t.path());
+    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+
+    // A header that is not safetensors at all (wrong magic).
+    std::fs::write(&st, b"\x05\x00\x00\x00\x00\x00\x00\x00hello").unwrap();
+    let e = load_err(t.path());
+    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+
+    // A shape that disagrees with the config.
+    let t = fixture_copy("llama_tiny");
+    let cfg = t.path().join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["intermediate_size"] = serde_json::json!(48);
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let e = load_err(t.path());
+    assert!(e.contains("disagrees with the config") && e.contains("mlp") && e.contains(t.path().to_str().unwrap()), "{e}");
+
+    // A missing tensor: rewrite the file without one.
+    let t = fixture_copy("gpt2_tiny");
+    let st = t.path().join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        parsed.tensors().into_iter().filter(|(n, _)| !n.contains("h.1.mlp.c_fc.bias")).collect();
+    let out = safetensors::serialize(kept, &None).unwrap();
+    std::fs::write(&st, out).unwrap();
+    let e = load_err(t.path());
+    assert!(e.contains("h.1.mlp.c_fc.bias") && e.contains("missing"), "{e}");
+
+    // An unsupported architecture and an unsupported GGUF tensor type are named.
+    let t = fixture_copy("llama_tiny");
+    std::fs::write(t.path().join("config.json"), r#"{"model_type": "mamba"}"#).unwrap();
+    assert!(load_err(t.path()).contains("model_type `mamba` is not supported"));
+}
+
+#[test]
+fn eval_on_an_empty_text_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "\n").unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/gpt2_tiny");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
+        .args(["eval", dir.to_str().unwrap(), "--text", empty.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("empty.txt") && (e.contains("empty") || e.contains("tokenizer")) && !e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn sharded_checkpoints_load_like_single_files() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama_tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut all = st.tensors();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let half = all.len() / 2;
+    let mut map = serde_json::Map::new();
+    for (k, part) in [all[..half].to_vec(), all[half..].to_vec()].into_iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", k + 1);
+        for (n, _) in &part {
+            map.insert(n.clone(), serde_json::json!(file));
+        }
+        std::fs::write(tmp.path().join(&file), safetensors::serialize(part, &None).unwrap()).unwrap();
+    }
+    std::fs::write(tmp.path().join("model.safetensors.index.json"), serde_json::json!({ "weight_map": map }).to_string()).unwrap();
+    let sharded = Model::load(tmp.path().to_str().unwrap()).unwrap();
+    let single = Model::load(src.to_str().unwrap()).unwrap();
+    let ids = [3u32, 1, 4, 1, 5];
+    assert_eq!(logits(&sharded, &ids), logits(&single, &ids));
+}
+
 #[test]
 fn compiled_gpt2_matches_hf_transformers() {
     let tmp = tempfile::tempdir().unwrap();

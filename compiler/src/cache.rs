@@ -56,24 +56,8 @@ impl Cache {
     }
 }
 
-/// Recursive copy of a directory's files.
-pub fn copy_dir(from: &Path, to: &Path) -> CompileResult<()> {
-    std::fs::create_dir_all(to).map_err(CompileError::io(to))?;
-    for entry in std::fs::read_dir(from).map_err(CompileError::io(from))? {
-        let entry = entry.map_err(CompileError::io(from))?;
-        let src = entry.path();
-        let dst = to.join(entry.file_name());
-        if src.is_dir() {
-            copy_dir(&src, &dst)?;
-        } else {
-            std::fs::copy(&src, &dst).map_err(CompileError::io(&src))?;
-        }
-    }
-    Ok(())
-}
-
-/// Like `copy_dir`, but hard-links files where the filesystem allows: artifacts
-/// are immutable once published, so the cache and the outputs can share them.
+/// Recursive copy of a directory's files, hard-linked where the filesystem
+/// allows: artifacts are immutable once published, so copies can share files.
 pub fn link_or_copy_dir(from: &Path, to: &Path) -> CompileResult<()> {
     std::fs::create_dir_all(to).map_err(CompileError::io(to))?;
     for entry in std::fs::read_dir(from).map_err(CompileError::io(from))? {
