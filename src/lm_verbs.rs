@@ -1,14 +1,17 @@
-//! The language-model verbs: `sparsec run MODEL --prompt` (KV-cached generation,
-//! streamed) and `sparsec eval MODEL --text` (perplexity), on the reference
-//! interpreter.
+//! The language-model verbs: `sparsec run MODEL|ARTIFACT --prompt` (KV-cached
+//! generation, streamed), `sparsec eval` (perplexity) and `sparsec bench` on a
+//! language model (prefill and decode speed), on the compiled model or the
+//! reference interpreter; both continue a sequence through a KV cache.
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{ArrayD, IxDyn};
 use sparsec_models::checkpoint::Model;
+use sparsec_runtime::cpu::{CpuExecutor, CpuSession};
 use sparsec_runtime::interpreter::{interpret_cached, KvState};
 use sparsec_runtime::lm::perplexity;
 use sparsec_runtime::sampling::Sampler;
+use sparsec_runtime::Artifact;
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
@@ -18,13 +21,85 @@ fn ids_array(ids: &[u32]) -> ArrayD<f32> {
     ArrayD::from_shape_vec(IxDyn(&[ids.len()]), ids.iter().map(|i| *i as f32).collect()).unwrap_or_else(|_| ArrayD::zeros(IxDyn(&[0])))
 }
 
-fn forward(model: &Model, ids: &[u32], state: &mut KvState) -> Result<ArrayD<f32>> {
-    let w = |role: &str| model.weight(role).ok();
-    let mut out = interpret_cached(&model.graph, &[ids_array(ids)], &w, state)?;
-    if out.is_empty() {
-        bail!("the model graph returned nothing");
+/// A language model that continues a sequence: `forward` takes the next ids and
+/// returns their logits `[n, vocab]`; `reset` starts a new sequence.
+pub enum Lm<'a> {
+    Interpreter { model: &'a Model, state: KvState },
+    Compiled { session: CpuSession<'a> },
+}
+
+impl Lm<'_> {
+    pub fn forward(&mut self, ids: &[u32]) -> Result<ArrayD<f32>> {
+        let mut out = match self {
+            Lm::Interpreter { model, state } => {
+                let w = |role: &str| model.weight(role).ok();
+                interpret_cached(&model.graph, &[ids_array(ids)], &w, state)?
+            }
+            Lm::Compiled { session } => session.run(&[ids_array(ids)])?,
+        };
+        if out.is_empty() {
+            bail!("the model graph returned nothing");
+        }
+        Ok(out.remove(0))
     }
-    Ok(out.remove(0))
+
+    pub fn reset(&mut self) {
+        match self {
+            Lm::Interpreter { state, .. } => *state = KvState::new(),
+            Lm::Compiled { session } => session.reset(),
+        }
+    }
+
+    pub fn executor(&self) -> &'static str {
+        match self {
+            Lm::Interpreter { .. } => "reference interpreter",
+            Lm::Compiled { .. } => "compiled (cpu)",
+        }
+    }
+}
+
+/// Where a language model comes from: a checkpoint (interpreted) or an artifact
+/// (compiled), with its tokenizer and end token.
+pub struct LmSource {
+    pub model: Option<Model>,
+    pub artifact: Option<(Artifact, CpuExecutor)>,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub eos: Option<u32>,
+}
+
+impl LmSource {
+    pub fn model(spec: &str) -> Result<LmSource> {
+        let m = Model::load(spec)?;
+        let tokenizer = m.tokenizer()?.clone();
+        let eos = m.eos;
+        Ok(LmSource { model: Some(m), artifact: None, tokenizer, eos })
+    }
+
+    pub fn artifact(dir: &Path, threads: Option<usize>) -> Result<LmSource> {
+        let art = Artifact::open(dir)?;
+        let Some(lm) = art.manifest.lm.clone() else {
+            bail!("{}: this artifact is not a language model (compile a GGUF or HF checkpoint)", dir.display());
+        };
+        let tpath = dir.join(&lm.tokenizer);
+        let tokenizer = tokenizers::Tokenizer::from_file(&tpath).map_err(|e| anyhow::anyhow!("{}: {e}", tpath.display()))?;
+        let mut exec = CpuExecutor::load(&art)?;
+        if let Some(t) = threads {
+            exec = exec.with_threads(t)?;
+        }
+        Ok(LmSource { model: None, artifact: Some((art, exec)), tokenizer, eos: lm.eos })
+    }
+
+    pub fn lm(&self) -> Result<Lm<'_>> {
+        Ok(match (&self.artifact, &self.model) {
+            (Some((art, exec)), _) => Lm::Compiled { session: exec.session(art)? },
+            (None, Some(model)) => Lm::Interpreter { model, state: KvState::new() },
+            (None, None) => bail!("no model"),
+        })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tokenizer.encode(text, false).map_err(anyhow::Error::msg)?.get_ids().to_vec())
+    }
 }
 
 /// A bar on a terminal, nothing when stderr is piped.
@@ -35,8 +110,12 @@ fn progress(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
+fn last_row(l: &ArrayD<f32>) -> Vec<f32> {
+    let vocab = l.shape().last().copied().unwrap_or(0);
+    l.iter().skip(l.len() - vocab).copied().collect()
+}
+
 pub struct GenerateArgs<'a> {
-    pub model: &'a str,
     pub prompt: &'a str,
     pub max_new_tokens: usize,
     pub temperature: f32,
@@ -45,22 +124,18 @@ pub struct GenerateArgs<'a> {
     pub json: bool,
 }
 
-pub fn generate(a: GenerateArgs<'_>) -> Result<()> {
-    let t0 = Instant::now();
-    let model = Model::load(a.model)?;
-    let tok = model.tokenizer()?;
-    let prompt_ids = tok.encode(a.prompt, false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
+pub fn generate(src: &LmSource, a: GenerateArgs<'_>) -> Result<()> {
+    let tok = &src.tokenizer;
+    let prompt_ids = src.encode(a.prompt)?;
     if prompt_ids.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
-    let mut state = KvState::new();
+    let mut lm = src.lm()?;
     let mut sampler = Sampler::new(a.temperature, a.top_k, a.seed);
     let t_prefill = Instant::now();
-    let logits = forward(&model, &prompt_ids, &mut state)?;
-    let vocab = logits.shape()[1];
-    let last = |l: &ArrayD<f32>| -> Vec<f32> { l.iter().skip(l.len() - vocab).copied().collect() };
+    let logits = lm.forward(&prompt_ids)?;
     let prefill_s = t_prefill.elapsed().as_secs_f64();
-    let mut next = sampler.sample(&last(&logits));
+    let mut next = sampler.sample(&last_row(&logits));
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = String::new();
     let stdout = std::io::stdout();
@@ -69,7 +144,7 @@ pub fn generate(a: GenerateArgs<'_>) -> Result<()> {
     }
     let t_decode = Instant::now();
     while generated.len() < a.max_new_tokens {
-        if Some(next) == model.eos {
+        if Some(next) == src.eos {
             break;
         }
         generated.push(next);
@@ -83,8 +158,8 @@ pub fn generate(a: GenerateArgs<'_>) -> Result<()> {
         if generated.len() == a.max_new_tokens {
             break;
         }
-        let logits = forward(&model, &[next], &mut state)?;
-        next = sampler.sample(&last(&logits));
+        let logits = lm.forward(&[next])?;
+        next = sampler.sample(&last_row(&logits));
     }
     let decode_s = t_decode.elapsed().as_secs_f64();
     let text = tok.decode(&generated, true).map_err(anyhow::Error::msg)?;
@@ -93,8 +168,7 @@ pub fn generate(a: GenerateArgs<'_>) -> Result<()> {
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "prompt": a.prompt, "prompt_tokens": prompt_ids.len(), "generated_tokens": generated.len(),
-                "ids": generated, "text": text, "prefill_s": prefill_s, "decode_s": decode_s,
-                "load_s": t0.elapsed().as_secs_f64() - prefill_s - decode_s, "executor": "reference interpreter",
+                "ids": generated, "text": text, "prefill_s": prefill_s, "decode_s": decode_s, "executor": lm.executor(),
             }))?
         );
     } else {
@@ -103,33 +177,24 @@ pub fn generate(a: GenerateArgs<'_>) -> Result<()> {
         }
         println!();
         eprintln!(
-            "[{} prompt tokens in {:.2} s, {} new tokens in {:.2} s ({:.2} tok/s), reference interpreter]",
+            "[{} prompt tokens in {:.2} s, {} new tokens in {:.2} s ({:.2} tok/s), {}]",
             prompt_ids.len(),
             prefill_s,
             generated.len(),
             decode_s,
-            generated.len() as f64 / decode_s.max(1e-9)
+            generated.len() as f64 / decode_s.max(1e-9),
+            lm.executor()
         );
     }
     Ok(())
 }
 
-pub fn eval(
-    model: &str,
-    text: &Path,
-    max_tokens: usize,
-    stride: Option<usize>,
-    compiled: Option<&sparsec_runtime::Artifact>,
-    json: bool,
-) -> Result<()> {
-    let model = Model::load(model)?;
-    let cpu = compiled.map(sparsec_runtime::cpu::CpuExecutor::load).transpose()?;
-    let executor = if compiled.is_some() { "compiled (cpu)" } else { "reference interpreter" };
+pub fn eval(src: &LmSource, text: &Path, max_tokens: usize, stride: Option<usize>, json: bool) -> Result<()> {
     let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
     if body.trim().is_empty() {
         bail!("{}: the text is empty", text.display());
     }
-    let ids = model.tokenizer()?.encode(body.as_str(), false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
+    let ids = src.encode(&body)?;
     if ids.len() < 2 {
         bail!("{}: fewer than 2 tokens; perplexity needs at least 2", text.display());
     }
@@ -157,15 +222,14 @@ pub fn eval(
             v
         }
     };
+    let mut lm = src.lm()?;
     let pb = progress(windows.len() as u64, "perplexity");
     let t = Instant::now();
     let (mut total_nll, mut count) = (0.0f64, 0usize);
     for (start, end, skip) in &windows {
         let w = &ids[*start..*end];
-        let logits = match (compiled, &cpu) {
-            (Some(art), Some(exec)) => exec.run(art, &[ids_array(w)])?.into_iter().next().context("no logits")?,
-            _ => forward(&model, w, &mut KvState::new())?,
-        };
+        lm.reset();
+        let logits = lm.forward(w)?;
         let vocab = logits.shape()[1];
         let flat = logits.as_slice().context("logits are not contiguous")?;
         if *skip == 0 {
@@ -182,6 +246,7 @@ pub fn eval(
     }
     pb.finish_and_clear();
     let ppl = (total_nll / count as f64).exp();
+    let executor = lm.executor();
     if json {
         println!(
             "{}",
@@ -195,4 +260,59 @@ pub fn eval(
         println!("tokens: {} ({count} predicted, {} window(s), {:.1} s, {executor})", windows.last().map(|w| w.1).unwrap_or(0), windows.len(), t.elapsed().as_secs_f64());
     }
     Ok(())
+}
+
+/// Peak resident memory of this process, in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut u) == 0 {
+            return u.ru_maxrss as u64 * 1024;
+        }
+    }
+    0
+}
+
+/// Prefill and decode speed of a language model: a prompt of `prompt_len`
+/// tokens (the start of `text`, repeated if short), then `new_tokens` greedy
+/// decode steps through the KV cache. Returns a JSON report.
+pub fn bench_lm(src: &LmSource, text: &Path, prompt_len: usize, new_tokens: usize, repeat: usize) -> Result<serde_json::Value> {
+    let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+    let mut ids = src.encode(&body)?;
+    if ids.is_empty() {
+        bail!("{}: no tokens", text.display());
+    }
+    while ids.len() < prompt_len {
+        ids.extend_from_within(..ids.len().min(prompt_len - ids.len()));
+    }
+    ids.truncate(prompt_len.max(1));
+    let mut lm = src.lm()?;
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for _ in 0..repeat.max(1) {
+        lm.reset();
+        let t = Instant::now();
+        let logits = lm.forward(&ids)?;
+        prefill.push(t.elapsed().as_secs_f64());
+        let mut next = Sampler::new(0.0, 0, 0).sample(&last_row(&logits));
+        let t = Instant::now();
+        for _ in 0..new_tokens {
+            let l = lm.forward(&[next])?;
+            next = Sampler::new(0.0, 0, 0).sample(&last_row(&l));
+        }
+        decode.push(t.elapsed().as_secs_f64());
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (p, d) = (median(&mut prefill), median(&mut decode));
+    Ok(serde_json::json!({
+        "executor": lm.executor(),
+        "prompt_tokens": ids.len(), "new_tokens": new_tokens, "repeat": repeat.max(1),
+        "prefill_s": p, "prefill_tokens_per_s": ids.len() as f64 / p,
+        "decode_s": d, "decode_tokens_per_s": new_tokens as f64 / d.max(1e-12),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }))
 }

@@ -91,6 +91,10 @@ struct CompileFlags {
     /// Check every PTX file with ptxas.
     #[arg(long)]
     ptxas: bool,
+    /// Type every weight f32: quantized checkpoint tensors are dequantized at
+    /// compile time (by default Q8_0/Q4_0/Q4_1 matrices stay quantized).
+    #[arg(long)]
+    dequantize: bool,
 }
 
 #[derive(Args)]
@@ -132,9 +136,17 @@ struct RunArgs {
     /// Compare with the reference interpreter (exit 1 on mismatch; atol = rtol = 1e-4).
     #[arg(long)]
     check: bool,
-    /// Generate from this prompt with a model (reference interpreter with a KV cache; streams text).
+    /// Generate from this prompt (streams text): with an artifact of a model, on
+    /// the compiled model; with a model, on the reference interpreter (or
+    /// compiled through the cache with --compiled). Both use a KV cache.
     #[arg(long)]
     prompt: Option<String>,
+    /// With a model: compile it (through the cache) and run the compiled model.
+    #[arg(long)]
+    compiled: bool,
+    /// CPU threads of the compiled model (default: $SPARSEC_THREADS or all cores).
+    #[arg(long)]
+    threads: Option<usize>,
     #[command(flatten)]
     flags: CompileFlags,
     #[arg(long)]
@@ -143,7 +155,8 @@ struct RunArgs {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// GGUF file, Hugging Face directory, or `smollm2` (the installed default).
+    /// GGUF file, Hugging Face directory, `smollm2` (the installed default), or
+    /// the artifact of a compiled model.
     model: String,
     /// The text to score.
     #[arg(long)]
@@ -157,6 +170,9 @@ struct EvalArgs {
     /// Run the compiled model (compiled through the cache) instead of the reference interpreter.
     #[arg(long)]
     compiled: bool,
+    /// CPU threads of the compiled model (default: $SPARSEC_THREADS or all cores).
+    #[arg(long)]
+    threads: Option<usize>,
     #[command(flatten)]
     flags: CompileFlags,
     #[arg(long)]
@@ -165,14 +181,28 @@ struct EvalArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// IR file (compiled cold into a fresh cache, then again as a cache hit) or artifact.
+    /// IR file or model (compiled cold into a fresh cache, then again as a cache
+    /// hit) or artifact. Models and their artifacts are benchmarked as language
+    /// models: prefill and decode tokens/s.
     input: PathBuf,
+    /// Language models: prompt tokens (the start of --text) for prefill.
+    #[arg(long, default_value_t = 512)]
+    prompt_len: usize,
+    /// Language models: greedy decode steps after the prompt.
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Language models: the text the prompt is cut from.
+    #[arg(long, default_value = "/usr/share/common-licenses/GPL-3")]
+    text: PathBuf,
+    /// CPU threads (default: $SPARSEC_THREADS or all cores).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Sequence length.
     #[arg(long, default_value_t = 64)]
     seq: u64,
-    /// Timed runs (median reported).
-    #[arg(long, default_value_t = 20)]
-    repeat: usize,
+    /// Timed runs (median reported); language models: prefill+decode rounds (default 1).
+    #[arg(long)]
+    repeat: Option<usize>,
     #[command(flatten)]
     flags: CompileFlags,
     #[arg(long)]
@@ -245,16 +275,32 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
     }
     // A checkpoint (GGUF, HF directory, `smollm2`) brings its weights; an IR file
     // takes them from --weights or its `init`s.
-    let (graph, model) = load_source(input)?;
+    let (graph, model) = load_source_with(input, flags.dequantize)?;
     let output = output.unwrap_or_else(|| PathBuf::from(format!("{}.sparsec", graph.name)));
-    let lookup = |role: &str| -> Result<Option<(Vec<usize>, Vec<f32>)>, sparsec_compiler::CompileError> {
-        match &model {
-            Some(m) => m
-                .weight(role)
-                .map(|a| Some((a.shape().to_vec(), a.iter().copied().collect())))
-                .map_err(|e| sparsec_compiler::CompileError::File { path: m.path.clone(), message: e.to_string() }),
-            None => Ok(None),
+    use sparsec_compiler::WeightData;
+    let lookup = |role: &str, dt: sparsec_ir::DType| -> Result<Option<(Vec<usize>, WeightData)>, sparsec_compiler::CompileError> {
+        let Some(m) = &model else { return Ok(None) };
+        let err = |e: sparsec_models::ModelError| sparsec_compiler::CompileError::File { path: m.path.clone(), message: e.to_string() };
+        if dt.is_quantized() && m.stored_dtype(role) == dt {
+            let shape = m.role_shape(role).map(|s| s.to_vec()).unwrap_or_default();
+            let (dt, packed) = m.weight_packed(role).map_err(err)?;
+            return Ok(Some((shape, WeightData::Packed(dt, packed))));
         }
+        m.weight(role).map(|a| Some((a.shape().to_vec(), WeightData::F32(a.iter().copied().collect())))).map_err(err)
+    };
+    let lm = match &model {
+        Some(m) => match &m.tokenizer {
+            Some(t) => Some((
+                t.to_string(false).map_err(anyhow::Error::msg)?,
+                sparsec_runtime::manifest::LmInfo {
+                    tokenizer: sparsec_runtime::manifest::TOKENIZER_FILE.into(),
+                    eos: m.eos,
+                    source: input.display().to_string(),
+                },
+            )),
+            None => None,
+        },
+        None => None,
     };
     let fingerprint = model.as_ref().map(|m| m.fingerprint()).unwrap_or_default();
     let weights = match (&flags.weights, &model) {
@@ -278,6 +324,7 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
         print,
         cache,
         output,
+        lm,
     })?;
     for s in &compiled.snapshots {
         eprintln!("// ----- IR {} -----\n{}", s.label, s.ir);
@@ -295,13 +342,24 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
     Ok(compiled)
 }
 
+fn is_model(input: &Path) -> bool {
+    input.to_string_lossy() == "smollm2"
+        || matches!(sparsec_models::classify(input), Ok(sparsec_models::SourceKind::Gguf | sparsec_models::SourceKind::HfDirectory))
+}
+
 /// The graph of an IR file, or of a model together with the model.
 fn load_source(input: &Path) -> Result<(sparsec_ir::Graph, Option<sparsec_models::checkpoint::Model>)> {
+    load_source_with(input, false)
+}
+
+fn load_source_with(input: &Path, dequantize: bool) -> Result<(sparsec_ir::Graph, Option<sparsec_models::checkpoint::Model>)> {
     let spec = input.to_string_lossy().into_owned();
-    let is_model = spec == "smollm2"
-        || matches!(sparsec_models::classify(input), Ok(sparsec_models::SourceKind::Gguf | sparsec_models::SourceKind::HfDirectory));
-    if is_model {
-        let m = sparsec_models::checkpoint::Model::load(&spec)?;
+    if is_model(input) {
+        let m = if dequantize {
+            sparsec_models::checkpoint::Model::load_dequantized(&spec)?
+        } else {
+            sparsec_models::checkpoint::Model::load(&spec)?
+        };
         Ok((m.graph.clone(), Some(m)))
     } else {
         Ok((sparsec_models::load_graph(input)?, None))
@@ -367,10 +425,10 @@ fn execute(art: &Artifact, device: DeviceArg, inputs: &[ndarray::ArrayD<f32>], r
 fn cmd_run(a: RunArgs) -> Result<()> {
     if let Some(prompt) = &a.prompt {
         if a.device == DeviceArg::Cuda {
-            bail!("generation runs on the reference interpreter (CPU) for now; drop --device cuda");
+            bail!("generation runs on the CPU for now (the compiled model or the interpreter); drop --device cuda");
         }
-        return lm_verbs::generate(lm_verbs::GenerateArgs {
-            model: &a.input.to_string_lossy(),
+        let src = lm_source(&a.input, a.compiled, a.threads, &a.flags)?;
+        return lm_verbs::generate(&src, lm_verbs::GenerateArgs {
             prompt,
             max_new_tokens: a.max_new_tokens,
             temperature: a.temperature,
@@ -420,28 +478,91 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// A language model to run: an artifact (compiled), a model compiled through
+/// the cache (`compiled`), or a model on the reference interpreter.
+fn lm_source(input: &Path, compiled: bool, threads: Option<usize>, flags: &CompileFlags) -> Result<lm_verbs::LmSource> {
+    if is_artifact(input) {
+        return lm_verbs::LmSource::artifact(input, threads);
+    }
+    if compiled {
+        let path = artifact_for(input, flags, DeviceArg::Cpu)?;
+        return lm_verbs::LmSource::artifact(&path, threads);
+    }
+    lm_verbs::LmSource::model(&input.to_string_lossy())
+}
+
 fn cmd_eval(a: EvalArgs) -> Result<()> {
-    let artifact = if a.compiled {
-        let path = artifact_for(Path::new(&a.model), &a.flags, DeviceArg::Cpu)?;
-        Some(Artifact::open(&path)?)
+    // The text is checked before the model loads: its errors name the file.
+    let body = std::fs::read_to_string(&a.text).with_context(|| format!("reading {}", a.text.display()))?;
+    if body.trim().is_empty() {
+        bail!("{}: the text is empty", a.text.display());
+    }
+    let src = lm_source(Path::new(&a.model), a.compiled, a.threads, &a.flags)?;
+    lm_verbs::eval(&src, &a.text, a.max_tokens, a.stride, a.json)
+}
+
+/// Compiles `input` into `dir` twice, with a fresh cache there: cold, then a
+/// cache hit; records both wall times in `report` and returns the artifact.
+fn compile_cold_and_cached(input: &Path, flags: &CompileFlags, dir: &Path, report: &mut serde_json::Value) -> Result<PathBuf> {
+    let cache = Cache::new(dir.join("cache"));
+    let out = dir.join("bench.sparsec");
+    let cold = do_compile(input, Some(out.clone()), flags, Some(Cache::new(cache.root())))?;
+    let warm = do_compile(input, Some(out.clone()), flags, Some(cache))?;
+    report["compile_cold_ms"] = cold.wall_ms.into();
+    report["compile_cache_hit_ms"] = warm.wall_ms.into();
+    Ok(out)
+}
+
+/// `sparsec bench` on a model or its artifact: compile cold and cached (for a
+/// model), then prefill and decode tokens/s, peak memory and code size.
+fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
+    let mut report = serde_json::json!({ "input": a.input });
+    let tmp = tempfile::tempdir()?;
+    let path = if is_artifact(&a.input) {
+        a.input.clone()
     } else {
-        None
+        compile_cold_and_cached(&a.input, &a.flags, tmp.path(), &mut report)?
     };
-    lm_verbs::eval(&a.model, &a.text, a.max_tokens, a.stride, artifact.as_ref(), a.json)
+    let src = lm_verbs::LmSource::artifact(&path, a.threads)?;
+    let threads = src.artifact.as_ref().map(|(_, e)| e.threads()).unwrap_or(1);
+    let art = &src.artifact.as_ref().context("no artifact")?.0;
+    let code: usize = art.manifest.kernels.iter().filter_map(|k| k.cpu.as_ref().map(|s| s.code_bytes)).sum();
+    let weights = std::fs::metadata(path.join(sparsec_runtime::manifest::WEIGHTS_FILE)).map(|m| m.len()).unwrap_or(0);
+    report["kernels"] = art.manifest.kernels.len().into();
+    report["cpu_code_bytes"] = code.into();
+    report["weights_bytes"] = weights.into();
+    report["threads"] = threads.into();
+    let r = lm_verbs::bench_lm(&src, &a.text, a.prompt_len, a.new_tokens, a.repeat.unwrap_or(1))?;
+    if let (Some(o), Some(r)) = (report.as_object_mut(), r.as_object()) {
+        o.extend(r.clone());
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let f = |k: &str| report[k].as_f64().unwrap_or(0.0);
+        if report.get("compile_cold_ms").is_some() {
+            println!("compile (cold):      {:>10.1} ms", f("compile_cold_ms"));
+            println!("compile (cache hit): {:>10.1} ms", f("compile_cache_hit_ms"));
+        }
+        println!("prefill: {:>8.1} tokens/s ({} tokens in {:.3} s, {threads} threads)", f("prefill_tokens_per_s"), report["prompt_tokens"], f("prefill_s"));
+        println!("decode:  {:>8.1} tokens/s ({} tokens in {:.3} s)", f("decode_tokens_per_s"), a.new_tokens, f("decode_s"));
+        println!("peak memory: {:.1} MB; weights {:.1} MB; machine code {code} B in {} kernels", f("peak_rss_bytes") / 1e6, weights as f64 / 1e6, art.manifest.kernels.len());
+    }
+    Ok(())
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let lm_artifact = is_artifact(&a.input) && Artifact::open(&a.input).map(|x| x.manifest.lm.is_some()).unwrap_or(false);
+    if is_model(&a.input) || lm_artifact {
+        return cmd_bench_lm(&a);
+    }
+    let repeat = a.repeat.unwrap_or(20);
     let mut report = serde_json::json!({ "input": a.input, "seq": a.seq });
     let path = if is_artifact(&a.input) {
         a.input.clone()
     } else {
         let tmp = tempfile::tempdir()?;
-        let cache = Cache::new(tmp.path().join("cache"));
-        let out = tmp.path().join("bench.sparsec");
-        let cold = do_compile(&a.input, Some(out.clone()), &a.flags, Some(Cache::new(cache.root())))?;
-        let warm = do_compile(&a.input, Some(out.clone()), &a.flags, Some(cache))?;
-        report["compile_cold_ms"] = cold.wall_ms.into();
-        report["compile_cache_hit_ms"] = warm.wall_ms.into();
+        let out = compile_cold_and_cached(&a.input, &a.flags, tmp.path(), &mut report)?;
         let keep = std::env::temp_dir().join(format!("sparsec-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&keep);
         sparsec_compiler::cache::link_or_copy_dir(&out, &keep)?;
@@ -449,7 +570,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     };
     let art = Artifact::open(&path)?;
     let inputs = art.random_inputs(a.seq, 0);
-    let (_, run_ms) = execute(&art, DeviceArg::Cpu, &inputs, a.repeat)?;
+    let (_, run_ms) = execute(&art, DeviceArg::Cpu, &inputs, repeat)?;
     let t = Instant::now();
     reference_outputs(&art, &inputs)?;
     let interp_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -467,7 +588,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             println!("compile (cold):      {:>10.1} ms", c.as_f64().unwrap_or(0.0));
             println!("compile (cache hit): {:>10.1} ms", report["compile_cache_hit_ms"].as_f64().unwrap_or(0.0));
         }
-        println!("run, cpu (median of {}): {:.3} ms at seq = {}", a.repeat, run_ms, a.seq);
+        println!("run, cpu (median of {}): {:.3} ms at seq = {}", repeat, run_ms, a.seq);
         println!("reference interpreter:  {:.3} ms ({:.1}x slower)", interp_ms, interp_ms / run_ms);
         println!("machine code: {code} B in {} kernels", art.manifest.kernels.len());
     }

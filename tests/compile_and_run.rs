@@ -24,6 +24,7 @@ fn build(src: &str, target: TargetKind, out: &Path, cache: Option<&Path>) -> Res
         print: PrintOptions::default(),
         cache: cache.map(Cache::new),
         output: out.to_path_buf(),
+        lm: None,
     })
 }
 
@@ -56,7 +57,7 @@ fn mlp_block_compiles_runs_equal_to_reference_and_hits_the_cache() {
     for seq in [1, 2, 31, 128] {
         let inputs = art.random_inputs(seq, seq);
         let got = exec.run(&art, &inputs).unwrap();
-        let want = interpret(&art.graph, &inputs, &|n| art.weights.get_array(n).ok().map(std::sync::Arc::new)).unwrap();
+        let want = interpret(&art.graph, &inputs, &|n| art.weight_array(n).ok().map(std::sync::Arc::new)).unwrap();
         assert_eq!(got.len(), 2);
         for (g, w) in got.iter().zip(&want) {
             let c = compare(g, w, Tolerance::default());
@@ -154,7 +155,7 @@ fn weights_file_supplies_data_and_shape_mismatches_are_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let wpath = tmp.path().join("w.safetensors");
     let data: Vec<f32> = (0..12).map(|i| i as f32 * 0.1).collect();
-    sparsec_compiler::weights::write_safetensors(&wpath, &[("w".into(), vec![4, 3], data.clone())]).unwrap();
+    sparsec_compiler::weights::write_safetensors(&wpath, &[("w".into(), vec![4, 3], sparsec_compiler::WeightData::F32(data.clone()))]).unwrap();
     let src = "graph @w {\n  %x = input : f32[seq, 4]\n  %w = weight \"w\" : f32[4, 3]\n  %y = matmul %x, %w\n  return %y\n}\n";
     let out = tmp.path().join("w.sparsec");
     let req = |src: &str| CompileRequest {
@@ -165,6 +166,7 @@ fn weights_file_supplies_data_and_shape_mismatches_are_reported() {
         print: PrintOptions::default(),
         cache: None,
         output: out.clone(),
+        lm: None,
     };
     compile(req(src)).unwrap();
     let art = Artifact::open(&out).unwrap();

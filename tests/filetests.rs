@@ -90,6 +90,7 @@ fn check_against_reference(g: &Graph) -> Result<String> {
         print: PrintOptions::default(),
         cache: None,
         output: art_dir.clone(),
+        lm: None,
     })?;
     let art = Artifact::open(&art_dir)?;
     let exec = CpuExecutor::load(&art)?;
@@ -97,7 +98,7 @@ fn check_against_reference(g: &Graph) -> Result<String> {
     for seq in [1u64, 3, 17] {
         let inputs = art.random_inputs(seq, 42);
         let got = exec.run(&art, &inputs)?;
-        let want = interpret(&art.graph, &inputs, &|n| art.weights.get_array(n).ok().map(std::sync::Arc::new))?;
+        let want = interpret(&art.graph, &inputs, &|n| art.weight_array(n).ok().map(std::sync::Arc::new))?;
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             let c = compare(a, b, Tolerance::default());
             if !c.passed {

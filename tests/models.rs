@@ -210,12 +210,59 @@ fn compiled_fixture_error(name: &str) -> f32 {
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let ids: Vec<f32> = r["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as f32).collect();
     let x = ArrayD::from_shape_vec(IxDyn(&[ids.len()]), ids).unwrap();
-    let got = sparsec_runtime::cpu::CpuExecutor::load(&art).unwrap().run(&art, &[x]).unwrap().remove(0);
+    let got = sparsec_runtime::cpu::CpuExecutor::load(&art).unwrap().run(&art, &[x.clone()]).unwrap().remove(0);
     let want: Vec<f32> = r["logits"].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect();
     assert_eq!(got.len(), want.len());
     let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    println!("compiled {name}: max abs error {max_err:.3e} vs HF transformers");
-    max_err
+    // The same logits from a KV-cached session: half the ids as a prefill, then
+    // one token at a time (positions, RoPE and attention continue from the cache).
+    let exec = sparsec_runtime::cpu::CpuExecutor::load(&art).unwrap();
+    let mut session = exec.session(&art).unwrap();
+    let arr = |s: &[f32]| ArrayD::from_shape_vec(IxDyn(&[s.len()]), s.to_vec()).unwrap();
+    let ids: Vec<f32> = x.iter().copied().collect();
+    let half = ids.len() / 2;
+    let mut rows: Vec<f32> = session.run(&[arr(&ids[..half])]).unwrap()[0].iter().copied().collect();
+    for t in half..ids.len() {
+        rows.extend(session.run(&[arr(&ids[t..t + 1])]).unwrap()[0].iter());
+    }
+    assert_eq!(session.pos(), ids.len());
+    let cached_err = rows.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    println!("compiled {name}: max abs error {max_err:.3e} (whole sequence), {cached_err:.3e} (KV-cached decode) vs HF transformers");
+    max_err.max(cached_err)
+}
+
+/// The compiled SmolLM2 (Q4_1/Q8_0 weights kept quantized) decoding through its
+/// KV cache gives the reference interpreter's logits at every position.
+#[test]
+fn compiled_smollm2_decode_equals_the_reference() {
+    let Ok(path) = sparsec_models::checkpoint::smollm2_path() else {
+        println!("SKIPPED: SmolLM2 is not installed (scripts/setup.sh installs it)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("s.sparsec");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
+        .args(["compile", path.to_str().unwrap(), "-o", out.to_str().unwrap(), "--no-cache"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let art = sparsec_runtime::Artifact::open(&out).unwrap();
+    let quantized = art.manifest.execution.buffers.iter().filter(|b| b.dtype.is_quantized()).count();
+    assert_eq!(quantized, 30 * 7 + 1, "every layer matrix and the tied embedding stay quantized");
+    let model = Model::load(path.to_str().unwrap()).unwrap();
+    let ids: Vec<u32> = vec![504, 3575, 282, 4649, 314, 7042, 30, 198, 198, 504, 2988, 314];
+    let want = logits(&model, &ids);
+    let exec = sparsec_runtime::cpu::CpuExecutor::load(&art).unwrap();
+    let mut session = exec.session(&art).unwrap();
+    let arr = |s: &[u32]| ArrayD::from_shape_vec(IxDyn(&[s.len()]), s.iter().map(|i| *i as f32).collect()).unwrap();
+    let mut rows: Vec<f32> = session.run(&[arr(&ids[..8])]).unwrap()[0].iter().copied().collect();
+    for t in 8..ids.len() {
+        rows.extend(session.run(&[arr(&ids[t..t + 1])]).unwrap()[0].iter());
+    }
+    let max_err = want.iter().zip(&rows).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    println!("compiled SmolLM2, KV-cached decode vs the reference interpreter: max abs error {max_err:.3e}");
+    // Logits are O(10); f32 sums in another order through 30 layers.
+    assert!(max_err < 2e-3, "compiled decode differs from the reference by {max_err}");
 }
 
 #[test]

@@ -27,6 +27,8 @@ pub struct CompileRequest<'a> {
     pub cache: Option<Cache>,
     /// Where the artifact goes.
     pub output: PathBuf,
+    /// For a language model: the tokenizer (JSON), end token and source.
+    pub lm: Option<(String, LmInfo)>,
 }
 
 /// What a compile produced.
@@ -179,6 +181,9 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
     if let Some(plan) = &req.plan_text {
         write(&dir.join(PLAN_FILE), plan)?;
     }
+    if let Some((tokenizer, info)) = &req.lm {
+        write(&dir.join(&info.tokenizer), tokenizer)?;
+    }
     if opts.wants(Emit::Ir) {
         write(&dir.join("emit").join("graph.sir"), &graph_text)?;
     }
@@ -201,6 +206,7 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
         kernels: records,
         execution: part.plan,
         compile_ms: ms(start),
+        lm: req.lm.as_ref().map(|(_, info)| info.clone()),
     };
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| CompileError::File { path: dir.clone(), message: e.to_string() })?;
     // The manifest is written last: a directory without one is never an artifact.

@@ -17,4 +17,4 @@ pub mod weights;
 
 pub use cache::Cache;
 pub use driver::{compile, CompileRequest, Compiled};
-pub use weights::WeightSource;
+pub use weights::{WeightData, WeightSource};

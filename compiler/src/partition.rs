@@ -1,10 +1,12 @@
 //! Kernel partitioning: one kernel per distinct compute op (identical ops share
-//! it), one buffer per value, and the execution plan the runtime follows.
+//! it), one buffer per value, a KV cache per attention op, and the execution
+//! plan the runtime follows; then memory planning gives temporaries whose
+//! lifetimes do not overlap one slot.
 
 use crate::error::CompileResult;
 use crate::mlir::KernelSpec;
 use sparsec_ir::{Graph, Op, TensorType};
-use sparsec_runtime::manifest::{BufferKind, BufferSpec, ExecutionPlan, Step};
+use sparsec_runtime::manifest::{BufferKind, BufferSpec, ExecutionPlan, KernelStep, Step};
 use std::collections::HashMap;
 
 /// The kernels to compile and the plan to run them.
@@ -40,7 +42,7 @@ pub fn partition(g: &Graph) -> CompileResult<Partition> {
         let dims = types[i].dims.clone();
         if let Some(wname) = weight_buffer_name(g, i) {
             let id = *by_weight_name.entry(wname.clone()).or_insert_with(|| {
-                buffers.push(BufferSpec { name: wname.clone(), kind: BufferKind::Weight, dims: dims.clone() });
+                buffers.push(BufferSpec { name: wname.clone(), kind: BufferKind::Weight, dims: dims.clone(), dtype: types[i].dtype, slot: None });
                 weight_nodes.push((buffers.len() - 1, i));
                 buffers.len() - 1
             });
@@ -48,7 +50,7 @@ pub fn partition(g: &Graph) -> CompileResult<Partition> {
             continue;
         }
         let kind = if n.op == Op::Input { BufferKind::Input } else { BufferKind::Temp };
-        buffers.push(BufferSpec { name: n.name.clone(), kind, dims });
+        buffers.push(BufferSpec { name: n.name.clone(), kind, dims, dtype: types[i].dtype, slot: None });
         let id = buffers.len() - 1;
         buffer_of[i] = id;
         if n.op == Op::Input {
@@ -77,9 +79,82 @@ pub fn partition(g: &Graph) -> CompileResult<Partition> {
         };
         spec.name = name;
         let mut args: Vec<usize> = n.operands.iter().map(|o| buffer_of[o.0]).collect();
+        if let Op::Attention { .. } = n.op {
+            // Attention reads every position so far: the new keys and values are
+            // appended to this op's caches, and the kernel reads the caches.
+            for (slot, role) in [(1, "k_cache"), (2, "v_cache")] {
+                let src = args[slot];
+                buffers.push(BufferSpec {
+                    name: format!("{}.{role}", n.name),
+                    kind: BufferKind::KvCache,
+                    dims: buffers[src].dims.clone(),
+                    dtype: buffers[src].dtype,
+                    slot: None,
+                });
+                let cache = buffers.len() - 1;
+                steps.push(Step::KvAppend { src, cache });
+                args[slot] = cache;
+            }
+        }
         args.push(id);
-        steps.push(Step { kernel: spec.name.clone(), args, gpu_threads: spec.work()?, cpu_units: spec.cpu_work()? });
+        steps.push(Step::Kernel(KernelStep {
+            kernel: spec.name.clone(),
+            args,
+            gpu_threads: spec.work()?,
+            cpu_units: spec.cpu_work()?,
+            cpu_seq_block: spec.cpu_seq_block(),
+            cpu_unit_cost: spec.cpu_unit_cost(),
+        }));
     }
-    let outputs = g.outputs.iter().map(|o| buffer_of[o.0]).collect();
-    Ok(Partition { kernels, plan: ExecutionPlan { buffers, inputs, outputs, steps }, weight_nodes })
+    let outputs: Vec<usize> = g.outputs.iter().map(|o| buffer_of[o.0]).collect();
+    let mut plan = ExecutionPlan { buffers, inputs, outputs, steps };
+    assign_slots(&mut plan);
+    Ok(Partition { kernels, plan, weight_nodes })
+}
+
+/// Memory planning: walks the steps in order and gives each temporary a slot
+/// that no live temporary holds, preferring a free slot that last held a buffer
+/// of the same size; a temporary frees its slot after its last reader. Graph
+/// outputs keep their own slots. The runtime sizes each slot for its largest buffer.
+pub fn assign_slots(plan: &mut ExecutionPlan) {
+    let n = plan.buffers.len();
+    let mut last_read = vec![None::<usize>; n];
+    for (s, step) in plan.steps.iter().enumerate() {
+        let reads: Vec<usize> = match step {
+            Step::Kernel(k) => k.args[..k.args.len().saturating_sub(1)].to_vec(),
+            Step::KvAppend { src, .. } => vec![*src],
+        };
+        for r in reads {
+            last_read[r] = Some(s);
+        }
+    }
+    let mut slot_size: Vec<sparsec_ir::SymSize> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    for s in 0..plan.steps.len() {
+        if let Step::Kernel(k) = &plan.steps[s] {
+            let out = *k.args.last().unwrap_or(&usize::MAX);
+            if out < n && plan.buffers[out].kind == BufferKind::Temp && plan.buffers[out].slot.is_none() {
+                let size = plan.buffers[out].numel();
+                let pick = free.iter().position(|&f| slot_size[f] == size).or(if free.is_empty() { None } else { Some(0) });
+                let slot = match pick {
+                    Some(i) => free.remove(i),
+                    None => {
+                        slot_size.push(size);
+                        slot_size.len() - 1
+                    }
+                };
+                slot_size[slot] = size;
+                plan.buffers[out].slot = Some(slot);
+            }
+        }
+        // Temps whose last reader is this step free their slots (after the
+        // output took one, so a step never writes over its own inputs).
+        for b in 0..n {
+            if last_read[b] == Some(s) && plan.buffers[b].kind == BufferKind::Temp && !plan.outputs.contains(&b) {
+                if let Some(slot) = plan.buffers[b].slot {
+                    free.push(slot);
+                }
+            }
+        }
+    }
 }

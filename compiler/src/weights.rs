@@ -1,10 +1,12 @@
-//! Weight data for a compile: from a safetensors file (memory-mapped) or from the
-//! weight's `init`, checked against the declared shape, packed into the artifact.
+//! Weight data for a compile: from a safetensors file (memory-mapped), a loaded
+//! checkpoint or the weight's `init`, checked against the declared shape, and
+//! packed into the artifact: f32, or quantized blocks for weights whose type is
+//! q8_0/q4_0/q4_1 (kept as stored when the checkpoint has them, else quantized).
 
 use crate::error::{CompileError, CompileResult};
 use crate::partition::Partition;
 use safetensors::{Dtype, SafeTensors};
-use sparsec_ir::{Graph, Op};
+use sparsec_ir::{DType, Graph, Op};
 use std::path::{Path, PathBuf};
 
 /// A memory-mapped safetensors file.
@@ -44,8 +46,18 @@ impl WeightFile {
     }
 }
 
-/// Weight data by tensor name: shape and row-major f32 values, `None` if unknown.
-pub type WeightLookup<'a> = &'a dyn Fn(&str) -> CompileResult<Option<(Vec<usize>, Vec<f32>)>>;
+/// A weight's data as the artifact stores it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WeightData {
+    /// Row-major f32 values.
+    F32(Vec<f32>),
+    /// Packed quantized blocks (`sparsec_ir::quant`) of the given type.
+    Packed(DType, Vec<u8>),
+}
+
+/// Weight data by tensor name and the type the graph declares: shape and data
+/// (packed when the checkpoint holds that quantized type, else f32), `None` if unknown.
+pub type WeightLookup<'a> = &'a dyn Fn(&str, DType) -> CompileResult<Option<(Vec<usize>, WeightData)>>;
 
 /// Where a compile's weights come from.
 #[derive(Clone, Copy, Default)]
@@ -61,15 +73,15 @@ pub enum WeightSource<'a> {
 }
 
 /// Resolves the data of every weight buffer of `part`, in buffer order.
-pub fn resolve(g: &Graph, part: &Partition, source: WeightSource<'_>) -> CompileResult<Vec<(String, Vec<usize>, Vec<f32>)>> {
+pub fn resolve(g: &Graph, part: &Partition, source: WeightSource<'_>) -> CompileResult<Vec<(String, Vec<usize>, WeightData)>> {
     let file = match source {
         WeightSource::File(p) => Some(WeightFile::open(p)?),
         _ => None,
     };
-    let lookup = |name: &str| -> CompileResult<Option<(Vec<usize>, Vec<f32>)>> {
+    let lookup = |name: &str, dtype: DType| -> CompileResult<Option<(Vec<usize>, WeightData)>> {
         match (&file, source) {
-            (Some(f), _) => f.get(name),
-            (None, WeightSource::Lookup { lookup, .. }) => lookup(name),
+            (Some(f), _) => Ok(f.get(name)?.map(|(s, v)| (s, WeightData::F32(v)))),
+            (None, WeightSource::Lookup { lookup, .. }) => lookup(name, dtype),
             _ => Ok(None),
         }
     };
@@ -84,41 +96,66 @@ pub fn resolve(g: &Graph, part: &Partition, source: WeightSource<'_>) -> Compile
         let n = &g.nodes[*node];
         let shape: Vec<usize> = spec.dims.iter().map(|d| d.resolve(0) as usize).collect();
         let numel: usize = shape.iter().product();
-        let values = match &n.op {
-            Op::Constant { values } => values.clone(),
+        let data = match &n.op {
+            Op::Constant { values } => WeightData::F32(values.clone()),
             Op::Weight { name, init } => {
                 let err = |message: String| CompileError::Weight { name: name.clone(), value: n.name.clone(), message };
-                match (lookup(name)?, init) {
-                    (Some((fshape, values)), _) => {
+                let data = match (lookup(name, spec.dtype)?, init) {
+                    (Some((fshape, data)), _) => {
                         if fshape != shape {
                             return Err(err(format!("the weights have shape {fshape:?}, the graph declares {shape:?}")));
                         }
-                        values
+                        data
                     }
-                    (None, Some(init)) => init.generate(numel),
+                    (None, Some(init)) => WeightData::F32(init.generate(numel)),
                     (None, None) => {
                         return Err(err(match &described {
                             Some(d) => format!("not in {d} and no `init` given"),
                             None => "no weights file given (--weights) and no `init` in the graph".into(),
                         }))
                     }
+                };
+                // A quantized weight is stored packed: kept as the checkpoint stores
+                // it, or quantized here from f32 data.
+                match (spec.dtype.is_quantized(), data) {
+                    (false, WeightData::F32(v)) => WeightData::F32(v),
+                    (true, WeightData::Packed(dt, p)) if dt == spec.dtype => WeightData::Packed(dt, p),
+                    (true, WeightData::F32(v)) => match sparsec_ir::quant::quantize(spec.dtype, &v) {
+                        Some(p) => WeightData::Packed(spec.dtype, p),
+                        None => return Err(err(format!("{} values are not whole {} blocks", v.len(), spec.dtype.name()))),
+                    },
+                    (_, WeightData::Packed(dt, _)) => {
+                        return Err(err(format!("the checkpoint holds {} blocks, the graph declares {}", dt.name(), spec.dtype.name())))
+                    }
                 }
             }
             _ => unreachable!("partition only records weight and constant nodes"),
         };
-        out.push((spec.name.clone(), shape, values));
+        out.push((spec.name.clone(), shape, data));
     }
     Ok(out)
 }
 
-/// Writes tensors as F32 safetensors.
-pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> CompileResult<()> {
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+/// Writes tensors as safetensors: F32 tensors of their shape, packed quantized
+/// weights as U8 tensors of their bytes (padded to 64 so every tensor after
+/// them stays aligned; the plan's buffer type says how many bytes count).
+pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, WeightData)]) -> CompileResult<()> {
+    let bytes: Vec<(Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(_, shape, d)| match d {
+            WeightData::F32(v) => (Dtype::F32, shape.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            WeightData::Packed(_, p) => {
+                let mut p = p.clone();
+                p.resize(p.len().next_multiple_of(64), 0);
+                (Dtype::U8, vec![p.len()], p)
+            }
+        })
+        .collect();
     let views = tensors
         .iter()
         .zip(&bytes)
-        .map(|((name, shape, _), b)| {
-            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (name.clone(), v))
+        .map(|((name, _, _), (dt, shape, b))| {
+            safetensors::tensor::TensorView::new(*dt, shape.clone(), b).map(|v| (name.clone(), v))
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CompileError::File { path: path.into(), message: e.to_string() })?;

@@ -9,6 +9,7 @@ pub mod op;
 pub mod parser;
 pub mod pattern;
 pub mod printer;
+pub mod quant;
 pub mod reference;
 pub mod shape;
 pub mod types;

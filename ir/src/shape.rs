@@ -14,7 +14,32 @@ pub fn infer_type(op: &Op, operands: &[&TensorType]) -> Result<TensorType, Strin
         if ids.dtype != crate::types::DType::I32 || ids.rank() != 1 {
             return Err(format!("operand 1 (ids) has type {ids}, expected i32[n]"));
         }
-        return Ok(TensorType::new(table.dtype, vec![ids.dims[0], table.dims[1]]));
+        // A quantized table yields dequantized rows.
+        let dtype = if table.dtype.is_quantized() { crate::types::DType::F32 } else { table.dtype };
+        return Ok(TensorType::new(dtype, vec![ids.dims[0], table.dims[1]]));
+    }
+    // Quantized weights enter a matmul only as its transposed `[N, K]` operand,
+    // K a whole number of blocks; the product is f32.
+    if let (Op::MatMul { transpose_b }, [a, b]) = (op, operands) {
+        if b.dtype.is_quantized() {
+            let k_ok = matches!(b.dims.get(1), Some(Dim::Fixed(k)) if *k as usize % crate::quant::QK == 0);
+            if !*transpose_b || b.rank() != 2 || !k_ok {
+                return Err(format!(
+                    "operand 1 has type {b}; a quantized matrix must be a transposed operand [N, K] with K a multiple of {}",
+                    crate::quant::QK
+                ));
+            }
+            if a.dtype != crate::types::DType::F32 {
+                return Err(format!("operand 0 has type {a}, expected f32 activations for a quantized weight"));
+            }
+            let as_f32 = TensorType::new(crate::types::DType::F32, b.dims.clone());
+            return infer_type(op, &[a, &as_f32]);
+        }
+    }
+    if let Some((i, t)) = operands.iter().enumerate().find(|(_, t)| t.dtype.is_quantized()) {
+        return Err(format!(
+            "operand {i} has type {t}; quantized tensors are only matmul weights and embedding tables"
+        ));
     }
     if let Some(first) = operands.first() {
         if let Some((i, t)) = operands.iter().enumerate().find(|(_, t)| t.dtype != first.dtype) {

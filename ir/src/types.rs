@@ -10,10 +10,20 @@ pub enum DType {
     F16,
     BF16,
     I32,
+    /// Block-quantized (ggml's Q8_0): blocks of 32 along the last axis, an f16
+    /// scale `d` and 32 i8 `q`; x = d·q. Packed layout: `crate::quant`.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// ggml's Q4_0: an f16 scale and 32 4-bit `q`; x = d·(q − 8).
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    /// ggml's Q4_1: f16 scale `d` and minimum `m`, 32 4-bit `q`; x = d·q + m.
+    #[serde(rename = "q4_1")]
+    Q4_1,
 }
 
 impl DType {
-    pub const ALL: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::I32];
+    pub const ALL: [DType; 7] = [DType::F32, DType::F16, DType::BF16, DType::I32, DType::Q8_0, DType::Q4_0, DType::Q4_1];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -21,17 +31,30 @@ impl DType {
             DType::F16 => "f16",
             DType::BF16 => "bf16",
             DType::I32 => "i32",
+            DType::Q8_0 => "q8_0",
+            DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
         }
+    }
+
+    /// Block-quantized: the data is packed blocks, not one value per element.
+    pub fn is_quantized(self) -> bool {
+        matches!(self, DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
     }
 
     pub fn from_name(s: &str) -> Option<DType> {
         DType::ALL.into_iter().find(|d| d.name() == s)
     }
 
-    pub fn size_bytes(self) -> usize {
+    /// Bytes of `numel` elements as stored (quantized types: whole blocks of
+    /// `crate::quant::QK`; `None` when `numel` is not a whole number of blocks).
+    pub fn storage_bytes(self, numel: usize) -> Option<usize> {
         match self {
-            DType::F32 | DType::I32 => 4,
-            DType::F16 | DType::BF16 => 2,
+            DType::F32 | DType::I32 => numel.checked_mul(4),
+            DType::F16 | DType::BF16 => numel.checked_mul(2),
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+                (numel % crate::quant::QK == 0).then(|| numel / crate::quant::QK * crate::quant::block_bytes(self))
+            }
         }
     }
 }

@@ -122,14 +122,72 @@ fn fmt(path: &Path, message: String) -> ModelError {
 }
 
 impl Model {
-    /// Loads `spec`: `smollm2`, a GGUF file, or a Hugging Face directory.
+    /// Loads `spec`: `smollm2`, a GGUF file, or a Hugging Face directory. The
+    /// graph keeps quantized weights quantized (GGUF Q8_0/Q4_0/Q4_1 matrices are
+    /// q8_0/q4_0/q4_1 values); `load_dequantized` makes every weight f32.
     pub fn load(spec: &str) -> Result<Model, ModelError> {
+        let mut m = Self::load_dequantized(spec)?;
+        m.keep_quantized();
+        Ok(m)
+    }
+
+    /// Loads `spec` with every weight typed f32 (quantized data is dequantized).
+    pub fn load_dequantized(spec: &str) -> Result<Model, ModelError> {
         let path = if spec == "smollm2" { smollm2_path()? } else { PathBuf::from(spec) };
         match classify(&path)? {
             SourceKind::Gguf => Self::from_gguf(&path),
             SourceKind::HfDirectory => Self::from_hf(&path),
             SourceKind::IrText => Err(fmt(&path, "is an IR file, not a model checkpoint".into())),
         }
+    }
+
+    /// The IR type of a role's data as stored: q8_0/q4_0/q4_1 for GGUF blocks of
+    /// those types, f32 for everything else (f16/bf16 are widened at compile time).
+    pub fn stored_dtype(&self, role: &str) -> sparsec_ir::DType {
+        use crate::quant::GgmlType;
+        use sparsec_ir::DType;
+        let (Source::Gguf(g), Some((name, Cut::Whole))) = (&self.source, self.names.get(role)) else { return DType::F32 };
+        match g.tensor(name).map(|t| t.ty) {
+            Some(GgmlType::Q8_0) => DType::Q8_0,
+            Some(GgmlType::Q4_0) => DType::Q4_0,
+            Some(GgmlType::Q4_1) => DType::Q4_1,
+            _ => DType::F32,
+        }
+    }
+
+    /// Types the weights that feed matmuls and embeddings as they are stored.
+    fn keep_quantized(&mut self) {
+        let feeds: std::collections::HashSet<usize> = self
+            .graph
+            .nodes
+            .iter()
+            .filter_map(|n| match n.op {
+                sparsec_ir::Op::MatMul { transpose_b: true } => Some(n.operands[1].0),
+                sparsec_ir::Op::Embedding => Some(n.operands[0].0),
+                _ => None,
+            })
+            .collect();
+        for i in feeds {
+            let sparsec_ir::Op::Weight { name, .. } = &self.graph.nodes[i].op else { continue };
+            let dt = self.stored_dtype(name);
+            if let Some(ty) = self.graph.nodes[i].ty.as_mut() {
+                ty.dtype = dt;
+            }
+        }
+    }
+
+    /// A quantized role's blocks as stored, repacked into sparsec's planes
+    /// (`sparsec_ir::quant`); errors if the role is not stored quantized.
+    pub fn weight_packed(&self, role: &str) -> Result<(sparsec_ir::DType, Vec<u8>), ModelError> {
+        let dt = self.stored_dtype(role);
+        let (Source::Gguf(g), Some((name, _))) = (&self.source, self.names.get(role)) else {
+            return Err(fmt(&self.path, format!("role `{role}` is not stored quantized")));
+        };
+        let t = g.tensor(name).ok_or_else(|| ModelError::MissingTensor { path: self.path.clone(), name: name.clone() })?;
+        let bytes = g.tensor_bytes(t)?;
+        let packed = sparsec_ir::quant::pack_ggml(dt, bytes)
+            .ok_or_else(|| fmt(&self.path, format!("tensor `{name}`: {} bytes are not whole {} blocks", bytes.len(), dt.name())))?;
+        Ok((dt, packed))
     }
 
     fn from_gguf(path: &Path) -> Result<Model, ModelError> {
@@ -330,6 +388,11 @@ impl Model {
             c.insert(role.to_string(), a.clone());
         }
         Ok(a)
+    }
+
+    /// The `[out, in]` (or `[n]`) shape of a weight role.
+    pub fn role_shape(&self, role: &str) -> Option<&[usize]> {
+        self.shapes.get(role).map(|v| v.as_slice())
     }
 
     /// blake3 of the checkpoint as stored (the GGUF file; or config.json and every

@@ -31,7 +31,20 @@ impl WeightStore {
         Ok(WeightStore { path: path.into(), map })
     }
 
-    /// The tensor `name` as f32 (borrowed from the map when aligned) and its shape.
+    /// The stored bytes of tensor `name`: little-endian f32 values, or the packed
+    /// blocks of a quantized weight (`sparsec_ir::quant`).
+    pub fn bytes(&self, name: &str) -> RuntimeResult<&[u8]> {
+        let bad = |message: String| RuntimeError::Artifact { path: self.path.clone(), message };
+        let st = SafeTensors::deserialize(&self.map).map_err(|e| bad(e.to_string()))?;
+        let t = st.tensor(name).map_err(|_| bad(format!("tensor `{name}` is missing")))?;
+        if !matches!(t.dtype(), Dtype::F32 | Dtype::U8) {
+            return Err(bad(format!("tensor `{name}` is {:?}, expected F32 or packed U8", t.dtype())));
+        }
+        let range = t.data().as_ptr() as usize - self.map.as_ptr() as usize;
+        Ok(&self.map[range..range + t.data().len()])
+    }
+
+    /// The f32 tensor `name` (borrowed from the map when aligned) and its shape.
     pub fn get(&self, name: &str) -> RuntimeResult<(Vec<usize>, Cow<'_, [f32]>)> {
         let bad = |message: String| RuntimeError::Artifact { path: self.path.clone(), message };
         let st = SafeTensors::deserialize(&self.map).map_err(|e| bad(e.to_string()))?;
@@ -39,8 +52,8 @@ impl WeightStore {
         if t.dtype() != Dtype::F32 {
             return Err(bad(format!("tensor `{name}` is {:?}, expected F32", t.dtype())));
         }
-        let bytes = t.data();
         let shape = t.shape().to_vec();
+        let bytes = self.bytes(name)?;
         // SAFETY: f32 has no invalid bit patterns; `align_to` only yields the
         // aligned middle, which we use only when it covers all bytes.
         let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };
@@ -78,6 +91,28 @@ impl Artifact {
         let graph = parse_graph(&gtext)?;
         let weights = WeightStore::open(&dir.join(WEIGHTS_FILE))?;
         Ok(Artifact { dir: dir.into(), manifest, graph, weights })
+    }
+
+    /// The weight `name` as f32 values of its graph shape: quantized weights are
+    /// dequantized exactly (what the reference interpreter computes with).
+    pub fn weight_array(&self, name: &str) -> RuntimeResult<ArrayD<f32>> {
+        let spec = self.manifest.execution.buffers.iter().find(|b| b.kind == BufferKind::Weight && b.name == name);
+        match spec {
+            Some(b) if b.dtype.is_quantized() => {
+                let shape: Vec<usize> = b.dims.iter().map(|d| d.resolve(0) as usize).collect();
+                let mut out = vec![0f32; shape.iter().product()];
+                let packed = self.weights.bytes(name)?;
+                let n = b.bytes(0);
+                if packed.len() < n || !sparsec_ir::quant::dequantize(b.dtype, &packed[..n], &mut out) {
+                    return Err(RuntimeError::Artifact {
+                        path: self.dir.join(WEIGHTS_FILE),
+                        message: format!("tensor `{name}`: {} bytes do not hold {} {} blocks", packed.len(), b.dtype.name(), n),
+                    });
+                }
+                ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| RuntimeError::Cpu(e.to_string()))
+            }
+            _ => self.weights.get_array(name),
+        }
     }
 
     /// Binds `seq` from the inputs and checks their shapes against the plan.

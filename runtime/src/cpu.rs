@@ -1,22 +1,27 @@
-//! The CPU executor: dlopens the artifact's `cpu/kernels.so` and runs the plan.
+//! The CPU executor: dlopens the artifact's `cpu/kernels.so` and runs the plan,
+//! either once over a whole sequence or as a session that keeps KV caches
+//! across calls (prefill, then one token at a time).
 
 use crate::artifact::Artifact;
 use crate::error::{RuntimeError, RuntimeResult};
-use crate::manifest::{BufferKind, CPU_LIBRARY};
+use crate::manifest::{BufferKind, KernelStep, Step, CPU_LIBRARY};
 use ndarray::{ArrayD, IxDyn};
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ffi::c_void;
 
 /// MLIR's descriptor of a rank-1 memref (`_mlir_ciface_` ABI).
 #[repr(C)]
 struct MemRef1 {
-    allocated: *mut f32,
-    aligned: *mut f32,
+    allocated: *mut u8,
+    aligned: *mut u8,
     offset: i64,
     size: i64,
     stride: i64,
 }
+
+/// Scalar operations below which a step runs on the calling thread: waking the
+/// pool costs a few microseconds, more than small elementwise ops take.
+const PARALLEL_MIN_OPS: u64 = 32_768;
 
 pub struct CpuExecutor {
     // Kept alive for the function pointers below.
@@ -36,12 +41,12 @@ pub fn default_threads() -> usize {
 }
 
 /// Calls a kernel whose C signature takes `args.len()` integer-class arguments
-/// (descriptor pointers, then `seq` as i64).
+/// (descriptor pointers, then `seq`, `pos`, `lo`, `hi` as i64).
 ///
 /// # Safety
 /// `f` must be a `_mlir_ciface_` kernel of this artifact taking exactly
 /// `args.len()` arguments, each descriptor pointer valid for the call, and the
-/// buffers large enough for the kernel's shapes at the given `seq`.
+/// buffers large enough for the kernel's shapes at the given `seq` and `pos`.
 unsafe fn call(f: *const c_void, a: &[usize]) -> Result<(), String> {
     use std::mem::transmute;
     type U = usize;
@@ -49,13 +54,14 @@ unsafe fn call(f: *const c_void, a: &[usize]) -> Result<(), String> {
     // one signature of `usize`s per arity is the kernel's real signature.
     unsafe {
         match a.len() {
-            2 => transmute::<*const c_void, extern "C" fn(U, U)>(f)(a[0], a[1]),
-            3 => transmute::<*const c_void, extern "C" fn(U, U, U)>(f)(a[0], a[1], a[2]),
-            4 => transmute::<*const c_void, extern "C" fn(U, U, U, U)>(f)(a[0], a[1], a[2], a[3]),
             5 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U)>(f)(a[0], a[1], a[2], a[3], a[4]),
             6 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U, U)>(f)(a[0], a[1], a[2], a[3], a[4], a[5]),
             7 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U, U, U)>(f)(a[0], a[1], a[2], a[3], a[4], a[5], a[6]),
             8 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U, U, U, U)>(f)(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]),
+            9 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U, U, U, U, U)>(f)(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8]),
+            10 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U, U, U, U, U, U)>(f)(
+                a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9],
+            ),
             n => return Err(format!("no kernel calling convention for {n} arguments")),
         }
     }
@@ -73,6 +79,7 @@ impl CpuExecutor {
             .map_err(|e| RuntimeError::Artifact { path: path.clone(), message: e.to_string() })?;
         let mut kernels = HashMap::new();
         for step in &art.manifest.execution.steps {
+            let Step::Kernel(step) = step else { continue };
             let sym = format!("_mlir_ciface_{}", step.kernel);
             // SAFETY: we only take the symbol's address here; `call` checks arity.
             let f: libloading::Symbol<'_, *const c_void> = unsafe { lib.get(sym.as_bytes()) }
@@ -83,8 +90,9 @@ impl CpuExecutor {
         Ok(CpuExecutor { _lib: lib, kernels, threads, pool: Self::pool(threads)? })
     }
 
+    /// The helpers of the calling thread: `threads - 1` workers.
     fn pool(threads: usize) -> RuntimeResult<rayon::ThreadPool> {
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| RuntimeError::Cpu(e.to_string()))
+        rayon::ThreadPoolBuilder::new().num_threads((threads - 1).max(1)).build().map_err(|e| RuntimeError::Cpu(e.to_string()))
     }
 
     /// Splits each kernel's units over `n` threads (1: run on the caller's thread).
@@ -94,75 +102,253 @@ impl CpuExecutor {
         Ok(self)
     }
 
-    /// Runs the plan on `inputs` and returns the outputs.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs the plan once over a whole sequence (no earlier positions).
     pub fn run(&self, art: &Artifact, inputs: &[ArrayD<f32>]) -> RuntimeResult<Vec<ArrayD<f32>>> {
+        self.session(art)?.run(inputs)
+    }
+
+    /// A decoding session: every `run` continues where the last one stopped.
+    pub fn session<'a>(&'a self, art: &'a Artifact) -> RuntimeResult<CpuSession<'a>> {
+        let mut weights = HashMap::new();
+        for (i, b) in art.manifest.execution.buffers.iter().enumerate() {
+            if b.kind != BufferKind::Weight {
+                continue;
+            }
+            let bytes = art.weights.bytes(&b.name)?;
+            let need = b.bytes(0);
+            if bytes.len() < need {
+                return Err(RuntimeError::Artifact {
+                    path: art.dir.clone(),
+                    message: format!("weight `{}` holds {} bytes, the plan needs {need}", b.name, bytes.len()),
+                });
+            }
+            // Kernels load f32 and f16 values: data that is not 4-byte aligned is copied.
+            let data = if (bytes.as_ptr() as usize) % 4 == 0 {
+                WeightData::Mapped(bytes.as_ptr(), need)
+            } else {
+                let mut v = vec![0u32; need.div_ceil(4)];
+                // SAFETY: `v` holds at least `need` bytes; u32 has no invalid bit patterns.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr() as *mut u8, need) };
+                WeightData::Owned(v, need)
+            };
+            weights.insert(i, data);
+        }
+        let profile = std::env::var_os("SPARSEC_PROFILE").map(|_| HashMap::new());
+        Ok(CpuSession { exec: self, art, pos: 0, caches: HashMap::new(), slots: Vec::new(), weights, profile })
+    }
+}
+
+enum WeightData {
+    /// Borrowed from the artifact's map (alive as long as the artifact).
+    Mapped(*const u8, usize),
+    Owned(Vec<u32>, usize),
+}
+
+impl WeightData {
+    fn ptr_len(&self) -> (*mut u8, usize) {
+        match self {
+            WeightData::Mapped(p, n) => (*p as *mut u8, *n),
+            WeightData::Owned(v, n) => (v.as_ptr() as *mut u8, *n),
+        }
+    }
+}
+
+/// The state of one sequence: positions consumed, the KV caches, and the
+/// memory of the temporaries (reused from call to call).
+pub struct CpuSession<'a> {
+    exec: &'a CpuExecutor,
+    art: &'a Artifact,
+    pos: usize,
+    /// KV cache buffer → rows of every position so far.
+    caches: HashMap<usize, Vec<f32>>,
+    /// Memory of the plan's temp slots.
+    slots: Vec<Vec<f32>>,
+    weights: HashMap<usize, WeightData>,
+    /// Per-kernel wall time and calls, when `$SPARSEC_PROFILE` is set.
+    profile: Option<HashMap<String, (f64, u64)>>,
+}
+
+impl Drop for CpuSession<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = &self.profile {
+            let mut v: Vec<_> = p.iter().collect();
+            v.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+            let total: f64 = v.iter().map(|(_, (t, _))| t).sum();
+            eprintln!("sparsec profile: {total:.1} ms in kernels");
+            for (k, (t, n)) in v {
+                eprintln!("  {k:<24} {t:>10.2} ms {n:>8} calls {:>6.1}%", 100.0 * t / total.max(1e-9));
+            }
+        }
+    }
+}
+
+impl CpuSession<'_> {
+    /// Positions already consumed.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// Forgets every position (the caches keep their memory).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    /// Runs the next `seq` positions (`seq` bound by the inputs) and returns the outputs.
+    pub fn run(&mut self, inputs: &[ArrayD<f32>]) -> RuntimeResult<Vec<ArrayD<f32>>> {
+        let art = self.art;
         let seq = art.bind_seq(inputs)?;
         let plan = &art.manifest.execution;
-        let mut bufs: Vec<Cow<'_, [f32]>> = Vec::with_capacity(plan.buffers.len());
-        let mut input_iter = inputs.iter();
+        let pos = self.pos;
+        // Temps live in slots sized for the largest buffer they hold at this seq.
+        let mut slot_bytes: Vec<usize> = Vec::new();
         for b in &plan.buffers {
-            let n = b.numel().resolve(seq) as usize;
-            bufs.push(match b.kind {
-                BufferKind::Weight => art.weights.get(&b.name)?.1,
-                BufferKind::Input => {
-                    let a = input_iter.next().ok_or_else(|| RuntimeError::Cpu("fewer inputs than the plan".into()))?;
-                    Cow::Owned(a.iter().copied().collect())
+            if let (BufferKind::Temp, Some(s)) = (b.kind, b.slot) {
+                if slot_bytes.len() <= s {
+                    slot_bytes.resize(s + 1, 0);
                 }
-                BufferKind::Temp => Cow::Owned(vec![0f32; n]),
-            });
-            if bufs.last().map(|v| v.len()) != Some(n) {
-                return Err(RuntimeError::Cpu(format!("buffer `{}` holds a wrong number of elements", b.name)));
+                slot_bytes[s] = slot_bytes[s].max(b.bytes(seq));
             }
+        }
+        if self.slots.len() < slot_bytes.len() {
+            self.slots.resize_with(slot_bytes.len(), Vec::new);
+        }
+        for (slot, bytes) in self.slots.iter_mut().zip(&slot_bytes) {
+            if slot.len() * 4 < *bytes {
+                slot.resize(bytes.div_ceil(4), 0.0);
+            }
+        }
+        let mut unslotted: HashMap<usize, Vec<f32>> = HashMap::new();
+        let mut owned_inputs: Vec<Vec<f32>> = inputs.iter().map(|a| a.iter().copied().collect()).collect();
+        let mut input_no = 0;
+        let mut ptrs: Vec<(*mut u8, usize)> = Vec::with_capacity(plan.buffers.len());
+        for (i, b) in plan.buffers.iter().enumerate() {
+            let len = b.bytes(seq);
+            let p = match b.kind {
+                BufferKind::Weight => self.weights.get(&i).map(|w| w.ptr_len()).ok_or_else(|| RuntimeError::Cpu(format!("weight `{}` not loaded", b.name)))?,
+                BufferKind::Input => {
+                    let v = owned_inputs.get_mut(input_no).ok_or_else(|| RuntimeError::Cpu("fewer inputs than the plan".into()))?;
+                    input_no += 1;
+                    if v.len() * 4 != len {
+                        return Err(RuntimeError::Cpu(format!("input `{}` holds a wrong number of elements", b.name)));
+                    }
+                    (v.as_mut_ptr() as *mut u8, len)
+                }
+                BufferKind::Temp => match b.slot {
+                    Some(s) => (self.slots[s].as_mut_ptr() as *mut u8, len),
+                    None => {
+                        let v = unslotted.entry(i).or_insert_with(|| vec![0f32; len.div_ceil(4)]);
+                        (v.as_mut_ptr() as *mut u8, len)
+                    }
+                },
+                BufferKind::KvCache => {
+                    let width = b.bytes(1) / 4;
+                    let c = self.caches.entry(i).or_default();
+                    let need = (pos + seq as usize) * width;
+                    if c.len() < need {
+                        // Grow geometrically: decode appends one row at a time.
+                        c.resize(need.max(c.len() * 2).max(width * 64), 0.0);
+                    }
+                    (c.as_mut_ptr() as *mut u8, need * 4)
+                }
+            };
+            ptrs.push(p);
         }
         for step in &plan.steps {
-            let f = *self.kernels.get(&step.kernel).ok_or_else(|| RuntimeError::Cpu(format!("kernel {} not loaded", step.kernel)))?;
-            let out = *step.args.last().ok_or_else(|| RuntimeError::Cpu(format!("kernel {} has no output", step.kernel)))?;
-            if step.args[..step.args.len() - 1].contains(&out) {
-                return Err(RuntimeError::Cpu(format!("kernel {} reads its own output", step.kernel)));
-            }
-            let out_ptr = bufs[out].to_mut().as_mut_ptr();
-            let descs: Vec<MemRef1> = step
-                .args
-                .iter()
-                .map(|&a| {
-                    let p = if a == out { out_ptr } else { bufs[a].as_ptr() as *mut f32 };
-                    MemRef1 { allocated: p, aligned: p, offset: 0, size: bufs[a].len() as i64, stride: 1 }
-                })
-                .collect();
-            let mut args: Vec<usize> = descs.iter().map(|d| d as *const MemRef1 as usize).collect();
-            args.push(seq as usize);
-            let units = step.cpu_units.resolve(seq) as usize;
-            let threads = self.threads.min(units).max(1);
-            let chunk = units.div_ceil(threads);
-            let run = |lo: usize, hi: usize| -> Result<(), String> {
-                let mut a = args.clone();
-                a.push(lo);
-                a.push(hi);
-                // SAFETY: arity and buffer sizes follow the manifest written with these
-                // kernels; inputs are only read (the const-to-mut cast is never written
-                // through); the output is owned, not aliased by any input, and units
-                // lo..hi write only their own part of it, so slices run concurrently.
-                unsafe { call(f as *const c_void, &a) }
-            };
-            if threads == 1 {
-                run(0, units).map_err(RuntimeError::Cpu)?;
-            } else {
-                // rayon's pool: spawning into it costs microseconds, not a thread start.
-                let results: Vec<Result<(), String>> = self.pool.install(|| {
-                    use rayon::prelude::*;
-                    (0..threads).into_par_iter().map(|t| run(t * chunk, ((t + 1) * chunk).min(units))).collect()
-                });
-                for r in results {
-                    r.map_err(RuntimeError::Cpu)?;
+            match step {
+                Step::KvAppend { src, cache } => {
+                    let (sp, slen) = ptrs[*src];
+                    let (cp, _) = ptrs[*cache];
+                    let row_bytes = plan.buffers[*cache].bytes(1);
+                    // SAFETY: the cache holds `pos + seq` rows (sized above); `src`
+                    // holds `seq` rows of the same width; they are distinct buffers.
+                    unsafe { std::ptr::copy_nonoverlapping(sp, cp.add(pos * row_bytes), slen.min(row_bytes * seq as usize)) };
+                }
+                Step::Kernel(k) => {
+                    let t = self.profile.is_some().then(std::time::Instant::now);
+                    self.launch(k, &ptrs, seq, pos)?;
+                    if let (Some(t), Some(p)) = (t, self.profile.as_mut()) {
+                        let e = p.entry(k.kernel.clone()).or_default();
+                        e.0 += t.elapsed().as_secs_f64() * 1e3;
+                        e.1 += 1;
+                    }
                 }
             }
         }
+        self.pos += seq as usize;
         plan.outputs
             .iter()
             .map(|&o| {
-                let shape: Vec<usize> = plan.buffers[o].dims.iter().map(|d| d.resolve(seq) as usize).collect();
-                ArrayD::from_shape_vec(IxDyn(&shape), bufs[o].to_vec()).map_err(|e| RuntimeError::Cpu(e.to_string()))
+                let b = &plan.buffers[o];
+                let shape: Vec<usize> = b.dims.iter().map(|d| d.resolve(seq) as usize).collect();
+                let n: usize = shape.iter().product();
+                let (p, len) = ptrs[o];
+                if b.dtype.is_quantized() || len < n * 4 {
+                    return Err(RuntimeError::Cpu(format!("output `{}` is not an f32 buffer", b.name)));
+                }
+                // SAFETY: `p` points at `len >= 4n` bytes of f32 values that stay alive for this call.
+                let v = unsafe { std::slice::from_raw_parts(p as *const f32, n) }.to_vec();
+                ArrayD::from_shape_vec(IxDyn(&shape), v).map_err(|e| RuntimeError::Cpu(e.to_string()))
             })
             .collect()
+    }
+
+    fn launch(&self, step: &KernelStep, ptrs: &[(*mut u8, usize)], seq: u64, pos: usize) -> RuntimeResult<()> {
+        let exec = self.exec;
+        let f = *exec.kernels.get(&step.kernel).ok_or_else(|| RuntimeError::Cpu(format!("kernel {} not loaded", step.kernel)))?;
+        let out = *step.args.last().ok_or_else(|| RuntimeError::Cpu(format!("kernel {} has no output", step.kernel)))?;
+        let out_ptr = ptrs[out].0;
+        if step.args[..step.args.len() - 1].iter().any(|&a| a == out || ptrs[a].0 == out_ptr) {
+            return Err(RuntimeError::Cpu(format!("kernel {} reads its own output", step.kernel)));
+        }
+        let descs: Vec<MemRef1> = step
+            .args
+            .iter()
+            .map(|&a| {
+                let (p, bytes) = ptrs[a];
+                let elems = if self.art.manifest.execution.buffers[a].dtype.is_quantized() { bytes } else { bytes / 4 };
+                MemRef1 { allocated: p, aligned: p, offset: 0, size: elems as i64, stride: 1 }
+            })
+            .collect();
+        let mut args: Vec<usize> = descs.iter().map(|d| d as *const MemRef1 as usize).collect();
+        args.push(seq as usize);
+        args.push(pos);
+        let units = step.units(seq) as usize;
+        let enough = (units as u64).saturating_mul(step.cpu_unit_cost.max(1)) >= PARALLEL_MIN_OPS;
+        let threads = if enough { exec.threads.min(units).max(1) } else { 1 };
+        let chunk = units.div_ceil(threads);
+        let failed: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+        let run = |t: usize| {
+            let (lo, hi) = ((t * chunk).min(units), ((t + 1) * chunk).min(units));
+            let mut a = args.clone();
+            a.push(lo);
+            a.push(hi);
+            // SAFETY: arity and buffer sizes follow the manifest written with these
+            // kernels; inputs are only read; the output is not aliased by any input
+            // (checked above), and units lo..hi write only their own part of it, so
+            // slices run concurrently; the scope ends only when every slice is done.
+            if let Err(e) = unsafe { call(f as *const c_void, &a) } {
+                if let Ok(mut g) = failed.lock() {
+                    *g = Some(e);
+                }
+            }
+        };
+        // The calling thread runs the first slice itself while the pool's
+        // threads take the others.
+        exec.pool.in_place_scope(|s| {
+            for t in 1..threads {
+                let run = &run;
+                s.spawn(move |_| run(t));
+            }
+            run(0);
+        });
+        let err = failed.lock().ok().and_then(|mut g| g.take());
+        match err {
+            Some(e) => Err(RuntimeError::Cpu(e)),
+            None => Ok(()),
+        }
     }
 }

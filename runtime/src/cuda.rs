@@ -3,7 +3,7 @@
 
 use crate::artifact::Artifact;
 use crate::error::{RuntimeError, RuntimeResult};
-use crate::manifest::{BufferKind, CUDA_DIR};
+use crate::manifest::{BufferKind, Step, CUDA_DIR};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use ndarray::{ArrayD, IxDyn};
 use std::collections::HashMap;
@@ -26,8 +26,8 @@ pub struct CudaExecutor {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     kernels: HashMap<String, CudaFunction>,
-    /// Weight buffers, uploaded once.
-    weights: HashMap<usize, CudaSlice<f32>>,
+    /// Weight buffers (f32 values or packed quantized blocks), uploaded once.
+    weights: HashMap<usize, CudaSlice<u8>>,
 }
 
 impl CudaExecutor {
@@ -39,6 +39,7 @@ impl CudaExecutor {
         let stream = ctx.default_stream();
         let mut kernels = HashMap::new();
         for step in &art.manifest.execution.steps {
+            let Step::Kernel(step) = step else { continue };
             if kernels.contains_key(&step.kernel) {
                 continue;
             }
@@ -54,8 +55,9 @@ impl CudaExecutor {
         let mut weights = HashMap::new();
         for (i, b) in art.manifest.execution.buffers.iter().enumerate() {
             if b.kind == BufferKind::Weight {
-                let (_, data) = art.weights.get(&b.name)?;
-                weights.insert(i, stream.clone_htod(&data[..]).map_err(cu("upload weight"))?);
+                let data = art.weights.bytes(&b.name)?;
+                let data = &data[..b.bytes(0).min(data.len())];
+                weights.insert(i, stream.clone_htod(data).map_err(cu("upload weight"))?);
             }
         }
         Ok(CudaExecutor { ctx, stream, kernels, weights })
@@ -65,11 +67,14 @@ impl CudaExecutor {
         self.ctx.name().unwrap_or_else(|e| format!("<unknown: {e}>"))
     }
 
-    /// Runs the plan on `inputs`; outputs are copied back to the host.
+    /// Runs the plan on `inputs` as one whole sequence (no earlier positions: a
+    /// KV cache is then exactly the new keys or values, so it aliases them);
+    /// outputs are copied back to the host.
     pub fn run(&self, art: &Artifact, inputs: &[ArrayD<f32>]) -> RuntimeResult<Vec<ArrayD<f32>>> {
         let seq = art.bind_seq(inputs)?;
         let plan = &art.manifest.execution;
         let mut owned: HashMap<usize, CudaSlice<f32>> = HashMap::new();
+        let mut alias: HashMap<usize, usize> = HashMap::new();
         let mut input_iter = inputs.iter();
         for (i, b) in plan.buffers.iter().enumerate() {
             match b.kind {
@@ -79,14 +84,22 @@ impl CudaExecutor {
                     let host: Vec<f32> = a.iter().copied().collect();
                     owned.insert(i, self.stream.clone_htod(&host).map_err(cu("upload input"))?);
                 }
+                BufferKind::KvCache => {}
                 BufferKind::Temp => {
                     let n = (b.numel().resolve(seq) as usize).max(1);
                     owned.insert(i, self.stream.alloc_zeros::<f32>(n).map_err(cu("alloc"))?);
                 }
             }
         }
-        let seq_arg = seq as i64;
+        let (seq_arg, pos_arg) = (seq as i64, 0i64);
         for step in &plan.steps {
+            let step = match step {
+                Step::KvAppend { src, cache } => {
+                    alias.insert(*cache, *src);
+                    continue;
+                }
+                Step::Kernel(k) => k,
+            };
             let f = self.kernels.get(&step.kernel).ok_or_else(|| RuntimeError::Cuda(format!("kernel {} not loaded", step.kernel)))?;
             let out = *step.args.last().ok_or_else(|| RuntimeError::Cuda(format!("kernel {} has no output", step.kernel)))?;
             let mut out_buf = owned.remove(&out).ok_or_else(|| RuntimeError::Cuda(format!("kernel {} writes a weight", step.kernel)))?;
@@ -97,14 +110,18 @@ impl CudaExecutor {
             let result = {
                 let mut launch = self.stream.launch_builder(f);
                 for &a in &step.args[..step.args.len() - 1] {
-                    let buf = self.weights.get(&a).or_else(|| owned.get(&a));
-                    let buf = buf.ok_or_else(|| RuntimeError::Cuda(format!("buffer {a} missing")))?;
-                    launch.arg(buf);
+                    let a = alias.get(&a).copied().unwrap_or(a);
+                    match (self.weights.get(&a), owned.get(&a)) {
+                        (Some(w), _) => launch.arg(w),
+                        (None, Some(o)) => launch.arg(o),
+                        (None, None) => return Err(RuntimeError::Cuda(format!("buffer {a} missing"))),
+                    };
                 }
                 launch.arg(&mut out_buf);
                 launch.arg(&seq_arg);
+                launch.arg(&pos_arg);
                 // SAFETY: the kernel's parameters are the step's buffers (device
-                // pointers, sized for `seq` by the plan) and then `seq` as i64,
+                // pointers, sized for `seq` by the plan) and then `seq`, `pos` as i64,
                 // exactly the signature the compiler generated.
                 unsafe { launch.launch(cfg) }.map(|_| ())
             };
@@ -116,7 +133,7 @@ impl CudaExecutor {
             .iter()
             .map(|&o| {
                 let shape: Vec<usize> = plan.buffers[o].dims.iter().map(|d| d.resolve(seq) as usize).collect();
-                let buf = self.weights.get(&o).or_else(|| owned.get(&o)).ok_or_else(|| RuntimeError::Cuda(format!("output {o} missing")))?;
+                let buf = owned.get(&o).ok_or_else(|| RuntimeError::Cuda(format!("output {o} is not computed on the device")))?;
                 let mut host = self.stream.clone_dtoh(buf).map_err(cu("download"))?;
                 self.stream.synchronize().map_err(cu("synchronize"))?;
                 host.truncate(shape.iter().product());

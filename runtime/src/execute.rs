@@ -66,7 +66,7 @@ impl Executor {
 
 /// Runs the reference interpreter on the artifact's graph and weights.
 pub fn reference_outputs(art: &Artifact, inputs: &[ArrayD<f32>]) -> RuntimeResult<Vec<ArrayD<f32>>> {
-    interpret(&art.graph, inputs, &|name| art.weights.get_array(name).ok().map(std::sync::Arc::new))
+    interpret(&art.graph, inputs, &|name| art.weight_array(name).ok().map(std::sync::Arc::new))
 }
 
 /// Compares outputs pairwise; a count mismatch fails every comparison.

@@ -2,10 +2,10 @@
 //! the runtime. Versioned; the runtime refuses versions it does not know.
 
 use serde::{Deserialize, Serialize};
-use sparsec_ir::{Dim, SymSize};
+use sparsec_ir::{DType, Dim, SymSize};
 
 /// Bumped whenever the manifest or the kernel ABI changes.
-pub const MANIFEST_VERSION: u32 = 2;
+pub const MANIFEST_VERSION: u32 = 3;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const GRAPH_FILE: &str = "graph.sir";
@@ -33,7 +33,22 @@ pub struct Manifest {
     pub execution: ExecutionPlan,
     /// Wall time of the whole compile, in milliseconds.
     pub compile_ms: f64,
+    /// For a language model: its tokenizer file in the artifact and end token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lm: Option<LmInfo>,
 }
+
+/// What turns an artifact into a language model for `run --prompt` and `eval`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LmInfo {
+    /// The tokenizer (Hugging Face `tokenizer.json` format), relative to the artifact.
+    pub tokenizer: String,
+    pub eos: Option<u32>,
+    /// Where the weights came from (a path or `smollm2`).
+    pub source: String,
+}
+
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// One compiled kernel and what it cost.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -64,6 +79,9 @@ pub enum BufferKind {
     Weight,
     /// Produced by a step.
     Temp,
+    /// The keys or values an attention op has seen: `dims` are per position
+    /// (`[seq, width]`); the runtime holds a capacity of positions across calls.
+    KvCache,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -72,25 +90,63 @@ pub struct BufferSpec {
     pub name: String,
     pub kind: BufferKind,
     pub dims: Vec<Dim>,
+    /// Element type; a quantized weight is its packed bytes (`sparsec_ir::quant`).
+    pub dtype: DType,
+    /// Temps share memory: buffers with the same slot are never alive at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<usize>,
 }
 
 impl BufferSpec {
     pub fn numel(&self) -> SymSize {
         SymSize::of_dims(&self.dims)
     }
+
+    /// Bytes at sequence length `seq`: packed blocks for quantized weights; every
+    /// other buffer holds 4-byte f32 values (i32 ids travel as exact f32).
+    pub fn bytes(&self, seq: u64) -> usize {
+        let n = self.numel().resolve(seq) as usize;
+        if self.dtype.is_quantized() {
+            self.dtype.storage_bytes(n).unwrap_or(0)
+        } else {
+            n * 4
+        }
+    }
 }
 
-/// One kernel launch. Kernel ABI (`MANIFEST_VERSION` 2): arguments are the
-/// `args` buffers as flat f32 arrays (the last one is written), then `seq` as i64.
-/// CPU: `_mlir_ciface_<kernel>(memref descriptor*..., i64 seq, i64 lo, i64 hi)` runs
-/// units `lo..hi` of `cpu_units` (disjoint slices may run on different threads);
-/// CUDA: `<kernel>(f32*..., i64 seq)`, one thread per unit of `gpu_threads`.
+/// One kernel launch. Kernel ABI (`MANIFEST_VERSION` 3): arguments are the
+/// `args` buffers as flat arrays (f32; packed bytes for quantized weights; the
+/// last one is written), then `seq` (rows of this call) and `pos` (positions
+/// already in the KV caches) as i64.
+/// CPU: `_mlir_ciface_<kernel>(memref descriptor*..., i64 seq, i64 pos, i64 lo, i64 hi)`
+/// runs units `lo..hi` of `cpu_units` (disjoint slices may run on different threads);
+/// CUDA: `<kernel>(ptr..., i64 seq, i64 pos)`, one thread per unit of `gpu_threads`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Step {
+pub struct KernelStep {
     pub kernel: String,
     pub args: Vec<usize>,
     pub gpu_threads: SymSize,
+    /// CPU units, with `seq` counted in blocks of `cpu_seq_block` rows.
     pub cpu_units: SymSize,
+    pub cpu_seq_block: u64,
+    /// Rough scalar operations per CPU unit: the runtime splits a step over
+    /// threads only when there is enough work to pay for it.
+    pub cpu_unit_cost: u64,
+}
+
+impl KernelStep {
+    /// CPU units at sequence length `seq`.
+    pub fn units(&self, seq: u64) -> u64 {
+        self.cpu_units.resolve(seq.div_ceil(self.cpu_seq_block.max(1)))
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum Step {
+    Kernel(KernelStep),
+    /// Copies the `seq` new rows of `src` into the cache `cache` at row `pos`.
+    KvAppend { src: usize, cache: usize },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -19,6 +19,8 @@ pub type V = String;
 
 pub struct KernelBuilder {
     device: Device,
+    /// Parameters that are byte buffers (packed quantized weights).
+    byte_params: Vec<V>,
     consts: Vec<String>,
     const_ids: HashMap<String, V>,
     body: Vec<String>,
@@ -28,7 +30,7 @@ pub struct KernelBuilder {
 
 impl KernelBuilder {
     pub fn new(device: Device) -> Self {
-        KernelBuilder { device, consts: Vec::new(), const_ids: HashMap::new(), body: Vec::new(), indent: 2, next: 0 }
+        KernelBuilder { device, byte_params: Vec::new(), consts: Vec::new(), const_ids: HashMap::new(), body: Vec::new(), indent: 2, next: 0 }
     }
 
     pub fn device(&self) -> Device {
@@ -82,9 +84,73 @@ impl KernelBuilder {
         self.constant(format!("{n} : i32"))
     }
 
-    /// The run-time `seq` argument, as an index.
+    /// The run-time `seq` argument (rows of this call), as an index.
     pub fn seq(&self) -> V {
         "%seq".into()
+    }
+
+    /// The run-time `pos` argument (positions already in the KV caches), as an index.
+    pub fn pos(&self) -> V {
+        "%pos".into()
+    }
+
+    /// Declares the buffer parameter `param` a byte buffer (`memref<?xi8>` on the
+    /// CPU): packed quantized data, read with the byte and f16 loads below.
+    pub fn byte_param(&mut self, param: &str) {
+        self.byte_params.push(param.to_string());
+    }
+
+    /// The byte at `buf[idx]`, zero- (`signed`: sign-) extended to i32.
+    pub fn load_byte(&mut self, buf: &str, idx: &str, signed: bool) -> V {
+        let b = match self.device {
+            Device::Cpu => self.def(format!("memref.load {buf}[{idx}] : memref<?xi8>")),
+            Device::Nvptx => {
+                let i = self.def(format!("arith.index_cast {idx} : index to i64"));
+                let p = self.def(format!("llvm.getelementptr inbounds {buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, i8"));
+                self.def(format!("llvm.load {p} : !llvm.ptr -> i8"))
+            }
+        };
+        let ext = if signed { "extsi" } else { "extui" };
+        self.def(format!("arith.{ext} {b} : i8 to i32"))
+    }
+
+    /// The f16 plane of `count` values at byte offset `byte_off` of the byte
+    /// buffer `buf`: a `memref<?xf16>` view on the CPU, a pointer on NVIDIA.
+    pub fn f16_plane(&mut self, buf: &str, byte_off: u64, count: u64) -> V {
+        let off = self.index(byte_off);
+        match self.device {
+            Device::Cpu => {
+                let n = self.index(count);
+                self.def(format!("memref.view {buf}[{off}][{n}] : memref<?xi8> to memref<?xf16>"))
+            }
+            Device::Nvptx => {
+                let o = self.i64(byte_off as i64);
+                self.def(format!("llvm.getelementptr inbounds {buf}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, i8"))
+            }
+        }
+    }
+
+    /// `plane[idx]` of an `f16_plane`, as f32.
+    pub fn load_f16(&mut self, plane: &str, idx: &str) -> V {
+        let h = match self.device {
+            Device::Cpu => self.def(format!("memref.load {plane}[{idx}] : memref<?xf16>")),
+            Device::Nvptx => {
+                let i = self.def(format!("arith.index_cast {idx} : index to i64"));
+                let p = self.def(format!("llvm.getelementptr inbounds {plane}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, f16"));
+                self.def(format!("llvm.load {p} : !llvm.ptr -> f16"))
+            }
+        };
+        self.def(format!("arith.extf {h} : f16 to f32"))
+    }
+
+    /// `n` bytes at `buf[idx..]` as `vector<nxi8>` (CPU).
+    pub fn vload_bytes(&mut self, buf: &str, idx: &str, n: u32) -> V {
+        self.def(format!("vector.load {buf}[{idx}] : memref<?xi8>, vector<{n}xi8>"))
+    }
+
+    /// A stack buffer of `n` f32 for the duration of the call (CPU).
+    pub fn alloca_f32(&mut self, n: &str) -> V {
+        self.def(format!("memref.alloca({n}) : memref<?xf32>"))
     }
 
     /// `coef * seq^pow` as an index value.
@@ -231,6 +297,24 @@ impl KernelBuilder {
         }
     }
 
+    /// `if cond { then } else { els }` (no results).
+    pub fn if_else(&mut self, cond: &str, then: impl FnOnce(&mut Self), els: impl FnOnce(&mut Self)) {
+        self.line(format!("scf.if {cond} {{"));
+        self.indent += 1;
+        then(self);
+        self.indent -= 1;
+        self.line("} else {".into());
+        self.indent += 1;
+        els(self);
+        self.indent -= 1;
+        self.line("}".into());
+    }
+
+    /// A constant vector of `width` lanes of the integer `n` (`elem` i8, i32, ...).
+    pub fn vsplat_int(&mut self, n: i64, width: u32, elem: &str) -> V {
+        self.constant(format!("dense<{n}> : vector<{width}x{elem}>"))
+    }
+
     /// `for iv in (lb..ub).step_by(step) { body }`.
     pub fn for_step(&mut self, lb: &str, ub: &str, step: u64, body: impl FnOnce(&mut Self, &str)) {
         let step = self.index(step);
@@ -274,7 +358,8 @@ impl KernelBuilder {
 
     /// Sum of the lanes.
     pub fn vsum(&mut self, v: &str, width: u32) -> V {
-        self.def(format!("vector.reduction <add>, {v} : {} into f32", Self::vty(width)))
+        // Reassociation lets LLVM sum the lanes as a tree, not one lane at a time.
+        self.def(format!("vector.reduction <add>, {v} fastmath<reassoc> : {} into f32", Self::vty(width)))
     }
 
     /// Runs `body(unit)` for every `unit in 0..work`: on the CPU a loop over the
@@ -311,19 +396,23 @@ impl KernelBuilder {
         let mut s = String::from("module {\n");
         match self.device {
             Device::Cpu => {
-                let params: Vec<String> = buffers.iter().map(|b| format!("{b}: memref<?xf32>")).collect();
+                let params: Vec<String> = buffers
+                    .iter()
+                    .map(|b| format!("{b}: memref<?x{}>", if self.byte_params.contains(b) { "i8" } else { "f32" }))
+                    .collect();
                 s.push_str(&format!(
-                    "  func.func @{name}({}, %seq: index, %lo: index, %hi: index) attributes {{llvm.emit_c_interface}} {{\n",
+                    "  func.func @{name}({}, %seq: index, %pos: index, %lo: index, %hi: index) attributes {{llvm.emit_c_interface}} {{\n",
                     params.join(", ")
                 ));
             }
             Device::Nvptx => {
                 let params: Vec<String> = buffers.iter().map(|b| format!("{b}: !llvm.ptr {{llvm.noalias}}")).collect();
                 s.push_str(&format!(
-                    "  llvm.func @{name}({}, %seq_i64: i64) attributes {{nvvm.kernel}} {{\n",
+                    "  llvm.func @{name}({}, %seq_i64: i64, %pos_i64: i64) attributes {{nvvm.kernel}} {{\n",
                     params.join(", ")
                 ));
                 s.push_str("    %seq = arith.index_cast %seq_i64 : i64 to index\n");
+                s.push_str("    %pos = arith.index_cast %pos_i64 : i64 to index\n");
             }
         }
         for c in &self.consts {

@@ -5,10 +5,32 @@
 use super::builder::{Device, KernelBuilder, V};
 use super::math;
 use crate::error::CompileError;
-use sparsec_ir::{GeluApprox, Op, Pattern, SymSize, TensorType, Window};
+use sparsec_ir::{DType, GeluApprox, Op, Pattern, SymSize, TensorType, Window};
 
 /// Lanes of the CPU vector kernels (AVX2: 8 × f32).
 const VW: u32 = 8;
+/// Lanes of the quantized CPU kernels: half a block of 32 per vector.
+const VQ: u32 = 16;
+/// Rows of `seq` per CPU matmul unit: the GEMM micro-kernel's rows.
+const MM_ROWS: u64 = 4;
+/// Weight rows (output columns) per CPU matmul unit.
+const MM_COLS: u64 = 32;
+
+/// How a CPU matmul with a transposed `[N, K]` weight is tiled: units are
+/// (row block, column block) pairs; a full row block runs a register-blocked
+/// micro-kernel of `rb` rows, ragged rows one at a time. Prefill is the GEMM
+/// case (`rb` rows share each weight load), decode the GEMV case (one row).
+#[derive(Clone, Copy, Debug)]
+struct TiledMatmul {
+    k: u64,
+    n: u64,
+    rows: SymSize,
+    /// Rows per unit: `MM_ROWS` when the rows are exactly `seq`, else 1.
+    rb: u64,
+    col_tiles: u64,
+    /// The weight's block-quantized type, if any.
+    quant: Option<DType>,
+}
 
 /// What a kernel computes: the op, its operand types and its result type.
 #[derive(Clone, Debug)]
@@ -42,9 +64,56 @@ impl KernelSpec {
         })
     }
 
+    fn tiled_matmul(&self) -> Option<TiledMatmul> {
+        let Op::MatMul { transpose_b: true } = self.op else { return None };
+        let (Some(sparsec_ir::Dim::Fixed(k)), Some(sparsec_ir::Dim::Fixed(n))) = (self.operands[0].last_dim(), self.result.last_dim()) else {
+            return None;
+        };
+        let quant = Some(self.operands[1].dtype).filter(|d| d.is_quantized());
+        if k % VW as u64 != 0 && quant.is_none() {
+            return None;
+        }
+        let numel = self.result.numel();
+        let rows = SymSize { coef: numel.coef / n.max(1), ..numel };
+        if rows.seq_pow > 1 {
+            return None;
+        }
+        let rb = if rows == (SymSize { coef: 1, seq_pow: 1 }) { MM_ROWS } else { 1 };
+        Some(TiledMatmul { k, n, rows, rb, col_tiles: n.div_ceil(MM_COLS), quant })
+    }
+
+    /// Rows of `seq` per CPU unit (the runtime counts `seq` in such blocks).
+    pub fn cpu_seq_block(&self) -> u64 {
+        self.tiled_matmul().map(|t| t.rb).unwrap_or(1)
+    }
+
+    /// Rough scalar operations per CPU unit (for the runtime's threading decision).
+    pub fn cpu_unit_cost(&self) -> u64 {
+        let last = |t: &TensorType| match t.last_dim() {
+            Some(sparsec_ir::Dim::Fixed(n)) => n,
+            _ => 1,
+        };
+        match &self.op {
+            Op::MatMul { .. } => match self.tiled_matmul() {
+                Some(t) => t.rb * MM_COLS * t.k,
+                None => last(&self.operands[0]) * last(&self.result),
+            },
+            // Per (row, head): a dot and an axpy over every cached position (512 assumed).
+            Op::Attention { heads, .. } => 4 * 512 * last(&self.operands[0]) / (*heads as u64).max(1),
+            Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Softmax => 8 * last(&self.result),
+            Op::Rope { .. } => 64,
+            Op::Gelu { .. } | Op::Silu => 16,
+            _ => 2,
+        }
+    }
+
     /// Units of the CPU kernel's parallel loop (what the runtime splits over
-    /// threads): rows for matmul, else the same as `work`.
+    /// threads): tiles for matmul with a transposed weight, rows for other
+    /// matmuls, else the same as `work`.
     pub fn cpu_work(&self) -> Result<SymSize, CompileError> {
+        if let Some(t) = self.tiled_matmul() {
+            return Ok(SymSize { coef: t.rows.coef * t.col_tiles, seq_pow: t.rows.seq_pow });
+        }
         match &self.op {
             Op::MatMul { .. } => {
                 let n = fixed_last(self, &self.result)?;
@@ -70,16 +139,23 @@ fn fixed_last(spec: &KernelSpec, t: &TensorType) -> Result<u64, CompileError> {
 /// Writes the MLIR module of one kernel for `device`.
 pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileError> {
     // Buffers hold f32; i32 values (token ids, positions) travel as exact f32 integers.
+    // Quantized weights are packed bytes (shape inference allows them only as
+    // matmul weights and embedding tables).
     if let Some(t) = spec
         .operands
         .iter()
         .chain([&spec.result])
-        .find(|t| !matches!(t.dtype, sparsec_ir::DType::F32 | sparsec_ir::DType::I32))
+        .find(|t| !matches!(t.dtype, DType::F32 | DType::I32) && !t.dtype.is_quantized())
     {
-        return Err(spec.unsupported(&format!("element type {} (f32 and i32 only for now)", t.dtype.name())));
+        return Err(spec.unsupported(&format!("element type {} (f32, i32 and q8_0/q4_0/q4_1 weights only for now)", t.dtype.name())));
     }
     let mut b = KernelBuilder::new(device);
     let ins: Vec<V> = (0..spec.operands.len()).map(|i| format!("%in{i}")).collect();
+    for (i, t) in spec.operands.iter().enumerate() {
+        if t.dtype.is_quantized() {
+            b.byte_param(&ins[i]);
+        }
+    }
     let out: V = "%out".into();
     let work = spec.work()?;
     let work = b.sym(work);
@@ -147,8 +223,15 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                 b.store(&y, &out, i);
             });
         }
+        Op::MatMul { .. } if device == Device::Cpu && spec.tiled_matmul().is_some() => {
+            if let Some(t) = spec.tiled_matmul() {
+                emit_tiled_matmul(&mut b, &t, &ins, &out);
+            }
+        }
         Op::MatMul { transpose_b } => {
             let k = fixed_last(spec, &spec.operands[0])?;
+            let wq = spec.operands[1].dtype;
+            let planes = wq.is_quantized().then(|| QuantPlanes::new(&mut b, wq, &ins[1], spec.operands[1].numel().coef));
             let n = fixed_last(spec, &spec.result)?;
             let (kc, nc) = (b.index(k), b.index(n));
             let zero_i = b.index(0);
@@ -172,7 +255,10 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                             b.addi(&t, j)
                         }
                     };
-                    let w = b.load(&w_buf, &bi);
+                    let w = match &planes {
+                        Some(q) => q.load(b, &w_buf, &bi),
+                        None => b.load(&w_buf, &bi),
+                    };
                     vec![b.fma(&a, &w, &acc[0])]
                 });
                 acc[0].clone()
@@ -341,6 +427,8 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
             };
             let wc = b.index(width);
             let last_row = b.index(rows - 1);
+            let tq = spec.operands[0].dtype;
+            let planes = tq.is_quantized().then(|| QuantPlanes::new(&mut b, tq, &ins[0], rows * width));
             b.parallel(&work, |b, e| {
                 let t = b.divui(e, &wc);
                 let c = b.remui(e, &wc);
@@ -351,13 +439,18 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                 let id = b.def(format!("arith.minui {id}, {last_row} : index"));
                 let base = b.muli(&id, &wc);
                 let src = b.addi(&base, &c);
-                let v = b.load(&ins[0], &src);
+                let v = match &planes {
+                    Some(q) => q.load(b, &ins[0], &src),
+                    None => b.load(&ins[0], &src),
+                };
                 b.store(&v, &out, e);
             });
         }
         Op::Positions => {
+            let pos = b.pos();
             b.parallel(&work, |b, e| {
-                let i = b.def(format!("arith.index_cast {e} : index to i64"));
+                let p = b.addi(e, &pos);
+                let i = b.def(format!("arith.index_cast {p} : index to i64"));
                 let f = b.def(format!("arith.uitofp {i} : i64 to f32"));
                 b.store(&f, &out, e);
             });
@@ -400,7 +493,9 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                     vec![b.def(format!("arith.mulf {}, {base_freq} : f64", acc[0]))]
                 });
                 let freq = freq[0].clone();
-                let pi = b.def(format!("arith.index_cast {row} : index to i64"));
+                let pos = b.pos();
+                let at = b.addi(&row, &pos);
+                let pi = b.def(format!("arith.index_cast {at} : index to i64"));
                 let pf = b.def(format!("arith.sitofp {pi} : i64 to f64"));
                 let angle = b.def(format!("arith.mulf {pf}, {freq} : f64"));
                 let (sin, cos) = math::sincos_f64(b, &angle);
@@ -441,10 +536,36 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
             let zero = b.f32(0.0);
             let ninf = b.f32(-1e30);
             let scale = b.f32(1.0 / (d as f32).sqrt());
-            let win = window.map(|(size, sinks)| (b.index(size as u64), b.index(sinks as u64)));
-            b.parallel(&work, |b, unit| {
-                // unit = row * heads + head; online softmax over keys 0..=row,
-                // accumulating the weighted values in the output row itself.
+            let win = window.map(|(size, sinks)| (b.index(size as u64), b.index(sinks as u64), sinks));
+            let pos = b.pos();
+            // The keys are the KV caches (operands 1 and 2): every position before
+            // this call's rows, then the rows themselves (appended by the runtime).
+            // Query row r sits at position pos + r and sees keys 0..=pos + r.
+            let first_key = |b: &mut KernelBuilder, end: &str| -> V {
+                match &win {
+                    // Without sinks nothing before the window is visible: start there.
+                    Some((size, _, 0)) => {
+                        let past = b.def(format!("arith.cmpi ugt, {end}, {size} : index"));
+                        let st = b.def(format!("arith.subi {end}, {size} : index"));
+                        b.def(format!("arith.select {past}, {st}, {zero_i} : index"))
+                    }
+                    _ => zero_i.clone(),
+                }
+            };
+            let masked = |b: &mut KernelBuilder, s: &str, j: &str, p: &str| -> V {
+                match &win {
+                    None => s.to_string(),
+                    Some((size, sinks, _)) => {
+                        let jp = b.addi(j, size);
+                        let recent = b.def(format!("arith.cmpi ugt, {jp}, {p} : index"));
+                        let sink = b.def(format!("arith.cmpi ult, {j}, {sinks} : index"));
+                        let vis = b.def(format!("arith.ori {recent}, {sink} : i1"));
+                        b.def(format!("arith.select {vis}, {s}, {ninf} : f32"))
+                    }
+                }
+            };
+            // unit = row * heads + head: where its query, its KV head and its keys are.
+            let unit_of = |b: &mut KernelBuilder, unit: &str| -> AttnUnit {
                 let row = b.divui(unit, &hc);
                 let head = b.remui(unit, &hc);
                 let kh = b.divui(&head, &groupc);
@@ -452,62 +573,379 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                 let qhd = b.muli(&head, &dc);
                 let qbase = b.addi(&qrow, &qhd);
                 let khd = b.muli(&kh, &dc);
-                b.for_each(&zero_i, &dc, |b, c| {
-                    let o = b.addi(&qbase, c);
-                    b.store(&zero, &out, &o);
-                });
-                let end = b.addi(&row, &one_i);
-                let ml = b.for_fold(&zero_i, &end, &[ninf.clone(), zero.clone()], |b, j, acc| {
-                    let kbase0 = b.muli(j, &kvwc);
-                    let kbase = b.addi(&kbase0, &khd);
-                    let dot = b.for_fold(&zero_i, &dc, &[zero.clone()], |b, c, a| {
-                        let qi = b.addi(&qbase, c);
-                        let ki = b.addi(&kbase, c);
-                        let qv = b.load(&ins[0], &qi);
-                        let kv = b.load(&ins[1], &ki);
-                        vec![b.fma(&qv, &kv, &a[0])]
-                    });
-                    let s = b.mul(&dot[0], &scale);
-                    // A key outside the window gets -inf (weight 0).
-                    let s = match &win {
-                        None => s,
-                        Some((size, sinks)) => {
-                            let jp = b.addi(j, size);
-                            let recent = b.def(format!("arith.cmpi ugt, {jp}, {row} : index"));
-                            let sink = b.def(format!("arith.cmpi ult, {j}, {sinks} : index"));
-                            let vis = b.def(format!("arith.ori {recent}, {sink} : i1"));
-                            b.def(format!("arith.select {vis}, {s}, {ninf} : f32"))
+                let p = b.addi(&pos, &row);
+                let end = b.addi(&p, &one_i);
+                let start = first_key(b, &end);
+                AttnUnit { qbase, khd, p, start, end }
+            };
+            if device == Device::Cpu && d % VW as u64 == 0 {
+                // Three passes per (row, head) over a stack row of scores: q·k (vector
+                // dot), exp and sum, then Σ p·v with the head's d/VW accumulators in registers.
+                let total = b.addi(&pos, &b.seq());
+                let scores = b.alloca_f32(&total);
+                let nv = (d / VW as u64) as usize;
+                b.parallel(&work, |b, unit| {
+                    let AttnUnit { qbase, khd, p, start, end } = unit_of(b, unit);
+                    let qs: Vec<V> = (0..nv)
+                        .map(|v| {
+                            let o = b.index(v as u64 * VW as u64);
+                            let i = b.addi(&qbase, &o);
+                            b.vload(&ins[0], &i, VW)
+                        })
+                        .collect();
+                    let m = b.for_fold(&start, &end, &[ninf.clone()], |b, j, acc| {
+                        let kb = b.muli(j, &kvwc);
+                        let kbase = b.addi(&kb, &khd);
+                        let mut dot = b.vzero(VW);
+                        for (v, q) in qs.iter().enumerate() {
+                            let o = b.index(v as u64 * VW as u64);
+                            let i = b.addi(&kbase, &o);
+                            let k = b.vload(&ins[1], &i, VW);
+                            dot = b.vfma(q, &k, &dot, VW);
                         }
-                    };
-                    let m_new = b.fbin("maximumf", &acc[0], &s);
-                    let dm = b.sub(&acc[0], &m_new);
-                    let corr = math::exp(b, &dm);
-                    let ds = b.sub(&s, &m_new);
-                    let p = math::exp(b, &ds);
-                    let l = b.fma(&acc[1], &corr, &p);
+                        let dsum = b.vsum(&dot, VW);
+                        let s = b.mul(&dsum, &scale);
+                        let s = masked(b, &s, j, &p);
+                        b.store(&s, &scores, j);
+                        vec![b.fbin("maximumf", &acc[0], &s)]
+                    });
+                    let l = b.for_fold(&start, &end, &[zero.clone()], |b, j, acc| {
+                        let s = b.load(&scores, j);
+                        let c = b.sub(&s, &m[0]);
+                        let e = math::exp(b, &c);
+                        b.store(&e, &scores, j);
+                        vec![b.add(&acc[0], &e)]
+                    });
+                    let z = b.vzero(VW);
+                    let init: Vec<(V, String)> = (0..nv).map(|_| (z.clone(), KernelBuilder::vty(VW))).collect();
+                    let accs = b.for_fold_typed(&start, &end, 1, &init, |b, j, accs| {
+                        let e = b.load(&scores, j);
+                        let ev = b.vbroadcast(&e, VW);
+                        let vb = b.muli(j, &kvwc);
+                        let vbase = b.addi(&vb, &khd);
+                        (0..nv)
+                            .map(|v| {
+                                let o = b.index(v as u64 * VW as u64);
+                                let i = b.addi(&vbase, &o);
+                                let x = b.vload(&ins[2], &i, VW);
+                                b.vfma(&ev, &x, &accs[v], VW)
+                            })
+                            .collect()
+                    });
+                    let one = b.f32(1.0);
+                    let inv = b.div(&one, &l[0]);
+                    let invv = b.vbroadcast(&inv, VW);
+                    for (v, acc) in accs.iter().enumerate() {
+                        let y = b.def(format!("arith.mulf {acc}, {invv} : {}", KernelBuilder::vty(VW)));
+                        let o = b.index(v as u64 * VW as u64);
+                        let i = b.addi(&qbase, &o);
+                        b.vstore(&y, &out, &i, VW);
+                    }
+                });
+            } else {
+                b.parallel(&work, |b, unit| {
+                    // Online softmax over the visible keys, accumulating the
+                    // weighted values in the output row itself.
+                    let AttnUnit { qbase, khd, p, start, end } = unit_of(b, unit);
                     b.for_each(&zero_i, &dc, |b, c| {
                         let o = b.addi(&qbase, c);
-                        let vi = b.addi(&kbase, c);
-                        let prev = b.load(&out, &o);
-                        let vv = b.load(&ins[2], &vi);
-                        let pv = b.mul(&p, &vv);
-                        let y = b.fma(&prev, &corr, &pv);
+                        b.store(&zero, &out, &o);
+                    });
+                    let ml = b.for_fold(&start, &end, &[ninf.clone(), zero.clone()], |b, j, acc| {
+                        let kbase0 = b.muli(j, &kvwc);
+                        let kbase = b.addi(&kbase0, &khd);
+                        let dot = b.for_fold(&zero_i, &dc, &[zero.clone()], |b, c, a| {
+                            let qi = b.addi(&qbase, c);
+                            let ki = b.addi(&kbase, c);
+                            let qv = b.load(&ins[0], &qi);
+                            let kv = b.load(&ins[1], &ki);
+                            vec![b.fma(&qv, &kv, &a[0])]
+                        });
+                        let s = b.mul(&dot[0], &scale);
+                        // A key outside the window gets -inf (weight 0).
+                        let s = masked(b, &s, j, &p);
+                        let m_new = b.fbin("maximumf", &acc[0], &s);
+                        let dm = b.sub(&acc[0], &m_new);
+                        let corr = math::exp(b, &dm);
+                        let ds = b.sub(&s, &m_new);
+                        let pr = math::exp(b, &ds);
+                        let l = b.fma(&acc[1], &corr, &pr);
+                        b.for_each(&zero_i, &dc, |b, c| {
+                            let o = b.addi(&qbase, c);
+                            let vi = b.addi(&kbase, c);
+                            let prev = b.load(&out, &o);
+                            let vv = b.load(&ins[2], &vi);
+                            let pv = b.mul(&pr, &vv);
+                            let y = b.fma(&prev, &corr, &pv);
+                            b.store(&y, &out, &o);
+                        });
+                        vec![m_new, l]
+                    });
+                    let one = b.f32(1.0);
+                    let inv = b.div(&one, &ml[1]);
+                    b.for_each(&zero_i, &dc, |b, c| {
+                        let o = b.addi(&qbase, c);
+                        let y = b.load(&out, &o);
+                        let y = b.mul(&y, &inv);
                         b.store(&y, &out, &o);
                     });
-                    vec![m_new, l]
                 });
-                let one = b.f32(1.0);
-                let inv = b.div(&one, &ml[1]);
-                b.for_each(&zero_i, &dc, |b, c| {
-                    let o = b.addi(&qbase, c);
-                    let y = b.load(&out, &o);
-                    let y = b.mul(&y, &inv);
-                    b.store(&y, &out, &o);
-                });
-            });
+            }
         }
     }
     let mut params = ins.clone();
     params.push(out);
     Ok(b.finish(&spec.name, &params))
+}
+
+/// One attention unit's offsets: its query row and head (`qbase`), its KV head
+/// (`khd`), its position `p` and the visible keys `start..end`.
+struct AttnUnit {
+    qbase: V,
+    khd: V,
+    p: V,
+    start: V,
+    end: V,
+}
+
+/// The f16 planes of a packed quantized tensor (`sparsec_ir::quant`) and the
+/// scalar read of one element, for kernels that touch few elements.
+struct QuantPlanes {
+    dt: DType,
+    d: V,
+    m: Option<V>,
+}
+
+impl QuantPlanes {
+    fn new(b: &mut KernelBuilder, dt: DType, buf: &str, numel: u64) -> QuantPlanes {
+        let p = sparsec_ir::quant::planes(dt, numel as usize).unwrap_or(sparsec_ir::quant::Planes { blocks: 0, d: 0, m: 0, total: 0 });
+        let d = b.f16_plane(buf, p.d as u64, p.blocks as u64);
+        let m = (dt == DType::Q4_1).then(|| b.f16_plane(buf, p.m as u64, p.blocks as u64));
+        QuantPlanes { dt, d, m }
+    }
+
+    /// The scale and the offset of block `blk`: x = scale·q + offset.
+    fn scale_offset(&self, b: &mut KernelBuilder, blk: &str) -> (V, Option<V>) {
+        let d = b.load_f16(&self.d, blk);
+        let off = match (self.dt, &self.m) {
+            (DType::Q4_1, Some(m)) => Some(b.load_f16(m, blk)),
+            (DType::Q4_0, _) => {
+                let m8 = b.f32(-8.0);
+                Some(b.mul(&d, &m8))
+            }
+            _ => None,
+        };
+        (d, off)
+    }
+
+    /// Element `flat` (row-major over the logical shape), dequantized.
+    fn load(&self, b: &mut KernelBuilder, buf: &str, flat: &str) -> V {
+        let qk = b.index(sparsec_ir::quant::QK as u64);
+        let blk = b.divui(flat, &qk);
+        let within = b.remui(flat, &qk);
+        let (d, off) = self.scale_offset(b, &blk);
+        let q = if self.dt == DType::Q8_0 {
+            b.load_byte(buf, flat, true)
+        } else {
+            let half = b.index(16);
+            let lo = b.remui(&within, &half);
+            let base = b.muli(&blk, &half);
+            let at = b.addi(&base, &lo);
+            let byte = b.load_byte(buf, &at, false);
+            let is_hi = b.def(format!("arith.cmpi uge, {within}, {half} : index"));
+            let four = b.i32(4);
+            let fifteen = b.i32(15);
+            let hi = b.def(format!("arith.shrui {byte}, {four} : i32"));
+            let lo = b.def(format!("arith.andi {byte}, {fifteen} : i32"));
+            b.def(format!("arith.select {is_hi}, {hi}, {lo} : i32"))
+        };
+        let qf = b.def(format!("arith.sitofp {q} : i32 to f32"));
+        match off {
+            Some(o) => b.fma(&qf, &d, &o),
+            None => b.mul(&qf, &d),
+        }
+    }
+
+    /// The 32 values of block `blk` as two `vector<16xf32>` halves (CPU).
+    fn load_block(&self, b: &mut KernelBuilder, buf: &str, blk: &str) -> (V, V) {
+        let (d, off) = self.scale_offset(b, blk);
+        let vf = KernelBuilder::vty(VQ);
+        let (qlo, qhi) = if self.dt == DType::Q8_0 {
+            let qk = b.index(32);
+            let at = b.muli(blk, &qk);
+            let sixteen = b.index(16);
+            let at2 = b.addi(&at, &sixteen);
+            let lo = b.vload_bytes(buf, &at, VQ);
+            let hi = b.vload_bytes(buf, &at2, VQ);
+            let lo = b.def(format!("arith.extsi {lo} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
+            let hi = b.def(format!("arith.extsi {hi} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
+            (lo, hi)
+        } else {
+            let sixteen = b.index(16);
+            let at = b.muli(blk, &sixteen);
+            let v = b.vload_bytes(buf, &at, VQ);
+            let mask = b.vsplat_int(15, VQ, "i8");
+            let four = b.vsplat_int(4, VQ, "i8");
+            let lo = b.def(format!("arith.andi {v}, {mask} : vector<{VQ}xi8>"));
+            let hi = b.def(format!("arith.shrui {v}, {four} : vector<{VQ}xi8>"));
+            let lo = b.def(format!("arith.extui {lo} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
+            let hi = b.def(format!("arith.extui {hi} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
+            (lo, hi)
+        };
+        let dv = b.vbroadcast(&d, VQ);
+        let ov = off.map(|o| b.vbroadcast(&o, VQ));
+        let deq = |b: &mut KernelBuilder, q: &str| {
+            let f = b.def(format!("arith.sitofp {q} : vector<{VQ}xi32> to {vf}"));
+            match &ov {
+                Some(o) => b.vfma(&f, &dv, o, VQ),
+                None => b.def(format!("arith.mulf {f}, {dv} : {vf}")),
+            }
+        };
+        let lo = deq(b, &qlo);
+        let hi = deq(b, &qhi);
+        (lo, hi)
+    }
+}
+
+/// The CPU matmul `out[r, j] = Σ_k a[r, k]·w[j, k]` over (row block, column
+/// block) units, with register-blocked micro-kernels: `r` rows × `c` weight rows
+/// of vector accumulators, each weight vector (dequantized once for quantized
+/// weights) reused across the rows, each activation vector across the columns.
+fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V], out: &str) {
+    let (a_buf, w_buf) = (ins[0].clone(), ins[1].clone());
+    let (kc, nc) = (b.index(t.k), b.index(t.n));
+    let zero_i = b.index(0);
+    let ct = b.index(t.col_tiles);
+    let rows = b.sym(t.rows);
+    let rbc = b.index(t.rb);
+    let rb_m1 = b.index(t.rb - 1);
+    let rows_up = b.addi(&rows, &rb_m1);
+    let row_blocks = b.divui(&rows_up, &rbc);
+    let units = b.muli(&row_blocks, &ct);
+    let planes = t.quant.map(|dt| QuantPlanes::new(b, dt, &w_buf, t.n * t.k));
+    let nbk = b.index(t.k / sparsec_ir::quant::QK as u64);
+    let colsc = b.index(MM_COLS);
+    // One micro-kernel: rows r0..r0+nr, weight rows j..j+nc_.
+    let micro = |b: &mut KernelBuilder, r0: &str, nr: u64, j: &str, ncols: u64| {
+        let arows: Vec<V> = (0..nr)
+            .map(|r| {
+                let ri = b.index(r);
+                let row = b.addi(r0, &ri);
+                b.muli(&row, &kc)
+            })
+            .collect();
+        let accs: Vec<V> = match &planes {
+            None => {
+                let z = b.vzero(VW);
+                let init: Vec<(V, String)> = (0..nr * ncols).map(|_| (z.clone(), KernelBuilder::vty(VW))).collect();
+                let wrows: Vec<V> = (0..ncols)
+                    .map(|c| {
+                        let ci = b.index(c);
+                        let jr = b.addi(j, &ci);
+                        b.muli(&jr, &kc)
+                    })
+                    .collect();
+                b.for_fold_typed(&zero_i, &kc, VW as u64, &init, |b, kk, accs| {
+                    let xs: Vec<V> = arows
+                        .iter()
+                        .map(|ar| {
+                            let i = b.addi(ar, kk);
+                            b.vload(&a_buf, &i, VW)
+                        })
+                        .collect();
+                    let mut next = accs.to_vec();
+                    for (c, wr) in wrows.iter().enumerate() {
+                        let i = b.addi(wr, kk);
+                        let w = b.vload(&w_buf, &i, VW);
+                        for (r, x) in xs.iter().enumerate() {
+                            let at = r * ncols as usize + c;
+                            next[at] = b.vfma(x, &w, &accs[at], VW);
+                        }
+                    }
+                    next
+                })
+            }
+            Some(q) => {
+                let z = b.vzero(VQ);
+                let init: Vec<(V, String)> = (0..nr * ncols).map(|_| (z.clone(), KernelBuilder::vty(VQ))).collect();
+                let wblocks: Vec<V> = (0..ncols)
+                    .map(|c| {
+                        let ci = b.index(c);
+                        let jr = b.addi(j, &ci);
+                        b.muli(&jr, &nbk)
+                    })
+                    .collect();
+                b.for_fold_typed(&zero_i, &nbk, 1, &init, |b, blk, accs| {
+                    let qk = b.index(sparsec_ir::quant::QK as u64);
+                    let koff = b.muli(blk, &qk);
+                    let sixteen = b.index(16);
+                    let xs: Vec<(V, V)> = arows
+                        .iter()
+                        .map(|ar| {
+                            let i = b.addi(ar, &koff);
+                            let i2 = b.addi(&i, &sixteen);
+                            (b.vload(&a_buf, &i, VQ), b.vload(&a_buf, &i2, VQ))
+                        })
+                        .collect();
+                    let mut next = accs.to_vec();
+                    for (c, wb) in wblocks.iter().enumerate() {
+                        let g = b.addi(wb, blk);
+                        let (wlo, whi) = q.load_block(b, &w_buf, &g);
+                        for (r, (xlo, xhi)) in xs.iter().enumerate() {
+                            let at = r * ncols as usize + c;
+                            let t = b.vfma(xlo, &wlo, &accs[at], VQ);
+                            next[at] = b.vfma(xhi, &whi, &t, VQ);
+                        }
+                    }
+                    next
+                })
+            }
+        };
+        let width = if planes.is_some() { VQ } else { VW };
+        for r in 0..nr {
+            let ri = b.index(r);
+            let row = b.addi(r0, &ri);
+            let orow = b.muli(&row, &nc);
+            for c in 0..ncols {
+                let y = b.vsum(&accs[(r * ncols + c) as usize], width);
+                let ci = b.index(c);
+                let jc = b.addi(j, &ci);
+                let o = b.addi(&orow, &jc);
+                b.store(&y, out, &o);
+            }
+        }
+    };
+    // Column blocks of one row block, `c` weight rows at a time, then the rest one by one.
+    let columns = |b: &mut KernelBuilder, r0: &str, nr: u64, j0: &str, j_end: &str, c: u64| {
+        let span = b.def(format!("arith.subi {j_end}, {j0} : index"));
+        let cc = b.index(c);
+        let whole = b.divui(&span, &cc);
+        let whole = b.muli(&whole, &cc);
+        let j_main = b.addi(j0, &whole);
+        b.for_step(j0, &j_main, c, |b, j| micro(b, r0, nr, j, c));
+        b.for_each(&j_main, j_end, |b, j| micro(b, r0, nr, j, 1));
+    };
+    // Register budget: f32 4 rows × 2 columns; quantized 4 rows × 1 (the dequantized block is 4 vectors).
+    let (c_gemm, c_gemv) = if planes.is_some() { (1, 4) } else { (2, 4) };
+    b.parallel(&units, |b, u| {
+        let rbi = b.divui(u, &ct);
+        let cb = b.remui(u, &ct);
+        let r0 = b.muli(&rbi, &rbc);
+        let j0 = b.muli(&cb, &colsc);
+        let j1 = b.addi(&j0, &colsc);
+        let j_end = b.def(format!("arith.minui {j1}, {nc} : index"));
+        if t.rb == 1 {
+            columns(b, &r0, 1, &j0, &j_end, c_gemv);
+        } else {
+            let r1 = b.addi(&r0, &rbc);
+            let full = b.def(format!("arith.cmpi ule, {r1}, {rows} : index"));
+            b.if_else(
+                &full,
+                |b| columns(b, &r0, t.rb, &j0, &j_end, c_gemm),
+                |b| {
+                    b.for_each(&r0, &rows, |b, r| columns(b, r, 1, &j0, &j_end, c_gemv));
+                },
+            );
+        }
+    });
 }
