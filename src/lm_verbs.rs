@@ -189,12 +189,9 @@ pub fn generate(src: &LmSource, a: GenerateArgs<'_>) -> Result<()> {
     Ok(())
 }
 
-pub fn eval(src: &LmSource, text: &Path, max_tokens: usize, stride: Option<usize>, json: bool) -> Result<()> {
-    let body = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
-    if body.trim().is_empty() {
-        bail!("{}: the text is empty", text.display());
-    }
-    let ids = src.encode(&body)?;
+/// Perplexity of `src` on `body`, the contents of the file `text`.
+pub fn eval(src: &LmSource, text: &Path, body: &str, max_tokens: usize, stride: Option<usize>, json: bool) -> Result<()> {
+    let ids = src.encode(body)?;
     if ids.len() < 2 {
         bail!("{}: fewer than 2 tokens; perplexity needs at least 2", text.display());
     }
@@ -288,6 +285,7 @@ pub fn bench_lm(src: &LmSource, text: &Path, prompt_len: usize, new_tokens: usiz
     }
     ids.truncate(prompt_len.max(1));
     let mut lm = src.lm()?;
+    let mut greedy = Sampler::new(0.0, 0, 0);
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     for _ in 0..repeat.max(1) {
@@ -295,11 +293,11 @@ pub fn bench_lm(src: &LmSource, text: &Path, prompt_len: usize, new_tokens: usiz
         let t = Instant::now();
         let logits = lm.forward(&ids)?;
         prefill.push(t.elapsed().as_secs_f64());
-        let mut next = Sampler::new(0.0, 0, 0).sample(&last_row(&logits));
+        let mut next = greedy.sample(&last_row(&logits));
         let t = Instant::now();
         for _ in 0..new_tokens {
             let l = lm.forward(&[next])?;
-            next = Sampler::new(0.0, 0, 0).sample(&last_row(&l));
+            next = greedy.sample(&last_row(&l));
         }
         decode.push(t.elapsed().as_secs_f64());
     }

@@ -498,7 +498,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         bail!("{}: the text is empty", a.text.display());
     }
     let src = lm_source(Path::new(&a.model), a.compiled, a.threads, &a.flags)?;
-    lm_verbs::eval(&src, &a.text, a.max_tokens, a.stride, a.json)
+    lm_verbs::eval(&src, &a.text, &body, a.max_tokens, a.stride, a.json)
 }
 
 /// Compiles `input` into `dir` twice, with a fresh cache there: cold, then a

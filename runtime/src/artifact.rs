@@ -6,6 +6,7 @@ use ndarray::{ArrayD, IxDyn};
 use safetensors::{Dtype, SafeTensors};
 use sparsec_ir::{parse_graph, Dim, Graph};
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub struct Artifact {
@@ -16,10 +17,12 @@ pub struct Artifact {
     pub weights: WeightStore,
 }
 
-/// The artifact's packed weights, memory-mapped.
+/// The artifact's packed weights, memory-mapped; the header is read once.
 pub struct WeightStore {
     path: PathBuf,
     map: memmap2::Mmap,
+    /// Tensor name → dtype, shape and byte range in `map`.
+    index: HashMap<String, (Dtype, Vec<usize>, std::ops::Range<usize>)>,
 }
 
 impl WeightStore {
@@ -27,33 +30,45 @@ impl WeightStore {
         let f = std::fs::File::open(path).map_err(|error| RuntimeError::Io { path: path.into(), error })?;
         // SAFETY: mapped read-only; artifacts are immutable once published.
         let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|error| RuntimeError::Io { path: path.into(), error })?;
-        SafeTensors::deserialize(&map).map_err(|e| RuntimeError::Artifact { path: path.into(), message: e.to_string() })?;
-        Ok(WeightStore { path: path.into(), map })
+        let st = SafeTensors::deserialize(&map).map_err(|e| RuntimeError::Artifact { path: path.into(), message: e.to_string() })?;
+        let index = st
+            .tensors()
+            .into_iter()
+            .map(|(name, t)| {
+                let start = t.data().as_ptr() as usize - map.as_ptr() as usize;
+                (name, (t.dtype(), t.shape().to_vec(), start..start + t.data().len()))
+            })
+            .collect();
+        Ok(WeightStore { path: path.into(), map, index })
+    }
+
+    fn entry(&self, name: &str) -> RuntimeResult<&(Dtype, Vec<usize>, std::ops::Range<usize>)> {
+        self.index
+            .get(name)
+            .ok_or_else(|| RuntimeError::Artifact { path: self.path.clone(), message: format!("tensor `{name}` is missing") })
     }
 
     /// The stored bytes of tensor `name`: little-endian f32 values, or the packed
     /// blocks of a quantized weight (`sparsec_ir::quant`).
     pub fn bytes(&self, name: &str) -> RuntimeResult<&[u8]> {
-        let bad = |message: String| RuntimeError::Artifact { path: self.path.clone(), message };
-        let st = SafeTensors::deserialize(&self.map).map_err(|e| bad(e.to_string()))?;
-        let t = st.tensor(name).map_err(|_| bad(format!("tensor `{name}` is missing")))?;
-        if !matches!(t.dtype(), Dtype::F32 | Dtype::U8) {
-            return Err(bad(format!("tensor `{name}` is {:?}, expected F32 or packed U8", t.dtype())));
+        let (dtype, _, range) = self.entry(name)?;
+        if !matches!(dtype, Dtype::F32 | Dtype::U8) {
+            return Err(RuntimeError::Artifact {
+                path: self.path.clone(),
+                message: format!("tensor `{name}` is {dtype:?}, expected F32 or packed U8"),
+            });
         }
-        let range = t.data().as_ptr() as usize - self.map.as_ptr() as usize;
-        Ok(&self.map[range..range + t.data().len()])
+        Ok(&self.map[range.clone()])
     }
 
     /// The f32 tensor `name` (borrowed from the map when aligned) and its shape.
     pub fn get(&self, name: &str) -> RuntimeResult<(Vec<usize>, Cow<'_, [f32]>)> {
-        let bad = |message: String| RuntimeError::Artifact { path: self.path.clone(), message };
-        let st = SafeTensors::deserialize(&self.map).map_err(|e| bad(e.to_string()))?;
-        let t = st.tensor(name).map_err(|_| bad(format!("tensor `{name}` is missing")))?;
-        if t.dtype() != Dtype::F32 {
-            return Err(bad(format!("tensor `{name}` is {:?}, expected F32", t.dtype())));
+        let (dtype, shape, range) = self.entry(name)?;
+        if *dtype != Dtype::F32 {
+            return Err(RuntimeError::Artifact { path: self.path.clone(), message: format!("tensor `{name}` is {dtype:?}, expected F32") });
         }
-        let shape = t.shape().to_vec();
-        let bytes = self.bytes(name)?;
+        let shape = shape.clone();
+        let bytes = &self.map[range.clone()];
         // SAFETY: f32 has no invalid bit patterns; `align_to` only yields the
         // aligned middle, which we use only when it covers all bytes.
         let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };

@@ -100,13 +100,18 @@ impl KernelBuilder {
         self.byte_params.push(param.to_string());
     }
 
+    /// NVPTX: the address of element `idx` (an index) of type `elem` at `base`.
+    fn element_ptr(&mut self, base: &str, idx: &str, elem: &str) -> V {
+        let i = self.def(format!("arith.index_cast {idx} : index to i64"));
+        self.def(format!("llvm.getelementptr inbounds {base}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, {elem}"))
+    }
+
     /// The byte at `buf[idx]`, zero- (`signed`: sign-) extended to i32.
     pub fn load_byte(&mut self, buf: &str, idx: &str, signed: bool) -> V {
         let b = match self.device {
             Device::Cpu => self.def(format!("memref.load {buf}[{idx}] : memref<?xi8>")),
             Device::Nvptx => {
-                let i = self.def(format!("arith.index_cast {idx} : index to i64"));
-                let p = self.def(format!("llvm.getelementptr inbounds {buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, i8"));
+                let p = self.element_ptr(buf, idx, "i8");
                 self.def(format!("llvm.load {p} : !llvm.ptr -> i8"))
             }
         };
@@ -135,8 +140,7 @@ impl KernelBuilder {
         let h = match self.device {
             Device::Cpu => self.def(format!("memref.load {plane}[{idx}] : memref<?xf16>")),
             Device::Nvptx => {
-                let i = self.def(format!("arith.index_cast {idx} : index to i64"));
-                let p = self.def(format!("llvm.getelementptr inbounds {plane}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, f16"));
+                let p = self.element_ptr(plane, idx, "f16");
                 self.def(format!("llvm.load {p} : !llvm.ptr -> f16"))
             }
         };
@@ -225,8 +229,7 @@ impl KernelBuilder {
         match self.device {
             Device::Cpu => self.def(format!("memref.load {buf}[{idx}] : memref<?xf32>")),
             Device::Nvptx => {
-                let i = self.def(format!("arith.index_cast {idx} : index to i64"));
-                let p = self.def(format!("llvm.getelementptr inbounds {buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, f32"));
+                let p = self.element_ptr(buf, idx, "f32");
                 self.def(format!("llvm.load {p} : !llvm.ptr -> f32"))
             }
         }
@@ -237,8 +240,7 @@ impl KernelBuilder {
         match self.device {
             Device::Cpu => self.line(format!("memref.store {val}, {buf}[{idx}] : memref<?xf32>")),
             Device::Nvptx => {
-                let i = self.def(format!("arith.index_cast {idx} : index to i64"));
-                let p = self.def(format!("llvm.getelementptr inbounds {buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, f32"));
+                let p = self.element_ptr(buf, idx, "f32");
                 self.line(format!("llvm.store {val}, {p} : f32, !llvm.ptr"));
             }
         }

@@ -807,6 +807,17 @@ impl QuantPlanes {
     }
 }
 
+/// `(first + i)·stride` for `i in 0..count`: where rows `first..first+count` start.
+fn strided(b: &mut KernelBuilder, first: &str, count: u64, stride: &str) -> Vec<V> {
+    (0..count)
+        .map(|i| {
+            let ii = b.index(i);
+            let row = b.addi(first, &ii);
+            b.muli(&row, stride)
+        })
+        .collect()
+}
+
 /// The CPU matmul `out[r, j] = Σ_k a[r, k]·w[j, k]` over (row block, column
 /// block) units, with register-blocked micro-kernels: `r` rows × `c` weight rows
 /// of vector accumulators, each weight vector (dequantized once for quantized
@@ -827,24 +838,12 @@ fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V], out: &st
     let colsc = b.index(MM_COLS);
     // One micro-kernel: rows r0..r0+nr, weight rows j..j+nc_.
     let micro = |b: &mut KernelBuilder, r0: &str, nr: u64, j: &str, ncols: u64| {
-        let arows: Vec<V> = (0..nr)
-            .map(|r| {
-                let ri = b.index(r);
-                let row = b.addi(r0, &ri);
-                b.muli(&row, &kc)
-            })
-            .collect();
+        let arows = strided(b, r0, nr, &kc);
         let accs: Vec<V> = match &planes {
             None => {
                 let z = b.vzero(VW);
                 let init: Vec<(V, String)> = (0..nr * ncols).map(|_| (z.clone(), KernelBuilder::vty(VW))).collect();
-                let wrows: Vec<V> = (0..ncols)
-                    .map(|c| {
-                        let ci = b.index(c);
-                        let jr = b.addi(j, &ci);
-                        b.muli(&jr, &kc)
-                    })
-                    .collect();
+                let wrows = strided(b, j, ncols, &kc);
                 b.for_fold_typed(&zero_i, &kc, VW as u64, &init, |b, kk, accs| {
                     let xs: Vec<V> = arows
                         .iter()
@@ -868,13 +867,7 @@ fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V], out: &st
             Some(q) => {
                 let z = b.vzero(VQ);
                 let init: Vec<(V, String)> = (0..nr * ncols).map(|_| (z.clone(), KernelBuilder::vty(VQ))).collect();
-                let wblocks: Vec<V> = (0..ncols)
-                    .map(|c| {
-                        let ci = b.index(c);
-                        let jr = b.addi(j, &ci);
-                        b.muli(&jr, &nbk)
-                    })
-                    .collect();
+                let wblocks = strided(b, j, ncols, &nbk);
                 b.for_fold_typed(&zero_i, &nbk, 1, &init, |b, blk, accs| {
                     let qk = b.index(sparsec_ir::quant::QK as u64);
                     let koff = b.muli(blk, &qk);
