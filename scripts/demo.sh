@@ -17,7 +17,12 @@ echo "== run on the CPU, checked against the reference interpreter =="
 target/debug/sparsec run "$out" --seq 4 --check
 echo "== bench (seq 256) =="
 target/debug/sparsec bench "$out" --seq 256 --repeat 20
-echo "== the default model (SmolLM2-135M-Instruct Q4_1 GGUF), reference interpreter with a KV cache =="
+echo "== the default model (SmolLM2-135M-Instruct Q4_1 GGUF), compiled with its weights kept quantized =="
+target/debug/sparsec compile smollm2 -o target/demo/smollm2.sparsec
+echo "== generate with the compiled model (KV cache), then with the reference interpreter =="
+target/debug/sparsec run target/demo/smollm2.sparsec --prompt "The capital of France is" --max-new-tokens 20
 target/debug/sparsec run smollm2 --prompt "The capital of France is" --max-new-tokens 20
+echo "== prefill and decode speed of the compiled model =="
+target/debug/sparsec bench target/demo/smollm2.sparsec --prompt-len 128 --new-tokens 32
 echo "== perplexity on the first 512 tokens of GPL-3 (llama.cpp, F32-dequantized: 18.83) =="
-target/debug/sparsec eval smollm2 --text /usr/share/common-licenses/GPL-3 --max-tokens 512
+target/debug/sparsec eval target/demo/smollm2.sparsec --text /usr/share/common-licenses/GPL-3 --max-tokens 512
