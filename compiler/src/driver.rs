@@ -114,7 +114,13 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
     let mut objects = Vec::new();
     let obj_dir = staged.path().join("objects");
     for spec in &part.kernels {
-        let mut rec = KernelRecord { name: spec.name.clone(), op: spec.op.keyword().into(), cpu: None, cuda: None };
+        let mut rec = KernelRecord {
+            name: spec.name.clone(),
+            op: spec.op.keyword().into(),
+            cpu: None,
+            cuda: None,
+            specialization: spec.sparse.as_ref().map(|c| c.reason.clone()),
+        };
         for device in [Device::Cpu, Device::Nvptx] {
             if (device == Device::Cpu && !opts.target.cpu()) || (device == Device::Nvptx && !opts.target.cuda()) {
                 continue;

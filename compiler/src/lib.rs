@@ -12,6 +12,7 @@ pub use options::{CompileOptions, CpuTarget, CudaTarget, Emit, TargetKind};
 pub mod cache;
 pub mod driver;
 pub mod partition;
+pub mod sparse_select;
 pub mod toolchain;
 pub mod weights;
 

@@ -5,6 +5,7 @@
 
 use crate::error::CompileResult;
 use crate::mlir::KernelSpec;
+use crate::sparse_select::choose;
 use sparsec_ir::{Graph, Op, TensorType};
 use sparsec_runtime::manifest::{BufferKind, BufferSpec, ExecutionPlan, KernelStep, Step};
 use std::collections::HashMap;
@@ -38,11 +39,12 @@ pub fn partition(g: &Graph) -> CompileResult<Partition> {
     let mut steps = Vec::new();
     let mut by_signature: HashMap<String, String> = HashMap::new();
     let mut inputs = Vec::new();
+    let pruned = sparsec_ir::sparse::pruned_weights(g);
     for (i, n) in g.nodes.iter().enumerate() {
         let dims = types[i].dims.clone();
         if let Some(wname) = weight_buffer_name(g, i) {
             let id = *by_weight_name.entry(wname.clone()).or_insert_with(|| {
-                buffers.push(BufferSpec { name: wname.clone(), kind: BufferKind::Weight, dims: dims.clone(), dtype: types[i].dtype, slot: None });
+                buffers.push(BufferSpec { name: wname.clone(), kind: BufferKind::Weight, dims: dims.clone(), dtype: types[i].dtype, slot: None, sparse: None });
                 weight_nodes.push((buffers.len() - 1, i));
                 buffers.len() - 1
             });
@@ -50,7 +52,7 @@ pub fn partition(g: &Graph) -> CompileResult<Partition> {
             continue;
         }
         let kind = if n.op == Op::Input { BufferKind::Input } else { BufferKind::Temp };
-        buffers.push(BufferSpec { name: n.name.clone(), kind, dims, dtype: types[i].dtype, slot: None });
+        buffers.push(BufferSpec { name: n.name.clone(), kind, dims, dtype: types[i].dtype, slot: None, sparse: None });
         let id = buffers.len() - 1;
         buffer_of[i] = id;
         if n.op == Op::Input {
@@ -63,10 +65,17 @@ pub fn partition(g: &Graph) -> CompileResult<Partition> {
             operands: n.operands.iter().map(|o| types[o.0].clone()).collect(),
             result: types[i].clone(),
             patterns: n.patterns.clone(),
+            sparse: None,
         };
+        if let Some(pw) = n.operands.get(1).and_then(|w| pruned.get(&w.0)).filter(|_| matches!(n.op, Op::MatMul { .. })) {
+            let choice = choose(&n.patterns, pw, &n.name)?;
+            // The weight buffer stores what the choice reads (every use agrees: verifier).
+            buffers[buffer_of[n.operands[1].0]].sparse = choice.storage;
+            spec.sparse = Some(choice);
+        }
         // Ops with the same attributes, types and patterns share one kernel
         // (a model's layers compile once, not once per layer).
-        let signature = format!("{:?}|{:?}|{:?}|{:?}", spec.op, spec.operands, spec.result, spec.patterns);
+        let signature = format!("{:?}|{:?}|{:?}|{:?}|{:?}", spec.op, spec.operands, spec.result, spec.patterns, spec.sparse);
         let name = match by_signature.get(&signature) {
             Some(name) => String::clone(name),
             None => {
@@ -90,6 +99,7 @@ pub fn partition(g: &Graph) -> CompileResult<Partition> {
                     dims: buffers[src].dims.clone(),
                     dtype: buffers[src].dtype,
                     slot: None,
+                    sparse: None,
                 });
                 let cache = buffers.len() - 1;
                 steps.push(Step::KvAppend { src, cache });

@@ -53,6 +53,8 @@ pub enum WeightData {
     F32(Vec<f32>),
     /// Packed quantized blocks (`sparsec_ir::quant`) of the given type.
     Packed(DType, Vec<u8>),
+    /// A pruned weight packed as its buffer's `SparseStorage` says (`sparsec_ir::sparse`).
+    Sparse(Vec<u8>),
 }
 
 /// Weight data by tensor name and the type the graph declares: shape and data
@@ -91,6 +93,7 @@ pub fn resolve(g: &Graph, part: &Partition, source: WeightSource<'_>) -> Compile
         WeightSource::Lookup { .. } => Some("the checkpoint".to_string()),
     };
     let mut out = Vec::new();
+    let pruned = sparsec_ir::sparse::pruned_weights(g);
     for (buf, node) in &part.weight_nodes {
         let spec = &part.plan.buffers[*buf];
         let n = &g.nodes[*node];
@@ -127,9 +130,34 @@ pub fn resolve(g: &Graph, part: &Partition, source: WeightSource<'_>) -> Compile
                     (_, WeightData::Packed(dt, _)) => {
                         return Err(err(format!("the checkpoint holds {} blocks, the graph declares {}", dt.name(), spec.dtype.name())))
                     }
+                    (_, WeightData::Sparse(_)) => return Err(err("a checkpoint lookup returned packed sparse data".into())),
                 }
             }
             _ => unreachable!("partition only records weight and constant nodes"),
+        };
+        // A weight under `#sparsity` is magnitude-pruned, then packed if its kernel reads a sparse format.
+        let data = match (pruned.get(node), data) {
+            (Some(pw), WeightData::F32(mut v)) => {
+                let keep = pw.prune(&mut v);
+                match &spec.sparse {
+                    None => WeightData::F32(v),
+                    Some(st) => WeightData::Sparse(sparsec_ir::sparse::pack(&st.format, &v, &keep, st.transposed).ok_or_else(|| {
+                        CompileError::Weight {
+                            name: spec.name.clone(),
+                            value: n.name.clone(),
+                            message: format!("the pruned weight does not fit {:?}", st.format),
+                        }
+                    })?),
+                }
+            }
+            (Some(_), _) => {
+                return Err(CompileError::Weight {
+                    name: spec.name.clone(),
+                    value: n.name.clone(),
+                    message: "a pruned weight must be f32 (the plan dequantizes it)".into(),
+                })
+            }
+            (None, d) => d,
         };
         out.push((spec.name.clone(), shape, data));
     }
@@ -144,7 +172,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, WeightData
         .iter()
         .map(|(_, shape, d)| match d {
             WeightData::F32(v) => (Dtype::F32, shape.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            WeightData::Packed(_, p) => {
+            WeightData::Packed(_, p) | WeightData::Sparse(p) => {
                 let mut p = p.clone();
                 p.resize(p.len().next_multiple_of(64), 0);
                 (Dtype::U8, vec![p.len()], p)

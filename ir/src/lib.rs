@@ -12,6 +12,7 @@ pub mod printer;
 pub mod quant;
 pub mod reference;
 pub mod shape;
+pub mod sparse;
 pub mod types;
 pub mod verifier;
 

@@ -134,6 +134,25 @@ fn verify_patterns(g: &Graph, v: ValueId, types: &[TensorType]) -> Result<(), St
         match p {
             Pattern::Sparsity(s) => {
                 let (k, nn) = weight_kn("#sparsity")?;
+                let w = n.operands[1];
+                if types[w.0].dtype != crate::types::DType::F32 {
+                    return Err(format!(
+                        "#sparsity prunes f32 weights; `%{}` is {} (a plan dequantizes the weights it prunes)",
+                        g.node(w).name,
+                        types[w.0].dtype.name()
+                    ));
+                }
+                // Pruning changes the weight's data: every use must prune it alike.
+                if let Some(other) = g.nodes.iter().find(|u| {
+                    u.operands.contains(&w) && !(u.op == n.op && u.operands[1] == w && u.patterns.iter().any(|q| q == p))
+                }) {
+                    return Err(format!(
+                        "weight `%{}` is pruned here but `%{}` ({}) uses it unpruned or pruned otherwise; a tied weight must be pruned for all its uses or none",
+                        g.node(w).name,
+                        other.name,
+                        other.op.keyword()
+                    ));
+                }
                 match s {
                     Sparsity::Unstructured { ratio } => ratio_ok("ratio", *ratio)?,
                     Sparsity::NM { n: nz, m } => {

@@ -7,6 +7,9 @@ use sparsec_ir::*;
 const EVERY_OP: &str = r#"graph @every_op {
   %x = input : f32[seq, 64]
   %w = weight "layers.0.mlp.up" init normal(seed = 7, std = 0.02) : f32[64, 128]
+  %wp = weight "layers.0.mlp.gate" init normal(seed = 8, std = 0.02) : f32[64, 128]
+  %wn = weight "layers.1.mlp.up" init normal(seed = 9, std = 0.02) : f32[64, 128]
+  %wb = weight "layers.1.mlp.gate" init normal(seed = 10, std = 0.02) : f32[64, 128]
   %wt = weight "layers.0.mlp.down" init uniform(seed = 3, bound = 0.5) : f32[64, 128]
   %g = weight "ln.g" init ones : f32[64]
   %b = weight "ln.b" init zeros : f32[64]
@@ -14,9 +17,9 @@ const EVERY_OP: &str = r#"graph @every_op {
   %c = const [1.0, -2.5, 1e-7, 3.0] : f32[4]
   %h = layer_norm %x, %g, %b {eps = 1e-5} : f32[seq, 64]
   %r = rms_norm %x, %g {eps = 1e-6} : f32[seq, 64]
-  %u = matmul %h, %w #sparsity(unstructured, ratio = 0.9) #specialize(auto) : f32[seq, 128]
-  %u2 = matmul %h, %w #sparsity(nm, n = 2, m = 4) #specialize(indices) : f32[seq, 128]
-  %u3 = matmul %h, %w #sparsity(block, ratio = 0.5, rows = 4, cols = 4) #specialize(full) : f32[seq, 128]
+  %u = matmul %h, %wp #sparsity(unstructured, ratio = 0.9) #specialize(auto) : f32[seq, 128]
+  %u2 = matmul %h, %wn #sparsity(nm, n = 2, m = 4) #specialize(indices) : f32[seq, 128]
+  %u3 = matmul %h, %wb #sparsity(block, ratio = 0.5, rows = 4, cols = 4) #specialize(full) : f32[seq, 128]
   %u4 = matmul %h, %w #low_rank(rank = 16, basis = "attn.g0") #specialize(generic) : f32[seq, 128]
   %u5 = matmul %h, %w #low_rank(rank = 8) #specialize(dense) : f32[seq, 128]
   %d = matmul %u, %wt {transpose_b = true} : f32[seq, 64]
@@ -220,6 +223,15 @@ fn arb_graph() -> impl Strategy<Value = Graph> {
             let name = format!("v{i}");
             let other = ValueId((pick as usize) % g.nodes.len()).max(x);
             let other = if g.node(other).ty.as_ref().is_some_and(|t| t.dims == [Dim::Seq, Dim::Fixed(d)]) { other } else { cur };
+            // A pruned weight is pruned for all its uses: sparse matmuls get their own.
+            let w = if pats.iter().any(|p| matches!(p, Pattern::Sparsity(_))) && kind == 0 {
+                g.push(
+                    Node::new(format!("w{i}"), Op::Weight { name: format!("w.{}", i + 1), init: Some(Init::Normal { seed, std: 0.5 }) }, vec![])
+                        .with_type(TensorType::f32(&[Dim::Fixed(d), Dim::Fixed(d)])),
+                )
+            } else {
+                w
+            };
             let node = match kind {
                 0 => Node::new(name, Op::MatMul { transpose_b: pick % 2 == 0 }, vec![cur, w]).with_patterns(pats),
                 1 => Node::new(name, Op::Add, vec![cur, other]),
@@ -260,4 +272,16 @@ proptest! {
         let mutated = format!("{}{}{}", &text[..at], junk, &text[at..]);
         let _ = parse_graph(&mutated).map(|g| verify(&g));
     }
+}
+
+#[test]
+fn pruned_weights_are_f32_and_pruned_alike_everywhere() {
+    let tied = "graph @g {\n  %x = input : f32[seq, 8]\n  %w = weight \"w\" : f32[8, 8]\n  %a = matmul %x, %w #sparsity(nm, n = 2, m = 4)\n  %b = matmul %a, %w\n  return %b\n}";
+    let m = verify_err(tied);
+    assert!(m.contains("tied weight must be pruned for all its uses"), "{m}");
+    let same = "graph @g {\n  %x = input : f32[seq, 8]\n  %w = weight \"w\" : f32[8, 8]\n  %a = matmul %x, %w #sparsity(nm, n = 2, m = 4)\n  %b = matmul %a, %w #sparsity(nm, n = 2, m = 4)\n  return %b\n}";
+    verify(&parse_graph(same).unwrap()).expect("pruned alike is fine");
+    let quant = "graph @g {\n  %x = input : f32[seq, 32]\n  %w = weight \"w\" : q8_0[8, 32]\n  %a = matmul %x, %w {transpose_b = true} #sparsity(unstructured, ratio = 0.5)\n  return %a\n}";
+    let m = verify_err(quant);
+    assert!(m.contains("prunes f32 weights"), "{m}");
 }

@@ -17,6 +17,8 @@ pub type WeightFn<'a> = &'a dyn Fn(&str) -> Option<Arc<ArrayD<f32>>>;
 pub struct KvState {
     pub pos: usize,
     caches: HashMap<usize, (ArrayD<f32>, ArrayD<f32>)>,
+    /// Weights pruned by `#sparsity`, by node: pruned once per session.
+    pruned: HashMap<usize, Arc<ArrayD<f32>>>,
 }
 
 impl KvState {
@@ -59,6 +61,7 @@ pub fn interpret_cached(
     }
     let mut next_input = 0;
     let mut seq: Option<u64> = None;
+    let prunes = sparsec_ir::sparse::pruned_weights(g);
     for (i, n) in g.nodes.iter().enumerate() {
         let eval_err = |message: String| RuntimeError::Ir(IrError::Eval { op: n.op.keyword(), value: n.name.clone(), message });
         let v = match &n.op {
@@ -84,20 +87,36 @@ pub fn interpret_cached(
                 next_input += 1;
                 a.clone()
             }
+            Op::Weight { .. } if state.pruned.contains_key(&i) => {
+                vals[i] = state.pruned.get(&i).cloned();
+                continue;
+            }
             Op::Weight { name, init } => {
                 let shape = types[i].resolve(0);
-                match weight(name) {
-                    Some(a) if a.shape() == shape.as_slice() => {
-                        vals[i] = Some(a);
-                        continue;
-                    }
+                let loaded = match weight(name) {
+                    Some(a) if a.shape() == shape.as_slice() => a,
                     Some(a) => return Err(eval_err(format!("weight `{name}` has shape {:?}, expected {shape:?}", a.shape()))),
                     None => match init {
-                        Some(init) => ArrayD::from_shape_vec(IxDyn(&shape), init.generate(shape.iter().product()))
-                            .map_err(|e| eval_err(e.to_string()))?,
+                        Some(init) => Arc::new(
+                            ArrayD::from_shape_vec(IxDyn(&shape), init.generate(shape.iter().product()))
+                                .map_err(|e| eval_err(e.to_string()))?,
+                        ),
                         None => return Err(eval_err(format!("no data for weight `{name}`"))),
                     },
-                }
+                };
+                // A weight under `#sparsity` is magnitude-pruned (what the compiler packs).
+                let v = match prunes.get(&i) {
+                    Some(pw) => {
+                        let mut w: Vec<f32> = loaded.iter().copied().collect();
+                        pw.prune(&mut w);
+                        let a = Arc::new(ArrayD::from_shape_vec(IxDyn(&shape), w).map_err(|e| eval_err(e.to_string()))?);
+                        state.pruned.insert(i, a.clone());
+                        a
+                    }
+                    None => loaded,
+                };
+                vals[i] = Some(v);
+                continue;
             }
             Op::Positions => {
                 let s = seq.unwrap_or(1) as usize;

@@ -2,10 +2,11 @@
 //! the runtime. Versioned; the runtime refuses versions it does not know.
 
 use serde::{Deserialize, Serialize};
+use sparsec_ir::sparse::SparseStorage;
 use sparsec_ir::{DType, Dim, SymSize};
 
 /// Bumped whenever the manifest or the kernel ABI changes.
-pub const MANIFEST_VERSION: u32 = 3;
+pub const MANIFEST_VERSION: u32 = 4;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const GRAPH_FILE: &str = "graph.sir";
@@ -58,6 +59,9 @@ pub struct KernelRecord {
     pub op: String,
     pub cpu: Option<CodeStats>,
     pub cuda: Option<CodeStats>,
+    /// For a matmul over a pruned weight: the specialization level and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub specialization: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -95,6 +99,9 @@ pub struct BufferSpec {
     /// Temps share memory: buffers with the same slot are never alive at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<usize>,
+    /// A pruned weight stored packed (`sparsec_ir::sparse`): CSR, N:M or BSR bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparse: Option<SparseStorage>,
 }
 
 impl BufferSpec {
@@ -106,7 +113,9 @@ impl BufferSpec {
     /// other buffer holds 4-byte f32 values (i32 ids travel as exact f32).
     pub fn bytes(&self, seq: u64) -> usize {
         let n = self.numel().resolve(seq) as usize;
-        if self.dtype.is_quantized() {
+        if let Some(f) = &self.sparse {
+            f.format.bytes()
+        } else if self.dtype.is_quantized() {
             self.dtype.storage_bytes(n).unwrap_or(0)
         } else {
             n * 4
@@ -114,8 +123,8 @@ impl BufferSpec {
     }
 }
 
-/// One kernel launch. Kernel ABI (`MANIFEST_VERSION` 3): arguments are the
-/// `args` buffers as flat arrays (f32; packed bytes for quantized weights; the
+/// One kernel launch. Kernel ABI (`MANIFEST_VERSION` 4): arguments are the
+/// `args` buffers as flat arrays (f32; packed bytes for quantized and sparse weights; the
 /// last one is written), then `seq` (rows of this call) and `pos` (positions
 /// already in the KV caches) as i64.
 /// CPU: `_mlir_ciface_<kernel>(memref descriptor*..., i64 seq, i64 pos, i64 lo, i64 hi)`

@@ -135,6 +135,39 @@ impl KernelBuilder {
         }
     }
 
+    /// The plane of `count` values of type `elem` (`f32`, `i32`, `i16`, `i8`) at
+    /// byte offset `byte_off` of the byte buffer `buf` (packed sparse weights).
+    pub fn plane(&mut self, buf: &str, byte_off: u64, count: u64, elem: &str) -> V {
+        match self.device {
+            Device::Cpu => {
+                let off = self.index(byte_off);
+                let n = self.index(count);
+                self.def(format!("memref.view {buf}[{off}][{n}] : memref<?xi8> to memref<?x{elem}>"))
+            }
+            Device::Nvptx => {
+                let o = self.i64(byte_off as i64);
+                self.def(format!("llvm.getelementptr inbounds {buf}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, i8"))
+            }
+        }
+    }
+
+    /// `plane[idx]` of a `plane` of `elem`, as stored.
+    pub fn load_elem(&mut self, plane: &str, idx: &str, elem: &str) -> V {
+        match self.device {
+            Device::Cpu => self.def(format!("memref.load {plane}[{idx}] : memref<?x{elem}>")),
+            Device::Nvptx => {
+                let p = self.element_ptr(plane, idx, elem);
+                self.def(format!("llvm.load {p} : !llvm.ptr -> {elem}"))
+            }
+        }
+    }
+
+    /// `plane[idx]` of an unsigned integer plane (`i8`, `i16`, `i32`), as an index.
+    pub fn load_index(&mut self, plane: &str, idx: &str, elem: &str) -> V {
+        let raw = self.load_elem(plane, idx, elem);
+        self.def(format!("arith.index_castui {raw} : {elem} to index"))
+    }
+
     /// `plane[idx]` of an `f16_plane`, as f32.
     pub fn load_f16(&mut self, plane: &str, idx: &str) -> V {
         let h = match self.device {

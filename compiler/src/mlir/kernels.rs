@@ -4,6 +4,7 @@
 
 use super::builder::{Device, KernelBuilder, V};
 use super::math;
+use super::sparse_kernels::{emit_sparse_matmul, SparseMatmul};
 use crate::error::CompileError;
 use sparsec_ir::{DType, GeluApprox, Op, Pattern, SymSize, TensorType, Window};
 
@@ -41,6 +42,8 @@ pub struct KernelSpec {
     pub result: TensorType,
     /// The op's patterns (attention windows, ...).
     pub patterns: Vec<Pattern>,
+    /// A matmul over a pruned weight: the specialization chosen and its storage.
+    pub sparse: Option<crate::sparse_select::SparseChoice>,
 }
 
 impl KernelSpec {
@@ -64,7 +67,18 @@ impl KernelSpec {
         })
     }
 
+    /// A matmul whose weight is stored in a sparse format.
+    fn sparse_matmul(&self) -> Option<SparseMatmul> {
+        let storage = self.sparse.as_ref()?.storage?;
+        let Some(sparsec_ir::Dim::Fixed(n)) = self.result.last_dim() else { return None };
+        let numel = self.result.numel();
+        Some(SparseMatmul { rows: SymSize { coef: numel.coef / n.max(1), ..numel }, storage })
+    }
+
     fn tiled_matmul(&self) -> Option<TiledMatmul> {
+        if self.sparse_matmul().is_some() {
+            return None;
+        }
         let Op::MatMul { transpose_b: true } = self.op else { return None };
         let (Some(sparsec_ir::Dim::Fixed(k)), Some(sparsec_ir::Dim::Fixed(n))) = (self.operands[0].last_dim(), self.result.last_dim()) else {
             return None;
@@ -84,6 +98,9 @@ impl KernelSpec {
 
     /// Rows of `seq` per CPU unit (the runtime counts `seq` in such blocks).
     pub fn cpu_seq_block(&self) -> u64 {
+        if let Some(s) = self.sparse_matmul() {
+            return s.rb();
+        }
         self.tiled_matmul().map(|t| t.rb).unwrap_or(1)
     }
 
@@ -93,6 +110,9 @@ impl KernelSpec {
             Some(sparsec_ir::Dim::Fixed(n)) => n,
             _ => 1,
         };
+        if let Some(s) = self.sparse_matmul() {
+            return s.unit_cost();
+        }
         match &self.op {
             Op::MatMul { .. } => match self.tiled_matmul() {
                 Some(t) => t.rb * MM_COLS * t.k,
@@ -111,6 +131,9 @@ impl KernelSpec {
     /// threads): tiles for matmul with a transposed weight, rows for other
     /// matmuls, else the same as `work`.
     pub fn cpu_work(&self) -> Result<SymSize, CompileError> {
+        if let Some(s) = self.sparse_matmul() {
+            return Ok(s.cpu_units());
+        }
         if let Some(t) = self.tiled_matmul() {
             return Ok(SymSize { coef: t.rows.coef * t.col_tiles, seq_pow: t.rows.seq_pow });
         }
@@ -155,6 +178,10 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
         if t.dtype.is_quantized() {
             b.byte_param(&ins[i]);
         }
+    }
+    let sparse = spec.sparse_matmul();
+    if sparse.is_some() {
+        b.byte_param(&ins[1]);
     }
     let out: V = "%out".into();
     let work = spec.work()?;
@@ -222,6 +249,11 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                 let y = b.fbin(fop, &vals[0], &vals[1]);
                 b.store(&y, &out, i);
             });
+        }
+        Op::MatMul { .. } if sparse.is_some() => {
+            if let Some(t) = &sparse {
+                emit_sparse_matmul(&mut b, t, &ins, &out);
+            }
         }
         Op::MatMul { .. } if device == Device::Cpu && spec.tiled_matmul().is_some() => {
             if let Some(t) = spec.tiled_matmul() {
@@ -807,6 +839,19 @@ impl QuantPlanes {
     }
 }
 
+/// Where CPU matmul unit `u` of (row block, column block) units starts: its
+/// first row, first column and end column (`ct` column blocks of `cols`
+/// columns, `rb` rows per block, `n` columns in all).
+pub(super) fn unit_origin(b: &mut KernelBuilder, u: &str, ct: &str, rb: &str, cols: &str, n: &str) -> (V, V, V) {
+    let rbi = b.divui(u, ct);
+    let cb = b.remui(u, ct);
+    let r0 = b.muli(&rbi, rb);
+    let j0 = b.muli(&cb, cols);
+    let j1 = b.addi(&j0, cols);
+    let j_end = b.def(format!("arith.minui {j1}, {n} : index"));
+    (r0, j0, j_end)
+}
+
 /// `(first + i)·stride` for `i in 0..count`: where rows `first..first+count` start.
 fn strided(b: &mut KernelBuilder, first: &str, count: u64, stride: &str) -> Vec<V> {
     (0..count)
@@ -921,12 +966,7 @@ fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V], out: &st
     // Register budget: f32 4 rows × 2 columns; quantized 4 rows × 1 (the dequantized block is 4 vectors).
     let (c_gemm, c_gemv) = if planes.is_some() { (1, 4) } else { (2, 4) };
     b.parallel(&units, |b, u| {
-        let rbi = b.divui(u, &ct);
-        let cb = b.remui(u, &ct);
-        let r0 = b.muli(&rbi, &rbc);
-        let j0 = b.muli(&cb, &colsc);
-        let j1 = b.addi(&j0, &colsc);
-        let j_end = b.def(format!("arith.minui {j1}, {nc} : index"));
+        let (r0, j0, j_end) = unit_origin(b, u, &ct, &rbc, &colsc, &nc);
         if t.rb == 1 {
             columns(b, &r0, 1, &j0, &j_end, c_gemv);
         } else {

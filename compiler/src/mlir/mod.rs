@@ -4,6 +4,7 @@ pub mod builder;
 pub mod kernels;
 pub mod math;
 pub mod pipeline;
+pub mod sparse_kernels;
 
 pub use builder::Device;
 pub use kernels::{emit_kernel, KernelSpec};

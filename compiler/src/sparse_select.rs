@@ -1,0 +1,56 @@
+//! The specialization dial per sparse matmul: the level the plan asks for, or
+//! for `auto` the one the cost model picks, with the reason the manifest records.
+//!
+//! The cost model is memory traffic, which is what GEMV (decode) is bound by:
+//! a sparse format pays when its packed bytes (values, indices, pointers) fall
+//! below `SPARSE_PAYS` of the dense f32 bytes; otherwise the dense kernel over
+//! the pruned weight is at least as fast and needs no index decoding.
+
+use crate::error::{CompileError, CompileResult};
+use sparsec_ir::sparse::{PrunedWeight, SparseStorage};
+use sparsec_ir::{Pattern, Specialize};
+
+/// A sparse format is picked when it moves less than this share of the dense bytes.
+pub const SPARSE_PAYS: f64 = 0.75;
+
+/// What one sparse matmul compiles to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SparseChoice {
+    /// `dense`, `generic`, `indices` or `full` (never `auto`).
+    pub level: Specialize,
+    /// The packed storage of the weight; `None` for `dense`.
+    pub storage: Option<SparseStorage>,
+    /// Why (for `auto`: the cost model's figures).
+    pub reason: String,
+}
+
+/// The choice for a matmul with these patterns pruning weight `w`.
+pub fn choose(patterns: &[Pattern], w: &PrunedWeight, kernel: &str) -> CompileResult<SparseChoice> {
+    let asked = patterns
+        .iter()
+        .find_map(|p| match p {
+            Pattern::Specialize(s) => Some(*s),
+            _ => None,
+        })
+        .unwrap_or(Specialize::Auto);
+    let format = w.format();
+    let storage = SparseStorage { format, transposed: w.transposed };
+    let dense_bytes = (w.n * w.k * 4) as f64;
+    let packed = format.bytes() as f64;
+    let share = packed / dense_bytes;
+    let figures = format!("{} packs {:.0} KB, {:.2} of the dense f32 {:.0} KB", format.name(), packed / 1e3, share, dense_bytes / 1e3);
+    let (level, reason) = match asked {
+        Specialize::Auto if share < SPARSE_PAYS => (Specialize::Generic, format!("auto: generic, {figures} (< {SPARSE_PAYS})")),
+        Specialize::Auto => (Specialize::Dense, format!("auto: dense, {figures} (>= {SPARSE_PAYS})")),
+        l => (l, format!("{} (asked); {figures}", l.name())),
+    };
+    match level {
+        Specialize::Dense => Ok(SparseChoice { level, storage: None, reason }),
+        Specialize::Generic => Ok(SparseChoice { level, storage: Some(storage), reason }),
+        Specialize::Indices | Specialize::Full | Specialize::Auto => Err(CompileError::Unsupported {
+            kernel: kernel.to_string(),
+            op: "matmul",
+            why: format!("#specialize({}) is not implemented yet (dense and generic are)", level.name()),
+        }),
+    }
+}

@@ -1,0 +1,460 @@
+//! Weight sparsity as data: magnitude pruning for every `Sparsity` kind, and the
+//! packed formats sparse kernels read (CSR, N:M, BSR).
+//!
+//! Every format views the weight as `[n, k]`: one row per output, the reduction
+//! axis contiguous (a `transpose_b` weight as stored; a `[k, n]` weight transposed).
+//! Sizes depend only on the pattern and the shape, never on the data: pruning
+//! keeps exactly `kept(total, ratio)` entries (or blocks), ties broken by position,
+//! so partitioning knows every buffer's bytes before the weights are read.
+//!
+//! Packed layouts (little-endian, every section 4-byte aligned):
+//! - CSR: `row_ptr` (`n+1` u32), `values` (`nnz` f32), `cols` (`nnz` u16 when
+//!   `k ≤ 65536`, else u32).
+//! - N:M: `values` (`n · k/m · N` f32, row-major by output, group, slot), then
+//!   `slots` (as many u8: the position of each value inside its group of `m`).
+//! - BSR with `r×c` blocks: `block_ptr` (`n/r + 1` u32), `values` (`nb · r · c`
+//!   f32, each block row-major), `block_cols` (`nb` u32, in units of `c`).
+
+use crate::pattern::Sparsity;
+
+/// The stored form of a sparse weight, with every size the kernels need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "format", rename_all = "lowercase")]
+pub enum SparseFormat {
+    Csr { n: u64, k: u64, nnz: u64 },
+    Nm { n: u64, k: u64, keep: u32, group: u32 },
+    Bsr { n: u64, k: u64, rows: u32, cols: u32, blocks: u64 },
+}
+
+/// How a pruned weight is stored: its format and whether the graph's weight is
+/// `[n, k]` as packed (`transpose_b`) or `[k, n]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct SparseStorage {
+    #[serde(flatten)]
+    pub format: SparseFormat,
+    pub transposed: bool,
+}
+
+/// Entries (or blocks) that pruning `ratio` of `total` keeps.
+pub fn kept(total: u64, ratio: f32) -> u64 {
+    let pruned = ((ratio as f64) * (total as f64)).floor() as u64;
+    total - pruned.min(total)
+}
+
+impl SparseFormat {
+    /// The format a `Sparsity` packs into, for an `[n, k]` weight view.
+    pub fn for_pattern(s: &Sparsity, n: u64, k: u64) -> SparseFormat {
+        match *s {
+            Sparsity::Unstructured { ratio } => SparseFormat::Csr { n, k, nnz: kept(n * k, ratio) },
+            Sparsity::NM { n: keep, m } => SparseFormat::Nm { n, k, keep, group: m },
+            Sparsity::Block { ratio, rows, cols } => {
+                let total = (n / rows.max(1) as u64) * (k / cols.max(1) as u64);
+                SparseFormat::Bsr { n, k, rows, cols, blocks: kept(total, ratio) }
+            }
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            SparseFormat::Csr { .. } => "csr",
+            SparseFormat::Nm { .. } => "nm",
+            SparseFormat::Bsr { .. } => "bsr",
+        }
+    }
+
+    /// Bytes of one column index in CSR (2 when `k` fits 16 bits).
+    pub fn csr_index_bytes(k: u64) -> u64 {
+        if k <= 1 << 16 {
+            2
+        } else {
+            4
+        }
+    }
+
+    /// Stored values (f32), nonzero or not.
+    pub fn stored_values(&self) -> u64 {
+        match *self {
+            SparseFormat::Csr { nnz, .. } => nnz,
+            SparseFormat::Nm { n, k, keep, group } => n * (k / group as u64) * keep as u64,
+            SparseFormat::Bsr { rows, cols, blocks, .. } => blocks * rows as u64 * cols as u64,
+        }
+    }
+
+    /// Byte offsets of the sections: (index pointers or 0, values, indices, total).
+    pub fn layout(&self) -> SparseLayout {
+        let al = |x: u64| x.next_multiple_of(4);
+        match *self {
+            SparseFormat::Csr { n, k, nnz } => {
+                let values = (n + 1) * 4;
+                let cols = values + nnz * 4;
+                SparseLayout { ptr: 0, values, indices: cols, total: al(cols + nnz * Self::csr_index_bytes(k)) }
+            }
+            SparseFormat::Nm { .. } => {
+                let v = self.stored_values();
+                SparseLayout { ptr: 0, values: 0, indices: v * 4, total: al(v * 5) }
+            }
+            SparseFormat::Bsr { n, rows, blocks, .. } => {
+                let values = (n / rows as u64 + 1) * 4;
+                let cols = values + self.stored_values() * 4;
+                SparseLayout { ptr: 0, values, indices: cols, total: cols + blocks * 4 }
+            }
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.layout().total as usize
+    }
+}
+
+/// Where a packed sparse weight's sections start, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SparseLayout {
+    pub ptr: u64,
+    pub values: u64,
+    pub indices: u64,
+    pub total: u64,
+}
+
+/// Reads `[n, k]` element `(j, kk)` of a weight stored `[n, k]` (`transposed`,
+/// i.e. `transpose_b`) or `[k, n]`.
+fn at(n: usize, k: usize, transposed: bool, j: usize, kk: usize) -> usize {
+    let _ = k;
+    if transposed {
+        j * k + kk
+    } else {
+        kk * n + j
+    }
+}
+
+/// Prunes `w` (a matmul weight, `[n, k]` if `transposed` else `[k, n]`) in place
+/// by magnitude as `s` says, and returns the keep mask over the `[n, k]` view.
+/// Deterministic: among equal magnitudes the later position is pruned first.
+pub fn prune(s: &Sparsity, w: &mut [f32], n: usize, k: usize, transposed: bool) -> Vec<bool> {
+    let mut keep = vec![true; n * k];
+    match *s {
+        Sparsity::Unstructured { ratio } => {
+            let drop = n * k - kept((n * k) as u64, ratio) as usize;
+            let mut order: Vec<usize> = (0..n * k).collect();
+            // Smallest magnitude first; the position breaks ties (later pruned first).
+            let key = |i: usize| (w[at(n, k, transposed, i / k.max(1), i % k.max(1))].abs(), std::cmp::Reverse(i));
+            if drop > 0 && drop < order.len() {
+                order.select_nth_unstable_by(drop - 1, |&a, &b| key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal));
+            }
+            for &i in order.iter().take(drop) {
+                keep[i] = false;
+            }
+        }
+        Sparsity::NM { n: nz, m } => {
+            let (nz, m) = (nz as usize, m.max(1) as usize);
+            for j in 0..n {
+                for g in 0..k / m {
+                    let mut idx: Vec<usize> = (0..m).collect();
+                    let mag = |t: usize| w[at(n, k, transposed, j, g * m + t)].abs();
+                    // Largest first, earlier position first among equals.
+                    idx.sort_by(|&a, &b| mag(b).partial_cmp(&mag(a)).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+                    for &t in &idx[nz.min(m)..] {
+                        keep[j * k + g * m + t] = false;
+                    }
+                }
+            }
+        }
+        Sparsity::Block { ratio, rows, cols } => {
+            let (r, c) = (rows.max(1) as usize, cols.max(1) as usize);
+            let (br, bc) = (n / r, k / c);
+            let score = |b: usize| -> f64 {
+                let (bi, bj) = (b / bc.max(1), b % bc.max(1));
+                let mut s = 0.0f64;
+                for j in bi * r..(bi + 1) * r {
+                    for kk in bj * c..(bj + 1) * c {
+                        let x = w[at(n, k, transposed, j, kk)] as f64;
+                        s += x * x;
+                    }
+                }
+                s
+            };
+            let scores: Vec<f64> = (0..br * bc).map(score).collect();
+            let drop = br * bc - kept((br * bc) as u64, ratio) as usize;
+            let mut order: Vec<usize> = (0..br * bc).collect();
+            order.sort_by(|&a, &b| scores[a].partial_cmp(&scores[b]).unwrap_or(std::cmp::Ordering::Equal).then(b.cmp(&a)));
+            for &b in order.iter().take(drop) {
+                let (bi, bj) = (b / bc, b % bc);
+                for j in bi * r..(bi + 1) * r {
+                    for kk in bj * c..(bj + 1) * c {
+                        keep[j * k + kk] = false;
+                    }
+                }
+            }
+        }
+    }
+    for j in 0..n {
+        for kk in 0..k {
+            if !keep[j * k + kk] {
+                w[at(n, k, transposed, j, kk)] = 0.0;
+            }
+        }
+    }
+    keep
+}
+
+fn put_u32(out: &mut [u8], at: u64, v: u32) {
+    out[at as usize..at as usize + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put_f32(out: &mut [u8], at: u64, v: f32) {
+    out[at as usize..at as usize + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn get_u32(b: &[u8], at: u64) -> u32 {
+    u32::from_le_bytes([b[at as usize], b[at as usize + 1], b[at as usize + 2], b[at as usize + 3]])
+}
+fn get_f32(b: &[u8], at: u64) -> f32 {
+    f32::from_bits(get_u32(b, at))
+}
+
+/// Packs a pruned weight (`w` as stored, `keep` over the `[n, k]` view, both from
+/// `prune`) into `fmt`. `None` when the mask does not have the format's shape
+/// (a mask that is not the one `prune` made for this pattern).
+pub fn pack(fmt: &SparseFormat, w: &[f32], keep: &[bool], transposed: bool) -> Option<Vec<u8>> {
+    let lay = fmt.layout();
+    let mut out = vec![0u8; lay.total as usize];
+    match *fmt {
+        SparseFormat::Csr { n, k, nnz } => {
+            let (n, k) = (n as usize, k as usize);
+            let ib = SparseFormat::csr_index_bytes(k as u64);
+            let mut p = 0u64;
+            for j in 0..n {
+                put_u32(&mut out, 4 * j as u64, p as u32);
+                for kk in 0..k {
+                    if keep[j * k + kk] {
+                        if p >= nnz {
+                            return None;
+                        }
+                        put_f32(&mut out, lay.values + 4 * p, w[at(n, k, transposed, j, kk)]);
+                        let ia = (lay.indices + ib * p) as usize;
+                        if ib == 2 {
+                            out[ia..ia + 2].copy_from_slice(&(kk as u16).to_le_bytes());
+                        } else {
+                            out[ia..ia + 4].copy_from_slice(&(kk as u32).to_le_bytes());
+                        }
+                        p += 1;
+                    }
+                }
+            }
+            put_u32(&mut out, 4 * n as u64, p as u32);
+            (p == nnz).then_some(out)
+        }
+        SparseFormat::Nm { n, k, keep: nz, group } => {
+            let (n, k, nz, m) = (n as usize, k as usize, nz as usize, group as usize);
+            let mut p = 0u64;
+            for j in 0..n {
+                for g in 0..k / m {
+                    let slots: Vec<usize> = (0..m).filter(|t| keep[j * k + g * m + t]).collect();
+                    if slots.len() != nz {
+                        return None;
+                    }
+                    for t in slots {
+                        put_f32(&mut out, lay.values + 4 * p, w[at(n, k, transposed, j, g * m + t)]);
+                        out[(lay.indices + p) as usize] = t as u8;
+                        p += 1;
+                    }
+                }
+            }
+            Some(out)
+        }
+        SparseFormat::Bsr { n, k, rows, cols, blocks } => {
+            let (n, k, r, c) = (n as usize, k as usize, rows as usize, cols as usize);
+            let mut p = 0u64;
+            for bi in 0..n / r {
+                put_u32(&mut out, 4 * bi as u64, p as u32);
+                for bj in 0..k / c {
+                    let kept_block = keep[bi * r * k + bj * c];
+                    if !kept_block {
+                        continue;
+                    }
+                    if p >= blocks {
+                        return None;
+                    }
+                    for i in 0..r {
+                        for t in 0..c {
+                            let v = w[at(n, k, transposed, bi * r + i, bj * c + t)];
+                            put_f32(&mut out, lay.values + 4 * (p * (r * c) as u64 + (i * c + t) as u64), v);
+                        }
+                    }
+                    put_u32(&mut out, lay.indices + 4 * p, bj as u32);
+                    p += 1;
+                }
+            }
+            put_u32(&mut out, 4 * (n / r) as u64, p as u32);
+            (p == blocks).then_some(out)
+        }
+    }
+}
+
+/// Unpacks `bytes` of format `fmt` into a dense weight as stored (`[n, k]` if
+/// `transposed`, else `[k, n]`); `None` if the bytes are too short or an index
+/// is out of range.
+pub fn unpack(fmt: &SparseFormat, bytes: &[u8], transposed: bool) -> Option<Vec<f32>> {
+    let lay = fmt.layout();
+    if (bytes.len() as u64) < lay.total {
+        return None;
+    }
+    let (n, k) = match *fmt {
+        SparseFormat::Csr { n, k, .. } | SparseFormat::Nm { n, k, .. } | SparseFormat::Bsr { n, k, .. } => (n as usize, k as usize),
+    };
+    let mut w = vec![0f32; n * k];
+    match *fmt {
+        SparseFormat::Csr { nnz, .. } => {
+            let ib = SparseFormat::csr_index_bytes(k as u64);
+            for j in 0..n {
+                let (lo, hi) = (get_u32(bytes, 4 * j as u64) as u64, get_u32(bytes, 4 * (j + 1) as u64) as u64);
+                if lo > hi || hi > nnz {
+                    return None;
+                }
+                for p in lo..hi {
+                    let ia = (lay.indices + ib * p) as usize;
+                    let kk = if ib == 2 { u16::from_le_bytes([bytes[ia], bytes[ia + 1]]) as usize } else { get_u32(bytes, ia as u64) as usize };
+                    if kk >= k {
+                        return None;
+                    }
+                    w[at(n, k, transposed, j, kk)] = get_f32(bytes, lay.values + 4 * p);
+                }
+            }
+        }
+        SparseFormat::Nm { keep: nz, group, .. } => {
+            let (nz, m) = (nz as usize, group as usize);
+            let mut p = 0u64;
+            for j in 0..n {
+                for g in 0..k / m {
+                    for _ in 0..nz {
+                        let t = bytes[(lay.indices + p) as usize] as usize;
+                        if t >= m {
+                            return None;
+                        }
+                        w[at(n, k, transposed, j, g * m + t)] = get_f32(bytes, lay.values + 4 * p);
+                        p += 1;
+                    }
+                }
+            }
+        }
+        SparseFormat::Bsr { rows, cols, blocks, .. } => {
+            let (r, c) = (rows as usize, cols as usize);
+            for bi in 0..n / r {
+                let (lo, hi) = (get_u32(bytes, 4 * bi as u64) as u64, get_u32(bytes, 4 * (bi + 1) as u64) as u64);
+                if lo > hi || hi > blocks {
+                    return None;
+                }
+                for p in lo..hi {
+                    let bj = get_u32(bytes, lay.indices + 4 * p) as usize;
+                    if (bj + 1) * c > k {
+                        return None;
+                    }
+                    for i in 0..r {
+                        for t in 0..c {
+                            let v = get_f32(bytes, lay.values + 4 * (p * (r * c) as u64 + (i * c + t) as u64));
+                            w[at(n, k, transposed, bi * r + i, bj * c + t)] = v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Some(w)
+}
+
+/// The weights a graph prunes: weight node index → (its `#sparsity`, whether
+/// the matmul reads it transposed, its `[n, k]` view). The verifier guarantees
+/// every use of such a weight prunes it alike.
+pub fn pruned_weights(g: &crate::Graph) -> std::collections::HashMap<usize, PrunedWeight> {
+    let mut out = std::collections::HashMap::new();
+    for node in &g.nodes {
+        let crate::Op::MatMul { transpose_b } = node.op else { continue };
+        let Some(s) = node.patterns.iter().find_map(|p| match p {
+            crate::Pattern::Sparsity(s) => Some(s.clone()),
+            _ => None,
+        }) else {
+            continue;
+        };
+        let w = node.operands[1].0;
+        let Some(dims) = g.nodes[w].ty.as_ref().map(|t| t.dims.clone()) else { continue };
+        let (crate::Dim::Fixed(a), crate::Dim::Fixed(b)) = (dims[0], dims[1]) else { continue };
+        let (n, k) = if transpose_b { (a, b) } else { (b, a) };
+        out.insert(w, PrunedWeight { sparsity: s, transposed: transpose_b, n, k });
+    }
+    out
+}
+
+/// How one weight is pruned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrunedWeight {
+    pub sparsity: Sparsity,
+    pub transposed: bool,
+    pub n: u64,
+    pub k: u64,
+}
+
+impl PrunedWeight {
+    /// Prunes `w` (as stored) in place; returns the keep mask over `[n, k]`.
+    pub fn prune(&self, w: &mut [f32]) -> Vec<bool> {
+        prune(&self.sparsity, w, self.n as usize, self.k as usize, self.transposed)
+    }
+
+    pub fn format(&self) -> SparseFormat {
+        SparseFormat::for_pattern(&self.sparsity, self.n, self.k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u64) -> Vec<f32> {
+        crate::Init::Normal { seed, std: 1.0 }.generate(len)
+    }
+
+    #[test]
+    fn prune_counts_and_pack_round_trips() {
+        let (n, k) = (12, 16);
+        for s in [
+            Sparsity::Unstructured { ratio: 0.9 },
+            Sparsity::Unstructured { ratio: 0.0 },
+            Sparsity::NM { n: 2, m: 4 },
+            Sparsity::NM { n: 1, m: 8 },
+            Sparsity::Block { ratio: 0.5, rows: 4, cols: 4 },
+        ] {
+            for transposed in [true, false] {
+                let mut w = data(n * k, 7);
+                let keep = prune(&s, &mut w, n, k, transposed);
+                let fmt = SparseFormat::for_pattern(&s, n as u64, k as u64);
+                assert_eq!(keep.iter().filter(|x| **x).count() as u64, fmt.stored_values(), "{s:?}");
+                let packed = pack(&fmt, &w, &keep, transposed).expect("mask fits the format");
+                assert_eq!(packed.len(), fmt.bytes());
+                assert_eq!(unpack(&fmt, &packed, transposed).expect("unpacks"), w, "{s:?} transposed={transposed}");
+                // Pruning is idempotent: the pruned weight prunes to itself.
+                let mut again = w.clone();
+                prune(&s, &mut again, n, k, transposed);
+                assert_eq!(again, w);
+            }
+        }
+    }
+
+    #[test]
+    fn magnitude_pruning_keeps_the_largest() {
+        let mut w = vec![0.1, -5.0, 0.2, 3.0, -0.05, 0.3, 4.0, -0.4];
+        let keep = prune(&Sparsity::NM { n: 2, m: 4 }, &mut w, 1, 8, true);
+        assert_eq!(w, vec![0.0, -5.0, 0.0, 3.0, 0.0, 0.0, 4.0, -0.4]);
+        assert_eq!(keep, vec![false, true, false, true, false, false, true, true]);
+        let mut w = vec![1.0, -2.0, 3.0, -4.0];
+        prune(&Sparsity::Unstructured { ratio: 0.5 }, &mut w, 2, 2, true);
+        assert_eq!(w, vec![0.0, 0.0, 3.0, -4.0]);
+    }
+
+    #[test]
+    fn corrupt_bytes_are_rejected() {
+        let fmt = SparseFormat::Csr { n: 2, k: 4, nnz: 2 };
+        let mut w = vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0];
+        let keep = prune(&Sparsity::Unstructured { ratio: 0.75 }, &mut w, 2, 4, true);
+        let mut b = pack(&fmt, &w, &keep, true).unwrap();
+        assert!(unpack(&fmt, &b[..b.len() - 4], true).is_none());
+        let last = b.len() - 2;
+        b[last] = 9; // a column index past k
+        assert!(unpack(&fmt, &b, true).is_none());
+    }
+}
