@@ -68,8 +68,13 @@ pub struct LmSource {
 }
 
 impl LmSource {
-    pub fn model(spec: &str) -> Result<LmSource> {
-        let m = Model::load(spec)?;
+    /// A checkpoint on the reference interpreter, with `plan` (its text) applied to its graph.
+    pub fn model(spec: &str, plan: Option<&str>) -> Result<LmSource> {
+        let mut m = Model::load(spec)?;
+        if let Some(text) = plan {
+            let plan = sparsec_passes::Plan::parse(text)?;
+            sparsec_passes::PassManager::with_plan(Some(plan), Default::default()).run(&mut m.graph)?;
+        }
         let tokenizer = m.tokenizer()?.clone();
         let eos = m.eos;
         Ok(LmSource { model: Some(m), artifact: None, tokenizer, eos })

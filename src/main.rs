@@ -55,10 +55,10 @@ struct CompileFlags {
     /// Weights (safetensors, F32) for the graph's `weight` ops; weights with an `init` may be left out.
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// Plan file (TOML). Plans are not implemented yet: giving one is an error.
+    /// Plan file (TOML): which layers and tensors get which pattern (DESIGN.md).
     #[arg(long, conflicts_with = "preset")]
     plan: Option<PathBuf>,
-    /// Named plan preset. Not implemented yet: giving one is an error.
+    /// Named plan: half, quarter, aggressive, sparse-0.5, sparse-0.7, sparse-0.9, 2:4, block4x4-0.8.
     #[arg(long)]
     preset: Option<String>,
     /// Also write these into the artifact's emit/ folder: ir,mlir,llvm,ptx,asm.
@@ -215,6 +215,12 @@ struct InspectArgs {
     input: PathBuf,
     #[arg(long)]
     json: bool,
+    /// For a model or IR file: apply this plan and print what every matmul and attention layer gets.
+    #[arg(long, conflicts_with = "preset")]
+    plan: Option<PathBuf>,
+    /// As --plan, with a named preset.
+    #[arg(long)]
+    preset: Option<String>,
 }
 
 fn main() {
@@ -270,9 +276,7 @@ fn is_artifact(p: &Path) -> bool {
 }
 
 fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache: Option<Cache>) -> Result<Compiled> {
-    if flags.plan.is_some() || flags.preset.is_some() {
-        bail!("plans and presets are not implemented yet (the sparse-weights issue adds them); compile without --plan/--preset");
-    }
+    let plan_text = plan_text(flags)?;
     // A checkpoint (GGUF, HF directory, `smollm2`) brings its weights; an IR file
     // takes them from --weights or its `init`s.
     let (graph, model) = load_source_with(input, flags.dequantize)?;
@@ -318,7 +322,7 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
     }
     let compiled = compile(CompileRequest {
         graph,
-        plan_text: None,
+        plan_text,
         weights,
         options: options(flags)?,
         print,
@@ -340,6 +344,24 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
         }
     }
     Ok(compiled)
+}
+
+/// The plan text of `--plan FILE` or `--preset NAME`, checked.
+fn plan_text(flags: &CompileFlags) -> Result<Option<String>> {
+    plan_text_of(flags.plan.as_deref(), flags.preset.as_deref())
+}
+
+fn plan_text_of(plan: Option<&Path>, preset: Option<&str>) -> Result<Option<String>> {
+    let text = match (plan, preset) {
+        (Some(p), _) => std::fs::read_to_string(p).with_context(|| format!("reading plan {}", p.display()))?,
+        (None, Some(name)) => sparsec_passes::Plan::preset(name)?,
+        (None, None) => return Ok(None),
+    };
+    sparsec_passes::Plan::parse(&text).with_context(|| match plan {
+        Some(p) => p.display().to_string(),
+        None => format!("preset {}", preset.unwrap_or_default()),
+    })?;
+    Ok(Some(text))
 }
 
 fn is_model(input: &Path) -> bool {
@@ -488,7 +510,7 @@ fn lm_source(input: &Path, compiled: bool, threads: Option<usize>, flags: &Compi
         let path = artifact_for(input, flags, DeviceArg::Cpu)?;
         return lm_verbs::LmSource::artifact(&path, threads);
     }
-    lm_verbs::LmSource::model(&input.to_string_lossy())
+    lm_verbs::LmSource::model(&input.to_string_lossy(), plan_text(flags)?.as_deref())
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
@@ -618,12 +640,45 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             let (cm, cb) = f(&k.cpu);
             let (gm, gb) = f(&k.cuda);
             println!("{:<20} {:<11} {:>10} {:>10} {:>10} {:>10}", k.name, k.op, cm, cb, gm, gb);
+            if let Some(why) = &k.specialization {
+                println!("    specialization: {why}");
+            }
+        }
+        for b in m.execution.buffers.iter().filter(|b| b.sparse.is_some()) {
+            if let Some(st) = &b.sparse {
+                println!("sparse weight {:<28} {:<4} {:>10} B  {:?}", b.name, st.format.name(), st.format.bytes(), st.format);
+            }
         }
         println!("buffers: {}  steps: {}", m.execution.buffers.len(), m.execution.steps.len());
         return Ok(());
     }
     let (mut g, _) = load_source(&a.input)?;
-    sparsec_passes::PassManager::default_pipeline(PrintOptions::default()).run(&mut g)?;
+    let plan = plan_text_of(a.plan.as_deref(), a.preset.as_deref())?.map(|t| sparsec_passes::Plan::parse(&t)).transpose()?;
+    let with_plan = plan.is_some();
+    sparsec_passes::PassManager::with_plan(plan, PrintOptions::default()).run(&mut g)?;
+    if with_plan && !a.json {
+        // What every matmul and attention op ends up with.
+        println!("{:<24} {:<22} {:<16} patterns", "value", "weight", "shape");
+        for n in &g.nodes {
+            if !matches!(n.op, sparsec_ir::Op::MatMul { .. } | sparsec_ir::Op::Attention { .. }) {
+                continue;
+            }
+            let w = n.operands.get(1).map(|o| &g.nodes[o.0]);
+            let (wname, shape) = match (&n.op, w) {
+                (sparsec_ir::Op::MatMul { .. }, Some(w)) => (
+                    match &w.op {
+                        sparsec_ir::Op::Weight { name, .. } => name.clone(),
+                        _ => w.name.clone(),
+                    },
+                    w.ty.as_ref().map(|t| t.to_string()).unwrap_or_default(),
+                ),
+                _ => ("-".into(), String::new()),
+            };
+            let pats: Vec<String> = n.patterns.iter().map(|p| format!("#{}({})", p.keyword(), p.to_args())).collect();
+            println!("%{:<23} {:<22} {:<16} {}", n.name, wname, shape, if pats.is_empty() { "dense".into() } else { pats.join(" ") });
+        }
+        return Ok(());
+    }
     if a.json {
         let values: Vec<_> = g
             .nodes

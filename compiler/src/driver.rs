@@ -62,7 +62,8 @@ fn read_manifest(dir: &Path) -> CompileResult<Manifest> {
 pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
     let start = Instant::now();
     let mut g = req.graph;
-    let snapshots = PassManager::default_pipeline(req.print.clone()).run(&mut g)?;
+    let plan = req.plan_text.as_deref().map(sparsec_passes::Plan::parse).transpose()?;
+    let snapshots = PassManager::with_plan(plan, req.print.clone()).run(&mut g)?;
     let part = partition(&g)?;
     let graph_text = print_graph(&g);
 

@@ -9,6 +9,8 @@ pub enum CompileError {
     Ir(#[from] sparsec_ir::IrError),
     #[error(transparent)]
     Pass(#[from] sparsec_passes::PassError),
+    #[error(transparent)]
+    Plan(#[from] sparsec_passes::PlanError),
     #[error("kernel `{kernel}` ({op}): cannot lower: {why}")]
     Unsupported { kernel: String, op: &'static str, why: String },
     #[error("kernel `{kernel}`: MLIR {stage} failed:\n{diagnostics}")]

@@ -14,6 +14,9 @@ pub enum IrError {
     /// The reference semantics cannot evaluate this op or pattern.
     #[error("{op} %{value}: {message}")]
     Eval { op: &'static str, value: String, message: String },
+    /// A plan that does not fit the graph (`plan rule N: ...`).
+    #[error("{0}")]
+    Plan(String),
 }
 
 pub type IrResult<T> = Result<T, IrError>;

@@ -1,15 +1,19 @@
 //! Graph passes: the `Pass` trait, the pass manager and the registered passes.
 //! A pass is one file implementing `Pass`, listed once in `registry()`.
 
+mod apply_plan;
 mod const_fold;
 mod dce;
 mod manager;
+pub mod plan;
 mod shape_infer;
 mod verify;
 
+pub use apply_plan::{layer_and_role, ApplyPlan};
 pub use const_fold::ConstFold;
 pub use dce::DeadCodeElimination;
 pub use manager::{PassManager, PrintOptions, Snapshot};
+pub use plan::{Plan, PlanError};
 pub use shape_infer::ShapeInference;
 pub use verify::Verify;
 

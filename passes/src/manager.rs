@@ -33,6 +33,16 @@ impl PassManager {
         PassManager { passes: crate::registry(), print, verify_each: cfg!(debug_assertions) }
     }
 
+    /// The default pipeline with `apply-plan` after shape inference.
+    pub fn with_plan(plan: Option<crate::Plan>, print: PrintOptions) -> PassManager {
+        let mut passes = crate::registry();
+        if let Some(plan) = plan {
+            let at = passes.iter().position(|p| p.name() == "shape-infer").map_or(0, |i| i + 1);
+            passes.insert(at, Box::new(crate::ApplyPlan { plan }));
+        }
+        PassManager { passes, print, verify_each: cfg!(debug_assertions) }
+    }
+
     pub fn new(passes: Vec<Box<dyn Pass>>, print: PrintOptions) -> PassManager {
         PassManager { passes, print, verify_each: cfg!(debug_assertions) }
     }

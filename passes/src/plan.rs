@@ -1,0 +1,314 @@
+//! The plan file (TOML, DESIGN.md's shape): rules that select tensors by layer
+//! and role, or attention layers, and say which pattern each gets; presets name
+//! seed plans. Parsing checks everything that needs no model (ranges, N ≤ M,
+//! known keys); `apply-plan` checks the rest against the graph.
+
+use serde::Deserialize;
+use sparsec_ir::{Sparsity, Specialize};
+
+/// A parsed plan: its rules in order (later rules override earlier ones).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub rules: Vec<Rule>,
+}
+
+/// Which layers a rule selects.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Layers {
+    All,
+    /// Half-open `start..end`; `end` open-ended when `None`.
+    Range { start: u64, end: Option<u64> },
+    List(Vec<u64>),
+}
+
+impl Layers {
+    pub fn contains(&self, l: u64) -> bool {
+        match self {
+            Layers::All => true,
+            Layers::Range { start, end } => l >= *start && end.is_none_or(|e| l < e),
+            Layers::List(v) => v.contains(&l),
+        }
+    }
+
+    /// The largest layer named explicitly (to check it exists).
+    pub fn max_named(&self) -> Option<u64> {
+        match self {
+            Layers::All | Layers::Range { end: None, .. } => None,
+            Layers::Range { start, end: Some(e) } => Some((*e).max(start + 1) - 1),
+            Layers::List(v) => v.iter().copied().max(),
+        }
+    }
+}
+
+/// An attention window request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WindowPlan {
+    Full,
+    Fixed { size: u32, sinks: u32 },
+    /// From `start` at the first selected layer to `end` at the last, geometrically.
+    Progressive { start: u32, end: u32, sinks: u32 },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rule {
+    /// 1-based, for messages.
+    pub index: usize,
+    pub layers: Layers,
+    /// Role globs (`mlp.*`, `attn.q`, `lm_head`, `*`).
+    pub targets: Vec<String>,
+    pub sparsity: Option<Sparsity>,
+    pub specialize: Option<Specialize>,
+    pub window: Option<WindowPlan>,
+    /// Families the plan format names but this build cannot apply yet (`kv`, `share`, `nsa`).
+    pub not_yet: Vec<&'static str>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PlanError {
+    #[error("plan: {0}")]
+    Toml(String),
+    #[error("plan rule {rule}: {message}")]
+    Rule { rule: usize, message: String },
+    #[error("unknown preset `{0}` (known: {1})")]
+    UnknownPreset(String, String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanFile {
+    #[serde(default)]
+    rule: Vec<RuleFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    layers: Option<String>,
+    target: Option<String>,
+    sparsity: Option<SparsityFile>,
+    specialize: Option<String>,
+    attention: Option<AttentionFile>,
+    kv: Option<toml::Value>,
+    share: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+enum SparsityFile {
+    Unstructured { ratio: f32 },
+    Nm { n: u32, m: u32 },
+    Block { ratio: f32, block: [u32; 2] },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttentionFile {
+    window: Option<WindowFile>,
+    nsa: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum WindowFile {
+    Size(u32),
+    Word(String),
+    Table { size: Option<u32>, sinks: Option<u32>, schedule: Option<String>, start: Option<u32>, end: Option<u32> },
+}
+
+fn parse_layers(s: &str) -> Result<Layers, String> {
+    let s = s.trim();
+    if s == "all" {
+        return Ok(Layers::All);
+    }
+    let num = |t: &str| t.trim().parse::<u64>().map_err(|_| format!("layers = \"{s}\": `{t}` is not a layer number"));
+    if let Some((a, b)) = s.split_once("..") {
+        let start = if a.trim().is_empty() { 0 } else { num(a)? };
+        let end = if b.trim().is_empty() { None } else { Some(num(b)?) };
+        if end.is_some_and(|e| e <= start) {
+            return Err(format!("layers = \"{s}\" is empty (ranges are half-open)"));
+        }
+        return Ok(Layers::Range { start, end });
+    }
+    Ok(Layers::List(s.split(',').map(num).collect::<Result<_, _>>()?))
+}
+
+fn ratio_in_range(r: f32) -> Result<f32, String> {
+    if (0.0..1.0).contains(&r) {
+        Ok(r)
+    } else {
+        Err(format!("sparsity ratio {r} is outside [0, 1)"))
+    }
+}
+
+impl Plan {
+    /// Parses plan text; errors name the rule.
+    pub fn parse(text: &str) -> Result<Plan, PlanError> {
+        let file: PlanFile = toml::from_str(text).map_err(|e| PlanError::Toml(e.to_string()))?;
+        let mut rules = Vec::new();
+        for (i, r) in file.rule.into_iter().enumerate() {
+            let index = i + 1;
+            let err = |message: String| PlanError::Rule { rule: index, message };
+            let layers = parse_layers(r.layers.as_deref().unwrap_or("all")).map_err(err)?;
+            let targets: Vec<String> =
+                r.target.as_deref().unwrap_or("*").split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+            let sparsity = match r.sparsity {
+                None => None,
+                Some(SparsityFile::Unstructured { ratio }) => Some(Sparsity::Unstructured { ratio: ratio_in_range(ratio).map_err(err)? }),
+                Some(SparsityFile::Nm { n, m }) => {
+                    if n == 0 || m == 0 || n > m || m > 255 {
+                        return Err(err(format!("N:M sparsity needs 0 < n <= m <= 255, got {n}:{m}")));
+                    }
+                    Some(Sparsity::NM { n, m })
+                }
+                Some(SparsityFile::Block { ratio, block: [rows, cols] }) => {
+                    if rows == 0 || cols == 0 {
+                        return Err(err(format!("block shape [{rows}, {cols}] must be positive")));
+                    }
+                    Some(Sparsity::Block { ratio: ratio_in_range(ratio).map_err(err)?, rows, cols })
+                }
+            };
+            let specialize = match r.specialize.as_deref() {
+                None => None,
+                Some(s) => Some(Specialize::from_name(s).ok_or_else(|| {
+                    err(format!("specialize = \"{s}\" is not one of dense, generic, indices, full, auto"))
+                })?),
+            };
+            let mut not_yet = Vec::new();
+            let mut window = None;
+            if let Some(a) = r.attention {
+                if a.nsa.is_some() {
+                    not_yet.push("attention.nsa");
+                }
+                window = match a.window {
+                    None => None,
+                    Some(WindowFile::Size(0)) => return Err(err("window size must be positive".into())),
+                    Some(WindowFile::Size(size)) => Some(WindowPlan::Fixed { size, sinks: 0 }),
+                    Some(WindowFile::Word(w)) if w == "full" => Some(WindowPlan::Full),
+                    Some(WindowFile::Word(w)) => return Err(err(format!("window = \"{w}\" (expected a size, \"full\" or a table)"))),
+                    Some(WindowFile::Table { size, sinks, schedule, start, end }) => {
+                        let sinks = sinks.unwrap_or(0);
+                        match (size, schedule.as_deref(), start, end) {
+                            (Some(size), None, None, None) if size > 0 => Some(WindowPlan::Fixed { size, sinks }),
+                            (None, Some("progressive"), Some(start), Some(end)) if start > 0 && end > 0 => {
+                                Some(WindowPlan::Progressive { start, end, sinks })
+                            }
+                            _ => {
+                                return Err(err(
+                                    "window tables are { size = N, sinks = S } or { schedule = \"progressive\", start = A, end = B, sinks = S } with positive sizes".into(),
+                                ))
+                            }
+                        }
+                    }
+                };
+            }
+            if r.kv.is_some() {
+                not_yet.push("kv");
+            }
+            if r.share.is_some() {
+                not_yet.push("share");
+            }
+            if sparsity.is_none() && specialize.is_none() && window.is_none() && not_yet.is_empty() {
+                return Err(err("says nothing: give sparsity, specialize, attention, kv or share".into()));
+            }
+            rules.push(Rule { index, layers, targets, sparsity, specialize, window, not_yet });
+        }
+        Ok(Plan { rules })
+    }
+
+    /// The plan text of a named preset.
+    pub fn preset(name: &str) -> Result<String, PlanError> {
+        let text = match name {
+            "half" => "[[rule]]\nlayers = \"all\"\nattention = { window = { schedule = \"progressive\", start = 1024, end = 512 } }\n",
+            "quarter" => "[[rule]]\nlayers = \"all\"\nattention = { window = { schedule = \"progressive\", start = 1024, end = 256 } }\n",
+            "aggressive" => "[[rule]]\nlayers = \"all\"\nattention = { window = { schedule = \"progressive\", start = 512, end = 16, sinks = 4 } }\n",
+            "sparse-0.5" | "sparse-0.7" | "sparse-0.9" => {
+                return Ok(format!(
+                    "[[rule]]\nlayers = \"all\"\ntarget = \"attn.*,mlp.*\"\nsparsity = {{ kind = \"unstructured\", ratio = {} }}\nspecialize = \"auto\"\n",
+                    &name["sparse-".len()..]
+                ))
+            }
+            "2:4" => "[[rule]]\nlayers = \"all\"\ntarget = \"attn.*,mlp.*\"\nsparsity = { kind = \"nm\", n = 2, m = 4 }\nspecialize = \"generic\"\n",
+            "block4x4-0.8" => {
+                "[[rule]]\nlayers = \"all\"\ntarget = \"attn.*,mlp.*\"\nsparsity = { kind = \"block\", ratio = 0.8, block = [4, 4] }\nspecialize = \"generic\"\n"
+            }
+            other => return Err(PlanError::UnknownPreset(other.to_string(), PRESETS.join(", "))),
+        };
+        Ok(text.to_string())
+    }
+}
+
+/// Every preset name.
+pub const PRESETS: [&str; 8] = ["half", "quarter", "aggressive", "sparse-0.5", "sparse-0.7", "sparse-0.9", "2:4", "block4x4-0.8"];
+
+/// `*` matches any run of characters.
+pub fn glob(pattern: &str, s: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == s,
+        Some((head, rest)) => {
+            let Some(tail) = s.strip_prefix(head) else { return false };
+            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && glob(rest, &tail[i..]))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn design_md_plan_parses() {
+        let text = r#"
+[[rule]]
+layers = "all"
+target = "mlp.*"
+sparsity = { kind = "unstructured", ratio = 0.9 }
+specialize = "auto"
+
+[[rule]]
+layers = "6.."
+attention = { window = { schedule = "progressive", start = 512, end = 16 } }
+
+[[rule]]
+layers = "1,3,5"
+target = "attn.q,attn.k"
+sparsity = { kind = "block", ratio = 0.8, block = [4, 4] }
+"#;
+        let p = Plan::parse(text).unwrap();
+        assert_eq!(p.rules.len(), 3);
+        assert_eq!(p.rules[0].sparsity, Some(Sparsity::Unstructured { ratio: 0.9 }));
+        assert_eq!(p.rules[1].layers, Layers::Range { start: 6, end: None });
+        assert_eq!(p.rules[1].window, Some(WindowPlan::Progressive { start: 512, end: 16, sinks: 0 }));
+        assert_eq!(p.rules[2].targets, vec!["attn.q", "attn.k"]);
+        assert_eq!(p.rules[2].layers, Layers::List(vec![1, 3, 5]));
+        for name in PRESETS {
+            Plan::parse(&Plan::preset(name).unwrap()).unwrap_or_else(|e| panic!("preset {name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn bad_plans_say_what_and_where() {
+        let cases = [
+            ("[[rule]]\nsparsity = { kind = \"unstructured\", ratio = 1.0 }", "rule 1: sparsity ratio 1 is outside [0, 1)"),
+            ("[[rule]]\nsparsity = { kind = \"nm\", n = 4, m = 2 }", "rule 1: N:M sparsity needs 0 < n <= m"),
+            ("[[rule]]\nlayers = \"6..2\"\nspecialize = \"dense\"", "is empty"),
+            ("[[rule]]\nlayers = \"x\"\nspecialize = \"dense\"", "`x` is not a layer number"),
+            ("[[rule]]\nspecialize = \"fast\"", "is not one of dense"),
+            ("[[rule]]\ntarget = \"mlp.*\"", "says nothing"),
+            ("[[rule]]\nsparsity = { kind = \"diagonal\" }", "plan:"),
+            ("[[rule]]\nsparsty = { kind = \"nm\", n = 2, m = 4 }", "unknown field"),
+            ("[[rule]]\nattention = { window = 0 }", "positive"),
+        ];
+        for (text, want) in cases {
+            let e = Plan::parse(text).expect_err(text).to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        assert!(Plan::preset("nope").unwrap_err().to_string().contains("known: half"));
+    }
+
+    #[test]
+    fn globs_and_layers() {
+        assert!(glob("mlp.*", "mlp.up") && glob("*", "lm_head") && glob("attn.q", "attn.q"));
+        assert!(!glob("mlp.*", "attn.q") && !glob("attn.q", "attn.qq"));
+        assert!(Layers::Range { start: 2, end: Some(4) }.contains(3) && !Layers::Range { start: 2, end: Some(4) }.contains(4));
+    }
+}

@@ -1,0 +1,131 @@
+//! Plans end to end: a plan applied to a checkpoint compiles (CPU and PTX,
+//! ptxas-checked) to what the reference interpreter computes on the same
+//! pruned weights, through a KV-cached session; bad plans are clear errors.
+
+use ndarray::{ArrayD, IxDyn};
+use sparsec_models::checkpoint::Model;
+use sparsec_passes::{PassManager, Plan};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const PLAN: &str = r#"
+[[rule]]
+layers = "0"
+target = "mlp.*"
+sparsity = { kind = "nm", n = 2, m = 4 }
+specialize = "generic"
+
+[[rule]]
+layers = "0"
+target = "attn.q,attn.k"
+sparsity = { kind = "unstructured", ratio = 0.6 }
+specialize = "generic"
+
+[[rule]]
+layers = "1.."
+target = "attn.*,mlp.*"
+sparsity = { kind = "block", ratio = 0.5, block = [4, 4] }
+specialize = "generic"
+
+[[rule]]
+layers = "1"
+target = "attn.v"
+specialize = "dense"
+
+[[rule]]
+layers = "1"
+attention = { window = { size = 3, sinks = 1 } }
+"#;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name)
+}
+
+fn sparsec(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sparsec")).args(args).output().unwrap()
+}
+
+fn check_planned(name: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = tmp.path().join("plan.toml");
+    std::fs::write(&plan, PLAN).unwrap();
+    let dir = fixture(name);
+    let out = tmp.path().join("m.sparsec");
+    let o = sparsec(&[
+        "compile",
+        dir.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--plan",
+        plan.to_str().unwrap(),
+        "--no-cache",
+        "--target",
+        "all",
+        "--ptxas",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let art = sparsec_runtime::Artifact::open(&out).unwrap();
+    let formats: Vec<&str> = art.manifest.execution.buffers.iter().filter_map(|b| b.sparse.as_ref().map(|s| s.format.name())).collect();
+    // Layer 0: 2 (GPT-2) or 3 (Llama) N:M MLP matrices, q and k as CSR; layer 1: BSR except v (dense).
+    assert_eq!(formats.iter().filter(|f| **f == "csr").count(), 2, "{formats:?}");
+    assert!(formats.contains(&"nm") && formats.contains(&"bsr"), "{formats:?}");
+    assert!(art.manifest.kernels.iter().any(|k| k.specialization.as_deref().is_some_and(|s| s.starts_with("dense"))));
+
+    // The reference: the same plan on the checkpoint's graph, on the interpreter.
+    let mut model = Model::load(dir.to_str().unwrap()).unwrap();
+    PassManager::with_plan(Some(Plan::parse(PLAN).unwrap()), Default::default()).run(&mut model.graph).unwrap();
+    let ids: Vec<f32> = (0..9).map(|i| ((i * 37 + 5) % 96) as f32).collect();
+    let arr = |s: &[f32]| ArrayD::from_shape_vec(IxDyn(&[s.len()]), s.to_vec()).unwrap();
+    let want = sparsec_runtime::interpreter::interpret(&model.graph, &[arr(&ids)], &|r| model.weight(r).ok()).unwrap().remove(0);
+    let exec = sparsec_runtime::cpu::CpuExecutor::load(&art).unwrap();
+    let mut session = exec.session(&art).unwrap();
+    let mut rows: Vec<f32> = session.run(&[arr(&ids[..4])]).unwrap()[0].iter().copied().collect();
+    for t in 4..ids.len() {
+        rows.extend(session.run(&[arr(&ids[t..t + 1])]).unwrap()[0].iter());
+    }
+    assert_eq!(rows.len(), want.len());
+    let err = rows.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    println!("{name} with a plan (N:M, CSR, BSR, dense, window): compiled KV-cached decode vs the interpreter: max abs error {err:.3e}");
+    assert!(err < 1e-4, "{name}: {err}");
+    // Pruning changed the model: the unplanned logits differ.
+    let plain = Model::load(dir.to_str().unwrap()).unwrap();
+    let dense = sparsec_runtime::interpreter::interpret(&plain.graph, &[arr(&ids)], &|r| plain.weight(r).ok()).unwrap().remove(0);
+    assert!(dense.iter().zip(want.iter()).any(|(a, b)| (a - b).abs() > 1e-3), "the plan changed nothing");
+}
+
+#[test]
+fn planned_llama_compiles_to_the_interpreters_logits() {
+    check_planned("llama_tiny");
+}
+
+#[test]
+fn planned_gpt2_compiles_to_the_interpreters_logits() {
+    check_planned("gpt2_tiny");
+}
+
+#[test]
+fn bad_plans_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture("llama_tiny");
+    let cases = [
+        ("[[rule]]\nlayers = \"5\"\nsparsity = { kind = \"nm\", n = 2, m = 4 }", "plan rule 1: layer 5 does not exist (the model has 2 layers)"),
+        ("[[rule]]\ntarget = \"mlp.up\"\nsparsity = { kind = \"nm\", n = 2, m = 5 }", "N:M groups of 5 do not divide `layers.0.mlp.up`'s reduction dimension 32"),
+        ("[[rule]]\ntarget = \"mlp.down\"\nsparsity = { kind = \"block\", ratio = 0.5, block = [3, 4] }", "block 3x4 does not divide `layers.0.mlp.down`"),
+        ("[[rule]]\ntarget = \"mlp.sideways\"\nspecialize = \"generic\"", "target `mlp.sideways` selects no matmul"),
+        ("[[rule]]\nkv = { transform = \"dct\", keep = 0.25 }", "`kv` is not implemented yet"),
+        ("[[rule]]\nsparsity = { kind = \"unstructured\", ratio = 1.5 }", "plan rule 1: sparsity ratio 1.5 is outside [0, 1)"),
+        ("[[rule]]\nsparsity = { kind = \"nm\", n = 3, m = 2 }", "N:M sparsity needs 0 < n <= m"),
+        ("[[rule]]\ntarget = \"lm_head\"\nsparsity = { kind = \"unstructured\", ratio = 0.5 }", "a tied weight must be pruned for all its uses or none"),
+        ("[[rule]]\ntarget = \"mlp.up\"\nsparsity = { kind = \"nm\", n = 2, m = 4 }\nspecialize = \"full\"", "#specialize(full) is not implemented yet"),
+    ];
+    for (text, want) in cases {
+        let plan = tmp.path().join("bad.toml");
+        std::fs::write(&plan, text).unwrap();
+        let o = sparsec(&["compile", dir.to_str().unwrap(), "-o", tmp.path().join("x").to_str().unwrap(), "--no-cache", "--plan", plan.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{text}\n--- got:\n{err}");
+        assert!(!tmp.path().join("x").exists(), "a failed compile left an artifact");
+    }
+    let o = sparsec(&["compile", dir.to_str().unwrap(), "--preset", "nope"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown preset `nope`"));
+}
