@@ -318,7 +318,9 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
         before: flags.print_before.clone(),
     };
     for name in print.after.iter().chain(&print.before) {
-        sparsec_passes::pass_by_name(name)?;
+        if !(name == "apply-plan" && plan_text.is_some()) {
+            sparsec_passes::pass_by_name(name)?;
+        }
     }
     let compiled = compile(CompileRequest {
         graph,
