@@ -10,8 +10,9 @@
 //! Packed layouts (little-endian, every section 4-byte aligned):
 //! - CSR: `row_ptr` (`n+1` u32), `values` (`nnz` f32), `cols` (`nnz` u16 when
 //!   `k ≤ 65536`, else u32).
-//! - N:M: `values` (`n · k/m · N` f32, row-major by output, group, slot), then
-//!   `slots` (as many u8: the position of each value inside its group of `m`).
+//! - N:M: `values` (`n · k/m · N` f32, row-major by output, in `k` order), then
+//!   `bitmap` (per output row `ceil(k/8)` bytes, bit `k % 8` of byte `k / 8` set
+//!   where `k` is kept): a kernel expands the values into the set lanes.
 //! - BSR with `r×c` blocks: `block_ptr` (`n/r + 1` u32), `values` (`nb · r · c`
 //!   f32, each block row-major), `block_cols` (`nb` u32, in units of `c`).
 
@@ -71,6 +72,11 @@ impl SparseFormat {
         }
     }
 
+    /// Bytes of one output row's bitmap in the N:M format.
+    pub fn bitmap_row_bytes(k: u64) -> u64 {
+        k.div_ceil(8)
+    }
+
     /// Stored values (f32), nonzero or not.
     pub fn stored_values(&self) -> u64 {
         match *self {
@@ -89,9 +95,9 @@ impl SparseFormat {
                 let cols = values + nnz * 4;
                 SparseLayout { ptr: 0, values, indices: cols, total: al(cols + nnz * Self::csr_index_bytes(k)) }
             }
-            SparseFormat::Nm { .. } => {
+            SparseFormat::Nm { n, k, .. } => {
                 let v = self.stored_values();
-                SparseLayout { ptr: 0, values: 0, indices: v * 4, total: al(v * 5) }
+                SparseLayout { ptr: 0, values: 0, indices: v * 4, total: al(v * 4 + n * Self::bitmap_row_bytes(k)) }
             }
             SparseFormat::Bsr { n, rows, blocks, .. } => {
                 let values = (n / rows as u64 + 1) * 4;
@@ -243,16 +249,18 @@ pub fn pack(fmt: &SparseFormat, w: &[f32], keep: &[bool], transposed: bool) -> O
         }
         SparseFormat::Nm { n, k, keep: nz, group } => {
             let (n, k, nz, m) = (n as usize, k as usize, nz as usize, group as usize);
+            let rb = SparseFormat::bitmap_row_bytes(k as u64) as usize;
             let mut p = 0u64;
             for j in 0..n {
                 for g in 0..k / m {
-                    let slots: Vec<usize> = (0..m).filter(|t| keep[j * k + g * m + t]).collect();
-                    if slots.len() != nz {
+                    if (0..m).filter(|t| keep[j * k + g * m + t]).count() != nz {
                         return None;
                     }
-                    for t in slots {
-                        put_f32(&mut out, lay.values + 4 * p, w[at(n, k, transposed, j, g * m + t)]);
-                        out[(lay.indices + p) as usize] = t as u8;
+                }
+                for kk in 0..k {
+                    if keep[j * k + kk] {
+                        put_f32(&mut out, lay.values + 4 * p, w[at(n, k, transposed, j, kk)]);
+                        out[lay.indices as usize + j * rb + kk / 8] |= 1 << (kk % 8);
                         p += 1;
                     }
                 }
@@ -318,19 +326,24 @@ pub fn unpack(fmt: &SparseFormat, bytes: &[u8], transposed: bool) -> Option<Vec<
                 }
             }
         }
-        SparseFormat::Nm { keep: nz, group, .. } => {
-            let (nz, m) = (nz as usize, group as usize);
+        SparseFormat::Nm { .. } => {
+            let rb = SparseFormat::bitmap_row_bytes(k as u64) as usize;
+            let per_row = fmt.stored_values() as usize / n.max(1);
             let mut p = 0u64;
             for j in 0..n {
-                for g in 0..k / m {
-                    for _ in 0..nz {
-                        let t = bytes[(lay.indices + p) as usize] as usize;
-                        if t >= m {
+                let mut in_row = 0;
+                for kk in 0..k {
+                    if bytes[lay.indices as usize + j * rb + kk / 8] & (1 << (kk % 8)) != 0 {
+                        in_row += 1;
+                        if in_row > per_row {
                             return None;
                         }
-                        w[at(n, k, transposed, j, g * m + t)] = get_f32(bytes, lay.values + 4 * p);
+                        w[at(n, k, transposed, j, kk)] = get_f32(bytes, lay.values + 4 * p);
                         p += 1;
                     }
+                }
+                if in_row != per_row {
+                    return None;
                 }
             }
         }

@@ -22,6 +22,8 @@ pub struct KernelBuilder {
     /// Parameters that are byte buffers (packed quantized weights).
     byte_params: Vec<V>,
     consts: Vec<String>,
+    /// Module-level constant tables (`memref.global`), by name.
+    globals: Vec<(String, String)>,
     const_ids: HashMap<String, V>,
     body: Vec<String>,
     indent: usize,
@@ -30,7 +32,7 @@ pub struct KernelBuilder {
 
 impl KernelBuilder {
     pub fn new(device: Device) -> Self {
-        KernelBuilder { device, byte_params: Vec::new(), consts: Vec::new(), const_ids: HashMap::new(), body: Vec::new(), indent: 2, next: 0 }
+        KernelBuilder { device, byte_params: Vec::new(), consts: Vec::new(), globals: Vec::new(), const_ids: HashMap::new(), body: Vec::new(), indent: 2, next: 0 }
     }
 
     pub fn device(&self) -> Device {
@@ -183,6 +185,19 @@ impl KernelBuilder {
     /// `n` bytes at `buf[idx..]` as `vector<nxi8>` (CPU).
     pub fn vload_bytes(&mut self, buf: &str, idx: &str, n: u32) -> V {
         self.def(format!("vector.load {buf}[{idx}] : memref<?xi8>, vector<{n}xi8>"))
+    }
+
+    /// A constant i32 table `name` at module level (CPU), returned as a
+    /// `memref<Nxi32>` value; declared once however often it is asked for.
+    pub fn i32_table(&mut self, name: &str, values: &[i32]) -> V {
+        if !self.globals.iter().any(|(n, _)| n == name) {
+            let body: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+            self.globals.push((
+                name.to_string(),
+                format!("  memref.global \"private\" constant @{name} : memref<{}xi32> = dense<[{}]>", values.len(), body.join(", ")),
+            ));
+        }
+        self.def(format!("memref.get_global @{name} : memref<{}xi32>", values.len()))
     }
 
     /// A stack buffer of `n` f32 for the duration of the call (CPU).
@@ -429,6 +444,10 @@ impl KernelBuilder {
     /// `buffers` are the parameter names of the buffer arguments, in ABI order.
     pub fn finish(self, name: &str, buffers: &[V]) -> String {
         let mut s = String::from("module {\n");
+        for (_, g) in &self.globals {
+            s.push_str(g);
+            s.push('\n');
+        }
         match self.device {
             Device::Cpu => {
                 let params: Vec<String> = buffers

@@ -5,7 +5,8 @@
 //! `out[r, j] = Σ_k a[r, k]·w[j, k]` over the stored entries of output `j`.
 //! CPU: units are (row block, block of `COLS` outputs); a full row block of
 //! `ROWS` rows (prefill) shares every index and value load across its rows;
-//! CSR and N:M gather 8 activations per step (`vector.gather`), BSR reads
+//! CSR runs unrolled scalar sums, N:M expands values into 8-lane vectors
+//! by its bitmap (a table permutation, AVX2 `vpermps`), BSR reads
 //! contiguous block rows as vectors. NVIDIA: one thread per output element.
 
 use super::builder::{Device, KernelBuilder, V};
@@ -13,12 +14,14 @@ use super::kernels::unit_origin;
 use sparsec_ir::sparse::{SparseFormat, SparseStorage};
 use sparsec_ir::SymSize;
 
-/// Lanes of the gathers and vector accumulators (AVX2: 8 × f32).
+/// Lanes of the vector accumulators (AVX2: 8 × f32).
 const VW: u64 = 8;
 /// Rows per CPU unit when the rows are `seq` (prefill's GEMM).
 const ROWS: u64 = 4;
 /// Outputs per CPU unit.
 const COLS: u64 = 32;
+/// CSR entries per step of the CPU loop (4: the sums below are written for it).
+const CSR_UNROLL: u64 = 4;
 
 /// A sparse matmul's geometry: rows of the activation, the weight's storage.
 #[derive(Clone, Copy, Debug)]
@@ -78,7 +81,12 @@ impl Planes {
                 let ty = if SparseFormat::csr_index_bytes(k) == 2 { "i16" } else { "i32" };
                 Planes { ptr: Some(b.plane(buf, lay.ptr, n + 1, "i32")), vals, idx: b.plane(buf, lay.indices, nnz, ty), idx_ty: ty }
             }
-            SparseFormat::Nm { .. } => Planes { ptr: None, vals, idx: b.plane(buf, lay.indices, nv, "i8"), idx_ty: "i8" },
+            SparseFormat::Nm { n, k, .. } => Planes {
+                ptr: None,
+                vals,
+                idx: b.plane(buf, lay.indices, n * SparseFormat::bitmap_row_bytes(k), "i8"),
+                idx_ty: "i8",
+            },
             SparseFormat::Bsr { n, rows, blocks, .. } => Planes {
                 ptr: Some(b.plane(buf, lay.ptr, n / rows as u64 + 1, "i32")),
                 vals,
@@ -103,7 +111,7 @@ pub fn emit_sparse_matmul(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], ou
                 let r = b.divui(u, &nc);
                 let j = b.remui(u, &nc);
                 let arow = b.muli(&r, &kc);
-                let ctx = Dot { fmt, planes: &planes, a: &a, vectors: false, all: "" };
+                let ctx = Dot { fmt, planes: &planes, a: &a, vectors: false };
                 let y = ctx.dot(b, &j, &[arow]);
                 b.store(&y[0], out, u);
             });
@@ -117,8 +125,7 @@ pub fn emit_sparse_matmul(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], ou
             let ct = b.index(t.col_tiles());
             let units = b.muli(&row_blocks, &ct);
             let colsc = b.index(COLS);
-            let all = b.def(format!("arith.constant dense<true> : vector<{VW}xi1>"));
-            let dot = Dot { fmt, planes: &planes, a: &a, vectors: true, all: &all };
+            let dot = Dot { fmt, planes: &planes, a: &a, vectors: true };
             let ctx = Cpu { dot, out, kc: &kc, nc: &nc };
             b.parallel(&units, |b, u| {
                 let (r0, j0, j_end) = unit_origin(b, u, &ct, &rbc, &colsc, &nc);
@@ -138,6 +145,12 @@ pub fn emit_sparse_matmul(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], ou
     }
 }
 
+/// For each bitmap byte, the source lane of every lane: the number of set bits
+/// below it (unset lanes read lane 0 and are zeroed after).
+fn expand_table() -> Vec<i32> {
+    (0..256u32).flat_map(|m| (0..VW as u32).map(move |l| (m & ((1 << l) - 1)).count_ones() as i32)).collect()
+}
+
 /// The CPU kernel's shared values.
 struct Cpu<'a> {
     dot: Dot<'a>,
@@ -146,15 +159,13 @@ struct Cpu<'a> {
     nc: &'a str,
 }
 
-/// One output's sums over its stored entries: with 8-lane gathers and vector
-/// loads (`vectors`, CPU), or one entry at a time (NVIDIA, and the CPU's tails).
+/// One output's sums over its stored entries: unrolled and vectorized on the
+/// CPU (`vectors`), one entry at a time on NVIDIA (and in the CPU's tails).
 struct Dot<'a> {
     fmt: SparseFormat,
     planes: &'a Planes,
     a: &'a str,
     vectors: bool,
-    /// An all-true gather mask (when `vectors`).
-    all: &'a str,
 }
 
 impl Cpu<'_> {
@@ -182,27 +193,10 @@ impl Cpu<'_> {
 }
 
 impl Dot<'_> {
-    /// Gathers `a[arow + idx[lane]]` for 8 lanes (`idx` a vector<8xi32>).
-    fn gather(&self, b: &mut KernelBuilder, arow: &str, idx: &str) -> V {
-        let z = b.vzero(VW as u32);
-        b.def(format!(
-            "vector.gather {}[{arow}][{idx}], {}, {z} : memref<?xf32>, vector<{VW}xi32>, vector<{VW}xi1>, vector<{VW}xf32> into vector<{VW}xf32>",
-            self.a, self.all
-        ))
-    }
-
-    /// One vector step: the 8 values at `at` times the activations at columns
-    /// `cols` (a vector<8xi32>) of every row, added to the rows' accumulators.
-    fn gather_fma(&self, b: &mut KernelBuilder, at: &str, cols: &str, arows: &[V], accs: &[V]) -> Vec<V> {
-        let v = b.def(format!("vector.load {}[{at}] : memref<?xf32>, vector<{VW}xf32>", self.planes.vals));
-        arows
-            .iter()
-            .zip(accs)
-            .map(|(ar, acc)| {
-                let x = self.gather(b, ar, cols);
-                b.vfma(&v, &x, acc, VW as u32)
-            })
-            .collect()
+    fn fmt_rows(&self) -> u64 {
+        match self.fmt {
+            SparseFormat::Csr { n, .. } | SparseFormat::Nm { n, .. } | SparseFormat::Bsr { n, .. } => n.max(1),
+        }
     }
 
     /// Output `j`'s sums for every row of `arows`.
@@ -219,25 +213,42 @@ impl Dot<'_> {
                 let lo = b.load_index(&ptr, j, "i32");
                 let j1 = b.addi(j, &one);
                 let hi = b.load_index(&ptr, &j1, "i32");
-                let len = b.def(format!("arith.subi {hi}, {lo} : index"));
-                let w = b.index(VW);
-                let whole = b.divui(&len, &w);
-                let whole = b.muli(&whole, &w);
-                let main = if self.vectors { b.addi(&lo, &whole) } else { lo.clone() };
                 let mut init: Vec<V> = vec![zero.clone(); nr];
+                let mut main = lo.clone();
                 if self.vectors {
-                    // 8 entries per step: their values and columns as vectors, the activations gathered.
-                    let vinit: Vec<(V, String)> = (0..nr).map(|_| (vz.clone(), vty.clone())).collect();
-                    let vaccs = b.for_fold_typed(&lo, &main, VW, &vinit, |b, q, accs| {
-                        let raw = b.def(format!("vector.load {}[{q}] : memref<?x{}>, vector<{VW}x{}>", p.idx, p.idx_ty, p.idx_ty));
-                        let cols = if p.idx_ty == "i32" {
-                            raw
-                        } else {
-                            b.def(format!("arith.extui {raw} : vector<{VW}x{}> to vector<{VW}xi32>", p.idx_ty))
-                        };
-                        self.gather_fma(b, q, &cols, arows, accs)
+                    // Unrolled by `CSR_UNROLL` with as many independent sums per row: every
+                    // entry is three scalar loads and an FMA, with no gather (which LLVM
+                    // scalarizes on AMD cores, and which is slow where it does not).
+                    let len = b.def(format!("arith.subi {hi}, {lo} : index"));
+                    let u = b.index(CSR_UNROLL);
+                    let whole = b.divui(&len, &u);
+                    let whole = b.muli(&whole, &u);
+                    main = b.addi(&lo, &whole);
+                    let accs0: Vec<(V, String)> = (0..nr as u64 * CSR_UNROLL).map(|_| (zero.clone(), "f32".to_string())).collect();
+                    let accs = b.for_fold_typed(&lo, &main, CSR_UNROLL, &accs0, |b, q, accs| {
+                        let mut next = accs.to_vec();
+                        for t in 0..CSR_UNROLL as usize {
+                            let ti = b.index(t as u64);
+                            let qt = b.addi(q, &ti);
+                            let v = b.load_elem(&p.vals, &qt, "f32");
+                            let c = b.load_index(&p.idx, &qt, p.idx_ty);
+                            for (r, ar) in arows.iter().enumerate() {
+                                let ai = b.addi(ar, &c);
+                                let x = b.load(self.a, &ai);
+                                let at = r * CSR_UNROLL as usize + t;
+                                next[at] = b.fma(&v, &x, &accs[at]);
+                            }
+                        }
+                        next
                     });
-                    init = vaccs.iter().map(|v| b.vsum(v, VW as u32)).collect();
+                    init = (0..nr)
+                        .map(|r| {
+                            let w = CSR_UNROLL as usize;
+                            let s01 = b.add(&accs[r * w], &accs[r * w + 1]);
+                            let s23 = b.add(&accs[r * w + 2], &accs[r * w + 3]);
+                            b.add(&s01, &s23)
+                        })
+                        .collect();
                 }
                 b.for_fold(&main, &hi, &init, |b, q, accs| {
                     let v = b.load_elem(&p.vals, q, "f32");
@@ -253,63 +264,124 @@ impl Dot<'_> {
                         .collect()
                 })
             }
-            SparseFormat::Nm { k, keep, group, .. } => {
-                let groups = k / group as u64;
-                let stored = groups * keep as u64;
-                let per_row = b.index(stored);
-                let base = b.muli(j, &per_row);
-                let (nz, m) = (keep as u64, group as u64);
-                // Vector steps of 8 stored values = 8/nz whole groups, when nz divides 8.
-                let (vec_values, lane_k) = if self.vectors && VW % nz == 0 && stored >= VW {
-                    let lanes: Vec<String> = (0..VW).map(|l| ((l / nz) * m).to_string()).collect();
-                    (stored / VW * VW, Some(b.def(format!("arith.constant dense<[{}]> : vector<{VW}xi32>", lanes.join(", ")))))
-                } else {
-                    (0, None)
-                };
+            SparseFormat::Nm { k, .. } => {
+                let per_row = self.fmt.stored_values() / self.fmt_rows();
+                let prc = b.index(per_row);
+                let base = b.muli(j, &prc);
+                let rbytes = b.index(SparseFormat::bitmap_row_bytes(k));
+                let mbase = b.muli(j, &rbytes);
+                let zi = b.index(0);
+                let steps = if self.vectors && k % VW == 0 { k / VW } else { 0 };
                 let mut accs: Vec<V> = vec![zero.clone(); nr];
-                if let Some(lane_k) = lane_k {
-                    let (zi, vend) = (b.index(0), b.index(vec_values));
-                    let init: Vec<(V, String)> = (0..nr).map(|_| (vz.clone(), vty.clone())).collect();
-                    let vaccs = b.for_fold_typed(&zi, &vend, VW, &init, |b, q, accs| {
-                        let at = b.addi(&base, q);
-                        let raw = b.def(format!("vector.load {}[{at}] : memref<?xi8>, vector<{VW}xi8>", p.idx));
-                        let slots = b.def(format!("arith.extui {raw} : vector<{VW}xi8> to vector<{VW}xi32>"));
-                        // The first k of this step: (q / nz)·m.
-                        let nzc = b.index(nz);
-                        let mc = b.index(m);
-                        let g0 = b.divui(q, &nzc);
-                        let k0 = b.muli(&g0, &mc);
-                        let k0 = b.def(format!("arith.index_cast {k0} : index to i32"));
-                        let k0v = b.def(format!("vector.broadcast {k0} : i32 to vector<{VW}xi32>"));
-                        let cols = b.def(format!("arith.addi {slots}, {lane_k} : vector<{VW}xi32>"));
-                        let cols = b.def(format!("arith.addi {cols}, {k0v} : vector<{VW}xi32>"));
-                        self.gather_fma(b, &at, &cols, arows, accs)
+                if steps > 0 {
+                    // 8 consecutive k per step: the bitmap byte is the lane mask, the
+                    // row's next values are expanded into the set lanes (AVX-512:
+                    // vexpandps) and multiplied with the contiguous activations. Two
+                    // sums per row hide the FMA latency.
+                    let pairs = steps / 2;
+                    let lut = b.i32_table("nm_expand", &expand_table());
+                    let lane_bits = b.def(format!(
+                        "arith.constant dense<[{}]> : vector<{VW}xi32>",
+                        (0..VW).map(|l| (1u32 << l).to_string()).collect::<Vec<_>>().join(", ")
+                    ));
+                    let zero_i32v = b.def(format!("arith.constant dense<0> : vector<{VW}xi32>"));
+                    let mut init: Vec<(V, String)> = (0..2 * nr).map(|_| (vz.clone(), vty.clone())).collect();
+                    init.push((zi.clone(), "index".into()));
+                    let step = |b: &mut KernelBuilder, st: &str, off: &str, accs: &[V]| -> (Vec<V>, V) {
+                        let mi = b.addi(&mbase, st);
+                        let byte = b.load_elem(&p.idx, &mi, "i8");
+                        // Lane l takes the row's value number rank(l) (set bits below l):
+                        // a permutation from the table, then the unset lanes are zeroed.
+                        let bi = b.def(format!("arith.index_castui {byte} : i8 to index"));
+                        let vw = b.index(VW);
+                        let ti = b.muli(&bi, &vw);
+                        let perm = b.def(format!("vector.load {lut}[{ti}] : memref<{}xi32>, vector<{VW}xi32>", 256 * VW));
+                        let at = b.addi(&base, off);
+                        let vals = b.def(format!("vector.load {}[{at}] : memref<?xf32>, {vty}", p.vals));
+                        let moved = b.def(format!(
+                            "llvm.call_intrinsic \"llvm.x86.avx2.permps\"({vals}, {perm}) : ({vty}, vector<{VW}xi32>) -> {vty}"
+                        ));
+                        let b32 = b.def(format!("arith.extui {byte} : i8 to i32"));
+                        let bsplat = b.def(format!("vector.broadcast {b32} : i32 to vector<{VW}xi32>"));
+                        let bits = b.def(format!("arith.andi {bsplat}, {lane_bits} : vector<{VW}xi32>"));
+                        let mask = b.def(format!("arith.cmpi ne, {bits}, {zero_i32v} : vector<{VW}xi32>"));
+                        let w = b.def(format!("arith.select {mask}, {moved}, {vz} : vector<{VW}xi1>, {vty}"));
+                        let cnt = b.def(format!("math.ctpop {byte} : i8"));
+                        let cnt = b.def(format!("arith.index_castui {cnt} : i8 to index"));
+                        let next = b.addi(off, &cnt);
+                        let vw = b.index(VW);
+                        let k0 = b.muli(st, &vw);
+                        let out = arows
+                            .iter()
+                            .zip(accs)
+                            .map(|(ar, acc)| {
+                                let ai = b.addi(ar, &k0);
+                                let x = b.vload(self.a, &ai, VW as u32);
+                                b.vfma(&w, &x, acc, VW as u32)
+                            })
+                            .collect();
+                        (out, next)
+                    };
+                    let pc = b.index(pairs);
+                    let res = b.for_fold_typed(&zi, &pc, 1, &init, |b, pi, carried| {
+                        let off = carried[2 * nr].clone();
+                        let two = b.index(2);
+                        let s0 = b.muli(pi, &two);
+                        let (a0, off) = step(b, &s0, &off, &carried[..nr]);
+                        let one = b.index(1);
+                        let s1 = b.addi(&s0, &one);
+                        let (a1, off) = step(b, &s1, &off, &carried[nr..2 * nr]);
+                        a0.into_iter().chain(a1).chain([off]).collect()
                     });
-                    accs = vaccs.iter().map(|v| b.vsum(v, VW as u32)).collect();
-                }
-                // The remaining groups, one stored value at a time.
-                let (g_from, g_to) = (b.index(vec_values / nz), b.index(groups));
-                b.for_fold(&g_from, &g_to, &accs, |b, g, accs| {
-                    let mc = b.index(m);
-                    let kb = b.muli(g, &mc);
-                    let nzc = b.index(nz);
-                    let pg = b.muli(g, &nzc);
-                    let pg = b.addi(&base, &pg);
-                    let mut s = accs.to_vec();
-                    for slot in 0..nz {
-                        let si = b.index(slot);
-                        let q = b.addi(&pg, &si);
-                        let v = b.load_elem(&p.vals, &q, "f32");
-                        let tpos = b.load_index(&p.idx, &q, "i8");
-                        let kk = b.addi(&kb, &tpos);
-                        for (r, ar) in arows.iter().enumerate() {
-                            let ai = b.addi(ar, &kk);
-                            let x = b.load(self.a, &ai);
-                            s[r] = b.fma(&v, &x, &s[r]);
-                        }
+                    let mut sums: Vec<V> = (0..nr).map(|r| b.def(format!("arith.addf {}, {} : {vty}", res[r], res[nr + r]))).collect();
+                    if steps % 2 == 1 {
+                        let last = b.index(steps - 1);
+                        sums = step(b, &last, &res[2 * nr], &sums).0;
                     }
-                    s
-                })
+                    accs = sums.iter().map(|v| b.vsum(v, VW as u32)).collect();
+                }
+                // The rest of the row (all of it when not vectorized), one k at a
+                // time: a kept k takes the row's next value.
+                let last = b.index(self.fmt.stored_values().max(1) - 1);
+                let (kf, kt) = (b.index(steps * VW), b.index(k));
+                let first_off = b.index(0);
+                let mut init: Vec<(V, String)> = accs.iter().map(|a| (a.clone(), "f32".to_string())).collect();
+                // Values before `kf` were consumed by the vector steps: count them.
+                // (the vector steps cover whole rows: `steps · 8 = k` when they run).
+                let consumed = if steps > 0 { prc.clone() } else { first_off };
+                init.push((consumed, "index".into()));
+                let res = b.for_fold_typed(&kf, &kt, 1, &init, |b, kk, carried| {
+                    let off = carried[nr].clone();
+                    let eight = b.index(8);
+                    let bi = b.divui(kk, &eight);
+                    let bi = b.addi(&mbase, &bi);
+                    let byte = b.load_elem(&p.idx, &bi, "i8");
+                    let sh = b.remui(kk, &eight);
+                    let sh = b.def(format!("arith.index_cast {sh} : index to i8"));
+                    let bit = b.def(format!("arith.shrui {byte}, {sh} : i8"));
+                    let one8 = b.def("arith.constant 1 : i8".into());
+                    let bit = b.def(format!("arith.andi {bit}, {one8} : i8"));
+                    let zero8 = b.def("arith.constant 0 : i8".into());
+                    let on = b.def(format!("arith.cmpi ne, {bit}, {zero8} : i8"));
+                    let q = b.addi(&base, &off);
+                    let q = b.def(format!("arith.minui {q}, {last} : index"));
+                    let v = b.load_elem(&p.vals, &q, "f32");
+                    let v = b.def(format!("arith.select {on}, {v}, {zero} : f32"));
+                    let inc = b.def(format!("arith.index_castui {bit} : i8 to index"));
+                    let next = b.addi(&off, &inc);
+                    let mut out: Vec<V> = arows
+                        .iter()
+                        .zip(carried)
+                        .map(|(ar, acc)| {
+                            let ai = b.addi(ar, kk);
+                            let x = b.load(self.a, &ai);
+                            b.fma(&v, &x, acc)
+                        })
+                        .collect();
+                    out.push(next);
+                    out
+                });
+                res[..nr].to_vec()
             }
             SparseFormat::Bsr { rows, cols, .. } => {
                 let ptr = p.ptr.clone().unwrap_or_default();
