@@ -43,7 +43,9 @@ fn test_passes(g: &mut Graph) -> Result<String> {
 fn test_lower_mlir(g: &mut Graph) -> Result<String> {
     let mut out = String::new();
     run_passes(g, &mut out)?;
-    let part = partition(g)?;
+    let mut part = partition(g)?;
+    let tensors = sparsec_compiler::weights::resolve(g, &part, sparsec_compiler::WeightSource::None)?;
+    sparsec_compiler::driver::attach_baked_weights(&mut part, &tensors);
     let session = MlirSession::new();
     let cpu = CpuTarget::x86_64_v3();
     let cuda = CudaTarget::default();

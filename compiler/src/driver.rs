@@ -58,6 +58,18 @@ fn read_manifest(dir: &Path) -> CompileResult<Manifest> {
     serde_json::from_str(&text).map_err(|e| CompileError::File { path: p, message: e.to_string() })
 }
 
+/// Gives the kernels that bake a weight's structure (`indices`, `full`) its packed bytes.
+pub fn attach_baked_weights(part: &mut crate::partition::Partition, tensors: &[(String, Vec<usize>, crate::weights::WeightData)]) {
+    for spec in &mut part.kernels {
+        if let Some(c) = spec.sparse.as_mut().filter(|c| c.bakes()) {
+            c.data = tensors.iter().find(|(name, _, _)| *name == c.weight).and_then(|(_, _, d)| match d {
+                crate::weights::WeightData::Sparse(bytes) => Some(std::sync::Arc::new(bytes.clone())),
+                _ => None,
+            });
+        }
+    }
+}
+
 /// Compiles `req.graph` into an artifact at `req.output`.
 pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
     let start = Instant::now();
@@ -106,6 +118,8 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
     }
 
     let tensors = resolve(&g, &part, req.weights)?;
+    let mut part = part;
+    attach_baked_weights(&mut part, &tensors);
     let staged = staging_dir_for(&req.output)?;
     let dir = staged.path().join("artifact");
     std::fs::create_dir_all(&dir).map_err(CompileError::io(&dir))?;

@@ -68,14 +68,18 @@ pub fn partition(g: &Graph) -> CompileResult<Partition> {
             sparse: None,
         };
         if let Some(pw) = n.operands.get(1).and_then(|w| pruned.get(&w.0)).filter(|_| matches!(n.op, Op::MatMul { .. })) {
-            let choice = choose(&n.patterns, pw, &n.name)?;
+            let wbuf = buffer_of[n.operands[1].0];
+            let choice = choose(&n.patterns, pw, &buffers[wbuf].name, &n.name)?;
             // The weight buffer stores what the choice reads (every use agrees: verifier).
             buffers[buffer_of[n.operands[1].0]].sparse = choice.storage;
             spec.sparse = Some(choice);
         }
         // Ops with the same attributes, types and patterns share one kernel
         // (a model's layers compile once, not once per layer).
-        let signature = format!("{:?}|{:?}|{:?}|{:?}|{:?}", spec.op, spec.operands, spec.result, spec.patterns, spec.sparse);
+        // A kernel that bakes a weight's structure serves that weight only.
+        let baked = spec.sparse.as_ref().filter(|c| c.bakes()).map(|c| c.weight.clone());
+        let level = spec.sparse.as_ref().map(|c| (c.level, c.storage));
+        let signature = format!("{:?}|{:?}|{:?}|{:?}|{:?}|{:?}", spec.op, spec.operands, spec.result, spec.patterns, level, baked);
         let name = match by_signature.get(&signature) {
             Some(name) => String::clone(name),
             None => {

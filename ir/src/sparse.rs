@@ -372,6 +372,82 @@ pub fn unpack(fmt: &SparseFormat, bytes: &[u8], transposed: bool) -> Option<Vec<
     Some(w)
 }
 
+/// Every output's stored entries as `(k, value index)` pairs, in `k` order
+/// within a CSR or N:M row, block by block for BSR: what a kernel that bakes
+/// the indices unrolls. `None` if the bytes do not hold the format.
+pub fn entries(fmt: &SparseFormat, bytes: &[u8]) -> Option<Vec<Vec<(u32, u32)>>> {
+    let lay = fmt.layout();
+    if (bytes.len() as u64) < lay.total {
+        return None;
+    }
+    let mut out = Vec::new();
+    match *fmt {
+        SparseFormat::Csr { n, k, nnz } => {
+            let ib = SparseFormat::csr_index_bytes(k);
+            for j in 0..n {
+                let (lo, hi) = (get_u32(bytes, 4 * j) as u64, get_u32(bytes, 4 * (j + 1)) as u64);
+                if lo > hi || hi > nnz {
+                    return None;
+                }
+                let mut row = Vec::new();
+                for p in lo..hi {
+                    let ia = (lay.indices + ib * p) as usize;
+                    let kk = if ib == 2 { u16::from_le_bytes([bytes[ia], bytes[ia + 1]]) as u32 } else { get_u32(bytes, ia as u64) };
+                    if kk as u64 >= k {
+                        return None;
+                    }
+                    row.push((kk, p as u32));
+                }
+                out.push(row);
+            }
+        }
+        SparseFormat::Nm { n, k, .. } => {
+            let rb = SparseFormat::bitmap_row_bytes(k);
+            let mut p = 0u32;
+            for j in 0..n {
+                let mut row = Vec::new();
+                for kk in 0..k {
+                    if bytes[(lay.indices + j * rb + kk / 8) as usize] & (1 << (kk % 8)) != 0 {
+                        row.push((kk as u32, p));
+                        p += 1;
+                    }
+                }
+                out.push(row);
+            }
+            if p as u64 != fmt.stored_values() {
+                return None;
+            }
+        }
+        SparseFormat::Bsr { n, k, rows, cols, blocks } => {
+            let (r, c) = (rows as u64, cols as u64);
+            for j in 0..n {
+                let (bi, i) = (j / r, j % r);
+                let (lo, hi) = (get_u32(bytes, 4 * bi) as u64, get_u32(bytes, 4 * (bi + 1)) as u64);
+                if lo > hi || hi > blocks {
+                    return None;
+                }
+                let mut row = Vec::new();
+                for p in lo..hi {
+                    let bc = get_u32(bytes, lay.indices + 4 * p) as u64;
+                    if (bc + 1) * c > k {
+                        return None;
+                    }
+                    for t in 0..c {
+                        row.push(((bc * c + t) as u32, (p * r * c + i * c + t) as u32));
+                    }
+                }
+                out.push(row);
+            }
+        }
+    }
+    Some(out)
+}
+
+/// The f32 at value index `p` of a packed weight.
+pub fn value_at(fmt: &SparseFormat, bytes: &[u8], p: u32) -> f32 {
+    get_f32(bytes, fmt.layout().values + 4 * p as u64)
+}
+
 /// The weights a graph prunes: weight node index → (its `#sparsity`, whether
 /// the matmul reads it transposed, its `[n, k]` view). The verifier guarantees
 /// every use of such a weight prunes it alike.
@@ -439,7 +515,16 @@ mod tests {
                 assert_eq!(keep.iter().filter(|x| **x).count() as u64, fmt.stored_values(), "{s:?}");
                 let packed = pack(&fmt, &w, &keep, transposed).expect("mask fits the format");
                 assert_eq!(packed.len(), fmt.bytes());
-                assert_eq!(unpack(&fmt, &packed, transposed).expect("unpacks"), w, "{s:?} transposed={transposed}");
+                let dense = unpack(&fmt, &packed, transposed).expect("unpacks");
+                assert_eq!(dense, w, "{s:?} transposed={transposed}");
+                // The entries list says the same.
+                let mut from_entries = vec![0f32; n * k];
+                for (j, row) in entries(&fmt, &packed).expect("entries").iter().enumerate() {
+                    for &(kk, p) in row {
+                        from_entries[at(n, k, transposed, j, kk as usize)] = value_at(&fmt, &packed, p);
+                    }
+                }
+                assert_eq!(from_entries, w, "entries of {s:?}");
                 // Pruning is idempotent: the pruned weight prunes to itself.
                 let mut again = w.clone();
                 prune(&s, &mut again, n, k, transposed);

@@ -347,6 +347,24 @@ impl KernelBuilder {
         }
     }
 
+    /// `switch v { case c: body(c) ... default: nothing }` over the given case values (no results).
+    pub fn switch(&mut self, v: &str, cases: impl IntoIterator<Item = u64>, mut body: impl FnMut(&mut Self, u64)) {
+        self.line(format!("scf.index_switch {v}"));
+        for c in cases {
+            self.line(format!("case {c} {{"));
+            self.indent += 1;
+            body(self, c);
+            self.line("scf.yield".into());
+            self.indent -= 1;
+            self.line("}".into());
+        }
+        self.line("default {".into());
+        self.indent += 1;
+        self.line("scf.yield".into());
+        self.indent -= 1;
+        self.line("}".into());
+    }
+
     /// `if cond { then } else { els }` (no results).
     pub fn if_else(&mut self, cond: &str, then: impl FnOnce(&mut Self), els: impl FnOnce(&mut Self)) {
         self.line(format!("scf.if {cond} {{"));

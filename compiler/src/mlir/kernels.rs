@@ -5,6 +5,7 @@
 use super::builder::{Device, KernelBuilder, V};
 use super::math;
 use super::sparse_kernels::{emit_sparse_matmul, SparseMatmul};
+use super::sparse_unrolled::emit_unrolled_matmul;
 use crate::error::CompileError;
 use sparsec_ir::{DType, GeluApprox, Op, Pattern, SymSize, TensorType, Window};
 
@@ -251,8 +252,15 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
             });
         }
         Op::MatMul { .. } if sparse.is_some() => {
-            if let Some(t) = &sparse {
-                emit_sparse_matmul(&mut b, t, &ins, &out);
+            let choice = spec.sparse.as_ref().filter(|c| c.bakes());
+            match (&sparse, choice) {
+                (Some(t), None) => emit_sparse_matmul(&mut b, t, &ins, &out),
+                (Some(t), Some(c)) => {
+                    let data = c.data.as_ref().ok_or_else(|| spec.unsupported("the baked weight's data was not attached"))?;
+                    let full = c.level == sparsec_ir::Specialize::Full;
+                    emit_unrolled_matmul(&mut b, t, full, data, &ins, &out, &spec.name)?;
+                }
+                (None, _) => {}
             }
         }
         Op::MatMul { .. } if device == Device::Cpu && spec.tiled_matmul().is_some() => {

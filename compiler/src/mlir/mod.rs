@@ -5,6 +5,7 @@ pub mod kernels;
 pub mod math;
 pub mod pipeline;
 pub mod sparse_kernels;
+pub mod sparse_unrolled;
 
 pub use builder::Device;
 pub use kernels::{emit_kernel, KernelSpec};

@@ -31,7 +31,7 @@ pub struct SparseMatmul {
 }
 
 impl SparseMatmul {
-    fn nk(&self) -> (u64, u64) {
+    pub fn nk(&self) -> (u64, u64) {
         match self.storage.format {
             SparseFormat::Csr { n, k, .. } | SparseFormat::Nm { n, k, .. } | SparseFormat::Bsr { n, k, .. } => (n, k),
         }
@@ -46,8 +46,13 @@ impl SparseMatmul {
         }
     }
 
-    fn col_tiles(&self) -> u64 {
+    pub fn col_tiles(&self) -> u64 {
         self.nk().0.div_ceil(COLS)
+    }
+
+    /// Outputs per CPU unit.
+    pub fn cols(&self) -> u64 {
+        COLS
     }
 
     /// CPU units, `seq` counted in blocks of `rb` rows.
