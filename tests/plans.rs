@@ -1,4 +1,5 @@
 //! Plans end to end: a plan applied to a checkpoint compiles (CPU and PTX,
+//! every specialization level,
 //! ptxas-checked) to what the reference interpreter computes on the same
 //! pruned weights, through a KV-cached session; bad plans are clear errors.
 
@@ -31,6 +32,16 @@ specialize = "generic"
 layers = "1"
 target = "attn.v"
 specialize = "dense"
+
+[[rule]]
+layers = "1"
+target = "attn.o"
+specialize = "indices"
+
+[[rule]]
+layers = "1"
+target = "mlp.up"
+specialize = "full"
 
 [[rule]]
 layers = "1"
@@ -69,7 +80,9 @@ fn check_planned(name: &str) {
     // Layer 0: 2 (GPT-2) or 3 (Llama) N:M MLP matrices, q and k as CSR; layer 1: BSR except v (dense).
     assert_eq!(formats.iter().filter(|f| **f == "csr").count(), 2, "{formats:?}");
     assert!(formats.contains(&"nm") && formats.contains(&"bsr"), "{formats:?}");
-    assert!(art.manifest.kernels.iter().any(|k| k.specialization.as_deref().is_some_and(|s| s.starts_with("dense"))));
+    for level in ["dense", "generic", "indices", "full"] {
+        assert!(art.manifest.kernels.iter().any(|k| k.specialization.as_deref().is_some_and(|s| s.starts_with(level))), "no {level} kernel");
+    }
 
     // The reference: the same plan on the checkpoint's graph, on the interpreter.
     let mut model = Model::load(dir.to_str().unwrap()).unwrap();
@@ -116,7 +129,7 @@ fn bad_plans_are_clear_errors() {
         ("[[rule]]\nsparsity = { kind = \"unstructured\", ratio = 1.5 }", "plan rule 1: sparsity ratio 1.5 is outside [0, 1)"),
         ("[[rule]]\nsparsity = { kind = \"nm\", n = 3, m = 2 }", "N:M sparsity needs 0 < n <= m"),
         ("[[rule]]\ntarget = \"lm_head\"\nsparsity = { kind = \"unstructured\", ratio = 0.5 }", "a tied weight must be pruned for all its uses or none"),
-        ("[[rule]]\ntarget = \"mlp.up\"\nsparsity = { kind = \"nm\", n = 2, m = 4 }\nspecialize = \"full\"", "#specialize(full) is not implemented yet"),
+        ("[[rule]]\ntarget = \"attn.q\"\nshare = { group = 2, ratio = 0.2 }", "`share` is not implemented yet"),
     ];
     for (text, want) in cases {
         let plan = tmp.path().join("bad.toml");

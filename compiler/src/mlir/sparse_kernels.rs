@@ -60,6 +60,33 @@ impl SparseMatmul {
         SymSize { coef: self.rows.coef * self.col_tiles(), seq_pow: self.rows.seq_pow }
     }
 
+    /// NVIDIA: one thread per output element `u = r·n + j`; `body(u, j, arow)`
+    /// with `arow` where row `r` of the activations starts.
+    pub fn per_output_thread(&self, b: &mut KernelBuilder, body: impl FnOnce(&mut KernelBuilder, &str, &str, &str)) {
+        let (n, k) = self.nk();
+        let (kc, nc) = (b.index(k), b.index(n));
+        let total = b.sym(SymSize { coef: self.rows.coef * n, seq_pow: self.rows.seq_pow });
+        b.parallel(&total, |b, u| {
+            let r = b.divui(u, &nc);
+            let j = b.remui(u, &nc);
+            let arow = b.muli(&r, &kc);
+            body(b, u, &j, &arow);
+        });
+    }
+
+    /// CPU: the (row block, output block) units: `(units, output blocks, rows per
+    /// block, rows)` as values.
+    pub fn cpu_grid(&self, b: &mut KernelBuilder) -> (V, V, V, V) {
+        let rows = b.sym(self.rows);
+        let rbc = b.index(self.rb());
+        let rb_m1 = b.index(self.rb() - 1);
+        let rows_up = b.addi(&rows, &rb_m1);
+        let row_blocks = b.divui(&rows_up, &rbc);
+        let ct = b.index(self.col_tiles());
+        let units = b.muli(&row_blocks, &ct);
+        (units, ct, rbc, rows)
+    }
+
     /// Rough scalar operations per CPU unit.
     pub fn unit_cost(&self) -> u64 {
         let per_output = self.storage.format.stored_values() / self.nk().0.max(1);
@@ -110,25 +137,13 @@ pub fn emit_sparse_matmul(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], ou
     let a = ins[0].clone();
     let (kc, nc) = (b.index(k), b.index(n));
     match b.device() {
-        Device::Nvptx => {
-            let total = b.sym(SymSize { coef: t.rows.coef * n, seq_pow: t.rows.seq_pow });
-            b.parallel(&total, |b, u| {
-                let r = b.divui(u, &nc);
-                let j = b.remui(u, &nc);
-                let arow = b.muli(&r, &kc);
-                let ctx = Dot { fmt, planes: &planes, a: &a, vectors: false };
-                let y = ctx.dot(b, &j, &[arow]);
-                b.store(&y[0], out, u);
-            });
-        }
+        Device::Nvptx => t.per_output_thread(b, |b, u, j, arow| {
+            let ctx = Dot { fmt, planes: &planes, a: &a, vectors: false };
+            let y = ctx.dot(b, j, &[arow.to_string()]);
+            b.store(&y[0], out, u);
+        }),
         Device::Cpu => {
-            let rows = b.sym(t.rows);
-            let rbc = b.index(t.rb());
-            let rb_m1 = b.index(t.rb() - 1);
-            let rows_up = b.addi(&rows, &rb_m1);
-            let row_blocks = b.divui(&rows_up, &rbc);
-            let ct = b.index(t.col_tiles());
-            let units = b.muli(&row_blocks, &ct);
+            let (units, ct, rbc, rows) = t.cpu_grid(b);
             let colsc = b.index(COLS);
             let dot = Dot { fmt, planes: &planes, a: &a, vectors: true };
             let ctx = Cpu { dot, out, kc: &kc, nc: &nc };

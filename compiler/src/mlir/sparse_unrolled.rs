@@ -15,7 +15,6 @@ use super::builder::{Device, KernelBuilder, V};
 use super::sparse_kernels::SparseMatmul;
 use crate::error::CompileError;
 use sparsec_ir::sparse::{entries, value_at};
-use sparsec_ir::SymSize;
 
 /// Independent partial sums per output (round robin), for instruction-level parallelism.
 const SUMS: usize = 4;
@@ -53,27 +52,15 @@ pub fn emit_unrolled_matmul(b: &mut KernelBuilder, t: &SparseMatmul, full: bool,
         b.add(&s01, &s23)
     };
     match b.device() {
-        Device::Nvptx => {
-            let total = b.sym(SymSize { coef: t.rows.coef * n, seq_pow: t.rows.seq_pow });
-            b.parallel(&total, |b, u| {
-                let r = b.divui(u, &nc);
-                let j = b.remui(u, &nc);
-                let arow = b.muli(&r, &kc);
-                b.switch(&j, 0..n, |b, jj| {
-                    let y = dot(b, jj as usize, &arow);
-                    b.store(&y, out, u);
-                });
+        Device::Nvptx => t.per_output_thread(b, |b, u, j, arow| {
+            b.switch(j, 0..n, |b, jj| {
+                let y = dot(b, jj as usize, arow);
+                b.store(&y, out, u);
             });
-        }
+        }),
         Device::Cpu => {
-            let rows = b.sym(t.rows);
-            let rbc = b.index(t.rb());
-            let rb_m1 = b.index(t.rb() - 1);
-            let rows_up = b.addi(&rows, &rb_m1);
-            let row_blocks = b.divui(&rows_up, &rbc);
             let tiles = t.col_tiles();
-            let ct = b.index(tiles);
-            let units = b.muli(&row_blocks, &ct);
+            let (units, ct, rbc, rows) = t.cpu_grid(b);
             let cols = t.cols();
             b.parallel(&units, |b, u| {
                 let rbi = b.divui(u, &ct);
