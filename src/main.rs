@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 mod lm_verbs;
+mod tradeoff;
 
 #[derive(Parser)]
 #[command(name = "sparsec", version, about = "Ahead-of-time compiler for transformer LMs with fixed sparsity/compression patterns")]
@@ -32,6 +33,9 @@ enum Command {
     Bench(BenchArgs),
     /// Show what an artifact or IR file contains.
     Inspect(InspectArgs),
+    /// Compile and benchmark every (pattern, sparsity, specialization level)
+    /// point: compile time and code size against decode and prefill time.
+    Tradeoff(tradeoff::TradeoffArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -95,6 +99,20 @@ struct CompileFlags {
     /// compile time (by default Q8_0/Q4_0/Q4_1 matrices stay quantized).
     #[arg(long)]
     dequantize: bool,
+}
+
+/// Compile flags alone, for verbs that compile on the user's behalf.
+#[derive(Parser)]
+struct FlagsOnly {
+    #[command(flatten)]
+    flags: CompileFlags,
+}
+
+impl CompileFlags {
+    /// The defaults without the cache (cold compiles are what `tradeoff` measures).
+    fn for_tradeoff() -> CompileFlags {
+        FlagsOnly::parse_from(["sparsec", "--no-cache"]).flags
+    }
 }
 
 #[derive(Args)]
@@ -237,6 +255,7 @@ fn main() {
         Command::Eval(a) => cmd_eval(a),
         Command::Bench(a) => cmd_bench(a),
         Command::Inspect(a) => cmd_inspect(a),
+        Command::Tradeoff(a) => tradeoff::cmd_tradeoff(a),
     };
     if let Err(e) = result {
         eprintln!("sparsec: error: {e:#}");
