@@ -46,6 +46,11 @@ specialize = "full"
 [[rule]]
 layers = "1"
 attention = { window = { size = 3, sinks = 1 } }
+
+[[rule]]
+target = "lm_head"
+sparsity = { kind = "unstructured", ratio = 0.5 }
+specialize = "generic"
 "#;
 
 fn fixture(name: &str) -> PathBuf {
@@ -78,7 +83,11 @@ fn check_planned(name: &str) {
     let art = sparsec_runtime::Artifact::open(&out).unwrap();
     let formats: Vec<&str> = art.manifest.execution.buffers.iter().filter_map(|b| b.sparse.as_ref().map(|s| s.format.name())).collect();
     // Layer 0: 2 (GPT-2) or 3 (Llama) N:M MLP matrices, q and k as CSR; layer 1: BSR except v (dense).
-    assert_eq!(formats.iter().filter(|f| **f == "csr").count(), 2, "{formats:?}");
+    // q, k (layer 0) and the LM head, a pruned copy of the tied embedding.
+    assert_eq!(formats.iter().filter(|f| **f == "csr").count(), 3, "{formats:?}");
+    let bufs = &art.manifest.execution.buffers;
+    assert!(bufs.iter().any(|b| b.name == "embed.pruned" && b.sparse.is_some()), "the LM head is pruned");
+    assert!(bufs.iter().any(|b| b.name == "embed" && b.sparse.is_none()), "the embedding table is not");
     assert!(formats.contains(&"nm") && formats.contains(&"bsr"), "{formats:?}");
     for level in ["dense", "generic", "indices", "full"] {
         assert!(art.manifest.kernels.iter().any(|k| k.specialization.as_deref().is_some_and(|s| s.starts_with(level))), "no {level} kernel");
@@ -128,7 +137,6 @@ fn bad_plans_are_clear_errors() {
         ("[[rule]]\nkv = { transform = \"dct\", keep = 0.25 }", "`kv` is not implemented yet"),
         ("[[rule]]\nsparsity = { kind = \"unstructured\", ratio = 1.5 }", "plan rule 1: sparsity ratio 1.5 is outside [0, 1)"),
         ("[[rule]]\nsparsity = { kind = \"nm\", n = 3, m = 2 }", "N:M sparsity needs 0 < n <= m"),
-        ("[[rule]]\ntarget = \"lm_head\"\nsparsity = { kind = \"unstructured\", ratio = 0.5 }", "a tied weight must be pruned for all its uses or none"),
         ("[[rule]]\ntarget = \"attn.q\"\nshare = { group = 2, ratio = 0.2 }", "`share` is not implemented yet"),
     ];
     for (text, want) in cases {

@@ -101,6 +101,24 @@ impl Graph {
         }
     }
 
+    /// Inserts `node` at position `at`, renumbering later values; returns its value.
+    pub fn insert(&mut self, at: usize, node: Node) -> ValueId {
+        for n in &mut self.nodes {
+            for o in &mut n.operands {
+                if o.0 >= at {
+                    o.0 += 1;
+                }
+            }
+        }
+        for o in &mut self.outputs {
+            if o.0 >= at {
+                o.0 += 1;
+            }
+        }
+        self.nodes.insert(at, node);
+        ValueId(at)
+    }
+
     /// Keeps only `keep[i]` nodes, renumbering operands and outputs.
     /// Every operand of a kept node must be kept.
     pub fn retain(&mut self, keep: &[bool]) {

@@ -66,11 +66,14 @@ impl ApplyPlan {
         }
         if rule.sparsity.is_some() || rule.specialize.is_some() {
             let mut hits = 0;
-            for i in 0..g.nodes.len() {
+            let mut next = 0;
+            while next < g.nodes.len() {
+                let i = next;
+                next += 1;
                 let Op::MatMul { transpose_b } = g.nodes[i].op else { continue };
                 let w = g.nodes[i].operands[1].0;
-                let Op::Weight { name, .. } = &g.nodes[w].op else { continue };
-                let (layer, role) = layer_and_role(name);
+                let Op::Weight { name, .. } = g.nodes[w].op.clone() else { continue };
+                let (layer, role) = layer_and_role(&name);
                 let layer_ok = match layer {
                     Some(l) => rule.layers.contains(l),
                     None => rule.layers == crate::plan::Layers::All,
@@ -79,6 +82,22 @@ impl ApplyPlan {
                     continue;
                 }
                 hits += 1;
+                // A tied weight (the embedding table as the LM head) is pruned for
+                // this matmul only: it gets its own copy of the weight.
+                let tied = rule.sparsity.is_some()
+                    && g.nodes.iter().any(|u| u.operands.iter().any(|o| o.0 == w) && !matches!(u.op, Op::MatMul { .. }));
+                let (i, w) = if tied {
+                    let mut copy = g.nodes[w].clone();
+                    copy.name = format!("{}.pruned", copy.name);
+                    copy.loc = None;
+                    let v = g.insert(w + 1, copy);
+                    // Everything from the copy on moved one place later.
+                    next += 1;
+                    g.nodes[i + 1].operands[1] = v;
+                    (i + 1, v.0)
+                } else {
+                    (i, w)
+                };
                 if let Some(s) = &rule.sparsity {
                     let Some(ty) = g.nodes[w].ty.clone() else { continue };
                     let (Dim::Fixed(a), Dim::Fixed(b)) = (ty.dims[0], ty.dims[1]) else { continue };
