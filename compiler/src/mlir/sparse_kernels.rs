@@ -171,6 +171,11 @@ fn expand_table() -> Vec<i32> {
     (0..256u32).flat_map(|m| (0..VW as u32).map(move |l| (m & ((1 << l) - 1)).count_ones() as i32)).collect()
 }
 
+/// For each bitmap byte, every lane's mask: all ones where the bit is set.
+fn lane_masks() -> Vec<i32> {
+    (0..256u32).flat_map(|m| (0..VW as u32).map(move |l| if m & (1 << l) != 0 { -1 } else { 0 })).collect()
+}
+
 /// The CPU kernel's shared values.
 struct Cpu<'a> {
     dot: Dot<'a>,
@@ -294,24 +299,24 @@ impl Dot<'_> {
                 let steps = if self.vectors && k % VW == 0 { k / VW } else { 0 };
                 let mut accs: Vec<V> = vec![zero.clone(); nr];
                 if steps > 0 {
-                    // 8 consecutive k per step: the bitmap byte is the lane mask, the
-                    // row's next values are expanded into the set lanes (AVX-512:
-                    // vexpandps) and multiplied with the contiguous activations. Two
-                    // sums per row hide the FMA latency.
+                    // 8 consecutive k per step: the bitmap byte says which lanes are
+                    // kept, the row's next values are moved into those lanes (a
+                    // permutation, AVX2 vpermps) and multiplied with the contiguous
+                    // activations. Two sums per row hide the FMA latency.
                     let pairs = steps / 2;
+                    let fixed_step = match self.fmt {
+                        SparseFormat::Nm { keep, group, .. } if VW % group as u64 == 0 => Some(VW / group as u64 * keep as u64),
+                        _ => None,
+                    };
                     let lut = b.i32_table("nm_expand", &expand_table());
-                    let lane_bits = b.def(format!(
-                        "arith.constant dense<[{}]> : vector<{VW}xi32>",
-                        (0..VW).map(|l| (1u32 << l).to_string()).collect::<Vec<_>>().join(", ")
-                    ));
-                    let zero_i32v = b.def(format!("arith.constant dense<0> : vector<{VW}xi32>"));
+                    let masks = b.i32_table("nm_lanes", &lane_masks());
                     let mut init: Vec<(V, String)> = (0..2 * nr).map(|_| (vz.clone(), vty.clone())).collect();
                     init.push((zi.clone(), "index".into()));
                     let step = |b: &mut KernelBuilder, st: &str, off: &str, accs: &[V]| -> (Vec<V>, V) {
                         let mi = b.addi(&mbase, st);
                         let byte = b.load_elem(&p.idx, &mi, "i8");
                         // Lane l takes the row's value number rank(l) (set bits below l):
-                        // a permutation from the table, then the unset lanes are zeroed.
+                        // a permutation from one table, the unset lanes zeroed by another.
                         let bi = b.def(format!("arith.index_castui {byte} : i8 to index"));
                         let vw = b.index(VW);
                         let ti = b.muli(&bi, &vw);
@@ -321,14 +326,23 @@ impl Dot<'_> {
                         let moved = b.def(format!(
                             "llvm.call_intrinsic \"llvm.x86.avx2.permps\"({vals}, {perm}) : ({vty}, vector<{VW}xi32>) -> {vty}"
                         ));
-                        let b32 = b.def(format!("arith.extui {byte} : i8 to i32"));
-                        let bsplat = b.def(format!("vector.broadcast {b32} : i32 to vector<{VW}xi32>"));
-                        let bits = b.def(format!("arith.andi {bsplat}, {lane_bits} : vector<{VW}xi32>"));
-                        let mask = b.def(format!("arith.cmpi ne, {bits}, {zero_i32v} : vector<{VW}xi32>"));
-                        let w = b.def(format!("arith.select {mask}, {moved}, {vz} : vector<{VW}xi1>, {vty}"));
-                        let cnt = b.def(format!("math.ctpop {byte} : i8"));
-                        let cnt = b.def(format!("arith.index_castui {cnt} : i8 to index"));
-                        let next = b.addi(off, &cnt);
+                        // The set lanes' mask (all ones or zeros per lane), from a second table.
+                        let keep = b.def(format!("vector.load {masks}[{ti}] : memref<{}xi32>, vector<{VW}xi32>", 256 * VW));
+                        let mi = b.def(format!("vector.bitcast {moved} : {vty} to vector<{VW}xi32>"));
+                        let kept = b.def(format!("arith.andi {mi}, {keep} : vector<{VW}xi32>"));
+                        let w = b.def(format!("vector.bitcast {kept} : vector<{VW}xi32> to {vty}"));
+                        // Values per step: fixed when groups tile the 8 lanes, else counted.
+                        let next = match fixed_step {
+                            Some(c) => {
+                                let c = b.index(c);
+                                b.addi(off, &c)
+                            }
+                            None => {
+                                let cnt = b.def(format!("math.ctpop {byte} : i8"));
+                                let cnt = b.def(format!("arith.index_castui {cnt} : i8 to index"));
+                                b.addi(off, &cnt)
+                            }
+                        };
                         let vw = b.index(VW);
                         let k0 = b.muli(st, &vw);
                         let out = arows
