@@ -95,6 +95,13 @@ struct CompileFlags {
     /// Check every PTX file with ptxas.
     #[arg(long)]
     ptxas: bool,
+    /// What `specialize = "auto"` may spend on kernels with baked nonzero
+    /// structure, over the whole model: estimated compile milliseconds.
+    #[arg(long, default_value_t = sparsec_compiler::BakeBudget::default().compile_ms)]
+    bake_budget_ms: u64,
+    /// ... and estimated machine-code kilobytes.
+    #[arg(long, default_value_t = sparsec_compiler::BakeBudget::default().code_bytes >> 10)]
+    bake_budget_kb: u64,
     /// Type every weight f32: quantized checkpoint tensors are dequantized at
     /// compile time (by default Q8_0/Q4_0/Q4_1 matrices stay quantized).
     #[arg(long)]
@@ -287,6 +294,7 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
         cuda: sparsec_compiler::CudaTarget { sm: flags.sm.clone(), ..Default::default() },
         opt_level: flags.opt_level.min(3),
         emit,
+        bake_budget: sparsec_compiler::BakeBudget { compile_ms: flags.bake_budget_ms, code_bytes: flags.bake_budget_kb << 10 },
     })
 }
 

@@ -14,9 +14,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Compile seconds per baked stored value (`indices`/`full`), measured on the dev
-/// box (1536x576 at 90%: 88k values in 49 s); points estimated above the budget are skipped.
-const BAKE_SECONDS_PER_VALUE: f64 = 0.55e-3;
+/// Compile seconds per baked stored value (`indices`/`full`): points estimated
+/// above `--max-compile-s` are skipped.
+const BAKE_SECONDS_PER_VALUE: f64 = sparsec_compiler::sparse_select::BAKE_MS_PER_VALUE / 1e3;
 
 #[derive(Args)]
 pub struct TradeoffArgs {

@@ -7,7 +7,7 @@ use crate::error::{CompileError, CompileResult};
 use crate::mlir::pipeline::MlirSession;
 use crate::mlir::{emit_kernel, Device};
 use crate::options::{CompileOptions, Emit};
-use crate::partition::partition;
+use crate::partition::partition_with;
 use crate::toolchain;
 use crate::weights::{resolve, write_safetensors, WeightSource};
 use sparsec_ir::{print_graph, Graph};
@@ -76,7 +76,7 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
     let mut g = req.graph;
     let plan = req.plan_text.as_deref().map(sparsec_passes::Plan::parse).transpose()?;
     let snapshots = PassManager::with_plan(plan, req.print.clone()).run(&mut g)?;
-    let part = partition(&g)?;
+    let part = partition_with(&g, req.options.bake_budget)?;
     let graph_text = print_graph(&g);
 
     // The source is the graph, the plan and the weights as stored (checkpoint or

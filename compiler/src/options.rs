@@ -89,6 +89,21 @@ impl Default for CudaTarget {
     }
 }
 
+/// What `#specialize(auto)` may spend, over the whole graph, on kernels that
+/// bake a weight's nonzero structure into code (`indices`): estimated compile
+/// time and machine code (`sparse_select` estimates both per stored value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BakeBudget {
+    pub compile_ms: u64,
+    pub code_bytes: u64,
+}
+
+impl Default for BakeBudget {
+    fn default() -> Self {
+        BakeBudget { compile_ms: 5_000, code_bytes: 512 << 10 }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CompileOptions {
     pub target: TargetKind,
@@ -97,6 +112,9 @@ pub struct CompileOptions {
     /// LLVM optimization level 0..=3.
     pub opt_level: u8,
     pub emit: Vec<Emit>,
+    /// The budget `auto` specialization may spend on baked kernels.
+    #[serde(default)]
+    pub bake_budget: BakeBudget,
 }
 
 impl Default for CompileOptions {
@@ -107,6 +125,7 @@ impl Default for CompileOptions {
             cuda: CudaTarget::default(),
             opt_level: 3,
             emit: Vec::new(),
+            bake_budget: BakeBudget::default(),
         }
     }
 }

@@ -30,8 +30,15 @@ pub fn weight_buffer_name(g: &Graph, node: usize) -> Option<String> {
     }
 }
 
-/// Splits a typed graph (after `shape-infer`) into kernels and a plan.
+/// Splits a typed graph (after `shape-infer`) into kernels and a plan, with the
+/// default bake budget for `auto` specialization.
 pub fn partition(g: &Graph) -> CompileResult<Partition> {
+    partition_with(g, crate::options::BakeBudget::default())
+}
+
+/// `partition` with the budget `auto` may spend on baked kernels.
+pub fn partition_with(g: &Graph, budget: crate::options::BakeBudget) -> CompileResult<Partition> {
+    let mut left = crate::sparse_select::BakeLeft::new(budget);
     let types: Vec<TensorType> = sparsec_ir::verify(g)?;
     let mut buffers = Vec::new();
     let mut buffer_of = vec![usize::MAX; g.nodes.len()];
@@ -71,7 +78,7 @@ pub fn partition(g: &Graph) -> CompileResult<Partition> {
         };
         if let Some(pw) = n.operands.get(1).and_then(|w| pruned.get(&w.0)).filter(|_| matches!(n.op, Op::MatMul { .. })) {
             let wbuf = buffer_of[n.operands[1].0];
-            let choice = choose(&n.patterns, pw, &buffers[wbuf].name, &n.name)?;
+            let choice = choose(&n.patterns, pw, &buffers[wbuf].name, &n.name, &mut left)?;
             // The weight buffer stores what the choice reads (every use agrees: verifier).
             buffers[buffer_of[n.operands[1].0]].sparse = choice.storage;
             spec.sparse = Some(choice);

@@ -13,9 +13,32 @@ use sparsec_ir::{Pattern, Specialize};
 /// A sparse format is picked when it moves less than this share of the dense bytes.
 pub const SPARSE_PAYS: f64 = 0.75;
 
-/// `auto` bakes the indices of matrices with at most this many stored values:
-/// the code stays small (a few instructions per value) and compiles fast.
-pub const AUTO_BAKE_MAX_VALUES: u64 = 4096;
+/// `auto` bakes only matrices with at most this many stored values. Measured
+/// with `sparsec tradeoff` on the dev box: 64x64 + 128x64 at 90% (1229 values)
+/// decode 1.7x faster baked than `generic`; at 50% (6144 values) and for
+/// SmolLM2's K/V projections (11k values each at 90%) baked code is slower, its
+/// straight lines outgrowing the instruction caches.
+pub const AUTO_BAKE_MAX_VALUES: u64 = 2048;
+
+/// Compile milliseconds per baked stored value (dev box: 88k values of a
+/// 1536x576 matrix at 90% in 49 s).
+pub const BAKE_MS_PER_VALUE: f64 = 0.55;
+
+/// Machine-code bytes per baked stored value (same measurement: 1.7 MB).
+pub const BAKE_CODE_BYTES_PER_VALUE: f64 = 19.3;
+
+/// What is left of the `auto` bake budget while partitioning.
+#[derive(Clone, Copy, Debug)]
+pub struct BakeLeft {
+    pub compile_ms: f64,
+    pub code_bytes: f64,
+}
+
+impl BakeLeft {
+    pub fn new(b: crate::options::BakeBudget) -> BakeLeft {
+        BakeLeft { compile_ms: b.compile_ms as f64, code_bytes: b.code_bytes as f64 }
+    }
+}
 
 /// What one sparse matmul compiles to.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,7 +63,7 @@ impl SparseChoice {
 }
 
 /// The choice for a matmul with these patterns pruning weight `w`.
-pub fn choose(patterns: &[Pattern], w: &PrunedWeight, weight: &str, kernel: &str) -> CompileResult<SparseChoice> {
+pub fn choose(patterns: &[Pattern], w: &PrunedWeight, weight: &str, kernel: &str, left: &mut BakeLeft) -> CompileResult<SparseChoice> {
     let asked = patterns
         .iter()
         .find_map(|p| match p {
@@ -55,11 +78,26 @@ pub fn choose(patterns: &[Pattern], w: &PrunedWeight, weight: &str, kernel: &str
     let share = packed / dense_bytes;
     let figures = format!("{} packs {:.0} KB, {:.2} of the dense f32 {:.0} KB", format.name(), packed / 1e3, share, dense_bytes / 1e3);
     let values = format.stored_values();
+    let (bake_ms, bake_bytes) = (values as f64 * BAKE_MS_PER_VALUE, values as f64 * BAKE_CODE_BYTES_PER_VALUE);
+    let fits = values <= AUTO_BAKE_MAX_VALUES && bake_ms <= left.compile_ms && bake_bytes <= left.code_bytes;
     let (level, reason) = match asked {
-        Specialize::Auto if values <= AUTO_BAKE_MAX_VALUES => {
-            (Specialize::Indices, format!("auto: indices, {values} stored values (<= {AUTO_BAKE_MAX_VALUES}: baked code stays small); {figures}"))
+        Specialize::Auto if fits => {
+            left.compile_ms -= bake_ms;
+            left.code_bytes -= bake_bytes;
+            (
+                Specialize::Indices,
+                format!(
+                    "auto: indices, {values} stored values, est. {bake_ms:.0} ms and {:.0} KB of code ({:.0} ms, {:.0} KB of the bake budget left); {figures}",
+                    bake_bytes / 1e3,
+                    left.compile_ms,
+                    left.code_bytes / 1e3
+                ),
+            )
         }
-        Specialize::Auto if share < SPARSE_PAYS => (Specialize::Generic, format!("auto: generic, {figures} (< {SPARSE_PAYS})")),
+        Specialize::Auto if share < SPARSE_PAYS => (
+            Specialize::Generic,
+            format!("auto: generic, {figures} (< {SPARSE_PAYS}); baking {values} values (est. {bake_ms:.0} ms) is over the budget or {AUTO_BAKE_MAX_VALUES} values"),
+        ),
         Specialize::Auto => (Specialize::Dense, format!("auto: dense, {figures} (>= {SPARSE_PAYS})")),
         l => (l, format!("{} (asked); {figures}", l.name())),
     };

@@ -1,0 +1,171 @@
+//! Criterion benches of single compiled matmul kernels against this machine's
+//! roofline: GEMV (decode, seq 1) and GEMM (prefill, seq 128) at the MLP shapes
+//! of SmolLM2 and GPT-2, with f32, Q8_0 and Q4_1 weights, and the sparse
+//! formats (CSR at 90%, 2:4, BSR 4x4 at 80%). One thread.
+//!
+//! The roofline is measured first, in this process: read bandwidth (a sum over
+//! 256 MB) and the peak FMA rate (independent AVX2 FMA chains). GEMV reports
+//! its weight bytes per second (against the bandwidth), GEMM its FLOP/s
+//! (against the FMA peak); a summary table with both ratios ends the run.
+//!
+//!     cargo bench --bench kernels [-- FILTER]
+
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use ndarray::ArrayD;
+use sparsec_compiler::{compile, CompileOptions, CompileRequest, CpuTarget, TargetKind, WeightSource};
+use sparsec_runtime::cpu::CpuExecutor;
+use sparsec_runtime::Artifact;
+use std::time::{Duration, Instant};
+
+const SHAPES: [(&str, u64, u64); 4] =
+    [("smollm2.up", 1536, 576), ("smollm2.down", 576, 1536), ("gpt2.up", 3072, 768), ("gpt2.down", 768, 3072)];
+const KINDS: [(&str, &str, &str); 6] = [
+    ("f32", "f32", ""),
+    ("q8_0", "q8_0", ""),
+    ("q4_1", "q4_1", ""),
+    ("csr90", "f32", "#sparsity(unstructured, ratio = 0.9) #specialize(generic)"),
+    ("nm2:4", "f32", "#sparsity(nm, n = 2, m = 4) #specialize(generic)"),
+    ("bsr4x4-80", "f32", "#sparsity(block, ratio = 0.8, rows = 4, cols = 4) #specialize(generic)"),
+];
+
+/// Read bandwidth in GB/s: the best of 5 sums over 256 MB.
+fn read_bandwidth() -> f64 {
+    let v = vec![1.0f32; 64 << 20];
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let mut acc = [0f32; 16];
+        for c in v.chunks_exact(16) {
+            for (a, x) in acc.iter_mut().zip(c) {
+                *a += x;
+            }
+        }
+        std::hint::black_box(acc);
+        best = best.max((v.len() * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA (checked by the caller).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chains(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_set1_ps(0.0); 10];
+    let (a, b) = (_mm256_set1_ps(0.999), _mm256_set1_ps(0.001));
+    for _ in 0..iters {
+        for r in acc.iter_mut() {
+            *r = _mm256_fmadd_ps(*r, a, b);
+        }
+    }
+    let mut out = [0f32; 8];
+    _mm256_storeu_ps(out.as_mut_ptr(), acc[0]);
+    out[0]
+}
+
+/// Peak single-thread f32 FMA rate in GFLOP/s (2 FLOP per lane).
+fn fma_peak() -> f64 {
+    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+        return f64::NAN;
+    }
+    let iters = 20_000_000u64;
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        // SAFETY: AVX2 and FMA were detected above.
+        std::hint::black_box(unsafe { fma_chains(iters) });
+        best = best.max((iters * 10 * 8 * 2) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// A one-matmul artifact and the bytes its weight occupies.
+struct Kernel {
+    _dir: tempfile::TempDir,
+    art: Artifact,
+    weight_bytes: u64,
+}
+
+fn build(n: u64, k: u64, dtype: &str, pattern: &str) -> Kernel {
+    let text = format!(
+        "graph @bench {{\n  %x = input : f32[seq, {k}]\n  %w = weight \"w\" init normal(seed = 1, std = 0.02) : {dtype}[{n}, {k}]\n  %y = matmul %x, %w {{transpose_b = true}} {pattern}\n  return %y\n}}\n"
+    );
+    let graph = sparsec_ir::parse_graph(&text).expect("bench graph parses");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("k.sparsec");
+    let options = CompileOptions { target: TargetKind::Cpu, cpu: CpuTarget::host(), ..Default::default() };
+    compile(CompileRequest {
+        graph,
+        plan_text: None,
+        weights: WeightSource::None,
+        options,
+        print: Default::default(),
+        cache: None,
+        output: out.clone(),
+        lm: None,
+    })
+    .expect("bench kernel compiles");
+    let art = Artifact::open(&out).expect("artifact opens");
+    let weight_bytes = art.manifest.execution.buffers.iter().filter(|b| b.name == "w").map(|b| b.bytes(0) as u64).sum();
+    Kernel { _dir: dir, art, weight_bytes }
+}
+
+fn input(k: u64, seq: u64) -> Vec<ArrayD<f32>> {
+    let v = sparsec_ir::Init::Normal { seed: 3, std: 1.0 }.generate((k * seq) as usize);
+    vec![ArrayD::from_shape_vec(ndarray::IxDyn(&[seq as usize, k as usize]), v).expect("shape")]
+}
+
+fn median_us(exec: &CpuExecutor, art: &Artifact, x: &[ArrayD<f32>]) -> f64 {
+    let mut t: Vec<f64> = (0..50)
+        .map(|_| {
+            let s = Instant::now();
+            std::hint::black_box(exec.run(art, x).expect("runs"));
+            s.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    t.sort_by(|a, b| a.total_cmp(b));
+    t[t.len() / 2]
+}
+
+fn kernels(c: &mut Criterion) {
+    let bw = read_bandwidth();
+    let peak = fma_peak();
+    println!("roofline (1 thread): read bandwidth {bw:.1} GB/s, f32 FMA peak {peak:.1} GFLOP/s");
+    let mut summary = Vec::new();
+    for (shape, n, k) in SHAPES {
+        for (kind, dtype, pattern) in KINDS {
+            let kern = build(n, k, dtype, pattern);
+            let exec = CpuExecutor::load(&kern.art).and_then(|e| e.with_threads(1)).expect("executor");
+            for (what, seq) in [("gemv", 1u64), ("gemm", 128)] {
+                let x = input(k, seq);
+                let mut g = c.benchmark_group(format!("{what}/{shape}"));
+                g.sample_size(20).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1));
+                let flops = 2 * n * k * seq;
+                g.throughput(if seq == 1 { Throughput::Bytes(kern.weight_bytes) } else { Throughput::Elements(flops) });
+                g.bench_with_input(BenchmarkId::from_parameter(kind), &x, |b, x| b.iter(|| exec.run(&kern.art, x).expect("runs")));
+                g.finish();
+                let us = median_us(&exec, &kern.art, &x);
+                let gbs = kern.weight_bytes as f64 / us / 1e3;
+                let gflops = flops as f64 / us / 1e3;
+                summary.push(format!(
+                    "| {what} | {shape} ({n}x{k}) | {kind} | {us:.1} | {:.2} | {gbs:.1} ({:.0}% of bw) | {gflops:.1} ({:.0}% of peak) |",
+                    kern.weight_bytes as f64 / 1e6,
+                    100.0 * gbs / bw,
+                    100.0 * gflops / peak
+                ));
+            }
+        }
+    }
+    println!("\nroofline (1 thread): read bandwidth {bw:.1} GB/s, f32 FMA peak {peak:.1} GFLOP/s");
+    println!("| kernel | shape | weights | median µs | weight MB | weight GB/s | GFLOP/s (dense-equivalent) |\n| --- | --- | --- | --- | --- | --- | --- |");
+    for l in summary {
+        println!("{l}");
+    }
+}
+
+criterion_group!(benches, kernels);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
