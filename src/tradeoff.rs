@@ -144,9 +144,16 @@ fn measure(a: &TradeoffArgs, flags: &CompileFlags, dir: &Path, key: &str) -> Res
     } else {
         let art = sparsec_runtime::Artifact::open(&out)?;
         let exec = sparsec_runtime::execute::Executor::Cpu(sparsec_runtime::cpu::CpuExecutor::load(&art)?.with_threads(a.threads)?);
-        let (_, d) = exec.run_timed(&art, &art.random_inputs(1, 0), 200)?;
-        let (_, p) = exec.run_timed(&art, &art.random_inputs(a.prompt_len as u64, 0), 20)?;
-        (d, p)
+        // The least of three medians: this kind of VM has noisy neighbours.
+        let best = |seq: u64, repeat: usize| -> Result<f64> {
+            let x = art.random_inputs(seq, 0);
+            let mut t = f64::MAX;
+            for _ in 0..3 {
+                t = t.min(exec.run_timed(&art, &x, repeat)?.1);
+            }
+            Ok(t)
+        };
+        (best(1, 200)?, best(a.prompt_len as u64, 20)?)
     };
     let _ = std::fs::remove_dir_all(&out);
     let p = Point {
