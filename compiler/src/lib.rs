@@ -11,6 +11,7 @@ pub use error::{CompileError, CompileResult};
 pub use options::{BakeBudget, CompileOptions, CpuTarget, CudaTarget, Emit, TargetKind};
 pub mod cache;
 pub mod driver;
+pub mod fusion;
 pub mod partition;
 pub mod sparse_select;
 pub mod toolchain;

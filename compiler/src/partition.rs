@@ -4,6 +4,7 @@
 //! lifetimes do not overlap one slot.
 
 use crate::error::CompileResult;
+use crate::mlir::kernels::Prologue;
 use crate::mlir::KernelSpec;
 use crate::sparse_select::choose;
 use sparsec_ir::{Graph, Op, TensorType};
@@ -49,7 +50,13 @@ pub fn partition_with(g: &Graph, budget: crate::options::BakeBudget) -> CompileR
     let mut by_signature: HashMap<String, String> = HashMap::new();
     let mut inputs = Vec::new();
     let pruned = sparsec_ir::sparse::pruned_weights(g);
+    let fused = crate::fusion::fusions(g, &types);
+    let absorbed: std::collections::HashSet<usize> = fused.values().map(|f| f.absorbed).collect();
     for (i, n) in g.nodes.iter().enumerate() {
+        // A node absorbed into a later node's kernel has no kernel or buffer of its own.
+        if absorbed.contains(&i) {
+            continue;
+        }
         let dims = types[i].dims.clone();
         if let Some(wname) = weight_buffer_name(g, i) {
             let id = *by_weight_name.entry(wname.clone()).or_insert_with(|| {
@@ -68,13 +75,24 @@ pub fn partition_with(g: &Graph, budget: crate::options::BakeBudget) -> CompileR
             inputs.push(id);
             continue;
         }
+        // The node whose op the kernel computes (this one, or the matmul fused
+        // into this add) and the kernel's operands.
+        let f = fused.get(&i);
+        let src = f.map_or(i, |f| f.src);
+        let n = &g.nodes[src];
+        let operand_ids: Vec<usize> = match f {
+            Some(f) => f.operands().to_vec(),
+            None => n.operands.iter().map(|o| o.0).collect(),
+        };
         let mut spec = KernelSpec {
             name: String::new(),
             op: n.op.clone(),
-            operands: n.operands.iter().map(|o| types[o.0].clone()).collect(),
+            operands: operand_ids.iter().map(|&o| types[o].clone()).collect(),
             result: types[i].clone(),
             patterns: n.patterns.clone(),
             sparse: None,
+            epilogue: f.and_then(|f| f.epilogue),
+            prologue: f.and_then(|f| f.prologue),
         };
         if let Some(pw) = n.operands.get(1).and_then(|w| pruned.get(&w.0)).filter(|_| matches!(n.op, Op::MatMul { .. })) {
             let wbuf = buffer_of[n.operands[1].0];
@@ -88,11 +106,19 @@ pub fn partition_with(g: &Graph, budget: crate::options::BakeBudget) -> CompileR
         // A kernel that bakes a weight's structure serves that weight only.
         let baked = spec.sparse.as_ref().filter(|c| c.bakes()).map(|c| c.weight.clone());
         let level = spec.sparse.as_ref().map(|c| (c.level, c.storage));
-        let signature = format!("{:?}|{:?}|{:?}|{:?}|{:?}|{:?}", spec.op, spec.operands, spec.result, spec.patterns, level, baked);
+        let signature = format!(
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+            spec.op, spec.operands, spec.result, spec.patterns, level, baked, spec.epilogue, spec.prologue
+        );
         let name = match by_signature.get(&signature) {
             Some(name) => String::clone(name),
             None => {
-                spec.name = format!("k{}_{}", kernels.len(), n.op.keyword());
+                let fused = match (spec.prologue, spec.epilogue) {
+                    (Some(Prologue::Silu), _) => "_silu",
+                    (_, Some(_)) => "_add",
+                    _ => "",
+                };
+                spec.name = format!("k{}_{}{fused}", kernels.len(), n.op.keyword());
                 by_signature.insert(signature, spec.name.clone());
                 let name = spec.name.clone();
                 kernels.push(spec.clone());
@@ -100,7 +126,7 @@ pub fn partition_with(g: &Graph, budget: crate::options::BakeBudget) -> CompileR
             }
         };
         spec.name = name;
-        let mut args: Vec<usize> = n.operands.iter().map(|o| buffer_of[o.0]).collect();
+        let mut args: Vec<usize> = operand_ids.iter().map(|&o| buffer_of[o]).collect();
         if let Op::Attention { .. } = n.op {
             // Attention reads every position so far: the new keys and values are
             // appended to this op's caches, and the kernel reads the caches.

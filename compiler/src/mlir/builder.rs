@@ -24,6 +24,8 @@ pub struct KernelBuilder {
     consts: Vec<String>,
     /// Module-level constant tables (`memref.global`), by name.
     globals: Vec<(String, String)>,
+    /// A fused add applied by `store_result`: the addend buffer and, for a bias, its length.
+    epilogue: Option<(V, Option<V>)>,
     const_ids: HashMap<String, V>,
     body: Vec<String>,
     indent: usize,
@@ -32,7 +34,7 @@ pub struct KernelBuilder {
 
 impl KernelBuilder {
     pub fn new(device: Device) -> Self {
-        KernelBuilder { device, byte_params: Vec::new(), consts: Vec::new(), globals: Vec::new(), const_ids: HashMap::new(), body: Vec::new(), indent: 2, next: 0 }
+        KernelBuilder { device, byte_params: Vec::new(), consts: Vec::new(), globals: Vec::new(), epilogue: None, const_ids: HashMap::new(), body: Vec::new(), indent: 2, next: 0 }
     }
 
     pub fn device(&self) -> Device {
@@ -292,6 +294,27 @@ impl KernelBuilder {
                 self.line(format!("llvm.store {val}, {p} : f32, !llvm.ptr"));
             }
         }
+    }
+
+    /// Makes `store_result` add `addend[idx]` (or `addend[idx % n]` for a bias of length `n`).
+    pub fn set_epilogue(&mut self, addend: &str, modulus: Option<V>) {
+        self.epilogue = Some((addend.to_string(), modulus));
+    }
+
+    /// Writes a result element `buf[idx] = val`, after the fused epilogue if any.
+    pub fn store_result(&mut self, val: &str, buf: &str, idx: &str) {
+        let val = match self.epilogue.clone() {
+            None => val.to_string(),
+            Some((addend, modulus)) => {
+                let at = match modulus {
+                    Some(n) => self.remui(idx, &n),
+                    None => idx.to_string(),
+                };
+                let c = self.load(&addend, &at);
+                self.add(val, &c)
+            }
+        };
+        self.store(&val, buf, idx);
     }
 
     /// `for iv in lb..ub { body }`.

@@ -45,6 +45,26 @@ pub struct KernelSpec {
     pub patterns: Vec<Pattern>,
     /// A matmul over a pruned weight: the specialization chosen and its storage.
     pub sparse: Option<crate::sparse_select::SparseChoice>,
+    /// An add fused into a matmul's stores; its addend is the last operand.
+    pub epilogue: Option<Epilogue>,
+    /// A unary op fused into the loads of operand 0 (SwiGLU's SiLU into its mul).
+    pub prologue: Option<Prologue>,
+}
+
+/// What an elementwise kernel applies to its first operand as it loads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prologue {
+    /// `x·sigmoid(x)`.
+    Silu,
+}
+
+/// What a matmul adds to each result before storing it (a fused `add`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    /// `+ c[r, j]`: a residual of the result's shape.
+    Residual,
+    /// `+ c[j]`: a bias over the output features.
+    Bias,
 }
 
 impl KernelSpec {
@@ -184,6 +204,13 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
     if sparse.is_some() {
         b.byte_param(&ins[1]);
     }
+    if let (Some(e), Some(addend)) = (spec.epilogue, ins.get(2)) {
+        let modulus = match e {
+            Epilogue::Residual => None,
+            Epilogue::Bias => Some(b.index(fixed_last(spec, &spec.result)?)),
+        };
+        b.set_epilogue(addend, modulus);
+    }
     let out: V = "%out".into();
     let work = spec.work()?;
     let work = b.sym(work);
@@ -246,6 +273,10 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                         Some(m) => b.remui(i, m),
                     };
                     vals.push(b.load(&ins[k], &idx));
+                }
+                if spec.prologue == Some(Prologue::Silu) {
+                    let s = math::sigmoid(b, &vals[0]);
+                    vals[0] = b.mul(&vals[0], &s);
                 }
                 let y = b.fbin(fop, &vals[0], &vals[1]);
                 b.store(&y, &out, i);
@@ -358,7 +389,7 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                             });
                             let y = b.vsum(&acc[0], VW);
                             let o = b.addi(&orow, j);
-                            b.store(&y, &out, &o);
+                            b.store_result(&y, &out, &o);
                         });
                     });
                 }
@@ -370,7 +401,7 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                             let y = dot(b, r, j);
                             let rn = b.muli(r, &nc);
                             let o = b.addi(&rn, j);
-                            b.store(&y, &out, &o);
+                            b.store_result(&y, &out, &o);
                         });
                     });
                 }
@@ -379,7 +410,7 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                         let r = b.divui(e, &nc);
                         let j = b.remui(e, &nc);
                         let y = dot(b, &r, &j);
-                        b.store(&y, &out, e);
+                        b.store_result(&y, &out, e);
                     });
                 }
             }
@@ -957,7 +988,7 @@ fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V], out: &st
                 let ci = b.index(c);
                 let jc = b.addi(j, &ci);
                 let o = b.addi(&orow, &jc);
-                b.store(&y, out, &o);
+                b.store_result(&y, out, &o);
             }
         }
     };

@@ -140,7 +140,7 @@ pub fn emit_sparse_matmul(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], ou
         Device::Nvptx => t.per_output_thread(b, |b, u, j, arow| {
             let ctx = Dot { fmt, planes: &planes, a: &a, vectors: false };
             let y = ctx.dot(b, j, &[arow.to_string()]);
-            b.store(&y[0], out, u);
+            b.store_result(&y[0], out, u);
         }),
         Device::Cpu => {
             let (units, ct, rbc, rows) = t.cpu_grid(b);
@@ -210,7 +210,7 @@ impl Cpu<'_> {
                 let row = b.addi(r0, &ri);
                 let orow = b.muli(&row, self.nc);
                 let o = b.addi(&orow, j);
-                b.store(y, self.out, &o);
+                b.store_result(y, self.out, &o);
             }
         });
     }

@@ -55,7 +55,7 @@ pub fn emit_unrolled_matmul(b: &mut KernelBuilder, t: &SparseMatmul, full: bool,
         Device::Nvptx => t.per_output_thread(b, |b, u, j, arow| {
             b.switch(j, 0..n, |b, jj| {
                 let y = dot(b, jj as usize, arow);
-                b.store(&y, out, u);
+                b.store_result(&y, out, u);
             });
         }),
         Device::Cpu => {
@@ -76,7 +76,7 @@ pub fn emit_unrolled_matmul(b: &mut KernelBuilder, t: &SparseMatmul, full: bool,
                             let y = dot(b, j as usize, &arow);
                             let ji = b.index(j);
                             let o = b.addi(&orow, &ji);
-                            b.store(&y, out, &o);
+                            b.store_result(&y, out, &o);
                         }
                     });
                 });

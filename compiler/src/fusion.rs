@@ -1,0 +1,111 @@
+//! Kernel fusion, as a small table of rules over the typed graph: which nodes
+//! are computed inside another node's kernel instead of by a kernel (and a
+//! buffer, and a pass over memory) of their own. The IR is unchanged; the
+//! fused kernels are named `k<N>_<op>_<fused>` in the manifest.
+//!
+//! - `matmul → add` (residual or bias): the add happens in the matmul's stores.
+//! - `silu → mul` (SwiGLU's gate): the SiLU is applied to the mul's first
+//!   operand as it is loaded.
+
+use crate::mlir::kernels::{Epilogue, Prologue};
+use sparsec_ir::{Graph, Op, TensorType};
+use std::collections::HashMap;
+
+/// A node computed by a fused kernel at its position.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fused {
+    /// The node whose op the kernel computes (a matmul, or this mul).
+    pub src: usize,
+    /// The node absorbed into the kernel (computed nowhere else).
+    pub absorbed: usize,
+    /// The kernel's operands (graph values), in ABI order.
+    pub operands: [usize; 3],
+    pub arity: usize,
+    pub epilogue: Option<Epilogue>,
+    pub prologue: Option<Prologue>,
+}
+
+impl Fused {
+    pub fn operands(&self) -> &[usize] {
+        &self.operands[..self.arity]
+    }
+}
+
+/// One fusion rule: given node `u`, the fused kernel it becomes, if any.
+type Rule = fn(g: &Graph, types: &[TensorType], uses: &[usize], u: usize) -> Option<Fused>;
+
+/// The rules, tried in order on every node.
+const RULES: [(&str, Rule); 2] = [("matmul-add", matmul_add), ("silu-mul", silu_mul)];
+
+/// Whether `v` is used exactly once and is not a graph output.
+fn single_use(g: &Graph, uses: &[usize], v: usize) -> bool {
+    uses[v] == 1 && !g.outputs.iter().any(|o| o.0 == v)
+}
+
+/// `add(matmul(a, w), c)`: the matmul reads a transposed weight (its kernels
+/// store scalars) and is used by this add only; `c` has the add's shape (a
+/// residual) or is a vector over the output features (a bias).
+fn matmul_add(g: &Graph, types: &[TensorType], uses: &[usize], u: usize) -> Option<Fused> {
+    let n = &g.nodes[u];
+    if n.op != Op::Add || n.operands.len() != 2 {
+        return None;
+    }
+    let (a, b) = (n.operands[0].0, n.operands[1].0);
+    [(a, b), (b, a)].into_iter().find_map(|(m, r)| {
+        let mm = &g.nodes[m];
+        if !matches!(mm.op, Op::MatMul { transpose_b: true }) || m == r || !single_use(g, uses, m) || types[m] != types[u] {
+            return None;
+        }
+        let e = if types[r] == types[u] {
+            Epilogue::Residual
+        } else if types[r].dims.len() == 1 && types[r].dims.last() == types[u].dims.last() {
+            Epilogue::Bias
+        } else {
+            return None;
+        };
+        Some(Fused {
+            src: m,
+            absorbed: m,
+            operands: [mm.operands[0].0, mm.operands[1].0, r],
+            arity: 3,
+            epilogue: Some(e),
+            prologue: None,
+        })
+    })
+}
+
+/// `mul(silu(x), y)` with both of the result's shape, the SiLU used only here.
+fn silu_mul(g: &Graph, types: &[TensorType], uses: &[usize], u: usize) -> Option<Fused> {
+    let n = &g.nodes[u];
+    if n.op != Op::Mul || n.operands.len() != 2 {
+        return None;
+    }
+    let (s, y) = (n.operands[0].0, n.operands[1].0);
+    let sn = &g.nodes[s];
+    if sn.op != Op::Silu || s == y || !single_use(g, uses, s) || types[s] != types[u] || types[y] != types[u] {
+        return None;
+    }
+    Some(Fused { src: u, absorbed: s, operands: [sn.operands[0].0, y, 0], arity: 2, epilogue: None, prologue: Some(Prologue::Silu) })
+}
+
+/// Every fusion in `g`, by the node whose position runs the fused kernel.
+pub fn fusions(g: &Graph, types: &[TensorType]) -> HashMap<usize, Fused> {
+    let mut uses = vec![0usize; g.nodes.len()];
+    for n in &g.nodes {
+        for o in &n.operands {
+            uses[o.0] += 1;
+        }
+    }
+    let mut out = HashMap::new();
+    for u in 0..g.nodes.len() {
+        if let Some(f) = RULES.iter().find_map(|(_, rule)| rule(g, types, &uses, u)) {
+            out.insert(u, f);
+        }
+    }
+    out
+}
+
+/// The names of the rules (for documentation and tests).
+pub fn rule_names() -> Vec<&'static str> {
+    RULES.iter().map(|(n, _)| *n).collect()
+}
