@@ -5,7 +5,8 @@ Installs llama-cpp-python from PyPI (it builds llama.cpp; the wheel is cached in
 .whl/ so later runs skip the build), then measures both on SmolLM2-135M Q4_1 and
 on its F32 dequantization (written by llama.cpp's own quantizer), with the same
 prompt (the first N tokens of GPL-3), the same number of greedy decode steps and
-the same threads. Writes benches/results/llama_cpp_compare.{json,md}.
+the same threads. Writes benches/results/llama_cpp_compare.{json,md} (2 threads) or
+llama_cpp_compare-Nthread.{json,md}.
 
     python3 benches/llama_cpp_compare.py [--threads 2] [--prompt-len 512] [--new-tokens 128]
 """
@@ -119,7 +120,9 @@ def main():
     res = {"machine": machine, "prompt_tokens": a.prompt_len, "new_tokens": a.new_tokens, "rows": rows}
     outdir = os.path.join(ROOT, "benches", "results")
     os.makedirs(outdir, exist_ok=True)
-    with open(os.path.join(outdir, "llama_cpp_compare.json"), "w") as f:
+    # The issue's setting (2 threads) is the plain name; other thread counts are suffixed.
+    stem = "llama_cpp_compare" if a.threads == 2 else f"llama_cpp_compare-{a.threads}thread"
+    with open(os.path.join(outdir, f"{stem}.json"), "w") as f:
         json.dump(res, f, indent=2)
     md = [f"Machine: {machine['cpu']}, {machine['cores']} cores, {a.threads} threads; llama-cpp-python {machine['llama_cpp_python']}; "
           f"prompt {a.prompt_len} tokens, {a.new_tokens} greedy decode steps.", "",
@@ -129,7 +132,7 @@ def main():
         s, l = r["sparsec"], r["llama_cpp"]
         md.append(f"| {r['model']} | {s['decode_tokens_per_s']:.1f} | {l['decode_tokens_per_s']:.1f} | {r['decode_ratio']:.2f}x | "
                   f"{s['prefill_tokens_per_s']:.1f} | {l['prefill_tokens_per_s']:.1f} | {r['prefill_ratio']:.2f}x |")
-    with open(os.path.join(outdir, "llama_cpp_compare.md"), "w") as f:
+    with open(os.path.join(outdir, f"{stem}.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -299,6 +299,9 @@ pub fn bench_lm(src: &LmSource, text: &Path, prompt_len: usize, new_tokens: usiz
         let logits = lm.forward(&ids)?;
         prefill.push(t.elapsed().as_secs_f64());
         let mut next = greedy.sample(&last_row(&logits));
+        if let Lm::Compiled { session } = &mut lm {
+            session.profile_kernels();
+        }
         let t = Instant::now();
         for _ in 0..new_tokens {
             let l = lm.forward(&[next])?;
@@ -311,11 +314,21 @@ pub fn bench_lm(src: &LmSource, text: &Path, prompt_len: usize, new_tokens: usiz
         v[v.len() / 2]
     };
     let (p, d) = (median(&mut prefill), median(&mut decode));
+    // Per kernel, the last decode round's milliseconds per token.
+    let kernels: serde_json::Map<String, serde_json::Value> = match &lm {
+        Lm::Compiled { session } => session
+            .kernel_times()
+            .into_iter()
+            .map(|(k, ms, calls)| (k, serde_json::json!({ "ms_per_token": ms / new_tokens.max(1) as f64, "calls_per_token": calls as f64 / new_tokens.max(1) as f64 })))
+            .collect(),
+        _ => serde_json::Map::new(),
+    };
     Ok(serde_json::json!({
         "executor": lm.executor(),
         "prompt_tokens": ids.len(), "new_tokens": new_tokens, "repeat": repeat.max(1),
         "prefill_s": p, "prefill_tokens_per_s": ids.len() as f64 / p,
         "decode_s": d, "decode_tokens_per_s": new_tokens as f64 / d.max(1e-12),
         "peak_rss_bytes": peak_rss_bytes(),
+        "decode_kernels": kernels,
     }))
 }

@@ -79,6 +79,10 @@ pub struct Point {
     pub prefill_ms: f64,
     #[serde(default)]
     pub pareto: bool,
+    /// Models: each kernel's decode milliseconds per token (the run time the
+    /// manifest cannot hold: artifacts are immutable).
+    #[serde(default)]
+    pub decode_kernel_ms: std::collections::BTreeMap<String, f64>,
 }
 
 /// The plan `sparsity = ...` value of a pattern name at a sparsity.
@@ -136,10 +140,14 @@ fn measure(a: &TradeoffArgs, flags: &CompileFlags, dir: &Path, key: &str) -> Res
     let code: usize = m.kernels.iter().filter_map(|k| k.cpu.as_ref().map(|s| s.code_bytes)).sum();
     let ir: usize = m.kernels.iter().filter_map(|k| k.cpu.as_ref().map(|s| s.llvm_ir_bytes)).sum();
     let weights = std::fs::metadata(out.join(sparsec_runtime::manifest::WEIGHTS_FILE)).map(|m| m.len()).unwrap_or(0);
+    let mut decode_kernel_ms = std::collections::BTreeMap::new();
     let (decode_ms, prefill_ms) = if m.lm.is_some() {
         let src = lm_verbs::LmSource::artifact(&out, Some(a.threads))?;
         let r = lm_verbs::bench_lm(&src, &a.text, a.prompt_len, a.new_tokens, 1)?;
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        if let Some(k) = r["decode_kernels"].as_object() {
+            decode_kernel_ms = k.iter().map(|(name, v)| (name.clone(), v["ms_per_token"].as_f64().unwrap_or(0.0))).collect();
+        }
         (f("decode_s") * 1e3 / a.new_tokens.max(1) as f64, f("prefill_s") * 1e3)
     } else {
         let art = sparsec_runtime::Artifact::open(&out)?;
@@ -169,6 +177,7 @@ fn measure(a: &TradeoffArgs, flags: &CompileFlags, dir: &Path, key: &str) -> Res
         decode_ms,
         prefill_ms,
         pareto: false,
+        decode_kernel_ms,
     };
     Ok((p, ()))
 }
@@ -266,6 +275,7 @@ fn empty(key: &str) -> Point {
         decode_ms: 0.0,
         prefill_ms: 0.0,
         pareto: false,
+        decode_kernel_ms: Default::default(),
     }
 }
 

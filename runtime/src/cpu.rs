@@ -138,7 +138,8 @@ impl CpuExecutor {
             weights.insert(i, data);
         }
         let profile = std::env::var_os("SPARSEC_PROFILE").map(|_| HashMap::new());
-        Ok(CpuSession { exec: self, art, pos: 0, caches: HashMap::new(), slots: Vec::new(), weights, profile })
+        let profile_print = profile.is_some();
+        Ok(CpuSession { exec: self, art, pos: 0, caches: HashMap::new(), slots: Vec::new(), weights, profile, profile_print })
     }
 }
 
@@ -168,13 +169,16 @@ pub struct CpuSession<'a> {
     /// Memory of the plan's temp slots.
     slots: Vec<Vec<f32>>,
     weights: HashMap<usize, WeightData>,
-    /// Per-kernel wall time and calls, when `$SPARSEC_PROFILE` is set.
+    /// Per-kernel wall time and calls, when `$SPARSEC_PROFILE` is set or a
+    /// caller asked (`profile_kernels`).
     profile: Option<HashMap<String, (f64, u64)>>,
+    /// Print the profile when the session ends (`$SPARSEC_PROFILE`).
+    profile_print: bool,
 }
 
 impl Drop for CpuSession<'_> {
     fn drop(&mut self) {
-        if let Some(p) = &self.profile {
+        if let (true, Some(p)) = (self.profile_print, &self.profile) {
             let mut v: Vec<_> = p.iter().collect();
             v.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
             let total: f64 = v.iter().map(|(_, (t, _))| t).sum();
@@ -187,6 +191,19 @@ impl Drop for CpuSession<'_> {
 }
 
 impl CpuSession<'_> {
+    /// Times every kernel from now on (earlier times are forgotten).
+    pub fn profile_kernels(&mut self) {
+        self.profile = Some(HashMap::new());
+    }
+
+    /// Per kernel: milliseconds and calls since `profile_kernels`, slowest first.
+    pub fn kernel_times(&self) -> Vec<(String, f64, u64)> {
+        let mut v: Vec<(String, f64, u64)> =
+            self.profile.iter().flatten().map(|(k, (t, n))| (k.clone(), *t, *n)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    }
+
     /// Positions already consumed.
     pub fn pos(&self) -> usize {
         self.pos
