@@ -131,7 +131,8 @@ fn load_results(path: &Path) -> Vec<Point> {
         .unwrap_or_default()
 }
 
-fn measure(a: &TradeoffArgs, flags: &CompileFlags, dir: &Path, key: &str) -> Result<(Point, ())> {
+/// Compiles one point (cold), times it, and removes the artifact.
+fn measure(a: &TradeoffArgs, flags: &CompileFlags, dir: &Path, key: &str) -> Result<Point> {
     let out = dir.join(format!("{key}.sparsec"));
     let t = Instant::now();
     let compiled = do_compile(&a.input, Some(out.clone()), flags, None)?;
@@ -179,7 +180,7 @@ fn measure(a: &TradeoffArgs, flags: &CompileFlags, dir: &Path, key: &str) -> Res
         pareto: false,
         decode_kernel_ms,
     };
-    Ok((p, ()))
+    Ok(p)
 }
 
 pub fn cmd_tradeoff(a: TradeoffArgs) -> Result<()> {
@@ -238,7 +239,7 @@ pub fn cmd_tradeoff(a: TradeoffArgs) -> Result<()> {
         }
         let mut p = if status == "ok" {
             match measure(&a, &flags, &a.out, &key) {
-                Ok((p, ())) => p,
+                Ok(p) => p,
                 Err(e) => Point { status: format!("failed: {e:#}"), ..empty(&key) },
             }
         } else {

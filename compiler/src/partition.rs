@@ -96,7 +96,7 @@ pub fn partition_with(g: &Graph, budget: crate::options::BakeBudget) -> CompileR
         };
         if let Some(pw) = n.operands.get(1).and_then(|w| pruned.get(&w.0)).filter(|_| matches!(n.op, Op::MatMul { .. })) {
             let wbuf = buffer_of[n.operands[1].0];
-            let choice = choose(&n.patterns, pw, &buffers[wbuf].name, &n.name, &mut left)?;
+            let choice = choose(&n.patterns, pw, &buffers[wbuf].name, &mut left)?;
             // The weight buffer stores what the choice reads (every use agrees: verifier).
             buffers[buffer_of[n.operands[1].0]].sparse = choice.storage;
             spec.sparse = Some(choice);

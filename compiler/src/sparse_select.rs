@@ -63,7 +63,7 @@ impl SparseChoice {
 }
 
 /// The choice for a matmul with these patterns pruning weight `w`.
-pub fn choose(patterns: &[Pattern], w: &PrunedWeight, weight: &str, kernel: &str, left: &mut BakeLeft) -> CompileResult<SparseChoice> {
+pub fn choose(patterns: &[Pattern], w: &PrunedWeight, weight: &str, left: &mut BakeLeft) -> CompileResult<SparseChoice> {
     let asked = patterns
         .iter()
         .find_map(|p| match p {
@@ -101,7 +101,6 @@ pub fn choose(patterns: &[Pattern], w: &PrunedWeight, weight: &str, kernel: &str
         Specialize::Auto => (Specialize::Dense, format!("auto: dense, {figures} (>= {SPARSE_PAYS})")),
         l => (l, format!("{} (asked); {figures}", l.name())),
     };
-    let _ = kernel;
     let storage = match level {
         Specialize::Dense => None,
         _ => Some(storage),
