@@ -423,7 +423,7 @@ fn cache_for(flags: &CompileFlags) -> Option<Cache> {
 
 fn cmd_compile(a: CompileArgs) -> Result<()> {
     let c = do_compile(&a.input, a.output, &a.flags, cache_for(&a.flags))?;
-    let code: usize = c.manifest.kernels.iter().filter_map(|k| k.cpu.as_ref().map(|s| s.code_bytes)).sum();
+    let code: usize = c.manifest.cpu_total(|s| s.code_bytes);
     let ptx: usize = c.manifest.kernels.iter().filter_map(|k| k.cuda.as_ref().map(|s| s.code_bytes)).sum();
     if a.json {
         println!(
@@ -577,7 +577,7 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
     let src = lm_verbs::LmSource::artifact(&path, a.threads)?;
     let threads = src.artifact.as_ref().map(|(_, e)| e.threads()).unwrap_or(1);
     let art = &src.artifact.as_ref().context("no artifact")?.0;
-    let code: usize = art.manifest.kernels.iter().filter_map(|k| k.cpu.as_ref().map(|s| s.code_bytes)).sum();
+    let code: usize = art.manifest.cpu_total(|s| s.code_bytes);
     let weights = std::fs::metadata(path.join(sparsec_runtime::manifest::WEIGHTS_FILE)).map(|m| m.len()).unwrap_or(0);
     report["kernels"] = art.manifest.kernels.len().into();
     report["cpu_code_bytes"] = code.into();
@@ -625,8 +625,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let t = Instant::now();
     reference_outputs(&art, &inputs)?;
     let interp_ms = t.elapsed().as_secs_f64() * 1e3;
-    let code: usize = art.manifest.kernels.iter().filter_map(|k| k.cpu.as_ref().map(|s| s.code_bytes)).sum();
-    let kernel_ms: f64 = art.manifest.kernels.iter().filter_map(|k| k.cpu.as_ref().map(|s| s.compile_ms)).sum();
+    let code: usize = art.manifest.cpu_total(|s| s.code_bytes);
+    let kernel_ms: f64 = art.manifest.cpu_total(|s| s.compile_ms);
     report["run_cpu_ms_median"] = run_ms.into();
     report["reference_interpreter_ms"] = interp_ms.into();
     report["speedup_vs_interpreter"] = (interp_ms / run_ms).into();

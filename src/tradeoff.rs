@@ -8,7 +8,6 @@ use crate::{do_compile, is_model, lm_verbs, CompileFlags};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use sparsec_ir::sparse::SparseFormat;
 use sparsec_ir::Specialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -106,14 +105,7 @@ fn sparsity_toml(pattern: &str, ratio: f32) -> Result<(String, f32)> {
 fn planned_values(graph: &sparsec_ir::Graph, plan: &str) -> Result<u64> {
     let mut g = graph.clone();
     sparsec_passes::PassManager::with_plan(Some(sparsec_passes::Plan::parse(plan)?), Default::default()).run(&mut g)?;
-    let mut total = 0;
-    let mut seen = std::collections::HashSet::new();
-    for (i, pw) in sparsec_ir::sparse::pruned_weights(&g) {
-        if seen.insert(i) {
-            total += SparseFormat::for_pattern(&pw.sparsity, pw.n, pw.k).stored_values();
-        }
-    }
-    Ok(total)
+    Ok(sparsec_ir::sparse::pruned_weights(&g).values().map(|pw| pw.format().stored_values()).sum())
 }
 
 /// Marks the points no other point beats in both compile time and decode time.
@@ -138,8 +130,8 @@ fn measure(a: &TradeoffArgs, flags: &CompileFlags, dir: &Path, key: &str) -> Res
     let compiled = do_compile(&a.input, Some(out.clone()), flags, None)?;
     let compile_s = t.elapsed().as_secs_f64();
     let m = &compiled.manifest;
-    let code: usize = m.kernels.iter().filter_map(|k| k.cpu.as_ref().map(|s| s.code_bytes)).sum();
-    let ir: usize = m.kernels.iter().filter_map(|k| k.cpu.as_ref().map(|s| s.llvm_ir_bytes)).sum();
+    let code: usize = m.cpu_total(|s| s.code_bytes);
+    let ir: usize = m.cpu_total(|s| s.llvm_ir_bytes);
     let weights = std::fs::metadata(out.join(sparsec_runtime::manifest::WEIGHTS_FILE)).map(|m| m.len()).unwrap_or(0);
     let mut decode_kernel_ms = std::collections::BTreeMap::new();
     let (decode_ms, prefill_ms) = if m.lm.is_some() {

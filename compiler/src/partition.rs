@@ -98,7 +98,7 @@ pub fn partition_with(g: &Graph, budget: crate::options::BakeBudget) -> CompileR
             let wbuf = buffer_of[n.operands[1].0];
             let choice = choose(&n.patterns, pw, &buffers[wbuf].name, &mut left)?;
             // The weight buffer stores what the choice reads (every use agrees: verifier).
-            buffers[buffer_of[n.operands[1].0]].sparse = choice.storage;
+            buffers[wbuf].sparse = choice.storage;
             spec.sparse = Some(choice);
         }
         // Ops with the same attributes, types and patterns share one kernel

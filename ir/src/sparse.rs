@@ -63,6 +63,13 @@ impl SparseFormat {
         }
     }
 
+    /// The `[n, k]` view: outputs, reduction.
+    pub fn nk(&self) -> (u64, u64) {
+        match *self {
+            SparseFormat::Csr { n, k, .. } | SparseFormat::Nm { n, k, .. } | SparseFormat::Bsr { n, k, .. } => (n, k),
+        }
+    }
+
     /// Bytes of one column index in CSR (2 when `k` fits 16 bits).
     pub fn csr_index_bytes(k: u64) -> u64 {
         if k <= 1 << 16 {
@@ -124,7 +131,6 @@ pub struct SparseLayout {
 /// Reads `[n, k]` element `(j, kk)` of a weight stored `[n, k]` (`transposed`,
 /// i.e. `transpose_b`) or `[k, n]`.
 fn at(n: usize, k: usize, transposed: bool, j: usize, kk: usize) -> usize {
-    let _ = k;
     if transposed {
         j * k + kk
     } else {
@@ -297,76 +303,14 @@ pub fn pack(fmt: &SparseFormat, w: &[f32], keep: &[bool], transposed: bool) -> O
 }
 
 /// Unpacks `bytes` of format `fmt` into a dense weight as stored (`[n, k]` if
-/// `transposed`, else `[k, n]`); `None` if the bytes are too short or an index
-/// is out of range.
+/// `transposed`, else `[k, n]`); `None` where `entries` finds the bytes invalid.
 pub fn unpack(fmt: &SparseFormat, bytes: &[u8], transposed: bool) -> Option<Vec<f32>> {
-    let lay = fmt.layout();
-    if (bytes.len() as u64) < lay.total {
-        return None;
-    }
-    let (n, k) = match *fmt {
-        SparseFormat::Csr { n, k, .. } | SparseFormat::Nm { n, k, .. } | SparseFormat::Bsr { n, k, .. } => (n as usize, k as usize),
-    };
+    let (n, k) = fmt.nk();
+    let (n, k) = (n as usize, k as usize);
     let mut w = vec![0f32; n * k];
-    match *fmt {
-        SparseFormat::Csr { nnz, .. } => {
-            let ib = SparseFormat::csr_index_bytes(k as u64);
-            for j in 0..n {
-                let (lo, hi) = (get_u32(bytes, 4 * j as u64) as u64, get_u32(bytes, 4 * (j + 1) as u64) as u64);
-                if lo > hi || hi > nnz {
-                    return None;
-                }
-                for p in lo..hi {
-                    let ia = (lay.indices + ib * p) as usize;
-                    let kk = if ib == 2 { u16::from_le_bytes([bytes[ia], bytes[ia + 1]]) as usize } else { get_u32(bytes, ia as u64) as usize };
-                    if kk >= k {
-                        return None;
-                    }
-                    w[at(n, k, transposed, j, kk)] = get_f32(bytes, lay.values + 4 * p);
-                }
-            }
-        }
-        SparseFormat::Nm { .. } => {
-            let rb = SparseFormat::bitmap_row_bytes(k as u64) as usize;
-            let per_row = fmt.stored_values() as usize / n.max(1);
-            let mut p = 0u64;
-            for j in 0..n {
-                let mut in_row = 0;
-                for kk in 0..k {
-                    if bytes[lay.indices as usize + j * rb + kk / 8] & (1 << (kk % 8)) != 0 {
-                        in_row += 1;
-                        if in_row > per_row {
-                            return None;
-                        }
-                        w[at(n, k, transposed, j, kk)] = get_f32(bytes, lay.values + 4 * p);
-                        p += 1;
-                    }
-                }
-                if in_row != per_row {
-                    return None;
-                }
-            }
-        }
-        SparseFormat::Bsr { rows, cols, blocks, .. } => {
-            let (r, c) = (rows as usize, cols as usize);
-            for bi in 0..n / r {
-                let (lo, hi) = (get_u32(bytes, 4 * bi as u64) as u64, get_u32(bytes, 4 * (bi + 1) as u64) as u64);
-                if lo > hi || hi > blocks {
-                    return None;
-                }
-                for p in lo..hi {
-                    let bj = get_u32(bytes, lay.indices + 4 * p) as usize;
-                    if (bj + 1) * c > k {
-                        return None;
-                    }
-                    for i in 0..r {
-                        for t in 0..c {
-                            let v = get_f32(bytes, lay.values + 4 * (p * (r * c) as u64 + (i * c + t) as u64));
-                            w[at(n, k, transposed, bi * r + i, bj * c + t)] = v;
-                        }
-                    }
-                }
-            }
+    for (j, row) in entries(fmt, bytes)?.iter().enumerate() {
+        for &(kk, p) in row {
+            w[at(n, k, transposed, j, kk as usize)] = value_at(fmt, bytes, p);
         }
     }
     Some(w)
@@ -403,6 +347,7 @@ pub fn entries(fmt: &SparseFormat, bytes: &[u8]) -> Option<Vec<Vec<(u32, u32)>>>
         }
         SparseFormat::Nm { n, k, .. } => {
             let rb = SparseFormat::bitmap_row_bytes(k);
+            let per_row = (fmt.stored_values() / n.max(1)) as usize;
             let mut p = 0u32;
             for j in 0..n {
                 let mut row = Vec::new();
@@ -412,10 +357,11 @@ pub fn entries(fmt: &SparseFormat, bytes: &[u8]) -> Option<Vec<Vec<(u32, u32)>>>
                         p += 1;
                     }
                 }
+                // Every row keeps the same number of values.
+                if row.len() != per_row {
+                    return None;
+                }
                 out.push(row);
-            }
-            if p as u64 != fmt.stored_values() {
-                return None;
             }
         }
         SparseFormat::Bsr { n, k, rows, cols, blocks } => {

@@ -178,12 +178,11 @@ pub struct CpuSession<'a> {
 
 impl Drop for CpuSession<'_> {
     fn drop(&mut self) {
-        if let (true, Some(p)) = (self.profile_print, &self.profile) {
-            let mut v: Vec<_> = p.iter().collect();
-            v.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
-            let total: f64 = v.iter().map(|(_, (t, _))| t).sum();
+        if self.profile_print {
+            let v = self.kernel_times();
+            let total: f64 = v.iter().map(|(_, t, _)| t).sum();
             eprintln!("sparsec profile: {total:.1} ms in kernels");
-            for (k, (t, n)) in v {
+            for (k, t, n) in v {
                 eprintln!("  {k:<24} {t:>10.2} ms {n:>8} calls {:>6.1}%", 100.0 * t / total.max(1e-9));
             }
         }

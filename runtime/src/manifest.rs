@@ -39,6 +39,13 @@ pub struct Manifest {
     pub lm: Option<LmInfo>,
 }
 
+impl Manifest {
+    /// A figure summed over every kernel's CPU code (`|s| s.code_bytes`, ...).
+    pub fn cpu_total<T: std::iter::Sum<T>>(&self, figure: impl Fn(&CodeStats) -> T) -> T {
+        self.kernels.iter().filter_map(|k| k.cpu.as_ref().map(&figure)).sum()
+    }
+}
+
 /// What turns an artifact into a language model for `run --prompt` and `eval`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LmInfo {

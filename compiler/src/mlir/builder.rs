@@ -112,13 +112,7 @@ impl KernelBuilder {
 
     /// The byte at `buf[idx]`, zero- (`signed`: sign-) extended to i32.
     pub fn load_byte(&mut self, buf: &str, idx: &str, signed: bool) -> V {
-        let b = match self.device {
-            Device::Cpu => self.def(format!("memref.load {buf}[{idx}] : memref<?xi8>")),
-            Device::Nvptx => {
-                let p = self.element_ptr(buf, idx, "i8");
-                self.def(format!("llvm.load {p} : !llvm.ptr -> i8"))
-            }
-        };
+        let b = self.load_elem(buf, idx, "i8");
         let ext = if signed { "extsi" } else { "extui" };
         self.def(format!("arith.{ext} {b} : i8 to i32"))
     }
@@ -126,17 +120,7 @@ impl KernelBuilder {
     /// The f16 plane of `count` values at byte offset `byte_off` of the byte
     /// buffer `buf`: a `memref<?xf16>` view on the CPU, a pointer on NVIDIA.
     pub fn f16_plane(&mut self, buf: &str, byte_off: u64, count: u64) -> V {
-        let off = self.index(byte_off);
-        match self.device {
-            Device::Cpu => {
-                let n = self.index(count);
-                self.def(format!("memref.view {buf}[{off}][{n}] : memref<?xi8> to memref<?xf16>"))
-            }
-            Device::Nvptx => {
-                let o = self.i64(byte_off as i64);
-                self.def(format!("llvm.getelementptr inbounds {buf}[{o}] : (!llvm.ptr, i64) -> !llvm.ptr, i8"))
-            }
-        }
+        self.plane(buf, byte_off, count, "f16")
     }
 
     /// The plane of `count` values of type `elem` (`f32`, `i32`, `i16`, `i8`) at
@@ -174,13 +158,7 @@ impl KernelBuilder {
 
     /// `plane[idx]` of an `f16_plane`, as f32.
     pub fn load_f16(&mut self, plane: &str, idx: &str) -> V {
-        let h = match self.device {
-            Device::Cpu => self.def(format!("memref.load {plane}[{idx}] : memref<?xf16>")),
-            Device::Nvptx => {
-                let p = self.element_ptr(plane, idx, "f16");
-                self.def(format!("llvm.load {p} : !llvm.ptr -> f16"))
-            }
-        };
+        let h = self.load_elem(plane, idx, "f16");
         self.def(format!("arith.extf {h} : f16 to f32"))
     }
 

@@ -892,7 +892,7 @@ pub(super) fn unit_origin(b: &mut KernelBuilder, u: &str, ct: &str, rb: &str, co
 }
 
 /// `(first + i)·stride` for `i in 0..count`: where rows `first..first+count` start.
-fn strided(b: &mut KernelBuilder, first: &str, count: u64, stride: &str) -> Vec<V> {
+pub(super) fn strided(b: &mut KernelBuilder, first: &str, count: u64, stride: &str) -> Vec<V> {
     (0..count)
         .map(|i| {
             let ii = b.index(i);
@@ -1006,18 +1006,19 @@ fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V], out: &st
     let (c_gemm, c_gemv) = if planes.is_some() { (1, 4) } else { (2, 4) };
     b.parallel(&units, |b, u| {
         let (r0, j0, j_end) = unit_origin(b, u, &ct, &rbc, &colsc, &nc);
-        if t.rb == 1 {
-            columns(b, &r0, 1, &j0, &j_end, c_gemv);
-        } else {
-            let r1 = b.addi(&r0, &rbc);
-            let full = b.def(format!("arith.cmpi ule, {r1}, {rows} : index"));
-            b.if_else(
-                &full,
-                |b| columns(b, &r0, t.rb, &j0, &j_end, c_gemm),
-                |b| {
-                    b.for_each(&r0, &rows, |b, r| columns(b, r, 1, &j0, &j_end, c_gemv));
-                },
-            );
-        }
+        row_block(b, t.rb, &r0, &rbc, &rows, &|b, r, nr| columns(b, r, nr, &j0, &j_end, if nr == 1 { c_gemv } else { c_gemm }));
     });
+}
+
+/// Runs `body(first row, rows)` for the row block at `r0` of `rb` rows: once
+/// with all `rb` rows when the block is full (the register-blocked GEMM case),
+/// else once per remaining row (the ragged end, and GEMV where `rb` is 1).
+pub(super) fn row_block(b: &mut KernelBuilder, rb: u64, r0: &str, rbc: &str, rows: &str, body: &dyn Fn(&mut KernelBuilder, &str, u64)) {
+    if rb == 1 {
+        body(b, r0, 1);
+        return;
+    }
+    let r1 = b.addi(r0, rbc);
+    let full = b.def(format!("arith.cmpi ule, {r1}, {rows} : index"));
+    b.if_else(&full, |b| body(b, r0, rb), |b| b.for_each(r0, rows, |b, r| body(b, r, 1)));
 }

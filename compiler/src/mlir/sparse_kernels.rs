@@ -10,7 +10,7 @@
 //! contiguous block rows as vectors. NVIDIA: one thread per output element.
 
 use super::builder::{Device, KernelBuilder, V};
-use super::kernels::unit_origin;
+use super::kernels::{row_block, strided, unit_origin};
 use sparsec_ir::sparse::{SparseFormat, SparseStorage};
 use sparsec_ir::SymSize;
 
@@ -32,9 +32,7 @@ pub struct SparseMatmul {
 
 impl SparseMatmul {
     pub fn nk(&self) -> (u64, u64) {
-        match self.storage.format {
-            SparseFormat::Csr { n, k, .. } | SparseFormat::Nm { n, k, .. } | SparseFormat::Bsr { n, k, .. } => (n, k),
-        }
+        self.storage.format.nk()
     }
 
     /// Rows per CPU unit.
@@ -149,17 +147,7 @@ pub fn emit_sparse_matmul(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], ou
             let ctx = Cpu { dot, out, kc: &kc, nc: &nc };
             b.parallel(&units, |b, u| {
                 let (r0, j0, j_end) = unit_origin(b, u, &ct, &rbc, &colsc, &nc);
-                if t.rb() == 1 {
-                    ctx.outputs(b, &r0, 1, &j0, &j_end);
-                } else {
-                    let r1 = b.addi(&r0, &rbc);
-                    let full = b.def(format!("arith.cmpi ule, {r1}, {rows} : index"));
-                    b.if_else(
-                        &full,
-                        |b| ctx.outputs(b, &r0, t.rb(), &j0, &j_end),
-                        |b| b.for_each(&r0, &rows, |b, r| ctx.outputs(b, r, 1, &j0, &j_end)),
-                    );
-                }
+                row_block(b, t.rb(), &r0, &rbc, &rows, &|b, r, nr| ctx.outputs(b, r, nr, &j0, &j_end));
             });
         }
     }
@@ -196,20 +184,12 @@ struct Dot<'a> {
 impl Cpu<'_> {
     /// Outputs `j0..j_end` of rows `r0..r0+nr`.
     fn outputs(&self, b: &mut KernelBuilder, r0: &str, nr: u64, j0: &str, j_end: &str) {
-        let arows: Vec<V> = (0..nr)
-            .map(|r| {
-                let ri = b.index(r);
-                let row = b.addi(r0, &ri);
-                b.muli(&row, self.kc)
-            })
-            .collect();
+        let arows = strided(b, r0, nr, self.kc);
         b.for_each(j0, j_end, |b, j| {
             let sums = self.dot.dot(b, j, &arows);
-            for (r, y) in sums.iter().enumerate() {
-                let ri = b.index(r as u64);
-                let row = b.addi(r0, &ri);
-                let orow = b.muli(&row, self.nc);
-                let o = b.addi(&orow, j);
+            let orows = strided(b, r0, nr, self.nc);
+            for (y, orow) in sums.iter().zip(&orows) {
+                let o = b.addi(orow, j);
                 b.store_result(y, self.out, &o);
             }
         });
@@ -218,12 +198,6 @@ impl Cpu<'_> {
 }
 
 impl Dot<'_> {
-    fn fmt_rows(&self) -> u64 {
-        match self.fmt {
-            SparseFormat::Csr { n, .. } | SparseFormat::Nm { n, .. } | SparseFormat::Bsr { n, .. } => n.max(1),
-        }
-    }
-
     /// Output `j`'s sums for every row of `arows`.
     fn dot(&self, b: &mut KernelBuilder, j: &str, arows: &[V]) -> Vec<V> {
         let p = self.planes;
@@ -290,7 +264,7 @@ impl Dot<'_> {
                 })
             }
             SparseFormat::Nm { k, .. } => {
-                let per_row = self.fmt.stored_values() / self.fmt_rows();
+                let per_row = self.fmt.stored_values() / self.fmt.nk().0.max(1);
                 let prc = b.index(per_row);
                 let base = b.muli(j, &prc);
                 let rbytes = b.index(SparseFormat::bitmap_row_bytes(k));
