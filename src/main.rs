@@ -102,6 +102,11 @@ struct CompileFlags {
     /// ... and estimated machine-code kilobytes.
     #[arg(long, default_value_t = sparsec_compiler::BakeBudget::default().code_bytes >> 10)]
     bake_budget_kb: u64,
+    /// How CPU matmuls over Q8_0/Q4_0/Q4_1 weights take their activations:
+    /// `int8` (quantized per block of 32, integer dot products, like llama.cpp;
+    /// needs AVX2) or `f32` (equals the reference to f32 rounding).
+    #[arg(long, value_enum, default_value_t = QuantActivationsArg::Int8)]
+    quant_activations: QuantActivationsArg,
     /// Type every weight f32: quantized checkpoint tensors are dequantized at
     /// compile time (by default Q8_0/Q4_0/Q4_1 matrices stay quantized).
     #[arg(long)]
@@ -295,7 +300,18 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
         opt_level: flags.opt_level.min(3),
         emit,
         bake_budget: sparsec_compiler::BakeBudget { compile_ms: flags.bake_budget_ms, code_bytes: flags.bake_budget_kb << 10 },
+        quant_activations: match flags.quant_activations {
+            QuantActivationsArg::Int8 => sparsec_compiler::QuantActivations::Int8,
+            QuantActivationsArg::F32 => sparsec_compiler::QuantActivations::F32,
+        },
     })
+}
+
+/// `--quant-activations` (sparsec_compiler::QuantActivations).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum QuantActivationsArg {
+    Int8,
+    F32,
 }
 
 fn is_artifact(p: &Path) -> bool {

@@ -1,13 +1,15 @@
 //! The filetest runner: every `tests/filetests/*.sir` names its test on its first
-//! line (`// test passes`, `// test lower-mlir`, `// test run`), produces text, and
-//! the text is pinned with an insta snapshot under `tests/snapshots/`.
+//! line (`// test passes`, `// test lower-mlir`, `// test run`), optionally
+//! followed by options (`quant-activations=f32|int8`, `tolerance=X`: the atol
+//! and rtol of the comparison with the reference, default 1e-4), produces text,
+//! and the text is pinned with an insta snapshot under `tests/snapshots/`.
 //! Re-bless all of them with `INSTA_UPDATE=always cargo test --test filetests`.
 
 use anyhow::{bail, Context, Result};
 use sparsec_compiler::mlir::pipeline::MlirSession;
 use sparsec_compiler::mlir::{emit_kernel, Device};
-use sparsec_compiler::partition::partition;
-use sparsec_compiler::{backend, compile, CompileOptions, CompileRequest, CpuTarget, CudaTarget, TargetKind};
+use sparsec_compiler::partition::partition_with;
+use sparsec_compiler::{backend, compile, CompileOptions, CompileRequest, CpuTarget, CudaTarget, QuantActivations, TargetKind};
 use sparsec_ir::{parse_graph, Graph};
 use sparsec_passes::{PassManager, PrintOptions};
 use sparsec_runtime::compare::{compare, Tolerance};
@@ -40,14 +42,40 @@ fn test_passes(g: &mut Graph) -> Result<String> {
     Ok(out)
 }
 
-fn test_lower_mlir(g: &mut Graph) -> Result<String> {
+/// What a filetest's header sets beyond its kind.
+struct FileOptions {
+    compile: CompileOptions,
+    tolerance: Tolerance,
+}
+
+impl FileOptions {
+    fn parse(words: &[&str]) -> Result<FileOptions> {
+        // Snapshots are of portable x86-64-v3 code.
+        let mut compile = CompileOptions { target: TargetKind::Cpu, cpu: CpuTarget::x86_64_v3(), ..Default::default() };
+        let mut tolerance = Tolerance::default();
+        for w in words {
+            match w.split_once('=') {
+                Some(("quant-activations", "f32")) => compile.quant_activations = QuantActivations::F32,
+                Some(("quant-activations", "int8")) => compile.quant_activations = QuantActivations::Int8,
+                Some(("tolerance", x)) => {
+                    let t: f32 = x.parse().with_context(|| format!("tolerance={x}"))?;
+                    tolerance = Tolerance { atol: t, rtol: t };
+                }
+                _ => bail!("unknown filetest option `{w}` (quant-activations=f32|int8, tolerance=X)"),
+            }
+        }
+        Ok(FileOptions { compile, tolerance })
+    }
+}
+
+fn test_lower_mlir(g: &mut Graph, opts: &FileOptions) -> Result<String> {
     let mut out = String::new();
     run_passes(g, &mut out)?;
-    let mut part = partition(g)?;
+    let mut part = partition_with(g, &opts.compile)?;
     let tensors = sparsec_compiler::weights::resolve(g, &part, sparsec_compiler::WeightSource::None)?;
     sparsec_compiler::driver::attach_baked_weights(&mut part, &tensors);
     let session = MlirSession::new();
-    let cpu = CpuTarget::x86_64_v3();
+    let cpu = &opts.compile.cpu;
     let cuda = CudaTarget::default();
     for spec in &part.kernels {
         for device in [Device::Cpu, Device::Nvptx] {
@@ -57,7 +85,7 @@ fn test_lower_mlir(g: &mut Graph) -> Result<String> {
             match device {
                 Device::Cpu => {
                     section(&mut out, &format!("{}: MLIR (cpu)", spec.name), &mlir);
-                    let code = backend::emit_cpu(&spec.name, &module, &cpu, 3, false)?;
+                    let code = backend::emit_cpu(&spec.name, &module, cpu, 3, false)?;
                     section(&mut out, &format!("{}: LLVM IR (x86-64-v3, O3)", spec.name), &normalize_llvm(&code.llvm_ir));
                 }
                 Device::Nvptx => {
@@ -74,16 +102,16 @@ fn test_lower_mlir(g: &mut Graph) -> Result<String> {
         }
     }
     // The snapshot pins the code; this checks that the code is right.
-    check_against_reference(g)?;
+    check_against_reference(g, opts)?;
     Ok(out)
 }
 
 /// Compiles `g` for the CPU, runs it at several `seq` and compares every output
-/// with the reference interpreter (atol = rtol = 1e-4). Returns a summary.
-fn check_against_reference(g: &Graph) -> Result<String> {
+/// with the reference interpreter (atol = rtol = the file's tolerance). Returns a summary.
+fn check_against_reference(g: &Graph, opts: &FileOptions) -> Result<String> {
     let tmp = tempfile::tempdir()?;
     let art_dir = tmp.path().join("a.sparsec");
-    let options = CompileOptions { target: TargetKind::Cpu, cpu: CpuTarget::x86_64_v3(), ..Default::default() };
+    let options = opts.compile.clone();
     compile(CompileRequest {
         graph: g.clone(),
         plan_text: None,
@@ -102,9 +130,9 @@ fn check_against_reference(g: &Graph) -> Result<String> {
         let got = exec.run(&art, &inputs)?;
         let want = interpret(&art.graph, &inputs, &|n| art.weight_array(n).ok().map(std::sync::Arc::new))?;
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-            let c = compare(a, b, Tolerance::default());
+            let c = compare(a, b, opts.tolerance);
             if !c.passed {
-                bail!("seq {seq}, output {i}: max abs error {} at {} exceeds atol = rtol = 1e-4", c.max_abs_error, c.worst_index);
+                bail!("seq {seq}, output {i}: max abs error {} at {} exceeds atol = rtol = {}", c.max_abs_error, c.worst_index, opts.tolerance.atol);
             }
             let head: Vec<String> = a.iter().take(6).map(|v| format!("{v:.4}")).collect();
             let _ = writeln!(summary, "seq {seq} output {i} shape {:?}: within tolerance; head [{}]", a.shape(), head.join(", "));
@@ -113,19 +141,25 @@ fn check_against_reference(g: &Graph) -> Result<String> {
     Ok(summary)
 }
 
-fn test_run(g: &mut Graph) -> Result<String> {
-    check_against_reference(g)
+fn test_run(g: &mut Graph, opts: &FileOptions) -> Result<String> {
+    check_against_reference(g, opts)
 }
 
 fn run_file(path: &Path) -> Result<String> {
     let text = std::fs::read_to_string(path)?;
     let header = text.lines().next().unwrap_or("");
-    let kind = header.strip_prefix("// test ").with_context(|| format!("first line must be `// test KIND`, got {header:?}"))?;
+    let words: Vec<&str> = header
+        .strip_prefix("// test ")
+        .with_context(|| format!("first line must be `// test KIND [OPTIONS]`, got {header:?}"))?
+        .split_whitespace()
+        .collect();
+    let (kind, rest) = words.split_first().with_context(|| format!("{header:?} names no test"))?;
+    let opts = FileOptions::parse(rest)?;
     let mut g = parse_graph(&text).with_context(|| format!("parsing {}", path.display()))?;
-    match kind.trim() {
+    match *kind {
         "passes" => test_passes(&mut g),
-        "lower-mlir" => test_lower_mlir(&mut g),
-        "run" => test_run(&mut g),
+        "lower-mlir" => test_lower_mlir(&mut g, &opts),
+        "run" => test_run(&mut g, &opts),
         other => bail!("unknown test kind `{other}` (expected passes, lower-mlir, run)"),
     }
 }

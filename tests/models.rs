@@ -61,18 +61,26 @@ fn smollm2_perplexity_matches_llama_cpp_and_the_compiled_model_matches_the_refer
     let rel = (ppl - 18.83).abs() / 18.83;
     assert!(rel < 0.005, "perplexity {ppl:.4} is {:.2}% from llama.cpp's 18.83", rel * 100.0);
 
-    // The compiled model, through the CLI: the same perplexity.
+    // The compiled model, through the CLI. With f32 activations: the same
+    // perplexity. With int8 activations (the default, like llama.cpp): within
+    // 0.5%, the activations' rounding (measured: 18.80 against 18.83).
     let tmp = tempfile::tempdir().unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
-        .args(["eval", "smollm2", "--text", "/usr/share/common-licenses/GPL-3", "--max-tokens", "512", "--compiled", "--json"])
-        .env("SPARSEC_CACHE_DIR", tmp.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let compiled = j["perplexity"].as_f64().unwrap();
-    println!("smollm2: reference {ppl:.5}, compiled {compiled:.5}, llama.cpp 18.83");
-    assert!((compiled - ppl).abs() / ppl < 1e-4, "compiled perplexity {compiled} vs reference {ppl}");
+    let compiled = |activations: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
+            .args(["eval", "smollm2", "--text", "/usr/share/common-licenses/GPL-3", "--max-tokens", "512", "--compiled", "--json"])
+            .args(["--quant-activations", activations])
+            .env("SPARSEC_CACHE_DIR", tmp.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        j["perplexity"].as_f64().unwrap()
+    };
+    let exact = compiled("f32");
+    let int8 = compiled("int8");
+    println!("smollm2: reference {ppl:.5}, compiled {exact:.5} (f32 activations), {int8:.5} (int8), llama.cpp 18.83");
+    assert!((exact - ppl).abs() / ppl < 1e-4, "compiled perplexity {exact} vs reference {ppl}");
+    assert!((int8 - ppl).abs() / ppl < 5e-3, "compiled perplexity with int8 activations {int8} vs reference {ppl}");
 }
 
 #[test]
@@ -232,37 +240,57 @@ fn compiled_fixture_error(name: &str) -> f32 {
 }
 
 /// The compiled SmolLM2 (Q4_1/Q8_0 weights kept quantized) decoding through its
-/// KV cache gives the reference interpreter's logits at every position.
+/// KV cache gives the reference interpreter's logits at every position: to f32
+/// rounding with f32 activations, and to the activations' rounding with int8
+/// activations (the default).
 #[test]
 fn compiled_smollm2_decode_equals_the_reference() {
     let Ok(path) = sparsec_models::checkpoint::smollm2_path() else {
         println!("SKIPPED: SmolLM2 is not installed (scripts/setup.sh installs it)");
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("s.sparsec");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
-        .args(["compile", path.to_str().unwrap(), "-o", out.to_str().unwrap(), "--no-cache"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let art = sparsec_runtime::Artifact::open(&out).unwrap();
-    let quantized = art.manifest.execution.buffers.iter().filter(|b| b.dtype.is_quantized()).count();
-    assert_eq!(quantized, 30 * 7 + 1, "every layer matrix and the tied embedding stay quantized");
     let model = Model::load(path.to_str().unwrap()).unwrap();
     let ids: Vec<u32> = vec![504, 3575, 282, 4649, 314, 7042, 30, 198, 198, 504, 2988, 314];
     let want = logits(&model, &ids);
-    let exec = sparsec_runtime::cpu::CpuExecutor::load(&art).unwrap();
-    let mut session = exec.session(&art).unwrap();
-    let arr = |s: &[u32]| ArrayD::from_shape_vec(IxDyn(&[s.len()]), s.iter().map(|i| *i as f32).collect()).unwrap();
-    let mut rows: Vec<f32> = session.run(&[arr(&ids[..8])]).unwrap()[0].iter().copied().collect();
-    for t in 8..ids.len() {
-        rows.extend(session.run(&[arr(&ids[t..t + 1])]).unwrap()[0].iter());
+    let vocab = want.len() / ids.len();
+    let tmp = tempfile::tempdir().unwrap();
+    for activations in ["f32", "int8"] {
+        let out = tmp.path().join(format!("s-{activations}.sparsec"));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
+            .args(["compile", path.to_str().unwrap(), "-o", out.to_str().unwrap(), "--no-cache", "--quant-activations", activations])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let art = sparsec_runtime::Artifact::open(&out).unwrap();
+        let quantized = art.manifest.execution.buffers.iter().filter(|b| b.dtype.is_quantized()).count();
+        assert_eq!(quantized, 30 * 7 + 1, "every layer matrix and the tied embedding stay quantized");
+        let exec = sparsec_runtime::cpu::CpuExecutor::load(&art).unwrap();
+        let mut session = exec.session(&art).unwrap();
+        let arr = |s: &[u32]| ArrayD::from_shape_vec(IxDyn(&[s.len()]), s.iter().map(|i| *i as f32).collect()).unwrap();
+        let mut rows: Vec<f32> = session.run(&[arr(&ids[..8])]).unwrap()[0].iter().copied().collect();
+        for t in 8..ids.len() {
+            rows.extend(session.run(&[arr(&ids[t..t + 1])]).unwrap()[0].iter());
+        }
+        let want: Vec<f32> = want.iter().copied().collect();
+        let max_err = want.iter().zip(&rows).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let rms = |v: &mut dyn Iterator<Item = f32>| (v.map(|x| (x as f64).powi(2)).sum::<f64>() / want.len() as f64).sqrt();
+        let rel_rms = rms(&mut want.iter().zip(&rows).map(|(a, b)| a - b)) / rms(&mut want.iter().copied());
+        let argmax = |r: &[f32]| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
+        let same_top1 = want.chunks(vocab).zip(rows.chunks(vocab)).filter(|(a, b)| argmax(a) == argmax(b)).count();
+        println!(
+            "compiled SmolLM2 ({activations} activations), KV-cached decode vs the reference interpreter: \
+             max abs error {max_err:.3e}, relative RMS error {rel_rms:.2e}, same top token at {same_top1}/{} positions",
+            ids.len()
+        );
+        if activations == "f32" {
+            // Logits are O(10); f32 sums in another order through 30 layers.
+            assert!(max_err < 2e-3, "compiled decode differs from the reference by {max_err}");
+        } else {
+            // Measured 3.7e-2 through 30 layers; perplexity moves by 0.2% (see the perplexity test).
+            assert!(rel_rms < 0.06, "int8 activations: relative RMS error {rel_rms}");
+            assert!(same_top1 >= ids.len() - 1, "int8 activations change the top token at {} positions", ids.len() - same_top1);
+        }
     }
-    let max_err = want.iter().zip(&rows).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    println!("compiled SmolLM2, KV-cached decode vs the reference interpreter: max abs error {max_err:.3e}");
-    // Logits are O(10); f32 sums in another order through 30 layers.
-    assert!(max_err < 2e-3, "compiled decode differs from the reference by {max_err}");
 }
 
 #[test]

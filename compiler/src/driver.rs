@@ -76,7 +76,7 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
     let mut g = req.graph;
     let plan = req.plan_text.as_deref().map(sparsec_passes::Plan::parse).transpose()?;
     let snapshots = PassManager::with_plan(plan, req.print.clone()).run(&mut g)?;
-    let part = partition_with(&g, req.options.bake_budget)?;
+    let part = partition_with(&g, &req.options)?;
     let graph_text = print_graph(&g);
 
     // The source is the graph, the plan and the weights as stored (checkpoint or

@@ -69,6 +69,29 @@ impl CpuTarget {
         }
     }
 
+    /// Whether code for this target may use AVX2: an explicit `+avx2`/`-avx2`
+    /// feature decides, else the CPU name (x86-64-v3 and later, every Intel
+    /// core since Haswell, every AMD Zen).
+    pub fn has_avx2(&self) -> bool {
+        if !self.triple.starts_with("x86_64") {
+            return false;
+        }
+        for f in self.features.split(',').rev() {
+            match f.trim() {
+                "+avx2" => return true,
+                "-avx2" => return false,
+                _ => {}
+            }
+        }
+        let cpu = self.cpu.as_str();
+        matches!(
+            cpu,
+            "x86-64-v3" | "x86-64-v4" | "haswell" | "broadwell" | "skylake" | "skylake-avx512" | "cascadelake" | "cooperlake"
+                | "cannonlake" | "icelake-client" | "icelake-server" | "tigerlake" | "sapphirerapids" | "alderlake" | "raptorlake"
+                | "meteorlake" | "arrowlake" | "graniterapids" | "emeraldrapids"
+        ) || cpu.starts_with("znver")
+    }
+
     /// A portable x86-64 target with AVX2 and FMA (for reproducible snapshots).
     pub fn x86_64_v3() -> CpuTarget {
         CpuTarget { triple: "x86_64-unknown-linux-gnu".into(), cpu: "x86-64-v3".into(), features: String::new() }
@@ -98,6 +121,22 @@ pub struct BakeBudget {
     pub code_bytes: u64,
 }
 
+/// How CPU matmuls over block-quantized weights (Q8_0, Q4_0, Q4_1) take their
+/// activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantActivations {
+    /// Quantized per block of 32 to int8 with an f32 scale, then integer dot
+    /// products (what llama.cpp does); needs AVX2, else `f32` is used. Results
+    /// differ from the f32 reference by the activations' rounding (~0.4% of each
+    /// block's largest value per element).
+    #[default]
+    Int8,
+    /// Kept f32; weights are dequantized in registers: equals the reference to
+    /// f32 rounding.
+    F32,
+}
+
 impl Default for BakeBudget {
     fn default() -> Self {
         BakeBudget { compile_ms: 5_000, code_bytes: 512 << 10 }
@@ -115,6 +154,8 @@ pub struct CompileOptions {
     /// The budget `auto` specialization may spend on baked kernels.
     #[serde(default)]
     pub bake_budget: BakeBudget,
+    #[serde(default)]
+    pub quant_activations: QuantActivations,
 }
 
 impl Default for CompileOptions {
@@ -126,6 +167,7 @@ impl Default for CompileOptions {
             opt_level: 3,
             emit: Vec::new(),
             bake_budget: BakeBudget::default(),
+            quant_activations: QuantActivations::default(),
         }
     }
 }
@@ -137,6 +179,12 @@ impl CompileOptions {
         o.emit.sort();
         o.emit.dedup();
         serde_json::to_value(&o).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Whether quantized-weight CPU matmuls use int8 activations (asked for and
+    /// possible on the CPU target).
+    pub fn int8_activations(&self) -> bool {
+        self.quant_activations == QuantActivations::Int8 && self.cpu.has_avx2()
     }
 
     pub fn wants(&self, e: Emit) -> bool {

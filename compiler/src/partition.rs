@@ -34,12 +34,14 @@ pub fn weight_buffer_name(g: &Graph, node: usize) -> Option<String> {
 /// Splits a typed graph (after `shape-infer`) into kernels and a plan, with the
 /// default bake budget for `auto` specialization.
 pub fn partition(g: &Graph) -> CompileResult<Partition> {
-    partition_with(g, crate::options::BakeBudget::default())
+    partition_with(g, &crate::options::CompileOptions::default())
 }
 
-/// `partition` with the budget `auto` may spend on baked kernels.
-pub fn partition_with(g: &Graph, budget: crate::options::BakeBudget) -> CompileResult<Partition> {
-    let mut left = crate::sparse_select::BakeLeft::new(budget);
+/// `partition` under the options that shape kernels: the budget `auto` may
+/// spend on baked kernels, and how quantized matmuls take their activations.
+pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> CompileResult<Partition> {
+    let mut left = crate::sparse_select::BakeLeft::new(opts.bake_budget);
+    let int8_activations = opts.int8_activations();
     let types: Vec<TensorType> = sparsec_ir::verify(g)?;
     let mut buffers = Vec::new();
     let mut buffer_of = vec![usize::MAX; g.nodes.len()];
@@ -93,6 +95,7 @@ pub fn partition_with(g: &Graph, budget: crate::options::BakeBudget) -> CompileR
             sparse: None,
             epilogue: f.and_then(|f| f.epilogue),
             prologue: f.and_then(|f| f.prologue),
+            int8_activations,
         };
         if let Some(pw) = n.operands.get(1).and_then(|w| pruned.get(&w.0)).filter(|_| matches!(n.op, Op::MatMul { .. })) {
             let wbuf = buffer_of[n.operands[1].0];

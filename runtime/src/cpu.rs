@@ -5,6 +5,7 @@
 use crate::artifact::Artifact;
 use crate::error::{RuntimeError, RuntimeResult};
 use crate::manifest::{BufferKind, KernelStep, Step, CPU_LIBRARY};
+use crate::pool::SpinPool;
 use ndarray::{ArrayD, IxDyn};
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -19,16 +20,17 @@ struct MemRef1 {
     stride: i64,
 }
 
-/// Scalar operations below which a step runs on the calling thread: waking the
-/// pool costs a few microseconds, more than small elementwise ops take.
-const PARALLEL_MIN_OPS: u64 = 32_768;
+/// Scalar operations below which a step runs on the calling thread: handing
+/// work to the spinning pool costs well under a microsecond, but splitting tiny
+/// ops only adds cache traffic.
+const PARALLEL_MIN_OPS: u64 = 8_192;
 
 pub struct CpuExecutor {
     // Kept alive for the function pointers below.
     _lib: libloading::Library,
     kernels: HashMap<String, usize>,
     threads: usize,
-    pool: rayon::ThreadPool,
+    pool: SpinPool,
 }
 
 /// Threads for kernels: `$SPARSEC_THREADS`, else every core.
@@ -90,9 +92,9 @@ impl CpuExecutor {
         Ok(CpuExecutor { _lib: lib, kernels, threads, pool: Self::pool(threads)? })
     }
 
-    /// The helpers of the calling thread: `threads - 1` workers.
-    fn pool(threads: usize) -> RuntimeResult<rayon::ThreadPool> {
-        rayon::ThreadPoolBuilder::new().num_threads((threads - 1).max(1)).build().map_err(|e| RuntimeError::Cpu(e.to_string()))
+    /// The calling thread and `threads - 1` spinning workers.
+    fn pool(threads: usize) -> RuntimeResult<SpinPool> {
+        SpinPool::new(threads).map_err(|e| RuntimeError::Cpu(format!("cannot start worker threads: {e}")))
     }
 
     /// Splits each kernel's units over `n` threads (1: run on the caller's thread).
@@ -352,15 +354,10 @@ impl CpuSession<'_> {
                 }
             }
         };
-        // The calling thread runs the first slice itself while the pool's
-        // threads take the others.
-        exec.pool.in_place_scope(|s| {
-            for t in 1..threads {
-                let run = &run;
-                s.spawn(move |_| run(t));
-            }
-            run(0);
-        });
+        // The calling thread runs the first slice itself while the workers take the others.
+        if !exec.pool.run(threads, &run) {
+            return Err(RuntimeError::Cpu(format!("kernel {} panicked", step.kernel)));
+        }
         let err = failed.lock().ok().and_then(|mut g| g.take());
         match err {
             Some(e) => Err(RuntimeError::Cpu(e)),

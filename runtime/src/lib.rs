@@ -10,6 +10,7 @@ pub mod execute;
 pub mod interpreter;
 pub mod lm;
 pub mod manifest;
+pub mod pool;
 pub mod sampling;
 
 pub use artifact::Artifact;

@@ -167,6 +167,11 @@ impl KernelBuilder {
         self.def(format!("vector.load {buf}[{idx}] : memref<?xi8>, vector<{n}xi8>"))
     }
 
+    /// Stores the `vector<nxi8>` `val` at `buf[idx..]` (CPU).
+    pub fn vstore_bytes(&mut self, val: &str, buf: &str, idx: &str, n: u32) {
+        self.line(format!("vector.store {val}, {buf}[{idx}] : memref<?xi8>, vector<{n}xi8>"));
+    }
+
     /// A constant i32 table `name` at module level (CPU), returned as a
     /// `memref<Nxi32>` value; declared once however often it is asked for.
     pub fn i32_table(&mut self, name: &str, values: &[i32]) -> V {

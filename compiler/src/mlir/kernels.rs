@@ -5,6 +5,7 @@
 use super::builder::{Device, KernelBuilder, V};
 use super::math;
 use super::sparse_kernels::{emit_sparse_matmul, SparseMatmul};
+use super::quant_dot::emit_int8_matmul;
 use super::sparse_unrolled::emit_unrolled_matmul;
 use crate::error::CompileError;
 use sparsec_ir::{DType, GeluApprox, Op, Pattern, SymSize, TensorType, Window};
@@ -16,22 +17,44 @@ const VQ: u32 = 16;
 /// Rows of `seq` per CPU matmul unit: the GEMM micro-kernel's rows.
 const MM_ROWS: u64 = 4;
 /// Weight rows (output columns) per CPU matmul unit.
-const MM_COLS: u64 = 32;
+pub(super) const MM_COLS: u64 = 32;
 
 /// How a CPU matmul with a transposed `[N, K]` weight is tiled: units are
 /// (row block, column block) pairs; a full row block runs a register-blocked
 /// micro-kernel of `rb` rows, ragged rows one at a time. Prefill is the GEMM
 /// case (`rb` rows share each weight load), decode the GEMV case (one row).
 #[derive(Clone, Copy, Debug)]
-struct TiledMatmul {
-    k: u64,
-    n: u64,
-    rows: SymSize,
+pub(super) struct TiledMatmul {
+    pub k: u64,
+    pub n: u64,
+    pub rows: SymSize,
     /// Rows per unit: `MM_ROWS` when the rows are exactly `seq`, else 1.
-    rb: u64,
-    col_tiles: u64,
+    pub rb: u64,
+    pub col_tiles: u64,
     /// The weight's block-quantized type, if any.
-    quant: Option<DType>,
+    pub quant: Option<DType>,
+}
+
+/// A tiled matmul's counts as index values: column tiles, rows, rows per
+/// block, and units (row blocks × column tiles).
+pub(super) struct TileCounts {
+    pub ct: V,
+    pub rows: V,
+    pub rbc: V,
+    pub units: V,
+}
+
+impl TiledMatmul {
+    pub(super) fn counts(&self, b: &mut KernelBuilder) -> TileCounts {
+        let ct = b.index(self.col_tiles);
+        let rows = b.sym(self.rows);
+        let rbc = b.index(self.rb);
+        let rb_m1 = b.index(self.rb - 1);
+        let rows_up = b.addi(&rows, &rb_m1);
+        let row_blocks = b.divui(&rows_up, &rbc);
+        let units = b.muli(&row_blocks, &ct);
+        TileCounts { ct, rows, rbc, units }
+    }
 }
 
 /// What a kernel computes: the op, its operand types and its result type.
@@ -49,6 +72,9 @@ pub struct KernelSpec {
     pub epilogue: Option<Epilogue>,
     /// A unary op fused into the loads of operand 0 (SwiGLU's SiLU into its mul).
     pub prologue: Option<Prologue>,
+    /// CPU matmuls over block-quantized weights quantize their activations to
+    /// int8 blocks and use integer dot products (`quant_dot`; needs AVX2).
+    pub int8_activations: bool,
 }
 
 /// What an elementwise kernel applies to its first operand as it loads it.
@@ -296,7 +322,11 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
         }
         Op::MatMul { .. } if device == Device::Cpu && spec.tiled_matmul().is_some() => {
             if let Some(t) = spec.tiled_matmul() {
-                emit_tiled_matmul(&mut b, &t, &ins, &out);
+                if spec.int8_activations && t.quant.is_some() && t.k % sparsec_ir::quant::QK as u64 == 0 {
+                    emit_int8_matmul(&mut b, &t, &ins, &out);
+                } else {
+                    emit_tiled_matmul(&mut b, &t, &ins, &out);
+                }
             }
         }
         Op::MatMul { transpose_b } => {
@@ -781,14 +811,14 @@ struct AttnUnit {
 
 /// The f16 planes of a packed quantized tensor (`sparsec_ir::quant`) and the
 /// scalar read of one element, for kernels that touch few elements.
-struct QuantPlanes {
+pub(super) struct QuantPlanes {
     dt: DType,
     d: V,
     m: Option<V>,
 }
 
 impl QuantPlanes {
-    fn new(b: &mut KernelBuilder, dt: DType, buf: &str, numel: u64) -> QuantPlanes {
+    pub(super) fn new(b: &mut KernelBuilder, dt: DType, buf: &str, numel: u64) -> QuantPlanes {
         let p = sparsec_ir::quant::planes(dt, numel as usize).unwrap_or(sparsec_ir::quant::Planes { blocks: 0, d: 0, m: 0, total: 0 });
         let d = b.f16_plane(buf, p.d as u64, p.blocks as u64);
         let m = (dt == DType::Q4_1).then(|| b.f16_plane(buf, p.m as u64, p.blocks as u64));
@@ -796,7 +826,7 @@ impl QuantPlanes {
     }
 
     /// The scale and the offset of block `blk`: x = scale·q + offset.
-    fn scale_offset(&self, b: &mut KernelBuilder, blk: &str) -> (V, Option<V>) {
+    pub(super) fn scale_offset(&self, b: &mut KernelBuilder, blk: &str) -> (V, Option<V>) {
         let d = b.load_f16(&self.d, blk);
         let off = match (self.dt, &self.m) {
             (DType::Q4_1, Some(m)) => Some(b.load_f16(m, blk)),
@@ -910,13 +940,7 @@ fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V], out: &st
     let (a_buf, w_buf) = (ins[0].clone(), ins[1].clone());
     let (kc, nc) = (b.index(t.k), b.index(t.n));
     let zero_i = b.index(0);
-    let ct = b.index(t.col_tiles);
-    let rows = b.sym(t.rows);
-    let rbc = b.index(t.rb);
-    let rb_m1 = b.index(t.rb - 1);
-    let rows_up = b.addi(&rows, &rb_m1);
-    let row_blocks = b.divui(&rows_up, &rbc);
-    let units = b.muli(&row_blocks, &ct);
+    let TileCounts { ct, rows, rbc, units } = t.counts(b);
     let planes = t.quant.map(|dt| QuantPlanes::new(b, dt, &w_buf, t.n * t.k));
     let nbk = b.index(t.k / sparsec_ir::quant::QK as u64);
     let colsc = b.index(MM_COLS);
@@ -992,15 +1016,8 @@ fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V], out: &st
             }
         }
     };
-    // Column blocks of one row block, `c` weight rows at a time, then the rest one by one.
     let columns = |b: &mut KernelBuilder, r0: &str, nr: u64, j0: &str, j_end: &str, c: u64| {
-        let span = b.def(format!("arith.subi {j_end}, {j0} : index"));
-        let cc = b.index(c);
-        let whole = b.divui(&span, &cc);
-        let whole = b.muli(&whole, &cc);
-        let j_main = b.addi(j0, &whole);
-        b.for_step(j0, &j_main, c, |b, j| micro(b, r0, nr, j, c));
-        b.for_each(&j_main, j_end, |b, j| micro(b, r0, nr, j, 1));
+        column_groups(b, j0, j_end, c, &|b, j, ncols| micro(b, r0, nr, j, ncols));
     };
     // Register budget: f32 4 rows × 2 columns; quantized 4 rows × 1 (the dequantized block is 4 vectors).
     let (c_gemm, c_gemv) = if planes.is_some() { (1, 4) } else { (2, 4) };
@@ -1008,6 +1025,18 @@ fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V], out: &st
         let (r0, j0, j_end) = unit_origin(b, u, &ct, &rbc, &colsc, &nc);
         row_block(b, t.rb, &r0, &rbc, &rows, &|b, r, nr| columns(b, r, nr, &j0, &j_end, if nr == 1 { c_gemv } else { c_gemm }));
     });
+}
+
+/// The weight rows `j0..j_end` of a column block, `c` at a time, then the
+/// rest one by one: `micro(first weight row, count)`.
+pub(super) fn column_groups(b: &mut KernelBuilder, j0: &str, j_end: &str, c: u64, micro: &dyn Fn(&mut KernelBuilder, &str, u64)) {
+    let span = b.def(format!("arith.subi {j_end}, {j0} : index"));
+    let cc = b.index(c);
+    let whole = b.divui(&span, &cc);
+    let whole = b.muli(&whole, &cc);
+    let j_main = b.addi(j0, &whole);
+    b.for_step(j0, &j_main, c, |b, j| micro(b, j, c));
+    b.for_each(&j_main, j_end, |b, j| micro(b, j, 1));
 }
 
 /// Runs `body(first row, rows)` for the row block at `r0` of `rb` rows: once

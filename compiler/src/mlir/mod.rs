@@ -4,6 +4,7 @@ pub mod builder;
 pub mod kernels;
 pub mod math;
 pub mod pipeline;
+pub mod quant_dot;
 pub mod sparse_kernels;
 pub mod sparse_unrolled;
 

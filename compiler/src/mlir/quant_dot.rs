@@ -1,0 +1,218 @@
+//! The CPU matmul over block-quantized weights with int8 activations: each
+//! row of activations is quantized once per call to int8 blocks of 32 (one f32
+//! scale per block, like llama.cpp's Q8_1), and each weight block meets its
+//! activation block in an integer dot product (AVX2 `vpmaddubsw` +
+//! `vpmaddwd`), scaled once per block. Dequantizing weights to f32 costs more
+//! than reading them; this does not.
+//!
+//! Per block, with `x ≈ dx·qx` and `w = dw·qw + mw` (Q4_1; Q4_0 has
+//! `mw = -8·dw`, Q8_0 has no offset):
+//! `Σ w·x = dw·dx·Σ qw·qx + mw·(dx·Σ qx)`.
+
+use super::builder::{KernelBuilder, V};
+use super::kernels::{column_groups, row_block, strided, QuantPlanes, TileCounts, TiledMatmul, MM_COLS};
+use sparsec_ir::quant::QK;
+use sparsec_ir::DType;
+
+/// Lanes of the per-block integer partial sums (`vector<8xi32>` from `vpmaddwd`).
+const LANES: u32 = 8;
+
+/// The activation rows of one row block, quantized (stack buffers of the call).
+struct QuantizedRows {
+    /// int8 values, `rb × k`.
+    q: V,
+    /// Per block: the scale `dx`.
+    d: V,
+    /// Per block: `dx·Σ qx` (what the weight's offset multiplies).
+    s: V,
+}
+
+/// Quantizes row `row` of `a` (`k` f32, `k` a multiple of 32) into slot `slot` of `qr`.
+fn quantize_row(b: &mut KernelBuilder, a: &str, row: &str, slot: &str, k: u64, qr: &QuantizedRows) {
+    let kc = b.index(k);
+    let nbk = b.index(k / QK as u64);
+    let src = b.muli(row, &kc);
+    let dst = b.muli(slot, &kc);
+    let sdst = b.muli(slot, &nbk);
+    let zero = b.index(0);
+    b.for_each(&zero, &nbk, |b, blk| {
+        let qk = b.index(QK as u64);
+        let off = b.muli(blk, &qk);
+        let at = b.addi(&src, &off);
+        let v = b.vload(a, &at, QK as u32);
+        let vt = KernelBuilder::vty(QK as u32);
+        let abs = b.def(format!("math.absf {v} : {vt}"));
+        let amax = b.def(format!("vector.reduction <maxnumf>, {abs} : {vt} into f32"));
+        let c127 = b.f32(127.0);
+        let d = b.div(&amax, &c127);
+        let z = b.f32(0.0);
+        let nonzero = b.def(format!("arith.cmpf ogt, {amax}, {z} : f32"));
+        let inv = b.div(&c127, &amax);
+        let inv = b.def(format!("arith.select {nonzero}, {inv}, {z} : f32"));
+        let invv = b.vbroadcast(&inv, QK as u32);
+        let scaled = b.def(format!("arith.mulf {v}, {invv} : {vt}"));
+        let rounded = b.def(format!("math.roundeven {scaled} : {vt}"));
+        let qi = b.def(format!("arith.fptosi {rounded} : {vt} to vector<{QK}xi32>"));
+        let q8 = b.def(format!("arith.trunci {qi} : vector<{QK}xi32> to vector<{QK}xi8>"));
+        let qat = b.addi(&dst, &off);
+        b.vstore_bytes(&q8, &qr.q, &qat, QK as u32);
+        let sum = b.def(format!("vector.reduction <add>, {qi} : vector<{QK}xi32> into i32"));
+        let sumf = b.def(format!("arith.sitofp {sum} : i32 to f32"));
+        let s = b.mul(&sumf, &d);
+        let sat = b.addi(&sdst, blk);
+        b.store(&d, &qr.d, &sat);
+        b.store(&s, &qr.s, &sat);
+    });
+}
+
+/// `Σ qw·qx` over one block as 8 i32 lanes: `w` holds the weight's 32 values
+/// (unsigned nibbles for Q4, signed bytes for Q8_0), `x` the activation's.
+fn block_dot(b: &mut KernelBuilder, w: &str, x: &str, signed_w: bool) -> V {
+    let (uw, sx) = if signed_w {
+        // vpmaddubsw multiplies unsigned by signed: move the weight's sign onto x.
+        let uw = b.def(format!("math.absi {w} : vector<{QK}xi8>"));
+        let sx = b.def(format!("llvm.call_intrinsic \"llvm.x86.avx2.psign.b\"({x}, {w}) : (vector<{QK}xi8>, vector<{QK}xi8>) -> vector<{QK}xi8>"));
+        (uw, sx)
+    } else {
+        (w.to_string(), x.to_string())
+    };
+    let pairs = b.def(format!(
+        "llvm.call_intrinsic \"llvm.x86.avx2.pmadd.ub.sw\"({uw}, {sx}) : (vector<{QK}xi8>, vector<{QK}xi8>) -> vector<16xi16>"
+    ));
+    let ones = b.vsplat_int(1, 16, "i16");
+    b.def(format!("llvm.call_intrinsic \"llvm.x86.avx2.pmadd.wd\"({pairs}, {ones}) : (vector<16xi16>, vector<16xi16>) -> vector<{LANES}xi32>"))
+}
+
+/// The 32 quantized values of weight block `g` as `vector<32xi8>`.
+fn weight_block(b: &mut KernelBuilder, dt: DType, w: &str, g: &str) -> V {
+    let bytes = b.index(sparsec_ir::quant::quant_bytes(dt) as u64);
+    let at = b.muli(g, &bytes);
+    if dt == DType::Q8_0 {
+        return b.vload_bytes(w, &at, QK as u32);
+    }
+    // Byte i holds value i (low nibble) and value i + 16 (high nibble).
+    let v = b.vload_bytes(w, &at, 16);
+    let mask = b.vsplat_int(15, 16, "i8");
+    let four = b.vsplat_int(4, 16, "i8");
+    let lo = b.def(format!("arith.andi {v}, {mask} : vector<16xi8>"));
+    let hi = b.def(format!("arith.shrui {v}, {four} : vector<16xi8>"));
+    let order: Vec<String> = (0..QK).map(|i| i.to_string()).collect();
+    b.def(format!("vector.shuffle {lo}, {hi} [{}] : vector<16xi8>, vector<16xi8>", order.join(", ")))
+}
+
+/// `out[r, j] = Σ_k a[r, k]·w[j, k]` for a block-quantized `[N, K]` weight
+/// with int8 activations, over the same (row block, column block) units as
+/// the f32 kernel. Each call quantizes the rows of every row block it touches
+/// once, then runs register-blocked micro-kernels of `r` rows × `c` weight rows.
+pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V], out: &str) {
+    let (a_buf, w_buf) = (ins[0].clone(), ins[1].clone());
+    let dt = t.quant.unwrap_or(DType::Q8_0);
+    let k = t.k;
+    let nbk_n = k / QK as u64;
+    let (kc, nc, nbk) = (b.index(k), b.index(t.n), b.index(nbk_n));
+    let TileCounts { ct, rows, rbc, units } = t.counts(b);
+    let planes = QuantPlanes::new(b, dt, &w_buf, t.n * k);
+    let qbytes = b.index(t.rb * k);
+    let sblocks = b.index(t.rb * nbk_n);
+    let qr = QuantizedRows {
+        q: b.def(format!("memref.alloca({qbytes}) : memref<?xi8>")),
+        d: b.alloca_f32(&sblocks),
+        s: b.alloca_f32(&sblocks),
+    };
+    let offsets = dt != DType::Q8_0;
+    // One micro-kernel: rows r0..r0+nr (slots from `slot0`), weight rows j..j+ncols.
+    let micro = |b: &mut KernelBuilder, r0: &str, slot0: &str, nr: u64, j: &str, ncols: u64| {
+        let slots = strided(b, slot0, nr, &kc);
+        let sslots = strided(b, slot0, nr, &nbk);
+        let wblocks = strided(b, j, ncols, &nbk);
+        let vz = b.vzero(LANES);
+        let fz = b.f32(0.0);
+        let mut init: Vec<(V, String)> = (0..nr * ncols).map(|_| (vz.clone(), KernelBuilder::vty(LANES))).collect();
+        if offsets {
+            init.extend((0..nr * ncols).map(|_| (fz.clone(), "f32".to_string())));
+        }
+        let zero = b.index(0);
+        let accs = b.for_fold_typed(&zero, &nbk, 1, &init, |b, blk, accs| {
+            let qk = b.index(QK as u64);
+            let koff = b.muli(blk, &qk);
+            let xs: Vec<(V, V, V)> = slots
+                .iter()
+                .zip(&sslots)
+                .map(|(s, ss)| {
+                    let at = b.addi(s, &koff);
+                    let x = b.vload_bytes(&qr.q, &at, QK as u32);
+                    let sat = b.addi(ss, blk);
+                    (x, b.load(&qr.d, &sat), b.load(&qr.s, &sat))
+                })
+                .collect();
+            let mut next = accs.to_vec();
+            for (c, wb) in wblocks.iter().enumerate() {
+                let g = b.addi(wb, blk);
+                let wq = weight_block(b, dt, &w_buf, &g);
+                let (dw, mw) = planes.scale_offset(b, &g);
+                for (r, (x, dx, sx)) in xs.iter().enumerate() {
+                    let at = r * ncols as usize + c;
+                    let dot = block_dot(b, &wq, x, dt == DType::Q8_0);
+                    let dotf = b.def(format!("arith.sitofp {dot} : vector<{LANES}xi32> to {}", KernelBuilder::vty(LANES)));
+                    let scale = b.mul(&dw, dx);
+                    let sv = b.vbroadcast(&scale, LANES);
+                    next[at] = b.vfma(&dotf, &sv, &accs[at], LANES);
+                    if let Some(m) = &mw {
+                        let o = (nr * ncols) as usize + at;
+                        next[o] = b.fma(m, sx, &accs[o]);
+                    }
+                }
+            }
+            next
+        });
+        for r in 0..nr {
+            let ri = b.index(r);
+            let row = b.addi(r0, &ri);
+            let orow = b.muli(&row, &nc);
+            for c in 0..ncols {
+                let at = (r * ncols + c) as usize;
+                let mut y = b.vsum(&accs[at], LANES);
+                if offsets {
+                    y = b.add(&y, &accs[(nr * ncols) as usize + at]);
+                }
+                let ci = b.index(c);
+                let jc = b.addi(j, &ci);
+                let o = b.addi(&orow, &jc);
+                b.store_result(&y, out, &o);
+            }
+        }
+    };
+    let columns = |b: &mut KernelBuilder, r0: &str, slot0: &str, nr: u64, j0: &str, j_end: &str, c: u64| {
+        column_groups(b, j0, j_end, c, &|b, j, ncols| micro(b, r0, slot0, nr, j, ncols));
+    };
+    // The call's units lo..ub, walked row block by row block.
+    let ub = b.def(format!("arith.minui %hi, {units} : index"));
+    let first = b.divui("%lo", &ct);
+    let ct_m1 = b.index(t.col_tiles - 1);
+    let ub_up = b.addi(&ub, &ct_m1);
+    let last = b.divui(&ub_up, &ct);
+    let colsc = b.index(MM_COLS);
+    b.for_each(&first, &last, |b, rbi| {
+        let r0 = b.muli(rbi, &rbc);
+        let r1 = b.addi(&r0, &rbc);
+        let r_end = b.def(format!("arith.minui {r1}, {rows} : index"));
+        b.for_each(&r0, &r_end, |b, r| {
+            let slot = b.def(format!("arith.subi {r}, {r0} : index"));
+            quantize_row(b, &a_buf, r, &slot, k, &qr);
+        });
+        let u_first = b.muli(rbi, &ct);
+        let u_next = b.addi(&u_first, &ct);
+        let u0 = b.def(format!("arith.maxui %lo, {u_first} : index"));
+        let u1 = b.def(format!("arith.minui {ub}, {u_next} : index"));
+        b.for_each(&u0, &u1, |b, u| {
+            let cb = b.def(format!("arith.subi {u}, {u_first} : index"));
+            let j0 = b.muli(&cb, &colsc);
+            let j1 = b.addi(&j0, &colsc);
+            let j_end = b.def(format!("arith.minui {j1}, {nc} : index"));
+            row_block(b, t.rb, &r0, &rbc, &rows, &|b, r, nr| {
+                let slot0 = b.def(format!("arith.subi {r}, {r0} : index"));
+                columns(b, r, &slot0, nr, &j0, &j_end, if nr == 1 { 4 } else { 2 })
+            });
+        });
+    });
+}
