@@ -18,6 +18,9 @@ const VQ: u32 = 16;
 const MM_ROWS: u64 = 4;
 /// Weight rows (output columns) per CPU matmul unit.
 pub(super) const MM_COLS: u64 = 32;
+/// f32 weights above this size (an LM head) are tiled column-major: prefill
+/// would otherwise stream them from memory once per block of 4 rows.
+const COL_MAJOR_WEIGHT_BYTES: u64 = 16 << 20;
 
 /// How a CPU matmul with a transposed `[N, K]` weight is tiled: units are
 /// (row block, column block) pairs; a full row block runs a register-blocked
@@ -665,10 +668,22 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                     }
                 }
             };
-            // unit = row * heads + head: where its query, its KV head and its keys are.
+            // unit = q * heads + head: where its query, its KV head and its keys are.
+            // Causal rows cost more the later they are, and the runtime gives each
+            // thread a contiguous range of units; taking rows in the order
+            // 0, seq-1, 1, seq-2, ... pairs cheap with dear rows, so every range
+            // costs about the same.
+            let seq = b.seq();
             let unit_of = |b: &mut KernelBuilder, unit: &str| -> AttnUnit {
-                let row = b.divui(unit, &hc);
+                let q = b.divui(unit, &hc);
                 let head = b.remui(unit, &hc);
+                let two = b.index(2);
+                let half = b.divui(&q, &two);
+                let odd = b.remui(&q, &two);
+                let odd = b.def(format!("arith.index_cast {odd} : index to i1"));
+                let last = b.def(format!("arith.subi {seq}, {one_i} : index"));
+                let mirrored = b.def(format!("arith.subi {last}, {half} : index"));
+                let row = b.def(format!("arith.select {odd}, {mirrored}, {half} : index"));
                 let kh = b.divui(&head, &groupc);
                 let qrow = b.muli(&row, &qwc);
                 let qhd = b.muli(&head, &dc);
@@ -908,12 +923,26 @@ impl QuantPlanes {
     }
 }
 
+/// How CPU matmul units are numbered.
+#[derive(Clone, Copy)]
+pub(super) enum UnitOrder<'a> {
+    /// Unit `u` is row block `u / ct`, column block `u % ct` (`ct` column
+    /// blocks): a thread's slice shares activation rows.
+    RowMajor { ct: &'a str },
+    /// Unit `u` is column block `u / row_blocks`, row block `u % row_blocks`:
+    /// a thread's slice reads each weight tile once and reuses it from cache
+    /// over every row block (prefill with weights larger than the caches).
+    ColMajor { row_blocks: &'a str },
+}
+
 /// Where CPU matmul unit `u` of (row block, column block) units starts: its
-/// first row, first column and end column (`ct` column blocks of `cols`
-/// columns, `rb` rows per block, `n` columns in all).
-pub(super) fn unit_origin(b: &mut KernelBuilder, u: &str, ct: &str, rb: &str, cols: &str, n: &str) -> (V, V, V) {
-    let rbi = b.divui(u, ct);
-    let cb = b.remui(u, ct);
+/// first row, first column and end column (column blocks of `cols` columns,
+/// `rb` rows per block, `n` columns in all).
+pub(super) fn unit_origin(b: &mut KernelBuilder, u: &str, order: UnitOrder<'_>, rb: &str, cols: &str, n: &str) -> (V, V, V) {
+    let (rbi, cb) = match order {
+        UnitOrder::RowMajor { ct } => (b.divui(u, ct), b.remui(u, ct)),
+        UnitOrder::ColMajor { row_blocks } => (b.remui(u, row_blocks), b.divui(u, row_blocks)),
+    };
     let r0 = b.muli(&rbi, rb);
     let j0 = b.muli(&cb, cols);
     let j1 = b.addi(&j0, cols);
@@ -1021,8 +1050,15 @@ fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V], out: &st
     };
     // Register budget: f32 4 rows × 2 columns; quantized 4 rows × 1 (the dequantized block is 4 vectors).
     let (c_gemm, c_gemv) = if planes.is_some() { (1, 4) } else { (2, 4) };
+    // A weight larger than the caches is read once per slice, not once per row block.
+    let row_blocks = b.divui(&units, &ct);
+    let order = if t.n * t.k * 4 > COL_MAJOR_WEIGHT_BYTES {
+        UnitOrder::ColMajor { row_blocks: &row_blocks }
+    } else {
+        UnitOrder::RowMajor { ct: &ct }
+    };
     b.parallel(&units, |b, u| {
-        let (r0, j0, j_end) = unit_origin(b, u, &ct, &rbc, &colsc, &nc);
+        let (r0, j0, j_end) = unit_origin(b, u, order, &rbc, &colsc, &nc);
         row_block(b, t.rb, &r0, &rbc, &rows, &|b, r, nr| columns(b, r, nr, &j0, &j_end, if nr == 1 { c_gemv } else { c_gemm }));
     });
 }

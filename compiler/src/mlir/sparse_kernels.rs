@@ -10,7 +10,7 @@
 //! contiguous block rows as vectors. NVIDIA: one thread per output element.
 
 use super::builder::{Device, KernelBuilder, V};
-use super::kernels::{row_block, strided, unit_origin};
+use super::kernels::{row_block, strided, unit_origin, UnitOrder};
 use sparsec_ir::sparse::{SparseFormat, SparseStorage};
 use sparsec_ir::SymSize;
 
@@ -146,7 +146,7 @@ pub fn emit_sparse_matmul(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], ou
             let dot = Dot { fmt, planes: &planes, a: &a, vectors: true };
             let ctx = Cpu { dot, out, kc: &kc, nc: &nc };
             b.parallel(&units, |b, u| {
-                let (r0, j0, j_end) = unit_origin(b, u, &ct, &rbc, &colsc, &nc);
+                let (r0, j0, j_end) = unit_origin(b, u, UnitOrder::RowMajor { ct: &ct }, &rbc, &colsc, &nc);
                 row_block(b, t.rb(), &r0, &rbc, &rows, &|b, r, nr| ctx.outputs(b, r, nr, &j0, &j_end));
             });
         }
