@@ -43,6 +43,23 @@ impl Lm<'_> {
         Ok(out.remove(0))
     }
 
+    /// `forward`, returning only the last id's logits `[1, vocab]` (the
+    /// compiled model then runs its final norm and LM head on that row only).
+    pub fn forward_last(&mut self, ids: &[u32]) -> Result<ArrayD<f32>> {
+        let mut out = match self {
+            Lm::Interpreter { .. } => {
+                let l = self.forward(ids)?;
+                let vocab = l.shape().last().copied().unwrap_or(0);
+                return Ok(ArrayD::from_shape_vec(IxDyn(&[1, vocab]), last_row(&l))?);
+            }
+            Lm::Compiled { session } => session.run_last(&[ids_array(ids)])?,
+        };
+        if out.is_empty() {
+            bail!("the model graph returned nothing");
+        }
+        Ok(out.remove(0))
+    }
+
     pub fn reset(&mut self) {
         match self {
             Lm::Interpreter { state, .. } => *state = KvState::new(),
@@ -138,7 +155,7 @@ pub fn generate(src: &LmSource, a: GenerateArgs<'_>) -> Result<()> {
     let mut lm = src.lm()?;
     let mut sampler = Sampler::new(a.temperature, a.top_k, a.seed);
     let t_prefill = Instant::now();
-    let logits = lm.forward(&prompt_ids)?;
+    let logits = lm.forward_last(&prompt_ids)?;
     let prefill_s = t_prefill.elapsed().as_secs_f64();
     let mut next = sampler.sample(&last_row(&logits));
     let mut generated: Vec<u32> = Vec::new();
@@ -163,7 +180,7 @@ pub fn generate(src: &LmSource, a: GenerateArgs<'_>) -> Result<()> {
         if generated.len() == a.max_new_tokens {
             break;
         }
-        let logits = lm.forward(&[next])?;
+        let logits = lm.forward_last(&[next])?;
         next = sampler.sample(&last_row(&logits));
     }
     let decode_s = t_decode.elapsed().as_secs_f64();
@@ -296,7 +313,8 @@ pub fn bench_lm(src: &LmSource, text: &Path, prompt_len: usize, new_tokens: usiz
     for _ in 0..repeat.max(1) {
         lm.reset();
         let t = Instant::now();
-        let logits = lm.forward(&ids)?;
+        // Like generation (and llama.cpp's), the prompt's logits are the last token's.
+        let logits = lm.forward_last(&ids)?;
         prefill.push(t.elapsed().as_secs_f64());
         let mut next = greedy.sample(&last_row(&logits));
         if let Lm::Compiled { session } = &mut lm {
@@ -304,7 +322,7 @@ pub fn bench_lm(src: &LmSource, text: &Path, prompt_len: usize, new_tokens: usiz
         }
         let t = Instant::now();
         for _ in 0..new_tokens {
-            let l = lm.forward(&[next])?;
+            let l = lm.forward_last(&[next])?;
             next = greedy.sample(&last_row(&l));
         }
         decode.push(t.elapsed().as_secs_f64());

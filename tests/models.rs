@@ -235,7 +235,19 @@ fn compiled_fixture_error(name: &str) -> f32 {
     }
     assert_eq!(session.pos(), ids.len());
     let cached_err = rows.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    println!("compiled {name}: max abs error {max_err:.3e} (whole sequence), {cached_err:.3e} (KV-cached decode) vs HF transformers");
+    // Generation's prefill: only the last row's logits, the final norm and LM
+    // head run on that row alone (the plan's row-local tail).
+    let tail = art.manifest.execution.row_local_tail.expect("the final norm and LM head form a row-local tail");
+    assert!(art.manifest.execution.steps.len() - tail >= 2, "the tail holds the final norm and the LM head");
+    session.reset();
+    let last = session.run_last(&[arr(&ids)]).unwrap().remove(0);
+    let vocab = last.len();
+    assert_eq!(last.shape(), &[1, vocab]);
+    let last_err = last.iter().zip(&want[want.len() - vocab..]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(last_err < HF_TOLERANCE, "run_last: max abs error {last_err}");
+    // The session continues after run_last like after run.
+    assert_eq!(session.pos(), ids.len());
+    println!("compiled {name}: max abs error {max_err:.3e} (whole sequence), {cached_err:.3e} (KV-cached decode), {last_err:.3e} (last row only) vs HF transformers");
     max_err.max(cached_err)
 }
 

@@ -7,7 +7,7 @@ use crate::error::CompileResult;
 use crate::mlir::kernels::Prologue;
 use crate::mlir::KernelSpec;
 use crate::sparse_select::choose;
-use sparsec_ir::{Graph, Op, TensorType};
+use sparsec_ir::{Dim, Graph, Op, TensorType};
 use sparsec_runtime::manifest::{BufferKind, BufferSpec, ExecutionPlan, KernelStep, Step};
 use std::collections::HashMap;
 
@@ -159,9 +159,32 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
         }));
     }
     let outputs: Vec<usize> = g.outputs.iter().map(|o| buffer_of[o.0]).collect();
-    let mut plan = ExecutionPlan { buffers, inputs, outputs, steps };
+    let row_local_tail = row_local_tail(&kernels, &buffers, &steps, &outputs);
+    let mut plan = ExecutionPlan { buffers, inputs, outputs, steps, row_local_tail };
     assign_slots(&mut plan);
     Ok(Partition { kernels, plan, weight_nodes })
+}
+
+/// The first step of the longest suffix of row-local kernels whose every
+/// non-weight buffer is `[seq, ...]` with one `seq` (so row r sits at r times
+/// the row's bytes), provided it produces every output; `None` when empty.
+fn row_local_tail(kernels: &[KernelSpec], buffers: &[BufferSpec], steps: &[Step], outputs: &[usize]) -> Option<usize> {
+    let by_rows = |b: usize| {
+        let d = &buffers[b].dims;
+        d.first() == Some(&Dim::Seq) && d.iter().filter(|x| **x == Dim::Seq).count() == 1
+    };
+    let mut start = steps.len();
+    for (i, step) in steps.iter().enumerate().rev() {
+        let Step::Kernel(k) = step else { break };
+        let Some(spec) = kernels.iter().find(|s| s.name == k.kernel) else { break };
+        let rows_ok = k.args.iter().all(|&a| buffers[a].kind == BufferKind::Weight || by_rows(a));
+        if !spec.row_local() || !rows_ok {
+            break;
+        }
+        start = i;
+    }
+    let produced = |o: &usize| steps[start..].iter().any(|s| matches!(s, Step::Kernel(k) if k.args.last() == Some(o)));
+    (start < steps.len() && outputs.iter().all(produced)).then_some(start)
 }
 
 /// Memory planning: walks the steps in order and gives each temporary a slot

@@ -217,6 +217,18 @@ impl CpuSession<'_> {
 
     /// Runs the next `seq` positions (`seq` bound by the inputs) and returns the outputs.
     pub fn run(&mut self, inputs: &[ArrayD<f32>]) -> RuntimeResult<Vec<ArrayD<f32>>> {
+        self.run_rows(inputs, false)
+    }
+
+    /// Like `run`, but returns only the last position's row of each output
+    /// (shape `[1, ...]`): what generation needs after a prompt. The plan's
+    /// row-local tail (a final norm and an LM head) then runs on that row
+    /// alone; without a tail every row is computed and the last returned.
+    pub fn run_last(&mut self, inputs: &[ArrayD<f32>]) -> RuntimeResult<Vec<ArrayD<f32>>> {
+        self.run_rows(inputs, true)
+    }
+
+    fn run_rows(&mut self, inputs: &[ArrayD<f32>], last_only: bool) -> RuntimeResult<Vec<ArrayD<f32>>> {
         let art = self.art;
         let seq = art.bind_seq(inputs)?;
         let plan = &art.manifest.execution;
@@ -275,7 +287,21 @@ impl CpuSession<'_> {
             };
             ptrs.push(p);
         }
-        for step in &plan.steps {
+        let tail = plan.row_local_tail.filter(|_| last_only && seq > 1);
+        for (i, step) in plan.steps.iter().enumerate() {
+            if tail == Some(i) {
+                // From here on, every buffer but the weights is read and written
+                // at its last row only, as a one-row sequence at the last position.
+                for (b, p) in plan.buffers.iter().zip(ptrs.iter_mut()) {
+                    if b.kind != BufferKind::Weight {
+                        let row = b.bytes(1);
+                        // SAFETY: tail buffers hold `seq` rows of `row` bytes (partition
+                        // checks their shape), so the last row is inside the allocation.
+                        *p = (unsafe { p.0.add(row * (seq as usize - 1)) }, row);
+                    }
+                }
+            }
+            let (seq, pos) = if tail.is_some_and(|t| i >= t) { (1, pos + seq as usize - 1) } else { (seq, pos) };
             match step {
                 Step::KvAppend { src, cache } => {
                     let (sp, slen) = ptrs[*src];
@@ -301,9 +327,21 @@ impl CpuSession<'_> {
             .iter()
             .map(|&o| {
                 let b = &plan.buffers[o];
-                let shape: Vec<usize> = b.dims.iter().map(|d| d.resolve(seq) as usize).collect();
+                let mut shape: Vec<usize> = b.dims.iter().map(|d| d.resolve(seq) as usize).collect();
+                let (mut p, mut len) = ptrs[o];
+                let by_rows = b.dims.first() == Some(&sparsec_ir::Dim::Seq);
+                if last_only && tail.is_none() && by_rows {
+                    // No tail: every row was computed; keep the last.
+                    let row = b.bytes(1);
+                    // SAFETY: the output holds `seq` rows of `row` bytes.
+                    (p, len) = (unsafe { p.add(row * (seq as usize - 1)) }, row);
+                }
+                if last_only && by_rows {
+                    if let Some(first) = shape.first_mut() {
+                        *first = 1;
+                    }
+                }
                 let n: usize = shape.iter().product();
-                let (p, len) = ptrs[o];
                 if b.dtype.is_quantized() || len < n * 4 {
                     return Err(RuntimeError::Cpu(format!("output `{}` is not an f32 buffer", b.name)));
                 }

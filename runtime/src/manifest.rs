@@ -171,4 +171,10 @@ pub struct ExecutionPlan {
     pub inputs: Vec<usize>,
     pub outputs: Vec<usize>,
     pub steps: Vec<Step>,
+    /// Where the row-local tail begins: from this step on, every step is a
+    /// kernel whose output row r reads only row r of its `[seq, ...]` inputs
+    /// (a final norm and an LM head), so a caller that wants only the last
+    /// row's outputs (generation) can run the tail at `seq` = 1 on that row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_local_tail: Option<usize>,
 }

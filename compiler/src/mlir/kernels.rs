@@ -197,6 +197,18 @@ impl KernelSpec {
         }
     }
 
+    /// Whether output row r reads only row r of each `[rows, ...]` operand
+    /// (and whole weights): matmul, norms, activations and same-shape
+    /// elementwise ops; not attention, RoPE (positions) or embeddings.
+    pub fn row_local(&self) -> bool {
+        match &self.op {
+            Op::MatMul { .. } | Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::Gelu { .. } | Op::Silu => true,
+            Op::Add | Op::Mul => self.operands.iter().all(|t| t.dims == self.result.dims || !t.dims.contains(&sparsec_ir::Dim::Seq)),
+            Op::Softmax => true,
+            Op::Input | Op::Weight { .. } | Op::Constant { .. } | Op::Attention { .. } | Op::Rope { .. } | Op::Embedding | Op::Positions => false,
+        }
+    }
+
     fn unsupported(&self, why: &str) -> CompileError {
         CompileError::Unsupported { kernel: self.name.clone(), op: self.op.keyword(), why: why.to_string() }
     }
