@@ -83,7 +83,7 @@ def bench_llama_cpp(path, threads, prompt_len, new_tokens):
 
 
 def bench_sparsec(path, threads, prompt_len, new_tokens):
-    exe = os.path.join(ROOT, "target", "debug", "sparsec")
+    exe = os.path.join(ROOT, "target", "release", "sparsec")
     out = subprocess.check_output([exe, "bench", path, "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens),
                                    "--threads", str(threads), "--repeat", "2", "--json"], cwd=ROOT)
     return json.loads(out)
@@ -96,7 +96,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     a = ap.parse_args()
     ensure_llama_cpp()
-    subprocess.check_call(["cargo", "build", "-q", "--bin", "sparsec"], cwd=ROOT)
+    # Release: the runtime around the kernels (threads, KV appends, sampling) is Rust.
+    subprocess.check_call(["cargo", "build", "-q", "--release", "--bin", "sparsec"], cwd=ROOT)
     q41 = smollm2()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
