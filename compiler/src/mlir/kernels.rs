@@ -516,7 +516,7 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                 let m = b.for_fold(&zero_i, &dc, &[ninf.clone()], |b, j, acc| {
                     let i = b.addi(&base, j);
                     let x = b.load(&ins[0], &i);
-                    vec![b.fbin("maximumf", &acc[0], &x)]
+                    vec![b.fbin("maxnumf", &acc[0], &x)]
                 });
                 let s = b.for_fold(&zero_i, &dc, &[zero.clone()], |b, j, acc| {
                     let i = b.addi(&base, j);
@@ -724,25 +724,41 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                     let m = b.for_fold(&start, &end, &[ninf.clone()], |b, j, acc| {
                         let kb = b.muli(j, &kvwc);
                         let kbase = b.addi(&kb, &khd);
-                        let mut dot = b.vzero(VW);
-                        for (v, q) in qs.iter().enumerate() {
-                            let o = b.index(v as u64 * VW as u64);
-                            let i = b.addi(&kbase, &o);
-                            let k = b.vload(&ins[1], &i, VW);
-                            dot = b.vfma(q, &k, &dot, VW);
+                        // Products summed as a tree, not one chain: keys overlap in
+                        // flight only if each key's dot has a short latency.
+                        let mut parts: Vec<V> = qs
+                            .iter()
+                            .enumerate()
+                            .map(|(v, q)| {
+                                let o = b.index(v as u64 * VW as u64);
+                                let i = b.addi(&kbase, &o);
+                                let k = b.vload(&ins[1], &i, VW);
+                                b.def(format!("arith.mulf {q}, {k} : {}", KernelBuilder::vty(VW)))
+                            })
+                            .collect();
+                        while parts.len() > 1 {
+                            parts = parts
+                                .chunks(2)
+                                .map(|p| match p {
+                                    [x, y] => b.def(format!("arith.addf {x}, {y} : {}", KernelBuilder::vty(VW))),
+                                    [x] => x.clone(),
+                                    _ => unreachable!("chunks of two"),
+                                })
+                                .collect();
                         }
-                        let dsum = b.vsum(&dot, VW);
+                        let dsum = b.vsum(&parts[0], VW);
                         let s = b.mul(&dsum, &scale);
                         let s = masked(b, &s, j, &p);
                         b.store(&s, &scores, j);
-                        vec![b.fbin("maximumf", &acc[0], &s)]
+                        vec![b.fbin("maxnumf", &acc[0], &s)]
                     });
                     let l = b.for_fold(&start, &end, &[zero.clone()], |b, j, acc| {
                         let s = b.load(&scores, j);
                         let c = b.sub(&s, &m[0]);
                         let e = math::exp(b, &c);
                         b.store(&e, &scores, j);
-                        vec![b.add(&acc[0], &e)]
+                        // Reassociable, so LLVM may vectorize this loop (exp included).
+                        vec![b.def(format!("arith.addf {}, {e} fastmath<reassoc> : f32", acc[0]))]
                     });
                     let z = b.vzero(VW);
                     let init: Vec<(V, String)> = (0..nv).map(|_| (z.clone(), KernelBuilder::vty(VW))).collect();
@@ -792,7 +808,7 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                         let s = b.mul(&dot[0], &scale);
                         // A key outside the window gets -inf (weight 0).
                         let s = masked(b, &s, j, &p);
-                        let m_new = b.fbin("maximumf", &acc[0], &s);
+                        let m_new = b.fbin("maxnumf", &acc[0], &s);
                         let dm = b.sub(&acc[0], &m_new);
                         let corr = math::exp(b, &dm);
                         let ds = b.sub(&s, &m_new);
