@@ -105,6 +105,9 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
     key.update(source_hash.as_bytes());
     key.update(options_json.to_string().as_bytes());
     key.update(env!("CARGO_PKG_VERSION").as_bytes());
+    // The generator's own sources (compiler/build.rs): a changed kernel emitter
+    // misses the cache instead of being served what the old one wrote.
+    key.update(env!("SPARSEC_GENERATOR_HASH").as_bytes());
     key.update(&MANIFEST_VERSION.to_le_bytes());
     let cache_key = key.finalize().to_hex().to_string();
 
