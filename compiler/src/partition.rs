@@ -7,7 +7,7 @@ use crate::error::CompileResult;
 use crate::mlir::kernels::Prologue;
 use crate::mlir::KernelSpec;
 use crate::sparse_select::choose;
-use sparsec_ir::{Dim, Graph, Op, TensorType};
+use sparsec_ir::{Graph, Op, TensorType};
 use sparsec_runtime::manifest::{BufferKind, BufferSpec, ExecutionPlan, KernelStep, Step};
 use std::collections::HashMap;
 
@@ -169,15 +169,11 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
 /// non-weight buffer is `[seq, ...]` with one `seq` (so row r sits at r times
 /// the row's bytes), provided it produces every output; `None` when empty.
 fn row_local_tail(kernels: &[KernelSpec], buffers: &[BufferSpec], steps: &[Step], outputs: &[usize]) -> Option<usize> {
-    let by_rows = |b: usize| {
-        let d = &buffers[b].dims;
-        d.first() == Some(&Dim::Seq) && d.iter().filter(|x| **x == Dim::Seq).count() == 1
-    };
     let mut start = steps.len();
     for (i, step) in steps.iter().enumerate().rev() {
         let Step::Kernel(k) = step else { break };
         let Some(spec) = kernels.iter().find(|s| s.name == k.kernel) else { break };
-        let rows_ok = k.args.iter().all(|&a| buffers[a].kind == BufferKind::Weight || by_rows(a));
+        let rows_ok = k.args.iter().all(|&a| buffers[a].kind == BufferKind::Weight || buffers[a].by_rows());
         if !spec.row_local() || !rows_ok {
             break;
         }

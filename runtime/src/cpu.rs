@@ -288,16 +288,21 @@ impl CpuSession<'_> {
             ptrs.push(p);
         }
         let tail = plan.row_local_tail.filter(|_| last_only && seq > 1);
+        // The last row of a buffer laid out by rows (`BufferSpec::by_rows`).
+        let last_row = |p: *mut u8, b: &crate::manifest::BufferSpec| {
+            let row = b.bytes(1);
+            // SAFETY: a buffer by rows holds `seq` rows of `row` bytes, so the last
+            // row is inside its allocation.
+            (unsafe { p.add(row * (seq as usize - 1)) }, row)
+        };
         for (i, step) in plan.steps.iter().enumerate() {
             if tail == Some(i) {
                 // From here on, every buffer but the weights is read and written
-                // at its last row only, as a one-row sequence at the last position.
+                // at its last row only, as a one-row sequence at the last position
+                // (partition checks that the tail's buffers are by rows).
                 for (b, p) in plan.buffers.iter().zip(ptrs.iter_mut()) {
                     if b.kind != BufferKind::Weight {
-                        let row = b.bytes(1);
-                        // SAFETY: tail buffers hold `seq` rows of `row` bytes (partition
-                        // checks their shape), so the last row is inside the allocation.
-                        *p = (unsafe { p.0.add(row * (seq as usize - 1)) }, row);
+                        *p = last_row(p.0, b);
                     }
                 }
             }
@@ -329,12 +334,10 @@ impl CpuSession<'_> {
                 let b = &plan.buffers[o];
                 let mut shape: Vec<usize> = b.dims.iter().map(|d| d.resolve(seq) as usize).collect();
                 let (mut p, mut len) = ptrs[o];
-                let by_rows = b.dims.first() == Some(&sparsec_ir::Dim::Seq);
+                let by_rows = b.by_rows();
                 if last_only && tail.is_none() && by_rows {
                     // No tail: every row was computed; keep the last.
-                    let row = b.bytes(1);
-                    // SAFETY: the output holds `seq` rows of `row` bytes.
-                    (p, len) = (unsafe { p.add(row * (seq as usize - 1)) }, row);
+                    (p, len) = last_row(p, b);
                 }
                 if last_only && by_rows {
                     if let Some(first) = shape.first_mut() {

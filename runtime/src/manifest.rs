@@ -116,6 +116,12 @@ impl BufferSpec {
         SymSize::of_dims(&self.dims)
     }
 
+    /// Whether the buffer is laid out by rows of `seq`: its first dimension is
+    /// `seq` and no other is, so row r starts at r × `bytes(1)`.
+    pub fn by_rows(&self) -> bool {
+        self.dims.first() == Some(&Dim::Seq) && self.dims.iter().filter(|d| **d == Dim::Seq).count() == 1
+    }
+
     /// Bytes at sequence length `seq`: packed blocks for quantized weights; every
     /// other buffer holds 4-byte f32 values (i32 ids travel as exact f32).
     pub fn bytes(&self, seq: u64) -> usize {

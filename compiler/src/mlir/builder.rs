@@ -167,10 +167,14 @@ impl KernelBuilder {
         self.def(format!("vector.load {buf}[{idx}] : memref<?xi8>, vector<{n}xi8>"))
     }
 
-    /// Hints that `buf[idx]` (a `memref<?xELEM>`, CPU) will be read soon:
-    /// fetches its cache line ahead of the loads that need it.
-    pub fn prefetch(&mut self, buf: &str, idx: &str, elem: &str) {
-        self.line(format!("memref.prefetch {buf}[{idx}], read, locality<3>, data : memref<?x{elem}>"));
+    /// Hints that `buf[min(idx + ahead, last)]` (a `memref<?xELEM>`, CPU) will
+    /// be read soon: fetches its cache line ahead of the loads of a stream the
+    /// hardware prefetcher does not follow far enough.
+    pub fn prefetch_ahead(&mut self, buf: &str, idx: &str, ahead: u64, last: &str, elem: &str) {
+        let a = self.index(ahead);
+        let at = self.addi(idx, &a);
+        let at = self.def(format!("arith.minui {at}, {last} : index"));
+        self.line(format!("memref.prefetch {buf}[{at}], read, locality<3>, data : memref<?x{elem}>"));
     }
 
     /// Stores the `vector<nxi8>` `val` at `buf[idx..]` (CPU).

@@ -41,11 +41,12 @@ pub(super) struct TiledMatmul {
 }
 
 /// A tiled matmul's counts as index values: column tiles, rows, rows per
-/// block, and units (row blocks × column tiles).
+/// block, row blocks, and units (row blocks × column tiles).
 pub(super) struct TileCounts {
     pub ct: V,
     pub rows: V,
     pub rbc: V,
+    pub row_blocks: V,
     pub units: V,
 }
 
@@ -58,7 +59,7 @@ impl TiledMatmul {
         let rows_up = b.addi(&rows, &rb_m1);
         let row_blocks = b.divui(&rows_up, &rbc);
         let units = b.muli(&row_blocks, &ct);
-        TileCounts { ct, rows, rbc, units }
+        TileCounts { ct, rows, rbc, row_blocks, units }
     }
 }
 
@@ -204,9 +205,8 @@ impl KernelSpec {
     /// elementwise ops; not attention, RoPE (positions) or embeddings.
     pub fn row_local(&self) -> bool {
         match &self.op {
-            Op::MatMul { .. } | Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::Gelu { .. } | Op::Silu => true,
+            Op::MatMul { .. } | Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::Softmax | Op::Gelu { .. } | Op::Silu => true,
             Op::Add | Op::Mul => self.operands.iter().all(|t| t.dims == self.result.dims || !t.dims.contains(&sparsec_ir::Dim::Seq)),
-            Op::Softmax => true,
             Op::Input | Op::Weight { .. } | Op::Constant { .. } | Op::Attention { .. } | Op::Rope { .. } | Op::Embedding | Op::Positions => false,
         }
     }
@@ -929,11 +929,7 @@ impl QuantPlanes {
         } else {
             let sixteen = b.index(16);
             let at = b.muli(blk, &sixteen);
-            let v = b.vload_bytes(buf, &at, VQ);
-            let mask = b.vsplat_int(15, VQ, "i8");
-            let four = b.vsplat_int(4, VQ, "i8");
-            let lo = b.def(format!("arith.andi {v}, {mask} : vector<{VQ}xi8>"));
-            let hi = b.def(format!("arith.shrui {v}, {four} : vector<{VQ}xi8>"));
+            let (lo, hi) = nibbles(b, buf, &at);
             let lo = b.def(format!("arith.extui {lo} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
             let hi = b.def(format!("arith.extui {hi} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
             (lo, hi)
@@ -951,6 +947,17 @@ impl QuantPlanes {
         let hi = deq(b, &qhi);
         (lo, hi)
     }
+}
+
+/// The 16 bytes of a Q4 block at byte `at` of `buf`, split into its low
+/// nibbles (values 0..16) and high nibbles (values 16..32) as `vector<16xi8>`.
+pub(super) fn nibbles(b: &mut KernelBuilder, buf: &str, at: &str) -> (V, V) {
+    let v = b.vload_bytes(buf, at, 16);
+    let mask = b.vsplat_int(15, 16, "i8");
+    let four = b.vsplat_int(4, 16, "i8");
+    let lo = b.def(format!("arith.andi {v}, {mask} : vector<16xi8>"));
+    let hi = b.def(format!("arith.shrui {v}, {four} : vector<16xi8>"));
+    (lo, hi)
 }
 
 /// How CPU matmul units are numbered.
@@ -999,7 +1006,7 @@ fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V], out: &st
     let (a_buf, w_buf) = (ins[0].clone(), ins[1].clone());
     let (kc, nc) = (b.index(t.k), b.index(t.n));
     let zero_i = b.index(0);
-    let TileCounts { ct, rows, rbc, units } = t.counts(b);
+    let TileCounts { ct, rows, rbc, row_blocks, units } = t.counts(b);
     let planes = t.quant.map(|dt| QuantPlanes::new(b, dt, &w_buf, t.n * t.k));
     let w_last = b.index((t.n * t.k).saturating_sub(1));
     let nbk = b.index(t.k / sparsec_ir::quant::QK as u64);
@@ -1025,10 +1032,7 @@ fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V], out: &st
                         let i = b.addi(wr, kk);
                         if nr == 1 {
                             // GEMV streams the weight rows in order: ask for them ahead.
-                            let ahead = b.index(GEMV_PREFETCH_FLOATS);
-                            let at = b.addi(&i, &ahead);
-                            let at = b.def(format!("arith.minui {at}, {w_last} : index"));
-                            b.prefetch(&w_buf, &at, "f32");
+                            b.prefetch_ahead(&w_buf, &i, GEMV_PREFETCH_FLOATS, &w_last, "f32");
                         }
                         let w = b.vload(&w_buf, &i, VW);
                         for (r, x) in xs.iter().enumerate() {
@@ -1089,7 +1093,6 @@ fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V], out: &st
     // Register budget: f32 4 rows × 2 columns; quantized 4 rows × 1 (the dequantized block is 4 vectors).
     let (c_gemm, c_gemv) = if planes.is_some() { (1, 4) } else { (2, 4) };
     // A weight larger than the caches is read once per slice, not once per row block.
-    let row_blocks = b.divui(&units, &ct);
     let order = if t.n * t.k * 4 > COL_MAJOR_WEIGHT_BYTES {
         UnitOrder::ColMajor { row_blocks: &row_blocks }
     } else {

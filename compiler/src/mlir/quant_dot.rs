@@ -10,7 +10,7 @@
 //! `Σ w·x = dw·dx·Σ qw·qx + mw·(dx·Σ qx)`.
 
 use super::builder::{KernelBuilder, V};
-use super::kernels::{column_groups, row_block, strided, QuantPlanes, TileCounts, TiledMatmul, MM_COLS};
+use super::kernels::{column_groups, nibbles, row_block, strided, QuantPlanes, TileCounts, TiledMatmul, MM_COLS};
 use sparsec_ir::quant::QK;
 use sparsec_ir::DType;
 
@@ -86,19 +86,12 @@ fn block_dot(b: &mut KernelBuilder, w: &str, x: &str, signed_w: bool) -> V {
     b.def(format!("llvm.call_intrinsic \"llvm.x86.avx2.pmadd.wd\"({pairs}, {ones}) : (vector<16xi16>, vector<16xi16>) -> vector<{LANES}xi32>"))
 }
 
-/// The 32 quantized values of weight block `g` as `vector<32xi8>`.
-fn weight_block(b: &mut KernelBuilder, dt: DType, w: &str, g: &str) -> V {
-    let bytes = b.index(sparsec_ir::quant::quant_bytes(dt) as u64);
-    let at = b.muli(g, &bytes);
+/// The 32 quantized values of the weight block at byte `at` as `vector<32xi8>`.
+fn weight_block(b: &mut KernelBuilder, dt: DType, w: &str, at: &str) -> V {
     if dt == DType::Q8_0 {
-        return b.vload_bytes(w, &at, QK as u32);
+        return b.vload_bytes(w, at, QK as u32);
     }
-    // Byte i holds value i (low nibble) and value i + 16 (high nibble).
-    let v = b.vload_bytes(w, &at, 16);
-    let mask = b.vsplat_int(15, 16, "i8");
-    let four = b.vsplat_int(4, 16, "i8");
-    let lo = b.def(format!("arith.andi {v}, {mask} : vector<16xi8>"));
-    let hi = b.def(format!("arith.shrui {v}, {four} : vector<16xi8>"));
+    let (lo, hi) = nibbles(b, w, at);
     let order: Vec<String> = (0..QK).map(|i| i.to_string()).collect();
     b.def(format!("vector.shuffle {lo}, {hi} [{}] : vector<16xi8>, vector<16xi8>", order.join(", ")))
 }
@@ -113,7 +106,7 @@ pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V]
     let k = t.k;
     let nbk_n = k / QK as u64;
     let (kc, nc, nbk) = (b.index(k), b.index(t.n), b.index(nbk_n));
-    let TileCounts { ct, rows, rbc, units } = t.counts(b);
+    let TileCounts { ct, rows, rbc, units, .. } = t.counts(b);
     let planes = QuantPlanes::new(b, dt, &w_buf, t.n * k);
     let qbytes = b.index(t.rb * k);
     let sblocks = b.index(t.rb * nbk_n);
@@ -123,7 +116,9 @@ pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V]
         s: b.alloca_f32(&sblocks),
     };
     let offsets = dt != DType::Q8_0;
-    let quants_last = b.index((t.n * nbk_n * sparsec_ir::quant::quant_bytes(dt) as u64).saturating_sub(1));
+    let block_bytes = sparsec_ir::quant::quant_bytes(dt) as u64;
+    let qbytes_per_block = b.index(block_bytes);
+    let quants_last = b.index((t.n * nbk_n * block_bytes).saturating_sub(1));
     // One micro-kernel: rows r0..r0+nr (slots from `slot0`), weight rows j..j+ncols.
     let micro = |b: &mut KernelBuilder, r0: &str, slot0: &str, nr: u64, j: &str, ncols: u64| {
         let slots = strided(b, slot0, nr, &kc);
@@ -152,17 +147,13 @@ pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V]
             let mut next = accs.to_vec();
             for (c, wb) in wblocks.iter().enumerate() {
                 let g = b.addi(wb, blk);
+                let at = b.muli(&g, &qbytes_per_block);
                 if nr == 1 {
                     // GEMV streams the weight from memory: ask for it ahead (the
                     // quants plane is read in order, column after column).
-                    let qb = b.index(sparsec_ir::quant::quant_bytes(dt) as u64);
-                    let at = b.muli(&g, &qb);
-                    let ahead = b.index(PREFETCH_BYTES);
-                    let at = b.addi(&at, &ahead);
-                    let at = b.def(format!("arith.minui {at}, {quants_last} : index"));
-                    b.prefetch(&w_buf, &at, "i8");
+                    b.prefetch_ahead(&w_buf, &at, PREFETCH_BYTES, &quants_last, "i8");
                 }
-                let wq = weight_block(b, dt, &w_buf, &g);
+                let wq = weight_block(b, dt, &w_buf, &at);
                 let (dw, mw) = planes.scale_offset(b, &g);
                 for (r, (x, dx, sx)) in xs.iter().enumerate() {
                     let at = r * ncols as usize + c;
