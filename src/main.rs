@@ -107,6 +107,11 @@ struct CompileFlags {
     /// needs AVX2) or `f32` (equals the reference to f32 rounding).
     #[arg(long, value_enum, default_value_t = QuantActivationsArg::Int8)]
     quant_activations: QuantActivationsArg,
+    /// The CPU KV caches' element type: `f16` (like llama.cpp; half the memory
+    /// and attention reads) or `f32` (equals the reference to f32 rounding).
+    /// Targets that include CUDA keep f32.
+    #[arg(long, value_enum, default_value_t = KvCacheArg::F16)]
+    kv_cache: KvCacheArg,
     /// Type every weight f32: quantized checkpoint tensors are dequantized at
     /// compile time (by default Q8_0/Q4_0/Q4_1 matrices stay quantized).
     #[arg(long)]
@@ -304,6 +309,10 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
             QuantActivationsArg::Int8 => sparsec_compiler::QuantActivations::Int8,
             QuantActivationsArg::F32 => sparsec_compiler::QuantActivations::F32,
         },
+        kv_cache: match flags.kv_cache {
+            KvCacheArg::F16 => sparsec_compiler::KvCacheType::F16,
+            KvCacheArg::F32 => sparsec_compiler::KvCacheType::F32,
+        },
     })
 }
 
@@ -311,6 +320,13 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum QuantActivationsArg {
     Int8,
+    F32,
+}
+
+/// `--kv-cache` (sparsec_compiler::KvCacheType).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum KvCacheArg {
+    F16,
     F32,
 }
 

@@ -1,7 +1,8 @@
 //! The filetest runner: every `tests/filetests/*.sir` names its test on its first
 //! line (`// test passes`, `// test lower-mlir`, `// test run`), optionally
-//! followed by options (`quant-activations=f32|int8`, `tolerance=X`: the atol
-//! and rtol of the comparison with the reference, default 1e-4), produces text,
+//! followed by options (`quant-activations=f32|int8`, `kv-cache=f16|f32`,
+//! `tolerance=X`: the atol and rtol of the comparison with the reference,
+//! default 1e-4), produces text,
 //! and the text is pinned with an insta snapshot under `tests/snapshots/`.
 //! Re-bless all of them with `INSTA_UPDATE=always cargo test --test filetests`.
 
@@ -9,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use sparsec_compiler::mlir::pipeline::MlirSession;
 use sparsec_compiler::mlir::{emit_kernel, Device};
 use sparsec_compiler::partition::partition_with;
-use sparsec_compiler::{backend, compile, CompileOptions, CompileRequest, CpuTarget, CudaTarget, QuantActivations, TargetKind};
+use sparsec_compiler::{backend, compile, CompileOptions, CompileRequest, CpuTarget, CudaTarget, KvCacheType, QuantActivations, TargetKind};
 use sparsec_ir::{parse_graph, Graph};
 use sparsec_passes::{PassManager, PrintOptions};
 use sparsec_runtime::compare::{compare, Tolerance};
@@ -57,11 +58,13 @@ impl FileOptions {
             match w.split_once('=') {
                 Some(("quant-activations", "f32")) => compile.quant_activations = QuantActivations::F32,
                 Some(("quant-activations", "int8")) => compile.quant_activations = QuantActivations::Int8,
+                Some(("kv-cache", "f16")) => compile.kv_cache = KvCacheType::F16,
+                Some(("kv-cache", "f32")) => compile.kv_cache = KvCacheType::F32,
                 Some(("tolerance", x)) => {
                     let t: f32 = x.parse().with_context(|| format!("tolerance={x}"))?;
                     tolerance = Tolerance { atol: t, rtol: t };
                 }
-                _ => bail!("unknown filetest option `{w}` (quant-activations=f32|int8, tolerance=X)"),
+                _ => bail!("unknown filetest option `{w}` (quant-activations=f32|int8, kv-cache=f16|f32, tolerance=X)"),
             }
         }
         Ok(FileOptions { compile, tolerance })
@@ -71,14 +74,20 @@ impl FileOptions {
 fn test_lower_mlir(g: &mut Graph, opts: &FileOptions) -> Result<String> {
     let mut out = String::new();
     run_passes(g, &mut out)?;
-    let mut part = partition_with(g, &opts.compile)?;
-    let tensors = sparsec_compiler::weights::resolve(g, &part, sparsec_compiler::WeightSource::None)?;
-    sparsec_compiler::driver::attach_baked_weights(&mut part, &tensors);
+    // The CPU kernels as a CPU-only compile makes them; the NVPTX ones as a
+    // compile that includes CUDA does (its KV caches stay f32).
+    let mut parts = Vec::new();
+    for target in [TargetKind::Cpu, TargetKind::All] {
+        let mut part = partition_with(g, &CompileOptions { target, ..opts.compile.clone() })?;
+        let tensors = sparsec_compiler::weights::resolve(g, &part, sparsec_compiler::WeightSource::None)?;
+        sparsec_compiler::driver::attach_baked_weights(&mut part, &tensors);
+        parts.push(part);
+    }
     let session = MlirSession::new();
     let cpu = &opts.compile.cpu;
     let cuda = CudaTarget::default();
-    for spec in &part.kernels {
-        for device in [Device::Cpu, Device::Nvptx] {
+    for (cpu_spec, gpu_spec) in parts[0].kernels.iter().zip(&parts[1].kernels) {
+        for (device, spec) in [(Device::Cpu, cpu_spec), (Device::Nvptx, gpu_spec)] {
             let mlir = emit_kernel(spec, device)?;
             let llvm = inkwell::context::Context::create();
             let (module, _) = session.lower_to_llvm(&spec.name, &mlir, device, &llvm)?;

@@ -61,14 +61,15 @@ fn smollm2_perplexity_matches_llama_cpp_and_the_compiled_model_matches_the_refer
     let rel = (ppl - 18.83).abs() / 18.83;
     assert!(rel < 0.005, "perplexity {ppl:.4} is {:.2}% from llama.cpp's 18.83", rel * 100.0);
 
-    // The compiled model, through the CLI. With f32 activations: the same
-    // perplexity. With int8 activations (the default, like llama.cpp): within
-    // 0.5%, the activations' rounding (measured: 18.80 against 18.83).
+    // The compiled model, through the CLI. With f32 activations and f32 KV
+    // caches: the same perplexity. With f16 caches: within 0.1%. With int8
+    // activations and f16 caches (the defaults, like llama.cpp): within 0.5%,
+    // mostly the activations' rounding (measured: 18.80 against 18.83).
     let tmp = tempfile::tempdir().unwrap();
-    let compiled = |activations: &str| {
+    let compiled = |activations: &str, kv_cache: &str| {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
             .args(["eval", "smollm2", "--text", "/usr/share/common-licenses/GPL-3", "--max-tokens", "512", "--compiled", "--json"])
-            .args(["--quant-activations", activations])
+            .args(["--quant-activations", activations, "--kv-cache", kv_cache])
             .env("SPARSEC_CACHE_DIR", tmp.path())
             .output()
             .unwrap();
@@ -76,11 +77,16 @@ fn smollm2_perplexity_matches_llama_cpp_and_the_compiled_model_matches_the_refer
         let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         j["perplexity"].as_f64().unwrap()
     };
-    let exact = compiled("f32");
-    let int8 = compiled("int8");
-    println!("smollm2: reference {ppl:.5}, compiled {exact:.5} (f32 activations), {int8:.5} (int8), llama.cpp 18.83");
+    let exact = compiled("f32", "f32");
+    let f16_cache = compiled("f32", "f16");
+    let defaults = compiled("int8", "f16");
+    println!(
+        "smollm2: reference {ppl:.5}, compiled {exact:.5} (f32 activations and KV caches), {f16_cache:.5} (f16 caches), \
+         {defaults:.5} (int8 activations, f16 caches), llama.cpp 18.83"
+    );
     assert!((exact - ppl).abs() / ppl < 1e-4, "compiled perplexity {exact} vs reference {ppl}");
-    assert!((int8 - ppl).abs() / ppl < 5e-3, "compiled perplexity with int8 activations {int8} vs reference {ppl}");
+    assert!((f16_cache - ppl).abs() / ppl < 1e-3, "compiled perplexity with f16 KV caches {f16_cache} vs reference {ppl}");
+    assert!((defaults - ppl).abs() / ppl < 5e-3, "compiled perplexity with int8 activations {defaults} vs reference {ppl}");
 }
 
 #[test]
@@ -253,8 +259,9 @@ fn compiled_fixture_error(name: &str) -> f32 {
 
 /// The compiled SmolLM2 (Q4_1/Q8_0 weights kept quantized) decoding through its
 /// KV cache gives the reference interpreter's logits at every position: to f32
-/// rounding with f32 activations, and to the activations' rounding with int8
-/// activations (the default).
+/// rounding with f32 activations and caches, to the keys' and values' f16
+/// rounding with f16 caches, and to the activations' rounding with int8
+/// activations (the defaults: int8 and f16).
 #[test]
 fn compiled_smollm2_decode_equals_the_reference() {
     let Ok(path) = sparsec_models::checkpoint::smollm2_path() else {
@@ -266,16 +273,20 @@ fn compiled_smollm2_decode_equals_the_reference() {
     let want = logits(&model, &ids);
     let vocab = want.len() / ids.len();
     let tmp = tempfile::tempdir().unwrap();
-    for activations in ["f32", "int8"] {
-        let out = tmp.path().join(format!("s-{activations}.sparsec"));
+    for (activations, kv_cache) in [("f32", "f32"), ("f32", "f16"), ("int8", "f16")] {
+        let out = tmp.path().join(format!("s-{activations}-{kv_cache}.sparsec"));
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
-            .args(["compile", path.to_str().unwrap(), "-o", out.to_str().unwrap(), "--no-cache", "--quant-activations", activations])
+            .args(["compile", path.to_str().unwrap(), "-o", out.to_str().unwrap(), "--no-cache"])
+            .args(["--quant-activations", activations, "--kv-cache", kv_cache])
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let art = sparsec_runtime::Artifact::open(&out).unwrap();
         let quantized = art.manifest.execution.buffers.iter().filter(|b| b.dtype.is_quantized()).count();
         assert_eq!(quantized, 30 * 7 + 1, "every layer matrix and the tied embedding stay quantized");
+        let caches: Vec<_> = art.manifest.execution.buffers.iter().filter(|b| b.kind == sparsec_runtime::manifest::BufferKind::KvCache).collect();
+        assert_eq!(caches.len(), 30 * 2);
+        assert!(caches.iter().all(|b| b.dtype.name() == kv_cache), "every KV cache is {kv_cache}");
         let exec = sparsec_runtime::cpu::CpuExecutor::load(&art).unwrap();
         let mut session = exec.session(&art).unwrap();
         let arr = |s: &[u32]| ArrayD::from_shape_vec(IxDyn(&[s.len()]), s.iter().map(|i| *i as f32).collect()).unwrap();
@@ -290,13 +301,17 @@ fn compiled_smollm2_decode_equals_the_reference() {
         let argmax = |r: &[f32]| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
         let same_top1 = want.chunks(vocab).zip(rows.chunks(vocab)).filter(|(a, b)| argmax(a) == argmax(b)).count();
         println!(
-            "compiled SmolLM2 ({activations} activations), KV-cached decode vs the reference interpreter: \
+            "compiled SmolLM2 ({activations} activations, {kv_cache} KV caches), KV-cached decode vs the reference interpreter: \
              max abs error {max_err:.3e}, relative RMS error {rel_rms:.2e}, same top token at {same_top1}/{} positions",
             ids.len()
         );
-        if activations == "f32" {
+        if activations == "f32" && kv_cache == "f32" {
             // Logits are O(10); f32 sums in another order through 30 layers.
             assert!(max_err < 2e-3, "compiled decode differs from the reference by {max_err}");
+        } else if activations == "f32" {
+            // Each key and value rounds to f16 (relative 2^-11): measured 5.2e-4.
+            assert!(rel_rms < 2e-3, "f16 KV caches: relative RMS error {rel_rms}");
+            assert_eq!(same_top1, ids.len(), "f16 KV caches change the top token");
         } else {
             // Measured 3.7e-2 through 30 layers; perplexity moves by 0.2% (see the perplexity test).
             assert!(rel_rms < 0.06, "int8 activations: relative RMS error {rel_rms}");

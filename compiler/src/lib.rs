@@ -8,7 +8,7 @@ pub mod mlir;
 pub mod options;
 
 pub use error::{CompileError, CompileResult};
-pub use options::{BakeBudget, CompileOptions, CpuTarget, CudaTarget, Emit, QuantActivations, TargetKind};
+pub use options::{BakeBudget, CompileOptions, CpuTarget, CudaTarget, Emit, KvCacheType, QuantActivations, TargetKind};
 pub mod cache;
 pub mod driver;
 pub mod fusion;

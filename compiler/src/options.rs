@@ -137,6 +137,22 @@ pub enum QuantActivations {
     F32,
 }
 
+/// The element type of the CPU's KV caches (the keys and values every attention
+/// op keeps across calls).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheType {
+    /// Half precision (what llama.cpp keeps): half the memory, and half the bytes
+    /// decode attention reads per token. Each key and value is rounded to f16
+    /// (relative error at most 2^-11) as it is appended. Targets that include
+    /// CUDA keep `f32` caches: the CUDA executor runs whole sequences, whose
+    /// caches are the new keys and values themselves.
+    #[default]
+    F16,
+    /// Single precision: attention equals the reference to f32 rounding.
+    F32,
+}
+
 impl Default for BakeBudget {
     fn default() -> Self {
         BakeBudget { compile_ms: 5_000, code_bytes: 512 << 10 }
@@ -156,6 +172,8 @@ pub struct CompileOptions {
     pub bake_budget: BakeBudget,
     #[serde(default)]
     pub quant_activations: QuantActivations,
+    #[serde(default)]
+    pub kv_cache: KvCacheType,
 }
 
 impl Default for CompileOptions {
@@ -168,6 +186,7 @@ impl Default for CompileOptions {
             emit: Vec::new(),
             bake_budget: BakeBudget::default(),
             quant_activations: QuantActivations::default(),
+            kv_cache: KvCacheType::default(),
         }
     }
 }
@@ -185,6 +204,11 @@ impl CompileOptions {
     /// possible on the CPU target).
     pub fn int8_activations(&self) -> bool {
         self.quant_activations == QuantActivations::Int8 && self.cpu.has_avx2()
+    }
+
+    /// Whether the KV caches hold f16 (asked for, and the target is the CPU alone).
+    pub fn f16_kv_cache(&self) -> bool {
+        self.kv_cache == KvCacheType::F16 && self.target == TargetKind::Cpu
     }
 
     pub fn wants(&self, e: Emit) -> bool {

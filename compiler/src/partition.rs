@@ -38,10 +38,12 @@ pub fn partition(g: &Graph) -> CompileResult<Partition> {
 }
 
 /// `partition` under the options that shape kernels: the budget `auto` may
-/// spend on baked kernels, and how quantized matmuls take their activations.
+/// spend on baked kernels, how quantized matmuls take their activations, and
+/// the KV caches' element type.
 pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> CompileResult<Partition> {
     let mut left = crate::sparse_select::BakeLeft::new(opts.bake_budget);
     let int8_activations = opts.int8_activations();
+    let kv_dtype = if opts.f16_kv_cache() { sparsec_ir::DType::F16 } else { sparsec_ir::DType::F32 };
     let types: Vec<TensorType> = sparsec_ir::verify(g)?;
     let mut buffers = Vec::new();
     let mut buffer_of = vec![usize::MAX; g.nodes.len()];
@@ -97,6 +99,12 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             prologue: f.and_then(|f| f.prologue),
             int8_activations,
         };
+        if let Op::Attention { .. } = n.op {
+            // The kernel reads its keys and values from the caches, in their type.
+            for t in spec.operands.iter_mut().skip(1).take(2) {
+                t.dtype = kv_dtype;
+            }
+        }
         if let Some(pw) = n.operands.get(1).and_then(|w| pruned.get(&w.0)).filter(|_| matches!(n.op, Op::MatMul { .. })) {
             let wbuf = buffer_of[n.operands[1].0];
             let choice = choose(&n.patterns, pw, &buffers[wbuf].name, &mut left)?;
@@ -139,7 +147,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     name: format!("{}.{role}", n.name),
                     kind: BufferKind::KvCache,
                     dims: buffers[src].dims.clone(),
-                    dtype: buffers[src].dtype,
+                    dtype: kv_dtype,
                     slot: None,
                     sparse: None,
                 });

@@ -7,6 +7,7 @@ use crate::error::{RuntimeError, RuntimeResult};
 use crate::manifest::{BufferKind, KernelStep, Step, CPU_LIBRARY};
 use crate::pool::SpinPool;
 use ndarray::{ArrayD, IxDyn};
+use sparsec_ir::DType;
 use std::collections::HashMap;
 use std::ffi::c_void;
 
@@ -275,14 +276,15 @@ impl CpuSession<'_> {
                     }
                 },
                 BufferKind::KvCache => {
-                    let width = b.bytes(1) / 4;
+                    // Held as f32 words (4-byte aligned) whatever the cache's type.
+                    let row_words = b.bytes(1).div_ceil(4);
                     let c = self.caches.entry(i).or_default();
-                    let need = (pos + seq as usize) * width;
-                    if c.len() < need {
+                    let need = (pos + seq as usize) * b.bytes(1);
+                    if c.len() * 4 < need {
                         // Grow geometrically: decode appends one row at a time.
-                        c.resize(need.max(c.len() * 2).max(width * 64), 0.0);
+                        c.resize(need.div_ceil(4).max(c.len() * 2).max(row_words * 64), 0.0);
                     }
-                    (c.as_mut_ptr() as *mut u8, need * 4)
+                    (c.as_mut_ptr() as *mut u8, need)
                 }
             };
             ptrs.push(p);
@@ -311,10 +313,26 @@ impl CpuSession<'_> {
                 Step::KvAppend { src, cache } => {
                     let (sp, slen) = ptrs[*src];
                     let (cp, _) = ptrs[*cache];
-                    let row_bytes = plan.buffers[*cache].bytes(1);
-                    // SAFETY: the cache holds `pos + seq` rows (sized above); `src`
-                    // holds `seq` rows of the same width; they are distinct buffers.
-                    unsafe { std::ptr::copy_nonoverlapping(sp, cp.add(pos * row_bytes), slen.min(row_bytes * seq as usize)) };
+                    let cb = &plan.buffers[*cache];
+                    let n = (cb.numel().resolve(seq) as usize).min(slen / 4);
+                    // SAFETY: the cache holds `pos + seq` rows (sized above) of
+                    // `bytes(1)` bytes each; `src` holds `seq` rows of as many f32
+                    // values; they are distinct allocations; both are 4-byte aligned.
+                    let from = unsafe { std::slice::from_raw_parts(sp as *const f32, n) };
+                    let at = unsafe { cp.add(pos * cb.bytes(1)) };
+                    match cb.dtype {
+                        DType::F16 => {
+                            use half::slice::HalfFloatSliceExt;
+                            // SAFETY: as above; f16 rows start at even byte offsets.
+                            let to = unsafe { std::slice::from_raw_parts_mut(at as *mut half::f16, n) };
+                            to.convert_from_f32_slice(from);
+                        }
+                        DType::F32 => {
+                            // SAFETY: as above.
+                            unsafe { std::slice::from_raw_parts_mut(at as *mut f32, n) }.copy_from_slice(from);
+                        }
+                        other => return Err(RuntimeError::Cpu(format!("KV cache `{}` of type {}", cb.name, other.name()))),
+                    }
                 }
                 Step::Kernel(k) => {
                     let t = self.profile.is_some().then(std::time::Instant::now);
@@ -368,7 +386,7 @@ impl CpuSession<'_> {
             .iter()
             .map(|&a| {
                 let (p, bytes) = ptrs[a];
-                let elems = if self.art.manifest.execution.buffers[a].dtype.is_quantized() { bytes } else { bytes / 4 };
+                let elems = if self.art.manifest.execution.buffers[a].as_bytes() { bytes } else { bytes / 4 };
                 MemRef1 { allocated: p, aligned: p, offset: 0, size: elems as i64, stride: 1 }
             })
             .collect();

@@ -84,6 +84,13 @@ impl CudaExecutor {
                     let host: Vec<f32> = a.iter().copied().collect();
                     owned.insert(i, self.stream.clone_htod(&host).map_err(cu("upload input"))?);
                 }
+                BufferKind::KvCache if b.dtype != sparsec_ir::DType::F32 => {
+                    return Err(RuntimeError::Cuda(format!(
+                        "KV cache `{}` is {}; the CUDA executor keeps f32 caches (compile for CUDA, or with --kv-cache f32)",
+                        b.name,
+                        b.dtype.name()
+                    )))
+                }
                 BufferKind::KvCache => {}
                 BufferKind::Temp => {
                     let n = (b.numel().resolve(seq) as usize).max(1);

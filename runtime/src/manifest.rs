@@ -6,7 +6,7 @@ use sparsec_ir::sparse::SparseStorage;
 use sparsec_ir::{DType, Dim, SymSize};
 
 /// Bumped whenever the manifest or the kernel ABI changes.
-pub const MANIFEST_VERSION: u32 = 4;
+pub const MANIFEST_VERSION: u32 = 5;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const GRAPH_FILE: &str = "graph.sir";
@@ -91,7 +91,8 @@ pub enum BufferKind {
     /// Produced by a step.
     Temp,
     /// The keys or values an attention op has seen: `dims` are per position
-    /// (`[seq, width]`); the runtime holds a capacity of positions across calls.
+    /// (`[seq, width]`), `dtype` f32 or f16 (appends round to it); the runtime
+    /// holds a capacity of positions across calls.
     KvCache,
 }
 
@@ -122,13 +123,20 @@ impl BufferSpec {
         self.dims.first() == Some(&Dim::Seq) && self.dims.iter().filter(|d| **d == Dim::Seq).count() == 1
     }
 
-    /// Bytes at sequence length `seq`: packed blocks for quantized weights; every
-    /// other buffer holds 4-byte f32 values (i32 ids travel as exact f32).
+    /// Whether kernels take the buffer as bytes (`memref<?xi8>`): packed
+    /// quantized weights and f16 KV caches.
+    pub fn as_bytes(&self) -> bool {
+        self.dtype.is_quantized() || self.dtype == DType::F16
+    }
+
+    /// Bytes at sequence length `seq`: packed blocks for quantized weights, 2 per
+    /// value for f16 KV caches; every other buffer holds 4-byte f32 values (i32
+    /// ids travel as exact f32).
     pub fn bytes(&self, seq: u64) -> usize {
         let n = self.numel().resolve(seq) as usize;
         if let Some(f) = &self.sparse {
             f.format.bytes()
-        } else if self.dtype.is_quantized() {
+        } else if self.as_bytes() {
             self.dtype.storage_bytes(n).unwrap_or(0)
         } else {
             n * 4
@@ -136,8 +144,9 @@ impl BufferSpec {
     }
 }
 
-/// One kernel launch. Kernel ABI (`MANIFEST_VERSION` 4): arguments are the
-/// `args` buffers as flat arrays (f32; packed bytes for quantized and sparse weights; the
+/// One kernel launch. Kernel ABI (`MANIFEST_VERSION` 5): arguments are the
+/// `args` buffers as flat arrays (f32; packed bytes for quantized and sparse weights
+/// and for f16 KV caches; the
 /// last one is written), then `seq` (rows of this call) and `pos` (positions
 /// already in the KV caches) as i64.
 /// CPU: `_mlir_ciface_<kernel>(memref descriptor*..., i64 seq, i64 pos, i64 lo, i64 hi)`
@@ -167,7 +176,8 @@ impl KernelStep {
 #[serde(tag = "step", rename_all = "snake_case")]
 pub enum Step {
     Kernel(KernelStep),
-    /// Copies the `seq` new rows of `src` into the cache `cache` at row `pos`.
+    /// Copies the `seq` new rows of `src` into the cache `cache` at row `pos`,
+    /// converting them to the cache's type.
     KvAppend { src: usize, cache: usize },
 }
 

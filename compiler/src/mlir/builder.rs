@@ -162,6 +162,21 @@ impl KernelBuilder {
         self.def(format!("arith.extf {h} : f16 to f32"))
     }
 
+    /// The whole byte buffer `buf` (a `byte_param`) as `memref<?xf16>` (CPU).
+    pub fn f16_view(&mut self, buf: &str) -> V {
+        let zero = self.index(0);
+        let two = self.index(2);
+        let bytes = self.def(format!("memref.dim {buf}, {zero} : memref<?xi8>"));
+        let n = self.divui(&bytes, &two);
+        self.def(format!("memref.view {buf}[{zero}][{n}] : memref<?xi8> to memref<?xf16>"))
+    }
+
+    /// `width` values at `plane[idx..]` of a `memref<?xf16>`, widened to `vector<widthxf32>` (CPU).
+    pub fn vload_f16(&mut self, plane: &str, idx: &str, width: u32) -> V {
+        let h = self.def(format!("vector.load {plane}[{idx}] : memref<?xf16>, vector<{width}xf16>"));
+        self.def(format!("arith.extf {h} : vector<{width}xf16> to {}", Self::vty(width)))
+    }
+
     /// `n` bytes at `buf[idx..]` as `vector<nxi8>` (CPU).
     pub fn vload_bytes(&mut self, buf: &str, idx: &str, n: u32) -> V {
         self.def(format!("vector.load {buf}[{idx}] : memref<?xi8>, vector<{n}xi8>"))

@@ -227,12 +227,14 @@ fn fixed_last(spec: &KernelSpec, t: &TensorType) -> Result<u64, CompileError> {
 pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileError> {
     // Buffers hold f32; i32 values (token ids, positions) travel as exact f32 integers.
     // Quantized weights are packed bytes (shape inference allows them only as
-    // matmul weights and embedding tables).
-    if let Some(t) = spec
+    // matmul weights and embedding tables); f16 only as attention's KV caches.
+    let kv_cache_operand = |i: usize| matches!(spec.op, Op::Attention { .. }) && (i == 1 || i == 2);
+    if let Some((_, t)) = spec
         .operands
         .iter()
-        .chain([&spec.result])
-        .find(|t| !matches!(t.dtype, DType::F32 | DType::I32) && !t.dtype.is_quantized())
+        .enumerate()
+        .chain([(usize::MAX, &spec.result)])
+        .find(|&(i, t)| !matches!(t.dtype, DType::F32 | DType::I32) && !t.dtype.is_quantized() && !(t.dtype == DType::F16 && kv_cache_operand(i)))
     {
         return Err(spec.unsupported(&format!("element type {} (f32, i32 and q8_0/q4_0/q4_1 weights only for now)", t.dtype.name())));
     }
@@ -655,6 +657,21 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
             let ninf = b.f32(-1e30);
             let scale = b.f32(1.0 / (d as f32).sqrt());
             let win = window.map(|(size, sinks)| (b.index(size as u64), b.index(sinks as u64), sinks));
+            // f16 caches (`KvCacheType::F16`) are read as f16 views of byte
+            // buffers and widened to f32 as they load.
+            let f16_kv = spec.operands[1].dtype == DType::F16;
+            if f16_kv && device != Device::Cpu {
+                return Err(spec.unsupported("f16 KV caches are read on the CPU only"));
+            }
+            let (kbuf, vbuf) = if f16_kv {
+                b.byte_param(&ins[1]);
+                b.byte_param(&ins[2]);
+                (b.f16_view(&ins[1]), b.f16_view(&ins[2]))
+            } else {
+                (ins[1].clone(), ins[2].clone())
+            };
+            let kv_vload = |b: &mut KernelBuilder, buf: &str, i: &str| if f16_kv { b.vload_f16(buf, i, VW) } else { b.vload(buf, i, VW) };
+            let kv_load = |b: &mut KernelBuilder, buf: &str, i: &str| if f16_kv { b.load_f16(buf, i) } else { b.load(buf, i) };
             let pos = b.pos();
             // The keys are the KV caches (operands 1 and 2): every position before
             // this call's rows, then the rows themselves (appended by the runtime).
@@ -734,7 +751,7 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                             .map(|(v, q)| {
                                 let o = b.index(v as u64 * VW as u64);
                                 let i = b.addi(&kbase, &o);
-                                let k = b.vload(&ins[1], &i, VW);
+                                let k = kv_vload(b, &kbuf, &i);
                                 b.def(format!("arith.mulf {q}, {k} : {}", KernelBuilder::vty(VW)))
                             })
                             .collect();
@@ -773,7 +790,7 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                             .map(|v| {
                                 let o = b.index(v as u64 * VW as u64);
                                 let i = b.addi(&vbase, &o);
-                                let x = b.vload(&ins[2], &i, VW);
+                                let x = kv_vload(b, &vbuf, &i);
                                 b.vfma(&ev, &x, &accs[v], VW)
                             })
                             .collect()
@@ -804,7 +821,7 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                             let qi = b.addi(&qbase, c);
                             let ki = b.addi(&kbase, c);
                             let qv = b.load(&ins[0], &qi);
-                            let kv = b.load(&ins[1], &ki);
+                            let kv = kv_load(b, &kbuf, &ki);
                             vec![b.fma(&qv, &kv, &a[0])]
                         });
                         let s = b.mul(&dot[0], &scale);
@@ -820,7 +837,7 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                             let o = b.addi(&qbase, c);
                             let vi = b.addi(&kbase, c);
                             let prev = b.load(&out, &o);
-                            let vv = b.load(&ins[2], &vi);
+                            let vv = kv_load(b, &vbuf, &vi);
                             let pv = b.mul(&pr, &vv);
                             let y = b.fma(&prev, &corr, &pv);
                             b.store(&y, &out, &o);
