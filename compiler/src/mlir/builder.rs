@@ -456,6 +456,43 @@ impl KernelBuilder {
     }
 
     /// Sum of the lanes.
+    /// One vector whose lane i is the sum of `vecs[i]`'s lanes (`vecs.len()` =
+    /// `width`, a power of two): a butterfly of shuffles and adds, log2(width)
+    /// levels, instead of `width` separate lane reductions.
+    pub fn vsums(&mut self, vecs: &[V], width: u32) -> V {
+        let w = width as usize;
+        debug_assert_eq!(vecs.len(), w);
+        let ty = Self::vty(width);
+        let mut level: Vec<V> = vecs.to_vec();
+        let mut g = 1;
+        // Before the level with block size g, each vector holds g of the inputs,
+        // input l % g in lane l, as w/g partial sums; adding the even and the odd
+        // blocks of a pair x, y leaves 2g inputs with half as many partials each.
+        while level.len() > 1 {
+            let lanes = |odd: bool| -> String {
+                (0..w)
+                    .map(|l| {
+                        let (q, m) = (l / (2 * g), l % (2 * g));
+                        let from_y = if m < g { 0 } else { w };
+                        (2 * q * g + m % g + if odd { g } else { 0 } + from_y).to_string()
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let (even, odd) = (lanes(false), lanes(true));
+            level = level
+                .chunks(2)
+                .map(|p| {
+                    let e = self.def(format!("vector.shuffle {}, {} [{even}] : {ty}, {ty}", p[0], p[1]));
+                    let o = self.def(format!("vector.shuffle {}, {} [{odd}] : {ty}, {ty}", p[0], p[1]));
+                    self.def(format!("arith.addf {e}, {o} : {ty}"))
+                })
+                .collect();
+            g *= 2;
+        }
+        level.pop().unwrap_or_default()
+    }
+
     pub fn vsum(&mut self, v: &str, width: u32) -> V {
         // Reassociation lets LLVM sum the lanes as a tree, not one lane at a time.
         self.def(format!("vector.reduction <add>, {v} fastmath<reassoc> : {} into f32", Self::vty(width)))

@@ -725,9 +725,10 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                 let start = first_key(b, &end);
                 AttnUnit { qbase, khd, p, start, end }
             };
-            if device == Device::Cpu && d % VW as u64 == 0 {
-                // Three passes per (row, head) over a stack row of scores: q·k (vector
-                // dot), exp and sum, then Σ p·v with the head's d/VW accumulators in registers.
+            if device == Device::Cpu && d > 0 && d % VW as u64 == 0 {
+                // Three passes per (row, head) over a stack row of scores: q·k (VW keys
+                // at a time; then a window's mask), exp and sum, then Σ p·v with the
+                // head's d/VW accumulators in registers.
                 let total = b.addi(&pos, &b.seq());
                 let scores = b.alloca_f32(&total);
                 let nv = (d / VW as u64) as usize;
@@ -740,37 +741,61 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                             b.vload(&ins[0], &i, VW)
                         })
                         .collect();
-                    let m = b.for_fold(&start, &end, &[ninf.clone()], |b, j, acc| {
+                    // Key j's q·k as one vector of partial sums (FMAs over the head's slices).
+                    let key_dot = |b: &mut KernelBuilder, j: &str| -> V {
                         let kb = b.muli(j, &kvwc);
                         let kbase = b.addi(&kb, &khd);
-                        // Products summed as a tree, not one chain: keys overlap in
-                        // flight only if each key's dot has a short latency.
-                        let mut parts: Vec<V> = qs
-                            .iter()
-                            .enumerate()
-                            .map(|(v, q)| {
-                                let o = b.index(v as u64 * VW as u64);
-                                let i = b.addi(&kbase, &o);
-                                let k = kv_vload(b, &kbuf, &i);
-                                b.def(format!("arith.mulf {q}, {k} : {}", KernelBuilder::vty(VW)))
+                        let mut acc = b.vzero(VW);
+                        for (v, q) in qs.iter().enumerate() {
+                            let o = b.index(v as u64 * VW as u64);
+                            let i = b.addi(&kbase, &o);
+                            let k = kv_vload(b, &kbuf, &i);
+                            acc = b.vfma(q, &k, &acc, VW);
+                        }
+                        acc
+                    };
+                    // Scores in blocks of VW keys: the keys' dots overlap in flight,
+                    // and one butterfly (`vsums`) sums all VW of them into a vector.
+                    let vwc = b.index(VW as u64);
+                    let span = b.def(format!("arith.subi {end}, {start} : index"));
+                    let blocks = b.divui(&span, &vwc);
+                    let blocked = b.muli(&blocks, &vwc);
+                    let block_end = b.addi(&start, &blocked);
+                    let vninf = b.vbroadcast(&ninf, VW);
+                    let vscale = b.vbroadcast(&scale, VW);
+                    let vmax = b.for_fold_typed(&start, &block_end, VW as u64, &[(vninf, KernelBuilder::vty(VW))], |b, jb, acc| {
+                        let dots: Vec<V> = (0..VW as u64)
+                            .map(|t| {
+                                let o = b.index(t);
+                                let j = b.addi(jb, &o);
+                                key_dot(b, &j)
                             })
                             .collect();
-                        while parts.len() > 1 {
-                            parts = parts
-                                .chunks(2)
-                                .map(|p| match p {
-                                    [x, y] => b.def(format!("arith.addf {x}, {y} : {}", KernelBuilder::vty(VW))),
-                                    [x] => x.clone(),
-                                    _ => unreachable!("chunks of two"),
-                                })
-                                .collect();
-                        }
-                        let dsum = b.vsum(&parts[0], VW);
+                        let sums = b.vsums(&dots, VW);
+                        let s = b.def(format!("arith.mulf {sums}, {vscale} : {}", KernelBuilder::vty(VW)));
+                        b.vstore(&s, &scores, jb, VW);
+                        vec![b.def(format!("arith.maxnumf {}, {s} : {}", acc[0], KernelBuilder::vty(VW)))]
+                    });
+                    let block_max = b.def(format!("vector.reduction <maxnumf>, {} : {} into f32", vmax[0], KernelBuilder::vty(VW)));
+                    let m = b.for_fold(&block_end, &end, &[block_max], |b, j, acc| {
+                        let dot = key_dot(b, j);
+                        let dsum = b.vsum(&dot, VW);
                         let s = b.mul(&dsum, &scale);
-                        let s = masked(b, &s, j, &p);
                         b.store(&s, &scores, j);
                         vec![b.fbin("maxnumf", &acc[0], &s)]
                     });
+                    // A window masks keys by position: apply it to the stored
+                    // scores (-inf outside) and take the max of what is visible.
+                    let m = if win.is_some() {
+                        b.for_fold(&start, &end, &[ninf.clone()], |b, j, acc| {
+                            let s = b.load(&scores, j);
+                            let s = masked(b, &s, j, &p);
+                            b.store(&s, &scores, j);
+                            vec![b.fbin("maxnumf", &acc[0], &s)]
+                        })
+                    } else {
+                        m
+                    };
                     let l = b.for_fold(&start, &end, &[zero.clone()], |b, j, acc| {
                         let s = b.load(&scores, j);
                         let c = b.sub(&s, &m[0]);
