@@ -13,6 +13,7 @@ use std::ffi::c_void;
 
 /// MLIR's descriptor of a rank-1 memref (`_mlir_ciface_` ABI).
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct MemRef1 {
     allocated: *mut u8,
     aligned: *mut u8,
@@ -26,10 +27,14 @@ struct MemRef1 {
 /// ops only adds cache traffic.
 const PARALLEL_MIN_OPS: u64 = 8_192;
 
+/// Buffer arguments a kernel may take (`call` takes four more).
+const MAX_BUFFER_ARGS: usize = 6;
+
 pub struct CpuExecutor {
     // Kept alive for the function pointers below.
     _lib: libloading::Library,
-    kernels: HashMap<String, usize>,
+    /// Per step of the plan, its kernel's address (0 for KV appends).
+    step_fns: Vec<usize>,
     threads: usize,
     pool: SpinPool,
 }
@@ -80,17 +85,26 @@ impl CpuExecutor {
         // SAFETY: the library is our own generated code with no initializers.
         let lib = unsafe { libloading::Library::new(&path) }
             .map_err(|e| RuntimeError::Artifact { path: path.clone(), message: e.to_string() })?;
-        let mut kernels = HashMap::new();
+        let mut step_fns = Vec::new();
         for step in &art.manifest.execution.steps {
-            let Step::Kernel(step) = step else { continue };
+            let Step::Kernel(step) = step else {
+                step_fns.push(0);
+                continue;
+            };
+            if step.args.len() > MAX_BUFFER_ARGS {
+                return Err(RuntimeError::Artifact {
+                    path: path.clone(),
+                    message: format!("kernel {} takes {} buffers (at most {MAX_BUFFER_ARGS})", step.kernel, step.args.len()),
+                });
+            }
             let sym = format!("_mlir_ciface_{}", step.kernel);
             // SAFETY: we only take the symbol's address here; `call` checks arity.
             let f: libloading::Symbol<'_, *const c_void> = unsafe { lib.get(sym.as_bytes()) }
                 .map_err(|e| RuntimeError::Artifact { path: path.clone(), message: format!("{sym}: {e}") })?;
-            kernels.insert(step.kernel.clone(), *f as usize);
+            step_fns.push(*f as usize);
         }
         let threads = default_threads();
-        Ok(CpuExecutor { _lib: lib, kernels, threads, pool: Self::pool(threads)? })
+        Ok(CpuExecutor { _lib: lib, step_fns, threads, pool: Self::pool(threads)? })
     }
 
     /// The calling thread and `threads - 1` spinning workers.
@@ -116,7 +130,8 @@ impl CpuExecutor {
 
     /// A decoding session: every `run` continues where the last one stopped.
     pub fn session<'a>(&'a self, art: &'a Artifact) -> RuntimeResult<CpuSession<'a>> {
-        let mut weights = HashMap::new();
+        let n = art.manifest.execution.buffers.len();
+        let mut weights: Vec<Option<WeightData>> = (0..n).map(|_| None).collect();
         for (i, b) in art.manifest.execution.buffers.iter().enumerate() {
             if b.kind != BufferKind::Weight {
                 continue;
@@ -138,11 +153,21 @@ impl CpuExecutor {
                 unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr() as *mut u8, need) };
                 WeightData::Owned(v, need)
             };
-            weights.insert(i, data);
+            weights[i] = Some(data);
         }
         let profile = std::env::var_os("SPARSEC_PROFILE").map(|_| HashMap::new());
         let profile_print = profile.is_some();
-        Ok(CpuSession { exec: self, art, pos: 0, caches: HashMap::new(), slots: Vec::new(), weights, profile, profile_print })
+        Ok(CpuSession {
+            exec: self,
+            art,
+            pos: 0,
+            caches: vec![Vec::new(); n],
+            slots: Vec::new(),
+            slot_bytes: None,
+            weights,
+            profile,
+            profile_print,
+        })
     }
 }
 
@@ -167,11 +192,14 @@ pub struct CpuSession<'a> {
     exec: &'a CpuExecutor,
     art: &'a Artifact,
     pos: usize,
-    /// KV cache buffer → rows of every position so far.
-    caches: HashMap<usize, Vec<f32>>,
+    /// Per buffer: a KV cache's rows of every position so far (empty for others).
+    caches: Vec<Vec<f32>>,
     /// Memory of the plan's temp slots.
     slots: Vec<Vec<f32>>,
-    weights: HashMap<usize, WeightData>,
+    /// The bytes each slot needs at the last call's `seq` (decode repeats it).
+    slot_bytes: Option<(u64, Vec<usize>)>,
+    /// Per buffer: a weight's data (`None` for others).
+    weights: Vec<Option<WeightData>>,
     /// Per-kernel wall time and calls, when `$SPARSEC_PROFILE` is set or a
     /// caller asked (`profile_kernels`).
     profile: Option<HashMap<String, (f64, u64)>>,
@@ -235,19 +263,23 @@ impl CpuSession<'_> {
         let plan = &art.manifest.execution;
         let pos = self.pos;
         // Temps live in slots sized for the largest buffer they hold at this seq.
-        let mut slot_bytes: Vec<usize> = Vec::new();
-        for b in &plan.buffers {
-            if let (BufferKind::Temp, Some(s)) = (b.kind, b.slot) {
-                if slot_bytes.len() <= s {
-                    slot_bytes.resize(s + 1, 0);
+        if self.slot_bytes.as_ref().is_none_or(|(s, _)| *s != seq) {
+            let mut slot_bytes: Vec<usize> = Vec::new();
+            for b in &plan.buffers {
+                if let (BufferKind::Temp, Some(s)) = (b.kind, b.slot) {
+                    if slot_bytes.len() <= s {
+                        slot_bytes.resize(s + 1, 0);
+                    }
+                    slot_bytes[s] = slot_bytes[s].max(b.bytes(seq));
                 }
-                slot_bytes[s] = slot_bytes[s].max(b.bytes(seq));
             }
+            self.slot_bytes = Some((seq, slot_bytes));
         }
+        let slot_bytes = self.slot_bytes.as_ref().map(|(_, v)| v.as_slice()).unwrap_or_default();
         if self.slots.len() < slot_bytes.len() {
             self.slots.resize_with(slot_bytes.len(), Vec::new);
         }
-        for (slot, bytes) in self.slots.iter_mut().zip(&slot_bytes) {
+        for (slot, bytes) in self.slots.iter_mut().zip(slot_bytes) {
             if slot.len() * 4 < *bytes {
                 slot.resize(bytes.div_ceil(4), 0.0);
             }
@@ -259,7 +291,7 @@ impl CpuSession<'_> {
         for (i, b) in plan.buffers.iter().enumerate() {
             let len = b.bytes(seq);
             let p = match b.kind {
-                BufferKind::Weight => self.weights.get(&i).map(|w| w.ptr_len()).ok_or_else(|| RuntimeError::Cpu(format!("weight `{}` not loaded", b.name)))?,
+                BufferKind::Weight => self.weights[i].as_ref().map(|w| w.ptr_len()).ok_or_else(|| RuntimeError::Cpu(format!("weight `{}` not loaded", b.name)))?,
                 BufferKind::Input => {
                     let v = owned_inputs.get_mut(input_no).ok_or_else(|| RuntimeError::Cpu("fewer inputs than the plan".into()))?;
                     input_no += 1;
@@ -278,7 +310,7 @@ impl CpuSession<'_> {
                 BufferKind::KvCache => {
                     // Held as f32 words (4-byte aligned) whatever the cache's type.
                     let row_words = b.bytes(1).div_ceil(4);
-                    let c = self.caches.entry(i).or_default();
+                    let c = &mut self.caches[i];
                     let need = (pos + seq as usize) * b.bytes(1);
                     if c.len() * 4 < need {
                         // Grow geometrically: decode appends one row at a time.
@@ -336,7 +368,7 @@ impl CpuSession<'_> {
                 }
                 Step::Kernel(k) => {
                     let t = self.profile.is_some().then(std::time::Instant::now);
-                    self.launch(k, &ptrs, seq, pos)?;
+                    self.launch(self.exec.step_fns[i], k, &ptrs, seq, pos)?;
                     if let (Some(t), Some(p)) = (t, self.profile.as_mut()) {
                         let e = p.entry(k.kernel.clone()).or_default();
                         e.0 += t.elapsed().as_secs_f64() * 1e3;
@@ -373,26 +405,34 @@ impl CpuSession<'_> {
             .collect()
     }
 
-    fn launch(&self, step: &KernelStep, ptrs: &[(*mut u8, usize)], seq: u64, pos: usize) -> RuntimeResult<()> {
+    /// Runs one kernel step (`f`, its address) over its units, split over the pool.
+    /// Allocation-free: decode launches a few hundred kernels per token.
+    fn launch(&self, f: usize, step: &KernelStep, ptrs: &[(*mut u8, usize)], seq: u64, pos: usize) -> RuntimeResult<()> {
         let exec = self.exec;
-        let f = *exec.kernels.get(&step.kernel).ok_or_else(|| RuntimeError::Cpu(format!("kernel {} not loaded", step.kernel)))?;
+        let buffers = &self.art.manifest.execution.buffers;
+        let n = step.args.len();
         let out = *step.args.last().ok_or_else(|| RuntimeError::Cpu(format!("kernel {} has no output", step.kernel)))?;
         let out_ptr = ptrs[out].0;
-        if step.args[..step.args.len() - 1].iter().any(|&a| a == out || ptrs[a].0 == out_ptr) {
+        if step.args[..n - 1].iter().any(|&a| a == out || ptrs[a].0 == out_ptr) {
             return Err(RuntimeError::Cpu(format!("kernel {} reads its own output", step.kernel)));
         }
-        let descs: Vec<MemRef1> = step
-            .args
-            .iter()
-            .map(|&a| {
-                let (p, bytes) = ptrs[a];
-                let elems = if self.art.manifest.execution.buffers[a].as_bytes() { bytes } else { bytes / 4 };
-                MemRef1 { allocated: p, aligned: p, offset: 0, size: elems as i64, stride: 1 }
-            })
-            .collect();
-        let mut args: Vec<usize> = descs.iter().map(|d| d as *const MemRef1 as usize).collect();
-        args.push(seq as usize);
-        args.push(pos);
+        if f == 0 || n > MAX_BUFFER_ARGS {
+            return Err(RuntimeError::Cpu(format!("kernel {} not loaded", step.kernel)));
+        }
+        let null = std::ptr::null_mut();
+        let mut descs = [MemRef1 { allocated: null, aligned: null, offset: 0, size: 0, stride: 1 }; MAX_BUFFER_ARGS];
+        for (d, &a) in descs.iter_mut().zip(&step.args) {
+            let (p, bytes) = ptrs[a];
+            let elems = if buffers[a].as_bytes() { bytes } else { bytes / 4 };
+            *d = MemRef1 { allocated: p, aligned: p, offset: 0, size: elems as i64, stride: 1 };
+        }
+        // Descriptor addresses, then seq, pos, lo, hi.
+        let mut args = [0usize; MAX_BUFFER_ARGS + 4];
+        for (a, d) in args.iter_mut().zip(&descs[..n]) {
+            *a = d as *const MemRef1 as usize;
+        }
+        args[n] = seq as usize;
+        args[n + 1] = pos;
         let units = step.units(seq) as usize;
         let enough = (units as u64).saturating_mul(step.cpu_unit_cost.max(1)) >= PARALLEL_MIN_OPS;
         let threads = if enough { exec.threads.min(units).max(1) } else { 1 };
@@ -400,14 +440,14 @@ impl CpuSession<'_> {
         let failed: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
         let run = |t: usize| {
             let (lo, hi) = ((t * chunk).min(units), ((t + 1) * chunk).min(units));
-            let mut a = args.clone();
-            a.push(lo);
-            a.push(hi);
+            let mut a = args;
+            a[n + 2] = lo;
+            a[n + 3] = hi;
             // SAFETY: arity and buffer sizes follow the manifest written with these
             // kernels; inputs are only read; the output is not aliased by any input
             // (checked above), and units lo..hi write only their own part of it, so
-            // slices run concurrently; the scope ends only when every slice is done.
-            if let Err(e) = unsafe { call(f as *const c_void, &a) } {
+            // slices run concurrently; the pool returns only when every slice is done.
+            if let Err(e) = unsafe { call(f as *const c_void, &a[..n + 4]) } {
                 if let Ok(mut g) = failed.lock() {
                     *g = Some(e);
                 }
