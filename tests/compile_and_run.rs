@@ -6,7 +6,7 @@ use sparsec_compiler::{compile, Cache, CompileError, CompileOptions, CompileRequ
 use sparsec_ir::parse_graph;
 use sparsec_passes::PrintOptions;
 use sparsec_runtime::compare::{compare, Tolerance};
-use sparsec_runtime::cpu::CpuExecutor;
+use sparsec_runtime::cpu::{CpuExecutor, WeightPlacement};
 use sparsec_runtime::interpreter::interpret;
 use sparsec_runtime::Artifact;
 use std::path::{Path, PathBuf};
@@ -64,6 +64,13 @@ fn mlp_block_compiles_runs_equal_to_reference_and_hits_the_cache() {
             assert!(c.passed, "seq {seq}: max abs error {} (atol = rtol = 1e-4)", c.max_abs_error);
         }
     }
+
+    // Weights read into huge-page memory (the default) and weights read from
+    // the artifact's file mapping give the same bits.
+    let mapped = CpuExecutor::load_placed(&art, WeightPlacement::Mapped).unwrap();
+    assert_eq!((exec.placement(), mapped.placement()), (WeightPlacement::Resident, WeightPlacement::Mapped));
+    let inputs = art.random_inputs(31, 5);
+    assert_eq!(exec.run(&art, &inputs).unwrap(), mapped.run(&art, &inputs).unwrap());
 
     let again = build(&example(), TargetKind::All, &out, Some(&cache)).unwrap();
     assert!(again.cache_hit, "the same graph and options must hit the cache");

@@ -48,9 +48,13 @@ impl WeightStore {
             .ok_or_else(|| RuntimeError::Artifact { path: self.path.clone(), message: format!("tensor `{name}` is missing") })
     }
 
-    /// The stored bytes of tensor `name`: little-endian f32 values, or the packed
-    /// blocks of a quantized weight (`sparsec_ir::quant`).
-    pub fn bytes(&self, name: &str) -> RuntimeResult<&[u8]> {
+    /// The file the weights live in (`weights.safetensors`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Where the stored bytes of tensor `name` lie in the file (see `bytes`).
+    pub fn range(&self, name: &str) -> RuntimeResult<std::ops::Range<usize>> {
         let (dtype, _, range) = self.entry(name)?;
         if !matches!(dtype, Dtype::F32 | Dtype::U8) {
             return Err(RuntimeError::Artifact {
@@ -58,7 +62,13 @@ impl WeightStore {
                 message: format!("tensor `{name}` is {dtype:?}, expected F32 or packed U8"),
             });
         }
-        Ok(&self.map[range.clone()])
+        Ok(range.clone())
+    }
+
+    /// The stored bytes of tensor `name`: little-endian f32 values, or the packed
+    /// blocks of a quantized weight (`sparsec_ir::quant`).
+    pub fn bytes(&self, name: &str) -> RuntimeResult<&[u8]> {
+        Ok(&self.map[self.range(name)?])
     }
 
     /// The f32 tensor `name` (borrowed from the map when aligned) and its shape.

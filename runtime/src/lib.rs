@@ -11,6 +11,7 @@ pub mod interpreter;
 pub mod lm;
 pub mod manifest;
 pub mod pool;
+pub mod resident;
 pub mod sampling;
 
 pub use artifact::Artifact;
