@@ -5,12 +5,15 @@ Installs llama-cpp-python from PyPI (it builds llama.cpp; the wheel is cached in
 .whl/ so later runs skip the build), then measures both on SmolLM2-135M Q4_1 and
 on its F32 dequantization (written by llama.cpp's own quantizer), with the same
 prompt (the first N tokens of GPL-3), the same number of greedy decode steps and
-the same threads. Writes benches/results/llama_cpp_compare.{json,md} (2 threads) or
+the same threads, each with its defaults (both keep f16 KV caches; sparsec's
+quantized matmuls take int8 activations, like llama.cpp's). Rounds of the two
+alternate, and medians are reported: this VM's speed drifts by 10-20% over
+minutes. Writes benches/results/llama_cpp_compare.{json,md} (2 threads) or
 llama_cpp_compare-Nthread.{json,md}.
 
-    python3 benches/llama_cpp_compare.py [--threads 2] [--prompt-len 512] [--new-tokens 128]
+    python3 benches/llama_cpp_compare.py [--threads 2] [--prompt-len 512] [--new-tokens 128] [--rounds 3]
 """
-import argparse, glob, json, os, platform, subprocess, sys, tempfile, time
+import argparse, glob, json, os, platform, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "/usr/share/common-licenses/GPL-3"
@@ -49,8 +52,11 @@ def to_f32(src, dst):
         raise SystemExit(f"llama_model_quantize failed: {rc}")
 
 
-def bench_llama_cpp(path, threads, prompt_len, new_tokens):
+def llama_cpp_rounds(path, threads, prompt_len, new_tokens):
+    """A llama.cpp context on `path`, warmed up; each call of the returned function
+    measures one round (prefill of the prompt, then greedy decode steps)."""
     import numpy as np
+    import llama_cpp
     from llama_cpp import Llama
     llm = Llama(model_path=path, n_ctx=prompt_len + new_tokens + 16, n_batch=prompt_len, n_ubatch=prompt_len,
                 n_threads=threads, n_threads_batch=threads, verbose=False, logits_all=False)
@@ -59,15 +65,13 @@ def bench_llama_cpp(path, threads, prompt_len, new_tokens):
     while len(ids) < prompt_len:
         ids += ids[: prompt_len - len(ids)]
     ids = ids[:prompt_len]
-    import llama_cpp
     n_vocab = llm.n_vocab()
 
     def last_logits():
         ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
 
-    # Warm-up, then the measured round.
-    for _ in range(2):
+    def one_round():
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
@@ -78,15 +82,27 @@ def bench_llama_cpp(path, threads, prompt_len, new_tokens):
             llm.eval([nxt])
             nxt = int(np.argmax(last_logits()))
         decode = time.perf_counter() - t0
-    return {"prefill_tokens_per_s": prompt_len / prefill, "decode_tokens_per_s": new_tokens / decode,
-            "prefill_s": prefill, "decode_s": decode}
+        return {"prefill_tokens_per_s": prompt_len / prefill, "decode_tokens_per_s": new_tokens / decode}
+
+    one_round()  # warm-up
+    return one_round
 
 
-def bench_sparsec(path, threads, prompt_len, new_tokens):
+def sparsec_round(path, threads, prompt_len, new_tokens):
+    """One `sparsec bench` run (its own median of 3 rounds after loading)."""
     exe = os.path.join(ROOT, "target", "release", "sparsec")
     out = subprocess.check_output([exe, "bench", path, "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens),
-                                   "--threads", str(threads), "--repeat", "2", "--json"], cwd=ROOT)
+                                   "--threads", str(threads), "--repeat", "3", "--json"], cwd=ROOT)
     return json.loads(out)
+
+
+def median_of(rounds):
+    """Per key of the rounds' dicts of numbers, the median (other keys from the last round)."""
+    out = dict(rounds[-1])
+    for k in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+        out[k] = statistics.median(r[k] for r in rounds)
+    out["rounds"] = [{k: r[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s")} for r in rounds]
+    return out
 
 
 def main():
@@ -94,6 +110,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved llama.cpp / sparsec rounds per model; medians are reported (this VM's speed drifts)")
     a = ap.parse_args()
     ensure_llama_cpp()
     # Release: the runtime around the kernels (threads, KV appends, sampling) is Rust.
@@ -104,8 +122,13 @@ def main():
         f32 = os.path.join(tmp, "SmolLM2-135M-Instruct.F32.gguf")
         to_f32(q41, f32)
         for name, path in [("SmolLM2-135M Q4_1", q41), ("SmolLM2-135M F32", f32)]:
-            l = bench_llama_cpp(path, a.threads, a.prompt_len, a.new_tokens)
-            s = bench_sparsec(path, a.threads, a.prompt_len, a.new_tokens)
+            llama_round = llama_cpp_rounds(path, a.threads, a.prompt_len, a.new_tokens)
+            lr, sr = [], []
+            for _ in range(max(1, a.rounds)):
+                lr.append(llama_round())
+                sr.append(sparsec_round(path, a.threads, a.prompt_len, a.new_tokens))
+            del llama_round
+            l, s = median_of(lr), median_of(sr)
             rows.append({"model": name, "llama_cpp": l, "sparsec": s,
                          "decode_ratio": s["decode_tokens_per_s"] / l["decode_tokens_per_s"],
                          "prefill_ratio": s["prefill_tokens_per_s"] / l["prefill_tokens_per_s"]})
@@ -118,7 +141,7 @@ def main():
         machine["cpu"] = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
     except Exception:
         pass
-    res = {"machine": machine, "prompt_tokens": a.prompt_len, "new_tokens": a.new_tokens, "rows": rows}
+    res = {"machine": machine, "prompt_tokens": a.prompt_len, "new_tokens": a.new_tokens, "rounds": a.rounds, "rows": rows}
     outdir = os.path.join(ROOT, "benches", "results")
     os.makedirs(outdir, exist_ok=True)
     # The issue's setting (2 threads) is the plain name; other thread counts are suffixed.
@@ -126,7 +149,9 @@ def main():
     with open(os.path.join(outdir, f"{stem}.json"), "w") as f:
         json.dump(res, f, indent=2)
     md = [f"Machine: {machine['cpu']}, {machine['cores']} cores, {a.threads} threads; llama-cpp-python {machine['llama_cpp_python']}; "
-          f"prompt {a.prompt_len} tokens, {a.new_tokens} greedy decode steps.", "",
+          f"prompt {a.prompt_len} tokens, {a.new_tokens} greedy decode steps; medians of {a.rounds} interleaved rounds "
+          f"(sparsec: each round the median of 3 after loading; llama.cpp: one round after a warm-up); "
+          f"both with f16 KV caches.", "",
           "| model | sparsec decode tok/s | llama.cpp decode tok/s | ratio | sparsec prefill tok/s | llama.cpp prefill tok/s | ratio |",
           "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
