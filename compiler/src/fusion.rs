@@ -4,10 +4,13 @@
 //! fused kernels are named `k<N>_<op>_<fused>` in the manifest.
 //!
 //! - `matmul → add` (residual or bias): the add happens in the matmul's stores.
+//! - `matmul → add → gelu|silu` (GPT-2's bias + GELU): the activation follows
+//!   the add in the matmul's stores.
 //! - `silu → mul` (SwiGLU's gate): the SiLU is applied to the mul's first
 //!   operand as it is loaded.
 
 use crate::mlir::kernels::{Epilogue, Prologue};
+use crate::mlir::math::Activation;
 use sparsec_ir::{Graph, Op, TensorType};
 use std::collections::HashMap;
 
@@ -16,12 +19,14 @@ use std::collections::HashMap;
 pub struct Fused {
     /// The node whose op the kernel computes (a matmul, or this mul).
     pub src: usize,
-    /// The node absorbed into the kernel (computed nowhere else).
-    pub absorbed: usize,
+    /// The nodes absorbed into the kernel (computed nowhere else).
+    pub absorbed: [Option<usize>; 2],
     /// The kernel's operands (graph values), in ABI order.
     pub operands: [usize; 3],
     pub arity: usize,
     pub epilogue: Option<Epilogue>,
+    /// Applied after the epilogue's add.
+    pub activation: Option<Activation>,
     pub prologue: Option<Prologue>,
 }
 
@@ -35,7 +40,8 @@ impl Fused {
 type Rule = fn(g: &Graph, types: &[TensorType], uses: &[usize], u: usize) -> Option<Fused>;
 
 /// The rules, tried in order on every node.
-const RULES: [(&str, Rule); 2] = [("matmul-add", matmul_add), ("silu-mul", silu_mul)];
+const RULES: [(&str, Rule); 3] =
+    [("matmul-add", matmul_add), ("matmul-add-activation", matmul_add_activation), ("silu-mul", silu_mul)];
 
 /// Whether `v` is used exactly once and is not a graph output.
 fn single_use(g: &Graph, uses: &[usize], v: usize) -> bool {
@@ -65,13 +71,31 @@ fn matmul_add(g: &Graph, types: &[TensorType], uses: &[usize], u: usize) -> Opti
         };
         Some(Fused {
             src: m,
-            absorbed: m,
+            absorbed: [Some(m), None],
             operands: [mm.operands[0].0, mm.operands[1].0, r],
             arity: 3,
             epilogue: Some(e),
+            activation: None,
             prologue: None,
         })
     })
+}
+
+/// `gelu(add(matmul(a, w), c))` or `silu(...)`, where the add fuses with its
+/// matmul (`matmul_add`) and is used by the activation only.
+fn matmul_add_activation(g: &Graph, types: &[TensorType], uses: &[usize], u: usize) -> Option<Fused> {
+    let n = &g.nodes[u];
+    let activation = match n.op {
+        Op::Gelu { approx } => Activation::Gelu(approx),
+        Op::Silu => Activation::Silu,
+        _ => return None,
+    };
+    let add = n.operands.first()?.0;
+    if n.operands.len() != 1 || !single_use(g, uses, add) || types[add] != types[u] {
+        return None;
+    }
+    let f = matmul_add(g, types, uses, add)?;
+    Some(Fused { absorbed: [f.absorbed[0], Some(add)], activation: Some(activation), ..f })
 }
 
 /// `mul(silu(x), y)` with both of the result's shape, the SiLU used only here.
@@ -85,7 +109,15 @@ fn silu_mul(g: &Graph, types: &[TensorType], uses: &[usize], u: usize) -> Option
     if sn.op != Op::Silu || s == y || !single_use(g, uses, s) || types[s] != types[u] || types[y] != types[u] {
         return None;
     }
-    Some(Fused { src: u, absorbed: s, operands: [sn.operands[0].0, y, 0], arity: 2, epilogue: None, prologue: Some(Prologue::Silu) })
+    Some(Fused {
+        src: u,
+        absorbed: [Some(s), None],
+        operands: [sn.operands[0].0, y, 0],
+        arity: 2,
+        epilogue: None,
+        activation: None,
+        prologue: Some(Prologue::Silu),
+    })
 }
 
 /// Every fusion in `g`, by the node whose position runs the fused kernel.
@@ -96,11 +128,20 @@ pub fn fusions(g: &Graph, types: &[TensorType]) -> HashMap<usize, Fused> {
             uses[o.0] += 1;
         }
     }
+    // Later nodes first: a fusion whose node another fusion absorbs, or that
+    // reads a value another absorbs, is dropped (`silu(add(matmul))` feeding a
+    // `mul` fuses as silu-mul, and the add keeps its matmul-add).
     let mut out = HashMap::new();
-    for u in 0..g.nodes.len() {
-        if let Some(f) = RULES.iter().find_map(|(_, rule)| rule(g, types, &uses, u)) {
-            out.insert(u, f);
+    let mut absorbed = vec![false; g.nodes.len()];
+    for u in (0..g.nodes.len()).rev() {
+        let Some(f) = RULES.iter().find_map(|(_, rule)| rule(g, types, &uses, u)) else { continue };
+        if absorbed[u] || f.operands().iter().any(|&o| absorbed[o]) {
+            continue;
         }
+        for a in f.absorbed.into_iter().flatten() {
+            absorbed[a] = true;
+        }
+        out.insert(u, f);
     }
     out
 }

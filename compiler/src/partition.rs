@@ -5,6 +5,7 @@
 
 use crate::error::CompileResult;
 use crate::mlir::kernels::Prologue;
+use crate::mlir::math::Activation;
 use crate::mlir::KernelSpec;
 use crate::sparse_select::choose;
 use sparsec_ir::{Graph, Op, TensorType};
@@ -55,7 +56,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
     let mut inputs = Vec::new();
     let pruned = sparsec_ir::sparse::pruned_weights(g);
     let fused = crate::fusion::fusions(g, &types);
-    let absorbed: std::collections::HashSet<usize> = fused.values().map(|f| f.absorbed).collect();
+    let absorbed: std::collections::HashSet<usize> = fused.values().flat_map(|f| f.absorbed.into_iter().flatten()).collect();
     for (i, n) in g.nodes.iter().enumerate() {
         // A node absorbed into a later node's kernel has no kernel or buffer of its own.
         if absorbed.contains(&i) {
@@ -96,6 +97,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             patterns: n.patterns.clone(),
             sparse: None,
             epilogue: f.and_then(|f| f.epilogue),
+            activation: f.and_then(|f| f.activation),
             prologue: f.and_then(|f| f.prologue),
             int8_activations,
         };
@@ -118,15 +120,17 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
         let baked = spec.sparse.as_ref().filter(|c| c.bakes()).map(|c| c.weight.clone());
         let level = spec.sparse.as_ref().map(|c| (c.level, c.storage));
         let signature = format!(
-            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
-            spec.op, spec.operands, spec.result, spec.patterns, level, baked, spec.epilogue, spec.prologue
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+            spec.op, spec.operands, spec.result, spec.patterns, level, baked, spec.epilogue, spec.activation, spec.prologue
         );
         let name = match by_signature.get(&signature) {
             Some(name) => String::clone(name),
             None => {
-                let fused = match (spec.prologue, spec.epilogue) {
-                    (Some(Prologue::Silu), _) => "_silu",
-                    (_, Some(_)) => "_add",
+                let fused = match (spec.prologue, spec.epilogue, spec.activation) {
+                    (Some(Prologue::Silu), _, _) => "_silu",
+                    (_, Some(_), Some(Activation::Gelu(_))) => "_add_gelu",
+                    (_, Some(_), Some(Activation::Silu)) => "_add_silu",
+                    (_, Some(_), None) => "_add",
                     _ => "",
                 };
                 spec.name = format!("k{}_{}{fused}", kernels.len(), n.op.keyword());

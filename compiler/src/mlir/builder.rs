@@ -2,6 +2,7 @@
 //! on the CPU, llvm pointers and nvvm thread ids on NVIDIA). Kernel bodies are
 //! written once against this API and come out right for either target.
 
+use super::math::Activation;
 use sparsec_ir::SymSize;
 use std::collections::HashMap;
 
@@ -24,8 +25,9 @@ pub struct KernelBuilder {
     consts: Vec<String>,
     /// Module-level constant tables (`memref.global`), by name.
     globals: Vec<(String, String)>,
-    /// A fused add applied by `store_result`: the addend buffer and, for a bias, its length.
-    epilogue: Option<(V, Option<V>)>,
+    /// A fused add applied by `store_result`: the addend buffer, for a bias its
+    /// length, and an activation applied after the add.
+    epilogue: Option<(V, Option<V>, Option<Activation>)>,
     const_ids: HashMap<String, V>,
     body: Vec<String>,
     indent: usize,
@@ -304,22 +306,27 @@ impl KernelBuilder {
         }
     }
 
-    /// Makes `store_result` add `addend[idx]` (or `addend[idx % n]` for a bias of length `n`).
-    pub fn set_epilogue(&mut self, addend: &str, modulus: Option<V>) {
-        self.epilogue = Some((addend.to_string(), modulus));
+    /// Makes `store_result` add `addend[idx]` (or `addend[idx % n]` for a bias of
+    /// length `n`), then apply `activation` if any.
+    pub fn set_epilogue(&mut self, addend: &str, modulus: Option<V>, activation: Option<Activation>) {
+        self.epilogue = Some((addend.to_string(), modulus, activation));
     }
 
     /// Writes a result element `buf[idx] = val`, after the fused epilogue if any.
     pub fn store_result(&mut self, val: &str, buf: &str, idx: &str) {
         let val = match self.epilogue.clone() {
             None => val.to_string(),
-            Some((addend, modulus)) => {
+            Some((addend, modulus, activation)) => {
                 let at = match modulus {
                     Some(n) => self.remui(idx, &n),
                     None => idx.to_string(),
                 };
                 let c = self.load(&addend, &at);
-                self.add(val, &c)
+                let y = self.add(val, &c);
+                match activation {
+                    Some(act) => super::math::activation(self, act, &y),
+                    None => y,
+                }
             }
         };
         self.store(&val, buf, idx);

@@ -8,7 +8,7 @@ use super::sparse_kernels::{emit_sparse_matmul, SparseMatmul};
 use super::quant_dot::emit_int8_matmul;
 use super::sparse_unrolled::emit_unrolled_matmul;
 use crate::error::CompileError;
-use sparsec_ir::{DType, GeluApprox, Op, Pattern, SymSize, TensorType, Window};
+use sparsec_ir::{DType, Op, Pattern, SymSize, TensorType, Window};
 
 /// Lanes of the CPU vector kernels (AVX2: 8 × f32).
 const VW: u32 = 8;
@@ -78,6 +78,8 @@ pub struct KernelSpec {
     pub epilogue: Option<Epilogue>,
     /// A unary op fused into the loads of operand 0 (SwiGLU's SiLU into its mul).
     pub prologue: Option<Prologue>,
+    /// An activation applied after the epilogue's add (`matmul-add-activation`).
+    pub activation: Option<math::Activation>,
     /// CPU matmuls over block-quantized weights quantize their activations to
     /// int8 blocks and use integer dot products (`quant_dot`; needs AVX2).
     pub int8_activations: bool,
@@ -254,7 +256,7 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
             Epilogue::Residual => None,
             Epilogue::Bias => Some(b.index(fixed_last(spec, &spec.result)?)),
         };
-        b.set_epilogue(addend, modulus);
+        b.set_epilogue(addend, modulus, spec.activation);
     }
     let out: V = "%out".into();
     let work = spec.work()?;
@@ -263,41 +265,18 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
         Op::Input | Op::Weight { .. } | Op::Constant { .. } => {
             return Err(spec.unsupported("leaves are data, not kernels"))
         }
-        Op::Gelu { .. } | Op::Silu => {
-            let op = spec.op.clone();
+        Op::Gelu { approx } => {
+            let act = math::Activation::Gelu(*approx);
             b.parallel(&work, |b, i| {
                 let x = b.load(&ins[0], i);
-                let y = match op {
-                    Op::Gelu { approx: GeluApprox::Tanh } => {
-                        // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
-                        let c = b.f32((2.0f32 / std::f32::consts::PI).sqrt());
-                        let k = b.f32(0.044715);
-                        let x2 = b.mul(&x, &x);
-                        let x3 = b.mul(&x2, &x);
-                        let inner = b.fma(&k, &x3, &x);
-                        let arg = b.mul(&c, &inner);
-                        let t = math::tanh(b, &arg);
-                        let one = b.f32(1.0);
-                        let half = b.f32(0.5);
-                        let s = b.add(&one, &t);
-                        let hx = b.mul(&half, &x);
-                        b.mul(&hx, &s)
-                    }
-                    Op::Gelu { approx: GeluApprox::Erf } => {
-                        let r = b.f32(std::f32::consts::FRAC_1_SQRT_2);
-                        let arg = b.mul(&x, &r);
-                        let e = math::erf(b, &arg);
-                        let one = b.f32(1.0);
-                        let half = b.f32(0.5);
-                        let s = b.add(&one, &e);
-                        let hx = b.mul(&half, &x);
-                        b.mul(&hx, &s)
-                    }
-                    _ => {
-                        let s = math::sigmoid(b, &x);
-                        b.mul(&x, &s)
-                    }
-                };
+                let y = math::activation(b, act, &x);
+                b.store(&y, &out, i);
+            });
+        }
+        Op::Silu => {
+            b.parallel(&work, |b, i| {
+                let x = b.load(&ins[0], i);
+                let y = math::activation(b, math::Activation::Silu, &x);
                 b.store(&y, &out, i);
             });
         }
@@ -320,8 +299,7 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                     vals.push(b.load(&ins[k], &idx));
                 }
                 if spec.prologue == Some(Prologue::Silu) {
-                    let s = math::sigmoid(b, &vals[0]);
-                    vals[0] = b.mul(&vals[0], &s);
+                    vals[0] = math::activation(b, math::Activation::Silu, &vals[0]);
                 }
                 let y = b.fbin(fop, &vals[0], &vals[1]);
                 b.store(&y, &out, i);

@@ -1,7 +1,51 @@
 //! Transcendental functions written in arith ops, so every target gets the same
-//! accurate, vectorizable code without a libm: exp, tanh, sigmoid, erf.
+//! accurate, vectorizable code without a libm: exp, tanh, sigmoid, erf, and the
+//! activations built on them.
 
 use super::builder::{KernelBuilder, V};
+use sparsec_ir::GeluApprox;
+
+/// An elementwise activation: the GELU and SiLU ops, and what a matmul applies
+/// to its results when one is fused into it (GPT-2's bias + GELU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Gelu(GeluApprox),
+    Silu,
+}
+
+/// `act(x)` for a scalar f32 `x`.
+pub fn activation(b: &mut KernelBuilder, act: Activation, x: &str) -> V {
+    match act {
+        Activation::Gelu(approx) => {
+            // 0.5·x·(1 + t): t = tanh(√(2/π)·(x + 0.044715·x³)) or erf(x/√2).
+            let t = match approx {
+                GeluApprox::Tanh => {
+                    let c = b.f32((2.0f32 / std::f32::consts::PI).sqrt());
+                    let k = b.f32(0.044715);
+                    let x2 = b.mul(x, x);
+                    let x3 = b.mul(&x2, x);
+                    let inner = b.fma(&k, &x3, x);
+                    let arg = b.mul(&c, &inner);
+                    tanh(b, &arg)
+                }
+                GeluApprox::Erf => {
+                    let r = b.f32(std::f32::consts::FRAC_1_SQRT_2);
+                    let arg = b.mul(x, &r);
+                    erf(b, &arg)
+                }
+            };
+            let one = b.f32(1.0);
+            let half = b.f32(0.5);
+            let s = b.add(&one, &t);
+            let hx = b.mul(&half, x);
+            b.mul(&hx, &s)
+        }
+        Activation::Silu => {
+            let s = sigmoid(b, x);
+            b.mul(x, &s)
+        }
+    }
+}
 
 /// e^x: range reduction x = n·ln2 + r, |r| ≤ ln2/2, then a degree-6 polynomial
 /// (relative error below 2e-7 on [-87, 88]; inputs are clamped to that range).
