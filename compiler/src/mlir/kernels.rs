@@ -719,6 +719,22 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                             b.vload(&ins[0], &i, VW)
                         })
                         .collect();
+                    // The cache is read from memory (the weights stream through
+                    // the caches between layers): ask for rows ATTN_PREFETCH_KEYS ahead.
+                    let (kdim, vdim) = if f16_kv { ("f16", "f16") } else { ("f32", "f32") };
+                    let zero_ix = b.index(0);
+                    let one_ix = b.index(1);
+                    let klen = b.def(format!("memref.dim {kbuf}, {zero_ix} : memref<?x{kdim}>"));
+                    let klast = b.def(format!("arith.subi {klen}, {one_ix} : index"));
+                    let vlen = b.def(format!("memref.dim {vbuf}, {zero_ix} : memref<?x{vdim}>"));
+                    let vlast = b.def(format!("arith.subi {vlen}, {one_ix} : index"));
+                    let prefetch_row = |b: &mut KernelBuilder, buf: &str, j: &str| {
+                        let (last, elem) = if buf == kbuf { (&klast, kdim) } else { (&vlast, vdim) };
+                        let rb = b.muli(j, &kvwc);
+                        let base = b.addi(&rb, &khd);
+                        b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw, last, elem);
+                        b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw + d - 1, last, elem);
+                    };
                     // Key j's q·k as one vector of partial sums (FMAs over the head's slices).
                     let key_dot = |b: &mut KernelBuilder, j: &str| -> V {
                         let kb = b.muli(j, &kvwc);
@@ -746,6 +762,7 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                             .map(|t| {
                                 let o = b.index(t);
                                 let j = b.addi(jb, &o);
+                                prefetch_row(b, &kbuf, &j);
                                 key_dot(b, &j)
                             })
                             .collect();
@@ -787,6 +804,7 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                     let accs = b.for_fold_typed(&start, &end, 1, &init, |b, j, accs| {
                         let e = b.load(&scores, j);
                         let ev = b.vbroadcast(&e, VW);
+                        prefetch_row(b, &vbuf, j);
                         let vb = b.muli(j, &kvwc);
                         let vbase = b.addi(&vb, &khd);
                         (0..nv)
@@ -863,6 +881,9 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
     params.push(out);
     Ok(b.finish(&spec.name, &params))
 }
+
+/// How many keys ahead CPU attention prefetches its K and V rows.
+const ATTN_PREFETCH_KEYS: u64 = 16;
 
 /// One attention unit's offsets: its query row and head (`qbase`), its KV head
 /// (`khd`), its position `p` and the visible keys `start..end`.
