@@ -1,7 +1,9 @@
 //! Criterion benches of single compiled matmul kernels against this machine's
 //! roofline: GEMV (decode, seq 1) and GEMM (prefill, seq 128) at the MLP shapes
 //! of SmolLM2 and GPT-2, with f32, Q8_0 and Q4_1 weights, and the sparse
-//! formats (CSR at 90%, 2:4, BSR 4x4 at 80%). One thread.
+//! formats (CSR at 90%, 2:4, BSR 4x4 at 80%); and decode attention at
+//! SmolLM2's shape (9 heads, 3 KV heads, head dim 64) over a 512-position KV
+//! cache, f16 and f32. One thread.
 //!
 //! The roofline is measured first, in this process: read bandwidth (a sum over
 //! 256 MB) and the peak FMA rate (independent AVX2 FMA chains). GEMV reports
@@ -12,7 +14,7 @@
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use ndarray::ArrayD;
-use sparsec_compiler::{compile, CompileOptions, CompileRequest, CpuTarget, TargetKind, WeightSource};
+use sparsec_compiler::{compile, CompileOptions, CompileRequest, CpuTarget, KvCacheType, TargetKind, WeightSource};
 use sparsec_runtime::cpu::CpuExecutor;
 use sparsec_runtime::Artifact;
 use std::time::{Duration, Instant};
@@ -90,10 +92,17 @@ fn build(n: u64, k: u64, dtype: &str, pattern: &str) -> Kernel {
     let text = format!(
         "graph @bench {{\n  %x = input : f32[seq, {k}]\n  %w = weight \"w\" init normal(seed = 1, std = 0.02) : {dtype}[{n}, {k}]\n  %y = matmul %x, %w {{transpose_b = true}} {pattern}\n  return %y\n}}\n"
     );
-    let graph = sparsec_ir::parse_graph(&text).expect("bench graph parses");
+    let options = CompileOptions { target: TargetKind::Cpu, cpu: CpuTarget::host(), ..Default::default() };
+    let (dir, art) = compile_text(&text, options);
+    let weight_bytes = art.manifest.execution.buffers.iter().filter(|b| b.name == "w").map(|b| b.bytes(0) as u64).sum();
+    Kernel { _dir: dir, art, weight_bytes }
+}
+
+/// `text` compiled under `options` into a temporary directory.
+fn compile_text(text: &str, options: CompileOptions) -> (tempfile::TempDir, Artifact) {
+    let graph = sparsec_ir::parse_graph(text).expect("bench graph parses");
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("k.sparsec");
-    let options = CompileOptions { target: TargetKind::Cpu, cpu: CpuTarget::host(), ..Default::default() };
     compile(CompileRequest {
         graph,
         plan_text: None,
@@ -106,8 +115,7 @@ fn build(n: u64, k: u64, dtype: &str, pattern: &str) -> Kernel {
     })
     .expect("bench kernel compiles");
     let art = Artifact::open(&out).expect("artifact opens");
-    let weight_bytes = art.manifest.execution.buffers.iter().filter(|b| b.name == "w").map(|b| b.bytes(0) as u64).sum();
-    Kernel { _dir: dir, art, weight_bytes }
+    (dir, art)
 }
 
 fn input(k: u64, seq: u64) -> Vec<ArrayD<f32>> {
@@ -163,7 +171,65 @@ fn kernels(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, kernels);
+/// Decode attention: one query row against `CONTEXT` cached positions (the
+/// session is cut back to `CONTEXT` before every step), with f16 and f32 caches.
+/// Reports the cache bytes read per step against the bandwidth and the time per
+/// (key, head). The caches are hot (in L2/L3): in a model the weights stream
+/// through the caches between layers, so there they come from memory.
+fn attention(c: &mut Criterion) {
+    const CONTEXT: usize = 512;
+    let (heads, kv_heads, d) = (9u64, 3u64, 64u64);
+    let bw = read_bandwidth();
+    let text = format!(
+        "graph @attn {{\n  %q = input : f32[seq, {}]\n  %k = input : f32[seq, {}]\n  %v = input : f32[seq, {}]\n  %y = attention %q, %k, %v {{heads = {heads}, kv_heads = {kv_heads}}}\n  return %y\n}}\n",
+        heads * d,
+        kv_heads * d,
+        kv_heads * d
+    );
+    let mut summary = Vec::new();
+    for (name, kv) in [("f16", KvCacheType::F16), ("f32", KvCacheType::F32)] {
+        let options = CompileOptions { target: TargetKind::Cpu, cpu: CpuTarget::host(), kv_cache: kv, ..Default::default() };
+        let (_dir, art) = compile_text(&text, options);
+        let exec = CpuExecutor::load(&art).and_then(|e| e.with_threads(1)).expect("executor");
+        let mut session = exec.session(&art).expect("session");
+        session.run(&art.random_inputs(CONTEXT as u64, 1)).expect("prefill");
+        let step = art.random_inputs(1, 2);
+        let mut decode = || {
+            session.truncate(CONTEXT);
+            session.run(&step).expect("decode step")
+        };
+        let elem = if kv == KvCacheType::F16 { 2 } else { 4 };
+        let cache_bytes = 2 * (CONTEXT as u64 + 1) * kv_heads * d * elem;
+        let mut g = c.benchmark_group("attention-decode/smollm2-512");
+        g.sample_size(20).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1));
+        g.throughput(Throughput::Bytes(cache_bytes));
+        g.bench_function(BenchmarkId::from_parameter(name), |b| b.iter(&mut decode));
+        g.finish();
+        let mut t: Vec<f64> = (0..200)
+            .map(|_| {
+                let s = Instant::now();
+                std::hint::black_box(decode());
+                s.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        t.sort_by(|a, b| a.total_cmp(b));
+        let us = t[t.len() / 2];
+        let gbs = cache_bytes as f64 / us / 1e3;
+        let ns_per_key_head = us * 1e3 / ((CONTEXT as f64 + 1.0) * heads as f64);
+        summary.push(format!(
+            "| attention decode, 9 heads / 3 KV heads x 64, {} positions | {name} cache | {us:.1} | {:.2} | {gbs:.1} ({:.0}% of bw) | {ns_per_key_head:.2} ns per (key, head) |",
+            CONTEXT + 1,
+            cache_bytes as f64 / 1e6,
+            100.0 * gbs / bw
+        ));
+    }
+    println!("\n| kernel | KV cache | median µs | cache MB | cache GB/s | time per key |\n| --- | --- | --- | --- | --- | --- |");
+    for l in summary {
+        println!("{l}");
+    }
+}
+
+criterion_group!(benches, kernels, attention);
 
 fn main() {
     benches();

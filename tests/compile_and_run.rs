@@ -190,3 +190,29 @@ fn weights_file_supplies_data_and_shape_mismatches_are_reported() {
         .to_string();
     assert!(err.contains("weight `w`") && err.contains("[4, 3]") && err.contains("[3, 4]"), "{err}");
 }
+
+/// A session truncated to position p continues at p: re-running positions
+/// p.. gives what the uninterrupted session gave there (the caches are
+/// overwritten, not appended after stale rows).
+#[test]
+fn a_truncated_session_continues_where_it_was_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("attn.sparsec");
+    let src = "graph @attn {\n  %q = input : f32[seq, 32]\n  %k = input : f32[seq, 16]\n  %v = input : f32[seq, 16]\n  %y = attention %q, %k, %v {heads = 2, kv_heads = 1}\n  return %y\n}\n";
+    build(src, TargetKind::Cpu, &out, None).unwrap();
+    let art = Artifact::open(&out).unwrap();
+    let exec = CpuExecutor::load(&art).unwrap();
+    let all = art.random_inputs(12, 3);
+    let rows = |a: &ndarray::ArrayD<f32>, r: std::ops::Range<usize>| a.slice_axis(ndarray::Axis(0), r.into()).to_owned();
+    let mut s = exec.session(&art).unwrap();
+    let whole = s.run(&all).unwrap().remove(0);
+    assert_eq!(s.pos(), 12);
+    s.truncate(7);
+    assert_eq!(s.pos(), 7);
+    let tail: Vec<_> = all.iter().map(|a| rows(a, 7..12)).collect();
+    let again = s.run(&tail).unwrap().remove(0);
+    assert_eq!(again, rows(&whole, 7..12), "positions 7.. after truncating to 7");
+    // Without the truncation the same rows sit at positions 12.. and see more keys.
+    let later = s.run(&tail).unwrap().remove(0);
+    assert_ne!(later, again);
+}

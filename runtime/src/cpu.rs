@@ -289,7 +289,14 @@ impl CpuSession<'_> {
 
     /// Forgets every position (the caches keep their memory).
     pub fn reset(&mut self) {
-        self.pos = 0;
+        self.truncate(0);
+    }
+
+    /// Forgets the positions from `pos` on (the caches keep their memory): the
+    /// next `run` continues at `pos`, as after a shared prompt prefix or a
+    /// rejected draft.
+    pub fn truncate(&mut self, pos: usize) {
+        self.pos = self.pos.min(pos);
     }
 
     /// Runs the next `seq` positions (`seq` bound by the inputs) and returns the outputs.
