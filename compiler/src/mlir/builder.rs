@@ -202,14 +202,25 @@ impl KernelBuilder {
     /// A constant i32 table `name` at module level (CPU), returned as a
     /// `memref<Nxi32>` value; declared once however often it is asked for.
     pub fn i32_table(&mut self, name: &str, values: &[i32]) -> V {
-        if !self.globals.iter().any(|(n, _)| n == name) {
-            let body: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        let body: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        self.table(name, "i32", &body)
+    }
+
+    /// A constant f64 table (exact: the values' bits in hex), like `i32_table`.
+    pub fn f64_table(&mut self, name: &str, values: &[f64]) -> V {
+        let body: Vec<String> = values.iter().map(|v| format!("0x{:016X}", v.to_bits())).collect();
+        self.table(name, "f64", &body)
+    }
+
+    fn table(&mut self, name: &str, elem: &str, body: &[String]) -> V {
+        let n = body.len();
+        if !self.globals.iter().any(|(g, _)| g == name) {
             self.globals.push((
                 name.to_string(),
-                format!("  memref.global \"private\" constant @{name} : memref<{}xi32> = dense<[{}]>", values.len(), body.join(", ")),
+                format!("  memref.global \"private\" constant @{name} : memref<{n}x{elem}> = dense<[{}]>", body.join(", ")),
             ));
         }
-        self.def(format!("memref.get_global @{name} : memref<{}xi32>", values.len()))
+        self.def(format!("memref.get_global @{name} : memref<{n}x{elem}>"))
     }
 
     /// A stack buffer of `n` f32 for the duration of the call (CPU).

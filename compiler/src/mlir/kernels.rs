@@ -560,8 +560,11 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
             let d = w / *heads as u64;
             let half = d / 2;
             let (wc, dc, halfc) = (b.index(w), b.index(d), b.index(half));
-            // θ^(−2/d); the pair's frequency is its i-th power, by i products in f64
-            // (no transcendental needed on either target).
+            // Pair i's frequency θ^(−2i/d): on the CPU from a table computed here
+            // exactly as the reference does; on NVIDIA as the i-th power of
+            // θ^(−2/d), by i products in f64 (no transcendental, no table).
+            let freqs: Vec<f64> = (0..half).map(|i| (*theta as f64).powf(-2.0 * i as f64 / d as f64)).collect();
+            let table = (device == Device::Cpu).then(|| b.f64_table("rope_freqs", &freqs));
             let base_freq = b.f64((*theta as f64).powf(-2.0 / d as f64));
             let one_f64 = b.f64(1.0);
             let zero_i = b.index(0);
@@ -587,10 +590,13 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                     let bb = b.addi(&a, &halfc);
                     (a, bb)
                 };
-                let freq = b.for_fold_typed(&zero_i, &i, 1, &[(one_f64.clone(), "f64".to_string())], |b, _, acc| {
-                    vec![b.def(format!("arith.mulf {}, {base_freq} : f64", acc[0]))]
-                });
-                let freq = freq[0].clone();
+                let freq = match &table {
+                    Some(t) => b.def(format!("memref.load {t}[{i}] : memref<{half}xf64>")),
+                    None => b.for_fold_typed(&zero_i, &i, 1, &[(one_f64.clone(), "f64".to_string())], |b, _, acc| {
+                        vec![b.def(format!("arith.mulf {}, {base_freq} : f64", acc[0]))]
+                    })[0]
+                        .clone(),
+                };
                 let pos = b.pos();
                 let at = b.addi(&row, &pos);
                 let pi = b.def(format!("arith.index_cast {at} : index to i64"));
