@@ -50,7 +50,7 @@ impl Lm<'_> {
             Lm::Interpreter { .. } => {
                 let l = self.forward(ids)?;
                 let vocab = l.shape().last().copied().unwrap_or(0);
-                return Ok(ArrayD::from_shape_vec(IxDyn(&[1, vocab]), last_row(&l))?);
+                return Ok(ArrayD::from_shape_vec(IxDyn(&[1, vocab]), last_row(&l).into_owned())?);
             }
             Lm::Compiled { session } => session.run_last(&[ids_array(ids)])?,
         };
@@ -132,9 +132,13 @@ fn progress(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-fn last_row(l: &ArrayD<f32>) -> Vec<f32> {
+/// The last row of logits `[n, vocab]`, borrowed when they are contiguous.
+fn last_row(l: &ArrayD<f32>) -> std::borrow::Cow<'_, [f32]> {
     let vocab = l.shape().last().copied().unwrap_or(0);
-    l.iter().skip(l.len() - vocab).copied().collect()
+    match l.as_slice() {
+        Some(s) => std::borrow::Cow::Borrowed(&s[s.len() - vocab..]),
+        None => std::borrow::Cow::Owned(l.iter().skip(l.len() - vocab).copied().collect()),
+    }
 }
 
 pub struct GenerateArgs<'a> {

@@ -16,7 +16,7 @@ impl Sampler {
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let argmax = || logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap_or(0);
+        let argmax = || argmax(logits);
         if self.temperature <= 0.0 || logits.is_empty() {
             return argmax();
         }
@@ -42,9 +42,25 @@ impl Sampler {
     }
 }
 
+/// The index of the largest logit, the last of equals (NaNs are skipped; 0
+/// when there is none): a max pass and a search pass, both branch-light, since
+/// greedy decoding runs this over the whole vocabulary every token.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    logits.iter().rposition(|&x| x == m).unwrap_or(0) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_takes_the_last_of_equals_and_skips_nan() {
+        assert_eq!(argmax(&[1.0, 3.0, 2.0, 3.0, -1.0]), 3);
+        assert_eq!(argmax(&[f32::NAN, -2.0, -1.0]), 2);
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), 2);
+        assert_eq!(argmax(&[]), 0);
+    }
 
     #[test]
     fn greedy_top_k_and_seeds() {
