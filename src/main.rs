@@ -607,8 +607,8 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
         compile_cold_and_cached(&a.input, &a.flags, tmp.path(), &mut report)?
     };
     let src = lm_verbs::LmSource::artifact(&path, a.threads)?;
-    let threads = src.artifact.as_ref().map(|(_, e)| e.threads()).unwrap_or(1);
-    let art = &src.artifact.as_ref().context("no artifact")?.0;
+    let (art, exec) = src.artifact.as_ref().context("no artifact")?;
+    let threads = exec.threads();
     let code: usize = art.manifest.cpu_total(|s| s.code_bytes);
     let weights = std::fs::metadata(path.join(sparsec_runtime::manifest::WEIGHTS_FILE)).map(|m| m.len()).unwrap_or(0);
     report["kernels"] = art.manifest.kernels.len().into();
@@ -623,10 +623,10 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
     // int8 only where the target could (AVX2): the options say what was asked.
     let options: Option<CompileOptions> = serde_json::from_value(art.manifest.options.clone()).ok();
     let activations = options.filter(|_| quantized).map(|o| if o.int8_activations() { "int8" } else { "f32" });
-    let placement = src.artifact.as_ref().map(|(_, e)| e.placement());
+    let placement = exec.placement();
     report["kv_cache"] = kv_cache.into();
     report["quant_activations"] = activations.into();
-    report["weights_placement"] = placement.map(|p| format!("{p:?}").to_lowercase()).into();
+    report["weights_placement"] = placement.name().into();
     let r = lm_verbs::bench_lm(&src, &a.text, a.prompt_len, a.new_tokens, a.repeat.unwrap_or(1))?;
     if let (Some(o), Some(r)) = (report.as_object_mut(), r.as_object()) {
         o.extend(r.clone());
@@ -643,8 +643,8 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
         println!("decode:  {:>8.1} tokens/s ({} tokens in {:.3} s)", f("decode_tokens_per_s"), a.new_tokens, f("decode_s"));
         println!("peak memory: {:.1} MB; weights {:.1} MB; machine code {code} B in {} kernels", f("peak_rss_bytes") / 1e6, weights as f64 / 1e6, art.manifest.kernels.len());
         let placement = match placement {
-            Some(sparsec_runtime::cpu::WeightPlacement::Resident) => "weights resident on 2 MB pages",
-            _ => "weights read from the file mapping",
+            sparsec_runtime::cpu::WeightPlacement::Resident => "weights resident on 2 MB pages",
+            sparsec_runtime::cpu::WeightPlacement::Mapped => "weights read from the file mapping",
         };
         let activations = activations.map(|a| format!("{a} activations for quantized matmuls, ")).unwrap_or_default();
         println!("setup: {}KV caches {}, {placement}", activations, kv_cache.unwrap_or("none"));

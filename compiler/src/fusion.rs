@@ -145,8 +145,3 @@ pub fn fusions(g: &Graph, types: &[TensorType]) -> HashMap<usize, Fused> {
     }
     out
 }
-
-/// The names of the rules (for documentation and tests).
-pub fn rule_names() -> Vec<&'static str> {
-    RULES.iter().map(|(n, _)| *n).collect()
-}

@@ -68,7 +68,12 @@ impl WeightStore {
     /// The stored bytes of tensor `name`: little-endian f32 values, or the packed
     /// blocks of a quantized weight (`sparsec_ir::quant`).
     pub fn bytes(&self, name: &str) -> RuntimeResult<&[u8]> {
-        Ok(&self.map[self.range(name)?])
+        Ok(self.at(self.range(name)?))
+    }
+
+    /// The file's bytes in `range` (a `range` of this store's tensors).
+    pub fn at(&self, range: std::ops::Range<usize>) -> &[u8] {
+        &self.map[range]
     }
 
     /// The f32 tensor `name` (borrowed from the map when aligned) and its shape.
@@ -120,6 +125,20 @@ impl Artifact {
 
     /// The weight `name` as f32 values of its graph shape: quantized weights are
     /// dequantized exactly (what the reference interpreter computes with).
+    /// Where weight buffer `b`'s bytes (`b.bytes(0)` of its tensor) lie in the
+    /// weights file; an error when the tensor holds fewer than the plan needs.
+    pub fn weight_range(&self, b: &BufferSpec) -> RuntimeResult<std::ops::Range<usize>> {
+        let range = self.weights.range(&b.name)?;
+        let need = b.bytes(0);
+        if range.len() < need {
+            return Err(RuntimeError::Artifact {
+                path: self.dir.clone(),
+                message: format!("weight `{}` holds {} bytes, the plan needs {need}", b.name, range.len()),
+            });
+        }
+        Ok(range.start..range.start + need)
+    }
+
     pub fn weight_array(&self, name: &str) -> RuntimeResult<ArrayD<f32>> {
         let spec = self.manifest.execution.buffers.iter().find(|b| b.kind == BufferKind::Weight && b.name == name);
         match spec {

@@ -56,6 +56,14 @@ pub enum WeightPlacement {
 }
 
 impl WeightPlacement {
+    /// `resident` or `mapped` (as reports spell it).
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightPlacement::Resident => "resident",
+            WeightPlacement::Mapped => "mapped",
+        }
+    }
+
     /// `$SPARSEC_WEIGHTS` = `mmap` picks `Mapped`; anything else `Resident`.
     pub fn from_env() -> WeightPlacement {
         match std::env::var("SPARSEC_WEIGHTS") {
@@ -183,14 +191,8 @@ impl CpuExecutor {
                 weights[i] = Some(WeightData::Mapped(p, n));
                 continue;
             }
-            let bytes = art.weights.bytes(&b.name)?;
-            let need = b.bytes(0);
-            if bytes.len() < need {
-                return Err(RuntimeError::Artifact {
-                    path: art.dir.clone(),
-                    message: format!("weight `{}` holds {} bytes, the plan needs {need}", b.name, bytes.len()),
-                });
-            }
+            let bytes = art.weights.at(art.weight_range(b)?);
+            let need = bytes.len();
             // Kernels load f32 and f16 values: data that is not 4-byte aligned is copied.
             let data = if (bytes.as_ptr() as usize) % 4 == 0 {
                 WeightData::Mapped(bytes.as_ptr(), need)

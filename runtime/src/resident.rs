@@ -41,14 +41,8 @@ impl ResidentWeights {
             if b.kind != BufferKind::Weight {
                 continue;
             }
-            let range = store.range(&b.name)?;
-            let need = b.bytes(0);
-            if range.len() < need {
-                return Err(RuntimeError::Artifact {
-                    path: art.dir.clone(),
-                    message: format!("weight `{}` holds {} bytes, the plan needs {need}", b.name, range.len()),
-                });
-            }
+            let range = art.weight_range(b)?;
+            let need = range.len();
             at[i] = Some((total, need));
             ranges.push((total, range.start, need));
             total += need.div_ceil(ALIGN) * ALIGN;

@@ -231,13 +231,12 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
     // Quantized weights are packed bytes (shape inference allows them only as
     // matmul weights and embedding tables); f16 only as attention's KV caches.
     let kv_cache_operand = |i: usize| matches!(spec.op, Op::Attention { .. }) && (i == 1 || i == 2);
-    if let Some((_, t)) = spec
-        .operands
-        .iter()
-        .enumerate()
-        .chain([(usize::MAX, &spec.result)])
-        .find(|&(i, t)| !matches!(t.dtype, DType::F32 | DType::I32) && !t.dtype.is_quantized() && !(t.dtype == DType::F16 && kv_cache_operand(i)))
-    {
+    let supported = |i: usize, t: &TensorType| match t.dtype {
+        DType::F32 | DType::I32 => true,
+        DType::F16 => kv_cache_operand(i),
+        other => other.is_quantized(),
+    };
+    if let Some((_, t)) = spec.operands.iter().enumerate().chain([(usize::MAX, &spec.result)]).find(|&(i, t)| !supported(i, t)) {
         return Err(spec.unsupported(&format!("element type {} (f32, i32 and q8_0/q4_0/q4_1 weights only for now)", t.dtype.name())));
     }
     let mut b = KernelBuilder::new(device);
@@ -716,6 +715,10 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                 let total = b.addi(&pos, &b.seq());
                 let scores = b.alloca_f32(&total);
                 let nv = (d / VW as u64) as usize;
+                // The K and V caches hold as many positions of the same width.
+                let kv_elem = if f16_kv { "f16" } else { "f32" };
+                let kv_len = b.def(format!("memref.dim {kbuf}, {zero_i} : memref<?x{kv_elem}>"));
+                let kv_last = b.def(format!("arith.subi {kv_len}, {one_i} : index"));
                 b.parallel(&work, |b, unit| {
                     let AttnUnit { qbase, khd, p, start, end } = unit_of(b, unit);
                     let qs: Vec<V> = (0..nv)
@@ -726,20 +729,13 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
                         })
                         .collect();
                     // The cache is read from memory (the weights stream through
-                    // the caches between layers): ask for rows ATTN_PREFETCH_KEYS ahead.
-                    let (kdim, vdim) = if f16_kv { ("f16", "f16") } else { ("f32", "f32") };
-                    let zero_ix = b.index(0);
-                    let one_ix = b.index(1);
-                    let klen = b.def(format!("memref.dim {kbuf}, {zero_ix} : memref<?x{kdim}>"));
-                    let klast = b.def(format!("arith.subi {klen}, {one_ix} : index"));
-                    let vlen = b.def(format!("memref.dim {vbuf}, {zero_ix} : memref<?x{vdim}>"));
-                    let vlast = b.def(format!("arith.subi {vlen}, {one_ix} : index"));
+                    // the caches between layers): ask for rows ATTN_PREFETCH_KEYS
+                    // ahead, clamped to the caches' last element.
                     let prefetch_row = |b: &mut KernelBuilder, buf: &str, j: &str| {
-                        let (last, elem) = if buf == kbuf { (&klast, kdim) } else { (&vlast, vdim) };
                         let rb = b.muli(j, &kvwc);
                         let base = b.addi(&rb, &khd);
-                        b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw, last, elem);
-                        b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw + d - 1, last, elem);
+                        b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw, &kv_last, kv_elem);
+                        b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw + d - 1, &kv_last, kv_elem);
                     };
                     // Key j's q·k as one vector of partial sums (FMAs over the head's slices).
                     let key_dot = |b: &mut KernelBuilder, j: &str| -> V {
