@@ -192,12 +192,10 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
         if let Some(p) = lib.parent() {
             std::fs::create_dir_all(p).map_err(CompileError::io(p))?;
         }
-        if objects.is_empty() {
-            // A graph with no compute (it returns inputs or constants) still gets a library.
-            let p = obj_dir.join("empty.c");
-            write(&p, "")?;
-            objects.push(p);
-        }
+        // The ABI table (also what a graph with no compute links).
+        let p = obj_dir.join("sparsec_abi.o");
+        write(&p, crate::abi::object(&part.plan, &opts.cpu)?.code)?;
+        objects.push(p);
         toolchain::link_shared(&objects, &lib)?;
     }
     write_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?;
@@ -218,7 +216,7 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
     if opts.target.cuda() {
         targets.push("cuda".to_string());
     }
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         version: MANIFEST_VERSION,
         sparsec_version: env!("CARGO_PKG_VERSION").into(),
         graph_name: g.name.clone(),
@@ -231,8 +229,12 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
         execution: part.plan,
         compile_ms: ms(start),
         lm: req.lm.as_ref().map(|(_, info)| info.clone()),
+        files: Default::default(),
+        integrity: String::new(),
     };
-    let json = serde_json::to_string_pretty(&manifest).map_err(|e| CompileError::File { path: dir.clone(), message: e.to_string() })?;
+    // Every file's hash, and the manifest's own (`integrity`): checked at load.
+    let json = sparsec_runtime::integrity::seal(&dir, &mut manifest)
+        .map_err(|e| CompileError::File { path: dir.clone(), message: e.to_string() })?;
     // The manifest is written last: a directory without one is never an artifact.
     write(&dir.join(MANIFEST_FILE), json)?;
     publish(&dir, &req.output)?;

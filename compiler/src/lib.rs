@@ -2,6 +2,7 @@
 //! inkwell → x86-64 shared library and PTX, packed into an artifact with a
 //! content-addressed cache.
 
+pub mod abi;
 pub mod backend;
 pub mod error;
 pub mod mlir;

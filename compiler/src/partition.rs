@@ -20,17 +20,7 @@ pub struct Partition {
     pub weight_nodes: Vec<(usize, usize)>,
 }
 
-/// The buffer name of a weight or constant node: the checkpoint tensor name for
-/// weights (tied weights share one buffer; a pruned copy of a tied weight is
-/// `<name>.pruned`), `const.<value>` for constants.
-pub fn weight_buffer_name(g: &Graph, node: usize) -> Option<String> {
-    match &g.nodes[node].op {
-        Op::Weight { name, .. } if g.nodes[node].name.ends_with(".pruned") => Some(format!("{name}.pruned")),
-        Op::Weight { name, .. } => Some(name.clone()),
-        Op::Constant { .. } => Some(format!("const.{}", g.nodes[node].name)),
-        _ => None,
-    }
-}
+pub use sparsec_ir::graph::weight_buffer_name;
 
 /// Splits a typed graph (after `shape-infer`) into kernels and a plan, with the
 /// default bake budget for `auto` specialization.

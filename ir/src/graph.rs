@@ -144,3 +144,16 @@ impl Graph {
         }
     }
 }
+
+/// The buffer name of a weight or constant node in a compiled artifact: the
+/// checkpoint tensor name for weights (tied weights share one buffer; a pruned
+/// copy of a tied weight is `<name>.pruned`), `const.<value>` for constants.
+pub fn weight_buffer_name(g: &Graph, node: usize) -> Option<String> {
+    let n = g.nodes.get(node)?;
+    match &n.op {
+        Op::Weight { name, .. } if n.name.ends_with(".pruned") => Some(format!("{name}.pruned")),
+        Op::Weight { name, .. } => Some(name.clone()),
+        Op::Constant { .. } => Some(format!("const.{}", n.name)),
+        _ => None,
+    }
+}

@@ -316,38 +316,123 @@ pub fn unpack(fmt: &SparseFormat, bytes: &[u8], transposed: bool) -> Option<Vec<
     Some(w)
 }
 
-/// Every output's stored entries as `(k, value index)` pairs, in `k` order
-/// within a CSR or N:M row, block by block for BSR: what a kernel that bakes
-/// the indices unrolls. `None` if the bytes do not hold the format.
-pub fn entries(fmt: &SparseFormat, bytes: &[u8]) -> Option<Vec<Vec<(u32, u32)>>> {
-    let lay = fmt.layout();
-    if (bytes.len() as u64) < lay.total {
-        return None;
+/// Checks that a format's own fields are coherent and its sizes fit in
+/// memory: `n·k` entries at most 2^40, N:M groups that divide `k` with at most
+/// `group` kept, BSR blocks that tile the matrix, counts within the matrix.
+/// Every other function here assumes a format that passed.
+pub fn check_format(fmt: &SparseFormat) -> Result<(), String> {
+    const MAX_ENTRIES: u64 = 1 << 40;
+    let (n, k) = fmt.nk();
+    let entries = n.checked_mul(k).filter(|e| *e <= MAX_ENTRIES && n > 0 && k > 0);
+    let Some(total) = entries else {
+        return Err(format!("{} of {n}x{k}: the shape is empty or too large", fmt.name()));
+    };
+    match *fmt {
+        SparseFormat::Csr { nnz, .. } if nnz > total => Err(format!("csr keeps {nnz} of {total} entries")),
+        SparseFormat::Nm { keep, group, .. } if group == 0 || keep > group || k % group as u64 != 0 => {
+            Err(format!("{keep}:{group} does not fit rows of {k}"))
+        }
+        SparseFormat::Bsr { rows, cols, blocks, .. }
+            if rows == 0 || cols == 0 || n % rows as u64 != 0 || k % cols as u64 != 0 || blocks > total / (rows as u64 * cols as u64) =>
+        {
+            Err(format!("{blocks} blocks of {rows}x{cols} do not tile {n}x{k}"))
+        }
+        _ => Ok(()),
     }
-    let mut out = Vec::new();
+}
+
+/// Checks packed `bytes` against `fmt` without building anything: the length,
+/// CSR row pointers monotone and within `nnz` with every column below `k`, N:M
+/// bitmaps with exactly `keep` bits in every group (none past `k`), BSR block
+/// pointers monotone within `blocks` with every block column inside the row.
+/// What kernels index with is then in range. The error says what is wrong.
+pub fn validate(fmt: &SparseFormat, bytes: &[u8]) -> Result<(), String> {
+    check_format(fmt)?;
+    let lay = fmt.layout();
+    if bytes.len() as u64 != lay.total {
+        return Err(format!("{} bytes where {} {} needs {}", bytes.len(), fmt.name(), fmt_shape(fmt), lay.total));
+    }
+    // Row (or block row) pointers: `count + 1` u32s from 0, monotone, within `limit`.
+    let pointers = |count: u64, limit: u64, what: &str| -> Result<(), String> {
+        let mut prev = 0u64;
+        for j in 0..=count {
+            let p = get_u32(bytes, 4 * j) as u64;
+            if p < prev || p > limit {
+                return Err(format!("{what} pointer {j} is {p} (after {prev}, at most {limit})"));
+            }
+            prev = p;
+        }
+        Ok(())
+    };
     match *fmt {
         SparseFormat::Csr { n, k, nnz } => {
+            pointers(n, nnz, "row")?;
+            let ib = SparseFormat::csr_index_bytes(k);
+            for p in 0..nnz {
+                let ia = (lay.indices + ib * p) as usize;
+                let kk = if ib == 2 { u16::from_le_bytes([bytes[ia], bytes[ia + 1]]) as u64 } else { get_u32(bytes, ia as u64) as u64 };
+                if kk >= k {
+                    return Err(format!("column index {p} is {kk}, not below {k}"));
+                }
+            }
+        }
+        SparseFormat::Nm { n, k, keep, group } => {
+            let rb = SparseFormat::bitmap_row_bytes(k);
+            let bit = |j: u64, kk: u64| bytes[(lay.indices + j * rb + kk / 8) as usize] & (1 << (kk % 8)) != 0;
+            for j in 0..n {
+                for g in 0..k / group as u64 {
+                    let set = (0..group as u64).filter(|t| bit(j, g * group as u64 + t)).count();
+                    if set != keep as usize {
+                        return Err(format!("row {j} group {g} keeps {set}, not {keep} of {group}"));
+                    }
+                }
+                if (k..rb * 8).any(|kk| bit(j, kk)) {
+                    return Err(format!("row {j} sets bitmap bits past {k}"));
+                }
+            }
+        }
+        SparseFormat::Bsr { n, k, rows, cols, blocks } => {
+            pointers(n / rows as u64, blocks, "block row")?;
+            for p in 0..blocks {
+                let bc = get_u32(bytes, lay.indices + 4 * p) as u64;
+                if (bc + 1) * cols as u64 > k {
+                    return Err(format!("block {p} is at block column {bc}, past {k} columns"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fmt_shape(fmt: &SparseFormat) -> String {
+    let (n, k) = fmt.nk();
+    format!("{n}x{k}")
+}
+
+/// Every output's stored entries as `(k, value index)` pairs, in `k` order
+/// within a CSR or N:M row, block by block for BSR: what a kernel that bakes
+/// the indices unrolls. `None` if the bytes do not hold the format (`validate`).
+pub fn entries(fmt: &SparseFormat, bytes: &[u8]) -> Option<Vec<Vec<(u32, u32)>>> {
+    validate(fmt, bytes).ok()?;
+    let lay = fmt.layout();
+    let mut out = Vec::new();
+    match *fmt {
+        SparseFormat::Csr { n, k, .. } => {
             let ib = SparseFormat::csr_index_bytes(k);
             for j in 0..n {
                 let (lo, hi) = (get_u32(bytes, 4 * j) as u64, get_u32(bytes, 4 * (j + 1)) as u64);
-                if lo > hi || hi > nnz {
-                    return None;
-                }
-                let mut row = Vec::new();
-                for p in lo..hi {
-                    let ia = (lay.indices + ib * p) as usize;
-                    let kk = if ib == 2 { u16::from_le_bytes([bytes[ia], bytes[ia + 1]]) as u32 } else { get_u32(bytes, ia as u64) };
-                    if kk as u64 >= k {
-                        return None;
-                    }
-                    row.push((kk, p as u32));
-                }
+                let row = (lo..hi)
+                    .map(|p| {
+                        let ia = (lay.indices + ib * p) as usize;
+                        let kk = if ib == 2 { u16::from_le_bytes([bytes[ia], bytes[ia + 1]]) as u32 } else { get_u32(bytes, ia as u64) };
+                        (kk, p as u32)
+                    })
+                    .collect();
                 out.push(row);
             }
         }
         SparseFormat::Nm { n, k, .. } => {
             let rb = SparseFormat::bitmap_row_bytes(k);
-            let per_row = (fmt.stored_values() / n.max(1)) as usize;
             let mut p = 0u32;
             for j in 0..n {
                 let mut row = Vec::new();
@@ -357,27 +442,17 @@ pub fn entries(fmt: &SparseFormat, bytes: &[u8]) -> Option<Vec<Vec<(u32, u32)>>>
                         p += 1;
                     }
                 }
-                // Every row keeps the same number of values.
-                if row.len() != per_row {
-                    return None;
-                }
                 out.push(row);
             }
         }
-        SparseFormat::Bsr { n, k, rows, cols, blocks } => {
+        SparseFormat::Bsr { n, rows, cols, .. } => {
             let (r, c) = (rows as u64, cols as u64);
             for j in 0..n {
                 let (bi, i) = (j / r, j % r);
                 let (lo, hi) = (get_u32(bytes, 4 * bi) as u64, get_u32(bytes, 4 * (bi + 1)) as u64);
-                if lo > hi || hi > blocks {
-                    return None;
-                }
                 let mut row = Vec::new();
                 for p in lo..hi {
                     let bc = get_u32(bytes, lay.indices + 4 * p) as u64;
-                    if (bc + 1) * c > k {
-                        return None;
-                    }
                     for t in 0..c {
                         row.push(((bc * c + t) as u32, (p * r * c + i * c + t) as u32));
                     }

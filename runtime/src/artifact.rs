@@ -15,6 +15,8 @@ pub struct Artifact {
     /// The graph after the compiler's passes: what the kernels implement.
     pub graph: Graph,
     pub weights: WeightStore,
+    /// Bounds validation established, enforced per call.
+    pub limits: crate::validate::Limits,
 }
 
 /// The artifact's packed weights, memory-mapped; the header is read once.
@@ -101,8 +103,27 @@ impl WeightStore {
     }
 }
 
+/// How much of an artifact `Artifact::open_with` checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trust {
+    /// Every file's hash, then the structure (`validate`). The default.
+    Verify,
+    /// The structure only: skips hashing the files (`--trust`; the manifest's
+    /// own hash is still checked). For artifacts this machine just built.
+    SkipFileHashes,
+}
+
 impl Artifact {
+    /// Opens and fully validates the artifact in `dir` (`Trust::Verify`).
     pub fn open(dir: &Path) -> RuntimeResult<Artifact> {
+        Self::open_with(dir, Trust::Verify)
+    }
+
+    /// Opens the artifact in `dir`: the manifest's own hash and version, then
+    /// (unless trusted) the hash of every file, then the plan against the
+    /// graph and the weights (`validate`). Any mismatch is an error naming the
+    /// file and the buffer; nothing is used as an address before it passes.
+    pub fn open_with(dir: &Path, trust: Trust) -> RuntimeResult<Artifact> {
         let mpath = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&mpath).map_err(|error| RuntimeError::Io { path: mpath.clone(), error })?;
         let probe: serde_json::Value = serde_json::from_str(&text)
@@ -114,19 +135,63 @@ impl Artifact {
                 message: format!("manifest version {version:?}; this runtime reads version {MANIFEST_VERSION}"),
             });
         }
+        crate::integrity::check_manifest_text(&mpath, &text)?;
         let manifest: Manifest =
             serde_json::from_value(probe).map_err(|e| RuntimeError::Artifact { path: mpath.clone(), message: e.to_string() })?;
+        let mut required = vec![GRAPH_FILE.to_string(), WEIGHTS_FILE.to_string()];
+        if manifest.plan.is_some() {
+            required.push(PLAN_FILE.into());
+        }
+        if let Some(lm) = &manifest.lm {
+            required.push(lm.tokenizer.clone());
+        }
+        if manifest.targets.iter().any(|t| t == "cpu") {
+            required.push(CPU_LIBRARY.into());
+        }
+        if manifest.targets.iter().any(|t| t == "cuda") {
+            for k in &manifest.kernels {
+                if !crate::validate::is_kernel_name(&k.name) {
+                    return Err(RuntimeError::Artifact { path: mpath, message: format!("kernel name `{}` is not [A-Za-z0-9_]", k.name) });
+                }
+                required.push(format!("{CUDA_DIR}/{}.ptx", k.name));
+            }
+        }
+        for r in &required {
+            if !manifest.files.contains_key(r) {
+                return Err(RuntimeError::Artifact { path: dir.join(r), message: "the manifest records no hash for this file".into() });
+            }
+        }
+        if trust == Trust::Verify {
+            crate::integrity::check_files(dir, &manifest)?;
+        }
         let gpath = dir.join(GRAPH_FILE);
         let gtext = std::fs::read_to_string(&gpath).map_err(|error| RuntimeError::Io { path: gpath.clone(), error })?;
-        let graph = parse_graph(&gtext)?;
+        let graph = parse_graph(&gtext).map_err(|e| RuntimeError::Artifact { path: gpath.clone(), message: e.to_string() })?;
         let weights = WeightStore::open(&dir.join(WEIGHTS_FILE))?;
-        Ok(Artifact { dir: dir.into(), manifest, graph, weights })
+        let tensors = weights.index.iter().map(|(k, (dt, shape, r))| (k.clone(), (*dt, shape.clone(), &weights.map[r.clone()]))).collect();
+        let limits = crate::validate::validate(dir, &manifest, &graph, &tensors)?;
+        Ok(Artifact { dir: dir.into(), manifest, graph, weights, limits })
+    }
+
+    /// Checks that `seq` new positions after `pos` stay within what the
+    /// artifact can address (`Limits::max_positions`: a position table's rows).
+    pub fn check_positions(&self, pos: usize, seq: u64) -> RuntimeResult<()> {
+        let end = (pos as u64).checked_add(seq);
+        match end {
+            Some(e) if e <= self.limits.max_positions => Ok(()),
+            _ => Err(RuntimeError::Input {
+                index: 0,
+                name: String::new(),
+                message: format!("positions {pos}..{pos}+{seq} exceed the {} this model can address", self.limits.max_positions),
+            }),
+        }
     }
 
     /// The weight `name` as f32 values of its graph shape: quantized weights are
     /// dequantized exactly (what the reference interpreter computes with).
     /// Where weight buffer `b`'s bytes (`b.bytes(0)` of its tensor) lie in the
-    /// weights file; an error when the tensor holds fewer than the plan needs.
+    /// weights file (`validate` checked that the tensor holds them); an error
+    /// when the tensor holds fewer than the plan needs.
     pub fn weight_range(&self, b: &BufferSpec) -> RuntimeResult<std::ops::Range<usize>> {
         let range = self.weights.range(&b.name)?;
         let need = b.bytes(0);
@@ -200,6 +265,16 @@ impl Artifact {
                     },
                     _ => {}
                 }
+            }
+        }
+        for (i, (a, bound)) in inputs.iter().zip(&self.limits.id_bounds).enumerate() {
+            let Some(bound) = bound else { continue };
+            if let Some(bad) = a.iter().find(|x| !(x.fract() == 0.0 && **x >= 0.0 && (**x as u64) < *bound)) {
+                return Err(RuntimeError::Input {
+                    index: i,
+                    name: plan.buffers[plan.inputs[i]].name.clone(),
+                    message: format!("id {bad} is not an integer in 0..{bound}"),
+                });
             }
         }
         let seq = seq.unwrap_or(1);

@@ -4,7 +4,7 @@
 
 use crate::artifact::Artifact;
 use crate::error::{RuntimeError, RuntimeResult};
-use crate::manifest::{BufferKind, KernelStep, Step, CPU_LIBRARY};
+use crate::manifest::{abi_record, BufferKind, KernelStep, Step, ABI_MAGIC, ABI_SYMBOL_PREFIX, CPU_LIBRARY, MAX_KERNEL_BUFFERS};
 use crate::pool::SpinPool;
 use crate::resident::ResidentWeights;
 use ndarray::{ArrayD, IxDyn};
@@ -28,8 +28,6 @@ struct MemRef1 {
 /// ops only adds cache traffic.
 const PARALLEL_MIN_OPS: u64 = 8_192;
 
-/// Buffer arguments a kernel may take (`call` takes four more).
-const MAX_BUFFER_ARGS: usize = 6;
 
 pub struct CpuExecutor {
     // Kept alive for the function pointers below.
@@ -41,6 +39,8 @@ pub struct CpuExecutor {
     /// The weights in huge-page memory (`WeightPlacement::Resident`); `None`
     /// when sessions read them from the artifact's file mapping.
     resident: Option<ResidentWeights>,
+    /// The loaded artifact's manifest hash: sessions serve that artifact only.
+    artifact: String,
 }
 
 /// Where a CPU executor reads the weights from.
@@ -130,16 +130,28 @@ impl CpuExecutor {
                 step_fns.push(0);
                 continue;
             };
-            if step.args.len() > MAX_BUFFER_ARGS {
+            if step.args.len() > MAX_KERNEL_BUFFERS {
                 return Err(RuntimeError::Artifact {
                     path: path.clone(),
-                    message: format!("kernel {} takes {} buffers (at most {MAX_BUFFER_ARGS})", step.kernel, step.args.len()),
+                    message: format!("kernel {} takes {} buffers (at most {MAX_KERNEL_BUFFERS})", step.kernel, step.args.len()),
                 });
             }
             let sym = format!("_mlir_ciface_{}", step.kernel);
-            // SAFETY: we only take the symbol's address here; `call` checks arity.
+            // SAFETY: we only take the symbol's address here; the ABI record
+            // below pins the buffers the kernel was generated for.
             let f: libloading::Symbol<'_, *const c_void> = unsafe { lib.get(sym.as_bytes()) }
                 .map_err(|e| RuntimeError::Artifact { path: path.clone(), message: format!("{sym}: {e}") })?;
+            let bufs: Vec<&crate::manifest::BufferSpec> = step.args.iter().map(|&a| &art.manifest.execution.buffers[a]).collect();
+            let want = abi_record(&bufs);
+            let got = Self::abi_record_of(&lib, &step.kernel).map_err(|message| RuntimeError::Artifact { path: path.clone(), message })?;
+            if got != want {
+                let which = (0..bufs.len()).find(|&i| got.get(2 + 2 * i..4 + 2 * i) != want.get(2 + 2 * i..4 + 2 * i));
+                let what = match which {
+                    Some(i) => format!("buffer {i} (`{}`) is {:?} bytes at seq 1, 2; the kernel was built for {:?}", bufs[i].name, &want[2 + 2 * i..4 + 2 * i], got.get(2 + 2 * i..4 + 2 * i)),
+                    None => format!("{} buffers; the kernel was built for {}", bufs.len(), got.get(1).copied().unwrap_or(0)),
+                };
+                return Err(RuntimeError::Artifact { path: path.clone(), message: format!("kernel {}: {what}", step.kernel) });
+            }
             step_fns.push(*f as usize);
         }
         let threads = default_threads();
@@ -147,7 +159,30 @@ impl CpuExecutor {
             WeightPlacement::Resident => Some(ResidentWeights::load(art)?),
             WeightPlacement::Mapped => None,
         };
-        Ok(CpuExecutor { _lib: lib, step_fns, threads, pool: Self::pool(threads)?, resident })
+        let artifact = art.manifest.integrity.clone();
+        Ok(CpuExecutor { _lib: lib, step_fns, threads, pool: Self::pool(threads)?, resident, artifact })
+    }
+
+    /// The ABI record `lib` holds for `kernel` (`ABI_SYMBOL_PREFIX`).
+    fn abi_record_of(lib: &libloading::Library, kernel: &str) -> Result<Vec<u64>, String> {
+        let sym = format!("{ABI_SYMBOL_PREFIX}{kernel}");
+        // SAFETY: only the symbol's address is taken.
+        let p: libloading::Symbol<'_, *const u64> = unsafe { lib.get(sym.as_bytes()) }.map_err(|e| format!("{sym}: {e}"))?;
+        let p: *const u64 = *p;
+        if p.is_null() || (p as usize) % std::mem::align_of::<u64>() != 0 {
+            return Err(format!("{sym} is not an aligned record"));
+        }
+        // SAFETY: the symbol is a constant array the compiler emitted into this
+        // library (whose hash the manifest checked): two header words, and the
+        // 2·n words after them are read only once the header's magic matches and
+        // n is a count a record can have.
+        unsafe {
+            let head = std::slice::from_raw_parts(p, 2);
+            if head[0] != ABI_MAGIC || head[1] as usize > MAX_KERNEL_BUFFERS {
+                return Err(format!("{sym} is not an ABI record"));
+            }
+            Ok(std::slice::from_raw_parts(p, 2 + 2 * head[1] as usize).to_vec())
+        }
     }
 
     /// The calling thread and `threads - 1` spinning workers.
@@ -181,6 +216,12 @@ impl CpuExecutor {
 
     /// A decoding session: every `run` continues where the last one stopped.
     pub fn session<'a>(&'a self, art: &'a Artifact) -> RuntimeResult<CpuSession<'a>> {
+        if art.manifest.integrity != self.artifact {
+            return Err(RuntimeError::Artifact {
+                path: art.dir.clone(),
+                message: "this CPU executor was loaded from another artifact; load one for this artifact".into(),
+            });
+        }
         let n = art.manifest.execution.buffers.len();
         let mut weights: Vec<Option<WeightData>> = (0..n).map(|_| None).collect();
         for (i, b) in art.manifest.execution.buffers.iter().enumerate() {
@@ -319,6 +360,7 @@ impl CpuSession<'_> {
         let seq = art.bind_seq(inputs)?;
         let plan = &art.manifest.execution;
         let pos = self.pos;
+        art.check_positions(pos, seq)?;
         // Temps live in slots sized for the largest buffer they hold at this seq.
         if self.slot_bytes.as_ref().is_none_or(|(s, _)| *s != seq) {
             let mut slot_bytes: Vec<usize> = Vec::new();
@@ -473,18 +515,18 @@ impl CpuSession<'_> {
         if step.args[..n - 1].iter().any(|&a| a == out || ptrs[a].0 == out_ptr) {
             return Err(RuntimeError::Cpu(format!("kernel {} reads its own output", step.kernel)));
         }
-        if f == 0 || n > MAX_BUFFER_ARGS {
+        if f == 0 || n > MAX_KERNEL_BUFFERS {
             return Err(RuntimeError::Cpu(format!("kernel {} not loaded", step.kernel)));
         }
         let null = std::ptr::null_mut();
-        let mut descs = [MemRef1 { allocated: null, aligned: null, offset: 0, size: 0, stride: 1 }; MAX_BUFFER_ARGS];
+        let mut descs = [MemRef1 { allocated: null, aligned: null, offset: 0, size: 0, stride: 1 }; MAX_KERNEL_BUFFERS];
         for (d, &a) in descs.iter_mut().zip(&step.args) {
             let (p, bytes) = ptrs[a];
             let elems = if buffers[a].as_bytes() { bytes } else { bytes / 4 };
             *d = MemRef1 { allocated: p, aligned: p, offset: 0, size: elems as i64, stride: 1 };
         }
         // Descriptor addresses, then seq, pos, lo, hi.
-        let mut args = [0usize; MAX_BUFFER_ARGS + 4];
+        let mut args = [0usize; MAX_KERNEL_BUFFERS + 4];
         for (a, d) in args.iter_mut().zip(&descs[..n]) {
             *a = d as *const MemRef1 as usize;
         }

@@ -22,6 +22,15 @@ fn cu<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RuntimeError + '_ {
     move |e| RuntimeError::Cuda(format!("{what}: {e}"))
 }
 
+/// The parameter count of PTX entry `name` (`.entry name(.param ..., ...)`),
+/// `None` when the text has no such entry.
+pub fn entry_params(ptx: &str, name: &str) -> Option<usize> {
+    let key = format!(".entry {name}(");
+    let start = ptx.find(&key)? + key.len();
+    let end = start + ptx[start..].find(')')?;
+    Some(ptx[start..end].matches(".param").count())
+}
+
 pub struct CudaExecutor {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -48,6 +57,17 @@ impl CudaExecutor {
             if ptx.contains('\0') {
                 return Err(RuntimeError::Artifact { path, message: "PTX contains a NUL byte".into() });
             }
+            // The entry takes the step's buffers as pointers, then `seq` and `pos`.
+            let want = step.args.len() + 2;
+            match entry_params(&ptx, &step.kernel) {
+                Some(n) if n == want => {}
+                got => {
+                    return Err(RuntimeError::Artifact {
+                        path,
+                        message: format!("entry `{}` takes {got:?} parameters; the plan launches it with {want}", step.kernel),
+                    })
+                }
+            }
             let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(cu(&format!("load {}", path.display())))?;
             let f = module.load_function(&step.kernel).map_err(cu(&format!("function {}", step.kernel)))?;
             kernels.insert(step.kernel.clone(), f);
@@ -55,8 +75,7 @@ impl CudaExecutor {
         let mut weights = HashMap::new();
         for (i, b) in art.manifest.execution.buffers.iter().enumerate() {
             if b.kind == BufferKind::Weight {
-                let data = art.weights.bytes(&b.name)?;
-                let data = &data[..b.bytes(0).min(data.len())];
+                let data = art.weights.at(art.weight_range(b)?);
                 weights.insert(i, stream.clone_htod(data).map_err(cu("upload weight"))?);
             }
         }
@@ -72,6 +91,7 @@ impl CudaExecutor {
     /// outputs are copied back to the host.
     pub fn run(&self, art: &Artifact, inputs: &[ArrayD<f32>]) -> RuntimeResult<Vec<ArrayD<f32>>> {
         let seq = art.bind_seq(inputs)?;
+        art.check_positions(0, seq)?;
         let plan = &art.manifest.execution;
         let mut owned: HashMap<usize, CudaSlice<f32>> = HashMap::new();
         let mut alias: HashMap<usize, usize> = HashMap::new();

@@ -7,12 +7,14 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod execute;
+pub mod integrity;
 pub mod interpreter;
 pub mod lm;
 pub mod manifest;
 pub mod pool;
 pub mod resident;
 pub mod sampling;
+pub mod validate;
 
-pub use artifact::Artifact;
+pub use artifact::{Artifact, Trust};
 pub use error::{RuntimeError, RuntimeResult};

@@ -6,7 +6,7 @@ use sparsec_ir::sparse::SparseStorage;
 use sparsec_ir::{DType, Dim, SymSize};
 
 /// Bumped whenever the manifest or the kernel ABI changes.
-pub const MANIFEST_VERSION: u32 = 5;
+pub const MANIFEST_VERSION: u32 = 6;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const GRAPH_FILE: &str = "graph.sir";
@@ -14,6 +14,31 @@ pub const PLAN_FILE: &str = "plan.toml";
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
 pub const CPU_LIBRARY: &str = "cpu/kernels.so";
 pub const CUDA_DIR: &str = "cuda";
+
+/// Buffer arguments a kernel may take (the CPU calling convention adds four
+/// integers; `cpu::call` has one signature per count).
+pub const MAX_KERNEL_BUFFERS: usize = 6;
+
+/// The CPU library holds, per kernel `k`, a constant `sparsec_abi_<k>`: the
+/// kernel's ABI record (`abi_record`), written by the compiler from the
+/// buffers it generated the kernel for and checked by the runtime against
+/// every step that launches it.
+pub const ABI_SYMBOL_PREFIX: &str = "sparsec_abi_";
+
+/// First word of an ABI record ("SPARSEC1").
+pub const ABI_MAGIC: u64 = u64::from_be_bytes(*b"SPARSEC1");
+
+/// A kernel's ABI record for a launch on `args`: `ABI_MAGIC`, the buffer
+/// count, then per buffer its bytes at `seq` 1 and 2 (per position for a KV
+/// cache), which pin both its fixed and its `seq`-dependent size.
+pub fn abi_record(args: &[&BufferSpec]) -> Vec<u64> {
+    let mut r = vec![ABI_MAGIC, args.len() as u64];
+    for b in args {
+        r.push(b.bytes(1) as u64);
+        r.push(b.bytes(2) as u64);
+    }
+    r
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
@@ -37,6 +62,11 @@ pub struct Manifest {
     /// For a language model: its tokenizer file in the artifact and end token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lm: Option<LmInfo>,
+    /// Every other file of the artifact (`/`-separated, relative) and its
+    /// blake3 hash (`integrity::seal`), checked at load.
+    pub files: std::collections::BTreeMap<String, String>,
+    /// blake3 of this manifest's text with this value empty.
+    pub integrity: String,
 }
 
 impl Manifest {
@@ -132,14 +162,32 @@ impl BufferSpec {
     /// Bytes at sequence length `seq`: packed blocks for quantized weights, 2 per
     /// value for f16 KV caches; every other buffer holds 4-byte f32 values (i32
     /// ids travel as exact f32).
+    ///
+    /// Saturates where `try_bytes` has no answer: a loaded artifact has been
+    /// validated (`validate`) so that it has one at every `seq` the runtime binds.
     pub fn bytes(&self, seq: u64) -> usize {
-        let n = self.numel().resolve(seq) as usize;
+        self.try_bytes(seq).unwrap_or(usize::MAX)
+    }
+
+    /// `bytes`, or `None` where the size overflows or the type cannot hold the
+    /// element count (quantized blocks that do not divide it).
+    pub fn try_bytes(&self, seq: u64) -> Option<usize> {
         if let Some(f) = &self.sparse {
-            f.format.bytes()
-        } else if self.as_bytes() {
-            self.dtype.storage_bytes(n).unwrap_or(0)
+            sparsec_ir::sparse::check_format(&f.format).ok()?;
+            return usize::try_from(f.format.layout().total).ok();
+        }
+        let mut n: u64 = 1;
+        for d in &self.dims {
+            n = n.checked_mul(match d {
+                Dim::Fixed(x) => *x,
+                Dim::Seq => seq,
+            })?;
+        }
+        let n = usize::try_from(n).ok()?;
+        if self.as_bytes() {
+            self.dtype.storage_bytes(n)
         } else {
-            n * 4
+            n.checked_mul(4)
         }
     }
 }

@@ -1,0 +1,266 @@
+//! Structural validation of a loaded artifact, the one check that CPU, CUDA
+//! and the interpreter all rely on: the execution plan is coherent (indices in
+//! range, sizes defined, kernel names safe), every buffer has the type and
+//! shape the graph gives its value, every weight tensor holds exactly the bytes
+//! its type and shape need, and sparse weights' indices are in range. After it
+//! passes, the runtime may use the plan's sizes and the weights' indices as
+//! addresses.
+
+use crate::error::{RuntimeError, RuntimeResult};
+use crate::manifest::*;
+use safetensors::Dtype;
+use sparsec_ir::{DType, Dim, Graph, Op, SymSize, TensorType};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+/// The most positions (`pos + seq`) the runtime binds when the graph sets no
+/// smaller bound (a position embedding table).
+pub const MAX_POSITIONS: u64 = 1 << 20;
+
+/// Packed weights are padded to a multiple of this many bytes in the file.
+const PACK_PAD: usize = 64;
+
+/// What validation establishes for the runtime to enforce per call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// `pos + seq` must not exceed this: the rows of a position embedding
+    /// table, else the largest count at which every size is defined.
+    pub max_positions: u64,
+    /// Per plan input: ids must be integers below this bound (the rows of the
+    /// embedding tables the input indexes); `None` for f32 inputs.
+    pub id_bounds: Vec<Option<u64>>,
+}
+
+fn fail(path: &Path, message: String) -> RuntimeError {
+    RuntimeError::Artifact { path: path.into(), message }
+}
+
+/// A name that is safe as a file name and a symbol: `[A-Za-z0-9_]+`.
+pub fn is_kernel_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn checked_resolve(s: SymSize, seq: u64) -> Option<u64> {
+    seq.checked_pow(s.seq_pow).and_then(|p| p.checked_mul(s.coef))
+}
+
+/// Checks `manifest` against itself, `graph` and the weights file.
+/// `tensors` maps every tensor of the weights file to its dtype, shape and bytes.
+pub fn validate(
+    dir: &Path,
+    manifest: &Manifest,
+    graph: &Graph,
+    tensors: &HashMap<String, (Dtype, Vec<usize>, &[u8])>,
+) -> RuntimeResult<Limits> {
+    let mpath = dir.join(MANIFEST_FILE);
+    let plan = &manifest.execution;
+    let bufs = &plan.buffers;
+    let nb = bufs.len();
+    for t in &manifest.targets {
+        if t != "cpu" && t != "cuda" {
+            return Err(fail(&mpath, format!("unknown target `{t}`")));
+        }
+    }
+    let mut kernel_names = HashSet::new();
+    for k in &manifest.kernels {
+        if !is_kernel_name(&k.name) || !kernel_names.insert(k.name.as_str()) {
+            return Err(fail(&mpath, format!("kernel name `{}` is not a unique [A-Za-z0-9_] name", k.name)));
+        }
+    }
+
+    // The graph's types, by value name and by weight buffer name.
+    let types = sparsec_ir::verify(graph)?;
+    let mut by_value: HashMap<&str, &TensorType> = HashMap::new();
+    let mut by_weight: HashMap<String, (usize, &TensorType)> = HashMap::new();
+    for (i, (n, t)) in graph.nodes.iter().zip(&types).enumerate() {
+        match sparsec_ir::graph::weight_buffer_name(graph, i) {
+            Some(w) => {
+                by_weight.entry(w).or_insert((i, t));
+            }
+            None => {
+                by_value.insert(n.name.as_str(), t);
+            }
+        }
+    }
+    let pruned = sparsec_ir::sparse::pruned_weights(graph);
+
+    // Buffers: types as the graph says, sizes defined.
+    for (i, b) in bufs.iter().enumerate() {
+        let bad = |m: String| fail(&mpath, format!("buffer {i} (`{}`): {m}", b.name));
+        if b.try_bytes(1).is_none() {
+            return Err(bad(format!("no byte size for {} {:?}", b.dtype.name(), b.dims)));
+        }
+        if b.sparse.is_some() && (b.kind != BufferKind::Weight || b.dtype != DType::F32) {
+            return Err(bad("only f32 weights are stored sparse".into()));
+        }
+        let want: Option<&TensorType> = match b.kind {
+            BufferKind::Weight => {
+                let Some(&(node, t)) = by_weight.get(&b.name) else {
+                    return Err(bad("the graph has no weight or constant of this name".into()));
+                };
+                let expect = pruned.get(&node).map(|p| sparsec_ir::sparse::SparseStorage { format: p.format(), transposed: p.transposed });
+                // A pruned weight is stored packed as its pattern says, or dense
+                // (the `dense` specialization).
+                if b.sparse.is_some() && b.sparse != expect {
+                    return Err(bad(format!("stored as {:?}, the graph's pattern gives {expect:?}", b.sparse)));
+                }
+                Some(t)
+            }
+            BufferKind::Input | BufferKind::Temp => match by_value.get(b.name.as_str()) {
+                Some(t) => Some(*t),
+                None => return Err(bad("the graph has no value of this name".into())),
+            },
+            BufferKind::KvCache => {
+                if !matches!(b.dtype, DType::F32 | DType::F16) || !b.by_rows() {
+                    return Err(bad(format!("a KV cache must be f32 or f16 rows of [seq, ...], not {} {:?}", b.dtype.name(), b.dims)));
+                }
+                None
+            }
+        };
+        if let Some(t) = want {
+            if t.dims != b.dims || t.dtype != b.dtype {
+                return Err(bad(format!("{} {:?} where the graph's value is {} {:?}", b.dtype.name(), b.dims, t.dtype.name(), t.dims)));
+            }
+        }
+        if b.kind != BufferKind::Weight && b.kind != BufferKind::KvCache && !matches!(b.dtype, DType::F32 | DType::I32) {
+            return Err(bad(format!("{} values are not f32 or i32", b.dtype.name())));
+        }
+        if b.kind == BufferKind::Weight && b.dims.contains(&Dim::Seq) {
+            return Err(bad("a weight's shape depends on seq".into()));
+        }
+    }
+
+    // Inputs and outputs.
+    let input_kinds: Vec<usize> = (0..nb).filter(|&i| bufs[i].kind == BufferKind::Input).collect();
+    if plan.inputs != input_kinds {
+        return Err(fail(&mpath, format!("inputs {:?} are not the input buffers {input_kinds:?} in order", plan.inputs)));
+    }
+    for &o in &plan.outputs {
+        match bufs.get(o) {
+            Some(b) if matches!(b.kind, BufferKind::Temp | BufferKind::Input) && b.dtype != DType::F16 => {}
+            _ => return Err(fail(&mpath, format!("output {o} is not an f32 buffer of the plan"))),
+        }
+    }
+
+    // Steps.
+    let mut appended = HashSet::new();
+    for (s, step) in plan.steps.iter().enumerate() {
+        let bad = |m: String| fail(&mpath, format!("step {s}: {m}"));
+        match step {
+            Step::KvAppend { src, cache } => {
+                let (Some(sb), Some(cb)) = (bufs.get(*src), bufs.get(*cache)) else {
+                    return Err(bad(format!("buffers {src} or {cache} out of range")));
+                };
+                if cb.kind != BufferKind::KvCache || !matches!(sb.kind, BufferKind::Temp | BufferKind::Input) || sb.dims != cb.dims || sb.dtype != DType::F32 {
+                    return Err(bad(format!("appends `{}` to `{}`, which is not a KV cache of its shape", sb.name, cb.name)));
+                }
+                if !appended.insert(*cache) {
+                    return Err(bad(format!("cache `{}` is appended twice", cb.name)));
+                }
+            }
+            Step::Kernel(k) => {
+                if !kernel_names.contains(k.kernel.as_str()) {
+                    return Err(bad(format!("kernel `{}` is not in the manifest's kernels", k.kernel)));
+                }
+                let Some((&out, ins)) = k.args.split_last() else {
+                    return Err(bad(format!("kernel `{}` has no output", k.kernel)));
+                };
+                if k.args.len() > MAX_KERNEL_BUFFERS || k.args.iter().any(|&a| a >= nb) {
+                    return Err(bad(format!("kernel `{}` takes buffers {:?} of {nb} (at most {MAX_KERNEL_BUFFERS})", k.kernel, k.args)));
+                }
+                if bufs[out].kind != BufferKind::Temp || ins.contains(&out) {
+                    return Err(bad(format!("kernel `{}` writes `{}`, which is not a temporary it does not read", k.kernel, bufs[out].name)));
+                }
+                if k.cpu_seq_block == 0 {
+                    return Err(bad("cpu_seq_block is 0".into()));
+                }
+            }
+        }
+    }
+    for (i, b) in bufs.iter().enumerate() {
+        if b.kind == BufferKind::KvCache && !appended.contains(&i) {
+            return Err(fail(&mpath, format!("KV cache `{}` is never appended to", b.name)));
+        }
+    }
+    if let Some(t) = plan.row_local_tail {
+        if t > plan.steps.len() {
+            return Err(fail(&mpath, format!("row-local tail at step {t} of {}", plan.steps.len())));
+        }
+        let rows = |i: usize| bufs[i].kind == BufferKind::Weight || bufs[i].by_rows();
+        let tail_ok = plan.steps[t..].iter().all(|s| matches!(s, Step::Kernel(k) if k.args.iter().all(|&a| rows(a))));
+        if !tail_ok || !plan.outputs.iter().all(|&o| bufs[o].by_rows()) {
+            return Err(fail(&mpath, format!("the row-local tail from step {t} uses buffers not laid out by rows")));
+        }
+    }
+
+    // Weights: each tensor holds exactly what its buffer needs.
+    let wpath = dir.join(WEIGHTS_FILE);
+    for b in bufs.iter().filter(|b| b.kind == BufferKind::Weight) {
+        let bad = |m: String| fail(&wpath, format!("tensor `{}`: {m}", b.name));
+        let Some((dtype, shape, data)) = tensors.get(&b.name) else {
+            return Err(bad("missing".into()));
+        };
+        let need = b.bytes(0);
+        if b.sparse.is_some() || b.dtype.is_quantized() {
+            if *dtype != Dtype::U8 || data.len() < need || data.len() >= need + PACK_PAD {
+                return Err(bad(format!("{dtype:?} of {} bytes; {} needs {need} packed bytes", data.len(), b.dtype.name())));
+            }
+            if let Some(st) = &b.sparse {
+                sparsec_ir::sparse::validate(&st.format, &data[..need]).map_err(|m| bad(format!("invalid {}: {m}", st.format.name())))?;
+            }
+        } else {
+            let dims: Vec<usize> = b.dims.iter().map(|d| d.resolve(0) as usize).collect();
+            if *dtype != Dtype::F32 || *shape != dims || data.len() != need {
+                return Err(bad(format!("{dtype:?} {shape:?} ({} bytes) where the plan needs F32 {dims:?}", data.len())));
+            }
+        }
+    }
+
+    // Bounds the runtime enforces per call.
+    let mut max_positions = MAX_POSITIONS;
+    for n in &graph.nodes {
+        if n.op == Op::Embedding && n.operands.get(1).is_some_and(|o| graph.nodes[o.0].op == Op::Positions) {
+            if let Some(Dim::Fixed(rows)) = types[n.operands[0].0].dims.first() {
+                max_positions = max_positions.min(*rows);
+            }
+        }
+    }
+    let sizes_fit = |p: u64| {
+        bufs.iter().all(|b| b.try_bytes(p).is_some())
+            && plan.steps.iter().all(|s| match s {
+                Step::Kernel(k) => {
+                    checked_resolve(k.gpu_threads, p).is_some() && checked_resolve(k.cpu_units, p.div_ceil(k.cpu_seq_block)).is_some()
+                }
+                Step::KvAppend { .. } => true,
+            })
+    };
+    while max_positions > 0 && !sizes_fit(max_positions) {
+        max_positions /= 2;
+    }
+    if max_positions == 0 {
+        return Err(fail(&mpath, "no sequence length has defined buffer sizes".into()));
+    }
+    let input_nodes: Vec<usize> = graph.nodes.iter().enumerate().filter(|(_, n)| n.op == Op::Input).map(|(i, _)| i).collect();
+    let id_bounds = plan
+        .inputs
+        .iter()
+        .map(|&b| {
+            let node = input_nodes.iter().copied().find(|&v| graph.nodes[v].name == bufs[b].name)?;
+            if types[node].dtype != DType::I32 {
+                return None;
+            }
+            let rows = graph
+                .nodes
+                .iter()
+                .filter(|c| c.op == Op::Embedding && c.operands.get(1).map(|o| o.0) == Some(node))
+                .filter_map(|c| match types[c.operands[0].0].dims.first() {
+                    Some(Dim::Fixed(r)) => Some(*r),
+                    _ => None,
+                })
+                .min();
+            // Ids travel as f32: integers up to 2^24 are exact.
+            Some(rows.unwrap_or(1 << 24).min(1 << 24))
+        })
+        .collect();
+    Ok(Limits { max_positions, id_bounds })
+}
