@@ -192,8 +192,8 @@ fn attention(c: &mut Criterion) {
         let (_dir, art) = compile_text(&text, options);
         let exec = CpuExecutor::load(&art).and_then(|e| e.with_threads(1)).expect("executor");
         let mut session = exec.session(&art).expect("session");
-        session.run(&art.random_inputs(CONTEXT as u64, 1)).expect("prefill");
-        let step = art.random_inputs(1, 2);
+        session.run(&art.random_inputs(CONTEXT as u64, 1).expect("inputs")).expect("prefill");
+        let step = art.random_inputs(1, 2).expect("inputs");
         let mut decode = || {
             session.truncate(CONTEXT);
             session.run(&step).expect("decode step")

@@ -147,7 +147,7 @@ fn measure(a: &TradeoffArgs, flags: &CompileFlags, dir: &Path, key: &str) -> Res
         let exec = sparsec_runtime::execute::Executor::Cpu(sparsec_runtime::cpu::CpuExecutor::load(&art)?.with_threads(a.threads)?);
         // The least of three medians: this kind of VM has noisy neighbours.
         let best = |seq: u64, repeat: usize| -> Result<f64> {
-            let x = art.random_inputs(seq, 0);
+            let x = art.random_inputs(seq, 0)?;
             let mut t = f64::MAX;
             for _ in 0..3 {
                 t = t.min(exec.run_timed(&art, &x, repeat)?.1);

@@ -285,39 +285,29 @@ impl Artifact {
     }
 
     /// Deterministic random inputs for `seq` (ChaCha8 seeded): standard normal
-    /// for f32 inputs; for i32 inputs (token ids), integers below the row count of
-    /// the embedding tables they index (or below 2).
-    pub fn random_inputs(&self, seq: u64, seed: u64) -> Vec<ArrayD<f32>> {
+    /// for f32 inputs; for i32 inputs (token ids), integers below the bound
+    /// validation found (`Limits::id_bounds`: the rows of the embedding tables
+    /// they index). An error when `seq` exceeds what the artifact can address.
+    pub fn random_inputs(&self, seq: u64, seed: u64) -> RuntimeResult<Vec<ArrayD<f32>>> {
+        self.check_positions(0, seq)?;
         let plan = &self.manifest.execution;
-        let graph_inputs: Vec<usize> =
-            self.graph.nodes.iter().enumerate().filter(|(_, n)| n.op == sparsec_ir::Op::Input).map(|(i, _)| i).collect();
         plan.inputs
             .iter()
+            .zip(&self.limits.id_bounds)
             .enumerate()
-            .map(|(i, b)| {
+            .map(|(i, (b, bound))| {
                 let shape: Vec<usize> = plan.buffers[*b].dims.iter().map(|d| d.resolve(seq) as usize).collect();
                 let n = shape.iter().product();
-                let node = graph_inputs.get(i).copied();
-                let is_int = node.and_then(|v| self.graph.nodes[v].ty.as_ref()).is_some_and(|t| t.dtype == sparsec_ir::DType::I32);
-                let values = if is_int {
-                    let bound = self
-                        .graph
-                        .nodes
-                        .iter()
-                        .filter(|c| c.op == sparsec_ir::Op::Embedding && Some(c.operands[1].0) == node)
-                        .filter_map(|c| self.graph.nodes[c.operands[0].0].ty.as_ref())
-                        .filter_map(|t| match t.dims.first() {
-                            Some(Dim::Fixed(r)) => Some(*r),
-                            _ => None,
-                        })
-                        .min()
-                        .unwrap_or(2);
-                    let u = sparsec_ir::Init::Uniform { seed: seed.wrapping_add(i as u64), bound: 1.0 }.generate(n);
-                    u.iter().map(|x| (((x + 1.0) * 0.5 * bound as f32) as u64).min(bound - 1) as f32).collect()
-                } else {
-                    sparsec_ir::Init::Normal { seed: seed.wrapping_add(i as u64), std: 1.0 }.generate(n)
+                let seed = seed.wrapping_add(i as u64);
+                let values = match bound {
+                    Some(bound) => {
+                        let u = sparsec_ir::Init::Uniform { seed, bound: 1.0 }.generate(n);
+                        u.iter().map(|x| (((x + 1.0) * 0.5 * *bound as f32) as u64).min(bound - 1) as f32).collect()
+                    }
+                    None => sparsec_ir::Init::Normal { seed, std: 1.0 }.generate(n),
                 };
-                ArrayD::from_shape_vec(IxDyn(&shape), values).unwrap_or_else(|_| ArrayD::zeros(IxDyn(&shape)))
+                ArrayD::from_shape_vec(IxDyn(&shape), values)
+                    .map_err(|e| RuntimeError::Input { index: i, name: plan.buffers[*b].name.clone(), message: e.to_string() })
             })
             .collect()
     }

@@ -72,7 +72,7 @@ fn main() {
 fn real_main() -> Result<()> {
     let args = Args::parse();
     let art = Artifact::open(&args.artifact).with_context(|| format!("opening {}", args.artifact.display()))?;
-    let inputs = art.random_inputs(args.seq, args.seed);
+    let inputs = art.random_inputs(args.seq, args.seed)?;
     let tol = Tolerance { atol: args.atol, rtol: args.rtol };
     let mut report = serde_json::json!({ "artifact": args.artifact, "graph": art.manifest.graph_name, "seq": args.seq });
     let device = match args.device {
