@@ -79,6 +79,8 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             Some(f) => f.operands().to_vec(),
             None => n.operands.iter().map(|o| o.0).collect(),
         };
+        sparsec_ir::pattern::refuse_unimplemented(&n.patterns)
+            .map_err(|why| crate::error::CompileError::Unsupported { kernel: n.name.clone(), op: n.op.keyword(), why })?;
         let mut spec = KernelSpec {
             name: String::new(),
             op: n.op.clone(),

@@ -139,6 +139,16 @@ impl Pattern {
         }
     }
 
+    /// Whether a backend and the interpreter implement the pattern. The text
+    /// form and the verifier know every pattern; one nothing implements is
+    /// refused by `refuse_unimplemented`, never silently ignored.
+    pub fn implemented(&self) -> bool {
+        match self {
+            Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::Window(_) => true,
+            Pattern::LowRank(_) | Pattern::Kv(_) | Pattern::Nsa(_) => false,
+        }
+    }
+
     pub fn site(&self) -> PatternSite {
         match self {
             Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::LowRank(_) => PatternSite::MatMul,
@@ -288,4 +298,18 @@ impl Pattern {
         r.finish()?;
         Ok(p)
     }
+}
+
+/// An error for the first of an op's patterns that nothing implements yet, or
+/// for `#specialize` without the `#sparsity` it specializes: the interpreter
+/// and the compiler both call it, so neither ignores an attribute.
+pub fn refuse_unimplemented(patterns: &[Pattern]) -> Result<(), String> {
+    if let Some(p) = patterns.iter().find(|p| !p.implemented()) {
+        return Err(format!("#{} is not lowered yet: no backend or interpreter implements it (its pattern issue adds it)", p.keyword()));
+    }
+    let has = |k: &str| patterns.iter().any(|p| p.keyword() == k);
+    if has("specialize") && !has("sparsity") {
+        return Err("#specialize chooses how a #sparsity pattern is lowered; this op has no #sparsity".into());
+    }
+    Ok(())
 }

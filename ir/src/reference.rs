@@ -31,6 +31,7 @@ fn contiguous(a: &ArrayD<f32>) -> std::borrow::Cow<'_, [f32]> {
 /// weight patterns (sparsity, low rank) have already been applied to the weight
 /// data by the weight-transform passes, so here they change nothing.
 pub fn eval_op(op: &Op, patterns: &[Pattern], operands: &[&ArrayD<f32>]) -> Result<ArrayD<f32>, String> {
+    crate::pattern::refuse_unimplemented(patterns)?;
     match op {
         Op::Input | Op::Weight { .. } | Op::Constant { .. } => Err("leaf ops have no reference kernel".into()),
         Op::MatMul { transpose_b } => {
@@ -169,12 +170,7 @@ pub fn attention(
         match p {
             Pattern::Window(Window::Full) => {}
             Pattern::Window(Window::Sliding { size, sinks }) => window = Some((*size as usize, *sinks as usize)),
-            Pattern::Kv(_) | Pattern::Nsa(_) => {
-                return Err(format!(
-                    "#{} has no reference semantics yet (it arrives with its pattern's lowering)",
-                    p.keyword()
-                ))
-            }
+            Pattern::Kv(_) | Pattern::Nsa(_) => crate::pattern::refuse_unimplemented(std::slice::from_ref(p))?,
             Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::LowRank(_) => {
                 return Err(format!("#{} does not apply to attention", p.keyword()))
             }
