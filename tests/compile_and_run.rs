@@ -2,6 +2,8 @@
 //! CPU against the reference interpreter, hit the cache, check the PTX with
 //! ptxas, run on CUDA where a GPU exists, and never leave half an artifact.
 
+mod common;
+
 use sparsec_compiler::{compile, Cache, CompileError, CompileOptions, CompileRequest, Compiled, TargetKind};
 use sparsec_ir::parse_graph;
 use sparsec_passes::PrintOptions;
@@ -55,11 +57,12 @@ fn mlp_block_compiles_runs_equal_to_reference_and_hits_the_cache() {
     let art = Artifact::open(&out).unwrap();
     let exec = CpuExecutor::load(&art).unwrap();
     for seq in [1, 2, 31, 128] {
-        let inputs = art.random_inputs(seq, seq);
+        let inputs = art.random_inputs(seq, seq).unwrap();
         let got = exec.run(&art, &inputs).unwrap();
         let want = interpret(&art.graph, &inputs, &|n| art.weight_array(n).ok().map(std::sync::Arc::new)).unwrap();
-        assert_eq!(got.len(), 2);
+        assert_eq!((got.len(), want.len()), (2, 2), "outputs of the compiled graph and of the reference");
         for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g.shape(), w.shape(), "seq {seq}");
             let c = compare(g, w, Tolerance::default());
             assert!(c.passed, "seq {seq}: max abs error {} (atol = rtol = 1e-4)", c.max_abs_error);
         }
@@ -69,7 +72,7 @@ fn mlp_block_compiles_runs_equal_to_reference_and_hits_the_cache() {
     // the artifact's file mapping give the same bits.
     let mapped = CpuExecutor::load_placed(&art, WeightPlacement::Mapped).unwrap();
     assert_eq!((exec.placement(), mapped.placement()), (WeightPlacement::Resident, WeightPlacement::Mapped));
-    let inputs = art.random_inputs(31, 5);
+    let inputs = art.random_inputs(31, 5).unwrap();
     assert_eq!(exec.run(&art, &inputs).unwrap(), mapped.run(&art, &inputs).unwrap());
 
     let again = build(&example(), TargetKind::All, &out, Some(&cache)).unwrap();
@@ -84,9 +87,7 @@ fn mlp_block_compiles_runs_equal_to_reference_and_hits_the_cache() {
 
 #[test]
 fn ptx_passes_ptxas_for_sm_90() {
-    let Some(ptxas) = sparsec_compiler::toolchain::find_ptxas() else {
-        assert!(std::env::var_os("CI").is_none(), "ptxas must be installed in CI (pip install nvidia-cuda-nvcc)");
-        eprintln!("SKIPPED ptx_passes_ptxas_for_sm_90: no ptxas (pip install nvidia-cuda-nvcc)");
+    let Some(ptxas) = common::require(common::PTXAS, sparsec_compiler::toolchain::find_ptxas().ok_or(common::PTXAS_NOT_FOUND)) else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -105,19 +106,25 @@ fn ptx_passes_ptxas_for_sm_90() {
 
 #[test]
 fn cuda_run_equals_cpu() {
-    if !sparsec_runtime::cuda::cuda_available() {
-        eprintln!("SKIPPED cuda_run_equals_cpu: no CUDA driver here (run on the GPU machine with `sparsec-run --device cuda --check --compare-cpu`)");
+    // Also on the GPU machine: `sparsec-run --device cuda --check --compare-cpu`.
+    if !common::require_gpu(sparsec_runtime::cuda::cuda_available()) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("mlp.sparsec");
     build(&example(), TargetKind::All, &out, None).unwrap();
     let art = Artifact::open(&out).unwrap();
-    let inputs = art.random_inputs(19, 3);
+    let inputs = art.random_inputs(19, 3).unwrap();
     let cpu = CpuExecutor::load(&art).unwrap().run(&art, &inputs).unwrap();
     let gpu = sparsec_runtime::cuda::CudaExecutor::load(&art).unwrap().run(&art, &inputs).unwrap();
-    for (g, c) in gpu.iter().zip(&cpu) {
-        assert!(compare(g, c, Tolerance::default()).passed);
+    // As many outputs, each of the same shape, before any value is compared
+    // (`zip` alone would stop at the shorter list).
+    assert_eq!(gpu.len(), cpu.len(), "CUDA gives {} outputs, the CPU {}", gpu.len(), cpu.len());
+    assert!(!cpu.is_empty(), "no outputs to compare");
+    for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+        assert_eq!(g.shape(), c.shape(), "output {i}: CUDA shape {:?}, CPU shape {:?}", g.shape(), c.shape());
+        let r = compare(g, c, Tolerance::default());
+        assert!(r.passed, "output {i}: max abs error {} at {} (atol = rtol = 1e-4)", r.max_abs_error, r.worst_index);
     }
 }
 
@@ -202,7 +209,7 @@ fn a_truncated_session_continues_where_it_was_cut() {
     build(src, TargetKind::Cpu, &out, None).unwrap();
     let art = Artifact::open(&out).unwrap();
     let exec = CpuExecutor::load(&art).unwrap();
-    let all = art.random_inputs(12, 3);
+    let all = art.random_inputs(12, 3).unwrap();
     let rows = |a: &ndarray::ArrayD<f32>, r: std::ops::Range<usize>| a.slice_axis(ndarray::Axis(0), r.into()).to_owned();
     let mut s = exec.session(&art).unwrap();
     let whole = s.run(&all).unwrap().remove(0);

@@ -6,6 +6,8 @@
 //! and the text is pinned with an insta snapshot under `tests/snapshots/`.
 //! Re-bless all of them with `INSTA_UPDATE=always cargo test --test filetests`.
 
+mod common;
+
 use anyhow::{bail, Context, Result};
 use sparsec_compiler::mlir::pipeline::MlirSession;
 use sparsec_compiler::mlir::{emit_kernel, Device};
@@ -71,7 +73,8 @@ impl FileOptions {
     }
 }
 
-fn test_lower_mlir(g: &mut Graph, opts: &FileOptions) -> Result<String> {
+/// `ptxas` checks every PTX kernel; `None` only outside CI (see `tests/common`).
+fn test_lower_mlir(g: &mut Graph, opts: &FileOptions, ptxas: Option<&Path>) -> Result<String> {
     let mut out = String::new();
     run_passes(g, &mut out)?;
     // The CPU kernels as a CPU-only compile makes them; the NVPTX ones as a
@@ -100,10 +103,10 @@ fn test_lower_mlir(g: &mut Graph, opts: &FileOptions) -> Result<String> {
                 Device::Nvptx => {
                     section(&mut out, &format!("{}: MLIR (nvptx)", spec.name), &mlir);
                     let code = backend::emit_ptx(&spec.name, &module, &cuda, 3)?;
-                    if let Some(ptxas) = sparsec_compiler::toolchain::find_ptxas() {
+                    if let Some(ptxas) = ptxas {
                         let f = tempfile::Builder::new().suffix(".ptx").tempfile()?;
                         std::fs::write(f.path(), &code.code)?;
-                        sparsec_compiler::toolchain::check_ptx(&ptxas, f.path(), &cuda.sm)?;
+                        sparsec_compiler::toolchain::check_ptx(ptxas, f.path(), &cuda.sm)?;
                     }
                     section(&mut out, &format!("{}: PTX ({})", spec.name, cuda.sm), &String::from_utf8_lossy(&code.code));
                 }
@@ -135,10 +138,16 @@ fn check_against_reference(g: &Graph, opts: &FileOptions) -> Result<String> {
     let exec = CpuExecutor::load(&art)?;
     let mut summary = String::new();
     for seq in [1u64, 3, 17] {
-        let inputs = art.random_inputs(seq, 42);
+        let inputs = art.random_inputs(seq, 42)?;
         let got = exec.run(&art, &inputs)?;
         let want = interpret(&art.graph, &inputs, &|n| art.weight_array(n).ok().map(std::sync::Arc::new))?;
+        if got.len() != want.len() {
+            bail!("seq {seq}: the compiled graph gives {} outputs, the reference {}", got.len(), want.len());
+        }
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            if a.shape() != b.shape() {
+                bail!("seq {seq}, output {i}: shape {:?}, the reference's {:?}", a.shape(), b.shape());
+            }
             let c = compare(a, b, opts.tolerance);
             if !c.passed {
                 bail!("seq {seq}, output {i}: max abs error {} at {} exceeds atol = rtol = {}", c.max_abs_error, c.worst_index, opts.tolerance.atol);
@@ -154,7 +163,7 @@ fn test_run(g: &mut Graph, opts: &FileOptions) -> Result<String> {
     check_against_reference(g, opts)
 }
 
-fn run_file(path: &Path) -> Result<String> {
+fn run_file(path: &Path, ptxas: Option<&Path>) -> Result<String> {
     let text = std::fs::read_to_string(path)?;
     let header = text.lines().next().unwrap_or("");
     let words: Vec<&str> = header
@@ -167,7 +176,7 @@ fn run_file(path: &Path) -> Result<String> {
     let mut g = parse_graph(&text).with_context(|| format!("parsing {}", path.display()))?;
     match *kind {
         "passes" => test_passes(&mut g),
-        "lower-mlir" => test_lower_mlir(&mut g, &opts),
+        "lower-mlir" => test_lower_mlir(&mut g, &opts, ptxas),
         "run" => test_run(&mut g, &opts),
         other => bail!("unknown test kind `{other}` (expected passes, lower-mlir, run)"),
     }
@@ -183,11 +192,14 @@ fn filetests() {
         .collect();
     files.sort();
     assert!(!files.is_empty(), "no filetests found in {}", dir.display());
+    // Without ptxas (outside CI) the snapshots are still compared; the PTX is not checked.
+    let what = format!("{} to check the PTX of the lower-mlir filetests", common::PTXAS);
+    let ptxas = common::require(&what, sparsec_compiler::toolchain::find_ptxas().ok_or(common::PTXAS_NOT_FOUND));
     let mut failures = Vec::new();
     for f in &files {
         let name = f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let result = std::panic::catch_unwind(|| {
-            let out = run_file(f).unwrap_or_else(|e| panic!("{}: {e:#}", f.display()));
+            let out = run_file(f, ptxas.as_deref()).unwrap_or_else(|e| panic!("{}: {e:#}", f.display()));
             insta::with_settings!({ snapshot_path => "snapshots", prepend_module_to_snapshot => false, input_file => f }, {
                 insta::assert_snapshot!(name.clone(), out);
             });
