@@ -1,0 +1,162 @@
+//! Matmul: picks the kernel of one matmul (sparse weights: `sparse_kernels` or,
+//! baked, `sparse_unrolled`; a transposed weight on the CPU: the tiled
+//! micro-kernels of `tiled_matmul`, or `quant_dot`'s int8 dot products), and
+//! the row kernels for the rest (untransposed weights, widths the tiles do not
+//! take, NVPTX).
+
+use super::quant_planes::QuantPlanes;
+use super::tiled_matmul::emit_tiled_matmul;
+use super::{fixed_last, KernelCtx, VW};
+use crate::error::CompileError;
+use crate::mlir::builder::{Device, KernelBuilder, V};
+use crate::mlir::quant_dot::emit_int8_matmul;
+use crate::mlir::sparse_kernels::emit_sparse_matmul;
+use crate::mlir::sparse_unrolled::emit_unrolled_matmul;
+
+/// `out = a × w` (`w` transposed when `transpose_b`).
+pub(super) fn emit_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool) -> Result<(), CompileError> {
+    let KernelCtx { spec, device, ins, out, .. } = *cx;
+    if let Some(t) = spec.sparse_matmul() {
+        match spec.sparse.as_ref().filter(|c| c.bakes()) {
+            None => emit_sparse_matmul(b, &t, ins, out),
+            Some(c) => {
+                let data = c.data.as_ref().ok_or_else(|| spec.unsupported("the baked weight's data was not attached"))?;
+                let full = c.level == sparsec_ir::Specialize::Full;
+                emit_unrolled_matmul(b, &t, full, data, ins, out, &spec.name)?;
+            }
+        }
+        return Ok(());
+    }
+    if device == Device::Cpu {
+        if let Some(t) = spec.tiled_matmul() {
+            if spec.int8_activations && t.quant.is_some() && t.k % sparsec_ir::quant::QK as u64 == 0 {
+                emit_int8_matmul(b, &t, ins, out);
+            } else {
+                emit_tiled_matmul(b, &t, ins, out);
+            }
+            return Ok(());
+        }
+    }
+    emit_row_matmul(b, cx, transpose_b)
+}
+
+/// One unit per output row (CPU) or element (NVPTX): vector paths over output
+/// columns (untransposed) or along k (transposed), a scalar dot otherwise.
+fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool) -> Result<(), CompileError> {
+    let KernelCtx { spec, device, work, ins, out } = *cx;
+    let k = fixed_last(spec, &spec.operands[0])?;
+    let wq = spec.operands[1].dtype;
+    let planes = wq.is_quantized().then(|| QuantPlanes::new(b, wq, &ins[1], spec.operands[1].numel().coef));
+    let n = fixed_last(spec, &spec.result)?;
+    let (kc, nc) = (b.index(k), b.index(n));
+    let zero_i = b.index(0);
+    let zero = b.f32(0.0);
+    let tb = transpose_b;
+    let (a_buf, w_buf) = (ins[0].clone(), ins[1].clone());
+    let (a_vec, w_vec) = (ins[0].clone(), ins[1].clone());
+    // The reduction over k for output element (r, j).
+    let (kc2, nc2, zero_i2) = (kc.clone(), nc.clone(), zero_i.clone());
+    let dot = move |b: &mut KernelBuilder, r: &str, j: &str| -> V {
+        let (kc, nc, zero_i) = (&kc2, &nc2, &zero_i2);
+        let arow = b.muli(r, kc);
+        let brow = if tb { Some(b.muli(j, kc)) } else { None };
+        let acc = b.for_fold(zero_i, kc, &[zero.clone()], |b, kk, acc| {
+            let ai = b.addi(&arow, kk);
+            let a = b.load(&a_buf, &ai);
+            let bi = match &brow {
+                Some(brow) => b.addi(brow, kk),
+                None => {
+                    let t = b.muli(kk, nc);
+                    b.addi(&t, j)
+                }
+            };
+            let w = match &planes {
+                Some(q) => q.load(b, &w_buf, &bi),
+                None => b.load(&w_buf, &bi),
+            };
+            vec![b.fma(&a, &w, &acc[0])]
+        });
+        acc[0].clone()
+    };
+    match device {
+        Device::Cpu if !tb && n % VW as u64 == 0 => {
+            // Register-blocked over output columns: `u` vectors of VW columns
+            // accumulate across k; each step reads a contiguous slice of a B row.
+            let nvec = n / VW as u64;
+            let u = [4u64, 2, 1].into_iter().find(|u| nvec % u == 0).unwrap_or(1);
+            let rows = b.divui(work, &nc);
+            b.parallel(&rows, |b, r| {
+                let arow = b.muli(r, &kc);
+                let orow = b.muli(r, &nc);
+                b.for_step(&zero_i, &nc, VW as u64 * u, |b, jb| {
+                    let z = b.vzero(VW);
+                    let init: Vec<(V, String)> = (0..u).map(|_| (z.clone(), KernelBuilder::vty(VW))).collect();
+                    let accs = b.for_fold_typed(&zero_i, &kc, 1, &init, |b, kk, accs| {
+                        let ai = b.addi(&arow, kk);
+                        let a = b.load(&a_vec, &ai);
+                        let av = b.vbroadcast(&a, VW);
+                        let brow = b.muli(kk, &nc);
+                        let base = b.addi(&brow, jb);
+                        (0..u as usize)
+                            .map(|q| {
+                                let off = b.index(q as u64 * VW as u64);
+                                let idx = b.addi(&base, &off);
+                                let w = b.vload(&w_vec, &idx, VW);
+                                b.vfma(&av, &w, &accs[q], VW)
+                            })
+                            .collect()
+                    });
+                    let obase = b.addi(&orow, jb);
+                    for (q, acc) in accs.iter().enumerate() {
+                        let off = b.index(q as u64 * VW as u64);
+                        let o = b.addi(&obase, &off);
+                        b.vstore(acc, out, &o, VW);
+                    }
+                });
+            });
+        }
+        Device::Cpu if tb && k % VW as u64 == 0 => {
+            // Both operands are contiguous along k: VW-lane partial sums, then a reduction.
+            let rows = b.divui(work, &nc);
+            b.parallel(&rows, |b, r| {
+                let arow = b.muli(r, &kc);
+                let orow = b.muli(r, &nc);
+                b.for_each(&zero_i, &nc, |b, j| {
+                    let brow = b.muli(j, &kc);
+                    let z = b.vzero(VW);
+                    let acc = b.for_fold_typed(&zero_i, &kc, VW as u64, &[(z, KernelBuilder::vty(VW))], |b, kk, acc| {
+                        let ai = b.addi(&arow, kk);
+                        let av = b.vload(&a_vec, &ai, VW);
+                        let bi = b.addi(&brow, kk);
+                        let bv = b.vload(&w_vec, &bi, VW);
+                        vec![b.vfma(&av, &bv, &acc[0], VW)]
+                    });
+                    let y = b.vsum(&acc[0], VW);
+                    let o = b.addi(&orow, j);
+                    b.store_result(&y, out, &o);
+                });
+            });
+        }
+        Device::Cpu => {
+            // Scalar fallback for widths the vector paths do not divide.
+            let rows = b.divui(work, &nc);
+            b.parallel(&rows, |b, r| {
+                b.for_each(&zero_i, &nc, |b, j| {
+                    let y = dot(b, r, j);
+                    let rn = b.muli(r, &nc);
+                    let o = b.addi(&rn, j);
+                    b.store_result(&y, out, &o);
+                });
+            });
+        }
+        Device::Nvptx => {
+            b.parallel(work, |b, e| {
+                let r = b.divui(e, &nc);
+                let j = b.remui(e, &nc);
+                let y = dot(b, &r, &j);
+                b.store_result(&y, out, e);
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! One kernel per compute op, written against `KernelBuilder`: the lowering of
+//! every IR op to MLIR. Buffers are flat f32 arrays; shapes are baked in except
+//! `seq`, which arrives at run time.
+//!
+//! This file holds what a kernel is (`KernelSpec`, its fused prologue and
+//! epilogue, the units and costs the runtime schedules by) and `emit_kernel`,
+//! which matches the op exhaustively and hands it to its family's emitter, one
+//! file each: `elementwise`, `matmul` (dispatch and row kernels; the tiled CPU
+//! micro-kernels in `tiled_matmul`), `norm`, `softmax`, `embedding`, `rope`,
+//! `attention`; `quant_planes` reads block-quantized operands.
+
+mod attention;
+mod elementwise;
+mod embedding;
+mod matmul;
+mod norm;
+mod quant_planes;
+mod rope;
+mod softmax;
+mod tiled_matmul;
+
+// What the other kernel generators of `mlir` (quant_dot, sparse_kernels) share.
+pub(super) use quant_planes::{nibbles, QuantPlanes};
+pub(super) use tiled_matmul::{column_groups, row_block, strided, unit_origin, TileCounts, TiledMatmul, UnitOrder, MM_COLS};
+
+use super::builder::{Device, KernelBuilder, V};
+use super::math;
+use super::sparse_kernels::SparseMatmul;
+use crate::error::CompileError;
+use sparsec_ir::{DType, Op, Pattern, SymSize, TensorType};
+use tiled_matmul::MM_ROWS;
+
+/// Lanes of the CPU vector kernels (AVX2: 8 × f32).
+const VW: u32 = 8;
+/// Lanes of the quantized CPU kernels: half a block of 32 per vector.
+const VQ: u32 = 16;
+
+/// What a kernel computes: the op, its operand types and its result type.
+#[derive(Clone, Debug)]
+pub struct KernelSpec {
+    pub name: String,
+    pub op: Op,
+    pub operands: Vec<TensorType>,
+    pub result: TensorType,
+    /// The op's patterns (attention windows, ...).
+    pub patterns: Vec<Pattern>,
+    /// A matmul over a pruned weight: the specialization chosen and its storage.
+    pub sparse: Option<crate::sparse_select::SparseChoice>,
+    /// An add fused into a matmul's stores; its addend is the last operand.
+    pub epilogue: Option<Epilogue>,
+    /// A unary op fused into the loads of operand 0 (SwiGLU's SiLU into its mul).
+    pub prologue: Option<Prologue>,
+    /// An activation applied after the epilogue's add (`matmul-add-activation`).
+    pub activation: Option<math::Activation>,
+    /// CPU matmuls over block-quantized weights quantize their activations to
+    /// int8 blocks and use integer dot products (`quant_dot`; needs AVX2).
+    pub int8_activations: bool,
+}
+
+/// What an elementwise kernel applies to its first operand as it loads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prologue {
+    /// `x·sigmoid(x)`.
+    Silu,
+}
+
+/// What a matmul adds to each result before storing it (a fused `add`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    /// `+ c[r, j]`: a residual of the result's shape.
+    Residual,
+    /// `+ c[j]`: a bias over the output features.
+    Bias,
+}
+
+impl KernelSpec {
+    /// Units of parallel work (GPU threads): one per output element for
+    /// elementwise ops and matmul, one per row for row reductions.
+    pub fn work(&self) -> Result<SymSize, CompileError> {
+        let numel = self.result.numel();
+        let last = |t: &TensorType| match t.last_dim() {
+            Some(sparsec_ir::Dim::Fixed(n)) => Ok(n),
+            _ => Err(self.unsupported("the last dimension must be fixed")),
+        };
+        Ok(match &self.op {
+            Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Softmax => {
+                SymSize { coef: numel.coef / last(&self.result)?, ..numel }
+            }
+            // One unit per (query row, head).
+            Op::Attention { heads, .. } => SymSize { coef: *heads as u64, seq_pow: 1 },
+            // One unit per rotated pair.
+            Op::Rope { .. } => SymSize { coef: numel.coef / 2, ..numel },
+            _ => numel,
+        })
+    }
+
+    /// A matmul whose weight is stored in a sparse format.
+    fn sparse_matmul(&self) -> Option<SparseMatmul> {
+        let storage = self.sparse.as_ref()?.storage?;
+        let Some(sparsec_ir::Dim::Fixed(n)) = self.result.last_dim() else { return None };
+        let numel = self.result.numel();
+        Some(SparseMatmul { rows: SymSize { coef: numel.coef / n.max(1), ..numel }, storage })
+    }
+
+    fn tiled_matmul(&self) -> Option<TiledMatmul> {
+        if self.sparse_matmul().is_some() {
+            return None;
+        }
+        let Op::MatMul { transpose_b: true } = self.op else { return None };
+        let (Some(sparsec_ir::Dim::Fixed(k)), Some(sparsec_ir::Dim::Fixed(n))) = (self.operands[0].last_dim(), self.result.last_dim()) else {
+            return None;
+        };
+        let quant = Some(self.operands[1].dtype).filter(|d| d.is_quantized());
+        if k % VW as u64 != 0 && quant.is_none() {
+            return None;
+        }
+        let numel = self.result.numel();
+        let rows = SymSize { coef: numel.coef / n.max(1), ..numel };
+        if rows.seq_pow > 1 {
+            return None;
+        }
+        let rb = if rows == (SymSize { coef: 1, seq_pow: 1 }) { MM_ROWS } else { 1 };
+        Some(TiledMatmul { k, n, rows, rb, col_tiles: n.div_ceil(MM_COLS), quant })
+    }
+
+    /// Rows of `seq` per CPU unit (the runtime counts `seq` in such blocks).
+    pub fn cpu_seq_block(&self) -> u64 {
+        if let Some(s) = self.sparse_matmul() {
+            return s.rb();
+        }
+        self.tiled_matmul().map(|t| t.rb).unwrap_or(1)
+    }
+
+    /// Rough scalar operations per CPU unit (for the runtime's threading decision).
+    pub fn cpu_unit_cost(&self) -> u64 {
+        let last = |t: &TensorType| match t.last_dim() {
+            Some(sparsec_ir::Dim::Fixed(n)) => n,
+            _ => 1,
+        };
+        if let Some(s) = self.sparse_matmul() {
+            return s.unit_cost();
+        }
+        match &self.op {
+            Op::MatMul { .. } => match self.tiled_matmul() {
+                Some(t) => t.rb * MM_COLS * t.k,
+                None => last(&self.operands[0]) * last(&self.result),
+            },
+            // Per (row, head): a dot and an axpy over every cached position (512 assumed).
+            Op::Attention { heads, .. } => 4 * 512 * last(&self.operands[0]) / (*heads as u64).max(1),
+            Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Softmax => 8 * last(&self.result),
+            Op::Rope { .. } => 64,
+            Op::Gelu { .. } | Op::Silu => 16,
+            _ => 2,
+        }
+    }
+
+    /// Units of the CPU kernel's parallel loop (what the runtime splits over
+    /// threads): tiles for matmul with a transposed weight, rows for other
+    /// matmuls, else the same as `work`.
+    pub fn cpu_work(&self) -> Result<SymSize, CompileError> {
+        if let Some(s) = self.sparse_matmul() {
+            return Ok(s.cpu_units());
+        }
+        if let Some(t) = self.tiled_matmul() {
+            return Ok(SymSize { coef: t.rows.coef * t.col_tiles, seq_pow: t.rows.seq_pow });
+        }
+        match &self.op {
+            Op::MatMul { .. } => {
+                let n = fixed_last(self, &self.result)?;
+                let numel = self.result.numel();
+                Ok(SymSize { coef: numel.coef / n.max(1), ..numel })
+            }
+            _ => self.work(),
+        }
+    }
+
+    /// Whether output row r reads only row r of each `[rows, ...]` operand
+    /// (and whole weights): matmul, norms, activations and same-shape
+    /// elementwise ops; not attention, RoPE (positions) or embeddings.
+    pub fn row_local(&self) -> bool {
+        match &self.op {
+            Op::MatMul { .. } | Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::Softmax | Op::Gelu { .. } | Op::Silu => true,
+            Op::Add | Op::Mul => self.operands.iter().all(|t| t.dims == self.result.dims || !t.dims.contains(&sparsec_ir::Dim::Seq)),
+            Op::Input | Op::Weight { .. } | Op::Constant { .. } | Op::Attention { .. } | Op::Rope { .. } | Op::Embedding | Op::Positions => false,
+        }
+    }
+
+    fn unsupported(&self, why: &str) -> CompileError {
+        CompileError::Unsupported { kernel: self.name.clone(), op: self.op.keyword(), why: why.to_string() }
+    }
+}
+
+fn fixed_last(spec: &KernelSpec, t: &TensorType) -> Result<u64, CompileError> {
+    match t.last_dim() {
+        Some(sparsec_ir::Dim::Fixed(n)) => Ok(n),
+        _ => Err(spec.unsupported("the last dimension must be fixed")),
+    }
+}
+
+/// What an op family's emitter gets besides the builder: the kernel, its
+/// target, its units of parallel work (`KernelSpec::work` as an index value),
+/// its input buffers (`%in0`...) and its output buffer (`%out`).
+#[derive(Clone, Copy)]
+pub(super) struct KernelCtx<'a> {
+    pub spec: &'a KernelSpec,
+    pub device: Device,
+    pub work: &'a str,
+    pub ins: &'a [V],
+    pub out: &'a str,
+}
+
+/// Writes the MLIR module of one kernel for `device`.
+pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileError> {
+    // Buffers hold f32; i32 values (token ids, positions) travel as exact f32 integers.
+    // Quantized weights are packed bytes (shape inference allows them only as
+    // matmul weights and embedding tables); f16 only as attention's KV caches.
+    let kv_cache_operand = |i: usize| matches!(spec.op, Op::Attention { .. }) && (i == 1 || i == 2);
+    let supported = |i: usize, t: &TensorType| match t.dtype {
+        DType::F32 | DType::I32 => true,
+        DType::F16 => kv_cache_operand(i),
+        other => other.is_quantized(),
+    };
+    if let Some((_, t)) = spec.operands.iter().enumerate().chain([(usize::MAX, &spec.result)]).find(|&(i, t)| !supported(i, t)) {
+        return Err(spec.unsupported(&format!("element type {} (f32, i32 and q8_0/q4_0/q4_1 weights only for now)", t.dtype.name())));
+    }
+    let mut b = KernelBuilder::new(device);
+    let ins: Vec<V> = (0..spec.operands.len()).map(|i| format!("%in{i}")).collect();
+    for (i, t) in spec.operands.iter().enumerate() {
+        if t.dtype.is_quantized() {
+            b.byte_param(&ins[i]);
+        }
+    }
+    if spec.sparse_matmul().is_some() {
+        b.byte_param(&ins[1]);
+    }
+    if let (Some(e), Some(addend)) = (spec.epilogue, ins.get(2)) {
+        let modulus = match e {
+            Epilogue::Residual => None,
+            Epilogue::Bias => Some(b.index(fixed_last(spec, &spec.result)?)),
+        };
+        b.set_epilogue(addend, modulus, spec.activation);
+    }
+    let out: V = "%out".into();
+    let work = spec.work()?;
+    let work = b.sym(work);
+    let cx = KernelCtx { spec, device, work: &work, ins: &ins, out: &out };
+    match &spec.op {
+        Op::Input | Op::Weight { .. } | Op::Constant { .. } => return Err(spec.unsupported("leaves are data, not kernels")),
+        Op::Gelu { approx } => elementwise::emit_activation(&mut b, &cx, math::Activation::Gelu(*approx))?,
+        Op::Silu => elementwise::emit_activation(&mut b, &cx, math::Activation::Silu)?,
+        Op::Add | Op::Mul => elementwise::emit_binary(&mut b, &cx)?,
+        Op::MatMul { transpose_b } => matmul::emit_matmul(&mut b, &cx, *transpose_b)?,
+        Op::LayerNorm { eps } | Op::RmsNorm { eps } => norm::emit_norm(&mut b, &cx, *eps)?,
+        Op::Softmax => softmax::emit_softmax(&mut b, &cx)?,
+        Op::Embedding => embedding::emit_embedding(&mut b, &cx)?,
+        Op::Positions => embedding::emit_positions(&mut b, &cx)?,
+        Op::Rope { heads, theta, adjacent } => rope::emit_rope(&mut b, &cx, *heads, *theta, *adjacent)?,
+        Op::Attention { heads, kv_heads } => attention::emit_attention(&mut b, &cx, *heads, *kv_heads)?,
+    }
+    let mut params = ins.clone();
+    params.push(out);
+    Ok(b.finish(&spec.name, &params))
+}

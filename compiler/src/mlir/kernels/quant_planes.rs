@@ -1,0 +1,113 @@
+//! Reading block-quantized operands (Q8_0, Q4_0, Q4_1 packed as
+//! `sparsec_ir::quant` lays them out): one element, or a whole block of 32 as
+//! vectors, dequantized to f32.
+
+use super::VQ;
+use crate::mlir::builder::{KernelBuilder, V};
+use sparsec_ir::DType;
+
+/// The f16 planes of a packed quantized tensor (`sparsec_ir::quant`) and the
+/// scalar read of one element, for kernels that touch few elements.
+pub(in crate::mlir) struct QuantPlanes {
+    dt: DType,
+    d: V,
+    m: Option<V>,
+}
+
+impl QuantPlanes {
+    pub(in crate::mlir) fn new(b: &mut KernelBuilder, dt: DType, buf: &str, numel: u64) -> QuantPlanes {
+        let p = sparsec_ir::quant::planes(dt, numel as usize).unwrap_or(sparsec_ir::quant::Planes { blocks: 0, d: 0, m: 0, total: 0 });
+        let d = b.f16_plane(buf, p.d as u64, p.blocks as u64);
+        let m = (dt == DType::Q4_1).then(|| b.f16_plane(buf, p.m as u64, p.blocks as u64));
+        QuantPlanes { dt, d, m }
+    }
+
+    /// The scale and the offset of block `blk`: x = scale·q + offset.
+    pub(in crate::mlir) fn scale_offset(&self, b: &mut KernelBuilder, blk: &str) -> (V, Option<V>) {
+        let d = b.load_f16(&self.d, blk);
+        let off = match (self.dt, &self.m) {
+            (DType::Q4_1, Some(m)) => Some(b.load_f16(m, blk)),
+            (DType::Q4_0, _) => {
+                let m8 = b.f32(-8.0);
+                Some(b.mul(&d, &m8))
+            }
+            _ => None,
+        };
+        (d, off)
+    }
+
+    /// Element `flat` (row-major over the logical shape), dequantized.
+    pub(super) fn load(&self, b: &mut KernelBuilder, buf: &str, flat: &str) -> V {
+        let qk = b.index(sparsec_ir::quant::QK as u64);
+        let blk = b.divui(flat, &qk);
+        let within = b.remui(flat, &qk);
+        let (d, off) = self.scale_offset(b, &blk);
+        let q = if self.dt == DType::Q8_0 {
+            b.load_byte(buf, flat, true)
+        } else {
+            let half = b.index(16);
+            let lo = b.remui(&within, &half);
+            let base = b.muli(&blk, &half);
+            let at = b.addi(&base, &lo);
+            let byte = b.load_byte(buf, &at, false);
+            let is_hi = b.def(format!("arith.cmpi uge, {within}, {half} : index"));
+            let four = b.i32(4);
+            let fifteen = b.i32(15);
+            let hi = b.def(format!("arith.shrui {byte}, {four} : i32"));
+            let lo = b.def(format!("arith.andi {byte}, {fifteen} : i32"));
+            b.def(format!("arith.select {is_hi}, {hi}, {lo} : i32"))
+        };
+        let qf = b.def(format!("arith.sitofp {q} : i32 to f32"));
+        match off {
+            Some(o) => b.fma(&qf, &d, &o),
+            None => b.mul(&qf, &d),
+        }
+    }
+
+    /// The 32 values of block `blk` as two `vector<16xf32>` halves (CPU).
+    pub(super) fn load_block(&self, b: &mut KernelBuilder, buf: &str, blk: &str) -> (V, V) {
+        let (d, off) = self.scale_offset(b, blk);
+        let vf = KernelBuilder::vty(VQ);
+        let (qlo, qhi) = if self.dt == DType::Q8_0 {
+            let qk = b.index(32);
+            let at = b.muli(blk, &qk);
+            let sixteen = b.index(16);
+            let at2 = b.addi(&at, &sixteen);
+            let lo = b.vload_bytes(buf, &at, VQ);
+            let hi = b.vload_bytes(buf, &at2, VQ);
+            let lo = b.def(format!("arith.extsi {lo} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
+            let hi = b.def(format!("arith.extsi {hi} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
+            (lo, hi)
+        } else {
+            let sixteen = b.index(16);
+            let at = b.muli(blk, &sixteen);
+            let (lo, hi) = nibbles(b, buf, &at);
+            let lo = b.def(format!("arith.extui {lo} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
+            let hi = b.def(format!("arith.extui {hi} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
+            (lo, hi)
+        };
+        let dv = b.vbroadcast(&d, VQ);
+        let ov = off.map(|o| b.vbroadcast(&o, VQ));
+        let deq = |b: &mut KernelBuilder, q: &str| {
+            let f = b.def(format!("arith.sitofp {q} : vector<{VQ}xi32> to {vf}"));
+            match &ov {
+                Some(o) => b.vfma(&f, &dv, o, VQ),
+                None => b.def(format!("arith.mulf {f}, {dv} : {vf}")),
+            }
+        };
+        let lo = deq(b, &qlo);
+        let hi = deq(b, &qhi);
+        (lo, hi)
+    }
+}
+
+/// The 16 bytes of a Q4 block at byte `at` of `buf`, split into its low
+/// nibbles (values 0..16) and high nibbles (values 16..32) as `vector<16xi8>`.
+pub(in crate::mlir) fn nibbles(b: &mut KernelBuilder, buf: &str, at: &str) -> (V, V) {
+    let v = b.vload_bytes(buf, at, 16);
+    let mask = b.vsplat_int(15, 16, "i8");
+    let four = b.vsplat_int(4, 16, "i8");
+    let lo = b.def(format!("arith.andi {v}, {mask} : vector<16xi8>"));
+    let hi = b.def(format!("arith.shrui {v}, {four} : vector<16xi8>"));
+    (lo, hi)
+}
