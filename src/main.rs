@@ -1,7 +1,9 @@
-//! The `sparsec` command line: compile, run, eval, bench, inspect.
+//! The `sparsec` command line: compile, run, eval, bench, inspect (the verbs;
+//! their clap definitions are in cli.rs).
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::Parser;
+use cli::{BenchArgs, Cli, Command, CompileArgs, CompileFlags, DeviceArg, EvalArgs, InspectArgs, KvCacheArg, QuantActivationsArg, RunArgs, TargetArg};
 use sparsec_compiler::{compile, Cache, CompileOptions, CompileRequest, Compiled, CpuTarget, Emit, TargetKind};
 use sparsec_passes::PrintOptions;
 use sparsec_runtime::compare::Tolerance;
@@ -11,252 +13,9 @@ use sparsec_runtime::Artifact;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod cli;
 mod lm_verbs;
 mod tradeoff;
-
-#[derive(Parser)]
-#[command(name = "sparsec", version, about = "Ahead-of-time compiler for transformer LMs with fixed sparsity/compression patterns")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Compile an IR file (or, later, a model) into an artifact.
-    Compile(CompileArgs),
-    /// Run an artifact (or compile-and-run an IR file) on random inputs.
-    Run(RunArgs),
-    /// Perplexity of a model (GGUF, HF directory, or `smollm2`) on a text file.
-    Eval(EvalArgs),
-    /// Compile-time and run-time figures of an artifact or IR file.
-    Bench(BenchArgs),
-    /// Show what an artifact or IR file contains.
-    Inspect(InspectArgs),
-    /// Compile and benchmark every (pattern, sparsity, specialization level)
-    /// point: compile time and code size against decode and prefill time.
-    Tradeoff(tradeoff::TradeoffArgs),
-}
-
-#[derive(Clone, Copy, PartialEq, ValueEnum)]
-enum TargetArg {
-    Cpu,
-    Cuda,
-    All,
-}
-
-#[derive(Clone, Copy, PartialEq, ValueEnum)]
-enum DeviceArg {
-    Cpu,
-    Cuda,
-}
-
-#[derive(Args, Clone)]
-struct CompileFlags {
-    /// Which code to generate.
-    #[arg(long, value_enum, default_value = "cpu")]
-    target: TargetArg,
-    /// Weights (safetensors, F32) for the graph's `weight` ops; weights with an `init` may be left out.
-    #[arg(long)]
-    weights: Option<PathBuf>,
-    /// Plan file (TOML): which layers and tensors get which pattern (DESIGN.md).
-    #[arg(long, conflicts_with = "preset")]
-    plan: Option<PathBuf>,
-    /// Named plan: half, quarter, aggressive, sparse-0.5, sparse-0.7, sparse-0.9, 2:4, block4x4-0.8.
-    #[arg(long)]
-    preset: Option<String>,
-    /// Also write these into the artifact's emit/ folder: ir,mlir,llvm,ptx,asm.
-    #[arg(long, value_delimiter = ',')]
-    emit: Vec<String>,
-    /// Print the IR after every pass (to stderr).
-    #[arg(long)]
-    print_after_all: bool,
-    /// Print the IR after the named pass (repeatable).
-    #[arg(long)]
-    print_after: Vec<String>,
-    /// Print the IR before the named pass (repeatable).
-    #[arg(long)]
-    print_before: Vec<String>,
-    /// LLVM CPU to generate for (`host`, `x86-64-v3`, `znver3`, ...).
-    #[arg(long, default_value = "host")]
-    cpu: String,
-    /// PTX target architecture.
-    #[arg(long, default_value = "sm_90")]
-    sm: String,
-    /// LLVM optimization level.
-    #[arg(long, default_value_t = 3)]
-    opt_level: u8,
-    /// Do not use the artifact cache.
-    #[arg(long)]
-    no_cache: bool,
-    /// Cache directory (default: $SPARSEC_CACHE_DIR, $XDG_CACHE_HOME/sparsec or ~/.cache/sparsec).
-    #[arg(long)]
-    cache_dir: Option<PathBuf>,
-    /// Check every PTX file with ptxas.
-    #[arg(long)]
-    ptxas: bool,
-    /// What `specialize = "auto"` may spend on kernels with baked nonzero
-    /// structure, over the whole model: estimated compile milliseconds.
-    #[arg(long, default_value_t = sparsec_compiler::BakeBudget::default().compile_ms)]
-    bake_budget_ms: u64,
-    /// ... and estimated machine-code kilobytes.
-    #[arg(long, default_value_t = sparsec_compiler::BakeBudget::default().code_bytes >> 10)]
-    bake_budget_kb: u64,
-    /// How CPU matmuls over Q8_0/Q4_0/Q4_1 weights take their activations:
-    /// `int8` (quantized per block of 32, integer dot products, like llama.cpp;
-    /// needs AVX2) or `f32` (equals the reference to f32 rounding).
-    #[arg(long, value_enum, default_value_t = QuantActivationsArg::Int8)]
-    quant_activations: QuantActivationsArg,
-    /// The CPU KV caches' element type: `f16` (like llama.cpp; half the memory
-    /// and attention reads) or `f32` (equals the reference to f32 rounding).
-    /// Targets that include CUDA keep f32.
-    #[arg(long, value_enum, default_value_t = KvCacheArg::F16)]
-    kv_cache: KvCacheArg,
-    /// Type every weight f32: quantized checkpoint tensors are dequantized at
-    /// compile time (by default Q8_0/Q4_0/Q4_1 matrices stay quantized).
-    #[arg(long)]
-    dequantize: bool,
-}
-
-/// Compile flags alone, for verbs that compile on the user's behalf.
-#[derive(Parser)]
-struct FlagsOnly {
-    #[command(flatten)]
-    flags: CompileFlags,
-}
-
-impl CompileFlags {
-    /// The defaults without the cache (cold compiles are what `tradeoff` measures).
-    fn for_tradeoff() -> CompileFlags {
-        FlagsOnly::parse_from(["sparsec", "--no-cache"]).flags
-    }
-}
-
-#[derive(Args)]
-struct CompileArgs {
-    /// IR file (`.sir`), or a model: GGUF file, Hugging Face directory, or `smollm2`.
-    input: PathBuf,
-    /// Artifact directory (default: `<graph name>.sparsec` in the current directory).
-    #[arg(short, long)]
-    output: Option<PathBuf>,
-    #[command(flatten)]
-    flags: CompileFlags,
-    /// One JSON object on stdout.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
-struct RunArgs {
-    /// Artifact directory, IR file (compiled first, through the cache), or with
-    /// --prompt a model: GGUF file, Hugging Face directory, or `smollm2`.
-    input: PathBuf,
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
-    /// New tokens to generate after --prompt.
-    #[arg(long, default_value_t = 32)]
-    max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Sample among the k most likely tokens (0: all).
-    #[arg(long, default_value_t = 40)]
-    top_k: usize,
-    /// Sequence length of the random inputs.
-    #[arg(long, default_value_t = 4)]
-    seq: u64,
-    /// Seed of the random inputs.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Compare with the reference interpreter (exit 1 on mismatch; atol = rtol = 1e-4).
-    #[arg(long)]
-    check: bool,
-    /// Generate from this prompt (streams text): with an artifact of a model, on
-    /// the compiled model; with a model, on the reference interpreter (or
-    /// compiled through the cache with --compiled). Both use a KV cache.
-    #[arg(long)]
-    prompt: Option<String>,
-    /// With a model: compile it (through the cache) and run the compiled model.
-    #[arg(long)]
-    compiled: bool,
-    /// CPU threads of the compiled model (default: $SPARSEC_THREADS or all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    #[command(flatten)]
-    flags: CompileFlags,
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
-struct EvalArgs {
-    /// GGUF file, Hugging Face directory, `smollm2` (the installed default), or
-    /// the artifact of a compiled model.
-    model: String,
-    /// The text to score.
-    #[arg(long)]
-    text: PathBuf,
-    /// Tokens per window: the first N tokens of the text, as one sequence (no BOS added).
-    #[arg(long, default_value_t = 512)]
-    max_tokens: usize,
-    /// Slide windows of --max-tokens by this many tokens over the whole text.
-    #[arg(long)]
-    stride: Option<usize>,
-    /// Run the compiled model (compiled through the cache) instead of the reference interpreter.
-    #[arg(long)]
-    compiled: bool,
-    /// CPU threads of the compiled model (default: $SPARSEC_THREADS or all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    #[command(flatten)]
-    flags: CompileFlags,
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
-struct BenchArgs {
-    /// IR file or model (compiled cold into a fresh cache, then again as a cache
-    /// hit) or artifact. Models and their artifacts are benchmarked as language
-    /// models: prefill and decode tokens/s.
-    input: PathBuf,
-    /// Language models: prompt tokens (the start of --text) for prefill.
-    #[arg(long, default_value_t = 512)]
-    prompt_len: usize,
-    /// Language models: greedy decode steps after the prompt.
-    #[arg(long, default_value_t = 128)]
-    new_tokens: usize,
-    /// Language models: the text the prompt is cut from.
-    #[arg(long, default_value = "/usr/share/common-licenses/GPL-3")]
-    text: PathBuf,
-    /// CPU threads (default: $SPARSEC_THREADS or all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Sequence length.
-    #[arg(long, default_value_t = 64)]
-    seq: u64,
-    /// Timed runs (median reported); language models: prefill+decode rounds (default 1).
-    #[arg(long)]
-    repeat: Option<usize>,
-    #[command(flatten)]
-    flags: CompileFlags,
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
-struct InspectArgs {
-    /// Artifact directory, IR file, or model (GGUF, HF directory, `smollm2`).
-    input: PathBuf,
-    #[arg(long)]
-    json: bool,
-    /// For a model or IR file: apply this plan and print what every matmul and attention layer gets.
-    #[arg(long, conflicts_with = "preset")]
-    plan: Option<PathBuf>,
-    /// As --plan, with a named preset.
-    #[arg(long)]
-    preset: Option<String>,
-}
 
 fn main() {
     // Like other Unix tools, end quietly when the reader of stdout goes away
@@ -316,19 +75,6 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
     })
 }
 
-/// `--quant-activations` (sparsec_compiler::QuantActivations).
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum QuantActivationsArg {
-    Int8,
-    F32,
-}
-
-/// `--kv-cache` (sparsec_compiler::KvCacheType).
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum KvCacheArg {
-    F16,
-    F32,
-}
 
 fn is_artifact(p: &Path) -> bool {
     p.join(MANIFEST_FILE).is_file()
@@ -522,7 +268,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     }
     let path = artifact_for(&a.input, &a.flags, a.device)?;
     let art = Artifact::open(&path)?;
-    let inputs = art.random_inputs(a.seq, a.seed);
+    let inputs = art.random_inputs(a.seq, a.seed)?;
     let (outputs, ms) = execute(&art, a.device, &inputs, 1)?;
     let mut report = serde_json::json!({ "artifact": path, "seq": a.seq, "run_ms": ms });
     let mut ok = true;
@@ -670,7 +416,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         keep
     };
     let art = Artifact::open(&path)?;
-    let inputs = art.random_inputs(a.seq, 0);
+    let inputs = art.random_inputs(a.seq, 0)?;
     let (_, run_ms) = execute(&art, DeviceArg::Cpu, &inputs, repeat)?;
     let t = Instant::now();
     reference_outputs(&art, &inputs)?;
