@@ -17,6 +17,15 @@ mod cli;
 mod lm_verbs;
 mod tradeoff;
 
+/// `--trust`: artifacts load without hashing their files.
+static TRUST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Opens an artifact, validated as `--trust` says (every file hashed by default).
+pub(crate) fn open_artifact(dir: &std::path::Path) -> sparsec_runtime::RuntimeResult<Artifact> {
+    let trust = if TRUST.load(std::sync::atomic::Ordering::Relaxed) { sparsec_runtime::Trust::SkipFileHashes } else { sparsec_runtime::Trust::Verify };
+    Artifact::open_with(dir, trust)
+}
+
 fn main() {
     // Like other Unix tools, end quietly when the reader of stdout goes away
     // (`| head`) instead of failing on a broken pipe.
@@ -25,6 +34,9 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    if cli.trust {
+        TRUST.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let result = match cli.command {
         Command::Compile(a) => cmd_compile(a),
         Command::Run(a) => cmd_run(a),
@@ -267,7 +279,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         });
     }
     let path = artifact_for(&a.input, &a.flags, a.device)?;
-    let art = Artifact::open(&path)?;
+    let art = open_artifact(&path)?;
     let inputs = art.random_inputs(a.seq, a.seed)?;
     let (outputs, ms) = execute(&art, a.device, &inputs, 1)?;
     let mut report = serde_json::json!({ "artifact": path, "seq": a.seq, "run_ms": ms });
@@ -399,7 +411,8 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
-    let lm_artifact = is_artifact(&a.input) && Artifact::open(&a.input).map(|x| x.manifest.lm.is_some()).unwrap_or(false);
+    // Which bench this is: the manifest says (the artifact is validated when opened below).
+    let lm_artifact = is_artifact(&a.input) && sparsec_runtime::manifest::is_lm_artifact(&a.input);
     if is_model(&a.input) || lm_artifact {
         return cmd_bench_lm(&a);
     }
@@ -415,7 +428,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         sparsec_compiler::cache::link_or_copy_dir(&out, &keep)?;
         keep
     };
-    let art = Artifact::open(&path)?;
+    let art = open_artifact(&path)?;
     let inputs = art.random_inputs(a.seq, 0)?;
     let (_, run_ms) = execute(&art, DeviceArg::Cpu, &inputs, repeat)?;
     let t = Instant::now();
@@ -447,7 +460,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
 
 fn cmd_inspect(a: InspectArgs) -> Result<()> {
     if is_artifact(&a.input) {
-        let art = Artifact::open(&a.input)?;
+        let art = open_artifact(&a.input)?;
         let m = &art.manifest;
         if a.json {
             println!("{}", serde_json::to_string_pretty(m)?);

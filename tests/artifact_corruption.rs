@@ -292,3 +292,29 @@ fn sessions_refuse_ids_positions_and_artifacts_they_cannot_serve() {
     let err = exec.session(&other).err().expect("a session over another artifact").to_string();
     assert!(err.contains("another artifact"), "{err}");
 }
+
+#[test]
+fn trust_skips_the_file_hashes_and_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("dense.sparsec");
+    build("dense", &art);
+    // A weight value changed in place: only the hash can tell.
+    edit_weight(&art, "w", |b| b[0] ^= 0x01);
+    let run = |trust: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"));
+        if trust {
+            cmd.arg("--trust");
+        }
+        cmd.args(["run", art.to_str().unwrap(), "--seq", "2"]).output().unwrap()
+    };
+    let o = run(false);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("weights.safetensors: the file was modified"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The structure is still validated under --trust.
+    edit_weight(&art, "w", |_| {});
+    reseal(&art, |m| m["execution"]["outputs"][0] = serde_json::json!(10_000));
+    let o = run(true);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("output 10000"), "{}", String::from_utf8_lossy(&o.stderr));
+}

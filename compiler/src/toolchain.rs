@@ -39,7 +39,10 @@ pub fn link_shared(objects: &[PathBuf], output: &Path) -> CompileResult<()> {
 /// of the `python3` on `PATH`.
 pub fn find_ptxas() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("SPARSEC_PTXAS") {
-        return Some(p.into());
+        // A set variable that names no file finds nothing (rather than a path
+        // that fails later as if ptxas were broken).
+        let p = PathBuf::from(p);
+        return p.is_file().then_some(p);
     }
     if let Some(paths) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&paths) {

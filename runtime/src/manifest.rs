@@ -76,6 +76,15 @@ impl Manifest {
     }
 }
 
+/// Whether the artifact in `dir` says it is a language model (a peek at its
+/// manifest, which is not validated here: `Artifact::open` does that).
+pub fn is_lm_artifact(dir: &std::path::Path) -> bool {
+    std::fs::read_to_string(dir.join(MANIFEST_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v.get("lm").is_some_and(|l| !l.is_null()))
+}
+
 /// What turns an artifact into a language model for `run --prompt` and `eval`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LmInfo {
