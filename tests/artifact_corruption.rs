@@ -318,3 +318,25 @@ fn trust_skips_the_file_hashes_and_nothing_else() {
     let o = run(true);
     assert!(String::from_utf8_lossy(&o.stderr).contains("output 10000"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// The CUDA loader checks each PTX entry's parameter count against the plan
+/// (`cuda::entry_params`); here, without a GPU, the count read from real PTX
+/// must be what every step launches with.
+#[test]
+fn ptx_entries_take_the_parameters_the_plan_launches_with() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for f in FORMATS {
+        let p = tmp.path().join(format!("{f}.sparsec"));
+        build(f, &p);
+        let art = Artifact::open(&p).unwrap();
+        for step in &art.manifest.execution.steps {
+            let sparsec_runtime::manifest::Step::Kernel(k) = step else { continue };
+            let ptx = std::fs::read_to_string(p.join("cuda").join(format!("{}.ptx", k.kernel))).unwrap();
+            assert_eq!(sparsec_runtime::cuda::entry_params(&ptx, &k.kernel), Some(k.args.len() + 2), "{f}: {}", k.kernel);
+            assert_eq!(sparsec_runtime::cuda::entry_params(&ptx, "no_such_kernel"), None);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 12, "{checked}");
+}
