@@ -40,6 +40,23 @@ impl Family {
             Family::Gpt2(c) => c.build_graph(name),
         }
     }
+
+    /// Rows of the token embedding: every token id must be below it.
+    pub fn vocab(&self) -> u64 {
+        match self {
+            Family::Llama(c) => c.vocab,
+            Family::Gpt2(c) => c.vocab,
+        }
+    }
+
+    /// The most positions a sequence may take: GPT-2's position table, a
+    /// Llama's trained context length.
+    pub fn context(&self) -> u64 {
+        match self {
+            Family::Llama(c) => c.context,
+            Family::Gpt2(c) => c.positions,
+        }
+    }
 }
 
 /// How a role's data is cut from a checkpoint tensor.
@@ -72,10 +89,13 @@ pub struct Model {
 
 /// Applies a `Cut`; errors say which shape did not fit.
 fn cut_tensor(cut: &Cut, shape: Vec<usize>, data: Vec<f32>) -> Result<(Vec<usize>, Vec<f32>), String> {
+    if shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d)) != Some(data.len()) {
+        return Err(format!("shape {shape:?} does not hold its {} values", data.len()));
+    }
     let transpose_cols = |start: usize, len: usize| -> Result<(Vec<usize>, Vec<f32>), String> {
         let [rows, cols] = shape[..] else { return Err(format!("expected a matrix, got shape {shape:?}")) };
-        if start + len > cols {
-            return Err(format!("columns {start}..{} exceed its {cols} columns", start + len));
+        if start.checked_add(len).is_none_or(|end| end > cols) {
+            return Err(format!("columns {start}..{start}+{len} exceed its {cols} columns"));
         }
         let mut out = Vec::with_capacity(rows * len);
         for c in start..start + len {
@@ -93,8 +113,8 @@ fn cut_tensor(cut: &Cut, shape: Vec<usize>, data: Vec<f32>) -> Result<(Vec<usize
         }
         Cut::ColumnsTransposed(start, len) => transpose_cols(*start, *len),
         Cut::Range(start, len) => {
-            if shape.len() != 1 || start + len > shape[0] {
-                return Err(format!("cannot take {start}..{} of shape {shape:?}", start + len));
+            if shape.len() != 1 || start.checked_add(*len).is_none_or(|end| end > shape[0]) {
+                return Err(format!("cannot take {start}..{start}+{len} of shape {shape:?}"));
             }
             Ok((vec![*len], data[*start..start + len].to_vec()))
         }
@@ -119,6 +139,25 @@ pub fn smollm2_path() -> Result<PathBuf, ModelError> {
 
 fn fmt(path: &Path, message: String) -> ModelError {
     ModelError::Format { path: path.into(), message }
+}
+
+fn config_err(path: &Path, field: &str, message: impl Into<String>) -> ModelError {
+    ModelError::Config { path: path.into(), field: field.into(), message: message.into() }
+}
+
+/// A GGUF metadata value as a user would write it.
+fn show(v: &crate::gguf::GgufValue) -> String {
+    match (v.as_u64(), v.as_str()) {
+        (Some(n), _) => n.to_string(),
+        (_, Some(s)) => format!("`{s}`"),
+        _ => format!("{v:?}"),
+    }
+}
+
+/// An end-of-sequence id as the checkpoint gives it; one that is not a u32 is
+/// an error, not a different token.
+fn eos_id(path: &Path, field: &str, v: Option<u64>) -> Result<Option<u32>, ModelError> {
+    v.map(|v| u32::try_from(v).map_err(|_| config_err(path, field, format!("is {v}, not a token id (32 bits)")))).transpose()
 }
 
 impl Model {
@@ -196,20 +235,50 @@ impl Model {
         if arch != "llama" {
             return Err(fmt(path, format!("architecture `{arch}` is not supported (llama is)")));
         }
-        let m = |k: &str| g.meta_u64(&format!("llama.{k}"));
+        use crate::llama::GGUF_KEYS as K;
+        let m = |k: &str| g.meta_u64(k);
+        // An optional key: absent is the default, present but not a number is an error.
+        let opt_f = |k: &str, d: f64| match g.meta(k) {
+            None => Ok(d),
+            Some(_) => g.meta_f64(k),
+        };
         let embd = g.tensor("token_embd.weight").ok_or_else(|| ModelError::MissingTensor { path: path.into(), name: "token_embd.weight".into() })?;
+        let heads = m(K.heads)?;
         let config = LlamaConfig {
-            vocab: embd.shape()[0] as u64,
-            dim: m("embedding_length")?,
-            layers: m("block_count")?,
-            heads: m("attention.head_count")?,
-            kv_heads: g.meta_u64("llama.attention.head_count_kv").or_else(|_| m("attention.head_count"))?,
-            ffn: m("feed_forward_length")?,
-            rope_theta: g.meta_f64("llama.rope.freq_base").unwrap_or(10000.0) as f32,
-            rms_eps: g.meta_f64("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
+            vocab: embd.shape().first().copied().unwrap_or(0) as u64,
+            dim: m(K.dim)?,
+            layers: m(K.layers)?,
+            heads,
+            kv_heads: match g.meta(K.kv_heads) {
+                None => heads,
+                Some(_) => m(K.kv_heads)?,
+            },
+            ffn: m(K.ffn)?,
+            rope_theta: opt_f(K.rope_theta, 10000.0)? as f32,
+            rms_eps: opt_f(K.rms_eps, 1e-5)? as f32,
             tied: g.tensor("output.weight").is_none(),
             rope_adjacent: true,
+            context: m(K.context)?,
         };
+        config.validate(&K).map_err(|e| e.into_error(path))?;
+        // What this graph does not model must not be ignored: partial or scaled RoPE.
+        if let Some(v) = g.meta("llama.rope.dimension_count") {
+            if v.as_u64() != Some(config.head_dim()) {
+                return Err(config_err(
+                    path,
+                    "llama.rope.dimension_count",
+                    format!("is {}, but heads are {} wide; RoPE over part of a head is not supported", show(v), config.head_dim()),
+                ));
+            }
+        }
+        if let Some(v) = g.meta("llama.rope.scaling.type") {
+            if v.as_str() != Some("none") {
+                return Err(config_err(path, "llama.rope.scaling.type", format!("is {}; RoPE scaling is not supported", show(v))));
+            }
+        }
+        if g.tensor("rope_freqs.weight").is_some() {
+            return Err(fmt(path, "tensor `rope_freqs.weight` (RoPE frequency factors, Llama 3 style) is not supported".into()));
+        }
         let mut names = HashMap::new();
         names.insert("embed".to_string(), "token_embd.weight".to_string());
         names.insert("final_norm".into(), "output_norm.weight".into());
@@ -224,7 +293,7 @@ impl Model {
             }
         }
         let tokenizer = Some(crate::tokenizer::from_gguf(&g)?);
-        let eos = g.meta("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
+        let eos = eos_id(path, "tokenizer.ggml.eos_token_id", g.meta("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()))?;
         let names = names.into_iter().map(|(r, n)| (r, (n, Cut::Whole))).collect();
         Self::finish(path, Family::Llama(config), Source::Gguf(g), names, tokenizer, eos)
     }
@@ -234,13 +303,13 @@ impl Model {
         let text = std::fs::read_to_string(&cpath).map_err(|error| ModelError::Io { path: cpath.clone(), error })?;
         let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| fmt(&cpath, format!("not JSON: {e}")))?;
         let model_type = c.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-        let u = |k: &str| c.get(k).and_then(|v| v.as_u64()).ok_or_else(|| fmt(&cpath, format!("`{k}` is missing or not an integer")));
+        let u = |k: &str| c.get(k).and_then(|v| v.as_u64()).ok_or_else(|| config_err(&cpath, k, "is missing or not a non-negative integer"));
         let f = |k: &str, d: f64| c.get(k).and_then(|v| v.as_f64()).unwrap_or(d) as f32;
         let tokenizer = match dir.join("tokenizer.json") {
             p if p.is_file() => Some(crate::tokenizer::from_tokenizer_json(&p)?),
             _ => None,
         };
-        let eos = c.get("eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
+        let eos = eos_id(&cpath, "eos_token_id", c.get("eos_token_id").and_then(|v| v.as_u64()))?;
         if model_type == "gpt2" {
             let config = Gpt2Config {
                 vocab: u("vocab_size")?,
@@ -250,9 +319,7 @@ impl Model {
                 heads: u("n_head")?,
                 eps: f("layer_norm_epsilon", 1e-5),
             };
-            if config.heads == 0 || config.dim % config.heads != 0 {
-                return Err(fmt(&cpath, format!("n_embd {} is not divisible by n_head {}", config.dim, config.heads)));
-            }
+            config.validate().map_err(|e| e.into_error(&cpath))?;
             let act = c.get("activation_function").and_then(|v| v.as_str()).unwrap_or("gelu_new");
             if act != "gelu_new" && act != "gelu_pytorch_tanh" {
                 return Err(fmt(&cpath, format!("activation `{act}` is not supported (gelu_new is)")));
@@ -290,19 +357,49 @@ impl Model {
         if model_type != "llama" {
             return Err(fmt(&cpath, format!("model_type `{model_type}` is not supported (llama and gpt2 are)")));
         }
-        let heads = u("num_attention_heads")?;
+        use crate::llama::HF_KEYS as K;
+        let heads = u(K.heads)?;
+        // transformers 5 moved `rope_theta` and the scaling into `rope_parameters`.
+        let rope = c.get("rope_parameters").filter(|v| !v.is_null());
+        let rope_theta = match (c.get("rope_theta").filter(|v| !v.is_null()), rope.and_then(|r| r.get("rope_theta"))) {
+            (Some(v), _) | (None, Some(v)) => {
+                v.as_f64().ok_or_else(|| config_err(&cpath, K.rope_theta, format!("is {v}, not a number")))? as f32
+            }
+            (None, None) => 10000.0,
+        };
+        for (field, scaling) in [("rope_scaling", c.get("rope_scaling")), ("rope_parameters", rope)] {
+            let Some(scaling) = scaling.filter(|v| !v.is_null()) else { continue };
+            let ty = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+            if ty != "default" {
+                return Err(config_err(&cpath, field, format!("asks for RoPE scaling `{ty}`, which is not supported (only unscaled RoPE is)")));
+            }
+        }
         let config = LlamaConfig {
-            vocab: u("vocab_size")?,
-            dim: u("hidden_size")?,
-            layers: u("num_hidden_layers")?,
+            vocab: u(K.vocab)?,
+            dim: u(K.dim)?,
+            layers: u(K.layers)?,
             heads,
-            kv_heads: c.get("num_key_value_heads").and_then(|v| v.as_u64()).unwrap_or(heads),
-            ffn: u("intermediate_size")?,
-            rope_theta: f("rope_theta", 10000.0),
-            rms_eps: f("rms_norm_eps", 1e-6),
+            kv_heads: match c.get(K.kv_heads).filter(|v| !v.is_null()) {
+                None => heads,
+                Some(_) => u(K.kv_heads)?,
+            },
+            ffn: u(K.ffn)?,
+            rope_theta,
+            rms_eps: f(K.rms_eps, 1e-6),
             tied: c.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(false),
             rope_adjacent: false,
+            context: u(K.context)?,
         };
+        config.validate(&K).map_err(|e| e.into_error(&cpath))?;
+        if let Some(v) = c.get("head_dim").filter(|v| !v.is_null()) {
+            if v.as_u64() != Some(config.head_dim()) {
+                return Err(config_err(
+                    &cpath,
+                    "head_dim",
+                    format!("is {v}, but `hidden_size` / `num_attention_heads` = {}; a head width other than that is not supported", config.head_dim()),
+                ));
+            }
+        }
         let st = SafetensorsDir::open(dir)?;
         let mut names = HashMap::new();
         names.insert("embed".to_string(), "model.embed_tokens.weight".to_string());
@@ -350,8 +447,8 @@ impl Model {
             let got = match (cut, &stored[..]) {
                 (Cut::Whole, _) => Some(stored.clone()),
                 (Cut::Transpose, [r, c]) => Some(vec![*c, *r]),
-                (Cut::ColumnsTransposed(start, len), [r, c]) if start + len <= *c => Some(vec![*len, *r]),
-                (Cut::Range(start, len), [n]) if start + len <= *n => Some(vec![*len]),
+                (Cut::ColumnsTransposed(start, len), [r, c]) if start.checked_add(*len).is_some_and(|e| e <= *c) => Some(vec![*len, *r]),
+                (Cut::Range(start, len), [n]) if start.checked_add(*len).is_some_and(|e| e <= *n) => Some(vec![*len]),
                 _ => None,
             };
             if got.as_ref() != Some(&shapes[role]) {
@@ -388,6 +485,26 @@ impl Model {
             c.insert(role.to_string(), a.clone());
         }
         Ok(a)
+    }
+
+    /// Rows of the token embedding: every token id must be below it.
+    pub fn vocab_size(&self) -> u64 {
+        self.family.vocab()
+    }
+
+    /// The most positions a sequence may take (`Family::context`).
+    pub fn context_length(&self) -> u64 {
+        self.family.context()
+    }
+
+    /// Where `context_length` comes from, as the checkpoint spells it
+    /// (`n_positions`, `max_position_embeddings`, `llama.context_length`).
+    pub fn context_field(&self) -> &'static str {
+        match (&self.family, &self.source) {
+            (Family::Gpt2(_), _) => "n_positions",
+            (Family::Llama(_), Source::Gguf(_)) => crate::llama::GGUF_KEYS.context,
+            (Family::Llama(_), Source::Hf(_)) => crate::llama::HF_KEYS.context,
+        }
     }
 
     /// The `[out, in]` (or `[n]`) shape of a weight role.

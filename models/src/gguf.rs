@@ -77,13 +77,15 @@ pub struct GgufTensorInfo {
 }
 
 impl GgufTensorInfo {
+    /// Elements; saturates instead of overflowing (a file whose tensors do not
+    /// fit in it does not open, so every tensor of an opened file is exact).
     pub fn numel(&self) -> usize {
-        self.dims.iter().product::<u64>() as usize
+        self.dims.iter().try_fold(1usize, |a, d| usize::try_from(*d).ok().and_then(|d| a.checked_mul(d))).unwrap_or(usize::MAX)
     }
 
-    /// Row-major shape: ggml's dims reversed.
+    /// Row-major shape: ggml's dims reversed (each saturating like `numel`).
     pub fn shape(&self) -> Vec<usize> {
-        self.dims.iter().rev().map(|d| *d as usize).collect()
+        self.dims.iter().rev().map(|d| usize::try_from(*d).unwrap_or(usize::MAX)).collect()
     }
 }
 
@@ -108,15 +110,34 @@ impl<'a> Reader<'a> {
         ModelError::Format { path: self.path.into(), message }
     }
 
+    /// Bytes not read yet.
+    fn remaining(&self) -> usize {
+        self.bytes.len().saturating_sub(self.pos)
+    }
+
+    /// Checks a count read from the file before anything is allocated or looped
+    /// for it: `n` items of at least `min_bytes` each must fit in what is left.
+    fn check_count(&self, n: u64, min_bytes: u64, what: &str) -> Result<usize, ModelError> {
+        let need = n.checked_mul(min_bytes);
+        match (need, usize::try_from(n)) {
+            (Some(need), Ok(n)) if need <= self.remaining() as u64 => Ok(n),
+            _ => Err(self.bad(format!(
+                "truncated or corrupt: {what}: a count of {n} (each at least {min_bytes} bytes) exceeds the file ({} bytes left at offset {})",
+                self.remaining(),
+                self.pos
+            ))),
+        }
+    }
+
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], ModelError> {
-        if self.bytes.len().saturating_sub(self.pos) < n {
+        if self.remaining() < n {
             return Err(self.bad(format!(
                 "truncated: {what} needs {n} bytes at offset {}, the file has {}",
                 self.pos,
                 self.bytes.len()
             )));
         }
-        let s = &self.bytes[self.pos..self.pos + n];
+        let s = &self.bytes[self.pos..][..n];
         self.pos += n;
         Ok(s)
     }
@@ -164,11 +185,12 @@ impl<'a> Reader<'a> {
                 }
                 let ety = self.u32(&what)?;
                 let n = self.u64(&what)?;
-                // Every element takes at least one byte: a count beyond the file is corrupt.
-                if n > (self.bytes.len() - self.pos) as u64 {
-                    return Err(self.bad(format!("{what}: array of {n} elements exceeds the file")));
-                }
-                let mut v = Vec::with_capacity(n as usize);
+                // Every element takes at least its type's smallest encoding: a
+                // count beyond the file is corrupt, and is refused before allocating.
+                let min = min_value_bytes(ety).ok_or_else(|| self.bad(format!("{what}: unknown array element type {ety}")))?;
+                let n = self.check_count(n, min, &format!("{what}: the array length"))?;
+                // Reserve no more than a bounded start: a value is larger in memory than on disk.
+                let mut v = Vec::with_capacity(n.min(1 << 16));
                 for _ in 0..n {
                     v.push(self.value(ety, key, depth + 1)?);
                 }
@@ -181,6 +203,24 @@ impl<'a> Reader<'a> {
         })
     }
 }
+
+/// The fewest bytes a value of GGUF type `ty` takes in the file (`None`: unknown type).
+fn min_value_bytes(ty: u32) -> Option<u64> {
+    Some(match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 => 8,      // the length of an empty string
+        9 => 4 + 8,  // element type and count of an empty array
+        10..=12 => 8,
+        _ => return None,
+    })
+}
+
+/// The fewest bytes of one metadata entry: key length, type, a one-byte value.
+const MIN_KV_BYTES: u64 = 8 + 4 + 1;
+/// The fewest bytes of one tensor info: name length, dim count, one dim, type, offset.
+const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
 
 impl GgufFile {
     /// Opens and indexes a GGUF file; tensor data is not read.
@@ -199,12 +239,17 @@ impl GgufFile {
         }
         let n_tensors = r.u64("the tensor count")?;
         let n_kv = r.u64("the metadata count")?;
+        let n_kv = r.check_count(n_kv, MIN_KV_BYTES, "the metadata count")?;
+        // Both sections follow: the tensor infos' smallest size must fit too.
+        r.check_count(n_tensors, MIN_TENSOR_INFO_BYTES, "the tensor count")?;
         let mut metadata = BTreeMap::new();
         for i in 0..n_kv {
             let key = r.string(&format!("metadata key {i}"))?;
             let ty = r.u32(&format!("the type of `{key}`"))?;
             let v = r.value(ty, &key, 0)?;
-            metadata.insert(key, v);
+            if metadata.insert(key.clone(), v).is_some() {
+                return Err(r.bad(format!("metadata `{key}` appears twice")));
+            }
         }
         let alignment = match metadata.get("general.alignment") {
             None => DEFAULT_ALIGNMENT,
@@ -213,7 +258,9 @@ impl GgufFile {
                 _ => return Err(r.bad(format!("general.alignment = {v:?} is not a power of two"))),
             },
         };
-        let mut tensors = Vec::new();
+        let n_tensors = r.check_count(n_tensors, MIN_TENSOR_INFO_BYTES, "the tensor count")?;
+        let mut tensors: Vec<GgufTensorInfo> = Vec::with_capacity(n_tensors.min(1 << 16));
+        let mut names = std::collections::HashSet::new();
         for i in 0..n_tensors {
             let name = r.string(&format!("tensor name {i}"))?;
             let nd = r.u32(&format!("dims of `{name}`"))?;
@@ -226,10 +273,17 @@ impl GgufFile {
             }
             let ty = GgmlType::from_code(r.u32(&format!("type of `{name}`"))?);
             let offset = r.u64(&format!("offset of `{name}`"))?;
+            if !names.insert(name.clone()) {
+                return Err(r.bad(format!("tensor `{name}` appears twice")));
+            }
             tensors.push(GgufTensorInfo { name, dims, ty, offset });
         }
-        let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
-        let file = GgufFile { path: path.into(), version, metadata, tensors, alignment, data_start: data_start as usize, map };
+        let data_start = (r.pos as u64)
+            .div_ceil(alignment)
+            .checked_mul(alignment)
+            .and_then(|d| usize::try_from(d).ok())
+            .ok_or_else(|| r.bad(format!("the data section start, {} aligned to {alignment}, overflows", r.pos)))?;
+        let file = GgufFile { path: path.into(), version, metadata, tensors, alignment, data_start, map };
         for t in &file.tensors {
             file.tensor_bytes(t)?;
         }
@@ -252,22 +306,29 @@ impl GgufFile {
         if let GgmlType::Unsupported(_) = t.ty {
             return Ok(&[]); // reported when its data is asked for
         }
-        let len = t.ty.bytes_for(numel as usize).ok_or_else(|| {
-            bad(format!("tensor `{}` ({}) has {numel} elements, not a whole number of 32-element blocks", t.name, t.ty.name()))
+        let numel = usize::try_from(numel).map_err(|_| bad(format!("tensor `{}` is too large", t.name)))?;
+        let len = t.ty.bytes_for(numel).ok_or_else(|| {
+            if matches!(t.ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) && numel % crate::quant::QK != 0 {
+                bad(format!("tensor `{}` ({}) has {numel} elements, not a whole number of 32-element blocks", t.name, t.ty.name()))
+            } else {
+                bad(format!("tensor `{}` is too large: {numel} {} elements overflow a byte count", t.name, t.ty.name()))
+            }
         })?;
         if t.offset % self.alignment != 0 {
             return Err(bad(format!("tensor `{}` offset {} is not aligned to {}", t.name, t.offset, self.alignment)));
         }
-        let start = self.data_start as u64 + t.offset;
-        let end = start + len as u64;
-        if end > self.map.len() as u64 {
-            return Err(bad(format!(
-                "truncated: tensor `{}` needs bytes {start}..{end}, the file has {}",
-                t.name,
-                self.map.len()
-            )));
+        let file_len = self.map.len();
+        let range = usize::try_from(t.offset)
+            .ok()
+            .and_then(|o| self.data_start.checked_add(o))
+            .and_then(|start| Some(start..start.checked_add(len)?));
+        match range {
+            Some(r) if r.end <= file_len => Ok(&self.map[r]),
+            _ => Err(bad(format!(
+                "truncated: tensor `{}` needs {len} bytes at data offset {} (file offset {} + {}), the file has {file_len}",
+                t.name, t.offset, self.data_start, t.offset
+            ))),
         }
-        Ok(&self.map[start as usize..end as usize])
     }
 
     /// The tensor as f32, row-major, dequantized exactly as ggml defines it.

@@ -5,6 +5,7 @@
 //! `layers.N.mlp.{up,down}(.bias)`, `final_norm(.bias)`.
 
 use crate::builder::GraphBuilder;
+use crate::{check_param_bytes, check_size, ConfigIssue, MAX_EXACT_ID, MAX_LAYERS};
 use sparsec_ir::{DType, Dim, GeluApprox, Graph, Op, ValueId};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -18,6 +19,33 @@ pub struct Gpt2Config {
 }
 
 impl Gpt2Config {
+    /// Checks, under the names of a Hugging Face `config.json`, that the graph
+    /// can be built: every size positive, `n_embd` divisible by `n_head`, id
+    /// and position tables within exact f32 integers, weights whose sizes fit
+    /// memory arithmetic. Run before `weight_shapes` or `build_graph` on
+    /// untrusted values.
+    pub fn validate(&self) -> Result<(), ConfigIssue> {
+        check_size("vocab_size", self.vocab, MAX_EXACT_ID, "token ids travel as f32, exact below 2^24")?;
+        check_size("n_positions", self.positions, MAX_EXACT_ID, "positions travel as f32, exact below 2^24")?;
+        check_size("n_embd", self.dim, u64::MAX, "")?;
+        check_size("n_layer", self.layers, MAX_LAYERS, "no real model has that many; the config is corrupt")?;
+        check_size("n_head", self.heads, u32::MAX as u64, "the IR counts heads in 32 bits")?;
+        if self.dim % self.heads != 0 {
+            return Err(ConfigIssue::new("n_embd", format!("is {}, not divisible by `n_head` = {}", self.dim, self.heads)));
+        }
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            return Err(ConfigIssue::new("layer_norm_epsilon", format!("is {}; it must be a non-negative number", self.eps)));
+        }
+        // Per layer 12·dim² + 13·dim ≤ 16·dim·(dim + 1); the token and position tables besides.
+        check_param_bytes(&[
+            ("n_embd", &[16, self.dim, self.dim]),
+            ("vocab_size", &[self.vocab, self.dim]),
+            ("n_positions", &[self.positions, self.dim]),
+            ("n_layer", &[self.layers, 16, self.dim, self.dim.saturating_add(1)]),
+        ])?;
+        Ok(())
+    }
+
     pub fn weight_shapes(&self) -> Vec<(String, Vec<u64>)> {
         let d = self.dim;
         let mut v = vec![("embed".to_string(), vec![self.vocab, d]), ("pos_embed".to_string(), vec![self.positions, d])];

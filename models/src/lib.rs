@@ -32,6 +32,64 @@ pub enum ModelError {
     NotFound(PathBuf),
     #[error("{path}: not an IR file, GGUF file or checkpoint directory ({why})")]
     Unrecognized { path: PathBuf, why: String },
+    /// A hyperparameter the graph cannot be built from: `field` is its name as
+    /// the checkpoint spells it (`num_attention_heads`, `llama.block_count`).
+    #[error("{path}: config field `{field}` {message}")]
+    Config { path: PathBuf, field: String, message: String },
+}
+
+/// Token ids (and GPT-2's positions) travel through the graph as f32 holding
+/// integers, exact below 2^24: a larger vocabulary or position table is refused.
+pub const MAX_EXACT_ID: u64 = 1 << 24;
+
+/// More layers than any real model has; a larger count is a corrupt config
+/// (and would make the loader build millions of names before failing).
+pub const MAX_LAYERS: u64 = 1 << 16;
+
+/// A hyperparameter that cannot make a model, before the checkpoint's path is
+/// attached (`into_error`): its field as the checkpoint spells it, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl ConfigIssue {
+    pub fn new(field: &'static str, message: impl Into<String>) -> ConfigIssue {
+        ConfigIssue { field, message: message.into() }
+    }
+
+    pub fn into_error(self, path: &Path) -> ModelError {
+        ModelError::Config { path: path.into(), field: self.field.into(), message: self.message }
+    }
+}
+
+/// `value` must lie in `1..=max`.
+pub(crate) fn check_size(field: &'static str, value: u64, max: u64, why_max: &str) -> Result<(), ConfigIssue> {
+    if value == 0 {
+        return Err(ConfigIssue::new(field, "is 0; it must be at least 1"));
+    }
+    if value > max {
+        return Err(ConfigIssue::new(field, format!("is {value}, more than {max} ({why_max})")));
+    }
+    Ok(())
+}
+
+/// Sums `terms` of parameter counts (each a product) and checks that the model's
+/// f32 bytes fit in memory arithmetic (`isize::MAX`): every later product of
+/// these sizes then fits too. A term that overflows names its field.
+pub(crate) fn check_param_bytes(terms: &[(&'static str, &[u64])]) -> Result<u64, ConfigIssue> {
+    let limit = isize::MAX as u64 / 4;
+    let mut total: u64 = 0;
+    for (field, factors) in terms {
+        let too_large = || {
+            let product = factors.iter().map(u64::to_string).collect::<Vec<_>>().join(" × ");
+            ConfigIssue::new(field, format!("is too large: {product} parameters (with the rest of the model) exceed the {limit} f32 values a model can address"))
+        };
+        let n = factors.iter().try_fold(1u64, |a, f| a.checked_mul(*f)).ok_or_else(too_large)?;
+        total = total.checked_add(n).filter(|t| *t <= limit).ok_or_else(too_large)?;
+    }
+    Ok(total)
 }
 
 /// What a path holds.

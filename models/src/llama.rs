@@ -4,6 +4,7 @@
 //! `layers.N.mlp.{gate,up,down}`, `final_norm`, `lm_head` (all `[out, in]`).
 
 use crate::builder::GraphBuilder;
+use crate::{check_param_bytes, check_size, ConfigIssue, MAX_EXACT_ID, MAX_LAYERS};
 use sparsec_ir::{DType, Dim, Graph, Op};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -20,11 +21,103 @@ pub struct LlamaConfig {
     pub tied: bool,
     /// RoPE over adjacent pairs (GGUF's permuted Q/K) instead of `rotate_half`.
     pub rope_adjacent: bool,
+    /// The context length it was trained for (`max_position_embeddings`,
+    /// `llama.context_length`): generation and evaluation stay within it.
+    pub context: u64,
 }
 
+/// How a checkpoint spells each hyperparameter, so that errors name the field
+/// the user can find in their file.
+#[derive(Clone, Copy, Debug)]
+pub struct LlamaKeys {
+    pub vocab: &'static str,
+    pub dim: &'static str,
+    pub layers: &'static str,
+    pub heads: &'static str,
+    pub kv_heads: &'static str,
+    pub ffn: &'static str,
+    pub context: &'static str,
+    pub rope_theta: &'static str,
+    pub rms_eps: &'static str,
+}
+
+/// `config.json` of a Hugging Face Llama.
+pub const HF_KEYS: LlamaKeys = LlamaKeys {
+    vocab: "vocab_size",
+    dim: "hidden_size",
+    layers: "num_hidden_layers",
+    heads: "num_attention_heads",
+    kv_heads: "num_key_value_heads",
+    ffn: "intermediate_size",
+    context: "max_position_embeddings",
+    rope_theta: "rope_theta",
+    rms_eps: "rms_norm_eps",
+};
+
+/// GGUF metadata of `general.architecture = llama` (the vocabulary is the rows of the embedding).
+pub const GGUF_KEYS: LlamaKeys = LlamaKeys {
+    vocab: "token_embd.weight",
+    dim: "llama.embedding_length",
+    layers: "llama.block_count",
+    heads: "llama.attention.head_count",
+    kv_heads: "llama.attention.head_count_kv",
+    ffn: "llama.feed_forward_length",
+    context: "llama.context_length",
+    rope_theta: "llama.rope.freq_base",
+    rms_eps: "llama.attention.layer_norm_rms_epsilon",
+};
+
 impl LlamaConfig {
+    /// Checks that the graph can be built: every size positive, heads that
+    /// divide the width and are divided by the KV heads, an even head width
+    /// (RoPE rotates pairs), and weights whose sizes fit memory arithmetic.
+    /// Run before `weight_shapes` or `build_graph` on untrusted values.
+    pub fn validate(&self, k: &LlamaKeys) -> Result<(), ConfigIssue> {
+        check_size(k.vocab, self.vocab, MAX_EXACT_ID, "token ids travel as f32, exact below 2^24")?;
+        check_size(k.dim, self.dim, u64::MAX, "")?;
+        check_size(k.layers, self.layers, MAX_LAYERS, "no real model has that many; the config is corrupt")?;
+        check_size(k.heads, self.heads, u32::MAX as u64, "the IR counts heads in 32 bits")?;
+        check_size(k.kv_heads, self.kv_heads, u32::MAX as u64, "the IR counts heads in 32 bits")?;
+        check_size(k.ffn, self.ffn, u64::MAX, "")?;
+        check_size(k.context, self.context, u64::MAX, "")?;
+        if self.dim % self.heads != 0 {
+            return Err(ConfigIssue::new(k.dim, format!("is {}, not divisible by `{}` = {}", self.dim, k.heads, self.heads)));
+        }
+        if self.heads % self.kv_heads != 0 {
+            return Err(ConfigIssue::new(
+                k.kv_heads,
+                format!("is {}, which does not divide `{}` = {} (each KV head serves a whole group of query heads)", self.kv_heads, k.heads, self.heads),
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(ConfigIssue::new(
+                k.dim,
+                format!("is {}: with `{}` = {} each head is {} wide, odd, and RoPE rotates pairs of features", self.dim, k.heads, self.heads, self.head_dim()),
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(ConfigIssue::new(k.rope_theta, format!("is {}; it must be a positive number", self.rope_theta)));
+        }
+        if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
+            return Err(ConfigIssue::new(k.rms_eps, format!("is {}; it must be a non-negative number", self.rms_eps)));
+        }
+        // Per layer 2·dim² + 2·kvw·dim + 3·ffn·dim + 2·dim ≤ 4·(dim + kvw + ffn + 1)·dim,
+        // kvw ≤ dim since kv_heads divides heads; the embedding (and an untied head) besides.
+        let kvw = self.kv_heads * self.head_dim();
+        let width = self.dim.checked_add(kvw).and_then(|w| w.checked_add(self.ffn)).and_then(|w| w.checked_add(1));
+        let width = width.ok_or_else(|| ConfigIssue::new(k.ffn, format!("is {}, too large", self.ffn)))?;
+        let tables = if self.tied { 1 } else { 2 };
+        check_param_bytes(&[
+            (k.dim, &[4, self.dim, self.dim]),
+            (k.ffn, &[4, self.ffn, self.dim]),
+            (k.vocab, &[tables, self.vocab, self.dim]),
+            (k.layers, &[self.layers, 4, width, self.dim]),
+        ])?;
+        Ok(())
+    }
+
     pub fn head_dim(&self) -> u64 {
-        self.dim / self.heads
+        self.dim.checked_div(self.heads).unwrap_or(0)
     }
 
     /// Every weight role with its `[out, in]` (or `[n]`) shape.
