@@ -2,6 +2,13 @@
 //! generation, streamed), `sparsec eval` (perplexity) and `sparsec bench` on a
 //! language model (prefill and decode speed), on the compiled model or the
 //! reference interpreter; both continue a sequence through a KV cache.
+//!
+//! Every verb checks its tokens against the model's limits (`LmLimits`) before
+//! any work: ids inside the vocabulary (a tokenizer that does not match the
+//! model), sequences inside the context. Generation refuses up front a prompt
+//! plus `--max-new-tokens` longer than the context (it does not slide or
+//! truncate); evaluation refuses windows longer than the context (`--stride`
+//! covers a longer text with windows that fit). `Lm::forward` checks again.
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -9,79 +16,121 @@ use ndarray::{ArrayD, IxDyn};
 use sparsec_models::checkpoint::Model;
 use sparsec_runtime::cpu::{CpuExecutor, CpuSession};
 use sparsec_runtime::interpreter::{interpret_cached, KvState};
-use sparsec_runtime::lm::perplexity;
+use sparsec_runtime::lm::{perplexity, LmLimits};
 use sparsec_runtime::sampling::Sampler;
 use sparsec_runtime::Artifact;
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-fn ids_array(ids: &[u32]) -> ArrayD<f32> {
-    // Token ids travel as f32 holding integers (exact below 2^24).
-    ArrayD::from_shape_vec(IxDyn(&[ids.len()]), ids.iter().map(|i| *i as f32).collect()).unwrap_or_else(|_| ArrayD::zeros(IxDyn(&[0])))
+fn ids_array(ids: &[u32]) -> Result<ArrayD<f32>> {
+    // Token ids travel as f32 holding integers (exact below 2^24, which the
+    // vocabulary check keeps them under).
+    Ok(ArrayD::from_shape_vec(IxDyn(&[ids.len()]), ids.iter().map(|i| *i as f32).collect())?)
+}
+
+/// The first output of a model run, checked to be logits `[n, vocab]` for `n` ids.
+fn logits_of(mut out: Vec<ArrayD<f32>>, n: usize) -> Result<ArrayD<f32>> {
+    if out.is_empty() {
+        bail!("the model graph returned nothing");
+    }
+    let l = out.remove(0);
+    match l.shape() {
+        [rows, vocab] if *rows == n && *vocab > 0 => Ok(l),
+        s => bail!("the model returned an output of shape {s:?}, expected logits [{n}, vocab]"),
+    }
 }
 
 /// A language model that continues a sequence: `forward` takes the next ids and
-/// returns their logits `[n, vocab]`; `reset` starts a new sequence.
-pub enum Lm<'a> {
+/// returns their logits `[n, vocab]`; `reset` starts a new sequence. Ids outside
+/// the vocabulary and positions past the context are errors, checked before
+/// the model runs.
+pub struct Lm<'a> {
+    pub limits: LmLimits,
+    pub exec: LmExec<'a>,
+}
+
+pub enum LmExec<'a> {
     Interpreter { model: &'a Model, state: KvState },
     Compiled { session: CpuSession<'a> },
 }
 
 impl Lm<'_> {
-    pub fn forward(&mut self, ids: &[u32]) -> Result<ArrayD<f32>> {
-        let mut out = match self {
-            Lm::Interpreter { model, state } => {
-                let w = |role: &str| model.weight(role).ok();
-                interpret_cached(&model.graph, &[ids_array(ids)], &w, state)?
-            }
-            Lm::Compiled { session } => session.run(&[ids_array(ids)])?,
-        };
-        if out.is_empty() {
-            bail!("the model graph returned nothing");
+    /// Positions already in the sequence.
+    pub fn pos(&self) -> usize {
+        match &self.exec {
+            LmExec::Interpreter { state, .. } => state.pos,
+            LmExec::Compiled { session } => session.pos(),
         }
-        Ok(out.remove(0))
+    }
+
+    pub fn forward(&mut self, ids: &[u32]) -> Result<ArrayD<f32>> {
+        self.limits.check_step(self.pos(), ids)?;
+        let x = ids_array(ids)?;
+        let out = match &mut self.exec {
+            LmExec::Interpreter { model, state } => {
+                // A weight the checkpoint does not have may come from its `init`
+                // (weights a plan adds); when the run fails, the first load error
+                // is reported with it, not lost behind "no data for weight".
+                let failed: std::cell::RefCell<Option<sparsec_models::ModelError>> = Default::default();
+                let w = |role: &str| match model.weight(role) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        failed.borrow_mut().get_or_insert(e);
+                        None
+                    }
+                };
+                match (interpret_cached(&model.graph, &[x], &w, state), failed.into_inner()) {
+                    (Ok(out), _) => out,
+                    (Err(e), Some(load)) => return Err(anyhow::Error::from(e).context(format!("after a weight failed to load ({load})"))),
+                    (Err(e), None) => return Err(e.into()),
+                }
+            }
+            LmExec::Compiled { session } => session.run(&[x])?,
+        };
+        logits_of(out, ids.len())
     }
 
     /// `forward`, returning only the last id's logits `[1, vocab]` (the
     /// compiled model then runs its final norm and LM head on that row only).
     pub fn forward_last(&mut self, ids: &[u32]) -> Result<ArrayD<f32>> {
-        let mut out = match self {
-            Lm::Interpreter { .. } => {
-                let l = self.forward(ids)?;
-                let vocab = l.shape().last().copied().unwrap_or(0);
-                return Ok(ArrayD::from_shape_vec(IxDyn(&[1, vocab]), last_row(&l).into_owned())?);
-            }
-            Lm::Compiled { session } => session.run_last(&[ids_array(ids)])?,
-        };
-        if out.is_empty() {
-            bail!("the model graph returned nothing");
+        if let LmExec::Interpreter { .. } = self.exec {
+            let l = self.forward(ids)?;
+            let row = last_row(&l)?.into_owned();
+            return Ok(ArrayD::from_shape_vec(IxDyn(&[1, row.len()]), row)?);
         }
-        Ok(out.remove(0))
+        self.limits.check_step(self.pos(), ids)?;
+        let x = ids_array(ids)?;
+        let LmExec::Compiled { session } = &mut self.exec else { bail!("no compiled session") };
+        logits_of(session.run_last(&[x])?, 1)
     }
 
     pub fn reset(&mut self) {
-        match self {
-            Lm::Interpreter { state, .. } => *state = KvState::new(),
-            Lm::Compiled { session } => session.reset(),
+        match &mut self.exec {
+            LmExec::Interpreter { state, .. } => *state = KvState::new(),
+            LmExec::Compiled { session } => session.reset(),
         }
     }
 
     pub fn executor(&self) -> &'static str {
-        match self {
-            Lm::Interpreter { .. } => "reference interpreter",
-            Lm::Compiled { .. } => "compiled (cpu)",
+        match self.exec {
+            LmExec::Interpreter { .. } => "reference interpreter",
+            LmExec::Compiled { .. } => "compiled (cpu)",
         }
     }
 }
 
 /// Where a language model comes from: a checkpoint (interpreted) or an artifact
-/// (compiled), with its tokenizer and end token.
+/// (compiled), with its tokenizer, end token and limits.
 pub struct LmSource {
     pub model: Option<Model>,
     pub artifact: Option<(Artifact, CpuExecutor)>,
     pub tokenizer: tokenizers::Tokenizer,
     pub eos: Option<u32>,
+    /// The vocabulary and context the model accepts.
+    pub limits: LmLimits,
+    /// Where `limits.context` comes from, for messages (`n_positions in config.json`).
+    pub context_from: String,
 }
 
 impl LmSource {
@@ -94,7 +143,11 @@ impl LmSource {
         }
         let tokenizer = m.tokenizer()?.clone();
         let eos = m.eos;
-        Ok(LmSource { model: Some(m), artifact: None, tokenizer, eos })
+        let size = |v: u64, what: &str| usize::try_from(v).with_context(|| format!("{}: {what} {v} does not fit this machine", m.path.display()));
+        let limits = LmLimits { vocab: size(m.vocab_size(), "vocabulary")?, context: Some(size(m.context_length(), "context")?) };
+        let config = if m.path.is_dir() { m.path.join("config.json") } else { m.path.clone() };
+        let context_from = format!("`{}` in {}", m.context_field(), config.display());
+        Ok(LmSource { model: Some(m), artifact: None, tokenizer, eos, limits, context_from })
     }
 
     pub fn artifact(dir: &Path, threads: Option<usize>) -> Result<LmSource> {
@@ -104,19 +157,41 @@ impl LmSource {
         };
         let tpath = dir.join(&lm.tokenizer);
         let tokenizer = tokenizers::Tokenizer::from_file(&tpath).map_err(|e| anyhow::anyhow!("{}: {e}", tpath.display()))?;
+        // The compiled embedding kernels do not check ids: the limits come from
+        // the graph's tables (the vocabulary; GPT-2's position table). The
+        // manifest does not record a Llama's trained context, so there is none.
+        let limits = LmLimits::from_graph(&art.graph).with_context(|| {
+            format!("{}: the artifact's graph has no embedding of a token input, so its vocabulary is unknown", dir.display())
+        })?;
+        let context_from = format!("the position table of {}", dir.display());
         let mut exec = CpuExecutor::load(&art)?;
         if let Some(t) = threads {
             exec = exec.with_threads(t)?;
         }
-        Ok(LmSource { model: None, artifact: Some((art, exec)), tokenizer, eos: lm.eos })
+        Ok(LmSource { model: None, artifact: Some((art, exec)), tokenizer, eos: lm.eos, limits, context_from })
     }
 
     pub fn lm(&self) -> Result<Lm<'_>> {
-        Ok(match (&self.artifact, &self.model) {
-            (Some((art, exec)), _) => Lm::Compiled { session: exec.session(art)? },
-            (None, Some(model)) => Lm::Interpreter { model, state: KvState::new() },
+        let exec = match (&self.artifact, &self.model) {
+            (Some((art, exec)), _) => LmExec::Compiled { session: exec.session(art)? },
+            (None, Some(model)) => LmExec::Interpreter { model, state: KvState::new() },
             (None, None) => bail!("no model"),
-        })
+        };
+        Ok(Lm { limits: self.limits, exec })
+    }
+
+    /// `ids` (what `what` names) are all inside the vocabulary: a clear error
+    /// when the tokenizer does not match the model.
+    pub fn check_ids(&self, ids: &[u32], what: &str) -> Result<()> {
+        self.limits.check_ids(ids).with_context(|| format!("{what}: the tokenizer gives an id the model does not have"))
+    }
+
+    /// `needed` positions (what `what` says needs them) fit in the context.
+    pub fn check_context(&self, needed: usize, what: impl FnOnce() -> String, advice: &str) -> Result<()> {
+        match self.limits.context {
+            Some(c) if needed > c => bail!("{}: {needed} positions exceed the model's context of {c} ({}); {advice}", what(), self.context_from),
+            _ => Ok(()),
+        }
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -132,13 +207,17 @@ fn progress(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-/// The last row of logits `[n, vocab]`, borrowed when they are contiguous.
-fn last_row(l: &ArrayD<f32>) -> std::borrow::Cow<'_, [f32]> {
-    let vocab = l.shape().last().copied().unwrap_or(0);
-    match l.as_slice() {
-        Some(s) => std::borrow::Cow::Borrowed(&s[s.len() - vocab..]),
-        None => std::borrow::Cow::Owned(l.iter().skip(l.len() - vocab).copied().collect()),
-    }
+/// The last row of logits `[n, vocab]` (`n` ≥ 1), borrowed when they are contiguous.
+fn last_row(l: &ArrayD<f32>) -> Result<std::borrow::Cow<'_, [f32]>> {
+    let (rows, vocab) = match l.shape() {
+        [rows, vocab] if *rows > 0 && *vocab > 0 => (*rows, *vocab),
+        s => bail!("logits of shape {s:?} have no last row"),
+    };
+    let start = (rows - 1) * vocab;
+    Ok(match l.as_slice() {
+        Some(s) => std::borrow::Cow::Borrowed(&s[start..]),
+        None => std::borrow::Cow::Owned(l.iter().skip(start).copied().collect()),
+    })
 }
 
 pub struct GenerateArgs<'a> {
@@ -156,12 +235,23 @@ pub fn generate(src: &LmSource, a: GenerateArgs<'_>) -> Result<()> {
     if prompt_ids.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
+    // Refused up front, before any work: a prompt that does not fit, or one the
+    // new tokens would push past the context (generation does not slide).
+    src.check_ids(&prompt_ids, "the prompt")?;
+    let n = prompt_ids.len();
+    src.check_context(n, || format!("the prompt is {n} tokens"), "shorten the prompt")?;
+    let total = n.saturating_add(a.max_new_tokens);
+    src.check_context(
+        total,
+        || format!("the prompt ({n} tokens) and --max-new-tokens {}", a.max_new_tokens),
+        &format!("pass --max-new-tokens {} or less, or shorten the prompt", src.limits.context.unwrap_or(0).saturating_sub(n)),
+    )?;
     let mut lm = src.lm()?;
     let mut sampler = Sampler::new(a.temperature, a.top_k, a.seed);
     let t_prefill = Instant::now();
     let logits = lm.forward_last(&prompt_ids)?;
     let prefill_s = t_prefill.elapsed().as_secs_f64();
-    let mut next = sampler.sample(&last_row(&logits));
+    let mut next = sampler.sample(&last_row(&logits)?);
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = String::new();
     let stdout = std::io::stdout();
@@ -185,7 +275,7 @@ pub fn generate(src: &LmSource, a: GenerateArgs<'_>) -> Result<()> {
             break;
         }
         let logits = lm.forward_last(&[next])?;
-        next = sampler.sample(&last_row(&logits));
+        next = sampler.sample(&last_row(&logits)?);
     }
     let decode_s = t_decode.elapsed().as_secs_f64();
     let text = tok.decode(&generated, true).map_err(anyhow::Error::msg)?;
@@ -224,6 +314,13 @@ pub fn eval(src: &LmSource, text: &Path, body: &str, max_tokens: usize, stride: 
     if max_tokens < 2 {
         bail!("--max-tokens must be at least 2");
     }
+    src.check_ids(&ids, &text.display().to_string())?;
+    let window = ids.len().min(max_tokens);
+    src.check_context(
+        window,
+        || format!("--max-tokens {max_tokens}: a window of {window} tokens of {}", text.display()),
+        &format!("pass --max-tokens {} or less (and --stride to cover a longer text)", src.limits.context.unwrap_or(0)),
+    )?;
     // Windows of `max_tokens`; with a stride, slide over the whole text and score
     // only the tokens a window adds (the first window scores all of its tokens).
     let windows: Vec<(usize, usize, usize)> = match stride {
@@ -253,15 +350,16 @@ pub fn eval(src: &LmSource, text: &Path, body: &str, max_tokens: usize, stride: 
         let w = &ids[*start..*end];
         lm.reset();
         let logits = lm.forward(w)?;
-        let vocab = logits.shape()[1];
-        let flat = logits.as_slice().context("logits are not contiguous")?;
         if *skip == 0 {
-            let (_, mean, n) = perplexity(&logits, w).map_err(anyhow::Error::msg)?;
+            let (_, mean, n) = perplexity(&logits, w)?;
             total_nll += mean * n as f64;
             count += n;
         } else {
-            for t in (*skip - 1)..w.len() - 1 {
-                total_nll += sparsec_runtime::lm::nll(&flat[t * vocab..(t + 1) * vocab], w[t + 1] as usize);
+            // `forward` returned logits [w.len(), vocab]: row t predicts w[t + 1].
+            let vocab = logits.shape()[1];
+            let flat = logits.as_slice().context("logits are not contiguous")?;
+            for (row, target) in flat.chunks_exact(vocab).zip(&w[1..]).skip(*skip - 1) {
+                total_nll += sparsec_runtime::lm::nll(row, *target as usize)?;
                 count += 1;
             }
         }
@@ -310,6 +408,13 @@ pub fn bench_lm(src: &LmSource, text: &Path, prompt_len: usize, new_tokens: usiz
         ids.extend_from_within(..ids.len().min(prompt_len - ids.len()));
     }
     ids.truncate(prompt_len.max(1));
+    src.check_ids(&ids, &text.display().to_string())?;
+    let needed = ids.len().saturating_add(new_tokens);
+    src.check_context(
+        needed,
+        || format!("--prompt-len {} and --new-tokens {new_tokens}", ids.len()),
+        "lower --prompt-len or --new-tokens",
+    )?;
     let mut lm = src.lm()?;
     let mut greedy = Sampler::new(0.0, 0, 0);
     let mut prefill = Vec::new();
@@ -320,14 +425,14 @@ pub fn bench_lm(src: &LmSource, text: &Path, prompt_len: usize, new_tokens: usiz
         // Like generation (and llama.cpp's), the prompt's logits are the last token's.
         let logits = lm.forward_last(&ids)?;
         prefill.push(t.elapsed().as_secs_f64());
-        let mut next = greedy.sample(&last_row(&logits));
-        if let Lm::Compiled { session } = &mut lm {
+        let mut next = greedy.sample(&last_row(&logits)?);
+        if let LmExec::Compiled { session } = &mut lm.exec {
             session.profile_kernels();
         }
         let t = Instant::now();
         for _ in 0..new_tokens {
             let l = lm.forward_last(&[next])?;
-            next = greedy.sample(&last_row(&l));
+            next = greedy.sample(&last_row(&l)?);
         }
         decode.push(t.elapsed().as_secs_f64());
     }
@@ -337,8 +442,8 @@ pub fn bench_lm(src: &LmSource, text: &Path, prompt_len: usize, new_tokens: usiz
     };
     let (p, d) = (median(&mut prefill), median(&mut decode));
     // Per kernel, the last decode round's milliseconds per token.
-    let kernels: serde_json::Map<String, serde_json::Value> = match &lm {
-        Lm::Compiled { session } => session
+    let kernels: serde_json::Map<String, serde_json::Value> = match &lm.exec {
+        LmExec::Compiled { session } => session
             .kernel_times()
             .into_iter()
             .map(|(k, ms, calls)| (k, serde_json::json!({ "ms_per_token": ms / new_tokens.max(1) as f64, "calls_per_token": calls as f64 / new_tokens.max(1) as f64 })))
