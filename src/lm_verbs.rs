@@ -151,19 +151,26 @@ impl LmSource {
     }
 
     pub fn artifact(dir: &Path, threads: Option<usize>) -> Result<LmSource> {
-        let art = Artifact::open(dir)?;
+        let art = crate::open_artifact(dir)?;
         let Some(lm) = art.manifest.lm.clone() else {
             bail!("{}: this artifact is not a language model (compile a GGUF or HF checkpoint)", dir.display());
         };
         let tpath = dir.join(&lm.tokenizer);
         let tokenizer = tokenizers::Tokenizer::from_file(&tpath).map_err(|e| anyhow::anyhow!("{}: {e}", tpath.display()))?;
-        // The compiled embedding kernels do not check ids: the limits come from
-        // the graph's tables (the vocabulary; GPT-2's position table). The
-        // manifest does not record a Llama's trained context, so there is none.
-        let limits = LmLimits::from_graph(&art.graph).with_context(|| {
+        // The limits come from the graph's tables (the vocabulary; GPT-2's
+        // position table) and the trained context the manifest records.
+        let context = lm.context.map(|c| usize::try_from(c).unwrap_or(usize::MAX));
+        let tables = LmLimits::from_graph(&art.graph).with_context(|| {
             format!("{}: the artifact's graph has no embedding of a token input, so its vocabulary is unknown", dir.display())
         })?;
-        let context_from = format!("the position table of {}", dir.display());
+        // Name whichever bound binds: the position table, or the recorded context.
+        let recorded_binds = context.is_some_and(|c| tables.context.is_none_or(|t| c < t));
+        let context_from = if recorded_binds {
+            format!("the trained context recorded in {}", dir.join(sparsec_runtime::manifest::MANIFEST_FILE).display())
+        } else {
+            format!("the position table of {}", dir.display())
+        };
+        let limits = tables.with_context(context);
         let mut exec = CpuExecutor::load(&art)?;
         if let Some(t) = threads {
             exec = exec.with_threads(t)?;

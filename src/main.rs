@@ -103,7 +103,10 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
         let Some(m) = &model else { return Ok(None) };
         let err = |e: sparsec_models::ModelError| sparsec_compiler::CompileError::File { path: m.path.clone(), message: e.to_string() };
         if dt.is_quantized() && m.stored_dtype(role) == dt {
-            let shape = m.role_shape(role).map(|s| s.to_vec()).unwrap_or_default();
+            let shape = m
+                .role_shape(role)
+                .map(|s| s.to_vec())
+                .ok_or_else(|| sparsec_compiler::CompileError::File { path: m.path.clone(), message: format!("role `{role}` has no shape in the checkpoint") })?;
             let (dt, packed) = m.weight_packed(role).map_err(err)?;
             return Ok(Some((shape, WeightData::Packed(dt, packed))));
         }
@@ -117,6 +120,7 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
                     tokenizer: sparsec_runtime::manifest::TOKENIZER_FILE.into(),
                     eos: m.eos,
                     source: input.display().to_string(),
+                    context: Some(m.context_length()),
                 },
             )),
             None => None,

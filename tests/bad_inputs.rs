@@ -159,3 +159,26 @@ fn the_compiled_model_refuses_the_same_inputs() {
     std::fs::write(&text, words(80)).unwrap();
     fails(&["eval", dir, "--compiled", "--text", text.to_str().unwrap()], &cache, &["80 positions exceed the model's context of 32"]);
 }
+
+/// A compiled Llama has no position table: its artifact records the trained
+/// context, which the LM verbs and the runtime itself (`sparsec-run`) enforce.
+#[test]
+fn a_compiled_llama_keeps_its_trained_context() {
+    let m = model("llama_tiny");
+    let dir = m.path().to_str().unwrap();
+    let cache = m.path().join("cache");
+    fails(
+        &["run", dir, "--compiled", "--prompt", &words(60), "--max-new-tokens", "8"],
+        &cache,
+        &["68 positions exceed the model's context of 64", "the trained context recorded in"],
+    );
+    let art = m.path().join("llama.sparsec");
+    let o = sparsec(&["compile", dir, "-o", art.to_str().unwrap()], &cache);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = |seq: &str| {
+        Command::new(env!("CARGO_BIN_EXE_sparsec")).args(["run", art.to_str().unwrap(), "--seq", seq]).output().expect("runs")
+    };
+    assert!(run("64").status.success());
+    let e = String::from_utf8_lossy(&run("65").stderr).into_owned();
+    assert!(e.contains("exceed the 64 this model can address"), "{e}");
+}

@@ -127,13 +127,16 @@ pub fn eval_op(op: &Op, patterns: &[Pattern], operands: &[&ArrayD<f32>]) -> Resu
             ArrayD::from_shape_vec(IxDyn(&[ids.len(), width]), out).map_err(|e| e.to_string())
         }
         Op::Positions => Err("positions needs the sequence length; the interpreter evaluates it".into()),
-        Op::Rope { heads, theta, adjacent } => Ok(rope(operands[0], *heads as usize, *theta, *adjacent, 0)),
+        Op::Rope { heads, theta, adjacent } => rope(operands[0], *heads as usize, *theta, *adjacent, 0),
     }
 }
 
 /// Rotary embedding of `x[seq, heads·d]` at positions `offset..offset+seq`.
-pub fn rope(x: &ArrayD<f32>, heads: usize, theta: f32, adjacent: bool, offset: usize) -> ArrayD<f32> {
-    let (s, w) = (x.shape()[0], x.shape()[1]);
+pub fn rope(x: &ArrayD<f32>, heads: usize, theta: f32, adjacent: bool, offset: usize) -> Result<ArrayD<f32>, String> {
+    let &[s, w] = x.shape() else { return Err(format!("rope of a {}-d value", x.ndim())) };
+    if heads == 0 || w % heads != 0 || (w / heads) % 2 != 0 {
+        return Err(format!("rope of width {w} over {heads} heads needs heads of an even width"));
+    }
     let d = w / heads;
     let mut out = contiguous(x).into_owned();
     for t in 0..s {
@@ -150,7 +153,7 @@ pub fn rope(x: &ArrayD<f32>, heads: usize, theta: f32, adjacent: bool, offset: u
             }
         }
     }
-    ArrayD::from_shape_vec(x.raw_dim(), out).unwrap_or_else(|_| x.clone())
+    ArrayD::from_shape_vec(x.raw_dim(), out).map_err(|e| e.to_string())
 }
 
 /// Causal attention with an optional sliding window (plus sink tokens). The

@@ -125,7 +125,7 @@ pub fn interpret_cached(
             }
             Op::Rope { heads, theta, adjacent } => {
                 let x = vals[n.operands[0].0].as_deref().ok_or_else(|| eval_err("operand not computed".into()))?;
-                rope(x, *heads as usize, *theta, *adjacent, state.pos)
+                rope(x, *heads as usize, *theta, *adjacent, state.pos).map_err(eval_err)?
             }
             Op::Attention { heads, kv_heads } => {
                 let get = |k: usize| vals[n.operands[k].0].as_deref().ok_or_else(|| eval_err("operand not computed".into()));

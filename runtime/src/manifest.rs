@@ -93,6 +93,10 @@ pub struct LmInfo {
     pub eos: Option<u32>,
     /// Where the weights came from (a path or `smollm2`).
     pub source: String,
+    /// The context length the model was trained for (`max_position_embeddings`,
+    /// `llama.context_length`): the runtime binds no positions past it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<u64>,
 }
 
 pub const TOKENIZER_FILE: &str = "tokenizer.json";

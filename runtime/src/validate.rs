@@ -225,6 +225,9 @@ pub fn validate(
             }
         }
     }
+    if let Some(c) = manifest.lm.as_ref().and_then(|lm| lm.context) {
+        max_positions = max_positions.min(c);
+    }
     let sizes_fit = |p: u64| {
         bufs.iter().all(|b| b.try_bytes(p).is_some())
             && plan.steps.iter().all(|s| match s {
