@@ -143,7 +143,8 @@ impl LmSource {
         }
         let tokenizer = m.tokenizer()?.clone();
         let eos = m.eos;
-        let size = |v: u64, what: &str| usize::try_from(v).with_context(|| format!("{}: {what} {v} does not fit this machine", m.path.display()));
+        let size =
+            |v: u64, what: &str| usize::try_from(v).with_context(|| format!("{}: {what} {v} does not fit this machine", m.path.display()));
         let limits = LmLimits { vocab: size(m.vocab_size(), "vocabulary")?, context: Some(size(m.context_length(), "context")?) };
         let config = if m.path.is_dir() { m.path.join("config.json") } else { m.path.clone() };
         let context_from = format!("`{}` in {}", m.context_field(), config.display());
@@ -196,7 +197,9 @@ impl LmSource {
     /// `needed` positions (what `what` says needs them) fit in the context.
     pub fn check_context(&self, needed: usize, what: impl FnOnce() -> String, advice: &str) -> Result<()> {
         match self.limits.context {
-            Some(c) if needed > c => bail!("{}: {needed} positions exceed the model's context of {c} ({}); {advice}", what(), self.context_from),
+            Some(c) if needed > c => {
+                bail!("{}: {needed} positions exceed the model's context of {c} ({}); {advice}", what(), self.context_from)
+            }
             _ => Ok(()),
         }
     }
@@ -385,7 +388,12 @@ pub fn eval(src: &LmSource, text: &Path, body: &str, max_tokens: usize, stride: 
         );
     } else {
         println!("perplexity: {ppl:.4}");
-        println!("tokens: {} ({count} predicted, {} window(s), {:.1} s, {executor})", windows.last().map(|w| w.1).unwrap_or(0), windows.len(), t.elapsed().as_secs_f64());
+        println!(
+            "tokens: {} ({count} predicted, {} window(s), {:.1} s, {executor})",
+            windows.last().map(|w| w.1).unwrap_or(0),
+            windows.len(),
+            t.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }

@@ -3,7 +3,10 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use cli::{BenchArgs, Cli, Command, CompileArgs, CompileFlags, DeviceArg, EvalArgs, InspectArgs, KvCacheArg, QuantActivationsArg, RunArgs, TargetArg};
+use cli::{
+    BenchArgs, Cli, Command, CompileArgs, CompileFlags, DeviceArg, EvalArgs, InspectArgs, KvCacheArg, QuantActivationsArg, RunArgs,
+    TargetArg,
+};
 use sparsec_compiler::{compile, Cache, CompileOptions, CompileRequest, Compiled, CpuTarget, Emit, TargetKind};
 use sparsec_passes::PrintOptions;
 use sparsec_runtime::compare::Tolerance;
@@ -22,7 +25,11 @@ static TRUST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new
 
 /// Opens an artifact, validated as `--trust` says (every file hashed by default).
 pub(crate) fn open_artifact(dir: &std::path::Path) -> sparsec_runtime::RuntimeResult<Artifact> {
-    let trust = if TRUST.load(std::sync::atomic::Ordering::Relaxed) { sparsec_runtime::Trust::SkipFileHashes } else { sparsec_runtime::Trust::Verify };
+    let trust = if TRUST.load(std::sync::atomic::Ordering::Relaxed) {
+        sparsec_runtime::Trust::SkipFileHashes
+    } else {
+        sparsec_runtime::Trust::Verify
+    };
     Artifact::open_with(dir, trust)
 }
 
@@ -87,7 +94,6 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
     })
 }
 
-
 fn is_artifact(p: &Path) -> bool {
     p.join(MANIFEST_FILE).is_file()
 }
@@ -103,10 +109,10 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
         let Some(m) = &model else { return Ok(None) };
         let err = |e: sparsec_models::ModelError| sparsec_compiler::CompileError::File { path: m.path.clone(), message: e.to_string() };
         if dt.is_quantized() && m.stored_dtype(role) == dt {
-            let shape = m
-                .role_shape(role)
-                .map(|s| s.to_vec())
-                .ok_or_else(|| sparsec_compiler::CompileError::File { path: m.path.clone(), message: format!("role `{role}` has no shape in the checkpoint") })?;
+            let shape = m.role_shape(role).map(|s| s.to_vec()).ok_or_else(|| sparsec_compiler::CompileError::File {
+                path: m.path.clone(),
+                message: format!("role `{role}` has no shape in the checkpoint"),
+            })?;
             let (dt, packed) = m.weight_packed(role).map_err(err)?;
             return Ok(Some((shape, WeightData::Packed(dt, packed))));
         }
@@ -133,32 +139,19 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
         (None, Some(_)) => sparsec_compiler::WeightSource::Lookup { lookup: &lookup, fingerprint: &fingerprint },
         (None, None) => sparsec_compiler::WeightSource::None,
     };
-    let print = PrintOptions {
-        after_all: flags.print_after_all,
-        after: flags.print_after.clone(),
-        before: flags.print_before.clone(),
-    };
+    let print = PrintOptions { after_all: flags.print_after_all, after: flags.print_after.clone(), before: flags.print_before.clone() };
     for name in print.after.iter().chain(&print.before) {
         if !(name == "apply-plan" && plan_text.is_some()) {
             sparsec_passes::pass_by_name(name)?;
         }
     }
-    let compiled = compile(CompileRequest {
-        graph,
-        plan_text,
-        weights,
-        options: options(flags)?,
-        print,
-        cache,
-        output,
-        lm,
-    })?;
+    let compiled = compile(CompileRequest { graph, plan_text, weights, options: options(flags)?, print, cache, output, lm })?;
     for s in &compiled.snapshots {
         eprintln!("// ----- IR {} -----\n{}", s.label, s.ir);
     }
     if flags.ptxas {
-        let ptxas = sparsec_compiler::toolchain::find_ptxas()
-            .context("ptxas not found (set SPARSEC_PTXAS or `pip install nvidia-cuda-nvcc`)")?;
+        let ptxas =
+            sparsec_compiler::toolchain::find_ptxas().context("ptxas not found (set SPARSEC_PTXAS or `pip install nvidia-cuda-nvcc`)")?;
         for k in &compiled.manifest.kernels {
             if k.cuda.is_some() {
                 let p = compiled.artifact.join("cuda").join(format!("{}.ptx", k.name));
@@ -273,14 +266,17 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             bail!("generation runs on the CPU for now (the compiled model or the interpreter); drop --device cuda");
         }
         let src = lm_source(&a.input, a.compiled, a.threads, &a.flags)?;
-        return lm_verbs::generate(&src, lm_verbs::GenerateArgs {
-            prompt,
-            max_new_tokens: a.max_new_tokens,
-            temperature: a.temperature,
-            top_k: a.top_k,
-            seed: a.seed,
-            json: a.json,
-        });
+        return lm_verbs::generate(
+            &src,
+            lm_verbs::GenerateArgs {
+                prompt,
+                max_new_tokens: a.max_new_tokens,
+                temperature: a.temperature,
+                top_k: a.top_k,
+                seed: a.seed,
+                json: a.json,
+            },
+        );
     }
     let path = artifact_for(&a.input, &a.flags, a.device)?;
     let art = open_artifact(&path)?;
@@ -303,7 +299,13 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("ran {} on {}, seq = {}: {:.3} ms", art.manifest.graph_name, if a.device == DeviceArg::Cpu { "cpu" } else { "cuda" }, a.seq, ms);
+        println!(
+            "ran {} on {}, seq = {}: {:.3} ms",
+            art.manifest.graph_name,
+            if a.device == DeviceArg::Cpu { "cpu" } else { "cuda" },
+            a.seq,
+            ms
+        );
         for (i, o) in outputs.iter().enumerate() {
             println!("output {i}: shape {:?}", o.shape());
             let cols = *o.shape().last().unwrap_or(&1);
@@ -313,8 +315,12 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             }
         }
         if let Some(c) = report.get("check") {
-            let worst = c["outputs"].as_array().map(|v| v.iter().filter_map(|o| o["max_abs_error"].as_f64()).fold(0.0, f64::max)).unwrap_or(0.0);
-            println!("reference interpreter: {} (max abs error {worst:.2e}; tolerance atol 1e-4 + rtol 1e-4)", if ok { "MATCH" } else { "MISMATCH" });
+            let worst =
+                c["outputs"].as_array().map(|v| v.iter().filter_map(|o| o["max_abs_error"].as_f64()).fold(0.0, f64::max)).unwrap_or(0.0);
+            println!(
+                "reference interpreter: {} (max abs error {worst:.2e}; tolerance atol 1e-4 + rtol 1e-4)",
+                if ok { "MATCH" } else { "MISMATCH" }
+            );
         }
     }
     if !ok {
@@ -363,11 +369,7 @@ fn compile_cold_and_cached(input: &Path, flags: &CompileFlags, dir: &Path, repor
 fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
     let mut report = serde_json::json!({ "input": a.input });
     let tmp = tempfile::tempdir()?;
-    let path = if is_artifact(&a.input) {
-        a.input.clone()
-    } else {
-        compile_cold_and_cached(&a.input, &a.flags, tmp.path(), &mut report)?
-    };
+    let path = if is_artifact(&a.input) { a.input.clone() } else { compile_cold_and_cached(&a.input, &a.flags, tmp.path(), &mut report)? };
     let src = lm_verbs::LmSource::artifact(&path, a.threads)?;
     let (art, exec) = src.artifact.as_ref().context("no artifact")?;
     let threads = exec.threads();
@@ -401,9 +403,19 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
             println!("compile (cold):      {:>10.1} ms", f("compile_cold_ms"));
             println!("compile (cache hit): {:>10.1} ms", f("compile_cache_hit_ms"));
         }
-        println!("prefill: {:>8.1} tokens/s ({} tokens in {:.3} s, {threads} threads)", f("prefill_tokens_per_s"), report["prompt_tokens"], f("prefill_s"));
+        println!(
+            "prefill: {:>8.1} tokens/s ({} tokens in {:.3} s, {threads} threads)",
+            f("prefill_tokens_per_s"),
+            report["prompt_tokens"],
+            f("prefill_s")
+        );
         println!("decode:  {:>8.1} tokens/s ({} tokens in {:.3} s)", f("decode_tokens_per_s"), a.new_tokens, f("decode_s"));
-        println!("peak memory: {:.1} MB; weights {:.1} MB; machine code {code} B in {} kernels", f("peak_rss_bytes") / 1e6, weights as f64 / 1e6, art.manifest.kernels.len());
+        println!(
+            "peak memory: {:.1} MB; weights {:.1} MB; machine code {code} B in {} kernels",
+            f("peak_rss_bytes") / 1e6,
+            weights as f64 / 1e6,
+            art.manifest.kernels.len()
+        );
         let placement = match placement {
             sparsec_runtime::cpu::WeightPlacement::Resident => "weights resident on 2 MB pages",
             sparsec_runtime::cpu::WeightPlacement::Mapped => "weights read from the file mapping",

@@ -112,15 +112,13 @@ fn planned_values(graph: &sparsec_ir::Graph, plan: &str) -> Result<u64> {
 pub fn mark_pareto(points: &mut [Point]) {
     let ok: Vec<(f64, f64)> = points.iter().filter(|p| p.status == "ok").map(|p| (p.compile_s, p.decode_ms)).collect();
     for p in points.iter_mut() {
-        p.pareto = p.status == "ok"
-            && !ok.iter().any(|&(c, d)| c <= p.compile_s && d <= p.decode_ms && (c < p.compile_s || d < p.decode_ms));
+        p.pareto =
+            p.status == "ok" && !ok.iter().any(|&(c, d)| c <= p.compile_s && d <= p.decode_ms && (c < p.compile_s || d < p.decode_ms));
     }
 }
 
 fn load_results(path: &Path) -> Vec<Point> {
-    std::fs::read_to_string(path)
-        .map(|t| t.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
-        .unwrap_or_default()
+    std::fs::read_to_string(path).map(|t| t.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()).unwrap_or_default()
 }
 
 /// Compiles one point (cold), times it, and removes the artifact.
@@ -194,10 +192,8 @@ pub fn cmd_tradeoff(a: TradeoffArgs) -> Result<()> {
                     bail!("unknown level `{level}` (dense, generic, indices, full, auto)");
                 }
                 let key = format!("{}-{ratio:.2}-{level}", pattern.replace(':', "_"));
-                let plan = format!(
-                    "[[rule]]\nlayers = \"{}\"\ntarget = \"{}\"\nsparsity = {sp}\nspecialize = \"{level}\"\n",
-                    a.layers, a.target
-                );
+                let plan =
+                    format!("[[rule]]\nlayers = \"{}\"\ntarget = \"{}\"\nsparsity = {sp}\nspecialize = \"{level}\"\n", a.layers, a.target);
                 sparsec_passes::Plan::parse(&plan)?;
                 todo.push((key, pattern.clone(), ratio, level.clone(), Some(plan)));
             }
@@ -205,7 +201,10 @@ pub fn cmd_tradeoff(a: TradeoffArgs) -> Result<()> {
     }
     let bar = indicatif::ProgressBar::new(todo.len() as u64);
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
     } else {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
@@ -312,7 +311,9 @@ fn markdown(points: &[Point], lm: bool) -> String {
 }
 
 fn write_reports(dir: &Path, points: &[Point], lm: bool) -> Result<()> {
-    let mut csv = String::from("key,pattern,sparsity,level,status,compile_s,cpu_code_bytes,llvm_ir_bytes,weights_bytes,decode_ms,prefill_ms,pareto\n");
+    let mut csv = String::from(
+        "key,pattern,sparsity,level,status,compile_s,cpu_code_bytes,llvm_ir_bytes,weights_bytes,decode_ms,prefill_ms,pareto\n",
+    );
     for p in points {
         csv += &format!(
             "{},{},{},{},\"{}\",{},{},{},{},{},{},{}\n",
@@ -360,7 +361,9 @@ fn plot(path: &PathBuf, points: &[Point], lm: bool) -> Result<()> {
         chart
             .draw_series(ok.iter().map(|p| {
                 let c = if p.pareto { RED } else { BLUE };
-                EmptyElement::at((fx(p), p.decode_ms)) + Circle::new((0, 0), 4, c.filled()) + Text::new(p.key.clone(), (6, -6), ("sans-serif", 10))
+                EmptyElement::at((fx(p), p.decode_ms))
+                    + Circle::new((0, 0), 4, c.filled())
+                    + Text::new(p.key.clone(), (6, -6), ("sans-serif", 10))
             }))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut front: Vec<(f64, f64)> = ok.iter().filter(|p| p.pareto).map(|p| (fx(p), p.decode_ms)).collect();
@@ -381,7 +384,13 @@ mod tests {
 
     #[test]
     fn pareto_front_is_the_undominated_points() {
-        let mut v = vec![pt("a", 1.0, 10.0), pt("b", 2.0, 5.0), pt("c", 3.0, 6.0), pt("d", 0.5, 20.0), Point { status: "skipped: x".into(), ..empty("e") }];
+        let mut v = vec![
+            pt("a", 1.0, 10.0),
+            pt("b", 2.0, 5.0),
+            pt("c", 3.0, 6.0),
+            pt("d", 0.5, 20.0),
+            Point { status: "skipped: x".into(), ..empty("e") },
+        ];
         mark_pareto(&mut v);
         let front: Vec<&str> = v.iter().filter(|p| p.pareto).map(|p| p.key.as_str()).collect();
         assert_eq!(front, vec!["a", "b", "d"]);

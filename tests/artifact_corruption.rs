@@ -309,7 +309,11 @@ fn trust_skips_the_file_hashes_and_nothing_else() {
     };
     let o = run(false);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("weights.safetensors: the file was modified"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("weights.safetensors: the file was modified"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let o = run(true);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // The structure is still validated under --trust.

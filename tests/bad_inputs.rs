@@ -78,7 +78,10 @@ fn generation_within_the_context_works_and_past_it_is_refused_up_front() {
     fails(
         &["run", dir, "--prompt", &words(20), "--max-new-tokens", "13"],
         &cache,
-        &["the prompt (20 tokens) and --max-new-tokens 13: 33 positions exceed the model's context of 32", "pass --max-new-tokens 12 or less"],
+        &[
+            "the prompt (20 tokens) and --max-new-tokens 13: 33 positions exceed the model's context of 32",
+            "pass --max-new-tokens 12 or less",
+        ],
     );
     // The Llama's context comes from max_position_embeddings (64).
     let l = model("llama_tiny");
@@ -98,7 +101,10 @@ fn ids_outside_the_vocabulary_are_refused() {
         fails(
             &["run", dir, "--prompt", "w1 w2 zebra w3"],
             cache.path(),
-            &["the prompt: the tokenizer gives an id the model does not have", "token id 200 (input token 2) is outside the model's vocabulary of 96 ids"],
+            &[
+                "the prompt: the tokenizer gives an id the model does not have",
+                "token id 200 (input token 2) is outside the model's vocabulary of 96 ids",
+            ],
         );
         let text = m.path().join("text.txt");
         std::fs::write(&text, format!("{} zebra", words(10))).unwrap();
@@ -122,7 +128,11 @@ fn eval_windows_must_fit_the_context() {
     fails(
         &["eval", dir, "--text", t],
         &cache,
-        &["--max-tokens 512: a window of 80 tokens of", "80 positions exceed the model's context of 32", "pass --max-tokens 32 or less (and --stride"],
+        &[
+            "--max-tokens 512: a window of 80 tokens of",
+            "80 positions exceed the model's context of 32",
+            "pass --max-tokens 32 or less (and --stride",
+        ],
     );
     fails(&["eval", dir, "--text", t, "--max-tokens", "33"], &cache, &["a window of 33 tokens", "context of 32"]);
     // Windows that fit, sliding over the whole text, work.
@@ -175,9 +185,8 @@ fn a_compiled_llama_keeps_its_trained_context() {
     let art = m.path().join("llama.sparsec");
     let o = sparsec(&["compile", dir, "-o", art.to_str().unwrap()], &cache);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let run = |seq: &str| {
-        Command::new(env!("CARGO_BIN_EXE_sparsec")).args(["run", art.to_str().unwrap(), "--seq", seq]).output().expect("runs")
-    };
+    let run =
+        |seq: &str| Command::new(env!("CARGO_BIN_EXE_sparsec")).args(["run", art.to_str().unwrap(), "--seq", seq]).output().expect("runs");
     assert!(run("64").status.success());
     let e = String::from_utf8_lossy(&run("65").stderr).into_owned();
     assert!(e.contains("exceed the 64 this model can address"), "{e}");

@@ -102,7 +102,18 @@ fn print_after_all_and_emit_show_every_stage() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("a.sparsec");
     let o = sparsec(
-        &["compile", &example(), "-o", out.to_str().unwrap(), "--print-after-all", "--print-before", "dce", "--emit", "ir,mlir,llvm,ptx,asm", "--no-cache"],
+        &[
+            "compile",
+            &example(),
+            "-o",
+            out.to_str().unwrap(),
+            "--print-after-all",
+            "--print-before",
+            "dce",
+            "--emit",
+            "ir,mlir,llvm,ptx,asm",
+            "--no-cache",
+        ],
         &tmp.path().join("c"),
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -110,7 +121,15 @@ fn print_after_all_and_emit_show_every_stage() {
     for label in ["IR after verify", "IR after shape-infer", "IR after const-fold", "IR before dce", "IR after dce"] {
         assert!(e.contains(label), "missing {label}");
     }
-    for f in ["emit/graph.sir", "emit/cpu/k1_matmul.mlir", "emit/cpu/k1_matmul.llvm.mlir", "emit/cpu/k1_matmul.ll", "emit/cpu/k1_matmul.s", "emit/cuda/k1_matmul.ptx", "emit/cuda/k1_matmul.ll"] {
+    for f in [
+        "emit/graph.sir",
+        "emit/cpu/k1_matmul.mlir",
+        "emit/cpu/k1_matmul.llvm.mlir",
+        "emit/cpu/k1_matmul.ll",
+        "emit/cpu/k1_matmul.s",
+        "emit/cuda/k1_matmul.ptx",
+        "emit/cuda/k1_matmul.ll",
+    ] {
         assert!(out.join(f).is_file(), "missing {f}");
     }
     let o = sparsec(&["compile", &example(), "--print-after", "no-such-pass"], &tmp.path().join("c"));
@@ -131,7 +150,15 @@ fn bench_reports_compile_times_speeds_memory_code_and_setup() {
     assert!(o.status.success(), "{}", stderr(&o));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let positive = |k: &str| j[k].as_f64().is_some_and(|v| v > 0.0);
-    for k in ["compile_cold_ms", "compile_cache_hit_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes", "cpu_code_bytes", "weights_bytes"] {
+    for k in [
+        "compile_cold_ms",
+        "compile_cache_hit_ms",
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "peak_rss_bytes",
+        "cpu_code_bytes",
+        "weights_bytes",
+    ] {
         assert!(positive(k), "`{k}` missing or not positive in {j}");
     }
     assert!(j["compile_cache_hit_ms"].as_f64() < j["compile_cold_ms"].as_f64(), "a cache hit is faster than a cold compile: {j}");

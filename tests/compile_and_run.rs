@@ -140,7 +140,8 @@ fn a_failed_compile_leaves_no_artifact_and_no_staging() {
     assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
 
     // A weight without data names itself.
-    let src = "graph @w {\n  %x = input : f32[seq, 4]\n  %w = weight \"layers.0.mlp.up\" : f32[4, 4]\n  %y = matmul %x, %w\n  return %y\n}\n";
+    let src =
+        "graph @w {\n  %x = input : f32[seq, 4]\n  %w = weight \"layers.0.mlp.up\" : f32[4, 4]\n  %y = matmul %x, %w\n  return %y\n}\n";
     let err = build(src, TargetKind::Cpu, &out, None).err().expect("must fail").to_string();
     assert!(err.contains("layers.0.mlp.up") && err.contains("no weights file"), "{err}");
     assert!(!out.exists());
@@ -169,7 +170,8 @@ fn weights_file_supplies_data_and_shape_mismatches_are_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let wpath = tmp.path().join("w.safetensors");
     let data: Vec<f32> = (0..12).map(|i| i as f32 * 0.1).collect();
-    sparsec_compiler::weights::write_safetensors(&wpath, &[("w".into(), vec![4, 3], sparsec_compiler::WeightData::F32(data.clone()))]).unwrap();
+    sparsec_compiler::weights::write_safetensors(&wpath, &[("w".into(), vec![4, 3], sparsec_compiler::WeightData::F32(data.clone()))])
+        .unwrap();
     let src = "graph @w {\n  %x = input : f32[seq, 4]\n  %w = weight \"w\" : f32[4, 3]\n  %y = matmul %x, %w\n  return %y\n}\n";
     let out = tmp.path().join("w.sparsec");
     let req = |src: &str| CompileRequest {

@@ -12,7 +12,9 @@ use anyhow::{bail, Context, Result};
 use sparsec_compiler::mlir::pipeline::MlirSession;
 use sparsec_compiler::mlir::{emit_kernel, Device};
 use sparsec_compiler::partition::partition_with;
-use sparsec_compiler::{backend, compile, CompileOptions, CompileRequest, CpuTarget, CudaTarget, KvCacheType, QuantActivations, TargetKind};
+use sparsec_compiler::{
+    backend, compile, CompileOptions, CompileRequest, CpuTarget, CudaTarget, KvCacheType, QuantActivations, TargetKind,
+};
 use sparsec_ir::{parse_graph, Graph};
 use sparsec_passes::{PassManager, PrintOptions};
 use sparsec_runtime::compare::{compare, Tolerance};
@@ -150,7 +152,12 @@ fn check_against_reference(g: &Graph, opts: &FileOptions) -> Result<String> {
             }
             let c = compare(a, b, opts.tolerance);
             if !c.passed {
-                bail!("seq {seq}, output {i}: max abs error {} at {} exceeds atol = rtol = {}", c.max_abs_error, c.worst_index, opts.tolerance.atol);
+                bail!(
+                    "seq {seq}, output {i}: max abs error {} at {} exceeds atol = rtol = {}",
+                    c.max_abs_error,
+                    c.worst_index,
+                    opts.tolerance.atol
+                );
             }
             let head: Vec<String> = a.iter().take(6).map(|v| format!("{v:.4}")).collect();
             let _ = writeln!(summary, "seq {seq} output {i} shape {:?}: within tolerance; head [{}]", a.shape(), head.join(", "));

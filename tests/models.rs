@@ -22,7 +22,8 @@ fn hf_fixture_error(name: &str) -> (Model, f32) {
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let ids: Vec<u32> = r["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let got = logits(&model, &ids);
-    let want: Vec<f32> = r["logits"].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect();
+    let want: Vec<f32> =
+        r["logits"].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect();
     assert_eq!(got.len(), want.len());
     let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     println!("{name}: max abs error {max_err:.3e} vs HF transformers");
@@ -103,7 +104,10 @@ fn kv_cached_decode_equals_the_full_sequence() {
     let w = |role: &str| model.weight(role).ok();
     let arr = |s: &[u32]| ArrayD::from_shape_vec(IxDyn(&[s.len()]), s.iter().map(|i| *i as f32).collect()).unwrap();
     // Prefill 5 tokens, then one token at a time.
-    let mut rows: Vec<f32> = sparsec_runtime::interpreter::interpret_cached(&model.graph, &[arr(&ids[..5])], &w, &mut state).unwrap()[0].iter().copied().collect();
+    let mut rows: Vec<f32> = sparsec_runtime::interpreter::interpret_cached(&model.graph, &[arr(&ids[..5])], &w, &mut state).unwrap()[0]
+        .iter()
+        .copied()
+        .collect();
     for t in 5..ids.len() {
         let out = sparsec_runtime::interpreter::interpret_cached(&model.graph, &[arr(&ids[t..t + 1])], &w, &mut state).unwrap();
         rows.extend(out[0].iter());
@@ -221,7 +225,10 @@ fn compiled_fixture_error(name: &str) -> f32 {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name);
     let out = tmp.path().join("m.sparsec");
     // Without ptxas (outside CI) the PTX is still generated, only not checked.
-    let ptxas = common::require(&format!("{} to check the PTX", common::PTXAS), sparsec_compiler::toolchain::find_ptxas().ok_or(common::PTXAS_NOT_FOUND));
+    let ptxas = common::require(
+        &format!("{} to check the PTX", common::PTXAS),
+        sparsec_compiler::toolchain::find_ptxas().ok_or(common::PTXAS_NOT_FOUND),
+    );
     let mut compile = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"));
     compile.args(["compile", dir.to_str().unwrap(), "-o", out.to_str().unwrap(), "--no-cache", "--target", "all"]);
     if let Some(ptxas) = &ptxas {
@@ -234,7 +241,8 @@ fn compiled_fixture_error(name: &str) -> f32 {
     let ids: Vec<f32> = r["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as f32).collect();
     let x = ArrayD::from_shape_vec(IxDyn(&[ids.len()]), ids).unwrap();
     let got = sparsec_runtime::cpu::CpuExecutor::load(&art).unwrap().run(&art, &[x.clone()]).unwrap().remove(0);
-    let want: Vec<f32> = r["logits"].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect();
+    let want: Vec<f32> =
+        r["logits"].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect();
     assert_eq!(got.len(), want.len());
     let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     // The same logits from a KV-cached session: half the ids as a prefill, then
@@ -293,7 +301,8 @@ fn compiled_smollm2_decode_equals_the_reference() {
         let art = sparsec_runtime::Artifact::open(&out).unwrap();
         let quantized = art.manifest.execution.buffers.iter().filter(|b| b.dtype.is_quantized()).count();
         assert_eq!(quantized, 30 * 7 + 1, "every layer matrix and the tied embedding stay quantized");
-        let caches: Vec<_> = art.manifest.execution.buffers.iter().filter(|b| b.kind == sparsec_runtime::manifest::BufferKind::KvCache).collect();
+        let caches: Vec<_> =
+            art.manifest.execution.buffers.iter().filter(|b| b.kind == sparsec_runtime::manifest::BufferKind::KvCache).collect();
         assert_eq!(caches.len(), 30 * 2);
         assert!(caches.iter().all(|b| b.dtype.name() == kv_cache), "every KV cache is {kv_cache}");
         let exec = sparsec_runtime::cpu::CpuExecutor::load(&art).unwrap();
@@ -341,4 +350,3 @@ fn compiled_llama_matches_hf_transformers() {
     let err = compiled_fixture_error("llama_tiny");
     assert!(err < HF_TOLERANCE, "compiled Llama: max abs error {err}");
 }
-

@@ -70,7 +70,10 @@ fn check_planned(name: &str) {
     let dir = fixture(name);
     let out = tmp.path().join("m.sparsec");
     // Without ptxas (outside CI) the PTX is still generated, only not checked.
-    let ptxas = common::require(&format!("{} to check the PTX", common::PTXAS), sparsec_compiler::toolchain::find_ptxas().ok_or(common::PTXAS_NOT_FOUND));
+    let ptxas = common::require(
+        &format!("{} to check the PTX", common::PTXAS),
+        sparsec_compiler::toolchain::find_ptxas().ok_or(common::PTXAS_NOT_FOUND),
+    );
     let mut args = vec![
         "compile",
         dir.to_str().unwrap(),
@@ -97,7 +100,10 @@ fn check_planned(name: &str) {
     assert!(bufs.iter().any(|b| b.name == "embed" && b.sparse.is_none()), "the embedding table is not");
     assert!(formats.contains(&"nm") && formats.contains(&"bsr"), "{formats:?}");
     for level in ["dense", "generic", "indices", "full"] {
-        assert!(art.manifest.kernels.iter().any(|k| k.specialization.as_deref().is_some_and(|s| s.starts_with(level))), "no {level} kernel");
+        assert!(
+            art.manifest.kernels.iter().any(|k| k.specialization.as_deref().is_some_and(|s| s.starts_with(level))),
+            "no {level} kernel"
+        );
     }
 
     // The reference: the same plan on the checkpoint's graph, on the interpreter.
@@ -137,9 +143,18 @@ fn bad_plans_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = fixture("llama_tiny");
     let cases = [
-        ("[[rule]]\nlayers = \"5\"\nsparsity = { kind = \"nm\", n = 2, m = 4 }", "plan rule 1: layer 5 does not exist (the model has 2 layers)"),
-        ("[[rule]]\ntarget = \"mlp.up\"\nsparsity = { kind = \"nm\", n = 2, m = 5 }", "N:M groups of 5 do not divide `layers.0.mlp.up`'s reduction dimension 32"),
-        ("[[rule]]\ntarget = \"mlp.down\"\nsparsity = { kind = \"block\", ratio = 0.5, block = [3, 4] }", "block 3x4 does not divide `layers.0.mlp.down`"),
+        (
+            "[[rule]]\nlayers = \"5\"\nsparsity = { kind = \"nm\", n = 2, m = 4 }",
+            "plan rule 1: layer 5 does not exist (the model has 2 layers)",
+        ),
+        (
+            "[[rule]]\ntarget = \"mlp.up\"\nsparsity = { kind = \"nm\", n = 2, m = 5 }",
+            "N:M groups of 5 do not divide `layers.0.mlp.up`'s reduction dimension 32",
+        ),
+        (
+            "[[rule]]\ntarget = \"mlp.down\"\nsparsity = { kind = \"block\", ratio = 0.5, block = [3, 4] }",
+            "block 3x4 does not divide `layers.0.mlp.down`",
+        ),
         ("[[rule]]\ntarget = \"mlp.sideways\"\nspecialize = \"generic\"", "target `mlp.sideways` selects no matmul"),
         ("[[rule]]\nkv = { transform = \"dct\", keep = 0.25 }", "`kv` is not implemented yet"),
         ("[[rule]]\nsparsity = { kind = \"unstructured\", ratio = 1.5 }", "plan rule 1: sparsity ratio 1.5 is outside [0, 1)"),
@@ -149,7 +164,15 @@ fn bad_plans_are_clear_errors() {
     for (text, want) in cases {
         let plan = tmp.path().join("bad.toml");
         std::fs::write(&plan, text).unwrap();
-        let o = sparsec(&["compile", dir.to_str().unwrap(), "-o", tmp.path().join("x").to_str().unwrap(), "--no-cache", "--plan", plan.to_str().unwrap()]);
+        let o = sparsec(&[
+            "compile",
+            dir.to_str().unwrap(),
+            "-o",
+            tmp.path().join("x").to_str().unwrap(),
+            "--no-cache",
+            "--plan",
+            plan.to_str().unwrap(),
+        ]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(want), "{text}\n--- got:\n{err}");
         assert!(!tmp.path().join("x").exists(), "a failed compile left an artifact");

@@ -57,7 +57,11 @@ fn random_sparse_matmuls_equal_the_reference() {
                 .output()
                 .unwrap();
             let out = String::from_utf8_lossy(&o.stdout);
-            assert!(o.status.success() && out.contains("reference interpreter: MATCH"), "case {case} at seq {seq}:\n{text}\n{out}\n{}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                o.status.success() && out.contains("reference interpreter: MATCH"),
+                "case {case} at seq {seq}:\n{text}\n{out}\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
     }
 }

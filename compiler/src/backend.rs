@@ -52,13 +52,13 @@ fn machine(kernel: &str, triple: &str, cpu: &str, features: &str, level: u8) -> 
 fn optimize(kernel: &str, module: &Module, tm: &TargetMachine, level: u8) -> Result<(), CompileError> {
     module.set_triple(&tm.get_triple());
     module.set_data_layout(&tm.get_target_data().get_data_layout());
-    module
-        .verify()
-        .map_err(|e| CompileError::Llvm { kernel: kernel.into(), stage: "verify", message: e.to_string() })?;
+    module.verify().map_err(|e| CompileError::Llvm { kernel: kernel.into(), stage: "verify", message: e.to_string() })?;
     let passes = format!("default<O{}>", level.min(3));
-    module
-        .run_passes(&passes, tm, PassBuilderOptions::create())
-        .map_err(|e| CompileError::Llvm { kernel: kernel.into(), stage: "optimize", message: e.to_string() })
+    module.run_passes(&passes, tm, PassBuilderOptions::create()).map_err(|e| CompileError::Llvm {
+        kernel: kernel.into(),
+        stage: "optimize",
+        message: e.to_string(),
+    })
 }
 
 fn text_bytes(object: &[u8]) -> usize {
@@ -73,9 +73,11 @@ pub fn emit_cpu(kernel: &str, module: &Module, cpu: &CpuTarget, level: u8, want_
     let tm = machine(kernel, &cpu.triple, &cpu.cpu, &cpu.features, level)?;
     optimize(kernel, module, &tm, level)?;
     let emit = |ft| {
-        tm.write_to_memory_buffer(module, ft)
-            .map(|b| b.as_slice().to_vec())
-            .map_err(|e| CompileError::Llvm { kernel: kernel.into(), stage: "emit", message: e.to_string() })
+        tm.write_to_memory_buffer(module, ft).map(|b| b.as_slice().to_vec()).map_err(|e| CompileError::Llvm {
+            kernel: kernel.into(),
+            stage: "emit",
+            message: e.to_string(),
+        })
     };
     let code = emit(FileType::Object)?;
     let asm = if want_asm { Some(String::from_utf8_lossy(&emit(FileType::Assembly)?).into_owned()) } else { None };
@@ -86,9 +88,10 @@ pub fn emit_cpu(kernel: &str, module: &Module, cpu: &CpuTarget, level: u8, want_
 pub fn emit_ptx(kernel: &str, module: &Module, cuda: &CudaTarget, level: u8) -> Result<CodegenOutput, CompileError> {
     let tm = machine(kernel, "nvptx64-nvidia-cuda", &cuda.sm, &cuda.ptx_features, level)?;
     optimize(kernel, module, &tm, level)?;
-    let code = tm
-        .write_to_memory_buffer(module, FileType::Assembly)
-        .map(|b| b.as_slice().to_vec())
-        .map_err(|e| CompileError::Llvm { kernel: kernel.into(), stage: "emit ptx", message: e.to_string() })?;
+    let code = tm.write_to_memory_buffer(module, FileType::Assembly).map(|b| b.as_slice().to_vec()).map_err(|e| CompileError::Llvm {
+        kernel: kernel.into(),
+        stage: "emit ptx",
+        message: e.to_string(),
+    })?;
     Ok(CodegenOutput { llvm_ir: module.print_to_string().to_string(), code_bytes: code.len(), code, asm: None })
 }

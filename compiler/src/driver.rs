@@ -152,12 +152,8 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
                 Device::Cpu => backend::emit_cpu(&spec.name, &module, &opts.cpu, opts.opt_level, opts.wants(Emit::Asm))?,
                 Device::Nvptx => backend::emit_ptx(&spec.name, &module, &opts.cuda, opts.opt_level)?,
             };
-            let stats = CodeStats {
-                compile_ms: ms(t),
-                mlir_bytes: mlir.len(),
-                llvm_ir_bytes: out.llvm_ir.len(),
-                code_bytes: out.code_bytes,
-            };
+            let stats =
+                CodeStats { compile_ms: ms(t), mlir_bytes: mlir.len(), llvm_ir_bytes: out.llvm_ir.len(), code_bytes: out.code_bytes };
             let emit_dir = dir.join("emit").join(tag);
             if opts.wants(Emit::Mlir) {
                 write(&emit_dir.join(format!("{}.mlir", spec.name)), &mlir)?;

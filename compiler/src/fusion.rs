@@ -40,8 +40,7 @@ impl Fused {
 type Rule = fn(g: &Graph, types: &[TensorType], uses: &[usize], u: usize) -> Option<Fused>;
 
 /// The rules, tried in order on every node.
-const RULES: [(&str, Rule); 3] =
-    [("matmul-add", matmul_add), ("matmul-add-activation", matmul_add_activation), ("silu-mul", silu_mul)];
+const RULES: [(&str, Rule); 3] = [("matmul-add", matmul_add), ("matmul-add-activation", matmul_add_activation), ("silu-mul", silu_mul)];
 
 /// Whether `v` is used exactly once and is not a graph output.
 fn single_use(g: &Graph, uses: &[usize], v: usize) -> bool {

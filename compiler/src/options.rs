@@ -86,9 +86,25 @@ impl CpuTarget {
         let cpu = self.cpu.as_str();
         matches!(
             cpu,
-            "x86-64-v3" | "x86-64-v4" | "haswell" | "broadwell" | "skylake" | "skylake-avx512" | "cascadelake" | "cooperlake"
-                | "cannonlake" | "icelake-client" | "icelake-server" | "tigerlake" | "sapphirerapids" | "alderlake" | "raptorlake"
-                | "meteorlake" | "arrowlake" | "graniterapids" | "emeraldrapids"
+            "x86-64-v3"
+                | "x86-64-v4"
+                | "haswell"
+                | "broadwell"
+                | "skylake"
+                | "skylake-avx512"
+                | "cascadelake"
+                | "cooperlake"
+                | "cannonlake"
+                | "icelake-client"
+                | "icelake-server"
+                | "tigerlake"
+                | "sapphirerapids"
+                | "alderlake"
+                | "raptorlake"
+                | "meteorlake"
+                | "arrowlake"
+                | "graniterapids"
+                | "emeraldrapids"
         ) || cpu.starts_with("znver")
     }
 

@@ -55,7 +55,14 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
         let dims = types[i].dims.clone();
         if let Some(wname) = weight_buffer_name(g, i) {
             let id = *by_weight_name.entry(wname.clone()).or_insert_with(|| {
-                buffers.push(BufferSpec { name: wname.clone(), kind: BufferKind::Weight, dims: dims.clone(), dtype: types[i].dtype, slot: None, sparse: None });
+                buffers.push(BufferSpec {
+                    name: wname.clone(),
+                    kind: BufferKind::Weight,
+                    dims: dims.clone(),
+                    dtype: types[i].dtype,
+                    slot: None,
+                    sparse: None,
+                });
                 weight_nodes.push((buffers.len() - 1, i));
                 buffers.len() - 1
             });
@@ -79,8 +86,11 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             Some(f) => f.operands().to_vec(),
             None => n.operands.iter().map(|o| o.0).collect(),
         };
-        sparsec_ir::pattern::refuse_unimplemented(&n.patterns)
-            .map_err(|why| crate::error::CompileError::Unsupported { kernel: n.name.clone(), op: n.op.keyword(), why })?;
+        sparsec_ir::pattern::refuse_unimplemented(&n.patterns).map_err(|why| crate::error::CompileError::Unsupported {
+            kernel: n.name.clone(),
+            op: n.op.keyword(),
+            why,
+        })?;
         let mut spec = KernelSpec {
             name: String::new(),
             op: n.op.clone(),

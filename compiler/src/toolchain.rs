@@ -26,11 +26,7 @@ pub fn link_shared(objects: &[PathBuf], output: &Path) -> CompileResult<()> {
         stderr: format!("could not run `{cc}`: {e}"),
     })?;
     if !out.status.success() {
-        return Err(CompileError::Link {
-            output: output.into(),
-            command: line,
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        });
+        return Err(CompileError::Link { output: output.into(), command: line, stderr: String::from_utf8_lossy(&out.stderr).into_owned() });
     }
     Ok(())
 }
@@ -74,11 +70,7 @@ pub fn check_ptx(ptxas: &Path, ptx: &Path, sm: &str) -> CompileResult<()> {
     let line = shell_line(&cmd);
     let out = cmd.output().map_err(|e| CompileError::Ptxas { ptx: ptx.into(), command: line.clone(), stderr: e.to_string() })?;
     if !out.status.success() {
-        return Err(CompileError::Ptxas {
-            ptx: ptx.into(),
-            command: line,
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        });
+        return Err(CompileError::Ptxas { ptx: ptx.into(), command: line, stderr: String::from_utf8_lossy(&out.stderr).into_owned() });
     }
     Ok(())
 }

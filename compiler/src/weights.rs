@@ -182,11 +182,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, WeightData
     let views = tensors
         .iter()
         .zip(&bytes)
-        .map(|((name, _, _), (dt, shape, b))| {
-            safetensors::tensor::TensorView::new(*dt, shape.clone(), b).map(|v| (name.clone(), v))
-        })
+        .map(|((name, _, _), (dt, shape, b))| safetensors::tensor::TensorView::new(*dt, shape.clone(), b).map(|v| (name.clone(), v)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CompileError::File { path: path.into(), message: e.to_string() })?;
-    safetensors::serialize_to_file(views, &None, path)
-        .map_err(|e| CompileError::File { path: path.into(), message: e.to_string() })
+    safetensors::serialize_to_file(views, &None, path).map_err(|e| CompileError::File { path: path.into(), message: e.to_string() })
 }

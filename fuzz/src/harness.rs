@@ -135,7 +135,9 @@ pub fn artifact(data: &[u8]) {
         if let Some(lm) = &m.lm {
             files.push(lm.tokenizer.clone());
         }
-        files.extend(m.kernels.iter().filter(|k| sparsec_runtime::validate::is_kernel_name(&k.name)).map(|k| format!("{CUDA_DIR}/{}.ptx", k.name)));
+        files.extend(
+            m.kernels.iter().filter(|k| sparsec_runtime::validate::is_kernel_name(&k.name)).map(|k| format!("{CUDA_DIR}/{}.ptx", k.name)),
+        );
         for f in files {
             let inside = !f.is_empty() && f.split('/').all(|c| !c.is_empty() && c != "." && c != "..") && !f.starts_with('/');
             if inside && f.len() < 200 {

@@ -124,8 +124,7 @@ impl<'a> ArgReader<'a> {
     }
 
     pub fn require_positional(&mut self, expected: &str) -> Result<&'a str, String> {
-        self.positional()
-            .ok_or_else(|| format!("{}: expected a kind ({expected})", self.what))
+        self.positional().ok_or_else(|| format!("{}: expected a kind ({expected})", self.what))
     }
 
     fn take(&mut self, key: &str) -> Option<&'a AttrValue> {
@@ -167,9 +166,7 @@ impl<'a> ArgReader<'a> {
     pub fn opt_u32(&mut self, key: &str) -> Result<Option<u32>, String> {
         match self.opt_u64(key)? {
             None => Ok(None),
-            Some(v) => u32::try_from(v)
-                .map(Some)
-                .map_err(|_| format!("{}: `{key}` = {v} is too large", self.what)),
+            Some(v) => u32::try_from(v).map(Some).map_err(|_| format!("{}: `{key}` = {v} is too large", self.what)),
         }
     }
 

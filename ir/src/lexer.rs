@@ -110,9 +110,7 @@ pub fn tokenize(src: &str) -> Result<Vec<Token>, IrError> {
                             Some('"') => s.push('"'),
                             Some('\\') => s.push('\\'),
                             Some('n') => s.push('\n'),
-                            other => {
-                                return Err(err(tl, tc + (j - i) as u32, format!("bad escape `\\{}`", other.copied().unwrap_or(' '))))
-                            }
+                            other => return Err(err(tl, tc + (j - i) as u32, format!("bad escape `\\{}`", other.copied().unwrap_or(' ')))),
                         }
                         j += 2;
                     }
@@ -127,8 +125,8 @@ pub fn tokenize(src: &str) -> Result<Vec<Token>, IrError> {
             advance(&mut i, &mut col, n);
             continue;
         }
-        let starts_number = c.is_ascii_digit()
-            || ((c == '-' || c == '+') && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit() || *d == '.'));
+        let starts_number =
+            c.is_ascii_digit() || ((c == '-' || c == '+') && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit() || *d == '.'));
         if starts_number {
             let mut j = i + 1;
             while j < chars.len() {
@@ -142,11 +140,9 @@ pub fn tokenize(src: &str) -> Result<Vec<Token>, IrError> {
             }
             let text: String = chars[i..j].iter().collect();
             let tok = if text.contains(['.', 'e', 'E']) || text.contains("inf") || text.contains("NaN") {
-                text.parse::<f64>().map(Tok::Float)
-                    .map_err(|_| err(tl, tc, format!("malformed number `{text}`")))?
+                text.parse::<f64>().map(Tok::Float).map_err(|_| err(tl, tc, format!("malformed number `{text}`")))?
             } else {
-                text.parse::<i128>().map(Tok::Int)
-                    .map_err(|_| err(tl, tc, format!("malformed number `{text}`")))?
+                text.parse::<i128>().map(Tok::Int).map_err(|_| err(tl, tc, format!("malformed number `{text}`")))?
             };
             out.push(Token { tok, line: tl, col: tc });
             let n = j - i;

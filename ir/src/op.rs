@@ -8,9 +8,15 @@ use crate::attr::{AttrArgs, AttrValue};
 #[derive(Clone, Debug, PartialEq)]
 pub enum Init {
     /// Normal(0, std²), from a seeded ChaCha8 stream.
-    Normal { seed: u64, std: f32 },
+    Normal {
+        seed: u64,
+        std: f32,
+    },
     /// Uniform(-bound, bound), from a seeded ChaCha8 stream.
-    Uniform { seed: u64, bound: f32 },
+    Uniform {
+        seed: u64,
+        bound: f32,
+    },
     Zeros,
     Ones,
 }
@@ -28,30 +34,50 @@ pub enum Op {
     /// A graph input.
     Input,
     /// A named weight, data from the checkpoint or from `init`.
-    Weight { name: String, init: Option<Init> },
+    Weight {
+        name: String,
+        init: Option<Init>,
+    },
     /// Literal data, row-major.
-    Constant { values: Vec<f32> },
+    Constant {
+        values: Vec<f32>,
+    },
     /// `a[.., K] × b[K, N]` (or `b[N, K]` with `transpose_b`) over the leading dims of `a`.
-    MatMul { transpose_b: bool },
+    MatMul {
+        transpose_b: bool,
+    },
     /// Elementwise with trailing broadcast (`b`'s shape a suffix of `a`'s, or equal).
     Add,
     Mul,
-    Gelu { approx: GeluApprox },
+    Gelu {
+        approx: GeluApprox,
+    },
     Silu,
     /// Over the last axis; operands `x, gamma, beta`.
-    LayerNorm { eps: f32 },
+    LayerNorm {
+        eps: f32,
+    },
     /// Over the last axis; operands `x, gamma`.
-    RmsNorm { eps: f32 },
+    RmsNorm {
+        eps: f32,
+    },
     /// Over the last axis.
     Softmax,
     /// Causal multi-head attention; `q[seq, heads·d]`, `k, v[seq, kv_heads·d]`.
-    Attention { heads: u32, kv_heads: u32 },
+    Attention {
+        heads: u32,
+        kv_heads: u32,
+    },
     /// Rows of `table[V, D]` picked by `ids[seq]` (i32 token or position ids).
     Embedding,
     /// Rotary position embedding of `x[seq, heads·d]` at positions 0..seq, base
     /// `theta`; `adjacent` rotates pairs (2i, 2i+1) (GGUF/llama.cpp layout), else
     /// pairs (i, i+d/2) (Hugging Face `rotate_half`).
-    Rope { heads: u32, theta: f32, adjacent: bool },
+    Rope {
+        heads: u32,
+        theta: f32,
+        adjacent: bool,
+    },
     /// The positions `0..seq` as i32.
     Positions,
 }
@@ -66,8 +92,21 @@ pub struct Arity {
 impl Op {
     /// Every op keyword, for error messages and tests.
     pub const KEYWORDS: [&'static str; 15] = [
-        "input", "weight", "const", "matmul", "add", "mul", "gelu", "silu", "layer_norm", "rms_norm", "softmax",
-        "attention", "embedding", "rope", "positions",
+        "input",
+        "weight",
+        "const",
+        "matmul",
+        "add",
+        "mul",
+        "gelu",
+        "silu",
+        "layer_norm",
+        "rms_norm",
+        "softmax",
+        "attention",
+        "embedding",
+        "rope",
+        "positions",
     ];
 
     pub fn keyword(&self) -> &'static str {
@@ -130,9 +169,9 @@ impl Op {
                 }),
             ),
             Op::LayerNorm { eps } | Op::RmsNorm { eps } => a.kv("eps", AttrValue::Float(*eps as f64)),
-            Op::Attention { heads, kv_heads } => a
-                .kv("heads", AttrValue::Int(*heads as i128))
-                .kv("kv_heads", AttrValue::Int(*kv_heads as i128)),
+            Op::Attention { heads, kv_heads } => {
+                a.kv("heads", AttrValue::Int(*heads as i128)).kv("kv_heads", AttrValue::Int(*kv_heads as i128))
+            }
         }
     }
 
@@ -158,11 +197,7 @@ impl Op {
             "attention" => Op::Attention { heads: r.u32("heads")?, kv_heads: r.u32("kv_heads")? },
             "embedding" => Op::Embedding,
             "positions" => Op::Positions,
-            "rope" => Op::Rope {
-                heads: r.u32("heads")?,
-                theta: r.f32("theta")?,
-                adjacent: r.opt_bool("adjacent")?.unwrap_or(false),
-            },
+            "rope" => Op::Rope { heads: r.u32("heads")?, theta: r.f32("theta")?, adjacent: r.opt_bool("adjacent")?.unwrap_or(false) },
             _ => return Ok(None),
         };
         r.finish()?;
@@ -174,14 +209,12 @@ impl Init {
     pub fn to_args(&self) -> (String, AttrArgs) {
         let a = AttrArgs::new();
         match self {
-            Init::Normal { seed, std } => (
-                "normal".into(),
-                a.kv("seed", AttrValue::Int(*seed as i128)).kv("std", AttrValue::Float(*std as f64)),
-            ),
-            Init::Uniform { seed, bound } => (
-                "uniform".into(),
-                a.kv("seed", AttrValue::Int(*seed as i128)).kv("bound", AttrValue::Float(*bound as f64)),
-            ),
+            Init::Normal { seed, std } => {
+                ("normal".into(), a.kv("seed", AttrValue::Int(*seed as i128)).kv("std", AttrValue::Float(*std as f64)))
+            }
+            Init::Uniform { seed, bound } => {
+                ("uniform".into(), a.kv("seed", AttrValue::Int(*seed as i128)).kv("bound", AttrValue::Float(*bound as f64)))
+            }
             Init::Zeros => ("zeros".into(), a),
             Init::Ones => ("ones".into(), a),
         }

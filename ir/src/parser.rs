@@ -108,9 +108,7 @@ impl Parser {
                     self.expect_punct('}')?;
                     return Ok(g);
                 }
-                other => {
-                    return self.err_at(&t, format!("expected a definition `%name = ...` or `return`, found {}", other.describe()))
-                }
+                other => return self.err_at(&t, format!("expected a definition `%name = ...` or `return`, found {}", other.describe())),
             }
         }
     }
@@ -192,12 +190,7 @@ impl Parser {
                 let args = if self.peek().tok == Tok::Punct('{') { self.brace_args()? } else { AttrArgs::new() };
                 match Op::compute_from_args(&kw, &args) {
                     Ok(Some(op)) => Node::new(name, op, operands),
-                    Ok(None) => {
-                        return self.err_at(
-                            &kw_tok,
-                            format!("unknown op `{kw}` (expected one of: {})", Op::KEYWORDS.join(", ")),
-                        )
-                    }
+                    Ok(None) => return self.err_at(&kw_tok, format!("unknown op `{kw}` (expected one of: {})", Op::KEYWORDS.join(", "))),
                     Err(m) => return self.err_at(&kw_tok, m),
                 }
             }
@@ -231,9 +224,7 @@ impl Parser {
                 match &t.tok {
                     Tok::Int(n) if *n > 0 && *n <= u32::MAX as i128 => dims.push(Dim::Fixed(*n as u64)),
                     Tok::Ident(s) if s == "seq" => dims.push(Dim::Seq),
-                    other => {
-                        return self.err_at(&t, format!("expected a positive extent or `seq`, found {}", other.describe()))
-                    }
+                    other => return self.err_at(&t, format!("expected a positive extent or `seq`, found {}", other.describe())),
                 }
                 if self.eat_punct(']') {
                     break;

@@ -57,8 +57,7 @@ pub enum Specialize {
 }
 
 impl Specialize {
-    pub const ALL: [Specialize; 5] =
-        [Specialize::Dense, Specialize::Generic, Specialize::Indices, Specialize::Full, Specialize::Auto];
+    pub const ALL: [Specialize; 5] = [Specialize::Dense, Specialize::Generic, Specialize::Indices, Specialize::Full, Specialize::Auto];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -161,17 +160,11 @@ impl Pattern {
         use AttrValue::{Float, Int, Str, Word};
         let a = AttrArgs::new();
         match self {
-            Pattern::Sparsity(Sparsity::Unstructured { ratio }) => {
-                a.word("unstructured").kv("ratio", Float(*ratio as f64))
+            Pattern::Sparsity(Sparsity::Unstructured { ratio }) => a.word("unstructured").kv("ratio", Float(*ratio as f64)),
+            Pattern::Sparsity(Sparsity::NM { n, m }) => a.word("nm").kv("n", Int(*n as i128)).kv("m", Int(*m as i128)),
+            Pattern::Sparsity(Sparsity::Block { ratio, rows, cols }) => {
+                a.word("block").kv("ratio", Float(*ratio as f64)).kv("rows", Int(*rows as i128)).kv("cols", Int(*cols as i128))
             }
-            Pattern::Sparsity(Sparsity::NM { n, m }) => {
-                a.word("nm").kv("n", Int(*n as i128)).kv("m", Int(*m as i128))
-            }
-            Pattern::Sparsity(Sparsity::Block { ratio, rows, cols }) => a
-                .word("block")
-                .kv("ratio", Float(*ratio as f64))
-                .kv("rows", Int(*rows as i128))
-                .kv("cols", Int(*cols as i128)),
             Pattern::Specialize(s) => a.word(s.name()),
             Pattern::LowRank(LowRank { rank, basis }) => {
                 let a = a.kv("rank", Int(*rank as i128));
@@ -206,10 +199,9 @@ impl Pattern {
             Pattern::Window(Window::Sliding { size, sinks }) => {
                 a.word("sliding").kv("size", Int(*size as i128)).kv("sinks", Int(*sinks as i128))
             }
-            Pattern::Nsa(NativeSparse { block, top_k, window }) => a
-                .kv("block", Int(*block as i128))
-                .kv("top_k", Int(*top_k as i128))
-                .kv("window", Int(*window as i128)),
+            Pattern::Nsa(NativeSparse { block, top_k, window }) => {
+                a.kv("block", Int(*block as i128)).kv("top_k", Int(*top_k as i128)).kv("window", Int(*window as i128))
+            }
         }
     }
 
@@ -223,24 +215,18 @@ impl Pattern {
                 match kind {
                     "unstructured" => Pattern::Sparsity(Sparsity::Unstructured { ratio: r.f32("ratio")? }),
                     "nm" => Pattern::Sparsity(Sparsity::NM { n: r.u32("n")?, m: r.u32("m")? }),
-                    "block" => Pattern::Sparsity(Sparsity::Block {
-                        ratio: r.f32("ratio")?,
-                        rows: r.u32("rows")?,
-                        cols: r.u32("cols")?,
-                    }),
+                    "block" => Pattern::Sparsity(Sparsity::Block { ratio: r.f32("ratio")?, rows: r.u32("rows")?, cols: r.u32("cols")? }),
                     other => return Err(format!("{what}: unknown kind `{other}` (expected unstructured, nm or block)")),
                 }
             }
             "specialize" => {
                 let level = r.require_positional("dense, generic, indices, full or auto")?;
-                Pattern::Specialize(Specialize::from_name(level).ok_or_else(|| {
-                    format!("{what}: unknown level `{level}` (expected dense, generic, indices, full or auto)")
-                })?)
+                Pattern::Specialize(
+                    Specialize::from_name(level)
+                        .ok_or_else(|| format!("{what}: unknown level `{level}` (expected dense, generic, indices, full or auto)"))?,
+                )
             }
-            "low_rank" => Pattern::LowRank(LowRank {
-                rank: r.u32("rank")?,
-                basis: r.opt_str("basis")?.map(str::to_string),
-            }),
+            "low_rank" => Pattern::LowRank(LowRank { rank: r.u32("rank")?, basis: r.opt_str("basis")?.map(str::to_string) }),
             "kv" => {
                 let kind = r.require_positional("dct, pswf or chunked_svd")?;
                 let axis = |r: &mut crate::attr::ArgReader<'_>| -> Result<KvAxis, String> {
@@ -251,11 +237,7 @@ impl Pattern {
                     }
                 };
                 match kind {
-                    "dct" => Pattern::Kv(KvCompression::Dct {
-                        keep: r.f32("keep")?,
-                        axis: axis(&mut r)?,
-                        block: r.opt_u32("block")?,
-                    }),
+                    "dct" => Pattern::Kv(KvCompression::Dct { keep: r.f32("keep")?, axis: axis(&mut r)?, block: r.opt_u32("block")? }),
                     "pswf" => Pattern::Kv(KvCompression::Pswf {
                         keep: r.f32("keep")?,
                         axis: axis(&mut r)?,
@@ -278,22 +260,11 @@ impl Pattern {
             }
             "window" => match r.require_positional("full or sliding")? {
                 "full" => Pattern::Window(Window::Full),
-                "sliding" => Pattern::Window(Window::Sliding {
-                    size: r.u32("size")?,
-                    sinks: r.opt_u32("sinks")?.unwrap_or(0),
-                }),
+                "sliding" => Pattern::Window(Window::Sliding { size: r.u32("size")?, sinks: r.opt_u32("sinks")?.unwrap_or(0) }),
                 other => return Err(format!("{what}: unknown kind `{other}` (expected full or sliding)")),
             },
-            "nsa" => Pattern::Nsa(NativeSparse {
-                block: r.u32("block")?,
-                top_k: r.u32("top_k")?,
-                window: r.u32("window")?,
-            }),
-            other => {
-                return Err(format!(
-                    "unknown pattern `#{other}` (expected sparsity, specialize, low_rank, kv, window or nsa)"
-                ))
-            }
+            "nsa" => Pattern::Nsa(NativeSparse { block: r.u32("block")?, top_k: r.u32("top_k")?, window: r.u32("window")? }),
+            other => return Err(format!("unknown pattern `#{other}` (expected sparsity, specialize, low_rank, kv, window or nsa)")),
         };
         r.finish()?;
         Ok(p)

@@ -60,11 +60,8 @@ pub fn eval_op(op: &Op, patterns: &[Pattern], operands: &[&ArrayD<f32>]) -> Resu
             let (long, short) = if a.ndim() >= b.ndim() { (a, b) } else { (b, a) };
             let (lv, sv) = (contiguous(long), contiguous(short));
             let m = sv.len().max(1);
-            let out: Vec<f32> = lv
-                .iter()
-                .enumerate()
-                .map(|(i, x)| if matches!(op, Op::Add) { x + sv[i % m] } else { x * sv[i % m] })
-                .collect();
+            let out: Vec<f32> =
+                lv.iter().enumerate().map(|(i, x)| if matches!(op, Op::Add) { x + sv[i % m] } else { x * sv[i % m] }).collect();
             ArrayD::from_shape_vec(long.raw_dim(), out).map_err(|e| e.to_string())
         }
         Op::Gelu { approx } => Ok(operands[0].mapv(match approx {

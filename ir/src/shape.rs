@@ -37,9 +37,7 @@ pub fn infer_type(op: &Op, operands: &[&TensorType]) -> Result<TensorType, Strin
         }
     }
     if let Some((i, t)) = operands.iter().enumerate().find(|(_, t)| t.dtype.is_quantized()) {
-        return Err(format!(
-            "operand {i} has type {t}; quantized tensors are only matmul weights and embedding tables"
-        ));
+        return Err(format!("operand {i} has type {t}; quantized tensors are only matmul weights and embedding tables"));
     }
     if let Some(first) = operands.first() {
         if let Some((i, t)) = operands.iter().enumerate().find(|(_, t)| t.dtype != first.dtype) {
@@ -47,18 +45,18 @@ pub fn infer_type(op: &Op, operands: &[&TensorType]) -> Result<TensorType, Strin
         }
     }
     match op {
-        Op::Input | Op::Weight { .. } | Op::Constant { .. } => {
-            Err("leaf ops declare their type; there is nothing to infer".into())
-        }
+        Op::Input | Op::Weight { .. } | Op::Constant { .. } => Err("leaf ops declare their type; there is nothing to infer".into()),
         Op::Embedding => Err("embedding takes a table and ids".into()),
         Op::Positions => Ok(TensorType::new(crate::types::DType::I32, vec![Dim::Seq])),
         Op::Rope { heads, .. } => {
             let x = operands[0];
-            let ok = x.rank() == 2
-                && x.dims[0] == Dim::Seq
-                && matches!(x.dims[1], Dim::Fixed(w) if *heads > 0 && w % (2 * *heads as u64) == 0);
+            let ok =
+                x.rank() == 2 && x.dims[0] == Dim::Seq && matches!(x.dims[1], Dim::Fixed(w) if *heads > 0 && w % (2 * *heads as u64) == 0);
             if !ok {
-                return Err(format!("operand 0 has type {x}, expected {}[seq, heads*head_dim] with an even head_dim (heads = {heads})", x.dtype.name()));
+                return Err(format!(
+                    "operand 0 has type {x}, expected {}[seq, heads*head_dim] with an even head_dim (heads = {heads})",
+                    x.dtype.name()
+                ));
             }
             Ok(x.clone())
         }
@@ -84,9 +82,7 @@ pub fn infer_type(op: &Op, operands: &[&TensorType]) -> Result<TensorType, Strin
             let (a, b) = (operands[0], operands[1]);
             let (long, short) = if a.rank() >= b.rank() { (a, b) } else { (b, a) };
             if long.dims[long.rank() - short.rank()..] != short.dims[..] {
-                return Err(format!(
-                    "operands have types {a} and {b}; expected equal shapes or one a trailing suffix of the other"
-                ));
+                return Err(format!("operands have types {a} and {b}; expected equal shapes or one a trailing suffix of the other"));
             }
             Ok(long.clone())
         }

@@ -16,9 +16,7 @@ pub fn verify(g: &Graph) -> IrResult<Vec<TensorType>> {
     let mut seen = HashSet::new();
     for (i, n) in g.nodes.iter().enumerate() {
         let v = ValueId(i);
-        let fail = |message: String| -> IrError {
-            IrError::Verify { at: g.loc_of(v), op: n.op.keyword(), value: n.name.clone(), message }
-        };
+        let fail = |message: String| -> IrError { IrError::Verify { at: g.loc_of(v), op: n.op.keyword(), value: n.name.clone(), message } };
         if !seen.insert(n.name.as_str()) {
             return Err(fail(format!("value `%{}` is defined twice", n.name)));
         }
@@ -61,10 +59,20 @@ pub fn verify(g: &Graph) -> IrResult<Vec<TensorType>> {
         types.push(ty);
     }
     if g.outputs.is_empty() {
-        return Err(IrError::Verify { at: "return".into(), op: "return", value: g.name.clone(), message: "the graph returns nothing".into() });
+        return Err(IrError::Verify {
+            at: "return".into(),
+            op: "return",
+            value: g.name.clone(),
+            message: "the graph returns nothing".into(),
+        });
     }
     if let Some(o) = g.outputs.iter().find(|o| o.0 >= g.nodes.len()) {
-        return Err(IrError::Verify { at: "return".into(), op: "return", value: g.name.clone(), message: format!("returns undefined value %{}", o.0) });
+        return Err(IrError::Verify {
+            at: "return".into(),
+            op: "return",
+            value: g.name.clone(),
+            message: format!("returns undefined value %{}", o.0),
+        });
     }
     Ok(types)
 }
@@ -143,9 +151,11 @@ fn verify_patterns(g: &Graph, v: ValueId, types: &[TensorType]) -> Result<(), St
                     ));
                 }
                 // Pruning changes the weight's data: every use must prune it alike.
-                if let Some(other) = g.nodes.iter().find(|u| {
-                    u.operands.contains(&w) && !(u.op == n.op && u.operands[1] == w && u.patterns.iter().any(|q| q == p))
-                }) {
+                if let Some(other) = g
+                    .nodes
+                    .iter()
+                    .find(|u| u.operands.contains(&w) && !(u.op == n.op && u.operands[1] == w && u.patterns.iter().any(|q| q == p)))
+                {
                     return Err(format!(
                         "weight `%{}` is pruned here but `%{}` ({}) uses it unpruned or pruned otherwise; a tied weight must be pruned for all its uses or none",
                         g.node(w).name,
@@ -170,9 +180,7 @@ fn verify_patterns(g: &Graph, v: ValueId, types: &[TensorType]) -> Result<(), St
                         positive("rows", *rows)?;
                         positive("cols", *cols)?;
                         if nn % *rows as u64 != 0 || k % *cols as u64 != 0 {
-                            return Err(format!(
-                                "block {rows}x{cols} does not divide the weight (output {nn} x reduction {k})"
-                            ));
+                            return Err(format!("block {rows}x{cols} does not divide the weight (output {nn} x reduction {k})"));
                         }
                     }
                 }

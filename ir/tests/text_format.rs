@@ -60,8 +60,19 @@ fn every_keyword_appears_in_the_round_trip_graph() {
     for kw in Op::KEYWORDS {
         assert!(EVERY_OP.contains(&format!("= {kw} ")), "op `{kw}` missing from EVERY_OP");
     }
-    for p in ["#sparsity(unstructured", "#sparsity(nm", "#sparsity(block", "#low_rank", "#kv(dct", "#kv(pswf",
-        "#kv(chunked_svd, chunk = 64, rank", "energy =", "#window(full", "#window(sliding", "#nsa"] {
+    for p in [
+        "#sparsity(unstructured",
+        "#sparsity(nm",
+        "#sparsity(block",
+        "#low_rank",
+        "#kv(dct",
+        "#kv(pswf",
+        "#kv(chunked_svd, chunk = 64, rank",
+        "energy =",
+        "#window(full",
+        "#window(sliding",
+        "#nsa",
+    ] {
         assert!(EVERY_OP.contains(p), "{p} missing");
     }
     for s in Specialize::ALL {
@@ -136,7 +147,9 @@ fn verify_err(src: &str) -> String {
 fn mismatched_shapes_name_op_operand_and_location() {
     let m = verify_err("graph @g {\n  %x = input : f32[seq, 8]\n  %w = weight \"w\" : f32[7, 3]\n  %y = matmul %x, %w\n  return %y\n}");
     assert_eq!(m, "4:3: matmul %y: operand 1 has type f32[7, 3], expected f32[8, N] to match operand 0's f32[seq, 8]");
-    let m = verify_err("graph @g {\n  %x = input : f32[seq, 8]\n  %w = weight \"w\" : f32[8, 3]\n  %y = matmul %x, %w : f32[seq, 4]\n  return %y\n}");
+    let m = verify_err(
+        "graph @g {\n  %x = input : f32[seq, 8]\n  %w = weight \"w\" : f32[8, 3]\n  %y = matmul %x, %w : f32[seq, 4]\n  return %y\n}",
+    );
     assert!(m.starts_with("4:3: matmul %y: declared type f32[seq, 4] but its operands give f32[seq, 3]"), "{m}");
     let m = verify_err("graph @g {\n  %x = input : f32[seq, 8]\n  %b = input : f32[7]\n  %y = add %x, %b\n  return %y\n}");
     assert!(m.contains("add %y") && m.contains("trailing suffix"), "{m}");
@@ -194,14 +207,13 @@ fn arb_pattern_matmul() -> impl Strategy<Value = Vec<Pattern>> {
         (0.0f32..0.99).prop_map(|ratio| Pattern::Sparsity(Sparsity::Block { ratio, rows: 2, cols: 4 })),
     ];
     let spec = prop::sample::select(Specialize::ALL.to_vec()).prop_map(Pattern::Specialize);
-    (prop::option::of(sparsity), prop::option::of(spec), prop::option::of((1u32..4, any::<bool>())))
-        .prop_map(|(s, sp, lr)| {
-            let mut v: Vec<Pattern> = s.into_iter().chain(sp).collect();
-            if let Some((rank, shared)) = lr {
-                v.push(Pattern::LowRank(LowRank { rank, basis: shared.then(|| "g\"0\\x".to_string()) }));
-            }
-            v
-        })
+    (prop::option::of(sparsity), prop::option::of(spec), prop::option::of((1u32..4, any::<bool>()))).prop_map(|(s, sp, lr)| {
+        let mut v: Vec<Pattern> = s.into_iter().chain(sp).collect();
+        if let Some((rank, shared)) = lr {
+            v.push(Pattern::LowRank(LowRank { rank, basis: shared.then(|| "g\"0\\x".to_string()) }));
+        }
+        v
+    })
 }
 
 fn arb_graph() -> impl Strategy<Value = Graph> {
@@ -226,8 +238,12 @@ fn arb_graph() -> impl Strategy<Value = Graph> {
             // A pruned weight is pruned for all its uses: sparse matmuls get their own.
             let w = if pats.iter().any(|p| matches!(p, Pattern::Sparsity(_))) && kind == 0 {
                 g.push(
-                    Node::new(format!("w{i}"), Op::Weight { name: format!("w.{}", i + 1), init: Some(Init::Normal { seed, std: 0.5 }) }, vec![])
-                        .with_type(TensorType::f32(&[Dim::Fixed(d), Dim::Fixed(d)])),
+                    Node::new(
+                        format!("w{i}"),
+                        Op::Weight { name: format!("w.{}", i + 1), init: Some(Init::Normal { seed, std: 0.5 }) },
+                        vec![],
+                    )
+                    .with_type(TensorType::f32(&[Dim::Fixed(d), Dim::Fixed(d)])),
                 )
             } else {
                 w
@@ -238,8 +254,7 @@ fn arb_graph() -> impl Strategy<Value = Graph> {
                 2 => Node::new(name, Op::Mul, vec![cur, gamma]),
                 3 => Node::new(name, Op::Gelu { approx: if pick % 2 == 0 { GeluApprox::Tanh } else { GeluApprox::Erf } }, vec![cur]),
                 4 => Node::new(name, Op::LayerNorm { eps }, vec![cur, gamma, gamma]),
-                5 => Node::new(name, Op::Constant { values: vec![cval; d as usize] }, vec![])
-                    .with_type(TensorType::f32(&[Dim::Fixed(d)])),
+                5 => Node::new(name, Op::Constant { values: vec![cval; d as usize] }, vec![]).with_type(TensorType::f32(&[Dim::Fixed(d)])),
                 _ => Node::new(name, Op::Softmax, vec![cur]),
             };
             let is_const = matches!(node.op, Op::Constant { .. });

@@ -18,9 +18,7 @@ impl GraphBuilder {
     /// A weight whose tensor name is its role (`layers.3.attn.q`).
     pub fn weight(&mut self, role: &str, dims: &[u64]) -> ValueId {
         let dims = dims.iter().map(|d| Dim::Fixed(*d)).collect();
-        self.g.push(
-            Node::new(role, Op::Weight { name: role.to_string(), init: None }, vec![]).with_type(TensorType::new(DType::F32, dims)),
-        )
+        self.g.push(Node::new(role, Op::Weight { name: role.to_string(), init: None }, vec![]).with_type(TensorType::new(DType::F32, dims)))
     }
 
     pub fn op(&mut self, name: &str, op: Op, operands: &[ValueId]) -> ValueId {

@@ -242,7 +242,9 @@ impl Model {
             None => Ok(d),
             Some(_) => g.meta_f64(k),
         };
-        let embd = g.tensor("token_embd.weight").ok_or_else(|| ModelError::MissingTensor { path: path.into(), name: "token_embd.weight".into() })?;
+        let embd = g
+            .tensor("token_embd.weight")
+            .ok_or_else(|| ModelError::MissingTensor { path: path.into(), name: "token_embd.weight".into() })?;
         let heads = m(K.heads)?;
         let config = LlamaConfig {
             vocab: embd.shape().first().copied().unwrap_or(0) as u64,
@@ -285,8 +287,14 @@ impl Model {
         names.insert("lm_head".into(), "output.weight".into());
         for i in 0..config.layers {
             for (role, t) in [
-                ("attn_norm", "attn_norm"), ("attn.q", "attn_q"), ("attn.k", "attn_k"), ("attn.v", "attn_v"),
-                ("attn.o", "attn_output"), ("mlp_norm", "ffn_norm"), ("mlp.gate", "ffn_gate"), ("mlp.up", "ffn_up"),
+                ("attn_norm", "attn_norm"),
+                ("attn.q", "attn_q"),
+                ("attn.k", "attn_k"),
+                ("attn.v", "attn_v"),
+                ("attn.o", "attn_output"),
+                ("mlp_norm", "ffn_norm"),
+                ("mlp.gate", "ffn_gate"),
+                ("mlp.up", "ffn_up"),
                 ("mlp.down", "ffn_down"),
             ] {
                 names.insert(format!("layers.{i}.{role}"), format!("blk.{i}.{t}.weight"));
@@ -303,7 +311,8 @@ impl Model {
         let text = std::fs::read_to_string(&cpath).map_err(|error| ModelError::Io { path: cpath.clone(), error })?;
         let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| fmt(&cpath, format!("not JSON: {e}")))?;
         let model_type = c.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-        let u = |k: &str| c.get(k).and_then(|v| v.as_u64()).ok_or_else(|| config_err(&cpath, k, "is missing or not a non-negative integer"));
+        let u =
+            |k: &str| c.get(k).and_then(|v| v.as_u64()).ok_or_else(|| config_err(&cpath, k, "is missing or not a non-negative integer"));
         let f = |k: &str, d: f64| c.get(k).and_then(|v| v.as_f64()).unwrap_or(d) as f32;
         let tokenizer = match dir.join("tokenizer.json") {
             p if p.is_file() => Some(crate::tokenizer::from_tokenizer_json(&p)?),
@@ -371,7 +380,11 @@ impl Model {
             let Some(scaling) = scaling.filter(|v| !v.is_null()) else { continue };
             let ty = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
             if ty != "default" {
-                return Err(config_err(&cpath, field, format!("asks for RoPE scaling `{ty}`, which is not supported (only unscaled RoPE is)")));
+                return Err(config_err(
+                    &cpath,
+                    field,
+                    format!("asks for RoPE scaling `{ty}`, which is not supported (only unscaled RoPE is)"),
+                ));
             }
         }
         let config = LlamaConfig {
@@ -396,7 +409,10 @@ impl Model {
                 return Err(config_err(
                     &cpath,
                     "head_dim",
-                    format!("is {v}, but `hidden_size` / `num_attention_heads` = {}; a head width other than that is not supported", config.head_dim()),
+                    format!(
+                        "is {v}, but `hidden_size` / `num_attention_heads` = {}; a head width other than that is not supported",
+                        config.head_dim()
+                    ),
                 ));
             }
         }
@@ -407,9 +423,15 @@ impl Model {
         names.insert("lm_head".into(), "lm_head.weight".into());
         for i in 0..config.layers {
             for (role, t) in [
-                ("attn_norm", "input_layernorm"), ("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"),
-                ("attn.v", "self_attn.v_proj"), ("attn.o", "self_attn.o_proj"), ("mlp_norm", "post_attention_layernorm"),
-                ("mlp.gate", "mlp.gate_proj"), ("mlp.up", "mlp.up_proj"), ("mlp.down", "mlp.down_proj"),
+                ("attn_norm", "input_layernorm"),
+                ("attn.q", "self_attn.q_proj"),
+                ("attn.k", "self_attn.k_proj"),
+                ("attn.v", "self_attn.v_proj"),
+                ("attn.o", "self_attn.o_proj"),
+                ("mlp_norm", "post_attention_layernorm"),
+                ("mlp.gate", "mlp.gate_proj"),
+                ("mlp.up", "mlp.up_proj"),
+                ("mlp.down", "mlp.down_proj"),
             ] {
                 names.insert(format!("layers.{i}.{role}"), format!("model.layers.{i}.{t}.weight"));
             }
@@ -454,7 +476,10 @@ impl Model {
             if got.as_ref() != Some(&shapes[role]) {
                 return Err(fmt(
                     path,
-                    format!("tensor `{name}` has shape {stored:?}, which disagrees with the config (role `{role}` needs {:?})", shapes[role]),
+                    format!(
+                        "tensor `{name}` has shape {stored:?}, which disagrees with the config (role `{role}` needs {:?})",
+                        shapes[role]
+                    ),
                 ));
             }
         }

@@ -131,11 +131,7 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], ModelError> {
         if self.remaining() < n {
-            return Err(self.bad(format!(
-                "truncated: {what} needs {n} bytes at offset {}, the file has {}",
-                self.pos,
-                self.bytes.len()
-            )));
+            return Err(self.bad(format!("truncated: {what} needs {n} bytes at offset {}, the file has {}", self.pos, self.bytes.len())));
         }
         let s = &self.bytes[self.pos..][..n];
         self.pos += n;
@@ -210,8 +206,8 @@ fn min_value_bytes(ty: u32) -> Option<u64> {
         0 | 1 | 7 => 1,
         2 | 3 => 2,
         4..=6 => 4,
-        8 => 8,      // the length of an empty string
-        9 => 4 + 8,  // element type and count of an empty array
+        8 => 8,     // the length of an empty string
+        9 => 4 + 8, // element type and count of an empty array
         10..=12 => 8,
         _ => return None,
     })
@@ -302,7 +298,8 @@ impl GgufFile {
     /// The raw bytes of a tensor, bounds- and alignment-checked.
     pub fn tensor_bytes(&self, t: &GgufTensorInfo) -> Result<&[u8], ModelError> {
         let bad = |message: String| ModelError::Format { path: self.path.clone(), message };
-        let numel = t.dims.iter().try_fold(1u64, |a, d| a.checked_mul(*d)).ok_or_else(|| bad(format!("tensor `{}` is too large", t.name)))?;
+        let numel =
+            t.dims.iter().try_fold(1u64, |a, d| a.checked_mul(*d)).ok_or_else(|| bad(format!("tensor `{}` is too large", t.name)))?;
         if let GgmlType::Unsupported(_) = t.ty {
             return Ok(&[]); // reported when its data is asked for
         }
@@ -361,16 +358,14 @@ impl GgufFile {
     }
 
     pub fn meta_f64(&self, key: &str) -> Result<f64, ModelError> {
-        self.meta(key).and_then(GgufValue::as_f64).ok_or_else(|| ModelError::Format {
-            path: self.path.clone(),
-            message: format!("metadata `{key}` is missing or not a number"),
-        })
+        self.meta(key)
+            .and_then(GgufValue::as_f64)
+            .ok_or_else(|| ModelError::Format { path: self.path.clone(), message: format!("metadata `{key}` is missing or not a number") })
     }
 
     pub fn meta_str(&self, key: &str) -> Result<&str, ModelError> {
-        self.meta(key).and_then(GgufValue::as_str).ok_or_else(|| ModelError::Format {
-            path: self.path.clone(),
-            message: format!("metadata `{key}` is missing or not a string"),
-        })
+        self.meta(key)
+            .and_then(GgufValue::as_str)
+            .ok_or_else(|| ModelError::Format { path: self.path.clone(), message: format!("metadata `{key}` is missing or not a string") })
     }
 }

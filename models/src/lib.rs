@@ -84,7 +84,12 @@ pub(crate) fn check_param_bytes(terms: &[(&'static str, &[u64])]) -> Result<u64,
     for (field, factors) in terms {
         let too_large = || {
             let product = factors.iter().map(u64::to_string).collect::<Vec<_>>().join(" × ");
-            ConfigIssue::new(field, format!("is too large: {product} parameters (with the rest of the model) exceed the {limit} f32 values a model can address"))
+            ConfigIssue::new(
+                field,
+                format!(
+                    "is too large: {product} parameters (with the rest of the model) exceed the {limit} f32 values a model can address"
+                ),
+            )
         };
         let n = factors.iter().try_fold(1u64, |a, f| a.checked_mul(*f)).ok_or_else(too_large)?;
         total = total.checked_add(n).filter(|t| *t <= limit).ok_or_else(too_large)?;
@@ -116,9 +121,7 @@ pub fn classify(path: &Path) -> Result<SourceKind, ModelError> {
     }
     use std::io::Read;
     let mut head = [0u8; 4096];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| f.read(&mut head))
-        .map_err(|error| ModelError::Io { path: path.into(), error })?;
+    let n = std::fs::File::open(path).and_then(|mut f| f.read(&mut head)).map_err(|error| ModelError::Io { path: path.into(), error })?;
     if head[..n].starts_with(b"GGUF") {
         return Ok(SourceKind::Gguf);
     }

@@ -86,13 +86,22 @@ impl LlamaConfig {
         if self.heads % self.kv_heads != 0 {
             return Err(ConfigIssue::new(
                 k.kv_heads,
-                format!("is {}, which does not divide `{}` = {} (each KV head serves a whole group of query heads)", self.kv_heads, k.heads, self.heads),
+                format!(
+                    "is {}, which does not divide `{}` = {} (each KV head serves a whole group of query heads)",
+                    self.kv_heads, k.heads, self.heads
+                ),
             ));
         }
         if self.head_dim() % 2 != 0 {
             return Err(ConfigIssue::new(
                 k.dim,
-                format!("is {}: with `{}` = {} each head is {} wide, odd, and RoPE rotates pairs of features", self.dim, k.heads, self.heads, self.head_dim()),
+                format!(
+                    "is {}: with `{}` = {} each head is {} wide, odd, and RoPE rotates pairs of features",
+                    self.dim,
+                    k.heads,
+                    self.heads,
+                    self.head_dim()
+                ),
             ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {

@@ -30,9 +30,7 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer, ModelError> {
     }
     let strings = |key: &str| -> Result<Vec<String>, ModelError> {
         let arr = g.meta(key).and_then(GgufValue::as_array).ok_or_else(|| bad(format!("metadata `{key}` is missing or not an array")))?;
-        arr.iter()
-            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| bad(format!("metadata `{key}` holds a non-string"))))
-            .collect()
+        arr.iter().map(|v| v.as_str().map(str::to_string).ok_or_else(|| bad(format!("metadata `{key}` holds a non-string")))).collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
     let merges: Merges = strings("tokenizer.ggml.merges")?
@@ -44,10 +42,7 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer, ModelError> {
         })
         .collect::<Result<_, _>>()?;
     let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| bad(format!("tokenizer: {e}")))?;
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| bad(format!("tokenizer: {e}")))?;
     let mut tok = Tokenizer::new(bpe);
     let pre = g.meta("tokenizer.ggml.pre").and_then(GgufValue::as_str).unwrap_or("default");
     let byte_level: PreTokenizerWrapper = ByteLevel::new(false, true, true).into();

@@ -64,7 +64,15 @@ fn the_fixtures_load_with_their_context_lengths() {
 
 #[test]
 fn hf_llama_zero_sizes_name_their_field() {
-    for field in ["num_attention_heads", "num_key_value_heads", "num_hidden_layers", "vocab_size", "max_position_embeddings", "intermediate_size", "hidden_size"] {
+    for field in [
+        "num_attention_heads",
+        "num_key_value_heads",
+        "num_hidden_layers",
+        "vocab_size",
+        "max_position_embeddings",
+        "intermediate_size",
+        "hidden_size",
+    ] {
         let e = hf_llama_error(|c| c[field] = serde_json::json!(0), field);
         assert!(e.contains("is 0; it must be at least 1"), "{field}: {e}");
     }
@@ -261,7 +269,13 @@ fn gguf_error(change: Vec<(&'static str, Option<V>)>, extra_tensors: &[(&str, &[
 
 #[test]
 fn gguf_bad_hyperparameters_name_their_metadata_key() {
-    for key in ["llama.attention.head_count", "llama.attention.head_count_kv", "llama.block_count", "llama.context_length", "llama.feed_forward_length"] {
+    for key in [
+        "llama.attention.head_count",
+        "llama.attention.head_count_kv",
+        "llama.block_count",
+        "llama.context_length",
+        "llama.feed_forward_length",
+    ] {
         let e = gguf_error(vec![(key, Some(V::U32(0)))], &[], key);
         assert!(e.contains("is 0; it must be at least 1"), "{key}: {e}");
     }
@@ -289,7 +303,8 @@ fn gguf_missing_mistyped_and_unsupported_rope_metadata() {
     std::fs::write(&p, gguf(&llama_kv(vec![("llama.context_length", None)]), &[("token_embd.weight", &[8, 10])])).unwrap();
     let e = Model::load(p.to_str().unwrap()).err().unwrap().to_string();
     assert!(e.contains("metadata `llama.context_length` is missing or not an integer"), "{e}");
-    std::fs::write(&p, gguf(&llama_kv(vec![("llama.attention.head_count_kv", Some(V::Str("one")))]), &[("token_embd.weight", &[8, 10])])).unwrap();
+    std::fs::write(&p, gguf(&llama_kv(vec![("llama.attention.head_count_kv", Some(V::Str("one")))]), &[("token_embd.weight", &[8, 10])]))
+        .unwrap();
     let e = Model::load(p.to_str().unwrap()).err().unwrap().to_string();
     assert!(e.contains("metadata `llama.attention.head_count_kv` is missing or not an integer"), "{e}");
     std::fs::write(&p, gguf(&llama_kv(vec![("llama.rope.freq_base", Some(V::Str("big")))]), &[("token_embd.weight", &[8, 10])])).unwrap();

@@ -107,10 +107,7 @@ impl ApplyPlan {
                             return Err(rule_err(rule, format!("N:M groups of {m} do not divide `{name}`'s reduction dimension {k}")))
                         }
                         Sparsity::Block { rows, cols, .. } if n % *rows as u64 != 0 || k % *cols as u64 != 0 => {
-                            return Err(rule_err(
-                                rule,
-                                format!("block {rows}x{cols} does not divide `{name}` ({n} outputs x {k} inputs)"),
-                            ))
+                            return Err(rule_err(rule, format!("block {rows}x{cols} does not divide `{name}` ({n} outputs x {k} inputs)")))
                         }
                         _ => {}
                     }

@@ -46,7 +46,8 @@ pub fn registry() -> Vec<Box<dyn Pass>> {
 
 /// Looks a pass up by name.
 pub fn pass_by_name(name: &str) -> Result<Box<dyn Pass>, PassError> {
-    registry().into_iter().find(|p| p.name() == name).ok_or_else(|| {
-        PassError::UnknownPass(name.to_string(), registry().iter().map(|p| p.name()).collect::<Vec<_>>().join(", "))
-    })
+    registry()
+        .into_iter()
+        .find(|p| p.name() == name)
+        .ok_or_else(|| PassError::UnknownPass(name.to_string(), registry().iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")))
 }

@@ -17,7 +17,10 @@ pub struct Plan {
 pub enum Layers {
     All,
     /// Half-open `start..end`; `end` open-ended when `None`.
-    Range { start: u64, end: Option<u64> },
+    Range {
+        start: u64,
+        end: Option<u64>,
+    },
     List(Vec<u64>),
 }
 
@@ -44,9 +47,16 @@ impl Layers {
 #[derive(Clone, Debug, PartialEq)]
 pub enum WindowPlan {
     Full,
-    Fixed { size: u32, sinks: u32 },
+    Fixed {
+        size: u32,
+        sinks: u32,
+    },
     /// From `start` at the first selected layer to `end` at the last, geometrically.
-    Progressive { start: u32, end: u32, sinks: u32 },
+    Progressive {
+        start: u32,
+        end: u32,
+        sinks: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -169,9 +179,10 @@ impl Plan {
             };
             let specialize = match r.specialize.as_deref() {
                 None => None,
-                Some(s) => Some(Specialize::from_name(s).ok_or_else(|| {
-                    err(format!("specialize = \"{s}\" is not one of dense, generic, indices, full, auto"))
-                })?),
+                Some(s) => Some(
+                    Specialize::from_name(s)
+                        .ok_or_else(|| err(format!("specialize = \"{s}\" is not one of dense, generic, indices, full, auto")))?,
+                ),
             };
             let mut not_yet = Vec::new();
             let mut window = None;

@@ -126,8 +126,8 @@ impl Artifact {
     pub fn open_with(dir: &Path, trust: Trust) -> RuntimeResult<Artifact> {
         let mpath = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&mpath).map_err(|error| RuntimeError::Io { path: mpath.clone(), error })?;
-        let probe: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| RuntimeError::Artifact { path: mpath.clone(), message: format!("not JSON: {e}") })?;
+        let probe: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| RuntimeError::Artifact { path: mpath.clone(), message: format!("not JSON: {e}") })?;
         let version = probe.get("version").and_then(|v| v.as_u64());
         if version != Some(MANIFEST_VERSION as u64) {
             return Err(RuntimeError::Artifact {
@@ -258,9 +258,7 @@ impl Artifact {
                     }
                     Dim::Seq => match seq {
                         None => seq = Some(*ext as u64),
-                        Some(s) if s != *ext as u64 => {
-                            return Err(err(format!("seq = {ext} but an earlier input bound seq = {s}")))
-                        }
+                        Some(s) if s != *ext as u64 => return Err(err(format!("seq = {ext} but an earlier input bound seq = {s}"))),
                         _ => {}
                     },
                     _ => {}
@@ -306,8 +304,11 @@ impl Artifact {
                     }
                     None => sparsec_ir::Init::Normal { seed, std: 1.0 }.generate(n),
                 };
-                ArrayD::from_shape_vec(IxDyn(&shape), values)
-                    .map_err(|e| RuntimeError::Input { index: i, name: plan.buffers[*b].name.clone(), message: e.to_string() })
+                ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| RuntimeError::Input {
+                    index: i,
+                    name: plan.buffers[*b].name.clone(),
+                    message: e.to_string(),
+                })
             })
             .collect()
     }

@@ -28,7 +28,6 @@ struct MemRef1 {
 /// ops only adds cache traffic.
 const PARALLEL_MIN_OPS: u64 = 8_192;
 
-
 pub struct CpuExecutor {
     // Kept alive for the function pointers below.
     _lib: libloading::Library,
@@ -100,7 +99,9 @@ unsafe fn call(f: *const c_void, a: &[usize]) -> Result<(), String> {
             6 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U, U)>(f)(a[0], a[1], a[2], a[3], a[4], a[5]),
             7 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U, U, U)>(f)(a[0], a[1], a[2], a[3], a[4], a[5], a[6]),
             8 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U, U, U, U)>(f)(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]),
-            9 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U, U, U, U, U)>(f)(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8]),
+            9 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U, U, U, U, U)>(f)(
+                a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8],
+            ),
             10 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U, U, U, U, U, U)>(f)(
                 a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9],
             ),
@@ -147,7 +148,12 @@ impl CpuExecutor {
             if got != want {
                 let which = (0..bufs.len()).find(|&i| got.get(2 + 2 * i..4 + 2 * i) != want.get(2 + 2 * i..4 + 2 * i));
                 let what = match which {
-                    Some(i) => format!("buffer {i} (`{}`) is {:?} bytes at seq 1, 2; the kernel was built for {:?}", bufs[i].name, &want[2 + 2 * i..4 + 2 * i], got.get(2 + 2 * i..4 + 2 * i)),
+                    Some(i) => format!(
+                        "buffer {i} (`{}`) is {:?} bytes at seq 1, 2; the kernel was built for {:?}",
+                        bufs[i].name,
+                        &want[2 + 2 * i..4 + 2 * i],
+                        got.get(2 + 2 * i..4 + 2 * i)
+                    ),
                     None => format!("{} buffers; the kernel was built for {}", bufs.len(), got.get(1).copied().unwrap_or(0)),
                 };
                 return Err(RuntimeError::Artifact { path: path.clone(), message: format!("kernel {}: {what}", step.kernel) });
@@ -319,8 +325,7 @@ impl CpuSession<'_> {
 
     /// Per kernel: milliseconds and calls since `profile_kernels`, slowest first.
     pub fn kernel_times(&self) -> Vec<(String, f64, u64)> {
-        let mut v: Vec<(String, f64, u64)> =
-            self.profile.iter().flatten().map(|(k, (t, n))| (k.clone(), *t, *n)).collect();
+        let mut v: Vec<(String, f64, u64)> = self.profile.iter().flatten().map(|(k, (t, n))| (k.clone(), *t, *n)).collect();
         v.sort_by(|a, b| b.1.total_cmp(&a.1));
         v
     }
@@ -390,7 +395,10 @@ impl CpuSession<'_> {
         for (i, b) in plan.buffers.iter().enumerate() {
             let len = b.bytes(seq);
             let p = match b.kind {
-                BufferKind::Weight => self.weights[i].as_ref().map(|w| w.ptr_len()).ok_or_else(|| RuntimeError::Cpu(format!("weight `{}` not loaded", b.name)))?,
+                BufferKind::Weight => self.weights[i]
+                    .as_ref()
+                    .map(|w| w.ptr_len())
+                    .ok_or_else(|| RuntimeError::Cpu(format!("weight `{}` not loaded", b.name)))?,
                 BufferKind::Input => {
                     let v = owned_inputs.get_mut(input_no).ok_or_else(|| RuntimeError::Cpu("fewer inputs than the plan".into()))?;
                     input_no += 1;

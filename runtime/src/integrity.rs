@@ -93,10 +93,8 @@ pub fn check_manifest_text(path: &Path, text: &str) -> RuntimeResult<()> {
 /// hash. Names must stay inside the artifact.
 pub fn check_files(dir: &Path, manifest: &Manifest) -> RuntimeResult<()> {
     for (rel, want) in &manifest.files {
-        let inside = !rel.is_empty()
-            && rel.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
-            && !rel.contains('\\')
-            && !rel.contains('\0');
+        let inside =
+            !rel.is_empty() && rel.split('/').all(|c| !c.is_empty() && c != "." && c != "..") && !rel.contains('\\') && !rel.contains('\0');
         if !inside {
             return Err(bad(dir, format!("the manifest names a file outside the artifact: `{rel}`")));
         }

@@ -4,9 +4,9 @@
 use crate::error::{RuntimeError, RuntimeResult};
 use ndarray::{ArrayD, IxDyn};
 use sparsec_ir::reference::{attention, eval_op, rope};
+use sparsec_ir::{Graph, IrError, Op};
 use std::collections::HashMap;
 use std::sync::Arc;
-use sparsec_ir::{Graph, IrError, Op};
 
 /// Supplies a weight's data by tensor name, shared rather than copied.
 pub type WeightFn<'a> = &'a dyn Fn(&str) -> Option<Arc<ArrayD<f32>>>;
@@ -29,23 +29,14 @@ impl KvState {
 
 /// Runs `g` on `inputs` (graph input order) as one whole sequence. `weight(name)`
 /// supplies checkpoint data; weights it does not know fall back to their `init`.
-pub fn interpret(
-    g: &Graph,
-    inputs: &[ArrayD<f32>],
-    weight: WeightFn<'_>,
-) -> RuntimeResult<Vec<ArrayD<f32>>> {
+pub fn interpret(g: &Graph, inputs: &[ArrayD<f32>], weight: WeightFn<'_>) -> RuntimeResult<Vec<ArrayD<f32>>> {
     interpret_cached(g, inputs, weight, &mut KvState::new())
 }
 
 /// Runs `g` on the next `seq` positions: positions and RoPE continue from
 /// `state.pos`, attention sees the cached keys and values, and the cache grows.
 /// Prefill is one call with the prompt; decode is one call per token.
-pub fn interpret_cached(
-    g: &Graph,
-    inputs: &[ArrayD<f32>],
-    weight: WeightFn<'_>,
-    state: &mut KvState,
-) -> RuntimeResult<Vec<ArrayD<f32>>> {
+pub fn interpret_cached(g: &Graph, inputs: &[ArrayD<f32>], weight: WeightFn<'_>, state: &mut KvState) -> RuntimeResult<Vec<ArrayD<f32>>> {
     let types = sparsec_ir::verify(g)?;
     let mut vals: Vec<Option<Arc<ArrayD<f32>>>> = vec![None; g.nodes.len()];
     // Values are dropped after their last use, so a whole model's activations
@@ -139,8 +130,7 @@ pub fn interpret_cached(
                     }
                     None => (k_new.clone(), v_new.clone()),
                 };
-                let out = attention(*heads as usize, *kv_heads as usize, &n.patterns, q, &k_all, &v_all, state.pos)
-                    .map_err(eval_err)?;
+                let out = attention(*heads as usize, *kv_heads as usize, &n.patterns, q, &k_all, &v_all, state.pos).map_err(eval_err)?;
                 state.caches.insert(i, (k_all, v_all));
                 out
             }

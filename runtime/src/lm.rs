@@ -95,11 +95,8 @@ impl LmLimits {
 
 /// `-log softmax(row)[target]`, computed in f64; a target outside the row is an error.
 pub fn nll(row: &[f32], target: usize) -> Result<f64, LmError> {
-    let t = *row.get(target).ok_or(LmError::TokenOutOfVocab {
-        index: 0,
-        id: u32::try_from(target).unwrap_or(u32::MAX),
-        vocab: row.len(),
-    })?;
+    let t =
+        *row.get(target).ok_or(LmError::TokenOutOfVocab { index: 0, id: u32::try_from(target).unwrap_or(u32::MAX), vocab: row.len() })?;
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let lse = row.iter().map(|v| (*v as f64 - m).exp()).sum::<f64>().ln() + m;
     Ok(lse - t as f64)

@@ -239,7 +239,10 @@ pub enum Step {
     Kernel(KernelStep),
     /// Copies the `seq` new rows of `src` into the cache `cache` at row `pos`,
     /// converting them to the cache's type.
-    KvAppend { src: usize, cache: usize },
+    KvAppend {
+        src: usize,
+        cache: usize,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -73,8 +73,14 @@ mod tests {
         let picks: Vec<u32> = (0..200).map(|_| s.sample(&logits)).collect();
         assert!(picks.iter().all(|p| *p == 1 || *p == 3) && picks.contains(&3) && picks.contains(&1));
         // same seed, same draws
-        let a: Vec<u32> = { let mut s = Sampler::new(1.0, 0, 9); (0..50).map(|_| s.sample(&logits)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(1.0, 0, 9); (0..50).map(|_| s.sample(&logits)).collect() };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(1.0, 0, 9);
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(1.0, 0, 9);
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
         assert_eq!(a, b);
     }
 }

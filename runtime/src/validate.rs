@@ -151,7 +151,11 @@ pub fn validate(
                 let (Some(sb), Some(cb)) = (bufs.get(*src), bufs.get(*cache)) else {
                     return Err(bad(format!("buffers {src} or {cache} out of range")));
                 };
-                if cb.kind != BufferKind::KvCache || !matches!(sb.kind, BufferKind::Temp | BufferKind::Input) || sb.dims != cb.dims || sb.dtype != DType::F32 {
+                if cb.kind != BufferKind::KvCache
+                    || !matches!(sb.kind, BufferKind::Temp | BufferKind::Input)
+                    || sb.dims != cb.dims
+                    || sb.dtype != DType::F32
+                {
                     return Err(bad(format!("appends `{}` to `{}`, which is not a KV cache of its shape", sb.name, cb.name)));
                 }
                 if !appended.insert(*cache) {
@@ -169,7 +173,10 @@ pub fn validate(
                     return Err(bad(format!("kernel `{}` takes buffers {:?} of {nb} (at most {MAX_KERNEL_BUFFERS})", k.kernel, k.args)));
                 }
                 if bufs[out].kind != BufferKind::Temp || ins.contains(&out) {
-                    return Err(bad(format!("kernel `{}` writes `{}`, which is not a temporary it does not read", k.kernel, bufs[out].name)));
+                    return Err(bad(format!(
+                        "kernel `{}` writes `{}`, which is not a temporary it does not read",
+                        k.kernel, bufs[out].name
+                    )));
                 }
                 if k.cpu_seq_block == 0 {
                     return Err(bad("cpu_seq_block is 0".into()));

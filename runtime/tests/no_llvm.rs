@@ -36,7 +36,8 @@ fn sparsec_run_ends_quietly_when_stdout_closes_early() {
     let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     drop(read);
     // `--help` writes to stdout and needs no artifact.
-    let out = Command::new(env!("CARGO_BIN_EXE_sparsec-run")).arg("--help").stdout(Stdio::from(write)).stderr(Stdio::piped()).output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_sparsec-run")).arg("--help").stdout(Stdio::from(write)).stderr(Stdio::piped()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "expected death by SIGPIPE, got {:?}; stderr: {err}", out.status);
     assert!(err.is_empty(), "a closed stdout is not an error to report: {err}");

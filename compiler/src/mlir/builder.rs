@@ -36,7 +36,17 @@ pub struct KernelBuilder {
 
 impl KernelBuilder {
     pub fn new(device: Device) -> Self {
-        KernelBuilder { device, byte_params: Vec::new(), consts: Vec::new(), globals: Vec::new(), epilogue: None, const_ids: HashMap::new(), body: Vec::new(), indent: 2, next: 0 }
+        KernelBuilder {
+            device,
+            byte_params: Vec::new(),
+            consts: Vec::new(),
+            globals: Vec::new(),
+            epilogue: None,
+            const_ids: HashMap::new(),
+            body: Vec::new(),
+            indent: 2,
+            next: 0,
+        }
     }
 
     pub fn device(&self) -> Device {
@@ -355,13 +365,7 @@ impl KernelBuilder {
     }
 
     /// A loop carrying f32 accumulators: `body(iv, accs) -> new accs`; returns the final values.
-    pub fn for_fold(
-        &mut self,
-        lb: &str,
-        ub: &str,
-        init: &[V],
-        body: impl FnOnce(&mut Self, &str, &[V]) -> Vec<V>,
-    ) -> Vec<V> {
+    pub fn for_fold(&mut self, lb: &str, ub: &str, init: &[V], body: impl FnOnce(&mut Self, &str, &[V]) -> Vec<V>) -> Vec<V> {
         let typed: Vec<(V, String)> = init.iter().map(|v| (v.clone(), "f32".to_string())).collect();
         self.for_fold_typed(lb, ub, 1, &typed, body)
     }
@@ -554,10 +558,8 @@ impl KernelBuilder {
         }
         match self.device {
             Device::Cpu => {
-                let params: Vec<String> = buffers
-                    .iter()
-                    .map(|b| format!("{b}: memref<?x{}>", if self.byte_params.contains(b) { "i8" } else { "f32" }))
-                    .collect();
+                let params: Vec<String> =
+                    buffers.iter().map(|b| format!("{b}: memref<?x{}>", if self.byte_params.contains(b) { "i8" } else { "f32" })).collect();
                 s.push_str(&format!(
                     "  func.func @{name}({}, %seq: index, %pos: index, %lo: index, %hi: index) attributes {{llvm.emit_c_interface}} {{\n",
                     params.join(", ")

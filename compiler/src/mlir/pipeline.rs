@@ -71,26 +71,20 @@ impl MlirSession {
         device: Device,
         llvm: &'ctx inkwell::context::Context,
     ) -> Result<(inkwell::module::Module<'ctx>, String), CompileError> {
-        let mlir_err = |stage: &'static str, s: &Self| CompileError::Mlir {
-            kernel: kernel.to_string(),
-            stage,
-            diagnostics: s.take_diagnostics(),
-        };
+        let mlir_err =
+            |stage: &'static str, s: &Self| CompileError::Mlir { kernel: kernel.to_string(), stage, diagnostics: s.take_diagnostics() };
         let mut module = Module::parse(&self.context, text).ok_or_else(|| mlir_err("parse", self))?;
         if !module.as_operation().verify() {
             return Err(mlir_err("verify", self));
         }
         let pm = PassManager::new(&self.context);
-        parse_pass_pipeline(pm.as_operation_pass_manager(), lowering_pipeline(device))
-            .map_err(|_| mlir_err("pass pipeline", self))?;
+        parse_pass_pipeline(pm.as_operation_pass_manager(), lowering_pipeline(device)).map_err(|_| mlir_err("pass pipeline", self))?;
         pm.run(&mut module).map_err(|_| mlir_err("lower to llvm dialect", self))?;
         let lowered = module.as_operation().to_string();
         // SAFETY: the module is a verified LLVM-dialect module owned by `self.context`;
         // the returned LLVMModuleRef is created in (and owned by the caller through)
         // `llvm`, which outlives the wrapper we build from it.
-        let raw = unsafe {
-            mlir_sys::mlirTranslateModuleToLLVMIR(module.as_operation().to_raw(), llvm.raw() as mlir_sys::LLVMContextRef)
-        };
+        let raw = unsafe { mlir_sys::mlirTranslateModuleToLLVMIR(module.as_operation().to_raw(), llvm.raw() as mlir_sys::LLVMContextRef) };
         if raw.is_null() {
             return Err(mlir_err("translate to llvm ir", self));
         }

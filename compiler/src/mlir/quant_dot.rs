@@ -74,7 +74,9 @@ fn block_dot(b: &mut KernelBuilder, w: &str, x: &str, signed_w: bool) -> V {
     let (uw, sx) = if signed_w {
         // vpmaddubsw multiplies unsigned by signed: move the weight's sign onto x.
         let uw = b.def(format!("math.absi {w} : vector<{QK}xi8>"));
-        let sx = b.def(format!("llvm.call_intrinsic \"llvm.x86.avx2.psign.b\"({x}, {w}) : (vector<{QK}xi8>, vector<{QK}xi8>) -> vector<{QK}xi8>"));
+        let sx = b.def(format!(
+            "llvm.call_intrinsic \"llvm.x86.avx2.psign.b\"({x}, {w}) : (vector<{QK}xi8>, vector<{QK}xi8>) -> vector<{QK}xi8>"
+        ));
         (uw, sx)
     } else {
         (w.to_string(), x.to_string())
@@ -83,7 +85,9 @@ fn block_dot(b: &mut KernelBuilder, w: &str, x: &str, signed_w: bool) -> V {
         "llvm.call_intrinsic \"llvm.x86.avx2.pmadd.ub.sw\"({uw}, {sx}) : (vector<{QK}xi8>, vector<{QK}xi8>) -> vector<16xi16>"
     ));
     let ones = b.vsplat_int(1, 16, "i16");
-    b.def(format!("llvm.call_intrinsic \"llvm.x86.avx2.pmadd.wd\"({pairs}, {ones}) : (vector<16xi16>, vector<16xi16>) -> vector<{LANES}xi32>"))
+    b.def(format!(
+        "llvm.call_intrinsic \"llvm.x86.avx2.pmadd.wd\"({pairs}, {ones}) : (vector<16xi16>, vector<16xi16>) -> vector<{LANES}xi32>"
+    ))
 }
 
 /// The 32 quantized values of the weight block at byte `at` as `vector<32xi8>`.
@@ -110,11 +114,8 @@ pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V]
     let planes = QuantPlanes::new(b, dt, &w_buf, t.n * k);
     let qbytes = b.index(t.rb * k);
     let sblocks = b.index(t.rb * nbk_n);
-    let qr = QuantizedRows {
-        q: b.def(format!("memref.alloca({qbytes}) : memref<?xi8>")),
-        d: b.alloca_f32(&sblocks),
-        s: b.alloca_f32(&sblocks),
-    };
+    let qr =
+        QuantizedRows { q: b.def(format!("memref.alloca({qbytes}) : memref<?xi8>")), d: b.alloca_f32(&sblocks), s: b.alloca_f32(&sblocks) };
     let offsets = dt != DType::Q8_0;
     let block_bytes = sparsec_ir::quant::quant_bytes(dt) as u64;
     let qbytes_per_block = b.index(block_bytes);

@@ -111,12 +111,9 @@ impl Planes {
                 let ty = if SparseFormat::csr_index_bytes(k) == 2 { "i16" } else { "i32" };
                 Planes { ptr: Some(b.plane(buf, lay.ptr, n + 1, "i32")), vals, idx: b.plane(buf, lay.indices, nnz, ty), idx_ty: ty }
             }
-            SparseFormat::Nm { n, k, .. } => Planes {
-                ptr: None,
-                vals,
-                idx: b.plane(buf, lay.indices, n * SparseFormat::bitmap_row_bytes(k), "i8"),
-                idx_ty: "i8",
-            },
+            SparseFormat::Nm { n, k, .. } => {
+                Planes { ptr: None, vals, idx: b.plane(buf, lay.indices, n * SparseFormat::bitmap_row_bytes(k), "i8"), idx_ty: "i8" }
+            }
             SparseFormat::Bsr { n, rows, blocks, .. } => Planes {
                 ptr: Some(b.plane(buf, lay.ptr, n / rows as u64 + 1, "i32")),
                 vals,
@@ -194,7 +191,6 @@ impl Cpu<'_> {
             }
         });
     }
-
 }
 
 impl Dot<'_> {

@@ -20,7 +20,15 @@ use sparsec_ir::sparse::{entries, value_at};
 const SUMS: usize = 4;
 
 /// Emits the kernel body for a weight whose packed bytes are `bytes`.
-pub fn emit_unrolled_matmul(b: &mut KernelBuilder, t: &SparseMatmul, full: bool, bytes: &[u8], ins: &[V], out: &str, kernel: &str) -> Result<(), CompileError> {
+pub fn emit_unrolled_matmul(
+    b: &mut KernelBuilder,
+    t: &SparseMatmul,
+    full: bool,
+    bytes: &[u8],
+    ins: &[V],
+    out: &str,
+    kernel: &str,
+) -> Result<(), CompileError> {
     let fmt = t.storage.format;
     let rows_of = entries(&fmt, bytes).ok_or_else(|| CompileError::Unsupported {
         kernel: kernel.to_string(),

@@ -107,15 +107,29 @@ fn real_main() -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("graph {} on {device_name}, seq = {}: {:.3} ms (median of {})", art.manifest.graph_name, args.seq, run_ms, args.repeat.max(1));
+        println!(
+            "graph {} on {device_name}, seq = {}: {:.3} ms (median of {})",
+            art.manifest.graph_name,
+            args.seq,
+            run_ms,
+            args.repeat.max(1)
+        );
         for (i, o) in outputs.iter().enumerate() {
             let s = summary(o);
             println!("  output {i}: shape {} head {} sum {}", s["shape"], s["head"], s["sum"]);
         }
         for label in ["check_reference", "check_cpu"] {
             if let Some(c) = report.get(label) {
-                let worst = c["outputs"].as_array().map(|v| v.iter().filter_map(|o| o["max_abs_error"].as_f64()).fold(0.0, f64::max)).unwrap_or(f64::NAN);
-                println!("  {label}: {} (max abs error {worst:.3e}, atol {} rtol {})", if c["passed"] == true { "PASS" } else { "FAIL" }, tol.atol, tol.rtol);
+                let worst = c["outputs"]
+                    .as_array()
+                    .map(|v| v.iter().filter_map(|o| o["max_abs_error"].as_f64()).fold(0.0, f64::max))
+                    .unwrap_or(f64::NAN);
+                println!(
+                    "  {label}: {} (max abs error {worst:.3e}, atol {} rtol {})",
+                    if c["passed"] == true { "PASS" } else { "FAIL" },
+                    tol.atol,
+                    tol.rtol
+                );
             }
         }
     }

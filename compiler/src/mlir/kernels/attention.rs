@@ -31,9 +31,7 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
         match p {
             Pattern::Window(Window::Full) => {}
             Pattern::Window(Window::Sliding { size, sinks }) => window = Some((*size, *sinks)),
-            other => {
-                return Err(spec.unsupported(&format!("#{} is not lowered yet (its pattern issue adds it)", other.keyword())))
-            }
+            other => return Err(spec.unsupported(&format!("#{} is not lowered yet (its pattern issue adds it)", other.keyword()))),
         }
     }
     let qw = fixed_last(spec, &spec.operands[0])?;

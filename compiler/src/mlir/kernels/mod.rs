@@ -83,9 +83,7 @@ impl KernelSpec {
             _ => Err(self.unsupported("the last dimension must be fixed")),
         };
         Ok(match &self.op {
-            Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Softmax => {
-                SymSize { coef: numel.coef / last(&self.result)?, ..numel }
-            }
+            Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Softmax => SymSize { coef: numel.coef / last(&self.result)?, ..numel },
             // One unit per (query row, head).
             Op::Attention { heads, .. } => SymSize { coef: *heads as u64, seq_pow: 1 },
             // One unit per rotated pair.
@@ -107,7 +105,8 @@ impl KernelSpec {
             return None;
         }
         let Op::MatMul { transpose_b: true } = self.op else { return None };
-        let (Some(sparsec_ir::Dim::Fixed(k)), Some(sparsec_ir::Dim::Fixed(n))) = (self.operands[0].last_dim(), self.result.last_dim()) else {
+        let (Some(sparsec_ir::Dim::Fixed(k)), Some(sparsec_ir::Dim::Fixed(n))) = (self.operands[0].last_dim(), self.result.last_dim())
+        else {
             return None;
         };
         let quant = Some(self.operands[1].dtype).filter(|d| d.is_quantized());
@@ -181,7 +180,13 @@ impl KernelSpec {
         match &self.op {
             Op::MatMul { .. } | Op::RmsNorm { .. } | Op::LayerNorm { .. } | Op::Softmax | Op::Gelu { .. } | Op::Silu => true,
             Op::Add | Op::Mul => self.operands.iter().all(|t| t.dims == self.result.dims || !t.dims.contains(&sparsec_ir::Dim::Seq)),
-            Op::Input | Op::Weight { .. } | Op::Constant { .. } | Op::Attention { .. } | Op::Rope { .. } | Op::Embedding | Op::Positions => false,
+            Op::Input
+            | Op::Weight { .. }
+            | Op::Constant { .. }
+            | Op::Attention { .. }
+            | Op::Rope { .. }
+            | Op::Embedding
+            | Op::Positions => false,
         }
     }
 

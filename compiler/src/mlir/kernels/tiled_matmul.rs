@@ -216,7 +216,14 @@ pub(in crate::mlir) fn column_groups(b: &mut KernelBuilder, j0: &str, j_end: &st
 /// Runs `body(first row, rows)` for the row block at `r0` of `rb` rows: once
 /// with all `rb` rows when the block is full (the register-blocked GEMM case),
 /// else once per remaining row (the ragged end, and GEMV where `rb` is 1).
-pub(in crate::mlir) fn row_block(b: &mut KernelBuilder, rb: u64, r0: &str, rbc: &str, rows: &str, body: &dyn Fn(&mut KernelBuilder, &str, u64)) {
+pub(in crate::mlir) fn row_block(
+    b: &mut KernelBuilder,
+    rb: u64,
+    r0: &str,
+    rbc: &str,
+    rows: &str,
+    body: &dyn Fn(&mut KernelBuilder, &str, u64),
+) {
     if rb == 1 {
         body(b, r0, 1);
         return;
