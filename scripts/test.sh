@@ -6,4 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# Formatting and lints first: they fail in seconds where the tests take minutes.
+cargo fmt --all -- --check
+(cd fuzz && cargo fmt -- --check)
+cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace

@@ -346,7 +346,8 @@ fn plot(path: &PathBuf, points: &[Point], lm: bool) -> Result<()> {
     let panels = root.split_evenly((1, 2));
     let ylabel = if lm { "decode ms / token" } else { "run ms (seq 1)" };
     let ymax = ok.iter().map(|p| p.decode_ms).fold(0.0, f64::max) * 1.1 + 1e-9;
-    let xs: [(&str, Box<dyn Fn(&Point) -> f64>); 2] =
+    type Axis = (&'static str, Box<dyn Fn(&Point) -> f64>);
+    let xs: [Axis; 2] =
         [("compile s", Box::new(|p: &Point| p.compile_s)), ("machine code KB", Box::new(|p: &Point| p.cpu_code_bytes as f64 / 1e3))];
     for (area, (xlabel, fx)) in panels.iter().zip(xs.iter()) {
         let xmax = ok.iter().map(|p| fx(p)).fold(0.0, f64::max) * 1.1 + 1e-9;

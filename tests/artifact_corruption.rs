@@ -82,9 +82,11 @@ fn load_and_run(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// What a corruption does to a file's bytes.
-fn corruptions(len: usize) -> Vec<(String, Box<dyn Fn(&mut Vec<u8>)>)> {
-    let mut v: Vec<(String, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+/// A corruption: what it is called and what it does to a file's bytes.
+type Corruption = (String, Box<dyn Fn(&mut Vec<u8>)>);
+
+fn corruptions(len: usize) -> Vec<Corruption> {
+    let mut v: Vec<Corruption> = vec![
         ("emptied".into(), Box::new(|b: &mut Vec<u8>| b.clear())),
         ("truncated to half".into(), Box::new(|b: &mut Vec<u8>| b.truncate(b.len() / 2))),
         ("truncated by one byte".into(), Box::new(|b: &mut Vec<u8>| b.truncate(b.len().saturating_sub(1)))),

@@ -8,7 +8,10 @@ mod harness;
 
 use std::path::Path;
 
-const TARGETS: [(&str, fn(&[u8])); 5] = [
+/// A fuzz target's name and its harness.
+type Target = (&'static str, fn(&[u8]));
+
+const TARGETS: [Target; 5] = [
     ("ir_text", harness::ir_text),
     ("plan", harness::plan),
     ("gguf", harness::gguf),

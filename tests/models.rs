@@ -240,7 +240,7 @@ fn compiled_fixture_error(name: &str) -> f32 {
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let ids: Vec<f32> = r["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as f32).collect();
     let x = ArrayD::from_shape_vec(IxDyn(&[ids.len()]), ids).unwrap();
-    let got = sparsec_runtime::cpu::CpuExecutor::load(&art).unwrap().run(&art, &[x.clone()]).unwrap().remove(0);
+    let got = sparsec_runtime::cpu::CpuExecutor::load(&art).unwrap().run(&art, std::slice::from_ref(&x)).unwrap().remove(0);
     let want: Vec<f32> =
         r["logits"].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect();
     assert_eq!(got.len(), want.len());

@@ -234,8 +234,8 @@ pub fn assign_slots(plan: &mut ExecutionPlan) {
         }
         // Temps whose last reader is this step free their slots (after the
         // output took one, so a step never writes over its own inputs).
-        for b in 0..n {
-            if last_read[b] == Some(s) && plan.buffers[b].kind == BufferKind::Temp && !plan.outputs.contains(&b) {
+        for (b, read) in last_read.iter().enumerate().take(n) {
+            if *read == Some(s) && plan.buffers[b].kind == BufferKind::Temp && !plan.outputs.contains(&b) {
                 if let Some(slot) = plan.buffers[b].slot {
                     free.push(slot);
                 }

@@ -45,7 +45,7 @@ pub struct Planes {
 }
 
 pub fn planes(dt: DType, numel: usize) -> Option<Planes> {
-    if !dt.is_quantized() || numel % QK != 0 {
+    if !dt.is_quantized() || !numel.is_multiple_of(QK) {
         return None;
     }
     let blocks = numel / QK;
@@ -63,7 +63,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// `None` when the byte count is not a whole number of blocks of `dt`.
 pub fn pack_ggml(dt: DType, ggml: &[u8]) -> Option<Vec<u8>> {
     let bb = block_bytes(dt);
-    if bb == 0 || ggml.len() % bb != 0 {
+    if bb == 0 || !ggml.len().is_multiple_of(bb) {
         return None;
     }
     let p = planes(dt, ggml.len() / bb * QK)?;

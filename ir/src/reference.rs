@@ -131,7 +131,7 @@ pub fn eval_op(op: &Op, patterns: &[Pattern], operands: &[&ArrayD<f32>]) -> Resu
 /// Rotary embedding of `x[seq, heads·d]` at positions `offset..offset+seq`.
 pub fn rope(x: &ArrayD<f32>, heads: usize, theta: f32, adjacent: bool, offset: usize) -> Result<ArrayD<f32>, String> {
     let &[s, w] = x.shape() else { return Err(format!("rope of a {}-d value", x.ndim())) };
-    if heads == 0 || w % heads != 0 || (w / heads) % 2 != 0 {
+    if heads == 0 || w % heads != 0 || !(w / heads).is_multiple_of(2) {
         return Err(format!("rope of width {w} over {heads} heads needs heads of an even width"));
     }
     let d = w / heads;

@@ -22,7 +22,7 @@ pub fn infer_type(op: &Op, operands: &[&TensorType]) -> Result<TensorType, Strin
     // K a whole number of blocks; the product is f32.
     if let (Op::MatMul { transpose_b }, [a, b]) = (op, operands) {
         if b.dtype.is_quantized() {
-            let k_ok = matches!(b.dims.get(1), Some(Dim::Fixed(k)) if *k as usize % crate::quant::QK == 0);
+            let k_ok = matches!(b.dims.get(1), Some(Dim::Fixed(k)) if (*k as usize).is_multiple_of(crate::quant::QK));
             if !*transpose_b || b.rank() != 2 || !k_ok {
                 return Err(format!(
                     "operand 1 has type {b}; a quantized matrix must be a transposed operand [N, K] with K a multiple of {}",

@@ -53,7 +53,7 @@ impl DType {
             DType::F32 | DType::I32 => numel.checked_mul(4),
             DType::F16 | DType::BF16 => numel.checked_mul(2),
             DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
-                (numel % crate::quant::QK == 0).then(|| numel / crate::quant::QK * crate::quant::block_bytes(self))
+                numel.is_multiple_of(crate::quant::QK).then(|| numel / crate::quant::QK * crate::quant::block_bytes(self))
             }
         }
     }

@@ -311,7 +311,7 @@ impl GgufFile {
                 bad(format!("tensor `{}` is too large: {numel} {} elements overflow a byte count", t.name, t.ty.name()))
             }
         })?;
-        if t.offset % self.alignment != 0 {
+        if !t.offset.is_multiple_of(self.alignment) {
             return Err(bad(format!("tensor `{}` offset {} is not aligned to {}", t.name, t.offset, self.alignment)));
         }
         let file_len = self.map.len();

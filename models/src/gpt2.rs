@@ -30,7 +30,7 @@ impl Gpt2Config {
         check_size("n_embd", self.dim, u64::MAX, "")?;
         check_size("n_layer", self.layers, MAX_LAYERS, "no real model has that many; the config is corrupt")?;
         check_size("n_head", self.heads, u32::MAX as u64, "the IR counts heads in 32 bits")?;
-        if self.dim % self.heads != 0 {
+        if !self.dim.is_multiple_of(self.heads) {
             return Err(ConfigIssue::new("n_embd", format!("is {}, not divisible by `n_head` = {}", self.dim, self.heads)));
         }
         if !(self.eps.is_finite() && self.eps >= 0.0) {

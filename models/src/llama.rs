@@ -80,10 +80,10 @@ impl LlamaConfig {
         check_size(k.kv_heads, self.kv_heads, u32::MAX as u64, "the IR counts heads in 32 bits")?;
         check_size(k.ffn, self.ffn, u64::MAX, "")?;
         check_size(k.context, self.context, u64::MAX, "")?;
-        if self.dim % self.heads != 0 {
+        if !self.dim.is_multiple_of(self.heads) {
             return Err(ConfigIssue::new(k.dim, format!("is {}, not divisible by `{}` = {}", self.dim, k.heads, self.heads)));
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return Err(ConfigIssue::new(
                 k.kv_heads,
                 format!(
@@ -92,7 +92,7 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(ConfigIssue::new(
                 k.dim,
                 format!(

@@ -68,7 +68,7 @@ impl GgmlType {
     /// Bytes holding `n` elements, or `None` if `n` is not a whole number of blocks
     /// or the type is unsupported.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
-        let blocks = |bytes_per_block: usize| if n % QK == 0 { (n / QK).checked_mul(bytes_per_block) } else { None };
+        let blocks = |bytes_per_block: usize| if n.is_multiple_of(QK) { (n / QK).checked_mul(bytes_per_block) } else { None };
         match self {
             GgmlType::F32 => n.checked_mul(4),
             GgmlType::F16 | GgmlType::BF16 => n.checked_mul(2),

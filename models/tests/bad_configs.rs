@@ -228,7 +228,7 @@ fn gguf(kv: &[(&str, V)], tensors: &[(&str, &[u64])]) -> Vec<u8> {
         out.extend((data.len() as u64).to_le_bytes());
         data.extend(std::iter::repeat_n(0u8, 4 * dims.iter().product::<u64>() as usize));
     }
-    while out.len() % 32 != 0 {
+    while !out.len().is_multiple_of(32) {
         out.push(0);
     }
     out.extend(data);

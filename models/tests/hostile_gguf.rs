@@ -35,7 +35,7 @@ fn tensor_info(out: &mut Vec<u8>, name: &str, dims: &[u64], ty: u32, offset: u64
 fn one_tensor(dims: &[u64], ty: u32, offset: u64, data: usize) -> Vec<u8> {
     let mut out = header(1, 0);
     tensor_info(&mut out, "t", dims, ty, offset);
-    while out.len() % 32 != 0 {
+    while !out.len().is_multiple_of(32) {
         out.push(0);
     }
     out.extend(std::iter::repeat_n(0u8, data));
@@ -188,7 +188,7 @@ fn seed_file() -> Vec<u8> {
     out.extend(7u64.to_le_bytes());
     tensor_info(&mut out, "f", &[4, 2], 0, 0);
     tensor_info(&mut out, "q", &[32], 8, 32);
-    while out.len() % 32 != 0 {
+    while !out.len().is_multiple_of(32) {
         out.push(0);
     }
     out.extend([0u8; 32]);

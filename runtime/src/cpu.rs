@@ -175,7 +175,7 @@ impl CpuExecutor {
         // SAFETY: only the symbol's address is taken.
         let p: libloading::Symbol<'_, *const u64> = unsafe { lib.get(sym.as_bytes()) }.map_err(|e| format!("{sym}: {e}"))?;
         let p: *const u64 = *p;
-        if p.is_null() || (p as usize) % std::mem::align_of::<u64>() != 0 {
+        if p.is_null() || !(p as usize).is_multiple_of(std::mem::align_of::<u64>()) {
             return Err(format!("{sym} is not an aligned record"));
         }
         // SAFETY: the symbol is a constant array the compiler emitted into this
@@ -241,7 +241,7 @@ impl CpuExecutor {
             let bytes = art.weights.at(art.weight_range(b)?);
             let need = bytes.len();
             // Kernels load f32 and f16 values: data that is not 4-byte aligned is copied.
-            let data = if (bytes.as_ptr() as usize) % 4 == 0 {
+            let data = if (bytes.as_ptr() as usize).is_multiple_of(4) {
                 WeightData::Mapped(bytes.as_ptr(), need)
             } else {
                 let mut v = vec![0u32; need.div_ceil(4)];

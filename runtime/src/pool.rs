@@ -119,7 +119,7 @@ fn worker(s: &Shared, id: usize) {
             }
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            if spins % 1024 == 0 && start.elapsed() > SPIN_BEFORE_PARK {
+            if spins.is_multiple_of(1024) && start.elapsed() > SPIN_BEFORE_PARK {
                 park(s, seen);
             }
         };

@@ -275,7 +275,7 @@ impl Dot<'_> {
                     // activations. Two sums per row hide the FMA latency.
                     let pairs = steps / 2;
                     let fixed_step = match self.fmt {
-                        SparseFormat::Nm { keep, group, .. } if VW % group as u64 == 0 => Some(VW / group as u64 * keep as u64),
+                        SparseFormat::Nm { keep, group, .. } if VW.is_multiple_of(group as u64) => Some(VW / group as u64 * keep as u64),
                         _ => None,
                     };
                     let lut = b.i32_table("nm_expand", &expand_table());
@@ -398,7 +398,7 @@ impl Dot<'_> {
                 let bsz = b.index(rows as u64 * cols as u64);
                 let ioff = b.muli(&i, &cc);
                 let c = cols as u64;
-                let lanes = [8u64, 4].into_iter().find(|l| self.vectors && c % l == 0).unwrap_or(1);
+                let lanes = [8u64, 4].into_iter().find(|l| self.vectors && c.is_multiple_of(*l)).unwrap_or(1);
                 if lanes == 1 {
                     return b.for_fold(&lo, &hi, &vec![zero; nr], |b, q, accs| {
                         let bc = b.load_index(&p.idx, q, "i32");

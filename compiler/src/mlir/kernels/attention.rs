@@ -189,7 +189,7 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
             // A window masks keys by position: apply it to the stored
             // scores (-inf outside) and take the max of what is visible.
             let m = if win.is_some() {
-                b.for_fold(&start, &end, &[ninf.clone()], |b, j, acc| {
+                b.for_fold(&start, &end, std::slice::from_ref(&ninf), |b, j, acc| {
                     let s = b.load(&scores, j);
                     let s = masked(b, &s, j, &p);
                     b.store(&s, &scores, j);
@@ -198,7 +198,7 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
             } else {
                 m
             };
-            let l = b.for_fold(&start, &end, &[zero.clone()], |b, j, acc| {
+            let l = b.for_fold(&start, &end, std::slice::from_ref(&zero), |b, j, acc| {
                 let s = b.load(&scores, j);
                 let c = b.sub(&s, &m[0]);
                 let e = math::exp(b, &c);
@@ -245,7 +245,7 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
             let ml = b.for_fold(&start, &end, &[ninf.clone(), zero.clone()], |b, j, acc| {
                 let kbase0 = b.muli(j, &kvwc);
                 let kbase = b.addi(&kbase0, &khd);
-                let dot = b.for_fold(&zero_i, &dc, &[zero.clone()], |b, c, a| {
+                let dot = b.for_fold(&zero_i, &dc, std::slice::from_ref(&zero), |b, c, a| {
                     let qi = b.addi(&qbase, c);
                     let ki = b.addi(&kbase, c);
                     let qv = b.load(&ins[0], &qi);

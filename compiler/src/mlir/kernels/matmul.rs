@@ -60,7 +60,7 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
         let (kc, nc, zero_i) = (&kc2, &nc2, &zero_i2);
         let arow = b.muli(r, kc);
         let brow = if tb { Some(b.muli(j, kc)) } else { None };
-        let acc = b.for_fold(zero_i, kc, &[zero.clone()], |b, kk, acc| {
+        let acc = b.for_fold(zero_i, kc, std::slice::from_ref(&zero), |b, kk, acc| {
             let ai = b.addi(&arow, kk);
             let a = b.load(&a_buf, &ai);
             let bi = match &brow {
@@ -83,7 +83,7 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
             // Register-blocked over output columns: `u` vectors of VW columns
             // accumulate across k; each step reads a contiguous slice of a B row.
             let nvec = n / VW as u64;
-            let u = [4u64, 2, 1].into_iter().find(|u| nvec % u == 0).unwrap_or(1);
+            let u = [4u64, 2, 1].into_iter().find(|u| nvec.is_multiple_of(*u)).unwrap_or(1);
             let rows = b.divui(work, &nc);
             b.parallel(&rows, |b, r| {
                 let arow = b.muli(r, &kc);

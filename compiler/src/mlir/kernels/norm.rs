@@ -18,7 +18,7 @@ pub(super) fn emit_norm(b: &mut KernelBuilder, cx: &KernelCtx<'_>, eps: f32) -> 
     b.parallel(work, |b, r| {
         let base = b.muli(r, &dc);
         let mean = if is_layer {
-            let s = b.for_fold(&zero_i, &dc, &[zero.clone()], |b, j, acc| {
+            let s = b.for_fold(&zero_i, &dc, std::slice::from_ref(&zero), |b, j, acc| {
                 let i = b.addi(&base, j);
                 let x = b.load(&ins[0], &i);
                 vec![b.add(&acc[0], &x)]
@@ -27,7 +27,7 @@ pub(super) fn emit_norm(b: &mut KernelBuilder, cx: &KernelCtx<'_>, eps: f32) -> 
         } else {
             zero.clone()
         };
-        let ss = b.for_fold(&zero_i, &dc, &[zero.clone()], |b, j, acc| {
+        let ss = b.for_fold(&zero_i, &dc, std::slice::from_ref(&zero), |b, j, acc| {
             let i = b.addi(&base, j);
             let x = b.load(&ins[0], &i);
             let c = b.sub(&x, &mean);

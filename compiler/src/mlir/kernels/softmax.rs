@@ -14,12 +14,12 @@ pub(super) fn emit_softmax(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<
     let ninf = b.f32(f32::NEG_INFINITY);
     b.parallel(work, |b, r| {
         let base = b.muli(r, &dc);
-        let m = b.for_fold(&zero_i, &dc, &[ninf.clone()], |b, j, acc| {
+        let m = b.for_fold(&zero_i, &dc, std::slice::from_ref(&ninf), |b, j, acc| {
             let i = b.addi(&base, j);
             let x = b.load(&ins[0], &i);
             vec![b.fbin("maxnumf", &acc[0], &x)]
         });
-        let s = b.for_fold(&zero_i, &dc, &[zero.clone()], |b, j, acc| {
+        let s = b.for_fold(&zero_i, &dc, std::slice::from_ref(&zero), |b, j, acc| {
             let i = b.addi(&base, j);
             let x = b.load(&ins[0], &i);
             let c = b.sub(&x, &m[0]);
