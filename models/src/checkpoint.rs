@@ -142,6 +142,16 @@ fn fmt(path: &Path, message: String) -> ModelError {
     ModelError::Format { path: path.into(), message }
 }
 
+/// Every layer has tensors of its own: a layer count `field` the checkpoint's
+/// `tensors` cannot hold is refused before tables of its roles are built, so
+/// loading work stays proportional to the file, whatever the config claims.
+fn layers_fit(path: &Path, field: &str, layers: u64, tensors: usize) -> Result<(), ModelError> {
+    if layers > tensors as u64 {
+        return Err(config_err(path, field, format!("is {layers}, but the checkpoint holds only {tensors} tensors")));
+    }
+    Ok(())
+}
+
 fn config_err(path: &Path, field: &str, message: impl Into<String>) -> ModelError {
     ModelError::Config { path: path.into(), field: field.into(), message: message.into() }
 }
@@ -282,6 +292,7 @@ impl Model {
         if g.tensor("rope_freqs.weight").is_some() {
             return Err(fmt(path, "tensor `rope_freqs.weight` (RoPE frequency factors, Llama 3 style) is not supported".into()));
         }
+        layers_fit(path, "llama.block_count", config.layers, g.tensors.len())?;
         let mut names = HashMap::new();
         names.insert("embed".to_string(), "token_embd.weight".to_string());
         names.insert("final_norm".into(), "output_norm.weight".into());
@@ -338,6 +349,7 @@ impl Model {
             // HF saves GPT-2 with or without the `transformer.` prefix.
             let pre = if st.contains("transformer.wte.weight") { "transformer." } else { "" };
             let d = config.dim as usize;
+            layers_fit(&dir.join("config.json"), "n_layer", config.layers, st.len())?;
             let mut names = HashMap::new();
             let t = |n: &str| format!("{pre}{n}");
             names.insert("embed".to_string(), (t("wte.weight"), Cut::Whole));
@@ -418,6 +430,7 @@ impl Model {
             }
         }
         let st = SafetensorsDir::open(dir)?;
+        layers_fit(&dir.join("config.json"), "num_hidden_layers", config.layers, st.len())?;
         let mut names = HashMap::new();
         names.insert("embed".to_string(), "model.embed_tokens.weight".to_string());
         names.insert("final_norm".into(), "model.norm.weight".into());

@@ -55,6 +55,15 @@ impl SafetensorsDir {
         self.files.iter().map(|(_, m)| &m[..])
     }
 
+    /// How many tensors the directory holds.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }

@@ -124,6 +124,12 @@ fn hf_llama_missing_or_mistyped_fields() {
 fn hf_llama_absurd_sizes_do_not_overflow() {
     let e = hf_llama_error(|c| c["num_hidden_layers"] = serde_json::json!(1u64 << 40), "num_hidden_layers");
     assert!(e.contains("more than 65536"), "{e}");
+    // Within the limit, but more layers than the file has tensors: refused
+    // before any per-layer table is built (a fuzzer's slow input).
+    let e = hf_llama_error(|c| c["num_hidden_layers"] = serde_json::json!(60000), "num_hidden_layers");
+    assert!(e.contains("is 60000, but the checkpoint holds only"), "{e}");
+    let e = hf_gpt2_error(|c| c["n_layer"] = serde_json::json!(60000), "n_layer");
+    assert!(e.contains("is 60000, but the checkpoint holds only"), "{e}");
     let e = hf_llama_error(|c| c["vocab_size"] = serde_json::json!(1u64 << 30), "vocab_size");
     assert!(e.contains("more than 16777216") && e.contains("exact below 2^24"), "{e}");
     let e = hf_llama_error(|c| c["num_attention_heads"] = serde_json::json!(1u64 << 33), "num_attention_heads");
