@@ -29,7 +29,7 @@ for t in "${targets[@]}"; do
   rc=$?
   set -e
   end=$(date +%s)
-  runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
+  runs=$(grep -a -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
   crashes=$(ls fuzz/artifacts/"$t" 2>/dev/null | grep -c -E '^(crash|timeout|oom|leak)-' || true)
   printf '%-16s %12s %8s %8s\n' "$t" "${runs:-?}" "$((end - start))" "$crashes"
   if [ "$rc" -ne 0 ]; then

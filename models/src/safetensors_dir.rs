@@ -9,8 +9,16 @@ use std::path::{Path, PathBuf};
 pub struct SafetensorsDir {
     pub dir: PathBuf,
     files: Vec<(PathBuf, memmap2::Mmap)>,
-    /// tensor name → index into `files`
-    index: HashMap<String, usize>,
+    /// Tensor name → where it is: read from each header once, at open.
+    index: HashMap<String, Entry>,
+}
+
+/// A tensor's file (index into `files`), type, shape and bytes in that file.
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: std::ops::Range<usize>,
 }
 
 fn fmt(path: &Path, message: String) -> ModelError {
@@ -42,8 +50,10 @@ impl SafetensorsDir {
             // SAFETY: mapped read-only; the checkpoint is not modified while we hold it.
             let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|error| ModelError::Io { path: path.clone(), error })?;
             let st = SafeTensors::deserialize(&map).map_err(|e| fmt(&path, format!("not a valid safetensors file: {e}")))?;
-            for t in st.names() {
-                index.insert(t.to_string(), files.len());
+            for (name, t) in st.tensors() {
+                let start = t.data().as_ptr() as usize - map.as_ptr() as usize;
+                let entry = Entry { file: files.len(), dtype: t.dtype(), shape: t.shape().to_vec(), bytes: start..start + t.data().len() };
+                index.insert(name, entry);
             }
             files.push((path, map));
         }
@@ -68,31 +78,30 @@ impl SafetensorsDir {
         self.index.contains_key(name)
     }
 
+    fn entry(&self, name: &str) -> Result<&Entry, ModelError> {
+        self.index.get(name).ok_or_else(|| ModelError::MissingTensor { path: self.dir.clone(), name: name.into() })
+    }
+
     /// The shape of a tensor, from the file header (no data is read).
     pub fn shape(&self, name: &str) -> Result<Vec<usize>, ModelError> {
-        let i = *self.index.get(name).ok_or_else(|| ModelError::MissingTensor { path: self.dir.clone(), name: name.into() })?;
-        let (path, map) = &self.files[i];
-        let st = SafeTensors::deserialize(map).map_err(|e| fmt(path, e.to_string()))?;
-        let t = st.tensor(name).map_err(|e| fmt(path, e.to_string()))?;
-        if !matches!(t.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
-            return Err(fmt(path, format!("tensor `{name}` has unsupported dtype {:?} (F32, F16, BF16 are)", t.dtype())));
+        let e = self.entry(name)?;
+        if !matches!(e.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(fmt(&self.files[e.file].0, format!("tensor `{name}` has unsupported dtype {:?} (F32, F16, BF16 are)", e.dtype)));
         }
-        Ok(t.shape().to_vec())
+        Ok(e.shape.clone())
     }
 
     /// The tensor as f32 (from F32, F16 or BF16) with its shape.
     pub fn get(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
-        let i = *self.index.get(name).ok_or_else(|| ModelError::MissingTensor { path: self.dir.clone(), name: name.into() })?;
-        let (path, map) = &self.files[i];
-        let st = SafeTensors::deserialize(map).map_err(|e| fmt(path, e.to_string()))?;
-        let t = st.tensor(name).map_err(|e| fmt(path, e.to_string()))?;
-        let b = t.data();
-        let values: Vec<f32> = match t.dtype() {
+        let e = self.entry(name)?;
+        let (path, map) = &self.files[e.file];
+        let b = &map[e.bytes.clone()];
+        let values: Vec<f32> = match e.dtype {
             Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             other => return Err(fmt(path, format!("tensor `{name}` has unsupported dtype {other:?}"))),
         };
-        Ok((t.shape().to_vec(), values))
+        Ok((e.shape.clone(), values))
     }
 }
