@@ -179,11 +179,11 @@ impl Artifact {
         let end = (pos as u64).checked_add(seq);
         match end {
             Some(e) if e <= self.limits.max_positions => Ok(()),
-            _ => Err(RuntimeError::Input {
-                index: 0,
-                name: String::new(),
-                message: format!("positions {pos}..{pos}+{seq} exceed the {} this model can address", self.limits.max_positions),
-            }),
+            _ => Err(RuntimeError::Positions(format!(
+                "positions {pos}..{} exceed the {} this model can address",
+                pos as u64 + seq,
+                self.limits.max_positions
+            ))),
         }
     }
 

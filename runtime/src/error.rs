@@ -13,6 +13,8 @@ pub enum RuntimeError {
     Ir(#[from] sparsec_ir::IrError),
     #[error("input {index} (%{name}): {message}")]
     Input { index: usize, name: String, message: String },
+    #[error("{0}")]
+    Positions(String),
     #[error("cpu: {0}")]
     Cpu(String),
     #[error("cuda: {0}")]
