@@ -13,6 +13,7 @@ pub mod quant;
 pub mod reference;
 pub mod shape;
 pub mod sparse;
+pub mod sparse_calibrated;
 pub mod types;
 pub mod verifier;
 
