@@ -135,10 +135,16 @@ pub struct LmSource {
 
 impl LmSource {
     /// A checkpoint on the reference interpreter, with `plan` (its text) applied to its graph.
-    pub fn model(spec: &str, plan: Option<&str>) -> Result<LmSource> {
+    pub fn model(spec: &str, plan: Option<&str>, calibration_cache: Option<&Path>) -> Result<LmSource> {
         let mut m = Model::load(spec)?;
         if let Some(text) = plan {
             let plan = sparsec_passes::Plan::parse(text)?;
+            // Calibrated methods prune the weights first (on the dense graph);
+            // the plan then marks what the interpreter prunes by magnitude,
+            // which leaves those weights as they are.
+            if let Some(r) = crate::calibrated::apply(&m, &plan, calibration_cache)? {
+                eprintln!("{}", crate::calibrated::describe(&r));
+            }
             sparsec_passes::PassManager::with_plan(Some(plan), Default::default()).run(&mut m.graph)?;
         }
         let tokenizer = m.tokenizer()?.clone();
@@ -210,7 +216,7 @@ impl LmSource {
 }
 
 /// A bar on a terminal, nothing when stderr is piped.
-fn progress(len: u64, what: &str) -> ProgressBar {
+pub(crate) fn progress(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_bar()));
     pb.set_message(what.to_string());

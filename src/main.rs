@@ -16,6 +16,7 @@ use sparsec_runtime::Artifact;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod calibrated;
 mod cli;
 mod lm_verbs;
 mod tradeoff;
@@ -104,6 +105,20 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
     // takes them from --weights or its `init`s.
     let (graph, model) = load_source_with(input, flags.dequantize)?;
     let output = output.unwrap_or_else(|| PathBuf::from(format!("{}.sparsec", graph.name)));
+    // Calibrated methods (Wanda, SparseGPT) prune the model's weights before the compile.
+    let calibration = match (plan_text.as_deref().map(sparsec_passes::Plan::parse).transpose()?, &model) {
+        (Some(plan), Some(m)) => crate::calibrated::apply(m, &plan, calibration_cache(flags).as_deref())?,
+        (Some(plan), None) if plan.needs_calibration() => {
+            anyhow::bail!(
+                "{}: calibrated pruning methods need a model checkpoint (GGUF, HF directory or smollm2) and its tokenizer",
+                input.display()
+            )
+        }
+        _ => None,
+    };
+    if let Some(r) = &calibration {
+        eprintln!("{}", crate::calibrated::describe(r));
+    }
     use sparsec_compiler::WeightData;
     let lookup = |role: &str, dt: sparsec_ir::DType| -> Result<Option<(Vec<usize>, WeightData)>, sparsec_compiler::CompileError> {
         let Some(m) = &model else { return Ok(None) };
@@ -133,10 +148,14 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
         },
         None => None,
     };
-    let fingerprint = model.as_ref().map(|m| m.fingerprint()).unwrap_or_default();
+    // The weights as pruned: the checkpoint and, when calibrated, the statistics.
+    let fingerprint = model.as_ref().map(|m| m.fingerprint()).unwrap_or_default()
+        + &calibration.as_ref().map(|r| format!("+calibration:{}", r.key)).unwrap_or_default();
     let weights = match (&flags.weights, &model) {
         (Some(p), _) => sparsec_compiler::WeightSource::File(p),
-        (None, Some(_)) => sparsec_compiler::WeightSource::Lookup { lookup: &lookup, fingerprint: &fingerprint },
+        (None, Some(_)) => {
+            sparsec_compiler::WeightSource::Lookup { lookup: &lookup, fingerprint: &fingerprint, calibrated: calibration.is_some() }
+        }
         (None, None) => sparsec_compiler::WeightSource::None,
     };
     let print = PrintOptions { after_all: flags.print_after_all, after: flags.print_after.clone(), before: flags.print_before.clone() };
@@ -202,6 +221,11 @@ fn load_source_with(input: &Path, dequantize: bool) -> Result<(sparsec_ir::Graph
     } else {
         Ok((sparsec_models::load_graph(input)?, None))
     }
+}
+
+/// Where calibration statistics are kept (beside the compile cache; none with --no-cache).
+fn calibration_cache(flags: &CompileFlags) -> Option<PathBuf> {
+    (!flags.no_cache).then(|| flags.cache_dir.clone().unwrap_or_else(Cache::default_location))
 }
 
 fn cache_for(flags: &CompileFlags) -> Option<Cache> {
@@ -339,7 +363,7 @@ fn lm_source(input: &Path, compiled: bool, threads: Option<usize>, flags: &Compi
         let path = artifact_for(input, flags, DeviceArg::Cpu)?;
         return lm_verbs::LmSource::artifact(&path, threads);
     }
-    lm_verbs::LmSource::model(&input.to_string_lossy(), plan_text(flags)?.as_deref())
+    lm_verbs::LmSource::model(&input.to_string_lossy(), plan_text(flags)?.as_deref(), calibration_cache(flags).as_deref())
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {

@@ -346,3 +346,28 @@ fn ptx_entries_take_the_parameters_the_plan_launches_with() {
     }
     assert!(checked >= 12, "{checked}");
 }
+
+/// What the interpreter reads of an artifact: every weight, unpacked from its
+/// stored format (padding and all), equal to the graph's pruned init.
+#[test]
+fn weights_unpack_from_every_format() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut dense: Option<Vec<f32>> = None;
+    for f in ["dense", "csr", "nm", "bsr", "q4_1"] {
+        let p = tmp.path().join(format!("{f}.sparsec"));
+        build(f, &p);
+        let w = Artifact::open(&p).unwrap().weight_array("w").unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!(w.shape(), [32, 64], "{f}");
+        let zeros = w.iter().filter(|v| **v == 0.0).count();
+        match f {
+            "dense" => dense = Some(w.iter().copied().collect()),
+            "csr" => assert_eq!(zeros, 32 * 64 - 410, "csr keeps 410"),
+            "nm" | "bsr" => assert_eq!(zeros, 32 * 64 / 2, "{f} keeps half"),
+            _ => {}
+        }
+        if let (Some(d), "csr" | "nm" | "bsr") = (&dense, f) {
+            // Kept values are the dense init's, unchanged.
+            assert!(w.iter().zip(d).all(|(a, b)| *a == 0.0 || a == b), "{f}");
+        }
+    }
+}

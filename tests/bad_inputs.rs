@@ -9,34 +9,11 @@
 //! 96 ids) with a word-level tokenizer added: `w0`..`w89` are ids 0..89 and
 //! `zebra` is id 200, outside the models' vocabulary (`x91`..`x199` fill the ids between).
 
+mod word_model;
+
 use std::path::Path;
 use std::process::{Command, Output};
-
-/// A copy of fixture `name` with the word-level tokenizer.
-fn model(name: &str) -> tempfile::TempDir {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name);
-    let tmp = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
-    }
-    let mut vocab: serde_json::Map<String, serde_json::Value> = (0..90).map(|i| (format!("w{i}"), serde_json::json!(i))).collect();
-    vocab.insert("<unk>".into(), serde_json::json!(90));
-    // No holes in the ids (the tokenizers crate warns on stdout when it saves such a vocabulary).
-    vocab.extend((91..200).map(|i| (format!("x{i}"), serde_json::json!(i))));
-    vocab.insert("zebra".into(), serde_json::json!(200));
-    let tokenizer = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": { "type": "Whitespace" }, "post_processor": null, "decoder": null,
-        "model": { "type": "WordLevel", "vocab": vocab, "unk_token": "<unk>" }
-    });
-    std::fs::write(tmp.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
-    tmp
-}
-
-/// `n` in-vocabulary words.
-fn words(n: usize) -> String {
-    (0..n).map(|i| format!("w{}", i % 90)).collect::<Vec<_>>().join(" ")
-}
+use word_model::{model, words};
 
 fn sparsec(args: &[&str], cache: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sparsec")).args(args).env("SPARSEC_CACHE_DIR", cache).output().expect("runs")

@@ -75,6 +75,20 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
     let start = Instant::now();
     let mut g = req.graph;
     let plan = req.plan_text.as_deref().map(sparsec_passes::Plan::parse).transpose()?;
+    // Calibrated methods are applied to the weights before a compile (by the
+    // CLI, which has the model and its tokenizer); here they would silently
+    // become magnitude pruning.
+    let calibrated = matches!(req.weights, WeightSource::Lookup { calibrated: true, .. });
+    if let Some(r) = plan.iter().flat_map(|p| &p.rules).find(|r| r.sparsity.is_some() && r.method.calibrated() && !calibrated) {
+        return Err(sparsec_passes::PlanError::Rule {
+            rule: r.index,
+            message: format!(
+                "method = \"{}\" needs calibration: compile a model checkpoint with this plan (sparsec compile MODEL --plan ...)",
+                r.method.name()
+            ),
+        }
+        .into());
+    }
     let snapshots = PassManager::with_plan(plan, req.print.clone()).run(&mut g)?;
     let part = partition_with(&g, &req.options)?;
     let graph_text = print_graph(&g);

@@ -70,8 +70,9 @@ pub enum WeightSource<'a> {
     /// A safetensors file (`--weights`).
     File(&'a Path),
     /// A loaded checkpoint, by tensor name (a model's weight roles), with a
-    /// fingerprint of its stored bytes (it keys the cache).
-    Lookup { lookup: WeightLookup<'a>, fingerprint: &'a str },
+    /// fingerprint of its stored bytes (it keys the cache); `calibrated` when
+    /// the plan's calibrated methods (Wanda, SparseGPT) already pruned them.
+    Lookup { lookup: WeightLookup<'a>, fingerprint: &'a str, calibrated: bool },
 }
 
 /// Resolves the data of every weight buffer of `part`, in buffer order.

@@ -526,6 +526,20 @@ impl Model {
         Ok(a)
     }
 
+    /// Replaces the data of weight `role` (a transform of it, such as a
+    /// calibrated pruning): later `weight` calls return it. Its shape must be
+    /// the role's.
+    pub fn set_weight(&self, role: &str, data: Arc<ArrayD<f32>>) -> Result<(), ModelError> {
+        let want = self.shapes.get(role).ok_or_else(|| fmt(&self.path, format!("unknown role `{role}`")))?;
+        if data.shape() != want.as_slice() {
+            return Err(fmt(&self.path, format!("role `{role}` is {want:?}, the new data {:?}", data.shape())));
+        }
+        if let Ok(mut c) = self.cache.lock() {
+            c.insert(role.to_string(), data);
+        }
+        Ok(())
+    }
+
     /// Rows of the token embedding: every token id must be below it.
     pub fn vocab_size(&self) -> u64 {
         self.family.vocab()

@@ -5,7 +5,7 @@
 //! divides). Later rules override earlier ones. A pruned weight stored
 //! quantized becomes f32: pruning works on the dequantized values.
 
-use crate::plan::{glob, Plan, Rule, WindowPlan};
+use crate::plan::{Plan, Rule, WindowPlan};
 use crate::Pass;
 use sparsec_ir::{DType, Dim, Graph, IrError, Op, Pattern, Sparsity, Window};
 
@@ -74,11 +74,7 @@ impl ApplyPlan {
                 let w = g.nodes[i].operands[1].0;
                 let Op::Weight { name, .. } = g.nodes[w].op.clone() else { continue };
                 let (layer, role) = layer_and_role(&name);
-                let layer_ok = match layer {
-                    Some(l) => rule.layers.contains(l),
-                    None => rule.layers == crate::plan::Layers::All,
-                };
-                if !layer_ok || !rule.targets.iter().any(|t| glob(t, &role)) {
+                if !rule.selects(layer, &role) {
                     continue;
                 }
                 hits += 1;

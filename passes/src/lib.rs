@@ -13,7 +13,7 @@ pub use apply_plan::{layer_and_role, ApplyPlan};
 pub use const_fold::ConstFold;
 pub use dce::DeadCodeElimination;
 pub use manager::{PassManager, PrintOptions, Snapshot};
-pub use plan::{Plan, PlanError};
+pub use plan::{Calibration, Plan, PlanError, PruneMethod};
 pub use shape_infer::ShapeInference;
 pub use verify::Verify;
 

@@ -10,6 +10,59 @@ use sparsec_ir::{Sparsity, Specialize};
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
     pub rules: Vec<Rule>,
+    /// The calibration text and token count of calibrated methods (`[calibration]`).
+    pub calibration: Calibration,
+}
+
+/// How a sparsity pattern chooses what to prune.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PruneMethod {
+    /// Smallest |w| (no calibration).
+    #[default]
+    Magnitude,
+    /// |w|·‖x‖ per output row (Wanda), from calibration input norms.
+    Wanda,
+    /// Optimal-brain-surgeon updates with the calibration Hessian (SparseGPT).
+    SparseGpt,
+}
+
+impl PruneMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            PruneMethod::Magnitude => "magnitude",
+            PruneMethod::Wanda => "wanda",
+            PruneMethod::SparseGpt => "sparsegpt",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<PruneMethod> {
+        [PruneMethod::Magnitude, PruneMethod::Wanda, PruneMethod::SparseGpt].into_iter().find(|m| m.name() == s)
+    }
+
+    /// Whether the method needs calibration statistics.
+    pub fn calibrated(self) -> bool {
+        self != PruneMethod::Magnitude
+    }
+}
+
+/// What calibrated methods run the model over: never the evaluation text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Calibration {
+    /// Files concatenated (`text = "FILE"` or a list).
+    pub texts: Vec<std::path::PathBuf>,
+    /// Tokens taken from their start.
+    pub tokens: usize,
+}
+
+/// The default calibration corpus: licence texts every Debian machine has, other
+/// than GPL-3 (what sparsec evaluates on).
+pub const DEFAULT_CALIBRATION_TEXTS: [&str; 3] =
+    ["/usr/share/common-licenses/GPL-2", "/usr/share/common-licenses/LGPL-2.1", "/usr/share/common-licenses/Artistic"];
+
+impl Default for Calibration {
+    fn default() -> Self {
+        Calibration { texts: DEFAULT_CALIBRATION_TEXTS.iter().map(Into::into).collect(), tokens: 8192 }
+    }
 }
 
 /// Which layers a rule selects.
@@ -67,10 +120,24 @@ pub struct Rule {
     /// Role globs (`mlp.*`, `attn.q`, `lm_head`, `*`).
     pub targets: Vec<String>,
     pub sparsity: Option<Sparsity>,
+    /// How `sparsity` chooses what to prune.
+    pub method: PruneMethod,
     pub specialize: Option<Specialize>,
     pub window: Option<WindowPlan>,
     /// Families the plan format names but this build cannot apply yet (`kv`, `share`, `nsa`).
     pub not_yet: Vec<&'static str>,
+}
+
+impl Rule {
+    /// Whether the rule selects the weight of `role` in `layer` (`None`: a
+    /// weight outside the layers, selected by `layers = "all"` only).
+    pub fn selects(&self, layer: Option<u64>, role: &str) -> bool {
+        let layer_ok = match layer {
+            Some(l) => self.layers.contains(l),
+            None => self.layers == Layers::All,
+        };
+        layer_ok && self.targets.iter().any(|t| glob(t, role))
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -88,6 +155,21 @@ pub enum PlanError {
 struct PlanFile {
     #[serde(default)]
     rule: Vec<RuleFile>,
+    calibration: Option<CalibrationFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CalibrationFile {
+    text: Option<TextFiles>,
+    tokens: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TextFiles {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Deserialize)]
@@ -105,9 +187,9 @@ struct RuleFile {
 #[derive(Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 enum SparsityFile {
-    Unstructured { ratio: f32 },
-    Nm { n: u32, m: u32 },
-    Block { ratio: f32, block: [u32; 2] },
+    Unstructured { ratio: f32, method: Option<String> },
+    Nm { n: u32, m: u32, method: Option<String> },
+    Block { ratio: f32, block: [u32; 2], method: Option<String> },
 }
 
 #[derive(Deserialize)]
@@ -161,16 +243,28 @@ impl Plan {
             let layers = parse_layers(r.layers.as_deref().unwrap_or("all")).map_err(err)?;
             let targets: Vec<String> =
                 r.target.as_deref().unwrap_or("*").split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+            let method = match &r.sparsity {
+                Some(SparsityFile::Unstructured { method, .. } | SparsityFile::Nm { method, .. } | SparsityFile::Block { method, .. }) => {
+                    match method.as_deref() {
+                        None => PruneMethod::Magnitude,
+                        Some(m) => PruneMethod::from_name(m)
+                            .ok_or_else(|| err(format!("method = \"{m}\" is not one of magnitude, wanda, sparsegpt")))?,
+                    }
+                }
+                None => PruneMethod::Magnitude,
+            };
             let sparsity = match r.sparsity {
                 None => None,
-                Some(SparsityFile::Unstructured { ratio }) => Some(Sparsity::Unstructured { ratio: ratio_in_range(ratio).map_err(err)? }),
-                Some(SparsityFile::Nm { n, m }) => {
+                Some(SparsityFile::Unstructured { ratio, .. }) => {
+                    Some(Sparsity::Unstructured { ratio: ratio_in_range(ratio).map_err(err)? })
+                }
+                Some(SparsityFile::Nm { n, m, .. }) => {
                     if n == 0 || m == 0 || n > m || m > 255 {
                         return Err(err(format!("N:M sparsity needs 0 < n <= m <= 255, got {n}:{m}")));
                     }
                     Some(Sparsity::NM { n, m })
                 }
-                Some(SparsityFile::Block { ratio, block: [rows, cols] }) => {
+                Some(SparsityFile::Block { ratio, block: [rows, cols], .. }) => {
                     if rows == 0 || cols == 0 {
                         return Err(err(format!("block shape [{rows}, {cols}] must be positive")));
                     }
@@ -221,9 +315,35 @@ impl Plan {
             if sparsity.is_none() && specialize.is_none() && window.is_none() && not_yet.is_empty() {
                 return Err(err("says nothing: give sparsity, specialize, attention, kv or share".into()));
             }
-            rules.push(Rule { index, layers, targets, sparsity, specialize, window, not_yet });
+            rules.push(Rule { index, layers, targets, sparsity, method, specialize, window, not_yet });
         }
-        Ok(Plan { rules })
+        let mut calibration = Calibration::default();
+        if let Some(c) = file.calibration {
+            match c.text {
+                Some(TextFiles::One(t)) => calibration.texts = vec![t.into()],
+                Some(TextFiles::Many(v)) if !v.is_empty() => calibration.texts = v.into_iter().map(Into::into).collect(),
+                Some(TextFiles::Many(_)) => return Err(PlanError::Toml("[calibration] text = [] names no file".into())),
+                None => {}
+            }
+            match c.tokens {
+                Some(0) => return Err(PlanError::Toml("[calibration] tokens must be positive".into())),
+                Some(t) => calibration.tokens = t,
+                None => {}
+            }
+        }
+        Ok(Plan { rules, calibration })
+    }
+
+    /// The sparsity and method the plan gives the matmul weight of `role` in
+    /// `layer` (`None`: not in a layer): the last rule that selects it and says
+    /// a sparsity wins, as `apply-plan` applies them.
+    pub fn sparsity_for(&self, layer: Option<u64>, role: &str) -> Option<(Sparsity, PruneMethod)> {
+        self.rules.iter().rev().filter(|r| r.selects(layer, role)).find_map(|r| r.sparsity.clone().map(|s| (s, r.method)))
+    }
+
+    /// Whether any rule prunes with a calibrated method.
+    pub fn needs_calibration(&self) -> bool {
+        self.rules.iter().any(|r| r.sparsity.is_some() && r.method.calibrated())
     }
 
     /// The plan text of a named preset.

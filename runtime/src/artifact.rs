@@ -207,13 +207,13 @@ impl Artifact {
     pub fn weight_array(&self, name: &str) -> RuntimeResult<ArrayD<f32>> {
         let spec = self.manifest.execution.buffers.iter().find(|b| b.kind == BufferKind::Weight && b.name == name);
         match spec {
-            Some(BufferSpec { sparse: Some(st), dims, .. }) => {
+            Some(b @ BufferSpec { sparse: Some(st), dims, .. }) => {
                 let shape: Vec<usize> = dims.iter().map(|d| d.resolve(0) as usize).collect();
-                let w = sparsec_ir::sparse::unpack(&st.format, self.weights.bytes(name)?, st.transposed).ok_or_else(|| {
-                    RuntimeError::Artifact {
-                        path: self.dir.join(WEIGHTS_FILE),
-                        message: format!("tensor `{name}`: not valid {} bytes", st.format.name()),
-                    }
+                // The packed bytes without the file's padding.
+                let packed = self.weights.at(self.weight_range(b)?);
+                let w = sparsec_ir::sparse::unpack(&st.format, packed, st.transposed).ok_or_else(|| RuntimeError::Artifact {
+                    path: self.dir.join(WEIGHTS_FILE),
+                    message: format!("tensor `{name}`: not valid {} bytes", st.format.name()),
                 })?;
                 ArrayD::from_shape_vec(IxDyn(&shape), w).map_err(|e| RuntimeError::Cpu(e.to_string()))
             }

@@ -37,6 +37,18 @@ pub fn interpret(g: &Graph, inputs: &[ArrayD<f32>], weight: WeightFn<'_>) -> Run
 /// `state.pos`, attention sees the cached keys and values, and the cache grows.
 /// Prefill is one call with the prompt; decode is one call per token.
 pub fn interpret_cached(g: &Graph, inputs: &[ArrayD<f32>], weight: WeightFn<'_>, state: &mut KvState) -> RuntimeResult<Vec<ArrayD<f32>>> {
+    interpret_observed(g, inputs, weight, state, &mut |_, _| {})
+}
+
+/// `interpret_cached`, calling `observe(node, x)` with the activation `x`
+/// (operand 0) of every matmul before it runs: what calibration collects.
+pub fn interpret_observed(
+    g: &Graph,
+    inputs: &[ArrayD<f32>],
+    weight: WeightFn<'_>,
+    state: &mut KvState,
+    observe: &mut dyn FnMut(usize, &ArrayD<f32>),
+) -> RuntimeResult<Vec<ArrayD<f32>>> {
     let types = sparsec_ir::verify(g)?;
     let mut vals: Vec<Option<Arc<ArrayD<f32>>>> = vec![None; g.nodes.len()];
     // Values are dropped after their last use, so a whole model's activations
@@ -139,6 +151,9 @@ pub fn interpret_cached(g: &Graph, inputs: &[ArrayD<f32>], weight: WeightFn<'_>,
             }
             op => {
                 let args: Vec<&ArrayD<f32>> = n.operands.iter().filter_map(|o| vals[o.0].as_deref()).collect();
+                if let (Op::MatMul { .. }, Some(x)) = (op, args.first()) {
+                    observe(i, x);
+                }
                 eval_op(op, &n.patterns, &args).map_err(eval_err)?
             }
         };

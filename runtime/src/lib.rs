@@ -2,6 +2,7 @@
 //! (dlopen) or an NVIDIA GPU (cudarc, PTX), next to the reference interpreter.
 
 pub mod artifact;
+pub mod calibrate;
 pub mod compare;
 pub mod cpu;
 pub mod cuda;

@@ -1,0 +1,169 @@
+//! Calibrated pruning of a loaded model (Wanda, SparseGPT): tokenizes the
+//! plan's calibration text, collects every pruned matmul's input statistics
+//! with the reference interpreter (cached per model, text and token count),
+//! prunes those weights with them and hands the pruned data to the model, so
+//! that compile and eval read it. Magnitude pruning of an already pruned
+//! weight changes nothing, so the plan is applied downstream as usual.
+
+use anyhow::{bail, Context, Result};
+use sparsec_ir::sparse_calibrated::{prune_calibrated, Method};
+use sparsec_ir::{Op, Sparsity};
+use sparsec_models::checkpoint::Model;
+use sparsec_passes::{layer_and_role, Plan, PruneMethod};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Rows of one calibration sequence (each starts from position 0).
+const SEQUENCE: usize = 512;
+
+/// What calibration did, for reports.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CalibrationReport {
+    pub texts: Vec<String>,
+    pub tokens: usize,
+    /// The statistics came from the cache.
+    pub cached: bool,
+    pub collect_s: f64,
+    pub prune_s: f64,
+    pub weights: usize,
+    /// Identifies the statistics (model, text, tokens): part of the compile cache key.
+    pub key: String,
+}
+
+/// One weight a calibrated method prunes.
+struct Target {
+    name: String,
+    sparsity: Sparsity,
+    method: PruneMethod,
+    transposed: bool,
+}
+
+fn targets(m: &Model, plan: &Plan) -> Result<Vec<Target>> {
+    let g = &m.graph;
+    let mut out: Vec<Target> = Vec::new();
+    for n in &g.nodes {
+        let (Op::MatMul { transpose_b }, Some(w)) = (&n.op, n.operands.get(1)) else { continue };
+        let Op::Weight { name, .. } = &g.nodes[w.0].op else { continue };
+        let (layer, role) = layer_and_role(name);
+        let Some((sparsity, method)) = plan.sparsity_for(layer, &role) else { continue };
+        if !method.calibrated() || out.iter().any(|t| &t.name == name) {
+            continue;
+        }
+        // A tied weight (the embedding as the LM head) is pruned for the matmul
+        // only, as a copy; calibrated pruning of that copy is not built yet.
+        if g.nodes.iter().any(|u| u.operands.contains(w) && !matches!(u.op, Op::MatMul { .. })) {
+            bail!(
+                "`{name}` is tied (the embedding table is also the LM head): method = \"{}\" cannot prune it yet; use magnitude for it",
+                method.name()
+            );
+        }
+        out.push(Target { name: name.clone(), sparsity, method, transposed: *transpose_b });
+    }
+    Ok(out)
+}
+
+/// The calibration token sequences: the texts concatenated, tokenized, the
+/// first `tokens` ids cut into sequences of at most `SEQUENCE` (and the context).
+fn sequences(m: &Model, plan: &Plan) -> Result<(Vec<Vec<u32>>, Vec<String>, blake3::Hash)> {
+    let mut text = String::new();
+    let mut names = Vec::new();
+    for p in &plan.calibration.texts {
+        text.push_str(&std::fs::read_to_string(p).with_context(|| format!("calibration text {}", p.display()))?);
+        text.push('\n');
+        names.push(p.display().to_string());
+    }
+    let tok = m.tokenizer().context("calibration needs the model's tokenizer")?;
+    let enc = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the calibration text: {e}"))?;
+    let ids = enc.get_ids();
+    let want = plan.calibration.tokens;
+    if ids.len() < want {
+        bail!("the calibration text gives {} tokens, the plan asks for {want} ([calibration] tokens)", ids.len());
+    }
+    let len = SEQUENCE.min(usize::try_from(m.context_length()).unwrap_or(usize::MAX)).max(1);
+    let seqs: Vec<Vec<u32>> = ids[..want].chunks(len).map(|c| c.to_vec()).collect();
+    let mut h = blake3::Hasher::new();
+    for s in &seqs {
+        for t in s {
+            h.update(&t.to_le_bytes());
+        }
+        h.update(b"|");
+    }
+    Ok((seqs, names, h.finalize()))
+}
+
+/// Prunes every weight `plan` gives a calibrated method, in `m`. `None` when
+/// the plan has none. Statistics are cached under `cache_dir/calibration/`.
+pub fn apply(m: &Model, plan: &Plan, cache_dir: Option<&std::path::Path>) -> Result<Option<CalibrationReport>> {
+    if !plan.needs_calibration() {
+        return Ok(None);
+    }
+    let targets = targets(m, plan)?;
+    let (seqs, texts, tokens_hash) = sequences(m, plan)?;
+    let key = blake3::hash(format!("{}|{}|{}", m.fingerprint(), tokens_hash, SEQUENCE).as_bytes()).to_hex().to_string();
+    let path = cache_dir.map(|d| d.join("calibration").join(format!("{key}.safetensors")));
+    let t = Instant::now();
+    let cached = match &path {
+        Some(p) => sparsec_runtime::calibrate::load(p)?,
+        None => None,
+    };
+    let hit = cached.is_some();
+    let grams: BTreeMap<String, _> = match cached {
+        Some(g) => g,
+        None => {
+            let wanted = |name: &str| {
+                let (layer, role) = layer_and_role(name);
+                plan.sparsity_for(layer, &role).is_some_and(|(_, method)| method.calibrated())
+            };
+            let weight = |name: &str| m.weight(name).ok();
+            let bar = crate::lm_verbs::progress(seqs.len() as u64, "calibrating");
+            let g = sparsec_runtime::calibrate::collect(&m.graph, &weight, &seqs, &wanted, &mut |done, _| bar.set_position(done as u64))?;
+            bar.finish_and_clear();
+            if let Some(p) = &path {
+                sparsec_runtime::calibrate::save(p, &g)?;
+            }
+            g
+        }
+    };
+    let collect_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for target in &targets {
+        let gram = grams.get(&target.name).with_context(|| format!("no calibration statistics for `{}`", target.name))?;
+        let w = m.weight(&target.name)?;
+        let shape = w.shape().to_vec();
+        let (a, b) = (shape[0], shape[1]);
+        let (n, k) = if target.transposed { (a, b) } else { (b, a) };
+        let method = match target.method {
+            PruneMethod::Wanda => Method::Wanda,
+            PruneMethod::SparseGpt => Method::SparseGpt { block: 128, damp: 0.01 },
+            PruneMethod::Magnitude => continue,
+        };
+        let mut data: Vec<f32> = w.iter().copied().collect();
+        prune_calibrated(&target.sparsity, &method, &mut data, n, k, target.transposed, gram)
+            .map_err(|e| anyhow::anyhow!("pruning `{}` with {}: {e}", target.name, target.method.name()))?;
+        let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&shape), data)?;
+        m.set_weight(&target.name, Arc::new(a))?;
+    }
+    Ok(Some(CalibrationReport {
+        texts,
+        tokens: plan.calibration.tokens,
+        cached: hit,
+        collect_s,
+        prune_s: t.elapsed().as_secs_f64(),
+        weights: targets.len(),
+        key,
+    }))
+}
+
+/// One line saying which text calibrated and how long it took.
+pub fn describe(r: &CalibrationReport) -> String {
+    format!(
+        "calibrated on {} tokens of {} ({}: {:.1} s), pruned {} weights in {:.1} s",
+        r.tokens,
+        r.texts.join(" + "),
+        if r.cached { "statistics cached" } else { "statistics collected" },
+        r.collect_s,
+        r.weights,
+        r.prune_s
+    )
+}
