@@ -27,7 +27,7 @@ pub struct CalibrationReport {
     pub collect_s: f64,
     pub prune_s: f64,
     pub weights: usize,
-    /// Identifies the statistics (model, text, tokens): part of the compile cache key.
+    /// Identifies the statistics (model, tokens, the weights they cover): part of the compile cache key.
     pub key: String,
 }
 
@@ -93,14 +93,17 @@ fn sequences(m: &Model, plan: &Plan) -> Result<(Vec<Vec<u32>>, Vec<String>, blak
 }
 
 /// Prunes every weight `plan` gives a calibrated method, in `m`. `None` when
-/// the plan has none. Statistics are cached under `cache_dir/calibration/`.
+/// the plan has none. Statistics are cached under `cache_dir/calibration/`,
+/// keyed by the model's data, the calibration tokens and the weights covered.
 pub fn apply(m: &Model, plan: &Plan, cache_dir: Option<&std::path::Path>) -> Result<Option<CalibrationReport>> {
     if !plan.needs_calibration() {
         return Ok(None);
     }
     let targets = targets(m, plan)?;
     let (seqs, texts, tokens_hash) = sequences(m, plan)?;
-    let key = blake3::hash(format!("{}|{}|{}", m.fingerprint(), tokens_hash, SEQUENCE).as_bytes()).to_hex().to_string();
+    // The statistics cover the weights this plan calibrates: they are in the key.
+    let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+    let key = blake3::hash(format!("{}|{}|{}|{}", m.fingerprint(), tokens_hash, SEQUENCE, names.join(",")).as_bytes()).to_hex().to_string();
     let path = cache_dir.map(|d| d.join("calibration").join(format!("{key}.safetensors")));
     let t = Instant::now();
     let cached = match &path {

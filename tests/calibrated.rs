@@ -64,10 +64,22 @@ fn calibrated_pruning_compiles_to_what_the_interpreter_computes() {
             assert!(rel < 1e-4, "{method} {tag}: interpreter {interp}, compiled {compiled}");
         }
     }
-    // The statistics were collected once per model and text, then reused.
+    // The statistics were collected once per model, text and weights, then reused.
     let p = plan(m.path(), "again", "kind = \"unstructured\", ratio = 0.5", "wanda", &calib);
     let (_, err) = eval(dir, &["--plan", p.to_str().unwrap()], &text, &cache);
     assert!(err.contains("statistics cached"), "{err}");
+    // A plan calibrating other weights collects what it needs.
+    let p = m.path().join("mlp-only.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[calibration]\ntext = \"{}\"\ntokens = 240\n\n[[rule]]\ntarget = \"mlp.*\"\nsparsity = {{ kind = \"unstructured\", ratio = 0.5, method = \"wanda\" }}\n",
+            calib.display()
+        ),
+    )
+    .unwrap();
+    let (_, err) = eval(dir, &["--plan", p.to_str().unwrap()], &text, &cache);
+    assert!(err.contains("statistics collected"), "{err}");
 }
 
 #[test]
