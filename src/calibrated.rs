@@ -94,8 +94,10 @@ fn sequences(m: &Model, plan: &Plan) -> Result<(Vec<Vec<u32>>, Vec<String>, blak
 
 /// Prunes every weight `plan` gives a calibrated method, in `m`. `None` when
 /// the plan has none. Statistics are cached under `cache_dir/calibration/`,
-/// keyed by the model's data, the calibration tokens and the weights covered.
-pub fn apply(m: &Model, plan: &Plan, cache_dir: Option<&std::path::Path>) -> Result<Option<CalibrationReport>> {
+/// keyed by the model's data (`fingerprint`, `Model::fingerprint`, which the
+/// caller also needs and computes once), the calibration tokens and the
+/// weights covered.
+pub fn apply(m: &Model, fingerprint: &str, plan: &Plan, cache_dir: Option<&std::path::Path>) -> Result<Option<CalibrationReport>> {
     if !plan.needs_calibration() {
         return Ok(None);
     }
@@ -103,7 +105,7 @@ pub fn apply(m: &Model, plan: &Plan, cache_dir: Option<&std::path::Path>) -> Res
     let (seqs, texts, tokens_hash) = sequences(m, plan)?;
     // The statistics cover the weights this plan calibrates: they are in the key.
     let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
-    let key = blake3::hash(format!("{}|{}|{}|{}", m.fingerprint(), tokens_hash, SEQUENCE, names.join(",")).as_bytes()).to_hex().to_string();
+    let key = blake3::hash(format!("{}|{}|{}|{}", fingerprint, tokens_hash, SEQUENCE, names.join(",")).as_bytes()).to_hex().to_string();
     let path = cache_dir.map(|d| d.join("calibration").join(format!("{key}.safetensors")));
     let t = Instant::now();
     let cached = match &path {

@@ -142,8 +142,10 @@ impl LmSource {
             // Calibrated methods prune the weights first (on the dense graph);
             // the plan then marks what the interpreter prunes by magnitude,
             // which leaves those weights as they are.
-            if let Some(r) = crate::calibrated::apply(&m, &plan, calibration_cache)? {
-                eprintln!("{}", crate::calibrated::describe(&r));
+            if plan.needs_calibration() {
+                if let Some(r) = crate::calibrated::apply(&m, &m.fingerprint(), &plan, calibration_cache)? {
+                    eprintln!("{}", crate::calibrated::describe(&r));
+                }
             }
             sparsec_passes::PassManager::with_plan(Some(plan), Default::default()).run(&mut m.graph)?;
         }

@@ -105,9 +105,11 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
     // takes them from --weights or its `init`s.
     let (graph, model) = load_source_with(input, flags.dequantize)?;
     let output = output.unwrap_or_else(|| PathBuf::from(format!("{}.sparsec", graph.name)));
+    // The checkpoint's data, hashed once: it keys the calibration statistics and the compile cache.
+    let model_fingerprint = model.as_ref().map(|m| m.fingerprint()).unwrap_or_default();
     // Calibrated methods (Wanda, SparseGPT) prune the model's weights before the compile.
     let calibration = match (plan_text.as_deref().map(sparsec_passes::Plan::parse).transpose()?, &model) {
-        (Some(plan), Some(m)) => crate::calibrated::apply(m, &plan, calibration_cache(flags).as_deref())?,
+        (Some(plan), Some(m)) => crate::calibrated::apply(m, &model_fingerprint, &plan, calibration_cache(flags).as_deref())?,
         (Some(plan), None) if plan.needs_calibration() => {
             anyhow::bail!(
                 "{}: calibrated pruning methods need a model checkpoint (GGUF, HF directory or smollm2) and its tokenizer",
@@ -149,8 +151,7 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
         None => None,
     };
     // The weights as pruned: the checkpoint and, when calibrated, the statistics.
-    let fingerprint = model.as_ref().map(|m| m.fingerprint()).unwrap_or_default()
-        + &calibration.as_ref().map(|r| format!("+calibration:{}", r.key)).unwrap_or_default();
+    let fingerprint = model_fingerprint + &calibration.as_ref().map(|r| format!("+calibration:{}", r.key)).unwrap_or_default();
     let weights = match (&flags.weights, &model) {
         (Some(p), _) => sparsec_compiler::WeightSource::File(p),
         (None, Some(_)) => {

@@ -21,11 +21,16 @@ fn sparsec(args: &[&str], cache: &Path) -> std::process::Output {
 
 /// A plan pruning the attention and MLP matrices, calibrated on `text`.
 fn plan(dir: &Path, name: &str, sparsity: &str, method: &str, text: &Path) -> std::path::PathBuf {
+    plan_for(dir, name, "attn.*,mlp.*", sparsity, method, text)
+}
+
+/// A plan pruning the matrices `target` selects, calibrated on `text`.
+fn plan_for(dir: &Path, name: &str, target: &str, sparsity: &str, method: &str, text: &Path) -> std::path::PathBuf {
     let p = dir.join(format!("{name}.toml"));
     std::fs::write(
         &p,
         format!(
-            "[calibration]\ntext = \"{}\"\ntokens = 240\n\n[[rule]]\ntarget = \"attn.*,mlp.*\"\nsparsity = {{ {sparsity}, method = \"{method}\" }}\n",
+            "[calibration]\ntext = \"{}\"\ntokens = 240\n\n[[rule]]\ntarget = \"{target}\"\nsparsity = {{ {sparsity}, method = \"{method}\" }}\n",
             text.display()
         ),
     )
@@ -69,15 +74,7 @@ fn calibrated_pruning_compiles_to_what_the_interpreter_computes() {
     let (_, err) = eval(dir, &["--plan", p.to_str().unwrap()], &text, &cache);
     assert!(err.contains("statistics cached"), "{err}");
     // A plan calibrating other weights collects what it needs.
-    let p = m.path().join("mlp-only.toml");
-    std::fs::write(
-        &p,
-        format!(
-            "[calibration]\ntext = \"{}\"\ntokens = 240\n\n[[rule]]\ntarget = \"mlp.*\"\nsparsity = {{ kind = \"unstructured\", ratio = 0.5, method = \"wanda\" }}\n",
-            calib.display()
-        ),
-    )
-    .unwrap();
+    let p = plan_for(m.path(), "mlp-only", "mlp.*", "kind = \"unstructured\", ratio = 0.5", "wanda", &calib);
     let (_, err) = eval(dir, &["--plan", p.to_str().unwrap()], &text, &cache);
     assert!(err.contains("statistics collected"), "{err}");
 }
