@@ -92,19 +92,23 @@ fn sequences(m: &Model, plan: &Plan) -> Result<(Vec<Vec<u32>>, Vec<String>, blak
     Ok((seqs, names, h.finalize()))
 }
 
-/// Prunes every weight `plan` gives a calibrated method, in `m`. `None` when
-/// the plan has none. Statistics are cached under `cache_dir/calibration/`,
-/// keyed by the model's data (`fingerprint`, `Model::fingerprint`, which the
-/// caller also needs and computes once), the calibration tokens and the
-/// weights covered.
-pub fn apply(m: &Model, fingerprint: &str, plan: &Plan, cache_dir: Option<&std::path::Path>) -> Result<Option<CalibrationReport>> {
-    if !plan.needs_calibration() {
-        return Ok(None);
-    }
-    let targets = targets(m, plan)?;
+/// Calibration statistics (the Gram matrix of the input of every weight
+/// `names` lists), from the cache under `cache_dir/calibration/` when a
+/// previous run collected them for the same model data (`fingerprint`),
+/// calibration tokens and weights, else collected now (progress shown) and
+/// stored. Pruning and low-rank factoring both read them.
+pub struct Statistics {
+    pub grams: BTreeMap<String, sparsec_ir::sparse_calibrated::Gram>,
+    pub texts: Vec<String>,
+    pub tokens: usize,
+    pub cached: bool,
+    pub collect_s: f64,
+    pub key: String,
+}
+
+pub fn statistics(m: &Model, fingerprint: &str, plan: &Plan, names: &[&str], cache_dir: Option<&std::path::Path>) -> Result<Statistics> {
     let (seqs, texts, tokens_hash) = sequences(m, plan)?;
-    // The statistics cover the weights this plan calibrates: they are in the key.
-    let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+    // The statistics cover the weights named: they are in the key.
     let key = blake3::hash(format!("{}|{}|{}|{}", fingerprint, tokens_hash, SEQUENCE, names.join(",")).as_bytes()).to_hex().to_string();
     let path = cache_dir.map(|d| d.join("calibration").join(format!("{key}.safetensors")));
     let t = Instant::now();
@@ -116,10 +120,7 @@ pub fn apply(m: &Model, fingerprint: &str, plan: &Plan, cache_dir: Option<&std::
     let grams: BTreeMap<String, _> = match cached {
         Some(g) => g,
         None => {
-            let wanted = |name: &str| {
-                let (layer, role) = layer_and_role(name);
-                plan.sparsity_for(layer, &role).is_some_and(|(_, method)| method.calibrated())
-            };
+            let wanted = |name: &str| names.contains(&name);
             let weight = |name: &str| m.weight(name).ok();
             let bar = crate::lm_verbs::progress(seqs.len() as u64, "calibrating");
             let g = sparsec_runtime::calibrate::collect(&m.graph, &weight, &seqs, &wanted, &mut |done, _| bar.set_position(done as u64))?;
@@ -130,7 +131,19 @@ pub fn apply(m: &Model, fingerprint: &str, plan: &Plan, cache_dir: Option<&std::
             g
         }
     };
-    let collect_s = t.elapsed().as_secs_f64();
+    Ok(Statistics { grams, texts, tokens: plan.calibration.tokens, cached: hit, collect_s: t.elapsed().as_secs_f64(), key })
+}
+
+/// Prunes every weight `plan` gives a calibrated method, in `m`. `None` when
+/// the plan has none. `fingerprint` is `Model::fingerprint`, which the caller
+/// also needs and computes once.
+pub fn apply(m: &Model, fingerprint: &str, plan: &Plan, cache_dir: Option<&std::path::Path>) -> Result<Option<CalibrationReport>> {
+    if !plan.needs_calibration() {
+        return Ok(None);
+    }
+    let targets = targets(m, plan)?;
+    let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+    let Statistics { grams, texts, tokens, cached: hit, collect_s, key } = statistics(m, fingerprint, plan, &names, cache_dir)?;
     let t = Instant::now();
     for target in &targets {
         let gram = grams.get(&target.name).with_context(|| format!("no calibration statistics for `{}`", target.name))?;
@@ -151,7 +164,7 @@ pub fn apply(m: &Model, fingerprint: &str, plan: &Plan, cache_dir: Option<&std::
     }
     Ok(Some(CalibrationReport {
         texts,
-        tokens: plan.calibration.tokens,
+        tokens,
         cached: hit,
         collect_s,
         prune_s: t.elapsed().as_secs_f64(),
