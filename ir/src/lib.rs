@@ -14,6 +14,7 @@ pub mod reference;
 pub mod shape;
 pub mod sparse;
 pub mod sparse_calibrated;
+pub mod sparse_detect;
 pub mod types;
 pub mod verifier;
 
