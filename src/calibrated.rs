@@ -98,7 +98,7 @@ fn sequences(m: &Model, plan: &Plan) -> Result<(Vec<Vec<u32>>, Vec<String>, blak
 /// calibration tokens and weights, else collected now (progress shown) and
 /// stored. Pruning and low-rank factoring both read them.
 pub struct Statistics {
-    pub grams: BTreeMap<String, sparsec_ir::sparse_calibrated::Gram>,
+    pub grams: BTreeMap<String, Arc<sparsec_ir::sparse_calibrated::Gram>>,
     pub texts: Vec<String>,
     pub tokens: usize,
     pub cached: bool,
@@ -109,7 +109,8 @@ pub struct Statistics {
 pub fn statistics(m: &Model, fingerprint: &str, plan: &Plan, names: &[&str], cache_dir: Option<&std::path::Path>) -> Result<Statistics> {
     let (seqs, texts, tokens_hash) = sequences(m, plan)?;
     // The statistics cover the weights named: they are in the key.
-    let key = blake3::hash(format!("{}|{}|{}|{}", fingerprint, tokens_hash, SEQUENCE, names.join(",")).as_bytes()).to_hex().to_string();
+    let key =
+        blake3::hash(format!("grams-v2|{}|{}|{}|{}", fingerprint, tokens_hash, SEQUENCE, names.join(",")).as_bytes()).to_hex().to_string();
     let path = cache_dir.map(|d| d.join("calibration").join(format!("{key}.safetensors")));
     let t = Instant::now();
     let cached = match &path {
@@ -122,8 +123,12 @@ pub fn statistics(m: &Model, fingerprint: &str, plan: &Plan, names: &[&str], cac
         None => {
             let wanted = |name: &str| names.contains(&name);
             let weight = |name: &str| m.weight(name).ok();
-            let bar = crate::lm_verbs::progress(seqs.len() as u64, "calibrating");
-            let g = sparsec_runtime::calibrate::collect(&m.graph, &weight, &seqs, &wanted, &mut |done, _| bar.set_position(done as u64))?;
+            let bar = crate::lm_verbs::progress(names.len() as u64, "calibrating");
+            let g =
+                sparsec_runtime::calibrate::collect(&m.graph, &weight, &seqs, &wanted, &mut |_, _| Ok(Vec::new()), &mut |done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64)
+                })?;
             bar.finish_and_clear();
             if let Some(p) = &path {
                 sparsec_runtime::calibrate::save(p, &g)?;
@@ -162,15 +167,7 @@ pub fn apply(m: &Model, fingerprint: &str, plan: &Plan, cache_dir: Option<&std::
         let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&shape), data)?;
         m.set_weight(&target.name, Arc::new(a))?;
     }
-    Ok(Some(CalibrationReport {
-        texts,
-        tokens,
-        cached: hit,
-        collect_s,
-        prune_s: t.elapsed().as_secs_f64(),
-        weights: targets.len(),
-        key,
-    }))
+    Ok(Some(CalibrationReport { texts, tokens, cached: hit, collect_s, prune_s: t.elapsed().as_secs_f64(), weights: targets.len(), key }))
 }
 
 /// One line saying which text calibrated and how long it took.

@@ -5,6 +5,20 @@ use crate::op::{GeluApprox, Op};
 use crate::pattern::{Pattern, Window};
 use ndarray::{ArrayD, IxDyn};
 
+/// `Σ a·b` accumulated in f64, in four interleaved partial sums (a chain of
+/// dependent adds would make the reference attention latency-bound).
+fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    let mut p = [0f64; 4];
+    let (ac, bc) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f64 = ac.remainder().iter().zip(bc.remainder()).map(|(&x, &y)| x as f64 * y as f64).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..4 {
+            p[l] += x[l] as f64 * y[l] as f64;
+        }
+    }
+    (p[0] + p[1]) + (p[2] + p[3]) + tail
+}
+
 /// GELU, tanh form.
 pub fn gelu_tanh(x: f32) -> f32 {
     let c = (2.0f32 / std::f32::consts::PI).sqrt();
@@ -189,6 +203,7 @@ pub fn attention(
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = vec![0f32; s * qw];
     let mut scores = vec![0f64; total];
+    let mut acc = vec![0f64; d];
     for h in 0..heads {
         let kh = h / group;
         for qi in 0..s {
@@ -203,11 +218,9 @@ pub fn attention(
                     scores[j] = f64::NEG_INFINITY;
                     continue;
                 }
-                let mut acc = 0f64;
-                for c in 0..d {
-                    acc += q[qi * qw + h * d + c] as f64 * k[j * kvw + kh * d + c] as f64;
-                }
-                scores[j] = acc * scale;
+                let (qr, kr) = (&q[qi * qw + h * d..qi * qw + h * d + d], &k[j * kvw + kh * d..j * kvw + kh * d + d]);
+                let dot = dot_f64(qr, kr);
+                scores[j] = dot * scale;
                 m = m.max(scores[j]);
             }
             let mut sum = 0f64;
@@ -215,12 +228,15 @@ pub fn attention(
                 *sj = if sj.is_finite() { (*sj - m).exp() } else { 0.0 };
                 sum += *sj;
             }
-            for c in 0..d {
-                let mut acc = 0f64;
-                for j in 0..=i {
-                    acc += scores[j] * v[j * kvw + kh * d + c] as f64;
+            // Rows of V in order (each output still sums over j in order).
+            acc.iter_mut().for_each(|a| *a = 0.0);
+            for (j, &p) in scores.iter().enumerate().take(i + 1) {
+                for (a, &vv) in acc.iter_mut().zip(&v[j * kvw + kh * d..j * kvw + kh * d + d]) {
+                    *a += p * vv as f64;
                 }
-                out[qi * qw + h * d + c] = (acc / sum) as f32;
+            }
+            for (o, a) in out[qi * qw + h * d..qi * qw + h * d + d].iter_mut().zip(&acc) {
+                *o = (a / sum) as f32;
             }
         }
     }

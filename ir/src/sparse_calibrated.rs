@@ -52,7 +52,8 @@ impl Gram {
         Gram { k, xtx: vec![0.0; k * k], rows: 0 }
     }
 
-    /// Adds calibration rows `x` (row-major `[rows, k]`) to `XᵀX`.
+    /// Adds calibration rows `x` (row-major `[rows, k]`) to `XᵀX`: the product
+    /// of these rows in f32 (one triangle, mirrored), added to the f64 sum.
     pub fn add_rows(&mut self, x: &[f32]) {
         let k = self.k;
         if k == 0 || x.is_empty() {
@@ -60,15 +61,42 @@ impl Gram {
         }
         assert_eq!(x.len() % k, 0, "calibration rows of width {k}");
         let rows = x.len() / k;
-        let xm = Mat::<f64>::from_fn(rows, k, |r, c| x[r * k + c] as f64);
-        let mut g = Mat::<f64>::zeros(k, k);
-        matmul(g.as_mut(), Accum::Replace, xm.transpose(), xm.as_ref(), 1.0, Par::Seq);
+        let xm = faer::MatRef::from_row_major_slice(x, rows, k);
+        let mut g = Mat::<f32>::zeros(k, k);
+        faer::linalg::matmul::triangular::matmul(
+            g.as_mut(),
+            faer::linalg::matmul::triangular::BlockStructure::TriangularLower,
+            Accum::Replace,
+            xm.transpose(),
+            faer::linalg::matmul::triangular::BlockStructure::Rectangular,
+            xm,
+            faer::linalg::matmul::triangular::BlockStructure::Rectangular,
+            1.0f32,
+            Par::Seq,
+        );
         for a in 0..k {
-            for b in 0..k {
-                self.xtx[a * k + b] += g[(a, b)];
+            for b in 0..a {
+                let v = g[(a, b)] as f64;
+                self.xtx[a * k + b] += v;
+                self.xtx[b * k + a] += v;
             }
+            self.xtx[a * k + a] += g[(a, a)] as f64;
         }
         self.rows += rows as u64;
+    }
+
+    /// Adds another Gram matrix of the same width.
+    pub fn add(&mut self, other: &Gram) {
+        for (a, b) in self.xtx.iter_mut().zip(&other.xtx) {
+            *a += b;
+        }
+        self.rows += other.rows;
+    }
+
+    /// Rounds the sums to f32, the precision they are stored in, so statistics
+    /// read back from a file equal the ones just collected.
+    pub fn round_to_f32(&mut self) {
+        self.xtx.iter_mut().for_each(|v| *v = *v as f32 as f64);
     }
 
     /// The Gram matrix of `x` (row-major `[rows, k]`).

@@ -41,7 +41,7 @@ pub fn interpret_cached(g: &Graph, inputs: &[ArrayD<f32>], weight: WeightFn<'_>,
 }
 
 /// `interpret_cached`, calling `observe(node, x)` with the activation `x`
-/// (operand 0) of every matmul before it runs: what calibration collects.
+/// (operand 0) of every matmul before it runs.
 pub fn interpret_observed(
     g: &Graph,
     inputs: &[ArrayD<f32>],
@@ -49,27 +49,89 @@ pub fn interpret_observed(
     state: &mut KvState,
     observe: &mut dyn FnMut(usize, &ArrayD<f32>),
 ) -> RuntimeResult<Vec<ArrayD<f32>>> {
-    let types = sparsec_ir::verify(g)?;
-    let mut vals: Vec<Option<Arc<ArrayD<f32>>>> = vec![None; g.nodes.len()];
-    // Values are dropped after their last use, so a whole model's activations
-    // (and weights) are not all alive at once.
-    let mut last_use = vec![usize::MAX; g.nodes.len()];
-    for (i, n) in g.nodes.iter().enumerate() {
-        for o in &n.operands {
-            last_use[o.0] = i;
+    let mut run = Stepper::new(g, inputs, state)?;
+    run.run_until(g.nodes.len(), weight, observe)?;
+    Ok(run.finish())
+}
+
+/// One run of a graph that can stop before any node and resume: what
+/// calibration needs to advance many sequences in step, read the input of a
+/// matmul before it runs and swap in a weight's new data (`replace`).
+pub struct Stepper<'a> {
+    g: &'a Graph,
+    inputs: &'a [ArrayD<f32>],
+    state: &'a mut KvState,
+    types: Vec<sparsec_ir::TensorType>,
+    vals: Vec<Option<Arc<ArrayD<f32>>>>,
+    last_use: Vec<usize>,
+    prunes: HashMap<usize, sparsec_ir::sparse::PrunedWeight>,
+    next: usize,
+    next_input: usize,
+    seq: Option<u64>,
+}
+
+impl<'a> Stepper<'a> {
+    pub fn new(g: &'a Graph, inputs: &'a [ArrayD<f32>], state: &'a mut KvState) -> RuntimeResult<Self> {
+        let types = sparsec_ir::verify(g)?;
+        // Values are dropped after their last use, so a whole model's activations
+        // (and weights) are not all alive at once.
+        let mut last_use = vec![usize::MAX; g.nodes.len()];
+        for (i, n) in g.nodes.iter().enumerate() {
+            for o in &n.operands {
+                last_use[o.0] = i;
+            }
+        }
+        for o in &g.outputs {
+            last_use[o.0] = usize::MAX;
+        }
+        let prunes = sparsec_ir::sparse::pruned_weights(g);
+        Ok(Stepper { g, inputs, state, types, vals: vec![None; g.nodes.len()], last_use, prunes, next: 0, next_input: 0, seq: None })
+    }
+
+    /// The next node to run.
+    pub fn position(&self) -> usize {
+        self.next
+    }
+
+    /// The value of node `i`, if it was computed and is still alive.
+    pub fn value(&self, i: usize) -> Option<&Arc<ArrayD<f32>>> {
+        self.vals.get(i).and_then(|v| v.as_ref())
+    }
+
+    /// Replaces the value of node `i` where it is alive (a weight whose data
+    /// changed after it was loaded); later nodes read the new value.
+    pub fn replace(&mut self, i: usize, v: Arc<ArrayD<f32>>) {
+        if let Some(slot @ Some(_)) = self.vals.get_mut(i) {
+            *slot = Some(v);
         }
     }
-    for o in &g.outputs {
-        last_use[o.0] = usize::MAX;
+
+    /// The graph outputs, once every node ran; the KV state moves on by the
+    /// sequence's length.
+    pub fn finish(self) -> Vec<ArrayD<f32>> {
+        self.state.pos += self.seq.unwrap_or(1) as usize;
+        self.g.outputs.iter().filter_map(|o| self.vals[o.0].as_deref().cloned()).collect()
     }
-    let mut next_input = 0;
-    let mut seq: Option<u64> = None;
-    let prunes = sparsec_ir::sparse::pruned_weights(g);
-    for (i, n) in g.nodes.iter().enumerate() {
+
+    /// Runs nodes from `position()` up to (not including) `until`.
+    pub fn run_until(&mut self, until: usize, weight: WeightFn<'_>, observe: &mut dyn FnMut(usize, &ArrayD<f32>)) -> RuntimeResult<()> {
+        let until = until.min(self.g.nodes.len());
+        while self.next < until {
+            self.step(weight, observe)?;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, weight: WeightFn<'_>, observe: &mut dyn FnMut(usize, &ArrayD<f32>)) -> RuntimeResult<()> {
+        let (g, i) = (self.g, self.next);
+        self.next += 1;
+        let n = &g.nodes[i];
+        let (types, vals, state, seq) = (&self.types, &mut self.vals, &mut *self.state, &mut self.seq);
         let eval_err = |message: String| RuntimeError::Ir(IrError::Eval { op: n.op.keyword(), value: n.name.clone(), message });
         let v = match &n.op {
             Op::Input => {
-                let a = inputs.get(next_input).ok_or_else(|| RuntimeError::Input {
+                let next_input = self.next_input;
+                let a = self.inputs.get(next_input).ok_or_else(|| RuntimeError::Input {
                     index: next_input,
                     name: n.name.clone(),
                     message: "missing".into(),
@@ -87,12 +149,12 @@ pub fn interpret_observed(
                         message: format!("shape {:?}, expected {}", a.shape(), types[i]),
                     });
                 }
-                next_input += 1;
+                self.next_input += 1;
                 a.clone()
             }
             Op::Weight { .. } if state.pruned.contains_key(&i) => {
                 vals[i] = state.pruned.get(&i).cloned();
-                continue;
+                return Ok(());
             }
             Op::Weight { name, init } => {
                 let shape = types[i].resolve(0);
@@ -108,7 +170,7 @@ pub fn interpret_observed(
                     },
                 };
                 // A weight under `#sparsity` is magnitude-pruned (what the compiler packs).
-                let v = match prunes.get(&i) {
+                let v = match self.prunes.get(&i) {
                     Some(pw) => {
                         let mut w: Vec<f32> = loaded.iter().copied().collect();
                         pw.prune(&mut w);
@@ -119,7 +181,7 @@ pub fn interpret_observed(
                     None => loaded,
                 };
                 vals[i] = Some(v);
-                continue;
+                return Ok(());
             }
             Op::Positions => {
                 let s = seq.unwrap_or(1) as usize;
@@ -159,11 +221,10 @@ pub fn interpret_observed(
         };
         vals[i] = Some(Arc::new(v));
         for o in &n.operands {
-            if last_use[o.0] == i {
+            if self.last_use[o.0] == i {
                 vals[o.0] = None;
             }
         }
+        Ok(())
     }
-    state.pos += seq.unwrap_or(1) as usize;
-    Ok(g.outputs.iter().filter_map(|o| vals[o.0].as_deref().cloned()).collect())
 }
