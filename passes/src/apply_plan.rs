@@ -4,10 +4,14 @@
 //! model (layers that exist, targets that select something, shapes a pattern
 //! divides). Later rules override earlier ones. A pruned weight stored
 //! quantized becomes f32: pruning works on the dequantized values.
+//! `resolve_from_weights` turns `from-weights` rules into concrete ones per
+//! weight, from the data, before the plan is applied.
 
 use crate::plan::{Plan, Rule, WindowPlan};
 use crate::Pass;
+use sparsec_ir::sparse_detect::{detect, Detected};
 use sparsec_ir::{DType, Dim, Graph, IrError, Op, Pattern, Sparsity, Window};
+use std::collections::BTreeMap;
 
 pub struct ApplyPlan {
     pub plan: Plan,
@@ -58,6 +62,12 @@ impl ApplyPlan {
     fn apply_rule(&self, g: &mut Graph, rule: &Rule, n_layers: u64) -> Result<(), IrError> {
         if let Some(what) = rule.not_yet.first() {
             return Err(rule_err(rule, format!("`{what}` is not implemented yet (sparsity, specialize and attention windows are)")));
+        }
+        if rule.from_weights {
+            return Err(rule_err(
+                rule,
+                "sparsity = { kind = \"from-weights\" } needs the weights: compile or eval a model checkpoint (GGUF, HF directory or smollm2), which resolves it per weight".into(),
+            ));
         }
         if let Some(l) = rule.layers.max_named() {
             if l >= n_layers {
@@ -170,5 +180,230 @@ impl Pass for ApplyPlan {
             self.apply_rule(g, rule, n_layers)?;
         }
         Ok(())
+    }
+}
+
+/// What a `from-weights` rule found in one weight.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FoundPattern {
+    /// The rule (1-based).
+    pub rule: usize,
+    /// The weight's tensor name, its layer and role.
+    pub weight: String,
+    pub layer: Option<u64>,
+    pub role: String,
+    pub found: Detected,
+}
+
+/// A plan with its `from-weights` rules resolved: the text (every such rule
+/// replaced by one rule per weight it selects with the pattern found, in its
+/// place, so later rules still override it) and what was found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResolvedPlan {
+    pub text: String,
+    pub found: Vec<FoundPattern>,
+}
+
+/// A ratio as TOML: the shortest decimal that reads back as the same f32.
+fn ratio_value(r: f32) -> toml::Value {
+    let short: f64 = format!("{r}").parse().unwrap_or(r as f64);
+    toml::Value::Float(if short as f32 == r { short } else { r as f64 })
+}
+
+/// The plan spelling of a concrete sparsity.
+pub fn sparsity_value(s: &Sparsity) -> toml::Value {
+    let mut t = toml::map::Map::new();
+    match *s {
+        Sparsity::Unstructured { ratio } => {
+            t.insert("kind".into(), "unstructured".into());
+            t.insert("ratio".into(), ratio_value(ratio));
+        }
+        Sparsity::NM { n, m } => {
+            t.insert("kind".into(), "nm".into());
+            t.insert("n".into(), toml::Value::Integer(n.into()));
+            t.insert("m".into(), toml::Value::Integer(m.into()));
+        }
+        Sparsity::Block { ratio, rows, cols } => {
+            t.insert("kind".into(), "block".into());
+            t.insert("ratio".into(), ratio_value(ratio));
+            t.insert("block".into(), toml::Value::Array(vec![toml::Value::Integer(rows.into()), toml::Value::Integer(cols.into())]));
+        }
+    }
+    toml::Value::Table(t)
+}
+
+/// Writes `key = value` lines (values inline) of a table.
+fn write_pairs(out: &mut String, t: &toml::map::Map<String, toml::Value>) {
+    for (k, v) in t {
+        out.push_str(&format!("{k} = {v}\n"));
+    }
+}
+
+/// Resolves the `from-weights` rules of `plan_text` against `g` (a model
+/// graph) and the data of its weights (`weight(name)`: f32 values as stored).
+/// Each selected matmul weight gets the pattern of its zeros
+/// (`sparse_detect::detect`); a weight without zeros gets no rule (it stays
+/// dense). `None` when the plan has no such rule. Errors name the rule: one
+/// that selects no matmul, a dense weight an earlier rule prunes (a later rule
+/// cannot un-prune it), data that cannot be read.
+pub fn resolve_from_weights(
+    plan_text: &str,
+    g: &Graph,
+    weight: &mut dyn FnMut(&str) -> Result<Vec<f32>, String>,
+) -> Result<Option<ResolvedPlan>, IrError> {
+    let plan = Plan::parse(plan_text).map_err(|e| IrError::Plan(e.to_string()))?;
+    if !plan.rules.iter().any(|r| r.from_weights) {
+        return Ok(None);
+    }
+    let doc: toml::Table = toml::from_str(plan_text).map_err(|e| IrError::Plan(format!("plan: {e}")))?;
+    let rule_tables: Vec<toml::map::Map<String, toml::Value>> = match doc.get("rule") {
+        Some(toml::Value::Array(a)) => a.iter().filter_map(|v| v.as_table().cloned()).collect(),
+        _ => Vec::new(),
+    };
+    if rule_tables.len() != plan.rules.len() {
+        return Err(IrError::Plan(format!("plan: {} rule tables, {} rules parsed", rule_tables.len(), plan.rules.len())));
+    }
+    // Every matmul weight once: (name, layer, role, transposed, n, k).
+    let mut matmuls: Vec<(String, Option<u64>, String, bool, usize, usize)> = Vec::new();
+    for node in &g.nodes {
+        let Op::MatMul { transpose_b } = node.op else { continue };
+        let Some(w) = node.operands.get(1) else { continue };
+        let Op::Weight { name, .. } = &g.nodes[w.0].op else { continue };
+        let Some([Dim::Fixed(a), Dim::Fixed(b)]) = g.nodes[w.0].ty.as_ref().map(|t| &t.dims[..]) else { continue };
+        let (n, k) = if transpose_b { (*a, *b) } else { (*b, *a) };
+        if !matmuls.iter().any(|m| m.0 == *name) {
+            let (layer, role) = layer_and_role(name);
+            matmuls.push((name.clone(), layer, role, transpose_b, n as usize, k as usize));
+        }
+    }
+    let mut detected: BTreeMap<String, Detected> = BTreeMap::new();
+    let mut found = Vec::new();
+    let mut out_rules: Vec<(Option<String>, toml::map::Map<String, toml::Value>)> = Vec::new();
+    for (i, (rule, mut table)) in plan.rules.iter().zip(rule_tables).enumerate() {
+        if !rule.from_weights {
+            out_rules.push((None, table));
+            continue;
+        }
+        table.remove("sparsity");
+        let (layers, target) = (table.get("layers").cloned(), table.get("target").cloned());
+        if table.keys().any(|k| k != "layers" && k != "target") {
+            out_rules.push((None, table));
+        }
+        let mut hits = 0;
+        for (name, layer, role, transposed, n, k) in &matmuls {
+            if !rule.selects(*layer, role) {
+                continue;
+            }
+            hits += 1;
+            let d = match detected.get(name) {
+                Some(d) => d.clone(),
+                None => {
+                    let w = weight(name).map_err(|m| rule_err(rule, format!("from-weights: `{name}`: {m}")))?;
+                    if w.len() != n * k {
+                        return Err(rule_err(rule, format!("from-weights: `{name}` holds {} values, the graph says {n}x{k}", w.len())));
+                    }
+                    let d = detect(&w, *n, *k, *transposed);
+                    detected.insert(name.clone(), d.clone());
+                    d
+                }
+            };
+            match &d.sparsity {
+                Some(s) => {
+                    let mut t = toml::map::Map::new();
+                    t.insert("layers".into(), layer.map_or_else(|| "all".to_string(), |l| l.to_string()).into());
+                    t.insert("target".into(), role.clone().into());
+                    t.insert("sparsity".into(), sparsity_value(s));
+                    let note = format!("from-weights (rule {}): `{name}` {} of {} zero, {}", rule.index, d.zeros, d.total, d.describe());
+                    out_rules.push((Some(note), t));
+                }
+                None => {
+                    if let Some(earlier) = plan.rules[..i].iter().rev().find(|r| r.sparsity.is_some() && r.selects(*layer, role)) {
+                        return Err(rule_err(
+                            rule,
+                            format!(
+                                "from-weights finds `{name}` dense (no zeros), but rule {} prunes it; a later rule cannot undo that",
+                                earlier.index
+                            ),
+                        ));
+                    }
+                }
+            }
+            found.push(FoundPattern { rule: rule.index, weight: name.clone(), layer: *layer, role: role.clone(), found: d });
+        }
+        if hits == 0 {
+            let show = |v: Option<toml::Value>, d: &str| v.map_or_else(|| d.to_string(), |v| v.to_string());
+            let (target, layers) = (show(target, "\"*\""), show(layers, "\"all\""));
+            return Err(rule_err(rule, format!("target {target} selects no matmul in layers {layers}")));
+        }
+    }
+    let mut text = String::from("# from-weights resolved against the checkpoint: one rule per weight, in the rule's place\n");
+    for (k, v) in &doc {
+        if k != "rule" && !v.is_table() {
+            text.push_str(&format!("{k} = {v}\n"));
+        }
+    }
+    for (k, v) in &doc {
+        if let (false, Some(t)) = (k == "rule", v.as_table()) {
+            text.push_str(&format!("\n[{k}]\n"));
+            write_pairs(&mut text, t);
+        }
+    }
+    for (note, t) in &out_rules {
+        text.push_str("\n[[rule]]\n");
+        if let Some(n) = note {
+            text.push_str(&format!("# {n}\n"));
+        }
+        write_pairs(&mut text, t);
+    }
+    // What comes out is an ordinary plan.
+    Plan::parse(&text).map_err(|e| IrError::Plan(format!("the resolved plan does not parse ({e}):\n{text}")))?;
+    Ok(Some(ResolvedPlan { text, found }))
+}
+
+#[cfg(test)]
+mod from_weights_tests {
+    use super::*;
+
+    fn mlp() -> Graph {
+        sparsec_ir::parse_graph(
+            "graph @g {\n  %x = input : f32[seq, 16]\n  %a = weight \"layers.0.mlp.up\" init normal(seed = 1, std = 1.0) : f32[32, 16]\n  %h = matmul %x, %a {transpose_b = true}\n  %b = weight \"layers.0.mlp.down\" init normal(seed = 2, std = 1.0) : f32[32, 16]\n  %y = matmul %h, %b {transpose_b = true}\n  return %y\n}\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn resolves_each_weight_in_the_rules_place() {
+        let g = mlp();
+        let mut up = sparsec_ir::Init::Normal { seed: 1, std: 1.0 }.generate(32 * 16);
+        sparsec_ir::sparse::prune(&Sparsity::NM { n: 2, m: 4 }, &mut up, 32, 16, true);
+        let down = sparsec_ir::Init::Normal { seed: 2, std: 1.0 }.generate(32 * 16);
+        let mut weight = |name: &str| -> Result<Vec<f32>, String> {
+            match name {
+                "layers.0.mlp.up" => Ok(up.clone()),
+                "layers.0.mlp.down" => Ok(down.clone()),
+                other => Err(format!("no {other}")),
+            }
+        };
+        let text = "[[rule]]\ntarget = \"mlp.*\"\nsparsity = { kind = \"unstructured\", ratio = 0.5 }\n\n[[rule]]\ntarget = \"mlp.up\"\nsparsity = { kind = \"from-weights\" }\nspecialize = \"generic\"\n";
+        let r = resolve_from_weights(text, &g, &mut weight).unwrap().unwrap();
+        let p = Plan::parse(&r.text).unwrap();
+        assert_eq!(p.sparsity_for(Some(0), "mlp.up").map(|s| s.0), Some(Sparsity::NM { n: 2, m: 4 }), "{}", r.text);
+        assert_eq!(p.sparsity_for(Some(0), "mlp.down").map(|s| s.0), Some(Sparsity::Unstructured { ratio: 0.5 }));
+        assert_eq!(p.rules.iter().filter(|r| r.specialize.is_some()).count(), 1);
+        assert_eq!(r.found.len(), 1);
+        assert_eq!((r.found[0].found.zeros, r.found[0].role.as_str()), (256, "mlp.up"));
+        // Unresolved, apply-plan refuses it.
+        let mut g2 = g.clone();
+        let e = ApplyPlan { plan: Plan::parse(text).unwrap() }.run(&mut g2).unwrap_err().to_string();
+        assert!(e.contains("rule 2") && e.contains("from-weights"), "{e}");
+        // A dense weight an earlier rule prunes cannot be kept dense.
+        let text = "[[rule]]\ntarget = \"mlp.*\"\nsparsity = { kind = \"nm\", n = 2, m = 4 }\n\n[[rule]]\ntarget = \"mlp.down\"\nsparsity = { kind = \"from-weights\" }\n";
+        let e = resolve_from_weights(text, &g, &mut weight).unwrap_err().to_string();
+        assert!(e.contains("rule 2") && e.contains("dense") && e.contains("rule 1 prunes"), "{e}");
+        let e = resolve_from_weights("[[rule]]\ntarget = \"attn.q\"\nsparsity = { kind = \"from-weights\" }\n", &g, &mut weight)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rule 1") && e.contains("selects no matmul"), "{e}");
+        assert_eq!(resolve_from_weights("[[rule]]\nspecialize = \"dense\"\n", &g, &mut weight).unwrap(), None);
     }
 }

@@ -9,7 +9,7 @@ pub mod plan;
 mod shape_infer;
 mod verify;
 
-pub use apply_plan::{layer_and_role, ApplyPlan};
+pub use apply_plan::{layer_and_role, resolve_from_weights, sparsity_value, ApplyPlan, FoundPattern, ResolvedPlan};
 pub use const_fold::ConstFold;
 pub use dce::DeadCodeElimination;
 pub use manager::{PassManager, PrintOptions, Snapshot};

@@ -124,6 +124,11 @@ pub struct Rule {
     pub method: PruneMethod,
     pub specialize: Option<Specialize>,
     pub window: Option<WindowPlan>,
+    /// `sparsity = { kind = "from-weights" }`: each selected weight keeps the
+    /// zeros it has, as the pattern they form (`sparsity` is `None`);
+    /// `resolve_from_weights` turns the rule into concrete ones, and
+    /// `apply-plan` refuses it unresolved.
+    pub from_weights: bool,
     /// Families the plan format names but this build cannot apply yet (`kv`, `share`, `nsa`).
     pub not_yet: Vec<&'static str>,
 }
@@ -185,11 +190,14 @@ struct RuleFile {
 }
 
 #[derive(Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 enum SparsityFile {
     Unstructured { ratio: f32, method: Option<String> },
     Nm { n: u32, m: u32, method: Option<String> },
     Block { ratio: f32, block: [u32; 2], method: Option<String> },
+    // `from-weights`: keep the zeros the checkpoint already has; resolved per
+    // weight against its data (`resolve_from_weights`) before the plan is applied.
+    FromWeights {},
 }
 
 #[derive(Deserialize)]
@@ -251,10 +259,11 @@ impl Plan {
                             .ok_or_else(|| err(format!("method = \"{m}\" is not one of magnitude, wanda, sparsegpt")))?,
                     }
                 }
-                None => PruneMethod::Magnitude,
+                Some(SparsityFile::FromWeights {}) | None => PruneMethod::Magnitude,
             };
+            let from_weights = matches!(r.sparsity, Some(SparsityFile::FromWeights {}));
             let sparsity = match r.sparsity {
-                None => None,
+                Some(SparsityFile::FromWeights {}) | None => None,
                 Some(SparsityFile::Unstructured { ratio, .. }) => {
                     Some(Sparsity::Unstructured { ratio: ratio_in_range(ratio).map_err(err)? })
                 }
@@ -312,10 +321,10 @@ impl Plan {
             if r.share.is_some() {
                 not_yet.push("share");
             }
-            if sparsity.is_none() && specialize.is_none() && window.is_none() && not_yet.is_empty() {
+            if sparsity.is_none() && !from_weights && specialize.is_none() && window.is_none() && not_yet.is_empty() {
                 return Err(err("says nothing: give sparsity, specialize, attention, kv or share".into()));
             }
-            rules.push(Rule { index, layers, targets, sparsity, method, specialize, window, not_yet });
+            rules.push(Rule { index, layers, targets, sparsity, method, specialize, window, from_weights, not_yet });
         }
         let mut calibration = Calibration::default();
         if let Some(c) = file.calibration {
@@ -336,7 +345,8 @@ impl Plan {
 
     /// The sparsity and method the plan gives the matmul weight of `role` in
     /// `layer` (`None`: not in a layer): the last rule that selects it and says
-    /// a sparsity wins, as `apply-plan` applies them.
+    /// a sparsity wins, as `apply-plan` applies them. `from-weights` rules
+    /// count once resolved (`resolve_from_weights`), not before.
     pub fn sparsity_for(&self, layer: Option<u64>, role: &str) -> Option<(Sparsity, PruneMethod)> {
         self.rules.iter().rev().filter(|r| r.selects(layer, role)).find_map(|r| r.sparsity.clone().map(|s| (s, r.method)))
     }
@@ -434,6 +444,23 @@ sparsity = { kind = "block", ratio = 0.8, block = [4, 4] }
             assert!(e.contains(want), "{text}: {e}");
         }
         assert!(Plan::preset("nope").unwrap_err().to_string().contains("known: half"));
+    }
+
+    #[test]
+    fn from_weights_parses_without_a_model() {
+        let p = Plan::parse("[[rule]]\ntarget = \"mlp.*\"\nsparsity = { kind = \"from-weights\" }\nspecialize = \"generic\"").unwrap();
+        let r = &p.rules[0];
+        assert!(r.from_weights && r.sparsity.is_none() && r.method == PruneMethod::Magnitude);
+        assert_eq!(r.specialize, Some(Specialize::Generic));
+        assert_eq!(p.sparsity_for(Some(0), "mlp.up"), None);
+        for (text, want) in [
+            ("[[rule]]\nsparsity = { kind = \"from-weights\", ratio = 0.5 }", "unknown field `ratio`"),
+            ("[[rule]]\nsparsity = { kind = \"from-weights\", method = \"wanda\" }", "unknown field `method`"),
+            ("[[rule]]\nsparsity = { kind = \"from_weights\" }", "unknown variant `from_weights`"),
+        ] {
+            let e = Plan::parse(text).expect_err(text).to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]
