@@ -5,6 +5,13 @@
 //! a sparse format pays when its packed bytes (values, indices, pointers) fall
 //! below `SPARSE_PAYS` of the dense f32 bytes; otherwise the dense kernel over
 //! the pruned weight is at least as fast and needs no index decoding.
+//!
+//! Kept values stored quantized (`#values(q8|q4)`, formats `nm_q*`, `csr_q*`,
+//! `bsr_q*`) have the `generic` kernels of `mlir/sparse_quant_kernels.rs` and
+//! `dense` (the f32 kernel over the materialized weight); `indices` and `full`
+//! are refused. `auto` reports their bytes against the same matrix dense and
+//! quantized alike (Q8_0 for q8, Q4_1 for q4) and picks `generic`: the dense
+//! alternative this build has for such a weight is f32, larger still.
 
 use crate::error::CompileResult;
 use sparsec_ir::sparse::{PrunedWeight, SparseStorage};
@@ -73,6 +80,9 @@ pub fn choose(patterns: &[Pattern], w: &PrunedWeight, weight: &str, left: &mut B
         .unwrap_or(Specialize::Auto);
     let format = w.format();
     let storage = SparseStorage { format, transposed: w.transposed };
+    if let Some(bits) = format.bits() {
+        return choose_quantized(asked, format, bits, storage, weight);
+    }
     let dense_bytes = (w.n * w.k * 4) as f64;
     let packed = format.bytes() as f64;
     let share = packed / dense_bytes;
@@ -100,6 +110,58 @@ pub fn choose(patterns: &[Pattern], w: &PrunedWeight, weight: &str, left: &mut B
         ),
         Specialize::Auto => (Specialize::Dense, format!("auto: dense, {figures} (>= {SPARSE_PAYS})")),
         l => (l, format!("{} (asked); {figures}", l.name())),
+    };
+    let storage = match level {
+        Specialize::Dense => None,
+        _ => Some(storage),
+    };
+    Ok(SparseChoice { level, storage, reason, weight: weight.to_string(), data: None })
+}
+
+/// The choice for a weight whose kept values are quantized (see the module doc).
+fn choose_quantized(
+    asked: Specialize,
+    format: sparsec_ir::sparse::SparseFormat,
+    bits: sparsec_ir::sparse_quant::QBits,
+    storage: SparseStorage,
+    weight: &str,
+) -> CompileResult<SparseChoice> {
+    let dense_dt = match bits {
+        sparsec_ir::sparse_quant::QBits::Q8 => sparsec_ir::DType::Q8_0,
+        sparsec_ir::sparse_quant::QBits::Q4 => sparsec_ir::DType::Q4_1,
+    };
+    let (n, k) = format.nk();
+    let dense = ((n * k).div_ceil(sparsec_ir::quant::QK as u64) * sparsec_ir::quant::block_bytes(dense_dt) as u64) as f64;
+    let packed = format.bytes() as f64;
+    let figures = format!(
+        "{} packs {:.0} KB, {:.2} of the dense {} {:.0} KB",
+        format.name(),
+        packed / 1e3,
+        packed / dense,
+        dense_dt.name(),
+        dense / 1e3
+    );
+    let (level, reason) = match asked {
+        Specialize::Auto => {
+            let verdict = if packed / dense < SPARSE_PAYS {
+                "pays"
+            } else {
+                "does not pay against a dense quantized kernel, but that is not an option here"
+            };
+            (Specialize::Generic, format!("auto: generic, {figures} ({verdict}; dense would be f32)"))
+        }
+        Specialize::Dense | Specialize::Generic => (asked, format!("{} (asked); {figures}", asked.name())),
+        Specialize::Indices | Specialize::Full => {
+            return Err(crate::error::CompileError::Unsupported {
+                kernel: weight.to_string(),
+                op: "matmul",
+                why: format!(
+                    "#specialize({}) is not implemented for quantized sparse values ({}); use generic, dense or auto",
+                    asked.name(),
+                    format.name()
+                ),
+            })
+        }
     };
     let storage = match level {
         Specialize::Dense => None,

@@ -136,10 +136,12 @@ pub fn resolve(g: &Graph, part: &Partition, source: WeightSource<'_>) -> Compile
             }
             _ => unreachable!("partition only records weight and constant nodes"),
         };
-        // A weight under `#sparsity` is magnitude-pruned, then packed if its kernel reads a sparse format.
+        // A weight under `#sparsity` is materialized as the reference does (pruned by
+        // magnitude, kept values quantized by `#values`), then packed if its kernel
+        // reads a sparse format.
         let data = match (pruned.get(node), data) {
             (Some(pw), WeightData::F32(mut v)) => {
-                let keep = pw.prune(&mut v);
+                let keep = pw.materialize(&mut v);
                 match &spec.sparse {
                     None => WeightData::F32(v),
                     Some(st) => WeightData::Sparse(sparsec_ir::sparse::pack(&st.format, &v, &keep, st.transposed).ok_or_else(|| {

@@ -13,6 +13,8 @@ pub enum Pattern {
     Sparsity(Sparsity),
     /// How far the compiler specializes a sparse kernel.
     Specialize(Specialize),
+    /// How the kept values of a `#sparsity` weight are stored (f32, 8-bit or 4-bit blocks).
+    Values(ValueCoding),
     /// The weight is factored `W ≈ B·C`, `B` possibly shared by a group of layers.
     LowRank(LowRank),
     /// K/V compression of an attention op.
@@ -38,6 +40,34 @@ pub enum Sparsity {
     NM { n: u32, m: u32 },
     /// `ratio` of the `rows`×`cols` blocks are zero.
     Block { ratio: f32, rows: u32, cols: u32 },
+}
+
+/// How a pruned weight's kept values are stored: f32, or blocks of 32
+/// consecutive stored values quantized as Q8_0 (8-bit, f16 scale) or Q4_1
+/// (4-bit, f16 scale and minimum) do for dense weights
+/// (`sparse_quant.rs`). The weight's reference value is the dequantized one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueCoding {
+    F32,
+    Q8,
+    Q4,
+}
+
+impl ValueCoding {
+    pub const ALL: [ValueCoding; 3] = [ValueCoding::F32, ValueCoding::Q8, ValueCoding::Q4];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ValueCoding::F32 => "f32",
+            ValueCoding::Q8 => "q8",
+            ValueCoding::Q4 => "q4",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        ValueCoding::ALL.into_iter().find(|v| v.name() == s)
+    }
 }
 
 /// The specialization dial.
@@ -131,6 +161,7 @@ impl Pattern {
         match self {
             Pattern::Sparsity(_) => "sparsity",
             Pattern::Specialize(_) => "specialize",
+            Pattern::Values(_) => "values",
             Pattern::LowRank(_) => "low_rank",
             Pattern::Kv(_) => "kv",
             Pattern::Window(_) => "window",
@@ -143,14 +174,14 @@ impl Pattern {
     /// refused by `refuse_unimplemented`, never silently ignored.
     pub fn implemented(&self) -> bool {
         match self {
-            Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::Window(_) => true,
+            Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::Values(_) | Pattern::Window(_) => true,
             Pattern::LowRank(_) | Pattern::Kv(_) | Pattern::Nsa(_) => false,
         }
     }
 
     pub fn site(&self) -> PatternSite {
         match self {
-            Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::LowRank(_) => PatternSite::MatMul,
+            Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::Values(_) | Pattern::LowRank(_) => PatternSite::MatMul,
             Pattern::Kv(_) | Pattern::Window(_) | Pattern::Nsa(_) => PatternSite::Attention,
         }
     }
@@ -166,6 +197,7 @@ impl Pattern {
                 a.word("block").kv("ratio", Float(*ratio as f64)).kv("rows", Int(*rows as i128)).kv("cols", Int(*cols as i128))
             }
             Pattern::Specialize(s) => a.word(s.name()),
+            Pattern::Values(v) => a.word(v.name()),
             Pattern::LowRank(LowRank { rank, basis }) => {
                 let a = a.kv("rank", Int(*rank as i128));
                 match basis {
@@ -226,6 +258,12 @@ impl Pattern {
                         .ok_or_else(|| format!("{what}: unknown level `{level}` (expected dense, generic, indices, full or auto)"))?,
                 )
             }
+            "values" => {
+                let coding = r.require_positional("f32, q8 or q4")?;
+                Pattern::Values(
+                    ValueCoding::from_name(coding).ok_or_else(|| format!("{what}: unknown coding `{coding}` (expected f32, q8 or q4)"))?,
+                )
+            }
             "low_rank" => Pattern::LowRank(LowRank { rank: r.u32("rank")?, basis: r.opt_str("basis")?.map(str::to_string) }),
             "kv" => {
                 let kind = r.require_positional("dct, pswf or chunked_svd")?;
@@ -264,7 +302,9 @@ impl Pattern {
                 other => return Err(format!("{what}: unknown kind `{other}` (expected full or sliding)")),
             },
             "nsa" => Pattern::Nsa(NativeSparse { block: r.u32("block")?, top_k: r.u32("top_k")?, window: r.u32("window")? }),
-            other => return Err(format!("unknown pattern `#{other}` (expected sparsity, specialize, low_rank, kv, window or nsa)")),
+            other => {
+                return Err(format!("unknown pattern `#{other}` (expected sparsity, specialize, values, low_rank, kv, window or nsa)"))
+            }
         };
         r.finish()?;
         Ok(p)
@@ -281,6 +321,9 @@ pub fn refuse_unimplemented(patterns: &[Pattern]) -> Result<(), String> {
     let has = |k: &str| patterns.iter().any(|p| p.keyword() == k);
     if has("specialize") && !has("sparsity") {
         return Err("#specialize chooses how a #sparsity pattern is lowered; this op has no #sparsity".into());
+    }
+    if has("values") && !has("sparsity") {
+        return Err("#values says how a #sparsity pattern's kept values are stored; this op has no #sparsity".into());
     }
     Ok(())
 }

@@ -185,7 +185,7 @@ pub fn attention(
             Pattern::Window(Window::Full) => {}
             Pattern::Window(Window::Sliding { size, sinks }) => window = Some((*size as usize, *sinks as usize)),
             Pattern::Kv(_) | Pattern::Nsa(_) => crate::pattern::refuse_unimplemented(std::slice::from_ref(p))?,
-            Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::LowRank(_) => {
+            Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::Values(_) | Pattern::LowRank(_) => {
                 return Err(format!("#{} does not apply to attention", p.keyword()))
             }
         }

@@ -186,6 +186,21 @@ fn verify_patterns(g: &Graph, v: ValueId, types: &[TensorType]) -> Result<(), St
                 }
             }
             Pattern::Specialize(_) => {}
+            Pattern::Values(coding) => {
+                if !families.contains("sparsity") {
+                    return Err(format!("#values({}) stores the kept values of a #sparsity pattern; this matmul has none", coding.name()));
+                }
+                // The stored values are the weight's data: every use codes them alike.
+                let w = n.operands[1];
+                if let Some(other) = g.nodes.iter().find(|u| u.operands.get(1) == Some(&w) && !u.patterns.iter().any(|q| q == p)) {
+                    return Err(format!(
+                        "weight `%{}` keeps {} values here but `%{}` uses it with other values; every use of a pruned weight stores it alike",
+                        g.node(w).name,
+                        coding.name(),
+                        other.name
+                    ));
+                }
+            }
             Pattern::LowRank(lr) => {
                 let (k, nn) = weight_kn("#low_rank")?;
                 positive("rank", lr.rank)?;

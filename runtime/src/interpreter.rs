@@ -173,7 +173,7 @@ impl<'a> Stepper<'a> {
                 let v = match self.prunes.get(&i) {
                     Some(pw) => {
                         let mut w: Vec<f32> = loaded.iter().copied().collect();
-                        pw.prune(&mut w);
+                        pw.materialize(&mut w);
                         let a = Arc::new(ArrayD::from_shape_vec(IxDyn(&shape), w).map_err(|e| eval_err(e.to_string()))?);
                         state.pruned.insert(i, a.clone());
                         a

@@ -28,6 +28,8 @@ const CSR_UNROLL: u64 = 4;
 pub struct SparseMatmul {
     pub rows: SymSize,
     pub storage: SparseStorage,
+    /// The compile allows int8 activations (AVX2): quantized values' kernels may use them.
+    pub int8: bool,
 }
 
 impl SparseMatmul {
@@ -120,13 +122,20 @@ impl Planes {
                 idx: b.plane(buf, lay.indices, blocks, "i32"),
                 idx_ty: "i32",
             },
+            SparseFormat::CsrQ { .. } | SparseFormat::NmQ { .. } | SparseFormat::BsrQ { .. } => {
+                unreachable!("emit_sparse_matmul sends quantized values to sparse_quant_kernels")
+            }
         }
     }
 }
 
 /// Emits the kernel body: `ins[0]` the activations, `ins[1]` the packed weight.
+/// Quantized values (`NmQ`, `CsrQ`, `BsrQ`) go to `sparse_quant_kernels.rs`.
 pub fn emit_sparse_matmul(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], out: &str) {
     let fmt = t.storage.format;
+    if fmt.bits().is_some() {
+        return super::sparse_quant_kernels::emit_sparse_quant_matmul(b, t, t.int8, ins, out);
+    }
     let (n, k) = t.nk();
     let planes = Planes::new(b, &fmt, &ins[1]);
     let a = ins[0].clone();
@@ -443,6 +452,9 @@ impl Dot<'_> {
                     s
                 });
                 vaccs.iter().map(|v| b.vsum(v, lw)).collect()
+            }
+            SparseFormat::CsrQ { .. } | SparseFormat::NmQ { .. } | SparseFormat::BsrQ { .. } => {
+                unreachable!("emit_sparse_matmul sends quantized values to sparse_quant_kernels")
             }
         }
     }

@@ -97,7 +97,7 @@ impl KernelSpec {
         let storage = self.sparse.as_ref()?.storage?;
         let Some(sparsec_ir::Dim::Fixed(n)) = self.result.last_dim() else { return None };
         let numel = self.result.numel();
-        Some(SparseMatmul { rows: SymSize { coef: numel.coef / n.max(1), ..numel }, storage })
+        Some(SparseMatmul { rows: SymSize { coef: numel.coef / n.max(1), ..numel }, storage, int8: self.int8_activations })
     }
 
     fn tiled_matmul(&self) -> Option<TiledMatmul> {

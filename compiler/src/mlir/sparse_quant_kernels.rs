@@ -1,0 +1,441 @@
+//! Sparse matmul kernels for weights whose kept values are stored quantized
+//! (`NmQ`, `CsrQ`, `BsrQ` of `sparsec_ir::sparse`, values laid out by
+//! `sparsec_ir::sparse_quant`), `generic` level: indices and values read at run
+//! time, `out[r, j] = Σ_k a[r, k]·w[j, k]` over the stored entries of output `j`.
+//!
+//! `generic` (CPU and NVIDIA, every format × {q8, q4}): each stored value is
+//! dequantized where it is used (`d·q`, `d·q + m`), with the same units as
+//! `sparse_kernels.rs` (CPU: row block × 32 outputs; NVIDIA: a thread per output).
+//!
+//! 2:4 with 4-bit values and int8 activations (CPU, AVX2, `k` a multiple of 64):
+//! every row of activations is quantized to int8 in blocks of 64 (one f32 scale
+//! each), and each 64-weight step of a weight row (one block of 32 kept values:
+//! 16 bytes of nibbles, an f16 scale and minimum, 8 bitmap bytes) gathers its 32
+//! kept activations with two `vpshufb`s. The shuffle control comes from the
+//! bitmap alone: each group's nibble (picked by a byte shuffle and a per-dword
+//! shift) indexes two 16-entry tables (first and second kept position), plus
+//! the group's place in its 16-byte lane. The quants lie in the gather's order
+//! (`sparse_quant::slot`), so `Σ q·x` is one `vpmaddubsw` + `vpmaddwd`, and
+//! `Σ x` over the kept positions (what the minimum multiplies) another.
+
+use super::builder::{Device, KernelBuilder, V};
+use super::kernels::{nibbles, row_block, strided, unit_origin, UnitOrder};
+use super::sparse_kernels::SparseMatmul;
+use sparsec_ir::sparse::SparseFormat;
+use sparsec_ir::sparse_quant::{CsrIndex, QBits};
+
+/// Outputs per CPU unit (as `sparse_kernels.rs`).
+const COLS: u64 = 32;
+/// Positions per step of the 2:4 kernel (one block of 32 kept values).
+const STEP: u64 = 64;
+/// How far ahead of its loads the 2:4 GEMV prefetches quants and bitmap bytes.
+const PREFETCH_BYTES: u64 = 4096;
+
+/// The planes of a packed quantized sparse weight.
+struct QPlanes {
+    bits: QBits,
+    q: V,
+    d: V,
+    m: Option<V>,
+    /// Row (CSR) or block-row (BSR) pointers.
+    ptr: Option<V>,
+    /// Bitmap (i8), columns (i16/i32) or block columns (i32).
+    idx: V,
+    idx_ty: &'static str,
+}
+
+impl QPlanes {
+    fn new(b: &mut KernelBuilder, fmt: &SparseFormat, bits: QBits, buf: &str) -> QPlanes {
+        let lay = fmt.layout();
+        let vp = sparsec_ir::sparse_quant::value_planes(bits, lay.values, fmt.stored_values());
+        let q = b.plane(buf, vp.q, vp.blocks * bits.quant_bytes(), "i8");
+        let d = b.f16_plane(buf, vp.d, vp.blocks);
+        let m = (bits == QBits::Q4).then(|| b.f16_plane(buf, vp.m, vp.blocks));
+        let (n, k) = fmt.nk();
+        let bitmap = |b: &mut KernelBuilder| b.plane(buf, lay.indices, n * SparseFormat::bitmap_row_bytes(k), "i8");
+        let (ptr, idx, idx_ty) = match *fmt {
+            SparseFormat::CsrQ { nnz, .. } => {
+                let ptr = Some(b.plane(buf, lay.ptr, n + 1, "i32"));
+                match fmt.csr_index() {
+                    CsrIndex::Bitmap => (ptr, bitmap(b), "i8"),
+                    CsrIndex::Cols(2) => (ptr, b.plane(buf, lay.indices, nnz, "i16"), "i16"),
+                    CsrIndex::Cols(_) => (ptr, b.plane(buf, lay.indices, nnz, "i32"), "i32"),
+                }
+            }
+            SparseFormat::BsrQ { rows, blocks, .. } => {
+                (Some(b.plane(buf, lay.ptr, n / rows as u64 + 1, "i32")), b.plane(buf, lay.indices, blocks, "i32"), "i32")
+            }
+            // N:M (and, unreachable here, the f32 formats): a bitmap.
+            _ => (None, bitmap(b), "i8"),
+        };
+        QPlanes { bits, q, d, m, ptr, idx, idx_ty }
+    }
+
+    /// Stored value `p`, dequantized: block `p / 32`, slot `sparse_quant::slot(p % 32)`.
+    fn value(&self, b: &mut KernelBuilder, p: &str) -> V {
+        let c32 = b.index(32);
+        let blk = b.divui(p, &c32);
+        let t = b.remui(p, &c32);
+        // slot: bits t4 t3 t2 t1 t0 → t3 t4 t1 t2 t0.
+        let (m0, m_up, m_dn) = (b.index(0b00001), b.index(0b01010), b.index(0b10100));
+        let one = b.index(1);
+        let s0 = b.def(format!("arith.andi {t}, {m0} : index"));
+        let up = b.def(format!("arith.andi {t}, {m_up} : index"));
+        let up = b.def(format!("arith.shli {up}, {one} : index"));
+        let dn = b.def(format!("arith.andi {t}, {m_dn} : index"));
+        let dn = b.def(format!("arith.shrui {dn}, {one} : index"));
+        let slot = b.def(format!("arith.ori {s0}, {up} : index"));
+        let slot = b.def(format!("arith.ori {slot}, {dn} : index"));
+        let d = b.load_f16(&self.d, &blk);
+        match (self.bits, &self.m) {
+            (QBits::Q4, Some(m)) => {
+                let c16 = b.index(16);
+                let base = b.muli(&blk, &c16);
+                let lo = b.remui(&slot, &c16);
+                let at = b.addi(&base, &lo);
+                let byte = b.load_byte(&self.q, &at, false);
+                let hi = b.divui(&slot, &c16);
+                let hi = b.def(format!("arith.index_castui {hi} : index to i32"));
+                let four = b.i32(4);
+                let sh = b.def(format!("arith.muli {hi}, {four} : i32"));
+                let v = b.def(format!("arith.shrui {byte}, {sh} : i32"));
+                let fifteen = b.i32(15);
+                let q = b.def(format!("arith.andi {v}, {fifteen} : i32"));
+                let qf = b.def(format!("arith.sitofp {q} : i32 to f32"));
+                let m = b.load_f16(m, &blk);
+                b.fma(&qf, &d, &m)
+            }
+            _ => {
+                let base = b.muli(&blk, &c32);
+                let at = b.addi(&base, &slot);
+                let q = b.load_byte(&self.q, &at, true);
+                let qf = b.def(format!("arith.sitofp {q} : i32 to f32"));
+                b.mul(&qf, &d)
+            }
+        }
+    }
+}
+
+/// Emits the kernel body: `ins[0]` the activations, `ins[1]` the packed weight.
+/// `int8`: the compile allows int8 activations (AVX2), which the 2:4 q4 kernel uses.
+pub fn emit_sparse_quant_matmul(b: &mut KernelBuilder, t: &SparseMatmul, int8: bool, ins: &[V], out: &str) {
+    let fmt = t.storage.format;
+    let bits = fmt.bits().unwrap_or(QBits::Q8);
+    let (n, k) = t.nk();
+    if b.device() == Device::Cpu && int8 && matches!(fmt, SparseFormat::NmQ { keep: 2, group: 4, bits: QBits::Q4, .. }) && k % STEP == 0 {
+        return emit_nm24_q4_int8(b, t, ins, out);
+    }
+    let planes = QPlanes::new(b, &fmt, bits, &ins[1]);
+    let a = ins[0].clone();
+    let (kc, nc) = (b.index(k), b.index(n));
+    match b.device() {
+        Device::Nvptx => t.per_output_thread(b, |b, u, j, arow| {
+            let y = dot(b, &fmt, &planes, &a, j, &[arow.to_string()]);
+            b.store_result(&y[0], out, u);
+        }),
+        Device::Cpu => {
+            let (units, ct, rbc, rows) = t.cpu_grid(b);
+            let colsc = b.index(COLS);
+            b.parallel(&units, |b, u| {
+                let (r0, j0, j_end) = unit_origin(b, u, UnitOrder::RowMajor { ct: &ct }, &rbc, &colsc, &nc);
+                row_block(b, t.rb(), &r0, &rbc, &rows, &|b, r, nr| {
+                    let arows = strided(b, r, nr, &kc);
+                    b.for_each(&j0, &j_end, |b, j| {
+                        let sums = dot(b, &fmt, &planes, &a, j, &arows);
+                        let orows = strided(b, r, nr, &nc);
+                        for (y, orow) in sums.iter().zip(&orows) {
+                            let o = b.addi(orow, j);
+                            b.store_result(y, out, &o);
+                        }
+                    });
+                });
+            });
+        }
+    }
+}
+
+/// Output `j`'s sums for every row of `arows`, one stored value at a time.
+fn dot(b: &mut KernelBuilder, fmt: &SparseFormat, p: &QPlanes, a: &str, j: &str, arows: &[V]) -> Vec<V> {
+    let zero = b.f32(0.0);
+    let one = b.index(1);
+    let nr = arows.len();
+    let (_, k) = fmt.nk();
+    let fma_rows = |b: &mut KernelBuilder, v: &str, kk: &str, accs: &[V]| -> Vec<V> {
+        arows
+            .iter()
+            .zip(accs)
+            .map(|(ar, acc)| {
+                let ai = b.addi(ar, kk);
+                let x = b.load(a, &ai);
+                b.fma(v, &x, acc)
+            })
+            .collect()
+    };
+    match *fmt {
+        SparseFormat::CsrQ { .. } if fmt.csr_index() != CsrIndex::Bitmap => {
+            let ptr = p.ptr.clone().unwrap_or_default();
+            let lo = b.load_index(&ptr, j, "i32");
+            let j1 = b.addi(j, &one);
+            let hi = b.load_index(&ptr, &j1, "i32");
+            b.for_fold(&lo, &hi, &vec![zero; nr], |b, q, accs| {
+                let v = p.value(b, q);
+                let c = b.load_index(&p.idx, q, p.idx_ty);
+                fma_rows(b, &v, &c, accs)
+            })
+        }
+        SparseFormat::BsrQ { rows, cols, .. } => {
+            let ptr = p.ptr.clone().unwrap_or_default();
+            let (rc, cc) = (b.index(rows as u64), b.index(cols as u64));
+            let bi = b.divui(j, &rc);
+            let i = b.remui(j, &rc);
+            let lo = b.load_index(&ptr, &bi, "i32");
+            let bi1 = b.addi(&bi, &one);
+            let hi = b.load_index(&ptr, &bi1, "i32");
+            let bsz = b.index(rows as u64 * cols as u64);
+            let ioff = b.muli(&i, &cc);
+            b.for_fold(&lo, &hi, &vec![zero; nr], |b, q, accs| {
+                let bc = b.load_index(&p.idx, q, "i32");
+                let kb = b.muli(&bc, &cc);
+                let vb = b.muli(q, &bsz);
+                let vb = b.addi(&vb, &ioff);
+                let mut s = accs.to_vec();
+                for t in 0..cols as u64 {
+                    let ti = b.index(t);
+                    let vi = b.addi(&vb, &ti);
+                    let v = p.value(b, &vi);
+                    let kk = b.addi(&kb, &ti);
+                    s = fma_rows(b, &v, &kk, &s);
+                }
+                s
+            })
+        }
+        _ => {
+            // A bitmap per row (N:M, or CSR at densities where it is smaller):
+            // walk the row's k, a kept k taking the row's next value.
+            let base = match (*fmt, &p.ptr) {
+                (SparseFormat::NmQ { .. }, _) | (_, None) => {
+                    let per_row = b.index(fmt.stored_values() / fmt.nk().0.max(1));
+                    b.muli(j, &per_row)
+                }
+                (_, Some(ptr)) => b.load_index(ptr, j, "i32"),
+            };
+            let rbytes = b.index(SparseFormat::bitmap_row_bytes(k));
+            let mbase = b.muli(j, &rbytes);
+            let last = b.index(fmt.stored_values().max(1) - 1);
+            let (k0, kt) = (b.index(0), b.index(k));
+            let mut init: Vec<(V, String)> = (0..nr).map(|_| (zero.clone(), "f32".to_string())).collect();
+            init.push((b.index(0), "index".into()));
+            let res = b.for_fold_typed(&k0, &kt, 1, &init, |b, kk, carried| {
+                let off = carried[nr].clone();
+                let eight = b.index(8);
+                let bi = b.divui(kk, &eight);
+                let bi = b.addi(&mbase, &bi);
+                let byte = b.load_elem(&p.idx, &bi, "i8");
+                let sh = b.remui(kk, &eight);
+                let sh = b.def(format!("arith.index_cast {sh} : index to i8"));
+                let bit = b.def(format!("arith.shrui {byte}, {sh} : i8"));
+                let one8 = b.def("arith.constant 1 : i8".into());
+                let bit = b.def(format!("arith.andi {bit}, {one8} : i8"));
+                let zero8 = b.def("arith.constant 0 : i8".into());
+                let on = b.def(format!("arith.cmpi ne, {bit}, {zero8} : i8"));
+                let q = b.addi(&base, &off);
+                let q = b.def(format!("arith.minui {q}, {last} : index"));
+                let v = p.value(b, &q);
+                let z = b.f32(0.0);
+                let v = b.def(format!("arith.select {on}, {v}, {z} : f32"));
+                let inc = b.def(format!("arith.index_castui {bit} : i8 to index"));
+                let next = b.addi(&off, &inc);
+                let mut out = fma_rows(b, &v, kk, &carried[..nr]);
+                out.push(next);
+                out
+            });
+            res[..nr].to_vec()
+        }
+    }
+}
+
+/// `arith.constant dense<[..]> : vector<32xi8>`.
+fn bytes_const(b: &mut KernelBuilder, v: &[i32]) -> V {
+    let body: Vec<String> = v.iter().map(|x| (*x as i8).to_string()).collect();
+    b.def(format!("arith.constant dense<[{}]> : vector<32xi8>", body.join(", ")))
+}
+
+fn pshufb(b: &mut KernelBuilder, table: &str, ctrl: &str) -> V {
+    b.def(format!("llvm.call_intrinsic \"llvm.x86.avx2.pshuf.b\"({table}, {ctrl}) : (vector<32xi8>, vector<32xi8>) -> vector<32xi8>"))
+}
+
+/// `Σ` of pairs of u8 × i8 products, then of pairs of i16: 8 i32 lanes.
+fn maddubs_wd(b: &mut KernelBuilder, u: &str, s: &str) -> V {
+    let pairs =
+        b.def(format!("llvm.call_intrinsic \"llvm.x86.avx2.pmadd.ub.sw\"({u}, {s}) : (vector<32xi8>, vector<32xi8>) -> vector<16xi16>"));
+    let ones = b.vsplat_int(1, 16, "i16");
+    b.def(format!("llvm.call_intrinsic \"llvm.x86.avx2.pmadd.wd\"({pairs}, {ones}) : (vector<16xi16>, vector<16xi16>) -> vector<8xi32>"))
+}
+
+/// The 2:4, 4-bit, int8-activation CPU kernel (see the module doc).
+fn emit_nm24_q4_int8(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], out: &str) {
+    let fmt = t.storage.format;
+    let (n, k) = t.nk();
+    let steps = k / STEP;
+    let planes = QPlanes::new(b, &fmt, QBits::Q4, &ins[1]);
+    let a = ins[0].clone();
+    let (kc, nc, stepsc) = (b.index(k), b.index(n), b.index(steps));
+    let (units, ct, rbc, rows) = t.cpu_grid(b);
+    let qbytes = b.index(t.rb() * k);
+    let xq = b.def(format!("memref.alloca({qbytes}) : memref<?xi8>"));
+    let nsc = b.index(t.rb() * steps);
+    let xd = b.alloca_f32(&nsc);
+    // The constant vectors of the gather (slot o of the 32: lane L = o/16, half h
+    // = o/8 % 2, a = o/4 % 2, b = o/2 % 2, kept value s = o % 2; group
+    // g = 8h + 4L + 2b + a of the step's 16).
+    let rep: Vec<String> = (0..32).map(|o| (4 * ((o >> 3) & 1) + 2 * (o >> 4) + ((o >> 1) & 1)).to_string()).collect::<Vec<_>>();
+    let base: Vec<i32> = (0..32).map(|o| 4 * (2 * ((o >> 1) & 1) + ((o >> 2) & 1))).collect();
+    let first_bit = |nib: i32, skip: u32| (0..4).filter(|i| nib & (1 << i) != 0).nth(skip as usize).unwrap_or(0);
+    let t0: Vec<i32> = (0..32).map(|i| first_bit(i % 16, 0)).collect();
+    let t1: Vec<i32> = (0..32).map(|i| first_bit(i % 16, 1)).collect();
+    let hi80: Vec<i32> = (0..32).map(|o| if o & 8 != 0 { 0x80 } else { 0 }).collect();
+    let lo80: Vec<i32> = (0..32).map(|o| if o & 8 == 0 { 0x80 } else { 0 }).collect();
+    let quants_last = b.index((n * steps * 16).saturating_sub(1));
+    let bitmap_last = b.index((n * k / 8).saturating_sub(1));
+
+    let ub = b.def(format!("arith.minui %hi, {units} : index"));
+    let first = b.divui("%lo", &ct);
+    let ct_m1 = b.index(t.col_tiles() - 1);
+    let ub_up = b.addi(&ub, &ct_m1);
+    let last = b.divui(&ub_up, &ct);
+    let colsc = b.index(COLS);
+    b.for_each(&first, &last, |b, rbi| {
+        let r0 = b.muli(rbi, &rbc);
+        let r1 = b.addi(&r0, &rbc);
+        let r_end = b.def(format!("arith.minui {r1}, {rows} : index"));
+        // Quantize the row block's activations: int8 in blocks of 64, one scale each.
+        b.for_each(&r0, &r_end, |b, r| {
+            let slot = b.def(format!("arith.subi {r}, {r0} : index"));
+            let src = b.muli(r, &kc);
+            let dst = b.muli(&slot, &kc);
+            let sdst = b.muli(&slot, &stepsc);
+            let zero = b.index(0);
+            b.for_each(&zero, &stepsc, |b, s| {
+                let w = STEP as u32;
+                let sc = b.index(STEP);
+                let off = b.muli(s, &sc);
+                let at = b.addi(&src, &off);
+                let v = b.vload(&a, &at, w);
+                let vt = KernelBuilder::vty(w);
+                let abs = b.def(format!("math.absf {v} : {vt}"));
+                let amax = b.def(format!("vector.reduction <maxnumf>, {abs} : {vt} into f32"));
+                let c127 = b.f32(127.0);
+                let d = b.div(&amax, &c127);
+                let z = b.f32(0.0);
+                let nonzero = b.def(format!("arith.cmpf ogt, {amax}, {z} : f32"));
+                let inv = b.div(&c127, &amax);
+                let inv = b.def(format!("arith.select {nonzero}, {inv}, {z} : f32"));
+                let invv = b.vbroadcast(&inv, w);
+                let scaled = b.def(format!("arith.mulf {v}, {invv} : {vt}"));
+                let rounded = b.def(format!("math.roundeven {scaled} : {vt}"));
+                let qi = b.def(format!("arith.fptosi {rounded} : {vt} to vector<{w}xi32>"));
+                let q8 = b.def(format!("arith.trunci {qi} : vector<{w}xi32> to vector<{w}xi8>"));
+                let qat = b.addi(&dst, &off);
+                b.vstore_bytes(&q8, &xq, &qat, w);
+                let sat = b.addi(&sdst, s);
+                b.store(&d, &xd, &sat);
+            });
+        });
+        let u_first = b.muli(rbi, &ct);
+        let u_next = b.addi(&u_first, &ct);
+        let u0 = b.def(format!("arith.maxui %lo, {u_first} : index"));
+        let u1 = b.def(format!("arith.minui {ub}, {u_next} : index"));
+        b.for_each(&u0, &u1, |b, u| {
+            let cb = b.def(format!("arith.subi {u}, {u_first} : index"));
+            let j0 = b.muli(&cb, &colsc);
+            let j1 = b.addi(&j0, &colsc);
+            let j_end = b.def(format!("arith.minui {j1}, {nc} : index"));
+            row_block(b, t.rb(), &r0, &rbc, &rows, &|b, r, nr| {
+                let slot0 = b.def(format!("arith.subi {r}, {r0} : index"));
+                let xrows = strided(b, &slot0, nr, &kc);
+                let srows = strided(b, &slot0, nr, &stepsc);
+                b.for_each(&j0, &j_end, |b, j| {
+                    let wblk0 = b.muli(j, &stepsc);
+                    let rbytes = b.index(k / 8);
+                    let mrow = b.muli(j, &rbytes);
+                    let vz = b.vzero(8);
+                    let init: Vec<(V, String)> = (0..nr).map(|_| (vz.clone(), KernelBuilder::vty(8))).collect();
+                    let zero = b.index(0);
+                    let accs = b.for_fold_typed(&zero, &stepsc, 1, &init, |b, s, accs| {
+                        let blk = b.addi(&wblk0, s);
+                        let c16 = b.index(16);
+                        let qat = b.muli(&blk, &c16);
+                        let eight = b.index(8);
+                        let s8 = b.muli(s, &eight);
+                        let mat = b.addi(&mrow, &s8);
+                        if nr == 1 {
+                            b.prefetch_ahead(&planes.q, &qat, PREFETCH_BYTES, &quants_last, "i8");
+                            b.prefetch_ahead(&planes.idx, &mat, PREFETCH_BYTES / 2, &bitmap_last, "i8");
+                        }
+                        // The gather control, from the step's 8 bitmap bytes.
+                        let bm = b.def(format!("vector.load {}[{mat}] : memref<?xi8>, vector<8xi8>", planes.idx));
+                        let rep_v = b.def(format!("vector.shuffle {bm}, {bm} [{}] : vector<8xi8>, vector<8xi8>", rep.join(", ")));
+                        let r32 = b.def(format!("vector.bitcast {rep_v} : vector<32xi8> to vector<8xi32>"));
+                        let shifts = b.def("arith.constant dense<[0, 4, 0, 4, 0, 4, 0, 4]> : vector<8xi32>".into());
+                        let r32 = b.def(format!("arith.shrui {r32}, {shifts} : vector<8xi32>"));
+                        let r8 = b.def(format!("vector.bitcast {r32} : vector<8xi32> to vector<32xi8>"));
+                        let f = b.vsplat_int(15, 32, "i8");
+                        let nib = b.def(format!("arith.andi {r8}, {f} : vector<32xi8>"));
+                        let tab0 = bytes_const(b, &t0);
+                        let tab1 = bytes_const(b, &t1);
+                        let p0 = pshufb(b, &tab0, &nib);
+                        let p1 = pshufb(b, &tab1, &nib);
+                        let pick: Vec<String> = (0..32).map(|o| if o % 2 == 0 { o.to_string() } else { (32 + o).to_string() }).collect();
+                        let pos = b.def(format!("vector.shuffle {p0}, {p1} [{}] : vector<32xi8>, vector<32xi8>", pick.join(", ")));
+                        let basev = bytes_const(b, &base);
+                        let ctrl = b.def(format!("arith.ori {pos}, {basev} : vector<32xi8>"));
+                        let h80 = bytes_const(b, &hi80);
+                        let l80 = bytes_const(b, &lo80);
+                        let c0 = b.def(format!("arith.ori {ctrl}, {h80} : vector<32xi8>"));
+                        let c1 = b.def(format!("arith.ori {ctrl}, {l80} : vector<32xi8>"));
+                        // The block's 32 quants in slot order, its scale and minimum.
+                        let (lo, hi) = nibbles(b, &planes.q, &qat);
+                        let order: Vec<String> = (0..32).map(|i| i.to_string()).collect();
+                        let wq = b.def(format!("vector.shuffle {lo}, {hi} [{}] : vector<16xi8>, vector<16xi8>", order.join(", ")));
+                        let d = b.load_f16(&planes.d, &blk);
+                        let m = b.load_f16(planes.m.as_ref().unwrap_or(&planes.d), &blk);
+                        let ones8 = b.vsplat_int(1, 32, "i8");
+                        let mut next = Vec::with_capacity(nr as usize);
+                        for (r, (xr, sr)) in xrows.iter().zip(&srows).enumerate() {
+                            let xoff = b.index(STEP);
+                            let x0at = b.muli(s, &xoff);
+                            let x0at = b.addi(xr, &x0at);
+                            let c32 = b.index(32);
+                            let x1at = b.addi(&x0at, &c32);
+                            let x0 = b.vload_bytes(&xq, &x0at, 32);
+                            let x1 = b.vload_bytes(&xq, &x1at, 32);
+                            let g0 = pshufb(b, &x0, &c0);
+                            let g1 = pshufb(b, &x1, &c1);
+                            let g = b.def(format!("arith.ori {g0}, {g1} : vector<32xi8>"));
+                            let dot = maddubs_wd(b, &wq, &g);
+                            let sum = maddubs_wd(b, &ones8, &g);
+                            let dat = b.addi(sr, s);
+                            let dx = b.load(&xd, &dat);
+                            let sd = b.mul(&d, &dx);
+                            let sm = b.mul(&m, &dx);
+                            let vt = KernelBuilder::vty(8);
+                            let dotf = b.def(format!("arith.sitofp {dot} : vector<8xi32> to {vt}"));
+                            let sumf = b.def(format!("arith.sitofp {sum} : vector<8xi32> to {vt}"));
+                            let sdv = b.vbroadcast(&sd, 8);
+                            let smv = b.vbroadcast(&sm, 8);
+                            let acc = b.vfma(&dotf, &sdv, &accs[r], 8);
+                            next.push(b.vfma(&sumf, &smv, &acc, 8));
+                        }
+                        next
+                    });
+                    let orows = strided(b, r, nr, &nc);
+                    for (acc, orow) in accs.iter().zip(&orows) {
+                        let y = b.vsum(acc, 8);
+                        let o = b.addi(orow, j);
+                        b.store_result(&y, out, &o);
+                    }
+                });
+            });
+        });
+    });
+}
