@@ -10,7 +10,7 @@
 use crate::plan::{Plan, Rule, WindowPlan};
 use crate::Pass;
 use sparsec_ir::sparse_detect::{detect, Detected};
-use sparsec_ir::{DType, Dim, Graph, IrError, Op, Pattern, Sparsity, Window};
+use sparsec_ir::{DType, Dim, Graph, IrError, Op, Pattern, Sparsity, ValueCoding, Window};
 use std::collections::BTreeMap;
 
 pub struct ApplyPlan {
@@ -118,6 +118,11 @@ impl ApplyPlan {
                         _ => {}
                     }
                     set_pattern(&mut g.nodes[i].patterns, Pattern::Sparsity(s.clone()));
+                    // `values`: how the kept values are stored; f32 (the default) carries no attribute.
+                    match rule.values {
+                        ValueCoding::F32 => g.nodes[i].patterns.retain(|p| !matches!(p, Pattern::Values(_))),
+                        v => set_pattern(&mut g.nodes[i].patterns, Pattern::Values(v)),
+                    }
                     if let Some(t) = g.nodes[w].ty.as_mut() {
                         t.dtype = DType::F32;
                     }

@@ -4,7 +4,7 @@
 //! known keys); `apply-plan` checks the rest against the graph.
 
 use serde::Deserialize;
-use sparsec_ir::{Sparsity, Specialize};
+use sparsec_ir::{Sparsity, Specialize, ValueCoding};
 
 /// A parsed plan: its rules in order (later rules override earlier ones).
 #[derive(Clone, Debug, PartialEq)]
@@ -122,6 +122,8 @@ pub struct Rule {
     pub sparsity: Option<Sparsity>,
     /// How `sparsity` chooses what to prune.
     pub method: PruneMethod,
+    /// How `sparsity` stores the kept values (`values = "q4"`; f32 when not given).
+    pub values: ValueCoding,
     pub specialize: Option<Specialize>,
     pub window: Option<WindowPlan>,
     /// `sparsity = { kind = "from-weights" }`: each selected weight keeps the
@@ -192,9 +194,9 @@ struct RuleFile {
 #[derive(Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 enum SparsityFile {
-    Unstructured { ratio: f32, method: Option<String> },
-    Nm { n: u32, m: u32, method: Option<String> },
-    Block { ratio: f32, block: [u32; 2], method: Option<String> },
+    Unstructured { ratio: f32, method: Option<String>, values: Option<String> },
+    Nm { n: u32, m: u32, method: Option<String>, values: Option<String> },
+    Block { ratio: f32, block: [u32; 2], method: Option<String>, values: Option<String> },
     // `from-weights`: keep the zeros the checkpoint already has; resolved per
     // weight against its data (`resolve_from_weights`) before the plan is applied.
     FromWeights {},
@@ -262,6 +264,16 @@ impl Plan {
                 Some(SparsityFile::FromWeights {}) | None => PruneMethod::Magnitude,
             };
             let from_weights = matches!(r.sparsity, Some(SparsityFile::FromWeights {}));
+            // `values = "f32" | "q8" | "q4"`: how the kept values are stored (`#values`).
+            let values = match &r.sparsity {
+                Some(SparsityFile::Unstructured { values, .. } | SparsityFile::Nm { values, .. } | SparsityFile::Block { values, .. }) => {
+                    match values.as_deref() {
+                        None => ValueCoding::F32,
+                        Some(v) => ValueCoding::from_name(v).ok_or_else(|| err(format!("values = \"{v}\" is not one of f32, q8, q4")))?,
+                    }
+                }
+                Some(SparsityFile::FromWeights {}) | None => ValueCoding::F32,
+            };
             let sparsity = match r.sparsity {
                 Some(SparsityFile::FromWeights {}) | None => None,
                 Some(SparsityFile::Unstructured { ratio, .. }) => {
@@ -324,7 +336,7 @@ impl Plan {
             if sparsity.is_none() && !from_weights && specialize.is_none() && window.is_none() && not_yet.is_empty() {
                 return Err(err("says nothing: give sparsity, specialize, attention, kv or share".into()));
             }
-            rules.push(Rule { index, layers, targets, sparsity, method, specialize, window, from_weights, not_yet });
+            rules.push(Rule { index, layers, targets, sparsity, method, values, specialize, window, from_weights, not_yet });
         }
         let mut calibration = Calibration::default();
         if let Some(c) = file.calibration {
