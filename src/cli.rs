@@ -30,6 +30,9 @@ pub enum Command {
     /// Compile and benchmark every (pattern, sparsity, specialization level)
     /// point: compile time and code size against decode and prefill time.
     Tradeoff(crate::tradeoff::TradeoffArgs),
+    /// Write a model with a plan's pruning applied, or an artifact's weights,
+    /// as a Hugging Face safetensors directory (dense f32, zeros in place).
+    Export(ExportArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -178,6 +181,31 @@ pub struct RunArgs {
     pub threads: Option<usize>,
     #[command(flatten)]
     pub flags: CompileFlags,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// A model (GGUF file, Hugging Face directory, `smollm2`) with --plan or
+    /// --preset, or the artifact of a compiled model.
+    pub input: PathBuf,
+    /// The directory to write (must not exist): config.json, model.safetensors, tokenizer.json.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Plan file (TOML) whose pruning is applied to the model's weights, as compile does.
+    #[arg(long, conflicts_with = "preset")]
+    pub plan: Option<PathBuf>,
+    /// Named plan (see compile --preset).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Where calibrated methods keep their statistics (default: the compile cache's place).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Do not cache calibration statistics.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// One JSON object on stdout.
     #[arg(long)]
     pub json: bool,
 }

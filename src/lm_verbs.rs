@@ -138,6 +138,8 @@ impl LmSource {
     pub fn model(spec: &str, plan: Option<&str>, calibration_cache: Option<&Path>) -> Result<LmSource> {
         let mut m = Model::load(spec)?;
         if let Some(text) = plan {
+            // `from-weights` rules become concrete patterns per weight.
+            let text = &crate::from_weights::resolve(&m, text)?;
             let plan = sparsec_passes::Plan::parse(text)?;
             // Calibrated methods prune the weights first (on the dense graph);
             // the plan then marks what the interpreter prunes by magnitude,

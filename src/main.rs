@@ -18,6 +18,8 @@ use std::time::Instant;
 
 mod calibrated;
 mod cli;
+mod export;
+mod from_weights;
 mod lm_verbs;
 mod tradeoff;
 
@@ -52,6 +54,7 @@ fn main() {
         Command::Bench(a) => cmd_bench(a),
         Command::Inspect(a) => cmd_inspect(a),
         Command::Tradeoff(a) => tradeoff::cmd_tradeoff(a),
+        Command::Export(a) => export::cmd_export(a),
     };
     if let Err(e) = result {
         eprintln!("sparsec: error: {e:#}");
@@ -95,7 +98,7 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
     })
 }
 
-fn is_artifact(p: &Path) -> bool {
+pub(crate) fn is_artifact(p: &Path) -> bool {
     p.join(MANIFEST_FILE).is_file()
 }
 
@@ -104,6 +107,8 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
     // A checkpoint (GGUF, HF directory, `smollm2`) brings its weights; an IR file
     // takes them from --weights or its `init`s.
     let (graph, model) = load_source_with(input, flags.dequantize)?;
+    // `from-weights` rules become concrete patterns per weight, read from the checkpoint.
+    let plan_text = crate::from_weights::resolve_text(plan_text, model.as_ref())?;
     let output = output.unwrap_or_else(|| PathBuf::from(format!("{}.sparsec", graph.name)));
     // The checkpoint's data, hashed once: it keys the calibration statistics and the compile cache.
     let model_fingerprint = model.as_ref().map(|m| m.fingerprint()).unwrap_or_default();
@@ -187,7 +192,7 @@ fn plan_text(flags: &CompileFlags) -> Result<Option<String>> {
     plan_text_of(flags.plan.as_deref(), flags.preset.as_deref())
 }
 
-fn plan_text_of(plan: Option<&Path>, preset: Option<&str>) -> Result<Option<String>> {
+pub(crate) fn plan_text_of(plan: Option<&Path>, preset: Option<&str>) -> Result<Option<String>> {
     let text = match (plan, preset) {
         (Some(p), _) => std::fs::read_to_string(p).with_context(|| format!("reading plan {}", p.display()))?,
         (None, Some(name)) => sparsec_passes::Plan::preset(name)?,
@@ -531,8 +536,9 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         println!("buffers: {}  steps: {}", m.execution.buffers.len(), m.execution.steps.len());
         return Ok(());
     }
-    let (mut g, _) = load_source(&a.input)?;
-    let plan = plan_text_of(a.plan.as_deref(), a.preset.as_deref())?.map(|t| sparsec_passes::Plan::parse(&t)).transpose()?;
+    let (mut g, model) = load_source(&a.input)?;
+    let plan_text = crate::from_weights::resolve_text(plan_text_of(a.plan.as_deref(), a.preset.as_deref())?, model.as_ref())?;
+    let plan = plan_text.map(|t| sparsec_passes::Plan::parse(&t)).transpose()?;
     let with_plan = plan.is_some();
     sparsec_passes::PassManager::with_plan(plan, PrintOptions::default()).run(&mut g)?;
     if with_plan && !a.json {

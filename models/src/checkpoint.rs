@@ -171,6 +171,165 @@ fn eos_id(path: &Path, field: &str, v: Option<u64>) -> Result<Option<u32>, Model
     v.map(|v| u32::try_from(v).map_err(|_| config_err(path, field, format!("is {v}, not a token id (32 bits)")))).transpose()
 }
 
+/// Roles → Hugging Face tensor names and cuts of a GPT-2 (`pre`: `transformer.`
+/// or empty, both of which HF writes).
+fn gpt2_hf_names(config: &Gpt2Config, pre: &str) -> HashMap<String, (String, Cut)> {
+    let d = config.dim as usize;
+    let mut names = HashMap::new();
+    let t = |n: &str| format!("{pre}{n}");
+    names.insert("embed".to_string(), (t("wte.weight"), Cut::Whole));
+    names.insert("pos_embed".to_string(), (t("wpe.weight"), Cut::Whole));
+    names.insert("final_norm".to_string(), (t("ln_f.weight"), Cut::Whole));
+    names.insert("final_norm.bias".to_string(), (t("ln_f.bias"), Cut::Whole));
+    for i in 0..config.layers {
+        let l = |r: &str| format!("layers.{i}.{r}");
+        let h = |n: &str| t(&format!("h.{i}.{n}"));
+        names.insert(l("attn_norm"), (h("ln_1.weight"), Cut::Whole));
+        names.insert(l("attn_norm.bias"), (h("ln_1.bias"), Cut::Whole));
+        names.insert(l("mlp_norm"), (h("ln_2.weight"), Cut::Whole));
+        names.insert(l("mlp_norm.bias"), (h("ln_2.bias"), Cut::Whole));
+        for (j, p) in ["q", "k", "v"].iter().enumerate() {
+            names.insert(l(&format!("attn.{p}")), (h("attn.c_attn.weight"), Cut::ColumnsTransposed(j * d, d)));
+            names.insert(l(&format!("attn.{p}.bias")), (h("attn.c_attn.bias"), Cut::Range(j * d, d)));
+        }
+        names.insert(l("attn.o"), (h("attn.c_proj.weight"), Cut::Transpose));
+        names.insert(l("attn.o.bias"), (h("attn.c_proj.bias"), Cut::Whole));
+        names.insert(l("mlp.up"), (h("mlp.c_fc.weight"), Cut::Transpose));
+        names.insert(l("mlp.up.bias"), (h("mlp.c_fc.bias"), Cut::Whole));
+        names.insert(l("mlp.down"), (h("mlp.c_proj.weight"), Cut::Transpose));
+        names.insert(l("mlp.down.bias"), (h("mlp.c_proj.bias"), Cut::Whole));
+    }
+    names
+}
+
+/// Roles → Hugging Face tensor names of a Llama (every tensor whole).
+fn llama_hf_names(config: &LlamaConfig) -> HashMap<String, (String, Cut)> {
+    let mut names = HashMap::new();
+    names.insert("embed".to_string(), "model.embed_tokens.weight".to_string());
+    names.insert("final_norm".into(), "model.norm.weight".into());
+    names.insert("lm_head".into(), "lm_head.weight".into());
+    for i in 0..config.layers {
+        for (role, t) in [
+            ("attn_norm", "input_layernorm"),
+            ("attn.q", "self_attn.q_proj"),
+            ("attn.k", "self_attn.k_proj"),
+            ("attn.v", "self_attn.v_proj"),
+            ("attn.o", "self_attn.o_proj"),
+            ("mlp_norm", "post_attention_layernorm"),
+            ("mlp.gate", "mlp.gate_proj"),
+            ("mlp.up", "mlp.up_proj"),
+            ("mlp.down", "mlp.down_proj"),
+        ] {
+            names.insert(format!("layers.{i}.{role}"), format!("model.layers.{i}.{t}.weight"));
+        }
+    }
+    names.into_iter().map(|(r, n)| (r, (n, Cut::Whole))).collect()
+}
+
+/// One tensor of a Hugging Face checkpoint: name, shape, row-major f32 data.
+pub type HfTensor = (String, Vec<usize>, Vec<f32>);
+
+/// The inverse of reading a Hugging Face directory: the tensors (HF names,
+/// layout and shapes, as `transformers` saves them: GPT-2 under `transformer.`,
+/// Conv1D weights `[in, out]`, Q/K/V fused) that hold every role of `family`,
+/// from each role's data as the graph has it (`role(name)`, `[out, in]`). The
+/// same name tables as loading. A Llama read from GGUF (RoPE over adjacent
+/// pairs) gets its Q/K rows back in HF's `rotate_half` order, since an HF
+/// config cannot say otherwise. Sorted by name.
+pub fn hf_tensors(family: &Family, role: &mut dyn FnMut(&str) -> Result<Vec<f32>, ModelError>) -> Result<Vec<HfTensor>, ModelError> {
+    let names = match family {
+        Family::Gpt2(c) => gpt2_hf_names(c, "transformer."),
+        Family::Llama(c) => llama_hf_names(c),
+    };
+    let err = |m: String| ModelError::Format { path: PathBuf::from("(export)"), message: m };
+    // HF name → its pieces (role, cut, role shape).
+    let mut tensors: std::collections::BTreeMap<String, Vec<(String, Cut, Vec<usize>)>> = Default::default();
+    for (r, shape) in family.weight_shapes() {
+        let (name, cut) = names.get(&r).ok_or_else(|| err(format!("no tensor mapped for role `{r}`")))?;
+        tensors.entry(name.clone()).or_default().push((r, cut.clone(), shape.into_iter().map(|d| d as usize).collect()));
+    }
+    let mut out = Vec::new();
+    for (name, pieces) in tensors {
+        let mut datas = Vec::new();
+        for (r, _, shape) in &pieces {
+            let mut data = role(r)?;
+            let want: usize = shape.iter().product();
+            if data.len() != want {
+                return Err(err(format!("role `{r}` has {} values, its shape {shape:?} needs {want}", data.len())));
+            }
+            if let Family::Llama(c) = family {
+                let heads = match () {
+                    _ if !c.rope_adjacent => None,
+                    _ if r.ends_with(".attn.q") => Some(c.heads),
+                    _ if r.ends_with(".attn.k") => Some(c.kv_heads),
+                    _ => None,
+                };
+                if let Some(h) = heads {
+                    data = rows_rotate_half(&data, h as usize, shape[0] / h.max(1) as usize, shape[1]);
+                }
+            }
+            datas.push(data);
+        }
+        let (shape, data) = match (&pieces[0].1, &pieces[..]) {
+            (Cut::Whole, [(_, _, s)]) => (s.clone(), datas.swap_remove(0)),
+            (Cut::Transpose, [(_, _, s)]) => {
+                let (o, i) = (s[0], s[1]);
+                let d = &datas[0];
+                (vec![i, o], (0..i * o).map(|x| d[(x % o) * i + x / o]).collect())
+            }
+            (Cut::ColumnsTransposed(..), _) => {
+                // Each piece `[len, rows]` is columns `start..start+len` of `[rows, cols]`.
+                let rows = pieces[0].2[1];
+                let cols: usize = pieces.iter().map(|p| p.2[0]).sum();
+                let mut t = vec![0f32; rows * cols];
+                for ((_, cut, s), d) in pieces.iter().zip(&datas) {
+                    let Cut::ColumnsTransposed(start, len) = *cut else { return Err(err(format!("`{name}` mixes cuts"))) };
+                    if s[1] != rows || start + len > cols {
+                        return Err(err(format!("`{name}`: piece {s:?} at {start} does not fit [{rows}, {cols}]")));
+                    }
+                    for c in 0..len {
+                        for r in 0..rows {
+                            t[r * cols + start + c] = d[c * rows + r];
+                        }
+                    }
+                }
+                (vec![rows, cols], t)
+            }
+            (Cut::Range(..), _) => {
+                let len: usize = pieces.iter().map(|p| p.2[0]).sum();
+                let mut t = vec![0f32; len];
+                for ((_, cut, _), d) in pieces.iter().zip(&datas) {
+                    let Cut::Range(start, l) = *cut else { return Err(err(format!("`{name}` mixes cuts"))) };
+                    if start + l > len {
+                        return Err(err(format!("`{name}`: range {start}..{} past {len}", start + l)));
+                    }
+                    t[start..start + l].copy_from_slice(&d[..l]);
+                }
+                (vec![len], t)
+            }
+            _ => return Err(err(format!("`{name}` holds several roles with whole cuts"))),
+        };
+        out.push((name, shape, data));
+    }
+    Ok(out)
+}
+
+/// GGUF's Q/K row order (per head, the two halves of `rotate_half`
+/// interleaved: row `2i + j` is HF row `j·half + i`) back to HF's.
+fn rows_rotate_half(data: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = data.to_vec();
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let (src, dst) = (h * head_dim + 2 * i + j, h * head_dim + j * half + i);
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
 impl Model {
     /// Loads `spec`: `smollm2`, a GGUF file, or a Hugging Face directory. The
     /// graph keeps quantized weights quantized (GGUF Q8_0/Q4_0/Q4_1 matrices are
@@ -348,32 +507,8 @@ impl Model {
             let st = SafetensorsDir::open(dir)?;
             // HF saves GPT-2 with or without the `transformer.` prefix.
             let pre = if st.contains("transformer.wte.weight") { "transformer." } else { "" };
-            let d = config.dim as usize;
             layers_fit(&dir.join("config.json"), "n_layer", config.layers, st.len())?;
-            let mut names = HashMap::new();
-            let t = |n: &str| format!("{pre}{n}");
-            names.insert("embed".to_string(), (t("wte.weight"), Cut::Whole));
-            names.insert("pos_embed".to_string(), (t("wpe.weight"), Cut::Whole));
-            names.insert("final_norm".to_string(), (t("ln_f.weight"), Cut::Whole));
-            names.insert("final_norm.bias".to_string(), (t("ln_f.bias"), Cut::Whole));
-            for i in 0..config.layers {
-                let l = |r: &str| format!("layers.{i}.{r}");
-                let h = |n: &str| t(&format!("h.{i}.{n}"));
-                names.insert(l("attn_norm"), (h("ln_1.weight"), Cut::Whole));
-                names.insert(l("attn_norm.bias"), (h("ln_1.bias"), Cut::Whole));
-                names.insert(l("mlp_norm"), (h("ln_2.weight"), Cut::Whole));
-                names.insert(l("mlp_norm.bias"), (h("ln_2.bias"), Cut::Whole));
-                for (j, p) in ["q", "k", "v"].iter().enumerate() {
-                    names.insert(l(&format!("attn.{p}")), (h("attn.c_attn.weight"), Cut::ColumnsTransposed(j * d, d)));
-                    names.insert(l(&format!("attn.{p}.bias")), (h("attn.c_attn.bias"), Cut::Range(j * d, d)));
-                }
-                names.insert(l("attn.o"), (h("attn.c_proj.weight"), Cut::Transpose));
-                names.insert(l("attn.o.bias"), (h("attn.c_proj.bias"), Cut::Whole));
-                names.insert(l("mlp.up"), (h("mlp.c_fc.weight"), Cut::Transpose));
-                names.insert(l("mlp.up.bias"), (h("mlp.c_fc.bias"), Cut::Whole));
-                names.insert(l("mlp.down"), (h("mlp.c_proj.weight"), Cut::Transpose));
-                names.insert(l("mlp.down.bias"), (h("mlp.c_proj.bias"), Cut::Whole));
-            }
+            let names = gpt2_hf_names(&config, pre);
             return Self::finish(dir, Family::Gpt2(config), Source::Hf(st), names, tokenizer, eos);
         }
         if model_type != "llama" {
@@ -431,26 +566,7 @@ impl Model {
         }
         let st = SafetensorsDir::open(dir)?;
         layers_fit(&dir.join("config.json"), "num_hidden_layers", config.layers, st.len())?;
-        let mut names = HashMap::new();
-        names.insert("embed".to_string(), "model.embed_tokens.weight".to_string());
-        names.insert("final_norm".into(), "model.norm.weight".into());
-        names.insert("lm_head".into(), "lm_head.weight".into());
-        for i in 0..config.layers {
-            for (role, t) in [
-                ("attn_norm", "input_layernorm"),
-                ("attn.q", "self_attn.q_proj"),
-                ("attn.k", "self_attn.k_proj"),
-                ("attn.v", "self_attn.v_proj"),
-                ("attn.o", "self_attn.o_proj"),
-                ("mlp_norm", "post_attention_layernorm"),
-                ("mlp.gate", "mlp.gate_proj"),
-                ("mlp.up", "mlp.up_proj"),
-                ("mlp.down", "mlp.down_proj"),
-            ] {
-                names.insert(format!("layers.{i}.{role}"), format!("model.layers.{i}.{t}.weight"));
-            }
-        }
-        let names = names.into_iter().map(|(r, n)| (r, (n, Cut::Whole))).collect();
+        let names = llama_hf_names(&config);
         Self::finish(dir, Family::Llama(config), Source::Hf(st), names, tokenizer, eos)
     }
 
