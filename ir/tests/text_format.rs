@@ -17,8 +17,8 @@ const EVERY_OP: &str = r#"graph @every_op {
   %c = const [1.0, -2.5, 1e-7, 3.0] : f32[4]
   %h = layer_norm %x, %g, %b {eps = 1e-5} : f32[seq, 64]
   %r = rms_norm %x, %g {eps = 1e-6} : f32[seq, 64]
-  %u = matmul %h, %wp #sparsity(unstructured, ratio = 0.9) #specialize(auto) : f32[seq, 128]
-  %u2 = matmul %h, %wn #sparsity(nm, n = 2, m = 4) #specialize(indices) : f32[seq, 128]
+  %u = matmul %h, %wp #sparsity(unstructured, ratio = 0.9) #values(q8) #specialize(auto) : f32[seq, 128]
+  %u2 = matmul %h, %wn #sparsity(nm, n = 2, m = 4) #values(q4) #specialize(indices) : f32[seq, 128]
   %u3 = matmul %h, %wb #sparsity(block, ratio = 0.5, rows = 4, cols = 4) #specialize(full) : f32[seq, 128]
   %u4 = matmul %h, %w #low_rank(rank = 16, basis = "attn.g0") #specialize(generic) : f32[seq, 128]
   %u5 = matmul %h, %w #low_rank(rank = 8) #specialize(dense) : f32[seq, 128]
@@ -177,6 +177,8 @@ fn pattern_invariants_are_verified() {
         ("#low_rank(rank = 6)", "not below min(8, 6)"),
         ("#window(full)", "applies to attention ops only"),
         ("#specialize(dense) #specialize(full)", "given twice"),
+        ("#values(q4)", "#values(q4) stores the kept values of a #sparsity pattern; this matmul has none"),
+        ("#sparsity(nm, n = 2, m = 4) #values(q4) #values(q8)", "pattern #values is given twice"),
     ] {
         let m = verify_err(&base(pat));
         assert!(m.contains(needle), "{pat}: {m}");
