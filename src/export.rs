@@ -5,8 +5,9 @@
 //!
 //! From a model and a plan the weights are pruned as compile prunes them:
 //! `from-weights` resolved, calibrated methods first (`calibrated::apply`),
-//! then the magnitude pruning of every `#sparsity` the plan attaches
-//! (`sparse::PrunedWeight::prune`, what the compiler and the interpreter call).
+//! then the magnitude pruning of every `#sparsity` the plan attaches, kept
+//! values quantized and dequantized where `#values` says
+//! (`sparse::PrunedWeight::materialize`, what the compiler and the interpreter call).
 //! From an artifact its stored weights are unpacked (`Artifact::weight_array`:
 //! sparse formats unpacked, quantized blocks dequantized); its source model
 //! (the manifest's `lm.source`) gives the config. A pruned copy of a tied LM
@@ -78,9 +79,9 @@ fn from_model(a: &ExportArgs) -> Result<(Model, Family, Weights, Option<String>)
         let mut g = m.graph.clone();
         PassManager::with_plan(Some(plan), Default::default()).run(&mut g)?;
         for n in &g.nodes {
-            if let Some(p) = n.patterns.iter().find(|p| !matches!(p, Pattern::Sparsity(_) | Pattern::Specialize(_))) {
+            if let Some(p) = n.patterns.iter().find(|p| !matches!(p, Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::Values(_))) {
                 bail!(
-                    "the plan gives `%{}` #{}: export writes dense weights, which carry weight sparsity only (this pattern would be lost)",
+                    "the plan gives `%{}` #{}: export writes dense weights, which carry weight sparsity and values only (this pattern would be lost)",
                     n.name,
                     p.keyword()
                 );
@@ -90,7 +91,7 @@ fn from_model(a: &ExportArgs) -> Result<(Model, Family, Weights, Option<String>)
             let Op::Weight { name, .. } = &g.nodes[node].op else { continue };
             let key = sparsec_ir::graph::weight_buffer_name(&g, node).unwrap_or_else(|| name.clone());
             let mut data: Vec<f32> = m.weight(name)?.iter().copied().collect();
-            pw.prune(&mut data);
+            pw.materialize(&mut data);
             weights.insert(key, data);
         }
     }

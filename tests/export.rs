@@ -216,3 +216,21 @@ fn bad_exports_and_from_weights_plans_are_refused() {
     let none = write_plan(dir, "none", "[[rule]]\nlayers = \"1\"\ntarget = \"attn.x\"\nsparsity = { kind = \"from-weights\" }\n");
     fails(&["compile", d, "--plan", none.to_str().unwrap(), "-o", dir.join("none.sparsec").to_str().unwrap()], &cache, "rule 1");
 }
+
+#[test]
+fn quantized_kept_values_export_dequantized() {
+    // `values = "q4"`: what the interpreter computes with (pruned, then each
+    // block of kept values quantized and dequantized) is what is written.
+    let m = model("llama_tiny");
+    let dir = m.path();
+    let cache = dir.join("cache");
+    let plan = write_plan(dir, "q4", "[[rule]]\ntarget = \"mlp.*\"\nsparsity = { kind = \"nm\", n = 2, m = 4, values = \"q4\" }\n");
+    let out = dir.join("q4");
+    ok(&["export", dir.to_str().unwrap(), "--plan", plan.to_str().unwrap(), "-o", out.to_str().unwrap()], &cache);
+    let text = dir.join("eval.txt");
+    std::fs::write(&text, word_model::words(30)).unwrap();
+    let t = text.to_str().unwrap();
+    let p0 = perplexity(&["eval", dir.to_str().unwrap(), "--plan", plan.to_str().unwrap(), "--text", t, "--json"], &cache);
+    let p1 = perplexity(&["eval", out.to_str().unwrap(), "--text", t, "--json"], &cache);
+    assert!((p0 - p1).abs() <= 1e-9 * p0, "perplexity {p0} with the plan, {p1} exported");
+}
