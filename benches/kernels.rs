@@ -5,6 +5,12 @@
 //! SmolLM2's shape (9 heads, 3 KV heads, head dim 64) over a 512-position KV
 //! cache, f16 and f32. One thread.
 //!
+//! `gemv_memory`: decode GEMV with the weights streaming from memory, two
+//! threads: a chain of 8 matmuls of 4096x4096 (84 MB as Q4_1, beyond the L3)
+//! as dense Q4_1, 2:4 with 4-bit values (`nm_q4`) and 50% unstructured with
+//! 4-bit values (`csr_q4`, bitmap-indexed), side by side; int8 activations
+//! (the default) for all three.
+//!
 //! The roofline is measured first, in this process: read bandwidth (a sum over
 //! 256 MB) and the peak FMA rate (independent AVX2 FMA chains). GEMV reports
 //! its weight bytes per second (against the bandwidth), GEMM its FLOP/s
@@ -229,7 +235,53 @@ fn attention(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, kernels, attention);
+/// Matrices of the `gemv_memory` chain and their size.
+const MEM_LAYERS: u64 = 8;
+const MEM_DIM: u64 = 4096;
+
+/// Decode GEMV from memory: the same chain of matrices dense Q4_1 and sparse
+/// with 4-bit values, two threads (see the module doc).
+fn gemv_memory(c: &mut Criterion) {
+    let kinds = [
+        ("q4_1", "q4_1", ""),
+        ("nm2:4-q4", "f32", "#sparsity(nm, n = 2, m = 4) #values(q4) #specialize(generic)"),
+        ("csr50-q4", "f32", "#sparsity(unstructured, ratio = 0.5) #values(q4) #specialize(generic)"),
+    ];
+    let d = MEM_DIM;
+    let mut summary = Vec::new();
+    let mut base_us = None;
+    for (kind, dtype, pattern) in kinds {
+        let mut text = format!("graph @chain {{\n  %y0 = input : f32[seq, {d}]\n");
+        for l in 0..MEM_LAYERS {
+            text += &format!(
+                "  %w{l} = weight \"w{l}\" init normal(seed = {}, std = 0.015) : {dtype}[{d}, {d}]\n  %y{} = matmul %y{l}, %w{l} {{transpose_b = true}} {pattern}\n",
+                l + 1,
+                l + 1
+            );
+        }
+        text += &format!("  return %y{MEM_LAYERS}\n}}\n");
+        let options = CompileOptions { target: TargetKind::Cpu, cpu: CpuTarget::host(), ..Default::default() };
+        let (_dir, art) = compile_text(&text, options);
+        let bytes: u64 = art.manifest.execution.buffers.iter().filter(|b| b.name.starts_with('w')).map(|b| b.bytes(0) as u64).sum();
+        let exec = CpuExecutor::load(&art).and_then(|e| e.with_threads(2)).expect("executor");
+        let x = input(d, 1);
+        let mut g = c.benchmark_group("gemv_memory/8x4096x4096");
+        g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+        g.throughput(Throughput::Bytes(bytes));
+        g.bench_with_input(BenchmarkId::from_parameter(kind), &x, |b, x| b.iter(|| exec.run(&art, x).expect("runs")));
+        g.finish();
+        let us = median_us(&exec, &art, &x);
+        let base = *base_us.get_or_insert(us);
+        summary.push(format!("| {kind} | {:.1} | {:.0} | {:.1} | {:.2}x |", bytes as f64 / 1e6, us, bytes as f64 / us / 1e3, base / us));
+    }
+    println!("\ngemv_memory: {MEM_LAYERS} x {d}x{d}, seq 1, 2 threads");
+    println!("| weights | MB | median µs | GB/s | speed-up vs q4_1 |\n| --- | --- | --- | --- | --- |");
+    for l in summary {
+        println!("{l}");
+    }
+}
+
+criterion_group!(benches, kernels, attention, gemv_memory);
 
 fn main() {
     benches();

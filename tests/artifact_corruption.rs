@@ -24,6 +24,8 @@ fn graph(format: &str) -> String {
         "nm" => ("f32", "#sparsity(nm, n = 2, m = 4) #specialize(generic)"),
         "bsr" => ("f32", "#sparsity(block, ratio = 0.5, rows = 4, cols = 4) #specialize(generic)"),
         "baked" => ("f32", "#sparsity(unstructured, ratio = 0.8) #specialize(full)"),
+        "nm_q4" => ("f32", "#sparsity(nm, n = 2, m = 4) #values(q4) #specialize(generic)"),
+        "csr_q8" => ("f32", "#sparsity(unstructured, ratio = 0.5) #values(q8) #specialize(generic)"),
         _ => unreachable!(),
     };
     format!(
@@ -32,7 +34,7 @@ fn graph(format: &str) -> String {
     )
 }
 
-const FORMATS: [&str; 6] = ["dense", "q4_1", "csr", "nm", "bsr", "baked"];
+const FORMATS: [&str; 8] = ["dense", "q4_1", "csr", "nm", "bsr", "baked", "nm_q4", "csr_q8"];
 
 fn build(format: &str, out: &Path) {
     compile(CompileRequest {
@@ -217,6 +219,24 @@ fn resealed_structural_corruptions_are_caught_behind_the_hashes() {
     });
     reseal(&w, |_| {});
     expect_error(&w, &["tensor `w`", "block column"]);
+
+    // Quantized values: an N:M q4 bitmap byte with every bit set, and a CSR q8
+    // (bitmap-indexed at 50%) row whose bits disagree with its row pointers.
+    let quantized =
+        |s: sparsec_ir::Sparsity, v: sparsec_ir::ValueCoding| sparsec_ir::sparse::SparseFormat::for_pattern_coded(&s, v, 32, 64);
+    let (nm_q4, csr_q8) = (art("nm_q4"), art("csr_q8"));
+    let nm_idx = quantized(sparsec_ir::Sparsity::NM { n: 2, m: 4 }, sparsec_ir::ValueCoding::Q4).layout().indices as usize;
+    copy_dir(&nm_q4, &w);
+    edit_weight(&w, "w", |b| b[nm_idx] = 0xff);
+    reseal(&w, |_| {});
+    expect_error(&w, &["tensor `w`", "invalid nm_q4", "keeps 4, not 2"]);
+    let csr_fmt = quantized(sparsec_ir::Sparsity::Unstructured { ratio: 0.5 }, sparsec_ir::ValueCoding::Q8);
+    assert_eq!(csr_fmt.csr_index(), sparsec_ir::sparse_quant::CsrIndex::Bitmap);
+    let csr_idx = csr_fmt.layout().indices as usize;
+    copy_dir(&csr_q8, &w);
+    edit_weight(&w, "w", |b| b[csr_idx] ^= 0x01);
+    reseal(&w, |_| {});
+    expect_error(&w, &["tensor `w`", "invalid csr_q8", "bitmap bits"]);
 
     // Q4_1: the manifest claims a larger weight than the file holds.
     copy_dir(&q4, &w);

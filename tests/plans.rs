@@ -159,6 +159,11 @@ fn bad_plans_are_clear_errors() {
         ("[[rule]]\nkv = { transform = \"dct\", keep = 0.25 }", "`kv` is not implemented yet"),
         ("[[rule]]\nsparsity = { kind = \"unstructured\", ratio = 1.5 }", "plan rule 1: sparsity ratio 1.5 is outside [0, 1)"),
         ("[[rule]]\nsparsity = { kind = \"nm\", n = 3, m = 2 }", "N:M sparsity needs 0 < n <= m"),
+        ("[[rule]]\nsparsity = { kind = \"nm\", n = 2, m = 4, values = \"q3\" }", "values = \"q3\" is not one of f32, q8, q4"),
+        (
+            "[[rule]]\ntarget = \"mlp.up\"\nsparsity = { kind = \"nm\", n = 2, m = 4, values = \"q4\" }\nspecialize = \"indices\"",
+            "#specialize(indices) is not implemented for quantized sparse values (nm_q4)",
+        ),
         ("[[rule]]\ntarget = \"attn.q\"\nshare = { group = 2, ratio = 0.2 }", "`share` is not implemented yet"),
     ];
     for (text, want) in cases {
@@ -179,4 +184,62 @@ fn bad_plans_are_clear_errors() {
     }
     let o = sparsec(&["compile", dir.to_str().unwrap(), "--preset", "nope"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown preset `nope`"));
+}
+
+/// Kept values stored quantized through a plan (`values = "q4" | "q8"` inside
+/// `sparsity`, combined with `method`): every format compiles (f32 activations:
+/// the generic kernels dequantize each value) to what the interpreter computes
+/// on the same materialized weights, through a KV-cached session.
+#[test]
+fn quantized_values_plan_compiles_to_the_interpreters_logits() {
+    const QPLAN: &str = r#"
+[[rule]]
+target = "mlp.*"
+sparsity = { kind = "nm", n = 2, m = 4, values = "q4", method = "magnitude" }
+specialize = "generic"
+
+[[rule]]
+target = "attn.q,attn.k,attn.v"
+sparsity = { kind = "unstructured", ratio = 0.5, values = "q8" }
+
+[[rule]]
+layers = "1"
+target = "attn.o"
+sparsity = { kind = "block", ratio = 0.5, block = [4, 4], values = "q4" }
+"#;
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = tmp.path().join("plan.toml");
+    std::fs::write(&plan, QPLAN).unwrap();
+    let dir = fixture("llama_tiny");
+    let out = tmp.path().join("m.sparsec");
+    let args = ["compile", dir.to_str().unwrap(), "-o", out.to_str().unwrap(), "--plan", plan.to_str().unwrap(), "--no-cache"];
+    let o = sparsec(&[&args[..], &["--quant-activations", "f32"]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let art = sparsec_runtime::Artifact::open(&out).unwrap();
+    let formats: Vec<&str> = art.manifest.execution.buffers.iter().filter_map(|b| b.sparse.as_ref().map(|s| s.format.name())).collect();
+    for f in ["nm_q4", "csr_q8", "bsr_q4"] {
+        assert!(formats.contains(&f), "no {f} in {formats:?}");
+    }
+    assert!(!formats.iter().any(|f| ["nm", "csr", "bsr"].contains(f)), "{formats:?}");
+
+    let mut model = Model::load(dir.to_str().unwrap()).unwrap();
+    PassManager::with_plan(Some(Plan::parse(QPLAN).unwrap()), Default::default()).run(&mut model.graph).unwrap();
+    let ids: Vec<f32> = (0..9).map(|i| ((i * 37 + 5) % 96) as f32).collect();
+    let arr = |s: &[f32]| ArrayD::from_shape_vec(IxDyn(&[s.len()]), s.to_vec()).unwrap();
+    let want = sparsec_runtime::interpreter::interpret(&model.graph, &[arr(&ids)], &|r| model.weight(r).ok()).unwrap().remove(0);
+    let exec = sparsec_runtime::cpu::CpuExecutor::load(&art).unwrap();
+    let mut session = exec.session(&art).unwrap();
+    let mut rows: Vec<f32> = session.run(&[arr(&ids[..4])]).unwrap()[0].iter().copied().collect();
+    for t in 4..ids.len() {
+        rows.extend(session.run(&[arr(&ids[t..t + 1])]).unwrap()[0].iter());
+    }
+    let err = rows.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    println!("llama_tiny with quantized sparse values: compiled KV-cached decode vs the interpreter: max abs error {err:.3e}");
+    assert!(err < 1e-4, "{err}");
+    // The quantization is part of the reference: the same plan with f32 values differs.
+    let mut f32_model = Model::load(dir.to_str().unwrap()).unwrap();
+    let f32_plan = QPLAN.replace(", values = \"q4\"", "").replace(", values = \"q8\"", "");
+    PassManager::with_plan(Some(Plan::parse(&f32_plan).unwrap()), Default::default()).run(&mut f32_model.graph).unwrap();
+    let unq = sparsec_runtime::interpreter::interpret(&f32_model.graph, &[arr(&ids)], &|r| f32_model.weight(r).ok()).unwrap().remove(0);
+    assert!(unq.iter().zip(want.iter()).any(|(a, b)| (a - b).abs() > 1e-4), "quantizing the kept values changed nothing");
 }
