@@ -164,7 +164,7 @@ fn bad_plans_are_clear_errors() {
             "[[rule]]\ntarget = \"mlp.up\"\nsparsity = { kind = \"nm\", n = 2, m = 4, values = \"q4\" }\nspecialize = \"indices\"",
             "#specialize(indices) is not implemented for quantized sparse values (nm_q4)",
         ),
-        ("[[rule]]\ntarget = \"attn.q\"\nshare = { group = 2, ratio = 0.2 }", "`share` is not implemented yet"),
+        ("[[rule]]\ntarget = \"attn.q\"\nshare = { group = 1, ratio = 0.2 }", "plan rule 1: share group = 1 shares nothing"),
     ];
     for (text, want) in cases {
         let plan = tmp.path().join("bad.toml");

@@ -104,10 +104,16 @@ impl Specialize {
     }
 }
 
+/// `x·Wᵀ ≈ (x·Bᵀ)·Cᵀ`: the weight replaced by an input-side factor `B`
+/// (`[rank, k]`) and an output-side factor `C` (`[n, rank]`). The `low-rank`
+/// pass (`passes/src/low_rank.rs`) lowers it into two matmuls over new weights
+/// before any backend runs; the factors' data come from the model
+/// (`src/factor.rs` fits them) or a weights file.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LowRank {
     pub rank: u32,
-    /// Name of the basis shared by a group of layers; `None` for a private factorization.
+    /// Name of the input-side factor shared by a group of layers (one weight
+    /// node, one buffer); `None` for a private factorization.
     pub basis: Option<String>,
 }
 
@@ -169,9 +175,11 @@ impl Pattern {
         }
     }
 
-    /// Whether a backend and the interpreter implement the pattern. The text
-    /// form and the verifier know every pattern; one nothing implements is
-    /// refused by `refuse_unimplemented`, never silently ignored.
+    /// Whether a backend and the interpreter execute an op carrying the
+    /// pattern. The text form and the verifier know every pattern; one nothing
+    /// implements is refused by `refuse_unimplemented`, never silently ignored.
+    /// `#low_rank` is false: the `low-rank` pass lowers it into plain matmuls,
+    /// so an op that still carries it was not lowered.
     pub fn implemented(&self) -> bool {
         match self {
             Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::Values(_) | Pattern::Window(_) => true,
@@ -316,6 +324,11 @@ impl Pattern {
 /// and the compiler both call it, so neither ignores an attribute.
 pub fn refuse_unimplemented(patterns: &[Pattern]) -> Result<(), String> {
     if let Some(p) = patterns.iter().find(|p| !p.implemented()) {
+        if let Pattern::LowRank(_) = p {
+            return Err(
+                "#low_rank is lowered by the `low-rank` pass into two matmuls before a backend runs; this op was not lowered".into()
+            );
+        }
         return Err(format!("#{} is not lowered yet: no backend or interpreter implements it (its pattern issue adds it)", p.keyword()));
     }
     let has = |k: &str| patterns.iter().any(|p| p.keyword() == k);

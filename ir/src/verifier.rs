@@ -4,7 +4,7 @@
 use crate::error::{IrError, IrResult};
 use crate::graph::{Graph, ValueId};
 use crate::op::Op;
-use crate::pattern::{KvCompression, Pattern, PatternSite, Sparsity, SvdRank, Window};
+use crate::pattern::{KvCompression, LowRank, Pattern, PatternSite, Sparsity, SvdRank, Window};
 use crate::shape::infer_type;
 use crate::types::{Dim, TensorType};
 use std::collections::HashSet;
@@ -201,16 +201,7 @@ fn verify_patterns(g: &Graph, v: ValueId, types: &[TensorType]) -> Result<(), St
                     ));
                 }
             }
-            Pattern::LowRank(lr) => {
-                let (k, nn) = weight_kn("#low_rank")?;
-                positive("rank", lr.rank)?;
-                if lr.rank as u64 >= k.min(nn) {
-                    return Err(format!("rank {} is not below min({k}, {nn}); the factorization would not compress", lr.rank));
-                }
-                if lr.basis.as_deref() == Some("") {
-                    return Err("basis name is empty".into());
-                }
-            }
+            Pattern::LowRank(lr) => verify_low_rank(g, v, lr, weight_kn("#low_rank")?, &families)?,
             Pattern::Kv(kv) => match kv {
                 KvCompression::Dct { keep, block, .. } => {
                     fraction_ok("keep", *keep)?;
@@ -249,6 +240,57 @@ fn verify_patterns(g: &Graph, v: ValueId, types: &[TensorType]) -> Result<(), St
                 positive("top_k", nsa.top_k)?;
                 positive("window", nsa.window)?;
             }
+        }
+    }
+    Ok(())
+}
+
+/// `#low_rank` on matmul `v` whose weight is `[k, n]` (reduction, output): a
+/// positive rank no larger than the matrix has (`min(k, n)`, or `k` for a
+/// shared basis, whose coefficients span the group's stacked outputs); a weight
+/// (the factors replace a checkpoint tensor); not with `#sparsity` or
+/// `#specialize`; a shared basis named by no weight, and every matmul sharing it
+/// (earlier in the graph) agreeing on its rank and input width.
+fn verify_low_rank(g: &Graph, v: ValueId, lr: &LowRank, (k, n): (u64, u64), families: &HashSet<&str>) -> Result<(), String> {
+    let node = g.node(v);
+    if !matches!(g.node(node.operands[1]).op, Op::Weight { .. }) {
+        return Err("#low_rank factors a weight; operand 1 is a constant".into());
+    }
+    positive("rank", lr.rank)?;
+    for other in ["sparsity", "specialize", "values"] {
+        if families.contains(other) {
+            return Err(format!("#low_rank does not combine with #{other} on one matmul"));
+        }
+    }
+    let r = lr.rank as u64;
+    let Some(basis) = &lr.basis else {
+        if r > k.min(n) {
+            return Err(format!("rank {r} exceeds min({k}, {n}), the rank of a {k}x{n} weight"));
+        }
+        return Ok(());
+    };
+    if basis.is_empty() {
+        return Err("basis name is empty".into());
+    }
+    if r > k {
+        return Err(format!("rank {r} of shared basis \"{basis}\" exceeds the input width {k}"));
+    }
+    if g.nodes.iter().any(|u| matches!(&u.op, Op::Weight { name, .. } if name == basis)) {
+        return Err(format!("basis \"{basis}\" is also the name of a weight"));
+    }
+    for u in &g.nodes[..v.0] {
+        let Op::MatMul { transpose_b } = u.op else { continue };
+        let Some(Pattern::LowRank(o)) = u.patterns.iter().find(|p| matches!(p, Pattern::LowRank(_))) else { continue };
+        if o.basis.as_deref() != Some(basis.as_str()) {
+            continue;
+        }
+        if o.rank != lr.rank {
+            return Err(format!("basis \"{basis}\" has rank {} at `%{}`, {} here", o.rank, u.name, lr.rank));
+        }
+        let Some(t) = g.node(u.operands[1]).ty.as_ref() else { continue };
+        let uk = if transpose_b { t.dims.get(1) } else { t.dims.first() };
+        if uk != Some(&Dim::Fixed(k)) {
+            return Err(format!("basis \"{basis}\" spans inputs of width {k} here but `%{}` multiplies a different width", u.name));
         }
     }
     Ok(())

@@ -11,6 +11,9 @@ const EVERY_OP: &str = r#"graph @every_op {
   %wn = weight "layers.1.mlp.up" init normal(seed = 9, std = 0.02) : f32[64, 128]
   %wb = weight "layers.1.mlp.gate" init normal(seed = 10, std = 0.02) : f32[64, 128]
   %wt = weight "layers.0.mlp.down" init uniform(seed = 3, bound = 0.5) : f32[64, 128]
+  %wd = weight "layers.1.mlp.down" init normal(seed = 11, std = 0.02) : f32[64, 128]
+  %wl = weight "layers.2.mlp.up" : f32[128, 64]
+  %wr = weight "layers.2.mlp.gate" : f32[64, 128]
   %g = weight "ln.g" init ones : f32[64]
   %b = weight "ln.b" init zeros : f32[64]
   %plain = weight "from.checkpoint" : f32[64, 64]
@@ -20,8 +23,10 @@ const EVERY_OP: &str = r#"graph @every_op {
   %u = matmul %h, %wp #sparsity(unstructured, ratio = 0.9) #values(q8) #specialize(auto) : f32[seq, 128]
   %u2 = matmul %h, %wn #sparsity(nm, n = 2, m = 4) #values(q4) #specialize(indices) : f32[seq, 128]
   %u3 = matmul %h, %wb #sparsity(block, ratio = 0.5, rows = 4, cols = 4) #specialize(full) : f32[seq, 128]
-  %u4 = matmul %h, %w #low_rank(rank = 16, basis = "attn.g0") #specialize(generic) : f32[seq, 128]
-  %u5 = matmul %h, %w #low_rank(rank = 8) #specialize(dense) : f32[seq, 128]
+  %u4 = matmul %h, %wl {transpose_b = true} #low_rank(rank = 16, basis = "attn.g0") : f32[seq, 128]
+  %u5 = matmul %h, %wr #low_rank(rank = 8) : f32[seq, 128]
+  %u6 = matmul %h, %wd #sparsity(unstructured, ratio = 0.5) #specialize(generic) : f32[seq, 128]
+  %u7 = matmul %h, %wd #sparsity(unstructured, ratio = 0.5) #specialize(dense) : f32[seq, 128]
   %d = matmul %u, %wt {transpose_b = true} : f32[seq, 64]
   %a = add %d, %r : f32[seq, 64]
   %m = mul %a, %g : f32[seq, 64]
@@ -42,7 +47,7 @@ const EVERY_OP: &str = r#"graph @every_op {
   %pe = embedding %plain, %pos : f32[seq, 64]
   %rq = rope %q {heads = 4, theta = 10000.0, adjacent = true} : f32[seq, 64]
   %rk = rope %kv {heads = 2, theta = 500000.0, adjacent = false} : f32[seq, 64]
-  return %m, %gt, %ge, %s, %sm, %c, %at, %at2, %at3, %at4, %u5, %tok, %pe, %rq, %rk
+  return %m, %gt, %ge, %s, %sm, %c, %at, %at2, %at3, %at4, %u5, %u6, %u7, %tok, %pe, %rq, %rk
 }
 "#;
 
@@ -174,7 +179,12 @@ fn pattern_invariants_are_verified() {
         ("#sparsity(nm, n = 4, m = 2)", "n <= m"),
         ("#sparsity(nm, n = 1, m = 3)", "do not divide the reduction dimension 8"),
         ("#sparsity(block, ratio = 0.5, rows = 4, cols = 4)", "does not divide"),
-        ("#low_rank(rank = 6)", "not below min(8, 6)"),
+        ("#low_rank(rank = 7)", "rank 7 exceeds min(8, 6)"),
+        ("#low_rank(rank = 0)", "rank must be positive"),
+        ("#low_rank(rank = 9, basis = \"b\")", "rank 9 of shared basis \"b\" exceeds the input width 8"),
+        ("#low_rank(rank = 2, basis = \"w\")", "basis \"w\" is also the name of a weight"),
+        ("#low_rank(rank = 2) #sparsity(unstructured, ratio = 0.5)", "does not combine with #sparsity"),
+        ("#low_rank(rank = 2) #specialize(dense)", "does not combine with #specialize"),
         ("#window(full)", "applies to attention ops only"),
         ("#specialize(dense) #specialize(full)", "given twice"),
         ("#values(q4)", "#values(q4) stores the kept values of a #sparsity pattern; this matmul has none"),
@@ -209,12 +219,10 @@ fn arb_pattern_matmul() -> impl Strategy<Value = Vec<Pattern>> {
         (0.0f32..0.99).prop_map(|ratio| Pattern::Sparsity(Sparsity::Block { ratio, rows: 2, cols: 4 })),
     ];
     let spec = prop::sample::select(Specialize::ALL.to_vec()).prop_map(Pattern::Specialize);
-    (prop::option::of(sparsity), prop::option::of(spec), prop::option::of((1u32..4, any::<bool>()))).prop_map(|(s, sp, lr)| {
-        let mut v: Vec<Pattern> = s.into_iter().chain(sp).collect();
-        if let Some((rank, shared)) = lr {
-            v.push(Pattern::LowRank(LowRank { rank, basis: shared.then(|| "g\"0\\x".to_string()) }));
-        }
-        v
+    // #low_rank stands alone; a shared basis's name carries its rank (members agree on it).
+    (prop::option::of(sparsity), prop::option::of(spec), prop::option::of((1u32..4, any::<bool>()))).prop_map(|(s, sp, lr)| match lr {
+        Some((rank, shared)) => vec![Pattern::LowRank(LowRank { rank, basis: shared.then(|| format!("g\"{rank}\\x")) })],
+        None => s.into_iter().chain(sp).collect(),
     })
 }
 
@@ -237,8 +245,9 @@ fn arb_graph() -> impl Strategy<Value = Graph> {
             let name = format!("v{i}");
             let other = ValueId((pick as usize) % g.nodes.len()).max(x);
             let other = if g.node(other).ty.as_ref().is_some_and(|t| t.dims == [Dim::Seq, Dim::Fixed(d)]) { other } else { cur };
-            // A pruned weight is pruned for all its uses: sparse matmuls get their own.
-            let w = if pats.iter().any(|p| matches!(p, Pattern::Sparsity(_))) && kind == 0 {
+            // A pruned weight is pruned for all its uses, a factored one factored
+            // once: sparse and factored matmuls get their own.
+            let w = if pats.iter().any(|p| matches!(p, Pattern::Sparsity(_) | Pattern::LowRank(_))) && kind == 0 {
                 g.push(
                     Node::new(
                         format!("w{i}"),
@@ -289,6 +298,21 @@ proptest! {
         let mutated = format!("{}{}{}", &text[..at], junk, &text[at..]);
         let _ = parse_graph(&mutated).map(|g| verify(&g));
     }
+}
+
+#[test]
+fn a_shared_basis_agrees_across_its_members() {
+    let g = |a: &str, b: &str, wb: &str| {
+        format!("graph @g {{\n  %x = input : f32[seq, 8]\n  %w0 = weight \"w0\" : f32[8, 6]\n  %w1 = weight \"w1\" : {wb}\n  %a = matmul %x, %w0 {a}\n  %b = matmul %x, %w1 {b}\n  return %a, %b\n}}")
+    };
+    let ok = g("#low_rank(rank = 4, basis = \"s\")", "{transpose_b = true} #low_rank(rank = 4, basis = \"s\")", "f32[5, 8]");
+    verify(&parse_graph(&ok).unwrap()).expect("one basis, two layers of one input width");
+    let m = verify_err(&g("#low_rank(rank = 4, basis = \"s\")", "#low_rank(rank = 3, basis = \"s\")", "f32[8, 6]"));
+    assert!(m.starts_with("6:3: matmul %b:") && m.contains("basis \"s\" has rank 4 at `%a`, 3 here"), "{m}");
+    let m = verify_err("graph @g {\n  %x = input : f32[seq, 8]\n  %z = input : f32[seq, 4]\n  %w0 = weight \"w0\" : f32[8, 6]\n  %w1 = weight \"w1\" : f32[6, 4]\n  %a = matmul %x, %w0 #low_rank(rank = 4, basis = \"s\")\n  %b = matmul %z, %w1 {transpose_b = true} #low_rank(rank = 4, basis = \"s\")\n  return %a, %b\n}");
+    assert!(m.contains("basis \"s\" spans inputs of width 4 here but `%a` multiplies a different width"), "{m}");
+    let m = verify_err("graph @g {\n  %x = input : f32[seq, 4]\n  %c = const [1.0, 2.0, 3.0, 4.0] : f32[4, 1]\n  %y = matmul %x, %c #low_rank(rank = 1)\n  return %y\n}");
+    assert!(m.contains("#low_rank factors a weight; operand 1 is a constant"), "{m}");
 }
 
 #[test]

@@ -5,12 +5,15 @@
 //! divides). Later rules override earlier ones. A pruned weight stored
 //! quantized becomes f32: pruning works on the dequantized values.
 //! `resolve_from_weights` turns `from-weights` rules into concrete ones per
-//! weight, from the data, before the plan is applied.
+//! weight, from the data, before the plan is applied. A
+//! `low_rank`/`share` rule attaches `#low_rank(rank, basis)` with the rank its
+//! ratio gives (groups of consecutive selected layers per role share a basis);
+//! the `low-rank` pass lowers it.
 
-use crate::plan::{Plan, Rule, WindowPlan};
+use crate::plan::{FactorPlan, FactorSize, Plan, Rule, WindowPlan};
 use crate::Pass;
 use sparsec_ir::sparse_detect::{detect, Detected};
-use sparsec_ir::{DType, Dim, Graph, IrError, Op, Pattern, Sparsity, ValueCoding, Window};
+use sparsec_ir::{DType, Dim, Graph, IrError, LowRank, Op, Pattern, Sparsity, ValueCoding, Window};
 use std::collections::BTreeMap;
 
 pub struct ApplyPlan {
@@ -61,7 +64,10 @@ fn rule_err(rule: &Rule, message: String) -> IrError {
 impl ApplyPlan {
     fn apply_rule(&self, g: &mut Graph, rule: &Rule, n_layers: u64) -> Result<(), IrError> {
         if let Some(what) = rule.not_yet.first() {
-            return Err(rule_err(rule, format!("`{what}` is not implemented yet (sparsity, specialize and attention windows are)")));
+            return Err(rule_err(
+                rule,
+                format!("`{what}` is not implemented yet (sparsity, specialize, low_rank, share and attention windows are)"),
+            ));
         }
         if rule.from_weights {
             return Err(rule_err(
@@ -88,6 +94,12 @@ impl ApplyPlan {
                     continue;
                 }
                 hits += 1;
+                if rule.sparsity.is_some() && g.nodes[i].patterns.iter().any(|p| matches!(p, Pattern::LowRank(_))) {
+                    return Err(rule_err(
+                        rule,
+                        format!("`{name}` is factored by an earlier rule; low_rank/share and sparsity on one weight are not combined"),
+                    ));
+                }
                 // A tied weight (the embedding table as the LM head) is pruned for
                 // this matmul only: it gets its own copy of the weight.
                 let tied = rule.sparsity.is_some()
@@ -135,6 +147,9 @@ impl ApplyPlan {
                 return Err(rule_err(rule, format!("target `{}` selects no matmul in layers {:?}", rule.targets.join(","), rule.layers)));
             }
         }
+        if let Some(f) = &rule.factor {
+            apply_factor(g, rule, f)?;
+        }
         if let Some(wp) = &rule.window {
             let atts: Vec<(usize, u64)> = (0..g.nodes.len())
                 .filter(|&i| matches!(g.nodes[i].op, Op::Attention { .. }))
@@ -162,13 +177,98 @@ impl ApplyPlan {
     }
 }
 
+/// One matmul a factor rule selects.
+struct Factored {
+    node: usize,
+    name: String,
+    layer: Option<u64>,
+    /// Outputs and inputs of the weight.
+    n: u64,
+    k: u64,
+}
+
+/// Attaches `#low_rank` to the matmuls `rule` selects: a private factor of the
+/// rank the rule gives, or, for `share`, one basis per group of `group`
+/// consecutive selected layers of a role (`basis.ROLE.FIRST-LAST`; a group of
+/// one left over is factored privately at the same ratio).
+fn apply_factor(g: &mut Graph, rule: &Rule, f: &FactorPlan) -> Result<(), IrError> {
+    let mut by_role: BTreeMap<String, Vec<Factored>> = BTreeMap::new();
+    for i in 0..g.nodes.len() {
+        let Op::MatMul { transpose_b } = g.nodes[i].op else { continue };
+        let w = g.nodes[i].operands[1].0;
+        let Op::Weight { name, .. } = &g.nodes[w].op else { continue };
+        let (layer, role) = layer_and_role(name);
+        if !rule.selects(layer, &role) {
+            continue;
+        }
+        let shape = g.nodes[w].ty.as_ref().and_then(|t| match t.dims[..] {
+            [Dim::Fixed(a), Dim::Fixed(b)] => Some((a, b)),
+            _ => None,
+        });
+        let Some((a, b)) = shape else { return Err(rule_err(rule, format!("`{name}` has no fixed matrix shape to factor"))) };
+        let (n, k) = if transpose_b { (a, b) } else { (b, a) };
+        for p in &g.nodes[i].patterns {
+            match p {
+                Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::Values(_) => {
+                    return Err(rule_err(
+                        rule,
+                        format!("`{name}` is pruned by an earlier rule; {} and sparsity on one weight are not combined", f.key()),
+                    ))
+                }
+                Pattern::LowRank(_) => {
+                    return Err(rule_err(
+                        rule,
+                        format!("`{name}` is factored by an earlier rule; give each weight one low_rank or share rule"),
+                    ))
+                }
+                Pattern::Kv(_) | Pattern::Window(_) | Pattern::Nsa(_) => {}
+            }
+        }
+        by_role.entry(role).or_default().push(Factored { node: i, name: name.clone(), layer, n, k });
+    }
+    if by_role.is_empty() {
+        return Err(rule_err(rule, format!("target `{}` selects no matmul in layers {:?}", rule.targets.join(","), rule.layers)));
+    }
+    for (role, mut members) in by_role {
+        members.sort_by_key(|m| (m.layer, m.node));
+        let group = f.group.unwrap_or(1).max(1) as usize;
+        for chunk in members.chunks(group) {
+            let shared = chunk.len() > 1;
+            if shared && chunk.iter().any(|m| (m.n, m.k) != (chunk[0].n, chunk[0].k)) {
+                return Err(rule_err(rule, format!("`{role}` weights of different shapes cannot share a basis")));
+            }
+            let (n, k) = (chunk[0].n, chunk[0].k);
+            let rank = match f.size {
+                FactorSize::Ratio(r) => FactorPlan::rank_for_ratio(r, chunk.len() as u64, n, k),
+                FactorSize::Rank(r) => {
+                    if r as u64 > k.min(n) {
+                        return Err(rule_err(
+                            rule,
+                            format!("rank {r} exceeds min({n}, {k}) of `{}` ({n} outputs x {k} inputs)", chunk[0].name),
+                        ));
+                    }
+                    r
+                }
+            };
+            let basis = shared.then(|| {
+                let at = |m: &Factored| m.layer.map_or_else(|| "x".to_string(), |l| l.to_string());
+                format!("basis.{role}.{}-{}", at(&chunk[0]), at(&chunk[chunk.len() - 1]))
+            });
+            for m in chunk {
+                set_pattern(&mut g.nodes[m.node].patterns, Pattern::LowRank(LowRank { rank, basis: basis.clone() }));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Pass for ApplyPlan {
     fn name(&self) -> &'static str {
         "apply-plan"
     }
 
     fn description(&self) -> &'static str {
-        "attach a plan's sparsity, specialization and window patterns to the ops its rules select"
+        "attach a plan's sparsity, specialization, low-rank and window patterns to the ops its rules select"
     }
 
     fn run(&self, g: &mut Graph) -> Result<(), IrError> {

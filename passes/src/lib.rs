@@ -4,6 +4,7 @@
 mod apply_plan;
 mod const_fold;
 mod dce;
+pub mod low_rank;
 mod manager;
 pub mod plan;
 mod shape_infer;
@@ -12,8 +13,9 @@ mod verify;
 pub use apply_plan::{layer_and_role, resolve_from_weights, sparsity_value, ApplyPlan, FoundPattern, ResolvedPlan};
 pub use const_fold::ConstFold;
 pub use dce::DeadCodeElimination;
+pub use low_rank::{factor_names, LowRankLowering};
 pub use manager::{PassManager, PrintOptions, Snapshot};
-pub use plan::{Calibration, Plan, PlanError, PruneMethod};
+pub use plan::{Calibration, FactorMethod, FactorPlan, FactorSize, Plan, PlanError, PruneMethod};
 pub use shape_infer::ShapeInference;
 pub use verify::Verify;
 
@@ -41,7 +43,7 @@ pub trait Pass {
 
 /// Every pass, in default pipeline order.
 pub fn registry() -> Vec<Box<dyn Pass>> {
-    vec![Box::new(Verify), Box::new(ShapeInference), Box::new(ConstFold), Box::new(DeadCodeElimination)]
+    vec![Box::new(Verify), Box::new(ShapeInference), Box::new(LowRankLowering), Box::new(ConstFold), Box::new(DeadCodeElimination)]
 }
 
 /// Looks a pass up by name.

@@ -65,6 +65,69 @@ impl Default for Calibration {
     }
 }
 
+/// How a factored weight's factors are fitted (`src/factor.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FactorMethod {
+    /// Truncated SVD of the weight (no calibration).
+    Svd,
+    /// SVD of the weight whitened by the Cholesky factor of its calibration
+    /// input Gram `XᵀX` (SVD-LLM): minimizes the output error on that data.
+    Whitened,
+}
+
+impl FactorMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            FactorMethod::Svd => "svd",
+            FactorMethod::Whitened => "whitened",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<FactorMethod> {
+        [FactorMethod::Svd, FactorMethod::Whitened].into_iter().find(|m| m.name() == s)
+    }
+}
+
+/// How many parameters a factorization keeps.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FactorSize {
+    /// The fraction of the parameters removed, in (0, 1).
+    Ratio(f32),
+    /// A fixed rank.
+    Rank(u32),
+}
+
+/// `low_rank = { ratio | rank, method }` (`group: None`) or `share = { group,
+/// ratio, method }`: a weight replaced by two factors, the input-side one
+/// shared by `group` consecutive selected layers of one role.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FactorPlan {
+    pub size: FactorSize,
+    pub method: FactorMethod,
+    /// Layers per shared basis; `None` for a private factorization.
+    pub group: Option<u32>,
+}
+
+impl FactorPlan {
+    /// The plan key that spells it.
+    pub fn key(&self) -> &'static str {
+        if self.group.is_some() {
+            "share"
+        } else {
+            "low_rank"
+        }
+    }
+
+    /// The rank that removes `ratio` of the parameters of `members` matrices of
+    /// `n` outputs and `k` inputs sharing one input-side basis (`members = 1`:
+    /// a private factorization): `floor((1 - ratio)·m·n·k / (k + m·n))`, at
+    /// least 1 and at most `min(k, m·n)`.
+    pub fn rank_for_ratio(ratio: f32, members: u64, n: u64, k: u64) -> u32 {
+        let keep = (1.0 - ratio as f64) * (members * n * k) as f64 / (k + members * n) as f64;
+        (keep.floor() as u64).clamp(1, k.min(members * n).max(1)) as u32
+    }
+}
+
 /// Which layers a rule selects.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Layers {
@@ -131,7 +194,9 @@ pub struct Rule {
     /// `resolve_from_weights` turns the rule into concrete ones, and
     /// `apply-plan` refuses it unresolved.
     pub from_weights: bool,
-    /// Families the plan format names but this build cannot apply yet (`kv`, `share`, `nsa`).
+    /// `low_rank` or `share`: the selected weights are factored.
+    pub factor: Option<FactorPlan>,
+    /// Families the plan format names but this build cannot apply yet (`kv`, `nsa`).
     pub not_yet: Vec<&'static str>,
 }
 
@@ -188,7 +253,24 @@ struct RuleFile {
     specialize: Option<String>,
     attention: Option<AttentionFile>,
     kv: Option<toml::Value>,
-    share: Option<toml::Value>,
+    low_rank: Option<LowRankFile>,
+    share: Option<ShareFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LowRankFile {
+    ratio: Option<f32>,
+    rank: Option<u32>,
+    method: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShareFile {
+    group: u32,
+    ratio: f32,
+    method: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -242,6 +324,46 @@ fn ratio_in_range(r: f32) -> Result<f32, String> {
     }
 }
 
+fn factor_method(m: Option<&str>) -> Result<FactorMethod, String> {
+    match m {
+        None => Ok(FactorMethod::Whitened),
+        Some(m) => FactorMethod::from_name(m).ok_or_else(|| format!("method = \"{m}\" is not one of svd, whitened")),
+    }
+}
+
+fn factor_ratio(key: &str, r: f32) -> Result<f32, String> {
+    if r > 0.0 && r < 1.0 {
+        Ok(r)
+    } else {
+        Err(format!("{key} ratio {r} is outside (0, 1) (the fraction of the parameters removed)"))
+    }
+}
+
+/// `low_rank = { ratio = R | rank = N, method }` or `share = { group = G, ratio = R, method }`
+/// (`method` "svd" or "whitened", the default).
+fn parse_factor(low_rank: Option<LowRankFile>, share: Option<ShareFile>) -> Result<Option<FactorPlan>, String> {
+    match (low_rank, share) {
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err("gives both low_rank and share: a weight gets one factorization".into()),
+        (Some(l), None) => {
+            let size = match (l.ratio, l.rank) {
+                (Some(r), None) => FactorSize::Ratio(factor_ratio("low_rank", r)?),
+                (None, Some(0)) => return Err("low_rank rank must be positive".into()),
+                (None, Some(k)) => FactorSize::Rank(k),
+                _ => return Err("low_rank needs exactly one of `ratio` (the fraction of parameters removed) or `rank`".into()),
+            };
+            Ok(Some(FactorPlan { size, method: factor_method(l.method.as_deref())?, group: None }))
+        }
+        (None, Some(s)) => {
+            if s.group < 2 {
+                return Err(format!("share group = {} shares nothing (give 2 or more layers; low_rank factors one)", s.group));
+            }
+            let size = FactorSize::Ratio(factor_ratio("share", s.ratio)?);
+            Ok(Some(FactorPlan { size, method: factor_method(s.method.as_deref())?, group: Some(s.group) }))
+        }
+    }
+}
+
 impl Plan {
     /// Parses plan text; errors name the rule.
     pub fn parse(text: &str) -> Result<Plan, PlanError> {
@@ -263,7 +385,6 @@ impl Plan {
                 }
                 Some(SparsityFile::FromWeights {}) | None => PruneMethod::Magnitude,
             };
-            let from_weights = matches!(r.sparsity, Some(SparsityFile::FromWeights {}));
             // `values = "f32" | "q8" | "q4"`: how the kept values are stored (`#values`).
             let values = match &r.sparsity {
                 Some(SparsityFile::Unstructured { values, .. } | SparsityFile::Nm { values, .. } | SparsityFile::Block { values, .. }) => {
@@ -274,6 +395,7 @@ impl Plan {
                 }
                 Some(SparsityFile::FromWeights {}) | None => ValueCoding::F32,
             };
+            let from_weights = matches!(r.sparsity, Some(SparsityFile::FromWeights {}));
             let sparsity = match r.sparsity {
                 Some(SparsityFile::FromWeights {}) | None => None,
                 Some(SparsityFile::Unstructured { ratio, .. }) => {
@@ -330,13 +452,17 @@ impl Plan {
             if r.kv.is_some() {
                 not_yet.push("kv");
             }
-            if r.share.is_some() {
-                not_yet.push("share");
+            let factor = parse_factor(r.low_rank, r.share).map_err(err)?;
+            if let Some(f) = &factor {
+                if sparsity.is_some() || specialize.is_some() {
+                    let other = if sparsity.is_some() { "sparsity" } else { "specialize" };
+                    return Err(err(format!("`{}` and `{other}` on the same weights are not combined", f.key())));
+                }
             }
-            if sparsity.is_none() && !from_weights && specialize.is_none() && window.is_none() && not_yet.is_empty() {
-                return Err(err("says nothing: give sparsity, specialize, attention, kv or share".into()));
+            if sparsity.is_none() && !from_weights && specialize.is_none() && window.is_none() && factor.is_none() && not_yet.is_empty() {
+                return Err(err("says nothing: give sparsity, specialize, attention, kv, low_rank or share".into()));
             }
-            rules.push(Rule { index, layers, targets, sparsity, method, values, specialize, window, from_weights, not_yet });
+            rules.push(Rule { index, layers, targets, sparsity, method, values, specialize, window, factor, from_weights, not_yet });
         }
         let mut calibration = Calibration::default();
         if let Some(c) = file.calibration {
@@ -361,6 +487,17 @@ impl Plan {
     /// count once resolved (`resolve_from_weights`), not before.
     pub fn sparsity_for(&self, layer: Option<u64>, role: &str) -> Option<(Sparsity, PruneMethod)> {
         self.rules.iter().rev().filter(|r| r.selects(layer, role)).find_map(|r| r.sparsity.clone().map(|s| (s, r.method)))
+    }
+
+    /// The factorization the plan gives the matmul weight of `role` in `layer`:
+    /// the last rule that selects it and says `low_rank` or `share`.
+    pub fn factor_for(&self, layer: Option<u64>, role: &str) -> Option<FactorPlan> {
+        self.rules.iter().rev().filter(|r| r.selects(layer, role)).find_map(|r| r.factor)
+    }
+
+    /// Whether any rule factors weights (`low_rank` or `share`).
+    pub fn factors(&self) -> bool {
+        self.rules.iter().any(|r| r.factor.is_some())
     }
 
     /// Whether any rule prunes with a calibrated method.
@@ -450,12 +587,46 @@ sparsity = { kind = "block", ratio = 0.8, block = [4, 4] }
             ("[[rule]]\nsparsity = { kind = \"diagonal\" }", "plan:"),
             ("[[rule]]\nsparsty = { kind = \"nm\", n = 2, m = 4 }", "unknown field"),
             ("[[rule]]\nattention = { window = 0 }", "positive"),
+            ("[[rule]]\nlow_rank = { ratio = 1.0 }", "rule 1: low_rank ratio 1 is outside (0, 1)"),
+            ("[[rule]]\nlow_rank = { ratio = 0.2, rank = 4 }", "exactly one of `ratio`"),
+            ("[[rule]]\nlow_rank = { rank = 0 }", "rank must be positive"),
+            ("[[rule]]\nlow_rank = { ratio = 0.2, method = \"qr\" }", "method = \"qr\" is not one of svd, whitened"),
+            ("[[rule]]\nshare = { group = 1, ratio = 0.2 }", "shares nothing"),
+            ("[[rule]]\nshare = { group = 2, ratio = 0.0 }", "share ratio 0 is outside (0, 1)"),
+            ("[[rule]]\nshare = { group = 2 }", "missing field `ratio`"),
+            ("[[rule]]\nshare = { group = 2, ratio = 0.2 }\nlow_rank = { ratio = 0.2 }", "both low_rank and share"),
+            (
+                "[[rule]]\nlow_rank = { ratio = 0.2 }\nsparsity = { kind = \"unstructured\", ratio = 0.5 }",
+                "rule 1: `low_rank` and `sparsity` on the same weights are not combined",
+            ),
         ];
         for (text, want) in cases {
             let e = Plan::parse(text).expect_err(text).to_string();
             assert!(e.contains(want), "{text}: {e}");
         }
         assert!(Plan::preset("nope").unwrap_err().to_string().contains("known: half"));
+    }
+
+    #[test]
+    fn factor_keys_parse_and_ranks_follow_the_ratio() {
+        let p = Plan::parse(
+            "[[rule]]\ntarget = \"mlp.*\"\nlow_rank = { ratio = 0.2, method = \"svd\" }\n\n[[rule]]\ntarget = \"attn.q\"\nlow_rank = { rank = 8 }\n\n[[rule]]\ntarget = \"attn.k\"\nshare = { group = 3, ratio = 0.3 }\n",
+        )
+        .unwrap();
+        let f: Vec<FactorPlan> = p.rules.iter().map(|r| r.factor.unwrap()).collect();
+        assert_eq!(f[0], FactorPlan { size: FactorSize::Ratio(0.2), method: FactorMethod::Svd, group: None });
+        assert_eq!(f[1], FactorPlan { size: FactorSize::Rank(8), method: FactorMethod::Whitened, group: None });
+        assert_eq!(f[2], FactorPlan { size: FactorSize::Ratio(0.3), method: FactorMethod::Whitened, group: Some(3) });
+        assert_eq!(p.factor_for(Some(4), "attn.k"), Some(f[2]));
+        assert_eq!(p.factor_for(Some(4), "attn.v"), None);
+        // 20% fewer parameters of a 576x1536 matrix: r(576 + 1536) <= 0.8·576·1536.
+        let r = FactorPlan::rank_for_ratio(0.2, 1, 1536, 576) as u64;
+        assert_eq!(r, 335);
+        assert!(r * (576 + 1536) <= 576 * 1536 * 8 / 10 && (r + 1) * (576 + 1536) > 576 * 1536 * 8 / 10);
+        // Shared by 2: k·r + 2·r·n <= 0.8·2·n·k.
+        let r = FactorPlan::rank_for_ratio(0.2, 2, 1536, 576) as u64;
+        assert!(r * (576 + 2 * 1536) <= 2 * 576 * 1536 * 8 / 10 && (r + 1) * (576 + 2 * 1536) > 2 * 576 * 1536 * 8 / 10);
+        assert_eq!(FactorPlan::rank_for_ratio(0.99, 1, 4, 4), 1, "at least rank 1");
     }
 
     #[test]
