@@ -141,6 +141,11 @@ impl LmSource {
             // `from-weights` rules become concrete patterns per weight.
             let text = &crate::from_weights::resolve(&m, text)?;
             let plan = sparsec_passes::Plan::parse(text)?;
+            // Low-rank factoring adds the factors the `low-rank` pass multiplies by.
+            let fingerprint = if plan.factors() { m.fingerprint() } else { String::new() };
+            if let Some(r) = crate::factor::apply(Some(&mut m), &fingerprint, Some(&plan), calibration_cache)? {
+                eprintln!("{}", crate::factor::describe(&r));
+            }
             // Calibrated methods prune the weights first (on the dense graph);
             // the plan then marks what the interpreter prunes by magnitude,
             // which leaves those weights as they are.

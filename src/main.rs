@@ -19,6 +19,7 @@ use std::time::Instant;
 mod calibrated;
 mod cli;
 mod export;
+mod factor;
 mod from_weights;
 mod lm_verbs;
 mod tradeoff;
@@ -106,12 +107,18 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
     let plan_text = plan_text(flags)?;
     // A checkpoint (GGUF, HF directory, `smollm2`) brings its weights; an IR file
     // takes them from --weights or its `init`s.
-    let (graph, model) = load_source_with(input, flags.dequantize)?;
+    let (graph, mut model) = load_source_with(input, flags.dequantize)?;
     // `from-weights` rules become concrete patterns per weight, read from the checkpoint.
     let plan_text = crate::from_weights::resolve_text(plan_text, model.as_ref())?;
     let output = output.unwrap_or_else(|| PathBuf::from(format!("{}.sparsec", graph.name)));
     // The checkpoint's data, hashed once: it keys the calibration statistics and the compile cache.
     let model_fingerprint = model.as_ref().map(|m| m.fingerprint()).unwrap_or_default();
+    // Low-rank factoring (low_rank, share) adds the factors to the model's weights.
+    let plan = plan_text.as_deref().map(sparsec_passes::Plan::parse).transpose()?;
+    let factored = crate::factor::apply(model.as_mut(), &model_fingerprint, plan.as_ref(), calibration_cache(flags).as_deref())?;
+    if let Some(r) = &factored {
+        eprintln!("{}", crate::factor::describe(r));
+    }
     // Calibrated methods (Wanda, SparseGPT) prune the model's weights before the compile.
     let calibration = match (plan_text.as_deref().map(sparsec_passes::Plan::parse).transpose()?, &model) {
         (Some(plan), Some(m)) => crate::calibrated::apply(m, &model_fingerprint, &plan, calibration_cache(flags).as_deref())?,
@@ -156,7 +163,9 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
         None => None,
     };
     // The weights as pruned: the checkpoint and, when calibrated, the statistics.
-    let fingerprint = model_fingerprint + &calibration.as_ref().map(|r| format!("+calibration:{}", r.key)).unwrap_or_default();
+    let fingerprint = model_fingerprint
+        + &calibration.as_ref().map(|r| format!("+calibration:{}", r.key)).unwrap_or_default()
+        + &factored.as_ref().map(|r| format!("+factors:{}", r.key)).unwrap_or_default();
     let weights = match (&flags.weights, &model) {
         (Some(p), _) => sparsec_compiler::WeightSource::File(p),
         (None, Some(_)) => {

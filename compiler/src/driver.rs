@@ -89,6 +89,7 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
         }
         .into());
     }
+    let params_before = sparsec_runtime::manifest::weight_params(&g);
     let snapshots = PassManager::with_plan(plan, req.print.clone()).run(&mut g)?;
     let part = partition_with(&g, &req.options)?;
     let graph_text = print_graph(&g);
@@ -241,6 +242,7 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
         lm: req.lm.as_ref().map(|(_, info)| info.clone()),
         files: Default::default(),
         integrity: String::new(),
+        params: Some(sparsec_runtime::manifest::ParamCounts { before: params_before, after: sparsec_runtime::manifest::weight_params(&g) }),
     };
     // Every file's hash, and the manifest's own (`integrity`): checked at load.
     let json = sparsec_runtime::integrity::seal(&dir, &mut manifest)

@@ -656,6 +656,21 @@ impl Model {
         Ok(())
     }
 
+    /// Adds a weight the checkpoint does not have (a factor of a low-rank
+    /// weight, `src/factor.rs`): later `weight`, `role_shape` and `stored_dtype`
+    /// (f32) calls see it. A name the checkpoint has is refused (`set_weight`
+    /// replaces those); adding the same name again replaces the data.
+    pub fn add_weight(&mut self, name: &str, data: Arc<ArrayD<f32>>) -> Result<(), ModelError> {
+        if self.names.contains_key(name) {
+            return Err(fmt(&self.path, format!("`{name}` is a checkpoint tensor; a new weight needs a new name")));
+        }
+        self.shapes.insert(name.to_string(), data.shape().to_vec());
+        if let Ok(mut c) = self.cache.lock() {
+            c.insert(name.to_string(), data);
+        }
+        Ok(())
+    }
+
     /// Rows of the token embedding: every token id must be below it.
     pub fn vocab_size(&self) -> u64 {
         self.family.vocab()

@@ -67,6 +67,31 @@ pub struct Manifest {
     pub files: std::collections::BTreeMap<String, String>,
     /// blake3 of this manifest's text with this value empty.
     pub integrity: String,
+    /// Weight parameters of the graph as given and as compiled (they differ
+    /// where a plan factors weights: `low_rank`, `share`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<ParamCounts>,
+}
+
+/// Weight parameters (elements of every weight tensor, a tied one counted once)
+/// of a graph before and after the passes.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ParamCounts {
+    pub before: u64,
+    pub after: u64,
+}
+
+/// The elements of every weight of `g` (each weight name once; weights of a
+/// shape with `seq` do not exist).
+pub fn weight_params(g: &sparsec_ir::Graph) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    g.nodes
+        .iter()
+        .filter_map(|n| match &n.op {
+            sparsec_ir::Op::Weight { name, .. } if seen.insert(name.as_str()) => n.ty.as_ref().map(|t| t.numel().coef),
+            _ => None,
+        })
+        .sum()
 }
 
 impl Manifest {
@@ -257,4 +282,33 @@ pub struct ExecutionPlan {
     /// row's outputs (generation) can run the tail at `seq` = 1 on that row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub row_local_tail: Option<usize>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_counts_are_additive_and_count_a_tied_weight_once() {
+        let g = sparsec_ir::parse_graph(
+            "graph @g {\n  %x = input : f32[seq, 4]\n  %w = weight \"w\" : f32[4, 3]\n  %v = weight \"w\" : f32[4, 3]\n  %b = weight \"b\" : q8_0[32, 4]\n  %y = matmul %x, %w\n  return %y\n}\n",
+        )
+        .unwrap();
+        assert_eq!(weight_params(&g), 12 + 128);
+        // A manifest written before the field reads as `None`; one with it round-trips.
+        let mut v = serde_json::json!({
+            "version": MANIFEST_VERSION, "sparsec_version": "0", "graph_name": "g", "source_hash": "", "cache_key": "",
+            "plan": null, "options": {}, "targets": [], "kernels": [],
+            "execution": { "buffers": [], "inputs": [], "outputs": [], "steps": [] },
+            "compile_ms": 0.0, "files": {}, "integrity": ""
+        });
+        let m: Manifest = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(m.params, None);
+        assert!(!serde_json::to_string(&m).unwrap().contains("params"));
+        v["params"] = serde_json::json!({ "before": 10, "after": 7 });
+        let m: Manifest = serde_json::from_value(v).unwrap();
+        assert_eq!(m.params, Some(ParamCounts { before: 10, after: 7 }));
+        let back: Manifest = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(back.params, m.params);
+    }
 }
