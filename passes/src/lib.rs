@@ -43,7 +43,7 @@ pub trait Pass {
 
 /// Every pass, in default pipeline order.
 pub fn registry() -> Vec<Box<dyn Pass>> {
-    vec![Box::new(Verify), Box::new(ShapeInference), Box::new(LowRankLowering), Box::new(ConstFold), Box::new(DeadCodeElimination)]
+    vec![Box::new(Verify), Box::new(ShapeInference), Box::new(ConstFold), Box::new(DeadCodeElimination)]
 }
 
 /// Looks a pass up by name.

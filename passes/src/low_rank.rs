@@ -6,7 +6,8 @@
 //! artifact holds it once. `C` is `W.lr_out`. Their data come from the model
 //! (`src/factor.rs` fits them and adds them under these names) or a weights
 //! file; `W` itself is left to `dce` unless something else uses it (a tied
-//! embedding). Nothing is constant-folded: the factors' neighbours (norms
+//! embedding). `PassManager::with_plan` runs it after `apply-plan` when the
+//! plan factors weights (it is not in `registry()`). Nothing is constant-folded: the factors' neighbours (norms
 //! feeding three projections, RoPE, attention per head, SiLU·mul, residual
 //! adds) are not linear maps a factor could be multiplied into.
 

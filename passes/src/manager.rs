@@ -33,11 +33,15 @@ impl PassManager {
         PassManager { passes: crate::registry(), print, verify_each: cfg!(debug_assertions) }
     }
 
-    /// The default pipeline with `apply-plan` after shape inference.
+    /// The default pipeline with `apply-plan` after shape inference, and
+    /// `low-rank` after it when the plan factors weights.
     pub fn with_plan(plan: Option<crate::Plan>, print: PrintOptions) -> PassManager {
         let mut passes = crate::registry();
         if let Some(plan) = plan {
             let at = passes.iter().position(|p| p.name() == "shape-infer").map_or(0, |i| i + 1);
+            if plan.factors() {
+                passes.insert(at, Box::new(crate::LowRankLowering));
+            }
             passes.insert(at, Box::new(crate::ApplyPlan { plan }));
         }
         PassManager { passes, print, verify_each: cfg!(debug_assertions) }
