@@ -6,7 +6,9 @@
 //! weight changes nothing, so the plan is applied downstream as usual.
 
 use anyhow::{bail, Context, Result};
-use sparsec_ir::sparse_calibrated::{prune_calibrated, Method};
+use ndarray::{ArrayD, IxDyn};
+use rayon::prelude::*;
+use sparsec_ir::sparse_calibrated::{prune_calibrated, Gram, Method};
 use sparsec_ir::{Op, Sparsity};
 use sparsec_models::checkpoint::Model;
 use sparsec_passes::{layer_and_role, Plan, PruneMethod};
@@ -22,6 +24,8 @@ const SEQUENCE: usize = 512;
 pub struct CalibrationReport {
     pub texts: Vec<String>,
     pub tokens: usize,
+    /// Pruned while calibrating (`[calibration] sequential`).
+    pub sequential: bool,
     /// The statistics came from the cache.
     pub cached: bool,
     pub collect_s: f64,
@@ -107,10 +111,30 @@ pub struct Statistics {
 }
 
 pub fn statistics(m: &Model, fingerprint: &str, plan: &Plan, names: &[&str], cache_dir: Option<&std::path::Path>) -> Result<Statistics> {
+    gather(m, fingerprint, plan, names, cache_dir, None)
+}
+
+/// `statistics`, and with `sequential` targets, each site's weights are
+/// pruned as soon as its statistics are complete, so later sites measure the
+/// model pruned so far. The pruning is then part of what the statistics
+/// depend on, so it is in the key; pruning again from the statistics gives
+/// the same weights, so a cache hit prunes after reading them.
+fn gather(
+    m: &Model,
+    fingerprint: &str,
+    plan: &Plan,
+    names: &[&str],
+    cache_dir: Option<&std::path::Path>,
+    sequential: Option<&[Target]>,
+) -> Result<Statistics> {
     let (seqs, texts, tokens_hash) = sequences(m, plan)?;
-    // The statistics cover the weights named: they are in the key.
-    let key =
-        blake3::hash(format!("grams-v2|{}|{}|{}|{}", fingerprint, tokens_hash, SEQUENCE, names.join(",")).as_bytes()).to_hex().to_string();
+    // The statistics cover the weights named (pruned as said): they are in the key.
+    let pruning: String = sequential.map_or(String::new(), |ts| {
+        ts.iter().map(|t| format!("{}={:?}/{}", t.name, t.sparsity, t.method.name())).collect::<Vec<_>>().join(",")
+    });
+    let key = blake3::hash(format!("grams-v2|{}|{}|{}|{}|{}", fingerprint, tokens_hash, SEQUENCE, names.join(","), pruning).as_bytes())
+        .to_hex()
+        .to_string();
     let path = cache_dir.map(|d| d.join("calibration").join(format!("{key}.safetensors")));
     let t = Instant::now();
     let cached = match &path {
@@ -123,12 +147,18 @@ pub fn statistics(m: &Model, fingerprint: &str, plan: &Plan, names: &[&str], cac
         None => {
             let wanted = |name: &str| names.contains(&name);
             let weight = |name: &str| m.weight(name).ok();
+            let mut replace = |weights: &[String], gram: &Gram| -> sparsec_runtime::RuntimeResult<Vec<(String, Arc<ArrayD<f32>>)>> {
+                let Some(ts) = sequential else { return Ok(Vec::new()) };
+                let here: Vec<&Target> = ts.iter().filter(|t| weights.contains(&t.name)).collect();
+                here.par_iter()
+                    .map(|t| Ok((t.name.clone(), prune_one(m, t, gram).map_err(|e| sparsec_runtime::RuntimeError::Cpu(format!("{e:#}")))?)))
+                    .collect()
+            };
             let bar = crate::lm_verbs::progress(names.len() as u64, "calibrating");
-            let g =
-                sparsec_runtime::calibrate::collect(&m.graph, &weight, &seqs, &wanted, &mut |_, _| Ok(Vec::new()), &mut |done, total| {
-                    bar.set_length(total as u64);
-                    bar.set_position(done as u64)
-                })?;
+            let g = sparsec_runtime::calibrate::collect(&m.graph, &weight, &seqs, &wanted, &mut replace, &mut |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64)
+            })?;
             bar.finish_and_clear();
             if let Some(p) = &path {
                 sparsec_runtime::calibrate::save(p, &g)?;
@@ -137,6 +167,23 @@ pub fn statistics(m: &Model, fingerprint: &str, plan: &Plan, names: &[&str], cac
         }
     };
     Ok(Statistics { grams, texts, tokens: plan.calibration.tokens, cached: hit, collect_s: t.elapsed().as_secs_f64(), key })
+}
+
+/// `target`'s weight (as the checkpoint has it) pruned with `gram`.
+fn prune_one(m: &Model, target: &Target, gram: &Gram) -> Result<Arc<ArrayD<f32>>> {
+    let w = m.weight(&target.name)?;
+    let shape = w.shape().to_vec();
+    let (a, b) = (shape[0], shape[1]);
+    let (n, k) = if target.transposed { (a, b) } else { (b, a) };
+    let method = match target.method {
+        PruneMethod::Wanda => Method::Wanda,
+        PruneMethod::SparseGpt => Method::SparseGpt { block: 128, damp: 0.01 },
+        PruneMethod::Magnitude => return Ok(w),
+    };
+    let mut data: Vec<f32> = w.iter().copied().collect();
+    prune_calibrated(&target.sparsity, &method, &mut data, n, k, target.transposed, gram)
+        .map_err(|e| anyhow::anyhow!("pruning `{}` with {}: {e}", target.name, target.method.name()))?;
+    Ok(Arc::new(ArrayD::from_shape_vec(IxDyn(&shape), data)?))
 }
 
 /// Prunes every weight `plan` gives a calibrated method, in `m`. `None` when
@@ -148,34 +195,39 @@ pub fn apply(m: &Model, fingerprint: &str, plan: &Plan, cache_dir: Option<&std::
     }
     let targets = targets(m, plan)?;
     let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
-    let Statistics { grams, texts, tokens, cached: hit, collect_s, key } = statistics(m, fingerprint, plan, &names, cache_dir)?;
+    let sequential = plan.calibration.sequential.then_some(targets.as_slice());
+    let Statistics { grams, texts, tokens, cached: hit, collect_s, key } = gather(m, fingerprint, plan, &names, cache_dir, sequential)?;
     let t = Instant::now();
-    for target in &targets {
-        let gram = grams.get(&target.name).with_context(|| format!("no calibration statistics for `{}`", target.name))?;
-        let w = m.weight(&target.name)?;
-        let shape = w.shape().to_vec();
-        let (a, b) = (shape[0], shape[1]);
-        let (n, k) = if target.transposed { (a, b) } else { (b, a) };
-        let method = match target.method {
-            PruneMethod::Wanda => Method::Wanda,
-            PruneMethod::SparseGpt => Method::SparseGpt { block: 128, damp: 0.01 },
-            PruneMethod::Magnitude => continue,
-        };
-        let mut data: Vec<f32> = w.iter().copied().collect();
-        prune_calibrated(&target.sparsity, &method, &mut data, n, k, target.transposed, gram)
-            .map_err(|e| anyhow::anyhow!("pruning `{}` with {}: {e}", target.name, target.method.name()))?;
-        let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&shape), data)?;
-        m.set_weight(&target.name, Arc::new(a))?;
+    // The weights, one per core (SparseGPT holds two k×k f64 matrices per weight).
+    let pruned: Vec<(String, Arc<ArrayD<f32>>)> = targets
+        .par_iter()
+        .map(|target| {
+            let gram = grams.get(&target.name).with_context(|| format!("no calibration statistics for `{}`", target.name))?;
+            Ok((target.name.clone(), prune_one(m, target, gram)?))
+        })
+        .collect::<Result<_>>()?;
+    for (name, a) in pruned {
+        m.set_weight(&name, a)?;
     }
-    Ok(Some(CalibrationReport { texts, tokens, cached: hit, collect_s, prune_s: t.elapsed().as_secs_f64(), weights: targets.len(), key }))
+    Ok(Some(CalibrationReport {
+        texts,
+        tokens,
+        sequential: sequential.is_some(),
+        cached: hit,
+        collect_s,
+        prune_s: t.elapsed().as_secs_f64(),
+        weights: targets.len(),
+        key,
+    }))
 }
 
 /// One line saying which text calibrated and how long it took.
 pub fn describe(r: &CalibrationReport) -> String {
     format!(
-        "calibrated on {} tokens of {} ({}: {:.1} s), pruned {} weights in {:.1} s",
+        "calibrated on {} tokens of {}{} ({}: {:.1} s), pruned {} weights in {:.1} s",
         r.tokens,
         r.texts.join(" + "),
+        if r.sequential { ", sequentially" } else { "" },
         if r.cached { "statistics cached" } else { "statistics collected" },
         r.collect_s,
         r.weights,

@@ -137,3 +137,40 @@ fn plans_that_cannot_be_calibrated_are_refused() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("method = \"obs\" is not one of magnitude, wanda, sparsegpt"), "{err}");
 }
+
+#[test]
+fn sequential_calibration_measures_the_model_pruned_so_far() {
+    let m = model("llama_tiny");
+    let dir = m.path().to_str().unwrap();
+    let calib = m.path().join("calib.txt");
+    std::fs::write(&calib, (0..300).map(|i| format!("w{}", (i * 11 + i / 5) % 90)).collect::<Vec<_>>().join(" ")).unwrap();
+    let compile = |name: &str, sequential: bool, cache: &Path| {
+        let p = plan(m.path(), name, "kind = \"unstructured\", ratio = 0.5", "sparsegpt", &calib);
+        if sequential {
+            let text = std::fs::read_to_string(&p).unwrap().replace("[calibration]\n", "[calibration]\nsequential = true\n");
+            std::fs::write(&p, text).unwrap();
+        }
+        let out = m.path().join(format!("{name}.sparsec"));
+        let o = sparsec(&["compile", dir, "--plan", p.to_str().unwrap(), "-o", out.to_str().unwrap()], cache);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        (out, err)
+    };
+    let cache = m.path().join("cache");
+    let (one_pass, _) = compile("one-pass", false, &cache);
+    let (fresh, err) = compile("sequential", true, &cache);
+    assert!(err.contains("sequentially (statistics collected"), "{err}");
+    let (again, err) = compile("sequential-again", true, &cache);
+    assert!(err.contains("sequentially (statistics cached"), "{err}");
+    let weight = |art: &Path, name: &str| Artifact::open(art).unwrap().weight_array(name).unwrap();
+    for name in ["layers.0.attn.q", "layers.0.mlp.up", "layers.1.attn.k", "layers.1.mlp.down"] {
+        // Statistics read back from the cache prune exactly as fresh ones.
+        assert_eq!(weight(&fresh, name), weight(&again, name), "{name}: cached and fresh sequential statistics differ");
+    }
+    // The first layer's attention input is the embedding either way; what
+    // comes after it sees the pruned layers before it.
+    assert_eq!(weight(&one_pass, "layers.0.attn.q"), weight(&fresh, "layers.0.attn.q"));
+    for name in ["layers.0.mlp.up", "layers.1.attn.k", "layers.1.mlp.down"] {
+        assert!(weight(&one_pass, name) != weight(&fresh, name), "{name}: sequential calibration measured the dense model");
+    }
+}

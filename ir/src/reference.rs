@@ -3,21 +3,10 @@
 
 use crate::op::{GeluApprox, Op};
 use crate::pattern::{Pattern, Window};
+use faer::linalg::matmul::matmul;
+use faer::reborrow::{Reborrow, ReborrowMut};
+use faer::{Accum, Mat, Par};
 use ndarray::{ArrayD, IxDyn};
-
-/// `Σ a·b` accumulated in f64, in four interleaved partial sums (a chain of
-/// dependent adds would make the reference attention latency-bound).
-fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
-    let mut p = [0f64; 4];
-    let (ac, bc) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail: f64 = ac.remainder().iter().zip(bc.remainder()).map(|(&x, &y)| x as f64 * y as f64).sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..4 {
-            p[l] += x[l] as f64 * y[l] as f64;
-        }
-    }
-    (p[0] + p[1]) + (p[2] + p[3]) + tail
-}
 
 /// GELU, tanh form.
 pub fn gelu_tanh(x: f32) -> f32 {
@@ -202,41 +191,42 @@ pub fn attention(
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = vec![0f32; s * qw];
-    let mut scores = vec![0f64; total];
-    let mut acc = vec![0f64; d];
-    for h in 0..heads {
-        let kh = h / group;
-        for qi in 0..s {
-            let i = qi + q_offset; // absolute position of this query
-            let visible = |j: usize| match window {
-                None => j <= i,
-                Some((size, sinks)) => j <= i && (j + size > i || j < sinks),
-            };
-            let mut m = f64::NEG_INFINITY;
-            for j in 0..=i {
-                if !visible(j) {
-                    scores[j] = f64::NEG_INFINITY;
-                    continue;
+    // Per head, in f64 throughout: scores S = Q·Kᵀ·scale for a chunk of
+    // queries, softmax over the visible keys (the rest weigh exactly 0), then
+    // P·V divided by the row sums.
+    const CHUNK: usize = 128;
+    let mut scores = Mat::<f64>::zeros(CHUNK.min(s.max(1)), total);
+    let mut pv = Mat::<f64>::zeros(CHUNK.min(s.max(1)), d);
+    for kh in 0..kv_heads {
+        let kt = Mat::<f64>::from_fn(d, total, |c, j| k[j * kvw + kh * d + c] as f64);
+        let vm = Mat::<f64>::from_fn(total, d, |j, c| v[j * kvw + kh * d + c] as f64);
+        for h in kh * group..(kh + 1) * group {
+            for q0 in (0..s).step_by(CHUNK) {
+                let rows = CHUNK.min(s - q0);
+                let qm = Mat::<f64>::from_fn(rows, d, |r, c| q[(q0 + r) * qw + h * d + c] as f64);
+                let mut sc = scores.as_mut().submatrix_mut(0, 0, rows, total);
+                matmul(sc.rb_mut(), Accum::Replace, qm.as_ref(), kt.as_ref(), scale, Par::Seq);
+                let mut sums = vec![0f64; rows];
+                for (r, sum) in sums.iter_mut().enumerate() {
+                    let i = q0 + r + q_offset; // absolute position of this query
+                    let visible = |j: usize| match window {
+                        None => j <= i,
+                        Some((size, sinks)) => j <= i && (j + size > i || j < sinks),
+                    };
+                    let m = (0..total).filter(|&j| visible(j)).map(|j| sc[(r, j)]).fold(f64::NEG_INFINITY, f64::max);
+                    for j in 0..total {
+                        let p = if visible(j) { (sc[(r, j)] - m).exp() } else { 0.0 };
+                        sc[(r, j)] = p;
+                        *sum += p;
+                    }
                 }
-                let (qr, kr) = (&q[qi * qw + h * d..qi * qw + h * d + d], &k[j * kvw + kh * d..j * kvw + kh * d + d]);
-                let dot = dot_f64(qr, kr);
-                scores[j] = dot * scale;
-                m = m.max(scores[j]);
-            }
-            let mut sum = 0f64;
-            for sj in scores.iter_mut().take(i + 1) {
-                *sj = if sj.is_finite() { (*sj - m).exp() } else { 0.0 };
-                sum += *sj;
-            }
-            // Rows of V in order (each output still sums over j in order).
-            acc.iter_mut().for_each(|a| *a = 0.0);
-            for (j, &p) in scores.iter().enumerate().take(i + 1) {
-                for (a, &vv) in acc.iter_mut().zip(&v[j * kvw + kh * d..j * kvw + kh * d + d]) {
-                    *a += p * vv as f64;
+                let mut o = pv.as_mut().submatrix_mut(0, 0, rows, d);
+                matmul(o.rb_mut(), Accum::Replace, sc.rb(), vm.as_ref(), 1.0, Par::Seq);
+                for (r, sum) in sums.iter().enumerate() {
+                    for c in 0..d {
+                        out[(q0 + r) * qw + h * d + c] = (o[(r, c)] / sum) as f32;
+                    }
                 }
-            }
-            for (o, a) in out[qi * qw + h * d..qi * qw + h * d + d].iter_mut().zip(&acc) {
-                *o = (a / sum) as f32;
             }
         }
     }

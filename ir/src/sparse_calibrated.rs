@@ -37,6 +37,64 @@ use faer::{Accum, Mat, Par, Side};
 use crate::pattern::Sparsity;
 use crate::sparse::kept;
 
+/// `XᵀX` of rows `x` (row-major `[rows, k]`) in f32: column-major `[k, k]`,
+/// the lower triangle (diagonal included) filled, the rest zero.
+pub fn lower_product(x: &[f32], k: usize) -> Vec<f32> {
+    assert!(k > 0 && x.len() % k == 0, "calibration rows of width {k}");
+    let xm = faer::MatRef::from_row_major_slice(x, x.len() / k, k);
+    let mut g = vec![0f32; k * k];
+    let dst = faer::MatMut::from_column_major_slice_mut(&mut g, k, k);
+    faer::linalg::matmul::triangular::matmul(
+        dst,
+        faer::linalg::matmul::triangular::BlockStructure::TriangularLower,
+        Accum::Replace,
+        xm.transpose(),
+        faer::linalg::matmul::triangular::BlockStructure::Rectangular,
+        xm,
+        faer::linalg::matmul::triangular::BlockStructure::Rectangular,
+        1.0f32,
+        Par::Seq,
+    );
+    g
+}
+
+/// A Gram matrix being summed from `lower_product`s in f64, one triangle.
+pub struct GramSum {
+    k: usize,
+    lower: Vec<f64>,
+    rows: u64,
+}
+
+impl GramSum {
+    pub fn new(k: usize) -> GramSum {
+        GramSum { k, lower: vec![0.0; k * k], rows: 0 }
+    }
+
+    /// Adds a `lower_product` of `rows` rows.
+    pub fn add(&mut self, product: &[f32], rows: u64) {
+        for (a, &b) in self.lower.iter_mut().zip(product) {
+            *a += b as f64;
+        }
+        self.rows += rows;
+    }
+
+    /// The symmetric Gram matrix, its sums rounded to f32 (the precision it is
+    /// stored in, so statistics read back from a file equal fresh ones).
+    pub fn finish(self) -> Gram {
+        let k = self.k;
+        let mut xtx = vec![0f64; k * k];
+        // Column-major lower (a ≥ b at b·k + a) to both triangles of row-major.
+        for b in 0..k {
+            for a in b..k {
+                let v = self.lower[b * k + a] as f32 as f64;
+                xtx[a * k + b] = v;
+                xtx[b * k + a] = v;
+            }
+        }
+        Gram { k, xtx, rows: self.rows }
+    }
+}
+
 /// The calibration statistics of one matmul input of width `k`: the Gram matrix
 /// `XᵀX` (row-major `k×k`, summed over `rows` calibration rows).
 #[derive(Clone, Debug, PartialEq)]
@@ -52,51 +110,19 @@ impl Gram {
         Gram { k, xtx: vec![0.0; k * k], rows: 0 }
     }
 
-    /// Adds calibration rows `x` (row-major `[rows, k]`) to `XᵀX`: the product
-    /// of these rows in f32 (one triangle, mirrored), added to the f64 sum.
+    /// Adds calibration rows `x` (row-major `[rows, k]`) to `XᵀX`.
     pub fn add_rows(&mut self, x: &[f32]) {
         let k = self.k;
         if k == 0 || x.is_empty() {
             return;
         }
-        assert_eq!(x.len() % k, 0, "calibration rows of width {k}");
-        let rows = x.len() / k;
-        let xm = faer::MatRef::from_row_major_slice(x, rows, k);
-        let mut g = Mat::<f32>::zeros(k, k);
-        faer::linalg::matmul::triangular::matmul(
-            g.as_mut(),
-            faer::linalg::matmul::triangular::BlockStructure::TriangularLower,
-            Accum::Replace,
-            xm.transpose(),
-            faer::linalg::matmul::triangular::BlockStructure::Rectangular,
-            xm,
-            faer::linalg::matmul::triangular::BlockStructure::Rectangular,
-            1.0f32,
-            Par::Seq,
-        );
-        for a in 0..k {
-            for b in 0..a {
-                let v = g[(a, b)] as f64;
-                self.xtx[a * k + b] += v;
-                self.xtx[b * k + a] += v;
-            }
-            self.xtx[a * k + a] += g[(a, a)] as f64;
-        }
-        self.rows += rows as u64;
-    }
-
-    /// Adds another Gram matrix of the same width.
-    pub fn add(&mut self, other: &Gram) {
-        for (a, b) in self.xtx.iter_mut().zip(&other.xtx) {
+        let mut sum = GramSum::new(k);
+        sum.add(&lower_product(x, k), (x.len() / k) as u64);
+        let g = sum.finish();
+        for (a, b) in self.xtx.iter_mut().zip(&g.xtx) {
             *a += b;
         }
-        self.rows += other.rows;
-    }
-
-    /// Rounds the sums to f32, the precision they are stored in, so statistics
-    /// read back from a file equal the ones just collected.
-    pub fn round_to_f32(&mut self) {
-        self.xtx.iter_mut().for_each(|v| *v = *v as f32 as f64);
+        self.rows += g.rows;
     }
 
     /// The Gram matrix of `x` (row-major `[rows, k]`).

@@ -52,6 +52,10 @@ pub struct Calibration {
     pub texts: Vec<std::path::PathBuf>,
     /// Tokens taken from their start.
     pub tokens: usize,
+    /// Prune while calibrating: each weight's statistics come from the model
+    /// with every earlier weight already pruned (as the SparseGPT and Wanda
+    /// papers run, block after block), rather than from the dense model.
+    pub sequential: bool,
 }
 
 /// The default calibration corpus: licence texts every Debian machine has, other
@@ -61,7 +65,7 @@ pub const DEFAULT_CALIBRATION_TEXTS: [&str; 3] =
 
 impl Default for Calibration {
     fn default() -> Self {
-        Calibration { texts: DEFAULT_CALIBRATION_TEXTS.iter().map(Into::into).collect(), tokens: 8192 }
+        Calibration { texts: DEFAULT_CALIBRATION_TEXTS.iter().map(Into::into).collect(), tokens: 8192, sequential: false }
     }
 }
 
@@ -235,6 +239,7 @@ struct PlanFile {
 struct CalibrationFile {
     text: Option<TextFiles>,
     tokens: Option<usize>,
+    sequential: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -477,6 +482,7 @@ impl Plan {
                 Some(t) => calibration.tokens = t,
                 None => {}
             }
+            calibration.sequential = c.sequential.unwrap_or(calibration.sequential);
         }
         Ok(Plan { rules, calibration })
     }

@@ -16,7 +16,7 @@ use crate::error::{RuntimeError, RuntimeResult};
 use crate::interpreter::{KvState, Stepper};
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
-use sparsec_ir::sparse_calibrated::Gram;
+use sparsec_ir::sparse_calibrated::{lower_product, Gram, GramSum};
 use sparsec_ir::{Graph, Op};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -84,7 +84,7 @@ pub fn collect(
     };
     let mut grams: BTreeMap<String, Arc<Gram>> = BTreeMap::new();
     for (done, site) in sites.iter().enumerate() {
-        let parts: Vec<Gram> = runs
+        let parts: Vec<(Vec<f32>, u64, usize)> = runs
             .par_iter_mut()
             .map(|run| {
                 run.run_until(site.first, &lookup, &mut |_, _| {})?;
@@ -95,15 +95,19 @@ pub fn collect(
                 if k == 0 || data.len() % k != 0 {
                     return Err(RuntimeError::Cpu(format!("calibration: the input of `{}` is not [rows, {k}]", site.weights[0])));
                 }
-                Ok(Gram::of_rows(data, k))
+                Ok((lower_product(data, k), (data.len() / k) as u64, k))
             })
             .collect::<RuntimeResult<_>>()?;
-        let mut gram = Gram::zeros(parts.first().map_or(0, |p| p.k));
-        for p in &parts {
-            gram.add(p);
+        let k = parts.first().map_or(0, |p| p.2);
+        let mut sum = GramSum::new(k);
+        for (p, rows, pk) in &parts {
+            if *pk != k {
+                return Err(RuntimeError::Cpu(format!("calibration: the input of `{}` changes width", site.weights[0])));
+            }
+            sum.add(p, *rows);
         }
         drop(parts);
-        gram.round_to_f32();
+        let gram = sum.finish();
         let new = replace(&site.weights, &gram)?;
         if !new.is_empty() {
             let nodes: Vec<(usize, Arc<ArrayD<f32>>)> = g
