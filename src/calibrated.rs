@@ -33,6 +33,8 @@ pub struct CalibrationReport {
     pub weights: usize,
     /// Identifies the statistics (model, tokens, the weights they cover): part of the compile cache key.
     pub key: String,
+    /// Ratios OWL gave (layer, role, ratio): `plan_overrides` makes them rules.
+    pub owl: Vec<(u64, String, f32)>,
 }
 
 /// One weight a calibrated method prunes.
@@ -193,11 +195,17 @@ pub fn apply(m: &Model, fingerprint: &str, plan: &Plan, cache_dir: Option<&std::
     if !plan.needs_calibration() {
         return Ok(None);
     }
-    let targets = targets(m, plan)?;
-    let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+    let mut targets = targets(m, plan)?;
+    let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let sequential = plan.calibration.sequential.then_some(targets.as_slice());
     let Statistics { grams, texts, tokens, cached: hit, collect_s, key } = gather(m, fingerprint, plan, &names, cache_dir, sequential)?;
+    let sequential = sequential.is_some();
     let t = Instant::now();
+    let owl = match plan.calibration.owl {
+        Some(o) => allocate(m, &mut targets, &grams, o)?,
+        None => Vec::new(),
+    };
     // The weights, one per core (SparseGPT holds two k×k f64 matrices per weight).
     let pruned: Vec<(String, Arc<ArrayD<f32>>)> = targets
         .par_iter()
@@ -212,19 +220,86 @@ pub fn apply(m: &Model, fingerprint: &str, plan: &Plan, cache_dir: Option<&std::
     Ok(Some(CalibrationReport {
         texts,
         tokens,
-        sequential: sequential.is_some(),
+        sequential,
         cached: hit,
         collect_s,
         prune_s: t.elapsed().as_secs_f64(),
         weights: targets.len(),
         key,
+        owl,
     }))
+}
+
+/// OWL: replaces the ratio of every calibrated unstructured target by its
+/// layer's (`src/owl.rs`), per group of targets sharing a ratio; returns the
+/// ratios given.
+fn allocate(
+    m: &Model,
+    targets: &mut [Target],
+    grams: &BTreeMap<String, Arc<Gram>>,
+    owl: sparsec_passes::plan::Owl,
+) -> Result<Vec<(u64, String, f32)>> {
+    let mut out = Vec::new();
+    let mut bases: Vec<f32> = targets
+        .iter()
+        .filter_map(|t| match t.sparsity {
+            Sparsity::Unstructured { ratio } => Some(ratio),
+            _ => None,
+        })
+        .collect();
+    bases.sort_by(f32::total_cmp);
+    bases.dedup();
+    for base in bases {
+        let group: Vec<usize> =
+            (0..targets.len()).filter(|&i| matches!(targets[i].sparsity, Sparsity::Unstructured { ratio } if ratio == base)).collect();
+        let data: Vec<(Vec<f32>, usize, usize)> = group
+            .iter()
+            .map(|&i| {
+                let w = m.weight(&targets[i].name)?;
+                let (a, b) = (w.shape()[0], w.shape()[1]);
+                let (n, k) = if targets[i].transposed { (a, b) } else { (b, a) };
+                Ok((w.iter().copied().collect(), n, k))
+            })
+            .collect::<Result<_>>()?;
+        let mut mats = Vec::new();
+        for (&i, (w, n, k)) in group.iter().zip(&data) {
+            let t = &targets[i];
+            let layer = layer_and_role(&t.name).0.with_context(|| format!("OWL: `{}` belongs to no layer", t.name))?;
+            let gram = grams.get(&t.name).with_context(|| format!("no calibration statistics for `{}`", t.name))?;
+            mats.push(crate::owl::Scored { layer, w, n: *n, k: *k, transposed: t.transposed, gram });
+        }
+        let ratios = crate::owl::layer_ratios(&crate::owl::outlier_shares(&mats, owl.threshold), base, owl);
+        for &i in &group {
+            let (layer, role) = layer_and_role(&targets[i].name);
+            let r = layer.and_then(|l| ratios.get(&l)).copied().unwrap_or(base);
+            targets[i].sparsity = Sparsity::Unstructured { ratio: r };
+            out.push((layer.unwrap_or(0), role, r));
+        }
+    }
+    Ok(out)
+}
+
+/// The plan rules that give every weight OWL pruned its own ratio (appended
+/// to the plan, so they override the rule it came from): the compile packs
+/// exactly the weights calibration pruned.
+pub fn plan_overrides(r: &CalibrationReport) -> String {
+    r.owl
+        .iter()
+        .map(|(l, role, ratio)| {
+            format!("\n[[rule]]\nlayers = \"{l}\"\ntarget = \"{role}\"\nsparsity = {{ kind = \"unstructured\", ratio = {ratio} }}\n")
+        })
+        .collect()
 }
 
 /// One line saying which text calibrated and how long it took.
 pub fn describe(r: &CalibrationReport) -> String {
+    let owl =
+        match r.owl.iter().map(|o| o.2).fold(None, |acc: Option<(f32, f32)>, v| Some(acc.map_or((v, v), |(a, b)| (a.min(v), b.max(v))))) {
+            Some((lo, hi)) => format!(", OWL ratios {lo:.3}..{hi:.3}"),
+            None => String::new(),
+        };
     format!(
-        "calibrated on {} tokens of {}{} ({}: {:.1} s), pruned {} weights in {:.1} s",
+        "calibrated on {} tokens of {}{} ({}: {:.1} s), pruned {} weights in {:.1} s{owl}",
         r.tokens,
         r.texts.join(" + "),
         if r.sequential { ", sequentially" } else { "" },

@@ -140,7 +140,7 @@ impl LmSource {
         if let Some(text) = plan {
             // `from-weights` rules become concrete patterns per weight.
             let text = &crate::from_weights::resolve(&m, text)?;
-            let plan = sparsec_passes::Plan::parse(text)?;
+            let mut plan = sparsec_passes::Plan::parse(text)?;
             // Low-rank factoring adds the factors the `low-rank` pass multiplies by.
             let fingerprint = if plan.factors() { m.fingerprint() } else { String::new() };
             if let Some(r) = crate::factor::apply(Some(&mut m), &fingerprint, Some(&plan), calibration_cache)? {
@@ -148,10 +148,11 @@ impl LmSource {
             }
             // Calibrated methods prune the weights first (on the dense graph);
             // the plan then marks what the interpreter prunes by magnitude,
-            // which leaves those weights as they are.
+            // which leaves those weights as they are (with OWL's per-layer ratios).
             if plan.needs_calibration() {
                 if let Some(r) = crate::calibrated::apply(&m, &m.fingerprint(), &plan, calibration_cache)? {
                     eprintln!("{}", crate::calibrated::describe(&r));
+                    plan = sparsec_passes::Plan::parse(&(text.to_string() + &crate::calibrated::plan_overrides(&r)))?;
                 }
             }
             sparsec_passes::PassManager::with_plan(Some(plan), Default::default()).run(&mut m.graph)?;

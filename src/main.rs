@@ -22,6 +22,7 @@ mod export;
 mod factor;
 mod from_weights;
 mod lm_verbs;
+mod owl;
 mod tradeoff;
 
 /// `--trust`: artifacts load without hashing their files.
@@ -133,6 +134,11 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
     if let Some(r) = &calibration {
         eprintln!("{}", crate::calibrated::describe(r));
     }
+    // OWL gave layers their own ratios: the compile packs those.
+    let plan_text = match (plan_text, &calibration) {
+        (Some(t), Some(r)) => Some(t + &crate::calibrated::plan_overrides(r)),
+        (t, _) => t,
+    };
     use sparsec_compiler::WeightData;
     let lookup = |role: &str, dt: sparsec_ir::DType| -> Result<Option<(Vec<usize>, WeightData)>, sparsec_compiler::CompileError> {
         let Some(m) = &model else { return Ok(None) };

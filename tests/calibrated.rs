@@ -136,6 +136,23 @@ fn plans_that_cannot_be_calibrated_are_refused() {
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("method = \"obs\" is not one of magnitude, wanda, sparsegpt"), "{err}");
+    // OWL: lambda in range, and not with sequential calibration.
+    for (calibration, want) in [
+        ("owl = { lambda = 0.7 }", "[calibration] owl lambda = 0.7 is not in (0, 0.5)"),
+        ("sequential = true\nowl = {}", "[calibration] owl needs every layer's statistics before pruning: it cannot be sequential"),
+    ] {
+        let bad = m.path().join("bad-owl.toml");
+        std::fs::write(
+            &bad,
+            format!(
+                "[calibration]\n{calibration}\n\n[[rule]]\nsparsity = {{ kind = \"unstructured\", ratio = 0.5, method = \"wanda\" }}\n"
+            ),
+        )
+        .unwrap();
+        let o = sparsec(&["eval", m.path().to_str().unwrap(), "--plan", bad.to_str().unwrap(), "--text", short.to_str().unwrap()], &cache);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{err}");
+    }
 }
 
 #[test]
@@ -173,4 +190,41 @@ fn sequential_calibration_measures_the_model_pruned_so_far() {
     for name in ["layers.0.mlp.up", "layers.1.attn.k", "layers.1.mlp.down"] {
         assert!(weight(&one_pass, name) != weight(&fresh, name), "{name}: sequential calibration measured the dense model");
     }
+}
+
+#[test]
+fn owl_gives_layers_their_own_ratios_and_compiles_them() {
+    let m = model("llama_tiny");
+    let dir = m.path().to_str().unwrap();
+    let cache = m.path().join("cache");
+    let calib = m.path().join("calib.txt");
+    std::fs::write(&calib, words(300)).unwrap();
+    let text = m.path().join("eval.txt");
+    std::fs::write(&text, (0..60).map(|i| format!("w{}", (i * 7) % 90)).collect::<Vec<_>>().join(" ")).unwrap();
+    let p = plan(m.path(), "owl", "kind = \"unstructured\", ratio = 0.5", "wanda", &calib);
+    let body = std::fs::read_to_string(&p).unwrap().replace("[calibration]\n", "[calibration]\nowl = { lambda = 0.1, threshold = 2.0 }\n");
+    std::fs::write(&p, body).unwrap();
+    let p = p.to_str().unwrap();
+    let (interp, err) = eval(dir, &["--plan", p], &text, &cache);
+    assert!(err.contains("OWL ratios 0.400..0.600"), "{err}");
+    let (compiled, _) = eval(dir, &["--plan", p, "--compiled"], &text, &cache);
+    assert!((interp - compiled).abs() / interp < 1e-4, "interpreter {interp}, compiled {compiled}");
+    // The artifact holds each layer's ratio, and as many zeros in all as the rule asks.
+    let out = m.path().join("owl.sparsec");
+    let o = sparsec(&["compile", dir, "--plan", p, "-o", out.to_str().unwrap()], &cache);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let art = Artifact::open(&out).unwrap();
+    let zeros = |layer: u32| {
+        ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"]
+            .iter()
+            .map(|r| {
+                let w = art.weight_array(&format!("layers.{layer}.{r}")).unwrap();
+                (w.iter().filter(|v| **v == 0.0).count(), w.len())
+            })
+            .fold((0, 0), |(z, n), (a, b)| (z + a, n + b))
+    };
+    let ((z0, n0), (z1, n1)) = (zeros(0), zeros(1));
+    let (r0, r1) = (z0 as f64 / n0 as f64, z1 as f64 / n1 as f64);
+    assert!((r0 - r1).abs() > 0.19, "layer ratios {r0} and {r1}");
+    assert!(((z0 + z1) as f64 / (n0 + n1) as f64 - 0.5).abs() < 0.01, "{r0} {r1}");
 }

@@ -434,10 +434,16 @@ fn sparsegpt(
             if let Sparsity::NM { n: nz, m } = *s {
                 let (nz, m) = (nz as usize, m.max(1) as usize);
                 if i % m == 0 && i + m <= (k / m) * m {
+                    let mut idx: Vec<usize> = Vec::with_capacity(m);
+                    let mut sc: Vec<f64> = vec![0.0; m];
                     for j in 0..n {
-                        let mut idx: Vec<usize> = (0..m).collect();
+                        for (t, v) in sc.iter_mut().enumerate() {
+                            *v = score(&wm, j, i + t);
+                        }
+                        idx.clear();
+                        idx.extend(0..m);
                         // Largest first, earlier position first among equals.
-                        idx.sort_by(|&a, &b| score(&wm, j, i + b).total_cmp(&score(&wm, j, i + a)).then(a.cmp(&b)));
+                        idx.sort_by(|&a, &b| sc[b].total_cmp(&sc[a]).then(a.cmp(&b)));
                         for &t in &idx[nz.min(m)..] {
                             keep[j * k + i + t] = false;
                         }

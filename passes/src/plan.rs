@@ -56,6 +56,18 @@ pub struct Calibration {
     /// with every earlier weight already pruned (as the SparseGPT and Wanda
     /// papers run, block after block), rather than from the dense model.
     pub sequential: bool,
+    /// Outlier-weighted layerwise sparsity (OWL) for calibrated unstructured
+    /// rules: each layer's ratio moves within ±`lambda` of the rule's, more
+    /// outliers (Wanda scores above `threshold` × their layer's mean) giving
+    /// fewer zeros, the mean over layers unchanged.
+    pub owl: Option<Owl>,
+}
+
+/// `[calibration] owl = { lambda = 0.08, threshold = 5.0 }`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Owl {
+    pub lambda: f32,
+    pub threshold: f32,
 }
 
 /// The default calibration corpus: licence texts every Debian machine has, other
@@ -65,7 +77,7 @@ pub const DEFAULT_CALIBRATION_TEXTS: [&str; 3] =
 
 impl Default for Calibration {
     fn default() -> Self {
-        Calibration { texts: DEFAULT_CALIBRATION_TEXTS.iter().map(Into::into).collect(), tokens: 8192, sequential: false }
+        Calibration { texts: DEFAULT_CALIBRATION_TEXTS.iter().map(Into::into).collect(), tokens: 8192, sequential: false, owl: None }
     }
 }
 
@@ -240,6 +252,14 @@ struct CalibrationFile {
     text: Option<TextFiles>,
     tokens: Option<usize>,
     sequential: Option<bool>,
+    owl: Option<OwlFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OwlFile {
+    lambda: Option<f32>,
+    threshold: Option<f32>,
 }
 
 #[derive(Deserialize)]
@@ -483,6 +503,21 @@ impl Plan {
                 None => {}
             }
             calibration.sequential = c.sequential.unwrap_or(calibration.sequential);
+            if let Some(o) = c.owl {
+                let owl = Owl { lambda: o.lambda.unwrap_or(0.08), threshold: o.threshold.unwrap_or(5.0) };
+                if !(owl.lambda > 0.0 && owl.lambda < 0.5) {
+                    return Err(PlanError::Toml(format!("[calibration] owl lambda = {} is not in (0, 0.5)", owl.lambda)));
+                }
+                if !(owl.threshold > 1.0 && owl.threshold.is_finite()) {
+                    return Err(PlanError::Toml(format!("[calibration] owl threshold = {} is not above 1", owl.threshold)));
+                }
+                if calibration.sequential {
+                    return Err(PlanError::Toml(
+                        "[calibration] owl needs every layer's statistics before pruning: it cannot be sequential".into(),
+                    ));
+                }
+                calibration.owl = Some(owl);
+            }
         }
         Ok(Plan { rules, calibration })
     }
