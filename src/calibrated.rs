@@ -33,8 +33,8 @@ pub struct CalibrationReport {
     pub weights: usize,
     /// Identifies the statistics (model, tokens, the weights they cover): part of the compile cache key.
     pub key: String,
-    /// Ratios OWL gave (layer, role, ratio): `plan_overrides` makes them rules.
-    pub owl: Vec<(u64, String, f32)>,
+    /// Ratios OWL gave (layer, role, ratio, value coding): `plan_overrides` makes them rules.
+    pub owl: Vec<(u64, String, f32, &'static str)>,
 }
 
 /// One weight a calibrated method prunes.
@@ -43,6 +43,8 @@ struct Target {
     sparsity: Sparsity,
     method: PruneMethod,
     transposed: bool,
+    /// How the rule stores the kept values (`values`), kept by OWL's rules.
+    values: &'static str,
 }
 
 fn targets(m: &Model, plan: &Plan) -> Result<Vec<Target>> {
@@ -64,7 +66,8 @@ fn targets(m: &Model, plan: &Plan) -> Result<Vec<Target>> {
                 method.name()
             );
         }
-        out.push(Target { name: name.clone(), sparsity, method, transposed: *transpose_b });
+        let values = plan.rules.iter().rev().find(|r| r.sparsity.is_some() && r.selects(layer, &role)).map_or("f32", |r| r.values.name());
+        out.push(Target { name: name.clone(), sparsity, method, transposed: *transpose_b, values });
     }
     Ok(out)
 }
@@ -149,7 +152,7 @@ fn gather(
         None => {
             let wanted = |name: &str| names.contains(&name);
             let weight = |name: &str| m.weight(name).ok();
-            let mut replace = |weights: &[String], gram: &Gram| -> sparsec_runtime::RuntimeResult<Vec<(String, Arc<ArrayD<f32>>)>> {
+            let mut replace = |weights: &[String], gram: &Gram| -> sparsec_runtime::RuntimeResult<sparsec_runtime::calibrate::Replacements> {
                 let Some(ts) = sequential else { return Ok(Vec::new()) };
                 let here: Vec<&Target> = ts.iter().filter(|t| weights.contains(&t.name)).collect();
                 here.par_iter()
@@ -238,7 +241,7 @@ fn allocate(
     targets: &mut [Target],
     grams: &BTreeMap<String, Arc<Gram>>,
     owl: sparsec_passes::plan::Owl,
-) -> Result<Vec<(u64, String, f32)>> {
+) -> Result<Vec<(u64, String, f32, &'static str)>> {
     let mut out = Vec::new();
     let mut bases: Vec<f32> = targets
         .iter()
@@ -273,7 +276,7 @@ fn allocate(
             let (layer, role) = layer_and_role(&targets[i].name);
             let r = layer.and_then(|l| ratios.get(&l)).copied().unwrap_or(base);
             targets[i].sparsity = Sparsity::Unstructured { ratio: r };
-            out.push((layer.unwrap_or(0), role, r));
+            out.push((layer.unwrap_or(0), role, r, targets[i].values));
         }
     }
     Ok(out)
@@ -285,8 +288,10 @@ fn allocate(
 pub fn plan_overrides(r: &CalibrationReport) -> String {
     r.owl
         .iter()
-        .map(|(l, role, ratio)| {
-            format!("\n[[rule]]\nlayers = \"{l}\"\ntarget = \"{role}\"\nsparsity = {{ kind = \"unstructured\", ratio = {ratio} }}\n")
+        .map(|(l, role, ratio, values)| {
+            format!(
+                "\n[[rule]]\nlayers = \"{l}\"\ntarget = \"{role}\"\nsparsity = {{ kind = \"unstructured\", ratio = {ratio}, values = \"{values}\" }}\n"
+            )
         })
         .collect()
 }

@@ -25,6 +25,13 @@ use std::sync::{Arc, RwLock};
 /// Supplies a weight's data by tensor name, from any thread.
 pub type SharedWeightFn<'a> = &'a (dyn Fn(&str) -> Option<Arc<ArrayD<f32>>> + Sync);
 
+/// New data for weights, by name.
+pub type Replacements = Vec<(String, Arc<ArrayD<f32>>)>;
+
+/// Called after each site with its weights and their Gram matrix: the data
+/// those weights take from then on (none: they stay).
+pub type ReplaceFn<'a> = &'a mut dyn FnMut(&[String], &Gram) -> RuntimeResult<Replacements>;
+
 /// An activation the measured matmuls read.
 struct Site {
     /// The node computing the activation.
@@ -64,7 +71,7 @@ pub fn collect(
     weight: SharedWeightFn<'_>,
     sequences: &[Vec<u32>],
     wanted: &dyn Fn(&str) -> bool,
-    replace: &mut dyn FnMut(&[String], &Gram) -> RuntimeResult<Vec<(String, Arc<ArrayD<f32>>)>>,
+    replace: ReplaceFn<'_>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> RuntimeResult<BTreeMap<String, Arc<Gram>>> {
     let sites = sites(g, wanted);
