@@ -12,6 +12,7 @@ use sparsec_ir::sparse_calibrated::{prune_calibrated, Gram, Method};
 use sparsec_ir::{Op, Sparsity};
 use sparsec_models::checkpoint::Model;
 use sparsec_passes::{layer_and_role, Plan, PruneMethod};
+use sparsec_runtime::calibrate::Replacements;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -152,7 +153,7 @@ fn gather(
         None => {
             let wanted = |name: &str| names.contains(&name);
             let weight = |name: &str| m.weight(name).ok();
-            let mut replace = |weights: &[String], gram: &Gram| -> sparsec_runtime::RuntimeResult<sparsec_runtime::calibrate::Replacements> {
+            let mut replace = |weights: &[String], gram: &Gram| -> sparsec_runtime::RuntimeResult<Replacements> {
                 let Some(ts) = sequential else { return Ok(Vec::new()) };
                 let here: Vec<&Target> = ts.iter().filter(|t| weights.contains(&t.name)).collect();
                 here.par_iter()

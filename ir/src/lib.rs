@@ -14,8 +14,8 @@ pub mod reference;
 pub mod shape;
 pub mod sparse;
 pub mod sparse_calibrated;
-pub mod sparse_quant;
 pub mod sparse_detect;
+pub mod sparse_quant;
 pub mod types;
 pub mod verifier;
 

@@ -40,7 +40,7 @@ use crate::sparse::kept;
 /// `XᵀX` of rows `x` (row-major `[rows, k]`) in f32: column-major `[k, k]`,
 /// the lower triangle (diagonal included) filled, the rest zero.
 pub fn lower_product(x: &[f32], k: usize) -> Vec<f32> {
-    assert!(k > 0 && x.len() % k == 0, "calibration rows of width {k}");
+    assert!(k > 0 && x.len().is_multiple_of(k), "calibration rows of width {k}");
     let xm = faer::MatRef::from_row_major_slice(x, x.len() / k, k);
     let mut g = vec![0f32; k * k];
     let dst = faer::MatMut::from_column_major_slice_mut(&mut g, k, k);
