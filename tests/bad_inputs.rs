@@ -12,12 +12,8 @@
 mod word_model;
 
 use std::path::Path;
-use std::process::{Command, Output};
-use word_model::{model, words};
-
-fn sparsec(args: &[&str], cache: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sparsec")).args(args).env("SPARSEC_CACHE_DIR", cache).output().expect("runs")
-}
+use std::process::Command;
+use word_model::{model, sparsec, words};
 
 /// Runs `args`, expecting exit code 2 and every `needle` in stderr; returns stderr.
 fn fails(args: &[&str], cache: &Path, needles: &[&str]) -> String {

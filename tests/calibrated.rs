@@ -12,12 +12,7 @@ mod word_model;
 
 use sparsec_runtime::Artifact;
 use std::path::Path;
-use std::process::Command;
-use word_model::{model, words};
-
-fn sparsec(args: &[&str], cache: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_sparsec")).args(args).env("SPARSEC_CACHE_DIR", cache).output().expect("runs")
-}
+use word_model::{eval, model, sparsec, words};
 
 /// A plan pruning the attention and MLP matrices, calibrated on `text`.
 fn plan(dir: &Path, name: &str, sparsity: &str, method: &str, text: &Path) -> std::path::PathBuf {
@@ -36,17 +31,6 @@ fn plan_for(dir: &Path, name: &str, target: &str, sparsity: &str, method: &str, 
     )
     .unwrap();
     p
-}
-
-/// `sparsec eval` perplexity and stderr.
-fn eval(dir: &str, args: &[&str], text: &Path, cache: &Path) -> (f64, String) {
-    let mut a = vec!["eval", dir, "--text", text.to_str().unwrap(), "--json"];
-    a.extend_from_slice(args);
-    let o = sparsec(&a, cache);
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "sparsec {}: {err}", a.join(" "));
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    (j["perplexity"].as_f64().unwrap(), err)
 }
 
 #[test]

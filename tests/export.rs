@@ -11,12 +11,7 @@ mod word_model;
 use sparsec_ir::Sparsity;
 use sparsec_models::checkpoint::Model;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use word_model::model;
-
-fn sparsec(args: &[&str], cache: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_sparsec")).args(args).env("SPARSEC_CACHE_DIR", cache).output().expect("runs")
-}
+use word_model::{model, sparsec};
 
 /// Runs sparsec and returns stdout and stderr, failing the test on an error.
 fn ok(args: &[&str], cache: &Path) -> (String, String) {

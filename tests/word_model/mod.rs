@@ -6,6 +6,24 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::process::{Command, Output};
+
+/// Runs the `sparsec` binary with `args`, its cache under `cache`.
+pub fn sparsec(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sparsec")).args(args).env("SPARSEC_CACHE_DIR", cache).output().expect("runs")
+}
+
+/// `sparsec eval DIR --text TEXT --json ARGS`: the perplexity and stderr,
+/// failing the test when the command fails.
+pub fn eval(dir: &str, args: &[&str], text: &Path, cache: &Path) -> (f64, String) {
+    let mut a = vec!["eval", dir, "--text", text.to_str().unwrap(), "--json"];
+    a.extend_from_slice(args);
+    let o = sparsec(&a, cache);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "sparsec {}: {err}", a.join(" "));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    (j["perplexity"].as_f64().unwrap(), err)
+}
 
 /// A copy of fixture `name` with the word-level tokenizer.
 pub fn model(name: &str) -> tempfile::TempDir {
