@@ -48,6 +48,17 @@ struct Target {
     values: &'static str,
 }
 
+impl Target {
+    /// The `[n, k]` view (outputs, reduction) of the weight's `shape`.
+    fn nk(&self, shape: &[usize]) -> (usize, usize) {
+        if self.transposed {
+            (shape[0], shape[1])
+        } else {
+            (shape[1], shape[0])
+        }
+    }
+}
+
 fn targets(m: &Model, plan: &Plan) -> Result<Vec<Target>> {
     let g = &m.graph;
     let mut out: Vec<Target> = Vec::new();
@@ -117,14 +128,15 @@ pub struct Statistics {
 }
 
 pub fn statistics(m: &Model, fingerprint: &str, plan: &Plan, names: &[&str], cache_dir: Option<&std::path::Path>) -> Result<Statistics> {
-    gather(m, fingerprint, plan, names, cache_dir, None)
+    Ok(gather(m, fingerprint, plan, names, cache_dir, None)?.0)
 }
 
 /// `statistics`, and with `sequential` targets, each site's weights are
 /// pruned as soon as its statistics are complete, so later sites measure the
 /// model pruned so far. The pruning is then part of what the statistics
 /// depend on, so it is in the key; pruning again from the statistics gives
-/// the same weights, so a cache hit prunes after reading them.
+/// the same weights, so a cache hit prunes after reading them. Also returns
+/// the weights pruned while collecting (none on a cache hit).
 fn gather(
     m: &Model,
     fingerprint: &str,
@@ -132,7 +144,7 @@ fn gather(
     names: &[&str],
     cache_dir: Option<&std::path::Path>,
     sequential: Option<&[Target]>,
-) -> Result<Statistics> {
+) -> Result<(Statistics, Replacements)> {
     let (seqs, texts, tokens_hash) = sequences(m, plan)?;
     // The statistics cover the weights named (pruned as said): they are in the key.
     let pruning: String = sequential.map_or(String::new(), |ts| {
@@ -148,6 +160,7 @@ fn gather(
         None => None,
     };
     let hit = cached.is_some();
+    let mut pruned: Replacements = Vec::new();
     let grams: BTreeMap<String, _> = match cached {
         Some(g) => g,
         None => {
@@ -156,9 +169,12 @@ fn gather(
             let mut replace = |weights: &[String], gram: &Gram| -> sparsec_runtime::RuntimeResult<Replacements> {
                 let Some(ts) = sequential else { return Ok(Vec::new()) };
                 let here: Vec<&Target> = ts.iter().filter(|t| weights.contains(&t.name)).collect();
-                here.par_iter()
+                let new: Replacements = here
+                    .par_iter()
                     .map(|t| Ok((t.name.clone(), prune_one(m, t, gram).map_err(|e| sparsec_runtime::RuntimeError::Cpu(format!("{e:#}")))?)))
-                    .collect()
+                    .collect::<sparsec_runtime::RuntimeResult<_>>()?;
+                pruned.extend(new.iter().cloned());
+                Ok(new)
             };
             let bar = crate::lm_verbs::progress(names.len() as u64, "calibrating");
             let g = sparsec_runtime::calibrate::collect(&m.graph, &weight, &seqs, &wanted, &mut replace, &mut |done, total| {
@@ -172,15 +188,14 @@ fn gather(
             g
         }
     };
-    Ok(Statistics { grams, texts, tokens: plan.calibration.tokens, cached: hit, collect_s: t.elapsed().as_secs_f64(), key })
+    Ok((Statistics { grams, texts, tokens: plan.calibration.tokens, cached: hit, collect_s: t.elapsed().as_secs_f64(), key }, pruned))
 }
 
 /// `target`'s weight (as the checkpoint has it) pruned with `gram`.
 fn prune_one(m: &Model, target: &Target, gram: &Gram) -> Result<Arc<ArrayD<f32>>> {
     let w = m.weight(&target.name)?;
     let shape = w.shape().to_vec();
-    let (a, b) = (shape[0], shape[1]);
-    let (n, k) = if target.transposed { (a, b) } else { (b, a) };
+    let (n, k) = target.nk(&shape);
     let method = match target.method {
         PruneMethod::Wanda => Method::Wanda,
         PruneMethod::SparseGpt => Method::SparseGpt { block: 128, damp: 0.01 },
@@ -203,17 +218,23 @@ pub fn apply(m: &Model, fingerprint: &str, plan: &Plan, cache_dir: Option<&std::
     let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let sequential = plan.calibration.sequential.then_some(targets.as_slice());
-    let Statistics { grams, texts, tokens, cached: hit, collect_s, key } = gather(m, fingerprint, plan, &names, cache_dir, sequential)?;
+    let (Statistics { grams, texts, tokens, cached: hit, collect_s, key }, done) =
+        gather(m, fingerprint, plan, &names, cache_dir, sequential)?;
     let sequential = sequential.is_some();
     let t = Instant::now();
     let owl = match plan.calibration.owl {
         Some(o) => allocate(m, &mut targets, &grams, o)?,
         None => Vec::new(),
     };
-    // The weights, one per core (SparseGPT holds two k×k f64 matrices per weight).
-    let pruned: Vec<(String, Arc<ArrayD<f32>>)> = targets
+    // The weights, one per core (SparseGPT holds two k×k f64 matrices per
+    // weight), except those sequential calibration pruned already.
+    let done: BTreeMap<String, Arc<ArrayD<f32>>> = done.into_iter().collect();
+    let pruned: Replacements = targets
         .par_iter()
         .map(|target| {
+            if let Some(a) = done.get(&target.name) {
+                return Ok((target.name.clone(), a.clone()));
+            }
             let gram = grams.get(&target.name).with_context(|| format!("no calibration statistics for `{}`", target.name))?;
             Ok((target.name.clone(), prune_one(m, target, gram)?))
         })
@@ -260,8 +281,7 @@ fn allocate(
             .iter()
             .map(|&i| {
                 let w = m.weight(&targets[i].name)?;
-                let (a, b) = (w.shape()[0], w.shape()[1]);
-                let (n, k) = if targets[i].transposed { (a, b) } else { (b, a) };
+                let (n, k) = targets[i].nk(w.shape());
                 Ok((w.iter().copied().collect(), n, k))
             })
             .collect::<Result<_>>()?;

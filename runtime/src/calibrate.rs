@@ -94,7 +94,7 @@ pub fn collect(
         let parts: Vec<(Vec<f32>, u64, usize)> = runs
             .par_iter_mut()
             .map(|run| {
-                run.run_until(site.first, &lookup, &mut |_, _| {})?;
+                run.run_until(site.first, &lookup)?;
                 let x =
                     run.value(site.input).ok_or_else(|| RuntimeError::Cpu(format!("calibration: node {} was not computed", site.input)))?;
                 let k = *x.shape().last().unwrap_or(&0);

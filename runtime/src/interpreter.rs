@@ -37,20 +37,8 @@ pub fn interpret(g: &Graph, inputs: &[ArrayD<f32>], weight: WeightFn<'_>) -> Run
 /// `state.pos`, attention sees the cached keys and values, and the cache grows.
 /// Prefill is one call with the prompt; decode is one call per token.
 pub fn interpret_cached(g: &Graph, inputs: &[ArrayD<f32>], weight: WeightFn<'_>, state: &mut KvState) -> RuntimeResult<Vec<ArrayD<f32>>> {
-    interpret_observed(g, inputs, weight, state, &mut |_, _| {})
-}
-
-/// `interpret_cached`, calling `observe(node, x)` with the activation `x`
-/// (operand 0) of every matmul before it runs.
-pub fn interpret_observed(
-    g: &Graph,
-    inputs: &[ArrayD<f32>],
-    weight: WeightFn<'_>,
-    state: &mut KvState,
-    observe: &mut dyn FnMut(usize, &ArrayD<f32>),
-) -> RuntimeResult<Vec<ArrayD<f32>>> {
     let mut run = Stepper::new(g, inputs, state)?;
-    run.run_until(g.nodes.len(), weight, observe)?;
+    run.run_until(g.nodes.len(), weight)?;
     Ok(run.finish())
 }
 
@@ -114,15 +102,15 @@ impl<'a> Stepper<'a> {
     }
 
     /// Runs nodes from `position()` up to (not including) `until`.
-    pub fn run_until(&mut self, until: usize, weight: WeightFn<'_>, observe: &mut dyn FnMut(usize, &ArrayD<f32>)) -> RuntimeResult<()> {
+    pub fn run_until(&mut self, until: usize, weight: WeightFn<'_>) -> RuntimeResult<()> {
         let until = until.min(self.g.nodes.len());
         while self.next < until {
-            self.step(weight, observe)?;
+            self.step(weight)?;
         }
         Ok(())
     }
 
-    fn step(&mut self, weight: WeightFn<'_>, observe: &mut dyn FnMut(usize, &ArrayD<f32>)) -> RuntimeResult<()> {
+    fn step(&mut self, weight: WeightFn<'_>) -> RuntimeResult<()> {
         let (g, i) = (self.g, self.next);
         self.next += 1;
         let n = &g.nodes[i];
@@ -213,9 +201,6 @@ impl<'a> Stepper<'a> {
             }
             op => {
                 let args: Vec<&ArrayD<f32>> = n.operands.iter().filter_map(|o| vals[o.0].as_deref()).collect();
-                if let (Op::MatMul { .. }, Some(x)) = (op, args.first()) {
-                    observe(i, x);
-                }
                 eval_op(op, &n.patterns, &args).map_err(eval_err)?
             }
         };
