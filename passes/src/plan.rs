@@ -519,6 +519,14 @@ impl Plan {
                 calibration.owl = Some(owl);
             }
         }
+        // OWL reallocates calibrated unstructured ratios: without such a rule it would do nothing.
+        if calibration.owl.is_some()
+            && !rules.iter().any(|r| r.method.calibrated() && matches!(r.sparsity, Some(Sparsity::Unstructured { .. })))
+        {
+            return Err(PlanError::Toml(
+                "[calibration] owl applies to unstructured sparsity with method = \"wanda\" or \"sparsegpt\", and no rule has one".into(),
+            ));
+        }
         Ok(Plan { rules, calibration })
     }
 
@@ -585,6 +593,19 @@ pub fn glob(pattern: &str, s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owl_needs_a_calibrated_unstructured_rule() {
+        let with = |rule: &str| Plan::parse(&format!("[calibration]\nowl = {{}}\n\n[[rule]]\n{rule}\n"));
+        let owl = with("sparsity = { kind = \"unstructured\", ratio = 0.5, method = \"wanda\" }").unwrap().calibration.owl;
+        assert_eq!(owl, Some(Owl { lambda: 0.08, threshold: 5.0 }));
+        for rule in
+            ["sparsity = { kind = \"nm\", n = 2, m = 4, method = \"sparsegpt\" }", "sparsity = { kind = \"unstructured\", ratio = 0.5 }"]
+        {
+            let e = with(rule).unwrap_err().to_string();
+            assert!(e.contains("owl applies to unstructured sparsity with method"), "{rule}: {e}");
+        }
+    }
 
     #[test]
     fn design_md_plan_parses() {
