@@ -283,6 +283,11 @@ impl WeightData {
     }
 }
 
+/// The most rows one kernel pass takes: longer calls of a plan whose inputs
+/// and outputs are laid out by rows run in chunks (as llama.cpp's
+/// micro-batches), which bounds the temporaries' memory at long prompts.
+pub const MAX_CALL_ROWS: u64 = 512;
+
 /// The state of one sequence: positions consumed, the KV caches, and the
 /// memory of the temporaries (reused from call to call).
 pub struct CpuSession<'a> {
@@ -380,12 +385,17 @@ impl CpuSession<'_> {
         let seq = art.bind_seq(inputs)?;
         let plan = &art.manifest.execution;
         art.check_positions(self.pos, seq)?;
-        // A ring cache takes at most `max_rows` new rows per call: longer calls
-        // run in chunks, their outputs joined by rows.
-        let chunk = plan.buffers.iter().filter_map(|b| b.ring).map(|r| r.max_rows.max(1) as u64).min();
-        match chunk {
-            Some(c) if seq > c => self.run_chunks(inputs, seq, c, last_only),
-            _ => self.run_call(inputs, last_only),
+        // Long calls run in chunks of at most `MAX_CALL_ROWS` rows (so the
+        // temporaries stay small whatever the prompt), and of at most `max_rows`
+        // where a ring cache takes no more; their outputs are joined by rows.
+        let ring = plan.buffers.iter().filter_map(|b| b.ring).map(|r| r.max_rows.max(1) as u64).min();
+        let chunk = ring.unwrap_or(MAX_CALL_ROWS).min(MAX_CALL_ROWS);
+        let by_rows = plan.inputs.iter().chain(&plan.outputs).all(|&i| plan.buffers[i].by_rows());
+        // A call a ring cannot take in one piece is split or refused (`run_chunks`).
+        if seq > chunk && (by_rows || ring.is_some_and(|r| seq > r)) {
+            self.run_chunks(inputs, seq, chunk, last_only)
+        } else {
+            self.run_call(inputs, last_only)
         }
     }
 
