@@ -22,7 +22,8 @@ use sparsec_ir::{DType, Op, Pattern, SymSize, Window};
 const ATTN_PREFETCH_KEYS: u64 = 16;
 /// The most units one decode row's keys are split over, per KV head.
 pub const ATTN_SPLITS: u64 = 8;
-/// The fewest visible keys per split: shorter spans are not worth a combine.
+/// The fewest visible keys a decode row splits (into `ATTN_SPLITS` spans):
+/// shorter rows are not worth a combine.
 const SPLIT_MIN_KEYS: u64 = 256;
 /// Rows a windowed layer's ring cache holds beyond its window and sinks: the
 /// most rows one call may append (the CPU runtime splits longer calls).
@@ -195,18 +196,19 @@ impl Attn {
         }
     }
 
-    /// Splits of a row's visible keys: more than one only in decode (one row)
-    /// with at least `2·SPLIT_MIN_KEYS` keys.
+    /// Splits of a row's visible keys: `ATTN_SPLITS` in decode (one row) with
+    /// at least `SPLIT_MIN_KEYS` keys, else one. Always all of them, so that
+    /// every unit of the first phase has work and the runtime's even ranges of
+    /// units are even ranges of work.
     fn splits(&self, b: &mut KernelBuilder, count: &str) -> V {
         let one = b.index(1);
         let seq = b.seq();
         let min_keys = b.index(SPLIT_MIN_KEYS);
         let most = b.index(ATTN_SPLITS);
-        let n = b.divui(count, &min_keys);
-        let n = b.minui(&n, &most);
-        let n = b.maxui(&n, &one);
+        let long = b.def(format!("arith.cmpi uge, {count}, {min_keys} : index"));
         let decode = b.def(format!("arith.cmpi eq, {seq}, {one} : index"));
-        b.def(format!("arith.select {decode}, {n}, {one} : index"))
+        let split = b.def(format!("arith.andi {long}, {decode} : i1"));
+        b.def(format!("arith.select {split}, {most}, {one} : index"))
     }
 
     /// Row `i` of the units' row order 0, seq-1, 1, seq-2, ...: causal rows
