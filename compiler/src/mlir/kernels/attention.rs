@@ -5,12 +5,14 @@
 //!
 //! Two variants. On the CPU, when the head width is a multiple of the vector
 //! width: one unit per (row, KV head, split) serves every query head of the KV
-//! group, so each K/V row is streamed once per group; in decode the visible
-//! keys are split over up to `ATTN_SPLITS` units (flash-decoding), each writes
-//! its partial softmax (max, sum, weighted values) to a scratch buffer, and a
-//! second phase of units, one per (row, head), combines them. Otherwise (and
-//! on NVIDIA): one unit per (row, head), an online softmax accumulating into
-//! the output row.
+//! group. It walks its keys in tiles of `KEY_TILE`, widening each tile's K and
+//! V rows to f32 once for the whole group, with an online softmax per head
+//! (bounded scratch: two tiles, a tile of scores and the group's sums). In
+//! decode the visible keys are split over `ATTN_SPLITS` units
+//! (flash-decoding); each writes its partial softmax (max, sum, weighted
+//! values) to a scratch buffer, and a second phase of units, one per
+//! (row, head), combines them. Otherwise (and on NVIDIA): one unit per
+//! (row, head), an online softmax accumulating into the output row.
 
 use super::{fixed_last, KernelCtx, KernelSpec, VW};
 use crate::error::CompileError;
@@ -20,6 +22,10 @@ use sparsec_ir::{DType, Op, Pattern, SymSize, Window};
 
 /// How many keys ahead CPU attention prefetches its K and V rows.
 const ATTN_PREFETCH_KEYS: u64 = 16;
+/// Keys per tile of the CPU split variant: a tile's K and V rows, widened to
+/// f32 (2·32·64·4 = 16 KiB at head width 64), stay in L1 while every head of
+/// the group reads them.
+const KEY_TILE: u64 = 32;
 /// The most units one decode row's keys are split over, per KV head.
 pub const ATTN_SPLITS: u64 = 8;
 /// The fewest visible keys a decode row splits (into `ATTN_SPLITS` spans):
@@ -247,10 +253,16 @@ impl Attn {
         let ninf = b.f32(-1e30);
         let scale = b.f32(1.0 / (d as f32).sqrt());
         let pos = b.pos();
-        let seq = b.seq();
-        // Scores of one head over one split's keys (at most every position).
-        let all = b.addi(&pos, &seq);
-        let scores = b.alloca_f32(&all);
+        // Key tiles: a tile's K and V rows widened to f32 once, for every head
+        // of the group (f16 caches convert once per group, not once per head).
+        let tile_elems = b.index(KEY_TILE * d);
+        let ktile = b.alloca_f32(&tile_elems);
+        let vtile = b.alloca_f32(&tile_elems);
+        let tile_keys = b.index(KEY_TILE);
+        let stile = b.alloca_f32(&tile_keys);
+        // The group's running weighted sums of values, one row per head.
+        let acc_elems = b.index(group * d);
+        let acc_mem = b.alloca_f32(&acc_elems);
         let kv_len = b.def(format!("memref.dim {}, {zero_i} : memref<?x{}>", self.kbuf, self.kv_elem()));
         let kv_last = b.def(format!("arith.subi {kv_len}, {one_i} : index"));
         // Where a partial of (KV head, split, head of the group) lives in the scratch.
@@ -261,6 +273,7 @@ impl Attn {
             let a = b.addi(&a, g);
             b.muli(&a, &rec)
         };
+        let vty = KernelBuilder::vty(VW);
         // Phase 1: partial softmax of (row, KV head, split) for each head of the group.
         let ub = b.minui("%hi", &first);
         b.for_each("%lo", &ub, |b, unit| {
@@ -282,116 +295,173 @@ impl Attn {
                 let a = b.muli(&s1, &vis.count);
                 let t1 = b.divui(&a, &n);
                 let khd = b.muli(&kh, &dc);
-                let row_base = |b: &mut KernelBuilder, buf: &str, t: &str| -> V {
-                    let j = self.key_row(b, &vis, t);
-                    let rb = b.muli(&j, &kvwc);
-                    let base = b.addi(&rb, &khd);
-                    // The caches are read from memory: ask for rows ahead,
-                    // clamped to the caches' last element.
-                    b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw, &kv_last, self.kv_elem());
-                    b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw + d - 1, &kv_last, self.kv_elem());
-                    base
-                };
-                b.for_each(&zero_i, &groupc, |b, g| {
-                    let head0 = b.muli(&kh, &groupc);
-                    let head = b.addi(&head0, g);
-                    let qrow = b.muli(&row, &qwc);
+                let head0 = b.muli(&kh, &groupc);
+                let qrow = b.muli(&row, &qwc);
+                let z = b.vzero(VW);
+                b.for_each(&zero_i, &acc_elems, |b, i| b.store(&zero, &acc_mem, i));
+                let qbase_of = |b: &mut KernelBuilder, g: u64| -> V {
+                    let gi = b.index(g);
+                    let head = b.addi(&head0, &gi);
                     let qhd = b.muli(&head, &dc);
-                    let qbase = b.addi(&qrow, &qhd);
-                    let qs: Vec<V> = (0..nv)
-                        .map(|v| {
-                            let o = b.index(v as u64 * VW as u64);
-                            let i = b.addi(&qbase, &o);
-                            b.vload(&ins[0], &i, VW)
-                        })
-                        .collect();
-                    let key_dot = |b: &mut KernelBuilder, t: &str| -> V {
-                        let kbase = row_base(b, &self.kbuf, t);
-                        let mut acc = b.vzero(VW);
-                        for (v, q) in qs.iter().enumerate() {
-                            let o = b.index(v as u64 * VW as u64);
-                            let i = b.addi(&kbase, &o);
-                            let k = self.kv_vload(b, &self.kbuf, &i);
-                            acc = b.vfma(q, &k, &acc, VW);
+                    b.addi(&qrow, &qhd)
+                };
+                // Per head of the group: running max and sum, over tiles of keys.
+                let mut init: Vec<(V, String)> = Vec::new();
+                for _ in 0..group {
+                    init.push((ninf.clone(), "f32".into()));
+                    init.push((zero.clone(), "f32".into()));
+                }
+                let ml = b.for_fold_typed(&t0, &t1, KEY_TILE, &init, |b, tb, ml| {
+                    let te = b.addi(tb, &tile_keys);
+                    let te = b.minui(&te, &t1);
+                    let nk = b.def(format!("arith.subi {te}, {tb} : index"));
+                    // Widen the tile's rows (the caches are read from memory: ask
+                    // for rows ahead, clamped to the caches' last element).
+                    b.for_each(&zero_i, &nk, |b, i| {
+                        let t = b.addi(tb, i);
+                        let j = self.key_row(b, &vis, &t);
+                        let rb = b.muli(&j, &kvwc);
+                        let base = b.addi(&rb, &khd);
+                        let at = b.muli(i, &dc);
+                        for buf in [&self.kbuf, &self.vbuf] {
+                            b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw, &kv_last, self.kv_elem());
+                            b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw + d - 1, &kv_last, self.kv_elem());
                         }
-                        acc
-                    };
-                    // Scores VW keys at a time (their dots overlap in flight and one
-                    // butterfly sums all VW), then the rest one by one.
+                        for v in 0..nv {
+                            let o = b.index(v as u64 * VW as u64);
+                            let src = b.addi(&base, &o);
+                            let dst = b.addi(&at, &o);
+                            let k = self.kv_vload(b, &self.kbuf, &src);
+                            b.vstore(&k, &ktile, &dst, VW);
+                            let x = self.kv_vload(b, &self.vbuf, &src);
+                            b.vstore(&x, &vtile, &dst, VW);
+                        }
+                    });
                     let vwc = b.index(VW as u64);
-                    let span = b.def(format!("arith.subi {t1}, {t0} : index"));
-                    let blocks = b.divui(&span, &vwc);
+                    let blocks = b.divui(&nk, &vwc);
                     let blocked = b.muli(&blocks, &vwc);
-                    let block_end = b.addi(&t0, &blocked);
-                    let vninf = b.vbroadcast(&ninf, VW);
-                    let vscale = b.vbroadcast(&scale, VW);
-                    let vmax = b.for_fold_typed(&t0, &block_end, VW as u64, &[(vninf, KernelBuilder::vty(VW))], |b, tb, acc| {
-                        let dots: Vec<V> = (0..VW as u64)
-                            .map(|u| {
-                                let o = b.index(u);
-                                let t = b.addi(tb, &o);
-                                key_dot(b, &t)
-                            })
-                            .collect();
-                        let sums = b.vsums(&dots, VW);
-                        let sv = b.def(format!("arith.mulf {sums}, {vscale} : {}", KernelBuilder::vty(VW)));
-                        let at = b.def(format!("arith.subi {tb}, {t0} : index"));
-                        b.vstore(&sv, &scores, &at, VW);
-                        vec![b.def(format!("arith.maxnumf {}, {sv} : {}", acc[0], KernelBuilder::vty(VW)))]
-                    });
-                    let block_max = b.def(format!("vector.reduction <maxnumf>, {} : {} into f32", vmax[0], KernelBuilder::vty(VW)));
-                    let m = b.for_fold(&block_end, &t1, &[block_max], |b, t, acc| {
-                        let dot = key_dot(b, t);
-                        let dsum = b.vsum(&dot, VW);
-                        let sv = b.mul(&dsum, &scale);
-                        let at = b.def(format!("arith.subi {t}, {t0} : index"));
-                        b.store(&sv, &scores, &at);
-                        vec![b.fbin("maxnumf", &acc[0], &sv)]
-                    });
-                    let l = b.for_fold(&zero_i, &span, std::slice::from_ref(&zero), |b, i, acc| {
-                        let sv = b.load(&scores, i);
-                        let c = b.sub(&sv, &m[0]);
-                        let e = math::exp(b, &c);
-                        b.store(&e, &scores, i);
-                        // Reassociable, so LLVM may vectorize this loop (exp included).
-                        vec![b.def(format!("arith.addf {}, {e} fastmath<reassoc> : f32", acc[0]))]
-                    });
-                    let z = b.vzero(VW);
-                    let init: Vec<(V, String)> = (0..nv).map(|_| (z.clone(), KernelBuilder::vty(VW))).collect();
-                    let accs = b.for_fold_typed(&t0, &t1, 1, &init, |b, t, accs| {
-                        let at = b.def(format!("arith.subi {t}, {t0} : index"));
-                        let e = b.load(&scores, &at);
-                        let ev = b.vbroadcast(&e, VW);
-                        let vbase = row_base(b, &self.vbuf, t);
-                        (0..nv)
+                    let mut next = Vec::new();
+                    for g in 0..group {
+                        let qbase = qbase_of(b, g);
+                        let qs: Vec<V> = (0..nv)
                             .map(|v| {
                                 let o = b.index(v as u64 * VW as u64);
-                                let i = b.addi(&vbase, &o);
-                                let x = self.kv_vload(b, &self.vbuf, &i);
-                                b.vfma(&ev, &x, &accs[v], VW)
+                                let i = b.addi(&qbase, &o);
+                                b.vload(&ins[0], &i, VW)
                             })
-                            .collect()
-                    });
-                    let whole = b.def(format!("arith.cmpi eq, {n}, {one_i} : index"));
+                            .collect();
+                        let key_dot = |b: &mut KernelBuilder, i: &str| -> V {
+                            let kb = b.muli(i, &dc);
+                            let mut acc = z.clone();
+                            for (v, q) in qs.iter().enumerate() {
+                                let o = b.index(v as u64 * VW as u64);
+                                let at = b.addi(&kb, &o);
+                                let k = b.vload(&ktile, &at, VW);
+                                acc = b.vfma(q, &k, &acc, VW);
+                            }
+                            acc
+                        };
+                        // Scores VW keys at a time (their dots overlap in flight and
+                        // one butterfly sums all VW), then the rest one by one.
+                        let vninf = b.vbroadcast(&ninf, VW);
+                        let vscale = b.vbroadcast(&scale, VW);
+                        let vmax = b.for_fold_typed(&zero_i, &blocked, VW as u64, &[(vninf, vty.clone())], |b, ib, acc| {
+                            let dots: Vec<V> = (0..VW as u64)
+                                .map(|u| {
+                                    let o = b.index(u);
+                                    let i = b.addi(ib, &o);
+                                    key_dot(b, &i)
+                                })
+                                .collect();
+                            let sums = b.vsums(&dots, VW);
+                            let sv = b.def(format!("arith.mulf {sums}, {vscale} : {vty}"));
+                            b.vstore(&sv, &stile, ib, VW);
+                            vec![b.def(format!("arith.maxnumf {}, {sv} : {vty}", acc[0]))]
+                        });
+                        let block_max = b.def(format!("vector.reduction <maxnumf>, {} : {vty} into f32", vmax[0]));
+                        let tmax = b.for_fold(&blocked, &nk, &[block_max], |b, i, acc| {
+                            let dot = key_dot(b, i);
+                            let dsum = b.vsum(&dot, VW);
+                            let sv = b.mul(&dsum, &scale);
+                            b.store(&sv, &stile, i);
+                            vec![b.fbin("maxnumf", &acc[0], &sv)]
+                        });
+                        // Online softmax: rescale what the earlier tiles summed.
+                        let (m_old, l_old) = (&ml[2 * g as usize], &ml[2 * g as usize + 1]);
+                        let m_new = b.fbin("maxnumf", m_old, &tmax[0]);
+                        let dm = b.sub(m_old, &m_new);
+                        let corr = math::exp(b, &dm);
+                        let tsum = b.for_fold(&zero_i, &nk, std::slice::from_ref(&zero), |b, i, acc| {
+                            let sv = b.load(&stile, i);
+                            let c = b.sub(&sv, &m_new);
+                            let e = math::exp(b, &c);
+                            b.store(&e, &stile, i);
+                            // Reassociable, so LLVM may vectorize this loop (exp included).
+                            vec![b.def(format!("arith.addf {}, {e} fastmath<reassoc> : f32", acc[0]))]
+                        });
+                        let l_new = b.fma(l_old, &corr, &tsum[0]);
+                        let ab = b.index(g * d);
+                        let corrv = b.vbroadcast(&corr, VW);
+                        let init: Vec<(V, String)> = (0..nv)
+                            .map(|v| {
+                                let o = b.index(g * d + v as u64 * VW as u64);
+                                let a = b.vload(&acc_mem, &o, VW);
+                                (b.def(format!("arith.mulf {a}, {corrv} : {vty}")), vty.clone())
+                            })
+                            .collect();
+                        let accs = b.for_fold_typed(&zero_i, &nk, 1, &init, |b, i, accs| {
+                            let e = b.load(&stile, i);
+                            let ev = b.vbroadcast(&e, VW);
+                            let vb = b.muli(i, &dc);
+                            (0..nv)
+                                .map(|v| {
+                                    let o = b.index(v as u64 * VW as u64);
+                                    let at = b.addi(&vb, &o);
+                                    let x = b.vload(&vtile, &at, VW);
+                                    b.vfma(&ev, &x, &accs[v], VW)
+                                })
+                                .collect()
+                        });
+                        for (v, acc) in accs.iter().enumerate() {
+                            let o = b.index(v as u64 * VW as u64);
+                            let at = b.addi(&ab, &o);
+                            b.vstore(acc, &acc_mem, &at, VW);
+                        }
+                        next.push(m_new);
+                        next.push(l_new);
+                    }
+                    next
+                });
+                let whole = b.def(format!("arith.cmpi eq, {n}, {one_i} : index"));
+                for g in 0..group {
+                    let (m, l) = (&ml[2 * g as usize], &ml[2 * g as usize + 1]);
+                    let qbase = qbase_of(b, g);
+                    let accs: Vec<V> = (0..nv)
+                        .map(|v| {
+                            let o = b.index(g * d + v as u64 * VW as u64);
+                            b.vload(&acc_mem, &o, VW)
+                        })
+                        .collect();
                     b.if_else(
                         &whole,
                         |b| {
                             // One split: the row's result directly.
                             let one = b.f32(1.0);
-                            let inv = b.div(&one, &l[0]);
+                            let inv = b.div(&one, l);
                             let invv = b.vbroadcast(&inv, VW);
                             for (v, acc) in accs.iter().enumerate() {
-                                let y = b.def(format!("arith.mulf {acc}, {invv} : {}", KernelBuilder::vty(VW)));
+                                let y = b.def(format!("arith.mulf {acc}, {invv} : {vty}"));
                                 let o = b.index(v as u64 * VW as u64);
                                 let i = b.addi(&qbase, &o);
                                 b.vstore(&y, out, &i, VW);
                             }
                         },
                         |b| {
-                            let at = record(b, &kh, &s, g);
-                            b.store(&m[0], &scratch, &at);
+                            let gi = b.index(g);
+                            let at = record(b, &kh, &s, &gi);
+                            b.store(m, &scratch, &at);
                             let at1 = b.addi(&at, &one_i);
-                            b.store(&l[0], &scratch, &at1);
+                            b.store(l, &scratch, &at1);
                             for (v, acc) in accs.iter().enumerate() {
                                 let o = b.index(2 + v as u64 * VW as u64);
                                 let i = b.addi(&at, &o);
@@ -399,7 +469,7 @@ impl Attn {
                             }
                         },
                     );
-                });
+                }
             });
         });
         // Phase 2: per (row, head) of a split decode row, the partials combined.
