@@ -71,15 +71,19 @@ pub fn greedy_round(s: &mut Session<'_>, prompt: &[u32], new_tokens: usize) -> R
     Ok((ids, DecodeTiming { prompt_tokens: prompt.len(), new_tokens, prefill_s, decode_s }))
 }
 
-/// One warm-up round, then `repeat` timed rounds; the round of median decode time.
-pub fn bench_decode(s: &mut Session<'_>, prompt: &[u32], new_tokens: usize, repeat: usize) -> RuntimeResult<DecodeTiming> {
+/// One warm-up round, then `repeat` timed rounds: the generated ids and the
+/// round of median decode time.
+pub fn bench_decode(s: &mut Session<'_>, prompt: &[u32], new_tokens: usize, repeat: usize) -> RuntimeResult<(Vec<u32>, DecodeTiming)> {
     greedy_round(s, prompt, new_tokens.min(4))?;
     let mut rounds = Vec::with_capacity(repeat.max(1));
+    let mut ids = Vec::new();
     for _ in 0..repeat.max(1) {
-        rounds.push(greedy_round(s, prompt, new_tokens)?.1);
+        let (i, t) = greedy_round(s, prompt, new_tokens)?;
+        ids = i;
+        rounds.push(t);
     }
     rounds.sort_by(|a, b| a.decode_s.total_cmp(&b.decode_s));
-    Ok(rounds[rounds.len() / 2])
+    Ok((ids, rounds[rounds.len() / 2]))
 }
 
 /// Perplexity of `ids` as one window from position 0: `(perplexity, predicted tokens)`.

@@ -192,6 +192,10 @@ fn model_verbs(args: &Args, art: &Artifact) -> Result<()> {
     let device_name = exec.device_name();
     let cap = SessionCapacity { positions: args.positions, seq: args.session_seq };
     let mut session = exec.session(art, cap)?;
+    let arena = match &session {
+        sparsec_runtime::session::Session::Cuda(c) => c.arena_bytes(),
+        sparsec_runtime::session::Session::Cpu(_) => 0,
+    };
     let tol = Tolerance { atol: args.atol, rtol: args.rtol };
     let mut report = serde_json::json!({ "artifact": args.artifact, "graph": art.manifest.graph_name, "device": device_name });
     let mut ok = true;
@@ -272,8 +276,8 @@ fn model_verbs(args: &Args, art: &Artifact) -> Result<()> {
                 run_check("check_cpu", &mut r, &mut report)?;
             }
         } else {
-            let t = bench_decode(&mut session, &prompt, args.max_new_tokens, args.repeat)?;
-            report["bench"] = serde_json::json!({ "timing": t, "prefill_tokens_per_s": t.prompt_tokens as f64 / t.prefill_s.max(1e-12),
+            let (ids, t) = bench_decode(&mut session, &prompt, args.max_new_tokens, args.repeat)?;
+            report["bench"] = serde_json::json!({ "timing": t, "prompt_ids": prompt, "ids": ids, "arena_bytes": arena, "prefill_tokens_per_s": t.prompt_tokens as f64 / t.prefill_s.max(1e-12),
                 "decode_tokens_per_s": t.decode_tokens_per_s(), "decode_ms_per_token": 1e3 * t.decode_s / t.new_tokens.max(1) as f64 });
             if !args.json {
                 println!(
