@@ -149,6 +149,7 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
                 });
             });
         }
+        Device::Nvptx if spec.warp_matmul() => emit_warp_dot(b, work, &kc, &nc, ins, out),
         Device::Nvptx => {
             b.parallel(work, |b, e| {
                 let r = b.divui(e, &nc);
@@ -159,4 +160,57 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
         }
     }
     Ok(())
+}
+
+/// Lanes per output element of the NVPTX dense matmul: one warp.
+pub(super) const WARP: u64 = 32;
+
+/// NVPTX `out[r, j] = a[r, :] · w[j, :]` (dense f32, `k` a multiple of 4): a
+/// warp per output element; lane l reads the 16-byte vectors at 4l, 4l + 128,
+/// ... of both rows (a warp's loads are 512 contiguous bytes), folds them with
+/// vector FMAs, sums its 4 lanes, and a butterfly of 5 `shfl.sync` adds the
+/// warp's partial sums; lane 0 stores the result (with the fused epilogue).
+/// `work` is the element count times `WARP`, whole warps, so every lane of a
+/// warp that enters the bounds check takes part in the shuffles.
+fn emit_warp_dot(b: &mut KernelBuilder, work: &str, kc: &str, nc: &str, ins: &[V], out: &str) {
+    let (a_buf, w_buf) = (ins[0].clone(), ins[1].clone());
+    b.parallel(work, |b, t| {
+        let warp = b.index(WARP);
+        let e = b.divui(t, &warp);
+        let lane = b.remui(t, &warp);
+        let r = b.divui(&e, nc);
+        let j = b.remui(&e, nc);
+        let arow = b.muli(&r, kc);
+        let wrow = b.muli(&j, kc);
+        let four = b.index(4);
+        let start = b.muli(&lane, &four);
+        let vty = KernelBuilder::vty(4);
+        let z = b.vzero(4);
+        let acc = b.for_fold_typed(&start, kc, 4 * WARP, &[(z, vty.clone())], |b, kk, acc| {
+            let load = |b: &mut KernelBuilder, buf: &str, row: &str| {
+                let i = b.addi(row, kk);
+                let i = b.def(format!("arith.index_cast {i} : index to i64"));
+                let p = b.def(format!("llvm.getelementptr inbounds {buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, f32"));
+                b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr -> {vty}"))
+            };
+            let av = load(b, &a_buf, &arow);
+            let wv = load(b, &w_buf, &wrow);
+            vec![b.def(format!("math.fma {av}, {wv}, {} : {vty}", acc[0]))]
+        });
+        let mut sum = String::new();
+        for l in 0..4 {
+            let li = b.i32(l);
+            let x = b.def(format!("llvm.extractelement {}[{li} : i32] : {vty}", acc[0]));
+            sum = if l == 0 { x } else { b.add(&sum, &x) };
+        }
+        let (mask, clamp) = (b.i32(-1), b.i32(31));
+        for off in [16, 8, 4, 2, 1] {
+            let o = b.i32(off);
+            let other = b.def(format!("nvvm.shfl.sync bfly {mask}, {sum}, {o}, {clamp} : f32 -> f32"));
+            sum = b.add(&sum, &other);
+        }
+        let zero = b.index(0);
+        let first = b.def(format!("arith.cmpi eq, {lane}, {zero} : index"));
+        b.if_else(&first, |b| b.store_result(&sum, out, &e), |_| {});
+    });
 }
