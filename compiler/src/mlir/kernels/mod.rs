@@ -94,8 +94,9 @@ impl KernelSpec {
         })
     }
 
-    /// A dense f32 matmul with a transposed weight whose rows are whole 4-wide
-    /// vectors: on NVPTX a warp computes each output element (`emit_warp_dot`).
+    /// A dense matmul with a transposed weight whose rows are whole 4-wide
+    /// vectors (f32) or whole blocks of 32 (Q8_0/Q4_0/Q4_1): on NVPTX a warp
+    /// computes each output element (`emit_warp_dot`).
     pub fn warp_matmul(&self) -> bool {
         let k = match self.operands.first().and_then(|t| t.last_dim()) {
             Some(sparsec_ir::Dim::Fixed(k)) => k,
@@ -103,8 +104,10 @@ impl KernelSpec {
         };
         matches!(self.op, Op::MatMul { transpose_b: true })
             && self.sparse.as_ref().and_then(|c| c.storage).is_none()
-            && self.operands.get(1).is_some_and(|w| w.dtype == DType::F32)
-            && k % 4 == 0
+            && self.operands.get(1).is_some_and(|w| match w.dtype {
+                DType::F32 => k % 4 == 0,
+                d => d.is_quantized() && k % sparsec_ir::quant::QK as u64 == 0,
+            })
     }
 
     /// A matmul whose weight is stored in a sparse format.
