@@ -58,6 +58,10 @@ pub struct CudaSession<'a> {
     steps: Vec<GpuStep>,
     /// The arena's bytes (reported by `arena_bytes`).
     arena_bytes: usize,
+    /// Per kernel: milliseconds and launches, when `profile_kernels` asked
+    /// (each launch is then synchronized and timed on the host clock, which
+    /// slows the run: for finding where the time goes, not for throughput).
+    profile: Option<std::collections::HashMap<String, (f64, u64)>>,
 }
 
 impl CudaExecutor {
@@ -170,7 +174,7 @@ impl CudaExecutor {
                 return Err(RuntimeError::Cuda(format!("output `{}` is not an f32 buffer", b.name)));
             }
         }
-        Ok(CudaSession { exec: self, art, cap, pos: 0, _arena: arena, ptrs, steps, arena_bytes })
+        Ok(CudaSession { exec: self, art, cap, pos: 0, _arena: arena, ptrs, steps, arena_bytes, profile: None })
     }
 }
 
@@ -188,6 +192,19 @@ impl CudaSession<'_> {
     /// Device bytes of the session's arena (inputs, temps, KV caches).
     pub fn arena_bytes(&self) -> usize {
         self.arena_bytes
+    }
+
+    /// Times every kernel from now on (earlier times are forgotten); each
+    /// launch is synchronized, so the run itself is slower while profiling.
+    pub fn profile_kernels(&mut self) {
+        self.profile = Some(std::collections::HashMap::new());
+    }
+
+    /// Per kernel: milliseconds and launches since `profile_kernels`, slowest first.
+    pub fn kernel_times(&self) -> Vec<(String, f64, u64)> {
+        let mut v: Vec<(String, f64, u64)> = self.profile.iter().flatten().map(|(k, (t, n))| (k.clone(), *t, *n)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
     }
 
     /// Forgets every position.
@@ -280,7 +297,12 @@ impl CudaSession<'_> {
             unsafe { cudarc::driver::result::memcpy_htod_async(self.ptrs[b], h, raw) }.map_err(cu("upload input"))?;
         }
         let (seq_arg, pos_arg) = (seq as i64, self.pos as i64);
+        let profiling = self.profile.is_some();
+        if profiling {
+            stream.synchronize().map_err(cu("synchronize"))?;
+        }
         for step in &self.steps {
+            let t = profiling.then(std::time::Instant::now);
             match step {
                 GpuStep::Append { src, cache, row_bytes } => {
                     let dst = self.ptrs[*cache] + (self.pos * row_bytes) as u64;
@@ -308,6 +330,12 @@ impl CudaSession<'_> {
                     // `cap.seq >= seq` rows, the caches for `pos + seq` positions;
                     // the output is no input (checked when the session was made).
                     unsafe { launch.launch(cfg) }.map_err(cu(&format!("launch {name}")))?;
+                    if let (Some(t), Some(p)) = (t, self.profile.as_mut()) {
+                        stream.synchronize().map_err(cu("synchronize"))?;
+                        let e = p.entry(name.clone()).or_default();
+                        e.0 += t.elapsed().as_secs_f64() * 1e3;
+                        e.1 += 1;
+                    }
                 }
             }
         }

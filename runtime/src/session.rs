@@ -67,20 +67,20 @@ impl Session<'_> {
         }
     }
 
-    /// Times every kernel from now on (the CPU's; the GPU session does not
-    /// time kernels one by one: its launches are asynchronous).
+    /// Times every kernel from now on (on the GPU each launch is then
+    /// synchronized, which slows the run).
     pub fn profile_kernels(&mut self) {
         match self {
             Session::Cpu(s) => s.profile_kernels(),
-            Session::Cuda(_) => {}
+            Session::Cuda(s) => s.profile_kernels(),
         }
     }
 
-    /// Per kernel: milliseconds and calls since `profile_kernels` (empty on the GPU).
+    /// Per kernel: milliseconds and calls since `profile_kernels`, slowest first.
     pub fn kernel_times(&self) -> Vec<(String, f64, u64)> {
         match self {
             Session::Cpu(s) => s.kernel_times(),
-            Session::Cuda(_) => Vec::new(),
+            Session::Cuda(s) => s.kernel_times(),
         }
     }
 }

@@ -11,7 +11,7 @@ use ndarray::ArrayD;
 use sparsec_runtime::compare::Tolerance;
 use sparsec_runtime::cuda_session::SessionCapacity;
 use sparsec_runtime::execute::{compare_all, reference_outputs, DeviceKind, Executor};
-use sparsec_runtime::lm_session::{bench_decode, compare_steps, greedy_round, perplexity, Reference};
+use sparsec_runtime::lm_session::{bench_decode, compare_steps, greedy, greedy_round, ids_input, logits, perplexity, Reference};
 use sparsec_runtime::{Artifact, Trust};
 use std::path::PathBuf;
 
@@ -87,6 +87,10 @@ struct Args {
     /// Rows per GPU call (longer prefills run in chunks).
     #[arg(long, default_value_t = 512)]
     session_seq: usize,
+    /// With --bench-decode: one more round after the timed ones with every
+    /// kernel synchronized and timed; reports milliseconds per decode token by kernel.
+    #[arg(long)]
+    profile: bool,
 }
 
 fn summary(a: &ArrayD<f32>) -> serde_json::Value {
@@ -279,6 +283,30 @@ fn model_verbs(args: &Args, art: &Artifact) -> Result<()> {
             let (ids, t) = bench_decode(&mut session, &prompt, args.max_new_tokens, args.repeat)?;
             report["bench"] = serde_json::json!({ "timing": t, "prompt_ids": prompt, "ids": ids, "arena_bytes": arena, "prefill_tokens_per_s": t.prompt_tokens as f64 / t.prefill_s.max(1e-12),
                 "decode_tokens_per_s": t.decode_tokens_per_s(), "decode_ms_per_token": 1e3 * t.decode_s / t.new_tokens.max(1) as f64 });
+            if args.profile {
+                // The prompt unprofiled, then the decode steps profiled.
+                session.reset();
+                let l = logits(session.run_last(&[ids_input(&prompt)])?, 1)?;
+                let mut next = greedy(&l);
+                session.profile_kernels();
+                for _ in 0..args.max_new_tokens {
+                    let l = logits(session.run_last(&[ids_input(&[next])])?, 1)?;
+                    next = greedy(&l);
+                }
+                let per = args.max_new_tokens.max(1) as f64;
+                let times = session.kernel_times();
+                if !args.json {
+                    println!("decode, per token by kernel (each launch synchronized):");
+                    for (k, ms, n) in &times {
+                        println!("  {k:<28} {:>9.4} ms {:>6.1} launches", ms / per, *n as f64 / per);
+                    }
+                }
+                report["profile_ms_per_token"] = times
+                    .iter()
+                    .map(|(k, ms, n)| (k.clone(), serde_json::json!({ "ms": ms / per, "launches": *n as f64 / per })))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
+            }
             if !args.json {
                 println!(
                     "{} on {device_name}: prefill {} tokens in {:.2} ms ({:.0} tok/s); decode {} tokens at {:.1} tok/s ({:.3} ms/token; median of {})",
