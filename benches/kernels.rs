@@ -201,7 +201,7 @@ fn attention(c: &mut Criterion) {
         session.run(&art.random_inputs(CONTEXT as u64, 1).expect("inputs")).expect("prefill");
         let step = art.random_inputs(1, 2).expect("inputs");
         let mut decode = || {
-            session.truncate(CONTEXT);
+            session.truncate(CONTEXT).expect("truncate");
             session.run(&step).expect("decode step")
         };
         let elem = if kv == KvCacheType::F16 { 2 } else { 4 };

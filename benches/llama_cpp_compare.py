@@ -52,14 +52,15 @@ def to_f32(src, dst):
         raise SystemExit(f"llama_model_quantize failed: {rc}")
 
 
-def llama_cpp_rounds(path, threads, prompt_len, new_tokens):
+def llama_cpp_rounds(path, threads, prompt_len, new_tokens, flash_attn=False):
     """A llama.cpp context on `path`, warmed up; each call of the returned function
-    measures one round (prefill of the prompt, then greedy decode steps)."""
+    measures one round (prefill of the prompt, then greedy decode steps). Prompts
+    run in llama.cpp's default micro-batches of at most 512 tokens."""
     import numpy as np
     import llama_cpp
     from llama_cpp import Llama
-    llm = Llama(model_path=path, n_ctx=prompt_len + new_tokens + 16, n_batch=prompt_len, n_ubatch=prompt_len,
-                n_threads=threads, n_threads_batch=threads, verbose=False, logits_all=False)
+    llm = Llama(model_path=path, n_ctx=prompt_len + new_tokens + 16, n_batch=min(prompt_len, 2048), n_ubatch=min(prompt_len, 512),
+                n_threads=threads, n_threads_batch=threads, verbose=False, logits_all=False, flash_attn=flash_attn)
     text = open(TEXT, encoding="utf-8").read()
     ids = llm.tokenize(text.encode(), add_bos=False)
     while len(ids) < prompt_len:

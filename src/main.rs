@@ -566,6 +566,14 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
                 println!("sparse weight {:<28} {:<4} {:>10} B  {:?}", b.name, st.format.name(), st.format.bytes(), st.format);
             }
         }
+        // K/V caches in pairs: rows held and bytes per row.
+        for b in m.execution.buffers.iter().filter(|b| b.kind == sparsec_runtime::manifest::BufferKind::KvCache) {
+            let rows = match b.ring {
+                Some(r) => format!("ring of {} rows ({} sinks, {} more than one call appends)", r.capacity(), r.sinks, r.max_rows),
+                None => "every position".into(),
+            };
+            println!("kv cache {:<28} {:<4} {:>6} B/position  {rows}", b.name, b.dtype.name(), b.bytes(1));
+        }
         println!("buffers: {}  steps: {}", m.execution.buffers.len(), m.execution.steps.len());
         return Ok(());
     }
@@ -593,7 +601,27 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
                 _ => ("-".into(), String::new()),
             };
             let pats: Vec<String> = n.patterns.iter().map(|p| format!("#{}({})", p.keyword(), p.to_args())).collect();
-            println!("%{:<23} {:<22} {:<16} {}", n.name, wname, shape, if pats.is_empty() { "dense".into() } else { pats.join(" ") });
+            let mut line =
+                format!("%{:<23} {:<22} {:<16} {}", n.name, wname, shape, if pats.is_empty() { "dense".into() } else { pats.join(" ") });
+            if let sparsec_ir::Op::Attention { .. } = n.op {
+                // What its K/V cache holds on the CPU (f16: 2 bytes a value).
+                let width = n.operands.get(1).and_then(|k| g.nodes[k.0].ty.as_ref()).and_then(|t| t.dims.last().cloned());
+                let window = n.patterns.iter().find_map(|p| match p {
+                    sparsec_ir::Pattern::Window(sparsec_ir::Window::Sliding { size, sinks }) => Some((*size, *sinks)),
+                    _ => None,
+                });
+                if let Some(sparsec_ir::Dim::Fixed(w)) = width {
+                    let per = 2 * 2 * w;
+                    line += &match sparsec_compiler::mlir::kernels::cpu_ring(window) {
+                        Some((sinks, rows)) => {
+                            let cap = (sinks + rows) as u64;
+                            format!("  kv cache: ring of {cap} rows, {:.1} KiB", (cap * per) as f64 / 1024.0)
+                        }
+                        None => format!("  kv cache: every position, {per} B each"),
+                    };
+                }
+            }
+            println!("{line}");
         }
         return Ok(());
     }

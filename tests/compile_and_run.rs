@@ -216,7 +216,7 @@ fn a_truncated_session_continues_where_it_was_cut() {
     let mut s = exec.session(&art).unwrap();
     let whole = s.run(&all).unwrap().remove(0);
     assert_eq!(s.pos(), 12);
-    s.truncate(7);
+    s.truncate(7).unwrap();
     assert_eq!(s.pos(), 7);
     let tail: Vec<_> = all.iter().map(|a| rows(a, 7..12)).collect();
     let again = s.run(&tail).unwrap().remove(0);

@@ -8,8 +8,8 @@ use crate::mlir::kernels::Prologue;
 use crate::mlir::math::Activation;
 use crate::mlir::KernelSpec;
 use crate::sparse_select::choose;
-use sparsec_ir::{Graph, Op, TensorType};
-use sparsec_runtime::manifest::{BufferKind, BufferSpec, ExecutionPlan, KernelStep, Step};
+use sparsec_ir::{DType, Dim, Graph, Op, TensorType};
+use sparsec_runtime::manifest::{BufferKind, BufferSpec, ExecutionPlan, KernelStep, Ring, Step};
 use std::collections::HashMap;
 
 /// The kernels to compile and the plan to run them.
@@ -62,6 +62,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     dtype: types[i].dtype,
                     slot: None,
                     sparse: None,
+                    ring: None,
                 });
                 weight_nodes.push((buffers.len() - 1, i));
                 buffers.len() - 1
@@ -70,7 +71,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             continue;
         }
         let kind = if n.op == Op::Input { BufferKind::Input } else { BufferKind::Temp };
-        buffers.push(BufferSpec { name: n.name.clone(), kind, dims, dtype: types[i].dtype, slot: None, sparse: None });
+        buffers.push(BufferSpec { name: n.name.clone(), kind, dims, dtype: types[i].dtype, slot: None, sparse: None, ring: None });
         let id = buffers.len() - 1;
         buffer_of[i] = id;
         if n.op == Op::Input {
@@ -147,6 +148,12 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
         if let Op::Attention { .. } = n.op {
             // Attention reads every position so far: the new keys and values are
             // appended to this op's caches, and the kernel reads the caches.
+            // A windowed layer keeps only what its window and sinks read (CPU).
+            let ring = crate::mlir::kernels::cpu_ring(crate::mlir::kernels::window_of(&spec)?).map(|(sinks, rows)| Ring {
+                sinks,
+                rows,
+                max_rows: crate::mlir::kernels::RING_SLACK,
+            });
             for (slot, role) in [(1, "k_cache"), (2, "v_cache")] {
                 let src = args[slot];
                 buffers.push(BufferSpec {
@@ -156,11 +163,24 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     dtype: kv_dtype,
                     slot: None,
                     sparse: None,
+                    ring,
                 });
                 let cache = buffers.len() - 1;
                 steps.push(Step::KvAppend { src, cache });
                 args[slot] = cache;
             }
+        }
+        if let Some(words) = spec.scratch_words()? {
+            buffers.push(BufferSpec {
+                name: format!("{}.scratch", n.name),
+                kind: BufferKind::Scratch,
+                dims: vec![Dim::Fixed(words.max(1))],
+                dtype: DType::F32,
+                slot: None,
+                sparse: None,
+                ring: None,
+            });
+            args.push(buffers.len() - 1);
         }
         args.push(id);
         steps.push(Step::Kernel(KernelStep {
@@ -170,6 +190,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             cpu_units: spec.cpu_work()?,
             cpu_seq_block: spec.cpu_seq_block(),
             cpu_unit_cost: spec.cpu_unit_cost(),
+            cpu_first_phase: spec.cpu_first_phase()?,
         }));
     }
     let outputs: Vec<usize> = g.outputs.iter().map(|o| buffer_of[o.0]).collect();
@@ -240,6 +261,14 @@ pub fn assign_slots(plan: &mut ExecutionPlan) {
                     free.push(slot);
                 }
             }
+        }
+    }
+    // Scratch lives only inside the step that takes it: every scratch buffer
+    // shares one slot of its own.
+    let scratch_slot = slot_size.len();
+    for b in plan.buffers.iter_mut() {
+        if b.kind == BufferKind::Scratch {
+            b.slot = Some(scratch_slot);
         }
     }
 }

@@ -455,20 +455,30 @@ impl Plan {
                 window = match a.window {
                     None => None,
                     Some(WindowFile::Size(0)) => return Err(err("window size must be positive".into())),
-                    Some(WindowFile::Size(size)) => Some(WindowPlan::Fixed { size, sinks: 0 }),
+                    Some(WindowFile::Size(size)) => Some(WindowPlan::Fixed { size, sinks: DEFAULT_SINKS }),
                     Some(WindowFile::Word(w)) if w == "full" => Some(WindowPlan::Full),
-                    Some(WindowFile::Word(w)) => return Err(err(format!("window = \"{w}\" (expected a size, \"full\" or a table)"))),
+                    Some(WindowFile::Word(w)) => match named_schedule(&w, DEFAULT_SINKS) {
+                        Some(p) => Some(p),
+                        None => {
+                            return Err(err(format!(
+                                "window = \"{w}\" (expected a size, \"full\", a schedule ({}) or a table)",
+                                SCHEDULES.join(", ")
+                            )))
+                        }
+                    },
                     Some(WindowFile::Table { size, sinks, schedule, start, end }) => {
-                        let sinks = sinks.unwrap_or(0);
+                        let sinks = sinks.unwrap_or(DEFAULT_SINKS);
                         match (size, schedule.as_deref(), start, end) {
                             (Some(size), None, None, None) if size > 0 => Some(WindowPlan::Fixed { size, sinks }),
                             (None, Some("progressive"), Some(start), Some(end)) if start > 0 && end > 0 => {
                                 Some(WindowPlan::Progressive { start, end, sinks })
                             }
+                            (None, Some(name), None, None) if named_schedule(name, sinks).is_some() => named_schedule(name, sinks),
                             _ => {
-                                return Err(err(
-                                    "window tables are { size = N, sinks = S } or { schedule = \"progressive\", start = A, end = B, sinks = S } with positive sizes".into(),
-                                ))
+                                return Err(err(format!(
+                                    "window tables are {{ size = N, sinks = S }}, {{ schedule = \"progressive\", start = A, end = B, sinks = S }} with positive sizes, or {{ schedule = NAME, sinks = S }} with NAME one of {}",
+                                    SCHEDULES.join(", ")
+                                )))
                             }
                         }
                     }
@@ -557,9 +567,9 @@ impl Plan {
     /// The plan text of a named preset.
     pub fn preset(name: &str) -> Result<String, PlanError> {
         let text = match name {
-            "half" => "[[rule]]\nlayers = \"all\"\nattention = { window = { schedule = \"progressive\", start = 1024, end = 512 } }\n",
-            "quarter" => "[[rule]]\nlayers = \"all\"\nattention = { window = { schedule = \"progressive\", start = 1024, end = 256 } }\n",
-            "aggressive" => "[[rule]]\nlayers = \"all\"\nattention = { window = { schedule = \"progressive\", start = 512, end = 16, sinks = 4 } }\n",
+            "half" | "quarter" | "aggressive" => {
+                return Ok(format!("[[rule]]\nlayers = \"all\"\nattention = {{ window = {{ schedule = \"{name}\", sinks = {DEFAULT_SINKS} }} }}\n"))
+            }
             "sparse-0.5" | "sparse-0.7" | "sparse-0.9" => {
                 return Ok(format!(
                     "[[rule]]\nlayers = \"all\"\ntarget = \"attn.*,mlp.*\"\nsparsity = {{ kind = \"unstructured\", ratio = {} }}\nspecialize = \"auto\"\n",
@@ -574,6 +584,26 @@ impl Plan {
         };
         Ok(text.to_string())
     }
+}
+
+/// Sink tokens of a window the plan does not give them for: windows without
+/// sinks collapse (StreamingLLM), so every window keeps the first 4 positions.
+pub const DEFAULT_SINKS: u32 = 4;
+
+/// The sliding-window project's per-layer schedules, by name.
+pub const SCHEDULES: [&str; 4] = ["full", "half", "quarter", "aggressive"];
+
+/// A named schedule (`SCHEDULES`): windows from the first selected layer to
+/// the last, geometrically (`full`: no window).
+pub fn named_schedule(name: &str, sinks: u32) -> Option<WindowPlan> {
+    let (start, end) = match name {
+        "full" => return Some(WindowPlan::Full),
+        "half" => (1024, 512),
+        "quarter" => (1024, 256),
+        "aggressive" => (512, 16),
+        _ => return None,
+    };
+    Some(WindowPlan::Progressive { start, end, sinks })
 }
 
 /// Every preset name.
@@ -608,6 +638,26 @@ mod tests {
     }
 
     #[test]
+    fn windows_get_sinks_and_named_schedules() {
+        let window = |w: &str| Plan::parse(&format!("[[rule]]\nattention = {{ window = {w} }}\n")).map(|p| p.rules[0].window.clone());
+        let quarter = Some(WindowPlan::Progressive { start: 1024, end: 256, sinks: DEFAULT_SINKS });
+        assert_eq!(window("\"quarter\"").unwrap(), quarter);
+        assert_eq!(window("{ schedule = \"quarter\" }").unwrap(), quarter);
+        assert_eq!(
+            window("{ schedule = \"half\", sinks = 0 }").unwrap(),
+            Some(WindowPlan::Progressive { start: 1024, end: 512, sinks: 0 })
+        );
+        assert_eq!(window("{ schedule = \"full\" }").unwrap(), Some(WindowPlan::Full));
+        assert_eq!(window("256").unwrap(), Some(WindowPlan::Fixed { size: 256, sinks: DEFAULT_SINKS }));
+        assert!(window("\"eighth\"").unwrap_err().to_string().contains("full, half, quarter, aggressive"));
+        assert!(window("{ schedule = \"half\", start = 8 }").is_err());
+        for name in ["half", "quarter", "aggressive"] {
+            let p = Plan::parse(&Plan::preset(name).unwrap()).unwrap();
+            assert_eq!(p.rules[0].window, named_schedule(name, DEFAULT_SINKS), "{name}");
+        }
+    }
+
+    #[test]
     fn design_md_plan_parses() {
         let text = r#"
 [[rule]]
@@ -629,7 +679,7 @@ sparsity = { kind = "block", ratio = 0.8, block = [4, 4] }
         assert_eq!(p.rules.len(), 3);
         assert_eq!(p.rules[0].sparsity, Some(Sparsity::Unstructured { ratio: 0.9 }));
         assert_eq!(p.rules[1].layers, Layers::Range { start: 6, end: None });
-        assert_eq!(p.rules[1].window, Some(WindowPlan::Progressive { start: 512, end: 16, sinks: 0 }));
+        assert_eq!(p.rules[1].window, Some(WindowPlan::Progressive { start: 512, end: 16, sinks: DEFAULT_SINKS }));
         assert_eq!(p.rules[2].targets, vec!["attn.q", "attn.k"]);
         assert_eq!(p.rules[2].layers, Layers::List(vec![1, 3, 5]));
         for name in PRESETS {

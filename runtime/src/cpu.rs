@@ -283,6 +283,11 @@ impl WeightData {
     }
 }
 
+/// The most rows one kernel pass takes: longer calls of a plan whose inputs
+/// and outputs are laid out by rows run in chunks (as llama.cpp's
+/// micro-batches), which bounds the temporaries' memory at long prompts.
+pub const MAX_CALL_ROWS: u64 = 512;
+
 /// The state of one sequence: positions consumed, the KV caches, and the
 /// memory of the temporaries (reused from call to call).
 pub struct CpuSession<'a> {
@@ -330,6 +335,12 @@ impl CpuSession<'_> {
         v
     }
 
+    /// Bytes the KV caches hold now (a windowed layer's ring stops growing at
+    /// its capacity).
+    pub fn cache_bytes(&self) -> usize {
+        self.caches.iter().map(|c| c.len() * 4).sum()
+    }
+
     /// Positions already consumed.
     pub fn pos(&self) -> usize {
         self.pos
@@ -337,14 +348,23 @@ impl CpuSession<'_> {
 
     /// Forgets every position (the caches keep their memory).
     pub fn reset(&mut self) {
-        self.truncate(0);
+        self.pos = 0;
     }
 
     /// Forgets the positions from `pos` on (the caches keep their memory): the
     /// next `run` continues at `pos`, as after a shared prompt prefix or a
-    /// rejected draft.
-    pub fn truncate(&mut self, pos: usize) {
+    /// rejected draft. A ring cache (a windowed layer) has overwritten
+    /// positions older than its rows, so it can go back at most its slack.
+    pub fn truncate(&mut self, pos: usize) -> RuntimeResult<()> {
+        let back = self.pos.saturating_sub(pos);
+        if let Some(r) = self.art.manifest.execution.buffers.iter().filter_map(|b| b.ring).find(|r| back > r.max_rows as usize) {
+            return Err(RuntimeError::Cpu(format!(
+                "cannot go back {back} positions: a windowed layer's ring cache keeps {} rows beyond its window",
+                r.max_rows
+            )));
+        }
         self.pos = self.pos.min(pos);
+        Ok(())
     }
 
     /// Runs the next `seq` positions (`seq` bound by the inputs) and returns the outputs.
@@ -364,13 +384,65 @@ impl CpuSession<'_> {
         let art = self.art;
         let seq = art.bind_seq(inputs)?;
         let plan = &art.manifest.execution;
+        art.check_positions(self.pos, seq)?;
+        // Long calls run in chunks of at most `MAX_CALL_ROWS` rows (so the
+        // temporaries stay small whatever the prompt), and of at most `max_rows`
+        // where a ring cache takes no more; their outputs are joined by rows.
+        let ring = plan.buffers.iter().filter_map(|b| b.ring).map(|r| r.max_rows.max(1) as u64).min();
+        let chunk = ring.unwrap_or(MAX_CALL_ROWS).min(MAX_CALL_ROWS);
+        let by_rows = plan.inputs.iter().chain(&plan.outputs).all(|&i| plan.buffers[i].by_rows());
+        // A call a ring cannot take in one piece is split or refused (`run_chunks`).
+        if seq > chunk && (by_rows || ring.is_some_and(|r| seq > r)) {
+            self.run_chunks(inputs, seq, chunk, last_only)
+        } else {
+            self.run_call(inputs, last_only)
+        }
+    }
+
+    /// `run_rows` over rows `0..seq` of the inputs in calls of at most `chunk` rows.
+    fn run_chunks(&mut self, inputs: &[ArrayD<f32>], seq: u64, chunk: u64, last_only: bool) -> RuntimeResult<Vec<ArrayD<f32>>> {
+        let plan = &self.art.manifest.execution;
+        let by_rows = |i: usize| plan.buffers[i].dims.first() == Some(&sparsec_ir::Dim::Seq);
+        if let Some(&i) = plan.inputs.iter().find(|&&i| !plan.buffers[i].by_rows()) {
+            return Err(RuntimeError::Cpu(format!("input `{}` is not laid out by rows: cannot split the call", plan.buffers[i].name)));
+        }
+        let mut joined: Vec<Vec<ArrayD<f32>>> = Vec::new();
+        let mut lo = 0;
+        while lo < seq {
+            let hi = (lo + chunk).min(seq);
+            let part: Vec<ArrayD<f32>> =
+                inputs.iter().map(|a| a.slice_axis(ndarray::Axis(0), ndarray::Slice::from(lo as usize..hi as usize)).to_owned()).collect();
+            let last = hi == seq;
+            let outs = self.run_call(&part, last_only && last)?;
+            if !last_only || last {
+                joined.push(outs);
+            }
+            lo = hi;
+        }
+        if last_only {
+            return joined.pop().ok_or_else(|| RuntimeError::Cpu("empty call".into()));
+        }
+        (0..plan.outputs.len())
+            .map(|o| {
+                let parts: Vec<_> = joined.iter().map(|outs| outs[o].view()).collect();
+                if !by_rows(plan.outputs[o]) {
+                    return Err(RuntimeError::Cpu(format!("output `{}` is not laid out by rows", plan.buffers[plan.outputs[o]].name)));
+                }
+                ndarray::concatenate(ndarray::Axis(0), &parts).map_err(|e| RuntimeError::Cpu(e.to_string()))
+            })
+            .collect()
+    }
+
+    fn run_call(&mut self, inputs: &[ArrayD<f32>], last_only: bool) -> RuntimeResult<Vec<ArrayD<f32>>> {
+        let art = self.art;
+        let seq = art.bind_seq(inputs)?;
+        let plan = &art.manifest.execution;
         let pos = self.pos;
-        art.check_positions(pos, seq)?;
         // Temps live in slots sized for the largest buffer they hold at this seq.
         if self.slot_bytes.as_ref().is_none_or(|(s, _)| *s != seq) {
             let mut slot_bytes: Vec<usize> = Vec::new();
             for b in &plan.buffers {
-                if let (BufferKind::Temp, Some(s)) = (b.kind, b.slot) {
+                if let (BufferKind::Temp | BufferKind::Scratch, Some(s)) = (b.kind, b.slot) {
                     if slot_bytes.len() <= s {
                         slot_bytes.resize(s + 1, 0);
                     }
@@ -407,7 +479,7 @@ impl CpuSession<'_> {
                     }
                     (v.as_mut_ptr() as *mut u8, len)
                 }
-                BufferKind::Temp => match b.slot {
+                BufferKind::Temp | BufferKind::Scratch => match b.slot {
                     Some(s) => (self.slots[s].as_mut_ptr() as *mut u8, len),
                     None => {
                         let v = unslotted.entry(i).or_insert_with(|| vec![0f32; len.div_ceil(4)]);
@@ -418,10 +490,14 @@ impl CpuSession<'_> {
                     // Held as f32 words (4-byte aligned) whatever the cache's type.
                     let row_words = b.bytes(1).div_ceil(4);
                     let c = &mut self.caches[i];
-                    let need = (pos + seq as usize) * b.bytes(1);
+                    let rows = pos + seq as usize;
+                    let rows = b.ring.map_or(rows, |r| rows.min(r.capacity()));
+                    let need = rows * b.bytes(1);
                     if c.len() * 4 < need {
-                        // Grow geometrically: decode appends one row at a time.
-                        c.resize(need.div_ceil(4).max(c.len() * 2).max(row_words * 64), 0.0);
+                        // Grow geometrically (decode appends one row at a time), a
+                        // ring up to its capacity only.
+                        let most = b.ring.map_or(usize::MAX, |r| r.capacity() * b.bytes(1).div_ceil(4));
+                        c.resize(need.div_ceil(4).max((c.len() * 2).max(row_words * 64).min(most)), 0.0);
                     }
                     (c.as_mut_ptr() as *mut u8, need)
                 }
@@ -458,19 +534,30 @@ impl CpuSession<'_> {
                     // `bytes(1)` bytes each; `src` holds `seq` rows of as many f32
                     // values; they are distinct allocations; both are 4-byte aligned.
                     let from = unsafe { std::slice::from_raw_parts(sp as *const f32, n) };
-                    let at = unsafe { cp.add(pos * cb.bytes(1)) };
-                    match cb.dtype {
-                        DType::F16 => {
-                            use half::slice::HalfFloatSliceExt;
-                            // SAFETY: as above; f16 rows start at even byte offsets.
-                            let to = unsafe { std::slice::from_raw_parts_mut(at as *mut half::f16, n) };
-                            to.convert_from_f32_slice(from);
+                    let width = cb.numel().resolve(1) as usize;
+                    // Row by row where the cache is a ring, else all rows at once.
+                    let runs: Vec<(usize, std::ops::Range<usize>)> = match cb.ring {
+                        Some(r) => (0..seq as usize).map(|i| (r.row(pos + i), i * width..(i + 1) * width)).collect(),
+                        None => vec![(pos, 0..n)],
+                    };
+                    for (row, part) in runs {
+                        let from = from.get(part).ok_or_else(|| RuntimeError::Cpu(format!("KV source `{}` is short", cb.name)))?;
+                        // SAFETY: `row` is below the rows the cache was sized for
+                        // (a ring's rows are below its capacity).
+                        let at = unsafe { cp.add(row * cb.bytes(1)) };
+                        match cb.dtype {
+                            DType::F16 => {
+                                use half::slice::HalfFloatSliceExt;
+                                // SAFETY: as above; f16 rows start at even byte offsets.
+                                let to = unsafe { std::slice::from_raw_parts_mut(at as *mut half::f16, from.len()) };
+                                to.convert_from_f32_slice(from);
+                            }
+                            DType::F32 => {
+                                // SAFETY: as above.
+                                unsafe { std::slice::from_raw_parts_mut(at as *mut f32, from.len()) }.copy_from_slice(from);
+                            }
+                            other => return Err(RuntimeError::Cpu(format!("KV cache `{}` of type {}", cb.name, other.name()))),
                         }
-                        DType::F32 => {
-                            // SAFETY: as above.
-                            unsafe { std::slice::from_raw_parts_mut(at as *mut f32, n) }.copy_from_slice(from);
-                        }
-                        other => return Err(RuntimeError::Cpu(format!("KV cache `{}` of type {}", cb.name, other.name()))),
                     }
                 }
                 Step::Kernel(k) => {
@@ -515,7 +602,6 @@ impl CpuSession<'_> {
     /// Runs one kernel step (`f`, its address) over its units, split over the pool.
     /// Allocation-free: decode launches a few hundred kernels per token.
     fn launch(&self, f: usize, step: &KernelStep, ptrs: &[(*mut u8, usize)], seq: u64, pos: usize) -> RuntimeResult<()> {
-        let exec = self.exec;
         let buffers = &self.art.manifest.execution.buffers;
         let n = step.args.len();
         let out = *step.args.last().ok_or_else(|| RuntimeError::Cpu(format!("kernel {} has no output", step.kernel)))?;
@@ -541,12 +627,31 @@ impl CpuSession<'_> {
         args[n] = seq as usize;
         args[n + 1] = pos;
         let units = step.units(seq) as usize;
+        // Units of a first phase run (all of them) before the others.
+        let first = step.cpu_first_phase.map_or(0, |p| (p.resolve(seq) as usize).min(units));
+        if first > 0 {
+            self.launch_units(f, step, args, n, 0..first)?;
+        }
+        self.launch_units(f, step, args, n, first..units)
+    }
+
+    /// Runs units `range` of a kernel step, split over the pool.
+    fn launch_units(
+        &self,
+        f: usize,
+        step: &KernelStep,
+        args: [usize; MAX_KERNEL_BUFFERS + 4],
+        n: usize,
+        range: std::ops::Range<usize>,
+    ) -> RuntimeResult<()> {
+        let exec = self.exec;
+        let (base, units) = (range.start, range.len());
         let enough = (units as u64).saturating_mul(step.cpu_unit_cost.max(1)) >= PARALLEL_MIN_OPS;
         let threads = if enough { exec.threads.min(units).max(1) } else { 1 };
         let chunk = units.div_ceil(threads);
         let failed: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
         let run = |t: usize| {
-            let (lo, hi) = ((t * chunk).min(units), ((t + 1) * chunk).min(units));
+            let (lo, hi) = (base + (t * chunk).min(units), base + ((t + 1) * chunk).min(units));
             let mut a = args;
             a[n + 2] = lo;
             a[n + 3] = hi;

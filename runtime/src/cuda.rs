@@ -114,7 +114,7 @@ impl CudaExecutor {
                     )))
                 }
                 BufferKind::KvCache => {}
-                BufferKind::Temp => {
+                BufferKind::Temp | BufferKind::Scratch => {
                     let n = (b.numel().resolve(seq) as usize).max(1);
                     owned.insert(i, self.stream.alloc_zeros::<f32>(n).map_err(cu("alloc"))?);
                 }

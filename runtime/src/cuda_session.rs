@@ -4,7 +4,8 @@
 //! is created; a call (prefill of `seq` rows, or one decode step) uploads its
 //! inputs, launches the plan's kernels at position `pos`, appends the new keys
 //! and values to the caches with device copies, and downloads the outputs.
-//! Nothing is allocated on the device per call.
+//! Nothing is allocated on the device per call. Caches are whole (row j holds
+//! position j): a windowed layer's ring (`BufferSpec::ring`) is the CPU's.
 
 use crate::artifact::Artifact;
 use crate::cuda::{CudaExecutor, BLOCK};
@@ -84,7 +85,7 @@ impl CudaExecutor {
         let seq = cap.seq as u64;
         let mut slot_bytes: Vec<usize> = Vec::new();
         for b in &plan.buffers {
-            if let (BufferKind::Temp, Some(s)) = (b.kind, b.slot) {
+            if let (BufferKind::Temp | BufferKind::Scratch, Some(s)) = (b.kind, b.slot) {
                 if slot_bytes.len() <= s {
                     slot_bytes.resize(s + 1, 0);
                 }
@@ -105,7 +106,8 @@ impl CudaExecutor {
             let off = match b.kind {
                 BufferKind::Weight => None,
                 BufferKind::Input => Some(place(b.bytes(seq))?),
-                BufferKind::Temp => match b.slot {
+                // Scratch: one step's working memory of a fixed size (in a slot).
+                BufferKind::Temp | BufferKind::Scratch => match b.slot {
                     Some(s) => Some(slot_at[s]),
                     None => Some(place(b.bytes(seq))?),
                 },

@@ -6,7 +6,7 @@ use sparsec_ir::sparse::SparseStorage;
 use sparsec_ir::{DType, Dim, SymSize};
 
 /// Bumped whenever the manifest or the kernel ABI changes.
-pub const MANIFEST_VERSION: u32 = 6;
+pub const MANIFEST_VERSION: u32 = 7;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const GRAPH_FILE: &str = "graph.sir";
@@ -162,6 +162,9 @@ pub enum BufferKind {
     /// (`[seq, width]`), `dtype` f32 or f16 (appends round to it); the runtime
     /// holds a capacity of positions across calls.
     KvCache,
+    /// Working memory of the one kernel step that takes it (attention's split
+    /// partials): fixed size, f32, undefined on entry, never a step's output.
+    Scratch,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -178,6 +181,39 @@ pub struct BufferSpec {
     /// A pruned weight stored packed (`sparsec_ir::sparse`): CSR, N:M or BSR bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sparse: Option<SparseStorage>,
+    /// A windowed attention's KV cache on the CPU: a ring of positions (the
+    /// PTX kernels read caches by position and the CUDA runtime keeps them whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring: Option<Ring>,
+}
+
+/// A KV cache that keeps only what a sliding window with sinks reads:
+/// position j sits in row j below `sinks`, else in row
+/// `sinks + (j - sinks) % rows`. `rows` exceeds the window by the most rows
+/// one call may append (`max_rows`), so a call's first query still finds the
+/// keys its window reaches back to; the runtime splits longer calls.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ring {
+    pub sinks: u32,
+    pub rows: u32,
+    pub max_rows: u32,
+}
+
+impl Ring {
+    /// The cache row of position `j`.
+    pub fn row(&self, j: usize) -> usize {
+        let s = self.sinks as usize;
+        if j < s {
+            j
+        } else {
+            s + (j - s) % (self.rows.max(1) as usize)
+        }
+    }
+
+    /// Rows held (sinks and ring).
+    pub fn capacity(&self) -> usize {
+        self.sinks as usize + self.rows as usize
+    }
 }
 
 impl BufferSpec {
@@ -230,7 +266,7 @@ impl BufferSpec {
     }
 }
 
-/// One kernel launch. Kernel ABI (`MANIFEST_VERSION` 5): arguments are the
+/// One kernel launch. Kernel ABI (`MANIFEST_VERSION` 7): arguments are the
 /// `args` buffers as flat arrays (f32; packed bytes for quantized and sparse weights
 /// and for f16 KV caches; the
 /// last one is written), then `seq` (rows of this call) and `pos` (positions
@@ -249,6 +285,10 @@ pub struct KernelStep {
     /// Rough scalar operations per CPU unit: the runtime splits a step over
     /// threads only when there is enough work to pay for it.
     pub cpu_unit_cost: u64,
+    /// CPU units of a first phase that must finish before the rest run
+    /// (attention's split partials before their combination); `None`: one phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_first_phase: Option<SymSize>,
 }
 
 impl KernelStep {

@@ -59,11 +59,15 @@ impl Session<'_> {
         }
     }
 
-    /// Forgets the positions from `pos` on.
-    pub fn truncate(&mut self, pos: usize) {
+    /// Forgets the positions from `pos` on (the CPU refuses to go back past
+    /// what a windowed layer's ring still holds; the GPU's caches are whole).
+    pub fn truncate(&mut self, pos: usize) -> RuntimeResult<()> {
         match self {
             Session::Cpu(s) => s.truncate(pos),
-            Session::Cuda(s) => s.truncate(pos),
+            Session::Cuda(s) => {
+                s.truncate(pos);
+                Ok(())
+            }
         }
     }
 

@@ -90,6 +90,11 @@ pub fn validate(
         if b.try_bytes(1).is_none() {
             return Err(bad(format!("no byte size for {} {:?}", b.dtype.name(), b.dims)));
         }
+        if let Some(r) = b.ring {
+            if b.kind != BufferKind::KvCache || r.max_rows == 0 || r.rows <= r.max_rows {
+                return Err(bad(format!("ring {r:?} (only a KV cache is a ring, of more rows than one call appends, at least one)")));
+            }
+        }
         if b.sparse.is_some() && (b.kind != BufferKind::Weight || b.dtype != DType::F32) {
             return Err(bad("only f32 weights are stored sparse".into()));
         }
@@ -110,6 +115,12 @@ pub fn validate(
                 Some(t) => Some(*t),
                 None => return Err(bad("the graph has no value of this name".into())),
             },
+            BufferKind::Scratch => {
+                if b.dtype != DType::F32 || b.dims.contains(&Dim::Seq) || b.slot.is_none() {
+                    return Err(bad(format!("scratch must be f32 of a fixed size in a slot, not {} {:?}", b.dtype.name(), b.dims)));
+                }
+                None
+            }
             BufferKind::KvCache => {
                 if !matches!(b.dtype, DType::F32 | DType::F16) || !b.by_rows() {
                     return Err(bad(format!("a KV cache must be f32 or f16 rows of [seq, ...], not {} {:?}", b.dtype.name(), b.dims)));
@@ -144,6 +155,7 @@ pub fn validate(
 
     // Steps.
     let mut appended = HashSet::new();
+    let mut scratch_users = HashSet::new();
     for (s, step) in plan.steps.iter().enumerate() {
         let bad = |m: String| fail(&mpath, format!("step {s}: {m}"));
         match step {
@@ -177,6 +189,9 @@ pub fn validate(
                         "kernel `{}` writes `{}`, which is not a temporary it does not read",
                         k.kernel, bufs[out].name
                     )));
+                }
+                if ins.iter().any(|&a| bufs[a].kind == BufferKind::Scratch && !scratch_users.insert(a)) {
+                    return Err(bad(format!("kernel `{}` takes a scratch buffer another step takes", k.kernel)));
                 }
                 if k.cpu_seq_block == 0 {
                     return Err(bad("cpu_seq_block is 0".into()));

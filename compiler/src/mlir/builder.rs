@@ -418,6 +418,23 @@ impl KernelBuilder {
         self.line("}".into());
     }
 
+    /// `if cond { then }` (no results).
+    pub fn if_then(&mut self, cond: &str, then: impl FnOnce(&mut Self)) {
+        self.line(format!("scf.if {cond} {{"));
+        self.indent += 1;
+        then(self);
+        self.indent -= 1;
+        self.line("}".into());
+    }
+
+    /// `a < b ? a : b` and `a > b ? a : b` on indices.
+    pub fn minui(&mut self, a: &str, b: &str) -> V {
+        self.def(format!("arith.minui {a}, {b} : index"))
+    }
+    pub fn maxui(&mut self, a: &str, b: &str) -> V {
+        self.def(format!("arith.maxui {a}, {b} : index"))
+    }
+
     /// `if cond { then } else { els }` (no results).
     pub fn if_else(&mut self, cond: &str, then: impl FnOnce(&mut Self), els: impl FnOnce(&mut Self)) {
         self.line(format!("scf.if {cond} {{"));

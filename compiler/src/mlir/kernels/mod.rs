@@ -10,6 +10,8 @@
 //! `attention`; `quant_planes` reads block-quantized operands.
 
 mod attention;
+
+pub use attention::{cpu_ring, window_of, RING_SLACK};
 mod elementwise;
 mod embedding;
 mod matmul;
@@ -162,8 +164,16 @@ impl KernelSpec {
                 Some(t) => t.rb * MM_COLS * t.k,
                 None => last(&self.operands[0]) * last(&self.result),
             },
-            // Per (row, head): a dot and an axpy over every cached position (512 assumed).
-            Op::Attention { heads, .. } => 4 * 512 * last(&self.operands[0]) / (*heads as u64).max(1),
+            // Per (row, head), or per (row, KV head, split) serving the group's
+            // heads: a dot and an axpy over every cached position (512 assumed).
+            Op::Attention { heads, kv_heads } => {
+                let per_head = 4 * 512 * last(&self.operands[0]) / (*heads as u64).max(1);
+                if attention::cpu_split(self) {
+                    per_head * (*heads as u64 / (*kv_heads as u64).max(1))
+                } else {
+                    per_head
+                }
+            }
             Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Softmax => 8 * last(&self.result),
             Op::Rope { .. } => 64,
             Op::Gelu { .. } | Op::Silu => 16,
@@ -187,7 +197,27 @@ impl KernelSpec {
                 let numel = self.result.numel();
                 Ok(SymSize { coef: numel.coef / n.max(1), ..numel })
             }
+            Op::Attention { .. } if attention::cpu_split(self) => Ok(attention::cpu_phases(self)?.1),
             _ => self.work(),
+        }
+    }
+
+    /// CPU units of a kernel's first phase when it has two (the runtime runs
+    /// every unit of the first before any of the second): attention's split
+    /// partials, then their combination.
+    pub fn cpu_first_phase(&self) -> Result<Option<SymSize>, CompileError> {
+        match &self.op {
+            Op::Attention { .. } if attention::cpu_split(self) => Ok(Some(attention::cpu_phases(self)?.0)),
+            _ => Ok(None),
+        }
+    }
+
+    /// f32 words of scratch memory the kernel takes after its operands
+    /// (attention's split partials); `None` when it takes none.
+    pub fn scratch_words(&self) -> Result<Option<u64>, CompileError> {
+        match &self.op {
+            Op::Attention { .. } => Ok(Some(attention::scratch_words(self)?)),
+            _ => Ok(None),
         }
     }
 
@@ -247,7 +277,9 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
         return Err(spec.unsupported(&format!("element type {} (f32, i32 and q8_0/q4_0/q4_1 weights only for now)", t.dtype.name())));
     }
     let mut b = KernelBuilder::new(device);
-    let ins: Vec<V> = (0..spec.operands.len()).map(|i| format!("%in{i}")).collect();
+    // The operands, then a scratch buffer where the kernel takes one.
+    let scratch = usize::from(spec.scratch_words()?.is_some());
+    let ins: Vec<V> = (0..spec.operands.len() + scratch).map(|i| format!("%in{i}")).collect();
     for (i, t) in spec.operands.iter().enumerate() {
         if t.dtype.is_quantized() {
             b.byte_param(&ins[i]);

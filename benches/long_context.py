@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Long-context attention on this machine, side by side in one run: SmolLM2-135M
+Q4_1 with an N-token prompt (default 8000, the start of GPL-3 repeated) and
+greedy decode steps, for llama.cpp (flash attention off and on) and sparsec
+(dense, and each window schedule given, compiled with 4 sinks), with the same
+threads. Reports prefill and decode tokens/s, sparsec's attention milliseconds
+per decoded token and peak memory, and the decode bound the memory allows: the
+read bandwidth measured here over the bytes one token reads (the f16 KV cache
+at that many positions plus the weights). Writes
+benches/results/long_context.{json,md}.
+
+    python3 benches/long_context.py [--threads 2] [--prompt-len 8000] [--new-tokens 32] [--rounds 2] [--schedules half,quarter]
+"""
+import argparse, json, os, statistics, subprocess, sys, tempfile, time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import llama_cpp_compare as lcc  # noqa: E402
+
+ROOT = lcc.ROOT
+EXE = os.path.join(ROOT, "target", "release", "sparsec")
+
+
+def read_bandwidth(threads, gib=1.0):
+    """Bytes per second `threads` threads read summing a large array (numpy releases the GIL)."""
+    import numpy as np
+    a = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
+    parts = np.array_split(a, threads)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(5):
+            t = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = max(best, a.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def sparsec_bench(art, threads, prompt_len, new_tokens):
+    out = subprocess.check_output([EXE, "bench", art, "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens),
+                                   "--threads", str(threads), "--repeat", "1", "--json"], cwd=ROOT)
+    r = json.loads(out)
+    attn = sum(v["ms_per_token"] for k, v in r["decode_kernels"].items() if "attention" in k)
+    return {"prefill_tokens_per_s": r["prefill_tokens_per_s"], "decode_tokens_per_s": r["decode_tokens_per_s"],
+            "attention_ms_per_token": attn, "peak_rss_bytes": r["peak_rss_bytes"]}
+
+
+def inspect_bytes(art):
+    """Weight bytes and KV cache bytes per position (all layers, K and V) of an artifact."""
+    m = json.loads(subprocess.check_output([EXE, "inspect", art, "--json"], cwd=ROOT))
+    weights = sum(os.path.getsize(os.path.join(art, f)) for f in os.listdir(art) if f.startswith("weights"))
+    per_pos = 0
+    for b in m["execution"]["buffers"]:
+        if b["kind"] == "kvcache":
+            width = 1
+            for d in b["dims"]:
+                width *= d["Fixed"] if isinstance(d, dict) else 1
+            per_pos += width * (2 if b["dtype"] == "f16" else 4)
+    return weights, per_pos
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=8000)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--schedules", default="half,quarter")
+    a = ap.parse_args()
+    lcc.ensure_llama_cpp()
+    subprocess.check_call(["cargo", "build", "-q", "--release", "--bin", "sparsec"], cwd=ROOT)
+    q41 = lcc.smollm2()
+    bw = read_bandwidth(a.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        arts = {}
+        for name in ["dense"] + [s for s in a.schedules.split(",") if s]:
+            art = os.path.join(tmp, f"{name}.sparsec")
+            extra = [] if name == "dense" else ["--preset", name]
+            subprocess.check_call([EXE, "compile", q41, "-o", art] + extra, cwd=ROOT, stdout=subprocess.DEVNULL)
+            arts[name] = art
+        weights, per_pos = inspect_bytes(arts["dense"])
+        runs = {f"llama.cpp{' flash' if fa else ''}": lcc.llama_cpp_rounds(q41, a.threads, a.prompt_len, a.new_tokens, fa)
+                for fa in (False, True)}
+        results = {k: [] for k in list(runs) + [f"sparsec {n}" for n in arts]}
+        for _ in range(max(1, a.rounds)):
+            for k, f in runs.items():
+                results[k].append(f())
+            for n, art in arts.items():
+                results[f"sparsec {n}"].append(sparsec_bench(art, a.threads, a.prompt_len, a.new_tokens))
+    rows = []
+    for k, rs in results.items():
+        row = {"name": k}
+        for key in rs[0]:
+            row[key] = statistics.median(r[key] for r in rs)
+        rows.append(row)
+    token_bytes = weights + per_pos * a.prompt_len
+    bound = bw / token_bytes
+    best_llama = max(r["decode_tokens_per_s"] for r in rows if r["name"].startswith("llama"))
+    best_llama_prefill = max(r["prefill_tokens_per_s"] for r in rows if r["name"].startswith("llama"))
+    cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
+    res = {"machine": {"cpu": cpu, "cores": os.cpu_count(), "threads": a.threads}, "prompt_tokens": a.prompt_len,
+           "new_tokens": a.new_tokens, "rounds": a.rounds, "read_bandwidth_bytes_per_s": bw, "weight_bytes": weights,
+           "kv_bytes_per_position": per_pos, "decode_bound_tokens_per_s": bound, "rows": rows}
+    outdir = os.path.join(ROOT, "benches", "results")
+    os.makedirs(outdir, exist_ok=True)
+    with open(os.path.join(outdir, "long_context.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    md = [f"Machine: {cpu}, {os.cpu_count()} cores, {a.threads} threads; SmolLM2-135M Q4_1, prompt {a.prompt_len} tokens "
+          f"(GPL-3 repeated), {a.new_tokens} greedy decode steps; medians of {a.rounds} interleaved rounds; f16 KV caches. "
+          f"Read bandwidth {bw / 1e9:.1f} GB/s; one dense token reads {token_bytes / 1e6:.0f} MB "
+          f"({weights / 1e6:.0f} MB weights + {per_pos * a.prompt_len / 1e6:.0f} MB cache): bound {bound:.1f} tok/s.", "",
+          "| run | decode tok/s | vs best llama.cpp | % of bound | prefill tok/s | vs best llama.cpp | attention ms/token | peak RSS MB |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        attn = f"{r['attention_ms_per_token']:.2f}" if "attention_ms_per_token" in r else "-"
+        peak = f"{r['peak_rss_bytes'] / 1e6:.0f}" if "peak_rss_bytes" in r else "-"
+        md.append(f"| {r['name']} | {r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / best_llama:.2f}x | "
+                  f"{100 * r['decode_tokens_per_s'] / bound:.0f}% | {r['prefill_tokens_per_s']:.1f} | "
+                  f"{r['prefill_tokens_per_s'] / best_llama_prefill:.2f}x | {attn} | {peak} |")
+    with open(os.path.join(outdir, "long_context.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
