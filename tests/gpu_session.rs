@@ -88,3 +88,24 @@ fn cuda_session_equals_the_interpreter_and_the_cpu_through_chunked_prefill_and_d
     }
     check_device(DeviceKind::Cuda);
 }
+
+#[test]
+fn bench_on_cuda_is_for_language_models_and_a_missing_driver_is_named() {
+    // A graph (not a model) on CUDA: refused, not silently run on the CPU.
+    let ir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/filetests/lower-matmul-transposed.sir");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
+        .args(["bench", ir.to_str().unwrap(), "--device", "cuda", "--no-cache"])
+        .output()
+        .unwrap();
+    assert!(!st.status.success());
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(err.contains("bench --device cuda measures language models"), "{err}");
+    if sparsec_runtime::cuda::cuda_available() {
+        return;
+    }
+    // Without a driver, a CUDA session is refused with the reason.
+    let tmp = tempfile::tempdir().unwrap();
+    let art = Artifact::open(&compile_fixture("gpt2_tiny", tmp.path())).unwrap();
+    let err = Executor::load(&art, DeviceKind::Cuda).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("no CUDA driver"), "{err}");
+}
