@@ -227,6 +227,9 @@ pub struct EvalArgs {
     /// Run the compiled model (compiled through the cache) instead of the reference interpreter.
     #[arg(long)]
     pub compiled: bool,
+    /// Where the compiled model runs (cuda: a model is compiled for the GPU through the cache).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
     /// CPU threads of the compiled model (default: $SPARSEC_THREADS or all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -254,6 +257,9 @@ pub struct BenchArgs {
     /// CPU threads (default: $SPARSEC_THREADS or all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where language models run (cuda: compiled with PTX, KV caches on the GPU).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
     /// Sequence length.
     #[arg(long, default_value_t = 64)]
     pub seq: u64,

@@ -14,10 +14,12 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{ArrayD, IxDyn};
 use sparsec_models::checkpoint::Model;
-use sparsec_runtime::cpu::{CpuExecutor, CpuSession};
+use sparsec_runtime::cuda_session::SessionCapacity;
+use sparsec_runtime::execute::{DeviceKind, Executor};
 use sparsec_runtime::interpreter::{interpret_cached, KvState};
 use sparsec_runtime::lm::{perplexity, LmLimits};
 use sparsec_runtime::sampling::Sampler;
+use sparsec_runtime::session::Session;
 use sparsec_runtime::Artifact;
 use std::io::Write;
 use std::path::Path;
@@ -52,7 +54,7 @@ pub struct Lm<'a> {
 
 pub enum LmExec<'a> {
     Interpreter { model: &'a Model, state: KvState },
-    Compiled { session: CpuSession<'a> },
+    Compiled { session: Session<'a> },
 }
 
 impl Lm<'_> {
@@ -113,18 +115,24 @@ impl Lm<'_> {
     }
 
     pub fn executor(&self) -> &'static str {
-        match self.exec {
+        match &self.exec {
             LmExec::Interpreter { .. } => "reference interpreter",
-            LmExec::Compiled { .. } => "compiled (cpu)",
+            LmExec::Compiled { session: Session::Cpu(_) } => "compiled (cpu)",
+            LmExec::Compiled { session: Session::Cuda(_) } => "compiled (cuda)",
         }
     }
 }
+
+/// Positions a GPU session holds when the model states no context.
+pub const SESSION_POSITIONS: usize = 4096;
+/// Rows per GPU call: longer prefills and evaluation windows run in chunks.
+pub const SESSION_SEQ: usize = 512;
 
 /// Where a language model comes from: a checkpoint (interpreted) or an artifact
 /// (compiled), with its tokenizer, end token and limits.
 pub struct LmSource {
     pub model: Option<Model>,
-    pub artifact: Option<(Artifact, CpuExecutor)>,
+    pub artifact: Option<(Artifact, Executor)>,
     pub tokenizer: tokenizers::Tokenizer,
     pub eos: Option<u32>,
     /// The vocabulary and context the model accepts.
@@ -167,7 +175,8 @@ impl LmSource {
         Ok(LmSource { model: Some(m), artifact: None, tokenizer, eos, limits, context_from })
     }
 
-    pub fn artifact(dir: &Path, threads: Option<usize>) -> Result<LmSource> {
+    /// A compiled model's artifact, run on `device` (CPU `threads`).
+    pub fn artifact(dir: &Path, threads: Option<usize>, device: DeviceKind) -> Result<LmSource> {
         let art = crate::open_artifact(dir)?;
         let Some(lm) = art.manifest.lm.clone() else {
             bail!("{}: this artifact is not a language model (compile a GGUF or HF checkpoint)", dir.display());
@@ -188,20 +197,26 @@ impl LmSource {
             format!("the position table of {}", dir.display())
         };
         let limits = tables.with_context(context);
-        let mut exec = CpuExecutor::load(&art)?;
-        if let Some(t) = threads {
-            exec = exec.with_threads(t)?;
-        }
+        let exec = match (Executor::load(&art, device)?, threads) {
+            (Executor::Cpu(e), Some(t)) => Executor::Cpu(e.with_threads(t)?),
+            (e, _) => e,
+        };
         Ok(LmSource { model: None, artifact: Some((art, exec)), tokenizer, eos: lm.eos, limits, context_from })
     }
 
     pub fn lm(&self) -> Result<Lm<'_>> {
         let exec = match (&self.artifact, &self.model) {
-            (Some((art, exec)), _) => LmExec::Compiled { session: exec.session(art)? },
+            (Some((art, exec)), _) => LmExec::Compiled { session: exec.session(art, self.session_capacity())? },
             (None, Some(model)) => LmExec::Interpreter { model, state: KvState::new() },
             (None, None) => bail!("no model"),
         };
         Ok(Lm { limits: self.limits, exec })
+    }
+
+    /// The rows a GPU session plans its memory for: the model's context (else
+    /// `SESSION_POSITIONS`), prefill in chunks of `SESSION_SEQ` rows.
+    pub fn session_capacity(&self) -> SessionCapacity {
+        SessionCapacity { positions: self.limits.context.unwrap_or(SESSION_POSITIONS), seq: SESSION_SEQ }
     }
 
     /// `ids` (what `what` names) are all inside the vocabulary: a clear error
@@ -457,7 +472,9 @@ pub fn bench_lm(src: &LmSource, text: &Path, prompt_len: usize, new_tokens: usiz
         let logits = lm.forward_last(&ids)?;
         prefill.push(t.elapsed().as_secs_f64());
         let mut next = greedy.sample(&last_row(&logits)?);
-        if let LmExec::Compiled { session } = &mut lm.exec {
+        // The CPU's per-kernel times cost little; the GPU's would synchronize
+        // every launch, so its decode is timed whole.
+        if let LmExec::Compiled { session: session @ Session::Cpu(_) } = &mut lm.exec {
             session.profile_kernels();
         }
         let t = Instant::now();

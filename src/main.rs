@@ -297,20 +297,20 @@ fn artifact_for(input: &Path, flags: &CompileFlags, device: DeviceArg) -> Result
     Ok(do_compile(input, Some(dir.join(format!("{stem}.sparsec"))), &flags, cache_for(&flags))?.artifact)
 }
 
-fn execute(art: &Artifact, device: DeviceArg, inputs: &[ndarray::ArrayD<f32>], repeat: usize) -> Result<(Vec<ndarray::ArrayD<f32>>, f64)> {
-    let kind = match device {
+fn device_kind(device: DeviceArg) -> DeviceKind {
+    match device {
         DeviceArg::Cpu => DeviceKind::Cpu,
         DeviceArg::Cuda => DeviceKind::Cuda,
-    };
-    Ok(Executor::load(art, kind)?.run_timed(art, inputs, repeat)?)
+    }
+}
+
+fn execute(art: &Artifact, device: DeviceArg, inputs: &[ndarray::ArrayD<f32>], repeat: usize) -> Result<(Vec<ndarray::ArrayD<f32>>, f64)> {
+    Ok(Executor::load(art, device_kind(device))?.run_timed(art, inputs, repeat)?)
 }
 
 fn cmd_run(a: RunArgs) -> Result<()> {
     if let Some(prompt) = &a.prompt {
-        if a.device == DeviceArg::Cuda {
-            bail!("generation runs on the CPU for now (the compiled model or the interpreter); drop --device cuda");
-        }
-        let src = lm_source(&a.input, a.compiled, a.threads, &a.flags)?;
+        let src = lm_source(&a.input, a.compiled, a.threads, &a.flags, a.device)?;
         return lm_verbs::generate(
             &src,
             lm_verbs::GenerateArgs {
@@ -375,14 +375,15 @@ fn cmd_run(a: RunArgs) -> Result<()> {
 }
 
 /// A language model to run: an artifact (compiled), a model compiled through
-/// the cache (`compiled`), or a model on the reference interpreter.
-fn lm_source(input: &Path, compiled: bool, threads: Option<usize>, flags: &CompileFlags) -> Result<lm_verbs::LmSource> {
+/// the cache (`compiled`), or a model on the reference interpreter (CPU only:
+/// `--device cuda` needs a compiled model).
+fn lm_source(input: &Path, compiled: bool, threads: Option<usize>, flags: &CompileFlags, device: DeviceArg) -> Result<lm_verbs::LmSource> {
     if is_artifact(input) {
-        return lm_verbs::LmSource::artifact(input, threads);
+        return lm_verbs::LmSource::artifact(input, threads, device_kind(device));
     }
-    if compiled {
-        let path = artifact_for(input, flags, DeviceArg::Cpu)?;
-        return lm_verbs::LmSource::artifact(&path, threads);
+    if compiled || device == DeviceArg::Cuda {
+        let path = artifact_for(input, flags, device)?;
+        return lm_verbs::LmSource::artifact(&path, threads, device_kind(device));
     }
     lm_verbs::LmSource::model(&input.to_string_lossy(), plan_text(flags)?.as_deref(), calibration_cache(flags).as_deref())
 }
@@ -393,7 +394,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     if body.trim().is_empty() {
         bail!("{}: the text is empty", a.text.display());
     }
-    let src = lm_source(Path::new(&a.model), a.compiled, a.threads, &a.flags)?;
+    let src = lm_source(Path::new(&a.model), a.compiled, a.threads, &a.flags, a.device)?;
     lm_verbs::eval(&src, &a.text, &body, a.max_tokens, a.stride, a.json)
 }
 
@@ -414,10 +415,18 @@ fn compile_cold_and_cached(input: &Path, flags: &CompileFlags, dir: &Path, repor
 fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
     let mut report = serde_json::json!({ "input": a.input });
     let tmp = tempfile::tempdir()?;
-    let path = if is_artifact(&a.input) { a.input.clone() } else { compile_cold_and_cached(&a.input, &a.flags, tmp.path(), &mut report)? };
-    let src = lm_verbs::LmSource::artifact(&path, a.threads)?;
+    let mut flags = a.flags.clone();
+    if a.device == DeviceArg::Cuda && matches!(flags.target, TargetArg::Cpu) {
+        flags.target = TargetArg::All;
+    }
+    let path = if is_artifact(&a.input) { a.input.clone() } else { compile_cold_and_cached(&a.input, &flags, tmp.path(), &mut report)? };
+    let src = lm_verbs::LmSource::artifact(&path, a.threads, device_kind(a.device))?;
     let (art, exec) = src.artifact.as_ref().context("no artifact")?;
-    let threads = exec.threads();
+    let threads = match exec {
+        Executor::Cpu(e) => e.threads(),
+        Executor::Cuda(_) => 0,
+    };
+    report["device"] = exec.device_name().into();
     let code: usize = art.manifest.cpu_total(|s| s.code_bytes);
     let weights = std::fs::metadata(path.join(sparsec_runtime::manifest::WEIGHTS_FILE)).map(|m| m.len()).unwrap_or(0);
     report["kernels"] = art.manifest.kernels.len().into();
@@ -432,7 +441,11 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
     // int8 only where the target could (AVX2): the options say what was asked.
     let options: Option<CompileOptions> = serde_json::from_value(art.manifest.options.clone()).ok();
     let activations = options.filter(|_| quantized).map(|o| if o.int8_activations() { "int8" } else { "f32" });
-    let placement = exec.placement();
+    let placement = match exec {
+        Executor::Cpu(e) => e.placement(),
+        // The GPU holds the weights in device memory, uploaded at load.
+        Executor::Cuda(_) => sparsec_runtime::cpu::WeightPlacement::Resident,
+    };
     report["kv_cache"] = kv_cache.into();
     report["quant_activations"] = activations.into();
     report["weights_placement"] = placement.name().into();
@@ -476,6 +489,11 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let lm_artifact = is_artifact(&a.input) && sparsec_runtime::manifest::is_lm_artifact(&a.input);
     if is_model(&a.input) || lm_artifact {
         return cmd_bench_lm(&a);
+    }
+    if a.device == DeviceArg::Cuda {
+        bail!(
+            "bench --device cuda measures language models (a model or its artifact); for a graph use sparsec-run --device cuda --repeat N"
+        );
     }
     let repeat = a.repeat.unwrap_or(20);
     let mut report = serde_json::json!({ "input": a.input, "seq": a.seq });

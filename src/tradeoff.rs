@@ -133,7 +133,7 @@ fn measure(a: &TradeoffArgs, flags: &CompileFlags, dir: &Path, key: &str) -> Res
     let weights = std::fs::metadata(out.join(sparsec_runtime::manifest::WEIGHTS_FILE)).map(|m| m.len()).unwrap_or(0);
     let mut decode_kernel_ms = std::collections::BTreeMap::new();
     let (decode_ms, prefill_ms) = if m.lm.is_some() {
-        let src = lm_verbs::LmSource::artifact(&out, Some(a.threads))?;
+        let src = lm_verbs::LmSource::artifact(&out, Some(a.threads), sparsec_runtime::execute::DeviceKind::Cpu)?;
         let r = lm_verbs::bench_lm(&src, &a.text, a.prompt_len, a.new_tokens, 1)?;
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         if let Some(k) = r["decode_kernels"].as_object() {

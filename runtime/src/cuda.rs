@@ -32,11 +32,13 @@ pub fn entry_params(ptx: &str, name: &str) -> Option<usize> {
 }
 
 pub struct CudaExecutor {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    kernels: HashMap<String, CudaFunction>,
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) kernels: HashMap<String, CudaFunction>,
     /// Weight buffers (f32 values or packed quantized blocks), uploaded once.
-    weights: HashMap<usize, CudaSlice<u8>>,
+    pub(crate) weights: HashMap<usize, CudaSlice<u8>>,
+    /// The loaded artifact's manifest hash: sessions serve that artifact only.
+    pub(crate) artifact: String,
 }
 
 impl CudaExecutor {
@@ -79,7 +81,7 @@ impl CudaExecutor {
                 weights.insert(i, stream.clone_htod(data).map_err(cu("upload weight"))?);
             }
         }
-        Ok(CudaExecutor { ctx, stream, kernels, weights })
+        Ok(CudaExecutor { ctx, stream, kernels, weights, artifact: art.manifest.integrity.clone() })
     }
 
     pub fn device_name(&self) -> String {

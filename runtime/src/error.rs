@@ -19,6 +19,8 @@ pub enum RuntimeError {
     Cpu(String),
     #[error("cuda: {0}")]
     Cuda(String),
+    #[error("model: {0}")]
+    Model(String),
     #[error("no CUDA driver (libcuda) on this machine")]
     NoCuda,
 }

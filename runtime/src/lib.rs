@@ -6,15 +6,18 @@ pub mod calibrate;
 pub mod compare;
 pub mod cpu;
 pub mod cuda;
+pub mod cuda_session;
 pub mod error;
 pub mod execute;
 pub mod integrity;
 pub mod interpreter;
 pub mod lm;
+pub mod lm_session;
 pub mod manifest;
 pub mod pool;
 pub mod resident;
 pub mod sampling;
+pub mod session;
 pub mod validate;
 
 pub use artifact::{Artifact, Trust};

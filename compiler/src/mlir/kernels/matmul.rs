@@ -49,6 +49,10 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
     let planes = wq.is_quantized().then(|| QuantPlanes::new(b, wq, &ins[1], spec.operands[1].numel().coef));
     let n = fixed_last(spec, &spec.result)?;
     let (kc, nc) = (b.index(k), b.index(n));
+    if device == Device::Nvptx && spec.warp_matmul() {
+        emit_warp_dot(b, work, &kc, &nc, ins, out, planes.as_ref());
+        return Ok(());
+    }
     let zero_i = b.index(0);
     let zero = b.f32(0.0);
     let tb = transpose_b;
@@ -159,4 +163,78 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
         }
     }
     Ok(())
+}
+
+/// Lanes per output element of the NVPTX dense matmul: one warp.
+pub(super) const WARP: u64 = 32;
+
+/// NVPTX `out[r, j] = a[r, :] · w[j, :]`: a warp per output element. Dense
+/// f32 (`k` a multiple of 4): lane l reads the 16-byte vectors at 4l, 4l + 128,
+/// ... of both rows (a warp's loads are 512 contiguous bytes) and folds them
+/// with vector FMAs. Block-quantized weights (`planes`; `k` whole blocks of 32):
+/// lane l dequantizes elements l, l + 32, ... (a warp reads one block's bytes
+/// and its scale per step). A butterfly of 5 `shfl.sync` adds the warp's
+/// partial sums; lane 0 stores the result (with the fused epilogue). `work` is
+/// the element count times `WARP`, whole warps, so every lane of a warp that
+/// enters the bounds check takes part in the shuffles.
+fn emit_warp_dot(b: &mut KernelBuilder, work: &str, kc: &str, nc: &str, ins: &[V], out: &str, planes: Option<&QuantPlanes>) {
+    let (a_buf, w_buf) = (ins[0].clone(), ins[1].clone());
+    b.parallel(work, |b, t| {
+        let warp = b.index(WARP);
+        let e = b.divui(t, &warp);
+        let lane = b.remui(t, &warp);
+        let r = b.divui(&e, nc);
+        let j = b.remui(&e, nc);
+        let arow = b.muli(&r, kc);
+        let wrow = b.muli(&j, kc);
+        let mut sum = match planes {
+            Some(q) => {
+                let zero = b.f32(0.0);
+                let acc = b.for_fold_typed(&lane, kc, WARP, &[(zero, "f32".into())], |b, kk, acc| {
+                    let ai = b.addi(&arow, kk);
+                    let a = b.load(&a_buf, &ai);
+                    let wi = b.addi(&wrow, kk);
+                    let w = q.load(b, &w_buf, &wi);
+                    vec![b.fma(&a, &w, &acc[0])]
+                });
+                acc[0].clone()
+            }
+            None => vector_partial(b, &a_buf, &w_buf, &arow, &wrow, &lane, kc),
+        };
+        let (mask, clamp) = (b.i32(-1), b.i32(31));
+        for off in [16, 8, 4, 2, 1] {
+            let o = b.i32(off);
+            let other = b.def(format!("nvvm.shfl.sync bfly {mask}, {sum}, {o}, {clamp} : f32 -> f32"));
+            sum = b.add(&sum, &other);
+        }
+        let zero = b.index(0);
+        let first = b.def(format!("arith.cmpi eq, {lane}, {zero} : index"));
+        b.if_else(&first, |b| b.store_result(&sum, out, &e), |_| {});
+    });
+}
+
+/// One lane's partial dot product of dense f32 rows over 16-byte vectors.
+fn vector_partial(b: &mut KernelBuilder, a_buf: &str, w_buf: &str, arow: &str, wrow: &str, lane: &str, kc: &str) -> V {
+    let four = b.index(4);
+    let start = b.muli(lane, &four);
+    let vty = KernelBuilder::vty(4);
+    let z = b.vzero(4);
+    let acc = b.for_fold_typed(&start, kc, 4 * WARP, &[(z, vty.clone())], |b, kk, acc| {
+        let load = |b: &mut KernelBuilder, buf: &str, row: &str| {
+            let i = b.addi(row, kk);
+            let i = b.def(format!("arith.index_cast {i} : index to i64"));
+            let p = b.def(format!("llvm.getelementptr inbounds {buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, f32"));
+            b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr -> {vty}"))
+        };
+        let av = load(b, a_buf, arow);
+        let wv = load(b, w_buf, wrow);
+        vec![b.def(format!("math.fma {av}, {wv}, {} : {vty}", acc[0]))]
+    });
+    let mut sum = String::new();
+    for l in 0..4 {
+        let li = b.i32(l);
+        let x = b.def(format!("llvm.extractelement {}[{li} : i32] : {vty}", acc[0]));
+        sum = if l == 0 { x } else { b.add(&sum, &x) };
+    }
+    sum
 }

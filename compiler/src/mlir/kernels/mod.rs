@@ -90,8 +90,26 @@ impl KernelSpec {
             Op::Attention { heads, .. } => SymSize { coef: *heads as u64, seq_pow: 1 },
             // One unit per rotated pair.
             Op::Rope { .. } => SymSize { coef: numel.coef / 2, ..numel },
+            // A warp of lanes per output element (`matmul::emit_warp_dot`).
+            Op::MatMul { .. } if self.warp_matmul() => SymSize { coef: numel.coef * matmul::WARP, ..numel },
             _ => numel,
         })
+    }
+
+    /// A dense matmul with a transposed weight whose rows are whole 4-wide
+    /// vectors (f32) or whole blocks of 32 (Q8_0/Q4_0/Q4_1): on NVPTX a warp
+    /// computes each output element (`emit_warp_dot`).
+    pub fn warp_matmul(&self) -> bool {
+        let k = match self.operands.first().and_then(|t| t.last_dim()) {
+            Some(sparsec_ir::Dim::Fixed(k)) => k,
+            _ => return false,
+        };
+        matches!(self.op, Op::MatMul { transpose_b: true })
+            && self.sparse.as_ref().and_then(|c| c.storage).is_none()
+            && self.operands.get(1).is_some_and(|w| match w.dtype {
+                DType::F32 => k % 4 == 0,
+                d => d.is_quantized() && k % sparsec_ir::quant::QK as u64 == 0,
+            })
     }
 
     /// A matmul whose weight is stored in a sparse format.
@@ -278,7 +296,11 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
         b.set_epilogue(addend, modulus, spec.activation);
     }
     let out: V = "%out".into();
-    let work = spec.work()?;
+    // The CPU's loops count output elements where the GPU counts warp lanes.
+    let work = match (device, &spec.op) {
+        (Device::Cpu, Op::MatMul { .. }) if spec.warp_matmul() => spec.result.numel(),
+        _ => spec.work()?,
+    };
     let work = b.sym(work);
     let cx = KernelCtx { spec, device, work: &work, ins: &ins, out: &out };
     match &spec.op {

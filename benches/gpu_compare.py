@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""sparsec against PyTorch on the same random checkpoints, on the GPU machine.
+
+Subcommands:
+  make DIR --family gpt2|llama [--placeholder]
+      A seeded random checkpoint in Hugging Face layout (config.json,
+      model.safetensors): GPT-2 124M, or a SmolLM2-135M-shaped Llama. With
+      torch (the GPU machine): normal(0, 0.02) weights, norms near 1. With
+      --placeholder (no torch needed, pure Python): deterministic values of
+      the same shapes, only for compiling the artifact on a machine without
+      torch; the weights are then replaced on the GPU machine by `pack`.
+  pack HF_DIR ARTIFACT
+      Writes ARTIFACT/weights.safetensors from the HF checkpoint in the
+      artifact's role names and layout (GPT-2: Conv1D weights transposed, fused
+      QKV split; Llama: as HF stores them), f32. Run sparsec-run with --trust
+      afterwards (the file's hash in the manifest is the placeholder's).
+  torch HF_DIR --prompt-ids FILE --new-tokens N --dtype float32|float16|bfloat16
+      Decode tokens/s at batch 1 after the prompt: transformers eager with its
+      dynamic KV cache, and transformers' static KV cache with the forward
+      compiled by torch.compile(mode="reduce-overhead") (CUDA graphs). Prints one JSON line, with the greedy
+      ids (to check against sparsec's on the same weights).
+"""
+import argparse
+import array
+import json
+import os
+import struct
+import sys
+import time
+
+GPT2 = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+               rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+
+
+def config(family):
+    if family == "gpt2":
+        c = dict(GPT2, model_type="gpt2", architectures=["GPT2LMHeadModel"], activation_function="gelu_new",
+                 layer_norm_epsilon=1e-5, n_inner=None, bos_token_id=50256, eos_token_id=50256,
+                 attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, scale_attn_weights=True, torch_dtype="float32")
+    else:
+        c = dict(SMOLLM2, model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
+                 attention_bias=False, mlp_bias=False, bos_token_id=0, eos_token_id=0, torch_dtype="float32")
+    return c
+
+
+def shapes(family):
+    """HF tensor names and shapes."""
+    out = []
+    if family == "gpt2":
+        d, L, v, p = GPT2["n_embd"], GPT2["n_layer"], GPT2["vocab_size"], GPT2["n_positions"]
+        out += [("transformer.wte.weight", [v, d]), ("transformer.wpe.weight", [p, d])]
+        for i in range(L):
+            h = f"transformer.h.{i}."
+            out += [(h + "ln_1.weight", [d]), (h + "ln_1.bias", [d]), (h + "attn.c_attn.weight", [d, 3 * d]),
+                    (h + "attn.c_attn.bias", [3 * d]), (h + "attn.c_proj.weight", [d, d]), (h + "attn.c_proj.bias", [d]),
+                    (h + "ln_2.weight", [d]), (h + "ln_2.bias", [d]), (h + "mlp.c_fc.weight", [d, 4 * d]),
+                    (h + "mlp.c_fc.bias", [4 * d]), (h + "mlp.c_proj.weight", [4 * d, d]), (h + "mlp.c_proj.bias", [d])]
+        out += [("transformer.ln_f.weight", [d]), ("transformer.ln_f.bias", [d])]
+    else:
+        c = SMOLLM2
+        d, f, L, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+        kv = d // c["num_attention_heads"] * c["num_key_value_heads"]
+        out += [("model.embed_tokens.weight", [v, d])]
+        for i in range(L):
+            h = f"model.layers.{i}."
+            out += [(h + "input_layernorm.weight", [d]), (h + "self_attn.q_proj.weight", [d, d]),
+                    (h + "self_attn.k_proj.weight", [kv, d]), (h + "self_attn.v_proj.weight", [kv, d]),
+                    (h + "self_attn.o_proj.weight", [d, d]), (h + "post_attention_layernorm.weight", [d]),
+                    (h + "mlp.gate_proj.weight", [f, d]), (h + "mlp.up_proj.weight", [f, d]),
+                    (h + "mlp.down_proj.weight", [d, f])]
+        out += [("model.norm.weight", [d])]
+    return out
+
+
+def write_safetensors(path, tensors):
+    """tensors: list of (name, shape, bytes of f32 little-endian)."""
+    header, off = {}, 0
+    for name, shape, data in tensors:
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [off, off + len(data)]}
+        off += len(data)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path + ".tmp", "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for _, _, data in tensors:
+            f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def cmd_make(a):
+    os.makedirs(a.dir, exist_ok=True)
+    with open(os.path.join(a.dir, "config.json"), "w") as f:
+        json.dump(config(a.family), f, indent=1)
+    names = shapes(a.family)
+    tensors = []
+    if a.placeholder:
+        # A block of deterministic small values (an LCG), repeated: shapes only.
+        x, block = 12345, array.array("f")
+        for _ in range(1 << 16):
+            x = (1103515245 * x + 12345) % (1 << 31)
+            block.append((x / (1 << 31) - 0.5) * 0.04)
+        for name, shape in names:
+            n = 1
+            for s in shape:
+                n *= s
+            vals = (block * (n // len(block) + 1))[:n]
+            if len(shape) == 1 and ("ln" in name or "norm" in name):
+                vals = array.array("f", [1.0 + v for v in vals])
+            tensors.append((name, shape, vals.tobytes()))
+    else:
+        import torch
+        g = torch.Generator().manual_seed(a.seed)
+        for name, shape in names:
+            t = torch.randn(shape, generator=g) * 0.02
+            if len(shape) == 1 and ("ln" in name or "norm" in name) and name.endswith("weight"):
+                t = t + 1.0
+            tensors.append((name, shape, t.float().contiguous().numpy().tobytes()))
+    write_safetensors(os.path.join(a.dir, "model.safetensors"), tensors)
+
+
+def cmd_pack(a):
+    from safetensors.torch import load_file
+    cfg = json.load(open(os.path.join(a.hf, "config.json")))
+    hf = load_file(os.path.join(a.hf, "model.safetensors"))
+    man = json.load(open(os.path.join(a.artifact, "manifest.json")))
+    roles = {}
+    if cfg["model_type"] == "gpt2":
+        d = cfg["n_embd"]
+        t = lambda n: hf["transformer." + n]
+        roles["embed"] = t("wte.weight")
+        roles["pos_embed"] = t("wpe.weight")
+        roles["final_norm"], roles["final_norm.bias"] = t("ln_f.weight"), t("ln_f.bias")
+        for i in range(cfg["n_layer"]):
+            h = lambda n: t(f"h.{i}.{n}")
+            l = f"layers.{i}."
+            roles[l + "attn_norm"], roles[l + "attn_norm.bias"] = h("ln_1.weight"), h("ln_1.bias")
+            roles[l + "mlp_norm"], roles[l + "mlp_norm.bias"] = h("ln_2.weight"), h("ln_2.bias")
+            for j, p in enumerate("qkv"):
+                roles[l + f"attn.{p}"] = h("attn.c_attn.weight")[:, j * d:(j + 1) * d].t()
+                roles[l + f"attn.{p}.bias"] = h("attn.c_attn.bias")[j * d:(j + 1) * d]
+            roles[l + "attn.o"], roles[l + "attn.o.bias"] = h("attn.c_proj.weight").t(), h("attn.c_proj.bias")
+            roles[l + "mlp.up"], roles[l + "mlp.up.bias"] = h("mlp.c_fc.weight").t(), h("mlp.c_fc.bias")
+            roles[l + "mlp.down"], roles[l + "mlp.down.bias"] = h("mlp.c_proj.weight").t(), h("mlp.c_proj.bias")
+    else:
+        roles["embed"] = hf["model.embed_tokens.weight"]
+        roles["final_norm"] = hf["model.norm.weight"]
+        roles["lm_head"] = hf.get("lm_head.weight", hf["model.embed_tokens.weight"])
+        pairs = [("attn_norm", "input_layernorm"), ("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"),
+                 ("attn.v", "self_attn.v_proj"), ("attn.o", "self_attn.o_proj"), ("mlp_norm", "post_attention_layernorm"),
+                 ("mlp.gate", "mlp.gate_proj"), ("mlp.up", "mlp.up_proj"), ("mlp.down", "mlp.down_proj")]
+        for i in range(cfg["num_hidden_layers"]):
+            for r, n in pairs:
+                roles[f"layers.{i}.{r}"] = hf[f"model.layers.{i}.{n}.weight"]
+    tensors = []
+    for b in man["execution"]["buffers"]:
+        if b["kind"] != "weight":
+            continue
+        if b["dtype"] != "f32" or b.get("sparse"):
+            sys.exit(f"pack: weight {b['name']} is {b['dtype']}; only dense f32 artifacts are packed here")
+        t = roles[b["name"]].float().contiguous()
+        tensors.append((b["name"], list(t.shape), t.numpy().tobytes()))
+    write_safetensors(os.path.join(a.artifact, "weights.safetensors"), tensors)
+    print(f"packed {len(tensors)} tensors into {a.artifact}/weights.safetensors")
+
+
+def cmd_torch(a):
+    import torch
+    from transformers import AutoModelForCausalLM
+    dt = getattr(torch, a.dtype)
+    model = AutoModelForCausalLM.from_pretrained(a.hf, dtype=dt).cuda().eval()
+    ids = json.load(open(a.prompt_ids))
+    x = torch.tensor([ids], device="cuda")
+    n = a.new_tokens
+    out = {"dtype": a.dtype, "device": torch.cuda.get_device_name(), "prompt_tokens": len(ids), "new_tokens": n,
+           "torch": torch.__version__}
+
+    @torch.inference_mode()
+    def eager():
+        o = model(x, use_cache=True)
+        past, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        got = []
+        for _ in range(n):
+            got.append(int(nxt))
+            o = model(nxt, past_key_values=past, use_cache=True)
+            past, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t, got
+
+    eager()
+    times = []
+    for _ in range(a.repeat):
+        s, got = eager()
+        times.append(s)
+    times.sort()
+    out["eager_decode_tokens_per_s"] = n / times[len(times) // 2]
+    out["eager_ids"] = got
+
+    # PyTorch's best as transformers offers it: a static KV cache and the
+    # forward compiled with mode="reduce-overhead" (CUDA graphs). generate()
+    # of n tokens minus generate() of 1 token is the decode time of n - 1.
+    try:
+        model.generation_config.cache_implementation = "static"
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+
+        @torch.inference_mode()
+        def gen(k):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            o = model.generate(x, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t, o[0, len(ids):].tolist()
+
+        gen(n)
+        gen(1)
+        tn = sorted(gen(n)[0] for _ in range(a.repeat))[a.repeat // 2]
+        t1 = sorted(gen(1)[0] for _ in range(a.repeat))[a.repeat // 2]
+        out["compiled_decode_tokens_per_s"] = (n - 1) / max(tn - t1, 1e-9)
+        out["compiled_ids"] = gen(n)[1]
+    except Exception as e:  # reported, not hidden
+        out["compiled_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    print(json.dumps(out))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make")
+    m.add_argument("dir")
+    m.add_argument("--family", choices=["gpt2", "llama"], required=True)
+    m.add_argument("--placeholder", action="store_true")
+    m.add_argument("--seed", type=int, default=0)
+    k = sub.add_parser("pack")
+    k.add_argument("hf")
+    k.add_argument("artifact")
+    t = sub.add_parser("torch")
+    t.add_argument("hf")
+    t.add_argument("--prompt-ids", required=True)
+    t.add_argument("--new-tokens", type=int, default=128)
+    t.add_argument("--dtype", default="float32")
+    t.add_argument("--repeat", type=int, default=3)
+    a = p.parse_args()
+    {"make": cmd_make, "pack": cmd_pack, "torch": cmd_torch}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+//! A KV-cached decoding session on the GPU: the CUDA twin of `CpuSession`.
+//! Every buffer the plan needs (inputs, temp slots, KV caches for a fixed
+//! capacity of positions) lives in one device arena allocated when the session
+//! is created; a call (prefill of `seq` rows, or one decode step) uploads its
+//! inputs, launches the plan's kernels at position `pos`, appends the new keys
+//! and values to the caches with device copies, and downloads the outputs.
+//! Nothing is allocated on the device per call. Caches are whole (row j holds
+//! position j): a windowed layer's ring (`BufferSpec::ring`) is the CPU's.
+
+use crate::artifact::Artifact;
+use crate::cuda::{CudaExecutor, BLOCK};
+use crate::error::{RuntimeError, RuntimeResult};
+use crate::manifest::{BufferKind, BufferSpec, Step};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use ndarray::{ArrayD, Axis, IxDyn, Slice};
+use sparsec_ir::DType;
+
+/// Arena offsets are multiples of this (the 128-bit loads of vector kernels
+/// and the driver's own allocation granularity both divide it).
+const ALIGN: usize = 256;
+
+fn cu<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RuntimeError + '_ {
+    move |e| RuntimeError::Cuda(format!("{what}: {e}"))
+}
+
+/// How many rows a session holds: `positions` in its KV caches (the most the
+/// sequence may reach), `seq` rows per call (a longer call runs in chunks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionCapacity {
+    pub positions: usize,
+    pub seq: usize,
+}
+
+/// One step of the plan, resolved against the arena.
+enum GpuStep {
+    Kernel {
+        f: CudaFunction,
+        name: String,
+        args: Vec<usize>,
+        threads: sparsec_ir::SymSize,
+    },
+    /// Copy `seq` rows of `src` to the cache at row `pos`.
+    Append {
+        src: usize,
+        cache: usize,
+        row_bytes: usize,
+    },
+}
+
+pub struct CudaSession<'a> {
+    exec: &'a CudaExecutor,
+    art: &'a Artifact,
+    cap: SessionCapacity,
+    pos: usize,
+    /// The arena: every non-weight buffer of the plan.
+    _arena: CudaSlice<u8>,
+    /// Per buffer: its device address (a weight's upload, or a place in the arena).
+    ptrs: Vec<u64>,
+    steps: Vec<GpuStep>,
+    /// The arena's bytes (reported by `arena_bytes`).
+    arena_bytes: usize,
+    /// Per kernel: milliseconds and launches, when `profile_kernels` asked
+    /// (each launch is then synchronized and timed on the host clock, which
+    /// slows the run: for finding where the time goes, not for throughput).
+    profile: Option<std::collections::HashMap<String, (f64, u64)>>,
+}
+
+impl CudaExecutor {
+    /// A decoding session over `art` (the artifact this executor was loaded
+    /// from) holding `cap` rows; `cap.positions` is clamped to what the model
+    /// addresses.
+    pub fn session<'a>(&'a self, art: &'a Artifact, cap: SessionCapacity) -> RuntimeResult<CudaSession<'a>> {
+        if art.manifest.integrity != self.artifact {
+            return Err(RuntimeError::Artifact {
+                path: art.dir.clone(),
+                message: "this CUDA executor was loaded from another artifact; load one for this artifact".into(),
+            });
+        }
+        let max = usize::try_from(art.limits.max_positions).unwrap_or(usize::MAX);
+        let positions = cap.positions.min(max).max(1);
+        let cap = SessionCapacity { positions, seq: cap.seq.clamp(1, positions) };
+        let plan = &art.manifest.execution;
+        // Lay out the arena: inputs and unslotted temps at `cap.seq` rows, one
+        // region per temp slot (its largest buffer), caches at `positions` rows.
+        let seq = cap.seq as u64;
+        let mut slot_bytes: Vec<usize> = Vec::new();
+        for b in &plan.buffers {
+            if let (BufferKind::Temp | BufferKind::Scratch, Some(s)) = (b.kind, b.slot) {
+                if slot_bytes.len() <= s {
+                    slot_bytes.resize(s + 1, 0);
+                }
+                slot_bytes[s] = slot_bytes[s].max(b.bytes(seq));
+            }
+        }
+        let mut end = 0usize;
+        let mut place = |bytes: usize| -> RuntimeResult<usize> {
+            let at = end;
+            end = at
+                .checked_add(bytes.max(1).div_ceil(ALIGN) * ALIGN)
+                .ok_or_else(|| RuntimeError::Cuda("the session's buffers overflow the address space".into()))?;
+            Ok(at)
+        };
+        let slot_at: Vec<usize> = slot_bytes.iter().map(|b| place(*b)).collect::<RuntimeResult<_>>()?;
+        let mut offsets: Vec<Option<usize>> = Vec::with_capacity(plan.buffers.len());
+        for b in &plan.buffers {
+            let off = match b.kind {
+                BufferKind::Weight => None,
+                BufferKind::Input => Some(place(b.bytes(seq))?),
+                // Scratch: one step's working memory of a fixed size (in a slot).
+                BufferKind::Temp | BufferKind::Scratch => match b.slot {
+                    Some(s) => Some(slot_at[s]),
+                    None => Some(place(b.bytes(seq))?),
+                },
+                BufferKind::KvCache => {
+                    if b.dtype != DType::F32 {
+                        return Err(RuntimeError::Cuda(format!(
+                            "KV cache `{}` is {}; the CUDA session keeps f32 caches (compile for CUDA, or with --kv-cache f32)",
+                            b.name,
+                            b.dtype.name()
+                        )));
+                    }
+                    let bytes = b
+                        .bytes(1)
+                        .checked_mul(positions)
+                        .ok_or_else(|| RuntimeError::Cuda(format!("KV cache `{}` overflows at {positions} positions", b.name)))?;
+                    Some(place(bytes)?)
+                }
+            };
+            offsets.push(off);
+        }
+        let arena_bytes = end.max(ALIGN);
+        // Zeroed once, so that no kernel ever reads memory nothing wrote.
+        let arena = self.stream.alloc_zeros::<u8>(arena_bytes).map_err(cu("allocate the session's arena"))?;
+        let base = {
+            let (p, _sync) = arena.device_ptr(&self.stream);
+            p
+        };
+        let mut ptrs = Vec::with_capacity(plan.buffers.len());
+        for (i, (b, off)) in plan.buffers.iter().zip(&offsets).enumerate() {
+            let p = match off {
+                Some(o) => base + *o as u64,
+                None => {
+                    let w = self.weights.get(&i).ok_or_else(|| RuntimeError::Cuda(format!("weight `{}` not uploaded", b.name)))?;
+                    let (p, _sync) = w.device_ptr(&self.stream);
+                    p
+                }
+            };
+            ptrs.push(p);
+        }
+        let mut steps = Vec::with_capacity(plan.steps.len());
+        for step in &plan.steps {
+            steps.push(match step {
+                Step::KvAppend { src, cache } => {
+                    let (s, c) = (&plan.buffers[*src], &plan.buffers[*cache]);
+                    if s.bytes(1) != c.bytes(1) || !s.by_rows() {
+                        return Err(RuntimeError::Cuda(format!("KV append of `{}` into `{}`: rows differ", s.name, c.name)));
+                    }
+                    GpuStep::Append { src: *src, cache: *cache, row_bytes: c.bytes(1) }
+                }
+                Step::Kernel(k) => {
+                    let f = self.kernels.get(&k.kernel).ok_or_else(|| RuntimeError::Cuda(format!("kernel {} not loaded", k.kernel)))?;
+                    let out = *k.args.last().ok_or_else(|| RuntimeError::Cuda(format!("kernel {} has no output", k.kernel)))?;
+                    if k.args[..k.args.len() - 1].iter().any(|&a| ptrs[a] == ptrs[out]) {
+                        return Err(RuntimeError::Cuda(format!("kernel {} reads its own output", k.kernel)));
+                    }
+                    if plan.buffers[out].kind == BufferKind::Weight {
+                        return Err(RuntimeError::Cuda(format!("kernel {} writes a weight", k.kernel)));
+                    }
+                    GpuStep::Kernel { f: f.clone(), name: k.kernel.clone(), args: k.args.clone(), threads: k.gpu_threads }
+                }
+            });
+        }
+        for &o in &plan.outputs {
+            let b = &plan.buffers[o];
+            if b.dtype.is_quantized() || b.as_bytes() {
+                return Err(RuntimeError::Cuda(format!("output `{}` is not an f32 buffer", b.name)));
+            }
+        }
+        Ok(CudaSession { exec: self, art, cap, pos: 0, _arena: arena, ptrs, steps, arena_bytes, profile: None })
+    }
+}
+
+impl CudaSession<'_> {
+    /// Positions already consumed.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// The rows this session holds.
+    pub fn capacity(&self) -> SessionCapacity {
+        self.cap
+    }
+
+    /// Device bytes of the session's arena (inputs, temps, KV caches).
+    pub fn arena_bytes(&self) -> usize {
+        self.arena_bytes
+    }
+
+    /// Times every kernel from now on (earlier times are forgotten); each
+    /// launch is synchronized, so the run itself is slower while profiling.
+    pub fn profile_kernels(&mut self) {
+        self.profile = Some(std::collections::HashMap::new());
+    }
+
+    /// Per kernel: milliseconds and launches since `profile_kernels`, slowest first.
+    pub fn kernel_times(&self) -> Vec<(String, f64, u64)> {
+        let mut v: Vec<(String, f64, u64)> = self.profile.iter().flatten().map(|(k, (t, n))| (k.clone(), *t, *n)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    }
+
+    /// Forgets every position.
+    pub fn reset(&mut self) {
+        self.truncate(0);
+    }
+
+    /// Forgets the positions from `pos` on; the next `run` continues there.
+    pub fn truncate(&mut self, pos: usize) {
+        self.pos = self.pos.min(pos);
+    }
+
+    /// Runs the next `seq` positions (bound by the inputs) and returns the
+    /// outputs; more rows than the session's `seq` capacity run in chunks.
+    pub fn run(&mut self, inputs: &[ArrayD<f32>]) -> RuntimeResult<Vec<ArrayD<f32>>> {
+        let art = self.art;
+        let seq = art.bind_seq(inputs)? as usize;
+        art.check_positions(self.pos, seq as u64)?;
+        if self.pos + seq > self.cap.positions {
+            return Err(RuntimeError::Positions(format!(
+                "positions {}..{} exceed the {} this CUDA session holds",
+                self.pos,
+                self.pos + seq,
+                self.cap.positions
+            )));
+        }
+        if seq <= self.cap.seq {
+            return self.run_chunk(inputs, seq);
+        }
+        // Chunks of the session's capacity; outputs concatenated by rows.
+        let plan = &art.manifest.execution;
+        let rows = |i: usize| plan.buffers[i].by_rows();
+        if !plan.inputs.iter().all(|&i| rows(i)) || !plan.outputs.iter().all(|&o| rows(o)) {
+            return Err(RuntimeError::Cuda(format!(
+                "{seq} rows exceed the {} this session holds per call, and the plan's inputs or outputs are not by rows",
+                self.cap.seq
+            )));
+        }
+        let mut parts: Vec<Vec<ArrayD<f32>>> = vec![Vec::new(); plan.outputs.len()];
+        let mut lo = 0;
+        while lo < seq {
+            let hi = (lo + self.cap.seq).min(seq);
+            let chunk: Vec<ArrayD<f32>> = inputs.iter().map(|a| a.slice_axis(Axis(0), Slice::from(lo..hi)).to_owned()).collect();
+            for (p, o) in parts.iter_mut().zip(self.run_chunk(&chunk, hi - lo)?) {
+                p.push(o);
+            }
+            lo = hi;
+        }
+        parts
+            .iter()
+            .map(|p| {
+                let views: Vec<_> = p.iter().map(|a| a.view()).collect();
+                ndarray::concatenate(Axis(0), &views).map_err(|e| RuntimeError::Cuda(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Like `run`, but returns only the last position's row of each output
+    /// (shape `[1, ...]`). Every row is computed on the GPU; only the last
+    /// comes back.
+    pub fn run_last(&mut self, inputs: &[ArrayD<f32>]) -> RuntimeResult<Vec<ArrayD<f32>>> {
+        let out = self.run(inputs)?;
+        out.into_iter()
+            .map(|a| match a.shape().first() {
+                Some(&n) if n > 0 => {
+                    let mut shape = a.shape().to_vec();
+                    shape[0] = 1;
+                    let row = a.index_axis(Axis(0), n - 1).to_owned();
+                    row.into_shape_with_order(IxDyn(&shape)).map_err(|e| RuntimeError::Cuda(e.to_string()))
+                }
+                _ => Ok(a),
+            })
+            .collect()
+    }
+
+    fn run_chunk(&mut self, inputs: &[ArrayD<f32>], seq: usize) -> RuntimeResult<Vec<ArrayD<f32>>> {
+        let exec = self.exec;
+        let plan = &self.art.manifest.execution;
+        let stream = &exec.stream;
+        let raw = stream.cu_stream();
+        exec.ctx.bind_to_thread().map_err(cu("bind the context"))?;
+        // Host copies stay alive until the stream is synchronized below.
+        let host: Vec<Vec<f32>> = inputs.iter().map(|a| a.iter().copied().collect()).collect();
+        for (h, &b) in host.iter().zip(&plan.inputs) {
+            if h.len() * 4 != plan.buffers[b].bytes(seq as u64) {
+                return Err(RuntimeError::Cuda(format!("input `{}` holds a wrong number of elements", plan.buffers[b].name)));
+            }
+            // SAFETY: the input's arena region holds `cap.seq >= seq` rows, so
+            // `h.len() * 4` bytes fit; `h` outlives the synchronize below.
+            unsafe { cudarc::driver::result::memcpy_htod_async(self.ptrs[b], h, raw) }.map_err(cu("upload input"))?;
+        }
+        let (seq_arg, pos_arg) = (seq as i64, self.pos as i64);
+        let profiling = self.profile.is_some();
+        if profiling {
+            stream.synchronize().map_err(cu("synchronize"))?;
+        }
+        for step in &self.steps {
+            let t = profiling.then(std::time::Instant::now);
+            match step {
+                GpuStep::Append { src, cache, row_bytes } => {
+                    let dst = self.ptrs[*cache] + (self.pos * row_bytes) as u64;
+                    // SAFETY: the cache holds `cap.positions >= pos + seq` rows
+                    // (checked in `run`) and `src` holds `seq` rows of as many
+                    // bytes; the regions are disjoint parts of the arena.
+                    unsafe { cudarc::driver::result::memcpy_dtod_async(dst, self.ptrs[*src], seq * row_bytes, raw) }
+                        .map_err(cu("append to a KV cache"))?;
+                }
+                GpuStep::Kernel { f, name, args, threads } => {
+                    let threads = threads.resolve(seq as u64);
+                    let grid = threads.div_ceil(BLOCK as u64).max(1);
+                    let grid = u32::try_from(grid).map_err(|_| RuntimeError::Cuda(format!("grid of {grid} blocks is too large")))?;
+                    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+                    let ptrs: Vec<u64> = args.iter().map(|&a| self.ptrs[a]).collect();
+                    let mut launch = stream.launch_builder(f);
+                    for p in &ptrs {
+                        launch.arg(p);
+                    }
+                    launch.arg(&seq_arg);
+                    launch.arg(&pos_arg);
+                    // SAFETY: the kernel takes the step's buffers as device
+                    // pointers and then `seq`, `pos` as i64 (the entry's parameter
+                    // count was checked at load); every buffer is sized for
+                    // `cap.seq >= seq` rows, the caches for `pos + seq` positions;
+                    // the output is no input (checked when the session was made).
+                    unsafe { launch.launch(cfg) }.map_err(cu(&format!("launch {name}")))?;
+                    if let (Some(t), Some(p)) = (t, self.profile.as_mut()) {
+                        stream.synchronize().map_err(cu("synchronize"))?;
+                        let e = p.entry(name.clone()).or_default();
+                        e.0 += t.elapsed().as_secs_f64() * 1e3;
+                        e.1 += 1;
+                    }
+                }
+            }
+        }
+        let mut outs = Vec::with_capacity(plan.outputs.len());
+        let mut hosts = Vec::with_capacity(plan.outputs.len());
+        for &o in &plan.outputs {
+            let b: &BufferSpec = &plan.buffers[o];
+            let shape: Vec<usize> = b.dims.iter().map(|d| d.resolve(seq as u64) as usize).collect();
+            let mut v = vec![0f32; shape.iter().product()];
+            // SAFETY: the output region holds `bytes(seq) == 4 · v.len()` bytes;
+            // `v` is not touched until the synchronize below.
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut v, self.ptrs[o], raw) }.map_err(cu("download output"))?;
+            hosts.push(v);
+            outs.push(shape);
+        }
+        stream.synchronize().map_err(cu("synchronize"))?;
+        drop(host);
+        self.pos += seq;
+        outs.into_iter()
+            .zip(hosts)
+            .map(|(shape, v)| ArrayD::from_shape_vec(IxDyn(&shape), v).map_err(|e| RuntimeError::Cuda(e.to_string())))
+            .collect()
+    }
+}

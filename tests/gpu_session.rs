@@ -1,0 +1,111 @@
+//! KV-cached sessions through the device-independent `Session` API: the tiny
+//! GPT-2 and Llama fixtures compiled for CPU and CUDA, prefilled in chunks and
+//! then decoded token by token, every call's logits against the reference
+//! interpreter and the CPU session. The CPU part runs everywhere; the CUDA
+//! part needs a GPU and prints SKIPPED without one.
+
+mod common;
+
+use sparsec_runtime::compare::Tolerance;
+use sparsec_runtime::cuda_session::SessionCapacity;
+use sparsec_runtime::execute::{DeviceKind, Executor};
+use sparsec_runtime::lm_session::{compare_steps, greedy_round, Reference, StepComparison};
+use sparsec_runtime::Artifact;
+use std::path::{Path, PathBuf};
+
+/// `tests/fixtures/hf/<name>` compiled with CPU and PTX code into `dir`.
+fn compile_fixture(name: &str, dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name);
+    let out = dir.join(format!("{name}.sparsec"));
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
+        .args(["compile", src.to_str().unwrap(), "--target", "all", "--no-cache", "-o", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "compile {name}: {}", String::from_utf8_lossy(&st.stderr));
+    out
+}
+
+/// A prompt of `n` ids below the model's vocabulary (deterministic).
+fn prompt(art: &Artifact, n: usize) -> Vec<u32> {
+    art.random_inputs(n as u64, 7).unwrap()[0].iter().map(|v| *v as u32).collect()
+}
+
+// f32 kernels against the f64-accumulating interpreter, as `--check`.
+const TOL: Tolerance = Tolerance { atol: 1e-4, rtol: 1e-4 };
+
+fn assert_all_pass(what: &str, steps: &[StepComparison], calls: usize) {
+    assert_eq!(steps.len(), calls, "{what}: calls compared");
+    for s in steps {
+        assert!(s.cmp.passed, "{what}: logits at pos {} ({} rows) differ by {}", s.pos, s.rows, s.cmp.max_abs_error);
+    }
+    // Positions advance call by call: chunks of the prompt, then one a step.
+    for w in steps.windows(2) {
+        assert_eq!(w[1].pos, w[0].pos + w[0].rows, "{what}: positions");
+    }
+}
+
+fn check_device(device: DeviceKind) {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["gpt2_tiny", "llama_tiny"] {
+        let art = Artifact::open(&compile_fixture(name, tmp.path())).unwrap();
+        let exec = Executor::load(&art, device).unwrap();
+        // 32 positions (GPT-2's table); 4 rows a call, so a 10-token prompt runs
+        // in chunks inside the session too (prefill_rows 6 > 4).
+        let cap = SessionCapacity { positions: 32, seq: 4 };
+        let ids = prompt(&art, 10);
+        let mut s = exec.session(&art, cap).unwrap();
+        let steps = compare_steps(&mut s, &mut Reference::Interpreter(&art), &ids, 6, 12, TOL).unwrap();
+        assert_all_pass(&format!("{name} on {device:?} vs interpreter"), &steps, 2 + 12);
+        let cpu = Executor::load(&art, DeviceKind::Cpu).unwrap();
+        let mut r = Reference::Session(cpu.session(&art, cap).unwrap());
+        let steps = compare_steps(&mut s, &mut r, &ids, 3, 8, TOL).unwrap();
+        assert_all_pass(&format!("{name} on {device:?} vs CPU session"), &steps, 4 + 8);
+        // Greedy generation is reproducible after a reset; positions past
+        // what the session holds (the GPU's 32; GPT-2's table) are refused.
+        let (a, _) = greedy_round(&mut s, &ids, 8).unwrap();
+        let (b, _) = greedy_round(&mut s, &ids, 8).unwrap();
+        assert_eq!(a, b, "{name}: greedy generation after reset");
+        if device == DeviceKind::Cpu && name != "gpt2_tiny" {
+            continue;
+        }
+        s.reset();
+        let long = prompt(&art, 32);
+        s.run(&[sparsec_runtime::lm_session::ids_input(&long)]).unwrap();
+        let err = s.run(&[sparsec_runtime::lm_session::ids_input(&[1])]).unwrap_err().to_string();
+        assert!(err.contains("exceed"), "{name}: past the positions: {err}");
+    }
+}
+
+#[test]
+fn cpu_session_equals_the_interpreter_through_chunked_prefill_and_decode() {
+    check_device(DeviceKind::Cpu);
+}
+
+#[test]
+fn cuda_session_equals_the_interpreter_and_the_cpu_through_chunked_prefill_and_decode() {
+    if !common::require_gpu(sparsec_runtime::cuda::cuda_available()) {
+        return;
+    }
+    check_device(DeviceKind::Cuda);
+}
+
+#[test]
+fn bench_on_cuda_is_for_language_models_and_a_missing_driver_is_named() {
+    // A graph (not a model) on CUDA: refused, not silently run on the CPU.
+    let ir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/filetests/lower-matmul-transposed.sir");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
+        .args(["bench", ir.to_str().unwrap(), "--device", "cuda", "--no-cache"])
+        .output()
+        .unwrap();
+    assert!(!st.status.success());
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(err.contains("bench --device cuda measures language models"), "{err}");
+    if sparsec_runtime::cuda::cuda_available() {
+        return;
+    }
+    // Without a driver, a CUDA session is refused with the reason.
+    let tmp = tempfile::tempdir().unwrap();
+    let art = Artifact::open(&compile_fixture("gpt2_tiny", tmp.path())).unwrap();
+    let err = Executor::load(&art, DeviceKind::Cuda).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("no CUDA driver"), "{err}");
+}
