@@ -11,10 +11,12 @@
 //! decode the visible keys are split over `ATTN_SPLITS` units
 //! (flash-decoding); each writes its partial softmax (max, sum, weighted
 //! values) to a scratch buffer, and a second phase of units, one per
-//! (row, head), combines them. Otherwise (and on NVIDIA): one unit per
-//! (row, head), an online softmax accumulating into the output row.
+//! (row, head), combines them. Otherwise on the CPU: one unit per
+//! (row, head), an online softmax accumulating into the output row. On
+//! NVIDIA: a warp per (row, head), its lanes splitting the keys, combined
+//! with warp shuffles.
 
-use super::{fixed_last, KernelCtx, KernelSpec, VW};
+use super::{fixed_last, KernelCtx, KernelSpec, VW, WARP};
 use crate::error::CompileError;
 use crate::mlir::builder::{Device, KernelBuilder, V};
 use crate::mlir::math;
@@ -112,10 +114,10 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
         (ins[1].clone(), ins[2].clone())
     };
     let ctx = Attn { h, kvh, d, window, ring: if device == Device::Cpu { cpu_ring(window) } else { None }, f16_kv, kbuf, vbuf };
-    if device == Device::Cpu && cpu_split(spec) {
-        ctx.emit_split(b, cx)
-    } else {
-        ctx.emit_online(b, cx)
+    match device {
+        Device::Cpu if cpu_split(spec) => ctx.emit_split(b, cx),
+        Device::Cpu => ctx.emit_online(b, cx),
+        Device::Nvptx => ctx.emit_warp(b, cx),
     }
 }
 
@@ -519,6 +521,108 @@ impl Attn {
                     let o = b.index(v as u64 * VW as u64);
                     let i = b.addi(&qhd, &o);
                     b.vstore(&y, out, &i, VW);
+                }
+            });
+        });
+        Ok(())
+    }
+
+    /// NVPTX: a warp per (row, head). Lane l takes visible keys l, l + 32, ...
+    /// with an online softmax of its own (the query and the weighted sum of
+    /// values in registers); then butterflies of `shfl.sync` take the warp's
+    /// max, rescale every lane's sums to it and add them, and lane 0 stores
+    /// the row. `work` counts lanes in whole warps, so every lane of a warp
+    /// that enters the bounds check takes part in the shuffles.
+    fn emit_warp(&self, b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(), CompileError> {
+        let KernelCtx { work, ins, out, .. } = *cx;
+        let (h, kvh, d) = (self.h, self.kvh, self.d);
+        let (hc, dc, qwc, kvwc, groupc) = (b.index(h), b.index(d), b.index(h * d), b.index(kvh * d), b.index(h / kvh));
+        let zero = b.f32(0.0);
+        let ninf = b.f32(-1e30);
+        let scale = b.f32(1.0 / (d as f32).sqrt());
+        let pos = b.pos();
+        b.parallel(work, |b, t| {
+            let warp = b.index(WARP);
+            let e = b.divui(t, &warp);
+            let lane = b.remui(t, &warp);
+            let r = b.divui(&e, &hc);
+            let head = b.remui(&e, &hc);
+            let row = Self::mirrored_row(b, &r);
+            let kh = b.divui(&head, &groupc);
+            let qrow = b.muli(&row, &qwc);
+            let qhd = b.muli(&head, &dc);
+            let qbase = b.addi(&qrow, &qhd);
+            let khd = b.muli(&kh, &dc);
+            let p = b.addi(&pos, &row);
+            let vis = self.visible(b, &p);
+            let q: Vec<V> = (0..d)
+                .map(|c| {
+                    let o = b.index(c);
+                    let i = b.addi(&qbase, &o);
+                    b.load(&ins[0], &i)
+                })
+                .collect();
+            let mut init: Vec<(V, String)> = vec![(ninf.clone(), "f32".into()), (zero.clone(), "f32".into())];
+            init.extend((0..d).map(|_| (zero.clone(), "f32".to_string())));
+            let st = b.for_fold_typed(&lane, &vis.count, WARP, &init, |b, tk, acc| {
+                let j = self.key_row(b, &vis, tk);
+                let kb = b.muli(&j, &kvwc);
+                let kbase = b.addi(&kb, &khd);
+                let mut dot = zero.clone();
+                for (c, qc) in q.iter().enumerate() {
+                    let o = b.index(c as u64);
+                    let i = b.addi(&kbase, &o);
+                    let k = b.load(&self.kbuf, &i);
+                    dot = b.fma(qc, &k, &dot);
+                }
+                let sv = b.mul(&dot, &scale);
+                let m_new = b.fbin("maxnumf", &acc[0], &sv);
+                let dm = b.sub(&acc[0], &m_new);
+                let corr = math::exp(b, &dm);
+                let ds = b.sub(&sv, &m_new);
+                let pr = math::exp(b, &ds);
+                let mut next = vec![m_new, b.fma(&acc[1], &corr, &pr)];
+                for c in 0..d as usize {
+                    let o = b.index(c as u64);
+                    let i = b.addi(&kbase, &o);
+                    let v = b.load(&self.vbuf, &i);
+                    let pv = b.mul(&pr, &v);
+                    next.push(b.fma(&acc[2 + c], &corr, &pv));
+                }
+                next
+            });
+            let (mask, clamp) = (b.i32(-1), b.i32(31));
+            let butterfly = |b: &mut KernelBuilder, x: &str, op: &str| -> V {
+                let mut x = x.to_string();
+                for off in [16, 8, 4, 2, 1] {
+                    let o = b.i32(off);
+                    let other = b.def(format!("nvvm.shfl.sync bfly {mask}, {x}, {o}, {clamp} : f32 -> f32"));
+                    x = b.fbin(op, &x, &other);
+                }
+                x
+            };
+            // A lane without keys has max -1e30 and sums 0: its weight is 0.
+            let m = butterfly(b, &st[0], "maxnumf");
+            let dm = b.sub(&st[0], &m);
+            let w = math::exp(b, &dm);
+            let lw = b.mul(&st[1], &w);
+            let l = butterfly(b, &lw, "addf");
+            let one = b.f32(1.0);
+            let inv = b.div(&one, &l);
+            let sums: Vec<V> = (0..d as usize)
+                .map(|c| {
+                    let a = b.mul(&st[2 + c], &w);
+                    let a = butterfly(b, &a, "addf");
+                    b.mul(&a, &inv)
+                })
+                .collect();
+            let zero_i = b.index(0);
+            let first = b.def(format!("arith.cmpi eq, {lane}, {zero_i} : index"));
+            b.if_then(&first, |b| {
+                for (c, y) in sums.iter().enumerate() {
+                    let o = b.index(c as u64);
+                    let i = b.addi(&qbase, &o);
+                    b.store(y, out, &i);
                 }
             });
         });

@@ -30,6 +30,7 @@ use super::math;
 use super::sparse_kernels::SparseMatmul;
 use crate::error::CompileError;
 use sparsec_ir::{DType, Op, Pattern, SymSize, TensorType};
+use matmul::WARP;
 use tiled_matmul::MM_ROWS;
 
 /// Lanes of the CPU vector kernels (AVX2: 8 × f32).
@@ -86,12 +87,12 @@ impl KernelSpec {
         };
         Ok(match &self.op {
             Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Softmax => SymSize { coef: numel.coef / last(&self.result)?, ..numel },
-            // One unit per (query row, head).
-            Op::Attention { heads, .. } => SymSize { coef: *heads as u64, seq_pow: 1 },
+            // A warp of lanes per (query row, head) (`attention::emit_warp`).
+            Op::Attention { heads, .. } => SymSize { coef: *heads as u64 * WARP, seq_pow: 1 },
             // One unit per rotated pair.
             Op::Rope { .. } => SymSize { coef: numel.coef / 2, ..numel },
             // A warp of lanes per output element (`matmul::emit_warp_dot`).
-            Op::MatMul { .. } if self.warp_matmul() => SymSize { coef: numel.coef * matmul::WARP, ..numel },
+            Op::MatMul { .. } if self.warp_matmul() => SymSize { coef: numel.coef * WARP, ..numel },
             _ => numel,
         })
     }
@@ -198,6 +199,8 @@ impl KernelSpec {
                 Ok(SymSize { coef: numel.coef / n.max(1), ..numel })
             }
             Op::Attention { .. } if attention::cpu_split(self) => Ok(attention::cpu_phases(self)?.1),
+            // One unit per (query row, head).
+            Op::Attention { heads, .. } => Ok(SymSize { coef: *heads as u64, seq_pow: 1 }),
             _ => self.work(),
         }
     }
@@ -299,6 +302,7 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
     // The CPU's loops count output elements where the GPU counts warp lanes.
     let work = match (device, &spec.op) {
         (Device::Cpu, Op::MatMul { .. }) if spec.warp_matmul() => spec.result.numel(),
+        (Device::Cpu, Op::Attention { .. }) => spec.cpu_work()?,
         _ => spec.work()?,
     };
     let work = b.sym(work);
