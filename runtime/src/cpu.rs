@@ -413,7 +413,10 @@ impl CpuSession<'_> {
             let part: Vec<ArrayD<f32>> =
                 inputs.iter().map(|a| a.slice_axis(ndarray::Axis(0), ndarray::Slice::from(lo as usize..hi as usize)).to_owned()).collect();
             let last = hi == seq;
-            let outs = self.run_call(&part, last_only && last)?;
+            // Where only the last row is wanted, every chunk computes only its
+            // last row's tail (a final norm and LM head), and all but the last
+            // chunk's outputs are dropped.
+            let outs = self.run_call(&part, last_only)?;
             if !last_only || last {
                 joined.push(outs);
             }

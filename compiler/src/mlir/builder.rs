@@ -418,6 +418,20 @@ impl KernelBuilder {
         self.line("}".into());
     }
 
+    /// NVPTX: `x` combined over the 32 lanes of a warp by `op` (`addf`,
+    /// `maxnumf`), a butterfly of 5 `shfl.sync`; every lane gets the result.
+    /// Every lane of the warp must execute it.
+    pub fn warp_all(&mut self, x: &str, op: &str) -> V {
+        let (mask, clamp) = (self.i32(-1), self.i32(31));
+        let mut x = x.to_string();
+        for off in [16, 8, 4, 2, 1] {
+            let o = self.i32(off);
+            let other = self.def(format!("nvvm.shfl.sync bfly {mask}, {x}, {o}, {clamp} : f32 -> f32"));
+            x = self.fbin(op, &x, &other);
+        }
+        x
+    }
+
     /// `if cond { then }` (no results).
     pub fn if_then(&mut self, cond: &str, then: impl FnOnce(&mut Self)) {
         self.line(format!("scf.if {cond} {{"));

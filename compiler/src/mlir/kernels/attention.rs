@@ -591,28 +591,18 @@ impl Attn {
                 }
                 next
             });
-            let (mask, clamp) = (b.i32(-1), b.i32(31));
-            let butterfly = |b: &mut KernelBuilder, x: &str, op: &str| -> V {
-                let mut x = x.to_string();
-                for off in [16, 8, 4, 2, 1] {
-                    let o = b.i32(off);
-                    let other = b.def(format!("nvvm.shfl.sync bfly {mask}, {x}, {o}, {clamp} : f32 -> f32"));
-                    x = b.fbin(op, &x, &other);
-                }
-                x
-            };
             // A lane without keys has max -1e30 and sums 0: its weight is 0.
-            let m = butterfly(b, &st[0], "maxnumf");
+            let m = b.warp_all(&st[0], "maxnumf");
             let dm = b.sub(&st[0], &m);
             let w = math::exp(b, &dm);
             let lw = b.mul(&st[1], &w);
-            let l = butterfly(b, &lw, "addf");
+            let l = b.warp_all(&lw, "addf");
             let one = b.f32(1.0);
             let inv = b.div(&one, &l);
             let sums: Vec<V> = (0..d as usize)
                 .map(|c| {
                     let a = b.mul(&st[2 + c], &w);
-                    let a = butterfly(b, &a, "addf");
+                    let a = b.warp_all(&a, "addf");
                     b.mul(&a, &inv)
                 })
                 .collect();

@@ -201,12 +201,7 @@ fn emit_warp_dot(b: &mut KernelBuilder, work: &str, kc: &str, nc: &str, ins: &[V
             }
             None => vector_partial(b, &a_buf, &w_buf, &arow, &wrow, &lane, kc),
         };
-        let (mask, clamp) = (b.i32(-1), b.i32(31));
-        for off in [16, 8, 4, 2, 1] {
-            let o = b.i32(off);
-            let other = b.def(format!("nvvm.shfl.sync bfly {mask}, {sum}, {o}, {clamp} : f32 -> f32"));
-            sum = b.add(&sum, &other);
-        }
+        sum = b.warp_all(&sum, "addf");
         let zero = b.index(0);
         let first = b.def(format!("arith.cmpi eq, {lane}, {zero} : index"));
         b.if_else(&first, |b| b.store_result(&sum, out, &e), |_| {});

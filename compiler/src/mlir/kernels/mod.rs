@@ -29,8 +29,8 @@ use super::builder::{Device, KernelBuilder, V};
 use super::math;
 use super::sparse_kernels::SparseMatmul;
 use crate::error::CompileError;
-use sparsec_ir::{DType, Op, Pattern, SymSize, TensorType};
 use matmul::WARP;
+use sparsec_ir::{DType, Op, Pattern, SymSize, TensorType};
 use tiled_matmul::MM_ROWS;
 
 /// Lanes of the CPU vector kernels (AVX2: 8 × f32).
@@ -86,7 +86,9 @@ impl KernelSpec {
             _ => Err(self.unsupported("the last dimension must be fixed")),
         };
         Ok(match &self.op {
-            Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Softmax => SymSize { coef: numel.coef / last(&self.result)?, ..numel },
+            Op::Softmax => SymSize { coef: numel.coef / last(&self.result)?, ..numel },
+            // A warp of lanes per row (`norm::emit_norm`).
+            Op::LayerNorm { .. } | Op::RmsNorm { .. } => SymSize { coef: numel.coef / last(&self.result)? * WARP, ..numel },
             // A warp of lanes per (query row, head) (`attention::emit_warp`).
             Op::Attention { heads, .. } => SymSize { coef: *heads as u64 * WARP, seq_pow: 1 },
             // One unit per rotated pair.
@@ -201,6 +203,11 @@ impl KernelSpec {
             Op::Attention { .. } if attention::cpu_split(self) => Ok(attention::cpu_phases(self)?.1),
             // One unit per (query row, head).
             Op::Attention { heads, .. } => Ok(SymSize { coef: *heads as u64, seq_pow: 1 }),
+            // One unit per row.
+            Op::LayerNorm { .. } | Op::RmsNorm { .. } => {
+                let numel = self.result.numel();
+                Ok(SymSize { coef: numel.coef / fixed_last(self, &self.result)?.max(1), ..numel })
+            }
             _ => self.work(),
         }
     }
@@ -302,7 +309,7 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
     // The CPU's loops count output elements where the GPU counts warp lanes.
     let work = match (device, &spec.op) {
         (Device::Cpu, Op::MatMul { .. }) if spec.warp_matmul() => spec.result.numel(),
-        (Device::Cpu, Op::Attention { .. }) => spec.cpu_work()?,
+        (Device::Cpu, Op::Attention { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. }) => spec.cpu_work()?,
         _ => spec.work()?,
     };
     let work = b.sym(work);
