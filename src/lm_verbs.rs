@@ -431,6 +431,14 @@ pub fn eval(src: &LmSource, text: &Path, body: &str, max_tokens: usize, stride: 
 
 /// Peak resident memory of this process, in bytes.
 pub fn peak_rss_bytes() -> u64 {
+    // VmHWM is this address space's own high-water mark; getrusage's maxrss
+    // survives exec, so a process started by a big parent (a Python script
+    // with llama.cpp loaded) would report the parent's size.
+    if let Some(kb) = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        s.lines().find_map(|l| l.strip_prefix("VmHWM:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()))
+    }) {
+        return kb * 1024;
+    }
     // SAFETY: getrusage writes into the zeroed struct we pass.
     unsafe {
         let mut u: libc::rusage = std::mem::zeroed();
