@@ -28,6 +28,25 @@ fn values(rows: usize, width: usize, seed: u64) -> ArrayD<f32> {
     ArrayD::from_shape_vec(IxDyn(&[rows, width]), v).unwrap()
 }
 
+/// Compiles `graph` into an artifact in a fresh directory (kept alive by the returned guard).
+fn build(graph: sparsec_ir::Graph, options: CompileOptions) -> (tempfile::TempDir, Artifact) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("a.sparsec");
+    let request = CompileRequest {
+        graph,
+        plan_text: None,
+        weights: WeightSource::None,
+        options,
+        print: PrintOptions::default(),
+        cache: None,
+        output: out.clone(),
+        lm: None,
+    };
+    compile(request).unwrap();
+    let art = Artifact::open(&out).unwrap();
+    (tmp, art)
+}
+
 /// Compiles one grouped attention (4 heads of width 8 over 2 KV heads) with
 /// `pattern`, runs `total` positions as a prefill of `prefill` rows and then
 /// one-row decode steps, and compares every row with the interpreter.
@@ -37,25 +56,9 @@ fn check(pattern: &str, kv: KvCacheType, total: usize, prefill: usize, tol: f32)
          %y = attention %q, %k, %v {{heads = 4, kv_heads = 2}} {pattern}\n  return %y\n}}\n"
     );
     let graph = parse_graph(&src).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("a.sparsec");
-    compile(CompileRequest {
-        graph: graph.clone(),
-        plan_text: None,
-        weights: WeightSource::None,
-        // Targets that include CUDA keep f32 caches: f16 ones are checked on the CPU alone.
-        options: CompileOptions {
-            target: if kv == KvCacheType::F16 { TargetKind::Cpu } else { TargetKind::All },
-            kv_cache: kv,
-            ..Default::default()
-        },
-        print: PrintOptions::default(),
-        cache: None,
-        output: out.clone(),
-        lm: None,
-    })
-    .unwrap();
-    let art = Artifact::open(&out).unwrap();
+    // Targets that include CUDA keep f32 caches: f16 ones are checked on the CPU alone.
+    let target = if kv == KvCacheType::F16 { TargetKind::Cpu } else { TargetKind::All };
+    let (_tmp, art) = build(graph.clone(), CompileOptions { target, kv_cache: kv, ..Default::default() });
     let inputs = [values(total, 32, 1), values(total, 16, 2), values(total, 16, 3)];
     let want = interpret(&graph, &inputs, &|_| None).unwrap().remove(0);
     let exec = CpuExecutor::load(&art).unwrap();
@@ -113,20 +116,7 @@ fn windows_with_sinks_read_ring_caches() {
 fn a_ring_session_goes_back_only_its_slack() {
     let src = "graph @w {\n  %q = input : f32[seq, 16]\n  %k = input : f32[seq, 16]\n  %v = input : f32[seq, 16]\n  \
                %y = attention %q, %k, %v {heads = 2, kv_heads = 2} #window(sliding, size = 8, sinks = 1)\n  return %y\n}\n";
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("w.sparsec");
-    compile(CompileRequest {
-        graph: parse_graph(src).unwrap(),
-        plan_text: None,
-        weights: WeightSource::None,
-        options: CompileOptions { target: TargetKind::Cpu, ..Default::default() },
-        print: PrintOptions::default(),
-        cache: None,
-        output: out.clone(),
-        lm: None,
-    })
-    .unwrap();
-    let art = Artifact::open(&out).unwrap();
+    let (_tmp, art) = build(parse_graph(src).unwrap(), CompileOptions { target: TargetKind::Cpu, ..Default::default() });
     let exec = CpuExecutor::load(&art).unwrap();
     let mut session = exec.session(&art).unwrap();
     let inputs = [values(600, 16, 1), values(600, 16, 2), values(600, 16, 3)];

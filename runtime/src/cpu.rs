@@ -443,16 +443,7 @@ impl CpuSession<'_> {
         let pos = self.pos;
         // Temps live in slots sized for the largest buffer they hold at this seq.
         if self.slot_bytes.as_ref().is_none_or(|(s, _)| *s != seq) {
-            let mut slot_bytes: Vec<usize> = Vec::new();
-            for b in &plan.buffers {
-                if let (BufferKind::Temp | BufferKind::Scratch, Some(s)) = (b.kind, b.slot) {
-                    if slot_bytes.len() <= s {
-                        slot_bytes.resize(s + 1, 0);
-                    }
-                    slot_bytes[s] = slot_bytes[s].max(b.bytes(seq));
-                }
-            }
-            self.slot_bytes = Some((seq, slot_bytes));
+            self.slot_bytes = Some((seq, plan.slot_bytes(seq)));
         }
         let slot_bytes = self.slot_bytes.as_ref().map(|(_, v)| v.as_slice()).unwrap_or_default();
         if self.slots.len() < slot_bytes.len() {

@@ -83,15 +83,7 @@ impl CudaExecutor {
         // Lay out the arena: inputs and unslotted temps at `cap.seq` rows, one
         // region per temp slot (its largest buffer), caches at `positions` rows.
         let seq = cap.seq as u64;
-        let mut slot_bytes: Vec<usize> = Vec::new();
-        for b in &plan.buffers {
-            if let (BufferKind::Temp | BufferKind::Scratch, Some(s)) = (b.kind, b.slot) {
-                if slot_bytes.len() <= s {
-                    slot_bytes.resize(s + 1, 0);
-                }
-                slot_bytes[s] = slot_bytes[s].max(b.bytes(seq));
-            }
-        }
+        let slot_bytes = plan.slot_bytes(seq);
         let mut end = 0usize;
         let mut place = |bytes: usize| -> RuntimeResult<usize> {
             let at = end;

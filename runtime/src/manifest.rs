@@ -324,6 +324,23 @@ pub struct ExecutionPlan {
     pub row_local_tail: Option<usize>,
 }
 
+impl ExecutionPlan {
+    /// Bytes of each temp slot at sequence length `seq`: the largest temp or
+    /// scratch buffer it holds.
+    pub fn slot_bytes(&self, seq: u64) -> Vec<usize> {
+        let mut slot_bytes: Vec<usize> = Vec::new();
+        for b in &self.buffers {
+            if let (BufferKind::Temp | BufferKind::Scratch, Some(s)) = (b.kind, b.slot) {
+                if slot_bytes.len() <= s {
+                    slot_bytes.resize(s + 1, 0);
+                }
+                slot_bytes[s] = slot_bytes[s].max(b.bytes(seq));
+            }
+        }
+        slot_bytes
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
