@@ -402,7 +402,6 @@ impl CpuSession<'_> {
     /// `run_rows` over rows `0..seq` of the inputs in calls of at most `chunk` rows.
     fn run_chunks(&mut self, inputs: &[ArrayD<f32>], seq: u64, chunk: u64, last_only: bool) -> RuntimeResult<Vec<ArrayD<f32>>> {
         let plan = &self.art.manifest.execution;
-        let by_rows = |i: usize| plan.buffers[i].dims.first() == Some(&sparsec_ir::Dim::Seq);
         if let Some(&i) = plan.inputs.iter().find(|&&i| !plan.buffers[i].by_rows()) {
             return Err(RuntimeError::Cpu(format!("input `{}` is not laid out by rows: cannot split the call", plan.buffers[i].name)));
         }
@@ -428,7 +427,7 @@ impl CpuSession<'_> {
         (0..plan.outputs.len())
             .map(|o| {
                 let parts: Vec<_> = joined.iter().map(|outs| outs[o].view()).collect();
-                if !by_rows(plan.outputs[o]) {
+                if !plan.buffers[plan.outputs[o]].by_rows() {
                     return Err(RuntimeError::Cpu(format!("output `{}` is not laid out by rows", plan.buffers[plan.outputs[o]].name)));
                 }
                 ndarray::concatenate(ndarray::Axis(0), &parts).map_err(|e| RuntimeError::Cpu(e.to_string()))
@@ -524,17 +523,20 @@ impl CpuSession<'_> {
                     let (cp, _) = ptrs[*cache];
                     let cb = &plan.buffers[*cache];
                     let n = (cb.numel().resolve(seq) as usize).min(slen / 4);
-                    // SAFETY: the cache holds `pos + seq` rows (sized above) of
-                    // `bytes(1)` bytes each; `src` holds `seq` rows of as many f32
-                    // values; they are distinct allocations; both are 4-byte aligned.
+                    // SAFETY: the cache holds `pos + seq` rows, or a ring's capacity
+                    // (sized above), of `bytes(1)` bytes each; `src` holds `seq` rows of
+                    // as many f32 values; they are distinct allocations; both are
+                    // 4-byte aligned.
                     let from = unsafe { std::slice::from_raw_parts(sp as *const f32, n) };
                     let width = cb.numel().resolve(1) as usize;
-                    // Row by row where the cache is a ring, else all rows at once.
-                    let runs: Vec<(usize, std::ops::Range<usize>)> = match cb.ring {
-                        Some(r) => (0..seq as usize).map(|i| (r.row(pos + i), i * width..(i + 1) * width)).collect(),
-                        None => vec![(pos, 0..n)],
-                    };
-                    for (row, part) in runs {
+                    // Row by row where the cache is a ring, else all rows at once
+                    // (no allocation: decode appends twice per layer and token).
+                    let runs = if cb.ring.is_some() { seq as usize } else { 1 };
+                    for i in 0..runs {
+                        let (row, part) = match cb.ring {
+                            Some(r) => (r.row(pos + i), i * width..(i + 1) * width),
+                            None => (pos, 0..n),
+                        };
                         let from = from.get(part).ok_or_else(|| RuntimeError::Cpu(format!("KV source `{}` is short", cb.name)))?;
                         // SAFETY: `row` is below the rows the cache was sized for
                         // (a ring's rows are below its capacity).
