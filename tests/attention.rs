@@ -4,48 +4,16 @@
 //! sliding windows with sinks on ring caches (a prefill longer than the ring's
 //! slack runs in chunks; decode wraps the ring many times).
 
-use ndarray::{ArrayD, Axis, IxDyn, Slice};
-use sparsec_compiler::{compile, CompileOptions, CompileRequest, KvCacheType, TargetKind, WeightSource};
+mod attention_support;
+
+use attention_support::{build, values};
+use ndarray::{ArrayD, Axis, Slice};
+use sparsec_compiler::{CompileOptions, KvCacheType, TargetKind};
 use sparsec_ir::parse_graph;
-use sparsec_passes::PrintOptions;
 use sparsec_runtime::compare::{compare, Tolerance};
 use sparsec_runtime::cpu::CpuExecutor;
 use sparsec_runtime::interpreter::interpret;
 use sparsec_runtime::manifest::{ExecutionPlan, Step};
-use sparsec_runtime::Artifact;
-
-/// Deterministic values in [-1, 1].
-fn values(rows: usize, width: usize, seed: u64) -> ArrayD<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v = (0..rows * width)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect();
-    ArrayD::from_shape_vec(IxDyn(&[rows, width]), v).unwrap()
-}
-
-/// Compiles `graph` into an artifact in a fresh directory (kept alive by the returned guard).
-fn build(graph: sparsec_ir::Graph, options: CompileOptions) -> (tempfile::TempDir, Artifact) {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("a.sparsec");
-    let request = CompileRequest {
-        graph,
-        plan_text: None,
-        weights: WeightSource::None,
-        options,
-        print: PrintOptions::default(),
-        cache: None,
-        output: out.clone(),
-        lm: None,
-    };
-    compile(request).unwrap();
-    let art = Artifact::open(&out).unwrap();
-    (tmp, art)
-}
 
 /// Compiles one grouped attention (4 heads of width 8 over 2 KV heads) with
 /// `pattern`, runs `total` positions as a prefill of `prefill` rows and then

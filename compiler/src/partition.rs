@@ -4,7 +4,7 @@
 //! lifetimes do not overlap one slot.
 
 use crate::error::CompileResult;
-use crate::mlir::kernels::Prologue;
+use crate::mlir::kernels::{Prologue, Stage};
 use crate::mlir::math::Activation;
 use crate::mlir::KernelSpec;
 use crate::sparse_select::choose;
@@ -95,6 +95,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
         let mut spec = KernelSpec {
             name: String::new(),
             op: n.op.clone(),
+            stage: Stage::Op,
             operands: operand_ids.iter().map(|&o| types[o].clone()).collect(),
             result: types[i].clone(),
             patterns: n.patterns.clone(),
@@ -117,32 +118,17 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             buffers[wbuf].sparse = choice.storage;
             spec.sparse = Some(choice);
         }
-        // Ops with the same attributes, types and patterns share one kernel
-        // (a model's layers compile once, not once per layer).
-        // A kernel that bakes a weight's structure serves that weight only.
-        let baked = spec.sparse.as_ref().filter(|c| c.bakes()).map(|c| c.weight.clone());
-        let level = spec.sparse.as_ref().map(|c| (c.level, c.storage));
-        let signature = format!(
-            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
-            spec.op, spec.operands, spec.result, spec.patterns, level, baked, spec.epilogue, spec.activation, spec.prologue
-        );
-        let name = match by_signature.get(&signature) {
-            Some(name) => String::clone(name),
-            None => {
-                let fused = match (spec.prologue, spec.epilogue, spec.activation) {
-                    (Some(Prologue::Silu), _, _) => "_silu",
-                    (_, Some(_), Some(Activation::Gelu(_))) => "_add_gelu",
-                    (_, Some(_), Some(Activation::Silu)) => "_add_silu",
-                    (_, Some(_), None) => "_add",
-                    _ => "",
-                };
-                spec.name = format!("k{}_{}{fused}", kernels.len(), n.op.keyword());
-                by_signature.insert(signature, spec.name.clone());
-                let name = spec.name.clone();
-                kernels.push(spec.clone());
-                name
-            }
+        // Native sparse attention reads its selection as operand 3 (`nsa.rs`).
+        let nsa = match n.op {
+            Op::Attention { kv_heads, .. } => crate::mlir::kernels::nsa_of(&n.patterns).map(|nsa| (nsa, kv_heads as u64)),
+            _ => None,
         };
+        let select_type = nsa.map(|(nsa, kvh)| TensorType {
+            dtype: DType::F32,
+            dims: vec![Dim::Seq, Dim::Fixed(crate::mlir::kernels::select_words(&nsa, kvh))],
+        });
+        spec.operands.extend(select_type.clone());
+        let name = intern(&mut kernels, &mut by_signature, &mut spec, n.op.keyword());
         spec.name = name;
         let mut args: Vec<usize> = operand_ids.iter().map(|&o| buffer_of[o]).collect();
         if let Op::Attention { .. } = n.op {
@@ -168,6 +154,52 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                 let cache = buffers.len() - 1;
                 steps.push(Step::KvAppend { src, cache });
                 args[slot] = cache;
+            }
+            if let (Some((nsa, _)), Some(select_type)) = (nsa, &select_type) {
+                let kvw = match buffers[args[1]].dims.last() {
+                    Some(Dim::Fixed(w)) => *w,
+                    _ => return Err(spec.unsupported("#nsa needs a fixed key width")),
+                };
+                let block_type = TensorType { dtype: DType::F32, dims: vec![Dim::Seq, Dim::Fixed(crate::mlir::kernels::block_words(kvw))] };
+                buffers.push(BufferSpec {
+                    name: format!("{}.nsa_blocks", n.name),
+                    kind: BufferKind::BlockCache { block: nsa.block },
+                    dims: block_type.dims.clone(),
+                    dtype: DType::F32,
+                    slot: None,
+                    sparse: None,
+                    ring: None,
+                });
+                let blocks = buffers.len() - 1;
+                buffers.push(BufferSpec {
+                    name: format!("{}.nsa_select", n.name),
+                    kind: BufferKind::Temp,
+                    dims: select_type.dims.clone(),
+                    dtype: DType::F32,
+                    slot: None,
+                    sparse: None,
+                    ring: None,
+                });
+                let select = buffers.len() - 1;
+                let k_type = spec.operands[1].clone();
+                let q_type = spec.operands[0].clone();
+                for (stage, operands, result, step_args) in [
+                    (Stage::NsaSummary, vec![k_type], block_type.clone(), vec![args[1], blocks]),
+                    (Stage::NsaSelect, vec![q_type, block_type], select_type.clone(), vec![args[0], blocks, select]),
+                ] {
+                    let mut step_spec = KernelSpec { stage, operands, result, sparse: None, ..spec.clone() };
+                    intern(&mut kernels, &mut by_signature, &mut step_spec, n.op.keyword());
+                    steps.push(Step::Kernel(KernelStep {
+                        kernel: step_spec.name.clone(),
+                        args: step_args,
+                        gpu_threads: step_spec.work()?,
+                        cpu_units: step_spec.cpu_work()?,
+                        cpu_seq_block: step_spec.cpu_seq_block(),
+                        cpu_unit_cost: step_spec.cpu_unit_cost(),
+                        cpu_first_phase: step_spec.cpu_first_phase()?,
+                    }));
+                }
+                args.push(select);
             }
         }
         if let Some(words) = spec.scratch_words()? {
@@ -198,6 +230,39 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
     let mut plan = ExecutionPlan { buffers, inputs, outputs, steps, row_local_tail };
     assign_slots(&mut plan);
     Ok(Partition { kernels, plan, weight_nodes })
+}
+
+/// The kernel that computes `spec`: ops with the same attributes, types and
+/// patterns share one kernel (a model's layers compile once, not once per
+/// layer); a kernel that bakes a weight's structure serves that weight only.
+/// Registers a new kernel named after its op (and what is fused into it).
+fn intern(kernels: &mut Vec<KernelSpec>, by_signature: &mut HashMap<String, String>, spec: &mut KernelSpec, keyword: &str) -> String {
+    let baked = spec.sparse.as_ref().filter(|c| c.bakes()).map(|c| c.weight.clone());
+    let level = spec.sparse.as_ref().map(|c| (c.level, c.storage));
+    let signature = format!(
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+        spec.op, spec.stage, spec.operands, spec.result, spec.patterns, level, baked, spec.epilogue, spec.activation, spec.prologue
+    );
+    let name = match by_signature.get(&signature) {
+        Some(name) => String::clone(name),
+        None => {
+            let fused = match (spec.stage, spec.prologue, spec.epilogue, spec.activation) {
+                (Stage::NsaSummary, ..) => "_nsa_summary",
+                (Stage::NsaSelect, ..) => "_nsa_select",
+                (Stage::Op, Some(Prologue::Silu), _, _) => "_silu",
+                (Stage::Op, _, Some(_), Some(Activation::Gelu(_))) => "_add_gelu",
+                (Stage::Op, _, Some(_), Some(Activation::Silu)) => "_add_silu",
+                (Stage::Op, _, Some(_), None) => "_add",
+                (Stage::Op, ..) => "",
+            };
+            spec.name = format!("k{}_{keyword}{fused}", kernels.len());
+            by_signature.insert(signature, spec.name.clone());
+            kernels.push(spec.clone());
+            spec.name.clone()
+        }
+    };
+    spec.name = name.clone();
+    name
 }
 
 /// The first step of the longest suffix of row-local kernels whose every

@@ -154,11 +154,49 @@ pub enum Window {
     Sliding { size: u32, sinks: u32 },
 }
 
+/// Native sparse attention for inference (NSA's selected and sliding
+/// branches, no training): a query at position i sees its first `sinks`
+/// positions, the `top_n` most important complete blocks of `block` positions
+/// between the sinks and its window, and the `window` positions ending at i,
+/// under one softmax. Blocks are ranked per KV group: each head of the group
+/// scores every candidate block (`score`), the scores go through a softmax
+/// over the candidates per head, and the probabilities are summed over the
+/// group's heads (ties go to the earlier block). A candidate block lies whole
+/// at or after the sinks (`b·block ≥ sinks`) and before the window.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct NativeSparse {
     pub block: u32,
-    pub top_k: u32,
+    pub top_n: u32,
     pub window: u32,
+    pub sinks: u32,
+    pub score: NsaScore,
+}
+
+/// How a query head scores a block of keys (scaled by 1/√d like a key's score).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NsaScore {
+    /// `q · mean(K_block)`: the score against the block's mean-pooled key
+    /// (NSA's compressed key without a trained compression).
+    Mean,
+    /// `Σ_c max(q_c·min_c, q_c·max_c)` over the block's per-channel key
+    /// minimum and maximum: an upper bound of every key's score in the block
+    /// (as Quest keeps).
+    Bound,
+}
+
+impl NsaScore {
+    pub const ALL: [NsaScore; 2] = [NsaScore::Mean, NsaScore::Bound];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NsaScore::Mean => "mean",
+            NsaScore::Bound => "bound",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        NsaScore::ALL.into_iter().find(|v| v.name() == s)
+    }
 }
 
 impl Pattern {
@@ -182,8 +220,8 @@ impl Pattern {
     /// so an op that still carries it was not lowered.
     pub fn implemented(&self) -> bool {
         match self {
-            Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::Values(_) | Pattern::Window(_) => true,
-            Pattern::LowRank(_) | Pattern::Kv(_) | Pattern::Nsa(_) => false,
+            Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::Values(_) | Pattern::Window(_) | Pattern::Nsa(_) => true,
+            Pattern::LowRank(_) | Pattern::Kv(_) => false,
         }
     }
 
@@ -239,9 +277,12 @@ impl Pattern {
             Pattern::Window(Window::Sliding { size, sinks }) => {
                 a.word("sliding").kv("size", Int(*size as i128)).kv("sinks", Int(*sinks as i128))
             }
-            Pattern::Nsa(NativeSparse { block, top_k, window }) => {
-                a.kv("block", Int(*block as i128)).kv("top_k", Int(*top_k as i128)).kv("window", Int(*window as i128))
-            }
+            Pattern::Nsa(NativeSparse { block, top_n, window, sinks, score }) => a
+                .kv("block", Int(*block as i128))
+                .kv("top_n", Int(*top_n as i128))
+                .kv("window", Int(*window as i128))
+                .kv("sinks", Int(*sinks as i128))
+                .kv("score", Word(score.name().into())),
         }
     }
 
@@ -309,7 +350,14 @@ impl Pattern {
                 "sliding" => Pattern::Window(Window::Sliding { size: r.u32("size")?, sinks: r.opt_u32("sinks")?.unwrap_or(0) }),
                 other => return Err(format!("{what}: unknown kind `{other}` (expected full or sliding)")),
             },
-            "nsa" => Pattern::Nsa(NativeSparse { block: r.u32("block")?, top_k: r.u32("top_k")?, window: r.u32("window")? }),
+            "nsa" => {
+                let (block, top_n, window, sinks) = (r.u32("block")?, r.u32("top_n")?, r.u32("window")?, r.opt_u32("sinks")?.unwrap_or(0));
+                let score = match r.opt_word("score")? {
+                    None => NsaScore::Bound,
+                    Some(w) => NsaScore::from_name(w).ok_or_else(|| format!("{what}: unknown score `{w}` (expected mean or bound)"))?,
+                };
+                Pattern::Nsa(NativeSparse { block, top_n, window, sinks, score })
+            }
             other => {
                 return Err(format!("unknown pattern `#{other}` (expected sparsity, specialize, values, low_rank, kv, window or nsa)"))
             }

@@ -2,7 +2,7 @@
 //! reduction is long). This is the definition compiled kernels are checked against.
 
 use crate::op::{GeluApprox, Op};
-use crate::pattern::{Pattern, Window};
+use crate::pattern::{NativeSparse, NsaScore, Pattern, Window};
 use faer::linalg::matmul::matmul;
 use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::{Accum, Mat, Par};
@@ -169,11 +169,13 @@ pub fn attention(
     q_offset: usize,
 ) -> Result<ArrayD<f32>, String> {
     let mut window: Option<(usize, usize)> = None;
+    let mut nsa: Option<NativeSparse> = None;
     for p in patterns {
         match p {
             Pattern::Window(Window::Full) => {}
             Pattern::Window(Window::Sliding { size, sinks }) => window = Some((*size as usize, *sinks as usize)),
-            Pattern::Kv(_) | Pattern::Nsa(_) => crate::pattern::refuse_unimplemented(std::slice::from_ref(p))?,
+            Pattern::Nsa(n) => nsa = Some(*n),
+            Pattern::Kv(_) => crate::pattern::refuse_unimplemented(std::slice::from_ref(p))?,
             Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::Values(_) | Pattern::LowRank(_) => {
                 return Err(format!("#{} does not apply to attention", p.keyword()))
             }
@@ -190,6 +192,10 @@ pub fn attention(
     let kvw = d * kv_heads;
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f64).sqrt();
+    if let Some(nsa) = nsa {
+        let out = nsa_attention(&nsa, (heads, kv_heads, d), &q, &k, &v, q_offset);
+        return ArrayD::from_shape_vec(IxDyn(&[s, qw]), out).map_err(|e| e.to_string());
+    }
     let mut out = vec![0f32; s * qw];
     // Per head, in f64 throughout: scores S = Q·Kᵀ·scale for a chunk of
     // queries, softmax over the visible keys (the rest weigh exactly 0), then
@@ -231,4 +237,98 @@ pub fn attention(
         }
     }
     ArrayD::from_shape_vec(IxDyn(&[s, qw]), out).map_err(|e| e.to_string())
+}
+
+/// The positions a query at position `i` of KV head `kh` sees under native
+/// sparse attention (`NativeSparse`), in f64 from the keys themselves: its
+/// sinks, the selected blocks, its window.
+fn nsa_visible(nsa: &NativeSparse, (group, d, kvw): (usize, usize, usize), qrow: &[f32], k: &[f32], kh: usize, i: usize) -> Vec<usize> {
+    let (block, window) = (nsa.block as usize, nsa.window as usize);
+    let from = (i + 1).saturating_sub(window);
+    let sinks = (nsa.sinks as usize).min(from);
+    let mut seen: Vec<usize> = (0..sinks).collect();
+    let first = (nsa.sinks as usize).div_ceil(block);
+    let last = from / block; // candidate blocks first..last end at or before the window
+    if last > first {
+        let scale = 1.0 / (d as f64).sqrt();
+        // Per head of the group: a softmax over the candidates' scores; the
+        // probabilities summed over the group rank the blocks.
+        let mut importance = vec![0f64; last - first];
+        for g in 0..group {
+            let qh = &qrow[(kh * group + g) * d..(kh * group + g + 1) * d];
+            let scores: Vec<f64> = (first..last)
+                .map(|b| {
+                    let key = |j: usize, c: usize| k[j * kvw + kh * d + c] as f64;
+                    let rows = b * block..(b + 1) * block;
+                    let s: f64 = (0..d)
+                        .map(|c| {
+                            let qc = qh[c] as f64;
+                            match nsa.score {
+                                NsaScore::Mean => qc * rows.clone().map(|j| key(j, c)).sum::<f64>() / block as f64,
+                                NsaScore::Bound => {
+                                    let lo = rows.clone().map(|j| key(j, c)).fold(f64::INFINITY, f64::min);
+                                    let hi = rows.clone().map(|j| key(j, c)).fold(f64::NEG_INFINITY, f64::max);
+                                    (qc * lo).max(qc * hi)
+                                }
+                            }
+                        })
+                        .sum();
+                    s * scale
+                })
+                .collect();
+            let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+            for (imp, s) in importance.iter_mut().zip(&scores) {
+                *imp += (s - m).exp() / z;
+            }
+        }
+        // The top_n, earlier blocks first among equals.
+        let mut order: Vec<usize> = (0..importance.len()).collect();
+        order.sort_by(|&a, &b| importance[b].total_cmp(&importance[a]).then(a.cmp(&b)));
+        for &c in order.iter().take(nsa.top_n as usize) {
+            let b = first + c;
+            seen.extend(b * block..(b + 1) * block);
+        }
+    }
+    seen.extend(from..=i);
+    seen
+}
+
+/// `attention` under `#nsa` for queries `q` at positions `q_offset..` over
+/// keys and values `k`, `v` (rows of `kv_heads·d`): per query and KV group,
+/// the visible positions (`nsa_visible`), then one softmax over them per
+/// head, in f64. Returns the rows of `heads·d` outputs.
+fn nsa_attention(
+    nsa: &NativeSparse,
+    (heads, kv_heads, d): (usize, usize, usize),
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    q_offset: usize,
+) -> Vec<f32> {
+    let qw = heads * d;
+    let kvw = d * kv_heads;
+    let group = heads / kv_heads;
+    let s = q.len() / qw.max(1);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = vec![0f32; s * qw];
+    for r in 0..s {
+        let i = r + q_offset;
+        let qrow = &q[r * qw..(r + 1) * qw];
+        for kh in 0..kv_heads {
+            let seen = nsa_visible(nsa, (group, d, kvw), qrow, k, kh, i);
+            for h in kh * group..(kh + 1) * group {
+                let dot = |j: usize| (0..d).map(|c| qrow[h * d + c] as f64 * k[j * kvw + kh * d + c] as f64).sum::<f64>() * scale;
+                let sc: Vec<f64> = seen.iter().map(|&j| dot(j)).collect();
+                let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let p: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = p.iter().sum();
+                for c in 0..d {
+                    let y: f64 = seen.iter().zip(&p).map(|(&j, w)| w * v[j * kvw + kh * d + c] as f64).sum();
+                    out[r * qw + h * d + c] = (y / z) as f32;
+                }
+            }
+        }
+    }
+    out
 }

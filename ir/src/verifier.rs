@@ -237,7 +237,7 @@ fn verify_patterns(g: &Graph, v: ValueId, types: &[TensorType]) -> Result<(), St
             },
             Pattern::Nsa(nsa) => {
                 positive("block", nsa.block)?;
-                positive("top_k", nsa.top_k)?;
+                positive("top_n", nsa.top_n)?;
                 positive("window", nsa.window)?;
             }
         }

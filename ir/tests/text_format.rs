@@ -39,7 +39,7 @@ const EVERY_OP: &str = r#"graph @every_op {
   %kv = matmul %k, %wt {transpose_b = true} : f32[seq, 64]
   %at = attention %q, %kv, %kv {heads = 4, kv_heads = 4} #window(sliding, size = 16, sinks = 2) #kv(dct, keep = 0.25, axis = feature, block = 64) : f32[seq, 64]
   %at2 = attention %q, %kv, %kv {heads = 2, kv_heads = 2} #window(full) #kv(pswf, keep = 0.5, axis = sequence, bandwidth = 0.1) : f32[seq, 64]
-  %at3 = attention %q, %kv, %kv {heads = 1, kv_heads = 1} #kv(chunked_svd, chunk = 64, rank = 8) #nsa(block = 16, top_k = 4, window = 32) : f32[seq, 64]
+  %at3 = attention %q, %kv, %kv {heads = 1, kv_heads = 1} #kv(chunked_svd, chunk = 64, rank = 8) #nsa(block = 16, top_n = 4, window = 32, sinks = 4, score = bound) : f32[seq, 64]
   %at4 = attention %q, %kv, %kv {heads = 2, kv_heads = 2} #kv(chunked_svd, chunk = 32, energy = 0.95) : f32[seq, 64]
   %ids = input : i32[seq]
   %pos = positions : i32[seq]
@@ -202,7 +202,8 @@ fn pattern_invariants_are_verified() {
         ("#kv(pswf, keep = 0.5, bandwidth = 0.7)", "bandwidth"),
         ("#kv(chunked_svd, chunk = 4, rank = 8)", "exceeds the chunk length"),
         ("#window(sliding, size = 0)", "window size must be positive"),
-        ("#nsa(block = 4, top_k = 2, window = 8) #window(sliding, size = 4)", "own sliding window"),
+        ("#nsa(block = 4, top_n = 2, window = 8) #window(sliding, size = 4)", "own sliding window"),
+        ("#nsa(block = 4, top_n = 0, window = 8)", "top_n"),
         ("#sparsity(nm, n = 2, m = 4)", "applies to matmul ops only"),
     ] {
         let m = verify_err(&att(pat));

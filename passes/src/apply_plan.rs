@@ -66,7 +66,7 @@ impl ApplyPlan {
         if let Some(what) = rule.not_yet.first() {
             return Err(rule_err(
                 rule,
-                format!("`{what}` is not implemented yet (sparsity, specialize, low_rank, share and attention windows are)"),
+                format!("`{what}` is not implemented yet (sparsity, specialize, low_rank, share, attention windows and nsa are)"),
             ));
         }
         if rule.from_weights {
@@ -150,7 +150,8 @@ impl ApplyPlan {
         if let Some(f) = &rule.factor {
             apply_factor(g, rule, f)?;
         }
-        if let Some(wp) = &rule.window {
+        // The attention ops of the rule's layers.
+        let attentions = |g: &Graph| -> Result<Vec<(usize, u64)>, IrError> {
             let atts: Vec<(usize, u64)> = (0..g.nodes.len())
                 .filter(|&i| matches!(g.nodes[i].op, Op::Attention { .. }))
                 .filter_map(|i| layer_of(g, i).map(|l| (i, l)))
@@ -159,6 +160,17 @@ impl ApplyPlan {
             if atts.is_empty() {
                 return Err(rule_err(rule, format!("selects no attention layer in layers {:?}", rule.layers)));
             }
+            Ok(atts)
+        };
+        if let Some(nsa) = rule.nsa {
+            for (i, _) in attentions(g)? {
+                // NSA replaces a window an earlier rule gave the layer.
+                g.nodes[i].patterns.retain(|p| !matches!(p, Pattern::Window(_)));
+                set_pattern(&mut g.nodes[i].patterns, Pattern::Nsa(nsa));
+            }
+        }
+        if let Some(wp) = &rule.window {
+            let atts = attentions(g)?;
             let last = atts.len().saturating_sub(1).max(1) as f64;
             for (j, (i, _)) in atts.iter().enumerate() {
                 let w = match *wp {
@@ -170,6 +182,7 @@ impl ApplyPlan {
                         Window::Sliding { size, sinks }
                     }
                 };
+                g.nodes[*i].patterns.retain(|p| !matches!(p, Pattern::Nsa(_)));
                 set_pattern(&mut g.nodes[*i].patterns, Pattern::Window(w));
             }
         }

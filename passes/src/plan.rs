@@ -4,7 +4,7 @@
 //! known keys); `apply-plan` checks the rest against the graph.
 
 use serde::Deserialize;
-use sparsec_ir::{Sparsity, Specialize, ValueCoding};
+use sparsec_ir::{NativeSparse, NsaScore, Sparsity, Specialize, ValueCoding};
 
 /// A parsed plan: its rules in order (later rules override earlier ones).
 #[derive(Clone, Debug, PartialEq)]
@@ -205,6 +205,8 @@ pub struct Rule {
     pub values: ValueCoding,
     pub specialize: Option<Specialize>,
     pub window: Option<WindowPlan>,
+    /// `attention = { nsa = { ... } }`: native sparse attention on the selected layers.
+    pub nsa: Option<NativeSparse>,
     /// `sparsity = { kind = "from-weights" }`: each selected weight keeps the
     /// zeros it has, as the pattern they form (`sparsity` is `None`);
     /// `resolve_from_weights` turns the rule into concrete ones, and
@@ -212,7 +214,7 @@ pub struct Rule {
     pub from_weights: bool,
     /// `low_rank` or `share`: the selected weights are factored.
     pub factor: Option<FactorPlan>,
-    /// Families the plan format names but this build cannot apply yet (`kv`, `nsa`).
+    /// Families the plan format names but this build cannot apply yet (`kv`).
     pub not_yet: Vec<&'static str>,
 }
 
@@ -313,8 +315,24 @@ enum SparsityFile {
 #[serde(deny_unknown_fields)]
 struct AttentionFile {
     window: Option<WindowFile>,
-    nsa: Option<toml::Value>,
+    nsa: Option<NsaFile>,
 }
+
+/// `attention = { nsa = { block, top_n, window, sinks, score } }`; every key
+/// has a default (`NSA_DEFAULT`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NsaFile {
+    block: Option<u32>,
+    top_n: Option<u32>,
+    window: Option<u32>,
+    sinks: Option<u32>,
+    score: Option<String>,
+}
+
+/// NSA's inference defaults: blocks of 64, the top 16, a 512-position window,
+/// 4 sinks, blocks ranked by their key bounds.
+pub const NSA_DEFAULT: NativeSparse = NativeSparse { block: 64, top_n: 16, window: 512, sinks: DEFAULT_SINKS, score: NsaScore::Bound };
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -448,9 +466,33 @@ impl Plan {
             };
             let mut not_yet = Vec::new();
             let mut window = None;
+            let mut nsa = None;
             if let Some(a) = r.attention {
-                if a.nsa.is_some() {
-                    not_yet.push("attention.nsa");
+                if let Some(f) = a.nsa {
+                    if a.window.is_some() {
+                        return Err(err("`nsa` carries its own window: give `window` inside it, not next to it".into()));
+                    }
+                    let d = NSA_DEFAULT;
+                    let score = match f.score.as_deref() {
+                        None => d.score,
+                        Some(w) => {
+                            NsaScore::from_name(w).ok_or_else(|| err(format!("nsa score = \"{w}\" (expected \"mean\" or \"bound\")")))?
+                        }
+                    };
+                    let n = NativeSparse {
+                        block: f.block.unwrap_or(d.block),
+                        top_n: f.top_n.unwrap_or(d.top_n),
+                        window: f.window.unwrap_or(d.window),
+                        sinks: f.sinks.unwrap_or(d.sinks),
+                        score,
+                    };
+                    if n.block == 0 || n.top_n == 0 || n.window == 0 {
+                        return Err(err(format!(
+                            "nsa block, top_n and window must be positive, got {}, {}, {}",
+                            n.block, n.top_n, n.window
+                        )));
+                    }
+                    nsa = Some(n);
                 }
                 window = match a.window {
                     None => None,
@@ -494,10 +536,17 @@ impl Plan {
                     return Err(err(format!("`{}` and `{other}` on the same weights are not combined", f.key())));
                 }
             }
-            if sparsity.is_none() && !from_weights && specialize.is_none() && window.is_none() && factor.is_none() && not_yet.is_empty() {
+            if sparsity.is_none()
+                && !from_weights
+                && specialize.is_none()
+                && window.is_none()
+                && nsa.is_none()
+                && factor.is_none()
+                && not_yet.is_empty()
+            {
                 return Err(err("says nothing: give sparsity, specialize, attention, kv, low_rank or share".into()));
             }
-            rules.push(Rule { index, layers, targets, sparsity, method, values, specialize, window, factor, from_weights, not_yet });
+            rules.push(Rule { index, layers, targets, sparsity, method, values, specialize, window, nsa, factor, from_weights, not_yet });
         }
         let mut calibration = Calibration::default();
         if let Some(c) = file.calibration {
@@ -570,6 +619,8 @@ impl Plan {
             "half" | "quarter" | "aggressive" => {
                 return Ok(format!("[[rule]]\nlayers = \"all\"\nattention = {{ window = {{ schedule = \"{name}\", sinks = {DEFAULT_SINKS} }} }}\n"))
             }
+            // Native sparse attention with its defaults (`NSA_DEFAULT`) in every layer.
+            "nsa" => "[[rule]]\nlayers = \"all\"\nattention = { nsa = {} }\n",
             "sparse-0.5" | "sparse-0.7" | "sparse-0.9" => {
                 return Ok(format!(
                     "[[rule]]\nlayers = \"all\"\ntarget = \"attn.*,mlp.*\"\nsparsity = {{ kind = \"unstructured\", ratio = {} }}\nspecialize = \"auto\"\n",
@@ -607,7 +658,7 @@ pub fn named_schedule(name: &str, sinks: u32) -> Option<WindowPlan> {
 }
 
 /// Every preset name.
-pub const PRESETS: [&str; 8] = ["half", "quarter", "aggressive", "sparse-0.5", "sparse-0.7", "sparse-0.9", "2:4", "block4x4-0.8"];
+pub const PRESETS: [&str; 9] = ["half", "quarter", "aggressive", "nsa", "sparse-0.5", "sparse-0.7", "sparse-0.9", "2:4", "block4x4-0.8"];
 
 /// `*` matches any run of characters.
 pub fn glob(pattern: &str, s: &str) -> bool {
@@ -655,6 +706,26 @@ mod tests {
             let p = Plan::parse(&Plan::preset(name).unwrap()).unwrap();
             assert_eq!(p.rules[0].window, named_schedule(name, DEFAULT_SINKS), "{name}");
         }
+    }
+
+    #[test]
+    fn nsa_tables_take_defaults_and_refuse_a_window_beside_them() {
+        let nsa = |t: &str| Plan::parse(&format!("[[rule]]\nattention = {{ {t} }}\n")).map(|p| p.rules[0].nsa);
+        assert_eq!(nsa("nsa = {}").unwrap(), Some(NSA_DEFAULT));
+        assert_eq!(
+            nsa("nsa = { block = 32, top_n = 8, window = 256, sinks = 0, score = \"mean\" }").unwrap(),
+            Some(NativeSparse { block: 32, top_n: 8, window: 256, sinks: 0, score: NsaScore::Mean })
+        );
+        for (t, needle) in [
+            ("nsa = {}, window = 64", "carries its own window"),
+            ("nsa = { score = \"max\" }", "expected \"mean\" or \"bound\""),
+            ("nsa = { top_n = 0 }", "must be positive"),
+            ("nsa = { stride = 16 }", "unknown field"),
+        ] {
+            let e = nsa(t).unwrap_err().to_string();
+            assert!(e.contains(needle), "{t}: {e}");
+        }
+        assert_eq!(Plan::parse(&Plan::preset("nsa").unwrap()).unwrap().rules[0].nsa, Some(NSA_DEFAULT));
     }
 
     #[test]

@@ -479,6 +479,16 @@ impl CpuSession<'_> {
                         (v.as_mut_ptr() as *mut u8, len)
                     }
                 },
+                BufferKind::BlockCache { .. } => {
+                    // A row per block the positions so far fill (`block_rows`).
+                    let rows = b.block_rows(pos + seq as usize).unwrap_or(1);
+                    let need = rows * b.bytes(1);
+                    let c = &mut self.caches[i];
+                    if c.len() * 4 < need {
+                        c.resize(need.div_ceil(4).max(c.len() * 2), 0.0);
+                    }
+                    (c.as_mut_ptr() as *mut u8, need)
+                }
                 BufferKind::KvCache => {
                     // Held as f32 words (4-byte aligned) whatever the cache's type.
                     let row_words = b.bytes(1).div_ceil(4);
@@ -511,7 +521,7 @@ impl CpuSession<'_> {
                 // at its last row only, as a one-row sequence at the last position
                 // (partition checks that the tail's buffers are by rows).
                 for (b, p) in plan.buffers.iter().zip(ptrs.iter_mut()) {
-                    if b.kind != BufferKind::Weight {
+                    if matches!(b.kind, BufferKind::Temp | BufferKind::Input) {
                         *p = last_row(p.0, b);
                     }
                 }

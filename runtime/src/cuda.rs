@@ -114,6 +114,11 @@ impl CudaExecutor {
                     )))
                 }
                 BufferKind::KvCache => {}
+                BufferKind::BlockCache { .. } => {
+                    let rows = b.block_rows(seq as usize).unwrap_or(1) as u64;
+                    let n = (b.numel().resolve(rows) as usize).max(1);
+                    owned.insert(i, self.stream.alloc_zeros::<f32>(n).map_err(cu("alloc"))?);
+                }
                 BufferKind::Temp | BufferKind::Scratch => {
                     let n = (b.numel().resolve(seq) as usize).max(1);
                     owned.insert(i, self.stream.alloc_zeros::<f32>(n).map_err(cu("alloc"))?);

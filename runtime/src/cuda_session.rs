@@ -103,6 +103,14 @@ impl CudaExecutor {
                     Some(s) => Some(slot_at[s]),
                     None => Some(place(b.bytes(seq))?),
                 },
+                BufferKind::BlockCache { .. } => {
+                    let rows = b.block_rows(positions).unwrap_or(1);
+                    let bytes = b
+                        .bytes(1)
+                        .checked_mul(rows)
+                        .ok_or_else(|| RuntimeError::Cuda(format!("block cache `{}` overflows at {positions} positions", b.name)))?;
+                    Some(place(bytes)?)
+                }
                 BufferKind::KvCache => {
                     if b.dtype != DType::F32 {
                         return Err(RuntimeError::Cuda(format!(

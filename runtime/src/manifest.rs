@@ -6,7 +6,7 @@ use sparsec_ir::sparse::SparseStorage;
 use sparsec_ir::{DType, Dim, SymSize};
 
 /// Bumped whenever the manifest or the kernel ABI changes.
-pub const MANIFEST_VERSION: u32 = 7;
+pub const MANIFEST_VERSION: u32 = 8;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const GRAPH_FILE: &str = "graph.sir";
@@ -165,6 +165,14 @@ pub enum BufferKind {
     /// Working memory of the one kernel step that takes it (attention's split
     /// partials): fixed size, f32, undefined on entry, never a step's output.
     Scratch,
+    /// State an attention with `#nsa` keeps across calls: one f32 row per
+    /// `block` positions (`dims` are `[seq, width]` with `seq` counting
+    /// blocks), written by the one kernel step whose output it is (as the
+    /// call's rows complete blocks) and read by later steps; the runtime holds
+    /// a row for every block the positions so far fill.
+    BlockCache {
+        block: u32,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -227,6 +235,15 @@ impl BufferSpec {
         self.dims.first() == Some(&Dim::Seq) && self.dims.iter().filter(|d| **d == Dim::Seq).count() == 1
     }
 
+    /// Rows a block cache holds after `positions` positions (the blocks they
+    /// fill, at least one); `None` for other buffers.
+    pub fn block_rows(&self, positions: usize) -> Option<usize> {
+        match self.kind {
+            BufferKind::BlockCache { block } => Some((positions / block.max(1) as usize).max(1)),
+            _ => None,
+        }
+    }
+
     /// Whether kernels take the buffer as bytes (`memref<?xi8>`): packed
     /// quantized weights and f16 KV caches.
     pub fn as_bytes(&self) -> bool {
@@ -266,7 +283,7 @@ impl BufferSpec {
     }
 }
 
-/// One kernel launch. Kernel ABI (`MANIFEST_VERSION` 7): arguments are the
+/// One kernel launch. Kernel ABI (`MANIFEST_VERSION` 8): arguments are the
 /// `args` buffers as flat arrays (f32; packed bytes for quantized and sparse weights
 /// and for f16 KV caches; the
 /// last one is written), then `seq` (rows of this call) and `pos` (positions

@@ -113,8 +113,22 @@ pub fn validate(
             }
             BufferKind::Input | BufferKind::Temp => match by_value.get(b.name.as_str()) {
                 Some(t) => Some(*t),
-                None => return Err(bad("the graph has no value of this name".into())),
+                None => match nsa_selection(graph, &b.name) {
+                    // An attention's `#nsa` selection: a row of words per KV head.
+                    Some(words) if b.kind == BufferKind::Temp && b.dtype == DType::F32 && b.dims == [Dim::Seq, Dim::Fixed(words)] => None,
+                    _ => return Err(bad("the graph has no value of this name".into())),
+                },
             },
+            BufferKind::BlockCache { block } => {
+                if b.dtype != DType::F32 || !b.by_rows() || block == 0 {
+                    return Err(bad(format!(
+                        "a block cache must be f32 rows of [seq, ...] over blocks of at least one position, not {} {:?} over {block}",
+                        b.dtype.name(),
+                        b.dims
+                    )));
+                }
+                None
+            }
             BufferKind::Scratch => {
                 if b.dtype != DType::F32 || b.dims.contains(&Dim::Seq) || b.slot.is_none() {
                     return Err(bad(format!("scratch must be f32 of a fixed size in a slot, not {} {:?}", b.dtype.name(), b.dims)));
@@ -156,6 +170,7 @@ pub fn validate(
     // Steps.
     let mut appended = HashSet::new();
     let mut scratch_users = HashSet::new();
+    let mut block_writers = HashSet::new();
     for (s, step) in plan.steps.iter().enumerate() {
         let bad = |m: String| fail(&mpath, format!("step {s}: {m}"));
         match step {
@@ -184,11 +199,14 @@ pub fn validate(
                 if k.args.len() > MAX_KERNEL_BUFFERS || k.args.iter().any(|&a| a >= nb) {
                     return Err(bad(format!("kernel `{}` takes buffers {:?} of {nb} (at most {MAX_KERNEL_BUFFERS})", k.kernel, k.args)));
                 }
-                if bufs[out].kind != BufferKind::Temp || ins.contains(&out) {
+                if !matches!(bufs[out].kind, BufferKind::Temp | BufferKind::BlockCache { .. }) || ins.contains(&out) {
                     return Err(bad(format!(
-                        "kernel `{}` writes `{}`, which is not a temporary it does not read",
+                        "kernel `{}` writes `{}`, which is not a temporary or block cache it does not read",
                         k.kernel, bufs[out].name
                     )));
+                }
+                if matches!(bufs[out].kind, BufferKind::BlockCache { .. }) && !block_writers.insert(out) {
+                    return Err(bad(format!("block cache `{}` is written by two steps", bufs[out].name)));
                 }
                 if ins.iter().any(|&a| bufs[a].kind == BufferKind::Scratch && !scratch_users.insert(a)) {
                     return Err(bad(format!("kernel `{}` takes a scratch buffer another step takes", k.kernel)));
@@ -202,6 +220,9 @@ pub fn validate(
     for (i, b) in bufs.iter().enumerate() {
         if b.kind == BufferKind::KvCache && !appended.contains(&i) {
             return Err(fail(&mpath, format!("KV cache `{}` is never appended to", b.name)));
+        }
+        if matches!(b.kind, BufferKind::BlockCache { .. }) && !block_writers.contains(&i) {
+            return Err(fail(&mpath, format!("block cache `{}` is never written", b.name)));
         }
     }
     if let Some(t) = plan.row_local_tail {
@@ -288,4 +309,18 @@ pub fn validate(
         })
         .collect();
     Ok(Limits { max_positions, id_bounds })
+}
+
+/// The f32 words per row of the `#nsa` selection buffer named `name`
+/// (`<attention value>.nsa_select`): per KV head a count, `top_n` block
+/// indices and `top_n` importances; `None` when no attention with `#nsa` has
+/// that name.
+fn nsa_selection(graph: &Graph, name: &str) -> Option<u64> {
+    let value = name.strip_suffix(".nsa_select")?;
+    let n = graph.nodes.iter().find(|n| n.name == value)?;
+    let Op::Attention { kv_heads, .. } = n.op else { return None };
+    n.patterns.iter().find_map(|p| match p {
+        sparsec_ir::Pattern::Nsa(nsa) => Some(kv_heads as u64 * (2 * nsa.top_n as u64 + 1)),
+        _ => None,
+    })
 }

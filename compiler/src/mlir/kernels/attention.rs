@@ -20,7 +20,7 @@ use super::{fixed_last, KernelCtx, KernelSpec, VW, WARP};
 use crate::error::CompileError;
 use crate::mlir::builder::{Device, KernelBuilder, V};
 use crate::mlir::math;
-use sparsec_ir::{DType, Op, Pattern, SymSize, Window};
+use sparsec_ir::{DType, NativeSparse, Op, Pattern, SymSize, Window};
 
 /// How many keys ahead CPU attention prefetches its K and V rows.
 const ATTN_PREFETCH_KEYS: u64 = 16;
@@ -44,6 +44,8 @@ pub fn window_of(spec: &KernelSpec) -> Result<Option<(u32, u32)>, CompileError> 
         match p {
             Pattern::Window(Window::Full) => {}
             Pattern::Window(Window::Sliding { size, sinks }) => window = Some((*size, *sinks)),
+            // Native sparse attention sees its own window (`Visible`).
+            Pattern::Nsa(_) => {}
             other => return Err(spec.unsupported(&format!("#{} is not lowered yet (its pattern issue adds it)", other.keyword()))),
         }
     }
@@ -85,11 +87,15 @@ pub fn scratch_words(spec: &KernelSpec) -> Result<u64, CompileError> {
 }
 
 /// What a query row sees: keys are numbered `t in 0..count`, the first
-/// `sinks` of them at positions `0..sinks`, the rest at `from + (t - sinks)`.
+/// `sinks` of them at positions `0..sinks`, the rest at `from + (t - sinks)`;
+/// under `#nsa` the selected blocks come between the sinks and the window.
 struct Visible {
     sinks: V,
     from: V,
     count: V,
+    /// `#nsa`: where the row's selected block indices start in the selection
+    /// buffer, and how many keys the selected blocks hold.
+    selected: Option<(V, V)>,
 }
 
 /// `out[r, head]` = softmax(q·kᵀ/√d)·v over the keys row r sees.
@@ -113,7 +119,12 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
     } else {
         (ins[1].clone(), ins[2].clone())
     };
-    let ctx = Attn { h, kvh, d, window, ring: if device == Device::Cpu { cpu_ring(window) } else { None }, f16_kv, kbuf, vbuf };
+    // Under `#nsa`, operand 3 is the selection (`nsa.rs`).
+    let nsa = match super::nsa_of(&spec.patterns) {
+        Some(n) => Some((n, ins.get(3).ok_or_else(|| spec.unsupported("#nsa attention takes the selection as operand 3"))?.clone())),
+        None => None,
+    };
+    let ctx = Attn { h, kvh, d, window, ring: if device == Device::Cpu { cpu_ring(window) } else { None }, f16_kv, kbuf, vbuf, nsa };
     match device {
         Device::Cpu if cpu_split(spec) => ctx.emit_split(b, cx),
         Device::Cpu => ctx.emit_online(b, cx),
@@ -130,6 +141,8 @@ struct Attn {
     f16_kv: bool,
     kbuf: V,
     vbuf: V,
+    /// `#nsa` and its selection buffer.
+    nsa: Option<(NativeSparse, V)>,
 }
 
 impl Attn {
@@ -157,32 +170,72 @@ impl Attn {
         }
     }
 
-    /// The keys the query at position `p` sees (the caches hold positions
-    /// `0..=p` by then: the runtime appends a call's rows before attention).
-    fn visible(&self, b: &mut KernelBuilder, p: &str) -> Visible {
+    /// The keys the query at position `p` (row `row` of the call) sees from
+    /// KV head `kh` (the caches hold positions `0..=p` by then: the runtime
+    /// appends a call's rows before attention).
+    fn visible(&self, b: &mut KernelBuilder, p: &str, row: &str, kh: &str) -> Visible {
         let zero = b.index(0);
         let one = b.index(1);
         let end = b.addi(p, &one);
-        match self.window {
-            None => Visible { sinks: zero.clone(), from: zero, count: end },
-            Some((size, sinks)) => {
-                let size = b.index(size as u64);
-                let past = b.def(format!("arith.cmpi ugt, {end}, {size} : index"));
-                let st = b.def(format!("arith.subi {end}, {size} : index"));
-                let from = b.def(format!("arith.select {past}, {st}, {zero} : index"));
-                // Sinks are the positions below both `sinks` and the window.
-                let s = b.index(sinks as u64);
-                let sinks = b.minui(&s, &from);
-                let span = b.def(format!("arith.subi {end}, {from} : index"));
-                let count = b.addi(&sinks, &span);
-                Visible { sinks, from, count }
-            }
-        }
+        let (size, sinks) = match (self.window, &self.nsa) {
+            (_, Some((n, _))) => (n.window, n.sinks),
+            (Some(w), None) => w,
+            (None, None) => return Visible { sinks: zero.clone(), from: zero, count: end, selected: None },
+        };
+        let size = b.index(size as u64);
+        let past = b.def(format!("arith.cmpi ugt, {end}, {size} : index"));
+        let st = b.def(format!("arith.subi {end}, {size} : index"));
+        let from = b.def(format!("arith.select {past}, {st}, {zero} : index"));
+        // Sinks are the positions below both `sinks` and the window.
+        let s = b.index(sinks as u64);
+        let sinks = b.minui(&s, &from);
+        let span = b.def(format!("arith.subi {end}, {from} : index"));
+        let count = b.addi(&sinks, &span);
+        let selected = self.nsa.as_ref().map(|(n, sel)| {
+            let kvhc = b.index(self.kvh);
+            let a = b.muli(row, &kvhc);
+            let a = b.addi(&a, kh);
+            let words = b.index(2 * n.top_n as u64 + 1);
+            let o = b.muli(&a, &words);
+            let taken = b.load(sel, &o);
+            let taken = b.def(format!("arith.fptoui {taken} : f32 to i64"));
+            let taken = b.def(format!("arith.index_castui {taken} : i64 to index"));
+            let blk = b.index(n.block as u64);
+            let keys = b.muli(&taken, &blk);
+            let first = b.addi(&o, &one);
+            (first, keys)
+        });
+        let count = match &selected {
+            Some((_, keys)) => b.addi(&count, keys),
+            None => count,
+        };
+        Visible { sinks, from, count, selected }
     }
 
     /// The cache row holding visible key `t` (its position, wrapped into the
     /// ring on the CPU when the layer has a window).
     fn key_row(&self, b: &mut KernelBuilder, vis: &Visible, t: &str) -> V {
+        if let (Some((n, sel)), Some((first, keys))) = (&self.nsa, &vis.selected) {
+            // Sinks, then the selected blocks' keys, then the window.
+            let in_sinks = b.def(format!("arith.cmpi ult, {t}, {} : index", vis.sinks));
+            let u = b.def(format!("arith.subi {t}, {} : index", vis.sinks));
+            let in_sel = b.def(format!("arith.cmpi ult, {u}, {keys} : index"));
+            let blk = b.index(n.block as u64);
+            let k = b.divui(&u, &blk);
+            let lastk = b.index(n.top_n as u64 - 1);
+            let k = b.minui(&k, &lastk);
+            let at = b.addi(first, &k);
+            let bi = b.load(sel, &at);
+            let bi = b.def(format!("arith.fptoui {bi} : f32 to i64"));
+            let bi = b.def(format!("arith.index_castui {bi} : i64 to index"));
+            let off = b.remui(&u, &blk);
+            let base = b.muli(&bi, &blk);
+            let in_block = b.addi(&base, &off);
+            let w = b.def(format!("arith.subi {u}, {keys} : index"));
+            let in_window = b.addi(&vis.from, &w);
+            let later = b.def(format!("arith.select {in_sel}, {in_block}, {in_window} : index"));
+            return b.def(format!("arith.select {in_sinks}, {t}, {later} : index"));
+        }
         if self.window.is_none() {
             return t.to_string();
         }
@@ -237,7 +290,8 @@ impl Attn {
     /// The grouped, split CPU variant (see the file's doc).
     fn emit_split(&self, b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(), CompileError> {
         let KernelCtx { spec, ins, out, .. } = *cx;
-        let scratch = ins.get(3).ok_or_else(|| spec.unsupported("the split attention kernel takes a scratch buffer"))?.clone();
+        let scratch =
+            ins.get(spec.operands.len()).ok_or_else(|| spec.unsupported("the split attention kernel takes a scratch buffer"))?.clone();
         let (h, kvh, d) = (self.h, self.kvh, self.d);
         let group = h / kvh;
         let qw = h * d;
@@ -286,7 +340,7 @@ impl Attn {
             let s = b.remui(&rem, &splitsc);
             let row = Self::mirrored_row(b, &r);
             let p = b.addi(&pos, &row);
-            let vis = self.visible(b, &p);
+            let vis = self.visible(b, &p, &row, &kh);
             let n = self.splits(b, &vis.count);
             let active = b.def(format!("arith.cmpi ult, {s}, {n} : index"));
             b.if_then(&active, |b| {
@@ -480,12 +534,12 @@ impl Attn {
         b.for_each(&lb, &ub, |b, unit| {
             let c = b.def(format!("arith.subi {unit}, {first} : index"));
             let head = b.remui(&c, &hc);
+            let kh = b.divui(&head, &groupc);
             // Only a one-row call splits; its row is 0.
-            let vis = self.visible(b, &pos);
+            let vis = self.visible(b, &pos, &zero_i, &kh);
             let n = self.splits(b, &vis.count);
             let split = b.def(format!("arith.cmpi ugt, {n}, {one_i} : index"));
             b.if_then(&split, |b| {
-                let kh = b.divui(&head, &groupc);
                 let g = b.remui(&head, &groupc);
                 let m = b.for_fold(&zero_i, &n, std::slice::from_ref(&ninf), |b, s, acc| {
                     let at = record(b, &kh, s, &g);
@@ -554,7 +608,7 @@ impl Attn {
             let qbase = b.addi(&qrow, &qhd);
             let khd = b.muli(&kh, &dc);
             let p = b.addi(&pos, &row);
-            let vis = self.visible(b, &p);
+            let vis = self.visible(b, &p, &row, &kh);
             let q: Vec<V> = (0..d)
                 .map(|c| {
                     let o = b.index(c);
@@ -640,7 +694,7 @@ impl Attn {
             let qbase = b.addi(&qrow, &qhd);
             let khd = b.muli(&kh, &dc);
             let p = b.addi(&pos, &row);
-            let vis = self.visible(b, &p);
+            let vis = self.visible(b, &p, &row, &kh);
             b.for_each(&zero_i, &dc, |b, c| {
                 let o = b.addi(&qbase, c);
                 b.store(&zero, out, &o);

@@ -7,11 +7,14 @@
 //! which matches the op exhaustively and hands it to its family's emitter, one
 //! file each: `elementwise`, `matmul` (dispatch and row kernels; the tiled CPU
 //! micro-kernels in `tiled_matmul`), `norm`, `softmax`, `embedding`, `rope`,
-//! `attention`; `quant_planes` reads block-quantized operands.
+//! `attention`, `nsa` (the block summaries and selection of native sparse
+//! attention); `quant_planes` reads block-quantized operands.
 
 mod attention;
+mod nsa;
 
 pub use attention::{cpu_ring, window_of, RING_SLACK};
+pub use nsa::{block_words, nsa_of, select_words};
 mod elementwise;
 mod embedding;
 mod matmul;
@@ -38,11 +41,26 @@ const VW: u32 = 8;
 /// Lanes of the quantized CPU kernels: half a block of 32 per vector.
 const VQ: u32 = 16;
 
+/// Which of an op's kernels a spec is: the op itself, or one of the steps an
+/// attention with `#nsa` runs before it (`nsa.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// The op.
+    Op,
+    /// Writes the key summary (mean, minimum, maximum per channel) of every
+    /// block of positions a call completes into the layer's block cache.
+    NsaSummary,
+    /// Ranks the blocks each (row, KV head) may read and writes its selection.
+    NsaSelect,
+}
+
 /// What a kernel computes: the op, its operand types and its result type.
 #[derive(Clone, Debug)]
 pub struct KernelSpec {
     pub name: String,
     pub op: Op,
+    /// The op itself, or a step before it.
+    pub stage: Stage,
     pub operands: Vec<TensorType>,
     pub result: TensorType,
     /// The op's patterns (attention windows, ...).
@@ -85,6 +103,9 @@ impl KernelSpec {
             Some(sparsec_ir::Dim::Fixed(n)) => Ok(n),
             _ => Err(self.unsupported("the last dimension must be fixed")),
         };
+        if self.stage != Stage::Op {
+            return nsa::units(self);
+        }
         Ok(match &self.op {
             Op::Softmax => SymSize { coef: numel.coef / last(&self.result)?, ..numel },
             // A warp of lanes per row (`norm::emit_norm`).
@@ -162,6 +183,9 @@ impl KernelSpec {
         if let Some(s) = self.sparse_matmul() {
             return s.unit_cost();
         }
+        if self.stage != Stage::Op {
+            return nsa::unit_cost(self);
+        }
         match &self.op {
             Op::MatMul { .. } => match self.tiled_matmul() {
                 Some(t) => t.rb * MM_COLS * t.k,
@@ -194,6 +218,9 @@ impl KernelSpec {
         if let Some(t) = self.tiled_matmul() {
             return Ok(SymSize { coef: t.rows.coef * t.col_tiles, seq_pow: t.rows.seq_pow });
         }
+        if self.stage != Stage::Op {
+            return nsa::units(self);
+        }
         match &self.op {
             Op::MatMul { .. } => {
                 let n = fixed_last(self, &self.result)?;
@@ -217,6 +244,7 @@ impl KernelSpec {
     /// partials, then their combination.
     pub fn cpu_first_phase(&self) -> Result<Option<SymSize>, CompileError> {
         match &self.op {
+            Op::Attention { .. } if self.stage != Stage::Op => Ok(None),
             Op::Attention { .. } if attention::cpu_split(self) => Ok(Some(attention::cpu_phases(self)?.0)),
             _ => Ok(None),
         }
@@ -226,6 +254,7 @@ impl KernelSpec {
     /// (attention's split partials); `None` when it takes none.
     pub fn scratch_words(&self) -> Result<Option<u64>, CompileError> {
         match &self.op {
+            Op::Attention { .. } if self.stage != Stage::Op => Ok(None),
             Op::Attention { .. } => Ok(Some(attention::scratch_words(self)?)),
             _ => Ok(None),
         }
@@ -248,7 +277,16 @@ impl KernelSpec {
         }
     }
 
-    fn unsupported(&self, why: &str) -> CompileError {
+    /// Whether operand `i` is a KV cache (read in the cache's type, f16 or f32).
+    fn kv_cache_operand(&self, i: usize) -> bool {
+        match (self.stage, &self.op) {
+            (Stage::Op, Op::Attention { .. }) => i == 1 || i == 2,
+            (Stage::NsaSummary, _) => i == 0,
+            (Stage::Op | Stage::NsaSelect, _) => false,
+        }
+    }
+
+    pub(crate) fn unsupported(&self, why: &str) -> CompileError {
         CompileError::Unsupported { kernel: self.name.clone(), op: self.op.keyword(), why: why.to_string() }
     }
 }
@@ -277,10 +315,9 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
     // Buffers hold f32; i32 values (token ids, positions) travel as exact f32 integers.
     // Quantized weights are packed bytes (shape inference allows them only as
     // matmul weights and embedding tables); f16 only as attention's KV caches.
-    let kv_cache_operand = |i: usize| matches!(spec.op, Op::Attention { .. }) && (i == 1 || i == 2);
     let supported = |i: usize, t: &TensorType| match t.dtype {
         DType::F32 | DType::I32 => true,
-        DType::F16 => kv_cache_operand(i),
+        DType::F16 => spec.kv_cache_operand(i),
         other => other.is_quantized(),
     };
     if let Some((_, t)) = spec.operands.iter().enumerate().chain([(usize::MAX, &spec.result)]).find(|&(i, t)| !supported(i, t)) {
@@ -314,7 +351,13 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
     };
     let work = b.sym(work);
     let cx = KernelCtx { spec, device, work: &work, ins: &ins, out: &out };
+    match spec.stage {
+        Stage::Op => {}
+        Stage::NsaSummary => nsa::emit_summary(&mut b, &cx)?,
+        Stage::NsaSelect => nsa::emit_select(&mut b, &cx)?,
+    }
     match &spec.op {
+        _ if spec.stage != Stage::Op => {}
         Op::Input | Op::Weight { .. } | Op::Constant { .. } => return Err(spec.unsupported("leaves are data, not kernels")),
         Op::Gelu { approx } => elementwise::emit_activation(&mut b, &cx, math::Activation::Gelu(*approx))?,
         Op::Silu => elementwise::emit_activation(&mut b, &cx, math::Activation::Silu)?,

@@ -1,0 +1,365 @@
+//! Native sparse attention's steps before attention (`#nsa`, `NativeSparse`):
+//! a block summary kernel and a block selection kernel, on the CPU and NVPTX.
+//!
+//! An attention op with `#nsa` runs three kernels after its KV appends
+//! (`partition.rs`):
+//! 1. `NsaSummary`, one unit per (row, KV head): the row that completes a block
+//!    of `block` positions writes that block's key summary (per channel: mean,
+//!    minimum, maximum) into the layer's block cache, a row per block
+//!    (`block_words` f32 per row: per KV head the mean, the minimum and the
+//!    maximum, `d` each). A block is summarized once, when it fills; decode
+//!    updates the cache incrementally, and a truncated session rewrites a
+//!    block when it fills again.
+//! 2. `NsaSelect`, one unit per (row, KV head): every candidate block (whole
+//!    at or after the sinks, and before the row's window) gets a score per
+//!    head of the group (`NsaScore`), the scores a softmax over the candidates
+//!    per head, and the probabilities are summed over the group. Two passes
+//!    over the summaries (first each head's max and sum, then the importance
+//!    of each block) feed an insertion into a sorted list of the `top_n` best;
+//!    among equals the earlier block stays first. The row of the selection
+//!    (`select_words` f32 per row) holds per KV head the count selected, the
+//!    block indices, then their importance (as exact f32 integers and values).
+//! 3. The attention kernel (`attention.rs`) reads the selection: a query sees
+//!    its sinks, the selected blocks and its window under one softmax.
+
+use super::{fixed_last, KernelCtx, KernelSpec, VW};
+use crate::error::CompileError;
+use crate::mlir::builder::{Device, KernelBuilder, V};
+use crate::mlir::math;
+use sparsec_ir::{NativeSparse, NsaScore, Op, Pattern, SymSize};
+
+/// The op's `#nsa` pattern, if it has one.
+pub fn nsa_of(spec_patterns: &[Pattern]) -> Option<NativeSparse> {
+    spec_patterns.iter().find_map(|p| match p {
+        Pattern::Nsa(n) => Some(*n),
+        _ => None,
+    })
+}
+
+/// f32 words of a selection row: per KV head, the count, `top_n` block indices
+/// and `top_n` importances.
+pub fn select_words(nsa: &NativeSparse, kv_heads: u64) -> u64 {
+    kv_heads * (2 * nsa.top_n as u64 + 1)
+}
+
+/// f32 words of a block cache row: per KV head, the mean, minimum and maximum
+/// of the block's keys, `head width` each, for `kv_width` = KV heads × head width.
+pub fn block_words(kv_width: u64) -> u64 {
+    3 * kv_width
+}
+
+/// `(nsa, heads, kv_heads, head width)` of an `#nsa` step.
+fn dims(spec: &KernelSpec) -> Result<(NativeSparse, u64, u64, u64), CompileError> {
+    let Op::Attention { heads, kv_heads } = spec.op else { return Err(spec.unsupported("an #nsa step of a non-attention op")) };
+    let nsa = nsa_of(&spec.patterns).ok_or_else(|| spec.unsupported("an #nsa step without #nsa"))?;
+    let (h, kvh) = (heads as u64, kv_heads as u64);
+    if h == 0 || kvh == 0 || h % kvh != 0 {
+        return Err(spec.unsupported("heads must be a positive multiple of kv_heads"));
+    }
+    // The summary step's operand 0 is the K cache; the select step's is q.
+    let w = fixed_last(spec, &spec.operands[0])?;
+    let d = match spec.stage {
+        super::Stage::NsaSummary => w / kvh,
+        _ => w / h,
+    };
+    Ok((nsa, h, kvh, d))
+}
+
+/// Units of either step: one per (row, KV head), on both devices.
+pub(super) fn units(spec: &KernelSpec) -> Result<SymSize, CompileError> {
+    let (_, _, kvh, _) = dims(spec)?;
+    Ok(SymSize { coef: kvh, seq_pow: 1 })
+}
+
+/// Rough scalar operations per unit: a block's summary, or two passes of
+/// scores over (assumed) 64 candidate blocks for each head of the group.
+pub(super) fn unit_cost(spec: &KernelSpec) -> u64 {
+    match dims(spec) {
+        Ok((nsa, h, kvh, d)) => match spec.stage {
+            super::Stage::NsaSummary => 3 * d * nsa.block as u64 / 4,
+            _ => 2 * 64 * (h / kvh) * 2 * d,
+        },
+        Err(_) => 1,
+    }
+}
+
+/// Step 1 (see the file's doc): `ins = [k cache]`, `out` = the block cache.
+pub(super) fn emit_summary(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(), CompileError> {
+    let KernelCtx { spec, work, ins, out, .. } = *cx;
+    let (nsa, _, kvh, d) = dims(spec)?;
+    let f16 = spec.operands[0].dtype == sparsec_ir::DType::F16;
+    let kbuf = if f16 {
+        b.byte_param(&ins[0]);
+        b.f16_view(&ins[0])
+    } else {
+        ins[0].clone()
+    };
+    let load = |b: &mut KernelBuilder, i: &str| if f16 { b.load_f16(&kbuf, i) } else { b.load(&kbuf, i) };
+    let (kvhc, dc, kvwc, blockc, rowc) = (b.index(kvh), b.index(d), b.index(kvh * d), b.index(nsa.block as u64), b.index(3 * kvh * d));
+    let zero_i = b.index(0);
+    let one_i = b.index(1);
+    let pos = b.pos();
+    let inv = b.f32(1.0 / nsa.block as f32);
+    let (big, small) = (b.f32(3.0e38), b.f32(-3.0e38));
+    let zero = b.f32(0.0);
+    b.parallel(work, |b, unit| {
+        let r = b.divui(unit, &kvhc);
+        let kh = b.remui(unit, &kvhc);
+        let p = b.addi(&pos, &r);
+        let end = b.addi(&p, &one_i);
+        let rem = b.remui(&end, &blockc);
+        let fills = b.def(format!("arith.cmpi eq, {rem}, {zero_i} : index"));
+        b.if_then(&fills, |b| {
+            let blk = b.divui(&end, &blockc);
+            let blk = b.def(format!("arith.subi {blk}, {one_i} : index"));
+            let first = b.muli(&blk, &blockc);
+            let khd = b.muli(&kh, &dc);
+            let rb = b.muli(&blk, &rowc);
+            let three = b.index(3);
+            let seg = b.muli(&khd, &three);
+            let obase = b.addi(&rb, &seg);
+            b.for_each(&zero_i, &dc, |b, c| {
+                let col = b.addi(&khd, c);
+                let acc = b.for_fold(&zero_i, &blockc, &[zero.clone(), big.clone(), small.clone()], |b, j, acc| {
+                    let row = b.addi(&first, j);
+                    let at = b.muli(&row, &kvwc);
+                    let at = b.addi(&at, &col);
+                    let x = load(b, &at);
+                    vec![b.add(&acc[0], &x), b.fbin("minnumf", &acc[1], &x), b.fbin("maxnumf", &acc[2], &x)]
+                });
+                let mean = b.mul(&acc[0], &inv);
+                for (slot, v) in [(0, &mean), (d, &acc[1]), (2 * d, &acc[2])] {
+                    let o = b.index(slot);
+                    let at = b.addi(&obase, &o);
+                    let at = b.addi(&at, c);
+                    b.store(v, out, &at);
+                }
+            });
+        });
+    });
+    Ok(())
+}
+
+/// Step 2 (see the file's doc): `ins = [q, block cache]`, `out` = the selection.
+pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(), CompileError> {
+    let KernelCtx { spec, device, work, ins, out } = *cx;
+    let (nsa, h, kvh, d) = dims(spec)?;
+    let group = h / kvh;
+    let n = nsa.top_n as u64;
+    let vector = device == Device::Cpu && d % VW as u64 == 0;
+    let nv = d / VW as u64;
+    let (kvhc, dc, blockc, rowc, qwc, selc) =
+        (b.index(kvh), b.index(d), b.index(nsa.block as u64), b.index(3 * kvh * d), b.index(h * d), b.index(2 * n + 1));
+    let zero_i = b.index(0);
+    let one_i = b.index(1);
+    let nc_i = b.index(n);
+    let pos = b.pos();
+    let zero = b.f32(0.0);
+    let one = b.f32(1.0);
+    let none = b.f32(-1.0);
+    let ninf = b.f32(-1e30);
+    let scale = b.f32(1.0 / (d as f32).sqrt());
+    let window = b.index(nsa.window as u64);
+    let first = b.index((nsa.sinks as u64).div_ceil(nsa.block as u64));
+    let vty = KernelBuilder::vty(VW);
+    let tru = b.def("arith.constant true".into());
+    let groupc = b.index(group);
+    b.parallel(work, |b, unit| {
+        let r = b.divui(unit, &kvhc);
+        let kh = b.remui(unit, &kvhc);
+        let p = b.addi(&pos, &r);
+        let end = b.addi(&p, &one_i);
+        let past = b.def(format!("arith.cmpi ugt, {end}, {window} : index"));
+        let st = b.def(format!("arith.subi {end}, {window} : index"));
+        let from = b.def(format!("arith.select {past}, {st}, {zero_i} : index"));
+        let last = b.divui(&from, &blockc);
+        let any = b.def(format!("arith.cmpi ugt, {last}, {first} : index"));
+        let span = b.def(format!("arith.subi {last}, {first} : index"));
+        let count = b.def(format!("arith.select {any}, {span}, {zero_i} : index"));
+        let a = b.muli(&r, &kvhc);
+        let a = b.addi(&a, &kh);
+        let o = b.muli(&a, &selc);
+        let idx0 = b.addi(&o, &one_i);
+        let imp0 = b.addi(&idx0, &nc_i);
+        // The list starts empty: index -1, importance -1 (importances are ≥ 0).
+        b.for_each(&zero_i, &nc_i, |b, k| {
+            let i = b.addi(&idx0, k);
+            b.store(&none, out, &i);
+            let i = b.addi(&imp0, k);
+            b.store(&none, out, &i);
+        });
+        let taken = b.minui(&count, &nc_i);
+        let takenf = index_to_f32(b, &taken);
+        b.store(&takenf, out, &o);
+        let khg = b.muli(&kh, &groupc);
+        let qrow = b.muli(&r, &qwc);
+        // The query of head g of the group, as vectors (CPU) or its base index.
+        let qbase: Vec<V> = (0..group)
+            .map(|g| {
+                let gi = b.index(g);
+                let hd = b.addi(&khg, &gi);
+                let hd = b.muli(&hd, &dc);
+                b.addi(&qrow, &hd)
+            })
+            .collect();
+        let qv: Vec<Vec<V>> = if vector {
+            qbase
+                .iter()
+                .map(|qb| {
+                    (0..nv)
+                        .map(|v| {
+                            let off = b.index(v * VW as u64);
+                            let i = b.addi(qb, &off);
+                            b.vload(&ins[0], &i, VW)
+                        })
+                        .collect()
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let khd3 = b.muli(&kh, &dc);
+        let three = b.index(3);
+        let seg = b.muli(&khd3, &three);
+        // Head g's score of block `blk` (scaled like a key's score).
+        let score = |b: &mut KernelBuilder, g: usize, blk: &str| -> V {
+            let rb = b.muli(blk, &rowc);
+            let base = b.addi(&rb, &seg);
+            let dot = if vector {
+                let z = b.vzero(VW);
+                let mut acc = z;
+                for v in 0..nv {
+                    let off = b.index(v * VW as u64);
+                    let at = b.addi(&base, &off);
+                    acc = match nsa.score {
+                        NsaScore::Mean => {
+                            let m = b.vload(&ins[1], &at, VW);
+                            b.vfma(&qv[g][v as usize], &m, &acc, VW)
+                        }
+                        NsaScore::Bound => {
+                            let dd = b.index(d);
+                            let lo_at = b.addi(&at, &dd);
+                            let hi_at = b.addi(&lo_at, &dd);
+                            let lo = b.vload(&ins[1], &lo_at, VW);
+                            let hi = b.vload(&ins[1], &hi_at, VW);
+                            let q = &qv[g][v as usize];
+                            let a = b.def(format!("arith.mulf {q}, {lo} : {vty}"));
+                            let c = b.def(format!("arith.mulf {q}, {hi} : {vty}"));
+                            let m = b.def(format!("arith.maximumf {a}, {c} : {vty}"));
+                            b.def(format!("arith.addf {acc}, {m} : {vty}"))
+                        }
+                    };
+                }
+                b.vsum(&acc, VW)
+            } else {
+                let qb = qbase[g].clone();
+                let r = b.for_fold(&zero_i, &dc, std::slice::from_ref(&zero), |b, c, acc| {
+                    let qi = b.addi(&qb, c);
+                    let q = b.load(&ins[0], &qi);
+                    let at = b.addi(&base, c);
+                    match nsa.score {
+                        NsaScore::Mean => {
+                            let m = b.load(&ins[1], &at);
+                            vec![b.fma(&q, &m, &acc[0])]
+                        }
+                        NsaScore::Bound => {
+                            let dd = b.index(d);
+                            let lo_at = b.addi(&at, &dd);
+                            let hi_at = b.addi(&lo_at, &dd);
+                            let lo = b.load(&ins[1], &lo_at);
+                            let hi = b.load(&ins[1], &hi_at);
+                            let a = b.mul(&q, &lo);
+                            let c = b.mul(&q, &hi);
+                            let m = b.fbin("maximumf", &a, &c);
+                            vec![b.add(&acc[0], &m)]
+                        }
+                    }
+                });
+                r[0].clone()
+            };
+            b.mul(&dot, &scale)
+        };
+        b.if_then(&any, |b| {
+            // Pass 1: each head's max and sum of exp over the candidates.
+            let mut init = Vec::new();
+            for _ in 0..group {
+                init.push(ninf.clone());
+                init.push(zero.clone());
+            }
+            let ml = b.for_fold(&first, &last, &init, |b, blk, acc| {
+                let mut next = Vec::new();
+                for g in 0..group as usize {
+                    let s = score(b, g, blk);
+                    let m = b.fbin("maxnumf", &acc[2 * g], &s);
+                    let dm = b.sub(&acc[2 * g], &m);
+                    let corr = math::exp(b, &dm);
+                    let ds = b.sub(&s, &m);
+                    let e = math::exp(b, &ds);
+                    next.push(m);
+                    next.push(b.fma(&acc[2 * g + 1], &corr, &e));
+                }
+                next
+            });
+            let invs: Vec<V> = (0..group as usize).map(|g| b.div(&one, &ml[2 * g + 1])).collect();
+            // Pass 2: each block's importance, inserted into the sorted list.
+            b.for_each(&first, &last, |b, blk| {
+                let mut imp = zero.clone();
+                for g in 0..group as usize {
+                    let s = score(b, g, blk);
+                    let ds = b.sub(&s, &ml[2 * g]);
+                    let e = math::exp(b, &ds);
+                    imp = b.fma(&e, &invs[g], &imp);
+                }
+                let lastn = b.index(n - 1);
+                let worst_at = b.addi(&imp0, &lastn);
+                let worst = b.load(out, &worst_at);
+                let better = b.def(format!("arith.cmpf ogt, {imp}, {worst} : f32"));
+                let blkf = index_to_f32(b, blk);
+                b.if_then(&better, |b| {
+                    // Slots n-1 down to 1: shift a slot's entry down while it
+                    // is worse, else take the slot after it; slot 0 otherwise.
+                    let fls = b.def("arith.constant false".into());
+                    let placed = b.for_fold_typed(&zero_i, &lastn, 1, &[(fls, "i1".into())], |b, i, acc| {
+                        let t = b.def(format!("arith.subi {lastn}, {i} : index"));
+                        let t1 = b.def(format!("arith.subi {t}, {one_i} : index"));
+                        let prev_at = b.addi(&imp0, &t1);
+                        let prev = b.load(out, &prev_at);
+                        let worse = b.def(format!("arith.cmpf olt, {prev}, {imp} : f32"));
+                        let todo = b.def(format!("arith.xori {}, {tru} : i1", acc[0]));
+                        b.if_then(&todo, |b| {
+                            let dst_imp = b.addi(&imp0, &t);
+                            let dst_idx = b.addi(&idx0, &t);
+                            b.if_else(
+                                &worse,
+                                |b| {
+                                    let src_idx = b.addi(&idx0, &t1);
+                                    let pi = b.load(out, &src_idx);
+                                    b.store(&prev, out, &dst_imp);
+                                    b.store(&pi, out, &dst_idx);
+                                },
+                                |b| {
+                                    b.store(&imp, out, &dst_imp);
+                                    b.store(&blkf, out, &dst_idx);
+                                },
+                            );
+                        });
+                        let stop = b.def(format!("arith.xori {worse}, {tru} : i1"));
+                        vec![b.def(format!("arith.ori {}, {stop} : i1", acc[0]))]
+                    });
+                    let todo = b.def(format!("arith.xori {}, {tru} : i1", placed[0]));
+                    b.if_then(&todo, |b| {
+                        b.store(&imp, out, &imp0);
+                        b.store(&blkf, out, &idx0);
+                    });
+                });
+            });
+        });
+    });
+    Ok(())
+}
+
+/// An index as an exact f32 (counts and block indices below 2^24).
+fn index_to_f32(b: &mut KernelBuilder, x: &str) -> V {
+    let i = b.def(format!("arith.index_castui {x} : index to i64"));
+    b.def(format!("arith.uitofp {i} : i64 to f32"))
+}

@@ -1,0 +1,122 @@
+//! Native sparse attention (`#nsa`) through a KV-cached CPU session, against
+//! the reference interpreter (which ranks blocks from the keys themselves, in
+//! f64) over the whole sequence: block summaries written as blocks fill
+//! (across chunked prefill and one-row decode), the top blocks per KV group,
+//! sinks and the window under one softmax, decode split and combined, and a
+//! truncated session that fills its blocks again.
+
+mod attention_support;
+
+use attention_support::{build, values};
+use ndarray::{ArrayD, Axis, Slice};
+use sparsec_compiler::{CompileOptions, KvCacheType, TargetKind};
+use sparsec_ir::parse_graph;
+use sparsec_runtime::compare::{compare, Tolerance};
+use sparsec_runtime::cpu::CpuExecutor;
+use sparsec_runtime::interpreter::interpret;
+use sparsec_runtime::manifest::{BufferKind, Step};
+
+/// A grouped attention (4 heads of width `d` over 2 KV heads) with `pattern`.
+fn graph(pattern: &str, d: usize) -> sparsec_ir::Graph {
+    let (qw, kw) = (4 * d, 2 * d);
+    let src = format!(
+        "graph @nsa {{\n  %q = input : f32[seq, {qw}]\n  %k = input : f32[seq, {kw}]\n  %v = input : f32[seq, {kw}]\n  \
+         %y = attention %q, %k, %v {{heads = 4, kv_heads = 2}} {pattern}\n  return %y\n}}\n"
+    );
+    parse_graph(&src).unwrap()
+}
+
+/// Runs `total` positions as calls of the given lengths (the rest one row at
+/// a time) and compares every row with the interpreter over the whole sequence.
+fn check(pattern: &str, d: usize, total: usize, calls: &[usize]) {
+    let g = graph(pattern, d);
+    let (_tmp, art) = build(g.clone(), CompileOptions { target: TargetKind::All, kv_cache: KvCacheType::F32, ..Default::default() });
+    let inputs = [values(total, 4 * d, 1), values(total, 2 * d, 2), values(total, 2 * d, 3)];
+    let want = interpret(&g, &inputs, &|_| None).unwrap().remove(0);
+    let exec = CpuExecutor::load(&art).unwrap();
+    let mut session = exec.session(&art).unwrap();
+    let rows = |lo: usize, hi: usize| -> Vec<ArrayD<f32>> {
+        inputs.iter().map(|a| a.slice_axis(Axis(0), Slice::from(lo..hi)).to_owned()).collect()
+    };
+    let mut parts = Vec::new();
+    let mut at = 0;
+    for &n in calls {
+        parts.push(session.run(&rows(at, at + n)).unwrap().remove(0));
+        at += n;
+    }
+    for t in at..total {
+        parts.push(session.run(&rows(t, t + 1)).unwrap().remove(0));
+    }
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    let got = ndarray::concatenate(Axis(0), &views).unwrap();
+    let c = compare(&got, &want, Tolerance { atol: 1e-4, rtol: 1e-4 });
+    println!("{pattern} d={d}: {total} positions, max abs error {:.2e}", c.max_abs_error);
+    assert!(c.passed, "{pattern} d={d}: max abs error {} at {:?}", c.max_abs_error, c.worst_index);
+
+    // The plan: summary and selection steps before attention, a block cache of
+    // a row per block, the selection read by attention.
+    let plan = &art.manifest.execution;
+    let kernels: Vec<&str> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Kernel(k) => Some(k.kernel.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kernels.len(), 3, "{kernels:?}");
+    assert!(kernels[0].ends_with("_nsa_summary") && kernels[1].ends_with("_nsa_select"), "{kernels:?}");
+    assert!(plan.buffers.iter().any(|b| matches!(b.kind, BufferKind::BlockCache { .. })));
+}
+
+#[test]
+fn selected_blocks_window_and_sinks_equal_the_interpreter() {
+    // A prefill of 600 rows runs as chunks of 512 and 88: blocks the first
+    // chunk filled are read from the cache, the second chunk's own from the
+    // summaries it writes first; then 100 decode steps.
+    check("#nsa(block = 16, top_n = 3, window = 32, sinks = 4, score = mean)", 8, 700, &[600]);
+    // Decode rows see 4·16 + 200 keys: they split and combine.
+    check("#nsa(block = 16, top_n = 4, window = 200, sinks = 0, score = bound)", 8, 600, &[300, 37]);
+    // Sinks that fill the first block; a head width the vector kernel does not take.
+    check("#nsa(block = 32, top_n = 2, window = 64, sinks = 32, score = bound)", 6, 400, &[5, 150]);
+}
+
+#[test]
+fn a_truncated_session_fills_its_blocks_again() {
+    let pattern = "#nsa(block = 8, top_n = 2, window = 16, sinks = 1)";
+    let g = graph(pattern, 8);
+    let (_tmp, art) = build(g.clone(), CompileOptions { target: TargetKind::Cpu, kv_cache: KvCacheType::F32, ..Default::default() });
+    let exec = CpuExecutor::load(&art).unwrap();
+    let mut session = exec.session(&art).unwrap();
+    let a = [values(120, 32, 1), values(120, 16, 2), values(120, 16, 3)];
+    let b = [values(120, 32, 4), values(120, 16, 5), values(120, 16, 6)];
+    let rows = |x: &[ArrayD<f32>; 3], lo: usize, hi: usize| -> Vec<ArrayD<f32>> {
+        x.iter().map(|a| a.slice_axis(Axis(0), Slice::from(lo..hi)).to_owned()).collect()
+    };
+    // Positions 0..60 from `a`, then back to 40 and on to 120 from `b`: the
+    // blocks 40..60 filled with `a`'s keys are summarized again from `b`'s.
+    session.run(&rows(&a, 0, 60)).unwrap();
+    session.truncate(40).unwrap();
+    let got = session.run(&rows(&b, 40, 120)).unwrap().remove(0);
+    let mixed: Vec<ArrayD<f32>> = (0..3)
+        .map(|i| {
+            ndarray::concatenate(Axis(0), &[a[i].slice_axis(Axis(0), Slice::from(0..40)), b[i].slice_axis(Axis(0), Slice::from(40..120))])
+                .unwrap()
+        })
+        .collect();
+    let want = interpret(&g, &mixed, &|_| None).unwrap().remove(0);
+    let want = want.slice_axis(Axis(0), Slice::from(40..120)).to_owned();
+    let c = compare(&got, &want, Tolerance { atol: 1e-4, rtol: 1e-4 });
+    assert!(c.passed, "max abs error {} at {:?}", c.max_abs_error, c.worst_index);
+}
+
+#[test]
+fn nsa_and_a_window_on_one_op_are_refused() {
+    let src = "graph @w {\n  %q = input : f32[seq, 16]\n  %k = input : f32[seq, 16]\n  %v = input : f32[seq, 16]\n  \
+               %y = attention %q, %k, %v {heads = 2, kv_heads = 2} #nsa(block = 8, top_n = 2, window = 16) #window(sliding, size = 8)\n  return %y\n}\n";
+    let e = sparsec_ir::verify(&parse_graph(src).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("own sliding window"), "{e}");
+    let src = src.replace(" #window(sliding, size = 8)", "").replace("window = 16", "window = 16, score = max");
+    let e = parse_graph(&src).unwrap_err().to_string();
+    assert!(e.contains("unknown score"), "{e}");
+}
