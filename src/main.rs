@@ -574,6 +574,11 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             };
             println!("kv cache {:<28} {:<4} {:>6} B/position  {rows}", b.name, b.dtype.name(), b.bytes(1));
         }
+        for b in &m.execution.buffers {
+            if let sparsec_runtime::manifest::BufferKind::BlockCache { block } = b.kind {
+                println!("block cache {:<25} {:<4} {:>6} B/block of {block} positions", b.name, b.dtype.name(), b.bytes(1));
+            }
+        }
         println!("buffers: {}  steps: {}", m.execution.buffers.len(), m.execution.steps.len());
         return Ok(());
     }
@@ -619,6 +624,11 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
                         }
                         None => format!("  kv cache: every position, {per} B each"),
                     };
+                    // NSA keeps a row of key summaries per block besides.
+                    if let Some(nsa) = sparsec_compiler::mlir::kernels::nsa_of(&n.patterns) {
+                        let row = 4 * sparsec_compiler::mlir::kernels::block_words(w);
+                        line += &format!(" + block summaries: {row} B per {} positions", nsa.block);
+                    }
                 }
             }
             println!("{line}");
