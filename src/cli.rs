@@ -105,8 +105,9 @@ pub struct CompileFlags {
     #[arg(long, value_enum, default_value_t = QuantActivationsArg::Int8)]
     pub quant_activations: QuantActivationsArg,
     /// The CPU KV caches' element type: `f16` (like llama.cpp; half the memory
-    /// and attention reads) or `f32` (equals the reference to f32 rounding).
-    /// Targets that include CUDA keep f32.
+    /// and attention reads), `f32` (equals the reference to f32 rounding), or
+    /// blocks of 32 along each key and value row quantized as Q8_0 (8-bit,
+    /// about a quarter of f32), Q4_0 or Q4_1 (4-bit). Targets that include CUDA keep f32.
     #[arg(long, value_enum, default_value_t = KvCacheArg::F16)]
     pub kv_cache: KvCacheArg,
     /// Type every weight f32: quantized checkpoint tensors are dequantized at
@@ -298,4 +299,10 @@ pub enum QuantActivationsArg {
 pub enum KvCacheArg {
     F16,
     F32,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
 }

@@ -96,6 +96,9 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
         kv_cache: match flags.kv_cache {
             KvCacheArg::F16 => sparsec_compiler::KvCacheType::F16,
             KvCacheArg::F32 => sparsec_compiler::KvCacheType::F32,
+            KvCacheArg::Q8_0 => sparsec_compiler::KvCacheType::Q8_0,
+            KvCacheArg::Q4_0 => sparsec_compiler::KvCacheType::Q4_0,
+            KvCacheArg::Q4_1 => sparsec_compiler::KvCacheType::Q4_1,
         },
     })
 }

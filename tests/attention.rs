@@ -6,8 +6,8 @@
 
 mod attention_support;
 
-use attention_support::{build, values};
-use ndarray::{ArrayD, Axis, Slice};
+use attention_support::{build, run_in_calls, values};
+use ndarray::{ArrayD, Axis};
 use sparsec_compiler::{CompileOptions, KvCacheType, TargetKind};
 use sparsec_ir::parse_graph;
 use sparsec_runtime::compare::{compare, Tolerance};
@@ -29,21 +29,10 @@ fn check(pattern: &str, kv: KvCacheType, total: usize, prefill: usize, tol: f32)
     let (_tmp, art) = build(graph.clone(), CompileOptions { target, kv_cache: kv, ..Default::default() });
     let inputs = [values(total, 32, 1), values(total, 16, 2), values(total, 16, 3)];
     let want = interpret(&graph, &inputs, &|_| None).unwrap().remove(0);
-    let exec = CpuExecutor::load(&art).unwrap();
-    let mut session = exec.session(&art).unwrap();
-    let rows = |lo: usize, hi: usize| -> Vec<ArrayD<f32>> {
-        inputs.iter().map(|a| a.slice_axis(Axis(0), Slice::from(lo..hi)).to_owned()).collect()
-    };
-    let mut parts = vec![session.run(&rows(0, prefill)).unwrap().remove(0)];
-    for t in prefill..total {
-        parts.push(session.run(&rows(t, t + 1)).unwrap().remove(0));
-    }
-    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-    let got = ndarray::concatenate(Axis(0), &views).unwrap();
+    let got = run_in_calls(&art, &inputs, &[prefill], total);
     let c = compare(&got, &want, Tolerance { atol: tol, rtol: tol });
     println!("{pattern:?} {kv:?}: {total} positions, max abs error {:.2e}", c.max_abs_error);
     assert!(c.passed, "{pattern}: max abs error {} at {}", c.max_abs_error, c.worst_index);
-    assert!(session.cache_bytes() > 0);
     art.manifest.execution.clone()
 }
 
@@ -94,4 +83,52 @@ fn a_ring_session_goes_back_only_its_slack() {
     assert!(e.contains("ring cache"), "{e}");
     // Ring rows: 1 sink + 8 + 256 slack, each 16 values of 2 bytes (f16), K and V.
     assert_eq!(session.cache_bytes(), 2 * (1 + 8 + 256) * 16 * 2);
+}
+
+/// The rows of `x` (`[rows, width]`) as a block-quantized cache holds them:
+/// each row packed on its own and read back.
+fn round_trip_rows(x: &ArrayD<f32>, dt: sparsec_ir::DType) -> ArrayD<f32> {
+    let width = x.shape()[1];
+    let mut out = x.clone();
+    for mut row in out.axis_iter_mut(Axis(0)) {
+        let v: Vec<f32> = row.iter().copied().collect();
+        let packed = sparsec_ir::quant::quantize(dt, &v).unwrap();
+        let mut back = vec![0f32; width];
+        assert!(sparsec_ir::quant::dequantize(dt, &packed, &mut back));
+        row.iter_mut().zip(back).for_each(|(a, b)| *a = b);
+    }
+    out
+}
+
+#[test]
+fn block_quantized_caches_equal_attention_over_their_dequantized_rows() {
+    // 4 heads of width 32 over 2 KV heads: each head is one block of 32 per row.
+    let src = "graph @q {\n  %q = input : f32[seq, 128]\n  %k = input : f32[seq, 64]\n  %v = input : f32[seq, 64]\n  \
+               %y = attention %q, %k, %v {heads = 4, kv_heads = 2}\n  return %y\n}\n";
+    let graph = parse_graph(src).unwrap();
+    let (total, prefill) = (700, 400);
+    let inputs = [values(total, 128, 1), values(total, 64, 2), values(total, 64, 3)];
+    for (kv, dt, bytes) in [
+        (KvCacheType::Q8_0, sparsec_ir::DType::Q8_0, 64 + 4),
+        (KvCacheType::Q4_0, sparsec_ir::DType::Q4_0, 32 + 4),
+        (KvCacheType::Q4_1, sparsec_ir::DType::Q4_1, 32 + 8),
+    ] {
+        let (_tmp, art) = build(graph.clone(), CompileOptions { target: TargetKind::Cpu, kv_cache: kv, ..Default::default() });
+        // What attention should see: the keys and values as the cache stores them.
+        let stored = [inputs[0].clone(), round_trip_rows(&inputs[1], dt), round_trip_rows(&inputs[2], dt)];
+        let want = interpret(&graph, &stored, &|_| None).unwrap().remove(0);
+        let got = run_in_calls(&art, &inputs, &[prefill], total);
+        let c = compare(&got, &want, Tolerance { atol: 1e-4, rtol: 1e-4 });
+        assert!(c.passed, "{kv:?}: max abs error {} at {}", c.max_abs_error, c.worst_index);
+        // Each position's K and V rows: 64 values in 2 blocks each.
+        let caches: Vec<usize> = art
+            .manifest
+            .execution
+            .buffers
+            .iter()
+            .filter(|b| b.kind == sparsec_runtime::manifest::BufferKind::KvCache)
+            .map(|b| b.bytes(1))
+            .collect();
+        assert_eq!(caches, [bytes, bytes], "{kv:?}");
+    }
 }

@@ -7,7 +7,7 @@
 
 mod attention_support;
 
-use attention_support::{build, values};
+use attention_support::{build, run_in_calls, values};
 use ndarray::{ArrayD, Axis, Slice};
 use sparsec_compiler::{CompileOptions, KvCacheType, TargetKind};
 use sparsec_ir::parse_graph;
@@ -33,22 +33,7 @@ fn check(pattern: &str, d: usize, total: usize, calls: &[usize]) {
     let (_tmp, art) = build(g.clone(), CompileOptions { target: TargetKind::All, kv_cache: KvCacheType::F32, ..Default::default() });
     let inputs = [values(total, 4 * d, 1), values(total, 2 * d, 2), values(total, 2 * d, 3)];
     let want = interpret(&g, &inputs, &|_| None).unwrap().remove(0);
-    let exec = CpuExecutor::load(&art).unwrap();
-    let mut session = exec.session(&art).unwrap();
-    let rows = |lo: usize, hi: usize| -> Vec<ArrayD<f32>> {
-        inputs.iter().map(|a| a.slice_axis(Axis(0), Slice::from(lo..hi)).to_owned()).collect()
-    };
-    let mut parts = Vec::new();
-    let mut at = 0;
-    for &n in calls {
-        parts.push(session.run(&rows(at, at + n)).unwrap().remove(0));
-        at += n;
-    }
-    for t in at..total {
-        parts.push(session.run(&rows(t, t + 1)).unwrap().remove(0));
-    }
-    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-    let got = ndarray::concatenate(Axis(0), &views).unwrap();
+    let got = run_in_calls(&art, &inputs, calls, total);
     let c = compare(&got, &want, Tolerance { atol: 1e-4, rtol: 1e-4 });
     println!("{pattern} d={d}: {total} positions, max abs error {:.2e}", c.max_abs_error);
     assert!(c.passed, "{pattern} d={d}: max abs error {} at {:?}", c.max_abs_error, c.worst_index);

@@ -34,7 +34,7 @@ pub fn partition(g: &Graph) -> CompileResult<Partition> {
 pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> CompileResult<Partition> {
     let mut left = crate::sparse_select::BakeLeft::new(opts.bake_budget);
     let int8_activations = opts.int8_activations();
-    let kv_dtype = if opts.f16_kv_cache() { sparsec_ir::DType::F16 } else { sparsec_ir::DType::F32 };
+    let kv_dtype = opts.kv_dtype();
     let types: Vec<TensorType> = sparsec_ir::verify(g)?;
     let mut buffers = Vec::new();
     let mut buffer_of = vec![usize::MAX; g.nodes.len()];

@@ -539,13 +539,16 @@ impl CpuSession<'_> {
                     // 4-byte aligned.
                     let from = unsafe { std::slice::from_raw_parts(sp as *const f32, n) };
                     let width = cb.numel().resolve(1) as usize;
-                    // Row by row where the cache is a ring, else all rows at once
-                    // (no allocation: decode appends twice per layer and token).
-                    let runs = if cb.ring.is_some() { seq as usize } else { 1 };
+                    // Row by row where the cache is a ring or packs each row into
+                    // blocks, else all rows at once (no allocation: decode
+                    // appends twice per layer and token).
+                    let by_row = cb.ring.is_some() || cb.dtype.is_quantized();
+                    let runs = if by_row { seq as usize } else { 1 };
                     for i in 0..runs {
-                        let (row, part) = match cb.ring {
-                            Some(r) => (r.row(pos + i), i * width..(i + 1) * width),
-                            None => (pos, 0..n),
+                        let (row, part) = match (cb.ring, by_row) {
+                            (Some(r), _) => (r.row(pos + i), i * width..(i + 1) * width),
+                            (None, true) => (pos + i, i * width..(i + 1) * width),
+                            (None, false) => (pos, 0..n),
                         };
                         let from = from.get(part).ok_or_else(|| RuntimeError::Cpu(format!("KV source `{}` is short", cb.name)))?;
                         // SAFETY: `row` is below the rows the cache was sized for
@@ -561,6 +564,14 @@ impl CpuSession<'_> {
                             DType::F32 => {
                                 // SAFETY: as above.
                                 unsafe { std::slice::from_raw_parts_mut(at as *mut f32, from.len()) }.copy_from_slice(from);
+                            }
+                            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+                                // One row, packed on its own (`sparsec_ir::quant`): `bytes(1)` bytes.
+                                let packed = sparsec_ir::quant::quantize(cb.dtype, from)
+                                    .filter(|p| p.len() == cb.bytes(1))
+                                    .ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: a row does not pack", cb.name)))?;
+                                // SAFETY: as above; the row holds `bytes(1)` bytes.
+                                unsafe { std::ptr::copy_nonoverlapping(packed.as_ptr(), at, packed.len()) };
                             }
                             other => return Err(RuntimeError::Cpu(format!("KV cache `{}` of type {}", cb.name, other.name()))),
                         }

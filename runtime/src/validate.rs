@@ -136,8 +136,14 @@ pub fn validate(
                 None
             }
             BufferKind::KvCache => {
-                if !matches!(b.dtype, DType::F32 | DType::F16) || !b.by_rows() {
-                    return Err(bad(format!("a KV cache must be f32 or f16 rows of [seq, ...], not {} {:?}", b.dtype.name(), b.dims)));
+                // Block-quantized rows pack on their own: a row is whole blocks.
+                let row_packs = b.dtype.is_quantized() && b.numel().resolve(1) % sparsec_ir::quant::QK as u64 == 0;
+                if !(matches!(b.dtype, DType::F32 | DType::F16) || row_packs) || !b.by_rows() {
+                    return Err(bad(format!(
+                        "a KV cache must be f32, f16 or block-quantized rows of [seq, ...] (whole blocks), not {} {:?}",
+                        b.dtype.name(),
+                        b.dims
+                    )));
                 }
                 None
             }

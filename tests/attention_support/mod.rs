@@ -1,8 +1,8 @@
 //! What the attention tests (`attention.rs`, `nsa.rs`) share: deterministic
-//! inputs and a compile into a fresh directory.
+//! inputs, a compile into a fresh directory, and a session fed in calls.
 #![allow(dead_code)]
 
-use ndarray::{ArrayD, IxDyn};
+use ndarray::{ArrayD, Axis, IxDyn, Slice};
 use sparsec_compiler::{compile, CompileOptions, CompileRequest, WeightSource};
 use sparsec_passes::PrintOptions;
 use sparsec_runtime::Artifact;
@@ -38,4 +38,26 @@ pub fn build(graph: sparsec_ir::Graph, options: CompileOptions) -> (tempfile::Te
     compile(request).unwrap();
     let art = Artifact::open(&out).unwrap();
     (tmp, art)
+}
+
+/// Runs rows `0..total` of `inputs` through a fresh CPU session of `art`: calls
+/// of the lengths in `calls`, then one row at a time; the outputs joined by rows.
+pub fn run_in_calls(art: &Artifact, inputs: &[ArrayD<f32>], calls: &[usize], total: usize) -> ArrayD<f32> {
+    let exec = sparsec_runtime::cpu::CpuExecutor::load(art).unwrap();
+    let mut session = exec.session(art).unwrap();
+    let rows = |lo: usize, hi: usize| -> Vec<ArrayD<f32>> {
+        inputs.iter().map(|a| a.slice_axis(Axis(0), Slice::from(lo..hi)).to_owned()).collect()
+    };
+    let mut parts = Vec::new();
+    let mut at = 0;
+    for &n in calls {
+        parts.push(session.run(&rows(at, at + n)).unwrap().remove(0));
+        at += n;
+    }
+    for t in at..total {
+        parts.push(session.run(&rows(t, t + 1)).unwrap().remove(0));
+    }
+    assert!(session.cache_bytes() > 0);
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    ndarray::concatenate(Axis(0), &views).unwrap()
 }

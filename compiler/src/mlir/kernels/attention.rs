@@ -107,24 +107,39 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
         return Err(spec.unsupported("heads must be a positive multiple of kv_heads"));
     }
     // f16 caches (`KvCacheType::F16`) are read as f16 views of byte
-    // buffers and widened to f32 as they load.
-    let f16_kv = spec.operands[1].dtype == DType::F16;
-    if f16_kv && device != Device::Cpu {
-        return Err(spec.unsupported("f16 KV caches are read on the CPU only"));
+    // buffers and widened to f32 as they load; block-quantized ones
+    // (`kv_quant.rs`) are dequantized a block of 32 at a time into the key
+    // tiles of the split variant.
+    let kv = spec.operands[1].dtype;
+    if kv != DType::F32 && device != Device::Cpu {
+        return Err(spec.unsupported(&format!("{} KV caches are read on the CPU only", kv.name())));
     }
-    let (kbuf, vbuf) = if f16_kv {
-        b.byte_param(&ins[1]);
-        b.byte_param(&ins[2]);
-        (b.f16_view(&ins[1]), b.f16_view(&ins[2]))
+    let quant = if kv.is_quantized() {
+        if !cpu_split(spec) || d % sparsec_ir::quant::QK as u64 != 0 {
+            return Err(spec.unsupported(&format!("{} KV caches need a head width that is a multiple of 32, not {d}", kv.name())));
+        }
+        let rows = |b: &mut KernelBuilder, buf: &str| super::kv_quant::QuantRows::new(b, kv, buf, kvh * d);
+        match (rows(b, &ins[1]), rows(b, &ins[2])) {
+            (Some(k), Some(v)) => Some((k, v)),
+            _ => return Err(spec.unsupported(&format!("{} KV caches of width {}", kv.name(), kvh * d))),
+        }
     } else {
-        (ins[1].clone(), ins[2].clone())
+        None
+    };
+    let (kbuf, vbuf) = match kv {
+        DType::F16 => {
+            b.byte_param(&ins[1]);
+            b.byte_param(&ins[2]);
+            (b.f16_view(&ins[1]), b.f16_view(&ins[2]))
+        }
+        _ => (ins[1].clone(), ins[2].clone()),
     };
     // Under `#nsa`, operand 3 is the selection (`nsa.rs`).
     let nsa = match super::nsa_of(&spec.patterns) {
         Some(n) => Some((n, ins.get(3).ok_or_else(|| spec.unsupported("#nsa attention takes the selection as operand 3"))?.clone())),
         None => None,
     };
-    let ctx = Attn { h, kvh, d, window, ring: if device == Device::Cpu { cpu_ring(window) } else { None }, f16_kv, kbuf, vbuf, nsa };
+    let ctx = Attn { h, kvh, d, window, ring: if device == Device::Cpu { cpu_ring(window) } else { None }, kv, quant, kbuf, vbuf, nsa };
     match device {
         Device::Cpu if cpu_split(spec) => ctx.emit_split(b, cx),
         Device::Cpu => ctx.emit_online(b, cx),
@@ -138,7 +153,10 @@ struct Attn {
     d: u64,
     window: Option<(u32, u32)>,
     ring: Option<(u32, u32)>,
-    f16_kv: bool,
+    /// The caches' element type.
+    kv: DType,
+    /// Block-quantized K and V caches.
+    quant: Option<(super::kv_quant::QuantRows, super::kv_quant::QuantRows)>,
     kbuf: V,
     vbuf: V,
     /// `#nsa` and its selection buffer.
@@ -146,16 +164,18 @@ struct Attn {
 }
 
 impl Attn {
+    /// The element type of the `kbuf` and `vbuf` memrefs.
     fn kv_elem(&self) -> &'static str {
-        if self.f16_kv {
-            "f16"
-        } else {
-            "f32"
+        match self.kv {
+            DType::F16 => "f16",
+            DType::F32 => "f32",
+            _ => "i8",
         }
     }
 
+    /// `VW` values of an f32 or f16 cache (`quant` caches load by blocks).
     fn kv_vload(&self, b: &mut KernelBuilder, buf: &str, i: &str) -> V {
-        if self.f16_kv {
+        if self.kv == DType::F16 {
             b.vload_f16(buf, i, VW)
         } else {
             b.vload(buf, i, VW)
@@ -163,7 +183,7 @@ impl Attn {
     }
 
     fn kv_load(&self, b: &mut KernelBuilder, buf: &str, i: &str) -> V {
-        if self.f16_kv {
+        if self.kv == DType::F16 {
             b.load_f16(buf, i)
         } else {
             b.load(buf, i)
@@ -376,9 +396,33 @@ impl Attn {
                     b.for_each(&zero_i, &nk, |b, i| {
                         let t = b.addi(tb, i);
                         let j = self.key_row(b, &vis, &t);
+                        let at = b.muli(i, &dc);
+                        if let Some((qk, qv)) = &self.quant {
+                            // Blocks of 32 of the head's part of the row, dequantized.
+                            let rowb = b.index(qk.row_bytes());
+                            let rb = b.muli(&j, &rowb);
+                            for q in [qk, qv] {
+                                b.prefetch_ahead(q.bytes(), &rb, ATTN_PREFETCH_KEYS * qk.row_bytes(), &kv_last, "i8");
+                            }
+                            let qkc = b.index(sparsec_ir::quant::QK as u64);
+                            let blk0 = b.divui(&khd, &qkc);
+                            for c in 0..d / sparsec_ir::quant::QK as u64 {
+                                let ci = b.index(c);
+                                let blk = b.addi(&blk0, &ci);
+                                let o = b.index(c * sparsec_ir::quant::QK as u64);
+                                let dst = b.addi(&at, &o);
+                                let sixteen = b.index(16);
+                                let dst2 = b.addi(&dst, &sixteen);
+                                for (q, tile) in [(qk, &ktile), (qv, &vtile)] {
+                                    let (lo, hi) = q.load_block(b, &j, &blk);
+                                    b.vstore(&lo, tile, &dst, 16);
+                                    b.vstore(&hi, tile, &dst2, 16);
+                                }
+                            }
+                            return;
+                        }
                         let rb = b.muli(&j, &kvwc);
                         let base = b.addi(&rb, &khd);
-                        let at = b.muli(i, &dc);
                         for buf in [&self.kbuf, &self.vbuf] {
                             b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw, &kv_last, self.kv_elem());
                             b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw + d - 1, &kv_last, self.kv_elem());

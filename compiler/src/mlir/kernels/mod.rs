@@ -11,6 +11,7 @@
 //! attention); `quant_planes` reads block-quantized operands.
 
 mod attention;
+mod kv_quant;
 mod nsa;
 
 pub use attention::{cpu_ring, window_of, RING_SLACK};

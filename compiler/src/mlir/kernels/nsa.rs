@@ -87,15 +87,37 @@ pub(super) fn unit_cost(spec: &KernelSpec) -> u64 {
 pub(super) fn emit_summary(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(), CompileError> {
     let KernelCtx { spec, work, ins, out, .. } = *cx;
     let (nsa, _, kvh, d) = dims(spec)?;
-    let f16 = spec.operands[0].dtype == sparsec_ir::DType::F16;
-    let kbuf = if f16 {
+    let (kvhc, dc, kvwc, blockc, rowc) = (b.index(kvh), b.index(d), b.index(kvh * d), b.index(nsa.block as u64), b.index(3 * kvh * d));
+    let dt = spec.operands[0].dtype;
+    let kbuf = if dt == sparsec_ir::DType::F16 {
         b.byte_param(&ins[0]);
         b.f16_view(&ins[0])
     } else {
         ins[0].clone()
     };
-    let load = |b: &mut KernelBuilder, i: &str| if f16 { b.load_f16(&kbuf, i) } else { b.load(&kbuf, i) };
-    let (kvhc, dc, kvwc, blockc, rowc) = (b.index(kvh), b.index(d), b.index(kvh * d), b.index(nsa.block as u64), b.index(3 * kvh * d));
+    // Block-quantized caches (`kv_quant.rs`) are read a value at a time.
+    let quant = if dt.is_quantized() {
+        Some(
+            super::kv_quant::QuantRows::new(b, dt, &ins[0], kvh * d)
+                .ok_or_else(|| spec.unsupported("a quantized K cache of a width that is no whole number of blocks"))?,
+        )
+    } else {
+        None
+    };
+    // Value `col` of cache row `row`.
+    let load = |b: &mut KernelBuilder, row: &str, col: &str| match (&quant, dt) {
+        (Some(q), _) => q.load(b, row, col),
+        (None, sparsec_ir::DType::F16) => {
+            let at = b.muli(row, &kvwc);
+            let at = b.addi(&at, col);
+            b.load_f16(&kbuf, &at)
+        }
+        (None, _) => {
+            let at = b.muli(row, &kvwc);
+            let at = b.addi(&at, col);
+            b.load(&kbuf, &at)
+        }
+    };
     let zero_i = b.index(0);
     let one_i = b.index(1);
     let pos = b.pos();
@@ -122,9 +144,7 @@ pub(super) fn emit_summary(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<
                 let col = b.addi(&khd, c);
                 let acc = b.for_fold(&zero_i, &blockc, &[zero.clone(), big.clone(), small.clone()], |b, j, acc| {
                     let row = b.addi(&first, j);
-                    let at = b.muli(&row, &kvwc);
-                    let at = b.addi(&at, &col);
-                    let x = load(b, &at);
+                    let x = load(b, &row, &col);
                     vec![b.add(&acc[0], &x), b.fbin("minnumf", &acc[1], &x), b.fbin("maxnumf", &acc[2], &x)]
                 });
                 let mean = b.mul(&acc[0], &inv);

@@ -42,63 +42,75 @@ impl QuantPlanes {
         let blk = b.divui(flat, &qk);
         let within = b.remui(flat, &qk);
         let (d, off) = self.scale_offset(b, &blk);
-        let q = if self.dt == DType::Q8_0 {
-            b.load_byte(buf, flat, true)
-        } else {
-            let half = b.index(16);
-            let lo = b.remui(&within, &half);
-            let base = b.muli(&blk, &half);
-            let at = b.addi(&base, &lo);
-            let byte = b.load_byte(buf, &at, false);
-            let is_hi = b.def(format!("arith.cmpi uge, {within}, {half} : index"));
-            let four = b.i32(4);
-            let fifteen = b.i32(15);
-            let hi = b.def(format!("arith.shrui {byte}, {four} : i32"));
-            let lo = b.def(format!("arith.andi {byte}, {fifteen} : i32"));
-            b.def(format!("arith.select {is_hi}, {hi}, {lo} : i32"))
-        };
-        let qf = b.def(format!("arith.sitofp {q} : i32 to f32"));
-        match off {
-            Some(o) => b.fma(&qf, &d, &o),
-            None => b.mul(&qf, &d),
-        }
+        let qb = b.index(sparsec_ir::quant::quant_bytes(self.dt) as u64);
+        let at = b.muli(&blk, &qb);
+        element_value(b, self.dt, buf, &at, &within, &d, off.as_deref())
     }
 
     /// The 32 values of block `blk` as two `vector<16xf32>` halves (CPU).
     pub(super) fn load_block(&self, b: &mut KernelBuilder, buf: &str, blk: &str) -> (V, V) {
         let (d, off) = self.scale_offset(b, blk);
-        let vf = KernelBuilder::vty(VQ);
-        let (qlo, qhi) = if self.dt == DType::Q8_0 {
-            let qk = b.index(32);
-            let at = b.muli(blk, &qk);
-            let sixteen = b.index(16);
-            let at2 = b.addi(&at, &sixteen);
-            let lo = b.vload_bytes(buf, &at, VQ);
-            let hi = b.vload_bytes(buf, &at2, VQ);
-            let lo = b.def(format!("arith.extsi {lo} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
-            let hi = b.def(format!("arith.extsi {hi} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
-            (lo, hi)
-        } else {
-            let sixteen = b.index(16);
-            let at = b.muli(blk, &sixteen);
-            let (lo, hi) = nibbles(b, buf, &at);
-            let lo = b.def(format!("arith.extui {lo} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
-            let hi = b.def(format!("arith.extui {hi} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
-            (lo, hi)
-        };
-        let dv = b.vbroadcast(&d, VQ);
-        let ov = off.map(|o| b.vbroadcast(&o, VQ));
-        let deq = |b: &mut KernelBuilder, q: &str| {
-            let f = b.def(format!("arith.sitofp {q} : vector<{VQ}xi32> to {vf}"));
-            match &ov {
-                Some(o) => b.vfma(&f, &dv, o, VQ),
-                None => b.def(format!("arith.mulf {f}, {dv} : {vf}")),
-            }
-        };
-        let lo = deq(b, &qlo);
-        let hi = deq(b, &qhi);
-        (lo, hi)
+        let qb = b.index(sparsec_ir::quant::quant_bytes(self.dt) as u64);
+        let at = b.muli(blk, &qb);
+        block_values(b, self.dt, buf, &at, &d, off.as_deref())
     }
+}
+
+/// Value `within` (0..32) of the block whose quants start at byte `at` of
+/// `buf`, with scale `d` and offset `off` (`x = d·q + off`), as f32.
+pub(super) fn element_value(b: &mut KernelBuilder, dt: DType, buf: &str, at: &str, within: &str, d: &str, off: Option<&str>) -> V {
+    let q = if dt == DType::Q8_0 {
+        let i = b.addi(at, within);
+        b.load_byte(buf, &i, true)
+    } else {
+        let half = b.index(16);
+        let lo = b.remui(within, &half);
+        let i = b.addi(at, &lo);
+        let byte = b.load_byte(buf, &i, false);
+        let is_hi = b.def(format!("arith.cmpi uge, {within}, {half} : index"));
+        let four = b.i32(4);
+        let fifteen = b.i32(15);
+        let hi = b.def(format!("arith.shrui {byte}, {four} : i32"));
+        let lo = b.def(format!("arith.andi {byte}, {fifteen} : i32"));
+        b.def(format!("arith.select {is_hi}, {hi}, {lo} : i32"))
+    };
+    let qf = b.def(format!("arith.sitofp {q} : i32 to f32"));
+    match off {
+        Some(o) => b.fma(&qf, d, o),
+        None => b.mul(&qf, d),
+    }
+}
+
+/// The 32 values of the block whose quants start at byte `at` of `buf`, with
+/// scale `d` and offset `off`, as two `vector<16xf32>` halves (CPU).
+pub(super) fn block_values(b: &mut KernelBuilder, dt: DType, buf: &str, at: &str, d: &str, off: Option<&str>) -> (V, V) {
+    let vf = KernelBuilder::vty(VQ);
+    let (qlo, qhi) = if dt == DType::Q8_0 {
+        let sixteen = b.index(16);
+        let at2 = b.addi(at, &sixteen);
+        let lo = b.vload_bytes(buf, at, VQ);
+        let hi = b.vload_bytes(buf, &at2, VQ);
+        let lo = b.def(format!("arith.extsi {lo} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
+        let hi = b.def(format!("arith.extsi {hi} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
+        (lo, hi)
+    } else {
+        let (lo, hi) = nibbles(b, buf, at);
+        let lo = b.def(format!("arith.extui {lo} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
+        let hi = b.def(format!("arith.extui {hi} : vector<{VQ}xi8> to vector<{VQ}xi32>"));
+        (lo, hi)
+    };
+    let dv = b.vbroadcast(d, VQ);
+    let ov = off.map(|o| b.vbroadcast(o, VQ));
+    let deq = |b: &mut KernelBuilder, q: &str| {
+        let f = b.def(format!("arith.sitofp {q} : vector<{VQ}xi32> to {vf}"));
+        match &ov {
+            Some(o) => b.vfma(&f, &dv, o, VQ),
+            None => b.def(format!("arith.mulf {f}, {dv} : {vf}")),
+        }
+    };
+    let lo = deq(b, &qlo);
+    let hi = deq(b, &qhi);
+    (lo, hi)
 }
 
 /// The 16 bytes of a Q4 block at byte `at` of `buf`, split into its low

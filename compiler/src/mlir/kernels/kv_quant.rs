@@ -1,0 +1,90 @@
+//! Reading KV caches whose rows are block-quantized (`--kv-cache q8_0|q4_0|q4_1`,
+//! CPU): each appended row of `width` values is packed on its own as
+//! `sparsec_ir::quant` packs a tensor (the row's quants, then its f16 scales,
+//! then for Q4_1 its f16 minimums), so row `j` starts at byte `j·row_bytes`
+//! and a cache grows by whole rows.
+
+use super::quant_planes::{block_values, element_value};
+use crate::mlir::builder::{KernelBuilder, V};
+use sparsec_ir::quant::{planes, quant_bytes, QK};
+use sparsec_ir::DType;
+
+/// A quantized KV cache buffer (a byte parameter) and its row layout.
+pub(super) struct QuantRows {
+    dt: DType,
+    /// The cache as bytes (`memref<?xi8>`).
+    bytes: V,
+    /// The same bytes as f16 (the scales and minimums).
+    halves: V,
+    row_bytes: u64,
+    /// Byte offset of the scales in a row, and of the minimums.
+    d_off: u64,
+    m_off: u64,
+}
+
+impl QuantRows {
+    /// `None` when `dt` is not a block type or `width` not a whole number of blocks.
+    pub(super) fn new(b: &mut KernelBuilder, dt: DType, buf: &str, width: u64) -> Option<QuantRows> {
+        let p = planes(dt, width as usize)?;
+        let halves = b.f16_view(buf);
+        Some(QuantRows { dt, bytes: buf.to_string(), halves, row_bytes: p.total as u64, d_off: p.d as u64, m_off: p.m as u64 })
+    }
+
+    /// Bytes of one row.
+    pub(super) fn row_bytes(&self) -> u64 {
+        self.row_bytes
+    }
+
+    /// The byte buffer (for prefetches).
+    pub(super) fn bytes(&self) -> &str {
+        &self.bytes
+    }
+
+    /// Byte where row `row` starts, and the scale and offset of its block `blk`.
+    fn block(&self, b: &mut KernelBuilder, row: &str, blk: &str) -> (V, V, Option<V>) {
+        let rb = b.index(self.row_bytes);
+        let base = b.muli(row, &rb);
+        let two = b.index(2);
+        let hb = b.divui(&base, &two);
+        let at = |b: &mut KernelBuilder, off: u64| {
+            let o = b.index(off / 2);
+            let i = b.addi(&hb, &o);
+            b.addi(&i, blk)
+        };
+        let di = at(b, self.d_off);
+        let d = b.load_f16(&self.halves, &di);
+        let off = match self.dt {
+            DType::Q4_1 => {
+                let mi = at(b, self.m_off);
+                Some(b.load_f16(&self.halves, &mi))
+            }
+            DType::Q4_0 => {
+                let m8 = b.f32(-8.0);
+                Some(b.mul(&d, &m8))
+            }
+            _ => None,
+        };
+        (base, d, off)
+    }
+
+    /// The 32 values of block `blk` of row `row` as two `vector<16xf32>` halves.
+    pub(super) fn load_block(&self, b: &mut KernelBuilder, row: &str, blk: &str) -> (V, V) {
+        let (base, d, off) = self.block(b, row, blk);
+        let qb = b.index(quant_bytes(self.dt) as u64);
+        let q = b.muli(blk, &qb);
+        let at = b.addi(&base, &q);
+        block_values(b, self.dt, &self.bytes, &at, &d, off.as_deref())
+    }
+
+    /// Value `col` of row `row`.
+    pub(super) fn load(&self, b: &mut KernelBuilder, row: &str, col: &str) -> V {
+        let qk = b.index(QK as u64);
+        let blk = b.divui(col, &qk);
+        let within = b.remui(col, &qk);
+        let (base, d, off) = self.block(b, row, &blk);
+        let qb = b.index(quant_bytes(self.dt) as u64);
+        let q = b.muli(&blk, &qb);
+        let at = b.addi(&base, &q);
+        element_value(b, self.dt, &self.bytes, &at, &within, &d, off.as_deref())
+    }
+}
