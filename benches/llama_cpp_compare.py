@@ -52,15 +52,21 @@ def to_f32(src, dst):
         raise SystemExit(f"llama_model_quantize failed: {rc}")
 
 
-def llama_cpp_rounds(path, threads, prompt_len, new_tokens, flash_attn=False):
+# ggml type numbers of the KV cache types llama.cpp takes (`-ctk/-ctv`).
+GGML_KV_TYPES = {"f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 8}
+
+
+def llama_cpp_rounds(path, threads, prompt_len, new_tokens, flash_attn=False, kv_type="f16"):
     """A llama.cpp context on `path`, warmed up; each call of the returned function
     measures one round (prefill of the prompt, then greedy decode steps). Prompts
-    run in llama.cpp's default micro-batches of at most 512 tokens."""
+    run in llama.cpp's default micro-batches of at most 512 tokens. `kv_type`
+    is its K and V cache type (a quantized V cache needs flash attention)."""
     import numpy as np
     import llama_cpp
     from llama_cpp import Llama
     llm = Llama(model_path=path, n_ctx=prompt_len + new_tokens + 16, n_batch=min(prompt_len, 2048), n_ubatch=min(prompt_len, 512),
-                n_threads=threads, n_threads_batch=threads, verbose=False, logits_all=False, flash_attn=flash_attn)
+                n_threads=threads, n_threads_batch=threads, verbose=False, logits_all=False, flash_attn=flash_attn,
+                type_k=GGML_KV_TYPES[kv_type], type_v=GGML_KV_TYPES[kv_type])
     text = open(TEXT, encoding="utf-8").read()
     ids = llm.tokenize(text.encode(), add_bos=False)
     while len(ids) < prompt_len:

@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """Long-context attention on this machine, side by side in one run: SmolLM2-135M
 Q4_1 with an N-token prompt (default 8000, the start of GPL-3 repeated) and
-greedy decode steps, for llama.cpp (flash attention off and on) and sparsec
-(dense, and each window schedule given, compiled with 4 sinks), with the same
-threads. Reports prefill and decode tokens/s, sparsec's attention milliseconds
+greedy decode steps, for llama.cpp (flash attention off and on, and with its
+q8_0 KV cache) and sparsec (dense, each preset given: window schedules with 4
+sinks, native sparse attention; and each quantized KV cache type given), with
+the same threads. "vs best llama.cpp" compares with the faster of its f16-cache
+runs. Reports prefill and decode tokens/s, sparsec's attention milliseconds
 per decoded token and peak memory, and the decode bound the memory allows: the
 read bandwidth measured here over the bytes one token reads (the f16 KV cache
 at that many positions plus the weights). Writes
 benches/results/long_context.{json,md}.
 
-    python3 benches/long_context.py [--threads 2] [--prompt-len 8000] [--new-tokens 32] [--rounds 2] [--schedules half,quarter]
+    python3 benches/long_context.py [--threads 2] [--prompt-len 8000] [--new-tokens 32] [--rounds 2] [--schedules half,quarter,nsa] [--kv-caches q8_0,q4_1]
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
@@ -64,7 +66,8 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=8000)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--schedules", default="half,quarter")
+    ap.add_argument("--schedules", default="half,quarter,nsa", help="presets compiled besides dense (windows, nsa)")
+    ap.add_argument("--kv-caches", default="q8_0,q4_1", help="sparsec --kv-cache types besides f16 (and llama.cpp's q8_0)")
     a = ap.parse_args()
     lcc.ensure_llama_cpp()
     subprocess.check_call(["cargo", "build", "-q", "--release", "--bin", "sparsec"], cwd=ROOT)
@@ -72,14 +75,22 @@ def main():
     bw = read_bandwidth(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         arts = {}
-        for name in ["dense"] + [s for s in a.schedules.split(",") if s]:
-            art = os.path.join(tmp, f"{name}.sparsec")
-            extra = [] if name == "dense" else ["--preset", name]
+        kv = [k for k in a.kv_caches.split(",") if k]
+        for name in ["dense"] + [s for s in a.schedules.split(",") if s] + [f"{k} cache" for k in kv]:
+            art = os.path.join(tmp, f"{name.replace(' ', '_')}.sparsec")
+            if name == "dense":
+                extra = []
+            elif name.endswith(" cache"):
+                extra = ["--kv-cache", name.split()[0]]
+            else:
+                extra = ["--preset", name]
             subprocess.check_call([EXE, "compile", q41, "-o", art] + extra, cwd=ROOT, stdout=subprocess.DEVNULL)
             arts[name] = art
         weights, per_pos = inspect_bytes(arts["dense"])
         runs = {f"llama.cpp{' flash' if fa else ''}": lcc.llama_cpp_rounds(q41, a.threads, a.prompt_len, a.new_tokens, fa)
                 for fa in (False, True)}
+        if "q8_0" in kv:
+            runs["llama.cpp flash q8_0 cache"] = lcc.llama_cpp_rounds(q41, a.threads, a.prompt_len, a.new_tokens, True, "q8_0")
         results = {k: [] for k in list(runs) + [f"sparsec {n}" for n in arts]}
         for _ in range(max(1, a.rounds)):
             for k, f in runs.items():
@@ -94,8 +105,9 @@ def main():
         rows.append(row)
     token_bytes = weights + per_pos * a.prompt_len
     bound = bw / token_bytes
-    best_llama = max(r["decode_tokens_per_s"] for r in rows if r["name"].startswith("llama"))
-    best_llama_prefill = max(r["prefill_tokens_per_s"] for r in rows if r["name"].startswith("llama"))
+    f16_llama = [r for r in rows if r["name"].startswith("llama") and "cache" not in r["name"]]
+    best_llama = max(r["decode_tokens_per_s"] for r in f16_llama)
+    best_llama_prefill = max(r["prefill_tokens_per_s"] for r in f16_llama)
     cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
     res = {"machine": {"cpu": cpu, "cores": os.cpu_count(), "threads": a.threads}, "prompt_tokens": a.prompt_len,
            "new_tokens": a.new_tokens, "rounds": a.rounds, "read_bandwidth_bytes_per_s": bw, "weight_bytes": weights,
