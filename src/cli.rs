@@ -110,6 +110,12 @@ pub struct CompileFlags {
     /// about a quarter of f32), Q4_0 or Q4_1 (4-bit). Targets that include CUDA keep f32.
     #[arg(long, value_enum, default_value_t = KvCacheArg::F16)]
     pub kv_cache: KvCacheArg,
+    /// Rotate each head's keys and values by the normalized Hadamard matrix
+    /// before a block-quantized cache stores them (QuaRot): outlier channels
+    /// spread over the block, so 4-bit caches lose less. Attention rotates
+    /// the query the same way and the result back; power-of-two head widths.
+    #[arg(long)]
+    pub kv_hadamard: bool,
     /// Type every weight f32: quantized checkpoint tensors are dequantized at
     /// compile time (by default Q8_0/Q4_0/Q4_1 matrices stay quantized).
     #[arg(long)]

@@ -100,6 +100,7 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
             KvCacheArg::Q4_0 => sparsec_compiler::KvCacheType::Q4_0,
             KvCacheArg::Q4_1 => sparsec_compiler::KvCacheType::Q4_1,
         },
+        kv_hadamard: flags.kv_hadamard,
     })
 }
 

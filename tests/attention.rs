@@ -86,15 +86,23 @@ fn a_ring_session_goes_back_only_its_slack() {
 }
 
 /// The rows of `x` (`[rows, width]`) as a block-quantized cache holds them:
-/// each row packed on its own and read back.
-fn round_trip_rows(x: &ArrayD<f32>, dt: sparsec_ir::DType) -> ArrayD<f32> {
+/// each row (its heads of `rotate` values Hadamard-rotated first, where given)
+/// packed on its own, read back and rotated back.
+fn round_trip_rows(x: &ArrayD<f32>, dt: sparsec_ir::DType, rotate: Option<usize>) -> ArrayD<f32> {
+    use sparsec_ir::quant::hadamard;
     let width = x.shape()[1];
     let mut out = x.clone();
     for mut row in out.axis_iter_mut(Axis(0)) {
-        let v: Vec<f32> = row.iter().copied().collect();
+        let mut v: Vec<f32> = row.iter().copied().collect();
+        if let Some(d) = rotate {
+            v.chunks_mut(d).for_each(|h| assert!(hadamard(h)));
+        }
         let packed = sparsec_ir::quant::quantize(dt, &v).unwrap();
         let mut back = vec![0f32; width];
         assert!(sparsec_ir::quant::dequantize(dt, &packed, &mut back));
+        if let Some(d) = rotate {
+            back.chunks_mut(d).for_each(|h| assert!(hadamard(h)));
+        }
         row.iter_mut().zip(back).for_each(|(a, b)| *a = b);
     }
     out
@@ -108,18 +116,21 @@ fn block_quantized_caches_equal_attention_over_their_dequantized_rows() {
     let graph = parse_graph(src).unwrap();
     let (total, prefill) = (700, 400);
     let inputs = [values(total, 128, 1), values(total, 64, 2), values(total, 64, 3)];
-    for (kv, dt, bytes) in [
-        (KvCacheType::Q8_0, sparsec_ir::DType::Q8_0, 64 + 4),
-        (KvCacheType::Q4_0, sparsec_ir::DType::Q4_0, 32 + 4),
-        (KvCacheType::Q4_1, sparsec_ir::DType::Q4_1, 32 + 8),
+    for (kv, dt, bytes, kv_hadamard) in [
+        (KvCacheType::Q8_0, sparsec_ir::DType::Q8_0, 64 + 4, false),
+        (KvCacheType::Q4_0, sparsec_ir::DType::Q4_0, 32 + 4, false),
+        (KvCacheType::Q4_1, sparsec_ir::DType::Q4_1, 32 + 8, false),
+        (KvCacheType::Q4_1, sparsec_ir::DType::Q4_1, 32 + 8, true),
     ] {
-        let (_tmp, art) = build(graph.clone(), CompileOptions { target: TargetKind::Cpu, kv_cache: kv, ..Default::default() });
-        // What attention should see: the keys and values as the cache stores them.
-        let stored = [inputs[0].clone(), round_trip_rows(&inputs[1], dt), round_trip_rows(&inputs[2], dt)];
+        let (_tmp, art) = build(graph.clone(), CompileOptions { target: TargetKind::Cpu, kv_cache: kv, kv_hadamard, ..Default::default() });
+        // What attention should see: the keys and values as the cache stores them
+        // (each head of 32 rotated before packing, where asked, and back after).
+        let rotate = kv_hadamard.then_some(32);
+        let stored = [inputs[0].clone(), round_trip_rows(&inputs[1], dt, rotate), round_trip_rows(&inputs[2], dt, rotate)];
         let want = interpret(&graph, &stored, &|_| None).unwrap().remove(0);
         let got = run_in_calls(&art, &inputs, &[prefill], total);
         let c = compare(&got, &want, Tolerance { atol: 1e-4, rtol: 1e-4 });
-        assert!(c.passed, "{kv:?}: max abs error {} at {}", c.max_abs_error, c.worst_index);
+        assert!(c.passed, "{kv:?} hadamard {kv_hadamard}: max abs error {} at {}", c.max_abs_error, c.worst_index);
         // Each position's K and V rows: 64 values in 2 blocks each.
         let caches: Vec<usize> = art
             .manifest

@@ -204,6 +204,10 @@ pub struct CompileOptions {
     pub quant_activations: QuantActivations,
     #[serde(default)]
     pub kv_cache: KvCacheType,
+    /// Block-quantized caches hold each head's keys and values rotated by the
+    /// normalized Hadamard matrix (`--kv-hadamard`).
+    #[serde(default)]
+    pub kv_hadamard: bool,
 }
 
 impl Default for CompileOptions {
@@ -217,6 +221,7 @@ impl Default for CompileOptions {
             bake_budget: BakeBudget::default(),
             quant_activations: QuantActivations::default(),
             kv_cache: KvCacheType::default(),
+            kv_hadamard: false,
         }
     }
 }

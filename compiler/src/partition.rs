@@ -104,11 +104,29 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             activation: f.and_then(|f| f.activation),
             prologue: f.and_then(|f| f.prologue),
             int8_activations,
+            hadamard_kv: false,
         };
-        if let Op::Attention { .. } = n.op {
+        let mut head_width = 0;
+        if let Op::Attention { heads, .. } = n.op {
             // The kernel reads its keys and values from the caches, in their type.
             for t in spec.operands.iter_mut().skip(1).take(2) {
                 t.dtype = kv_dtype;
+            }
+            head_width = match spec.operands[0].dims.last() {
+                Some(Dim::Fixed(w)) => (*w / (heads as u64).max(1)) as u32,
+                _ => 0,
+            };
+            if opts.kv_hadamard {
+                if !kv_dtype.is_quantized()
+                    || !head_width.is_power_of_two()
+                    || spec.patterns.iter().any(|p| matches!(p, sparsec_ir::Pattern::Nsa(_)))
+                {
+                    return Err(spec.unsupported(&format!(
+                        "--kv-hadamard rotates block-quantized CPU caches (this one is {}) of power-of-two heads (width {head_width}) without #nsa",
+                        kv_dtype.name()
+                    )));
+                }
+                spec.hadamard_kv = true;
             }
         }
         if let Some(pw) = n.operands.get(1).and_then(|w| pruned.get(&w.0)).filter(|_| matches!(n.op, Op::MatMul { .. })) {
@@ -152,7 +170,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     ring,
                 });
                 let cache = buffers.len() - 1;
-                steps.push(Step::KvAppend { src, cache });
+                steps.push(Step::KvAppend { src, cache, hadamard: spec.hadamard_kv.then_some(head_width) });
                 args[slot] = cache;
             }
             if let (Some((nsa, _)), Some(select_type)) = (nsa, &select_type) {
@@ -240,8 +258,18 @@ fn intern(kernels: &mut Vec<KernelSpec>, by_signature: &mut HashMap<String, Stri
     let baked = spec.sparse.as_ref().filter(|c| c.bakes()).map(|c| c.weight.clone());
     let level = spec.sparse.as_ref().map(|c| (c.level, c.storage));
     let signature = format!(
-        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
-        spec.op, spec.stage, spec.operands, spec.result, spec.patterns, level, baked, spec.epilogue, spec.activation, spec.prologue
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
+        spec.op,
+        spec.stage,
+        spec.operands,
+        spec.result,
+        spec.patterns,
+        level,
+        baked,
+        spec.epilogue,
+        spec.activation,
+        spec.prologue,
+        spec.hadamard_kv
     );
     let name = match by_signature.get(&signature) {
         Some(name) => String::clone(name),

@@ -161,9 +161,50 @@ pub fn quantize(dt: DType, values: &[f32]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// `x` multiplied in place by the normalized Hadamard matrix of its length
+/// (a power of two): the fast Walsh–Hadamard transform, scaled by 1/√n. The
+/// matrix is symmetric and orthogonal, so applying it twice gives `x` back.
+/// Returns `false` (and leaves `x`) when the length is not a power of two.
+pub fn hadamard(x: &mut [f32]) -> bool {
+    let n = x.len();
+    if !n.is_power_of_two() {
+        return false;
+    }
+    let mut h = 1;
+    while h < n {
+        for i in (0..n).step_by(2 * h) {
+            for j in i..i + h {
+                let (a, b) = (x[j], x[j + h]);
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+        }
+        h *= 2;
+    }
+    let s = 1.0 / (n as f32).sqrt();
+    x.iter_mut().for_each(|v| *v *= s);
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hadamard_is_orthogonal_and_its_own_inverse() {
+        let x: Vec<f32> = (0..64).map(|i| ((i * 29 % 23) as f32 - 11.0) / 7.0).collect();
+        let mut y = x.clone();
+        assert!(hadamard(&mut y));
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+        assert!((norm(&x) - norm(&y)).abs() < 1e-3 * norm(&x));
+        // Row 1 of H_4 is (1, -1, 1, -1)/2.
+        let mut e = [0.0, 1.0, 0.0, 0.0];
+        assert!(hadamard(&mut e));
+        assert_eq!(e, [0.5, -0.5, 0.5, -0.5]);
+        assert!(hadamard(&mut y));
+        assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-5));
+        assert!(!hadamard(&mut [1.0; 6]));
+    }
 
     #[test]
     fn quantize_then_dequantize_is_close_and_repacking_ggml_blocks_is_exact() {

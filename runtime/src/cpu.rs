@@ -528,7 +528,7 @@ impl CpuSession<'_> {
             }
             let (seq, pos) = if tail.is_some_and(|t| i >= t) { (1, pos + seq as usize - 1) } else { (seq, pos) };
             match step {
-                Step::KvAppend { src, cache } => {
+                Step::KvAppend { src, cache, hadamard } => {
                     let (sp, slen) = ptrs[*src];
                     let (cp, _) = ptrs[*cache];
                     let cb = &plan.buffers[*cache];
@@ -566,7 +566,20 @@ impl CpuSession<'_> {
                                 unsafe { std::slice::from_raw_parts_mut(at as *mut f32, from.len()) }.copy_from_slice(from);
                             }
                             DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
-                                // One row, packed on its own (`sparsec_ir::quant`): `bytes(1)` bytes.
+                                // One row (each head rotated first where asked),
+                                // packed on its own (`sparsec_ir::quant`): `bytes(1)` bytes.
+                                let rotated;
+                                let from = match hadamard {
+                                    Some(d) => {
+                                        let mut r = from.to_vec();
+                                        for head in r.chunks_mut((*d as usize).max(1)) {
+                                            sparsec_ir::quant::hadamard(head);
+                                        }
+                                        rotated = r;
+                                        &rotated[..]
+                                    }
+                                    None => from,
+                                };
                                 let packed = sparsec_ir::quant::quantize(cb.dtype, from)
                                     .filter(|p| p.len() == cb.bytes(1))
                                     .ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: a row does not pack", cb.name)))?;

@@ -128,7 +128,10 @@ impl CudaExecutor {
         let (seq_arg, pos_arg) = (seq as i64, 0i64);
         for step in &plan.steps {
             let step = match step {
-                Step::KvAppend { src, cache } => {
+                Step::KvAppend { hadamard: Some(_), .. } => {
+                    return Err(RuntimeError::Cuda("rotated (Hadamard) KV caches are kept on the CPU only".into()))
+                }
+                Step::KvAppend { src, cache, hadamard: None } => {
                     alias.insert(*cache, *src);
                     continue;
                 }

@@ -150,7 +150,10 @@ impl CudaExecutor {
         let mut steps = Vec::with_capacity(plan.steps.len());
         for step in &plan.steps {
             steps.push(match step {
-                Step::KvAppend { src, cache } => {
+                Step::KvAppend { hadamard: Some(_), .. } => {
+                    return Err(RuntimeError::Cuda("rotated (Hadamard) KV caches are kept on the CPU only".into()))
+                }
+                Step::KvAppend { src, cache, hadamard: None } => {
                     let (s, c) = (&plan.buffers[*src], &plan.buffers[*cache]);
                     if s.bytes(1) != c.bytes(1) || !s.by_rows() {
                         return Err(RuntimeError::Cuda(format!("KV append of `{}` into `{}`: rows differ", s.name, c.name)));

@@ -320,10 +320,14 @@ impl KernelStep {
 pub enum Step {
     Kernel(KernelStep),
     /// Copies the `seq` new rows of `src` into the cache `cache` at row `pos`,
-    /// converting them to the cache's type.
+    /// converting them to the cache's type; with `hadamard` = d, each d-wide
+    /// head of a row is first multiplied by the normalized d×d Hadamard matrix
+    /// (`sparsec_ir::quant::hadamard`; d a power of two).
     KvAppend {
         src: usize,
         cache: usize,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hadamard: Option<u32>,
     },
 }
 

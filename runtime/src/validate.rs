@@ -180,7 +180,7 @@ pub fn validate(
     for (s, step) in plan.steps.iter().enumerate() {
         let bad = |m: String| fail(&mpath, format!("step {s}: {m}"));
         match step {
-            Step::KvAppend { src, cache } => {
+            Step::KvAppend { src, cache, hadamard } => {
                 let (Some(sb), Some(cb)) = (bufs.get(*src), bufs.get(*cache)) else {
                     return Err(bad(format!("buffers {src} or {cache} out of range")));
                 };
@@ -190,6 +190,15 @@ pub fn validate(
                     || sb.dtype != DType::F32
                 {
                     return Err(bad(format!("appends `{}` to `{}`, which is not a KV cache of its shape", sb.name, cb.name)));
+                }
+                if let Some(d) = hadamard {
+                    let width = cb.numel().resolve(1);
+                    if !cb.dtype.is_quantized() || !d.is_power_of_two() || width % *d as u64 != 0 {
+                        return Err(bad(format!(
+                            "rotates `{}` in heads of {d}: only block-quantized caches, in power-of-two heads dividing the row",
+                            cb.name
+                        )));
+                    }
                 }
                 if !appended.insert(*cache) {
                     return Err(bad(format!("cache `{}` is appended twice", cb.name)));

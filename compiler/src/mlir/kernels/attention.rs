@@ -114,6 +114,10 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
     if kv != DType::F32 && device != Device::Cpu {
         return Err(spec.unsupported(&format!("{} KV caches are read on the CPU only", kv.name())));
     }
+    let hadamard = spec.hadamard_kv;
+    if hadamard && (!kv.is_quantized() || !d.is_power_of_two()) {
+        return Err(spec.unsupported("Hadamard-rotated caches are block-quantized, of power-of-two heads"));
+    }
     let quant = if kv.is_quantized() {
         if !cpu_split(spec) || d % sparsec_ir::quant::QK as u64 != 0 {
             return Err(spec.unsupported(&format!("{} KV caches need a head width that is a multiple of 32, not {d}", kv.name())));
@@ -139,7 +143,8 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
         Some(n) => Some((n, ins.get(3).ok_or_else(|| spec.unsupported("#nsa attention takes the selection as operand 3"))?.clone())),
         None => None,
     };
-    let ctx = Attn { h, kvh, d, window, ring: if device == Device::Cpu { cpu_ring(window) } else { None }, kv, quant, kbuf, vbuf, nsa };
+    let ctx =
+        Attn { h, kvh, d, window, ring: if device == Device::Cpu { cpu_ring(window) } else { None }, kv, quant, hadamard, kbuf, vbuf, nsa };
     match device {
         Device::Cpu if cpu_split(spec) => ctx.emit_split(b, cx),
         Device::Cpu => ctx.emit_online(b, cx),
@@ -157,6 +162,8 @@ struct Attn {
     kv: DType,
     /// Block-quantized K and V caches.
     quant: Option<(super::kv_quant::QuantRows, super::kv_quant::QuantRows)>,
+    /// The caches hold each head Hadamard-rotated (`KernelSpec::hadamard_kv`).
+    hadamard: bool,
     kbuf: V,
     vbuf: V,
     /// `#nsa` and its selection buffer.
@@ -164,6 +171,16 @@ struct Attn {
 }
 
 impl Attn {
+    /// A head's output row (vectors of `VW`) back from the rotated space
+    /// (the rotation is its own inverse); as is without rotation.
+    fn unrotate(&self, b: &mut KernelBuilder, ys: Vec<V>) -> Vec<V> {
+        if self.hadamard {
+            super::kv_quant::hadamard(b, &ys)
+        } else {
+            ys
+        }
+    }
+
     /// The element type of the `kbuf` and `vbuf` memrefs.
     fn kv_elem(&self) -> &'static str {
         match self.kv {
@@ -339,6 +356,7 @@ impl Attn {
         // The group's running weighted sums of values, one row per head.
         let acc_elems = b.index(group * d);
         let acc_mem = b.alloca_f32(&acc_elems);
+        let qrot = self.hadamard.then(|| b.alloca_f32(&acc_elems));
         let kv_len = b.def(format!("memref.dim {}, {zero_i} : memref<?x{}>", self.kbuf, self.kv_elem()));
         let kv_last = b.def(format!("arith.subi {kv_len}, {one_i} : index"));
         // Where a partial of (KV head, split, head of the group) lives in the scratch.
@@ -381,6 +399,23 @@ impl Attn {
                     let qhd = b.muli(&head, &dc);
                     b.addi(&qrow, &qhd)
                 };
+                // Rotated caches: the group's queries rotated alike, once.
+                if let Some(qrot) = &qrot {
+                    for g in 0..group {
+                        let qbase = qbase_of(b, g);
+                        let qv: Vec<V> = (0..nv)
+                            .map(|v| {
+                                let o = b.index(v as u64 * VW as u64);
+                                let i = b.addi(&qbase, &o);
+                                b.vload(&ins[0], &i, VW)
+                            })
+                            .collect();
+                        for (v, x) in super::kv_quant::hadamard(b, &qv).iter().enumerate() {
+                            let o = b.index(g * d + v as u64 * VW as u64);
+                            b.vstore(x, qrot, &o, VW);
+                        }
+                    }
+                }
                 // Per head of the group: running max and sum, over tiles of keys.
                 let mut init: Vec<(V, String)> = Vec::new();
                 for _ in 0..group {
@@ -444,10 +479,16 @@ impl Attn {
                     for g in 0..group {
                         let qbase = qbase_of(b, g);
                         let qs: Vec<V> = (0..nv)
-                            .map(|v| {
-                                let o = b.index(v as u64 * VW as u64);
-                                let i = b.addi(&qbase, &o);
-                                b.vload(&ins[0], &i, VW)
+                            .map(|v| match &qrot {
+                                Some(qrot) => {
+                                    let o = b.index(g * d + v as u64 * VW as u64);
+                                    b.vload(qrot, &o, VW)
+                                }
+                                None => {
+                                    let o = b.index(v as u64 * VW as u64);
+                                    let i = b.addi(&qbase, &o);
+                                    b.vload(&ins[0], &i, VW)
+                                }
                             })
                             .collect();
                         let key_dot = |b: &mut KernelBuilder, i: &str| -> V {
@@ -549,11 +590,11 @@ impl Attn {
                             let one = b.f32(1.0);
                             let inv = b.div(&one, l);
                             let invv = b.vbroadcast(&inv, VW);
-                            for (v, acc) in accs.iter().enumerate() {
-                                let y = b.def(format!("arith.mulf {acc}, {invv} : {vty}"));
+                            let ys: Vec<V> = accs.iter().map(|acc| b.def(format!("arith.mulf {acc}, {invv} : {vty}"))).collect();
+                            for (v, y) in self.unrotate(b, ys).iter().enumerate() {
                                 let o = b.index(v as u64 * VW as u64);
                                 let i = b.addi(&qbase, &o);
-                                b.vstore(&y, out, &i, VW);
+                                b.vstore(y, out, &i, VW);
                             }
                         },
                         |b| {
@@ -614,11 +655,12 @@ impl Attn {
                 let inv = b.div(&one, &acc[0]);
                 let invv = b.vbroadcast(&inv, VW);
                 let qhd = b.muli(&head, &dc);
-                for v in 0..nv {
-                    let y = b.def(format!("arith.mulf {}, {invv} : {}", acc[1 + v], KernelBuilder::vty(VW)));
+                let ys: Vec<V> =
+                    (0..nv).map(|v| b.def(format!("arith.mulf {}, {invv} : {}", acc[1 + v], KernelBuilder::vty(VW)))).collect();
+                for (v, y) in self.unrotate(b, ys).iter().enumerate() {
                     let o = b.index(v as u64 * VW as u64);
                     let i = b.addi(&qhd, &o);
-                    b.vstore(&y, out, &i, VW);
+                    b.vstore(y, out, &i, VW);
                 }
             });
         });

@@ -2,9 +2,12 @@
 //! CPU): each appended row of `width` values is packed on its own as
 //! `sparsec_ir::quant` packs a tensor (the row's quants, then its f16 scales,
 //! then for Q4_1 its f16 minimums), so row `j` starts at byte `j·row_bytes`
-//! and a cache grows by whole rows.
+//! and a cache grows by whole rows. With `--kv-hadamard` the rows hold each
+//! head rotated by the normalized Hadamard matrix (`hadamard` here rotates
+//! queries and results alike).
 
 use super::quant_planes::{block_values, element_value};
+use super::VW;
 use crate::mlir::builder::{KernelBuilder, V};
 use sparsec_ir::quant::{planes, quant_bytes, QK};
 use sparsec_ir::DType;
@@ -87,4 +90,43 @@ impl QuantRows {
         let at = b.addi(&base, &q);
         element_value(b, self.dt, &self.bytes, &at, &within, &d, off.as_deref())
     }
+}
+
+/// `x` (a head of `VW`-wide vectors, its width a power of two) multiplied by
+/// the normalized Hadamard matrix, as `sparsec_ir::quant::hadamard` does on
+/// the CPU side: one butterfly stage per bit of the index, across vectors for
+/// the high bits and by lane shuffles within a vector for the low ones, then
+/// scaled by 1/√width.
+pub(super) fn hadamard(b: &mut KernelBuilder, x: &[V]) -> Vec<V> {
+    let lanes = VW as usize;
+    let vty = KernelBuilder::vty(VW);
+    let mut v: Vec<V> = x.to_vec();
+    // Within a vector: lane i pairs with lane i ^ h.
+    let mut h = 1;
+    while h < lanes {
+        let perm: Vec<String> = (0..lanes).map(|i| (i ^ h).to_string()).collect();
+        let pick: Vec<String> = (0..lanes).map(|i| if i & h == 0 { i.to_string() } else { (lanes + i).to_string() }).collect();
+        for e in v.iter_mut() {
+            let p = b.def(format!("vector.shuffle {e}, {e} [{}] : {vty}, {vty}", perm.join(", ")));
+            let sum = b.def(format!("arith.addf {e}, {p} : {vty}"));
+            let diff = b.def(format!("arith.subf {p}, {e} : {vty}"));
+            *e = b.def(format!("vector.shuffle {sum}, {diff} [{}] : {vty}, {vty}", pick.join(", ")));
+        }
+        h *= 2;
+    }
+    // Across vectors: vector j pairs with vector j ^ hv.
+    let mut hv = 1;
+    while hv < v.len() {
+        for j in 0..v.len() {
+            if j & hv == 0 {
+                let (a, c) = (v[j].clone(), v[j + hv].clone());
+                v[j] = b.def(format!("arith.addf {a}, {c} : {vty}"));
+                v[j + hv] = b.def(format!("arith.subf {a}, {c} : {vty}"));
+            }
+        }
+        hv *= 2;
+    }
+    let s = b.f32(1.0 / ((x.len() * lanes) as f32).sqrt());
+    let sv = b.vbroadcast(&s, VW);
+    v.iter().map(|e| b.def(format!("arith.mulf {e}, {sv} : {vty}"))).collect()
 }

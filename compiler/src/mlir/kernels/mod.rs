@@ -77,6 +77,9 @@ pub struct KernelSpec {
     /// CPU matmuls over block-quantized weights quantize their activations to
     /// int8 blocks and use integer dot products (`quant_dot`; needs AVX2).
     pub int8_activations: bool,
+    /// Attention over caches whose heads are stored Hadamard-rotated
+    /// (`--kv-hadamard`): the query is rotated alike and the result back.
+    pub hadamard_kv: bool,
 }
 
 /// What an elementwise kernel applies to its first operand as it loads it.
