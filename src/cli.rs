@@ -109,6 +109,12 @@ pub struct CompileFlags {
     /// Targets that include CUDA keep f32.
     #[arg(long, value_enum, default_value_t = KvCacheArg::F16)]
     pub kv_cache: KvCacheArg,
+    /// The element type of dense matmul weights and embedding tables: `f32`
+    /// (exact), `f16` or `bf16` (half the bytes; kernels widen them and
+    /// accumulate in f32). Quantized checkpoint tensors and pruned weights keep
+    /// their types; a bf16 (f16) checkpoint compiled with bf16 (f16) keeps its values.
+    #[arg(long, value_enum, default_value_t = WeightsDTypeArg::F32)]
+    pub weights_dtype: WeightsDTypeArg,
     /// Type every weight f32: quantized checkpoint tensors are dequantized at
     /// compile time (by default Q8_0/Q4_0/Q4_1 matrices stay quantized).
     #[arg(long)]
@@ -291,6 +297,14 @@ pub struct InspectArgs {
 pub enum QuantActivationsArg {
     Int8,
     F32,
+}
+
+/// `--weights-dtype` (sparsec_compiler::WeightsDType).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum WeightsDTypeArg {
+    F32,
+    F16,
+    Bf16,
 }
 
 /// `--kv-cache` (sparsec_compiler::KvCacheType).

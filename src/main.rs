@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use cli::{
     BenchArgs, Cli, Command, CompileArgs, CompileFlags, DeviceArg, EvalArgs, InspectArgs, KvCacheArg, QuantActivationsArg, RunArgs,
-    TargetArg,
+    TargetArg, WeightsDTypeArg,
 };
 use sparsec_compiler::{compile, Cache, CompileOptions, CompileRequest, Compiled, CpuTarget, Emit, TargetKind};
 use sparsec_passes::PrintOptions;
@@ -96,6 +96,11 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
         kv_cache: match flags.kv_cache {
             KvCacheArg::F16 => sparsec_compiler::KvCacheType::F16,
             KvCacheArg::F32 => sparsec_compiler::KvCacheType::F32,
+        },
+        weights_dtype: match flags.weights_dtype {
+            WeightsDTypeArg::F32 => sparsec_compiler::WeightsDType::F32,
+            WeightsDTypeArg::F16 => sparsec_compiler::WeightsDType::F16,
+            WeightsDTypeArg::Bf16 => sparsec_compiler::WeightsDType::Bf16,
         },
     })
 }

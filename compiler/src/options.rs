@@ -169,6 +169,37 @@ pub enum KvCacheType {
     F32,
 }
 
+/// The element type of dense matmul weights and embedding tables that a model
+/// gives as f32 (`--weights-dtype`). Checkpoint tensors stored quantized stay so,
+/// and pruned weights stay f32; a bf16 or f16 checkpoint read back as the same
+/// type loses nothing (its values widened to f32 exactly).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightsDType {
+    /// Single precision: the exact mode.
+    #[default]
+    F32,
+    /// Half precision (rounded to nearest): decode reads half the bytes.
+    F16,
+    /// bfloat16 (rounded to nearest even): f32's range, 8 bits of mantissa.
+    Bf16,
+}
+
+impl WeightsDType {
+    pub fn is_f32(&self) -> bool {
+        *self == WeightsDType::F32
+    }
+
+    /// The IR type of the weights, `None` for f32 (left as they are).
+    pub fn half(self) -> Option<sparsec_ir::DType> {
+        match self {
+            WeightsDType::F32 => None,
+            WeightsDType::F16 => Some(sparsec_ir::DType::F16),
+            WeightsDType::Bf16 => Some(sparsec_ir::DType::BF16),
+        }
+    }
+}
+
 impl Default for BakeBudget {
     fn default() -> Self {
         BakeBudget { compile_ms: 5_000, code_bytes: 512 << 10 }
@@ -190,6 +221,9 @@ pub struct CompileOptions {
     pub quant_activations: QuantActivations,
     #[serde(default)]
     pub kv_cache: KvCacheType,
+    /// Absent from the canonical JSON when f32, so earlier cache keys stay.
+    #[serde(default, skip_serializing_if = "WeightsDType::is_f32")]
+    pub weights_dtype: WeightsDType,
 }
 
 impl Default for CompileOptions {
@@ -203,6 +237,7 @@ impl Default for CompileOptions {
             bake_budget: BakeBudget::default(),
             quant_activations: QuantActivations::default(),
             kv_cache: KvCacheType::default(),
+            weights_dtype: WeightsDType::default(),
         }
     }
 }

@@ -228,13 +228,13 @@ impl BufferSpec {
     }
 
     /// Whether kernels take the buffer as bytes (`memref<?xi8>`): packed
-    /// quantized weights and f16 KV caches.
+    /// quantized weights, f16/bf16 weights and f16 KV caches.
     pub fn as_bytes(&self) -> bool {
-        self.dtype.is_quantized() || self.dtype == DType::F16
+        self.dtype.is_packed_weight()
     }
 
     /// Bytes at sequence length `seq`: packed blocks for quantized weights, 2 per
-    /// value for f16 KV caches; every other buffer holds 4-byte f32 values (i32
+    /// value for f16/bf16 weights and f16 KV caches; every other buffer holds 4-byte f32 values (i32
     /// ids travel as exact f32).
     ///
     /// Saturates where `try_bytes` has no answer: a loaded artifact has been

@@ -14,6 +14,7 @@ mod attention;
 pub use attention::{cpu_ring, window_of, RING_SLACK};
 mod elementwise;
 mod embedding;
+mod half_planes;
 mod matmul;
 mod norm;
 mod quant_planes;
@@ -111,6 +112,7 @@ impl KernelSpec {
             && self.sparse.as_ref().and_then(|c| c.storage).is_none()
             && self.operands.get(1).is_some_and(|w| match w.dtype {
                 DType::F32 => k % 4 == 0,
+                DType::F16 | DType::BF16 => k % half_planes::HALF_VEC as u64 == 0,
                 d => d.is_quantized() && k % sparsec_ir::quant::QK as u64 == 0,
             })
     }
@@ -133,7 +135,8 @@ impl KernelSpec {
             return None;
         };
         let quant = Some(self.operands[1].dtype).filter(|d| d.is_quantized());
-        if k % VW as u64 != 0 && quant.is_none() {
+        // 16-bit weights take the row kernels.
+        if (k % VW as u64 != 0 && quant.is_none()) || self.operands[1].dtype.is_half() {
             return None;
         }
         let numel = self.result.numel();
@@ -275,23 +278,27 @@ pub(super) struct KernelCtx<'a> {
 /// Writes the MLIR module of one kernel for `device`.
 pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileError> {
     // Buffers hold f32; i32 values (token ids, positions) travel as exact f32 integers.
-    // Quantized weights are packed bytes (shape inference allows them only as
-    // matmul weights and embedding tables); f16 only as attention's KV caches.
+    // Quantized and 16-bit weights are packed bytes (shape inference allows them
+    // only as matmul weights and embedding tables); f16 also as attention's KV caches.
     let kv_cache_operand = |i: usize| matches!(spec.op, Op::Attention { .. }) && (i == 1 || i == 2);
+    let weight_operand = |i: usize| matches!((&spec.op, i), (Op::MatMul { transpose_b: true }, 1) | (Op::Embedding, 0));
     let supported = |i: usize, t: &TensorType| match t.dtype {
         DType::F32 | DType::I32 => true,
-        DType::F16 => kv_cache_operand(i),
-        other => other.is_quantized(),
+        DType::F16 => kv_cache_operand(i) || weight_operand(i),
+        DType::BF16 => weight_operand(i),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => true,
     };
     if let Some((_, t)) = spec.operands.iter().enumerate().chain([(usize::MAX, &spec.result)]).find(|&(i, t)| !supported(i, t)) {
-        return Err(spec.unsupported(&format!("element type {} (f32, i32 and q8_0/q4_0/q4_1 weights only for now)", t.dtype.name())));
+        return Err(
+            spec.unsupported(&format!("element type {} (f32, i32; f16/bf16/q8_0/q4_0/q4_1 weights; f16 KV caches)", t.dtype.name()))
+        );
     }
     let mut b = KernelBuilder::new(device);
     // The operands, then a scratch buffer where the kernel takes one.
     let scratch = usize::from(spec.scratch_words()?.is_some());
     let ins: Vec<V> = (0..spec.operands.len() + scratch).map(|i| format!("%in{i}")).collect();
     for (i, t) in spec.operands.iter().enumerate() {
-        if t.dtype.is_quantized() {
+        if t.dtype.is_packed_weight() && !kv_cache_operand(i) {
             b.byte_param(&ins[i]);
         }
     }
