@@ -104,11 +104,11 @@ pub struct CompileFlags {
     /// needs AVX2) or `f32` (equals the reference to f32 rounding).
     #[arg(long, value_enum, default_value_t = QuantActivationsArg::Int8)]
     pub quant_activations: QuantActivationsArg,
-    /// The CPU KV caches' element type: `f16` (like llama.cpp; half the memory
+    /// The KV caches' element type: `f16` (like llama.cpp; half the memory
     /// and attention reads) or `f32` (equals the reference to f32 rounding).
-    /// Targets that include CUDA keep f32.
-    #[arg(long, value_enum, default_value_t = KvCacheArg::F16)]
-    pub kv_cache: KvCacheArg,
+    /// Default: f16 for `--target cpu`, f32 for targets that include CUDA.
+    #[arg(long, value_enum)]
+    pub kv_cache: Option<KvCacheArg>,
     /// The element type of dense matmul weights and embedding tables: `f32`
     /// (exact), `f16` or `bf16` (half the bytes; kernels widen them and
     /// accumulate in f32). Quantized checkpoint tensors and pruned weights keep

@@ -93,9 +93,14 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
             QuantActivationsArg::Int8 => sparsec_compiler::QuantActivations::Int8,
             QuantActivationsArg::F32 => sparsec_compiler::QuantActivations::F32,
         },
+        // `--kv-cache` sets both; absent, the CPU keeps f16 and CUDA f32.
         kv_cache: match flags.kv_cache {
-            KvCacheArg::F16 => sparsec_compiler::KvCacheType::F16,
-            KvCacheArg::F32 => sparsec_compiler::KvCacheType::F32,
+            Some(KvCacheArg::F16) | None => sparsec_compiler::KvCacheType::F16,
+            Some(KvCacheArg::F32) => sparsec_compiler::KvCacheType::F32,
+        },
+        cuda_kv_cache: match flags.kv_cache {
+            Some(KvCacheArg::F16) => sparsec_compiler::KvCacheType::F16,
+            Some(KvCacheArg::F32) | None => sparsec_compiler::KvCacheType::F32,
         },
         weights_dtype: match flags.weights_dtype {
             WeightsDTypeArg::F32 => sparsec_compiler::WeightsDType::F32,

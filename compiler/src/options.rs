@@ -153,20 +153,29 @@ pub enum QuantActivations {
     F32,
 }
 
-/// The element type of the CPU's KV caches (the keys and values every attention
-/// op keeps across calls).
+/// The element type of the KV caches (the keys and values every attention op
+/// keeps across calls): `CompileOptions::kv_cache` for a CPU-only target,
+/// `CompileOptions::cuda_kv_cache` for targets that include CUDA.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KvCacheType {
     /// Half precision (what llama.cpp keeps): half the memory, and half the bytes
     /// decode attention reads per token. Each key and value is rounded to f16
-    /// (relative error at most 2^-11) as it is appended. Targets that include
-    /// CUDA keep `f32` caches: the CUDA executor runs whole sequences, whose
-    /// caches are the new keys and values themselves.
+    /// (relative error at most 2^-11) as it is appended.
     #[default]
     F16,
     /// Single precision: attention equals the reference to f32 rounding.
     F32,
+}
+
+impl KvCacheType {
+    fn f32() -> KvCacheType {
+        KvCacheType::F32
+    }
+
+    fn is_f32(&self) -> bool {
+        *self == KvCacheType::F32
+    }
 }
 
 /// The element type of dense matmul weights and embedding tables that a model
@@ -219,8 +228,13 @@ pub struct CompileOptions {
     pub bake_budget: BakeBudget,
     #[serde(default)]
     pub quant_activations: QuantActivations,
+    /// The KV caches of a CPU-only target (default f16).
     #[serde(default)]
     pub kv_cache: KvCacheType,
+    /// The KV caches of a target that includes CUDA (default f32, the exact
+    /// mode; absent from the canonical JSON when f32, so earlier cache keys stay).
+    #[serde(default = "KvCacheType::f32", skip_serializing_if = "KvCacheType::is_f32")]
+    pub cuda_kv_cache: KvCacheType,
     /// Absent from the canonical JSON when f32, so earlier cache keys stay.
     #[serde(default, skip_serializing_if = "WeightsDType::is_f32")]
     pub weights_dtype: WeightsDType,
@@ -237,6 +251,7 @@ impl Default for CompileOptions {
             bake_budget: BakeBudget::default(),
             quant_activations: QuantActivations::default(),
             kv_cache: KvCacheType::default(),
+            cuda_kv_cache: KvCacheType::F32,
             weights_dtype: WeightsDType::default(),
         }
     }
@@ -257,9 +272,11 @@ impl CompileOptions {
         self.quant_activations == QuantActivations::Int8 && self.cpu.has_avx2()
     }
 
-    /// Whether the KV caches hold f16 (asked for, and the target is the CPU alone).
+    /// Whether the KV caches hold f16: `cuda_kv_cache` decides for targets that
+    /// include CUDA, `kv_cache` for the CPU alone.
     pub fn f16_kv_cache(&self) -> bool {
-        self.kv_cache == KvCacheType::F16 && self.target == TargetKind::Cpu
+        let kv = if self.target.cuda() { self.cuda_kv_cache } else { self.kv_cache };
+        kv == KvCacheType::F16
     }
 
     pub fn wants(&self, e: Emit) -> bool {

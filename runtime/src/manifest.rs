@@ -6,7 +6,7 @@ use sparsec_ir::sparse::SparseStorage;
 use sparsec_ir::{DType, Dim, SymSize};
 
 /// Bumped whenever the manifest or the kernel ABI changes.
-pub const MANIFEST_VERSION: u32 = 7;
+pub const MANIFEST_VERSION: u32 = 8;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const GRAPH_FILE: &str = "graph.sir";
@@ -266,14 +266,15 @@ impl BufferSpec {
     }
 }
 
-/// One kernel launch. Kernel ABI (`MANIFEST_VERSION` 7): arguments are the
-/// `args` buffers as flat arrays (f32; packed bytes for quantized and sparse weights
-/// and for f16 KV caches; the
-/// last one is written), then `seq` (rows of this call) and `pos` (positions
-/// already in the KV caches) as i64.
+/// One kernel launch. Kernel ABI (`MANIFEST_VERSION` 8): arguments are the
+/// `args` buffers as flat arrays (f32; packed bytes for quantized, f16/bf16 and
+/// sparse weights and for f16 KV caches; the last one is written), then `seq`
+/// (rows of this call) and `pos` (positions already in the KV caches).
 /// CPU: `_mlir_ciface_<kernel>(memref descriptor*..., i64 seq, i64 pos, i64 lo, i64 hi)`
 /// runs units `lo..hi` of `cpu_units` (disjoint slices may run on different threads);
-/// CUDA: `<kernel>(ptr..., i64 seq, i64 pos)`, one thread per unit of `gpu_threads`.
+/// CUDA: `<kernel>(ptr..., i64 seq, i64* pos)`, one thread per unit of
+/// `gpu_threads`; `pos` is read from device memory (version 8), so a captured
+/// decode step replays at any position.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct KernelStep {
     pub kernel: String,

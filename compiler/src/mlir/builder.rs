@@ -105,7 +105,8 @@ impl KernelBuilder {
         "%seq".into()
     }
 
-    /// The run-time `pos` argument (positions already in the KV caches), as an index.
+    /// The run-time `pos` argument (positions already in the KV caches), as an
+    /// index: by value on the CPU, read from a device pointer on NVPTX.
     pub fn pos(&self) -> V {
         "%pos".into()
     }
@@ -598,11 +599,15 @@ impl KernelBuilder {
             }
             Device::Nvptx => {
                 let params: Vec<String> = buffers.iter().map(|b| format!("{b}: !llvm.ptr {{llvm.noalias}}")).collect();
+                // `pos` lives in device memory (one i64 the runtime writes
+                // before each call), so a captured CUDA graph of a decode step
+                // replays at any position.
                 s.push_str(&format!(
-                    "  llvm.func @{name}({}, %seq_i64: i64, %pos_i64: i64) attributes {{nvvm.kernel}} {{\n",
+                    "  llvm.func @{name}({}, %seq_i64: i64, %pos_ptr: !llvm.ptr) attributes {{nvvm.kernel}} {{\n",
                     params.join(", ")
                 ));
                 s.push_str("    %seq = arith.index_cast %seq_i64 : i64 to index\n");
+                s.push_str("    %pos_i64 = llvm.load %pos_ptr {alignment = 8 : i64} : !llvm.ptr -> i64\n");
                 s.push_str("    %pos = arith.index_cast %pos_i64 : i64 to index\n");
             }
         }

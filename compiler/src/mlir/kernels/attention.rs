@@ -101,15 +101,15 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
         return Err(spec.unsupported("heads must be a positive multiple of kv_heads"));
     }
     // f16 caches (`KvCacheType::F16`) are read as f16 views of byte
-    // buffers and widened to f32 as they load.
+    // buffers (NVPTX: f16 pointers) and widened to f32 as they load.
     let f16_kv = spec.operands[1].dtype == DType::F16;
-    if f16_kv && device != Device::Cpu {
-        return Err(spec.unsupported("f16 KV caches are read on the CPU only"));
-    }
     let (kbuf, vbuf) = if f16_kv {
         b.byte_param(&ins[1]);
         b.byte_param(&ins[2]);
-        (b.f16_view(&ins[1]), b.f16_view(&ins[2]))
+        match device {
+            Device::Cpu => (b.f16_view(&ins[1]), b.f16_view(&ins[2])),
+            Device::Nvptx => (b.f16_plane(&ins[1], 0, 0), b.f16_plane(&ins[2], 0, 0)),
+        }
     } else {
         (ins[1].clone(), ins[2].clone())
     };
@@ -572,7 +572,7 @@ impl Attn {
                 for (c, qc) in q.iter().enumerate() {
                     let o = b.index(c as u64);
                     let i = b.addi(&kbase, &o);
-                    let k = b.load(&self.kbuf, &i);
+                    let k = self.kv_load(b, &self.kbuf, &i);
                     dot = b.fma(qc, &k, &dot);
                 }
                 let sv = b.mul(&dot, &scale);
@@ -585,7 +585,7 @@ impl Attn {
                 for c in 0..d as usize {
                     let o = b.index(c as u64);
                     let i = b.addi(&kbase, &o);
-                    let v = b.load(&self.vbuf, &i);
+                    let v = self.kv_load(b, &self.vbuf, &i);
                     let pv = b.mul(&pr, &v);
                     next.push(b.fma(&acc[2 + c], &corr, &pv));
                 }
