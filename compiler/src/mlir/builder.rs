@@ -234,6 +234,42 @@ impl KernelBuilder {
         self.def(format!("memref.get_global @{name} : memref<{n}x{elem}>"))
     }
 
+    /// NVPTX: a block's shared array `name` of `n` f32 (declared once), as an
+    /// address-space-3 pointer; read and written with `load_shared` and
+    /// `store_shared`, ordered by `barrier`.
+    pub fn shared_f32(&mut self, name: &str, n: u64) -> V {
+        if !self.globals.iter().any(|(g, _)| g == name) {
+            self.globals.push((
+                name.to_string(),
+                format!("  llvm.mlir.global internal @{name}() {{addr_space = 3 : i32, alignment = 16 : i64}} : !llvm.array<{n} x f32>"),
+            ));
+        }
+        self.def(format!("llvm.mlir.addressof @{name} : !llvm.ptr<3>"))
+    }
+
+    fn shared_ptr(&mut self, base: &str, idx: &str) -> V {
+        let i = self.def(format!("arith.index_cast {idx} : index to i64"));
+        self.def(format!("llvm.getelementptr inbounds {base}[{i}] : (!llvm.ptr<3>, i64) -> !llvm.ptr<3>, f32"))
+    }
+
+    /// NVPTX: `base[idx]` of a `shared_f32` array.
+    pub fn load_shared(&mut self, base: &str, idx: &str) -> V {
+        let p = self.shared_ptr(base, idx);
+        self.def(format!("llvm.load {p} : !llvm.ptr<3> -> f32"))
+    }
+
+    /// NVPTX: `base[idx] = val` in a `shared_f32` array.
+    pub fn store_shared(&mut self, val: &str, base: &str, idx: &str) {
+        let p = self.shared_ptr(base, idx);
+        self.line(format!("llvm.store {val}, {p} : f32, !llvm.ptr<3>"));
+    }
+
+    /// NVPTX: a barrier over the thread block (`bar.sync 0`); every thread of
+    /// the block must reach it.
+    pub fn barrier(&mut self) {
+        self.line("nvvm.barrier0".into());
+    }
+
     /// A stack buffer of `n` f32 for the duration of the call (CPU).
     pub fn alloca_f32(&mut self, n: &str) -> V {
         self.def(format!("memref.alloca({n}) : memref<?xf32>"))

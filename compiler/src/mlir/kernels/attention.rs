@@ -16,7 +16,7 @@
 //! NVIDIA: a warp per (row, head), its lanes splitting the keys, combined
 //! with warp shuffles.
 
-use super::{fixed_last, KernelCtx, KernelSpec, VW, WARP};
+use super::{fixed_last, KernelCtx, KernelSpec, ATTN_SPLIT, VW, WARP};
 use crate::error::CompileError;
 use crate::mlir::builder::{Device, KernelBuilder, V};
 use crate::mlir::math;
@@ -527,12 +527,15 @@ impl Attn {
         Ok(())
     }
 
-    /// NVPTX: a warp per (row, head). Lane l takes visible keys l, l + 32, ...
-    /// with an online softmax of its own (the query and the weighted sum of
-    /// values in registers); then butterflies of `shfl.sync` take the warp's
-    /// max, rescale every lane's sums to it and add them, and lane 0 stores
-    /// the row. `work` counts lanes in whole warps, so every lane of a warp
-    /// that enters the bounds check takes part in the shuffles.
+    /// NVPTX: a block of `ATTN_SPLIT` warps per (row, head), splitting the
+    /// keys (flash-decoding within a block). Lane l of warp s takes visible
+    /// keys 32s + l, 32s + l + 32·ATTN_SPLIT, ... with an online softmax of its
+    /// own (the query and the weighted sum of values in registers); butterflies
+    /// of `shfl.sync` take the warp's max, rescale every lane's sums to it and
+    /// add them; lane 0 puts the warp's partial (max, sum, values) in shared
+    /// memory, and after a barrier warp 0 rescales the partials to their max,
+    /// adds them and stores the row. `work` counts whole blocks, so every
+    /// thread of a block enters the bounds check and reaches the barrier.
     fn emit_warp(&self, b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(), CompileError> {
         let KernelCtx { work, ins, out, .. } = *cx;
         let (h, kvh, d) = (self.h, self.kvh, self.d);
@@ -541,9 +544,13 @@ impl Attn {
         let ninf = b.f32(-1e30);
         let scale = b.f32(1.0 / (d as f32).sqrt());
         let pos = b.pos();
+        let (split, group, part) = (b.index(ATTN_SPLIT), b.index(ATTN_SPLIT * WARP), 2 + d);
+        let smem = b.shared_f32("attn_partials", ATTN_SPLIT * part);
         b.parallel(work, |b, t| {
             let warp = b.index(WARP);
-            let e = b.divui(t, &warp);
+            let e = b.divui(t, &group);
+            let wid = b.divui(t, &warp);
+            let s = b.remui(&wid, &split);
             let lane = b.remui(t, &warp);
             let r = b.divui(&e, &hc);
             let head = b.remui(&e, &hc);
@@ -564,7 +571,9 @@ impl Attn {
                 .collect();
             let mut init: Vec<(V, String)> = vec![(ninf.clone(), "f32".into()), (zero.clone(), "f32".into())];
             init.extend((0..d).map(|_| (zero.clone(), "f32".to_string())));
-            let st = b.for_fold_typed(&lane, &vis.count, WARP, &init, |b, tk, acc| {
+            let sw = b.muli(&s, &warp);
+            let start = b.addi(&sw, &lane);
+            let st = b.for_fold_typed(&start, &vis.count, WARP * ATTN_SPLIT, &init, |b, tk, acc| {
                 let j = self.key_row(b, &vis, tk);
                 let kb = b.muli(&j, &kvwc);
                 let kbase = b.addi(&kb, &khd);
@@ -592,28 +601,75 @@ impl Attn {
                 next
             });
             // A lane without keys has max -1e30 and sums 0: its weight is 0.
+            // The warp's partial: its max, its sum and its unnormalized values.
             let m = b.warp_all(&st[0], "maxnumf");
             let dm = b.sub(&st[0], &m);
             let w = math::exp(b, &dm);
             let lw = b.mul(&st[1], &w);
             let l = b.warp_all(&lw, "addf");
-            let one = b.f32(1.0);
-            let inv = b.div(&one, &l);
             let sums: Vec<V> = (0..d as usize)
                 .map(|c| {
                     let a = b.mul(&st[2 + c], &w);
-                    let a = b.warp_all(&a, "addf");
-                    b.mul(&a, &inv)
+                    b.warp_all(&a, "addf")
                 })
                 .collect();
             let zero_i = b.index(0);
             let first = b.def(format!("arith.cmpi eq, {lane}, {zero_i} : index"));
+            let partc = b.index(part);
+            let sbase = b.muli(&s, &partc);
             b.if_then(&first, |b| {
+                b.store_shared(&m, &smem, &sbase);
+                let one = b.index(1);
+                let at = b.addi(&sbase, &one);
+                b.store_shared(&l, &smem, &at);
                 for (c, y) in sums.iter().enumerate() {
-                    let o = b.index(c as u64);
-                    let i = b.addi(&qbase, &o);
-                    b.store(y, out, &i);
+                    let o = b.index(2 + c as u64);
+                    let at = b.addi(&sbase, &o);
+                    b.store_shared(y, &smem, &at);
                 }
+            });
+            // Every warp of the block is here (whole blocks of work).
+            b.barrier();
+            // Warp 0 combines the block's partials; lane l writes dims l, l + 32, ...
+            let warp0 = b.def(format!("arith.cmpi eq, {s}, {zero_i} : index"));
+            b.if_then(&warp0, |b| {
+                let ms: Vec<V> = (0..ATTN_SPLIT)
+                    .map(|k| {
+                        let at = b.index(k * part);
+                        b.load_shared(&smem, &at)
+                    })
+                    .collect();
+                let mut mx = ms[0].clone();
+                for mk in &ms[1..] {
+                    mx = b.fbin("maxnumf", &mx, mk);
+                }
+                let mut total = b.f32(0.0);
+                let ws: Vec<V> = ms
+                    .iter()
+                    .enumerate()
+                    .map(|(k, mk)| {
+                        let dk = b.sub(mk, &mx);
+                        let wk = math::exp(b, &dk);
+                        let at = b.index(k as u64 * part + 1);
+                        let lk = b.load_shared(&smem, &at);
+                        total = b.fma(&lk, &wk, &total);
+                        wk
+                    })
+                    .collect();
+                let one = b.f32(1.0);
+                let inv = b.div(&one, &total);
+                b.for_step(&lane, &dc, WARP, |b, c| {
+                    let mut y = b.f32(0.0);
+                    for (k, wk) in ws.iter().enumerate() {
+                        let o = b.index(k as u64 * part + 2);
+                        let at = b.addi(&o, c);
+                        let a = b.load_shared(&smem, &at);
+                        y = b.fma(&a, wk, &y);
+                    }
+                    let y = b.mul(&y, &inv);
+                    let i = b.addi(&qbase, c);
+                    b.store(&y, out, &i);
+                });
             });
         });
         Ok(())
