@@ -143,14 +143,23 @@ impl CudaExecutor {
         }
         let mut steps = Vec::with_capacity(plan.steps.len());
         for step in &plan.steps {
-            steps.push(match step {
+            let next = match step {
                 Step::KvAppend { src, cache } => {
                     let (s, c) = (&plan.buffers[*src], &plan.buffers[*cache]);
                     let row_elems = s.numel().resolve(1);
                     if row_elems != c.numel().resolve(1) || !s.by_rows() || s.dtype != DType::F32 {
                         return Err(RuntimeError::Cuda(format!("KV append of `{}` into `{}`: rows differ", s.name, c.name)));
                     }
-                    GpuStep::Append(crate::cuda_append::KvAppend { dtype: c.dtype, src: ptrs[*src], cache: ptrs[*cache], row_elems })
+                    let (src, cache) = (ptrs[*src], ptrs[*cache]);
+                    // The value cache's append right after the key cache's
+                    // (same rows and type) joins its launch.
+                    if let Some(GpuStep::Append(prev)) = steps.last_mut() {
+                        if prev.second.is_none() && prev.dtype == c.dtype && prev.row_elems == row_elems {
+                            prev.second = Some((src, cache));
+                            continue;
+                        }
+                    }
+                    GpuStep::Append(crate::cuda_append::KvAppend { dtype: c.dtype, src, cache, row_elems, second: None })
                 }
                 Step::Kernel(k) => {
                     let f = self.kernels.get(&k.kernel).ok_or_else(|| RuntimeError::Cuda(format!("kernel {} not loaded", k.kernel)))?;
@@ -163,7 +172,8 @@ impl CudaExecutor {
                     }
                     GpuStep::Kernel { f: f.clone(), name: k.kernel.clone(), args: k.args.clone(), threads: k.gpu_threads }
                 }
-            });
+            };
+            steps.push(next);
         }
         for &o in &plan.outputs {
             let b = &plan.buffers[o];

@@ -157,6 +157,48 @@ impl Attn {
         }
     }
 
+    /// NVPTX: a warp's partial softmax (max `m`, sum `l`, values `sums`) at
+    /// `base` of the block's shared array.
+    fn store_partial(b: &mut KernelBuilder, smem: &str, base: &str, m: &str, l: &str, sums: &[V]) {
+        b.store_shared(m, smem, base);
+        for (c, y) in std::iter::once(l).chain(sums.iter().map(|s| s.as_str())).enumerate() {
+            let o = b.index(1 + c as u64);
+            let at = b.addi(base, &o);
+            b.store_shared(y, smem, &at);
+        }
+    }
+
+    /// NVPTX: the `d` values of a cache row starting at element `base`, as
+    /// f32 scalars: 16-byte vector loads (8 f16 or 4 f32) where `d` is a
+    /// multiple of their width (rows then start 16-byte aligned), else one
+    /// load per value.
+    fn kv_row_nvptx(&self, b: &mut KernelBuilder, buf: &str, base: &str) -> Vec<V> {
+        let (elem, width) = if self.f16_kv { ("f16", 8u64) } else { ("f32", 4u64) };
+        if !self.d.is_multiple_of(width) {
+            return (0..self.d)
+                .map(|c| {
+                    let o = b.index(c);
+                    let i = b.addi(base, &o);
+                    self.kv_load(b, buf, &i)
+                })
+                .collect();
+        }
+        let mut out = Vec::with_capacity(self.d as usize);
+        for chunk in 0..self.d / width {
+            let o = b.index(chunk * width);
+            let i = b.addi(base, &o);
+            let i = b.def(format!("arith.index_cast {i} : index to i64"));
+            let p = b.def(format!("llvm.getelementptr inbounds {buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, {elem}"));
+            let raw = b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr -> vector<{width}x{elem}>"));
+            let v = if self.f16_kv { b.def(format!("arith.extf {raw} : vector<{width}xf16> to vector<{width}xf32>")) } else { raw };
+            for l in 0..width as i32 {
+                let li = b.i32(l);
+                out.push(b.def(format!("llvm.extractelement {v}[{li} : i32] : vector<{width}xf32>")));
+            }
+        }
+        out
+    }
+
     /// The keys the query at position `p` sees (the caches hold positions
     /// `0..=p` by then: the runtime appends a call's rows before attention).
     fn visible(&self, b: &mut KernelBuilder, p: &str) -> Visible {
@@ -578,11 +620,9 @@ impl Attn {
                 let kb = b.muli(&j, &kvwc);
                 let kbase = b.addi(&kb, &khd);
                 let mut dot = zero.clone();
-                for (c, qc) in q.iter().enumerate() {
-                    let o = b.index(c as u64);
-                    let i = b.addi(&kbase, &o);
-                    let k = self.kv_load(b, &self.kbuf, &i);
-                    dot = b.fma(qc, &k, &dot);
+                let ks = self.kv_row_nvptx(b, &self.kbuf, &kbase);
+                for (qc, k) in q.iter().zip(&ks) {
+                    dot = b.fma(qc, k, &dot);
                 }
                 let sv = b.mul(&dot, &scale);
                 let m_new = b.fbin("maxnumf", &acc[0], &sv);
@@ -591,43 +631,44 @@ impl Attn {
                 let ds = b.sub(&sv, &m_new);
                 let pr = math::exp(b, &ds);
                 let mut next = vec![m_new, b.fma(&acc[1], &corr, &pr)];
-                for c in 0..d as usize {
-                    let o = b.index(c as u64);
-                    let i = b.addi(&kbase, &o);
-                    let v = self.kv_load(b, &self.vbuf, &i);
-                    let pv = b.mul(&pr, &v);
+                let vs = self.kv_row_nvptx(b, &self.vbuf, &kbase);
+                for (c, v) in vs.iter().enumerate() {
+                    let pv = b.mul(&pr, v);
                     next.push(b.fma(&acc[2 + c], &corr, &pv));
                 }
                 next
             });
             // A lane without keys has max -1e30 and sums 0: its weight is 0.
-            // The warp's partial: its max, its sum and its unnormalized values.
-            let m = b.warp_all(&st[0], "maxnumf");
-            let dm = b.sub(&st[0], &m);
-            let w = math::exp(b, &dm);
-            let lw = b.mul(&st[1], &w);
-            let l = b.warp_all(&lw, "addf");
-            let sums: Vec<V> = (0..d as usize)
-                .map(|c| {
-                    let a = b.mul(&st[2 + c], &w);
-                    b.warp_all(&a, "addf")
-                })
-                .collect();
+            // A warp whose first key is past the visible ones (short rows of a
+            // prefill) skips the shuffles (the branch is uniform over the warp)
+            // and leaves an empty partial.
             let zero_i = b.index(0);
             let first = b.def(format!("arith.cmpi eq, {lane}, {zero_i} : index"));
             let partc = b.index(part);
             let sbase = b.muli(&s, &partc);
-            b.if_then(&first, |b| {
-                b.store_shared(&m, &smem, &sbase);
-                let one = b.index(1);
-                let at = b.addi(&sbase, &one);
-                b.store_shared(&l, &smem, &at);
-                for (c, y) in sums.iter().enumerate() {
-                    let o = b.index(2 + c as u64);
-                    let at = b.addi(&sbase, &o);
-                    b.store_shared(y, &smem, &at);
-                }
-            });
+            let has_keys = b.def(format!("arith.cmpi ult, {sw}, {} : index", vis.count));
+            b.if_else(
+                &has_keys,
+                |b| {
+                    // The warp's partial: its max, its sum and its unnormalized values.
+                    let m = b.warp_all(&st[0], "maxnumf");
+                    let dm = b.sub(&st[0], &m);
+                    let w = math::exp(b, &dm);
+                    let lw = b.mul(&st[1], &w);
+                    let l = b.warp_all(&lw, "addf");
+                    let sums: Vec<V> = (0..d as usize)
+                        .map(|c| {
+                            let a = b.mul(&st[2 + c], &w);
+                            b.warp_all(&a, "addf")
+                        })
+                        .collect();
+                    b.if_then(&first, |b| Self::store_partial(b, &smem, &sbase, &m, &l, &sums));
+                },
+                |b| {
+                    let empty = vec![zero.clone(); d as usize];
+                    b.if_then(&first, |b| Self::store_partial(b, &smem, &sbase, &ninf, &zero, &empty));
+                },
+            );
             // Every warp of the block is here (whole blocks of work).
             b.barrier();
             // Warp 0 combines the block's partials; lane l writes dims l, l + 32, ...
