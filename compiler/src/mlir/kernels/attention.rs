@@ -13,10 +13,10 @@
 //! values) to a scratch buffer, and a second phase of units, one per
 //! (row, head), combines them. Otherwise on the CPU: one unit per
 //! (row, head), an online softmax accumulating into the output row. On
-//! NVIDIA: a warp per (row, head), its lanes splitting the keys, combined
-//! with warp shuffles.
+//! NVIDIA: a block of warps per (row, head), its lanes splitting the keys,
+//! combined with warp shuffles and then across the warps in shared memory.
 
-use super::{fixed_last, KernelCtx, KernelSpec, ATTN_SPLIT, VW, WARP};
+use super::{fixed_last, KernelCtx, KernelSpec, GPU_ATTN_WARPS, VW, WARP};
 use crate::error::CompileError;
 use crate::mlir::builder::{Device, KernelBuilder, V};
 use crate::mlir::math;
@@ -569,9 +569,9 @@ impl Attn {
         Ok(())
     }
 
-    /// NVPTX: a block of `ATTN_SPLIT` warps per (row, head), splitting the
+    /// NVPTX: a block of `GPU_ATTN_WARPS` warps per (row, head), splitting the
     /// keys (flash-decoding within a block). Lane l of warp s takes visible
-    /// keys 32s + l, 32s + l + 32·ATTN_SPLIT, ... with an online softmax of its
+    /// keys 32s + l, 32s + l + 32·GPU_ATTN_WARPS, ... with an online softmax of its
     /// own (the query and the weighted sum of values in registers); butterflies
     /// of `shfl.sync` take the warp's max, rescale every lane's sums to it and
     /// add them; lane 0 puts the warp's partial (max, sum, values) in shared
@@ -586,8 +586,8 @@ impl Attn {
         let ninf = b.f32(-1e30);
         let scale = b.f32(1.0 / (d as f32).sqrt());
         let pos = b.pos();
-        let (split, group, part) = (b.index(ATTN_SPLIT), b.index(ATTN_SPLIT * WARP), 2 + d);
-        let smem = b.shared_f32("attn_partials", ATTN_SPLIT * part);
+        let (split, group, part) = (b.index(GPU_ATTN_WARPS), b.index(GPU_ATTN_WARPS * WARP), 2 + d);
+        let smem = b.shared_f32("attn_partials", GPU_ATTN_WARPS * part);
         b.parallel(work, |b, t| {
             let warp = b.index(WARP);
             let e = b.divui(t, &group);
@@ -615,7 +615,7 @@ impl Attn {
             init.extend((0..d).map(|_| (zero.clone(), "f32".to_string())));
             let sw = b.muli(&s, &warp);
             let start = b.addi(&sw, &lane);
-            let st = b.for_fold_typed(&start, &vis.count, WARP * ATTN_SPLIT, &init, |b, tk, acc| {
+            let st = b.for_fold_typed(&start, &vis.count, WARP * GPU_ATTN_WARPS, &init, |b, tk, acc| {
                 let j = self.key_row(b, &vis, tk);
                 let kb = b.muli(&j, &kvwc);
                 let kbase = b.addi(&kb, &khd);
@@ -674,7 +674,7 @@ impl Attn {
             // Warp 0 combines the block's partials; lane l writes dims l, l + 32, ...
             let warp0 = b.def(format!("arith.cmpi eq, {s}, {zero_i} : index"));
             b.if_then(&warp0, |b| {
-                let ms: Vec<V> = (0..ATTN_SPLIT)
+                let ms: Vec<V> = (0..GPU_ATTN_WARPS)
                     .map(|k| {
                         let at = b.index(k * part);
                         b.load_shared(&smem, &at)

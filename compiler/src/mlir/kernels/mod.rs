@@ -37,7 +37,7 @@ use tiled_matmul::MM_ROWS;
 /// Warps per (query row, head) of the NVPTX attention: one block of the CUDA
 /// runtime's launches (`BLOCK` threads) splits the keys over its warps and
 /// combines their partial softmaxes in shared memory (flash-decoding within a block).
-pub(super) const ATTN_SPLIT: u64 = sparsec_runtime::cuda::BLOCK as u64 / WARP;
+pub(super) const GPU_ATTN_WARPS: u64 = sparsec_runtime::cuda::BLOCK as u64 / WARP;
 
 /// Lanes of the CPU vector kernels (AVX2: 8 × f32).
 const VW: u32 = 8;
@@ -95,8 +95,8 @@ impl KernelSpec {
             Op::Softmax => SymSize { coef: numel.coef / last(&self.result)?, ..numel },
             // A warp of lanes per row (`norm::emit_norm`).
             Op::LayerNorm { .. } | Op::RmsNorm { .. } => SymSize { coef: numel.coef / last(&self.result)? * WARP, ..numel },
-            // A block of `ATTN_SPLIT` warps per (query row, head) (`attention::emit_warp`).
-            Op::Attention { heads, .. } => SymSize { coef: *heads as u64 * WARP * ATTN_SPLIT, seq_pow: 1 },
+            // A block of `GPU_ATTN_WARPS` warps per (query row, head) (`attention::emit_warp`).
+            Op::Attention { heads, .. } => SymSize { coef: *heads as u64 * WARP * GPU_ATTN_WARPS, seq_pow: 1 },
             // One unit per rotated pair.
             Op::Rope { .. } => SymSize { coef: numel.coef / 2, ..numel },
             // A warp of lanes per output element (`matmul::emit_warp_dot`).
