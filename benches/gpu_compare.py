@@ -12,13 +12,18 @@ Subcommands:
   pack HF_DIR ARTIFACT
       Writes ARTIFACT/weights.safetensors from the HF checkpoint in the
       artifact's role names and layout (GPT-2: Conv1D weights transposed, fused
-      QKV split; Llama: as HF stores them), f32. Run sparsec-run with --trust
-      afterwards (the file's hash in the manifest is the placeholder's).
+      QKV split; Llama: as HF stores them), in each weight's type (f32, or
+      f16/bf16 rounded to nearest even, as the compiler packs them). Run
+      sparsec-run with --trust afterwards (the file's hash in the manifest is
+      the placeholder's).
   torch HF_DIR --prompt-ids FILE --new-tokens N --dtype float32|float16|bfloat16
       Decode tokens/s at batch 1 after the prompt: transformers eager with its
-      dynamic KV cache, and transformers' static KV cache with the forward
-      compiled by torch.compile(mode="reduce-overhead") (CUDA graphs). Prints one JSON line, with the greedy
-      ids (to check against sparsec's on the same weights).
+      dynamic KV cache, and PyTorch's best here: a hand-written static-KV-cache
+      decode step (the HF weights, the HF model's arithmetic) captured once as
+      a CUDA graph (torch.cuda.CUDAGraph) and replayed, the argmax and the
+      position's advance inside the graph. With --hf-compile also transformers'
+      static cache under torch.compile(mode="reduce-overhead"). Prints one JSON
+      line, with the greedy ids (to check against sparsec's on the same weights).
 """
 import argparse
 import array
@@ -75,18 +80,19 @@ def shapes(family):
 
 
 def write_safetensors(path, tensors):
-    """tensors: list of (name, shape, bytes of f32 little-endian)."""
+    """tensors: list of (name, shape, bytes of f32 little-endian) or (name, shape, bytes, dtype)."""
     header, off = {}, 0
-    for name, shape, data in tensors:
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [off, off + len(data)]}
+    for t in tensors:
+        name, shape, data = t[:3]
+        header[name] = {"dtype": t[3] if len(t) > 3 else "F32", "shape": shape, "data_offsets": [off, off + len(data)]}
         off += len(data)
     h = json.dumps(header).encode()
     h += b" " * (-len(h) % 8)
     with open(path + ".tmp", "wb") as f:
         f.write(struct.pack("<Q", len(h)))
         f.write(h)
-        for _, _, data in tensors:
-            f.write(data)
+        for t in tensors:
+            f.write(t[2])
     os.replace(path + ".tmp", path)
 
 
@@ -155,15 +161,162 @@ def cmd_pack(a):
             for r, n in pairs:
                 roles[f"layers.{i}.{r}"] = hf[f"model.layers.{i}.{n}.weight"]
     tensors = []
+    import torch
     for b in man["execution"]["buffers"]:
         if b["kind"] != "weight":
             continue
-        if b["dtype"] != "f32" or b.get("sparse"):
-            sys.exit(f"pack: weight {b['name']} is {b['dtype']}; only dense f32 artifacts are packed here")
+        if b["dtype"] not in ("f32", "f16", "bf16") or b.get("sparse"):
+            sys.exit(f"pack: weight {b['name']} is {b['dtype']}; only dense f32/f16/bf16 artifacts are packed here")
         t = roles[b["name"]].float().contiguous()
-        tensors.append((b["name"], list(t.shape), t.numpy().tobytes()))
+        if b["dtype"] == "f32":
+            tensors.append((b["name"], list(t.shape), t.numpy().tobytes()))
+        else:
+            # 16-bit weights are packed bytes (U8, padded to 64) as the compiler
+            # writes them; torch rounds to nearest even as sparsec does.
+            half = t.to(torch.float16 if b["dtype"] == "f16" else torch.bfloat16).contiguous()
+            data = half.view(torch.uint8).numpy().tobytes()
+            data += bytes(-len(data) % 64)
+            tensors.append((b["name"], [len(data)], data, "U8"))
     write_safetensors(os.path.join(a.artifact, "weights.safetensors"), tensors)
     print(f"packed {len(tensors)} tensors into {a.artifact}/weights.safetensors")
+
+
+class StaticDecoder:
+    """One decode step of GPT-2 or Llama over static KV caches of `max_len`
+    positions, written against the HF model's weights with its arithmetic
+    (GPT-2: LayerNorm, tanh GELU; Llama: RMSNorm in f32, rotate-half RoPE,
+    GQA). Every shape is fixed and the position is a device tensor, so the
+    step can be captured as a CUDA graph."""
+
+    def __init__(self, model, cfg, max_len):
+        import torch
+        self.torch, self.cfg, self.max_len = torch, cfg, max_len
+        self.gpt2 = cfg["model_type"] == "gpt2"
+        sd = {k: v for k, v in model.state_dict().items()}
+        self.sd, dev, dt = sd, next(model.parameters()).device, next(model.parameters()).dtype
+        if self.gpt2:
+            self.L, self.H, self.d = cfg["n_layer"], cfg["n_head"], cfg["n_embd"]
+            self.kvh = self.H
+        else:
+            self.L, self.H, self.d = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["hidden_size"]
+            self.kvh = cfg["num_key_value_heads"]
+            hd = self.d // self.H
+            inv = 1.0 / (cfg.get("rope_theta", 10000.0) ** (torch.arange(0, hd, 2, device=dev, dtype=torch.float32) / hd))
+            f = torch.outer(torch.arange(max_len, device=dev, dtype=torch.float32), inv)
+            emb = torch.cat([f, f], dim=-1)
+            self.cos, self.sin = emb.cos(), emb.sin()
+        self.hd = self.d // self.H
+        shape = (1, self.kvh, max_len, self.hd)
+        self.k = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(self.L)]
+        self.v = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(self.L)]
+        self.ar = torch.arange(max_len, device=dev)
+
+    def step(self, tok, pos):
+        """tok: long[1], pos: long[1] (device). Returns logits [1, vocab]."""
+        torch, F, sd = self.torch, self.torch.nn.functional, self.sd
+        mask = (self.ar <= pos).view(1, 1, 1, -1)
+        H, kvh, hd = self.H, self.kvh, self.hd
+
+        def attend(l, q, k, v):
+            self.k[l].index_copy_(2, pos, k)
+            self.v[l].index_copy_(2, pos, v)
+            o = F.scaled_dot_product_attention(q, self.k[l], self.v[l], attn_mask=mask, enable_gqa=kvh != H)
+            return o.transpose(1, 2).reshape(1, self.d)
+
+        if self.gpt2:
+            p = "transformer."
+            x = sd[p + "wte.weight"][tok] + sd[p + "wpe.weight"][pos]
+            eps = self.cfg["layer_norm_epsilon"]
+            for l in range(self.L):
+                w = lambda n: sd[f"{p}h.{l}.{n}"]
+                h = F.layer_norm(x, (self.d,), w("ln_1.weight"), w("ln_1.bias"), eps)
+                qkv = torch.addmm(w("attn.c_attn.bias"), h, w("attn.c_attn.weight"))
+                q, k, v = (t.view(1, 1, H, hd).transpose(1, 2) for t in qkv.split(self.d, dim=-1))
+                x = x + torch.addmm(w("attn.c_proj.bias"), attend(l, q, k, v), w("attn.c_proj.weight"))
+                h = F.layer_norm(x, (self.d,), w("ln_2.weight"), w("ln_2.bias"), eps)
+                h = F.gelu(torch.addmm(w("mlp.c_fc.bias"), h, w("mlp.c_fc.weight")), approximate="tanh")
+                x = x + torch.addmm(w("mlp.c_proj.bias"), h, w("mlp.c_proj.weight"))
+            x = F.layer_norm(x, (self.d,), sd[p + "ln_f.weight"], sd[p + "ln_f.bias"], eps)
+            return x @ sd[p + "wte.weight"].t()
+        eps = self.cfg["rms_norm_eps"]
+
+        def rms(x, w):
+            xf = x.float()
+            return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+        cos, sin = self.cos[pos].view(1, 1, 1, hd), self.sin[pos].view(1, 1, 1, hd)
+
+        def rope(t):
+            t1, t2 = t[..., : hd // 2], t[..., hd // 2:]
+            return (t.float() * cos + torch.cat([-t2, t1], dim=-1).float() * sin).to(t.dtype)
+
+        x = sd["model.embed_tokens.weight"][tok]
+        for l in range(self.L):
+            w = lambda n: sd[f"model.layers.{l}.{n}.weight"]
+            h = rms(x, w("input_layernorm"))
+            q = (h @ w("self_attn.q_proj").t()).view(1, 1, H, hd).transpose(1, 2)
+            k = (h @ w("self_attn.k_proj").t()).view(1, 1, kvh, hd).transpose(1, 2)
+            v = (h @ w("self_attn.v_proj").t()).view(1, 1, kvh, hd).transpose(1, 2)
+            x = x + attend(l, rope(q), rope(k), v) @ w("self_attn.o_proj").t()
+            h = rms(x, w("post_attention_layernorm"))
+            x = x + (F.silu(h @ w("mlp.gate_proj").t()) * (h @ w("mlp.up_proj").t())) @ w("mlp.down_proj").t()
+        x = rms(x, sd["model.norm.weight"])
+        head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+        return x @ head.t()
+
+
+def static_graph_decode(model, cfg, ids, n, repeat):
+    """PyTorch's best here: the static-cache step captured as one CUDA graph
+    (argmax and position advance inside), replayed once per token. Returns
+    (tokens/s, greedy ids)."""
+    import torch
+    dec = StaticDecoder(model, cfg, len(ids) + n + 1)
+    tok = torch.zeros(1, dtype=torch.long, device="cuda")
+    pos = torch.zeros(1, dtype=torch.long, device="cuda")
+
+    def body():
+        nxt = dec.step(tok, pos).argmax(-1)
+        tok.copy_(nxt)
+        pos.add_(1)
+        return nxt
+
+    with torch.inference_mode():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):  # warm-up outside the graph (allocator, cuBLAS handles)
+                body()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = body()
+
+        def run():
+            for l in range(dec.L):
+                dec.k[l].zero_()
+                dec.v[l].zero_()
+            pos.zero_()
+            # The prompt through the same graph (its argmax ignored), then
+            # the last prompt token's prediction starts the decode.
+            for t in ids:
+                tok.fill_(t)
+                g.replay()
+            got = [out.clone()]
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n - 1):
+                g.replay()
+                got.append(out.clone())
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0, [int(x) for x in torch.cat(got).tolist()]
+
+        run()
+        times = []
+        for _ in range(repeat):
+            t, got = run()
+            times.append(t)
+        times.sort()
+        return (n - 1) / times[len(times) // 2], got
 
 
 def cmd_torch(a):
@@ -199,6 +352,18 @@ def cmd_torch(a):
     times.sort()
     out["eager_decode_tokens_per_s"] = n / times[len(times) // 2]
     out["eager_ids"] = got
+
+    try:
+        cfg = json.load(open(os.path.join(a.hf, "config.json")))
+        tps, gids = static_graph_decode(model, cfg, ids, n, a.repeat)
+        out["graph_decode_tokens_per_s"] = tps
+        out["graph_ids"] = gids
+        out["graph_ids_agree_with_eager"] = next((i for i, (p, q) in enumerate(zip(gids, got)) if p != q), min(len(gids), len(got)))
+    except Exception as e:  # reported, not hidden
+        out["graph_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if not a.hf_compile:
+        print(json.dumps(out))
+        return
 
     # PyTorch's best as transformers offers it: a static KV cache and the
     # forward compiled with mode="reduce-overhead" (CUDA graphs). generate()
@@ -243,6 +408,7 @@ def main():
     t.add_argument("--new-tokens", type=int, default=128)
     t.add_argument("--dtype", default="float32")
     t.add_argument("--repeat", type=int, default=3)
+    t.add_argument("--hf-compile", action="store_true", help="also transformers' static cache under torch.compile")
     a = p.parse_args()
     {"make": cmd_make, "pack": cmd_pack, "torch": cmd_torch}[a.cmd](a)
 

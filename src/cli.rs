@@ -104,18 +104,25 @@ pub struct CompileFlags {
     /// needs AVX2) or `f32` (equals the reference to f32 rounding).
     #[arg(long, value_enum, default_value_t = QuantActivationsArg::Int8)]
     pub quant_activations: QuantActivationsArg,
-    /// The CPU KV caches' element type: `f16` (like llama.cpp; half the memory
+    /// The KV caches' element type: `f16` (like llama.cpp; half the memory
     /// and attention reads), `f32` (equals the reference to f32 rounding), or
-    /// blocks of 32 along each key and value row quantized as Q8_0 (8-bit,
-    /// about a quarter of f32), Q4_0 or Q4_1 (4-bit). Targets that include CUDA keep f32.
-    #[arg(long, value_enum, default_value_t = KvCacheArg::F16)]
-    pub kv_cache: KvCacheArg,
+    /// (CPU only) blocks of 32 along each key and value row quantized as Q8_0
+    /// (8-bit, 53% of f16), Q4_0 or Q4_1 (4-bit).
+    /// Default: f16 for `--target cpu`, f32 for targets that include CUDA.
+    #[arg(long, value_enum)]
+    pub kv_cache: Option<KvCacheArg>,
     /// Rotate each head's keys and values by the normalized Hadamard matrix
     /// before a block-quantized cache stores them (QuaRot): outlier channels
     /// spread over the block, so 4-bit caches lose less. Attention rotates
     /// the query the same way and the result back; power-of-two head widths.
     #[arg(long)]
     pub kv_hadamard: bool,
+    /// The element type of dense matmul weights and embedding tables: `f32`
+    /// (exact), `f16` or `bf16` (half the bytes; kernels widen them and
+    /// accumulate in f32). Quantized checkpoint tensors and pruned weights keep
+    /// their types; a bf16 (f16) checkpoint compiled with bf16 (f16) keeps its values.
+    #[arg(long, value_enum, default_value_t = WeightsDTypeArg::F32)]
+    pub weights_dtype: WeightsDTypeArg,
     /// Type every weight f32: quantized checkpoint tensors are dequantized at
     /// compile time (by default Q8_0/Q4_0/Q4_1 matrices stay quantized).
     #[arg(long)]
@@ -298,6 +305,14 @@ pub struct InspectArgs {
 pub enum QuantActivationsArg {
     Int8,
     F32,
+}
+
+/// `--weights-dtype` (sparsec_compiler::WeightsDType).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum WeightsDTypeArg {
+    F32,
+    F16,
+    Bf16,
 }
 
 /// `--kv-cache` (sparsec_compiler::KvCacheType).

@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use cli::{
     BenchArgs, Cli, Command, CompileArgs, CompileFlags, DeviceArg, EvalArgs, InspectArgs, KvCacheArg, QuantActivationsArg, RunArgs,
-    TargetArg,
+    TargetArg, WeightsDTypeArg,
 };
 use sparsec_compiler::{compile, Cache, CompileOptions, CompileRequest, Compiled, CpuTarget, Emit, TargetKind};
 use sparsec_passes::PrintOptions;
@@ -93,12 +93,28 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
             QuantActivationsArg::Int8 => sparsec_compiler::QuantActivations::Int8,
             QuantActivationsArg::F32 => sparsec_compiler::QuantActivations::F32,
         },
+        // `--kv-cache` sets both; absent, the CPU keeps f16 and CUDA f32.
         kv_cache: match flags.kv_cache {
-            KvCacheArg::F16 => sparsec_compiler::KvCacheType::F16,
-            KvCacheArg::F32 => sparsec_compiler::KvCacheType::F32,
-            KvCacheArg::Q8_0 => sparsec_compiler::KvCacheType::Q8_0,
-            KvCacheArg::Q4_0 => sparsec_compiler::KvCacheType::Q4_0,
-            KvCacheArg::Q4_1 => sparsec_compiler::KvCacheType::Q4_1,
+            Some(KvCacheArg::F16) | None => sparsec_compiler::KvCacheType::F16,
+            Some(KvCacheArg::F32) => sparsec_compiler::KvCacheType::F32,
+            Some(KvCacheArg::Q8_0) => sparsec_compiler::KvCacheType::Q8_0,
+            Some(KvCacheArg::Q4_0) => sparsec_compiler::KvCacheType::Q4_0,
+            Some(KvCacheArg::Q4_1) => sparsec_compiler::KvCacheType::Q4_1,
+        },
+        cuda_kv_cache: match flags.kv_cache {
+            Some(KvCacheArg::F16) => sparsec_compiler::KvCacheType::F16,
+            Some(KvCacheArg::F32) | None => sparsec_compiler::KvCacheType::F32,
+            Some(q @ (KvCacheArg::Q8_0 | KvCacheArg::Q4_0 | KvCacheArg::Q4_1)) => {
+                if target.cuda() {
+                    anyhow::bail!("--kv-cache {q:?} is a CPU cache; targets that include CUDA keep f16 or f32 caches");
+                }
+                sparsec_compiler::KvCacheType::F32
+            }
+        },
+        weights_dtype: match flags.weights_dtype {
+            WeightsDTypeArg::F32 => sparsec_compiler::WeightsDType::F32,
+            WeightsDTypeArg::F16 => sparsec_compiler::WeightsDType::F16,
+            WeightsDTypeArg::Bf16 => sparsec_compiler::WeightsDType::Bf16,
         },
         kv_hadamard: flags.kv_hadamard,
     })

@@ -1,6 +1,7 @@
 //! The filetest runner: every `tests/filetests/*.sir` names its test on its first
 //! line (`// test passes`, `// test lower-mlir`, `// test run`), optionally
-//! followed by options (`quant-activations=f32|int8`, `kv-cache=f16|f32`,
+//! followed by options (`quant-activations=f32|int8`, `kv-cache=f16|f32` (the
+//! CPU's and CUDA's caches),
 //! `tolerance=X`: the atol and rtol of the comparison with the reference,
 //! default 1e-4), produces text,
 //! and the text is pinned with an insta snapshot under `tests/snapshots/`.
@@ -62,8 +63,8 @@ impl FileOptions {
             match w.split_once('=') {
                 Some(("quant-activations", "f32")) => compile.quant_activations = QuantActivations::F32,
                 Some(("quant-activations", "int8")) => compile.quant_activations = QuantActivations::Int8,
-                Some(("kv-cache", "f16")) => compile.kv_cache = KvCacheType::F16,
-                Some(("kv-cache", "f32")) => compile.kv_cache = KvCacheType::F32,
+                Some(("kv-cache", "f16")) => (compile.kv_cache, compile.cuda_kv_cache) = (KvCacheType::F16, KvCacheType::F16),
+                Some(("kv-cache", "f32")) => (compile.kv_cache, compile.cuda_kv_cache) = (KvCacheType::F32, KvCacheType::F32),
                 Some(("tolerance", x)) => {
                     let t: f32 = x.parse().with_context(|| format!("tolerance={x}"))?;
                     tolerance = Tolerance { atol: t, rtol: t };
@@ -80,7 +81,7 @@ fn test_lower_mlir(g: &mut Graph, opts: &FileOptions, ptxas: Option<&Path>) -> R
     let mut out = String::new();
     run_passes(g, &mut out)?;
     // The CPU kernels as a CPU-only compile makes them; the NVPTX ones as a
-    // compile that includes CUDA does (its KV caches stay f32).
+    // compile that includes CUDA does (its KV caches f32 unless `kv-cache=f16`).
     let mut parts = Vec::new();
     for target in [TargetKind::Cpu, TargetKind::All] {
         let mut part = partition_with(g, &CompileOptions { target, ..opts.compile.clone() })?;

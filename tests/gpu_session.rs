@@ -10,15 +10,27 @@ use sparsec_runtime::compare::Tolerance;
 use sparsec_runtime::cuda_session::SessionCapacity;
 use sparsec_runtime::execute::{DeviceKind, Executor};
 use sparsec_runtime::lm_session::{compare_steps, greedy_round, Reference, StepComparison};
+use sparsec_runtime::manifest::{BufferKind, BufferSpec};
 use sparsec_runtime::Artifact;
 use std::path::{Path, PathBuf};
 
 /// `tests/fixtures/hf/<name>` compiled with CPU and PTX code into `dir`.
 fn compile_fixture(name: &str, dir: &Path) -> PathBuf {
+    compile_fixture_with(name, dir, "f32")
+}
+
+/// `compile_fixture` with `--weights-dtype weights` (f32, f16, bf16).
+fn compile_fixture_with(name: &str, dir: &Path, weights: &str) -> PathBuf {
+    compile_fixture_args(name, dir, &["--weights-dtype", weights])
+}
+
+/// `compile_fixture` with more compile flags.
+fn compile_fixture_args(name: &str, dir: &Path, flags: &[&str]) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name);
-    let out = dir.join(format!("{name}.sparsec"));
+    let out = dir.join(format!("{name}{}.sparsec", flags.join("")));
     let st = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
         .args(["compile", src.to_str().unwrap(), "--target", "all", "--no-cache", "-o", out.to_str().unwrap()])
+        .args(flags)
         .output()
         .unwrap();
     assert!(st.status.success(), "compile {name}: {}", String::from_utf8_lossy(&st.stderr));
@@ -87,6 +99,123 @@ fn cuda_session_equals_the_interpreter_and_the_cpu_through_chunked_prefill_and_d
         return;
     }
     check_device(DeviceKind::Cuda);
+}
+
+/// 16-bit weights (`--weights-dtype f16|bf16`): every dense matmul weight and
+/// the embedding tables are stored in 16 bits; the session equals the
+/// interpreter on the same rounded weights to f32 rounding (`TOL`), and the
+/// f32 model's CPU session within the weights' rounding (`vs_f32`, atol = rtol:
+/// f16 keeps 11 bits, bf16 8; measured on the tiny models 1.7e-4 and 1.3e-3).
+fn check_half_weights(device: DeviceKind) {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, dtype, vs_f32) in [("gpt2_tiny", "f16", 2e-3), ("llama_tiny", "bf16", 1e-2), ("llama_tiny", "f16", 2e-3)] {
+        let art = Artifact::open(&compile_fixture_with(name, tmp.path(), dtype)).unwrap();
+        let exact = Artifact::open(&compile_fixture(name, tmp.path())).unwrap();
+        let want = sparsec_ir::DType::from_name(dtype).unwrap();
+        let weights =
+            |a: &Artifact| a.manifest.execution.buffers.iter().filter(|b| b.kind == BufferKind::Weight).cloned().collect::<Vec<_>>();
+        let (half, full) = (weights(&art), weights(&exact));
+        // Every matrix went 16-bit (norm gains and biases stay f32), and the
+        // weights file shrank accordingly.
+        let matrices: Vec<_> = half.iter().filter(|b| b.dims.len() == 2).collect();
+        assert!(!matrices.is_empty() && matrices.iter().all(|b| b.dtype == want), "{name} {dtype}: {matrices:?}");
+        assert!(half.iter().filter(|b| b.dims.len() == 1).all(|b| b.dtype == sparsec_ir::DType::F32));
+        let bytes = |ws: &[BufferSpec]| ws.iter().map(|b| b.bytes(0)).sum::<usize>();
+        let (hb, fb, mb) = (bytes(&half), bytes(&full), bytes(&matrices.iter().map(|b| (*b).clone()).collect::<Vec<_>>()));
+        assert_eq!(hb, fb - mb, "{name} {dtype}: 16-bit matrices take half their f32 bytes");
+        let exec = Executor::load(&art, device).unwrap();
+        let cap = SessionCapacity { positions: 32, seq: 4 };
+        let ids = prompt(&art, 10);
+        let mut s = exec.session(&art, cap).unwrap();
+        let steps = compare_steps(&mut s, &mut Reference::Interpreter(&art), &ids, 6, 12, TOL).unwrap();
+        assert_all_pass(&format!("{name} {dtype} on {device:?} vs interpreter"), &steps, 2 + 12);
+        let cpu = Executor::load(&exact, DeviceKind::Cpu).unwrap();
+        let mut r = Reference::Session(cpu.session(&exact, cap).unwrap());
+        let tol = Tolerance { atol: vs_f32, rtol: vs_f32 };
+        let steps = compare_steps(&mut s, &mut r, &ids, 6, 12, tol).unwrap();
+        let worst = steps.iter().map(|s| s.cmp.max_abs_error).fold(0f32, f32::max);
+        eprintln!("{name} {dtype} on {device:?}: max abs difference from the f32 model {worst:.2e} (tolerance {vs_f32:.0e})");
+        assert_all_pass(&format!("{name} {dtype} on {device:?} vs the f32 model"), &steps, 2 + 12);
+    }
+}
+
+#[test]
+fn cpu_session_with_16_bit_weights_equals_the_interpreter() {
+    check_half_weights(DeviceKind::Cpu);
+}
+
+#[test]
+fn cuda_session_with_16_bit_weights_equals_the_interpreter() {
+    if !common::require_gpu(sparsec_runtime::cuda::cuda_available()) {
+        return;
+    }
+    check_half_weights(DeviceKind::Cuda);
+}
+
+/// f16 KV caches (`--kv-cache f16` with a target that includes CUDA) with f16
+/// weights: every key and value is rounded to f16 as it is appended. Against
+/// the interpreter (which keeps them exact) within that rounding (2e-3; the
+/// tiny models measure about 1e-4); on CUDA, against the CPU session of the
+/// same artifact (the same rounding, to nearest even on both) to f32
+/// rounding; and decode steps replayed from the captured CUDA graph equal
+/// the same steps launched kernel by kernel.
+fn check_f16_kv(device: DeviceKind) {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["gpt2_tiny", "llama_tiny"] {
+        let art = Artifact::open(&compile_fixture_args(name, tmp.path(), &["--kv-cache", "f16", "--weights-dtype", "f16"])).unwrap();
+        let caches: Vec<_> = art.manifest.execution.buffers.iter().filter(|b| b.kind == BufferKind::KvCache).collect();
+        assert!(!caches.is_empty() && caches.iter().all(|b| b.dtype == sparsec_ir::DType::F16), "{name}: {caches:?}");
+        let exec = Executor::load(&art, device).unwrap();
+        let cap = SessionCapacity { positions: 32, seq: 4 };
+        let ids = prompt(&art, 10);
+        let mut s = exec.session(&art, cap).unwrap();
+        let loose = Tolerance { atol: 2e-3, rtol: 2e-3 };
+        let steps = compare_steps(&mut s, &mut Reference::Interpreter(&art), &ids, 6, 12, loose).unwrap();
+        let worst = steps.iter().map(|s| s.cmp.max_abs_error).fold(0f32, f32::max);
+        eprintln!("{name} f16 KV on {device:?}: max abs difference from the interpreter {worst:.2e}");
+        assert_all_pass(&format!("{name} f16 KV on {device:?} vs interpreter"), &steps, 2 + 12);
+        if device == DeviceKind::Cpu {
+            continue;
+        }
+        let cpu = Executor::load(&art, DeviceKind::Cpu).unwrap();
+        let mut r = Reference::Session(cpu.session(&art, cap).unwrap());
+        let steps = compare_steps(&mut s, &mut r, &ids, 3, 8, TOL).unwrap();
+        assert_all_pass(&format!("{name} f16 KV on {device:?} vs CPU session"), &steps, 4 + 8);
+        let (with_graph, _) = greedy_round(&mut s, &ids, 8).unwrap();
+        // The same decode step at the same position, replayed and launched.
+        let step = |s: &mut sparsec_runtime::session::Session<'_>| s.run(&[sparsec_runtime::lm_session::ids_input(&[3])]).unwrap();
+        let at = s.pos();
+        let replayed = step(&mut s);
+        s.set_graphs(false);
+        s.truncate(at).unwrap();
+        let launched = step(&mut s);
+        assert_eq!(replayed, launched, "{name}: the graph replays the same kernels");
+        let (without, _) = greedy_round(&mut s, &ids, 8).unwrap();
+        assert_eq!(with_graph, without, "{name}: decode with and without the CUDA graph");
+    }
+}
+
+#[test]
+fn cpu_session_with_f16_kv_caches_is_within_their_rounding() {
+    check_f16_kv(DeviceKind::Cpu);
+}
+
+#[test]
+fn cuda_session_with_f16_kv_caches_equals_the_cpu_and_replays_its_graph() {
+    if !common::require_gpu(sparsec_runtime::cuda::cuda_available()) {
+        return;
+    }
+    check_f16_kv(DeviceKind::Cuda);
+}
+
+#[test]
+fn the_kv_append_ptx_assembles_for_hopper() {
+    let Some(ptxas) = common::require("ptxas", sparsec_compiler::toolchain::find_ptxas().ok_or(common::PTXAS_NOT_FOUND)) else {
+        return;
+    };
+    let f = tempfile::Builder::new().suffix(".ptx").tempfile().unwrap();
+    std::fs::write(f.path(), sparsec_runtime::cuda_append::append_ptx()).unwrap();
+    sparsec_compiler::toolchain::check_ptx(&ptxas, f.path(), "sm_90").unwrap();
 }
 
 #[test]

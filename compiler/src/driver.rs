@@ -91,6 +91,10 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
     }
     let params_before = sparsec_runtime::manifest::weight_params(&g);
     let snapshots = PassManager::with_plan(plan, req.print.clone()).run(&mut g)?;
+    // `--weights-dtype f16|bf16`: dense matmul weights and tables stored in 16 bits.
+    if let Some(dt) = req.options.weights_dtype.half() {
+        crate::half_weights::apply(&mut g, dt);
+    }
     let part = partition_with(&g, &req.options)?;
     let graph_text = print_graph(&g);
 

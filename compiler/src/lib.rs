@@ -9,10 +9,11 @@ pub mod mlir;
 pub mod options;
 
 pub use error::{CompileError, CompileResult};
-pub use options::{BakeBudget, CompileOptions, CpuTarget, CudaTarget, Emit, KvCacheType, QuantActivations, TargetKind};
+pub use options::{BakeBudget, CompileOptions, CpuTarget, CudaTarget, Emit, KvCacheType, QuantActivations, TargetKind, WeightsDType};
 pub mod cache;
 pub mod driver;
 pub mod fusion;
+pub mod half_weights;
 pub mod partition;
 pub mod sparse_select;
 pub mod toolchain;

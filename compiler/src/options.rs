@@ -154,16 +154,15 @@ pub enum QuantActivations {
     F32,
 }
 
-/// The element type of the CPU's KV caches (the keys and values every attention
-/// op keeps across calls).
+/// The element type of the KV caches (the keys and values every attention op
+/// keeps across calls): `CompileOptions::kv_cache` for a CPU-only target,
+/// `CompileOptions::cuda_kv_cache` for targets that include CUDA.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KvCacheType {
     /// Half precision (what llama.cpp keeps): half the memory, and half the bytes
     /// decode attention reads per token. Each key and value is rounded to f16
-    /// (relative error at most 2^-11) as it is appended. Targets that include
-    /// CUDA keep `f32` caches: the CUDA executor runs whole sequences, whose
-    /// caches are the new keys and values themselves.
+    /// (relative error at most 2^-11) as it is appended.
     #[default]
     F16,
     /// Single precision: attention equals the reference to f32 rounding.
@@ -181,6 +180,47 @@ pub enum KvCacheType {
     /// As `Q8_0` with 4-bit Q4_1 blocks (scale and minimum): 31% of f16.
     #[serde(rename = "q4_1")]
     Q4_1,
+}
+
+impl KvCacheType {
+    fn f32() -> KvCacheType {
+        KvCacheType::F32
+    }
+
+    fn is_f32(&self) -> bool {
+        *self == KvCacheType::F32
+    }
+}
+
+/// The element type of dense matmul weights and embedding tables that a model
+/// gives as f32 (`--weights-dtype`). Checkpoint tensors stored quantized stay so,
+/// and pruned weights stay f32; a bf16 or f16 checkpoint read back as the same
+/// type loses nothing (its values widened to f32 exactly).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightsDType {
+    /// Single precision: the exact mode.
+    #[default]
+    F32,
+    /// Half precision (rounded to nearest): decode reads half the bytes.
+    F16,
+    /// bfloat16 (rounded to nearest even): f32's range, 8 bits of mantissa.
+    Bf16,
+}
+
+impl WeightsDType {
+    pub fn is_f32(&self) -> bool {
+        *self == WeightsDType::F32
+    }
+
+    /// The IR type of the weights, `None` for f32 (left as they are).
+    pub fn half(self) -> Option<sparsec_ir::DType> {
+        match self {
+            WeightsDType::F32 => None,
+            WeightsDType::F16 => Some(sparsec_ir::DType::F16),
+            WeightsDType::Bf16 => Some(sparsec_ir::DType::BF16),
+        }
+    }
 }
 
 impl Default for BakeBudget {
@@ -202,12 +242,20 @@ pub struct CompileOptions {
     pub bake_budget: BakeBudget,
     #[serde(default)]
     pub quant_activations: QuantActivations,
+    /// The KV caches of a CPU-only target (default f16).
     #[serde(default)]
     pub kv_cache: KvCacheType,
     /// Block-quantized caches hold each head's keys and values rotated by the
     /// normalized Hadamard matrix (`--kv-hadamard`).
     #[serde(default)]
     pub kv_hadamard: bool,
+    /// The KV caches of a target that includes CUDA (default f32, the exact
+    /// mode; absent from the canonical JSON when f32, so earlier cache keys stay).
+    #[serde(default = "KvCacheType::f32", skip_serializing_if = "KvCacheType::is_f32")]
+    pub cuda_kv_cache: KvCacheType,
+    /// Absent from the canonical JSON when f32, so earlier cache keys stay.
+    #[serde(default, skip_serializing_if = "WeightsDType::is_f32")]
+    pub weights_dtype: WeightsDType,
 }
 
 impl Default for CompileOptions {
@@ -222,6 +270,8 @@ impl Default for CompileOptions {
             quant_activations: QuantActivations::default(),
             kv_cache: KvCacheType::default(),
             kv_hadamard: false,
+            cuda_kv_cache: KvCacheType::F32,
+            weights_dtype: WeightsDType::default(),
         }
     }
 }
@@ -241,15 +291,15 @@ impl CompileOptions {
         self.quant_activations == QuantActivations::Int8 && self.cpu.has_avx2()
     }
 
-    /// The KV caches' element type: what was asked for when the target is the
-    /// CPU alone, else f32.
+    /// The KV caches' element type: `cuda_kv_cache` decides for targets that
+    /// include CUDA (f32 or f16; the block-quantized types are CPU caches, so
+    /// a CUDA target keeps f32 for them), `kv_cache` for the CPU alone.
     pub fn kv_dtype(&self) -> DType {
-        if self.target != TargetKind::Cpu {
-            return DType::F32;
-        }
-        match self.kv_cache {
+        let kv = if self.target.cuda() { self.cuda_kv_cache } else { self.kv_cache };
+        match kv {
             KvCacheType::F16 => DType::F16,
             KvCacheType::F32 => DType::F32,
+            KvCacheType::Q8_0 | KvCacheType::Q4_0 | KvCacheType::Q4_1 if self.target.cuda() => DType::F32,
             KvCacheType::Q8_0 => DType::Q8_0,
             KvCacheType::Q4_0 => DType::Q4_0,
             KvCacheType::Q4_1 => DType::Q4_1,

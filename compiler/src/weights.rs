@@ -1,7 +1,8 @@
 //! Weight data for a compile: from a safetensors file (memory-mapped), a loaded
 //! checkpoint or the weight's `init`, checked against the declared shape, and
-//! packed into the artifact: f32, or quantized blocks for weights whose type is
-//! q8_0/q4_0/q4_1 (kept as stored when the checkpoint has them, else quantized).
+//! packed into the artifact: f32, 16-bit values for f16/bf16 weights (rounded
+//! here), or quantized blocks for weights whose type is q8_0/q4_0/q4_1 (kept as
+//! stored when the checkpoint has them, else quantized).
 
 use crate::error::{CompileError, CompileResult};
 use crate::partition::Partition;
@@ -122,7 +123,10 @@ pub fn resolve(g: &Graph, part: &Partition, source: WeightSource<'_>) -> Compile
                 // A quantized weight is stored packed: kept as the checkpoint stores
                 // it, or quantized here from f32 data.
                 match (spec.dtype.is_quantized(), data) {
-                    (false, WeightData::F32(v)) => WeightData::F32(v),
+                    (false, WeightData::F32(v)) => match half_bytes(spec.dtype, &v) {
+                        Some(bytes) => WeightData::Packed(spec.dtype, bytes),
+                        None => WeightData::F32(v),
+                    },
                     (true, WeightData::Packed(dt, p)) if dt == spec.dtype => WeightData::Packed(dt, p),
                     (true, WeightData::F32(v)) => match sparsec_ir::quant::quantize(spec.dtype, &v) {
                         Some(p) => WeightData::Packed(spec.dtype, p),
@@ -165,6 +169,16 @@ pub fn resolve(g: &Graph, part: &Partition, source: WeightSource<'_>) -> Compile
         out.push((spec.name.clone(), shape, data));
     }
     Ok(out)
+}
+
+/// f32 values rounded to nearest (even) f16 or bf16, as little-endian bytes;
+/// `None` for the other types.
+pub fn half_bytes(dt: DType, v: &[f32]) -> Option<Vec<u8>> {
+    match dt {
+        DType::F16 => Some(v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect()),
+        DType::BF16 => Some(v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect()),
+        DType::F32 | DType::I32 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => None,
+    }
 }
 
 /// Writes tensors as safetensors: F32 tensors of their shape, packed quantized

@@ -14,8 +14,8 @@ pub fn infer_type(op: &Op, operands: &[&TensorType]) -> Result<TensorType, Strin
         if ids.dtype != crate::types::DType::I32 || ids.rank() != 1 {
             return Err(format!("operand 1 (ids) has type {ids}, expected i32[n]"));
         }
-        // A quantized table yields dequantized rows.
-        let dtype = if table.dtype.is_quantized() { crate::types::DType::F32 } else { table.dtype };
+        // A quantized or 16-bit table yields f32 rows.
+        let dtype = if table.dtype.is_packed_weight() { crate::types::DType::F32 } else { table.dtype };
         return Ok(TensorType::new(dtype, vec![ids.dims[0], table.dims[1]]));
     }
     // Quantized weights enter a matmul only as its transposed `[N, K]` operand,
@@ -31,6 +31,15 @@ pub fn infer_type(op: &Op, operands: &[&TensorType]) -> Result<TensorType, Strin
             }
             if a.dtype != crate::types::DType::F32 {
                 return Err(format!("operand 0 has type {a}, expected f32 activations for a quantized weight"));
+            }
+            let as_f32 = TensorType::new(crate::types::DType::F32, b.dims.clone());
+            return infer_type(op, &[a, &as_f32]);
+        }
+        // A 16-bit weight (f16, bf16) multiplies f32 activations as a transposed
+        // `[N, K]` operand; the product is f32 (accumulated in f32).
+        if b.dtype.is_half() && a.dtype == crate::types::DType::F32 {
+            if !*transpose_b || b.rank() != 2 {
+                return Err(format!("operand 1 has type {b}; a 16-bit weight under f32 activations must be a transposed operand [N, K]"));
             }
             let as_f32 = TensorType::new(crate::types::DType::F32, b.dims.clone());
             return infer_type(op, &[a, &as_f32]);

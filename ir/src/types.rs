@@ -42,6 +42,18 @@ impl DType {
         matches!(self, DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
     }
 
+    /// A 16-bit float (f16, bf16): weights stored so are widened to f32 as
+    /// they are read (matmul weights and embedding tables).
+    pub fn is_half(self) -> bool {
+        matches!(self, DType::F16 | DType::BF16)
+    }
+
+    /// Stored in a type that kernels widen as they read it (block-quantized or
+    /// 16-bit float): allowed only as matmul weights and embedding tables.
+    pub fn is_packed_weight(self) -> bool {
+        self.is_quantized() || self.is_half()
+    }
+
     pub fn from_name(s: &str) -> Option<DType> {
         DType::ALL.into_iter().find(|d| d.name() == s)
     }

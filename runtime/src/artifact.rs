@@ -187,8 +187,8 @@ impl Artifact {
         }
     }
 
-    /// The weight `name` as f32 values of its graph shape: quantized weights are
-    /// dequantized exactly (what the reference interpreter computes with).
+    /// The weight `name` as f32 values of its graph shape: quantized and f16/bf16
+    /// weights are widened exactly (what the reference interpreter computes with).
     /// Where weight buffer `b`'s bytes (`b.bytes(0)` of its tensor) lie in the
     /// weights file (`validate` checked that the tensor holds them); an error
     /// when the tensor holds fewer than the plan needs.
@@ -228,6 +228,16 @@ impl Artifact {
                         message: format!("tensor `{name}`: {} bytes do not hold {} {} blocks", packed.len(), b.dtype.name(), n),
                     });
                 }
+                ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| RuntimeError::Cpu(e.to_string()))
+            }
+            Some(b) if b.dtype.is_half() => {
+                let shape: Vec<usize> = b.dims.iter().map(|d| d.resolve(0) as usize).collect();
+                let words = self.weights.at(self.weight_range(b)?).chunks_exact(2).map(|c| [c[0], c[1]]);
+                let out: Vec<f32> = if b.dtype == sparsec_ir::DType::BF16 {
+                    words.map(|w| half::bf16::from_le_bytes(w).to_f32()).collect()
+                } else {
+                    words.map(|w| half::f16::from_le_bytes(w).to_f32()).collect()
+                };
                 ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| RuntimeError::Cpu(e.to_string()))
             }
             _ => self.weights.get_array(name),

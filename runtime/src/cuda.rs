@@ -37,6 +37,8 @@ pub struct CudaExecutor {
     pub(crate) kernels: HashMap<String, CudaFunction>,
     /// Weight buffers (f32 values or packed quantized blocks), uploaded once.
     pub(crate) weights: HashMap<usize, CudaSlice<u8>>,
+    /// The runtime's own KV append kernels (`cuda_append`).
+    pub(crate) appender: crate::cuda_append::Appender,
     /// The loaded artifact's manifest hash: sessions serve that artifact only.
     pub(crate) artifact: String,
 }
@@ -47,7 +49,10 @@ impl CudaExecutor {
             return Err(RuntimeError::NoCuda);
         }
         let ctx = CudaContext::new(0).map_err(cu("create context"))?;
-        let stream = ctx.default_stream();
+        // A stream of its own (not the legacy default stream): sessions
+        // capture decode steps on it as CUDA graphs.
+        let stream = ctx.new_stream().map_err(cu("create a stream"))?;
+        let appender = crate::cuda_append::Appender::load(&ctx)?;
         let mut kernels = HashMap::new();
         for step in &art.manifest.execution.steps {
             let Step::Kernel(step) = step else { continue };
@@ -81,7 +86,7 @@ impl CudaExecutor {
                 weights.insert(i, stream.clone_htod(data).map_err(cu("upload weight"))?);
             }
         }
-        Ok(CudaExecutor { ctx, stream, kernels, weights, artifact: art.manifest.integrity.clone() })
+        Ok(CudaExecutor { ctx, stream, kernels, weights, appender, artifact: art.manifest.integrity.clone() })
     }
 
     pub fn device_name(&self) -> String {
@@ -90,11 +95,17 @@ impl CudaExecutor {
 
     /// Runs the plan on `inputs` as one whole sequence (no earlier positions: a
     /// KV cache is then exactly the new keys or values, so it aliases them);
-    /// outputs are copied back to the host.
+    /// outputs are copied back to the host. f16 caches are not the new values
+    /// (they are rounded as appended): such a plan runs in a session of one call.
     pub fn run(&self, art: &Artifact, inputs: &[ArrayD<f32>]) -> RuntimeResult<Vec<ArrayD<f32>>> {
         let seq = art.bind_seq(inputs)?;
-        art.check_positions(0, seq)?;
         let plan = &art.manifest.execution;
+        if plan.buffers.iter().any(|b| b.kind == BufferKind::KvCache && b.dtype != sparsec_ir::DType::F32) {
+            let rows = usize::try_from(seq).map_err(|_| RuntimeError::Cuda(format!("{seq} rows")))?;
+            let cap = crate::cuda_session::SessionCapacity { positions: rows, seq: rows };
+            return self.session(art, cap)?.run(inputs);
+        }
+        art.check_positions(0, seq)?;
         let mut owned: HashMap<usize, CudaSlice<f32>> = HashMap::new();
         let mut alias: HashMap<usize, usize> = HashMap::new();
         let mut input_iter = inputs.iter();
@@ -105,13 +116,6 @@ impl CudaExecutor {
                     let a = input_iter.next().ok_or_else(|| RuntimeError::Cuda("fewer inputs than the plan".into()))?;
                     let host: Vec<f32> = a.iter().copied().collect();
                     owned.insert(i, self.stream.clone_htod(&host).map_err(cu("upload input"))?);
-                }
-                BufferKind::KvCache if b.dtype != sparsec_ir::DType::F32 => {
-                    return Err(RuntimeError::Cuda(format!(
-                        "KV cache `{}` is {}; the CUDA executor keeps f32 caches (compile for CUDA, or with --kv-cache f32)",
-                        b.name,
-                        b.dtype.name()
-                    )))
                 }
                 BufferKind::KvCache => {}
                 BufferKind::BlockCache { .. } => {
@@ -125,7 +129,9 @@ impl CudaExecutor {
                 }
             }
         }
-        let (seq_arg, pos_arg) = (seq as i64, 0i64);
+        // No earlier positions: `pos` (read from device memory) is 0.
+        let seq_arg = seq as i64;
+        let pos_buf = self.stream.clone_htod(&[0i64]).map_err(cu("upload pos"))?;
         for step in &plan.steps {
             let step = match step {
                 Step::KvAppend { hadamard: Some(_), .. } => {
@@ -156,10 +162,10 @@ impl CudaExecutor {
                 }
                 launch.arg(&mut out_buf);
                 launch.arg(&seq_arg);
-                launch.arg(&pos_arg);
+                launch.arg(&pos_buf);
                 // SAFETY: the kernel's parameters are the step's buffers (device
-                // pointers, sized for `seq` by the plan) and then `seq`, `pos` as i64,
-                // exactly the signature the compiler generated.
+                // pointers, sized for `seq` by the plan), then `seq` as i64 and a
+                // pointer to `pos` (one i64), exactly the signature the compiler generated.
                 unsafe { launch.launch(cfg) }.map(|_| ())
             };
             result.map_err(cu(&format!("launch {}", step.kernel)))?;

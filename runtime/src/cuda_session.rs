@@ -2,10 +2,13 @@
 //! Every buffer the plan needs (inputs, temp slots, KV caches for a fixed
 //! capacity of positions) lives in one device arena allocated when the session
 //! is created; a call (prefill of `seq` rows, or one decode step) uploads its
-//! inputs, launches the plan's kernels at position `pos`, appends the new keys
-//! and values to the caches with device copies, and downloads the outputs.
-//! Nothing is allocated on the device per call. Caches are whole (row j holds
-//! position j): a windowed layer's ring (`BufferSpec::ring`) is the CPU's.
+//! inputs and its position (`pos` lives in the arena: kernels read it there),
+//! launches the plan's kernels, appends the new keys and values to the caches
+//! (`cuda_append`: f32 copies, or rounded to f16), and downloads the outputs.
+//! Nothing is allocated on the device per call. A decode step (one row) is
+//! captured once as a CUDA graph and replayed at every later position (off
+//! with `set_graphs(false)`, and while profiling). Caches are whole (row j
+//! holds position j): a windowed layer's ring (`BufferSpec::ring`) is the CPU's.
 
 use crate::artifact::Artifact;
 use crate::cuda::{CudaExecutor, BLOCK};
@@ -39,12 +42,8 @@ enum GpuStep {
         args: Vec<usize>,
         threads: sparsec_ir::SymSize,
     },
-    /// Copy `seq` rows of `src` to the cache at row `pos`.
-    Append {
-        src: usize,
-        cache: usize,
-        row_bytes: usize,
-    },
+    /// Store `seq` rows into a cache at row `pos`, in its type.
+    Append(crate::cuda_append::KvAppend),
 }
 
 pub struct CudaSession<'a> {
@@ -59,6 +58,12 @@ pub struct CudaSession<'a> {
     steps: Vec<GpuStep>,
     /// The arena's bytes (reported by `arena_bytes`).
     arena_bytes: usize,
+    /// The device address of `pos` (one i64 in the arena).
+    pos_ptr: u64,
+    /// Whether decode steps replay a captured graph.
+    graphs: bool,
+    /// The captured decode step (one row), once captured.
+    decode_graph: Option<cudarc::driver::CudaGraph>,
     /// Per kernel: milliseconds and launches, when `profile_kernels` asked
     /// (each launch is then synchronized and timed on the host clock, which
     /// slows the run: for finding where the time goes, not for throughput).
@@ -93,6 +98,7 @@ impl CudaExecutor {
             Ok(at)
         };
         let slot_at: Vec<usize> = slot_bytes.iter().map(|b| place(*b)).collect::<RuntimeResult<_>>()?;
+        let pos_at = place(8)?;
         let mut offsets: Vec<Option<usize>> = Vec::with_capacity(plan.buffers.len());
         for b in &plan.buffers {
             let off = match b.kind {
@@ -112,12 +118,8 @@ impl CudaExecutor {
                     Some(place(bytes)?)
                 }
                 BufferKind::KvCache => {
-                    if b.dtype != DType::F32 {
-                        return Err(RuntimeError::Cuda(format!(
-                            "KV cache `{}` is {}; the CUDA session keeps f32 caches (compile for CUDA, or with --kv-cache f32)",
-                            b.name,
-                            b.dtype.name()
-                        )));
+                    if !matches!(b.dtype, DType::F32 | DType::F16) {
+                        return Err(RuntimeError::Cuda(format!("KV cache `{}` is {} (f32 or f16 only)", b.name, b.dtype.name())));
                     }
                     let bytes = b
                         .bytes(1)
@@ -149,16 +151,26 @@ impl CudaExecutor {
         }
         let mut steps = Vec::with_capacity(plan.steps.len());
         for step in &plan.steps {
-            steps.push(match step {
+            let next = match step {
                 Step::KvAppend { hadamard: Some(_), .. } => {
                     return Err(RuntimeError::Cuda("rotated (Hadamard) KV caches are kept on the CPU only".into()))
                 }
                 Step::KvAppend { src, cache, hadamard: None } => {
                     let (s, c) = (&plan.buffers[*src], &plan.buffers[*cache]);
-                    if s.bytes(1) != c.bytes(1) || !s.by_rows() {
+                    let row_elems = s.numel().resolve(1);
+                    if row_elems != c.numel().resolve(1) || !s.by_rows() || s.dtype != DType::F32 {
                         return Err(RuntimeError::Cuda(format!("KV append of `{}` into `{}`: rows differ", s.name, c.name)));
                     }
-                    GpuStep::Append { src: *src, cache: *cache, row_bytes: c.bytes(1) }
+                    let (src, cache) = (ptrs[*src], ptrs[*cache]);
+                    // The value cache's append right after the key cache's
+                    // (same rows and type) joins its launch.
+                    if let Some(GpuStep::Append(prev)) = steps.last_mut() {
+                        if prev.second.is_none() && prev.dtype == c.dtype && prev.row_elems == row_elems {
+                            prev.second = Some((src, cache));
+                            continue;
+                        }
+                    }
+                    GpuStep::Append(crate::cuda_append::KvAppend { dtype: c.dtype, src, cache, row_elems, second: None })
                 }
                 Step::Kernel(k) => {
                     let f = self.kernels.get(&k.kernel).ok_or_else(|| RuntimeError::Cuda(format!("kernel {} not loaded", k.kernel)))?;
@@ -171,7 +183,8 @@ impl CudaExecutor {
                     }
                     GpuStep::Kernel { f: f.clone(), name: k.kernel.clone(), args: k.args.clone(), threads: k.gpu_threads }
                 }
-            });
+            };
+            steps.push(next);
         }
         for &o in &plan.outputs {
             let b = &plan.buffers[o];
@@ -179,7 +192,21 @@ impl CudaExecutor {
                 return Err(RuntimeError::Cuda(format!("output `{}` is not an f32 buffer", b.name)));
             }
         }
-        Ok(CudaSession { exec: self, art, cap, pos: 0, _arena: arena, ptrs, steps, arena_bytes, profile: None })
+        let pos_ptr = base + pos_at as u64;
+        Ok(CudaSession {
+            exec: self,
+            art,
+            cap,
+            pos: 0,
+            _arena: arena,
+            ptrs,
+            steps,
+            arena_bytes,
+            pos_ptr,
+            graphs: true,
+            decode_graph: None,
+            profile: None,
+        })
     }
 }
 
@@ -210,6 +237,12 @@ impl CudaSession<'_> {
         let mut v: Vec<(String, f64, u64)> = self.profile.iter().flatten().map(|(k, (t, n))| (k.clone(), *t, *n)).collect();
         v.sort_by(|a, b| b.1.total_cmp(&a.1));
         v
+    }
+
+    /// Whether decode steps (one row) replay a CUDA graph captured at the
+    /// first one (the default), or launch every kernel.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = on;
     }
 
     /// Forgets every position.
@@ -285,6 +318,56 @@ impl CudaSession<'_> {
             .collect()
     }
 
+    /// Launches the plan's steps for `seq` rows on the executor's stream
+    /// (with `profile_kernels`, each one synchronized and timed).
+    fn launch_steps(&mut self, seq: usize) -> RuntimeResult<()> {
+        let stream = &self.exec.stream;
+        let seq_arg = seq as i64;
+        for step in &self.steps {
+            let t = self.profile.is_some().then(std::time::Instant::now);
+            match step {
+                GpuStep::Append(a) => {
+                    // SAFETY: `src` holds `cap.seq >= seq` rows of `row_elems`
+                    // f32 values; the cache holds `cap.positions >= pos + seq`
+                    // rows (checked in `run`) of its type; `pos_ptr` is the
+                    // arena's `pos`.
+                    unsafe { self.exec.appender.launch(stream, a, seq as u64, self.pos_ptr) }?;
+                }
+                GpuStep::Kernel { f, name, args, threads } => {
+                    let threads = threads.resolve(seq as u64);
+                    let grid = threads.div_ceil(BLOCK as u64).max(1);
+                    let grid = u32::try_from(grid).map_err(|_| RuntimeError::Cuda(format!("grid of {grid} blocks is too large")))?;
+                    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+                    let ptrs: Vec<u64> = args.iter().map(|&a| self.ptrs[a]).collect();
+                    let mut launch = stream.launch_builder(f);
+                    for p in &ptrs {
+                        launch.arg(p);
+                    }
+                    launch.arg(&seq_arg);
+                    launch.arg(&self.pos_ptr);
+                    // SAFETY: the kernel takes the step's buffers as device
+                    // pointers, then `seq` as i64 and the address of `pos` (the
+                    // entry's parameter count was checked at load); every buffer
+                    // is sized for `cap.seq >= seq` rows, the caches for
+                    // `pos + seq` positions; the output is no input (checked
+                    // when the session was made).
+                    unsafe { launch.launch(cfg) }.map_err(cu(&format!("launch {name}")))?;
+                }
+            }
+            if let (Some(t), Some(p)) = (t, self.profile.as_mut()) {
+                stream.synchronize().map_err(cu("synchronize"))?;
+                let name = match step {
+                    GpuStep::Append(_) => "kv_append".to_string(),
+                    GpuStep::Kernel { name, .. } => name.clone(),
+                };
+                let e = p.entry(name).or_default();
+                e.0 += t.elapsed().as_secs_f64() * 1e3;
+                e.1 += 1;
+            }
+        }
+        Ok(())
+    }
+
     fn run_chunk(&mut self, inputs: &[ArrayD<f32>], seq: usize) -> RuntimeResult<Vec<ArrayD<f32>>> {
         let exec = self.exec;
         let plan = &self.art.manifest.execution;
@@ -301,48 +384,32 @@ impl CudaSession<'_> {
             // `h.len() * 4` bytes fit; `h` outlives the synchronize below.
             unsafe { cudarc::driver::result::memcpy_htod_async(self.ptrs[b], h, raw) }.map_err(cu("upload input"))?;
         }
-        let (seq_arg, pos_arg) = (seq as i64, self.pos as i64);
+        // The position, where the kernels and the appends read it.
+        let pos_host = [self.pos as i64];
+        // SAFETY: `pos_ptr` is the arena's 8-byte `pos` place; `pos_host`
+        // outlives the synchronize below.
+        unsafe { cudarc::driver::result::memcpy_htod_async(self.pos_ptr, &pos_host, raw) }.map_err(cu("upload pos"))?;
         let profiling = self.profile.is_some();
         if profiling {
             stream.synchronize().map_err(cu("synchronize"))?;
         }
-        for step in &self.steps {
-            let t = profiling.then(std::time::Instant::now);
-            match step {
-                GpuStep::Append { src, cache, row_bytes } => {
-                    let dst = self.ptrs[*cache] + (self.pos * row_bytes) as u64;
-                    // SAFETY: the cache holds `cap.positions >= pos + seq` rows
-                    // (checked in `run`) and `src` holds `seq` rows of as many
-                    // bytes; the regions are disjoint parts of the arena.
-                    unsafe { cudarc::driver::result::memcpy_dtod_async(dst, self.ptrs[*src], seq * row_bytes, raw) }
-                        .map_err(cu("append to a KV cache"))?;
-                }
-                GpuStep::Kernel { f, name, args, threads } => {
-                    let threads = threads.resolve(seq as u64);
-                    let grid = threads.div_ceil(BLOCK as u64).max(1);
-                    let grid = u32::try_from(grid).map_err(|_| RuntimeError::Cuda(format!("grid of {grid} blocks is too large")))?;
-                    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-                    let ptrs: Vec<u64> = args.iter().map(|&a| self.ptrs[a]).collect();
-                    let mut launch = stream.launch_builder(f);
-                    for p in &ptrs {
-                        launch.arg(p);
-                    }
-                    launch.arg(&seq_arg);
-                    launch.arg(&pos_arg);
-                    // SAFETY: the kernel takes the step's buffers as device
-                    // pointers and then `seq`, `pos` as i64 (the entry's parameter
-                    // count was checked at load); every buffer is sized for
-                    // `cap.seq >= seq` rows, the caches for `pos + seq` positions;
-                    // the output is no input (checked when the session was made).
-                    unsafe { launch.launch(cfg) }.map_err(cu(&format!("launch {name}")))?;
-                    if let (Some(t), Some(p)) = (t, self.profile.as_mut()) {
-                        stream.synchronize().map_err(cu("synchronize"))?;
-                        let e = p.entry(name.clone()).or_default();
-                        e.0 += t.elapsed().as_secs_f64() * 1e3;
-                        e.1 += 1;
-                    }
-                }
+        if seq == 1 && self.graphs && !profiling {
+            if self.decode_graph.is_none() {
+                // Capture the step once; every launch reads `seq` = 1 and
+                // `pos` from the arena, so the graph serves every position.
+                stream
+                    .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(cu("begin capture"))?;
+                let launched = self.launch_steps(1);
+                let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).map_err(cu("end capture"));
+                launched?;
+                self.decode_graph = Some(graph?.ok_or_else(|| RuntimeError::Cuda("the captured decode step is empty".into()))?);
             }
+            if let Some(g) = &self.decode_graph {
+                g.launch().map_err(cu("launch the decode graph"))?;
+            }
+        } else {
+            self.launch_steps(seq)?;
         }
         let mut outs = Vec::with_capacity(plan.outputs.len());
         let mut hosts = Vec::with_capacity(plan.outputs.len());

@@ -6,6 +6,7 @@ pub mod calibrate;
 pub mod compare;
 pub mod cpu;
 pub mod cuda;
+pub mod cuda_append;
 pub mod cuda_session;
 pub mod error;
 pub mod execute;

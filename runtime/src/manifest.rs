@@ -6,7 +6,7 @@ use sparsec_ir::sparse::SparseStorage;
 use sparsec_ir::{DType, Dim, SymSize};
 
 /// Bumped whenever the manifest or the kernel ABI changes.
-pub const MANIFEST_VERSION: u32 = 8;
+pub const MANIFEST_VERSION: u32 = 9;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const GRAPH_FILE: &str = "graph.sir";
@@ -245,13 +245,13 @@ impl BufferSpec {
     }
 
     /// Whether kernels take the buffer as bytes (`memref<?xi8>`): packed
-    /// quantized weights and f16 KV caches.
+    /// quantized weights, f16/bf16 weights and f16 KV caches.
     pub fn as_bytes(&self) -> bool {
-        self.dtype.is_quantized() || self.dtype == DType::F16
+        self.dtype.is_packed_weight()
     }
 
     /// Bytes at sequence length `seq`: packed blocks for quantized weights, 2 per
-    /// value for f16 KV caches; every other buffer holds 4-byte f32 values (i32
+    /// value for f16/bf16 weights and f16 KV caches; every other buffer holds 4-byte f32 values (i32
     /// ids travel as exact f32).
     ///
     /// Saturates where `try_bytes` has no answer: a loaded artifact has been
@@ -283,14 +283,16 @@ impl BufferSpec {
     }
 }
 
-/// One kernel launch. Kernel ABI (`MANIFEST_VERSION` 8): arguments are the
-/// `args` buffers as flat arrays (f32; packed bytes for quantized and sparse weights
-/// and for f16 KV caches; the
-/// last one is written), then `seq` (rows of this call) and `pos` (positions
-/// already in the KV caches) as i64.
+/// One kernel launch. Kernel ABI (`MANIFEST_VERSION` 9): arguments are the
+/// `args` buffers as flat arrays (f32; packed bytes for quantized, f16/bf16 and
+/// sparse weights and for f16 and block-quantized KV caches; the last one is
+/// written, and a block cache it takes is its to write: version 9), then `seq`
+/// (rows of this call) and `pos` (positions already in the KV caches).
 /// CPU: `_mlir_ciface_<kernel>(memref descriptor*..., i64 seq, i64 pos, i64 lo, i64 hi)`
 /// runs units `lo..hi` of `cpu_units` (disjoint slices may run on different threads);
-/// CUDA: `<kernel>(ptr..., i64 seq, i64 pos)`, one thread per unit of `gpu_threads`.
+/// CUDA: `<kernel>(ptr..., i64 seq, i64* pos)`, one thread per unit of
+/// `gpu_threads`; `pos` is read from device memory (version 8), so a captured
+/// decode step replays at any position.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct KernelStep {
     pub kernel: String,

@@ -12,7 +12,8 @@ use ndarray::ArrayD;
 
 pub enum Session<'a> {
     Cpu(CpuSession<'a>),
-    Cuda(CudaSession<'a>),
+    /// Boxed: the GPU session (arena, steps, captured graph) is the larger.
+    Cuda(Box<CudaSession<'a>>),
 }
 
 impl Executor {
@@ -21,7 +22,7 @@ impl Executor {
     pub fn session<'a>(&'a self, art: &'a Artifact, cap: SessionCapacity) -> RuntimeResult<Session<'a>> {
         Ok(match self {
             Executor::Cpu(e) => Session::Cpu(e.session(art)?),
-            Executor::Cuda(e) => Session::Cuda(e.session(art, cap)?),
+            Executor::Cuda(e) => Session::Cuda(Box::new(e.session(art, cap)?)),
         })
     }
 }
@@ -48,6 +49,16 @@ impl Session<'_> {
         match self {
             Session::Cpu(s) => s.run_last(inputs),
             Session::Cuda(s) => s.run_last(inputs),
+        }
+    }
+
+    /// Whether GPU decode steps replay a captured CUDA graph (the default) or
+    /// launch every kernel; CPU sessions launch kernels directly, so on the
+    /// CPU this changes nothing.
+    pub fn set_graphs(&mut self, on: bool) {
+        match self {
+            Session::Cpu(_) => {}
+            Session::Cuda(s) => s.set_graphs(on),
         }
     }
 

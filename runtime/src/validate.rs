@@ -259,7 +259,7 @@ pub fn validate(
             return Err(bad("missing".into()));
         };
         let need = b.bytes(0);
-        if b.sparse.is_some() || b.dtype.is_quantized() {
+        if b.sparse.is_some() || b.as_bytes() {
             if *dtype != Dtype::U8 || data.len() < need || data.len() >= need + PACK_PAD {
                 return Err(bad(format!("{dtype:?} of {} bytes; {} needs {need} packed bytes", data.len(), b.dtype.name())));
             }

@@ -105,7 +105,8 @@ impl KernelBuilder {
         "%seq".into()
     }
 
-    /// The run-time `pos` argument (positions already in the KV caches), as an index.
+    /// The run-time `pos` argument (positions already in the KV caches), as an
+    /// index: by value on the CPU, read from a device pointer on NVPTX.
     pub fn pos(&self) -> V {
         "%pos".into()
     }
@@ -231,6 +232,42 @@ impl KernelBuilder {
             ));
         }
         self.def(format!("memref.get_global @{name} : memref<{n}x{elem}>"))
+    }
+
+    /// NVPTX: a block's shared array `name` of `n` f32 (declared once), as an
+    /// address-space-3 pointer; read and written with `load_shared` and
+    /// `store_shared`, ordered by `barrier`.
+    pub fn shared_f32(&mut self, name: &str, n: u64) -> V {
+        if !self.globals.iter().any(|(g, _)| g == name) {
+            self.globals.push((
+                name.to_string(),
+                format!("  llvm.mlir.global internal @{name}() {{addr_space = 3 : i32, alignment = 16 : i64}} : !llvm.array<{n} x f32>"),
+            ));
+        }
+        self.def(format!("llvm.mlir.addressof @{name} : !llvm.ptr<3>"))
+    }
+
+    fn shared_ptr(&mut self, base: &str, idx: &str) -> V {
+        let i = self.def(format!("arith.index_cast {idx} : index to i64"));
+        self.def(format!("llvm.getelementptr inbounds {base}[{i}] : (!llvm.ptr<3>, i64) -> !llvm.ptr<3>, f32"))
+    }
+
+    /// NVPTX: `base[idx]` of a `shared_f32` array.
+    pub fn load_shared(&mut self, base: &str, idx: &str) -> V {
+        let p = self.shared_ptr(base, idx);
+        self.def(format!("llvm.load {p} : !llvm.ptr<3> -> f32"))
+    }
+
+    /// NVPTX: `base[idx] = val` in a `shared_f32` array.
+    pub fn store_shared(&mut self, val: &str, base: &str, idx: &str) {
+        let p = self.shared_ptr(base, idx);
+        self.line(format!("llvm.store {val}, {p} : f32, !llvm.ptr<3>"));
+    }
+
+    /// NVPTX: a barrier over the thread block (`bar.sync 0`); every thread of
+    /// the block must reach it.
+    pub fn barrier(&mut self) {
+        self.line("nvvm.barrier0".into());
     }
 
     /// A stack buffer of `n` f32 for the duration of the call (CPU).
@@ -598,11 +635,15 @@ impl KernelBuilder {
             }
             Device::Nvptx => {
                 let params: Vec<String> = buffers.iter().map(|b| format!("{b}: !llvm.ptr {{llvm.noalias}}")).collect();
+                // `pos` lives in device memory (one i64 the runtime writes
+                // before each call), so a captured CUDA graph of a decode step
+                // replays at any position.
                 s.push_str(&format!(
-                    "  llvm.func @{name}({}, %seq_i64: i64, %pos_i64: i64) attributes {{nvvm.kernel}} {{\n",
+                    "  llvm.func @{name}({}, %seq_i64: i64, %pos_ptr: !llvm.ptr) attributes {{nvvm.kernel}} {{\n",
                     params.join(", ")
                 ));
                 s.push_str("    %seq = arith.index_cast %seq_i64 : i64 to index\n");
+                s.push_str("    %pos_i64 = llvm.load %pos_ptr {alignment = 8 : i64} : !llvm.ptr -> i64\n");
                 s.push_str("    %pos = arith.index_cast %pos_i64 : i64 to index\n");
             }
         }

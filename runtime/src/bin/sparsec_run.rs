@@ -91,6 +91,10 @@ struct Args {
     /// kernel synchronized and timed; reports milliseconds per decode token by kernel.
     #[arg(long)]
     profile: bool,
+    /// GPU: launch every kernel of a decode step instead of replaying the step
+    /// captured once as a CUDA graph (the default).
+    #[arg(long)]
+    no_graphs: bool,
 }
 
 fn summary(a: &ArrayD<f32>) -> serde_json::Value {
@@ -196,6 +200,7 @@ fn model_verbs(args: &Args, art: &Artifact) -> Result<()> {
     let device_name = exec.device_name();
     let cap = SessionCapacity { positions: args.positions, seq: args.session_seq };
     let mut session = exec.session(art, cap)?;
+    session.set_graphs(!args.no_graphs);
     let arena = match &session {
         sparsec_runtime::session::Session::Cuda(c) => c.arena_bytes(),
         sparsec_runtime::session::Session::Cpu(_) => 0,
@@ -281,7 +286,7 @@ fn model_verbs(args: &Args, art: &Artifact) -> Result<()> {
             }
         } else {
             let (ids, t) = bench_decode(&mut session, &prompt, args.max_new_tokens, args.repeat)?;
-            report["bench"] = serde_json::json!({ "timing": t, "prompt_ids": prompt, "ids": ids, "arena_bytes": arena, "prefill_tokens_per_s": t.prompt_tokens as f64 / t.prefill_s.max(1e-12),
+            report["bench"] = serde_json::json!({ "timing": t, "graphs": !args.no_graphs, "prompt_ids": prompt, "ids": ids, "arena_bytes": arena, "prefill_tokens_per_s": t.prompt_tokens as f64 / t.prefill_s.max(1e-12),
                 "decode_tokens_per_s": t.decode_tokens_per_s(), "decode_ms_per_token": 1e3 * t.decode_s / t.new_tokens.max(1) as f64 });
             if args.profile {
                 // The prompt unprofiled, then the decode steps profiled.

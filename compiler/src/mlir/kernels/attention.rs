@@ -13,10 +13,10 @@
 //! values) to a scratch buffer, and a second phase of units, one per
 //! (row, head), combines them. Otherwise on the CPU: one unit per
 //! (row, head), an online softmax accumulating into the output row. On
-//! NVIDIA: a warp per (row, head), its lanes splitting the keys, combined
-//! with warp shuffles.
+//! NVIDIA: a block of warps per (row, head), its lanes splitting the keys,
+//! combined with warp shuffles and then across the warps in shared memory.
 
-use super::{fixed_last, KernelCtx, KernelSpec, VW, WARP};
+use super::{fixed_last, KernelCtx, KernelSpec, GPU_ATTN_WARPS, VW, WARP};
 use crate::error::CompileError;
 use crate::mlir::builder::{Device, KernelBuilder, V};
 use crate::mlir::math;
@@ -107,11 +107,11 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
         return Err(spec.unsupported("heads must be a positive multiple of kv_heads"));
     }
     // f16 caches (`KvCacheType::F16`) are read as f16 views of byte
-    // buffers and widened to f32 as they load; block-quantized ones
-    // (`kv_quant.rs`) are dequantized a block of 32 at a time into the key
-    // tiles of the split variant.
+    // buffers (NVPTX: f16 pointers) and widened to f32 as they load;
+    // block-quantized ones (`kv_quant.rs`, CPU) are dequantized a block of 32
+    // at a time into the key tiles of the split variant.
     let kv = spec.operands[1].dtype;
-    if kv != DType::F32 && device != Device::Cpu {
+    if !matches!(kv, DType::F32 | DType::F16) && device != Device::Cpu {
         return Err(spec.unsupported(&format!("{} KV caches are read on the CPU only", kv.name())));
     }
     let hadamard = spec.hadamard_kv;
@@ -134,7 +134,10 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
         DType::F16 => {
             b.byte_param(&ins[1]);
             b.byte_param(&ins[2]);
-            (b.f16_view(&ins[1]), b.f16_view(&ins[2]))
+            match device {
+                Device::Cpu => (b.f16_view(&ins[1]), b.f16_view(&ins[2])),
+                Device::Nvptx => (b.f16_plane(&ins[1], 0, 0), b.f16_plane(&ins[2], 0, 0)),
+            }
         }
         _ => (ins[1].clone(), ins[2].clone()),
     };
@@ -205,6 +208,49 @@ impl Attn {
         } else {
             b.load(buf, i)
         }
+    }
+
+    /// NVPTX: a warp's partial softmax (max `m`, sum `l`, values `sums`) at
+    /// `base` of the block's shared array.
+    fn store_partial(b: &mut KernelBuilder, smem: &str, base: &str, m: &str, l: &str, sums: &[V]) {
+        b.store_shared(m, smem, base);
+        for (c, y) in std::iter::once(l).chain(sums.iter().map(|s| s.as_str())).enumerate() {
+            let o = b.index(1 + c as u64);
+            let at = b.addi(base, &o);
+            b.store_shared(y, smem, &at);
+        }
+    }
+
+    /// NVPTX: the `d` values of a cache row starting at element `base`, as
+    /// f32 scalars: 16-byte vector loads (8 f16 or 4 f32) where `d` is a
+    /// multiple of their width (rows then start 16-byte aligned), else one
+    /// load per value.
+    fn kv_row_nvptx(&self, b: &mut KernelBuilder, buf: &str, base: &str) -> Vec<V> {
+        let (elem, width) = if self.kv == DType::F16 { ("f16", 8u64) } else { ("f32", 4u64) };
+        if !self.d.is_multiple_of(width) {
+            return (0..self.d)
+                .map(|c| {
+                    let o = b.index(c);
+                    let i = b.addi(base, &o);
+                    self.kv_load(b, buf, &i)
+                })
+                .collect();
+        }
+        let mut out = Vec::with_capacity(self.d as usize);
+        for chunk in 0..self.d / width {
+            let o = b.index(chunk * width);
+            let i = b.addi(base, &o);
+            let i = b.def(format!("arith.index_cast {i} : index to i64"));
+            let p = b.def(format!("llvm.getelementptr inbounds {buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, {elem}"));
+            let raw = b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr -> vector<{width}x{elem}>"));
+            let v =
+                if self.kv == DType::F16 { b.def(format!("arith.extf {raw} : vector<{width}xf16> to vector<{width}xf32>")) } else { raw };
+            for l in 0..width as i32 {
+                let li = b.i32(l);
+                out.push(b.def(format!("llvm.extractelement {v}[{li} : i32] : vector<{width}xf32>")));
+            }
+        }
+        out
     }
 
     /// The keys the query at position `p` (row `row` of the call) sees from
@@ -667,12 +713,15 @@ impl Attn {
         Ok(())
     }
 
-    /// NVPTX: a warp per (row, head). Lane l takes visible keys l, l + 32, ...
-    /// with an online softmax of its own (the query and the weighted sum of
-    /// values in registers); then butterflies of `shfl.sync` take the warp's
-    /// max, rescale every lane's sums to it and add them, and lane 0 stores
-    /// the row. `work` counts lanes in whole warps, so every lane of a warp
-    /// that enters the bounds check takes part in the shuffles.
+    /// NVPTX: a block of `GPU_ATTN_WARPS` warps per (row, head), splitting the
+    /// keys (flash-decoding within a block). Lane l of warp s takes visible
+    /// keys 32s + l, 32s + l + 32·GPU_ATTN_WARPS, ... with an online softmax of its
+    /// own (the query and the weighted sum of values in registers); butterflies
+    /// of `shfl.sync` take the warp's max, rescale every lane's sums to it and
+    /// add them; lane 0 puts the warp's partial (max, sum, values) in shared
+    /// memory, and after a barrier warp 0 rescales the partials to their max,
+    /// adds them and stores the row. `work` counts whole blocks, so every
+    /// thread of a block enters the bounds check and reaches the barrier.
     fn emit_warp(&self, b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(), CompileError> {
         let KernelCtx { work, ins, out, .. } = *cx;
         let (h, kvh, d) = (self.h, self.kvh, self.d);
@@ -681,9 +730,13 @@ impl Attn {
         let ninf = b.f32(-1e30);
         let scale = b.f32(1.0 / (d as f32).sqrt());
         let pos = b.pos();
+        let (split, group, part) = (b.index(GPU_ATTN_WARPS), b.index(GPU_ATTN_WARPS * WARP), 2 + d);
+        let smem = b.shared_f32("attn_partials", GPU_ATTN_WARPS * part);
         b.parallel(work, |b, t| {
             let warp = b.index(WARP);
-            let e = b.divui(t, &warp);
+            let e = b.divui(t, &group);
+            let wid = b.divui(t, &warp);
+            let s = b.remui(&wid, &split);
             let lane = b.remui(t, &warp);
             let r = b.divui(&e, &hc);
             let head = b.remui(&e, &hc);
@@ -704,16 +757,16 @@ impl Attn {
                 .collect();
             let mut init: Vec<(V, String)> = vec![(ninf.clone(), "f32".into()), (zero.clone(), "f32".into())];
             init.extend((0..d).map(|_| (zero.clone(), "f32".to_string())));
-            let st = b.for_fold_typed(&lane, &vis.count, WARP, &init, |b, tk, acc| {
+            let sw = b.muli(&s, &warp);
+            let start = b.addi(&sw, &lane);
+            let st = b.for_fold_typed(&start, &vis.count, WARP * GPU_ATTN_WARPS, &init, |b, tk, acc| {
                 let j = self.key_row(b, &vis, tk);
                 let kb = b.muli(&j, &kvwc);
                 let kbase = b.addi(&kb, &khd);
                 let mut dot = zero.clone();
-                for (c, qc) in q.iter().enumerate() {
-                    let o = b.index(c as u64);
-                    let i = b.addi(&kbase, &o);
-                    let k = b.load(&self.kbuf, &i);
-                    dot = b.fma(qc, &k, &dot);
+                let ks = self.kv_row_nvptx(b, &self.kbuf, &kbase);
+                for (qc, k) in q.iter().zip(&ks) {
+                    dot = b.fma(qc, k, &dot);
                 }
                 let sv = b.mul(&dot, &scale);
                 let m_new = b.fbin("maxnumf", &acc[0], &sv);
@@ -722,38 +775,86 @@ impl Attn {
                 let ds = b.sub(&sv, &m_new);
                 let pr = math::exp(b, &ds);
                 let mut next = vec![m_new, b.fma(&acc[1], &corr, &pr)];
-                for c in 0..d as usize {
-                    let o = b.index(c as u64);
-                    let i = b.addi(&kbase, &o);
-                    let v = b.load(&self.vbuf, &i);
-                    let pv = b.mul(&pr, &v);
+                let vs = self.kv_row_nvptx(b, &self.vbuf, &kbase);
+                for (c, v) in vs.iter().enumerate() {
+                    let pv = b.mul(&pr, v);
                     next.push(b.fma(&acc[2 + c], &corr, &pv));
                 }
                 next
             });
             // A lane without keys has max -1e30 and sums 0: its weight is 0.
-            let m = b.warp_all(&st[0], "maxnumf");
-            let dm = b.sub(&st[0], &m);
-            let w = math::exp(b, &dm);
-            let lw = b.mul(&st[1], &w);
-            let l = b.warp_all(&lw, "addf");
-            let one = b.f32(1.0);
-            let inv = b.div(&one, &l);
-            let sums: Vec<V> = (0..d as usize)
-                .map(|c| {
-                    let a = b.mul(&st[2 + c], &w);
-                    let a = b.warp_all(&a, "addf");
-                    b.mul(&a, &inv)
-                })
-                .collect();
+            // A warp whose first key is past the visible ones (short rows of a
+            // prefill) skips the shuffles (the branch is uniform over the warp)
+            // and leaves an empty partial.
             let zero_i = b.index(0);
             let first = b.def(format!("arith.cmpi eq, {lane}, {zero_i} : index"));
-            b.if_then(&first, |b| {
-                for (c, y) in sums.iter().enumerate() {
-                    let o = b.index(c as u64);
-                    let i = b.addi(&qbase, &o);
-                    b.store(y, out, &i);
+            let partc = b.index(part);
+            let sbase = b.muli(&s, &partc);
+            let has_keys = b.def(format!("arith.cmpi ult, {sw}, {} : index", vis.count));
+            b.if_else(
+                &has_keys,
+                |b| {
+                    // The warp's partial: its max, its sum and its unnormalized values.
+                    let m = b.warp_all(&st[0], "maxnumf");
+                    let dm = b.sub(&st[0], &m);
+                    let w = math::exp(b, &dm);
+                    let lw = b.mul(&st[1], &w);
+                    let l = b.warp_all(&lw, "addf");
+                    let sums: Vec<V> = (0..d as usize)
+                        .map(|c| {
+                            let a = b.mul(&st[2 + c], &w);
+                            b.warp_all(&a, "addf")
+                        })
+                        .collect();
+                    b.if_then(&first, |b| Self::store_partial(b, &smem, &sbase, &m, &l, &sums));
+                },
+                |b| {
+                    let empty = vec![zero.clone(); d as usize];
+                    b.if_then(&first, |b| Self::store_partial(b, &smem, &sbase, &ninf, &zero, &empty));
+                },
+            );
+            // Every warp of the block is here (whole blocks of work).
+            b.barrier();
+            // Warp 0 combines the block's partials; lane l writes dims l, l + 32, ...
+            let warp0 = b.def(format!("arith.cmpi eq, {s}, {zero_i} : index"));
+            b.if_then(&warp0, |b| {
+                let ms: Vec<V> = (0..GPU_ATTN_WARPS)
+                    .map(|k| {
+                        let at = b.index(k * part);
+                        b.load_shared(&smem, &at)
+                    })
+                    .collect();
+                let mut mx = ms[0].clone();
+                for mk in &ms[1..] {
+                    mx = b.fbin("maxnumf", &mx, mk);
                 }
+                let mut total = b.f32(0.0);
+                let ws: Vec<V> = ms
+                    .iter()
+                    .enumerate()
+                    .map(|(k, mk)| {
+                        let dk = b.sub(mk, &mx);
+                        let wk = math::exp(b, &dk);
+                        let at = b.index(k as u64 * part + 1);
+                        let lk = b.load_shared(&smem, &at);
+                        total = b.fma(&lk, &wk, &total);
+                        wk
+                    })
+                    .collect();
+                let one = b.f32(1.0);
+                let inv = b.div(&one, &total);
+                b.for_step(&lane, &dc, WARP, |b, c| {
+                    let mut y = b.f32(0.0);
+                    for (k, wk) in ws.iter().enumerate() {
+                        let o = b.index(k as u64 * part + 2);
+                        let at = b.addi(&o, c);
+                        let a = b.load_shared(&smem, &at);
+                        y = b.fma(&a, wk, &y);
+                    }
+                    let y = b.mul(&y, &inv);
+                    let i = b.addi(&qbase, c);
+                    b.store(&y, out, &i);
+                });
             });
         });
         Ok(())

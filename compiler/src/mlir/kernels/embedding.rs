@@ -1,6 +1,7 @@
-//! The model's input kernels: `embedding` (rows of an f32 or block-quantized
+//! The model's input kernels: `embedding` (rows of an f32, f16/bf16 or block-quantized
 //! table picked by token ids) and `positions` (the positions of a call's rows).
 
+use super::half_planes::HalfPlane;
 use super::quant_planes::QuantPlanes;
 use super::KernelCtx;
 use crate::error::CompileError;
@@ -17,6 +18,7 @@ pub(super) fn emit_embedding(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Resul
     let last_row = b.index(rows - 1);
     let tq = spec.operands[0].dtype;
     let planes = tq.is_quantized().then(|| QuantPlanes::new(b, tq, &ins[0], rows * width));
+    let half = HalfPlane::new(b, tq, &ins[0], rows * width);
     b.parallel(work, |b, e| {
         let t = b.divui(e, &wc);
         let c = b.remui(e, &wc);
@@ -27,9 +29,10 @@ pub(super) fn emit_embedding(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Resul
         let id = b.def(format!("arith.minui {id}, {last_row} : index"));
         let base = b.muli(&id, &wc);
         let src = b.addi(&base, &c);
-        let v = match &planes {
-            Some(q) => q.load(b, &ins[0], &src),
-            None => b.load(&ins[0], &src),
+        let v = match (&planes, &half) {
+            (Some(q), _) => q.load(b, &ins[0], &src),
+            (None, Some(h)) => h.load(b, &src),
+            (None, None) => b.load(&ins[0], &src),
         };
         b.store(&v, out, e);
     });

@@ -4,6 +4,7 @@
 //! the row kernels for the rest (untransposed weights, widths the tiles do not
 //! take, NVPTX).
 
+use super::half_planes::{HalfPlane, HALF_VEC};
 use super::quant_planes::QuantPlanes;
 use super::tiled_matmul::emit_tiled_matmul;
 use super::{fixed_last, KernelCtx, VW};
@@ -47,12 +48,19 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
     let k = fixed_last(spec, &spec.operands[0])?;
     let wq = spec.operands[1].dtype;
     let planes = wq.is_quantized().then(|| QuantPlanes::new(b, wq, &ins[1], spec.operands[1].numel().coef));
+    let half = HalfPlane::new(b, wq, &ins[1], spec.operands[1].numel().coef);
     let n = fixed_last(spec, &spec.result)?;
     let (kc, nc) = (b.index(k), b.index(n));
     if device == Device::Nvptx && spec.warp_matmul() {
-        emit_warp_dot(b, work, &kc, &nc, ins, out, planes.as_ref());
+        let w = match (&planes, &half) {
+            (Some(q), _) => WarpWeight::Quant(q),
+            (None, Some(h)) => WarpWeight::Half(h),
+            (None, None) => WarpWeight::F32,
+        };
+        emit_warp_dot(b, work, &kc, &nc, ins, out, w);
         return Ok(());
     }
+    let dense_f32 = planes.is_none() && half.is_none();
     let zero_i = b.index(0);
     let zero = b.f32(0.0);
     let tb = transpose_b;
@@ -74,16 +82,17 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
                     b.addi(&t, j)
                 }
             };
-            let w = match &planes {
-                Some(q) => q.load(b, &w_buf, &bi),
-                None => b.load(&w_buf, &bi),
+            let w = match (&planes, &half) {
+                (Some(q), _) => q.load(b, &w_buf, &bi),
+                (None, Some(h)) => h.load(b, &bi),
+                (None, None) => b.load(&w_buf, &bi),
             };
             vec![b.fma(&a, &w, &acc[0])]
         });
         acc[0].clone()
     };
     match device {
-        Device::Cpu if !tb && n % VW as u64 == 0 => {
+        Device::Cpu if !tb && n % VW as u64 == 0 && dense_f32 => {
             // Register-blocked over output columns: `u` vectors of VW columns
             // accumulate across k; each step reads a contiguous slice of a B row.
             let nvec = n / VW as u64;
@@ -119,7 +128,7 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
                 });
             });
         }
-        Device::Cpu if tb && k % VW as u64 == 0 => {
+        Device::Cpu if tb && k % VW as u64 == 0 && dense_f32 => {
             // Both operands are contiguous along k: VW-lane partial sums, then a reduction.
             let rows = b.divui(work, &nc);
             b.parallel(&rows, |b, r| {
@@ -168,16 +177,27 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
 /// Lanes per output element of the NVPTX dense matmul: one warp.
 pub(super) const WARP: u64 = 32;
 
+/// The weight operand of the NVPTX warp matmul, as stored.
+#[derive(Clone, Copy)]
+enum WarpWeight<'a> {
+    F32,
+    Half(&'a HalfPlane),
+    Quant(&'a QuantPlanes),
+}
+
 /// NVPTX `out[r, j] = a[r, :] · w[j, :]`: a warp per output element. Dense
 /// f32 (`k` a multiple of 4): lane l reads the 16-byte vectors at 4l, 4l + 128,
 /// ... of both rows (a warp's loads are 512 contiguous bytes) and folds them
-/// with vector FMAs. Block-quantized weights (`planes`; `k` whole blocks of 32):
+/// with vector FMAs. f16/bf16 (`k` a multiple of 8): lane l reads 16 bytes of
+/// the weight row (8 values) at 8l, 8l + 256, ... and the 32 bytes of
+/// activations they meet, widens the weights in registers and accumulates in
+/// f32. Block-quantized weights (`planes`; `k` whole blocks of 32):
 /// lane l dequantizes elements l, l + 32, ... (a warp reads one block's bytes
 /// and its scale per step). A butterfly of 5 `shfl.sync` adds the warp's
 /// partial sums; lane 0 stores the result (with the fused epilogue). `work` is
 /// the element count times `WARP`, whole warps, so every lane of a warp that
 /// enters the bounds check takes part in the shuffles.
-fn emit_warp_dot(b: &mut KernelBuilder, work: &str, kc: &str, nc: &str, ins: &[V], out: &str, planes: Option<&QuantPlanes>) {
+fn emit_warp_dot(b: &mut KernelBuilder, work: &str, kc: &str, nc: &str, ins: &[V], out: &str, weight: WarpWeight<'_>) {
     let (a_buf, w_buf) = (ins[0].clone(), ins[1].clone());
     b.parallel(work, |b, t| {
         let warp = b.index(WARP);
@@ -187,8 +207,8 @@ fn emit_warp_dot(b: &mut KernelBuilder, work: &str, kc: &str, nc: &str, ins: &[V
         let j = b.remui(&e, nc);
         let arow = b.muli(&r, kc);
         let wrow = b.muli(&j, kc);
-        let mut sum = match planes {
-            Some(q) => {
+        let mut sum = match weight {
+            WarpWeight::Quant(q) => {
                 let zero = b.f32(0.0);
                 let acc = b.for_fold_typed(&lane, kc, WARP, &[(zero, "f32".into())], |b, kk, acc| {
                     let ai = b.addi(&arow, kk);
@@ -199,7 +219,14 @@ fn emit_warp_dot(b: &mut KernelBuilder, work: &str, kc: &str, nc: &str, ins: &[V
                 });
                 acc[0].clone()
             }
-            None => vector_partial(b, &a_buf, &w_buf, &arow, &wrow, &lane, kc),
+            WarpWeight::F32 => vector_partial(b, &a_buf, &arow, &lane, kc, 4, |b, kk| {
+                let i = b.addi(&wrow, kk);
+                f32_vload(b, &w_buf, &i, 4)
+            }),
+            WarpWeight::Half(h) => vector_partial(b, &a_buf, &arow, &lane, kc, HALF_VEC, |b, kk| {
+                let i = b.addi(&wrow, kk);
+                h.vload(b, &i)
+            }),
         };
         sum = b.warp_all(&sum, "addf");
         let zero = b.index(0);
@@ -208,25 +235,39 @@ fn emit_warp_dot(b: &mut KernelBuilder, work: &str, kc: &str, nc: &str, ins: &[V
     });
 }
 
-/// One lane's partial dot product of dense f32 rows over 16-byte vectors.
-fn vector_partial(b: &mut KernelBuilder, a_buf: &str, w_buf: &str, arow: &str, wrow: &str, lane: &str, kc: &str) -> V {
-    let four = b.index(4);
-    let start = b.muli(lane, &four);
-    let vty = KernelBuilder::vty(4);
-    let z = b.vzero(4);
-    let acc = b.for_fold_typed(&start, kc, 4 * WARP, &[(z, vty.clone())], |b, kk, acc| {
-        let load = |b: &mut KernelBuilder, buf: &str, row: &str| {
-            let i = b.addi(row, kk);
-            let i = b.def(format!("arith.index_cast {i} : index to i64"));
-            let p = b.def(format!("llvm.getelementptr inbounds {buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, f32"));
-            b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr -> {vty}"))
-        };
-        let av = load(b, a_buf, arow);
-        let wv = load(b, w_buf, wrow);
+/// NVPTX: `width` f32 values at `buf[i..]` in one aligned vector load (16-byte
+/// alignment; LLVM splits wider vectors into 16-byte loads).
+fn f32_vload(b: &mut KernelBuilder, buf: &str, i: &str, width: u32) -> V {
+    let vty = KernelBuilder::vty(width);
+    let i = b.def(format!("arith.index_cast {i} : index to i64"));
+    let p = b.def(format!("llvm.getelementptr inbounds {buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, f32"));
+    b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr -> {vty}"))
+}
+
+/// One lane's partial dot product over vectors of `width` elements: lane l
+/// takes the vectors at `width`·l, `width`·(l + 32), ... of the f32 activation
+/// row and of the weight row (`load_w(kk)`, widened to f32).
+fn vector_partial(
+    b: &mut KernelBuilder,
+    a_buf: &str,
+    arow: &str,
+    lane: &str,
+    kc: &str,
+    width: u32,
+    load_w: impl FnOnce(&mut KernelBuilder, &str) -> V,
+) -> V {
+    let w = b.index(width as u64);
+    let start = b.muli(lane, &w);
+    let vty = KernelBuilder::vty(width);
+    let z = b.vzero(width);
+    let acc = b.for_fold_typed(&start, kc, width as u64 * WARP, &[(z, vty.clone())], |b, kk, acc| {
+        let ai = b.addi(arow, kk);
+        let av = f32_vload(b, a_buf, &ai, width);
+        let wv = load_w(b, kk);
         vec![b.def(format!("math.fma {av}, {wv}, {} : {vty}", acc[0]))]
     });
     let mut sum = String::new();
-    for l in 0..4 {
+    for l in 0..width as i32 {
         let li = b.i32(l);
         let x = b.def(format!("llvm.extractelement {}[{li} : i32] : {vty}", acc[0]));
         sum = if l == 0 { x } else { b.add(&sum, &x) };

@@ -18,6 +18,7 @@ pub use attention::{cpu_ring, window_of, RING_SLACK};
 pub use nsa::{block_words, nsa_of, select_words};
 mod elementwise;
 mod embedding;
+mod half_planes;
 mod matmul;
 mod norm;
 mod quant_planes;
@@ -36,6 +37,11 @@ use crate::error::CompileError;
 use matmul::WARP;
 use sparsec_ir::{DType, Op, Pattern, SymSize, TensorType};
 use tiled_matmul::MM_ROWS;
+
+/// Warps per (query row, head) of the NVPTX attention: one block of the CUDA
+/// runtime's launches (`BLOCK` threads) splits the keys over its warps and
+/// combines their partial softmaxes in shared memory (flash-decoding within a block).
+pub(super) const GPU_ATTN_WARPS: u64 = sparsec_runtime::cuda::BLOCK as u64 / WARP;
 
 /// Lanes of the CPU vector kernels (AVX2: 8 × f32).
 const VW: u32 = 8;
@@ -114,8 +120,8 @@ impl KernelSpec {
             Op::Softmax => SymSize { coef: numel.coef / last(&self.result)?, ..numel },
             // A warp of lanes per row (`norm::emit_norm`).
             Op::LayerNorm { .. } | Op::RmsNorm { .. } => SymSize { coef: numel.coef / last(&self.result)? * WARP, ..numel },
-            // A warp of lanes per (query row, head) (`attention::emit_warp`).
-            Op::Attention { heads, .. } => SymSize { coef: *heads as u64 * WARP, seq_pow: 1 },
+            // A block of `GPU_ATTN_WARPS` warps per (query row, head) (`attention::emit_warp`).
+            Op::Attention { heads, .. } => SymSize { coef: *heads as u64 * WARP * GPU_ATTN_WARPS, seq_pow: 1 },
             // One unit per rotated pair.
             Op::Rope { .. } => SymSize { coef: numel.coef / 2, ..numel },
             // A warp of lanes per output element (`matmul::emit_warp_dot`).
@@ -136,6 +142,7 @@ impl KernelSpec {
             && self.sparse.as_ref().and_then(|c| c.storage).is_none()
             && self.operands.get(1).is_some_and(|w| match w.dtype {
                 DType::F32 => k % 4 == 0,
+                DType::F16 | DType::BF16 => k % half_planes::HALF_VEC as u64 == 0,
                 d => d.is_quantized() && k % sparsec_ir::quant::QK as u64 == 0,
             })
     }
@@ -158,7 +165,8 @@ impl KernelSpec {
             return None;
         };
         let quant = Some(self.operands[1].dtype).filter(|d| d.is_quantized());
-        if k % VW as u64 != 0 && quant.is_none() {
+        // 16-bit weights take the row kernels.
+        if (k % VW as u64 != 0 && quant.is_none()) || self.operands[1].dtype.is_half() {
             return None;
         }
         let numel = self.result.numel();
@@ -317,22 +325,29 @@ pub(super) struct KernelCtx<'a> {
 /// Writes the MLIR module of one kernel for `device`.
 pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileError> {
     // Buffers hold f32; i32 values (token ids, positions) travel as exact f32 integers.
-    // Quantized weights are packed bytes (shape inference allows them only as
-    // matmul weights and embedding tables); f16 only as attention's KV caches.
+    // Quantized and 16-bit weights are packed bytes (shape inference allows them
+    // only as matmul weights and embedding tables); f16 and block-quantized
+    // types also as KV caches.
+    let weight_operand = |i: usize| matches!((&spec.op, i), (Op::MatMul { transpose_b: true }, 1) | (Op::Embedding, 0));
     let supported = |i: usize, t: &TensorType| match t.dtype {
         DType::F32 | DType::I32 => true,
-        DType::F16 => spec.kv_cache_operand(i),
-        other => other.is_quantized(),
+        DType::F16 => spec.kv_cache_operand(i) || weight_operand(i),
+        DType::BF16 => weight_operand(i),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => true,
     };
     if let Some((_, t)) = spec.operands.iter().enumerate().chain([(usize::MAX, &spec.result)]).find(|&(i, t)| !supported(i, t)) {
-        return Err(spec.unsupported(&format!("element type {} (f32, i32 and q8_0/q4_0/q4_1 weights only for now)", t.dtype.name())));
+        return Err(spec.unsupported(&format!(
+            "element type {} (f32, i32; f16/bf16/q8_0/q4_0/q4_1 weights; f16 or q8_0/q4_0/q4_1 KV caches)",
+            t.dtype.name()
+        )));
     }
     let mut b = KernelBuilder::new(device);
     // The operands, then a scratch buffer where the kernel takes one.
     let scratch = usize::from(spec.scratch_words()?.is_some());
     let ins: Vec<V> = (0..spec.operands.len() + scratch).map(|i| format!("%in{i}")).collect();
     for (i, t) in spec.operands.iter().enumerate() {
-        if t.dtype.is_quantized() {
+        // f16 caches are declared by their kernels (they take f16 views).
+        if t.dtype.is_packed_weight() && !(spec.kv_cache_operand(i) && t.dtype == DType::F16) {
             b.byte_param(&ins[i]);
         }
     }

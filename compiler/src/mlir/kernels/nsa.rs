@@ -91,7 +91,10 @@ pub(super) fn emit_summary(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<
     let dt = spec.operands[0].dtype;
     let kbuf = if dt == sparsec_ir::DType::F16 {
         b.byte_param(&ins[0]);
-        b.f16_view(&ins[0])
+        match cx.device {
+            Device::Cpu => b.f16_view(&ins[0]),
+            Device::Nvptx => b.f16_plane(&ins[0], 0, 0),
+        }
     } else {
         ins[0].clone()
     };

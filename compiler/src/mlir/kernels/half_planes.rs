@@ -1,0 +1,64 @@
+//! Reading 16-bit float operands (f16 and bf16 weights, packed as 2-byte
+//! values): one element widened to f32, or on NVPTX 8 consecutive elements
+//! from one 16-byte load, widened to a `vector<8xf32>`.
+
+use crate::mlir::builder::{KernelBuilder, V};
+use sparsec_ir::DType;
+
+/// Elements one wide load reads: 16 bytes.
+pub(in crate::mlir) const HALF_VEC: u32 = 8;
+
+/// A byte buffer of `numel` f16 or bf16 values, viewed as i16 words.
+pub(in crate::mlir) struct HalfPlane {
+    bf16: bool,
+    words: V,
+}
+
+impl HalfPlane {
+    /// `None` unless `dt` is f16 or bf16.
+    pub(in crate::mlir) fn new(b: &mut KernelBuilder, dt: DType, buf: &str, numel: u64) -> Option<HalfPlane> {
+        let bf16 = match dt {
+            DType::F16 => false,
+            DType::BF16 => true,
+            DType::F32 | DType::I32 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => return None,
+        };
+        Some(HalfPlane { bf16, words: b.plane(buf, 0, numel, "i16") })
+    }
+
+    /// Element `flat`, as f32.
+    pub(in crate::mlir) fn load(&self, b: &mut KernelBuilder, flat: &str) -> V {
+        let raw = b.load_elem(&self.words, flat, "i16");
+        self.widen(b, &raw, None)
+    }
+
+    /// NVPTX: elements `flat .. flat + 8` as `vector<8xf32>`; `flat` must be a
+    /// multiple of 8 (the buffer's base is 16-byte aligned).
+    pub(in crate::mlir) fn vload(&self, b: &mut KernelBuilder, flat: &str) -> V {
+        let n = HALF_VEC;
+        let i = b.def(format!("arith.index_cast {flat} : index to i64"));
+        let p = b.def(format!("llvm.getelementptr inbounds {}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, i16", self.words));
+        let raw = b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr -> vector<{n}xi16>"));
+        self.widen(b, &raw, Some(n))
+    }
+
+    /// f16: reinterpret and extend; bf16: the word is the top half of an f32.
+    /// A scalar, or a vector of `width` lanes.
+    fn widen(&self, b: &mut KernelBuilder, raw: &str, width: Option<u32>) -> V {
+        let ty = |e: &str| match width {
+            Some(n) => format!("vector<{n}x{e}>"),
+            None => e.to_string(),
+        };
+        if self.bf16 {
+            let wide = b.def(format!("arith.extui {raw} : {} to {}", ty("i16"), ty("i32")));
+            let sixteen = match width {
+                Some(n) => b.vsplat_int(16, n, "i32"),
+                None => b.i32(16),
+            };
+            let bits = b.def(format!("arith.shli {wide}, {sixteen} : {}", ty("i32")));
+            b.def(format!("arith.bitcast {bits} : {} to {}", ty("i32"), ty("f32")))
+        } else {
+            let h = b.def(format!("arith.bitcast {raw} : {} to {}", ty("i16"), ty("f16")));
+            b.def(format!("arith.extf {h} : {} to {}", ty("f16"), ty("f32")))
+        }
+    }
+}
