@@ -331,8 +331,9 @@ struct NsaFile {
 }
 
 /// NSA's inference defaults: blocks of 64, the top 16, a 512-position window,
-/// 4 sinks, blocks ranked by their key bounds.
-pub const NSA_DEFAULT: NativeSparse = NativeSparse { block: 64, top_n: 16, window: 512, sinks: DEFAULT_SINKS, score: NsaScore::Bound };
+/// the first block always seen (NSA's initial block: `sinks` defaults to the
+/// block size), blocks ranked by their key bounds.
+pub const NSA_DEFAULT: NativeSparse = NativeSparse { block: 64, top_n: 16, window: 512, sinks: 64, score: NsaScore::Bound };
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -479,11 +480,12 @@ impl Plan {
                             NsaScore::from_name(w).ok_or_else(|| err(format!("nsa score = \"{w}\" (expected \"mean\" or \"bound\")")))?
                         }
                     };
+                    let block = f.block.unwrap_or(d.block);
                     let n = NativeSparse {
-                        block: f.block.unwrap_or(d.block),
+                        block,
                         top_n: f.top_n.unwrap_or(d.top_n),
                         window: f.window.unwrap_or(d.window),
-                        sinks: f.sinks.unwrap_or(d.sinks),
+                        sinks: f.sinks.unwrap_or(block),
                         score,
                     };
                     if n.block == 0 || n.top_n == 0 || n.window == 0 {
@@ -716,6 +718,8 @@ mod tests {
             nsa("nsa = { block = 32, top_n = 8, window = 256, sinks = 0, score = \"mean\" }").unwrap(),
             Some(NativeSparse { block: 32, top_n: 8, window: 256, sinks: 0, score: NsaScore::Mean })
         );
+        // The first block is always seen unless `sinks` says otherwise.
+        assert_eq!(nsa("nsa = { block = 32 }").unwrap().map(|n| n.sinks), Some(32));
         for (t, needle) in [
             ("nsa = {}, window = 64", "carries its own window"),
             ("nsa = { score = \"max\" }", "expected \"mean\" or \"bound\""),
