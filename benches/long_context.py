@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--schedules", default="half,quarter,nsa", help="presets compiled besides dense (windows, nsa)")
     ap.add_argument("--kv-caches", default="q8_0,q4_1", help="sparsec --kv-cache types besides f16 (and llama.cpp's q8_0)")
+    ap.add_argument("--perplexity-tokens", type=int, default=4096,
+                    help="also measure each sparsec run's perplexity on this many tokens of GPL-3 (0: no) and plot it against decode speed")
     a = ap.parse_args()
     lcc.ensure_llama_cpp()
     subprocess.check_call(["cargo", "build", "-q", "--release", "--bin", "sparsec"], cwd=ROOT)
@@ -97,11 +99,19 @@ def main():
                 results[k].append(f())
             for n, art in arts.items():
                 results[f"sparsec {n}"].append(sparsec_bench(art, a.threads, a.prompt_len, a.new_tokens))
+        ppl = {}
+        if a.perplexity_tokens > 0:
+            for n, art in arts.items():
+                out = subprocess.check_output([EXE, "eval", art, "--text", lcc.TEXT, "--max-tokens", str(a.perplexity_tokens),
+                                               "--threads", str(a.threads), "--json"], cwd=ROOT)
+                ppl[f"sparsec {n}"] = json.loads(out)["perplexity"]
     rows = []
     for k, rs in results.items():
         row = {"name": k}
         for key in rs[0]:
             row[key] = statistics.median(r[key] for r in rs)
+        if k in ppl:
+            row["perplexity"] = ppl[k]
         rows.append(row)
     token_bytes = weights + per_pos * a.prompt_len
     bound = bw / token_bytes
@@ -128,9 +138,44 @@ def main():
         md.append(f"| {r['name']} | {r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / best_llama:.2f}x | "
                   f"{100 * r['decode_tokens_per_s'] / bound:.0f}% | {r['prefill_tokens_per_s']:.1f} | "
                   f"{r['prefill_tokens_per_s'] / best_llama_prefill:.2f}x | {attn} | {peak} |")
+    if ppl:
+        md += ["", f"Perplexity on the first {a.perplexity_tokens} tokens of {os.path.basename(lcc.TEXT)} (sparsec eval, compiled): "
+               + ", ".join(f"{k[len('sparsec '):]} {v:.2f}" for k, v in ppl.items()) + "; plotted against decode tok/s in long_context.svg."]
+        with open(os.path.join(outdir, "long_context.svg"), "w") as f:
+            f.write(plot([(r["name"][len("sparsec "):], r["decode_tokens_per_s"], r["perplexity"]) for r in rows if "perplexity" in r],
+                         f"SmolLM2-135M Q4_1, {a.prompt_len}-token prompt, {a.threads} threads ({cpu})",
+                         f"perplexity, {a.perplexity_tokens} tokens"))
     with open(os.path.join(outdir, "long_context.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
+
+
+def plot(points, title, ylabel):
+    """An SVG scatter of (label, decode tok/s, perplexity) points."""
+    w, h, m = 720, 440, 70
+    xs = [p[1] for p in points]
+    ys = [p[2] for p in points]
+    x0, x1 = 0, max(xs) * 1.15
+    y0, y1 = min(ys) * 0.95, max(ys) * 1.05
+    sx = lambda x: m + (x - x0) / (x1 - x0) * (w - 2 * m)
+    sy = lambda y: h - m - (y - y0) / (y1 - y0) * (h - 2 * m)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{w / 2}" y="24" text-anchor="middle" font-size="14">{title}</text>',
+           f'<line x1="{m}" y1="{h - m}" x2="{w - m}" y2="{h - m}" stroke="black"/>',
+           f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h - m}" stroke="black"/>',
+           f'<text x="{w / 2}" y="{h - 20}" text-anchor="middle">decode tokens/s</text>',
+           f'<text x="18" y="{h / 2}" text-anchor="middle" transform="rotate(-90 18 {h / 2})">{ylabel}</text>']
+    for i in range(6):
+        xv = x0 + (x1 - x0) * i / 5
+        yv = y0 + (y1 - y0) * i / 5
+        out.append(f'<text x="{sx(xv)}" y="{h - m + 16}" text-anchor="middle">{xv:.0f}</text>')
+        out.append(f'<text x="{m - 6}" y="{sy(yv) + 4}" text-anchor="end">{yv:.1f}</text>')
+    for label, x, y in points:
+        out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="steelblue"/>')
+        out.append(f'<text x="{sx(x) + 6:.1f}" y="{sy(y) - 6:.1f}">{label}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ compiled model. A trial passes when the number appears in the first tokens
 generated. Writes benches/results/passkey.{json,md}.
 
     python3 benches/passkey.py [--lengths 1000,2000,4000] [--depths 0.1,0.5,0.9] [--keys 3] [--schedules half,quarter]
+                               [--no-dense] [--out passkey]
 """
 import argparse, json, os, random, subprocess, tempfile
 
@@ -40,6 +41,8 @@ def main():
     ap.add_argument("--keys", type=int, default=3)
     ap.add_argument("--schedules", default="half,quarter")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-dense", action="store_true", help="leave out the dense baseline")
+    ap.add_argument("--out", default="passkey", help="results name under benches/results (NAME.json, NAME.md)")
     a = ap.parse_args()
     rng = random.Random(7)
     keys = [rng.randrange(10000, 100000) for _ in range(a.keys)]
@@ -47,7 +50,7 @@ def main():
     depths = [float(x) for x in a.depths.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ["dense"] + [s for s in a.schedules.split(",") if s]:
+        for name in ([] if a.no_dense else ["dense"]) + [s for s in a.schedules.split(",") if s]:
             art = os.path.join(tmp, f"{name}.sparsec")
             extra = [] if name == "dense" else ["--preset", name]
             subprocess.check_call([EXE, "compile", "smollm2", "-o", art] + extra, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -62,7 +65,7 @@ def main():
     cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
     outdir = os.path.join(ROOT, "benches", "results")
     os.makedirs(outdir, exist_ok=True)
-    with open(os.path.join(outdir, "passkey.json"), "w") as f:
+    with open(os.path.join(outdir, f"{a.out}.json"), "w") as f:
         json.dump({"machine": cpu, "keys": keys, "rows": rows}, f, indent=2)
     models = list(dict.fromkeys(r["model"] for r in rows))
     md = [f"SmolLM2-135M Q4_1 through sparsec (compiled), greedy; passkeys found of {len(keys)} per cell; "
@@ -71,7 +74,7 @@ def main():
           "| --- |" + " --- |" * sum(r["model"] == models[0] for r in rows)]
     for m in models:
         md.append(f"| {m} | " + " | ".join(f"{r['found']}/{r['trials']}" for r in rows if r["model"] == m) + " |")
-    with open(os.path.join(outdir, "passkey.md"), "w") as f:
+    with open(os.path.join(outdir, f"{a.out}.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
 
