@@ -645,8 +645,8 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
                         None => format!("  kv cache: every position, {per} B each"),
                     };
                     // NSA keeps a row of key summaries per block besides.
-                    if let Some(nsa) = sparsec_compiler::mlir::kernels::nsa_of(&n.patterns) {
-                        let row = 4 * sparsec_compiler::mlir::kernels::block_words(w);
+                    if let Some(nsa) = sparsec_ir::NativeSparse::of(&n.patterns) {
+                        let row = 4 * sparsec_ir::NativeSparse::block_words(w);
                         line += &format!(" + block summaries: {row} B per {} positions", nsa.block);
                     }
                 }

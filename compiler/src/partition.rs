@@ -138,13 +138,10 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
         }
         // Native sparse attention reads its selection as operand 3 (`nsa.rs`).
         let nsa = match n.op {
-            Op::Attention { kv_heads, .. } => crate::mlir::kernels::nsa_of(&n.patterns).map(|nsa| (nsa, kv_heads as u64)),
+            Op::Attention { kv_heads, .. } => sparsec_ir::NativeSparse::of(&n.patterns).map(|nsa| (nsa, kv_heads as u64)),
             _ => None,
         };
-        let select_type = nsa.map(|(nsa, kvh)| TensorType {
-            dtype: DType::F32,
-            dims: vec![Dim::Seq, Dim::Fixed(crate::mlir::kernels::select_words(&nsa, kvh))],
-        });
+        let select_type = nsa.map(|(nsa, kvh)| TensorType { dtype: DType::F32, dims: vec![Dim::Seq, Dim::Fixed(nsa.select_words(kvh))] });
         spec.operands.extend(select_type.clone());
         let name = intern(&mut kernels, &mut by_signature, &mut spec, n.op.keyword());
         spec.name = name;
@@ -178,7 +175,8 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     Some(Dim::Fixed(w)) => *w,
                     _ => return Err(spec.unsupported("#nsa needs a fixed key width")),
                 };
-                let block_type = TensorType { dtype: DType::F32, dims: vec![Dim::Seq, Dim::Fixed(crate::mlir::kernels::block_words(kvw))] };
+                let block_type =
+                    TensorType { dtype: DType::F32, dims: vec![Dim::Seq, Dim::Fixed(sparsec_ir::NativeSparse::block_words(kvw))] };
                 buffers.push(BufferSpec {
                     name: format!("{}.nsa_blocks", n.name),
                     kind: BufferKind::BlockCache { block: nsa.block },

@@ -172,6 +172,34 @@ pub struct NativeSparse {
     pub score: NsaScore,
 }
 
+impl NativeSparse {
+    /// The `#nsa` pattern among an op's patterns, if it has one.
+    pub fn of(patterns: &[Pattern]) -> Option<NativeSparse> {
+        patterns.iter().find_map(|p| match p {
+            Pattern::Nsa(n) => Some(*n),
+            _ => None,
+        })
+    }
+
+    /// f32 words of one KV head's selection: the count selected, `top_n`
+    /// block indices and `top_n` importances.
+    pub fn select_words_per_head(&self) -> u64 {
+        2 * self.top_n as u64 + 1
+    }
+
+    /// f32 words of a selection row (one per query row): every KV head's.
+    pub fn select_words(&self, kv_heads: u64) -> u64 {
+        kv_heads * self.select_words_per_head()
+    }
+
+    /// f32 words of a block summary row: per KV head the mean, minimum and
+    /// maximum of the block's keys, a head width each, for `kv_width` = KV
+    /// heads × head width.
+    pub fn block_words(kv_width: u64) -> u64 {
+        3 * kv_width
+    }
+}
+
 /// How a query head scores a block of keys (scaled by 1/√d like a key's score).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NsaScore {

@@ -327,15 +327,11 @@ pub fn validate(
 }
 
 /// The f32 words per row of the `#nsa` selection buffer named `name`
-/// (`<attention value>.nsa_select`): per KV head a count, `top_n` block
-/// indices and `top_n` importances; `None` when no attention with `#nsa` has
-/// that name.
+/// (`<attention value>.nsa_select`, `NativeSparse::select_words`); `None`
+/// when no attention with `#nsa` has that name.
 fn nsa_selection(graph: &Graph, name: &str) -> Option<u64> {
     let value = name.strip_suffix(".nsa_select")?;
     let n = graph.nodes.iter().find(|n| n.name == value)?;
     let Op::Attention { kv_heads, .. } = n.op else { return None };
-    n.patterns.iter().find_map(|p| match p {
-        sparsec_ir::Pattern::Nsa(nsa) => Some(kv_heads as u64 * (2 * nsa.top_n as u64 + 1)),
-        _ => None,
-    })
+    sparsec_ir::NativeSparse::of(&n.patterns).map(|nsa| nsa.select_words(kv_heads as u64))
 }

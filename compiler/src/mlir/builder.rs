@@ -486,6 +486,37 @@ impl KernelBuilder {
         self.def(format!("arith.maxui {a}, {b} : index"))
     }
 
+    /// `a - b` for indices, or 0 where `b` exceeds `a`.
+    pub fn sub_or_zero(&mut self, a: &str, b: &str) -> V {
+        let zero = self.index(0);
+        let more = self.def(format!("arith.cmpi ugt, {a}, {b} : index"));
+        let d = self.def(format!("arith.subi {a}, {b} : index"));
+        self.def(format!("arith.select {more}, {d}, {zero} : index"))
+    }
+
+    /// An index as an exact f32 (below 2^24), for indices a kernel stores in
+    /// an f32 buffer.
+    pub fn index_to_f32(&mut self, x: &str) -> V {
+        let i = self.def(format!("arith.index_castui {x} : index to i64"));
+        self.def(format!("arith.uitofp {i} : i64 to f32"))
+    }
+
+    /// The index an f32 buffer holds as an exact non-negative integer (`index_to_f32`).
+    pub fn f32_to_index(&mut self, x: &str) -> V {
+        let i = self.def(format!("arith.fptoui {x} : f32 to i64"));
+        self.def(format!("arith.index_castui {i} : i64 to index"))
+    }
+
+    /// The byte-buffer parameter `param` (declared so) read as f16 values: a
+    /// `memref<?xf16>` view of it on the CPU, its pointer on NVIDIA.
+    pub fn f16_param(&mut self, param: &str) -> V {
+        self.byte_param(param);
+        match self.device {
+            Device::Cpu => self.f16_view(param),
+            Device::Nvptx => self.f16_plane(param, 0, 0),
+        }
+    }
+
     /// `if cond { then } else { els }` (no results).
     pub fn if_else(&mut self, cond: &str, then: impl FnOnce(&mut Self), els: impl FnOnce(&mut Self)) {
         self.line(format!("scf.if {cond} {{"));

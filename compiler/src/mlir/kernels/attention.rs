@@ -131,18 +131,11 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
         None
     };
     let (kbuf, vbuf) = match kv {
-        DType::F16 => {
-            b.byte_param(&ins[1]);
-            b.byte_param(&ins[2]);
-            match device {
-                Device::Cpu => (b.f16_view(&ins[1]), b.f16_view(&ins[2])),
-                Device::Nvptx => (b.f16_plane(&ins[1], 0, 0), b.f16_plane(&ins[2], 0, 0)),
-            }
-        }
+        DType::F16 => (b.f16_param(&ins[1]), b.f16_param(&ins[2])),
         _ => (ins[1].clone(), ins[2].clone()),
     };
     // Under `#nsa`, operand 3 is the selection (`nsa.rs`).
-    let nsa = match super::nsa_of(&spec.patterns) {
+    let nsa = match NativeSparse::of(&spec.patterns) {
         Some(n) => Some((n, ins.get(3).ok_or_else(|| spec.unsupported("#nsa attention takes the selection as operand 3"))?.clone())),
         None => None,
     };
@@ -266,9 +259,7 @@ impl Attn {
             (None, None) => return Visible { sinks: zero.clone(), from: zero, count: end, selected: None },
         };
         let size = b.index(size as u64);
-        let past = b.def(format!("arith.cmpi ugt, {end}, {size} : index"));
-        let st = b.def(format!("arith.subi {end}, {size} : index"));
-        let from = b.def(format!("arith.select {past}, {st}, {zero} : index"));
+        let from = b.sub_or_zero(&end, &size);
         // Sinks are the positions below both `sinks` and the window.
         let s = b.index(sinks as u64);
         let sinks = b.minui(&s, &from);
@@ -278,11 +269,10 @@ impl Attn {
             let kvhc = b.index(self.kvh);
             let a = b.muli(row, &kvhc);
             let a = b.addi(&a, kh);
-            let words = b.index(2 * n.top_n as u64 + 1);
+            let words = b.index(n.select_words_per_head());
             let o = b.muli(&a, &words);
             let taken = b.load(sel, &o);
-            let taken = b.def(format!("arith.fptoui {taken} : f32 to i64"));
-            let taken = b.def(format!("arith.index_castui {taken} : i64 to index"));
+            let taken = b.f32_to_index(&taken);
             let blk = b.index(n.block as u64);
             let keys = b.muli(&taken, &blk);
             let first = b.addi(&o, &one);
@@ -309,8 +299,7 @@ impl Attn {
             let k = b.minui(&k, &lastk);
             let at = b.addi(first, &k);
             let bi = b.load(sel, &at);
-            let bi = b.def(format!("arith.fptoui {bi} : f32 to i64"));
-            let bi = b.def(format!("arith.index_castui {bi} : i64 to index"));
+            let bi = b.f32_to_index(&bi);
             let off = b.remui(&u, &blk);
             let base = b.muli(&bi, &blk);
             let in_block = b.addi(&base, &off);

@@ -15,7 +15,6 @@ mod kv_quant;
 mod nsa;
 
 pub use attention::{cpu_ring, window_of, RING_SLACK};
-pub use nsa::{block_words, nsa_of, select_words};
 mod elementwise;
 mod embedding;
 mod half_planes;

@@ -6,7 +6,7 @@
 //! 1. `NsaSummary`, one unit per (row, KV head): the row that completes a block
 //!    of `block` positions writes that block's key summary (per channel: mean,
 //!    minimum, maximum) into the layer's block cache, a row per block
-//!    (`block_words` f32 per row: per KV head the mean, the minimum and the
+//!    (`NativeSparse::block_words` f32 per row: per KV head the mean, the minimum and the
 //!    maximum, `d` each). A block is summarized once, when it fills; decode
 //!    updates the cache incrementally, and a truncated session rewrites a
 //!    block when it fills again.
@@ -17,7 +17,7 @@
 //!    over the summaries (first each head's max and sum, then the importance
 //!    of each block) feed an insertion into a sorted list of the `top_n` best;
 //!    among equals the earlier block stays first. The row of the selection
-//!    (`select_words` f32 per row) holds per KV head the count selected, the
+//!    (`NativeSparse::select_words` f32 per row) holds per KV head the count selected, the
 //!    block indices, then their importance (as exact f32 integers and values).
 //! 3. The attention kernel (`attention.rs`) reads the selection: a query sees
 //!    its sinks, the selected blocks and its window under one softmax.
@@ -26,32 +26,12 @@ use super::{fixed_last, KernelCtx, KernelSpec, VW};
 use crate::error::CompileError;
 use crate::mlir::builder::{Device, KernelBuilder, V};
 use crate::mlir::math;
-use sparsec_ir::{NativeSparse, NsaScore, Op, Pattern, SymSize};
-
-/// The op's `#nsa` pattern, if it has one.
-pub fn nsa_of(spec_patterns: &[Pattern]) -> Option<NativeSparse> {
-    spec_patterns.iter().find_map(|p| match p {
-        Pattern::Nsa(n) => Some(*n),
-        _ => None,
-    })
-}
-
-/// f32 words of a selection row: per KV head, the count, `top_n` block indices
-/// and `top_n` importances.
-pub fn select_words(nsa: &NativeSparse, kv_heads: u64) -> u64 {
-    kv_heads * (2 * nsa.top_n as u64 + 1)
-}
-
-/// f32 words of a block cache row: per KV head, the mean, minimum and maximum
-/// of the block's keys, `head width` each, for `kv_width` = KV heads × head width.
-pub fn block_words(kv_width: u64) -> u64 {
-    3 * kv_width
-}
+use sparsec_ir::{NativeSparse, NsaScore, Op, SymSize};
 
 /// `(nsa, heads, kv_heads, head width)` of an `#nsa` step.
 fn dims(spec: &KernelSpec) -> Result<(NativeSparse, u64, u64, u64), CompileError> {
     let Op::Attention { heads, kv_heads } = spec.op else { return Err(spec.unsupported("an #nsa step of a non-attention op")) };
-    let nsa = nsa_of(&spec.patterns).ok_or_else(|| spec.unsupported("an #nsa step without #nsa"))?;
+    let nsa = NativeSparse::of(&spec.patterns).ok_or_else(|| spec.unsupported("an #nsa step without #nsa"))?;
     let (h, kvh) = (heads as u64, kv_heads as u64);
     if h == 0 || kvh == 0 || h % kvh != 0 {
         return Err(spec.unsupported("heads must be a positive multiple of kv_heads"));
@@ -87,17 +67,10 @@ pub(super) fn unit_cost(spec: &KernelSpec) -> u64 {
 pub(super) fn emit_summary(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(), CompileError> {
     let KernelCtx { spec, work, ins, out, .. } = *cx;
     let (nsa, _, kvh, d) = dims(spec)?;
-    let (kvhc, dc, kvwc, blockc, rowc) = (b.index(kvh), b.index(d), b.index(kvh * d), b.index(nsa.block as u64), b.index(3 * kvh * d));
+    let (kvhc, dc, kvwc, blockc, rowc) =
+        (b.index(kvh), b.index(d), b.index(kvh * d), b.index(nsa.block as u64), b.index(NativeSparse::block_words(kvh * d)));
     let dt = spec.operands[0].dtype;
-    let kbuf = if dt == sparsec_ir::DType::F16 {
-        b.byte_param(&ins[0]);
-        match cx.device {
-            Device::Cpu => b.f16_view(&ins[0]),
-            Device::Nvptx => b.f16_plane(&ins[0], 0, 0),
-        }
-    } else {
-        ins[0].clone()
-    };
+    let kbuf = if dt == sparsec_ir::DType::F16 { b.f16_param(&ins[0]) } else { ins[0].clone() };
     // Block-quantized caches (`kv_quant.rs`) are read a value at a time.
     let quant = if dt.is_quantized() {
         Some(
@@ -171,8 +144,14 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
     let n = nsa.top_n as u64;
     let vector = device == Device::Cpu && d % VW as u64 == 0;
     let nv = d / VW as u64;
-    let (kvhc, dc, blockc, rowc, qwc, selc) =
-        (b.index(kvh), b.index(d), b.index(nsa.block as u64), b.index(3 * kvh * d), b.index(h * d), b.index(2 * n + 1));
+    let (kvhc, dc, blockc, rowc, qwc, selc) = (
+        b.index(kvh),
+        b.index(d),
+        b.index(nsa.block as u64),
+        b.index(NativeSparse::block_words(kvh * d)),
+        b.index(h * d),
+        b.index(nsa.select_words_per_head()),
+    );
     let zero_i = b.index(0);
     let one_i = b.index(1);
     let nc_i = b.index(n);
@@ -192,13 +171,10 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
         let kh = b.remui(unit, &kvhc);
         let p = b.addi(&pos, &r);
         let end = b.addi(&p, &one_i);
-        let past = b.def(format!("arith.cmpi ugt, {end}, {window} : index"));
-        let st = b.def(format!("arith.subi {end}, {window} : index"));
-        let from = b.def(format!("arith.select {past}, {st}, {zero_i} : index"));
+        let from = b.sub_or_zero(&end, &window);
         let last = b.divui(&from, &blockc);
         let any = b.def(format!("arith.cmpi ugt, {last}, {first} : index"));
-        let span = b.def(format!("arith.subi {last}, {first} : index"));
-        let count = b.def(format!("arith.select {any}, {span}, {zero_i} : index"));
+        let count = b.sub_or_zero(&last, &first);
         let a = b.muli(&r, &kvhc);
         let a = b.addi(&a, &kh);
         let o = b.muli(&a, &selc);
@@ -212,7 +188,7 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
             b.store(&none, out, &i);
         });
         let taken = b.minui(&count, &nc_i);
-        let takenf = index_to_f32(b, &taken);
+        let takenf = b.index_to_f32(&taken);
         b.store(&takenf, out, &o);
         let khg = b.muli(&kh, &groupc);
         let qrow = b.muli(&r, &qwc);
@@ -337,7 +313,7 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
                 let worst_at = b.addi(&imp0, &lastn);
                 let worst = b.load(out, &worst_at);
                 let better = b.def(format!("arith.cmpf ogt, {imp}, {worst} : f32"));
-                let blkf = index_to_f32(b, blk);
+                let blkf = b.index_to_f32(blk);
                 b.if_then(&better, |b| {
                     // Slots n-1 down to 1: shift a slot's entry down while it
                     // is worse, else take the slot after it; slot 0 otherwise.
@@ -379,10 +355,4 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
         });
     });
     Ok(())
-}
-
-/// An index as an exact f32 (counts and block indices below 2^24).
-fn index_to_f32(b: &mut KernelBuilder, x: &str) -> V {
-    let i = b.def(format!("arith.index_castui {x} : index to i64"));
-    b.def(format!("arith.uitofp {i} : i64 to f32"))
 }
