@@ -113,9 +113,19 @@ pub fn dequantize(dt: DType, packed: &[u8], out: &mut [f32]) -> bool {
 /// Quantizes `values` as ggml's reference quantizers do, into packed planes.
 /// `None` when the count is not a whole number of blocks or `dt` is not quantized.
 pub fn quantize(dt: DType, values: &[f32]) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; planes(dt, values.len())?.total];
+    quantize_into(dt, values, &mut out)?;
+    Some(out)
+}
+
+/// `quantize` into `out`, which must hold exactly the packed bytes (a KV
+/// cache's row, packed where it lives); `None`, `out` untouched, otherwise.
+pub fn quantize_into(dt: DType, values: &[f32], out: &mut [u8]) -> Option<()> {
     let p = planes(dt, values.len())?;
+    if out.len() != p.total {
+        return None;
+    }
     let qb = quant_bytes(dt);
-    let mut out = vec![0u8; p.total];
     for (b, x) in values.chunks_exact(QK).enumerate() {
         let qs = &mut out[b * qb..(b + 1) * qb];
         let (d, m) = match dt {
@@ -158,7 +168,7 @@ pub fn quantize(dt: DType, values: &[f32]) -> Option<Vec<u8>> {
             out[p.m + 2 * b..p.m + 2 * b + 2].copy_from_slice(&f16::from_f32(m).to_le_bytes());
         }
     }
-    Some(out)
+    Some(())
 }
 
 /// `x` multiplied in place by the normalized Hadamard matrix of its length

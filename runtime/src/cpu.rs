@@ -580,11 +580,11 @@ impl CpuSession<'_> {
                                     }
                                     None => from,
                                 };
-                                let packed = sparsec_ir::quant::quantize(cb.dtype, from)
-                                    .filter(|p| p.len() == cb.bytes(1))
+                                // SAFETY: as above; the row holds `bytes(1)` bytes, and
+                                // nothing else refers to them during the append.
+                                let to = unsafe { std::slice::from_raw_parts_mut(at, cb.bytes(1)) };
+                                sparsec_ir::quant::quantize_into(cb.dtype, from, to)
                                     .ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: a row does not pack", cb.name)))?;
-                                // SAFETY: as above; the row holds `bytes(1)` bytes.
-                                unsafe { std::ptr::copy_nonoverlapping(packed.as_ptr(), at, packed.len()) };
                             }
                             other => return Err(RuntimeError::Cpu(format!("KV cache `{}` of type {}", cb.name, other.name()))),
                         }
