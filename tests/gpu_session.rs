@@ -101,6 +101,37 @@ fn cuda_session_equals_the_interpreter_and_the_cpu_through_chunked_prefill_and_d
     check_device(DeviceKind::Cuda);
 }
 
+/// Native sparse attention on every layer of the tiny Llama (blocks of 4, the
+/// top 2, a window of 8, 1 sink): a 20-token prompt in calls of 6 (chunks of 4
+/// inside the session) and 12 decode steps select blocks from summaries written
+/// by earlier calls; the session equals the interpreter, which ranks blocks
+/// from the keys themselves.
+fn check_nsa(device: DeviceKind) {
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = tmp.path().join("nsa.toml");
+    std::fs::write(&plan, "[[rule]]\nlayers = \"all\"\nattention = { nsa = { block = 4, top_n = 2, window = 8, sinks = 1 } }\n").unwrap();
+    let art = Artifact::open(&compile_fixture_args("llama_tiny", tmp.path(), &["--plan", plan.to_str().unwrap()])).unwrap();
+    let exec = Executor::load(&art, device).unwrap();
+    let cap = SessionCapacity { positions: 40, seq: 4 };
+    let ids = prompt(&art, 20);
+    let mut s = exec.session(&art, cap).unwrap();
+    let steps = compare_steps(&mut s, &mut Reference::Interpreter(&art), &ids, 6, 12, TOL).unwrap();
+    assert_all_pass(&format!("llama_tiny with nsa on {device:?} vs interpreter"), &steps, 4 + 12);
+}
+
+#[test]
+fn cpu_session_with_nsa_equals_the_interpreter() {
+    check_nsa(DeviceKind::Cpu);
+}
+
+#[test]
+fn cuda_session_with_nsa_equals_the_interpreter() {
+    if !common::require_gpu(sparsec_runtime::cuda::cuda_available()) {
+        return;
+    }
+    check_nsa(DeviceKind::Cuda);
+}
+
 /// 16-bit weights (`--weights-dtype f16|bf16`): every dense matmul weight and
 /// the embedding tables are stored in 16 bits; the session equals the
 /// interpreter on the same rounded weights to f32 rounding (`TOL`), and the
