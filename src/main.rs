@@ -646,7 +646,7 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
                     };
                     // NSA keeps a row of key summaries per block besides.
                     if let Some(nsa) = sparsec_ir::NativeSparse::of(&n.patterns) {
-                        let row = 4 * sparsec_ir::NativeSparse::block_words(w);
+                        let row = 4 * nsa.block_words(w);
                         line += &format!(" + block summaries: {row} B per {} positions", nsa.block);
                     }
                 }

@@ -18,10 +18,15 @@ use sparsec_runtime::manifest::{BufferKind, Step};
 
 /// A grouped attention (4 heads of width `d` over 2 KV heads) with `pattern`.
 fn graph(pattern: &str, d: usize) -> sparsec_ir::Graph {
+    gated_graph(pattern, d, "", "")
+}
+
+/// `graph` with more operands: their declarations and their names.
+fn gated_graph(pattern: &str, d: usize, decls: &str, operands: &str) -> sparsec_ir::Graph {
     let (qw, kw) = (4 * d, 2 * d);
     let src = format!(
-        "graph @nsa {{\n  %q = input : f32[seq, {qw}]\n  %k = input : f32[seq, {kw}]\n  %v = input : f32[seq, {kw}]\n  \
-         %y = attention %q, %k, %v {{heads = 4, kv_heads = 2}} {pattern}\n  return %y\n}}\n"
+        "graph @nsa {{\n  %q = input : f32[seq, {qw}]\n  %k = input : f32[seq, {kw}]\n  %v = input : f32[seq, {kw}]\n{decls}  \
+         %y = attention %q, %k, %v{operands} {{heads = 4, kv_heads = 2}} {pattern}\n  return %y\n}}\n"
     );
     parse_graph(&src).unwrap()
 }
@@ -29,9 +34,14 @@ fn graph(pattern: &str, d: usize) -> sparsec_ir::Graph {
 /// Runs `total` positions as calls of the given lengths (the rest one row at
 /// a time) and compares every row with the interpreter over the whole sequence.
 fn check(pattern: &str, d: usize, total: usize, calls: &[usize]) {
-    let g = graph(pattern, d);
+    check_graph(graph(pattern, d), pattern, d, total, calls, &[]);
+}
+
+/// `check` of any graph over q, k, v and `more` inputs.
+fn check_graph(g: sparsec_ir::Graph, pattern: &str, d: usize, total: usize, calls: &[usize], more: &[ArrayD<f32>]) {
     let (_tmp, art) = build(g.clone(), CompileOptions { target: TargetKind::All, kv_cache: KvCacheType::F32, ..Default::default() });
-    let inputs = [values(total, 4 * d, 1), values(total, 2 * d, 2), values(total, 2 * d, 3)];
+    let mut inputs = vec![values(total, 4 * d, 1), values(total, 2 * d, 2), values(total, 2 * d, 3)];
+    inputs.extend(more.iter().cloned());
     let want = interpret(&g, &inputs, &|_| None).unwrap().remove(0);
     let got = run_in_calls(&art, &inputs, calls, total);
     let c = compare(&got, &want, Tolerance { atol: 1e-4, rtol: 1e-4 });
@@ -52,6 +62,53 @@ fn check(pattern: &str, d: usize, total: usize, calls: &[usize]) {
     assert_eq!(kernels.len(), 3, "{kernels:?}");
     assert!(kernels[0].ends_with("_nsa_summary") && kernels[1].ends_with("_nsa_select"), "{kernels:?}");
     assert!(plan.buffers.iter().any(|b| matches!(b.kind, BufferKind::BlockCache { .. })));
+}
+
+#[test]
+fn gated_branches_with_fixed_weights_equal_the_interpreter() {
+    // Per head: compressed, selected and window weights (some negative, as a
+    // least-squares fit may give). Mean-pooled compressed keys and values.
+    for (pattern, d, total, calls) in [
+        ("#nsa(block = 16, top_n = 3, window = 32, sinks = 4, score = mean, gate = fixed)", 8, 700, &[600][..]),
+        // Decode rows of 4·16 + 200 keys split: each branch's partials combine apart.
+        ("#nsa(block = 16, top_n = 4, window = 200, sinks = 0, gate = fixed)", 8, 600, &[300, 37][..]),
+        // The scalar kernel (a head width of 6).
+        ("#nsa(block = 32, top_n = 2, window = 64, sinks = 32, gate = fixed)", 6, 400, &[5, 150][..]),
+    ] {
+        let g = gated_graph(pattern, d, "  %g = weight \"g\" init uniform(seed = 5, bound = 1.0) : f32[12]\n", ", %g");
+        check_graph(g, pattern, d, total, calls, &[]);
+    }
+}
+
+#[test]
+fn trained_gates_and_linear_compression_equal_the_interpreter() {
+    // Sigmoid gates from per-row logits (a graph input here; the plan computes
+    // them from the layer input) and a linear compression of K and V.
+    for (block, window, d, calls) in [(16u32, 48u32, 8usize, &[600][..]), (8, 40, 8, &[3, 100][..]), (16, 40, 6, &[3, 100][..])] {
+        let pattern = format!("#nsa(block = {block}, top_n = 3, window = {window}, sinks = 4, gate = sigmoid, compress = linear)");
+        let words = sparsec_ir::NsaCompress::linear_words(block as u64, d as u64);
+        let decls = format!("  %g = input : f32[seq, 12]\n  %c = weight \"c\" init normal(seed = 6, std = 0.2) : f32[4, {words}]\n");
+        let g = gated_graph(&pattern, d, &decls, ", %g, %c");
+        check_graph(g, &pattern, d, 650, calls, &[values(650, 12, 7)]);
+    }
+}
+
+#[test]
+fn gated_operands_that_do_not_fit_are_refused() {
+    for (pattern, decls, operands, why) in [
+        ("#nsa(block = 8, top_n = 2, window = 16, gate = fixed)", "", "", "takes 4 operands"),
+        ("#nsa(block = 8, top_n = 2, window = 16, gate = fixed)", "  %g = weight \"g\" init zeros : f32[11]\n", ", %g", "f32[12] gate"),
+        ("#nsa(block = 8, top_n = 2, window = 16, compress = linear)", "", "", "only a gated NSA"),
+        ("#nsa(block = 8, top_n = 2, window = 16, gate = loud)", "", "", "unknown gate"),
+    ] {
+        let (qw, kw) = (32, 16);
+        let src = format!(
+            "graph @nsa {{\n  %q = input : f32[seq, {qw}]\n  %k = input : f32[seq, {kw}]\n  %v = input : f32[seq, {kw}]\n{decls}  \
+             %y = attention %q, %k, %v{operands} {{heads = 4, kv_heads = 2}} {pattern}\n  return %y\n}}\n"
+        );
+        let e = parse_graph(&src).and_then(|g| sparsec_ir::verify(&g).map(|_| ())).unwrap_err().to_string();
+        assert!(e.contains(why), "{pattern}: {e}");
+    }
 }
 
 #[test]

@@ -142,10 +142,30 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             _ => None,
         };
         let select_type = nsa.map(|(nsa, kvh)| TensorType { dtype: DType::F32, dims: vec![Dim::Seq, Dim::Fixed(nsa.select_words(kvh))] });
+        // A linear compression (operand 4) feeds the summary step only.
+        let compress = match nsa {
+            Some((n, _)) if n.compress == sparsec_ir::NsaCompress::Linear => {
+                spec.operands.pop().map(|t| (t, buffer_of[operand_ids[operand_ids.len() - 1]]))
+            }
+            _ => None,
+        };
         spec.operands.extend(select_type.clone());
+        // A gated NSA's attention also reads the compressed keys and values
+        // of the block cache (last operand).
+        let gated_blocks = match nsa {
+            Some((n, kvh)) if n.gated() => {
+                let d = head_width as u64;
+                Some(TensorType { dtype: DType::F32, dims: vec![Dim::Seq, Dim::Fixed(n.block_words(kvh * d))] })
+            }
+            _ => None,
+        };
+        spec.operands.extend(gated_blocks);
         let name = intern(&mut kernels, &mut by_signature, &mut spec, n.op.keyword());
         spec.name = name;
         let mut args: Vec<usize> = operand_ids.iter().map(|&o| buffer_of[o]).collect();
+        if compress.is_some() {
+            args.pop();
+        }
         if let Op::Attention { .. } = n.op {
             // Attention reads every position so far: the new keys and values are
             // appended to this op's caches, and the kernel reads the caches.
@@ -175,8 +195,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     Some(Dim::Fixed(w)) => *w,
                     _ => return Err(spec.unsupported("#nsa needs a fixed key width")),
                 };
-                let block_type =
-                    TensorType { dtype: DType::F32, dims: vec![Dim::Seq, Dim::Fixed(sparsec_ir::NativeSparse::block_words(kvw))] };
+                let block_type = TensorType { dtype: DType::F32, dims: vec![Dim::Seq, Dim::Fixed(nsa.block_words(kvw))] };
                 buffers.push(BufferSpec {
                     name: format!("{}.nsa_blocks", n.name),
                     kind: BufferKind::BlockCache { block: nsa.block },
@@ -199,8 +218,20 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                 let select = buffers.len() - 1;
                 let k_type = spec.operands[1].clone();
                 let q_type = spec.operands[0].clone();
+                // The summary reads the K cache; gated, the V cache and the
+                // linear compression as well.
+                let (mut sum_operands, mut sum_args) = (vec![k_type.clone()], vec![args[1]]);
+                if nsa.gated() {
+                    sum_operands.push(spec.operands[2].clone());
+                    sum_args.push(args[2]);
+                }
+                if let Some((t, buf)) = &compress {
+                    sum_operands.push(t.clone());
+                    sum_args.push(*buf);
+                }
+                sum_args.push(blocks);
                 for (stage, operands, result, step_args) in [
-                    (Stage::NsaSummary, vec![k_type], block_type.clone(), vec![args[1], blocks]),
+                    (Stage::NsaSummary, sum_operands, block_type.clone(), sum_args),
                     (Stage::NsaSelect, vec![q_type, block_type], select_type.clone(), vec![args[0], blocks, select]),
                 ] {
                     let mut step_spec = KernelSpec { stage, operands, result, sparse: None, ..spec.clone() };
@@ -216,6 +247,9 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     }));
                 }
                 args.push(select);
+                if nsa.gated() {
+                    args.push(blocks);
+                }
             }
         }
         if let Some(words) = spec.scratch_words()? {

@@ -23,7 +23,10 @@ pub use error::{IrError, IrResult};
 pub use graph::{Graph, Loc, Node, ValueId};
 pub use op::{GeluApprox, Init, Op};
 pub use parser::parse_graph;
-pub use pattern::{KvAxis, KvCompression, LowRank, NativeSparse, NsaScore, Pattern, Sparsity, Specialize, SvdRank, ValueCoding, Window};
+pub use pattern::{
+    KvAxis, KvCompression, LowRank, NativeSparse, NsaCompress, NsaGate, NsaScore, Pattern, Sparsity, Specialize, SvdRank, ValueCoding,
+    Window,
+};
 pub use printer::print_graph;
 pub use types::{DType, Dim, SymSize, TensorType};
 pub use verifier::verify;

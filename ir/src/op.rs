@@ -63,7 +63,8 @@ pub enum Op {
     },
     /// Over the last axis.
     Softmax,
-    /// Causal multi-head attention; `q[seq, heads·d]`, `k, v[seq, kv_heads·d]`.
+    /// Causal multi-head attention; `q[seq, heads·d]`, `k, v[seq, kv_heads·d]`;
+    /// under a gated `#nsa`, also its gate and compression (`NativeSparse`).
     Attention {
         heads: u32,
         kv_heads: u32,
@@ -136,7 +137,10 @@ impl Op {
             Op::MatMul { .. } | Op::Add | Op::Mul | Op::RmsNorm { .. } | Op::Embedding => 2,
             Op::LayerNorm { .. } | Op::Attention { .. } => 3,
         };
-        Arity { min: n, max: n }
+        // A gated `#nsa` attention takes its gate and compression as well
+        // (the verifier checks the count against the pattern).
+        let max = if matches!(self, Op::Attention { .. }) { 5 } else { n };
+        Arity { min: n, max }
     }
 
     /// Leaves carry data or come from outside; they are not kernels.

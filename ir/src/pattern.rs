@@ -157,12 +157,26 @@ pub enum Window {
 /// Native sparse attention for inference (NSA's selected and sliding
 /// branches, no training): a query at position i sees its first `sinks`
 /// positions, the `top_n` most important complete blocks of `block` positions
-/// between the sinks and its window, and the `window` positions ending at i,
-/// under one softmax. Blocks are ranked per KV group: each head of the group
-/// scores every candidate block (`score`), the scores go through a softmax
-/// over the candidates per head, and the probabilities are summed over the
-/// group's heads (ties go to the earlier block). A candidate block lies whole
-/// at or after the sinks (`b·block ≥ sinks`) and before the window.
+/// between the sinks and its window, and the `window` positions ending at i.
+/// Blocks are ranked per KV group: each head of the group scores every
+/// candidate block (`score`), the scores go through a softmax over the
+/// candidates per head, and the probabilities are summed over the group's
+/// heads (ties go to the earlier block). A candidate block lies whole at or
+/// after the sinks (`b·block ≥ sinks`) and before the window.
+///
+/// `gate` says how the keys are mixed. `Joint`: one softmax over the sinks,
+/// the selected blocks and the window. Otherwise NSA's three branches, each
+/// its own softmax, mixed per head by gate weights `g` (operand 3 of the
+/// attention: `[3·heads]` constants under `Fixed`, `[seq, 3·heads]` logits
+/// through a sigmoid under `Sigmoid`; per head in the order compressed,
+/// selected, window):
+/// - compressed: over one compressed key and value per whole block at or
+///   before the query (block `b` when `(b+1)·block ≤ i+1`), `compress` saying
+///   how a block's keys and values become one;
+/// - selected: over the sinks and the selected blocks;
+/// - window: over the window.
+///
+/// A branch without keys contributes nothing.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct NativeSparse {
     pub block: u32,
@@ -170,6 +184,69 @@ pub struct NativeSparse {
     pub window: u32,
     pub sinks: u32,
     pub score: NsaScore,
+    pub gate: NsaGate,
+    pub compress: NsaCompress,
+}
+
+/// How NSA's branches are mixed (`NativeSparse`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NsaGate {
+    /// No branches: one softmax over sinks, selected blocks and window.
+    Joint,
+    /// Three branches, mixed by constant weights per head (operand 3,
+    /// `[3·heads]`): fitted on calibration text by least squares.
+    Fixed,
+    /// Three branches, mixed by `sigmoid(logits)` per row and head (operand 3,
+    /// `[seq, 3·heads]`, computed by the graph from trained gate weights).
+    Sigmoid,
+}
+
+impl NsaGate {
+    pub const ALL: [NsaGate; 3] = [NsaGate::Joint, NsaGate::Fixed, NsaGate::Sigmoid];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NsaGate::Joint => "joint",
+            NsaGate::Fixed => "fixed",
+            NsaGate::Sigmoid => "sigmoid",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        NsaGate::ALL.into_iter().find(|v| v.name() == s)
+    }
+}
+
+/// How a block's keys (and values) become its compressed key (and value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NsaCompress {
+    /// Their mean.
+    Mean,
+    /// A trained linear compression (operand 4 of the attention, `[2·kv_heads,
+    /// block + d + d·d]`: row `kh` for K and `kv_heads + kh` for V, each the
+    /// per-position weights `p[block]`, the bias `c[d]` and the map `W[d, d]`
+    /// row-major): `W·(Σ_j p_j·x_j) + c` over the block's rows `x_j`.
+    Linear,
+}
+
+impl NsaCompress {
+    pub const ALL: [NsaCompress; 2] = [NsaCompress::Mean, NsaCompress::Linear];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NsaCompress::Mean => "mean",
+            NsaCompress::Linear => "linear",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        NsaCompress::ALL.into_iter().find(|v| v.name() == s)
+    }
+
+    /// f32 words of a `Linear` compression row for one of K or V of one KV head.
+    pub fn linear_words(block: u64, d: u64) -> u64 {
+        block + d + d * d
+    }
 }
 
 impl NativeSparse {
@@ -179,6 +256,11 @@ impl NativeSparse {
             Pattern::Nsa(n) => Some(*n),
             _ => None,
         })
+    }
+
+    /// Whether the three branches are mixed by a gate (not `Joint`).
+    pub fn gated(&self) -> bool {
+        self.gate != NsaGate::Joint
     }
 
     /// f32 words of one KV head's selection: the count selected, `top_n`
@@ -192,11 +274,26 @@ impl NativeSparse {
         kv_heads * self.select_words_per_head()
     }
 
-    /// f32 words of a block summary row: per KV head the mean, minimum and
-    /// maximum of the block's keys, a head width each, for `kv_width` = KV
-    /// heads × head width.
-    pub fn block_words(kv_width: u64) -> u64 {
-        3 * kv_width
+    /// Head-width slabs of a KV head's part of a block summary row: the mean,
+    /// minimum and maximum of the block's keys, then, when gated, its
+    /// compressed key and compressed value.
+    pub fn block_slabs(&self) -> u64 {
+        if self.gated() {
+            5
+        } else {
+            3
+        }
+    }
+
+    /// f32 words of a block summary row, for `kv_width` = KV heads × head width.
+    pub fn block_words(&self, kv_width: u64) -> u64 {
+        self.block_slabs() * kv_width
+    }
+
+    /// The attention's operands beyond q, k and v: the gate (when gated), then
+    /// the compression weights (under `NsaCompress::Linear`).
+    pub fn extra_operands(&self) -> usize {
+        self.gated() as usize + (self.compress == NsaCompress::Linear) as usize
     }
 }
 
@@ -305,12 +402,21 @@ impl Pattern {
             Pattern::Window(Window::Sliding { size, sinks }) => {
                 a.word("sliding").kv("size", Int(*size as i128)).kv("sinks", Int(*sinks as i128))
             }
-            Pattern::Nsa(NativeSparse { block, top_n, window, sinks, score }) => a
-                .kv("block", Int(*block as i128))
-                .kv("top_n", Int(*top_n as i128))
-                .kv("window", Int(*window as i128))
-                .kv("sinks", Int(*sinks as i128))
-                .kv("score", Word(score.name().into())),
+            Pattern::Nsa(NativeSparse { block, top_n, window, sinks, score, gate, compress }) => {
+                let a = a
+                    .kv("block", Int(*block as i128))
+                    .kv("top_n", Int(*top_n as i128))
+                    .kv("window", Int(*window as i128))
+                    .kv("sinks", Int(*sinks as i128))
+                    .kv("score", Word(score.name().into()));
+                // The defaults are left out, so joint NSA reads as before.
+                let a = if *gate == NsaGate::Joint { a } else { a.kv("gate", Word(gate.name().into())) };
+                if *compress == NsaCompress::Mean {
+                    a
+                } else {
+                    a.kv("compress", Word(compress.name().into()))
+                }
+            }
         }
     }
 
@@ -384,7 +490,19 @@ impl Pattern {
                     None => NsaScore::Bound,
                     Some(w) => NsaScore::from_name(w).ok_or_else(|| format!("{what}: unknown score `{w}` (expected mean or bound)"))?,
                 };
-                Pattern::Nsa(NativeSparse { block, top_n, window, sinks, score })
+                let gate = match r.opt_word("gate")? {
+                    None => NsaGate::Joint,
+                    Some(w) => {
+                        NsaGate::from_name(w).ok_or_else(|| format!("{what}: unknown gate `{w}` (expected joint, fixed or sigmoid)"))?
+                    }
+                };
+                let compress = match r.opt_word("compress")? {
+                    None => NsaCompress::Mean,
+                    Some(w) => {
+                        NsaCompress::from_name(w).ok_or_else(|| format!("{what}: unknown compress `{w}` (expected mean or linear)"))?
+                    }
+                };
+                Pattern::Nsa(NativeSparse { block, top_n, window, sinks, score, gate, compress })
             }
             other => {
                 return Err(format!("unknown pattern `#{other}` (expected sparsity, specialize, values, low_rank, kv, window or nsa)"))

@@ -109,7 +109,7 @@ pub fn eval_op(op: &Op, patterns: &[Pattern], operands: &[&ArrayD<f32>]) -> Resu
             ArrayD::from_shape_vec(x.raw_dim(), out).map_err(|e| e.to_string())
         }
         Op::Attention { heads, kv_heads } => {
-            attention(*heads as usize, *kv_heads as usize, patterns, operands[0], operands[1], operands[2], 0)
+            attention(*heads as usize, *kv_heads as usize, patterns, operands[0], operands[1], operands[2], &operands[3..], 0)
         }
         Op::Embedding => {
             let (table, ids) = (operands[0], operands[1]);
@@ -158,7 +158,9 @@ pub fn rope(x: &ArrayD<f32>, heads: usize, theta: f32, adjacent: bool, offset: u
 
 /// Causal attention with an optional sliding window (plus sink tokens). The
 /// queries sit at positions `q_offset..q_offset + q.rows`; keys and values cover
-/// positions `0..k.rows` (a KV cache followed by the new rows).
+/// positions `0..k.rows` (a KV cache followed by the new rows). `extra` are
+/// the operands after q, k and v (a gated `#nsa`'s gate and compression).
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     heads: usize,
     kv_heads: usize,
@@ -166,6 +168,7 @@ pub fn attention(
     q: &ArrayD<f32>,
     k: &ArrayD<f32>,
     v: &ArrayD<f32>,
+    extra: &[&ArrayD<f32>],
     q_offset: usize,
 ) -> Result<ArrayD<f32>, String> {
     let mut window: Option<(usize, usize)> = None;
@@ -193,7 +196,8 @@ pub fn attention(
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f64).sqrt();
     if let Some(nsa) = nsa {
-        let out = nsa_attention(&nsa, (heads, kv_heads, d), &q, &k, &v, q_offset);
+        let extra: Vec<Vec<f32>> = extra.iter().map(|a| contiguous(a).into_owned()).collect();
+        let out = nsa_attention(&nsa, (heads, kv_heads, d), (&q[..], &k[..], &v[..]), &extra, q_offset)?;
         return ArrayD::from_shape_vec(IxDyn(&[s, qw]), out).map_err(|e| e.to_string());
     }
     let mut out = vec![0f32; s * qw];
@@ -239,10 +243,82 @@ pub fn attention(
     ArrayD::from_shape_vec(IxDyn(&[s, qw]), out).map_err(|e| e.to_string())
 }
 
-/// The positions a query at position `i` of KV head `kh` sees under native
-/// sparse attention (`NativeSparse`), in f64 from the keys themselves: its
-/// sinks, the selected blocks, its window.
-fn nsa_visible(nsa: &NativeSparse, (group, d, kvw): (usize, usize, usize), qrow: &[f32], k: &[f32], kh: usize, i: usize) -> Vec<usize> {
+/// Per KV head and whole block (`nb` of them), what native sparse attention
+/// keeps of the block, in f64: the keys' per-channel mean, minimum and
+/// maximum (for scoring), and, when gated, the block's compressed key and
+/// value (`NsaCompress`).
+struct NsaBlocks {
+    nb: usize,
+    /// `[kv_heads][nb][d]` each.
+    mean: Vec<f64>,
+    min: Vec<f64>,
+    max: Vec<f64>,
+    ck: Vec<f64>,
+    cv: Vec<f64>,
+}
+
+impl NsaBlocks {
+    fn new(nsa: &NativeSparse, (kv_heads, d): (usize, usize), k: &[f32], v: &[f32], compress: Option<&[f32]>) -> Self {
+        let kvw = kv_heads * d;
+        let block = nsa.block as usize;
+        let nb = k.len() / kvw.max(1) / block.max(1);
+        let n = kv_heads * nb * d;
+        let (mut mean, mut min, mut max) = (vec![0f64; n], vec![f64::INFINITY; n], vec![f64::NEG_INFINITY; n]);
+        let (mut ck, mut cv) = (vec![0f64; if nsa.gated() { n } else { 0 }], vec![0f64; if nsa.gated() { n } else { 0 }]);
+        let words = crate::pattern::NsaCompress::linear_words(block as u64, d as u64) as usize;
+        for kh in 0..kv_heads {
+            for b in 0..nb {
+                let at = (kh * nb + b) * d;
+                for c in 0..d {
+                    for j in b * block..(b + 1) * block {
+                        let x = k[j * kvw + kh * d + c] as f64;
+                        mean[at + c] += x / block as f64;
+                        min[at + c] = min[at + c].min(x);
+                        max[at + c] = max[at + c].max(x);
+                    }
+                }
+                if !nsa.gated() {
+                    continue;
+                }
+                for (src, dst, row) in [(k, &mut ck, kh), (v, &mut cv, kv_heads + kh)] {
+                    match compress {
+                        // Mean pooling.
+                        None => {
+                            for c in 0..d {
+                                dst[at + c] =
+                                    (b * block..(b + 1) * block).map(|j| src[j * kvw + kh * d + c] as f64).sum::<f64>() / block as f64;
+                            }
+                        }
+                        // W·(Σ_j p_j·x_j) + c.
+                        Some(w) => {
+                            let w = &w[row * words..(row + 1) * words];
+                            let pooled: Vec<f64> = (0..d)
+                                .map(|c| (0..block).map(|jj| w[jj] as f64 * src[(b * block + jj) * kvw + kh * d + c] as f64).sum())
+                                .collect();
+                            for o in 0..d {
+                                let m = &w[block + d + o * d..block + d + (o + 1) * d];
+                                dst[at + o] = w[block + o] as f64 + m.iter().zip(&pooled).map(|(&a, p)| a as f64 * p).sum::<f64>();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        NsaBlocks { nb, mean, min, max, ck, cv }
+    }
+}
+
+/// What a query at position `i` of KV head `kh` sees under native sparse
+/// attention (`NativeSparse`), ranking blocks from `blocks`: its sinks and the
+/// selected blocks (in that order), then its window.
+fn nsa_visible(
+    nsa: &NativeSparse,
+    (group, d): (usize, usize),
+    qrow: &[f32],
+    blocks: &NsaBlocks,
+    kh: usize,
+    i: usize,
+) -> (Vec<usize>, Vec<usize>) {
     let (block, window) = (nsa.block as usize, nsa.window as usize);
     let from = (i + 1).saturating_sub(window);
     let sinks = (nsa.sinks as usize).min(from);
@@ -258,18 +334,13 @@ fn nsa_visible(nsa: &NativeSparse, (group, d, kvw): (usize, usize, usize), qrow:
             let qh = &qrow[(kh * group + g) * d..(kh * group + g + 1) * d];
             let scores: Vec<f64> = (first..last)
                 .map(|b| {
-                    let key = |j: usize, c: usize| k[j * kvw + kh * d + c] as f64;
-                    let rows = b * block..(b + 1) * block;
+                    let at = (kh * blocks.nb + b) * d;
                     let s: f64 = (0..d)
                         .map(|c| {
                             let qc = qh[c] as f64;
                             match nsa.score {
-                                NsaScore::Mean => qc * rows.clone().map(|j| key(j, c)).sum::<f64>() / block as f64,
-                                NsaScore::Bound => {
-                                    let lo = rows.clone().map(|j| key(j, c)).fold(f64::INFINITY, f64::min);
-                                    let hi = rows.clone().map(|j| key(j, c)).fold(f64::NEG_INFINITY, f64::max);
-                                    (qc * lo).max(qc * hi)
-                                }
+                                NsaScore::Mean => qc * blocks.mean[at + c],
+                                NsaScore::Bound => (qc * blocks.min[at + c]).max(qc * blocks.max[at + c]),
                             }
                         })
                         .sum();
@@ -290,45 +361,135 @@ fn nsa_visible(nsa: &NativeSparse, (group, d, kvw): (usize, usize, usize), qrow:
             seen.extend(b * block..(b + 1) * block);
         }
     }
-    seen.extend(from..=i);
-    seen
+    (seen, (from..=i).collect())
 }
 
-/// `attention` under `#nsa` for queries `q` at positions `q_offset..` over
-/// keys and values `k`, `v` (rows of `kv_heads·d`): per query and KV group,
-/// the visible positions (`nsa_visible`), then one softmax over them per
-/// head, in f64. Returns the rows of `heads·d` outputs.
-fn nsa_attention(
+/// Softmax(q·kᵀ/√d)·v of one head over the keys `keys` yields (key row,
+/// value row) pairs, in f64; all zeros when there are none.
+fn softmax_rows<'a>(q: &[f32], keys: impl Iterator<Item = (&'a [f64], &'a [f64])> + Clone, d: usize) -> Vec<f64> {
+    let scale = 1.0 / (d as f64).sqrt();
+    let sc: Vec<f64> = keys.clone().map(|(k, _)| q.iter().zip(k).map(|(&a, b)| a as f64 * b).sum::<f64>() * scale).collect();
+    let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let p: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+    let z: f64 = p.iter().sum();
+    let mut y = vec![0f64; d];
+    for ((_, v), w) in keys.zip(&p) {
+        for (yc, vc) in y.iter_mut().zip(v) {
+            *yc += w * vc / z;
+        }
+    }
+    y
+}
+
+/// The three branch outputs of gated native sparse attention for query rows
+/// `rows` (of `q`, at positions `q_offset + r`): per row and head the
+/// compressed, selected and window branches' outputs, `d` each, in f64
+/// (`NativeSparse`). `compress` is the linear compression's data
+/// (`NsaCompress::Linear`), `None` for mean pooling. Used by the interpreter
+/// and by gate fitting.
+#[allow(clippy::too_many_arguments)]
+pub fn nsa_branches(
     nsa: &NativeSparse,
     (heads, kv_heads, d): (usize, usize, usize),
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    compress: Option<&[f32]>,
     q_offset: usize,
-) -> Vec<f32> {
-    let qw = heads * d;
-    let kvw = d * kv_heads;
-    let group = heads / kv_heads;
-    let s = q.len() / qw.max(1);
-    let scale = 1.0 / (d as f64).sqrt();
-    let mut out = vec![0f32; s * qw];
-    for r in 0..s {
+    rows: &[usize],
+) -> Vec<f64> {
+    let gated = NativeSparse { gate: crate::pattern::NsaGate::Fixed, ..*nsa };
+    let blocks = NsaBlocks::new(&gated, (kv_heads, d), k, v, compress);
+    let (qw, kvw, group, block) = (heads * d, kv_heads * d, heads / kv_heads, nsa.block as usize);
+    let k64: Vec<f64> = k.iter().map(|&x| x as f64).collect();
+    let v64: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+    let mut out = Vec::with_capacity(rows.len() * heads * 3 * d);
+    for &r in rows {
         let i = r + q_offset;
         let qrow = &q[r * qw..(r + 1) * qw];
         for kh in 0..kv_heads {
-            let seen = nsa_visible(nsa, (group, d, kvw), qrow, k, kh, i);
+            let (sel, win) = nsa_visible(nsa, (group, d), qrow, &blocks, kh, i);
+            let kv_of = |j: usize| (&k64[j * kvw + kh * d..j * kvw + (kh + 1) * d], &v64[j * kvw + kh * d..j * kvw + (kh + 1) * d]);
+            let visible_blocks = (i + 1) / block;
+            let cmp = (0..visible_blocks.min(blocks.nb)).map(|b| {
+                let at = (kh * blocks.nb + b) * d;
+                (&blocks.ck[at..at + d], &blocks.cv[at..at + d])
+            });
             for h in kh * group..(kh + 1) * group {
-                let dot = |j: usize| (0..d).map(|c| qrow[h * d + c] as f64 * k[j * kvw + kh * d + c] as f64).sum::<f64>() * scale;
-                let sc: Vec<f64> = seen.iter().map(|&j| dot(j)).collect();
-                let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let p: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
-                let z: f64 = p.iter().sum();
-                for c in 0..d {
-                    let y: f64 = seen.iter().zip(&p).map(|(&j, w)| w * v[j * kvw + kh * d + c] as f64).sum();
-                    out[r * qw + h * d + c] = (y / z) as f32;
-                }
+                let qh = &qrow[h * d..(h + 1) * d];
+                out.extend(softmax_rows(qh, cmp.clone(), d));
+                out.extend(softmax_rows(qh, sel.iter().map(|&j| kv_of(j)), d));
+                out.extend(softmax_rows(qh, win.iter().map(|&j| kv_of(j)), d));
             }
         }
     }
     out
+}
+
+/// `attention` under `#nsa` for queries `q` at positions `q_offset..` over
+/// keys and values `k`, `v` (rows of `kv_heads·d`), in f64. Joint: per query
+/// and KV group, the visible positions (`nsa_visible`), then one softmax
+/// over them per head. Gated: the three branches (`nsa_branches`) mixed by
+/// the gate `extra[0]` (weights, or logits through a sigmoid), with the linear
+/// compression `extra[1]` when given. Returns the rows of `heads·d` outputs.
+fn nsa_attention(
+    nsa: &NativeSparse,
+    (heads, kv_heads, d): (usize, usize, usize),
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    extra: &[Vec<f32>],
+    q_offset: usize,
+) -> Result<Vec<f32>, String> {
+    use crate::pattern::{NsaCompress, NsaGate};
+    let qw = heads * d;
+    let kvw = d * kv_heads;
+    let group = heads / kv_heads;
+    let s = q.len() / qw.max(1);
+    let mut out = vec![0f32; s * qw];
+    if nsa.extra_operands() != extra.len() {
+        return Err(format!(
+            "#nsa with gate = {} takes {} operands after q, k, v, got {}",
+            nsa.gate.name(),
+            nsa.extra_operands(),
+            extra.len()
+        ));
+    }
+    if nsa.gated() {
+        let gate = &extra[0];
+        let compress = (nsa.compress == NsaCompress::Linear).then(|| extra[1].as_slice());
+        let rows: Vec<usize> = (0..s).collect();
+        let ys = nsa_branches(nsa, (heads, kv_heads, d), q, k, v, compress, q_offset, &rows);
+        for r in 0..s {
+            for h in 0..heads {
+                for (br, y) in ys[(r * heads + h) * 3 * d..(r * heads + h + 1) * 3 * d].chunks(d).enumerate() {
+                    let g = match nsa.gate {
+                        NsaGate::Sigmoid => 1.0 / (1.0 + (-(gate[r * 3 * heads + h * 3 + br] as f64)).exp()),
+                        _ => gate[h * 3 + br] as f64,
+                    };
+                    for (c, yc) in y.iter().enumerate() {
+                        out[r * qw + h * d + c] += (g * yc) as f32;
+                    }
+                }
+            }
+        }
+        return Ok(out);
+    }
+    let blocks = NsaBlocks::new(nsa, (kv_heads, d), k, v, None);
+    let k64: Vec<f64> = k.iter().map(|&x| x as f64).collect();
+    let v64: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+    for r in 0..s {
+        let i = r + q_offset;
+        let qrow = &q[r * qw..(r + 1) * qw];
+        for kh in 0..kv_heads {
+            let (mut seen, win) = nsa_visible(nsa, (group, d), qrow, &blocks, kh, i);
+            seen.extend(win);
+            let kv_of = |j: usize| (&k64[j * kvw + kh * d..j * kvw + (kh + 1) * d], &v64[j * kvw + kh * d..j * kvw + (kh + 1) * d]);
+            for h in kh * group..(kh + 1) * group {
+                let y = softmax_rows(&qrow[h * d..(h + 1) * d], seen.iter().map(|&j| kv_of(j)), d);
+                for (c, yc) in y.iter().enumerate() {
+                    out[r * qw + h * d + c] = *yc as f32;
+                }
+            }
+        }
+    }
+    Ok(out)
 }

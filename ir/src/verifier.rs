@@ -4,7 +4,7 @@
 use crate::error::{IrError, IrResult};
 use crate::graph::{Graph, ValueId};
 use crate::op::Op;
-use crate::pattern::{KvCompression, LowRank, Pattern, PatternSite, Sparsity, SvdRank, Window};
+use crate::pattern::{KvCompression, LowRank, NativeSparse, NsaCompress, NsaGate, Pattern, PatternSite, Sparsity, SvdRank, Window};
 use crate::shape::infer_type;
 use crate::types::{Dim, TensorType};
 use std::collections::HashSet;
@@ -121,6 +121,12 @@ fn verify_patterns(g: &Graph, v: ValueId, types: &[TensorType]) -> Result<(), St
         if !families.insert(p.keyword()) {
             return Err(format!("pattern #{} is given twice", p.keyword()));
         }
+    }
+    if matches!(n.op, Op::Attention { .. }) && n.operands.len() > 3 && !families.contains("nsa") {
+        return Err(format!(
+            "attention takes 3 operands (q, k, v), got {}; only a gated #nsa takes a gate and a compression",
+            n.operands.len()
+        ));
     }
     if families.contains("nsa") && n.patterns.iter().any(|p| matches!(p, Pattern::Window(Window::Sliding { .. }))) {
         return Err("#nsa carries its own sliding window; remove #window(sliding, ...)".into());
@@ -239,7 +245,65 @@ fn verify_patterns(g: &Graph, v: ValueId, types: &[TensorType]) -> Result<(), St
                 positive("block", nsa.block)?;
                 positive("top_n", nsa.top_n)?;
                 positive("window", nsa.window)?;
+                verify_nsa_operands(g, v, nsa, types)?;
             }
+        }
+    }
+    Ok(())
+}
+
+/// The operands an `#nsa` attention takes beyond q, k and v
+/// (`NativeSparse::extra_operands`): the gate, `[3·heads]` (fixed) or
+/// `[seq, 3·heads]` (sigmoid logits), then the linear compression
+/// `[2·kv_heads, NsaCompress::linear_words]`, which only a gated NSA reads.
+fn verify_nsa_operands(g: &Graph, v: ValueId, nsa: &NativeSparse, types: &[TensorType]) -> Result<(), String> {
+    let n = g.node(v);
+    let Op::Attention { heads, kv_heads } = n.op else { return Err("#nsa needs an attention".into()) };
+    if nsa.compress == NsaCompress::Linear && !nsa.gated() {
+        return Err("#nsa compress = linear feeds the compressed branch, which only a gated NSA has (gate = fixed or sigmoid)".into());
+    }
+    let want = 3 + nsa.extra_operands();
+    if n.operands.len() != want {
+        return Err(format!(
+            "#nsa with gate = {} and compress = {} takes {want} operands (q, k, v{}{}), got {}",
+            nsa.gate.name(),
+            nsa.compress.name(),
+            if nsa.gated() { ", gate" } else { "" },
+            if nsa.compress == NsaCompress::Linear { ", compression" } else { "" },
+            n.operands.len()
+        ));
+    }
+    let (h, kvh) = (heads as u64, kv_heads as u64);
+    let d = match types[n.operands[0].0].dims.get(1) {
+        Some(Dim::Fixed(w)) => w / h.max(1),
+        _ => return Err("#nsa needs q of a fixed width".into()),
+    };
+    let mut i = 3;
+    if nsa.gated() {
+        let t = &types[n.operands[i].0];
+        let want = match nsa.gate {
+            NsaGate::Sigmoid => vec![Dim::Seq, Dim::Fixed(3 * h)],
+            _ => vec![Dim::Fixed(3 * h)],
+        };
+        if t.dtype != crate::types::DType::F32 || t.dims != want {
+            let shape = if nsa.gate == NsaGate::Sigmoid { format!("[seq, {}]", 3 * h) } else { format!("[{}]", 3 * h) };
+            return Err(format!("#nsa gate = {} takes an f32{shape} gate as operand 3, got {t}", nsa.gate.name()));
+        }
+        i += 1;
+    }
+    if nsa.compress == NsaCompress::Linear {
+        let t = &types[n.operands[i].0];
+        let want = vec![Dim::Fixed(2 * kvh), Dim::Fixed(NsaCompress::linear_words(nsa.block as u64, d))];
+        if t.dtype != crate::types::DType::F32
+            || t.dims != want
+            || !matches!(g.node(n.operands[i]).op, Op::Weight { .. } | Op::Constant { .. })
+        {
+            return Err(format!(
+                "#nsa compress = linear takes an f32[{}, {}] weight as operand {i} (per K and V of each KV head: {} position weights, {d} biases, a {d}x{d} map), got {t}",
+                2 * kvh,
+                NsaCompress::linear_words(nsa.block as u64, d),
+                nsa.block
+            ));
         }
     }
     Ok(())

@@ -10,10 +10,12 @@
 //! ratio gives (groups of consecutive selected layers per role share a basis);
 //! the `low-rank` pass lowers it.
 
-use crate::plan::{FactorPlan, FactorSize, Plan, Rule, WindowPlan};
+use crate::plan::{FactorPlan, FactorSize, NsaGatePlan, Plan, Rule, WindowPlan};
 use crate::Pass;
 use sparsec_ir::sparse_detect::{detect, Detected};
-use sparsec_ir::{DType, Dim, Graph, IrError, LowRank, Op, Pattern, Sparsity, ValueCoding, Window};
+use sparsec_ir::{
+    DType, Dim, Graph, IrError, LowRank, NativeSparse, Node, NsaCompress, Op, Pattern, Sparsity, TensorType, ValueCoding, ValueId, Window,
+};
 use std::collections::BTreeMap;
 
 pub struct ApplyPlan {
@@ -50,6 +52,88 @@ fn layer_of(g: &Graph, node: usize) -> Option<u64> {
         }
     }
     None
+}
+
+/// The names of a layer's NSA adapter weights in the model
+/// (`docs/nsa-adapters.md`): the gate `[3·heads, d_model]`, its bias
+/// `[3·heads]` and the packed compression `[2·kv_heads, block + d + d·d]`.
+pub fn nsa_adapter_names(layer: u64) -> [String; 3] {
+    [format!("layers.{layer}.nsa.gate"), format!("layers.{layer}.nsa.gate_bias"), format!("layers.{layer}.nsa.compress")]
+}
+
+/// The input the projections of attention `att` read (q's matmul's input,
+/// through RoPE and a bias), for a gate computed from it.
+fn attention_input(g: &Graph, att: usize) -> Option<ValueId> {
+    let mut v = g.nodes[att].operands[0];
+    for _ in 0..4 {
+        match g.node(v).op {
+            Op::Rope { .. } | Op::Add => v = g.node(v).operands[0],
+            Op::MatMul { .. } => return Some(g.node(v).operands[0]),
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Gives attention `att` (of `layer`) the operands its `#nsa` takes beyond q,
+/// k and v (`NativeSparse::extra_operands`), from the rule's gate plan:
+/// constant weights, or (adapters) `sigmoid` logits computed from the
+/// layer's attention input and the trained compression. `Fitted` leaves it
+/// with q, k and v until the fit's rules come (`run` checks that they did).
+/// Returns the attention's index after the insertions.
+fn set_nsa_operands(g: &mut Graph, name: &str, layer: u64, nsa: &NativeSparse, plan: &NsaGatePlan) -> Result<usize, String> {
+    let types = sparsec_ir::verify(g).map_err(|e| e.to_string())?;
+    let att = g.find(name).ok_or_else(|| format!("`%{name}` is gone"))?.0;
+    g.nodes[att].operands.truncate(3);
+    let Op::Attention { heads, kv_heads } = g.nodes[att].op else { return Err("nsa needs an attention".into()) };
+    let (h, kvh) = (heads as u64, kv_heads as u64);
+    match plan {
+        NsaGatePlan::Joint | NsaGatePlan::Fitted => {}
+        NsaGatePlan::Values(v) => {
+            if v.len() as u64 != 3 * h {
+                return Err(format!("nsa gate lists {} weights; `%{name}` has {h} heads, so it takes {}", v.len(), 3 * h));
+            }
+            let ty = TensorType::new(DType::F32, vec![Dim::Fixed(3 * h)]);
+            let c =
+                g.insert(att, Node::new(fresh_name(g, &format!("{name}.gate")), Op::Constant { values: v.clone() }, vec![]).with_type(ty));
+            g.nodes[att + 1].operands.push(c);
+            return Ok(att + 1);
+        }
+        NsaGatePlan::Adapters(_) => {
+            let x = attention_input(g, att).ok_or_else(|| format!("`%{name}`: adapters need q to be a projection of the layer input"))?;
+            let (dm, d) = match (types[x.0].dims.last(), types[g.nodes[att].operands[0].0].dims.last()) {
+                (Some(Dim::Fixed(dm)), Some(Dim::Fixed(qw))) => (*dm, qw / h.max(1)),
+                _ => return Err(format!("`%{name}`: adapters need fixed widths")),
+            };
+            let [gw, gb, cw] = nsa_adapter_names(layer);
+            let weight = |g: &Graph, role: &str, dims: Vec<u64>| {
+                let ty = TensorType::new(DType::F32, dims.into_iter().map(Dim::Fixed).collect());
+                Node::new(fresh_name(g, role), Op::Weight { name: role.to_string(), init: None }, vec![]).with_type(ty)
+            };
+            let mut at = att;
+            let mut put = |g: &mut Graph, n: Node| {
+                let v = g.insert(at, n);
+                at += 1;
+                v
+            };
+            let w = put(g, weight(g, &gw, vec![3 * h, dm]));
+            let bias = put(g, weight(g, &gb, vec![3 * h]));
+            let mm = put(g, Node::new(fresh_name(g, &format!("{name}.gate_mm")), Op::MatMul { transpose_b: true }, vec![x, w]));
+            let logits = put(g, Node::new(fresh_name(g, &format!("{name}.gate")), Op::Add, vec![mm, bias]));
+            let c = put(g, weight(g, &cw, vec![2 * kvh, NsaCompress::linear_words(nsa.block as u64, d)]));
+            g.nodes[at].operands.extend([logits, c]);
+            return Ok(at);
+        }
+    }
+    Ok(att)
+}
+
+/// `base`, or `base.N` for the first N that no value is named yet.
+fn fresh_name(g: &Graph, base: &str) -> String {
+    if g.find(base).is_none() {
+        return base.to_string();
+    }
+    (1..).map(|n| format!("{base}.{n}")).find(|c| g.find(c).is_none()).unwrap_or_default()
 }
 
 fn set_pattern(patterns: &mut Vec<Pattern>, p: Pattern) {
@@ -163,7 +247,10 @@ impl ApplyPlan {
             Ok(atts)
         };
         if let Some(nsa) = rule.nsa {
-            for (i, _) in attentions(g)? {
+            // By name: the gate's nodes go in before each attention.
+            let atts: Vec<(String, u64)> = attentions(g)?.into_iter().map(|(i, l)| (g.nodes[i].name.clone(), l)).collect();
+            for (name, layer) in atts {
+                let i = set_nsa_operands(g, &name, layer, &nsa, &rule.nsa_gate).map_err(|m| rule_err(rule, m))?;
                 // NSA replaces a window an earlier rule gave the layer.
                 g.nodes[i].patterns.retain(|p| !matches!(p, Pattern::Window(_)));
                 set_pattern(&mut g.nodes[i].patterns, Pattern::Nsa(nsa));
@@ -183,6 +270,8 @@ impl ApplyPlan {
                     }
                 };
                 g.nodes[*i].patterns.retain(|p| !matches!(p, Pattern::Nsa(_)));
+                // A window takes q, k and v only (an earlier NSA's gate goes).
+                g.nodes[*i].operands.truncate(3);
                 set_pattern(&mut g.nodes[*i].patterns, Pattern::Window(w));
             }
         }
@@ -296,6 +385,17 @@ impl Pass for ApplyPlan {
             .map_or(0, |l| l + 1);
         for rule in &self.plan.rules {
             self.apply_rule(g, rule, n_layers)?;
+        }
+        // `gate = "fitted"` leaves its layers to the rules the fit adds.
+        for n in &g.nodes {
+            if let Some(nsa) = NativeSparse::of(&n.patterns) {
+                if n.operands.len() != 3 + nsa.extra_operands() {
+                    return Err(IrError::Plan(format!(
+                        "`%{}`: nsa gate = \"fitted\" is fitted by `sparsec compile` or `eval` of a model checkpoint on the calibration text, which adds the weights it finds; give `gate = [...]` to apply a plan without a model",
+                        n.name
+                    )));
+                }
+            }
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ pub use const_fold::ConstFold;
 pub use dce::DeadCodeElimination;
 pub use low_rank::{factor_names, LowRankLowering};
 pub use manager::{PassManager, PrintOptions, Snapshot};
-pub use plan::{Calibration, FactorMethod, FactorPlan, FactorSize, Plan, PlanError, PruneMethod};
+pub use plan::{Calibration, FactorMethod, FactorPlan, FactorSize, NsaGatePlan, Plan, PlanError, PruneMethod};
 pub use shape_infer::ShapeInference;
 pub use verify::Verify;
 

@@ -4,7 +4,7 @@
 //! known keys); `apply-plan` checks the rest against the graph.
 
 use serde::Deserialize;
-use sparsec_ir::{NativeSparse, NsaScore, Sparsity, Specialize, ValueCoding};
+use sparsec_ir::{NativeSparse, NsaCompress, NsaGate, NsaScore, Sparsity, Specialize, ValueCoding};
 
 /// A parsed plan: its rules in order (later rules override earlier ones).
 #[derive(Clone, Debug, PartialEq)]
@@ -207,6 +207,8 @@ pub struct Rule {
     pub window: Option<WindowPlan>,
     /// `attention = { nsa = { ... } }`: native sparse attention on the selected layers.
     pub nsa: Option<NativeSparse>,
+    /// Where a gated `nsa`'s gate (and compression) come from.
+    pub nsa_gate: NsaGatePlan,
     /// `sparsity = { kind = "from-weights" }`: each selected weight keeps the
     /// zeros it has, as the pattern they form (`sparsity` is `None`);
     /// `resolve_from_weights` turns the rule into concrete ones, and
@@ -318,7 +320,34 @@ struct AttentionFile {
     nsa: Option<NsaFile>,
 }
 
-/// `attention = { nsa = { block, top_n, window, sinks, score } }`; every key
+/// Where the gate of a gated NSA comes from (`nsa = { gate = ..., adapters = ... }`).
+#[derive(Clone, Debug, PartialEq, Default)]
+pub enum NsaGatePlan {
+    /// `gate = "joint"` (the default): no gate, one softmax.
+    #[default]
+    Joint,
+    /// `gate = "fitted"`: constant weights per head, fitted by `sparsec
+    /// compile` on the calibration text (least squares against full
+    /// attention), which then gives each layer a rule with `Values`.
+    Fitted,
+    /// `gate = [w, ...]`: constant weights, 3 per head (compressed, selected,
+    /// window), of every selected layer.
+    Values(Vec<f32>),
+    /// `adapters = "FILE"`: trained gate and compression weights from a
+    /// safetensors file (the layout: `docs/nsa-adapters.md`), loaded into the
+    /// model as `layers.N.nsa.*` before the compile.
+    Adapters(std::path::PathBuf),
+}
+
+/// `gate = "joint" | "fitted"` or a list of weights.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum GateFile {
+    Word(String),
+    Values(Vec<f32>),
+}
+
+/// `attention = { nsa = { block, top_n, window, sinks, score, gate, adapters } }`; every key
 /// has a default (`NSA_DEFAULT`).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -328,12 +357,22 @@ struct NsaFile {
     window: Option<u32>,
     sinks: Option<u32>,
     score: Option<String>,
+    gate: Option<GateFile>,
+    adapters: Option<String>,
 }
 
 /// NSA's inference defaults: blocks of 64, the top 16, a 512-position window,
 /// the first block always seen (NSA's initial block: `sinks` defaults to the
 /// block size), blocks ranked by their key bounds.
-pub const NSA_DEFAULT: NativeSparse = NativeSparse { block: 64, top_n: 16, window: 512, sinks: 64, score: NsaScore::Bound };
+pub const NSA_DEFAULT: NativeSparse = NativeSparse {
+    block: 64,
+    top_n: 16,
+    window: 512,
+    sinks: 64,
+    score: NsaScore::Bound,
+    gate: NsaGate::Joint,
+    compress: NsaCompress::Mean,
+};
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -468,6 +507,7 @@ impl Plan {
             let mut not_yet = Vec::new();
             let mut window = None;
             let mut nsa = None;
+            let mut nsa_gate = NsaGatePlan::Joint;
             if let Some(a) = r.attention {
                 if let Some(f) = a.nsa {
                     if a.window.is_some() {
@@ -481,12 +521,35 @@ impl Plan {
                         }
                     };
                     let block = f.block.unwrap_or(d.block);
+                    nsa_gate = match (f.gate, f.adapters) {
+                        (Some(_), Some(_)) => return Err(err("nsa takes `gate` or `adapters` (whose gate is trained), not both".into())),
+                        (None, Some(a)) => NsaGatePlan::Adapters(a.into()),
+                        (None, None) => NsaGatePlan::Joint,
+                        (Some(GateFile::Word(w)), None) if w == "joint" => NsaGatePlan::Joint,
+                        (Some(GateFile::Word(w)), None) if w == "fitted" => NsaGatePlan::Fitted,
+                        (Some(GateFile::Word(w)), None) => {
+                            return Err(err(format!("nsa gate = \"{w}\" (expected \"joint\", \"fitted\" or a list of weights)")))
+                        }
+                        (Some(GateFile::Values(v)), None) => {
+                            if v.is_empty() || v.len() % 3 != 0 || v.iter().any(|x| !x.is_finite()) {
+                                return Err(err(format!("nsa gate lists {} weights; it takes 3 finite ones per head", v.len())));
+                            }
+                            NsaGatePlan::Values(v)
+                        }
+                    };
+                    let (gate, compress) = match nsa_gate {
+                        NsaGatePlan::Joint => (NsaGate::Joint, NsaCompress::Mean),
+                        NsaGatePlan::Fitted | NsaGatePlan::Values(_) => (NsaGate::Fixed, NsaCompress::Mean),
+                        NsaGatePlan::Adapters(_) => (NsaGate::Sigmoid, NsaCompress::Linear),
+                    };
                     let n = NativeSparse {
                         block,
                         top_n: f.top_n.unwrap_or(d.top_n),
                         window: f.window.unwrap_or(d.window),
                         sinks: f.sinks.unwrap_or(block),
                         score,
+                        gate,
+                        compress,
                     };
                     if n.block == 0 || n.top_n == 0 || n.window == 0 {
                         return Err(err(format!(
@@ -548,7 +611,21 @@ impl Plan {
             {
                 return Err(err("says nothing: give sparsity, specialize, attention, kv, low_rank or share".into()));
             }
-            rules.push(Rule { index, layers, targets, sparsity, method, values, specialize, window, nsa, factor, from_weights, not_yet });
+            rules.push(Rule {
+                index,
+                layers,
+                targets,
+                sparsity,
+                method,
+                values,
+                specialize,
+                window,
+                nsa,
+                nsa_gate,
+                factor,
+                from_weights,
+                not_yet,
+            });
         }
         let mut calibration = Calibration::default();
         if let Some(c) = file.calibration {
@@ -611,6 +688,11 @@ impl Plan {
     }
 
     /// Whether any rule prunes with a calibrated method.
+    /// Whether a rule's NSA gate is fitted on calibration text (`gate = "fitted"`).
+    pub fn fits_nsa_gates(&self) -> bool {
+        self.rules.iter().any(|r| r.nsa_gate == NsaGatePlan::Fitted)
+    }
+
     pub fn needs_calibration(&self) -> bool {
         self.rules.iter().any(|r| r.sparsity.is_some() && r.method.calibrated())
     }
@@ -716,7 +798,7 @@ mod tests {
         assert_eq!(nsa("nsa = {}").unwrap(), Some(NSA_DEFAULT));
         assert_eq!(
             nsa("nsa = { block = 32, top_n = 8, window = 256, sinks = 0, score = \"mean\" }").unwrap(),
-            Some(NativeSparse { block: 32, top_n: 8, window: 256, sinks: 0, score: NsaScore::Mean })
+            Some(NativeSparse { block: 32, top_n: 8, window: 256, sinks: 0, score: NsaScore::Mean, ..NSA_DEFAULT })
         );
         // The first block is always seen unless `sinks` says otherwise.
         assert_eq!(nsa("nsa = { block = 32 }").unwrap().map(|n| n.sinks), Some(32));

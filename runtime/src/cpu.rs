@@ -105,6 +105,12 @@ unsafe fn call(f: *const c_void, a: &[usize]) -> Result<(), String> {
             10 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U, U, U, U, U, U)>(f)(
                 a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9],
             ),
+            11 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U, U, U, U, U, U, U)>(f)(
+                a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10],
+            ),
+            12 => transmute::<*const c_void, extern "C" fn(U, U, U, U, U, U, U, U, U, U, U, U)>(f)(
+                a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11],
+            ),
             n => return Err(format!("no kernel calling convention for {n} arguments")),
         }
     }

@@ -192,7 +192,9 @@ impl<'a> Stepper<'a> {
                     }
                     None => (k_new.clone(), v_new.clone()),
                 };
-                let out = attention(*heads as usize, *kv_heads as usize, &n.patterns, q, &k_all, &v_all, state.pos).map_err(eval_err)?;
+                let extra = (3..n.operands.len()).map(get).collect::<Result<Vec<_>, _>>()?;
+                let out =
+                    attention(*heads as usize, *kv_heads as usize, &n.patterns, q, &k_all, &v_all, &extra, state.pos).map_err(eval_err)?;
                 state.caches.insert(i, (k_all, v_all));
                 out
             }

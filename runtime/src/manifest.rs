@@ -17,7 +17,7 @@ pub const CUDA_DIR: &str = "cuda";
 
 /// Buffer arguments a kernel may take (the CPU calling convention adds four
 /// integers; `cpu::call` has one signature per count).
-pub const MAX_KERNEL_BUFFERS: usize = 6;
+pub const MAX_KERNEL_BUFFERS: usize = 8;
 
 /// The CPU library holds, per kernel `k`, a constant `sparsec_abi_<k>`: the
 /// kernel's ABI record (`abi_record`), written by the compiler from the

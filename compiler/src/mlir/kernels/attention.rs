@@ -15,6 +15,12 @@
 //! (row, head), an online softmax accumulating into the output row. On
 //! NVIDIA: a block of warps per (row, head), its lanes splitting the keys,
 //! combined with warp shuffles and then across the warps in shared memory.
+//!
+//! Gated native sparse attention (`NsaGate::Fixed`, `Sigmoid`) runs each
+//! branch with its own softmax and adds its share (gate weight / its sum):
+//! the CPU split variant keeps a partial per branch (selected, window) and
+//! adds the compressed branch (the block cache's compressed keys, `nsa.rs`)
+//! where it writes the row; the other variants run the three in turn.
 
 use super::{fixed_last, KernelCtx, KernelSpec, GPU_ATTN_WARPS, VW, WARP};
 use crate::error::CompileError;
@@ -83,8 +89,28 @@ pub fn cpu_phases(spec: &KernelSpec) -> Result<(SymSize, SymSize), CompileError>
 /// group) a max, a sum and a head-width row of weighted values (decode rows only).
 pub fn scratch_words(spec: &KernelSpec) -> Result<u64, CompileError> {
     let (h, kvh, d) = dims(spec)?;
-    Ok(kvh * ATTN_SPLITS * (h / kvh.max(1)) * (d + 2))
+    // A gated NSA keeps one per branch it reads from the caches.
+    let branches = if NativeSparse::of(&spec.patterns).is_some_and(|n| n.gated()) { 2 } else { 1 };
+    Ok(branches * kvh * ATTN_SPLITS * (h / kvh.max(1)) * (d + 2))
 }
+
+/// One key of an online softmax with running max `m` and sum `l`, its score
+/// `s`: the new max and sum, the factor rescaling what was summed before,
+/// and the key's weight.
+fn online_step(b: &mut KernelBuilder, m: &str, l: &str, s: &str) -> (V, V, V, V) {
+    let m_new = b.fbin("maxnumf", m, s);
+    let dm = b.sub(m, &m_new);
+    let corr = math::exp(b, &dm);
+    let ds = b.sub(s, &m_new);
+    let pr = math::exp(b, &ds);
+    let l_new = b.fma(l, &corr, &pr);
+    (m_new, l_new, corr, pr)
+}
+
+/// A gated NSA's branches, as they index the gate (`NativeSparse`).
+const BR_COMPRESSED: u64 = 0;
+const BR_SELECTED: u64 = 1;
+const BR_WINDOW: u64 = 2;
 
 /// What a query row sees: keys are numbered `t in 0..count`, the first
 /// `sinks` of them at positions `0..sinks`, the rest at `from + (t - sinks)`;
@@ -96,6 +122,9 @@ struct Visible {
     /// `#nsa`: where the row's selected block indices start in the selection
     /// buffer, and how many keys the selected blocks hold.
     selected: Option<(V, V)>,
+    /// Gated `#nsa`: keys `0..branch` (sinks and selected blocks) are the
+    /// selected branch, the rest the window branch.
+    branch: Option<V>,
 }
 
 /// `out[r, head]` = softmax(q·kᵀ/√d)·v over the keys row r sees.
@@ -134,13 +163,29 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
         DType::F16 => (b.f16_param(&ins[1]), b.f16_param(&ins[2])),
         _ => (ins[1].clone(), ins[2].clone()),
     };
-    // Under `#nsa`, operand 3 is the selection (`nsa.rs`).
-    let nsa = match NativeSparse::of(&spec.patterns) {
-        Some(n) => Some((n, ins.get(3).ok_or_else(|| spec.unsupported("#nsa attention takes the selection as operand 3"))?.clone())),
-        None => None,
+    // Under `#nsa` the selection (`nsa.rs`) follows q, k and v; gated, the
+    // gate comes before it and the block cache after it.
+    let operand = |i: usize| ins.get(i).cloned().ok_or_else(|| spec.unsupported("#nsa attention lacks its gate, selection or blocks"));
+    let (nsa, gate, blocks) = match NativeSparse::of(&spec.patterns) {
+        Some(n) if n.gated() => (Some((n, operand(4)?)), Some((n.gate, operand(3)?)), Some(operand(5)?)),
+        Some(n) => (Some((n, operand(3)?)), None, None),
+        None => (None, None, None),
     };
-    let ctx =
-        Attn { h, kvh, d, window, ring: if device == Device::Cpu { cpu_ring(window) } else { None }, kv, quant, hadamard, kbuf, vbuf, nsa };
+    let ctx = Attn {
+        h,
+        kvh,
+        d,
+        window,
+        ring: if device == Device::Cpu { cpu_ring(window) } else { None },
+        kv,
+        quant,
+        hadamard,
+        kbuf,
+        vbuf,
+        nsa,
+        gate,
+        blocks,
+    };
     match device {
         Device::Cpu if cpu_split(spec) => ctx.emit_split(b, cx),
         Device::Cpu => ctx.emit_online(b, cx),
@@ -164,9 +209,123 @@ struct Attn {
     vbuf: V,
     /// `#nsa` and its selection buffer.
     nsa: Option<(NativeSparse, V)>,
+    /// Gated `#nsa`: how the gate reads, and its buffer.
+    gate: Option<(sparsec_ir::NsaGate, V)>,
+    /// Gated `#nsa`: the block cache (compressed keys and values).
+    blocks: Option<V>,
 }
 
 impl Attn {
+    /// The gate's weight of `branch` for `head` at row `row` of the call.
+    fn gate_weight(&self, b: &mut KernelBuilder, row: &str, head: &str, branch: u64) -> V {
+        let Some((kind, buf)) = &self.gate else { return b.f32(1.0) };
+        let three = b.index(3);
+        let hb = b.muli(head, &three);
+        let o = b.index(branch);
+        let hb = b.addi(&hb, &o);
+        match kind {
+            sparsec_ir::NsaGate::Sigmoid => {
+                let w = b.index(3 * self.h);
+                let at = b.muli(row, &w);
+                let at = b.addi(&at, &hb);
+                let x = b.load(buf, &at);
+                math::sigmoid(b, &x)
+            }
+            _ => b.load(buf, &hb),
+        }
+    }
+
+    /// `w / l`, or 0 where the branch saw no keys (`l` = 0).
+    fn branch_factor(b: &mut KernelBuilder, w: &str, l: &str) -> V {
+        let zero = b.f32(0.0);
+        let some = b.def(format!("arith.cmpf ogt, {l}, {zero} : f32"));
+        let f = b.div(w, l);
+        b.def(format!("arith.select {some}, {f}, {zero} : f32"))
+    }
+
+    /// Where KV head `kh`'s compressed key of block `j` starts in the block
+    /// cache (its compressed value follows `d` later).
+    fn compressed_base(&self, b: &mut KernelBuilder, kh: &str, j: &str) -> V {
+        let (n, _) = self.nsa.as_ref().map_or((0, 0), |(n, _)| (n.block_words(self.kvh * self.d), n.block_slabs()));
+        let rowc = b.index(n);
+        let slabs = self.nsa.as_ref().map_or(0, |(n, _)| n.block_slabs());
+        let segc = b.index(slabs * self.d);
+        let seg = b.muli(kh, &segc);
+        let rb = b.muli(j, &rowc);
+        let three = b.index(3 * self.d);
+        let at = b.addi(&rb, &seg);
+        b.addi(&at, &three)
+    }
+
+    /// The blocks whole at or before position `p`: the compressed branch's keys.
+    fn compressed_count(&self, b: &mut KernelBuilder, p: &str) -> V {
+        let block = self.nsa.as_ref().map_or(1, |(n, _)| n.block as u64);
+        let one = b.index(1);
+        let end = b.addi(p, &one);
+        let bc = b.index(block);
+        b.divui(&end, &bc)
+    }
+
+    /// CPU, vectors of `VW`: adds the compressed branch of `head` (query at
+    /// `qbase` of `q`, position `p`, row `row`) times its gate weight to the
+    /// output row at `qbase`: an online softmax over the blocks' compressed
+    /// keys, in f32 from the block cache.
+    #[allow(clippy::too_many_arguments)]
+    fn add_compressed_vec(&self, b: &mut KernelBuilder, p: &str, kh: &str, row: &str, head: &str, qbase: &str, q: &str, out: &str) {
+        let Some(blocks) = self.blocks.clone() else { return };
+        let nv = (self.d / VW as u64) as usize;
+        let vty = KernelBuilder::vty(VW);
+        let qs: Vec<V> = (0..nv)
+            .map(|v| {
+                let o = b.index(v as u64 * VW as u64);
+                let i = b.addi(qbase, &o);
+                b.vload(q, &i, VW)
+            })
+            .collect();
+        let zero_i = b.index(0);
+        let nb = self.compressed_count(b, p);
+        let (zero, ninf) = (b.f32(0.0), b.f32(-1e30));
+        let scale = b.f32(1.0 / (self.d as f32).sqrt());
+        let z = b.vzero(VW);
+        let mut init: Vec<(V, String)> = vec![(ninf, "f32".into()), (zero, "f32".into())];
+        init.extend((0..nv).map(|_| (z.clone(), vty.clone())));
+        let dc = b.index(self.d);
+        let acc = b.for_fold_typed(&zero_i, &nb, 1, &init, |b, j, acc| {
+            let kb = self.compressed_base(b, kh, j);
+            let vb = b.addi(&kb, &dc);
+            let mut dot = b.vzero(VW);
+            for (v, qv) in qs.iter().enumerate() {
+                let o = b.index(v as u64 * VW as u64);
+                let i = b.addi(&kb, &o);
+                let k = b.vload(&blocks, &i, VW);
+                dot = b.vfma(qv, &k, &dot, VW);
+            }
+            let dsum = b.vsum(&dot, VW);
+            let sv = b.mul(&dsum, &scale);
+            let (m_new, l_new, corr, pr) = online_step(b, &acc[0], &acc[1], &sv);
+            let mut next = vec![m_new, l_new];
+            let (cv, pv) = (b.vbroadcast(&corr, VW), b.vbroadcast(&pr, VW));
+            for v in 0..nv {
+                let o = b.index(v as u64 * VW as u64);
+                let i = b.addi(&vb, &o);
+                let x = b.vload(&blocks, &i, VW);
+                let a = b.def(format!("arith.mulf {}, {cv} : {vty}", acc[2 + v]));
+                next.push(b.vfma(&pv, &x, &a, VW));
+            }
+            next
+        });
+        let w = self.gate_weight(b, row, head, BR_COMPRESSED);
+        let f = Self::branch_factor(b, &w, &acc[1]);
+        let fv = b.vbroadcast(&f, VW);
+        for v in 0..nv {
+            let o = b.index(v as u64 * VW as u64);
+            let i = b.addi(qbase, &o);
+            let prev = b.vload(out, &i, VW);
+            let y = b.vfma(&fv, &acc[2 + v], &prev, VW);
+            b.vstore(&y, out, &i, VW);
+        }
+    }
+
     /// A head's output row (vectors of `VW`) back from the rotated space
     /// (the rotation is its own inverse); as is without rotation.
     fn unrotate(&self, b: &mut KernelBuilder, ys: Vec<V>) -> Vec<V> {
@@ -214,6 +373,18 @@ impl Attn {
         }
     }
 
+    /// NVPTX: the `d` values of an f32 row (the block cache) starting at
+    /// element `base`, as f32 scalars, one load each.
+    fn f32_row_nvptx(&self, b: &mut KernelBuilder, buf: &str, base: &str) -> Vec<V> {
+        (0..self.d)
+            .map(|c| {
+                let o = b.index(c);
+                let i = b.addi(base, &o);
+                b.load(buf, &i)
+            })
+            .collect()
+    }
+
     /// NVPTX: the `d` values of a cache row starting at element `base`, as
     /// f32 scalars: 16-byte vector loads (8 f16 or 4 f32) where `d` is a
     /// multiple of their width (rows then start 16-byte aligned), else one
@@ -256,7 +427,7 @@ impl Attn {
         let (size, sinks) = match (self.window, &self.nsa) {
             (_, Some((n, _))) => (n.window, n.sinks),
             (Some(w), None) => w,
-            (None, None) => return Visible { sinks: zero.clone(), from: zero, count: end, selected: None },
+            (None, None) => return Visible { sinks: zero.clone(), from: zero, count: end, selected: None, branch: None },
         };
         let size = b.index(size as u64);
         let from = b.sub_or_zero(&end, &size);
@@ -282,7 +453,11 @@ impl Attn {
             Some((_, keys)) => b.addi(&count, keys),
             None => count,
         };
-        Visible { sinks, from, count, selected }
+        let branch = match (&self.gate, &selected) {
+            (Some(_), Some((_, keys))) => Some(b.addi(&sinks, keys)),
+            _ => None,
+        };
+        Visible { sinks, from, count, selected, branch }
     }
 
     /// The cache row holding visible key `t` (its position, wrapped into the
@@ -395,11 +570,21 @@ impl Attn {
         let kv_len = b.def(format!("memref.dim {}, {zero_i} : memref<?x{}>", self.kbuf, self.kv_elem()));
         let kv_last = b.def(format!("arith.subi {kv_len}, {one_i} : index"));
         // Where a partial of (KV head, split, head of the group) lives in the scratch.
-        let record = |b: &mut KernelBuilder, kh: &str, s: &str, g: &str| -> V {
+        // Gated NSA keeps a record per branch (selected, window).
+        let record = |b: &mut KernelBuilder, kh: &str, s: &str, g: &str, branch: Option<u64>| -> V {
             let a = b.muli(kh, &splitsc);
             let a = b.addi(&a, s);
             let a = b.muli(&a, &groupc);
             let a = b.addi(&a, g);
+            let a = match branch {
+                None => a,
+                Some(br) => {
+                    let two = b.index(2);
+                    let a = b.muli(&a, &two);
+                    let o = b.index(br - BR_SELECTED);
+                    b.addi(&a, &o)
+                }
+            };
             b.muli(&a, &rec)
         };
         let vty = KernelBuilder::vty(VW);
@@ -427,7 +612,6 @@ impl Attn {
                 let head0 = b.muli(&kh, &groupc);
                 let qrow = b.muli(&row, &qwc);
                 let z = b.vzero(VW);
-                b.for_each(&zero_i, &acc_elems, |b, i| b.store(&zero, &acc_mem, i));
                 let qbase_of = |b: &mut KernelBuilder, g: u64| -> V {
                     let gi = b.index(g);
                     let head = b.addi(&head0, &gi);
@@ -457,194 +641,242 @@ impl Attn {
                     init.push((ninf.clone(), "f32".into()));
                     init.push((zero.clone(), "f32".into()));
                 }
-                let ml = b.for_fold_typed(&t0, &t1, KEY_TILE, &init, |b, tb, ml| {
-                    let te = b.addi(tb, &tile_keys);
-                    let te = b.minui(&te, &t1);
-                    let nk = b.def(format!("arith.subi {te}, {tb} : index"));
-                    // Widen the tile's rows (the caches are read from memory: ask
-                    // for rows ahead, clamped to the caches' last element).
-                    b.for_each(&zero_i, &nk, |b, i| {
-                        let t = b.addi(tb, i);
-                        let j = self.key_row(b, &vis, &t);
-                        let at = b.muli(i, &dc);
-                        if let Some((qk, qv)) = &self.quant {
-                            // Blocks of 32 of the head's part of the row, dequantized.
-                            let rowb = b.index(qk.row_bytes());
-                            let rb = b.muli(&j, &rowb);
-                            for q in [qk, qv] {
-                                b.prefetch_ahead(q.bytes(), &rb, ATTN_PREFETCH_KEYS * qk.row_bytes(), &kv_last, "i8");
+                let tiles = |b: &mut KernelBuilder, lo: &str, hi: &str| -> Vec<V> {
+                    b.for_each(&zero_i, &acc_elems, |b, i| b.store(&zero, &acc_mem, i));
+                    b.for_fold_typed(lo, hi, KEY_TILE, &init, |b, tb, ml| {
+                        let te = b.addi(tb, &tile_keys);
+                        let te = b.minui(&te, hi);
+                        let nk = b.def(format!("arith.subi {te}, {tb} : index"));
+                        // Widen the tile's rows (the caches are read from memory: ask
+                        // for rows ahead, clamped to the caches' last element).
+                        b.for_each(&zero_i, &nk, |b, i| {
+                            let t = b.addi(tb, i);
+                            let j = self.key_row(b, &vis, &t);
+                            let at = b.muli(i, &dc);
+                            if let Some((qk, qv)) = &self.quant {
+                                // Blocks of 32 of the head's part of the row, dequantized.
+                                let rowb = b.index(qk.row_bytes());
+                                let rb = b.muli(&j, &rowb);
+                                for q in [qk, qv] {
+                                    b.prefetch_ahead(q.bytes(), &rb, ATTN_PREFETCH_KEYS * qk.row_bytes(), &kv_last, "i8");
+                                }
+                                let qkc = b.index(sparsec_ir::quant::QK as u64);
+                                let blk0 = b.divui(&khd, &qkc);
+                                for c in 0..d / sparsec_ir::quant::QK as u64 {
+                                    let ci = b.index(c);
+                                    let blk = b.addi(&blk0, &ci);
+                                    let o = b.index(c * sparsec_ir::quant::QK as u64);
+                                    let dst = b.addi(&at, &o);
+                                    let sixteen = b.index(16);
+                                    let dst2 = b.addi(&dst, &sixteen);
+                                    for (q, tile) in [(qk, &ktile), (qv, &vtile)] {
+                                        let (lo, hi) = q.load_block(b, &j, &blk);
+                                        b.vstore(&lo, tile, &dst, 16);
+                                        b.vstore(&hi, tile, &dst2, 16);
+                                    }
+                                }
+                                return;
                             }
-                            let qkc = b.index(sparsec_ir::quant::QK as u64);
-                            let blk0 = b.divui(&khd, &qkc);
-                            for c in 0..d / sparsec_ir::quant::QK as u64 {
-                                let ci = b.index(c);
-                                let blk = b.addi(&blk0, &ci);
-                                let o = b.index(c * sparsec_ir::quant::QK as u64);
-                                let dst = b.addi(&at, &o);
-                                let sixteen = b.index(16);
-                                let dst2 = b.addi(&dst, &sixteen);
-                                for (q, tile) in [(qk, &ktile), (qv, &vtile)] {
-                                    let (lo, hi) = q.load_block(b, &j, &blk);
-                                    b.vstore(&lo, tile, &dst, 16);
-                                    b.vstore(&hi, tile, &dst2, 16);
-                                }
+                            let rb = b.muli(&j, &kvwc);
+                            let base = b.addi(&rb, &khd);
+                            for buf in [&self.kbuf, &self.vbuf] {
+                                b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw, &kv_last, self.kv_elem());
+                                b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw + d - 1, &kv_last, self.kv_elem());
                             }
-                            return;
-                        }
-                        let rb = b.muli(&j, &kvwc);
-                        let base = b.addi(&rb, &khd);
-                        for buf in [&self.kbuf, &self.vbuf] {
-                            b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw, &kv_last, self.kv_elem());
-                            b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw + d - 1, &kv_last, self.kv_elem());
-                        }
-                        for v in 0..nv {
-                            let o = b.index(v as u64 * VW as u64);
-                            let src = b.addi(&base, &o);
-                            let dst = b.addi(&at, &o);
-                            let k = self.kv_vload(b, &self.kbuf, &src);
-                            b.vstore(&k, &ktile, &dst, VW);
-                            let x = self.kv_vload(b, &self.vbuf, &src);
-                            b.vstore(&x, &vtile, &dst, VW);
-                        }
-                    });
-                    let vwc = b.index(VW as u64);
-                    let blocks = b.divui(&nk, &vwc);
-                    let blocked = b.muli(&blocks, &vwc);
-                    let mut next = Vec::new();
-                    for g in 0..group {
-                        let qbase = qbase_of(b, g);
-                        let qs: Vec<V> = (0..nv)
-                            .map(|v| match &qrot {
-                                Some(qrot) => {
-                                    let o = b.index(g * d + v as u64 * VW as u64);
-                                    b.vload(qrot, &o, VW)
-                                }
-                                None => {
-                                    let o = b.index(v as u64 * VW as u64);
-                                    let i = b.addi(&qbase, &o);
-                                    b.vload(&ins[0], &i, VW)
-                                }
-                            })
-                            .collect();
-                        let key_dot = |b: &mut KernelBuilder, i: &str| -> V {
-                            let kb = b.muli(i, &dc);
-                            let mut acc = z.clone();
-                            for (v, q) in qs.iter().enumerate() {
+                            for v in 0..nv {
                                 let o = b.index(v as u64 * VW as u64);
-                                let at = b.addi(&kb, &o);
-                                let k = b.vload(&ktile, &at, VW);
-                                acc = b.vfma(q, &k, &acc, VW);
+                                let src = b.addi(&base, &o);
+                                let dst = b.addi(&at, &o);
+                                let k = self.kv_vload(b, &self.kbuf, &src);
+                                b.vstore(&k, &ktile, &dst, VW);
+                                let x = self.kv_vload(b, &self.vbuf, &src);
+                                b.vstore(&x, &vtile, &dst, VW);
                             }
-                            acc
-                        };
-                        // Scores VW keys at a time (their dots overlap in flight and
-                        // one butterfly sums all VW), then the rest one by one.
-                        let vninf = b.vbroadcast(&ninf, VW);
-                        let vscale = b.vbroadcast(&scale, VW);
-                        let vmax = b.for_fold_typed(&zero_i, &blocked, VW as u64, &[(vninf, vty.clone())], |b, ib, acc| {
-                            let dots: Vec<V> = (0..VW as u64)
-                                .map(|u| {
-                                    let o = b.index(u);
-                                    let i = b.addi(ib, &o);
-                                    key_dot(b, &i)
+                        });
+                        let vwc = b.index(VW as u64);
+                        let blocks = b.divui(&nk, &vwc);
+                        let blocked = b.muli(&blocks, &vwc);
+                        let mut next = Vec::new();
+                        for g in 0..group {
+                            let qbase = qbase_of(b, g);
+                            let qs: Vec<V> = (0..nv)
+                                .map(|v| match &qrot {
+                                    Some(qrot) => {
+                                        let o = b.index(g * d + v as u64 * VW as u64);
+                                        b.vload(qrot, &o, VW)
+                                    }
+                                    None => {
+                                        let o = b.index(v as u64 * VW as u64);
+                                        let i = b.addi(&qbase, &o);
+                                        b.vload(&ins[0], &i, VW)
+                                    }
                                 })
                                 .collect();
-                            let sums = b.vsums(&dots, VW);
-                            let sv = b.def(format!("arith.mulf {sums}, {vscale} : {vty}"));
-                            b.vstore(&sv, &stile, ib, VW);
-                            vec![b.def(format!("arith.maxnumf {}, {sv} : {vty}", acc[0]))]
-                        });
-                        let block_max = b.def(format!("vector.reduction <maxnumf>, {} : {vty} into f32", vmax[0]));
-                        let tmax = b.for_fold(&blocked, &nk, &[block_max], |b, i, acc| {
-                            let dot = key_dot(b, i);
-                            let dsum = b.vsum(&dot, VW);
-                            let sv = b.mul(&dsum, &scale);
-                            b.store(&sv, &stile, i);
-                            vec![b.fbin("maxnumf", &acc[0], &sv)]
-                        });
-                        // Online softmax: rescale what the earlier tiles summed.
-                        let (m_old, l_old) = (&ml[2 * g as usize], &ml[2 * g as usize + 1]);
-                        let m_new = b.fbin("maxnumf", m_old, &tmax[0]);
-                        let dm = b.sub(m_old, &m_new);
-                        let corr = math::exp(b, &dm);
-                        let tsum = b.for_fold(&zero_i, &nk, std::slice::from_ref(&zero), |b, i, acc| {
-                            let sv = b.load(&stile, i);
-                            let c = b.sub(&sv, &m_new);
-                            let e = math::exp(b, &c);
-                            b.store(&e, &stile, i);
-                            // Reassociable, so LLVM may vectorize this loop (exp included).
-                            vec![b.def(format!("arith.addf {}, {e} fastmath<reassoc> : f32", acc[0]))]
-                        });
-                        let l_new = b.fma(l_old, &corr, &tsum[0]);
-                        let ab = b.index(g * d);
-                        let corrv = b.vbroadcast(&corr, VW);
-                        let init: Vec<(V, String)> = (0..nv)
+                            let key_dot = |b: &mut KernelBuilder, i: &str| -> V {
+                                let kb = b.muli(i, &dc);
+                                let mut acc = z.clone();
+                                for (v, q) in qs.iter().enumerate() {
+                                    let o = b.index(v as u64 * VW as u64);
+                                    let at = b.addi(&kb, &o);
+                                    let k = b.vload(&ktile, &at, VW);
+                                    acc = b.vfma(q, &k, &acc, VW);
+                                }
+                                acc
+                            };
+                            // Scores VW keys at a time (their dots overlap in flight and
+                            // one butterfly sums all VW), then the rest one by one.
+                            let vninf = b.vbroadcast(&ninf, VW);
+                            let vscale = b.vbroadcast(&scale, VW);
+                            let vmax = b.for_fold_typed(&zero_i, &blocked, VW as u64, &[(vninf, vty.clone())], |b, ib, acc| {
+                                let dots: Vec<V> = (0..VW as u64)
+                                    .map(|u| {
+                                        let o = b.index(u);
+                                        let i = b.addi(ib, &o);
+                                        key_dot(b, &i)
+                                    })
+                                    .collect();
+                                let sums = b.vsums(&dots, VW);
+                                let sv = b.def(format!("arith.mulf {sums}, {vscale} : {vty}"));
+                                b.vstore(&sv, &stile, ib, VW);
+                                vec![b.def(format!("arith.maxnumf {}, {sv} : {vty}", acc[0]))]
+                            });
+                            let block_max = b.def(format!("vector.reduction <maxnumf>, {} : {vty} into f32", vmax[0]));
+                            let tmax = b.for_fold(&blocked, &nk, &[block_max], |b, i, acc| {
+                                let dot = key_dot(b, i);
+                                let dsum = b.vsum(&dot, VW);
+                                let sv = b.mul(&dsum, &scale);
+                                b.store(&sv, &stile, i);
+                                vec![b.fbin("maxnumf", &acc[0], &sv)]
+                            });
+                            // Online softmax: rescale what the earlier tiles summed.
+                            let (m_old, l_old) = (&ml[2 * g as usize], &ml[2 * g as usize + 1]);
+                            let m_new = b.fbin("maxnumf", m_old, &tmax[0]);
+                            let dm = b.sub(m_old, &m_new);
+                            let corr = math::exp(b, &dm);
+                            let tsum = b.for_fold(&zero_i, &nk, std::slice::from_ref(&zero), |b, i, acc| {
+                                let sv = b.load(&stile, i);
+                                let c = b.sub(&sv, &m_new);
+                                let e = math::exp(b, &c);
+                                b.store(&e, &stile, i);
+                                // Reassociable, so LLVM may vectorize this loop (exp included).
+                                vec![b.def(format!("arith.addf {}, {e} fastmath<reassoc> : f32", acc[0]))]
+                            });
+                            let l_new = b.fma(l_old, &corr, &tsum[0]);
+                            let ab = b.index(g * d);
+                            let corrv = b.vbroadcast(&corr, VW);
+                            let init: Vec<(V, String)> = (0..nv)
+                                .map(|v| {
+                                    let o = b.index(g * d + v as u64 * VW as u64);
+                                    let a = b.vload(&acc_mem, &o, VW);
+                                    (b.def(format!("arith.mulf {a}, {corrv} : {vty}")), vty.clone())
+                                })
+                                .collect();
+                            let accs = b.for_fold_typed(&zero_i, &nk, 1, &init, |b, i, accs| {
+                                let e = b.load(&stile, i);
+                                let ev = b.vbroadcast(&e, VW);
+                                let vb = b.muli(i, &dc);
+                                (0..nv)
+                                    .map(|v| {
+                                        let o = b.index(v as u64 * VW as u64);
+                                        let at = b.addi(&vb, &o);
+                                        let x = b.vload(&vtile, &at, VW);
+                                        b.vfma(&ev, &x, &accs[v], VW)
+                                    })
+                                    .collect()
+                            });
+                            for (v, acc) in accs.iter().enumerate() {
+                                let o = b.index(v as u64 * VW as u64);
+                                let at = b.addi(&ab, &o);
+                                b.vstore(acc, &acc_mem, &at, VW);
+                            }
+                            next.push(m_new);
+                            next.push(l_new);
+                        }
+                        next
+                    })
+                };
+                let whole = b.def(format!("arith.cmpi eq, {n}, {one_i} : index"));
+                // A pass's result per head of the group: one split writes the
+                // row (gated: its branch's share, added to the earlier
+                // branches'), else a partial record.
+                let finish = |b: &mut KernelBuilder, ml: &[V], branch: Option<u64>| {
+                    for g in 0..group {
+                        let (m, l) = (&ml[2 * g as usize], &ml[2 * g as usize + 1]);
+                        let qbase = qbase_of(b, g);
+                        let accs: Vec<V> = (0..nv)
                             .map(|v| {
                                 let o = b.index(g * d + v as u64 * VW as u64);
-                                let a = b.vload(&acc_mem, &o, VW);
-                                (b.def(format!("arith.mulf {a}, {corrv} : {vty}")), vty.clone())
+                                b.vload(&acc_mem, &o, VW)
                             })
                             .collect();
-                        let accs = b.for_fold_typed(&zero_i, &nk, 1, &init, |b, i, accs| {
-                            let e = b.load(&stile, i);
-                            let ev = b.vbroadcast(&e, VW);
-                            let vb = b.muli(i, &dc);
-                            (0..nv)
-                                .map(|v| {
+                        b.if_else(
+                            &whole,
+                            |b| {
+                                let f = match branch {
+                                    None => {
+                                        let one = b.f32(1.0);
+                                        b.div(&one, l)
+                                    }
+                                    Some(br) => {
+                                        let gi = b.index(g);
+                                        let head = b.addi(&head0, &gi);
+                                        let w = self.gate_weight(b, &row, &head, br);
+                                        Self::branch_factor(b, &w, l)
+                                    }
+                                };
+                                let fv = b.vbroadcast(&f, VW);
+                                let ys: Vec<V> = accs.iter().map(|acc| b.def(format!("arith.mulf {acc}, {fv} : {vty}"))).collect();
+                                let add = branch.is_some_and(|br| br != BR_SELECTED);
+                                for (v, y) in self.unrotate(b, ys).iter().enumerate() {
                                     let o = b.index(v as u64 * VW as u64);
-                                    let at = b.addi(&vb, &o);
-                                    let x = b.vload(&vtile, &at, VW);
-                                    b.vfma(&ev, &x, &accs[v], VW)
-                                })
-                                .collect()
-                        });
-                        for (v, acc) in accs.iter().enumerate() {
-                            let o = b.index(v as u64 * VW as u64);
-                            let at = b.addi(&ab, &o);
-                            b.vstore(acc, &acc_mem, &at, VW);
-                        }
-                        next.push(m_new);
-                        next.push(l_new);
+                                    let i = b.addi(&qbase, &o);
+                                    let y = if add {
+                                        let prev = b.vload(out, &i, VW);
+                                        b.def(format!("arith.addf {prev}, {y} : {vty}"))
+                                    } else {
+                                        y.clone()
+                                    };
+                                    b.vstore(&y, out, &i, VW);
+                                }
+                            },
+                            |b| {
+                                let gi = b.index(g);
+                                let at = record(b, &kh, &s, &gi, branch);
+                                b.store(m, &scratch, &at);
+                                let at1 = b.addi(&at, &one_i);
+                                b.store(l, &scratch, &at1);
+                                for (v, acc) in accs.iter().enumerate() {
+                                    let o = b.index(2 + v as u64 * VW as u64);
+                                    let i = b.addi(&at, &o);
+                                    b.vstore(acc, &scratch, &i, VW);
+                                }
+                            },
+                        );
                     }
-                    next
-                });
-                let whole = b.def(format!("arith.cmpi eq, {n}, {one_i} : index"));
-                for g in 0..group {
-                    let (m, l) = (&ml[2 * g as usize], &ml[2 * g as usize + 1]);
-                    let qbase = qbase_of(b, g);
-                    let accs: Vec<V> = (0..nv)
-                        .map(|v| {
-                            let o = b.index(g * d + v as u64 * VW as u64);
-                            b.vload(&acc_mem, &o, VW)
-                        })
-                        .collect();
-                    b.if_else(
-                        &whole,
-                        |b| {
-                            // One split: the row's result directly.
-                            let one = b.f32(1.0);
-                            let inv = b.div(&one, l);
-                            let invv = b.vbroadcast(&inv, VW);
-                            let ys: Vec<V> = accs.iter().map(|acc| b.def(format!("arith.mulf {acc}, {invv} : {vty}"))).collect();
-                            for (v, y) in self.unrotate(b, ys).iter().enumerate() {
-                                let o = b.index(v as u64 * VW as u64);
-                                let i = b.addi(&qbase, &o);
-                                b.vstore(y, out, &i, VW);
+                };
+                match vis.branch.clone() {
+                    None => {
+                        let ml = tiles(b, &t0, &t1);
+                        finish(b, &ml, None);
+                    }
+                    Some(na) => {
+                        // Gated NSA: the split's keys of each branch, then
+                        // (one split) the compressed branch.
+                        let (a0, a1) = (b.minui(&t0, &na), b.minui(&t1, &na));
+                        let ml = tiles(b, &a0, &a1);
+                        finish(b, &ml, Some(BR_SELECTED));
+                        let (w0, w1) = (b.maxui(&t0, &na), b.maxui(&t1, &na));
+                        let ml = tiles(b, &w0, &w1);
+                        finish(b, &ml, Some(BR_WINDOW));
+                        b.if_then(&whole, |b| {
+                            for g in 0..group {
+                                let qbase = qbase_of(b, g);
+                                let gi = b.index(g);
+                                let head = b.addi(&head0, &gi);
+                                self.add_compressed_vec(b, &p, &kh, &row, &head, &qbase, &ins[0], out);
                             }
-                        },
-                        |b| {
-                            let gi = b.index(g);
-                            let at = record(b, &kh, &s, &gi);
-                            b.store(m, &scratch, &at);
-                            let at1 = b.addi(&at, &one_i);
-                            b.store(l, &scratch, &at1);
-                            for (v, acc) in accs.iter().enumerate() {
-                                let o = b.index(2 + v as u64 * VW as u64);
-                                let i = b.addi(&at, &o);
-                                b.vstore(acc, &scratch, &i, VW);
-                            }
-                        },
-                    );
+                        });
+                    }
                 }
             });
         });
@@ -661,41 +893,71 @@ impl Attn {
             let split = b.def(format!("arith.cmpi ugt, {n}, {one_i} : index"));
             b.if_then(&split, |b| {
                 let g = b.remui(&head, &groupc);
-                let m = b.for_fold(&zero_i, &n, std::slice::from_ref(&ninf), |b, s, acc| {
-                    let at = record(b, &kh, s, &g);
-                    let ms = b.load(&scratch, &at);
-                    vec![b.fbin("maxnumf", &acc[0], &ms)]
-                });
-                let z = b.vzero(VW);
-                let mut init: Vec<(V, String)> = vec![(zero.clone(), "f32".into())];
-                init.extend((0..nv).map(|_| (z.clone(), KernelBuilder::vty(VW))));
-                let acc = b.for_fold_typed(&zero_i, &n, 1, &init, |b, s, acc| {
-                    let at = record(b, &kh, s, &g);
-                    let ms = b.load(&scratch, &at);
-                    let at1 = b.addi(&at, &one_i);
-                    let ls = b.load(&scratch, &at1);
-                    let dm = b.sub(&ms, &m[0]);
-                    let w = math::exp(b, &dm);
-                    let mut next = vec![b.fma(&ls, &w, &acc[0])];
-                    let wv = b.vbroadcast(&w, VW);
-                    for v in 0..nv {
-                        let o = b.index(2 + v as u64 * VW as u64);
-                        let i = b.addi(&at, &o);
-                        let x = b.vload(&scratch, &i, VW);
-                        next.push(b.vfma(&wv, &x, &acc[1 + v], VW));
-                    }
-                    next
-                });
-                let one = b.f32(1.0);
-                let inv = b.div(&one, &acc[0]);
-                let invv = b.vbroadcast(&inv, VW);
+                // One branch's partials (or all of them) combined: its sum
+                // and weighted values.
+                let combine = |b: &mut KernelBuilder, branch: Option<u64>| -> Vec<V> {
+                    let m = b.for_fold(&zero_i, &n, std::slice::from_ref(&ninf), |b, s, acc| {
+                        let at = record(b, &kh, s, &g, branch);
+                        let ms = b.load(&scratch, &at);
+                        vec![b.fbin("maxnumf", &acc[0], &ms)]
+                    });
+                    let z = b.vzero(VW);
+                    let mut init: Vec<(V, String)> = vec![(zero.clone(), "f32".into())];
+                    init.extend((0..nv).map(|_| (z.clone(), KernelBuilder::vty(VW))));
+                    b.for_fold_typed(&zero_i, &n, 1, &init, |b, s, acc| {
+                        let at = record(b, &kh, s, &g, branch);
+                        let ms = b.load(&scratch, &at);
+                        let at1 = b.addi(&at, &one_i);
+                        let ls = b.load(&scratch, &at1);
+                        let dm = b.sub(&ms, &m[0]);
+                        let w = math::exp(b, &dm);
+                        let mut next = vec![b.fma(&ls, &w, &acc[0])];
+                        let wv = b.vbroadcast(&w, VW);
+                        for v in 0..nv {
+                            let o = b.index(2 + v as u64 * VW as u64);
+                            let i = b.addi(&at, &o);
+                            let x = b.vload(&scratch, &i, VW);
+                            next.push(b.vfma(&wv, &x, &acc[1 + v], VW));
+                        }
+                        next
+                    })
+                };
+                let vty = KernelBuilder::vty(VW);
+                let scaled = |b: &mut KernelBuilder, acc: &[V], f: &V| -> Vec<V> {
+                    let fv = b.vbroadcast(f, VW);
+                    (0..nv).map(|v| b.def(format!("arith.mulf {}, {fv} : {vty}", acc[1 + v]))).collect()
+                };
                 let qhd = b.muli(&head, &dc);
-                let ys: Vec<V> =
-                    (0..nv).map(|v| b.def(format!("arith.mulf {}, {invv} : {}", acc[1 + v], KernelBuilder::vty(VW)))).collect();
+                let ys = match vis.branch {
+                    None => {
+                        let acc = combine(b, None);
+                        let one = b.f32(1.0);
+                        let inv = b.div(&one, &acc[0]);
+                        scaled(b, &acc, &inv)
+                    }
+                    Some(_) => {
+                        let mut ys: Vec<V> = Vec::new();
+                        for br in [BR_SELECTED, BR_WINDOW] {
+                            let acc = combine(b, Some(br));
+                            let w = self.gate_weight(b, &zero_i, &head, br);
+                            let f = Self::branch_factor(b, &w, &acc[0]);
+                            let y = scaled(b, &acc, &f);
+                            ys = if ys.is_empty() {
+                                y
+                            } else {
+                                ys.iter().zip(&y).map(|(a, c)| b.def(format!("arith.addf {a}, {c} : {vty}"))).collect()
+                            };
+                        }
+                        ys
+                    }
+                };
                 for (v, y) in self.unrotate(b, ys).iter().enumerate() {
                     let o = b.index(v as u64 * VW as u64);
                     let i = b.addi(&qhd, &o);
                     b.vstore(y, out, &i, VW);
+                }
+                if vis.branch.is_some() {
+                    self.add_compressed_vec(b, &pos, &kh, &zero_i, &head, &qhd, &ins[0], out);
                 }
             });
         });
@@ -744,113 +1006,154 @@ impl Attn {
                     b.load(&ins[0], &i)
                 })
                 .collect();
-            let mut init: Vec<(V, String)> = vec![(ninf.clone(), "f32".into()), (zero.clone(), "f32".into())];
-            init.extend((0..d).map(|_| (zero.clone(), "f32".to_string())));
-            let sw = b.muli(&s, &warp);
-            let start = b.addi(&sw, &lane);
-            let st = b.for_fold_typed(&start, &vis.count, WARP * GPU_ATTN_WARPS, &init, |b, tk, acc| {
-                let j = self.key_row(b, &vis, tk);
-                let kb = b.muli(&j, &kvwc);
-                let kbase = b.addi(&kb, &khd);
-                let mut dot = zero.clone();
-                let ks = self.kv_row_nvptx(b, &self.kbuf, &kbase);
-                for (qc, k) in q.iter().zip(&ks) {
-                    dot = b.fma(qc, k, &dot);
-                }
-                let sv = b.mul(&dot, &scale);
-                let m_new = b.fbin("maxnumf", &acc[0], &sv);
-                let dm = b.sub(&acc[0], &m_new);
-                let corr = math::exp(b, &dm);
-                let ds = b.sub(&sv, &m_new);
-                let pr = math::exp(b, &ds);
-                let mut next = vec![m_new, b.fma(&acc[1], &corr, &pr)];
-                let vs = self.kv_row_nvptx(b, &self.vbuf, &kbase);
-                for (c, v) in vs.iter().enumerate() {
-                    let pv = b.mul(&pr, v);
-                    next.push(b.fma(&acc[2 + c], &corr, &pv));
-                }
-                next
-            });
-            // A lane without keys has max -1e30 and sums 0: its weight is 0.
-            // A warp whose first key is past the visible ones (short rows of a
-            // prefill) skips the shuffles (the branch is uniform over the warp)
-            // and leaves an empty partial.
-            let zero_i = b.index(0);
-            let first = b.def(format!("arith.cmpi eq, {lane}, {zero_i} : index"));
-            let partc = b.index(part);
-            let sbase = b.muli(&s, &partc);
-            let has_keys = b.def(format!("arith.cmpi ult, {sw}, {} : index", vis.count));
-            b.if_else(
-                &has_keys,
-                |b| {
-                    // The warp's partial: its max, its sum and its unnormalized values.
-                    let m = b.warp_all(&st[0], "maxnumf");
-                    let dm = b.sub(&st[0], &m);
-                    let w = math::exp(b, &dm);
-                    let lw = b.mul(&st[1], &w);
-                    let l = b.warp_all(&lw, "addf");
-                    let sums: Vec<V> = (0..d as usize)
-                        .map(|c| {
-                            let a = b.mul(&st[2 + c], &w);
-                            b.warp_all(&a, "addf")
+            let zero_i0 = b.index(0);
+            // Keys lo..hi: from the caches (visible keys), or the compressed
+            // keys of blocks lo..hi (gated NSA). Warp 0 writes the row: all of
+            // it (`branch` None), or the branch's share, added to the earlier
+            // branches'.
+            let pass = |b: &mut KernelBuilder, lo: &str, hi: &str, compressed: bool, branch: Option<u64>| {
+                let mut init: Vec<(V, String)> = vec![(ninf.clone(), "f32".into()), (zero.clone(), "f32".into())];
+                init.extend((0..d).map(|_| (zero.clone(), "f32".to_string())));
+                let sw = b.muli(&s, &warp);
+                let start = b.addi(&sw, &lane);
+                let start = b.addi(&start, lo);
+                let st = b.for_fold_typed(&start, hi, WARP * GPU_ATTN_WARPS, &init, |b, tk, acc| {
+                    let (ks, vs) = match (&self.blocks, compressed) {
+                        (Some(blocks), true) => {
+                            let kb = self.compressed_base(b, &kh, tk);
+                            let vb = b.addi(&kb, &dc);
+                            (self.f32_row_nvptx(b, blocks, &kb), self.f32_row_nvptx(b, blocks, &vb))
+                        }
+                        _ => {
+                            let j = self.key_row(b, &vis, tk);
+                            let kb = b.muli(&j, &kvwc);
+                            let kbase = b.addi(&kb, &khd);
+                            (self.kv_row_nvptx(b, &self.kbuf, &kbase), self.kv_row_nvptx(b, &self.vbuf, &kbase))
+                        }
+                    };
+                    let mut dot = zero.clone();
+                    for (qc, k) in q.iter().zip(&ks) {
+                        dot = b.fma(qc, k, &dot);
+                    }
+                    let sv = b.mul(&dot, &scale);
+                    let (m_new, l_new, corr, pr) = online_step(b, &acc[0], &acc[1], &sv);
+                    let mut next = vec![m_new, l_new];
+                    for (c, v) in vs.iter().enumerate() {
+                        let pv = b.mul(&pr, v);
+                        next.push(b.fma(&acc[2 + c], &corr, &pv));
+                    }
+                    next
+                });
+                // A lane without keys has max -1e30 and sums 0: its weight is 0.
+                // A warp whose first key is past the visible ones (short rows of a
+                // prefill) skips the shuffles (the branch is uniform over the warp)
+                // and leaves an empty partial.
+                let zero_i = b.index(0);
+                let first = b.def(format!("arith.cmpi eq, {lane}, {zero_i} : index"));
+                let partc = b.index(part);
+                let sbase = b.muli(&s, &partc);
+                let wfirst = b.addi(&sw, lo);
+                let has_keys = b.def(format!("arith.cmpi ult, {wfirst}, {hi} : index"));
+                b.if_else(
+                    &has_keys,
+                    |b| {
+                        // The warp's partial: its max, its sum and its unnormalized values.
+                        let m = b.warp_all(&st[0], "maxnumf");
+                        let dm = b.sub(&st[0], &m);
+                        let w = math::exp(b, &dm);
+                        let lw = b.mul(&st[1], &w);
+                        let l = b.warp_all(&lw, "addf");
+                        let sums: Vec<V> = (0..d as usize)
+                            .map(|c| {
+                                let a = b.mul(&st[2 + c], &w);
+                                b.warp_all(&a, "addf")
+                            })
+                            .collect();
+                        b.if_then(&first, |b| Self::store_partial(b, &smem, &sbase, &m, &l, &sums));
+                    },
+                    |b| {
+                        let empty = vec![zero.clone(); d as usize];
+                        b.if_then(&first, |b| Self::store_partial(b, &smem, &sbase, &ninf, &zero, &empty));
+                    },
+                );
+                // Every warp of the block is here (whole blocks of work).
+                b.barrier();
+                // Warp 0 combines the block's partials; lane l writes dims l, l + 32, ...
+                let warp0 = b.def(format!("arith.cmpi eq, {s}, {zero_i} : index"));
+                b.if_then(&warp0, |b| {
+                    let ms: Vec<V> = (0..GPU_ATTN_WARPS)
+                        .map(|k| {
+                            let at = b.index(k * part);
+                            b.load_shared(&smem, &at)
                         })
                         .collect();
-                    b.if_then(&first, |b| Self::store_partial(b, &smem, &sbase, &m, &l, &sums));
-                },
-                |b| {
-                    let empty = vec![zero.clone(); d as usize];
-                    b.if_then(&first, |b| Self::store_partial(b, &smem, &sbase, &ninf, &zero, &empty));
-                },
-            );
-            // Every warp of the block is here (whole blocks of work).
-            b.barrier();
-            // Warp 0 combines the block's partials; lane l writes dims l, l + 32, ...
-            let warp0 = b.def(format!("arith.cmpi eq, {s}, {zero_i} : index"));
-            b.if_then(&warp0, |b| {
-                let ms: Vec<V> = (0..GPU_ATTN_WARPS)
-                    .map(|k| {
-                        let at = b.index(k * part);
-                        b.load_shared(&smem, &at)
-                    })
-                    .collect();
-                let mut mx = ms[0].clone();
-                for mk in &ms[1..] {
-                    mx = b.fbin("maxnumf", &mx, mk);
-                }
-                let mut total = b.f32(0.0);
-                let ws: Vec<V> = ms
-                    .iter()
-                    .enumerate()
-                    .map(|(k, mk)| {
-                        let dk = b.sub(mk, &mx);
-                        let wk = math::exp(b, &dk);
-                        let at = b.index(k as u64 * part + 1);
-                        let lk = b.load_shared(&smem, &at);
-                        total = b.fma(&lk, &wk, &total);
-                        wk
-                    })
-                    .collect();
-                let one = b.f32(1.0);
-                let inv = b.div(&one, &total);
-                b.for_step(&lane, &dc, WARP, |b, c| {
-                    let mut y = b.f32(0.0);
-                    for (k, wk) in ws.iter().enumerate() {
-                        let o = b.index(k as u64 * part + 2);
-                        let at = b.addi(&o, c);
-                        let a = b.load_shared(&smem, &at);
-                        y = b.fma(&a, wk, &y);
+                    let mut mx = ms[0].clone();
+                    for mk in &ms[1..] {
+                        mx = b.fbin("maxnumf", &mx, mk);
                     }
-                    let y = b.mul(&y, &inv);
-                    let i = b.addi(&qbase, c);
-                    b.store(&y, out, &i);
+                    let mut total = b.f32(0.0);
+                    let ws: Vec<V> = ms
+                        .iter()
+                        .enumerate()
+                        .map(|(k, mk)| {
+                            let dk = b.sub(mk, &mx);
+                            let wk = math::exp(b, &dk);
+                            let at = b.index(k as u64 * part + 1);
+                            let lk = b.load_shared(&smem, &at);
+                            total = b.fma(&lk, &wk, &total);
+                            wk
+                        })
+                        .collect();
+                    let f = match branch {
+                        None => {
+                            let one = b.f32(1.0);
+                            b.div(&one, &total)
+                        }
+                        Some(br) => {
+                            let w = self.gate_weight(b, &row, &head, br);
+                            Self::branch_factor(b, &w, &total)
+                        }
+                    };
+                    b.for_step(&lane, &dc, WARP, |b, c| {
+                        let mut y = b.f32(0.0);
+                        for (k, wk) in ws.iter().enumerate() {
+                            let o = b.index(k as u64 * part + 2);
+                            let at = b.addi(&o, c);
+                            let a = b.load_shared(&smem, &at);
+                            y = b.fma(&a, wk, &y);
+                        }
+                        let y = b.mul(&y, &f);
+                        let i = b.addi(&qbase, c);
+                        let y = if branch.is_some_and(|br| br != BR_SELECTED) {
+                            let prev = b.load(out, &i);
+                            b.add(&prev, &y)
+                        } else {
+                            y
+                        };
+                        b.store(&y, out, &i);
+                    });
                 });
-            });
+            };
+            match vis.branch.clone() {
+                None => pass(b, &zero_i0, &vis.count, false, None),
+                Some(na) => {
+                    let nb = self.compressed_count(b, &p);
+                    pass(b, &zero_i0, &na, false, Some(BR_SELECTED));
+                    // The next pass writes the shared partials warp 0 read.
+                    b.barrier();
+                    pass(b, &na, &vis.count, false, Some(BR_WINDOW));
+                    b.barrier();
+                    pass(b, &zero_i0, &nb, true, Some(BR_COMPRESSED));
+                }
+            }
         });
         Ok(())
     }
 
     /// One unit per (row, head): an online softmax over the visible keys,
-    /// accumulating the weighted values in the output row itself.
+    /// accumulating the weighted values in a row of scratch, then the output
+    /// row. Gated NSA runs it per branch (the selected keys, the window, the
+    /// blocks' compressed keys) and adds each branch's share.
     fn emit_online(&self, b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(), CompileError> {
         let KernelCtx { work, ins, out, .. } = *cx;
         let (h, kvh, d) = (self.h, self.kvh, self.d);
@@ -860,6 +1163,7 @@ impl Attn {
         let ninf = b.f32(-1e30);
         let scale = b.f32(1.0 / (d as f32).sqrt());
         let pos = b.pos();
+        let acc = b.alloca_f32(&dc);
         b.parallel(work, |b, unit| {
             let r = b.divui(unit, &hc);
             let head = b.remui(unit, &hc);
@@ -871,47 +1175,82 @@ impl Attn {
             let khd = b.muli(&kh, &dc);
             let p = b.addi(&pos, &row);
             let vis = self.visible(b, &p, &row, &kh);
-            b.for_each(&zero_i, &dc, |b, c| {
-                let o = b.addi(&qbase, c);
-                b.store(&zero, out, &o);
-            });
-            let ml = b.for_fold(&zero_i, &vis.count, &[ninf.clone(), zero.clone()], |b, t, acc| {
-                let j = self.key_row(b, &vis, t);
-                let kbase0 = b.muli(&j, &kvwc);
-                let kbase = b.addi(&kbase0, &khd);
-                let dot = b.for_fold(&zero_i, &dc, std::slice::from_ref(&zero), |b, c, a| {
-                    let qi = b.addi(&qbase, c);
-                    let ki = b.addi(&kbase, c);
-                    let qv = b.load(&ins[0], &qi);
-                    let kv = self.kv_load(b, &self.kbuf, &ki);
-                    vec![b.fma(&qv, &kv, &a[0])]
+            // Keys lo..hi: from the caches (visible keys), or the compressed
+            // keys of blocks lo..hi; their sum, the weighted values in `acc`.
+            let pass = |b: &mut KernelBuilder, lo: &str, hi: &str, compressed: bool| -> V {
+                b.for_each(&zero_i, &dc, |b, c| b.store(&zero, &acc, c));
+                let ml = b.for_fold(lo, hi, &[ninf.clone(), zero.clone()], |b, t, a| {
+                    let (kbase, vbase) = if compressed {
+                        let kb = self.compressed_base(b, &kh, t);
+                        let vb = b.addi(&kb, &dc);
+                        (kb, vb)
+                    } else {
+                        let j = self.key_row(b, &vis, t);
+                        let kbase0 = b.muli(&j, &kvwc);
+                        let kb = b.addi(&kbase0, &khd);
+                        (kb.clone(), kb)
+                    };
+                    let load = |b: &mut KernelBuilder, cache: &V, i: &str| match (&self.blocks, compressed) {
+                        (Some(blocks), true) => b.load(blocks, i),
+                        _ => self.kv_load(b, cache, i),
+                    };
+                    let dot = b.for_fold(&zero_i, &dc, std::slice::from_ref(&zero), |b, c, a| {
+                        let qi = b.addi(&qbase, c);
+                        let ki = b.addi(&kbase, c);
+                        let qv = b.load(&ins[0], &qi);
+                        let kv = load(b, &self.kbuf, &ki);
+                        vec![b.fma(&qv, &kv, &a[0])]
+                    });
+                    let s = b.mul(&dot[0], &scale);
+                    let (m_new, l, corr, pr) = online_step(b, &a[0], &a[1], &s);
+                    b.for_each(&zero_i, &dc, |b, c| {
+                        let vi = b.addi(&vbase, c);
+                        let prev = b.load(&acc, c);
+                        let vv = load(b, &self.vbuf, &vi);
+                        let pv = b.mul(&pr, &vv);
+                        let y = b.fma(&prev, &corr, &pv);
+                        b.store(&y, &acc, c);
+                    });
+                    vec![m_new, l]
                 });
-                let s = b.mul(&dot[0], &scale);
-                let m_new = b.fbin("maxnumf", &acc[0], &s);
-                let dm = b.sub(&acc[0], &m_new);
-                let corr = math::exp(b, &dm);
-                let ds = b.sub(&s, &m_new);
-                let pr = math::exp(b, &ds);
-                let l = b.fma(&acc[1], &corr, &pr);
+                ml[1].clone()
+            };
+            // out (+)= acc · f.
+            let put = |b: &mut KernelBuilder, f: &V, add: bool| {
                 b.for_each(&zero_i, &dc, |b, c| {
                     let o = b.addi(&qbase, c);
-                    let vi = b.addi(&kbase, c);
-                    let prev = b.load(out, &o);
-                    let vv = self.kv_load(b, &self.vbuf, &vi);
-                    let pv = b.mul(&pr, &vv);
-                    let y = b.fma(&prev, &corr, &pv);
+                    let y = b.load(&acc, c);
+                    let y = b.mul(&y, f);
+                    let y = if add {
+                        let prev = b.load(out, &o);
+                        b.add(&prev, &y)
+                    } else {
+                        y
+                    };
                     b.store(&y, out, &o);
                 });
-                vec![m_new, l]
-            });
-            let one = b.f32(1.0);
-            let inv = b.div(&one, &ml[1]);
-            b.for_each(&zero_i, &dc, |b, c| {
-                let o = b.addi(&qbase, c);
-                let y = b.load(out, &o);
-                let y = b.mul(&y, &inv);
-                b.store(&y, out, &o);
-            });
+            };
+            match vis.branch.clone() {
+                None => {
+                    let l = pass(b, &zero_i, &vis.count, false);
+                    let one = b.f32(1.0);
+                    let inv = b.div(&one, &l);
+                    put(b, &inv, false);
+                }
+                Some(na) => {
+                    let nb = self.compressed_count(b, &p);
+                    for (br, lo, hi, compressed) in [
+                        (BR_SELECTED, zero_i.clone(), na.clone(), false),
+                        (BR_WINDOW, na.clone(), vis.count.clone(), false),
+                        (BR_COMPRESSED, zero_i.clone(), nb, true),
+                    ] {
+                        let l = pass(b, &lo, &hi, compressed);
+                        let w = self.gate_weight(b, &row, &head, br);
+                        let f = Self::branch_factor(b, &w, &l);
+                        put(b, &f, br != BR_SELECTED);
+                    }
+                }
+            }
         });
         Ok(())
     }

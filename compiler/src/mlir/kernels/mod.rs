@@ -292,7 +292,8 @@ impl KernelSpec {
     fn kv_cache_operand(&self, i: usize) -> bool {
         match (self.stage, &self.op) {
             (Stage::Op, Op::Attention { .. }) => i == 1 || i == 2,
-            (Stage::NsaSummary, _) => i == 0,
+            // Gated, the summary reads the V cache too.
+            (Stage::NsaSummary, _) => i == 0 || (i == 1 && sparsec_ir::NativeSparse::of(&self.patterns).is_some_and(|n| n.gated())),
             (Stage::Op | Stage::NsaSelect, _) => false,
         }
     }

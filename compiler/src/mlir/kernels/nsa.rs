@@ -20,13 +20,18 @@
 //!    (`NativeSparse::select_words` f32 per row) holds per KV head the count selected, the
 //!    block indices, then their importance (as exact f32 integers and values).
 //! 3. The attention kernel (`attention.rs`) reads the selection: a query sees
-//!    its sinks, the selected blocks and its window under one softmax.
+//!    its sinks, the selected blocks and its window under one softmax, or,
+//!    gated (`NsaGate`), each branch under its own softmax, mixed by the gate.
+//!
+//! Gated, a block's summary row also holds its compressed key and value (per
+//! KV head two more slabs of `d`, `NativeSparse::block_slabs`): the means of
+//! its keys and values, or the linear compression (`NsaCompress::Linear`).
 
 use super::{fixed_last, KernelCtx, KernelSpec, VW};
 use crate::error::CompileError;
 use crate::mlir::builder::{Device, KernelBuilder, V};
 use crate::mlir::math;
-use sparsec_ir::{NativeSparse, NsaScore, Op, SymSize};
+use sparsec_ir::{NativeSparse, NsaCompress, NsaScore, Op, SymSize};
 
 /// `(nsa, heads, kv_heads, head width)` of an `#nsa` step.
 fn dims(spec: &KernelSpec) -> Result<(NativeSparse, u64, u64, u64), CompileError> {
@@ -63,35 +68,43 @@ pub(super) fn unit_cost(spec: &KernelSpec) -> u64 {
     }
 }
 
-/// Step 1 (see the file's doc): `ins = [k cache]`, `out` = the block cache.
+/// Step 1 (see the file's doc): `ins = [k cache]`, gated also the V cache
+/// and (`NsaCompress::Linear`) the compression; `out` = the block cache.
 pub(super) fn emit_summary(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(), CompileError> {
     let KernelCtx { spec, work, ins, out, .. } = *cx;
     let (nsa, _, kvh, d) = dims(spec)?;
     let (kvhc, dc, kvwc, blockc, rowc) =
-        (b.index(kvh), b.index(d), b.index(kvh * d), b.index(nsa.block as u64), b.index(NativeSparse::block_words(kvh * d)));
+        (b.index(kvh), b.index(d), b.index(kvh * d), b.index(nsa.block as u64), b.index(nsa.block_words(kvh * d)));
     let dt = spec.operands[0].dtype;
-    let kbuf = if dt == sparsec_ir::DType::F16 { b.f16_param(&ins[0]) } else { ins[0].clone() };
-    // Block-quantized caches (`kv_quant.rs`) are read a value at a time.
-    let quant = if dt.is_quantized() {
-        Some(
-            super::kv_quant::QuantRows::new(b, dt, &ins[0], kvh * d)
-                .ok_or_else(|| spec.unsupported("a quantized K cache of a width that is no whole number of blocks"))?,
-        )
-    } else {
-        None
+    // Cache `i` (0: K, 1: V) as read: f16 views, or block-quantized rows
+    // (`kv_quant.rs`) read a value at a time.
+    let cache = |b: &mut KernelBuilder, i: usize| -> Result<(V, Option<super::kv_quant::QuantRows>), CompileError> {
+        let buf = if dt == sparsec_ir::DType::F16 { b.f16_param(&ins[i]) } else { ins[i].clone() };
+        let quant = if dt.is_quantized() {
+            Some(
+                super::kv_quant::QuantRows::new(b, dt, &ins[i], kvh * d)
+                    .ok_or_else(|| spec.unsupported("a quantized KV cache of a width that is no whole number of blocks"))?,
+            )
+        } else {
+            None
+        };
+        Ok((buf, quant))
     };
+    let kcache = cache(b, 0)?;
+    let vcache = if nsa.gated() { Some(cache(b, 1)?) } else { None };
+    let linear = (nsa.compress == NsaCompress::Linear).then(|| ins[2].clone());
     // Value `col` of cache row `row`.
-    let load = |b: &mut KernelBuilder, row: &str, col: &str| match (&quant, dt) {
+    let load = |b: &mut KernelBuilder, (buf, quant): &(V, Option<super::kv_quant::QuantRows>), row: &str, col: &str| match (quant, dt) {
         (Some(q), _) => q.load(b, row, col),
         (None, sparsec_ir::DType::F16) => {
             let at = b.muli(row, &kvwc);
             let at = b.addi(&at, col);
-            b.load_f16(&kbuf, &at)
+            b.load_f16(buf, &at)
         }
         (None, _) => {
             let at = b.muli(row, &kvwc);
             let at = b.addi(&at, col);
-            b.load(&kbuf, &at)
+            b.load(buf, &at)
         }
     };
     let zero_i = b.index(0);
@@ -100,6 +113,7 @@ pub(super) fn emit_summary(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<
     let inv = b.f32(1.0 / nsa.block as f32);
     let (big, small) = (b.f32(3.0e38), b.f32(-3.0e38));
     let zero = b.f32(0.0);
+    let words = NsaCompress::linear_words(nsa.block as u64, d);
     b.parallel(work, |b, unit| {
         let r = b.divui(unit, &kvhc);
         let kh = b.remui(unit, &kvhc);
@@ -113,24 +127,71 @@ pub(super) fn emit_summary(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<
             let first = b.muli(&blk, &blockc);
             let khd = b.muli(&kh, &dc);
             let rb = b.muli(&blk, &rowc);
-            let three = b.index(3);
-            let seg = b.muli(&khd, &three);
+            let slabs = b.index(nsa.block_slabs());
+            let seg = b.muli(&khd, &slabs);
             let obase = b.addi(&rb, &seg);
+            let put = |b: &mut KernelBuilder, slab: u64, c: &str, v: &str| {
+                let o = b.index(slab * d);
+                let at = b.addi(&obase, &o);
+                let at = b.addi(&at, c);
+                b.store(v, out, &at);
+            };
             b.for_each(&zero_i, &dc, |b, c| {
                 let col = b.addi(&khd, c);
                 let acc = b.for_fold(&zero_i, &blockc, &[zero.clone(), big.clone(), small.clone()], |b, j, acc| {
                     let row = b.addi(&first, j);
-                    let x = load(b, &row, &col);
+                    let x = load(b, &kcache, &row, &col);
                     vec![b.add(&acc[0], &x), b.fbin("minnumf", &acc[1], &x), b.fbin("maxnumf", &acc[2], &x)]
                 });
                 let mean = b.mul(&acc[0], &inv);
-                for (slot, v) in [(0, &mean), (d, &acc[1]), (2 * d, &acc[2])] {
-                    let o = b.index(slot);
-                    let at = b.addi(&obase, &o);
-                    let at = b.addi(&at, c);
-                    b.store(v, out, &at);
+                for (slab, v) in [(0, &mean), (1, &acc[1]), (2, &acc[2])] {
+                    put(b, slab, c, v);
                 }
+                let (Some(vc), None) = (&vcache, &linear) else { return };
+                // Mean pooling: the compressed key is the mean, the value the values' mean.
+                put(b, 3, c, &mean);
+                let vs = b.for_fold(&zero_i, &blockc, std::slice::from_ref(&zero), |b, j, acc| {
+                    let row = b.addi(&first, j);
+                    let x = load(b, vc, &row, &col);
+                    vec![b.add(&acc[0], &x)]
+                });
+                let vmean = b.mul(&vs[0], &inv);
+                put(b, 4, c, &vmean);
             });
+            let (Some(vc), Some(w)) = (&vcache, &linear) else { return };
+            // Linear compression, per K and V: W·(Σ_j p_j·x_j) + c
+            // (`NsaCompress::Linear`); each output recomputes the pooled
+            // channels it reads (no scratch: the same code on both devices;
+            // a block is compressed once, when it fills).
+            let wordsc = b.index(words);
+            for (which, src) in [(0u64, &kcache), (1u64, vc)] {
+                let wrow = if which == 0 { kh.clone() } else { b.addi(&kvhc, &kh) };
+                let wbase = b.muli(&wrow, &wordsc);
+                let bias0 = b.index(nsa.block as u64);
+                let map0 = b.index(nsa.block as u64 + d);
+                b.for_each(&zero_i, &dc, |b, o| {
+                    let bi = b.addi(&wbase, &bias0);
+                    let bi = b.addi(&bi, o);
+                    let bias = b.load(w, &bi);
+                    let ro = b.muli(o, &dc);
+                    let mrow = b.addi(&wbase, &map0);
+                    let mrow = b.addi(&mrow, &ro);
+                    let y = b.for_fold(&zero_i, &dc, &[bias], |b, c, acc| {
+                        let col = b.addi(&khd, c);
+                        let pooled = b.for_fold(&zero_i, &blockc, std::slice::from_ref(&zero), |b, j, acc| {
+                            let row = b.addi(&first, j);
+                            let x = load(b, src, &row, &col);
+                            let wi = b.addi(&wbase, j);
+                            let pj = b.load(w, &wi);
+                            vec![b.fma(&pj, &x, &acc[0])]
+                        });
+                        let mi = b.addi(&mrow, c);
+                        let m = b.load(w, &mi);
+                        vec![b.fma(&m, &pooled[0], &acc[0])]
+                    });
+                    put(b, 3 + which, o, &y[0]);
+                });
+            }
         });
     });
     Ok(())
@@ -148,7 +209,7 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
         b.index(kvh),
         b.index(d),
         b.index(nsa.block as u64),
-        b.index(NativeSparse::block_words(kvh * d)),
+        b.index(nsa.block_words(kvh * d)),
         b.index(h * d),
         b.index(nsa.select_words_per_head()),
     );
@@ -218,8 +279,8 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
             Vec::new()
         };
         let khd3 = b.muli(&kh, &dc);
-        let three = b.index(3);
-        let seg = b.muli(&khd3, &three);
+        let slabs = b.index(nsa.block_slabs());
+        let seg = b.muli(&khd3, &slabs);
         // Head g's score of block `blk` (scaled like a key's score).
         let score = |b: &mut KernelBuilder, g: usize, blk: &str| -> V {
             let rb = b.muli(blk, &rowc);
