@@ -87,16 +87,7 @@ fn targets(m: &Model, plan: &Plan) -> Result<Vec<Target>> {
 /// The calibration token sequences: the texts concatenated, tokenized, the
 /// first `tokens` ids cut into sequences of at most `SEQUENCE` (and the context).
 fn sequences(m: &Model, plan: &Plan) -> Result<(Vec<Vec<u32>>, Vec<String>, blake3::Hash)> {
-    let mut text = String::new();
-    let mut names = Vec::new();
-    for p in &plan.calibration.texts {
-        text.push_str(&std::fs::read_to_string(p).with_context(|| format!("calibration text {}", p.display()))?);
-        text.push('\n');
-        names.push(p.display().to_string());
-    }
-    let tok = m.tokenizer().context("calibration needs the model's tokenizer")?;
-    let enc = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the calibration text: {e}"))?;
-    let ids = enc.get_ids();
+    let (ids, names) = calibration_ids(m, plan)?;
     let want = plan.calibration.tokens;
     if ids.len() < want {
         bail!("the calibration text gives {} tokens, the plan asks for {want} ([calibration] tokens)", ids.len());
@@ -111,6 +102,20 @@ fn sequences(m: &Model, plan: &Plan) -> Result<(Vec<Vec<u32>>, Vec<String>, blak
         h.update(b"|");
     }
     Ok((seqs, names, h.finalize()))
+}
+
+/// The plan's calibration texts, concatenated and tokenized, and their names.
+pub fn calibration_ids(m: &Model, plan: &Plan) -> Result<(Vec<u32>, Vec<String>)> {
+    let mut text = String::new();
+    let mut names = Vec::new();
+    for p in &plan.calibration.texts {
+        text.push_str(&std::fs::read_to_string(p).with_context(|| format!("calibration text {}", p.display()))?);
+        text.push('\n');
+        names.push(p.display().to_string());
+    }
+    let tok = m.tokenizer().context("calibration needs the model's tokenizer")?;
+    let enc = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the calibration text: {e}"))?;
+    Ok((enc.get_ids().to_vec(), names))
 }
 
 /// Calibration statistics (the Gram matrix of the input of every weight

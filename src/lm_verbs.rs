@@ -148,7 +148,8 @@ impl LmSource {
         if let Some(text) = plan {
             // `from-weights` rules become concrete patterns per weight.
             let text = &crate::from_weights::resolve(&m, text)?;
-            let mut plan = sparsec_passes::Plan::parse(text)?;
+            let mut full = text.to_string();
+            let mut plan = sparsec_passes::Plan::parse(&full)?;
             // Low-rank factoring adds the factors the `low-rank` pass multiplies by.
             let fingerprint = if plan.factors() { m.fingerprint() } else { String::new() };
             if let Some(r) = crate::factor::apply(Some(&mut m), &fingerprint, Some(&plan), calibration_cache)? {
@@ -160,8 +161,14 @@ impl LmSource {
             if plan.needs_calibration() {
                 if let Some(r) = crate::calibrated::apply(&m, &m.fingerprint(), &plan, calibration_cache)? {
                     eprintln!("{}", crate::calibrated::describe(&r));
-                    plan = sparsec_passes::Plan::parse(&(text.to_string() + &crate::calibrated::plan_overrides(&r)))?;
+                    full += &crate::calibrated::plan_overrides(&r);
+                    plan = sparsec_passes::Plan::parse(&full)?;
                 }
+            }
+            if let Some(r) = crate::nsa_gates::apply(&mut m, &plan)? {
+                eprintln!("{}", crate::nsa_gates::describe(&r));
+                full += &crate::nsa_gates::plan_overrides(&r, &plan);
+                plan = sparsec_passes::Plan::parse(&full)?;
             }
             sparsec_passes::PassManager::with_plan(Some(plan), Default::default()).run(&mut m.graph)?;
         }

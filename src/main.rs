@@ -22,6 +22,7 @@ mod export;
 mod factor;
 mod from_weights;
 mod lm_verbs;
+mod nsa_gates;
 mod owl;
 mod tradeoff;
 
@@ -159,6 +160,21 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
         (Some(t), Some(r)) => Some(t + &crate::calibrated::plan_overrides(r)),
         (t, _) => t,
     };
+    // NSA gates fitted on the calibration text become rules; adapters become weights.
+    let nsa = match (plan_text.as_deref().map(sparsec_passes::Plan::parse).transpose()?, model.as_mut()) {
+        (Some(plan), Some(m)) => crate::nsa_gates::apply(m, &plan)?.map(|r| (r, plan)),
+        (Some(plan), None) if plan.fits_nsa_gates() || plan.nsa_adapters().next().is_some() => {
+            anyhow::bail!("{}: NSA gate = \"fitted\" and adapters need a model checkpoint (GGUF, HF directory or smollm2)", input.display())
+        }
+        _ => None,
+    };
+    if let Some((r, _)) = &nsa {
+        eprintln!("{}", crate::nsa_gates::describe(r));
+    }
+    let plan_text = match (plan_text, &nsa) {
+        (Some(t), Some((r, plan))) => Some(t + &crate::nsa_gates::plan_overrides(r, plan)),
+        (t, _) => t,
+    };
     use sparsec_compiler::WeightData;
     let lookup = |role: &str, dt: sparsec_ir::DType| -> Result<Option<(Vec<usize>, WeightData)>, sparsec_compiler::CompileError> {
         let Some(m) = &model else { return Ok(None) };
@@ -191,7 +207,8 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
     // The weights as pruned: the checkpoint and, when calibrated, the statistics.
     let fingerprint = model_fingerprint
         + &calibration.as_ref().map(|r| format!("+calibration:{}", r.key)).unwrap_or_default()
-        + &factored.as_ref().map(|r| format!("+factors:{}", r.key)).unwrap_or_default();
+        + &factored.as_ref().map(|r| format!("+factors:{}", r.key)).unwrap_or_default()
+        + &nsa.as_ref().map(|(r, _)| format!("+nsa-adapters:{}", r.adapters_key)).unwrap_or_default();
     let weights = match (&flags.weights, &model) {
         (Some(p), _) => sparsec_compiler::WeightSource::File(p),
         (None, Some(_)) => {

@@ -111,12 +111,87 @@ fn check_nsa(device: DeviceKind) {
     let plan = tmp.path().join("nsa.toml");
     std::fs::write(&plan, "[[rule]]\nlayers = \"all\"\nattention = { nsa = { block = 4, top_n = 2, window = 8, sinks = 1 } }\n").unwrap();
     let art = Artifact::open(&compile_fixture_args("llama_tiny", tmp.path(), &["--plan", plan.to_str().unwrap()])).unwrap();
-    let exec = Executor::load(&art, device).unwrap();
+    nsa_session_equals_the_interpreter(&art, device, "nsa");
+}
+
+/// A 20-token prompt in calls of 6 and 12 decode steps of the tiny Llama
+/// `art` on `device`, every call against the interpreter.
+fn nsa_session_equals_the_interpreter(art: &Artifact, device: DeviceKind, what: &str) {
+    let exec = Executor::load(art, device).unwrap();
     let cap = SessionCapacity { positions: 40, seq: 4 };
-    let ids = prompt(&art, 20);
-    let mut s = exec.session(&art, cap).unwrap();
-    let steps = compare_steps(&mut s, &mut Reference::Interpreter(&art), &ids, 6, 12, TOL).unwrap();
-    assert_all_pass(&format!("llama_tiny with nsa on {device:?} vs interpreter"), &steps, 4 + 12);
+    let ids = prompt(art, 20);
+    let mut s = exec.session(art, cap).unwrap();
+    let steps = compare_steps(&mut s, &mut Reference::Interpreter(art), &ids, 6, 12, TOL).unwrap();
+    assert_all_pass(&format!("llama_tiny with {what} on {device:?} vs interpreter"), &steps, 4 + 12);
+}
+
+/// NSA adapters (`docs/nsa-adapters.md`) for both layers of the tiny Llama
+/// (4 heads, 2 KV heads of width 8, model width 32, blocks of 4): seeded
+/// gate and linear compression weights, written as safetensors.
+fn write_adapters(path: &Path) {
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut rand = |n: usize, scale: f32| -> Vec<u8> {
+        (0..n)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (((x >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale).to_le_bytes()
+            })
+            .collect()
+    };
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for l in 0..2 {
+        tensors.push((format!("layers.{l}.nsa.gate.weight"), vec![12, 32], rand(12 * 32, 0.5)));
+        tensors.push((format!("layers.{l}.nsa.gate.bias"), vec![12], rand(12, 1.0)));
+        for kv in ["k", "v"] {
+            tensors.push((format!("layers.{l}.nsa.compress_{kv}.pos"), vec![2, 4], rand(8, 0.5)));
+            tensors.push((format!("layers.{l}.nsa.compress_{kv}.weight"), vec![2, 8, 8], rand(128, 0.4)));
+            tensors.push((format!("layers.{l}.nsa.compress_{kv}.bias"), vec![2, 8], rand(16, 0.1)));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, shape, data)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, &None, path).unwrap();
+}
+
+/// `check_nsa` with trained adapters: three branches mixed by sigmoid gates
+/// computed from each layer's input, linear block compression.
+fn check_nsa_adapters(device: DeviceKind) {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapters = tmp.path().join("adapters.safetensors");
+    write_adapters(&adapters);
+    let plan = tmp.path().join("nsa.toml");
+    std::fs::write(
+        &plan,
+        format!(
+            "[[rule]]\nlayers = \"all\"\nattention = {{ nsa = {{ block = 4, top_n = 2, window = 8, sinks = 1, adapters = \"{}\" }} }}\n",
+            adapters.display()
+        ),
+    )
+    .unwrap();
+    let art = Artifact::open(&compile_fixture_args("llama_tiny", tmp.path(), &["--plan", plan.to_str().unwrap()])).unwrap();
+    // The adapters are in the artifact's graph: a gated, linearly compressed NSA.
+    let g = sparsec_ir::parse_graph(&std::fs::read_to_string(art.dir.join("graph.sir")).unwrap()).unwrap();
+    let nsa: Vec<_> = g.nodes.iter().filter_map(|n| sparsec_ir::NativeSparse::of(&n.patterns)).collect();
+    assert_eq!(nsa.len(), 2);
+    assert!(nsa.iter().all(|n| n.gate == sparsec_ir::NsaGate::Sigmoid && n.compress == sparsec_ir::NsaCompress::Linear));
+    nsa_session_equals_the_interpreter(&art, device, "nsa adapters");
+}
+
+#[test]
+fn cpu_session_with_nsa_adapters_equals_the_interpreter() {
+    check_nsa_adapters(DeviceKind::Cpu);
+}
+
+#[test]
+fn cuda_session_with_nsa_adapters_equals_the_interpreter() {
+    if !common::require_gpu(sparsec_runtime::cuda::cuda_available()) {
+        return;
+    }
+    check_nsa_adapters(DeviceKind::Cuda);
 }
 
 #[test]

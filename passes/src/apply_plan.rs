@@ -62,13 +62,20 @@ pub fn nsa_adapter_names(layer: u64) -> [String; 3] {
 }
 
 /// The input the projections of attention `att` read (q's matmul's input,
-/// through RoPE and a bias), for a gate computed from it.
-fn attention_input(g: &Graph, att: usize) -> Option<ValueId> {
+/// through RoPE and a bias), for a gate computed from it, with its width and
+/// q's (from q's weight, whose type a leaf declares).
+fn attention_input(g: &Graph, att: usize) -> Option<(ValueId, u64, u64)> {
     let mut v = g.nodes[att].operands[0];
     for _ in 0..4 {
         match g.node(v).op {
             Op::Rope { .. } | Op::Add => v = g.node(v).operands[0],
-            Op::MatMul { .. } => return Some(g.node(v).operands[0]),
+            Op::MatMul { transpose_b } => {
+                let n = g.node(v);
+                let w = g.node(*n.operands.get(1)?).ty.as_ref()?;
+                let (Some(Dim::Fixed(a)), Some(Dim::Fixed(b))) = (w.dims.first().copied(), w.dims.get(1).copied()) else { return None };
+                let (input, q) = if transpose_b { (b, a) } else { (a, b) };
+                return Some((n.operands[0], input, q));
+            }
             _ => return None,
         }
     }
@@ -82,7 +89,6 @@ fn attention_input(g: &Graph, att: usize) -> Option<ValueId> {
 /// with q, k and v until the fit's rules come (`run` checks that they did).
 /// Returns the attention's index after the insertions.
 fn set_nsa_operands(g: &mut Graph, name: &str, layer: u64, nsa: &NativeSparse, plan: &NsaGatePlan) -> Result<usize, String> {
-    let types = sparsec_ir::verify(g).map_err(|e| e.to_string())?;
     let att = g.find(name).ok_or_else(|| format!("`%{name}` is gone"))?.0;
     g.nodes[att].operands.truncate(3);
     let Op::Attention { heads, kv_heads } = g.nodes[att].op else { return Err("nsa needs an attention".into()) };
@@ -100,11 +106,9 @@ fn set_nsa_operands(g: &mut Graph, name: &str, layer: u64, nsa: &NativeSparse, p
             return Ok(att + 1);
         }
         NsaGatePlan::Adapters(_) => {
-            let x = attention_input(g, att).ok_or_else(|| format!("`%{name}`: adapters need q to be a projection of the layer input"))?;
-            let (dm, d) = match (types[x.0].dims.last(), types[g.nodes[att].operands[0].0].dims.last()) {
-                (Some(Dim::Fixed(dm)), Some(Dim::Fixed(qw))) => (*dm, qw / h.max(1)),
-                _ => return Err(format!("`%{name}`: adapters need fixed widths")),
-            };
+            let (x, dm, qw) = attention_input(g, att)
+                .ok_or_else(|| format!("`%{name}`: adapters need q to be a projection of the layer input by a weight of fixed shape"))?;
+            let d = qw / h.max(1);
             let [gw, gb, cw] = nsa_adapter_names(layer);
             let weight = |g: &Graph, role: &str, dims: Vec<u64>| {
                 let ty = TensorType::new(DType::F32, dims.into_iter().map(Dim::Fixed).collect());

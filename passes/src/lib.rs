@@ -10,7 +10,7 @@ pub mod plan;
 mod shape_infer;
 mod verify;
 
-pub use apply_plan::{layer_and_role, resolve_from_weights, sparsity_value, ApplyPlan, FoundPattern, ResolvedPlan};
+pub use apply_plan::{layer_and_role, nsa_adapter_names, resolve_from_weights, sparsity_value, ApplyPlan, FoundPattern, ResolvedPlan};
 pub use const_fold::ConstFold;
 pub use dce::DeadCodeElimination;
 pub use low_rank::{factor_names, LowRankLowering};

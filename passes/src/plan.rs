@@ -693,6 +693,14 @@ impl Plan {
         self.rules.iter().any(|r| r.nsa_gate == NsaGatePlan::Fitted)
     }
 
+    /// The adapter files rules name (`adapters = "FILE"`).
+    pub fn nsa_adapters(&self) -> impl Iterator<Item = &std::path::Path> {
+        self.rules.iter().filter_map(|r| match &r.nsa_gate {
+            NsaGatePlan::Adapters(p) => Some(p.as_path()),
+            _ => None,
+        })
+    }
+
     pub fn needs_calibration(&self) -> bool {
         self.rules.iter().any(|r| r.sparsity.is_some() && r.method.calibrated())
     }
@@ -789,6 +797,26 @@ mod tests {
         for name in ["half", "quarter", "aggressive"] {
             let p = Plan::parse(&Plan::preset(name).unwrap()).unwrap();
             assert_eq!(p.rules[0].window, named_schedule(name, DEFAULT_SINKS), "{name}");
+        }
+    }
+
+    #[test]
+    fn nsa_gates_are_joint_fitted_listed_or_trained() {
+        let rule = |t: &str| Plan::parse(&format!("[[rule]]\nattention = {{ nsa = {{ {t} }} }}\n")).map(|p| p.rules[0].clone());
+        let r = rule("gate = \"fitted\"").unwrap();
+        assert_eq!((r.nsa_gate, r.nsa.map(|n| n.gate)), (NsaGatePlan::Fitted, Some(NsaGate::Fixed)));
+        let r = rule("gate = [0.5, 0.25, 1.0]").unwrap();
+        assert_eq!(r.nsa_gate, NsaGatePlan::Values(vec![0.5, 0.25, 1.0]));
+        let r = rule("adapters = \"a.safetensors\"").unwrap();
+        assert_eq!(r.nsa.map(|n| (n.gate, n.compress)), Some((NsaGate::Sigmoid, NsaCompress::Linear)));
+        assert_eq!(rule("gate = \"joint\"").unwrap().nsa, Some(NSA_DEFAULT));
+        for (t, why) in [
+            ("gate = \"soft\"", "expected \"joint\", \"fitted\""),
+            ("gate = [1.0, 2.0]", "3 finite ones per head"),
+            ("gate = \"fitted\", adapters = \"a\"", "not both"),
+        ] {
+            let e = rule(t).unwrap_err().to_string();
+            assert!(e.contains(why), "{t}: {e}");
         }
     }
 
