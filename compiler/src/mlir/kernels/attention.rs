@@ -11,7 +11,9 @@
 //! decode the visible keys are split over `ATTN_SPLITS` units
 //! (flash-decoding); each writes its partial softmax (max, sum, weighted
 //! values) to a scratch buffer, and a second phase of units, one per
-//! (row, head), combines them. Otherwise on the CPU: one unit per
+//! (row, head), combines them. Prefill without windows or NSA is
+//! flash-style: a unit takes a block of `FLASH_ROWS` query rows, so each key
+//! tile is widened once per block rather than once per row. Otherwise on the CPU: one unit per
 //! (row, head), an online softmax accumulating into the output row. On
 //! NVIDIA: a block of warps per (row, head), its lanes splitting the keys,
 //! combined with warp shuffles and then across the warps in shared memory.
@@ -34,6 +36,8 @@ const ATTN_PREFETCH_KEYS: u64 = 16;
 /// f32 (2·32·64·4 = 16 KiB at head width 64), stay in L1 while every head of
 /// the group reads them.
 const KEY_TILE: u64 = 32;
+/// Query rows of one flash-style prefill unit (`Attn::flash_unit`).
+const FLASH_ROWS: u64 = 16;
 /// The most units one decode row's keys are split over, per KV head.
 pub const ATTN_SPLITS: u64 = 8;
 /// The fewest visible keys a decode row splits (into `ATTN_SPLITS` spans):
@@ -191,6 +195,23 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
         Device::Cpu => ctx.emit_online(b, cx),
         Device::Nvptx => ctx.emit_warp(b, cx),
     }
+}
+
+/// The CPU split variant's key tile: K and V rows widened to f32, and a row
+/// of scores.
+struct TileMem {
+    k: V,
+    v: V,
+    s: V,
+}
+
+/// The flash-style prefill's running state for a block of `FLASH_ROWS`
+/// rows: per (row, head of the group) the max and the sum, and the weighted
+/// values (a head width each).
+struct FlashMem {
+    m: V,
+    l: V,
+    acc: V,
 }
 
 struct Attn {
@@ -524,12 +545,303 @@ impl Attn {
     /// contiguous range of units, so every range costs about the same.
     fn mirrored_row(b: &mut KernelBuilder, i: &str) -> V {
         let seq = b.seq();
+        Self::mirrored(b, i, &seq)
+    }
+
+    /// CPU split variant: widens keys `tb..tb + nk` of KV head part `khd`
+    /// (cache rows from `row_of`) into the tile's K and V rows, in f32; the
+    /// caches are read from memory, so rows ahead are prefetched (clamped to
+    /// the caches' last element `kv_last`).
+    #[allow(clippy::too_many_arguments)]
+    fn widen_tile(
+        &self,
+        b: &mut KernelBuilder,
+        t: &TileMem,
+        tb: &str,
+        nk: &str,
+        khd: &str,
+        kv_last: &str,
+        row_of: &dyn Fn(&mut KernelBuilder, &str) -> V,
+    ) {
+        let d = self.d;
+        let kvw = self.kvh * d;
+        let nv = (d / VW as u64) as usize;
+        let (zero_i, dc, kvwc) = (b.index(0), b.index(d), b.index(kvw));
+        let (ktile, vtile) = (&t.k, &t.v);
+        b.for_each(&zero_i, nk, |b, i| {
+            let tk = b.addi(tb, i);
+            let j = row_of(b, &tk);
+            let at = b.muli(i, &dc);
+            if let Some((qk, qv)) = &self.quant {
+                // Blocks of 32 of the head's part of the row, dequantized.
+                let rowb = b.index(qk.row_bytes());
+                let rb = b.muli(&j, &rowb);
+                for q in [qk, qv] {
+                    b.prefetch_ahead(q.bytes(), &rb, ATTN_PREFETCH_KEYS * qk.row_bytes(), kv_last, "i8");
+                }
+                let qkc = b.index(sparsec_ir::quant::QK as u64);
+                let blk0 = b.divui(khd, &qkc);
+                for c in 0..d / sparsec_ir::quant::QK as u64 {
+                    let ci = b.index(c);
+                    let blk = b.addi(&blk0, &ci);
+                    let o = b.index(c * sparsec_ir::quant::QK as u64);
+                    let dst = b.addi(&at, &o);
+                    let sixteen = b.index(16);
+                    let dst2 = b.addi(&dst, &sixteen);
+                    for (q, tile) in [(qk, ktile), (qv, vtile)] {
+                        let (lo, hi) = q.load_block(b, &j, &blk);
+                        b.vstore(&lo, tile, &dst, 16);
+                        b.vstore(&hi, tile, &dst2, 16);
+                    }
+                }
+                return;
+            }
+            let rb = b.muli(&j, &kvwc);
+            let base = b.addi(&rb, khd);
+            for buf in [&self.kbuf, &self.vbuf] {
+                b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw, kv_last, self.kv_elem());
+                b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw + d - 1, kv_last, self.kv_elem());
+            }
+            for v in 0..nv {
+                let o = b.index(v as u64 * VW as u64);
+                let src = b.addi(&base, &o);
+                let dst = b.addi(&at, &o);
+                let k = self.kv_vload(b, &self.kbuf, &src);
+                b.vstore(&k, ktile, &dst, VW);
+                let x = self.kv_vload(b, &self.vbuf, &src);
+                b.vstore(&x, vtile, &dst, VW);
+            }
+        });
+    }
+
+    /// CPU split variant: one head's online softmax over the first `nk`
+    /// keys of a widened tile: scores against the query `qs` (vectors of
+    /// `VW`), VW keys at a time (their dots overlap in flight and one
+    /// butterfly sums all VW) and then one by one; the running max and sum
+    /// `(m, l)` rescaled, and the head's weighted values at `acc[ab..]` too.
+    /// Returns the new max and sum.
+    fn head_tile(
+        &self,
+        b: &mut KernelBuilder,
+        t: &TileMem,
+        qs: &[V],
+        nk: &str,
+        (m_old, l_old): (&str, &str),
+        (acc, ab): (&str, &str),
+    ) -> (V, V) {
+        let d = self.d;
+        let nv = qs.len();
+        let vty = KernelBuilder::vty(VW);
+        let (zero_i, dc) = (b.index(0), b.index(d));
+        let (zero, ninf) = (b.f32(0.0), b.f32(-1e30));
+        let scale = b.f32(1.0 / (d as f32).sqrt());
+        let z = b.vzero(VW);
+        let (ktile, vtile, stile) = (&t.k, &t.v, &t.s);
+        let vwc = b.index(VW as u64);
+        let blocks = b.divui(nk, &vwc);
+        let blocked = b.muli(&blocks, &vwc);
+        let key_dot = |b: &mut KernelBuilder, i: &str| -> V {
+            let kb = b.muli(i, &dc);
+            let mut a = z.clone();
+            for (v, q) in qs.iter().enumerate() {
+                let o = b.index(v as u64 * VW as u64);
+                let at = b.addi(&kb, &o);
+                let k = b.vload(ktile, &at, VW);
+                a = b.vfma(q, &k, &a, VW);
+            }
+            a
+        };
+        let vninf = b.vbroadcast(&ninf, VW);
+        let vscale = b.vbroadcast(&scale, VW);
+        let vmax = b.for_fold_typed(&zero_i, &blocked, VW as u64, &[(vninf, vty.clone())], |b, ib, a| {
+            let dots: Vec<V> = (0..VW as u64)
+                .map(|u| {
+                    let o = b.index(u);
+                    let i = b.addi(ib, &o);
+                    key_dot(b, &i)
+                })
+                .collect();
+            let sums = b.vsums(&dots, VW);
+            let sv = b.def(format!("arith.mulf {sums}, {vscale} : {vty}"));
+            b.vstore(&sv, stile, ib, VW);
+            vec![b.def(format!("arith.maxnumf {}, {sv} : {vty}", a[0]))]
+        });
+        let block_max = b.def(format!("vector.reduction <maxnumf>, {} : {vty} into f32", vmax[0]));
+        let tmax = b.for_fold(&blocked, nk, &[block_max], |b, i, a| {
+            let dot = key_dot(b, i);
+            let dsum = b.vsum(&dot, VW);
+            let sv = b.mul(&dsum, &scale);
+            b.store(&sv, stile, i);
+            vec![b.fbin("maxnumf", &a[0], &sv)]
+        });
+        // Online softmax: rescale what the earlier tiles summed.
+        let m_new = b.fbin("maxnumf", m_old, &tmax[0]);
+        let dm = b.sub(m_old, &m_new);
+        let corr = math::exp(b, &dm);
+        let tsum = b.for_fold(&zero_i, nk, std::slice::from_ref(&zero), |b, i, a| {
+            let sv = b.load(stile, i);
+            let c = b.sub(&sv, &m_new);
+            let e = math::exp(b, &c);
+            b.store(&e, stile, i);
+            // Reassociable, so LLVM may vectorize this loop (exp included).
+            vec![b.def(format!("arith.addf {}, {e} fastmath<reassoc> : f32", a[0]))]
+        });
+        let l_new = b.fma(l_old, &corr, &tsum[0]);
+        let corrv = b.vbroadcast(&corr, VW);
+        let init: Vec<(V, String)> = (0..nv)
+            .map(|v| {
+                let o = b.index(v as u64 * VW as u64);
+                let at = b.addi(ab, &o);
+                let a = b.vload(acc, &at, VW);
+                (b.def(format!("arith.mulf {a}, {corrv} : {vty}")), vty.clone())
+            })
+            .collect();
+        let accs = b.for_fold_typed(&zero_i, nk, 1, &init, |b, i, accs| {
+            let e = b.load(stile, i);
+            let ev = b.vbroadcast(&e, VW);
+            let vb = b.muli(i, &dc);
+            (0..nv)
+                .map(|v| {
+                    let o = b.index(v as u64 * VW as u64);
+                    let at = b.addi(&vb, &o);
+                    let x = b.vload(vtile, &at, VW);
+                    b.vfma(&ev, &x, &accs[v], VW)
+                })
+                .collect()
+        });
+        for (v, a) in accs.iter().enumerate() {
+            let o = b.index(v as u64 * VW as u64);
+            let at = b.addi(ab, &o);
+            b.vstore(a, acc, &at, VW);
+        }
+        (m_new, l_new)
+    }
+
+    /// CPU split variant, prefill of a model without windows or NSA
+    /// (flash-style): the unit `unit` of phase 1 whose split is 0 and whose
+    /// row is a multiple of `FLASH_ROWS` takes a block of that many query rows
+    /// (blocks in mirrored order, so even ranges of units are even work) of
+    /// KV head `kh`, and walks the keys they see in tiles: each tile is
+    /// widened once for every row and head of the block (not once per row),
+    /// each row taking the tile's keys at or before its position. Running
+    /// maxima, sums and weighted values live in `mem` until the rows are
+    /// written.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_unit(&self, b: &mut KernelBuilder, unit: &str, t: &TileMem, mem: &FlashMem, q: &str, out: &str, kv_last: &str) {
+        let (h, kvh, d) = (self.h, self.kvh, self.d);
+        let group = h / kvh;
+        let nv = (d / VW as u64) as usize;
+        let vty = KernelBuilder::vty(VW);
+        let (zero_i, one_i) = (b.index(0), b.index(1));
+        let (per_row, splitsc, rowsc) = (b.index(kvh * ATTN_SPLITS), b.index(ATTN_SPLITS), b.index(FLASH_ROWS));
+        let (dc, qwc, groupc, tile_keys) = (b.index(d), b.index(h * d), b.index(group), b.index(KEY_TILE));
+        let (zero, ninf) = (b.f32(0.0), b.f32(-1e30));
+        let r = b.divui(unit, &per_row);
+        let rem = b.remui(unit, &per_row);
+        let kh = b.divui(&rem, &splitsc);
+        let s = b.remui(&rem, &splitsc);
+        let rr = b.remui(&r, &rowsc);
+        let first_split = b.def(format!("arith.cmpi eq, {s}, {zero_i} : index"));
+        let block_row = b.def(format!("arith.cmpi eq, {rr}, {zero_i} : index"));
+        let active = b.def(format!("arith.andi {first_split}, {block_row} : i1"));
+        b.if_then(&active, |b| {
+            let seq = b.seq();
+            let bi = b.divui(&r, &rowsc);
+            let last = b.index(FLASH_ROWS - 1);
+            let nblk = b.addi(&seq, &last);
+            let nblk = b.divui(&nblk, &rowsc);
+            let blk = Self::mirrored(b, &bi, &nblk);
+            let r0 = b.muli(&blk, &rowsc);
+            let r1 = b.addi(&r0, &rowsc);
+            let r1 = b.minui(&r1, &seq);
+            let nr = b.def(format!("arith.subi {r1}, {r0} : index"));
+            let pos = b.pos();
+            let khd = b.muli(&kh, &dc);
+            let head0 = b.muli(&kh, &groupc);
+            let cells = b.muli(&nr, &groupc);
+            b.for_each(&zero_i, &cells, |b, c| {
+                b.store(&ninf, &mem.m, c);
+                b.store(&zero, &mem.l, c);
+            });
+            let acc_n = b.muli(&cells, &dc);
+            b.for_each(&zero_i, &acc_n, |b, i| b.store(&zero, &mem.acc, i));
+            // The block's last row sees keys 0..t_end.
+            let t_end = b.addi(&pos, &r1);
+            b.for_step(&zero_i, &t_end, KEY_TILE, |b, tb| {
+                let te = b.addi(tb, &tile_keys);
+                let te = b.minui(&te, &t_end);
+                let nk = b.def(format!("arith.subi {te}, {tb} : index"));
+                self.widen_tile(b, t, tb, &nk, &khd, kv_last, &|_: &mut KernelBuilder, t: &str| t.to_string());
+                b.for_each(&zero_i, &nr, |b, i| {
+                    let row = b.addi(&r0, i);
+                    let p = b.addi(&pos, &row);
+                    let end = b.addi(&p, &one_i);
+                    let seen = b.sub_or_zero(&end, tb);
+                    let nk_row = b.minui(&nk, &seen);
+                    let any = b.def(format!("arith.cmpi ugt, {nk_row}, {zero_i} : index"));
+                    b.if_then(&any, |b| {
+                        let qrow = b.muli(&row, &qwc);
+                        let cell0 = b.muli(i, &groupc);
+                        for g in 0..group {
+                            let gi = b.index(g);
+                            let head = b.addi(&head0, &gi);
+                            let qhd = b.muli(&head, &dc);
+                            let qbase = b.addi(&qrow, &qhd);
+                            let qs: Vec<V> = (0..nv)
+                                .map(|v| {
+                                    let o = b.index(v as u64 * VW as u64);
+                                    let at = b.addi(&qbase, &o);
+                                    b.vload(q, &at, VW)
+                                })
+                                .collect();
+                            let cell = b.addi(&cell0, &gi);
+                            let m_old = b.load(&mem.m, &cell);
+                            let l_old = b.load(&mem.l, &cell);
+                            let ab = b.muli(&cell, &dc);
+                            let (m_new, l_new) = self.head_tile(b, t, &qs, &nk_row, (&m_old, &l_old), (&mem.acc, &ab));
+                            b.store(&m_new, &mem.m, &cell);
+                            b.store(&l_new, &mem.l, &cell);
+                        }
+                    });
+                });
+            });
+            // The rows: weighted values over their sums.
+            b.for_each(&zero_i, &nr, |b, i| {
+                let row = b.addi(&r0, i);
+                let qrow = b.muli(&row, &qwc);
+                let cell0 = b.muli(i, &groupc);
+                for g in 0..group {
+                    let gi = b.index(g);
+                    let cell = b.addi(&cell0, &gi);
+                    let l = b.load(&mem.l, &cell);
+                    let one = b.f32(1.0);
+                    let inv = b.div(&one, &l);
+                    let invv = b.vbroadcast(&inv, VW);
+                    let ab = b.muli(&cell, &dc);
+                    let head = b.addi(&head0, &gi);
+                    let qhd = b.muli(&head, &dc);
+                    let obase = b.addi(&qrow, &qhd);
+                    for v in 0..nv {
+                        let o = b.index(v as u64 * VW as u64);
+                        let at = b.addi(&ab, &o);
+                        let a = b.vload(&mem.acc, &at, VW);
+                        let y = b.def(format!("arith.mulf {a}, {invv} : {vty}"));
+                        let at = b.addi(&obase, &o);
+                        b.vstore(&y, out, &at, VW);
+                    }
+                }
+            });
+        });
+    }
+
+    /// Index `i` of the order 0, n-1, 1, n-2, ... over `0..n`.
+    fn mirrored(b: &mut KernelBuilder, i: &str, n: &str) -> V {
         let one = b.index(1);
         let two = b.index(2);
         let half = b.divui(i, &two);
         let odd = b.remui(i, &two);
         let odd = b.def(format!("arith.index_cast {odd} : index to i1"));
-        let last = b.def(format!("arith.subi {seq}, {one} : index"));
+        let last = b.def(format!("arith.subi {n}, {one} : index"));
         let mirrored = b.def(format!("arith.subi {last}, {half} : index"));
         b.def(format!("arith.select {odd}, {mirrored}, {half} : index"))
     }
@@ -542,19 +854,16 @@ impl Attn {
         let (h, kvh, d) = (self.h, self.kvh, self.d);
         let group = h / kvh;
         let qw = h * d;
-        let kvw = kvh * d;
         let nv = (d / VW as u64) as usize;
         let (first, total) = cpu_phases(spec)?;
         let first = b.sym(first);
         let total = b.sym(total);
         let zero_i = b.index(0);
         let one_i = b.index(1);
-        let (dc, qwc, kvwc, groupc, hc, splitsc) =
-            (b.index(d), b.index(qw), b.index(kvw), b.index(group), b.index(h), b.index(ATTN_SPLITS));
+        let (dc, qwc, groupc, hc, splitsc) = (b.index(d), b.index(qw), b.index(group), b.index(h), b.index(ATTN_SPLITS));
         let rec = b.index(d + 2);
         let zero = b.f32(0.0);
         let ninf = b.f32(-1e30);
-        let scale = b.f32(1.0 / (d as f32).sqrt());
         let pos = b.pos();
         // Key tiles: a tile's K and V rows widened to f32 once, for every head
         // of the group (f16 caches convert once per group, not once per head).
@@ -563,6 +872,7 @@ impl Attn {
         let vtile = b.alloca_f32(&tile_elems);
         let tile_keys = b.index(KEY_TILE);
         let stile = b.alloca_f32(&tile_keys);
+        let tiles_mem = TileMem { k: ktile, v: vtile, s: stile };
         // The group's running weighted sums of values, one row per head.
         let acc_elems = b.index(group * d);
         let acc_mem = b.alloca_f32(&acc_elems);
@@ -590,7 +900,13 @@ impl Attn {
         let vty = KernelBuilder::vty(VW);
         // Phase 1: partial softmax of (row, KV head, split) for each head of the group.
         let ub = b.minui("%hi", &first);
-        b.for_each("%lo", &ub, |b, unit| {
+        // Prefill of a model without windows or NSA goes flash-style.
+        let flash = (self.window.is_none() && self.nsa.is_none() && !self.hadamard).then(|| {
+            let cells = b.index(FLASH_ROWS * group);
+            let accs = b.index(FLASH_ROWS * group * d);
+            FlashMem { m: b.alloca_f32(&cells), l: b.alloca_f32(&cells), acc: b.alloca_f32(&accs) }
+        });
+        let per_row_unit = |b: &mut KernelBuilder, unit: &str| {
             let per_row = b.index(kvh * ATTN_SPLITS);
             let r = b.divui(unit, &per_row);
             let rem = b.remui(unit, &per_row);
@@ -611,7 +927,6 @@ impl Attn {
                 let khd = b.muli(&kh, &dc);
                 let head0 = b.muli(&kh, &groupc);
                 let qrow = b.muli(&row, &qwc);
-                let z = b.vzero(VW);
                 let qbase_of = |b: &mut KernelBuilder, g: u64| -> V {
                     let gi = b.index(g);
                     let head = b.addi(&head0, &gi);
@@ -647,55 +962,7 @@ impl Attn {
                         let te = b.addi(tb, &tile_keys);
                         let te = b.minui(&te, hi);
                         let nk = b.def(format!("arith.subi {te}, {tb} : index"));
-                        // Widen the tile's rows (the caches are read from memory: ask
-                        // for rows ahead, clamped to the caches' last element).
-                        b.for_each(&zero_i, &nk, |b, i| {
-                            let t = b.addi(tb, i);
-                            let j = self.key_row(b, &vis, &t);
-                            let at = b.muli(i, &dc);
-                            if let Some((qk, qv)) = &self.quant {
-                                // Blocks of 32 of the head's part of the row, dequantized.
-                                let rowb = b.index(qk.row_bytes());
-                                let rb = b.muli(&j, &rowb);
-                                for q in [qk, qv] {
-                                    b.prefetch_ahead(q.bytes(), &rb, ATTN_PREFETCH_KEYS * qk.row_bytes(), &kv_last, "i8");
-                                }
-                                let qkc = b.index(sparsec_ir::quant::QK as u64);
-                                let blk0 = b.divui(&khd, &qkc);
-                                for c in 0..d / sparsec_ir::quant::QK as u64 {
-                                    let ci = b.index(c);
-                                    let blk = b.addi(&blk0, &ci);
-                                    let o = b.index(c * sparsec_ir::quant::QK as u64);
-                                    let dst = b.addi(&at, &o);
-                                    let sixteen = b.index(16);
-                                    let dst2 = b.addi(&dst, &sixteen);
-                                    for (q, tile) in [(qk, &ktile), (qv, &vtile)] {
-                                        let (lo, hi) = q.load_block(b, &j, &blk);
-                                        b.vstore(&lo, tile, &dst, 16);
-                                        b.vstore(&hi, tile, &dst2, 16);
-                                    }
-                                }
-                                return;
-                            }
-                            let rb = b.muli(&j, &kvwc);
-                            let base = b.addi(&rb, &khd);
-                            for buf in [&self.kbuf, &self.vbuf] {
-                                b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw, &kv_last, self.kv_elem());
-                                b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw + d - 1, &kv_last, self.kv_elem());
-                            }
-                            for v in 0..nv {
-                                let o = b.index(v as u64 * VW as u64);
-                                let src = b.addi(&base, &o);
-                                let dst = b.addi(&at, &o);
-                                let k = self.kv_vload(b, &self.kbuf, &src);
-                                b.vstore(&k, &ktile, &dst, VW);
-                                let x = self.kv_vload(b, &self.vbuf, &src);
-                                b.vstore(&x, &vtile, &dst, VW);
-                            }
-                        });
-                        let vwc = b.index(VW as u64);
-                        let blocks = b.divui(&nk, &vwc);
-                        let blocked = b.muli(&blocks, &vwc);
+                        self.widen_tile(b, &tiles_mem, tb, &nk, &khd, &kv_last, &|b: &mut KernelBuilder, t: &str| self.key_row(b, &vis, t));
                         let mut next = Vec::new();
                         for g in 0..group {
                             let qbase = qbase_of(b, g);
@@ -712,83 +979,9 @@ impl Attn {
                                     }
                                 })
                                 .collect();
-                            let key_dot = |b: &mut KernelBuilder, i: &str| -> V {
-                                let kb = b.muli(i, &dc);
-                                let mut acc = z.clone();
-                                for (v, q) in qs.iter().enumerate() {
-                                    let o = b.index(v as u64 * VW as u64);
-                                    let at = b.addi(&kb, &o);
-                                    let k = b.vload(&ktile, &at, VW);
-                                    acc = b.vfma(q, &k, &acc, VW);
-                                }
-                                acc
-                            };
-                            // Scores VW keys at a time (their dots overlap in flight and
-                            // one butterfly sums all VW), then the rest one by one.
-                            let vninf = b.vbroadcast(&ninf, VW);
-                            let vscale = b.vbroadcast(&scale, VW);
-                            let vmax = b.for_fold_typed(&zero_i, &blocked, VW as u64, &[(vninf, vty.clone())], |b, ib, acc| {
-                                let dots: Vec<V> = (0..VW as u64)
-                                    .map(|u| {
-                                        let o = b.index(u);
-                                        let i = b.addi(ib, &o);
-                                        key_dot(b, &i)
-                                    })
-                                    .collect();
-                                let sums = b.vsums(&dots, VW);
-                                let sv = b.def(format!("arith.mulf {sums}, {vscale} : {vty}"));
-                                b.vstore(&sv, &stile, ib, VW);
-                                vec![b.def(format!("arith.maxnumf {}, {sv} : {vty}", acc[0]))]
-                            });
-                            let block_max = b.def(format!("vector.reduction <maxnumf>, {} : {vty} into f32", vmax[0]));
-                            let tmax = b.for_fold(&blocked, &nk, &[block_max], |b, i, acc| {
-                                let dot = key_dot(b, i);
-                                let dsum = b.vsum(&dot, VW);
-                                let sv = b.mul(&dsum, &scale);
-                                b.store(&sv, &stile, i);
-                                vec![b.fbin("maxnumf", &acc[0], &sv)]
-                            });
-                            // Online softmax: rescale what the earlier tiles summed.
                             let (m_old, l_old) = (&ml[2 * g as usize], &ml[2 * g as usize + 1]);
-                            let m_new = b.fbin("maxnumf", m_old, &tmax[0]);
-                            let dm = b.sub(m_old, &m_new);
-                            let corr = math::exp(b, &dm);
-                            let tsum = b.for_fold(&zero_i, &nk, std::slice::from_ref(&zero), |b, i, acc| {
-                                let sv = b.load(&stile, i);
-                                let c = b.sub(&sv, &m_new);
-                                let e = math::exp(b, &c);
-                                b.store(&e, &stile, i);
-                                // Reassociable, so LLVM may vectorize this loop (exp included).
-                                vec![b.def(format!("arith.addf {}, {e} fastmath<reassoc> : f32", acc[0]))]
-                            });
-                            let l_new = b.fma(l_old, &corr, &tsum[0]);
                             let ab = b.index(g * d);
-                            let corrv = b.vbroadcast(&corr, VW);
-                            let init: Vec<(V, String)> = (0..nv)
-                                .map(|v| {
-                                    let o = b.index(g * d + v as u64 * VW as u64);
-                                    let a = b.vload(&acc_mem, &o, VW);
-                                    (b.def(format!("arith.mulf {a}, {corrv} : {vty}")), vty.clone())
-                                })
-                                .collect();
-                            let accs = b.for_fold_typed(&zero_i, &nk, 1, &init, |b, i, accs| {
-                                let e = b.load(&stile, i);
-                                let ev = b.vbroadcast(&e, VW);
-                                let vb = b.muli(i, &dc);
-                                (0..nv)
-                                    .map(|v| {
-                                        let o = b.index(v as u64 * VW as u64);
-                                        let at = b.addi(&vb, &o);
-                                        let x = b.vload(&vtile, &at, VW);
-                                        b.vfma(&ev, &x, &accs[v], VW)
-                                    })
-                                    .collect()
-                            });
-                            for (v, acc) in accs.iter().enumerate() {
-                                let o = b.index(v as u64 * VW as u64);
-                                let at = b.addi(&ab, &o);
-                                b.vstore(acc, &acc_mem, &at, VW);
-                            }
+                            let (m_new, l_new) = self.head_tile(b, &tiles_mem, &qs, &nk, (m_old, l_old), (&acc_mem, &ab));
                             next.push(m_new);
                             next.push(l_new);
                         }
@@ -879,6 +1072,14 @@ impl Attn {
                     }
                 }
             });
+        };
+        b.for_each("%lo", &ub, |b, unit| match &flash {
+            Some(mem) => {
+                let seq = b.seq();
+                let prefill = b.def(format!("arith.cmpi ugt, {seq}, {one_i} : index"));
+                b.if_else(&prefill, |b| self.flash_unit(b, unit, &tiles_mem, mem, &ins[0], out, &kv_last), |b| per_row_unit(b, unit));
+            }
+            None => per_row_unit(b, unit),
         });
         // Phase 2: per (row, head) of a split decode row, the partials combined.
         let lb = b.maxui("%lo", &first);
