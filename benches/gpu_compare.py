@@ -162,12 +162,22 @@ def cmd_pack(a):
                 roles[f"layers.{i}.{r}"] = hf[f"model.layers.{i}.{n}.weight"]
     tensors = []
     import torch
+    # Weights no checkpoint role names (constants such as fixed NSA gates)
+    # travel in constants.safetensors, kept when the compile's weights file
+    # was removed (`keep-constants`).
+    extra = {}
+    side = os.path.join(a.artifact, "constants.safetensors")
+    if os.path.exists(side):
+        from safetensors.torch import load_file
+        extra = load_file(side)
     for b in man["execution"]["buffers"]:
         if b["kind"] != "weight":
             continue
         if b["dtype"] not in ("f32", "f16", "bf16") or b.get("sparse"):
             sys.exit(f"pack: weight {b['name']} is {b['dtype']}; only dense f32/f16/bf16 artifacts are packed here")
-        t = roles[b["name"]].float().contiguous()
+        if b["name"] not in roles and b["name"] not in extra:
+            sys.exit(f"pack: weight {b['name']} is neither a checkpoint role nor in {side}")
+        t = (roles[b["name"]] if b["name"] in roles else extra[b["name"]]).float().contiguous()
         if b["dtype"] == "f32":
             tensors.append((b["name"], list(t.shape), t.numpy().tobytes()))
         else:
@@ -179,6 +189,26 @@ def cmd_pack(a):
             tensors.append((b["name"], [len(data)], data, "U8"))
     write_safetensors(os.path.join(a.artifact, "weights.safetensors"), tensors)
     print(f"packed {len(tensors)} tensors into {a.artifact}/weights.safetensors")
+
+
+def cmd_keep_constants(a):
+    """Copies the tensors of an artifact's weights.safetensors that name no
+    checkpoint role (`const.*`) into constants.safetensors beside it (no
+    dependencies: runs where the artifact was compiled)."""
+    path = os.path.join(a.artifact, "weights.safetensors")
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        base = 8 + n
+        tensors = []
+        for name, t in header.items():
+            if name == "__metadata__" or not name.startswith("const."):
+                continue
+            lo, hi = t["data_offsets"]
+            f.seek(base + lo)
+            tensors.append((name, t["shape"], f.read(hi - lo)))
+    write_safetensors(os.path.join(a.artifact, "constants.safetensors"), tensors)
+    print(f"kept {len(tensors)} constants of {path}")
 
 
 class StaticDecoder:
@@ -402,6 +432,8 @@ def main():
     k = sub.add_parser("pack")
     k.add_argument("hf")
     k.add_argument("artifact")
+    c = sub.add_parser("keep-constants")
+    c.add_argument("artifact")
     t = sub.add_parser("torch")
     t.add_argument("hf")
     t.add_argument("--prompt-ids", required=True)
@@ -410,7 +442,7 @@ def main():
     t.add_argument("--repeat", type=int, default=3)
     t.add_argument("--hf-compile", action="store_true", help="also transformers' static cache under torch.compile")
     a = p.parse_args()
-    {"make": cmd_make, "pack": cmd_pack, "torch": cmd_torch}[a.cmd](a)
+    {"make": cmd_make, "pack": cmd_pack, "torch": cmd_torch, "keep-constants": cmd_keep_constants}[a.cmd](a)
 
 
 if __name__ == "__main__":
