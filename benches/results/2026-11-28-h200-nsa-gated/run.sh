@@ -17,11 +17,15 @@ for t in nsa nsa_fx nsa_ad; do
 done
 mkdir -p /tmp/ck
 python3 $D/gpu_compare.py make /tmp/ck/llama --family llama || exit 1
-for m in llama llama_nsa llama_nsa_fx; do
+for m in llama llama_nsa llama_nsa_fx llama_nsa16; do
   python3 $D/gpu_compare.py pack /tmp/ck/llama $D/art/$m.sparsec || exit 1
 done
 echo "== llama_nsa_fx: session vs CPU session (1100-token prompt in calls of 512, 8 decode steps)"
 $R $D/art/llama_nsa_fx.sparsec --trust --device cuda --bench-decode --prompt-len 1100 --max-new-tokens 8 --prefill-rows 512 --compare-cpu --atol 1e-3 --rtol 1e-3 2>&1 | tail -2
+# Blocks of 16: up to 480 candidates, more than the selection's register
+# slots hold (256), so the rounds also score blocks again.
+echo "== llama_nsa16: session vs CPU session (6000-token prompt in calls of 512, 8 decode steps)"
+$R $D/art/llama_nsa16.sparsec --trust --device cuda --bench-decode --prompt-len 6000 --max-new-tokens 8 --prefill-rows 512 --positions 6100 --compare-cpu --atol 1e-3 --rtol 1e-3 2>&1 | tail -2
 for m in llama llama_nsa llama_nsa_fx; do
   $R $D/art/$m.sparsec --trust --device cuda --bench-decode --prompt-len 4096 --max-new-tokens 64 --positions 4200 --repeat 2 --profile --json > $OUT/$m-4096.json
   python3 -c "

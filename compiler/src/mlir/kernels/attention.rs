@@ -101,7 +101,7 @@ pub fn scratch_words(spec: &KernelSpec) -> Result<u64, CompileError> {
 /// One key of an online softmax with running max `m` and sum `l`, its score
 /// `s`: the new max and sum, the factor rescaling what was summed before,
 /// and the key's weight.
-fn online_step(b: &mut KernelBuilder, m: &str, l: &str, s: &str) -> (V, V, V, V) {
+pub(super) fn online_step(b: &mut KernelBuilder, m: &str, l: &str, s: &str) -> (V, V, V, V) {
     let m_new = b.fbin("maxnumf", m, s);
     let dm = b.sub(m, &m_new);
     let corr = math::exp(b, &dm);

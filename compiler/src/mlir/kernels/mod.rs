@@ -113,7 +113,9 @@ impl KernelSpec {
             _ => Err(self.unsupported("the last dimension must be fixed")),
         };
         if self.stage != Stage::Op {
-            return nsa::units(self);
+            // A warp per (row, KV head) selects on NVPTX (`nsa::emit_select_warp`).
+            let u = nsa::units(self)?;
+            return Ok(if self.stage == Stage::NsaSelect { SymSize { coef: u.coef * WARP, ..u } } else { u });
         }
         Ok(match &self.op {
             Op::Softmax => SymSize { coef: numel.coef / last(&self.result)?, ..numel },

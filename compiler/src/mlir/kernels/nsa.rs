@@ -27,7 +27,7 @@
 //! KV head two more slabs of `d`, `NativeSparse::block_slabs`): the means of
 //! its keys and values, or the linear compression (`NsaCompress::Linear`).
 
-use super::{fixed_last, KernelCtx, KernelSpec, VW};
+use super::{fixed_last, KernelCtx, KernelSpec, VW, WARP};
 use crate::error::CompileError;
 use crate::mlir::builder::{Device, KernelBuilder, V};
 use crate::mlir::math;
@@ -197,71 +197,102 @@ pub(super) fn emit_summary(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<
     Ok(())
 }
 
+/// What a selection unit (a row and a KV head) works on.
+struct Row {
+    r: V,
+    kh: V,
+    /// Candidate blocks are `first..last` (`first` whole after the sinks,
+    /// `last` the first that reaches the row's window); `count` of them.
+    last: V,
+    count: V,
+    /// Where the unit's selection starts in the output: the count, then the
+    /// block indices at `idx0`, the importances at `imp0`.
+    o: V,
+    idx0: V,
+    imp0: V,
+}
+
+/// The `Row` of selection unit `unit` (row-major over KV heads).
+fn select_row(b: &mut KernelBuilder, nsa: &NativeSparse, kvh: u64, unit: &str) -> Row {
+    let (kvhc, one_i, nc_i) = (b.index(kvh), b.index(1), b.index(nsa.top_n as u64));
+    let (blockc, window, selc) = (b.index(nsa.block as u64), b.index(nsa.window as u64), b.index(nsa.select_words_per_head()));
+    let first = b.index((nsa.sinks as u64).div_ceil(nsa.block as u64));
+    let pos = b.pos();
+    let r = b.divui(unit, &kvhc);
+    let kh = b.remui(unit, &kvhc);
+    let p = b.addi(&pos, &r);
+    let end = b.addi(&p, &one_i);
+    let from = b.sub_or_zero(&end, &window);
+    let last = b.divui(&from, &blockc);
+    let count = b.sub_or_zero(&last, &first);
+    let a = b.muli(&r, &kvhc);
+    let a = b.addi(&a, &kh);
+    let o = b.muli(&a, &selc);
+    let idx0 = b.addi(&o, &one_i);
+    let imp0 = b.addi(&idx0, &nc_i);
+    Row { r, kh, last, count, o, idx0, imp0 }
+}
+
+/// Starts a selection row: the list empty (index -1, importance -1:
+/// importances are ≥ 0) and the count `taken` at `o`.
+#[allow(clippy::too_many_arguments)]
+fn clear_list(b: &mut KernelBuilder, out: &str, o: &str, idx0: &str, imp0: &str, n: &str, taken: &str) {
+    let zero_i = b.index(0);
+    let none = b.f32(-1.0);
+    b.for_each(&zero_i, n, |b, k| {
+        let i = b.addi(idx0, k);
+        b.store(&none, out, &i);
+        let i = b.addi(imp0, k);
+        b.store(&none, out, &i);
+    });
+    let takenf = b.index_to_f32(taken);
+    b.store(&takenf, out, o);
+}
+
+/// Where row `r`'s query of each head of KV head `kh`'s group starts.
+fn group_queries(b: &mut KernelBuilder, r: &str, kh: &str, (group, d, qw): (u64, u64, u64)) -> Vec<V> {
+    let (groupc, dc, qwc) = (b.index(group), b.index(d), b.index(qw));
+    let khg = b.muli(kh, &groupc);
+    let qrow = b.muli(r, &qwc);
+    (0..group)
+        .map(|g| {
+            let gi = b.index(g);
+            let hd = b.addi(&khg, &gi);
+            let hd = b.muli(&hd, &dc);
+            b.addi(&qrow, &hd)
+        })
+        .collect()
+}
+
 /// Step 2 (see the file's doc): `ins = [q, block cache]`, `out` = the selection.
 pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(), CompileError> {
     let KernelCtx { spec, device, work, ins, out } = *cx;
+    if device == Device::Nvptx {
+        return emit_select_warp(b, cx);
+    }
     let (nsa, h, kvh, d) = dims(spec)?;
     let group = h / kvh;
     let n = nsa.top_n as u64;
     let vector = device == Device::Cpu && d % VW as u64 == 0;
     let nv = d / VW as u64;
-    let (kvhc, dc, blockc, rowc, qwc, selc) = (
-        b.index(kvh),
-        b.index(d),
-        b.index(nsa.block as u64),
-        b.index(nsa.block_words(kvh * d)),
-        b.index(h * d),
-        b.index(nsa.select_words_per_head()),
-    );
+    let (dc, rowc) = (b.index(d), b.index(nsa.block_words(kvh * d)));
     let zero_i = b.index(0);
     let one_i = b.index(1);
     let nc_i = b.index(n);
-    let pos = b.pos();
     let zero = b.f32(0.0);
     let one = b.f32(1.0);
-    let none = b.f32(-1.0);
     let ninf = b.f32(-1e30);
     let scale = b.f32(1.0 / (d as f32).sqrt());
-    let window = b.index(nsa.window as u64);
     let first = b.index((nsa.sinks as u64).div_ceil(nsa.block as u64));
     let vty = KernelBuilder::vty(VW);
     let tru = b.def("arith.constant true".into());
-    let groupc = b.index(group);
     b.parallel(work, |b, unit| {
-        let r = b.divui(unit, &kvhc);
-        let kh = b.remui(unit, &kvhc);
-        let p = b.addi(&pos, &r);
-        let end = b.addi(&p, &one_i);
-        let from = b.sub_or_zero(&end, &window);
-        let last = b.divui(&from, &blockc);
+        let Row { r, kh, last, count, o, idx0, imp0 } = select_row(b, &nsa, kvh, unit);
         let any = b.def(format!("arith.cmpi ugt, {last}, {first} : index"));
-        let count = b.sub_or_zero(&last, &first);
-        let a = b.muli(&r, &kvhc);
-        let a = b.addi(&a, &kh);
-        let o = b.muli(&a, &selc);
-        let idx0 = b.addi(&o, &one_i);
-        let imp0 = b.addi(&idx0, &nc_i);
-        // The list starts empty: index -1, importance -1 (importances are ≥ 0).
-        b.for_each(&zero_i, &nc_i, |b, k| {
-            let i = b.addi(&idx0, k);
-            b.store(&none, out, &i);
-            let i = b.addi(&imp0, k);
-            b.store(&none, out, &i);
-        });
         let taken = b.minui(&count, &nc_i);
-        let takenf = b.index_to_f32(&taken);
-        b.store(&takenf, out, &o);
-        let khg = b.muli(&kh, &groupc);
-        let qrow = b.muli(&r, &qwc);
+        clear_list(b, out, &o, &idx0, &imp0, &nc_i, &taken);
         // The query of head g of the group, as vectors (CPU) or its base index.
-        let qbase: Vec<V> = (0..group)
-            .map(|g| {
-                let gi = b.index(g);
-                let hd = b.addi(&khg, &gi);
-                let hd = b.muli(&hd, &dc);
-                b.addi(&qrow, &hd)
-            })
-            .collect();
+        let qbase = group_queries(b, &r, &kh, (group, d, h * d));
         let qv: Vec<Vec<V>> = if vector {
             qbase
                 .iter()
@@ -312,30 +343,7 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
                 }
                 b.vsum(&acc, VW)
             } else {
-                let qb = qbase[g].clone();
-                let r = b.for_fold(&zero_i, &dc, std::slice::from_ref(&zero), |b, c, acc| {
-                    let qi = b.addi(&qb, c);
-                    let q = b.load(&ins[0], &qi);
-                    let at = b.addi(&base, c);
-                    match nsa.score {
-                        NsaScore::Mean => {
-                            let m = b.load(&ins[1], &at);
-                            vec![b.fma(&q, &m, &acc[0])]
-                        }
-                        NsaScore::Bound => {
-                            let dd = b.index(d);
-                            let lo_at = b.addi(&at, &dd);
-                            let hi_at = b.addi(&lo_at, &dd);
-                            let lo = b.load(&ins[1], &lo_at);
-                            let hi = b.load(&ins[1], &hi_at);
-                            let a = b.mul(&q, &lo);
-                            let c = b.mul(&q, &hi);
-                            let m = b.fbin("maximumf", &a, &c);
-                            vec![b.add(&acc[0], &m)]
-                        }
-                    }
-                });
-                r[0].clone()
+                return scalar_score(b, &nsa, &ins[0], &ins[1], &qbase[g], &base, d, &scale);
             };
             b.mul(&dot, &scale)
         };
@@ -412,6 +420,206 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
                         b.store(&blkf, out, &idx0);
                     });
                 });
+            });
+        });
+    });
+    Ok(())
+}
+
+/// The score of one block for one head, scalar (`NsaScore`): q at `qbase` of
+/// `q`, the block's summary at `base` of `blocks`, scaled like a key's score.
+#[allow(clippy::too_many_arguments)]
+fn scalar_score(b: &mut KernelBuilder, nsa: &NativeSparse, q: &str, blocks: &str, qbase: &str, base: &str, d: u64, scale: &str) -> V {
+    let (zero_i, dc, dd) = (b.index(0), b.index(d), b.index(d));
+    let zero = b.f32(0.0);
+    let r = b.for_fold(&zero_i, &dc, std::slice::from_ref(&zero), |b, c, acc| {
+        let qi = b.addi(qbase, c);
+        let qv = b.load(q, &qi);
+        let at = b.addi(base, c);
+        match nsa.score {
+            NsaScore::Mean => {
+                let m = b.load(blocks, &at);
+                vec![b.fma(&qv, &m, &acc[0])]
+            }
+            NsaScore::Bound => {
+                let lo_at = b.addi(&at, &dd);
+                let hi_at = b.addi(&lo_at, &dd);
+                let lo = b.load(blocks, &lo_at);
+                let hi = b.load(blocks, &hi_at);
+                let a = b.mul(&qv, &lo);
+                let c = b.mul(&qv, &hi);
+                let m = b.fbin("maximumf", &a, &c);
+                vec![b.add(&acc[0], &m)]
+            }
+        }
+    });
+    b.mul(&r[0], scale)
+}
+
+/// Candidate blocks per lane whose scores the NVPTX selection keeps in
+/// registers (32 lanes: 256 blocks, 16384 positions of blocks of 64).
+const SELECT_SLOTS: u64 = 8;
+
+/// Step 2 on NVPTX: a warp per (row, KV head). Its lanes take the candidate
+/// blocks in turn (lane l: blocks first + l, first + l + 32, ...), each
+/// scoring its first `SELECT_SLOTS` once and keeping the scores; each head's
+/// max and sum over the candidates are warp reductions; then `top_n` rounds,
+/// each a warp arg-max of the importances strictly below the previous
+/// round's winner (importance first, then the earlier block), which lane 0
+/// writes: the same list, in the same order, as the CPU's insertion.
+fn emit_select_warp(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(), CompileError> {
+    let KernelCtx { spec, work, ins, out, .. } = *cx;
+    let (nsa, h, kvh, d) = dims(spec)?;
+    let group = h / kvh;
+    let n = nsa.top_n as u64;
+    let (dc, rowc, warp) = (b.index(d), b.index(nsa.block_words(kvh * d)), b.index(WARP));
+    let (zero_i, one_i, nc_i) = (b.index(0), b.index(1), b.index(n));
+    let (zero, one, none, ninf, big) = (b.f32(0.0), b.f32(1.0), b.f32(-1.0), b.f32(-1e30), b.f32(3.0e38));
+    let scale = b.f32(1.0 / (d as f32).sqrt());
+    let first = b.index((nsa.sinks as u64).div_ceil(nsa.block as u64));
+    let slabs = b.index(nsa.block_slabs());
+    b.parallel(work, |b, t| {
+        let unit = b.divui(t, &warp);
+        let lane = b.remui(t, &warp);
+        let Row { r, kh, last, count, o, idx0, imp0 } = select_row(b, &nsa, kvh, &unit);
+        let taken = b.minui(&count, &nc_i);
+        let lane0 = b.def(format!("arith.cmpi eq, {lane}, {zero_i} : index"));
+        b.if_then(&lane0, |b| clear_list(b, out, &o, &idx0, &imp0, &nc_i, &taken));
+        let qbase = group_queries(b, &r, &kh, (group, d, h * d));
+        let khd = b.muli(&kh, &dc);
+        let seg = b.muli(&khd, &slabs);
+        let score = |b: &mut KernelBuilder, g: usize, blk: &str| -> V {
+            let rb = b.muli(blk, &rowc);
+            let base = b.addi(&rb, &seg);
+            scalar_score(b, &nsa, &ins[0], &ins[1], &qbase[g], &base, d, &scale)
+        };
+        let any = b.def(format!("arith.cmpi ugt, {last}, {first} : index"));
+        // Uniform over the warp (it depends on the row and KV head only).
+        b.if_then(&any, |b| {
+            let start = b.addi(&first, &lane);
+            let lastb = b.def(format!("arith.subi {last}, {one_i} : index"));
+            // Blocks start + 32·j (j < SELECT_SLOTS) keep their scores in
+            // registers; a lane past the candidates scores the last one and
+            // masks it.
+            let slots: Vec<(V, V, Vec<V>)> = (0..SELECT_SLOTS)
+                .map(|j| {
+                    let o = b.index(j * WARP);
+                    let blk = b.addi(&start, &o);
+                    let valid = b.def(format!("arith.cmpi ult, {blk}, {last} : index"));
+                    let at = b.minui(&blk, &lastb);
+                    let scores = (0..group as usize)
+                        .map(|g| {
+                            let s = score(b, g, &at);
+                            b.def(format!("arith.select {valid}, {s}, {ninf} : f32"))
+                        })
+                        .collect();
+                    let blkf = b.index_to_f32(&blk);
+                    (blkf, valid, scores)
+                })
+                .collect();
+            // Candidates past the slots (more than 32·SELECT_SLOTS): scored
+            // again where they are needed.
+            let rest = b.index(SELECT_SLOTS * WARP);
+            let rest = b.addi(&start, &rest);
+            // Pass 1: each head's max and sum over the slots and the rest,
+            // then across the warp.
+            let mut init = Vec::new();
+            for g in 0..group as usize {
+                let mut m = ninf.clone();
+                for (_, _, sc) in &slots {
+                    m = b.fbin("maxnumf", &m, &sc[g]);
+                }
+                let mut l = zero.clone();
+                for (_, _, sc) in &slots {
+                    let ds = b.sub(&sc[g], &m);
+                    let e = math::exp(b, &ds);
+                    l = b.add(&l, &e);
+                }
+                init.push((m, "f32".to_string()));
+                init.push((l, "f32".to_string()));
+            }
+            let ml = b.for_fold_typed(&rest, &last, WARP, &init, |b, blk, acc| {
+                let mut next = Vec::new();
+                for g in 0..group as usize {
+                    let s = score(b, g, blk);
+                    let (m, l, _, _) = super::attention::online_step(b, &acc[2 * g], &acc[2 * g + 1], &s);
+                    next.push(m);
+                    next.push(l);
+                }
+                next
+            });
+            let mut heads = Vec::new();
+            for g in 0..group as usize {
+                let m = b.warp_all(&ml[2 * g], "maxnumf");
+                let dm = b.sub(&ml[2 * g], &m);
+                let w = math::exp(b, &dm);
+                let lw = b.mul(&ml[2 * g + 1], &w);
+                let l = b.warp_all(&lw, "addf");
+                let inv = b.div(&one, &l);
+                heads.push((m, inv));
+            }
+            let importance = |b: &mut KernelBuilder, scores: &[V]| -> V {
+                let mut imp = zero.clone();
+                for (s, (m, inv)) in scores.iter().zip(&heads) {
+                    let ds = b.sub(s, m);
+                    let e = math::exp(b, &ds);
+                    imp = b.fma(&e, inv, &imp);
+                }
+                imp
+            };
+            // Slots past the candidates weigh -1: never taken.
+            let slot_imps: Vec<(V, V)> = slots
+                .iter()
+                .map(|(blkf, valid, sc)| {
+                    let imp = importance(b, sc);
+                    (blkf.clone(), b.def(format!("arith.select {valid}, {imp}, {none} : f32")))
+                })
+                .collect();
+            // Rounds: the best block below the previous winner.
+            let big_blk = b.f32(1.0e9);
+            let init = vec![(big.clone(), "f32".to_string()), (none.clone(), "f32".to_string())];
+            b.for_fold_typed(&zero_i, &taken, 1, &init, |b, k, prev| {
+                let (pimp, pblk) = (&prev[0], &prev[1]);
+                // `(imp, blk)` if it is below the previous winner and better than `acc`.
+                let consider = |b: &mut KernelBuilder, imp: &str, blkf: &str, acc: &[V]| -> Vec<V> {
+                    let lower = b.def(format!("arith.cmpf olt, {imp}, {pimp} : f32"));
+                    let tie = b.def(format!("arith.cmpf oeq, {imp}, {pimp} : f32"));
+                    let later = b.def(format!("arith.cmpf ogt, {blkf}, {pblk} : f32"));
+                    let tie_later = b.def(format!("arith.andi {tie}, {later} : i1"));
+                    let below = b.def(format!("arith.ori {lower}, {tie_later} : i1"));
+                    let higher = b.def(format!("arith.cmpf ogt, {imp}, {} : f32", acc[0]));
+                    let same = b.def(format!("arith.cmpf oeq, {imp}, {} : f32", acc[0]));
+                    let earlier = b.def(format!("arith.cmpf olt, {blkf}, {} : f32", acc[1]));
+                    let same_earlier = b.def(format!("arith.andi {same}, {earlier} : i1"));
+                    let better = b.def(format!("arith.ori {higher}, {same_earlier} : i1"));
+                    let take = b.def(format!("arith.andi {below}, {better} : i1"));
+                    vec![
+                        b.def(format!("arith.select {take}, {imp}, {} : f32", acc[0])),
+                        b.def(format!("arith.select {take}, {blkf}, {} : f32", acc[1])),
+                    ]
+                };
+                let mut best = vec![none.clone(), big_blk.clone()];
+                for (blkf, imp) in &slot_imps {
+                    best = consider(b, imp, blkf, &best);
+                }
+                let init: Vec<(V, String)> = best.iter().map(|v| (v.clone(), "f32".to_string())).collect();
+                let best = b.for_fold_typed(&rest, &last, WARP, &init, |b, blk, acc| {
+                    let scores: Vec<V> = (0..group as usize).map(|g| score(b, g, blk)).collect();
+                    let imp = importance(b, &scores);
+                    let blkf = b.index_to_f32(blk);
+                    consider(b, &imp, &blkf, acc)
+                });
+                let wimp = b.warp_all(&best[0], "maxnumf");
+                let mine = b.def(format!("arith.cmpf oeq, {}, {wimp} : f32", best[0]));
+                let cand = b.def(format!("arith.select {mine}, {}, {big_blk} : f32", best[1]));
+                let wblk = b.warp_all(&cand, "minnumf");
+                b.if_then(&lane0, |b| {
+                    let i = b.addi(&idx0, k);
+                    b.store(&wblk, out, &i);
+                    let i = b.addi(&imp0, k);
+                    b.store(&wimp, out, &i);
+                });
+                vec![wimp, wblk]
             });
         });
     });
