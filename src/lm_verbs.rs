@@ -165,6 +165,9 @@ impl LmSource {
                     plan = sparsec_passes::Plan::parse(&full)?;
                 }
             }
+            if let Some(r) = crate::kv_basis::apply(&mut m, &plan)? {
+                eprintln!("{}", crate::kv_basis::describe(&r));
+            }
             if let Some(r) = crate::nsa_gates::apply(&mut m, &plan)? {
                 eprintln!("{}", crate::nsa_gates::describe(&r));
                 full += &crate::nsa_gates::plan_overrides(&r, &plan);

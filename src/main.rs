@@ -21,6 +21,7 @@ mod cli;
 mod export;
 mod factor;
 mod from_weights;
+mod kv_basis;
 mod lm_verbs;
 mod nsa_gates;
 mod owl;
@@ -175,6 +176,17 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
         (Some(t), Some((r, plan))) => Some(t + &crate::nsa_gates::plan_overrides(r, plan)),
         (t, _) => t,
     };
+    // Feature-axis K/V bases become weights the plan's projections read.
+    let kv_bases = match (plan_text.as_deref().map(sparsec_passes::Plan::parse).transpose()?, model.as_mut()) {
+        (Some(plan), Some(m)) => crate::kv_basis::apply(m, &plan)?,
+        (Some(plan), None) if plan.kv_bases() => {
+            anyhow::bail!("{}: kv bases need a model checkpoint (GGUF, HF directory or smollm2)", input.display())
+        }
+        _ => None,
+    };
+    if let Some(r) = &kv_bases {
+        eprintln!("{}", crate::kv_basis::describe(r));
+    }
     use sparsec_compiler::WeightData;
     let lookup = |role: &str, dt: sparsec_ir::DType| -> Result<Option<(Vec<usize>, WeightData)>, sparsec_compiler::CompileError> {
         let Some(m) = &model else { return Ok(None) };
@@ -208,7 +220,8 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
     let fingerprint = model_fingerprint
         + &calibration.as_ref().map(|r| format!("+calibration:{}", r.key)).unwrap_or_default()
         + &factored.as_ref().map(|r| format!("+factors:{}", r.key)).unwrap_or_default()
-        + &nsa.as_ref().map(|(r, _)| format!("+nsa-adapters:{}", r.adapters_key)).unwrap_or_default();
+        + &nsa.as_ref().map(|(r, _)| format!("+nsa-adapters:{}", r.adapters_key)).unwrap_or_default()
+        + &kv_bases.as_ref().map(|r| format!("+kv-bases:{}", r.key)).unwrap_or_default();
     let weights = match (&flags.weights, &model) {
         (Some(p), _) => sparsec_compiler::WeightSource::File(p),
         (None, Some(_)) => {

@@ -232,11 +232,8 @@ fn load_adapters(m: &mut Model, path: &std::path::Path, layer: u64, nsa: &Native
     let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("NSA adapters {}: not safetensors", path.display()))?;
     let Op::Attention { heads, kv_heads } = m.graph.nodes[att].op else { bail!("layer {layer} has no attention") };
     let (h, kvh) = (heads as usize, kv_heads as usize);
-    let types = sparsec_ir::verify(&m.graph)?;
-    let (Some(sparsec_ir::Dim::Fixed(qw)), Some(dm)) =
-        (types[m.graph.nodes[att].operands[0].0].dims.last().copied(), model_width(&types, m, att))
-    else {
-        bail!("layer {layer}: adapters need q to be a projection of the layer input, of fixed widths")
+    let Some((_, dm, qw)) = sparsec_passes::attention_input(&m.graph, att) else {
+        bail!("layer {layer}: adapters need q to be a projection of the layer input by a weight of fixed shape")
     };
     let d = qw as usize / h;
     let dm = dm as usize;
@@ -270,25 +267,6 @@ fn load_adapters(m: &mut Model, path: &std::path::Path, layer: u64, nsa: &Native
     m.add_weight(&gb, arr(&[3 * h], gate_bias)?)?;
     m.add_weight(&cw, arr(&[2 * kvh, words], packed)?)?;
     Ok(*blake3::hash(&bytes).as_bytes())
-}
-
-/// The width of the hidden state attention `att`'s projections read.
-fn model_width(types: &[sparsec_ir::TensorType], m: &Model, att: usize) -> Option<u64> {
-    let mut v = m.graph.nodes[att].operands[0];
-    for _ in 0..4 {
-        let n = m.graph.node(v);
-        match n.op {
-            Op::Rope { .. } | Op::Add => v = n.operands[0],
-            Op::MatMul { .. } => {
-                return match types[n.operands[0].0].dims.last() {
-                    Some(sparsec_ir::Dim::Fixed(w)) => Some(*w),
-                    _ => None,
-                }
-            }
-            _ => return None,
-        }
-    }
-    None
 }
 
 /// Plan rules giving each fitted layer its weights (later rules override the

@@ -4,6 +4,7 @@
 pub mod attr;
 pub mod error;
 pub mod graph;
+pub mod kv_basis;
 pub mod lexer;
 pub mod op;
 pub mod parser;

@@ -64,7 +64,7 @@ pub fn nsa_adapter_names(layer: u64) -> [String; 3] {
 /// The input the projections of attention `att` read (q's matmul's input,
 /// through RoPE and a bias), for a gate computed from it, with its width and
 /// q's (from q's weight, whose type a leaf declares).
-fn attention_input(g: &Graph, att: usize) -> Option<(ValueId, u64, u64)> {
+pub fn attention_input(g: &Graph, att: usize) -> Option<(ValueId, u64, u64)> {
     let mut v = g.nodes[att].operands[0];
     for _ in 0..4 {
         match g.node(v).op {
@@ -133,7 +133,7 @@ fn set_nsa_operands(g: &mut Graph, name: &str, layer: u64, nsa: &NativeSparse, p
 }
 
 /// `base`, or `base.N` for the first N that no value is named yet.
-fn fresh_name(g: &Graph, base: &str) -> String {
+pub(crate) fn fresh_name(g: &Graph, base: &str) -> String {
     if g.find(base).is_none() {
         return base.to_string();
     }
@@ -258,6 +258,12 @@ impl ApplyPlan {
                 // NSA replaces a window an earlier rule gave the layer.
                 g.nodes[i].patterns.retain(|p| !matches!(p, Pattern::Window(_)));
                 set_pattern(&mut g.nodes[i].patterns, Pattern::Nsa(nsa));
+            }
+        }
+        if let Some(kv) = &rule.kv {
+            let atts: Vec<(String, u64)> = attentions(g)?.into_iter().map(|(i, l)| (g.nodes[i].name.clone(), l)).collect();
+            for (name, layer) in atts {
+                crate::kv_basis::set_kv_basis(g, &name, layer, kv).map_err(|m| rule_err(rule, m))?;
             }
         }
         if let Some(wp) = &rule.window {

@@ -4,18 +4,22 @@
 mod apply_plan;
 mod const_fold;
 mod dce;
+pub mod kv_basis;
 pub mod low_rank;
 mod manager;
 pub mod plan;
 mod shape_infer;
 mod verify;
 
-pub use apply_plan::{layer_and_role, nsa_adapter_names, resolve_from_weights, sparsity_value, ApplyPlan, FoundPattern, ResolvedPlan};
+pub use apply_plan::{
+    attention_input, layer_and_role, nsa_adapter_names, resolve_from_weights, sparsity_value, ApplyPlan, FoundPattern, ResolvedPlan,
+};
 pub use const_fold::ConstFold;
 pub use dce::DeadCodeElimination;
+pub use kv_basis::kv_basis_names;
 pub use low_rank::{factor_names, LowRankLowering};
 pub use manager::{PassManager, PrintOptions, Snapshot};
-pub use plan::{Calibration, FactorMethod, FactorPlan, FactorSize, NsaGatePlan, Plan, PlanError, PruneMethod};
+pub use plan::{Calibration, FactorMethod, FactorPlan, FactorSize, KvPlan, KvTransform, NsaGatePlan, Plan, PlanError, PruneMethod};
 pub use shape_infer::ShapeInference;
 pub use verify::Verify;
 

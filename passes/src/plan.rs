@@ -209,6 +209,8 @@ pub struct Rule {
     pub nsa: Option<NativeSparse>,
     /// Where a gated `nsa`'s gate (and compression) come from.
     pub nsa_gate: NsaGatePlan,
+    /// `kv = { transform = ... }`: K and V cached in a feature-axis basis.
+    pub kv: Option<KvPlan>,
     /// `sparsity = { kind = "from-weights" }`: each selected weight keeps the
     /// zeros it has, as the pattern they form (`sparsity` is `None`);
     /// `resolve_from_weights` turns the rule into concrete ones, and
@@ -281,7 +283,7 @@ struct RuleFile {
     sparsity: Option<SparsityFile>,
     specialize: Option<String>,
     attention: Option<AttentionFile>,
-    kv: Option<toml::Value>,
+    kv: Option<KvFile>,
     low_rank: Option<LowRankFile>,
     share: Option<ShareFile>,
 }
@@ -318,6 +320,49 @@ enum SparsityFile {
 struct AttentionFile {
     window: Option<WindowFile>,
     nsa: Option<NsaFile>,
+}
+
+/// `kv = { transform = "dct" | "pswf" | "pca", keep = 0.5, on = "k,v", bandwidth = 0.25 }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KvFile {
+    transform: String,
+    keep: Option<f32>,
+    on: Option<String>,
+    bandwidth: Option<f32>,
+    axis: Option<String>,
+    chunk: Option<u32>,
+    rank: Option<u32>,
+    energy: Option<f32>,
+}
+
+/// A feature-axis basis for K and V (`kv = { ... }`): per head, K and V are
+/// cached as their first `keep·d` coefficients in the basis; queries are
+/// projected alike, and the attention's output expanded back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvPlan {
+    pub transform: KvTransform,
+    pub keep: f32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KvTransform {
+    /// The lowest DCT-II frequencies.
+    Dct,
+    /// Discrete prolate spheroidal sequences of half-bandwidth `bandwidth`.
+    Pswf { bandwidth: f32 },
+    /// Principal directions of the layer's keys and values on the calibration text.
+    Pca,
+}
+
+impl KvTransform {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvTransform::Dct => "dct",
+            KvTransform::Pswf { .. } => "pswf",
+            KvTransform::Pca => "pca",
+        }
+    }
 }
 
 /// Where the gate of a gated NSA comes from (`nsa = { gate = ..., adapters = ... }`).
@@ -591,9 +636,46 @@ impl Plan {
                     }
                 };
             }
-            if r.kv.is_some() {
-                not_yet.push("kv");
-            }
+            let kv = match r.kv {
+                None => None,
+                Some(f) => {
+                    if f.axis.as_deref().is_some_and(|a| a != "feature") || f.chunk.is_some() || f.rank.is_some() || f.energy.is_some() {
+                        not_yet.push("kv (sequence-axis DCT and chunked SVD)");
+                        None
+                    } else {
+                        let keep = f.keep.unwrap_or(0.5);
+                        if !(keep > 0.0 && keep <= 1.0) {
+                            return Err(err(format!("kv keep = {keep} is outside (0, 1]")));
+                        }
+                        if f.on.as_deref().is_some_and(|o| o.replace(' ', "") != "k,v") {
+                            return Err(err(format!(
+                                "kv on = \"{}\": K and V are compressed together (one head width for attention); give on = \"k,v\"",
+                                f.on.unwrap_or_default()
+                            )));
+                        }
+                        let transform = match f.transform.as_str() {
+                            "dct" => KvTransform::Dct,
+                            "pca" => KvTransform::Pca,
+                            "pswf" => {
+                                let bandwidth = f.bandwidth.unwrap_or(0.25);
+                                if !(bandwidth > 0.0 && bandwidth < 0.5) {
+                                    return Err(err(format!("kv bandwidth = {bandwidth} is outside (0, 0.5)")));
+                                }
+                                KvTransform::Pswf { bandwidth }
+                            }
+                            "chunked_svd" => {
+                                not_yet.push("kv (sequence-axis DCT and chunked SVD)");
+                                KvTransform::Dct
+                            }
+                            other => return Err(err(format!("kv transform = \"{other}\" (expected dct, pswf, pca or chunked_svd)"))),
+                        };
+                        if f.bandwidth.is_some() && !matches!(transform, KvTransform::Pswf { .. }) {
+                            return Err(err("kv bandwidth is a pswf parameter".into()));
+                        }
+                        Some(KvPlan { transform, keep })
+                    }
+                }
+            };
             let factor = parse_factor(r.low_rank, r.share).map_err(err)?;
             if let Some(f) = &factor {
                 if sparsity.is_some() || specialize.is_some() {
@@ -606,6 +688,7 @@ impl Plan {
                 && specialize.is_none()
                 && window.is_none()
                 && nsa.is_none()
+                && kv.is_none()
                 && factor.is_none()
                 && not_yet.is_empty()
             {
@@ -622,6 +705,7 @@ impl Plan {
                 window,
                 nsa,
                 nsa_gate,
+                kv,
                 factor,
                 from_weights,
                 not_yet,
@@ -691,6 +775,11 @@ impl Plan {
     /// Whether a rule's NSA gate is fitted on calibration text (`gate = "fitted"`).
     pub fn fits_nsa_gates(&self) -> bool {
         self.rules.iter().any(|r| r.nsa_gate == NsaGatePlan::Fitted)
+    }
+
+    /// Whether a rule caches K and V in a feature-axis basis (`kv`).
+    pub fn kv_bases(&self) -> bool {
+        self.rules.iter().any(|r| r.kv.is_some())
     }
 
     /// The adapter files rules name (`adapters = "FILE"`).

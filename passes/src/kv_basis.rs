@@ -1,0 +1,69 @@
+//! Feature-axis K/V bases (`kv = { transform, keep }` rules): the rewrite
+//! that caches an attention's K and V as `keep·d` coefficients per head —
+//! q, k and v projected by the layer's basis weights before it, its output
+//! expanded after it. The weights themselves are computed by the compile
+//! (`src/kv_basis.rs`: DCT, PSWF or calibrated PCA).
+
+use crate::apply_plan::{attention_input, fresh_name};
+use sparsec_ir::{DType, Dim, Graph, Node, Op, TensorType, ValueId};
+
+/// The names of a layer's feature-axis basis weights (`kv = { ... }`), each
+/// block-diagonal over heads, `[in, out]`: q's `[h·d, h·r]` (K's basis of
+/// the head's KV group, scaled by √(r/d) so scores keep their 1/√d), k's and
+/// v's `[kvh·d, kvh·r]`, and the output's `[h·r, h·d]` (V's basis,
+/// transposed). `src/kv_basis.rs` computes them.
+pub fn kv_basis_names(layer: u64) -> [String; 4] {
+    ["q", "k", "v", "o"].map(|w| format!("layers.{layer}.kv.{w}"))
+}
+
+/// Caches attention `name`'s K and V in a feature-axis basis of `keep·d`
+/// columns per head: q, k and v are projected by the layer's basis weights
+/// before it, and its output is expanded after it (every use of it then reads
+/// the expansion).
+pub(crate) fn set_kv_basis(g: &mut Graph, name: &str, layer: u64, kv: &crate::plan::KvPlan) -> Result<(), String> {
+    let att = g.find(name).ok_or_else(|| format!("`%{name}` is gone"))?.0;
+    let Op::Attention { heads, kv_heads } = g.nodes[att].op else { return Err("kv needs an attention".into()) };
+    let (h, kvh) = (heads as u64, kv_heads as u64);
+    let (_, _, qw) = attention_input(g, att)
+        .ok_or_else(|| format!("`%{name}`: kv needs q to be a projection of the layer input by a weight of fixed shape"))?;
+    let d = qw / h.max(1);
+    let r = sparsec_ir::kv_basis::kept(d, kv.keep);
+    if g.nodes.iter().any(|n| matches!(&n.op, Op::Weight { name: w, .. } if w.starts_with(&format!("layers.{layer}.kv.")))) {
+        return Err(format!("layer {layer} is given a kv basis twice"));
+    }
+    let [wq, wk, wv, wo] = kv_basis_names(layer);
+    let weight = |g: &Graph, role: &str, rows: u64, cols: u64| {
+        let ty = TensorType::new(DType::F32, vec![Dim::Fixed(rows), Dim::Fixed(cols)]);
+        Node::new(fresh_name(g, role), Op::Weight { name: role.to_string(), init: None }, vec![]).with_type(ty)
+    };
+    // Inserted before the attention, which moves down one each time.
+    let mut at = att;
+    let mut projected = Vec::new();
+    for (slot, (role, n_heads)) in [(&wq, h), (&wk, kvh), (&wv, kvh)].into_iter().enumerate() {
+        let w = g.insert(at, weight(g, role, n_heads * d, n_heads * r));
+        at += 1;
+        let x = g.nodes[at].operands[slot];
+        let base = format!("{name}.{}", ["q", "k", "v"][slot]);
+        projected.push(g.insert(at, Node::new(fresh_name(g, &format!("{base}.kv")), Op::MatMul { transpose_b: false }, vec![x, w])));
+        at += 1;
+    }
+    let w_out = g.insert(at, weight(g, &wo, h * r, h * d));
+    at += 1;
+    g.nodes[at].operands[..3].copy_from_slice(&projected);
+    // Its width is now the kept columns' (shape inference gives it again).
+    g.nodes[at].ty = None;
+    // The expansion, right after the attention; every other use reads it.
+    let att_v = ValueId(at);
+    let o = g.insert(at + 1, Node::new(fresh_name(g, &format!("{name}.kv_out")), Op::MatMul { transpose_b: false }, vec![att_v, w_out]));
+    for (i, n) in g.nodes.iter_mut().enumerate() {
+        if i != o.0 {
+            for v in n.operands.iter_mut().filter(|v| **v == att_v) {
+                *v = o;
+            }
+        }
+    }
+    for v in g.outputs.iter_mut().filter(|v| **v == att_v) {
+        *v = o;
+    }
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! The feature-axis bases of `kv = { transform = ... }` rules, before the
+//! compile: per layer, the DCT-II or PSWF basis (fixed), or PCA of the
+//! layer's keys and values on the calibration text (the dense model run by
+//! the interpreter over one sequence), made into the block-diagonal weights
+//! the `apply-plan` pass multiplies by (`sparsec_passes::kv_basis_names`).
+
+use anyhow::{bail, Context, Result};
+use ndarray::{ArrayD, IxDyn};
+use sparsec_ir::kv_basis;
+use sparsec_ir::Op;
+use sparsec_models::checkpoint::Model;
+use sparsec_passes::{KvPlan, KvTransform, Plan};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The most calibration tokens PCA runs over (one sequence).
+const PCA_TOKENS: usize = 2048;
+
+/// What `apply` did, for the report.
+pub struct KvBasisReport {
+    /// Per layer: the transform, the kept columns of the head width.
+    pub layers: Vec<(u64, &'static str, u64, u64)>,
+    pub seconds: f64,
+    /// blake3 of every basis weight (part of the compile cache key).
+    pub key: String,
+}
+
+/// Adds the basis weights of every layer a `kv` rule selects to `m`;
+/// `None` when no rule has `kv`.
+pub fn apply(m: &mut Model, plan: &Plan) -> Result<Option<KvBasisReport>> {
+    if !plan.kv_bases() {
+        return Ok(None);
+    }
+    let t = Instant::now();
+    let atts: Vec<usize> = m.graph.nodes.iter().enumerate().filter(|(_, n)| matches!(n.op, Op::Attention { .. })).map(|(i, _)| i).collect();
+    let mut chosen: Vec<(u64, usize, KvPlan)> = Vec::new();
+    for (layer, &att) in atts.iter().enumerate() {
+        let l = layer as u64;
+        if let Some(kv) = plan.rules.iter().rev().find(|r| r.kv.is_some() && r.layers.contains(l)).and_then(|r| r.kv.clone()) {
+            chosen.push((l, att, kv));
+        }
+    }
+    // PCA needs each chosen layer's keys and values: the Gram matrices per KV head.
+    let grams =
+        if chosen.iter().any(|(_, _, kv)| kv.transform == KvTransform::Pca) { Some(collect_grams(m, plan, &chosen)?) } else { None };
+    let mut report = KvBasisReport { layers: Vec::new(), seconds: 0.0, key: String::new() };
+    let mut key = blake3::Hasher::new();
+    for (i, (layer, att, kv)) in chosen.iter().enumerate() {
+        let Op::Attention { heads, kv_heads } = m.graph.nodes[*att].op else { continue };
+        let (h, kvh) = (heads as usize, kv_heads as usize);
+        let (_, _, qw) = sparsec_passes::attention_input(&m.graph, *att).context("kv needs q to be a projection of the layer input")?;
+        let d = qw as usize / h;
+        let r = kv_basis::kept(d as u64, kv.keep) as usize;
+        // Per KV head: K's basis and V's, row-major d × r.
+        let (bk, bv): (Vec<Vec<f64>>, Vec<Vec<f64>>) = match kv.transform {
+            KvTransform::Dct => {
+                let b = kv_basis::dct(d, r);
+                (vec![b.clone(); kvh], vec![b; kvh])
+            }
+            KvTransform::Pswf { bandwidth } => {
+                let b = kv_basis::dpss(d, r, bandwidth as f64).context("the PSWF eigendecomposition failed")?;
+                (vec![b.clone(); kvh], vec![b; kvh])
+            }
+            KvTransform::Pca => {
+                let g = &grams.as_ref().context("PCA statistics")?[i];
+                let basis = |gram: &[f64]| kv_basis::pca(gram, d, r).context("the PCA eigendecomposition failed");
+                (
+                    (0..kvh).map(|kh| basis(&g.0[kh * d * d..(kh + 1) * d * d])).collect::<Result<_>>()?,
+                    (0..kvh).map(|kh| basis(&g.1[kh * d * d..(kh + 1) * d * d])).collect::<Result<_>>()?,
+                )
+            }
+        };
+        let group = h / kvh;
+        let q_scale = (r as f64 / d as f64).sqrt();
+        // Block-diagonal [n·d, n·r] from per-head bases.
+        let diag = |n: usize, bases: &[Vec<f64>], per: usize, s: f64| -> Vec<f32> {
+            let mut w = vec![0f32; n * d * n * r];
+            for hh in 0..n {
+                let b = &bases[hh / per];
+                for row in 0..d {
+                    for c in 0..r {
+                        w[(hh * d + row) * n * r + hh * r + c] = (b[row * r + c] * s) as f32;
+                    }
+                }
+            }
+            w
+        };
+        let wq = diag(h, &bk, group, q_scale);
+        let wk = diag(kvh, &bk, 1, 1.0);
+        let wv = diag(kvh, &bv, 1, 1.0);
+        // The expansion [h·r, h·d]: V's basis transposed.
+        let mut wo = vec![0f32; h * r * h * d];
+        for hh in 0..h {
+            let b = &bv[hh / group];
+            for row in 0..d {
+                for c in 0..r {
+                    wo[(hh * r + c) * h * d + hh * d + row] = b[row * r + c] as f32;
+                }
+            }
+        }
+        let names = sparsec_passes::kv_basis_names(*layer);
+        for (name, data, shape) in [
+            (&names[0], wq, vec![h * d, h * r]),
+            (&names[1], wk, vec![kvh * d, kvh * r]),
+            (&names[2], wv, vec![kvh * d, kvh * r]),
+            (&names[3], wo, vec![h * r, h * d]),
+        ] {
+            for x in &data {
+                key.update(&x.to_le_bytes());
+            }
+            m.add_weight(name, Arc::new(ArrayD::from_shape_vec(IxDyn(&shape), data)?))?;
+        }
+        report.layers.push((*layer, kv.transform.name(), r as u64, d as u64));
+    }
+    report.seconds = t.elapsed().as_secs_f64();
+    report.key = key.finalize().to_hex().to_string();
+    Ok(Some(report))
+}
+
+/// Per chosen layer, the Gram matrices (Σ xxᵀ over calibration rows, f64) of
+/// each KV head's keys (after RoPE, as cached) and values.
+type LayerGrams = (Vec<f64>, Vec<f64>);
+
+fn collect_grams(m: &Model, plan: &Plan, chosen: &[(u64, usize, KvPlan)]) -> Result<Vec<LayerGrams>> {
+    let (ids, _) = crate::calibrated::calibration_ids(m, plan)?;
+    let n = ids.len().min(PCA_TOKENS).min(usize::try_from(m.context_length()).unwrap_or(usize::MAX));
+    if n == 0 {
+        bail!("kv transform = \"pca\" needs calibration text");
+    }
+    let input = [ArrayD::from_shape_vec(IxDyn(&[n]), ids[..n].iter().map(|&t| t as f32).collect())?];
+    let mut state = sparsec_runtime::interpreter::KvState::new();
+    let weight = |name: &str| m.weight(name).ok();
+    let mut run = sparsec_runtime::interpreter::Stepper::new(&m.graph, &input, &mut state)?;
+    let bar = crate::lm_verbs::progress(chosen.len() as u64, "kv pca");
+    let mut out = Vec::new();
+    for (done, (_, att, _)) in chosen.iter().enumerate() {
+        run.run_until(*att, &weight)?;
+        let node = &m.graph.nodes[*att];
+        let Op::Attention { kv_heads, .. } = node.op else { bail!("not an attention") };
+        let kvh = kv_heads as usize;
+        let gram = |v: usize| -> Result<Vec<f64>> {
+            let a = run.value(node.operands[v].0).context("kv pca: the attention's operands were not computed")?;
+            let x: Vec<f32> = a.iter().copied().collect();
+            let w = x.len() / n;
+            let d = w / kvh;
+            let mut g = vec![0f64; kvh * d * d];
+            for row in x.chunks(w) {
+                for kh in 0..kvh {
+                    let xs = &row[kh * d..(kh + 1) * d];
+                    let gk = &mut g[kh * d * d..(kh + 1) * d * d];
+                    for i in 0..d {
+                        for j in 0..d {
+                            gk[i * d + j] += xs[i] as f64 * xs[j] as f64;
+                        }
+                    }
+                }
+            }
+            Ok(g)
+        };
+        out.push((gram(1)?, gram(2)?));
+        bar.set_position(done as u64 + 1);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// One line for the compile's report.
+pub fn describe(r: &KvBasisReport) -> String {
+    let Some(first) = r.layers.first() else { return String::new() };
+    format!("kv bases: {} layers, {} keeping {} of {} columns per head, in {:.1} s", r.layers.len(), first.1, first.2, first.3, r.seconds)
+}
