@@ -331,6 +331,7 @@ struct KvFile {
     on: Option<String>,
     bandwidth: Option<f32>,
     axis: Option<String>,
+    block: Option<u32>,
     chunk: Option<u32>,
     rank: Option<u32>,
     energy: Option<f32>,
@@ -639,7 +640,12 @@ impl Plan {
             let kv = match r.kv {
                 None => None,
                 Some(f) => {
-                    if f.axis.as_deref().is_some_and(|a| a != "feature") || f.chunk.is_some() || f.rank.is_some() || f.energy.is_some() {
+                    if f.axis.as_deref().is_some_and(|a| a != "feature")
+                        || f.block.is_some()
+                        || f.chunk.is_some()
+                        || f.rank.is_some()
+                        || f.energy.is_some()
+                    {
                         not_yet.push("kv (sequence-axis DCT and chunked SVD)");
                         None
                     } else {
