@@ -104,6 +104,20 @@ fn sequences(m: &Model, plan: &Plan) -> Result<(Vec<Vec<u32>>, Vec<String>, blak
     Ok((seqs, names, h.finalize()))
 }
 
+/// One calibration sequence for the interpreter: the first `max` tokens of
+/// the plan's texts (at most the model's context), as its input, with their
+/// count and the texts' names. Gate fitting and K/V bases read it.
+pub fn calibration_sequence(m: &Model, plan: &Plan, max: usize) -> Result<([ArrayD<f32>; 1], usize, Vec<String>)> {
+    let (ids, names) = calibration_ids(m, plan)?;
+    let n = ids.len().min(max).min(usize::try_from(m.context_length()).unwrap_or(usize::MAX));
+    Ok(([ArrayD::from_shape_vec(IxDyn(&[n]), ids[..n].iter().map(|&t| t as f32).collect())?], n, names))
+}
+
+/// The graph's attention nodes, in layer order.
+pub fn attention_nodes(g: &sparsec_ir::Graph) -> Vec<usize> {
+    g.nodes.iter().enumerate().filter(|(_, n)| matches!(n.op, Op::Attention { .. })).map(|(i, _)| i).collect()
+}
+
 /// The plan's calibration texts, concatenated and tokenized, and their names.
 pub fn calibration_ids(m: &Model, plan: &Plan) -> Result<(Vec<u32>, Vec<String>)> {
     let mut text = String::new();

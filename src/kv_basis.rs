@@ -32,7 +32,7 @@ pub fn apply(m: &mut Model, plan: &Plan) -> Result<Option<KvBasisReport>> {
         return Ok(None);
     }
     let t = Instant::now();
-    let atts: Vec<usize> = m.graph.nodes.iter().enumerate().filter(|(_, n)| matches!(n.op, Op::Attention { .. })).map(|(i, _)| i).collect();
+    let atts = crate::calibrated::attention_nodes(&m.graph);
     let mut chosen: Vec<(u64, usize, KvPlan)> = Vec::new();
     for (layer, &att) in atts.iter().enumerate() {
         let l = layer as u64;
@@ -122,12 +122,10 @@ pub fn apply(m: &mut Model, plan: &Plan) -> Result<Option<KvBasisReport>> {
 type LayerGrams = (Vec<f64>, Vec<f64>);
 
 fn collect_grams(m: &Model, plan: &Plan, chosen: &[(u64, usize, KvPlan)]) -> Result<Vec<LayerGrams>> {
-    let (ids, _) = crate::calibrated::calibration_ids(m, plan)?;
-    let n = ids.len().min(PCA_TOKENS).min(usize::try_from(m.context_length()).unwrap_or(usize::MAX));
+    let (input, n, _) = crate::calibrated::calibration_sequence(m, plan, PCA_TOKENS)?;
     if n == 0 {
         bail!("kv transform = \"pca\" needs calibration text");
     }
-    let input = [ArrayD::from_shape_vec(IxDyn(&[n]), ids[..n].iter().map(|&t| t as f32).collect())?];
     let mut state = sparsec_runtime::interpreter::KvState::new();
     let weight = |name: &str| m.weight(name).ok();
     let mut run = sparsec_runtime::interpreter::Stepper::new(&m.graph, &input, &mut state)?;

@@ -41,15 +41,10 @@ pub struct NsaGateReport {
     pub adapters_key: String,
 }
 
-/// The attention nodes of the model's graph, in layer order.
-fn attentions(m: &Model) -> Vec<usize> {
-    m.graph.nodes.iter().enumerate().filter(|(_, n)| matches!(n.op, Op::Attention { .. })).map(|(i, _)| i).collect()
-}
-
 /// Fits the gates `gate = "fitted"` asks for and loads the adapters
 /// `adapters` names (into `m`); `None` when the plan asks for neither.
 pub fn apply(m: &mut Model, plan: &Plan) -> Result<Option<NsaGateReport>> {
-    let atts = attentions(m);
+    let atts = crate::calibrated::attention_nodes(&m.graph);
     let mut report =
         NsaGateReport { fitted: Vec::new(), rows: 0, texts: Vec::new(), fit_s: 0.0, adapters: Vec::new(), adapters_key: String::new() };
     let mut key = blake3::Hasher::new();
@@ -74,14 +69,12 @@ pub fn apply(m: &mut Model, plan: &Plan) -> Result<Option<NsaGateReport>> {
     report.adapters_key = key.finalize().to_hex().to_string();
     if !fit.is_empty() {
         let t = Instant::now();
-        let (ids, texts) = crate::calibrated::calibration_ids(m, plan)?;
-        let n = ids.len().min(FIT_TOKENS).min(usize::try_from(m.context_length()).unwrap_or(usize::MAX));
+        let (input, n, texts) = crate::calibrated::calibration_sequence(m, plan, FIT_TOKENS)?;
         let widest = fit.iter().map(|(_, s)| (s.window + 2 * s.block) as usize).max().unwrap_or(0);
         if n <= widest {
             bail!("fitting NSA gates needs more than {widest} calibration tokens past which the branches differ; the text gives {n}");
         }
         report.texts = texts;
-        let input = [ArrayD::from_shape_vec(IxDyn(&[n]), ids[..n].iter().map(|&t| t as f32).collect())?];
         let mut state = sparsec_runtime::interpreter::KvState::new();
         let weight = |name: &str| m.weight(name).ok();
         let mut run = sparsec_runtime::interpreter::Stepper::new(&m.graph, &input, &mut state)?;
