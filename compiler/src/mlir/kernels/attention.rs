@@ -5,7 +5,9 @@
 //!
 //! Two variants. On the CPU, when the head width is a multiple of the vector
 //! width: one unit per (row, KV head, split) serves every query head of the KV
-//! group. It walks its keys in tiles of `KEY_TILE`, widening each tile's K and
+//! group; without NSA the unit of KV head 0 serves every KV head (units are
+//! numbered split-major and the others idle), so it reads whole cache rows. It
+//! walks its keys in tiles of `KEY_TILE`, widening each tile's K and
 //! V rows to f32 once for the whole group, with an online softmax per head
 //! (bounded scratch: two tiles, a tile of scores and the group's sums). In
 //! decode the visible keys are split over `ATTN_SPLITS` units
@@ -30,8 +32,11 @@ use crate::mlir::builder::{Device, KernelBuilder, V};
 use crate::mlir::math;
 use sparsec_ir::{DType, NativeSparse, Op, Pattern, SymSize, Window};
 
-/// How many keys ahead CPU attention prefetches its K and V rows.
-const ATTN_PREFETCH_KEYS: u64 = 16;
+/// How many keys ahead CPU attention prefetches its K and V rows: four tiles,
+/// so the next tiles' lines are in flight while a tile's heads compute
+/// (`cargo bench --bench kernels -- attention_memory`: 16 keys 898 µs, 64
+/// keys 825 µs, 128 keys 784 µs on the AMD dev box).
+const ATTN_PREFETCH_KEYS: u64 = 128;
 /// Keys per tile of the CPU split variant: a tile's K and V rows, widened to
 /// f32 (2·32·64·4 = 16 KiB at head width 64), stay in L1 while every head of
 /// the group reads them.
@@ -874,7 +879,15 @@ impl Attn {
         let stile = b.alloca_f32(&tile_keys);
         let tiles_mem = TileMem { k: ktile, v: vtile, s: stile };
         // The group's running weighted sums of values, one row per head.
-        let acc_elems = b.index(group * d);
+        // Without NSA (whose visible keys depend on the KV head) a unit serves
+        // every KV head of its row and split, so it reads whole cache rows: its
+        // tile's keys for one head, then the next head's, in the same lines'
+        // neighbours (one head's part of a row is a third of its lines at
+        // SmolLM2's shape, and the prefetchers fetch the rest anyway).
+        let all_heads = self.nsa.is_none();
+        let served = if all_heads { kvh } else { 1 };
+        let heads_served = served * group;
+        let acc_elems = b.index(heads_served * d);
         let acc_mem = b.alloca_f32(&acc_elems);
         let qrot = self.hadamard.then(|| b.alloca_f32(&acc_elems));
         let kv_len = b.def(format!("memref.dim {}, {zero_i} : memref<?x{}>", self.kbuf, self.kv_elem()));
@@ -910,13 +923,20 @@ impl Attn {
             let per_row = b.index(kvh * ATTN_SPLITS);
             let r = b.divui(unit, &per_row);
             let rem = b.remui(unit, &per_row);
-            let kh = b.divui(&rem, &splitsc);
-            let s = b.remui(&rem, &splitsc);
+            let kvhc = b.index(kvh);
+            let kh = b.remui(&rem, &kvhc);
+            let s = b.divui(&rem, &kvhc);
             let row = Self::mirrored_row(b, &r);
             let p = b.addi(&pos, &row);
             let vis = self.visible(b, &p, &row, &kh);
             let n = self.splits(b, &vis.count);
             let active = b.def(format!("arith.cmpi ult, {s}, {n} : index"));
+            let active = if all_heads {
+                let first_kh = b.def(format!("arith.cmpi eq, {kh}, {zero_i} : index"));
+                b.def(format!("arith.andi {active}, {first_kh} : i1"))
+            } else {
+                active
+            };
             b.if_then(&active, |b| {
                 // Keys t0..t1 of the row's visible ones.
                 let a = b.muli(&s, &vis.count);
@@ -924,8 +944,16 @@ impl Attn {
                 let s1 = b.addi(&s, &one_i);
                 let a = b.muli(&s1, &vis.count);
                 let t1 = b.divui(&a, &n);
-                let khd = b.muli(&kh, &dc);
-                let head0 = b.muli(&kh, &groupc);
+                // Served head `g` (of `heads_served`): its KV head and its
+                // index in that head's group.
+                let kh_of = |b: &mut KernelBuilder, g: u64| -> V {
+                    if all_heads {
+                        b.index(g / group)
+                    } else {
+                        kh.clone()
+                    }
+                };
+                let head0 = if all_heads { zero_i.clone() } else { b.muli(&kh, &groupc) };
                 let qrow = b.muli(&row, &qwc);
                 let qbase_of = |b: &mut KernelBuilder, g: u64| -> V {
                     let gi = b.index(g);
@@ -935,7 +963,7 @@ impl Attn {
                 };
                 // Rotated caches: the group's queries rotated alike, once.
                 if let Some(qrot) = &qrot {
-                    for g in 0..group {
+                    for g in 0..heads_served {
                         let qbase = qbase_of(b, g);
                         let qv: Vec<V> = (0..nv)
                             .map(|v| {
@@ -952,7 +980,7 @@ impl Attn {
                 }
                 // Per head of the group: running max and sum, over tiles of keys.
                 let mut init: Vec<(V, String)> = Vec::new();
-                for _ in 0..group {
+                for _ in 0..heads_served {
                     init.push((ninf.clone(), "f32".into()));
                     init.push((zero.clone(), "f32".into()));
                 }
@@ -962,9 +990,15 @@ impl Attn {
                         let te = b.addi(tb, &tile_keys);
                         let te = b.minui(&te, hi);
                         let nk = b.def(format!("arith.subi {te}, {tb} : index"));
-                        self.widen_tile(b, &tiles_mem, tb, &nk, &khd, &kv_last, &|b: &mut KernelBuilder, t: &str| self.key_row(b, &vis, t));
                         let mut next = Vec::new();
-                        for g in 0..group {
+                        for g in 0..heads_served {
+                            if g % group == 0 {
+                                let khg = kh_of(b, g);
+                                let khd = b.muli(&khg, &dc);
+                                self.widen_tile(b, &tiles_mem, tb, &nk, &khd, &kv_last, &|b: &mut KernelBuilder, t: &str| {
+                                    self.key_row(b, &vis, t)
+                                });
+                            }
                             let qbase = qbase_of(b, g);
                             let qs: Vec<V> = (0..nv)
                                 .map(|v| match &qrot {
@@ -993,7 +1027,7 @@ impl Attn {
                 // row (gated: its branch's share, added to the earlier
                 // branches'), else a partial record.
                 let finish = |b: &mut KernelBuilder, ml: &[V], branch: Option<u64>| {
-                    for g in 0..group {
+                    for g in 0..heads_served {
                         let (m, l) = (&ml[2 * g as usize], &ml[2 * g as usize + 1]);
                         let qbase = qbase_of(b, g);
                         let accs: Vec<V> = (0..nv)
@@ -1033,8 +1067,9 @@ impl Attn {
                                 }
                             },
                             |b| {
-                                let gi = b.index(g);
-                                let at = record(b, &kh, &s, &gi, branch);
+                                let khg = kh_of(b, g);
+                                let gi = b.index(g % group);
+                                let at = record(b, &khg, &s, &gi, branch);
                                 b.store(m, &scratch, &at);
                                 let at1 = b.addi(&at, &one_i);
                                 b.store(l, &scratch, &at1);
