@@ -503,6 +503,8 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
     if let (Some(o), Some(r)) = (report.as_object_mut(), r.as_object()) {
         o.extend(r.clone());
     }
+    let positions = report["prompt_tokens"].as_u64().unwrap_or(0) as usize + a.new_tokens;
+    report["kv"] = kv_report(plan, positions);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -511,8 +513,12 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
             println!("compile (cold):      {:>10.1} ms", f("compile_cold_ms"));
             println!("compile (cache hit): {:>10.1} ms", f("compile_cache_hit_ms"));
         }
+        let on = match exec {
+            Executor::Cpu(_) => format!("{threads} threads"),
+            Executor::Cuda(_) => "cuda".to_string(),
+        };
         println!(
-            "prefill: {:>8.1} tokens/s ({} tokens in {:.3} s, {threads} threads)",
+            "prefill: {:>8.1} tokens/s ({} tokens in {:.3} s, {on})",
             f("prefill_tokens_per_s"),
             report["prompt_tokens"],
             f("prefill_s")
@@ -528,10 +534,47 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
             sparsec_runtime::cpu::WeightPlacement::Resident => "weights resident on 2 MB pages",
             sparsec_runtime::cpu::WeightPlacement::Mapped => "weights read from the file mapping",
         };
+        let kv = &report["kv"];
+        let (lo, hi) = (kv["min_cache_bytes_per_position"].as_u64().unwrap_or(0), kv["max_cache_bytes_per_position"].as_u64().unwrap_or(0));
+        let per_cache = if lo == hi { format!("{lo} B each") } else { format!("{lo} to {hi} B each") };
+        println!(
+            "KV caches: {} B per position ({} caches, {per_cache}); {:.1} MB held at {positions} positions{}",
+            kv["bytes_per_position"],
+            kv["caches"],
+            kv["bytes_held"].as_f64().unwrap_or(0.0) / 1e6,
+            if kv["ring_caches"].as_u64().unwrap_or(0) > 0 { " (ring caches stop at their capacity)" } else { "" }
+        );
         let activations = activations.map(|a| format!("{a} activations for quantized matmuls, ")).unwrap_or_default();
         println!("setup: {}KV caches {}, {placement}", activations, kv_cache.unwrap_or("none"));
     }
     Ok(())
+}
+
+/// The KV caches of an execution plan: bytes per position (all caches, and
+/// the least and most of one cache), and the bytes they hold at `positions`
+/// (a windowed layer's ring stops at its capacity), per cache too. NSA's
+/// block summaries are counted apart (`block_summary_bytes_held`).
+fn kv_report(plan: &sparsec_runtime::manifest::ExecutionPlan, positions: usize) -> serde_json::Value {
+    use sparsec_runtime::manifest::BufferKind;
+    let caches: Vec<_> = plan.buffers.iter().filter(|b| b.kind == BufferKind::KvCache).collect();
+    let per_position: Vec<usize> = caches.iter().map(|b| b.bytes(1)).collect();
+    let held: Vec<usize> =
+        caches.iter().zip(&per_position).map(|(b, p)| p * b.ring.map_or(positions, |r| positions.min(r.capacity()))).collect();
+    let summaries: usize = plan.buffers.iter().filter_map(|b| b.block_rows(positions).map(|rows| rows * b.bytes(1))).sum();
+    serde_json::json!({
+        "positions": positions,
+        "caches": caches.len(),
+        "ring_caches": caches.iter().filter(|b| b.ring.is_some()).count(),
+        "bytes_per_position": per_position.iter().sum::<usize>(),
+        "min_cache_bytes_per_position": per_position.iter().min().copied().unwrap_or(0),
+        "max_cache_bytes_per_position": per_position.iter().max().copied().unwrap_or(0),
+        "bytes_held": held.iter().sum::<usize>(),
+        "block_summary_bytes_held": summaries,
+        "per_cache": caches.iter().zip(per_position.iter().zip(&held)).map(|(b, (p, h))| serde_json::json!({
+            "name": b.name, "dtype": b.dtype.name(), "bytes_per_position": p, "bytes_held": h,
+            "capacity_positions": b.ring.map(|r| r.capacity()),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {

@@ -168,6 +168,12 @@ fn bench_reports_compile_times_speeds_memory_code_and_setup() {
     // Every decode step runs every layer's attention once.
     let attention = j["decode_kernels"].as_object().and_then(|m| m.iter().find(|(k, _)| k.ends_with("_attention")).map(|(_, v)| v.clone()));
     assert_eq!(attention.and_then(|a| a["calls_per_token"].as_f64()), Some(30.0), "{j}");
+    // KV bytes: 30 layers' K and V caches of 3 KV heads x 64 in f16, held for
+    // the 20 positions the run reached.
+    let kv = &j["kv"];
+    assert_eq!((kv["caches"].as_u64(), kv["bytes_per_position"].as_u64()), (Some(60), Some(60 * 3 * 64 * 2)), "{kv}");
+    assert_eq!((kv["positions"].as_u64(), kv["bytes_held"].as_u64()), (Some(20), Some(20 * 60 * 3 * 64 * 2)), "{kv}");
+    assert_eq!(kv["per_cache"].as_array().map(|a| a.len()), Some(60), "{kv}");
 }
 
 /// Like other Unix tools, `sparsec` ends quietly when the reader of its stdout
