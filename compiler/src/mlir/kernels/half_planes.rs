@@ -1,8 +1,9 @@
 //! Reading 16-bit float operands (f16 and bf16 weights, packed as 2-byte
-//! values): one element widened to f32, or on NVPTX 8 consecutive elements
-//! from one 16-byte load, widened to a `vector<8xf32>`.
+//! values): one element widened to f32, or 8 consecutive elements from one
+//! 16-byte load, widened to a `vector<8xf32>` (the CPU's tiled matmul, the
+//! NVPTX warp dot).
 
-use crate::mlir::builder::{KernelBuilder, V};
+use crate::mlir::builder::{Device, KernelBuilder, V};
 use sparsec_ir::DType;
 
 /// Elements one wide load reads: 16 bytes.
@@ -31,14 +32,26 @@ impl HalfPlane {
         self.widen(b, &raw, None)
     }
 
-    /// NVPTX: elements `flat .. flat + 8` as `vector<8xf32>`; `flat` must be a
-    /// multiple of 8 (the buffer's base is 16-byte aligned).
+    /// Elements `flat .. flat + 8` as `vector<8xf32>` (on the CPU one 16-byte
+    /// load widened in registers: `vcvtph2ps` for f16, a shift for bf16). On
+    /// NVPTX `flat` must be a multiple of 8 (the buffer's base is 16-byte
+    /// aligned).
     pub(in crate::mlir) fn vload(&self, b: &mut KernelBuilder, flat: &str) -> V {
         let n = HALF_VEC;
-        let i = b.def(format!("arith.index_cast {flat} : index to i64"));
-        let p = b.def(format!("llvm.getelementptr inbounds {}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, i16", self.words));
-        let raw = b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr -> vector<{n}xi16>"));
+        let raw = match b.device() {
+            Device::Cpu => b.def(format!("vector.load {}[{flat}] : memref<?xi16>, vector<{n}xi16>", self.words)),
+            Device::Nvptx => {
+                let i = b.def(format!("arith.index_cast {flat} : index to i64"));
+                let p = b.def(format!("llvm.getelementptr inbounds {}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, i16", self.words));
+                b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr -> vector<{n}xi16>"))
+            }
+        };
         self.widen(b, &raw, Some(n))
+    }
+
+    /// CPU: asks for element `flat + ahead` (clamped to `last`) ahead of use.
+    pub(in crate::mlir) fn prefetch_ahead(&self, b: &mut KernelBuilder, flat: &str, ahead: u64, last: &str) {
+        b.prefetch_ahead(&self.words, flat, ahead, last, "i16");
     }
 
     /// f16: reinterpret and extend; bf16: the word is the top half of an f32.

@@ -166,8 +166,8 @@ impl KernelSpec {
             return None;
         };
         let quant = Some(self.operands[1].dtype).filter(|d| d.is_quantized());
-        // 16-bit weights take the row kernels.
-        if (k % VW as u64 != 0 && quant.is_none()) || self.operands[1].dtype.is_half() {
+        let half = Some(self.operands[1].dtype).filter(|d| d.is_half());
+        if k % VW as u64 != 0 && quant.is_none() {
             return None;
         }
         let numel = self.result.numel();
@@ -176,7 +176,7 @@ impl KernelSpec {
             return None;
         }
         let rb = if rows == (SymSize { coef: 1, seq_pow: 1 }) { MM_ROWS } else { 1 };
-        Some(TiledMatmul { k, n, rows, rb, col_tiles: n.div_ceil(MM_COLS), quant })
+        Some(TiledMatmul { k, n, rows, rb, col_tiles: n.div_ceil(MM_COLS), quant, half })
     }
 
     /// Rows of `seq` per CPU unit (the runtime counts `seq` in such blocks).

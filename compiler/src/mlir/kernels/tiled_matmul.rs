@@ -1,8 +1,10 @@
-//! The CPU matmul with a transposed `[N, K]` weight (f32 or block-quantized),
+//! The CPU matmul with a transposed `[N, K]` weight (f32, f16/bf16 widened in
+//! registers, or block-quantized),
 //! tiled into (row block, column block) units with register-blocked
 //! micro-kernels: GEMM for prefill, GEMV for decode. Its tiling helpers serve
 //! `quant_dot` and `sparse_kernels` too.
 
+use super::half_planes::{HalfPlane, HALF_VEC};
 use super::quant_planes::QuantPlanes;
 use super::{VQ, VW};
 use crate::mlir::builder::{KernelBuilder, V};
@@ -32,6 +34,9 @@ pub(in crate::mlir) struct TiledMatmul {
     pub col_tiles: u64,
     /// The weight's block-quantized type, if any.
     pub quant: Option<DType>,
+    /// The weight's 16-bit float type (f16, bf16), if any: read 8 values at a
+    /// time and widened in registers.
+    pub half: Option<DType>,
 }
 
 /// A tiled matmul's counts as index values: column tiles, rows, rows per
@@ -105,6 +110,8 @@ pub(super) fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V
     let zero_i = b.index(0);
     let TileCounts { ct, rows, rbc, row_blocks, units } = t.counts(b);
     let planes = t.quant.map(|dt| QuantPlanes::new(b, dt, &w_buf, t.n * t.k));
+    let half = t.half.and_then(|dt| HalfPlane::new(b, dt, &w_buf, t.n * t.k));
+    debug_assert!(half.is_none() || VW == HALF_VEC, "a 16-bit weight vector is one vector of activations");
     let w_last = b.index((t.n * t.k).saturating_sub(1));
     let nbk = b.index(t.k / sparsec_ir::quant::QK as u64);
     let colsc = b.index(MM_COLS);
@@ -128,10 +135,17 @@ pub(super) fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V
                     for (c, wr) in wrows.iter().enumerate() {
                         let i = b.addi(wr, kk);
                         if nr == 1 {
-                            // GEMV streams the weight rows in order: ask for them ahead.
-                            b.prefetch_ahead(&w_buf, &i, GEMV_PREFETCH_FLOATS, &w_last, "f32");
+                            // GEMV streams the weight rows in order: ask for them
+                            // ahead (as many bytes ahead for 16-bit weights).
+                            match &half {
+                                Some(h) => h.prefetch_ahead(b, &i, 2 * GEMV_PREFETCH_FLOATS, &w_last),
+                                None => b.prefetch_ahead(&w_buf, &i, GEMV_PREFETCH_FLOATS, &w_last, "f32"),
+                            }
                         }
-                        let w = b.vload(&w_buf, &i, VW);
+                        let w = match &half {
+                            Some(h) => h.vload(b, &i),
+                            None => b.vload(&w_buf, &i, VW),
+                        };
                         for (r, x) in xs.iter().enumerate() {
                             let at = r * ncols as usize + c;
                             next[at] = b.vfma(x, &w, &accs[at], VW);
@@ -190,7 +204,8 @@ pub(super) fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V
     // Register budget: f32 4 rows × 2 columns; quantized 4 rows × 1 (the dequantized block is 4 vectors).
     let (c_gemm, c_gemv) = if planes.is_some() { (1, 4) } else { (2, 4) };
     // A weight larger than the caches is read once per slice, not once per row block.
-    let order = if t.n * t.k * 4 > COL_MAJOR_WEIGHT_BYTES {
+    let elem_bytes = if half.is_some() { 2 } else { 4 };
+    let order = if t.n * t.k * elem_bytes > COL_MAJOR_WEIGHT_BYTES {
         UnitOrder::ColMajor { row_blocks: &row_blocks }
     } else {
         UnitOrder::RowMajor { ct: &ct }
