@@ -3,7 +3,8 @@
 
 Installs llama-cpp-python from PyPI (it builds llama.cpp; the wheel is cached in
 .whl/ so later runs skip the build), then measures both on SmolLM2-135M Q4_1 and
-on its F32 dequantization (written by llama.cpp's own quantizer), with the same
+on its F32, F16 and BF16 conversions (written by llama.cpp's own quantizer;
+`--models` picks), with the same
 prompt (the first N tokens of GPL-3), the same number of greedy decode steps and
 the same threads, each with its defaults (both keep f16 KV caches; sparsec's
 quantized matmuls take int8 activations, like llama.cpp's). Rounds of the two
@@ -11,7 +12,7 @@ alternate, and medians are reported: this VM's speed drifts by 10-20% over
 minutes. Writes benches/results/llama_cpp_compare.{json,md} (2 threads) or
 llama_cpp_compare-Nthread.{json,md}.
 
-    python3 benches/llama_cpp_compare.py [--threads 2] [--prompt-len 512] [--new-tokens 128] [--rounds 3]
+    python3 benches/llama_cpp_compare.py [--threads 2] [--prompt-len 512] [--new-tokens 128] [--rounds 3] [--models q4_1,f32,f16,bf16] [--suffix S]
 """
 import argparse, glob, json, os, platform, statistics, subprocess, sys, tempfile, time
 
@@ -41,10 +42,15 @@ def smollm2():
     return os.path.join(list(s.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def to_f32(src, dst):
+# llama.cpp's file types (`llama_ftype`) of the conversions measured besides Q4_1.
+LLAMA_FTYPES = {"f32": 0, "f16": 1, "bf16": 32}
+
+
+def convert(src, dst, ftype):
+    """`src` rewritten by llama.cpp's quantizer with every matrix in `ftype`."""
     import llama_cpp
     p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = 0  # LLAMA_FTYPE_ALL_F32
+    p.ftype = LLAMA_FTYPES[ftype]
     p.allow_requantize = True
     p.nthread = 2
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), p)
@@ -119,16 +125,29 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3,
                     help="interleaved llama.cpp / sparsec rounds per model; medians are reported (this VM's speed drifts)")
+    ap.add_argument("--models", default="q4_1,f32,f16,bf16",
+                    help="which of q4_1 (the file as shipped), f32, f16, bf16 (llama.cpp's conversions of it) to measure")
+    ap.add_argument("--suffix", default="", help="appended to the results' file names (runs of a subset of models)")
     a = ap.parse_args()
     ensure_llama_cpp()
     # Release: the runtime around the kernels (threads, KV appends, sampling) is Rust.
     subprocess.check_call(["cargo", "build", "-q", "--release", "--bin", "sparsec"], cwd=ROOT)
     q41 = smollm2()
     rows = []
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    for m in models:
+        if m != "q4_1" and m not in LLAMA_FTYPES:
+            raise SystemExit(f"--models: unknown `{m}` (q4_1, f32, f16, bf16)")
     with tempfile.TemporaryDirectory() as tmp:
-        f32 = os.path.join(tmp, "SmolLM2-135M-Instruct.F32.gguf")
-        to_f32(q41, f32)
-        for name, path in [("SmolLM2-135M Q4_1", q41), ("SmolLM2-135M F32", f32)]:
+        files = []
+        for m in models:
+            if m == "q4_1":
+                files.append(("SmolLM2-135M Q4_1", q41))
+            else:
+                path = os.path.join(tmp, f"SmolLM2-135M-Instruct.{m.upper()}.gguf")
+                convert(q41, path, m)
+                files.append((f"SmolLM2-135M {m.upper()}", path))
+        for name, path in files:
             llama_round = llama_cpp_rounds(path, a.threads, a.prompt_len, a.new_tokens)
             lr, sr = [], []
             for _ in range(max(1, a.rounds)):
@@ -152,7 +171,7 @@ def main():
     outdir = os.path.join(ROOT, "benches", "results")
     os.makedirs(outdir, exist_ok=True)
     # The issue's setting (2 threads) is the plain name; other thread counts are suffixed.
-    stem = "llama_cpp_compare" if a.threads == 2 else f"llama_cpp_compare-{a.threads}thread"
+    stem = ("llama_cpp_compare" if a.threads == 2 else f"llama_cpp_compare-{a.threads}thread") + a.suffix
     with open(os.path.join(outdir, f"{stem}.json"), "w") as f:
         json.dump(res, f, indent=2)
     md = [f"Machine: {machine['cpu']}, {machine['cores']} cores, {a.threads} threads; llama-cpp-python {machine['llama_cpp_python']}; "

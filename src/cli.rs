@@ -117,11 +117,13 @@ pub struct CompileFlags {
     /// the query the same way and the result back; power-of-two head widths.
     #[arg(long)]
     pub kv_hadamard: bool,
-    /// The element type of dense matmul weights and embedding tables: `f32`
+    /// The element type of dense matmul weights and embedding tables: `auto`
+    /// (the checkpoint's: f16 or bf16 when all its matrices are stored so,
+    /// kept as they are; else f32; `--dequantize` makes it f32), `f32`
     /// (exact), `f16` or `bf16` (half the bytes; kernels widen them and
     /// accumulate in f32). Quantized checkpoint tensors and pruned weights keep
     /// their types; a bf16 (f16) checkpoint compiled with bf16 (f16) keeps its values.
-    #[arg(long, value_enum, default_value_t = WeightsDTypeArg::F32)]
+    #[arg(long, value_enum, default_value_t = WeightsDTypeArg::Auto)]
     pub weights_dtype: WeightsDTypeArg,
     /// Type every weight f32: quantized checkpoint tensors are dequantized at
     /// compile time (by default Q8_0/Q4_0/Q4_1 matrices stay quantized).
@@ -308,8 +310,11 @@ pub enum QuantActivationsArg {
 }
 
 /// `--weights-dtype` (sparsec_compiler::WeightsDType).
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum WeightsDTypeArg {
+    /// The checkpoint's: f16 or bf16 where all its matrices are stored so
+    /// (kept as they are), else f32.
+    Auto,
     F32,
     F16,
     Bf16,

@@ -113,8 +113,9 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
                 sparsec_compiler::KvCacheType::F32
             }
         },
+        // `auto` is the checkpoint's type (`do_compile` decides); IR files have none.
         weights_dtype: match flags.weights_dtype {
-            WeightsDTypeArg::F32 => sparsec_compiler::WeightsDType::F32,
+            WeightsDTypeArg::F32 | WeightsDTypeArg::Auto => sparsec_compiler::WeightsDType::F32,
             WeightsDTypeArg::F16 => sparsec_compiler::WeightsDType::F16,
             WeightsDTypeArg::Bf16 => sparsec_compiler::WeightsDType::Bf16,
         },
@@ -235,7 +236,17 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
             sparsec_passes::pass_by_name(name)?;
         }
     }
-    let compiled = compile(CompileRequest { graph, plan_text, weights, options: options(flags)?, print, cache, output, lm })?;
+    let mut options = options(flags)?;
+    // `--weights-dtype auto`: a checkpoint stored in f16 or bf16 stays so
+    // (unless --dequantize asks for f32).
+    if flags.weights_dtype == WeightsDTypeArg::Auto && !flags.dequantize {
+        options.weights_dtype = match model.as_ref().and_then(|m| m.stored_half()) {
+            Some(sparsec_ir::DType::F16) => sparsec_compiler::WeightsDType::F16,
+            Some(sparsec_ir::DType::BF16) => sparsec_compiler::WeightsDType::Bf16,
+            _ => sparsec_compiler::WeightsDType::F32,
+        };
+    }
+    let compiled = compile(CompileRequest { graph, plan_text, weights, options, print, cache, output, lm })?;
     for s in &compiled.snapshots {
         eprintln!("// ----- IR {} -----\n{}", s.label, s.ir);
     }

@@ -217,6 +217,82 @@ fn sharded_checkpoints_load_like_single_files() {
     assert_eq!(logits(&sharded, &ids), logits(&single, &ids));
 }
 
+/// The tiny Llama fixture rewritten with every tensor in `dtype` (F16 or
+/// BF16), in a fresh directory.
+fn fixture_as(dtype: safetensors::Dtype) -> tempfile::TempDir {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama_tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            assert_eq!(t.dtype(), safetensors::Dtype::F32, "the fixture is f32");
+            let values = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            let out: Vec<u8> = match dtype {
+                safetensors::Dtype::F16 => values.flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect(),
+                safetensors::Dtype::BF16 => values.flat_map(|v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+                other => panic!("not a 16-bit float type: {other:?}"),
+            };
+            (name, t.shape().to_vec(), out)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        data.iter().map(|(n, shape, b)| (n.clone(), safetensors::tensor::TensorView::new(dtype, shape.clone(), b).unwrap())).collect();
+    std::fs::write(tmp.path().join("model.safetensors"), safetensors::serialize(views, &None).unwrap()).unwrap();
+    tmp
+}
+
+/// A checkpoint stored in f16 or bf16 compiles with its matrices kept in that
+/// type by default (`--weights-dtype auto`: the CPU's tiled matmuls widen them
+/// in registers), while `--weights-dtype f32` and `--dequantize` widen them at
+/// compile time; the logits of both are the same (the 16-bit values widen to
+/// f32 exactly; 1e-5 allows a different order of sums), and equal the
+/// reference interpreter's on the checkpoint within 1e-4.
+#[test]
+fn half_checkpoints_stay_half_and_equal_their_f32_compile() {
+    use sparsec_ir::DType;
+    let ids = [3u32, 1, 4, 1, 5, 9, 2, 6];
+    for (st_dtype, ir_dtype) in [(safetensors::Dtype::F16, DType::F16), (safetensors::Dtype::BF16, DType::BF16)] {
+        let dir = fixture_as(st_dtype);
+        let reference = logits(&Model::load(dir.path().to_str().unwrap()).unwrap(), &ids);
+        let compiled = |extra: &[&str]| {
+            let out = dir.path().join(format!("m{}.sparsec", extra.join("")));
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
+                .args(["compile", dir.path().to_str().unwrap(), "-o", out.to_str().unwrap(), "--no-cache"])
+                .args(extra)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let art = sparsec_runtime::Artifact::open(&out).unwrap();
+            let weight_types: std::collections::BTreeSet<String> = art
+                .manifest
+                .execution
+                .buffers
+                .iter()
+                .filter(|b| b.kind == sparsec_runtime::manifest::BufferKind::Weight && b.dims.len() == 2)
+                .map(|b| b.dtype.name().to_string())
+                .collect();
+            let x = ArrayD::from_shape_vec(IxDyn(&[ids.len()]), ids.iter().map(|i| *i as f32).collect()).unwrap();
+            let y = sparsec_runtime::cpu::CpuExecutor::load(&art).unwrap().run(&art, &[x]).unwrap().remove(0);
+            (weight_types, y)
+        };
+        let (kept, y_half) = compiled(&[]);
+        assert_eq!(kept, [ir_dtype.name().to_string()].into(), "{st_dtype:?} checkpoint: the matrices' types in the artifact");
+        for flag in [["--weights-dtype", "f32"].as_slice(), ["--dequantize"].as_slice()] {
+            let (widened, y_f32) = compiled(flag);
+            assert_eq!(widened, [DType::F32.name().to_string()].into(), "{flag:?}: the matrices' types in the artifact");
+            let diff = y_half.iter().zip(y_f32.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-5, "{st_dtype:?}: 16-bit and {flag:?} compiles differ by {diff}");
+        }
+        assert_eq!(y_half.len(), reference.len());
+        let err = y_half.iter().zip(reference.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err < 1e-4, "{st_dtype:?}: the compiled model differs from the interpreter by {err}");
+    }
+}
+
 /// Compiles a fixture with `sparsec compile` (CPU and PTX, ptxas-checked), runs
 /// it on the CPU with the fixture's ids, and returns the max abs error of the
 /// logits against HF transformers'.

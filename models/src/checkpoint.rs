@@ -364,10 +364,9 @@ impl Model {
         }
     }
 
-    /// Types the weights that feed matmuls and embeddings as they are stored.
-    fn keep_quantized(&mut self) {
-        let feeds: std::collections::HashSet<usize> = self
-            .graph
+    /// The graph nodes of the weights that feed matmuls and embeddings.
+    fn matrix_weights(&self) -> std::collections::BTreeSet<usize> {
+        self.graph
             .nodes
             .iter()
             .filter_map(|n| match n.op {
@@ -375,8 +374,39 @@ impl Model {
                 sparsec_ir::Op::Embedding => Some(n.operands[0].0),
                 _ => None,
             })
-            .collect();
-        for i in feeds {
+            .collect()
+    }
+
+    /// The 16-bit float type (f16 or bf16) the checkpoint stores its matrices
+    /// in, when every weight that feeds a matmul or an embedding is stored so
+    /// (GGUF F16/BF16 tensors, safetensors F16/BF16); `None` for anything else
+    /// (f32, quantized or mixed). The CLI's `--weights-dtype auto` keeps them so.
+    pub fn stored_half(&self) -> Option<sparsec_ir::DType> {
+        use crate::quant::GgmlType;
+        use sparsec_ir::DType;
+        let mut found = None;
+        for i in self.matrix_weights() {
+            let sparsec_ir::Op::Weight { name: role, .. } = &self.graph.nodes[i].op else { return None };
+            let (name, _) = self.names.get(role)?;
+            let dt = match &self.source {
+                Source::Gguf(g) => match g.tensor(name)?.ty {
+                    GgmlType::F16 => DType::F16,
+                    GgmlType::BF16 => DType::BF16,
+                    _ => return None,
+                },
+                Source::Hf(st) => st.float_dtype(name).filter(|d| d.is_half())?,
+            };
+            if found.is_some_and(|f| f != dt) {
+                return None;
+            }
+            found = Some(dt);
+        }
+        found
+    }
+
+    /// Types the weights that feed matmuls and embeddings as they are stored.
+    fn keep_quantized(&mut self) {
+        for i in self.matrix_weights() {
             let sparsec_ir::Op::Weight { name, .. } = &self.graph.nodes[i].op else { continue };
             let dt = self.stored_dtype(name);
             if let Some(ty) = self.graph.nodes[i].ty.as_mut() {

@@ -91,6 +91,17 @@ impl SafetensorsDir {
         Ok(e.shape.clone())
     }
 
+    /// The IR float type a tensor is stored in (f32, f16 or bf16); `None` for
+    /// other types or a missing tensor.
+    pub fn float_dtype(&self, name: &str) -> Option<sparsec_ir::DType> {
+        match self.index.get(name)?.dtype {
+            Dtype::F32 => Some(sparsec_ir::DType::F32),
+            Dtype::F16 => Some(sparsec_ir::DType::F16),
+            Dtype::BF16 => Some(sparsec_ir::DType::BF16),
+            _ => None,
+        }
+    }
+
     /// The tensor as f32 (from F32, F16 or BF16) with its shape.
     pub fn get(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
         let e = self.entry(name)?;
