@@ -652,6 +652,12 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         println!("artifact {} (manifest v{}, sparsec {})", a.input.display(), m.version, m.sparsec_version);
         println!("graph @{}  targets {}  compile {:.1} ms", m.graph_name, m.targets.join(","), m.compile_ms);
         println!("source {}\ncache  {}", m.source_hash, m.cache_key);
+        if m.targets.iter().any(|t| t == "cpu") {
+            // The x86-64 features the CPU code may use (those the loader checks against the host).
+            let (cpu, features) = sparsec_runtime::isa::recorded_target(&m.options);
+            let known = sparsec_runtime::isa::checked(&sparsec_runtime::isa::required(&cpu, &features));
+            println!("cpu    {cpu}: {}", if known.is_empty() { "(features not recorded)".to_string() } else { known.join(" ") });
+        }
         println!("{:<20} {:<11} {:>10} {:>10} {:>10} {:>10}", "kernel", "op", "cpu ms", "x86 B", "cuda ms", "ptx B");
         for k in &m.kernels {
             let f = |s: &Option<sparsec_runtime::manifest::CodeStats>| match s {

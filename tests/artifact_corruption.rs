@@ -4,6 +4,8 @@
 //! structural corruptions re-sealed with valid hashes (as a hostile writer
 //! would), which the validation behind the hashes must catch.
 
+mod common;
+
 use sparsec_compiler::driver::{compile, CompileRequest};
 use sparsec_compiler::options::{CompileOptions, TargetKind};
 use sparsec_compiler::Cache;
@@ -275,6 +277,39 @@ fn resealed_structural_corruptions_are_caught_behind_the_hashes() {
     copy_dir(&dense, &w);
     reseal(&w, |m| m["version"] = serde_json::json!(99));
     expect_error(&w, &["manifest version Some(99)"]);
+}
+
+/// An artifact whose CPU code was compiled for x86-64 features this host
+/// lacks is refused before its library is loaded, naming the features (never
+/// SIGILL); the host's own target loads. The feature claimed is the first of
+/// a list that this host lacks (AVX-512 on the AVX2 machines).
+#[test]
+fn artifacts_for_features_the_host_lacks_are_refused_by_name() {
+    let candidates = ["avx512f", "avx512vnni", "avx512bf16", "avx512vbmi2", "avx512ifma"];
+    let Some(lacking) = candidates.iter().find(|f| !sparsec_runtime::isa::missing_on_host(&[f.to_string()]).is_empty()) else {
+        common::require::<(), _>("a host that lacks one of AVX-512 F, VNNI, BF16, VBMI2, IFMA", Err("this host has them all"));
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = tmp.path().join("dense.sparsec");
+    build("dense", &dense);
+    let w = tmp.path().join("work");
+    copy_dir(&dense, &w);
+    let (cpu, features) = sparsec_runtime::isa::recorded_target(&Artifact::open(&dense).unwrap().manifest.options);
+    assert!(sparsec_runtime::isa::missing_on_host(&sparsec_runtime::isa::required(&cpu, &features)).is_empty());
+    reseal(&w, |v| v["options"]["cpu"]["features"] = serde_json::json!(format!("{features},+{lacking}")));
+    expect_error(&w, &["features this host lacks", lacking]);
+    // A generic level implies its features.
+    copy_dir(&dense, &w);
+    reseal(&w, |v| {
+        v["options"]["cpu"]["cpu"] = serde_json::json!("x86-64-v4");
+        v["options"]["cpu"]["features"] = serde_json::json!("");
+    });
+    if sparsec_runtime::isa::missing_on_host(&["avx512f".into()]).is_empty() {
+        load_and_run(&w).unwrap();
+    } else {
+        expect_error(&w, &["features this host lacks", "avx512f", "x86-64-v4"]);
+    }
 }
 
 #[test]

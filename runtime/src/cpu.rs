@@ -128,6 +128,18 @@ impl CpuExecutor {
         if !path.is_file() {
             return Err(RuntimeError::Artifact { path, message: "no CPU code: compile with --target cpu or all".into() });
         }
+        // Code for features this host lacks would die of SIGILL: refuse it here.
+        let (cpu, features) = crate::isa::recorded_target(&art.manifest.options);
+        let missing = crate::isa::missing_on_host(&crate::isa::required(&cpu, &features));
+        if !missing.is_empty() {
+            return Err(RuntimeError::Artifact {
+                path,
+                message: format!(
+                    "its CPU code was compiled for x86-64 features this host lacks: {} (target `{cpu}`); compile it on this host (`--cpu host`, the default) or for a level it has (`--cpu x86-64-v3`)",
+                    missing.join(", ")
+                ),
+            });
+        }
         // SAFETY: the library is our own generated code with no initializers.
         let lib = unsafe { libloading::Library::new(&path) }
             .map_err(|e| RuntimeError::Artifact { path: path.clone(), message: e.to_string() })?;

@@ -12,6 +12,7 @@ pub mod error;
 pub mod execute;
 pub mod integrity;
 pub mod interpreter;
+pub mod isa;
 pub mod lm;
 pub mod lm_session;
 pub mod manifest;

@@ -1,0 +1,118 @@
+//! The x86-64 features an artifact's CPU code was compiled for, checked
+//! against the host before its library is loaded: an instruction the host
+//! lacks would end the process with SIGILL, so such an artifact is refused
+//! with an error naming the features instead.
+//!
+//! The compile records its LLVM target in the manifest (`options.cpu`: the CPU
+//! name and the feature string, `+avx2,-avx512f,...`). A feature string names
+//! every feature explicitly (`--cpu host` records the host's); the generic
+//! levels `x86-64-v2/v3/v4` imply theirs. Other CPU names with no feature
+//! string cannot be checked without LLVM and pass.
+
+/// The features of `x86-64-v2`, `-v3` and `-v4` that vector code can use.
+const V2: &[&str] = &["sse3", "ssse3", "sse4.1", "sse4.2", "popcnt"];
+const V3: &[&str] = &["avx", "avx2", "fma", "f16c", "bmi", "bmi2", "lzcnt", "movbe"];
+const V4: &[&str] = &["avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"];
+
+/// Whether the host has the LLVM feature `name`; `None` for features this
+/// check does not know (they are not vector features kernels emit).
+fn host_has(name: &str) -> Option<bool> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        Some(match name {
+            "sse3" => has!("sse3"),
+            "ssse3" => has!("ssse3"),
+            "sse4.1" => has!("sse4.1"),
+            "sse4.2" => has!("sse4.2"),
+            "popcnt" => has!("popcnt"),
+            "avx" => has!("avx"),
+            "avx2" => has!("avx2"),
+            "fma" => has!("fma"),
+            "f16c" => has!("f16c"),
+            "bmi" => has!("bmi1"),
+            "bmi2" => has!("bmi2"),
+            "lzcnt" => has!("lzcnt"),
+            "movbe" => has!("movbe"),
+            "avx512f" => has!("avx512f"),
+            "avx512bw" => has!("avx512bw"),
+            "avx512cd" => has!("avx512cd"),
+            "avx512dq" => has!("avx512dq"),
+            "avx512vl" => has!("avx512vl"),
+            "avx512vnni" => has!("avx512vnni"),
+            "avx512bf16" => has!("avx512bf16"),
+            "avx512vbmi" => has!("avx512vbmi"),
+            "avx512vbmi2" => has!("avx512vbmi2"),
+            "avx512ifma" => has!("avx512ifma"),
+            "avx512bitalg" => has!("avx512bitalg"),
+            "avx512vpopcntdq" => has!("avx512vpopcntdq"),
+            "avxvnni" => has!("avxvnni"),
+            "gfni" => has!("gfni"),
+            "vaes" => has!("vaes"),
+            "vpclmulqdq" => has!("vpclmulqdq"),
+            _ => return None,
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = name;
+        None
+    }
+}
+
+/// The features code for LLVM CPU `cpu` with feature string `features` may
+/// use, as far as they can be told without LLVM: the `+` entries of the
+/// string, and a generic level's own.
+pub fn required(cpu: &str, features: &str) -> Vec<String> {
+    let level: &[&[&str]] = match cpu {
+        "x86-64-v2" => &[V2],
+        "x86-64-v3" => &[V2, V3],
+        "x86-64-v4" => &[V2, V3, V4],
+        _ => &[],
+    };
+    let mut out: Vec<String> = level.iter().flat_map(|l| l.iter().map(|f| f.to_string())).collect();
+    let disabled: Vec<&str> = features.split(',').filter_map(|f| f.trim().strip_prefix('-')).collect();
+    out.retain(|f| !disabled.contains(&f.as_str()));
+    for f in features.split(',').filter_map(|f| f.trim().strip_prefix('+')) {
+        if !out.iter().any(|o| o == f) {
+            out.push(f.to_string());
+        }
+    }
+    out
+}
+
+/// Of `required`, the features this check knows (the vector and bit
+/// manipulation features kernels use), in order.
+pub fn checked(required: &[String]) -> Vec<String> {
+    required.iter().filter(|f| host_has(f).is_some()).cloned().collect()
+}
+
+/// Of `required`, the features the host is known to lack.
+pub fn missing_on_host(required: &[String]) -> Vec<String> {
+    required.iter().filter(|f| host_has(f) == Some(false)).cloned().collect()
+}
+
+/// The CPU target recorded in a manifest's options: `(cpu, features)`.
+pub fn recorded_target(options: &serde_json::Value) -> (String, String) {
+    let cpu = &options["cpu"];
+    (cpu["cpu"].as_str().unwrap_or("").to_string(), cpu["features"].as_str().unwrap_or("").to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_imply_their_features_and_the_string_adds_and_removes() {
+        let v3 = required("x86-64-v3", "");
+        assert!(v3.iter().any(|f| f == "avx2") && !v3.iter().any(|f| f == "avx512f"));
+        let v4 = required("x86-64-v4", "-avx512bw,+avx512vnni");
+        assert!(v4.iter().any(|f| f == "avx512f") && v4.iter().any(|f| f == "avx512vnni") && !v4.iter().any(|f| f == "avx512bw"));
+        assert_eq!(required("znver3", "+avx2,-avx512f,+fma"), ["avx2", "fma"]);
+    }
+
+    #[test]
+    fn unknown_features_are_never_reported_missing() {
+        assert!(missing_on_host(&["sahf".into(), "64bit".into(), "no-such-feature".into()]).is_empty());
+    }
+}
