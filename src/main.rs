@@ -515,7 +515,8 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
         o.extend(r.clone());
     }
     let positions = report["prompt_tokens"].as_u64().unwrap_or(0) as usize + a.new_tokens;
-    report["kv"] = kv_report(plan, positions);
+    // The CUDA session keeps whole caches (rings are the CPU's).
+    report["kv"] = kv_report(plan, positions, matches!(exec, Executor::Cpu(_)));
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -563,19 +564,21 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
 
 /// The KV caches of an execution plan: bytes per position (all caches, and
 /// the least and most of one cache), and the bytes they hold at `positions`
-/// (a windowed layer's ring stops at its capacity), per cache too. NSA's
-/// block summaries are counted apart (`block_summary_bytes_held`).
-fn kv_report(plan: &sparsec_runtime::manifest::ExecutionPlan, positions: usize) -> serde_json::Value {
+/// (a windowed layer's ring stops at its capacity where `rings` holds: the
+/// CPU session), per cache too. NSA's block summaries are counted apart
+/// (`block_summary_bytes_held`).
+fn kv_report(plan: &sparsec_runtime::manifest::ExecutionPlan, positions: usize, rings: bool) -> serde_json::Value {
     use sparsec_runtime::manifest::BufferKind;
     let caches: Vec<_> = plan.buffers.iter().filter(|b| b.kind == BufferKind::KvCache).collect();
     let per_position: Vec<usize> = caches.iter().map(|b| b.bytes(1)).collect();
+    let ring = |b: &sparsec_runtime::manifest::BufferSpec| b.ring.filter(|_| rings);
     let held: Vec<usize> =
-        caches.iter().zip(&per_position).map(|(b, p)| p * b.ring.map_or(positions, |r| positions.min(r.capacity()))).collect();
+        caches.iter().zip(&per_position).map(|(b, p)| p * ring(b).map_or(positions, |r| positions.min(r.capacity()))).collect();
     let summaries: usize = plan.buffers.iter().filter_map(|b| b.block_rows(positions).map(|rows| rows * b.bytes(1))).sum();
     serde_json::json!({
         "positions": positions,
         "caches": caches.len(),
-        "ring_caches": caches.iter().filter(|b| b.ring.is_some()).count(),
+        "ring_caches": caches.iter().filter(|b| ring(b).is_some()).count(),
         "bytes_per_position": per_position.iter().sum::<usize>(),
         "min_cache_bytes_per_position": per_position.iter().min().copied().unwrap_or(0),
         "max_cache_bytes_per_position": per_position.iter().max().copied().unwrap_or(0),
@@ -583,7 +586,7 @@ fn kv_report(plan: &sparsec_runtime::manifest::ExecutionPlan, positions: usize) 
         "block_summary_bytes_held": summaries,
         "per_cache": caches.iter().zip(per_position.iter().zip(&held)).map(|(b, (p, h))| serde_json::json!({
             "name": b.name, "dtype": b.dtype.name(), "bytes_per_position": p, "bytes_held": h,
-            "capacity_positions": b.ring.map(|r| r.capacity()),
+            "capacity_positions": ring(b).map(|r| r.capacity()),
         })).collect::<Vec<_>>(),
     })
 }
