@@ -573,7 +573,7 @@ fn kv_report(plan: &sparsec_runtime::manifest::ExecutionPlan, positions: usize, 
     let per_position: Vec<usize> = caches.iter().map(|b| b.bytes(1)).collect();
     let ring = |b: &sparsec_runtime::manifest::BufferSpec| b.ring.filter(|_| rings);
     let held: Vec<usize> =
-        caches.iter().zip(&per_position).map(|(b, p)| p * ring(b).map_or(positions, |r| positions.min(r.capacity()))).collect();
+        caches.iter().zip(&per_position).map(|(b, p)| p * if rings { b.cache_rows(positions) } else { positions }).collect();
     let summaries: usize = plan.buffers.iter().filter_map(|b| b.block_rows(positions).map(|rows| rows * b.bytes(1))).sum();
     serde_json::json!({
         "positions": positions,

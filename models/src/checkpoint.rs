@@ -353,15 +353,8 @@ impl Model {
     /// The IR type of a role's data as stored: q8_0/q4_0/q4_1 for GGUF blocks of
     /// those types, f32 for everything else (f16/bf16 are widened at compile time).
     pub fn stored_dtype(&self, role: &str) -> sparsec_ir::DType {
-        use crate::quant::GgmlType;
-        use sparsec_ir::DType;
-        let (Source::Gguf(g), Some((name, Cut::Whole))) = (&self.source, self.names.get(role)) else { return DType::F32 };
-        match g.tensor(name).map(|t| t.ty) {
-            Some(GgmlType::Q8_0) => DType::Q8_0,
-            Some(GgmlType::Q4_0) => DType::Q4_0,
-            Some(GgmlType::Q4_1) => DType::Q4_1,
-            _ => DType::F32,
-        }
+        let (Source::Gguf(g), Some((name, Cut::Whole))) = (&self.source, self.names.get(role)) else { return sparsec_ir::DType::F32 };
+        g.tensor(name).and_then(|t| t.ty.ir_dtype()).filter(|d| d.is_quantized()).unwrap_or(sparsec_ir::DType::F32)
     }
 
     /// The graph nodes of the weights that feed matmuls and embeddings.
@@ -382,20 +375,15 @@ impl Model {
     /// (GGUF F16/BF16 tensors, safetensors F16/BF16); `None` for anything else
     /// (f32, quantized or mixed). The CLI's `--weights-dtype auto` keeps them so.
     pub fn stored_half(&self) -> Option<sparsec_ir::DType> {
-        use crate::quant::GgmlType;
-        use sparsec_ir::DType;
         let mut found = None;
         for i in self.matrix_weights() {
             let sparsec_ir::Op::Weight { name: role, .. } = &self.graph.nodes[i].op else { return None };
             let (name, _) = self.names.get(role)?;
-            let dt = match &self.source {
-                Source::Gguf(g) => match g.tensor(name)?.ty {
-                    GgmlType::F16 => DType::F16,
-                    GgmlType::BF16 => DType::BF16,
-                    _ => return None,
-                },
-                Source::Hf(st) => st.float_dtype(name).filter(|d| d.is_half())?,
+            let stored = match &self.source {
+                Source::Gguf(g) => g.tensor(name)?.ty.ir_dtype(),
+                Source::Hf(st) => st.float_dtype(name),
             };
+            let dt = stored.filter(|d| d.is_half())?;
             if found.is_some_and(|f| f != dt) {
                 return None;
             }

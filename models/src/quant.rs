@@ -32,6 +32,20 @@ impl GgmlType {
         }
     }
 
+    /// The IR type of data stored in this type; `None` for unsupported types.
+    pub fn ir_dtype(self) -> Option<sparsec_ir::DType> {
+        use sparsec_ir::DType;
+        Some(match self {
+            GgmlType::F32 => DType::F32,
+            GgmlType::F16 => DType::F16,
+            GgmlType::BF16 => DType::BF16,
+            GgmlType::Q8_0 => DType::Q8_0,
+            GgmlType::Q4_0 => DType::Q4_0,
+            GgmlType::Q4_1 => DType::Q4_1,
+            GgmlType::Unsupported(_) => return None,
+        })
+    }
+
     pub fn name(self) -> String {
         match self {
             GgmlType::F32 => "F32".into(),

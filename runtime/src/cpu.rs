@@ -511,8 +511,7 @@ impl CpuSession<'_> {
                     // Held as f32 words (4-byte aligned) whatever the cache's type.
                     let row_words = b.bytes(1).div_ceil(4);
                     let c = &mut self.caches[i];
-                    let rows = pos + seq as usize;
-                    let rows = b.ring.map_or(rows, |r| rows.min(r.capacity()));
+                    let rows = b.cache_rows(pos + seq as usize);
                     let need = rows * b.bytes(1);
                     if c.len() * 4 < need {
                         // Grow geometrically (decode appends one row at a time), a

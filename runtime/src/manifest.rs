@@ -244,6 +244,12 @@ impl BufferSpec {
         }
     }
 
+    /// Rows a KV cache holds after `positions` positions on the CPU: all of
+    /// them, or a ring's capacity at most.
+    pub fn cache_rows(&self, positions: usize) -> usize {
+        self.ring.map_or(positions, |r| positions.min(r.capacity()))
+    }
+
     /// Whether kernels take the buffer as bytes (`memref<?xi8>`): packed
     /// quantized weights, f16/bf16 weights and f16 KV caches.
     pub fn as_bytes(&self) -> bool {
