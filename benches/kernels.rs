@@ -14,7 +14,8 @@
 //! `gemv_memory`: decode GEMV with the weights streaming from memory, two
 //! threads: a chain of 8 matmuls of 4096x4096 (84 MB as Q4_1, beyond the L3)
 //! as dense Q4_1, 2:4 with 4-bit values (`nm_q4`) and 50% unstructured with
-//! 4-bit values (`csr_q4`, bitmap-indexed), side by side; int8 activations
+//! 4-bit values (`csr_q4`, bitmap-indexed), side by side (the summary alternates
+//! them in rounds, against the box's drift); int8 activations
 //! (the default) for all three.
 //!
 //! The roofline is measured first, in this process: read bandwidth (a sum over
@@ -136,7 +137,12 @@ fn input(k: u64, seq: u64) -> Vec<ArrayD<f32>> {
 }
 
 fn median_us(exec: &CpuExecutor, art: &Artifact, x: &[ArrayD<f32>]) -> f64 {
-    let mut t: Vec<f64> = (0..50)
+    median_of(exec, art, x, 50)
+}
+
+/// Median of `runs` timed runs, in µs.
+fn median_of(exec: &CpuExecutor, art: &Artifact, x: &[ArrayD<f32>], runs: usize) -> f64 {
+    let mut t: Vec<f64> = (0..runs)
         .map(|_| {
             let s = Instant::now();
             std::hint::black_box(exec.run(art, x).expect("runs"));
@@ -249,6 +255,8 @@ fn attention(c: &mut Criterion) {
 /// Matrices of the `gemv_memory` chain and their size.
 const MEM_LAYERS: u64 = 8;
 const MEM_DIM: u64 = 4096;
+/// Alternating rounds of the `gemv_memory` summary.
+const MEM_ROUNDS: usize = 7;
 
 /// Decode GEMV from memory: the same chain of matrices dense Q4_1 and sparse
 /// with 4-bit values, two threads (see the module doc).
@@ -259,8 +267,7 @@ fn gemv_memory(c: &mut Criterion) {
         ("csr50-q4", "f32", "#sparsity(unstructured, ratio = 0.5) #values(q4) #specialize(generic)"),
     ];
     let d = MEM_DIM;
-    let mut summary = Vec::new();
-    let mut base_us = None;
+    let mut compiled = Vec::new();
     for (kind, dtype, pattern) in kinds {
         let mut text = format!("graph @chain {{\n  %y0 = input : f32[seq, {d}]\n");
         for l in 0..MEM_LAYERS {
@@ -272,7 +279,7 @@ fn gemv_memory(c: &mut Criterion) {
         }
         text += &format!("  return %y{MEM_LAYERS}\n}}\n");
         let options = CompileOptions { target: TargetKind::Cpu, cpu: CpuTarget::host(), ..Default::default() };
-        let (_dir, art) = compile_text(&text, options);
+        let (dir, art) = compile_text(&text, options);
         let bytes: u64 = art.manifest.execution.buffers.iter().filter(|b| b.name.starts_with('w')).map(|b| b.bytes(0) as u64).sum();
         let exec = CpuExecutor::load(&art).and_then(|e| e.with_threads(2)).expect("executor");
         let x = input(d, 1);
@@ -281,11 +288,25 @@ fn gemv_memory(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(bytes));
         g.bench_with_input(BenchmarkId::from_parameter(kind), &x, |b, x| b.iter(|| exec.run(&art, x).expect("runs")));
         g.finish();
-        let us = median_us(&exec, &art, &x);
-        let base = *base_us.get_or_insert(us);
-        summary.push(format!("| {kind} | {:.1} | {:.0} | {:.1} | {:.2}x |", bytes as f64 / 1e6, us, bytes as f64 / us / 1e3, base / us));
+        compiled.push((kind, bytes, exec, art, x, dir));
     }
-    println!("\ngemv_memory: {MEM_LAYERS} x {d}x{d}, seq 1, 2 threads");
+    // The summary alternates the kinds, round after round, so that the box's
+    // drift (10-30% over minutes here) falls on all of them alike.
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); compiled.len()];
+    for _ in 0..MEM_ROUNDS {
+        for ((_, _, exec, art, x, _), t) in compiled.iter().zip(&mut times) {
+            t.push(median_of(exec, art, x, 10));
+        }
+    }
+    let mut summary = Vec::new();
+    let mut base_us = None;
+    for ((kind, bytes, ..), t) in compiled.iter().zip(&mut times) {
+        t.sort_by(|a, b| a.total_cmp(b));
+        let us = t[t.len() / 2];
+        let base = *base_us.get_or_insert(us);
+        summary.push(format!("| {kind} | {:.1} | {:.0} | {:.1} | {:.2}x |", *bytes as f64 / 1e6, us, *bytes as f64 / us / 1e3, base / us));
+    }
+    println!("\ngemv_memory: {MEM_LAYERS} x {d}x{d}, seq 1, 2 threads; medians of {MEM_ROUNDS} alternating rounds of 10 runs");
     println!("| weights | MB | median µs | GB/s | speed-up vs q4_1 |\n| --- | --- | --- | --- | --- |");
     for l in summary {
         println!("{l}");

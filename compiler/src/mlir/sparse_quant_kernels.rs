@@ -11,15 +11,20 @@
 //! every row of activations is quantized to int8 in blocks of 64 (one f32 scale
 //! each), and each 64-weight step of a weight row (one block of 32 kept values:
 //! 16 bytes of nibbles, an f16 scale and minimum, 8 bitmap bytes) gathers its 32
-//! kept activations with two `vpshufb`s. The shuffle control comes from the
-//! bitmap alone: each group's nibble (picked by a byte shuffle and a per-dword
-//! shift) indexes two 16-entry tables (first and second kept position), plus
-//! the group's place in its 16-byte lane. The quants lie in the gather's order
-//! (`sparse_quant::slot`), so `Σ q·x` is one `vpmaddubsw` + `vpmaddwd`, and
-//! `Σ x` over the kept positions (what the minimum multiplies) another.
+//! kept activations with two `vpshufb`s and a dword blend. The shuffle control
+//! comes from the bitmap alone: each group's nibble (picked by a byte shuffle
+//! and a per-dword shift) indexes one 16-entry table that gives the first kept
+//! position at the nibble and the second at the nibble with its low bit
+//! flipped, plus the group's place in its 16-byte lane. The quants lie in the
+//! gather's order (`sparse_quant::slot`), so `Σ q·x` is one `vpmaddubsw` +
+//! `vpmaddwd`, and `Σ x` over the kept positions (what the minimum multiplies)
+//! another. A GEMV micro-kernel runs two weight rows at once, forms each row's
+//! step scales `d·dx`, `m·dx` eight steps to a vector before its loop, keeps
+//! two accumulators per output (one FMA chain each), and prefetches its rows'
+//! quants and bitmap as one stream.
 
 use super::builder::{Device, KernelBuilder, V};
-use super::kernels::{nibbles, row_block, strided, unit_origin, UnitOrder};
+use super::kernels::{column_groups, row_block, strided, unit_origin, UnitOrder};
 use super::sparse_kernels::SparseMatmul;
 use sparsec_ir::sparse::SparseFormat;
 use sparsec_ir::sparse_quant::{CsrIndex, QBits};
@@ -29,7 +34,7 @@ const COLS: u64 = 32;
 /// Positions per step of the 2:4 kernel (one block of 32 kept values).
 const STEP: u64 = 64;
 /// How far ahead of its loads the 2:4 GEMV prefetches quants and bitmap bytes.
-const PREFETCH_BYTES: u64 = 4096;
+const PREFETCH_BYTES: u64 = 8192;
 
 /// The planes of a packed quantized sparse weight.
 struct QPlanes {
@@ -272,31 +277,240 @@ fn maddubs_wd(b: &mut KernelBuilder, u: &str, s: &str) -> V {
     b.def(format!("llvm.call_intrinsic \"llvm.x86.avx2.pmadd.wd\"({pairs}, {ones}) : (vector<16xi16>, vector<16xi16>) -> vector<8xi32>"))
 }
 
+/// Weight rows one 2:4 GEMV micro-kernel runs at once (they share the loads of
+/// the activations and give the core two independent chains).
+const GEMV_COLS: u64 = 2;
+/// Steps whose scales are formed by one vector operation.
+const SCALE_VEC: u64 = 8;
+
+/// What the micro-kernels of the 2:4 q4 kernel share (see `emit_nm24_q4_int8`).
+struct Nm24 {
+    planes: QPlanes,
+    /// The output buffer, `[rows, n]`.
+    out: String,
+    n: u64,
+    k: u64,
+    steps: u64,
+    /// int8 activations of the row block (`rb × k`), their per-step scales (`rb × steps`).
+    xq: V,
+    xd: V,
+    /// Per (row, weight row) of a micro-kernel: `steps` of `d·dx`, then `steps` of `m·dx`.
+    sc: V,
+    quants_last: V,
+    bitmap_last: V,
+}
+
+impl Nm24 {
+    /// The gather control of one step (slot o of the 32: lane L = o/16, half
+    /// h = o/8 % 2, a = o/4 % 2, b = o/2 % 2, kept value s = o % 2 of group
+    /// g = 8h + 4L + 2b + a of the step's 16): the byte of `x_h` that slot o
+    /// takes, `4·(2b + a)` + the group's `s`-th kept position. The group's
+    /// bitmap nibble is byte `4h + 2L + b` of the step's 8, shifted by `4a`;
+    /// one 16-entry table serves both kept values: the lowest set bit at a
+    /// valid 2:4 nibble (3, 5, 6, 9, 10, 12) and the highest at that nibble
+    /// with its low bit flipped (2, 4, 7, 8, 11, 13, never a valid nibble), so
+    /// odd slots flip it before the lookup.
+    fn control(&self, b: &mut KernelBuilder, mat: &str) -> V {
+        let rep: Vec<String> = (0..32).map(|o| (4 * ((o >> 3) & 1) + 2 * (o >> 4) + ((o >> 1) & 1)).to_string()).collect();
+        let base: Vec<i32> = (0..32).map(|o| 4 * (2 * ((o >> 1) & 1) + ((o >> 2) & 1))).collect();
+        let odd: Vec<i32> = (0..32).map(|o| o & 1).collect();
+        let mut table = [0i32; 16];
+        for nib in [3usize, 5, 6, 9, 10, 12] {
+            table[nib] = nib.trailing_zeros() as i32;
+            table[nib ^ 1] = 31 - (nib as u32).leading_zeros() as i32;
+        }
+        let table: Vec<i32> = (0..32).map(|i| table[i % 16]).collect();
+        let bm = b.def(format!("vector.load {}[{mat}] : memref<?xi8>, vector<8xi8>", self.planes.idx));
+        let rep_v = b.def(format!("vector.shuffle {bm}, {bm} [{}] : vector<8xi8>, vector<8xi8>", rep.join(", ")));
+        let r32 = b.def(format!("vector.bitcast {rep_v} : vector<32xi8> to vector<8xi32>"));
+        let shifts = b.def("arith.constant dense<[0, 4, 0, 4, 0, 4, 0, 4]> : vector<8xi32>".into());
+        let r32 = b.def(format!("arith.shrui {r32}, {shifts} : vector<8xi32>"));
+        let r8 = b.def(format!("vector.bitcast {r32} : vector<8xi32> to vector<32xi8>"));
+        let f = b.vsplat_int(15, 32, "i8");
+        let nib = b.def(format!("arith.andi {r8}, {f} : vector<32xi8>"));
+        let oddv = bytes_const(b, &odd);
+        let nib = b.def(format!("arith.xori {nib}, {oddv} : vector<32xi8>"));
+        let tab = bytes_const(b, &table);
+        let pos = pshufb(b, &tab, &nib);
+        let basev = bytes_const(b, &base);
+        b.def(format!("arith.ori {pos}, {basev} : vector<32xi8>"))
+    }
+
+    /// A block's 32 quants in slot order: the 16 bytes in both lanes, the high
+    /// lane shifted down a nibble.
+    fn quants(&self, b: &mut KernelBuilder, qat: &str) -> V {
+        let v = b.vload_bytes(&self.planes.q, qat, 16);
+        let both: Vec<String> = (0..32).map(|i| (i % 16).to_string()).collect();
+        let v = b.def(format!("vector.shuffle {v}, {v} [{}] : vector<16xi8>, vector<16xi8>", both.join(", ")));
+        let w = b.def(format!("vector.bitcast {v} : vector<32xi8> to vector<4xi64>"));
+        let sh = b.def("arith.constant dense<[0, 0, 4, 4]> : vector<4xi64>".into());
+        let w = b.def(format!("arith.shrui {w}, {sh} : vector<4xi64>"));
+        let v = b.def(format!("vector.bitcast {w} : vector<4xi64> to vector<32xi8>"));
+        let f = b.vsplat_int(15, 32, "i8");
+        b.def(format!("arith.andi {v}, {f} : vector<32xi8>"))
+    }
+
+    /// Offset in `sc` of the scales of (row `rr`, weight row `cc`) of a micro-kernel of `ncols`.
+    fn scale_base(&self, rr: u64, cc: u64, ncols: u64) -> u64 {
+        (rr * ncols + cc) * 2 * self.steps
+    }
+
+    /// Forms `d·dx` and `m·dx` of every step for rows `slot0..+nr` and weight rows `j..+ncols`.
+    fn scales(&self, b: &mut KernelBuilder, slot0: &str, nr: u64, j: &str, ncols: u64) {
+        let (m_plane, d_plane) = (self.planes.m.clone().unwrap_or_default(), self.planes.d.clone());
+        let stepsc = b.index(self.steps);
+        let whole = self.steps / SCALE_VEC * SCALE_VEC;
+        for rr in 0..nr {
+            let rri = b.index(rr);
+            let slot = b.addi(slot0, &rri);
+            let xrow = b.muli(&slot, &stepsc);
+            for cc in 0..ncols {
+                let cci = b.index(cc);
+                let wrow = b.addi(j, &cci);
+                let blk0 = b.muli(&wrow, &stepsc);
+                let sd = b.index(self.scale_base(rr, cc, ncols));
+                let sm = b.index(self.scale_base(rr, cc, ncols) + self.steps);
+                let (zero, wc) = (b.index(0), b.index(whole));
+                b.for_step(&zero, &wc, SCALE_VEC, |b, s| {
+                    let at = b.addi(&blk0, s);
+                    let xat = b.addi(&xrow, s);
+                    let dx = b.vload(&self.xd, &xat, SCALE_VEC as u32);
+                    for (plane, dst) in [(&d_plane, &sd), (&m_plane, &sm)] {
+                        let v = b.vload_f16(plane, &at, SCALE_VEC as u32);
+                        let v = b.def(format!("arith.mulf {v}, {dx} : {}", KernelBuilder::vty(SCALE_VEC as u32)));
+                        let o = b.addi(dst, s);
+                        b.vstore(&v, &self.sc, &o, SCALE_VEC as u32);
+                    }
+                });
+                b.for_each(&wc, &stepsc, |b, s| {
+                    let at = b.addi(&blk0, s);
+                    let xat = b.addi(&xrow, s);
+                    let dx = b.load(&self.xd, &xat);
+                    for (plane, dst) in [(&d_plane, &sd), (&m_plane, &sm)] {
+                        let v = b.load_f16(plane, &at);
+                        let v = b.mul(&v, &dx);
+                        let o = b.addi(dst, s);
+                        b.store(&v, &self.sc, &o);
+                    }
+                });
+            }
+        }
+    }
+
+    /// Outputs of rows `r..+nr` (activation slots `slot0..`) × weight rows `j..+ncols`.
+    fn micro(&self, b: &mut KernelBuilder, r: &str, slot0: &str, nr: u64, j: &str, ncols: u64) {
+        self.scales(b, slot0, nr, j, ncols);
+        let (kc, stepsc) = (b.index(self.k), b.index(self.steps));
+        let xrows = strided(b, slot0, nr, &kc);
+        let wrows: Vec<V> = (0..ncols)
+            .map(|cc| {
+                let cci = b.index(cc);
+                b.addi(j, &cci)
+            })
+            .collect();
+        let vz = b.vzero(8);
+        let init: Vec<(V, String)> = (0..2 * nr * ncols).map(|_| (vz.clone(), KernelBuilder::vty(8))).collect();
+        let zero = b.index(0);
+        let accs = b.for_fold_typed(&zero, &stepsc, 1, &init, |b, s, accs| {
+            let mut gathers = Vec::with_capacity(ncols as usize);
+            for (cc, wrow) in wrows.iter().enumerate() {
+                let blk = b.muli(wrow, &stepsc);
+                let blk = b.addi(&blk, s);
+                let c16 = b.index(16);
+                let qat = b.muli(&blk, &c16);
+                let rbytes = b.index(self.k / 8);
+                let mat = b.muli(wrow, &rbytes);
+                let eight = b.index(8);
+                let s8 = b.muli(s, &eight);
+                let mat = b.addi(&mat, &s8);
+                if nr == 1 && cc == 0 {
+                    // Rows j..j+ncols lie one after another in both planes, and
+                    // the micro-kernel reads them together: one stream per
+                    // plane, fetched ahead as if read at ncols blocks a step.
+                    let (q0, m0) = (b.muli(wrow, &stepsc), b.muli(wrow, &rbytes));
+                    let sn = b.index(ncols);
+                    let sn = b.muli(s, &sn);
+                    let qoff = b.muli(&sn, &c16);
+                    let qpf = b.muli(&q0, &c16);
+                    let qpf = b.addi(&qpf, &qoff);
+                    let moff = b.muli(&sn, &eight);
+                    let mpf = b.addi(&m0, &moff);
+                    b.prefetch_ahead(&self.planes.q, &qpf, PREFETCH_BYTES, &self.quants_last, "i8");
+                    b.prefetch_ahead(&self.planes.idx, &mpf, PREFETCH_BYTES / 2, &self.bitmap_last, "i8");
+                }
+                gathers.push((self.control(b, &mat), self.quants(b, &qat)));
+            }
+            let ones8 = b.vsplat_int(1, 32, "i8");
+            // Slots of half h = 1 (bytes 8..16 of each lane) come from x1.
+            let pick: Vec<String> = (0..32).map(|o| if o & 8 == 0 { o.to_string() } else { (32 + o).to_string() }).collect();
+            let mut next = accs.to_vec();
+            for (rr, xr) in xrows.iter().enumerate() {
+                let c64 = b.index(STEP);
+                let x0at = b.muli(s, &c64);
+                let x0at = b.addi(xr, &x0at);
+                let c32 = b.index(32);
+                let x1at = b.addi(&x0at, &c32);
+                let x0 = b.vload_bytes(&self.xq, &x0at, 32);
+                let x1 = b.vload_bytes(&self.xq, &x1at, 32);
+                for (cc, (ctrl, wq)) in gathers.iter().enumerate() {
+                    let g0 = pshufb(b, &x0, ctrl);
+                    let g1 = pshufb(b, &x1, ctrl);
+                    let g = b.def(format!("vector.shuffle {g0}, {g1} [{}] : vector<32xi8>, vector<32xi8>", pick.join(", ")));
+                    let dot = maddubs_wd(b, wq, &g);
+                    let sum = maddubs_wd(b, &ones8, &g);
+                    let base = self.scale_base(rr as u64, cc as u64, ncols);
+                    let sdi = b.index(base);
+                    let sdi = b.addi(&sdi, s);
+                    let smi = b.index(base + self.steps);
+                    let smi = b.addi(&smi, s);
+                    let sd = b.load(&self.sc, &sdi);
+                    let sm = b.load(&self.sc, &smi);
+                    let vt = KernelBuilder::vty(8);
+                    let dotf = b.def(format!("arith.sitofp {dot} : vector<8xi32> to {vt}"));
+                    let sumf = b.def(format!("arith.sitofp {sum} : vector<8xi32> to {vt}"));
+                    let sdv = b.vbroadcast(&sd, 8);
+                    let smv = b.vbroadcast(&sm, 8);
+                    // Two accumulators per output: two chains of one FMA per step.
+                    let at = 2 * (rr * ncols as usize + cc);
+                    next[at] = b.vfma(&dotf, &sdv, &accs[at], 8);
+                    next[at + 1] = b.vfma(&sumf, &smv, &accs[at + 1], 8);
+                }
+            }
+            next
+        });
+        let nc = b.index(self.n);
+        let orows = strided(b, r, nr, &nc);
+        for (rr, orow) in orows.iter().enumerate() {
+            for (cc, wrow) in wrows.iter().enumerate() {
+                let at = 2 * (rr * ncols as usize + cc);
+                let both = b.def(format!("arith.addf {}, {} : {}", accs[at], accs[at + 1], KernelBuilder::vty(8)));
+                let y = b.vsum(&both, 8);
+                let o = b.addi(orow, wrow);
+                b.store_result(&y, &self.out, &o);
+            }
+        }
+    }
+}
+
 /// The 2:4, 4-bit, int8-activation CPU kernel (see the module doc).
 fn emit_nm24_q4_int8(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], out: &str) {
     let fmt = t.storage.format;
     let (n, k) = t.nk();
     let steps = k / STEP;
+    let rb = t.rb();
     let planes = QPlanes::new(b, &fmt, QBits::Q4, &ins[1]);
     let a = ins[0].clone();
     let (kc, nc, stepsc) = (b.index(k), b.index(n), b.index(steps));
     let (units, ct, rbc, rows) = t.cpu_grid(b);
-    let qbytes = b.index(t.rb() * k);
+    let qbytes = b.index(rb * k);
     let xq = b.def(format!("memref.alloca({qbytes}) : memref<?xi8>"));
-    let nsc = b.index(t.rb() * steps);
+    let nsc = b.index(rb * steps);
     let xd = b.alloca_f32(&nsc);
-    // The constant vectors of the gather (slot o of the 32: lane L = o/16, half h
-    // = o/8 % 2, a = o/4 % 2, b = o/2 % 2, kept value s = o % 2; group
-    // g = 8h + 4L + 2b + a of the step's 16).
-    let rep: Vec<String> = (0..32).map(|o| (4 * ((o >> 3) & 1) + 2 * (o >> 4) + ((o >> 1) & 1)).to_string()).collect::<Vec<_>>();
-    let base: Vec<i32> = (0..32).map(|o| 4 * (2 * ((o >> 1) & 1) + ((o >> 2) & 1))).collect();
-    let first_bit = |nib: i32, skip: u32| (0..4).filter(|i| nib & (1 << i) != 0).nth(skip as usize).unwrap_or(0);
-    let t0: Vec<i32> = (0..32).map(|i| first_bit(i % 16, 0)).collect();
-    let t1: Vec<i32> = (0..32).map(|i| first_bit(i % 16, 1)).collect();
-    let hi80: Vec<i32> = (0..32).map(|o| if o & 8 != 0 { 0x80 } else { 0 }).collect();
-    let lo80: Vec<i32> = (0..32).map(|o| if o & 8 == 0 { 0x80 } else { 0 }).collect();
+    let scn = b.index(rb * GEMV_COLS * 2 * steps);
+    let sc = b.alloca_f32(&scn);
     let quants_last = b.index((n * steps * 16).saturating_sub(1));
     let bitmap_last = b.index((n * k / 8).saturating_sub(1));
+    let ctx = Nm24 { planes, out: out.to_string(), n, k, steps, xq, xd, sc, quants_last, bitmap_last };
 
     let ub = b.def(format!("arith.minui %hi, {units} : index"));
     let first = b.divui("%lo", &ct);
@@ -336,9 +550,9 @@ fn emit_nm24_q4_int8(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], out: &s
                 let qi = b.def(format!("arith.fptosi {rounded} : {vt} to vector<{w}xi32>"));
                 let q8 = b.def(format!("arith.trunci {qi} : vector<{w}xi32> to vector<{w}xi8>"));
                 let qat = b.addi(&dst, &off);
-                b.vstore_bytes(&q8, &xq, &qat, w);
+                b.vstore_bytes(&q8, &ctx.xq, &qat, w);
                 let sat = b.addi(&sdst, s);
-                b.store(&d, &xd, &sat);
+                b.store(&d, &ctx.xd, &sat);
             });
         });
         let u_first = b.muli(rbi, &ct);
@@ -350,91 +564,10 @@ fn emit_nm24_q4_int8(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], out: &s
             let j0 = b.muli(&cb, &colsc);
             let j1 = b.addi(&j0, &colsc);
             let j_end = b.def(format!("arith.minui {j1}, {nc} : index"));
-            row_block(b, t.rb(), &r0, &rbc, &rows, &|b, r, nr| {
+            row_block(b, rb, &r0, &rbc, &rows, &|b, r, nr| {
                 let slot0 = b.def(format!("arith.subi {r}, {r0} : index"));
-                let xrows = strided(b, &slot0, nr, &kc);
-                let srows = strided(b, &slot0, nr, &stepsc);
-                b.for_each(&j0, &j_end, |b, j| {
-                    let wblk0 = b.muli(j, &stepsc);
-                    let rbytes = b.index(k / 8);
-                    let mrow = b.muli(j, &rbytes);
-                    let vz = b.vzero(8);
-                    let init: Vec<(V, String)> = (0..nr).map(|_| (vz.clone(), KernelBuilder::vty(8))).collect();
-                    let zero = b.index(0);
-                    let accs = b.for_fold_typed(&zero, &stepsc, 1, &init, |b, s, accs| {
-                        let blk = b.addi(&wblk0, s);
-                        let c16 = b.index(16);
-                        let qat = b.muli(&blk, &c16);
-                        let eight = b.index(8);
-                        let s8 = b.muli(s, &eight);
-                        let mat = b.addi(&mrow, &s8);
-                        if nr == 1 {
-                            b.prefetch_ahead(&planes.q, &qat, PREFETCH_BYTES, &quants_last, "i8");
-                            b.prefetch_ahead(&planes.idx, &mat, PREFETCH_BYTES / 2, &bitmap_last, "i8");
-                        }
-                        // The gather control, from the step's 8 bitmap bytes.
-                        let bm = b.def(format!("vector.load {}[{mat}] : memref<?xi8>, vector<8xi8>", planes.idx));
-                        let rep_v = b.def(format!("vector.shuffle {bm}, {bm} [{}] : vector<8xi8>, vector<8xi8>", rep.join(", ")));
-                        let r32 = b.def(format!("vector.bitcast {rep_v} : vector<32xi8> to vector<8xi32>"));
-                        let shifts = b.def("arith.constant dense<[0, 4, 0, 4, 0, 4, 0, 4]> : vector<8xi32>".into());
-                        let r32 = b.def(format!("arith.shrui {r32}, {shifts} : vector<8xi32>"));
-                        let r8 = b.def(format!("vector.bitcast {r32} : vector<8xi32> to vector<32xi8>"));
-                        let f = b.vsplat_int(15, 32, "i8");
-                        let nib = b.def(format!("arith.andi {r8}, {f} : vector<32xi8>"));
-                        let tab0 = bytes_const(b, &t0);
-                        let tab1 = bytes_const(b, &t1);
-                        let p0 = pshufb(b, &tab0, &nib);
-                        let p1 = pshufb(b, &tab1, &nib);
-                        let pick: Vec<String> = (0..32).map(|o| if o % 2 == 0 { o.to_string() } else { (32 + o).to_string() }).collect();
-                        let pos = b.def(format!("vector.shuffle {p0}, {p1} [{}] : vector<32xi8>, vector<32xi8>", pick.join(", ")));
-                        let basev = bytes_const(b, &base);
-                        let ctrl = b.def(format!("arith.ori {pos}, {basev} : vector<32xi8>"));
-                        let h80 = bytes_const(b, &hi80);
-                        let l80 = bytes_const(b, &lo80);
-                        let c0 = b.def(format!("arith.ori {ctrl}, {h80} : vector<32xi8>"));
-                        let c1 = b.def(format!("arith.ori {ctrl}, {l80} : vector<32xi8>"));
-                        // The block's 32 quants in slot order, its scale and minimum.
-                        let (lo, hi) = nibbles(b, &planes.q, &qat);
-                        let order: Vec<String> = (0..32).map(|i| i.to_string()).collect();
-                        let wq = b.def(format!("vector.shuffle {lo}, {hi} [{}] : vector<16xi8>, vector<16xi8>", order.join(", ")));
-                        let d = b.load_f16(&planes.d, &blk);
-                        let m = b.load_f16(planes.m.as_ref().unwrap_or(&planes.d), &blk);
-                        let ones8 = b.vsplat_int(1, 32, "i8");
-                        let mut next = Vec::with_capacity(nr as usize);
-                        for (r, (xr, sr)) in xrows.iter().zip(&srows).enumerate() {
-                            let xoff = b.index(STEP);
-                            let x0at = b.muli(s, &xoff);
-                            let x0at = b.addi(xr, &x0at);
-                            let c32 = b.index(32);
-                            let x1at = b.addi(&x0at, &c32);
-                            let x0 = b.vload_bytes(&xq, &x0at, 32);
-                            let x1 = b.vload_bytes(&xq, &x1at, 32);
-                            let g0 = pshufb(b, &x0, &c0);
-                            let g1 = pshufb(b, &x1, &c1);
-                            let g = b.def(format!("arith.ori {g0}, {g1} : vector<32xi8>"));
-                            let dot = maddubs_wd(b, &wq, &g);
-                            let sum = maddubs_wd(b, &ones8, &g);
-                            let dat = b.addi(sr, s);
-                            let dx = b.load(&xd, &dat);
-                            let sd = b.mul(&d, &dx);
-                            let sm = b.mul(&m, &dx);
-                            let vt = KernelBuilder::vty(8);
-                            let dotf = b.def(format!("arith.sitofp {dot} : vector<8xi32> to {vt}"));
-                            let sumf = b.def(format!("arith.sitofp {sum} : vector<8xi32> to {vt}"));
-                            let sdv = b.vbroadcast(&sd, 8);
-                            let smv = b.vbroadcast(&sm, 8);
-                            let acc = b.vfma(&dotf, &sdv, &accs[r], 8);
-                            next.push(b.vfma(&sumf, &smv, &acc, 8));
-                        }
-                        next
-                    });
-                    let orows = strided(b, r, nr, &nc);
-                    for (acc, orow) in accs.iter().zip(&orows) {
-                        let y = b.vsum(acc, 8);
-                        let o = b.addi(orow, j);
-                        b.store_result(&y, out, &o);
-                    }
-                });
+                let cols = if nr == 1 { GEMV_COLS } else { 1 };
+                column_groups(b, &j0, &j_end, cols, &|b, j, ncols| ctx.micro(b, r, &slot0, nr, j, ncols));
             });
         });
     });
