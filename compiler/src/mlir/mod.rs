@@ -6,6 +6,7 @@ pub mod math;
 pub mod pipeline;
 pub mod quant_dot;
 pub mod sparse_kernels;
+pub mod sparse_quant_bitmap;
 pub mod sparse_quant_kernels;
 pub mod sparse_unrolled;
 

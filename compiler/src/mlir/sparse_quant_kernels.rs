@@ -37,20 +37,20 @@ const STEP: u64 = 64;
 const PREFETCH_BYTES: u64 = 8192;
 
 /// The planes of a packed quantized sparse weight.
-struct QPlanes {
-    bits: QBits,
-    q: V,
-    d: V,
-    m: Option<V>,
+pub(super) struct QPlanes {
+    pub(super) bits: QBits,
+    pub(super) q: V,
+    pub(super) d: V,
+    pub(super) m: Option<V>,
     /// Row (CSR) or block-row (BSR) pointers.
-    ptr: Option<V>,
+    pub(super) ptr: Option<V>,
     /// Bitmap (i8), columns (i16/i32) or block columns (i32).
-    idx: V,
+    pub(super) idx: V,
     idx_ty: &'static str,
 }
 
 impl QPlanes {
-    fn new(b: &mut KernelBuilder, fmt: &SparseFormat, bits: QBits, buf: &str) -> QPlanes {
+    pub(super) fn new(b: &mut KernelBuilder, fmt: &SparseFormat, bits: QBits, buf: &str) -> QPlanes {
         let lay = fmt.layout();
         let vp = sparsec_ir::sparse_quant::value_planes(bits, lay.values, fmt.stored_values());
         let q = b.plane(buf, vp.q, vp.blocks * bits.quant_bytes(), "i8");
@@ -131,6 +131,9 @@ pub fn emit_sparse_quant_matmul(b: &mut KernelBuilder, t: &SparseMatmul, int8: b
         return emit_nm24_q4_int8(b, t, ins, out);
     }
     let planes = QPlanes::new(b, &fmt, bits, &ins[1]);
+    if b.device() == Device::Cpu && matches!(fmt, SparseFormat::CsrQ { .. }) && fmt.csr_index() == CsrIndex::Bitmap && k % 8 == 0 {
+        return super::sparse_quant_bitmap::emit_csr_bitmap_q(b, t, &planes, ins, out);
+    }
     let a = ins[0].clone();
     let (kc, nc) = (b.index(k), b.index(n));
     match b.device() {
