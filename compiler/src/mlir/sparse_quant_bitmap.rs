@@ -1,6 +1,7 @@
-//! The CPU kernel for unstructured sparse weights indexed by a per-row bitmap
-//! with kept values stored quantized (`CsrQ` in its bitmap form, q4 or q8,
-//! `generic` level, `k` a multiple of 8): vectorized, f32 activations.
+//! The CPU kernel for sparse weights indexed by a per-row bitmap with kept
+//! values stored quantized (`CsrQ` in its bitmap form and `NmQ`, q4 or q8,
+//! `generic` level, `k` a multiple of 8): vectorized, f32 activations. (2:4
+//! q4 with int8 activations has its own kernel in `sparse_quant_kernels.rs`.)
 //!
 //! For each weight row `j` and each activation row, the activations at the
 //! row's kept positions are first packed in the row's stored order into a
@@ -15,13 +16,15 @@
 //! each of its rows once per weight row and shares every dequantized block.
 //!
 //! Validation (`sparsec_ir::sparse::validate`) guarantees that a row's
-//! pointers equal its bitmap's count and that no bit is set past `k`, so the
+//! pointers (N:M: its fixed count) equal its bitmap's count and that no bit is
+//! set past `k`, so the
 //! packed buffer (`k` + 72 floats a row) bounds every store and load.
 
 use super::builder::{KernelBuilder, V};
 use super::kernels::{column_groups, row_block, strided, unit_origin, UnitOrder};
 use super::sparse_kernels::SparseMatmul;
 use super::sparse_quant_kernels::QPlanes;
+use sparsec_ir::sparse::SparseFormat;
 use sparsec_ir::sparse_quant::{slot, QBits, QB};
 
 /// f32 lanes of a vector.
@@ -64,6 +67,8 @@ struct Ctx<'a> {
     lut: V,
     n: u64,
     k: u64,
+    /// N:M: the stored values of every row (its pointers implicit); CSR: `None`.
+    per_row: Option<u64>,
 }
 
 /// Emits the kernel (see the module doc): `ins[0]` the activations, `ins[1]` the packed weight.
@@ -73,7 +78,11 @@ pub(super) fn emit_csr_bitmap_q(b: &mut KernelBuilder, t: &SparseMatmul, planes:
     let xk_len = b.index(rb * ROWS_AHEAD * packed_len(k));
     let xk = b.alloca_f32(&xk_len);
     let lut = b.i32_table("csr_compress", &compress_table());
-    let ctx = Ctx { planes, a: &ins[0], out, xk, lut, n, k };
+    let per_row = match t.storage.format {
+        SparseFormat::NmQ { .. } => Some(t.storage.format.stored_values() / n.max(1)),
+        _ => None,
+    };
+    let ctx = Ctx { planes, a: &ins[0], out, xk, lut, n, k, per_row };
     let (units, ct, rbc, rows) = t.cpu_grid(b);
     let (colsc, nc) = (b.index(COLS), b.index(n));
     b.parallel(&units, |b, u| {
@@ -94,11 +103,21 @@ struct RowBlocks {
 
 impl Ctx<'_> {
     fn row_blocks(&self, b: &mut KernelBuilder, j: &str) -> RowBlocks {
-        let ptr = self.planes.ptr.clone().unwrap_or_default();
-        let lo = b.load_index(&ptr, j, "i32");
-        let one = b.index(1);
-        let j1 = b.addi(j, &one);
-        let hi = b.load_index(&ptr, &j1, "i32");
+        let (lo, hi) = match self.per_row {
+            Some(per_row) => {
+                let c = b.index(per_row);
+                let lo = b.muli(j, &c);
+                let hi = b.addi(&lo, &c);
+                (lo, hi)
+            }
+            None => {
+                let ptr = self.planes.ptr.clone().unwrap_or_default();
+                let lo = b.load_index(&ptr, j, "i32");
+                let one = b.index(1);
+                let j1 = b.addi(j, &one);
+                (lo, b.load_index(&ptr, &j1, "i32"))
+            }
+        };
         let qb = b.index(QB as u64);
         let b0 = b.divui(&lo, &qb);
         let first = b.muli(&b0, &qb);

@@ -131,7 +131,12 @@ pub fn emit_sparse_quant_matmul(b: &mut KernelBuilder, t: &SparseMatmul, int8: b
         return emit_nm24_q4_int8(b, t, ins, out);
     }
     let planes = QPlanes::new(b, &fmt, bits, &ins[1]);
-    if b.device() == Device::Cpu && matches!(fmt, SparseFormat::CsrQ { .. }) && fmt.csr_index() == CsrIndex::Bitmap && k % 8 == 0 {
+    let bitmap = match fmt {
+        SparseFormat::CsrQ { .. } => fmt.csr_index() == CsrIndex::Bitmap,
+        SparseFormat::NmQ { .. } => true,
+        _ => false,
+    };
+    if b.device() == Device::Cpu && bitmap && k % 8 == 0 {
         return super::sparse_quant_bitmap::emit_csr_bitmap_q(b, t, &planes, ins, out);
     }
     let a = ins[0].clone();
