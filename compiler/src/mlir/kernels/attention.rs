@@ -15,7 +15,9 @@
 //! values) to a scratch buffer, and a second phase of units, one per
 //! (row, head), combines them. Prefill without windows or NSA is
 //! flash-style: a unit takes a block of `FLASH_ROWS` query rows, so each key
-//! tile is widened once per block rather than once per row. Otherwise on the CPU: one unit per
+//! tile is widened (and transposed) once per block rather than once per row,
+//! and the block's (row, head) pairs are scored two at a time against the
+//! transposed tile (each key vector loaded once for both, no horizontal sums). Otherwise on the CPU: one unit per
 //! (row, head), an online softmax accumulating into the output row. On
 //! NVIDIA: a block of warps per (row, head), its lanes splitting the keys,
 //! combined with warp shuffles and then across the warps in shared memory.
@@ -207,7 +209,10 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
 struct TileMem {
     k: V,
     v: V,
+    /// Scores: `2·KEY_TILE` (the flash pair uses both halves; the rest the first).
     s: V,
+    /// The K tile transposed (`d × KEY_TILE`, feature-major), for the flash pair.
+    kt: V,
 }
 
 /// The flash-style prefill's running state for a block of `FLASH_ROWS`
@@ -635,13 +640,12 @@ impl Attn {
         (acc, ab): (&str, &str),
     ) -> (V, V) {
         let d = self.d;
-        let nv = qs.len();
         let vty = KernelBuilder::vty(VW);
         let (zero_i, dc) = (b.index(0), b.index(d));
-        let (zero, ninf) = (b.f32(0.0), b.f32(-1e30));
+        let ninf = b.f32(-1e30);
         let scale = b.f32(1.0 / (d as f32).sqrt());
         let z = b.vzero(VW);
-        let (ktile, vtile, stile) = (&t.k, &t.v, &t.s);
+        let (ktile, stile) = (&t.k, &t.s);
         let vwc = b.index(VW as u64);
         let blocks = b.divui(nk, &vwc);
         let blocked = b.muli(&blocks, &vwc);
@@ -679,15 +683,41 @@ impl Attn {
             b.store(&sv, stile, i);
             vec![b.fbin("maxnumf", &a[0], &sv)]
         });
+        self.softmax_pv(b, t, &zero_i, nk, &tmax[0], (m_old, l_old), (acc, ab))
+    }
+
+    /// The online softmax of one head over the scores `s[s0..s0 + nk]` of a
+    /// widened tile whose maximum is `tmax`: the running max and sum `(m, l)`
+    /// rescaled, the scores turned into weights in place, and the head's
+    /// weighted values at `acc[ab..]` rescaled and accumulated. Returns the new
+    /// max and sum.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_pv(
+        &self,
+        b: &mut KernelBuilder,
+        t: &TileMem,
+        s0: &str,
+        nk: &str,
+        tmax: &str,
+        (m_old, l_old): (&str, &str),
+        (acc, ab): (&str, &str),
+    ) -> (V, V) {
+        let d = self.d;
+        let nv = (d / VW as u64) as usize;
+        let vty = KernelBuilder::vty(VW);
+        let (zero_i, dc) = (b.index(0), b.index(d));
+        let zero = b.f32(0.0);
+        let (vtile, stile) = (&t.v, &t.s);
         // Online softmax: rescale what the earlier tiles summed.
-        let m_new = b.fbin("maxnumf", m_old, &tmax[0]);
+        let m_new = b.fbin("maxnumf", m_old, tmax);
         let dm = b.sub(m_old, &m_new);
         let corr = math::exp(b, &dm);
         let tsum = b.for_fold(&zero_i, nk, std::slice::from_ref(&zero), |b, i, a| {
-            let sv = b.load(stile, i);
+            let si = b.addi(s0, i);
+            let sv = b.load(stile, &si);
             let c = b.sub(&sv, &m_new);
             let e = math::exp(b, &c);
-            b.store(&e, stile, i);
+            b.store(&e, stile, &si);
             // Reassociable, so LLVM may vectorize this loop (exp included).
             vec![b.def(format!("arith.addf {}, {e} fastmath<reassoc> : f32", a[0]))]
         });
@@ -702,7 +732,8 @@ impl Attn {
             })
             .collect();
         let accs = b.for_fold_typed(&zero_i, nk, 1, &init, |b, i, accs| {
-            let e = b.load(stile, i);
+            let si = b.addi(s0, i);
+            let e = b.load(stile, &si);
             let ev = b.vbroadcast(&e, VW);
             let vb = b.muli(i, &dc);
             (0..nv)
@@ -720,6 +751,82 @@ impl Attn {
             b.vstore(a, acc, &at, VW);
         }
         (m_new, l_new)
+    }
+
+    /// Flash prefill: the widened K tile's first `nk` rows transposed into
+    /// `t.kt` (feature `c` of key `i` at `c·KEY_TILE + i`).
+    fn transpose_tile(&self, b: &mut KernelBuilder, t: &TileMem, nk: &str) {
+        let (d, nv) = (self.d, self.d / VW as u64);
+        let (zero_i, dc) = (b.index(0), b.index(d));
+        b.for_each(&zero_i, nk, |b, i| {
+            let kb = b.muli(i, &dc);
+            for v in 0..nv {
+                let o = b.index(v * VW as u64);
+                let at = b.addi(&kb, &o);
+                let k = b.vload(&t.k, &at, VW);
+                for e in 0..VW as u64 {
+                    let x = b.def(format!("vector.extract {k}[{e}] : f32 from {}", KernelBuilder::vty(VW)));
+                    let c = b.index((v * VW as u64 + e) * KEY_TILE);
+                    let to = b.addi(&c, i);
+                    b.store(&x, &t.kt, &to);
+                }
+            }
+        });
+    }
+
+    /// Flash prefill: the scaled scores of two query heads (at `q[qb..]`)
+    /// against the tile's `KEY_TILE` keys, from the transposed tile: per
+    /// feature, each query's element broadcast against `KEY_TILE / VW` key
+    /// vectors (every loaded key vector used twice, no horizontal sums). The
+    /// scores go to `t.s[0..]` and `t.s[KEY_TILE..]`; returns each one's
+    /// maximum over its first `nk` keys (keys past a tile's end are stale).
+    fn scores_pair(&self, b: &mut KernelBuilder, t: &TileMem, q: &str, qb: [&str; 2], nk: [&str; 2]) -> [V; 2] {
+        let d = self.d;
+        let kv = (KEY_TILE / VW as u64) as usize;
+        let vty = KernelBuilder::vty(VW);
+        let (zero_i, dc, tk) = (b.index(0), b.index(d), b.index(KEY_TILE));
+        let z = b.vzero(VW);
+        let init: Vec<(V, String)> = (0..2 * kv).map(|_| (z.clone(), vty.clone())).collect();
+        let accs = b.for_fold_typed(&zero_i, &dc, 1, &init, |b, c, accs| {
+            let qv: Vec<V> = qb
+                .iter()
+                .map(|base| {
+                    let at = b.addi(base, c);
+                    let x = b.load(q, &at);
+                    b.vbroadcast(&x, VW)
+                })
+                .collect();
+            let row = b.muli(c, &tk);
+            let mut next = accs.to_vec();
+            for j in 0..kv {
+                let o = b.index(j as u64 * VW as u64);
+                let at = b.addi(&row, &o);
+                let kvec = b.vload(&t.kt, &at, VW);
+                for (m, qx) in qv.iter().enumerate() {
+                    next[m * kv + j] = b.vfma(qx, &kvec, &accs[m * kv + j], VW);
+                }
+            }
+            next
+        });
+        let scale = b.f32(1.0 / (d as f32).sqrt());
+        let vscale = b.vbroadcast(&scale, VW);
+        let ninf = b.f32(-1e30);
+        let mut out = Vec::with_capacity(2);
+        for m in 0..2 {
+            for j in 0..kv {
+                let sv = b.def(format!("arith.mulf {}, {vscale} : {vty}", accs[m * kv + j]));
+                let at = b.index((m * kv + j) as u64 * VW as u64);
+                b.vstore(&sv, &t.s, &at, VW);
+            }
+            let s0 = b.index(m as u64 * KEY_TILE);
+            let mx = b.for_fold(&zero_i, nk[m], std::slice::from_ref(&ninf), |b, i, a| {
+                let si = b.addi(&s0, i);
+                let x = b.load(&t.s, &si);
+                vec![b.fbin("maxnumf", &a[0], &x)]
+            });
+            out.push(mx[0].clone());
+        }
+        [out[0].clone(), out[1].clone()]
     }
 
     /// CPU split variant, prefill of a model without windows or NSA
@@ -777,37 +884,49 @@ impl Attn {
                 let te = b.minui(&te, &t_end);
                 let nk = b.def(format!("arith.subi {te}, {tb} : index"));
                 self.widen_tile(b, t, tb, &nk, &khd, kv_last, &|_: &mut KernelBuilder, t: &str| t.to_string());
-                b.for_each(&zero_i, &nr, |b, i| {
-                    let row = b.addi(&r0, i);
-                    let p = b.addi(&pos, &row);
-                    let end = b.addi(&p, &one_i);
-                    let seen = b.sub_or_zero(&end, tb);
-                    let nk_row = b.minui(&nk, &seen);
-                    let any = b.def(format!("arith.cmpi ugt, {nk_row}, {zero_i} : index"));
-                    b.if_then(&any, |b| {
+                self.transpose_tile(b, t, &nk);
+                // The block's (row, head) pairs two at a time: each transposed
+                // key vector serves both (`scores_pair`); an odd count repeats
+                // the last pair member and keeps one result.
+                let pairs = b.addi(&cells, &one_i);
+                let two = b.index(2);
+                let pairs = b.divui(&pairs, &two);
+                let last_cell = b.def(format!("arith.subi {cells}, {one_i} : index"));
+                b.for_each(&zero_i, &pairs, |b, pm| {
+                    let c0 = b.muli(pm, &two);
+                    let c1 = b.addi(&c0, &one_i);
+                    let c1 = b.minui(&c1, &last_cell);
+                    let member = |b: &mut KernelBuilder, c: &str| -> (V, V) {
+                        let i = b.divui(c, &groupc);
+                        let g = b.remui(c, &groupc);
+                        let row = b.addi(&r0, &i);
                         let qrow = b.muli(&row, &qwc);
-                        let cell0 = b.muli(i, &groupc);
-                        for g in 0..group {
-                            let gi = b.index(g);
-                            let head = b.addi(&head0, &gi);
-                            let qhd = b.muli(&head, &dc);
-                            let qbase = b.addi(&qrow, &qhd);
-                            let qs: Vec<V> = (0..nv)
-                                .map(|v| {
-                                    let o = b.index(v as u64 * VW as u64);
-                                    let at = b.addi(&qbase, &o);
-                                    b.vload(q, &at, VW)
-                                })
-                                .collect();
-                            let cell = b.addi(&cell0, &gi);
-                            let m_old = b.load(&mem.m, &cell);
-                            let l_old = b.load(&mem.l, &cell);
-                            let ab = b.muli(&cell, &dc);
-                            let (m_new, l_new) = self.head_tile(b, t, &qs, &nk_row, (&m_old, &l_old), (&mem.acc, &ab));
-                            b.store(&m_new, &mem.m, &cell);
-                            b.store(&l_new, &mem.l, &cell);
-                        }
-                    });
+                        let head = b.addi(&head0, &g);
+                        let qhd = b.muli(&head, &dc);
+                        let p = b.addi(&pos, &row);
+                        let end = b.addi(&p, &one_i);
+                        let seen = b.sub_or_zero(&end, tb);
+                        (b.addi(&qrow, &qhd), b.minui(&nk, &seen))
+                    };
+                    let (qb0, nk0) = member(b, &c0);
+                    let (qb1, nk1) = member(b, &c1);
+                    let maxes = self.scores_pair(b, t, q, [&qb0, &qb1], [&nk0, &nk1]);
+                    let second = b.def(format!("arith.cmpi ne, {c1}, {c0} : index"));
+                    let tile_keys = b.index(KEY_TILE);
+                    for (k, (c, nk_row)) in [(&c0, &nk0), (&c1, &nk1)].into_iter().enumerate() {
+                        let any = b.def(format!("arith.cmpi ugt, {nk_row}, {zero_i} : index"));
+                        let any = if k == 1 { b.def(format!("arith.andi {any}, {second} : i1")) } else { any };
+                        let s0 = if k == 0 { zero_i.clone() } else { tile_keys.clone() };
+                        let tmax = maxes[k].clone();
+                        b.if_then(&any, |b| {
+                            let m_old = b.load(&mem.m, c);
+                            let l_old = b.load(&mem.l, c);
+                            let ab = b.muli(c, &dc);
+                            let (m_new, l_new) = self.softmax_pv(b, t, &s0, nk_row, &tmax, (&m_old, &l_old), (&mem.acc, &ab));
+                            b.store(&m_new, &mem.m, c);
+                            b.store(&l_new, &mem.l, c);
+                        });
+                    }
                 });
             });
             // The rows: weighted values over their sums.
@@ -876,8 +995,10 @@ impl Attn {
         let ktile = b.alloca_f32(&tile_elems);
         let vtile = b.alloca_f32(&tile_elems);
         let tile_keys = b.index(KEY_TILE);
-        let stile = b.alloca_f32(&tile_keys);
-        let tiles_mem = TileMem { k: ktile, v: vtile, s: stile };
+        let two_tiles = b.index(2 * KEY_TILE);
+        let stile = b.alloca_f32(&two_tiles);
+        let kt = b.alloca_f32(&tile_elems);
+        let tiles_mem = TileMem { k: ktile, v: vtile, s: stile, kt };
         // The group's running weighted sums of values, one row per head.
         // Without NSA (whose visible keys depend on the KV head) a unit serves
         // every KV head of its row and split, so it reads whole cache rows: its
