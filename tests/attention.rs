@@ -53,6 +53,29 @@ fn full_attention_decode_splits_and_combines() {
     check("", KvCacheType::F16, 700, 200, 1e-3);
 }
 
+/// Flash prefill pairs the block's (row, head) cells two at a time; with three
+/// heads per KV head a pair spans two rows that see different numbers of a
+/// tile's keys, and an odd block (the last one) ends on a lone cell. Both
+/// against the interpreter, head width 16 (two vectors), a prefill of 200 + 133
+/// rows in two calls (the second ends on 5 rows: 15 cells), then decode.
+#[test]
+fn flash_prefill_pairs_span_rows() {
+    let src = "graph @g3 {\n  %q = input : f32[seq, 96]\n  %k = input : f32[seq, 32]\n  %v = input : f32[seq, 32]\n  \
+               %y = attention %q, %k, %v {heads = 6, kv_heads = 2}\n  return %y\n}\n";
+    let graph = parse_graph(src).unwrap();
+    for kv in [KvCacheType::F32, KvCacheType::F16] {
+        let (_tmp, art) = build(graph.clone(), CompileOptions { target: TargetKind::Cpu, kv_cache: kv, ..Default::default() });
+        let total = 340;
+        let inputs = [values(total, 96, 4), values(total, 32, 5), values(total, 32, 6)];
+        let want = interpret(&graph, &inputs, &|_| None).unwrap().remove(0);
+        let got = run_in_calls(&art, &inputs, &[200, 133], total);
+        let tol = if kv == KvCacheType::F32 { 1e-4 } else { 1e-3 };
+        let c = compare(&got, &want, Tolerance { atol: tol, rtol: tol });
+        println!("{kv:?}: max abs error {:.2e}", c.max_abs_error);
+        assert!(c.passed, "{kv:?}: max abs error {} at {}", c.max_abs_error, c.worst_index);
+    }
+}
+
 #[test]
 fn windows_with_sinks_read_ring_caches() {
     for (pattern, rows) in [

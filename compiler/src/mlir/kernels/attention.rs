@@ -17,8 +17,9 @@
 //! flash-style: a unit takes a block of `FLASH_ROWS` query rows, so each key
 //! tile is widened (and transposed) once per block rather than once per row,
 //! and the block's (row, head) pairs are scored two at a time against the
-//! transposed tile (each key vector loaded once for both, no horizontal sums). Otherwise on the CPU: one unit per
-//! (row, head), an online softmax accumulating into the output row. On
+//! transposed tile (each key vector loaded once for both, no horizontal
+//! sums). Otherwise on the CPU: one unit per (row, head), an online softmax
+//! accumulating into the output row. On
 //! NVIDIA: a block of warps per (row, head), its lanes splitting the keys,
 //! combined with warp shuffles and then across the warps in shared memory.
 //!
@@ -687,10 +688,8 @@ impl Attn {
     }
 
     /// The online softmax of one head over the scores `s[s0..s0 + nk]` of a
-    /// widened tile whose maximum is `tmax`: the running max and sum `(m, l)`
-    /// rescaled, the scores turned into weights in place, and the head's
-    /// weighted values at `acc[ab..]` rescaled and accumulated. Returns the new
-    /// max and sum.
+    /// widened tile whose maximum is `tmax`, then its weighted values
+    /// (`pv`). Returns the new max and sum.
     #[allow(clippy::too_many_arguments)]
     fn softmax_pv(
         &self,
@@ -702,12 +701,19 @@ impl Attn {
         (m_old, l_old): (&str, &str),
         (acc, ab): (&str, &str),
     ) -> (V, V) {
-        let d = self.d;
-        let nv = (d / VW as u64) as usize;
-        let vty = KernelBuilder::vty(VW);
-        let (zero_i, dc) = (b.index(0), b.index(d));
+        let (m_new, l_new, corr) = self.softmax(b, t, s0, nk, tmax, (m_old, l_old));
+        self.pv(b, t, &[s0.to_string()], nk, &[corr], acc, &[ab.to_string()]);
+        (m_new, l_new)
+    }
+
+    /// The online softmax of one head over `s[s0..s0 + nk]` (maximum `tmax`):
+    /// the scores become weights in place, the running max and sum `(m, l)`
+    /// are rescaled. Returns the new max and sum and the factor the earlier
+    /// weighted values take. With `nk` = 0 it changes nothing (factor 1).
+    fn softmax(&self, b: &mut KernelBuilder, t: &TileMem, s0: &str, nk: &str, tmax: &str, (m_old, l_old): (&str, &str)) -> (V, V, V) {
+        let zero_i = b.index(0);
         let zero = b.f32(0.0);
-        let (vtile, stile) = (&t.v, &t.s);
+        let stile = &t.s;
         // Online softmax: rescale what the earlier tiles summed.
         let m_new = b.fbin("maxnumf", m_old, tmax);
         let dm = b.sub(m_old, &m_new);
@@ -722,35 +728,64 @@ impl Attn {
             vec![b.def(format!("arith.addf {}, {e} fastmath<reassoc> : f32", a[0]))]
         });
         let l_new = b.fma(l_old, &corr, &tsum[0]);
-        let corrv = b.vbroadcast(&corr, VW);
-        let init: Vec<(V, String)> = (0..nv)
-            .map(|v| {
-                let o = b.index(v as u64 * VW as u64);
-                let at = b.addi(ab, &o);
-                let a = b.vload(acc, &at, VW);
-                (b.def(format!("arith.mulf {a}, {corrv} : {vty}")), vty.clone())
-            })
-            .collect();
-        let accs = b.for_fold_typed(&zero_i, nk, 1, &init, |b, i, accs| {
-            let si = b.addi(s0, i);
-            let e = b.load(stile, &si);
-            let ev = b.vbroadcast(&e, VW);
-            let vb = b.muli(i, &dc);
-            (0..nv)
-                .map(|v| {
-                    let o = b.index(v as u64 * VW as u64);
+        (m_new, l_new, corr)
+    }
+
+    /// The weighted values of one or two heads over the tile's first `nk`
+    /// keys: head `m`'s weights at `s[s0s[m]..]`, its values at
+    /// `acc[abs[m]..]` scaled by `corrs[m]` first. Two heads share every
+    /// loaded value vector and go through the head width four vectors at a
+    /// time (eight accumulators); one head takes it whole.
+    #[allow(clippy::too_many_arguments)]
+    fn pv(&self, b: &mut KernelBuilder, t: &TileMem, s0s: &[V], nk: &str, corrs: &[V], acc: &str, abs: &[V]) {
+        let d = self.d;
+        let nv = d / VW as u64;
+        let heads = s0s.len();
+        let vty = KernelBuilder::vty(VW);
+        let (zero_i, dc) = (b.index(0), b.index(d));
+        let chunk = if heads == 1 { nv } else { nv.min(4) };
+        for c0 in (0..nv).step_by(chunk as usize) {
+            let vs: Vec<u64> = (c0..(c0 + chunk).min(nv)).collect();
+            let mut init: Vec<(V, String)> = Vec::new();
+            for (ab, corr) in abs.iter().zip(corrs) {
+                let corrv = b.vbroadcast(corr, VW);
+                for v in &vs {
+                    let o = b.index(v * VW as u64);
+                    let at = b.addi(ab, &o);
+                    let a = b.vload(acc, &at, VW);
+                    init.push((b.def(format!("arith.mulf {a}, {corrv} : {vty}")), vty.clone()));
+                }
+            }
+            let accs = b.for_fold_typed(&zero_i, nk, 1, &init, |b, i, accs| {
+                let evs: Vec<V> = s0s
+                    .iter()
+                    .map(|s0| {
+                        let si = b.addi(s0, i);
+                        let e = b.load(&t.s, &si);
+                        b.vbroadcast(&e, VW)
+                    })
+                    .collect();
+                let vb = b.muli(i, &dc);
+                let mut next = accs.to_vec();
+                for (n, v) in vs.iter().enumerate() {
+                    let o = b.index(v * VW as u64);
                     let at = b.addi(&vb, &o);
-                    let x = b.vload(vtile, &at, VW);
-                    b.vfma(&ev, &x, &accs[v], VW)
-                })
-                .collect()
-        });
-        for (v, a) in accs.iter().enumerate() {
-            let o = b.index(v as u64 * VW as u64);
-            let at = b.addi(ab, &o);
-            b.vstore(a, acc, &at, VW);
+                    let x = b.vload(&t.v, &at, VW);
+                    for (m, ev) in evs.iter().enumerate() {
+                        let a = m * vs.len() + n;
+                        next[a] = b.vfma(ev, &x, &accs[a], VW);
+                    }
+                }
+                next
+            });
+            for (m, ab) in abs.iter().enumerate() {
+                for (n, v) in vs.iter().enumerate() {
+                    let o = b.index(v * VW as u64);
+                    let at = b.addi(ab, &o);
+                    b.vstore(&accs[m * vs.len() + n], acc, &at, VW);
+                }
+            }
         }
-        (m_new, l_new)
     }
 
     /// Flash prefill: the widened K tile's first `nk` rows transposed into
@@ -913,20 +948,44 @@ impl Attn {
                     let maxes = self.scores_pair(b, t, q, [&qb0, &qb1], [&nk0, &nk1]);
                     let second = b.def(format!("arith.cmpi ne, {c1}, {c0} : index"));
                     let tile_keys = b.index(KEY_TILE);
-                    for (k, (c, nk_row)) in [(&c0, &nk0), (&c1, &nk1)].into_iter().enumerate() {
-                        let any = b.def(format!("arith.cmpi ugt, {nk_row}, {zero_i} : index"));
-                        let any = if k == 1 { b.def(format!("arith.andi {any}, {second} : i1")) } else { any };
-                        let s0 = if k == 0 { zero_i.clone() } else { tile_keys.clone() };
-                        let tmax = maxes[k].clone();
-                        b.if_then(&any, |b| {
-                            let m_old = b.load(&mem.m, c);
-                            let l_old = b.load(&mem.l, c);
-                            let ab = b.muli(c, &dc);
-                            let (m_new, l_new) = self.softmax_pv(b, t, &s0, nk_row, &tmax, (&m_old, &l_old), (&mem.acc, &ab));
-                            b.store(&m_new, &mem.m, c);
-                            b.store(&l_new, &mem.l, c);
-                        });
-                    }
+                    b.if_else(
+                        &second,
+                        |b| {
+                            // Both members: each one's softmax (a member that sees
+                            // no key of the tile changes nothing), its weights
+                            // past its keys zeroed, one PV for the two.
+                            let mut corrs = Vec::new();
+                            let mut abs = Vec::new();
+                            let s0s = [zero_i.clone(), tile_keys.clone()];
+                            for (k, (c, nk_row)) in [(&c0, &nk0), (&c1, &nk1)].into_iter().enumerate() {
+                                let m_old = b.load(&mem.m, c);
+                                let l_old = b.load(&mem.l, c);
+                                let (m_new, l_new, corr) = self.softmax(b, t, &s0s[k], nk_row, &maxes[k], (&m_old, &l_old));
+                                b.store(&m_new, &mem.m, c);
+                                b.store(&l_new, &mem.l, c);
+                                let z = b.f32(0.0);
+                                b.for_each(nk_row, &tile_keys, |b, i| {
+                                    let si = b.addi(&s0s[k], i);
+                                    b.store(&z, &t.s, &si);
+                                });
+                                corrs.push(corr);
+                                abs.push(b.muli(c, &dc));
+                            }
+                            let nk_max = b.def(format!("arith.maxui {nk0}, {nk1} : index"));
+                            self.pv(b, t, &s0s, &nk_max, &corrs, &mem.acc, &abs);
+                        },
+                        |b| {
+                            let any = b.def(format!("arith.cmpi ugt, {nk0}, {zero_i} : index"));
+                            b.if_then(&any, |b| {
+                                let m_old = b.load(&mem.m, &c0);
+                                let l_old = b.load(&mem.l, &c0);
+                                let ab = b.muli(&c0, &dc);
+                                let (m_new, l_new) = self.softmax_pv(b, t, &zero_i, &nk0, &maxes[0], (&m_old, &l_old), (&mem.acc, &ab));
+                                b.store(&m_new, &mem.m, &c0);
+                                b.store(&l_new, &mem.l, &c0);
+                            });
+                        },
+                    );
                 });
             });
             // The rows: weighted values over their sums.
