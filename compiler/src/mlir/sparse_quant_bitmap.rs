@@ -21,7 +21,7 @@
 //! packed buffer (`k` + 72 floats a row) bounds every store and load.
 
 use super::builder::{KernelBuilder, V};
-use super::kernels::{column_groups, row_block, strided, unit_origin, UnitOrder};
+use super::kernels::{column_groups, nibbles, row_block, strided, unit_origin, UnitOrder};
 use super::sparse_kernels::SparseMatmul;
 use super::sparse_quant_kernels::QPlanes;
 use sparsec_ir::sparse::SparseFormat;
@@ -171,10 +171,9 @@ impl Ctx<'_> {
             let at = b.addi(sl, &zi);
             b.vstore(&vz, &self.xk, &at, VW as u32);
         }
-        let rbytes = b.index(self.k / 8);
-        let mrow = b.muli(j, &rbytes);
-        let start = b.addi(sl, o0);
         let (zero, bytes) = (b.index(0), b.index(self.k / 8));
+        let mrow = b.muli(j, &bytes);
+        let start = b.addi(sl, o0);
         let init = [(start, "index".to_string())];
         let end = b.for_fold_typed(&zero, &bytes, 1, &init, |b, i, carried| {
             let mi = b.addi(&mrow, i);
@@ -261,11 +260,7 @@ fn block_quants(b: &mut KernelBuilder, planes: &QPlanes, blk: &str) -> V {
         QBits::Q4 => {
             let c16 = b.index(16);
             let at = b.muli(blk, &c16);
-            let v = b.vload_bytes(&planes.q, &at, 16);
-            let mask = b.vsplat_int(15, 16, "i8");
-            let four = b.vsplat_int(4, 16, "i8");
-            let lo = b.def(format!("arith.andi {v}, {mask} : vector<16xi8>"));
-            let hi = b.def(format!("arith.shrui {v}, {four} : vector<16xi8>"));
+            let (lo, hi) = nibbles(b, &planes.q, &at);
             b.def(format!("vector.shuffle {lo}, {hi} [{order}] : vector<16xi8>, vector<16xi8>"))
         }
         QBits::Q8 => {

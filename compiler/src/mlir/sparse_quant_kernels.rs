@@ -422,27 +422,24 @@ impl Nm24 {
         let accs = b.for_fold_typed(&zero, &stepsc, 1, &init, |b, s, accs| {
             let mut gathers = Vec::with_capacity(ncols as usize);
             for (cc, wrow) in wrows.iter().enumerate() {
-                let blk = b.muli(wrow, &stepsc);
-                let blk = b.addi(&blk, s);
-                let c16 = b.index(16);
+                let (c16, eight, rbytes) = (b.index(16), b.index(8), b.index(self.k / 8));
+                // The row's first block and bitmap byte.
+                let (wblk, mrow) = (b.muli(wrow, &stepsc), b.muli(wrow, &rbytes));
+                let blk = b.addi(&wblk, s);
                 let qat = b.muli(&blk, &c16);
-                let rbytes = b.index(self.k / 8);
-                let mat = b.muli(wrow, &rbytes);
-                let eight = b.index(8);
                 let s8 = b.muli(s, &eight);
-                let mat = b.addi(&mat, &s8);
+                let mat = b.addi(&mrow, &s8);
                 if nr == 1 && cc == 0 {
                     // Rows j..j+ncols lie one after another in both planes, and
                     // the micro-kernel reads them together: one stream per
                     // plane, fetched ahead as if read at ncols blocks a step.
-                    let (q0, m0) = (b.muli(wrow, &stepsc), b.muli(wrow, &rbytes));
                     let sn = b.index(ncols);
                     let sn = b.muli(s, &sn);
                     let qoff = b.muli(&sn, &c16);
-                    let qpf = b.muli(&q0, &c16);
+                    let qpf = b.muli(&wblk, &c16);
                     let qpf = b.addi(&qpf, &qoff);
                     let moff = b.muli(&sn, &eight);
-                    let mpf = b.addi(&m0, &moff);
+                    let mpf = b.addi(&mrow, &moff);
                     b.prefetch_ahead(&self.planes.q, &qpf, PREFETCH_BYTES, &self.quants_last, "i8");
                     b.prefetch_ahead(&self.planes.idx, &mpf, PREFETCH_BYTES / 2, &self.bitmap_last, "i8");
                 }

@@ -947,7 +947,6 @@ impl Attn {
                     let (qb1, nk1) = member(b, &c1);
                     let maxes = self.scores_pair(b, t, q, [&qb0, &qb1], [&nk0, &nk1]);
                     let second = b.def(format!("arith.cmpi ne, {c1}, {c0} : index"));
-                    let tile_keys = b.index(KEY_TILE);
                     b.if_else(
                         &second,
                         |b| {
