@@ -66,10 +66,16 @@ pub fn apply(m: &mut Model, plan: &Plan) -> Result<Option<KvBasisReport>> {
                 let basis = |gram: &[f64]| kv_basis::pca(gram, d, r).context("the PCA eigendecomposition failed");
                 (
                     (0..kvh).map(|kh| basis(&g.0[kh * d * d..(kh + 1) * d * d])).collect::<Result<_>>()?,
-                    (0..kvh).map(|kh| basis(&g.1[kh * d * d..(kh + 1) * d * d])).collect::<Result<_>>()?,
+                    // Before RoPE only K is compressed (no V statistics).
+                    (0..kvh).filter(|_| !kv.pre_rope).map(|kh| basis(&g.1[kh * d * d..(kh + 1) * d * d])).collect::<Result<_>>()?,
                 )
             }
         };
+        if kv.pre_rope {
+            add_pre_rope_weights(m, *layer, &bk, (kvh, d, r), &mut key)?;
+            report.layers.push((*layer, kv.transform.name(), r as u64, d as u64));
+            continue;
+        }
         let group = h / kvh;
         let q_scale = (r as f64 / d as f64).sqrt();
         // Block-diagonal [n·d, n·r] from per-head bases.
@@ -117,6 +123,36 @@ pub fn apply(m: &mut Model, plan: &Plan) -> Result<Option<KvBasisReport>> {
     Ok(Some(report))
 }
 
+/// The weights of a pre-RoPE key basis (`sparsec_passes::kv_pre_rope_names`):
+/// the block-diagonal projection `[kvh·d, kvh·r]` and the expansion
+/// `[kvh·r, d]` (row `kh·r + c` is KV head kh's basis vector c).
+fn add_pre_rope_weights(
+    m: &mut Model,
+    layer: u64,
+    bk: &[Vec<f64>],
+    (kvh, d, r): (usize, usize, usize),
+    key: &mut blake3::Hasher,
+) -> Result<()> {
+    let mut proj = vec![0f32; kvh * d * kvh * r];
+    let mut expand = vec![0f32; kvh * r * d];
+    for (kh, b) in bk.iter().enumerate() {
+        for row in 0..d {
+            for c in 0..r {
+                proj[(kh * d + row) * kvh * r + kh * r + c] = b[row * r + c] as f32;
+                expand[(kh * r + c) * d + row] = b[row * r + c] as f32;
+            }
+        }
+    }
+    let [wk, wkb] = sparsec_passes::kv_pre_rope_names(layer);
+    for (name, data, shape) in [(wk, proj, vec![kvh * d, kvh * r]), (wkb, expand, vec![kvh * r, d])] {
+        for x in &data {
+            key.update(&x.to_le_bytes());
+        }
+        m.add_weight(&name, Arc::new(ArrayD::from_shape_vec(IxDyn(&shape), data)?))?;
+    }
+    Ok(())
+}
+
 /// Per chosen layer, the Gram matrices (Σ xxᵀ over calibration rows, f64) of
 /// each KV head's keys (after RoPE, as cached) and values.
 type LayerGrams = (Vec<f64>, Vec<f64>);
@@ -131,13 +167,23 @@ fn collect_grams(m: &Model, plan: &Plan, chosen: &[(u64, usize, KvPlan)]) -> Res
     let mut run = sparsec_runtime::interpreter::Stepper::new(&m.graph, &input, &mut state)?;
     let bar = crate::lm_verbs::progress(chosen.len() as u64, "kv pca");
     let mut out = Vec::new();
-    for (done, (_, att, _)) in chosen.iter().enumerate() {
-        run.run_until(*att, &weight)?;
+    for (done, (_, att, kv)) in chosen.iter().enumerate() {
         let node = &m.graph.nodes[*att];
         let Op::Attention { kv_heads, .. } = node.op else { bail!("not an attention") };
         let kvh = kv_heads as usize;
-        let gram = |v: usize| -> Result<Vec<f64>> {
-            let a = run.value(node.operands[v].0).context("kv pca: the attention's operands were not computed")?;
+        // Before RoPE: the keys as the rope (operand 1) takes them, read
+        // just before it runs; V is not compressed.
+        let k_rope = node.operands[1].0;
+        if kv.pre_rope {
+            if !matches!(m.graph.nodes[k_rope].op, Op::Rope { .. }) {
+                bail!("kv rope = \"before\" needs the attention's k to be a rope");
+            }
+            run.run_until(k_rope, &weight)?;
+        } else {
+            run.run_until(*att, &weight)?;
+        }
+        let gram = |id: usize| -> Result<Vec<f64>> {
+            let a = run.value(id).context("kv pca: the attention's operands were not computed")?;
             let x: Vec<f32> = a.iter().copied().collect();
             let w = x.len() / n;
             let d = w / kvh;
@@ -155,7 +201,11 @@ fn collect_grams(m: &Model, plan: &Plan, chosen: &[(u64, usize, KvPlan)]) -> Res
             }
             Ok(g)
         };
-        out.push((gram(1)?, gram(2)?));
+        if kv.pre_rope {
+            out.push((gram(m.graph.nodes[k_rope].operands[0].0)?, Vec::new()));
+        } else {
+            out.push((gram(node.operands[1].0)?, gram(node.operands[2].0)?));
+        }
         bar.set_position(done as u64 + 1);
     }
     bar.finish_and_clear();

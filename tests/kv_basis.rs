@@ -2,7 +2,8 @@
 //! on the tiny Llama fixture: a full basis (keep 1) changes nothing, so its
 //! logits equal the dense model's; a half basis halves the KV cache rows,
 //! and the compiled session equals the interpreter on the same graph through
-//! chunked prefill and decode.
+//! chunked prefill and decode. Keys cached before RoPE (`rope = "before"`)
+//! keep the logits at full rank and equal the interpreter at half rank.
 
 mod common;
 
@@ -83,6 +84,47 @@ fn a_half_basis_halves_the_cache_and_equals_the_interpreter() {
     }
 }
 
+/// KV cache row widths of an artifact, K and V apart (`k_cache` / `v_cache`).
+fn cache_widths_of(art: &Artifact, role: &str) -> Vec<String> {
+    art.manifest
+        .execution
+        .buffers
+        .iter()
+        .filter(|b| b.kind == BufferKind::KvCache && b.name.ends_with(role))
+        .map(|b| format!("{:?}", b.dims.last()))
+        .collect()
+}
+
+#[test]
+fn keys_before_rope_keep_the_logits_at_full_rank_and_equal_the_interpreter_at_half() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = Artifact::open(&compile(tmp.path(), "dense", None)).unwrap();
+    let ids: Vec<f32> = (0..24).map(|i| (i * 7 % 96) as f32).collect();
+    let input = [ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[24]), ids).unwrap()];
+    let want = Executor::load(&dense, DeviceKind::Cpu).unwrap().run(&dense, &input).unwrap().remove(0);
+    // A full basis before RoPE: every key is rebuilt exactly and rotated in
+    // the kernel instead of the rope op.
+    let full = Artifact::open(&compile(tmp.path(), "pre_full", Some(&rule("transform = \"dct\", keep = 1.0, rope = \"before\"")))).unwrap();
+    let got = Executor::load(&full, DeviceKind::Cpu).unwrap().run(&full, &input).unwrap().remove(0);
+    let c = compare(&got, &want, Tolerance { atol: 1e-4, rtol: 1e-4 });
+    assert!(c.passed, "a full pre-RoPE basis changes the logits by {}", c.max_abs_error);
+    for kv in ["transform = \"dct\", keep = 0.5, rope = \"before\"", "transform = \"pswf\", keep = 0.5, rope = \"before\", on = \"k\""] {
+        let art = Artifact::open(&compile(tmp.path(), "pre_half", Some(&rule(kv)))).unwrap();
+        // K: 2 KV heads of 4 coefficients; V keeps its head width 8.
+        assert!(cache_widths_of(&art, "k_cache").iter().all(|w| w == "Some(Fixed(8))"), "{kv}: {:?}", cache_widths_of(&art, "k_cache"));
+        assert!(cache_widths_of(&art, "v_cache").iter().all(|w| w == "Some(Fixed(16))"), "{kv}: {:?}", cache_widths_of(&art, "v_cache"));
+        let exec = Executor::load(&art, DeviceKind::Cpu).unwrap();
+        // 40 positions: decode crosses the key tile boundary at 32.
+        let ids: Vec<u32> = (0..20).map(|i| (i * 5 % 96) as u32).collect();
+        let mut s = exec.session(&art, SessionCapacity { positions: 48, seq: 4 }).unwrap();
+        let steps = compare_steps(&mut s, &mut Reference::Interpreter(&art), &ids, 6, 20, Tolerance { atol: 1e-4, rtol: 1e-4 }).unwrap();
+        assert_eq!(steps.len(), 4 + 20);
+        for st in &steps {
+            assert!(st.cmp.passed, "{kv}: pos {} differs by {}", st.pos, st.cmp.max_abs_error);
+        }
+    }
+}
+
 #[test]
 fn feature_bases_refuse_what_they_do_not_do() {
     for (kv, why) in [
@@ -91,6 +133,8 @@ fn feature_bases_refuse_what_they_do_not_do() {
         ("transform = \"pswf\", bandwidth = 0.7", "outside (0, 0.5)"),
         ("transform = \"dct\", bandwidth = 0.2", "pswf parameter"),
         ("transform = \"wavelet\"", "expected dct, pswf, pca"),
+        ("transform = \"pca\", rope = \"before\", on = \"k,v\"", "compresses K alone"),
+        ("transform = \"pca\", rope = \"sideways\"", "expected before or after"),
     ] {
         let e = sparsec_passes::Plan::parse(&rule(kv)).unwrap_err().to_string();
         assert!(e.contains(why), "{kv}: {e}");

@@ -143,9 +143,31 @@ pub enum SvdRank {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum KvCompression {
-    Dct { keep: f32, axis: KvAxis, block: Option<u32> },
-    Pswf { keep: f32, axis: KvAxis, block: Option<u32>, bandwidth: f32 },
-    ChunkedSvd { chunk: u32, rank: SvdRank },
+    Dct {
+        keep: f32,
+        axis: KvAxis,
+        block: Option<u32>,
+    },
+    Pswf {
+        keep: f32,
+        axis: KvAxis,
+        block: Option<u32>,
+        bandwidth: f32,
+    },
+    ChunkedSvd {
+        chunk: u32,
+        rank: SvdRank,
+    },
+    /// K cached before RoPE as `rank` coefficients per KV head in an
+    /// orthonormal basis of the head's features (operand 3, `[kv_heads·rank,
+    /// d]`, row `kh·rank + c` = basis vector c of KV head kh); attention
+    /// expands each cached key and rotates it by its position as it reads it
+    /// (base `theta`, pairs as `Op::Rope`'s `adjacent`).
+    PreRope {
+        rank: u32,
+        theta: f32,
+        adjacent: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -345,8 +367,14 @@ impl Pattern {
     /// so an op that still carries it was not lowered.
     pub fn implemented(&self) -> bool {
         match self {
-            Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::Values(_) | Pattern::Window(_) | Pattern::Nsa(_) => true,
-            Pattern::LowRank(_) | Pattern::Kv(_) => false,
+            Pattern::Sparsity(_)
+            | Pattern::Specialize(_)
+            | Pattern::Values(_)
+            | Pattern::Window(_)
+            | Pattern::Nsa(_)
+            | Pattern::Kv(KvCompression::PreRope { .. }) => true,
+            Pattern::LowRank(_)
+            | Pattern::Kv(KvCompression::Dct { .. } | KvCompression::Pswf { .. } | KvCompression::ChunkedSvd { .. }) => false,
         }
     }
 
@@ -398,6 +426,11 @@ impl Pattern {
                     SvdRank::Energy(e) => a.kv("energy", Float(*e as f64)),
                 }
             }
+            Pattern::Kv(KvCompression::PreRope { rank, theta, adjacent }) => a
+                .word("pre_rope")
+                .kv("rank", Int(*rank as i128))
+                .kv("theta", Float(*theta as f64))
+                .kv("adjacent", AttrValue::Bool(*adjacent)),
             Pattern::Window(Window::Full) => a.word("full"),
             Pattern::Window(Window::Sliding { size, sinks }) => {
                 a.word("sliding").kv("size", Int(*size as i128)).kv("sinks", Int(*sinks as i128))
@@ -449,7 +482,7 @@ impl Pattern {
             }
             "low_rank" => Pattern::LowRank(LowRank { rank: r.u32("rank")?, basis: r.opt_str("basis")?.map(str::to_string) }),
             "kv" => {
-                let kind = r.require_positional("dct, pswf or chunked_svd")?;
+                let kind = r.require_positional("dct, pswf, chunked_svd or pre_rope")?;
                 let axis = |r: &mut crate::attr::ArgReader<'_>| -> Result<KvAxis, String> {
                     match r.opt_word("axis")? {
                         None | Some("feature") => Ok(KvAxis::Feature),
@@ -476,7 +509,12 @@ impl Pattern {
                         };
                         Pattern::Kv(KvCompression::ChunkedSvd { chunk, rank })
                     }
-                    other => return Err(format!("{what}: unknown kind `{other}` (expected dct, pswf or chunked_svd)")),
+                    "pre_rope" => Pattern::Kv(KvCompression::PreRope {
+                        rank: r.u32("rank")?,
+                        theta: r.f32("theta")?,
+                        adjacent: r.opt_bool("adjacent")?.unwrap_or(false),
+                    }),
+                    other => return Err(format!("{what}: unknown kind `{other}` (expected dct, pswf, chunked_svd or pre_rope)")),
                 }
             }
             "window" => match r.require_positional("full or sliding")? {

@@ -2,7 +2,7 @@
 //! reduction is long). This is the definition compiled kernels are checked against.
 
 use crate::op::{GeluApprox, Op};
-use crate::pattern::{NativeSparse, NsaScore, Pattern, Window};
+use crate::pattern::{KvCompression, NativeSparse, NsaScore, Pattern, Window};
 use faer::linalg::matmul::matmul;
 use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::{Accum, Mat, Par};
@@ -156,6 +156,35 @@ pub fn rope(x: &ArrayD<f32>, heads: usize, theta: f32, adjacent: bool, offset: u
     ArrayD::from_shape_vec(x.raw_dim(), out).map_err(|e| e.to_string())
 }
 
+/// The keys of `#kv(pre_rope)`: each KV head's coefficients `c[t, kh·r..]`
+/// expanded by its basis (`basis[kh·r + i, ..]`, `d` wide), then rotated by
+/// RoPE at positions `0..rows` (the caches hold every key from position 0).
+pub fn pre_rope_keys(
+    coef: &ArrayD<f32>,
+    basis: &ArrayD<f32>,
+    kv_heads: usize,
+    r: usize,
+    theta: f32,
+    adjacent: bool,
+) -> Result<ArrayD<f32>, String> {
+    let (&[rows, w], &[br, d]) = (coef.shape(), basis.shape()) else { return Err("pre-RoPE keys need 2-d coefficients and basis".into()) };
+    if w != kv_heads * r || br != w {
+        return Err(format!("pre-RoPE coefficients of width {w} and a basis of {br} rows for {kv_heads} heads of rank {r}"));
+    }
+    let (c, b) = (contiguous(coef), contiguous(basis));
+    let mut k = vec![0f32; rows * kv_heads * d];
+    for t in 0..rows {
+        for kh in 0..kv_heads {
+            for j in 0..d {
+                let dot: f64 = (0..r).map(|i| c[t * w + kh * r + i] as f64 * b[(kh * r + i) * d + j] as f64).sum();
+                k[(t * kv_heads + kh) * d + j] = dot as f32;
+            }
+        }
+    }
+    let k = ArrayD::from_shape_vec(IxDyn(&[rows, kv_heads * d]), k).map_err(|e| e.to_string())?;
+    rope(&k, kv_heads, theta, adjacent, 0)
+}
+
 /// Causal attention with an optional sliding window (plus sink tokens). The
 /// queries sit at positions `q_offset..q_offset + q.rows`; keys and values cover
 /// positions `0..k.rows` (a KV cache followed by the new rows). `extra` are
@@ -173,17 +202,26 @@ pub fn attention(
 ) -> Result<ArrayD<f32>, String> {
     let mut window: Option<(usize, usize)> = None;
     let mut nsa: Option<NativeSparse> = None;
+    let mut expanded = None;
     for p in patterns {
         match p {
             Pattern::Window(Window::Full) => {}
             Pattern::Window(Window::Sliding { size, sinks }) => window = Some((*size as usize, *sinks as usize)),
             Pattern::Nsa(n) => nsa = Some(*n),
+            Pattern::Kv(KvCompression::PreRope { rank, theta, adjacent }) => {
+                let basis = extra.first().ok_or("#kv(pre_rope) attention lacks its basis")?;
+                expanded = Some(pre_rope_keys(k, basis, kv_heads, *rank as usize, *theta, *adjacent)?);
+            }
             Pattern::Kv(_) => crate::pattern::refuse_unimplemented(std::slice::from_ref(p))?,
             Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::Values(_) | Pattern::LowRank(_) => {
                 return Err(format!("#{} does not apply to attention", p.keyword()))
             }
         }
     }
+    let (k, extra) = match &expanded {
+        Some(k) => (k, &extra[1..]),
+        None => (k, extra),
+    };
     let s = q.shape()[0];
     let qw = q.shape()[1];
     let total = k.shape()[0];

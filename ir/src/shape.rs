@@ -127,7 +127,14 @@ pub fn infer_type(op: &Op, operands: &[&TensorType]) -> Result<TensorType, Strin
             }
             let kvw = qw / *heads as u64 * *kv_heads as u64;
             let want = TensorType::new(q.dtype, vec![Dim::Seq, Dim::Fixed(kvw)]);
-            for (i, t) in [(1, k), (2, v)] {
+            // A basis [kv_heads·r, d] as operand 3 (`#kv(pre_rope)`, which the
+            // verifier checks) makes k its coefficients, kv_heads·r wide.
+            let d = qw / *heads as u64;
+            let coefficients = match operands.get(3).map(|b| b.dims.as_slice()) {
+                Some(&[Dim::Fixed(kw), Dim::Fixed(bd)]) if bd == d && k.dims == [Dim::Seq, Dim::Fixed(kw)] => k.dtype == q.dtype,
+                _ => false,
+            };
+            for (i, t) in [(1, k), (2, v)].into_iter().filter(|&(i, _)| !(i == 1 && coefficients)) {
                 if *t != want {
                     return Err(format!("operand {i} has type {t}, expected {want} (kv_heads*head_dim)"));
                 }

@@ -122,7 +122,8 @@ fn verify_patterns(g: &Graph, v: ValueId, types: &[TensorType]) -> Result<(), St
             return Err(format!("pattern #{} is given twice", p.keyword()));
         }
     }
-    if matches!(n.op, Op::Attention { .. }) && n.operands.len() > 3 && !families.contains("nsa") {
+    let pre_rope = n.patterns.iter().any(|p| matches!(p, Pattern::Kv(KvCompression::PreRope { .. })));
+    if matches!(n.op, Op::Attention { .. }) && n.operands.len() > 3 && !families.contains("nsa") && !pre_rope {
         return Err(format!(
             "attention takes 3 operands (q, k, v), got {}; only a gated #nsa takes a gate and a compression",
             n.operands.len()
@@ -236,6 +237,7 @@ fn verify_patterns(g: &Graph, v: ValueId, types: &[TensorType]) -> Result<(), St
                         SvdRank::Energy(e) => fraction_ok("energy", *e)?,
                     }
                 }
+                KvCompression::PreRope { rank, theta, .. } => verify_pre_rope(g, v, *rank, *theta, types, &families)?,
             },
             Pattern::Window(w) => match w {
                 Window::Full => {}
@@ -248,6 +250,44 @@ fn verify_patterns(g: &Graph, v: ValueId, types: &[TensorType]) -> Result<(), St
                 verify_nsa_operands(g, v, nsa, types)?;
             }
         }
+    }
+    Ok(())
+}
+
+/// `#kv(pre_rope, rank = r, ...)`: the attention takes q, the pre-RoPE key
+/// coefficients `[seq, kv_heads·r]`, v, and the basis `[kv_heads·r, d]` (a
+/// weight or constant) as operand 3; no window or `#nsa` (their kernels read
+/// keys as cached).
+fn verify_pre_rope(g: &Graph, v: ValueId, rank: u32, theta: f32, types: &[TensorType], families: &HashSet<&str>) -> Result<(), String> {
+    let n = g.node(v);
+    let Op::Attention { heads, kv_heads } = n.op else { return Err("#kv(pre_rope) needs an attention".into()) };
+    if families.contains("nsa") || n.patterns.iter().any(|p| matches!(p, Pattern::Window(Window::Sliding { .. }))) {
+        return Err("#kv(pre_rope) takes no sliding #window or #nsa: their kernels read keys as cached".into());
+    }
+    if !(theta > 0.0 && theta.is_finite()) {
+        return Err(format!("#kv(pre_rope) theta = {theta} must be positive"));
+    }
+    if n.operands.len() != 4 {
+        return Err(format!("#kv(pre_rope) attention takes 4 operands (q, k coefficients, v, basis), got {}", n.operands.len()));
+    }
+    let d = match types[n.operands[0].0].dims.get(1) {
+        Some(Dim::Fixed(w)) => w / (heads as u64).max(1),
+        _ => return Err("#kv(pre_rope) needs q of a fixed width".into()),
+    };
+    let (r, kvh) = (rank as u64, kv_heads as u64);
+    if r == 0 || r > d || !d.is_multiple_of(2) {
+        return Err(format!("#kv(pre_rope) rank = {rank} must be in 1..={d}, of an even head width"));
+    }
+    let k = &types[n.operands[1].0];
+    if k.dims != [Dim::Seq, Dim::Fixed(kvh * r)] {
+        return Err(format!("#kv(pre_rope, rank = {rank}) takes key coefficients [seq, {}] as operand 1, got {k}", kvh * r));
+    }
+    let b = &types[n.operands[3].0];
+    if b.dtype != crate::types::DType::F32
+        || b.dims != [Dim::Fixed(kvh * r), Dim::Fixed(d)]
+        || !matches!(g.node(n.operands[3]).op, Op::Weight { .. } | Op::Constant { .. })
+    {
+        return Err(format!("#kv(pre_rope, rank = {rank}) takes an f32[{}, {d}] weight as its basis (operand 3), got {b}", kvh * r));
     }
     Ok(())
 }

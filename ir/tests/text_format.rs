@@ -41,13 +41,16 @@ const EVERY_OP: &str = r#"graph @every_op {
   %at2 = attention %q, %kv, %kv {heads = 2, kv_heads = 2} #window(full) #kv(pswf, keep = 0.5, axis = sequence, bandwidth = 0.1) : f32[seq, 64]
   %at3 = attention %q, %kv, %kv {heads = 1, kv_heads = 1} #kv(chunked_svd, chunk = 64, rank = 8) #nsa(block = 16, top_n = 4, window = 32, sinks = 4, score = bound) : f32[seq, 64]
   %at4 = attention %q, %kv, %kv {heads = 2, kv_heads = 2} #kv(chunked_svd, chunk = 32, energy = 0.95) : f32[seq, 64]
+  %kc = matmul %h, %plain : f32[seq, 64]
+  %kb = weight "layers.0.kv.kb" : f32[64, 32]
+  %at5 = attention %q, %kc, %kv, %kb {heads = 2, kv_heads = 2} #kv(pre_rope, rank = 32, theta = 10000.0, adjacent = true) : f32[seq, 64]
   %ids = input : i32[seq]
   %pos = positions : i32[seq]
   %tok = embedding %w, %ids : f32[seq, 128]
   %pe = embedding %plain, %pos : f32[seq, 64]
   %rq = rope %q {heads = 4, theta = 10000.0, adjacent = true} : f32[seq, 64]
   %rk = rope %kv {heads = 2, theta = 500000.0, adjacent = false} : f32[seq, 64]
-  return %m, %gt, %ge, %s, %sm, %c, %at, %at2, %at3, %at4, %u5, %u6, %u7, %tok, %pe, %rq, %rk
+  return %m, %gt, %ge, %s, %sm, %c, %at, %at2, %at3, %at4, %at5, %u5, %u6, %u7, %tok, %pe, %rq, %rk
 }
 "#;
 
@@ -205,9 +208,24 @@ fn pattern_invariants_are_verified() {
         ("#nsa(block = 4, top_n = 2, window = 8) #window(sliding, size = 4)", "own sliding window"),
         ("#nsa(block = 4, top_n = 0, window = 8)", "top_n"),
         ("#sparsity(nm, n = 2, m = 4)", "applies to matmul ops only"),
+        ("#kv(pre_rope, rank = 2, theta = 10000.0)", "takes 4 operands"),
     ] {
         let m = verify_err(&att(pat));
         assert!(m.contains(needle), "{pat}: {m}");
+    }
+    // Keys before RoPE: coefficients [seq, kv_heads·rank], a basis [kv_heads·rank, d].
+    let pre = |k: &str, basis: &str, pat: &str| {
+        format!("graph @g {{\n  %q = input : f32[seq, 8]\n  %k = input : f32[seq, {k}]\n  %b = weight \"b\" : f32[{basis}]\n  %y = attention %q, %k, %q, %b {{heads = 2, kv_heads = 2}} #kv(pre_rope, rank = 2, theta = 10000.0){pat}\n  return %y\n}}")
+    };
+    verify(&parse_graph(&pre("4", "4, 4", "")).unwrap()).expect("rank 2 of 2 heads of width 4");
+    for (k, basis, pat, needle) in [
+        ("6", "4, 4", "", "expected f32[seq, 8]"),
+        ("4", "4, 3", "", "expected f32[seq, 8]"),
+        ("4", "6, 4", "", "expected f32[seq, 8]"),
+        ("4", "4, 4", " #window(sliding, size = 4)", "no sliding #window"),
+    ] {
+        let m = verify_err(&pre(k, basis, pat));
+        assert!(m.contains(needle), "{k} {basis}{pat}: {m}");
     }
 }
 

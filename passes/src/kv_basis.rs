@@ -5,7 +5,7 @@
 //! (`src/kv_basis.rs`: DCT, PSWF or calibrated PCA).
 
 use crate::apply_plan::{attention_input, fresh_name};
-use sparsec_ir::{DType, Dim, Graph, Node, Op, TensorType, ValueId};
+use sparsec_ir::{DType, Dim, Graph, KvCompression, Node, Op, Pattern, TensorType, ValueId};
 
 /// The names of a layer's feature-axis basis weights (`kv = { ... }`), each
 /// block-diagonal over heads, `[in, out]`: q's `[h·d, h·r]` (K's basis of
@@ -16,12 +16,62 @@ pub fn kv_basis_names(layer: u64) -> [String; 4] {
     ["q", "k", "v", "o"].map(|w| format!("layers.{layer}.kv.{w}"))
 }
 
+/// The names of a layer's pre-RoPE key basis weights (`kv = { rope =
+/// "before" }`): the projection of the key projection's output onto the
+/// basis, block-diagonal `[kvh·d, kvh·r]`, and the basis the attention expands
+/// cached keys by, `[kvh·r, d]` (`#kv(pre_rope)`'s operand 3).
+pub fn kv_pre_rope_names(layer: u64) -> [String; 2] {
+    ["k", "kb"].map(|w| format!("layers.{layer}.kv.{w}"))
+}
+
+/// Caches attention `name`'s K before RoPE as `keep·d` coefficients per KV
+/// head: k is taken before its rope, projected onto the basis, and the
+/// attention (`#kv(pre_rope)`) expands and rotates each key as it reads it.
+fn set_pre_rope_basis(g: &mut Graph, att: usize, layer: u64, kv: &crate::plan::KvPlan) -> Result<(), String> {
+    let Op::Attention { heads, kv_heads } = g.nodes[att].op else { return Err("kv needs an attention".into()) };
+    let kvh = kv_heads as u64;
+    let k_rope = g.nodes[att].operands[1];
+    let Op::Rope { heads: rh, theta, adjacent } = g.node(k_rope).op else {
+        return Err("kv rope = \"before\" needs the attention's k to be the rope of a key projection".into());
+    };
+    if rh != kv_heads {
+        return Err(format!("the key rope rotates {rh} heads, the attention has {kv_heads} KV heads"));
+    }
+    let k_pre = g.node(k_rope).operands[0];
+    let (_, _, qw) =
+        attention_input(g, att).ok_or_else(|| "kv needs q to be a projection of the layer input by a weight of fixed shape".to_string())?;
+    let d = qw / (heads as u64).max(1);
+    let r = sparsec_ir::kv_basis::kept(d, kv.keep);
+    let [wk, wkb] = kv_pre_rope_names(layer);
+    let weight = |g: &Graph, role: &str, rows: u64, cols: u64| {
+        let ty = TensorType::new(DType::F32, vec![Dim::Fixed(rows), Dim::Fixed(cols)]);
+        Node::new(fresh_name(g, role), Op::Weight { name: role.to_string(), init: None }, vec![]).with_type(ty)
+    };
+    let name = g.nodes[att].name.clone();
+    let w = g.insert(att, weight(g, &wk, kvh * d, kvh * r));
+    let coef = g.insert(att + 1, Node::new(fresh_name(g, &format!("{name}.k.kv")), Op::MatMul { transpose_b: false }, vec![k_pre, w]));
+    let basis = g.insert(att + 2, weight(g, &wkb, kvh * r, d));
+    let att = att + 3;
+    let n = &mut g.nodes[att];
+    n.operands[1] = coef;
+    n.operands.push(basis);
+    n.patterns.push(Pattern::Kv(KvCompression::PreRope { rank: r as u32, theta, adjacent }));
+    n.ty = None;
+    Ok(())
+}
+
 /// Caches attention `name`'s K and V in a feature-axis basis of `keep·d`
 /// columns per head: q, k and v are projected by the layer's basis weights
 /// before it, and its output is expanded after it (every use of it then reads
 /// the expansion).
 pub(crate) fn set_kv_basis(g: &mut Graph, name: &str, layer: u64, kv: &crate::plan::KvPlan) -> Result<(), String> {
     let att = g.find(name).ok_or_else(|| format!("`%{name}` is gone"))?.0;
+    if g.nodes[att].patterns.iter().any(|p| matches!(p, Pattern::Kv(_))) || g.nodes[att].operands.len() > 3 {
+        return Err(format!("`%{name}` is given a kv basis twice, or one with #nsa"));
+    }
+    if kv.pre_rope {
+        return set_pre_rope_basis(g, att, layer, kv);
+    }
     let Op::Attention { heads, kv_heads } = g.nodes[att].op else { return Err("kv needs an attention".into()) };
     let (h, kvh) = (heads as u64, kv_heads as u64);
     let (_, _, qw) = attention_input(g, att)

@@ -335,6 +335,7 @@ struct KvFile {
     chunk: Option<u32>,
     rank: Option<u32>,
     energy: Option<f32>,
+    rope: Option<String>,
 }
 
 /// A feature-axis basis for K and V (`kv = { ... }`): per head, K and V are
@@ -344,6 +345,9 @@ struct KvFile {
 pub struct KvPlan {
     pub transform: KvTransform,
     pub keep: f32,
+    /// `rope = "before"`: K alone, cached before RoPE (`#kv(pre_rope)`);
+    /// else K and V after it, through projections around the attention.
+    pub pre_rope: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -653,11 +657,22 @@ impl Plan {
                         if !(keep > 0.0 && keep <= 1.0) {
                             return Err(err(format!("kv keep = {keep} is outside (0, 1]")));
                         }
-                        if f.on.as_deref().is_some_and(|o| o.replace(' ', "") != "k,v") {
-                            return Err(err(format!(
-                                "kv on = \"{}\": K and V are compressed together (one head width for attention); give on = \"k,v\"",
-                                f.on.unwrap_or_default()
-                            )));
+                        let pre_rope = match f.rope.as_deref() {
+                            None | Some("after") => false,
+                            Some("before") => true,
+                            Some(o) => return Err(err(format!("kv rope = \"{o}\" (expected before or after)"))),
+                        };
+                        let on = f.on.as_deref().map(|o| o.replace(' ', ""));
+                        match (pre_rope, on.as_deref()) {
+                            (false, None | Some("k,v")) | (true, None | Some("k")) => {}
+                            (false, Some(o)) => {
+                                return Err(err(format!(
+                                    "kv on = \"{o}\": after RoPE K and V are compressed together (one head width for attention); give on = \"k,v\", or rope = \"before\" with on = \"k\""
+                                )))
+                            }
+                            (true, Some(o)) => {
+                                return Err(err(format!("kv on = \"{o}\": rope = \"before\" compresses K alone; give on = \"k\"")))
+                            }
                         }
                         let transform = match f.transform.as_str() {
                             "dct" => KvTransform::Dct,
@@ -678,7 +693,7 @@ impl Plan {
                         if f.bandwidth.is_some() && !matches!(transform, KvTransform::Pswf { .. }) {
                             return Err(err("kv bandwidth is a pswf parameter".into()));
                         }
-                        Some(KvPlan { transform, keep })
+                        Some(KvPlan { transform, keep, pre_rope })
                     }
                 }
             };

@@ -29,6 +29,7 @@
 //! adds the compressed branch (the block cache's compressed keys, `nsa.rs`)
 //! where it writes the row; the other variants run the three in turn.
 
+use super::kv_pre_rope::KeyBasis;
 use super::{fixed_last, KernelCtx, KernelSpec, GPU_ATTN_WARPS, VW, WARP};
 use crate::error::CompileError;
 use crate::mlir::builder::{Device, KernelBuilder, V};
@@ -64,6 +65,8 @@ pub fn window_of(spec: &KernelSpec) -> Result<Option<(u32, u32)>, CompileError> 
             Pattern::Window(Window::Sliding { size, sinks }) => window = Some((*size, *sinks)),
             // Native sparse attention sees its own window (`Visible`).
             Pattern::Nsa(_) => {}
+            // Keys cached before RoPE (`kv_pre_rope.rs`).
+            Pattern::Kv(sparsec_ir::KvCompression::PreRope { .. }) => {}
             other => return Err(spec.unsupported(&format!("#{} is not lowered yet (its pattern issue adds it)", other.keyword()))),
         }
     }
@@ -159,12 +162,29 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
     if hadamard && (!kv.is_quantized() || !d.is_power_of_two()) {
         return Err(spec.unsupported("Hadamard-rotated caches are block-quantized, of power-of-two heads"));
     }
+    let key_basis = KeyBasis::new(spec, ins.get(3), d)?;
+    if let Some(kb) = &key_basis {
+        if hadamard || (device == Device::Cpu && !(cpu_split(spec) && kb.cpu_ok())) {
+            return Err(spec.unsupported(&format!(
+                "#kv(pre_rope) attention runs on the CPU for head widths that are a multiple of 8 (not {d}), without --kv-hadamard"
+            )));
+        }
+        if !super::kv_pre_rope::coefficient_cache_ok(kv, kb.r) {
+            return Err(spec.unsupported(&format!(
+                "{} caches of #kv(pre_rope) need a rank that is a multiple of 32, not {}",
+                kv.name(),
+                kb.r
+            )));
+        }
+    }
+    // The K cache's row width per KV head: its coefficients under #kv(pre_rope).
+    let kw = key_basis.as_ref().map_or(d, |kb| kb.r);
     let quant = if kv.is_quantized() {
         if !cpu_split(spec) || d % sparsec_ir::quant::QK as u64 != 0 {
             return Err(spec.unsupported(&format!("{} KV caches need a head width that is a multiple of 32, not {d}", kv.name())));
         }
-        let rows = |b: &mut KernelBuilder, buf: &str| super::kv_quant::QuantRows::new(b, kv, buf, kvh * d);
-        match (rows(b, &ins[1]), rows(b, &ins[2])) {
+        let rows = |b: &mut KernelBuilder, buf: &str, w: u64| super::kv_quant::QuantRows::new(b, kv, buf, kvh * w);
+        match (rows(b, &ins[1], kw), rows(b, &ins[2], d)) {
             (Some(k), Some(v)) => Some((k, v)),
             _ => return Err(spec.unsupported(&format!("{} KV caches of width {}", kv.name(), kvh * d))),
         }
@@ -197,6 +217,7 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
         nsa,
         gate,
         blocks,
+        key_basis,
     };
     match device {
         Device::Cpu if cpu_split(spec) => ctx.emit_split(b, cx),
@@ -214,6 +235,8 @@ struct TileMem {
     s: V,
     /// The K tile transposed (`d × KEY_TILE`, feature-major), for the flash pair.
     kt: V,
+    /// `#kv(pre_rope)`: a key's coefficients and the tile's angles (`KeyBasis::scratch_words`).
+    rope: Option<V>,
 }
 
 /// The flash-style prefill's running state for a block of `FLASH_ROWS`
@@ -245,6 +268,8 @@ struct Attn {
     gate: Option<(sparsec_ir::NsaGate, V)>,
     /// Gated `#nsa`: the block cache (compressed keys and values).
     blocks: Option<V>,
+    /// `#kv(pre_rope)`: the K cache holds coefficients before RoPE.
+    key_basis: Option<KeyBasis>,
 }
 
 impl Attn {
@@ -579,16 +604,22 @@ impl Attn {
         let nv = (d / VW as u64) as usize;
         let (zero_i, dc, kvwc) = (b.index(0), b.index(d), b.index(kvw));
         let (ktile, vtile) = (&t.k, &t.v);
+        // Keys before RoPE: the tile's angles (its keys are consecutive positions).
+        let pre_rope = self.key_basis.as_ref().zip(t.rope.as_ref());
+        if let Some((kb, mem)) = pre_rope {
+            kb.tile_start(b, mem, tb);
+        }
+        let kh = pre_rope.map(|_| b.divui(khd, &dc));
         b.for_each(&zero_i, nk, |b, i| {
             let tk = b.addi(tb, i);
             let j = row_of(b, &tk);
             let at = b.muli(i, &dc);
             if let Some((qk, qv)) = &self.quant {
                 // Blocks of 32 of the head's part of the row, dequantized.
-                let rowb = b.index(qk.row_bytes());
-                let rb = b.muli(&j, &rowb);
                 for q in [qk, qv] {
-                    b.prefetch_ahead(q.bytes(), &rb, ATTN_PREFETCH_KEYS * qk.row_bytes(), kv_last, "i8");
+                    let rowb = b.index(q.row_bytes());
+                    let rb = b.muli(&j, &rowb);
+                    b.prefetch_ahead(q.bytes(), &rb, ATTN_PREFETCH_KEYS * q.row_bytes(), kv_last, "i8");
                 }
                 let qkc = b.index(sparsec_ir::quant::QK as u64);
                 let blk0 = b.divui(khd, &qkc);
@@ -599,28 +630,47 @@ impl Attn {
                     let dst = b.addi(&at, &o);
                     let sixteen = b.index(16);
                     let dst2 = b.addi(&dst, &sixteen);
-                    for (q, tile) in [(qk, ktile), (qv, vtile)] {
+                    let pairs: &[(&super::kv_quant::QuantRows, &V)] =
+                        if pre_rope.is_some() { &[(qv, vtile)] } else { &[(qk, ktile), (qv, vtile)] };
+                    for (q, tile) in pairs {
                         let (lo, hi) = q.load_block(b, &j, &blk);
                         b.vstore(&lo, tile, &dst, 16);
                         b.vstore(&hi, tile, &dst2, 16);
                     }
                 }
-                return;
+            } else {
+                let rb = b.muli(&j, &kvwc);
+                let base = b.addi(&rb, khd);
+                let bufs: &[&V] = if pre_rope.is_some() { &[&self.vbuf] } else { &[&self.kbuf, &self.vbuf] };
+                for buf in bufs {
+                    b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw, kv_last, self.kv_elem());
+                    b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw + d - 1, kv_last, self.kv_elem());
+                }
+                for v in 0..nv {
+                    let o = b.index(v as u64 * VW as u64);
+                    let src = b.addi(&base, &o);
+                    let dst = b.addi(&at, &o);
+                    if pre_rope.is_none() {
+                        let k = self.kv_vload(b, &self.kbuf, &src);
+                        b.vstore(&k, ktile, &dst, VW);
+                    }
+                    let x = self.kv_vload(b, &self.vbuf, &src);
+                    b.vstore(&x, vtile, &dst, VW);
+                }
             }
-            let rb = b.muli(&j, &kvwc);
-            let base = b.addi(&rb, khd);
-            for buf in [&self.kbuf, &self.vbuf] {
-                b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw, kv_last, self.kv_elem());
-                b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw + d - 1, kv_last, self.kv_elem());
-            }
-            for v in 0..nv {
-                let o = b.index(v as u64 * VW as u64);
-                let src = b.addi(&base, &o);
-                let dst = b.addi(&at, &o);
-                let k = self.kv_vload(b, &self.kbuf, &src);
-                b.vstore(&k, ktile, &dst, VW);
-                let x = self.kv_vload(b, &self.vbuf, &src);
-                b.vstore(&x, vtile, &dst, VW);
+            if let (Some((kb, mem)), Some(kh)) = (pre_rope, &kh) {
+                let quant = self.quant.as_ref().map(|(qk, _)| qk);
+                if let Some(qk) = quant {
+                    let rowb = b.index(qk.row_bytes());
+                    let rb = b.muli(&j, &rowb);
+                    b.prefetch_ahead(qk.bytes(), &rb, ATTN_PREFETCH_KEYS * qk.row_bytes(), kv_last, "i8");
+                } else {
+                    let kwc = b.index(self.kvh * kb.r);
+                    let rb = b.muli(&j, &kwc);
+                    b.prefetch_ahead(&self.kbuf, &rb, ATTN_PREFETCH_KEYS * self.kvh * kb.r, kv_last, self.kv_elem());
+                }
+                kb.stage_cpu(b, mem, (&j, kh), quant, &|b: &mut KernelBuilder, i: &str| self.kv_load(b, &self.kbuf, i), self.kvh);
+                kb.expand_cpu(b, mem, kh, ktile, &at);
             }
         });
     }
@@ -1056,7 +1106,11 @@ impl Attn {
         let two_tiles = b.index(2 * KEY_TILE);
         let stile = b.alloca_f32(&two_tiles);
         let kt = b.alloca_f32(&tile_elems);
-        let tiles_mem = TileMem { k: ktile, v: vtile, s: stile, kt };
+        let rope = self.key_basis.as_ref().map(|kb| {
+            let n = b.index(kb.scratch_words());
+            b.alloca_f32(&n)
+        });
+        let tiles_mem = TileMem { k: ktile, v: vtile, s: stile, kt, rope };
         // The group's running weighted sums of values, one row per head.
         // Without NSA (whose visible keys depend on the KV head) a unit serves
         // every KV head of its row and split, so it reads whole cache rows: its
@@ -1443,7 +1497,25 @@ impl Attn {
                             let j = self.key_row(b, &vis, tk);
                             let kb = b.muli(&j, &kvwc);
                             let kbase = b.addi(&kb, &khd);
-                            (self.kv_row_nvptx(b, &self.kbuf, &kbase), self.kv_row_nvptx(b, &self.vbuf, &kbase))
+                            let ks = match &self.key_basis {
+                                // Coefficients before RoPE; the key's position is `tk` (no window).
+                                Some(basis) => {
+                                    let (kwc, rc) = (b.index(kvh * basis.r), b.index(basis.r));
+                                    let rb = b.muli(&j, &kwc);
+                                    let khr = b.muli(&kh, &rc);
+                                    let cbase = b.addi(&rb, &khr);
+                                    let coefs: Vec<V> = (0..basis.r)
+                                        .map(|c| {
+                                            let o = b.index(c);
+                                            let i = b.addi(&cbase, &o);
+                                            self.kv_load(b, &self.kbuf, &i)
+                                        })
+                                        .collect();
+                                    basis.expand_nvptx(b, &coefs, &kh, tk)
+                                }
+                                None => self.kv_row_nvptx(b, &self.kbuf, &kbase),
+                            };
+                            (ks, self.kv_row_nvptx(b, &self.vbuf, &kbase))
                         }
                     };
                     let mut dot = zero.clone();

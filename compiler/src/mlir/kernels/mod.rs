@@ -11,6 +11,7 @@
 //! attention); `quant_planes` reads block-quantized operands.
 
 mod attention;
+mod kv_pre_rope;
 mod kv_quant;
 mod nsa;
 
