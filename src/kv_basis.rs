@@ -72,7 +72,28 @@ pub fn apply(m: &mut Model, plan: &Plan) -> Result<Option<KvBasisReport>> {
             }
         };
         if kv.pre_rope {
-            add_pre_rope_weights(m, *layer, &bk, (kvh, d, r), &mut key)?;
+            // Coefficients by P, keys rebuilt by E: one orthonormal basis,
+            // or the score fit's pair.
+            let (proj, expand) = match (&grams, kv.fit_scores) {
+                (Some(g), true) => {
+                    let g = &g[i];
+                    let Op::Rope { theta, adjacent, .. } = m.graph.node(m.graph.nodes[*att].operands[1]).op else {
+                        bail!("kv rope = \"before\" needs the attention's k to be a rope")
+                    };
+                    let freqs: Vec<f64> = (0..d / 2).map(|p| (theta as f64).powf(-2.0 * p as f64 / d as f64)).collect();
+                    let (mut ps, mut es) = (Vec::new(), Vec::new());
+                    for kh in 0..kvh {
+                        let blk = kh * d * d..(kh + 1) * d * d;
+                        let (p, e) = kv_basis::score_fitted(&g.0[blk.clone()], &g.2[blk], d, r, &freqs, adjacent, SCORE_SPAN)
+                            .context("the score-fitted basis's eigendecomposition failed")?;
+                        ps.push(p);
+                        es.push(e);
+                    }
+                    (ps, es)
+                }
+                _ => (bk.clone(), bk.clone()),
+            };
+            add_pre_rope_weights(m, *layer, (&proj, &expand), (kvh, d, r), &mut key)?;
             report.layers.push((*layer, kv.transform.name(), r as u64, d as u64));
             continue;
         }
@@ -124,22 +145,22 @@ pub fn apply(m: &mut Model, plan: &Plan) -> Result<Option<KvBasisReport>> {
 }
 
 /// The weights of a pre-RoPE key basis (`sparsec_passes::kv_pre_rope_names`):
-/// the block-diagonal projection `[kvh·d, kvh·r]` and the expansion
-/// `[kvh·r, d]` (row `kh·r + c` is KV head kh's basis vector c).
+/// the block-diagonal projection `[kvh·d, kvh·r]` from each KV head's `P`
+/// and the expansion `[kvh·r, d]` (row `kh·r + c` is column c of its `E`).
 fn add_pre_rope_weights(
     m: &mut Model,
     layer: u64,
-    bk: &[Vec<f64>],
+    (ps, es): (&[Vec<f64>], &[Vec<f64>]),
     (kvh, d, r): (usize, usize, usize),
     key: &mut blake3::Hasher,
 ) -> Result<()> {
     let mut proj = vec![0f32; kvh * d * kvh * r];
     let mut expand = vec![0f32; kvh * r * d];
-    for (kh, b) in bk.iter().enumerate() {
+    for (kh, (p, e)) in ps.iter().zip(es).enumerate() {
         for row in 0..d {
             for c in 0..r {
-                proj[(kh * d + row) * kvh * r + kh * r + c] = b[row * r + c] as f32;
-                expand[(kh * r + c) * d + row] = b[row * r + c] as f32;
+                proj[(kh * d + row) * kvh * r + kh * r + c] = p[row * r + c] as f32;
+                expand[(kh * r + c) * d + row] = e[row * r + c] as f32;
             }
         }
     }
@@ -154,8 +175,33 @@ fn add_pre_rope_weights(
 }
 
 /// Per chosen layer, the Gram matrices (Σ xxᵀ over calibration rows, f64) of
-/// each KV head's keys (after RoPE, as cached) and values.
-type LayerGrams = (Vec<f64>, Vec<f64>);
+/// each KV head's keys (after RoPE, as cached; before it under `rope =
+/// "before"`) and values (none before RoPE), and under `fit = "scores"` its
+/// pre-RoPE queries' (summed over the KV head's group of query heads).
+type LayerGrams = (Vec<f64>, Vec<f64>, Vec<f64>);
+
+/// Distances the score fit averages the queries' rotations over.
+const SCORE_SPAN: usize = 2048;
+
+/// Per head of a value `[n, heads·d]`: Σ xxᵀ over its rows, `heads × d × d`.
+fn head_grams(a: &ndarray::ArrayD<f32>, n: usize, heads: usize) -> Vec<f64> {
+    let x: Vec<f32> = a.iter().copied().collect();
+    let w = x.len() / n.max(1);
+    let d = w / heads.max(1);
+    let mut g = vec![0f64; heads * d * d];
+    for row in x.chunks(w) {
+        for h in 0..heads {
+            let xs = &row[h * d..(h + 1) * d];
+            let gh = &mut g[h * d * d..(h + 1) * d * d];
+            for i in 0..d {
+                for j in 0..d {
+                    gh[i * d + j] += xs[i] as f64 * xs[j] as f64;
+                }
+            }
+        }
+    }
+    g
+}
 
 fn collect_grams(m: &Model, plan: &Plan, chosen: &[(u64, usize, KvPlan)]) -> Result<Vec<LayerGrams>> {
     let (input, n, _) = crate::calibrated::calibration_sequence(m, plan, PCA_TOKENS)?;
@@ -169,43 +215,48 @@ fn collect_grams(m: &Model, plan: &Plan, chosen: &[(u64, usize, KvPlan)]) -> Res
     let mut out = Vec::new();
     for (done, (_, att, kv)) in chosen.iter().enumerate() {
         let node = &m.graph.nodes[*att];
-        let Op::Attention { kv_heads, .. } = node.op else { bail!("not an attention") };
-        let kvh = kv_heads as usize;
-        // Before RoPE: the keys as the rope (operand 1) takes them, read
-        // just before it runs; V is not compressed.
-        let k_rope = node.operands[1].0;
-        if kv.pre_rope {
-            if !matches!(m.graph.nodes[k_rope].op, Op::Rope { .. }) {
-                bail!("kv rope = \"before\" needs the attention's k to be a rope");
-            }
-            run.run_until(k_rope, &weight)?;
-        } else {
+        let Op::Attention { heads, kv_heads } = node.op else { bail!("not an attention") };
+        let (h, kvh) = (heads as usize, kv_heads as usize);
+        if !kv.pre_rope {
             run.run_until(*att, &weight)?;
+            let value = |id: usize| run.value(id).context("kv pca: the attention's operands were not computed");
+            out.push((head_grams(value(node.operands[1].0)?, n, kvh), head_grams(value(node.operands[2].0)?, n, kvh), Vec::new()));
+            bar.set_position(done as u64 + 1);
+            continue;
         }
-        let gram = |id: usize| -> Result<Vec<f64>> {
-            let a = run.value(id).context("kv pca: the attention's operands were not computed")?;
-            let x: Vec<f32> = a.iter().copied().collect();
-            let w = x.len() / n;
-            let d = w / kvh;
-            let mut g = vec![0f64; kvh * d * d];
-            for row in x.chunks(w) {
-                for kh in 0..kvh {
-                    let xs = &row[kh * d..(kh + 1) * d];
-                    let gk = &mut g[kh * d * d..(kh + 1) * d * d];
-                    for i in 0..d {
-                        for j in 0..d {
-                            gk[i * d + j] += xs[i] as f64 * xs[j] as f64;
-                        }
+        // Before RoPE: the keys (and for the score fit the queries) as their
+        // ropes take them, read just before each rope runs.
+        let (q_rope, k_rope) = (node.operands[0].0, node.operands[1].0);
+        for r in [q_rope, k_rope] {
+            if !matches!(m.graph.nodes[r].op, Op::Rope { .. }) {
+                bail!("kv rope = \"before\" needs the attention's q and k to be ropes");
+            }
+        }
+        let mut points = vec![(k_rope, false)];
+        if kv.fit_scores {
+            points.push((q_rope, true));
+        }
+        points.sort();
+        let (mut gk, mut gq) = (Vec::new(), Vec::new());
+        for (at, is_q) in points {
+            run.run_until(at, &weight)?;
+            let x = run.value(m.graph.nodes[at].operands[0].0).context("kv pca: the rope's input was not computed")?;
+            if is_q {
+                // Summed over each KV head's group.
+                let per = head_grams(x, n, h);
+                let dd = per.len() / h.max(1);
+                gq = vec![0f64; kvh * dd];
+                for hh in 0..h {
+                    let kh = hh / (h / kvh).max(1);
+                    for (o, v) in gq[kh * dd..(kh + 1) * dd].iter_mut().zip(&per[hh * dd..(hh + 1) * dd]) {
+                        *o += v;
                     }
                 }
+            } else {
+                gk = head_grams(x, n, kvh);
             }
-            Ok(g)
-        };
-        if kv.pre_rope {
-            out.push((gram(m.graph.nodes[k_rope].operands[0].0)?, Vec::new()));
-        } else {
-            out.push((gram(node.operands[1].0)?, gram(node.operands[2].0)?));
         }
+        out.push((gk, Vec::new(), gq));
         bar.set_position(done as u64 + 1);
     }
     bar.finish_and_clear();

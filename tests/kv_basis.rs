@@ -135,6 +135,9 @@ fn feature_bases_refuse_what_they_do_not_do() {
         ("transform = \"wavelet\"", "expected dct, pswf, pca"),
         ("transform = \"pca\", rope = \"before\", on = \"k,v\"", "compresses K alone"),
         ("transform = \"pca\", rope = \"sideways\"", "expected before or after"),
+        ("transform = \"dct\", rope = \"before\", fit = \"scores\"", "fits a PCA basis before RoPE"),
+        ("transform = \"pca\", fit = \"scores\"", "fits a PCA basis before RoPE"),
+        ("transform = \"pca\", rope = \"before\", fit = \"values\"", "expected keys or scores"),
     ] {
         let e = sparsec_passes::Plan::parse(&rule(kv)).unwrap_err().to_string();
         assert!(e.contains(why), "{kv}: {e}");

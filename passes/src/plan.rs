@@ -336,6 +336,7 @@ struct KvFile {
     rank: Option<u32>,
     energy: Option<f32>,
     rope: Option<String>,
+    fit: Option<String>,
 }
 
 /// A feature-axis basis for K and V (`kv = { ... }`): per head, K and V are
@@ -348,6 +349,10 @@ pub struct KvPlan {
     /// `rope = "before"`: K alone, cached before RoPE (`#kv(pre_rope)`);
     /// else K and V after it, through projections around the attention.
     pub pre_rope: bool,
+    /// `fit = "scores"` (PCA before RoPE): the basis minimizes the error of
+    /// the scores (keys weighted by the queries, rotated by every distance)
+    /// rather than of the keys (`sparsec_ir::kv_basis::score_fitted`).
+    pub fit_scores: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -693,7 +698,17 @@ impl Plan {
                         if f.bandwidth.is_some() && !matches!(transform, KvTransform::Pswf { .. }) {
                             return Err(err("kv bandwidth is a pswf parameter".into()));
                         }
-                        Some(KvPlan { transform, keep, pre_rope })
+                        let fit_scores = match f.fit.as_deref() {
+                            None | Some("keys") => false,
+                            Some("scores") if pre_rope && transform == KvTransform::Pca => true,
+                            Some("scores") => {
+                                return Err(err(
+                                    "kv fit = \"scores\" fits a PCA basis before RoPE: give transform = \"pca\", rope = \"before\"".into(),
+                                ))
+                            }
+                            Some(o) => return Err(err(format!("kv fit = \"{o}\" (expected keys or scores)"))),
+                        };
+                        Some(KvPlan { transform, keep, pre_rope, fit_scores })
                     }
                 }
             };
