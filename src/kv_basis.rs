@@ -158,9 +158,17 @@ fn add_pre_rope_weights(
     let mut expand = vec![0f32; kvh * r * d];
     for (kh, (p, e)) in ps.iter().zip(es).enumerate() {
         for row in 0..d {
+            // Each row times the normalized Hadamard matrix H (r a power of
+            // two): the cached coefficients are Hᵀ c, rebuilt by E·H, so a
+            // block-quantized cache sees coefficients of one magnitude, not
+            // PCA's falling variances; exact arithmetic is unchanged (HHᵀ = I).
+            let mut pr: Vec<f32> = p[row * r..(row + 1) * r].iter().map(|&x| x as f32).collect();
+            let mut er: Vec<f32> = e[row * r..(row + 1) * r].iter().map(|&x| x as f32).collect();
+            sparsec_ir::quant::hadamard(&mut pr);
+            sparsec_ir::quant::hadamard(&mut er);
             for c in 0..r {
-                proj[(kh * d + row) * kvh * r + kh * r + c] = p[row * r + c] as f32;
-                expand[(kh * r + c) * d + row] = e[row * r + c] as f32;
+                proj[(kh * d + row) * kvh * r + kh * r + c] = pr[c];
+                expand[(kh * r + c) * d + row] = er[c];
             }
         }
     }
