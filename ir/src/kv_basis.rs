@@ -51,8 +51,10 @@ pub fn pca(gram: &[f64], d: usize, r: usize) -> Option<Vec<f64>> {
 
 /// A basis of pre-RoPE keys fitted to the scores rather than the keys: the
 /// error `e` of a rebuilt key costs `(qᵀ R(t−s) e)²` in a score, so with `M`
-/// the queries' second moment `gram_q` rotated by every distance `0..span`
-/// and averaged, the rank-`r` fit minimizing `E[eᵀ M e]` is PCA of `M^½ k`:
+/// the queries' second moment `gram_q` rotated by every distance `Δ` in
+/// `0..span` and averaged with weights ∝ 1/(Δ+1) (attention reads near keys
+/// most: on SmolLM2 at keep 0.5 these weights give +4.3% perplexity where
+/// uniform ones give +7.0% and 1/(Δ+1)² +5.6%), the rank-`r` fit minimizing `E[eᵀ M e]` is PCA of `M^½ k`:
 /// coefficients `c = Pᵀk` with `P = M^½ U`, keys rebuilt as `E c` with
 /// `E = M^-½ U` (`U`: the top `r` eigenvectors of `M^½ C_k M^½`). Returns
 /// `(P, E)`, each row-major `d × r`. Pairs as `Op::Rope` (`adjacent`),
@@ -83,14 +85,16 @@ pub fn score_fitted(
     Some((flat(&p), flat(&x)))
 }
 
-/// `(1/span) Σ_Δ R(−Δ)ᵀ C R(−Δ)` over distances `Δ = 0..span`, for the
-/// rotation `R` of RoPE (pair i turned by `Δ·freqs[i]`).
+/// `Σ_Δ w(Δ) R(−Δ)ᵀ C R(−Δ)` over distances `Δ = 0..span`, `w(Δ)` ∝ 1/(Δ+1)
+/// summing to 1, for the rotation `R` of RoPE (pair i turned by `Δ·freqs[i]`).
 fn rotation_averaged(gram: &[f64], d: usize, freqs: &[f64], adjacent: bool, span: usize) -> Mat<f64> {
     let half = d / 2;
     let pair = |p: usize| if adjacent { (2 * p, 2 * p + 1) } else { (p, p + half) };
     let mut m = Mat::<f64>::zeros(d, d);
     let span = span.max(1);
+    let wsum: f64 = (0..span).map(|x| 1.0 / (x as f64 + 1.0)).sum();
     for delta in 0..span {
+        let wd = 1.0 / (delta as f64 + 1.0) / wsum;
         // Pair p's rotation by −Δ·f: columns (a, b) of R are (c, −s) and (s, c).
         let cs: Vec<(f64, f64)> = freqs.iter().map(|f| ((-(delta as f64) * f).cos(), (-(delta as f64) * f).sin())).collect();
         for p in 0..half {
@@ -109,13 +113,13 @@ fn rotation_averaged(gram: &[f64], d: usize, freqs: &[f64], adjacent: bool, span
                                 acc += wx * wy * gram[x * d + y];
                             }
                         }
-                        m[(i, j)] += acc;
+                        m[(i, j)] += wd * acc;
                     }
                 }
             }
         }
     }
-    Mat::from_fn(d, d, |i, j| m[(i, j)] / span as f64)
+    m
 }
 
 /// Eigenvectors of the `r` largest eigenvalues of symmetric `m`, as a
