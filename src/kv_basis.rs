@@ -41,8 +41,11 @@ pub fn apply(m: &mut Model, plan: &Plan) -> Result<Option<KvBasisReport>> {
         }
     }
     // PCA needs each chosen layer's keys and values: the Gram matrices per KV head.
-    let grams =
-        if chosen.iter().any(|(_, _, kv)| kv.transform == KvTransform::Pca) { Some(collect_grams(m, plan, &chosen)?) } else { None };
+    let grams = if chosen.iter().any(|(_, _, kv)| matches!(kv.transform, KvTransform::Pca | KvTransform::Smooth { .. })) {
+        Some(collect_grams(m, plan, &chosen)?)
+    } else {
+        None
+    };
     let mut report = KvBasisReport { layers: Vec::new(), seconds: 0.0, key: String::new() };
     let mut key = blake3::Hasher::new();
     for (i, (layer, att, kv)) in chosen.iter().enumerate() {
@@ -50,6 +53,26 @@ pub fn apply(m: &mut Model, plan: &Plan) -> Result<Option<KvBasisReport>> {
         let (h, kvh) = (heads as usize, kv_heads as usize);
         let (_, _, qw) = sparsec_passes::attention_input(&m.graph, *att).context("kv needs q to be a projection of the layer input")?;
         let d = qw as usize / h;
+        if let KvTransform::Smooth { alpha } = kv.transform {
+            let g = &grams.as_ref().context("smoothing statistics")?[i];
+            let pairs = match m.graph.node(m.graph.nodes[*att].operands[1]).op {
+                Op::Rope { adjacent, .. } => Some(adjacent),
+                _ => None,
+            };
+            let s = channel_scales(&g.0, &g.2, (kvh, d), pairs, alpha);
+            let group = h / kvh;
+            let sq: Vec<f32> = (0..h * d).map(|i| s[(i / d / group) * d + i % d] as f32).collect();
+            let sk: Vec<f32> = s.iter().map(|&x| (1.0 / x) as f32).collect();
+            for (name, data) in sparsec_passes::kv_smooth_names(*layer).into_iter().zip([sq, sk]) {
+                for x in &data {
+                    key.update(&x.to_le_bytes());
+                }
+                let n = data.len();
+                m.add_weight(&name, Arc::new(ArrayD::from_shape_vec(IxDyn(&[n]), data)?))?;
+            }
+            report.layers.push((*layer, kv.transform.name(), d as u64, d as u64));
+            continue;
+        }
         let r = kv_basis::kept(d as u64, kv.keep) as usize;
         // Per KV head: K's basis and V's, row-major d × r.
         let (bk, bv): (Vec<Vec<f64>>, Vec<Vec<f64>>) = match kv.transform {
@@ -61,6 +84,7 @@ pub fn apply(m: &mut Model, plan: &Plan) -> Result<Option<KvBasisReport>> {
                 let b = kv_basis::dpss(d, r, bandwidth as f64).context("the PSWF eigendecomposition failed")?;
                 (vec![b.clone(); kvh], vec![b; kvh])
             }
+            KvTransform::Smooth { .. } => unreachable!("handled above"),
             KvTransform::Pca => {
                 let g = &grams.as_ref().context("PCA statistics")?[i];
                 let basis = |gram: &[f64]| kv_basis::pca(gram, d, r).context("the PCA eigendecomposition failed");
@@ -182,6 +206,30 @@ fn add_pre_rope_weights(
     Ok(())
 }
 
+/// Per KV head channel, `s = (rms k / rms q)^alpha` from the diagonals of
+/// the K and grouped q Gram matrices (`kvh × d × d`); with RoPE (`pairs` =
+/// its `adjacent`) both channels of a rotated pair share their mean square,
+/// so the scaling commutes with the rotation. A channel no query reads keeps 1.
+fn channel_scales(gk: &[f64], gq: &[f64], (kvh, d): (usize, usize), pairs: Option<bool>, alpha: f32) -> Vec<f64> {
+    let diag = |g: &[f64], kh: usize, c: usize| g[kh * d * d + c * d + c];
+    let partner = |c: usize| match pairs {
+        Some(true) => c ^ 1,
+        Some(false) => (c + d / 2) % d,
+        None => c,
+    };
+    let mut s = vec![1f64; kvh * d];
+    for kh in 0..kvh {
+        for c in 0..d {
+            let p = partner(c);
+            let (k, q) = (diag(gk, kh, c) + diag(gk, kh, p), diag(gq, kh, c) + diag(gq, kh, p));
+            if k > 0.0 && q > 0.0 {
+                s[kh * d + c] = (k / q).sqrt().powf(alpha as f64);
+            }
+        }
+    }
+    s
+}
+
 /// Per chosen layer, the Gram matrices (Σ xxᵀ over calibration rows, f64) of
 /// each KV head's keys (after RoPE, as cached; before it under `rope =
 /// "before"`) and values (none before RoPE), and under `fit = "scores"` its
@@ -190,6 +238,21 @@ type LayerGrams = (Vec<f64>, Vec<f64>, Vec<f64>);
 
 /// Distances the score fit averages the queries' rotations over.
 const SCORE_SPAN: usize = 2048;
+
+/// Per KV head, the Gram matrices of its group's query heads summed
+/// (`kvh × d × d`) from queries `[n, h·d]`.
+fn group_grams(a: &ndarray::ArrayD<f32>, n: usize, h: usize, kvh: usize) -> Vec<f64> {
+    let per = head_grams(a, n, h);
+    let dd = per.len() / h.max(1);
+    let mut g = vec![0f64; kvh * dd];
+    for hh in 0..h {
+        let kh = hh / (h / kvh).max(1);
+        for (o, v) in g[kh * dd..(kh + 1) * dd].iter_mut().zip(&per[hh * dd..(hh + 1) * dd]) {
+            *o += v;
+        }
+    }
+    g
+}
 
 /// Per head of a value `[n, heads·d]`: Σ xxᵀ over its rows, `heads × d × d`.
 fn head_grams(a: &ndarray::ArrayD<f32>, n: usize, heads: usize) -> Vec<f64> {
@@ -228,7 +291,12 @@ fn collect_grams(m: &Model, plan: &Plan, chosen: &[(u64, usize, KvPlan)]) -> Res
         if !kv.pre_rope {
             run.run_until(*att, &weight)?;
             let value = |id: usize| run.value(id).context("kv pca: the attention's operands were not computed");
-            out.push((head_grams(value(node.operands[1].0)?, n, kvh), head_grams(value(node.operands[2].0)?, n, kvh), Vec::new()));
+            let gq = if matches!(kv.transform, KvTransform::Smooth { .. }) {
+                group_grams(value(node.operands[0].0)?, n, h, kvh)
+            } else {
+                Vec::new()
+            };
+            out.push((head_grams(value(node.operands[1].0)?, n, kvh), head_grams(value(node.operands[2].0)?, n, kvh), gq));
             bar.set_position(done as u64 + 1);
             continue;
         }
@@ -250,16 +318,7 @@ fn collect_grams(m: &Model, plan: &Plan, chosen: &[(u64, usize, KvPlan)]) -> Res
             run.run_until(at, &weight)?;
             let x = run.value(m.graph.nodes[at].operands[0].0).context("kv pca: the rope's input was not computed")?;
             if is_q {
-                // Summed over each KV head's group.
-                let per = head_grams(x, n, h);
-                let dd = per.len() / h.max(1);
-                gq = vec![0f64; kvh * dd];
-                for hh in 0..h {
-                    let kh = hh / (h / kvh).max(1);
-                    for (o, v) in gq[kh * dd..(kh + 1) * dd].iter_mut().zip(&per[hh * dd..(hh + 1) * dd]) {
-                        *o += v;
-                    }
-                }
+                gq = group_grams(x, n, h, kvh);
             } else {
                 gk = head_grams(x, n, kvh);
             }
@@ -274,5 +333,42 @@ fn collect_grams(m: &Model, plan: &Plan, chosen: &[(u64, usize, KvPlan)]) -> Res
 /// One line for the compile's report.
 pub fn describe(r: &KvBasisReport) -> String {
     let Some(first) = r.layers.first() else { return String::new() };
+    if first.1 == "smooth" {
+        return format!("kv smoothing: {} layers, q and k channels scaled, in {:.1} s", r.layers.len(), r.seconds);
+    }
     format!("kv bases: {} layers, {} keeping {} of {} columns per head, in {:.1} s", r.layers.len(), first.1, first.2, first.3, r.seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Diagonal Gram matrices of one KV head of width 4 from per-channel mean squares.
+    fn diag(ms: [f64; 4]) -> Vec<f64> {
+        let mut g = vec![0f64; 16];
+        for (c, m) in ms.iter().enumerate() {
+            g[c * 4 + c] = *m;
+        }
+        g
+    }
+
+    #[test]
+    fn channel_scales_balance_k_against_q_and_share_a_rope_pair() {
+        let (gk, gq) = (diag([16.0, 16.0, 1.0, 4.0]), diag([1.0, 1.0, 1.0, 1.0]));
+        // No RoPE, alpha 0.5: s = (rms k / rms q)^0.5, so k/s and q·s have equal rms.
+        let s = channel_scales(&gk, &gq, (1, 4), None, 0.5);
+        assert!((s[0] - 2.0).abs() < 1e-12 && (s[2] - 1.0).abs() < 1e-12 && (s[3] - 2f64.sqrt()).abs() < 1e-12, "{s:?}");
+        // Adjacent pairs (0, 1), (2, 3): one scale per pair, from its summed mean squares.
+        let s = channel_scales(&gk, &gq, (1, 4), Some(true), 1.0);
+        assert_eq!(s[0], s[1]);
+        assert_eq!(s[2], s[3]);
+        assert!((s[2] - (5f64 / 2.0).sqrt()).abs() < 1e-12, "{s:?}");
+        // Halves: pairs (0, 2), (1, 3).
+        let s = channel_scales(&gk, &gq, (1, 4), Some(false), 1.0);
+        assert_eq!(s[0], s[2]);
+        assert_eq!(s[1], s[3]);
+        // A channel no query reads keeps 1.
+        let s = channel_scales(&gk, &diag([0.0, 1.0, 1.0, 1.0]), (1, 4), None, 0.5);
+        assert_eq!(s[0], 1.0);
+    }
 }

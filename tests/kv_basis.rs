@@ -132,12 +132,15 @@ fn feature_bases_refuse_what_they_do_not_do() {
         ("transform = \"dct\", keep = 1.5", "outside (0, 1]"),
         ("transform = \"pswf\", bandwidth = 0.7", "outside (0, 0.5)"),
         ("transform = \"dct\", bandwidth = 0.2", "pswf parameter"),
-        ("transform = \"wavelet\"", "expected dct, pswf, pca"),
+        ("transform = \"wavelet\"", "expected dct, pswf, pca, smooth"),
         ("transform = \"pca\", rope = \"before\", on = \"k,v\"", "compresses K alone"),
         ("transform = \"pca\", rope = \"sideways\"", "expected before or after"),
         ("transform = \"dct\", rope = \"before\", fit = \"scores\"", "fits a PCA basis before RoPE"),
         ("transform = \"pca\", fit = \"scores\"", "fits a PCA basis before RoPE"),
         ("transform = \"pca\", rope = \"before\", fit = \"values\"", "expected keys or scores"),
+        ("transform = \"smooth\", keep = 0.5", "takes alpha only"),
+        ("transform = \"smooth\", alpha = 2.0", "outside (0, 1]"),
+        ("transform = \"dct\", alpha = 0.5", "smooth parameter"),
     ] {
         let e = sparsec_passes::Plan::parse(&rule(kv)).unwrap_err().to_string();
         assert!(e.contains(why), "{kv}: {e}");

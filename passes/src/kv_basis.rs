@@ -60,6 +60,35 @@ fn set_pre_rope_basis(g: &mut Graph, att: usize, layer: u64, kv: &crate::plan::K
     Ok(())
 }
 
+/// The names of a layer's channel scales (`kv = { transform = "smooth" }`):
+/// q's `[h·d]` and k's `[kvh·d]`.
+pub fn kv_smooth_names(layer: u64) -> [String; 2] {
+    ["sq", "sk"].map(|w| format!("layers.{layer}.kv.{w}"))
+}
+
+/// Multiplies the attention's q and k by the layer's channel scales (`mul`
+/// by a weight row, before the attention; `src/kv_basis.rs` makes them
+/// reciprocal per channel, so the scores are unchanged).
+fn set_smoothing(g: &mut Graph, att: usize, layer: u64) -> Result<(), String> {
+    let Op::Attention { heads, kv_heads } = g.nodes[att].op else { return Err("kv needs an attention".into()) };
+    let (_, _, qw) =
+        attention_input(g, att).ok_or_else(|| "kv needs q to be a projection of the layer input by a weight of fixed shape".to_string())?;
+    let d = qw / (heads as u64).max(1);
+    let name = g.nodes[att].name.clone();
+    let mut at = att;
+    for (slot, (role, n)) in kv_smooth_names(layer).iter().zip([heads as u64, kv_heads as u64]).enumerate() {
+        let ty = TensorType::new(DType::F32, vec![Dim::Fixed(n * d)]);
+        let w = g.insert(at, Node::new(fresh_name(g, role), Op::Weight { name: role.clone(), init: None }, vec![]).with_type(ty));
+        at += 1;
+        let x = g.nodes[at].operands[slot];
+        let base = format!("{name}.{}.smooth", ["q", "k"][slot]);
+        let m = g.insert(at, Node::new(fresh_name(g, &base), Op::Mul, vec![x, w]));
+        at += 1;
+        g.nodes[at].operands[slot] = m;
+    }
+    Ok(())
+}
+
 /// Caches attention `name`'s K and V in a feature-axis basis of `keep·d`
 /// columns per head: q, k and v are projected by the layer's basis weights
 /// before it, and its output is expanded after it (every use of it then reads
@@ -71,6 +100,9 @@ pub(crate) fn set_kv_basis(g: &mut Graph, name: &str, layer: u64, kv: &crate::pl
     }
     if kv.pre_rope {
         return set_pre_rope_basis(g, att, layer, kv);
+    }
+    if let crate::plan::KvTransform::Smooth { .. } = kv.transform {
+        return set_smoothing(g, att, layer);
     }
     let Op::Attention { heads, kv_heads } = g.nodes[att].op else { return Err("kv needs an attention".into()) };
     let (h, kvh) = (heads as u64, kv_heads as u64);
@@ -116,4 +148,53 @@ pub(crate) fn set_kv_basis(g: &mut Graph, name: &str, layer: u64, kv: &crate::pl
         *v = o;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{KvPlan, KvTransform};
+
+    fn graph() -> Graph {
+        sparsec_ir::parse_graph(
+            "graph @g {\n  %x = input : f32[seq, 16]\n  %wq = weight \"wq\" : f32[16, 16]\n  %wk = weight \"wk\" : f32[16, 8]\n  %q = matmul %x, %wq\n  %k = matmul %x, %wk\n  %qr = rope %q {heads = 4, theta = 10000.0, adjacent = true}\n  %kr = rope %k {heads = 2, theta = 10000.0, adjacent = true}\n  %attn = attention %qr, %kr, %k {heads = 4, kv_heads = 2}\n  return %attn\n}\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn smoothing_scales_q_and_k_by_the_layers_weights() {
+        let mut g = graph();
+        let kv = KvPlan { transform: KvTransform::Smooth { alpha: 0.5 }, keep: 1.0, pre_rope: false, fit_scores: false };
+        set_kv_basis(&mut g, "attn", 3, &kv).unwrap();
+        sparsec_ir::verify(&g).unwrap();
+        let att = g.find("attn").unwrap();
+        for (slot, (want, width)) in [("layers.3.kv.sq", 16), ("layers.3.kv.sk", 8)].into_iter().enumerate() {
+            let m = g.node(g.node(att).operands[slot]);
+            assert!(matches!(m.op, Op::Mul), "operand {slot} is {}", m.op.keyword());
+            let w = g.node(m.operands[1]);
+            assert!(matches!(&w.op, Op::Weight { name, .. } if name == want), "{slot}: {}", w.name);
+            assert_eq!(w.ty.as_ref().map(|t| t.dims.clone()), Some(vec![Dim::Fixed(width)]));
+        }
+        // Twice is refused.
+        assert!(set_kv_basis(&mut g, "attn", 3, &kv).is_err());
+    }
+
+    #[test]
+    fn keys_before_rope_read_the_projection_before_its_rope() {
+        let mut g = graph();
+        let kv = KvPlan { transform: KvTransform::Pca, keep: 0.5, pre_rope: true, fit_scores: true };
+        set_kv_basis(&mut g, "attn", 0, &kv).unwrap();
+        sparsec_ir::verify(&g).unwrap();
+        let n = g.node(g.find("attn").unwrap());
+        assert!(
+            n.patterns.iter().any(|p| matches!(p, Pattern::Kv(KvCompression::PreRope { rank: 2, adjacent: true, .. }))),
+            "{:?}",
+            n.patterns
+        );
+        // k = (x·wk)·P, the rope skipped; the basis is operand 3.
+        let coef = g.node(n.operands[1]);
+        assert!(matches!(coef.op, Op::MatMul { .. }) && g.node(coef.operands[0]).name == "k", "{}", coef.name);
+        assert!(matches!(&g.node(n.operands[3]).op, Op::Weight { name, .. } if name == "layers.0.kv.kb"));
+    }
 }

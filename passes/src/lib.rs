@@ -16,7 +16,7 @@ pub use apply_plan::{
 };
 pub use const_fold::ConstFold;
 pub use dce::DeadCodeElimination;
-pub use kv_basis::{kv_basis_names, kv_pre_rope_names};
+pub use kv_basis::{kv_basis_names, kv_pre_rope_names, kv_smooth_names};
 pub use low_rank::{factor_names, LowRankLowering};
 pub use manager::{PassManager, PrintOptions, Snapshot};
 pub use plan::{Calibration, FactorMethod, FactorPlan, FactorSize, KvPlan, KvTransform, NsaGatePlan, Plan, PlanError, PruneMethod};

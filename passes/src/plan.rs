@@ -337,6 +337,7 @@ struct KvFile {
     energy: Option<f32>,
     rope: Option<String>,
     fit: Option<String>,
+    alpha: Option<f32>,
 }
 
 /// A feature-axis basis for K and V (`kv = { ... }`): per head, K and V are
@@ -363,6 +364,10 @@ pub enum KvTransform {
     Pswf { bandwidth: f32 },
     /// Principal directions of the layer's keys and values on the calibration text.
     Pca,
+    /// No basis: each channel of K divided, and of q multiplied, by
+    /// `s = (rms k / rms q)^alpha` (per RoPE pair; calibrated), so scores are
+    /// unchanged and block-quantized caches see channels of like magnitude.
+    Smooth { alpha: f32 },
 }
 
 impl KvTransform {
@@ -371,6 +376,7 @@ impl KvTransform {
             KvTransform::Dct => "dct",
             KvTransform::Pswf { .. } => "pswf",
             KvTransform::Pca => "pca",
+            KvTransform::Smooth { .. } => "smooth",
         }
     }
 }
@@ -689,12 +695,29 @@ impl Plan {
                                 }
                                 KvTransform::Pswf { bandwidth }
                             }
+                            "smooth" => {
+                                if f.keep.is_some() || pre_rope || f.on.is_some() {
+                                    return Err(err(
+                                        "kv transform = \"smooth\" scales channels and keeps every one: it takes alpha only".into()
+                                    ));
+                                }
+                                let alpha = f.alpha.unwrap_or(0.5);
+                                if !(alpha > 0.0 && alpha <= 1.0) {
+                                    return Err(err(format!("kv alpha = {alpha} is outside (0, 1]")));
+                                }
+                                KvTransform::Smooth { alpha }
+                            }
                             "chunked_svd" => {
                                 not_yet.push("kv (sequence-axis DCT and chunked SVD)");
                                 KvTransform::Dct
                             }
-                            other => return Err(err(format!("kv transform = \"{other}\" (expected dct, pswf, pca or chunked_svd)"))),
+                            other => {
+                                return Err(err(format!("kv transform = \"{other}\" (expected dct, pswf, pca, smooth or chunked_svd)")))
+                            }
                         };
+                        if f.alpha.is_some() && !matches!(transform, KvTransform::Smooth { .. }) {
+                            return Err(err("kv alpha is a smooth parameter".into()));
+                        }
                         if f.bandwidth.is_some() && !matches!(transform, KvTransform::Pswf { .. }) {
                             return Err(err("kv bandwidth is a pswf parameter".into()));
                         }
