@@ -117,6 +117,12 @@ pub struct CompileFlags {
     /// the query the same way and the result back; power-of-two head widths.
     #[arg(long)]
     pub kv_hadamard: bool,
+    /// With `--kv-cache q4_1`: quantize the keys per channel, as KIVI does
+    /// (each channel of every complete group of 32 positions gets its own
+    /// scale and minimum; the newest group stays exact), the values per token.
+    /// An outlier channel of K then costs only itself. CPU caches.
+    #[arg(long)]
+    pub kv_kivi: bool,
     /// The element type of dense matmul weights and embedding tables: `auto`
     /// (the checkpoint's: f16 or bf16 when all its matrices are stored so,
     /// kept as they are; else f32; `--dequantize` makes it f32), `f32`

@@ -120,6 +120,7 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
             WeightsDTypeArg::Bf16 => sparsec_compiler::WeightsDType::Bf16,
         },
         kv_hadamard: flags.kv_hadamard,
+        kv_kivi: flags.kv_kivi,
     })
 }
 

@@ -166,3 +166,59 @@ fn block_quantized_caches_equal_attention_over_their_dequantized_rows() {
         assert_eq!(caches, [bytes, bytes], "{kv:?}");
     }
 }
+
+/// K as a per-channel quantized cache holds it when `n` keys are present:
+/// every complete group of 32 positions packed per channel and read back,
+/// the rest exact.
+fn channel_groups_as_held(k: &ArrayD<f32>, n: usize) -> ArrayD<f32> {
+    use sparsec_ir::kv_channel::{dequantize_group, group_bytes, quantize_group, GROUP};
+    let width = k.shape()[1];
+    let mut out = k.slice(ndarray::s![..n, ..]).to_owned().into_dyn();
+    let flat = out.as_slice_mut().unwrap();
+    for g in 0..n / GROUP {
+        let rows = &mut flat[g * GROUP * width..(g + 1) * GROUP * width];
+        let mut packed = vec![0u8; group_bytes(width)];
+        assert!(quantize_group(rows, width, &mut packed));
+        rows.copy_from_slice(&dequantize_group(&packed, width).unwrap());
+    }
+    out
+}
+
+#[test]
+fn kivi_keys_equal_attention_over_their_groups_as_held_at_each_call() {
+    // 4 heads of width 32 over 2 KV heads: K is 64 channels, quantized per
+    // channel once a group of 32 positions completes; V is q4_1 per token.
+    let src = "graph @q {\n  %q = input : f32[seq, 128]\n  %k = input : f32[seq, 64]\n  %v = input : f32[seq, 64]\n  \
+               %y = attention %q, %k, %v {heads = 4, kv_heads = 2}\n  return %y\n}\n";
+    let graph = parse_graph(src).unwrap();
+    let (total, prefill) = (460, 400);
+    // Channel 3 of K is an outlier (x30).
+    let mut k = values(total, 64, 2);
+    k.axis_iter_mut(Axis(0)).for_each(|mut r| r[3] *= 30.0);
+    let inputs = [values(total, 128, 1), k, values(total, 64, 3)];
+    let opts = CompileOptions { target: TargetKind::Cpu, kv_cache: KvCacheType::Q4_1, kv_kivi: true, ..Default::default() };
+    let (_tmp, art) = build(graph.clone(), opts);
+    let got = run_in_calls(&art, &inputs, &[prefill], total);
+    let v = round_trip_rows(&inputs[2], sparsec_ir::DType::Q4_1, None);
+    // The prefill's rows see the groups complete after 400 keys; decode row p
+    // those complete after p + 1.
+    let upto = |x: &ArrayD<f32>, n: usize| x.slice(ndarray::s![..n, ..]).to_owned().into_dyn();
+    let run = |n: usize| {
+        let ins = [upto(&inputs[0], n), channel_groups_as_held(&inputs[1], n), upto(&v, n)];
+        interpret(&graph, &ins, &|_| None).unwrap().remove(0)
+    };
+    let mut want = run(prefill);
+    for p in prefill..total {
+        let row = run(p + 1);
+        want.append(Axis(0), row.slice(ndarray::s![p..p + 1, ..]).into_dyn().view()).unwrap();
+    }
+    let c = compare(&got, &want, Tolerance { atol: 1e-4, rtol: 1e-4 });
+    assert!(c.passed, "max abs error {} at {}", c.max_abs_error, c.worst_index);
+    // Per-token q4_1 keys would be far off with the outlier channel: the check can tell.
+    let per_token = [inputs[0].clone(), round_trip_rows(&inputs[1], sparsec_ir::DType::Q4_1, None), v.clone()];
+    let naive = interpret(&graph, &per_token, &|_| None).unwrap().remove(0);
+    assert!(!compare(&got, &naive, Tolerance { atol: 1e-4, rtol: 1e-4 }).passed);
+    // K: 32 exact f32 rows of 64, then 0.625 bytes per value.
+    let k_cache = art.manifest.execution.buffers.iter().find(|b| b.name.ends_with("k_cache")).unwrap();
+    assert_eq!(k_cache.bytes(64), 32 * 64 * 4 + 64 * 64 * 5 / 8);
+}

@@ -249,6 +249,11 @@ pub struct CompileOptions {
     /// normalized Hadamard matrix (`--kv-hadamard`).
     #[serde(default)]
     pub kv_hadamard: bool,
+    /// A `q4_1` K cache quantized per channel over groups of positions, the
+    /// newest group exact (`--kv-kivi`, `sparsec_ir::kv_channel`); absent
+    /// from the canonical JSON when off, so earlier cache keys stay.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kv_kivi: bool,
     /// The KV caches of a target that includes CUDA (default f32, the exact
     /// mode; absent from the canonical JSON when f32, so earlier cache keys stay).
     #[serde(default = "KvCacheType::f32", skip_serializing_if = "KvCacheType::is_f32")]
@@ -270,6 +275,7 @@ impl Default for CompileOptions {
             quant_activations: QuantActivations::default(),
             kv_cache: KvCacheType::default(),
             kv_hadamard: false,
+            kv_kivi: false,
             cuda_kv_cache: KvCacheType::F32,
             weights_dtype: WeightsDType::default(),
         }

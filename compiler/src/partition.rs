@@ -63,6 +63,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     slot: None,
                     sparse: None,
                     ring: None,
+                    channel_groups: None,
                 });
                 weight_nodes.push((buffers.len() - 1, i));
                 buffers.len() - 1
@@ -71,7 +72,16 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             continue;
         }
         let kind = if n.op == Op::Input { BufferKind::Input } else { BufferKind::Temp };
-        buffers.push(BufferSpec { name: n.name.clone(), kind, dims, dtype: types[i].dtype, slot: None, sparse: None, ring: None });
+        buffers.push(BufferSpec {
+            name: n.name.clone(),
+            kind,
+            dims,
+            dtype: types[i].dtype,
+            slot: None,
+            sparse: None,
+            ring: None,
+            channel_groups: None,
+        });
         let id = buffers.len() - 1;
         buffer_of[i] = id;
         if n.op == Op::Input {
@@ -105,6 +115,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             prologue: f.and_then(|f| f.prologue),
             int8_activations,
             hadamard_kv: false,
+            kivi_keys: false,
         };
         let mut head_width = 0;
         if let Op::Attention { heads, .. } = n.op {
@@ -127,6 +138,16 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     )));
                 }
                 spec.hadamard_kv = true;
+            }
+            if opts.kv_kivi {
+                let plain = spec.patterns.iter().all(|p| matches!(p, sparsec_ir::Pattern::Window(sparsec_ir::Window::Full)));
+                if kv_dtype != DType::Q4_1 || !plain {
+                    return Err(spec.unsupported(&format!(
+                        "--kv-kivi quantizes a q4_1 CPU K cache per channel (this one is {}), of attention without windows, #nsa or #kv",
+                        kv_dtype.name()
+                    )));
+                }
+                spec.kivi_keys = true;
             }
         }
         if let Some(pw) = n.operands.get(1).and_then(|w| pruned.get(&w.0)).filter(|_| matches!(n.op, Op::MatMul { .. })) {
@@ -185,6 +206,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     slot: None,
                     sparse: None,
                     ring,
+                    channel_groups: (spec.kivi_keys && slot == 1).then_some(sparsec_ir::kv_channel::GROUP as u32),
                 });
                 let cache = buffers.len() - 1;
                 steps.push(Step::KvAppend { src, cache, hadamard: spec.hadamard_kv.then_some(head_width) });
@@ -204,6 +226,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     slot: None,
                     sparse: None,
                     ring: None,
+                    channel_groups: None,
                 });
                 let blocks = buffers.len() - 1;
                 buffers.push(BufferSpec {
@@ -214,6 +237,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     slot: None,
                     sparse: None,
                     ring: None,
+                    channel_groups: None,
                 });
                 let select = buffers.len() - 1;
                 let k_type = spec.operands[1].clone();
@@ -261,6 +285,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                 slot: None,
                 sparse: None,
                 ring: None,
+                channel_groups: None,
             });
             args.push(buffers.len() - 1);
         }
@@ -302,7 +327,7 @@ fn intern(kernels: &mut Vec<KernelSpec>, by_signature: &mut HashMap<String, Stri
         spec.activation,
         spec.prologue,
         spec.hadamard_kv
-    );
+    ) + if spec.kivi_keys { "|kivi" } else { "" };
     let name = match by_signature.get(&signature) {
         Some(name) => String::clone(name),
         None => {

@@ -5,6 +5,7 @@ pub mod attr;
 pub mod error;
 pub mod graph;
 pub mod kv_basis;
+pub mod kv_channel;
 pub mod lexer;
 pub mod op;
 pub mod parser;

@@ -4,7 +4,9 @@
 
 use crate::artifact::Artifact;
 use crate::error::{RuntimeError, RuntimeResult};
-use crate::manifest::{abi_record, BufferKind, KernelStep, Step, ABI_MAGIC, ABI_SYMBOL_PREFIX, CPU_LIBRARY, MAX_KERNEL_BUFFERS};
+use crate::manifest::{
+    abi_record, BufferKind, BufferSpec, KernelStep, Step, ABI_MAGIC, ABI_SYMBOL_PREFIX, CPU_LIBRARY, MAX_KERNEL_BUFFERS,
+};
 use crate::pool::SpinPool;
 use crate::resident::ResidentWeights;
 use ndarray::{ArrayD, IxDyn};
@@ -512,7 +514,8 @@ impl CpuSession<'_> {
                     let row_words = b.bytes(1).div_ceil(4);
                     let c = &mut self.caches[i];
                     let rows = b.cache_rows(pos + seq as usize);
-                    let need = rows * b.bytes(1);
+                    // Quantized per channel: the exact rows, then the groups.
+                    let need = if b.channel_groups.is_some() { b.bytes(rows as u64) } else { rows * b.bytes(1) };
                     if c.len() * 4 < need {
                         // Grow geometrically (decode appends one row at a time), a
                         // ring up to its capacity only.
@@ -568,6 +571,10 @@ impl CpuSession<'_> {
                             (None, false) => (pos, 0..n),
                         };
                         let from = from.get(part).ok_or_else(|| RuntimeError::Cpu(format!("KV source `{}` is short", cb.name)))?;
+                        if cb.channel_groups.is_some() {
+                            append_by_channel(cp, cb, row, from, *hadamard)?;
+                            continue;
+                        }
                         // SAFETY: `row` is below the rows the cache was sized for
                         // (a ring's rows are below its capacity).
                         let at = unsafe { cp.add(row * cb.bytes(1)) };
@@ -722,4 +729,35 @@ impl CpuSession<'_> {
             None => Ok(()),
         }
     }
+}
+
+/// Appends position `row` to a K cache quantized per channel
+/// (`BufferSpec::channel_groups`, `sparsec_ir::kv_channel`): the row (each
+/// head rotated first where asked) goes to the exact rows of its group, and
+/// the group is packed once its last position arrives.
+fn append_by_channel(cp: *mut u8, cb: &BufferSpec, row: usize, from: &[f32], hadamard: Option<u32>) -> RuntimeResult<()> {
+    use sparsec_ir::kv_channel::{group_bytes, quantize_group, residual_bytes, GROUP};
+    let width = from.len();
+    let mut r = from.to_vec();
+    if let Some(d) = hadamard {
+        for head in r.chunks_mut((d as usize).max(1)) {
+            sparsec_ir::quant::hadamard(head);
+        }
+    }
+    let w = row % GROUP;
+    // SAFETY: the cache holds `residual_bytes(width)` exact f32 rows (4-byte
+    // aligned) before its groups, and the groups of every position it was
+    // sized for (`BufferSpec::try_bytes`); nothing else refers to them
+    // during the append.
+    let exact = unsafe { std::slice::from_raw_parts_mut(cp as *mut f32, GROUP * width) };
+    exact[w * width..(w + 1) * width].copy_from_slice(&r);
+    if w + 1 == GROUP {
+        let g = row / GROUP;
+        // SAFETY: as above: group g lies below the `row + 1` positions the cache holds.
+        let to = unsafe { std::slice::from_raw_parts_mut(cp.add(residual_bytes(width) + g * group_bytes(width)), group_bytes(width)) };
+        if !quantize_group(exact, width, to) {
+            return Err(RuntimeError::Cpu(format!("KV cache `{}`: a group of width {width} does not pack", cb.name)));
+        }
+    }
+    Ok(())
 }

@@ -193,6 +193,11 @@ pub struct BufferSpec {
     /// PTX kernels read caches by position and the CUDA runtime keeps them whole).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ring: Option<Ring>,
+    /// A Q4_1 K cache quantized per channel in groups of this many positions
+    /// (`sparsec_ir::kv_channel`): the exact rows of the newest group, then
+    /// the complete groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel_groups: Option<u32>,
 }
 
 /// A KV cache that keeps only what a sliding window with sinks reads:
@@ -281,6 +286,10 @@ impl BufferSpec {
             })?;
         }
         let n = usize::try_from(n).ok()?;
+        if self.channel_groups.is_some() {
+            let width = usize::try_from(SymSize::of_dims(&self.dims).resolve(1)).ok()?;
+            return sparsec_ir::kv_channel::residual_bytes(width).checked_add(self.dtype.storage_bytes(n)?);
+        }
         if self.as_bytes() {
             self.dtype.storage_bytes(n)
         } else {

@@ -95,6 +95,20 @@ pub fn validate(
                 return Err(bad(format!("ring {r:?} (only a KV cache is a ring, of more rows than one call appends, at least one)")));
             }
         }
+        if let Some(g) = b.channel_groups {
+            let width = b.numel().resolve(1);
+            if b.kind != BufferKind::KvCache
+                || b.dtype != DType::Q4_1
+                || b.ring.is_some()
+                || g as usize != sparsec_ir::kv_channel::GROUP
+                || width % 32 != 0
+            {
+                return Err(bad(format!(
+                    "channel groups of {g} (only an unwindowed q4_1 KV cache of whole blocks, in groups of {})",
+                    sparsec_ir::kv_channel::GROUP
+                )));
+            }
+        }
         if b.sparse.is_some() && (b.kind != BufferKind::Weight || b.dtype != DType::F32) {
             return Err(bad("only f32 weights are stored sparse".into()));
         }

@@ -191,6 +191,14 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
     } else {
         None
     };
+    let kivi = if spec.kivi_keys {
+        if quant.is_none() || key_basis.is_some() {
+            return Err(spec.unsupported("--kv-kivi reads a block-quantized K cache without #kv(pre_rope)"));
+        }
+        Some(super::kv_kivi::KiviKeys::new(b, &ins[1], kvh * d))
+    } else {
+        None
+    };
     let (kbuf, vbuf) = match kv {
         DType::F16 => (b.f16_param(&ins[1]), b.f16_param(&ins[2])),
         _ => (ins[1].clone(), ins[2].clone()),
@@ -218,6 +226,7 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
         gate,
         blocks,
         key_basis,
+        kivi,
     };
     match device {
         Device::Cpu if cpu_split(spec) => ctx.emit_split(b, cx),
@@ -270,6 +279,8 @@ struct Attn {
     blocks: Option<V>,
     /// `#kv(pre_rope)`: the K cache holds coefficients before RoPE.
     key_basis: Option<KeyBasis>,
+    /// `--kv-kivi`: the K cache is quantized per channel.
+    kivi: Option<super::kv_kivi::KiviKeys>,
 }
 
 impl Attn {
@@ -610,6 +621,7 @@ impl Attn {
             kb.tile_start(b, mem, tb);
         }
         let kh = pre_rope.map(|_| b.divui(khd, &dc));
+        let nq = self.kivi.as_ref().map(|k| k.quantized_keys(b));
         b.for_each(&zero_i, nk, |b, i| {
             let tk = b.addi(tb, i);
             let j = row_of(b, &tk);
@@ -630,8 +642,8 @@ impl Attn {
                     let dst = b.addi(&at, &o);
                     let sixteen = b.index(16);
                     let dst2 = b.addi(&dst, &sixteen);
-                    let pairs: &[(&super::kv_quant::QuantRows, &V)] =
-                        if pre_rope.is_some() { &[(qv, vtile)] } else { &[(qk, ktile), (qv, vtile)] };
+                    let keys_apart = pre_rope.is_some() || self.kivi.is_some();
+                    let pairs: &[(&super::kv_quant::QuantRows, &V)] = if keys_apart { &[(qv, vtile)] } else { &[(qk, ktile), (qv, vtile)] };
                     for (q, tile) in pairs {
                         let (lo, hi) = q.load_block(b, &j, &blk);
                         b.vstore(&lo, tile, &dst, 16);
@@ -657,6 +669,10 @@ impl Attn {
                     let x = self.kv_vload(b, &self.vbuf, &src);
                     b.vstore(&x, vtile, &dst, VW);
                 }
+            }
+            if let (Some(kivi), Some(nq)) = (&self.kivi, &nq) {
+                // The key's position is its index (no window).
+                kivi.widen(b, &tk, khd, d, nq, ktile, &at);
             }
             if let (Some((kb, mem)), Some(kh)) = (pre_rope, &kh) {
                 let quant = self.quant.as_ref().map(|(qk, _)| qk);

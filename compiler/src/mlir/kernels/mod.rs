@@ -11,6 +11,7 @@
 //! attention); `quant_planes` reads block-quantized operands.
 
 mod attention;
+mod kv_kivi;
 mod kv_pre_rope;
 mod kv_quant;
 mod nsa;
@@ -86,6 +87,9 @@ pub struct KernelSpec {
     /// Attention over caches whose heads are stored Hadamard-rotated
     /// (`--kv-hadamard`): the query is rotated alike and the result back.
     pub hadamard_kv: bool,
+    /// Attention whose K cache is quantized per channel in groups of
+    /// positions (`--kv-kivi`, `sparsec_ir::kv_channel`).
+    pub kivi_keys: bool,
 }
 
 /// What an elementwise kernel applies to its first operand as it loads it.
