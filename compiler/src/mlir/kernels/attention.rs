@@ -628,7 +628,11 @@ impl Attn {
             let at = b.muli(i, &dc);
             if let Some((qk, qv)) = &self.quant {
                 // Blocks of 32 of the head's part of the row, dequantized.
-                for q in [qk, qv] {
+                if let Some(kivi) = &self.kivi {
+                    kivi.prefetch(b, &j, ATTN_PREFETCH_KEYS / sparsec_ir::kv_channel::GROUP as u64, kv_last);
+                }
+                let rows: &[&super::kv_quant::QuantRows] = if self.kivi.is_some() { &[qv] } else { &[qk, qv] };
+                for q in rows {
                     let rowb = b.index(q.row_bytes());
                     let rb = b.muli(&j, &rowb);
                     b.prefetch_ahead(q.bytes(), &rb, ATTN_PREFETCH_KEYS * q.row_bytes(), kv_last, "i8");

@@ -40,6 +40,29 @@ impl KiviKeys {
         b.muli(&groups, &g)
     }
 
+    /// Prefetches for key `t` what key `t + ahead` (whole groups ahead) reads:
+    /// its row of codes, and one line of its group's scales and minimums
+    /// (a group's keys walk all of them). Clamped to the buffer's `last` byte.
+    pub(super) fn prefetch(&self, b: &mut KernelBuilder, t: &str, ahead_groups: u64, last: &str) {
+        let kvw = self.kvw as usize;
+        let gc = b.index(GROUP as u64);
+        let g = b.divui(t, &gc);
+        let w = b.remui(t, &gc);
+        let gb = b.index(group_bytes(kvw) as u64);
+        let r = b.index(residual_bytes(kvw) as u64);
+        let base = b.muli(&g, &gb);
+        let base = b.addi(&base, &r);
+        let rowb = b.index((kvw / 2) as u64);
+        let codes = b.muli(&w, &rowb);
+        let codes = b.addi(&base, &codes);
+        let ahead = ahead_groups * group_bytes(kvw) as u64;
+        b.prefetch_ahead(&self.bytes, &codes, ahead, last, "i8");
+        let step = b.index((kvw / 8) as u64);
+        let params = b.muli(&w, &step);
+        let params = b.addi(&base, &params);
+        b.prefetch_ahead(&self.bytes, &params, ahead + scale_offset(kvw) as u64, last, "i8");
+    }
+
     /// Writes the `d` features of key `t` from channel `khd` on into
     /// `tile[at..]`; keys below `nq` come from their group, the rest from the
     /// exact rows.
