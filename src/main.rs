@@ -571,10 +571,13 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
 fn kv_report(plan: &sparsec_runtime::manifest::ExecutionPlan, positions: usize, rings: bool) -> serde_json::Value {
     use sparsec_runtime::manifest::BufferKind;
     let caches: Vec<_> = plan.buffers.iter().filter(|b| b.kind == BufferKind::KvCache).collect();
-    let per_position: Vec<usize> = caches.iter().map(|b| b.bytes(1)).collect();
+    let per_position: Vec<usize> = caches.iter().map(|b| b.position_bytes()).collect();
     let ring = |b: &sparsec_runtime::manifest::BufferSpec| b.ring.filter(|_| rings);
-    let held: Vec<usize> =
-        caches.iter().zip(&per_position).map(|(b, p)| p * if rings { b.cache_rows(positions) } else { positions }).collect();
+    let held: Vec<usize> = caches
+        .iter()
+        .zip(&per_position)
+        .map(|(b, p)| b.fixed_bytes() + p * if rings { b.cache_rows(positions) } else { positions })
+        .collect();
     let summaries: usize = plan.buffers.iter().filter_map(|b| b.block_rows(positions).map(|rows| rows * b.bytes(1))).sum();
     serde_json::json!({
         "positions": positions,
@@ -682,11 +685,12 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         }
         // K/V caches in pairs: rows held and bytes per row.
         for b in m.execution.buffers.iter().filter(|b| b.kind == sparsec_runtime::manifest::BufferKind::KvCache) {
-            let rows = match b.ring {
-                Some(r) => format!("ring of {} rows ({} sinks, {} more than one call appends)", r.capacity(), r.sinks, r.max_rows),
-                None => "every position".into(),
+            let rows = match (b.ring, b.channel_groups) {
+                (Some(r), _) => format!("ring of {} rows ({} sinks, {} more than one call appends)", r.capacity(), r.sinks, r.max_rows),
+                (None, Some(g)) => format!("every position; per channel in groups of {g}, the newest group exact ({} B)", b.fixed_bytes()),
+                (None, None) => "every position".into(),
             };
-            println!("kv cache {:<28} {:<4} {:>6} B/position  {rows}", b.name, b.dtype.name(), b.bytes(1));
+            println!("kv cache {:<28} {:<4} {:>6} B/position  {rows}", b.name, b.dtype.name(), b.position_bytes());
         }
         for b in &m.execution.buffers {
             if let sparsec_runtime::manifest::BufferKind::BlockCache { block } = b.kind {

@@ -221,4 +221,5 @@ fn kivi_keys_equal_attention_over_their_groups_as_held_at_each_call() {
     // K: 32 exact f32 rows of 64, then 0.625 bytes per value.
     let k_cache = art.manifest.execution.buffers.iter().find(|b| b.name.ends_with("k_cache")).unwrap();
     assert_eq!(k_cache.bytes(64), 32 * 64 * 4 + 64 * 64 * 5 / 8);
+    assert_eq!((k_cache.position_bytes(), k_cache.fixed_bytes()), (64 * 5 / 8, 32 * 64 * 4));
 }

@@ -255,6 +255,21 @@ impl BufferSpec {
         self.ring.map_or(positions, |r| positions.min(r.capacity()))
     }
 
+    /// Bytes a KV cache grows by per position; a per-channel K cache
+    /// (`channel_groups`) holds `fixed_bytes` more, its newest group's exact rows.
+    pub fn position_bytes(&self) -> usize {
+        self.bytes(1).saturating_sub(self.fixed_bytes())
+    }
+
+    /// Bytes a KV cache holds whatever its length: a per-channel K cache's
+    /// exact rows, else none.
+    pub fn fixed_bytes(&self) -> usize {
+        match self.channel_groups {
+            Some(_) => sparsec_ir::kv_channel::residual_bytes(self.numel().resolve(1) as usize),
+            None => 0,
+        }
+    }
+
     /// Whether kernels take the buffer as bytes (`memref<?xi8>`): packed
     /// quantized weights, f16/bf16 weights and f16 KV caches.
     pub fn as_bytes(&self) -> bool {
