@@ -273,6 +273,11 @@ fn resealed_structural_corruptions_are_caught_behind_the_hashes() {
     reseal(&w, |m| m["execution"]["outputs"][0] = serde_json::json!(10_000));
     expect_error(&w, &["output 10000"]);
 
+    // Per-channel groups claimed by a buffer that is no q4_1 KV cache.
+    copy_dir(&dense, &w);
+    reseal(&w, |m| m["execution"]["buffers"][0]["channel_groups"] = serde_json::json!(32));
+    expect_error(&w, &["channel groups of 32", "only an unwindowed q4_1 KV cache"]);
+
     // An unknown manifest version is refused before anything else.
     copy_dir(&dense, &w);
     reseal(&w, |m| m["version"] = serde_json::json!(99));
