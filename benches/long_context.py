@@ -150,8 +150,8 @@ def main():
     print("\n".join(md))
 
 
-def plot(points, title, ylabel):
-    """An SVG scatter of (label, decode tok/s, perplexity) points."""
+def plot(points, title, ylabel, xlabel="decode tokens/s"):
+    """An SVG scatter of (label, x, y) points: decode tok/s and perplexity by default."""
     w, h, m = 720, 440, 70
     xs = [p[1] for p in points]
     ys = [p[2] for p in points]
@@ -164,7 +164,7 @@ def plot(points, title, ylabel):
            f'<text x="{w / 2}" y="24" text-anchor="middle" font-size="14">{title}</text>',
            f'<line x1="{m}" y1="{h - m}" x2="{w - m}" y2="{h - m}" stroke="black"/>',
            f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h - m}" stroke="black"/>',
-           f'<text x="{w / 2}" y="{h - 20}" text-anchor="middle">decode tokens/s</text>',
+           f'<text x="{w / 2}" y="{h - 20}" text-anchor="middle">{xlabel}</text>',
            f'<text x="18" y="{h / 2}" text-anchor="middle" transform="rotate(-90 18 {h / 2})">{ylabel}</text>']
     for i in range(6):
         xv = x0 + (x1 - x0) * i / 5
