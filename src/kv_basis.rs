@@ -74,6 +74,25 @@ pub fn apply(m: &mut Model, plan: &Plan) -> Result<Option<KvBasisReport>> {
             continue;
         }
         let r = kv_basis::kept(d as u64, kv.keep) as usize;
+        if kv.pre_rope && kv.fit_scores {
+            // Coefficients by P, keys rebuilt by E (`score_fitted`).
+            let g = &grams.as_ref().context("score-fit statistics")?[i];
+            let Op::Rope { theta, adjacent, .. } = m.graph.node(m.graph.nodes[*att].operands[1]).op else {
+                bail!("kv rope = \"before\" needs the attention's k to be a rope")
+            };
+            let freqs: Vec<f64> = (0..d / 2).map(|p| (theta as f64).powf(-2.0 * p as f64 / d as f64)).collect();
+            let (mut ps, mut es) = (Vec::new(), Vec::new());
+            for kh in 0..kvh {
+                let blk = kh * d * d..(kh + 1) * d * d;
+                let (p, e) = kv_basis::score_fitted(&g.0[blk.clone()], &g.2[blk], d, r, &freqs, adjacent, SCORE_SPAN)
+                    .context("the score-fitted basis's eigendecomposition failed")?;
+                ps.push(p);
+                es.push(e);
+            }
+            add_pre_rope_weights(m, *layer, (&ps, &es), (kvh, d, r), &mut key)?;
+            report.layers.push((*layer, kv.transform.name(), r as u64, d as u64));
+            continue;
+        }
         // Per KV head: K's basis and V's, row-major d × r.
         let (bk, bv): (Vec<Vec<f64>>, Vec<Vec<f64>>) = match kv.transform {
             KvTransform::Dct => {
@@ -96,28 +115,8 @@ pub fn apply(m: &mut Model, plan: &Plan) -> Result<Option<KvBasisReport>> {
             }
         };
         if kv.pre_rope {
-            // Coefficients by P, keys rebuilt by E: one orthonormal basis,
-            // or the score fit's pair.
-            let (proj, expand) = match (&grams, kv.fit_scores) {
-                (Some(g), true) => {
-                    let g = &g[i];
-                    let Op::Rope { theta, adjacent, .. } = m.graph.node(m.graph.nodes[*att].operands[1]).op else {
-                        bail!("kv rope = \"before\" needs the attention's k to be a rope")
-                    };
-                    let freqs: Vec<f64> = (0..d / 2).map(|p| (theta as f64).powf(-2.0 * p as f64 / d as f64)).collect();
-                    let (mut ps, mut es) = (Vec::new(), Vec::new());
-                    for kh in 0..kvh {
-                        let blk = kh * d * d..(kh + 1) * d * d;
-                        let (p, e) = kv_basis::score_fitted(&g.0[blk.clone()], &g.2[blk], d, r, &freqs, adjacent, SCORE_SPAN)
-                            .context("the score-fitted basis's eigendecomposition failed")?;
-                        ps.push(p);
-                        es.push(e);
-                    }
-                    (ps, es)
-                }
-                _ => (bk.clone(), bk.clone()),
-            };
-            add_pre_rope_weights(m, *layer, (&proj, &expand), (kvh, d, r), &mut key)?;
+            // One orthonormal basis: coefficients by it, keys rebuilt by it.
+            add_pre_rope_weights(m, *layer, (&bk, &bk), (kvh, d, r), &mut key)?;
             report.layers.push((*layer, kv.transform.name(), r as u64, d as u64));
             continue;
         }
@@ -291,12 +290,13 @@ fn collect_grams(m: &Model, plan: &Plan, chosen: &[(u64, usize, KvPlan)]) -> Res
         if !kv.pre_rope {
             run.run_until(*att, &weight)?;
             let value = |id: usize| run.value(id).context("kv pca: the attention's operands were not computed");
-            let gq = if matches!(kv.transform, KvTransform::Smooth { .. }) {
-                group_grams(value(node.operands[0].0)?, n, h, kvh)
+            // Smoothing reads K and the queries; a basis K and V.
+            let (gv, gq) = if matches!(kv.transform, KvTransform::Smooth { .. }) {
+                (Vec::new(), group_grams(value(node.operands[0].0)?, n, h, kvh))
             } else {
-                Vec::new()
+                (head_grams(value(node.operands[2].0)?, n, kvh), Vec::new())
             };
-            out.push((head_grams(value(node.operands[1].0)?, n, kvh), head_grams(value(node.operands[2].0)?, n, kvh), gq));
+            out.push((head_grams(value(node.operands[1].0)?, n, kvh), gv, gq));
             bar.set_position(done as u64 + 1);
             continue;
         }

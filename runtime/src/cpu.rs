@@ -592,22 +592,11 @@ impl CpuSession<'_> {
                             DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
                                 // One row (each head rotated first where asked),
                                 // packed on its own (`sparsec_ir::quant`): `bytes(1)` bytes.
-                                let rotated;
-                                let from = match hadamard {
-                                    Some(d) => {
-                                        let mut r = from.to_vec();
-                                        for head in r.chunks_mut((*d as usize).max(1)) {
-                                            sparsec_ir::quant::hadamard(head);
-                                        }
-                                        rotated = r;
-                                        &rotated[..]
-                                    }
-                                    None => from,
-                                };
+                                let from = rotate_heads(from, *hadamard);
                                 // SAFETY: as above; the row holds `bytes(1)` bytes, and
                                 // nothing else refers to them during the append.
                                 let to = unsafe { std::slice::from_raw_parts_mut(at, cb.bytes(1)) };
-                                sparsec_ir::quant::quantize_into(cb.dtype, from, to)
+                                sparsec_ir::quant::quantize_into(cb.dtype, &from, to)
                                     .ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: a row does not pack", cb.name)))?;
                             }
                             other => return Err(RuntimeError::Cpu(format!("KV cache `{}` of type {}", cb.name, other.name()))),
@@ -731,6 +720,22 @@ impl CpuSession<'_> {
     }
 }
 
+/// A cache row as `--kv-hadamard` stores it: each head of `d` values rotated
+/// by the normalized Hadamard matrix (a copy), or the row itself (no copy:
+/// decode appends a row per layer and token).
+fn rotate_heads(from: &[f32], hadamard: Option<u32>) -> std::borrow::Cow<'_, [f32]> {
+    match hadamard {
+        Some(d) => {
+            let mut r = from.to_vec();
+            for head in r.chunks_mut((d as usize).max(1)) {
+                sparsec_ir::quant::hadamard(head);
+            }
+            std::borrow::Cow::Owned(r)
+        }
+        None => std::borrow::Cow::Borrowed(from),
+    }
+}
+
 /// Appends position `row` to a K cache quantized per channel
 /// (`BufferSpec::channel_groups`, `sparsec_ir::kv_channel`): the row (each
 /// head rotated first where asked) goes to the exact rows of its group, and
@@ -738,12 +743,7 @@ impl CpuSession<'_> {
 fn append_by_channel(cp: *mut u8, cb: &BufferSpec, row: usize, from: &[f32], hadamard: Option<u32>) -> RuntimeResult<()> {
     use sparsec_ir::kv_channel::{group_bytes, quantize_group, residual_bytes, GROUP};
     let width = from.len();
-    let mut r = from.to_vec();
-    if let Some(d) = hadamard {
-        for head in r.chunks_mut((d as usize).max(1)) {
-            sparsec_ir::quant::hadamard(head);
-        }
-    }
+    let r = rotate_heads(from, hadamard);
     let w = row % GROUP;
     // SAFETY: the cache holds `residual_bytes(width)` exact f32 rows (4-byte
     // aligned) before its groups, and the groups of every position it was

@@ -40,21 +40,29 @@ impl KiviKeys {
         b.muli(&groups, &g)
     }
 
+    /// Byte offsets for key `t`, row `w` (= t mod GROUP) of its group: where
+    /// the group starts, and where the key's row of codes does.
+    fn group_of(&self, b: &mut KernelBuilder, t: &str, w: &str) -> (V, V) {
+        let kvw = self.kvw as usize;
+        let gc = b.index(GROUP as u64);
+        let g = b.divui(t, &gc);
+        let gb = b.index(group_bytes(kvw) as u64);
+        let r = b.index(residual_bytes(kvw) as u64);
+        let base = b.muli(&g, &gb);
+        let base = b.addi(&base, &r);
+        let rowb = b.index((kvw / 2) as u64);
+        let codes = b.muli(w, &rowb);
+        (base.clone(), b.addi(&base, &codes))
+    }
+
     /// Prefetches for key `t` what key `t + ahead` (whole groups ahead) reads:
     /// its row of codes, and one line of its group's scales and minimums
     /// (a group's keys walk all of them). Clamped to the buffer's `last` byte.
     pub(super) fn prefetch(&self, b: &mut KernelBuilder, t: &str, ahead_groups: u64, last: &str) {
         let kvw = self.kvw as usize;
         let gc = b.index(GROUP as u64);
-        let g = b.divui(t, &gc);
         let w = b.remui(t, &gc);
-        let gb = b.index(group_bytes(kvw) as u64);
-        let r = b.index(residual_bytes(kvw) as u64);
-        let base = b.muli(&g, &gb);
-        let base = b.addi(&base, &r);
-        let rowb = b.index((kvw / 2) as u64);
-        let codes = b.muli(&w, &rowb);
-        let codes = b.addi(&base, &codes);
+        let (base, codes) = self.group_of(b, t, &w);
         let ahead = ahead_groups * group_bytes(kvw) as u64;
         b.prefetch_ahead(&self.bytes, &codes, ahead, last, "i8");
         let step = b.index((kvw / 8) as u64);
@@ -75,14 +83,7 @@ impl KiviKeys {
         b.if_else(
             &quantized,
             |b| {
-                let g = b.divui(t, &gc);
-                let gb = b.index(group_bytes(kvw) as u64);
-                let r = b.index(residual_bytes(kvw) as u64);
-                let base = b.muli(&g, &gb);
-                let base = b.addi(&base, &r);
-                let rowb = b.index((kvw / 2) as u64);
-                let codes = b.muli(&w, &rowb);
-                let codes = b.addi(&base, &codes);
+                let (base, codes) = self.group_of(b, t, &w);
                 let two = b.index(2);
                 let base_h = b.divui(&base, &two);
                 let (so, mo) = (b.index((scale_offset(kvw) / 2) as u64), b.index((min_offset(kvw) / 2) as u64));

@@ -151,11 +151,7 @@ impl KeyBasis {
             } else {
                 (k[v].clone(), k[v + nv / 2].clone())
             };
-            let ac = b.def(format!("arith.mulf {a}, {cos} : {vty}"));
-            let cs = b.def(format!("arith.mulf {c}, {sin} : {vty}"));
-            let ya = b.def(format!("arith.subf {ac}, {cs} : {vty}"));
-            let as_ = b.def(format!("arith.mulf {a}, {sin} : {vty}"));
-            let yb = b.vfma(&c, &cos, &as_, VW);
+            let (ya, yb) = turn(b, (&a, &c), (&cos, &sin), Some(VW));
             if self.adjacent {
                 let lo: Vec<usize> = (0..lanes / 2).flat_map(|i| [i, lanes + i]).collect();
                 let hi: Vec<usize> = (lanes / 2..lanes).flat_map(|i| [i, lanes + i]).collect();
@@ -167,11 +163,7 @@ impl KeyBasis {
             }
             // The next position: (cos, sin) times the step.
             let (c1, s1) = (load(b, 2, v), load(b, 3, v));
-            let cc = b.def(format!("arith.mulf {cos}, {c1} : {vty}"));
-            let ss = b.def(format!("arith.mulf {sin}, {s1} : {vty}"));
-            let nc = b.def(format!("arith.subf {cc}, {ss} : {vty}"));
-            let sc = b.def(format!("arith.mulf {sin}, {c1} : {vty}"));
-            let ns = b.vfma(&cos, &s1, &sc, VW);
+            let (nc, ns) = turn(b, (&c1, &s1), (&cos, &sin), Some(VW));
             for (part, x) in [(0, nc), (1, ns)] {
                 let o = b.index(r + part * half + v as u64 * VW as u64);
                 b.vstore(&x, mem, &o, VW);
@@ -207,18 +199,10 @@ impl KeyBasis {
                 (b.addi(at, i), b.addi(at, &ih))
             };
             let (xa, xb) = (b.load(tile, &ia), b.load(tile, &ib));
-            let ac = b.mul(&xa, &cos);
-            let bs = b.mul(&xb, &sin);
-            let ya = b.sub(&ac, &bs);
-            let as_ = b.mul(&xa, &sin);
-            let yb = b.fma(&xb, &cos, &as_);
+            let (ya, yb) = turn(b, (&xa, &xb), (&cos, &sin), None);
             b.store(&ya, tile, &ia);
             b.store(&yb, tile, &ib);
-            let cc = b.mul(&cos, &c1);
-            let ss = b.mul(&sin, &s1);
-            let nc = b.sub(&cc, &ss);
-            let sc = b.mul(&sin, &c1);
-            let ns = b.fma(&cos, &s1, &sc);
+            let (nc, ns) = turn(b, (&c1, &s1), (&cos, &sin), None);
             b.store(&nc, mem, &ci);
             b.store(&ns, mem, &si);
         });
@@ -292,15 +276,29 @@ impl KeyBasis {
             let (sin, cos) = math::sincos_f64(b, &angle);
             let (sin, cos) = (b.def(format!("arith.truncf {sin} : f64 to f32")), b.def(format!("arith.truncf {cos} : f64 to f32")));
             let (ia, ib) = if self.adjacent { (2 * i, 2 * i + 1) } else { (i, i + d as usize / 2) };
-            let (xa, xb) = (k[ia].clone(), k[ib].clone());
-            let ac = b.mul(&xa, &cos);
-            let bs = b.mul(&xb, &sin);
-            k[ia] = b.sub(&ac, &bs);
-            let as_ = b.mul(&xa, &sin);
-            k[ib] = b.fma(&xb, &cos, &as_);
+            let (ya, yb) = turn(b, (&k[ia].clone(), &k[ib].clone()), (&cos, &sin), None);
+            (k[ia], k[ib]) = (ya, yb);
         }
         k
     }
+}
+
+/// `(x, y)` turned by the angle whose cosine and sine are `(c, s)`:
+/// `(x·c − y·s, y·c + x·s)`, the second as one fused multiply-add; f32
+/// scalars, or lane-wise vectors of `width`. It rotates a key's pairs and
+/// advances the angles by the step (`(c1, s1)` turned by the angle is the
+/// angle turned by the step, bit for bit: products commute).
+fn turn(b: &mut KernelBuilder, (x, y): (&str, &str), (c, s): (&str, &str), width: Option<u32>) -> (V, V) {
+    let ty = width.map_or_else(|| "f32".to_string(), KernelBuilder::vty);
+    let xc = b.def(format!("arith.mulf {x}, {c} : {ty}"));
+    let ys = b.def(format!("arith.mulf {y}, {s} : {ty}"));
+    let u = b.def(format!("arith.subf {xc}, {ys} : {ty}"));
+    let xs = b.def(format!("arith.mulf {x}, {s} : {ty}"));
+    let v = match width {
+        Some(w) => b.vfma(y, c, &xs, w),
+        None => b.fma(y, c, &xs),
+    };
+    (u, v)
 }
 
 /// The element type a `#kv(pre_rope)` K cache may have on the CPU: whole
