@@ -1,7 +1,8 @@
 //! The filetest runner: every `tests/filetests/*.sir` names its test on its first
 //! line (`// test passes`, `// test lower-mlir`, `// test run`), optionally
 //! followed by options (`quant-activations=f32|int8`, `kv-cache=f16|f32` (the
-//! CPU's and CUDA's caches),
+//! CPU's and CUDA's caches), `kv-cache=q4_1` (the CPU's), `kv-kivi` (keys
+//! per channel; lowered for the CPU alone, the cache being a CPU cache),
 //! `tolerance=X`: the atol and rtol of the comparison with the reference,
 //! default 1e-4), produces text,
 //! and the text is pinned with an insta snapshot under `tests/snapshots/`.
@@ -52,6 +53,8 @@ fn test_passes(g: &mut Graph) -> Result<String> {
 struct FileOptions {
     compile: CompileOptions,
     tolerance: Tolerance,
+    /// Lower for the CPU alone (a CPU-only KV cache: `kv-kivi`).
+    cpu_only: bool,
 }
 
 impl FileOptions {
@@ -59,20 +62,23 @@ impl FileOptions {
         // Snapshots are of portable x86-64-v3 code.
         let mut compile = CompileOptions { target: TargetKind::Cpu, cpu: CpuTarget::x86_64_v3(), ..Default::default() };
         let mut tolerance = Tolerance::default();
+        let mut cpu_only = false;
         for w in words {
             match w.split_once('=') {
                 Some(("quant-activations", "f32")) => compile.quant_activations = QuantActivations::F32,
                 Some(("quant-activations", "int8")) => compile.quant_activations = QuantActivations::Int8,
                 Some(("kv-cache", "f16")) => (compile.kv_cache, compile.cuda_kv_cache) = (KvCacheType::F16, KvCacheType::F16),
                 Some(("kv-cache", "f32")) => (compile.kv_cache, compile.cuda_kv_cache) = (KvCacheType::F32, KvCacheType::F32),
+                Some(("kv-cache", "q4_1")) => compile.kv_cache = KvCacheType::Q4_1,
+                None if *w == "kv-kivi" => (compile.kv_kivi, cpu_only) = (true, true),
                 Some(("tolerance", x)) => {
                     let t: f32 = x.parse().with_context(|| format!("tolerance={x}"))?;
                     tolerance = Tolerance { atol: t, rtol: t };
                 }
-                _ => bail!("unknown filetest option `{w}` (quant-activations=f32|int8, kv-cache=f16|f32, tolerance=X)"),
+                _ => bail!("unknown filetest option `{w}` (quant-activations=f32|int8, kv-cache=f16|f32|q4_1, kv-kivi, tolerance=X)"),
             }
         }
-        Ok(FileOptions { compile, tolerance })
+        Ok(FileOptions { compile, tolerance, cpu_only })
     }
 }
 
@@ -83,7 +89,8 @@ fn test_lower_mlir(g: &mut Graph, opts: &FileOptions, ptxas: Option<&Path>) -> R
     // The CPU kernels as a CPU-only compile makes them; the NVPTX ones as a
     // compile that includes CUDA does (its KV caches f32 unless `kv-cache=f16`).
     let mut parts = Vec::new();
-    for target in [TargetKind::Cpu, TargetKind::All] {
+    let targets: &[TargetKind] = if opts.cpu_only { &[TargetKind::Cpu] } else { &[TargetKind::Cpu, TargetKind::All] };
+    for &target in targets {
         let mut part = partition_with(g, &CompileOptions { target, ..opts.compile.clone() })?;
         let tensors = sparsec_compiler::weights::resolve(g, &part, sparsec_compiler::WeightSource::None)?;
         sparsec_compiler::driver::attach_baked_weights(&mut part, &tensors);
@@ -92,8 +99,10 @@ fn test_lower_mlir(g: &mut Graph, opts: &FileOptions, ptxas: Option<&Path>) -> R
     let session = MlirSession::new();
     let cpu = &opts.compile.cpu;
     let cuda = CudaTarget::default();
-    for (cpu_spec, gpu_spec) in parts[0].kernels.iter().zip(&parts[1].kernels) {
-        for (device, spec) in [(Device::Cpu, cpu_spec), (Device::Nvptx, gpu_spec)] {
+    for (i, cpu_spec) in parts[0].kernels.iter().enumerate() {
+        let gpu_spec = parts.get(1).map(|p| &p.kernels[i]);
+        for (device, spec) in [(Device::Cpu, Some(cpu_spec)), (Device::Nvptx, gpu_spec)] {
+            let Some(spec) = spec else { continue };
             let mlir = emit_kernel(spec, device)?;
             let llvm = inkwell::context::Context::create();
             let (module, _) = session.lower_to_llvm(&spec.name, &mlir, device, &llvm)?;
