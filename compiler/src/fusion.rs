@@ -6,6 +6,8 @@
 //! - `matmul → add` (residual or bias): the add happens in the matmul's stores.
 //! - `matmul → add → gelu|silu` (GPT-2's bias + GELU): the activation follows
 //!   the add in the matmul's stores.
+//! - `matmul → add → add` (GPT-2's bias, then the residual): both adds happen
+//!   in the matmul's stores, in the graph's order.
 //! - `silu → mul` (SwiGLU's gate): the SiLU is applied to the mul's first
 //!   operand as it is loaded.
 
@@ -22,7 +24,7 @@ pub struct Fused {
     /// The nodes absorbed into the kernel (computed nowhere else).
     pub absorbed: [Option<usize>; 2],
     /// The kernel's operands (graph values), in ABI order.
-    pub operands: [usize; 3],
+    pub operands: [usize; 4],
     pub arity: usize,
     pub epilogue: Option<Epilogue>,
     /// Applied after the epilogue's add.
@@ -40,7 +42,12 @@ impl Fused {
 type Rule = fn(g: &Graph, types: &[TensorType], uses: &[usize], u: usize) -> Option<Fused>;
 
 /// The rules, tried in order on every node.
-const RULES: [(&str, Rule); 3] = [("matmul-add", matmul_add), ("matmul-add-activation", matmul_add_activation), ("silu-mul", silu_mul)];
+const RULES: [(&str, Rule); 4] = [
+    ("matmul-add", matmul_add),
+    ("matmul-add-activation", matmul_add_activation),
+    ("matmul-bias-residual", matmul_bias_residual),
+    ("silu-mul", silu_mul),
+];
 
 /// Whether `v` is used exactly once and is not a graph output.
 fn single_use(g: &Graph, uses: &[usize], v: usize) -> bool {
@@ -71,7 +78,7 @@ fn matmul_add(g: &Graph, types: &[TensorType], uses: &[usize], u: usize) -> Opti
         Some(Fused {
             src: m,
             absorbed: [Some(m), None],
-            operands: [mm.operands[0].0, mm.operands[1].0, r],
+            operands: [mm.operands[0].0, mm.operands[1].0, r, 0],
             arity: 3,
             epilogue: Some(e),
             activation: None,
@@ -97,6 +104,30 @@ fn matmul_add_activation(g: &Graph, types: &[TensorType], uses: &[usize], u: usi
     Some(Fused { absorbed: [f.absorbed[0], Some(add)], activation: Some(activation), ..f })
 }
 
+/// `add(add(matmul(a, w), bias), r)`: the inner add fuses with its matmul as
+/// a bias (`matmul_add`) and is used by this add only; `r` has the result's
+/// shape (a residual; it may also be the matmul's input).
+fn matmul_bias_residual(g: &Graph, types: &[TensorType], uses: &[usize], u: usize) -> Option<Fused> {
+    let n = &g.nodes[u];
+    if n.op != Op::Add || n.operands.len() != 2 || types[n.operands[0].0] != types[u] || types[n.operands[1].0] != types[u] {
+        return None;
+    }
+    let (a, b) = (n.operands[0].0, n.operands[1].0);
+    [(a, b), (b, a)].into_iter().find_map(|(inner, r)| {
+        if inner == r || !single_use(g, uses, inner) {
+            return None;
+        }
+        let f = matmul_add(g, types, uses, inner).filter(|f| f.epilogue == Some(Epilogue::Bias))?;
+        Some(Fused {
+            absorbed: [f.absorbed[0], Some(inner)],
+            operands: [f.operands[0], f.operands[1], f.operands[2], r],
+            arity: 4,
+            epilogue: Some(Epilogue::BiasResidual),
+            ..f
+        })
+    })
+}
+
 /// `mul(silu(x), y)` with both of the result's shape, the SiLU used only here.
 fn silu_mul(g: &Graph, types: &[TensorType], uses: &[usize], u: usize) -> Option<Fused> {
     let n = &g.nodes[u];
@@ -111,7 +142,7 @@ fn silu_mul(g: &Graph, types: &[TensorType], uses: &[usize], u: usize) -> Option
     Some(Fused {
         src: u,
         absorbed: [Some(s), None],
-        operands: [sn.operands[0].0, y, 0],
+        operands: [sn.operands[0].0, y, 0, 0],
         arity: 2,
         epilogue: None,
         activation: None,

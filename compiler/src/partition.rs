@@ -4,7 +4,7 @@
 //! lifetimes do not overlap one slot.
 
 use crate::error::CompileResult;
-use crate::mlir::kernels::{Prologue, Stage};
+use crate::mlir::kernels::{Epilogue, Prologue, Stage};
 use crate::mlir::math::Activation;
 use crate::mlir::KernelSpec;
 use crate::sparse_select::choose;
@@ -337,6 +337,7 @@ fn intern(kernels: &mut Vec<KernelSpec>, by_signature: &mut HashMap<String, Stri
                 (Stage::Op, Some(Prologue::Silu), _, _) => "_silu",
                 (Stage::Op, _, Some(_), Some(Activation::Gelu(_))) => "_add_gelu",
                 (Stage::Op, _, Some(_), Some(Activation::Silu)) => "_add_silu",
+                (Stage::Op, _, Some(Epilogue::BiasResidual), None) => "_add_add",
                 (Stage::Op, _, Some(_), None) => "_add",
                 (Stage::Op, ..) => "",
             };

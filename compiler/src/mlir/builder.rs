@@ -18,6 +18,10 @@ pub enum Device {
 /// SSA name of a value.
 pub type V = String;
 
+/// One addend of a fused epilogue: the buffer, and for a bias the length
+/// its index wraps at.
+pub type Addend = (V, Option<V>);
+
 pub struct KernelBuilder {
     device: Device,
     /// Parameters that are byte buffers (packed quantized weights).
@@ -27,7 +31,7 @@ pub struct KernelBuilder {
     globals: Vec<(String, String)>,
     /// A fused add applied by `store_result`: the addend buffer, for a bias its
     /// length, and an activation applied after the add.
-    epilogue: Option<(V, Option<V>, Option<Activation>)>,
+    epilogue: Option<(Vec<Addend>, Option<Activation>)>,
     const_ids: HashMap<String, V>,
     body: Vec<String>,
     indent: usize,
@@ -58,7 +62,8 @@ impl KernelBuilder {
         format!("%v{}", self.next)
     }
 
-    fn line(&mut self, s: String) {
+    /// One statement without a result, as written (an escape hatch like `def`).
+    pub(in crate::mlir) fn line(&mut self, s: String) {
         self.body.push(format!("{}{s}", "  ".repeat(self.indent)));
     }
 
@@ -364,23 +369,26 @@ impl KernelBuilder {
         }
     }
 
-    /// Makes `store_result` add `addend[idx]` (or `addend[idx % n]` for a bias of
-    /// length `n`), then apply `activation` if any.
-    pub fn set_epilogue(&mut self, addend: &str, modulus: Option<V>, activation: Option<Activation>) {
-        self.epilogue = Some((addend.to_string(), modulus, activation));
+    /// Makes `store_result` add each `addend[idx]` (or `addend[idx % n]` for a
+    /// bias of length `n`) in turn, then apply `activation` if any.
+    pub fn set_epilogue(&mut self, addends: Vec<Addend>, activation: Option<Activation>) {
+        self.epilogue = Some((addends, activation));
     }
 
     /// Writes a result element `buf[idx] = val`, after the fused epilogue if any.
     pub fn store_result(&mut self, val: &str, buf: &str, idx: &str) {
         let val = match self.epilogue.clone() {
             None => val.to_string(),
-            Some((addend, modulus, activation)) => {
-                let at = match modulus {
-                    Some(n) => self.remui(idx, &n),
-                    None => idx.to_string(),
-                };
-                let c = self.load(&addend, &at);
-                let y = self.add(val, &c);
+            Some((addends, activation)) => {
+                let mut y = val.to_string();
+                for (addend, modulus) in addends {
+                    let at = match modulus {
+                        Some(n) => self.remui(idx, &n),
+                        None => idx.to_string(),
+                    };
+                    let c = self.load(&addend, &at);
+                    y = self.add(&y, &c);
+                }
                 match activation {
                     Some(act) => super::math::activation(self, act, &y),
                     None => y,

@@ -7,6 +7,7 @@
 use super::half_planes::{HalfPlane, HALF_VEC};
 use super::quant_planes::QuantPlanes;
 use super::tiled_matmul::emit_tiled_matmul;
+use super::warp_fold::{f32_lanes_sum, f32_vload, warp_fold};
 use super::{fixed_last, KernelCtx, VW};
 use crate::error::CompileError;
 use crate::mlir::builder::{Device, KernelBuilder, V};
@@ -57,7 +58,7 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
             (None, Some(h)) => WarpWeight::Half(h),
             (None, None) => WarpWeight::F32,
         };
-        emit_warp_dot(b, work, &kc, &nc, ins, out, w);
+        emit_warp_dot(b, work, k, &nc, ins, out, w);
         return Ok(());
     }
     let dense_f32 = planes.is_none() && half.is_none();
@@ -193,37 +194,46 @@ enum WarpWeight<'a> {
 /// activations they meet, widens the weights in registers and accumulates in
 /// f32. Block-quantized weights (`planes`; `k` whole blocks of 32):
 /// lane l dequantizes elements l, l + 32, ... (a warp reads one block's bytes
-/// and its scale per step). A butterfly of 5 `shfl.sync` adds the warp's
-/// partial sums; lane 0 stores the result (with the fused epilogue). `work` is
-/// the element count times `WARP`, whole warps, so every lane of a warp that
-/// enters the bounds check takes part in the shuffles.
-fn emit_warp_dot(b: &mut KernelBuilder, work: &str, kc: &str, nc: &str, ins: &[V], out: &str, weight: WarpWeight<'_>) {
+/// and its scale per step). The steps are unrolled (`warp_fold`): a lane's
+/// loads of up to `UNROLL` steps are in flight together. A butterfly of 5
+/// `shfl.sync` adds the warp's partial sums; lane 0 stores the result (with
+/// the fused epilogue). `work` is the element count times `WARP`, whole warps,
+/// so every lane of a warp that enters the bounds check takes part in the
+/// shuffles.
+fn emit_warp_dot(b: &mut KernelBuilder, work: &str, k: u64, nc: &str, ins: &[V], out: &str, weight: WarpWeight<'_>) {
     let (a_buf, w_buf) = (ins[0].clone(), ins[1].clone());
+    let kc = b.index(k);
     b.parallel(work, |b, t| {
         let warp = b.index(WARP);
         let e = b.divui(t, &warp);
         let lane = b.remui(t, &warp);
         let r = b.divui(&e, nc);
         let j = b.remui(&e, nc);
-        let arow = b.muli(&r, kc);
-        let wrow = b.muli(&j, kc);
+        let arow = b.muli(&r, &kc);
+        let wrow = b.muli(&j, &kc);
         let mut sum = match weight {
             WarpWeight::Quant(q) => {
                 let zero = b.f32(0.0);
-                let acc = b.for_fold_typed(&lane, kc, WARP, &[(zero, "f32".into())], |b, kk, acc| {
-                    let ai = b.addi(&arow, kk);
-                    let a = b.load(&a_buf, &ai);
-                    let wi = b.addi(&wrow, kk);
-                    let w = q.load(b, &w_buf, &wi);
-                    vec![b.fma(&a, &w, &acc[0])]
-                });
-                acc[0].clone()
+                warp_fold(
+                    b,
+                    &lane,
+                    k,
+                    1,
+                    (zero, "f32".into()),
+                    |b, kk| {
+                        let ai = b.addi(&arow, kk);
+                        let a = b.load(&a_buf, &ai);
+                        let wi = b.addi(&wrow, kk);
+                        (a, q.load(b, &w_buf, &wi))
+                    },
+                    |b, (a, w), acc| b.fma(a, w, acc),
+                )
             }
-            WarpWeight::F32 => vector_partial(b, &a_buf, &arow, &lane, kc, 4, |b, kk| {
+            WarpWeight::F32 => vector_partial(b, &a_buf, &arow, &lane, k, 4, |b, kk| {
                 let i = b.addi(&wrow, kk);
                 f32_vload(b, &w_buf, &i, 4)
             }),
-            WarpWeight::Half(h) => vector_partial(b, &a_buf, &arow, &lane, kc, HALF_VEC, |b, kk| {
+            WarpWeight::Half(h) => vector_partial(b, &a_buf, &arow, &lane, k, HALF_VEC, |b, kk| {
                 let i = b.addi(&wrow, kk);
                 h.vload(b, &i)
             }),
@@ -235,42 +245,33 @@ fn emit_warp_dot(b: &mut KernelBuilder, work: &str, kc: &str, nc: &str, ins: &[V
     });
 }
 
-/// NVPTX: `width` f32 values at `buf[i..]` in one aligned vector load (16-byte
-/// alignment; LLVM splits wider vectors into 16-byte loads).
-fn f32_vload(b: &mut KernelBuilder, buf: &str, i: &str, width: u32) -> V {
-    let vty = KernelBuilder::vty(width);
-    let i = b.def(format!("arith.index_cast {i} : index to i64"));
-    let p = b.def(format!("llvm.getelementptr inbounds {buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, f32"));
-    b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr -> {vty}"))
-}
-
 /// One lane's partial dot product over vectors of `width` elements: lane l
 /// takes the vectors at `width`·l, `width`·(l + 32), ... of the f32 activation
-/// row and of the weight row (`load_w(kk)`, widened to f32).
+/// row and of the weight row (`load_w(kk)`, widened to f32), unrolled.
 fn vector_partial(
     b: &mut KernelBuilder,
     a_buf: &str,
     arow: &str,
     lane: &str,
-    kc: &str,
+    k: u64,
     width: u32,
-    load_w: impl FnOnce(&mut KernelBuilder, &str) -> V,
+    load_w: impl Fn(&mut KernelBuilder, &str) -> V,
 ) -> V {
     let w = b.index(width as u64);
     let start = b.muli(lane, &w);
     let vty = KernelBuilder::vty(width);
     let z = b.vzero(width);
-    let acc = b.for_fold_typed(&start, kc, width as u64 * WARP, &[(z, vty.clone())], |b, kk, acc| {
-        let ai = b.addi(arow, kk);
-        let av = f32_vload(b, a_buf, &ai, width);
-        let wv = load_w(b, kk);
-        vec![b.def(format!("math.fma {av}, {wv}, {} : {vty}", acc[0]))]
-    });
-    let mut sum = String::new();
-    for l in 0..width as i32 {
-        let li = b.i32(l);
-        let x = b.def(format!("llvm.extractelement {}[{li} : i32] : {vty}", acc[0]));
-        sum = if l == 0 { x } else { b.add(&sum, &x) };
-    }
-    sum
+    let acc = warp_fold(
+        b,
+        &start,
+        k,
+        width as u64,
+        (z, vty.clone()),
+        |b, kk| {
+            let ai = b.addi(arow, kk);
+            (f32_vload(b, a_buf, &ai, width), load_w(b, kk))
+        },
+        |b, (av, wv), acc| b.def(format!("math.fma {av}, {wv}, {acc} : {vty}")),
+    );
+    f32_lanes_sum(b, &acc, width)
 }

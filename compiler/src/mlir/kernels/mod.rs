@@ -26,6 +26,7 @@ mod quant_planes;
 mod rope;
 mod softmax;
 mod tiled_matmul;
+mod warp_fold;
 
 // What the other kernel generators of `mlir` (quant_dot, sparse_kernels) share.
 pub(super) use quant_planes::{nibbles, QuantPlanes};
@@ -106,6 +107,9 @@ pub enum Epilogue {
     Residual,
     /// `+ c[j]`: a bias over the output features.
     Bias,
+    /// `+ c[j]`, then `+ d[r, j]`: a bias (operand 2), then a residual
+    /// (operand 3), in that order.
+    BiasResidual,
 }
 
 impl KernelSpec {
@@ -361,12 +365,18 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
     if spec.sparse_matmul().is_some() {
         b.byte_param(&ins[1]);
     }
-    if let (Some(e), Some(addend)) = (spec.epilogue, ins.get(2)) {
-        let modulus = match e {
-            Epilogue::Residual => None,
-            Epilogue::Bias => Some(b.index(fixed_last(spec, &spec.result)?)),
+    if let Some(e) = spec.epilogue {
+        let missing = || spec.unsupported("the fused epilogue's addend is not an operand");
+        let addend = ins.get(2).ok_or_else(missing)?;
+        let addends = match e {
+            Epilogue::Residual => vec![(addend.clone(), None)],
+            Epilogue::Bias => vec![(addend.clone(), Some(b.index(fixed_last(spec, &spec.result)?)))],
+            Epilogue::BiasResidual => {
+                let residual = ins.get(3).ok_or_else(missing)?;
+                vec![(addend.clone(), Some(b.index(fixed_last(spec, &spec.result)?))), (residual.clone(), None)]
+            }
         };
-        b.set_epilogue(addend, modulus, spec.activation);
+        b.set_epilogue(addends, spec.activation);
     }
     let out: V = "%out".into();
     // The CPU's loops count output elements where the GPU counts warp lanes.

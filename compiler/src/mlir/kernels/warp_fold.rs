@@ -1,0 +1,169 @@
+//! NVPTX warp-strided folds along a row, unrolled so that a lane's loads are
+//! in flight together: the loads of `UNROLL` steps are emitted before the
+//! arithmetic that consumes them (a rolled loop waits one memory round trip
+//! per step, and ptxas does not hoist loads across the back edge).
+
+use crate::mlir::builder::{KernelBuilder, V};
+
+use super::WARP;
+
+/// Steps whose loads are issued together.
+pub(super) const UNROLL: u64 = 8;
+
+/// A fold over the row `0..k` of which a lane reads `width` consecutive
+/// elements at `start`, `start + chunk`, ... (`chunk = width · WARP`; `start`
+/// is the lane's `width · lane`). `load(kk)` reads what the step at element
+/// offset `kk` needs, `step(loaded, acc)` folds it into the accumulator (of
+/// type `ty`). Whole chunks (every lane in range) go `UNROLL` at a time, loads
+/// first, in a loop with a constant trip count; then a last partial chunk, in
+/// which lanes past the row's end load a clamped offset and keep their
+/// accumulator. Steps are folded in ascending offset order, as a rolled loop
+/// would. `k` must be a multiple of `width`.
+pub(super) fn warp_fold<L>(
+    b: &mut KernelBuilder,
+    start: &str,
+    k: u64,
+    width: u64,
+    init: (V, String),
+    load: impl Fn(&mut KernelBuilder, &str) -> L,
+    step: impl Fn(&mut KernelBuilder, &L, &str) -> V,
+) -> V {
+    debug_assert_eq!(k % width, 0);
+    let chunk = width * WARP;
+    let (full, rem) = (k / chunk, k % chunk);
+    let unroll = UNROLL.min(full).max(1);
+    let (groups, tail) = (full / unroll, full % unroll);
+    let ty = init.1.clone();
+    // `unroll` consecutive chunks from element `base + start`: loads, then folds.
+    let run = |b: &mut KernelBuilder, base: &str, n: u64, acc: V| -> V {
+        let loaded: Vec<L> = (0..n)
+            .map(|u| {
+                let off = b.index(u * chunk);
+                let at = b.addi(base, &off);
+                let kk = b.addi(&at, start);
+                load(b, &kk)
+            })
+            .collect();
+        loaded.iter().fold(acc, |acc, l| step(b, l, &acc))
+    };
+    let mut acc = init.0.clone();
+    if groups == 1 {
+        let zero = b.index(0);
+        acc = run(b, &zero, unroll, acc);
+    } else if groups > 1 {
+        let zero = b.index(0);
+        let ub = b.index(groups * unroll * chunk);
+        acc = b.for_fold_typed(&zero, &ub, unroll * chunk, &[(acc, ty.clone())], |b, base, a| vec![run(b, base, unroll, a[0].clone())])[0]
+            .clone();
+    }
+    if tail > 0 {
+        let base = b.index(groups * unroll * chunk);
+        acc = run(b, &base, tail, acc);
+    }
+    if rem > 0 {
+        // Lanes with `start < rem` hold elements of the partial chunk.
+        let (remc, last) = (b.index(rem), b.index(rem - width));
+        let valid = b.def(format!("arith.cmpi ult, {start}, {remc} : index"));
+        let clamped = b.minui(start, &last);
+        let base = b.index(full * chunk);
+        let kk = b.addi(&base, &clamped);
+        let l = load(b, &kk);
+        let next = step(b, &l, &acc);
+        acc = b.def(format!("arith.select {valid}, {next}, {acc} : {ty}"));
+    }
+    acc
+}
+
+/// Like `warp_fold` without an accumulator: `body(loaded, kk)` runs for every
+/// step a lane covers (stores, say), the loads of up to `UNROLL` steps emitted
+/// first; the partial chunk runs only in lanes that hold part of it.
+pub(super) fn warp_each<L>(
+    b: &mut KernelBuilder,
+    start: &str,
+    k: u64,
+    width: u64,
+    load: impl Fn(&mut KernelBuilder, &str) -> L,
+    body: impl Fn(&mut KernelBuilder, &L, &str),
+) {
+    debug_assert_eq!(k % width, 0);
+    let chunk = width * WARP;
+    let (full, rem) = (k / chunk, k % chunk);
+    let unroll = UNROLL.min(full).max(1);
+    let (groups, tail) = (full / unroll, full % unroll);
+    let run = |b: &mut KernelBuilder, base: &str, n: u64| {
+        let loaded: Vec<(L, V)> = (0..n)
+            .map(|u| {
+                let off = b.index(u * chunk);
+                let at = b.addi(base, &off);
+                let kk = b.addi(&at, start);
+                (load(b, &kk), kk)
+            })
+            .collect();
+        for (l, kk) in &loaded {
+            body(b, l, kk);
+        }
+    };
+    if groups == 1 {
+        let zero = b.index(0);
+        run(b, &zero, unroll);
+    } else if groups > 1 {
+        let zero = b.index(0);
+        let ub = b.index(groups * unroll * chunk);
+        b.for_step(&zero, &ub, unroll * chunk, |b, base| run(b, base, unroll));
+    }
+    if tail > 0 {
+        let base = b.index(groups * unroll * chunk);
+        run(b, &base, tail);
+    }
+    if rem > 0 {
+        let remc = b.index(rem);
+        let valid = b.def(format!("arith.cmpi ult, {start}, {remc} : index"));
+        b.if_then(&valid, |b| {
+            let base = b.index(full * chunk);
+            let kk = b.addi(&base, start);
+            let l = load(b, &kk);
+            body(b, &l, &kk);
+        });
+    }
+}
+
+/// NVPTX: `width` f32 values at `buf[i..]` in one aligned vector load (16-byte
+/// alignment; LLVM splits wider vectors into 16-byte loads).
+pub(super) fn f32_vload(b: &mut KernelBuilder, buf: &str, i: &str, width: u32) -> V {
+    let vty = KernelBuilder::vty(width);
+    let i = b.def(format!("arith.index_cast {i} : index to i64"));
+    let p = b.def(format!("llvm.getelementptr inbounds {buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, f32"));
+    b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr -> {vty}"))
+}
+
+/// NVPTX: stores the `width` f32 lanes of `v` at `buf[i..]` (16-byte aligned).
+pub(super) fn f32_vstore(b: &mut KernelBuilder, v: &str, buf: &str, i: &str, width: u32) {
+    let vty = KernelBuilder::vty(width);
+    let i = b.def(format!("arith.index_cast {i} : index to i64"));
+    let p = b.def(format!("llvm.getelementptr inbounds {buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, f32"));
+    b.line(format!("llvm.store {v}, {p} {{alignment = 16 : i64}} : {vty}, !llvm.ptr"));
+}
+
+/// NVPTX: a vector of `width` copies of the scalar `x` (without the vector
+/// dialect, which the NVPTX pipeline does not lower).
+pub(super) fn f32_splat(b: &mut KernelBuilder, x: &str, width: u32) -> V {
+    let vty = KernelBuilder::vty(width);
+    let mut v = b.def(format!("llvm.mlir.undef : {vty}"));
+    for l in 0..width as i32 {
+        let li = b.i32(l);
+        v = b.def(format!("llvm.insertelement {x}, {v}[{li} : i32] : {vty}"));
+    }
+    v
+}
+
+/// NVPTX: the sum of the `width` lanes of `v`, lane 0 first.
+pub(super) fn f32_lanes_sum(b: &mut KernelBuilder, v: &str, width: u32) -> V {
+    let vty = KernelBuilder::vty(width);
+    let mut sum = String::new();
+    for l in 0..width as i32 {
+        let li = b.i32(l);
+        let x = b.def(format!("llvm.extractelement {v}[{li} : i32] : {vty}"));
+        sum = if l == 0 { x } else { b.add(&sum, &x) };
+    }
+    sum
+}
