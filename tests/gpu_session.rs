@@ -77,9 +77,17 @@ fn check_device(device: DeviceKind) {
         let (a, _) = greedy_round(&mut s, &ids, 8).unwrap();
         let (b, _) = greedy_round(&mut s, &ids, 8).unwrap();
         assert_eq!(a, b, "{name}: greedy generation after reset");
+        // The GPU chooses ids without logits leaving it; the host's argmax of
+        // every step's logits chooses the same.
+        let host = sparsec_runtime::lm_session::greedy_round_on_host(&mut s, &ids, 8).unwrap();
+        assert_eq!(a, host, "{name}: greedy steps on {device:?} vs the host's argmax");
         if device == DeviceKind::Cpu && name != "gpt2_tiny" {
             continue;
         }
+        s.reset();
+        s.run(&[sparsec_runtime::lm_session::ids_input(&ids)]).unwrap();
+        let err = s.greedy_steps(1, 32).unwrap_err().to_string();
+        assert!(err.contains("exceed") || err.contains("position"), "{name}: greedy steps past the positions: {err}");
         s.reset();
         let long = prompt(&art, 32);
         s.run(&[sparsec_runtime::lm_session::ids_input(&long)]).unwrap();
@@ -316,11 +324,22 @@ fn cuda_session_with_f16_kv_caches_equals_the_cpu_and_replays_its_graph() {
 
 #[test]
 fn the_kv_append_ptx_assembles_for_hopper() {
+    assembles_for_hopper(&sparsec_runtime::cuda_append::append_ptx());
+}
+
+#[test]
+fn the_greedy_step_ptx_assembles_for_hopper() {
+    assembles_for_hopper(&sparsec_runtime::cuda_greedy::greedy_ptx());
+}
+
+/// ptxas accepts `ptx` for sm_90 (the runtime's own kernels, which the driver
+/// would otherwise first compile on a GPU host).
+fn assembles_for_hopper(ptx: &str) {
     let Some(ptxas) = common::require("ptxas", sparsec_compiler::toolchain::find_ptxas().ok_or(common::PTXAS_NOT_FOUND)) else {
         return;
     };
     let f = tempfile::Builder::new().suffix(".ptx").tempfile().unwrap();
-    std::fs::write(f.path(), sparsec_runtime::cuda_append::append_ptx()).unwrap();
+    std::fs::write(f.path(), ptx).unwrap();
     sparsec_compiler::toolchain::check_ptx(&ptxas, f.path(), "sm_90").unwrap();
 }
 

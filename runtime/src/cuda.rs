@@ -18,7 +18,8 @@ pub fn cuda_available() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-fn cu<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RuntimeError + '_ {
+/// A driver error as a `RuntimeError` saying what was being done.
+pub(crate) fn cu<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RuntimeError + '_ {
     move |e| RuntimeError::Cuda(format!("{what}: {e}"))
 }
 
@@ -39,6 +40,8 @@ pub struct CudaExecutor {
     pub(crate) weights: HashMap<usize, CudaSlice<u8>>,
     /// The runtime's own KV append kernels (`cuda_append`).
     pub(crate) appender: crate::cuda_append::Appender,
+    /// The runtime's greedy step (`cuda_greedy`).
+    pub(crate) greedy: crate::cuda_greedy::Greedy,
     /// The loaded artifact's manifest hash: sessions serve that artifact only.
     pub(crate) artifact: String,
 }
@@ -53,6 +56,7 @@ impl CudaExecutor {
         // capture decode steps on it as CUDA graphs.
         let stream = ctx.new_stream().map_err(cu("create a stream"))?;
         let appender = crate::cuda_append::Appender::load(&ctx)?;
+        let greedy = crate::cuda_greedy::Greedy::load(&ctx)?;
         let mut kernels = HashMap::new();
         for step in &art.manifest.execution.steps {
             let Step::Kernel(step) = step else { continue };
@@ -86,7 +90,7 @@ impl CudaExecutor {
                 weights.insert(i, stream.clone_htod(data).map_err(cu("upload weight"))?);
             }
         }
-        Ok(CudaExecutor { ctx, stream, kernels, weights, appender, artifact: art.manifest.integrity.clone() })
+        Ok(CudaExecutor { ctx, stream, kernels, weights, appender, greedy, artifact: art.manifest.integrity.clone() })
     }
 
     pub fn device_name(&self) -> String {

@@ -5,6 +5,7 @@
 //! CPU runtime's append does). Reading the position on the device keeps a
 //! captured decode step valid at every position.
 
+use crate::cuda::cu;
 use crate::error::{RuntimeError, RuntimeResult};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use sparsec_ir::DType;
@@ -77,10 +78,6 @@ pub fn append_ptx() -> String {
         entry("sparsec_append_f32", f32_store),
         entry("sparsec_append_f16", f16_store)
     )
-}
-
-fn cu<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RuntimeError + '_ {
-    move |e| RuntimeError::Cuda(format!("{what}: {e}"))
 }
 
 /// One launch of KV appends: rows of `row_elems` f32 values at device address

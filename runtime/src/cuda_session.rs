@@ -7,10 +7,14 @@
 //! (`cuda_append`: f32 copies, or rounded to f16), and downloads the outputs.
 //! Nothing is allocated on the device per call. A decode step (one row) is
 //! captured once as a CUDA graph and replayed at every later position (off
-//! with `set_graphs(false)`, and while profiling). Caches are whole (row j
-//! holds position j): a windowed layer's ring (`BufferSpec::ring`) is the CPU's.
+//! with `set_graphs(false)`, and while profiling). `greedy_steps` decodes
+//! greedily without copying logits to the host: the step and the runtime's
+//! argmax (`cuda_greedy`), captured as one graph, replay back to back and the
+//! ids come back at the end. Caches are whole (row j holds position j): a
+//! windowed layer's ring (`BufferSpec::ring`) is the CPU's.
 
 use crate::artifact::Artifact;
+use crate::cuda::cu;
 use crate::cuda::{CudaExecutor, BLOCK};
 use crate::error::{RuntimeError, RuntimeResult};
 use crate::manifest::{BufferKind, BufferSpec, Step};
@@ -21,10 +25,6 @@ use sparsec_ir::DType;
 /// Arena offsets are multiples of this (the 128-bit loads of vector kernels
 /// and the driver's own allocation granularity both divide it).
 const ALIGN: usize = 256;
-
-fn cu<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RuntimeError + '_ {
-    move |e| RuntimeError::Cuda(format!("{what}: {e}"))
-}
 
 /// How many rows a session holds: `positions` in its KV caches (the most the
 /// sequence may reach), `seq` rows per call (a longer call runs in chunks).
@@ -64,6 +64,10 @@ pub struct CudaSession<'a> {
     graphs: bool,
     /// The captured decode step (one row), once captured.
     decode_graph: Option<cudarc::driver::CudaGraph>,
+    /// The captured decode step followed by the greedy step, once captured.
+    greedy_graph: Option<cudarc::driver::CudaGraph>,
+    /// The device address of the id log (`cap.positions` u32 values).
+    ids_ptr: u64,
     /// Per kernel: milliseconds and launches, when `profile_kernels` asked
     /// (each launch is then synchronized and timed on the host clock, which
     /// slows the run: for finding where the time goes, not for throughput).
@@ -99,6 +103,7 @@ impl CudaExecutor {
         };
         let slot_at: Vec<usize> = slot_bytes.iter().map(|b| place(*b)).collect::<RuntimeResult<_>>()?;
         let pos_at = place(8)?;
+        let ids_at = place(positions.checked_mul(4).ok_or_else(|| RuntimeError::Cuda("the id log overflows".into()))?)?;
         let mut offsets: Vec<Option<usize>> = Vec::with_capacity(plan.buffers.len());
         for b in &plan.buffers {
             let off = match b.kind {
@@ -193,6 +198,7 @@ impl CudaExecutor {
             }
         }
         let pos_ptr = base + pos_at as u64;
+        let ids_ptr = base + ids_at as u64;
         Ok(CudaSession {
             exec: self,
             art,
@@ -205,6 +211,8 @@ impl CudaExecutor {
             pos_ptr,
             graphs: true,
             decode_graph: None,
+            greedy_graph: None,
+            ids_ptr,
             profile: None,
         })
     }
@@ -260,15 +268,7 @@ impl CudaSession<'_> {
     pub fn run(&mut self, inputs: &[ArrayD<f32>]) -> RuntimeResult<Vec<ArrayD<f32>>> {
         let art = self.art;
         let seq = art.bind_seq(inputs)? as usize;
-        art.check_positions(self.pos, seq as u64)?;
-        if self.pos + seq > self.cap.positions {
-            return Err(RuntimeError::Positions(format!(
-                "positions {}..{} exceed the {} this CUDA session holds",
-                self.pos,
-                self.pos + seq,
-                self.cap.positions
-            )));
-        }
+        self.check_room(seq)?;
         if seq <= self.cap.seq {
             return self.run_chunk(inputs, seq);
         }
@@ -298,6 +298,80 @@ impl CudaSession<'_> {
                 ndarray::concatenate(Axis(0), &views).map_err(|e| RuntimeError::Cuda(e.to_string()))
             })
             .collect()
+    }
+
+    /// Greedy decoding on the device: `first` is the input id at the current
+    /// position; `n` decode steps follow, each feeding its argmax to the next.
+    /// Returns the `n` ids the steps chose. No logits leave the GPU: the steps
+    /// (with `set_graphs`, one captured graph of the decode step and the greedy
+    /// kernel, replayed `n` times) run back to back and the ids are copied
+    /// once at the end. The plan must be a language model's: one id input,
+    /// logits `[seq, vocab]` first among the outputs.
+    pub fn greedy_steps(&mut self, first: u32, n: usize) -> RuntimeResult<Vec<u32>> {
+        let plan = &self.art.manifest.execution;
+        let not_lm = || RuntimeError::Model("greedy decoding takes a language model (one id input, logits [seq, vocab] first)".into());
+        let (&input, &out) = match (plan.inputs.as_slice(), plan.outputs.first()) {
+            ([i], Some(o)) => (i, o),
+            _ => return Err(not_lm()),
+        };
+        let (ib, ob) = (&plan.buffers[input], &plan.buffers[out]);
+        if !ib.by_rows() || ib.numel().resolve(1) != 1 || !ob.by_rows() || ob.dtype != DType::F32 {
+            return Err(not_lm());
+        }
+        let vocab = ob.numel().resolve(1);
+        if vocab == 0 || vocab >= 1 << 24 {
+            return Err(RuntimeError::Model(format!("a vocabulary of {vocab} ids (greedy steps carry ids as exact f32: below 2^24)")));
+        }
+        self.check_room(n)?;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let exec = self.exec;
+        let stream = &exec.stream;
+        let raw = stream.cu_stream();
+        exec.ctx.bind_to_thread().map_err(cu("bind the context"))?;
+        let step = crate::cuda_greedy::GreedyStep {
+            logits: self.ptrs[out],
+            vocab,
+            input: self.ptrs[input],
+            ids: self.ids_ptr,
+            positions: self.cap.positions as u64,
+            pos_ptr: self.pos_ptr,
+        };
+        let (id_host, pos_host) = ([first as f32], [self.pos as i64]);
+        // SAFETY: the input's region holds at least one f32 and `pos_ptr` one
+        // i64; both host arrays outlive the synchronize below.
+        unsafe { cudarc::driver::result::memcpy_htod_async(self.ptrs[input], &id_host, raw) }.map_err(cu("upload the first id"))?;
+        unsafe { cudarc::driver::result::memcpy_htod_async(self.pos_ptr, &pos_host, raw) }.map_err(cu("upload pos"))?;
+        let graphs = self.graphs && self.profile.is_none();
+        for _ in 0..n {
+            if graphs {
+                if self.greedy_graph.is_none() {
+                    self.greedy_graph = Some(self.capture(|s| {
+                        s.launch_steps(1)?;
+                        // SAFETY: `step` names the session's logits row
+                        // (`vocab` f32, checked above), id input, id log
+                        // (`cap.positions` u32) and `pos`.
+                        unsafe { exec.greedy.launch(&exec.stream, &step) }
+                    })?);
+                }
+                if let Some(g) = &self.greedy_graph {
+                    g.launch().map_err(cu("launch the greedy graph"))?;
+                }
+            } else {
+                self.launch_steps(1)?;
+                // SAFETY: as for the captured launch above.
+                unsafe { exec.greedy.launch(stream, &step) }?;
+            }
+        }
+        let mut ids = vec![0u32; n];
+        // SAFETY: the id log holds `cap.positions >= pos + n` u32 values (checked
+        // above); `ids` is not touched until the synchronize below.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut ids, self.ids_ptr + 4 * self.pos as u64, raw) }
+            .map_err(cu("download the ids"))?;
+        stream.synchronize().map_err(cu("synchronize"))?;
+        self.pos += n;
+        Ok(ids)
     }
 
     /// Like `run`, but returns only the last position's row of each output
@@ -368,6 +442,30 @@ impl CudaSession<'_> {
         Ok(())
     }
 
+    /// Whether `n` more positions fit the model and this session.
+    fn check_room(&self, n: usize) -> RuntimeResult<()> {
+        self.art.check_positions(self.pos, n as u64)?;
+        if self.pos + n > self.cap.positions {
+            return Err(RuntimeError::Positions(format!(
+                "positions {}..{} exceed the {} this CUDA session holds",
+                self.pos,
+                self.pos + n,
+                self.cap.positions
+            )));
+        }
+        Ok(())
+    }
+
+    /// What `launch` puts on the session's stream, captured as a CUDA graph.
+    fn capture(&mut self, launch: impl FnOnce(&mut Self) -> RuntimeResult<()>) -> RuntimeResult<cudarc::driver::CudaGraph> {
+        let stream = &self.exec.stream;
+        stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(cu("begin capture"))?;
+        let launched = launch(self);
+        let graph = self.exec.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).map_err(cu("end capture"));
+        launched?;
+        graph?.ok_or_else(|| RuntimeError::Cuda("the captured step is empty".into()))
+    }
+
     fn run_chunk(&mut self, inputs: &[ArrayD<f32>], seq: usize) -> RuntimeResult<Vec<ArrayD<f32>>> {
         let exec = self.exec;
         let plan = &self.art.manifest.execution;
@@ -397,13 +495,7 @@ impl CudaSession<'_> {
             if self.decode_graph.is_none() {
                 // Capture the step once; every launch reads `seq` = 1 and
                 // `pos` from the arena, so the graph serves every position.
-                stream
-                    .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                    .map_err(cu("begin capture"))?;
-                let launched = self.launch_steps(1);
-                let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).map_err(cu("end capture"));
-                launched?;
-                self.decode_graph = Some(graph?.ok_or_else(|| RuntimeError::Cuda("the captured decode step is empty".into()))?);
+                self.decode_graph = Some(self.capture(|s| s.launch_steps(1))?);
             }
             if let Some(g) = &self.decode_graph {
                 g.launch().map_err(cu("launch the decode graph"))?;

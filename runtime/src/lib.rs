@@ -7,6 +7,7 @@ pub mod compare;
 pub mod cpu;
 pub mod cuda;
 pub mod cuda_append;
+pub mod cuda_greedy;
 pub mod cuda_session;
 pub mod error;
 pub mod execute;

@@ -52,23 +52,36 @@ impl DecodeTiming {
     }
 }
 
-/// `prompt`, then `new_tokens` greedy steps from position 0; returns the
-/// generated ids and the times (host clock around calls that synchronize).
+/// `prompt`, then `new_tokens` greedy steps from position 0
+/// (`Session::greedy_steps`: on the GPU without logits leaving it); returns
+/// the generated ids and the times (host clock around calls that synchronize).
 pub fn greedy_round(s: &mut Session<'_>, prompt: &[u32], new_tokens: usize) -> RuntimeResult<(Vec<u32>, DecodeTiming)> {
     s.reset();
     let t = Instant::now();
     let l = logits(s.run_last(&[ids_input(prompt)])?, 1)?;
     let prefill_s = t.elapsed().as_secs_f64();
-    let mut next = greedy(&l);
-    let mut ids = Vec::with_capacity(new_tokens);
+    let next = greedy(&l);
     let t = Instant::now();
+    // `new_tokens` decode steps; the first id came from the prompt, the last
+    // step's choice is not returned (as a loop that feeds each id would).
+    let chosen = s.greedy_steps(next, new_tokens)?;
+    let decode_s = t.elapsed().as_secs_f64();
+    let ids: Vec<u32> = std::iter::once(next).chain(chosen).take(new_tokens).collect();
+    Ok((ids, DecodeTiming { prompt_tokens: prompt.len(), new_tokens, prefill_s, decode_s }))
+}
+
+/// The ids `greedy_round` generates, the slow way: every step's logits come
+/// back to the host and the host takes their argmax (what checks
+/// `Session::greedy_steps` on a device).
+pub fn greedy_round_on_host(s: &mut Session<'_>, prompt: &[u32], new_tokens: usize) -> RuntimeResult<Vec<u32>> {
+    s.reset();
+    let mut next = greedy(&logits(s.run_last(&[ids_input(prompt)])?, 1)?);
+    let mut ids = Vec::with_capacity(new_tokens);
     for _ in 0..new_tokens {
         ids.push(next);
-        let l = logits(s.run_last(&[ids_input(&[next])])?, 1)?;
-        next = greedy(&l);
+        next = greedy(&logits(s.run_last(&[ids_input(&[next])])?, 1)?);
     }
-    let decode_s = t.elapsed().as_secs_f64();
-    Ok((ids, DecodeTiming { prompt_tokens: prompt.len(), new_tokens, prefill_s, decode_s }))
+    Ok(ids)
 }
 
 /// One warm-up round, then `repeat` timed rounds: the generated ids and the

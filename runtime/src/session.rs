@@ -52,6 +52,27 @@ impl Session<'_> {
         }
     }
 
+    /// Greedy decoding: `first` is the input id at the current position; `n`
+    /// decode steps follow, each fed the argmax of the one before (the last
+    /// of equal maxima, `sampling::argmax`). Returns the `n` chosen ids. The
+    /// GPU keeps the logits on the device (`CudaSession::greedy_steps`); the
+    /// CPU takes the argmax of each step's last row.
+    pub fn greedy_steps(&mut self, first: u32, n: usize) -> RuntimeResult<Vec<u32>> {
+        match self {
+            Session::Cpu(s) => {
+                let mut ids = Vec::with_capacity(n);
+                let mut next = first;
+                for _ in 0..n {
+                    let out = s.run_last(&[crate::lm_session::ids_input(&[next])])?;
+                    next = crate::lm_session::greedy(&crate::lm_session::logits(out, 1)?);
+                    ids.push(next);
+                }
+                Ok(ids)
+            }
+            Session::Cuda(s) => s.greedy_steps(first, n),
+        }
+    }
+
     /// Whether GPU decode steps replay a captured CUDA graph (the default) or
     /// launch every kernel; CPU sessions launch kernels directly, so on the
     /// CPU this changes nothing.

@@ -11,7 +11,9 @@ use ndarray::ArrayD;
 use sparsec_runtime::compare::Tolerance;
 use sparsec_runtime::cuda_session::SessionCapacity;
 use sparsec_runtime::execute::{compare_all, reference_outputs, DeviceKind, Executor};
-use sparsec_runtime::lm_session::{bench_decode, compare_steps, greedy, greedy_round, ids_input, logits, perplexity, Reference};
+use sparsec_runtime::lm_session::{
+    bench_decode, compare_steps, greedy, greedy_round, greedy_round_on_host, ids_input, logits, perplexity, Reference,
+};
 use sparsec_runtime::{Artifact, Trust};
 use std::path::PathBuf;
 
@@ -288,6 +290,13 @@ fn model_verbs(args: &Args, art: &Artifact) -> Result<()> {
             let (ids, t) = bench_decode(&mut session, &prompt, args.max_new_tokens, args.repeat)?;
             report["bench"] = serde_json::json!({ "timing": t, "graphs": !args.no_graphs, "prompt_ids": prompt, "ids": ids, "arena_bytes": arena, "prefill_tokens_per_s": t.prompt_tokens as f64 / t.prefill_s.max(1e-12),
                 "decode_tokens_per_s": t.decode_tokens_per_s(), "decode_ms_per_token": 1e3 * t.decode_s / t.new_tokens.max(1) as f64 });
+            // The timed rounds chose ids on the device (GPU); the host's argmax
+            // of every step's logits must choose the same.
+            let host_equal = greedy_round_on_host(&mut session, &prompt, args.max_new_tokens)? == ids;
+            report["bench"]["host_argmax_ids_equal"] = host_equal.into();
+            if !host_equal {
+                eprintln!("warning: the greedy ids differ from the host's argmax of the same steps' logits");
+            }
             if args.profile {
                 // The prompt unprofiled, then the decode steps profiled.
                 session.reset();
