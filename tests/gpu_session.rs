@@ -81,6 +81,17 @@ fn check_device(device: DeviceKind) {
         // every step's logits chooses the same.
         let host = sparsec_runtime::lm_session::greedy_round_on_host(&mut s, &ids, 8).unwrap();
         assert_eq!(a, host, "{name}: greedy steps on {device:?} vs the host's argmax");
+        // The last row alone (the row-local tail at one row, in chunks of the
+        // session's 4 rows) equals the last row of a full call.
+        let x = [sparsec_runtime::lm_session::ids_input(&ids)];
+        s.reset();
+        let full = s.run(&x).unwrap().remove(0);
+        s.reset();
+        let last = s.run_last(&x).unwrap().remove(0);
+        assert_eq!(last.shape()[0], 1, "{name}: run_last returns one row");
+        let want = full.index_axis(ndarray::Axis(0), ids.len() - 1);
+        let worst = want.iter().zip(last.iter()).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-4, "{name} on {device:?}: the last row alone differs from a full call's by {worst}");
         if device == DeviceKind::Cpu && name != "gpt2_tiny" {
             continue;
         }

@@ -36,12 +36,8 @@ pub struct SessionCapacity {
 
 /// One step of the plan, resolved against the arena.
 enum GpuStep {
-    Kernel {
-        f: CudaFunction,
-        name: String,
-        args: Vec<usize>,
-        threads: sparsec_ir::SymSize,
-    },
+    /// The loaded kernel and its step (arguments, thread counts).
+    Kernel { f: CudaFunction, step: crate::manifest::KernelStep },
     /// Store `seq` rows into a cache at row `pos`, in its type.
     Append(crate::cuda_append::KvAppend),
 }
@@ -186,7 +182,7 @@ impl CudaExecutor {
                     if plan.buffers[out].kind == BufferKind::Weight {
                         return Err(RuntimeError::Cuda(format!("kernel {} writes a weight", k.kernel)));
                     }
-                    GpuStep::Kernel { f: f.clone(), name: k.kernel.clone(), args: k.args.clone(), threads: k.gpu_threads }
+                    GpuStep::Kernel { f: f.clone(), step: k.clone() }
                 }
             };
             steps.push(next);
@@ -266,11 +262,18 @@ impl CudaSession<'_> {
     /// Runs the next `seq` positions (bound by the inputs) and returns the
     /// outputs; more rows than the session's `seq` capacity run in chunks.
     pub fn run(&mut self, inputs: &[ArrayD<f32>]) -> RuntimeResult<Vec<ArrayD<f32>>> {
+        self.run_rows(inputs, false)
+    }
+
+    /// `run`, or with `last_only` the outputs' last rows (shape `[1, ...]`):
+    /// then the plan's row-local tail (final norm, LM head) runs on the last
+    /// row of each call only.
+    fn run_rows(&mut self, inputs: &[ArrayD<f32>], last_only: bool) -> RuntimeResult<Vec<ArrayD<f32>>> {
         let art = self.art;
         let seq = art.bind_seq(inputs)? as usize;
         self.check_room(seq)?;
         if seq <= self.cap.seq {
-            return self.run_chunk(inputs, seq);
+            return self.run_chunk(inputs, seq, last_only);
         }
         // Chunks of the session's capacity; outputs concatenated by rows.
         let plan = &art.manifest.execution;
@@ -286,10 +289,17 @@ impl CudaSession<'_> {
         while lo < seq {
             let hi = (lo + self.cap.seq).min(seq);
             let chunk: Vec<ArrayD<f32>> = inputs.iter().map(|a| a.slice_axis(Axis(0), Slice::from(lo..hi)).to_owned()).collect();
-            for (p, o) in parts.iter_mut().zip(self.run_chunk(&chunk, hi - lo)?) {
+            let out = self.run_chunk(&chunk, hi - lo, last_only)?;
+            lo = hi;
+            if last_only {
+                if lo == seq {
+                    return Ok(out);
+                }
+                continue;
+            }
+            for (p, o) in parts.iter_mut().zip(out) {
                 p.push(o);
             }
-            lo = hi;
         }
         parts
             .iter()
@@ -348,7 +358,7 @@ impl CudaSession<'_> {
             if graphs {
                 if self.greedy_graph.is_none() {
                     self.greedy_graph = Some(self.capture(|s| {
-                        s.launch_steps(1)?;
+                        s.launch_steps(1, None)?;
                         // SAFETY: `step` names the session's logits row
                         // (`vocab` f32, checked above), id input, id log
                         // (`cap.positions` u32) and `pos`.
@@ -359,7 +369,7 @@ impl CudaSession<'_> {
                     g.launch().map_err(cu("launch the greedy graph"))?;
                 }
             } else {
-                self.launch_steps(1)?;
+                self.launch_steps(1, None)?;
                 // SAFETY: as for the captured launch above.
                 unsafe { exec.greedy.launch(stream, &step) }?;
             }
@@ -375,10 +385,11 @@ impl CudaSession<'_> {
     }
 
     /// Like `run`, but returns only the last position's row of each output
-    /// (shape `[1, ...]`). Every row is computed on the GPU; only the last
-    /// comes back.
+    /// (shape `[1, ...]`). The plan's row-local tail (`ExecutionPlan::
+    /// row_local_tail`: a final norm and the LM head) runs on each call's last
+    /// row only; without one, every row is computed and the last comes back.
     pub fn run_last(&mut self, inputs: &[ArrayD<f32>]) -> RuntimeResult<Vec<ArrayD<f32>>> {
-        let out = self.run(inputs)?;
+        let out = self.run_rows(inputs, true)?;
         out.into_iter()
             .map(|a| match a.shape().first() {
                 Some(&n) if n > 0 => {
@@ -393,11 +404,25 @@ impl CudaSession<'_> {
     }
 
     /// Launches the plan's steps for `seq` rows on the executor's stream
-    /// (with `profile_kernels`, each one synchronized and timed).
-    fn launch_steps(&mut self, seq: usize) -> RuntimeResult<()> {
+    /// (with `profile_kernels`, each one synchronized and timed). From step
+    /// `tail` on (a row-local tail), kernels run for one row, the last: their
+    /// inputs and temporaries are addressed at their last row.
+    fn launch_steps(&mut self, seq: usize, tail: Option<usize>) -> RuntimeResult<()> {
         let stream = &self.exec.stream;
-        let seq_arg = seq as i64;
-        for step in &self.steps {
+        let plan = &self.art.manifest.execution;
+        for (i, step) in self.steps.iter().enumerate() {
+            let in_tail = tail.is_some_and(|t| i >= t);
+            let rows = if in_tail { 1 } else { seq };
+            let seq_arg = rows as i64;
+            // A by-rows buffer's last row in the tail (partition checks that
+            // the tail's buffers are by rows); weights and caches as they are.
+            let at = |a: usize| -> u64 {
+                let b = &plan.buffers[a];
+                match b.kind {
+                    BufferKind::Temp | BufferKind::Input if in_tail => self.ptrs[a] + ((seq - 1) * b.bytes(1)) as u64,
+                    _ => self.ptrs[a],
+                }
+            };
             let t = self.profile.is_some().then(std::time::Instant::now);
             match step {
                 GpuStep::Append(a) => {
@@ -407,12 +432,14 @@ impl CudaSession<'_> {
                     // arena's `pos`.
                     unsafe { self.exec.appender.launch(stream, a, seq as u64, self.pos_ptr) }?;
                 }
-                GpuStep::Kernel { f, name, args, threads } => {
-                    let threads = threads.resolve(seq as u64);
+                GpuStep::Kernel { f, step } => {
+                    let (name, args) = (&step.kernel, &step.args);
+                    let threads =
+                        step.gpu_threads_at(rows as u64).ok_or_else(|| RuntimeError::Cuda(format!("kernel {name}: too many threads")))?;
                     let grid = threads.div_ceil(BLOCK as u64).max(1);
                     let grid = u32::try_from(grid).map_err(|_| RuntimeError::Cuda(format!("grid of {grid} blocks is too large")))?;
                     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-                    let ptrs: Vec<u64> = args.iter().map(|&a| self.ptrs[a]).collect();
+                    let ptrs: Vec<u64> = args.iter().map(|&a| at(a)).collect();
                     let mut launch = stream.launch_builder(f);
                     for p in &ptrs {
                         launch.arg(p);
@@ -432,7 +459,7 @@ impl CudaSession<'_> {
                 stream.synchronize().map_err(cu("synchronize"))?;
                 let name = match step {
                     GpuStep::Append(_) => "kv_append".to_string(),
-                    GpuStep::Kernel { name, .. } => name.clone(),
+                    GpuStep::Kernel { step, .. } => step.kernel.clone(),
                 };
                 let e = p.entry(name).or_default();
                 e.0 += t.elapsed().as_secs_f64() * 1e3;
@@ -466,7 +493,9 @@ impl CudaSession<'_> {
         graph?.ok_or_else(|| RuntimeError::Cuda("the captured step is empty".into()))
     }
 
-    fn run_chunk(&mut self, inputs: &[ArrayD<f32>], seq: usize) -> RuntimeResult<Vec<ArrayD<f32>>> {
+    /// One call of `seq <= cap.seq` rows; with `last_only`, the row-local
+    /// tail runs on the last row and the outputs are that row (`[1, ...]`).
+    fn run_chunk(&mut self, inputs: &[ArrayD<f32>], seq: usize, last_only: bool) -> RuntimeResult<Vec<ArrayD<f32>>> {
         let exec = self.exec;
         let plan = &self.art.manifest.execution;
         let stream = &exec.stream;
@@ -491,27 +520,34 @@ impl CudaSession<'_> {
         if profiling {
             stream.synchronize().map_err(cu("synchronize"))?;
         }
+        let tail = plan.row_local_tail.filter(|_| last_only && seq > 1);
         if seq == 1 && self.graphs && !profiling {
             if self.decode_graph.is_none() {
                 // Capture the step once; every launch reads `seq` = 1 and
                 // `pos` from the arena, so the graph serves every position.
-                self.decode_graph = Some(self.capture(|s| s.launch_steps(1))?);
+                self.decode_graph = Some(self.capture(|s| s.launch_steps(1, None))?);
             }
             if let Some(g) = &self.decode_graph {
                 g.launch().map_err(cu("launch the decode graph"))?;
             }
         } else {
-            self.launch_steps(seq)?;
+            self.launch_steps(seq, tail)?;
         }
         let mut outs = Vec::with_capacity(plan.outputs.len());
         let mut hosts = Vec::with_capacity(plan.outputs.len());
         for &o in &plan.outputs {
             let b: &BufferSpec = &plan.buffers[o];
-            let shape: Vec<usize> = b.dims.iter().map(|d| d.resolve(seq as u64) as usize).collect();
+            // After a tail, an output holds its last row only (written there).
+            let (rows, from) = match tail {
+                Some(_) => (1, self.ptrs[o] + ((seq - 1) * b.bytes(1)) as u64),
+                None => (seq, self.ptrs[o]),
+            };
+            let shape: Vec<usize> = b.dims.iter().map(|d| d.resolve(rows as u64) as usize).collect();
             let mut v = vec![0f32; shape.iter().product()];
-            // SAFETY: the output region holds `bytes(seq) == 4 · v.len()` bytes;
-            // `v` is not touched until the synchronize below.
-            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut v, self.ptrs[o], raw) }.map_err(cu("download output"))?;
+            // SAFETY: the output region holds `bytes(seq)` bytes, `seq` rows of
+            // `bytes(1)`; `from` reads `4 · v.len()` of them (all, or the last
+            // row); `v` is not touched until the synchronize below.
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut v, from, raw) }.map_err(cu("download output"))?;
             hosts.push(v);
             outs.push(shape);
         }

@@ -321,13 +321,20 @@ impl BufferSpec {
 /// CPU: `_mlir_ciface_<kernel>(memref descriptor*..., i64 seq, i64 pos, i64 lo, i64 hi)`
 /// runs units `lo..hi` of `cpu_units` (disjoint slices may run on different threads);
 /// CUDA: `<kernel>(ptr..., i64 seq, i64* pos)`, one thread per unit of
-/// `gpu_threads`; `pos` is read from device memory (version 8), so a captured
-/// decode step replays at any position.
+/// `gpu_threads` (or, for calls of more than one row, `gpu_mma_warps` warps
+/// per band of `MMA_ROWS` rows when the kernel has a tensor-core path); `pos`
+/// is read from device memory (version 8), so a captured decode step replays
+/// at any position.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct KernelStep {
     pub kernel: String,
     pub args: Vec<usize>,
     pub gpu_threads: SymSize,
+    /// CUDA: a matmul with a tensor-core path for calls of more than one row
+    /// launches this many warps per band of `MMA_ROWS` rows instead (a warp
+    /// per output tile); `None`: `gpu_threads` at every call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_mma_warps: Option<u64>,
     /// CPU units, with `seq` counted in blocks of `cpu_seq_block` rows.
     pub cpu_units: SymSize,
     pub cpu_seq_block: u64,
@@ -340,7 +347,18 @@ pub struct KernelStep {
     pub cpu_first_phase: Option<SymSize>,
 }
 
+/// Rows of one band of a tensor-core matmul's tiles (`KernelStep::gpu_mma_warps`).
+pub const MMA_ROWS: u64 = 16;
+
 impl KernelStep {
+    /// CUDA threads of a call of `seq` rows (`None` when they overflow).
+    pub fn gpu_threads_at(&self, seq: u64) -> Option<u64> {
+        match self.gpu_mma_warps {
+            Some(w) if seq > 1 => seq.div_ceil(MMA_ROWS).checked_mul(w)?.checked_mul(32),
+            _ => self.gpu_threads.coef.checked_mul(seq.checked_pow(self.gpu_threads.seq_pow)?),
+        }
+    }
+
     /// CPU units at sequence length `seq`.
     pub fn units(&self, seq: u64) -> u64 {
         self.cpu_units.resolve(seq.div_ceil(self.cpu_seq_block.max(1)))

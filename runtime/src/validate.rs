@@ -303,9 +303,7 @@ pub fn validate(
     let sizes_fit = |p: u64| {
         bufs.iter().all(|b| b.try_bytes(p).is_some())
             && plan.steps.iter().all(|s| match s {
-                Step::Kernel(k) => {
-                    checked_resolve(k.gpu_threads, p).is_some() && checked_resolve(k.cpu_units, p.div_ceil(k.cpu_seq_block)).is_some()
-                }
+                Step::Kernel(k) => k.gpu_threads_at(p).is_some() && checked_resolve(k.cpu_units, p.div_ceil(k.cpu_seq_block)).is_some(),
                 Step::KvAppend { .. } => true,
             })
     };

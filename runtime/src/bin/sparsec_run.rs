@@ -294,6 +294,15 @@ fn model_verbs(args: &Args, art: &Artifact) -> Result<()> {
             // of every step's logits must choose the same.
             let host_equal = greedy_round_on_host(&mut session, &prompt, args.max_new_tokens)? == ids;
             report["bench"]["host_argmax_ids_equal"] = host_equal.into();
+            // The prompt's last row as generation computes it (the row-local
+            // tail on that row alone) against the same row of a full call.
+            session.reset();
+            let full = logits(session.run(&[ids_input(&prompt)])?, prompt.len())?;
+            session.reset();
+            let last = logits(session.run_last(&[ids_input(&prompt)])?, 1)?;
+            let full_last = full.index_axis(ndarray::Axis(0), prompt.len().saturating_sub(1));
+            let diff = full_last.iter().zip(last.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            report["bench"]["last_row_max_abs_diff"] = diff.into();
             if !host_equal {
                 eprintln!("warning: the greedy ids differ from the host's argmax of the same steps' logits");
             }

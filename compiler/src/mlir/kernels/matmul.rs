@@ -5,6 +5,7 @@
 //! take, NVPTX).
 
 use super::half_planes::{HalfPlane, HALF_VEC};
+use super::mma_matmul::emit_mma_matmul;
 use super::quant_planes::QuantPlanes;
 use super::tiled_matmul::emit_tiled_matmul;
 use super::warp_fold::{f32_lanes_sum, f32_vload, warp_fold};
@@ -58,7 +59,15 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
             (None, Some(h)) => WarpWeight::Half(h),
             (None, None) => WarpWeight::F32,
         };
-        emit_warp_dot(b, work, k, &nc, ins, out, w);
+        match (super::mma_matmul::mma_tiles(spec), &half) {
+            // Calls of more than one row on tensor cores; one row: the warp GEMV.
+            (Some((nt, warps)), Some(h)) => {
+                let (seq, one) = (b.seq(), b.index(1));
+                let rows = b.def(format!("arith.cmpi ugt, {seq}, {one} : index"));
+                b.if_else(&rows, |b| emit_mma_matmul(b, k, n, nt, warps, ins, out, h), |b| emit_warp_dot(b, work, k, &nc, ins, out, w));
+            }
+            _ => emit_warp_dot(b, work, k, &nc, ins, out, w),
+        }
         return Ok(());
     }
     let dense_f32 = planes.is_none() && half.is_none();

@@ -21,6 +21,7 @@ mod elementwise;
 mod embedding;
 mod half_planes;
 mod matmul;
+mod mma_matmul;
 mod norm;
 mod quant_planes;
 mod rope;
@@ -143,6 +144,12 @@ impl KernelSpec {
     /// A dense matmul with a transposed weight whose rows are whole 4-wide
     /// vectors (f32) or whole blocks of 32 (Q8_0/Q4_0/Q4_1): on NVPTX a warp
     /// computes each output element (`emit_warp_dot`).
+    /// CUDA warps per band of `MMA_ROWS` rows when this matmul takes calls of
+    /// more than one row on tensor cores (`mma_matmul`); `None` otherwise.
+    pub fn gpu_mma_warps(&self) -> Option<u64> {
+        mma_matmul::mma_tiles(self).map(|(_, warps)| warps)
+    }
+
     pub fn warp_matmul(&self) -> bool {
         let k = match self.operands.first().and_then(|t| t.last_dim()) {
             Some(sparsec_ir::Dim::Fixed(k)) => k,
