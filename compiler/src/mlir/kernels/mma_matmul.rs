@@ -8,6 +8,7 @@
 //! warp GEMV.
 
 use super::half_planes::HalfPlane;
+use super::warp_fold::f32_vload;
 use super::KernelSpec;
 use crate::mlir::builder::{KernelBuilder, V};
 use sparsec_ir::DType;
@@ -21,7 +22,8 @@ type Fragments = (Vec<[V; 2]>, Vec<[V; 2]>);
 const MMA_K: u64 = 8;
 /// Output features per `mma.sync`.
 const MMA_N: u64 = 8;
-/// k steps whose fragments are loaded before their `mma.sync`s.
+/// k steps whose fragments are loaded before their `mma.sync`s (with k a
+/// multiple of their 32: in 16-byte vectors).
 const K_UNROLL: u64 = 4;
 /// n-tiles of 8 features a warp computes. One measured faster than four on
 /// an H200 (GPT-2 124M f16, 128-token prefill 6.2 against 8.7 ms): these
@@ -92,39 +94,84 @@ pub(super) fn emit_mma_matmul(b: &mut KernelBuilder, k: u64, n: u64, nt: u64, wa
                 b.muli(&j, &kc)
             })
             .collect();
-        let unroll = if k.is_multiple_of(MMA_K * K_UNROLL) { K_UNROLL } else { 1 };
+        // k a multiple of 32: lane l % 4 = t takes the 8 consecutive k at
+        // 8t.. of each 32 (two 16-byte loads of activations per row, one of
+        // 8 weights per n-tile); mma step s reads k = 8t + 2s as fragment
+        // column t and 8t + 2s + 1 as column t + 4 (A and B alike, so the
+        // sum is the same). Else scalar loads at columns t and t + 4 of each 8.
+        let wide = k.is_multiple_of(MMA_K * K_UNROLL);
+        let unroll = if wide { K_UNROLL } else { 1 };
         let zero = b.f32(0.0);
         let init: Vec<(V, String)> = (0..nt * 4).map(|_| (zero.clone(), "f32".to_string())).collect();
         let zero_i = b.index(0);
+        let t8 = b.muli(&tq, &eight);
         let accs = b.for_fold_typed(&zero_i, &kc, MMA_K * unroll, &init, |b, kb, accs| {
             // Fragments of `unroll` k steps, all loaded before the first mma.
-            let frags: Vec<Fragments> = (0..unroll)
-                .map(|u| {
-                    let off = b.index(u * MMA_K);
-                    let k0 = b.addi(kb, &off);
-                    let ka = b.addi(&k0, &tq);
-                    let kb4 = b.addi(&ka, &four);
-                    let a: Vec<[V; 2]> = [(&abase, &ka), (&bbase, &ka), (&abase, &kb4), (&bbase, &kb4)]
-                        .into_iter()
-                        .map(|(row, kk)| {
-                            let i = b.addi(row, kk);
-                            let x = b.load(a_buf, &i);
-                            tf32_split(b, &x)
-                        })
-                        .collect();
-                    let bw = wrows
-                        .iter()
-                        .map(|wr| {
-                            [&ka, &kb4].map(|kk| {
-                                let i = b.addi(wr, kk);
-                                let x = w.load(b, &i);
-                                b.def(format!("arith.bitcast {x} : f32 to i32"))
+            let frags: Vec<Fragments> = if wide {
+                let ka = b.addi(kb, &t8);
+                let rows: Vec<V> = [&abase, &bbase]
+                    .into_iter()
+                    .map(|row| {
+                        let i = b.addi(row, &ka);
+                        f32_vload(b, a_buf, &i, 8)
+                    })
+                    .collect();
+                let ws: Vec<V> = wrows
+                    .iter()
+                    .map(|wr| {
+                        let i = b.addi(wr, &ka);
+                        w.vload(b, &i)
+                    })
+                    .collect();
+                let lane_of = |b: &mut KernelBuilder, v: &str, e: u64| {
+                    let ei = b.i32(e as i32);
+                    b.def(format!("llvm.extractelement {v}[{ei} : i32] : vector<8xf32>"))
+                };
+                (0..unroll)
+                    .map(|st| {
+                        let (lo, hi) = (2 * st, 2 * st + 1);
+                        let a = [(&rows[0], lo), (&rows[1], lo), (&rows[0], hi), (&rows[1], hi)]
+                            .into_iter()
+                            .map(|(r, e)| {
+                                let x = lane_of(b, r, e);
+                                tf32_split(b, &x)
                             })
+                            .collect();
+                        let bw = ws
+                            .iter()
+                            .map(|v| {
+                                [lo, hi].map(|e| {
+                                    let x = lane_of(b, v, e);
+                                    b.def(format!("arith.bitcast {x} : f32 to i32"))
+                                })
+                            })
+                            .collect();
+                        (a, bw)
+                    })
+                    .collect()
+            } else {
+                let ka = b.addi(kb, &tq);
+                let kb4 = b.addi(&ka, &four);
+                let a: Vec<[V; 2]> = [(&abase, &ka), (&bbase, &ka), (&abase, &kb4), (&bbase, &kb4)]
+                    .into_iter()
+                    .map(|(row, kk)| {
+                        let i = b.addi(row, kk);
+                        let x = b.load(a_buf, &i);
+                        tf32_split(b, &x)
+                    })
+                    .collect();
+                let bw = wrows
+                    .iter()
+                    .map(|wr| {
+                        [&ka, &kb4].map(|kk| {
+                            let i = b.addi(wr, kk);
+                            let x = w.load(b, &i);
+                            b.def(format!("arith.bitcast {x} : f32 to i32"))
                         })
-                        .collect();
-                    (a, bw)
-                })
-                .collect();
+                    })
+                    .collect();
+                vec![(a, bw)]
+            };
             let mut accs: Vec<V> = accs.to_vec();
             for (a, bw) in &frags {
                 for (q, bq) in bw.iter().enumerate() {
