@@ -2,7 +2,7 @@
 """sparsec against PyTorch on the same random checkpoints, on the GPU machine.
 
 Subcommands:
-  make DIR --family gpt2|llama [--placeholder]
+  make DIR --family gpt2|llama [--placeholder] [--vocab N] [--layers N]
       A seeded random checkpoint in Hugging Face layout (config.json,
       model.safetensors): GPT-2 124M, or a SmolLM2-135M-shaped Llama. With
       torch (the GPU machine): normal(0, 0.02) weights, norms near 1. With
@@ -97,6 +97,14 @@ def write_safetensors(path, tensors):
 
 
 def cmd_make(a):
+    # Smaller variants (--vocab, --layers) for runs whose artifacts must travel
+    # with their weights (a sparse model: the GPU machine cannot prune).
+    for key, val in (("vocab", a.vocab), ("layers", a.layers)):
+        if val:
+            if a.family == "gpt2":
+                GPT2[{"vocab": "vocab_size", "layers": "n_layer"}[key]] = val
+            else:
+                SMOLLM2[{"vocab": "vocab_size", "layers": "num_hidden_layers"}[key]] = val
     os.makedirs(a.dir, exist_ok=True)
     with open(os.path.join(a.dir, "config.json"), "w") as f:
         json.dump(config(a.family), f, indent=1)
@@ -429,6 +437,8 @@ def main():
     m.add_argument("--family", choices=["gpt2", "llama"], required=True)
     m.add_argument("--placeholder", action="store_true")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--vocab", type=int, help="vocabulary size instead of the model's")
+    m.add_argument("--layers", type=int, help="layers instead of the model's")
     k = sub.add_parser("pack")
     k.add_argument("hf")
     k.add_argument("artifact")

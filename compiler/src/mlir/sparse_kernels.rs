@@ -7,7 +7,9 @@
 //! `ROWS` rows (prefill) shares every index and value load across its rows;
 //! CSR runs unrolled scalar sums, N:M expands values into 8-lane vectors
 //! by its bitmap (a table permutation, AVX2 `vpermps`), BSR reads
-//! contiguous block rows as vectors. NVIDIA: one thread per output element.
+//! contiguous block rows as vectors. NVIDIA: CSR a warp per output element
+//! (lanes stride over the output's entries, a butterfly adds their sums),
+//! N:M and BSR one thread per output element.
 
 use super::builder::{Device, KernelBuilder, V};
 use super::kernels::{row_block, strided, unit_origin, UnitOrder};
@@ -58,6 +60,12 @@ impl SparseMatmul {
     /// CPU units, `seq` counted in blocks of `rb` rows.
     pub fn cpu_units(&self) -> SymSize {
         SymSize { coef: self.rows.coef * self.col_tiles(), seq_pow: self.rows.seq_pow }
+    }
+
+    /// NVIDIA: whether an output element takes a warp (CSR: its entries are
+    /// few and scattered, so 32 lanes load them at once) rather than a thread.
+    pub fn warp_per_output(&self) -> bool {
+        matches!(self.storage.format, SparseFormat::Csr { .. })
     }
 
     /// NVIDIA: one thread per output element `u = r·n + j`; `body(u, j, arow)`
@@ -141,6 +149,7 @@ pub fn emit_sparse_matmul(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], ou
     let a = ins[0].clone();
     let (kc, nc) = (b.index(k), b.index(n));
     match b.device() {
+        Device::Nvptx if t.warp_per_output() => emit_csr_warp(b, t, &planes, &a, out),
         Device::Nvptx => t.per_output_thread(b, |b, u, j, arow| {
             let ctx = Dot { fmt, planes: &planes, a: &a, vectors: false };
             let y = ctx.dot(b, j, &[arow.to_string()]);
@@ -157,6 +166,42 @@ pub fn emit_sparse_matmul(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], ou
             });
         }
     }
+}
+
+/// NVIDIA, CSR: a warp per output element `e = r·n + j`. Lane l takes entries
+/// `ptr[j] + l`, `ptr[j] + l + 32`, ... (value, column, the activation at that
+/// column), a butterfly of `shfl.sync` adds the lanes' sums, lane 0 stores
+/// (with the fused epilogue). The launch is whole warps (`KernelSpec::work`).
+fn emit_csr_warp(b: &mut KernelBuilder, t: &SparseMatmul, p: &Planes, a: &str, out: &str) {
+    let (n, k) = t.nk();
+    let (kc, nc) = (b.index(k), b.index(n));
+    let total = b.sym(SymSize { coef: t.rows.coef * n * 32, seq_pow: t.rows.seq_pow });
+    let ptr = p.ptr.clone().unwrap_or_default();
+    b.parallel(&total, |b, th| {
+        let warp = b.index(32);
+        let e = b.divui(th, &warp);
+        let lane = b.remui(th, &warp);
+        let r = b.divui(&e, &nc);
+        let j = b.remui(&e, &nc);
+        let arow = b.muli(&r, &kc);
+        let one = b.index(1);
+        let lo = b.load_index(&ptr, &j, "i32");
+        let j1 = b.addi(&j, &one);
+        let hi = b.load_index(&ptr, &j1, "i32");
+        let start = b.addi(&lo, &lane);
+        let zero = b.f32(0.0);
+        let acc = b.for_fold_typed(&start, &hi, 32, &[(zero, "f32".into())], |b, q, acc| {
+            let v = b.load_elem(&p.vals, q, "f32");
+            let c = b.load_index(&p.idx, q, p.idx_ty);
+            let ai = b.addi(&arow, &c);
+            let x = b.load(a, &ai);
+            vec![b.fma(&v, &x, &acc[0])]
+        });
+        let sum = b.warp_all(&acc[0], "addf");
+        let zero_i = b.index(0);
+        let first = b.def(format!("arith.cmpi eq, {lane}, {zero_i} : index"));
+        b.if_then(&first, |b| b.store_result(&sum, out, &e));
+    });
 }
 
 /// For each bitmap byte, the source lane of every lane: the number of set bits
