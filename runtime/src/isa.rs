@@ -46,6 +46,8 @@ fn host_has(name: &str) -> Option<bool> {
             "avx512ifma" => has!("avx512ifma"),
             "avx512bitalg" => has!("avx512bitalg"),
             "avx512vpopcntdq" => has!("avx512vpopcntdq"),
+            "avx512fp16" => has!("avx512fp16"),
+            "avx512vp2intersect" => has!("avx512vp2intersect"),
             "avxvnni" => has!("avxvnni"),
             "gfni" => has!("gfni"),
             "vaes" => has!("vaes"),
