@@ -19,45 +19,36 @@ pub(super) fn emit_norm(b: &mut KernelBuilder, cx: &KernelCtx<'_>, eps: f32) -> 
     let zero = b.f32(0.0);
     let inv_d = b.f32(1.0 / d as f32);
     let eps = b.f32(eps);
-    let gpu = cx.device == Device::Nvptx;
-    if gpu {
+    if cx.device == Device::Nvptx {
         emit_warp_norm(b, cx, d, is_layer, &eps);
         return Ok(());
     }
+    // The CPU: one unit per row `t`, its elements in order.
     b.parallel(work, |b, t| {
-        // The row and this unit's elements of it: all (CPU), or a lane's (NVPTX).
-        let (r, first, step) = if gpu {
-            let warp = b.index(WARP);
-            (b.divui(t, &warp), b.remui(t, &warp), WARP)
-        } else {
-            (t.to_string(), zero_i.clone(), 1)
-        };
-        let total = |b: &mut KernelBuilder, x: &str| if gpu { b.warp_all(x, "addf") } else { x.to_string() };
-        let base = b.muli(&r, &dc);
+        let base = b.muli(t, &dc);
         let mean = if is_layer {
-            let s = b.for_fold_typed(&first, &dc, step, &[(zero.clone(), "f32".into())], |b, j, acc| {
+            let s = b.for_fold(&zero_i, &dc, std::slice::from_ref(&zero), |b, j, acc| {
                 let i = b.addi(&base, j);
                 let x = b.load(&ins[0], &i);
                 vec![b.add(&acc[0], &x)]
             });
-            let s = total(b, &s[0]);
-            b.mul(&s, &inv_d)
+            b.mul(&s[0], &inv_d)
         } else {
             zero.clone()
         };
-        let ss = b.for_fold_typed(&first, &dc, step, &[(zero.clone(), "f32".into())], |b, j, acc| {
+        let ss = b.for_fold(&zero_i, &dc, std::slice::from_ref(&zero), |b, j, acc| {
             let i = b.addi(&base, j);
             let x = b.load(&ins[0], &i);
             let c = b.sub(&x, &mean);
             vec![b.fma(&c, &c, &acc[0])]
         });
-        let ss = total(b, &ss[0]);
+        let ss = ss[0].clone();
         let var = b.mul(&ss, &inv_d);
         let ve = b.add(&var, &eps);
         let sd = b.math("sqrt", &ve);
         let one = b.f32(1.0);
         let inv = b.div(&one, &sd);
-        b.for_step(&first, &dc, step, |b, j| {
+        b.for_each(&zero_i, &dc, |b, j| {
             let i = b.addi(&base, j);
             let x = b.load(&ins[0], &i);
             let c = b.sub(&x, &mean);
