@@ -12,7 +12,7 @@
 //! N:M and BSR one thread per output element.
 
 use super::builder::{Device, KernelBuilder, V};
-use super::kernels::{row_block, strided, unit_origin, UnitOrder};
+use super::kernels::{row_block, strided, unit_origin, warp_per_output, UnitOrder, WARP};
 use sparsec_ir::sparse::{SparseFormat, SparseStorage};
 use sparsec_ir::SymSize;
 
@@ -170,37 +170,27 @@ pub fn emit_sparse_matmul(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], ou
 
 /// NVIDIA, CSR: a warp per output element `e = r·n + j`. Lane l takes entries
 /// `ptr[j] + l`, `ptr[j] + l + 32`, ... (value, column, the activation at that
-/// column), a butterfly of `shfl.sync` adds the lanes' sums, lane 0 stores
-/// (with the fused epilogue). The launch is whole warps (`KernelSpec::work`).
+/// column); `warp_per_output` adds the lanes' sums and stores. The launch is
+/// whole warps (`KernelSpec::work`).
 fn emit_csr_warp(b: &mut KernelBuilder, t: &SparseMatmul, p: &Planes, a: &str, out: &str) {
     let (n, k) = t.nk();
-    let (kc, nc) = (b.index(k), b.index(n));
-    let total = b.sym(SymSize { coef: t.rows.coef * n * 32, seq_pow: t.rows.seq_pow });
+    let total = b.sym(SymSize { coef: t.rows.coef * n * WARP, seq_pow: t.rows.seq_pow });
     let ptr = p.ptr.clone().unwrap_or_default();
-    b.parallel(&total, |b, th| {
-        let warp = b.index(32);
-        let e = b.divui(th, &warp);
-        let lane = b.remui(th, &warp);
-        let r = b.divui(&e, &nc);
-        let j = b.remui(&e, &nc);
-        let arow = b.muli(&r, &kc);
+    warp_per_output(b, &total, k, n, out, |b, lane, j, arow| {
         let one = b.index(1);
-        let lo = b.load_index(&ptr, &j, "i32");
-        let j1 = b.addi(&j, &one);
+        let lo = b.load_index(&ptr, j, "i32");
+        let j1 = b.addi(j, &one);
         let hi = b.load_index(&ptr, &j1, "i32");
-        let start = b.addi(&lo, &lane);
+        let start = b.addi(&lo, lane);
         let zero = b.f32(0.0);
-        let acc = b.for_fold_typed(&start, &hi, 32, &[(zero, "f32".into())], |b, q, acc| {
+        let acc = b.for_fold_typed(&start, &hi, WARP, &[(zero, "f32".into())], |b, q, acc| {
             let v = b.load_elem(&p.vals, q, "f32");
             let c = b.load_index(&p.idx, q, p.idx_ty);
-            let ai = b.addi(&arow, &c);
+            let ai = b.addi(arow, &c);
             let x = b.load(a, &ai);
             vec![b.fma(&v, &x, &acc[0])]
         });
-        let sum = b.warp_all(&acc[0], "addf");
-        let zero_i = b.index(0);
-        let first = b.def(format!("arith.cmpi eq, {lane}, {zero_i} : index"));
-        b.if_then(&first, |b| b.store_result(&sum, out, &e));
+        acc[0].clone()
     });
 }
 

@@ -8,7 +8,7 @@ use super::half_planes::{HalfPlane, HALF_VEC};
 use super::mma_matmul::emit_mma_matmul;
 use super::quant_planes::QuantPlanes;
 use super::tiled_matmul::emit_tiled_matmul;
-use super::warp_fold::{f32_lanes_sum, f32_vload, warp_fold};
+use super::warp_fold::{f32_lanes_sum, f32_vload, warp_fold, warp_per_output};
 use super::{fixed_last, KernelCtx, VW};
 use crate::error::CompileError;
 use crate::mlir::builder::{Device, KernelBuilder, V};
@@ -64,9 +64,9 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
             (Some((nt, warps)), Some(h)) => {
                 let (seq, one) = (b.seq(), b.index(1));
                 let rows = b.def(format!("arith.cmpi ugt, {seq}, {one} : index"));
-                b.if_else(&rows, |b| emit_mma_matmul(b, k, n, nt, warps, ins, out, h), |b| emit_warp_dot(b, work, k, &nc, ins, out, w));
+                b.if_else(&rows, |b| emit_mma_matmul(b, k, n, nt, warps, ins, out, h), |b| emit_warp_dot(b, work, k, n, ins, out, w));
             }
-            _ => emit_warp_dot(b, work, k, &nc, ins, out, w),
+            _ => emit_warp_dot(b, work, k, n, ins, out, w),
         }
         return Ok(());
     }
@@ -185,7 +185,7 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
 }
 
 /// Lanes per output element of the NVPTX dense matmul: one warp.
-pub(super) const WARP: u64 = 32;
+pub(in crate::mlir) const WARP: u64 = 32;
 
 /// The weight operand of the NVPTX warp matmul, as stored.
 #[derive(Clone, Copy)]
@@ -204,33 +204,24 @@ enum WarpWeight<'a> {
 /// f32. Block-quantized weights (`planes`; `k` whole blocks of 32):
 /// lane l dequantizes elements l, l + 32, ... (a warp reads one block's bytes
 /// and its scale per step). The steps are unrolled (`warp_fold`): a lane's
-/// loads of up to `UNROLL` steps are in flight together. A butterfly of 5
-/// `shfl.sync` adds the warp's partial sums; lane 0 stores the result (with
-/// the fused epilogue). `work` is the element count times `WARP`, whole warps,
-/// so every lane of a warp that enters the bounds check takes part in the
-/// shuffles.
-fn emit_warp_dot(b: &mut KernelBuilder, work: &str, k: u64, nc: &str, ins: &[V], out: &str, weight: WarpWeight<'_>) {
+/// loads of up to `UNROLL` steps are in flight together. The warps and their
+/// sums: `warp_per_output`.
+fn emit_warp_dot(b: &mut KernelBuilder, work: &str, k: u64, n: u64, ins: &[V], out: &str, weight: WarpWeight<'_>) {
     let (a_buf, w_buf) = (ins[0].clone(), ins[1].clone());
-    let kc = b.index(k);
-    b.parallel(work, |b, t| {
-        let warp = b.index(WARP);
-        let e = b.divui(t, &warp);
-        let lane = b.remui(t, &warp);
-        let r = b.divui(&e, nc);
-        let j = b.remui(&e, nc);
-        let arow = b.muli(&r, &kc);
-        let wrow = b.muli(&j, &kc);
-        let mut sum = match weight {
+    warp_per_output(b, work, k, n, out, |b, lane, j, arow| {
+        let kc = b.index(k);
+        let wrow = b.muli(j, &kc);
+        match weight {
             WarpWeight::Quant(q) => {
                 let zero = b.f32(0.0);
                 warp_fold(
                     b,
-                    &lane,
+                    lane,
                     k,
                     1,
                     (zero, "f32".into()),
                     |b, kk| {
-                        let ai = b.addi(&arow, kk);
+                        let ai = b.addi(arow, kk);
                         let a = b.load(&a_buf, &ai);
                         let wi = b.addi(&wrow, kk);
                         (a, q.load(b, &w_buf, &wi))
@@ -238,19 +229,15 @@ fn emit_warp_dot(b: &mut KernelBuilder, work: &str, k: u64, nc: &str, ins: &[V],
                     |b, (a, w), acc| b.fma(a, w, acc),
                 )
             }
-            WarpWeight::F32 => vector_partial(b, &a_buf, &arow, &lane, k, 4, |b, kk| {
+            WarpWeight::F32 => vector_partial(b, &a_buf, arow, lane, k, 4, |b, kk| {
                 let i = b.addi(&wrow, kk);
                 f32_vload(b, &w_buf, &i, 4)
             }),
-            WarpWeight::Half(h) => vector_partial(b, &a_buf, &arow, &lane, k, HALF_VEC, |b, kk| {
+            WarpWeight::Half(h) => vector_partial(b, &a_buf, arow, lane, k, HALF_VEC, |b, kk| {
                 let i = b.addi(&wrow, kk);
                 h.vload(b, &i)
             }),
-        };
-        sum = b.warp_all(&sum, "addf");
-        let zero = b.index(0);
-        let first = b.def(format!("arith.cmpi eq, {lane}, {zero} : index"));
-        b.if_else(&first, |b| b.store_result(&sum, out, &e), |_| {});
+        }
     });
 }
 

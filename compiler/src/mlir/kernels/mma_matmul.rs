@@ -9,7 +9,7 @@
 
 use super::half_planes::HalfPlane;
 use super::warp_fold::f32_vload;
-use super::KernelSpec;
+use super::{fixed_last, KernelSpec, WARP};
 use crate::mlir::builder::{KernelBuilder, V};
 use sparsec_ir::DType;
 use sparsec_runtime::manifest::MMA_ROWS;
@@ -35,11 +35,7 @@ const NT: u64 = 1;
 /// `MMA_ROWS` rows. `None` unless the weight is f16/bf16 and both k and the
 /// output width are multiples of 8 (of `8·NT`).
 pub(crate) fn mma_tiles(spec: &KernelSpec) -> Option<(u64, u64)> {
-    let fixed = |t: &sparsec_ir::TensorType| match t.last_dim() {
-        Some(sparsec_ir::Dim::Fixed(n)) => Some(n),
-        _ => None,
-    };
-    let (k, n) = (fixed(spec.operands.first()?)?, fixed(&spec.result)?);
+    let (k, n) = (fixed_last(spec, spec.operands.first()?).ok()?, fixed_last(spec, &spec.result).ok()?);
     let half = matches!(spec.operands.get(1)?.dtype, DType::F16 | DType::BF16);
     if !spec.warp_matmul() || !half || k % MMA_K != 0 || n % (MMA_N * NT) != 0 {
         return None;
@@ -63,10 +59,9 @@ pub(super) fn emit_mma_matmul(b: &mut KernelBuilder, k: u64, n: u64, nt: u64, wa
     let bands = b.def(format!("arith.ceildivui {seq}, {rows16} : index"));
     let wc = b.index(warps);
     let tiles = b.muli(&bands, &wc);
-    let lanes = b.index(32);
+    let lanes = b.index(WARP);
     let work = b.muli(&tiles, &lanes);
     b.parallel(&work, |b, t| {
-        let lanes = b.index(32);
         let warp = b.divui(t, &lanes);
         let lane = b.remui(t, &lanes);
         let band = b.divui(&warp, &wc);

@@ -32,12 +32,13 @@ mod warp_fold;
 // What the other kernel generators of `mlir` (quant_dot, sparse_kernels) share.
 pub(super) use quant_planes::{nibbles, QuantPlanes};
 pub(super) use tiled_matmul::{column_groups, row_block, strided, unit_origin, TileCounts, TiledMatmul, UnitOrder, MM_COLS};
+pub(super) use warp_fold::warp_per_output;
 
 use super::builder::{Device, KernelBuilder, V};
 use super::math;
 use super::sparse_kernels::SparseMatmul;
 use crate::error::CompileError;
-use matmul::WARP;
+pub(super) use matmul::WARP;
 use sparsec_ir::{DType, Op, Pattern, SymSize, TensorType};
 use tiled_matmul::MM_ROWS;
 

@@ -74,6 +74,37 @@ pub(super) fn warp_fold<L>(
     acc
 }
 
+/// NVPTX: a warp per element `e = r·n + j` of a `[rows, n]` result whose
+/// row `r` reduces over `k` values. `work` counts the warps' lanes (whole
+/// warps, so every lane of a warp that enters the bounds check takes part in
+/// the shuffles). `partial(lane, j, arow)` is one lane's share of the sum
+/// (`arow`: where row `r` of a `k`-wide operand starts); a butterfly of
+/// `shfl.sync` adds the lanes' shares and lane 0 stores the result through
+/// `store_result` (with the fused epilogue).
+pub(in crate::mlir) fn warp_per_output(
+    b: &mut KernelBuilder,
+    work: &str,
+    k: u64,
+    n: u64,
+    out: &str,
+    partial: impl FnOnce(&mut KernelBuilder, &str, &str, &str) -> V,
+) {
+    let (kc, nc) = (b.index(k), b.index(n));
+    b.parallel(work, |b, t| {
+        let warp = b.index(WARP);
+        let e = b.divui(t, &warp);
+        let lane = b.remui(t, &warp);
+        let r = b.divui(&e, &nc);
+        let j = b.remui(&e, &nc);
+        let arow = b.muli(&r, &kc);
+        let part = partial(b, &lane, &j, &arow);
+        let sum = b.warp_all(&part, "addf");
+        let zero = b.index(0);
+        let first = b.def(format!("arith.cmpi eq, {lane}, {zero} : index"));
+        b.if_then(&first, |b| b.store_result(&sum, out, &e));
+    });
+}
+
 /// Like `warp_fold` without an accumulator: `body(loaded, kk)` runs for every
 /// step a lane covers (stores, say), the loads of up to `UNROLL` steps emitted
 /// first; the partial chunk runs only in lanes that hold part of it.
