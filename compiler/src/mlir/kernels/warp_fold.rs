@@ -10,6 +10,49 @@ use super::WARP;
 /// Steps whose loads are issued together.
 pub(super) const UNROLL: u64 = 8;
 
+/// How the steps of a lane along a row of `k` elements fall: chunks of
+/// `chunk = width · WARP` elements, `full` of them whole (every lane in range)
+/// and taken `unroll` at a time (`groups` such groups, then `tail` chunks),
+/// and a partial chunk of `rem` elements.
+struct Chunks {
+    chunk: u64,
+    full: u64,
+    rem: u64,
+    unroll: u64,
+    groups: u64,
+    tail: u64,
+}
+
+impl Chunks {
+    fn new(k: u64, width: u64) -> Chunks {
+        debug_assert_eq!(k % width, 0);
+        let chunk = width * WARP;
+        let (full, rem) = (k / chunk, k % chunk);
+        let unroll = UNROLL.min(full).max(1);
+        Chunks { chunk, full, rem, unroll, groups: full / unroll, tail: full % unroll }
+    }
+}
+
+/// `at(kk)` for the lane's steps in `n` consecutive chunks from element
+/// `base` (`kk = base + u·chunk + start`), in order.
+fn steps<T>(
+    b: &mut KernelBuilder,
+    base: &str,
+    start: &str,
+    n: u64,
+    chunk: u64,
+    mut at: impl FnMut(&mut KernelBuilder, &str) -> T,
+) -> Vec<T> {
+    (0..n)
+        .map(|u| {
+            let off = b.index(u * chunk);
+            let first = b.addi(base, &off);
+            let kk = b.addi(&first, start);
+            at(b, &kk)
+        })
+        .collect()
+}
+
 /// A fold over the row `0..k` of which a lane reads `width` consecutive
 /// elements at `start`, `start + chunk`, ... (`chunk = width · WARP`; `start`
 /// is the lane's `width · lane`). `load(kk)` reads what the step at element
@@ -28,22 +71,11 @@ pub(super) fn warp_fold<L>(
     load: impl Fn(&mut KernelBuilder, &str) -> L,
     step: impl Fn(&mut KernelBuilder, &L, &str) -> V,
 ) -> V {
-    debug_assert_eq!(k % width, 0);
-    let chunk = width * WARP;
-    let (full, rem) = (k / chunk, k % chunk);
-    let unroll = UNROLL.min(full).max(1);
-    let (groups, tail) = (full / unroll, full % unroll);
+    let Chunks { chunk, full, rem, unroll, groups, tail } = Chunks::new(k, width);
     let ty = init.1.clone();
-    // `unroll` consecutive chunks from element `base + start`: loads, then folds.
+    // `n` consecutive chunks from element `base + start`: loads, then folds.
     let run = |b: &mut KernelBuilder, base: &str, n: u64, acc: V| -> V {
-        let loaded: Vec<L> = (0..n)
-            .map(|u| {
-                let off = b.index(u * chunk);
-                let at = b.addi(base, &off);
-                let kk = b.addi(&at, start);
-                load(b, &kk)
-            })
-            .collect();
+        let loaded = steps(b, base, start, n, chunk, |b, kk| load(b, kk));
         loaded.iter().fold(acc, |acc, l| step(b, l, &acc))
     };
     let mut acc = init.0.clone();
@@ -116,20 +148,9 @@ pub(super) fn warp_each<L>(
     load: impl Fn(&mut KernelBuilder, &str) -> L,
     body: impl Fn(&mut KernelBuilder, &L, &str),
 ) {
-    debug_assert_eq!(k % width, 0);
-    let chunk = width * WARP;
-    let (full, rem) = (k / chunk, k % chunk);
-    let unroll = UNROLL.min(full).max(1);
-    let (groups, tail) = (full / unroll, full % unroll);
+    let Chunks { chunk, full, rem, unroll, groups, tail } = Chunks::new(k, width);
     let run = |b: &mut KernelBuilder, base: &str, n: u64| {
-        let loaded: Vec<(L, V)> = (0..n)
-            .map(|u| {
-                let off = b.index(u * chunk);
-                let at = b.addi(base, &off);
-                let kk = b.addi(&at, start);
-                (load(b, &kk), kk)
-            })
-            .collect();
+        let loaded = steps(b, base, start, n, chunk, |b, kk| (load(b, kk), kk.to_string()));
         for (l, kk) in &loaded {
             body(b, l, kk);
         }
