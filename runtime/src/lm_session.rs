@@ -75,11 +75,20 @@ pub fn greedy_round(s: &mut Session<'_>, prompt: &[u32], new_tokens: usize) -> R
 /// `Session::greedy_steps` on a device).
 pub fn greedy_round_on_host(s: &mut Session<'_>, prompt: &[u32], new_tokens: usize) -> RuntimeResult<Vec<u32>> {
     s.reset();
-    let mut next = greedy(&logits(s.run_last(&[ids_input(prompt)])?, 1)?);
-    let mut ids = Vec::with_capacity(new_tokens);
-    for _ in 0..new_tokens {
+    let next = greedy(&logits(s.run_last(&[ids_input(prompt)])?, 1)?);
+    let chosen = greedy_loop(next, new_tokens, |id| s.run_last(&[ids_input(&[id])]))?;
+    Ok(std::iter::once(next).chain(chosen).take(new_tokens).collect())
+}
+
+/// `n` greedy steps on the host from the id `first`: `step(id)` runs one
+/// position and returns its outputs (logits `[1, vocab]` first); each step is
+/// fed the argmax of the one before. Returns the `n` chosen ids.
+pub fn greedy_loop(first: u32, n: usize, mut step: impl FnMut(u32) -> RuntimeResult<Vec<ArrayD<f32>>>) -> RuntimeResult<Vec<u32>> {
+    let mut ids = Vec::with_capacity(n);
+    let mut next = first;
+    for _ in 0..n {
+        next = greedy(&logits(step(next)?, 1)?);
         ids.push(next);
-        next = greedy(&logits(s.run_last(&[ids_input(&[next])])?, 1)?);
     }
     Ok(ids)
 }

@@ -59,16 +59,7 @@ impl Session<'_> {
     /// CPU takes the argmax of each step's last row.
     pub fn greedy_steps(&mut self, first: u32, n: usize) -> RuntimeResult<Vec<u32>> {
         match self {
-            Session::Cpu(s) => {
-                let mut ids = Vec::with_capacity(n);
-                let mut next = first;
-                for _ in 0..n {
-                    let out = s.run_last(&[crate::lm_session::ids_input(&[next])])?;
-                    next = crate::lm_session::greedy(&crate::lm_session::logits(out, 1)?);
-                    ids.push(next);
-                }
-                Ok(ids)
-            }
+            Session::Cpu(s) => crate::lm_session::greedy_loop(first, n, |id| s.run_last(&[crate::lm_session::ids_input(&[id])])),
             Session::Cuda(s) => s.greedy_steps(first, n),
         }
     }
