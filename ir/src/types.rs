@@ -109,6 +109,11 @@ impl SymSize {
         self.coef * seq.pow(self.seq_pow)
     }
 
+    /// `resolve`, or `None` where it overflows.
+    pub fn checked_resolve(self, seq: u64) -> Option<u64> {
+        seq.checked_pow(self.seq_pow).and_then(|p| p.checked_mul(self.coef))
+    }
+
     pub fn of_dims(dims: &[Dim]) -> SymSize {
         dims.iter().fold(SymSize { coef: 1, seq_pow: 0 }, |acc, d| match d {
             Dim::Fixed(n) => SymSize { coef: acc.coef * n, ..acc },

@@ -355,7 +355,7 @@ impl KernelStep {
     pub fn gpu_threads_at(&self, seq: u64) -> Option<u64> {
         match self.gpu_mma_warps {
             Some(w) if seq > 1 => seq.div_ceil(MMA_ROWS).checked_mul(w)?.checked_mul(32),
-            _ => self.gpu_threads.coef.checked_mul(seq.checked_pow(self.gpu_threads.seq_pow)?),
+            _ => self.gpu_threads.checked_resolve(seq),
         }
     }
 

@@ -9,7 +9,7 @@
 use crate::error::{RuntimeError, RuntimeResult};
 use crate::manifest::*;
 use safetensors::Dtype;
-use sparsec_ir::{DType, Dim, Graph, Op, SymSize, TensorType};
+use sparsec_ir::{DType, Dim, Graph, Op, TensorType};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
@@ -38,10 +38,6 @@ fn fail(path: &Path, message: String) -> RuntimeError {
 /// A name that is safe as a file name and a symbol: `[A-Za-z0-9_]+`.
 pub fn is_kernel_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-}
-
-fn checked_resolve(s: SymSize, seq: u64) -> Option<u64> {
-    seq.checked_pow(s.seq_pow).and_then(|p| p.checked_mul(s.coef))
 }
 
 /// Checks `manifest` against itself, `graph` and the weights file.
@@ -303,7 +299,7 @@ pub fn validate(
     let sizes_fit = |p: u64| {
         bufs.iter().all(|b| b.try_bytes(p).is_some())
             && plan.steps.iter().all(|s| match s {
-                Step::Kernel(k) => k.gpu_threads_at(p).is_some() && checked_resolve(k.cpu_units, p.div_ceil(k.cpu_seq_block)).is_some(),
+                Step::Kernel(k) => k.gpu_threads_at(p).is_some() && k.cpu_units.checked_resolve(p.div_ceil(k.cpu_seq_block)).is_some(),
                 Step::KvAppend { .. } => true,
             })
     };
