@@ -263,6 +263,9 @@ const MEM_ROUNDS: usize = 7;
 fn gemv_memory(c: &mut Criterion) {
     let kinds = [
         ("q4_1", "q4_1", ""),
+        ("f32", "f32", ""),
+        ("f16", "f16", ""),
+        ("bf16", "bf16", ""),
         ("nm2:4-q4", "f32", "#sparsity(nm, n = 2, m = 4) #values(q4) #specialize(generic)"),
         ("csr50-q4", "f32", "#sparsity(unstructured, ratio = 0.5) #values(q4) #specialize(generic)"),
     ];

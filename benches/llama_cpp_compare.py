@@ -20,18 +20,49 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "/usr/share/common-licenses/GPL-3"
 
 
+def host_flags():
+    """The x86 feature flags /proc/cpuinfo lists for this host."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# ggml's CPU options (CMake) and the /proc/cpuinfo flag each needs.
+GGML_ISA = [("GGML_AVX", "avx"), ("GGML_AVX2", "avx2"), ("GGML_FMA", "fma"), ("GGML_F16C", "f16c"),
+            ("GGML_BMI2", "bmi2"), ("GGML_AVX512", "avx512f"), ("GGML_AVX512_VBMI", "avx512vbmi"),
+            ("GGML_AVX512_VNNI", "avx512_vnni"), ("GGML_AVX512_BF16", "avx512_bf16")]
+
+
+def llama_cpp_cmake_args():
+    """llama.cpp built for what this host has, not `-march=native`: its AMX path
+    (`ggml_backend_amx_mul_mat`) segfaults on the Intel guests, so AMX stays off
+    and every other extension this host lists is switched on by name."""
+    flags = host_flags()
+    on = [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for opt, flag in GGML_ISA]
+    return " ".join(["-DGGML_NATIVE=OFF"] + on + ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"])
+
+
 def ensure_llama_cpp():
     try:
         import llama_cpp  # noqa: F401
         return
     except ImportError:
         pass
-    wheels = os.path.join(ROOT, ".whl")
+    # One wheel per instruction set: a wheel built with AVX-512 must not be
+    # picked up on an AVX2-only guest (SIGILL).
+    import hashlib
+    wheels = os.path.join(ROOT, ".whl", hashlib.sha1(llama_cpp_cmake_args().encode()).hexdigest()[:12])
     os.makedirs(wheels, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
     if not glob.glob(os.path.join(wheels, "llama_cpp_python-*.whl")):
-        print("building llama-cpp-python (llama.cpp from source; minutes, cached in .whl/)", file=sys.stderr)
-        subprocess.check_call(pip + ["wheel", "--no-deps", "-w", wheels, "llama-cpp-python"])
+        env = dict(os.environ, CMAKE_ARGS=llama_cpp_cmake_args())
+        print(f"building llama-cpp-python (llama.cpp from source; minutes, cached in .whl/), CMAKE_ARGS={env['CMAKE_ARGS']}",
+              file=sys.stderr)
+        subprocess.check_call(pip + ["wheel", "--no-deps", "-w", wheels, "llama-cpp-python==0.3.36"], env=env)
     subprocess.check_call(pip + ["install", "numpy", "typing-extensions", "diskcache", "jinja2"])
     subprocess.check_call(pip + ["install", "--no-deps", glob.glob(os.path.join(wheels, "llama_cpp_python-*.whl"))[0]])
 
@@ -162,7 +193,11 @@ def main():
                   f"prefill {s['prefill_tokens_per_s']:.1f} vs {l['prefill_tokens_per_s']:.1f} tok/s", file=sys.stderr)
     import llama_cpp
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": a.threads,
-               "llama_cpp_python": llama_cpp.__version__}
+               "llama_cpp_python": llama_cpp.__version__,
+               # What llama.cpp was built to use here (its own report), and what the host offers.
+               "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+               "host_avx512": sorted(f for f in host_flags() if f.startswith("avx512")),
+               "host_amx": sorted(f for f in host_flags() if f.startswith("amx"))}
     try:
         machine["cpu"] = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
     except Exception:
@@ -177,7 +212,7 @@ def main():
     md = [f"Machine: {machine['cpu']}, {machine['cores']} cores, {a.threads} threads; llama-cpp-python {machine['llama_cpp_python']}; "
           f"prompt {a.prompt_len} tokens, {a.new_tokens} greedy decode steps; medians of {a.rounds} interleaved rounds "
           f"(sparsec: each round the median of 3 after loading; llama.cpp: one round after a warm-up); "
-          f"both with f16 KV caches.", "",
+          f"both with f16 KV caches.", "", f"llama.cpp system info: `{machine['llama_cpp_system_info']}`", "",
           "| model | sparsec decode tok/s | llama.cpp decode tok/s | ratio | sparsec prefill tok/s | llama.cpp prefill tok/s | ratio |",
           "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
