@@ -70,48 +70,108 @@ impl CpuTarget {
         }
     }
 
-    /// Whether code for this target may use AVX2: an explicit `+avx2`/`-avx2`
-    /// feature decides, else the CPU name (x86-64-v3 and later, every Intel
-    /// core since Haswell, every AMD Zen).
-    pub fn has_avx2(&self) -> bool {
+    /// Whether code for this target may use the LLVM feature `feature` (`avx2`,
+    /// `avx512f`, ...): an explicit `+feature`/`-feature` decides (the last one
+    /// written), else the CPU name implies it (`x86-64-v3`/`-v4` and the named
+    /// Intel and AMD cores, see [`cpu_implies`]).
+    pub fn has_feature(&self, feature: &str) -> bool {
         if !self.triple.starts_with("x86_64") {
             return false;
         }
         for f in self.features.split(',').rev() {
-            match f.trim() {
-                "+avx2" => return true,
-                "-avx2" => return false,
+            match f.trim().split_at_checked(1) {
+                Some(("+", name)) if name == feature => return true,
+                Some(("-", name)) if name == feature => return false,
                 _ => {}
             }
         }
-        let cpu = self.cpu.as_str();
-        matches!(
-            cpu,
-            "x86-64-v3"
-                | "x86-64-v4"
-                | "haswell"
-                | "broadwell"
-                | "skylake"
-                | "skylake-avx512"
-                | "cascadelake"
-                | "cooperlake"
-                | "cannonlake"
-                | "icelake-client"
-                | "icelake-server"
-                | "tigerlake"
-                | "sapphirerapids"
-                | "alderlake"
-                | "raptorlake"
-                | "meteorlake"
-                | "arrowlake"
-                | "graniterapids"
-                | "emeraldrapids"
-        ) || cpu.starts_with("znver")
+        cpu_implies(&self.cpu, feature)
+    }
+
+    /// Whether code for this target may use AVX2 (and FMA with it).
+    pub fn has_avx2(&self) -> bool {
+        self.has_feature("avx2")
+    }
+
+    /// Whether code for this target may use 512-bit vectors (AVX-512 F).
+    pub fn has_avx512(&self) -> bool {
+        self.has_feature("avx512f")
+    }
+
+    /// What the CPU kernels take from this target's instruction set.
+    pub fn isa(&self) -> CpuIsa {
+        CpuIsa {
+            lanes: if self.has_avx512() { 16 } else { 8 },
+            // `vpdpbusd` on 256-bit vectors: AVX512-VNNI with VL, or AVX-VNNI.
+            vnni: (self.has_feature("avx512vnni") && self.has_feature("avx512vl")) || self.has_feature("avxvnni"),
+        }
     }
 
     /// A portable x86-64 target with AVX2 and FMA (for reproducible snapshots).
     pub fn x86_64_v3() -> CpuTarget {
         CpuTarget { triple: "x86_64-unknown-linux-gnu".into(), cpu: "x86-64-v3".into(), features: String::new() }
+    }
+
+    /// A portable x86-64 target with AVX-512 (F, BW, CD, DQ, VL) besides
+    /// AVX2: the 16-lane kernels' snapshots.
+    pub fn x86_64_v4() -> CpuTarget {
+        CpuTarget { triple: "x86_64-unknown-linux-gnu".into(), cpu: "x86-64-v4".into(), features: String::new() }
+    }
+}
+
+/// What the CPU kernel generators take from the target instead of constants
+/// (`CpuTarget::isa`): each kernel that uses a field falls back to AVX2's
+/// code where the target lacks it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CpuIsa {
+    /// f32 lanes of the widest vectors: 16 (one zmm register) with AVX-512,
+    /// else 8 (one ymm register).
+    pub lanes: u32,
+    /// Whether `vpdpbusd` (u8 × i8 dot products of 4, accumulated in i32) runs
+    /// on 256-bit vectors: AVX512-VNNI with AVX512-VL, or AVX-VNNI.
+    pub vnni: bool,
+}
+
+impl Default for CpuIsa {
+    /// AVX2: 8 lanes, no VNNI.
+    fn default() -> Self {
+        CpuIsa { lanes: 8, vnni: false }
+    }
+}
+
+/// Whether an x86-64 CPU of LLVM name `cpu` has `feature` without a feature
+/// string saying so. Only the features the kernels choose code by are known:
+/// `avx2` (x86-64-v3 and later, every Intel core since Haswell, every AMD Zen),
+/// AVX-512's F, VL, BW, DQ, CD (x86-64-v4, Intel's server cores since
+/// Skylake-SP and client cores Cannon Lake to Tiger Lake, AMD Zen 4 and 5),
+/// `avx512vnni` (those since Cascade Lake and Ice Lake, Zen 4 and 5) and
+/// `avxvnni` (Intel's hybrid cores since Alder Lake, Sapphire Rapids on).
+fn cpu_implies(cpu: &str, feature: &str) -> bool {
+    const AVX512: &[&str] = &[
+        "x86-64-v4",
+        "skylake-avx512",
+        "cascadelake",
+        "cooperlake",
+        "cannonlake",
+        "icelake-client",
+        "icelake-server",
+        "tigerlake",
+        "sapphirerapids",
+        "graniterapids",
+        "emeraldrapids",
+        "znver4",
+        "znver5",
+    ];
+    const AVX2_ONLY: &[&str] = &["x86-64-v3", "haswell", "broadwell", "skylake", "alderlake", "raptorlake", "meteorlake", "arrowlake"];
+    // AVX-512 cores without VNNI: Skylake-SP, Cannon Lake and the generic v4.
+    const NO_VNNI: &[&str] = &["x86-64-v4", "skylake-avx512", "cannonlake"];
+    const AVX_VNNI: &[&str] = &["alderlake", "raptorlake", "meteorlake", "arrowlake", "sapphirerapids", "graniterapids", "emeraldrapids"];
+    match feature {
+        "avx512f" | "avx512vl" | "avx512bw" | "avx512dq" | "avx512cd" => AVX512.contains(&cpu),
+        "avx512vnni" => AVX512.contains(&cpu) && !NO_VNNI.contains(&cpu),
+        "avxvnni" => AVX_VNNI.contains(&cpu),
+        "avx2" | "fma" => AVX512.contains(&cpu) || AVX2_ONLY.contains(&cpu) || cpu.starts_with("znver"),
+        _ => false,
     }
 }
 
@@ -314,5 +374,39 @@ impl CompileOptions {
 
     pub fn wants(&self, e: Emit) -> bool {
         self.emit.contains(&e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{CpuIsa, CpuTarget};
+
+    fn target(cpu: &str, features: &str) -> CpuTarget {
+        CpuTarget { triple: "x86_64-unknown-linux-gnu".into(), cpu: cpu.into(), features: features.into() }
+    }
+
+    #[test]
+    fn vector_lanes_follow_the_target_features() {
+        // Implied by the CPU name.
+        assert_eq!(CpuTarget::x86_64_v3().isa(), CpuIsa::default());
+        assert_eq!(CpuTarget::x86_64_v4().isa(), CpuIsa { lanes: 16, vnni: false });
+        assert_eq!(target("znver4", "").isa(), CpuIsa { lanes: 16, vnni: true });
+        assert_eq!(target("znver3", "").isa(), CpuIsa { lanes: 8, vnni: false });
+        assert_eq!(target("alderlake", "").isa(), CpuIsa { lanes: 8, vnni: true });
+        // VNNI on 256-bit vectors needs VL besides AVX512-VNNI.
+        assert!(!target("x86-64-v3", "+avx512vnni").isa().vnni);
+        assert!(target("x86-64-v3", "+avx512vnni,+avx512vl").isa().vnni);
+        assert!(target("znver3", "").has_avx2());
+        assert!(!target("x86-64", "").has_avx2());
+        // An explicit feature decides, the last one written winning: a host
+        // LLVM names znver4 whose VM hides AVX-512 gets 8 lanes.
+        assert_eq!(target("znver4", "+avx2,-avx512f").isa().lanes, 8);
+        assert_eq!(target("x86-64-v3", "+avx512f").isa().lanes, 16);
+        assert_eq!(target("x86-64-v3", "+avx512f,-avx512f").isa().lanes, 8);
+        // A feature whose name starts like another is not it.
+        assert_eq!(target("x86-64-v3", "+avx512fp16").isa().lanes, 8);
+        // Not x86-64: no x86 vectors.
+        let arm = CpuTarget { triple: "aarch64-unknown-linux-gnu".into(), cpu: "x86-64-v4".into(), features: String::new() };
+        assert!(!arm.has_avx2() && !arm.has_avx512());
     }
 }

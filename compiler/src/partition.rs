@@ -34,6 +34,7 @@ pub fn partition(g: &Graph) -> CompileResult<Partition> {
 pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> CompileResult<Partition> {
     let mut left = crate::sparse_select::BakeLeft::new(opts.bake_budget);
     let int8_activations = opts.int8_activations();
+    let cpu_isa = opts.cpu.isa();
     let kv_dtype = opts.kv_dtype();
     let types: Vec<TensorType> = sparsec_ir::verify(g)?;
     let mut buffers = Vec::new();
@@ -114,6 +115,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             activation: f.and_then(|f| f.activation),
             prologue: f.and_then(|f| f.prologue),
             int8_activations,
+            cpu_isa,
             hadamard_kv: false,
             kivi_keys: false,
         };

@@ -17,6 +17,10 @@ use sparsec_ir::DType;
 /// How far ahead of its loads the GEMV prefetches the weight's quants
 /// (measured on the dev box: 1 KB +21% decode on one thread, 8 KB +37%).
 const PREFETCH_BYTES: u64 = 8192;
+/// Weight rows a GEMV micro-kernel reads at once: one, a single sequential
+/// stream (SmolLM2 Q4_1 decode +22% on the Zen 4 guest against 4 rows
+/// sharing each activation load; docs/history.md).
+const GEMV_COLS: u64 = 1;
 /// Lanes of the per-block integer partial sums (`vector<8xi32>` from `vpmaddwd`).
 const LANES: u32 = 8;
 
@@ -70,7 +74,7 @@ fn quantize_row(b: &mut KernelBuilder, a: &str, row: &str, slot: &str, k: u64, q
 
 /// `Σ qw·qx` over one block as 8 i32 lanes: `w` holds the weight's 32 values
 /// (unsigned nibbles for Q4, signed bytes for Q8_0), `x` the activation's.
-fn block_dot(b: &mut KernelBuilder, w: &str, x: &str, signed_w: bool) -> V {
+fn block_dot(b: &mut KernelBuilder, w: &str, x: &str, signed_w: bool, vnni: bool) -> V {
     let (uw, sx) = if signed_w {
         // vpmaddubsw multiplies unsigned by signed: move the weight's sign onto x.
         let uw = b.def(format!("math.absi {w} : vector<{QK}xi8>"));
@@ -81,9 +85,23 @@ fn block_dot(b: &mut KernelBuilder, w: &str, x: &str, signed_w: bool) -> V {
     } else {
         (w.to_string(), x.to_string())
     };
-    let pairs = b.def(format!(
-        "llvm.call_intrinsic \"llvm.x86.avx2.pmadd.ub.sw\"({uw}, {sx}) : (vector<{QK}xi8>, vector<{QK}xi8>) -> vector<16xi16>"
-    ));
+    dot_u8_i8(b, &uw, &sx, vnni)
+}
+
+/// `Σ u·s` over groups of 4 consecutive bytes of `u` (unsigned) and `s`
+/// (signed), `vector<32xi8>` each, as 8 i32 lanes: one `vpdpbusd` with
+/// `vnni`, else `vpmaddubsw` (pairs into i16, saturating) then `vpmaddwd`.
+/// The two agree wherever no pair of products leaves i16, which holds for
+/// the quantized kernels' operands (|u| ≤ 128, |s| ≤ 127).
+pub(super) fn dot_u8_i8(b: &mut KernelBuilder, u: &str, s: &str, vnni: bool) -> V {
+    if vnni {
+        let zero = b.vsplat_int(0, LANES, "i32");
+        return b.def(format!(
+            "llvm.call_intrinsic \"llvm.x86.avx512.vpdpbusd.256\"({zero}, {u}, {s}) : (vector<{LANES}xi32>, vector<{QK}xi8>, vector<{QK}xi8>) -> vector<{LANES}xi32>"
+        ));
+    }
+    let pairs = b
+        .def(format!("llvm.call_intrinsic \"llvm.x86.avx2.pmadd.ub.sw\"({u}, {s}) : (vector<{QK}xi8>, vector<{QK}xi8>) -> vector<16xi16>"));
     let ones = b.vsplat_int(1, 16, "i16");
     b.def(format!(
         "llvm.call_intrinsic \"llvm.x86.avx2.pmadd.wd\"({pairs}, {ones}) : (vector<16xi16>, vector<16xi16>) -> vector<{LANES}xi32>"
@@ -104,7 +122,7 @@ fn weight_block(b: &mut KernelBuilder, dt: DType, w: &str, at: &str) -> V {
 /// with int8 activations, over the same (row block, column block) units as
 /// the f32 kernel. Each call quantizes the rows of every row block it touches
 /// once, then runs register-blocked micro-kernels of `r` rows × `c` weight rows.
-pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V], out: &str) {
+pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, vnni: bool, ins: &[V], out: &str) {
     let (a_buf, w_buf) = (ins[0].clone(), ins[1].clone());
     let dt = t.quant.unwrap_or(DType::Q8_0);
     let k = t.k;
@@ -158,7 +176,7 @@ pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V]
                 let (dw, mw) = planes.scale_offset(b, &g);
                 for (r, (x, dx, sx)) in xs.iter().enumerate() {
                     let at = r * ncols as usize + c;
-                    let dot = block_dot(b, &wq, x, dt == DType::Q8_0);
+                    let dot = block_dot(b, &wq, x, dt == DType::Q8_0, vnni);
                     let dotf = b.def(format!("arith.sitofp {dot} : vector<{LANES}xi32> to {}", KernelBuilder::vty(LANES)));
                     let scale = b.mul(&dw, dx);
                     let sv = b.vbroadcast(&scale, LANES);
@@ -217,7 +235,7 @@ pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V]
             let j_end = b.def(format!("arith.minui {j1}, {nc} : index"));
             row_block(b, t.rb, &r0, &rbc, &rows, &|b, r, nr| {
                 let slot0 = b.def(format!("arith.subi {r}, {r0} : index"));
-                columns(b, r, &slot0, nr, &j0, &j_end, if nr == 1 { 4 } else { 2 })
+                columns(b, r, &slot0, nr, &j0, &j_end, if nr == 1 { GEMV_COLS } else { 2 })
             });
         });
     });

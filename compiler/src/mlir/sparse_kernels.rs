@@ -32,6 +32,8 @@ pub struct SparseMatmul {
     pub storage: SparseStorage,
     /// The compile allows int8 activations (AVX2): quantized values' kernels may use them.
     pub int8: bool,
+    /// The target has `vpdpbusd` (`CpuIsa::vnni`) for those kernels' dot products.
+    pub vnni: bool,
 }
 
 impl SparseMatmul {

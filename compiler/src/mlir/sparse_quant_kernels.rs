@@ -17,14 +17,15 @@
 //! position at the nibble and the second at the nibble with its low bit
 //! flipped, plus the group's place in its 16-byte lane. The quants lie in the
 //! gather's order (`sparse_quant::slot`), so `Σ q·x` is one `vpmaddubsw` +
-//! `vpmaddwd`, and `Σ x` over the kept positions (what the minimum multiplies)
-//! another. A GEMV micro-kernel runs two weight rows at once, forms each row's
+//! `vpmaddwd` (one `vpdpbusd` with VNNI), and `Σ x` over the kept positions
+//! (what the minimum multiplies) another. A GEMV micro-kernel runs two weight rows at once, forms each row's
 //! step scales `d·dx`, `m·dx` eight steps to a vector before its loop, keeps
 //! two accumulators per output (one FMA chain each), and prefetches its rows'
 //! quants and bitmap as one stream.
 
 use super::builder::{Device, KernelBuilder, V};
 use super::kernels::{column_groups, row_block, strided, unit_origin, UnitOrder};
+use super::quant_dot::dot_u8_i8;
 use super::sparse_kernels::SparseMatmul;
 use sparsec_ir::sparse::SparseFormat;
 use sparsec_ir::sparse_quant::{CsrIndex, QBits};
@@ -277,14 +278,6 @@ fn pshufb(b: &mut KernelBuilder, table: &str, ctrl: &str) -> V {
     b.def(format!("llvm.call_intrinsic \"llvm.x86.avx2.pshuf.b\"({table}, {ctrl}) : (vector<32xi8>, vector<32xi8>) -> vector<32xi8>"))
 }
 
-/// `Σ` of pairs of u8 × i8 products, then of pairs of i16: 8 i32 lanes.
-fn maddubs_wd(b: &mut KernelBuilder, u: &str, s: &str) -> V {
-    let pairs =
-        b.def(format!("llvm.call_intrinsic \"llvm.x86.avx2.pmadd.ub.sw\"({u}, {s}) : (vector<32xi8>, vector<32xi8>) -> vector<16xi16>"));
-    let ones = b.vsplat_int(1, 16, "i16");
-    b.def(format!("llvm.call_intrinsic \"llvm.x86.avx2.pmadd.wd\"({pairs}, {ones}) : (vector<16xi16>, vector<16xi16>) -> vector<8xi32>"))
-}
-
 /// Weight rows one 2:4 GEMV micro-kernel runs at once (they share the loads of
 /// the activations and give the core two independent chains).
 const GEMV_COLS: u64 = 2;
@@ -306,6 +299,8 @@ struct Nm24 {
     sc: V,
     quants_last: V,
     bitmap_last: V,
+    /// `vpdpbusd` for the dot products (`CpuIsa::vnni`).
+    vnni: bool,
 }
 
 impl Nm24 {
@@ -461,8 +456,8 @@ impl Nm24 {
                     let g0 = pshufb(b, &x0, ctrl);
                     let g1 = pshufb(b, &x1, ctrl);
                     let g = b.def(format!("vector.shuffle {g0}, {g1} [{}] : vector<32xi8>, vector<32xi8>", pick.join(", ")));
-                    let dot = maddubs_wd(b, wq, &g);
-                    let sum = maddubs_wd(b, &ones8, &g);
+                    let dot = dot_u8_i8(b, wq, &g, self.vnni);
+                    let sum = dot_u8_i8(b, &ones8, &g, self.vnni);
                     let base = self.scale_base(rr as u64, cc as u64, ncols);
                     let sdi = b.index(base);
                     let sdi = b.addi(&sdi, s);
@@ -515,7 +510,7 @@ fn emit_nm24_q4_int8(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], out: &s
     let sc = b.alloca_f32(&scn);
     let quants_last = b.index((n * steps * 16).saturating_sub(1));
     let bitmap_last = b.index((n * k / 8).saturating_sub(1));
-    let ctx = Nm24 { planes, out: out.to_string(), n, k, steps, xq, xd, sc, quants_last, bitmap_last };
+    let ctx = Nm24 { planes, out: out.to_string(), n, k, steps, xq, xd, sc, quants_last, bitmap_last, vnni: t.vnni };
 
     let ub = b.def(format!("arith.minui %hi, {units} : index"));
     let first = b.divui("%lo", &ct);

@@ -1,12 +1,12 @@
 //! Reading 16-bit float operands (f16 and bf16 weights, packed as 2-byte
-//! values): one element widened to f32, or 8 consecutive elements from one
-//! 16-byte load, widened to a `vector<8xf32>` (the CPU's tiled matmul, the
-//! NVPTX warp dot).
+//! values): one element widened to f32, or `n` consecutive elements from one
+//! load, widened to a `vector<nxf32>` (the CPU's tiled matmul: 8 or 16 lanes
+//! as the target has; the NVPTX warp dot: 8, one 16-byte load).
 
 use crate::mlir::builder::{Device, KernelBuilder, V};
 use sparsec_ir::DType;
 
-/// Elements one wide load reads: 16 bytes.
+/// Elements one 16-byte load reads (NVPTX's widest).
 pub(in crate::mlir) const HALF_VEC: u32 = 8;
 
 /// A byte buffer of `numel` f16 or bf16 values, viewed as i16 words.
@@ -32,12 +32,12 @@ impl HalfPlane {
         self.widen(b, &raw, None)
     }
 
-    /// Elements `flat .. flat + 8` as `vector<8xf32>` (on the CPU one 16-byte
-    /// load widened in registers: `vcvtph2ps` for f16, a shift for bf16). On
-    /// NVPTX `flat` must be a multiple of 8 (the buffer's base is 16-byte
-    /// aligned).
-    pub(in crate::mlir) fn vload(&self, b: &mut KernelBuilder, flat: &str) -> V {
-        let n = HALF_VEC;
+    /// Elements `flat .. flat + n` as `vector<nxf32>` (on the CPU one load of
+    /// `2n` bytes widened in registers: `vcvtph2ps` for f16, a shift for
+    /// bf16). On NVPTX `n` is `HALF_VEC` and `flat` a multiple of it (the
+    /// buffer's base is 16-byte aligned).
+    pub(in crate::mlir) fn vload(&self, b: &mut KernelBuilder, flat: &str, n: u32) -> V {
+        debug_assert!(b.device() == Device::Cpu || n == HALF_VEC, "NVPTX reads 16 bytes at a time");
         let raw = match b.device() {
             Device::Cpu => b.def(format!("vector.load {}[{flat}] : memref<?xi16>, vector<{n}xi16>", self.words)),
             Device::Nvptx => {
@@ -47,11 +47,6 @@ impl HalfPlane {
             }
         };
         self.widen(b, &raw, Some(n))
-    }
-
-    /// CPU: asks for element `flat + ahead` (clamped to `last`) ahead of use.
-    pub(in crate::mlir) fn prefetch_ahead(&self, b: &mut KernelBuilder, flat: &str, ahead: u64, last: &str) {
-        b.prefetch_ahead(&self.words, flat, ahead, last, "i16");
     }
 
     /// f16: reinterpret and extend; bf16: the word is the top half of an f32.

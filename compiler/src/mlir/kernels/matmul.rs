@@ -33,7 +33,7 @@ pub(super) fn emit_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b
     if device == Device::Cpu {
         if let Some(t) = spec.tiled_matmul() {
             if spec.int8_activations && t.quant.is_some() && t.k % sparsec_ir::quant::QK as u64 == 0 {
-                emit_int8_matmul(b, &t, ins, out);
+                emit_int8_matmul(b, &t, spec.cpu_isa.vnni, ins, out);
             } else {
                 emit_tiled_matmul(b, &t, ins, out);
             }
@@ -235,7 +235,7 @@ fn emit_warp_dot(b: &mut KernelBuilder, work: &str, k: u64, n: u64, ins: &[V], o
             }),
             WarpWeight::Half(h) => vector_partial(b, &a_buf, arow, lane, k, HALF_VEC, |b, kk| {
                 let i = b.addi(&wrow, kk);
-                h.vload(b, &i)
+                h.vload(b, &i, HALF_VEC)
             }),
         }
     });

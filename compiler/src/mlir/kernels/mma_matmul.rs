@@ -7,7 +7,7 @@
 //! of itself, near f32 rounding. f32 weights (not exact in TF32) keep the
 //! warp GEMV.
 
-use super::half_planes::HalfPlane;
+use super::half_planes::{HalfPlane, HALF_VEC};
 use super::warp_fold::f32_vload;
 use super::{fixed_last, KernelSpec, WARP};
 use crate::mlir::builder::{KernelBuilder, V};
@@ -115,7 +115,7 @@ pub(super) fn emit_mma_matmul(b: &mut KernelBuilder, k: u64, n: u64, nt: u64, wa
                     .iter()
                     .map(|wr| {
                         let i = b.addi(wr, &ka);
-                        w.vload(b, &i)
+                        w.vload(b, &i, HALF_VEC)
                     })
                     .collect();
                 let lane_of = |b: &mut KernelBuilder, v: &str, e: u64| {

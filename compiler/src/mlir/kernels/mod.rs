@@ -47,7 +47,8 @@ use tiled_matmul::MM_ROWS;
 /// combines their partial softmaxes in shared memory (flash-decoding within a block).
 pub(super) const GPU_ATTN_WARPS: u64 = sparsec_runtime::cuda::BLOCK as u64 / WARP;
 
-/// Lanes of the CPU vector kernels (AVX2: 8 × f32).
+/// Lanes of the CPU vector kernels that do not take their width from the
+/// target (AVX2: 8 × f32), and the narrowest the tiled matmuls use.
 const VW: u32 = 8;
 /// Lanes of the quantized CPU kernels: half a block of 32 per vector.
 const VQ: u32 = 16;
@@ -87,6 +88,9 @@ pub struct KernelSpec {
     /// CPU matmuls over block-quantized weights quantize their activations to
     /// int8 blocks and use integer dot products (`quant_dot`; needs AVX2).
     pub int8_activations: bool,
+    /// What the CPU kernels take from the target (`CpuTarget::isa`): the
+    /// tiled matmuls' vector width where `k` allows, VNNI dot products.
+    pub cpu_isa: crate::options::CpuIsa,
     /// Attention over caches whose heads are stored Hadamard-rotated
     /// (`--kv-hadamard`): the query is rotated alike and the result back.
     pub hadamard_kv: bool,
@@ -177,7 +181,12 @@ impl KernelSpec {
         let storage = self.sparse.as_ref()?.storage?;
         let Some(sparsec_ir::Dim::Fixed(n)) = self.result.last_dim() else { return None };
         let numel = self.result.numel();
-        Some(SparseMatmul { rows: SymSize { coef: numel.coef / n.max(1), ..numel }, storage, int8: self.int8_activations })
+        Some(SparseMatmul {
+            rows: SymSize { coef: numel.coef / n.max(1), ..numel },
+            storage,
+            int8: self.int8_activations,
+            vnni: self.cpu_isa.vnni,
+        })
     }
 
     fn tiled_matmul(&self) -> Option<TiledMatmul> {
@@ -200,7 +209,9 @@ impl KernelSpec {
             return None;
         }
         let rb = if rows == (SymSize { coef: 1, seq_pow: 1 }) { MM_ROWS } else { 1 };
-        Some(TiledMatmul { k, n, rows, rb, col_tiles: n.div_ceil(MM_COLS), quant, half })
+        // The target's widest vectors where k is made of them, else AVX2's.
+        let lanes = if k.is_multiple_of(self.cpu_isa.lanes as u64) { self.cpu_isa.lanes } else { VW };
+        Some(TiledMatmul { k, n, rows, rb, col_tiles: n.div_ceil(MM_COLS), quant, half, lanes })
     }
 
     /// Rows of `seq` per CPU unit (the runtime counts `seq` in such blocks).
