@@ -13,10 +13,10 @@
 //!
 //! `gemv_memory`: decode GEMV with the weights streaming from memory, two
 //! threads: a chain of 8 matmuls of 4096x4096 (84 MB as Q4_1, beyond the L3)
-//! as dense Q4_1, 2:4 with 4-bit values (`nm_q4`) and 50% unstructured with
-//! 4-bit values (`csr_q4`, bitmap-indexed), side by side (the summary alternates
-//! them in rounds, against the box's drift); int8 activations
-//! (the default) for all three.
+//! as dense Q4_1, f32, f16 and bf16, 2:4 with f32 values, 2:4 with 4-bit values
+//! (`nm_q4`) and 50% unstructured with 4-bit values (`csr_q4`, bitmap-indexed),
+//! side by side (the summary alternates them in rounds, against the box's
+//! drift); int8 activations (the default) for the quantized ones.
 //!
 //! The roofline is measured first, in this process: read bandwidth (a sum over
 //! 256 MB) and the peak FMA rate (independent AVX2 FMA chains). GEMV reports
@@ -266,6 +266,7 @@ fn gemv_memory(c: &mut Criterion) {
         ("f32", "f32", ""),
         ("f16", "f16", ""),
         ("bf16", "bf16", ""),
+        ("nm2:4", "f32", "#sparsity(nm, n = 2, m = 4) #specialize(generic)"),
         ("nm2:4-q4", "f32", "#sparsity(nm, n = 2, m = 4) #values(q4) #specialize(generic)"),
         ("csr50-q4", "f32", "#sparsity(unstructured, ratio = 0.5) #values(q4) #specialize(generic)"),
     ];

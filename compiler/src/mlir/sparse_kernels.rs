@@ -5,8 +5,9 @@
 //! `out[r, j] = Σ_k a[r, k]·w[j, k]` over the stored entries of output `j`.
 //! CPU: units are (row block, block of `COLS` outputs); a full row block of
 //! `ROWS` rows (prefill) shares every index and value load across its rows;
-//! CSR runs unrolled scalar sums, N:M expands values into 8-lane vectors
-//! by its bitmap (a table permutation, AVX2 `vpermps`), BSR reads
+//! CSR runs unrolled scalar sums, N:M expands values into vectors by its
+//! bitmap (AVX-512: 16 lanes, one `vexpandps` under the bitmap's 16 bits;
+//! AVX2: 8 lanes, a table permutation, `vpermps`), BSR reads
 //! contiguous block rows as vectors. NVIDIA: CSR a warp per output element
 //! (lanes stride over the output's entries, a butterfly adds their sums),
 //! N:M and BSR one thread per output element.
@@ -18,6 +19,8 @@ use sparsec_ir::SymSize;
 
 /// Lanes of the vector accumulators (AVX2: 8 × f32).
 const VW: u64 = 8;
+/// Lanes of the N:M kernel's steps on AVX-512: one `vexpandps` a step.
+const EXPAND_LANES: u64 = 16;
 /// Rows per CPU unit when the rows are `seq` (prefill's GEMM).
 const ROWS: u64 = 4;
 /// Outputs per CPU unit.
@@ -34,6 +37,9 @@ pub struct SparseMatmul {
     pub int8: bool,
     /// The target has `vpdpbusd` (`CpuIsa::vnni`) for those kernels' dot products.
     pub vnni: bool,
+    /// f32 lanes of the target's vectors (`CpuIsa::lanes`): at 16 (AVX-512)
+    /// the N:M kernel expands values with `vexpandps` instead of a table.
+    pub lanes: u32,
 }
 
 impl SparseMatmul {
@@ -153,14 +159,14 @@ pub fn emit_sparse_matmul(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], ou
     match b.device() {
         Device::Nvptx if t.warp_per_output() => emit_csr_warp(b, t, &planes, &a, out),
         Device::Nvptx => t.per_output_thread(b, |b, u, j, arow| {
-            let ctx = Dot { fmt, planes: &planes, a: &a, vectors: false };
+            let ctx = Dot { fmt, planes: &planes, a: &a, vectors: false, expand: false };
             let y = ctx.dot(b, j, &[arow.to_string()]);
             b.store_result(&y[0], out, u);
         }),
         Device::Cpu => {
             let (units, ct, rbc, rows) = t.cpu_grid(b);
             let colsc = b.index(COLS);
-            let dot = Dot { fmt, planes: &planes, a: &a, vectors: true };
+            let dot = Dot { fmt, planes: &planes, a: &a, vectors: true, expand: t.lanes >= EXPAND_LANES as u32 };
             let ctx = Cpu { dot, out, kc: &kc, nc: &nc };
             b.parallel(&units, |b, u| {
                 let (r0, j0, j_end) = unit_origin(b, u, UnitOrder::RowMajor { ct: &ct }, &rbc, &colsc, &nc);
@@ -222,6 +228,8 @@ struct Dot<'a> {
     planes: &'a Planes,
     a: &'a str,
     vectors: bool,
+    /// AVX-512: N:M values expanded 16 lanes at a time (`vexpandps`).
+    expand: bool,
 }
 
 impl Cpu<'_> {
@@ -245,7 +253,6 @@ impl Dot<'_> {
         let p = self.planes;
         let zero = b.f32(0.0);
         let one = b.index(1);
-        let vz = b.vzero(VW as u32);
         let vty = KernelBuilder::vty(VW as u32);
         let nr = arows.len();
         match self.fmt {
@@ -312,62 +319,86 @@ impl Dot<'_> {
                 let rbytes = b.index(SparseFormat::bitmap_row_bytes(k));
                 let mbase = b.muli(j, &rbytes);
                 let zi = b.index(0);
-                let steps = if self.vectors && k % VW == 0 { k / VW } else { 0 };
+                // AVX-512 steps of 16 k where they tile the row, else AVX2's 8.
+                let lanes = if self.expand && k.is_multiple_of(EXPAND_LANES) { EXPAND_LANES } else { VW };
+                let (lw, lty) = (lanes as u32, KernelBuilder::vty(lanes as u32));
+                let steps = if self.vectors && k.is_multiple_of(lanes) { k / lanes } else { 0 };
                 let mut accs: Vec<V> = vec![zero.clone(); nr];
                 if steps > 0 {
-                    // 8 consecutive k per step: the bitmap byte says which lanes are
-                    // kept, the row's next values are moved into those lanes (a
-                    // permutation, AVX2 vpermps) and multiplied with the contiguous
+                    // `lanes` consecutive k per step: the bitmap bits say which lanes
+                    // are kept, the row's next values are moved into those lanes
+                    // (AVX-512: one `vexpandps` from memory under the 16-bit mask;
+                    // AVX2: a permutation, `vpermps`, from a table, the unset lanes
+                    // zeroed by another) and multiplied with the contiguous
                     // activations. Two sums per row hide the FMA latency.
                     let pairs = steps / 2;
                     let fixed_step = match self.fmt {
-                        SparseFormat::Nm { keep, group, .. } if VW.is_multiple_of(group as u64) => Some(VW / group as u64 * keep as u64),
+                        SparseFormat::Nm { keep, group, .. } if lanes.is_multiple_of(group as u64) => {
+                            Some(lanes / group as u64 * keep as u64)
+                        }
                         _ => None,
                     };
-                    let lut = b.i32_table("nm_expand", &expand_table());
-                    let masks = b.i32_table("nm_lanes", &lane_masks());
-                    let mut init: Vec<(V, String)> = (0..2 * nr).map(|_| (vz.clone(), vty.clone())).collect();
+                    let tables = (lanes == VW).then(|| (b.i32_table("nm_expand", &expand_table()), b.i32_table("nm_lanes", &lane_masks())));
+                    let vzl = b.vzero(lw);
+                    let mut init: Vec<(V, String)> = (0..2 * nr).map(|_| (vzl.clone(), lty.clone())).collect();
                     init.push((zi.clone(), "index".into()));
                     let step = |b: &mut KernelBuilder, st: &str, off: &str, accs: &[V]| -> (Vec<V>, V) {
-                        let mi = b.addi(&mbase, st);
-                        let byte = b.load_elem(&p.idx, &mi, "i8");
-                        // Lane l takes the row's value number rank(l) (set bits below l):
-                        // a permutation from one table, the unset lanes zeroed by another.
-                        let bi = b.def(format!("arith.index_castui {byte} : i8 to index"));
-                        let vw = b.index(VW);
-                        let ti = b.muli(&bi, &vw);
-                        let perm = b.def(format!("vector.load {lut}[{ti}] : memref<{}xi32>, vector<{VW}xi32>", 256 * VW));
+                        let nbytes = b.index(lanes / 8);
+                        let mb = b.muli(st, &nbytes);
+                        let mi = b.addi(&mbase, &mb);
                         let at = b.addi(&base, off);
-                        let vals = b.def(format!("vector.load {}[{at}] : memref<?xf32>, {vty}", p.vals));
-                        let moved = b.def(format!(
-                            "llvm.call_intrinsic \"llvm.x86.avx2.permps\"({vals}, {perm}) : ({vty}, vector<{VW}xi32>) -> {vty}"
-                        ));
-                        // The set lanes' mask (all ones or zeros per lane), from a second table.
-                        let keep = b.def(format!("vector.load {masks}[{ti}] : memref<{}xi32>, vector<{VW}xi32>", 256 * VW));
-                        let mi = b.def(format!("vector.bitcast {moved} : {vty} to vector<{VW}xi32>"));
-                        let kept = b.def(format!("arith.andi {mi}, {keep} : vector<{VW}xi32>"));
-                        let w = b.def(format!("vector.bitcast {kept} : vector<{VW}xi32> to {vty}"));
-                        // Values per step: fixed when groups tile the 8 lanes, else counted.
+                        let (w, count) = match &tables {
+                            None => {
+                                // Bit l of the two bytes (little-endian) is lane l's.
+                                let bits = b.def(format!("vector.load {}[{mi}] : memref<?xi8>, vector<2xi8>", p.idx));
+                                let mask = b.def(format!("vector.bitcast {bits} : vector<2xi8> to vector<16xi1>"));
+                                let w = b.def(format!(
+                                    "vector.expandload {}[{at}], {mask}, {vzl} : memref<?xf32>, vector<16xi1>, {lty} into {lty}",
+                                    p.vals
+                                ));
+                                let word = b.def(format!("vector.bitcast {bits} : vector<2xi8> to vector<1xi16>"));
+                                let word = b.def(format!("vector.extract {word}[0] : i16 from vector<1xi16>"));
+                                (w, (word, "i16"))
+                            }
+                            Some((lut, masks)) => {
+                                let byte = b.load_elem(&p.idx, &mi, "i8");
+                                // Lane l takes the row's value number rank(l) (set bits below l).
+                                let bi = b.def(format!("arith.index_castui {byte} : i8 to index"));
+                                let vw = b.index(VW);
+                                let ti = b.muli(&bi, &vw);
+                                let perm = b.def(format!("vector.load {lut}[{ti}] : memref<{}xi32>, vector<{VW}xi32>", 256 * VW));
+                                let vals = b.def(format!("vector.load {}[{at}] : memref<?xf32>, {vty}", p.vals));
+                                let moved = b.def(format!(
+                                    "llvm.call_intrinsic \"llvm.x86.avx2.permps\"({vals}, {perm}) : ({vty}, vector<{VW}xi32>) -> {vty}"
+                                ));
+                                let keep = b.def(format!("vector.load {masks}[{ti}] : memref<{}xi32>, vector<{VW}xi32>", 256 * VW));
+                                let mi = b.def(format!("vector.bitcast {moved} : {vty} to vector<{VW}xi32>"));
+                                let kept = b.def(format!("arith.andi {mi}, {keep} : vector<{VW}xi32>"));
+                                (b.def(format!("vector.bitcast {kept} : vector<{VW}xi32> to {vty}")), (byte, "i8"))
+                            }
+                        };
+                        // Values per step: fixed when groups tile the lanes, else counted.
                         let next = match fixed_step {
                             Some(c) => {
                                 let c = b.index(c);
                                 b.addi(off, &c)
                             }
                             None => {
-                                let cnt = b.def(format!("math.ctpop {byte} : i8"));
-                                let cnt = b.def(format!("arith.index_castui {cnt} : i8 to index"));
+                                let (bits, ty) = count;
+                                let cnt = b.def(format!("math.ctpop {bits} : {ty}"));
+                                let cnt = b.def(format!("arith.index_castui {cnt} : {ty} to index"));
                                 b.addi(off, &cnt)
                             }
                         };
-                        let vw = b.index(VW);
-                        let k0 = b.muli(st, &vw);
+                        let lc = b.index(lanes);
+                        let k0 = b.muli(st, &lc);
                         let out = arows
                             .iter()
                             .zip(accs)
                             .map(|(ar, acc)| {
                                 let ai = b.addi(ar, &k0);
-                                let x = b.vload(self.a, &ai, VW as u32);
-                                b.vfma(&w, &x, acc, VW as u32)
+                                let x = b.vload(self.a, &ai, lw);
+                                b.vfma(&w, &x, acc, lw)
                             })
                             .collect();
                         (out, next)
@@ -383,21 +414,21 @@ impl Dot<'_> {
                         let (a1, off) = step(b, &s1, &off, &carried[nr..2 * nr]);
                         a0.into_iter().chain(a1).chain([off]).collect()
                     });
-                    let mut sums: Vec<V> = (0..nr).map(|r| b.def(format!("arith.addf {}, {} : {vty}", res[r], res[nr + r]))).collect();
+                    let mut sums: Vec<V> = (0..nr).map(|r| b.def(format!("arith.addf {}, {} : {lty}", res[r], res[nr + r]))).collect();
                     if steps % 2 == 1 {
                         let last = b.index(steps - 1);
                         sums = step(b, &last, &res[2 * nr], &sums).0;
                     }
-                    accs = sums.iter().map(|v| b.vsum(v, VW as u32)).collect();
+                    accs = sums.iter().map(|v| b.vsum(v, lw)).collect();
                 }
                 // The rest of the row (all of it when not vectorized), one k at a
                 // time: a kept k takes the row's next value.
                 let last = b.index(self.fmt.stored_values().max(1) - 1);
-                let (kf, kt) = (b.index(steps * VW), b.index(k));
+                let (kf, kt) = (b.index(steps * lanes), b.index(k));
                 let first_off = b.index(0);
                 let mut init: Vec<(V, String)> = accs.iter().map(|a| (a.clone(), "f32".to_string())).collect();
                 // Values before `kf` were consumed by the vector steps: count them.
-                // (the vector steps cover whole rows: `steps · 8 = k` when they run).
+                // (the vector steps cover whole rows: `steps · lanes = k` when they run).
                 let consumed = if steps > 0 { prc.clone() } else { first_off };
                 init.push((consumed, "index".into()));
                 let res = b.for_fold_typed(&kf, &kt, 1, &init, |b, kk, carried| {

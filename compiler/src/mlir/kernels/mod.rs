@@ -186,6 +186,7 @@ impl KernelSpec {
             storage,
             int8: self.int8_activations,
             vnni: self.cpu_isa.vnni,
+            lanes: self.cpu_isa.lanes,
         })
     }
 
