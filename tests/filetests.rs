@@ -137,18 +137,12 @@ fn test_lower_mlir(g: &mut Graph, opts: &FileOptions, ptxas: Option<&Path>) -> R
     Ok(out)
 }
 
-/// A feature the kernels choose code by that `cpu` has and this host lacks.
-fn lacking_on_host(cpu: &CpuTarget) -> Option<&'static str> {
-    use std::arch::is_x86_feature_detected as has;
-    let host = [
-        ("avx2", has!("avx2")),
-        ("avx512f", has!("avx512f")),
-        ("avx512vl", has!("avx512vl")),
-        ("avx512bw", has!("avx512bw")),
-        ("avx512vnni", has!("avx512vnni")),
-        ("avxvnni", has!("avxvnni")),
-    ];
-    host.into_iter().find(|(f, on)| !on && cpu.has_feature(f)).map(|(f, _)| f)
+/// The features code for `cpu` may use that this host lacks (the loader's
+/// own check, which would refuse the artifact).
+fn lacking_on_host(cpu: &CpuTarget) -> Option<String> {
+    use sparsec_runtime::isa::{missing_on_host, required};
+    let missing = missing_on_host(&required(&cpu.cpu, &cpu.features));
+    (!missing.is_empty()).then(|| missing.join(", "))
 }
 
 /// Compiles `g` for the CPU, runs it at several `seq` and compares every output

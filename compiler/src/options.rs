@@ -140,39 +140,11 @@ impl Default for CpuIsa {
 }
 
 /// Whether an x86-64 CPU of LLVM name `cpu` has `feature` without a feature
-/// string saying so. Only the features the kernels choose code by are known:
-/// `avx2` (x86-64-v3 and later, every Intel core since Haswell, every AMD Zen),
-/// AVX-512's F, VL, BW, DQ, CD (x86-64-v4, Intel's server cores since
-/// Skylake-SP and client cores Cannon Lake to Tiger Lake, AMD Zen 4 and 5),
-/// `avx512vnni` (those since Cascade Lake and Ice Lake, Zen 4 and 5) and
-/// `avxvnni` (Intel's hybrid cores since Alder Lake, Sapphire Rapids on).
+/// string saying so: the runtime's table, which the loader's ISA check reads
+/// too (`sparsec_runtime::isa::cpu_features`), so that code chosen for a
+/// feature is code the loader refuses on a host without it.
 fn cpu_implies(cpu: &str, feature: &str) -> bool {
-    const AVX512: &[&str] = &[
-        "x86-64-v4",
-        "skylake-avx512",
-        "cascadelake",
-        "cooperlake",
-        "cannonlake",
-        "icelake-client",
-        "icelake-server",
-        "tigerlake",
-        "sapphirerapids",
-        "graniterapids",
-        "emeraldrapids",
-        "znver4",
-        "znver5",
-    ];
-    const AVX2_ONLY: &[&str] = &["x86-64-v3", "haswell", "broadwell", "skylake", "alderlake", "raptorlake", "meteorlake", "arrowlake"];
-    // AVX-512 cores without VNNI: Skylake-SP, Cannon Lake and the generic v4.
-    const NO_VNNI: &[&str] = &["x86-64-v4", "skylake-avx512", "cannonlake"];
-    const AVX_VNNI: &[&str] = &["alderlake", "raptorlake", "meteorlake", "arrowlake", "sapphirerapids", "graniterapids", "emeraldrapids"];
-    match feature {
-        "avx512f" | "avx512vl" | "avx512bw" | "avx512dq" | "avx512cd" => AVX512.contains(&cpu),
-        "avx512vnni" => AVX512.contains(&cpu) && !NO_VNNI.contains(&cpu),
-        "avxvnni" => AVX_VNNI.contains(&cpu),
-        "avx2" | "fma" => AVX512.contains(&cpu) || AVX2_ONLY.contains(&cpu) || cpu.starts_with("znver"),
-        _ => false,
-    }
+    sparsec_runtime::isa::cpu_features(cpu).iter().any(|group| group.contains(&feature))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -5,14 +5,42 @@
 //!
 //! The compile records its LLVM target in the manifest (`options.cpu`: the CPU
 //! name and the feature string, `+avx2,-avx512f,...`). A feature string names
-//! every feature explicitly (`--cpu host` records the host's); the generic
-//! levels `x86-64-v2/v3/v4` imply theirs. Other CPU names with no feature
-//! string cannot be checked without LLVM and pass.
+//! every feature explicitly (`--cpu host` records the host's); a CPU name
+//! implies the vector features of [`cpu_features`] (the generic levels
+//! `x86-64-v2/v3/v4` and the named Intel and AMD cores since Haswell and Zen),
+//! which the compiler's kernel choice reads too (`CpuTarget::has_feature`).
+//! Other CPU names with no feature string cannot be checked without LLVM and
+//! pass.
 
 /// The features of `x86-64-v2`, `-v3` and `-v4` that vector code can use.
 const V2: &[&str] = &["sse3", "ssse3", "sse4.1", "sse4.2", "popcnt"];
 const V3: &[&str] = &["avx", "avx2", "fma", "f16c", "bmi", "bmi2", "lzcnt", "movbe"];
 const V4: &[&str] = &["avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"];
+
+/// AVX-512 beyond the base of `x86-64-v4`, as Ice Lake has it (and Zen 4).
+const ICL: &[&str] =
+    &["avx512vnni", "avx512vbmi", "avx512vbmi2", "avx512ifma", "avx512bitalg", "avx512vpopcntdq", "gfni", "vaes", "vpclmulqdq"];
+
+/// The vector features LLVM CPU `cpu` implies without a feature string, as
+/// groups: x86-64-v2/v3/v4 and the named cores since Haswell and Zen (the
+/// features this check knows; an unknown name implies none).
+pub fn cpu_features(cpu: &str) -> &'static [&'static [&'static str]] {
+    match cpu {
+        "x86-64-v2" => &[V2],
+        "x86-64-v3" | "haswell" | "broadwell" | "skylake" | "znver1" | "znver2" => &[V2, V3],
+        "znver3" => &[V2, V3, &["vaes", "vpclmulqdq"]],
+        "alderlake" | "raptorlake" | "meteorlake" | "arrowlake" => &[V2, V3, &["avxvnni", "gfni", "vaes", "vpclmulqdq"]],
+        "x86-64-v4" | "skylake-avx512" => &[V2, V3, V4],
+        "cascadelake" => &[V2, V3, V4, &["avx512vnni"]],
+        "cooperlake" => &[V2, V3, V4, &["avx512vnni", "avx512bf16"]],
+        "cannonlake" => &[V2, V3, V4, &["avx512vbmi", "avx512ifma"]],
+        "icelake-client" | "icelake-server" | "tigerlake" => &[V2, V3, V4, ICL],
+        "sapphirerapids" | "emeraldrapids" | "graniterapids" => &[V2, V3, V4, ICL, &["avx512bf16", "avx512fp16", "avxvnni"]],
+        "znver4" => &[V2, V3, V4, ICL, &["avx512bf16"]],
+        "znver5" => &[V2, V3, V4, ICL, &["avx512bf16", "avx512vp2intersect", "avxvnni"]],
+        _ => &[],
+    }
+}
 
 /// Whether the host has the LLVM feature `name`; `None` for features this
 /// check does not know (they are not vector features kernels emit).
@@ -64,15 +92,10 @@ fn host_has(name: &str) -> Option<bool> {
 
 /// The features code for LLVM CPU `cpu` with feature string `features` may
 /// use, as far as they can be told without LLVM: the `+` entries of the
-/// string, and a generic level's own.
+/// string, and what the CPU name implies ([`cpu_features`]) unless the string
+/// turns it off.
 pub fn required(cpu: &str, features: &str) -> Vec<String> {
-    let level: &[&[&str]] = match cpu {
-        "x86-64-v2" => &[V2],
-        "x86-64-v3" => &[V2, V3],
-        "x86-64-v4" => &[V2, V3, V4],
-        _ => &[],
-    };
-    let mut out: Vec<String> = level.iter().flat_map(|l| l.iter().map(|f| f.to_string())).collect();
+    let mut out: Vec<String> = cpu_features(cpu).iter().flat_map(|l| l.iter().map(|f| f.to_string())).collect();
     let disabled: Vec<&str> = features.split(',').filter_map(|f| f.trim().strip_prefix('-')).collect();
     out.retain(|f| !disabled.contains(&f.as_str()));
     for f in features.split(',').filter_map(|f| f.trim().strip_prefix('+')) {
@@ -110,7 +133,18 @@ mod tests {
         assert!(v3.iter().any(|f| f == "avx2") && !v3.iter().any(|f| f == "avx512f"));
         let v4 = required("x86-64-v4", "-avx512bw,+avx512vnni");
         assert!(v4.iter().any(|f| f == "avx512f") && v4.iter().any(|f| f == "avx512vnni") && !v4.iter().any(|f| f == "avx512bw"));
-        assert_eq!(required("znver3", "+avx2,-avx512f,+fma"), ["avx2", "fma"]);
+        assert_eq!(required("x86-64", "+avx2,-avx512f,+fma"), ["avx2", "fma"]);
+        // A named core implies its vector features: a `--cpu znver4` artifact
+        // (no feature string) is refused on a host without AVX-512 or VNNI.
+        let zen4 = required("znver4", "");
+        assert!(["avx2", "avx512f", "avx512vl", "avx512vnni", "avx512bf16"].iter().all(|f| zen4.iter().any(|z| z == f)));
+        assert!(!required("znver3", "").iter().any(|f| f.starts_with("avx512")));
+        assert!(required("alderlake", "").iter().any(|f| f == "avxvnni"));
+        // Every feature a name implies is one this check knows.
+        for cpu in ["znver5", "sapphirerapids", "cooperlake", "cannonlake", "alderlake"] {
+            let r = required(cpu, "");
+            assert_eq!(checked(&r), r, "{cpu}");
+        }
     }
 
     #[test]
