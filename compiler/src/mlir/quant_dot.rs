@@ -21,6 +21,8 @@ const PREFETCH_BYTES: u64 = 8192;
 /// stream (SmolLM2 Q4_1 decode +22% on the Zen 4 guest against 4 rows
 /// sharing each activation load; docs/history.md).
 const GEMV_COLS: u64 = 1;
+/// Blocks whose scales one vector operation forms.
+const SCALE_VEC: u64 = 8;
 /// Lanes of the per-block integer partial sums (`vector<8xi32>` from `vpmaddwd`).
 const LANES: u32 = 8;
 
@@ -134,6 +136,10 @@ pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, vnni: boo
     let sblocks = b.index(t.rb * nbk_n);
     let qr =
         QuantizedRows { q: b.def(format!("memref.alloca({qbytes}) : memref<?xi8>")), d: b.alloca_f32(&sblocks), s: b.alloca_f32(&sblocks) };
+    // Per (row, weight row) of a micro-kernel (at most `rb` × 2): every
+    // block's `dw·dx`, formed before its loop.
+    let scn = b.index(t.rb * 2 * nbk_n);
+    let sc = b.alloca_f32(&scn);
     let offsets = dt != DType::Q8_0;
     let block_bytes = sparsec_ir::quant::quant_bytes(dt) as u64;
     let qbytes_per_block = b.index(block_bytes);
@@ -143,24 +149,65 @@ pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, vnni: boo
         let slots = strided(b, slot0, nr, &kc);
         let sslots = strided(b, slot0, nr, &nbk);
         let wblocks = strided(b, j, ncols, &nbk);
-        let vz = b.vzero(LANES);
-        let fz = b.f32(0.0);
-        let mut init: Vec<(V, String)> = (0..nr * ncols).map(|_| (vz.clone(), KernelBuilder::vty(LANES))).collect();
-        if offsets {
-            init.extend((0..nr * ncols).map(|_| (fz.clone(), "f32".to_string())));
+        // Before the loop, per (row, weight row): every block's `dw·dx` into
+        // `sc` and the sum of its offsets `Σ m·(dx·Σ qx)`, `SCALE_VEC` blocks at
+        // a time (one load and widening of eight f16 scales), so the loop
+        // reads one f32 per block and carries no offset sum.
+        let whole = nbk_n / SCALE_VEC * SCALE_VEC;
+        let sv_w = SCALE_VEC as u32;
+        let (zero, wc) = (b.index(0), b.index(whole));
+        let mut offs: Vec<Option<V>> = Vec::new();
+        for (r, ss) in sslots.iter().enumerate() {
+            for (c, wb) in wblocks.iter().enumerate() {
+                let base = b.index((r as u64 * ncols + c as u64) * nbk_n);
+                let vz = b.vzero(sv_w);
+                let vty = KernelBuilder::vty(sv_w);
+                let acc = b.for_fold_typed(&zero, &wc, SCALE_VEC, &[(vz, vty.clone())], |b, blk, acc| {
+                    let g = b.addi(wb, blk);
+                    let (dw, mw) = planes.scales_offsets(b, &g, Some(sv_w));
+                    let sat = b.addi(ss, blk);
+                    let dx = b.vload(&qr.d, &sat, sv_w);
+                    let sc_v = b.def(format!("arith.mulf {dw}, {dx} : {vty}"));
+                    let o = b.addi(&base, blk);
+                    b.vstore(&sc_v, &sc, &o, sv_w);
+                    vec![match &mw {
+                        Some(m) => {
+                            let sx = b.vload(&qr.s, &sat, sv_w);
+                            b.vfma(m, &sx, &acc[0], sv_w)
+                        }
+                        None => acc[0].clone(),
+                    }]
+                });
+                let vsum = b.vsum(&acc[0], sv_w);
+                let tail = b.for_fold(&wc, &nbk, &[vsum], |b, blk, acc| {
+                    let g = b.addi(wb, blk);
+                    let (dw, mw) = planes.scale_offset(b, &g);
+                    let sat = b.addi(ss, blk);
+                    let dx = b.load(&qr.d, &sat);
+                    let sc_s = b.mul(&dw, &dx);
+                    let o = b.addi(&base, blk);
+                    b.store(&sc_s, &sc, &o);
+                    vec![match &mw {
+                        Some(m) => {
+                            let sx = b.load(&qr.s, &sat);
+                            b.fma(m, &sx, &acc[0])
+                        }
+                        None => acc[0].clone(),
+                    }]
+                });
+                offs.push(offsets.then(|| tail[0].clone()));
+            }
         }
-        let zero = b.index(0);
+        let vz = b.vzero(LANES);
+        let init: Vec<(V, String)> = (0..nr * ncols).map(|_| (vz.clone(), KernelBuilder::vty(LANES))).collect();
         let accs = b.for_fold_typed(&zero, &nbk, 1, &init, |b, blk, accs| {
             let qk = b.index(QK as u64);
             let koff = b.muli(blk, &qk);
-            let xs: Vec<(V, V, V)> = slots
+            let xs: Vec<V> = slots
                 .iter()
-                .zip(&sslots)
-                .map(|(s, ss)| {
+                .map(|s| {
                     let at = b.addi(s, &koff);
-                    let x = b.vload_bytes(&qr.q, &at, QK as u32);
-                    let sat = b.addi(ss, blk);
-                    (x, b.load(&qr.d, &sat), b.load(&qr.s, &sat))
+                    b.vload_bytes(&qr.q, &at, QK as u32)
                 })
                 .collect();
             let mut next = accs.to_vec();
@@ -173,18 +220,15 @@ pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, vnni: boo
                     b.prefetch_ahead(&w_buf, &at, PREFETCH_BYTES, &quants_last, "i8");
                 }
                 let wq = weight_block(b, dt, &w_buf, &at);
-                let (dw, mw) = planes.scale_offset(b, &g);
-                for (r, (x, dx, sx)) in xs.iter().enumerate() {
+                for (r, x) in xs.iter().enumerate() {
                     let at = r * ncols as usize + c;
                     let dot = block_dot(b, &wq, x, dt == DType::Q8_0, vnni);
                     let dotf = b.def(format!("arith.sitofp {dot} : vector<{LANES}xi32> to {}", KernelBuilder::vty(LANES)));
-                    let scale = b.mul(&dw, dx);
+                    let base = b.index(at as u64 * nbk_n);
+                    let si = b.addi(&base, blk);
+                    let scale = b.load(&sc, &si);
                     let sv = b.vbroadcast(&scale, LANES);
                     next[at] = b.vfma(&dotf, &sv, &accs[at], LANES);
-                    if let Some(m) = &mw {
-                        let o = (nr * ncols) as usize + at;
-                        next[o] = b.fma(m, sx, &accs[o]);
-                    }
                 }
             }
             next
@@ -196,8 +240,8 @@ pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, vnni: boo
             for c in 0..ncols {
                 let at = (r * ncols + c) as usize;
                 let mut y = b.vsum(&accs[at], LANES);
-                if offsets {
-                    y = b.add(&y, &accs[(nr * ncols) as usize + at]);
+                if let Some(off) = &offs[at] {
+                    y = b.add(&y, off);
                 }
                 let ci = b.index(c);
                 let jc = b.addi(j, &ci);

@@ -24,12 +24,29 @@ impl QuantPlanes {
 
     /// The scale and the offset of block `blk`: x = scale·q + offset.
     pub(in crate::mlir) fn scale_offset(&self, b: &mut KernelBuilder, blk: &str) -> (V, Option<V>) {
-        let d = b.load_f16(&self.d, blk);
+        self.scales_offsets(b, blk, None)
+    }
+
+    /// Scales and offsets of blocks `blk..blk + width` as `vector<width x f32>`
+    /// (one load and one widening each), or of block `blk` alone as scalars
+    /// (`width` `None`).
+    pub(in crate::mlir) fn scales_offsets(&self, b: &mut KernelBuilder, blk: &str, width: Option<u32>) -> (V, Option<V>) {
+        let load = |b: &mut KernelBuilder, plane: &str| match width {
+            Some(w) => b.vload_f16(plane, blk, w),
+            None => b.load_f16(plane, blk),
+        };
+        let d = load(b, &self.d);
         let off = match (self.dt, &self.m) {
-            (DType::Q4_1, Some(m)) => Some(b.load_f16(m, blk)),
+            (DType::Q4_1, Some(m)) => Some(load(b, m)),
             (DType::Q4_0, _) => {
                 let m8 = b.f32(-8.0);
-                Some(b.mul(&d, &m8))
+                Some(match width {
+                    Some(w) => {
+                        let m8 = b.vbroadcast(&m8, w);
+                        b.def(format!("arith.mulf {d}, {m8} : {}", KernelBuilder::vty(w)))
+                    }
+                    None => b.mul(&d, &m8),
+                })
             }
             _ => None,
         };
