@@ -160,41 +160,43 @@ pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, vnni: boo
         for (r, ss) in sslots.iter().enumerate() {
             for (c, wb) in wblocks.iter().enumerate() {
                 let base = b.index((r as u64 * ncols + c as u64) * nbk_n);
-                let vz = b.vzero(sv_w);
-                let vty = KernelBuilder::vty(sv_w);
-                let acc = b.for_fold_typed(&zero, &wc, SCALE_VEC, &[(vz, vty.clone())], |b, blk, acc| {
+                // Blocks `blk..+w` (vectors of `w`), or block `blk` alone: their
+                // `dw·dx` into `sc`, their offsets added to `acc`.
+                let step = |b: &mut KernelBuilder, blk: &str, acc: &V, w: Option<u32>| -> V {
                     let g = b.addi(wb, blk);
-                    let (dw, mw) = planes.scales_offsets(b, &g, Some(sv_w));
+                    let (dw, mw) = planes.scales_offsets(b, &g, w);
                     let sat = b.addi(ss, blk);
-                    let dx = b.vload(&qr.d, &sat, sv_w);
-                    let sc_v = b.def(format!("arith.mulf {dw}, {dx} : {vty}"));
+                    let load = |b: &mut KernelBuilder, buf: &str| match w {
+                        Some(n) => b.vload(buf, &sat, n),
+                        None => b.load(buf, &sat),
+                    };
+                    let dx = load(b, &qr.d);
+                    let scale = match w {
+                        Some(n) => b.def(format!("arith.mulf {dw}, {dx} : {}", KernelBuilder::vty(n))),
+                        None => b.mul(&dw, &dx),
+                    };
                     let o = b.addi(&base, blk);
-                    b.vstore(&sc_v, &sc, &o, sv_w);
-                    vec![match &mw {
+                    match w {
+                        Some(n) => b.vstore(&scale, &sc, &o, n),
+                        None => b.store(&scale, &sc, &o),
+                    }
+                    match &mw {
                         Some(m) => {
-                            let sx = b.vload(&qr.s, &sat, sv_w);
-                            b.vfma(m, &sx, &acc[0], sv_w)
+                            let sx = load(b, &qr.s);
+                            match w {
+                                Some(n) => b.vfma(m, &sx, acc, n),
+                                None => b.fma(m, &sx, acc),
+                            }
                         }
-                        None => acc[0].clone(),
-                    }]
+                        None => acc.clone(),
+                    }
+                };
+                let vz = b.vzero(sv_w);
+                let acc = b.for_fold_typed(&zero, &wc, SCALE_VEC, &[(vz, KernelBuilder::vty(sv_w))], |b, blk, acc| {
+                    vec![step(b, blk, &acc[0], Some(sv_w))]
                 });
                 let vsum = b.vsum(&acc[0], sv_w);
-                let tail = b.for_fold(&wc, &nbk, &[vsum], |b, blk, acc| {
-                    let g = b.addi(wb, blk);
-                    let (dw, mw) = planes.scale_offset(b, &g);
-                    let sat = b.addi(ss, blk);
-                    let dx = b.load(&qr.d, &sat);
-                    let sc_s = b.mul(&dw, &dx);
-                    let o = b.addi(&base, blk);
-                    b.store(&sc_s, &sc, &o);
-                    vec![match &mw {
-                        Some(m) => {
-                            let sx = b.load(&qr.s, &sat);
-                            b.fma(m, &sx, &acc[0])
-                        }
-                        None => acc[0].clone(),
-                    }]
-                });
+                let tail = b.for_fold(&wc, &nbk, &[vsum], |b, blk, acc| vec![step(b, blk, &acc[0], None)]);
                 offs.push(offsets.then(|| tail[0].clone()));
             }
         }
