@@ -27,6 +27,8 @@ pub struct CalibrationReport {
     pub tokens: usize,
     /// Pruned while calibrating (`[calibration] sequential`).
     pub sequential: bool,
+    /// SparseGPT's dampening (`[calibration] damp`).
+    pub damp: f64,
     /// The statistics came from the cache.
     pub cached: bool,
     pub collect_s: f64,
@@ -167,7 +169,13 @@ fn gather(
     let (seqs, texts, tokens_hash) = sequences(m, plan)?;
     // The statistics cover the weights named (pruned as said): they are in the key.
     let pruning: String = sequential.map_or(String::new(), |ts| {
-        ts.iter().map(|t| format!("{}={:?}/{}", t.name, t.sparsity, t.method.name())).collect::<Vec<_>>().join(",")
+        let each = ts.iter().map(|t| format!("{}={:?}/{}", t.name, t.sparsity, t.method.name())).collect::<Vec<_>>().join(",");
+        // SparseGPT's dampening changes what it prunes; the default keeps earlier keys.
+        if plan.calibration.damp == sparsec_passes::plan::DEFAULT_DAMP {
+            each
+        } else {
+            format!("{each}|damp={}", plan.calibration.damp)
+        }
     });
     let key = blake3::hash(format!("grams-v2|{}|{}|{}|{}|{}", fingerprint, tokens_hash, SEQUENCE, names.join(","), pruning).as_bytes())
         .to_hex()
@@ -190,7 +198,13 @@ fn gather(
                 let here: Vec<&Target> = ts.iter().filter(|t| weights.contains(&t.name)).collect();
                 let new: Replacements = here
                     .par_iter()
-                    .map(|t| Ok((t.name.clone(), prune_one(m, t, gram).map_err(|e| sparsec_runtime::RuntimeError::Cpu(format!("{e:#}")))?)))
+                    .map(|t| {
+                        Ok((
+                            t.name.clone(),
+                            prune_one(m, t, gram, plan.calibration.damp)
+                                .map_err(|e| sparsec_runtime::RuntimeError::Cpu(format!("{e:#}")))?,
+                        ))
+                    })
                     .collect::<sparsec_runtime::RuntimeResult<_>>()?;
                 pruned.extend(new.iter().cloned());
                 Ok(new)
@@ -211,13 +225,13 @@ fn gather(
 }
 
 /// `target`'s weight (as the checkpoint has it) pruned with `gram`.
-fn prune_one(m: &Model, target: &Target, gram: &Gram) -> Result<Arc<ArrayD<f32>>> {
+fn prune_one(m: &Model, target: &Target, gram: &Gram, damp: f64) -> Result<Arc<ArrayD<f32>>> {
     let w = m.weight(&target.name)?;
     let shape = w.shape().to_vec();
     let (n, k) = target.nk(&shape);
     let method = match target.method {
         PruneMethod::Wanda => Method::Wanda,
-        PruneMethod::SparseGpt => Method::SparseGpt { block: 128, damp: 0.01 },
+        PruneMethod::SparseGpt => Method::SparseGpt { block: 128, damp },
         PruneMethod::Magnitude => return Ok(w),
     };
     let mut data: Vec<f32> = w.iter().copied().collect();
@@ -255,7 +269,7 @@ pub fn apply(m: &Model, fingerprint: &str, plan: &Plan, cache_dir: Option<&std::
                 return Ok((target.name.clone(), a.clone()));
             }
             let gram = grams.get(&target.name).with_context(|| format!("no calibration statistics for `{}`", target.name))?;
-            Ok((target.name.clone(), prune_one(m, target, gram)?))
+            Ok((target.name.clone(), prune_one(m, target, gram, plan.calibration.damp)?))
         })
         .collect::<Result<_>>()?;
     for (name, a) in pruned {
@@ -265,11 +279,17 @@ pub fn apply(m: &Model, fingerprint: &str, plan: &Plan, cache_dir: Option<&std::
         texts,
         tokens,
         sequential,
+        damp: plan.calibration.damp,
         cached: hit,
         collect_s,
         prune_s: t.elapsed().as_secs_f64(),
         weights: targets.len(),
-        key,
+        // What was pruned depends on SparseGPT's dampening too.
+        key: if plan.calibration.damp == sparsec_passes::plan::DEFAULT_DAMP {
+            key
+        } else {
+            format!("{key}|damp={}", plan.calibration.damp)
+        },
         owl,
     }))
 }
@@ -343,8 +363,9 @@ pub fn describe(r: &CalibrationReport) -> String {
             Some((lo, hi)) => format!(", OWL ratios {lo:.3}..{hi:.3}"),
             None => String::new(),
         };
+    let damp = if r.damp == sparsec_passes::plan::DEFAULT_DAMP { String::new() } else { format!(", SparseGPT damp {}", r.damp) };
     format!(
-        "calibrated on {} tokens of {}{} ({}: {:.1} s), pruned {} weights in {:.1} s{owl}",
+        "calibrated on {} tokens of {}{}{damp} ({}: {:.1} s), pruned {} weights in {:.1} s{owl}",
         r.tokens,
         r.texts.join(" + "),
         if r.sequential { ", sequentially" } else { "" },

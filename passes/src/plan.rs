@@ -61,6 +61,9 @@ pub struct Calibration {
     /// outliers (Wanda scores above `threshold` × their layer's mean) giving
     /// fewer zeros, the mean over layers unchanged.
     pub owl: Option<Owl>,
+    /// SparseGPT's dampening: this fraction of the mean diagonal of XᵀX is
+    /// added to its diagonal before the inverse (the paper's 0.01).
+    pub damp: f64,
 }
 
 /// `[calibration] owl = { lambda = 0.08, threshold = 5.0 }`.
@@ -70,6 +73,9 @@ pub struct Owl {
     pub threshold: f32,
 }
 
+/// SparseGPT's default dampening (the paper's `percdamp`).
+pub const DEFAULT_DAMP: f64 = 0.01;
+
 /// The default calibration corpus: licence texts every Debian machine has, other
 /// than GPL-3 (what sparsec evaluates on).
 pub const DEFAULT_CALIBRATION_TEXTS: [&str; 3] =
@@ -77,7 +83,13 @@ pub const DEFAULT_CALIBRATION_TEXTS: [&str; 3] =
 
 impl Default for Calibration {
     fn default() -> Self {
-        Calibration { texts: DEFAULT_CALIBRATION_TEXTS.iter().map(Into::into).collect(), tokens: 8192, sequential: false, owl: None }
+        Calibration {
+            texts: DEFAULT_CALIBRATION_TEXTS.iter().map(Into::into).collect(),
+            tokens: 8192,
+            sequential: false,
+            owl: None,
+            damp: DEFAULT_DAMP,
+        }
     }
 }
 
@@ -259,6 +271,7 @@ struct CalibrationFile {
     tokens: Option<usize>,
     sequential: Option<bool>,
     owl: Option<OwlFile>,
+    damp: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -784,6 +797,12 @@ impl Plan {
                 None => {}
             }
             calibration.sequential = c.sequential.unwrap_or(calibration.sequential);
+            if let Some(d) = c.damp {
+                if !(d > 0.0 && d < 1.0) {
+                    return Err(PlanError::Toml(format!("[calibration] damp = {d} is not in (0, 1)")));
+                }
+                calibration.damp = d;
+            }
             if let Some(o) = c.owl {
                 let owl = Owl { lambda: o.lambda.unwrap_or(0.08), threshold: o.threshold.unwrap_or(5.0) };
                 if !(owl.lambda > 0.0 && owl.lambda < 0.5) {
@@ -807,6 +826,10 @@ impl Plan {
             return Err(PlanError::Toml(
                 "[calibration] owl applies to unstructured sparsity with method = \"wanda\" or \"sparsegpt\", and no rule has one".into(),
             ));
+        }
+        // The dampening is SparseGPT's: without a SparseGPT rule it would do nothing.
+        if calibration.damp != DEFAULT_DAMP && !rules.iter().any(|r| r.method == PruneMethod::SparseGpt) {
+            return Err(PlanError::Toml("[calibration] damp applies to method = \"sparsegpt\", and no rule has it".into()));
         }
         Ok(Plan { rules, calibration })
     }
@@ -914,6 +937,25 @@ pub fn glob(pattern: &str, s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn damp_is_sparsegpt_s_and_in_range() {
+        let with = |damp: &str, method: &str| {
+            Plan::parse(&format!(
+                "[calibration]\ndamp = {damp}\n\n[[rule]]\nsparsity = {{ kind = \"unstructured\", ratio = 0.5, method = \"{method}\" }}\n"
+            ))
+        };
+        assert_eq!(with("0.002", "sparsegpt").unwrap().calibration.damp, 0.002);
+        assert_eq!(Plan::parse("[[rule]]\nsparsity = { kind = \"nm\", n = 2, m = 4 }\n").unwrap().calibration.damp, DEFAULT_DAMP);
+        for (damp, method, why) in [
+            ("0.002", "wanda", "damp applies to method = \"sparsegpt\""),
+            ("0.0", "sparsegpt", "is not in (0, 1)"),
+            ("1.5", "sparsegpt", "is not in (0, 1)"),
+        ] {
+            let e = with(damp, method).unwrap_err().to_string();
+            assert!(e.contains(why), "{damp} {method}: {e}");
+        }
+    }
 
     #[test]
     fn owl_needs_a_calibrated_unstructured_rule() {
