@@ -8,8 +8,11 @@
 //! group; without NSA the unit of KV head 0 serves every KV head (units are
 //! numbered split-major and the others idle), so it reads whole cache rows. It
 //! walks its keys in tiles of `KEY_TILE`, widening each tile's K and
-//! V rows to f32 once for the whole group, with an online softmax per head
-//! (bounded scratch: two tiles, a tile of scores and the group's sums). In
+//! V rows to f32 once for the whole group, with an online softmax per head:
+//! each head scores the tile into its own tile of scores, then the group's
+//! heads take the tile's values together, each value vector loaded once for
+//! all of them (bounded scratch: two tiles, a tile of scores per head and the
+//! group's sums). In
 //! decode the visible keys are split over `ATTN_SPLITS` units
 //! (flash-decoding); each writes its partial softmax (max, sum, weighted
 //! values) to a scratch buffer, and a second phase of units, one per
@@ -240,12 +243,21 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
 struct TileMem {
     k: V,
     v: V,
-    /// Scores: `2·KEY_TILE` (the flash pair uses both halves; the rest the first).
+    /// Scores: `KEY_TILE` per head of a KV group, at least two (the flash
+    /// pair uses two; the split variant one per head of the group).
     s: V,
     /// The K tile transposed (`d × KEY_TILE`, feature-major), for the flash pair.
     kt: V,
     /// `#kv(pre_rope)`: a key's coefficients and the tile's angles (`KeyBasis::scratch_words`).
     rope: Option<V>,
+}
+
+/// One query head of a KV group in the split variant's tile step: its query
+/// (vectors of `VW`), running max and sum, and where its weighted values start.
+struct TileHead {
+    q: Vec<V>,
+    ml: (V, V),
+    ab: V,
 }
 
 /// The flash-style prefill's running state for a block of `FLASH_ROWS`
@@ -695,21 +707,15 @@ impl Attn {
         });
     }
 
-    /// CPU split variant: one head's online softmax over the first `nk`
-    /// keys of a widened tile: scores against the query `qs` (vectors of
-    /// `VW`), VW keys at a time (their dots overlap in flight and one
-    /// butterfly sums all VW) and then one by one; the running max and sum
-    /// `(m, l)` rescaled, and the head's weighted values at `acc[ab..]` too.
-    /// Returns the new max and sum.
-    fn head_tile(
-        &self,
-        b: &mut KernelBuilder,
-        t: &TileMem,
-        qs: &[V],
-        nk: &str,
-        (m_old, l_old): (&str, &str),
-        (acc, ab): (&str, &str),
-    ) -> (V, V) {
+    /// CPU split variant: the online softmax of a KV group's heads over the
+    /// first `nk` keys of a widened tile. Each head's scores against its
+    /// query (vectors of `VW`), VW keys at a time (their dots overlap in
+    /// flight and one butterfly sums all VW) and then one by one, go to its
+    /// own tile of scores; its running max and sum are rescaled; then the
+    /// heads' weighted values (at `acc[ab..]`) take the tile's values
+    /// together, each value vector loaded once for the whole group. Returns
+    /// each head's new max and sum.
+    fn group_tile(&self, b: &mut KernelBuilder, t: &TileMem, heads: &[TileHead], nk: &str, acc: &str) -> Vec<(V, V)> {
         let d = self.d;
         let vty = KernelBuilder::vty(VW);
         let (zero_i, dc) = (b.index(0), b.index(d));
@@ -720,41 +726,54 @@ impl Attn {
         let vwc = b.index(VW as u64);
         let blocks = b.divui(nk, &vwc);
         let blocked = b.muli(&blocks, &vwc);
-        let key_dot = |b: &mut KernelBuilder, i: &str| -> V {
-            let kb = b.muli(i, &dc);
-            let mut a = z.clone();
-            for (v, q) in qs.iter().enumerate() {
-                let o = b.index(v as u64 * VW as u64);
-                let at = b.addi(&kb, &o);
-                let k = b.vload(ktile, &at, VW);
-                a = b.vfma(q, &k, &a, VW);
-            }
-            a
-        };
         let vninf = b.vbroadcast(&ninf, VW);
         let vscale = b.vbroadcast(&scale, VW);
-        let vmax = b.for_fold_typed(&zero_i, &blocked, VW as u64, &[(vninf, vty.clone())], |b, ib, a| {
-            let dots: Vec<V> = (0..VW as u64)
-                .map(|u| {
-                    let o = b.index(u);
-                    let i = b.addi(ib, &o);
-                    key_dot(b, &i)
-                })
-                .collect();
-            let sums = b.vsums(&dots, VW);
-            let sv = b.def(format!("arith.mulf {sums}, {vscale} : {vty}"));
-            b.vstore(&sv, stile, ib, VW);
-            vec![b.def(format!("arith.maxnumf {}, {sv} : {vty}", a[0]))]
-        });
-        let block_max = b.def(format!("vector.reduction <maxnumf>, {} : {vty} into f32", vmax[0]));
-        let tmax = b.for_fold(&blocked, nk, &[block_max], |b, i, a| {
-            let dot = key_dot(b, i);
-            let dsum = b.vsum(&dot, VW);
-            let sv = b.mul(&dsum, &scale);
-            b.store(&sv, stile, i);
-            vec![b.fbin("maxnumf", &a[0], &sv)]
-        });
-        self.softmax_pv(b, t, &zero_i, nk, &tmax[0], (m_old, l_old), (acc, ab))
+        let mut ml = Vec::with_capacity(heads.len());
+        let (mut s0s, mut corrs, mut abs) = (Vec::new(), Vec::new(), Vec::new());
+        for (h, head) in heads.iter().enumerate() {
+            let s0 = b.index(h as u64 * KEY_TILE);
+            let key_dot = |b: &mut KernelBuilder, i: &str| -> V {
+                let kb = b.muli(i, &dc);
+                let mut a = z.clone();
+                for (v, q) in head.q.iter().enumerate() {
+                    let o = b.index(v as u64 * VW as u64);
+                    let at = b.addi(&kb, &o);
+                    let k = b.vload(ktile, &at, VW);
+                    a = b.vfma(q, &k, &a, VW);
+                }
+                a
+            };
+            let vmax = b.for_fold_typed(&zero_i, &blocked, VW as u64, &[(vninf.clone(), vty.clone())], |b, ib, a| {
+                let dots: Vec<V> = (0..VW as u64)
+                    .map(|u| {
+                        let o = b.index(u);
+                        let i = b.addi(ib, &o);
+                        key_dot(b, &i)
+                    })
+                    .collect();
+                let sums = b.vsums(&dots, VW);
+                let sv = b.def(format!("arith.mulf {sums}, {vscale} : {vty}"));
+                let si = b.addi(&s0, ib);
+                b.vstore(&sv, stile, &si, VW);
+                vec![b.def(format!("arith.maxnumf {}, {sv} : {vty}", a[0]))]
+            });
+            let block_max = b.def(format!("vector.reduction <maxnumf>, {} : {vty} into f32", vmax[0]));
+            let tmax = b.for_fold(&blocked, nk, &[block_max], |b, i, a| {
+                let dot = key_dot(b, i);
+                let dsum = b.vsum(&dot, VW);
+                let sv = b.mul(&dsum, &scale);
+                let si = b.addi(&s0, i);
+                b.store(&sv, stile, &si);
+                vec![b.fbin("maxnumf", &a[0], &sv)]
+            });
+            let (m_new, l_new, corr) = self.softmax(b, t, &s0, nk, &tmax[0], (&head.ml.0, &head.ml.1));
+            ml.push((m_new, l_new));
+            s0s.push(s0);
+            corrs.push(corr);
+            abs.push(head.ab.clone());
+        }
+        self.pv(b, t, &s0s, nk, &corrs, acc, &abs);
+        ml
     }
 
     /// The online softmax of one head over the scores `s[s0..s0 + nk]` of a
@@ -1123,8 +1142,9 @@ impl Attn {
         let ktile = b.alloca_f32(&tile_elems);
         let vtile = b.alloca_f32(&tile_elems);
         let tile_keys = b.index(KEY_TILE);
-        let two_tiles = b.index(2 * KEY_TILE);
-        let stile = b.alloca_f32(&two_tiles);
+        // Scores: a tile per head of the group (the flash pair uses two).
+        let score_tiles = b.index(group.max(2) * KEY_TILE);
+        let stile = b.alloca_f32(&score_tiles);
         let kt = b.alloca_f32(&tile_elems);
         let rope = self.key_basis.as_ref().map(|kb| {
             let n = b.index(kb.scratch_words());
@@ -1244,33 +1264,37 @@ impl Attn {
                         let te = b.minui(&te, hi);
                         let nk = b.def(format!("arith.subi {te}, {tb} : index"));
                         let mut next = Vec::new();
-                        for g in 0..heads_served {
-                            if g % group == 0 {
-                                let khg = kh_of(b, g);
-                                let khd = b.muli(&khg, &dc);
-                                self.widen_tile(b, &tiles_mem, tb, &nk, &khd, &kv_last, &|b: &mut KernelBuilder, t: &str| {
-                                    self.key_row(b, &vis, t)
-                                });
-                            }
-                            let qbase = qbase_of(b, g);
-                            let qs: Vec<V> = (0..nv)
-                                .map(|v| match &qrot {
-                                    Some(qrot) => {
-                                        let o = b.index(g * d + v as u64 * VW as u64);
-                                        b.vload(qrot, &o, VW)
-                                    }
-                                    None => {
-                                        let o = b.index(v as u64 * VW as u64);
-                                        let i = b.addi(&qbase, &o);
-                                        b.vload(&ins[0], &i, VW)
-                                    }
+                        for g0 in (0..heads_served).step_by(group as usize) {
+                            let khg = kh_of(b, g0);
+                            let khd = b.muli(&khg, &dc);
+                            self.widen_tile(b, &tiles_mem, tb, &nk, &khd, &kv_last, &|b: &mut KernelBuilder, t: &str| {
+                                self.key_row(b, &vis, t)
+                            });
+                            // The KV head's query heads: their queries, running max and sum, and values.
+                            let heads: Vec<TileHead> = (g0..g0 + group)
+                                .map(|g| {
+                                    let qbase = qbase_of(b, g);
+                                    let q: Vec<V> = (0..nv)
+                                        .map(|v| match &qrot {
+                                            Some(qrot) => {
+                                                let o = b.index(g * d + v as u64 * VW as u64);
+                                                b.vload(qrot, &o, VW)
+                                            }
+                                            None => {
+                                                let o = b.index(v as u64 * VW as u64);
+                                                let i = b.addi(&qbase, &o);
+                                                b.vload(&ins[0], &i, VW)
+                                            }
+                                        })
+                                        .collect();
+                                    let ml = (ml[2 * g as usize].clone(), ml[2 * g as usize + 1].clone());
+                                    TileHead { q, ml, ab: b.index(g * d) }
                                 })
                                 .collect();
-                            let (m_old, l_old) = (&ml[2 * g as usize], &ml[2 * g as usize + 1]);
-                            let ab = b.index(g * d);
-                            let (m_new, l_new) = self.head_tile(b, &tiles_mem, &qs, &nk, (m_old, l_old), (&acc_mem, &ab));
-                            next.push(m_new);
-                            next.push(l_new);
+                            for (m_new, l_new) in self.group_tile(b, &tiles_mem, &heads, &nk, &acc_mem) {
+                                next.push(m_new);
+                                next.push(l_new);
+                            }
                         }
                         next
                     })
