@@ -135,6 +135,14 @@ pub struct CompileFlags {
     /// compile time (by default Q8_0/Q4_0/Q4_1 matrices stay quantized).
     #[arg(long)]
     pub dequantize: bool,
+    /// Leave the checkpoint's tensors out of the artifact (MODEL only): the
+    /// manifest lists them, and `sparsec-run ARTIFACT --weights CHECKPOINT`
+    /// packs them at load (types, sparse formats and `#sparsity` as compiled),
+    /// so a small artifact runs on a machine that holds the checkpoint.
+    /// Refused for weights derived at compile time (calibrated pruning, low
+    /// rank, fitted bases) and for kernels that bake a weight into code.
+    #[arg(long)]
+    pub strip_weights: bool,
 }
 
 /// Compile flags alone, for verbs that compile on the user's behalf.

@@ -224,11 +224,18 @@ fn do_compile(input: &Path, output: Option<PathBuf>, flags: &CompileFlags, cache
         + &factored.as_ref().map(|r| format!("+factors:{}", r.key)).unwrap_or_default()
         + &nsa.as_ref().map(|(r, _)| format!("+nsa-adapters:{}", r.adapters_key)).unwrap_or_default()
         + &kv_bases.as_ref().map(|r| format!("+kv-bases:{}", r.key)).unwrap_or_default();
+    // `--strip-weights`: which weights are the checkpoint's tensors as it stores them.
+    let as_stored = |name: &str| model.as_ref().and_then(|m| m.provenance(name));
+    let strip: Option<sparsec_compiler::weights::StripRule<'_>> = flags.strip_weights.then_some(&as_stored);
     let weights = match (&flags.weights, &model) {
+        (Some(_), _) if flags.strip_weights => {
+            anyhow::bail!("--strip-weights leaves out a checkpoint's tensors: give a MODEL, not --weights")
+        }
         (Some(p), _) => sparsec_compiler::WeightSource::File(p),
         (None, Some(_)) => {
-            sparsec_compiler::WeightSource::Lookup { lookup: &lookup, fingerprint: &fingerprint, calibrated: calibration.is_some() }
+            sparsec_compiler::WeightSource::Lookup { lookup: &lookup, fingerprint: &fingerprint, calibrated: calibration.is_some(), strip }
         }
+        (None, None) if flags.strip_weights => anyhow::bail!("--strip-weights leaves out a checkpoint's tensors: compile a MODEL"),
         (None, None) => sparsec_compiler::WeightSource::None,
     };
     let print = PrintOptions { after_all: flags.print_after_all, after: flags.print_after.clone(), before: flags.print_before.clone() };

@@ -113,9 +113,12 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
             src.update(b"file:");
             src.update(&map);
         }
-        WeightSource::Lookup { fingerprint, .. } => {
+        WeightSource::Lookup { fingerprint, strip, .. } => {
             src.update(b"checkpoint:");
             src.update(fingerprint.as_bytes());
+            if strip.is_some() {
+                src.update(b"|stripped");
+            }
         }
     }
     let source_hash = src.finalize().to_hex().to_string();
@@ -140,6 +143,10 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
     }
 
     let tensors = resolve(&g, &part, req.weights)?;
+    let checkpoint_weights = match req.weights {
+        WeightSource::Lookup { strip: Some(rule), .. } => crate::weights::stripped(&g, &part, rule)?,
+        _ => Vec::new(),
+    };
     let mut part = part;
     attach_baked_weights(&mut part, &tensors);
     let staged = staging_dir_for(&req.output)?;
@@ -213,7 +220,13 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
         objects.push(p);
         toolchain::link_shared(&objects, &lib)?;
     }
-    write_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?;
+    // `--strip-weights`: the checkpoint's tensors stay out (the runtime packs them).
+    if checkpoint_weights.is_empty() {
+        write_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?;
+    } else {
+        let kept: Vec<_> = tensors.iter().filter(|(name, _, _)| !checkpoint_weights.contains(name)).cloned().collect();
+        write_safetensors(&dir.join(WEIGHTS_FILE), &kept)?;
+    }
     write(&dir.join(GRAPH_FILE), &graph_text)?;
     if let Some(plan) = &req.plan_text {
         write(&dir.join(PLAN_FILE), plan)?;
@@ -247,6 +260,7 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
         files: Default::default(),
         integrity: String::new(),
         params: Some(sparsec_runtime::manifest::ParamCounts { before: params_before, after: sparsec_runtime::manifest::weight_params(&g) }),
+        checkpoint_weights,
     };
     // Every file's hash, and the manifest's own (`integrity`): checked at load.
     let json = sparsec_runtime::integrity::seal(&dir, &mut manifest)

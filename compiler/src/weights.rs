@@ -47,16 +47,7 @@ impl WeightFile {
     }
 }
 
-/// A weight's data as the artifact stores it.
-#[derive(Clone, Debug, PartialEq)]
-pub enum WeightData {
-    /// Row-major f32 values.
-    F32(Vec<f32>),
-    /// Packed quantized blocks (`sparsec_ir::quant`) of the given type.
-    Packed(DType, Vec<u8>),
-    /// A pruned weight packed as its buffer's `SparseStorage` says (`sparsec_ir::sparse`).
-    Sparse(Vec<u8>),
-}
+pub use sparsec_ir::stored::{half_bytes, WeightData};
 
 /// Weight data by tensor name and the type the graph declares: shape and data
 /// (packed when the checkpoint holds that quantized type, else f32), `None` if unknown.
@@ -73,7 +64,45 @@ pub enum WeightSource<'a> {
     /// A loaded checkpoint, by tensor name (a model's weight roles), with a
     /// fingerprint of its stored bytes (it keys the cache); `calibrated` when
     /// the plan's calibrated methods (Wanda, SparseGPT) already pruned them.
-    Lookup { lookup: WeightLookup<'a>, fingerprint: &'a str, calibrated: bool },
+    /// With `strip`, the artifact leaves out the weights the checkpoint holds
+    /// as stored (`--strip-weights`; the runtime packs them at load): `strip`
+    /// says of a name whether it is such a tensor (`Some(true)`), data derived
+    /// from the checkpoint at compile time (`Some(false)`: calibrated pruning,
+    /// factors, fitted bases; refused, as the runtime cannot redo it), or not
+    /// the checkpoint's (`None`: kept in the artifact).
+    Lookup { lookup: WeightLookup<'a>, fingerprint: &'a str, calibrated: bool, strip: Option<StripRule<'a>> },
+}
+
+/// See `WeightSource::Lookup`.
+pub type StripRule<'a> = &'a dyn Fn(&str) -> Option<bool>;
+
+/// The weights `--strip-weights` leaves out of the artifact (`WeightSource::Lookup`'s
+/// `strip`), in buffer order; an error for a weight whose data the runtime
+/// could not pack from a checkpoint alone, or whose kernel bakes it into code.
+pub fn stripped(g: &Graph, part: &Partition, strip: StripRule<'_>) -> CompileResult<Vec<String>> {
+    let mut out = Vec::new();
+    for (buf, node) in &part.weight_nodes {
+        let n = &g.nodes[*node];
+        let Op::Weight { name, .. } = &n.op else { continue };
+        let err = |message: String| CompileError::Weight { name: name.clone(), value: n.name.clone(), message };
+        match strip(name) {
+            None => {}
+            Some(false) => {
+                return Err(err(
+                    "--strip-weights: this weight is derived from the checkpoint at compile time (calibrated pruning, low rank, a fitted basis), which the runtime cannot redo from a checkpoint".into(),
+                ))
+            }
+            Some(true) => {
+                if part.kernels.iter().any(|k| k.sparse.as_ref().is_some_and(|c| c.bakes() && c.weight == *name)) {
+                    return Err(err(
+                        "--strip-weights: a kernel bakes this weight's structure into code (specialize indices or full; auto picks indices for small matrices): give specialize = \"generic\"".into(),
+                    ));
+                }
+                out.push(part.plan.buffers[*buf].name.clone());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Resolves the data of every weight buffer of `part`, in buffer order.
@@ -102,7 +131,11 @@ pub fn resolve(g: &Graph, part: &Partition, source: WeightSource<'_>) -> Compile
         let shape: Vec<usize> = spec.dims.iter().map(|d| d.resolve(0) as usize).collect();
         let numel: usize = shape.iter().product();
         let data = match &n.op {
-            Op::Constant { values } => WeightData::F32(values.clone()),
+            // A constant keeps its f32 values (pruned and packed as a weight is, under `#sparsity`).
+            Op::Constant { values } => {
+                sparsec_ir::stored::store(DType::F32, pruned.get(node), spec.sparse.as_ref(), WeightData::F32(values.clone()))
+                    .map_err(|message| CompileError::Weight { name: spec.name.clone(), value: n.name.clone(), message })?
+            }
             Op::Weight { name, init } => {
                 let err = |message: String| CompileError::Weight { name: name.clone(), value: n.name.clone(), message };
                 let data = match (lookup(name, spec.dtype)?, init) {
@@ -120,65 +153,16 @@ pub fn resolve(g: &Graph, part: &Partition, source: WeightSource<'_>) -> Compile
                         }))
                     }
                 };
-                // A quantized weight is stored packed: kept as the checkpoint stores
-                // it, or quantized here from f32 data.
-                match (spec.dtype.is_quantized(), data) {
-                    (false, WeightData::F32(v)) => match half_bytes(spec.dtype, &v) {
-                        Some(bytes) => WeightData::Packed(spec.dtype, bytes),
-                        None => WeightData::F32(v),
-                    },
-                    (true, WeightData::Packed(dt, p)) if dt == spec.dtype => WeightData::Packed(dt, p),
-                    (true, WeightData::F32(v)) => match sparsec_ir::quant::quantize(spec.dtype, &v) {
-                        Some(p) => WeightData::Packed(spec.dtype, p),
-                        None => return Err(err(format!("{} values are not whole {} blocks", v.len(), spec.dtype.name()))),
-                    },
-                    (_, WeightData::Packed(dt, _)) => {
-                        return Err(err(format!("the checkpoint holds {} blocks, the graph declares {}", dt.name(), spec.dtype.name())))
-                    }
-                    (_, WeightData::Sparse(_)) => return Err(err("a checkpoint lookup returned packed sparse data".into())),
-                }
+                // Stored as the buffer's type says; a weight under `#sparsity`
+                // materialized as the reference does and packed if its kernel
+                // reads a sparse format (`sparsec_ir::stored`).
+                sparsec_ir::stored::store(spec.dtype, pruned.get(node), spec.sparse.as_ref(), data).map_err(err)?
             }
             _ => unreachable!("partition only records weight and constant nodes"),
-        };
-        // A weight under `#sparsity` is materialized as the reference does (pruned by
-        // magnitude, kept values quantized by `#values`), then packed if its kernel
-        // reads a sparse format.
-        let data = match (pruned.get(node), data) {
-            (Some(pw), WeightData::F32(mut v)) => {
-                let keep = pw.materialize(&mut v);
-                match &spec.sparse {
-                    None => WeightData::F32(v),
-                    Some(st) => WeightData::Sparse(sparsec_ir::sparse::pack(&st.format, &v, &keep, st.transposed).ok_or_else(|| {
-                        CompileError::Weight {
-                            name: spec.name.clone(),
-                            value: n.name.clone(),
-                            message: format!("the pruned weight does not fit {:?}", st.format),
-                        }
-                    })?),
-                }
-            }
-            (Some(_), _) => {
-                return Err(CompileError::Weight {
-                    name: spec.name.clone(),
-                    value: n.name.clone(),
-                    message: "a pruned weight must be f32 (the plan dequantizes it)".into(),
-                })
-            }
-            (None, d) => d,
         };
         out.push((spec.name.clone(), shape, data));
     }
     Ok(out)
-}
-
-/// f32 values rounded to nearest (even) f16 or bf16, as little-endian bytes;
-/// `None` for the other types.
-pub fn half_bytes(dt: DType, v: &[f32]) -> Option<Vec<u8>> {
-    match dt {
-        DType::F16 => Some(v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect()),
-        DType::BF16 => Some(v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect()),
-        DType::F32 | DType::I32 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => None,
-    }
 }
 
 /// Writes tensors as safetensors: F32 tensors of their shape, packed quantized

@@ -18,6 +18,7 @@ pub mod sparse;
 pub mod sparse_calibrated;
 pub mod sparse_detect;
 pub mod sparse_quant;
+pub mod stored;
 pub mod types;
 pub mod verifier;
 

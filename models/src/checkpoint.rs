@@ -9,7 +9,7 @@ use crate::safetensors_dir::SafetensorsDir;
 use crate::{classify, ModelError, SourceKind};
 use ndarray::{ArrayD, IxDyn};
 use sparsec_ir::Graph;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -85,6 +85,8 @@ pub struct Model {
     /// role → expected shape
     shapes: HashMap<String, Vec<usize>>,
     cache: Mutex<HashMap<String, Arc<ArrayD<f32>>>>,
+    /// Names whose data was replaced or added (`set_weight`, `add_weight`).
+    derived: Mutex<HashSet<String>>,
 }
 
 /// Applies a `Cut`; errors say which shape did not fit.
@@ -634,7 +636,18 @@ impl Model {
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         let graph_name: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
         let graph = family.build_graph(&graph_name);
-        Ok(Model { path: path.into(), family, graph, tokenizer, eos, source, names, shapes, cache: Mutex::new(HashMap::new()) })
+        Ok(Model {
+            path: path.into(),
+            family,
+            graph,
+            tokenizer,
+            eos,
+            source,
+            names,
+            shapes,
+            cache: Mutex::new(HashMap::new()),
+            derived: Mutex::new(HashSet::new()),
+        })
     }
 
     /// The data of a weight role, checked against the config's shape; decoded
@@ -661,8 +674,8 @@ impl Model {
     }
 
     /// Replaces the data of weight `role` (a transform of it, such as a
-    /// calibrated pruning): later `weight` calls return it. Its shape must be
-    /// the role's.
+    /// calibrated pruning): later `weight` calls return it, and `provenance`
+    /// calls it derived. Its shape must be the role's.
     pub fn set_weight(&self, role: &str, data: Arc<ArrayD<f32>>) -> Result<(), ModelError> {
         let want = self.shapes.get(role).ok_or_else(|| fmt(&self.path, format!("unknown role `{role}`")))?;
         if data.shape() != want.as_slice() {
@@ -671,7 +684,22 @@ impl Model {
         if let Ok(mut c) = self.cache.lock() {
             c.insert(role.to_string(), data);
         }
+        if let Ok(mut d) = self.derived.lock() {
+            d.insert(role.to_string());
+        }
         Ok(())
+    }
+
+    /// Where weight `name`'s data comes from: `Some(true)` a checkpoint tensor
+    /// as stored, `Some(false)` data derived from the checkpoint (`set_weight`,
+    /// `add_weight`), `None` not this model's.
+    pub fn provenance(&self, name: &str) -> Option<bool> {
+        let derived = self.derived.lock().map(|d| d.contains(name)).unwrap_or(true);
+        match (self.names.contains_key(name), self.shapes.contains_key(name)) {
+            (true, _) => Some(!derived),
+            (false, true) => Some(false),
+            (false, false) => None,
+        }
     }
 
     /// Adds a weight the checkpoint does not have (a factor of a low-rank
@@ -685,6 +713,9 @@ impl Model {
         self.shapes.insert(name.to_string(), data.shape().to_vec());
         if let Ok(mut c) = self.cache.lock() {
             c.insert(name.to_string(), data);
+        }
+        if let Ok(mut d) = self.derived.lock() {
+            d.insert(name.to_string());
         }
         Ok(())
     }

@@ -19,12 +19,39 @@ pub struct Artifact {
     pub limits: crate::validate::Limits,
 }
 
-/// The artifact's packed weights, memory-mapped; the header is read once.
+/// The artifact's packed weights, memory-mapped (the header is read once), or
+/// assembled in memory from its file and a checkpoint (`with_checkpoint`).
 pub struct WeightStore {
     path: PathBuf,
-    map: memmap2::Mmap,
-    /// Tensor name → dtype, shape and byte range in `map`.
+    data: Backing,
+    /// Tensor name → dtype, shape and byte range in the data.
     index: HashMap<String, (Dtype, Vec<usize>, std::ops::Range<usize>)>,
+}
+
+/// Where a store's bytes live.
+enum Backing {
+    Map(memmap2::Mmap),
+    /// Cache-line blocks, so every tensor (placed on a block boundary) is
+    /// aligned as a mapped file's are.
+    Owned(Vec<Block>),
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Block([u8; 64]);
+
+/// A tensor on its way into an assembled store: name, dtype, shape, bytes.
+type Part<'a> = (String, Dtype, Vec<usize>, Cow<'a, [u8]>);
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Map(m) => m,
+            // SAFETY: `Block` is 64 plain bytes with no padding, so the vector's
+            // memory is `len * 64` initialized bytes, borrowed as long as `self`.
+            Backing::Owned(v) => unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 64) },
+        }
+    }
 }
 
 impl WeightStore {
@@ -41,7 +68,68 @@ impl WeightStore {
                 (name, (t.dtype(), t.shape().to_vec(), start..start + t.data().len()))
             })
             .collect();
-        Ok(WeightStore { path: path.into(), map, index })
+        Ok(WeightStore { path: path.into(), data: Backing::Map(map), index })
+    }
+
+    /// This store's tensors and `more` (stored as the compiler stores them:
+    /// f32 values of their shape, packed bytes as U8), in one block of memory
+    /// named `path` (which identifies it, `ResidentWeights::serves`). A name
+    /// both have is an error.
+    pub fn with_tensors(
+        &self,
+        path: PathBuf,
+        more: Vec<(String, Vec<usize>, sparsec_ir::stored::WeightData)>,
+    ) -> RuntimeResult<WeightStore> {
+        use sparsec_ir::stored::WeightData;
+        let mut parts: Vec<Part<'_>> = self
+            .index
+            .iter()
+            .map(|(n, (dt, shape, r))| (n.clone(), *dt, shape.clone(), Cow::Borrowed(&self.data.bytes()[r.clone()])))
+            .collect();
+        for (name, shape, d) in more {
+            if self.index.contains_key(&name) {
+                return Err(RuntimeError::Artifact {
+                    path,
+                    message: format!("tensor `{name}` is both in the artifact and packed from the checkpoint"),
+                });
+            }
+            let part = match d {
+                WeightData::F32(v) => (Dtype::F32, shape, Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())),
+                WeightData::Packed(_, p) | WeightData::Sparse(p) => (Dtype::U8, vec![p.len()], Cow::Owned(p)),
+            };
+            parts.push((name, part.0, part.1, part.2));
+        }
+        parts.sort_by(|a, b| a.0.cmp(&b.0));
+        let blocks: usize = parts.iter().map(|p| p.3.len().div_ceil(64)).sum();
+        let mut data = vec![Block([0; 64]); blocks];
+        let mut index = HashMap::new();
+        let mut at = 0usize;
+        for (name, dt, shape, bytes) in parts {
+            for (i, chunk) in bytes.chunks(64).enumerate() {
+                data[at / 64 + i].0[..chunk.len()].copy_from_slice(chunk);
+            }
+            index.insert(name, (dt, shape, at..at + bytes.len()));
+            at += bytes.len().div_ceil(64) * 64;
+        }
+        Ok(WeightStore { path, data: Backing::Owned(data), index })
+    }
+
+    /// Copies the bytes in `range` into `dst` (of its length): read from the
+    /// file for a mapped store (no page cache copy kept), else from memory.
+    pub fn read_into(&self, range: std::ops::Range<usize>, dst: &mut [u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match &self.data {
+            Backing::Map(_) => std::fs::File::open(&self.path)?.read_exact_at(dst, range.start as u64),
+            Backing::Owned(_) => {
+                dst.copy_from_slice(&self.data.bytes()[range]);
+                Ok(())
+            }
+        }
+    }
+
+    /// Every tensor: name, dtype, shape and stored bytes (what `validate` checks).
+    pub fn tensors(&self) -> HashMap<String, (Dtype, Vec<usize>, &[u8])> {
+        self.index.iter().map(|(k, (dt, shape, r))| (k.clone(), (*dt, shape.clone(), &self.data.bytes()[r.clone()]))).collect()
     }
 
     fn entry(&self, name: &str) -> RuntimeResult<&(Dtype, Vec<usize>, std::ops::Range<usize>)> {
@@ -75,7 +163,7 @@ impl WeightStore {
 
     /// The file's bytes in `range` (a `range` of this store's tensors).
     pub fn at(&self, range: std::ops::Range<usize>) -> &[u8] {
-        &self.map[range]
+        &self.data.bytes()[range]
     }
 
     /// The f32 tensor `name` (borrowed from the map when aligned) and its shape.
@@ -85,7 +173,7 @@ impl WeightStore {
             return Err(RuntimeError::Artifact { path: self.path.clone(), message: format!("tensor `{name}` is {dtype:?}, expected F32") });
         }
         let shape = shape.clone();
-        let bytes = &self.map[range.clone()];
+        let bytes = &self.data.bytes()[range.clone()];
         // SAFETY: f32 has no invalid bit patterns; `align_to` only yields the
         // aligned middle, which we use only when it covers all bytes.
         let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };
@@ -124,6 +212,14 @@ impl Artifact {
     /// graph and the weights (`validate`). Any mismatch is an error naming the
     /// file and the buffer; nothing is used as an address before it passes.
     pub fn open_with(dir: &Path, trust: Trust) -> RuntimeResult<Artifact> {
+        Self::open_checkpoint(dir, trust, None)
+    }
+
+    /// `open_with`, and for an artifact compiled with `--strip-weights`, the
+    /// weights it lists packed from `checkpoint` (`checkpoint.rs`) before the
+    /// same validation. A checkpoint for an artifact that holds its weights, or
+    /// none for one that does not, is an error.
+    pub fn open_checkpoint(dir: &Path, trust: Trust, checkpoint: Option<&Path>) -> RuntimeResult<Artifact> {
         let mpath = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&mpath).map_err(|error| RuntimeError::Io { path: mpath.clone(), error })?;
         let probe: serde_json::Value =
@@ -168,8 +264,27 @@ impl Artifact {
         let gtext = std::fs::read_to_string(&gpath).map_err(|error| RuntimeError::Io { path: gpath.clone(), error })?;
         let graph = parse_graph(&gtext).map_err(|e| RuntimeError::Artifact { path: gpath.clone(), message: e.to_string() })?;
         let weights = WeightStore::open(&dir.join(WEIGHTS_FILE))?;
-        let tensors = weights.index.iter().map(|(k, (dt, shape, r))| (k.clone(), (*dt, shape.clone(), &weights.map[r.clone()]))).collect();
-        let limits = crate::validate::validate(dir, &manifest, &graph, &tensors)?;
+        let weights = match (checkpoint, manifest.checkpoint_weights.is_empty()) {
+            (None, true) => weights,
+            (Some(c), false) => crate::checkpoint::pack(dir, &manifest, &graph, &weights, c)?,
+            (None, false) => {
+                return Err(RuntimeError::Artifact {
+                    path: dir.join(WEIGHTS_FILE),
+                    message: format!(
+                        "compiled with --strip-weights: {} weights (`{}`, ...) come from the checkpoint; give it with --weights CHECKPOINT",
+                        manifest.checkpoint_weights.len(),
+                        manifest.checkpoint_weights[0]
+                    ),
+                })
+            }
+            (Some(c), true) => {
+                return Err(RuntimeError::Artifact {
+                    path: c.into(),
+                    message: "this artifact holds its weights; --weights CHECKPOINT is for artifacts compiled with --strip-weights".into(),
+                })
+            }
+        };
+        let limits = crate::validate::validate(dir, &manifest, &graph, &weights.tensors())?;
         Ok(Artifact { dir: dir.into(), manifest, graph, weights, limits })
     }
 

@@ -3,6 +3,7 @@
 
 pub mod artifact;
 pub mod calibrate;
+pub mod checkpoint;
 pub mod compare;
 pub mod cpu;
 pub mod cuda;

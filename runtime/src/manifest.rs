@@ -6,7 +6,7 @@ use sparsec_ir::sparse::SparseStorage;
 use sparsec_ir::{DType, Dim, SymSize};
 
 /// Bumped whenever the manifest or the kernel ABI changes.
-pub const MANIFEST_VERSION: u32 = 9;
+pub const MANIFEST_VERSION: u32 = 10;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const GRAPH_FILE: &str = "graph.sir";
@@ -71,6 +71,13 @@ pub struct Manifest {
     /// where a plan factors weights: `low_rank`, `share`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub params: Option<ParamCounts>,
+    /// Weight buffers left out of the weights file (`sparsec compile
+    /// --strip-weights`, version 10): checkpoint tensors the runtime packs at
+    /// load (`sparsec-run ARTIFACT --weights CHECKPOINT`), each to its buffer's
+    /// type, sparse format and the graph's `#sparsity`, then validated as the
+    /// weights file would be. Empty for an artifact that holds its weights.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checkpoint_weights: Vec<String>,
 }
 
 /// Weight parameters (elements of every weight tensor, a tied one counted once)

@@ -1,11 +1,10 @@
 //! Weights copied into anonymous memory on 2 MB pages (transparent huge pages,
-//! asked for with `madvise`), read from the artifact's file: a GEMV streaming a
+//! asked for with `madvise`), read from the artifact's weights: a GEMV streaming a
 //! weight then walks the page table once per 2 MB instead of once per 4 KB.
 
 use crate::artifact::Artifact;
 use crate::error::{RuntimeError, RuntimeResult};
 use crate::manifest::BufferKind;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 const HUGE_PAGE: usize = 2 << 20;
@@ -62,12 +61,11 @@ impl ResidentWeights {
         // covers the alignment).
         unsafe { libc::madvise(base as *mut libc::c_void, mapped - (base_addr - map as usize), libc::MADV_HUGEPAGE) };
         let weights = ResidentWeights { map, mapped, base, at, source: store.path().into() };
-        let file = std::fs::File::open(store.path()).map_err(io)?;
         for (off, file_off, len) in ranges {
             // SAFETY: `off + len <= total`, inside the mapping, and nothing else
             // refers to the memory yet.
             let dst = unsafe { std::slice::from_raw_parts_mut(weights.base.add(off), len) };
-            file.read_exact_at(dst, file_off as u64).map_err(io)?;
+            store.read_into(file_off..file_off + len, dst).map_err(io)?;
         }
         Ok(weights)
     }

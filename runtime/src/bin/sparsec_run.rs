@@ -97,6 +97,11 @@ struct Args {
     /// captured once as a CUDA graph (the default).
     #[arg(long)]
     no_graphs: bool,
+    /// For an artifact compiled with `--strip-weights`: the checkpoint (GGUF
+    /// file or HF directory) whose weights are packed at load, each to the
+    /// type, sparse format and pattern it was compiled for.
+    #[arg(long)]
+    weights: Option<PathBuf>,
 }
 
 fn summary(a: &ArrayD<f32>) -> serde_json::Value {
@@ -120,7 +125,8 @@ fn main() {
 fn real_main() -> Result<()> {
     let args = Args::parse();
     let trust = if args.trust { Trust::SkipFileHashes } else { Trust::Verify };
-    let art = Artifact::open_with(&args.artifact, trust).with_context(|| format!("opening {}", args.artifact.display()))?;
+    let art = Artifact::open_checkpoint(&args.artifact, trust, args.weights.as_deref())
+        .with_context(|| format!("opening {}", args.artifact.display()))?;
     if args.prompt.is_some() || args.eval.is_some() || args.bench_decode {
         return model_verbs(&args, &art);
     }
