@@ -27,6 +27,8 @@ const ROWS: u64 = 4;
 const COLS: u64 = 32;
 /// CSR entries per step of the CPU loop (4: the sums below are written for it).
 const CSR_UNROLL: u64 = 4;
+/// CSR entries per lane and step of the NVIDIA warp kernel (their loads issued together).
+const CSR_WARP_UNROLL: u64 = 4;
 
 /// A sparse matmul's geometry: rows of the activation, the weight's storage.
 #[derive(Clone, Copy, Debug)]
@@ -178,7 +180,11 @@ pub fn emit_sparse_matmul(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], ou
 
 /// NVIDIA, CSR: a warp per output element `e = r·n + j`. Lane l takes entries
 /// `ptr[j] + l`, `ptr[j] + l + 32`, ... (value, column, the activation at that
-/// column); `warp_per_output` adds the lanes' sums and stores. The launch is
+/// column), `CSR_WARP_UNROLL` of them a step: the step's value and column
+/// loads are all issued, then its activation loads, then the FMAs, so a row
+/// of a few hundred entries costs a few memory round trips rather than two
+/// per entry; entries past the row's end load its first entry of the step and
+/// add zero. `warp_per_output` adds the lanes' sums and stores. The launch is
 /// whole warps (`KernelSpec::work`).
 fn emit_csr_warp(b: &mut KernelBuilder, t: &SparseMatmul, p: &Planes, a: &str, out: &str) {
     let (n, k) = t.nk();
@@ -191,12 +197,32 @@ fn emit_csr_warp(b: &mut KernelBuilder, t: &SparseMatmul, p: &Planes, a: &str, o
         let hi = b.load_index(&ptr, &j1, "i32");
         let start = b.addi(&lo, lane);
         let zero = b.f32(0.0);
-        let acc = b.for_fold_typed(&start, &hi, WARP, &[(zero, "f32".into())], |b, q, acc| {
-            let v = b.load_elem(&p.vals, q, "f32");
-            let c = b.load_index(&p.idx, q, p.idx_ty);
-            let ai = b.addi(arow, &c);
-            let x = b.load(a, &ai);
-            vec![b.fma(&v, &x, &acc[0])]
+        let acc = b.for_fold_typed(&start, &hi, WARP * CSR_WARP_UNROLL, &[(zero.clone(), "f32".into())], |b, q0, acc| {
+            // The step's entries (the first, `q0`, lies in the row).
+            let entries: Vec<(V, V, V)> = (0..CSR_WARP_UNROLL)
+                .map(|u| {
+                    let o = b.index(u * WARP);
+                    let q = b.addi(q0, &o);
+                    let inside = b.def(format!("arith.cmpi ult, {q}, {hi} : index"));
+                    let q = b.def(format!("arith.select {inside}, {q}, {q0} : index"));
+                    let v = b.load_elem(&p.vals, &q, "f32");
+                    let c = b.load_index(&p.idx, &q, p.idx_ty);
+                    (inside, v, c)
+                })
+                .collect();
+            let xs: Vec<V> = entries
+                .iter()
+                .map(|(_, _, c)| {
+                    let ai = b.addi(arow, c);
+                    b.load(a, &ai)
+                })
+                .collect();
+            let mut s = acc[0].clone();
+            for ((inside, v, _), x) in entries.iter().zip(&xs) {
+                let v = b.def(format!("arith.select {inside}, {v}, {zero} : f32"));
+                s = b.fma(&v, x, &s);
+            }
+            vec![s]
         });
         acc[0].clone()
     });
