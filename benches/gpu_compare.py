@@ -15,7 +15,10 @@ Subcommands:
       QKV split; Llama: as HF stores them), in each weight's type (f32, or
       f16/bf16 rounded to nearest even, as the compiler packs them). Run
       sparsec-run with --trust afterwards (the file's hash in the manifest is
-      the placeholder's).
+      the placeholder's). Dense artifacts only; the runtime's own packing
+      (an artifact compiled with `--strip-weights`, run as `sparsec-run
+      ARTIFACT --weights HF_DIR`) also prunes and packs sparse weights and
+      needs neither this step nor --trust.
   torch HF_DIR --prompt-ids FILE --new-tokens N --dtype float32|float16|bfloat16
       Decode tokens/s at batch 1 after the prompt: transformers eager with its
       dynamic KV cache, and PyTorch's best here: a hand-written static-KV-cache
