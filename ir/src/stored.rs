@@ -68,3 +68,57 @@ pub fn store(dtype: DType, pruned: Option<&PrunedWeight>, sparse: Option<&Sparse
         (None, d) => Ok(d),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sparse::{unpack, SparseStorage};
+    use crate::{Sparsity, ValueCoding};
+
+    fn values(n: usize) -> Vec<f32> {
+        crate::Init::Normal { seed: 7, std: 0.5 }.generate(n)
+    }
+
+    #[test]
+    fn dense_types_are_rounded_or_quantized() {
+        let v = values(64);
+        assert_eq!(store(DType::F32, None, None, WeightData::F32(v.clone())), Ok(WeightData::F32(v.clone())));
+        let Ok(WeightData::Packed(DType::BF16, b)) = store(DType::BF16, None, None, WeightData::F32(v.clone())) else { panic!() };
+        assert_eq!(b, half_bytes(DType::BF16, &v).unwrap());
+        let q = crate::quant::quantize(DType::Q4_1, &v).unwrap();
+        assert_eq!(store(DType::Q4_1, None, None, WeightData::F32(v.clone())), Ok(WeightData::Packed(DType::Q4_1, q.clone())));
+        // Blocks a checkpoint stores in the buffer's type are kept as they are.
+        assert_eq!(store(DType::Q4_1, None, None, WeightData::Packed(DType::Q4_1, q.clone())), Ok(WeightData::Packed(DType::Q4_1, q)));
+    }
+
+    #[test]
+    fn a_pruned_weight_is_materialized_then_packed() {
+        let (n, k) = (8u64, 32u64);
+        let pw = PrunedWeight { sparsity: Sparsity::NM { n: 2, m: 4 }, values: ValueCoding::Q4, transposed: true, n, k };
+        let st = SparseStorage { format: pw.format(), transposed: true };
+        let v = values((n * k) as usize);
+        let mut want = v.clone();
+        pw.materialize(&mut want);
+        // Stored dense (a `dense` kernel): the reference's values.
+        assert_eq!(store(DType::F32, Some(&pw), None, WeightData::F32(v.clone())), Ok(WeightData::F32(want.clone())));
+        // Packed: unpacking gives the same values back.
+        let Ok(WeightData::Sparse(bytes)) = store(DType::F32, Some(&pw), Some(&st), WeightData::F32(v)) else { panic!() };
+        assert_eq!(unpack(&st.format, &bytes, true), Some(want));
+    }
+
+    #[test]
+    fn what_does_not_fit_is_an_error() {
+        let v = values(64);
+        let e = store(DType::Q8_0, None, None, WeightData::F32(values(40))).unwrap_err();
+        assert!(e.contains("not whole q8_0 blocks"), "{e}");
+        let q8 = crate::quant::quantize(DType::Q8_0, &v).unwrap();
+        let e = store(DType::Q4_1, None, None, WeightData::Packed(DType::Q8_0, q8.clone())).unwrap_err();
+        assert!(e.contains("holds q8_0 blocks, the graph declares q4_1"), "{e}");
+        let pw = PrunedWeight { sparsity: Sparsity::Unstructured { ratio: 0.5 }, values: ValueCoding::F32, transposed: true, n: 4, k: 8 };
+        let e = store(DType::F32, Some(&pw), None, WeightData::F32(v.clone())).unwrap_err();
+        assert!(e.contains("64 values, the pruned weight is 4x8"), "{e}");
+        let e = store(DType::Q8_0, Some(&pw), None, WeightData::Packed(DType::Q8_0, q8)).unwrap_err();
+        assert!(e.contains("must be f32"), "{e}");
+        assert!(store(DType::F32, None, None, WeightData::Sparse(vec![0; 8])).is_err());
+    }
+}
