@@ -20,7 +20,8 @@ pub struct Artifact {
 }
 
 /// The artifact's packed weights, memory-mapped (the header is read once), or
-/// assembled in memory from its file and a checkpoint (`with_checkpoint`).
+/// assembled in memory from its file and a checkpoint's packed tensors
+/// (`with_tensors`, for `sparsec-run --weights CHECKPOINT`).
 pub struct WeightStore {
     path: PathBuf,
     data: Backing,
@@ -114,8 +115,9 @@ impl WeightStore {
         Ok(WeightStore { path, data: Backing::Owned(data), index })
     }
 
-    /// Copies the bytes in `range` into `dst` (of its length): read from the
-    /// file for a mapped store (no page cache copy kept), else from memory.
+    /// Copies the bytes in `range` into `dst` (of its length): for a mapped
+    /// store read from the file with `pread` (not through the mapping), else
+    /// copied from memory.
     pub fn read_into(&self, range: std::ops::Range<usize>, dst: &mut [u8]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
         match &self.data {
