@@ -43,3 +43,26 @@ fn every_saved_fuzz_input_is_handled() {
     }
     assert!(replayed >= 5);
 }
+
+/// The artifact seeds are artifacts of the current manifest version: a bumped
+/// `MANIFEST_VERSION` with stale seeds would have the replay above refuse every
+/// one at the version check, before the validation they exist to exercise
+/// (rerun `fuzz/make_seeds.py` after a bump).
+#[test]
+fn artifact_seeds_have_the_current_manifest_version() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/artifact");
+    let seeds = inputs(&dir);
+    assert!(!seeds.is_empty(), "fuzz/corpus/artifact holds no seeds");
+    for p in seeds {
+        let data = std::fs::read(&p).unwrap();
+        // Mode byte, then the manifest framed by its u32 length (`harness::split`).
+        let len = u32::from_le_bytes(data[1..5].try_into().unwrap()) as usize;
+        let manifest: serde_json::Value = serde_json::from_slice(&data[5..5 + len]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert_eq!(
+            manifest["version"].as_u64(),
+            Some(sparsec_runtime::manifest::MANIFEST_VERSION as u64),
+            "{}: rerun fuzz/make_seeds.py after a manifest version bump",
+            p.display()
+        );
+    }
+}
