@@ -170,12 +170,7 @@ fn gather(
     // The statistics cover the weights named (pruned as said): they are in the key.
     let pruning: String = sequential.map_or(String::new(), |ts| {
         let each = ts.iter().map(|t| format!("{}={:?}/{}", t.name, t.sparsity, t.method.name())).collect::<Vec<_>>().join(",");
-        // SparseGPT's dampening changes what it prunes; the default keeps earlier keys.
-        if plan.calibration.damp == sparsec_passes::plan::DEFAULT_DAMP {
-            each
-        } else {
-            format!("{each}|damp={}", plan.calibration.damp)
-        }
+        each + &damp_key(plan)
     });
     let key = blake3::hash(format!("grams-v2|{}|{}|{}|{}|{}", fingerprint, tokens_hash, SEQUENCE, names.join(","), pruning).as_bytes())
         .to_hex()
@@ -224,6 +219,16 @@ fn gather(
     Ok((Statistics { grams, texts, tokens: plan.calibration.tokens, cached: hit, collect_s: t.elapsed().as_secs_f64(), key }, pruned))
 }
 
+/// What SparseGPT's dampening adds to a key of pruned weights: nothing at the
+/// default (so earlier keys stay valid), else `|damp=X`.
+fn damp_key(plan: &Plan) -> String {
+    if plan.calibration.damp == sparsec_passes::plan::DEFAULT_DAMP {
+        String::new()
+    } else {
+        format!("|damp={}", plan.calibration.damp)
+    }
+}
+
 /// `target`'s weight (as the checkpoint has it) pruned with `gram`.
 fn prune_one(m: &Model, target: &Target, gram: &Gram, damp: f64) -> Result<Arc<ArrayD<f32>>> {
     let w = m.weight(&target.name)?;
@@ -231,7 +236,7 @@ fn prune_one(m: &Model, target: &Target, gram: &Gram, damp: f64) -> Result<Arc<A
     let (n, k) = target.nk(&shape);
     let method = match target.method {
         PruneMethod::Wanda => Method::Wanda,
-        PruneMethod::SparseGpt => Method::SparseGpt { block: 128, damp },
+        PruneMethod::SparseGpt => Method::SparseGpt { block: sparsec_ir::sparse_calibrated::SPARSEGPT_BLOCK, damp },
         PruneMethod::Magnitude => return Ok(w),
     };
     let mut data: Vec<f32> = w.iter().copied().collect();
@@ -285,11 +290,7 @@ pub fn apply(m: &Model, fingerprint: &str, plan: &Plan, cache_dir: Option<&std::
         prune_s: t.elapsed().as_secs_f64(),
         weights: targets.len(),
         // What was pruned depends on SparseGPT's dampening too.
-        key: if plan.calibration.damp == sparsec_passes::plan::DEFAULT_DAMP {
-            key
-        } else {
-            format!("{key}|damp={}", plan.calibration.damp)
-        },
+        key: key + &damp_key(plan),
         owl,
     }))
 }

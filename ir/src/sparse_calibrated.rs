@@ -160,9 +160,14 @@ pub enum Method {
     SparseGpt { block: usize, damp: f64 },
 }
 
+/// SparseGPT's column block in the paper (and here).
+pub const SPARSEGPT_BLOCK: usize = 128;
+/// SparseGPT's dampening in the paper (`percdamp`), the default here.
+pub const SPARSEGPT_DAMP: f64 = 0.01;
+
 impl Method {
     /// SparseGPT with the paper's settings: blocks of 128 columns, 1% damping.
-    pub const SPARSEGPT: Method = Method::SparseGpt { block: 128, damp: 0.01 };
+    pub const SPARSEGPT: Method = Method::SparseGpt { block: SPARSEGPT_BLOCK, damp: SPARSEGPT_DAMP };
 }
 
 /// Reads `[n, k]` element `(j, kk)` of a weight stored `[n, k]` (`transposed`) or `[k, n]`.

@@ -74,7 +74,7 @@ pub struct Owl {
 }
 
 /// SparseGPT's default dampening (the paper's `percdamp`).
-pub const DEFAULT_DAMP: f64 = 0.01;
+pub const DEFAULT_DAMP: f64 = sparsec_ir::sparse_calibrated::SPARSEGPT_DAMP;
 
 /// The default calibration corpus: licence texts every Debian machine has, other
 /// than GPL-3 (what sparsec evaluates on).
