@@ -3,8 +3,9 @@
 perplexity on the first N tokens of GPL-3 (default 4096) against the KV bytes
 one position takes (all 30 layers, K and V), for the block-quantized caches
 (with and without Hadamard rotation and KIVI's per-channel keys), the
-feature-axis PCA basis after RoPE, and keys before RoPE in a score-fitted
-basis. Bases calibrate on the plan's default text (GPL-2 + LGPL-2.1 +
+feature-axis PCA basis after RoPE, keys before RoPE in a score-fitted
+basis, and chunked-SVD caches (chunks of 64 positions at fixed ranks and at
+energy thresholds; their KV bytes are a chunk record's share per position). Bases calibrate on the plan's default text (GPL-2 + LGPL-2.1 +
 Artistic). Writes benches/results/kv_tradeoff.{json,md,svg}.
 
     python3 benches/kv_tradeoff.py [--tokens 4096] [--only NAME,...]
@@ -39,6 +40,12 @@ CONFIGS = [
     ("pre-rope 0.25", [], kv_rule('transform = "pca", keep = 0.25, rope = "before", fit = "scores"')),
     ("pre-rope 0.5 q8_0", ["--kv-cache", "q8_0"], kv_rule('transform = "pca", keep = 0.5, rope = "before", fit = "scores"')),
     ("pre-rope 0.5 q4_1", ["--kv-cache", "q4_1"], kv_rule('transform = "pca", keep = 0.5, rope = "before", fit = "scores"')),
+    ("chunked svd r32", [], kv_rule('transform = "chunked_svd", chunk = 64, rank = 32')),
+    ("chunked svd r16", [], kv_rule('transform = "chunked_svd", chunk = 64, rank = 16')),
+    ("chunked svd r8", [], kv_rule('transform = "chunked_svd", chunk = 64, rank = 8')),
+    ("chunked svd e0.99", [], kv_rule('transform = "chunked_svd", chunk = 64, energy = 0.99')),
+    ("chunked svd e0.95", [], kv_rule('transform = "chunked_svd", chunk = 64, energy = 0.95')),
+    ("chunked svd e0.9", [], kv_rule('transform = "chunked_svd", chunk = 64, energy = 0.9')),
 ]
 
 

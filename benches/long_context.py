@@ -12,6 +12,7 @@ at that many positions plus the weights). Writes
 benches/results/long_context.{json,md}.
 
     python3 benches/long_context.py [--threads 2] [--prompt-len 8000] [--new-tokens 32] [--rounds 2] [--schedules half,quarter,nsa] [--kv-caches q8_0,q4_1]
+        [--plans NAME=PLAN.toml,...]   # more sparsec runs, each compiled with its plan (e.g. chunked-SVD caches)
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,8 @@ def sparsec_bench(art, threads, prompt_len, new_tokens):
     r = json.loads(out)
     attn = sum(v["ms_per_token"] for k, v in r["decode_kernels"].items() if "attention" in k)
     return {"prefill_tokens_per_s": r["prefill_tokens_per_s"], "decode_tokens_per_s": r["decode_tokens_per_s"],
-            "attention_ms_per_token": attn, "peak_rss_bytes": r["peak_rss_bytes"]}
+            "attention_ms_per_token": attn, "peak_rss_bytes": r["peak_rss_bytes"],
+            "kv_bytes_per_position": r["kv"]["bytes_per_position"]}
 
 
 def inspect_bytes(art):
@@ -68,6 +70,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--schedules", default="half,quarter,nsa", help="presets compiled besides dense (windows, nsa)")
     ap.add_argument("--kv-caches", default="q8_0,q4_1", help="sparsec --kv-cache types besides f16 (and llama.cpp's q8_0)")
+    ap.add_argument("--plans", default="", help="NAME=PLAN.toml,... : sparsec runs compiled with these plans")
     ap.add_argument("--perplexity-tokens", type=int, default=4096,
                     help="also measure each sparsec run's perplexity on this many tokens of GPL-3 (0: no) and plot it against decode speed")
     a = ap.parse_args()
@@ -78,10 +81,13 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         arts = {}
         kv = [k for k in a.kv_caches.split(",") if k]
-        for name in ["dense"] + [s for s in a.schedules.split(",") if s] + [f"{k} cache" for k in kv]:
+        plans = dict(p.split("=", 1) for p in a.plans.split(",") if p)
+        for name in ["dense"] + [s for s in a.schedules.split(",") if s] + [f"{k} cache" for k in kv] + list(plans):
             art = os.path.join(tmp, f"{name.replace(' ', '_')}.sparsec")
             if name == "dense":
                 extra = []
+            elif name in plans:
+                extra = ["--plan", os.path.abspath(plans[name])]
             elif name.endswith(" cache"):
                 extra = ["--kv-cache", name.split()[0]]
             else:
@@ -130,14 +136,15 @@ def main():
           f"(GPL-3 repeated), {a.new_tokens} greedy decode steps; medians of {a.rounds} interleaved rounds; f16 KV caches. "
           f"Read bandwidth {bw / 1e9:.1f} GB/s; one dense token reads {token_bytes / 1e6:.0f} MB "
           f"({weights / 1e6:.0f} MB weights + {per_pos * a.prompt_len / 1e6:.0f} MB cache): bound {bound:.1f} tok/s.", "",
-          "| run | decode tok/s | vs best llama.cpp | % of bound | prefill tok/s | vs best llama.cpp | attention ms/token | peak RSS MB |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+          "| run | decode tok/s | vs best llama.cpp | % of bound | prefill tok/s | vs best llama.cpp | attention ms/token | peak RSS MB | KV B/position |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         attn = f"{r['attention_ms_per_token']:.2f}" if "attention_ms_per_token" in r else "-"
         peak = f"{r['peak_rss_bytes'] / 1e6:.0f}" if "peak_rss_bytes" in r else "-"
+        kvb = f"{r['kv_bytes_per_position']:.0f}" if "kv_bytes_per_position" in r else "-"
         md.append(f"| {r['name']} | {r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / best_llama:.2f}x | "
                   f"{100 * r['decode_tokens_per_s'] / bound:.0f}% | {r['prefill_tokens_per_s']:.1f} | "
-                  f"{r['prefill_tokens_per_s'] / best_llama_prefill:.2f}x | {attn} | {peak} |")
+                  f"{r['prefill_tokens_per_s'] / best_llama_prefill:.2f}x | {attn} | {peak} | {kvb} |")
     if ppl:
         md += ["", f"Perplexity on the first {a.perplexity_tokens} tokens of {os.path.basename(lcc.TEXT)} (sparsec eval, compiled): "
                + ", ".join(f"{k[len('sparsec '):]} {v:.2f}" for k, v in ppl.items()) + "; plotted against decode tok/s in long_context.svg."]

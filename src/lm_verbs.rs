@@ -21,6 +21,7 @@ use sparsec_runtime::lm::{perplexity, LmLimits};
 use sparsec_runtime::sampling::Sampler;
 use sparsec_runtime::session::Session;
 use sparsec_runtime::Artifact;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
@@ -516,8 +517,19 @@ pub fn bench_lm(src: &LmSource, text: &Path, prompt_len: usize, new_tokens: usiz
             .collect(),
         _ => serde_json::Map::new(),
     };
+    // Chunked-SVD caches: how many (chunk, KV head) factors took each rank, K and V apart.
+    let mut ranks: BTreeMap<&str, BTreeMap<usize, usize>> = BTreeMap::new();
+    if let LmExec::Compiled { session } = &lm.exec {
+        for (name, rs) in session.chunk_ranks() {
+            let role = if name.ends_with("k_cache") { "k" } else { "v" };
+            for r in rs {
+                *ranks.entry(role).or_default().entry(r).or_default() += 1;
+            }
+        }
+    }
     Ok(serde_json::json!({
         "executor": lm.executor(),
+        "chunk_ranks": ranks,
         "prompt_tokens": ids.len(), "new_tokens": new_tokens, "repeat": repeat.max(1),
         "prefill_s": p, "prefill_tokens_per_s": ids.len() as f64 / p,
         "decode_s": d, "decode_tokens_per_s": new_tokens as f64 / d.max(1e-12),

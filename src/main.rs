@@ -529,6 +529,12 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         let f = |k: &str| report[k].as_f64().unwrap_or(0.0);
+        if let Some(ranks) = report["chunk_ranks"].as_object().filter(|r| !r.is_empty()) {
+            for (role, hist) in ranks {
+                let h: Vec<String> = hist.as_object().into_iter().flatten().map(|(r, n)| format!("rank {r}: {n}")).collect();
+                println!("chunked-SVD {role} factors (chunk × KV head): {}", h.join(", "));
+            }
+        }
         if report.get("compile_cold_ms").is_some() {
             println!("compile (cold):      {:>10.1} ms", f("compile_cold_ms"));
             println!("compile (cache hit): {:>10.1} ms", f("compile_cache_hit_ms"));
@@ -583,7 +589,11 @@ fn kv_report(plan: &sparsec_runtime::manifest::ExecutionPlan, positions: usize, 
     let held: Vec<usize> = caches
         .iter()
         .zip(&per_position)
-        .map(|(b, p)| b.fixed_bytes() + p * if rings { b.cache_rows(positions) } else { positions })
+        .map(|(b, p)| match b.chunk_layout() {
+            // Exact rows, then a record per complete chunk.
+            Some(_) => b.bytes(positions as u64),
+            None => b.fixed_bytes() + p * if rings { b.cache_rows(positions) } else { positions },
+        })
         .collect();
     let summaries: usize = plan.buffers.iter().filter_map(|b| b.block_rows(positions).map(|rows| rows * b.bytes(1))).sum();
     serde_json::json!({
@@ -693,6 +703,21 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         // K/V caches in pairs: rows held and bytes per row.
         for b in m.execution.buffers.iter().filter(|b| b.kind == sparsec_runtime::manifest::BufferKind::KvCache) {
             let rows = match (b.ring, b.channel_groups) {
+                _ if b.chunked.is_some() => match (b.chunked, b.chunk_layout()) {
+                    (Some(c), Some(l)) => format!(
+                        "every position; factored per chunk of {} (rank {}{}, {} B per chunk), a ring of {} exact rows ({} B)",
+                        l.chunk,
+                        match c.energy {
+                            Some(e) => format!("for {e} of the energy, at most "),
+                            None => String::new(),
+                        },
+                        l.slot,
+                        l.chunk_bytes(),
+                        l.ring,
+                        l.residual_bytes()
+                    ),
+                    _ => "a chunked layout that does not fit".into(),
+                },
                 (Some(r), _) => format!("ring of {} rows ({} sinks, {} more than one call appends)", r.capacity(), r.sinks, r.max_rows),
                 (None, Some(g)) => format!("every position; per channel in groups of {g}, the newest group exact ({} B)", b.fixed_bytes()),
                 (None, None) => "every position".into(),

@@ -278,6 +278,15 @@ fn resealed_structural_corruptions_are_caught_behind_the_hashes() {
     reseal(&w, |m| m["execution"]["buffers"][0]["channel_groups"] = serde_json::json!(32));
     expect_error(&w, &["channel groups of 32", "only an unwindowed q4_1 KV cache"]);
 
+    // A chunked-SVD layout claimed by a buffer that is no f16 KV cache, and
+    // one whose ring is not made of whole chunks.
+    copy_dir(&dense, &w);
+    reseal(&w, |m| m["execution"]["buffers"][0]["chunked"] = serde_json::json!({"chunk": 16, "ring": 272, "slot": 4, "head": 16}));
+    expect_error(&w, &["chunked layout", "only an unwindowed f16 KV cache"]);
+    copy_dir(&dense, &w);
+    reseal(&w, |m| m["execution"]["buffers"][0]["chunked"] = serde_json::json!({"chunk": 16, "ring": 270, "slot": 4, "head": 16}));
+    expect_error(&w, &["buffer 0 (`x`): no byte size"]);
+
     // An unknown manifest version is refused before anything else.
     copy_dir(&dense, &w);
     reseal(&w, |m| m["version"] = serde_json::json!(99));

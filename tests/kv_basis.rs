@@ -145,7 +145,7 @@ fn feature_bases_refuse_what_they_do_not_do() {
         let e = sparsec_passes::Plan::parse(&rule(kv)).unwrap_err().to_string();
         assert!(e.contains(why), "{kv}: {e}");
     }
-    // Sequence-axis DCT and chunked SVD parse and are refused when applied.
-    let p = sparsec_passes::Plan::parse(&rule("transform = \"chunked_svd\", chunk = 64, rank = 16")).unwrap();
-    assert!(p.rules[0].not_yet.iter().any(|w| w.contains("chunked SVD")));
+    // Sequence-axis DCT parses and is refused when applied (chunked SVD: tests/kv_chunked.rs).
+    let p = sparsec_passes::Plan::parse(&rule("transform = \"dct\", axis = \"sequence\", keep = 0.5, block = 64")).unwrap();
+    assert!(p.rules[0].not_yet.iter().any(|w| w.contains("sequence-axis DCT")));
 }

@@ -65,6 +65,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     sparse: None,
                     ring: None,
                     channel_groups: None,
+                    chunked: None,
                 });
                 weight_nodes.push((buffers.len() - 1, i));
                 buffers.len() - 1
@@ -82,6 +83,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             sparse: None,
             ring: None,
             channel_groups: None,
+            chunked: None,
         });
         let id = buffers.len() - 1;
         buffer_of[i] = id;
@@ -120,7 +122,8 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             kivi_keys: false,
         };
         let mut head_width = 0;
-        if let Op::Attention { heads, .. } = n.op {
+        let mut chunked_cache = None;
+        if let Op::Attention { heads, kv_heads } = n.op {
             // The kernel reads its keys and values from the caches, in their type.
             for t in spec.operands.iter_mut().skip(1).take(2) {
                 t.dtype = kv_dtype;
@@ -150,6 +153,27 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     )));
                 }
                 spec.kivi_keys = true;
+            }
+            if let Some((chunk, _)) = crate::mlir::kernels::chunked_svd_of(&spec) {
+                // f16 factors after f32 exact rows (`sparsec_ir::kv_chunked`), whatever `--kv-cache` says for others.
+                if kv_dtype.is_quantized() || spec.hadamard_kv || spec.kivi_keys {
+                    return Err(spec.unsupported(&format!(
+                        "#kv(chunked_svd) caches hold f16 factors; they are not combined with {} caches, --kv-hadamard or --kv-kivi",
+                        kv_dtype.name()
+                    )));
+                }
+                let layout = crate::mlir::kernels::chunked_layout(&spec, kv_heads as usize, head_width as usize)
+                    .ok_or_else(|| spec.unsupported("#kv(chunked_svd) does not fit the heads"))?;
+                chunked_cache = Some(sparsec_runtime::manifest::ChunkedCache {
+                    chunk,
+                    ring: layout.ring as u32,
+                    slot: layout.slot as u32,
+                    head: head_width,
+                    energy: layout.energy,
+                });
+                for t in spec.operands.iter_mut().skip(1).take(2) {
+                    t.dtype = DType::F16;
+                }
             }
         }
         if let Some(pw) = n.operands.get(1).and_then(|w| pruned.get(&w.0)).filter(|_| matches!(n.op, Op::MatMul { .. })) {
@@ -204,11 +228,12 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     name: format!("{}.{role}", n.name),
                     kind: BufferKind::KvCache,
                     dims: buffers[src].dims.clone(),
-                    dtype: kv_dtype,
+                    dtype: if chunked_cache.is_some() { DType::F16 } else { kv_dtype },
                     slot: None,
                     sparse: None,
                     ring,
                     channel_groups: (spec.kivi_keys && slot == 1).then_some(sparsec_ir::kv_channel::GROUP as u32),
+                    chunked: chunked_cache,
                 });
                 let cache = buffers.len() - 1;
                 steps.push(Step::KvAppend { src, cache, hadamard: spec.hadamard_kv.then_some(head_width) });
@@ -229,6 +254,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     sparse: None,
                     ring: None,
                     channel_groups: None,
+                    chunked: None,
                 });
                 let blocks = buffers.len() - 1;
                 buffers.push(BufferSpec {
@@ -240,6 +266,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     sparse: None,
                     ring: None,
                     channel_groups: None,
+                    chunked: None,
                 });
                 let select = buffers.len() - 1;
                 let k_type = spec.operands[1].clone();
@@ -289,6 +316,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                 sparse: None,
                 ring: None,
                 channel_groups: None,
+                chunked: None,
             });
             args.push(buffers.len() - 1);
         }

@@ -6,6 +6,7 @@ pub mod error;
 pub mod graph;
 pub mod kv_basis;
 pub mod kv_channel;
+pub mod kv_chunked;
 pub mod lexer;
 pub mod op;
 pub mod parser;

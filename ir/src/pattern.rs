@@ -137,8 +137,14 @@ impl KvAxis {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum SvdRank {
     Fixed(u32),
-    /// Smallest rank keeping this fraction of the spectral energy.
-    Energy(f32),
+    /// Smallest rank keeping `fraction` of the chunk's spectral energy, at
+    /// most `max_rank` (the slot the cache reserves per chunk; unset: half
+    /// of `min(chunk, head width)`, where the f16 factors take as many bytes
+    /// as the f16 rows they stand for).
+    Energy {
+        fraction: f32,
+        max_rank: Option<u32>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -372,9 +378,8 @@ impl Pattern {
             | Pattern::Values(_)
             | Pattern::Window(_)
             | Pattern::Nsa(_)
-            | Pattern::Kv(KvCompression::PreRope { .. }) => true,
-            Pattern::LowRank(_)
-            | Pattern::Kv(KvCompression::Dct { .. } | KvCompression::Pswf { .. } | KvCompression::ChunkedSvd { .. }) => false,
+            | Pattern::Kv(KvCompression::PreRope { .. } | KvCompression::ChunkedSvd { .. }) => true,
+            Pattern::LowRank(_) | Pattern::Kv(KvCompression::Dct { .. } | KvCompression::Pswf { .. }) => false,
         }
     }
 
@@ -423,7 +428,13 @@ impl Pattern {
                 let a = a.word("chunked_svd").kv("chunk", Int(*chunk as i128));
                 match rank {
                     SvdRank::Fixed(r) => a.kv("rank", Int(*r as i128)),
-                    SvdRank::Energy(e) => a.kv("energy", Float(*e as f64)),
+                    SvdRank::Energy { fraction, max_rank } => {
+                        let a = a.kv("energy", Float(*fraction as f64));
+                        match max_rank {
+                            Some(m) => a.kv("max_rank", Int(*m as i128)),
+                            None => a,
+                        }
+                    }
                 }
             }
             Pattern::Kv(KvCompression::PreRope { rank, theta, adjacent }) => a
@@ -502,9 +513,11 @@ impl Pattern {
                         let chunk = r.u32("chunk")?;
                         let rank = r.opt_u32("rank")?;
                         let energy = r.opt_f32("energy")?;
-                        let rank = match (rank, energy) {
-                            (Some(k), None) => SvdRank::Fixed(k),
-                            (None, Some(e)) => SvdRank::Energy(e),
+                        let max_rank = r.opt_u32("max_rank")?;
+                        let rank = match (rank, energy, max_rank) {
+                            (Some(k), None, None) => SvdRank::Fixed(k),
+                            (None, Some(fraction), max_rank) => SvdRank::Energy { fraction, max_rank },
+                            (Some(_), None, Some(_)) => return Err(format!("{what}: chunked_svd's `max_rank` caps an `energy` rank")),
                             _ => return Err(format!("{what}: chunked_svd needs exactly one of `rank` or `energy`")),
                         };
                         Pattern::Kv(KvCompression::ChunkedSvd { chunk, rank })

@@ -2,7 +2,7 @@
 //! reduction is long). This is the definition compiled kernels are checked against.
 
 use crate::op::{GeluApprox, Op};
-use crate::pattern::{KvCompression, NativeSparse, NsaScore, Pattern, Window};
+use crate::pattern::{KvCompression, NativeSparse, NsaScore, Pattern, SvdRank, Window};
 use faer::linalg::matmul::matmul;
 use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::{Accum, Mat, Par};
@@ -203,6 +203,7 @@ pub fn attention(
     let mut window: Option<(usize, usize)> = None;
     let mut nsa: Option<NativeSparse> = None;
     let mut expanded = None;
+    let mut factored = None;
     for p in patterns {
         match p {
             Pattern::Window(Window::Full) => {}
@@ -212,6 +213,7 @@ pub fn attention(
                 let basis = extra.first().ok_or("#kv(pre_rope) attention lacks its basis")?;
                 expanded = Some(pre_rope_keys(k, basis, kv_heads, *rank as usize, *theta, *adjacent)?);
             }
+            Pattern::Kv(KvCompression::ChunkedSvd { chunk, rank }) => factored = Some((*chunk, *rank)),
             Pattern::Kv(_) => crate::pattern::refuse_unimplemented(std::slice::from_ref(p))?,
             Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::Values(_) | Pattern::LowRank(_) => {
                 return Err(format!("#{} does not apply to attention", p.keyword()))
@@ -222,6 +224,9 @@ pub fn attention(
         Some(k) => (k, &extra[1..]),
         None => (k, extra),
     };
+    if let Some((chunk, rank)) = factored {
+        return chunked_svd_attention((heads, kv_heads), chunk, rank, q, k, v, q_offset);
+    }
     let s = q.shape()[0];
     let qw = q.shape()[1];
     let total = k.shape()[0];
@@ -275,6 +280,70 @@ pub fn attention(
                         out[(q0 + r) * qw + h * d + c] = (o[(r, c)] / sum) as f32;
                     }
                 }
+            }
+        }
+    }
+    ArrayD::from_shape_vec(IxDyn(&[s, qw]), out).map_err(|e| e.to_string())
+}
+
+/// Causal attention over chunked-SVD caches (`#kv(chunked_svd)`, the rule of
+/// `kv_chunked`): the query at position p reads the chunks before its own
+/// through their factors (expanded here, in f64), and its own chunk exactly.
+/// Simple loops in f64, one query and head at a time.
+#[allow(clippy::too_many_arguments)]
+fn chunked_svd_attention(
+    (heads, kv_heads): (usize, usize),
+    chunk: u32,
+    rank: SvdRank,
+    q: &ArrayD<f32>,
+    k: &ArrayD<f32>,
+    v: &ArrayD<f32>,
+    q_offset: usize,
+) -> Result<ArrayD<f32>, String> {
+    let (s, qw, total) = (q.shape()[0], q.shape()[1], k.shape()[0]);
+    if total != q_offset + s || v.shape()[0] != total {
+        return Err(format!("{} keys and {} values for queries at {q_offset}..{}", total, v.shape()[0], q_offset + s));
+    }
+    let d = qw / heads.max(1);
+    let kvw = kv_heads * d;
+    let layout = crate::kv_chunked::ChunkLayout::new(chunk, rank, kv_heads, d, 1).ok_or("#kv(chunked_svd) does not fit the heads")?;
+    let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+    let kf = layout.factored(&k).ok_or("#kv(chunked_svd): a chunk of K does not factor")?;
+    let vf = layout.factored(&v).ok_or("#kv(chunked_svd): a chunk of V does not factor")?;
+    let group = heads / kv_heads.max(1);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = vec![0f32; s * qw];
+    let mut scores = vec![0f64; total];
+    for r in 0..s {
+        let p = q_offset + r;
+        let own = p / layout.chunk * layout.chunk;
+        for h in 0..heads {
+            let kh = h / group.max(1);
+            // Key j as the query at p reads it: factored before its own chunk.
+            let kk = |j: usize| -> (&[f32], &[f32]) {
+                if j < own {
+                    (&kf, &vf)
+                } else {
+                    (&k, &v)
+                }
+            };
+            for (j, sc) in scores.iter_mut().enumerate().take(p + 1) {
+                let (ks, _) = kk(j);
+                *sc = (0..d).map(|c| q[r * qw + h * d + c] as f64 * ks[j * kvw + kh * d + c] as f64).sum::<f64>() * scale;
+            }
+            let m = scores[..=p].iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let mut sum = 0.0;
+            let mut acc = vec![0f64; d];
+            for j in 0..=p {
+                let w = (scores[j] - m).exp();
+                sum += w;
+                let (_, vs) = kk(j);
+                for (c, a) in acc.iter_mut().enumerate() {
+                    *a += w * vs[j * kvw + kh * d + c] as f64;
+                }
+            }
+            for c in 0..d {
+                out[r * qw + h * d + c] = (acc[c] / sum) as f32;
             }
         }
     }

@@ -93,6 +93,30 @@ fn fraction_ok(name: &str, r: f32) -> Result<(), String> {
     }
 }
 
+/// `#kv(chunked_svd)`'s own ranges: a positive chunk, a rank or energy cap
+/// within it, an energy fraction in (0, 1].
+pub fn verify_chunked_svd(chunk: u32, rank: SvdRank) -> Result<(), String> {
+    positive("chunk", chunk)?;
+    match rank {
+        SvdRank::Fixed(r) => {
+            positive("rank", r)?;
+            if r > chunk {
+                return Err(format!("rank {r} exceeds the chunk length {chunk}"));
+            }
+        }
+        SvdRank::Energy { fraction, max_rank } => {
+            fraction_ok("energy", fraction)?;
+            if let Some(m) = max_rank {
+                positive("max_rank", m)?;
+                if m > chunk {
+                    return Err(format!("max_rank {m} exceeds the chunk length {chunk}"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn positive(name: &str, v: u32) -> Result<(), String> {
     if v > 0 {
         Ok(())
@@ -226,16 +250,10 @@ fn verify_patterns(g: &Graph, v: ValueId, types: &[TensorType]) -> Result<(), St
                     }
                 }
                 KvCompression::ChunkedSvd { chunk, rank } => {
-                    positive("chunk", *chunk)?;
-                    match rank {
-                        SvdRank::Fixed(r) => {
-                            positive("rank", *r)?;
-                            if r > chunk {
-                                return Err(format!("rank {r} exceeds the chunk length {chunk}"));
-                            }
-                        }
-                        SvdRank::Energy(e) => fraction_ok("energy", *e)?,
+                    if families.contains("window") || families.contains("nsa") {
+                        return Err("#kv(chunked_svd) factors a cache of every position: it is not combined with #window or #nsa".into());
                     }
+                    verify_chunked_svd(*chunk, *rank)?;
                 }
                 KvCompression::PreRope { rank, theta, .. } => verify_pre_rope(g, v, *rank, *theta, types, &families)?,
             },

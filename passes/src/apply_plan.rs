@@ -154,7 +154,7 @@ impl ApplyPlan {
         if let Some(what) = rule.not_yet.first() {
             return Err(rule_err(
                 rule,
-                format!("`{what}` is not implemented yet (sparsity, specialize, low_rank, share, attention windows and nsa are)"),
+                format!("`{what}` is not implemented yet (sparsity, specialize, low_rank, share, attention windows, nsa, feature-axis kv bases and chunked_svd are)"),
             ));
         }
         if rule.from_weights {
@@ -264,6 +264,11 @@ impl ApplyPlan {
             let atts: Vec<(String, u64)> = attentions(g)?.into_iter().map(|(i, l)| (g.nodes[i].name.clone(), l)).collect();
             for (name, layer) in atts {
                 crate::kv_basis::set_kv_basis(g, &name, layer, kv).map_err(|m| rule_err(rule, m))?;
+            }
+        }
+        if let Some((chunk, rank)) = rule.kv_chunks {
+            for (i, _) in attentions(g)? {
+                set_pattern(&mut g.nodes[i].patterns, Pattern::Kv(sparsec_ir::KvCompression::ChunkedSvd { chunk, rank }));
             }
         }
         if let Some(wp) = &rule.window {

@@ -223,6 +223,9 @@ pub struct Rule {
     pub nsa_gate: NsaGatePlan,
     /// `kv = { transform = ... }`: K and V cached in a feature-axis basis.
     pub kv: Option<KvPlan>,
+    /// `kv = { transform = "chunked_svd", chunk, rank | energy (, max_rank) }`:
+    /// the caches factored per chunk of positions (`#kv(chunked_svd)`).
+    pub kv_chunks: Option<(u32, sparsec_ir::SvdRank)>,
     /// `sparsity = { kind = "from-weights" }`: each selected weight keeps the
     /// zeros it has, as the pattern they form (`sparsity` is `None`);
     /// `resolve_from_weights` turns the rule into concrete ones, and
@@ -348,6 +351,7 @@ struct KvFile {
     chunk: Option<u32>,
     rank: Option<u32>,
     energy: Option<f32>,
+    max_rank: Option<u32>,
     rope: Option<String>,
     fit: Option<String>,
     alpha: Option<f32>,
@@ -665,16 +669,44 @@ impl Plan {
                     }
                 };
             }
+            let mut kv_chunks = None;
             let kv = match r.kv {
                 None => None,
+                Some(f) if f.transform == "chunked_svd" => {
+                    if f.keep.is_some()
+                        || f.on.is_some()
+                        || f.bandwidth.is_some()
+                        || f.axis.is_some()
+                        || f.block.is_some()
+                        || f.rope.is_some()
+                        || f.fit.is_some()
+                        || f.alpha.is_some()
+                    {
+                        return Err(err(
+                            "kv transform = \"chunked_svd\" factors K and V by chunks of positions: it takes chunk, and rank or energy (with max_rank)".into(),
+                        ));
+                    }
+                    let chunk = f.chunk.unwrap_or(64);
+                    let rank = match (f.rank, f.energy, f.max_rank) {
+                        (Some(k), None, None) => sparsec_ir::SvdRank::Fixed(k),
+                        (None, Some(fraction), max_rank) => sparsec_ir::SvdRank::Energy { fraction, max_rank },
+                        (Some(_), None, Some(_)) => return Err(err("kv max_rank caps an energy rank: give energy with it".into())),
+                        _ => return Err(err("kv transform = \"chunked_svd\" needs exactly one of rank or energy".into())),
+                    };
+                    // The pattern's own checks, without a model (the head width is checked at apply).
+                    sparsec_ir::verifier::verify_chunked_svd(chunk, rank).map_err(|m| err(format!("kv: {m}")))?;
+                    kv_chunks = Some((chunk, rank));
+                    None
+                }
                 Some(f) => {
                     if f.axis.as_deref().is_some_and(|a| a != "feature")
                         || f.block.is_some()
                         || f.chunk.is_some()
                         || f.rank.is_some()
                         || f.energy.is_some()
+                        || f.max_rank.is_some()
                     {
-                        not_yet.push("kv (sequence-axis DCT and chunked SVD)");
+                        not_yet.push("kv (sequence-axis DCT)");
                         None
                     } else {
                         let keep = f.keep.unwrap_or(0.5);
@@ -720,10 +752,6 @@ impl Plan {
                                 }
                                 KvTransform::Smooth { alpha }
                             }
-                            "chunked_svd" => {
-                                not_yet.push("kv (sequence-axis DCT and chunked SVD)");
-                                KvTransform::Dct
-                            }
                             other => {
                                 return Err(err(format!("kv transform = \"{other}\" (expected dct, pswf, pca, smooth or chunked_svd)")))
                             }
@@ -761,6 +789,7 @@ impl Plan {
                 && window.is_none()
                 && nsa.is_none()
                 && kv.is_none()
+                && kv_chunks.is_none()
                 && factor.is_none()
                 && not_yet.is_empty()
             {
@@ -778,6 +807,7 @@ impl Plan {
                 nsa,
                 nsa_gate,
                 kv,
+                kv_chunks,
                 factor,
                 from_weights,
                 not_yet,

@@ -366,6 +366,26 @@ impl CpuSession<'_> {
         self.pos
     }
 
+    /// Per chunked-SVD cache (`#kv(chunked_svd)`): its name and the rank of
+    /// every (complete chunk, KV head) it holds now, chunk by chunk.
+    pub fn chunk_ranks(&self) -> Vec<(String, Vec<usize>)> {
+        let plan = &self.art.manifest.execution;
+        plan.buffers
+            .iter()
+            .zip(&self.caches)
+            .filter_map(|(b, c)| {
+                let l = b.chunk_layout()?;
+                // SAFETY: the cache's f32 words are plain memory it owns; read as bytes.
+                let bytes = unsafe { std::slice::from_raw_parts(c.as_ptr() as *const u8, c.len() * 4) };
+                let ranks = (0..self.pos / l.chunk)
+                    .filter_map(|i| bytes.get(l.residual_bytes() + i * l.chunk_bytes()..l.residual_bytes() + (i + 1) * l.chunk_bytes()))
+                    .flat_map(|rec| l.ranks(rec))
+                    .collect();
+                Some((b.name.clone(), ranks))
+            })
+            .collect()
+    }
+
     /// Forgets every position (the caches keep their memory).
     pub fn reset(&mut self) {
         self.pos = 0;
@@ -382,6 +402,16 @@ impl CpuSession<'_> {
                 "cannot go back {back} positions: a windowed layer's ring cache keeps {} rows beyond its window",
                 r.max_rows
             )));
+        }
+        // A chunked-SVD cache must still hold exact rows of the chunk `pos`
+        // falls in (its ring keeps the last `ring` positions).
+        if let Some(l) = self.art.manifest.execution.buffers.iter().find_map(|b| b.chunk_layout()) {
+            if back > 0 && pos / l.chunk * l.chunk + l.ring < self.pos {
+                return Err(RuntimeError::Cpu(format!(
+                    "cannot go back to position {pos}: a chunked-SVD cache keeps exact rows of the last {} positions only, and position {pos}'s chunk of {} starts before them",
+                    l.ring, l.chunk
+                )));
+            }
         }
         self.pos = self.pos.min(pos);
         Ok(())
@@ -408,7 +438,12 @@ impl CpuSession<'_> {
         // Long calls run in chunks of at most `MAX_CALL_ROWS` rows (so the
         // temporaries stay small whatever the prompt), and of at most `max_rows`
         // where a ring cache takes no more; their outputs are joined by rows.
-        let ring = plan.buffers.iter().filter_map(|b| b.ring).map(|r| r.max_rows.max(1) as u64).min();
+        // (A chunked-SVD cache's ring of exact rows likewise: `ChunkLayout::max_call`.)
+        let ring = plan
+            .buffers
+            .iter()
+            .filter_map(|b| b.ring.map(|r| r.max_rows.max(1) as u64).or_else(|| b.chunk_layout().map(|l| l.max_call() as u64)))
+            .min();
         let chunk = ring.unwrap_or(MAX_CALL_ROWS).min(MAX_CALL_ROWS);
         let by_rows = plan.inputs.iter().chain(&plan.outputs).all(|&i| plan.buffers[i].by_rows());
         // A call a ring cannot take in one piece is split or refused (`run_chunks`).
@@ -510,12 +545,15 @@ impl CpuSession<'_> {
                     (c.as_mut_ptr() as *mut u8, need)
                 }
                 BufferKind::KvCache => {
-                    // Held as f32 words (4-byte aligned) whatever the cache's type.
-                    let row_words = b.bytes(1).div_ceil(4);
+                    // Held as f32 words (4-byte aligned) whatever the cache's
+                    // type; grown by at least 64 positions' bytes (not counting
+                    // the exact rows a per-channel or chunked cache holds once).
+                    let row_words = b.position_bytes().div_ceil(4).max(1);
                     let c = &mut self.caches[i];
                     let rows = b.cache_rows(pos + seq as usize);
-                    // Quantized per channel: the exact rows, then the groups.
-                    let need = if b.channel_groups.is_some() { b.bytes(rows as u64) } else { rows * b.bytes(1) };
+                    // Quantized per channel or factored per chunk: the exact
+                    // rows, then the groups or chunk records.
+                    let need = if b.channel_groups.is_some() || b.chunked.is_some() { b.bytes(rows as u64) } else { rows * b.bytes(1) };
                     if c.len() * 4 < need {
                         // Grow geometrically (decode appends one row at a time), a
                         // ring up to its capacity only.
@@ -562,7 +600,7 @@ impl CpuSession<'_> {
                     // Row by row where the cache is a ring or packs each row into
                     // blocks, else all rows at once (no allocation: decode
                     // appends twice per layer and token).
-                    let by_row = cb.ring.is_some() || cb.dtype.is_quantized();
+                    let by_row = cb.ring.is_some() || cb.dtype.is_quantized() || cb.chunked.is_some();
                     let runs = if by_row { seq as usize } else { 1 };
                     for i in 0..runs {
                         let (row, part) = match (cb.ring, by_row) {
@@ -573,6 +611,10 @@ impl CpuSession<'_> {
                         let from = from.get(part).ok_or_else(|| RuntimeError::Cpu(format!("KV source `{}` is short", cb.name)))?;
                         if cb.channel_groups.is_some() {
                             append_by_channel(cp, cb, row, from, *hadamard)?;
+                            continue;
+                        }
+                        if cb.chunked.is_some() {
+                            append_chunked(cp, cb, row, from)?;
                             continue;
                         }
                         // SAFETY: `row` is below the rows the cache was sized for
@@ -758,6 +800,34 @@ fn append_by_channel(cp: *mut u8, cb: &BufferSpec, row: usize, from: &[f32], had
         if !quantize_group(exact, width, to) {
             return Err(RuntimeError::Cpu(format!("KV cache `{}`: a group of width {width} does not pack", cb.name)));
         }
+    }
+    Ok(())
+}
+
+/// Appends position `row` to a chunked-SVD cache (`BufferSpec::chunked`,
+/// `sparsec_ir::kv_chunked`): the row goes to the exact rows of its chunk,
+/// and the chunk is factored into its record once its last position arrives.
+fn append_chunked(cp: *mut u8, cb: &BufferSpec, row: usize, from: &[f32]) -> RuntimeResult<()> {
+    let l = cb.chunk_layout().ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: a chunked layout that does not fit", cb.name)))?;
+    let width = l.width();
+    if from.len() != width {
+        return Err(RuntimeError::Cpu(format!("KV cache `{}`: a row of {} values for {width} channels", cb.name, from.len())));
+    }
+    let w = l.ring_row(row);
+    // SAFETY: the cache holds `residual_bytes` (the ring of exact f32 rows,
+    // 4-byte aligned) before its records, and the record of every chunk the
+    // positions it was sized for complete (`ChunkLayout::bytes`); nothing
+    // else refers to them during the append.
+    let exact = unsafe { std::slice::from_raw_parts_mut(cp as *mut f32, l.ring * width) };
+    exact[w * width..(w + 1) * width].copy_from_slice(from);
+    if (row + 1).is_multiple_of(l.chunk) {
+        let c = row / l.chunk;
+        // The ring holds whole chunks: chunk c's rows are contiguous.
+        let first = l.ring_row(c * l.chunk) * width;
+        let rows = &exact[first..first + l.chunk * width];
+        // SAFETY: as above: chunk c lies below the `row + 1` positions the cache holds.
+        let to = unsafe { std::slice::from_raw_parts_mut(cp.add(l.residual_bytes() + c * l.chunk_bytes()), l.chunk_bytes()) };
+        l.factor_into(rows, to).ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: chunk {c} does not factor", cb.name)))?;
     }
     Ok(())
 }

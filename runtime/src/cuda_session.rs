@@ -119,6 +119,12 @@ impl CudaExecutor {
                     Some(place(bytes)?)
                 }
                 BufferKind::KvCache => {
+                    if b.chunked.is_some() {
+                        return Err(RuntimeError::Cuda(format!(
+                            "KV cache `{}` is factored per chunk (#kv(chunked_svd)): the CPU runtime factors such caches; the CUDA session does not yet",
+                            b.name
+                        )));
+                    }
                     if !matches!(b.dtype, DType::F32 | DType::F16) {
                         return Err(RuntimeError::Cuda(format!("KV cache `{}` is {} (f32 or f16 only)", b.name, b.dtype.name())));
                     }

@@ -6,7 +6,7 @@ use sparsec_ir::sparse::SparseStorage;
 use sparsec_ir::{DType, Dim, SymSize};
 
 /// Bumped whenever the manifest or the kernel ABI changes.
-pub const MANIFEST_VERSION: u32 = 10;
+pub const MANIFEST_VERSION: u32 = 11;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const GRAPH_FILE: &str = "graph.sir";
@@ -205,6 +205,53 @@ pub struct BufferSpec {
     /// the complete groups.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel_groups: Option<u32>,
+    /// A KV cache factored per chunk of positions (`#kv(chunked_svd)`,
+    /// `sparsec_ir::kv_chunked`): the exact f32 rows of the newest chunk,
+    /// then a record of f16 factors per complete chunk (`dtype` f16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunked: Option<ChunkedCache>,
+}
+
+/// The layout parameters of a chunked-SVD KV cache (manifest version 11).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ChunkedCache {
+    pub chunk: u32,
+    /// Exact rows held: a ring of whole chunks, at least a chunk more than
+    /// one call appends (`ChunkLayout::max_call`; the runtime splits calls).
+    pub ring: u32,
+    /// Rank rows reserved per (chunk, KV head).
+    pub slot: u32,
+    /// Head width.
+    pub head: u32,
+    /// Each head's rank is the smallest keeping this fraction of its energy
+    /// (at most `slot`); `None`: `slot` always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy: Option<f32>,
+}
+
+impl ChunkedCache {
+    /// The IR's layout for a cache `width` channels wide; `None` if the
+    /// parameters do not describe one (zero sizes, a width not made of heads,
+    /// a slot wider than the chunk or the head, an energy outside (0, 1]).
+    pub fn layout(&self, width: usize) -> Option<sparsec_ir::kv_chunked::ChunkLayout> {
+        let (chunk, slot, d, ring) = (self.chunk as usize, self.slot as usize, self.head as usize, self.ring as usize);
+        if d == 0
+            || chunk == 0
+            || ring < chunk
+            || !ring.is_multiple_of(chunk)
+            || !width.is_multiple_of(d)
+            || slot > chunk.min(d)
+            || self.energy.is_some_and(|e| !(e > 0.0 && e <= 1.0))
+        {
+            return None;
+        }
+        let rank = match self.energy {
+            Some(fraction) => sparsec_ir::SvdRank::Energy { fraction, max_rank: Some(self.slot) },
+            None => sparsec_ir::SvdRank::Fixed(self.slot),
+        };
+        sparsec_ir::kv_chunked::ChunkLayout::new(self.chunk, rank, width / d, d, ring + 1 - chunk)
+            .filter(|l| l.slot == slot && l.ring == ring)
+    }
 }
 
 /// A KV cache that keeps only what a sliding window with sinks reads:
@@ -264,17 +311,31 @@ impl BufferSpec {
 
     /// Bytes a KV cache grows by per position; a per-channel K cache
     /// (`channel_groups`) holds `fixed_bytes` more, its newest group's exact rows.
+    /// A chunked-SVD cache grows by a record per chunk: its bytes per
+    /// position are a record's share (rounded up).
     pub fn position_bytes(&self) -> usize {
+        if let Some(l) = self.chunk_layout() {
+            return l.chunk_bytes().div_ceil(l.chunk);
+        }
         self.bytes(1).saturating_sub(self.fixed_bytes())
     }
 
     /// Bytes a KV cache holds whatever its length: a per-channel K cache's
     /// exact rows, else none.
     pub fn fixed_bytes(&self) -> usize {
+        let width = self.numel().resolve(1) as usize;
+        if let Some(l) = self.chunked.and_then(|c| c.layout(width)) {
+            return l.residual_bytes();
+        }
         match self.channel_groups {
-            Some(_) => sparsec_ir::kv_channel::residual_bytes(self.numel().resolve(1) as usize),
+            Some(_) => sparsec_ir::kv_channel::residual_bytes(width),
             None => 0,
         }
+    }
+
+    /// The layout of a chunked-SVD cache (`chunked`), if it is one and fits.
+    pub fn chunk_layout(&self) -> Option<sparsec_ir::kv_chunked::ChunkLayout> {
+        self.chunked?.layout(usize::try_from(self.numel().resolve(1)).ok()?)
     }
 
     /// Whether kernels take the buffer as bytes (`memref<?xi8>`): packed
@@ -308,6 +369,10 @@ impl BufferSpec {
             })?;
         }
         let n = usize::try_from(n).ok()?;
+        if self.chunked.is_some() {
+            // `seq` counts positions; the dims give one position's width.
+            return self.chunk_layout()?.bytes(usize::try_from(seq).ok()?);
+        }
         if self.channel_groups.is_some() {
             let width = usize::try_from(SymSize::of_dims(&self.dims).resolve(1)).ok()?;
             return sparsec_ir::kv_channel::residual_bytes(width).checked_add(self.dtype.storage_bytes(n)?);

@@ -74,6 +74,15 @@ impl Session<'_> {
         }
     }
 
+    /// Per chunked-SVD cache, the ranks of its complete chunks' heads
+    /// (`CpuSession::chunk_ranks`); the GPU session keeps no such caches.
+    pub fn chunk_ranks(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            Session::Cpu(s) => s.chunk_ranks(),
+            Session::Cuda(_) => Vec::new(),
+        }
+    }
+
     /// Forgets every position.
     pub fn reset(&mut self) {
         match self {

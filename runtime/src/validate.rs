@@ -105,6 +105,18 @@ pub fn validate(
                 )));
             }
         }
+        if let Some(c) = b.chunked {
+            if b.kind != BufferKind::KvCache
+                || b.dtype != DType::F16
+                || b.ring.is_some()
+                || b.channel_groups.is_some()
+                || b.chunk_layout().is_none()
+            {
+                return Err(bad(format!(
+                    "chunked layout {c:?} (only an unwindowed f16 KV cache of whole heads, slot within chunk and head)"
+                )));
+            }
+        }
         if b.sparse.is_some() && (b.kind != BufferKind::Weight || b.dtype != DType::F32) {
             return Err(bad("only f32 weights are stored sparse".into()));
         }

@@ -477,6 +477,14 @@ impl KernelBuilder {
         x
     }
 
+    /// NVPTX: lane `src`'s `x` (an index below 32, the same in every lane),
+    /// one `shfl.sync idx`. Every lane of the warp must execute it.
+    pub fn warp_from(&mut self, x: &str, src: &str) -> V {
+        let (mask, clamp) = (self.i32(-1), self.i32(31));
+        let lane = self.def(format!("arith.index_castui {src} : index to i32"));
+        self.def(format!("nvvm.shfl.sync idx {mask}, {x}, {lane}, {clamp} : f32 -> f32"))
+    }
+
     /// `if cond { then }` (no results).
     pub fn if_then(&mut self, cond: &str, then: impl FnOnce(&mut Self)) {
         self.line(format!("scf.if {cond} {{"));

@@ -68,8 +68,8 @@ pub fn window_of(spec: &KernelSpec) -> Result<Option<(u32, u32)>, CompileError> 
             Pattern::Window(Window::Sliding { size, sinks }) => window = Some((*size, *sinks)),
             // Native sparse attention sees its own window (`Visible`).
             Pattern::Nsa(_) => {}
-            // Keys cached before RoPE (`kv_pre_rope.rs`).
-            Pattern::Kv(sparsec_ir::KvCompression::PreRope { .. }) => {}
+            // Keys cached before RoPE (`kv_pre_rope.rs`), caches factored per chunk (`kv_chunked.rs`).
+            Pattern::Kv(sparsec_ir::KvCompression::PreRope { .. } | sparsec_ir::KvCompression::ChunkedSvd { .. }) => {}
             other => return Err(spec.unsupported(&format!("#{} is not lowered yet (its pattern issue adds it)", other.keyword()))),
         }
     }
@@ -92,7 +92,7 @@ fn dims(spec: &KernelSpec) -> Result<(u64, u64, u64), CompileError> {
 /// Whether the CPU kernel is the grouped, split variant (two phases of units
 /// and a scratch buffer).
 pub fn cpu_split(spec: &KernelSpec) -> bool {
-    dims(spec).is_ok_and(|(_, _, d)| d > 0 && d % VW as u64 == 0)
+    super::chunked_svd_of(spec).is_none() && dims(spec).is_ok_and(|(_, _, d)| d > 0 && d % VW as u64 == 0)
 }
 
 /// The CPU units of the split variant's first phase (partials), and of both
@@ -110,6 +110,36 @@ pub fn scratch_words(spec: &KernelSpec) -> Result<u64, CompileError> {
     // A gated NSA keeps one per branch it reads from the caches.
     let branches = if NativeSparse::of(&spec.patterns).is_some_and(|n| n.gated()) { 2 } else { 1 };
     Ok(branches * kvh * ATTN_SPLITS * (h / kvh.max(1)) * (d + 2))
+}
+
+/// NVPTX: how the block's `GPU_ATTN_WARPS` partial softmaxes (max at
+/// `k·part`, sum at `k·part + 1` of the shared array `smem`) combine: each
+/// warp's weight `exp(m_k − max)` and the total `Σ l_k·weight_k`.
+pub(super) fn partial_weights(b: &mut KernelBuilder, smem: &str, part: u64) -> (Vec<V>, V) {
+    let ms: Vec<V> = (0..GPU_ATTN_WARPS)
+        .map(|k| {
+            let at = b.index(k * part);
+            b.load_shared(smem, &at)
+        })
+        .collect();
+    let mut mx = ms[0].clone();
+    for mk in &ms[1..] {
+        mx = b.fbin("maxnumf", &mx, mk);
+    }
+    let mut total = b.f32(0.0);
+    let ws = ms
+        .iter()
+        .enumerate()
+        .map(|(k, mk)| {
+            let dk = b.sub(mk, &mx);
+            let wk = math::exp(b, &dk);
+            let at = b.index(k as u64 * part + 1);
+            let lk = b.load_shared(smem, &at);
+            total = b.fma(&lk, &wk, &total);
+            wk
+        })
+        .collect();
+    (ws, total)
 }
 
 /// One key of an online softmax with running max `m` and sum `l`, its score
@@ -148,6 +178,9 @@ struct Visible {
 /// `out[r, head]` = softmax(q·kᵀ/√d)·v over the keys row r sees.
 pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u32, kv_heads: u32) -> Result<(), CompileError> {
     let KernelCtx { spec, device, ins, .. } = *cx;
+    if super::chunked_svd_of(spec).is_some() {
+        return super::kv_chunked::emit(b, cx, heads, kv_heads);
+    }
     let window = window_of(spec)?;
     let (h, kvh, d) = dims(spec)?;
     if heads == 0 || kv_heads == 0 || h % kvh != 0 {
@@ -1612,29 +1645,7 @@ impl Attn {
                 // Warp 0 combines the block's partials; lane l writes dims l, l + 32, ...
                 let warp0 = b.def(format!("arith.cmpi eq, {s}, {zero_i} : index"));
                 b.if_then(&warp0, |b| {
-                    let ms: Vec<V> = (0..GPU_ATTN_WARPS)
-                        .map(|k| {
-                            let at = b.index(k * part);
-                            b.load_shared(&smem, &at)
-                        })
-                        .collect();
-                    let mut mx = ms[0].clone();
-                    for mk in &ms[1..] {
-                        mx = b.fbin("maxnumf", &mx, mk);
-                    }
-                    let mut total = b.f32(0.0);
-                    let ws: Vec<V> = ms
-                        .iter()
-                        .enumerate()
-                        .map(|(k, mk)| {
-                            let dk = b.sub(mk, &mx);
-                            let wk = math::exp(b, &dk);
-                            let at = b.index(k as u64 * part + 1);
-                            let lk = b.load_shared(&smem, &at);
-                            total = b.fma(&lk, &wk, &total);
-                            wk
-                        })
-                        .collect();
+                    let (ws, total) = partial_weights(b, &smem, part);
                     let f = match branch {
                         None => {
                             let one = b.f32(1.0);

@@ -11,12 +11,30 @@
 //! attention); `quant_planes` reads block-quantized operands.
 
 mod attention;
+mod kv_chunked;
 mod kv_kivi;
 mod kv_pre_rope;
 mod kv_quant;
 mod nsa;
 
 pub use attention::{cpu_ring, window_of, RING_SLACK};
+
+/// The cache layout of an attention with `#kv(chunked_svd)` and `kv_heads`
+/// heads of width `d` (its calls append at most `RING_SLACK` rows, as a
+/// windowed layer's do); `None` without one, or where it does not fit.
+pub fn chunked_layout(spec: &KernelSpec, kv_heads: usize, d: usize) -> Option<sparsec_ir::kv_chunked::ChunkLayout> {
+    let (chunk, rank) = chunked_svd_of(spec)?;
+    sparsec_ir::kv_chunked::ChunkLayout::new(chunk, rank, kv_heads, d, RING_SLACK as usize)
+}
+
+/// The chunk and rank of an attention's `#kv(chunked_svd)`, if it has one
+/// (its kernel is `kv_chunked`'s).
+pub fn chunked_svd_of(spec: &KernelSpec) -> Option<(u32, sparsec_ir::SvdRank)> {
+    spec.patterns.iter().find_map(|p| match p {
+        Pattern::Kv(sparsec_ir::KvCompression::ChunkedSvd { chunk, rank }) => Some((*chunk, *rank)),
+        _ => None,
+    })
+}
 mod elementwise;
 mod embedding;
 mod half_planes;
@@ -303,7 +321,7 @@ impl KernelSpec {
     /// (attention's split partials); `None` when it takes none.
     pub fn scratch_words(&self) -> Result<Option<u64>, CompileError> {
         match &self.op {
-            Op::Attention { .. } if self.stage != Stage::Op => Ok(None),
+            Op::Attention { .. } if self.stage != Stage::Op || chunked_svd_of(self).is_some() => Ok(None),
             Op::Attention { .. } => Ok(Some(attention::scratch_words(self)?)),
             _ => Ok(None),
         }
