@@ -4,8 +4,12 @@ perplexity on the first N tokens of GPL-3 (default 4096) against the KV bytes
 one position takes (all 30 layers, K and V), for the block-quantized caches
 (with and without Hadamard rotation and KIVI's per-channel keys), the
 feature-axis PCA basis after RoPE, keys before RoPE in a score-fitted
-basis, and chunked-SVD caches (chunks of 64 positions at fixed ranks and at
-energy thresholds; their KV bytes are a chunk record's share per position). Bases calibrate on the plan's default text (GPL-2 + LGPL-2.1 +
+basis, chunked-SVD caches (chunks of 64 positions at fixed ranks and at
+energy thresholds) and sequence-axis DCT caches (blocks of 64 older than the
+last 256 positions read low-pass, 4 sinks); the KV bytes of the last two are
+a record's share per position (their exact rows, a fixed 0.2-0.3 MB per
+cache, are left out). `--only` measures some rows again and keeps the
+others from the last results. Bases calibrate on the plan's default text (GPL-2 + LGPL-2.1 +
 Artistic). Writes benches/results/kv_tradeoff.{json,md,svg}.
 
     python3 benches/kv_tradeoff.py [--tokens 4096] [--only NAME,...]
@@ -46,6 +50,9 @@ CONFIGS = [
     ("chunked svd e0.99", [], kv_rule('transform = "chunked_svd", chunk = 64, energy = 0.99')),
     ("chunked svd e0.95", [], kv_rule('transform = "chunked_svd", chunk = 64, energy = 0.95')),
     ("chunked svd e0.9", [], kv_rule('transform = "chunked_svd", chunk = 64, energy = 0.9')),
+    ("sequence dct 0.75", [], kv_rule('transform = "dct", axis = "sequence", keep = 0.75, block = 64, sinks = 4, recent = 256')),
+    ("sequence dct 0.5", [], kv_rule('transform = "dct", axis = "sequence", keep = 0.5, block = 64, sinks = 4, recent = 256')),
+    ("sequence dct 0.25", [], kv_rule('transform = "dct", axis = "sequence", keep = 0.25, block = 64, sinks = 4, recent = 256')),
 ]
 
 
@@ -83,6 +90,12 @@ def main():
             r = measure(tmp, name, flags, plan, a.tokens)
             print(f"{name}: perplexity {r['perplexity']:.2f}, {r['kv_bytes_per_position']} KV bytes per position", flush=True)
             rows.append(r)
+    if only:
+        # Keep the other rows of the last run, in CONFIGS order.
+        path = os.path.join(ROOT, "benches", "results", "kv_tradeoff.json")
+        old = {r["name"]: r for r in json.load(open(path))["rows"]} if os.path.exists(path) else {}
+        new = {r["name"]: r for r in rows}
+        rows = [new.get(n) or old[n] for n, _, _ in CONFIGS if n in new or n in old]
     base = next((r for r in rows if r["name"] == "f16"), None)
     outdir = os.path.join(ROOT, "benches", "results")
     with open(os.path.join(outdir, "kv_tradeoff.json"), "w") as f:

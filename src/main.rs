@@ -718,6 +718,19 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
                     ),
                     _ => "a chunked layout that does not fit".into(),
                 },
+                _ if b.sequence.is_some() => match b.sequence_layout() {
+                    Some(l) => format!(
+                        "every position; {} sinks exact, blocks of {} older than the last {} read as {} low-pass rows ({} B per block), a ring of {} exact rows ({} B)",
+                        l.sinks,
+                        l.block,
+                        l.recent,
+                        l.m,
+                        l.block_bytes(),
+                        l.ring,
+                        l.exact_bytes()
+                    ),
+                    None => "a sequence layout that does not fit".into(),
+                },
                 (Some(r), _) => format!("ring of {} rows ({} sinks, {} more than one call appends)", r.capacity(), r.sinks, r.max_rows),
                 (None, Some(g)) => format!("every position; per channel in groups of {g}, the newest group exact ({} B)", b.fixed_bytes()),
                 (None, None) => "every position".into(),

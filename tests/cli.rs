@@ -81,10 +81,10 @@ fn unimplemented_work_says_so_instead_of_pretending() {
     let tmp = tempfile::tempdir().unwrap();
     let c = tmp.path().join("c");
     let plan = tmp.path().join("p.toml");
-    std::fs::write(&plan, "[[rule]]\nkv = { transform = \"dct\", keep = 0.25, block = 64 }\n").unwrap();
+    std::fs::write(&plan, "[[rule]]\nkv = { transform = \"pswf\", keep = 0.25, axis = \"sequence\", block = 64 }\n").unwrap();
     let o = sparsec(&["compile", &example(), "--plan", plan.to_str().unwrap()], &c);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("plan rule 1: `kv (sequence-axis DCT)` is not implemented yet"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("plan rule 1: `kv (sequence-axis PSWF)` is not implemented yet"), "{}", stderr(&o));
     let o = sparsec(&["eval", &example(), "--text", "/usr/share/common-licenses/GPL-3"], &c);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("is an IR file, not a model checkpoint"), "{}", stderr(&o));

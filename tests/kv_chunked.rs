@@ -9,17 +9,13 @@
 
 mod attention_support;
 
-use attention_support::{build, run_in_calls, values};
+use attention_support::{build, compile_tiny_with_rule, run_in_calls, steps_equal_the_interpreter, values};
 use sparsec_compiler::{CompileOptions, TargetKind};
 use sparsec_ir::parse_graph;
 use sparsec_runtime::compare::{compare, Tolerance};
-use sparsec_runtime::cuda_session::SessionCapacity;
-use sparsec_runtime::execute::{DeviceKind, Executor};
 use sparsec_runtime::interpreter::interpret;
-use sparsec_runtime::lm_session::{compare_steps, Reference};
 use sparsec_runtime::manifest::BufferKind;
 use sparsec_runtime::Artifact;
-use std::path::Path;
 
 /// One grouped attention (4 heads of width 16 over 2 KV heads) with `pattern`.
 fn graph(pattern: &str) -> sparsec_ir::Graph {
@@ -90,45 +86,16 @@ fn a_session_goes_back_only_as_far_as_its_exact_rows_reach() {
     assert!(e.contains("chunked-SVD cache keeps exact rows of the last 272 positions"), "{e}");
 }
 
-/// `tests/fixtures/hf/llama_tiny` compiled (CPU) with a plan of one rule.
-fn compile_tiny(dir: &Path, kv: &str) -> std::process::Output {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama_tiny");
-    let plan = dir.join("plan.toml");
-    std::fs::write(&plan, format!("[[rule]]\nlayers = \"all\"\n{kv}\n")).unwrap();
-    let out = dir.join("a.sparsec");
-    std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
-        .args([
-            "compile",
-            src.to_str().unwrap(),
-            "--target",
-            "cpu",
-            "--no-cache",
-            "--plan",
-            plan.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn a_plan_factors_a_models_caches_and_its_logits_equal_the_interpreter() {
     let tmp = tempfile::tempdir().unwrap();
-    let st = compile_tiny(tmp.path(), "kv = { transform = \"chunked_svd\", chunk = 8, rank = 2 }");
+    let st = compile_tiny_with_rule(tmp.path(), "kv = { transform = \"chunked_svd\", chunk = 8, rank = 2 }");
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
     let art = Artifact::open(&tmp.path().join("a.sparsec")).unwrap();
     let caches: Vec<_> = art.manifest.execution.buffers.iter().filter(|b| b.kind == BufferKind::KvCache).collect();
     assert!(!caches.is_empty() && caches.iter().all(|b| b.chunked.is_some_and(|c| c.chunk == 8 && c.slot == 2)));
-    let exec = Executor::load(&art, DeviceKind::Cpu).unwrap();
     // 20 prompt ids in calls of 6, then 14 decode steps: chunk ends at 8, 16, 24 and 32.
-    let ids: Vec<u32> = (0..20).map(|i| (i * 5 % 96) as u32).collect();
-    let mut s = exec.session(&art, SessionCapacity { positions: 40, seq: 6 }).unwrap();
-    let steps = compare_steps(&mut s, &mut Reference::Interpreter(&art), &ids, 6, 14, Tolerance { atol: 1e-4, rtol: 1e-4 }).unwrap();
-    assert_eq!(steps.len(), 4 + 14);
-    for st in &steps {
-        assert!(st.cmp.passed, "pos {} differs by {}", st.pos, st.cmp.max_abs_error);
-    }
+    steps_equal_the_interpreter(&art);
 }
 
 #[test]
@@ -149,7 +116,7 @@ fn plans_refuse_what_chunked_svd_does_not_take() {
         // Head width 8: a chunk of 12 is not made of 8-lane vectors.
         ("kv = { transform = \"chunked_svd\", chunk = 12, rank = 2 }", "multiples of 8"),
     ] {
-        let st = compile_tiny(tmp.path(), kv);
+        let st = compile_tiny_with_rule(tmp.path(), kv);
         let e = String::from_utf8_lossy(&st.stderr);
         assert!(!st.status.success() && e.contains(why), "{kv}: {e}");
     }

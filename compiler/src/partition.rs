@@ -66,6 +66,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     ring: None,
                     channel_groups: None,
                     chunked: None,
+                    sequence: None,
                 });
                 weight_nodes.push((buffers.len() - 1, i));
                 buffers.len() - 1
@@ -84,6 +85,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             ring: None,
             channel_groups: None,
             chunked: None,
+            sequence: None,
         });
         let id = buffers.len() - 1;
         buffer_of[i] = id;
@@ -123,6 +125,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
         };
         let mut head_width = 0;
         let mut chunked_cache = None;
+        let mut sequence_cache = None;
         if let Op::Attention { heads, kv_heads } = n.op {
             // The kernel reads its keys and values from the caches, in their type.
             for t in spec.operands.iter_mut().skip(1).take(2) {
@@ -170,6 +173,34 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     slot: layout.slot as u32,
                     head: head_width,
                     energy: layout.energy,
+                });
+                for t in spec.operands.iter_mut().skip(1).take(2) {
+                    t.dtype = DType::F16;
+                }
+            }
+            if crate::mlir::kernels::has_sequence_dct(&spec) {
+                // f16 low-pass rows after f32 exact rows (`sparsec_ir::kv_sequence`).
+                if kv_dtype.is_quantized() || spec.hadamard_kv || spec.kivi_keys {
+                    return Err(spec.unsupported(&format!(
+                        "#kv(dct, axis = sequence) caches hold f16 low-pass rows; they are not combined with {} caches, --kv-hadamard or --kv-kivi",
+                        kv_dtype.name()
+                    )));
+                }
+                let width = kv_heads as usize * head_width as usize;
+                let l = crate::mlir::kernels::sequence_layout(&spec, width)
+                    .ok_or_else(|| spec.unsupported("#kv(dct, axis = sequence) needs a block, a positive recent and a kept row"))?;
+                let Some(sparsec_ir::Pattern::Kv(sparsec_ir::KvCompression::Dct { keep, .. })) =
+                    spec.patterns.iter().find(|p| matches!(p, sparsec_ir::Pattern::Kv(_)))
+                else {
+                    return Err(spec.unsupported("#kv(dct, axis = sequence) not found"));
+                };
+                sequence_cache = Some(sparsec_runtime::manifest::SequenceCache {
+                    keep: *keep,
+                    block: l.block as u32,
+                    rows: l.m as u32,
+                    sinks: l.sinks as u32,
+                    recent: l.recent as u32,
+                    ring: l.ring as u32,
                 });
                 for t in spec.operands.iter_mut().skip(1).take(2) {
                     t.dtype = DType::F16;
@@ -228,12 +259,13 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     name: format!("{}.{role}", n.name),
                     kind: BufferKind::KvCache,
                     dims: buffers[src].dims.clone(),
-                    dtype: if chunked_cache.is_some() { DType::F16 } else { kv_dtype },
+                    dtype: if chunked_cache.is_some() || sequence_cache.is_some() { DType::F16 } else { kv_dtype },
                     slot: None,
                     sparse: None,
                     ring,
                     channel_groups: (spec.kivi_keys && slot == 1).then_some(sparsec_ir::kv_channel::GROUP as u32),
                     chunked: chunked_cache,
+                    sequence: sequence_cache,
                 });
                 let cache = buffers.len() - 1;
                 steps.push(Step::KvAppend { src, cache, hadamard: spec.hadamard_kv.then_some(head_width) });
@@ -255,6 +287,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     ring: None,
                     channel_groups: None,
                     chunked: None,
+                    sequence: None,
                 });
                 let blocks = buffers.len() - 1;
                 buffers.push(BufferSpec {
@@ -267,6 +300,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     ring: None,
                     channel_groups: None,
                     chunked: None,
+                    sequence: None,
                 });
                 let select = buffers.len() - 1;
                 let k_type = spec.operands[1].clone();
@@ -317,6 +351,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                 ring: None,
                 channel_groups: None,
                 chunked: None,
+                sequence: None,
             });
             args.push(buffers.len() - 1);
         }

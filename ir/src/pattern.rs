@@ -149,10 +149,19 @@ pub enum SvdRank {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum KvCompression {
+    /// Along the feature axis: the lowest `keep·d` DCT-II frequencies of a
+    /// head (the plan's feature bases are a pass, not this pattern). Along
+    /// the sequence axis (`kv_sequence`): positions after the first `sinks`
+    /// are taken in blocks of `block`; a block older than the last `recent`
+    /// positions is read as `round(keep·block)` low-pass positions.
     Dct {
         keep: f32,
         axis: KvAxis,
         block: Option<u32>,
+        /// Sequence axis: positions kept exact at the start (0 on the feature axis).
+        sinks: u32,
+        /// Sequence axis: the newest positions kept exact (0 on the feature axis).
+        recent: u32,
     },
     Pswf {
         keep: f32,
@@ -379,7 +388,8 @@ impl Pattern {
             | Pattern::Window(_)
             | Pattern::Nsa(_)
             | Pattern::Kv(KvCompression::PreRope { .. } | KvCompression::ChunkedSvd { .. }) => true,
-            Pattern::LowRank(_) | Pattern::Kv(KvCompression::Dct { .. } | KvCompression::Pswf { .. }) => false,
+            Pattern::Kv(KvCompression::Dct { axis, .. }) => *axis == KvAxis::Sequence,
+            Pattern::LowRank(_) | Pattern::Kv(KvCompression::Pswf { .. }) => false,
         }
     }
 
@@ -409,11 +419,15 @@ impl Pattern {
                     None => a,
                 }
             }
-            Pattern::Kv(KvCompression::Dct { keep, axis, block }) => {
+            Pattern::Kv(KvCompression::Dct { keep, axis, block, sinks, recent }) => {
                 let a = a.word("dct").kv("keep", Float(*keep as f64)).kv("axis", Word(axis.name().into()));
-                match block {
+                let a = match block {
                     Some(b) => a.kv("block", Int(*b as i128)),
                     None => a,
+                };
+                match axis {
+                    KvAxis::Sequence => a.kv("sinks", Int(*sinks as i128)).kv("recent", Int(*recent as i128)),
+                    KvAxis::Feature => a,
                 }
             }
             Pattern::Kv(KvCompression::Pswf { keep, axis, block, bandwidth }) => {
@@ -502,7 +516,13 @@ impl Pattern {
                     }
                 };
                 match kind {
-                    "dct" => Pattern::Kv(KvCompression::Dct { keep: r.f32("keep")?, axis: axis(&mut r)?, block: r.opt_u32("block")? }),
+                    "dct" => Pattern::Kv(KvCompression::Dct {
+                        keep: r.f32("keep")?,
+                        axis: axis(&mut r)?,
+                        block: r.opt_u32("block")?,
+                        sinks: r.opt_u32("sinks")?.unwrap_or(0),
+                        recent: r.opt_u32("recent")?.unwrap_or(0),
+                    }),
                     "pswf" => Pattern::Kv(KvCompression::Pswf {
                         keep: r.f32("keep")?,
                         axis: axis(&mut r)?,

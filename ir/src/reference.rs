@@ -204,6 +204,7 @@ pub fn attention(
     let mut nsa: Option<NativeSparse> = None;
     let mut expanded = None;
     let mut factored = None;
+    let mut low_pass = None;
     for p in patterns {
         match p {
             Pattern::Window(Window::Full) => {}
@@ -214,6 +215,9 @@ pub fn attention(
                 expanded = Some(pre_rope_keys(k, basis, kv_heads, *rank as usize, *theta, *adjacent)?);
             }
             Pattern::Kv(KvCompression::ChunkedSvd { chunk, rank }) => factored = Some((*chunk, *rank)),
+            Pattern::Kv(KvCompression::Dct { keep, axis: crate::pattern::KvAxis::Sequence, block, sinks, recent }) => {
+                low_pass = Some((*keep, block.unwrap_or(0), *sinks, *recent))
+            }
             Pattern::Kv(_) => crate::pattern::refuse_unimplemented(std::slice::from_ref(p))?,
             Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::Values(_) | Pattern::LowRank(_) => {
                 return Err(format!("#{} does not apply to attention", p.keyword()))
@@ -226,6 +230,9 @@ pub fn attention(
     };
     if let Some((chunk, rank)) = factored {
         return chunked_svd_attention((heads, kv_heads), chunk, rank, q, k, v, q_offset);
+    }
+    if let Some(seq) = low_pass {
+        return sequence_dct_attention((heads, kv_heads), seq, q, k, v, q_offset);
     }
     let s = q.shape()[0];
     let qw = q.shape()[1];
@@ -286,6 +293,36 @@ pub fn attention(
     ArrayD::from_shape_vec(IxDyn(&[s, qw]), out).map_err(|e| e.to_string())
 }
 
+/// Rows of queries, their width, and the keys present, checked: keys and
+/// values cover positions `0..q_offset + rows`.
+fn query_rows(q: &ArrayD<f32>, k: &ArrayD<f32>, v: &ArrayD<f32>, q_offset: usize) -> Result<(usize, usize, usize), String> {
+    let (s, qw, total) = (q.shape()[0], q.shape()[1], k.shape()[0]);
+    if total != q_offset + s || v.shape()[0] != total {
+        return Err(format!("{} keys and {} values for queries at {q_offset}..{}", total, v.shape()[0], q_offset + s));
+    }
+    Ok((s, qw, total))
+}
+
+/// `a·b` in f64.
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+}
+
+/// Softmax over the keys' scores, then the weighted sum of their value rows (f64).
+fn attend(keys: &[(f64, &[f32])]) -> Vec<f64> {
+    let m = keys.iter().map(|x| x.0).fold(f64::NEG_INFINITY, f64::max);
+    let d = keys.first().map_or(0, |x| x.1.len());
+    let (mut sum, mut acc) = (0.0, vec![0f64; d]);
+    for (sc, row) in keys {
+        let w = (sc - m).exp();
+        sum += w;
+        for (a, x) in acc.iter_mut().zip(row.iter()) {
+            *a += w * *x as f64;
+        }
+    }
+    acc.iter().map(|a| a / sum).collect()
+}
+
 /// Causal attention over chunked-SVD caches (`#kv(chunked_svd)`, the rule of
 /// `kv_chunked`): the query at position p reads the chunks before its own
 /// through their factors (expanded here, in f64), and its own chunk exactly.
@@ -300,10 +337,7 @@ fn chunked_svd_attention(
     v: &ArrayD<f32>,
     q_offset: usize,
 ) -> Result<ArrayD<f32>, String> {
-    let (s, qw, total) = (q.shape()[0], q.shape()[1], k.shape()[0]);
-    if total != q_offset + s || v.shape()[0] != total {
-        return Err(format!("{} keys and {} values for queries at {q_offset}..{}", total, v.shape()[0], q_offset + s));
-    }
+    let (s, qw, _) = query_rows(q, k, v, q_offset)?;
     let d = qw / heads.max(1);
     let kvw = kv_heads * d;
     let layout = crate::kv_chunked::ChunkLayout::new(chunk, rank, kv_heads, d, 1).ok_or("#kv(chunked_svd) does not fit the heads")?;
@@ -313,37 +347,80 @@ fn chunked_svd_attention(
     let group = heads / kv_heads.max(1);
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = vec![0f32; s * qw];
-    let mut scores = vec![0f64; total];
     for r in 0..s {
         let p = q_offset + r;
         let own = p / layout.chunk * layout.chunk;
         for h in 0..heads {
             let kh = h / group.max(1);
             // Key j as the query at p reads it: factored before its own chunk.
-            let kk = |j: usize| -> (&[f32], &[f32]) {
-                if j < own {
-                    (&kf, &vf)
-                } else {
-                    (&k, &v)
-                }
-            };
-            for (j, sc) in scores.iter_mut().enumerate().take(p + 1) {
-                let (ks, _) = kk(j);
-                *sc = (0..d).map(|c| q[r * qw + h * d + c] as f64 * ks[j * kvw + kh * d + c] as f64).sum::<f64>() * scale;
+            let keys: Vec<(f64, &[f32])> = (0..=p)
+                .map(|j| {
+                    let (ks, vs): (&[f32], &[f32]) = if j < own { (&kf, &vf) } else { (&k, &v) };
+                    let (kr, vr) = (&ks[j * kvw + kh * d..j * kvw + (kh + 1) * d], &vs[j * kvw + kh * d..j * kvw + (kh + 1) * d]);
+                    (dot(&q[r * qw + h * d..r * qw + (h + 1) * d], kr) * scale, vr)
+                })
+                .collect();
+            for (c, y) in attend(&keys).into_iter().enumerate() {
+                out[r * qw + h * d + c] = y as f32;
             }
-            let m = scores[..=p].iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let mut sum = 0.0;
-            let mut acc = vec![0f64; d];
-            for j in 0..=p {
-                let w = (scores[j] - m).exp();
-                sum += w;
-                let (_, vs) = kk(j);
-                for (c, a) in acc.iter_mut().enumerate() {
-                    *a += w * vs[j * kvw + kh * d + c] as f64;
+        }
+    }
+    ArrayD::from_shape_vec(IxDyn(&[s, qw]), out).map_err(|e| e.to_string())
+}
+
+/// Causal attention over sequence-axis DCT caches (`#kv(dct, axis =
+/// sequence)`, the rule of `kv_sequence`): the query at p reads the sinks,
+/// the low-pass positions of the blocks older than its last `recent`
+/// positions (each score + ln(block/m)), and the rest exactly. Simple loops
+/// in f64, one query and head at a time.
+fn sequence_dct_attention(
+    (heads, kv_heads): (usize, usize),
+    (keep, block, sinks, recent): (f32, u32, u32, u32),
+    q: &ArrayD<f32>,
+    k: &ArrayD<f32>,
+    v: &ArrayD<f32>,
+    q_offset: usize,
+) -> Result<ArrayD<f32>, String> {
+    let (s, qw, total) = query_rows(q, k, v, q_offset)?;
+    let d = qw / heads.max(1);
+    let kvw = kv_heads * d;
+    let l = crate::kv_sequence::SeqLayout::new(keep, block, sinks, recent, kvw, 1).ok_or("#kv(dct, axis = sequence) keeps nothing")?;
+    let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+    // Every complete block's low-pass rows.
+    let low = |x: &[f32]| -> Result<Vec<Vec<f32>>, String> {
+        (0..l.blocks(total))
+            .map(|b| {
+                let at = (l.sinks + b * l.block) * kvw;
+                l.compress(&x[at..at + l.block * kvw]).ok_or_else(|| "a block does not compress".to_string())
+            })
+            .collect()
+    };
+    let (kl, vl) = (low(&k)?, low(&v)?);
+    let group = heads / kv_heads.max(1);
+    let scale = 1.0 / (d as f64).sqrt();
+    let bonus = l.bonus() as f64;
+    let mut out = vec![0f32; s * qw];
+    for r in 0..s {
+        let p = q_offset + r;
+        let nb = l.read_blocks(p);
+        let from = l.sinks + nb * l.block;
+        for h in 0..heads {
+            let kh = h / group.max(1);
+            // (score, value row) of every key the query reads.
+            let qh = &q[r * qw + h * d..r * qw + (h + 1) * d];
+            let mut keys: Vec<(f64, &[f32])> = Vec::new();
+            for t in (0..l.sinks.min(p + 1)).chain(from.max(l.sinks)..p + 1) {
+                let at = t * kvw + kh * d;
+                keys.push((dot(qh, &k[at..at + d]) * scale, &v[at..at + d]));
+            }
+            for b in 0..nb {
+                for j in 0..l.m {
+                    let at = j * kvw + kh * d;
+                    keys.push((dot(qh, &kl[b][at..at + d]) * scale + bonus, &vl[b][at..at + d]));
                 }
             }
-            for c in 0..d {
-                out[r * qw + h * d + c] = (acc[c] / sum) as f32;
+            for (c, y) in attend(&keys).into_iter().enumerate() {
+                out[r * qw + h * d + c] = y as f32;
             }
         }
     }

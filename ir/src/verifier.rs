@@ -4,7 +4,7 @@
 use crate::error::{IrError, IrResult};
 use crate::graph::{Graph, ValueId};
 use crate::op::Op;
-use crate::pattern::{KvCompression, LowRank, NativeSparse, NsaCompress, NsaGate, Pattern, PatternSite, Sparsity, SvdRank, Window};
+use crate::pattern::{KvAxis, KvCompression, LowRank, NativeSparse, NsaCompress, NsaGate, Pattern, PatternSite, Sparsity, SvdRank, Window};
 use crate::shape::infer_type;
 use crate::types::{Dim, TensorType};
 use std::collections::HashSet;
@@ -114,6 +114,19 @@ pub fn verify_chunked_svd(chunk: u32, rank: SvdRank) -> Result<(), String> {
             }
         }
     }
+    Ok(())
+}
+
+/// `#kv(dct, axis = sequence)`'s own ranges: a block, and at least one
+/// position kept of it.
+pub fn verify_sequence_dct(keep: f32, block: Option<u32>, recent: u32) -> Result<(), String> {
+    fraction_ok("keep", keep)?;
+    let Some(block) = block else { return Err("the sequence axis needs a block length (block = N)".into()) };
+    positive("block", block)?;
+    if crate::kv_sequence::kept_rows(block, keep) == 0 {
+        return Err(format!("keep = {keep} of a block of {block} keeps no position"));
+    }
+    positive("recent", recent)?;
     Ok(())
 }
 
@@ -234,10 +247,24 @@ fn verify_patterns(g: &Graph, v: ValueId, types: &[TensorType]) -> Result<(), St
             }
             Pattern::LowRank(lr) => verify_low_rank(g, v, lr, weight_kn("#low_rank")?, &families)?,
             Pattern::Kv(kv) => match kv {
-                KvCompression::Dct { keep, block, .. } => {
+                KvCompression::Dct { keep, axis, block, sinks, recent } => {
                     fraction_ok("keep", *keep)?;
                     if let Some(b) = block {
                         positive("block", *b)?;
+                    }
+                    match axis {
+                        KvAxis::Feature if *sinks > 0 || *recent > 0 => {
+                            return Err("sinks and recent belong to the sequence axis (axis = sequence)".into())
+                        }
+                        KvAxis::Feature => {}
+                        KvAxis::Sequence => {
+                            if families.contains("window") || families.contains("nsa") {
+                                return Err(
+                                    "#kv(dct, axis = sequence) keeps every position: it is not combined with #window or #nsa".into()
+                                );
+                            }
+                            verify_sequence_dct(*keep, *block, *recent)?;
+                        }
                     }
                 }
                 KvCompression::Pswf { keep, block, bandwidth, .. } => {

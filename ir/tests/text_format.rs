@@ -42,6 +42,7 @@ const EVERY_OP: &str = r#"graph @every_op {
   %at3 = attention %q, %kv, %kv {heads = 1, kv_heads = 1} #nsa(block = 16, top_n = 4, window = 32, sinks = 4, score = bound) : f32[seq, 64]
   %at4 = attention %q, %kv, %kv {heads = 2, kv_heads = 2} #kv(chunked_svd, chunk = 32, energy = 0.95, max_rank = 8) : f32[seq, 64]
   %at6 = attention %q, %kv, %kv {heads = 4, kv_heads = 4} #kv(chunked_svd, chunk = 64, rank = 8) : f32[seq, 64]
+  %at7 = attention %q, %kv, %kv {heads = 4, kv_heads = 4} #kv(dct, keep = 0.25, axis = sequence, block = 64, sinks = 4, recent = 256) : f32[seq, 64]
   %kc = matmul %h, %plain : f32[seq, 64]
   %kb = weight "layers.0.kv.kb" : f32[64, 32]
   %at5 = attention %q, %kc, %kv, %kb {heads = 2, kv_heads = 2} #kv(pre_rope, rank = 32, theta = 10000.0, adjacent = true) : f32[seq, 64]
@@ -51,7 +52,7 @@ const EVERY_OP: &str = r#"graph @every_op {
   %pe = embedding %plain, %pos : f32[seq, 64]
   %rq = rope %q {heads = 4, theta = 10000.0, adjacent = true} : f32[seq, 64]
   %rk = rope %kv {heads = 2, theta = 500000.0, adjacent = false} : f32[seq, 64]
-  return %m, %gt, %ge, %s, %sm, %c, %at, %at2, %at3, %at4, %at6, %at5, %u5, %u6, %u7, %tok, %pe, %rq, %rk
+  return %m, %gt, %ge, %s, %sm, %c, %at, %at2, %at3, %at4, %at6, %at7, %at5, %u5, %u6, %u7, %tok, %pe, %rq, %rk
 }
 "#;
 
@@ -207,6 +208,9 @@ fn pattern_invariants_are_verified() {
         ("#kv(chunked_svd, chunk = 4, rank = 8)", "exceeds the chunk length"),
         ("#kv(chunked_svd, chunk = 4, energy = 0.9, max_rank = 8)", "max_rank 8 exceeds the chunk length"),
         ("#kv(chunked_svd, chunk = 4, rank = 2) #window(sliding, size = 4)", "not combined with #window"),
+        ("#kv(dct, keep = 0.5, axis = sequence, sinks = 4, recent = 8)", "needs a block length"),
+        ("#kv(dct, keep = 0.5, axis = feature, block = 4, sinks = 4)", "belong to the sequence axis"),
+        ("#kv(dct, keep = 0.1, axis = sequence, block = 4, recent = 8)", "keeps no position"),
         ("#window(sliding, size = 0)", "window size must be positive"),
         ("#nsa(block = 4, top_n = 2, window = 8) #window(sliding, size = 4)", "own sliding window"),
         ("#nsa(block = 4, top_n = 0, window = 8)", "top_n"),

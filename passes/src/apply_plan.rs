@@ -154,7 +154,7 @@ impl ApplyPlan {
         if let Some(what) = rule.not_yet.first() {
             return Err(rule_err(
                 rule,
-                format!("`{what}` is not implemented yet (sparsity, specialize, low_rank, share, attention windows, nsa, feature-axis kv bases and chunked_svd are)"),
+                format!("`{what}` is not implemented yet (sparsity, specialize, low_rank, share, attention windows, nsa, feature-axis kv bases, chunked_svd and sequence-axis dct are)"),
             ));
         }
         if rule.from_weights {
@@ -269,6 +269,18 @@ impl ApplyPlan {
         if let Some((chunk, rank)) = rule.kv_chunks {
             for (i, _) in attentions(g)? {
                 set_pattern(&mut g.nodes[i].patterns, Pattern::Kv(sparsec_ir::KvCompression::ChunkedSvd { chunk, rank }));
+            }
+        }
+        if let Some(sq) = rule.kv_sequence {
+            let p = Pattern::Kv(sparsec_ir::KvCompression::Dct {
+                keep: sq.keep,
+                axis: sparsec_ir::KvAxis::Sequence,
+                block: Some(sq.block),
+                sinks: sq.sinks,
+                recent: sq.recent,
+            });
+            for (i, _) in attentions(g)? {
+                set_pattern(&mut g.nodes[i].patterns, p.clone());
             }
         }
         if let Some(wp) = &rule.window {

@@ -226,6 +226,9 @@ pub struct Rule {
     /// `kv = { transform = "chunked_svd", chunk, rank | energy (, max_rank) }`:
     /// the caches factored per chunk of positions (`#kv(chunked_svd)`).
     pub kv_chunks: Option<(u32, sparsec_ir::SvdRank)>,
+    /// `kv = { transform = "dct", axis = "sequence", keep, block, sinks, recent }`:
+    /// older blocks of positions read low-pass (`#kv(dct, axis = sequence)`).
+    pub kv_sequence: Option<SequenceDct>,
     /// `sparsity = { kind = "from-weights" }`: each selected weight keeps the
     /// zeros it has, as the pattern they form (`sparsity` is `None`);
     /// `resolve_from_weights` turns the rule into concrete ones, and
@@ -352,9 +355,20 @@ struct KvFile {
     rank: Option<u32>,
     energy: Option<f32>,
     max_rank: Option<u32>,
+    sinks: Option<u32>,
+    recent: Option<u32>,
     rope: Option<String>,
     fit: Option<String>,
     alpha: Option<f32>,
+}
+
+/// Sequence-axis DCT of the caches (`sparsec_ir::kv_sequence`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SequenceDct {
+    pub keep: f32,
+    pub block: u32,
+    pub sinks: u32,
+    pub recent: u32,
 }
 
 /// A feature-axis basis for K and V (`kv = { ... }`): per head, K and V are
@@ -670,6 +684,7 @@ impl Plan {
                 };
             }
             let mut kv_chunks = None;
+            let mut kv_sequence = None;
             let kv = match r.kv {
                 None => None,
                 Some(f) if f.transform == "chunked_svd" => {
@@ -681,6 +696,8 @@ impl Plan {
                         || f.rope.is_some()
                         || f.fit.is_some()
                         || f.alpha.is_some()
+                        || f.sinks.is_some()
+                        || f.recent.is_some()
                     {
                         return Err(err(
                             "kv transform = \"chunked_svd\" factors K and V by chunks of positions: it takes chunk, and rank or energy (with max_rank)".into(),
@@ -698,17 +715,50 @@ impl Plan {
                     kv_chunks = Some((chunk, rank));
                     None
                 }
-                Some(f) => {
-                    if f.axis.as_deref().is_some_and(|a| a != "feature")
-                        || f.block.is_some()
+                Some(f) if f.axis.as_deref() == Some("sequence") => {
+                    if f.on.is_some()
+                        || f.bandwidth.is_some()
                         || f.chunk.is_some()
                         || f.rank.is_some()
                         || f.energy.is_some()
                         || f.max_rank.is_some()
+                        || f.rope.is_some()
+                        || f.fit.is_some()
+                        || f.alpha.is_some()
                     {
-                        not_yet.push("kv (sequence-axis DCT)");
-                        None
-                    } else {
+                        return Err(err(
+                            "kv axis = \"sequence\" compresses blocks of positions: it takes transform, keep, block, sinks and recent"
+                                .into(),
+                        ));
+                    }
+                    match f.transform.as_str() {
+                        "dct" => {
+                            let seq = SequenceDct {
+                                keep: f.keep.unwrap_or(0.5),
+                                block: f.block.unwrap_or(64),
+                                sinks: f.sinks.unwrap_or(4),
+                                recent: f.recent.unwrap_or(256),
+                            };
+                            sparsec_ir::verifier::verify_sequence_dct(seq.keep, Some(seq.block), seq.recent)
+                                .map_err(|m| err(format!("kv: {m}")))?;
+                            kv_sequence = Some(seq);
+                        }
+                        "pswf" => not_yet.push("kv (sequence-axis PSWF)"),
+                        other => return Err(err(format!("kv transform = \"{other}\" on the sequence axis (expected dct or pswf)"))),
+                    }
+                    None
+                }
+                Some(f) => {
+                    if let Some(a) = f.axis.as_deref().filter(|a| *a != "feature") {
+                        return Err(err(format!("kv axis = \"{a}\" (expected feature or sequence)")));
+                    }
+                    if f.block.is_some() || f.sinks.is_some() || f.recent.is_some() {
+                        return Err(err("kv block, sinks and recent belong to the sequence axis (axis = \"sequence\")".into()));
+                    }
+                    if f.chunk.is_some() || f.rank.is_some() || f.energy.is_some() || f.max_rank.is_some() {
+                        return Err(err("kv chunk, rank, energy and max_rank belong to transform = \"chunked_svd\"".into()));
+                    }
+                    {
                         let keep = f.keep.unwrap_or(0.5);
                         if !(keep > 0.0 && keep <= 1.0) {
                             return Err(err(format!("kv keep = {keep} is outside (0, 1]")));
@@ -790,6 +840,7 @@ impl Plan {
                 && nsa.is_none()
                 && kv.is_none()
                 && kv_chunks.is_none()
+                && kv_sequence.is_none()
                 && factor.is_none()
                 && not_yet.is_empty()
             {
@@ -808,6 +859,7 @@ impl Plan {
                 nsa_gate,
                 kv,
                 kv_chunks,
+                kv_sequence,
                 factor,
                 from_weights,
                 not_yet,

@@ -413,6 +413,17 @@ impl CpuSession<'_> {
                 )));
             }
         }
+        // A sequence-axis DCT cache likewise: exact rows from where the
+        // query at `pos` starts reading them (`SeqLayout::read_blocks`).
+        if let Some(l) = self.art.manifest.execution.buffers.iter().find_map(|b| b.sequence_layout()) {
+            let from = l.sinks + l.read_blocks(pos) * l.block;
+            if back > 0 && from + l.ring < self.pos {
+                return Err(RuntimeError::Cpu(format!(
+                    "cannot go back to position {pos}: a sequence-axis DCT cache keeps exact rows of the last {} positions only",
+                    l.ring
+                )));
+            }
+        }
         self.pos = self.pos.min(pos);
         Ok(())
     }
@@ -438,11 +449,17 @@ impl CpuSession<'_> {
         // Long calls run in chunks of at most `MAX_CALL_ROWS` rows (so the
         // temporaries stay small whatever the prompt), and of at most `max_rows`
         // where a ring cache takes no more; their outputs are joined by rows.
-        // (A chunked-SVD cache's ring of exact rows likewise: `ChunkLayout::max_call`.)
+        // (A chunked-SVD or sequence-axis DCT cache's ring of exact rows
+        // likewise: `ChunkLayout::max_call`, `SeqLayout::max_call`.)
         let ring = plan
             .buffers
             .iter()
-            .filter_map(|b| b.ring.map(|r| r.max_rows.max(1) as u64).or_else(|| b.chunk_layout().map(|l| l.max_call() as u64)))
+            .filter_map(|b| {
+                b.ring
+                    .map(|r| r.max_rows.max(1) as u64)
+                    .or_else(|| b.chunk_layout().map(|l| l.max_call() as u64))
+                    .or_else(|| b.sequence_layout().map(|l| l.max_call() as u64))
+            })
             .min();
         let chunk = ring.unwrap_or(MAX_CALL_ROWS).min(MAX_CALL_ROWS);
         let by_rows = plan.inputs.iter().chain(&plan.outputs).all(|&i| plan.buffers[i].by_rows());
@@ -547,13 +564,14 @@ impl CpuSession<'_> {
                 BufferKind::KvCache => {
                     // Held as f32 words (4-byte aligned) whatever the cache's
                     // type; grown by at least 64 positions' bytes (not counting
-                    // the exact rows a per-channel or chunked cache holds once).
+                    // the exact rows a per-channel, chunked or low-pass cache holds once).
                     let row_words = b.position_bytes().div_ceil(4).max(1);
                     let c = &mut self.caches[i];
                     let rows = b.cache_rows(pos + seq as usize);
-                    // Quantized per channel or factored per chunk: the exact
-                    // rows, then the groups or chunk records.
-                    let need = if b.channel_groups.is_some() || b.chunked.is_some() { b.bytes(rows as u64) } else { rows * b.bytes(1) };
+                    // Quantized per channel, factored per chunk or low-pass per
+                    // block: the exact rows, then the groups or records.
+                    let packed = b.channel_groups.is_some() || b.chunked.is_some() || b.sequence.is_some();
+                    let need = if packed { b.bytes(rows as u64) } else { rows * b.bytes(1) };
                     if c.len() * 4 < need {
                         // Grow geometrically (decode appends one row at a time), a
                         // ring up to its capacity only.
@@ -600,7 +618,7 @@ impl CpuSession<'_> {
                     // Row by row where the cache is a ring or packs each row into
                     // blocks, else all rows at once (no allocation: decode
                     // appends twice per layer and token).
-                    let by_row = cb.ring.is_some() || cb.dtype.is_quantized() || cb.chunked.is_some();
+                    let by_row = cb.ring.is_some() || cb.dtype.is_quantized() || cb.chunked.is_some() || cb.sequence.is_some();
                     let runs = if by_row { seq as usize } else { 1 };
                     for i in 0..runs {
                         let (row, part) = match (cb.ring, by_row) {
@@ -615,6 +633,10 @@ impl CpuSession<'_> {
                         }
                         if cb.chunked.is_some() {
                             append_chunked(cp, cb, row, from)?;
+                            continue;
+                        }
+                        if cb.sequence.is_some() {
+                            append_low_pass(cp, cb, row, from)?;
                             continue;
                         }
                         // SAFETY: `row` is below the rows the cache was sized for
@@ -828,6 +850,35 @@ fn append_chunked(cp: *mut u8, cb: &BufferSpec, row: usize, from: &[f32]) -> Run
         // SAFETY: as above: chunk c lies below the `row + 1` positions the cache holds.
         let to = unsafe { std::slice::from_raw_parts_mut(cp.add(l.residual_bytes() + c * l.chunk_bytes()), l.chunk_bytes()) };
         l.factor_into(rows, to).ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: chunk {c} does not factor", cb.name)))?;
+    }
+    Ok(())
+}
+
+/// Appends position `row` to a sequence-axis DCT cache (`BufferSpec::sequence`,
+/// `sparsec_ir::kv_sequence`): the row goes to the sinks or the ring, and a
+/// block is compressed into its low-pass rows once its last position arrives.
+fn append_low_pass(cp: *mut u8, cb: &BufferSpec, row: usize, from: &[f32]) -> RuntimeResult<()> {
+    let l =
+        cb.sequence_layout().ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: a sequence layout that does not fit", cb.name)))?;
+    let width = l.width;
+    if from.len() != width {
+        return Err(RuntimeError::Cpu(format!("KV cache `{}`: a row of {} values for {width} channels", cb.name, from.len())));
+    }
+    // SAFETY: the cache holds `exact_bytes` (the sinks' and the ring's exact
+    // f32 rows, 4-byte aligned) before its blocks, and the low-pass rows of
+    // every block the positions it was sized for complete
+    // (`SeqLayout::bytes`); nothing else refers to them during the append.
+    let exact = unsafe { std::slice::from_raw_parts_mut(cp as *mut f32, (l.sinks + l.ring) * width) };
+    let at = l.exact_row(row);
+    exact[at * width..(at + 1) * width].copy_from_slice(from);
+    if row >= l.sinks && (row + 1 - l.sinks).is_multiple_of(l.block) {
+        let b = (row - l.sinks) / l.block;
+        // The ring holds whole blocks: block b's rows are contiguous.
+        let first = l.exact_row(l.sinks + b * l.block) * width;
+        let rows = &exact[first..first + l.block * width];
+        // SAFETY: as above: block b lies below the `row + 1` positions the cache holds.
+        let to = unsafe { std::slice::from_raw_parts_mut(cp.add(l.exact_bytes() + b * l.block_bytes()), l.block_bytes()) };
+        l.compress_into(rows, to).ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: block {b} does not compress", cb.name)))?;
     }
     Ok(())
 }

@@ -119,9 +119,9 @@ impl CudaExecutor {
                     Some(place(bytes)?)
                 }
                 BufferKind::KvCache => {
-                    if b.chunked.is_some() {
+                    if b.chunked.is_some() || b.sequence.is_some() {
                         return Err(RuntimeError::Cuda(format!(
-                            "KV cache `{}` is factored per chunk (#kv(chunked_svd)): the CPU runtime factors such caches; the CUDA session does not yet",
+                            "KV cache `{}` is factored per chunk (#kv(chunked_svd)) or kept low-pass per block (#kv(dct, axis = sequence)): the CPU runtime compresses such caches as they fill; the CUDA session does not yet",
                             b.name
                         )));
                     }

@@ -210,6 +210,40 @@ pub struct BufferSpec {
     /// then a record of f16 factors per complete chunk (`dtype` f16).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunked: Option<ChunkedCache>,
+    /// A KV cache whose older blocks of positions are kept low-pass
+    /// (`#kv(dct, axis = sequence)`, `sparsec_ir::kv_sequence`): the sinks'
+    /// and a ring's exact f32 rows, then per complete block its low-pass f16
+    /// rows (`dtype` f16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<SequenceCache>,
+}
+
+/// The layout parameters of a sequence-axis DCT cache (manifest version 11).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SequenceCache {
+    pub keep: f32,
+    pub block: u32,
+    /// Low-pass rows per block (`kv_sequence::kept_rows`).
+    pub rows: u32,
+    pub sinks: u32,
+    pub recent: u32,
+    /// Exact rows after the sinks: whole blocks, at least `recent + block`
+    /// more than one call appends (`SeqLayout::max_call`; the runtime splits calls).
+    pub ring: u32,
+}
+
+impl SequenceCache {
+    /// The IR's layout for rows of `width` channels; `None` if the parameters
+    /// do not describe one (zero sizes, a ring not of whole blocks or too
+    /// short for a call, rows that `keep` does not give).
+    pub fn layout(&self, width: usize) -> Option<sparsec_ir::kv_sequence::SeqLayout> {
+        let (block, ring, recent) = (self.block as usize, self.ring as usize, self.recent as usize);
+        if block == 0 || !ring.is_multiple_of(block) || ring <= recent + block {
+            return None;
+        }
+        let l = sparsec_ir::kv_sequence::SeqLayout::new(self.keep, self.block, self.sinks, self.recent, width, ring - recent - block)?;
+        (l.ring == ring && l.m == self.rows as usize).then_some(l)
+    }
 }
 
 /// The layout parameters of a chunked-SVD KV cache (manifest version 11).
@@ -311,11 +345,15 @@ impl BufferSpec {
 
     /// Bytes a KV cache grows by per position; a per-channel K cache
     /// (`channel_groups`) holds `fixed_bytes` more, its newest group's exact rows.
-    /// A chunked-SVD cache grows by a record per chunk: its bytes per
-    /// position are a record's share (rounded up).
+    /// A chunked-SVD cache grows by a record per chunk, a sequence-axis DCT
+    /// cache by a block's low-pass rows: their bytes per position are a
+    /// record's share (rounded up).
     pub fn position_bytes(&self) -> usize {
         if let Some(l) = self.chunk_layout() {
             return l.chunk_bytes().div_ceil(l.chunk);
+        }
+        if let Some(l) = self.sequence_layout() {
+            return l.block_bytes().div_ceil(l.block);
         }
         self.bytes(1).saturating_sub(self.fixed_bytes())
     }
@@ -327,10 +365,18 @@ impl BufferSpec {
         if let Some(l) = self.chunked.and_then(|c| c.layout(width)) {
             return l.residual_bytes();
         }
+        if let Some(l) = self.sequence.and_then(|c| c.layout(width)) {
+            return l.exact_bytes();
+        }
         match self.channel_groups {
             Some(_) => sparsec_ir::kv_channel::residual_bytes(width),
             None => 0,
         }
+    }
+
+    /// The layout of a sequence-axis DCT cache (`sequence`), if it is one and fits.
+    pub fn sequence_layout(&self) -> Option<sparsec_ir::kv_sequence::SeqLayout> {
+        self.sequence?.layout(usize::try_from(self.numel().resolve(1)).ok()?)
     }
 
     /// The layout of a chunked-SVD cache (`chunked`), if it is one and fits.
@@ -372,6 +418,9 @@ impl BufferSpec {
         if self.chunked.is_some() {
             // `seq` counts positions; the dims give one position's width.
             return self.chunk_layout()?.bytes(usize::try_from(seq).ok()?);
+        }
+        if self.sequence.is_some() {
+            return self.sequence_layout()?.bytes(usize::try_from(seq).ok()?);
         }
         if self.channel_groups.is_some() {
             let width = usize::try_from(SymSize::of_dims(&self.dims).resolve(1)).ok()?;

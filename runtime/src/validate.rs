@@ -117,6 +117,17 @@ pub fn validate(
                 )));
             }
         }
+        if let Some(c) = b.sequence {
+            if b.kind != BufferKind::KvCache
+                || b.dtype != DType::F16
+                || b.ring.is_some()
+                || b.channel_groups.is_some()
+                || b.chunked.is_some()
+                || b.sequence_layout().is_none()
+            {
+                return Err(bad(format!("sequence layout {c:?} (only an unwindowed f16 KV cache, a ring of whole blocks)")));
+            }
+        }
         if b.sparse.is_some() && (b.kind != BufferKind::Weight || b.dtype != DType::F32) {
             return Err(bad("only f32 weights are stored sparse".into()));
         }

@@ -1,5 +1,6 @@
-//! What the attention tests (`attention.rs`, `nsa.rs`) share: deterministic
-//! inputs, a compile into a fresh directory, and a session fed in calls.
+//! What the attention tests (`attention.rs`, `nsa.rs`, `kv_chunked.rs`,
+//! `kv_sequence.rs`) share: deterministic inputs, a compile into a fresh
+//! directory, a session fed in calls, and the tiny Llama compiled with a plan.
 #![allow(dead_code)]
 
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
@@ -60,4 +61,44 @@ pub fn run_in_calls(art: &Artifact, inputs: &[ArrayD<f32>], calls: &[usize], tot
     assert!(session.cache_bytes() > 0);
     let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
     ndarray::concatenate(Axis(0), &views).unwrap()
+}
+
+/// `tests/fixtures/hf/llama_tiny` compiled by the CLI (CPU) into `dir/a.sparsec`
+/// with a plan of one rule over every layer (`rule` its keys).
+pub fn compile_tiny_with_rule(dir: &std::path::Path, rule: &str) -> std::process::Output {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama_tiny");
+    let plan = dir.join("plan.toml");
+    std::fs::write(&plan, format!("[[rule]]\nlayers = \"all\"\n{rule}\n")).unwrap();
+    let out = dir.join("a.sparsec");
+    std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
+        .args([
+            "compile",
+            src.to_str().unwrap(),
+            "--target",
+            "cpu",
+            "--no-cache",
+            "--plan",
+            plan.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap()
+}
+
+/// A CPU session of `art` (a tiny Llama) against the interpreter: 20 prompt
+/// ids in calls of 6, then 14 decode steps, every step's logits within 1e-4.
+pub fn steps_equal_the_interpreter(art: &Artifact) {
+    use sparsec_runtime::compare::Tolerance;
+    use sparsec_runtime::execute::{DeviceKind, Executor};
+    use sparsec_runtime::lm_session::{compare_steps, Reference};
+    let exec = Executor::load(art, DeviceKind::Cpu).unwrap();
+    let ids: Vec<u32> = (0..20).map(|i| (i * 5 % 96) as u32).collect();
+    let cap = sparsec_runtime::cuda_session::SessionCapacity { positions: 40, seq: 6 };
+    let mut s = exec.session(art, cap).unwrap();
+    let steps = compare_steps(&mut s, &mut Reference::Interpreter(art), &ids, 6, 14, Tolerance { atol: 1e-4, rtol: 1e-4 }).unwrap();
+    assert_eq!(steps.len(), 4 + 14);
+    for st in &steps {
+        assert!(st.cmp.passed, "pos {} differs by {}", st.pos, st.cmp.max_abs_error);
+    }
 }

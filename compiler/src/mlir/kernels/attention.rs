@@ -70,6 +70,8 @@ pub fn window_of(spec: &KernelSpec) -> Result<Option<(u32, u32)>, CompileError> 
             Pattern::Nsa(_) => {}
             // Keys cached before RoPE (`kv_pre_rope.rs`), caches factored per chunk (`kv_chunked.rs`).
             Pattern::Kv(sparsec_ir::KvCompression::PreRope { .. } | sparsec_ir::KvCompression::ChunkedSvd { .. }) => {}
+            // Older blocks read low-pass (`kv_sequence.rs`).
+            Pattern::Kv(sparsec_ir::KvCompression::Dct { axis: sparsec_ir::KvAxis::Sequence, .. }) => {}
             other => return Err(spec.unsupported(&format!("#{} is not lowered yet (its pattern issue adds it)", other.keyword()))),
         }
     }
@@ -92,7 +94,7 @@ fn dims(spec: &KernelSpec) -> Result<(u64, u64, u64), CompileError> {
 /// Whether the CPU kernel is the grouped, split variant (two phases of units
 /// and a scratch buffer).
 pub fn cpu_split(spec: &KernelSpec) -> bool {
-    super::chunked_svd_of(spec).is_none() && dims(spec).is_ok_and(|(_, _, d)| d > 0 && d % VW as u64 == 0)
+    super::chunked_svd_of(spec).is_none() && !super::has_sequence_dct(spec) && dims(spec).is_ok_and(|(_, _, d)| d > 0 && d % VW as u64 == 0)
 }
 
 /// The CPU units of the split variant's first phase (partials), and of both
@@ -180,6 +182,9 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
     let KernelCtx { spec, device, ins, .. } = *cx;
     if super::chunked_svd_of(spec).is_some() {
         return super::kv_chunked::emit(b, cx, heads, kv_heads);
+    }
+    if super::has_sequence_dct(spec) {
+        return super::kv_sequence::emit(b, cx, heads, kv_heads);
     }
     let window = window_of(spec)?;
     let (h, kvh, d) = dims(spec)?;

@@ -17,7 +17,7 @@
 //! split over the warps key by key; the warps' partial softmaxes combine in
 //! shared memory as the dense attention's do.
 
-use super::attention::{online_step, partial_weights};
+use super::warp_rows::{block_cell, cache_views, cpu_key_step, cpu_store_row, row_vectors, CacheView, HeadCell, LaneFeatures};
 use super::{fixed_last, KernelCtx, GPU_ATTN_WARPS, VW, WARP};
 use crate::error::CompileError;
 use crate::mlir::builder::{Device, KernelBuilder, V};
@@ -25,25 +25,18 @@ use crate::mlir::math;
 use sparsec_ir::kv_chunked::ChunkLayout;
 use sparsec_ir::DType;
 
-/// One cache as the kernel reads it: f16 view (factors, ranks) and the f32
-/// plane of the exact rows.
-struct Cache {
-    halves: V,
-    exact: V,
-}
-
 struct Chunked {
     h: u64,
     kvh: u64,
     d: u64,
     l: ChunkLayout,
-    k: Cache,
-    v: Cache,
+    k: CacheView,
+    v: CacheView,
 }
 
 /// The kernel of an attention with `#kv(chunked_svd)`.
 pub(super) fn emit(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u32, kv_heads: u32) -> Result<(), CompileError> {
-    let KernelCtx { spec, device, ins, .. } = *cx;
+    let KernelCtx { spec, device, .. } = *cx;
     let (h, kvh) = (heads as u64, kv_heads as u64);
     if h == 0 || kvh == 0 || h % kvh != 0 {
         return Err(spec.unsupported("heads must be a positive multiple of kv_heads"));
@@ -61,13 +54,7 @@ pub(super) fn emit(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u32, kv_hea
         )));
     }
     let exact_words = (l.ring * l.width()) as u64;
-    let cache = |b: &mut KernelBuilder, buf: &str| {
-        let halves = b.f16_param(buf);
-        let exact = b.plane(buf, 0, exact_words, "f32");
-        Cache { halves, exact }
-    };
-    let k = cache(b, &ins[1]);
-    let v = cache(b, &ins[2]);
+    let (k, v) = cache_views(b, cx, exact_words);
     let c = Chunked { h, kvh, d, l, k, v };
     match device {
         Device::Cpu => c.emit_cpu(b, cx),
@@ -95,22 +82,6 @@ struct RowSpan {
     end: V,
 }
 
-/// CPU: `n` vectors of `VW` lanes at `base..` of an f16 view (widened) or,
-/// `f16` false, of an f32 buffer.
-fn row_vectors(b: &mut KernelBuilder, buf: &str, base: &str, n: usize, f16: bool) -> Vec<V> {
-    (0..n)
-        .map(|x| {
-            let o = b.index((x as u32 * VW) as u64);
-            let at = b.addi(base, &o);
-            if f16 {
-                b.vload_f16(buf, &at, VW)
-            } else {
-                b.vload(buf, &at, VW)
-            }
-        })
-        .collect()
-}
-
 /// One (query row, head): its KV head, where its query and output row
 /// start, where its KV head's features start in a cache row, and its span.
 struct Cell {
@@ -121,7 +92,7 @@ struct Cell {
 }
 
 impl Chunked {
-    fn factors(&self, b: &mut KernelBuilder, cache: &Cache, c: &str, kh: &str) -> Factors {
+    fn factors(&self, b: &mut KernelBuilder, cache: &CacheView, c: &str, kh: &str) -> Factors {
         let l = &self.l;
         let residual = b.index((l.residual_bytes() / 2) as u64);
         let per = b.index((l.chunk_bytes() / 2) as u64);
@@ -144,14 +115,7 @@ impl Chunked {
 
     /// The (query row, head) of `unit` = row·heads + head.
     fn cell(&self, b: &mut KernelBuilder, unit: &str) -> Cell {
-        let (hc, dc, qwc, groupc) = (b.index(self.h), b.index(self.d), b.index(self.h * self.d), b.index(self.h / self.kvh));
-        let row = b.divui(unit, &hc);
-        let head = b.remui(unit, &hc);
-        let kh = b.divui(&head, &groupc);
-        let qrow = b.muli(&row, &qwc);
-        let qhd = b.muli(&head, &dc);
-        let qbase = b.addi(&qrow, &qhd);
-        let khd = b.muli(&kh, &dc);
+        let HeadCell { row, kh, qbase, khd } = HeadCell::of(b, unit, (self.h, self.kvh, self.d));
         let span = self.span(b, &row);
         Cell { kh, qbase, khd, span }
     }
@@ -271,30 +235,10 @@ impl Chunked {
                 state.iter().enumerate().map(|(i, v)| (v.clone(), if i < 2 { "f32".into() } else { vty.clone() })).collect();
             let state = b.for_fold_typed(&span.exact_from, &span.end, 1, &init, |b, t, st| {
                 let kb = self.exact_row(b, t, &khd);
-                let mut a = vzero.clone();
-                for (qx, kv) in q.iter().zip(row_vectors(b, &self.k.exact, &kb, nv, false)) {
-                    a = b.vfma(qx, &kv, &a, VW);
-                }
-                let dot = b.vsum(&a, VW);
-                let sc = b.mul(&dot, &scale);
-                let (m_new, l_new, corr, pr) = online_step(b, &st[0], &st[1], &sc);
-                let (corrv, prv) = (b.vbroadcast(&corr, VW), b.vbroadcast(&pr, VW));
-                let mut next = vec![m_new, l_new];
-                for (x, vv) in row_vectors(b, &self.v.exact, &kb, nv, false).iter().enumerate() {
-                    let pv = b.def(format!("arith.mulf {prv}, {vv} : {vty}"));
-                    next.push(b.vfma(&st[2 + x], &corrv, &pv, VW));
-                }
-                next
+                let (kx, vx) = (row_vectors(b, &self.k.exact, &kb, nv, false), row_vectors(b, &self.v.exact, &kb, nv, false));
+                cpu_key_step(b, st, &q, (&kx, &vx), &scale, None)
             });
-            let one = b.f32(1.0);
-            let inv = b.div(&one, &state[1]);
-            let invv = b.vbroadcast(&inv, VW);
-            for x in 0..nv {
-                let o = b.index((x as u32 * VW) as u64);
-                let at = b.addi(&qbase, &o);
-                let y = b.def(format!("arith.mulf {}, {invv} : {vty}", state[2 + x]));
-                b.vstore(&y, out, &at, VW);
-            }
+            cpu_store_row(b, &state, out, &qbase);
         });
     }
 
@@ -309,18 +253,12 @@ impl Chunked {
         let ninf = b.f32(-1e30);
         let scale = b.f32(1.0 / (d as f32).sqrt());
         let warp = b.index(WARP);
-        let (warps, group) = (b.index(GPU_ATTN_WARPS), b.index(GPU_ATTN_WARPS * WARP));
-        let part = 2 + d;
-        let smem = b.shared_f32("chunked_partials", GPU_ATTN_WARPS * part);
+        let smem = b.shared_f32("chunked_partials", GPU_ATTN_WARPS * (2 + d));
         // Per lane: features lane + 32·m, positions lane + 32·m, p_(lane + 32·m).
-        let nf = d.div_ceil(WARP) as usize;
         let np = chunk.div_ceil(WARP) as usize;
         let ns = slot.div_ceil(WARP) as usize;
         b.parallel(work, |b, t| {
-            let e = b.divui(t, &group);
-            let wid = b.divui(t, &warp);
-            let wid = b.remui(&wid, &warps);
-            let lane = b.remui(t, &warp);
+            let (wid, lane, e) = block_cell(b, t);
             let Cell { kh, qbase, khd, span } = self.cell(b, &e);
             let q: Vec<V> = (0..d)
                 .map(|x| {
@@ -333,31 +271,8 @@ impl Chunked {
                 let o = b.index(m as u64 * WARP);
                 b.addi(&lane, &o)
             };
-            // The lane's features, clamped into the head (a lane past it
-            // computes a copy of the last feature, weighs its query 0 and
-            // stores nothing: `inside`).
-            let lastx = b.index(d - 1);
-            let raw: Vec<V> = (0..nf).map(|m| lane_plus(b, m)).collect();
-            let inside: Vec<Option<V>> = raw
-                .iter()
-                .enumerate()
-                .map(|(m, x)| ((m as u64 + 1) * WARP > d).then(|| b.def(format!("arith.cmpi ult, {x}, {dc} : index"))))
-                .collect();
-            let feats: Vec<V> = raw.iter().map(|x| b.minui(x, &lastx)).collect();
-            let qf: Vec<V> = feats
-                .iter()
-                .zip(&inside)
-                .map(|(x, ok)| {
-                    let i = b.addi(&qbase, x);
-                    let qx = b.load(&ins[0], &i);
-                    match ok {
-                        Some(ok) => b.def(format!("arith.select {ok}, {qx}, {zero} : f32")),
-                        None => qx,
-                    }
-                })
-                .collect();
-            let mut init: Vec<(V, String)> = vec![(ninf.clone(), "f32".into()), (zero.clone(), "f32".into())];
-            init.extend((0..nf).map(|_| (zero.clone(), "f32".to_string())));
+            let lf = LaneFeatures::new(b, &lane, d, &ins[0], &qbase);
+            let init = lf.init(b);
             let state = b.for_fold_typed(&wid, &span.chunks, GPU_ATTN_WARPS, &init, |b, c, st| {
                 let fk = self.factors(b, &self.k, c, &kh);
                 // Lane i's p_i (rows past the rank are zero; lanes past the slot read its last row and drop it).
@@ -443,7 +358,7 @@ impl Chunked {
                     let u = b.warp_all(&part_u, "addf");
                     let brow = b.muli(i, &dc);
                     let brow = b.addi(&brow, &fv.basis);
-                    feats
+                    lf.feats
                         .iter()
                         .zip(a)
                         .map(|(x, acc)| {
@@ -466,66 +381,12 @@ impl Chunked {
                 &state.iter().map(|v| (v.clone(), "f32".to_string())).collect::<Vec<_>>(),
                 |b, tk, st| {
                     let kb = self.exact_row(b, tk, &khd);
-                    let mut part_s = zero.clone();
-                    for (x, qx) in feats.iter().zip(&qf) {
-                        let at = b.addi(&kb, x);
-                        let kv = b.load(&self.k.exact, &at);
-                        part_s = b.fma(qx, &kv, &part_s);
-                    }
-                    let dot = b.warp_all(&part_s, "addf");
-                    let sc = b.mul(&dot, &scale);
-                    let (m_new, l_new, corr, pr) = online_step(b, &st[0], &st[1], &sc);
-                    let mut next = vec![m_new, l_new];
-                    for (x, acc) in feats.iter().zip(&st[2..]) {
-                        let at = b.addi(&kb, x);
-                        let vv = b.load(&self.v.exact, &at);
-                        let pv = b.mul(&pr, &vv);
-                        next.push(b.fma(acc, &corr, &pv));
-                    }
-                    next
+                    let load = |b: &mut KernelBuilder, key: bool, at: &str| b.load(if key { &self.k.exact } else { &self.v.exact }, at);
+                    lf.key_step(b, st, (&kb, &kb), &load, &scale, None)
                 },
             );
             // The warps' partials meet in shared memory; warp 0 writes the row.
-            let partc = b.index(part);
-            let base = b.muli(&wid, &partc);
-            let first = b.def(format!("arith.cmpi eq, {lane}, {zero_i} : index"));
-            b.if_then(&first, |b| {
-                b.store_shared(&state[0], &smem, &base);
-                let one = b.index(1);
-                let at = b.addi(&base, &one);
-                b.store_shared(&state[1], &smem, &at);
-            });
-            let two = b.index(2);
-            let vals = b.addi(&base, &two);
-            for ((x, acc), ok) in feats.iter().zip(&state[2..]).zip(&inside) {
-                let at = b.addi(&vals, x);
-                match ok {
-                    Some(ok) => b.if_then(ok, |b| b.store_shared(acc, &smem, &at)),
-                    None => b.store_shared(acc, &smem, &at),
-                }
-            }
-            b.barrier();
-            let warp0 = b.def(format!("arith.cmpi eq, {wid}, {zero_i} : index"));
-            b.if_then(&warp0, |b| {
-                let (ws, total) = partial_weights(b, &smem, part);
-                let one = b.f32(1.0);
-                let f = b.div(&one, &total);
-                for (x, ok) in feats.iter().zip(&inside) {
-                    let mut y = zero.clone();
-                    for (k, wk) in ws.iter().enumerate() {
-                        let o = b.index(k as u64 * part + 2);
-                        let at = b.addi(&o, x);
-                        let a = b.load_shared(&smem, &at);
-                        y = b.fma(&a, wk, &y);
-                    }
-                    let y = b.mul(&y, &f);
-                    let i = b.addi(&qbase, x);
-                    match ok {
-                        Some(ok) => b.if_then(ok, |b| b.store(&y, out, &i)),
-                        None => b.store(&y, out, &i),
-                    }
-                }
-            });
+            lf.combine(b, &smem, d, (&wid, &lane), &state, &qbase, out);
         });
     }
 }

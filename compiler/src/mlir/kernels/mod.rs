@@ -15,6 +15,7 @@ mod kv_chunked;
 mod kv_kivi;
 mod kv_pre_rope;
 mod kv_quant;
+mod kv_sequence;
 mod nsa;
 
 pub use attention::{cpu_ring, window_of, RING_SLACK};
@@ -25,6 +26,23 @@ pub use attention::{cpu_ring, window_of, RING_SLACK};
 pub fn chunked_layout(spec: &KernelSpec, kv_heads: usize, d: usize) -> Option<sparsec_ir::kv_chunked::ChunkLayout> {
     let (chunk, rank) = chunked_svd_of(spec)?;
     sparsec_ir::kv_chunked::ChunkLayout::new(chunk, rank, kv_heads, d, RING_SLACK as usize)
+}
+
+/// The cache layout of an attention with `#kv(dct, axis = sequence)` over
+/// cache rows of `width` channels (calls append at most `RING_SLACK` rows);
+/// `None` without one, or where it does not fit. Its kernel is `kv_sequence`'s.
+pub fn sequence_layout(spec: &KernelSpec, width: usize) -> Option<sparsec_ir::kv_sequence::SeqLayout> {
+    spec.patterns.iter().find_map(|p| match p {
+        Pattern::Kv(sparsec_ir::KvCompression::Dct { keep, axis: sparsec_ir::KvAxis::Sequence, block, sinks, recent }) => {
+            sparsec_ir::kv_sequence::SeqLayout::new(*keep, (*block)?, *sinks, *recent, width, RING_SLACK as usize)
+        }
+        _ => None,
+    })
+}
+
+/// Whether an attention carries `#kv(dct, axis = sequence)`.
+pub fn has_sequence_dct(spec: &KernelSpec) -> bool {
+    spec.patterns.iter().any(|p| matches!(p, Pattern::Kv(sparsec_ir::KvCompression::Dct { axis: sparsec_ir::KvAxis::Sequence, .. })))
 }
 
 /// The chunk and rank of an attention's `#kv(chunked_svd)`, if it has one
@@ -46,6 +64,7 @@ mod rope;
 mod softmax;
 mod tiled_matmul;
 mod warp_fold;
+mod warp_rows;
 
 // What the other kernel generators of `mlir` (quant_dot, sparse_kernels) share.
 pub(super) use quant_planes::{nibbles, QuantPlanes};
@@ -321,7 +340,7 @@ impl KernelSpec {
     /// (attention's split partials); `None` when it takes none.
     pub fn scratch_words(&self) -> Result<Option<u64>, CompileError> {
         match &self.op {
-            Op::Attention { .. } if self.stage != Stage::Op || chunked_svd_of(self).is_some() => Ok(None),
+            Op::Attention { .. } if self.stage != Stage::Op || chunked_svd_of(self).is_some() || has_sequence_dct(self) => Ok(None),
             Op::Attention { .. } => Ok(Some(attention::scratch_words(self)?)),
             _ => Ok(None),
         }

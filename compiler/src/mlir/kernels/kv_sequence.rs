@@ -1,0 +1,198 @@
+//! Attention over sequence-axis DCT caches (`#kv(dct, axis = sequence)`,
+//! layout and rule in `sparsec_ir::kv_sequence`): a query reads the sinks'
+//! exact rows, then the low-pass rows of the blocks older than its recent
+//! positions (f16, each score raised by ln(block/m)), then its recent
+//! positions' exact rows from the ring. Three runs of keys through one
+//! online softmax; a low-pass block costs `m` keys instead of `block`.
+//!
+//! On the CPU a unit is a (query row, head): a key's dot and the weighted
+//! values are vectors of 8 lanes (the head width must be a multiple of 8),
+//! the state carried in registers. On NVIDIA a block of warps serves a
+//! (query row, head) and splits each run's keys over its warps
+//! (`warp_rows`).
+
+use super::warp_rows::{block_cell, cache_views, cpu_key_step, cpu_store_row, row_vectors, CacheView, HeadCell, LaneFeatures};
+use super::{fixed_last, KernelCtx, GPU_ATTN_WARPS, VW};
+use crate::error::CompileError;
+use crate::mlir::builder::{Device, KernelBuilder, V};
+use sparsec_ir::kv_sequence::SeqLayout;
+use sparsec_ir::DType;
+
+struct Sequence {
+    h: u64,
+    kvh: u64,
+    d: u64,
+    l: SeqLayout,
+    k: CacheView,
+    v: CacheView,
+}
+
+/// Which run of keys, and how a key of it is found.
+#[derive(Clone, Copy, PartialEq)]
+enum Run {
+    /// Positions `0..min(sinks, p + 1)`, exact.
+    Sinks,
+    /// Low-pass rows `0..blocks·m`.
+    LowPass,
+    /// Positions from the first not read low-pass to p, exact, in the ring.
+    Recent,
+}
+
+/// The kernel of an attention with `#kv(dct, axis = sequence)`.
+pub(super) fn emit(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u32, kv_heads: u32) -> Result<(), CompileError> {
+    let KernelCtx { spec, device, .. } = *cx;
+    let (h, kvh) = (heads as u64, kv_heads as u64);
+    if h == 0 || kvh == 0 || h % kvh != 0 {
+        return Err(spec.unsupported("heads must be a positive multiple of kv_heads"));
+    }
+    let d = fixed_last(spec, &spec.operands[0])? / h;
+    let l = super::sequence_layout(spec, (kvh * d) as usize)
+        .ok_or_else(|| spec.unsupported("#kv(dct, axis = sequence) needs a block, a positive recent and a kept row"))?;
+    if spec.operands.len() != 3 || spec.operands[1].dtype != DType::F16 || spec.operands[2].dtype != DType::F16 {
+        return Err(spec.unsupported("#kv(dct, axis = sequence) attention takes q and its two caches (f16 low-pass rows) only"));
+    }
+    if device == Device::Cpu && !d.is_multiple_of(VW as u64) {
+        return Err(
+            spec.unsupported(&format!("#kv(dct, axis = sequence) on the CPU needs a head width that is a multiple of {VW}, not {d}"))
+        );
+    }
+    let exact_words = ((l.sinks + l.ring) * l.width) as u64;
+    let (k, v) = cache_views(b, cx, exact_words);
+    let s = Sequence { h, kvh, d, l, k, v };
+    match device {
+        Device::Cpu => s.emit_cpu(b, cx),
+        Device::Nvptx => s.emit_warps(b, cx),
+    }
+    Ok(())
+}
+
+/// One (query row, head): where its query and output row start, where its
+/// KV head's features start in a cache row, and its runs' bounds.
+struct Cell {
+    qbase: V,
+    khd: V,
+    /// `min(sinks, p + 1)`.
+    sinks_end: V,
+    /// Low-pass rows read: `read_blocks(p)·m`.
+    low_rows: V,
+    /// First recent position, and `p + 1`.
+    recent: (V, V),
+}
+
+impl Sequence {
+    fn cell(&self, b: &mut KernelBuilder, unit: &str) -> Cell {
+        let l = &self.l;
+        let HeadCell { row, qbase, khd, .. } = HeadCell::of(b, unit, (self.h, self.kvh, self.d));
+        let pos = b.pos();
+        let one = b.index(1);
+        let p = b.addi(&pos, &row);
+        let end = b.addi(&p, &one);
+        let (sinks, old, block, m) =
+            (b.index(l.sinks as u64), b.index((l.sinks + l.recent) as u64), b.index(l.block as u64), b.index(l.m as u64));
+        let sinks_end = b.minui(&sinks, &end);
+        let past = b.sub_or_zero(&end, &old);
+        let blocks = b.divui(&past, &block);
+        let low_rows = b.muli(&blocks, &m);
+        let skipped = b.muli(&blocks, &block);
+        let from = b.addi(&sinks, &skipped);
+        Cell { qbase, khd, sinks_end, low_rows, recent: (from, end) }
+    }
+
+    /// Where key `t` of `run` starts (its KV head's features), and whether
+    /// it is an f16 low-pass row.
+    fn key_at(&self, b: &mut KernelBuilder, run: Run, t: &str, khd: &str) -> V {
+        let l = &self.l;
+        let width = b.index(l.width as u64);
+        let row = match run {
+            Run::Sinks => t.to_string(),
+            Run::LowPass => {
+                // In halves: past the exact rows' bytes.
+                let base = b.index((l.exact_bytes() / 2) as u64);
+                let at = b.muli(t, &width);
+                let at = b.addi(&at, &base);
+                return b.addi(&at, khd);
+            }
+            Run::Recent => {
+                let (sinks, ring) = (b.index(l.sinks as u64), b.index(l.ring as u64));
+                let after = b.sub_or_zero(t, &sinks);
+                let r = b.remui(&after, &ring);
+                b.addi(&r, &sinks)
+            }
+        };
+        let at = b.muli(&row, &width);
+        b.addi(&at, khd)
+    }
+
+    fn runs(c: &Cell, zero: &V) -> [(Run, V, V); 3] {
+        [
+            (Run::Sinks, zero.clone(), c.sinks_end.clone()),
+            (Run::LowPass, zero.clone(), c.low_rows.clone()),
+            (Run::Recent, c.recent.0.clone(), c.recent.1.clone()),
+        ]
+    }
+
+    /// CPU: one unit per (query row, head), the state in registers.
+    fn emit_cpu(&self, b: &mut KernelBuilder, cx: &KernelCtx<'_>) {
+        let KernelCtx { work, ins, out, .. } = *cx;
+        let nv = (self.d / VW as u64) as usize;
+        let vty = KernelBuilder::vty(VW);
+        let zero_i = b.index(0);
+        let (zero, ninf) = (b.f32(0.0), b.f32(-1e30));
+        let scale = b.f32(1.0 / (self.d as f32).sqrt());
+        let bonus = b.f32(self.l.bonus());
+        let vzero = b.vzero(VW);
+        b.parallel(work, |b, unit| {
+            let c = self.cell(b, unit);
+            let q = row_vectors(b, &ins[0], &c.qbase, nv, false);
+            let mut state: Vec<V> = vec![ninf.clone(), zero.clone()];
+            state.extend((0..nv).map(|_| vzero.clone()));
+            for (run, lo, hi) in Self::runs(&c, &zero_i) {
+                let init: Vec<(V, String)> =
+                    state.iter().enumerate().map(|(i, v)| (v.clone(), if i < 2 { "f32".into() } else { vty.clone() })).collect();
+                state = b.for_fold_typed(&lo, &hi, 1, &init, |b, t, st| {
+                    let at = self.key_at(b, run, t, &c.khd);
+                    let half = run == Run::LowPass;
+                    let (kbuf, vbuf) = if half { (&self.k.halves, &self.v.halves) } else { (&self.k.exact, &self.v.exact) };
+                    let (kx, vx) = (row_vectors(b, kbuf, &at, nv, half), row_vectors(b, vbuf, &at, nv, half));
+                    cpu_key_step(b, st, &q, (&kx, &vx), &scale, half.then_some(bonus.as_str()))
+                });
+            }
+            cpu_store_row(b, &state, out, &c.qbase);
+        });
+    }
+
+    /// NVIDIA: a block of warps per (query row, head); each run's keys are
+    /// split over the warps.
+    fn emit_warps(&self, b: &mut KernelBuilder, cx: &KernelCtx<'_>) {
+        let KernelCtx { work, ins, out, .. } = *cx;
+        let d = self.d;
+        let scale = b.f32(1.0 / (d as f32).sqrt());
+        let bonus = b.f32(self.l.bonus());
+        let zero_i = b.index(0);
+        let smem = b.shared_f32("sequence_partials", GPU_ATTN_WARPS * (2 + d));
+        b.parallel(work, |b, t| {
+            let (wid, lane, e) = block_cell(b, t);
+            let c = self.cell(b, &e);
+            let lf = LaneFeatures::new(b, &lane, d, &ins[0], &c.qbase);
+            let mut state: Vec<V> = lf.init(b).into_iter().map(|(v, _)| v).collect();
+            for (run, lo, hi) in Self::runs(&c, &zero_i) {
+                let start = b.addi(&lo, &wid);
+                let init: Vec<(V, String)> = state.iter().map(|v| (v.clone(), "f32".to_string())).collect();
+                state = b.for_fold_typed(&start, &hi, GPU_ATTN_WARPS, &init, |b, tk, st| {
+                    let at = self.key_at(b, run, tk, &c.khd);
+                    let half = run == Run::LowPass;
+                    let load = |b: &mut KernelBuilder, key: bool, i: &str| {
+                        let cache = if key { &self.k } else { &self.v };
+                        if half {
+                            b.load_f16(&cache.halves, i)
+                        } else {
+                            b.load(&cache.exact, i)
+                        }
+                    };
+                    lf.key_step(b, st, (&at, &at), &load, &scale, half.then_some(bonus.as_str()))
+                });
+            }
+            lf.combine(b, &smem, d, (&wid, &lane), &state, &c.qbase, out);
+        });
+    }
+}
