@@ -133,6 +133,36 @@ fn check_nsa(device: DeviceKind) {
     nsa_session_equals_the_interpreter(&art, device, "nsa");
 }
 
+/// Compressed KV caches on every layer of the tiny Llama (head width 8):
+/// chunked SVD (chunks of 8 at rank 2) and sequence-axis DCT (blocks of 4,
+/// half kept, 2 sinks, 4 recent), against the interpreter. On CUDA the
+/// session appends them on the host and attention runs their NVPTX kernels.
+fn check_compressed(device: DeviceKind) {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, kv) in [
+        ("chunked", "kv = { transform = \"chunked_svd\", chunk = 8, rank = 2 }"),
+        ("sequence", "kv = { transform = \"dct\", axis = \"sequence\", keep = 0.5, block = 4, sinks = 2, recent = 4 }"),
+    ] {
+        let plan = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&plan, format!("[[rule]]\nlayers = \"all\"\n{kv}\n")).unwrap();
+        let art = Artifact::open(&compile_fixture_args("llama_tiny", tmp.path(), &["--plan", plan.to_str().unwrap()])).unwrap();
+        nsa_session_equals_the_interpreter(&art, device, name);
+    }
+}
+
+#[test]
+fn cpu_sessions_of_compressed_caches_equal_the_interpreter() {
+    check_compressed(DeviceKind::Cpu);
+}
+
+#[test]
+fn cuda_sessions_of_compressed_caches_equal_the_interpreter() {
+    if !common::require_gpu(sparsec_runtime::cuda::cuda_available()) {
+        return;
+    }
+    check_compressed(DeviceKind::Cuda);
+}
+
 /// A 20-token prompt in calls of 6 and 12 decode steps of the tiny Llama
 /// `art` on `device`, every call against the interpreter.
 fn nsa_session_equals_the_interpreter(art: &Artifact, device: DeviceKind, what: &str) {

@@ -99,6 +99,27 @@ impl SeqLayout {
         (self.block as f64 / self.m as f64).ln() as f32
     }
 
+    /// The `m × block` matrix that takes a block's positions (per channel)
+    /// to its low-pass positions: √(m/block) · DCT-III of length m · the
+    /// first m rows of the orthonormal DCT-II of length block (row-major, f64).
+    pub fn resampling(&self) -> Vec<f64> {
+        let (n, m) = (self.block, self.m);
+        let pi = std::f64::consts::PI;
+        let unit = |k: usize, len: usize| if k == 0 { (1.0 / len as f64).sqrt() } else { (2.0 / len as f64).sqrt() };
+        let scale = (m as f64 / n as f64).sqrt();
+        let mut r = vec![0f64; m * n];
+        for j in 0..m {
+            for k in 0..m {
+                // DCT-III (the inverse of length m) row j, column k, times DCT-II row k.
+                let inv = unit(k, m) * (pi * (j as f64 + 0.5) * k as f64 / m as f64).cos();
+                for i in 0..n {
+                    r[j * n + i] += scale * inv * unit(k, n) * (pi * (i as f64 + 0.5) * k as f64 / n as f64).cos();
+                }
+            }
+        }
+        r
+    }
+
     /// The `m × width` low-pass rows of one block's `block × width` rows
     /// (f16-rounded, as stored); `None` if the sizes do not fit.
     pub fn compress(&self, rows: &[f32]) -> Option<Vec<f32>> {
@@ -106,27 +127,19 @@ impl SeqLayout {
         if rows.len() != n * w {
             return None;
         }
-        let pi = std::f64::consts::PI;
-        let scale = (m as f64 / n as f64).sqrt();
+        let r = self.resampling();
         let mut out = vec![0f32; m * w];
-        let mut coef = vec![0f64; m];
-        for c in 0..w {
-            // The lowest m frequencies of the orthonormal DCT-II along the block.
-            for (k, x) in coef.iter_mut().enumerate() {
-                let s = if k == 0 { (1.0 / n as f64).sqrt() } else { (2.0 / n as f64).sqrt() };
-                *x = s * (0..n).map(|i| rows[i * w + c] as f64 * (pi * (i as f64 + 0.5) * k as f64 / n as f64).cos()).sum::<f64>();
+        let mut acc = vec![0f64; w];
+        for j in 0..m {
+            acc.iter_mut().for_each(|a| *a = 0.0);
+            for i in 0..n {
+                let c = r[j * n + i];
+                for (a, x) in acc.iter_mut().zip(&rows[i * w..(i + 1) * w]) {
+                    *a += c * *x as f64;
+                }
             }
-            // Their orthonormal inverse (DCT-III) of length m, scaled.
-            for j in 0..m {
-                let y: f64 = coef
-                    .iter()
-                    .enumerate()
-                    .map(|(k, x)| {
-                        let s = if k == 0 { (1.0 / m as f64).sqrt() } else { (2.0 / m as f64).sqrt() };
-                        s * x * (pi * (j as f64 + 0.5) * k as f64 / m as f64).cos()
-                    })
-                    .sum();
-                out[j * w + c] = f16::from_f64(scale * y).to_f32();
+            for (o, a) in out[j * w..(j + 1) * w].iter_mut().zip(&acc) {
+                *o = f16::from_f64(*a).to_f32();
             }
         }
         Some(out)

@@ -403,26 +403,8 @@ impl CpuSession<'_> {
                 r.max_rows
             )));
         }
-        // A chunked-SVD cache must still hold exact rows of the chunk `pos`
-        // falls in (its ring keeps the last `ring` positions).
-        if let Some(l) = self.art.manifest.execution.buffers.iter().find_map(|b| b.chunk_layout()) {
-            if back > 0 && pos / l.chunk * l.chunk + l.ring < self.pos {
-                return Err(RuntimeError::Cpu(format!(
-                    "cannot go back to position {pos}: a chunked-SVD cache keeps exact rows of the last {} positions only, and position {pos}'s chunk of {} starts before them",
-                    l.ring, l.chunk
-                )));
-            }
-        }
-        // A sequence-axis DCT cache likewise: exact rows from where the
-        // query at `pos` starts reading them (`SeqLayout::read_blocks`).
-        if let Some(l) = self.art.manifest.execution.buffers.iter().find_map(|b| b.sequence_layout()) {
-            let from = l.sinks + l.read_blocks(pos) * l.block;
-            if back > 0 && from + l.ring < self.pos {
-                return Err(RuntimeError::Cpu(format!(
-                    "cannot go back to position {pos}: a sequence-axis DCT cache keeps exact rows of the last {} positions only",
-                    l.ring
-                )));
-            }
+        if let Some(why) = compressed_cannot_go_back(&self.art.manifest.execution, self.pos, pos) {
+            return Err(RuntimeError::Cpu(why));
         }
         self.pos = self.pos.min(pos);
         Ok(())
@@ -631,12 +613,7 @@ impl CpuSession<'_> {
                             append_by_channel(cp, cb, row, from, *hadamard)?;
                             continue;
                         }
-                        if cb.chunked.is_some() {
-                            append_chunked(cp, cb, row, from)?;
-                            continue;
-                        }
-                        if cb.sequence.is_some() {
-                            append_low_pass(cp, cb, row, from)?;
+                        if append_compressed(cp, cb, row, from)?.is_some() {
                             continue;
                         }
                         // SAFETY: `row` is below the rows the cache was sized for
@@ -826,16 +803,66 @@ fn append_by_channel(cp: *mut u8, cb: &BufferSpec, row: usize, from: &[f32], had
     Ok(())
 }
 
+/// Why a session at `now` positions cannot go back to `pos` with its
+/// compressed caches (`None`: it can): a chunked-SVD cache must still hold
+/// the exact rows of the chunk `pos` falls in, a sequence-axis DCT cache
+/// those from where the query at `pos` starts reading exact rows; both keep
+/// the last `ring` positions.
+pub(crate) fn compressed_cannot_go_back(plan: &crate::manifest::ExecutionPlan, now: usize, pos: usize) -> Option<String> {
+    if pos >= now {
+        return None;
+    }
+    for b in &plan.buffers {
+        if let Some(l) = b.chunk_layout() {
+            if pos / l.chunk * l.chunk + l.ring < now {
+                return Some(format!(
+                    "cannot go back to position {pos}: a chunked-SVD cache keeps exact rows of the last {} positions only, and position {pos}'s chunk of {} starts before them",
+                    l.ring, l.chunk
+                ));
+            }
+        }
+        if let Some(l) = b.sequence_layout() {
+            if l.sinks + l.read_blocks(pos) * l.block + l.ring < now {
+                return Some(format!(
+                    "cannot go back to position {pos}: a sequence-axis DCT cache keeps exact rows of the last {} positions only",
+                    l.ring
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// Appends position `row` to a compressed cache (`chunked` or `sequence`)
+/// whose memory starts at `cp`: `Some` of the byte ranges it wrote, `None`
+/// for another cache.
+pub(crate) fn append_compressed(
+    cp: *mut u8,
+    cb: &BufferSpec,
+    row: usize,
+    from: &[f32],
+) -> RuntimeResult<Option<Vec<std::ops::Range<usize>>>> {
+    if cb.chunked.is_some() {
+        return append_chunked(cp, cb, row, from).map(Some);
+    }
+    if cb.sequence.is_some() {
+        return append_low_pass(cp, cb, row, from).map(Some);
+    }
+    Ok(None)
+}
+
 /// Appends position `row` to a chunked-SVD cache (`BufferSpec::chunked`,
 /// `sparsec_ir::kv_chunked`): the row goes to the exact rows of its chunk,
 /// and the chunk is factored into its record once its last position arrives.
-fn append_chunked(cp: *mut u8, cb: &BufferSpec, row: usize, from: &[f32]) -> RuntimeResult<()> {
+fn append_chunked(cp: *mut u8, cb: &BufferSpec, row: usize, from: &[f32]) -> RuntimeResult<Vec<std::ops::Range<usize>>> {
     let l = cb.chunk_layout().ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: a chunked layout that does not fit", cb.name)))?;
     let width = l.width();
     if from.len() != width {
         return Err(RuntimeError::Cpu(format!("KV cache `{}`: a row of {} values for {width} channels", cb.name, from.len())));
     }
     let w = l.ring_row(row);
+    let mut wrote = Vec::with_capacity(2);
+    wrote.push(w * width * 4..(w + 1) * width * 4);
     // SAFETY: the cache holds `residual_bytes` (the ring of exact f32 rows,
     // 4-byte aligned) before its records, and the record of every chunk the
     // positions it was sized for complete (`ChunkLayout::bytes`); nothing
@@ -850,14 +877,16 @@ fn append_chunked(cp: *mut u8, cb: &BufferSpec, row: usize, from: &[f32]) -> Run
         // SAFETY: as above: chunk c lies below the `row + 1` positions the cache holds.
         let to = unsafe { std::slice::from_raw_parts_mut(cp.add(l.residual_bytes() + c * l.chunk_bytes()), l.chunk_bytes()) };
         l.factor_into(rows, to).ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: chunk {c} does not factor", cb.name)))?;
+        let at = l.residual_bytes() + c * l.chunk_bytes();
+        wrote.push(at..at + l.chunk_bytes());
     }
-    Ok(())
+    Ok(wrote)
 }
 
 /// Appends position `row` to a sequence-axis DCT cache (`BufferSpec::sequence`,
 /// `sparsec_ir::kv_sequence`): the row goes to the sinks or the ring, and a
 /// block is compressed into its low-pass rows once its last position arrives.
-fn append_low_pass(cp: *mut u8, cb: &BufferSpec, row: usize, from: &[f32]) -> RuntimeResult<()> {
+fn append_low_pass(cp: *mut u8, cb: &BufferSpec, row: usize, from: &[f32]) -> RuntimeResult<Vec<std::ops::Range<usize>>> {
     let l =
         cb.sequence_layout().ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: a sequence layout that does not fit", cb.name)))?;
     let width = l.width;
@@ -871,6 +900,8 @@ fn append_low_pass(cp: *mut u8, cb: &BufferSpec, row: usize, from: &[f32]) -> Ru
     let exact = unsafe { std::slice::from_raw_parts_mut(cp as *mut f32, (l.sinks + l.ring) * width) };
     let at = l.exact_row(row);
     exact[at * width..(at + 1) * width].copy_from_slice(from);
+    let mut wrote = Vec::with_capacity(2);
+    wrote.push(at * width * 4..(at + 1) * width * 4);
     if row >= l.sinks && (row + 1 - l.sinks).is_multiple_of(l.block) {
         let b = (row - l.sinks) / l.block;
         // The ring holds whole blocks: block b's rows are contiguous.
@@ -879,6 +910,8 @@ fn append_low_pass(cp: *mut u8, cb: &BufferSpec, row: usize, from: &[f32]) -> Ru
         // SAFETY: as above: block b lies below the `row + 1` positions the cache holds.
         let to = unsafe { std::slice::from_raw_parts_mut(cp.add(l.exact_bytes() + b * l.block_bytes()), l.block_bytes()) };
         l.compress_into(rows, to).ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: block {b} does not compress", cb.name)))?;
+        let at = l.exact_bytes() + b * l.block_bytes();
+        wrote.push(at..at + l.block_bytes());
     }
-    Ok(())
+    Ok(wrote)
 }

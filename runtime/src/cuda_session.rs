@@ -40,6 +40,11 @@ enum GpuStep {
     Kernel { f: CudaFunction, step: crate::manifest::KernelStep },
     /// Store `seq` rows into a cache at row `pos`, in its type.
     Append(crate::cuda_append::KvAppend),
+    /// A compressed cache (`chunked`, `sequence`): the rows are downloaded,
+    /// appended to the host copy `mirror` by the CPU runtime's code (which
+    /// factors or compresses what they complete), and the bytes it wrote
+    /// uploaded to the device cache.
+    HostAppend { src: u64, cache: usize, device: u64, mirror: usize },
 }
 
 pub struct CudaSession<'a> {
@@ -64,6 +69,8 @@ pub struct CudaSession<'a> {
     greedy_graph: Option<cudarc::driver::CudaGraph>,
     /// The device address of the id log (`cap.positions` u32 values).
     ids_ptr: u64,
+    /// Host copies of the compressed caches (`GpuStep::HostAppend`).
+    mirrors: Vec<Vec<f32>>,
     /// Per kernel: milliseconds and launches, when `profile_kernels` asked
     /// (each launch is then synchronized and timed on the host clock, which
     /// slows the run: for finding where the time goes, not for throughput).
@@ -83,8 +90,16 @@ impl CudaExecutor {
         }
         let max = usize::try_from(art.limits.max_positions).unwrap_or(usize::MAX);
         let positions = cap.positions.min(max).max(1);
-        let cap = SessionCapacity { positions, seq: cap.seq.clamp(1, positions) };
         let plan = &art.manifest.execution;
+        // A compressed cache's ring of exact rows takes at most `max_call`
+        // rows a call (as on the CPU): longer calls run in chunks.
+        let most = plan
+            .buffers
+            .iter()
+            .filter_map(|b| b.chunk_layout().map(|l| l.max_call()).or_else(|| b.sequence_layout().map(|l| l.max_call())))
+            .min()
+            .unwrap_or(usize::MAX);
+        let cap = SessionCapacity { positions, seq: cap.seq.clamp(1, positions).min(most.max(1)) };
         // Lay out the arena: inputs and unslotted temps at `cap.seq` rows, one
         // region per temp slot (its largest buffer), caches at `positions` rows.
         let seq = cap.seq as u64;
@@ -118,13 +133,14 @@ impl CudaExecutor {
                         .ok_or_else(|| RuntimeError::Cuda(format!("block cache `{}` overflows at {positions} positions", b.name)))?;
                     Some(place(bytes)?)
                 }
+                BufferKind::KvCache if b.chunked.is_some() || b.sequence.is_some() => {
+                    // Exact rows, then a record per chunk or block the positions complete.
+                    let bytes = b
+                        .try_bytes(positions as u64)
+                        .ok_or_else(|| RuntimeError::Cuda(format!("KV cache `{}` overflows at {positions} positions", b.name)))?;
+                    Some(place(bytes)?)
+                }
                 BufferKind::KvCache => {
-                    if b.chunked.is_some() || b.sequence.is_some() {
-                        return Err(RuntimeError::Cuda(format!(
-                            "KV cache `{}` is factored per chunk (#kv(chunked_svd)) or kept low-pass per block (#kv(dct, axis = sequence)): the CPU runtime compresses such caches as they fill; the CUDA session does not yet",
-                            b.name
-                        )));
-                    }
                     if !matches!(b.dtype, DType::F32 | DType::F16) {
                         return Err(RuntimeError::Cuda(format!("KV cache `{}` is {} (f32 or f16 only)", b.name, b.dtype.name())));
                     }
@@ -157,8 +173,17 @@ impl CudaExecutor {
             ptrs.push(p);
         }
         let mut steps = Vec::with_capacity(plan.steps.len());
+        let mut mirrors = Vec::new();
         for step in &plan.steps {
             let next = match step {
+                Step::KvAppend { src, cache, hadamard: None }
+                    if plan.buffers[*cache].chunked.is_some() || plan.buffers[*cache].sequence.is_some() =>
+                {
+                    let c = &plan.buffers[*cache];
+                    let bytes = c.try_bytes(positions as u64).unwrap_or(0);
+                    mirrors.push(vec![0f32; bytes.div_ceil(4)]);
+                    GpuStep::HostAppend { src: ptrs[*src], cache: *cache, device: ptrs[*cache], mirror: mirrors.len() - 1 }
+                }
                 Step::KvAppend { hadamard: Some(_), .. } => {
                     return Err(RuntimeError::Cuda("rotated (Hadamard) KV caches are kept on the CPU only".into()))
                 }
@@ -211,7 +236,9 @@ impl CudaExecutor {
             steps,
             arena_bytes,
             pos_ptr,
-            graphs: true,
+            // Host appends cannot be captured: such sessions launch every step.
+            graphs: mirrors.is_empty(),
+            mirrors,
             decode_graph: None,
             greedy_graph: None,
             ids_ptr,
@@ -250,19 +277,26 @@ impl CudaSession<'_> {
     }
 
     /// Whether decode steps (one row) replay a CUDA graph captured at the
+    /// first (never with compressed caches, whose appends run on the host);
     /// first one (the default), or launch every kernel.
     pub fn set_graphs(&mut self, on: bool) {
-        self.graphs = on;
+        self.graphs = on && self.mirrors.is_empty();
     }
 
     /// Forgets every position.
     pub fn reset(&mut self) {
-        self.truncate(0);
+        self.pos = 0;
     }
 
     /// Forgets the positions from `pos` on; the next `run` continues there.
-    pub fn truncate(&mut self, pos: usize) {
+    /// Compressed caches keep exact rows of their last positions only
+    /// (`cpu::compressed_cannot_go_back`).
+    pub fn truncate(&mut self, pos: usize) -> RuntimeResult<()> {
+        if let Some(why) = crate::cpu::compressed_cannot_go_back(&self.art.manifest.execution, self.pos, pos) {
+            return Err(RuntimeError::Cuda(why));
+        }
         self.pos = self.pos.min(pos);
+        Ok(())
     }
 
     /// Runs the next `seq` positions (bound by the inputs) and returns the
@@ -438,6 +472,35 @@ impl CudaSession<'_> {
                     // arena's `pos`.
                     unsafe { self.exec.appender.launch(stream, a, seq as u64, self.pos_ptr) }?;
                 }
+                GpuStep::HostAppend { src, cache, device, mirror } => {
+                    let cb = &plan.buffers[*cache];
+                    let width = cb.numel().resolve(1) as usize;
+                    let mut rows = vec![0f32; seq * width];
+                    // The kernels before wrote the rows; earlier uploads from the mirror are done.
+                    stream.synchronize().map_err(cu("synchronize"))?;
+                    // SAFETY: `src` holds `cap.seq >= seq` rows of `width` f32 values.
+                    unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut rows, *src) }.map_err(cu("download KV rows"))?;
+                    let m = &mut self.mirrors[*mirror];
+                    let mut wrote = Vec::new();
+                    for (i, row) in rows.chunks(width.max(1)).enumerate() {
+                        let w = crate::cpu::append_compressed(m.as_mut_ptr() as *mut u8, cb, self.pos + i, row)
+                            .map_err(|e| RuntimeError::Cuda(e.to_string()))?
+                            .ok_or_else(|| RuntimeError::Cuda(format!("KV cache `{}` is not compressed", cb.name)))?;
+                        wrote.extend(w);
+                    }
+                    // SAFETY: the mirror is 4-byte aligned memory of the cache's
+                    // `try_bytes(cap.positions)` bytes, as is the device cache;
+                    // each range lies within them (`append_compressed`).
+                    let bytes = unsafe { std::slice::from_raw_parts(m.as_ptr() as *const u8, m.len() * 4) };
+                    for r in wrote {
+                        let part = bytes
+                            .get(r.clone())
+                            .ok_or_else(|| RuntimeError::Cuda(format!("KV cache `{}`: a write past its end", cb.name)))?;
+                        // SAFETY: `device + r.start` lies in the cache's arena region (as above).
+                        unsafe { cudarc::driver::result::memcpy_htod_sync(device + r.start as u64, part) }
+                            .map_err(cu("upload KV cache bytes"))?;
+                    }
+                }
                 GpuStep::Kernel { f, step } => {
                     let (name, args) = (&step.kernel, &step.args);
                     let threads =
@@ -465,6 +528,7 @@ impl CudaSession<'_> {
                 stream.synchronize().map_err(cu("synchronize"))?;
                 let name = match step {
                     GpuStep::Append(_) => "kv_append".to_string(),
+                    GpuStep::HostAppend { .. } => "kv_append_host".to_string(),
                     GpuStep::Kernel { step, .. } => step.kernel.clone(),
                 };
                 let e = p.entry(name).or_default();

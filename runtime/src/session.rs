@@ -92,14 +92,12 @@ impl Session<'_> {
     }
 
     /// Forgets the positions from `pos` on (the CPU refuses to go back past
-    /// what a windowed layer's ring still holds; the GPU's caches are whole).
+    /// what a windowed layer's ring still holds; both refuse to go back past
+    /// the exact rows a compressed cache still holds).
     pub fn truncate(&mut self, pos: usize) -> RuntimeResult<()> {
         match self {
             Session::Cpu(s) => s.truncate(pos),
-            Session::Cuda(s) => {
-                s.truncate(pos);
-                Ok(())
-            }
+            Session::Cuda(s) => s.truncate(pos),
         }
     }
 
