@@ -277,8 +277,8 @@ impl CudaSession<'_> {
     }
 
     /// Whether decode steps (one row) replay a CUDA graph captured at the
-    /// first (never with compressed caches, whose appends run on the host);
-    /// first one (the default), or launch every kernel.
+    /// first one (the default), or launch every kernel. Sessions with
+    /// compressed caches always launch (their appends run on the host).
     pub fn set_graphs(&mut self, on: bool) {
         self.graphs = on && self.mirrors.is_empty();
     }
