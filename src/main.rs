@@ -589,8 +589,8 @@ fn kv_report(plan: &sparsec_runtime::manifest::ExecutionPlan, positions: usize, 
     let held: Vec<usize> = caches
         .iter()
         .zip(&per_position)
-        .map(|(b, p)| match b.chunk_layout() {
-            // Exact rows, then a record per complete chunk.
+        .map(|(b, p)| match b.compressed() {
+            // Exact rows, then a record per complete chunk or block.
             Some(_) => b.bytes(positions as u64),
             None => b.fixed_bytes() + p * if rings { b.cache_rows(positions) } else { positions },
         })

@@ -157,14 +157,8 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                 }
                 spec.kivi_keys = true;
             }
+            let width = kv_heads as usize * head_width as usize;
             if let Some((chunk, _)) = crate::mlir::kernels::chunked_svd_of(&spec) {
-                // f16 factors after f32 exact rows (`sparsec_ir::kv_chunked`), whatever `--kv-cache` says for others.
-                if kv_dtype.is_quantized() || spec.hadamard_kv || spec.kivi_keys {
-                    return Err(spec.unsupported(&format!(
-                        "#kv(chunked_svd) caches hold f16 factors; they are not combined with {} caches, --kv-hadamard or --kv-kivi",
-                        kv_dtype.name()
-                    )));
-                }
                 let layout = crate::mlir::kernels::chunked_layout(&spec, kv_heads as usize, head_width as usize)
                     .ok_or_else(|| spec.unsupported("#kv(chunked_svd) does not fit the heads"))?;
                 chunked_cache = Some(sparsec_runtime::manifest::ChunkedCache {
@@ -174,34 +168,28 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     head: head_width,
                     energy: layout.energy,
                 });
-                for t in spec.operands.iter_mut().skip(1).take(2) {
-                    t.dtype = DType::F16;
-                }
             }
             if crate::mlir::kernels::has_sequence_dct(&spec) {
-                // f16 low-pass rows after f32 exact rows (`sparsec_ir::kv_sequence`).
-                if kv_dtype.is_quantized() || spec.hadamard_kv || spec.kivi_keys {
-                    return Err(spec.unsupported(&format!(
-                        "#kv(dct, axis = sequence) caches hold f16 low-pass rows; they are not combined with {} caches, --kv-hadamard or --kv-kivi",
-                        kv_dtype.name()
-                    )));
-                }
-                let width = kv_heads as usize * head_width as usize;
                 let l = crate::mlir::kernels::sequence_layout(&spec, width)
                     .ok_or_else(|| spec.unsupported("#kv(dct, axis = sequence) needs a block, a positive recent and a kept row"))?;
-                let Some(sparsec_ir::Pattern::Kv(sparsec_ir::KvCompression::Dct { keep, .. })) =
-                    spec.patterns.iter().find(|p| matches!(p, sparsec_ir::Pattern::Kv(_)))
-                else {
-                    return Err(spec.unsupported("#kv(dct, axis = sequence) not found"));
-                };
                 sequence_cache = Some(sparsec_runtime::manifest::SequenceCache {
-                    keep: *keep,
+                    keep: l.keep,
                     block: l.block as u32,
                     rows: l.m as u32,
                     sinks: l.sinks as u32,
                     recent: l.recent as u32,
                     ring: l.ring as u32,
                 });
+            }
+            if chunked_cache.is_some() || sequence_cache.is_some() {
+                // f16 records after f32 exact rows (`sparsec_ir::kv_compressed`),
+                // whatever `--kv-cache` says for other caches.
+                if kv_dtype.is_quantized() || spec.hadamard_kv || spec.kivi_keys {
+                    return Err(spec.unsupported(&format!(
+                        "#kv(chunked_svd) and #kv(dct, axis = sequence) caches hold f16 records; they are not combined with {} caches, --kv-hadamard or --kv-kivi",
+                        kv_dtype.name()
+                    )));
+                }
                 for t in spec.operands.iter_mut().skip(1).take(2) {
                     t.dtype = DType::F16;
                 }

@@ -30,6 +30,8 @@ pub fn kept_rows(block: u32, keep: f32) -> u32 {
 /// Where a sequence-axis DCT cache keeps what.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SeqLayout {
+    /// The fraction of a block kept (as the pattern gives it).
+    pub keep: f32,
     pub block: usize,
     /// Low-pass positions per block (`kept_rows`).
     pub m: usize,
@@ -52,7 +54,7 @@ impl SeqLayout {
         }
         // A call's first query reaches back `recent + block − 2` rows before its own.
         let ring = (recent + block + max_call).div_ceil(block) * block;
-        Some(SeqLayout { block, m, sinks, recent, width, ring })
+        Some(SeqLayout { keep, block, m, sinks, recent, width, ring })
     }
 
     /// The most rows one call may append.

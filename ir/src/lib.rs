@@ -7,6 +7,7 @@ pub mod graph;
 pub mod kv_basis;
 pub mod kv_channel;
 pub mod kv_chunked;
+pub mod kv_compressed;
 pub mod kv_sequence;
 pub mod lexer;
 pub mod op;

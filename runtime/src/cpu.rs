@@ -436,12 +436,7 @@ impl CpuSession<'_> {
         let ring = plan
             .buffers
             .iter()
-            .filter_map(|b| {
-                b.ring
-                    .map(|r| r.max_rows.max(1) as u64)
-                    .or_else(|| b.chunk_layout().map(|l| l.max_call() as u64))
-                    .or_else(|| b.sequence_layout().map(|l| l.max_call() as u64))
-            })
+            .filter_map(|b| b.ring.map(|r| r.max_rows.max(1) as u64).or_else(|| b.compressed().map(|l| l.max_call() as u64)))
             .min();
         let chunk = ring.unwrap_or(MAX_CALL_ROWS).min(MAX_CALL_ROWS);
         let by_rows = plan.inputs.iter().chain(&plan.outputs).all(|&i| plan.buffers[i].by_rows());
@@ -812,29 +807,17 @@ pub(crate) fn compressed_cannot_go_back(plan: &crate::manifest::ExecutionPlan, n
     if pos >= now {
         return None;
     }
-    for b in &plan.buffers {
-        if let Some(l) = b.chunk_layout() {
-            if pos / l.chunk * l.chunk + l.ring < now {
-                return Some(format!(
-                    "cannot go back to position {pos}: a chunked-SVD cache keeps exact rows of the last {} positions only, and position {pos}'s chunk of {} starts before them",
-                    l.ring, l.chunk
-                ));
-            }
-        }
-        if let Some(l) = b.sequence_layout() {
-            if l.sinks + l.read_blocks(pos) * l.block + l.ring < now {
-                return Some(format!(
-                    "cannot go back to position {pos}: a sequence-axis DCT cache keeps exact rows of the last {} positions only",
-                    l.ring
-                ));
-            }
-        }
-    }
-    None
+    plan.buffers
+        .iter()
+        .filter_map(|b| b.compressed())
+        .find(|l| l.exact_from(pos) + l.ring() < now)
+        .map(|l| format!("cannot go back to position {pos}: a {} cache keeps exact rows of the last {} positions only", l.name(), l.ring()))
 }
 
-/// Appends position `row` to a compressed cache (`chunked` or `sequence`)
-/// whose memory starts at `cp`: `Some` of the byte ranges it wrote, `None`
+/// Appends position `row` to a compressed cache (`chunked` or `sequence`,
+/// `sparsec_ir::kv_compressed`) whose memory starts at `cp`: the row goes to
+/// its exact rows, and a chunk or block its position completes is factored
+/// or compressed into its record. `Some` of the byte ranges it wrote, `None`
 /// for another cache.
 pub(crate) fn append_compressed(
     cp: *mut u8,
@@ -842,76 +825,32 @@ pub(crate) fn append_compressed(
     row: usize,
     from: &[f32],
 ) -> RuntimeResult<Option<Vec<std::ops::Range<usize>>>> {
-    if cb.chunked.is_some() {
-        return append_chunked(cp, cb, row, from).map(Some);
+    if cb.chunked.is_none() && cb.sequence.is_none() {
+        return Ok(None);
     }
-    if cb.sequence.is_some() {
-        return append_low_pass(cp, cb, row, from).map(Some);
-    }
-    Ok(None)
-}
-
-/// Appends position `row` to a chunked-SVD cache (`BufferSpec::chunked`,
-/// `sparsec_ir::kv_chunked`): the row goes to the exact rows of its chunk,
-/// and the chunk is factored into its record once its last position arrives.
-fn append_chunked(cp: *mut u8, cb: &BufferSpec, row: usize, from: &[f32]) -> RuntimeResult<Vec<std::ops::Range<usize>>> {
-    let l = cb.chunk_layout().ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: a chunked layout that does not fit", cb.name)))?;
+    let l = cb.compressed().ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: a compressed layout that does not fit", cb.name)))?;
     let width = l.width();
     if from.len() != width {
         return Err(RuntimeError::Cpu(format!("KV cache `{}`: a row of {} values for {width} channels", cb.name, from.len())));
     }
-    let w = l.ring_row(row);
-    let mut wrote = Vec::with_capacity(2);
-    wrote.push(w * width * 4..(w + 1) * width * 4);
-    // SAFETY: the cache holds `residual_bytes` (the ring of exact f32 rows,
-    // 4-byte aligned) before its records, and the record of every chunk the
-    // positions it was sized for complete (`ChunkLayout::bytes`); nothing
-    // else refers to them during the append.
-    let exact = unsafe { std::slice::from_raw_parts_mut(cp as *mut f32, l.ring * width) };
-    exact[w * width..(w + 1) * width].copy_from_slice(from);
-    if (row + 1).is_multiple_of(l.chunk) {
-        let c = row / l.chunk;
-        // The ring holds whole chunks: chunk c's rows are contiguous.
-        let first = l.ring_row(c * l.chunk) * width;
-        let rows = &exact[first..first + l.chunk * width];
-        // SAFETY: as above: chunk c lies below the `row + 1` positions the cache holds.
-        let to = unsafe { std::slice::from_raw_parts_mut(cp.add(l.residual_bytes() + c * l.chunk_bytes()), l.chunk_bytes()) };
-        l.factor_into(rows, to).ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: chunk {c} does not factor", cb.name)))?;
-        let at = l.residual_bytes() + c * l.chunk_bytes();
-        wrote.push(at..at + l.chunk_bytes());
-    }
-    Ok(wrote)
-}
-
-/// Appends position `row` to a sequence-axis DCT cache (`BufferSpec::sequence`,
-/// `sparsec_ir::kv_sequence`): the row goes to the sinks or the ring, and a
-/// block is compressed into its low-pass rows once its last position arrives.
-fn append_low_pass(cp: *mut u8, cb: &BufferSpec, row: usize, from: &[f32]) -> RuntimeResult<Vec<std::ops::Range<usize>>> {
-    let l =
-        cb.sequence_layout().ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: a sequence layout that does not fit", cb.name)))?;
-    let width = l.width;
-    if from.len() != width {
-        return Err(RuntimeError::Cpu(format!("KV cache `{}`: a row of {} values for {width} channels", cb.name, from.len())));
-    }
-    // SAFETY: the cache holds `exact_bytes` (the sinks' and the ring's exact
-    // f32 rows, 4-byte aligned) before its blocks, and the low-pass rows of
-    // every block the positions it was sized for complete
-    // (`SeqLayout::bytes`); nothing else refers to them during the append.
-    let exact = unsafe { std::slice::from_raw_parts_mut(cp as *mut f32, (l.sinks + l.ring) * width) };
+    // SAFETY: the cache holds its exact f32 rows (4-byte aligned) before its
+    // records, and the record of every group the positions it was sized for
+    // complete (`Compressed::bytes`); nothing else refers to them during the
+    // append.
+    let exact = unsafe { std::slice::from_raw_parts_mut(cp as *mut f32, l.exact_rows() * width) };
     let at = l.exact_row(row);
     exact[at * width..(at + 1) * width].copy_from_slice(from);
     let mut wrote = Vec::with_capacity(2);
     wrote.push(at * width * 4..(at + 1) * width * 4);
-    if row >= l.sinks && (row + 1 - l.sinks).is_multiple_of(l.block) {
-        let b = (row - l.sinks) / l.block;
-        // The ring holds whole blocks: block b's rows are contiguous.
-        let first = l.exact_row(l.sinks + b * l.block) * width;
-        let rows = &exact[first..first + l.block * width];
-        // SAFETY: as above: block b lies below the `row + 1` positions the cache holds.
-        let to = unsafe { std::slice::from_raw_parts_mut(cp.add(l.exact_bytes() + b * l.block_bytes()), l.block_bytes()) };
-        l.compress_into(rows, to).ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: block {b} does not compress", cb.name)))?;
-        let at = l.exact_bytes() + b * l.block_bytes();
-        wrote.push(at..at + l.block_bytes());
+    if let Some(i) = l.completed_by(row) {
+        // The ring holds whole groups: group i's rows are contiguous.
+        let first = l.exact_row(l.first(i)) * width;
+        let rows = &exact[first..first + l.group() * width];
+        let rec = l.record_at(i)..l.record_at(i) + l.record_bytes();
+        // SAFETY: as above: group i lies below the `row + 1` positions the cache holds.
+        let to = unsafe { std::slice::from_raw_parts_mut(cp.add(rec.start), rec.len()) };
+        l.encode(rows, to).ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: record {i} does not encode", cb.name)))?;
+        wrote.push(rec);
     }
-    Ok(wrote)
+    Ok(Some(wrote))
 }

@@ -93,12 +93,7 @@ impl CudaExecutor {
         let plan = &art.manifest.execution;
         // A compressed cache's ring of exact rows takes at most `max_call`
         // rows a call (as on the CPU): longer calls run in chunks.
-        let most = plan
-            .buffers
-            .iter()
-            .filter_map(|b| b.chunk_layout().map(|l| l.max_call()).or_else(|| b.sequence_layout().map(|l| l.max_call())))
-            .min()
-            .unwrap_or(usize::MAX);
+        let most = plan.buffers.iter().filter_map(|b| b.compressed().map(|l| l.max_call())).min().unwrap_or(usize::MAX);
         let cap = SessionCapacity { positions, seq: cap.seq.clamp(1, positions).min(most.max(1)) };
         // Lay out the arena: inputs and unslotted temps at `cap.seq` rows, one
         // region per temp slot (its largest buffer), caches at `positions` rows.

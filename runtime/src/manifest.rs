@@ -349,11 +349,8 @@ impl BufferSpec {
     /// cache by a block's low-pass rows: their bytes per position are a
     /// record's share (rounded up).
     pub fn position_bytes(&self) -> usize {
-        if let Some(l) = self.chunk_layout() {
-            return l.chunk_bytes().div_ceil(l.chunk);
-        }
-        if let Some(l) = self.sequence_layout() {
-            return l.block_bytes().div_ceil(l.block);
+        if let Some(l) = self.compressed() {
+            return l.record_bytes().div_ceil(l.group());
         }
         self.bytes(1).saturating_sub(self.fixed_bytes())
     }
@@ -362,16 +359,20 @@ impl BufferSpec {
     /// exact rows, else none.
     pub fn fixed_bytes(&self) -> usize {
         let width = self.numel().resolve(1) as usize;
-        if let Some(l) = self.chunked.and_then(|c| c.layout(width)) {
-            return l.residual_bytes();
-        }
-        if let Some(l) = self.sequence.and_then(|c| c.layout(width)) {
-            return l.exact_bytes();
+        if let Some(l) = self.compressed() {
+            return l.record_at(0);
         }
         match self.channel_groups {
             Some(_) => sparsec_ir::kv_channel::residual_bytes(width),
             None => 0,
         }
+    }
+
+    /// The layout of a compressed cache (`chunked` or `sequence`), if it is
+    /// one and fits: what its appender, call limit and going back ask.
+    pub fn compressed(&self) -> Option<sparsec_ir::kv_compressed::Compressed> {
+        use sparsec_ir::kv_compressed::Compressed;
+        self.chunk_layout().map(Compressed::Chunked).or_else(|| self.sequence_layout().map(Compressed::Sequence))
     }
 
     /// The layout of a sequence-axis DCT cache (`sequence`), if it is one and fits.
@@ -415,12 +416,9 @@ impl BufferSpec {
             })?;
         }
         let n = usize::try_from(n).ok()?;
-        if self.chunked.is_some() {
+        if self.chunked.is_some() || self.sequence.is_some() {
             // `seq` counts positions; the dims give one position's width.
-            return self.chunk_layout()?.bytes(usize::try_from(seq).ok()?);
-        }
-        if self.sequence.is_some() {
-            return self.sequence_layout()?.bytes(usize::try_from(seq).ok()?);
+            return self.compressed()?.bytes(usize::try_from(seq).ok()?);
         }
         if self.channel_groups.is_some() {
             let width = usize::try_from(SymSize::of_dims(&self.dims).resolve(1)).ok()?;

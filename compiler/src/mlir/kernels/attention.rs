@@ -180,16 +180,17 @@ struct Visible {
 /// `out[r, head]` = softmax(q·kᵀ/√d)·v over the keys row r sees.
 pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u32, kv_heads: u32) -> Result<(), CompileError> {
     let KernelCtx { spec, device, ins, .. } = *cx;
-    if super::chunked_svd_of(spec).is_some() {
-        return super::kv_chunked::emit(b, cx, heads, kv_heads);
-    }
-    if super::has_sequence_dct(spec) {
-        return super::kv_sequence::emit(b, cx, heads, kv_heads);
-    }
     let window = window_of(spec)?;
     let (h, kvh, d) = dims(spec)?;
     if heads == 0 || kv_heads == 0 || h % kvh != 0 {
         return Err(spec.unsupported("heads must be a positive multiple of kv_heads"));
+    }
+    // Compressed caches have kernels of their own.
+    if super::chunked_svd_of(spec).is_some() {
+        return super::kv_chunked::emit(b, cx, (h, kvh, d));
+    }
+    if super::has_sequence_dct(spec) {
+        return super::kv_sequence::emit(b, cx, (h, kvh, d));
     }
     // f16 caches (`KvCacheType::F16`) are read as f16 views of byte
     // buffers (NVPTX: f16 pointers) and widened to f32 as they load;

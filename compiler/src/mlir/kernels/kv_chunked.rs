@@ -17,13 +17,14 @@
 //! split over the warps key by key; the warps' partial softmaxes combine in
 //! shared memory as the dense attention's do.
 
-use super::warp_rows::{block_cell, cache_views, cpu_key_step, cpu_store_row, row_vectors, CacheView, HeadCell, LaneFeatures};
-use super::{fixed_last, KernelCtx, GPU_ATTN_WARPS, VW, WARP};
+use super::warp_rows::{
+    block_cell, cache_views, check_f16_caches, cpu_key_step, cpu_store_row, row_vectors, CacheView, HeadCell, LaneFeatures,
+};
+use super::{KernelCtx, GPU_ATTN_WARPS, VW, WARP};
 use crate::error::CompileError;
 use crate::mlir::builder::{Device, KernelBuilder, V};
 use crate::mlir::math;
 use sparsec_ir::kv_chunked::ChunkLayout;
-use sparsec_ir::DType;
 
 struct Chunked {
     h: u64,
@@ -35,18 +36,13 @@ struct Chunked {
 }
 
 /// The kernel of an attention with `#kv(chunked_svd)`.
-pub(super) fn emit(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u32, kv_heads: u32) -> Result<(), CompileError> {
+/// `(h, kvh, d)`: heads, KV heads (dividing them) and head width, as
+/// `emit_attention` checked them.
+pub(super) fn emit(b: &mut KernelBuilder, cx: &KernelCtx<'_>, (h, kvh, d): (u64, u64, u64)) -> Result<(), CompileError> {
     let KernelCtx { spec, device, .. } = *cx;
-    let (h, kvh) = (heads as u64, kv_heads as u64);
-    if h == 0 || kvh == 0 || h % kvh != 0 {
-        return Err(spec.unsupported("heads must be a positive multiple of kv_heads"));
-    }
-    let d = fixed_last(spec, &spec.operands[0])? / h;
     let l =
         super::chunked_layout(spec, kvh as usize, d as usize).ok_or_else(|| spec.unsupported("#kv(chunked_svd) does not fit the heads"))?;
-    if spec.operands.len() != 3 || spec.operands[1].dtype != DType::F16 || spec.operands[2].dtype != DType::F16 {
-        return Err(spec.unsupported("#kv(chunked_svd) attention takes q and its two factored caches (f16 records) only"));
-    }
+    check_f16_caches(spec, "#kv(chunked_svd)")?;
     let (vw, chunk) = (VW as u64, l.chunk as u64);
     if device == Device::Cpu && !(chunk.is_multiple_of(vw) && d.is_multiple_of(vw)) {
         return Err(spec.unsupported(&format!(

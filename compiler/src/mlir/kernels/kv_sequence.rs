@@ -11,12 +11,13 @@
 //! (query row, head) and splits each run's keys over its warps
 //! (`warp_rows`).
 
-use super::warp_rows::{block_cell, cache_views, cpu_key_step, cpu_store_row, row_vectors, CacheView, HeadCell, LaneFeatures};
-use super::{fixed_last, KernelCtx, GPU_ATTN_WARPS, VW};
+use super::warp_rows::{
+    block_cell, cache_views, check_f16_caches, cpu_key_step, cpu_store_row, row_vectors, CacheView, HeadCell, LaneFeatures,
+};
+use super::{KernelCtx, GPU_ATTN_WARPS, VW};
 use crate::error::CompileError;
 use crate::mlir::builder::{Device, KernelBuilder, V};
 use sparsec_ir::kv_sequence::SeqLayout;
-use sparsec_ir::DType;
 
 struct Sequence {
     h: u64,
@@ -39,18 +40,13 @@ enum Run {
 }
 
 /// The kernel of an attention with `#kv(dct, axis = sequence)`.
-pub(super) fn emit(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u32, kv_heads: u32) -> Result<(), CompileError> {
+/// `(h, kvh, d)`: heads, KV heads (dividing them) and head width, as
+/// `emit_attention` checked them.
+pub(super) fn emit(b: &mut KernelBuilder, cx: &KernelCtx<'_>, (h, kvh, d): (u64, u64, u64)) -> Result<(), CompileError> {
     let KernelCtx { spec, device, .. } = *cx;
-    let (h, kvh) = (heads as u64, kv_heads as u64);
-    if h == 0 || kvh == 0 || h % kvh != 0 {
-        return Err(spec.unsupported("heads must be a positive multiple of kv_heads"));
-    }
-    let d = fixed_last(spec, &spec.operands[0])? / h;
     let l = super::sequence_layout(spec, (kvh * d) as usize)
         .ok_or_else(|| spec.unsupported("#kv(dct, axis = sequence) needs a block, a positive recent and a kept row"))?;
-    if spec.operands.len() != 3 || spec.operands[1].dtype != DType::F16 || spec.operands[2].dtype != DType::F16 {
-        return Err(spec.unsupported("#kv(dct, axis = sequence) attention takes q and its two caches (f16 low-pass rows) only"));
-    }
+    check_f16_caches(spec, "#kv(dct, axis = sequence)")?;
     if device == Device::Cpu && !d.is_multiple_of(VW as u64) {
         return Err(
             spec.unsupported(&format!("#kv(dct, axis = sequence) on the CPU needs a head width that is a multiple of {VW}, not {d}"))

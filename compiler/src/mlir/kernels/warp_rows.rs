@@ -9,9 +9,11 @@
 //! and warp 0 writes the row.
 
 use super::attention::{online_step, partial_weights};
-use super::KernelCtx;
+use super::{KernelCtx, KernelSpec};
 use super::{GPU_ATTN_WARPS, VW, WARP};
+use crate::error::CompileError;
 use crate::mlir::builder::{KernelBuilder, V};
+use sparsec_ir::DType;
 
 /// A compressed cache as its attention kernel reads it (both targets): an
 /// f16 view of the whole buffer (records, low-pass rows) and the f32 plane of
@@ -19,6 +21,15 @@ use crate::mlir::builder::{KernelBuilder, V};
 pub(super) struct CacheView {
     pub halves: V,
     pub exact: V,
+}
+
+/// Refuses a compressed-cache attention (`what` names its pattern) whose
+/// operands are not q and its two caches of f16 records.
+pub(super) fn check_f16_caches(spec: &KernelSpec, what: &str) -> Result<(), CompileError> {
+    if spec.operands.len() != 3 || spec.operands[1].dtype != DType::F16 || spec.operands[2].dtype != DType::F16 {
+        return Err(spec.unsupported(&format!("{what} attention takes q and its two caches (f16 records) only")));
+    }
+    Ok(())
 }
 
 /// The K and V caches (operands 1 and 2) of a compressed-cache attention.
