@@ -13,9 +13,11 @@
 //! 2. `NsaSelect`, one unit per (row, KV head): every candidate block (whole
 //!    at or after the sinks, and before the row's window) gets a score per
 //!    head of the group (`NsaScore`), the scores a softmax over the candidates
-//!    per head, and the probabilities are summed over the group. Two passes
-//!    over the summaries (first each head's max and sum, then the importance
-//!    of each block) feed an insertion into a sorted list of the `top_n` best;
+//!    per head, and the probabilities are summed over the group. Three passes
+//!    over the candidates (each score computed once and kept on the stack with
+//!    each head's max; then `exp(score − max)` in its place and each head's
+//!    sum; then each block's importance) feed an insertion into a sorted list
+//!    of the `top_n` best;
 //!    among equals the earlier block stays first. The row of the selection
 //!    (`NativeSparse::select_words` f32 per row) holds per KV head the count selected, the
 //!    block indices, then their importance (as exact f32 integers and values).
@@ -286,6 +288,19 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
     let first = b.index((nsa.sinks as u64).div_ceil(nsa.block as u64));
     let vty = KernelBuilder::vty(VW);
     let tru = b.def("arith.constant true".into());
+    // Every candidate's scores, one per head of the group, kept from the
+    // first pass (scored once, and exp taken once per score): as many as the
+    // thread's last unit (the latest row) has candidates.
+    let scores = {
+        let ub = b.def(format!("arith.minui %hi, {work} : index"));
+        let top = b.sub_or_zero(&ub, &one_i);
+        let latest = select_row(b, &nsa, kvh, &top);
+        let span = b.sub_or_zero(&latest.last, &first);
+        let span = b.def(format!("arith.maxui {span}, {one_i} : index"));
+        let groupc = b.index(group);
+        let words = b.muli(&span, &groupc);
+        b.alloca_f32(&words)
+    };
     b.parallel(work, |b, unit| {
         let Row { r, kh, last, count, o, idx0, imp0 } = select_row(b, &nsa, kvh, unit);
         let any = b.def(format!("arith.cmpi ugt, {last}, {first} : index"));
@@ -348,35 +363,48 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
             b.mul(&dot, &scale)
         };
         b.if_then(&any, |b| {
-            // Pass 1: each head's max and sum of exp over the candidates.
-            let mut init = Vec::new();
-            for _ in 0..group {
-                init.push(ninf.clone());
-                init.push(zero.clone());
-            }
-            let ml = b.for_fold(&first, &last, &init, |b, blk, acc| {
-                let mut next = Vec::new();
-                for g in 0..group as usize {
-                    let s = score(b, g, blk);
-                    let m = b.fbin("maxnumf", &acc[2 * g], &s);
-                    let dm = b.sub(&acc[2 * g], &m);
-                    let corr = math::exp(b, &dm);
-                    let ds = b.sub(&s, &m);
-                    let e = math::exp(b, &ds);
-                    next.push(m);
-                    next.push(b.fma(&acc[2 * g + 1], &corr, &e));
-                }
-                next
+            let groupc = b.index(group);
+            // The score of head g of candidate `blk` in `scores`.
+            let slot = |b: &mut KernelBuilder, blk: &str, g: usize| {
+                let c = b.def(format!("arith.subi {blk}, {first} : index"));
+                let c = b.muli(&c, &groupc);
+                let gc = b.index(g as u64);
+                b.addi(&c, &gc)
+            };
+            // Pass 1: every score, kept, and each head's max.
+            let init: Vec<V> = (0..group).map(|_| ninf.clone()).collect();
+            let ms = b.for_fold(&first, &last, &init, |b, blk, acc| {
+                (0..group as usize)
+                    .map(|g| {
+                        let sc = score(b, g, blk);
+                        let at = slot(b, blk, g);
+                        b.store(&sc, &scores, &at);
+                        b.fbin("maxnumf", &acc[g], &sc)
+                    })
+                    .collect()
             });
-            let invs: Vec<V> = (0..group as usize).map(|g| b.div(&one, &ml[2 * g + 1])).collect();
-            // Pass 2: each block's importance, inserted into the sorted list.
+            // Pass 2: exp(score − max) in place of the score, and each head's sum.
+            let init: Vec<V> = (0..group).map(|_| zero.clone()).collect();
+            let ls = b.for_fold(&first, &last, &init, |b, blk, acc| {
+                (0..group as usize)
+                    .map(|g| {
+                        let at = slot(b, blk, g);
+                        let sc = b.load(&scores, &at);
+                        let ds = b.sub(&sc, &ms[g]);
+                        let e = math::exp(b, &ds);
+                        b.store(&e, &scores, &at);
+                        b.add(&acc[g], &e)
+                    })
+                    .collect()
+            });
+            let invs: Vec<V> = ls.iter().map(|l| b.div(&one, l)).collect();
+            // Pass 3: each block's importance, inserted into the sorted list.
             b.for_each(&first, &last, |b, blk| {
                 let mut imp = zero.clone();
-                for g in 0..group as usize {
-                    let s = score(b, g, blk);
-                    let ds = b.sub(&s, &ml[2 * g]);
-                    let e = math::exp(b, &ds);
-                    imp = b.fma(&e, &invs[g], &imp);
+                for (g, inv) in invs.iter().enumerate() {
+                    let at = slot(b, blk, g);
+                    let e = b.load(&scores, &at);
+                    imp = b.fma(&e, inv, &imp);
                 }
                 let lastn = b.index(n - 1);
                 let worst_at = b.addi(&imp0, &lastn);
