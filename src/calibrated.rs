@@ -95,6 +95,9 @@ fn sequences(m: &Model, plan: &Plan) -> Result<(Vec<Vec<u32>>, Vec<String>, blak
         bail!("the calibration text gives {} tokens, the plan asks for {want} ([calibration] tokens)", ids.len());
     }
     let len = SEQUENCE.min(usize::try_from(m.context_length()).unwrap_or(usize::MAX)).max(1);
+    if plan.calibration.skip >= len {
+        bail!("[calibration] skip = {} leaves nothing of the {len}-token calibration sequences", plan.calibration.skip);
+    }
     let seqs: Vec<Vec<u32>> = ids[..want].chunks(len).map(|c| c.to_vec()).collect();
     let mut h = blake3::Hasher::new();
     for s in &seqs {
@@ -172,9 +175,15 @@ fn gather(
         let each = ts.iter().map(|t| format!("{}={:?}/{}", t.name, t.sparsity, t.method.name())).collect::<Vec<_>>().join(",");
         each + &damp_key(plan)
     });
-    let key = blake3::hash(format!("grams-v2|{}|{}|{}|{}|{}", fingerprint, tokens_hash, SEQUENCE, names.join(","), pruning).as_bytes())
-        .to_hex()
-        .to_string();
+    // Skipped rows are in the key when there are any (keys of earlier caches stay valid).
+    let skip = match plan.calibration.skip {
+        0 => String::new(),
+        n => format!("|skip{n}"),
+    };
+    let key =
+        blake3::hash(format!("grams-v2|{}|{}|{}|{}|{}{skip}", fingerprint, tokens_hash, SEQUENCE, names.join(","), pruning).as_bytes())
+            .to_hex()
+            .to_string();
     let path = cache_dir.map(|d| d.join("calibration").join(format!("{key}.safetensors")));
     let t = Instant::now();
     let cached = match &path {
@@ -205,10 +214,18 @@ fn gather(
                 Ok(new)
             };
             let bar = crate::lm_verbs::progress(names.len() as u64, "calibrating");
-            let g = sparsec_runtime::calibrate::collect(&m.graph, &weight, &seqs, &wanted, &mut replace, &mut |done, total| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64)
-            })?;
+            let g = sparsec_runtime::calibrate::collect(
+                &m.graph,
+                &weight,
+                &seqs,
+                plan.calibration.skip,
+                &wanted,
+                &mut replace,
+                &mut |done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64)
+                },
+            )?;
             bar.finish_and_clear();
             if let Some(p) = &path {
                 sparsec_runtime::calibrate::save(p, &g)?;

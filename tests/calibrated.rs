@@ -212,3 +212,50 @@ fn owl_gives_layers_their_own_ratios_and_compiles_them() {
     assert!((r0 - r1).abs() > 0.19, "layer ratios {r0} and {r1}");
     assert!(((z0 + z1) as f64 / (n0 + n1) as f64 - 0.5).abs() < 0.01, "{r0} {r1}");
 }
+
+#[test]
+fn skipped_positions_are_left_out_of_the_statistics() {
+    let m = model("llama_tiny");
+    let dir = m.path().to_str().unwrap();
+    let calib = m.path().join("calib.txt");
+    std::fs::write(&calib, (0..300).map(|i| format!("w{}", (i * 11 + i / 5) % 90)).collect::<Vec<_>>().join(" ")).unwrap();
+    let compile = |name: &str, skip: usize| {
+        let p = plan(m.path(), name, "kind = \"unstructured\", ratio = 0.5", "wanda", &calib);
+        let text = std::fs::read_to_string(&p).unwrap().replace("[calibration]\n", &format!("[calibration]\nskip = {skip}\n"));
+        std::fs::write(&p, text).unwrap();
+        let cache = m.path().join(format!("cache-{name}"));
+        let out = m.path().join(format!("{name}.sparsec"));
+        let o = sparsec(&["compile", dir, "--plan", p.to_str().unwrap(), "-o", out.to_str().unwrap()], &cache);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let files: Vec<std::path::PathBuf> = std::fs::read_dir(cache.join("calibration")).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        (out, sparsec_runtime::calibrate::load(&files[0]).unwrap().unwrap())
+    };
+    let (all, g0) = compile("all-rows", 0);
+    let (skipped, g3) = compile("skip-3", 3);
+    // 240 tokens cut into sequences of the fixture's context (60): 3 rows
+    // fewer from each of the four in every Gram.
+    for (name, g) in &g0 {
+        assert_eq!(g.rows, 240, "{name}");
+        assert_eq!(g3[name].rows, 240 - 4 * 3, "{name}");
+        assert!(g3[name].xtx != g.xtx, "{name}: the skipped rows still count");
+    }
+    let weight = |art: &Path, name: &str| Artifact::open(art).unwrap().weight_array(name).unwrap();
+    assert!(
+        ["layers.0.attn.q", "layers.1.mlp.down"].iter().any(|w| weight(&all, w) != weight(&skipped, w)),
+        "the statistics changed but the pruning did not"
+    );
+    // Refused: nothing left of a sequence, and a plan without calibrated rules.
+    let p = plan(m.path(), "too-many", "kind = \"unstructured\", ratio = 0.5", "wanda", &calib);
+    let text = std::fs::read_to_string(&p).unwrap().replace("[calibration]\n", "[calibration]\nskip = 512\n");
+    std::fs::write(&p, text).unwrap();
+    let o =
+        sparsec(&["compile", dir, "--plan", p.to_str().unwrap(), "-o", m.path().join("x.sparsec").to_str().unwrap()], &m.path().join("c"));
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("skip = 512 leaves nothing"));
+    let p = plan(m.path(), "magnitude", "kind = \"unstructured\", ratio = 0.5", "magnitude", &calib);
+    let text = std::fs::read_to_string(&p).unwrap().replace("[calibration]\n", "[calibration]\nskip = 1\n");
+    std::fs::write(&p, text).unwrap();
+    let o =
+        sparsec(&["compile", dir, "--plan", p.to_str().unwrap(), "-o", m.path().join("y.sparsec").to_str().unwrap()], &m.path().join("c"));
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("skip applies to calibrated pruning"));
+}

@@ -64,6 +64,11 @@ pub struct Calibration {
     /// SparseGPT's dampening: this fraction of the mean diagonal of XᵀX is
     /// added to its diagonal before the inverse (the paper's 0.01).
     pub damp: f64,
+    /// The first `skip` positions of every calibration sequence are left out
+    /// of the statistics (XᵀX and the input norms): the attention-sink
+    /// position carries activations orders of magnitude larger than the rest,
+    /// which otherwise decide what the rest keeps. 0 keeps every row.
+    pub skip: usize,
 }
 
 /// `[calibration] owl = { lambda = 0.08, threshold = 5.0 }`.
@@ -89,6 +94,7 @@ impl Default for Calibration {
             sequential: false,
             owl: None,
             damp: DEFAULT_DAMP,
+            skip: 0,
         }
     }
 }
@@ -278,6 +284,7 @@ struct CalibrationFile {
     sequential: Option<bool>,
     owl: Option<OwlFile>,
     damp: Option<f64>,
+    skip: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -879,6 +886,7 @@ impl Plan {
                 None => {}
             }
             calibration.sequential = c.sequential.unwrap_or(calibration.sequential);
+            calibration.skip = c.skip.unwrap_or(0);
             if let Some(d) = c.damp {
                 if !(d > 0.0 && d < 1.0) {
                     return Err(PlanError::Toml(format!("[calibration] damp = {d} is not in (0, 1)")));
@@ -912,6 +920,15 @@ impl Plan {
         // The dampening is SparseGPT's: without a SparseGPT rule it would do nothing.
         if calibration.damp != DEFAULT_DAMP && !rules.iter().any(|r| r.method == PruneMethod::SparseGpt) {
             return Err(PlanError::Toml("[calibration] damp applies to method = \"sparsegpt\", and no rule has it".into()));
+        }
+        // Skipped rows change the statistics, which only calibrated pruning and
+        // whitened factors read.
+        if calibration.skip > 0
+            && !rules.iter().any(|r| r.method.calibrated() || r.factor.as_ref().is_some_and(|f| f.method == FactorMethod::Whitened))
+        {
+            return Err(PlanError::Toml(
+                "[calibration] skip applies to calibrated pruning (wanda, sparsegpt) and whitened factors, and no rule has one".into(),
+            ));
         }
         Ok(Plan { rules, calibration })
     }

@@ -65,11 +65,14 @@ fn sites(g: &Graph, wanted: &dyn Fn(&str) -> bool) -> Vec<Site> {
 /// (shared by the weights of one input), summed in f64 and rounded to f32.
 /// After each site, `replace(weights, gram)` may return new data for weights
 /// (by name), which every sequence reads from then on. `progress(done, total)`
-/// counts sites.
+/// counts sites. The first `skip` rows of every sequence are left out of
+/// the sums (a sequence no longer than that counts whole).
+#[allow(clippy::too_many_arguments)]
 pub fn collect(
     g: &Graph,
     weight: SharedWeightFn<'_>,
     sequences: &[Vec<u32>],
+    skip: usize,
     wanted: &dyn Fn(&str) -> bool,
     replace: ReplaceFn<'_>,
     progress: &mut dyn FnMut(usize, usize),
@@ -102,7 +105,9 @@ pub fn collect(
                 if k == 0 || data.len() % k != 0 {
                     return Err(RuntimeError::Cpu(format!("calibration: the input of `{}` is not [rows, {k}]", site.weights[0])));
                 }
-                Ok((lower_product(data, k), (data.len() / k) as u64, k))
+                // Rows `skip..` of the sequence (all of them when it is that short).
+                let skip = if data.len() > skip * k { skip * k } else { 0 };
+                Ok((lower_product(&data[skip..], k), ((data.len() - skip) / k) as u64, k))
             })
             .collect::<RuntimeResult<_>>()?;
         let k = parts.first().map_or(0, |p| p.2);
