@@ -268,6 +268,19 @@ fn resealed_structural_corruptions_are_caught_behind_the_hashes() {
     reseal(&w, |m| m["kernels"][0]["name"] = serde_json::json!("../../etc/passwd"));
     expect_error(&w, &["kernel name"]);
 
+    // A decode launch of part of a block, and one smaller than a row's launch.
+    for t in [300, 256] {
+        copy_dir(&dense, &w);
+        reseal(&w, |m| {
+            for s in m["execution"]["steps"].as_array_mut().unwrap() {
+                if s["step"] == "kernel" {
+                    s["gpu_decode_threads"] = serde_json::json!(t);
+                }
+            }
+        });
+        expect_error(&w, &[&format!("gpu_decode_threads {t} is not whole blocks")]);
+    }
+
     // Indices out of range in the plan.
     copy_dir(&dense, &w);
     reseal(&w, |m| m["execution"]["outputs"][0] = serde_json::json!(10_000));

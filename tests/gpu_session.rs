@@ -404,3 +404,54 @@ fn bench_on_cuda_is_for_language_models_and_a_missing_driver_is_named() {
     let err = Executor::load(&art, DeviceKind::Cuda).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("no CUDA driver"), "{err}");
 }
+
+/// The tiny Llama with room for 1024 positions (its weights do not depend on
+/// them), prefilled with 600 tokens in calls of 256 and decoded 6 steps: every
+/// decode row sees more than 512 keys, so the CUDA kernel splits them over
+/// three blocks per head (`attention::emit_warp`) and the CPU kernel over its
+/// units. Against the interpreter on the CPU, against the CPU session on CUDA.
+fn check_long_decode(device: DeviceKind) {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama_tiny");
+    let dir = tmp.path().join("llama_long");
+    std::fs::create_dir(&dir).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let cfg = dir.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["max_position_embeddings"] = serde_json::json!(1024);
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let out = tmp.path().join("long.sparsec");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
+        .args(["compile", dir.to_str().unwrap(), "--target", "all", "--no-cache", "-o", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "compile: {}", String::from_utf8_lossy(&st.stderr));
+    let art = Artifact::open(&out).unwrap();
+    let cap = SessionCapacity { positions: 700, seq: 256 };
+    let ids = prompt(&art, 600);
+    let exec = Executor::load(&art, device).unwrap();
+    let mut s = exec.session(&art, cap).unwrap();
+    let cpu = Executor::load(&art, DeviceKind::Cpu).unwrap();
+    let mut reference = match device {
+        DeviceKind::Cpu => Reference::Interpreter(&art),
+        DeviceKind::Cuda => Reference::Session(cpu.session(&art, cap).unwrap()),
+    };
+    let steps = compare_steps(&mut s, &mut reference, &ids, 256, 6, TOL).unwrap();
+    assert_all_pass(&format!("600-token prompt on {device:?}"), &steps, 3 + 6);
+}
+
+#[test]
+fn cpu_decode_after_600_positions_equals_the_interpreter() {
+    check_long_decode(DeviceKind::Cpu);
+}
+
+#[test]
+fn cuda_decode_split_over_blocks_equals_the_cpu_after_600_positions() {
+    if !common::require_gpu(sparsec_runtime::cuda::cuda_available()) {
+        return;
+    }
+    check_long_decode(DeviceKind::Cuda);
+}

@@ -6,7 +6,7 @@ use sparsec_ir::sparse::SparseStorage;
 use sparsec_ir::{DType, Dim, SymSize};
 
 /// Bumped whenever the manifest or the kernel ABI changes.
-pub const MANIFEST_VERSION: u32 = 11;
+pub const MANIFEST_VERSION: u32 = 12;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const GRAPH_FILE: &str = "graph.sir";
@@ -441,7 +441,8 @@ impl BufferSpec {
 /// runs units `lo..hi` of `cpu_units` (disjoint slices may run on different threads);
 /// CUDA: `<kernel>(ptr..., i64 seq, i64* pos)`, one thread per unit of
 /// `gpu_threads` (or, for calls of more than one row, `gpu_mma_warps` warps
-/// per band of `MMA_ROWS` rows when the kernel has a tensor-core path); `pos`
+/// per band of `MMA_ROWS` rows when the kernel has a tensor-core path, and for
+/// calls of one row `gpu_decode_threads` where given: version 12); `pos`
 /// is read from device memory (version 8), so a captured decode step replays
 /// at any position.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -454,6 +455,11 @@ pub struct KernelStep {
     /// per output tile); `None`: `gpu_threads` at every call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_mma_warps: Option<u64>,
+    /// CUDA: threads of a call of one row when they are not `gpu_threads` at
+    /// one row (the attention kernel splits a decode row's keys over several
+    /// blocks per head: version 12); `None`: `gpu_threads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_decode_threads: Option<u64>,
     /// CPU units, with `seq` counted in blocks of `cpu_seq_block` rows.
     pub cpu_units: SymSize,
     pub cpu_seq_block: u64,
@@ -472,8 +478,9 @@ pub const MMA_ROWS: u64 = 16;
 impl KernelStep {
     /// CUDA threads of a call of `seq` rows (`None` when they overflow).
     pub fn gpu_threads_at(&self, seq: u64) -> Option<u64> {
-        match self.gpu_mma_warps {
-            Some(w) if seq > 1 => seq.div_ceil(MMA_ROWS).checked_mul(w)?.checked_mul(32),
+        match (self.gpu_mma_warps, self.gpu_decode_threads) {
+            (Some(w), _) if seq > 1 => seq.div_ceil(MMA_ROWS).checked_mul(w)?.checked_mul(32),
+            (_, Some(t)) if seq == 1 => Some(t),
             _ => self.gpu_threads.checked_resolve(seq),
         }
     }

@@ -262,6 +262,15 @@ pub fn validate(
                 if k.cpu_seq_block == 0 {
                     return Err(bad("cpu_seq_block is 0".into()));
                 }
+                // A decode launch is whole blocks, at least the one-row launch.
+                if let Some(t) = k.gpu_decode_threads {
+                    if t % crate::cuda::BLOCK as u64 != 0 || k.gpu_threads.checked_resolve(1).is_none_or(|one| t < one) {
+                        return Err(bad(format!(
+                            "kernel `{}`: gpu_decode_threads {t} is not whole blocks of at least one row's threads",
+                            k.kernel
+                        )));
+                    }
+                }
             }
         }
     }

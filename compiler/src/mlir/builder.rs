@@ -128,6 +128,27 @@ impl KernelBuilder {
         self.def(format!("llvm.getelementptr inbounds {base}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, {elem}"))
     }
 
+    /// NVPTX: `buf[idx] += val` as one atomic read-modify-write of global
+    /// memory; returns the value before.
+    pub fn atomic_add(&mut self, buf: &str, idx: &str, val: &str) -> V {
+        let p = self.element_ptr(buf, idx, "f32");
+        self.def(format!("llvm.atomicrmw fadd {p}, {val} acq_rel : !llvm.ptr, f32"))
+    }
+
+    /// NVPTX: a memory fence (acquire and release, system scope): this
+    /// thread's writes before it are seen by any thread that sees a write
+    /// after it, and its reads after it see what such a thread wrote before.
+    pub fn fence(&mut self) {
+        self.line("llvm.fence acq_rel".into());
+    }
+
+    /// NVPTX: `buf[idx]` read from memory itself (`ld.volatile`: never from
+    /// this multiprocessor's L1, which other blocks' writes do not update).
+    pub fn load_volatile(&mut self, buf: &str, idx: &str) -> V {
+        let p = self.element_ptr(buf, idx, "f32");
+        self.def(format!("llvm.load volatile {p} : !llvm.ptr -> f32"))
+    }
+
     /// The byte at `buf[idx]`, zero- (`signed`: sign-) extended to i32.
     pub fn load_byte(&mut self, buf: &str, idx: &str, signed: bool) -> V {
         let b = self.load_elem(buf, idx, "i8");

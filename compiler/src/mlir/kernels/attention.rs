@@ -24,7 +24,10 @@
 //! sums). Otherwise on the CPU: one unit per (row, head), an online softmax
 //! accumulating into the output row. On
 //! NVIDIA: a block of warps per (row, head), its lanes splitting the keys,
-//! combined with warp shuffles and then across the warps in shared memory.
+//! combined with warp shuffles and then across the warps in shared memory;
+//! a decode row's keys are also split over up to `GPU_SPLITS` blocks per head
+//! (flash-decoding), each writing its partial to scratch and taking a ticket
+//! from the head's counter; the block with the last ticket combines them.
 //!
 //! Gated native sparse attention (`NsaGate::Fixed`, `Sigmoid`) runs each
 //! branch with its own softmax and adds its share (gate weight / its sum):
@@ -55,6 +58,16 @@ pub const ATTN_SPLITS: u64 = 8;
 /// The fewest visible keys a decode row splits (into `ATTN_SPLITS` spans):
 /// shorter rows are not worth a combine.
 const SPLIT_MIN_KEYS: u64 = 256;
+/// NVPTX: the most blocks one decode row's keys of one head are split over
+/// (flash-decoding across blocks); each takes at least `GPU_SPLIT_KEYS` keys.
+pub const GPU_SPLITS: u64 = 16;
+/// NVPTX: the fewest keys a split block takes (one per lane of its warps).
+const GPU_SPLIT_KEYS: u64 = GPU_ATTN_WARPS * WARP;
+/// NVPTX: the split blocks of all heads together stay within one wave of
+/// blocks on sm_90 (132 multiprocessors, one 256-thread block each at this
+/// kernel's 174 registers per thread).
+const GPU_WAVE_BLOCKS: u64 = 128;
+
 /// Rows a windowed layer's ring cache holds beyond its window and sinks: the
 /// most rows one call may append (the CPU runtime splits longer calls).
 pub const RING_SLACK: u32 = 256;
@@ -105,13 +118,33 @@ pub fn cpu_phases(spec: &KernelSpec) -> Result<(SymSize, SymSize), CompileError>
     Ok((SymSize { coef: first, seq_pow: 1 }, SymSize { coef: first + h, seq_pow: 1 }))
 }
 
-/// f32 words of the split variant's scratch: per (KV head, split, head of the
-/// group) a max, a sum and a head-width row of weighted values (decode rows only).
+/// f32 words of the split variants' scratch. CPU: per (KV head, split, head
+/// of the group) a max, a sum and a head-width row of weighted values (decode
+/// rows only). NVPTX (`emit_warp`): a ticket counter per head (first, at the
+/// same place in every layer, so that every layer finds them zero), then per
+/// (head, split) the same record. The larger of the two.
 pub fn scratch_words(spec: &KernelSpec) -> Result<u64, CompileError> {
     let (h, kvh, d) = dims(spec)?;
     // A gated NSA keeps one per branch it reads from the caches.
     let branches = if NativeSparse::of(&spec.patterns).is_some_and(|n| n.gated()) { 2 } else { 1 };
-    Ok(branches * kvh * ATTN_SPLITS * (h / kvh.max(1)) * (d + 2))
+    Ok((branches * kvh * ATTN_SPLITS * (h / kvh.max(1)) * (d + 2)).max(h + h * GPU_SPLITS * (d + 2)))
+}
+
+/// NVPTX blocks per head a decode row's keys are split over
+/// (`emit_warp`): `GPU_SPLITS`, fewer where the heads' blocks would not fit
+/// one wave; `None` for the compressed caches' kernels (a block per (row,
+/// head) always).
+pub fn gpu_decode_splits(spec: &KernelSpec) -> Option<u64> {
+    if super::chunked_svd_of(spec).is_some() || super::has_sequence_dct(spec) {
+        return None;
+    }
+    let (h, _, _) = dims(spec).ok()?;
+    Some(decode_splits(h))
+}
+
+/// `GPU_SPLITS`, at most `GPU_WAVE_BLOCKS` blocks over `h` heads, at least one.
+fn decode_splits(h: u64) -> u64 {
+    GPU_SPLITS.min(GPU_WAVE_BLOCKS / h.max(1)).max(1)
 }
 
 /// NVPTX: how the block's `GPU_ATTN_WARPS` partial softmaxes (max at
@@ -1525,8 +1558,16 @@ impl Attn {
     /// memory, and after a barrier warp 0 rescales the partials to their max,
     /// adds them and stores the row. `work` counts whole blocks, so every
     /// thread of a block enters the bounds check and reaches the barrier.
+    /// A call of one row has `decode_splits(h)` blocks per head instead (the
+    /// runtime launches `KernelStep::gpu_decode_threads`): a row with more
+    /// than `GPU_SPLIT_KEYS` visible keys splits them over up to that many
+    /// blocks (`split_partial`, `combine_splits`); blocks past the row's
+    /// splits leave at once. The ticket counters are the scratch's first `h`
+    /// words (every layer's scratch shares one slot; every layer has the same
+    /// heads), zero when the session's arena is made and reset by each
+    /// combining block, so a captured decode step replays.
     fn emit_warp(&self, b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(), CompileError> {
-        let KernelCtx { work, ins, out, .. } = *cx;
+        let KernelCtx { spec, work, ins, out, .. } = *cx;
         let (h, kvh, d) = (self.h, self.kvh, self.d);
         let (hc, dc, qwc, kvwc, groupc) = (b.index(h), b.index(d), b.index(h * d), b.index(kvh * d), b.index(h / kvh));
         let zero = b.f32(0.0);
@@ -1535,9 +1576,22 @@ impl Attn {
         let pos = b.pos();
         let (split, group, part) = (b.index(GPU_ATTN_WARPS), b.index(GPU_ATTN_WARPS * WARP), 2 + d);
         let smem = b.shared_f32("attn_partials", GPU_ATTN_WARPS * part);
-        b.parallel(work, |b, t| {
+        let scratch = ins.get(spec.operands.len()).ok_or_else(|| spec.unsupported("attention without its scratch buffer"))?.clone();
+        let splits = decode_splits(h);
+        let (splitsc, one_i, zero_i) = (b.index(splits), b.index(1), b.index(0));
+        // A call of one row has `splits` blocks per head (the runtime launches
+        // `KernelStep::gpu_decode_threads`), others a block per (row, head).
+        let seq = b.seq();
+        let decode = b.def(format!("arith.cmpi eq, {seq}, {one_i} : index"));
+        let decode_work = b.index(h * splits * GPU_ATTN_WARPS * WARP);
+        let units = b.def(format!("arith.select {decode}, {decode_work}, {work} : index"));
+        b.parallel(&units, |b, t| {
             let warp = b.index(WARP);
-            let e = b.divui(t, &group);
+            let blk = b.divui(t, &group);
+            // Block `blk` is split `sp` of (row, head) `e`.
+            let (dsp, de) = (b.remui(&blk, &splitsc), b.divui(&blk, &splitsc));
+            let sp = b.def(format!("arith.select {decode}, {dsp}, {zero_i} : index"));
+            let e = b.def(format!("arith.select {decode}, {de}, {blk} : index"));
             let wid = b.divui(t, &warp);
             let s = b.remui(&wid, &split);
             let lane = b.remui(t, &warp);
@@ -1551,151 +1605,314 @@ impl Attn {
             let khd = b.muli(&kh, &dc);
             let p = b.addi(&pos, &row);
             let vis = self.visible(b, &p, &row, &kh);
-            let q: Vec<V> = (0..d)
-                .map(|c| {
-                    let o = b.index(c);
-                    let i = b.addi(&qbase, &o);
-                    b.load(&ins[0], &i)
-                })
-                .collect();
-            let zero_i0 = b.index(0);
-            // Keys lo..hi: from the caches (visible keys), or the compressed
-            // keys of blocks lo..hi (gated NSA). Warp 0 writes the row: all of
-            // it (`branch` None), or the branch's share, added to the earlier
-            // branches'.
-            let pass = |b: &mut KernelBuilder, lo: &str, hi: &str, compressed: bool, branch: Option<u64>| {
-                let mut init: Vec<(V, String)> = vec![(ninf.clone(), "f32".into()), (zero.clone(), "f32".into())];
-                init.extend((0..d).map(|_| (zero.clone(), "f32".to_string())));
-                let sw = b.muli(&s, &warp);
-                let start = b.addi(&sw, &lane);
-                let start = b.addi(&start, lo);
-                let st = b.for_fold_typed(&start, hi, WARP * GPU_ATTN_WARPS, &init, |b, tk, acc| {
-                    let (ks, vs) = match (&self.blocks, compressed) {
-                        (Some(blocks), true) => {
-                            let kb = self.compressed_base(b, &kh, tk);
-                            let vb = b.addi(&kb, &dc);
-                            (self.f32_row_nvptx(b, blocks, &kb), self.f32_row_nvptx(b, blocks, &vb))
+            // Decode rows split their keys over up to `splits` blocks of at
+            // least GPU_SPLIT_KEYS keys (gated NSA keeps one block per (row,
+            // head) for its branches); a block past its row's splits leaves
+            // before it loads anything.
+            let nsplit = vis.branch.is_none().then(|| {
+                let keysc = b.index(GPU_SPLIT_KEYS);
+                let round = b.index(GPU_SPLIT_KEYS - 1);
+                let up = b.addi(&vis.count, &round);
+                let want = b.divui(&up, &keysc);
+                let want = b.minui(&want, &splitsc);
+                let want = b.maxui(&want, &one_i);
+                b.def(format!("arith.select {decode}, {want}, {one_i} : index"))
+            });
+            let active = match &nsplit {
+                Some(n) => b.def(format!("arith.cmpi ult, {sp}, {n} : index")),
+                None => b.def(format!("arith.cmpi eq, {sp}, {zero_i} : index")),
+            };
+            b.if_then(&active, |b| {
+                let q: Vec<V> = (0..d)
+                    .map(|c| {
+                        let o = b.index(c);
+                        let i = b.addi(&qbase, &o);
+                        b.load(&ins[0], &i)
+                    })
+                    .collect();
+                let zero_i0 = b.index(0);
+                // Keys lo..hi: from the caches (visible keys), or the compressed
+                // keys of blocks lo..hi (gated NSA). Warp 0 writes the row: all of
+                // it (`branch` None), or the branch's share, added to the earlier
+                // branches'.
+                let pass = |b: &mut KernelBuilder, lo: &str, hi: &str, compressed: bool, branch: Option<u64>, nsplit: Option<&str>| {
+                    let mut init: Vec<(V, String)> = vec![(ninf.clone(), "f32".into()), (zero.clone(), "f32".into())];
+                    init.extend((0..d).map(|_| (zero.clone(), "f32".to_string())));
+                    let sw = b.muli(&s, &warp);
+                    let start = b.addi(&sw, &lane);
+                    let start = b.addi(&start, lo);
+                    let st = b.for_fold_typed(&start, hi, WARP * GPU_ATTN_WARPS, &init, |b, tk, acc| {
+                        let (ks, vs) = match (&self.blocks, compressed) {
+                            (Some(blocks), true) => {
+                                let kb = self.compressed_base(b, &kh, tk);
+                                let vb = b.addi(&kb, &dc);
+                                (self.f32_row_nvptx(b, blocks, &kb), self.f32_row_nvptx(b, blocks, &vb))
+                            }
+                            _ => {
+                                let j = self.key_row(b, &vis, tk);
+                                let kb = b.muli(&j, &kvwc);
+                                let kbase = b.addi(&kb, &khd);
+                                let ks = match &self.key_basis {
+                                    // Coefficients before RoPE; the key's position is `tk` (no window).
+                                    Some(basis) => {
+                                        let (kwc, rc) = (b.index(kvh * basis.r), b.index(basis.r));
+                                        let rb = b.muli(&j, &kwc);
+                                        let khr = b.muli(&kh, &rc);
+                                        let cbase = b.addi(&rb, &khr);
+                                        let coefs: Vec<V> = (0..basis.r)
+                                            .map(|c| {
+                                                let o = b.index(c);
+                                                let i = b.addi(&cbase, &o);
+                                                self.kv_load(b, &self.kbuf, &i)
+                                            })
+                                            .collect();
+                                        basis.expand_nvptx(b, &coefs, &kh, tk)
+                                    }
+                                    None => self.kv_row_nvptx(b, &self.kbuf, &kbase),
+                                };
+                                (ks, self.kv_row_nvptx(b, &self.vbuf, &kbase))
+                            }
+                        };
+                        let mut dot = zero.clone();
+                        for (qc, k) in q.iter().zip(&ks) {
+                            dot = b.fma(qc, k, &dot);
                         }
-                        _ => {
-                            let j = self.key_row(b, &vis, tk);
-                            let kb = b.muli(&j, &kvwc);
-                            let kbase = b.addi(&kb, &khd);
-                            let ks = match &self.key_basis {
-                                // Coefficients before RoPE; the key's position is `tk` (no window).
-                                Some(basis) => {
-                                    let (kwc, rc) = (b.index(kvh * basis.r), b.index(basis.r));
-                                    let rb = b.muli(&j, &kwc);
-                                    let khr = b.muli(&kh, &rc);
-                                    let cbase = b.addi(&rb, &khr);
-                                    let coefs: Vec<V> = (0..basis.r)
-                                        .map(|c| {
-                                            let o = b.index(c);
-                                            let i = b.addi(&cbase, &o);
-                                            self.kv_load(b, &self.kbuf, &i)
-                                        })
-                                        .collect();
-                                    basis.expand_nvptx(b, &coefs, &kh, tk)
-                                }
-                                None => self.kv_row_nvptx(b, &self.kbuf, &kbase),
-                            };
-                            (ks, self.kv_row_nvptx(b, &self.vbuf, &kbase))
+                        let sv = b.mul(&dot, &scale);
+                        let (m_new, l_new, corr, pr) = online_step(b, &acc[0], &acc[1], &sv);
+                        let mut next = vec![m_new, l_new];
+                        for (c, v) in vs.iter().enumerate() {
+                            let pv = b.mul(&pr, v);
+                            next.push(b.fma(&acc[2 + c], &corr, &pv));
                         }
-                    };
-                    let mut dot = zero.clone();
-                    for (qc, k) in q.iter().zip(&ks) {
-                        dot = b.fma(qc, k, &dot);
-                    }
-                    let sv = b.mul(&dot, &scale);
-                    let (m_new, l_new, corr, pr) = online_step(b, &acc[0], &acc[1], &sv);
-                    let mut next = vec![m_new, l_new];
-                    for (c, v) in vs.iter().enumerate() {
-                        let pv = b.mul(&pr, v);
-                        next.push(b.fma(&acc[2 + c], &corr, &pv));
-                    }
-                    next
-                });
-                // A lane without keys has max -1e30 and sums 0: its weight is 0.
-                // A warp whose first key is past the visible ones (short rows of a
-                // prefill) skips the shuffles (the branch is uniform over the warp)
-                // and leaves an empty partial.
-                let zero_i = b.index(0);
-                let first = b.def(format!("arith.cmpi eq, {lane}, {zero_i} : index"));
-                let partc = b.index(part);
-                let sbase = b.muli(&s, &partc);
-                let wfirst = b.addi(&sw, lo);
-                let has_keys = b.def(format!("arith.cmpi ult, {wfirst}, {hi} : index"));
-                b.if_else(
-                    &has_keys,
-                    |b| {
-                        // The warp's partial: its max, its sum and its unnormalized values.
-                        let m = b.warp_all(&st[0], "maxnumf");
-                        let dm = b.sub(&st[0], &m);
-                        let w = math::exp(b, &dm);
-                        let lw = b.mul(&st[1], &w);
-                        let l = b.warp_all(&lw, "addf");
-                        let sums: Vec<V> = (0..d as usize)
-                            .map(|c| {
-                                let a = b.mul(&st[2 + c], &w);
-                                b.warp_all(&a, "addf")
-                            })
-                            .collect();
-                        b.if_then(&first, |b| Self::store_partial(b, &smem, &sbase, &m, &l, &sums));
-                    },
-                    |b| {
-                        let empty = vec![zero.clone(); d as usize];
-                        b.if_then(&first, |b| Self::store_partial(b, &smem, &sbase, &ninf, &zero, &empty));
-                    },
-                );
-                // Every warp of the block is here (whole blocks of work).
-                b.barrier();
-                // Warp 0 combines the block's partials; lane l writes dims l, l + 32, ...
-                let warp0 = b.def(format!("arith.cmpi eq, {s}, {zero_i} : index"));
-                b.if_then(&warp0, |b| {
-                    let (ws, total) = partial_weights(b, &smem, part);
-                    let f = match branch {
-                        None => {
-                            let one = b.f32(1.0);
-                            b.div(&one, &total)
-                        }
-                        Some(br) => {
-                            let w = self.gate_weight(b, &row, &head, br);
-                            Self::branch_factor(b, &w, &total)
-                        }
-                    };
-                    b.for_step(&lane, &dc, WARP, |b, c| {
-                        let mut y = b.f32(0.0);
-                        for (k, wk) in ws.iter().enumerate() {
-                            let o = b.index(k as u64 * part + 2);
-                            let at = b.addi(&o, c);
-                            let a = b.load_shared(&smem, &at);
-                            y = b.fma(&a, wk, &y);
-                        }
-                        let y = b.mul(&y, &f);
-                        let i = b.addi(&qbase, c);
-                        let y = if branch.is_some_and(|br| br != BR_SELECTED) {
-                            let prev = b.load(out, &i);
-                            b.add(&prev, &y)
-                        } else {
+                        next
+                    });
+                    // A lane without keys has max -1e30 and sums 0: its weight is 0.
+                    // A warp whose first key is past the visible ones (short rows of a
+                    // prefill) skips the shuffles (the branch is uniform over the warp)
+                    // and leaves an empty partial.
+                    let zero_i = b.index(0);
+                    let first = b.def(format!("arith.cmpi eq, {lane}, {zero_i} : index"));
+                    let partc = b.index(part);
+                    let sbase = b.muli(&s, &partc);
+                    let wfirst = b.addi(&sw, lo);
+                    let has_keys = b.def(format!("arith.cmpi ult, {wfirst}, {hi} : index"));
+                    b.if_else(
+                        &has_keys,
+                        |b| {
+                            // The warp's partial: its max, its sum and its unnormalized values.
+                            let m = b.warp_all(&st[0], "maxnumf");
+                            let dm = b.sub(&st[0], &m);
+                            let w = math::exp(b, &dm);
+                            let lw = b.mul(&st[1], &w);
+                            let l = b.warp_all(&lw, "addf");
+                            let sums: Vec<V> = (0..d as usize)
+                                .map(|c| {
+                                    let a = b.mul(&st[2 + c], &w);
+                                    b.warp_all(&a, "addf")
+                                })
+                                .collect();
+                            b.if_then(&first, |b| Self::store_partial(b, &smem, &sbase, &m, &l, &sums));
+                        },
+                        |b| {
+                            let empty = vec![zero.clone(); d as usize];
+                            b.if_then(&first, |b| Self::store_partial(b, &smem, &sbase, &ninf, &zero, &empty));
+                        },
+                    );
+                    // Every warp of the block is here (whole blocks of work).
+                    b.barrier();
+                    // Warp 0 combines the block's partials; lane l writes dims l, l + 32, ...
+                    let warp0 = b.def(format!("arith.cmpi eq, {s}, {zero_i} : index"));
+                    b.if_then(&warp0, |b| {
+                        let (ws, total) = partial_weights(b, &smem, part);
+                        // The block's weighted values of dim c, unnormalized.
+                        let block_sum = |b: &mut KernelBuilder, c: &str| {
+                            let mut y = b.f32(0.0);
+                            for (k, wk) in ws.iter().enumerate() {
+                                let o = b.index(k as u64 * part + 2);
+                                let at = b.addi(&o, c);
+                                let a = b.load_shared(&smem, &at);
+                                y = b.fma(&a, wk, &y);
+                            }
                             y
                         };
-                        b.store(&y, out, &i);
+                        let write_row = |b: &mut KernelBuilder| {
+                            let f = match branch {
+                                None => {
+                                    let one = b.f32(1.0);
+                                    b.div(&one, &total)
+                                }
+                                Some(br) => {
+                                    let w = self.gate_weight(b, &row, &head, br);
+                                    Self::branch_factor(b, &w, &total)
+                                }
+                            };
+                            b.for_step(&lane, &dc, WARP, |b, c| {
+                                let y = block_sum(b, c);
+                                let y = b.mul(&y, &f);
+                                let i = b.addi(&qbase, c);
+                                let y = if branch.is_some_and(|br| br != BR_SELECTED) {
+                                    let prev = b.load(out, &i);
+                                    b.add(&prev, &y)
+                                } else {
+                                    y
+                                };
+                                b.store(&y, out, &i);
+                            });
+                        };
+                        match nsplit {
+                            None => write_row(b),
+                            Some(nsplit) => {
+                                let many = b.def(format!("arith.cmpi ugt, {nsplit}, {one_i} : index"));
+                                b.if_else(
+                                    &many,
+                                    |b| {
+                                        let m = (1..GPU_ATTN_WARPS).fold(b.load_shared(&smem, &zero_i), |m, k| {
+                                            let at = b.index(k * part);
+                                            let mk = b.load_shared(&smem, &at);
+                                            b.fbin("maxnumf", &m, &mk)
+                                        });
+                                        let last = self.split_partial(b, &scratch, &head, &sp, nsplit, &lane, (&m, &total), &block_sum);
+                                        b.if_then(&last, |b| self.combine_splits(b, &scratch, &head, nsplit, &lane, &qbase, out));
+                                    },
+                                    write_row,
+                                );
+                            }
+                        }
                     });
-                });
-            };
-            match vis.branch.clone() {
-                None => pass(b, &zero_i0, &vis.count, false, None),
-                Some(na) => {
-                    let nb = self.compressed_count(b, &p);
-                    pass(b, &zero_i0, &na, false, Some(BR_SELECTED));
-                    // The next pass writes the shared partials warp 0 read.
-                    b.barrier();
-                    pass(b, &na, &vis.count, false, Some(BR_WINDOW));
-                    b.barrier();
-                    pass(b, &zero_i0, &nb, true, Some(BR_COMPRESSED));
+                };
+                match (vis.branch.clone(), &nsplit) {
+                    (None, Some(nsplit)) => {
+                        // Split `sp` of `nsplit` takes keys sp·count/n .. (sp+1)·count/n.
+                        let a = b.muli(&sp, &vis.count);
+                        let lo = b.divui(&a, nsplit);
+                        let sp1 = b.addi(&sp, &one_i);
+                        let a = b.muli(&sp1, &vis.count);
+                        let hi = b.divui(&a, nsplit);
+                        pass(b, &lo, &hi, false, None, Some(nsplit));
+                    }
+                    (None, None) => pass(b, &zero_i0, &vis.count, false, None, None),
+                    (Some(na), _) => {
+                        let nb = self.compressed_count(b, &p);
+                        pass(b, &zero_i0, &na, false, Some(BR_SELECTED), None);
+                        // The next pass writes the shared partials warp 0 read.
+                        b.barrier();
+                        pass(b, &na, &vis.count, false, Some(BR_WINDOW), None);
+                        b.barrier();
+                        pass(b, &zero_i0, &nb, true, Some(BR_COMPRESSED), None);
+                    }
                 }
-            }
+            });
         });
         Ok(())
+    }
+
+    /// NVPTX, warp 0 of a split block: its partial (block max `m`, sum `l`,
+    /// unnormalized weighted values) goes to the scratch record of (head,
+    /// split `sp`) after the head's ticket counter, and a fence makes it
+    /// visible before lane 0 takes a ticket (`atomicrmw fadd` of 1 on the
+    /// head's counter); the ticket comes back to every lane of the warp.
+    /// Returns whether this block took the last ticket.
+    #[allow(clippy::too_many_arguments)]
+    fn split_partial(
+        &self,
+        b: &mut KernelBuilder,
+        scratch: &str,
+        head: &str,
+        sp: &str,
+        nsplit: &str,
+        lane: &str,
+        (m, l): (&str, &str),
+        block_sum: &dyn Fn(&mut KernelBuilder, &str) -> V,
+    ) -> V {
+        let d = self.d;
+        let (zero_i, one_i, dc) = (b.index(0), b.index(1), b.index(d));
+        let base = self.split_record(b, head, sp);
+        let first = b.def(format!("arith.cmpi eq, {lane}, {zero_i} : index"));
+        b.if_then(&first, |b| {
+            b.store(m, scratch, &base);
+            let at = b.addi(&base, &one_i);
+            b.store(l, scratch, &at);
+        });
+        let two = b.index(2);
+        let vals = b.addi(&base, &two);
+        b.for_step(lane, &dc, WARP, |b, c| {
+            let y = block_sum(b, c);
+            let at = b.addi(&vals, c);
+            b.store(&y, scratch, &at);
+        });
+        // Every lane's record stores, then lane 0's fence orders them (and,
+        // cumulatively, what the warp barrier made it see) before its ticket.
+        let mask = b.i32(-1);
+        b.line(format!("nvvm.bar.warp.sync {mask} : i32"));
+        let zero = b.f32(0.0);
+        let one = b.f32(1.0);
+        let ticket = b.def(format!("scf.if {first} -> (f32) {{"));
+        b.fence();
+        let old = b.atomic_add(scratch, head, &one);
+        b.line(format!("scf.yield {old} : f32"));
+        b.line("} else {".into());
+        b.line(format!("scf.yield {zero} : f32"));
+        b.line("}".into());
+        let ticket = b.warp_from(&ticket, &zero_i);
+        // The block whose ticket is the last combines every split.
+        let nf = b.index_to_f32(nsplit);
+        let last = b.sub(&nf, &one);
+        b.def(format!("arith.cmpf oeq, {ticket}, {last} : f32"))
+    }
+
+    /// NVPTX, warp 0 of the split block that took the last ticket: resets the head's counter for the next call, then
+    /// combines the `nsplit` records (read from memory, not L1) under their
+    /// common max and writes the output row.
+    #[allow(clippy::too_many_arguments)]
+    fn combine_splits(&self, b: &mut KernelBuilder, scratch: &str, head: &str, nsplit: &str, lane: &str, qbase: &str, out: &str) {
+        let d = self.d;
+        let (zero_i, one_i, dc) = (b.index(0), b.index(1), b.index(d));
+        let first = b.def(format!("arith.cmpi eq, {lane}, {zero_i} : index"));
+        let zero = b.f32(0.0);
+        b.if_then(&first, |b| b.store(&zero, scratch, head));
+        b.fence();
+        let ninf = b.f32(-1e30);
+        let mx = b.for_fold(&zero_i, nsplit, std::slice::from_ref(&ninf), |b, j, acc| {
+            let at = self.split_record(b, head, j);
+            let mj = b.load_volatile(scratch, &at);
+            vec![b.fbin("maxnumf", &acc[0], &mj)]
+        });
+        let total = b.for_fold(&zero_i, nsplit, std::slice::from_ref(&zero), |b, j, acc| {
+            let at = self.split_record(b, head, j);
+            let mj = b.load_volatile(scratch, &at);
+            let at = b.addi(&at, &one_i);
+            let lj = b.load_volatile(scratch, &at);
+            let dm = b.sub(&mj, &mx[0]);
+            let w = math::exp(b, &dm);
+            vec![b.fma(&lj, &w, &acc[0])]
+        });
+        let one = b.f32(1.0);
+        let f = b.div(&one, &total[0]);
+        b.for_step(lane, &dc, WARP, |b, c| {
+            let y = b.for_fold(&zero_i, nsplit, std::slice::from_ref(&zero), |b, j, acc| {
+                let at = self.split_record(b, head, j);
+                let mj = b.load_volatile(scratch, &at);
+                let two = b.index(2);
+                let at = b.addi(&at, &two);
+                let at = b.addi(&at, c);
+                let yj = b.load_volatile(scratch, &at);
+                let dm = b.sub(&mj, &mx[0]);
+                let w = math::exp(b, &dm);
+                vec![b.fma(&yj, &w, &acc[0])]
+            });
+            let y = b.mul(&y[0], &f);
+            let i = b.addi(qbase, c);
+            b.store(&y, out, &i);
+        });
+    }
+
+    /// The scratch index of (head, split)'s record: after the `h` counters.
+    fn split_record(&self, b: &mut KernelBuilder, head: &str, sp: &str) -> V {
+        let (hc, sc, rec) = (b.index(self.h), b.index(GPU_SPLITS), b.index(self.d + 2));
+        let slot = b.muli(head, &sc);
+        let slot = b.addi(&slot, sp);
+        let at = b.muli(&slot, &rec);
+        b.addi(&hc, &at)
     }
 
     /// One unit per (row, head): an online softmax over the visible keys,

@@ -174,6 +174,7 @@ impl KernelSpec {
             // A warp of lanes per row (`norm::emit_norm`).
             Op::LayerNorm { .. } | Op::RmsNorm { .. } => SymSize { coef: numel.coef / last(&self.result)? * WARP, ..numel },
             // A block of `GPU_ATTN_WARPS` warps per (query row, head) (`attention::emit_warp`).
+            // (A decode row may take more: `gpu_decode_threads`.)
             Op::Attention { heads, .. } => SymSize { coef: *heads as u64 * WARP * GPU_ATTN_WARPS, seq_pow: 1 },
             // One unit per rotated pair.
             Op::Rope { .. } => SymSize { coef: numel.coef / 2, ..numel },
@@ -195,6 +196,18 @@ impl KernelSpec {
     /// computes each output element (`emit_warp_dot`).
     /// CUDA warps per band of `MMA_ROWS` rows when this matmul takes calls of
     /// more than one row on tensor cores (`mma_matmul`); `None` otherwise.
+    /// CUDA threads of a call of one row when they differ from `work` at
+    /// one row: the attention kernel splits a decode row's keys over
+    /// `attention::gpu_decode_splits` blocks per head.
+    pub fn gpu_decode_threads(&self) -> Option<u64> {
+        match (&self.op, self.stage) {
+            (Op::Attention { heads, .. }, Stage::Op) => {
+                attention::gpu_decode_splits(self).map(|s| *heads as u64 * WARP * GPU_ATTN_WARPS * s)
+            }
+            _ => None,
+        }
+    }
+
     pub fn gpu_mma_warps(&self) -> Option<u64> {
         mma_matmul::mma_tiles(self).map(|(_, warps)| warps)
     }
