@@ -67,7 +67,9 @@ pub struct Calibration {
     /// The first `skip` positions of every calibration sequence are left out
     /// of the statistics (XᵀX and the input norms): the attention-sink
     /// position carries activations orders of magnitude larger than the rest,
-    /// which otherwise decide what the rest keeps. 0 keeps every row.
+    /// which otherwise decide what the rest keeps. 0 keeps every row. (On
+    /// SmolLM2 it helps Wanda and ruins SparseGPT, whose updates then leave
+    /// the sink's outputs unconstrained: README.)
     pub skip: usize,
 }
 
