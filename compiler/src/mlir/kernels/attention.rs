@@ -142,6 +142,15 @@ pub fn gpu_decode_splits(spec: &KernelSpec) -> Option<u64> {
     Some(decode_splits(h))
 }
 
+/// What one NVPTX attention block runs (`Attn::emit_warp`): split `sp` of a
+/// row's visible keys split `n` ways (`n` is 1 outside decode), or gated
+/// NSA's three branches (one block per (row, head); the index value is where
+/// the window's keys start).
+enum BlockWork {
+    Split(V),
+    Branches(V),
+}
+
 /// `GPU_SPLITS`, at most `GPU_WAVE_BLOCKS` blocks over `h` heads, at least one.
 fn decode_splits(h: u64) -> u64 {
     GPU_SPLITS.min(GPU_WAVE_BLOCKS / h.max(1)).max(1)
@@ -150,7 +159,8 @@ fn decode_splits(h: u64) -> u64 {
 /// NVPTX: how the block's `GPU_ATTN_WARPS` partial softmaxes (max at
 /// `k·part`, sum at `k·part + 1` of the shared array `smem`) combine: each
 /// warp's weight `exp(m_k − max)` and the total `Σ l_k·weight_k`.
-pub(super) fn partial_weights(b: &mut KernelBuilder, smem: &str, part: u64) -> (Vec<V>, V) {
+/// Also returns that max (the block's).
+pub(super) fn partial_weights(b: &mut KernelBuilder, smem: &str, part: u64) -> (Vec<V>, V, V) {
     let ms: Vec<V> = (0..GPU_ATTN_WARPS)
         .map(|k| {
             let at = b.index(k * part);
@@ -174,7 +184,7 @@ pub(super) fn partial_weights(b: &mut KernelBuilder, smem: &str, part: u64) -> (
             wk
         })
         .collect();
-    (ws, total)
+    (ws, total, mx)
 }
 
 /// One key of an online softmax with running max `m` and sum `l`, its score
@@ -1609,18 +1619,21 @@ impl Attn {
             // least GPU_SPLIT_KEYS keys (gated NSA keeps one block per (row,
             // head) for its branches); a block past its row's splits leaves
             // before it loads anything.
-            let nsplit = vis.branch.is_none().then(|| {
-                let keysc = b.index(GPU_SPLIT_KEYS);
-                let round = b.index(GPU_SPLIT_KEYS - 1);
-                let up = b.addi(&vis.count, &round);
-                let want = b.divui(&up, &keysc);
-                let want = b.minui(&want, &splitsc);
-                let want = b.maxui(&want, &one_i);
-                b.def(format!("arith.select {decode}, {want}, {one_i} : index"))
-            });
-            let active = match &nsplit {
-                Some(n) => b.def(format!("arith.cmpi ult, {sp}, {n} : index")),
-                None => b.def(format!("arith.cmpi eq, {sp}, {zero_i} : index")),
+            let work = match vis.branch.clone() {
+                None => {
+                    let keysc = b.index(GPU_SPLIT_KEYS);
+                    let round = b.index(GPU_SPLIT_KEYS - 1);
+                    let up = b.addi(&vis.count, &round);
+                    let want = b.divui(&up, &keysc);
+                    let want = b.minui(&want, &splitsc);
+                    let want = b.maxui(&want, &one_i);
+                    BlockWork::Split(b.def(format!("arith.select {decode}, {want}, {one_i} : index")))
+                }
+                Some(na) => BlockWork::Branches(na),
+            };
+            let active = match &work {
+                BlockWork::Split(n) => b.def(format!("arith.cmpi ult, {sp}, {n} : index")),
+                BlockWork::Branches(_) => b.def(format!("arith.cmpi eq, {sp}, {zero_i} : index")),
             };
             b.if_then(&active, |b| {
                 let q: Vec<V> = (0..d)
@@ -1723,7 +1736,7 @@ impl Attn {
                     // Warp 0 combines the block's partials; lane l writes dims l, l + 32, ...
                     let warp0 = b.def(format!("arith.cmpi eq, {s}, {zero_i} : index"));
                     b.if_then(&warp0, |b| {
-                        let (ws, total) = partial_weights(b, &smem, part);
+                        let (ws, total, m) = partial_weights(b, &smem, part);
                         // The block's weighted values of dim c, unnormalized.
                         let block_sum = |b: &mut KernelBuilder, c: &str| {
                             let mut y = b.f32(0.0);
@@ -1766,11 +1779,6 @@ impl Attn {
                                 b.if_else(
                                     &many,
                                     |b| {
-                                        let m = (1..GPU_ATTN_WARPS).fold(b.load_shared(&smem, &zero_i), |m, k| {
-                                            let at = b.index(k * part);
-                                            let mk = b.load_shared(&smem, &at);
-                                            b.fbin("maxnumf", &m, &mk)
-                                        });
                                         let last = self.split_partial(b, &scratch, &head, &sp, nsplit, &lane, (&m, &total), &block_sum);
                                         b.if_then(&last, |b| self.combine_splits(b, &scratch, &head, nsplit, &lane, &qbase, out));
                                     },
@@ -1780,8 +1788,8 @@ impl Attn {
                         }
                     });
                 };
-                match (vis.branch.clone(), &nsplit) {
-                    (None, Some(nsplit)) => {
+                match &work {
+                    BlockWork::Split(nsplit) => {
                         // Split `sp` of `nsplit` takes keys sp·count/n .. (sp+1)·count/n.
                         let a = b.muli(&sp, &vis.count);
                         let lo = b.divui(&a, nsplit);
@@ -1790,13 +1798,12 @@ impl Attn {
                         let hi = b.divui(&a, nsplit);
                         pass(b, &lo, &hi, false, None, Some(nsplit));
                     }
-                    (None, None) => pass(b, &zero_i0, &vis.count, false, None, None),
-                    (Some(na), _) => {
+                    BlockWork::Branches(na) => {
                         let nb = self.compressed_count(b, &p);
-                        pass(b, &zero_i0, &na, false, Some(BR_SELECTED), None);
+                        pass(b, &zero_i0, na, false, Some(BR_SELECTED), None);
                         // The next pass writes the shared partials warp 0 read.
                         b.barrier();
-                        pass(b, &na, &vis.count, false, Some(BR_WINDOW), None);
+                        pass(b, na, &vis.count, false, Some(BR_WINDOW), None);
                         b.barrier();
                         pass(b, &zero_i0, &nb, true, Some(BR_COMPRESSED), None);
                     }

@@ -246,7 +246,7 @@ impl LaneFeatures {
         b.barrier();
         let warp0 = b.def(format!("arith.cmpi eq, {wid}, {zero_i} : index"));
         b.if_then(&warp0, |b| {
-            let (ws, total) = partial_weights(b, smem, part);
+            let (ws, total, _) = partial_weights(b, smem, part);
             let one = b.f32(1.0);
             let f = b.div(&one, &total);
             for (x, ok) in self.feats.iter().zip(&self.inside) {
