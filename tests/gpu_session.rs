@@ -455,3 +455,33 @@ fn cuda_decode_split_over_blocks_equals_the_cpu_after_600_positions() {
     }
     check_long_decode(DeviceKind::Cuda);
 }
+
+/// The CUDA session launches a layer's key and value appends as one, so its
+/// launch list is shorter than the plan's steps; the row-local tail (final
+/// norm, LM head) must still start at the tail's first kernel. (It once used
+/// the plan's index and so never ran on one row: every prefill row's logits
+/// were computed.) Runs on the CPU: the mapping is the session's own.
+#[test]
+fn the_cuda_session_finds_the_row_local_tail_among_joined_appends() {
+    use sparsec_runtime::cuda_session::{joined_appends, launch_index};
+    use sparsec_runtime::manifest::Step;
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["gpt2_tiny", "llama_tiny"] {
+        let art = Artifact::open(&compile_fixture(name, tmp.path())).unwrap();
+        let plan = &art.manifest.execution;
+        let joins = joined_appends(plan);
+        let appends = plan.steps.iter().filter(|s| matches!(s, Step::KvAppend { .. })).count();
+        // Two layers, a key and a value cache each: one launch per layer.
+        assert_eq!((appends, joins.iter().filter(|&&j| j).count()), (4, 2), "{name}: appends and joined appends");
+        for (i, j) in joins.iter().enumerate() {
+            if *j {
+                assert!(matches!((&plan.steps[i - 1], &plan.steps[i]), (Step::KvAppend { .. }, Step::KvAppend { .. })), "{name}: step {i}");
+            }
+        }
+        let launches: Vec<&Step> = plan.steps.iter().zip(&joins).filter(|(_, j)| !**j).map(|(s, _)| s).collect();
+        let tail = plan.row_local_tail.expect("a language model has a row-local tail");
+        assert!(tail < plan.steps.len(), "{name}: the tail is not empty");
+        assert_eq!(launches[launch_index(&joins, tail)], &plan.steps[tail], "{name}: the tail's first launch");
+        assert_eq!(launch_index(&joins, plan.steps.len()), launches.len(), "{name}: the end");
+    }
+}

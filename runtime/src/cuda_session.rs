@@ -17,7 +17,7 @@ use crate::artifact::Artifact;
 use crate::cuda::cu;
 use crate::cuda::{CudaExecutor, BLOCK};
 use crate::error::{RuntimeError, RuntimeResult};
-use crate::manifest::{BufferKind, BufferSpec, Step};
+use crate::manifest::{BufferKind, BufferSpec, ExecutionPlan, Step};
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
 use sparsec_ir::DType;
@@ -57,6 +57,9 @@ pub struct CudaSession<'a> {
     /// Per buffer: its device address (a weight's upload, or a place in the arena).
     ptrs: Vec<u64>,
     steps: Vec<GpuStep>,
+    /// The plan's row-local tail as an index into `steps` (appends joined
+    /// into one launch make the two lists differ).
+    tail_step: Option<usize>,
     /// The arena's bytes (reported by `arena_bytes`).
     arena_bytes: usize,
     /// The device address of `pos` (one i64 in the arena).
@@ -169,7 +172,8 @@ impl CudaExecutor {
         }
         let mut steps = Vec::with_capacity(plan.steps.len());
         let mut mirrors = Vec::new();
-        for step in &plan.steps {
+        let joins = joined_appends(plan);
+        for (step, &joins_prev) in plan.steps.iter().zip(&joins) {
             let next = match step {
                 Step::KvAppend { src, cache, hadamard: None }
                     if plan.buffers[*cache].chunked.is_some() || plan.buffers[*cache].sequence.is_some() =>
@@ -189,10 +193,8 @@ impl CudaExecutor {
                         return Err(RuntimeError::Cuda(format!("KV append of `{}` into `{}`: rows differ", s.name, c.name)));
                     }
                     let (src, cache) = (ptrs[*src], ptrs[*cache]);
-                    // The value cache's append right after the key cache's
-                    // (same rows and type) joins its launch.
-                    if let Some(GpuStep::Append(prev)) = steps.last_mut() {
-                        if prev.second.is_none() && prev.dtype == c.dtype && prev.row_elems == row_elems {
+                    if joins_prev {
+                        if let Some(GpuStep::Append(prev)) = steps.last_mut() {
                             prev.second = Some((src, cache));
                             continue;
                         }
@@ -221,7 +223,9 @@ impl CudaExecutor {
         }
         let pos_ptr = base + pos_at as u64;
         let ids_ptr = base + ids_at as u64;
+        let tail_step = plan.row_local_tail.map(|t| launch_index(&joins, t));
         Ok(CudaSession {
+            tail_step,
             exec: self,
             art,
             cap,
@@ -585,7 +589,7 @@ impl CudaSession<'_> {
         if profiling {
             stream.synchronize().map_err(cu("synchronize"))?;
         }
-        let tail = plan.row_local_tail.filter(|_| last_only && seq > 1);
+        let tail = self.tail_step.filter(|_| last_only && seq > 1);
         if seq == 1 && self.graphs && !profiling {
             if self.decode_graph.is_none() {
                 // Capture the step once; every launch reads `seq` = 1 and
@@ -624,4 +628,29 @@ impl CudaSession<'_> {
             .map(|(shape, v)| ArrayD::from_shape_vec(IxDyn(&shape), v).map_err(|e| RuntimeError::Cuda(e.to_string())))
             .collect()
     }
+}
+
+/// Per plan step: whether it joins the launch before it. A value cache's plain
+/// append right after the key cache's (same row width and cache type, neither
+/// cache compressed) is launched with it, as one append of two caches.
+pub fn joined_appends(plan: &ExecutionPlan) -> Vec<bool> {
+    let plain = |s: &Step| match s {
+        Step::KvAppend { src, cache, hadamard: None } => {
+            let c = &plan.buffers[*cache];
+            (c.chunked.is_none() && c.sequence.is_none()).then(|| (c.dtype, plan.buffers[*src].numel().resolve(1)))
+        }
+        _ => None,
+    };
+    let mut joins = vec![false; plan.steps.len()];
+    for i in 1..plan.steps.len() {
+        let (prev, this) = (plain(&plan.steps[i - 1]), plain(&plan.steps[i]));
+        joins[i] = this.is_some() && prev == this && !joins[i - 1];
+    }
+    joins
+}
+
+/// The index among a session's launches of plan step `step` (or of the end,
+/// for `step` = the plan's length), given `joined_appends`.
+pub fn launch_index(joins: &[bool], step: usize) -> usize {
+    step - joins.iter().take(step).filter(|&&j| j).count()
 }
