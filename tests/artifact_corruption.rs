@@ -281,6 +281,21 @@ fn resealed_structural_corruptions_are_caught_behind_the_hashes() {
         expect_error(&w, &[&format!("gpu_decode_threads {t} is not whole blocks")]);
     }
 
+    // A tiled matmul's band of rows whose warps are not whole blocks (a
+    // block is one tile), or without warps, or of no rows.
+    for (rows, warps) in [(64, Some(12)), (64, None), (0, Some(8))] {
+        copy_dir(&dense, &w);
+        reseal(&w, |m| {
+            for s in m["execution"]["steps"].as_array_mut().unwrap() {
+                if s["step"] == "kernel" {
+                    s["gpu_mma_rows"] = serde_json::json!(rows);
+                    s["gpu_mma_warps"] = serde_json::json!(warps);
+                }
+            }
+        });
+        expect_error(&w, &[&format!("gpu_mma_rows {rows} without gpu_mma_warps of whole blocks")]);
+    }
+
     // Indices out of range in the plan.
     copy_dir(&dense, &w);
     reseal(&w, |m| m["execution"]["outputs"][0] = serde_json::json!(10_000));

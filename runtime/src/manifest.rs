@@ -6,7 +6,7 @@ use sparsec_ir::sparse::SparseStorage;
 use sparsec_ir::{DType, Dim, SymSize};
 
 /// Bumped whenever the manifest or the kernel ABI changes.
-pub const MANIFEST_VERSION: u32 = 12;
+pub const MANIFEST_VERSION: u32 = 13;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const GRAPH_FILE: &str = "graph.sir";
@@ -441,7 +441,8 @@ impl BufferSpec {
 /// runs units `lo..hi` of `cpu_units` (disjoint slices may run on different threads);
 /// CUDA: `<kernel>(ptr..., i64 seq, i64* pos)`, one thread per unit of
 /// `gpu_threads` (or, for calls of more than one row, `gpu_mma_warps` warps
-/// per band of `MMA_ROWS` rows when the kernel has a tensor-core path, and for
+/// per band of `gpu_mma_rows` (else `MMA_ROWS`) rows when the kernel has a
+/// tensor-core path (version 13), and for
 /// calls of one row `gpu_decode_threads` where given: version 12); `pos`
 /// is read from device memory (version 8), so a captured decode step replays
 /// at any position.
@@ -455,6 +456,11 @@ pub struct KernelStep {
     /// per output tile); `None`: `gpu_threads` at every call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_mma_warps: Option<u64>,
+    /// CUDA: rows of a band of `gpu_mma_warps` when they are not `MMA_ROWS`
+    /// (the shared-memory tiled matmul: a block of whole warps per 64 rows
+    /// and 64 features; version 13). Its band's warps are whole blocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_mma_rows: Option<u64>,
     /// CUDA: threads of a call of one row when they are not `gpu_threads` at
     /// one row (the attention kernel splits a decode row's keys over several
     /// blocks per head: version 12); `None`: `gpu_threads`.
@@ -472,14 +478,15 @@ pub struct KernelStep {
     pub cpu_first_phase: Option<SymSize>,
 }
 
-/// Rows of one band of a tensor-core matmul's tiles (`KernelStep::gpu_mma_warps`).
+/// Rows of one band of a tensor-core matmul's warp tiles (`KernelStep::gpu_mma_warps`
+/// without `gpu_mma_rows`).
 pub const MMA_ROWS: u64 = 16;
 
 impl KernelStep {
     /// CUDA threads of a call of `seq` rows (`None` when they overflow).
     pub fn gpu_threads_at(&self, seq: u64) -> Option<u64> {
         match (self.gpu_mma_warps, self.gpu_decode_threads) {
-            (Some(w), _) if seq > 1 => seq.div_ceil(MMA_ROWS).checked_mul(w)?.checked_mul(32),
+            (Some(w), _) if seq > 1 => seq.div_ceil(self.gpu_mma_rows.unwrap_or(MMA_ROWS)).checked_mul(w)?.checked_mul(32),
             (_, Some(t)) if seq == 1 => Some(t),
             _ => self.gpu_threads.checked_resolve(seq),
         }
@@ -541,6 +548,32 @@ impl ExecutionPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_launch_counts_its_threads_by_the_kind_of_call() {
+        let step = |mma_warps, mma_rows, decode| KernelStep {
+            kernel: "k".into(),
+            args: vec![0],
+            gpu_threads: SymSize { coef: 768, seq_pow: 1 },
+            gpu_mma_warps: mma_warps,
+            gpu_mma_rows: mma_rows,
+            gpu_decode_threads: decode,
+            cpu_units: SymSize { coef: 1, seq_pow: 1 },
+            cpu_seq_block: 1,
+            cpu_unit_cost: 1,
+            cpu_first_phase: None,
+        };
+        // A thread per output at every call.
+        assert_eq!(step(None, None, None).gpu_threads_at(37), Some(768 * 37));
+        // Warp tiles: bands of 16 rows (3 for 37), 96 warps each; one row as before.
+        assert_eq!(step(Some(96), None, None).gpu_threads_at(37), Some(3 * 96 * 32));
+        assert_eq!(step(Some(96), None, None).gpu_threads_at(1), Some(768));
+        // Block tiles: bands of 64 rows (1 for 37), 12 × 8 warps each.
+        assert_eq!(step(Some(96), Some(64), None).gpu_threads_at(37), Some(96 * 32));
+        assert_eq!(step(Some(96), Some(64), None).gpu_threads_at(65), Some(2 * 96 * 32));
+        // A decode launch of its own.
+        assert_eq!(step(Some(96), Some(64), Some(4096)).gpu_threads_at(1), Some(4096));
+    }
 
     #[test]
     fn parameter_counts_are_additive_and_count_a_tied_weight_once() {

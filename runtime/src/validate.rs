@@ -262,6 +262,16 @@ pub fn validate(
                 if k.cpu_seq_block == 0 {
                     return Err(bad("cpu_seq_block is 0".into()));
                 }
+                // A tiled matmul's band is whole blocks (a block is one tile).
+                if let Some(r) = k.gpu_mma_rows {
+                    let whole = k.gpu_mma_warps.is_some_and(|w| w > 0 && (w * 32) % crate::cuda::BLOCK as u64 == 0);
+                    if r == 0 || !whole {
+                        return Err(bad(format!(
+                            "kernel `{}`: gpu_mma_rows {r} without gpu_mma_warps of whole blocks ({:?})",
+                            k.kernel, k.gpu_mma_warps
+                        )));
+                    }
+                }
                 // A decode launch is whole blocks, at least the one-row launch.
                 if let Some(t) = k.gpu_decode_threads {
                     if t % crate::cuda::BLOCK as u64 != 0 || k.gpu_threads.checked_resolve(1).is_none_or(|one| t < one) {

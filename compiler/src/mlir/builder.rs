@@ -273,7 +273,8 @@ impl KernelBuilder {
         self.def(format!("llvm.mlir.addressof @{name} : !llvm.ptr<3>"))
     }
 
-    fn shared_ptr(&mut self, base: &str, idx: &str) -> V {
+    /// NVPTX: the address of word `idx` of a `shared_f32` array.
+    pub fn shared_ptr(&mut self, base: &str, idx: &str) -> V {
         let i = self.def(format!("arith.index_cast {idx} : index to i64"));
         self.def(format!("llvm.getelementptr inbounds {base}[{i}] : (!llvm.ptr<3>, i64) -> !llvm.ptr<3>, f32"))
     }
@@ -288,6 +289,41 @@ impl KernelBuilder {
     pub fn store_shared(&mut self, val: &str, base: &str, idx: &str) {
         let p = self.shared_ptr(base, idx);
         self.line(format!("llvm.store {val}, {p} : f32, !llvm.ptr<3>"));
+    }
+
+    /// NVPTX: `width` consecutive f32 of a `shared_f32` array from `base[idx]`
+    /// (16-byte aligned: `idx` a multiple of 4), as a `vector<width x f32>`.
+    pub fn load_shared_vec(&mut self, base: &str, idx: &str, width: u32) -> V {
+        let p = self.shared_ptr(base, idx);
+        self.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr<3> -> {}", Self::vty(width)))
+    }
+
+    /// NVPTX: stores the `width` f32 lanes of `val` at `base[idx..]` of a
+    /// `shared_f32` array (16-byte aligned: `idx` a multiple of 4).
+    pub fn store_shared_vec(&mut self, val: &str, base: &str, idx: &str, width: u32) {
+        let p = self.shared_ptr(base, idx);
+        self.line(format!("llvm.store {val}, {p} {{alignment = 16 : i64}} : {}, !llvm.ptr<3>", Self::vty(width)));
+    }
+
+    /// NVPTX: starts an asynchronous copy of 16 bytes from `plane[idx]` (a
+    /// plane of `elem`, 16-byte aligned there) to the shared address `dst`
+    /// (`cp.async.cg`, through L2 only); it lands by the `cp_async_wait` that
+    /// follows its group's `cp_async_commit`.
+    pub fn cp_async16(&mut self, dst: &str, plane: &str, idx: &str, elem: &str) {
+        let p = self.element_ptr(plane, idx, elem);
+        let g = self.def(format!("llvm.addrspacecast {p} : !llvm.ptr to !llvm.ptr<1>"));
+        self.line(format!("nvvm.cp.async.shared.global {dst}, {g}, 16, cache = cg : !llvm.ptr<3>, !llvm.ptr<1>"));
+    }
+
+    /// NVPTX: closes the group of this thread's `cp_async16` copies issued since the last one.
+    pub fn cp_async_commit(&mut self) {
+        self.line("nvvm.cp.async.commit.group".into());
+    }
+
+    /// NVPTX: waits until at most `pending` of this thread's committed groups
+    /// are still in flight (the others have landed in shared memory).
+    pub fn cp_async_wait(&mut self, pending: u32) {
+        self.line(format!("nvvm.cp.async.wait.group {pending}"));
     }
 
     /// NVPTX: a barrier over the thread block (`bar.sync 0`); every thread of

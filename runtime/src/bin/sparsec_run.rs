@@ -90,7 +90,8 @@ struct Args {
     #[arg(long, default_value_t = 512)]
     session_seq: usize,
     /// With --bench-decode: one more round after the timed ones with every
-    /// kernel synchronized and timed; reports milliseconds per decode token by kernel.
+    /// kernel synchronized and timed; reports the prompt's milliseconds and
+    /// milliseconds per decode token, by kernel.
     #[arg(long)]
     profile: bool,
     /// GPU: launch every kernel of a decode step instead of replaying the step
@@ -313,9 +314,22 @@ fn model_verbs(args: &Args, art: &Artifact) -> Result<()> {
                 eprintln!("warning: the greedy ids differ from the host's argmax of the same steps' logits");
             }
             if args.profile {
-                // The prompt unprofiled, then the decode steps profiled.
+                // The prompt, then the decode steps, each profiled on its own.
                 session.reset();
+                session.profile_kernels();
                 let l = logits(session.run_last(&[ids_input(&prompt)])?, 1)?;
+                let times = session.kernel_times();
+                if !args.json {
+                    println!("prefill of {} tokens by kernel (each launch synchronized):", prompt.len());
+                    for (k, ms, n) in &times {
+                        println!("  {k:<28} {ms:>9.4} ms {n:>6} launches");
+                    }
+                }
+                report["profile_prefill_ms"] = times
+                    .iter()
+                    .map(|(k, ms, n)| (k.clone(), serde_json::json!({ "ms": ms, "launches": n })))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
                 let mut next = greedy(&l);
                 session.profile_kernels();
                 for _ in 0..args.max_new_tokens {

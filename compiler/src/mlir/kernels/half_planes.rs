@@ -49,6 +49,17 @@ impl HalfPlane {
         self.widen(b, &raw, Some(n))
     }
 
+    /// The plane of the raw 16-bit words (for `cp_async16` copies).
+    pub(in crate::mlir) fn words(&self) -> &str {
+        &self.words
+    }
+
+    /// `width` raw words (a `vector<width x i16>`, e.g. read from shared
+    /// memory) as `vector<width x f32>`.
+    pub(in crate::mlir) fn widen_words(&self, b: &mut KernelBuilder, raw: &str, width: u32) -> V {
+        self.widen(b, raw, Some(width))
+    }
+
     /// f16: reinterpret and extend; bf16: the word is the top half of an f32.
     /// A scalar, or a vector of `width` lanes.
     fn widen(&self, b: &mut KernelBuilder, raw: &str, width: Option<u32>) -> V {

@@ -6,6 +6,7 @@
 
 use super::half_planes::{HalfPlane, HALF_VEC};
 use super::mma_matmul::emit_mma_matmul;
+use super::mma_tiled::emit_tiled_mma;
 use super::quant_planes::QuantPlanes;
 use super::tiled_matmul::emit_tiled_matmul;
 use super::warp_fold::{f32_lanes_sum, f32_vload, warp_fold, warp_per_output};
@@ -59,9 +60,15 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
             (None, Some(h)) => WarpWeight::Half(h),
             (None, None) => WarpWeight::F32,
         };
-        match (super::mma_matmul::mma_tiles(spec), &half) {
-            // Calls of more than one row on tensor cores; one row: the warp GEMV.
-            (Some((nt, warps)), Some(h)) => {
+        match (super::mma_tiled::tiled_warps(spec), super::mma_matmul::mma_tiles(spec), &half) {
+            // Calls of more than one row on tensor cores (shared-memory tiles
+            // where the shape allows, else a tile per warp); one row: the warp GEMV.
+            (Some(_), _, Some(h)) => {
+                let (seq, one) = (b.seq(), b.index(1));
+                let rows = b.def(format!("arith.cmpi ugt, {seq}, {one} : index"));
+                b.if_else(&rows, |b| emit_tiled_mma(b, k, n, ins, out, h), |b| emit_warp_dot(b, work, k, n, ins, out, w));
+            }
+            (None, Some((nt, warps)), Some(h)) => {
                 let (seq, one) = (b.seq(), b.index(1));
                 let rows = b.def(format!("arith.cmpi ugt, {seq}, {one} : index"));
                 b.if_else(&rows, |b| emit_mma_matmul(b, k, n, nt, warps, ins, out, h), |b| emit_warp_dot(b, work, k, n, ins, out, w));

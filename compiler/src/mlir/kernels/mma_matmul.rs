@@ -52,7 +52,7 @@ pub(crate) fn mma_tiles(spec: &KernelSpec) -> Option<(u64, u64)> {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn emit_mma_matmul(b: &mut KernelBuilder, k: u64, n: u64, nt: u64, warps: u64, ins: &[V], out: &str, w: &HalfPlane) {
     let (a_buf, seq) = (&ins[0], b.seq());
-    let (kc, nc) = (b.index(k), b.index(n));
+    let kc = b.index(k);
     let one = b.index(1);
     let last_row = b.def(format!("arith.subi {seq}, {one} : index"));
     let rows16 = b.index(MMA_ROWS);
@@ -172,36 +172,66 @@ pub(super) fn emit_mma_matmul(b: &mut KernelBuilder, k: u64, n: u64, nt: u64, wa
                 for (q, bq) in bw.iter().enumerate() {
                     // The low parts first: the small terms enter the sum first.
                     for part in [1, 0] {
-                        let c = &accs[q * 4..q * 4 + 4];
-                        let d = b.def(format!(
-                            "nvvm.mma.sync A[{}, {}, {}, {}] B[{}, {}] C[{}, {}, {}, {}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, multiplicandAPtxType = #nvvm.mma_type<tf32>, multiplicandBPtxType = #nvvm.mma_type<tf32>, shape = #nvvm.shape<m = 16, n = 8, k = 8>}} : (i32, i32, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
-                            a[0][part], a[1][part], a[2][part], a[3][part], bq[0], bq[1], c[0], c[1], c[2], c[3]
-                        ));
-                        for i in 0..4 {
-                            accs[q * 4 + i] = b.def(format!("llvm.extractvalue {d}[{i}] : !llvm.struct<(f32, f32, f32, f32)>"));
-                        }
+                        let frag: Vec<V> = a.iter().map(|x| x[part].clone()).collect();
+                        let d = mma_sync_tf32(b, &frag, bq, &accs[q * 4..q * 4 + 4]);
+                        accs.splice(q * 4..q * 4 + 4, d);
                     }
                 }
             }
             accs
         });
-        // Accumulator i of n-tile q: row g (i < 2) or g + 8, feature 2·(l % 4) + i % 2.
-        let two = b.index(2);
-        let col = b.muli(&tq, &two);
-        for q in 0..nt {
-            for i in 0..4u64 {
-                let row = if i < 2 { ra.clone() } else { rb.clone() };
-                let inb = b.def(format!("arith.cmpi ult, {row}, {seq} : index"));
-                let off = b.index(q * MMA_N + i % 2);
-                let f0 = b.addi(&c0, &off);
-                let f = b.addi(&f0, &col);
-                let rn = b.muli(&row, &nc);
-                let at = b.addi(&rn, &f);
-                let v = accs[(q * 4 + i) as usize].clone();
-                b.if_then(&inb, |b| b.store_result(&v, out, &at));
-            }
-        }
+        store_tiles(b, [&ra, &rb], &c0, &tq, &accs, n, out);
     });
+}
+
+/// Stores a lane's accumulators of `accs.len() / 4` n-tiles of 8 features
+/// from feature `c0`: accumulator i of n-tile q is row `rows[i / 2]` (the
+/// lane's g and g + 8), feature `c0 + 8q + 2t + i % 2` (t = lane % 4), stored
+/// through `store_result` (the fused epilogue) where the row is below `seq`.
+pub(super) fn store_tiles(b: &mut KernelBuilder, rows: [&V; 2], c0: &str, t: &str, accs: &[V], n: u64, out: &str) {
+    let (seq, nc) = (b.seq(), b.index(n));
+    let two = b.index(2);
+    let col = b.muli(t, &two);
+    for (j, v) in accs.iter().enumerate() {
+        let (q, i) = (j as u64 / 4, j as u64 % 4);
+        let row = rows[(i / 2) as usize];
+        let inb = b.def(format!("arith.cmpi ult, {row}, {seq} : index"));
+        let off = b.index(q * MMA_N + i % 2);
+        let f0 = b.addi(c0, &off);
+        let f = b.addi(&f0, &col);
+        let rn = b.muli(row, &nc);
+        let at = b.addi(&rn, &f);
+        b.if_then(&inb, |b| b.store_result(v, out, &at));
+    }
+}
+
+/// One `mma.sync.m16n8k8` on TF32 operands (their bits as i32): `a` the four
+/// A registers of the lane, `bq` its two B registers, `c` its four f32
+/// accumulators; returns the four new accumulators.
+pub(super) fn mma_sync_tf32(b: &mut KernelBuilder, a: &[V], bq: &[V; 2], c: &[V]) -> Vec<V> {
+    let d = b.def(format!(
+        "nvvm.mma.sync A[{}, {}, {}, {}] B[{}, {}] C[{}, {}, {}, {}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, multiplicandAPtxType = #nvvm.mma_type<tf32>, multiplicandBPtxType = #nvvm.mma_type<tf32>, shape = #nvvm.shape<m = 16, n = 8, k = 8>}} : (i32, i32, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
+        a[0], a[1], a[2], a[3], bq[0], bq[1], c[0], c[1], c[2], c[3]
+    ));
+    (0..4).map(|i| b.def(format!("llvm.extractvalue {d}[{i}] : !llvm.struct<(f32, f32, f32, f32)>"))).collect()
+}
+
+/// `tf32_split` on every lane of a `vector<width x f32>`: `[hi, lo]` as f32
+/// vectors holding TF32 values (the low 13 mantissa bits clear).
+pub(super) fn tf32_split_vec(b: &mut KernelBuilder, x: &str, width: u32) -> [V; 2] {
+    let (fv, iv) = (KernelBuilder::vty(width), format!("vector<{width}xi32>"));
+    let half = b.vsplat_int(0x1000, width, "i32");
+    let mask = b.vsplat_int(-0x2000, width, "i32");
+    let round = |b: &mut KernelBuilder, v: &str| {
+        let bits = b.def(format!("arith.bitcast {v} : {fv} to {iv}"));
+        let r = b.def(format!("arith.addi {bits}, {half} : {iv}"));
+        let m = b.def(format!("arith.andi {r}, {mask} : {iv}"));
+        b.def(format!("arith.bitcast {m} : {iv} to {fv}"))
+    };
+    let hi = round(b, x);
+    let rest = b.def(format!("arith.subf {x}, {hi} : {fv}"));
+    let lo = round(b, &rest);
+    [hi, lo]
 }
 
 /// `x` as two TF32 values (their bits), `[hi, lo]` with `hi + lo` equal to

@@ -58,6 +58,7 @@ mod embedding;
 mod half_planes;
 mod matmul;
 mod mma_matmul;
+mod mma_tiled;
 mod norm;
 mod quant_planes;
 mod rope;
@@ -191,11 +192,6 @@ impl KernelSpec {
         })
     }
 
-    /// A dense matmul with a transposed weight whose rows are whole 4-wide
-    /// vectors (f32) or whole blocks of 32 (Q8_0/Q4_0/Q4_1): on NVPTX a warp
-    /// computes each output element (`emit_warp_dot`).
-    /// CUDA warps per band of `MMA_ROWS` rows when this matmul takes calls of
-    /// more than one row on tensor cores (`mma_matmul`); `None` otherwise.
     /// CUDA threads of a call of one row when they differ from `work` at
     /// one row: the attention kernel splits a decode row's keys over
     /// `attention::gpu_decode_splits` blocks per head.
@@ -208,10 +204,22 @@ impl KernelSpec {
         }
     }
 
+    /// CUDA warps per band of `gpu_mma_rows` rows when this matmul takes calls
+    /// of more than one row on tensor cores (`mma_tiled`, else `mma_matmul`);
+    /// `None` otherwise.
     pub fn gpu_mma_warps(&self) -> Option<u64> {
-        mma_matmul::mma_tiles(self).map(|(_, warps)| warps)
+        mma_tiled::tiled_warps(self).or_else(|| mma_matmul::mma_tiles(self).map(|(_, warps)| warps))
     }
 
+    /// Rows of a band of `gpu_mma_warps` when they are not `MMA_ROWS`: the
+    /// shared-memory tiled matmul's blocks take 64 rows (`mma_tiled`).
+    pub fn gpu_mma_rows(&self) -> Option<u64> {
+        mma_tiled::tiled_warps(self).map(|_| mma_tiled::TILE_M)
+    }
+
+    /// A dense matmul with a transposed weight whose rows are whole 4-wide
+    /// vectors (f32) or whole blocks of 32 (Q8_0/Q4_0/Q4_1): on NVPTX a warp
+    /// computes each output element (`emit_warp_dot`).
     pub fn warp_matmul(&self) -> bool {
         let k = match self.operands.first().and_then(|t| t.last_dim()) {
             Some(sparsec_ir::Dim::Fixed(k)) => k,

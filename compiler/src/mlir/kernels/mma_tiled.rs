@@ -1,0 +1,268 @@
+//! NVPTX matmul on tensor cores with shared-memory tiles, for calls of more
+//! than one row (prefill) of f16/bf16 weights whose k is a multiple of 32 and
+//! whose output width is a multiple of 64: a block of 8 warps computes 64 rows
+//! × 64 output features. k-tiles of 32 (the activations as f32, the weights
+//! as stored) are copied into a ring of `STAGES` shared buffers with
+//! `cp.async`, `STAGES - 1` tiles ahead of the one the tensor cores use, so
+//! the copies' latency hides behind the MMAs. Warp (m, n) of a 4 × 2 grid runs
+//! `mma.sync.m16n8k8` on 16 rows × 32 features with TF32 operands: the
+//! activations split into `hi` and `lo` as `mma_matmul` does, the 16-bit
+//! weights widened (exact), its fragments read with 16-byte loads. Every
+//! activation and weight element is read from global memory once per block
+//! instead of once per warp.
+
+use super::half_planes::{HalfPlane, HALF_VEC};
+use super::mma_matmul::{mma_sync_tf32, store_tiles, tf32_split_vec};
+use super::{fixed_last, KernelSpec, WARP};
+use crate::mlir::builder::{KernelBuilder, V};
+use sparsec_ir::DType;
+
+/// Rows of a block's tile (`KernelStep::gpu_mma_rows`).
+pub(crate) const TILE_M: u64 = 64;
+/// Output features of a block's tile.
+const TILE_N: u64 = 64;
+/// k of a shared-memory tile.
+const TILE_K: u64 = 32;
+/// Threads of a block: the runtime's `BLOCK` (a tile is one block).
+const THREADS: u64 = sparsec_runtime::cuda::BLOCK as u64;
+/// Warps along the tile's rows (16 rows each); the other `THREADS / WARP /
+/// WARPS_M` warps split its features (`8·NT` each).
+const WARPS_M: u64 = 4;
+/// n-tiles of 8 features per warp.
+const NT: u64 = 4;
+/// Row stride of the activation tiles in 4-byte words: 32 f32 plus 4 of
+/// padding, so the 8 lanes of a 16-byte load phase (two rows, four k offsets)
+/// hit distinct bank groups. A weight tile's row (32 16-bit words, 16 words)
+/// needs none.
+const A_STRIDE: u64 = TILE_K + 4;
+const W_STRIDE: u64 = TILE_K / 2;
+/// Shared buffers in the copy ring: `STAGES - 1` k-tiles in flight while one
+/// is multiplied (3 × 13.3 KB of 48 KB).
+const STAGES: u64 = 3;
+
+const _: () = assert!(THREADS == WARP * WARPS_M * (TILE_N / (8 * NT)), "the warp grid covers the tile");
+const _: () = assert!(THREADS * 8 == TILE_M * TILE_K && THREADS * 8 == TILE_N * TILE_K, "a thread copies 8 of each tile");
+
+/// Warps per band of `TILE_M` rows when a matmul takes the shared-memory tiled
+/// path: whole blocks of `THREADS`, one per 64 output features. `None` unless
+/// the weight is f16/bf16, k a multiple of 32 and the output width of 64.
+pub(crate) fn tiled_warps(spec: &KernelSpec) -> Option<u64> {
+    let (k, n) = (fixed_last(spec, spec.operands.first()?).ok()?, fixed_last(spec, &spec.result).ok()?);
+    let half = matches!(spec.operands.get(1)?.dtype, DType::F16 | DType::BF16);
+    if !spec.warp_matmul() || !half || k % TILE_K != 0 || n % TILE_N != 0 {
+        return None;
+    }
+    Some(n / TILE_N * THREADS / WARP)
+}
+
+/// `out[r, j] = a[r, :] · w[j, :]` for `seq` rows: block `blk` of the launch
+/// takes rows `64·(blk / (n/64))..` and features `64·(blk % (n/64))..`. Rows
+/// past `seq` read the last row and are not stored. Stores go through
+/// `store_result` (the fused epilogue).
+pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, k: u64, n: u64, ins: &[V], out: &str, w: &HalfPlane) {
+    let (a_buf, seq) = (&ins[0], b.seq());
+    let kc = b.index(k);
+    let one = b.index(1);
+    let last_row = b.def(format!("arith.subi {seq}, {one} : index"));
+    let tm = b.index(TILE_M);
+    let bands = b.def(format!("arith.ceildivui {seq}, {tm} : index"));
+    let col_tiles = b.index(n / TILE_N);
+    let blocks = b.muli(&bands, &col_tiles);
+    let threads = b.index(THREADS);
+    let work = b.muli(&blocks, &threads);
+    let (a_stage, w_stage) = (TILE_M * A_STRIDE, TILE_N * W_STRIDE);
+    let s_a = b.shared_f32("mma_tile_a", STAGES * a_stage);
+    let s_w = b.shared_f32("mma_tile_w", STAGES * w_stage);
+    let k_tiles = k / TILE_K;
+    b.parallel(&work, |b, u| {
+        let blk = b.divui(u, &threads);
+        let tid = b.remui(u, &threads);
+        let band = b.divui(&blk, &col_tiles);
+        let ct = b.remui(&blk, &col_tiles);
+        let r0 = b.muli(&band, &tm);
+        let tn = b.index(TILE_N);
+        let c0 = b.muli(&ct, &tn);
+        let (four, eight) = (b.index(4), b.index(8));
+        // The copies of a k-tile, 16 bytes each: activation chunks `tid` and
+        // `tid + THREADS` (row c / 8, k 4·(c % 8)..), weight chunk `tid` (row
+        // tid / 4, k 8·(tid % 4)..); global offsets at k-tile 0, shared offsets
+        // in stage 0.
+        let copies: Vec<(V, V, bool)> = {
+            let mut v = Vec::new();
+            for extra in [0, THREADS] {
+                let off = b.index(extra);
+                let c = b.addi(&tid, &off);
+                let row = b.divui(&c, &eight);
+                let q = b.remui(&c, &eight);
+                let col = b.muli(&q, &four);
+                let r = b.addi(&r0, &row);
+                let r = b.minui(&r, &last_row);
+                let rk = b.muli(&r, &kc);
+                let g = b.addi(&rk, &col);
+                let stride = b.index(A_STRIDE);
+                let rs = b.muli(&row, &stride);
+                let sa = b.addi(&rs, &col);
+                v.push((g, sa, false));
+            }
+            let row = b.divui(&tid, &four);
+            let q = b.remui(&tid, &four);
+            let col = b.muli(&q, &eight);
+            let j = b.addi(&c0, &row);
+            let jk = b.muli(&j, &kc);
+            let g = b.addi(&jk, &col);
+            let stride = b.index(W_STRIDE);
+            let rs = b.muli(&row, &stride);
+            // 8 16-bit words are 4 of the shared array's 4-byte words.
+            let q4 = b.muli(&q, &four);
+            let sw = b.addi(&rs, &q4);
+            v.push((g, sw, true));
+            v
+        };
+        // Copies k-tile `kt` (an index value) into ring stage `st` (an index value).
+        let issue = |b: &mut KernelBuilder, kt: &str, st: &str| {
+            let tk = b.index(TILE_K);
+            let k0 = b.muli(kt, &tk);
+            for (g, sh, is_w) in &copies {
+                let gi = b.addi(g, &k0);
+                let (base, per) = if *is_w { (&s_w, w_stage) } else { (&s_a, a_stage) };
+                let per = b.index(per);
+                let so = b.muli(st, &per);
+                let si = b.addi(&so, sh);
+                let dst = b.shared_ptr(base, &si);
+                if *is_w {
+                    b.cp_async16(&dst, w.words(), &gi, "i16");
+                } else {
+                    b.cp_async16(&dst, a_buf, &gi, "f32");
+                }
+            }
+        };
+        for s in 0..STAGES - 1 {
+            if s < k_tiles {
+                let si = b.index(s);
+                issue(b, &si, &si);
+            }
+            b.cp_async_commit();
+        }
+        // The fragments: warp (wm, wn), lane (g, t) reads rows 16·wm + g and
+        // + 8, weight rows 32·wn + 8q + g, each at k 8t.. of the k-tile; mma
+        // step s reads k 8t + 2s as fragment column t and 8t + 2s + 1 as
+        // column t + 4 (A and B alike, so the sum is the same).
+        let lanes = b.index(WARP);
+        let warp = b.divui(&tid, &lanes);
+        let lane = b.remui(&tid, &lanes);
+        let wmc = b.index(WARPS_M);
+        let wm = b.remui(&warp, &wmc);
+        let wn = b.divui(&warp, &wmc);
+        let g = b.divui(&lane, &four);
+        let t = b.remui(&lane, &four);
+        let t8 = b.muli(&t, &eight);
+        let t4 = b.muli(&t, &four);
+        let sixteen = b.index(16);
+        let ra_t = {
+            let m = b.muli(&wm, &sixteen);
+            b.addi(&m, &g)
+        };
+        let rb_t = b.addi(&ra_t, &eight);
+        let fa: Vec<V> = [&ra_t, &rb_t]
+            .into_iter()
+            .map(|row| {
+                let stride = b.index(A_STRIDE);
+                let rp = b.muli(row, &stride);
+                b.addi(&rp, &t8)
+            })
+            .collect();
+        let wn_base = {
+            let w32 = b.index(8 * NT);
+            b.muli(&wn, &w32)
+        };
+        let fw: Vec<V> = (0..NT)
+            .map(|q| {
+                let off = b.index(8 * q);
+                let j0 = b.addi(&wn_base, &off);
+                let j = b.addi(&j0, &g);
+                let stride = b.index(W_STRIDE);
+                let rp = b.muli(&j, &stride);
+                b.addi(&rp, &t4)
+            })
+            .collect();
+        let zero_i = b.index(0);
+        let zero = b.f32(0.0);
+        let init: Vec<(V, String)> = (0..NT * 4).map(|_| (zero.clone(), "f32".to_string())).collect();
+        let (ktc, stages) = (b.index(k_tiles), b.index(STAGES));
+        let res = b.for_fold_typed(&zero_i, &ktc, 1, &init, |b, kt, accs| {
+            // Tile `kt` has landed (this thread's copies, then everyone's);
+            // every warp is done with the stage the next copy overwrites.
+            b.cp_async_wait((STAGES - 2) as u32);
+            b.barrier();
+            let ahead = b.index(STAGES - 1);
+            let next = b.addi(kt, &ahead);
+            let more = b.def(format!("arith.cmpi ult, {next}, {ktc} : index"));
+            b.if_then(&more, |b| {
+                let st = b.remui(&next, &stages);
+                issue(b, &next, &st);
+            });
+            b.cp_async_commit();
+            let st = b.remui(kt, &stages);
+            let (a_per, w_per) = (b.index(a_stage), b.index(w_stage));
+            let a_off = b.muli(&st, &a_per);
+            let w_off = b.muli(&st, &w_per);
+            let v4 = KernelBuilder::vty(4);
+            // Per row: [hi, lo] of its 8 k, as TF32 bits.
+            let rows: Vec<[Vec<V>; 2]> = fa
+                .iter()
+                .map(|at| {
+                    let i0 = b.addi(&a_off, at);
+                    let i1 = b.addi(&i0, &four);
+                    let halves = [b.load_shared_vec(&s_a, &i0, 4), b.load_shared_vec(&s_a, &i1, 4)];
+                    let (mut hi, mut lo) = (Vec::new(), Vec::new());
+                    for h in &halves {
+                        let [vh, vl] = tf32_split_vec(b, h, 4);
+                        for e in 0..4 {
+                            let ei = b.i32(e);
+                            for (v, dst) in [(&vh, &mut hi), (&vl, &mut lo)] {
+                                let x = b.def(format!("llvm.extractelement {v}[{ei} : i32] : {v4}"));
+                                dst.push(b.def(format!("arith.bitcast {x} : f32 to i32")));
+                            }
+                        }
+                    }
+                    [hi, lo]
+                })
+                .collect();
+            // Per n-tile: its 8 k of weights, widened, as TF32 bits.
+            let ws: Vec<Vec<V>> = fw
+                .iter()
+                .map(|at| {
+                    let i = b.addi(&w_off, at);
+                    let p = b.shared_ptr(&s_w, &i);
+                    let raw = b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr<3> -> vector<{HALF_VEC}xi16>"));
+                    let wide = w.widen_words(b, &raw, HALF_VEC);
+                    (0..HALF_VEC as i32)
+                        .map(|e| {
+                            let ei = b.i32(e);
+                            let x = b.def(format!("llvm.extractelement {wide}[{ei} : i32] : {}", KernelBuilder::vty(HALF_VEC)));
+                            b.def(format!("arith.bitcast {x} : f32 to i32"))
+                        })
+                        .collect()
+                })
+                .collect();
+            let mut accs: Vec<V> = accs.to_vec();
+            for step in 0..(TILE_K / 8) as usize {
+                let (c_lo, c_hi) = (2 * step, 2 * step + 1);
+                for (q, wq) in ws.iter().enumerate() {
+                    let bq = [wq[c_lo].clone(), wq[c_hi].clone()];
+                    // The low parts first: the small terms enter the sum first.
+                    for part in [1, 0] {
+                        let frag =
+                            [&rows[0][part][c_lo], &rows[1][part][c_lo], &rows[0][part][c_hi], &rows[1][part][c_hi]].map(|v| v.clone());
+                        let d = mma_sync_tf32(b, &frag, &bq, &accs[q * 4..q * 4 + 4]);
+                        accs.splice(q * 4..q * 4 + 4, d);
+                    }
+                }
+            }
+            accs
+        });
+        let rows = [b.addi(&r0, &ra_t), b.addi(&r0, &rb_t)];
+        let cbase = b.addi(&c0, &wn_base);
+        store_tiles(b, [&rows[0], &rows[1]], &cbase, &t, &res, n, out);
+    });
+}
