@@ -316,7 +316,23 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
     match device {
         Device::Cpu if cpu_split(spec) => ctx.emit_split(b, cx),
         Device::Cpu => ctx.emit_online(b, cx),
-        Device::Nvptx => ctx.emit_warp(b, cx),
+        // Calls of more than one row on tensor cores where the attention is
+        // plain (`attention_mma`); decode rows, and the rest, a block per
+        // (row, head).
+        Device::Nvptx => match super::attention_mma::flash_dims(spec) {
+            Some(dims) => {
+                let (seq, one) = (b.seq(), b.index(1));
+                let rows = b.def(format!("arith.cmpi ugt, {seq}, {one} : index"));
+                let mut warp = Ok(());
+                b.if_else(
+                    &rows,
+                    |b| super::attention_mma::emit_flash(b, dims, &ins[0], &ctx.kbuf, &ctx.vbuf, cx.out),
+                    |b| warp = ctx.emit_warp(b, cx),
+                );
+                warp
+            }
+            None => ctx.emit_warp(b, cx),
+        },
     }
 }
 

@@ -237,7 +237,7 @@ pub(super) fn tf32_split_vec(b: &mut KernelBuilder, x: &str, width: u32) -> [V; 
 /// `x` as two TF32 values (their bits), `[hi, lo]` with `hi + lo` equal to
 /// `x` to about 2^-22 of it: `hi` is `x` with its mantissa rounded to 10
 /// bits (to nearest, ties away from zero), `lo` the rest, rounded likewise.
-fn tf32_split(b: &mut KernelBuilder, x: &str) -> [V; 2] {
+pub(super) fn tf32_split(b: &mut KernelBuilder, x: &str) -> [V; 2] {
     let hi = tf32_round(b, x);
     let hi_f = b.def(format!("arith.bitcast {hi} : i32 to f32"));
     let rest = b.sub(x, &hi_f);

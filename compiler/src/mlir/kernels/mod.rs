@@ -11,6 +11,7 @@
 //! attention); `quant_planes` reads block-quantized operands.
 
 mod attention;
+mod attention_mma;
 mod kv_chunked;
 mod kv_kivi;
 mod kv_pre_rope;
@@ -204,11 +205,14 @@ impl KernelSpec {
         }
     }
 
-    /// CUDA warps per band of `gpu_mma_rows` rows when this matmul takes calls
-    /// of more than one row on tensor cores (`mma_tiled`, else `mma_matmul`);
+    /// CUDA warps per band of `gpu_mma_rows` rows when this matmul or
+    /// attention takes calls of more than one row on tensor cores (`mma_tiled`,
+    /// else `mma_matmul`; `attention_mma`: a warp per 16 rows and head);
     /// `None` otherwise.
     pub fn gpu_mma_warps(&self) -> Option<u64> {
-        mma_tiled::tiled_warps(self).or_else(|| mma_matmul::mma_tiles(self).map(|(_, warps)| warps))
+        mma_tiled::tiled_warps(self)
+            .or_else(|| mma_matmul::mma_tiles(self).map(|(_, warps)| warps))
+            .or_else(|| attention_mma::flash_dims(self).map(|(h, _, _)| h))
     }
 
     /// Rows of a band of `gpu_mma_warps` when they are not `MMA_ROWS`: the
