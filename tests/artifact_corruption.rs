@@ -296,6 +296,21 @@ fn resealed_structural_corruptions_are_caught_behind_the_hashes() {
         expect_error(&w, &[&format!("gpu_mma_rows {rows} without gpu_mma_warps of whole blocks")]);
     }
 
+    // Blocks of part of a warp, and blocks of their own for a tiled launch.
+    for (block, rows) in [(48, None), (32, Some(64))] {
+        copy_dir(&dense, &w);
+        reseal(&w, |m| {
+            for s in m["execution"]["steps"].as_array_mut().unwrap() {
+                if s["step"] == "kernel" {
+                    s["gpu_mma_block"] = serde_json::json!(block);
+                    s["gpu_mma_rows"] = serde_json::json!(rows);
+                    s["gpu_mma_warps"] = serde_json::json!(256);
+                }
+            }
+        });
+        expect_error(&w, &[&format!("gpu_mma_block {block} is not whole warps")]);
+    }
+
     // Indices out of range in the plan.
     copy_dir(&dense, &w);
     reseal(&w, |m| m["execution"]["outputs"][0] = serde_json::json!(10_000));

@@ -150,11 +150,9 @@ impl CudaExecutor {
             let f = self.kernels.get(&step.kernel).ok_or_else(|| RuntimeError::Cuda(format!("kernel {} not loaded", step.kernel)))?;
             let out = *step.args.last().ok_or_else(|| RuntimeError::Cuda(format!("kernel {} has no output", step.kernel)))?;
             let mut out_buf = owned.remove(&out).ok_or_else(|| RuntimeError::Cuda(format!("kernel {} writes a weight", step.kernel)))?;
-            let threads =
-                step.gpu_threads_at(seq).ok_or_else(|| RuntimeError::Cuda(format!("kernel {}: too many threads", step.kernel)))?;
-            let grid = threads.div_ceil(BLOCK as u64).max(1);
-            let grid = u32::try_from(grid).map_err(|_| RuntimeError::Cuda(format!("grid of {grid} blocks is too large")))?;
-            let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            let (grid, block) =
+                step.gpu_launch_at(seq).ok_or_else(|| RuntimeError::Cuda(format!("kernel {}: too many threads", step.kernel)))?;
+            let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
             let result = {
                 let mut launch = self.stream.launch_builder(f);
                 for &a in &step.args[..step.args.len() - 1] {

@@ -15,7 +15,7 @@
 
 use crate::artifact::Artifact;
 use crate::cuda::cu;
-use crate::cuda::{CudaExecutor, BLOCK};
+use crate::cuda::CudaExecutor;
 use crate::error::{RuntimeError, RuntimeResult};
 use crate::manifest::{BufferKind, BufferSpec, ExecutionPlan, Step};
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
@@ -502,11 +502,9 @@ impl CudaSession<'_> {
                 }
                 GpuStep::Kernel { f, step } => {
                     let (name, args) = (&step.kernel, &step.args);
-                    let threads =
-                        step.gpu_threads_at(rows as u64).ok_or_else(|| RuntimeError::Cuda(format!("kernel {name}: too many threads")))?;
-                    let grid = threads.div_ceil(BLOCK as u64).max(1);
-                    let grid = u32::try_from(grid).map_err(|_| RuntimeError::Cuda(format!("grid of {grid} blocks is too large")))?;
-                    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+                    let (grid, block) =
+                        step.gpu_launch_at(rows as u64).ok_or_else(|| RuntimeError::Cuda(format!("kernel {name}: too many threads")))?;
+                    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
                     let ptrs: Vec<u64> = args.iter().map(|&a| at(a)).collect();
                     let mut launch = stream.launch_builder(f);
                     for p in &ptrs {

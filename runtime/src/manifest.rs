@@ -457,10 +457,16 @@ pub struct KernelStep {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_mma_warps: Option<u64>,
     /// CUDA: rows of a band of `gpu_mma_warps` when they are not `MMA_ROWS`
-    /// (the shared-memory tiled matmul: a block of whole warps per 64 rows
-    /// and 64 features; version 13). Its band's warps are whole blocks.
+    /// (the shared-memory tiled matmul: a block of whole warps per 32 or 64
+    /// rows and 64 features; version 13). Its band's warps are whole blocks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_mma_rows: Option<u64>,
+    /// CUDA: threads per block of a `gpu_mma_warps` launch when they are not
+    /// the runtime's `BLOCK` (the tensor-core prefill attention: blocks of one
+    /// warp, so that a few hundred warps spread over every SM); a multiple of
+    /// 32, never with `gpu_mma_rows` (whose tiles are whole blocks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_mma_block: Option<u32>,
     /// CUDA: threads of a call of one row when they are not `gpu_threads` at
     /// one row (the attention kernel splits a decode row's keys over several
     /// blocks per head: version 12); `None`: `gpu_threads`.
@@ -490,6 +496,17 @@ impl KernelStep {
             (_, Some(t)) if seq == 1 => Some(t),
             _ => self.gpu_threads.checked_resolve(seq),
         }
+    }
+
+    /// CUDA grid and block of a call of `seq` rows (`None` when they overflow).
+    pub fn gpu_launch_at(&self, seq: u64) -> Option<(u32, u32)> {
+        let threads = self.gpu_threads_at(seq)?;
+        let block = match self.gpu_mma_block {
+            Some(b) if seq > 1 && self.gpu_mma_warps.is_some() => b,
+            _ => crate::cuda::BLOCK,
+        };
+        let grid = u32::try_from(threads.div_ceil(block as u64).max(1)).ok()?;
+        Some((grid, block))
     }
 
     /// CPU units at sequence length `seq`.
@@ -557,6 +574,7 @@ mod tests {
             gpu_threads: SymSize { coef: 768, seq_pow: 1 },
             gpu_mma_warps: mma_warps,
             gpu_mma_rows: mma_rows,
+            gpu_mma_block: None,
             gpu_decode_threads: decode,
             cpu_units: SymSize { coef: 1, seq_pow: 1 },
             cpu_seq_block: 1,
@@ -573,6 +591,12 @@ mod tests {
         assert_eq!(step(Some(96), Some(64), None).gpu_threads_at(65), Some(2 * 96 * 32));
         // A decode launch of its own.
         assert_eq!(step(Some(96), Some(64), Some(4096)).gpu_threads_at(1), Some(4096));
+        // Blocks: the runtime's, or one warp each for a warp-tiled launch that asks.
+        assert_eq!(step(Some(96), Some(64), None).gpu_launch_at(37), Some((12, crate::cuda::BLOCK)));
+        let mut one_warp = step(Some(6), None, Some(4096));
+        one_warp.gpu_mma_block = Some(32);
+        assert_eq!(one_warp.gpu_launch_at(37), Some((18, 32)));
+        assert_eq!(one_warp.gpu_launch_at(1), Some((4096 / crate::cuda::BLOCK, crate::cuda::BLOCK)));
     }
 
     #[test]

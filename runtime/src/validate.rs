@@ -272,6 +272,15 @@ pub fn validate(
                         )));
                     }
                 }
+                // Blocks of their own: whole warps, within CUDA's limit, not for tiles.
+                if let Some(t) = k.gpu_mma_block {
+                    if t == 0 || t % 32 != 0 || t > 1024 || k.gpu_mma_rows.is_some() || k.gpu_mma_warps.is_none() {
+                        return Err(bad(format!(
+                            "kernel `{}`: gpu_mma_block {t} is not whole warps of at most 1024 threads of a warp-tiled launch",
+                            k.kernel
+                        )));
+                    }
+                }
                 // A decode launch is whole blocks, at least the one-row launch.
                 if let Some(t) = k.gpu_decode_threads {
                     if t % crate::cuda::BLOCK as u64 != 0 || k.gpu_threads.checked_resolve(1).is_none_or(|one| t < one) {

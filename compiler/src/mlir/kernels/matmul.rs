@@ -60,7 +60,7 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
             (None, Some(h)) => WarpWeight::Half(h),
             (None, None) => WarpWeight::F32,
         };
-        match (super::mma_tiled::tiled_warps(spec), super::mma_matmul::mma_tiles(spec), &half) {
+        match (super::mma_tiled::tiled(spec), super::mma_matmul::mma_tiles(spec), &half) {
             // Calls of more than one row on tensor cores (shared-memory tiles
             // where the shape allows, else a tile per warp); one row: the warp GEMV.
             (Some(_), _, Some(h)) => {

@@ -1,15 +1,15 @@
 //! NVPTX matmul on tensor cores with shared-memory tiles, for calls of more
 //! than one row (prefill) of f16/bf16 weights whose k is a multiple of 32 and
 //! whose output width is a multiple of 64: a block of 8 warps computes 64 rows
-//! × 64 output features. k-tiles of 32 (the activations as f32, the weights
-//! as stored) are copied into a ring of `STAGES` shared buffers with
-//! `cp.async`, `STAGES - 1` tiles ahead of the one the tensor cores use, so
-//! the copies' latency hides behind the MMAs. Warp (m, n) of a 4 × 2 grid runs
-//! `mma.sync.m16n8k8` on 16 rows × 32 features with TF32 operands: the
-//! activations split into `hi` and `lo` as `mma_matmul` does, the 16-bit
-//! weights widened (exact), its fragments read with 16-byte loads. Every
-//! activation and weight element is read from global memory once per block
-//! instead of once per warp.
+//! (32 for outputs narrower than 1024) × 64 output features. k-tiles of 32
+//! (the activations as f32, the weights as stored) are copied into a ring of
+//! `STAGES` shared buffers with `cp.async`, `STAGES - 1` tiles ahead of the
+//! one the tensor cores use, so the copies' latency hides behind the MMAs.
+//! Each warp of a 4 × 2 grid (2 × 4 at 32 rows) runs `mma.sync.m16n8k8` on 16
+//! rows × 32 (16) features with TF32 operands: the activations split into
+//! `hi` and `lo` as `mma_matmul` does, the 16-bit weights widened (exact),
+//! its fragments read with 16-byte loads. Every activation and weight element
+//! is read from global memory once per block instead of once per warp.
 
 use super::half_planes::{HalfPlane, HALF_VEC};
 use super::mma_matmul::{mma_sync_tf32, store_tiles, tf32_split_vec};
@@ -17,19 +17,12 @@ use super::{fixed_last, KernelSpec, WARP};
 use crate::mlir::builder::{KernelBuilder, V};
 use sparsec_ir::DType;
 
-/// Rows of a block's tile (`KernelStep::gpu_mma_rows`).
-pub(crate) const TILE_M: u64 = 64;
 /// Output features of a block's tile.
 const TILE_N: u64 = 64;
 /// k of a shared-memory tile.
 const TILE_K: u64 = 32;
 /// Threads of a block: the runtime's `BLOCK` (a tile is one block).
 const THREADS: u64 = sparsec_runtime::cuda::BLOCK as u64;
-/// Warps along the tile's rows (16 rows each); the other `THREADS / WARP /
-/// WARPS_M` warps split its features (`8·NT` each).
-const WARPS_M: u64 = 4;
-/// n-tiles of 8 features per warp.
-const NT: u64 = 4;
 /// Row stride of the activation tiles in 4-byte words: 32 f32 plus 4 of
 /// padding, so the 8 lanes of a 16-byte load phase (two rows, four k offsets)
 /// hit distinct bank groups. A weight tile's row (32 16-bit words, 16 words)
@@ -37,42 +30,70 @@ const NT: u64 = 4;
 const A_STRIDE: u64 = TILE_K + 4;
 const W_STRIDE: u64 = TILE_K / 2;
 /// Shared buffers in the copy ring: `STAGES - 1` k-tiles in flight while one
-/// is multiplied (3 × 13.3 KB of 48 KB).
+/// is multiplied (3 × 13.3 KB at 64 rows, 3 × 8.7 KB at 32). Five at 32 rows
+/// measured the same on an H200 (`docs/device-runs/2026-11-30-gpu-tiled-prefill/`).
 const STAGES: u64 = 3;
+/// Outputs at least this wide take 64-row tiles, narrower ones 32-row tiles,
+/// which give the GPU twice the blocks (a 576-wide output of 512 rows: 144
+/// blocks instead of 72 on 132 SMs). On an H200, against 64-row tiles
+/// everywhere: 128-token prefill GPT-2 124M 2.0 → 1.6 ms, SmolLM2-shaped
+/// Llama 4.2 → 3.5 ms; 512 tokens GPT-2 2.55 → 2.7 ms, Llama even.
+const WIDE: u64 = 1024;
 
-const _: () = assert!(THREADS == WARP * WARPS_M * (TILE_N / (8 * NT)), "the warp grid covers the tile");
-const _: () = assert!(THREADS * 8 == TILE_M * TILE_K && THREADS * 8 == TILE_N * TILE_K, "a thread copies 8 of each tile");
+const _: () = assert!(THREADS * 8 == TILE_N * TILE_K, "a thread copies 8 weights of each k-tile");
 
-/// Warps per band of `TILE_M` rows when a matmul takes the shared-memory tiled
-/// path: whole blocks of `THREADS`, one per 64 output features. `None` unless
-/// the weight is f16/bf16, k a multiple of 32 and the output width of 64.
-pub(crate) fn tiled_warps(spec: &KernelSpec) -> Option<u64> {
+/// A block's tile: `m` rows (`KernelStep::gpu_mma_rows`) × 64 features; its
+/// 8 warps form a grid of `m / 16` along the rows and `8 / (m / 16)` along the
+/// features, each warp `nt` n-tiles of 8 features.
+#[derive(Clone, Copy)]
+pub(crate) struct Tile {
+    pub m: u64,
+    warps_m: u64,
+    nt: u64,
+}
+
+impl Tile {
+    fn for_width(n: u64) -> Tile {
+        let m = if n >= WIDE { 64 } else { 32 };
+        let warps_m = m / 16;
+        let warps_n = THREADS / WARP / warps_m;
+        Tile { m, warps_m, nt: TILE_N / 8 / warps_n }
+    }
+}
+
+/// The tile and the warps per band of its rows when a matmul takes the
+/// shared-memory tiled path: whole blocks of `THREADS`, one per 64 output
+/// features. `None` unless the weight is f16/bf16, k a multiple of 32 and the
+/// output width of 64.
+pub(crate) fn tiled(spec: &KernelSpec) -> Option<(Tile, u64)> {
     let (k, n) = (fixed_last(spec, spec.operands.first()?).ok()?, fixed_last(spec, &spec.result).ok()?);
     let half = matches!(spec.operands.get(1)?.dtype, DType::F16 | DType::BF16);
     if !spec.warp_matmul() || !half || k % TILE_K != 0 || n % TILE_N != 0 {
         return None;
     }
-    Some(n / TILE_N * THREADS / WARP)
+    Some((Tile::for_width(n), n / TILE_N * THREADS / WARP))
 }
 
 /// `out[r, j] = a[r, :] · w[j, :]` for `seq` rows: block `blk` of the launch
-/// takes rows `64·(blk / (n/64))..` and features `64·(blk % (n/64))..`. Rows
+/// takes rows `m·(blk / (n/64))..` and features `64·(blk % (n/64))..`. Rows
 /// past `seq` read the last row and are not stored. Stores go through
 /// `store_result` (the fused epilogue).
 pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, k: u64, n: u64, ins: &[V], out: &str, w: &HalfPlane) {
+    let Tile { m: tile_m, warps_m, nt } = Tile::for_width(n);
+    let ring = STAGES;
     let (a_buf, seq) = (&ins[0], b.seq());
     let kc = b.index(k);
     let one = b.index(1);
     let last_row = b.def(format!("arith.subi {seq}, {one} : index"));
-    let tm = b.index(TILE_M);
+    let tm = b.index(tile_m);
     let bands = b.def(format!("arith.ceildivui {seq}, {tm} : index"));
     let col_tiles = b.index(n / TILE_N);
     let blocks = b.muli(&bands, &col_tiles);
     let threads = b.index(THREADS);
     let work = b.muli(&blocks, &threads);
-    let (a_stage, w_stage) = (TILE_M * A_STRIDE, TILE_N * W_STRIDE);
-    let s_a = b.shared_f32("mma_tile_a", STAGES * a_stage);
-    let s_w = b.shared_f32("mma_tile_w", STAGES * w_stage);
+    let (a_stage, w_stage) = (tile_m * A_STRIDE, TILE_N * W_STRIDE);
+    let s_a = b.shared_f32("mma_tile_a", ring * a_stage);
+    let s_w = b.shared_f32("mma_tile_w", ring * w_stage);
     let k_tiles = k / TILE_K;
     b.parallel(&work, |b, u| {
         let blk = b.divui(u, &threads);
@@ -83,13 +104,13 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, k: u64, n: u64, ins: &[V], o
         let tn = b.index(TILE_N);
         let c0 = b.muli(&ct, &tn);
         let (four, eight) = (b.index(4), b.index(8));
-        // The copies of a k-tile, 16 bytes each: activation chunks `tid` and
-        // `tid + THREADS` (row c / 8, k 4·(c % 8)..), weight chunk `tid` (row
-        // tid / 4, k 8·(tid % 4)..); global offsets at k-tile 0, shared offsets
-        // in stage 0.
+        // The copies of a k-tile, 16 bytes each: activation chunks `tid` (and
+        // `tid + THREADS` at 64 rows; row c / 8, k 4·(c % 8)..), weight chunk
+        // `tid` (row tid / 4, k 8·(tid % 4)..); global offsets at k-tile 0,
+        // shared offsets in stage 0.
         let copies: Vec<(V, V, bool)> = {
             let mut v = Vec::new();
-            for extra in [0, THREADS] {
+            for extra in (0..tile_m * 8 / THREADS).map(|i| i * THREADS) {
                 let off = b.index(extra);
                 let c = b.addi(&tid, &off);
                 let row = b.divui(&c, &eight);
@@ -136,7 +157,7 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, k: u64, n: u64, ins: &[V], o
                 }
             }
         };
-        for s in 0..STAGES - 1 {
+        for s in 0..ring - 1 {
             if s < k_tiles {
                 let si = b.index(s);
                 issue(b, &si, &si);
@@ -150,7 +171,7 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, k: u64, n: u64, ins: &[V], o
         let lanes = b.index(WARP);
         let warp = b.divui(&tid, &lanes);
         let lane = b.remui(&tid, &lanes);
-        let wmc = b.index(WARPS_M);
+        let wmc = b.index(warps_m);
         let wm = b.remui(&warp, &wmc);
         let wn = b.divui(&warp, &wmc);
         let g = b.divui(&lane, &four);
@@ -172,10 +193,10 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, k: u64, n: u64, ins: &[V], o
             })
             .collect();
         let wn_base = {
-            let w32 = b.index(8 * NT);
+            let w32 = b.index(8 * nt);
             b.muli(&wn, &w32)
         };
-        let fw: Vec<V> = (0..NT)
+        let fw: Vec<V> = (0..nt)
             .map(|q| {
                 let off = b.index(8 * q);
                 let j0 = b.addi(&wn_base, &off);
@@ -187,14 +208,14 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, k: u64, n: u64, ins: &[V], o
             .collect();
         let zero_i = b.index(0);
         let zero = b.f32(0.0);
-        let init: Vec<(V, String)> = (0..NT * 4).map(|_| (zero.clone(), "f32".to_string())).collect();
-        let (ktc, stages) = (b.index(k_tiles), b.index(STAGES));
+        let init: Vec<(V, String)> = (0..nt * 4).map(|_| (zero.clone(), "f32".to_string())).collect();
+        let (ktc, stages) = (b.index(k_tiles), b.index(ring));
         let res = b.for_fold_typed(&zero_i, &ktc, 1, &init, |b, kt, accs| {
             // Tile `kt` has landed (this thread's copies, then everyone's);
             // every warp is done with the stage the next copy overwrites.
-            b.cp_async_wait((STAGES - 2) as u32);
+            b.cp_async_wait((ring - 2) as u32);
             b.barrier();
-            let ahead = b.index(STAGES - 1);
+            let ahead = b.index(ring - 1);
             let next = b.addi(kt, &ahead);
             let more = b.def(format!("arith.cmpi ult, {next}, {ktc} : index"));
             b.if_then(&more, |b| {

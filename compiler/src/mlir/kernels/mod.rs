@@ -210,15 +210,22 @@ impl KernelSpec {
     /// else `mma_matmul`; `attention_mma`: a warp per 16 rows and head);
     /// `None` otherwise.
     pub fn gpu_mma_warps(&self) -> Option<u64> {
-        mma_tiled::tiled_warps(self)
+        mma_tiled::tiled(self)
+            .map(|(_, warps)| warps)
             .or_else(|| mma_matmul::mma_tiles(self).map(|(_, warps)| warps))
             .or_else(|| attention_mma::flash_dims(self).map(|(h, _, _)| h))
     }
 
+    /// Threads per block of the tensor-core launch when they are not the
+    /// runtime's: the prefill attention's warps are blocks of their own.
+    pub fn gpu_mma_block(&self) -> Option<u32> {
+        attention_mma::flash_dims(self).map(|_| WARP as u32)
+    }
+
     /// Rows of a band of `gpu_mma_warps` when they are not `MMA_ROWS`: the
-    /// shared-memory tiled matmul's blocks take 64 rows (`mma_tiled`).
+    /// shared-memory tiled matmul's blocks take 32 or 64 rows (`mma_tiled`).
     pub fn gpu_mma_rows(&self) -> Option<u64> {
-        mma_tiled::tiled_warps(self).map(|_| mma_tiled::TILE_M)
+        mma_tiled::tiled(self).map(|(tile, _)| tile.m)
     }
 
     /// A dense matmul with a transposed weight whose rows are whole 4-wide
