@@ -7,7 +7,8 @@
 //! one the tensor cores use, so the copies' latency hides behind the MMAs.
 //! Each warp of a 4 × 2 grid (2 × 4 at 32 rows) runs `mma.sync.m16n8k8` on 16
 //! rows × 32 (16) features with TF32 operands: the activations split into
-//! `hi` and `lo` as `mma_matmul` does, the 16-bit weights widened (exact),
+//! `hi` and `lo` as `mma_matmul` does (at 32 rows their products summed in
+//! two accumulators, two independent chains), the 16-bit weights widened (exact),
 //! its fragments read with 16-byte loads. Every activation and weight element
 //! is read from global memory once per block instead of once per warp.
 
@@ -208,7 +209,14 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, k: u64, n: u64, ins: &[V], o
             .collect();
         let zero_i = b.index(0);
         let zero = b.f32(0.0);
-        let init: Vec<(V, String)> = (0..nt * 4).map(|_| (zero.clone(), "f32".to_string())).collect();
+        // With two n-tiles a warp, the `hi` and `lo` parts' products go to
+        // accumulators of their own (two independent MMA chains per n-tile,
+        // summed at the end); with four, one set: the 16 more registers would
+        // be the whole kernel's, and its decode GEMV lost 3% to them (GPT-2
+        // 124M on an H200).
+        let per = (nt * 4) as usize;
+        let sets = if nt <= 2 { 2 } else { 1 };
+        let init: Vec<(V, String)> = (0..sets * per).map(|_| (zero.clone(), "f32".to_string())).collect();
         let (ktc, stages) = (b.index(k_tiles), b.index(ring));
         let res = b.for_fold_typed(&zero_i, &ktc, 1, &init, |b, kt, accs| {
             // Tile `kt` has landed (this thread's copies, then everyone's);
@@ -271,19 +279,20 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, k: u64, n: u64, ins: &[V], o
                 let (c_lo, c_hi) = (2 * step, 2 * step + 1);
                 for (q, wq) in ws.iter().enumerate() {
                     let bq = [wq[c_lo].clone(), wq[c_hi].clone()];
-                    // The low parts first: the small terms enter the sum first.
                     for part in [1, 0] {
                         let frag =
                             [&rows[0][part][c_lo], &rows[1][part][c_lo], &rows[0][part][c_hi], &rows[1][part][c_hi]].map(|v| v.clone());
-                        let d = mma_sync_tf32(b, &frag, &bq, &accs[q * 4..q * 4 + 4]);
-                        accs.splice(q * 4..q * 4 + 4, d);
+                        let at = (part % sets) * per + q * 4;
+                        let d = mma_sync_tf32(b, &frag, &bq, &accs[at..at + 4]);
+                        accs.splice(at..at + 4, d);
                     }
                 }
             }
             accs
         });
+        let sums: Vec<V> = if sets == 2 { (0..per).map(|i| b.add(&res[per + i], &res[i])).collect() } else { res };
         let rows = [b.addi(&r0, &ra_t), b.addi(&r0, &rb_t)];
         let cbase = b.addi(&c0, &wn_base);
-        store_tiles(b, [&rows[0], &rows[1]], &cbase, &t, &res, n, out);
+        store_tiles(b, [&rows[0], &rows[1]], &cbase, &t, &sums, n, out);
     });
 }
