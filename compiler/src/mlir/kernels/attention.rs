@@ -47,6 +47,12 @@ use sparsec_ir::{DType, NativeSparse, Op, Pattern, SymSize, Window};
 /// (`cargo bench --bench kernels -- attention_memory`: 16 keys 898 µs, 64
 /// keys 825 µs, 128 keys 784 µs on the AMD dev box).
 const ATTN_PREFETCH_KEYS: u64 = 128;
+/// Visible keys ahead whose cache row a `#nsa` key prefetches (its visible
+/// keys jump between selected blocks, so the row `ATTN_PREFETCH_KEYS` on is
+/// mostly one it never reads). SmolLM2 `nsa` at 8000 positions, AMD dev box,
+/// attention and selection ms per decoded token: 64 keys 4.81, 128 4.9, 256
+/// 5.2; the cache row 128 positions on (before): 5.4-6.3.
+const NSA_PREFETCH_KEYS: u64 = 64;
 /// Keys per tile of the CPU split variant: a tile's K and V rows, widened to
 /// f32 (2·32·64·4 = 16 KiB at head width 64), stay in L1 while every head of
 /// the group reads them.
@@ -735,6 +741,18 @@ impl Attn {
         b.for_each(&zero_i, nk, |b, i| {
             let tk = b.addi(tb, i);
             let j = row_of(b, &tk);
+            // The cache row to prefetch: ATTN_PREFETCH_KEYS rows on, or under
+            // `#nsa` (whose visible keys jump between selected blocks) the row
+            // of the visible key that many keys on.
+            let (ahead_row, ahead) = match &self.nsa {
+                Some(_) => {
+                    let n = b.index(NSA_PREFETCH_KEYS);
+                    let ta = b.addi(&tk, &n);
+                    (Some(row_of(b, &ta)), 0)
+                }
+                None => (None, ATTN_PREFETCH_KEYS),
+            };
+            let ahead_row = ahead_row.as_ref().unwrap_or(&j);
             let at = b.muli(i, &dc);
             if let Some((qk, qv)) = &self.quant {
                 // Blocks of 32 of the head's part of the row, dequantized.
@@ -744,8 +762,8 @@ impl Attn {
                 let rows: &[&super::kv_quant::QuantRows] = if self.kivi.is_some() { &[qv] } else { &[qk, qv] };
                 for q in rows {
                     let rowb = b.index(q.row_bytes());
-                    let rb = b.muli(&j, &rowb);
-                    b.prefetch_ahead(q.bytes(), &rb, ATTN_PREFETCH_KEYS * q.row_bytes(), kv_last, "i8");
+                    let rb = b.muli(ahead_row, &rowb);
+                    b.prefetch_ahead(q.bytes(), &rb, ahead * q.row_bytes(), kv_last, "i8");
                 }
                 let qkc = b.index(sparsec_ir::quant::QK as u64);
                 let blk0 = b.divui(khd, &qkc);
@@ -767,10 +785,16 @@ impl Attn {
             } else {
                 let rb = b.muli(&j, &kvwc);
                 let base = b.addi(&rb, khd);
+                let ahead_base = if self.nsa.is_some() {
+                    let ra = b.muli(ahead_row, &kvwc);
+                    b.addi(&ra, khd)
+                } else {
+                    base.clone()
+                };
                 let bufs: &[&V] = if pre_rope.is_some() { &[&self.vbuf] } else { &[&self.kbuf, &self.vbuf] };
                 for buf in bufs {
-                    b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw, kv_last, self.kv_elem());
-                    b.prefetch_ahead(buf, &base, ATTN_PREFETCH_KEYS * kvw + d - 1, kv_last, self.kv_elem());
+                    b.prefetch_ahead(buf, &ahead_base, ahead * kvw, kv_last, self.kv_elem());
+                    b.prefetch_ahead(buf, &ahead_base, ahead * kvw + d - 1, kv_last, self.kv_elem());
                 }
                 for v in 0..nv {
                     let o = b.index(v as u64 * VW as u64);
