@@ -62,6 +62,18 @@ impl Tile {
     }
 }
 
+/// One 16-byte `cp.async` of a thread per k-tile: element `global` (at k-tile
+/// 0) of `plane` (of `elem`) to word `shared` (in stage 0) of the ring `ring`,
+/// whose stages are `stage` words apart.
+struct Chunk<'a> {
+    global: V,
+    shared: V,
+    plane: &'a str,
+    elem: &'static str,
+    ring: &'a str,
+    stage: u64,
+}
+
 /// The tile and the warps per band of its rows when a matmul takes the
 /// shared-memory tiled path: whole blocks of `THREADS`, one per 64 output
 /// features. `None` unless the weight is f16/bf16, k a multiple of 32 and the
@@ -81,7 +93,6 @@ pub(crate) fn tiled(spec: &KernelSpec) -> Option<(Tile, u64)> {
 /// `store_result` (the fused epilogue).
 pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, k: u64, n: u64, ins: &[V], out: &str, w: &HalfPlane) {
     let Tile { m: tile_m, warps_m, nt } = Tile::for_width(n);
-    let ring = STAGES;
     let (a_buf, seq) = (&ins[0], b.seq());
     let kc = b.index(k);
     let one = b.index(1);
@@ -93,8 +104,8 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, k: u64, n: u64, ins: &[V], o
     let threads = b.index(THREADS);
     let work = b.muli(&blocks, &threads);
     let (a_stage, w_stage) = (tile_m * A_STRIDE, TILE_N * W_STRIDE);
-    let s_a = b.shared_f32("mma_tile_a", ring * a_stage);
-    let s_w = b.shared_f32("mma_tile_w", ring * w_stage);
+    let s_a = b.shared_f32("mma_tile_a", STAGES * a_stage);
+    let s_w = b.shared_f32("mma_tile_w", STAGES * w_stage);
     let k_tiles = k / TILE_K;
     b.parallel(&work, |b, u| {
         let blk = b.divui(u, &threads);
@@ -109,7 +120,7 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, k: u64, n: u64, ins: &[V], o
         // `tid + THREADS` at 64 rows; row c / 8, k 4·(c % 8)..), weight chunk
         // `tid` (row tid / 4, k 8·(tid % 4)..); global offsets at k-tile 0,
         // shared offsets in stage 0.
-        let copies: Vec<(V, V, bool)> = {
+        let copies: Vec<Chunk> = {
             let mut v = Vec::new();
             for extra in (0..tile_m * 8 / THREADS).map(|i| i * THREADS) {
                 let off = b.index(extra);
@@ -124,7 +135,7 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, k: u64, n: u64, ins: &[V], o
                 let stride = b.index(A_STRIDE);
                 let rs = b.muli(&row, &stride);
                 let sa = b.addi(&rs, &col);
-                v.push((g, sa, false));
+                v.push(Chunk { global: g, shared: sa, plane: a_buf, elem: "f32", ring: &s_a, stage: a_stage });
             }
             let row = b.divui(&tid, &four);
             let q = b.remui(&tid, &four);
@@ -137,28 +148,23 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, k: u64, n: u64, ins: &[V], o
             // 8 16-bit words are 4 of the shared array's 4-byte words.
             let q4 = b.muli(&q, &four);
             let sw = b.addi(&rs, &q4);
-            v.push((g, sw, true));
+            v.push(Chunk { global: g, shared: sw, plane: w.words(), elem: "i16", ring: &s_w, stage: w_stage });
             v
         };
         // Copies k-tile `kt` (an index value) into ring stage `st` (an index value).
         let issue = |b: &mut KernelBuilder, kt: &str, st: &str| {
             let tk = b.index(TILE_K);
             let k0 = b.muli(kt, &tk);
-            for (g, sh, is_w) in &copies {
-                let gi = b.addi(g, &k0);
-                let (base, per) = if *is_w { (&s_w, w_stage) } else { (&s_a, a_stage) };
-                let per = b.index(per);
+            for c in &copies {
+                let gi = b.addi(&c.global, &k0);
+                let per = b.index(c.stage);
                 let so = b.muli(st, &per);
-                let si = b.addi(&so, sh);
-                let dst = b.shared_ptr(base, &si);
-                if *is_w {
-                    b.cp_async16(&dst, w.words(), &gi, "i16");
-                } else {
-                    b.cp_async16(&dst, a_buf, &gi, "f32");
-                }
+                let si = b.addi(&so, &c.shared);
+                let dst = b.shared_ptr(c.ring, &si);
+                b.cp_async16(&dst, c.plane, &gi, c.elem);
             }
         };
-        for s in 0..ring - 1 {
+        for s in 0..STAGES - 1 {
             if s < k_tiles {
                 let si = b.index(s);
                 issue(b, &si, &si);
@@ -217,13 +223,13 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, k: u64, n: u64, ins: &[V], o
         let per = (nt * 4) as usize;
         let sets = if nt <= 2 { 2 } else { 1 };
         let init: Vec<(V, String)> = (0..sets * per).map(|_| (zero.clone(), "f32".to_string())).collect();
-        let (ktc, stages) = (b.index(k_tiles), b.index(ring));
+        let (ktc, stages) = (b.index(k_tiles), b.index(STAGES));
         let res = b.for_fold_typed(&zero_i, &ktc, 1, &init, |b, kt, accs| {
             // Tile `kt` has landed (this thread's copies, then everyone's);
             // every warp is done with the stage the next copy overwrites.
-            b.cp_async_wait((ring - 2) as u32);
+            b.cp_async_wait((STAGES - 2) as u32);
             b.barrier();
-            let ahead = b.index(ring - 1);
+            let ahead = b.index(STAGES - 1);
             let next = b.addi(kt, &ahead);
             let more = b.def(format!("arith.cmpi ult, {next}, {ktc} : index"));
             b.if_then(&more, |b| {
