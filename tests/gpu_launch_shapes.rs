@@ -1,0 +1,99 @@
+//! Which NVPTX path each prefill kernel takes, as its manifest records the
+//! launch (`KernelStep::gpu_mma_warps`, `gpu_mma_rows`, `gpu_mma_block`):
+//! shared-memory tiles of 64 rows for wide f16/bf16 matmuls and of 32 below
+//! 1024 features, a warp per 16×8 tile for widths that are not a multiple of
+//! 64, the tensor-core attention for plain attention over f16 caches, and the
+//! thread-per-unit kernels otherwise. Runs without a GPU (the kernels' results
+//! are the device runs' and the filetests' to check).
+
+use sparsec_compiler::{compile, CompileOptions, CompileRequest, KvCacheType, TargetKind};
+use sparsec_ir::parse_graph;
+use sparsec_passes::PrintOptions;
+use sparsec_runtime::manifest::{KernelStep, Step};
+use sparsec_runtime::Artifact;
+
+/// The kernel steps of `src` compiled for CPU and CUDA with `cuda_kv` caches.
+fn steps(src: &str, cuda_kv: KvCacheType) -> Vec<KernelStep> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("a.sparsec");
+    compile(CompileRequest {
+        graph: parse_graph(src).unwrap(),
+        plan_text: None,
+        weights: sparsec_compiler::WeightSource::None,
+        options: CompileOptions { target: TargetKind::All, cuda_kv_cache: cuda_kv, ..Default::default() },
+        print: PrintOptions::default(),
+        cache: None,
+        output: out.clone(),
+        lm: None,
+    })
+    .unwrap();
+    let art = Artifact::open(&out).unwrap();
+    art.manifest
+        .execution
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Kernel(k) => Some(k.clone()),
+            Step::KvAppend { .. } => None,
+        })
+        .collect()
+}
+
+/// `(gpu_mma_warps, gpu_mma_rows, gpu_mma_block)` of the one kernel whose name contains `name`.
+fn shape(steps: &[KernelStep], name: &str) -> (Option<u64>, Option<u64>, Option<u32>) {
+    let k: Vec<&KernelStep> = steps.iter().filter(|k| k.kernel.contains(name)).collect();
+    assert_eq!(k.len(), 1, "one `{name}` kernel among {:?}", steps.iter().map(|k| &k.kernel).collect::<Vec<_>>());
+    (k[0].gpu_mma_warps, k[0].gpu_mma_rows, k[0].gpu_mma_block)
+}
+
+#[test]
+fn matmuls_take_shared_memory_tiles_by_width_and_warp_tiles_otherwise() {
+    let src = "graph @m {
+  %x = input : f32[seq, 768]
+  %wide = weight \"wide\" init normal(seed = 1, std = 0.05) : f16[2304, 768]
+  %narrow = weight \"narrow\" init normal(seed = 2, std = 0.05) : bf16[576, 768]
+  %odd = weight \"odd\" init normal(seed = 3, std = 0.05) : f16[40, 768]
+  %f32 = weight \"f32\" init normal(seed = 4, std = 0.05) : f32[128, 768]
+  %a = matmul %x, %wide {transpose_b = true}
+  %b = matmul %x, %narrow {transpose_b = true}
+  %c = matmul %x, %odd {transpose_b = true}
+  %d = matmul %x, %f32 {transpose_b = true}
+  return %a, %b, %c, %d
+}";
+    let s = steps(src, KvCacheType::F32);
+    let mm: Vec<&KernelStep> = s.iter().filter(|k| k.kernel.contains("matmul")).collect();
+    assert_eq!(mm.len(), 4, "{:?}", s.iter().map(|k| &k.kernel).collect::<Vec<_>>());
+    // In graph order: 64-row tiles, 8 warps per 64 features; 32-row tiles;
+    // a warp per 16×8 tile (40 is no multiple of 64); f32 weights: none.
+    let shapes: Vec<_> = mm.iter().map(|k| (k.gpu_mma_warps, k.gpu_mma_rows, k.gpu_mma_block)).collect();
+    assert_eq!(shapes, vec![(Some(288), Some(64), None), (Some(72), Some(32), None), (Some(5), None, None), (None, None, None)]);
+    // Launches: a 512-row call of the wide matmul is 8 bands of 36 blocks.
+    assert_eq!(mm[0].gpu_launch_at(512), Some((8 * 36, sparsec_runtime::cuda::BLOCK)));
+    assert_eq!(mm[1].gpu_launch_at(512), Some((16 * 9, sparsec_runtime::cuda::BLOCK)));
+}
+
+#[test]
+fn plain_attention_over_f16_caches_takes_the_tensor_core_prefill_in_one_warp_blocks() {
+    let attn = |pattern: &str| {
+        format!(
+            "graph @a {{
+  %q = input : f32[seq, 384]
+  %k = input : f32[seq, 128]
+  %v = input : f32[seq, 128]
+  %y = attention %q, %k, %v {{heads = 6, kv_heads = 2}}{pattern}
+  return %y
+}}"
+        )
+    };
+    let plain = steps(&attn(""), KvCacheType::F16);
+    assert_eq!(shape(&plain, "attention"), (Some(6), None, Some(32)));
+    let k = plain.iter().find(|k| k.kernel.contains("attention")).unwrap();
+    // 37 rows: 3 bands of 16 rows × 6 heads, a warp each, one-warp blocks.
+    assert_eq!(k.gpu_launch_at(37), Some((18, 32)));
+    // A decode row keeps its split blocks of the runtime's size.
+    assert_eq!(k.gpu_launch_at(1).map(|(_, b)| b), Some(sparsec_runtime::cuda::BLOCK));
+    // f32 caches (not exact in TF32) and windows keep a block per (row, head).
+    assert_eq!(shape(&steps(&attn(""), KvCacheType::F32), "attention"), (None, None, None));
+    let windowed = steps(&attn(" #window(sliding, size = 64, sinks = 4)"), KvCacheType::F16);
+    assert_eq!(shape(&windowed, "attention"), (None, None, None));
+}
