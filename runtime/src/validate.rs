@@ -264,7 +264,8 @@ pub fn validate(
                 }
                 // A tiled matmul's band is whole blocks (a block is one tile).
                 if let Some(r) = k.gpu_mma_rows {
-                    let whole = k.gpu_mma_warps.is_some_and(|w| w > 0 && (w * 32) % crate::cuda::BLOCK as u64 == 0);
+                    let whole =
+                        k.gpu_mma_warps.and_then(|w| w.checked_mul(32)).is_some_and(|t| t > 0 && t % crate::cuda::BLOCK as u64 == 0);
                     if r == 0 || !whole {
                         return Err(bad(format!(
                             "kernel `{}`: gpu_mma_rows {r} without gpu_mma_warps of whole blocks ({:?})",
