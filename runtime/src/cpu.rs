@@ -547,7 +547,7 @@ impl CpuSession<'_> {
                     let rows = b.cache_rows(pos + seq as usize);
                     // Quantized per channel, factored per chunk or low-pass per
                     // block: the exact rows, then the groups or records.
-                    let packed = b.channel_groups.is_some() || b.chunked.is_some() || b.sequence.is_some();
+                    let packed = b.channel_groups.is_some() || b.compressed_cache();
                     let need = if packed { b.bytes(rows as u64) } else { rows * b.bytes(1) };
                     if c.len() * 4 < need {
                         // Grow geometrically (decode appends one row at a time), a
@@ -595,7 +595,7 @@ impl CpuSession<'_> {
                     // Row by row where the cache is a ring or packs each row into
                     // blocks, else all rows at once (no allocation: decode
                     // appends twice per layer and token).
-                    let by_row = cb.ring.is_some() || cb.dtype.is_quantized() || cb.chunked.is_some() || cb.sequence.is_some();
+                    let by_row = cb.ring.is_some() || cb.dtype.is_quantized() || cb.compressed_cache();
                     let runs = if by_row { seq as usize } else { 1 };
                     for i in 0..runs {
                         let (row, part) = match (cb.ring, by_row) {
@@ -825,7 +825,7 @@ pub(crate) fn append_compressed(
     row: usize,
     from: &[f32],
 ) -> RuntimeResult<Option<Vec<std::ops::Range<usize>>>> {
-    if cb.chunked.is_none() && cb.sequence.is_none() {
+    if !cb.compressed_cache() {
         return Ok(None);
     }
     let l = cb.compressed().ok_or_else(|| RuntimeError::Cpu(format!("KV cache `{}`: a compressed layout that does not fit", cb.name)))?;

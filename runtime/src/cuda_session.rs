@@ -131,7 +131,7 @@ impl CudaExecutor {
                         .ok_or_else(|| RuntimeError::Cuda(format!("block cache `{}` overflows at {positions} positions", b.name)))?;
                     Some(place(bytes)?)
                 }
-                BufferKind::KvCache if b.chunked.is_some() || b.sequence.is_some() => {
+                BufferKind::KvCache if b.compressed_cache() => {
                     // Exact rows, then a record per chunk or block the positions complete.
                     let bytes = b
                         .try_bytes(positions as u64)
@@ -175,9 +175,7 @@ impl CudaExecutor {
         let joins = joined_appends(plan);
         for (step, &joins_prev) in plan.steps.iter().zip(&joins) {
             let next = match step {
-                Step::KvAppend { src, cache, hadamard: None }
-                    if plan.buffers[*cache].chunked.is_some() || plan.buffers[*cache].sequence.is_some() =>
-                {
+                Step::KvAppend { src, cache, hadamard: None } if plan.buffers[*cache].compressed_cache() => {
                     let c = &plan.buffers[*cache];
                     let bytes = c.try_bytes(positions as u64).unwrap_or(0);
                     mirrors.push(vec![0f32; bytes.div_ceil(4)]);
@@ -635,7 +633,7 @@ pub fn joined_appends(plan: &ExecutionPlan) -> Vec<bool> {
     let plain = |s: &Step| match s {
         Step::KvAppend { src, cache, hadamard: None } => {
             let c = &plan.buffers[*cache];
-            (c.chunked.is_none() && c.sequence.is_none()).then(|| (c.dtype, plan.buffers[*src].numel().resolve(1)))
+            (!c.compressed_cache()).then(|| (c.dtype, plan.buffers[*src].numel().resolve(1)))
         }
         _ => None,
     };

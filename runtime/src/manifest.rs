@@ -375,6 +375,12 @@ impl BufferSpec {
         self.chunk_layout().map(Compressed::Chunked).or_else(|| self.sequence_layout().map(Compressed::Sequence))
     }
 
+    /// Whether the buffer is a compressed KV cache (chunked SVD or
+    /// sequence-axis DCT), whose rows are encoded as they are appended.
+    pub fn compressed_cache(&self) -> bool {
+        self.chunked.is_some() || self.sequence.is_some()
+    }
+
     /// The layout of a sequence-axis DCT cache (`sequence`), if it is one and fits.
     pub fn sequence_layout(&self) -> Option<sparsec_ir::kv_sequence::SeqLayout> {
         self.sequence?.layout(usize::try_from(self.numel().resolve(1)).ok()?)
@@ -416,7 +422,7 @@ impl BufferSpec {
             })?;
         }
         let n = usize::try_from(n).ok()?;
-        if self.chunked.is_some() || self.sequence.is_some() {
+        if self.compressed_cache() {
             // `seq` counts positions; the dims give one position's width.
             return self.compressed()?.bytes(usize::try_from(seq).ok()?);
         }
@@ -442,8 +448,8 @@ impl BufferSpec {
 /// CUDA: `<kernel>(ptr..., i64 seq, i64* pos)`, one thread per unit of
 /// `gpu_threads` (or, for calls of more than one row, `gpu_mma_warps` warps
 /// per band of `gpu_mma_rows` (else `MMA_ROWS`) rows when the kernel has a
-/// tensor-core path (version 13), and for
-/// calls of one row `gpu_decode_threads` where given: version 12); `pos`
+/// tensor-core path, in blocks of `gpu_mma_block` threads where given: version
+/// 13; for calls of one row `gpu_decode_threads` where given: version 12); `pos`
 /// is read from device memory (version 8), so a captured decode step replays
 /// at any position.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

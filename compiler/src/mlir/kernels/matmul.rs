@@ -63,10 +63,10 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
         match (super::mma_tiled::tiled(spec), super::mma_matmul::mma_tiles(spec), &half) {
             // Calls of more than one row on tensor cores (shared-memory tiles
             // where the shape allows, else a tile per warp); one row: the warp GEMV.
-            (Some(_), _, Some(h)) => {
+            (Some((tile, _)), _, Some(h)) => {
                 let (seq, one) = (b.seq(), b.index(1));
                 let rows = b.def(format!("arith.cmpi ugt, {seq}, {one} : index"));
-                b.if_else(&rows, |b| emit_tiled_mma(b, k, n, ins, out, h), |b| emit_warp_dot(b, work, k, n, ins, out, w));
+                b.if_else(&rows, |b| emit_tiled_mma(b, tile, k, n, ins, out, h), |b| emit_warp_dot(b, work, k, n, ins, out, w));
             }
             (None, Some((nt, warps)), Some(h)) => {
                 let (seq, one) = (b.seq(), b.index(1));

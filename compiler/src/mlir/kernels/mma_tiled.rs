@@ -91,8 +91,9 @@ pub(crate) fn tiled(spec: &KernelSpec) -> Option<(Tile, u64)> {
 /// takes rows `m·(blk / (n/64))..` and features `64·(blk % (n/64))..`. Rows
 /// past `seq` read the last row and are not stored. Stores go through
 /// `store_result` (the fused epilogue).
-pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, k: u64, n: u64, ins: &[V], out: &str, w: &HalfPlane) {
-    let Tile { m: tile_m, warps_m, nt } = Tile::for_width(n);
+/// `tile` is `tiled(spec)`'s, so the launch and the kernel agree.
+pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, ins: &[V], out: &str, w: &HalfPlane) {
+    let Tile { m: tile_m, warps_m, nt } = tile;
     let (a_buf, seq) = (&ins[0], b.seq());
     let kc = b.index(k);
     let one = b.index(1);
