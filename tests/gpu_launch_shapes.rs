@@ -3,19 +3,24 @@
 //! shared-memory tiles of 64 rows for wide f16/bf16 matmuls and of 32 below
 //! 1024 features, a warp per 16×8 tile for widths that are not a multiple of
 //! 64, the tensor-core attention for plain attention over f16 caches, and the
-//! thread-per-unit kernels otherwise. Runs without a GPU (the kernels' results
-//! are the device runs' and the filetests' to check).
+//! thread-per-unit kernels otherwise; these run without a GPU. Where one
+//! exists, the two tensor-core prefill kernels' filetests also run on it
+//! against the interpreter and the CPU (else SKIPPED).
+
+mod common;
 
 use sparsec_compiler::{compile, CompileOptions, CompileRequest, KvCacheType, TargetKind};
 use sparsec_ir::parse_graph;
 use sparsec_passes::PrintOptions;
+use sparsec_runtime::compare::{compare, Tolerance};
+use sparsec_runtime::cpu::CpuExecutor;
+use sparsec_runtime::interpreter::interpret;
 use sparsec_runtime::manifest::{KernelStep, Step};
 use sparsec_runtime::Artifact;
+use std::path::Path;
 
-/// The kernel steps of `src` compiled for CPU and CUDA with `cuda_kv` caches.
-fn steps(src: &str, cuda_kv: KvCacheType) -> Vec<KernelStep> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("a.sparsec");
+/// `src` compiled for CPU and CUDA with `cuda_kv` caches into `out`.
+fn build(src: &str, cuda_kv: KvCacheType, out: &Path) {
     compile(CompileRequest {
         graph: parse_graph(src).unwrap(),
         plan_text: None,
@@ -23,10 +28,17 @@ fn steps(src: &str, cuda_kv: KvCacheType) -> Vec<KernelStep> {
         options: CompileOptions { target: TargetKind::All, cuda_kv_cache: cuda_kv, ..Default::default() },
         print: PrintOptions::default(),
         cache: None,
-        output: out.clone(),
+        output: out.to_path_buf(),
         lm: None,
     })
     .unwrap();
+}
+
+/// The kernel steps of `src` compiled for CPU and CUDA with `cuda_kv` caches.
+fn steps(src: &str, cuda_kv: KvCacheType) -> Vec<KernelStep> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("a.sparsec");
+    build(src, cuda_kv, &out);
     let art = Artifact::open(&out).unwrap();
     art.manifest
         .execution
@@ -96,4 +108,37 @@ fn plain_attention_over_f16_caches_takes_the_tensor_core_prefill_in_one_warp_blo
     assert_eq!(shape(&steps(&attn(""), KvCacheType::F32), "attention"), (None, None, None));
     let windowed = steps(&attn(" #window(sliding, size = 64, sinks = 4)"), KvCacheType::F16);
     assert_eq!(shape(&windowed, "attention"), (None, None, None));
+}
+
+/// The filetests of the shared-memory tiled matmul and the tensor-core prefill
+/// attention on CUDA, at row counts that leave tiles part full, against the
+/// interpreter (the attention within the f16 caches' rounding, as its filetest
+/// allows) and the CPU (1e-4).
+#[test]
+fn cuda_tensor_core_prefill_kernels_equal_the_interpreter_and_the_cpu() {
+    if !common::require_gpu(sparsec_runtime::cuda::cuda_available()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (file, reference) in [("lower-matmul-mma-tiled", 1e-4), ("lower-attention-mma", 2e-3)] {
+        let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/filetests/{file}.sir"))).unwrap();
+        let out = dir.path().join(format!("{file}.sparsec"));
+        build(&src, KvCacheType::F16, &out);
+        let art = Artifact::open(&out).unwrap();
+        let gpu_exec = sparsec_runtime::cuda::CudaExecutor::load(&art).unwrap();
+        for seq in [2, 37, 130] {
+            let inputs = art.random_inputs(seq, 5).unwrap();
+            let gpu = gpu_exec.run(&art, &inputs).unwrap();
+            let cpu = CpuExecutor::load(&art).unwrap().run(&art, &inputs).unwrap();
+            let want = interpret(&art.graph, &inputs, &|n| art.weight_array(n).ok().map(std::sync::Arc::new)).unwrap();
+            assert_eq!((gpu.len(), cpu.len()), (want.len(), want.len()), "{file}: outputs");
+            for (i, ((g, c), w)) in gpu.iter().zip(&cpu).zip(&want).enumerate() {
+                assert_eq!(g.shape(), w.shape(), "{file} seq {seq} output {i}: shape");
+                let r = compare(g, w, Tolerance { atol: reference, rtol: reference });
+                assert!(r.passed, "{file} seq {seq} output {i}: {} from the interpreter", r.max_abs_error);
+                let r = compare(g, c, Tolerance::default());
+                assert!(r.passed, "{file} seq {seq} output {i}: {} from the CPU", r.max_abs_error);
+            }
+        }
+    }
 }
