@@ -301,6 +301,10 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
         let words = b.muli(&span, &groupc);
         b.alloca_f32(&words)
     };
+    let blocks_last = {
+        let len = b.def(format!("memref.dim {}, {zero_i} : memref<?xf32>", ins[1]));
+        b.sub_or_zero(&len, &one_i)
+    };
     b.parallel(work, |b, unit| {
         let Row { r, kh, last, count, o, idx0, imp0 } = select_row(b, &nsa, kvh, unit);
         let any = b.def(format!("arith.cmpi ugt, {last}, {first} : index"));
@@ -327,7 +331,10 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
         let khd3 = b.muli(&kh, &dc);
         let slabs = b.index(nsa.block_slabs());
         let seg = b.muli(&khd3, &slabs);
-        // Head g's score of block `blk` (scaled like a key's score).
+        // Head g's score of block `blk` (scaled like a key's score). Head 0
+        // prefetches the lines this KV head's score reads of the block
+        // `SELECT_PREFETCH_BLOCKS` on: a row is several KiB, a stride the
+        // hardware prefetcher does not follow far enough.
         let score = |b: &mut KernelBuilder, g: usize, blk: &str| -> V {
             let rb = b.muli(blk, &rowc);
             let base = b.addi(&rb, &seg);
@@ -337,6 +344,15 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
                 for v in 0..nv {
                     let off = b.index(v * VW as u64);
                     let at = b.addi(&base, &off);
+                    if g == 0 {
+                        let read = match nsa.score {
+                            NsaScore::Mean => vec![0],
+                            NsaScore::Bound => vec![d, 2 * d],
+                        };
+                        for slab in read {
+                            b.prefetch_ahead(&ins[1], &at, SELECT_PREFETCH_BLOCKS * nsa.block_words(kvh * d) + slab, &blocks_last, "f32");
+                        }
+                    }
                     acc = match nsa.score {
                         NsaScore::Mean => {
                             let m = b.vload(&ins[1], &at, VW);
@@ -483,6 +499,10 @@ fn scalar_score(b: &mut KernelBuilder, nsa: &NativeSparse, q: &str, blocks: &str
     });
     b.mul(&r[0], scale)
 }
+
+/// Blocks ahead whose summary lines the CPU selection prefetches while it
+/// scores a block.
+const SELECT_PREFETCH_BLOCKS: u64 = 4;
 
 /// Candidate blocks per lane whose scores the NVPTX selection keeps in
 /// registers (32 lanes: 256 blocks, 16384 positions of blocks of 64).
