@@ -54,10 +54,13 @@ impl HalfPlane {
         &self.words
     }
 
-    /// `width` raw words (a `vector<width x i16>`, e.g. read from shared
-    /// memory) as `vector<width x f32>`.
-    pub(in crate::mlir) fn widen_words(&self, b: &mut KernelBuilder, raw: &str, width: u32) -> V {
-        self.widen(b, raw, Some(width))
+    /// The PTX type of the plane's values as an MMA operand: `f16` or `bf16`.
+    pub(in crate::mlir) fn mma_type(&self) -> &'static str {
+        if self.bf16 {
+            "bf16"
+        } else {
+            "f16"
+        }
     }
 
     /// f16: reinterpret and extend; bf16: the word is the top half of an f32.

@@ -216,23 +216,6 @@ pub(super) fn mma_sync_tf32(b: &mut KernelBuilder, a: &[V], bq: &[V; 2], c: &[V]
     (0..4).map(|i| b.def(format!("llvm.extractvalue {d}[{i}] : !llvm.struct<(f32, f32, f32, f32)>"))).collect()
 }
 
-/// `tf32_split` on every lane of a `vector<width x f32>`: `[hi, lo]` as f32
-/// vectors (`hi` with its low 13 mantissa bits clear).
-pub(super) fn tf32_split_vec(b: &mut KernelBuilder, x: &str, width: u32) -> [V; 2] {
-    let (fv, iv) = (KernelBuilder::vty(width), format!("vector<{width}xi32>"));
-    let half = b.vsplat_int(0x1000, width, "i32");
-    let mask = b.vsplat_int(-0x2000, width, "i32");
-    let round = |b: &mut KernelBuilder, v: &str| {
-        let bits = b.def(format!("arith.bitcast {v} : {fv} to {iv}"));
-        let r = b.def(format!("arith.addi {bits}, {half} : {iv}"));
-        let m = b.def(format!("arith.andi {r}, {mask} : {iv}"));
-        b.def(format!("arith.bitcast {m} : {iv} to {fv}"))
-    };
-    let hi = round(b, x);
-    let lo = b.def(format!("arith.subf {x}, {hi} : {fv}"));
-    [hi, lo]
-}
-
 /// `x` as two TF32 operands (their bits), `[hi, lo]`: `hi` is `x` with its
 /// mantissa rounded to 10 bits (to nearest, ties away from zero), `lo` the
 /// rest, exact in f32 and at most 2^-11 of `x`. `lo` is not rounded: an MMA

@@ -5,15 +5,18 @@
 //! (the activations as f32, the weights as stored) are copied into a ring of
 //! `STAGES` shared buffers with `cp.async`, `STAGES - 1` tiles ahead of the
 //! one the tensor cores use, so the copies' latency hides behind the MMAs.
-//! Each warp of a 4 × 2 grid (2 × 4 at 32 rows) runs `mma.sync.m16n8k8` on 16
-//! rows × 32 (16) features with TF32 operands: the activations split into
-//! `hi` and `lo` as `mma_matmul` does (at 32 rows their products summed in
-//! two accumulators, two independent chains), the 16-bit weights widened (exact),
-//! its fragments read with 16-byte loads. Every activation and weight element
-//! is read from global memory once per block instead of once per warp.
+//! Each warp of a 4 × 2 grid (2 × 4 at 32 rows) runs `mma.sync.m16n8k16` on
+//! 16 rows × 32 (16) features with operands of the weights' own type (f16 or
+//! bf16): the weights as stored, the activations split into a `hi` part
+//! rounded to that type and a `lo` part, the rest rounded (`half_split`), so
+//! that the two products together carry 22 (f16) or 16 (bf16) bits of each
+//! activation; at 32 rows their products go to two accumulators (two
+//! independent chains). Fragments are read with 16-byte loads. Every
+//! activation and weight element is read from global memory once per block
+//! instead of once per warp.
 
-use super::half_planes::{HalfPlane, HALF_VEC};
-use super::mma_matmul::{mma_sync_tf32, store_tiles, tf32_split_vec};
+use super::half_planes::HalfPlane;
+use super::mma_matmul::store_tiles;
 use super::{fixed_last, KernelSpec, WARP};
 use crate::mlir::builder::{KernelBuilder, V};
 use sparsec_ir::DType;
@@ -242,8 +245,9 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
             let (a_per, w_per) = (b.index(a_stage), b.index(w_stage));
             let a_off = b.muli(&st, &a_per);
             let w_off = b.muli(&st, &w_per);
-            let v4 = KernelBuilder::vty(4);
-            // Per row: [hi, lo] of its 8 k, as TF32 bits.
+            let kind = w.mma_type();
+            // Per row: [hi, lo] of its 8 k, each as 4 words of two 16-bit
+            // values (k 0-1, 2-3, 4-5, 6-7 of the lane's 8).
             let rows: Vec<[Vec<V>; 2]> = fa
                 .iter()
                 .map(|at| {
@@ -252,37 +256,29 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
                     let halves = [b.load_shared_vec(&s_a, &i0, 4), b.load_shared_vec(&s_a, &i1, 4)];
                     let (mut hi, mut lo) = (Vec::new(), Vec::new());
                     for h in &halves {
-                        let [vh, vl] = tf32_split_vec(b, h, 4);
-                        for e in 0..4 {
-                            let ei = b.i32(e);
-                            for (v, dst) in [(&vh, &mut hi), (&vl, &mut lo)] {
-                                let x = b.def(format!("llvm.extractelement {v}[{ei} : i32] : {v4}"));
-                                dst.push(b.def(format!("arith.bitcast {x} : f32 to i32")));
-                            }
+                        let [vh, vl] = half_split(b, h, kind);
+                        for (v, dst) in [(&vh, &mut hi), (&vl, &mut lo)] {
+                            dst.extend(words(b, v, 2));
                         }
                     }
                     [hi, lo]
                 })
                 .collect();
-            // Per n-tile: its 8 k of weights, widened, as TF32 bits.
+            // Per n-tile: its 8 k of weights as stored, 4 words of two values.
             let ws: Vec<Vec<V>> = fw
                 .iter()
                 .map(|at| {
                     let i = b.addi(&w_off, at);
                     let p = b.shared_ptr(&s_w, &i);
-                    let raw = b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr<3> -> vector<{HALF_VEC}xi16>"));
-                    let wide = w.widen_words(b, &raw, HALF_VEC);
-                    (0..HALF_VEC as i32)
-                        .map(|e| {
-                            let ei = b.i32(e);
-                            let x = b.def(format!("llvm.extractelement {wide}[{ei} : i32] : {}", KernelBuilder::vty(HALF_VEC)));
-                            b.def(format!("arith.bitcast {x} : f32 to i32"))
-                        })
-                        .collect()
+                    let raw = b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr<3> -> vector<4xi32>"));
+                    words(b, &raw, 4)
                 })
                 .collect();
+            // Step s reads pairs 2s and 2s + 1 of the lane's 8 k (k 8t + 4s
+            // ..) as fragment columns 2t, 2t + 1 and 2t + 8, 2t + 9, A and
+            // B alike, so the sum over the k-tile is the same.
             let mut accs: Vec<V> = accs.to_vec();
-            for step in 0..(TILE_K / 8) as usize {
+            for step in 0..(TILE_K / 16) as usize {
                 let (c_lo, c_hi) = (2 * step, 2 * step + 1);
                 for (q, wq) in ws.iter().enumerate() {
                     let bq = [wq[c_lo].clone(), wq[c_hi].clone()];
@@ -290,7 +286,7 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
                         let frag =
                             [&rows[0][part][c_lo], &rows[1][part][c_lo], &rows[0][part][c_hi], &rows[1][part][c_hi]].map(|v| v.clone());
                         let at = (part % sets) * per + q * 4;
-                        let d = mma_sync_tf32(b, &frag, &bq, &accs[at..at + 4]);
+                        let d = mma_sync_half(b, kind, &frag, &bq, &accs[at..at + 4]);
                         accs.splice(at..at + 4, d);
                     }
                 }
@@ -302,4 +298,47 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
         let cbase = b.addi(&c0, &wn_base);
         store_tiles(b, [&rows[0], &rows[1]], &cbase, &t, &sums, n, out);
     });
+}
+
+/// `x` (a `vector<4xf32>`) as two `vector<2xi32>` of packed `kind` (f16 or
+/// bf16) pairs, `[hi, lo]`: `hi` is `x` rounded to `kind`, `lo` the rest
+/// (exact in f32) rounded to `kind`. `hi + lo` holds 22 bits of `x` for f16
+/// (16 for bf16); an f16 `lo` below 2^-14 loses bits as a subnormal, at most
+/// 2^-25 absolute.
+fn half_split(b: &mut KernelBuilder, x: &str, kind: &str) -> [V; 2] {
+    let (fv, hv) = (KernelBuilder::vty(4), format!("vector<4x{kind}>"));
+    let hi = b.def(format!("arith.truncf {x} : {fv} to {hv}"));
+    let back = b.def(format!("arith.extf {hi} : {hv} to {fv}"));
+    let rest = b.def(format!("arith.subf {x}, {back} : {fv}"));
+    let lo = b.def(format!("arith.truncf {rest} : {fv} to {hv}"));
+    [hi, lo].map(|h| b.def(format!("llvm.bitcast {h} : {hv} to vector<2xi32>")))
+}
+
+/// The `n` i32 lanes of the `vector<n x i32>` `v`.
+fn words(b: &mut KernelBuilder, v: &str, n: u32) -> Vec<V> {
+    (0..n as i32)
+        .map(|e| {
+            let ei = b.i32(e);
+            b.def(format!("llvm.extractelement {v}[{ei} : i32] : vector<{n}xi32>"))
+        })
+        .collect()
+}
+
+/// One `mma.sync.m16n8k16` on `kind` (f16 or bf16) operands, f32
+/// accumulators: `a` the four A registers of the lane, `bq` its two B
+/// registers (each a word of two values), `c` its four accumulators; returns
+/// the four new accumulators.
+fn mma_sync_half(b: &mut KernelBuilder, kind: &str, a: &[V], bq: &[V; 2], c: &[V]) -> Vec<V> {
+    // NVVM types f16 fragments as `vector<2xf16>`, bf16 ones as `i32`.
+    let (ops, ty): (Vec<V>, &str) = if kind == "f16" {
+        let cast = |b: &mut KernelBuilder, v: &V| b.def(format!("llvm.bitcast {v} : i32 to vector<2xf16>"));
+        (a.iter().chain(bq.iter()).map(|v| cast(b, v)).collect(), "vector<2xf16>")
+    } else {
+        (a.iter().chain(bq.iter()).cloned().collect(), "i32")
+    };
+    let d = b.def(format!(
+        "nvvm.mma.sync A[{}, {}, {}, {}] B[{}, {}] C[{}, {}, {}, {}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, multiplicandAPtxType = #nvvm.mma_type<{kind}>, multiplicandBPtxType = #nvvm.mma_type<{kind}>, shape = #nvvm.shape<m = 16, n = 8, k = 16>}} : ({ty}, {ty}, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
+        ops[0], ops[1], ops[2], ops[3], ops[4], ops[5], c[0], c[1], c[2], c[3]
+    ));
+    (0..4).map(|i| b.def(format!("llvm.extractvalue {d}[{i}] : !llvm.struct<(f32, f32, f32, f32)>"))).collect()
 }
