@@ -85,7 +85,7 @@ fn matmuls_take_shared_memory_tiles_by_width_and_warp_tiles_otherwise() {
 }
 
 #[test]
-fn plain_attention_over_f16_caches_takes_the_tensor_core_prefill_in_one_warp_blocks() {
+fn plain_attention_over_f16_caches_takes_the_tensor_core_prefill_in_blocks_of_four_warps() {
     let attn = |pattern: &str| {
         format!(
             "graph @a {{
@@ -98,13 +98,14 @@ fn plain_attention_over_f16_caches_takes_the_tensor_core_prefill_in_one_warp_blo
         )
     };
     let plain = steps(&attn(""), KvCacheType::F16);
-    assert_eq!(shape(&plain, "attention"), (Some(6), None, Some(32)));
+    assert_eq!(shape(&plain, "attention"), (Some(24), None, Some(128)));
     let k = plain.iter().find(|k| k.kernel.contains("attention")).unwrap();
-    // 37 rows: 3 bands of 16 rows × 6 heads, a warp each, one-warp blocks.
-    assert_eq!(k.gpu_launch_at(37), Some((18, 32)));
+    // 37 rows: 3 bands of 16 rows × 6 heads, a block of 4 warps each (the
+    // keys split over them).
+    assert_eq!(k.gpu_launch_at(37), Some((18, 128)));
     // A decode row keeps its split blocks of the runtime's size.
     assert_eq!(k.gpu_launch_at(1).map(|(_, b)| b), Some(sparsec_runtime::cuda::BLOCK));
-    // f32 caches (not exact in TF32) and windows keep a block per (row, head).
+    // f32 caches (not exact in f16) and windows keep a block per (row, head).
     assert_eq!(shape(&steps(&attn(""), KvCacheType::F32), "attention"), (None, None, None));
     let windowed = steps(&attn(" #window(sliding, size = 64, sinks = 4)"), KvCacheType::F16);
     assert_eq!(shape(&windowed, "attention"), (None, None, None));

@@ -1,25 +1,30 @@
 //! NVPTX prefill attention on tensor cores (flash attention), for calls of
 //! more than one row of plain causal attention over f16 caches (no window,
 //! NSA or cache compression; head width a multiple of 32, at most 128): a
-//! warp per (16 query rows, head) walks the visible keys in tiles of 32.
-//! Scores `Q·Kᵀ` and the weighted sum `P·V` are `mma.sync.m16n8k8` with TF32
-//! operands: the f16 keys and values are exact in TF32, the f32 queries and
-//! weights are split into `hi` and `lo` parts (`mma_matmul::tf32_split`), so
-//! products stay near f32 accuracy. The softmax is online, per row, in f32;
-//! a row's running max and sum are shared by the four lanes that hold it.
+//! block of `SPLIT` warps per (16 query rows, head), warp w walking the
+//! visible keys' tiles of 32 numbered w, w + SPLIT, ...; the warps' partial
+//! maxima, sums and outputs meet in shared memory, where each warp combines
+//! and stores `d / (8·SPLIT)` of the output's n-tiles.
+//! Scores `Q·Kᵀ` and the weighted sum `P·V` are `mma.sync.m16n8k16` with
+//! f16 operands: the keys and values as cached, the f32 queries and weights
+//! split into f16 `hi` and `lo` parts (`mma_half::half_split`, 22 bits of
+//! each), so products stay near f32 accuracy. The softmax is online, per
+//! row, in f32; a row's running max and sum are shared by the four lanes
+//! that hold it.
 //!
 //! Index maps that let every operand come from 16-byte loads and every
 //! accumulator feed the next MMA in place (a sum does not care how its terms
 //! are numbered, so A and B only need the same one): for the scores, MMA step
-//! s of a 32-wide slice of the head reads head feature `8t + 2s` as fragment
-//! column t and `8t + 2s + 1` as column t + 4 (lane t loads features
-//! `8t..8t + 8`); for `P·V`, fragment column t of the keys of n-tile j is key
-//! `8j + 2t` and column t + 4 key `8j + 2t + 1`, which are exactly the score
+//! s of a 32-wide slice of the head reads head features `8t + 4s`, `+ 1` as
+//! fragment columns 2t, 2t + 1 and `8t + 4s + 2`, `+ 3` as 2t + 8, 2t + 9
+//! (lane t loads features `8t..8t + 8`); for `P·V` over the keys of n-tiles
+//! 2i and 2i + 1, fragment columns 2t, 2t + 1 are keys `16i + 2t`, `+ 1` and
+//! 2t + 8, 2t + 9 keys `16i + 8 + 2t`, `+ 1`, which are exactly the score
 //! accumulators the lane holds, and output n-tile q's column c is head
 //! feature `(d/8)·c + q`, so a lane's value operands for all n-tiles are one
-//! contiguous run of a cache row.
+//! contiguous run of each of four cache rows.
 
-use super::mma_matmul::{mma_sync_tf32, tf32_split};
+use super::mma_half::{half_split, half_split_pair, mma_sync_half, pair_of, words};
 use super::warp_fold::f32_vload;
 use super::{fixed_last, KernelSpec, Stage, WARP};
 use crate::mlir::builder::{KernelBuilder, V};
@@ -30,6 +35,9 @@ use sparsec_ir::{DType, Op};
 const ROWS: u64 = 16;
 /// Keys per step of the walk: four n-tiles of 8.
 const KEYS: u64 = 32;
+/// Warps sharing a (16 rows, head)'s keys. With one, an H200 held under two
+/// warps per SM at a 512-token prefill of GPT-2 124M, each waiting on its loads.
+pub(crate) const SPLIT: u64 = 4;
 
 /// `(heads, kv_heads, head width)` when the attention takes the tensor-core
 /// prefill: plain causal attention (no patterns: no window, NSA or cache
@@ -45,20 +53,12 @@ pub(crate) fn flash_dims(spec: &KernelSpec) -> Option<(u64, u64, u64)> {
 }
 
 /// `n` consecutive f16 values of the plane `p` from element `i` (aligned to
-/// their size, up to 16 bytes), widened to f32 and returned as TF32 bits.
-fn half_run(b: &mut KernelBuilder, p: &str, i: &str, n: u64) -> Vec<V> {
+/// their size, up to 16 bytes), as a `vector<n x f16>`.
+fn half_run(b: &mut KernelBuilder, p: &str, i: &str, n: u64) -> V {
     let ii = b.def(format!("arith.index_cast {i} : index to i64"));
     let ptr = b.def(format!("llvm.getelementptr inbounds {p}[{ii}] : (!llvm.ptr, i64) -> !llvm.ptr, f16"));
     let align = (2 * n).min(16);
-    let raw = b.def(format!("llvm.load {ptr} {{alignment = {align} : i64}} : !llvm.ptr -> vector<{n}xf16>"));
-    let wide = b.def(format!("arith.extf {raw} : vector<{n}xf16> to vector<{n}xf32>"));
-    (0..n as i32)
-        .map(|e| {
-            let ei = b.i32(e);
-            let x = b.def(format!("llvm.extractelement {wide}[{ei} : i32] : vector<{n}xf32>"));
-            b.def(format!("arith.bitcast {x} : f32 to i32"))
-        })
-        .collect()
+    b.def(format!("llvm.load {ptr} {{alignment = {align} : i64}} : !llvm.ptr -> vector<{n}xf16>"))
 }
 
 /// `op` ("maxnumf", "addf") of `x` over the four lanes of a quad (lanes that
@@ -77,7 +77,8 @@ fn quad_all(b: &mut KernelBuilder, x: &str, op: &str) -> V {
 /// The tensor-core prefill for `(h, kvh, d)` (`flash_dims`): `q` `[seq, h·d]`
 /// f32, `k` and `v` the f16 caches' planes (`[positions, kvh·d]`, rows
 /// `0..pos + seq` written), `out` `[seq, h·d]`. The launch is
-/// `ceil(seq/16) · h` warps (`KernelStep::gpu_mma_warps` = h).
+/// `ceil(seq/16) · h · SPLIT` warps in blocks of `SPLIT`
+/// (`KernelStep::gpu_mma_warps` = h · SPLIT, `gpu_mma_block` = 32 · SPLIT).
 pub(super) fn emit_flash(b: &mut KernelBuilder, (h, kvh, d): (u64, u64, u64), q: &str, k: &str, v: &str, out: &str) {
     let (seq, pos) = (b.seq(), b.pos());
     let one = b.index(1);
@@ -85,9 +86,15 @@ pub(super) fn emit_flash(b: &mut KernelBuilder, (h, kvh, d): (u64, u64, u64), q:
     let rows16 = b.index(ROWS);
     let bands = b.def(format!("arith.ceildivui {seq}, {rows16} : index"));
     let hc = b.index(h);
+    let splitc = b.index(SPLIT);
     let warps = b.muli(&bands, &hc);
+    let warps = b.muli(&warps, &splitc);
     let lanes = b.index(WARP);
     let work = b.muli(&warps, &lanes);
+    // A lane's partial in shared memory: the two rows' max and sum, then the
+    // output accumulators; word i of warp w's lane l at (w·SLOT + i)·32 + l.
+    let slot = 4 + 4 * (d / 8);
+    let parts = b.shared_f32("attn_split", SPLIT * slot * WARP);
     let (qw, kvw, dc, group) = (b.index(h * d), b.index(kvh * d), b.index(d), b.index(h / kvh));
     // Output n-tiles (of 8 head features) and the value run a lane loads per key.
     let ntd = d / 8;
@@ -97,6 +104,8 @@ pub(super) fn emit_flash(b: &mut KernelBuilder, (h, kvh, d): (u64, u64, u64), q:
     b.parallel(&work, |b, t| {
         let warp = b.divui(t, &lanes);
         let lane = b.remui(t, &lanes);
+        let w = b.remui(&warp, &splitc);
+        let warp = b.divui(&warp, &splitc);
         let band = b.divui(&warp, &hc);
         let head = b.remui(&warp, &hc);
         let kh = b.divui(&head, &group);
@@ -113,8 +122,9 @@ pub(super) fn emit_flash(b: &mut KernelBuilder, (h, kvh, d): (u64, u64, u64), q:
         let at = [b.addi(&pos, &rows[0]), b.addi(&pos, &rows[1])];
         let head_q = b.muli(&head, &dc);
         let head_kv = b.muli(&kh, &dc);
-        // Queries, [row][group] → 8 features `32·group + 8t..` as [hi, lo] TF32 bits.
-        let qf: Vec<Vec<Vec<[V; 2]>>> = rows
+        // Queries, [row][group] → 8 features `32·group + 8t..` as [hi, lo],
+        // each four words of two f16 (features 0-1, 2-3, 4-5, 6-7 of the 8).
+        let qf: Vec<Vec<[Vec<V>; 2]>> = rows
             .iter()
             .map(|r| {
                 let rq = b.muli(r, &qw);
@@ -125,13 +135,7 @@ pub(super) fn emit_flash(b: &mut KernelBuilder, (h, kvh, d): (u64, u64, u64), q:
                         let i = b.addi(&base, &off);
                         let i = b.addi(&i, &t8);
                         let x = f32_vload(b, q, &i, 8);
-                        (0..8)
-                            .map(|e| {
-                                let ei = b.i32(e);
-                                let xe = b.def(format!("llvm.extractelement {x}[{ei} : i32] : vector<8xf32>"));
-                                tf32_split(b, &xe)
-                            })
-                            .collect()
+                        half_split(b, &x, 8, "f16").map(|v| words(b, &v, 4))
                     })
                     .collect()
             })
@@ -147,13 +151,12 @@ pub(super) fn emit_flash(b: &mut KernelBuilder, (h, kvh, d): (u64, u64, u64), q:
         let key_last = b.def(format!("arith.subi {top}, {one} : index"));
         let keysc = b.index(KEYS);
         let tiles = b.def(format!("arith.ceildivui {top}, {keysc} : index"));
-        let zero_i = b.index(0);
         // Carried: the two rows' max and sum, then the output accumulators.
         let mut init: Vec<(V, String)> = vec![(ninf.clone(), "f32".into()), (ninf.clone(), "f32".into())];
         init.push((zero.clone(), "f32".into()));
         init.push((zero.clone(), "f32".into()));
         init.extend((0..ntd * 4).map(|_| (zero.clone(), "f32".to_string())));
-        let res = b.for_fold_typed(&zero_i, &tiles, 1, &init, |b, tile, carried| {
+        let res = b.for_fold_typed(&w, &tiles, SPLIT, &init, |b, tile, carried| {
             let (m, l, o) = (&carried[0..2], &carried[2..4], &carried[4..]);
             let kb = b.muli(tile, &keysc);
             // Scores of n-tile j: key 8j + g of the tile is the lane's B column.
@@ -170,13 +173,15 @@ pub(super) fn emit_flash(b: &mut KernelBuilder, (h, kvh, d): (u64, u64, u64), q:
                     let off = b.index(32 * c as u64);
                     let i = b.addi(&kbase, &off);
                     let i = b.addi(&i, &t8);
-                    let kv8 = half_run(b, k, &i, 8);
-                    for st in 0..4 {
+                    let raw = half_run(b, k, &i, 8);
+                    let kw = b.def(format!("llvm.bitcast {raw} : vector<8xf16> to vector<4xi32>"));
+                    let kw = words(b, &kw, 4);
+                    for st in 0..2 {
                         let (c0, c1) = (2 * st, 2 * st + 1);
-                        let bq = [kv8[c0].clone(), kv8[c1].clone()];
+                        let bq = [kw[c0].clone(), kw[c1].clone()];
                         for part in [1, 0] {
-                            let a = [&qa[c0][part], &qb[c0][part], &qa[c1][part], &qb[c1][part]].map(|x| x.clone());
-                            acc = mma_sync_tf32(b, &a, &bq, &acc);
+                            let a = [&qa[part][c0], &qb[part][c0], &qa[part][c1], &qb[part][c1]].map(|x| x.clone());
+                            acc = mma_sync_half(b, "f16", &a, &bq, &acc);
                         }
                     }
                 }
@@ -234,32 +239,35 @@ pub(super) fn emit_flash(b: &mut KernelBuilder, (h, kvh, d): (u64, u64, u64), q:
                 l_new.push(b.fma(l_r, c_r, &sum));
             }
             let mut o: Vec<V> = o.iter().enumerate().map(|(idx, x)| b.mul(x, &corr[(idx % 4) / 2])).collect();
-            // P·V: n-tile j's keys are the k of one MMA step; the lane's value
-            // operands are keys 8j + 2t and + 1, features (d/8)·g.. of its head.
+            // P·V: n-tiles 2i and 2i + 1's keys are the k of one MMA step;
+            // the lane's value operands are keys 16i + 2t, + 1, 16i + 8 + 2t
+            // and + 1, features (d/8)·g.. of its head.
             let vcol = {
                 let n = b.index(ntd);
                 let gc = b.muli(&g, &n);
                 b.addi(&head_kv, &gc)
             };
-            for j in 0..(KEYS / 8) as usize {
-                let vals: Vec<Vec<V>> = (0..2)
-                    .map(|e| {
-                        let off = b.index(8 * j as u64 + e);
+            for i in 0..(KEYS / 16) as usize {
+                let vals: Vec<V> = [0, 1, 8, 9]
+                    .iter()
+                    .map(|&e| {
+                        let off = b.index(16 * i as u64 + e);
                         let key = b.addi(&kb, &off);
                         let key = b.addi(&key, &t2);
                         let key = b.minui(&key, &key_last);
                         let kr = b.muli(&key, &kvw);
-                        let i = b.addi(&kr, &vcol);
-                        half_run(b, v, &i, ntd)
+                        let at = b.addi(&kr, &vcol);
+                        half_run(b, v, &at, ntd)
                     })
                     .collect();
-                // A: rows g and g + 8 at key column t (keys 8j + 2t), then t + 4 (8j + 2t + 1).
-                let a: Vec<[V; 2]> = [0, 2, 1, 3].iter().map(|&i| tf32_split(b, &p[4 * j + i])).collect();
+                // A: rows g and g + 8 at keys 16i + 2t.. (n-tile 2i), then 16i + 8 + 2t.. (2i + 1).
+                let (j0, j1) = (8 * i, 8 * i + 4);
+                let a: Vec<[V; 2]> = [j0, j0 + 2, j1, j1 + 2].iter().map(|&x| half_split_pair(b, &p[x], &p[x + 1], "f16")).collect();
                 for (qn, acc) in o.chunks_mut(4).enumerate() {
-                    let bq = [vals[0][qn].clone(), vals[1][qn].clone()];
+                    let bq = [pair_of(b, &vals[0], &vals[1], ntd, qn as u64), pair_of(b, &vals[2], &vals[3], ntd, qn as u64)];
                     for part in [1, 0] {
                         let frag = [&a[0][part], &a[1][part], &a[2][part], &a[3][part]].map(|x| x.clone());
-                        let d4 = mma_sync_tf32(b, &frag, &bq, acc);
+                        let d4 = mma_sync_half(b, "f16", &frag, &bq, acc);
                         acc.clone_from_slice(&d4);
                     }
                 }
@@ -269,32 +277,93 @@ pub(super) fn emit_flash(b: &mut KernelBuilder, (h, kvh, d): (u64, u64, u64), q:
             next.extend(o);
             next
         });
-        // Output n-tile q, accumulator i: row i / 2, column c = 2t + i % 2, head feature (d/8)·c + q.
-        let inv: Vec<V> = (0..2)
-            .map(|r| {
-                let onef = b.f32(1.0);
-                b.div(&onef, &res[2 + r])
+        // Every partial to shared memory, then warp w combines the output
+        // n-tiles w, w + SPLIT, ... of every warp: each row's max M over the
+        // warps, each warp's share weighted by exp(m − M).
+        let word = |b: &mut KernelBuilder, ww: &str, i: &str| {
+            let sc = b.index(slot);
+            let x = b.muli(ww, &sc);
+            let x = b.addi(&x, i);
+            let x = b.muli(&x, &lanes);
+            b.addi(&x, &lane)
+        };
+        for (i, x) in res.iter().enumerate() {
+            let ic = b.index(i as u64);
+            let at = word(b, &w, &ic);
+            b.store_shared(x, &parts, &at);
+        }
+        b.barrier();
+        let peers: Vec<V> = (0..SPLIT).map(|p| b.index(p)).collect();
+        let read = |b: &mut KernelBuilder, p: &str, i: &str| {
+            let at = word(b, p, i);
+            b.load_shared(&parts, &at)
+        };
+        let (mut big, mut sums) = (vec![ninf.clone(); 2], vec![zero.clone(); 2]);
+        let mut ms: Vec<[V; 2]> = Vec::new();
+        for p in &peers {
+            let m = [0, 1].map(|r| {
+                let ic = b.index(r);
+                read(b, p, &ic)
+            });
+            for (mx, x) in big.iter_mut().zip(&m) {
+                *mx = b.fbin("maxnumf", mx, x);
+            }
+            ms.push(m);
+        }
+        let weights: Vec<[V; 2]> = ms
+            .iter()
+            .map(|m| {
+                [0, 1].map(|r| {
+                    let dm = b.sub(&m[r], &big[r]);
+                    math::exp(b, &dm)
+                })
             })
             .collect();
+        for (p, wt) in peers.iter().zip(&weights) {
+            for r in 0..2 {
+                let ic = b.index(2 + r as u64);
+                let l = read(b, p, &ic);
+                sums[r] = b.fma(&l, &wt[r], &sums[r]);
+            }
+        }
+        let inv: Vec<V> = sums
+            .iter()
+            .map(|l| {
+                let onef = b.f32(1.0);
+                b.div(&onef, l)
+            })
+            .collect();
+        // Output n-tile qn, accumulator i: row i / 2, column c = 2t + i % 2, head feature (d/8)·c + qn.
         let two = b.index(2);
         let t2 = b.muli(&tq, &two);
         let raw_rows = [&ra, &rb];
-        for (idx, x) in res[4..].iter().enumerate() {
-            let (qn, i) = (idx as u64 / 4, idx as u64 % 4);
-            let r = (i / 2) as usize;
-            let row = raw_rows[r];
-            let inb = b.def(format!("arith.cmpi ult, {row}, {seq} : index"));
-            let c = b.index(i % 2);
-            let c = b.addi(&t2, &c);
-            let n = b.index(ntd);
-            let f = b.muli(&c, &n);
-            let qo = b.index(qn);
-            let f = b.addi(&f, &qo);
-            let ro = b.muli(row, &qw);
-            let o = b.addi(&ro, &head_q);
-            let o = b.addi(&o, &f);
-            let y = b.mul(x, &inv[r]);
-            b.if_then(&inb, |b| b.store(&y, out, &o));
+        for j in 0..ntd / SPLIT {
+            let jc = b.index(j * SPLIT);
+            let qn = b.addi(&w, &jc);
+            for i in 0..4u64 {
+                let r = (i / 2) as usize;
+                let four_c = b.index(4);
+                let wi = b.muli(&qn, &four_c);
+                let ic = b.index(4 + i);
+                let wi = b.addi(&wi, &ic);
+                let mut y = zero.clone();
+                for (p, wt) in peers.iter().zip(&weights) {
+                    let x = read(b, p, &wi);
+                    y = b.fma(&x, &wt[r], &y);
+                }
+                let row = raw_rows[r];
+                let inb = b.def(format!("arith.cmpi ult, {row}, {seq} : index"));
+                let c = b.index(i % 2);
+                let c = b.addi(&t2, &c);
+                let n = b.index(ntd);
+                let f = b.muli(&c, &n);
+                let f = b.addi(&f, &qn);
+                let ro = b.muli(row, &qw);
+                let o = b.addi(&ro, &head_q);
+                let o = b.addi(&o, &f);
+                let y = b.mul(&y, &inv[r]);
+                b.if_then(&inb, |b| b.store(&y, out, &o));
+            }
         }
     });
 }

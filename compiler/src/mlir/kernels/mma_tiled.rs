@@ -16,6 +16,7 @@
 //! instead of once per warp.
 
 use super::half_planes::HalfPlane;
+use super::mma_half::{half_split, mma_sync_half, words};
 use super::mma_matmul::store_tiles;
 use super::{fixed_last, KernelSpec, WARP};
 use crate::mlir::builder::{KernelBuilder, V};
@@ -256,7 +257,7 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
                     let halves = [b.load_shared_vec(&s_a, &i0, 4), b.load_shared_vec(&s_a, &i1, 4)];
                     let (mut hi, mut lo) = (Vec::new(), Vec::new());
                     for h in &halves {
-                        let [vh, vl] = half_split(b, h, kind);
+                        let [vh, vl] = half_split(b, h, 4, kind);
                         for (v, dst) in [(&vh, &mut hi), (&vl, &mut lo)] {
                             dst.extend(words(b, v, 2));
                         }
@@ -298,47 +299,4 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
         let cbase = b.addi(&c0, &wn_base);
         store_tiles(b, [&rows[0], &rows[1]], &cbase, &t, &sums, n, out);
     });
-}
-
-/// `x` (a `vector<4xf32>`) as two `vector<2xi32>` of packed `kind` (f16 or
-/// bf16) pairs, `[hi, lo]`: `hi` is `x` rounded to `kind`, `lo` the rest
-/// (exact in f32) rounded to `kind`. `hi + lo` holds 22 bits of `x` for f16
-/// (16 for bf16); an f16 `lo` below 2^-14 loses bits as a subnormal, at most
-/// 2^-25 absolute.
-fn half_split(b: &mut KernelBuilder, x: &str, kind: &str) -> [V; 2] {
-    let (fv, hv) = (KernelBuilder::vty(4), format!("vector<4x{kind}>"));
-    let hi = b.def(format!("arith.truncf {x} : {fv} to {hv}"));
-    let back = b.def(format!("arith.extf {hi} : {hv} to {fv}"));
-    let rest = b.def(format!("arith.subf {x}, {back} : {fv}"));
-    let lo = b.def(format!("arith.truncf {rest} : {fv} to {hv}"));
-    [hi, lo].map(|h| b.def(format!("llvm.bitcast {h} : {hv} to vector<2xi32>")))
-}
-
-/// The `n` i32 lanes of the `vector<n x i32>` `v`.
-fn words(b: &mut KernelBuilder, v: &str, n: u32) -> Vec<V> {
-    (0..n as i32)
-        .map(|e| {
-            let ei = b.i32(e);
-            b.def(format!("llvm.extractelement {v}[{ei} : i32] : vector<{n}xi32>"))
-        })
-        .collect()
-}
-
-/// One `mma.sync.m16n8k16` on `kind` (f16 or bf16) operands, f32
-/// accumulators: `a` the four A registers of the lane, `bq` its two B
-/// registers (each a word of two values), `c` its four accumulators; returns
-/// the four new accumulators.
-fn mma_sync_half(b: &mut KernelBuilder, kind: &str, a: &[V], bq: &[V; 2], c: &[V]) -> Vec<V> {
-    // NVVM types f16 fragments as `vector<2xf16>`, bf16 ones as `i32`.
-    let (ops, ty): (Vec<V>, &str) = if kind == "f16" {
-        let cast = |b: &mut KernelBuilder, v: &V| b.def(format!("llvm.bitcast {v} : i32 to vector<2xf16>"));
-        (a.iter().chain(bq.iter()).map(|v| cast(b, v)).collect(), "vector<2xf16>")
-    } else {
-        (a.iter().chain(bq.iter()).cloned().collect(), "i32")
-    };
-    let d = b.def(format!(
-        "nvvm.mma.sync A[{}, {}, {}, {}] B[{}, {}] C[{}, {}, {}, {}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, multiplicandAPtxType = #nvvm.mma_type<{kind}>, multiplicandBPtxType = #nvvm.mma_type<{kind}>, shape = #nvvm.shape<m = 16, n = 8, k = 16>}} : ({ty}, {ty}, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
-        ops[0], ops[1], ops[2], ops[3], ops[4], ops[5], c[0], c[1], c[2], c[3]
-    ));
-    (0..4).map(|i| b.def(format!("llvm.extractvalue {d}[{i}] : !llvm.struct<(f32, f32, f32, f32)>"))).collect()
 }

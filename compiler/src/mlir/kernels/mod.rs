@@ -58,6 +58,7 @@ mod elementwise;
 mod embedding;
 mod half_planes;
 mod matmul;
+mod mma_half;
 mod mma_matmul;
 mod mma_tiled;
 mod norm;
@@ -207,19 +208,20 @@ impl KernelSpec {
 
     /// CUDA warps per band of `gpu_mma_rows` rows when this matmul or
     /// attention takes calls of more than one row on tensor cores (`mma_tiled`,
-    /// else `mma_matmul`; `attention_mma`: a warp per 16 rows and head);
-    /// `None` otherwise.
+    /// else `mma_matmul`; `attention_mma`: `SPLIT` warps per 16 rows and
+    /// head); `None` otherwise.
     pub fn gpu_mma_warps(&self) -> Option<u64> {
         mma_tiled::tiled(self)
             .map(|(_, warps)| warps)
             .or_else(|| mma_matmul::mma_tiles(self).map(|(_, warps)| warps))
-            .or_else(|| attention_mma::flash_dims(self).map(|(h, _, _)| h))
+            .or_else(|| attention_mma::flash_dims(self).map(|(h, _, _)| h * attention_mma::SPLIT))
     }
 
     /// Threads per block of the tensor-core launch when they are not the
-    /// runtime's: the prefill attention's warps are blocks of their own.
+    /// runtime's: the prefill attention's `SPLIT` warps of one (16 rows,
+    /// head) are a block of their own.
     pub fn gpu_mma_block(&self) -> Option<u32> {
-        attention_mma::flash_dims(self).map(|_| WARP as u32)
+        attention_mma::flash_dims(self).map(|_| (WARP * attention_mma::SPLIT) as u32)
     }
 
     /// Rows of a band of `gpu_mma_warps` when they are not `MMA_ROWS`: the
