@@ -27,6 +27,13 @@ Subcommands:
       position's advance inside the graph. With --hf-compile also transformers'
       static cache under torch.compile(mode="reduce-overhead"). Prints one JSON
       line, with the greedy ids (to check against sparsec's on the same weights).
+  torch-prefill HF_DIR --dtype float16|bfloat16 [--lengths 128,512,960]
+      One forward over a seeded random prompt of each length, as transformers
+      runs it (eager, median of 7 after 3 warm-ups) and captured once as a CUDA
+      graph and replayed (median of 7). Prints one JSON line of milliseconds.
+  ncu-summary CSV LABEL
+      Kernel time by kernel from `ncu --csv --metrics gpu__time_duration.sum`:
+      launches, total and mean per launch, and the last launch's grid.
 """
 import argparse
 import array
@@ -432,6 +439,62 @@ def cmd_torch(a):
     print(json.dumps(out))
 
 
+def cmd_torch_prefill(a):
+    import torch
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(a.hf, dtype=getattr(torch, a.dtype)).cuda().eval()
+    out = {"dtype": a.dtype, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+    def median_ms(f):
+        ts = []
+        for _ in range(7):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            f()
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+        return 1e3 * sorted(ts)[3]
+
+    for n in [int(x) for x in a.lengths.split(",")]:
+        gen = torch.Generator("cuda").manual_seed(0)
+        ids = torch.randint(0, m.config.vocab_size, (1, n), device="cuda", generator=gen)
+        with torch.no_grad():
+            for _ in range(3):
+                m(ids, use_cache=True)
+            out[f"eager_{n}_ms"] = median_ms(lambda: m(ids, use_cache=True))
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    m(ids, use_cache=False)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                m(ids, use_cache=False)
+            out[f"graph_{n}_ms"] = median_ms(g.replay)
+    print(json.dumps(out))
+
+
+def cmd_ncu_summary(a):
+    import collections
+    import csv
+    rows = [r for r in csv.reader(open(a.csv)) if len(r) > 10]
+    if not rows:
+        sys.exit(f"{a.csv}: no ncu rows")
+    h = rows[0]
+    ki, vi, gi = h.index("Kernel Name"), h.index("Metric Value"), h.index("Grid Size")
+    t = collections.defaultdict(lambda: [0.0, 0, ""])
+    for r in rows[1:]:
+        e = t[r[ki].split("(")[0]]
+        e[0] += float(r[vi].replace(",", "")) / 1e3
+        e[1] += 1
+        e[2] = r[gi]
+    total = sum(e[0] for e in t.values())
+    print(f"== ncu {a.label}: {sum(e[1] for e in t.values())} launches, {total / 1e3:.3f} ms of kernel time")
+    for k, (us, n, g) in sorted(t.items(), key=lambda x: -x[1][0]):
+        print(f"  {k:<24} {n:4d} launches {us / 1e3:8.3f} ms {us / n:9.1f} us each  grid {g}")
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -454,8 +517,17 @@ def main():
     t.add_argument("--dtype", default="float32")
     t.add_argument("--repeat", type=int, default=3)
     t.add_argument("--hf-compile", action="store_true", help="also transformers' static cache under torch.compile")
+    f = sub.add_parser("torch-prefill")
+    f.add_argument("hf")
+    f.add_argument("--dtype", default="float16")
+    f.add_argument("--lengths", default="128,512,960")
+    n = sub.add_parser("ncu-summary")
+    n.add_argument("csv")
+    n.add_argument("label")
     a = p.parse_args()
-    {"make": cmd_make, "pack": cmd_pack, "torch": cmd_torch, "keep-constants": cmd_keep_constants}[a.cmd](a)
+    cmds = {"make": cmd_make, "pack": cmd_pack, "torch": cmd_torch, "keep-constants": cmd_keep_constants,
+            "torch-prefill": cmd_torch_prefill, "ncu-summary": cmd_ncu_summary}
+    cmds[a.cmd](a)
 
 
 if __name__ == "__main__":
