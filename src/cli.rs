@@ -123,6 +123,13 @@ pub struct CompileFlags {
     /// An outlier channel of K then costs only itself. CPU caches.
     #[arg(long)]
     pub kv_kivi: bool,
+    /// What the CUDA prefill's tensor-core matmuls over f16/bf16 weights do
+    /// with the f32 activations: `split` (a hi and a lo part of the weights'
+    /// type, two MMAs; products near f32 rounding) or `half` (rounded to the
+    /// weights' type, one MMA, as an f16/bf16 GEMM in PyTorch: up to 2^-11
+    /// (f16) or 2^-8 (bf16) relative error per activation).
+    #[arg(long, value_enum, default_value_t = GpuMmaActivationsArg::Split)]
+    pub gpu_mma_activations: GpuMmaActivationsArg,
     /// The element type of dense matmul weights and embedding tables: `auto`
     /// (the checkpoint's: f16 or bf16 when all its matrices are stored so,
     /// kept as they are; else f32; `--dequantize` makes it f32), `f32`
@@ -314,6 +321,13 @@ pub struct InspectArgs {
     /// As --plan, with a named preset.
     #[arg(long)]
     pub preset: Option<String>,
+}
+
+/// `--gpu-mma-activations` (sparsec_compiler::GpuMmaActivations).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum GpuMmaActivationsArg {
+    Split,
+    Half,
 }
 
 /// `--quant-activations` (sparsec_compiler::QuantActivations).

@@ -4,8 +4,8 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use cli::{
-    BenchArgs, Cli, Command, CompileArgs, CompileFlags, DeviceArg, EvalArgs, InspectArgs, KvCacheArg, QuantActivationsArg, RunArgs,
-    TargetArg, WeightsDTypeArg,
+    BenchArgs, Cli, Command, CompileArgs, CompileFlags, DeviceArg, EvalArgs, GpuMmaActivationsArg, InspectArgs, KvCacheArg,
+    QuantActivationsArg, RunArgs, TargetArg, WeightsDTypeArg,
 };
 use sparsec_compiler::{compile, Cache, CompileOptions, CompileRequest, Compiled, CpuTarget, Emit, TargetKind};
 use sparsec_passes::PrintOptions;
@@ -84,6 +84,9 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
     if emit.contains(&Emit::Ptx) && target == TargetKind::Cpu {
         target = TargetKind::All;
     }
+    if matches!(flags.gpu_mma_activations, GpuMmaActivationsArg::Half) && !target.cuda() {
+        bail!("--gpu-mma-activations half changes only CUDA kernels; compile with --target cuda or --target all");
+    }
     Ok(CompileOptions {
         target,
         cpu,
@@ -121,6 +124,10 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
         },
         kv_hadamard: flags.kv_hadamard,
         kv_kivi: flags.kv_kivi,
+        gpu_mma_activations: match flags.gpu_mma_activations {
+            GpuMmaActivationsArg::Split => sparsec_compiler::GpuMmaActivations::Split,
+            GpuMmaActivationsArg::Half => sparsec_compiler::GpuMmaActivations::Half,
+        },
     })
 }
 

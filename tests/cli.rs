@@ -95,6 +95,10 @@ fn unimplemented_work_says_so_instead_of_pretending() {
     assert!(stderr(&o).contains("m.gguf") && stderr(&o).contains("truncated"), "{}", stderr(&o));
     let o = sparsec(&["run", &example(), "--prompt", "hi"], &c);
     assert_eq!(o.status.code(), Some(2));
+    // A CUDA-only numeric mode on a CPU-only compile is refused, not ignored.
+    let o = sparsec(&["compile", &example(), "--gpu-mma-activations", "half"], &c);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--gpu-mma-activations half changes only CUDA kernels"), "{}", stderr(&o));
 }
 
 #[test]

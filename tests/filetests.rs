@@ -18,7 +18,7 @@ use sparsec_compiler::mlir::pipeline::MlirSession;
 use sparsec_compiler::mlir::{emit_kernel, Device};
 use sparsec_compiler::partition::partition_with;
 use sparsec_compiler::{
-    backend, compile, CompileOptions, CompileRequest, CpuTarget, CudaTarget, KvCacheType, QuantActivations, TargetKind,
+    backend, compile, CompileOptions, CompileRequest, CpuTarget, CudaTarget, GpuMmaActivations, KvCacheType, QuantActivations, TargetKind,
 };
 use sparsec_ir::{parse_graph, Graph};
 use sparsec_passes::{PassManager, PrintOptions};
@@ -70,6 +70,7 @@ impl FileOptions {
             match w.split_once('=') {
                 Some(("quant-activations", "f32")) => compile.quant_activations = QuantActivations::F32,
                 Some(("quant-activations", "int8")) => compile.quant_activations = QuantActivations::Int8,
+                Some(("gpu-mma-activations", "half")) => compile.gpu_mma_activations = GpuMmaActivations::Half,
                 Some(("kv-cache", "f16")) => (compile.kv_cache, compile.cuda_kv_cache) = (KvCacheType::F16, KvCacheType::F16),
                 Some(("kv-cache", "f32")) => (compile.kv_cache, compile.cuda_kv_cache) = (KvCacheType::F32, KvCacheType::F32),
                 Some(("kv-cache", "q4_1")) => compile.kv_cache = KvCacheType::Q4_1,

@@ -9,7 +9,9 @@ pub mod mlir;
 pub mod options;
 
 pub use error::{CompileError, CompileResult};
-pub use options::{BakeBudget, CompileOptions, CpuTarget, CudaTarget, Emit, KvCacheType, QuantActivations, TargetKind, WeightsDType};
+pub use options::{
+    BakeBudget, CompileOptions, CpuTarget, CudaTarget, Emit, GpuMmaActivations, KvCacheType, QuantActivations, TargetKind, WeightsDType,
+};
 pub mod cache;
 pub mod driver;
 pub mod fusion;

@@ -186,6 +186,28 @@ pub enum QuantActivations {
     F32,
 }
 
+/// The operands the CUDA tiled tensor-core matmul (`mma_tiled`, prefill over
+/// f16/bf16 weights) gives its MMAs for the f32 activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuMmaActivations {
+    /// Each activation as a hi and a lo part of the weights' type, two MMAs
+    /// (22 bits of each activation for f16 weights, 16 for bf16): products
+    /// near f32 rounding.
+    #[default]
+    Split,
+    /// Each activation rounded to the weights' type, one MMA (what an f16 or
+    /// bf16 GEMM in PyTorch does): relative error up to 2^-11 (f16) or 2^-8
+    /// (bf16) per activation.
+    Half,
+}
+
+impl GpuMmaActivations {
+    fn is_split(&self) -> bool {
+        *self == GpuMmaActivations::Split
+    }
+}
+
 /// The element type of the KV caches (the keys and values every attention op
 /// keeps across calls): `CompileOptions::kv_cache` for a CPU-only target,
 /// `CompileOptions::cuda_kv_cache` for targets that include CUDA.
@@ -293,6 +315,10 @@ pub struct CompileOptions {
     /// Absent from the canonical JSON when f32, so earlier cache keys stay.
     #[serde(default, skip_serializing_if = "WeightsDType::is_f32")]
     pub weights_dtype: WeightsDType,
+    /// `--gpu-mma-activations`; absent from the canonical JSON when `split`,
+    /// so earlier cache keys stay.
+    #[serde(default, skip_serializing_if = "GpuMmaActivations::is_split")]
+    pub gpu_mma_activations: GpuMmaActivations,
 }
 
 impl Default for CompileOptions {
@@ -310,6 +336,7 @@ impl Default for CompileOptions {
             kv_kivi: false,
             cuda_kv_cache: KvCacheType::F32,
             weights_dtype: WeightsDType::default(),
+            gpu_mma_activations: GpuMmaActivations::default(),
         }
     }
 }
@@ -351,7 +378,7 @@ impl CompileOptions {
 
 #[cfg(test)]
 mod tests {
-    use super::{CpuIsa, CpuTarget};
+    use super::{CompileOptions, CpuIsa, CpuTarget, GpuMmaActivations};
 
     fn target(cpu: &str, features: &str) -> CpuTarget {
         CpuTarget { triple: "x86_64-unknown-linux-gnu".into(), cpu: cpu.into(), features: features.into() }
@@ -380,5 +407,14 @@ mod tests {
         // Not x86-64: no x86 vectors.
         let arm = CpuTarget { triple: "aarch64-unknown-linux-gnu".into(), cpu: "x86-64-v4".into(), features: String::new() };
         assert!(!arm.has_avx2() && !arm.has_avx512());
+    }
+
+    #[test]
+    fn gpu_mma_activations_enter_the_cache_key_only_when_half() {
+        let split = CompileOptions { cpu: target("x86-64-v3", ""), ..Default::default() };
+        assert!(split.canonical_json().get("gpu_mma_activations").is_none(), "earlier cache keys stay");
+        let half = CompileOptions { gpu_mma_activations: GpuMmaActivations::Half, ..split.clone() };
+        assert_eq!(half.canonical_json()["gpu_mma_activations"], "half");
+        assert_ne!(half.canonical_json(), split.canonical_json());
     }
 }

@@ -119,6 +119,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             activation: f.and_then(|f| f.activation),
             prologue: f.and_then(|f| f.prologue),
             int8_activations,
+            half_mma_activations: opts.gpu_mma_activations == crate::options::GpuMmaActivations::Half,
             cpu_isa,
             hadamard_kv: false,
             kivi_keys: false,

@@ -19,6 +19,14 @@ pub(super) fn half_split(b: &mut KernelBuilder, x: &str, width: u32, kind: &str)
     [hi, lo].map(|h| b.def(format!("llvm.bitcast {h} : {hv} to vector<{}xi32>", width / 2)))
 }
 
+/// `x` (a `vector<width x f32>`, width even) rounded to `kind` (f16 or bf16),
+/// as a `vector<width/2 x i32>` of packed pairs.
+pub(super) fn half_round(b: &mut KernelBuilder, x: &str, width: u32, kind: &str) -> V {
+    let (fv, hv) = (KernelBuilder::vty(width), format!("vector<{width}x{kind}>"));
+    let h = b.def(format!("arith.truncf {x} : {fv} to {hv}"));
+    b.def(format!("llvm.bitcast {h} : {hv} to vector<{}xi32>", width / 2))
+}
+
 /// The scalars `x` and `y` as one pair, split as `half_split` does: `[hi,
 /// lo]`, each an i32 word (`x` in its low half).
 pub(super) fn half_split_pair(b: &mut KernelBuilder, x: &str, y: &str, kind: &str) -> [V; 2] {

@@ -16,7 +16,7 @@
 //! instead of once per warp.
 
 use super::half_planes::HalfPlane;
-use super::mma_half::{half_split, mma_sync_half, words};
+use super::mma_half::{half_round, half_split, mma_sync_half, words};
 use super::mma_matmul::store_tiles;
 use super::{fixed_last, KernelSpec, WARP};
 use crate::mlir::builder::{KernelBuilder, V};
@@ -50,19 +50,22 @@ const _: () = assert!(THREADS * 8 == TILE_N * TILE_K, "a thread copies 8 weights
 /// A block's tile: `m` rows (`KernelStep::gpu_mma_rows`) × 64 features; its
 /// 8 warps form a grid of `m / 16` along the rows and `8 / (m / 16)` along the
 /// features, each warp `nt` n-tiles of 8 features.
+/// `half`: the activations rounded to the weights' type, one MMA per k-step
+/// (`--gpu-mma-activations half`), instead of a hi and a lo part, two.
 #[derive(Clone, Copy)]
 pub(crate) struct Tile {
     pub m: u64,
     warps_m: u64,
     nt: u64,
+    half: bool,
 }
 
 impl Tile {
-    fn for_width(n: u64) -> Tile {
+    fn for_width(n: u64, half: bool) -> Tile {
         let m = if n >= WIDE { 64 } else { 32 };
         let warps_m = m / 16;
         let warps_n = THREADS / WARP / warps_m;
-        Tile { m, warps_m, nt: TILE_N / 8 / warps_n }
+        Tile { m, warps_m, nt: TILE_N / 8 / warps_n, half }
     }
 }
 
@@ -88,7 +91,7 @@ pub(crate) fn tiled(spec: &KernelSpec) -> Option<(Tile, u64)> {
     if !spec.warp_matmul() || !half || k % TILE_K != 0 || n % TILE_N != 0 {
         return None;
     }
-    Some((Tile::for_width(n), n / TILE_N * THREADS / WARP))
+    Some((Tile::for_width(n, spec.half_mma_activations), n / TILE_N * THREADS / WARP))
 }
 
 /// `out[r, j] = a[r, :] · w[j, :]` for `seq` rows: block `blk` of the launch
@@ -97,7 +100,7 @@ pub(crate) fn tiled(spec: &KernelSpec) -> Option<(Tile, u64)> {
 /// `store_result` (the fused epilogue).
 /// `tile` is `tiled(spec)`'s, so the launch and the kernel agree.
 pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, ins: &[V], out: &str, w: &HalfPlane) {
-    let Tile { m: tile_m, warps_m, nt } = tile;
+    let Tile { m: tile_m, warps_m, nt, half } = tile;
     let (a_buf, seq) = (&ins[0], b.seq());
     let kc = b.index(k);
     let one = b.index(1);
@@ -220,9 +223,10 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
             .collect();
         let zero_i = b.index(0);
         let zero = b.f32(0.0);
-        // With two n-tiles a warp, the `hi` and `lo` parts' products go to
-        // accumulators of their own (two independent MMA chains per n-tile,
-        // summed at the end); with four, one set: the 16 more registers would
+        // With two n-tiles a warp, the `hi` and `lo` parts' products (with
+        // `half`, the two k-steps') go to accumulators of their own (two
+        // independent MMA chains per n-tile, summed at the end); with four,
+        // one set: the 16 more registers would
         // be the whole kernel's, and its decode GEMV lost 3% to them (GPT-2
         // 124M on an H200).
         let per = (nt * 4) as usize;
@@ -257,6 +261,11 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
                     let halves = [b.load_shared_vec(&s_a, &i0, 4), b.load_shared_vec(&s_a, &i1, 4)];
                     let (mut hi, mut lo) = (Vec::new(), Vec::new());
                     for h in &halves {
+                        if half {
+                            let v = half_round(b, h, 4, kind);
+                            hi.extend(words(b, &v, 2));
+                            continue;
+                        }
                         let [vh, vl] = half_split(b, h, 4, kind);
                         for (v, dst) in [(&vh, &mut hi), (&vl, &mut lo)] {
                             dst.extend(words(b, v, 2));
@@ -283,10 +292,14 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
                 let (c_lo, c_hi) = (2 * step, 2 * step + 1);
                 for (q, wq) in ws.iter().enumerate() {
                     let bq = [wq[c_lo].clone(), wq[c_hi].clone()];
-                    for part in [1, 0] {
+                    // Split: the lo products, then the hi ones, each set its
+                    // own chain; half: the steps take the sets in turn.
+                    let parts: &[usize] = if half { &[0] } else { &[1, 0] };
+                    for &part in parts {
                         let frag =
                             [&rows[0][part][c_lo], &rows[1][part][c_lo], &rows[0][part][c_hi], &rows[1][part][c_hi]].map(|v| v.clone());
-                        let at = (part % sets) * per + q * 4;
+                        let chain = if half { step } else { part };
+                        let at = (chain % sets) * per + q * 4;
                         let d = mma_sync_half(b, kind, &frag, &bq, &accs[at..at + 4]);
                         accs.splice(at..at + 4, d);
                     }

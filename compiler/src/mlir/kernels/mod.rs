@@ -128,6 +128,9 @@ pub struct KernelSpec {
     /// CPU matmuls over block-quantized weights quantize their activations to
     /// int8 blocks and use integer dot products (`quant_dot`; needs AVX2).
     pub int8_activations: bool,
+    /// The tiled tensor-core matmul rounds its activations to the weights'
+    /// type, one MMA instead of a hi and a lo (`--gpu-mma-activations half`).
+    pub half_mma_activations: bool,
     /// What the CPU kernels take from the target (`CpuTarget::isa`): the
     /// tiled matmuls' vector width where `k` allows, VNNI dot products.
     pub cpu_isa: crate::options::CpuIsa,
