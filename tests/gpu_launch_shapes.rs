@@ -3,13 +3,14 @@
 //! shared-memory tiles of 64 rows for wide f16/bf16 matmuls and of 32 below
 //! 1024 features, a warp per 16×8 tile for widths that are not a multiple of
 //! 64, the tensor-core attention for plain attention over f16 caches, and the
-//! thread-per-unit kernels otherwise; these run without a GPU. Where one
-//! exists, the two tensor-core prefill kernels' filetests also run on it
-//! against the interpreter and the CPU (else SKIPPED).
+//! thread-per-unit kernels otherwise, and `--gpu-mma-activations half`'s
+//! single MMA per k-step; these run without a GPU. Where one exists, the
+//! tensor-core prefill kernels' filetests also run on it against the
+//! interpreter and the CPU (else SKIPPED).
 
 mod common;
 
-use sparsec_compiler::{compile, CompileOptions, CompileRequest, KvCacheType, TargetKind};
+use sparsec_compiler::{compile, CompileOptions, CompileRequest, Emit, GpuMmaActivations, KvCacheType, TargetKind};
 use sparsec_ir::parse_graph;
 use sparsec_passes::PrintOptions;
 use sparsec_runtime::compare::{compare, Tolerance};
@@ -21,11 +22,15 @@ use std::path::Path;
 
 /// `src` compiled for CPU and CUDA with `cuda_kv` caches into `out`.
 fn build(src: &str, cuda_kv: KvCacheType, out: &Path) {
+    build_with(src, CompileOptions { target: TargetKind::All, cuda_kv_cache: cuda_kv, ..Default::default() }, out);
+}
+
+fn build_with(src: &str, options: CompileOptions, out: &Path) {
     compile(CompileRequest {
         graph: parse_graph(src).unwrap(),
         plan_text: None,
         weights: sparsec_compiler::WeightSource::None,
-        options: CompileOptions { target: TargetKind::All, cuda_kv_cache: cuda_kv, ..Default::default() },
+        options,
         print: PrintOptions::default(),
         cache: None,
         output: out.to_path_buf(),
@@ -111,20 +116,64 @@ fn plain_attention_over_f16_caches_takes_the_tensor_core_prefill_in_blocks_of_fo
     assert_eq!(shape(&windowed, "attention"), (None, None, None));
 }
 
-/// The filetests of the shared-memory tiled matmul and the tensor-core prefill
-/// attention on CUDA, at row counts that leave tiles part full, against the
-/// interpreter (the attention within the f16 caches' rounding, as its filetest
-/// allows) and the CPU (1e-4).
+/// `--gpu-mma-activations half` gives the tiled matmul one MMA per k-step
+/// where `split` gives two (counted in the kernel's emitted MLIR, before
+/// LLVM unrolls anything), and leaves its launch shape alone.
+#[test]
+fn half_mma_activations_halve_the_tiled_matmuls_mmas() {
+    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/filetests/lower-matmul-mma-tiled.sir")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut found = Vec::new();
+    for mode in [GpuMmaActivations::Split, GpuMmaActivations::Half] {
+        let out = dir.path().join(format!("{mode:?}.sparsec"));
+        let options = CompileOptions { target: TargetKind::All, gpu_mma_activations: mode, emit: vec![Emit::Mlir], ..Default::default() };
+        build_with(&src, options, &out);
+        let art = Artifact::open(&out).unwrap();
+        let shapes: Vec<_> = art
+            .manifest
+            .execution
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Kernel(k) => Some((k.gpu_mma_warps, k.gpu_mma_rows, k.gpu_mma_block)),
+                _ => None,
+            })
+            .collect();
+        let mmas: Vec<usize> = ["k0_matmul_add", "k1_matmul"]
+            .iter()
+            .map(|k| std::fs::read_to_string(out.join(format!("emit/cuda/{k}.mlir"))).unwrap().matches("nvvm.mma.sync").count())
+            .collect();
+        found.push((mmas, shapes));
+    }
+    let ((split, split_shapes), (half, half_shapes)) = (&found[0], &found[1]);
+    for (s, h) in split.iter().zip(half) {
+        assert!(*h > 0 && *s == 2 * h, "MMAs: split {split:?}, half {half:?}");
+    }
+    assert_eq!(split_shapes, half_shapes);
+}
+
+/// The filetests of the shared-memory tiled matmul (both activation modes)
+/// and the tensor-core prefill attention on CUDA, at row counts that leave
+/// tiles part full, against the interpreter (the attention within the f16
+/// caches' rounding, as its filetest allows; `half` within the activations'
+/// rounding) and the CPU (1e-4; `half` 5e-2).
 #[test]
 fn cuda_tensor_core_prefill_kernels_equal_the_interpreter_and_the_cpu() {
     if !common::require_gpu(sparsec_runtime::cuda::cuda_available()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    for (file, reference) in [("lower-matmul-mma-tiled", 1e-4), ("lower-attention-mma", 2e-3)] {
+    let cases = [
+        ("lower-matmul-mma-tiled", 1e-4, 1e-4, GpuMmaActivations::Split),
+        ("lower-matmul-mma-tiled-half", 5e-2, 5e-2, GpuMmaActivations::Half),
+        ("lower-attention-mma", 2e-3, 1e-4, GpuMmaActivations::Split),
+    ];
+    for (file, reference, against_cpu, mode) in cases {
         let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/filetests/{file}.sir"))).unwrap();
         let out = dir.path().join(format!("{file}.sparsec"));
-        build(&src, KvCacheType::F16, &out);
+        let options =
+            CompileOptions { target: TargetKind::All, cuda_kv_cache: KvCacheType::F16, gpu_mma_activations: mode, ..Default::default() };
+        build_with(&src, options, &out);
         let art = Artifact::open(&out).unwrap();
         let gpu_exec = sparsec_runtime::cuda::CudaExecutor::load(&art).unwrap();
         for seq in [2, 37, 130] {
@@ -137,7 +186,7 @@ fn cuda_tensor_core_prefill_kernels_equal_the_interpreter_and_the_cpu() {
                 assert_eq!(g.shape(), w.shape(), "{file} seq {seq} output {i}: shape");
                 let r = compare(g, w, Tolerance { atol: reference, rtol: reference });
                 assert!(r.passed, "{file} seq {seq} output {i}: {} from the interpreter", r.max_abs_error);
-                let r = compare(g, c, Tolerance::default());
+                let r = compare(g, c, Tolerance { atol: against_cpu, rtol: against_cpu });
                 assert!(r.passed, "{file} seq {seq} output {i}: {} from the CPU", r.max_abs_error);
             }
         }
