@@ -3,6 +3,7 @@
 //! fragments hold them), 16-bit values read in pairs, and one
 //! `mma.sync.m16n8k16` with f32 accumulators.
 
+use super::mma_matmul::mma_sync;
 use crate::mlir::builder::{KernelBuilder, V};
 
 /// `x` (a `vector<width x f32>`, width even) as two `vector<width/2 x i32>`
@@ -65,15 +66,11 @@ pub(super) fn words(b: &mut KernelBuilder, v: &str, n: u32) -> Vec<V> {
 /// its four accumulators; returns the four new accumulators.
 pub(super) fn mma_sync_half(b: &mut KernelBuilder, kind: &str, a: &[V], bq: &[V; 2], c: &[V]) -> Vec<V> {
     // NVVM types f16 fragments as `vector<2xf16>`, bf16 ones as `i32`.
-    let (ops, ty): (Vec<V>, &str) = if kind == "f16" {
-        let cast = |b: &mut KernelBuilder, v: &V| b.def(format!("llvm.bitcast {v} : i32 to vector<2xf16>"));
-        (a.iter().chain(bq.iter()).map(|v| cast(b, v)).collect(), "vector<2xf16>")
-    } else {
-        (a.iter().chain(bq.iter()).cloned().collect(), "i32")
-    };
-    let d = b.def(format!(
-        "nvvm.mma.sync A[{}, {}, {}, {}] B[{}, {}] C[{}, {}, {}, {}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, multiplicandAPtxType = #nvvm.mma_type<{kind}>, multiplicandBPtxType = #nvvm.mma_type<{kind}>, shape = #nvvm.shape<m = 16, n = 8, k = 16>}} : ({ty}, {ty}, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
-        ops[0], ops[1], ops[2], ops[3], ops[4], ops[5], c[0], c[1], c[2], c[3]
-    ));
-    (0..4).map(|i| b.def(format!("llvm.extractvalue {d}[{i}] : !llvm.struct<(f32, f32, f32, f32)>"))).collect()
+    if kind != "f16" {
+        return mma_sync(b, (kind, "i32", 16), a, bq, c);
+    }
+    let mut cast = |v: &V| b.def(format!("llvm.bitcast {v} : i32 to vector<2xf16>"));
+    let a: Vec<V> = a.iter().map(&mut cast).collect();
+    let bq = [cast(&bq[0]), cast(&bq[1])];
+    mma_sync(b, (kind, "vector<2xf16>", 16), &a, &bq, c)
 }

@@ -209,8 +209,16 @@ pub(super) fn store_tiles(b: &mut KernelBuilder, rows: [&V; 2], c0: &str, t: &st
 /// A registers of the lane, `bq` its two B registers, `c` its four f32
 /// accumulators; returns the four new accumulators.
 pub(super) fn mma_sync_tf32(b: &mut KernelBuilder, a: &[V], bq: &[V; 2], c: &[V]) -> Vec<V> {
+    mma_sync(b, ("tf32", "i32", 8), a, bq, c)
+}
+
+/// One `mma.sync` of shape m16n8k`k`, row-major A and column-major B of PTX
+/// type `ptx` (NVVM operand type `ty`) and f32 accumulators: `a` the four A
+/// registers of the lane, `bq` its two B registers, `c` its four
+/// accumulators; returns the four new accumulators.
+pub(super) fn mma_sync(b: &mut KernelBuilder, (ptx, ty, k): (&str, &str, u32), a: &[V], bq: &[V; 2], c: &[V]) -> Vec<V> {
     let d = b.def(format!(
-        "nvvm.mma.sync A[{}, {}, {}, {}] B[{}, {}] C[{}, {}, {}, {}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, multiplicandAPtxType = #nvvm.mma_type<tf32>, multiplicandBPtxType = #nvvm.mma_type<tf32>, shape = #nvvm.shape<m = 16, n = 8, k = 8>}} : (i32, i32, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
+        "nvvm.mma.sync A[{}, {}, {}, {}] B[{}, {}] C[{}, {}, {}, {}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, multiplicandAPtxType = #nvvm.mma_type<{ptx}>, multiplicandBPtxType = #nvvm.mma_type<{ptx}>, shape = #nvvm.shape<m = 16, n = 8, k = {k}>}} : ({ty}, {ty}, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
         a[0], a[1], a[2], a[3], bq[0], bq[1], c[0], c[1], c[2], c[3]
     ));
     (0..4).map(|i| b.def(format!("llvm.extractvalue {d}[{i}] : !llvm.struct<(f32, f32, f32, f32)>"))).collect()
