@@ -22,6 +22,16 @@ pub type V = String;
 /// its index wraps at.
 pub type Addend = (V, Option<V>);
 
+/// The cache level a software prefetch fills (LLVM's locality 3 and 2:
+/// `prefetcht0` and `prefetcht1` on x86).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefetchTo {
+    L1,
+    /// L2 only: a stream from memory that keeps more lines in flight than L1's
+    /// miss buffers hold.
+    L2,
+}
+
 pub struct KernelBuilder {
     device: Device,
     /// Parameters that are byte buffers (packed quantized weights).
@@ -222,13 +232,22 @@ impl KernelBuilder {
     }
 
     /// Hints that `buf[min(idx + ahead, last)]` (a `memref<?xELEM>`, CPU) will
-    /// be read soon: fetches its cache line ahead of the loads of a stream the
-    /// hardware prefetcher does not follow far enough.
+    /// be read soon: fetches its cache line into L1 ahead of the loads of a
+    /// stream the hardware prefetcher does not follow far enough.
     pub fn prefetch_ahead(&mut self, buf: &str, idx: &str, ahead: u64, last: &str, elem: &str) {
+        self.prefetch_ahead_to(buf, idx, ahead, last, elem, PrefetchTo::L1);
+    }
+
+    /// `prefetch_ahead` into the cache level `to`.
+    pub fn prefetch_ahead_to(&mut self, buf: &str, idx: &str, ahead: u64, last: &str, elem: &str, to: PrefetchTo) {
         let a = self.index(ahead);
         let at = self.addi(idx, &a);
         let at = self.def(format!("arith.minui {at}, {last} : index"));
-        self.line(format!("memref.prefetch {buf}[{at}], read, locality<3>, data : memref<?x{elem}>"));
+        let locality = match to {
+            PrefetchTo::L1 => 3,
+            PrefetchTo::L2 => 2,
+        };
+        self.line(format!("memref.prefetch {buf}[{at}], read, locality<{locality}>, data : memref<?x{elem}>"));
     }
 
     /// Stores the `vector<nxi8>` `val` at `buf[idx..]` (CPU).
@@ -392,16 +411,6 @@ impl KernelBuilder {
         let zero = self.f32(0.0);
         let c = self.def(format!("arith.cmpf olt, {x}, {zero} : f32"));
         self.def(format!("arith.select {c}, {a}, {b} : f32"))
-    }
-
-    /// f32 → i32 bits arithmetic for `2^n`: returns `2^n` as f32 for an integral f32 `n`.
-    pub fn exp2_int(&mut self, n: &str) -> V {
-        let ni = self.def(format!("arith.fptosi {n} : f32 to i32"));
-        let bias = self.i32(127);
-        let shift = self.i32(23);
-        let e = self.def(format!("arith.addi {ni}, {bias} : i32"));
-        let bits = self.def(format!("arith.shli {e}, {shift} : i32"));
-        self.def(format!("arith.bitcast {bits} : i32 to f32"))
     }
 
     /// Reads `buf[idx]`.
@@ -606,6 +615,11 @@ impl KernelBuilder {
     /// A constant vector of `width` lanes of the integer `n` (`elem` i8, i32, ...).
     pub fn vsplat_int(&mut self, n: i64, width: u32, elem: &str) -> V {
         self.constant(format!("dense<{n}> : vector<{width}x{elem}>"))
+    }
+
+    /// A constant vector of `width` lanes of the f32 `x`.
+    pub fn vsplat_f32(&mut self, x: f32, width: u32) -> V {
+        self.constant(format!("dense<0x{:08X}> : vector<{width}xf32>", x.to_bits()))
     }
 
     /// `for iv in (lb..ub).step_by(step) { body }`.

@@ -50,28 +50,52 @@ pub fn activation(b: &mut KernelBuilder, act: Activation, x: &str) -> V {
 /// e^x: range reduction x = n·ln2 + r, |r| ≤ ln2/2, then a degree-6 polynomial
 /// (relative error below 2e-7 on [-87, 88]; inputs are clamped to that range).
 pub fn exp(b: &mut KernelBuilder, x: &str) -> V {
-    let lo = b.f32(-87.0);
-    let hi = b.f32(88.0);
-    let x = b.fbin("maxnumf", x, &lo);
-    let x = b.fbin("minnumf", &x, &hi);
-    let log2e = b.f32(std::f32::consts::LOG2_E);
-    let half = b.f32(0.5);
-    let t = b.fma(&x, &log2e, &half);
-    let n = b.math("floor", &t);
+    exp_lanes(b, x, None)
+}
+
+/// `exp` lane by lane on a `vector<width x f32>` (the same operations).
+pub fn vexp(b: &mut KernelBuilder, x: &str, width: u32) -> V {
+    exp_lanes(b, x, Some(width))
+}
+
+/// `exp` on f32 (`width` `None`) or on vectors of `width` lanes.
+fn exp_lanes(b: &mut KernelBuilder, x: &str, width: Option<u32>) -> V {
+    let (ty, ity) = match width {
+        None => ("f32".to_string(), "i32".to_string()),
+        Some(w) => (KernelBuilder::vty(w), format!("vector<{w}xi32>")),
+    };
+    let c = |b: &mut KernelBuilder, v: f32| match width {
+        None => b.f32(v),
+        Some(w) => b.vsplat_f32(v, w),
+    };
+    let (lo, hi) = (c(b, -87.0), c(b, 88.0));
+    let x = b.def(format!("arith.maxnumf {x}, {lo} : {ty}"));
+    let x = b.def(format!("arith.minnumf {x}, {hi} : {ty}"));
+    let (log2e, half) = (c(b, std::f32::consts::LOG2_E), c(b, 0.5));
+    let fma = |b: &mut KernelBuilder, p: &str, q: &str, r: &str| b.def(format!("math.fma {p}, {q}, {r} : {ty}"));
+    let t = fma(b, &x, &log2e, &half);
+    let n = b.def(format!("math.floor {t} : {ty}"));
     // Cody-Waite: ln2 split in a part exact in f32 and a remainder.
-    let ln2_hi = b.f32(-0.693_359_4);
-    let ln2_lo = b.f32(2.121_944_4e-4);
-    let r = b.fma(&n, &ln2_hi, &x);
-    let r = b.fma(&n, &ln2_lo, &r);
+    let (ln2_hi, ln2_lo) = (c(b, -0.693_359_4), c(b, 2.121_944_4e-4));
+    let r = fma(b, &n, &ln2_hi, &x);
+    let r = fma(b, &n, &ln2_lo, &r);
     // Horner: 1 + r(1 + r(1/2 + r(1/6 + r(1/24 + r(1/120 + r/720)))))
     let coeffs = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
-    let mut p = b.f32(coeffs[0]);
-    for c in &coeffs[1..] {
-        let c = b.f32(*c);
-        p = b.fma(&p, &r, &c);
+    let mut p = c(b, coeffs[0]);
+    for k in &coeffs[1..] {
+        let k = c(b, *k);
+        p = fma(b, &p, &r, &k);
     }
-    let scale = b.exp2_int(&n);
-    b.mul(&p, &scale)
+    // 2^n from its exponent bits.
+    let ni = b.def(format!("arith.fptosi {n} : {ty} to {ity}"));
+    let (bias, shift) = match width {
+        None => (b.i32(127), b.i32(23)),
+        Some(w) => (b.vsplat_int(127, w, "i32"), b.vsplat_int(23, w, "i32")),
+    };
+    let e = b.def(format!("arith.addi {ni}, {bias} : {ity}"));
+    let bits = b.def(format!("arith.shli {e}, {shift} : {ity}"));
+    let scale = b.def(format!("arith.bitcast {bits} : {ity} to {ty}"));
+    b.def(format!("arith.mulf {p}, {scale} : {ty}"))
 }
 
 /// tanh(x) = 1 − 2 / (e^{2x} + 1).

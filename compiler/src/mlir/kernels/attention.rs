@@ -7,12 +7,14 @@
 //! width: one unit per (row, KV head, split) serves every query head of the KV
 //! group; without NSA the unit of KV head 0 serves every KV head (units are
 //! numbered split-major and the others idle), so it reads whole cache rows. It
-//! walks its keys in tiles of `KEY_TILE`, widening each tile's K and
-//! V rows to f32 once for the whole group, with an online softmax per head:
-//! each head scores the tile into its own tile of scores, then the group's
-//! heads take the tile's values together, each value vector loaded once for
-//! all of them (bounded scratch: two tiles, a tile of scores per head and the
-//! group's sums). In
+//! walks its keys in tiles of `KEY_TILE` with an online softmax per head. f32
+//! and f16 caches are read as they lie (`fused_tile`): each key's row is
+//! loaded (widened) once for all the group's heads, which score it into their
+//! own tiles of scores, then the heads take the tile's values together, each
+//! value vector loaded once for all of them; rows ahead are prefetched into
+//! L2. Quantized caches and keys before RoPE are first widened to f32 tiles
+//! once for the whole group (`widen_tile`, `group_tile`). Scratch is bounded:
+//! two tiles, a tile of scores per head and the group's sums. In
 //! decode the visible keys are split over `ATTN_SPLITS` units
 //! (flash-decoding); each writes its partial softmax (max, sum, weighted
 //! values) to a scratch buffer, and a second phase of units, one per
@@ -38,7 +40,7 @@
 use super::kv_pre_rope::KeyBasis;
 use super::{fixed_last, KernelCtx, KernelSpec, GPU_ATTN_WARPS, VW, WARP};
 use crate::error::CompileError;
-use crate::mlir::builder::{Device, KernelBuilder, V};
+use crate::mlir::builder::{Device, KernelBuilder, PrefetchTo, V};
 use crate::mlir::math;
 use sparsec_ir::{DType, NativeSparse, Op, Pattern, SymSize, Window};
 
@@ -898,6 +900,154 @@ impl Attn {
         ml
     }
 
+    /// Whether the split variant's tiles read f32 or f16 cache rows directly
+    /// (`fused_tile`): caches neither quantized nor holding keys before RoPE.
+    fn fused(&self) -> bool {
+        self.quant.is_none() && self.key_basis.is_none() && self.kivi.is_none()
+    }
+
+    /// CPU split variant, f32 and f16 caches (`fused`): the online softmax of
+    /// a KV group's heads over keys `tb..tb + nk` (cache rows from `row_of`),
+    /// read from the caches as they lie, without widened tiles. Scores: each
+    /// key's row is loaded (and widened) once for all the group's heads, VW
+    /// keys at a time, whose dots one butterfly per head sums; the scores go
+    /// to each head's tile of scores, then its softmax (as `softmax`). Values:
+    /// each value vector is loaded once for all the heads, a chunk of the head
+    /// width at a time. Rows ahead are prefetched as `widen_tile` does.
+    /// Returns each head's new max and sum.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_tile(
+        &self,
+        b: &mut KernelBuilder,
+        t: &TileMem,
+        heads: &[TileHead],
+        (tb, nk): (&str, &str),
+        khd: &str,
+        kv_last: &str,
+        row_of: &dyn Fn(&mut KernelBuilder, &str) -> V,
+        acc: &str,
+    ) -> Vec<(V, V)> {
+        let d = self.d;
+        let kvw = self.kvh * d;
+        let nv = (d / VW as u64) as usize;
+        let vty = KernelBuilder::vty(VW);
+        let kvwc = b.index(kvw);
+        let ninf = b.f32(-1e30);
+        let scale = b.f32(1.0 / (d as f32).sqrt());
+        let z = b.vzero(VW);
+        let vwc = b.index(VW as u64);
+        let blocks = b.divui(nk, &vwc);
+        let blocked = b.muli(&blocks, &vwc);
+        let vninf = b.vbroadcast(&ninf, VW);
+        let vscale = b.vbroadcast(&scale, VW);
+        let s0s: Vec<V> = (0..heads.len()).map(|h| b.index(h as u64 * KEY_TILE)).collect();
+        // Cache row start of key `t` of the tile, prefetching the row `ahead` on.
+        let row_base = |b: &mut KernelBuilder, tk: &str, prefetch: bool| -> V {
+            let j = row_of(b, tk);
+            let rb = b.muli(&j, &kvwc);
+            let base = b.addi(&rb, khd);
+            if prefetch {
+                let (ahead_base, ahead) = match &self.nsa {
+                    Some(_) => {
+                        let n = b.index(NSA_PREFETCH_KEYS);
+                        let ta = b.addi(tk, &n);
+                        let ja = row_of(b, &ta);
+                        let ra = b.muli(&ja, &kvwc);
+                        (b.addi(&ra, khd), 0)
+                    }
+                    None => (base.clone(), ATTN_PREFETCH_KEYS),
+                };
+                // Into L2: the lines a tile needs (128 keys ahead, K and V)
+                // outnumber L1's miss buffers, which would stall the stream
+                // (SmolLM2's shape at 60000 positions, 2 threads, Zen 4 guest:
+                // 2.4-3.5 ms per call against 3.4-4.5 with prefetcht0).
+                for buf in [&self.kbuf, &self.vbuf] {
+                    for at in [0, d - 1] {
+                        b.prefetch_ahead_to(buf, &ahead_base, ahead * kvw + at, kv_last, self.kv_elem(), PrefetchTo::L2);
+                    }
+                }
+            }
+            base
+        };
+        let key_vecs = |b: &mut KernelBuilder, base: &str| -> Vec<V> {
+            (0..nv)
+                .map(|v| {
+                    let o = b.index(v as u64 * VW as u64);
+                    let at = b.addi(base, &o);
+                    self.kv_vload(b, &self.kbuf, &at)
+                })
+                .collect()
+        };
+        let dot = |b: &mut KernelBuilder, q: &[V], k: &[V]| -> V {
+            let mut a = z.clone();
+            for (qv, kv) in q.iter().zip(k) {
+                a = b.vfma(qv, kv, &a, VW);
+            }
+            a
+        };
+        // Scores, VW keys at a time.
+        let init: Vec<(V, String)> = heads.iter().map(|_| (vninf.clone(), vty.clone())).collect();
+        let zero_i = b.index(0);
+        let vmax = b.for_fold_typed(&zero_i, &blocked, VW as u64, &init, |b, ib, maxes| {
+            let mut dots: Vec<Vec<V>> = vec![Vec::new(); heads.len()];
+            for u in 0..VW as u64 {
+                let o = b.index(u);
+                let i = b.addi(ib, &o);
+                let tk = b.addi(tb, &i);
+                let base = row_base(b, &tk, true);
+                let k = key_vecs(b, &base);
+                for (h, head) in heads.iter().enumerate() {
+                    dots[h].push(dot(b, &head.q, &k));
+                }
+            }
+            dots.iter()
+                .zip(&s0s)
+                .zip(maxes)
+                .map(|((ds, s0), m)| {
+                    let sums = b.vsums(ds, VW);
+                    let sv = b.def(format!("arith.mulf {sums}, {vscale} : {vty}"));
+                    let si = b.addi(s0, ib);
+                    b.vstore(&sv, &t.s, &si, VW);
+                    b.def(format!("arith.maxnumf {m}, {sv} : {vty}"))
+                })
+                .collect()
+        });
+        let block_max: Vec<V> = vmax.iter().map(|m| b.def(format!("vector.reduction <maxnumf>, {m} : {vty} into f32"))).collect();
+        let tmax = b.for_fold(&blocked, nk, &block_max, |b, i, maxes| {
+            let tk = b.addi(tb, i);
+            let base = row_base(b, &tk, true);
+            let k = key_vecs(b, &base);
+            heads
+                .iter()
+                .zip(&s0s)
+                .zip(maxes)
+                .map(|((head, s0), m)| {
+                    let a = dot(b, &head.q, &k);
+                    let dsum = b.vsum(&a, VW);
+                    let sv = b.mul(&dsum, &scale);
+                    let si = b.addi(s0, i);
+                    b.store(&sv, &t.s, &si);
+                    b.fbin("maxnumf", m, &sv)
+                })
+                .collect()
+        });
+        let mut ml = Vec::with_capacity(heads.len());
+        let mut corrs = Vec::with_capacity(heads.len());
+        for ((head, s0), tm) in heads.iter().zip(&s0s).zip(&tmax) {
+            let (m_new, l_new, corr) = self.softmax(b, t, s0, nk, tm, (&head.ml.0, &head.ml.1));
+            ml.push((m_new, l_new));
+            corrs.push(corr);
+        }
+        // Values, each value vector loaded once for every head.
+        let abs: Vec<V> = heads.iter().map(|h| h.ab.clone()).collect();
+        let row = |b: &mut KernelBuilder, i: &str| {
+            let tk = b.addi(tb, i);
+            row_base(b, &tk, false)
+        };
+        self.pv_from(b, t, (&s0s, nk), &corrs, (acc, &abs), &row, &|b: &mut KernelBuilder, at: &str| self.kv_vload(b, &self.vbuf, at));
+        ml
+    }
+
     /// The online softmax of one head over the scores `s[s0..s0 + nk]` of a
     /// widened tile whose maximum is `tmax`, then its weighted values
     /// (`pv`). Returns the new max and sum.
@@ -923,37 +1073,69 @@ impl Attn {
     /// weighted values take. With `nk` = 0 it changes nothing (factor 1).
     fn softmax(&self, b: &mut KernelBuilder, t: &TileMem, s0: &str, nk: &str, tmax: &str, (m_old, l_old): (&str, &str)) -> (V, V, V) {
         let zero_i = b.index(0);
-        let zero = b.f32(0.0);
         let stile = &t.s;
         // Online softmax: rescale what the earlier tiles summed.
         let m_new = b.fbin("maxnumf", m_old, tmax);
         let dm = b.sub(m_old, &m_new);
         let corr = math::exp(b, &dm);
-        let tsum = b.for_fold(&zero_i, nk, std::slice::from_ref(&zero), |b, i, a| {
+        // VW scores at a time, then one by one.
+        let vty = KernelBuilder::vty(VW);
+        let vwc = b.index(VW as u64);
+        let blocks = b.divui(nk, &vwc);
+        let blocked = b.muli(&blocks, &vwc);
+        let vm = b.vbroadcast(&m_new, VW);
+        let z = b.vzero(VW);
+        let vsum = b.for_fold_typed(&zero_i, &blocked, VW as u64, &[(z, vty.clone())], |b, i, a| {
+            let si = b.addi(s0, i);
+            let sv = b.vload(stile, &si, VW);
+            let c = b.def(format!("arith.subf {sv}, {vm} : {vty}"));
+            let e = math::vexp(b, &c, VW);
+            b.vstore(&e, stile, &si, VW);
+            vec![b.def(format!("arith.addf {}, {e} : {vty}", a[0]))]
+        });
+        let head_sum = b.vsum(&vsum[0], VW);
+        let tsum = b.for_fold(&blocked, nk, &[head_sum], |b, i, a| {
             let si = b.addi(s0, i);
             let sv = b.load(stile, &si);
             let c = b.sub(&sv, &m_new);
             let e = math::exp(b, &c);
             b.store(&e, stile, &si);
-            // Reassociable, so LLVM may vectorize this loop (exp included).
-            vec![b.def(format!("arith.addf {}, {e} fastmath<reassoc> : f32", a[0]))]
+            vec![b.add(&a[0], &e)]
         });
         let l_new = b.fma(l_old, &corr, &tsum[0]);
         (m_new, l_new, corr)
     }
 
-    /// The weighted values of one or two heads over the tile's first `nk`
+    /// The weighted values of the heads over the widened tile's first `nk`
     /// keys: head `m`'s weights at `s[s0s[m]..]`, its values at
-    /// `acc[abs[m]..]` scaled by `corrs[m]` first. Two heads share every
+    /// `acc[abs[m]..]` scaled by `corrs[m]` first. Several heads share every
     /// loaded value vector and go through the head width four vectors at a
-    /// time (eight accumulators); one head takes it whole.
+    /// time; one head takes it whole.
     #[allow(clippy::too_many_arguments)]
     fn pv(&self, b: &mut KernelBuilder, t: &TileMem, s0s: &[V], nk: &str, corrs: &[V], acc: &str, abs: &[V]) {
+        let dc = b.index(self.d);
+        let row = |b: &mut KernelBuilder, i: &str| b.muli(i, &dc);
+        self.pv_from(b, t, (s0s, nk), corrs, (acc, abs), &row, &|b: &mut KernelBuilder, at: &str| b.vload(&t.v, at, VW));
+    }
+
+    /// `pv` over values read through `load` (VW values at an element index),
+    /// key `i`'s row starting at `row(i)`.
+    #[allow(clippy::too_many_arguments)]
+    fn pv_from(
+        &self,
+        b: &mut KernelBuilder,
+        t: &TileMem,
+        (s0s, nk): (&[V], &str),
+        corrs: &[V],
+        (acc, abs): (&str, &[V]),
+        row: &dyn Fn(&mut KernelBuilder, &str) -> V,
+        load: &dyn Fn(&mut KernelBuilder, &str) -> V,
+    ) {
         let d = self.d;
         let nv = d / VW as u64;
         let heads = s0s.len();
         let vty = KernelBuilder::vty(VW);
-        let (zero_i, dc) = (b.index(0), b.index(d));
+        let zero_i = b.index(0);
         let chunk = if heads == 1 { nv } else { nv.min(4) };
         for c0 in (0..nv).step_by(chunk as usize) {
             let vs: Vec<u64> = (c0..(c0 + chunk).min(nv)).collect();
@@ -976,12 +1158,12 @@ impl Attn {
                         b.vbroadcast(&e, VW)
                     })
                     .collect();
-                let vb = b.muli(i, &dc);
+                let vb = row(b, i);
                 let mut next = accs.to_vec();
                 for (n, v) in vs.iter().enumerate() {
                     let o = b.index(v * VW as u64);
                     let at = b.addi(&vb, &o);
-                    let x = b.vload(&t.v, &at, VW);
+                    let x = load(b, &at);
                     for (m, ev) in evs.iter().enumerate() {
                         let a = m * vs.len() + n;
                         next[a] = b.vfma(ev, &x, &accs[a], VW);
@@ -1389,9 +1571,10 @@ impl Attn {
                         for g0 in (0..heads_served).step_by(group as usize) {
                             let khg = kh_of(b, g0);
                             let khd = b.muli(&khg, &dc);
-                            self.widen_tile(b, &tiles_mem, tb, &nk, &khd, &kv_last, &|b: &mut KernelBuilder, t: &str| {
-                                self.key_row(b, &vis, t)
-                            });
+                            let row_of = |b: &mut KernelBuilder, t: &str| self.key_row(b, &vis, t);
+                            if !self.fused() {
+                                self.widen_tile(b, &tiles_mem, tb, &nk, &khd, &kv_last, &row_of);
+                            }
                             // The KV head's query heads: their queries, running max and sum, and values.
                             let heads: Vec<TileHead> = (g0..g0 + group)
                                 .map(|g| {
@@ -1413,7 +1596,12 @@ impl Attn {
                                     TileHead { q, ml, ab: b.index(g * d) }
                                 })
                                 .collect();
-                            for (m_new, l_new) in self.group_tile(b, &tiles_mem, &heads, &nk, &acc_mem) {
+                            let ml = if self.fused() {
+                                self.fused_tile(b, &tiles_mem, &heads, (tb, &nk), &khd, &kv_last, &row_of, &acc_mem)
+                            } else {
+                                self.group_tile(b, &tiles_mem, &heads, &nk, &acc_mem)
+                            };
+                            for (m_new, l_new) in ml {
                                 next.push(m_new);
                                 next.push(l_new);
                             }
