@@ -8,12 +8,12 @@
 //! group; without NSA the unit of KV head 0 serves every KV head (units are
 //! numbered split-major and the others idle), so it reads whole cache rows. It
 //! walks its keys in tiles of `KEY_TILE` with an online softmax per head. f32
-//! and f16 caches are read as they lie (`fused_tile`): each key's row is
+//! and f16 caches are read as they lie (`cache_group_tile`): each key's row is
 //! loaded (widened) once for all the group's heads, which score it into their
 //! own tiles of scores, then the heads take the tile's values together, each
 //! value vector loaded once for all of them; rows ahead are prefetched into
 //! L2. Quantized caches and keys before RoPE are first widened to f32 tiles
-//! once for the whole group (`widen_tile`, `group_tile`). Scratch is bounded:
+//! once for the whole group (`widen_tile`, `widened_group_tile`). Scratch is bounded:
 //! two tiles, a tile of scores per head and the group's sums. In
 //! decode the visible keys are split over `ATTN_SPLITS` units
 //! (flash-decoding); each writes its partial softmax (max, sum, weighted
@@ -831,92 +831,39 @@ impl Attn {
         });
     }
 
-    /// CPU split variant: the online softmax of a KV group's heads over the
-    /// first `nk` keys of a widened tile. Each head's scores against its
-    /// query (vectors of `VW`), VW keys at a time (their dots overlap in
-    /// flight and one butterfly sums all VW) and then one by one, go to its
-    /// own tile of scores; its running max and sum are rescaled; then the
-    /// heads' weighted values (at `acc[ab..]`) take the tile's values
-    /// together, each value vector loaded once for the whole group. Returns
-    /// each head's new max and sum.
-    fn group_tile(&self, b: &mut KernelBuilder, t: &TileMem, heads: &[TileHead], nk: &str, acc: &str) -> Vec<(V, V)> {
+    /// CPU split variant, a widened tile (quantized caches, keys before
+    /// RoPE): `group_tile` over the tile's K and V rows.
+    fn widened_group_tile(&self, b: &mut KernelBuilder, t: &TileMem, heads: &[TileHead], nk: &str, acc: &str) -> Vec<(V, V)> {
         let d = self.d;
-        let vty = KernelBuilder::vty(VW);
-        let (zero_i, dc) = (b.index(0), b.index(d));
-        let ninf = b.f32(-1e30);
-        let scale = b.f32(1.0 / (d as f32).sqrt());
-        let z = b.vzero(VW);
-        let (ktile, stile) = (&t.k, &t.s);
-        let vwc = b.index(VW as u64);
-        let blocks = b.divui(nk, &vwc);
-        let blocked = b.muli(&blocks, &vwc);
-        let vninf = b.vbroadcast(&ninf, VW);
-        let vscale = b.vbroadcast(&scale, VW);
-        let mut ml = Vec::with_capacity(heads.len());
-        let (mut s0s, mut corrs, mut abs) = (Vec::new(), Vec::new(), Vec::new());
-        for (h, head) in heads.iter().enumerate() {
-            let s0 = b.index(h as u64 * KEY_TILE);
-            let key_dot = |b: &mut KernelBuilder, i: &str| -> V {
-                let kb = b.muli(i, &dc);
-                let mut a = z.clone();
-                for (v, q) in head.q.iter().enumerate() {
+        let nv = (d / VW as u64) as usize;
+        let dc = b.index(d);
+        let key = |b: &mut KernelBuilder, i: &str| -> Vec<V> {
+            let kb = b.muli(i, &dc);
+            (0..nv)
+                .map(|v| {
                     let o = b.index(v as u64 * VW as u64);
                     let at = b.addi(&kb, &o);
-                    let k = b.vload(ktile, &at, VW);
-                    a = b.vfma(q, &k, &a, VW);
-                }
-                a
-            };
-            let vmax = b.for_fold_typed(&zero_i, &blocked, VW as u64, &[(vninf.clone(), vty.clone())], |b, ib, a| {
-                let dots: Vec<V> = (0..VW as u64)
-                    .map(|u| {
-                        let o = b.index(u);
-                        let i = b.addi(ib, &o);
-                        key_dot(b, &i)
-                    })
-                    .collect();
-                let sums = b.vsums(&dots, VW);
-                let sv = b.def(format!("arith.mulf {sums}, {vscale} : {vty}"));
-                let si = b.addi(&s0, ib);
-                b.vstore(&sv, stile, &si, VW);
-                vec![b.def(format!("arith.maxnumf {}, {sv} : {vty}", a[0]))]
-            });
-            let block_max = b.def(format!("vector.reduction <maxnumf>, {} : {vty} into f32", vmax[0]));
-            let tmax = b.for_fold(&blocked, nk, &[block_max], |b, i, a| {
-                let dot = key_dot(b, i);
-                let dsum = b.vsum(&dot, VW);
-                let sv = b.mul(&dsum, &scale);
-                let si = b.addi(&s0, i);
-                b.store(&sv, stile, &si);
-                vec![b.fbin("maxnumf", &a[0], &sv)]
-            });
-            let (m_new, l_new, corr) = self.softmax(b, t, &s0, nk, &tmax[0], (&head.ml.0, &head.ml.1));
-            ml.push((m_new, l_new));
-            s0s.push(s0);
-            corrs.push(corr);
-            abs.push(head.ab.clone());
-        }
-        self.pv(b, t, &s0s, nk, &corrs, acc, &abs);
-        ml
+                    b.vload(&t.k, &at, VW)
+                })
+                .collect()
+        };
+        let row = |b: &mut KernelBuilder, i: &str| b.muli(i, &dc);
+        let value = |b: &mut KernelBuilder, at: &str| b.vload(&t.v, at, VW);
+        self.group_tile(b, t, heads, nk, acc, (&key, &row, &value))
     }
 
     /// Whether the split variant's tiles read f32 or f16 cache rows directly
-    /// (`fused_tile`): caches neither quantized nor holding keys before RoPE.
+    /// (`cache_group_tile`): caches neither quantized nor holding keys before RoPE.
     fn fused(&self) -> bool {
         self.quant.is_none() && self.key_basis.is_none() && self.kivi.is_none()
     }
 
-    /// CPU split variant, f32 and f16 caches (`fused`): the online softmax of
-    /// a KV group's heads over keys `tb..tb + nk` (cache rows from `row_of`),
-    /// read from the caches as they lie, without widened tiles. Scores: each
-    /// key's row is loaded (and widened) once for all the group's heads, VW
-    /// keys at a time, whose dots one butterfly per head sums; the scores go
-    /// to each head's tile of scores, then its softmax (as `softmax`). Values:
-    /// each value vector is loaded once for all the heads, a chunk of the head
-    /// width at a time. Rows ahead are prefetched as `widen_tile` does.
-    /// Returns each head's new max and sum.
+    /// CPU split variant, f32 and f16 caches (`fused`): `group_tile` over
+    /// keys `tb..tb + nk` read from the caches as they lie (cache rows from
+    /// `row_of`, widened as they are loaded), without widened tiles. Rows
+    /// ahead are prefetched as `widen_tile` does, but into L2.
     #[allow(clippy::too_many_arguments)]
-    fn fused_tile(
+    fn cache_group_tile(
         &self,
         b: &mut KernelBuilder,
         t: &TileMem,
@@ -930,27 +877,18 @@ impl Attn {
         let d = self.d;
         let kvw = self.kvh * d;
         let nv = (d / VW as u64) as usize;
-        let vty = KernelBuilder::vty(VW);
         let kvwc = b.index(kvw);
-        let ninf = b.f32(-1e30);
-        let scale = b.f32(1.0 / (d as f32).sqrt());
-        let z = b.vzero(VW);
-        let vwc = b.index(VW as u64);
-        let blocks = b.divui(nk, &vwc);
-        let blocked = b.muli(&blocks, &vwc);
-        let vninf = b.vbroadcast(&ninf, VW);
-        let vscale = b.vbroadcast(&scale, VW);
-        let s0s: Vec<V> = (0..heads.len()).map(|h| b.index(h as u64 * KEY_TILE)).collect();
-        // Cache row start of key `t` of the tile, prefetching the row `ahead` on.
-        let row_base = |b: &mut KernelBuilder, tk: &str, prefetch: bool| -> V {
-            let j = row_of(b, tk);
+        // Cache row start of key `i` of the tile, prefetching the row `ahead` on.
+        let row_base = |b: &mut KernelBuilder, i: &str, prefetch: bool| -> V {
+            let tk = b.addi(tb, i);
+            let j = row_of(b, &tk);
             let rb = b.muli(&j, &kvwc);
             let base = b.addi(&rb, khd);
             if prefetch {
                 let (ahead_base, ahead) = match &self.nsa {
                     Some(_) => {
                         let n = b.index(NSA_PREFETCH_KEYS);
-                        let ta = b.addi(tk, &n);
+                        let ta = b.addi(&tk, &n);
                         let ja = row_of(b, &ta);
                         let ra = b.muli(&ja, &kvwc);
                         (b.addi(&ra, khd), 0)
@@ -969,15 +907,54 @@ impl Attn {
             }
             base
         };
-        let key_vecs = |b: &mut KernelBuilder, base: &str| -> Vec<V> {
+        let key = |b: &mut KernelBuilder, i: &str| -> Vec<V> {
+            let base = row_base(b, i, true);
             (0..nv)
                 .map(|v| {
                     let o = b.index(v as u64 * VW as u64);
-                    let at = b.addi(base, &o);
+                    let at = b.addi(&base, &o);
                     self.kv_vload(b, &self.kbuf, &at)
                 })
                 .collect()
         };
+        let row = |b: &mut KernelBuilder, i: &str| row_base(b, i, false);
+        let value = |b: &mut KernelBuilder, at: &str| self.kv_vload(b, &self.vbuf, at);
+        self.group_tile(b, t, heads, nk, acc, (&key, &row, &value))
+    }
+
+    /// CPU split variant: the online softmax of a KV group's heads over `nk`
+    /// keys of a tile. Scores: each key's K vectors (`key(i)`, loaded once)
+    /// meet every head's query, VW keys at a time, whose dots one butterfly
+    /// per head sums, then one by one; they go to each head's own tile of
+    /// scores, and each head's running max and sum are rescaled (`softmax`).
+    /// Values: the heads' weighted values (at `acc[ab..]`) take key `i`'s
+    /// values (`value` at `row(i)`) together, each value vector loaded once
+    /// for the whole group (`pv_from`). Returns each head's new max and sum.
+    #[allow(clippy::type_complexity)]
+    fn group_tile(
+        &self,
+        b: &mut KernelBuilder,
+        t: &TileMem,
+        heads: &[TileHead],
+        nk: &str,
+        acc: &str,
+        (key, row, value): (
+            &dyn Fn(&mut KernelBuilder, &str) -> Vec<V>,
+            &dyn Fn(&mut KernelBuilder, &str) -> V,
+            &dyn Fn(&mut KernelBuilder, &str) -> V,
+        ),
+    ) -> Vec<(V, V)> {
+        let d = self.d;
+        let vty = KernelBuilder::vty(VW);
+        let ninf = b.f32(-1e30);
+        let scale = b.f32(1.0 / (d as f32).sqrt());
+        let z = b.vzero(VW);
+        let vwc = b.index(VW as u64);
+        let blocks = b.divui(nk, &vwc);
+        let blocked = b.muli(&blocks, &vwc);
+        let vninf = b.vbroadcast(&ninf, VW);
+        let vscale = b.vbroadcast(&scale, VW);
+        let s0s: Vec<V> = (0..heads.len()).map(|h| b.index(h as u64 * KEY_TILE)).collect();
         let dot = |b: &mut KernelBuilder, q: &[V], k: &[V]| -> V {
             let mut a = z.clone();
             for (qv, kv) in q.iter().zip(k) {
@@ -993,9 +970,7 @@ impl Attn {
             for u in 0..VW as u64 {
                 let o = b.index(u);
                 let i = b.addi(ib, &o);
-                let tk = b.addi(tb, &i);
-                let base = row_base(b, &tk, true);
-                let k = key_vecs(b, &base);
+                let k = key(b, &i);
                 for (h, head) in heads.iter().enumerate() {
                     dots[h].push(dot(b, &head.q, &k));
                 }
@@ -1014,9 +989,7 @@ impl Attn {
         });
         let block_max: Vec<V> = vmax.iter().map(|m| b.def(format!("vector.reduction <maxnumf>, {m} : {vty} into f32"))).collect();
         let tmax = b.for_fold(&blocked, nk, &block_max, |b, i, maxes| {
-            let tk = b.addi(tb, i);
-            let base = row_base(b, &tk, true);
-            let k = key_vecs(b, &base);
+            let k = key(b, i);
             heads
                 .iter()
                 .zip(&s0s)
@@ -1040,11 +1013,7 @@ impl Attn {
         }
         // Values, each value vector loaded once for every head.
         let abs: Vec<V> = heads.iter().map(|h| h.ab.clone()).collect();
-        let row = |b: &mut KernelBuilder, i: &str| {
-            let tk = b.addi(tb, i);
-            row_base(b, &tk, false)
-        };
-        self.pv_from(b, t, (&s0s, nk), &corrs, (acc, &abs), &row, &|b: &mut KernelBuilder, at: &str| self.kv_vload(b, &self.vbuf, at));
+        self.pv_from(b, t, (&s0s, nk), &corrs, (acc, &abs), row, value);
         ml
     }
 
@@ -1597,9 +1566,9 @@ impl Attn {
                                 })
                                 .collect();
                             let ml = if self.fused() {
-                                self.fused_tile(b, &tiles_mem, &heads, (tb, &nk), &khd, &kv_last, &row_of, &acc_mem)
+                                self.cache_group_tile(b, &tiles_mem, &heads, (tb, &nk), &khd, &kv_last, &row_of, &acc_mem)
                             } else {
-                                self.group_tile(b, &tiles_mem, &heads, &nk, &acc_mem)
+                                self.widened_group_tile(b, &tiles_mem, &heads, &nk, &acc_mem)
                             };
                             for (m_new, l_new) in ml {
                                 next.push(m_new);
