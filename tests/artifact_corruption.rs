@@ -4,7 +4,7 @@
 //! structural corruptions re-sealed with valid hashes (as a hostile writer
 //! would), which the validation behind the hashes must catch.
 
-mod common;
+use crate::common;
 
 use sparsec_compiler::driver::{compile, CompileRequest};
 use sparsec_compiler::options::{CompileOptions, TargetKind};

@@ -4,7 +4,7 @@
 //! sliding windows with sinks on ring caches (a prefill longer than the ring's
 //! slack runs in chunks; decode wraps the ring many times).
 
-mod attention_support;
+use crate::attention_support;
 
 use attention_support::{build, run_in_calls, values};
 use ndarray::{ArrayD, Axis};

@@ -9,7 +9,7 @@
 //! 96 ids) with a word-level tokenizer added: `w0`..`w89` are ids 0..89 and
 //! `zebra` is id 200, outside the models' vocabulary (`x91`..`x199` fill the ids between).
 
-mod word_model;
+use crate::word_model;
 
 use std::path::Path;
 use std::process::Command;

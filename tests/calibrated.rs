@@ -8,7 +8,7 @@
 //! variant's perplexity is that of a uniform guess, so quality is measured on
 //! SmolLM2, README.)
 
-mod word_model;
+use crate::word_model;
 
 use sparsec_runtime::Artifact;
 use std::path::Path;

@@ -7,8 +7,8 @@
 //! also for a checkpoint other than the one it was compiled from. Missing,
 //! superfluous, mismatched and underivable weights are refused clearly.
 
-mod common;
-mod word_model;
+use crate::common;
+use crate::word_model;
 
 use safetensors::SafeTensors;
 use sparsec_runtime::cpu::CpuExecutor;

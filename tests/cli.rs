@@ -1,7 +1,7 @@
 //! The `sparsec` command line as a user meets it: results, `--json`, and clear
 //! errors (with locations) instead of panics.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -2,7 +2,7 @@
 //! CPU against the reference interpreter, hit the cache, check the PTX with
 //! ptxas, run on CUDA where a GPU exists, and never leave half an artifact.
 
-mod common;
+use crate::common;
 
 use sparsec_compiler::{compile, Cache, CompileError, CompileOptions, CompileRequest, Compiled, TargetKind};
 use sparsec_ir::parse_graph;

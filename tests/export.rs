@@ -6,7 +6,7 @@
 //! perplexity of the original with the plan, and exporting the compiled
 //! artifact writes the same tensors. Bad inputs are refused clearly.
 
-mod word_model;
+use crate::word_model;
 
 use sparsec_ir::Sparsity;
 use sparsec_models::checkpoint::Model;

@@ -11,7 +11,7 @@
 //! and the text is pinned with an insta snapshot under `tests/snapshots/`.
 //! Re-bless all of them with `INSTA_UPDATE=always cargo test --test filetests`.
 
-mod common;
+use crate::common;
 
 use anyhow::{bail, Context, Result};
 use sparsec_compiler::mlir::pipeline::MlirSession;

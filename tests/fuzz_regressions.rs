@@ -3,8 +3,7 @@
 //! `cargo fuzz` targets run (`fuzz/src/harness.rs`): a finding stays fixed.
 //! CI runs this, not the fuzzers (`scripts/fuzz.sh` runs them).
 
-#[path = "../fuzz/src/harness.rs"]
-mod harness;
+use crate::harness;
 
 use std::path::Path;
 

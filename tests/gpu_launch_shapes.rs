@@ -8,7 +8,7 @@
 //! tensor-core prefill kernels' filetests also run on it against the
 //! interpreter and the CPU (else SKIPPED).
 
-mod common;
+use crate::common;
 
 use sparsec_compiler::{compile, CompileOptions, CompileRequest, Emit, GpuMmaActivations, KvCacheType, TargetKind};
 use sparsec_ir::parse_graph;

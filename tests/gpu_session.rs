@@ -4,7 +4,7 @@
 //! interpreter and the CPU session. The CPU part runs everywhere; the CUDA
 //! part needs a GPU and prints SKIPPED without one.
 
-mod common;
+use crate::common;
 
 use sparsec_runtime::compare::Tolerance;
 use sparsec_runtime::cuda_session::SessionCapacity;

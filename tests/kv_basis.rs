@@ -5,8 +5,6 @@
 //! chunked prefill and decode. Keys cached before RoPE (`rope = "before"`)
 //! keep the logits at full rank and equal the interpreter at half rank.
 
-mod common;
-
 use sparsec_runtime::compare::{compare, Tolerance};
 use sparsec_runtime::cuda_session::SessionCapacity;
 use sparsec_runtime::execute::{DeviceKind, Executor};

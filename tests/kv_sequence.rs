@@ -7,7 +7,7 @@
 //! exact rows; and the plan spelling reaches a model (the tiny Llama
 //! fixture) whose logits equal the interpreter's step by step.
 
-mod attention_support;
+use crate::attention_support;
 
 use attention_support::{build, compile_tiny_with_rule, run_in_calls, steps_equal_the_interpreter, values};
 use sparsec_compiler::{CompileOptions, TargetKind};

@@ -9,7 +9,7 @@
 //! node and one buffer, the manifest counts the parameters, and bad plans are
 //! refused with errors that name the rule.
 
-mod word_model;
+use crate::word_model;
 
 use ndarray::ArrayD;
 use sparsec_ir::{Op, Pattern};

@@ -1,7 +1,7 @@
 //! Models through the reference interpreter against their peers: HF transformers
 //! logits for a tiny Llama (GQA, tied embeddings), llama.cpp's perplexity for SmolLM2.
 
-mod common;
+use crate::common;
 
 use ndarray::{ArrayD, IxDyn};
 use sparsec_models::checkpoint::Model;

@@ -5,7 +5,7 @@
 //! sinks and the window under one softmax, decode split and combined, and a
 //! truncated session that fills its blocks again.
 
-mod attention_support;
+use crate::attention_support;
 
 use attention_support::{build, run_in_calls, values};
 use ndarray::{ArrayD, Axis, Slice};

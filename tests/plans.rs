@@ -3,7 +3,7 @@
 //! ptxas-checked) to what the reference interpreter computes on the same
 //! pruned weights, through a KV-cached session; bad plans are clear errors.
 
-mod common;
+use crate::common;
 
 use ndarray::{ArrayD, IxDyn};
 use sparsec_models::checkpoint::Model;

@@ -1,6 +1,6 @@
 //! The one rule for a test whose requirement is missing (the SmolLM2 checkpoint,
 //! ptxas, a fixture file, ...). Every test that guards uses this module: the
-//! root tests as `mod common;`, crate tests as
+//! root tests (modules of `tests/integration.rs`) as `crate::common`, crate tests as
 //! `#[path = "../../tests/common/mod.rs"] mod common;`.
 //!
 //! - Under CI (`CI` set and not empty, `false` or `0`) the test FAILS, naming
