@@ -5,8 +5,9 @@ one position takes (all 30 layers, K and V), for the block-quantized caches
 (with and without Hadamard rotation and KIVI's per-channel keys), the
 feature-axis PCA basis after RoPE, keys before RoPE in a score-fitted
 basis, chunked-SVD caches (chunks of 64 positions at fixed ranks and at
-energy thresholds) and sequence-axis DCT caches (blocks of 64 older than the
-last 256 positions read low-pass, 4 sinks); the KV bytes of the last two are
+energy thresholds) and sequence-axis DCT and PSWF caches (blocks of 64 older
+than the last 256 positions read low-pass, 4 sinks; PSWF at its default
+bandwidth, keep/4); the KV bytes of the last two are
 a record's share per position (their exact rows, a fixed 0.2-0.3 MB per
 cache, are left out). `--only` measures some rows again and keeps the
 others from the last results. Bases calibrate on the plan's default text (GPL-2 + LGPL-2.1 +
@@ -53,6 +54,9 @@ CONFIGS = [
     ("sequence dct 0.75", [], kv_rule('transform = "dct", axis = "sequence", keep = 0.75, block = 64, sinks = 4, recent = 256')),
     ("sequence dct 0.5", [], kv_rule('transform = "dct", axis = "sequence", keep = 0.5, block = 64, sinks = 4, recent = 256')),
     ("sequence dct 0.25", [], kv_rule('transform = "dct", axis = "sequence", keep = 0.25, block = 64, sinks = 4, recent = 256')),
+    ("sequence pswf 0.75", [], kv_rule('transform = "pswf", axis = "sequence", keep = 0.75, block = 64, sinks = 4, recent = 256')),
+    ("sequence pswf 0.5", [], kv_rule('transform = "pswf", axis = "sequence", keep = 0.5, block = 64, sinks = 4, recent = 256')),
+    ("sequence pswf 0.25", [], kv_rule('transform = "pswf", axis = "sequence", keep = 0.25, block = 64, sinks = 4, recent = 256')),
 ]
 
 

@@ -80,11 +80,17 @@ fn bad_ir_gives_located_errors_and_exit_code_2() {
 fn unimplemented_work_says_so_instead_of_pretending() {
     let tmp = tempfile::tempdir().unwrap();
     let c = tmp.path().join("c");
-    let plan = tmp.path().join("p.toml");
-    std::fs::write(&plan, "[[rule]]\nkv = { transform = \"pswf\", keep = 0.25, axis = \"sequence\", block = 64 }\n").unwrap();
-    let o = sparsec(&["compile", &example(), "--plan", plan.to_str().unwrap()], &c);
+    // A feature-axis `#kv` written into IR (the plan's feature bases are a
+    // pass that rewrites the weights, not a pattern a kernel reads).
+    let ir = tmp.path().join("kv.sir");
+    std::fs::write(
+        &ir,
+        "graph @g {\n  %x = input : f32[seq, 8]\n  %y = attention %x, %x, %x {heads = 2, kv_heads = 2} #kv(pswf, keep = 0.5, bandwidth = 0.1) : f32[seq, 8]\n  return %y\n}\n",
+    )
+    .unwrap();
+    let o = sparsec(&["compile", ir.to_str().unwrap()], &c);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("plan rule 1: `kv (sequence-axis PSWF)` is not implemented yet"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("#kv is not lowered yet"), "{}", stderr(&o));
     let o = sparsec(&["eval", &example(), "--text", "/usr/share/common-licenses/GPL-3"], &c);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("is an IR file, not a model checkpoint"), "{}", stderr(&o));

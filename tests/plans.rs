@@ -156,7 +156,6 @@ fn bad_plans_are_clear_errors() {
             "block 3x4 does not divide `layers.0.mlp.down`",
         ),
         ("[[rule]]\ntarget = \"mlp.sideways\"\nspecialize = \"generic\"", "target `mlp.sideways` selects no matmul"),
-        ("[[rule]]\nkv = { transform = \"pswf\", keep = 0.25, axis = \"sequence\" }", "`kv (sequence-axis PSWF)` is not implemented yet"),
         ("[[rule]]\nsparsity = { kind = \"unstructured\", ratio = 1.5 }", "plan rule 1: sparsity ratio 1.5 is outside [0, 1)"),
         ("[[rule]]\nsparsity = { kind = \"nm\", n = 3, m = 2 }", "N:M sparsity needs 0 < n <= m"),
         ("[[rule]]\nsparsity = { kind = \"nm\", n = 2, m = 4, values = \"q3\" }", "values = \"q3\" is not one of f32, q8, q4"),

@@ -1,5 +1,5 @@
 //! Patterns the text form and the verifier know but nothing implements yet
-//! (`#kv`), and `#specialize` without `#sparsity`, are refused by the
+//! (`#kv` on the feature axis, whose bases are a pass over the weights), and `#specialize` without `#sparsity`, are refused by the
 //! compiler and by the interpreter alike, never ignored. `#low_rank` is
 //! lowered by the `low-rank` pass, which runs when a plan factors weights
 //! (`tests/low_rank.rs`); one that reaches a backend unlowered is refused.
@@ -10,10 +10,11 @@ use sparsec_compiler::Cache;
 use sparsec_ir::parse_graph;
 use sparsec_passes::PrintOptions;
 
-const CASES: [(&str, &str); 3] = [
+const CASES: [(&str, &str); 4] = [
     ("matmul %x, %w #low_rank(rank = 2)", "this op was not lowered"),
     ("matmul %x, %w #specialize(generic)", "this op has no #sparsity"),
     ("attention %x, %x, %x {heads = 2, kv_heads = 2} #kv(dct, keep = 0.5)", "#kv is not lowered yet"),
+    ("attention %x, %x, %x {heads = 2, kv_heads = 2} #kv(pswf, keep = 0.5, bandwidth = 0.1)", "#kv is not lowered yet"),
 ];
 
 fn graph(op: &str) -> String {

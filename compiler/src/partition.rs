@@ -170,10 +170,11 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     energy: layout.energy,
                 });
             }
-            if crate::mlir::kernels::has_sequence_dct(&spec) {
+            if crate::mlir::kernels::has_sequence_kv(&spec) {
                 let l = crate::mlir::kernels::sequence_layout(&spec, width)
-                    .ok_or_else(|| spec.unsupported("#kv(dct, axis = sequence) needs a block, a positive recent and a kept row"))?;
+                    .ok_or_else(|| spec.unsupported("#kv(axis = sequence) needs a block, a positive recent and a kept row"))?;
                 sequence_cache = Some(sparsec_runtime::manifest::SequenceCache {
+                    basis: l.basis,
                     keep: l.keep,
                     block: l.block as u32,
                     rows: l.m as u32,
@@ -187,7 +188,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                 // whatever `--kv-cache` says for other caches.
                 if kv_dtype.is_quantized() || spec.hadamard_kv || spec.kivi_keys {
                     return Err(spec.unsupported(&format!(
-                        "#kv(chunked_svd) and #kv(dct, axis = sequence) caches hold f16 records; they are not combined with {} caches, --kv-hadamard or --kv-kivi",
+                        "#kv(chunked_svd) and #kv(axis = sequence) caches hold f16 records; they are not combined with {} caches, --kv-hadamard or --kv-kivi",
                         kv_dtype.name()
                     )));
                 }

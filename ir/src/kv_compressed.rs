@@ -1,6 +1,6 @@
 //! What a compressed KV cache's layout tells its appender (the CPU runtime's
 //! and, through it, the CUDA session's), whichever family it is: chunked SVD
-//! (`kv_chunked`) or sequence-axis DCT (`kv_sequence`). Both keep a ring of
+//! (`kv_chunked`) or sequence-axis DCT or PSWF (`kv_sequence`). Both keep a ring of
 //! exact f32 rows (after the sinks, if any) and then one record per group of
 //! positions (a chunk, a block), written once the group's last position
 //! arrives; this enum answers the questions that append, the call limit and
@@ -20,7 +20,10 @@ impl Compressed {
     pub fn name(&self) -> &'static str {
         match self {
             Compressed::Chunked(_) => "chunked-SVD",
-            Compressed::Sequence(_) => "sequence-axis DCT",
+            Compressed::Sequence(l) => match l.basis {
+                crate::kv_sequence::SeqBasis::Dct => "sequence-axis DCT",
+                crate::kv_sequence::SeqBasis::Pswf { .. } => "sequence-axis PSWF",
+            },
         }
     }
 

@@ -163,11 +163,18 @@ pub enum KvCompression {
         /// Sequence axis: the newest positions kept exact (0 on the feature axis).
         recent: u32,
     },
+    /// As `Dct`, in discrete prolate spheroidal sequences of half-bandwidth
+    /// `bandwidth` (feature axis: the plan's bases are a pass; sequence
+    /// axis: `kv_sequence`'s PSWF basis).
     Pswf {
         keep: f32,
         axis: KvAxis,
         block: Option<u32>,
         bandwidth: f32,
+        /// Sequence axis: positions kept exact at the start (0 on the feature axis).
+        sinks: u32,
+        /// Sequence axis: the newest positions kept exact (0 on the feature axis).
+        recent: u32,
     },
     ChunkedSvd {
         chunk: u32,
@@ -388,8 +395,8 @@ impl Pattern {
             | Pattern::Window(_)
             | Pattern::Nsa(_)
             | Pattern::Kv(KvCompression::PreRope { .. } | KvCompression::ChunkedSvd { .. }) => true,
-            Pattern::Kv(KvCompression::Dct { axis, .. }) => *axis == KvAxis::Sequence,
-            Pattern::LowRank(_) | Pattern::Kv(KvCompression::Pswf { .. }) => false,
+            Pattern::Kv(KvCompression::Dct { axis, .. } | KvCompression::Pswf { axis, .. }) => *axis == KvAxis::Sequence,
+            Pattern::LowRank(_) => false,
         }
     }
 
@@ -430,13 +437,17 @@ impl Pattern {
                     KvAxis::Feature => a,
                 }
             }
-            Pattern::Kv(KvCompression::Pswf { keep, axis, block, bandwidth }) => {
+            Pattern::Kv(KvCompression::Pswf { keep, axis, block, bandwidth, sinks, recent }) => {
                 let a = a.word("pswf").kv("keep", Float(*keep as f64)).kv("axis", Word(axis.name().into()));
                 let a = match block {
                     Some(b) => a.kv("block", Int(*b as i128)),
                     None => a,
                 };
-                a.kv("bandwidth", Float(*bandwidth as f64))
+                let a = a.kv("bandwidth", Float(*bandwidth as f64));
+                match axis {
+                    KvAxis::Sequence => a.kv("sinks", Int(*sinks as i128)).kv("recent", Int(*recent as i128)),
+                    KvAxis::Feature => a,
+                }
             }
             Pattern::Kv(KvCompression::ChunkedSvd { chunk, rank }) => {
                 let a = a.word("chunked_svd").kv("chunk", Int(*chunk as i128));
@@ -528,6 +539,8 @@ impl Pattern {
                         axis: axis(&mut r)?,
                         block: r.opt_u32("block")?,
                         bandwidth: r.f32("bandwidth")?,
+                        sinks: r.opt_u32("sinks")?.unwrap_or(0),
+                        recent: r.opt_u32("recent")?.unwrap_or(0),
                     }),
                     "chunked_svd" => {
                         let chunk = r.u32("chunk")?;

@@ -215,9 +215,7 @@ pub fn attention(
                 expanded = Some(pre_rope_keys(k, basis, kv_heads, *rank as usize, *theta, *adjacent)?);
             }
             Pattern::Kv(KvCompression::ChunkedSvd { chunk, rank }) => factored = Some((*chunk, *rank)),
-            Pattern::Kv(KvCompression::Dct { keep, axis: crate::pattern::KvAxis::Sequence, block, sinks, recent }) => {
-                low_pass = Some((*keep, block.unwrap_or(0), *sinks, *recent))
-            }
+            Pattern::Kv(kv) if crate::kv_sequence::SeqParams::of(kv).is_some() => low_pass = crate::kv_sequence::SeqParams::of(kv),
             Pattern::Kv(_) => crate::pattern::refuse_unimplemented(std::slice::from_ref(p))?,
             Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::Values(_) | Pattern::LowRank(_) => {
                 return Err(format!("#{} does not apply to attention", p.keyword()))
@@ -232,7 +230,7 @@ pub fn attention(
         return chunked_svd_attention((heads, kv_heads), chunk, rank, q, k, v, q_offset);
     }
     if let Some(seq) = low_pass {
-        return sequence_dct_attention((heads, kv_heads), seq, q, k, v, q_offset);
+        return sequence_attention((heads, kv_heads), seq, q, k, v, q_offset);
     }
     let s = q.shape()[0];
     let qw = q.shape()[1];
@@ -368,14 +366,14 @@ fn chunked_svd_attention(
     ArrayD::from_shape_vec(IxDyn(&[s, qw]), out).map_err(|e| e.to_string())
 }
 
-/// Causal attention over sequence-axis DCT caches (`#kv(dct, axis =
+/// Causal attention over sequence-axis caches (`#kv(dct | pswf, axis =
 /// sequence)`, the rule of `kv_sequence`): the query at p reads the sinks,
 /// the low-pass positions of the blocks older than its last `recent`
 /// positions (each score + ln(block/m)), and the rest exactly. Simple loops
 /// in f64, one query and head at a time.
-fn sequence_dct_attention(
+fn sequence_attention(
     (heads, kv_heads): (usize, usize),
-    (keep, block, sinks, recent): (f32, u32, u32, u32),
+    seq: crate::kv_sequence::SeqParams,
     q: &ArrayD<f32>,
     k: &ArrayD<f32>,
     v: &ArrayD<f32>,
@@ -384,7 +382,7 @@ fn sequence_dct_attention(
     let (s, qw, total) = query_rows(q, k, v, q_offset)?;
     let d = qw / heads.max(1);
     let kvw = kv_heads * d;
-    let l = crate::kv_sequence::SeqLayout::new(keep, block, sinks, recent, kvw, 1).ok_or("#kv(dct, axis = sequence) keeps nothing")?;
+    let l = seq.layout(kvw, 1).ok_or("#kv(axis = sequence) keeps nothing")?;
     let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
     // Every complete block's low-pass rows.
     let low = |x: &[f32]| -> Result<Vec<Vec<f32>>, String> {

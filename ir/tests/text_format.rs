@@ -38,11 +38,12 @@ const EVERY_OP: &str = r#"graph @every_op {
   %k = matmul %h, %w : f32[seq, 128]
   %kv = matmul %k, %wt {transpose_b = true} : f32[seq, 64]
   %at = attention %q, %kv, %kv {heads = 4, kv_heads = 4} #window(sliding, size = 16, sinks = 2) #kv(dct, keep = 0.25, axis = feature, block = 64) : f32[seq, 64]
-  %at2 = attention %q, %kv, %kv {heads = 2, kv_heads = 2} #window(full) #kv(pswf, keep = 0.5, axis = sequence, bandwidth = 0.1) : f32[seq, 64]
+  %at2 = attention %q, %kv, %kv {heads = 2, kv_heads = 2} #window(full) #kv(pswf, keep = 0.5, axis = feature, bandwidth = 0.1) : f32[seq, 64]
   %at3 = attention %q, %kv, %kv {heads = 1, kv_heads = 1} #nsa(block = 16, top_n = 4, window = 32, sinks = 4, score = bound) : f32[seq, 64]
   %at4 = attention %q, %kv, %kv {heads = 2, kv_heads = 2} #kv(chunked_svd, chunk = 32, energy = 0.95, max_rank = 8) : f32[seq, 64]
   %at6 = attention %q, %kv, %kv {heads = 4, kv_heads = 4} #kv(chunked_svd, chunk = 64, rank = 8) : f32[seq, 64]
   %at7 = attention %q, %kv, %kv {heads = 4, kv_heads = 4} #kv(dct, keep = 0.25, axis = sequence, block = 64, sinks = 4, recent = 256) : f32[seq, 64]
+  %at8 = attention %q, %kv, %kv {heads = 4, kv_heads = 4} #kv(pswf, keep = 0.25, axis = sequence, block = 64, bandwidth = 0.0625, sinks = 4, recent = 256) : f32[seq, 64]
   %kc = matmul %h, %plain : f32[seq, 64]
   %kb = weight "layers.0.kv.kb" : f32[64, 32]
   %at5 = attention %q, %kc, %kv, %kb {heads = 2, kv_heads = 2} #kv(pre_rope, rank = 32, theta = 10000.0, adjacent = true) : f32[seq, 64]
@@ -52,7 +53,7 @@ const EVERY_OP: &str = r#"graph @every_op {
   %pe = embedding %plain, %pos : f32[seq, 64]
   %rq = rope %q {heads = 4, theta = 10000.0, adjacent = true} : f32[seq, 64]
   %rk = rope %kv {heads = 2, theta = 500000.0, adjacent = false} : f32[seq, 64]
-  return %m, %gt, %ge, %s, %sm, %c, %at, %at2, %at3, %at4, %at6, %at7, %at5, %u5, %u6, %u7, %tok, %pe, %rq, %rk
+  return %m, %gt, %ge, %s, %sm, %c, %at, %at2, %at3, %at4, %at6, %at7, %at8, %at5, %u5, %u6, %u7, %tok, %pe, %rq, %rk
 }
 "#;
 

@@ -151,12 +151,6 @@ fn rule_err(rule: &Rule, message: String) -> IrError {
 
 impl ApplyPlan {
     fn apply_rule(&self, g: &mut Graph, rule: &Rule, n_layers: u64) -> Result<(), IrError> {
-        if let Some(what) = rule.not_yet.first() {
-            return Err(rule_err(
-                rule,
-                format!("`{what}` is not implemented yet (sparsity, specialize, low_rank, share, attention windows, nsa, feature-axis kv bases, chunked_svd and sequence-axis dct are)"),
-            ));
-        }
         if rule.from_weights {
             return Err(rule_err(
                 rule,
@@ -272,13 +266,16 @@ impl ApplyPlan {
             }
         }
         if let Some(sq) = rule.kv_sequence {
-            let p = Pattern::Kv(sparsec_ir::KvCompression::Dct {
-                keep: sq.keep,
-                axis: sparsec_ir::KvAxis::Sequence,
-                block: Some(sq.block),
-                sinks: sq.sinks,
-                recent: sq.recent,
-            });
+            let p = Pattern::Kv(
+                sparsec_ir::kv_sequence::SeqParams {
+                    basis: sq.basis,
+                    keep: sq.keep,
+                    block: Some(sq.block),
+                    sinks: sq.sinks,
+                    recent: sq.recent,
+                }
+                .pattern(),
+            );
             for (i, _) in attentions(g)? {
                 set_pattern(&mut g.nodes[i].patterns, p.clone());
             }

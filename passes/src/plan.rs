@@ -4,6 +4,7 @@
 //! known keys); `apply-plan` checks the rest against the graph.
 
 use serde::Deserialize;
+use sparsec_ir::kv_sequence::SeqBasis;
 use sparsec_ir::{NativeSparse, NsaCompress, NsaGate, NsaScore, Sparsity, Specialize, ValueCoding};
 
 /// A parsed plan: its rules in order (later rules override earlier ones).
@@ -235,8 +236,8 @@ pub struct Rule {
     /// the caches factored per chunk of positions (`#kv(chunked_svd)`).
     pub kv_chunks: Option<(u32, sparsec_ir::SvdRank)>,
     /// `kv = { transform = "dct", axis = "sequence", keep, block, sinks, recent }`:
-    /// older blocks of positions read low-pass (`#kv(dct, axis = sequence)`).
-    pub kv_sequence: Option<SequenceDct>,
+    /// older blocks of positions read low-pass (`#kv(dct | pswf, axis = sequence)`).
+    pub kv_sequence: Option<SequenceKv>,
     /// `sparsity = { kind = "from-weights" }`: each selected weight keeps the
     /// zeros it has, as the pattern they form (`sparsity` is `None`);
     /// `resolve_from_weights` turns the rule into concrete ones, and
@@ -244,8 +245,6 @@ pub struct Rule {
     pub from_weights: bool,
     /// `low_rank` or `share`: the selected weights are factored.
     pub factor: Option<FactorPlan>,
-    /// Families the plan format names but this build cannot apply yet (`kv`).
-    pub not_yet: Vec<&'static str>,
 }
 
 impl Rule {
@@ -371,9 +370,10 @@ struct KvFile {
     alpha: Option<f32>,
 }
 
-/// Sequence-axis DCT of the caches (`sparsec_ir::kv_sequence`).
+/// Sequence-axis DCT or PSWF of the caches (`sparsec_ir::kv_sequence`).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SequenceDct {
+pub struct SequenceKv {
+    pub basis: sparsec_ir::kv_sequence::SeqBasis,
     pub keep: f32,
     pub block: u32,
     pub sinks: u32,
@@ -605,7 +605,6 @@ impl Plan {
                         .ok_or_else(|| err(format!("specialize = \"{s}\" is not one of dense, generic, indices, full, auto")))?,
                 ),
             };
-            let mut not_yet = Vec::new();
             let mut window = None;
             let mut nsa = None;
             let mut nsa_gate = NsaGatePlan::Joint;
@@ -726,7 +725,6 @@ impl Plan {
                 }
                 Some(f) if f.axis.as_deref() == Some("sequence") => {
                     if f.on.is_some()
-                        || f.bandwidth.is_some()
                         || f.chunk.is_some()
                         || f.rank.is_some()
                         || f.energy.is_some()
@@ -736,25 +734,35 @@ impl Plan {
                         || f.alpha.is_some()
                     {
                         return Err(err(
-                            "kv axis = \"sequence\" compresses blocks of positions: it takes transform, keep, block, sinks and recent"
+                            "kv axis = \"sequence\" compresses blocks of positions: it takes transform, keep, block, sinks, recent and (pswf) bandwidth"
                                 .into(),
                         ));
                     }
-                    match f.transform.as_str() {
-                        "dct" => {
-                            let seq = SequenceDct {
-                                keep: f.keep.unwrap_or(0.5),
-                                block: f.block.unwrap_or(64),
-                                sinks: f.sinks.unwrap_or(4),
-                                recent: f.recent.unwrap_or(256),
-                            };
-                            sparsec_ir::verifier::verify_sequence_dct(seq.keep, Some(seq.block), seq.recent)
-                                .map_err(|m| err(format!("kv: {m}")))?;
-                            kv_sequence = Some(seq);
+                    let keep = f.keep.unwrap_or(0.5);
+                    let basis = match f.transform.as_str() {
+                        "dct" if f.bandwidth.is_some() => {
+                            return Err(err("kv bandwidth is a pswf parameter (transform = \"pswf\")".into()))
                         }
-                        "pswf" => not_yet.push("kv (sequence-axis PSWF)"),
+                        "dct" => SeqBasis::Dct,
+                        "pswf" => {
+                            let bandwidth = f.bandwidth.unwrap_or_else(|| SeqBasis::default_bandwidth(keep));
+                            if !(bandwidth > 0.0 && bandwidth < 0.5) {
+                                return Err(err(format!("kv bandwidth = {bandwidth} is outside (0, 0.5)")));
+                            }
+                            SeqBasis::Pswf { bandwidth }
+                        }
                         other => return Err(err(format!("kv transform = \"{other}\" on the sequence axis (expected dct or pswf)"))),
-                    }
+                    };
+                    let seq = SequenceKv {
+                        basis,
+                        keep,
+                        block: f.block.unwrap_or(64),
+                        sinks: f.sinks.unwrap_or(4),
+                        recent: f.recent.unwrap_or(256),
+                    };
+                    sparsec_ir::verifier::verify_sequence_dct(seq.keep, Some(seq.block), seq.recent)
+                        .map_err(|m| err(format!("kv: {m}")))?;
+                    kv_sequence = Some(seq);
                     None
                 }
                 Some(f) => {
@@ -851,7 +859,6 @@ impl Plan {
                 && kv_chunks.is_none()
                 && kv_sequence.is_none()
                 && factor.is_none()
-                && not_yet.is_empty()
             {
                 return Err(err("says nothing: give sparsity, specialize, attention, kv, low_rank or share".into()));
             }
@@ -871,7 +878,6 @@ impl Plan {
                 kv_sequence,
                 factor,
                 from_weights,
-                not_yet,
             });
         }
         let mut calibration = Calibration::default();

@@ -6,7 +6,7 @@ use sparsec_ir::sparse::SparseStorage;
 use sparsec_ir::{DType, Dim, SymSize};
 
 /// Bumped whenever the manifest or the kernel ABI changes.
-pub const MANIFEST_VERSION: u32 = 13;
+pub const MANIFEST_VERSION: u32 = 14;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const GRAPH_FILE: &str = "graph.sir";
@@ -211,16 +211,19 @@ pub struct BufferSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunked: Option<ChunkedCache>,
     /// A KV cache whose older blocks of positions are kept low-pass
-    /// (`#kv(dct, axis = sequence)`, `sparsec_ir::kv_sequence`): the sinks'
+    /// (`#kv(dct | pswf, axis = sequence)`, `sparsec_ir::kv_sequence`): the sinks'
     /// and a ring's exact f32 rows, then per complete block its low-pass f16
     /// rows (`dtype` f16).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequence: Option<SequenceCache>,
 }
 
-/// The layout parameters of a sequence-axis DCT cache (manifest version 11).
+/// The layout parameters of a sequence-axis cache (manifest version 11; the
+/// basis since version 14).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SequenceCache {
+    /// The matrix a block is compressed with (`SeqLayout::resampling`).
+    pub basis: sparsec_ir::kv_sequence::SeqBasis,
     pub keep: f32,
     pub block: u32,
     /// Low-pass rows per block (`kv_sequence::kept_rows`).
@@ -241,7 +244,15 @@ impl SequenceCache {
         if block == 0 || !ring.is_multiple_of(block) || ring <= recent + block {
             return None;
         }
-        let l = sparsec_ir::kv_sequence::SeqLayout::new(self.keep, self.block, self.sinks, self.recent, width, ring - recent - block)?;
+        let l = sparsec_ir::kv_sequence::SeqLayout::new(
+            self.basis,
+            self.keep,
+            self.block,
+            self.sinks,
+            self.recent,
+            width,
+            ring - recent - block,
+        )?;
         (l.ring == ring && l.m == self.rows as usize).then_some(l)
     }
 }

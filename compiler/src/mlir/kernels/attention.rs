@@ -91,8 +91,8 @@ pub fn window_of(spec: &KernelSpec) -> Result<Option<(u32, u32)>, CompileError> 
             Pattern::Nsa(_) => {}
             // Keys cached before RoPE (`kv_pre_rope.rs`), caches factored per chunk (`kv_chunked.rs`).
             Pattern::Kv(sparsec_ir::KvCompression::PreRope { .. } | sparsec_ir::KvCompression::ChunkedSvd { .. }) => {}
-            // Older blocks read low-pass (`kv_sequence.rs`).
-            Pattern::Kv(sparsec_ir::KvCompression::Dct { axis: sparsec_ir::KvAxis::Sequence, .. }) => {}
+            // Older blocks read low-pass (`kv_sequence.rs`), in either basis.
+            Pattern::Kv(kv) if sparsec_ir::kv_sequence::SeqParams::of(kv).is_some() => {}
             other => return Err(spec.unsupported(&format!("#{} is not lowered yet (its pattern issue adds it)", other.keyword()))),
         }
     }
@@ -115,7 +115,7 @@ fn dims(spec: &KernelSpec) -> Result<(u64, u64, u64), CompileError> {
 /// Whether the CPU kernel is the grouped, split variant (two phases of units
 /// and a scratch buffer).
 pub fn cpu_split(spec: &KernelSpec) -> bool {
-    super::chunked_svd_of(spec).is_none() && !super::has_sequence_dct(spec) && dims(spec).is_ok_and(|(_, _, d)| d > 0 && d % VW as u64 == 0)
+    super::chunked_svd_of(spec).is_none() && !super::has_sequence_kv(spec) && dims(spec).is_ok_and(|(_, _, d)| d > 0 && d % VW as u64 == 0)
 }
 
 /// The CPU units of the split variant's first phase (partials), and of both
@@ -143,7 +143,7 @@ pub fn scratch_words(spec: &KernelSpec) -> Result<u64, CompileError> {
 /// one wave; `None` for the compressed caches' kernels (a block per (row,
 /// head) always).
 pub fn gpu_decode_splits(spec: &KernelSpec) -> Option<u64> {
-    if super::chunked_svd_of(spec).is_some() || super::has_sequence_dct(spec) {
+    if super::chunked_svd_of(spec).is_some() || super::has_sequence_kv(spec) {
         return None;
     }
     let (h, _, _) = dims(spec).ok()?;
@@ -240,7 +240,7 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
     if super::chunked_svd_of(spec).is_some() {
         return super::kv_chunked::emit(b, cx, (h, kvh, d));
     }
-    if super::has_sequence_dct(spec) {
+    if super::has_sequence_kv(spec) {
         return super::kv_sequence::emit(b, cx, (h, kvh, d));
     }
     // f16 caches (`KvCacheType::F16`) are read as f16 views of byte

@@ -1,5 +1,6 @@
-//! Attention over sequence-axis DCT caches (`#kv(dct, axis = sequence)`,
-//! layout and rule in `sparsec_ir::kv_sequence`): a query reads the sinks'
+//! Attention over sequence-axis caches (`#kv(dct | pswf, axis = sequence)`,
+//! layout and rule in `sparsec_ir::kv_sequence`; the basis only changes the
+//! matrix the appender compresses a block with, not this kernel): a query reads the sinks'
 //! exact rows, then the low-pass rows of the blocks older than its recent
 //! positions (f16, each score raised by ln(block/m)), then its recent
 //! positions' exact rows from the ring. Three runs of keys through one
@@ -39,18 +40,16 @@ enum Run {
     Recent,
 }
 
-/// The kernel of an attention with `#kv(dct, axis = sequence)`.
+/// The kernel of an attention with `#kv(dct | pswf, axis = sequence)`.
 /// `(h, kvh, d)`: heads, KV heads (dividing them) and head width, as
 /// `emit_attention` checked them.
 pub(super) fn emit(b: &mut KernelBuilder, cx: &KernelCtx<'_>, (h, kvh, d): (u64, u64, u64)) -> Result<(), CompileError> {
     let KernelCtx { spec, device, .. } = *cx;
     let l = super::sequence_layout(spec, (kvh * d) as usize)
-        .ok_or_else(|| spec.unsupported("#kv(dct, axis = sequence) needs a block, a positive recent and a kept row"))?;
-    check_f16_caches(spec, "#kv(dct, axis = sequence)")?;
+        .ok_or_else(|| spec.unsupported("#kv(axis = sequence) needs a block, a positive recent and a kept row"))?;
+    check_f16_caches(spec, "#kv(axis = sequence)")?;
     if device == Device::Cpu && !d.is_multiple_of(VW as u64) {
-        return Err(
-            spec.unsupported(&format!("#kv(dct, axis = sequence) on the CPU needs a head width that is a multiple of {VW}, not {d}"))
-        );
+        return Err(spec.unsupported(&format!("#kv(axis = sequence) on the CPU needs a head width that is a multiple of {VW}, not {d}")));
     }
     let exact_words = ((l.sinks + l.ring) * l.width) as u64;
     let (k, v) = cache_views(b, cx, exact_words);

@@ -29,21 +29,17 @@ pub fn chunked_layout(spec: &KernelSpec, kv_heads: usize, d: usize) -> Option<sp
     sparsec_ir::kv_chunked::ChunkLayout::new(chunk, rank, kv_heads, d, RING_SLACK as usize)
 }
 
-/// The cache layout of an attention with `#kv(dct, axis = sequence)` over
-/// cache rows of `width` channels (calls append at most `RING_SLACK` rows);
-/// `None` without one, or where it does not fit. Its kernel is `kv_sequence`'s.
+/// The cache layout of an attention with `#kv(dct | pswf, axis = sequence)`
+/// over cache rows of `width` channels (calls append at most `RING_SLACK`
+/// rows); `None` without one, or where it does not fit. Its kernel is
+/// `kv_sequence`'s (the same for both bases: only the appender's matrix differs).
 pub fn sequence_layout(spec: &KernelSpec, width: usize) -> Option<sparsec_ir::kv_sequence::SeqLayout> {
-    spec.patterns.iter().find_map(|p| match p {
-        Pattern::Kv(sparsec_ir::KvCompression::Dct { keep, axis: sparsec_ir::KvAxis::Sequence, block, sinks, recent }) => {
-            sparsec_ir::kv_sequence::SeqLayout::new(*keep, (*block)?, *sinks, *recent, width, RING_SLACK as usize)
-        }
-        _ => None,
-    })
+    sparsec_ir::kv_sequence::SeqParams::of_patterns(&spec.patterns)?.layout(width, RING_SLACK as usize)
 }
 
-/// Whether an attention carries `#kv(dct, axis = sequence)`.
-pub fn has_sequence_dct(spec: &KernelSpec) -> bool {
-    spec.patterns.iter().any(|p| matches!(p, Pattern::Kv(sparsec_ir::KvCompression::Dct { axis: sparsec_ir::KvAxis::Sequence, .. })))
+/// Whether an attention carries `#kv(dct | pswf, axis = sequence)`.
+pub fn has_sequence_kv(spec: &KernelSpec) -> bool {
+    sparsec_ir::kv_sequence::SeqParams::of_patterns(&spec.patterns).is_some()
 }
 
 /// The chunk and rank of an attention's `#kv(chunked_svd)`, if it has one
@@ -377,7 +373,7 @@ impl KernelSpec {
     /// (attention's split partials); `None` when it takes none.
     pub fn scratch_words(&self) -> Result<Option<u64>, CompileError> {
         match &self.op {
-            Op::Attention { .. } if self.stage != Stage::Op || chunked_svd_of(self).is_some() || has_sequence_dct(self) => Ok(None),
+            Op::Attention { .. } if self.stage != Stage::Op || chunked_svd_of(self).is_some() || has_sequence_kv(self) => Ok(None),
             Op::Attention { .. } => Ok(Some(attention::scratch_words(self)?)),
             _ => Ok(None),
         }
