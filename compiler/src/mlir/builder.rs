@@ -356,6 +356,21 @@ impl KernelBuilder {
         self.def(format!("memref.alloca({n}) : memref<?xf32>"))
     }
 
+    /// A stack buffer of `n` indices (CPU kernels only).
+    pub fn alloca_index(&mut self, n: &str) -> V {
+        self.def(format!("memref.alloca({n}) : memref<?xindex>"))
+    }
+
+    /// Reads index `buf[i]` of an `alloca_index` buffer.
+    pub fn index_at(&mut self, buf: &str, i: &str) -> V {
+        self.def(format!("memref.load {buf}[{i}] : memref<?xindex>"))
+    }
+
+    /// Writes index `v` to `buf[i]` of an `alloca_index` buffer.
+    pub fn set_index(&mut self, v: &str, buf: &str, i: &str) {
+        self.line(format!("memref.store {v}, {buf}[{i}] : memref<?xindex>"));
+    }
+
     /// `coef * seq^pow` as an index value.
     pub fn sym(&mut self, s: SymSize) -> V {
         let mut v = self.index(s.coef);

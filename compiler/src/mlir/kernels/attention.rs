@@ -356,6 +356,9 @@ struct TileMem {
     kt: V,
     /// `#kv(pre_rope)`: a key's coefficients and the tile's angles (`KeyBasis::scratch_words`).
     rope: Option<V>,
+    /// `#nsa` over f16/f32 caches: the cache row of each key of the tile
+    /// (`KEY_TILE` indices), looked up in the selection once per key.
+    rows: Option<V>,
 }
 
 /// One query head of a KV group in the split variant's tile step: its query
@@ -878,32 +881,47 @@ impl Attn {
         let kvw = self.kvh * d;
         let nv = (d / VW as u64) as usize;
         let kvwc = b.index(kvw);
+        // Into L2: the lines a tile needs (128 keys ahead, K and V) outnumber
+        // L1's miss buffers, which would stall the stream (SmolLM2's shape at
+        // 60000 positions, 2 threads, Zen 4 guest: 2.4-3.5 ms per call against
+        // 3.4-4.5 with prefetcht0).
+        let prefetch = |b: &mut KernelBuilder, base: &str, ahead: u64| {
+            for buf in [&self.kbuf, &self.vbuf] {
+                for at in [0, d - 1] {
+                    b.prefetch_ahead_to(buf, base, ahead * kvw + at, kv_last, self.kv_elem(), PrefetchTo::L2);
+                }
+            }
+        };
+        // `#nsa`: each key's cache row looked up in the selection once, and the
+        // row `NSA_PREFETCH_KEYS` visible keys on prefetched, before the tile's
+        // scores and values read them (three lookups a key before).
+        if let Some(rows) = &t.rows {
+            let zero = b.index(0);
+            b.for_each(&zero, nk, |b, i| {
+                let tk = b.addi(tb, i);
+                let j = row_of(b, &tk);
+                b.set_index(&j, rows, i);
+                let n = b.index(NSA_PREFETCH_KEYS);
+                let ta = b.addi(&tk, &n);
+                let ja = row_of(b, &ta);
+                let ra = b.muli(&ja, &kvwc);
+                let ahead_base = b.addi(&ra, khd);
+                prefetch(b, &ahead_base, 0);
+            });
+        }
         // Cache row start of key `i` of the tile, prefetching the row `ahead` on.
-        let row_base = |b: &mut KernelBuilder, i: &str, prefetch: bool| -> V {
-            let tk = b.addi(tb, i);
-            let j = row_of(b, &tk);
+        let row_base = |b: &mut KernelBuilder, i: &str, fetch_ahead: bool| -> V {
+            let j = match &t.rows {
+                Some(rows) => b.index_at(rows, i),
+                None => {
+                    let tk = b.addi(tb, i);
+                    row_of(b, &tk)
+                }
+            };
             let rb = b.muli(&j, &kvwc);
             let base = b.addi(&rb, khd);
-            if prefetch {
-                let (ahead_base, ahead) = match &self.nsa {
-                    Some(_) => {
-                        let n = b.index(NSA_PREFETCH_KEYS);
-                        let ta = b.addi(&tk, &n);
-                        let ja = row_of(b, &ta);
-                        let ra = b.muli(&ja, &kvwc);
-                        (b.addi(&ra, khd), 0)
-                    }
-                    None => (base.clone(), ATTN_PREFETCH_KEYS),
-                };
-                // Into L2: the lines a tile needs (128 keys ahead, K and V)
-                // outnumber L1's miss buffers, which would stall the stream
-                // (SmolLM2's shape at 60000 positions, 2 threads, Zen 4 guest:
-                // 2.4-3.5 ms per call against 3.4-4.5 with prefetcht0).
-                for buf in [&self.kbuf, &self.vbuf] {
-                    for at in [0, d - 1] {
-                        b.prefetch_ahead_to(buf, &ahead_base, ahead * kvw + at, kv_last, self.kv_elem(), PrefetchTo::L2);
-                    }
-                }
+            if fetch_ahead && t.rows.is_none() {
+                prefetch(b, &base, ATTN_PREFETCH_KEYS);
             }
             base
         };
@@ -1423,7 +1441,8 @@ impl Attn {
             let n = b.index(kb.scratch_words());
             b.alloca_f32(&n)
         });
-        let tiles_mem = TileMem { k: ktile, v: vtile, s: stile, kt, rope };
+        let rows = (self.nsa.is_some() && self.fused()).then(|| b.alloca_index(&tile_keys));
+        let tiles_mem = TileMem { k: ktile, v: vtile, s: stile, kt, rope, rows };
         // The group's running weighted sums of values, one row per head.
         // Without NSA (whose visible keys depend on the KV head) a unit serves
         // every KV head of its row and split, so it reads whole cache rows: its
