@@ -156,7 +156,7 @@ fn unwhiten(l: Option<&Mat<f64>>, u: Mat<f64>) -> Mat<f64> {
 
 /// The top `r` left singular vectors and `Σ_r V_rᵀ` of `a`.
 fn truncated_svd(a: &Mat<f64>, r: usize, what: &str) -> Result<(Mat<f64>, Mat<f64>)> {
-    let svd = a.thin_svd().map_err(|e| anyhow::anyhow!("SVD of `{what}` did not converge: {e:?}"))?;
+    let svd = sparsec_ir::simd_state::faer(|| a.thin_svd()).map_err(|e| anyhow::anyhow!("SVD of `{what}` did not converge: {e:?}"))?;
     let (u, s, v) = (svd.U(), svd.S(), svd.V());
     let r = r.min(u.ncols());
     let ur = Mat::from_fn(a.nrows(), r, |i, j| u[(i, j)]);
@@ -328,7 +328,7 @@ pub fn apply(
     }
     let (mut before, mut after) = (0, 0);
     for g in &groups {
-        let (b, a) = fit_group(m, g, &grams)?;
+        let (b, a) = sparsec_ir::simd_state::faer(|| fit_group(m, g, &grams))?;
         before += b;
         after += a;
     }

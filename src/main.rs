@@ -727,11 +727,15 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
                 },
                 _ if b.sequence.is_some() => match b.sequence_layout() {
                     Some(l) => format!(
-                        "every position; {} sinks exact, blocks of {} older than the last {} read as {} low-pass rows ({} B per block), a ring of {} exact rows ({} B)",
+                        "every position; {} sinks exact, blocks of {} older than the last {} read as {} low-pass rows ({}; {} B per block), a ring of {} exact rows ({} B)",
                         l.sinks,
                         l.block,
                         l.recent,
                         l.m,
+                        match l.basis {
+                            sparsec_ir::kv_sequence::SeqBasis::Dct => "DCT".to_string(),
+                            sparsec_ir::kv_sequence::SeqBasis::Pswf { bandwidth } => format!("PSWF, bandwidth {bandwidth}"),
+                        },
                         l.block_bytes(),
                         l.ring,
                         l.exact_bytes()

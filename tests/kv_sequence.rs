@@ -127,6 +127,13 @@ fn a_plan_compresses_a_models_caches_and_its_logits_equal_the_interpreter() {
             .filter(|b| b.kind == BufferKind::KvCache)
             .all(|b| b.sequence.is_some_and(|s| s.basis == want)));
         steps_equal_the_interpreter(&art);
+        // `inspect` names the basis of each cache's layout.
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sparsec"))
+            .args(["inspect", tmp.path().join("a.sparsec").to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success() && text.contains(&format!("2 low-pass rows (PSWF, bandwidth {bandwidth}")), "{text}");
     }
 }
 

@@ -81,6 +81,7 @@ pub fn score_fitted(
     let u = top_eigenvectors(Mat::from_fn(d, d, |i, j| 0.5 * (a[(i, j)] + a[(j, i)])), r)?;
     let um = Mat::from_fn(d, r, |i, c| u[i * r + c]);
     let (p, x) = (&half * &um, &inv_half * &um);
+    crate::simd_state::clean_upper();
     let flat = |m: &Mat<f64>| (0..d).flat_map(|i| (0..r).map(move |c| (i, c))).map(|(i, c)| m[(i, c)]).collect::<Vec<f64>>();
     Some((flat(&p), flat(&x)))
 }
@@ -127,7 +128,7 @@ fn rotation_averaged(gram: &[f64], d: usize, freqs: &[f64], adjacent: bool, span
 /// (a fixed sign, so results do not depend on the solver's).
 fn top_eigenvectors(m: Mat<f64>, r: usize) -> Option<Vec<f64>> {
     let d = m.nrows();
-    let e = m.self_adjoint_eigen(Side::Lower).ok()?;
+    let e = crate::simd_state::faer(|| m.self_adjoint_eigen(Side::Lower)).ok()?;
     let u = e.U();
     let mut b = vec![0f64; d * r];
     for k in 0..r {

@@ -122,7 +122,7 @@ impl ChunkLayout {
         let mut halves = vec![f16::ZERO; record.len() / 2];
         for kh in 0..self.kv_heads {
             let m = Mat::<f64>::from_fn(n, d, |j, x| rows[j * w + kh * d + x] as f64);
-            let svd = m.thin_svd().ok()?;
+            let svd = crate::simd_state::faer(|| m.thin_svd()).ok()?;
             let (u, s, v) = (svd.U(), svd.S().column_vector(), svd.V());
             let r = self.rank_of(&(0..s.nrows()).map(|i| s[i]).collect::<Vec<_>>());
             halves[kh] = f16::from_f32(r as f32);

@@ -300,6 +300,15 @@ fn pswf_resampling(n: usize, m: usize, w: f64) -> Option<Vec<f64>> {
             }
         }
     }
+    // The sequences' far tails underflow to subnormals (below 1e-300 at
+    // small bandwidths), which x86 cores multiply a hundred times slower:
+    // on an H200 host's Xeon a 2000-token prefill appending these blocks took
+    // 4.9-5.4 s against the DCT's 1.15 s. They weigh nothing; make them zero.
+    for x in &mut r {
+        if x.abs() < 1e-12 {
+            *x = 0.0;
+        }
+    }
     Some(r)
 }
 

@@ -17,6 +17,7 @@ pub mod printer;
 pub mod quant;
 pub mod reference;
 pub mod shape;
+pub mod simd_state;
 pub mod sparse;
 pub mod sparse_calibrated;
 pub mod sparse_detect;

@@ -263,7 +263,7 @@ pub fn attention(
                 let rows = CHUNK.min(s - q0);
                 let qm = Mat::<f64>::from_fn(rows, d, |r, c| q[(q0 + r) * qw + h * d + c] as f64);
                 let mut sc = scores.as_mut().submatrix_mut(0, 0, rows, total);
-                matmul(sc.rb_mut(), Accum::Replace, qm.as_ref(), kt.as_ref(), scale, Par::Seq);
+                crate::simd_state::faer(|| matmul(sc.rb_mut(), Accum::Replace, qm.as_ref(), kt.as_ref(), scale, Par::Seq));
                 let mut sums = vec![0f64; rows];
                 for (r, sum) in sums.iter_mut().enumerate() {
                     let i = q0 + r + q_offset; // absolute position of this query
@@ -279,7 +279,7 @@ pub fn attention(
                     }
                 }
                 let mut o = pv.as_mut().submatrix_mut(0, 0, rows, d);
-                matmul(o.rb_mut(), Accum::Replace, sc.rb(), vm.as_ref(), 1.0, Par::Seq);
+                crate::simd_state::faer(|| matmul(o.rb_mut(), Accum::Replace, sc.rb(), vm.as_ref(), 1.0, Par::Seq));
                 for (r, sum) in sums.iter().enumerate() {
                     for c in 0..d {
                         out[(q0 + r) * qw + h * d + c] = (o[(r, c)] / sum) as f32;

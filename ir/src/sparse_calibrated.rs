@@ -55,6 +55,7 @@ pub fn lower_product(x: &[f32], k: usize) -> Vec<f32> {
         1.0f32,
         Par::Seq,
     );
+    crate::simd_state::clean_upper();
     g
 }
 
@@ -333,6 +334,7 @@ fn inverse_upper_cholesky(h: &Mat<f64>, lambda: f64) -> Option<Mat<f64>> {
     let llt = hr.llt(Side::Lower).ok()?;
     let mut linv = Mat::<f64>::zeros(k, k);
     faer::linalg::triangular_inverse::invert_lower_triangular(linv.as_mut(), llt.L(), Par::Seq);
+    crate::simd_state::clean_upper();
     let u = Mat::<f64>::from_fn(k, k, |a, b| if a <= b { linv[(k - 1 - a, k - 1 - b)] } else { 0.0 });
     let ok = (0..k).all(|a| u[(a, a)] > 0.0 && (a..k).all(|b| u[(a, b)].is_finite()));
     ok.then_some(u)
@@ -486,6 +488,8 @@ fn sparsegpt(
                 -1.0,
                 Par::Seq,
             );
+            // The next block's updates are scalar code (`simd_state`).
+            crate::simd_state::clean_upper();
         }
     }
     Ok((keep, wm))
