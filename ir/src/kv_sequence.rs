@@ -46,14 +46,6 @@ pub enum SeqBasis {
 }
 
 impl SeqBasis {
-    /// How the pattern and reports name it.
-    pub fn name(&self) -> &'static str {
-        match self {
-            SeqBasis::Dct => "dct",
-            SeqBasis::Pswf { .. } => "pswf",
-        }
-    }
-
     /// The plan's default PSWF half-bandwidth at `keep`: keep/4, so the
     /// band's 2·block·W well-concentrated sequences are half of the `m` kept
     /// and the rest, which leak out of the band, reach the block's edges: a
@@ -118,7 +110,7 @@ pub fn kept_rows(block: u32, keep: f32) -> u32 {
     ((keep as f64 * block as f64).round() as u32).min(block)
 }
 
-/// Where a sequence-axis DCT cache keeps what.
+/// Where a sequence-axis cache keeps what.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SeqLayout {
     pub basis: SeqBasis,
@@ -298,15 +290,6 @@ fn pswf_resampling(n: usize, m: usize, w: f64) -> Option<Vec<f64>> {
                 let p: f64 = (0..m).map(|k| v[i * m + k] * v[t * m + k]).sum();
                 r[j * n + t] += share * p;
             }
-        }
-    }
-    // The sequences' far tails underflow to subnormals (below 1e-300 at
-    // small bandwidths), which x86 cores multiply a hundred times slower:
-    // on an H200 host's Xeon a 2000-token prefill appending these blocks took
-    // 4.9-5.4 s against the DCT's 1.15 s. They weigh nothing; make them zero.
-    for x in &mut r {
-        if x.abs() < 1e-12 {
-            *x = 0.0;
         }
     }
     Some(r)

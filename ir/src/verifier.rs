@@ -119,9 +119,9 @@ pub fn verify_chunked_svd(chunk: u32, rank: SvdRank) -> Result<(), String> {
 
 /// What `#kv(dct)` and `#kv(pswf)` share: a kept fraction, a positive block,
 /// sinks and recent on the sequence axis only, and there no window or NSA
-/// beside them (`verify_sequence_dct`'s ranges).
+/// beside them (`verify_sequence_kv`'s ranges).
 fn verify_kv_axis(
-    kv: &KvCompression,
+    name: &str,
     (keep, axis, block, sinks, recent): (f32, KvAxis, Option<u32>, u32, u32),
     families: &std::collections::HashSet<&str>,
 ) -> Result<(), String> {
@@ -129,23 +129,19 @@ fn verify_kv_axis(
     if let Some(b) = block {
         positive("block", b)?;
     }
-    let name = match kv {
-        KvCompression::Pswf { .. } => "pswf",
-        _ => "dct",
-    };
     match axis {
         KvAxis::Feature if sinks > 0 || recent > 0 => Err("sinks and recent belong to the sequence axis (axis = sequence)".into()),
         KvAxis::Feature => Ok(()),
         KvAxis::Sequence if families.contains("window") || families.contains("nsa") => {
             Err(format!("#kv({name}, axis = sequence) keeps every position: it is not combined with #window or #nsa"))
         }
-        KvAxis::Sequence => verify_sequence_dct(keep, block, recent),
+        KvAxis::Sequence => verify_sequence_kv(keep, block, recent),
     }
 }
 
 /// `#kv(dct | pswf, axis = sequence)`'s own ranges: a block, and at least one
 /// position kept of it.
-pub fn verify_sequence_dct(keep: f32, block: Option<u32>, recent: u32) -> Result<(), String> {
+pub fn verify_sequence_kv(keep: f32, block: Option<u32>, recent: u32) -> Result<(), String> {
     fraction_ok("keep", keep)?;
     let Some(block) = block else { return Err("the sequence axis needs a block length (block = N)".into()) };
     positive("block", block)?;
@@ -274,10 +270,10 @@ fn verify_patterns(g: &Graph, v: ValueId, types: &[TensorType]) -> Result<(), St
             Pattern::LowRank(lr) => verify_low_rank(g, v, lr, weight_kn("#low_rank")?, &families)?,
             Pattern::Kv(kv) => match kv {
                 KvCompression::Dct { keep, axis, block, sinks, recent } => {
-                    verify_kv_axis(kv, (*keep, *axis, *block, *sinks, *recent), &families)?
+                    verify_kv_axis("dct", (*keep, *axis, *block, *sinks, *recent), &families)?
                 }
                 KvCompression::Pswf { keep, axis, block, bandwidth, sinks, recent } => {
-                    verify_kv_axis(kv, (*keep, *axis, *block, *sinks, *recent), &families)?;
+                    verify_kv_axis("pswf", (*keep, *axis, *block, *sinks, *recent), &families)?;
                     if !(*bandwidth > 0.0 && *bandwidth < 0.5) {
                         return Err(format!("bandwidth = {bandwidth} is outside (0, 0.5)"));
                     }

@@ -760,8 +760,7 @@ impl Plan {
                         sinks: f.sinks.unwrap_or(4),
                         recent: f.recent.unwrap_or(256),
                     };
-                    sparsec_ir::verifier::verify_sequence_dct(seq.keep, Some(seq.block), seq.recent)
-                        .map_err(|m| err(format!("kv: {m}")))?;
+                    sparsec_ir::verifier::verify_sequence_kv(seq.keep, Some(seq.block), seq.recent).map_err(|m| err(format!("kv: {m}")))?;
                     kv_sequence = Some(seq);
                     None
                 }
