@@ -330,12 +330,12 @@ fn resealed_structural_corruptions_are_caught_behind_the_hashes() {
     reseal(&w, |m| m["execution"]["buffers"][0]["chunked"] = serde_json::json!({"chunk": 16, "ring": 270, "slot": 4, "head": 16}));
     expect_error(&w, &["buffer 0 (`x`): no byte size"]);
 
-    // A sequence-axis DCT layout claimed by a buffer that is no f16 KV cache.
+    // A sequence-axis layout claimed by a buffer that is no f16 KV cache.
     copy_dir(&dense, &w);
-    reseal(&w, |m| {
-        m["execution"]["buffers"][0]["sequence"] =
-            serde_json::json!({"keep": 0.5, "block": 16, "rows": 8, "sinks": 4, "recent": 32, "ring": 304})
-    });
+    reseal(
+        &w,
+        |m| m["execution"]["buffers"][0]["sequence"] = serde_json::json!({"basis": {"transform": "pswf", "bandwidth": 0.125}, "keep": 0.5, "block": 16, "rows": 8, "sinks": 4, "recent": 32, "ring": 304}),
+    );
     expect_error(&w, &["sequence layout", "only an unwindowed f16 KV cache"]);
 
     // An unknown manifest version is refused before anything else.

@@ -238,11 +238,17 @@ pub struct SequenceCache {
 impl SequenceCache {
     /// The IR's layout for rows of `width` channels; `None` if the parameters
     /// do not describe one (zero sizes, a ring not of whole blocks or too
-    /// short for a call, rows that `keep` does not give).
+    /// short for a call, rows that `keep` does not give, a PSWF bandwidth
+    /// outside (0, 0.5)).
     pub fn layout(&self, width: usize) -> Option<sparsec_ir::kv_sequence::SeqLayout> {
         let (block, ring, recent) = (self.block as usize, self.ring as usize, self.recent as usize);
         if block == 0 || !ring.is_multiple_of(block) || ring <= recent + block {
             return None;
+        }
+        if let sparsec_ir::kv_sequence::SeqBasis::Pswf { bandwidth } = self.basis {
+            if !(bandwidth > 0.0 && bandwidth < 0.5) {
+                return None;
+            }
         }
         let l = sparsec_ir::kv_sequence::SeqLayout::new(
             self.basis,
@@ -638,5 +644,21 @@ mod tests {
         assert_eq!(m.params, Some(ParamCounts { before: 10, after: 7 }));
         let back: Manifest = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
         assert_eq!(back.params, m.params);
+    }
+
+    #[test]
+    fn sequence_layouts_round_trip_their_basis_and_refuse_a_bad_bandwidth() {
+        use sparsec_ir::kv_sequence::SeqBasis;
+        let c =
+            SequenceCache { basis: SeqBasis::Pswf { bandwidth: 0.125 }, keep: 0.5, block: 16, rows: 8, sinks: 4, recent: 32, ring: 304 };
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(text.contains(r#""basis":{"transform":"pswf","bandwidth":0.125}"#), "{text}");
+        assert_eq!(serde_json::from_str::<SequenceCache>(&text).unwrap(), c);
+        assert_eq!(c.layout(32).map(|l| l.basis), Some(c.basis));
+        let dct = SequenceCache { basis: SeqBasis::Dct, ..c };
+        assert!(serde_json::to_string(&dct).unwrap().contains(r#""basis":{"transform":"dct"}"#));
+        for bandwidth in [0.0, 0.5, 7.0, f32::NAN] {
+            assert!(SequenceCache { basis: SeqBasis::Pswf { bandwidth }, ..c }.layout(32).is_none(), "{bandwidth}");
+        }
     }
 }
