@@ -9,7 +9,7 @@
 //! `tolerance=X`: the atol and rtol of the comparison with the reference,
 //! default 1e-4), produces text,
 //! and the text is pinned with an insta snapshot under `tests/snapshots/`.
-//! Re-bless all of them with `INSTA_UPDATE=always cargo test --test filetests`.
+//! Re-bless all of them with `INSTA_UPDATE=always cargo test --test integration filetests::`.
 
 use crate::common;
 
