@@ -23,6 +23,16 @@ pub fn dct(d: usize, r: usize) -> Vec<f64> {
     b
 }
 
+/// Whether `w` is a PSWF half-bandwidth `dpss` takes: inside (0, 0.5),
+/// in cycles per sample (the plan, the verifier and the manifest ask this).
+pub fn check_bandwidth(w: f32) -> Result<(), String> {
+    if w > 0.0 && w < 0.5 {
+        Ok(())
+    } else {
+        Err(format!("bandwidth = {w} is outside (0, 0.5)"))
+    }
+}
+
 /// The `r` most concentrated discrete prolate spheroidal sequences of length
 /// `d` and half-bandwidth `w` (0 < w < 0.5), as a row-major `d × r` matrix:
 /// eigenvectors of the tridiagonal matrix that commutes with the

@@ -215,8 +215,10 @@ pub fn attention(
                 expanded = Some(pre_rope_keys(k, basis, kv_heads, *rank as usize, *theta, *adjacent)?);
             }
             Pattern::Kv(KvCompression::ChunkedSvd { chunk, rank }) => factored = Some((*chunk, *rank)),
-            Pattern::Kv(kv) if crate::kv_sequence::SeqParams::of(kv).is_some() => low_pass = crate::kv_sequence::SeqParams::of(kv),
-            Pattern::Kv(_) => crate::pattern::refuse_unimplemented(std::slice::from_ref(p))?,
+            Pattern::Kv(kv) => match crate::kv_sequence::SeqParams::of(kv) {
+                Some(seq) => low_pass = Some(seq),
+                None => crate::pattern::refuse_unimplemented(std::slice::from_ref(p))?,
+            },
             Pattern::Sparsity(_) | Pattern::Specialize(_) | Pattern::Values(_) | Pattern::LowRank(_) => {
                 return Err(format!("#{} does not apply to attention", p.keyword()))
             }

@@ -274,9 +274,7 @@ fn verify_patterns(g: &Graph, v: ValueId, types: &[TensorType]) -> Result<(), St
                 }
                 KvCompression::Pswf { keep, axis, block, bandwidth, sinks, recent } => {
                     verify_kv_axis("pswf", (*keep, *axis, *block, *sinks, *recent), &families)?;
-                    if !(*bandwidth > 0.0 && *bandwidth < 0.5) {
-                        return Err(format!("bandwidth = {bandwidth} is outside (0, 0.5)"));
-                    }
+                    crate::kv_basis::check_bandwidth(*bandwidth)?;
                 }
                 KvCompression::ChunkedSvd { chunk, rank } => {
                     if families.contains("window") || families.contains("nsa") {

@@ -266,16 +266,7 @@ impl ApplyPlan {
             }
         }
         if let Some(sq) = rule.kv_sequence {
-            let p = Pattern::Kv(
-                sparsec_ir::kv_sequence::SeqParams {
-                    basis: sq.basis,
-                    keep: sq.keep,
-                    block: Some(sq.block),
-                    sinks: sq.sinks,
-                    recent: sq.recent,
-                }
-                .pattern(),
-            );
+            let p = Pattern::Kv(sq.pattern());
             for (i, _) in attentions(g)? {
                 set_pattern(&mut g.nodes[i].patterns, p.clone());
             }

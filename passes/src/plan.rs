@@ -4,7 +4,7 @@
 //! known keys); `apply-plan` checks the rest against the graph.
 
 use serde::Deserialize;
-use sparsec_ir::kv_sequence::SeqBasis;
+use sparsec_ir::kv_sequence::{SeqBasis, SeqParams};
 use sparsec_ir::{NativeSparse, NsaCompress, NsaGate, NsaScore, Sparsity, Specialize, ValueCoding};
 
 /// A parsed plan: its rules in order (later rules override earlier ones).
@@ -237,7 +237,7 @@ pub struct Rule {
     pub kv_chunks: Option<(u32, sparsec_ir::SvdRank)>,
     /// `kv = { transform = "dct", axis = "sequence", keep, block, sinks, recent }`:
     /// older blocks of positions read low-pass (`#kv(dct | pswf, axis = sequence)`).
-    pub kv_sequence: Option<SequenceKv>,
+    pub kv_sequence: Option<SeqParams>,
     /// `sparsity = { kind = "from-weights" }`: each selected weight keeps the
     /// zeros it has, as the pattern they form (`sparsity` is `None`);
     /// `resolve_from_weights` turns the rule into concrete ones, and
@@ -368,16 +368,6 @@ struct KvFile {
     rope: Option<String>,
     fit: Option<String>,
     alpha: Option<f32>,
-}
-
-/// Sequence-axis DCT or PSWF of the caches (`sparsec_ir::kv_sequence`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SequenceKv {
-    pub basis: sparsec_ir::kv_sequence::SeqBasis,
-    pub keep: f32,
-    pub block: u32,
-    pub sinks: u32,
-    pub recent: u32,
 }
 
 /// A feature-axis basis for K and V (`kv = { ... }`): per head, K and V are
@@ -746,21 +736,19 @@ impl Plan {
                         "dct" => SeqBasis::Dct,
                         "pswf" => {
                             let bandwidth = f.bandwidth.unwrap_or_else(|| SeqBasis::default_bandwidth(keep));
-                            if !(bandwidth > 0.0 && bandwidth < 0.5) {
-                                return Err(err(format!("kv bandwidth = {bandwidth} is outside (0, 0.5)")));
-                            }
+                            sparsec_ir::kv_basis::check_bandwidth(bandwidth).map_err(|m| err(format!("kv {m}")))?;
                             SeqBasis::Pswf { bandwidth }
                         }
                         other => return Err(err(format!("kv transform = \"{other}\" on the sequence axis (expected dct or pswf)"))),
                     };
-                    let seq = SequenceKv {
+                    let seq = SeqParams {
                         basis,
                         keep,
-                        block: f.block.unwrap_or(64),
+                        block: Some(f.block.unwrap_or(64)),
                         sinks: f.sinks.unwrap_or(4),
                         recent: f.recent.unwrap_or(256),
                     };
-                    sparsec_ir::verifier::verify_sequence_kv(seq.keep, Some(seq.block), seq.recent).map_err(|m| err(format!("kv: {m}")))?;
+                    sparsec_ir::verifier::verify_sequence_kv(seq.keep, seq.block, seq.recent).map_err(|m| err(format!("kv: {m}")))?;
                     kv_sequence = Some(seq);
                     None
                 }
@@ -801,9 +789,7 @@ impl Plan {
                             "pca" => KvTransform::Pca,
                             "pswf" => {
                                 let bandwidth = f.bandwidth.unwrap_or(0.25);
-                                if !(bandwidth > 0.0 && bandwidth < 0.5) {
-                                    return Err(err(format!("kv bandwidth = {bandwidth} is outside (0, 0.5)")));
-                                }
+                                sparsec_ir::kv_basis::check_bandwidth(bandwidth).map_err(|m| err(format!("kv {m}")))?;
                                 KvTransform::Pswf { bandwidth }
                             }
                             "smooth" => {

@@ -246,9 +246,7 @@ impl SequenceCache {
             return None;
         }
         if let sparsec_ir::kv_sequence::SeqBasis::Pswf { bandwidth } = self.basis {
-            if !(bandwidth > 0.0 && bandwidth < 0.5) {
-                return None;
-            }
+            sparsec_ir::kv_basis::check_bandwidth(bandwidth).ok()?;
         }
         let l = sparsec_ir::kv_sequence::SeqLayout::new(
             self.basis,
