@@ -483,16 +483,19 @@ def cmd_ncu_summary(a):
         sys.exit(f"{a.csv}: no ncu rows")
     h = rows[0]
     ki, vi, gi = h.index("Kernel Name"), h.index("Metric Value"), h.index("Grid Size")
-    t = collections.defaultdict(lambda: [0.0, 0, ""])
+    # Per kernel: microseconds, launches, and each grid with its launches (a
+    # kernel's launches differ in grid: the last row's tail runs one row).
+    t = collections.defaultdict(lambda: [0.0, 0, collections.Counter()])
     for r in rows[1:]:
         e = t[r[ki].split("(")[0]]
         e[0] += float(r[vi].replace(",", "")) / 1e3
         e[1] += 1
-        e[2] = r[gi]
+        e[2][r[gi]] += 1
     total = sum(e[0] for e in t.values())
     print(f"== ncu {a.label}: {sum(e[1] for e in t.values())} launches, {total / 1e3:.3f} ms of kernel time")
     for k, (us, n, g) in sorted(t.items(), key=lambda x: -x[1][0]):
-        print(f"  {k:<24} {n:4d} launches {us / 1e3:8.3f} ms {us / n:9.1f} us each  grid {g}")
+        grids = ", ".join(f"{grid} x{c}" for grid, c in g.most_common())
+        print(f"  {k:<24} {n:4d} launches {us / 1e3:8.3f} ms {us / n:9.1f} us each  grids {grids}")
 
 
 def main():
