@@ -744,7 +744,10 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
                 },
                 (Some(r), _) => format!("ring of {} rows ({} sinks, {} more than one call appends)", r.capacity(), r.sinks, r.max_rows),
                 (None, Some(g)) => format!("every position; per channel in groups of {g}, the newest group exact ({} B)", b.fixed_bytes()),
-                (None, None) => "every position".into(),
+                (None, None) => match b.head_blocks {
+                    Some(h) => format!("every position; on the CPU per block of {} positions and KV head ({} heads)", h.block, h.heads),
+                    None => "every position".into(),
+                },
             };
             println!("kv cache {:<28} {:<4} {:>6} B/position  {rows}", b.name, b.dtype.name(), b.position_bytes());
         }

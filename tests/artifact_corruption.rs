@@ -338,6 +338,11 @@ fn resealed_structural_corruptions_are_caught_behind_the_hashes() {
     );
     expect_error(&w, &["sequence layout", "only an unwindowed f16 KV cache"]);
 
+    // A layout per block and KV head claimed by a buffer that is no KV cache.
+    copy_dir(&dense, &w);
+    reseal(&w, |m| m["execution"]["buffers"][0]["head_blocks"] = serde_json::json!({"block": 16, "heads": 2}));
+    expect_error(&w, &["head blocks", "only an f16 or f32 KV cache"]);
+
     // An unknown manifest version is refused before anything else.
     copy_dir(&dense, &w);
     reseal(&w, |m| m["version"] = serde_json::json!(99));

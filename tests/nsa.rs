@@ -39,12 +39,38 @@ fn check(pattern: &str, d: usize, total: usize, calls: &[usize]) {
 
 /// `check` of any graph over q, k, v and `more` inputs.
 fn check_graph(g: sparsec_ir::Graph, pattern: &str, d: usize, total: usize, calls: &[usize], more: &[ArrayD<f32>]) {
-    let (_tmp, art) = build(g.clone(), CompileOptions { target: TargetKind::All, kv_cache: KvCacheType::F32, ..Default::default() });
+    check_caches(g, pattern, d, total, calls, more, KvCacheType::F32, 1e-4);
+}
+
+/// `check_graph` with caches of `kv` and a tolerance. Where the split kernel
+/// reads them (head width a multiple of 8), the CPU keeps both caches per
+/// block of the selection and KV head (`HeadBlocks`), and the rows equal the
+/// interpreter's through that layout.
+#[allow(clippy::too_many_arguments)]
+fn check_caches(
+    g: sparsec_ir::Graph,
+    pattern: &str,
+    d: usize,
+    total: usize,
+    calls: &[usize],
+    more: &[ArrayD<f32>],
+    kv: KvCacheType,
+    tol: f32,
+) {
+    let (_tmp, art) = build(g.clone(), CompileOptions { target: TargetKind::All, kv_cache: kv, ..Default::default() });
+    let caches: Vec<_> = art.manifest.execution.buffers.iter().filter(|b| b.kind == BufferKind::KvCache).collect();
+    assert_eq!(caches.len(), 2);
+    for c in &caches {
+        let nsa = sparsec_ir::NativeSparse::of(&g.nodes.iter().find_map(|n| Some(n.patterns.clone()).filter(|p| !p.is_empty())).unwrap())
+            .unwrap();
+        let want = d.is_multiple_of(8).then_some(sparsec_runtime::manifest::HeadBlocks { block: nsa.block, heads: 2 });
+        assert_eq!(c.head_blocks, want, "{pattern} d={d}: the layout of `{}`", c.name);
+    }
     let mut inputs = vec![values(total, 4 * d, 1), values(total, 2 * d, 2), values(total, 2 * d, 3)];
     inputs.extend(more.iter().cloned());
     let want = interpret(&g, &inputs, &|_| None).unwrap().remove(0);
     let got = run_in_calls(&art, &inputs, calls, total);
-    let c = compare(&got, &want, Tolerance { atol: 1e-4, rtol: 1e-4 });
+    let c = compare(&got, &want, Tolerance { atol: tol, rtol: tol });
     println!("{pattern} d={d}: {total} positions, max abs error {:.2e}", c.max_abs_error);
     assert!(c.passed, "{pattern} d={d}: max abs error {} at {:?}", c.max_abs_error, c.worst_index);
 
@@ -121,6 +147,10 @@ fn selected_blocks_window_and_sinks_equal_the_interpreter() {
     check("#nsa(block = 16, top_n = 4, window = 200, sinks = 0, score = bound)", 8, 600, &[300, 37]);
     // Sinks that fill the first block; a head width the vector kernel does not take.
     check("#nsa(block = 32, top_n = 2, window = 64, sinks = 32, score = bound)", 6, 400, &[5, 150]);
+    // f16 caches, kept per block and KV head like the f32 ones above: the
+    // interpreter computes in f32 from unrounded keys (1e-2 covers f16's rounding).
+    let pattern = "#nsa(block = 16, top_n = 3, window = 48, sinks = 4, score = bound)";
+    check_caches(graph(pattern, 16), pattern, 16, 500, &[130, 3, 200], &[], KvCacheType::F16, 1e-2);
 }
 
 #[test]

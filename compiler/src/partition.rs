@@ -67,6 +67,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     channel_groups: None,
                     chunked: None,
                     sequence: None,
+                    head_blocks: None,
                 });
                 weight_nodes.push((buffers.len() - 1, i));
                 buffers.len() - 1
@@ -86,6 +87,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             channel_groups: None,
             chunked: None,
             sequence: None,
+            head_blocks: None,
         });
         let id = buffers.len() - 1;
         buffer_of[i] = id;
@@ -123,6 +125,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             cpu_isa,
             hadamard_kv: false,
             kivi_keys: false,
+            cpu_head_blocks: None,
         };
         let mut head_width = 0;
         let mut chunked_cache = None;
@@ -183,6 +186,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     ring: l.ring as u32,
                 });
             }
+            spec.cpu_head_blocks = crate::mlir::kernels::cpu_head_blocks(&spec);
             if chunked_cache.is_some() || sequence_cache.is_some() {
                 // f16 records after f32 exact rows (`sparsec_ir::kv_compressed`),
                 // whatever `--kv-cache` says for other caches.
@@ -256,6 +260,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     channel_groups: (spec.kivi_keys && slot == 1).then_some(sparsec_ir::kv_channel::GROUP as u32),
                     chunked: chunked_cache,
                     sequence: sequence_cache,
+                    head_blocks: spec.cpu_head_blocks,
                 });
                 let cache = buffers.len() - 1;
                 steps.push(Step::KvAppend { src, cache, hadamard: spec.hadamard_kv.then_some(head_width) });
@@ -278,6 +283,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     channel_groups: None,
                     chunked: None,
                     sequence: None,
+                    head_blocks: None,
                 });
                 let blocks = buffers.len() - 1;
                 buffers.push(BufferSpec {
@@ -291,6 +297,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     channel_groups: None,
                     chunked: None,
                     sequence: None,
+                    head_blocks: None,
                 });
                 let select = buffers.len() - 1;
                 let k_type = spec.operands[1].clone();
@@ -345,6 +352,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                 channel_groups: None,
                 chunked: None,
                 sequence: None,
+                head_blocks: None,
             });
             args.push(buffers.len() - 1);
         }

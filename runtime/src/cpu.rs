@@ -595,7 +595,7 @@ impl CpuSession<'_> {
                     // Row by row where the cache is a ring or packs each row into
                     // blocks, else all rows at once (no allocation: decode
                     // appends twice per layer and token).
-                    let by_row = cb.ring.is_some() || cb.dtype.is_quantized() || cb.compressed_cache();
+                    let by_row = cb.ring.is_some() || cb.dtype.is_quantized() || cb.compressed_cache() || cb.head_blocks.is_some();
                     let runs = if by_row { seq as usize } else { 1 };
                     for i in 0..runs {
                         let (row, part) = match (cb.ring, by_row) {
@@ -609,6 +609,10 @@ impl CpuSession<'_> {
                             continue;
                         }
                         if append_compressed(cp, cb, row, from)?.is_some() {
+                            continue;
+                        }
+                        if let Some(h) = cb.head_blocks {
+                            append_head_blocks(cp, cb, h, row, from)?;
                             continue;
                         }
                         // SAFETY: `row` is below the rows the cache was sized for
@@ -770,6 +774,39 @@ fn rotate_heads(from: &[f32], hadamard: Option<u32>) -> std::borrow::Cow<'_, [f3
         }
         None => std::borrow::Cow::Borrowed(from),
     }
+}
+
+/// Appends position `row` (`from`: its `width` values) to a cache kept per
+/// block and KV head (`HeadBlocks`): each head's `d` values at their place.
+fn append_head_blocks(
+    cp: *mut u8,
+    cb: &crate::manifest::BufferSpec,
+    h: crate::manifest::HeadBlocks,
+    row: usize,
+    from: &[f32],
+) -> RuntimeResult<()> {
+    let width = from.len();
+    let d = width / (h.heads as usize).max(1);
+    for g in 0..h.heads as usize {
+        let part = from.get(g * d..(g + 1) * d).ok_or_else(|| RuntimeError::Cpu(format!("KV source `{}` is short", cb.name)))?;
+        let at = h.at(row, g, width);
+        match cb.dtype {
+            DType::F16 => {
+                use half::slice::HalfFloatSliceExt;
+                // SAFETY: the cache was sized for whole blocks covering `row`
+                // (`cache_rows`), so elements `at..at + d` (`at + d` at most the
+                // block's end) lie inside it; f16 elements at even offsets.
+                let to = unsafe { std::slice::from_raw_parts_mut((cp as *mut half::f16).add(at), d) };
+                to.convert_from_f32_slice(part);
+            }
+            DType::F32 => {
+                // SAFETY: as above, f32 elements at 4-byte offsets.
+                unsafe { std::slice::from_raw_parts_mut((cp as *mut f32).add(at), d) }.copy_from_slice(part);
+            }
+            other => return Err(RuntimeError::Cpu(format!("KV cache `{}` of type {} kept per head block", cb.name, other.name()))),
+        }
+    }
+    Ok(())
 }
 
 /// Appends position `row` to a K cache quantized per channel

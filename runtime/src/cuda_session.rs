@@ -11,7 +11,8 @@
 //! greedily without copying logits to the host: the step and the runtime's
 //! argmax (`cuda_greedy`), captured as one graph, replay back to back and the
 //! ids come back at the end. Caches are whole (row j holds position j): a
-//! windowed layer's ring (`BufferSpec::ring`) is the CPU's.
+//! windowed layer's ring (`BufferSpec::ring`) and an `#nsa` layer's
+//! blocks per KV head (`BufferSpec::head_blocks`) are the CPU's.
 
 use crate::artifact::Artifact;
 use crate::cuda::cu;

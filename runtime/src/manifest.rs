@@ -6,7 +6,7 @@ use sparsec_ir::sparse::SparseStorage;
 use sparsec_ir::{DType, Dim, SymSize};
 
 /// Bumped whenever the manifest or the kernel ABI changes.
-pub const MANIFEST_VERSION: u32 = 14;
+pub const MANIFEST_VERSION: u32 = 15;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const GRAPH_FILE: &str = "graph.sir";
@@ -216,6 +216,32 @@ pub struct BufferSpec {
     /// rows (`dtype` f16).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequence: Option<SequenceCache>,
+    /// CPU: an `#nsa` layer's f16 or f32 KV cache kept per block of positions
+    /// and KV head (`HeadBlocks`), so that a KV head's keys of one block lie
+    /// together (the CUDA runtime keeps whole caches by rows, as its kernels
+    /// read them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_blocks: Option<HeadBlocks>,
+}
+
+/// The layout of a cache kept per block of positions and KV head (manifest
+/// version 15): block `p / block` holds its positions' rows head after head,
+/// so head `g` of position `p` starts at element `(p / block)·block·width +
+/// g·block·d + (p % block)·d` (`width` elements per position, `d = width /
+/// heads`). The cache holds whole blocks.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeadBlocks {
+    pub block: u32,
+    pub heads: u32,
+}
+
+impl HeadBlocks {
+    /// The first element of KV head `g` of position `p` in a cache of `width`
+    /// elements per position.
+    pub fn at(&self, p: usize, g: usize, width: usize) -> usize {
+        let (block, d) = (self.block as usize, width / (self.heads as usize).max(1));
+        p / block * block * width + g * block * d + p % block * d
+    }
 }
 
 /// The layout parameters of a sequence-axis cache (manifest version 11; the
@@ -355,7 +381,12 @@ impl BufferSpec {
     /// Rows a KV cache holds after `positions` positions on the CPU: all of
     /// them, or a ring's capacity at most.
     pub fn cache_rows(&self, positions: usize) -> usize {
-        self.ring.map_or(positions, |r| positions.min(r.capacity()))
+        match (self.ring, self.head_blocks) {
+            (Some(r), _) => positions.min(r.capacity()),
+            // Whole blocks.
+            (None, Some(h)) => positions.div_ceil(h.block.max(1) as usize) * h.block as usize,
+            (None, None) => positions,
+        }
     }
 
     /// Bytes a KV cache grows by per position; a per-channel K cache
@@ -586,6 +617,31 @@ impl ExecutionPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Kept per block and KV head, the positions of whole blocks fill the
+    /// cache's elements exactly once, a KV head's keys of one block lie one
+    /// after another, and the layout agrees with the serde round trip.
+    #[test]
+    fn head_blocks_tile_whole_blocks_head_after_head() {
+        let h = HeadBlocks { block: 4, heads: 3 };
+        let (width, d) = (3 * 8, 8);
+        let mut seen = vec![false; 3 * 4 * width];
+        for p in 0..12 {
+            for g in 0..3 {
+                let at = h.at(p, g, width);
+                for (i, s) in seen[at..at + d].iter_mut().enumerate() {
+                    assert!(!*s, "element {} twice", at + i);
+                    *s = true;
+                }
+                if p % 4 > 0 {
+                    assert_eq!(at, h.at(p - 1, g, width) + d, "head {g} of position {p} follows position {}", p - 1);
+                }
+            }
+        }
+        assert!(seen.iter().all(|s| *s));
+        let back: HeadBlocks = serde_json::from_str(&serde_json::to_string(&h).unwrap()).unwrap();
+        assert_eq!(back, h);
+    }
 
     #[test]
     fn a_launch_counts_its_threads_by_the_kind_of_call() {

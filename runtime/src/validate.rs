@@ -91,6 +91,24 @@ pub fn validate(
                 return Err(bad(format!("ring {r:?} (only a KV cache is a ring, of more rows than one call appends, at least one)")));
             }
         }
+        if let Some(h) = b.head_blocks {
+            let width = b.numel().resolve(1);
+            if b.kind != BufferKind::KvCache
+                || !matches!(b.dtype, DType::F16 | DType::F32)
+                || !b.by_rows()
+                || b.ring.is_some()
+                || b.channel_groups.is_some()
+                || b.chunked.is_some()
+                || b.sequence.is_some()
+                || h.block == 0
+                || h.heads == 0
+                || width % h.heads as u64 != 0
+            {
+                return Err(bad(format!(
+                    "head blocks {h:?} (only an f16 or f32 KV cache by rows, of whole heads, without another layout)"
+                )));
+            }
+        }
         if let Some(g) = b.channel_groups {
             let width = b.numel().resolve(1);
             if b.kind != BufferKind::KvCache

@@ -105,6 +105,39 @@ pub fn cpu_ring(window: Option<(u32, u32)>) -> Option<(u32, u32)> {
     window.map(|(size, sinks)| (sinks, size + RING_SLACK))
 }
 
+/// The CPU layout of an `#nsa` attention's caches: per block of the
+/// selection's `block` positions and KV head (`HeadBlocks`), so that a unit,
+/// which reads one KV head's selected blocks, streams each block's keys where
+/// rows by position would give it a third of every row. For the split kernel
+/// over f16 or f32 caches of keys after RoPE (`Attn::fused`); `None` otherwise.
+/// Partition lays the caches out by it and hands it to the kernels
+/// (`KernelSpec::cpu_head_blocks`).
+pub fn cpu_head_blocks(spec: &KernelSpec) -> Option<sparsec_runtime::manifest::HeadBlocks> {
+    let nsa = NativeSparse::of(&spec.patterns)?;
+    let Op::Attention { kv_heads, .. } = spec.op else { return None };
+    let kv = spec.operands.get(1)?.dtype;
+    let fused =
+        matches!(kv, DType::F16 | DType::F32) && !spec.hadamard_kv && !spec.kivi_keys && super::kv_pre_rope::pre_rope_of(spec).is_none();
+    // A window's ring keeps rows by position.
+    let ring = window_of(spec).ok().flatten().is_some();
+    (fused && !ring && cpu_split(spec)).then_some(sparsec_runtime::manifest::HeadBlocks { block: nsa.block, heads: kv_heads })
+}
+
+/// In a cache kept per block and KV head (`HeadBlocks`, heads of width `d`),
+/// the first element of row `j` for the KV head whose part of a row starts
+/// at `khd` (a multiple of `d`): `(j / B)·B·heads·d + khd·B + (j % B)·d`.
+pub(super) fn head_block_base(b: &mut KernelBuilder, hb: sparsec_runtime::manifest::HeadBlocks, d: u64, j: &str, khd: &str) -> V {
+    let block = hb.block as u64;
+    let (bc, bkvw, dc) = (b.index(block), b.index(block * hb.heads as u64 * d), b.index(d));
+    let blk = b.divui(j, &bc);
+    let start = b.muli(&blk, &bkvw);
+    let head = b.muli(khd, &bc);
+    let start = b.addi(&start, &head);
+    let within = b.remui(j, &bc);
+    let within = b.muli(&within, &dc);
+    b.addi(&start, &within)
+}
+
 /// `(heads, kv_heads, head width)` of an attention kernel.
 fn dims(spec: &KernelSpec) -> Result<(u64, u64, u64), CompileError> {
     let Op::Attention { heads, kv_heads } = spec.op else { return Err(spec.unsupported("not an attention op")) };
@@ -320,7 +353,11 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
         blocks,
         key_basis,
         kivi,
+        head_blocks: if device == Device::Cpu { spec.cpu_head_blocks } else { None },
     };
+    if ctx.head_blocks.is_some() && !(ctx.fused() && cpu_split(spec) && ctx.nsa.is_some()) {
+        return Err(spec.unsupported("caches kept per block and KV head are read by the split kernel of #nsa over f16 or f32 caches"));
+    }
     match device {
         Device::Cpu if cpu_split(spec) => ctx.emit_split(b, cx),
         Device::Cpu => ctx.emit_online(b, cx),
@@ -356,8 +393,9 @@ struct TileMem {
     kt: V,
     /// `#kv(pre_rope)`: a key's coefficients and the tile's angles (`KeyBasis::scratch_words`).
     rope: Option<V>,
-    /// `#nsa` over f16/f32 caches: the cache row of each key of the tile
-    /// (`KEY_TILE` indices), looked up in the selection once per key.
+    /// `#nsa` over f16/f32 caches: where each key of the tile starts in the
+    /// caches for the unit's KV head (`KEY_TILE` element indices, `row_base`),
+    /// its row looked up in the selection once per key.
     rows: Option<V>,
 }
 
@@ -402,9 +440,25 @@ struct Attn {
     key_basis: Option<KeyBasis>,
     /// `--kv-kivi`: the K cache is quantized per channel.
     kivi: Option<super::kv_kivi::KiviKeys>,
+    /// CPU: the caches are kept per block and KV head (`cpu_head_blocks`).
+    head_blocks: Option<sparsec_runtime::manifest::HeadBlocks>,
 }
 
 impl Attn {
+    /// The first cache element of row `j` (an index value) for the KV head
+    /// whose part of a row starts at `khd`: `j·kvh·d + khd` by rows, or, kept
+    /// per block and KV head, `(j / B)·B·kvh·d + khd·B + (j % B)·d`.
+    fn row_base(&self, b: &mut KernelBuilder, j: &str, khd: &str) -> V {
+        match self.head_blocks {
+            None => {
+                let kvw = b.index(self.kvh * self.d);
+                let rb = b.muli(j, &kvw);
+                b.addi(&rb, khd)
+            }
+            Some(hb) => head_block_base(b, hb, self.d, j, khd),
+        }
+    }
+
     /// The gate's weight of `branch` for `head` at row `row` of the call.
     fn gate_weight(&self, b: &mut KernelBuilder, row: &str, head: &str, branch: u64) -> V {
         let Some((kind, buf)) = &self.gate else { return b.f32(1.0) };
@@ -734,7 +788,7 @@ impl Attn {
         let d = self.d;
         let kvw = self.kvh * d;
         let nv = (d / VW as u64) as usize;
-        let (zero_i, dc, kvwc) = (b.index(0), b.index(d), b.index(kvw));
+        let (zero_i, dc) = (b.index(0), b.index(d));
         let (ktile, vtile) = (&t.k, &t.v);
         // Keys before RoPE: the tile's angles (its keys are consecutive positions).
         let pre_rope = self.key_basis.as_ref().zip(t.rope.as_ref());
@@ -788,14 +842,8 @@ impl Attn {
                     }
                 }
             } else {
-                let rb = b.muli(&j, &kvwc);
-                let base = b.addi(&rb, khd);
-                let ahead_base = if self.nsa.is_some() {
-                    let ra = b.muli(ahead_row, &kvwc);
-                    b.addi(&ra, khd)
-                } else {
-                    base.clone()
-                };
+                let base = self.row_base(b, &j, khd);
+                let ahead_base = if self.nsa.is_some() { self.row_base(b, ahead_row, khd) } else { base.clone() };
                 let bufs: &[&V] = if pre_rope.is_some() { &[&self.vbuf] } else { &[&self.kbuf, &self.vbuf] };
                 for buf in bufs {
                     b.prefetch_ahead(buf, &ahead_base, ahead * kvw, kv_last, self.kv_elem());
@@ -880,7 +928,6 @@ impl Attn {
         let d = self.d;
         let kvw = self.kvh * d;
         let nv = (d / VW as u64) as usize;
-        let kvwc = b.index(kvw);
         // Into L2: the lines a tile needs (128 keys ahead, K and V) outnumber
         // L1's miss buffers, which would stall the stream (SmolLM2's shape at
         // 60000 positions, 2 threads, Zen 4 guest: 2.4-3.5 ms per call against
@@ -892,35 +939,33 @@ impl Attn {
                 }
             }
         };
-        // `#nsa`: each key's cache row looked up in the selection once, and the
-        // row `NSA_PREFETCH_KEYS` visible keys on prefetched, before the tile's
-        // scores and values read them (three lookups a key before).
+        // `#nsa`: each key's cache row looked up in the selection once (and
+        // where its KV head's part starts, kept for the scores and the values),
+        // and the row `NSA_PREFETCH_KEYS` visible keys on prefetched, before
+        // the tile's scores and values read them (three lookups a key before).
         if let Some(rows) = &t.rows {
             let zero = b.index(0);
             b.for_each(&zero, nk, |b, i| {
                 let tk = b.addi(tb, i);
                 let j = row_of(b, &tk);
-                b.set_index(&j, rows, i);
+                let base = self.row_base(b, &j, khd);
+                b.set_index(&base, rows, i);
                 let n = b.index(NSA_PREFETCH_KEYS);
                 let ta = b.addi(&tk, &n);
                 let ja = row_of(b, &ta);
-                let ra = b.muli(&ja, &kvwc);
-                let ahead_base = b.addi(&ra, khd);
+                let ahead_base = self.row_base(b, &ja, khd);
                 prefetch(b, &ahead_base, 0);
             });
         }
         // Cache row start of key `i` of the tile, prefetching the row `ahead` on.
         let row_base = |b: &mut KernelBuilder, i: &str, fetch_ahead: bool| -> V {
-            let j = match &t.rows {
-                Some(rows) => b.index_at(rows, i),
-                None => {
-                    let tk = b.addi(tb, i);
-                    row_of(b, &tk)
-                }
-            };
-            let rb = b.muli(&j, &kvwc);
-            let base = b.addi(&rb, khd);
-            if fetch_ahead && t.rows.is_none() {
+            if let Some(rows) = &t.rows {
+                return b.index_at(rows, i);
+            }
+            let tk = b.addi(tb, i);
+            let j = row_of(b, &tk);
+            let base = self.row_base(b, &j, khd);
+            if fetch_ahead {
                 prefetch(b, &base, ATTN_PREFETCH_KEYS);
             }
             base

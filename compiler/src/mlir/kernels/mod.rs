@@ -19,7 +19,7 @@ mod kv_quant;
 mod kv_sequence;
 mod nsa;
 
-pub use attention::{cpu_ring, window_of, RING_SLACK};
+pub use attention::{cpu_head_blocks, cpu_ring, window_of, RING_SLACK};
 
 /// The cache layout of an attention with `#kv(chunked_svd)` and `kv_heads`
 /// heads of width `d` (its calls append at most `RING_SLACK` rows, as a
@@ -136,6 +136,9 @@ pub struct KernelSpec {
     /// Attention whose K cache is quantized per channel in groups of
     /// positions (`--kv-kivi`, `sparsec_ir::kv_channel`).
     pub kivi_keys: bool,
+    /// CPU: an `#nsa` attention's caches kept per block and KV head
+    /// (`attention::cpu_head_blocks`, set by partition; its NSA steps inherit it).
+    pub cpu_head_blocks: Option<sparsec_runtime::manifest::HeadBlocks>,
 }
 
 /// What an elementwise kernel applies to its first operand as it loads it.

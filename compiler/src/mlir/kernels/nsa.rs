@@ -95,17 +95,31 @@ pub(super) fn emit_summary(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<
     let kcache = cache(b, 0)?;
     let vcache = if nsa.gated() { Some(cache(b, 1)?) } else { None };
     let linear = (nsa.compress == NsaCompress::Linear).then(|| ins[2].clone());
+    // The element of value `col` of cache row `row`: by rows, or (CPU) kept
+    // per block and KV head (`attention::cpu_head_blocks`).
+    let head_blocks = if b.device() == Device::Cpu { spec.cpu_head_blocks } else { None };
+    let element = |b: &mut KernelBuilder, row: &str, col: &str| match head_blocks {
+        None => {
+            let at = b.muli(row, &kvwc);
+            b.addi(&at, col)
+        }
+        Some(hb) => {
+            // The head's part of the row, then the column within the head.
+            let c = b.remui(col, &dc);
+            let khd = b.def(format!("arith.subi {col}, {c} : index"));
+            let at = super::attention::head_block_base(b, hb, d, row, &khd);
+            b.addi(&at, &c)
+        }
+    };
     // Value `col` of cache row `row`.
     let load = |b: &mut KernelBuilder, (buf, quant): &(V, Option<super::kv_quant::QuantRows>), row: &str, col: &str| match (quant, dt) {
         (Some(q), _) => q.load(b, row, col),
         (None, sparsec_ir::DType::F16) => {
-            let at = b.muli(row, &kvwc);
-            let at = b.addi(&at, col);
+            let at = element(b, row, col);
             b.load_f16(buf, &at)
         }
         (None, _) => {
-            let at = b.muli(row, &kvwc);
-            let at = b.addi(&at, col);
+            let at = element(b, row, col);
             b.load(buf, &at)
         }
     };
