@@ -8,7 +8,9 @@
 //!
 //! On the CPU a unit is a (query row, head): a key's dot and the weighted
 //! values are vectors of 8 lanes (the head width must be a multiple of 8),
-//! the state carried in registers. On NVIDIA a block of warps serves a
+//! the state carried in registers; a run's keys go 8 at a time through the
+//! online softmax (one max, one correction and one vector `exp` per 8 keys),
+//! the last few one at a time. On NVIDIA a block of warps serves a
 //! (query row, head) and splits each run's keys over its warps
 //! (`warp_rows`).
 
@@ -126,6 +128,80 @@ impl Sequence {
         ]
     }
 
+    /// The K and V caches a run reads: the f16 low-pass rows or the exact f32 rows.
+    fn bufs(&self, run: Run) -> (&V, &V) {
+        match run {
+            Run::LowPass => (&self.k.halves, &self.v.halves),
+            Run::Sinks | Run::Recent => (&self.k.exact, &self.v.exact),
+        }
+    }
+
+    /// CPU: keys `t..t + VW` of `run` in one step of the online softmax
+    /// (`st`: max, sum, the weighted values' vectors): their scores as one
+    /// vector (a butterfly sums the VW dots), one max and one correction for
+    /// the tile, their weights by one vector `exp`, then the values.
+    fn cpu_key_tile(
+        &self,
+        b: &mut KernelBuilder,
+        st: &[V],
+        q: &[V],
+        (run, t, khd): (Run, &str, &str),
+        scale: &str,
+        bonus: Option<&str>,
+    ) -> Vec<V> {
+        let (nv, w) = (q.len(), VW);
+        let vty = KernelBuilder::vty(w);
+        let half = run == Run::LowPass;
+        let (kbuf, vbuf) = self.bufs(run);
+        let ats: Vec<V> = (0..w as u64)
+            .map(|i| {
+                let ii = b.index(i);
+                let ti = b.addi(t, &ii);
+                self.key_at(b, run, &ti, khd)
+            })
+            .collect();
+        let dots: Vec<V> = ats
+            .iter()
+            .map(|at| {
+                let kx = row_vectors(b, kbuf, at, nv, half);
+                let mut a = b.vzero(w);
+                for (qx, k) in q.iter().zip(&kx) {
+                    a = b.vfma(qx, k, &a, w);
+                }
+                a
+            })
+            .collect();
+        let s = b.vsums(&dots, w);
+        let scv = b.vbroadcast(scale, w);
+        let mut s = b.def(format!("arith.mulf {s}, {scv} : {vty}"));
+        if let Some(bo) = bonus {
+            let bv = b.vbroadcast(bo, w);
+            s = b.def(format!("arith.addf {s}, {bv} : {vty}"));
+        }
+        let tmax = b.def(format!("vector.reduction <maxnumf>, {s} : {vty} into f32"));
+        let m_new = b.fbin("maxnumf", &st[0], &tmax);
+        let dm = b.sub(&st[0], &m_new);
+        let corr = crate::mlir::math::exp(b, &dm);
+        let mv = b.vbroadcast(&m_new, w);
+        let ds = b.def(format!("arith.subf {s}, {mv} : {vty}"));
+        let p = crate::mlir::math::vexp(b, &ds, w);
+        let psum = b.vsum(&p, w);
+        let l_new = b.fma(&st[1], &corr, &psum);
+        let corrv = b.vbroadcast(&corr, w);
+        let mut acc: Vec<V> = st[2..].iter().map(|a| b.def(format!("arith.mulf {a}, {corrv} : {vty}"))).collect();
+        for (i, at) in ats.iter().enumerate() {
+            let pi = b.def(format!("vector.extract {p}[{i}] : f32 from {vty}"));
+            let piv = b.vbroadcast(&pi, w);
+            let vx = row_vectors(b, vbuf, at, nv, half);
+            for (a, v) in acc.iter_mut().zip(&vx) {
+                *a = b.vfma(&piv, v, a, w);
+            }
+        }
+        let mut next = vec![m_new, l_new];
+        next.extend(acc);
+        next
+    }
+
     /// CPU: one unit per (query row, head), the state in registers.
     fn emit_cpu(&self, b: &mut KernelBuilder, cx: &KernelCtx<'_>) {
         let KernelCtx { work, ins, out, .. } = *cx;
@@ -141,15 +217,26 @@ impl Sequence {
             let q = row_vectors(b, &ins[0], &c.qbase, nv, false);
             let mut state: Vec<V> = vec![ninf.clone(), zero.clone()];
             state.extend((0..nv).map(|_| vzero.clone()));
+            let typed = |st: &[V]| -> Vec<(V, String)> {
+                st.iter().enumerate().map(|(i, v)| (v.clone(), if i < 2 { "f32".into() } else { vty.clone() })).collect()
+            };
             for (run, lo, hi) in Self::runs(&c, &zero_i) {
-                let init: Vec<(V, String)> =
-                    state.iter().enumerate().map(|(i, v)| (v.clone(), if i < 2 { "f32".into() } else { vty.clone() })).collect();
-                state = b.for_fold_typed(&lo, &hi, 1, &init, |b, t, st| {
+                let half = run == Run::LowPass;
+                let bonus = half.then_some(bonus.as_str());
+                // Whole tiles of VW keys, then the rest one at a time.
+                let vwc = b.index(VW as u64);
+                let span = b.sub_or_zero(&hi, &lo);
+                let tiles = b.divui(&span, &vwc);
+                let whole = b.muli(&tiles, &vwc);
+                let mid = b.addi(&lo, &whole);
+                state = b.for_fold_typed(&lo, &mid, VW as u64, &typed(&state), |b, t, st| {
+                    self.cpu_key_tile(b, st, &q, (run, t, &c.khd), &scale, bonus)
+                });
+                state = b.for_fold_typed(&mid, &hi, 1, &typed(&state), |b, t, st| {
                     let at = self.key_at(b, run, t, &c.khd);
-                    let half = run == Run::LowPass;
-                    let (kbuf, vbuf) = if half { (&self.k.halves, &self.v.halves) } else { (&self.k.exact, &self.v.exact) };
+                    let (kbuf, vbuf) = self.bufs(run);
                     let (kx, vx) = (row_vectors(b, kbuf, &at, nv, half), row_vectors(b, vbuf, &at, nv, half));
-                    cpu_key_step(b, st, &q, (&kx, &vx), &scale, half.then_some(bonus.as_str()))
+                    cpu_key_step(b, st, &q, (&kx, &vx), &scale, bonus)
                 });
             }
             cpu_store_row(b, &state, out, &c.qbase);
