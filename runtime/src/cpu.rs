@@ -619,15 +619,12 @@ impl CpuSession<'_> {
                         // (a ring's rows are below its capacity).
                         let at = unsafe { cp.add(row * cb.bytes(1)) };
                         match cb.dtype {
-                            DType::F16 => {
-                                use half::slice::HalfFloatSliceExt;
-                                // SAFETY: as above; f16 rows start at even byte offsets.
-                                let to = unsafe { std::slice::from_raw_parts_mut(at as *mut half::f16, from.len()) };
-                                to.convert_from_f32_slice(from);
-                            }
-                            DType::F32 => {
-                                // SAFETY: as above.
-                                unsafe { std::slice::from_raw_parts_mut(at as *mut f32, from.len()) }.copy_from_slice(from);
+                            DType::F16 | DType::F32 => {
+                                // SAFETY: as above: the row's `from.len()` values lie
+                                // inside the cache, at an offset aligned for the type
+                                // (rows of f16 or f32 values), and nothing else refers
+                                // to them during the append.
+                                unsafe { write_plain(at, cb.dtype == DType::F16, from) };
                             }
                             DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
                                 // One row (each head rotated first where asked),
@@ -787,26 +784,36 @@ fn append_head_blocks(
 ) -> RuntimeResult<()> {
     let width = from.len();
     let d = width / (h.heads as usize).max(1);
+    let elem = match cb.dtype {
+        DType::F16 => 2,
+        DType::F32 => 4,
+        other => return Err(RuntimeError::Cpu(format!("KV cache `{}` of type {} kept per head block", cb.name, other.name()))),
+    };
     for g in 0..h.heads as usize {
         let part = from.get(g * d..(g + 1) * d).ok_or_else(|| RuntimeError::Cpu(format!("KV source `{}` is short", cb.name)))?;
-        let at = h.at(row, g, width);
-        match cb.dtype {
-            DType::F16 => {
-                use half::slice::HalfFloatSliceExt;
-                // SAFETY: the cache was sized for whole blocks covering `row`
-                // (`cache_rows`), so elements `at..at + d` (`at + d` at most the
-                // block's end) lie inside it; f16 elements at even offsets.
-                let to = unsafe { std::slice::from_raw_parts_mut((cp as *mut half::f16).add(at), d) };
-                to.convert_from_f32_slice(part);
-            }
-            DType::F32 => {
-                // SAFETY: as above, f32 elements at 4-byte offsets.
-                unsafe { std::slice::from_raw_parts_mut((cp as *mut f32).add(at), d) }.copy_from_slice(part);
-            }
-            other => return Err(RuntimeError::Cpu(format!("KV cache `{}` of type {} kept per head block", cb.name, other.name()))),
-        }
+        // SAFETY: the cache was sized for whole blocks covering `row`
+        // (`cache_rows`), so elements `at..at + d` of its type (`at + d` at
+        // most the block's end) lie inside it, at an offset aligned for the
+        // type; nothing else refers to them during the append.
+        unsafe { write_plain(cp.add(h.at(row, g, width) * elem), cb.dtype == DType::F16, part) };
     }
     Ok(())
+}
+
+/// Writes `from` at `at` as f16 values (rounded; `f16`) or as f32 values.
+///
+/// # Safety
+/// `at` holds `from.len()` values of that type inside one allocation, aligned
+/// for it, and nothing else refers to them during the call.
+unsafe fn write_plain(at: *mut u8, f16: bool, from: &[f32]) {
+    if f16 {
+        use half::slice::HalfFloatSliceExt;
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(at as *mut half::f16, from.len()) }.convert_from_f32_slice(from);
+    } else {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(at as *mut f32, from.len()) }.copy_from_slice(from);
+    }
 }
 
 /// Appends position `row` to a K cache quantized per channel

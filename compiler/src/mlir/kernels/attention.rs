@@ -1840,7 +1840,7 @@ impl Attn {
     fn emit_warp(&self, b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(), CompileError> {
         let KernelCtx { spec, work, ins, out, .. } = *cx;
         let (h, kvh, d) = (self.h, self.kvh, self.d);
-        let (hc, dc, qwc, kvwc, groupc) = (b.index(h), b.index(d), b.index(h * d), b.index(kvh * d), b.index(h / kvh));
+        let (hc, dc, qwc, groupc) = (b.index(h), b.index(d), b.index(h * d), b.index(h / kvh));
         let zero = b.f32(0.0);
         let ninf = b.f32(-1e30);
         let scale = b.f32(1.0 / (d as f32).sqrt());
@@ -1924,8 +1924,7 @@ impl Attn {
                             }
                             _ => {
                                 let j = self.key_row(b, &vis, tk);
-                                let kb = b.muli(&j, &kvwc);
-                                let kbase = b.addi(&kb, &khd);
+                                let kbase = self.row_base(b, &j, &khd);
                                 let ks = match &self.key_basis {
                                     // Coefficients before RoPE; the key's position is `tk` (no window).
                                     Some(basis) => {
@@ -2190,7 +2189,7 @@ impl Attn {
     fn emit_online(&self, b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(), CompileError> {
         let KernelCtx { work, ins, out, .. } = *cx;
         let (h, kvh, d) = (self.h, self.kvh, self.d);
-        let (hc, dc, qwc, kvwc, groupc) = (b.index(h), b.index(d), b.index(h * d), b.index(kvh * d), b.index(h / kvh));
+        let (hc, dc, qwc, groupc) = (b.index(h), b.index(d), b.index(h * d), b.index(h / kvh));
         let zero_i = b.index(0);
         let zero = b.f32(0.0);
         let ninf = b.f32(-1e30);
@@ -2219,8 +2218,7 @@ impl Attn {
                         (kb, vb)
                     } else {
                         let j = self.key_row(b, &vis, t);
-                        let kbase0 = b.muli(&j, &kvwc);
-                        let kb = b.addi(&kbase0, &khd);
+                        let kb = self.row_base(b, &j, &khd);
                         (kb.clone(), kb)
                     };
                     let load = |b: &mut KernelBuilder, cache: &V, i: &str| match (&self.blocks, compressed) {

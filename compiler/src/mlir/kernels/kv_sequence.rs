@@ -15,7 +15,7 @@
 //! (`warp_rows`).
 
 use super::warp_rows::{
-    block_cell, cache_views, check_f16_caches, cpu_key_step, cpu_store_row, row_vectors, CacheView, HeadCell, LaneFeatures,
+    block_cell, cache_views, check_f16_caches, cpu_dot_lanes, cpu_key_step, cpu_store_row, row_vectors, CacheView, HeadCell, LaneFeatures,
 };
 use super::{KernelCtx, GPU_ATTN_WARPS, VW};
 use crate::error::CompileError;
@@ -164,11 +164,7 @@ impl Sequence {
             .iter()
             .map(|at| {
                 let kx = row_vectors(b, kbuf, at, nv, half);
-                let mut a = b.vzero(w);
-                for (qx, k) in q.iter().zip(&kx) {
-                    a = b.vfma(qx, k, &a, w);
-                }
-                a
+                cpu_dot_lanes(b, q, &kx)
             })
             .collect();
         let s = b.vsums(&dots, w);

@@ -63,10 +63,7 @@ pub(super) fn row_vectors(b: &mut KernelBuilder, buf: &str, base: &str, n: usize
 /// and value's rows as vectors, its score `scale·q·k + bonus`.
 pub(super) fn cpu_key_step(b: &mut KernelBuilder, st: &[V], q: &[V], (k, v): (&[V], &[V]), scale: &str, bonus: Option<&str>) -> Vec<V> {
     let vty = KernelBuilder::vty(VW);
-    let mut a = b.vzero(VW);
-    for (qx, kx) in q.iter().zip(k) {
-        a = b.vfma(qx, kx, &a, VW);
-    }
+    let a = cpu_dot_lanes(b, q, k);
     let dot = b.vsum(&a, VW);
     let sc = b.mul(&dot, scale);
     let sc = match bonus {
@@ -81,6 +78,16 @@ pub(super) fn cpu_key_step(b: &mut KernelBuilder, st: &[V], q: &[V], (k, v): (&[
         next.push(b.vfma(&st[2 + x], &corrv, &pv, VW));
     }
     next
+}
+
+/// CPU: `q·k` of two rows of `VW`-lane vectors, as one vector of partial
+/// sums (its lanes add up to the dot).
+pub(super) fn cpu_dot_lanes(b: &mut KernelBuilder, q: &[V], k: &[V]) -> V {
+    let mut a = b.vzero(VW);
+    for (qx, kx) in q.iter().zip(k) {
+        a = b.vfma(qx, kx, &a, VW);
+    }
+    a
 }
 
 /// CPU: the row of a finished online softmax (`state`: max, sum, vectors),
