@@ -12,7 +12,10 @@
 //! loaded (widened) once for all the group's heads, which score it into their
 //! own tiles of scores, then the heads take the tile's values together, each
 //! value vector loaded once for all of them; rows ahead are prefetched into
-//! L2. Quantized caches and keys before RoPE are first widened to f32 tiles
+//! L2. Sequence-axis caches (`kv_sequence.rs`) are read the same way in
+//! three runs of keys (`key_runs`): the sinks' and recent positions' exact
+//! f32 rows and between them the f16 low-pass rows, whose scores get a
+//! constant. Quantized caches and keys before RoPE are first widened to f32 tiles
 //! once for the whole group (`widen_tile`, `widened_group_tile`). Scratch is bounded:
 //! two tiles, a tile of scores per head and the group's sums. In
 //! decode the visible keys are split over `ATTN_SPLITS` units
@@ -38,6 +41,7 @@
 //! where it writes the row; the other variants run the three in turn.
 
 use super::kv_pre_rope::KeyBasis;
+use super::kv_sequence::{Run, SeqCache};
 use super::{fixed_last, KernelCtx, KernelSpec, GPU_ATTN_WARPS, VW, WARP};
 use crate::error::CompileError;
 use crate::mlir::builder::{Device, KernelBuilder, PrefetchTo, V};
@@ -148,7 +152,7 @@ fn dims(spec: &KernelSpec) -> Result<(u64, u64, u64), CompileError> {
 /// Whether the CPU kernel is the grouped, split variant (two phases of units
 /// and a scratch buffer).
 pub fn cpu_split(spec: &KernelSpec) -> bool {
-    super::chunked_svd_of(spec).is_none() && !super::has_sequence_kv(spec) && dims(spec).is_ok_and(|(_, _, d)| d > 0 && d % VW as u64 == 0)
+    super::chunked_svd_of(spec).is_none() && dims(spec).is_ok_and(|(_, _, d)| d > 0 && d % VW as u64 == 0)
 }
 
 /// The CPU units of the split variant's first phase (partials), and of both
@@ -259,7 +263,26 @@ struct Visible {
     /// Gated `#nsa`: keys `0..branch` (sinks and selected blocks) are the
     /// selected branch, the rest the window branch.
     branch: Option<V>,
+    /// `#kv(axis = sequence)`: the low-pass rows read, between the `sinks`
+    /// and the recent positions (`from..=p`).
+    low: Option<V>,
 }
+
+/// Where the keys of a tile of the CPU split variant's f32 or f16 caches are
+/// read from: the K and V caches (or views of them), whether they hold f16,
+/// the last element a prefetch may reach, and a constant added to every
+/// score (the low-pass rows of `#kv(axis = sequence)`).
+struct KeySource {
+    k: V,
+    v: V,
+    half: bool,
+    last: V,
+    bonus: Option<V>,
+}
+
+/// A run of a split's visible keys that one `KeySource` holds: its source,
+/// its visible keys `lo..hi`, and the cache row of a visible key.
+type KeyRun<'a> = (KeySource, V, V, Box<dyn Fn(&mut KernelBuilder, &str) -> V + 'a>);
 
 /// `out[r, head]` = softmax(q·kᵀ/√d)·v over the keys row r sees.
 pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u32, kv_heads: u32) -> Result<(), CompileError> {
@@ -273,9 +296,15 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
     if super::chunked_svd_of(spec).is_some() {
         return super::kv_chunked::emit(b, cx, (h, kvh, d));
     }
-    if super::has_sequence_kv(spec) {
-        return super::kv_sequence::emit(b, cx, (h, kvh, d));
-    }
+    // Sequence-axis caches: the split variant reads their runs on the CPU.
+    let sequence = if super::has_sequence_kv(spec) {
+        if device == Device::Nvptx {
+            return super::kv_sequence::emit_warps(b, cx, (h, kvh, d));
+        }
+        Some(super::kv_sequence::caches(b, cx, (kvh, d))?)
+    } else {
+        None
+    };
     // f16 caches (`KvCacheType::F16`) are read as f16 views of byte
     // buffers (NVPTX: f16 pointers) and widened to f32 as they load;
     // block-quantized ones (`kv_quant.rs`, CPU) are dequantized a block of 32
@@ -325,9 +354,10 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
     } else {
         None
     };
-    let (kbuf, vbuf) = match kv {
-        DType::F16 => (b.f16_param(&ins[1]), b.f16_param(&ins[2])),
-        _ => (ins[1].clone(), ins[2].clone()),
+    let (kbuf, vbuf) = match (&sequence, kv) {
+        (Some(sq), _) => (sq.k.halves.clone(), sq.v.halves.clone()),
+        (None, DType::F16) => (b.f16_param(&ins[1]), b.f16_param(&ins[2])),
+        (None, _) => (ins[1].clone(), ins[2].clone()),
     };
     // Under `#nsa` the selection (`nsa.rs`) follows q, k and v; gated, the
     // gate comes before it and the block cache after it.
@@ -354,6 +384,7 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
         key_basis,
         kivi,
         head_blocks: if device == Device::Cpu { spec.cpu_head_blocks } else { None },
+        sequence,
     };
     if ctx.head_blocks.is_some() && !(ctx.fused() && cpu_split(spec) && ctx.nsa.is_some()) {
         return Err(spec.unsupported("caches kept per block and KV head are read by the split kernel of #nsa over f16 or f32 caches"));
@@ -442,6 +473,8 @@ struct Attn {
     kivi: Option<super::kv_kivi::KiviKeys>,
     /// CPU: the caches are kept per block and KV head (`cpu_head_blocks`).
     head_blocks: Option<sparsec_runtime::manifest::HeadBlocks>,
+    /// CPU, `#kv(axis = sequence)`: exact and low-pass rows (`kv_sequence.rs`).
+    sequence: Option<SeqCache>,
 }
 
 impl Attn {
@@ -670,7 +703,17 @@ impl Attn {
         let (size, sinks) = match (self.window, &self.nsa) {
             (_, Some((n, _))) => (n.window, n.sinks),
             (Some(w), None) => w,
-            (None, None) => return Visible { sinks: zero.clone(), from: zero, count: end, selected: None, branch: None },
+            (None, None) => {
+                if let Some(sq) = &self.sequence {
+                    // Sinks, low-pass rows, recent positions.
+                    let r = sq.runs_at(b, p);
+                    let recent = b.sub_or_zero(&r.recent.1, &r.recent.0);
+                    let count = b.addi(&r.sinks_end, &r.low_rows);
+                    let count = b.addi(&count, &recent);
+                    return Visible { sinks: r.sinks_end, from: r.recent.0, count, selected: None, branch: None, low: Some(r.low_rows) };
+                }
+                return Visible { sinks: zero.clone(), from: zero, count: end, selected: None, branch: None, low: None };
+            }
         };
         let size = b.index(size as u64);
         let from = b.sub_or_zero(&end, &size);
@@ -700,7 +743,7 @@ impl Attn {
             (Some(_), Some((_, keys))) => Some(b.addi(&sinks, keys)),
             _ => None,
         };
-        Visible { sinks, from, count, selected, branch }
+        Visible { sinks, from, count, selected, branch, low: None }
     }
 
     /// The cache row holding visible key `t` (its position, wrapped into the
@@ -745,6 +788,56 @@ impl Attn {
                 b.def(format!("arith.select {below}, {j}, {slot} : index"))
             }
         }
+    }
+
+    /// The runs of visible keys `lo..hi` a split reads, each from one
+    /// `KeySource` (clamped to it; empty runs stay, with no keys): the
+    /// caches (`kv_last` their last element) and `key_row`, or under
+    /// `#kv(axis = sequence)` the sinks' and recent positions' exact rows
+    /// and between them the low-pass rows, whose scores are raised by
+    /// ln(block/m).
+    fn key_runs<'a>(&'a self, b: &mut KernelBuilder, vis: &'a Visible, (lo, hi): (&str, &str), kv_last: &str) -> Vec<KeyRun<'a>> {
+        let (Some(sq), Some(low)) = (&self.sequence, &vis.low) else {
+            let src = KeySource {
+                k: self.kbuf.clone(),
+                v: self.vbuf.clone(),
+                half: self.kv == DType::F16,
+                last: kv_last.to_string(),
+                bonus: None,
+            };
+            return vec![(src, lo.to_string(), hi.to_string(), Box::new(move |b: &mut KernelBuilder, t: &str| self.key_row(b, vis, t)))];
+        };
+        let zero = b.index(0);
+        let low_end = b.addi(&vis.sinks, low);
+        let exact_len = b.def(format!("memref.dim {}, {zero} : memref<?xf32>", sq.k.exact));
+        let one = b.index(1);
+        let exact_last = b.def(format!("arith.subi {exact_len}, {one} : index"));
+        let bonus = b.f32(sq.l.bonus());
+        let runs = [
+            (Run::Sinks, zero.clone(), vis.sinks.clone(), zero.clone()),
+            (Run::LowPass, vis.sinks.clone(), low_end.clone(), zero),
+            (Run::Recent, low_end, vis.count.clone(), vis.from.clone()),
+        ];
+        runs.into_iter()
+            .map(|(run, a, end, first)| {
+                let half = run == Run::LowPass;
+                let (k, v) = sq.bufs(run);
+                let last = if half { kv_last.to_string() } else { exact_last.clone() };
+                let src = KeySource { k: k.clone(), v: v.clone(), half, last, bonus: half.then(|| bonus.clone()) };
+                let clamp = |b: &mut KernelBuilder, x: &str| {
+                    let x = b.maxui(x, &a);
+                    b.minui(&x, &end)
+                };
+                let (rlo, rhi) = (clamp(b, lo), clamp(b, hi));
+                // Visible key t is key `t - a` of the run (from `first`).
+                let row_of = move |b: &mut KernelBuilder, t: &str| {
+                    let u = b.def(format!("arith.subi {t}, {a} : index"));
+                    let u = b.addi(&u, &first);
+                    sq.view_row(b, run, &u)
+                };
+                (src, rlo, rhi, Box::new(row_of) as Box<dyn Fn(&mut KernelBuilder, &str) -> V + 'a>)
+            })
+            .collect()
     }
 
     /// Splits of a row's visible keys: `ATTN_SPLITS` in decode (one row) with
@@ -900,7 +993,7 @@ impl Attn {
         };
         let row = |b: &mut KernelBuilder, i: &str| b.muli(i, &dc);
         let value = |b: &mut KernelBuilder, at: &str| b.vload(&t.v, at, VW);
-        self.group_tile(b, t, heads, nk, acc, (&key, &row, &value))
+        self.group_tile(b, t, heads, (nk, None), acc, (&key, &row, &value))
     }
 
     /// Whether the split variant's tiles read f32 or f16 cache rows directly
@@ -910,7 +1003,7 @@ impl Attn {
     }
 
     /// CPU split variant, f32 and f16 caches (`fused`): `group_tile` over
-    /// keys `tb..tb + nk` read from the caches as they lie (cache rows from
+    /// keys `tb..tb + nk` read from `src` as they lie (cache rows from
     /// `row_of`, widened as they are loaded), without widened tiles. Rows
     /// ahead are prefetched as `widen_tile` does, but into L2.
     #[allow(clippy::too_many_arguments)]
@@ -921,7 +1014,7 @@ impl Attn {
         heads: &[TileHead],
         (tb, nk): (&str, &str),
         khd: &str,
-        kv_last: &str,
+        src: &KeySource,
         row_of: &dyn Fn(&mut KernelBuilder, &str) -> V,
         acc: &str,
     ) -> Vec<(V, V)> {
@@ -932,10 +1025,12 @@ impl Attn {
         // L1's miss buffers, which would stall the stream (SmolLM2's shape at
         // 60000 positions, 2 threads, Zen 4 guest: 2.4-3.5 ms per call against
         // 3.4-4.5 with prefetcht0).
+        let elem = if src.half { "f16" } else { "f32" };
+        let load = |b: &mut KernelBuilder, buf: &str, at: &str| if src.half { b.vload_f16(buf, at, VW) } else { b.vload(buf, at, VW) };
         let prefetch = |b: &mut KernelBuilder, base: &str, ahead: u64| {
-            for buf in [&self.kbuf, &self.vbuf] {
+            for buf in [&src.k, &src.v] {
                 for at in [0, d - 1] {
-                    b.prefetch_ahead_to(buf, base, ahead * kvw + at, kv_last, self.kv_elem(), PrefetchTo::L2);
+                    b.prefetch_ahead_to(buf, base, ahead * kvw + at, &src.last, elem, PrefetchTo::L2);
                 }
             }
         };
@@ -976,13 +1071,13 @@ impl Attn {
                 .map(|v| {
                     let o = b.index(v as u64 * VW as u64);
                     let at = b.addi(&base, &o);
-                    self.kv_vload(b, &self.kbuf, &at)
+                    load(b, &src.k, &at)
                 })
                 .collect()
         };
         let row = |b: &mut KernelBuilder, i: &str| row_base(b, i, false);
-        let value = |b: &mut KernelBuilder, at: &str| self.kv_vload(b, &self.vbuf, at);
-        self.group_tile(b, t, heads, nk, acc, (&key, &row, &value))
+        let value = |b: &mut KernelBuilder, at: &str| load(b, &src.v, at);
+        self.group_tile(b, t, heads, (nk, src.bonus.as_deref()), acc, (&key, &row, &value))
     }
 
     /// CPU split variant: the online softmax of a KV group's heads over `nk`
@@ -992,14 +1087,15 @@ impl Attn {
     /// scores, and each head's running max and sum are rescaled (`softmax`).
     /// Values: the heads' weighted values (at `acc[ab..]`) take key `i`'s
     /// values (`value` at `row(i)`) together, each value vector loaded once
-    /// for the whole group (`pv_from`). Returns each head's new max and sum.
+    /// for the whole group (`pv_from`). `bonus` is added to every score.
+    /// Returns each head's new max and sum.
     #[allow(clippy::type_complexity)]
     fn group_tile(
         &self,
         b: &mut KernelBuilder,
         t: &TileMem,
         heads: &[TileHead],
-        nk: &str,
+        (nk, bonus): (&str, Option<&str>),
         acc: &str,
         (key, row, value): (
             &dyn Fn(&mut KernelBuilder, &str) -> Vec<V>,
@@ -1017,6 +1113,7 @@ impl Attn {
         let blocked = b.muli(&blocks, &vwc);
         let vninf = b.vbroadcast(&ninf, VW);
         let vscale = b.vbroadcast(&scale, VW);
+        let vbonus = bonus.map(|bo| b.vbroadcast(bo, VW));
         let s0s: Vec<V> = (0..heads.len()).map(|h| b.index(h as u64 * KEY_TILE)).collect();
         let dot = |b: &mut KernelBuilder, q: &[V], k: &[V]| -> V {
             let mut a = z.clone();
@@ -1044,6 +1141,10 @@ impl Attn {
                 .map(|((ds, s0), m)| {
                     let sums = b.vsums(ds, VW);
                     let sv = b.def(format!("arith.mulf {sums}, {vscale} : {vty}"));
+                    let sv = match &vbonus {
+                        Some(bv) => b.def(format!("arith.addf {sv}, {bv} : {vty}")),
+                        None => sv,
+                    };
                     let si = b.addi(s0, ib);
                     b.vstore(&sv, &t.s, &si, VW);
                     b.def(format!("arith.maxnumf {m}, {sv} : {vty}"))
@@ -1061,6 +1162,10 @@ impl Attn {
                     let a = dot(b, &head.q, &k);
                     let dsum = b.vsum(&a, VW);
                     let sv = b.mul(&dsum, &scale);
+                    let sv = match bonus {
+                        Some(bo) => b.add(&sv, bo),
+                        None => sv,
+                    };
                     let si = b.addi(s0, i);
                     b.store(&sv, &t.s, &si);
                     b.fbin("maxnumf", m, &sv)
@@ -1524,7 +1629,7 @@ impl Attn {
         // Phase 1: partial softmax of (row, KV head, split) for each head of the group.
         let ub = b.minui("%hi", &first);
         // Prefill of a model without windows or NSA goes flash-style.
-        let flash = (self.window.is_none() && self.nsa.is_none() && !self.hadamard).then(|| {
+        let flash = (self.window.is_none() && self.nsa.is_none() && self.sequence.is_none() && !self.hadamard).then(|| {
             let cells = b.index(FLASH_ROWS * group);
             let accs = b.index(FLASH_ROWS * group * d);
             FlashMem { m: b.alloca_f32(&cells), l: b.alloca_f32(&cells), acc: b.alloca_f32(&accs) }
@@ -1596,51 +1701,55 @@ impl Attn {
                 }
                 let tiles = |b: &mut KernelBuilder, lo: &str, hi: &str| -> Vec<V> {
                     b.for_each(&zero_i, &acc_elems, |b, i| b.store(&zero, &acc_mem, i));
-                    b.for_fold_typed(lo, hi, KEY_TILE, &init, |b, tb, ml| {
-                        let te = b.addi(tb, &tile_keys);
-                        let te = b.minui(&te, hi);
-                        let nk = b.def(format!("arith.subi {te}, {tb} : index"));
-                        let mut next = Vec::new();
-                        for g0 in (0..heads_served).step_by(group as usize) {
-                            let khg = kh_of(b, g0);
-                            let khd = b.muli(&khg, &dc);
-                            let row_of = |b: &mut KernelBuilder, t: &str| self.key_row(b, &vis, t);
-                            if !self.fused() {
-                                self.widen_tile(b, &tiles_mem, tb, &nk, &khd, &kv_last, &row_of);
+                    let mut ml = init.clone();
+                    for (src, lo, hi, row_of) in self.key_runs(b, &vis, (lo, hi), &kv_last) {
+                        let next = b.for_fold_typed(&lo, &hi, KEY_TILE, &ml, |b, tb, ml| {
+                            let te = b.addi(tb, &tile_keys);
+                            let te = b.minui(&te, &hi);
+                            let nk = b.def(format!("arith.subi {te}, {tb} : index"));
+                            let mut next = Vec::new();
+                            for g0 in (0..heads_served).step_by(group as usize) {
+                                let khg = kh_of(b, g0);
+                                let khd = b.muli(&khg, &dc);
+                                if !self.fused() {
+                                    self.widen_tile(b, &tiles_mem, tb, &nk, &khd, &kv_last, &row_of);
+                                }
+                                // The KV head's query heads: their queries, running max and sum, and values.
+                                let heads: Vec<TileHead> = (g0..g0 + group)
+                                    .map(|g| {
+                                        let qbase = qbase_of(b, g);
+                                        let q: Vec<V> = (0..nv)
+                                            .map(|v| match &qrot {
+                                                Some(qrot) => {
+                                                    let o = b.index(g * d + v as u64 * VW as u64);
+                                                    b.vload(qrot, &o, VW)
+                                                }
+                                                None => {
+                                                    let o = b.index(v as u64 * VW as u64);
+                                                    let i = b.addi(&qbase, &o);
+                                                    b.vload(&ins[0], &i, VW)
+                                                }
+                                            })
+                                            .collect();
+                                        let ml = (ml[2 * g as usize].clone(), ml[2 * g as usize + 1].clone());
+                                        TileHead { q, ml, ab: b.index(g * d) }
+                                    })
+                                    .collect();
+                                let ml = if self.fused() {
+                                    self.cache_group_tile(b, &tiles_mem, &heads, (tb, &nk), &khd, &src, &*row_of, &acc_mem)
+                                } else {
+                                    self.widened_group_tile(b, &tiles_mem, &heads, &nk, &acc_mem)
+                                };
+                                for (m_new, l_new) in ml {
+                                    next.push(m_new);
+                                    next.push(l_new);
+                                }
                             }
-                            // The KV head's query heads: their queries, running max and sum, and values.
-                            let heads: Vec<TileHead> = (g0..g0 + group)
-                                .map(|g| {
-                                    let qbase = qbase_of(b, g);
-                                    let q: Vec<V> = (0..nv)
-                                        .map(|v| match &qrot {
-                                            Some(qrot) => {
-                                                let o = b.index(g * d + v as u64 * VW as u64);
-                                                b.vload(qrot, &o, VW)
-                                            }
-                                            None => {
-                                                let o = b.index(v as u64 * VW as u64);
-                                                let i = b.addi(&qbase, &o);
-                                                b.vload(&ins[0], &i, VW)
-                                            }
-                                        })
-                                        .collect();
-                                    let ml = (ml[2 * g as usize].clone(), ml[2 * g as usize + 1].clone());
-                                    TileHead { q, ml, ab: b.index(g * d) }
-                                })
-                                .collect();
-                            let ml = if self.fused() {
-                                self.cache_group_tile(b, &tiles_mem, &heads, (tb, &nk), &khd, &kv_last, &row_of, &acc_mem)
-                            } else {
-                                self.widened_group_tile(b, &tiles_mem, &heads, &nk, &acc_mem)
-                            };
-                            for (m_new, l_new) in ml {
-                                next.push(m_new);
-                                next.push(l_new);
-                            }
-                        }
-                        next
-                    })
+                            next
+                        });
+                        ml = next.into_iter().map(|v| (v, "f32".to_string())).collect();
+                    }
+                    ml.into_iter().map(|(v, _)| v).collect()
                 };
                 let whole = b.def(format!("arith.cmpi eq, {n}, {one_i} : index"));
                 // A pass's result per head of the group: one split writes the

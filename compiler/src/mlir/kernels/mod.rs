@@ -376,7 +376,7 @@ impl KernelSpec {
     /// (attention's split partials); `None` when it takes none.
     pub fn scratch_words(&self) -> Result<Option<u64>, CompileError> {
         match &self.op {
-            Op::Attention { .. } if self.stage != Stage::Op || chunked_svd_of(self).is_some() || has_sequence_kv(self) => Ok(None),
+            Op::Attention { .. } if self.stage != Stage::Op || chunked_svd_of(self).is_some() => Ok(None),
             Op::Attention { .. } => Ok(Some(attention::scratch_words(self)?)),
             _ => Ok(None),
         }
