@@ -136,7 +136,10 @@ fn check_nsa(device: DeviceKind) {
 /// Compressed KV caches on every layer of the tiny Llama (head width 8):
 /// chunked SVD (chunks of 8 at rank 2) and sequence-axis DCT (blocks of 4,
 /// half kept, 2 sinks, 4 recent), against the interpreter. On CUDA the
-/// session appends them on the host and attention runs their NVPTX kernels.
+/// session appends the chunked-SVD caches on the host and the sequence-axis
+/// ones on the device (`cuda_seq_append`: exact rows and the blocks a call
+/// completes, through prefill calls and 12 decode steps), and attention runs
+/// their NVPTX kernels.
 fn check_compressed(device: DeviceKind) {
     let tmp = tempfile::tempdir().unwrap();
     for (name, kv) in [
@@ -369,13 +372,21 @@ fn the_kv_append_ptx_assembles_for_hopper() {
 }
 
 #[test]
+fn the_sequence_axis_append_ptx_assembles_for_hopper() {
+    assembles_for_hopper(&sparsec_runtime::cuda_seq_append::seq_append_ptx());
+}
+
+#[test]
 fn the_greedy_step_ptx_assembles_for_hopper() {
     assembles_for_hopper(&sparsec_runtime::cuda_greedy::greedy_ptx());
 }
 
-/// ptxas accepts `ptx` for sm_90 (the runtime's own kernels, which the driver
-/// would otherwise first compile on a GPU host).
+/// `ptx` is ASCII and ptxas accepts it for sm_90 (the runtime's own kernels,
+/// which the driver would otherwise first compile on a GPU host).
 fn assembles_for_hopper(ptx: &str) {
+    // CUDA 13.0's PTX JIT (the H200 machine's driver) refuses any non-ASCII
+    // character, comments included, where later ptxas versions take them.
+    assert!(ptx.is_ascii(), "PTX with a non-ASCII character: {:?}", ptx.chars().find(|c| !c.is_ascii()));
     let Some(ptxas) = common::require("ptxas", sparsec_compiler::toolchain::find_ptxas().ok_or(common::PTXAS_NOT_FOUND)) else {
         return;
     };

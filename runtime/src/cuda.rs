@@ -40,6 +40,8 @@ pub struct CudaExecutor {
     pub(crate) weights: HashMap<usize, CudaSlice<u8>>,
     /// The runtime's own KV append kernels (`cuda_append`).
     pub(crate) appender: crate::cuda_append::Appender,
+    /// The runtime's sequence-axis cache append (`cuda_seq_append`).
+    pub(crate) seq_appender: crate::cuda_seq_append::SeqAppender,
     /// The runtime's greedy step (`cuda_greedy`).
     pub(crate) greedy: crate::cuda_greedy::Greedy,
     /// The loaded artifact's manifest hash: sessions serve that artifact only.
@@ -56,6 +58,7 @@ impl CudaExecutor {
         // capture decode steps on it as CUDA graphs.
         let stream = ctx.new_stream().map_err(cu("create a stream"))?;
         let appender = crate::cuda_append::Appender::load(&ctx)?;
+        let seq_appender = crate::cuda_seq_append::SeqAppender::load(&ctx)?;
         let greedy = crate::cuda_greedy::Greedy::load(&ctx)?;
         let mut kernels = HashMap::new();
         for step in &art.manifest.execution.steps {
@@ -90,7 +93,7 @@ impl CudaExecutor {
                 weights.insert(i, stream.clone_htod(data).map_err(cu("upload weight"))?);
             }
         }
-        Ok(CudaExecutor { ctx, stream, kernels, weights, appender, greedy, artifact: art.manifest.integrity.clone() })
+        Ok(CudaExecutor { ctx, stream, kernels, weights, appender, seq_appender, greedy, artifact: art.manifest.integrity.clone() })
     }
 
     pub fn device_name(&self) -> String {

@@ -15,7 +15,8 @@ use std::sync::Arc;
 const APPEND_BLOCK: u32 = 256;
 
 /// One entry of the append kernels: `ENTRY` and `STORE` (the f32 `%f` to
-/// element `%rd9` of the cache at `%rd6`) are filled in per cache type. Two
+/// element `%rd9` of the cache at `%rd6`) are filled in per cache type, and
+/// `PAIR` by `ptx_pair_select`, `THREAD` by `PTX_THREAD_INDEX`. Two
 /// appends of equal rows in one launch (a layer's keys and values): threads
 /// `n .. 2n` (n = rows × row_elems) take the second pair `(src1, cache1)`.
 const APPEND_ENTRY: &str = r#"
@@ -26,12 +27,7 @@ const APPEND_ENTRY: &str = r#"
     .reg .b32 %r<4>;
     .reg .b64 %rd<16>;
     .reg .f32 %f;
-    mov.u32 %r1, %ctaid.x;
-    mov.u32 %r2, %ntid.x;
-    mov.u32 %r3, %tid.x;
-    mul.wide.u32 %rd1, %r1, %r2;
-    cvt.u64.u32 %rd2, %r3;
-    add.u64 %rd1, %rd1, %rd2;
+THREAD
     ld.param.u64 %rd3, [row_elems];
     ld.param.u64 %rd4, [rows];
     mul.lo.u64 %rd4, %rd4, %rd3;
@@ -39,15 +35,7 @@ const APPEND_ENTRY: &str = r#"
     mul.lo.u64 %rd12, %rd12, %rd4;
     setp.ge.u64 %p0, %rd1, %rd12;
     @%p0 bra DONE;
-    setp.ge.u64 %p1, %rd1, %rd4;
-    ld.param.u64 %rd5, [src0];
-    ld.param.u64 %rd13, [src1];
-    selp.b64 %rd5, %rd13, %rd5, %p1;
-    ld.param.u64 %rd6, [cache0];
-    ld.param.u64 %rd14, [cache1];
-    selp.b64 %rd6, %rd14, %rd6, %p1;
-    sub.u64 %rd15, %rd1, %rd4;
-    selp.b64 %rd1, %rd15, %rd1, %p1;
+PAIR
     ld.param.u64 %rd7, [pos_ptr];
     cvta.to.global.u64 %rd5, %rd5;
     cvta.to.global.u64 %rd6, %rd6;
@@ -63,6 +51,30 @@ DONE:
 }
 "#;
 
+/// PTX that sets `%rd1` to the thread's index in the grid (one dimension;
+/// `%r1`-`%r3` and `%rd2` are scratch).
+pub(crate) const PTX_THREAD_INDEX: &str =
+    "    mov.u32 %r1, %ctaid.x;\n    mov.u32 %r2, %ntid.x;\n    mov.u32 %r3, %tid.x;\n    mul.wide.u32 %rd1, %r1, %r2;\n    cvt.u64.u32 %rd2, %r3;\n    add.u64 %rd1, %rd1, %rd2;";
+
+/// PTX that picks a thread's pair in a launch of one or two (source, cache)
+/// pairs whose threads follow one another, `per` a pair: with `i` the
+/// thread's index, `src`/`cache` are loaded from the parameters `src0`/`cache0`,
+/// or from `src1`/`cache1` (through the second registers) where `i >= per`,
+/// and then `i` counts within its pair (`tmp` is scratch; `p` the predicate).
+pub(crate) fn ptx_pair_select(
+    p: &str,
+    (i, per): (&str, &str),
+    (src, src1): (&str, &str),
+    (cache, cache1): (&str, &str),
+    tmp: &str,
+) -> String {
+    format!(
+        "    setp.ge.u64 {p}, {i}, {per};\n    ld.param.u64 {src}, [src0];\n    ld.param.u64 {src1}, [src1];\n    selp.b64 {src}, {src1}, {src}, {p};\n    \
+         ld.param.u64 {cache}, [cache0];\n    ld.param.u64 {cache1}, [cache1];\n    selp.b64 {cache}, {cache1}, {cache}, {p};\n    \
+         sub.u64 {tmp}, {i}, {per};\n    selp.b64 {i}, {tmp}, {i}, {p};"
+    )
+}
+
 /// The module: two entries, `sparsec_append_f32` and `sparsec_append_f16`,
 /// with the parameters `(src0, cache0, src1, cache1, row_elems, rows, pairs,
 /// pos_ptr)`: for each of the first `pairs` (1 or 2) pairs, thread i < rows ×
@@ -72,7 +84,10 @@ pub fn append_ptx() -> String {
     let f32_store = "    shl.b64 %rd11, %rd9, 2;\n    add.u64 %rd11, %rd6, %rd11;\n    st.global.f32 [%rd11], %f;";
     let f16_store =
         "    cvt.rn.f16.f32 %h, %f;\n    shl.b64 %rd11, %rd9, 1;\n    add.u64 %rd11, %rd6, %rd11;\n    st.global.b16 [%rd11], %h;";
-    let entry = |name: &str, store: &str| APPEND_ENTRY.replace("ENTRY", name).replace("STORE", store);
+    let pair = ptx_pair_select("%p1", ("%rd1", "%rd4"), ("%rd5", "%rd13"), ("%rd6", "%rd14"), "%rd15");
+    let entry = |name: &str, store: &str| {
+        APPEND_ENTRY.replace("ENTRY", name).replace("STORE", store).replace("PAIR", &pair).replace("THREAD", PTX_THREAD_INDEX)
+    };
     format!(
         ".version 7.0\n.target sm_52\n.address_size 64\n{}{}",
         entry("sparsec_append_f32", f32_store),

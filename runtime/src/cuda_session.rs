@@ -12,7 +12,10 @@
 //! argmax (`cuda_greedy`), captured as one graph, replay back to back and the
 //! ids come back at the end. Caches are whole (row j holds position j): a
 //! windowed layer's ring (`BufferSpec::ring`) and an `#nsa` layer's
-//! blocks per KV head (`BufferSpec::head_blocks`) are the CPU's.
+//! blocks per KV head (`BufferSpec::head_blocks`) are the CPU's. Sequence-axis
+//! caches are appended and compressed on the device (`cuda_seq_append`);
+//! chunked-SVD caches on the host (their SVD is the CPU runtime's), which
+//! keeps such sessions from capturing graphs.
 
 use crate::artifact::Artifact;
 use crate::cuda::cu;
@@ -41,7 +44,10 @@ enum GpuStep {
     Kernel { f: CudaFunction, step: crate::manifest::KernelStep },
     /// Store `seq` rows into a cache at row `pos`, in its type.
     Append(crate::cuda_append::KvAppend),
-    /// A compressed cache (`chunked`, `sequence`): the rows are downloaded,
+    /// Store `seq` rows into a sequence-axis cache's exact rows and compress
+    /// the blocks they complete, on the device.
+    SeqAppend(crate::cuda_seq_append::SeqAppend),
+    /// A chunked-SVD cache: the rows are downloaded,
     /// appended to the host copy `mirror` by the CPU runtime's code (which
     /// factors or compresses what they complete), and the bytes it wrote
     /// uploaded to the device cache.
@@ -73,8 +79,10 @@ pub struct CudaSession<'a> {
     greedy_graph: Option<cudarc::driver::CudaGraph>,
     /// The device address of the id log (`cap.positions` u32 values).
     ids_ptr: u64,
-    /// Host copies of the compressed caches (`GpuStep::HostAppend`).
+    /// Host copies of the chunked-SVD caches (`GpuStep::HostAppend`).
     mirrors: Vec<Vec<f32>>,
+    /// The sequence-axis caches' resampling matrices on the device, one per layout.
+    _matrices: Vec<CudaSlice<f64>>,
     /// Per kernel: milliseconds and launches, when `profile_kernels` asked
     /// (each launch is then synchronized and timed on the host clock, which
     /// slows the run: for finding where the time goes, not for throughput).
@@ -173,9 +181,38 @@ impl CudaExecutor {
         }
         let mut steps = Vec::with_capacity(plan.steps.len());
         let mut mirrors = Vec::new();
+        let mut matrices: Vec<(sparsec_ir::kv_sequence::SeqLayout, CudaSlice<f64>)> = Vec::new();
         let joins = joined_appends(plan);
         for (step, &joins_prev) in plan.steps.iter().zip(&joins) {
             let next = match step {
+                Step::KvAppend { src, cache, hadamard: None } if plan.buffers[*cache].sequence.is_some() => {
+                    let (s, c) = (&plan.buffers[*src], &plan.buffers[*cache]);
+                    let layout = c
+                        .sequence_layout()
+                        .ok_or_else(|| RuntimeError::Cuda(format!("KV cache `{}`: a sequence-axis layout that does not fit", c.name)))?;
+                    if s.numel().resolve(1) != layout.width as u64 || !s.by_rows() || s.dtype != DType::F32 {
+                        return Err(RuntimeError::Cuda(format!("KV append of `{}` into `{}`: rows differ", s.name, c.name)));
+                    }
+                    let (src, cache) = (ptrs[*src], ptrs[*cache]);
+                    if joins_prev {
+                        if let Some(GpuStep::SeqAppend(prev)) = steps.last_mut() {
+                            prev.second = Some((src, cache));
+                            continue;
+                        }
+                    }
+                    let matrix = match matrices.iter().find(|(l, _)| *l == layout) {
+                        Some((_, m)) => m.device_ptr(&self.stream).0,
+                        None => {
+                            let host = crate::cuda_seq_append::SeqAppender::matrix(&layout)
+                                .ok_or_else(|| RuntimeError::Cuda(format!("KV cache `{}`: no resampling matrix", c.name)))?;
+                            let m = self.stream.clone_htod(&host).map_err(cu("upload a resampling matrix"))?;
+                            let p = m.device_ptr(&self.stream).0;
+                            matrices.push((layout, m));
+                            p
+                        }
+                    };
+                    GpuStep::SeqAppend(crate::cuda_seq_append::SeqAppend { layout, src, cache, matrix, second: None })
+                }
                 Step::KvAppend { src, cache, hadamard: None } if plan.buffers[*cache].compressed_cache() => {
                     let c = &plan.buffers[*cache];
                     let bytes = c.try_bytes(positions as u64).unwrap_or(0);
@@ -237,6 +274,7 @@ impl CudaExecutor {
             // Host appends cannot be captured: such sessions launch every step.
             graphs: mirrors.is_empty(),
             mirrors,
+            _matrices: matrices.into_iter().map(|(_, m)| m).collect(),
             decode_graph: None,
             greedy_graph: None,
             ids_ptr,
@@ -276,7 +314,7 @@ impl CudaSession<'_> {
 
     /// Whether decode steps (one row) replay a CUDA graph captured at the
     /// first one (the default), or launch every kernel. Sessions with
-    /// compressed caches always launch (their appends run on the host).
+    /// chunked-SVD caches always launch (their appends run on the host).
     pub fn set_graphs(&mut self, on: bool) {
         self.graphs = on && self.mirrors.is_empty();
     }
@@ -470,6 +508,15 @@ impl CudaSession<'_> {
                     // arena's `pos`.
                     unsafe { self.exec.appender.launch(stream, a, seq as u64, self.pos_ptr) }?;
                 }
+                GpuStep::SeqAppend(a) => {
+                    // SAFETY: `src` (and the second source) holds `cap.seq >= seq`
+                    // rows of the layout's width in f32; the cache was sized for
+                    // `cap.positions >= pos + seq` positions of its layout
+                    // (`try_bytes`); `seq` is at most the layout's `max_call`
+                    // (`cap.seq`, checked again in `launch`); the matrix is
+                    // the layout's, uploaded when the session was made.
+                    unsafe { self.exec.seq_appender.launch(stream, a, seq as u64, self.pos_ptr) }?;
+                }
                 GpuStep::HostAppend { src, cache, device, mirror } => {
                     let cb = &plan.buffers[*cache];
                     let width = cb.numel().resolve(1) as usize;
@@ -524,6 +571,7 @@ impl CudaSession<'_> {
                 stream.synchronize().map_err(cu("synchronize"))?;
                 let name = match step {
                     GpuStep::Append(_) => "kv_append".to_string(),
+                    GpuStep::SeqAppend(_) => "kv_append_sequence".to_string(),
                     GpuStep::HostAppend { .. } => "kv_append_host".to_string(),
                     GpuStep::Kernel { step, .. } => step.kernel.clone(),
                 };
@@ -627,14 +675,15 @@ impl CudaSession<'_> {
     }
 }
 
-/// Per plan step: whether it joins the launch before it. A value cache's plain
-/// append right after the key cache's (same row width and cache type, neither
-/// cache compressed) is launched with it, as one append of two caches.
+/// Per plan step: whether it joins the launch before it. A value cache's
+/// append right after the key cache's (same row width and cache type, and
+/// either both plain or both sequence-axis caches of one layout; no chunked-SVD
+/// cache) is launched with it, as one append of two caches.
 pub fn joined_appends(plan: &ExecutionPlan) -> Vec<bool> {
     let plain = |s: &Step| match s {
         Step::KvAppend { src, cache, hadamard: None } => {
             let c = &plan.buffers[*cache];
-            (!c.compressed_cache()).then(|| (c.dtype, plan.buffers[*src].numel().resolve(1)))
+            (c.chunked.is_none()).then(|| (c.dtype, plan.buffers[*src].numel().resolve(1), c.sequence_layout()))
         }
         _ => None,
     };

@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod cuda_append;
 pub mod cuda_greedy;
+pub mod cuda_seq_append;
 pub mod cuda_session;
 pub mod error;
 pub mod execute;
