@@ -627,6 +627,36 @@ impl KernelBuilder {
         self.line("}".into());
     }
 
+    /// `if cond { then } else { els }` yielding values of the types `tys`
+    /// (each branch returns one value per type).
+    pub fn if_else_yield(
+        &mut self,
+        cond: &str,
+        tys: &[&str],
+        then: impl FnOnce(&mut Self) -> Vec<V>,
+        els: impl FnOnce(&mut Self) -> Vec<V>,
+    ) -> Vec<V> {
+        let res = self.fresh();
+        let ty = tys.join(", ");
+        let decl = if tys.len() == 1 { res.clone() } else { format!("{res}:{}", tys.len()) };
+        self.line(format!("{decl} = scf.if {cond} -> ({ty}) {{"));
+        for (i, branch) in [Box::new(then) as Box<dyn FnOnce(&mut Self) -> Vec<V>>, Box::new(els)].into_iter().enumerate() {
+            if i == 1 {
+                self.line("} else {".into());
+            }
+            self.indent += 1;
+            let out = branch(self);
+            self.line(format!("scf.yield {} : {ty}", out.join(", ")));
+            self.indent -= 1;
+        }
+        self.line("}".into());
+        if tys.len() == 1 {
+            vec![res]
+        } else {
+            (0..tys.len()).map(|i| format!("{res}#{i}")).collect()
+        }
+    }
+
     /// A constant vector of `width` lanes of the integer `n` (`elem` i8, i32, ...).
     pub fn vsplat_int(&mut self, n: i64, width: u32, elem: &str) -> V {
         self.constant(format!("dense<{n}> : vector<{width}x{elem}>"))

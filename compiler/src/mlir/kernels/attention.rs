@@ -177,10 +177,10 @@ pub fn scratch_words(spec: &KernelSpec) -> Result<u64, CompileError> {
 
 /// NVPTX blocks per head a decode row's keys are split over
 /// (`emit_warp`): `GPU_SPLITS`, fewer where the heads' blocks would not fit
-/// one wave; `None` for the compressed caches' kernels (a block per (row,
-/// head) always).
+/// one wave; `None` for the chunked-SVD kernel (a block per (row, head)
+/// always).
 pub fn gpu_decode_splits(spec: &KernelSpec) -> Option<u64> {
-    if super::chunked_svd_of(spec).is_some() || super::has_sequence_kv(spec) {
+    if super::chunked_svd_of(spec).is_some() {
         return None;
     }
     let (h, _, _) = dims(spec).ok()?;
@@ -296,15 +296,9 @@ pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u
     if super::chunked_svd_of(spec).is_some() {
         return super::kv_chunked::emit(b, cx, (h, kvh, d));
     }
-    // Sequence-axis caches: the split variant reads their runs on the CPU.
-    let sequence = if super::has_sequence_kv(spec) {
-        if device == Device::Nvptx {
-            return super::kv_sequence::emit_warps(b, cx, (h, kvh, d));
-        }
-        Some(super::kv_sequence::caches(b, cx, (kvh, d))?)
-    } else {
-        None
-    };
+    // Sequence-axis caches: read in runs (`kv_sequence.rs`) by the CPU split
+    // variant and the NVPTX kernel.
+    let sequence = if super::has_sequence_kv(spec) { Some(super::kv_sequence::caches(b, cx, (kvh, d))?) } else { None };
     // f16 caches (`KvCacheType::F16`) are read as f16 views of byte
     // buffers (NVPTX: f16 pointers) and widened to f32 as they load;
     // block-quantized ones (`kv_quant.rs`, CPU) are dequantized a block of 32
@@ -661,18 +655,22 @@ impl Attn {
             .collect()
     }
 
-    /// NVPTX: the `d` values of a cache row starting at element `base`, as
-    /// f32 scalars: 16-byte vector loads (8 f16 or 4 f32) where `d` is a
-    /// multiple of their width (rows then start 16-byte aligned), else one
-    /// load per value.
-    fn kv_row_nvptx(&self, b: &mut KernelBuilder, buf: &str, base: &str) -> Vec<V> {
-        let (elem, width) = if self.kv == DType::F16 { ("f16", 8u64) } else { ("f32", 4u64) };
+    /// NVPTX: the `d` values of a cache row (f16 where `half`) starting at
+    /// element `base`, as f32 scalars: 16-byte vector loads (8 f16 or 4 f32)
+    /// where `d` is a multiple of their width (rows then start 16-byte
+    /// aligned), else one load per value.
+    fn kv_row_nvptx(&self, b: &mut KernelBuilder, buf: &str, base: &str, half: bool) -> Vec<V> {
+        let (elem, width) = if half { ("f16", 8u64) } else { ("f32", 4u64) };
         if !self.d.is_multiple_of(width) {
             return (0..self.d)
                 .map(|c| {
                     let o = b.index(c);
                     let i = b.addi(base, &o);
-                    self.kv_load(b, buf, &i)
+                    if half {
+                        b.load_f16(buf, &i)
+                    } else {
+                        b.load(buf, &i)
+                    }
                 })
                 .collect();
         }
@@ -683,14 +681,59 @@ impl Attn {
             let i = b.def(format!("arith.index_cast {i} : index to i64"));
             let p = b.def(format!("llvm.getelementptr inbounds {buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, {elem}"));
             let raw = b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr -> vector<{width}x{elem}>"));
-            let v =
-                if self.kv == DType::F16 { b.def(format!("arith.extf {raw} : vector<{width}xf16> to vector<{width}xf32>")) } else { raw };
+            let v = if half { b.def(format!("arith.extf {raw} : vector<{width}xf16> to vector<{width}xf32>")) } else { raw };
             for l in 0..width as i32 {
                 let li = b.i32(l);
                 out.push(b.def(format!("llvm.extractelement {v}[{li} : i32] : vector<{width}xf32>")));
             }
         }
         out
+    }
+
+    /// NVPTX, `#kv(axis = sequence)`: visible key `tk`'s K and V rows (its KV
+    /// head's part from `khd`) and what its score gains: a low-pass row
+    /// (f16, ln(block/m)) or a sink's or recent position's exact row (f32, 0).
+    fn sequence_key_nvptx(&self, b: &mut KernelBuilder, sq: &SeqCache, vis: &Visible, tk: &str, khd: &str) -> (Vec<V>, Vec<V>, Option<V>) {
+        let zero = b.index(0);
+        let low = vis.low.clone().unwrap_or(zero);
+        let low_end = b.addi(&vis.sinks, &low);
+        let past_sinks = b.def(format!("arith.cmpi uge, {tk}, {} : index", vis.sinks));
+        let before_recent = b.def(format!("arith.cmpi ult, {tk}, {low_end} : index"));
+        let in_low = b.def(format!("arith.andi {past_sinks}, {before_recent} : i1"));
+        let width = b.index(sq.l.width as u64);
+        let d = self.d as usize;
+        let tys = vec!["f32"; 2 * d + 1];
+        let row_at = |b: &mut KernelBuilder, row: &str| {
+            let at = b.muli(row, &width);
+            b.addi(&at, khd)
+        };
+        let out = b.if_else_yield(
+            &in_low,
+            &tys,
+            |b| {
+                let u = b.def(format!("arith.subi {tk}, {} : index", vis.sinks));
+                let row = sq.view_row(b, Run::LowPass, &u);
+                let base = row_at(b, &row);
+                let mut out = self.kv_row_nvptx(b, &sq.k.halves, &base, true);
+                out.extend(self.kv_row_nvptx(b, &sq.v.halves, &base, true));
+                out.push(b.f32(sq.l.bonus()));
+                out
+            },
+            |b| {
+                // A recent key's position: `from` on past the low-pass rows
+                // (computed for the sinks too, and not used there).
+                let u = b.def(format!("arith.subi {tk}, {low_end} : index"));
+                let u = b.addi(&u, &vis.from);
+                let recent = sq.view_row(b, Run::Recent, &u);
+                let row = b.def(format!("arith.select {past_sinks}, {recent}, {tk} : index"));
+                let base = row_at(b, &row);
+                let mut out = self.kv_row_nvptx(b, &sq.k.exact, &base, false);
+                out.extend(self.kv_row_nvptx(b, &sq.v.exact, &base, false));
+                out.push(b.f32(0.0));
+                out
+            },
+        );
+        (out[..d].to_vec(), out[d..2 * d].to_vec(), Some(out[2 * d].clone()))
     }
 
     /// The keys the query at position `p` (row `row` of the call) sees from
@@ -2025,12 +2068,13 @@ impl Attn {
                     let start = b.addi(&sw, &lane);
                     let start = b.addi(&start, lo);
                     let st = b.for_fold_typed(&start, hi, WARP * GPU_ATTN_WARPS, &init, |b, tk, acc| {
-                        let (ks, vs) = match (&self.blocks, compressed) {
-                            (Some(blocks), true) => {
+                        let (ks, vs, bonus) = match (&self.blocks, compressed, &self.sequence) {
+                            (Some(blocks), true, _) => {
                                 let kb = self.compressed_base(b, &kh, tk);
                                 let vb = b.addi(&kb, &dc);
-                                (self.f32_row_nvptx(b, blocks, &kb), self.f32_row_nvptx(b, blocks, &vb))
+                                (self.f32_row_nvptx(b, blocks, &kb), self.f32_row_nvptx(b, blocks, &vb), None)
                             }
+                            (_, _, Some(sq)) => self.sequence_key_nvptx(b, sq, &vis, tk, &khd),
                             _ => {
                                 let j = self.key_row(b, &vis, tk);
                                 let kbase = self.row_base(b, &j, &khd);
@@ -2050,9 +2094,9 @@ impl Attn {
                                             .collect();
                                         basis.expand_nvptx(b, &coefs, &kh, tk)
                                     }
-                                    None => self.kv_row_nvptx(b, &self.kbuf, &kbase),
+                                    None => self.kv_row_nvptx(b, &self.kbuf, &kbase, self.kv == DType::F16),
                                 };
-                                (ks, self.kv_row_nvptx(b, &self.vbuf, &kbase))
+                                (ks, self.kv_row_nvptx(b, &self.vbuf, &kbase, self.kv == DType::F16), None)
                             }
                         };
                         let mut dot = zero.clone();
@@ -2060,6 +2104,10 @@ impl Attn {
                             dot = b.fma(qc, k, &dot);
                         }
                         let sv = b.mul(&dot, &scale);
+                        let sv = match bonus {
+                            Some(bo) => b.add(&sv, &bo),
+                            None => sv,
+                        };
                         let (m_new, l_new, corr, pr) = online_step(b, &acc[0], &acc[1], &sv);
                         let mut next = vec![m_new, l_new];
                         for (c, v) in vs.iter().enumerate() {

@@ -1,21 +1,22 @@
-//! Attention over sequence-axis caches (`#kv(dct | pswf, axis = sequence)`,
-//! layout and rule in `sparsec_ir::kv_sequence`; the basis only changes the
-//! matrix the appender compresses a block with, not this kernel): a query reads the sinks'
+//! How attention reads sequence-axis caches (`#kv(dct | pswf, axis =
+//! sequence)`, layout and rule in `sparsec_ir::kv_sequence`; the basis only
+//! changes the matrix the appender compresses a block with, not the reading):
+//! a query reads the sinks'
 //! exact rows, then the low-pass rows of the blocks older than its recent
 //! positions (f16, each score raised by ln(block/m)), then its recent
 //! positions' exact rows from the ring. Three runs of keys through one
 //! online softmax; a low-pass block costs `m` keys instead of `block`.
 //!
-//! On the CPU the runs are the visible keys of attention's split variant
-//! (`attention.rs`): a unit per (row, split) serves every head, each key's
-//! row widened once for its KV group, in tiles of keys, and a decode row's
-//! keys are split over units and combined; this file gives it the runs
+//! Both backends read the runs through attention's kernels
+//! (`attention.rs`): the CPU split variant (a unit per (row, split) serves
+//! every head, each key's row widened once for its KV group, in tiles of
+//! keys; a decode row's keys split over units and combined) and the NVPTX
+//! one (a block of warps per (row, head), a decode row's keys split over
+//! blocks and combined). This file gives them the layout's views, the runs
 //! (`SeqCache::runs_at`) and where a run's key lies (`SeqCache::view_row`).
-//! On NVIDIA a block of warps serves a (query row, head) and splits each
-//! run's keys over its warps (`warp_rows`).
 
-use super::warp_rows::{block_cell, cache_views, check_f16_caches, CacheView, HeadCell, LaneFeatures};
-use super::{KernelCtx, GPU_ATTN_WARPS, VW};
+use super::warp_rows::{cache_views, check_f16_caches, CacheView};
+use super::{KernelCtx, VW};
 use crate::error::CompileError;
 use crate::mlir::builder::{Device, KernelBuilder, V};
 use sparsec_ir::kv_sequence::SeqLayout;
@@ -63,22 +64,6 @@ pub(super) fn caches(b: &mut KernelBuilder, cx: &KernelCtx<'_>, (kvh, d): (u64, 
     Ok(SeqCache { l, k, v })
 }
 
-/// The NVPTX kernel of an attention with `#kv(dct | pswf, axis = sequence)`
-/// (the CPU reads the caches through attention's split variant).
-/// `(h, kvh, d)`: heads, KV heads (dividing them) and head width.
-pub(super) fn emit_warps(b: &mut KernelBuilder, cx: &KernelCtx<'_>, (h, kvh, d): (u64, u64, u64)) -> Result<(), CompileError> {
-    let c = caches(b, cx, (kvh, d))?;
-    Sequence { h, kvh, d, c }.emit_warps(b, cx);
-    Ok(())
-}
-
-struct Sequence {
-    h: u64,
-    kvh: u64,
-    d: u64,
-    c: SeqCache,
-}
-
 impl SeqCache {
     /// The runs of the query at position `p`.
     pub fn runs_at(&self, b: &mut KernelBuilder, p: &str) -> SeqRuns {
@@ -124,73 +109,5 @@ impl SeqCache {
             Run::LowPass => (&self.k.halves, &self.v.halves),
             Run::Sinks | Run::Recent => (&self.k.exact, &self.v.exact),
         }
-    }
-}
-
-/// One (query row, head): where its query and output row start, where its
-/// KV head's features start in a cache row, and its runs.
-struct Cell {
-    qbase: V,
-    khd: V,
-    runs: SeqRuns,
-}
-
-impl Sequence {
-    fn cell(&self, b: &mut KernelBuilder, unit: &str) -> Cell {
-        let HeadCell { row, qbase, khd, .. } = HeadCell::of(b, unit, (self.h, self.kvh, self.d));
-        let pos = b.pos();
-        let p = b.addi(&pos, &row);
-        Cell { qbase, khd, runs: self.c.runs_at(b, &p) }
-    }
-
-    /// Where key `t` of `run` starts (its KV head's features) in the run's view.
-    fn key_at(&self, b: &mut KernelBuilder, run: Run, t: &str, khd: &str) -> V {
-        let width = b.index(self.c.l.width as u64);
-        let row = self.c.view_row(b, run, t);
-        let at = b.muli(&row, &width);
-        b.addi(&at, khd)
-    }
-
-    fn runs(c: &Cell, zero: &V) -> [(Run, V, V); 3] {
-        [
-            (Run::Sinks, zero.clone(), c.runs.sinks_end.clone()),
-            (Run::LowPass, zero.clone(), c.runs.low_rows.clone()),
-            (Run::Recent, c.runs.recent.0.clone(), c.runs.recent.1.clone()),
-        ]
-    }
-
-    /// NVIDIA: a block of warps per (query row, head); each run's keys are
-    /// split over the warps.
-    fn emit_warps(&self, b: &mut KernelBuilder, cx: &KernelCtx<'_>) {
-        let KernelCtx { work, ins, out, .. } = *cx;
-        let d = self.d;
-        let scale = b.f32(1.0 / (d as f32).sqrt());
-        let bonus = b.f32(self.c.l.bonus());
-        let zero_i = b.index(0);
-        let smem = b.shared_f32("sequence_partials", GPU_ATTN_WARPS * (2 + d));
-        b.parallel(work, |b, t| {
-            let (wid, lane, e) = block_cell(b, t);
-            let c = self.cell(b, &e);
-            let lf = LaneFeatures::new(b, &lane, d, &ins[0], &c.qbase);
-            let mut state: Vec<V> = lf.init(b).into_iter().map(|(v, _)| v).collect();
-            for (run, lo, hi) in Self::runs(&c, &zero_i) {
-                let start = b.addi(&lo, &wid);
-                let init: Vec<(V, String)> = state.iter().map(|v| (v.clone(), "f32".to_string())).collect();
-                state = b.for_fold_typed(&start, &hi, GPU_ATTN_WARPS, &init, |b, tk, st| {
-                    let at = self.key_at(b, run, tk, &c.khd);
-                    let half = run == Run::LowPass;
-                    let load = |b: &mut KernelBuilder, key: bool, i: &str| {
-                        let cache = if key { &self.c.k } else { &self.c.v };
-                        if half {
-                            b.load_f16(&cache.halves, i)
-                        } else {
-                            b.load(&cache.exact, i)
-                        }
-                    };
-                    lf.key_step(b, st, (&at, &at), &load, &scale, half.then_some(bonus.as_str()))
-                });
-            }
-            lf.combine(b, &smem, d, (&wid, &lane), &state, &c.qbase, out);
-        });
     }
 }

@@ -31,8 +31,8 @@ pub fn chunked_layout(spec: &KernelSpec, kv_heads: usize, d: usize) -> Option<sp
 
 /// The cache layout of an attention with `#kv(dct | pswf, axis = sequence)`
 /// over cache rows of `width` channels (calls append at most `RING_SLACK`
-/// rows); `None` without one, or where it does not fit. Its kernel is
-/// `kv_sequence`'s (the same for both bases: only the appender's matrix differs).
+/// rows); `None` without one, or where it does not fit. Attention reads it
+/// through `kv_sequence` (the same for both bases: only the appender's matrix differs).
 pub fn sequence_layout(spec: &KernelSpec, width: usize) -> Option<sparsec_ir::kv_sequence::SeqLayout> {
     sparsec_ir::kv_sequence::SeqParams::of_patterns(&spec.patterns)?.layout(width, RING_SLACK as usize)
 }

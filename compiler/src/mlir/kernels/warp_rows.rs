@@ -1,6 +1,6 @@
-//! What the kernels of compressed caches (`kv_chunked`, `kv_sequence`)
-//! share: their view of a cache, and NVPTX attention over rows read key by
-//! key: a block of
+//! What the readers of compressed caches (`kv_chunked`, `kv_sequence`)
+//! share: their view of a cache, and (the chunked-SVD kernel's) NVPTX
+//! attention over rows read key by key: a block of
 //! `GPU_ATTN_WARPS` warps serves one (query row, head); a lane holds the
 //! head's features lane, lane + 32, ... (clamped into the head: a lane past
 //! it computes a copy of the last feature, weighs its query 0 and stores
