@@ -467,7 +467,7 @@ struct Attn {
     kivi: Option<super::kv_kivi::KiviKeys>,
     /// CPU: the caches are kept per block and KV head (`cpu_head_blocks`).
     head_blocks: Option<sparsec_runtime::manifest::HeadBlocks>,
-    /// CPU, `#kv(axis = sequence)`: exact and low-pass rows (`kv_sequence.rs`).
+    /// `#kv(axis = sequence)`: its layout and views of the exact and low-pass rows (`kv_sequence.rs`).
     sequence: Option<SeqCache>,
 }
 
