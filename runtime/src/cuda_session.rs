@@ -54,6 +54,18 @@ enum GpuStep {
     HostAppend { src: u64, cache: usize, device: u64, mirror: usize },
 }
 
+impl GpuStep {
+    /// An append launch's second (source, cache) pair, which a value
+    /// cache's append joining the key cache's fills (`joined_appends`).
+    fn second_pair(&mut self) -> Option<&mut Option<(u64, u64)>> {
+        match self {
+            GpuStep::Append(a) => Some(&mut a.second),
+            GpuStep::SeqAppend(a) => Some(&mut a.second),
+            GpuStep::Kernel { .. } | GpuStep::HostAppend { .. } => None,
+        }
+    }
+}
+
 pub struct CudaSession<'a> {
     exec: &'a CudaExecutor,
     art: &'a Artifact,
@@ -185,57 +197,51 @@ impl CudaExecutor {
         let joins = joined_appends(plan);
         for (step, &joins_prev) in plan.steps.iter().zip(&joins) {
             let next = match step {
-                Step::KvAppend { src, cache, hadamard: None } if plan.buffers[*cache].sequence.is_some() => {
-                    let (s, c) = (&plan.buffers[*src], &plan.buffers[*cache]);
-                    let layout = c
-                        .sequence_layout()
-                        .ok_or_else(|| RuntimeError::Cuda(format!("KV cache `{}`: a sequence-axis layout that does not fit", c.name)))?;
-                    if s.numel().resolve(1) != layout.width as u64 || !s.by_rows() || s.dtype != DType::F32 {
-                        return Err(RuntimeError::Cuda(format!("KV append of `{}` into `{}`: rows differ", s.name, c.name)));
-                    }
-                    let (src, cache) = (ptrs[*src], ptrs[*cache]);
-                    if joins_prev {
-                        if let Some(GpuStep::SeqAppend(prev)) = steps.last_mut() {
-                            prev.second = Some((src, cache));
-                            continue;
-                        }
-                    }
-                    let matrix = match matrices.iter().find(|(l, _)| *l == layout) {
-                        Some((_, m)) => m.device_ptr(&self.stream).0,
-                        None => {
-                            let host = crate::cuda_seq_append::SeqAppender::matrix(&layout)
-                                .ok_or_else(|| RuntimeError::Cuda(format!("KV cache `{}`: no resampling matrix", c.name)))?;
-                            let m = self.stream.clone_htod(&host).map_err(cu("upload a resampling matrix"))?;
-                            let p = m.device_ptr(&self.stream).0;
-                            matrices.push((layout, m));
-                            p
-                        }
-                    };
-                    GpuStep::SeqAppend(crate::cuda_seq_append::SeqAppend { layout, src, cache, matrix, second: None })
+                Step::KvAppend { hadamard: Some(_), .. } => {
+                    return Err(RuntimeError::Cuda("rotated (Hadamard) KV caches are kept on the CPU only".into()))
                 }
-                Step::KvAppend { src, cache, hadamard: None } if plan.buffers[*cache].compressed_cache() => {
+                Step::KvAppend { src, cache, hadamard: None } if plan.buffers[*cache].chunked.is_some() => {
                     let c = &plan.buffers[*cache];
                     let bytes = c.try_bytes(positions as u64).unwrap_or(0);
                     mirrors.push(vec![0f32; bytes.div_ceil(4)]);
                     GpuStep::HostAppend { src: ptrs[*src], cache: *cache, device: ptrs[*cache], mirror: mirrors.len() - 1 }
                 }
-                Step::KvAppend { hadamard: Some(_), .. } => {
-                    return Err(RuntimeError::Cuda("rotated (Hadamard) KV caches are kept on the CPU only".into()))
-                }
+                // Plain and sequence-axis caches append on the device.
                 Step::KvAppend { src, cache, hadamard: None } => {
                     let (s, c) = (&plan.buffers[*src], &plan.buffers[*cache]);
                     let row_elems = s.numel().resolve(1);
                     if row_elems != c.numel().resolve(1) || !s.by_rows() || s.dtype != DType::F32 {
                         return Err(RuntimeError::Cuda(format!("KV append of `{}` into `{}`: rows differ", s.name, c.name)));
                     }
+                    let layout = match c.sequence {
+                        None => None,
+                        Some(_) => Some(c.sequence_layout().ok_or_else(|| {
+                            RuntimeError::Cuda(format!("KV cache `{}`: a sequence-axis layout that does not fit", c.name))
+                        })?),
+                    };
                     let (src, cache) = (ptrs[*src], ptrs[*cache]);
                     if joins_prev {
-                        if let Some(GpuStep::Append(prev)) = steps.last_mut() {
-                            prev.second = Some((src, cache));
+                        if let Some(second) = steps.last_mut().and_then(GpuStep::second_pair) {
+                            *second = Some((src, cache));
                             continue;
                         }
                     }
-                    GpuStep::Append(crate::cuda_append::KvAppend { dtype: c.dtype, src, cache, row_elems, second: None })
+                    if let Some(layout) = layout {
+                        let matrix = match matrices.iter().find(|(l, _)| *l == layout) {
+                            Some((_, m)) => m.device_ptr(&self.stream).0,
+                            None => {
+                                let host = crate::cuda_seq_append::SeqAppender::matrix(&layout)
+                                    .ok_or_else(|| RuntimeError::Cuda(format!("KV cache `{}`: no resampling matrix", c.name)))?;
+                                let m = self.stream.clone_htod(&host).map_err(cu("upload a resampling matrix"))?;
+                                let p = m.device_ptr(&self.stream).0;
+                                matrices.push((layout, m));
+                                p
+                            }
+                        };
+                        GpuStep::SeqAppend(crate::cuda_seq_append::SeqAppend { layout, src, cache, matrix, second: None })
+                    } else {
+                        GpuStep::Append(crate::cuda_append::KvAppend { dtype: c.dtype, src, cache, row_elems, second: None })
+                    }
                 }
                 Step::Kernel(k) => {
                     let f = self.kernels.get(&k.kernel).ok_or_else(|| RuntimeError::Cuda(format!("kernel {} not loaded", k.kernel)))?;

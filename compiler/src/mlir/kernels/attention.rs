@@ -284,6 +284,24 @@ struct KeySource {
 /// its visible keys `lo..hi`, and the cache row of a visible key.
 type KeyRun<'a> = (KeySource, V, V, Box<dyn Fn(&mut KernelBuilder, &str) -> V + 'a>);
 
+/// `VW` values at `buf[i..]` of a cache (or view) of f16 (`half`, widened) or f32.
+fn vload_cache(b: &mut KernelBuilder, buf: &str, i: &str, half: bool) -> V {
+    if half {
+        b.vload_f16(buf, i, VW)
+    } else {
+        b.vload(buf, i, VW)
+    }
+}
+
+/// The value at `buf[i]` of a cache (or view) of f16 (`half`, widened) or f32.
+fn load_cache(b: &mut KernelBuilder, buf: &str, i: &str, half: bool) -> V {
+    if half {
+        b.load_f16(buf, i)
+    } else {
+        b.load(buf, i)
+    }
+}
+
 /// `out[r, head]` = softmax(q·kᵀ/√d)·v over the keys row r sees.
 pub(super) fn emit_attention(b: &mut KernelBuilder, cx: &KernelCtx<'_>, heads: u32, kv_heads: u32) -> Result<(), CompileError> {
     let KernelCtx { spec, device, ins, .. } = *cx;
@@ -617,19 +635,11 @@ impl Attn {
 
     /// `VW` values of an f32 or f16 cache (`quant` caches load by blocks).
     fn kv_vload(&self, b: &mut KernelBuilder, buf: &str, i: &str) -> V {
-        if self.kv == DType::F16 {
-            b.vload_f16(buf, i, VW)
-        } else {
-            b.vload(buf, i, VW)
-        }
+        vload_cache(b, buf, i, self.kv == DType::F16)
     }
 
     fn kv_load(&self, b: &mut KernelBuilder, buf: &str, i: &str) -> V {
-        if self.kv == DType::F16 {
-            b.load_f16(buf, i)
-        } else {
-            b.load(buf, i)
-        }
+        load_cache(b, buf, i, self.kv == DType::F16)
     }
 
     /// NVPTX: a warp's partial softmax (max `m`, sum `l`, values `sums`) at
@@ -666,11 +676,7 @@ impl Attn {
                 .map(|c| {
                     let o = b.index(c);
                     let i = b.addi(base, &o);
-                    if half {
-                        b.load_f16(buf, &i)
-                    } else {
-                        b.load(buf, &i)
-                    }
+                    load_cache(b, buf, &i, half)
                 })
                 .collect();
         }
@@ -1069,7 +1075,7 @@ impl Attn {
         // 60000 positions, 2 threads, Zen 4 guest: 2.4-3.5 ms per call against
         // 3.4-4.5 with prefetcht0).
         let elem = if src.half { "f16" } else { "f32" };
-        let load = |b: &mut KernelBuilder, buf: &str, at: &str| if src.half { b.vload_f16(buf, at, VW) } else { b.vload(buf, at, VW) };
+        let load = |b: &mut KernelBuilder, buf: &str, at: &str| vload_cache(b, buf, at, src.half);
         let prefetch = |b: &mut KernelBuilder, base: &str, ahead: u64| {
             for buf in [&src.k, &src.v] {
                 for at in [0, d - 1] {
