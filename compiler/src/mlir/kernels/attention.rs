@@ -438,7 +438,8 @@ struct TileMem {
     rope: Option<V>,
     /// `#nsa` over f16/f32 caches: where each key of the tile starts in the
     /// caches for the unit's KV head (`KEY_TILE` element indices, `row_base`),
-    /// its row looked up in the selection once per key.
+    /// its row looked up in the selection once per key; then as many starts
+    /// of the rows `NSA_PREFETCH_KEYS` visible keys on, to prefetch.
     rows: Option<V>,
 }
 
@@ -1085,9 +1086,10 @@ impl Attn {
             }
         };
         // `#nsa`: each key's cache row looked up in the selection once (and
-        // where its KV head's part starts, kept for the scores and the values),
-        // and the row `NSA_PREFETCH_KEYS` visible keys on prefetched, before
-        // the tile's scores and values read them (three lookups a key before).
+        // where its KV head's part starts, kept for the scores and the
+        // values), and so is the row `NSA_PREFETCH_KEYS` visible keys on
+        // (three lookups a key before).
+        let tile_keys = b.index(KEY_TILE);
         if let Some(rows) = &t.rows {
             let zero = b.index(0);
             b.for_each(&zero, nk, |b, i| {
@@ -1099,21 +1101,25 @@ impl Attn {
                 let ta = b.addi(&tk, &n);
                 let ja = row_of(b, &ta);
                 let ahead_base = self.row_base(b, &ja, khd);
-                for buf in [&src.k, &src.v] {
-                    prefetch_lines(b, buf, &ahead_base, 0, 0..d);
-                }
+                let ia = b.addi(i, &tile_keys);
+                b.set_index(&ahead_base, rows, &ia);
             });
         }
-        // Cache row start of key `i` of the tile; outside `#nsa` it
-        // prefetches the lines of `buf` holding elements `part` of the row
-        // `ATTN_PREFETCH_KEYS` on. The scores prefetch K and the values V
-        // (each pass of `pv_from` its own lines), so the stream of requests
-        // runs through both halves of a tile's work: with every prefetch in
-        // the scores, the memory idled while the values were summed
-        // (SmolLM2 dense at 8000 positions, 2 threads, Zen 4 guest, three
-        // interleaved rounds: attention 9.6-10.0 → 8.2-8.5 ms per token).
+        // Cache row start of key `i` of the tile; it prefetches the lines of
+        // `buf` holding elements `part` of the row `ATTN_PREFETCH_KEYS` on
+        // (under `#nsa`, the row looked up above). The scores prefetch K and
+        // the values V (each pass of `pv_from` its own lines), so the stream
+        // of requests runs through both halves of a tile's work: with every
+        // prefetch in the scores, the memory idled while the values were
+        // summed (SmolLM2 dense at 8000 positions, 2 threads, Zen 4 guest,
+        // three interleaved rounds: attention 9.6-10.0 → 8.2-8.5 ms per
+        // token; `nsa` there: attention even, prefill 415-443 → 464-470
+        // tokens/s).
         let row_base = |b: &mut KernelBuilder, i: &str, buf: &str, part: std::ops::Range<u64>| -> V {
             if let Some(rows) = &t.rows {
+                let ia = b.addi(i, &tile_keys);
+                let ahead = b.index_at(rows, &ia);
+                prefetch_lines(b, buf, &ahead, 0, part);
                 return b.index_at(rows, i);
             }
             let tk = b.addi(tb, i);
@@ -1650,7 +1656,10 @@ impl Attn {
             let n = b.index(kb.scratch_words());
             b.alloca_f32(&n)
         });
-        let rows = (self.nsa.is_some() && self.fused()).then(|| b.alloca_index(&tile_keys));
+        let rows = (self.nsa.is_some() && self.fused()).then(|| {
+            let n = b.index(2 * KEY_TILE);
+            b.alloca_index(&n)
+        });
         let tiles_mem = TileMem { k: ktile, v: vtile, s: stile, kt, rope, rows };
         // The group's running weighted sums of values, one row per head.
         // Without NSA (whose visible keys depend on the KV head) a unit serves
