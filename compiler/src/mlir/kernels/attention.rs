@@ -961,14 +961,16 @@ impl Attn {
                 if let Some(kivi) = &self.kivi {
                     kivi.prefetch(b, &j, ATTN_PREFETCH_KEYS / sparsec_ir::kv_channel::GROUP as u64, kv_last);
                 }
+                // The blocks of this KV head's part of the row ahead: its
+                // quants and its scales (each group's pass its own; the row
+                // start alone, before, left most of a row's lines to the
+                // hardware prefetcher).
                 let rows: &[&super::kv_quant::QuantRows] = if self.kivi.is_some() { &[qv] } else { &[qk, qv] };
-                for q in rows {
-                    let rowb = b.index(q.row_bytes());
-                    let rb = b.muli(ahead_row, &rowb);
-                    b.prefetch_ahead(q.bytes(), &rb, ahead * q.row_bytes(), kv_last, "i8");
-                }
                 let qkc = b.index(sparsec_ir::quant::QK as u64);
                 let blk0 = b.divui(khd, &qkc);
+                for q in rows {
+                    q.prefetch_blocks(b, ahead_row, ahead, (&blk0, d / sparsec_ir::quant::QK as u64), kv_last);
+                }
                 for c in 0..d / sparsec_ir::quant::QK as u64 {
                     let ci = b.index(c);
                     let blk = b.addi(&blk0, &ci);

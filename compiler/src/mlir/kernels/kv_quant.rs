@@ -8,7 +8,7 @@
 
 use super::quant_planes::{block_values, element_value};
 use super::VW;
-use crate::mlir::builder::{KernelBuilder, V};
+use crate::mlir::builder::{KernelBuilder, PrefetchTo, V};
 use sparsec_ir::quant::{planes, quant_bytes, QK};
 use sparsec_ir::DType;
 
@@ -41,6 +41,29 @@ impl QuantRows {
     /// The byte buffer (for prefetches).
     pub(super) fn bytes(&self) -> &str {
         &self.bytes
+    }
+
+    /// Prefetches into L2 what blocks `blk0..blk0 + n` of the row `ahead`
+    /// rows on from row `row` hold: the first and last line of their quants,
+    /// and the lines of their scales (and minimums), which lie in planes of
+    /// their own at the row's end. `last` is the cache's last byte.
+    pub(super) fn prefetch_blocks(&self, b: &mut KernelBuilder, row: &str, ahead: u64, (blk0, n): (&str, u64), last: &str) {
+        let rb = b.index(self.row_bytes);
+        let base = b.muli(row, &rb);
+        let qb = b.index(quant_bytes(self.dt) as u64);
+        let q0 = b.muli(blk0, &qb);
+        let quants = b.addi(&base, &q0);
+        let ahead_bytes = ahead * self.row_bytes;
+        for off in [0, n * quant_bytes(self.dt) as u64 - 1] {
+            b.prefetch_ahead_to(&self.bytes, &quants, ahead_bytes + off, last, "i8", PrefetchTo::L2);
+        }
+        let two = b.index(2);
+        let s0 = b.muli(blk0, &two);
+        let scales = b.addi(&base, &s0);
+        let planes = if self.dt == DType::Q4_1 { vec![self.d_off, self.m_off] } else { vec![self.d_off] };
+        for off in planes {
+            b.prefetch_ahead_to(&self.bytes, &scales, ahead_bytes + off, last, "i8", PrefetchTo::L2);
+        }
     }
 
     /// Byte where row `row` starts, and the scale and offset of its block `blk`.
