@@ -72,6 +72,17 @@ impl KernelBuilder {
         format!("%v{}", self.next)
     }
 
+    /// A fresh name for an op's `n` results: how the op declares it (`%v` or
+    /// `%v:n`) and the values (`%v`, or `%v#0` .. `%v#(n-1)`).
+    fn results(&mut self, n: usize) -> (String, Vec<V>) {
+        let res = self.fresh();
+        if n == 1 {
+            (res.clone(), vec![res])
+        } else {
+            (format!("{res}:{n}"), (0..n).map(|i| format!("{res}#{i}")).collect())
+        }
+    }
+
     /// One statement without a result, as written (an escape hatch like `def`).
     pub(in crate::mlir) fn line(&mut self, s: String) {
         self.body.push(format!("{}{s}", "  ".repeat(self.indent)));
@@ -509,21 +520,16 @@ impl KernelBuilder {
         let step = self.index(step);
         let iv = self.fresh();
         let accs: Vec<V> = init.iter().map(|_| self.fresh()).collect();
-        let res = self.fresh();
+        let (res_decl, results) = self.results(init.len());
         let iter_args = accs.iter().zip(init).map(|(a, (i, _))| format!("{a} = {i}")).collect::<Vec<_>>().join(", ");
         let tys = init.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>().join(", ");
-        let res_decl = if init.len() == 1 { res.clone() } else { format!("{res}:{}", init.len()) };
         self.line(format!("{res_decl} = scf.for {iv} = {lb} to {ub} step {step} iter_args({iter_args}) -> ({tys}) {{"));
         self.indent += 1;
         let out = body(self, &iv, &accs);
         self.line(format!("scf.yield {} : {tys}", out.join(", ")));
         self.indent -= 1;
         self.line("}".into());
-        if init.len() == 1 {
-            vec![res]
-        } else {
-            (0..init.len()).map(|i| format!("{res}#{i}")).collect()
-        }
+        results
     }
 
     /// `switch v { case c: body(c) ... default: nothing }` over the given case values (no results).
@@ -636,9 +642,8 @@ impl KernelBuilder {
         then: impl FnOnce(&mut Self) -> Vec<V>,
         els: impl FnOnce(&mut Self) -> Vec<V>,
     ) -> Vec<V> {
-        let res = self.fresh();
+        let (decl, results) = self.results(tys.len());
         let ty = tys.join(", ");
-        let decl = if tys.len() == 1 { res.clone() } else { format!("{res}:{}", tys.len()) };
         self.line(format!("{decl} = scf.if {cond} -> ({ty}) {{"));
         for (i, branch) in [Box::new(then) as Box<dyn FnOnce(&mut Self) -> Vec<V>>, Box::new(els)].into_iter().enumerate() {
             if i == 1 {
@@ -650,11 +655,7 @@ impl KernelBuilder {
             self.indent -= 1;
         }
         self.line("}".into());
-        if tys.len() == 1 {
-            vec![res]
-        } else {
-            (0..tys.len()).map(|i| format!("{res}#{i}")).collect()
-        }
+        results
     }
 
     /// A constant vector of `width` lanes of the integer `n` (`elem` i8, i32, ...).

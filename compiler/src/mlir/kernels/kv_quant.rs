@@ -48,8 +48,7 @@ impl QuantRows {
     /// and the lines of their scales (and minimums), which lie in planes of
     /// their own at the row's end. `last` is the cache's last byte.
     pub(super) fn prefetch_blocks(&self, b: &mut KernelBuilder, row: &str, ahead: u64, (blk0, n): (&str, u64), last: &str) {
-        let rb = b.index(self.row_bytes);
-        let base = b.muli(row, &rb);
+        let base = self.row_start(b, row);
         let qb = b.index(quant_bytes(self.dt) as u64);
         let q0 = b.muli(blk0, &qb);
         let quants = b.addi(&base, &q0);
@@ -66,10 +65,15 @@ impl QuantRows {
         }
     }
 
+    /// Byte where row `row` starts.
+    fn row_start(&self, b: &mut KernelBuilder, row: &str) -> V {
+        let rb = b.index(self.row_bytes);
+        b.muli(row, &rb)
+    }
+
     /// Byte where row `row` starts, and the scale and offset of its block `blk`.
     fn block(&self, b: &mut KernelBuilder, row: &str, blk: &str) -> (V, V, Option<V>) {
-        let rb = b.index(self.row_bytes);
-        let base = b.muli(row, &rb);
+        let base = self.row_start(b, row);
         let two = b.index(2);
         let hb = b.divui(&base, &two);
         let at = |b: &mut KernelBuilder, off: u64| {
