@@ -7,6 +7,7 @@ pub mod pipeline;
 pub mod quant_dot;
 pub mod sparse_kernels;
 pub mod sparse_quant_bitmap;
+pub mod sparse_quant_expand;
 pub mod sparse_quant_kernels;
 pub mod sparse_unrolled;
 

@@ -78,10 +78,7 @@ pub(super) fn emit_csr_bitmap_q(b: &mut KernelBuilder, t: &SparseMatmul, planes:
     let xk_len = b.index(rb * ROWS_AHEAD * packed_len(k));
     let xk = b.alloca_f32(&xk_len);
     let lut = b.i32_table("csr_compress", &compress_table());
-    let per_row = match t.storage.format {
-        SparseFormat::NmQ { .. } => Some(t.storage.format.stored_values() / n.max(1)),
-        _ => None,
-    };
+    let per_row = nm_per_row(t);
     let ctx = Ctx { planes, a: &ins[0], out, xk, lut, n, k, per_row };
     let (units, ct, rbc, rows) = t.cpu_grid(b);
     let (colsc, nc) = (b.index(COLS), b.index(n));
@@ -95,39 +92,49 @@ pub(super) fn emit_csr_bitmap_q(b: &mut KernelBuilder, t: &SparseMatmul, planes:
 
 /// Where weight row `j`'s values lie: its first block, the offset of its first
 /// value in that block, and the block after its last.
-struct RowBlocks {
-    b0: V,
-    o0: V,
-    b1: V,
+pub(super) struct RowBlocks {
+    pub(super) b0: V,
+    pub(super) o0: V,
+    pub(super) b1: V,
+}
+
+/// Where weight row `j`'s values lie. `per_row`: N:M's fixed count of stored
+/// values a row (its pointers implicit); `None`: CSR, read from the pointers.
+pub(super) fn row_blocks(b: &mut KernelBuilder, planes: &QPlanes, per_row: Option<u64>, j: &str) -> RowBlocks {
+    let (lo, hi) = match per_row {
+        Some(per_row) => {
+            let c = b.index(per_row);
+            let lo = b.muli(j, &c);
+            let hi = b.addi(&lo, &c);
+            (lo, hi)
+        }
+        None => {
+            let ptr = planes.ptr.clone().unwrap_or_default();
+            let lo = b.load_index(&ptr, j, "i32");
+            let one = b.index(1);
+            let j1 = b.addi(j, &one);
+            (lo, b.load_index(&ptr, &j1, "i32"))
+        }
+    };
+    let qb = b.index(QB as u64);
+    let b0 = b.divui(&lo, &qb);
+    let first = b.muli(&b0, &qb);
+    let o0 = b.def(format!("arith.subi {lo}, {first} : index"));
+    let qb_m1 = b.index(QB as u64 - 1);
+    let hi_up = b.addi(&hi, &qb_m1);
+    let b1 = b.divui(&hi_up, &qb);
+    RowBlocks { b0, o0, b1 }
+}
+
+/// The stored values a row of an N:M weight has (its pointers implicit); `None` for CSR.
+pub(super) fn nm_per_row(t: &SparseMatmul) -> Option<u64> {
+    match t.storage.format {
+        SparseFormat::NmQ { .. } => Some(t.storage.format.stored_values() / t.nk().0.max(1)),
+        _ => None,
+    }
 }
 
 impl Ctx<'_> {
-    fn row_blocks(&self, b: &mut KernelBuilder, j: &str) -> RowBlocks {
-        let (lo, hi) = match self.per_row {
-            Some(per_row) => {
-                let c = b.index(per_row);
-                let lo = b.muli(j, &c);
-                let hi = b.addi(&lo, &c);
-                (lo, hi)
-            }
-            None => {
-                let ptr = self.planes.ptr.clone().unwrap_or_default();
-                let lo = b.load_index(&ptr, j, "i32");
-                let one = b.index(1);
-                let j1 = b.addi(j, &one);
-                (lo, b.load_index(&ptr, &j1, "i32"))
-            }
-        };
-        let qb = b.index(QB as u64);
-        let b0 = b.divui(&lo, &qb);
-        let first = b.muli(&b0, &qb);
-        let o0 = b.def(format!("arith.subi {lo}, {first} : index"));
-        let qb_m1 = b.index(QB as u64 - 1);
-        let hi_up = b.addi(&hi, &qb_m1);
-        let b1 = b.divui(&hi_up, &qb);
-        RowBlocks { b0, o0, b1 }
-    }
-
     /// The packed buffer of activation row `ri` for weight row `cc` of a group.
     fn slot(&self, b: &mut KernelBuilder, ri: u64, cc: u64) -> V {
         b.index((ri * ROWS_AHEAD + cc) * packed_len(self.k))
@@ -141,7 +148,7 @@ impl Ctx<'_> {
             .map(|cc| {
                 let cci = b.index(cc);
                 let jj = b.addi(j, &cci);
-                let rbk = self.row_blocks(b, &jj);
+                let rbk = row_blocks(b, self.planes, self.per_row, &jj);
                 for (ri, ar) in arows.iter().enumerate() {
                     let sl = self.slot(b, ri as u64, cc);
                     self.pack(b, &jj, ar, &sl, &rbk.o0);
@@ -209,29 +216,9 @@ impl Ctx<'_> {
         let sums = b.for_fold_typed(&rbk.b0, &rbk.b1, 1, &init, |b, blk, accs| {
             let rel = b.def(format!("arith.subi {blk}, {} : index", rbk.b0));
             let xoff = b.muli(&rel, &qb);
-            let q = block_quants(b, self.planes, blk);
-            let d = b.load_f16(&self.planes.d, blk);
-            let dv = b.vbroadcast(&d, VW as u32);
-            let mv = self.planes.m.as_ref().map(|m| {
-                let m = b.load_f16(m, blk);
-                b.vbroadcast(&m, VW as u32)
-            });
+            let ws = block_values(b, self.planes, blk, VW);
             let mut next = accs.to_vec();
-            for c in 0..QB as u64 / VW {
-                let lanes: Vec<String> = (c * VW..(c + 1) * VW).map(|i| i.to_string()).collect();
-                let q8 = b.def(format!("vector.shuffle {q}, {q} [{}] : vector<32xi8>, vector<32xi8>", lanes.join(", ")));
-                let w = match &mv {
-                    Some(mv) => {
-                        let qi = b.def(format!("arith.extui {q8} : vector<8xi8> to vector<8xi32>"));
-                        let qf = b.def(format!("arith.uitofp {qi} : vector<8xi32> to {vty}"));
-                        b.vfma(&qf, &dv, mv, VW as u32)
-                    }
-                    None => {
-                        let qi = b.def(format!("arith.extsi {q8} : vector<8xi8> to vector<8xi32>"));
-                        let qf = b.def(format!("arith.sitofp {qi} : vector<8xi32> to {vty}"));
-                        b.def(format!("arith.mulf {qf}, {dv} : {vty}"))
-                    }
-                };
+            for (c, w) in (0..).zip(&ws) {
                 let ci = b.index(c * VW);
                 let off = b.addi(&xoff, &ci);
                 for (ri, sl) in slots.iter().enumerate() {
@@ -239,7 +226,7 @@ impl Ctx<'_> {
                     let x = b.vload(&self.xk, &at, VW as u32);
                     // Two sums per row: alternate chunks, half the FMA chain.
                     let acc = 2 * ri + (c as usize % 2);
-                    next[acc] = b.vfma(&w, &x, &next[acc], VW as u32);
+                    next[acc] = b.vfma(w, &x, &next[acc], VW as u32);
                 }
             }
             next
@@ -251,6 +238,38 @@ impl Ctx<'_> {
             })
             .collect()
     }
+}
+
+/// Block `blk`'s 32 values in stored order, dequantized (`d·q + m` for q4,
+/// `d·q` for q8), as `32 / width` vectors of `width` f32.
+pub(super) fn block_values(b: &mut KernelBuilder, planes: &QPlanes, blk: &str, width: u64) -> Vec<V> {
+    let vty = KernelBuilder::vty(width as u32);
+    let q = block_quants(b, planes, blk);
+    let d = b.load_f16(&planes.d, blk);
+    let dv = b.vbroadcast(&d, width as u32);
+    let mv = planes.m.as_ref().map(|m| {
+        let m = b.load_f16(m, blk);
+        b.vbroadcast(&m, width as u32)
+    });
+    (0..QB as u64 / width)
+        .map(|c| {
+            let lanes: Vec<String> = (c * width..(c + 1) * width).map(|i| i.to_string()).collect();
+            let qc = b.def(format!("vector.shuffle {q}, {q} [{}] : vector<32xi8>, vector<32xi8>", lanes.join(", ")));
+            let ity = format!("vector<{width}xi32>");
+            match (planes.bits, &mv) {
+                (QBits::Q4, Some(mv)) => {
+                    let qi = b.def(format!("arith.extui {qc} : vector<{width}xi8> to {ity}"));
+                    let qf = b.def(format!("arith.uitofp {qi} : {ity} to {vty}"));
+                    b.vfma(&qf, &dv, mv, width as u32)
+                }
+                _ => {
+                    let qi = b.def(format!("arith.extsi {qc} : vector<{width}xi8> to {ity}"));
+                    let qf = b.def(format!("arith.sitofp {qi} : {ity} to {vty}"));
+                    b.def(format!("arith.mulf {qf}, {dv} : {vty}"))
+                }
+            }
+        })
+        .collect()
 }
 
 /// Block `blk`'s 32 quants in stored order, as `vector<32xi8>` (q4: 0..=15; q8: signed).

@@ -137,6 +137,13 @@ pub fn emit_sparse_quant_matmul(b: &mut KernelBuilder, t: &SparseMatmul, int8: b
         SparseFormat::NmQ { .. } => true,
         _ => false,
     };
+    if b.device() == Device::Cpu
+        && bitmap
+        && t.lanes as u64 >= super::sparse_quant_expand::LANES
+        && k % super::sparse_quant_expand::LANES == 0
+    {
+        return super::sparse_quant_expand::emit_bitmap_q_expand(b, t, &planes, ins, out);
+    }
     if b.device() == Device::Cpu && bitmap && k % 8 == 0 {
         return super::sparse_quant_bitmap::emit_csr_bitmap_q(b, t, &planes, ins, out);
     }
