@@ -104,6 +104,43 @@ fn ptx_passes_ptxas_for_sm_90() {
     assert!(err.contains("reproduce with:") && err.contains("-arch=sm_90"), "{err}");
 }
 
+/// Kernels for sm_90 open with `griddepcontrol.wait` (the runtime launches
+/// exactly those as programmatic dependents, `cuda::waits_for_prior_grids`);
+/// an sm_80 target has no such instruction, so none of its kernels waits and
+/// they pass ptxas for sm_80.
+#[test]
+fn sm_90_kernels_wait_for_their_prior_grids_and_sm_80_kernels_do_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ptxas = sparsec_compiler::toolchain::find_ptxas();
+    for (sm, waits) in [("sm_90", true), ("sm_80", false)] {
+        let out = tmp.path().join(format!("mlp-{sm}.sparsec"));
+        let c = compile(CompileRequest {
+            graph: parse_graph(&example()).unwrap(),
+            plan_text: None,
+            weights: sparsec_compiler::WeightSource::None,
+            options: CompileOptions {
+                target: TargetKind::Cuda,
+                cuda: sparsec_compiler::CudaTarget { sm: sm.into(), ..Default::default() },
+                ..Default::default()
+            },
+            print: PrintOptions::default(),
+            cache: None,
+            output: out.clone(),
+            lm: None,
+        })
+        .unwrap();
+        assert!(!c.manifest.kernels.is_empty());
+        for k in &c.manifest.kernels {
+            let p = out.join("cuda").join(format!("{}.ptx", k.name));
+            let ptx = std::fs::read_to_string(&p).unwrap();
+            assert_eq!(sparsec_runtime::cuda::waits_for_prior_grids(&ptx), waits, "{sm} {}", k.name);
+            if let Some(ptxas) = &ptxas {
+                sparsec_compiler::toolchain::check_ptx(ptxas, &p, sm).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+}
+
 #[test]
 fn cuda_run_equals_cpu() {
     // Also on the GPU machine: `sparsec-run --device cuda --check --compare-cpu`.

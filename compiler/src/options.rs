@@ -161,6 +161,16 @@ impl Default for CudaTarget {
     }
 }
 
+impl CudaTarget {
+    /// Whether the target has `griddepcontrol` (programmatic dependent
+    /// launch): `sm_90` and later, family and architecture-specific variants
+    /// (`sm_90a`) included.
+    pub fn grid_dependency(&self) -> bool {
+        let digits: String = self.sm.trim_start_matches("sm_").chars().take_while(|c| c.is_ascii_digit()).collect();
+        digits.parse::<u32>().is_ok_and(|v| v >= 90)
+    }
+}
+
 /// What `#specialize(auto)` may spend, over the whole graph, on kernels that
 /// bake a weight's nonzero structure into code (`indices`): estimated compile
 /// time and machine code (`sparse_select` estimates both per stored value).
@@ -378,7 +388,14 @@ impl CompileOptions {
 
 #[cfg(test)]
 mod tests {
-    use super::{CompileOptions, CpuIsa, CpuTarget, GpuMmaActivations};
+    use super::{CompileOptions, CpuIsa, CpuTarget, CudaTarget, GpuMmaActivations};
+
+    #[test]
+    fn grid_dependency_needs_sm_90() {
+        let sm = |s: &str| CudaTarget { sm: s.into(), ptx_features: String::new() }.grid_dependency();
+        assert!(sm("sm_90") && sm("sm_90a") && sm("sm_100") && sm("sm_120"));
+        assert!(!sm("sm_80") && !sm("sm_89") && !sm("sm_75") && !sm("compute_90") && !sm(""));
+    }
 
     fn target(cpu: &str, features: &str) -> CpuTarget {
         CpuTarget { triple: "x86_64-unknown-linux-gnu".into(), cpu: cpu.into(), features: features.into() }

@@ -122,6 +122,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             prologue: f.and_then(|f| f.prologue),
             int8_activations,
             half_mma_activations: opts.gpu_mma_activations == crate::options::GpuMmaActivations::Half,
+            grid_dependency: opts.cuda.grid_dependency(),
             cpu_isa,
             hadamard_kv: false,
             kivi_keys: false,

@@ -32,10 +32,62 @@ pub fn entry_params(ptx: &str, name: &str) -> Option<usize> {
     Some(ptx[start..end].matches(".param").count())
 }
 
+/// Whether a kernel's PTX waits for the grids before it before it reads
+/// anything (the compiler's `griddepcontrol` prologue, sm_90 and later): only
+/// such a kernel may be launched while the kernel before it still runs.
+pub fn waits_for_prior_grids(ptx: &str) -> bool {
+    ptx.contains("griddepcontrol.wait;")
+}
+
+/// Launches `f` on `stream` with `params` (a pointer to each argument's value,
+/// in the entry's order). `dependent`: with programmatic stream serialization,
+/// so the launch may begin while the kernel before it finishes; on capture
+/// into a CUDA graph this becomes a programmatic edge.
+///
+/// # Safety
+/// `params` must match the entry's parameters (count, types, and device
+/// pointers valid for what the kernel touches); `dependent` only for a
+/// kernel that `waits_for_prior_grids` (it reads nothing before the wait).
+pub(crate) unsafe fn launch_kernel(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    cfg: LaunchConfig,
+    params: &mut [*mut std::ffi::c_void],
+    dependent: bool,
+) -> Result<(), cudarc::driver::DriverError> {
+    use cudarc::driver::sys;
+    stream.context().bind_to_thread()?;
+    // SAFETY: a zeroed attribute is a valid value of the plain C union; the
+    // field set is the one the attribute id names.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: if dependent { &mut attr } else { std::ptr::null_mut() },
+        numAttrs: u32::from(dependent),
+    };
+    // SAFETY: the config outlives the call and names this stream; `params`
+    // is the caller's (see above); no `extra` options.
+    unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result()
+}
+
 pub struct CudaExecutor {
     pub(crate) ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) kernels: HashMap<String, CudaFunction>,
+    /// The kernels that `waits_for_prior_grids`, on a device of compute
+    /// capability 9.0 or later: sessions launch them with programmatic stream
+    /// serialization while `dependent_launch` holds.
+    waiting: std::collections::HashSet<String>,
+    dependent_launch: bool,
     /// Weight buffers (f32 values or packed quantized blocks), uploaded once.
     pub(crate) weights: HashMap<usize, CudaSlice<u8>>,
     /// The runtime's own KV append kernels (`cuda_append`).
@@ -61,6 +113,8 @@ impl CudaExecutor {
         let seq_appender = crate::cuda_seq_append::SeqAppender::load(&ctx)?;
         let greedy = crate::cuda_greedy::Greedy::load(&ctx)?;
         let mut kernels = HashMap::new();
+        let mut waiting = std::collections::HashSet::new();
+        let dependent_capable = ctx.compute_capability().map_err(cu("compute capability"))?.0 >= 9;
         for step in &art.manifest.execution.steps {
             let Step::Kernel(step) = step else { continue };
             if kernels.contains_key(&step.kernel) {
@@ -82,6 +136,9 @@ impl CudaExecutor {
                     })
                 }
             }
+            if dependent_capable && waits_for_prior_grids(&ptx) {
+                waiting.insert(step.kernel.clone());
+            }
             let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(cu(&format!("load {}", path.display())))?;
             let f = module.load_function(&step.kernel).map_err(cu(&format!("function {}", step.kernel)))?;
             kernels.insert(step.kernel.clone(), f);
@@ -93,7 +150,40 @@ impl CudaExecutor {
                 weights.insert(i, stream.clone_htod(data).map_err(cu("upload weight"))?);
             }
         }
-        Ok(CudaExecutor { ctx, stream, kernels, weights, appender, seq_appender, greedy, artifact: art.manifest.integrity.clone() })
+        Ok(CudaExecutor {
+            ctx,
+            stream,
+            kernels,
+            waiting,
+            dependent_launch: true,
+            weights,
+            appender,
+            seq_appender,
+            greedy,
+            artifact: art.manifest.integrity.clone(),
+        })
+    }
+
+    /// Whether sessions made after this launch the compiled kernels that wait
+    /// for their prior grids with programmatic stream serialization (the
+    /// default where the device has it); `false` launches every kernel after
+    /// the one before has completed, for comparison.
+    pub fn set_dependent_launch(&mut self, on: bool) {
+        self.dependent_launch = on;
+    }
+
+    /// Whether kernel `name` launches as a dependent.
+    pub(crate) fn launches_dependent(&self, name: &str) -> bool {
+        self.dependent_launch && self.waiting.contains(name)
+    }
+
+    /// How many of the loaded kernels launch as dependents.
+    pub fn dependent_kernels(&self) -> usize {
+        if self.dependent_launch {
+            self.waiting.len()
+        } else {
+            0
+        }
     }
 
     pub fn device_name(&self) -> String {

@@ -22,7 +22,7 @@ use crate::cuda::cu;
 use crate::cuda::CudaExecutor;
 use crate::error::{RuntimeError, RuntimeResult};
 use crate::manifest::{BufferKind, BufferSpec, ExecutionPlan, Step};
-use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig};
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
 use sparsec_ir::DType;
 
@@ -40,8 +40,10 @@ pub struct SessionCapacity {
 
 /// One step of the plan, resolved against the arena.
 enum GpuStep {
-    /// The loaded kernel and its step (arguments, thread counts).
-    Kernel { f: CudaFunction, step: crate::manifest::KernelStep },
+    /// The loaded kernel and its step (arguments, thread counts);
+    /// `dependent`: launched with programmatic stream serialization
+    /// (`CudaExecutor::launches_dependent`).
+    Kernel { f: CudaFunction, step: crate::manifest::KernelStep, dependent: bool },
     /// Store `seq` rows into a cache at row `pos`, in its type.
     Append(crate::cuda_append::KvAppend),
     /// Store `seq` rows into a sequence-axis cache's exact rows and compress
@@ -252,7 +254,7 @@ impl CudaExecutor {
                     if plan.buffers[out].kind == BufferKind::Weight {
                         return Err(RuntimeError::Cuda(format!("kernel {} writes a weight", k.kernel)));
                     }
-                    GpuStep::Kernel { f: f.clone(), step: k.clone() }
+                    GpuStep::Kernel { f: f.clone(), step: k.clone(), dependent: self.launches_dependent(&k.kernel) }
                 }
             };
             steps.push(next);
@@ -552,25 +554,25 @@ impl CudaSession<'_> {
                             .map_err(cu("upload KV cache bytes"))?;
                     }
                 }
-                GpuStep::Kernel { f, step } => {
+                GpuStep::Kernel { f, step, dependent } => {
                     let (name, args) = (&step.kernel, &step.args);
                     let (grid, block) =
                         step.gpu_launch_at(rows as u64).ok_or_else(|| RuntimeError::Cuda(format!("kernel {name}: too many threads")))?;
                     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
-                    let ptrs: Vec<u64> = args.iter().map(|&a| at(a)).collect();
-                    let mut launch = stream.launch_builder(f);
-                    for p in &ptrs {
-                        launch.arg(p);
-                    }
-                    launch.arg(&seq_arg);
-                    launch.arg(&self.pos_ptr);
+                    let mut ptrs: Vec<u64> = args.iter().map(|&a| at(a)).collect();
+                    ptrs.push(seq_arg as u64);
+                    ptrs.push(self.pos_ptr);
+                    let mut params: Vec<*mut std::ffi::c_void> = ptrs.iter_mut().map(|p| p as *mut u64 as *mut std::ffi::c_void).collect();
                     // SAFETY: the kernel takes the step's buffers as device
                     // pointers, then `seq` as i64 and the address of `pos` (the
-                    // entry's parameter count was checked at load); every buffer
-                    // is sized for `cap.seq >= seq` rows, the caches for
-                    // `pos + seq` positions; the output is no input (checked
-                    // when the session was made).
-                    unsafe { launch.launch(cfg) }.map_err(cu(&format!("launch {name}")))?;
+                    // entry's parameter count was checked at load), each a
+                    // 64-bit value `params` points at; every buffer is sized
+                    // for `cap.seq >= seq` rows, the caches for `pos + seq`
+                    // positions; the output is no input (checked when the
+                    // session was made). A dependent launch is only made for a
+                    // kernel that waits for its prior grids before any read.
+                    unsafe { crate::cuda::launch_kernel(stream, f, cfg, &mut params, *dependent) }
+                        .map_err(cu(&format!("launch {name}")))?;
                 }
             }
             if let (Some(t), Some(p)) = (t, self.profile.as_mut()) {

@@ -42,6 +42,19 @@ impl Executor {
         }
     }
 
+    /// CUDA: whether sessions made after this launch kernels that wait for
+    /// their prior grids as programmatic dependents (`CudaExecutor::
+    /// set_dependent_launch`); returns how many kernels do. CPU: 0.
+    pub fn set_dependent_launch(&mut self, on: bool) -> usize {
+        match self {
+            Executor::Cpu(_) => 0,
+            Executor::Cuda(e) => {
+                e.set_dependent_launch(on);
+                e.dependent_kernels()
+            }
+        }
+    }
+
     pub fn run(&self, art: &Artifact, inputs: &[ArrayD<f32>]) -> RuntimeResult<Vec<ArrayD<f32>>> {
         match self {
             Executor::Cpu(e) => e.run(art, inputs),

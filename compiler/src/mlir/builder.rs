@@ -46,6 +46,9 @@ pub struct KernelBuilder {
     body: Vec<String>,
     indent: usize,
     next: usize,
+    /// NVIDIA: the kernel waits for the grids before it (`griddepcontrol`)
+    /// before it reads anything, so it may be launched while they finish.
+    grid_dependency: bool,
 }
 
 impl KernelBuilder {
@@ -60,7 +63,18 @@ impl KernelBuilder {
             body: Vec::new(),
             indent: 2,
             next: 0,
+            grid_dependency: false,
         }
+    }
+
+    /// NVIDIA (sm_90 and later): the kernel opens with `griddepcontrol.wait`
+    /// (the grids launched before it have completed and their writes are
+    /// visible) and then `griddepcontrol.launch_dependents` (the next grid may
+    /// be scheduled), so the runtime can launch it with programmatic stream
+    /// serialization and its launch overlaps the kernel before it. Without
+    /// that launch attribute both instructions do nothing.
+    pub fn set_grid_dependency(&mut self, on: bool) {
+        self.grid_dependency = on;
     }
 
     pub fn device(&self) -> Device {
@@ -807,6 +821,13 @@ impl KernelBuilder {
                     params.join(", ")
                 ));
                 s.push_str("    %seq = arith.index_cast %seq_i64 : i64 to index\n");
+                if self.grid_dependency {
+                    // Before the first read (`pos` included): the kernels
+                    // before this one wrote what it reads. Dependents are
+                    // released only then, so at most one grid waits ahead.
+                    s.push_str("    nvvm.griddepcontrol wait\n");
+                    s.push_str("    nvvm.griddepcontrol launch_dependents\n");
+                }
                 s.push_str("    %pos_i64 = llvm.load %pos_ptr {alignment = 8 : i64} : !llvm.ptr -> i64\n");
                 s.push_str("    %pos = arith.index_cast %pos_i64 : i64 to index\n");
             }

@@ -98,6 +98,11 @@ struct Args {
     /// captured once as a CUDA graph (the default).
     #[arg(long)]
     no_graphs: bool,
+    /// GPU: launch each compiled kernel after the one before has completed,
+    /// instead of as a programmatic dependent (sm_90+: its launch overlaps
+    /// the kernel before, which it waits for before reading; the default).
+    #[arg(long)]
+    no_dependent_launch: bool,
     /// For an artifact compiled with `--strip-weights`: the checkpoint (GGUF
     /// file or HF directory) whose weights are packed at load, each to the
     /// type, sparse format and pattern it was compiled for.
@@ -205,7 +210,8 @@ fn tokenizer(art: &Artifact) -> Result<tokenizers::Tokenizer> {
 
 /// `--prompt`, `--eval`, `--bench-decode`: KV-cached runs of a language model.
 fn model_verbs(args: &Args, art: &Artifact) -> Result<()> {
-    let exec = Executor::load(art, device_kind(args.device))?;
+    let mut exec = Executor::load(art, device_kind(args.device))?;
+    let dependent_kernels = exec.set_dependent_launch(!args.no_dependent_launch);
     let device_name = exec.device_name();
     let cap = SessionCapacity { positions: args.positions, seq: args.session_seq };
     let mut session = exec.session(art, cap)?;
@@ -295,7 +301,7 @@ fn model_verbs(args: &Args, art: &Artifact) -> Result<()> {
             }
         } else {
             let (ids, t) = bench_decode(&mut session, &prompt, args.max_new_tokens, args.repeat)?;
-            report["bench"] = serde_json::json!({ "timing": t, "graphs": !args.no_graphs, "prompt_ids": prompt, "ids": ids, "arena_bytes": arena, "prefill_tokens_per_s": t.prompt_tokens as f64 / t.prefill_s.max(1e-12),
+            report["bench"] = serde_json::json!({ "timing": t, "graphs": !args.no_graphs, "dependent_kernels": dependent_kernels, "prompt_ids": prompt, "ids": ids, "arena_bytes": arena, "prefill_tokens_per_s": t.prompt_tokens as f64 / t.prefill_s.max(1e-12),
                 "decode_tokens_per_s": t.decode_tokens_per_s(), "decode_ms_per_token": 1e3 * t.decode_s / t.new_tokens.max(1) as f64 });
             // The timed rounds chose ids on the device (GPU); the host's argmax
             // of every step's logits must choose the same.

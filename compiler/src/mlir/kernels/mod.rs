@@ -127,6 +127,9 @@ pub struct KernelSpec {
     /// The tiled tensor-core matmul rounds its activations to the weights'
     /// type, one MMA instead of a hi and a lo (`--gpu-mma-activations half`).
     pub half_mma_activations: bool,
+    /// NVIDIA kernels open with `griddepcontrol` (the CUDA target is sm_90 or
+    /// later): the runtime may launch them before the kernel ahead finishes.
+    pub grid_dependency: bool,
     /// What the CPU kernels take from the target (`CpuTarget::isa`): the
     /// tiled matmuls' vector width where `k` allows, VNNI dot products.
     pub cpu_isa: crate::options::CpuIsa,
@@ -453,6 +456,7 @@ pub fn emit_kernel(spec: &KernelSpec, device: Device) -> Result<String, CompileE
         )));
     }
     let mut b = KernelBuilder::new(device);
+    b.set_grid_dependency(spec.grid_dependency);
     // The operands, then a scratch buffer where the kernel takes one.
     let scratch = usize::from(spec.scratch_words()?.is_some());
     let ins: Vec<V> = (0..spec.operands.len() + scratch).map(|i| format!("%in{i}")).collect();
