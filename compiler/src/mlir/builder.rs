@@ -49,6 +49,8 @@ pub struct KernelBuilder {
     /// NVIDIA: the kernel waits for the grids before it (`griddepcontrol`)
     /// before it reads anything, so it may be launched while they finish.
     grid_dependency: bool,
+    /// Lines emitted before that wait (`before_wait`).
+    pre_wait: Vec<String>,
 }
 
 impl KernelBuilder {
@@ -64,7 +66,27 @@ impl KernelBuilder {
             indent: 2,
             next: 0,
             grid_dependency: false,
+            pre_wait: Vec::new(),
         }
+    }
+
+    /// Emits what `body` emits ahead of the kernel's wait for the grids
+    /// before it (NVIDIA with `set_grid_dependency`; elsewhere simply first):
+    /// it runs while those grids finish, so it may read only what no kernel
+    /// writes (weights) and touch no `pos`; prefetches, say.
+    pub fn before_wait(&mut self, body: impl FnOnce(&mut Self)) {
+        let saved = std::mem::take(&mut self.body);
+        let indent = std::mem::replace(&mut self.indent, 2);
+        body(self);
+        let lines = std::mem::replace(&mut self.body, saved);
+        self.indent = indent;
+        self.pre_wait.extend(lines);
+    }
+
+    /// NVIDIA: prefetches the 128-byte line at `ptr` into L2 (no value; a
+    /// prefetch cannot fault).
+    pub fn prefetch_l2(&mut self, ptr: &str) {
+        self.line(format!("llvm.inline_asm has_side_effects \"prefetch.L2 [$0];\", \"l\" {ptr} : (!llvm.ptr) -> ()"));
     }
 
     /// NVIDIA (sm_90 and later): the kernel opens with `griddepcontrol.wait`
@@ -821,6 +843,15 @@ impl KernelBuilder {
                     params.join(", ")
                 ));
                 s.push_str("    %seq = arith.index_cast %seq_i64 : i64 to index\n");
+                // Constants first: what runs before the wait may use them.
+                for c in &self.consts {
+                    s.push_str(c);
+                    s.push('\n');
+                }
+                for l in &self.pre_wait {
+                    s.push_str(l);
+                    s.push('\n');
+                }
                 if self.grid_dependency {
                     // Before the first read (`pos` included): the kernels
                     // before this one wrote what it reads. Dependents are
@@ -832,9 +863,11 @@ impl KernelBuilder {
                 s.push_str("    %pos = arith.index_cast %pos_i64 : i64 to index\n");
             }
         }
-        for c in &self.consts {
-            s.push_str(c);
-            s.push('\n');
+        if self.device == Device::Cpu {
+            for l in self.consts.iter().chain(&self.pre_wait) {
+                s.push_str(l);
+                s.push('\n');
+            }
         }
         for l in &self.body {
             s.push_str(l);

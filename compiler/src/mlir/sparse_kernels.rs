@@ -13,7 +13,7 @@
 //! N:M and BSR one thread per output element.
 
 use super::builder::{Device, KernelBuilder, V};
-use super::kernels::{row_block, strided, unit_origin, warp_per_output, UnitOrder, WARP};
+use super::kernels::{prefetch_warp_block, row_block, strided, unit_origin, warp_per_output, UnitOrder, WARP};
 use sparsec_ir::sparse::{SparseFormat, SparseStorage};
 use sparsec_ir::SymSize;
 
@@ -159,7 +159,7 @@ pub fn emit_sparse_matmul(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], ou
     let a = ins[0].clone();
     let (kc, nc) = (b.index(k), b.index(n));
     match b.device() {
-        Device::Nvptx if t.warp_per_output() => emit_csr_warp(b, t, &planes, &a, out),
+        Device::Nvptx if t.warp_per_output() => emit_csr_warp(b, t, &planes, &ins[1], &a, out),
         Device::Nvptx => t.per_output_thread(b, |b, u, j, arow| {
             let ctx = Dot { fmt, planes: &planes, a: &a, vectors: false, expand: false };
             let y = ctx.dot(b, j, &[arow.to_string()]);
@@ -186,8 +186,26 @@ pub fn emit_sparse_matmul(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], ou
 /// per entry; entries past the row's end load its first entry of the step and
 /// add zero. `warp_per_output` adds the lanes' sums and stores. The launch is
 /// whole warps (`KernelSpec::work`).
-fn emit_csr_warp(b: &mut KernelBuilder, t: &SparseMatmul, p: &Planes, a: &str, out: &str) {
+fn emit_csr_warp(b: &mut KernelBuilder, t: &SparseMatmul, p: &Planes, buf: &str, a: &str, out: &str) {
     let (n, k) = t.nk();
+    // Ahead of the wait for the kernel before: the block's values and
+    // columns (entries ptr[j0]..ptr[j1]) into L2.
+    let lay = t.storage.format.layout();
+    let col_bytes = SparseFormat::csr_index_bytes(k);
+    prefetch_warp_block(b, buf, n, |b, j0, j1| {
+        let ptr = b.plane(buf, lay.ptr, n + 1, "i32");
+        let lo = b.load_index(&ptr, j0, "i32");
+        let hi = b.load_index(&ptr, j1, "i32");
+        [(lay.values, 4), (lay.indices, col_bytes)]
+            .into_iter()
+            .map(|(base, size)| {
+                let (base, size) = (b.index(base), b.index(size));
+                let s = b.muli(&lo, &size);
+                let e = b.muli(&hi, &size);
+                (b.addi(&base, &s), b.addi(&base, &e))
+            })
+            .collect()
+    });
     let total = b.sym(SymSize { coef: t.rows.coef * n * WARP, seq_pow: t.rows.seq_pow });
     let ptr = p.ptr.clone().unwrap_or_default();
     warp_per_output(b, &total, k, n, out, |b, lane, j, arow| {

@@ -60,6 +60,14 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
             (None, Some(h)) => WarpWeight::Half(h),
             (None, None) => WarpWeight::F32,
         };
+        // A row's bytes at the buffer's start: its quants (the scales, a
+        // sixteenth as many, are left to the loads), its 16- or 32-bit values.
+        let row_bytes = match w {
+            WarpWeight::Quant(_) => k / sparsec_ir::quant::QK as u64 * sparsec_ir::quant::quant_bytes(wq) as u64,
+            WarpWeight::Half(_) => 2 * k,
+            WarpWeight::F32 => 4 * k,
+        };
+        super::warp_fold::prefetch_warp_rows(b, &ins[1], n, row_bytes);
         match (super::mma_tiled::tiled(spec), super::mma_matmul::mma_tiles(spec), &half) {
             // Calls of more than one row on tensor cores (shared-memory tiles
             // where the shape allows, else a tile per warp); one row: the warp GEMV.

@@ -68,7 +68,7 @@ mod warp_rows;
 // What the other kernel generators of `mlir` (quant_dot, sparse_kernels) share.
 pub(super) use quant_planes::{nibbles, QuantPlanes};
 pub(super) use tiled_matmul::{column_groups, row_block, strided, unit_origin, TileCounts, TiledMatmul, UnitOrder, MM_COLS};
-pub(super) use warp_fold::warp_per_output;
+pub(super) use warp_fold::{prefetch_warp_block, warp_per_output};
 
 use super::builder::{Device, KernelBuilder, V};
 use super::math;

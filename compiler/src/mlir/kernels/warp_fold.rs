@@ -106,6 +106,60 @@ pub(super) fn warp_fold<L>(
     acc
 }
 
+/// NVPTX, ahead of the kernel's wait for the grids before it
+/// (`KernelBuilder::before_wait`): in a one-row call, where `warp_per_output`
+/// gives block `b` of `BLOCK` threads the outputs `j0 = 8b .. j1 = 8b + 8`
+/// (clamped to `n`), the block prefetches into L2 the weight bytes those
+/// warps will read: `ranges(j0, j1)` gives them as (start byte, end byte) of
+/// `w`, and the block's threads take one 128-byte line at a time. Weights
+/// are written by no kernel, so this may run (and `ranges` may load from `w`)
+/// while the kernel before still does; the loads after the wait then find
+/// the rows in L2.
+pub(in crate::mlir) fn prefetch_warp_block(
+    b: &mut KernelBuilder,
+    w: &str,
+    n: u64,
+    ranges: impl FnOnce(&mut KernelBuilder, &str, &str) -> Vec<(V, V)>,
+) {
+    const LINE: u64 = 128;
+    let threads = sparsec_runtime::cuda::BLOCK as u64;
+    let per_block = threads / WARP;
+    b.before_wait(|b| {
+        let (seq, one) = (b.seq(), b.index(1));
+        let single = b.def(format!("arith.cmpi eq, {seq}, {one} : index"));
+        b.if_then(&single, |b| {
+            let tid = b.def("nvvm.read.ptx.sreg.tid.x : i32".into());
+            let bid = b.def("nvvm.read.ptx.sreg.ctaid.x : i32".into());
+            let tid = b.def(format!("arith.index_castui {tid} : i32 to index"));
+            let bid = b.def(format!("arith.index_castui {bid} : i32 to index"));
+            let (pb, nc, line) = (b.index(per_block), b.index(n), b.index(LINE));
+            let j0 = b.muli(&bid, &pb);
+            let j0 = b.minui(&j0, &nc);
+            let j1 = b.addi(&j0, &pb);
+            let j1 = b.minui(&j1, &nc);
+            for (start, end) in ranges(b, &j0, &j1) {
+                let l0 = b.divui(&start, &line);
+                let l1 = b.def(format!("arith.ceildivui {end}, {line} : index"));
+                let first = b.addi(&l0, &tid);
+                b.for_step(&first, &l1, threads, |b, l| {
+                    let at = b.muli(l, &line);
+                    let at = b.def(format!("arith.index_cast {at} : index to i64"));
+                    let p = b.def(format!("llvm.getelementptr inbounds {w}[{at}] : (!llvm.ptr, i64) -> !llvm.ptr, i8"));
+                    b.prefetch_l2(&p);
+                });
+            }
+        });
+    });
+}
+
+/// `prefetch_warp_block` for dense weight rows of `row_bytes` bytes each from the start of `w`.
+pub(in crate::mlir) fn prefetch_warp_rows(b: &mut KernelBuilder, w: &str, n: u64, row_bytes: u64) {
+    prefetch_warp_block(b, w, n, |b, j0, j1| {
+        let rb = b.index(row_bytes);
+        vec![(b.muli(j0, &rb), b.muli(j1, &rb))]
+    });
+}
+
 /// NVPTX: a warp per element `e = r·n + j` of a `[rows, n]` result whose
 /// row `r` reduces over `k` values. `work` counts the warps' lanes (whole
 /// warps, so every lane of a warp that enters the bounds check takes part in
