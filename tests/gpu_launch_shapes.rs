@@ -146,8 +146,11 @@ fn half_mma_activations_halve_the_tiled_matmuls_mmas() {
         found.push((mmas, shapes));
     }
     let ((split, split_shapes), (half, half_shapes)) = (&found[0], &found[1]);
-    for (s, h) in split.iter().zip(half) {
-        assert!(*h > 0 && *s == 2 * h, "MMAs: split {split:?}, half {half:?}");
+    // k0 (k = 64, two k-tiles) runs them as a pair between barriers with
+    // split activations, so its loop body holds two k-tiles' MMAs there and
+    // one with half; k1 (k = 96, three k-tiles) one k-tile in both modes.
+    for ((s, h), tiles) in split.iter().zip(half).zip([2, 1]) {
+        assert!(*h > 0 && *s == 2 * tiles * h, "MMAs: split {split:?}, half {half:?}");
     }
     assert_eq!(split_shapes, half_shapes);
 }

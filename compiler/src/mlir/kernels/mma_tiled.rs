@@ -4,7 +4,10 @@
 //! (32 for outputs narrower than 1024) × 64 output features. k-tiles of 32
 //! (the activations as f32, the weights as stored) are copied into a ring of
 //! `STAGES` shared buffers with `cp.async`, `STAGES - 1` tiles ahead of the
-//! one the tensor cores use, so the copies' latency hides behind the MMAs.
+//! one the tensor cores use, so the copies' latency hides behind the MMAs
+//! (32-row tiles of split activations with an even count of k-tiles: two
+//! k-tiles between barriers, the next two in flight, a ring of
+//! `PAIR_STAGES`).
 //! Each warp of a 4 × 2 grid (2 × 4 at 32 rows) runs `mma.sync.m16n8k16` on
 //! 16 rows × 32 (16) features with operands of the weights' own type (f16 or
 //! bf16): the weights as stored, the activations split into a `hi` part
@@ -38,6 +41,9 @@ const W_STRIDE: u64 = TILE_K / 2;
 /// is multiplied (3 × 13.3 KB at 64 rows, 3 × 8.7 KB at 32). Five at 32 rows
 /// measured the same on an H200 (`docs/device-runs/2026-11-30-gpu-tiled-prefill/`).
 const STAGES: u64 = 3;
+/// The ring with pairs of k-tiles (`Tile::pairs`): the pair being multiplied
+/// and the next pair in flight (4 × 8.7 KB at 32 rows).
+const PAIR_STAGES: u64 = 4;
 /// Outputs at least this wide take 64-row tiles, narrower ones 32-row tiles,
 /// which give the GPU twice the blocks (a 576-wide output of 512 rows: 144
 /// blocks instead of 72 on 132 SMs). On an H200, against 64-row tiles
@@ -61,6 +67,18 @@ pub(crate) struct Tile {
 }
 
 impl Tile {
+    /// Whether the k loop takes two k-tiles between barriers (32-row tiles
+    /// of split activations and an even count of k-tiles): twice the MMAs a
+    /// warp has to interleave per barrier and half the barriers. On an H200
+    /// (`docs/device-runs/2026-11-30-dependent-launch/run4.sh`) GPT-2 124M's
+    /// 512-token prefill went 2.03-2.06 → 1.86-1.90 ms with them, 960 tokens
+    /// 3.14 → 3.00, Llama's 2% faster; with half activations (one MMA per
+    /// k-step) they were 2-8% slower, so those take one k-tile at a time.
+    /// 64-row tiles' four stages would not fit 48 KB of shared memory.
+    fn pairs(&self, k_tiles: u64) -> bool {
+        self.m == 32 && !self.half && k_tiles.is_multiple_of(2)
+    }
+
     fn for_width(n: u64, half: bool) -> Tile {
         let m = if n >= WIDE { 64 } else { 32 };
         let warps_m = m / 16;
@@ -112,9 +130,11 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
     let threads = b.index(THREADS);
     let work = b.muli(&blocks, &threads);
     let (a_stage, w_stage) = (tile_m * A_STRIDE, TILE_N * W_STRIDE);
-    let s_a = b.shared_f32("mma_tile_a", STAGES * a_stage);
-    let s_w = b.shared_f32("mma_tile_w", STAGES * w_stage);
     let k_tiles = k / TILE_K;
+    let pairs = tile.pairs(k_tiles);
+    let (ring, per_step) = if pairs { (PAIR_STAGES, 2) } else { (STAGES, 1) };
+    let s_a = b.shared_f32("mma_tile_a", ring * a_stage);
+    let s_w = b.shared_f32("mma_tile_w", ring * w_stage);
     b.parallel(&work, |b, u| {
         let blk = b.divui(u, &threads);
         let tid = b.remui(u, &threads);
@@ -172,12 +192,22 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
                 b.cp_async16(&dst, c.plane, &gi, c.elem);
             }
         };
-        for s in 0..STAGES - 1 {
-            if s < k_tiles {
+        // In flight before the loop: STAGES - 1 k-tiles, one group each;
+        // with pairs, the first pair as one group.
+        if pairs {
+            for s in 0..2 {
                 let si = b.index(s);
                 issue(b, &si, &si);
             }
             b.cp_async_commit();
+        } else {
+            for s in 0..STAGES - 1 {
+                if s < k_tiles {
+                    let si = b.index(s);
+                    issue(b, &si, &si);
+                }
+                b.cp_async_commit();
+            }
         }
         // The fragments: warp (wm, wn), lane (g, t) reads rows 16·wm + g and
         // + 8, weight rows 32·wn + 8q + g, each at k 8t.. of the k-tile; mma
@@ -232,24 +262,12 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
         let per = (nt * 4) as usize;
         let sets = if nt <= 2 { 2 } else { 1 };
         let init: Vec<(V, String)> = (0..sets * per).map(|_| (zero.clone(), "f32".to_string())).collect();
-        let (ktc, stages) = (b.index(k_tiles), b.index(STAGES));
-        let res = b.for_fold_typed(&zero_i, &ktc, 1, &init, |b, kt, accs| {
-            // Tile `kt` has landed (this thread's copies, then everyone's);
-            // every warp is done with the stage the next copy overwrites.
-            b.cp_async_wait((STAGES - 2) as u32);
-            b.barrier();
-            let ahead = b.index(STAGES - 1);
-            let next = b.addi(kt, &ahead);
-            let more = b.def(format!("arith.cmpi ult, {next}, {ktc} : index"));
-            b.if_then(&more, |b| {
-                let st = b.remui(&next, &stages);
-                issue(b, &next, &st);
-            });
-            b.cp_async_commit();
-            let st = b.remui(kt, &stages);
+        let (ktc, stages) = (b.index(k_tiles), b.index(ring));
+        // One k-tile in stage `st` multiplied into `accs`.
+        let mma_tile = |b: &mut KernelBuilder, st: &str, accs: &[V]| -> Vec<V> {
             let (a_per, w_per) = (b.index(a_stage), b.index(w_stage));
-            let a_off = b.muli(&st, &a_per);
-            let w_off = b.muli(&st, &w_per);
+            let a_off = b.muli(st, &a_per);
+            let w_off = b.muli(st, &w_per);
             let kind = w.mma_type();
             // Per row: [hi, lo] of its 8 k, each as 4 words of two 16-bit
             // values (k 0-1, 2-3, 4-5, 6-7 of the lane's 8).
@@ -304,6 +322,37 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
                         accs.splice(at..at + 4, d);
                     }
                 }
+            }
+            accs
+        };
+        let steps = b.index(k_tiles / per_step);
+        let res = b.for_fold_typed(&zero_i, &steps, 1, &init, |b, p, accs| {
+            // The step's k-tiles have landed (this thread's copies, then
+            // everyone's); every warp is done with the stages the next
+            // copies overwrite (the previous step's).
+            b.cp_async_wait(if pairs { 0 } else { (STAGES - 2) as u32 });
+            b.barrier();
+            let psc = b.index(per_step);
+            let first = b.muli(p, &psc);
+            let ahead = b.index(if pairs { 2 } else { STAGES - 1 });
+            let next = b.addi(&first, &ahead);
+            let more = b.def(format!("arith.cmpi ult, {next}, {ktc} : index"));
+            b.if_then(&more, |b| {
+                // With pairs, `next + 1` is in range too (an even count).
+                for i in 0..per_step {
+                    let ii = b.index(i);
+                    let kt = b.addi(&next, &ii);
+                    let st = b.remui(&kt, &stages);
+                    issue(b, &kt, &st);
+                }
+            });
+            b.cp_async_commit();
+            let mut accs = accs.to_vec();
+            for i in 0..per_step {
+                let ii = b.index(i);
+                let kt = b.addi(&first, &ii);
+                let st = b.remui(&kt, &stages);
+                accs = mma_tile(b, &st, &accs);
             }
             accs
         });
