@@ -398,6 +398,23 @@ impl KernelBuilder {
         self.line("nvvm.barrier0".into());
     }
 
+    /// CPU (AVX-512): the two bitmap bytes at `bitmap[byte]` (bit `l` of the
+    /// little-endian word is lane `l`'s) expand the next f32 values of `vals`
+    /// from `from` into their lanes, zeros elsewhere (`vexpandps`). Returns
+    /// the vector and the word (as i16, for the count of values taken). The
+    /// word is one scalar load bitcast to the mask, so it reaches the mask
+    /// register directly (a vector of two bytes went through the stack).
+    pub fn expand16(&mut self, bitmap: &str, byte: &str, vals: &str, from: &str) -> (V, V) {
+        let vty = Self::vty(16);
+        let vz = self.vzero(16);
+        let bits = self.def(format!("vector.load {bitmap}[{byte}] : memref<?xi8>, vector<2xi8>"));
+        let word = self.def(format!("vector.bitcast {bits} : vector<2xi8> to vector<1xi16>"));
+        let word = self.def(format!("vector.extract {word}[0] : i16 from vector<1xi16>"));
+        let mask = self.def(format!("llvm.bitcast {word} : i16 to vector<16xi1>"));
+        let w = self.def(format!("vector.expandload {vals}[{from}], {mask}, {vz} : memref<?xf32>, vector<16xi1>, {vty} into {vty}"));
+        (w, word)
+    }
+
     /// A stack buffer of `n` f32 for the duration of the call (CPU).
     pub fn alloca_f32(&mut self, n: &str) -> V {
         self.def(format!("memref.alloca({n}) : memref<?xf32>"))

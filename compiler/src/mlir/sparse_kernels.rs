@@ -393,15 +393,7 @@ impl Dot<'_> {
                         let at = b.addi(&base, off);
                         let (w, count) = match &tables {
                             None => {
-                                // Bit l of the two bytes (little-endian) is lane l's.
-                                let bits = b.def(format!("vector.load {}[{mi}] : memref<?xi8>, vector<2xi8>", p.idx));
-                                let mask = b.def(format!("vector.bitcast {bits} : vector<2xi8> to vector<16xi1>"));
-                                let w = b.def(format!(
-                                    "vector.expandload {}[{at}], {mask}, {vzl} : memref<?xf32>, vector<16xi1>, {lty} into {lty}",
-                                    p.vals
-                                ));
-                                let word = b.def(format!("vector.bitcast {bits} : vector<2xi8> to vector<1xi16>"));
-                                let word = b.def(format!("vector.extract {word}[0] : i16 from vector<1xi16>"));
+                                let (w, word) = b.expand16(&p.idx, &mi, &p.vals, &at);
                                 (w, (word, "i16"))
                             }
                             Some((lut, masks)) => {

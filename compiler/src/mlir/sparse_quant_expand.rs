@@ -129,8 +129,6 @@ impl Ctx<'_> {
     /// row): returns the rows' advanced cursors; FMAs into `accs` (activation
     /// row major, `group.len()` a row).
     fn step(&self, b: &mut KernelBuilder, group: &[Row], arows: &[V], st: &str, cursors: &[V], accs: &mut [V]) -> Vec<V> {
-        let vty = KernelBuilder::vty(LANES as u32);
-        let vz = b.vzero(LANES as u32);
         let lanes = b.index(LANES);
         let pos = b.muli(st, &lanes);
         let sb = b.index(LANES / 8);
@@ -145,13 +143,7 @@ impl Ctx<'_> {
         let mut next = Vec::with_capacity(group.len());
         for (cc, (row, cur)) in group.iter().zip(cursors).enumerate() {
             let mi = b.addi(&row.bits, &byte);
-            // The two bytes as one scalar word: its bits become the mask
-            // register directly (`kmovw`) and give the count.
-            let bits = b.def(format!("vector.load {}[{mi}] : memref<?xi8>, vector<2xi8>", self.planes.idx));
-            let word = b.def(format!("vector.bitcast {bits} : vector<2xi8> to vector<1xi16>"));
-            let word = b.def(format!("vector.extract {word}[0] : i16 from vector<1xi16>"));
-            let mask = b.def(format!("llvm.bitcast {word} : i16 to vector<16xi1>"));
-            let w = b.def(format!("vector.expandload {}[{cur}], {mask}, {vz} : memref<?xf32>, vector<16xi1>, {vty} into {vty}", self.vals));
+            let (w, word) = b.expand16(&self.planes.idx, &mi, &self.vals, cur);
             let c = b.def(format!("math.ctpop {word} : i16"));
             let c = b.def(format!("arith.index_castui {c} : i16 to index"));
             next.push(b.addi(cur, &c));
