@@ -18,11 +18,15 @@ fn example() -> String {
 }
 
 fn build(src: &str, target: TargetKind, out: &Path, cache: Option<&Path>) -> Result<Compiled, CompileError> {
+    build_with(src, CompileOptions { target, ..Default::default() }, out, cache)
+}
+
+fn build_with(src: &str, options: CompileOptions, out: &Path, cache: Option<&Path>) -> Result<Compiled, CompileError> {
     compile(CompileRequest {
         graph: parse_graph(src)?,
         plan_text: None,
         weights: sparsec_compiler::WeightSource::None,
-        options: CompileOptions { target, ..Default::default() },
+        options,
         print: PrintOptions::default(),
         cache: cache.map(Cache::new),
         output: out.to_path_buf(),
@@ -114,21 +118,12 @@ fn sm_90_kernels_wait_for_their_prior_grids_and_sm_80_kernels_do_not() {
     let ptxas = sparsec_compiler::toolchain::find_ptxas();
     for (sm, waits) in [("sm_90", true), ("sm_80", false)] {
         let out = tmp.path().join(format!("mlp-{sm}.sparsec"));
-        let c = compile(CompileRequest {
-            graph: parse_graph(&example()).unwrap(),
-            plan_text: None,
-            weights: sparsec_compiler::WeightSource::None,
-            options: CompileOptions {
-                target: TargetKind::Cuda,
-                cuda: sparsec_compiler::CudaTarget { sm: sm.into(), ..Default::default() },
-                ..Default::default()
-            },
-            print: PrintOptions::default(),
-            cache: None,
-            output: out.clone(),
-            lm: None,
-        })
-        .unwrap();
+        let options = CompileOptions {
+            target: TargetKind::Cuda,
+            cuda: sparsec_compiler::CudaTarget { sm: sm.into(), ..Default::default() },
+            ..Default::default()
+        };
+        let c = build_with(&example(), options, &out, None).unwrap();
         assert!(!c.manifest.kernels.is_empty());
         for k in &c.manifest.kernels {
             let p = out.join("cuda").join(format!("{}.ptx", k.name));
