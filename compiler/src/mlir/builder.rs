@@ -716,6 +716,12 @@ impl KernelBuilder {
         self.constant(format!("dense<{n}> : vector<{width}x{elem}>"))
     }
 
+    /// The constant vector `0, 1, ..., width - 1` of i32 lanes.
+    pub fn viota_i32(&mut self, width: u32) -> V {
+        let lanes: Vec<String> = (0..width).map(|i| i.to_string()).collect();
+        self.constant(format!("dense<[{}]> : vector<{width}xi32>", lanes.join(", ")))
+    }
+
     /// A constant vector of `width` lanes of the f32 `x`.
     pub fn vsplat_f32(&mut self, x: f32, width: u32) -> V {
         self.constant(format!("dense<0x{:08X}> : vector<{width}xf32>", x.to_bits()))

@@ -13,12 +13,12 @@
 //! 2. `NsaSelect`, one unit per (row, KV head): every candidate block (whole
 //!    at or after the sinks, and before the row's window) gets a score per
 //!    head of the group (`NsaScore`), the scores a softmax over the candidates
-//!    per head, and the probabilities are summed over the group. Three passes
-//!    over the candidates (each score computed once and kept on the stack with
-//!    each head's max; then `exp(score − max)` in its place and each head's
-//!    sum; then each block's importance) feed an insertion into a sorted list
-//!    of the `top_n` best;
-//!    among equals the earlier block stays first. The row of the selection
+//!    per head, and the probabilities are summed over the group. On the CPU
+//!    the passes over the candidates go `VW` blocks at a time: every score
+//!    (computed once, kept on the stack per head), each head's max, then
+//!    `exp(score − max)` in its place and each head's sum, then each block's
+//!    importance; an insertion into a sorted list of the `top_n` best follows,
+//!    block by block; among equals the earlier block stays first. The row of the selection
 //!    (`NativeSparse::select_words` f32 per row) holds per KV head the count selected, the
 //!    block indices, then their importance (as exact f32 integers and values).
 //! 3. The attention kernel (`attention.rs`) reads the selection: a query sees
@@ -290,198 +290,287 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
     let group = h / kvh;
     let n = nsa.top_n as u64;
     let vector = device == Device::Cpu && d % VW as u64 == 0;
-    let nv = d / VW as u64;
     let (dc, rowc) = (b.index(d), b.index(nsa.block_words(kvh * d)));
     let zero_i = b.index(0);
     let one_i = b.index(1);
     let nc_i = b.index(n);
-    let zero = b.f32(0.0);
     let one = b.f32(1.0);
     let ninf = b.f32(-1e30);
     let scale = b.f32(1.0 / (d as f32).sqrt());
     let first = b.index((nsa.sinks as u64).div_ceil(nsa.block as u64));
     let vty = KernelBuilder::vty(VW);
-    let tru = b.def("arith.constant true".into());
-    // Every candidate's scores, one per head of the group, kept from the
-    // first pass (scored once, and exp taken once per score): as many as the
-    // thread's last unit (the latest row) has candidates.
-    let scores = {
+    // Every candidate's scores, one run per head of the group, each padded
+    // to whole chunks of `VW` candidates (padding scores -1e30): kept from
+    // the first pass, so each is scored once and exp is taken once per
+    // score; and the candidates' importances. As many as the thread's last
+    // unit (the latest row) has candidates.
+    let lanes = VW as u64;
+    let (lanesc, lanes1) = (b.index(lanes), b.index(lanes - 1));
+    let padded = |b: &mut KernelBuilder, count: &str| {
+        let c = b.addi(count, &lanes1);
+        let c = b.divui(&c, &lanesc);
+        b.muli(&c, &lanesc)
+    };
+    let (scores, imps) = {
         let ub = b.def(format!("arith.minui %hi, {work} : index"));
         let top = b.sub_or_zero(&ub, &one_i);
         let latest = select_row(b, &nsa, kvh, &top);
         let span = b.sub_or_zero(&latest.last, &first);
         let span = b.def(format!("arith.maxui {span}, {one_i} : index"));
+        let span = padded(b, &span);
         let groupc = b.index(group);
         let words = b.muli(&span, &groupc);
-        b.alloca_f32(&words)
+        (b.alloca_f32(&words), b.alloca_f32(&span))
     };
     let blocks_last = {
         let len = b.def(format!("memref.dim {}, {zero_i} : memref<?xf32>", ins[1]));
         b.sub_or_zero(&len, &one_i)
     };
+    let (ninf_v, zero_v, scale_v) = (b.vsplat_f32(-1e30, VW), b.vzero(VW), b.vsplat_f32(1.0 / (d as f32).sqrt(), VW));
+    let iota = b.viota_i32(VW);
     b.parallel(work, |b, unit| {
         let Row { r, kh, last, count, o, idx0, imp0 } = select_row(b, &nsa, kvh, unit);
         let any = b.def(format!("arith.cmpi ugt, {last}, {first} : index"));
         let taken = b.minui(&count, &nc_i);
         clear_list(b, out, &o, &idx0, &imp0, &nc_i, &taken);
-        // The query of head g of the group, as vectors (CPU) or its base index.
         let qbase = group_queries(b, &r, &kh, (group, d, h * d));
-        let qv: Vec<Vec<V>> = if vector {
-            qbase
-                .iter()
-                .map(|qb| {
-                    (0..nv)
-                        .map(|v| {
-                            let off = b.index(v * VW as u64);
-                            let i = b.addi(qb, &off);
-                            b.vload(&ins[0], &i, VW)
-                        })
-                        .collect()
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
         let khd3 = b.muli(&kh, &dc);
         let slabs = b.index(nsa.block_slabs());
         let seg = b.muli(&khd3, &slabs);
-        // Head g's score of block `blk` (scaled like a key's score). Head 0
-        // prefetches the lines this KV head's score reads of the block
-        // `SELECT_PREFETCH_BLOCKS` on: a row is several KiB, a stride the
-        // hardware prefetcher does not follow far enough.
-        let score = |b: &mut KernelBuilder, g: usize, blk: &str| -> V {
-            let rb = b.muli(blk, &rowc);
-            let base = b.addi(&rb, &seg);
-            let dot = if vector {
-                let z = b.vzero(VW);
-                let mut acc = z;
-                for v in 0..nv {
-                    let off = b.index(v * VW as u64);
-                    let at = b.addi(&base, &off);
-                    if g == 0 {
-                        let read = match nsa.score {
-                            NsaScore::Mean => vec![0],
-                            NsaScore::Bound => vec![d, 2 * d],
-                        };
-                        for slab in read {
-                            b.prefetch_ahead(&ins[1], &at, SELECT_PREFETCH_BLOCKS * nsa.block_words(kvh * d) + slab, &blocks_last, "f32");
-                        }
-                    }
-                    acc = match nsa.score {
-                        NsaScore::Mean => {
-                            let m = b.vload(&ins[1], &at, VW);
-                            b.vfma(&qv[g][v as usize], &m, &acc, VW)
-                        }
-                        NsaScore::Bound => {
-                            let dd = b.index(d);
-                            let lo_at = b.addi(&at, &dd);
-                            let hi_at = b.addi(&lo_at, &dd);
-                            let lo = b.vload(&ins[1], &lo_at, VW);
-                            let hi = b.vload(&ins[1], &hi_at, VW);
-                            let q = &qv[g][v as usize];
-                            let a = b.def(format!("arith.mulf {q}, {lo} : {vty}"));
-                            let c = b.def(format!("arith.mulf {q}, {hi} : {vty}"));
-                            let m = b.def(format!("arith.maximumf {a}, {c} : {vty}"));
-                            b.def(format!("arith.addf {acc}, {m} : {vty}"))
-                        }
-                    };
-                }
-                b.vsum(&acc, VW)
-            } else {
-                return scalar_score(b, &nsa, &ins[0], &ins[1], &qbase[g], &base, d, &scale);
-            };
-            b.mul(&dot, &scale)
+        let stride = padded(b, &count);
+        // Where head g's score of candidate `c` (from 0) lies in `scores`.
+        let slot = |b: &mut KernelBuilder, g: u64, c: &str| {
+            let gc = b.index(g);
+            let a = b.muli(&gc, &stride);
+            b.addi(&a, c)
         };
         b.if_then(&any, |b| {
-            let groupc = b.index(group);
-            // The score of head g of candidate `blk` in `scores`.
-            let slot = |b: &mut KernelBuilder, blk: &str, g: usize| {
-                let c = b.def(format!("arith.subi {blk}, {first} : index"));
-                let c = b.muli(&c, &groupc);
-                let gc = b.index(g as u64);
-                b.addi(&c, &gc)
-            };
-            // Pass 1: every score, kept, and each head's max.
-            let init: Vec<V> = (0..group).map(|_| ninf.clone()).collect();
-            let ms = b.for_fold(&first, &last, &init, |b, blk, acc| {
-                (0..group as usize)
-                    .map(|g| {
-                        let sc = score(b, g, blk);
-                        let at = slot(b, blk, g);
+            // Pass 1: every score.
+            if vector {
+                score_chunks(
+                    b,
+                    &nsa,
+                    (&ins[0], &ins[1]),
+                    &qbase,
+                    (d, nsa.block_words(kvh * d)),
+                    (&first, &last, &count),
+                    (&seg, &blocks_last),
+                    (&scale_v, &iota, &ninf_v),
+                    &|b, g, c| slot(b, g, c),
+                    &scores,
+                );
+            } else {
+                b.for_each(&first, &last, |b, blk| {
+                    let rb = b.muli(blk, &rowc);
+                    let base = b.addi(&rb, &seg);
+                    let c = b.def(format!("arith.subi {blk}, {first} : index"));
+                    for (g, qb) in qbase.iter().enumerate() {
+                        let sc = scalar_score(b, &nsa, &ins[0], &ins[1], qb, &base, d, &scale);
+                        let at = slot(b, g as u64, &c);
                         b.store(&sc, &scores, &at);
-                        b.fbin("maxnumf", &acc[g], &sc)
-                    })
-                    .collect()
-            });
-            // Pass 2: exp(score − max) in place of the score, and each head's sum.
-            let init: Vec<V> = (0..group).map(|_| zero.clone()).collect();
-            let ls = b.for_fold(&first, &last, &init, |b, blk, acc| {
-                (0..group as usize)
-                    .map(|g| {
-                        let at = slot(b, blk, g);
-                        let sc = b.load(&scores, &at);
-                        let ds = b.sub(&sc, &ms[g]);
-                        let e = math::exp(b, &ds);
-                        b.store(&e, &scores, &at);
-                        b.add(&acc[g], &e)
-                    })
-                    .collect()
-            });
-            let invs: Vec<V> = ls.iter().map(|l| b.div(&one, l)).collect();
-            // Pass 3: each block's importance, inserted into the sorted list.
-            b.for_each(&first, &last, |b, blk| {
-                let mut imp = zero.clone();
+                    }
+                });
+                b.for_each(&count, &stride, |b, c| {
+                    for g in 0..group {
+                        let at = slot(b, g, c);
+                        b.store(&ninf, &scores, &at);
+                    }
+                });
+            }
+            let chunks = b.divui(&stride, &lanesc);
+            // Each chunk's `lanes` consecutive slots from candidate `t·VW` on.
+            let over_chunks = |b: &mut KernelBuilder, init: Vec<V>, body: ChunkBody| -> Vec<V> {
+                let typed: Vec<(V, String)> = init.into_iter().map(|v| (v, vty.clone())).collect();
+                b.for_fold_typed(&zero_i, &chunks, 1, &typed, |b, t, acc| {
+                    let c = b.muli(t, &lanesc);
+                    body(b, &c, acc)
+                })
+            };
+            // Pass 2: each head's max, then exp(score − max) in place of the
+            // score and each head's sum.
+            let invs: Vec<V> = (0..group)
+                .map(|g| {
+                    let mv = over_chunks(b, vec![ninf_v.clone()], &|b, c, acc| {
+                        let at = slot(b, g, c);
+                        let s = b.vload(&scores, &at, VW);
+                        vec![b.def(format!("arith.maxnumf {}, {s} : {vty}", acc[0]))]
+                    });
+                    let m = b.def(format!("vector.reduction <maxnumf>, {} : {vty} into f32", mv[0]));
+                    let m = b.vbroadcast(&m, VW);
+                    let lv = over_chunks(b, vec![zero_v.clone()], &|b, c, acc| {
+                        let at = slot(b, g, c);
+                        let s = b.vload(&scores, &at, VW);
+                        let x = b.def(format!("arith.subf {s}, {m} : {vty}"));
+                        let e = math::vexp(b, &x, VW);
+                        b.vstore(&e, &scores, &at, VW);
+                        vec![b.def(format!("arith.addf {}, {e} : {vty}", acc[0]))]
+                    });
+                    let l = b.vsum(&lv[0], VW);
+                    let inv = b.div(&one, &l);
+                    b.vbroadcast(&inv, VW)
+                })
+                .collect();
+            // Pass 3: each candidate's importance, the group's probabilities summed.
+            b.for_step(&zero_i, &stride, lanes, |b, c| {
+                let mut imp = zero_v.clone();
                 for (g, inv) in invs.iter().enumerate() {
-                    let at = slot(b, blk, g);
-                    let e = b.load(&scores, &at);
-                    imp = b.fma(&e, inv, &imp);
+                    let at = slot(b, g as u64, c);
+                    let e = b.vload(&scores, &at, VW);
+                    imp = b.vfma(&e, inv, &imp, VW);
                 }
+                b.vstore(&imp, &imps, c, VW);
+            });
+            // Pass 4: the candidates inserted into the sorted list in order.
+            b.for_each(&first, &last, |b, blk| {
+                let c = b.def(format!("arith.subi {blk}, {first} : index"));
+                let imp = b.load(&imps, &c);
                 let lastn = b.index(n - 1);
                 let worst_at = b.addi(&imp0, &lastn);
                 let worst = b.load(out, &worst_at);
                 let better = b.def(format!("arith.cmpf ogt, {imp}, {worst} : f32"));
                 let blkf = b.index_to_f32(blk);
                 b.if_then(&better, |b| {
-                    // Slots n-1 down to 1: shift a slot's entry down while it
-                    // is worse, else take the slot after it; slot 0 otherwise.
-                    let fls = b.def("arith.constant false".into());
-                    let placed = b.for_fold_typed(&zero_i, &lastn, 1, &[(fls, "i1".into())], |b, i, acc| {
-                        let t = b.def(format!("arith.subi {lastn}, {i} : index"));
+                    // Its slot: after every entry at least as important (an
+                    // equal one is an earlier block); the entries from there
+                    // to the second last move down one, the last drops out.
+                    let nc = b.index(n);
+                    let at = b.for_fold_typed(&zero_i, &nc, 1, &[(zero_i.clone(), "index".into())], |b, k, acc| {
+                        let i = b.addi(&imp0, k);
+                        let e = b.load(out, &i);
+                        let ahead = b.def(format!("arith.cmpf oge, {e}, {imp} : f32"));
+                        let one = b.def(format!("arith.select {ahead}, {one_i}, {zero_i} : index"));
+                        vec![b.addi(&acc[0], &one)]
+                    });
+                    let moves = b.def(format!("arith.subi {lastn}, {} : index", at[0]));
+                    b.for_each(&zero_i, &moves, |b, k| {
+                        let t = b.def(format!("arith.subi {lastn}, {k} : index"));
                         let t1 = b.def(format!("arith.subi {t}, {one_i} : index"));
-                        let prev_at = b.addi(&imp0, &t1);
-                        let prev = b.load(out, &prev_at);
-                        let worse = b.def(format!("arith.cmpf olt, {prev}, {imp} : f32"));
-                        let todo = b.def(format!("arith.xori {}, {tru} : i1", acc[0]));
-                        b.if_then(&todo, |b| {
-                            let dst_imp = b.addi(&imp0, &t);
-                            let dst_idx = b.addi(&idx0, &t);
-                            b.if_else(
-                                &worse,
-                                |b| {
-                                    let src_idx = b.addi(&idx0, &t1);
-                                    let pi = b.load(out, &src_idx);
-                                    b.store(&prev, out, &dst_imp);
-                                    b.store(&pi, out, &dst_idx);
-                                },
-                                |b| {
-                                    b.store(&imp, out, &dst_imp);
-                                    b.store(&blkf, out, &dst_idx);
-                                },
-                            );
-                        });
-                        let stop = b.def(format!("arith.xori {worse}, {tru} : i1"));
-                        vec![b.def(format!("arith.ori {}, {stop} : i1", acc[0]))]
+                        for base in [&imp0, &idx0] {
+                            let src = b.addi(base, &t1);
+                            let x = b.load(out, &src);
+                            let dst = b.addi(base, &t);
+                            b.store(&x, out, &dst);
+                        }
                     });
-                    let todo = b.def(format!("arith.xori {}, {tru} : i1", placed[0]));
-                    b.if_then(&todo, |b| {
-                        b.store(&imp, out, &imp0);
-                        b.store(&blkf, out, &idx0);
-                    });
+                    let dst = b.addi(&imp0, &at[0]);
+                    b.store(&imp, out, &dst);
+                    let dst = b.addi(&idx0, &at[0]);
+                    b.store(&blkf, out, &dst);
                 });
             });
         });
     });
     Ok(())
+}
+
+/// A CPU selection pass's body over one chunk: `(builder, first slot, accumulators) -> accumulators`.
+type ChunkBody<'a> = &'a dyn Fn(&mut KernelBuilder, &str, &[V]) -> Vec<V>;
+
+/// Pass 1 of the CPU selection, vectorized: the candidates in chunks of `VW`
+/// blocks (the last chunk's blocks past `last` read the last block and score
+/// -1e30), each head's `VW` scores summed across at once (`vsums`) and
+/// stored at `slot(g, chunk start)`. A bound's channel term
+/// max(q·min, q·max) is q times the maximum where q ≥ 0 and the minimum
+/// elsewhere: one select and one FMA. Each block's summary lines
+/// `SELECT_PREFETCH_BLOCKS` on are prefetched as it is read.
+#[allow(clippy::too_many_arguments)]
+fn score_chunks(
+    b: &mut KernelBuilder,
+    nsa: &NativeSparse,
+    (q, blocks): (&str, &str),
+    qbase: &[V],
+    (d, row_words): (u64, u64),
+    (first, last, count): (&str, &str, &str),
+    (seg, blocks_last): (&str, &str),
+    (scale, iota, ninf): (&str, &str, &str),
+    slot: &dyn Fn(&mut KernelBuilder, u64, &str) -> V,
+    scores: &str,
+) {
+    let lanes = VW as u64;
+    let nv = d / lanes;
+    let vty = KernelBuilder::vty(VW);
+    let (zero_i, one_i, lanesc, rowc) = (b.index(0), b.index(1), b.index(lanes), b.index(row_words));
+    // Each head's query as vectors, and (bound) where its channels are ≥ 0.
+    let zero_v = b.vzero(VW);
+    let qv: Vec<Vec<(V, V)>> = qbase
+        .iter()
+        .map(|qb| {
+            (0..nv)
+                .map(|v| {
+                    let off = b.index(v * lanes);
+                    let i = b.addi(qb, &off);
+                    let x = b.vload(q, &i, VW);
+                    let pos = b.def(format!("arith.cmpf oge, {x}, {zero_v} : {vty}"));
+                    (x, pos)
+                })
+                .collect()
+        })
+        .collect();
+    let last1 = b.sub_or_zero(last, &one_i);
+    // Candidates 0..count in whole chunks.
+    let chunks = {
+        let c = b.addi(count, &lanesc);
+        let c = b.sub_or_zero(&c, &one_i);
+        let c = b.divui(&c, &lanesc);
+        b.muli(&c, &lanesc)
+    };
+    let read: &[u64] = match nsa.score {
+        NsaScore::Mean => &[0],
+        NsaScore::Bound => &[1, 2],
+    };
+    b.for_step(&zero_i, &chunks, lanes, |b, c0| {
+        let blk0 = b.addi(first, c0);
+        let mut accs: Vec<Vec<V>> = vec![Vec::new(); qbase.len()];
+        for i in 0..lanes {
+            let ic = b.index(i);
+            let blk = b.addi(&blk0, &ic);
+            let blk = b.minui(&blk, &last1);
+            let rb = b.muli(&blk, &rowc);
+            let base = b.addi(&rb, seg);
+            let mut acc: Vec<V> = vec![zero_v.clone(); qbase.len()];
+            for v in 0..nv {
+                let off = b.index(v * lanes);
+                let at = b.addi(&base, &off);
+                // One prefetch per 64-byte line of the slabs read.
+                if v % 2 == 0 {
+                    for &k in read {
+                        b.prefetch_ahead(blocks, &at, SELECT_PREFETCH_BLOCKS * row_words + k * d, blocks_last, "f32");
+                    }
+                }
+                let loads: Vec<V> = read
+                    .iter()
+                    .map(|&k| {
+                        let o = b.index(k * d);
+                        let a = b.addi(&at, &o);
+                        b.vload(blocks, &a, VW)
+                    })
+                    .collect();
+                for (g, qg) in qv.iter().enumerate() {
+                    let (x, pos) = &qg[v as usize];
+                    let m = match nsa.score {
+                        NsaScore::Mean => loads[0].clone(),
+                        NsaScore::Bound => b.def(format!("arith.select {pos}, {}, {} : vector<{VW}xi1>, {vty}", loads[1], loads[0])),
+                    };
+                    acc[g] = b.vfma(x, &m, &acc[g], VW);
+                }
+            }
+            for (g, a) in acc.into_iter().enumerate() {
+                accs[g].push(a);
+            }
+        }
+        // Lanes of candidates past the last score -1e30.
+        let valid = b.sub_or_zero(count, c0);
+        let valid = b.def(format!("arith.index_cast {valid} : index to i32"));
+        let valid = b.def(format!("vector.broadcast {valid} : i32 to vector<{VW}xi32>"));
+        let live = b.def(format!("arith.cmpi slt, {iota}, {valid} : vector<{VW}xi32>"));
+        for (g, acc) in accs.iter().enumerate() {
+            let sums = b.vsums(acc, VW);
+            let sc = b.def(format!("arith.mulf {sums}, {scale} : {vty}"));
+            let sc = b.def(format!("arith.select {live}, {sc}, {ninf} : vector<{VW}xi1>, {vty}"));
+            let at = slot(b, g as u64, c0);
+            b.vstore(&sc, scores, &at, VW);
+        }
+    });
 }
 
 /// The score of one block for one head, scalar (`NsaScore`): q at `qbase` of
