@@ -496,3 +496,32 @@ fn the_cuda_session_finds_the_row_local_tail_among_joined_appends() {
         assert_eq!(launch_index(&joins, plan.steps.len()), launches.len(), "{name}: the end");
     }
 }
+
+/// Side by side (`cuda_side`): the tiny GPT-2's q, k and v projections and
+/// the tiny Llama's (and its gate and up) run on forked streams in calls of
+/// several rows; the logits equal, bit for bit, those of a session that
+/// launches every kernel on its stream in turn, through prefill calls of 6
+/// rows and decode steps.
+#[test]
+fn cuda_sessions_side_by_side_equal_one_stream() {
+    if !common::require_gpu(sparsec_runtime::cuda::cuda_available()) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["gpt2_tiny", "llama_tiny"] {
+        let art = Artifact::open(&compile_fixture(name, tmp.path())).unwrap();
+        let cap = SessionCapacity { positions: 32, seq: 8 };
+        let exec = Executor::load(&art, DeviceKind::Cuda).unwrap();
+        let mut s = exec.session(&art, cap).unwrap();
+        match &s {
+            sparsec_runtime::session::Session::Cuda(c) => assert!(c.side_by_side_runs() > 0, "{name}: no kernels side by side"),
+            sparsec_runtime::session::Session::Cpu(_) => panic!("{name}: a CPU session"),
+        }
+        let mut one = Executor::load(&art, DeviceKind::Cuda).unwrap();
+        one.set_side_by_side(false);
+        let mut r = Reference::Session(one.session(&art, cap).unwrap());
+        let exact = Tolerance { atol: 0.0, rtol: 0.0 };
+        let steps = compare_steps(&mut s, &mut r, &prompt(&art, 18), 6, 6, exact).unwrap();
+        assert_all_pass(&format!("{name} side by side vs one stream"), &steps, 3 + 6);
+    }
+}

@@ -88,6 +88,9 @@ pub struct CudaExecutor {
     /// serialization while `dependent_launch` holds.
     waiting: std::collections::HashSet<String>,
     dependent_launch: bool,
+    /// Whether sessions made after this launch runs of kernels that touch
+    /// disjoint memory side by side (`cuda_side`).
+    side_by_side: bool,
     /// Weight buffers (f32 values or packed quantized blocks), uploaded once.
     pub(crate) weights: HashMap<usize, CudaSlice<u8>>,
     /// The runtime's own KV append kernels (`cuda_append`).
@@ -156,6 +159,7 @@ impl CudaExecutor {
             kernels,
             waiting,
             dependent_launch: true,
+            side_by_side: true,
             weights,
             appender,
             seq_appender,
@@ -170,6 +174,19 @@ impl CudaExecutor {
     /// the one before has completed, for comparison.
     pub fn set_dependent_launch(&mut self, on: bool) {
         self.dependent_launch = on;
+    }
+
+    /// Whether sessions made after this launch consecutive kernels that
+    /// touch disjoint memory on forked streams, side by side, in calls of
+    /// several rows (the default), or every kernel on the session's stream
+    /// in turn.
+    pub fn set_side_by_side(&mut self, on: bool) {
+        self.side_by_side = on;
+    }
+
+    /// Whether sessions made after this launch kernels side by side.
+    pub(crate) fn side_by_side(&self) -> bool {
+        self.side_by_side
     }
 
     /// Whether kernel `name` launches as a dependent.

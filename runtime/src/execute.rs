@@ -55,6 +55,15 @@ impl Executor {
         }
     }
 
+    /// CUDA: whether sessions made after this launch consecutive kernels
+    /// that touch disjoint memory side by side on forked streams
+    /// (`CudaExecutor::set_side_by_side`). CPU: nothing changes.
+    pub fn set_side_by_side(&mut self, on: bool) {
+        if let Executor::Cuda(e) = self {
+            e.set_side_by_side(on);
+        }
+    }
+
     pub fn run(&self, art: &Artifact, inputs: &[ArrayD<f32>]) -> RuntimeResult<Vec<ArrayD<f32>>> {
         match self {
             Executor::Cpu(e) => e.run(art, inputs),

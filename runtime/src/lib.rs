@@ -11,6 +11,7 @@ pub mod cuda_append;
 pub mod cuda_greedy;
 pub mod cuda_seq_append;
 pub mod cuda_session;
+pub mod cuda_side;
 pub mod error;
 pub mod execute;
 pub mod integrity;

@@ -103,6 +103,12 @@ struct Args {
     /// the kernel before, which it waits for before reading; the default).
     #[arg(long)]
     no_dependent_launch: bool,
+    /// GPU: launch every kernel on the session's stream in turn, instead of
+    /// consecutive kernels that touch disjoint memory (q, k and v
+    /// projections) side by side on forked streams in calls of several rows
+    /// (the default).
+    #[arg(long)]
+    no_side_by_side: bool,
     /// For an artifact compiled with `--strip-weights`: the checkpoint (GGUF
     /// file or HF directory) whose weights are packed at load, each to the
     /// type, sparse format and pattern it was compiled for.
@@ -212,13 +218,14 @@ fn tokenizer(art: &Artifact) -> Result<tokenizers::Tokenizer> {
 fn model_verbs(args: &Args, art: &Artifact) -> Result<()> {
     let mut exec = Executor::load(art, device_kind(args.device))?;
     let dependent_kernels = exec.set_dependent_launch(!args.no_dependent_launch);
+    exec.set_side_by_side(!args.no_side_by_side);
     let device_name = exec.device_name();
     let cap = SessionCapacity { positions: args.positions, seq: args.session_seq };
     let mut session = exec.session(art, cap)?;
     session.set_graphs(!args.no_graphs);
-    let arena = match &session {
-        sparsec_runtime::session::Session::Cuda(c) => c.arena_bytes(),
-        sparsec_runtime::session::Session::Cpu(_) => 0,
+    let (arena, side_runs) = match &session {
+        sparsec_runtime::session::Session::Cuda(c) => (c.arena_bytes(), c.side_by_side_runs()),
+        sparsec_runtime::session::Session::Cpu(_) => (0, 0),
     };
     let tol = Tolerance { atol: args.atol, rtol: args.rtol };
     let mut report = serde_json::json!({ "artifact": args.artifact, "graph": art.manifest.graph_name, "device": device_name });
@@ -301,7 +308,7 @@ fn model_verbs(args: &Args, art: &Artifact) -> Result<()> {
             }
         } else {
             let (ids, t) = bench_decode(&mut session, &prompt, args.max_new_tokens, args.repeat)?;
-            report["bench"] = serde_json::json!({ "timing": t, "graphs": !args.no_graphs, "dependent_kernels": dependent_kernels, "prompt_ids": prompt, "ids": ids, "arena_bytes": arena, "prefill_tokens_per_s": t.prompt_tokens as f64 / t.prefill_s.max(1e-12),
+            report["bench"] = serde_json::json!({ "timing": t, "graphs": !args.no_graphs, "dependent_kernels": dependent_kernels, "side_by_side_runs": side_runs, "prompt_ids": prompt, "ids": ids, "arena_bytes": arena, "prefill_tokens_per_s": t.prompt_tokens as f64 / t.prefill_s.max(1e-12),
                 "decode_tokens_per_s": t.decode_tokens_per_s(), "decode_ms_per_token": 1e3 * t.decode_s / t.new_tokens.max(1) as f64 });
             // The timed rounds chose ids on the device (GPU); the host's argmax
             // of every step's logits must choose the same.
