@@ -147,6 +147,11 @@ fn selected_blocks_window_and_sinks_equal_the_interpreter() {
     check("#nsa(block = 16, top_n = 4, window = 200, sinks = 0, score = bound)", 8, 600, &[300, 37]);
     // Sinks that fill the first block; a head width the vector kernel does not take.
     check("#nsa(block = 32, top_n = 2, window = 64, sinks = 32, score = bound)", 6, 400, &[5, 150]);
+    // Blocks of 64 (the default): tiles of 32 keys that lie in one block of
+    // the caches' per-block layout take their rows a stride apart from the
+    // first key's; the window's tiles cross block boundaries (looked up key
+    // by key), and decode rows split their keys at other offsets.
+    check("#nsa(block = 64, top_n = 3, window = 100, sinks = 4, score = bound)", 8, 700, &[300, 130]);
     // f16 caches, kept per block and KV head like the f32 ones above: the
     // interpreter computes in f32 from unrounded keys (1e-2 covers f16's rounding).
     let pattern = "#nsa(block = 16, top_n = 3, window = 48, sinks = 4, score = bound)";

@@ -1027,6 +1027,64 @@ impl Attn {
         });
     }
 
+    /// `#nsa`: where the KV head part `khd` of keys `t0..t0 + nk` starts in
+    /// the caches, stored at `rows[at..at + nk]`. Keys of one run of
+    /// consecutive cache rows (one block of a KV head in the caches kept per
+    /// block and KV head, and no block boundary between them) are one lookup
+    /// of the first key's row and the others a stride on; others are looked
+    /// up key by key in the selection.
+    #[allow(clippy::too_many_arguments)]
+    fn tile_rows(
+        &self,
+        b: &mut KernelBuilder,
+        (t0, nk): (&str, &str),
+        khd: &str,
+        row_of: &dyn Fn(&mut KernelBuilder, &str) -> V,
+        rows: &str,
+        at: &str,
+    ) {
+        let one = b.index(1);
+        let zero = b.index(0);
+        let j0 = row_of(b, t0);
+        let tl = b.addi(t0, nk);
+        let tl = b.def(format!("arith.subi {tl}, {one} : index"));
+        let jl = row_of(b, &tl);
+        let span = b.def(format!("arith.subi {jl}, {j0} : index"));
+        let n1 = b.def(format!("arith.subi {nk}, {one} : index"));
+        let run = b.def(format!("arith.cmpi eq, {span}, {n1} : index"));
+        let (run, stride) = match self.head_blocks {
+            Some(hb) => {
+                let bc = b.index(hb.block as u64);
+                let (c0, cl) = (b.divui(&j0, &bc), b.divui(&jl, &bc));
+                let same = b.def(format!("arith.cmpi eq, {c0}, {cl} : index"));
+                (b.def(format!("arith.andi {run}, {same} : i1")), self.d)
+            }
+            None => (run, self.kvh * self.d),
+        };
+        let stride = b.index(stride);
+        b.if_else(
+            &run,
+            |b| {
+                let base = self.row_base(b, &j0, khd);
+                b.for_each(&zero, nk, |b, i| {
+                    let o = b.muli(i, &stride);
+                    let x = b.addi(&base, &o);
+                    let ia = b.addi(i, at);
+                    b.set_index(&x, rows, &ia);
+                });
+            },
+            |b| {
+                b.for_each(&zero, nk, |b, i| {
+                    let tk = b.addi(t0, i);
+                    let j = row_of(b, &tk);
+                    let x = self.row_base(b, &j, khd);
+                    let ia = b.addi(i, at);
+                    b.set_index(&x, rows, &ia);
+                });
+            },
+        );
+    }
+
     /// CPU split variant, a widened tile (quantized caches, keys before
     /// RoPE): `group_tile` over the tile's K and V rows.
     fn widened_group_tile(&self, b: &mut KernelBuilder, t: &TileMem, heads: &[TileHead], nk: &str, acc: &str) -> Vec<(V, V)> {
@@ -1093,19 +1151,11 @@ impl Attn {
         // (three lookups a key before).
         let tile_keys = b.index(KEY_TILE);
         if let Some(rows) = &t.rows {
+            let ahead = b.index(NSA_PREFETCH_KEYS);
+            let ta = b.addi(tb, &ahead);
             let zero = b.index(0);
-            b.for_each(&zero, nk, |b, i| {
-                let tk = b.addi(tb, i);
-                let j = row_of(b, &tk);
-                let base = self.row_base(b, &j, khd);
-                b.set_index(&base, rows, i);
-                let n = b.index(NSA_PREFETCH_KEYS);
-                let ta = b.addi(&tk, &n);
-                let ja = row_of(b, &ta);
-                let ahead_base = self.row_base(b, &ja, khd);
-                let ia = b.addi(i, &tile_keys);
-                b.set_index(&ahead_base, rows, &ia);
-            });
+            self.tile_rows(b, (tb, nk), khd, row_of, rows, &zero);
+            self.tile_rows(b, (&ta, nk), khd, row_of, rows, &tile_keys);
         }
         // Cache row start of key `i` of the tile; it prefetches the lines of
         // `buf` holding elements `part` of the row `ATTN_PREFETCH_KEYS` on
