@@ -296,7 +296,8 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
     let nc_i = b.index(n);
     let one = b.f32(1.0);
     let ninf = b.f32(-1e30);
-    let scale = b.f32(1.0 / (d as f32).sqrt());
+    let inv_sqrt_d = 1.0 / (d as f32).sqrt();
+    let scale = b.f32(inv_sqrt_d);
     let first = b.index((nsa.sinks as u64).div_ceil(nsa.block as u64));
     let vty = KernelBuilder::vty(VW);
     // Every candidate's scores, one run per head of the group, each padded
@@ -326,7 +327,7 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
         let len = b.def(format!("memref.dim {}, {zero_i} : memref<?xf32>", ins[1]));
         b.sub_or_zero(&len, &one_i)
     };
-    let (ninf_v, zero_v, scale_v) = (b.vsplat_f32(-1e30, VW), b.vzero(VW), b.vsplat_f32(1.0 / (d as f32).sqrt(), VW));
+    let (ninf_v, zero_v, scale_v) = (b.vsplat_f32(-1e30, VW), b.vzero(VW), b.vsplat_f32(inv_sqrt_d, VW));
     let iota = b.viota_i32(VW);
     b.parallel(work, |b, unit| {
         let Row { r, kh, last, count, o, idx0, imp0 } = select_row(b, &nsa, kvh, unit);
@@ -353,7 +354,7 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
                     (&ins[0], &ins[1]),
                     &qbase,
                     (d, nsa.block_words(kvh * d)),
-                    (&first, &last, &count),
+                    (&first, &last, &count, &stride),
                     (&seg, &blocks_last),
                     (&scale_v, &iota, &ninf_v),
                     &|b, g, c| slot(b, g, c),
@@ -377,14 +378,11 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
                     }
                 });
             }
-            let chunks = b.divui(&stride, &lanesc);
-            // Each chunk's `lanes` consecutive slots from candidate `t·VW` on.
+            // A fold over the chunks, each `VW` consecutive slots from
+            // candidate `c` on, carrying vectors.
             let over_chunks = |b: &mut KernelBuilder, init: Vec<V>, body: ChunkBody| -> Vec<V> {
                 let typed: Vec<(V, String)> = init.into_iter().map(|v| (v, vty.clone())).collect();
-                b.for_fold_typed(&zero_i, &chunks, 1, &typed, |b, t, acc| {
-                    let c = b.muli(t, &lanesc);
-                    body(b, &c, acc)
-                })
+                b.for_fold_typed(&zero_i, &stride, lanes, &typed, body)
             };
             // Pass 2: each head's max, then exp(score − max) in place of the
             // score and each head's sum.
@@ -467,8 +465,8 @@ pub(super) fn emit_select(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(
 type ChunkBody<'a> = &'a dyn Fn(&mut KernelBuilder, &str, &[V]) -> Vec<V>;
 
 /// Pass 1 of the CPU selection, vectorized: the candidates in chunks of `VW`
-/// blocks (the last chunk's blocks past `last` read the last block and score
-/// -1e30), each head's `VW` scores summed across at once (`vsums`) and
+/// blocks up to `stride` (`count` padded to whole chunks; the last chunk's
+/// blocks past `last` read the last block and score -1e30), each head's `VW` scores summed across at once (`vsums`) and
 /// stored at `slot(g, chunk start)`. A bound's channel term
 /// max(q·min, q·max) is q times the maximum where q ≥ 0 and the minimum
 /// elsewhere: one select and one FMA. Each block's summary lines
@@ -480,7 +478,7 @@ fn score_chunks(
     (q, blocks): (&str, &str),
     qbase: &[V],
     (d, row_words): (u64, u64),
-    (first, last, count): (&str, &str, &str),
+    (first, last, count, stride): (&str, &str, &str, &str),
     (seg, blocks_last): (&str, &str),
     (scale, iota, ninf): (&str, &str, &str),
     slot: &dyn Fn(&mut KernelBuilder, u64, &str) -> V,
@@ -489,7 +487,7 @@ fn score_chunks(
     let lanes = VW as u64;
     let nv = d / lanes;
     let vty = KernelBuilder::vty(VW);
-    let (zero_i, one_i, lanesc, rowc) = (b.index(0), b.index(1), b.index(lanes), b.index(row_words));
+    let (zero_i, one_i, rowc) = (b.index(0), b.index(1), b.index(row_words));
     // Each head's query as vectors, and (bound) where its channels are ≥ 0.
     let zero_v = b.vzero(VW);
     let qv: Vec<Vec<(V, V)>> = qbase
@@ -507,18 +505,11 @@ fn score_chunks(
         })
         .collect();
     let last1 = b.sub_or_zero(last, &one_i);
-    // Candidates 0..count in whole chunks.
-    let chunks = {
-        let c = b.addi(count, &lanesc);
-        let c = b.sub_or_zero(&c, &one_i);
-        let c = b.divui(&c, &lanesc);
-        b.muli(&c, &lanesc)
-    };
     let read: &[u64] = match nsa.score {
         NsaScore::Mean => &[0],
         NsaScore::Bound => &[1, 2],
     };
-    b.for_step(&zero_i, &chunks, lanes, |b, c0| {
+    b.for_step(&zero_i, stride, lanes, |b, c0| {
         let blk0 = b.addi(first, c0);
         let mut accs: Vec<Vec<V>> = vec![Vec::new(); qbase.len()];
         for i in 0..lanes {
