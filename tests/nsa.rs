@@ -60,9 +60,9 @@ fn check_caches(
     let (_tmp, art) = build(g.clone(), CompileOptions { target: TargetKind::All, kv_cache: kv, ..Default::default() });
     let caches: Vec<_> = art.manifest.execution.buffers.iter().filter(|b| b.kind == BufferKind::KvCache).collect();
     assert_eq!(caches.len(), 2);
+    let nsa =
+        sparsec_ir::NativeSparse::of(&g.nodes.iter().find_map(|n| Some(n.patterns.clone()).filter(|p| !p.is_empty())).unwrap()).unwrap();
     for c in &caches {
-        let nsa = sparsec_ir::NativeSparse::of(&g.nodes.iter().find_map(|n| Some(n.patterns.clone()).filter(|p| !p.is_empty())).unwrap())
-            .unwrap();
         let want = d.is_multiple_of(8).then_some(sparsec_runtime::manifest::HeadBlocks { block: nsa.block, heads: 2 });
         assert_eq!(c.head_blocks, want, "{pattern} d={d}: the layout of `{}`", c.name);
     }
@@ -87,7 +87,14 @@ fn check_caches(
         .collect();
     assert_eq!(kernels.len(), 3, "{kernels:?}");
     assert!(kernels[0].ends_with("_nsa_summary") && kernels[1].ends_with("_nsa_select"), "{kernels:?}");
-    assert!(plan.buffers.iter().any(|b| matches!(b.kind, BufferKind::BlockCache { .. })));
+    // A summary row holds, per KV head, what the score reads (the mean, or
+    // the minimum and maximum), then, gated, the compressed key and value.
+    let blocks = plan.buffers.iter().find(|b| matches!(b.kind, BufferKind::BlockCache { .. })).expect("a block cache");
+    let slabs = match nsa.score {
+        sparsec_ir::NsaScore::Mean => 1,
+        sparsec_ir::NsaScore::Bound => 2,
+    } + if nsa.gated() { 2 } else { 0 };
+    assert_eq!(blocks.dims.last(), Some(&sparsec_ir::Dim::Fixed(slabs * 2 * d as u64)), "{pattern}: the block cache's row");
 }
 
 #[test]

@@ -318,15 +318,27 @@ impl NativeSparse {
         kv_heads * self.select_words_per_head()
     }
 
-    /// Head-width slabs of a KV head's part of a block summary row: the mean,
-    /// minimum and maximum of the block's keys, then, when gated, its
-    /// compressed key and compressed value.
+    /// Head-width slabs of a KV head's part of a block summary row: what the
+    /// selection's score reads (`score_slabs`), then, when gated, the
+    /// compressed key and compressed value (`compressed_slab`).
     pub fn block_slabs(&self) -> u64 {
-        if self.gated() {
-            5
-        } else {
-            3
+        self.compressed_slab() + if self.gated() { 2 } else { 0 }
+    }
+
+    /// Where the slabs the score reads lie in a KV head's part of a block
+    /// summary row (they come first): `mean`, the keys' mean; `bound`, their
+    /// per-channel minimum, then maximum.
+    pub fn score_slabs(&self) -> &'static [u64] {
+        match self.score {
+            NsaScore::Mean => &[0],
+            NsaScore::Bound => &[0, 1],
         }
+    }
+
+    /// Gated: the slab of the compressed key in a KV head's part of a block
+    /// summary row (the compressed value's follows it).
+    pub fn compressed_slab(&self) -> u64 {
+        self.score_slabs().len() as u64
     }
 
     /// f32 words of a block summary row, for `kv_width` = KV heads × head width.

@@ -535,15 +535,15 @@ impl Attn {
     /// Where KV head `kh`'s compressed key of block `j` starts in the block
     /// cache (its compressed value follows `d` later).
     fn compressed_base(&self, b: &mut KernelBuilder, kh: &str, j: &str) -> V {
-        let (n, _) = self.nsa.as_ref().map_or((0, 0), |(n, _)| (n.block_words(self.kvh * self.d), n.block_slabs()));
+        let (n, slabs, compressed) =
+            self.nsa.as_ref().map_or((0, 0, 0), |(n, _)| (n.block_words(self.kvh * self.d), n.block_slabs(), n.compressed_slab()));
         let rowc = b.index(n);
-        let slabs = self.nsa.as_ref().map_or(0, |(n, _)| n.block_slabs());
         let segc = b.index(slabs * self.d);
         let seg = b.muli(kh, &segc);
         let rb = b.muli(j, &rowc);
-        let three = b.index(3 * self.d);
+        let ck = b.index(compressed * self.d);
         let at = b.addi(&rb, &seg);
-        b.addi(&at, &three)
+        b.addi(&at, &ck)
     }
 
     /// The blocks whole at or before position `p`: the compressed branch's keys.

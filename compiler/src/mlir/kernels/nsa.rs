@@ -4,10 +4,11 @@
 //! An attention op with `#nsa` runs three kernels after its KV appends
 //! (`partition.rs`):
 //! 1. `NsaSummary`, one unit per (row, KV head): the row that completes a block
-//!    of `block` positions writes that block's key summary (per channel: mean,
-//!    minimum, maximum) into the layer's block cache, a row per block
-//!    (`NativeSparse::block_words` f32 per row: per KV head the mean, the minimum and the
-//!    maximum, `d` each). A block is summarized once, when it fills; decode
+//!    of `block` positions writes that block's key summary into the layer's
+//!    block cache, a row per block (`NativeSparse::block_words` f32 per row):
+//!    per KV head what the score reads, `d` each (`NativeSparse::score_slabs`:
+//!    `mean`, the keys' mean per channel; `bound`, their minimum and maximum
+//!    per channel). A block is summarized once, when it fills; decode
 //!    updates the cache incrementally, and a truncated session rewrites a
 //!    block when it fills again.
 //! 2. `NsaSelect`, one unit per (row, KV head): every candidate block (whole
@@ -130,6 +131,7 @@ pub(super) fn emit_summary(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<
     let (big, small) = (b.f32(3.0e38), b.f32(-3.0e38));
     let zero = b.f32(0.0);
     let words = NsaCompress::linear_words(nsa.block as u64, d);
+    let compressed = nsa.compressed_slab();
     b.parallel(work, |b, unit| {
         let r = b.divui(unit, &kvhc);
         let kh = b.remui(unit, &kvhc);
@@ -160,19 +162,24 @@ pub(super) fn emit_summary(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<
                     vec![b.add(&acc[0], &x), b.fbin("minnumf", &acc[1], &x), b.fbin("maxnumf", &acc[2], &x)]
                 });
                 let mean = b.mul(&acc[0], &inv);
-                for (slab, v) in [(0, &mean), (1, &acc[1]), (2, &acc[2])] {
+                // What the score reads, in the order of `score_slabs`.
+                let read: &[&V] = match nsa.score {
+                    NsaScore::Mean => &[&mean],
+                    NsaScore::Bound => &[&acc[1], &acc[2]],
+                };
+                for (&slab, v) in nsa.score_slabs().iter().zip(read) {
                     put(b, slab, c, v);
                 }
                 let (Some(vc), None) = (&vcache, &linear) else { return };
                 // Mean pooling: the compressed key is the mean, the value the values' mean.
-                put(b, 3, c, &mean);
+                put(b, compressed, c, &mean);
                 let vs = b.for_fold(&zero_i, &blockc, std::slice::from_ref(&zero), |b, j, acc| {
                     let row = b.addi(&first, j);
                     let x = load(b, vc, &row, &col);
                     vec![b.add(&acc[0], &x)]
                 });
                 let vmean = b.mul(&vs[0], &inv);
-                put(b, 4, c, &vmean);
+                put(b, compressed + 1, c, &vmean);
             });
             let (Some(vc), Some(w)) = (&vcache, &linear) else { return };
             // Linear compression, per K and V: W·(Σ_j p_j·x_j) + c
@@ -205,7 +212,7 @@ pub(super) fn emit_summary(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<
                         let m = b.load(w, &mi);
                         vec![b.fma(&m, &pooled[0], &acc[0])]
                     });
-                    put(b, 3 + which, o, &y[0]);
+                    put(b, compressed + which, o, &y[0]);
                 });
             }
         });
@@ -505,10 +512,7 @@ fn score_chunks(
         })
         .collect();
     let last1 = b.sub_or_zero(last, &one_i);
-    let read: &[u64] = match nsa.score {
-        NsaScore::Mean => &[0],
-        NsaScore::Bound => &[1, 2],
-    };
+    let read = nsa.score_slabs();
     b.for_step(&zero_i, stride, lanes, |b, c0| {
         let blk0 = b.addi(first, c0);
         let mut accs: Vec<Vec<V>> = vec![Vec::new(); qbase.len()];
@@ -580,8 +584,9 @@ fn scalar_score(b: &mut KernelBuilder, nsa: &NativeSparse, q: &str, blocks: &str
                 vec![b.fma(&qv, &m, &acc[0])]
             }
             NsaScore::Bound => {
-                let lo_at = b.addi(&at, &dd);
-                let hi_at = b.addi(&lo_at, &dd);
+                // The minimum's slab, then the maximum's (`score_slabs`).
+                let lo_at = at.clone();
+                let hi_at = b.addi(&at, &dd);
                 let lo = b.load(blocks, &lo_at);
                 let hi = b.load(blocks, &hi_at);
                 let a = b.mul(&qv, &lo);
