@@ -17,11 +17,11 @@
 //! f32 rows and between them the f16 low-pass rows, whose scores get a
 //! constant. Quantized caches and keys before RoPE are first widened to f32 tiles
 //! once for the whole group (`widen_tile`, `widened_group_tile`). Scratch is bounded:
-//! two tiles, a tile of scores per head and the group's sums. In
-//! decode the visible keys are split over `ATTN_SPLITS` units
-//! (flash-decoding); each writes its partial softmax (max, sum, weighted
-//! values) to a scratch buffer, and a second phase of units, one per
-//! (row, head), combines them. Prefill without windows or NSA is
+//! two tiles, a tile of scores per head and the group's sums. In decode the
+//! visible keys are split over `ATTN_SPLITS` units (NSA: each KV head's over
+//! `ATTN_SPLITS / kv_heads`, `cpu_splits`) (flash-decoding); each writes its
+//! partial softmax (max, sum, weighted values) to a scratch buffer, and a
+//! second phase of units, one per (row, head), combines them. Prefill without windows or NSA is
 //! flash-style: a unit takes a block of `FLASH_ROWS` query rows, so each key
 //! tile is widened (and transposed) once per block rather than once per row,
 //! and the block's (row, head) pairs are scored two at a time against the
@@ -155,11 +155,23 @@ pub fn cpu_split(spec: &KernelSpec) -> bool {
     super::chunked_svd_of(spec).is_none() && dims(spec).is_ok_and(|(_, _, d)| d > 0 && d % VW as u64 == 0)
 }
 
+/// The most splits of a decode row's keys per KV head on the CPU: without
+/// NSA a unit serves every KV head, so `ATTN_SPLITS` units take the row; NSA's
+/// units take one KV head each, so `ATTN_SPLITS / kv_heads` (at least one)
+/// split each head's keys, and the row's units stay about `ATTN_SPLITS`.
+fn cpu_splits(spec: &KernelSpec, kvh: u64) -> u64 {
+    if NativeSparse::of(&spec.patterns).is_some() {
+        (ATTN_SPLITS / kvh.max(1)).max(1)
+    } else {
+        ATTN_SPLITS
+    }
+}
+
 /// The CPU units of the split variant's first phase (partials), and of both
-/// phases together: `(seq·kv_heads·ATTN_SPLITS, that + seq·heads)`.
+/// phases together: `(seq·kv_heads·splits, that + seq·heads)` (`cpu_splits`).
 pub fn cpu_phases(spec: &KernelSpec) -> Result<(SymSize, SymSize), CompileError> {
     let (h, kvh, _) = dims(spec)?;
-    let first = kvh * ATTN_SPLITS;
+    let first = kvh * cpu_splits(spec, kvh);
     Ok((SymSize { coef: first, seq_pow: 1 }, SymSize { coef: first + h, seq_pow: 1 }))
 }
 
@@ -890,15 +902,15 @@ impl Attn {
             .collect()
     }
 
-    /// Splits of a row's visible keys: `ATTN_SPLITS` in decode (one row) with
-    /// at least `SPLIT_MIN_KEYS` keys, else one. Always all of them, so that
-    /// every unit of the first phase has work and the runtime's even ranges of
-    /// units are even ranges of work.
-    fn splits(&self, b: &mut KernelBuilder, count: &str) -> V {
+    /// Splits of a row's visible keys: `most` (`cpu_splits`) in decode (one
+    /// row) with at least `SPLIT_MIN_KEYS` keys, else one. Always all of them,
+    /// so that every unit of the first phase has work and the runtime's even
+    /// ranges of units are even ranges of work.
+    fn splits(&self, b: &mut KernelBuilder, count: &str, most: u64) -> V {
         let one = b.index(1);
         let seq = b.seq();
         let min_keys = b.index(SPLIT_MIN_KEYS);
-        let most = b.index(ATTN_SPLITS);
+        let most = b.index(most);
         let long = b.def(format!("arith.cmpi uge, {count}, {min_keys} : index"));
         let decode = b.def(format!("arith.cmpi eq, {seq}, {one} : index"));
         let split = b.def(format!("arith.andi {long}, {decode} : i1"));
@@ -1689,7 +1701,8 @@ impl Attn {
         let total = b.sym(total);
         let zero_i = b.index(0);
         let one_i = b.index(1);
-        let (dc, qwc, groupc, hc, splitsc) = (b.index(d), b.index(qw), b.index(group), b.index(h), b.index(ATTN_SPLITS));
+        let splits = cpu_splits(spec, kvh);
+        let (dc, qwc, groupc, hc, splitsc) = (b.index(d), b.index(qw), b.index(group), b.index(h), b.index(splits));
         let rec = b.index(d + 2);
         let zero = b.f32(0.0);
         let ninf = b.f32(-1e30);
@@ -1755,7 +1768,7 @@ impl Attn {
             FlashMem { m: b.alloca_f32(&cells), l: b.alloca_f32(&cells), acc: b.alloca_f32(&accs) }
         });
         let per_row_unit = |b: &mut KernelBuilder, unit: &str| {
-            let per_row = b.index(kvh * ATTN_SPLITS);
+            let per_row = b.index(kvh * splits);
             let r = b.divui(unit, &per_row);
             let rem = b.remui(unit, &per_row);
             let kvhc = b.index(kvh);
@@ -1764,7 +1777,7 @@ impl Attn {
             let row = Self::mirrored_row(b, &r);
             let p = b.addi(&pos, &row);
             let vis = self.visible(b, &p, &row, &kh);
-            let n = self.splits(b, &vis.count);
+            let n = self.splits(b, &vis.count, splits);
             let active = b.def(format!("arith.cmpi ult, {s}, {n} : index"));
             let active = if all_heads {
                 let first_kh = b.def(format!("arith.cmpi eq, {kh}, {zero_i} : index"));
@@ -1974,7 +1987,7 @@ impl Attn {
             let kh = b.divui(&head, &groupc);
             // Only a one-row call splits; its row is 0.
             let vis = self.visible(b, &pos, &zero_i, &kh);
-            let n = self.splits(b, &vis.count);
+            let n = self.splits(b, &vis.count, splits);
             let split = b.def(format!("arith.cmpi ugt, {n}, {one_i} : index"));
             b.if_then(&split, |b| {
                 let g = b.remui(&head, &groupc);
