@@ -1533,13 +1533,14 @@ impl Attn {
     /// maxima, sums and weighted values live in `mem` until the rows are
     /// written.
     #[allow(clippy::too_many_arguments)]
-    fn flash_unit(&self, b: &mut KernelBuilder, unit: &str, t: &TileMem, mem: &FlashMem, q: &str, out: &str, kv_last: &str) {
+    #[allow(clippy::too_many_arguments)]
+    fn flash_unit(&self, b: &mut KernelBuilder, unit: &str, splits: u64, t: &TileMem, mem: &FlashMem, q: &str, out: &str, kv_last: &str) {
         let (h, kvh, d) = (self.h, self.kvh, self.d);
         let group = h / kvh;
         let nv = (d / VW as u64) as usize;
         let vty = KernelBuilder::vty(VW);
         let (zero_i, one_i) = (b.index(0), b.index(1));
-        let (per_row, splitsc, rowsc) = (b.index(kvh * ATTN_SPLITS), b.index(ATTN_SPLITS), b.index(FLASH_ROWS));
+        let (per_row, splitsc, rowsc) = (b.index(kvh * splits), b.index(splits), b.index(FLASH_ROWS));
         let (dc, qwc, groupc, tile_keys) = (b.index(d), b.index(h * d), b.index(group), b.index(KEY_TILE));
         let (zero, ninf) = (b.f32(0.0), b.f32(-1e30));
         let r = b.divui(unit, &per_row);
@@ -1974,7 +1975,11 @@ impl Attn {
             Some(mem) => {
                 let seq = b.seq();
                 let prefill = b.def(format!("arith.cmpi ugt, {seq}, {one_i} : index"));
-                b.if_else(&prefill, |b| self.flash_unit(b, unit, &tiles_mem, mem, &ins[0], out, &kv_last), |b| per_row_unit(b, unit));
+                b.if_else(
+                    &prefill,
+                    |b| self.flash_unit(b, unit, splits, &tiles_mem, mem, &ins[0], out, &kv_last),
+                    |b| per_row_unit(b, unit),
+                );
             }
             None => per_row_unit(b, unit),
         });
