@@ -21,13 +21,13 @@
 //! visible keys are split over `ATTN_SPLITS` units (NSA: each KV head's over
 //! `ATTN_SPLITS / kv_heads`, `cpu_splits`) (flash-decoding); each writes its
 //! partial softmax (max, sum, weighted values) to a scratch buffer, and a
-//! second phase of units, one per (row, head), combines them. Prefill without windows or NSA is
-//! flash-style: a unit takes a block of `FLASH_ROWS` query rows, so each key
-//! tile is widened (and transposed) once per block rather than once per row,
-//! and the block's (row, head) pairs are scored two at a time against the
-//! transposed tile (each key vector loaded once for both, no horizontal
-//! sums). Otherwise on the CPU: one unit per (row, head), an online softmax
-//! accumulating into the output row. On
+//! second phase of units, one per (row, head), combines them. Prefill
+//! without windows or NSA is flash-style: a unit takes a block of
+//! `FLASH_ROWS` query rows, so each key tile is widened (and transposed) once
+//! per block rather than once per row, and the block's (row, head) pairs are
+//! scored two at a time against the transposed tile (each key vector loaded
+//! once for both, no horizontal sums). Otherwise on the CPU: one unit per
+//! (row, head), an online softmax accumulating into the output row. On
 //! NVIDIA: a block of warps per (row, head), its lanes splitting the keys,
 //! combined with warp shuffles and then across the warps in shared memory;
 //! a decode row's keys are also split over up to `GPU_SPLITS` blocks per head
@@ -1532,7 +1532,6 @@ impl Attn {
     /// each row taking the tile's keys at or before its position. Running
     /// maxima, sums and weighted values live in `mem` until the rows are
     /// written.
-    #[allow(clippy::too_many_arguments)]
     #[allow(clippy::too_many_arguments)]
     fn flash_unit(&self, b: &mut KernelBuilder, unit: &str, splits: u64, t: &TileMem, mem: &FlashMem, q: &str, out: &str, kv_last: &str) {
         let (h, kvh, d) = (self.h, self.kvh, self.d);
