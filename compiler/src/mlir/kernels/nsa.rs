@@ -572,25 +572,28 @@ fn score_chunks(
 /// `q`, the block's summary at `base` of `blocks`, scaled like a key's score.
 #[allow(clippy::too_many_arguments)]
 fn scalar_score(b: &mut KernelBuilder, nsa: &NativeSparse, q: &str, blocks: &str, qbase: &str, base: &str, d: u64, scale: &str) -> V {
-    let (zero_i, dc, dd) = (b.index(0), b.index(d), b.index(d));
+    let (zero_i, dc) = (b.index(0), b.index(d));
     let zero = b.f32(0.0);
     let r = b.for_fold(&zero_i, &dc, std::slice::from_ref(&zero), |b, c, acc| {
         let qi = b.addi(qbase, c);
         let qv = b.load(q, &qi);
         let at = b.addi(base, c);
+        // Channel `c` of each slab the score reads, in `score_slabs` order.
+        let loads: Vec<V> = nsa
+            .score_slabs()
+            .iter()
+            .map(|&k| {
+                let o = b.index(k * d);
+                let a = b.addi(&at, &o);
+                b.load(blocks, &a)
+            })
+            .collect();
         match nsa.score {
-            NsaScore::Mean => {
-                let m = b.load(blocks, &at);
-                vec![b.fma(&qv, &m, &acc[0])]
-            }
+            NsaScore::Mean => vec![b.fma(&qv, &loads[0], &acc[0])],
             NsaScore::Bound => {
-                // The minimum's slab, then the maximum's (`score_slabs`).
-                let lo_at = at.clone();
-                let hi_at = b.addi(&at, &dd);
-                let lo = b.load(blocks, &lo_at);
-                let hi = b.load(blocks, &hi_at);
-                let a = b.mul(&qv, &lo);
-                let c = b.mul(&qv, &hi);
+                // The minimum, then the maximum.
+                let a = b.mul(&qv, &loads[0]);
+                let c = b.mul(&qv, &loads[1]);
                 let m = b.fbin("maximumf", &a, &c);
                 vec![b.add(&acc[0], &m)]
             }
