@@ -88,12 +88,10 @@ fn check_caches(
     assert_eq!(kernels.len(), 3, "{kernels:?}");
     assert!(kernels[0].ends_with("_nsa_summary") && kernels[1].ends_with("_nsa_select"), "{kernels:?}");
     // A summary row holds, per KV head, what the score reads (the mean, or
-    // the minimum and maximum), then, gated, the compressed key and value.
+    // the minimum and maximum as f16 pairs: one f32 slab either way), then,
+    // gated, the compressed key and value.
     let blocks = plan.buffers.iter().find(|b| matches!(b.kind, BufferKind::BlockCache { .. })).expect("a block cache");
-    let slabs = match nsa.score {
-        sparsec_ir::NsaScore::Mean => 1,
-        sparsec_ir::NsaScore::Bound => 2,
-    } + if nsa.gated() { 2 } else { 0 };
+    let slabs = 1 + if nsa.gated() { 2 } else { 0 };
     assert_eq!(blocks.dims.last(), Some(&sparsec_ir::Dim::Fixed(slabs * 2 * d as u64)), "{pattern}: the block cache's row");
 }
 

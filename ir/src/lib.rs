@@ -31,8 +31,8 @@ pub use graph::{Graph, Loc, Node, ValueId};
 pub use op::{GeluApprox, Init, Op};
 pub use parser::parse_graph;
 pub use pattern::{
-    KvAxis, KvCompression, LowRank, NativeSparse, NsaCompress, NsaGate, NsaScore, Pattern, Sparsity, Specialize, SvdRank, ValueCoding,
-    Window,
+    f16_down, f16_up, KvAxis, KvCompression, LowRank, NativeSparse, NsaCompress, NsaGate, NsaScore, Pattern, Sparsity, Specialize, SvdRank,
+    ValueCoding, Window,
 };
 pub use printer::print_graph;
 pub use types::{DType, Dim, SymSize, TensorType};

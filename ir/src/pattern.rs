@@ -326,12 +326,15 @@ impl NativeSparse {
     }
 
     /// Where the slabs the score reads lie in a KV head's part of a block
-    /// summary row (they come first): `mean`, the keys' mean; `bound`, their
-    /// per-channel minimum, then maximum.
+    /// summary row (they come first): `mean`, the keys' mean (f32); `bound`,
+    /// one slab of f16 pairs (`BOUND_F16`): the `d` per-channel minima
+    /// rounded toward −∞ (`f16_down`), then the `d` maxima rounded toward +∞
+    /// (`f16_up`), two to a word, channel `2i` in word `i`'s low half. Half
+    /// the bytes a selection reads, and the bound still holds every key of
+    /// the block (exact for f16 caches, whose keys are f16 already).
     pub fn score_slabs(&self) -> &'static [u64] {
         match self.score {
-            NsaScore::Mean => &[0],
-            NsaScore::Bound => &[0, 1],
+            NsaScore::Mean | NsaScore::Bound => &[0],
         }
     }
 
@@ -351,6 +354,41 @@ impl NativeSparse {
     pub fn extra_operands(&self) -> usize {
         self.gated() as usize + (self.compress == NsaCompress::Linear) as usize
     }
+}
+
+/// `x` rounded to an f16 value at or below it (toward −∞), as f32: the
+/// minimum a `bound` block summary stores (`NativeSparse::score_slabs`).
+pub fn f16_down(x: f32) -> f32 {
+    let h = half::f16::from_f32(x);
+    if h.to_f32() <= x || h.is_nan() {
+        return h.to_f32();
+    }
+    f16_step(h, false).to_f32()
+}
+
+/// `x` rounded to an f16 value at or above it (toward +∞), as f32: the
+/// maximum a `bound` block summary stores.
+pub fn f16_up(x: f32) -> f32 {
+    let h = half::f16::from_f32(x);
+    if h.to_f32() >= x || h.is_nan() {
+        return h.to_f32();
+    }
+    f16_step(h, true).to_f32()
+}
+
+/// The f16 next to `h` upward or downward (from ±0: the smallest subnormal
+/// of that sign). The compiled summary kernel steps the same way on the bits.
+fn f16_step(h: half::f16, up: bool) -> half::f16 {
+    let bits = h.to_bits();
+    let negative = bits & 0x8000 != 0;
+    let stepped = match (bits & 0x7fff == 0, up, negative) {
+        (true, true, _) => 0x0001,
+        (true, false, _) => 0x8001,
+        // Away from zero: the magnitude grows; toward zero: it shrinks.
+        (false, true, false) | (false, false, true) => bits + 1,
+        (false, true, true) | (false, false, false) => bits - 1,
+    };
+    half::f16::from_bits(stepped)
 }
 
 /// How a query head scores a block of keys (scaled by 1/√d like a key's score).
@@ -629,4 +667,43 @@ pub fn refuse_unimplemented(patterns: &[Pattern]) -> Result<(), String> {
         return Err("#values says how a #sparsity pattern's kept values are stored; this op has no #sparsity".into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod f16_outward_tests {
+    use super::{f16_down, f16_up};
+    use half::f16;
+
+    #[test]
+    fn outward_rounding_brackets_the_value_with_neighbouring_f16s() {
+        let mut xs = vec![0.0f32, -0.0, 1.0, -1.0, 65504.0, -65504.0, 70000.0, -70000.0, 1e-8, -1e-8, 6.0e-5, -6.0e-5];
+        let mut s = 0x2545_f491_u32;
+        for _ in 0..20000 {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let mag = 10f32.powf((s >> 8) as f32 / (1u32 << 24) as f32 * 12.0 - 8.0);
+            xs.push(if s & 1 == 0 { mag } else { -mag });
+        }
+        for x in xs {
+            let (lo, hi) = (f16_down(x), f16_up(x));
+            assert!(lo <= x && x <= hi, "{x}: {lo} {hi}");
+            for v in [lo, hi] {
+                assert_eq!(f16::from_f32(v).to_f32(), v, "{x}: {v} is not an f16");
+            }
+            if f16::from_f32(x).to_f32() == x {
+                assert!(lo == x && hi == x, "{x} is an f16: {lo} {hi}");
+            } else {
+                // Neighbours: no f16 lies strictly between them.
+                let mid = f16::from_f32(lo).to_bits();
+                let next = if lo >= 0.0 && mid != 0x8000 {
+                    mid + 1
+                } else if mid == 0x8000 || mid == 0 {
+                    0x0001
+                } else {
+                    mid - 1
+                };
+                let next = if lo < 0.0 && f16::from_bits(next).to_f32() > 0.0 { 0x0000 } else { next };
+                assert!(f16::from_bits(next).to_f32() >= hi, "{x}: {lo} {hi}");
+            }
+        }
+    }
 }

@@ -460,6 +460,9 @@ impl NsaBlocks {
                         min[at + c] = min[at + c].min(x);
                         max[at + c] = max[at + c].max(x);
                     }
+                    // As a `bound` summary stores them: f16, rounded outward.
+                    min[at + c] = crate::pattern::f16_down(min[at + c] as f32) as f64;
+                    max[at + c] = crate::pattern::f16_up(max[at + c] as f32) as f64;
                 }
                 if !nsa.gated() {
                     continue;

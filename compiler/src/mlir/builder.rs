@@ -162,6 +162,27 @@ impl KernelBuilder {
         self.constant(format!("{n} : i32"))
     }
 
+    pub fn i16(&mut self, n: i16) -> V {
+        self.constant(format!("{n} : i16"))
+    }
+
+    /// The f16 half of word `idx` of the f32 buffer `buf` that holds channel
+    /// `c` (an index: its low half for even `c`), widened to f32: buffers of
+    /// f16 pairs stored as f32 words (NSA's bound summaries), on both devices.
+    pub fn f16_half(&mut self, buf: &str, idx: &str, c: &str) -> V {
+        let w = self.load(buf, idx);
+        let bits = self.def(format!("arith.bitcast {w} : f32 to i32"));
+        let one = self.index(1);
+        let odd = self.def(format!("arith.andi {c}, {one} : index"));
+        let odd = self.def(format!("arith.index_castui {odd} : index to i32"));
+        let four = self.i32(4);
+        let shift = self.def(format!("arith.shli {odd}, {four} : i32"));
+        let h = self.def(format!("arith.shrui {bits}, {shift} : i32"));
+        let h = self.def(format!("arith.trunci {h} : i32 to i16"));
+        let h = self.def(format!("arith.bitcast {h} : i16 to f16"));
+        self.def(format!("arith.extf {h} : f16 to f32"))
+    }
+
     /// The run-time `seq` argument (rows of this call), as an index.
     pub fn seq(&self) -> V {
         "%seq".into()

@@ -6,9 +6,10 @@
 //! 1. `NsaSummary`, one unit per (row, KV head): the row that completes a block
 //!    of `block` positions writes that block's key summary into the layer's
 //!    block cache, a row per block (`NativeSparse::block_words` f32 per row):
-//!    per KV head what the score reads, `d` each (`NativeSparse::score_slabs`:
+//!    per KV head what the score reads, `d` words (`NativeSparse::score_slabs`:
 //!    `mean`, the keys' mean per channel; `bound`, their minimum and maximum
-//!    per channel). A block is summarized once, when it fills; decode
+//!    per channel as f16 rounded outward, two to a word, `f16_pair`). A
+//!    block is summarized once, when it fills; decode
 //!    updates the cache incrementally, and a truncated session rewrites a
 //!    block when it fills again.
 //! 2. `NsaSelect`, one unit per (row, KV head): every candidate block (whole
@@ -154,21 +155,47 @@ pub(super) fn emit_summary(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<
                 let at = b.addi(&at, c);
                 b.store(v, out, &at);
             };
+            if nsa.score == NsaScore::Bound {
+                // The bound slab: per pair of channels, one word of minima
+                // (rounded down to f16) and, `d / 2` words on, one of maxima
+                // (rounded up), channel 2i in the low half.
+                let (two, half_d) = (b.index(2), b.index(d / 2));
+                b.for_step(&zero_i, &dc, 2, |b, c| {
+                    let c1 = b.addi(c, &one_i);
+                    let cols = [b.addi(&khd, c), b.addi(&khd, &c1)];
+                    let init: Vec<V> = [&big, &small, &big, &small].map(|v| v.clone()).to_vec();
+                    let acc = b.for_fold(&zero_i, &blockc, &init, |b, j, acc| {
+                        let row = b.addi(&first, j);
+                        let x0 = load(b, &kcache, &row, &cols[0]);
+                        let x1 = load(b, &kcache, &row, &cols[1]);
+                        vec![
+                            b.fbin("minnumf", &acc[0], &x0),
+                            b.fbin("maxnumf", &acc[1], &x0),
+                            b.fbin("minnumf", &acc[2], &x1),
+                            b.fbin("maxnumf", &acc[3], &x1),
+                        ]
+                    });
+                    let word = b.divui(c, &two);
+                    let mins = f16_pair(b, [&acc[0], &acc[2]], false);
+                    put(b, 0, &word, &mins);
+                    let maxes = f16_pair(b, [&acc[1], &acc[3]], true);
+                    let at = b.addi(&word, &half_d);
+                    put(b, 0, &at, &maxes);
+                });
+            }
             b.for_each(&zero_i, &dc, |b, c| {
+                if nsa.score == NsaScore::Bound && vcache.is_none() {
+                    return;
+                }
                 let col = b.addi(&khd, c);
-                let acc = b.for_fold(&zero_i, &blockc, &[zero.clone(), big.clone(), small.clone()], |b, j, acc| {
+                let acc = b.for_fold(&zero_i, &blockc, std::slice::from_ref(&zero), |b, j, acc| {
                     let row = b.addi(&first, j);
                     let x = load(b, &kcache, &row, &col);
-                    vec![b.add(&acc[0], &x), b.fbin("minnumf", &acc[1], &x), b.fbin("maxnumf", &acc[2], &x)]
+                    vec![b.add(&acc[0], &x)]
                 });
                 let mean = b.mul(&acc[0], &inv);
-                // What the score reads, in the order of `score_slabs`.
-                let read: &[&V] = match nsa.score {
-                    NsaScore::Mean => &[&mean],
-                    NsaScore::Bound => &[&acc[1], &acc[2]],
-                };
-                for (&slab, v) in nsa.score_slabs().iter().zip(read) {
-                    put(b, slab, c, v);
+                if nsa.score == NsaScore::Mean {
+                    put(b, 0, c, &mean);
                 }
                 let (Some(vc), None) = (&vcache, &linear) else { return };
                 // Mean pooling: the compressed key is the mean, the value the values' mean.
@@ -512,7 +539,6 @@ fn score_chunks(
         })
         .collect();
     let last1 = b.sub_or_zero(last, &one_i);
-    let read = nsa.score_slabs();
     b.for_step(&zero_i, stride, lanes, |b, c0| {
         let blk0 = b.addi(first, c0);
         let mut accs: Vec<Vec<V>> = vec![Vec::new(); qbase.len()];
@@ -526,18 +552,35 @@ fn score_chunks(
             for v in 0..nv {
                 let off = b.index(v * lanes);
                 let at = b.addi(&base, &off);
-                // One prefetch per 64-byte line of the slabs read.
-                if v % 2 == 0 {
-                    for &k in read {
-                        b.prefetch_ahead(blocks, &at, SELECT_PREFETCH_BLOCKS * row_words + k * d, blocks_last, "f32");
+                // What the score reads of channels v·VW.., and one prefetch
+                // per 64-byte line of it: the mean (f32), or the bound's f16
+                // minima and, `d / 2` words on, maxima.
+                let (words, parts): (u64, &[u64]) = match nsa.score {
+                    NsaScore::Mean => (lanes, &[0]),
+                    NsaScore::Bound => (lanes / 2, &[0, d / 2]),
+                };
+                let at = if words == lanes {
+                    at
+                } else {
+                    let off = b.index(v * (lanes - words));
+                    b.sub_or_zero(&at, &off)
+                };
+                if (v * words * 4) % 64 == 0 {
+                    for &o in parts {
+                        b.prefetch_ahead(blocks, &at, SELECT_PREFETCH_BLOCKS * row_words + o, blocks_last, "f32");
                     }
                 }
-                let loads: Vec<V> = read
+                let loads: Vec<V> = parts
                     .iter()
-                    .map(|&k| {
-                        let o = b.index(k * d);
+                    .map(|&o| {
+                        let o = b.index(o);
                         let a = b.addi(&at, &o);
-                        b.vload(blocks, &a, VW)
+                        let raw = b.vload(blocks, &a, words as u32);
+                        if words == lanes {
+                            return raw;
+                        }
+                        let h = b.def(format!("vector.bitcast {raw} : {} to vector<{VW}xf16>", KernelBuilder::vty(words as u32)));
+                        b.def(format!("arith.extf {h} : vector<{VW}xf16> to {vty}"))
                     })
                     .collect();
                 for (g, qg) in qv.iter().enumerate() {
@@ -577,23 +620,23 @@ fn scalar_score(b: &mut KernelBuilder, nsa: &NativeSparse, q: &str, blocks: &str
     let r = b.for_fold(&zero_i, &dc, std::slice::from_ref(&zero), |b, c, acc| {
         let qi = b.addi(qbase, c);
         let qv = b.load(q, &qi);
-        let at = b.addi(base, c);
-        // Channel `c` of each slab the score reads, in `score_slabs` order.
-        let loads: Vec<V> = nsa
-            .score_slabs()
-            .iter()
-            .map(|&k| {
-                let o = b.index(k * d);
-                let a = b.addi(&at, &o);
-                b.load(blocks, &a)
-            })
-            .collect();
         match nsa.score {
-            NsaScore::Mean => vec![b.fma(&qv, &loads[0], &acc[0])],
+            NsaScore::Mean => {
+                let at = b.addi(base, c);
+                let m = b.load(blocks, &at);
+                vec![b.fma(&qv, &m, &acc[0])]
+            }
             NsaScore::Bound => {
-                // The minimum, then the maximum.
-                let a = b.mul(&qv, &loads[0]);
-                let c = b.mul(&qv, &loads[1]);
+                // The minimum, then the maximum (f16 pairs, `score_slabs`).
+                let two = b.index(2);
+                let word = b.divui(c, &two);
+                let at = b.addi(base, &word);
+                let lo = b.f16_half(blocks, &at, c);
+                let hd = b.index(d / 2);
+                let at = b.addi(&at, &hd);
+                let hi = b.f16_half(blocks, &at, c);
+                let a = b.mul(&qv, &lo);
+                let c = b.mul(&qv, &hi);
                 let m = b.fbin("maximumf", &a, &c);
                 vec![b.add(&acc[0], &m)]
             }
@@ -774,4 +817,42 @@ fn emit_select_warp(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(), Com
         });
     });
     Ok(())
+}
+
+/// Two f32 values as one f32 word of f16 halves (`a[0]` low), each rounded
+/// up (toward +∞) or down: the bound summary's storage (`NativeSparse::
+/// score_slabs`; `sparsec_ir::f16_up` / `f16_down` are the reference). The
+/// nearest f16 is stepped one unit outward where it fell on the wrong side.
+fn f16_pair(b: &mut KernelBuilder, a: [&V; 2], up: bool) -> V {
+    let halves: Vec<V> = a
+        .iter()
+        .map(|x| {
+            let h = b.def(format!("arith.truncf {x} : f32 to f16"));
+            let back = b.def(format!("arith.extf {h} : f16 to f32"));
+            let wrong = b.def(format!("arith.cmpf {}, {back}, {x} : f32", if up { "olt" } else { "ogt" }));
+            let bits = b.def(format!("arith.bitcast {h} : f16 to i16"));
+            let (mag_mask, zero16, one16) = (b.i16(0x7fff), b.i16(0), b.i16(1));
+            let mag = b.def(format!("arith.andi {bits}, {mag_mask} : i16"));
+            let is_zero = b.def(format!("arith.cmpi eq, {mag}, {zero16} : i16"));
+            let negative = b.def(format!("arith.cmpi slt, {bits}, {zero16} : i16"));
+            // Up from a positive or down from a negative value: the magnitude grows.
+            let grows = if up {
+                let t = b.def("arith.constant true".into());
+                b.def(format!("arith.xori {negative}, {t} : i1"))
+            } else {
+                negative
+            };
+            let plus = b.def(format!("arith.addi {bits}, {one16} : i16"));
+            let minus = b.def(format!("arith.subi {bits}, {one16} : i16"));
+            let stepped = b.def(format!("arith.select {grows}, {plus}, {minus} : i16"));
+            let tiny = b.i16(if up { 0x0001 } else { -0x7fff });
+            let stepped = b.def(format!("arith.select {is_zero}, {tiny}, {stepped} : i16"));
+            let out = b.def(format!("arith.select {wrong}, {stepped}, {bits} : i16"));
+            b.def(format!("arith.extui {out} : i16 to i32"))
+        })
+        .collect();
+    let sixteen = b.i32(16);
+    let high = b.def(format!("arith.shli {}, {sixteen} : i32", halves[1]));
+    let word = b.def(format!("arith.ori {}, {high} : i32", halves[0]));
+    b.def(format!("arith.bitcast {word} : i32 to f32"))
 }
