@@ -18,6 +18,13 @@
 //! (`nm_q4`) and 50% unstructured with 4-bit values (`csr_q4`, bitmap-indexed),
 //! side by side (the summary alternates them in rounds, against the box's
 //! drift); int8 activations (the default) for the quantized ones.
+//! `gemv_memory_smollm2`: the same at SmolLM2's MLP shapes (1536x576 and
+//! 576x1536 in turn, 120 matrices, 66 MB as Q4_1): Q4_1, 2:4 and 50%
+//! unstructured with 4-bit values, where rows of 9 steps of 64 weights make a
+//! call's fixed costs weigh as they do in decode.
+//!
+//! A filter naming none of a function's groups skips its setup and summary
+//! as well (`-- gemv_memory_smollm2` runs that chain alone).
 //!
 //! The roofline is measured first, in this process: read bandwidth (a sum over
 //! 256 MB) and the peak FMA rate (independent AVX2 FMA chains). GEMV reports
@@ -155,6 +162,9 @@ fn median_of(exec: &CpuExecutor, art: &Artifact, x: &[ArrayD<f32>], runs: usize)
 }
 
 fn kernels(c: &mut Criterion) {
+    if !["gemv/", "gemm/"].into_iter().any(wanted) {
+        return;
+    }
     let bw = read_bandwidth();
     let peak = fma_peak();
     println!("roofline (1 thread): read bandwidth {bw:.1} GB/s, f32 FMA peak {peak:.1} GFLOP/s");
@@ -206,6 +216,9 @@ fn attention_graph(heads: u64, kv_heads: u64, d: u64) -> String {
 }
 
 fn attention(c: &mut Criterion) {
+    if !wanted("attention-decode/smollm2-512") {
+        return;
+    }
     const CONTEXT: usize = 512;
     let (heads, kv_heads, d) = (9u64, 3u64, 64u64);
     let bw = read_bandwidth();
@@ -258,6 +271,17 @@ const MEM_LAYERS: u64 = 8;
 const MEM_DIM: u64 = 4096;
 /// Alternating rounds of the `gemv_memory` summary.
 const MEM_ROUNDS: usize = 7;
+/// The `gemv_memory_smollm2` chain: SmolLM2's MLP up and down shapes in turn,
+/// 120 matrices (66 MB as Q4_1, beyond the L3), as decode meets them.
+const SMOL_LAYERS: u64 = 120;
+
+/// Whether a filter on the command line (`cargo bench --bench kernels --
+/// FILTER`) names `group`: the summaries below run outside criterion's own
+/// filtering, and each takes minutes.
+fn wanted(group: &str) -> bool {
+    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    filters.is_empty() || filters.iter().any(|f| group.contains(f.as_str()) || f.contains(group))
+}
 
 /// Decode GEMV from memory: the same chain of matrices dense Q4_1 and sparse
 /// with 4-bit values, two threads (see the module doc).
@@ -271,24 +295,46 @@ fn gemv_memory(c: &mut Criterion) {
         ("nm2:4-q4", "f32", "#sparsity(nm, n = 2, m = 4) #values(q4) #specialize(generic)"),
         ("csr50-q4", "f32", "#sparsity(unstructured, ratio = 0.5) #values(q4) #specialize(generic)"),
     ];
-    let d = MEM_DIM;
+    let dims: Vec<(u64, u64)> = (0..MEM_LAYERS).map(|_| (MEM_DIM, MEM_DIM)).collect();
+    gemv_chain(c, "gemv_memory/8x4096x4096", &dims, &kinds);
+}
+
+/// `gemv_memory` at SmolLM2's shapes (576-wide rows are 9 steps of 64, where
+/// a call's fixed costs weigh more than at 4096): Q4_1 against the 4-bit sparse formats.
+fn gemv_memory_smollm2(c: &mut Criterion) {
+    let kinds = [
+        ("q4_1", "q4_1", ""),
+        ("nm2:4-q4", "f32", "#sparsity(nm, n = 2, m = 4) #values(q4) #specialize(generic)"),
+        ("csr50-q4", "f32", "#sparsity(unstructured, ratio = 0.5) #values(q4) #specialize(generic)"),
+    ];
+    let dims: Vec<(u64, u64)> = (0..SMOL_LAYERS).map(|l| if l % 2 == 0 { (1536, 576) } else { (576, 1536) }).collect();
+    gemv_chain(c, "gemv_memory_smollm2/120x1536x576", &dims, &kinds);
+}
+
+/// A chain of matmuls `dims` (`[n, k]` each, every `k` the `n` before it)
+/// compiled once per kind, timed by criterion and then in alternating rounds.
+fn gemv_chain(c: &mut Criterion, group: &str, dims: &[(u64, u64)], kinds: &[(&str, &str, &str)]) {
+    if !wanted(group) {
+        return;
+    }
+    let k0 = dims.first().map_or(1, |d| d.1);
     let mut compiled = Vec::new();
-    for (kind, dtype, pattern) in kinds {
-        let mut text = format!("graph @chain {{\n  %y0 = input : f32[seq, {d}]\n");
-        for l in 0..MEM_LAYERS {
+    for &(kind, dtype, pattern) in kinds {
+        let mut text = format!("graph @chain {{\n  %y0 = input : f32[seq, {k0}]\n");
+        for (l, (n, k)) in dims.iter().enumerate() {
             text += &format!(
-                "  %w{l} = weight \"w{l}\" init normal(seed = {}, std = 0.015) : {dtype}[{d}, {d}]\n  %y{} = matmul %y{l}, %w{l} {{transpose_b = true}} {pattern}\n",
+                "  %w{l} = weight \"w{l}\" init normal(seed = {}, std = 0.015) : {dtype}[{n}, {k}]\n  %y{} = matmul %y{l}, %w{l} {{transpose_b = true}} {pattern}\n",
                 l + 1,
                 l + 1
             );
         }
-        text += &format!("  return %y{MEM_LAYERS}\n}}\n");
+        text += &format!("  return %y{}\n}}\n", dims.len());
         let options = CompileOptions { target: TargetKind::Cpu, cpu: CpuTarget::host(), ..Default::default() };
         let (dir, art) = compile_text(&text, options);
         let bytes: u64 = art.manifest.execution.buffers.iter().filter(|b| b.name.starts_with('w')).map(|b| b.bytes(0) as u64).sum();
         let exec = CpuExecutor::load(&art).and_then(|e| e.with_threads(2)).expect("executor");
-        let x = input(d, 1);
-        let mut g = c.benchmark_group("gemv_memory/8x4096x4096");
+        let x = input(k0, 1);
+        let mut g = c.benchmark_group(group);
         g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
         g.throughput(Throughput::Bytes(bytes));
         g.bench_with_input(BenchmarkId::from_parameter(kind), &x, |b, x| b.iter(|| exec.run(&art, x).expect("runs")));
@@ -311,7 +357,7 @@ fn gemv_memory(c: &mut Criterion) {
         let base = *base_us.get_or_insert(us);
         summary.push(format!("| {kind} | {:.1} | {:.0} | {:.1} | {:.2}x |", *bytes as f64 / 1e6, us, *bytes as f64 / us / 1e3, base / us));
     }
-    println!("\ngemv_memory: {MEM_LAYERS} x {d}x{d}, seq 1, 2 threads; medians of {MEM_ROUNDS} alternating rounds of 10 runs");
+    println!("\n{group}: {} matrices, seq 1, 2 threads; medians of {MEM_ROUNDS} alternating rounds of 10 runs", dims.len());
     println!("| weights | MB | median µs | GB/s | speed-up vs q4_1 |\n| --- | --- | --- | --- | --- |");
     for l in summary {
         println!("{l}");
@@ -320,6 +366,9 @@ fn gemv_memory(c: &mut Criterion) {
 
 /// Decode attention at 8000 positions from memory, two threads (module doc).
 fn attention_memory(c: &mut Criterion) {
+    if !wanted("attention_memory/smollm2-8000") {
+        return;
+    }
     const CONTEXT: usize = 8000;
     let (heads, kv_heads, d) = (9u64, 3u64, 64u64);
     let bw = read_bandwidth();
@@ -363,7 +412,7 @@ fn attention_memory(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, kernels, attention, gemv_memory, attention_memory);
+criterion_group!(benches, kernels, attention, gemv_memory, gemv_memory_smollm2, attention_memory);
 
 fn main() {
     benches();
