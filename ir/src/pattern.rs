@@ -674,6 +674,17 @@ mod f16_outward_tests {
     use super::{f16_down, f16_up};
     use half::f16;
 
+    /// The f16 right above the f16 value `v`.
+    fn next_up(v: f32) -> f32 {
+        let bits = f16::from_f32(v).to_bits();
+        let next = match bits {
+            0x0000 | 0x8000 => 0x0001,
+            b if b & 0x8000 != 0 => b - 1,
+            b => b + 1,
+        };
+        f16::from_bits(next).to_f32()
+    }
+
     #[test]
     fn outward_rounding_brackets_the_value_with_neighbouring_f16s() {
         let mut xs = vec![0.0f32, -0.0, 1.0, -1.0, 65504.0, -65504.0, 70000.0, -70000.0, 1e-8, -1e-8, 6.0e-5, -6.0e-5];
@@ -692,17 +703,8 @@ mod f16_outward_tests {
             if f16::from_f32(x).to_f32() == x {
                 assert!(lo == x && hi == x, "{x} is an f16: {lo} {hi}");
             } else {
-                // Neighbours: no f16 lies strictly between them.
-                let mid = f16::from_f32(lo).to_bits();
-                let next = if lo >= 0.0 && mid != 0x8000 {
-                    mid + 1
-                } else if mid == 0x8000 || mid == 0 {
-                    0x0001
-                } else {
-                    mid - 1
-                };
-                let next = if lo < 0.0 && f16::from_bits(next).to_f32() > 0.0 { 0x0000 } else { next };
-                assert!(f16::from_bits(next).to_f32() >= hi, "{x}: {lo} {hi}");
+                // Neighbours: `hi` is the f16 right after `lo`.
+                assert_eq!(next_up(lo), hi, "{x}: {lo} {hi}");
             }
         }
     }

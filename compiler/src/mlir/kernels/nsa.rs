@@ -183,31 +183,32 @@ pub(super) fn emit_summary(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<
                     put(b, 0, &at, &maxes);
                 });
             }
-            b.for_each(&zero_i, &dc, |b, c| {
-                if nsa.score == NsaScore::Bound && vcache.is_none() {
-                    return;
-                }
-                let col = b.addi(&khd, c);
-                let acc = b.for_fold(&zero_i, &blockc, std::slice::from_ref(&zero), |b, j, acc| {
-                    let row = b.addi(&first, j);
-                    let x = load(b, &kcache, &row, &col);
-                    vec![b.add(&acc[0], &x)]
+            // The mean: what `mean` scores, and (gated, mean pooling) the compressed key.
+            let needs_mean = nsa.score == NsaScore::Mean || (vcache.is_some() && linear.is_none());
+            if needs_mean {
+                b.for_each(&zero_i, &dc, |b, c| {
+                    let col = b.addi(&khd, c);
+                    let acc = b.for_fold(&zero_i, &blockc, std::slice::from_ref(&zero), |b, j, acc| {
+                        let row = b.addi(&first, j);
+                        let x = load(b, &kcache, &row, &col);
+                        vec![b.add(&acc[0], &x)]
+                    });
+                    let mean = b.mul(&acc[0], &inv);
+                    if nsa.score == NsaScore::Mean {
+                        put(b, 0, c, &mean);
+                    }
+                    let (Some(vc), None) = (&vcache, &linear) else { return };
+                    // Mean pooling: the compressed key is the mean, the value the values' mean.
+                    put(b, compressed, c, &mean);
+                    let vs = b.for_fold(&zero_i, &blockc, std::slice::from_ref(&zero), |b, j, acc| {
+                        let row = b.addi(&first, j);
+                        let x = load(b, vc, &row, &col);
+                        vec![b.add(&acc[0], &x)]
+                    });
+                    let vmean = b.mul(&vs[0], &inv);
+                    put(b, compressed + 1, c, &vmean);
                 });
-                let mean = b.mul(&acc[0], &inv);
-                if nsa.score == NsaScore::Mean {
-                    put(b, 0, c, &mean);
-                }
-                let (Some(vc), None) = (&vcache, &linear) else { return };
-                // Mean pooling: the compressed key is the mean, the value the values' mean.
-                put(b, compressed, c, &mean);
-                let vs = b.for_fold(&zero_i, &blockc, std::slice::from_ref(&zero), |b, j, acc| {
-                    let row = b.addi(&first, j);
-                    let x = load(b, vc, &row, &col);
-                    vec![b.add(&acc[0], &x)]
-                });
-                let vmean = b.mul(&vs[0], &inv);
-                put(b, compressed + 1, c, &vmean);
-            });
+            }
             let (Some(vc), Some(w)) = (&vcache, &linear) else { return };
             // Linear compression, per K and V: W·(Σ_j p_j·x_j) + c
             // (`NsaCompress::Linear`); each output recomputes the pooled
@@ -549,22 +550,17 @@ fn score_chunks(
             let rb = b.muli(&blk, &rowc);
             let base = b.addi(&rb, seg);
             let mut acc: Vec<V> = vec![zero_v.clone(); qbase.len()];
+            // What the score reads of channels v·VW..: the mean (VW f32
+            // words), or the bound's f16 minima (VW/2 words) and, `d / 2`
+            // words on, its maxima.
+            let (words, parts): (u64, &[u64]) = match nsa.score {
+                NsaScore::Mean => (lanes, &[0]),
+                NsaScore::Bound => (lanes / 2, &[0, d / 2]),
+            };
             for v in 0..nv {
-                let off = b.index(v * lanes);
+                let off = b.index(v * words);
                 let at = b.addi(&base, &off);
-                // What the score reads of channels v·VW.., and one prefetch
-                // per 64-byte line of it: the mean (f32), or the bound's f16
-                // minima and, `d / 2` words on, maxima.
-                let (words, parts): (u64, &[u64]) = match nsa.score {
-                    NsaScore::Mean => (lanes, &[0]),
-                    NsaScore::Bound => (lanes / 2, &[0, d / 2]),
-                };
-                let at = if words == lanes {
-                    at
-                } else {
-                    let off = b.index(v * (lanes - words));
-                    b.sub_or_zero(&at, &off)
-                };
+                // One prefetch per 64-byte line of what is read.
                 if (v * words * 4) % 64 == 0 {
                     for &o in parts {
                         b.prefetch_ahead(blocks, &at, SELECT_PREFETCH_BLOCKS * row_words + o, blocks_last, "f32");
