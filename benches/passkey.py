@@ -2,11 +2,12 @@
 """Passkey retrieval: a five-digit number hidden at several depths of filler
 text, the model asked for it at the end, greedy decoding; for SmolLM2-135M
 dense and with each window schedule given (4 sinks), through sparsec's
-compiled model. A trial passes when the number appears in the first tokens
-generated. Writes benches/results/passkey.{json,md}.
+compiled model (and with each plan given by `--plans`). A trial passes when
+the number appears in the first tokens generated. Writes
+benches/results/passkey.{json,md}.
 
     python3 benches/passkey.py [--lengths 1000,2000,4000] [--depths 0.1,0.5,0.9] [--keys 3] [--schedules half,quarter]
-                               [--no-dense] [--out passkey]
+                               [--plans NAME=PLAN.toml,...] [--no-dense] [--out passkey]
 """
 import argparse, json, os, random, subprocess, tempfile
 
@@ -41,6 +42,7 @@ def main():
     ap.add_argument("--keys", type=int, default=3)
     ap.add_argument("--schedules", default="half,quarter")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--plans", default="", help="NAME=PLAN.toml,... : models compiled with these plans")
     ap.add_argument("--no-dense", action="store_true", help="leave out the dense baseline")
     ap.add_argument("--out", default="passkey", help="results name under benches/results (NAME.json, NAME.md)")
     a = ap.parse_args()
@@ -50,9 +52,13 @@ def main():
     depths = [float(x) for x in a.depths.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ([] if a.no_dense else ["dense"]) + [s for s in a.schedules.split(",") if s]:
-            art = os.path.join(tmp, f"{name}.sparsec")
-            extra = [] if name == "dense" else ["--preset", name]
+        plans = dict(p.split("=", 1) for p in a.plans.split(",") if p)
+        for i, name in enumerate(([] if a.no_dense else ["dense"]) + [s for s in a.schedules.split(",") if s] + list(plans)):
+            art = os.path.join(tmp, f"{i}.sparsec")
+            if name in plans:
+                extra = ["--plan", os.path.abspath(plans[name])]
+            else:
+                extra = [] if name == "dense" else ["--preset", name]
             subprocess.check_call([EXE, "compile", "smollm2", "-o", art] + extra, cwd=ROOT, stdout=subprocess.DEVNULL)
             for length in lengths:
                 for depth in depths:
