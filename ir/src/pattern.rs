@@ -327,7 +327,7 @@ impl NativeSparse {
 
     /// Where the slabs the score reads lie in a KV head's part of a block
     /// summary row (they come first): `mean`, the keys' mean (f32); `bound`,
-    /// one slab of f16 pairs (`BOUND_F16`): the `d` per-channel minima
+    /// one slab of f16 pairs: the `d` per-channel minima
     /// rounded toward −∞ (`f16_down`), then the `d` maxima rounded toward +∞
     /// (`f16_up`), two to a word, channel `2i` in word `i`'s low half. Half
     /// the bytes a selection reads, and the bound still holds every key of
