@@ -318,30 +318,25 @@ impl NativeSparse {
         kv_heads * self.select_words_per_head()
     }
 
-    /// Head-width slabs of a KV head's part of a block summary row: what the
-    /// selection's score reads (`score_slabs`), then, when gated, the
+    /// Head-width slabs of a KV head's part of a block summary row: first
+    /// the one slab the selection's score reads, then, when gated, the
     /// compressed key and compressed value (`compressed_slab`).
+    ///
+    /// The score's slab: `mean`, the keys' mean per channel (f32); `bound`,
+    /// f16 pairs: the `d` per-channel minima rounded toward −∞ (`f16_down`),
+    /// then the `d` maxima rounded toward +∞ (`f16_up`), two to a word,
+    /// channel `2i` in word `i`'s low half. Half the bytes of f32 bounds, and
+    /// the bound still holds every key of the block (exact for f16 caches,
+    /// whose keys are f16 already).
     pub fn block_slabs(&self) -> u64 {
         self.compressed_slab() + if self.gated() { 2 } else { 0 }
     }
 
-    /// Where the slabs the score reads lie in a KV head's part of a block
-    /// summary row (they come first): `mean`, the keys' mean (f32); `bound`,
-    /// one slab of f16 pairs: the `d` per-channel minima
-    /// rounded toward −∞ (`f16_down`), then the `d` maxima rounded toward +∞
-    /// (`f16_up`), two to a word, channel `2i` in word `i`'s low half. Half
-    /// the bytes a selection reads, and the bound still holds every key of
-    /// the block (exact for f16 caches, whose keys are f16 already).
-    pub fn score_slabs(&self) -> &'static [u64] {
-        match self.score {
-            NsaScore::Mean | NsaScore::Bound => &[0],
-        }
-    }
-
     /// Gated: the slab of the compressed key in a KV head's part of a block
-    /// summary row (the compressed value's follows it).
+    /// summary row (after the score's, `block_slabs`; the compressed value's
+    /// follows it).
     pub fn compressed_slab(&self) -> u64 {
-        self.score_slabs().len() as u64
+        1
     }
 
     /// f32 words of a block summary row, for `kv_width` = KV heads × head width.
@@ -357,7 +352,7 @@ impl NativeSparse {
 }
 
 /// `x` rounded to an f16 value at or below it (toward −∞), as f32: the
-/// minimum a `bound` block summary stores (`NativeSparse::score_slabs`).
+/// minimum a `bound` block summary stores (`NativeSparse::block_slabs`).
 pub fn f16_down(x: f32) -> f32 {
     let h = half::f16::from_f32(x);
     if h.to_f32() <= x || h.is_nan() {

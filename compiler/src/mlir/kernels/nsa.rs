@@ -6,7 +6,7 @@
 //! 1. `NsaSummary`, one unit per (row, KV head): the row that completes a block
 //!    of `block` positions writes that block's key summary into the layer's
 //!    block cache, a row per block (`NativeSparse::block_words` f32 per row):
-//!    per KV head what the score reads, `d` words (`NativeSparse::score_slabs`:
+//!    per KV head what the score reads, `d` words (`NativeSparse::block_slabs`:
 //!    `mean`, the keys' mean per channel; `bound`, their minimum and maximum
 //!    per channel as f16 rounded outward, two to a word, `f16_pair`). A
 //!    block is summarized once, when it fills; decode
@@ -540,6 +540,12 @@ fn score_chunks(
         })
         .collect();
     let last1 = b.sub_or_zero(last, &one_i);
+    // What the score reads of channels v·VW..: the mean (VW f32 words), or
+    // the bound's f16 minima (VW/2 words) and, `d / 2` words on, its maxima.
+    let (words, parts): (u64, &[u64]) = match nsa.score {
+        NsaScore::Mean => (lanes, &[0]),
+        NsaScore::Bound => (lanes / 2, &[0, d / 2]),
+    };
     b.for_step(&zero_i, stride, lanes, |b, c0| {
         let blk0 = b.addi(first, c0);
         let mut accs: Vec<Vec<V>> = vec![Vec::new(); qbase.len()];
@@ -550,13 +556,6 @@ fn score_chunks(
             let rb = b.muli(&blk, &rowc);
             let base = b.addi(&rb, seg);
             let mut acc: Vec<V> = vec![zero_v.clone(); qbase.len()];
-            // What the score reads of channels v·VW..: the mean (VW f32
-            // words), or the bound's f16 minima (VW/2 words) and, `d / 2`
-            // words on, its maxima.
-            let (words, parts): (u64, &[u64]) = match nsa.score {
-                NsaScore::Mean => (lanes, &[0]),
-                NsaScore::Bound => (lanes / 2, &[0, d / 2]),
-            };
             for v in 0..nv {
                 let off = b.index(v * words);
                 let at = b.addi(&base, &off);
@@ -623,7 +622,7 @@ fn scalar_score(b: &mut KernelBuilder, nsa: &NativeSparse, q: &str, blocks: &str
                 vec![b.fma(&qv, &m, &acc[0])]
             }
             NsaScore::Bound => {
-                // The minimum, then the maximum (f16 pairs, `score_slabs`).
+                // The minimum, then the maximum (f16 pairs, `block_slabs`).
                 let two = b.index(2);
                 let word = b.divui(c, &two);
                 let at = b.addi(base, &word);
@@ -817,7 +816,7 @@ fn emit_select_warp(b: &mut KernelBuilder, cx: &KernelCtx<'_>) -> Result<(), Com
 
 /// Two f32 values as one f32 word of f16 halves (`a[0]` low), each rounded
 /// up (toward +∞) or down: the bound summary's storage (`NativeSparse::
-/// score_slabs`; `sparsec_ir::f16_up` / `f16_down` are the reference). The
+/// block_slabs`; `sparsec_ir::f16_up` / `f16_down` are the reference). The
 /// nearest f16 is stepped one unit outward where it fell on the wrong side.
 fn f16_pair(b: &mut KernelBuilder, a: [&V; 2], up: bool) -> V {
     let halves: Vec<V> = a
