@@ -12,7 +12,7 @@ alternate, and medians are reported: this VM's speed drifts by 10-20% over
 minutes. Writes benches/results/llama_cpp_compare.{json,md} (2 threads) or
 llama_cpp_compare-Nthread.{json,md}.
 
-    python3 benches/llama_cpp_compare.py [--threads 2] [--prompt-len 512] [--new-tokens 128] [--rounds 3] [--models q4_1,f32,f16,bf16] [--suffix S]
+    python3 benches/llama_cpp_compare.py [--threads 2] [--prompt-len 512] [--new-tokens 128] [--rounds 3] [--models q4_1,f32,f16,bf16,f32@bf16] [--suffix S]
 """
 import argparse, glob, json, os, platform, statistics, subprocess, sys, tempfile, time
 
@@ -132,11 +132,13 @@ def llama_cpp_rounds(path, threads, prompt_len, new_tokens, flash_attn=False, kv
     return one_round
 
 
-def sparsec_round(path, threads, prompt_len, new_tokens):
-    """One `sparsec bench` run (its own median of 3 rounds after loading)."""
+def sparsec_round(path, threads, prompt_len, new_tokens, weights_dtype=None):
+    """One `sparsec bench` run (its own median of 3 rounds after loading);
+    `weights_dtype` converts the file's matrices at pack time (`--weights-dtype`)."""
     exe = os.path.join(ROOT, "target", "release", "sparsec")
+    extra = ["--weights-dtype", weights_dtype] if weights_dtype else []
     out = subprocess.check_output([exe, "bench", path, "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens),
-                                   "--threads", str(threads), "--repeat", "3", "--json"], cwd=ROOT)
+                                   "--threads", str(threads), "--repeat", "3", "--json"] + extra, cwd=ROOT)
     return json.loads(out)
 
 
@@ -157,7 +159,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3,
                     help="interleaved llama.cpp / sparsec rounds per model; medians are reported (this VM's speed drifts)")
     ap.add_argument("--models", default="q4_1,f32,f16,bf16",
-                    help="which of q4_1 (the file as shipped), f32, f16, bf16 (llama.cpp's conversions of it) to measure")
+                    help="which of q4_1 (the file as shipped), f32, f16, bf16 (llama.cpp's conversions of it) to measure; "
+                         "f32@bf16 or f16@bf16: llama.cpp on that file, sparsec on the same file with --weights-dtype bf16 "
+                         "(AMX tiles where the host has them)")
     ap.add_argument("--suffix", default="", help="appended to the results' file names (runs of a subset of models)")
     a = ap.parse_args()
     ensure_llama_cpp()
@@ -167,23 +171,27 @@ def main():
     rows = []
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     for m in models:
-        if m != "q4_1" and m not in LLAMA_FTYPES:
-            raise SystemExit(f"--models: unknown `{m}` (q4_1, f32, f16, bf16)")
+        base, _, as_dtype = m.partition("@")
+        if (base != "q4_1" and base not in LLAMA_FTYPES) or as_dtype not in ("", "bf16"):
+            raise SystemExit(f"--models: unknown `{m}` (q4_1, f32, f16, bf16, f32@bf16, f16@bf16)")
     with tempfile.TemporaryDirectory() as tmp:
         files = []
         for m in models:
-            if m == "q4_1":
-                files.append(("SmolLM2-135M Q4_1", q41))
+            base, _, as_dtype = m.partition("@")
+            if base == "q4_1":
+                path = q41
             else:
-                path = os.path.join(tmp, f"SmolLM2-135M-Instruct.{m.upper()}.gguf")
-                convert(q41, path, m)
-                files.append((f"SmolLM2-135M {m.upper()}", path))
-        for name, path in files:
+                path = os.path.join(tmp, f"SmolLM2-135M-Instruct.{base.upper()}.gguf")
+                if not os.path.exists(path):
+                    convert(q41, path, base)
+            name = "SmolLM2-135M " + base.upper() + (f" (sparsec: --weights-dtype {as_dtype})" if as_dtype else "")
+            files.append((name, path, as_dtype or None))
+        for name, path, as_dtype in files:
             llama_round = llama_cpp_rounds(path, a.threads, a.prompt_len, a.new_tokens)
             lr, sr = [], []
             for _ in range(max(1, a.rounds)):
                 lr.append(llama_round())
-                sr.append(sparsec_round(path, a.threads, a.prompt_len, a.new_tokens))
+                sr.append(sparsec_round(path, a.threads, a.prompt_len, a.new_tokens, as_dtype))
             del llama_round
             l, s = median_of(lr), median_of(sr)
             rows.append({"model": name, "llama_cpp": l, "sparsec": s,
@@ -217,7 +225,8 @@ def main():
           "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         s, l = r["sparsec"], r["llama_cpp"]
-        md.append(f"| {r['model']} | {s['decode_tokens_per_s']:.1f} | {l['decode_tokens_per_s']:.1f} | {r['decode_ratio']:.2f}x | "
+        tiles = f" [sparsec: {s['amx_tile_weights']} weights on AMX tiles]" if s.get("amx_tile_weights") else ""
+        md.append(f"| {r['model']}{tiles} | {s['decode_tokens_per_s']:.1f} | {l['decode_tokens_per_s']:.1f} | {r['decode_ratio']:.2f}x | "
                   f"{s['prefill_tokens_per_s']:.1f} | {l['prefill_tokens_per_s']:.1f} | {r['prefill_ratio']:.2f}x |")
     with open(os.path.join(outdir, f"{stem}.md"), "w") as f:
         f.write("\n".join(md) + "\n")

@@ -77,6 +77,10 @@ pub struct CompileFlags {
     /// LLVM CPU to generate for (`host`, `x86-64-v3`, `znver3`, ...).
     #[arg(long, default_value = "host")]
     pub cpu: String,
+    /// LLVM features appended to `--cpu`'s, each `+name` or `-name` (the last
+    /// one written wins): `-amx-bf16` compiles without AMX tiles on an AMX host.
+    #[arg(long, default_value = "")]
+    pub cpu_features: String,
     /// PTX target architecture.
     #[arg(long, default_value = "sm_90")]
     pub sm: String,

@@ -71,11 +71,17 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
     for e in &flags.emit {
         emit.push(Emit::parse(e).with_context(|| format!("unknown --emit kind `{e}` (expected ir, mlir, llvm, ptx, asm)"))?);
     }
-    let cpu = if flags.cpu == "host" {
+    let mut cpu = if flags.cpu == "host" {
         CpuTarget::host()
     } else {
         CpuTarget { cpu: flags.cpu.clone(), features: String::new(), ..CpuTarget::host() }
     };
+    for f in flags.cpu_features.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+        if !(f.starts_with('+') || f.starts_with('-')) || f.len() < 2 {
+            bail!("--cpu-features takes `+name` or `-name` entries separated by commas; got `{f}`");
+        }
+        cpu.features = if cpu.features.is_empty() { f.to_string() } else { format!("{},{f}", cpu.features) };
+    }
     let mut target = match flags.target {
         TargetArg::Cpu => TargetKind::Cpu,
         TargetArg::Cuda => TargetKind::Cuda,
@@ -522,8 +528,10 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
         // The GPU holds the weights in device memory, uploaded at load.
         Executor::Cuda(_) => sparsec_runtime::cpu::WeightPlacement::Resident,
     };
+    let amx_tiles = plan.buffers.iter().filter(|b| b.tiles.is_some()).count();
     report["kv_cache"] = kv_cache.into();
     report["quant_activations"] = activations.into();
+    report["amx_tile_weights"] = amx_tiles.into();
     report["weights_placement"] = placement.name().into();
     let r = lm_verbs::bench_lm(&src, &a.text, a.prompt_len, a.new_tokens, a.repeat.unwrap_or(1))?;
     if let (Some(o), Some(r)) = (report.as_object_mut(), r.as_object()) {
@@ -578,7 +586,8 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
             if kv["ring_caches"].as_u64().unwrap_or(0) > 0 { " (ring caches stop at their capacity)" } else { "" }
         );
         let activations = activations.map(|a| format!("{a} activations for quantized matmuls, ")).unwrap_or_default();
-        println!("setup: {}KV caches {}, {placement}", activations, kv_cache.unwrap_or("none"));
+        let tiles = if amx_tiles > 0 { format!(", {amx_tiles} bf16 weights as AMX tiles") } else { String::new() };
+        println!("setup: {}KV caches {}, {placement}{tiles}", activations, kv_cache.unwrap_or("none"));
     }
     Ok(())
 }

@@ -352,11 +352,12 @@ fn resealed_structural_corruptions_are_caught_behind_the_hashes() {
 /// An artifact whose CPU code was compiled for x86-64 features this host
 /// lacks is refused before its library is loaded, naming the features (never
 /// SIGILL); the host's own target loads. The feature claimed is the first of
-/// a list that this host lacks (AVX-512 on the AVX2 machines; FP16 or
-/// AVX-VNNI on AMD's AVX-512 machines; VP2INTERSECT on Intel's).
+/// a list that this host lacks (AMX tiles on AMD's machines; VP2INTERSECT
+/// on Intel's).
 #[test]
 fn artifacts_for_features_the_host_lacks_are_refused_by_name() {
-    let candidates = ["avx512f", "avx512vnni", "avx512bf16", "avx512vbmi2", "avx512ifma", "avx512fp16", "avxvnni", "avx512vp2intersect"];
+    let candidates =
+        ["amx-tile", "avx512f", "avx512vnni", "avx512bf16", "avx512vbmi2", "avx512ifma", "avx512fp16", "avxvnni", "avx512vp2intersect"];
     let Some(lacking) = candidates.iter().find(|f| !sparsec_runtime::isa::missing_on_host(&[f.to_string()]).is_empty()) else {
         common::require::<(), _>(
             "a host that lacks one of AVX-512 F, VNNI, BF16, VBMI2, IFMA, FP16, VP2INTERSECT or AVX-VNNI",

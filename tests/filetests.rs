@@ -3,8 +3,9 @@
 //! followed by options (`quant-activations=f32|int8`, `kv-cache=f16|f32` (the
 //! CPU's and CUDA's caches), `kv-cache=q4_1|q8_0` (the CPU's), `kv-kivi` (keys
 //! per channel; lowered for the CPU alone, the cache being a CPU cache),
-//! `cpu=x86-64-v4` or `cpu=znver4` (the CPU code for that LLVM CPU: AVX-512,
-//! and VNNI for znver4; lowered for the CPU alone; run against the reference
+//! `cpu=x86-64-v4`, `cpu=znver4` or `cpu=sapphirerapids` (the CPU code for
+//! that LLVM CPU: AVX-512, VNNI for znver4, AMX tiles besides for
+//! sapphirerapids; lowered for the CPU alone; run against the reference
 //! only where the host has those features, else a SKIPPED line),
 //! `tolerance=X`: the atol and rtol of the comparison with the reference,
 //! default 1e-4), produces text,
@@ -76,7 +77,7 @@ impl FileOptions {
                 Some(("kv-cache", "q4_1")) => compile.kv_cache = KvCacheType::Q4_1,
                 Some(("kv-cache", "q8_0")) => compile.kv_cache = KvCacheType::Q8_0,
                 None if *w == "kv-kivi" => (compile.kv_kivi, cpu_only) = (true, true),
-                Some(("cpu", name @ ("x86-64-v4" | "znver4"))) => {
+                Some(("cpu", name @ ("x86-64-v4" | "znver4" | "sapphirerapids"))) => {
                     compile.cpu = CpuTarget { cpu: name.into(), ..CpuTarget::x86_64_v3() };
                     cpu_only = true;
                 }
@@ -84,7 +85,7 @@ impl FileOptions {
                     let t: f32 = x.parse().with_context(|| format!("tolerance={x}"))?;
                     tolerance = Tolerance { atol: t, rtol: t };
                 }
-                _ => bail!("unknown filetest option `{w}` (quant-activations=f32|int8, kv-cache=f16|f32|q4_1|q8_0, kv-kivi, cpu=x86-64-v4|znver4, tolerance=X)"),
+                _ => bail!("unknown filetest option `{w}` (quant-activations=f32|int8, kv-cache=f16|f32|q4_1|q8_0, kv-kivi, cpu=x86-64-v4|znver4|sapphirerapids, tolerance=X)"),
             }
         }
         Ok(FileOptions { compile, tolerance, cpu_only })

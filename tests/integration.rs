@@ -10,6 +10,7 @@ mod common;
 mod harness;
 mod word_model;
 
+mod amx;
 mod artifact_corruption;
 mod attention;
 mod bad_inputs;

@@ -18,6 +18,7 @@ pub mod fusion;
 pub mod half_weights;
 pub mod partition;
 pub mod sparse_select;
+pub mod tile_weights;
 pub mod toolchain;
 pub mod weights;
 

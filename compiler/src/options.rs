@@ -104,6 +104,8 @@ impl CpuTarget {
             lanes: if self.has_avx512() { 16 } else { 8 },
             // `vpdpbusd` on 256-bit vectors: AVX512-VNNI with VL, or AVX-VNNI.
             vnni: (self.has_feature("avx512vnni") && self.has_feature("avx512vl")) || self.has_feature("avxvnni"),
+            // Tiles, `tdpbf16ps`, and `vcvtne2ps2bf16` to round activations.
+            amx_bf16: self.has_feature("amx-tile") && self.has_feature("amx-bf16") && self.has_feature("avx512bf16"),
         }
     }
 
@@ -130,12 +132,16 @@ pub struct CpuIsa {
     /// Whether `vpdpbusd` (u8 × i8 dot products of 4, accumulated in i32) runs
     /// on 256-bit vectors: AVX512-VNNI with AVX512-VL, or AVX-VNNI.
     pub vnni: bool,
+    /// Whether AMX tiles with bf16 dot products (`tdpbf16ps`) are there, with
+    /// AVX512-BF16 to round activations: bf16 matmul weights are then stored
+    /// as tiles (`tile_weights`) and multiplied on them (`amx_matmul`).
+    pub amx_bf16: bool,
 }
 
 impl Default for CpuIsa {
     /// AVX2: 8 lanes, no VNNI.
     fn default() -> Self {
-        CpuIsa { lanes: 8, vnni: false }
+        CpuIsa { lanes: 8, vnni: false, amx_bf16: false }
     }
 }
 
@@ -405,10 +411,14 @@ mod tests {
     fn vector_lanes_follow_the_target_features() {
         // Implied by the CPU name.
         assert_eq!(CpuTarget::x86_64_v3().isa(), CpuIsa::default());
-        assert_eq!(CpuTarget::x86_64_v4().isa(), CpuIsa { lanes: 16, vnni: false });
-        assert_eq!(target("znver4", "").isa(), CpuIsa { lanes: 16, vnni: true });
-        assert_eq!(target("znver3", "").isa(), CpuIsa { lanes: 8, vnni: false });
-        assert_eq!(target("alderlake", "").isa(), CpuIsa { lanes: 8, vnni: true });
+        assert_eq!(CpuTarget::x86_64_v4().isa(), CpuIsa { lanes: 16, vnni: false, amx_bf16: false });
+        assert_eq!(target("znver4", "").isa(), CpuIsa { lanes: 16, vnni: true, amx_bf16: false });
+        assert_eq!(target("znver3", "").isa(), CpuIsa { lanes: 8, vnni: false, amx_bf16: false });
+        assert_eq!(target("alderlake", "").isa(), CpuIsa { lanes: 8, vnni: true, amx_bf16: false });
+        assert_eq!(target("sapphirerapids", "").isa(), CpuIsa { lanes: 16, vnni: true, amx_bf16: true });
+        // AMX tiles need the tile feature and AVX512-BF16 besides AMX-BF16.
+        assert!(!target("sapphirerapids", "-amx-tile").isa().amx_bf16);
+        assert!(!target("icelake-server", "+amx-bf16,+amx-tile").isa().amx_bf16);
         // VNNI on 256-bit vectors needs VL besides AVX512-VNNI.
         assert!(!target("x86-64-v3", "+avx512vnni").isa().vnni);
         assert!(target("x86-64-v3", "+avx512vnni,+avx512vl").isa().vnni);

@@ -46,6 +46,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
     let mut by_signature: HashMap<String, String> = HashMap::new();
     let mut inputs = Vec::new();
     let pruned = sparsec_ir::sparse::pruned_weights(g);
+    let tiled = crate::tile_weights::tile_weights(g, &types, opts);
     let fused = crate::fusion::fusions(g, &types);
     let absorbed: std::collections::HashSet<usize> = fused.values().flat_map(|f| f.absorbed.into_iter().flatten()).collect();
     for (i, n) in g.nodes.iter().enumerate() {
@@ -68,6 +69,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     chunked: None,
                     sequence: None,
                     head_blocks: None,
+                    tiles: None,
                 });
                 weight_nodes.push((buffers.len() - 1, i));
                 buffers.len() - 1
@@ -88,6 +90,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             chunked: None,
             sequence: None,
             head_blocks: None,
+            tiles: None,
         });
         let id = buffers.len() - 1;
         buffer_of[i] = id;
@@ -127,6 +130,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
             hadamard_kv: false,
             kivi_keys: false,
             cpu_head_blocks: None,
+            amx_weight: false,
         };
         let mut head_width = 0;
         let mut chunked_cache = None;
@@ -202,6 +206,14 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                 }
             }
         }
+        // A weight stored as AMX tiles (`tile_weights`): its matmuls read tiles.
+        if let Some(w) = n.operands.get(1).filter(|_| matches!(n.op, Op::MatMul { transpose_b: true })) {
+            let wbuf = buffer_of[w.0];
+            if wbuf != usize::MAX && tiled.contains(&buffers[wbuf].name) {
+                buffers[wbuf].tiles = Some(sparsec_ir::tiles::TileLayout::AmxBf16);
+                spec.amx_weight = true;
+            }
+        }
         if let Some(pw) = n.operands.get(1).and_then(|w| pruned.get(&w.0)).filter(|_| matches!(n.op, Op::MatMul { .. })) {
             let wbuf = buffer_of[n.operands[1].0];
             let choice = choose(&n.patterns, pw, &buffers[wbuf].name, &mut left)?;
@@ -262,6 +274,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     chunked: chunked_cache,
                     sequence: sequence_cache,
                     head_blocks: spec.cpu_head_blocks,
+                    tiles: None,
                 });
                 let cache = buffers.len() - 1;
                 steps.push(Step::KvAppend { src, cache, hadamard: spec.hadamard_kv.then_some(head_width) });
@@ -285,6 +298,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     chunked: None,
                     sequence: None,
                     head_blocks: None,
+                    tiles: None,
                 });
                 let blocks = buffers.len() - 1;
                 buffers.push(BufferSpec {
@@ -299,6 +313,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                     chunked: None,
                     sequence: None,
                     head_blocks: None,
+                    tiles: None,
                 });
                 let select = buffers.len() - 1;
                 let k_type = spec.operands[1].clone();
@@ -354,6 +369,7 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
                 chunked: None,
                 sequence: None,
                 head_blocks: None,
+                tiles: None,
             });
             args.push(buffers.len() - 1);
         }
@@ -399,7 +415,8 @@ fn intern(kernels: &mut Vec<KernelSpec>, by_signature: &mut HashMap<String, Stri
         spec.activation,
         spec.prologue,
         spec.hadamard_kv
-    ) + if spec.kivi_keys { "|kivi" } else { "" };
+    ) + if spec.kivi_keys { "|kivi" } else { "" }
+        + if spec.amx_weight { "|amx" } else { "" };
     let name = match by_signature.get(&signature) {
         Some(name) => String::clone(name),
         None => {

@@ -156,7 +156,10 @@ pub fn resolve(g: &Graph, part: &Partition, source: WeightSource<'_>) -> Compile
                 // Stored as the buffer's type says; a weight under `#sparsity`
                 // materialized as the reference does and packed if its kernel
                 // reads a sparse format (`sparsec_ir::stored`).
-                sparsec_ir::stored::store(spec.dtype, pruned.get(node), spec.sparse.as_ref(), data).map_err(err)?
+                let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+                sparsec_ir::stored::store(spec.dtype, pruned.get(node), spec.sparse.as_ref(), data)
+                    .and_then(|d| sparsec_ir::stored::tiled(spec.tiles, &dims, d))
+                    .map_err(err)?
             }
             _ => unreachable!("partition only records weight and constant nodes"),
         };

@@ -23,6 +23,7 @@ pub mod sparse_calibrated;
 pub mod sparse_detect;
 pub mod sparse_quant;
 pub mod stored;
+pub mod tiles;
 pub mod types;
 pub mod verifier;
 

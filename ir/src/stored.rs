@@ -69,6 +69,18 @@ pub fn store(dtype: DType, pruned: Option<&PrunedWeight>, sparse: Option<&Sparse
     }
 }
 
+/// `data` as stored (`store`) rearranged in the buffer's tile layout, if it
+/// has one (`tiles.rs`): the 16-bit words of a `[n, k]` weight (`dims`).
+pub fn tiled(tiles: Option<crate::tiles::TileLayout>, dims: &[u64], data: WeightData) -> Result<WeightData, String> {
+    let Some(t) = tiles else { return Ok(data) };
+    match (dims, data) {
+        (&[n, k], WeightData::Packed(dt, words)) if t.fits(dt, n, k) => {
+            t.tile(&words, n, k).map(|w| WeightData::Packed(dt, w)).ok_or_else(|| format!("{} bytes are not a {n}x{k} matrix", words.len()))
+        }
+        (dims, _) => Err(format!("a {dims:?} weight cannot be stored as {t:?} tiles (dense bf16 of whole tiles only)")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

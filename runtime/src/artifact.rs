@@ -349,7 +349,13 @@ impl Artifact {
             }
             Some(b) if b.dtype.is_half() => {
                 let shape: Vec<usize> = b.dims.iter().map(|d| d.resolve(0) as usize).collect();
-                let words = self.weights.at(self.weight_range(b)?).chunks_exact(2).map(|c| [c[0], c[1]]);
+                let stored = self.weights.at(self.weight_range(b)?);
+                // Tiled words are put back in rows (validated: a whole-tile matrix).
+                let rows = match (b.tiles, &shape[..]) {
+                    (Some(t), &[n, k]) => t.untile(stored, n as u64, k as u64),
+                    _ => None,
+                };
+                let words = rows.as_deref().unwrap_or(stored).chunks_exact(2).map(|c| [c[0], c[1]]);
                 let out: Vec<f32> = if b.dtype == sparsec_ir::DType::BF16 {
                     words.map(|w| half::bf16::from_le_bytes(w).to_f32()).collect()
                 } else {

@@ -73,7 +73,9 @@ pub fn pack(dir: &Path, manifest: &Manifest, graph: &Graph, stored: &WeightStore
                 }
                 WeightData::F32(a.iter().copied().collect())
             };
+            let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
             let data = sparsec_ir::stored::store(b.dtype, pruned.get(name.as_str()).copied(), b.sparse.as_ref(), data)
+                .and_then(|d| sparsec_ir::stored::tiled(b.tiles, &dims, d))
                 .map_err(|m| bad(format!("`{name}`: {m}")))?;
             Ok((name.clone(), shape, data))
         })

@@ -35,7 +35,9 @@ pub fn cpu_features(cpu: &str) -> &'static [&'static [&'static str]] {
         "cooperlake" => &[V2, V3, V4, &["avx512vnni", "avx512bf16"]],
         "cannonlake" => &[V2, V3, V4, &["avx512vbmi", "avx512ifma"]],
         "icelake-client" | "icelake-server" | "tigerlake" => &[V2, V3, V4, ICL],
-        "sapphirerapids" | "emeraldrapids" | "graniterapids" => &[V2, V3, V4, ICL, &["avx512bf16", "avx512fp16", "avxvnni"]],
+        "sapphirerapids" | "emeraldrapids" | "graniterapids" => {
+            &[V2, V3, V4, ICL, &["avx512bf16", "avx512fp16", "avxvnni", "amx-tile", "amx-bf16", "amx-int8"]]
+        }
         "znver4" => &[V2, V3, V4, ICL, &["avx512bf16"]],
         "znver5" => &[V2, V3, V4, ICL, &["avx512bf16", "avx512vp2intersect", "avxvnni"]],
         _ => &[],
@@ -80,6 +82,8 @@ fn host_has(name: &str) -> Option<bool> {
             "gfni" => has!("gfni"),
             "vaes" => has!("vaes"),
             "vpclmulqdq" => has!("vpclmulqdq"),
+            // Tiles need the kernel's permission besides CPUID (`amx.rs`).
+            amx if crate::amx::is_amx(amx) => crate::amx::usable(amx),
             _ => return None,
         })
     }

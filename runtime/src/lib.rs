@@ -1,6 +1,7 @@
 //! sparsec's runtime: loads artifacts without LLVM and runs them on the CPU
 //! (dlopen) or an NVIDIA GPU (cudarc, PTX), next to the reference interpreter.
 
+pub mod amx;
 pub mod artifact;
 pub mod calibrate;
 pub mod checkpoint;

@@ -222,6 +222,10 @@ pub struct BufferSpec {
     /// read them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_blocks: Option<HeadBlocks>,
+    /// A bf16 matmul weight stored as matrix tiles (`sparsec_ir::tiles`): the
+    /// AMX kernels' layout, chosen at compile time for a target with AMX.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiles: Option<sparsec_ir::tiles::TileLayout>,
 }
 
 /// The layout of a cache kept per block of positions and KV head (manifest

@@ -149,6 +149,19 @@ pub fn validate(
         if b.sparse.is_some() && (b.kind != BufferKind::Weight || b.dtype != DType::F32) {
             return Err(bad("only f32 weights are stored sparse".into()));
         }
+        if let Some(t) = b.tiles {
+            let [n, k] = b.dims[..] else { return Err(bad(format!("tile layout {t:?} on a buffer of rank {}", b.dims.len()))) };
+            let (Dim::Fixed(n), Dim::Fixed(k)) = (n, k) else {
+                return Err(bad(format!("tile layout {t:?} on a buffer of symbolic shape")));
+            };
+            if b.kind != BufferKind::Weight || b.sparse.is_some() || !t.fits(b.dtype, n, k) {
+                return Err(bad(format!(
+                    "tile layout {t:?} on a {} {:?} buffer {n}x{k} (only dense bf16 weights of whole tiles)",
+                    b.dtype.name(),
+                    b.kind
+                )));
+            }
+        }
         let want: Option<&TensorType> = match b.kind {
             BufferKind::Weight => {
                 let Some(&(node, t)) = by_weight.get(&b.name) else {

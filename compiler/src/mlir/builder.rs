@@ -564,6 +564,36 @@ impl KernelBuilder {
         self.store(&val, buf, idx);
     }
 
+    /// Writes `buf[idx..idx + width] = val` (a vector of f32), after the fused
+    /// epilogue if any: the addends read as vectors (a bias's `idx mod n` does
+    /// not wrap inside one: `n` is a multiple of `width`), an activation lane
+    /// by lane.
+    pub fn vstore_result(&mut self, val: &str, buf: &str, idx: &str, width: u32) {
+        let Some((addends, activation)) = self.epilogue.clone() else {
+            return self.vstore(val, buf, idx, width);
+        };
+        let ty = Self::vty(width);
+        let mut y = val.to_string();
+        for (addend, modulus) in addends {
+            let at = match modulus {
+                Some(n) => self.remui(idx, &n),
+                None => idx.to_string(),
+            };
+            let c = self.vload(&addend, &at, width);
+            y = self.def(format!("arith.addf {y}, {c} : {ty}"));
+        }
+        let Some(act) = activation else {
+            return self.vstore(&y, buf, idx, width);
+        };
+        for lane in 0..width {
+            let e = self.def(format!("vector.extract {y}[{lane}] : f32 from {ty}"));
+            let a = super::math::activation(self, act, &e);
+            let li = self.index(lane as u64);
+            let at = self.addi(idx, &li);
+            self.store(&a, buf, &at);
+        }
+    }
+
     /// `for iv in lb..ub { body }`.
     pub fn for_each(&mut self, lb: &str, ub: &str, body: impl FnOnce(&mut Self, &str)) {
         let one = self.index(1);

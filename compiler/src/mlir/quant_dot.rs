@@ -10,7 +10,7 @@
 //! `Σ w·x = dw·dx·Σ qw·qx + mw·(dx·Σ qx)`.
 
 use super::builder::{KernelBuilder, V};
-use super::kernels::{column_groups, nibbles, row_block, strided, QuantPlanes, TileCounts, TiledMatmul, MM_COLS};
+use super::kernels::{column_groups, nibbles, row_block, strided, walk_row_blocks, QuantPlanes, TileCounts, TiledMatmul, MM_COLS};
 use sparsec_ir::quant::QK;
 use sparsec_ir::DType;
 
@@ -255,34 +255,20 @@ pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, vnni: boo
     let columns = |b: &mut KernelBuilder, r0: &str, slot0: &str, nr: u64, j0: &str, j_end: &str, c: u64| {
         column_groups(b, j0, j_end, c, &|b, j, ncols| micro(b, r0, slot0, nr, j, ncols));
     };
-    // The call's units lo..ub, walked row block by row block.
-    let ub = b.def(format!("arith.minui %hi, {units} : index"));
-    let first = b.divui("%lo", &ct);
-    let ct_m1 = b.index(t.col_tiles - 1);
-    let ub_up = b.addi(&ub, &ct_m1);
-    let last = b.divui(&ub_up, &ct);
-    let colsc = b.index(MM_COLS);
-    b.for_each(&first, &last, |b, rbi| {
-        let r0 = b.muli(rbi, &rbc);
-        let r1 = b.addi(&r0, &rbc);
-        let r_end = b.def(format!("arith.minui {r1}, {rows} : index"));
-        b.for_each(&r0, &r_end, |b, r| {
+    // The call's units, row block by row block: each block's rows quantized once.
+    let prepare = |b: &mut KernelBuilder, r0: &str, r_end: &str| {
+        b.for_each(r0, r_end, |b, r| {
             let slot = b.def(format!("arith.subi {r}, {r0} : index"));
             quantize_row(b, &a_buf, r, &slot, k, &qr);
         });
-        let u_first = b.muli(rbi, &ct);
-        let u_next = b.addi(&u_first, &ct);
-        let u0 = b.def(format!("arith.maxui %lo, {u_first} : index"));
-        let u1 = b.def(format!("arith.minui {ub}, {u_next} : index"));
-        b.for_each(&u0, &u1, |b, u| {
-            let cb = b.def(format!("arith.subi {u}, {u_first} : index"));
-            let j0 = b.muli(&cb, &colsc);
-            let j1 = b.addi(&j0, &colsc);
-            let j_end = b.def(format!("arith.minui {j1}, {nc} : index"));
-            row_block(b, t.rb, &r0, &rbc, &rows, &|b, r, nr| {
-                let slot0 = b.def(format!("arith.subi {r}, {r0} : index"));
-                columns(b, r, &slot0, nr, &j0, &j_end, if nr == 1 { GEMV_COLS } else { 2 })
-            });
+    };
+    walk_row_blocks(b, &units, &ct, t.col_tiles, MM_COLS, &rbc, &rows, &prepare, &|b, r0, _, j0| {
+        let colsc = b.index(MM_COLS);
+        let j1 = b.addi(j0, &colsc);
+        let j_end = b.def(format!("arith.minui {j1}, {nc} : index"));
+        row_block(b, t.rb, r0, &rbc, &rows, &|b, r, nr| {
+            let slot0 = b.def(format!("arith.subi {r}, {r0} : index"));
+            columns(b, r, &slot0, nr, j0, &j_end, if nr == 1 { GEMV_COLS } else { 2 })
         });
     });
 }

@@ -24,7 +24,7 @@
 //! quants and bitmap as one stream.
 
 use super::builder::{Device, KernelBuilder, V};
-use super::kernels::{column_groups, row_block, strided, unit_origin, UnitOrder};
+use super::kernels::{column_groups, row_block, strided, unit_origin, walk_row_blocks, UnitOrder};
 use super::quant_dot::dot_u8_i8;
 use super::sparse_kernels::SparseMatmul;
 use sparsec_ir::sparse::SparseFormat;
@@ -519,18 +519,9 @@ fn emit_nm24_q4_int8(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], out: &s
     let bitmap_last = b.index((n * k / 8).saturating_sub(1));
     let ctx = Nm24 { planes, out: out.to_string(), n, k, steps, xq, xd, sc, quants_last, bitmap_last, vnni: t.vnni };
 
-    let ub = b.def(format!("arith.minui %hi, {units} : index"));
-    let first = b.divui("%lo", &ct);
-    let ct_m1 = b.index(t.col_tiles() - 1);
-    let ub_up = b.addi(&ub, &ct_m1);
-    let last = b.divui(&ub_up, &ct);
-    let colsc = b.index(COLS);
-    b.for_each(&first, &last, |b, rbi| {
-        let r0 = b.muli(rbi, &rbc);
-        let r1 = b.addi(&r0, &rbc);
-        let r_end = b.def(format!("arith.minui {r1}, {rows} : index"));
+    let prepare = |b: &mut KernelBuilder, r0: &str, r_end: &str| {
         // Quantize the row block's activations: int8 in blocks of 64, one scale each.
-        b.for_each(&r0, &r_end, |b, r| {
+        b.for_each(r0, r_end, |b, r| {
             let slot = b.def(format!("arith.subi {r}, {r0} : index"));
             let src = b.muli(r, &kc);
             let dst = b.muli(&slot, &kc);
@@ -562,20 +553,15 @@ fn emit_nm24_q4_int8(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], out: &s
                 b.store(&d, &ctx.xd, &sat);
             });
         });
-        let u_first = b.muli(rbi, &ct);
-        let u_next = b.addi(&u_first, &ct);
-        let u0 = b.def(format!("arith.maxui %lo, {u_first} : index"));
-        let u1 = b.def(format!("arith.minui {ub}, {u_next} : index"));
-        b.for_each(&u0, &u1, |b, u| {
-            let cb = b.def(format!("arith.subi {u}, {u_first} : index"));
-            let j0 = b.muli(&cb, &colsc);
-            let j1 = b.addi(&j0, &colsc);
-            let j_end = b.def(format!("arith.minui {j1}, {nc} : index"));
-            row_block(b, rb, &r0, &rbc, &rows, &|b, r, nr| {
-                let slot0 = b.def(format!("arith.subi {r}, {r0} : index"));
-                let cols = if nr == 1 { GEMV_COLS } else { 1 };
-                column_groups(b, &j0, &j_end, cols, &|b, j, ncols| ctx.micro(b, r, &slot0, nr, j, ncols));
-            });
+    };
+    walk_row_blocks(b, &units, &ct, t.col_tiles(), COLS, &rbc, &rows, &prepare, &|b, r0, _, j0| {
+        let colsc = b.index(COLS);
+        let j1 = b.addi(j0, &colsc);
+        let j_end = b.def(format!("arith.minui {j1}, {nc} : index"));
+        row_block(b, rb, r0, &rbc, &rows, &|b, r, nr| {
+            let slot0 = b.def(format!("arith.subi {r}, {r0} : index"));
+            let cols = if nr == 1 { GEMV_COLS } else { 1 };
+            column_groups(b, j0, &j_end, cols, &|b, j, ncols| ctx.micro(b, r, &slot0, nr, j, ncols));
         });
     });
 }

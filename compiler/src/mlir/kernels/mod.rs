@@ -50,6 +50,7 @@ pub fn chunked_svd_of(spec: &KernelSpec) -> Option<(u32, sparsec_ir::SvdRank)> {
         _ => None,
     })
 }
+mod amx_matmul;
 mod elementwise;
 mod embedding;
 mod half_planes;
@@ -67,7 +68,9 @@ mod warp_rows;
 
 // What the other kernel generators of `mlir` (quant_dot, sparse_kernels) share.
 pub(super) use quant_planes::{nibbles, QuantPlanes};
-pub(super) use tiled_matmul::{column_groups, row_block, strided, unit_origin, TileCounts, TiledMatmul, UnitOrder, MM_COLS};
+pub(super) use tiled_matmul::{
+    column_groups, row_block, strided, unit_origin, walk_row_blocks, TileCounts, TiledMatmul, UnitOrder, MM_COLS,
+};
 pub(super) use warp_fold::{prefetch_warp_block, warp_per_output};
 
 use super::builder::{Device, KernelBuilder, V};
@@ -142,6 +145,9 @@ pub struct KernelSpec {
     /// CPU: an `#nsa` attention's caches kept per block and KV head
     /// (`attention::cpu_head_blocks`, set by partition; its NSA steps inherit it).
     pub cpu_head_blocks: Option<sparsec_runtime::manifest::HeadBlocks>,
+    /// CPU: the transposed bf16 weight (operand 1) is stored as AMX tiles
+    /// (`sparsec_ir::tiles`, chosen by `tile_weights`): `amx_matmul` reads it.
+    pub amx_weight: bool,
 }
 
 /// What an elementwise kernel applies to its first operand as it loads it.
@@ -285,10 +291,14 @@ impl KernelSpec {
         if rows.seq_pow > 1 {
             return None;
         }
-        let rb = if rows == (SymSize { coef: 1, seq_pow: 1 }) { MM_ROWS } else { 1 };
+        let rb = match (rows == (SymSize { coef: 1, seq_pow: 1 }), self.amx_weight) {
+            (true, false) => MM_ROWS,
+            (true, true) => amx_matmul::AMX_ROWS,
+            (false, _) => 1,
+        };
         // The target's widest vectors where k is made of them, else AVX2's.
         let lanes = if k.is_multiple_of(self.cpu_isa.lanes as u64) { self.cpu_isa.lanes } else { VW };
-        Some(TiledMatmul { k, n, rows, rb, col_tiles: n.div_ceil(MM_COLS), quant, half, lanes })
+        Some(TiledMatmul { k, n, rows, rb, col_tiles: n.div_ceil(MM_COLS), quant, half, lanes, amx: self.amx_weight })
     }
 
     /// Rows of `seq` per CPU unit (the runtime counts `seq` in such blocks).

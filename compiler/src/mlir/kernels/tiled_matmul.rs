@@ -38,6 +38,9 @@ pub(in crate::mlir) struct TiledMatmul {
     /// f32 lanes per vector of the f32 and 16-bit micro-kernels: 16 on an
     /// AVX-512 target where `k` is a multiple of 16, else 8.
     pub lanes: u32,
+    /// The weight is stored as AMX tiles (`KernelSpec::amx_weight`): the
+    /// kernel is `amx_matmul`'s, with `rb` = its `AMX_ROWS` rows per block.
+    pub amx: bool,
 }
 
 /// A tiled matmul's counts as index values: column tiles, rows, rows per
@@ -211,6 +214,47 @@ pub(super) fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V
     b.parallel(&units, |b, u| {
         let (r0, j0, j_end) = unit_origin(b, u, order, &rbc, &colsc, &nc);
         row_block(b, t.rb, &r0, &rbc, &rows, &|b, r, nr| columns(b, r, nr, &j0, &j_end, if nr == 1 { c_gemv } else { c_gemm }));
+    });
+}
+
+/// Walks a call's units `%lo..min(%hi, units)`, numbered row block by row
+/// block (`ct` column blocks of `cols` columns each, `ct_n` of them; row blocks
+/// of `rbc` rows, `rows` in all): for each row block the call touches,
+/// `prepare(r0, r_end)` once (its rows `r0..r_end`: quantized or rounded into
+/// a scratch the call keeps), then `unit(r0, r_end, j0)` for each of its
+/// units in the call, `j0` the unit's first column.
+#[allow(clippy::too_many_arguments)]
+pub(in crate::mlir) fn walk_row_blocks(
+    b: &mut KernelBuilder,
+    units: &str,
+    ct: &str,
+    ct_n: u64,
+    cols: u64,
+    rbc: &str,
+    rows: &str,
+    prepare: &dyn Fn(&mut KernelBuilder, &str, &str),
+    unit: &dyn Fn(&mut KernelBuilder, &str, &str, &str),
+) {
+    let ub = b.def(format!("arith.minui %hi, {units} : index"));
+    let first = b.divui("%lo", ct);
+    let ct_m1 = b.index(ct_n - 1);
+    let ub_up = b.addi(&ub, &ct_m1);
+    let last = b.divui(&ub_up, ct);
+    let colsc = b.index(cols);
+    b.for_each(&first, &last, |b, rbi| {
+        let r0 = b.muli(rbi, rbc);
+        let r1 = b.addi(&r0, rbc);
+        let r_end = b.def(format!("arith.minui {r1}, {rows} : index"));
+        prepare(b, &r0, &r_end);
+        let u_first = b.muli(rbi, ct);
+        let u_next = b.addi(&u_first, ct);
+        let u0 = b.def(format!("arith.maxui %lo, {u_first} : index"));
+        let u1 = b.def(format!("arith.minui {ub}, {u_next} : index"));
+        b.for_each(&u0, &u1, |b, u| {
+            let cb = b.def(format!("arith.subi {u}, {u_first} : index"));
+            let j0 = b.muli(&cb, &colsc);
+            unit(b, &r0, &r_end, &j0);
+        });
     });
 }
 
