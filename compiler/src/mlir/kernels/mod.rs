@@ -337,7 +337,8 @@ impl KernelSpec {
                 }
             }
             Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Softmax => 8 * last(&self.result),
-            Op::Rope { .. } => 64,
+            // One angle's sin and cos, then a rotation per head.
+            Op::Rope { heads, .. } => 48 + 16 * *heads as u64,
             Op::Gelu { .. } | Op::Silu => 16,
             _ => 2,
         }
@@ -365,6 +366,15 @@ impl KernelSpec {
             Op::Attention { .. } if attention::cpu_split(self) => Ok(attention::cpu_phases(self)?.1),
             // One unit per (query row, head).
             Op::Attention { heads, .. } => Ok(SymSize { coef: *heads as u64, seq_pow: 1 }),
+            // One unit per (row, pair index): its angle serves every head.
+            Op::Rope { .. } => {
+                let numel = self.result.numel();
+                let heads = match self.op {
+                    Op::Rope { heads, .. } => heads.max(1) as u64,
+                    _ => 1,
+                };
+                Ok(SymSize { coef: numel.coef / 2 / heads, ..numel })
+            }
             // One unit per row.
             Op::LayerNorm { .. } | Op::RmsNorm { .. } => {
                 let numel = self.result.numel();
