@@ -586,7 +586,7 @@ fn cmd_bench_lm(a: &BenchArgs) -> Result<()> {
             if kv["ring_caches"].as_u64().unwrap_or(0) > 0 { " (ring caches stop at their capacity)" } else { "" }
         );
         let activations = activations.map(|a| format!("{a} activations for quantized matmuls, ")).unwrap_or_default();
-        let tiles = if amx_tiles > 0 { format!(", {amx_tiles} bf16 weights as AMX tiles") } else { String::new() };
+        let tiles = if amx_tiles > 0 { format!(", {amx_tiles} weights as AMX tiles") } else { String::new() };
         println!("setup: {}KV caches {}, {placement}{tiles}", activations, kv_cache.unwrap_or("none"));
     }
     Ok(())

@@ -106,6 +106,12 @@ impl CpuTarget {
             vnni: (self.has_feature("avx512vnni") && self.has_feature("avx512vl")) || self.has_feature("avxvnni"),
             // Tiles, `tdpbf16ps`, and `vcvtne2ps2bf16` to round activations.
             amx_bf16: self.has_feature("amx-tile") && self.has_feature("amx-bf16") && self.has_feature("avx512bf16"),
+            // Tiles, `tdpbsud`; AVX512-BW to unpack nibbles 64 at a time and
+            // AVX512-VNNI for one row's dot products.
+            amx_int8: self.has_feature("amx-tile")
+                && self.has_feature("amx-int8")
+                && self.has_feature("avx512bw")
+                && self.has_feature("avx512vnni"),
         }
     }
 
@@ -136,12 +142,16 @@ pub struct CpuIsa {
     /// AVX512-BF16 to round activations: bf16 matmul weights are then stored
     /// as tiles (`tile_weights`) and multiplied on them (`amx_matmul`).
     pub amx_bf16: bool,
+    /// Whether AMX tiles with int8 dot products (`tdpbsud`) are there, with
+    /// AVX512-BW and AVX512-VNNI: q4_1 matmul weights whose kernels take int8 activations are
+    /// then stored as tile records (`tile_weights`) and multiplied on tiles.
+    pub amx_int8: bool,
 }
 
 impl Default for CpuIsa {
     /// AVX2: 8 lanes, no VNNI.
     fn default() -> Self {
-        CpuIsa { lanes: 8, vnni: false, amx_bf16: false }
+        CpuIsa { lanes: 8, vnni: false, amx_bf16: false, amx_int8: false }
     }
 }
 
@@ -411,11 +421,11 @@ mod tests {
     fn vector_lanes_follow_the_target_features() {
         // Implied by the CPU name.
         assert_eq!(CpuTarget::x86_64_v3().isa(), CpuIsa::default());
-        assert_eq!(CpuTarget::x86_64_v4().isa(), CpuIsa { lanes: 16, vnni: false, amx_bf16: false });
-        assert_eq!(target("znver4", "").isa(), CpuIsa { lanes: 16, vnni: true, amx_bf16: false });
-        assert_eq!(target("znver3", "").isa(), CpuIsa { lanes: 8, vnni: false, amx_bf16: false });
-        assert_eq!(target("alderlake", "").isa(), CpuIsa { lanes: 8, vnni: true, amx_bf16: false });
-        assert_eq!(target("sapphirerapids", "").isa(), CpuIsa { lanes: 16, vnni: true, amx_bf16: true });
+        assert_eq!(CpuTarget::x86_64_v4().isa(), CpuIsa { lanes: 16, vnni: false, amx_bf16: false, amx_int8: false });
+        assert_eq!(target("znver4", "").isa(), CpuIsa { lanes: 16, vnni: true, amx_bf16: false, amx_int8: false });
+        assert_eq!(target("znver3", "").isa(), CpuIsa { lanes: 8, vnni: false, amx_bf16: false, amx_int8: false });
+        assert_eq!(target("alderlake", "").isa(), CpuIsa { lanes: 8, vnni: true, amx_bf16: false, amx_int8: false });
+        assert_eq!(target("sapphirerapids", "").isa(), CpuIsa { lanes: 16, vnni: true, amx_bf16: true, amx_int8: true });
         // AMX tiles need the tile feature and AVX512-BF16 besides AMX-BF16.
         assert!(!target("sapphirerapids", "-amx-tile").isa().amx_bf16);
         assert!(!target("icelake-server", "+amx-bf16,+amx-tile").isa().amx_bf16);

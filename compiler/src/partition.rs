@@ -209,8 +209,8 @@ pub fn partition_with(g: &Graph, opts: &crate::options::CompileOptions) -> Compi
         // A weight stored as AMX tiles (`tile_weights`): its matmuls read tiles.
         if let Some(w) = n.operands.get(1).filter(|_| matches!(n.op, Op::MatMul { transpose_b: true })) {
             let wbuf = buffer_of[w.0];
-            if wbuf != usize::MAX && tiled.contains(&buffers[wbuf].name) {
-                buffers[wbuf].tiles = Some(sparsec_ir::tiles::TileLayout::AmxBf16);
+            if let Some(&t) = buffers.get(wbuf).and_then(|b| tiled.get(&b.name)) {
+                buffers[wbuf].tiles = Some(t);
                 spec.amx_weight = true;
             }
         }

@@ -70,14 +70,14 @@ pub fn store(dtype: DType, pruned: Option<&PrunedWeight>, sparse: Option<&Sparse
 }
 
 /// `data` as stored (`store`) rearranged in the buffer's tile layout, if it
-/// has one (`tiles.rs`): the 16-bit words of a `[n, k]` weight (`dims`).
+/// has one (`tiles.rs`): the bf16 words or q4_1 planes of a `[n, k]` weight (`dims`).
 pub fn tiled(tiles: Option<crate::tiles::TileLayout>, dims: &[u64], data: WeightData) -> Result<WeightData, String> {
     let Some(t) = tiles else { return Ok(data) };
     match (dims, data) {
         (&[n, k], WeightData::Packed(dt, words)) if t.fits(dt, n, k) => {
             t.tile(&words, n, k).map(|w| WeightData::Packed(dt, w)).ok_or_else(|| format!("{} bytes are not a {n}x{k} matrix", words.len()))
         }
-        (dims, _) => Err(format!("a {dims:?} weight cannot be stored as {t:?} tiles (dense bf16 of whole tiles only)")),
+        (dims, _) => Err(format!("a {dims:?} weight cannot be stored as {t:?} tiles (dense {} of whole tiles only)", t.dtype().name())),
     }
 }
 

@@ -339,6 +339,12 @@ impl Artifact {
                 let mut out = vec![0f32; shape.iter().product()];
                 let packed = self.weights.bytes(name)?;
                 let n = b.bytes(0);
+                // Tiled blocks are put back in rows (validated: a whole-tile matrix).
+                let rows = match (b.tiles, &shape[..]) {
+                    (Some(t), &[r, k]) if packed.len() >= n => t.untile(&packed[..n], r as u64, k as u64),
+                    _ => None,
+                };
+                let packed = rows.as_deref().unwrap_or(packed);
                 if packed.len() < n || !sparsec_ir::quant::dequantize(b.dtype, &packed[..n], &mut out) {
                     return Err(RuntimeError::Artifact {
                         path: self.dir.join(WEIGHTS_FILE),

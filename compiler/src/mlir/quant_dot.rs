@@ -27,17 +27,26 @@ const SCALE_VEC: u64 = 8;
 const LANES: u32 = 8;
 
 /// The activation rows of one row block, quantized (stack buffers of the call).
-struct QuantizedRows {
+pub(in crate::mlir) struct QuantizedRows {
     /// int8 values, `rb × k`.
-    q: V,
+    pub q: V,
     /// Per block: the scale `dx`.
-    d: V,
+    pub d: V,
     /// Per block: `dx·Σ qx` (what the weight's offset multiplies).
-    s: V,
+    pub s: V,
+}
+
+impl QuantizedRows {
+    /// Scratch for `rb` rows of `k` values (`k` a multiple of 32).
+    pub(in crate::mlir) fn alloca(b: &mut KernelBuilder, rb: u64, k: u64) -> QuantizedRows {
+        let qbytes = b.index(rb * k);
+        let sblocks = b.index(rb * (k / QK as u64));
+        QuantizedRows { q: b.def(format!("memref.alloca({qbytes}) : memref<?xi8>")), d: b.alloca_f32(&sblocks), s: b.alloca_f32(&sblocks) }
+    }
 }
 
 /// Quantizes row `row` of `a` (`k` f32, `k` a multiple of 32) into slot `slot` of `qr`.
-fn quantize_row(b: &mut KernelBuilder, a: &str, row: &str, slot: &str, k: u64, qr: &QuantizedRows) {
+pub(in crate::mlir) fn quantize_row(b: &mut KernelBuilder, a: &str, row: &str, slot: &str, k: u64, qr: &QuantizedRows) {
     let kc = b.index(k);
     let nbk = b.index(k / QK as u64);
     let src = b.muli(row, &kc);
@@ -132,10 +141,7 @@ pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, vnni: boo
     let (kc, nc, nbk) = (b.index(k), b.index(t.n), b.index(nbk_n));
     let TileCounts { ct, rows, rbc, units, .. } = t.counts(b);
     let planes = QuantPlanes::new(b, dt, &w_buf, t.n * k);
-    let qbytes = b.index(t.rb * k);
-    let sblocks = b.index(t.rb * nbk_n);
-    let qr =
-        QuantizedRows { q: b.def(format!("memref.alloca({qbytes}) : memref<?xi8>")), d: b.alloca_f32(&sblocks), s: b.alloca_f32(&sblocks) };
+    let qr = QuantizedRows::alloca(b, t.rb, k);
     // Per (row, weight row) of a micro-kernel (at most `rb` × 2): every
     // block's `dw·dx`, formed before its loop.
     let scn = b.index(t.rb * 2 * nbk_n);

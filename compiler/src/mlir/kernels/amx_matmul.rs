@@ -11,72 +11,89 @@
 //! The result tiles go through a small staging buffer to the output rows,
 //! where the fused epilogue is applied 16 columns at a time.
 //!
-//! The tile shapes are constants (16 rows of 64 bytes), so LLVM configures
-//! the tiles once per function (`ldtilecfg`) and releases them at its end.
+//! q4_1 weights stored as tile records take `amx_int8_matmul` (int8 tiles).
 
 use super::tiled_matmul::{walk_row_blocks, TileCounts, TiledMatmul};
 use crate::mlir::builder::{KernelBuilder, V};
 use sparsec_ir::tiles::{TILE_BYTES, TILE_K, TILE_N};
 
 /// Rows of one A or result tile.
-const TILE_ROWS: u64 = 16;
+pub(super) const TILE_ROWS: u64 = 16;
 /// Rows per unit: two A tiles.
 pub(super) const AMX_ROWS: u64 = 2 * TILE_ROWS;
 /// Weight rows (output columns) per unit: two B tiles.
 pub(super) const AMX_COLS: u64 = 2 * TILE_N;
 
 /// The tile type of LLVM's AMX intrinsics.
-const AMX: &str = "!llvm.x86_amx";
+pub(super) const AMX: &str = "!llvm.x86_amx";
 
-/// Tile operations on constant shapes: 16 rows of 64 bytes.
-struct Tiles {
+/// A tile shape (rows, bytes per row) as i16 constants, and the tile
+/// operations on it. Shapes are constants, so LLVM configures the tiles once
+/// per function (`ldtilecfg`) and releases them at its end.
+pub(super) struct Shape {
     rows: V,
     colsb: V,
 }
 
-impl Tiles {
-    fn new(b: &mut KernelBuilder) -> Tiles {
-        Tiles { rows: b.i16(TILE_ROWS as i16), colsb: b.i16(64) }
+impl Shape {
+    pub(super) fn new(b: &mut KernelBuilder, rows: u64, colsb: u64) -> Shape {
+        Shape { rows: b.i16(rows as i16), colsb: b.i16(colsb as i16) }
     }
 
-    fn zero(&self, b: &mut KernelBuilder) -> V {
+    pub(super) fn zero(&self, b: &mut KernelBuilder) -> V {
         let (r, c) = (&self.rows, &self.colsb);
         b.def(format!("llvm.call_intrinsic \"llvm.x86.tilezero.internal\"({r}, {c}) : (i16, i16) -> {AMX}"))
     }
 
     /// The tile at `ptr`, rows `stride` bytes apart (an i64).
-    fn load(&self, b: &mut KernelBuilder, ptr: &str, stride: &str) -> V {
+    pub(super) fn load(&self, b: &mut KernelBuilder, ptr: &str, stride: &str) -> V {
         let (r, c) = (&self.rows, &self.colsb);
         b.def(format!(
             "llvm.call_intrinsic \"llvm.x86.tileloadd64.internal\"({r}, {c}, {ptr}, {stride}) : (i16, i16, !llvm.ptr, i64) -> {AMX}"
         ))
     }
 
-    fn store(&self, b: &mut KernelBuilder, ptr: &str, stride: &str, tile: &str) {
+    pub(super) fn store(&self, b: &mut KernelBuilder, ptr: &str, stride: &str, tile: &str) {
         let (r, c) = (&self.rows, &self.colsb);
         b.line(format!(
             "llvm.call_intrinsic \"llvm.x86.tilestored64.internal\"({r}, {c}, {ptr}, {stride}, {tile}) : (i16, i16, !llvm.ptr, i64, {AMX}) -> ()"
         ));
     }
 
-    /// `acc + a·b` (`tdpbf16ps`: 16 × 16 f32 results, 32 bf16 along k).
-    fn dot(&self, b: &mut KernelBuilder, acc: &str, a: &str, w: &str) -> V {
-        let (r, c) = (&self.rows, &self.colsb);
+    /// `acc + a·w` by the tile dot product `op` (`tdpbf16ps`, `tdpbsud`), this
+    /// the result's shape and `a` the A tile's.
+    pub(super) fn dot(&self, b: &mut KernelBuilder, op: &str, a: &Shape, acc: &str, at: &str, wt: &str) -> V {
+        let (m, n, k) = (&self.rows, &self.colsb, &a.colsb);
         b.def(format!(
-            "llvm.call_intrinsic \"llvm.x86.tdpbf16ps.internal\"({r}, {c}, {c}, {acc}, {a}, {w}) : (i16, i16, i16, {AMX}, {AMX}, {AMX}) -> {AMX}"
+            "llvm.call_intrinsic \"llvm.x86.{op}.internal\"({m}, {n}, {k}, {acc}, {at}, {wt}) : (i16, i16, i16, {AMX}, {AMX}, {AMX}) -> {AMX}"
         ))
     }
 }
 
+/// Where row `row_in` of result tile (`tile_i`, `c`) (A tile, column tile)
+/// starts in a staging of 2 × 2 tiles of 16 × 16 values (tile `i·2 + c`
+/// at value `(i·2 + c)·256`).
+pub(super) fn staged_row(b: &mut KernelBuilder, tile_i: &str, row_in: &str, c: u64) -> V {
+    let two = b.index(2);
+    let ci = b.index(c);
+    let tile = b.muli(tile_i, &two);
+    let tile = b.addi(&tile, &ci);
+    let per_tile = b.index(TILE_ROWS * TILE_N);
+    let src = b.muli(&tile, &per_tile);
+    let sixteen = b.index(TILE_N);
+    let in_row = b.muli(row_in, &sixteen);
+    b.addi(&src, &in_row)
+}
+
 /// The address `base + off` (indices: a buffer's aligned pointer and a byte offset).
-fn ptr_at(b: &mut KernelBuilder, base: &str, off: &str) -> V {
+pub(super) fn ptr_at(b: &mut KernelBuilder, base: &str, off: &str) -> V {
     let at = b.addi(base, off);
     let at = b.def(format!("arith.index_cast {at} : index to i64"));
     b.def(format!("llvm.inttoptr {at} : i64 to !llvm.ptr"))
 }
 
 /// The aligned pointer of memref `buf` (element type `elem`) as an index.
-fn base_of(b: &mut KernelBuilder, buf: &str, elem: &str) -> V {
+pub(super) fn base_of(b: &mut KernelBuilder, buf: &str, elem: &str) -> V {
     b.def(format!("memref.extract_aligned_pointer_as_index {buf} : memref<?x{elem}> -> index"))
 }
 
@@ -88,7 +105,8 @@ pub(super) fn emit_amx_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V],
     debug_assert_eq!(ct_n, t.col_tiles);
     let (kc, nc) = (b.index(k), b.index(n));
     let TileCounts { ct, rows, rbc, units, .. } = t.counts(b);
-    let tiles = Tiles::new(b);
+    // Every tile of this kernel is 16 rows of 64 bytes.
+    let tiles = Shape::new(b, TILE_ROWS, 64);
     // The row block's activations as bf16 rows (AMX_ROWS of them, zero past
     // the block's end), and the staging of one unit's result tiles.
     let xs_len = b.index(AMX_ROWS * k);
@@ -156,7 +174,7 @@ pub(super) fn emit_amx_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V],
             let mut next = Vec::new();
             for (i, ai) in a.iter().enumerate() {
                 for (c, wc) in w.iter().enumerate() {
-                    next.push(tiles.dot(b, &accs[i * 2 + c], ai, wc));
+                    next.push(tiles.dot(b, "tdpbf16ps", &tiles, &accs[i * 2 + c], ai, wc));
                 }
             }
             next
@@ -175,14 +193,7 @@ pub(super) fn emit_amx_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V],
             let row = b.addi(r0, slot);
             let orow = b.muli(&row, &nc);
             for c in 0..2u64 {
-                let two = b.index(2);
-                let ci = b.index(c);
-                let tile = b.muli(&tile_i, &two);
-                let tile = b.addi(&tile, &ci);
-                let per_tile = b.index(TILE_ROWS * TILE_N);
-                let src = b.muli(&tile, &per_tile);
-                let in_row = b.muli(&row_in, &sixteen);
-                let src = b.addi(&src, &in_row);
+                let src = staged_row(b, &tile_i, &row_in, c);
                 let y = b.vload(&cs, &src, TILE_N as u32);
                 let col = b.index(c * TILE_N);
                 let j = b.addi(j0, &col);

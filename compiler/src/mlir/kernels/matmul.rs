@@ -4,6 +4,7 @@
 //! the row kernels for the rest (untransposed weights, widths the tiles do not
 //! take, NVPTX).
 
+use super::amx_int8_matmul::emit_amx_int8_matmul;
 use super::amx_matmul::emit_amx_matmul;
 use super::half_planes::{HalfPlane, HALF_VEC};
 use super::mma_matmul::emit_mma_matmul;
@@ -34,7 +35,9 @@ pub(super) fn emit_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b
     }
     if device == Device::Cpu {
         if let Some(t) = spec.tiled_matmul() {
-            if t.amx {
+            if t.amx && t.quant.is_some() {
+                emit_amx_int8_matmul(b, &t, ins, out);
+            } else if t.amx {
                 emit_amx_matmul(b, &t, ins, out);
             } else if spec.int8_activations && t.quant.is_some() && t.k % sparsec_ir::quant::QK as u64 == 0 {
                 emit_int8_matmul(b, &t, spec.cpu_isa.vnni, ins, out);

@@ -50,6 +50,7 @@ pub fn chunked_svd_of(spec: &KernelSpec) -> Option<(u32, sparsec_ir::SvdRank)> {
         _ => None,
     })
 }
+mod amx_int8_matmul;
 mod amx_matmul;
 mod elementwise;
 mod embedding;
@@ -145,8 +146,9 @@ pub struct KernelSpec {
     /// CPU: an `#nsa` attention's caches kept per block and KV head
     /// (`attention::cpu_head_blocks`, set by partition; its NSA steps inherit it).
     pub cpu_head_blocks: Option<sparsec_runtime::manifest::HeadBlocks>,
-    /// CPU: the transposed bf16 weight (operand 1) is stored as AMX tiles
-    /// (`sparsec_ir::tiles`, chosen by `tile_weights`): `amx_matmul` reads it.
+    /// CPU: the transposed weight (operand 1) is stored as AMX tiles (bf16, or
+    /// q4_1 records: `sparsec_ir::tiles`, chosen by `tile_weights`):
+    /// `amx_matmul` reads it.
     pub amx_weight: bool,
 }
 
