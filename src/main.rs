@@ -697,6 +697,15 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             let (cpu, features) = sparsec_runtime::isa::recorded_target(&m.options);
             let known = sparsec_runtime::isa::checked(&sparsec_runtime::isa::required(&cpu, &features));
             println!("cpu    {cpu}: {}", if known.is_empty() { "(features not recorded)".to_string() } else { known.join(" ") });
+            // Weights stored for AMX tiles, by layout.
+            let mut tiles: std::collections::BTreeMap<String, usize> = Default::default();
+            for b in m.execution.buffers.iter().filter_map(|b| b.tiles) {
+                *tiles.entry(format!("{b:?}")).or_default() += 1;
+            }
+            if !tiles.is_empty() {
+                let list: Vec<String> = tiles.iter().map(|(t, n)| format!("{n} as {t}")).collect();
+                println!("tiles  weights stored for AMX tiles: {}", list.join(", "));
+            }
         }
         println!("{:<20} {:<11} {:>10} {:>10} {:>10} {:>10}", "kernel", "op", "cpu ms", "x86 B", "cuda ms", "ptx B");
         for k in &m.kernels {
