@@ -24,6 +24,9 @@ pub(super) const AMX_ROWS: u64 = 2 * TILE_ROWS;
 /// Weight rows (output columns) per unit: two B tiles.
 pub(super) const AMX_COLS: u64 = 2 * TILE_N;
 
+/// How far ahead a block of few rows prefetches the weight's tiles (bytes).
+const PREFETCH_BYTES: u64 = 8192;
+
 /// The tile type of LLVM's AMX intrinsics.
 pub(super) const AMX: &str = "!llvm.x86_amx";
 
@@ -117,6 +120,7 @@ pub(super) fn emit_amx_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V],
     let tile_stride = b.i64(64);
     let steps = b.index(k / TILE_K);
     let k_tile_bytes = b.index(TILE_BYTES);
+    let w_last = b.index((2 * n * k).saturating_sub(1));
     let zero_i = b.index(0);
     let zero16 = b.def("arith.constant dense<0.0> : vector<16xbf16>".into());
     let w_base = base_of(b, &w_buf, "i8");
@@ -167,6 +171,15 @@ pub(super) fn emit_amx_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V],
                     let blk = b.addi(&w_block0, &blocks);
                     let blk = b.addi(&blk, s);
                     let off = b.muli(&blk, &k_tile_bytes);
+                    if a_tiles == 1 {
+                        // A block of few rows (decode) streams the weight from
+                        // memory: ask for its tiles ahead, every line.
+                        for line in 0..TILE_BYTES / 64 {
+                            let l = b.index(line * 64);
+                            let at = b.addi(&off, &l);
+                            b.prefetch_ahead(&w_buf, &at, PREFETCH_BYTES, &w_last, "i8");
+                        }
+                    }
                     let p = ptr_at(b, &w_base, &off);
                     tiles.load(b, &p, &tile_stride)
                 })
