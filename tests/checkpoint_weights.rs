@@ -76,9 +76,11 @@ fn round_trip(fixture: &str) {
     let plan = dir.join("plan.toml");
     std::fs::write(&plan, PLAN).unwrap();
     let (d, o, p) = (dir.to_str().unwrap(), other.to_str().unwrap(), plan.to_str().unwrap());
-    let cases: [(&str, Vec<&str>); 4] = [
+    // bf16 weights are AMX tiles on a host with AMX (packed as tiles at load too).
+    let cases: [(&str, Vec<&str>); 5] = [
         ("f32", vec![]),
         ("f16", vec!["--weights-dtype", "f16"]),
+        ("bf16", vec!["--weights-dtype", "bf16"]),
         ("sparse", vec!["--plan", p]),
         ("sparse-f16", vec!["--plan", p, "--weights-dtype", "f16"]),
     ];
