@@ -37,14 +37,10 @@ pub const TILE_K: u64 = 32;
 pub const TILE_BYTES: u64 = 1024;
 
 impl TileLayout {
-    /// Whether a `[n, k]` weight of this type can be tiled so: bf16 with `n`
-    /// and `k` whole tiles.
+    /// Whether a `[n, k]` weight of type `dtype` can be tiled so: the
+    /// layout's type, with `n` and `k` whole tiles.
     pub fn fits(self, dtype: crate::DType, n: u64, k: u64) -> bool {
-        let want = match self {
-            TileLayout::AmxBf16 => crate::DType::BF16,
-            TileLayout::AmxQ4_1 => crate::DType::Q4_1,
-        };
-        dtype == want && n > 0 && n.is_multiple_of(TILE_N) && k > 0 && k.is_multiple_of(TILE_K)
+        dtype == self.dtype() && n > 0 && n.is_multiple_of(TILE_N) && k > 0 && k.is_multiple_of(TILE_K)
     }
 
     /// The weight type this layout stores.

@@ -139,7 +139,7 @@ pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, vnni: boo
     let k = t.k;
     let nbk_n = k / QK as u64;
     let (kc, nc, nbk) = (b.index(k), b.index(t.n), b.index(nbk_n));
-    let TileCounts { ct, rows, rbc, units, .. } = t.counts(b);
+    let TileCounts { rows, rbc, units, .. } = t.counts(b);
     let planes = QuantPlanes::new(b, dt, &w_buf, t.n * k);
     let qr = QuantizedRows::alloca(b, t.rb, k);
     // Per (row, weight row) of a micro-kernel (at most `rb` × 2): every
@@ -268,7 +268,7 @@ pub(super) fn emit_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, vnni: boo
             quantize_row(b, &a_buf, r, &slot, k, &qr);
         });
     };
-    walk_row_blocks(b, &units, &ct, t.col_tiles, MM_COLS, &rbc, &rows, &prepare, &|b, r0, _, j0| {
+    walk_row_blocks(b, &units, t.col_tiles, MM_COLS, &rbc, &rows, &prepare, &|b, r0, _, j0| {
         let colsc = b.index(MM_COLS);
         let j1 = b.addi(j0, &colsc);
         let j_end = b.def(format!("arith.minui {j1}, {nc} : index"));

@@ -508,7 +508,7 @@ fn emit_nm24_q4_int8(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], out: &s
     let planes = QPlanes::new(b, &fmt, QBits::Q4, &ins[1]);
     let a = ins[0].clone();
     let (kc, nc, stepsc) = (b.index(k), b.index(n), b.index(steps));
-    let (units, ct, rbc, rows) = t.cpu_grid(b);
+    let (units, _, rbc, rows) = t.cpu_grid(b);
     let qbytes = b.index(rb * k);
     let xq = b.def(format!("memref.alloca({qbytes}) : memref<?xi8>"));
     let nsc = b.index(rb * steps);
@@ -554,7 +554,7 @@ fn emit_nm24_q4_int8(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], out: &s
             });
         });
     };
-    walk_row_blocks(b, &units, &ct, t.col_tiles(), COLS, &rbc, &rows, &prepare, &|b, r0, _, j0| {
+    walk_row_blocks(b, &units, t.col_tiles(), COLS, &rbc, &rows, &prepare, &|b, r0, _, j0| {
         let colsc = b.index(COLS);
         let j1 = b.addi(j0, &colsc);
         let j_end = b.def(format!("arith.minui {j1}, {nc} : index"));

@@ -39,6 +39,28 @@ fn record_at(b: &mut KernelBuilder, nt0: &str, c: u64, blk: &str, nbk: &str) -> 
     b.muli(&rec, &record)
 }
 
+/// Part `part` (0..4) of the record at byte `rec` of `w`: its 64 bytes'
+/// low nibbles (tile row `part`: values `4·part .. 4·part + 3` of each of the
+/// 16 columns) and high nibbles (tile row `part + 4`), as bytes.
+fn record_nibbles(b: &mut KernelBuilder, w: &str, rec: &str, part: u64) -> (V, V) {
+    let off = b.index(part * 64);
+    let src = b.addi(rec, &off);
+    let v = b.vload_bytes(w, &src, 64);
+    let low = b.vsplat_int(15, 64, "i8");
+    let four = b.vsplat_int(4, 64, "i8");
+    let lo = b.def(format!("arith.andi {v}, {low} : vector<64xi8>"));
+    let hi = b.def(format!("arith.shrui {v}, {four} : vector<64xi8>"));
+    (lo, hi)
+}
+
+/// Where accumulator row `slot`'s columns `16·c ..` start (rows of 32 floats).
+fn acc_at(b: &mut KernelBuilder, slot: &str, c: u64) -> V {
+    let row = b.index(AMX_COLS);
+    let at = b.muli(slot, &row);
+    let cc = b.index(c * TILE_N);
+    b.addi(&at, &cc)
+}
+
 /// The scales and minimums of the record at byte `rec` as f32 vectors
 /// (`scales`: the weight buffer viewed as f16).
 fn record_scales(b: &mut KernelBuilder, scales: &str, rec: &str) -> (V, V) {
@@ -61,7 +83,7 @@ pub(super) fn emit_amx_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: 
     let nbk_n = k / QK as u64;
     debug_assert_eq!(n / AMX_COLS, t.col_tiles);
     let (nc, nbk) = (b.index(n), b.index(nbk_n));
-    let TileCounts { ct, rows, rbc, units, .. } = t.counts(b);
+    let TileCounts { rows, rbc, units, .. } = t.counts(b);
     // A: 16 rows of one block's 32 int8 values; B: 8 rows of 16 columns × 4
     // values; C: 16 × 16 i32.
     let (a_shape, b_shape, c_shape) = (Shape::new(b, TILE_ROWS, QK as u64), Shape::new(b, 8, 64), Shape::new(b, TILE_ROWS, 64));
@@ -78,8 +100,6 @@ pub(super) fn emit_amx_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: 
     let row64 = b.i64(64);
     let zero_i = b.index(0);
     let sixteen = b.index(TILE_N);
-    let low = b.def("arith.constant dense<15> : vector<64xi8>".into());
-    let four = b.def("arith.constant dense<4> : vector<64xi8>".into());
     let vzero = b.vzero(TILE_N as u32);
     let last_byte = b.index((n / TILE_N * nbk_n * Q4_RECORD).saturating_sub(1));
     // One unit: `a_tiles` A tiles of the row block at `r0` (`nr` valid rows),
@@ -87,10 +107,7 @@ pub(super) fn emit_amx_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: 
     let unit = |b: &mut KernelBuilder, r0: &str, nr: &str, j0: &str, nt0: &str, a_tiles: u64| {
         b.for_each(&zero_i, nr, |b, slot| {
             for c in 0..2u64 {
-                let row = b.index(AMX_COLS);
-                let at = b.muli(slot, &row);
-                let ci = b.index(c * TILE_N);
-                let at = b.addi(&at, &ci);
+                let at = acc_at(b, slot, c);
                 b.vstore(&vzero, &acc, &at, TILE_N as u32);
             }
         });
@@ -101,11 +118,7 @@ pub(super) fn emit_amx_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: 
             for c in 0..2u64 {
                 let rec = record_at(b, nt0, c, blk, &nbk);
                 for part in 0..4u64 {
-                    let off = b.index(part * 64);
-                    let src = b.addi(&rec, &off);
-                    let v = b.vload_bytes(&w_buf, &src, 64);
-                    let lo = b.def(format!("arith.andi {v}, {low} : vector<64xi8>"));
-                    let hi = b.def(format!("arith.shrui {v}, {four} : vector<64xi8>"));
+                    let (lo, hi) = record_nibbles(b, &w_buf, &rec, part);
                     let dst = b.index(c * B_TILE + part * 64);
                     b.vstore_bytes(&lo, &unpacked, &dst, 64);
                     let dst = b.index(c * B_TILE + 256 + part * 64);
@@ -149,10 +162,7 @@ pub(super) fn emit_amx_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: 
                     let src = staged_row(b, &tile_i, &row_in, c as u64);
                     let p = b.def(format!("vector.load {staged}[{src}] : memref<?xi32>, vector<16xi32>"));
                     let pf = b.def(format!("arith.sitofp {p} : vector<16xi32> to vector<16xf32>"));
-                    let row = b.index(AMX_COLS);
-                    let at = b.muli(slot, &row);
-                    let cc = b.index(c as u64 * TILE_N);
-                    let at = b.addi(&at, &cc);
+                    let at = acc_at(b, slot, c as u64);
                     let a = b.vload(&acc, &at, TILE_N as u32);
                     let scale = b.def(format!("arith.mulf {dw}, {dxv} : vector<16xf32>"));
                     let a = b.vfma(&pf, &scale, &a, TILE_N as u32);
@@ -165,11 +175,9 @@ pub(super) fn emit_amx_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: 
             let r = b.addi(r0, slot);
             let orow = b.muli(&r, &nc);
             for c in 0..2u64 {
-                let row = b.index(AMX_COLS);
-                let at = b.muli(slot, &row);
-                let cc = b.index(c * TILE_N);
-                let at = b.addi(&at, &cc);
+                let at = acc_at(b, slot, c);
                 let y = b.vload(&acc, &at, TILE_N as u32);
+                let cc = b.index(c * TILE_N);
                 let j = b.addi(j0, &cc);
                 let o = b.addi(&orow, &j);
                 b.vstore_result(&y, out, &o, TILE_N as u32);
@@ -177,11 +185,10 @@ pub(super) fn emit_amx_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: 
         });
     };
     let one_tile = b.index(TILE_ROWS);
-    let kk = k;
     let prepare = |b: &mut KernelBuilder, r0: &str, r_end: &str| {
         b.for_each(r0, r_end, |b, r| {
             let slot = b.def(format!("arith.subi {r}, {r0} : index"));
-            quantize_row(b, &a_buf, r, &slot, kk, &qr);
+            quantize_row(b, &a_buf, r, &slot, k, &qr);
         });
     };
     // One row (decode): `vpdpbusd` over the records' tile rows, no tiles.
@@ -214,11 +221,7 @@ pub(super) fn emit_amx_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: 
                     b.prefetch_ahead(&w_buf, &at, PREFETCH_BYTES, &last_byte, "i8");
                 }
                 for part in 0..4usize {
-                    let off = b.index(part as u64 * 64);
-                    let src = b.addi(&rec, &off);
-                    let v = b.vload_bytes(&w_buf, &src, 64);
-                    let lo = b.def(format!("arith.andi {v}, {low} : vector<64xi8>"));
-                    let hi = b.def(format!("arith.shrui {v}, {four} : vector<64xi8>"));
+                    let (lo, hi) = record_nibbles(b, &w_buf, &rec, part as u64);
                     // Tile rows `part` and `part + 4`: values 4·row .. 4·row + 3 of every column.
                     for (w, g) in [(lo, part), (hi, part + 4)] {
                         dot = b.def(format!(
@@ -244,7 +247,7 @@ pub(super) fn emit_amx_int8_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: 
         }
     };
     let one = b.index(1);
-    walk_row_blocks(b, &units, &ct, t.col_tiles, AMX_COLS, &rbc, &rows, &prepare, &|b, r0, r_end, j0| {
+    walk_row_blocks(b, &units, t.col_tiles, AMX_COLS, &rbc, &rows, &prepare, &|b, r0, r_end, j0| {
         let nr = b.def(format!("arith.subi {r_end}, {r0} : index"));
         let nt0 = b.divui(j0, &sixteen);
         let single = b.def(format!("arith.cmpi eq, {nr}, {one} : index"));

@@ -4,8 +4,9 @@
 //!
 //! Units are (row block, pair of 16-column tiles), numbered row block by row
 //! block (`UnitOrder::RowMajor`). A call rounds the rows of each row block it
-//! touches once into a scratch of bf16 rows (rows past the block's end are
-//! zero), then each unit keeps 2 × 2 result tiles (32 rows × 32 columns; 1 × 2
+//! touches once into a scratch of bf16 rows (the tile rows past the block's
+//! end hold whatever the scratch held: each result row reads only its own A
+//! row, and those results are not written), then each unit keeps 2 × 2 result tiles (32 rows × 32 columns; 1 × 2
 //! when the block has at most 16 rows: decode) in tile registers over `k`,
 //! one A tile per 16 rows and one B tile per 16 columns per 32 steps of `k`.
 //! The result tiles go through a small staging buffer to the output rows,
@@ -104,14 +105,13 @@ pub(super) fn emit_amx_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V],
     let (a_buf, w_buf) = (ins[0].clone(), ins[1].clone());
     let (k, n) = (t.k, t.n);
     // The units' column blocks are the tiled matmul's (`MM_COLS`, the same 32).
-    let ct_n = n / AMX_COLS;
-    debug_assert_eq!(ct_n, t.col_tiles);
+    debug_assert_eq!(n / AMX_COLS, t.col_tiles);
     let (kc, nc) = (b.index(k), b.index(n));
-    let TileCounts { ct, rows, rbc, units, .. } = t.counts(b);
+    let TileCounts { rows, rbc, units, .. } = t.counts(b);
     // Every tile of this kernel is 16 rows of 64 bytes.
     let tiles = Shape::new(b, TILE_ROWS, 64);
-    // The row block's activations as bf16 rows (AMX_ROWS of them, zero past
-    // the block's end), and the staging of one unit's result tiles.
+    // The row block's activations as bf16 rows (AMX_ROWS of them), and the
+    // staging of one unit's result tiles.
     let xs_len = b.index(AMX_ROWS * k);
     let xs = b.def(format!("memref.alloca({xs_len}) : memref<?xbf16>"));
     let cs_len = b.index(4 * TILE_ROWS * TILE_N);
@@ -122,12 +122,11 @@ pub(super) fn emit_amx_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V],
     let k_tile_bytes = b.index(TILE_BYTES);
     let w_last = b.index((2 * n * k).saturating_sub(1));
     let zero_i = b.index(0);
-    let zero16 = b.def("arith.constant dense<0.0> : vector<16xbf16>".into());
     let w_base = base_of(b, &w_buf, "i8");
     let x_base = base_of(b, &xs, "bf16");
     let c_base = base_of(b, &cs, "f32");
-    // bf16 rows `r0..r_end` into `xs`; rows `r_end - r0 .. pad` zeroed.
-    let round_rows = |b: &mut KernelBuilder, r0: &str, r_end: &str, pad: &str| {
+    // bf16 rows `r0..r_end` into `xs`.
+    let round_rows = |b: &mut KernelBuilder, r0: &str, r_end: &str| {
         b.for_each(r0, r_end, |b, r| {
             let slot = b.def(format!("arith.subi {r}, {r0} : index"));
             let src = b.muli(r, &kc);
@@ -138,14 +137,6 @@ pub(super) fn emit_amx_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V],
                 let h = b.def(format!("arith.truncf {x} : vector<16xf32> to vector<16xbf16>"));
                 let o = b.addi(&dst, kk);
                 b.line(format!("vector.store {h}, {xs}[{o}] : memref<?xbf16>, vector<16xbf16>"));
-            });
-        });
-        let nr = b.def(format!("arith.subi {r_end}, {r0} : index"));
-        b.for_each(&nr, pad, |b, slot| {
-            let dst = b.muli(slot, &kc);
-            b.for_step(&zero_i, &kc, 16, |b, kk| {
-                let o = b.addi(&dst, kk);
-                b.line(format!("vector.store {zero16}, {xs}[{o}] : memref<?xbf16>, vector<16xbf16>"));
             });
         });
     };
@@ -217,20 +208,10 @@ pub(super) fn emit_amx_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V],
     };
     // The call's units, row block by row block: each block's rows rounded once.
     let one_tile = b.index(TILE_ROWS);
-    let two_tiles = b.index(AMX_ROWS);
-    // Whether rows `r0..r_end` take two A tiles.
-    let wide = |b: &mut KernelBuilder, r0: &str, r_end: &str| -> (V, V) {
+    walk_row_blocks(b, &units, t.col_tiles, AMX_COLS, &rbc, &rows, &round_rows, &|b, r0, r_end, j0| {
+        // Two A tiles for more than 16 rows.
         let nr = b.def(format!("arith.subi {r_end}, {r0} : index"));
-        let wide = b.def(format!("arith.cmpi ugt, {nr}, {one_tile} : index"));
-        (nr, wide)
-    };
-    let prepare = |b: &mut KernelBuilder, r0: &str, r_end: &str| {
-        let (_, w) = wide(b, r0, r_end);
-        let pad = b.def(format!("arith.select {w}, {two_tiles}, {one_tile} : index"));
-        round_rows(b, r0, r_end, &pad);
-    };
-    walk_row_blocks(b, &units, &ct, ct_n, AMX_COLS, &rbc, &rows, &prepare, &|b, r0, r_end, j0| {
-        let (nr, w) = wide(b, r0, r_end);
+        let w = b.def(format!("arith.cmpi ugt, {nr}, {one_tile} : index"));
         let tile_cols = b.index(TILE_N);
         let nt0 = b.divui(j0, &tile_cols);
         b.if_else(&w, |b| unit(b, r0, &nr, j0, &nt0, 2), |b| unit(b, r0, &nr, j0, &nt0, 1));

@@ -369,13 +369,9 @@ impl KernelSpec {
             // One unit per (query row, head).
             Op::Attention { heads, .. } => Ok(SymSize { coef: *heads as u64, seq_pow: 1 }),
             // One unit per (row, pair index): its angle serves every head.
-            Op::Rope { .. } => {
+            Op::Rope { heads, .. } => {
                 let numel = self.result.numel();
-                let heads = match self.op {
-                    Op::Rope { heads, .. } => heads.max(1) as u64,
-                    _ => 1,
-                };
-                Ok(SymSize { coef: numel.coef / 2 / heads, ..numel })
+                Ok(SymSize { coef: numel.coef / 2 / (*heads).max(1) as u64, ..numel })
             }
             // One unit per row.
             Op::LayerNorm { .. } | Op::RmsNorm { .. } => {

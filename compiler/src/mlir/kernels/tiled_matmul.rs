@@ -218,8 +218,8 @@ pub(super) fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V
 }
 
 /// Walks a call's units `%lo..min(%hi, units)`, numbered row block by row
-/// block (`ct` column blocks of `cols` columns each, `ct_n` of them; row blocks
-/// of `rbc` rows, `rows` in all): for each row block the call touches,
+/// block (`ct_n` column blocks of `cols` columns each; row blocks of `rbc`
+/// rows, `rows` in all): for each row block the call touches,
 /// `prepare(r0, r_end)` once (its rows `r0..r_end`: quantized or rounded into
 /// a scratch the call keeps), then `unit(r0, r_end, j0)` for each of its
 /// units in the call, `j0` the unit's first column.
@@ -227,7 +227,6 @@ pub(super) fn emit_tiled_matmul(b: &mut KernelBuilder, t: &TiledMatmul, ins: &[V
 pub(in crate::mlir) fn walk_row_blocks(
     b: &mut KernelBuilder,
     units: &str,
-    ct: &str,
     ct_n: u64,
     cols: u64,
     rbc: &str,
@@ -235,6 +234,7 @@ pub(in crate::mlir) fn walk_row_blocks(
     prepare: &dyn Fn(&mut KernelBuilder, &str, &str),
     unit: &dyn Fn(&mut KernelBuilder, &str, &str, &str),
 ) {
+    let ct = &b.index(ct_n);
     let ub = b.def(format!("arith.minui %hi, {units} : index"));
     let first = b.divui("%lo", ct);
     let ct_m1 = b.index(ct_n - 1);
