@@ -6,7 +6,9 @@
 //! thread-per-unit kernels otherwise, and `--gpu-mma-activations half`'s
 //! single MMA per k-step; these run without a GPU. Where one exists, the
 //! tensor-core prefill kernels' filetests also run on it against the
-//! interpreter and the CPU (else SKIPPED).
+//! interpreter and the CPU (else SKIPPED). Sparse matmuls take a warp per
+//! output element in every format (N:M groups wider than 25 a thread), and
+//! the sparse filetests run on the GPU against the interpreter.
 
 use crate::common;
 
@@ -191,6 +193,56 @@ fn cuda_tensor_core_prefill_kernels_equal_the_interpreter_and_the_cpu() {
                 assert!(r.passed, "{file} seq {seq} output {i}: {} from the interpreter", r.max_abs_error);
                 let r = compare(g, c, Tolerance { atol: against_cpu, rtol: against_cpu });
                 assert!(r.passed, "{file} seq {seq} output {i}: {} from the CPU", r.max_abs_error);
+            }
+        }
+    }
+}
+
+#[test]
+fn sparse_matmuls_take_a_warp_per_output_element_in_every_format() {
+    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/filetests/lower-matmul-sparse-warp.sir")).unwrap();
+    // A 2:32 group spans five bitmap bytes at some offsets: a thread per output.
+    let src = src.replace(
+        "  return %a, %b, %c, %d, %e, %f, %g",
+        "  %w232 = weight \"w232\" init normal(seed = 8, std = 0.3) : f32[20, 64]\n  %h = matmul %y, %w232 {transpose_b = true} #sparsity(nm, n = 2, m = 32) #specialize(generic)\n  return %a, %b, %c, %d, %e, %f, %g, %h",
+    );
+    let s = steps(&src, KvCacheType::F32);
+    let mm: Vec<&KernelStep> = s.iter().filter(|k| k.kernel.contains("matmul")).collect();
+    let outputs = [37u64, 33, 41, 45, 45, 30, 35, 20];
+    assert_eq!(mm.len(), outputs.len(), "{:?}", s.iter().map(|k| &k.kernel).collect::<Vec<_>>());
+    for (i, (k, n)) in mm.iter().zip(outputs).enumerate() {
+        let per_output = if i + 1 == outputs.len() { 1 } else { 32 };
+        assert_eq!(k.gpu_threads, sparsec_ir::SymSize { coef: n * per_output, seq_pow: 1 }, "matmul {i} ({})", k.kernel);
+    }
+}
+
+/// The sparse matmul filetests (every format, f32 and quantized values) on
+/// CUDA at 1, 5 and 37 rows against the interpreter (f32 sums in another
+/// order: 1e-4). The CPU is checked against the interpreter by the
+/// filetests themselves (with int8 activations where they ask for them).
+#[test]
+fn cuda_sparse_matmuls_equal_the_interpreter() {
+    if !common::require_gpu(sparsec_runtime::cuda::cuda_available()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let files = ["nm", "nm-q", "nm-q-f32", "bsr", "bsr-q", "csr", "csr-q", "bitmap-q-avx512", "sparse-warp"];
+    for file in files {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/filetests/lower-matmul-{file}.sir"));
+        let src = std::fs::read_to_string(&path).unwrap();
+        let out = dir.path().join(format!("{file}.sparsec"));
+        build(&src, KvCacheType::F32, &out);
+        let art = Artifact::open(&out).unwrap();
+        let gpu_exec = sparsec_runtime::cuda::CudaExecutor::load(&art).unwrap();
+        for seq in [1, 5, 37] {
+            let inputs = art.random_inputs(seq, 5).unwrap();
+            let gpu = gpu_exec.run(&art, &inputs).unwrap();
+            let want = interpret(&art.graph, &inputs, &|n| art.weight_array(n).ok().map(std::sync::Arc::new)).unwrap();
+            assert_eq!(gpu.len(), want.len(), "{file}: outputs");
+            for (i, (g, w)) in gpu.iter().zip(&want).enumerate() {
+                assert_eq!(g.shape(), w.shape(), "{file} seq {seq} output {i}: shape");
+                let r = compare(g, w, Tolerance { atol: 1e-4, rtol: 1e-4 });
+                assert!(r.passed, "{file} seq {seq} output {i}: {} from the interpreter", r.max_abs_error);
             }
         }
     }

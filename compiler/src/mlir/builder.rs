@@ -676,6 +676,29 @@ impl KernelBuilder {
         self.def(format!("nvvm.shfl.sync idx {mask}, {x}, {lane}, {clamp} : f32 -> f32"))
     }
 
+    /// NVPTX: `x` (i32) summed over lanes `0..=lane` of the warp (`lane` the
+    /// caller's lane index), five `shfl.sync up`. Every lane must execute it.
+    pub fn warp_prefix_sum_i32(&mut self, x: &str, lane: &str) -> V {
+        let (mask, zero) = (self.i32(-1), self.i32(0));
+        let mut x = x.to_string();
+        for off in [1u64, 2, 4, 8, 16] {
+            let o = self.i32(off as i32);
+            let other = self.def(format!("nvvm.shfl.sync up {mask}, {x}, {o}, {zero} : i32 -> i32"));
+            let oc = self.index(off);
+            let has = self.def(format!("arith.cmpi uge, {lane}, {oc} : index"));
+            let sum = self.def(format!("arith.addi {x}, {other} : i32"));
+            x = self.def(format!("arith.select {has}, {sum}, {x} : i32"));
+        }
+        x
+    }
+
+    /// `warp_from` for an i32.
+    pub fn warp_from_i32(&mut self, x: &str, src: &str) -> V {
+        let (mask, clamp) = (self.i32(-1), self.i32(31));
+        let lane = self.def(format!("arith.index_castui {src} : index to i32"));
+        self.def(format!("nvvm.shfl.sync idx {mask}, {x}, {lane}, {clamp} : i32 -> i32"))
+    }
+
     /// `if cond { then }` (no results).
     pub fn if_then(&mut self, cond: &str, then: impl FnOnce(&mut Self)) {
         self.line(format!("scf.if {cond} {{"));

@@ -10,6 +10,7 @@ pub mod sparse_quant_bitmap;
 pub mod sparse_quant_expand;
 pub mod sparse_quant_kernels;
 pub mod sparse_unrolled;
+pub mod sparse_warp;
 
 pub use builder::Device;
 pub use kernels::{emit_kernel, KernelSpec};

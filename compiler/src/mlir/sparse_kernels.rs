@@ -8,12 +8,12 @@
 //! CSR runs unrolled scalar sums, N:M expands values into vectors by its
 //! bitmap (AVX-512: 16 lanes, one `vexpandps` under the bitmap's 16 bits;
 //! AVX2: 8 lanes, a table permutation, `vpermps`), BSR reads
-//! contiguous block rows as vectors. NVIDIA: CSR a warp per output element
-//! (lanes stride over the output's entries, a butterfly adds their sums),
-//! N:M and BSR one thread per output element.
+//! contiguous block rows as vectors. NVIDIA: a warp per output element
+//! (`sparse_warp`, every format), N:M groups wider than it reads one thread
+//! per output element.
 
 use super::builder::{Device, KernelBuilder, V};
-use super::kernels::{prefetch_warp_block, row_block, strided, unit_origin, warp_per_output, UnitOrder, WARP};
+use super::kernels::{row_block, strided, unit_origin, UnitOrder};
 use sparsec_ir::sparse::{SparseFormat, SparseStorage};
 use sparsec_ir::SymSize;
 
@@ -27,8 +27,6 @@ const ROWS: u64 = 4;
 const COLS: u64 = 32;
 /// CSR entries per step of the CPU loop (4: the sums below are written for it).
 const CSR_UNROLL: u64 = 4;
-/// CSR entries per lane and step of the NVIDIA warp kernel (their loads issued together).
-const CSR_WARP_UNROLL: u64 = 4;
 
 /// A sparse matmul's geometry: rows of the activation, the weight's storage.
 #[derive(Clone, Copy, Debug)]
@@ -72,10 +70,10 @@ impl SparseMatmul {
         SymSize { coef: self.rows.coef * self.col_tiles(), seq_pow: self.rows.seq_pow }
     }
 
-    /// NVIDIA: whether an output element takes a warp (CSR: its entries are
-    /// few and scattered, so 32 lanes load them at once) rather than a thread.
+    /// NVIDIA: whether an output element takes a warp (`sparse_warp`: 32
+    /// lanes load its entries at once) rather than a thread.
     pub fn warp_per_output(&self) -> bool {
-        matches!(self.storage.format, SparseFormat::Csr { .. })
+        super::sparse_warp::serves(&self.storage.format)
     }
 
     /// NVIDIA: one thread per output element `u = r·n + j`; `body(u, j, arow)`
@@ -159,7 +157,10 @@ pub fn emit_sparse_matmul(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], ou
     let a = ins[0].clone();
     let (kc, nc) = (b.index(k), b.index(n));
     match b.device() {
-        Device::Nvptx if t.warp_per_output() => emit_csr_warp(b, t, &planes, &ins[1], &a, out),
+        Device::Nvptx if t.warp_per_output() => {
+            let ix = super::sparse_warp::Index { ptr: planes.ptr.as_ref(), idx: &planes.idx, ty: planes.idx_ty };
+            super::sparse_warp::emit(b, t, &ix, &super::sparse_warp::Values::F32(&planes.vals), &ins[1], &a, out)
+        }
         Device::Nvptx => t.per_output_thread(b, |b, u, j, arow| {
             let ctx = Dot { fmt, planes: &planes, a: &a, vectors: false, expand: false };
             let y = ctx.dot(b, j, &[arow.to_string()]);
@@ -176,74 +177,6 @@ pub fn emit_sparse_matmul(b: &mut KernelBuilder, t: &SparseMatmul, ins: &[V], ou
             });
         }
     }
-}
-
-/// NVIDIA, CSR: a warp per output element `e = r·n + j`. Lane l takes entries
-/// `ptr[j] + l`, `ptr[j] + l + 32`, ... (value, column, the activation at that
-/// column), `CSR_WARP_UNROLL` of them a step: the step's value and column
-/// loads are all issued, then its activation loads, then the FMAs, so a row
-/// of a few hundred entries costs a few memory round trips rather than two
-/// per entry; entries past the row's end load its first entry of the step and
-/// add zero. `warp_per_output` adds the lanes' sums and stores. The launch is
-/// whole warps (`KernelSpec::work`).
-fn emit_csr_warp(b: &mut KernelBuilder, t: &SparseMatmul, p: &Planes, buf: &str, a: &str, out: &str) {
-    let (n, k) = t.nk();
-    // Ahead of the wait for the kernel before: the block's values and
-    // columns (entries ptr[j0]..ptr[j1]) into L2.
-    let lay = t.storage.format.layout();
-    let col_bytes = SparseFormat::csr_index_bytes(k);
-    prefetch_warp_block(b, buf, n, |b, j0, j1| {
-        let ptr = b.plane(buf, lay.ptr, n + 1, "i32");
-        let lo = b.load_index(&ptr, j0, "i32");
-        let hi = b.load_index(&ptr, j1, "i32");
-        [(lay.values, 4), (lay.indices, col_bytes)]
-            .into_iter()
-            .map(|(base, size)| {
-                let (base, size) = (b.index(base), b.index(size));
-                let s = b.muli(&lo, &size);
-                let e = b.muli(&hi, &size);
-                (b.addi(&base, &s), b.addi(&base, &e))
-            })
-            .collect()
-    });
-    let total = b.sym(SymSize { coef: t.rows.coef * n * WARP, seq_pow: t.rows.seq_pow });
-    let ptr = p.ptr.clone().unwrap_or_default();
-    warp_per_output(b, &total, k, n, out, |b, lane, j, arow| {
-        let one = b.index(1);
-        let lo = b.load_index(&ptr, j, "i32");
-        let j1 = b.addi(j, &one);
-        let hi = b.load_index(&ptr, &j1, "i32");
-        let start = b.addi(&lo, lane);
-        let zero = b.f32(0.0);
-        let acc = b.for_fold_typed(&start, &hi, WARP * CSR_WARP_UNROLL, &[(zero.clone(), "f32".into())], |b, q0, acc| {
-            // The step's entries (the first, `q0`, lies in the row).
-            let entries: Vec<(V, V, V)> = (0..CSR_WARP_UNROLL)
-                .map(|u| {
-                    let o = b.index(u * WARP);
-                    let q = b.addi(q0, &o);
-                    let inside = b.def(format!("arith.cmpi ult, {q}, {hi} : index"));
-                    let q = b.def(format!("arith.select {inside}, {q}, {q0} : index"));
-                    let v = b.load_elem(&p.vals, &q, "f32");
-                    let c = b.load_index(&p.idx, &q, p.idx_ty);
-                    (inside, v, c)
-                })
-                .collect();
-            let xs: Vec<V> = entries
-                .iter()
-                .map(|(_, _, c)| {
-                    let ai = b.addi(arow, c);
-                    b.load(a, &ai)
-                })
-                .collect();
-            let mut s = acc[0].clone();
-            for ((inside, v, _), x) in entries.iter().zip(&xs) {
-                let v = b.def(format!("arith.select {inside}, {v}, {zero} : f32"));
-                s = b.fma(&v, x, &s);
-            }
-            vec![s]
-        });
-        acc[0].clone()
-    });
 }
 
 /// For each bitmap byte, the source lane of every lane: the number of set bits

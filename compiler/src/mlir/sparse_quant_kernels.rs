@@ -5,7 +5,8 @@
 //!
 //! `generic` (CPU and NVIDIA, every format × {q8, q4}): each stored value is
 //! dequantized where it is used (`d·q`, `d·q + m`), with the same units as
-//! `sparse_kernels.rs` (CPU: row block × 32 outputs; NVIDIA: a thread per output).
+//! `sparse_kernels.rs` (CPU: row block × 32 outputs; NVIDIA: a warp per output,
+//! `sparse_warp.rs`, or a thread where N:M groups are wider than it reads).
 //!
 //! 2:4 with 4-bit values and int8 activations (CPU, AVX2, `k` a multiple of 64):
 //! every row of activations is quantized to int8 in blocks of 64 (one f32 scale
@@ -47,7 +48,7 @@ pub(super) struct QPlanes {
     pub(super) ptr: Option<V>,
     /// Bitmap (i8), columns (i16/i32) or block columns (i32).
     pub(super) idx: V,
-    idx_ty: &'static str,
+    pub(super) idx_ty: &'static str,
 }
 
 impl QPlanes {
@@ -78,7 +79,7 @@ impl QPlanes {
     }
 
     /// Stored value `p`, dequantized: block `p / 32`, slot `sparse_quant::slot(p % 32)`.
-    fn value(&self, b: &mut KernelBuilder, p: &str) -> V {
+    pub(super) fn value(&self, b: &mut KernelBuilder, p: &str) -> V {
         let c32 = b.index(32);
         let blk = b.divui(p, &c32);
         let t = b.remui(p, &c32);
@@ -150,6 +151,10 @@ pub fn emit_sparse_quant_matmul(b: &mut KernelBuilder, t: &SparseMatmul, int8: b
     let a = ins[0].clone();
     let (kc, nc) = (b.index(k), b.index(n));
     match b.device() {
+        Device::Nvptx if t.warp_per_output() => {
+            let ix = super::sparse_warp::Index { ptr: planes.ptr.as_ref(), idx: &planes.idx, ty: planes.idx_ty };
+            super::sparse_warp::emit(b, t, &ix, &super::sparse_warp::Values::Quant(&planes), &ins[1], &a, out)
+        }
         Device::Nvptx => t.per_output_thread(b, |b, u, j, arow| {
             let y = dot(b, &fmt, &planes, &a, j, &[arow.to_string()]);
             b.store_result(&y[0], out, u);

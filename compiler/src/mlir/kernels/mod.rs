@@ -196,7 +196,7 @@ impl KernelSpec {
             Op::Rope { .. } => SymSize { coef: numel.coef / 2, ..numel },
             // A warp of lanes per output element (`matmul::emit_warp_dot`).
             Op::MatMul { .. } if self.warp_matmul() => SymSize { coef: numel.coef * WARP, ..numel },
-            // A warp per output element of a CSR weight (`sparse_kernels`).
+            // A warp per output element of a sparse weight (`sparse_warp`).
             // (Baked weights keep a thread per output: `sparse_unrolled`.)
             Op::MatMul { .. }
                 if self.sparse_matmul().is_some_and(|s| s.warp_per_output()) && !self.sparse.as_ref().is_some_and(|c| c.bakes()) =>
