@@ -3,7 +3,7 @@
 //! quantized values (`CsrQ`, `NmQ`, `BsrQ`, dequantized where loaded).
 //!
 //! The output's stored entries are numbered `e = 0..count` in storage order
-//! and lane `l` takes `e = l, l + 32, ...`, `UNROLL` of them a step: the
+//! and lane `l` takes `e = l, l + 32, ...`, `unroll` of them a step: the
 //! step's values and columns are loaded first, then its activations, then the
 //! FMAs, so a row costs a few memory round trips instead of two per entry,
 //! and the lanes' value loads are contiguous. An entry is found from `e`
@@ -26,8 +26,17 @@ use sparsec_ir::sparse::SparseFormat;
 use sparsec_ir::sparse_quant::CsrIndex;
 use sparsec_ir::SymSize;
 
-/// Entries per lane and step (their loads issued together).
-const UNROLL: u64 = 4;
+/// Entries per lane and step (their loads issued together): 16 for N:M, 4
+/// for the others. GPT-2 124M decode on an H200 (tok/s at 4 / 8 / 16,
+/// `docs/device-runs/2026-12-01-sparse-warp/`): 2:4 f32 1434 / 1639 / 2536,
+/// 2:4 q4 1873 / 1845 / 2032, 90% q8 CSR 1695 at all three (2.4 entries per
+/// lane), 4x4 BSR 1303 / 1330 / 1123 (and its prefill 11.4 / 13.4 / 13.4 ms).
+fn unroll(fmt: &SparseFormat) -> u64 {
+    match fmt {
+        SparseFormat::Nm { .. } | SparseFormat::NmQ { .. } => 16,
+        SparseFormat::Csr { .. } | SparseFormat::CsrQ { .. } | SparseFormat::Bsr { .. } | SparseFormat::BsrQ { .. } => 4,
+    }
+}
 /// The widest N:M group the warp kernel reads: a group's bits lie in one
 /// 32-bit word read from the bitmap at any bit offset below 8.
 const MAX_GROUP: u32 = 25;
@@ -81,9 +90,10 @@ pub(super) fn emit(b: &mut KernelBuilder, t: &SparseMatmul, ix: &Index<'_>, valu
         let (count, entry) = row_entries(b, &fmt, ix, j);
         let zero = b.f32(0.0);
         let last = b.index(last_value);
-        let acc = b.for_fold_typed(lane, &count, WARP * UNROLL, &[(zero.clone(), "f32".into())], |b, e0, acc| {
+        let unroll = unroll(&fmt);
+        let acc = b.for_fold_typed(lane, &count, WARP * unroll, &[(zero.clone(), "f32".into())], |b, e0, acc| {
             // The step's entries (the first, `e0`, lies in the row).
-            let entries: Vec<(V, V, V)> = (0..UNROLL)
+            let entries: Vec<(V, V, V)> = (0..unroll)
                 .map(|u| {
                     let o = b.index(u * WARP);
                     let e = b.addi(e0, &o);
