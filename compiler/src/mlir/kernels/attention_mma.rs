@@ -106,7 +106,12 @@ pub(super) fn emit_flash(b: &mut KernelBuilder, (h, kvh, d): (u64, u64, u64), q:
         let lane = b.remui(t, &lanes);
         let w = b.remui(&warp, &splitc);
         let warp = b.divui(&warp, &splitc);
-        let band = b.divui(&warp, &hc);
+        // Bands in reverse: a band's keys grow with its index, so the
+        // longest blocks start first and the short ones fill the SMs they
+        // free, instead of the longest starting last, in a tail wave.
+        let from_end = b.divui(&warp, &hc);
+        let last_band = b.def(format!("arith.subi {bands}, {one} : index"));
+        let band = b.def(format!("arith.subi {last_band}, {from_end} : index"));
         let head = b.remui(&warp, &hc);
         let kh = b.divui(&head, &group);
         let (four, eight) = (b.index(4), b.index(8));
