@@ -9,10 +9,11 @@ runs. Reports prefill and decode tokens/s, sparsec's attention milliseconds
 per decoded token and peak memory, and the decode bound the memory allows: the
 read bandwidth measured here over the bytes one token reads (the f16 KV cache
 at that many positions plus the weights). Writes
-benches/results/long_context.{json,md}.
+benches/results/long_context{SUFFIX}.{json,md,svg}.
 
     python3 benches/long_context.py [--threads 2] [--prompt-len 8000] [--new-tokens 32] [--rounds 2] [--schedules half,quarter,nsa] [--kv-caches q8_0,q4_1]
         [--plans NAME=PLAN.toml,...]   # more sparsec runs, each compiled with its plan (e.g. chunked-SVD caches)
+        [--suffix S]                   # appended to the results' file names (another machine's run, a subset)
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +74,7 @@ def main():
     ap.add_argument("--plans", default="", help="NAME=PLAN.toml,... : sparsec runs compiled with these plans")
     ap.add_argument("--perplexity-tokens", type=int, default=4096,
                     help="also measure each sparsec run's perplexity on this many tokens of GPL-3 (0: no) and plot it against decode speed")
+    ap.add_argument("--suffix", default="", help="appended to the results' file names (another machine's run, a subset of runs)")
     a = ap.parse_args()
     lcc.ensure_llama_cpp()
     subprocess.check_call(["cargo", "build", "-q", "--release", "--bin", "sparsec"], cwd=ROOT)
@@ -130,7 +132,7 @@ def main():
            "kv_bytes_per_position": per_pos, "decode_bound_tokens_per_s": bound, "rows": rows}
     outdir = os.path.join(ROOT, "benches", "results")
     os.makedirs(outdir, exist_ok=True)
-    with open(os.path.join(outdir, "long_context.json"), "w") as f:
+    with open(os.path.join(outdir, f"long_context{a.suffix}.json"), "w") as f:
         json.dump(res, f, indent=2)
     md = [f"Machine: {cpu}, {os.cpu_count()} cores, {a.threads} threads; SmolLM2-135M Q4_1, prompt {a.prompt_len} tokens "
           f"(GPL-3 repeated), {a.new_tokens} greedy decode steps; medians of {a.rounds} interleaved rounds; f16 KV caches. "
@@ -147,12 +149,12 @@ def main():
                   f"{r['prefill_tokens_per_s'] / best_llama_prefill:.2f}x | {attn} | {peak} | {kvb} |")
     if ppl:
         md += ["", f"Perplexity on the first {a.perplexity_tokens} tokens of {os.path.basename(lcc.TEXT)} (sparsec eval, compiled): "
-               + ", ".join(f"{k[len('sparsec '):]} {v:.2f}" for k, v in ppl.items()) + "; plotted against decode tok/s in long_context.svg."]
-        with open(os.path.join(outdir, "long_context.svg"), "w") as f:
+               + ", ".join(f"{k[len('sparsec '):]} {v:.2f}" for k, v in ppl.items()) + f"; plotted against decode tok/s in long_context{a.suffix}.svg."]
+        with open(os.path.join(outdir, f"long_context{a.suffix}.svg"), "w") as f:
             f.write(plot([(r["name"][len("sparsec "):], r["decode_tokens_per_s"], r["perplexity"]) for r in rows if "perplexity" in r],
                          f"SmolLM2-135M Q4_1, {a.prompt_len}-token prompt, {a.threads} threads ({cpu})",
                          f"perplexity, {a.perplexity_tokens} tokens"))
-    with open(os.path.join(outdir, "long_context.md"), "w") as f:
+    with open(os.path.join(outdir, f"long_context{a.suffix}.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
 
