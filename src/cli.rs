@@ -138,7 +138,9 @@ pub struct CompileFlags {
     /// (the checkpoint's: f16 or bf16 when all its matrices are stored so,
     /// kept as they are; else f32; `--dequantize` makes it f32), `f32`
     /// (exact), `f16` or `bf16` (half the bytes; kernels widen them and
-    /// accumulate in f32). Quantized checkpoint tensors and pruned weights keep
+    /// accumulate in f32), `q8_0` or `q4_1` (blocks of 32 quantized as the
+    /// weights are packed, llama.cpp's formats; matrices whose rows are not
+    /// whole blocks stay f32). Quantized checkpoint tensors and pruned weights keep
     /// their types; a bf16 (f16) checkpoint compiled with bf16 (f16) keeps its values.
     #[arg(long, value_enum, default_value_t = WeightsDTypeArg::Auto)]
     pub weights_dtype: WeightsDTypeArg,
@@ -350,6 +352,12 @@ pub enum WeightsDTypeArg {
     F32,
     F16,
     Bf16,
+    /// Blocks of 32 int8 values and an f16 scale (llama.cpp's Q8_0).
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// Blocks of 32 4-bit values, an f16 scale and offset (llama.cpp's Q4_1).
+    #[value(name = "q4_1")]
+    Q4_1,
 }
 
 /// `--kv-cache` (sparsec_compiler::KvCacheType).

@@ -127,6 +127,8 @@ fn options(flags: &CompileFlags) -> Result<CompileOptions> {
             WeightsDTypeArg::F32 | WeightsDTypeArg::Auto => sparsec_compiler::WeightsDType::F32,
             WeightsDTypeArg::F16 => sparsec_compiler::WeightsDType::F16,
             WeightsDTypeArg::Bf16 => sparsec_compiler::WeightsDType::Bf16,
+            WeightsDTypeArg::Q8_0 => sparsec_compiler::WeightsDType::Q8_0,
+            WeightsDTypeArg::Q4_1 => sparsec_compiler::WeightsDType::Q4_1,
         },
         kv_hadamard: flags.kv_hadamard,
         kv_kivi: flags.kv_kivi,

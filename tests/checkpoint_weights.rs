@@ -77,10 +77,14 @@ fn round_trip(fixture: &str) {
     std::fs::write(&plan, PLAN).unwrap();
     let (d, o, p) = (dir.to_str().unwrap(), other.to_str().unwrap(), plan.to_str().unwrap());
     // bf16 weights are AMX tiles on a host with AMX (packed as tiles at load too).
-    let cases: [(&str, Vec<&str>); 5] = [
+    // q8_0 / q4_1: the f32 checkpoint quantized when the weights are packed
+    // (at compile time, or at load for the stripped artifact).
+    let cases: [(&str, Vec<&str>); 7] = [
         ("f32", vec![]),
         ("f16", vec!["--weights-dtype", "f16"]),
         ("bf16", vec!["--weights-dtype", "bf16"]),
+        ("q8_0", vec!["--weights-dtype", "q8_0"]),
+        ("q4_1", vec!["--weights-dtype", "q4_1"]),
         ("sparse", vec!["--plan", p]),
         ("sparse-f16", vec!["--plan", p, "--weights-dtype", "f16"]),
     ];
@@ -99,6 +103,10 @@ fn round_trip(fixture: &str) {
         // The stripped artifact lists every checkpoint weight and stores none of them.
         let a = Artifact::open_checkpoint(&stripped, Trust::Verify, Some(dir)).unwrap();
         assert!(!a.manifest.checkpoint_weights.is_empty(), "{tag}");
+        if tag.starts_with('q') {
+            let typed = a.manifest.execution.buffers.iter().filter(|b| b.dtype.name() == tag).count();
+            assert!(typed >= 4, "{tag}: {typed} buffers of that type");
+        }
         let small = std::fs::metadata(stripped.join("weights.safetensors")).unwrap().len();
         let big = std::fs::metadata(full.join("weights.safetensors")).unwrap().len();
         assert!(small * 10 < big, "{tag}: stripped weights file {small} B, full {big} B");

@@ -12,7 +12,7 @@
 
 use crate::common;
 
-use sparsec_compiler::{compile, CompileOptions, CompileRequest, Emit, GpuMmaActivations, KvCacheType, TargetKind};
+use sparsec_compiler::{compile, CompileOptions, CompileRequest, Emit, GpuMmaActivations, KvCacheType, QuantActivations, TargetKind};
 use sparsec_ir::parse_graph;
 use sparsec_passes::PrintOptions;
 use sparsec_runtime::compare::{compare, Tolerance};
@@ -73,19 +73,38 @@ fn matmuls_take_shared_memory_tiles_by_width_and_warp_tiles_otherwise() {
   %narrow = weight \"narrow\" init normal(seed = 2, std = 0.05) : bf16[576, 768]
   %odd = weight \"odd\" init normal(seed = 3, std = 0.05) : f16[40, 768]
   %f32 = weight \"f32\" init normal(seed = 4, std = 0.05) : f32[128, 768]
+  %q8 = weight \"q8\" init normal(seed = 5, std = 0.05) : q8_0[1536, 768]
+  %q41 = weight \"q41\" init normal(seed = 6, std = 0.05) : q4_1[192, 768]
+  %q40 = weight \"q40\" init normal(seed = 7, std = 0.05) : q4_0[40, 768]
   %a = matmul %x, %wide {transpose_b = true}
   %b = matmul %x, %narrow {transpose_b = true}
   %c = matmul %x, %odd {transpose_b = true}
   %d = matmul %x, %f32 {transpose_b = true}
-  return %a, %b, %c, %d
+  %e = matmul %x, %q8 {transpose_b = true}
+  %f = matmul %x, %q41 {transpose_b = true}
+  %g = matmul %x, %q40 {transpose_b = true}
+  return %a, %b, %c, %d, %e, %f, %g
 }";
     let s = steps(src, KvCacheType::F32);
     let mm: Vec<&KernelStep> = s.iter().filter(|k| k.kernel.contains("matmul")).collect();
-    assert_eq!(mm.len(), 4, "{:?}", s.iter().map(|k| &k.kernel).collect::<Vec<_>>());
+    assert_eq!(mm.len(), 7, "{:?}", s.iter().map(|k| &k.kernel).collect::<Vec<_>>());
     // In graph order: 64-row tiles, 8 warps per 64 features; 32-row tiles;
-    // a warp per 16×8 tile (40 is no multiple of 64); f32 weights: none.
+    // a warp per 16×8 tile (40 is no multiple of 64); f32 weights: none;
+    // quantized weights take the shared-memory tiles by width as 16-bit ones
+    // do, and the warp GEMV where the width is no multiple of 64.
     let shapes: Vec<_> = mm.iter().map(|k| (k.gpu_mma_warps, k.gpu_mma_rows, k.gpu_mma_block)).collect();
-    assert_eq!(shapes, vec![(Some(288), Some(64), None), (Some(72), Some(32), None), (Some(5), None, None), (None, None, None)]);
+    assert_eq!(
+        shapes,
+        vec![
+            (Some(288), Some(64), None),
+            (Some(72), Some(32), None),
+            (Some(5), None, None),
+            (None, None, None),
+            (Some(192), Some(64), None),
+            (Some(24), Some(32), None),
+            (None, None, None)
+        ]
+    );
     // Launches: a 512-row call of the wide matmul is 8 bands of 36 blocks.
     assert_eq!(mm[0].gpu_launch_at(512), Some((8 * 36, sparsec_runtime::cuda::BLOCK)));
     assert_eq!(mm[1].gpu_launch_at(512), Some((16 * 9, sparsec_runtime::cuda::BLOCK)));
@@ -171,13 +190,21 @@ fn cuda_tensor_core_prefill_kernels_equal_the_interpreter_and_the_cpu() {
     let cases = [
         ("lower-matmul-mma-tiled", 1e-4, 1e-4, GpuMmaActivations::Split),
         ("lower-matmul-mma-tiled-half", 5e-2, 5e-2, GpuMmaActivations::Half),
+        ("lower-matmul-mma-tiled-quant", 1e-4, 1e-4, GpuMmaActivations::Split),
         ("lower-attention-mma", 2e-3, 1e-4, GpuMmaActivations::Split),
     ];
     for (file, reference, against_cpu, mode) in cases {
         let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/filetests/{file}.sir"))).unwrap();
         let out = dir.path().join(format!("{file}.sparsec"));
-        let options =
-            CompileOptions { target: TargetKind::All, cuda_kv_cache: KvCacheType::F16, gpu_mma_activations: mode, ..Default::default() };
+        // f32 activations on the CPU too (the quantized case), so the two
+        // differ by rounding alone.
+        let options = CompileOptions {
+            target: TargetKind::All,
+            cuda_kv_cache: KvCacheType::F16,
+            gpu_mma_activations: mode,
+            quant_activations: QuantActivations::F32,
+            ..Default::default()
+        };
         build_with(&src, options, &out);
         let art = Artifact::open(&out).unwrap();
         let gpu_exec = sparsec_runtime::cuda::CudaExecutor::load(&art).unwrap();

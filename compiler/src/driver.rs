@@ -91,8 +91,9 @@ pub fn compile(req: CompileRequest<'_>) -> CompileResult<Compiled> {
     }
     let params_before = sparsec_runtime::manifest::weight_params(&g);
     let snapshots = PassManager::with_plan(plan, req.print.clone()).run(&mut g)?;
-    // `--weights-dtype f16|bf16`: dense matmul weights and tables stored in 16 bits.
-    if let Some(dt) = req.options.weights_dtype.half() {
+    // `--weights-dtype f16|bf16|q8_0|q4_1`: dense matmul weights and tables
+    // stored in 16 bits or quantized blocks.
+    if let Some(dt) = req.options.weights_dtype.stored() {
         crate::half_weights::apply(&mut g, dt);
     }
     let part = partition_with(&g, &req.options)?;

@@ -1,27 +1,32 @@
-//! `--weights-dtype f16|bf16`: retypes a graph's dense f32 weights that only
-//! transposed matmuls (as their `[N, K]` operand) and embeddings (as their
-//! table) read, so the artifact stores them in 16 bits and the kernels widen
-//! them as they load (`weights::resolve` rounds the data when it packs it).
+//! `--weights-dtype f16|bf16|q8_0|q4_1`: retypes a graph's dense f32 weights
+//! that only transposed matmuls (as their `[N, K]` operand) and embeddings
+//! (as their table) read, so the artifact stores them in 16 bits or in blocks
+//! of 32 quantized values and the kernels widen or dequantize them as they
+//! load (`weights::resolve` rounds or quantizes the data when it packs it).
 
 use sparsec_ir::graph::weight_buffer_name;
 use sparsec_ir::{DType, Graph, Op};
 use std::collections::{HashMap, HashSet};
 
-/// Retypes every eligible weight of `g` to `dt` (f16 or bf16) and returns the
-/// buffer names retyped. A weight is eligible when it is f32 of rank 2, and
-/// every node of its buffer (a tied table has several) is read only as a dense
-/// (unpruned) transposed matmul weight or an embedding table.
+/// Retypes every eligible weight of `g` to `dt` (f16, bf16 or a block-
+/// quantized type) and returns the buffer names retyped. A weight is
+/// eligible when it is f32 of rank 2 (for a quantized `dt`, its rows whole
+/// blocks of 32), and every node of its buffer (a tied table has several) is
+/// read only as a dense (unpruned) transposed matmul weight or an embedding table.
 pub fn apply(g: &mut Graph, dt: DType) -> Vec<String> {
-    if !dt.is_half() {
+    if !dt.is_half() && !dt.is_quantized() {
         return Vec::new();
     }
+    let whole_blocks = |t: &sparsec_ir::TensorType| {
+        !dt.is_quantized() || matches!(t.last_dim(), Some(sparsec_ir::Dim::Fixed(k)) if k % sparsec_ir::quant::QK as u64 == 0)
+    };
     let pruned = sparsec_ir::sparse::pruned_weights(g);
     // For every buffer name: whether all its nodes and uses allow 16 bits.
     let mut ok: HashMap<String, bool> = HashMap::new();
     for (i, n) in g.nodes.iter().enumerate() {
         let Op::Weight { .. } = n.op else { continue };
         let Some(name) = weight_buffer_name(g, i) else { continue };
-        let f32_matrix = n.ty.as_ref().is_some_and(|t| t.dtype == DType::F32 && t.rank() == 2);
+        let f32_matrix = n.ty.as_ref().is_some_and(|t| t.dtype == DType::F32 && t.rank() == 2 && whole_blocks(t));
         let e = ok.entry(name).or_insert(true);
         *e &= f32_matrix && !pruned.contains_key(&i);
     }
@@ -81,6 +86,23 @@ mod tests {
         // The graph still verifies, and the products stay f32.
         let types = sparsec_ir::verify(&g).unwrap();
         assert!(types.iter().zip(&g.nodes).filter(|(_, n)| matches!(n.op, Op::MatMul { .. })).all(|(t, _)| t.dtype == DType::F32));
+    }
+
+    #[test]
+    fn quantized_types_take_only_rows_of_whole_blocks() {
+        // Rows of 64 (two blocks): the matmul weight and the tied table.
+        let wide = SRC.replace("f32[16, 8]", "f32[16, 64]").replace("f32[8, 8]", "f32[64, 64]").replace("f32[8]", "f32[64]");
+        let mut q = sparsec_ir::parse_graph(&wide).unwrap();
+        let types = sparsec_ir::verify(&q).unwrap();
+        for (n, t) in q.nodes.iter_mut().zip(types) {
+            n.ty = Some(t);
+        }
+        assert_eq!(apply(&mut q, DType::Q4_1), vec!["w".to_string(), "wte".to_string()]);
+        let ty = |name: &str| q.nodes.iter().find(|n| n.name == name).and_then(|n| n.ty.clone()).unwrap().dtype;
+        assert_eq!((ty("wte"), ty("w"), ty("b")), (DType::Q4_1, DType::Q4_1, DType::F32));
+        // Rows of 8 are no whole block: nothing is quantized.
+        let mut g = typed();
+        assert!(apply(&mut g, DType::Q8_0).is_empty());
     }
 
     #[test]

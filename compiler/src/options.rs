@@ -275,7 +275,9 @@ impl KvCacheType {
 /// The element type of dense matmul weights and embedding tables that a model
 /// gives as f32 (`--weights-dtype`). Checkpoint tensors stored quantized stay so,
 /// and pruned weights stay f32; a bf16 or f16 checkpoint read back as the same
-/// type loses nothing (its values widened to f32 exactly).
+/// type loses nothing (its values widened to f32 exactly). The block-quantized
+/// types quantize the matrices whose rows are whole blocks of 32 as the
+/// weights are packed (at compile time, or at load with `--strip-weights`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightsDType {
@@ -286,6 +288,12 @@ pub enum WeightsDType {
     F16,
     /// bfloat16 (rounded to nearest even): f32's range, 8 bits of mantissa.
     Bf16,
+    /// Blocks of 32 int8 values with an f16 scale (8.5 bits a weight).
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// Blocks of 32 4-bit values with an f16 scale and offset (5 bits a weight).
+    #[serde(rename = "q4_1")]
+    Q4_1,
 }
 
 impl WeightsDType {
@@ -294,11 +302,13 @@ impl WeightsDType {
     }
 
     /// The IR type of the weights, `None` for f32 (left as they are).
-    pub fn half(self) -> Option<sparsec_ir::DType> {
+    pub fn stored(self) -> Option<sparsec_ir::DType> {
         match self {
             WeightsDType::F32 => None,
             WeightsDType::F16 => Some(sparsec_ir::DType::F16),
             WeightsDType::Bf16 => Some(sparsec_ir::DType::BF16),
+            WeightsDType::Q8_0 => Some(sparsec_ir::DType::Q8_0),
+            WeightsDType::Q4_1 => Some(sparsec_ir::DType::Q4_1),
         }
     }
 }

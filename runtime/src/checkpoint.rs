@@ -79,6 +79,9 @@ pub fn pack(dir: &Path, manifest: &Manifest, graph: &Graph, stored: &WeightStore
                 .map_err(|m| bad(format!("`{name}`: {m}")))?;
             Ok((name.clone(), shape, data))
         })
+        .collect::<Vec<RuntimeResult<_>>>()
+        // The first failure in the manifest's order, whichever thread met it first.
+        .into_iter()
         .collect::<RuntimeResult<Vec<_>>>()?;
     let path = dir.join(format!("{WEIGHTS_FILE}+{}", checkpoint.display()));
     stored.with_tensors(path, packed)

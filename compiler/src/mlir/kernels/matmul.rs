@@ -8,7 +8,8 @@ use super::amx_int8_matmul::emit_amx_int8_matmul;
 use super::amx_matmul::emit_amx_matmul;
 use super::half_planes::{HalfPlane, HALF_VEC};
 use super::mma_matmul::emit_mma_matmul;
-use super::mma_tiled::emit_tiled_mma;
+use super::mma_quant::QuantTile;
+use super::mma_tiled::{emit_tiled_mma, TileWeight};
 use super::quant_planes::QuantPlanes;
 use super::tiled_matmul::emit_tiled_matmul;
 use super::warp_fold::{f32_lanes_sum, f32_vload, warp_fold, warp_per_output};
@@ -74,15 +75,20 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
             WarpWeight::F32 => 4 * k,
         };
         super::warp_fold::prefetch_warp_rows(b, &ins[1], n, row_bytes);
-        match (super::mma_tiled::tiled(spec), super::mma_matmul::mma_tiles(spec), &half) {
+        let tile_w = match (&planes, &half) {
+            (Some(q), _) => Some(TileWeight::Quant(QuantTile { dt: wq, buf: &ins[1], planes: q })),
+            (None, Some(h)) => Some(TileWeight::Half(h)),
+            (None, None) => None,
+        };
+        match (super::mma_tiled::tiled(spec), super::mma_matmul::mma_tiles(spec), &half, tile_w) {
             // Calls of more than one row on tensor cores (shared-memory tiles
             // where the shape allows, else a tile per warp); one row: the warp GEMV.
-            (Some((tile, _)), _, Some(h)) => {
+            (Some((tile, _)), _, _, Some(tw)) => {
                 let (seq, one) = (b.seq(), b.index(1));
                 let rows = b.def(format!("arith.cmpi ugt, {seq}, {one} : index"));
-                b.if_else(&rows, |b| emit_tiled_mma(b, tile, k, n, ins, out, h), |b| emit_warp_dot(b, work, k, n, ins, out, w));
+                b.if_else(&rows, |b| emit_tiled_mma(b, tile, k, n, ins, out, &tw), |b| emit_warp_dot(b, work, k, n, ins, out, w));
             }
-            (None, Some((nt, warps)), Some(h)) => {
+            (None, Some((nt, warps)), Some(h), _) => {
                 let (seq, one) = (b.seq(), b.index(1));
                 let rows = b.def(format!("arith.cmpi ugt, {seq}, {one} : index"));
                 b.if_else(&rows, |b| emit_mma_matmul(b, k, n, nt, warps, ins, out, h), |b| emit_warp_dot(b, work, k, n, ins, out, w));

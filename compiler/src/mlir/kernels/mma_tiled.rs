@@ -1,6 +1,7 @@
 //! NVPTX matmul on tensor cores with shared-memory tiles, for calls of more
-//! than one row (prefill) of f16/bf16 weights whose k is a multiple of 32 and
-//! whose output width is a multiple of 64: a block of 8 warps computes 64 rows
+//! than one row (prefill) of f16/bf16 or block-quantized (Q8_0, Q4_0, Q4_1:
+//! `mma_quant.rs`) weights whose k is a multiple of 32 and whose output width
+//! is a multiple of 64: a block of 8 warps computes 64 rows
 //! (32 for outputs narrower than 1024) × 64 output features. k-tiles of 32
 //! (the activations as f32, the weights as stored) are copied into a ring of
 //! `STAGES` shared buffers with `cp.async`, `STAGES - 1` tiles ahead of the
@@ -21,6 +22,7 @@
 use super::half_planes::HalfPlane;
 use super::mma_half::{half_round, half_split, mma_sync_half, words};
 use super::mma_matmul::store_tiles;
+use super::mma_quant::QuantTile;
 use super::{fixed_last, KernelSpec, WARP};
 use crate::mlir::builder::{KernelBuilder, V};
 use sparsec_ir::DType;
@@ -89,7 +91,9 @@ impl Tile {
 
 /// One 16-byte `cp.async` of a thread per k-tile: element `global` (at k-tile
 /// 0) of `plane` (of `elem`) to word `shared` (in stage 0) of the ring `ring`,
-/// whose stages are `stage` words apart.
+/// whose stages are `stage` words apart; the next k-tile's is `advance`
+/// elements on. Only threads where `guard` holds copy (a quantized tile has
+/// fewer chunks than the block has threads).
 struct Chunk<'a> {
     global: V,
     shared: V,
@@ -97,16 +101,45 @@ struct Chunk<'a> {
     elem: &'static str,
     ring: &'a str,
     stage: u64,
+    advance: u64,
+    guard: Option<V>,
+}
+
+/// The weights a tiled matmul reads: 16-bit values, or quantized blocks.
+pub(super) enum TileWeight<'a> {
+    Half(&'a HalfPlane),
+    Quant(QuantTile<'a>),
+}
+
+impl TileWeight<'_> {
+    /// The MMA operand type: the weights' own (f16/bf16), f16 for quants.
+    fn mma_type(&self) -> &'static str {
+        match self {
+            TileWeight::Half(h) => h.mma_type(),
+            TileWeight::Quant(_) => "f16",
+        }
+    }
+
+    /// Shared-memory words of one weight row of a k-tile.
+    fn row_words(&self) -> u64 {
+        match self {
+            TileWeight::Half(_) => W_STRIDE,
+            TileWeight::Quant(q) => q.row_words(),
+        }
+    }
 }
 
 /// The tile and the warps per band of its rows when a matmul takes the
 /// shared-memory tiled path: whole blocks of `THREADS`, one per 64 output
-/// features. `None` unless the weight is f16/bf16, k a multiple of 32 and the
-/// output width of 64.
+/// features. `None` unless the weight is f16/bf16 or Q8_0/Q4_0/Q4_1, k a
+/// multiple of 32 and the output width of 64.
 pub(crate) fn tiled(spec: &KernelSpec) -> Option<(Tile, u64)> {
     let (k, n) = (fixed_last(spec, spec.operands.first()?).ok()?, fixed_last(spec, &spec.result).ok()?);
-    let half = matches!(spec.operands.get(1)?.dtype, DType::F16 | DType::BF16);
-    if !spec.warp_matmul() || !half || k % TILE_K != 0 || n % TILE_N != 0 {
+    let typed = match spec.operands.get(1)?.dtype {
+        DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => true,
+        DType::F32 | DType::I32 => false,
+    };
+    if !spec.warp_matmul() || !typed || k % TILE_K != 0 || n % TILE_N != 0 {
         return None;
     }
     Some((Tile::for_width(n, spec.half_mma_activations), n / TILE_N * THREADS / WARP))
@@ -117,7 +150,7 @@ pub(crate) fn tiled(spec: &KernelSpec) -> Option<(Tile, u64)> {
 /// past `seq` read the last row and are not stored. Stores go through
 /// `store_result` (the fused epilogue).
 /// `tile` is `tiled(spec)`'s, so the launch and the kernel agree.
-pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, ins: &[V], out: &str, w: &HalfPlane) {
+pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, ins: &[V], out: &str, w: &TileWeight<'_>) {
     let Tile { m: tile_m, warps_m, nt, half } = tile;
     let (a_buf, seq) = (&ins[0], b.seq());
     let kc = b.index(k);
@@ -129,7 +162,7 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
     let blocks = b.muli(&bands, &col_tiles);
     let threads = b.index(THREADS);
     let work = b.muli(&blocks, &threads);
-    let (a_stage, w_stage) = (tile_m * A_STRIDE, TILE_N * W_STRIDE);
+    let (a_stage, w_stage) = (tile_m * A_STRIDE, TILE_N * w.row_words());
     let k_tiles = k / TILE_K;
     let pairs = tile.pairs(k_tiles);
     let (ring, per_step) = if pairs { (PAIR_STAGES, 2) } else { (STAGES, 1) };
@@ -163,33 +196,97 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
                 let stride = b.index(A_STRIDE);
                 let rs = b.muli(&row, &stride);
                 let sa = b.addi(&rs, &col);
-                v.push(Chunk { global: g, shared: sa, plane: a_buf, elem: "f32", ring: &s_a, stage: a_stage });
+                v.push(Chunk {
+                    global: g,
+                    shared: sa,
+                    plane: a_buf,
+                    elem: "f32",
+                    ring: &s_a,
+                    stage: a_stage,
+                    advance: TILE_K,
+                    guard: None,
+                });
             }
-            let row = b.divui(&tid, &four);
-            let q = b.remui(&tid, &four);
-            let col = b.muli(&q, &eight);
-            let j = b.addi(&c0, &row);
-            let jk = b.muli(&j, &kc);
-            let g = b.addi(&jk, &col);
-            let stride = b.index(W_STRIDE);
-            let rs = b.muli(&row, &stride);
-            // 8 16-bit words are 4 of the shared array's 4-byte words.
-            let q4 = b.muli(&q, &four);
-            let sw = b.addi(&rs, &q4);
-            v.push(Chunk { global: g, shared: sw, plane: w.words(), elem: "i16", ring: &s_w, stage: w_stage });
+            match w {
+                TileWeight::Half(h) => {
+                    let row = b.divui(&tid, &four);
+                    let q = b.remui(&tid, &four);
+                    let col = b.muli(&q, &eight);
+                    let j = b.addi(&c0, &row);
+                    let jk = b.muli(&j, &kc);
+                    let g = b.addi(&jk, &col);
+                    let stride = b.index(W_STRIDE);
+                    let rs = b.muli(&row, &stride);
+                    // 8 16-bit words are 4 of the shared array's 4-byte words.
+                    let q4 = b.muli(&q, &four);
+                    let sw = b.addi(&rs, &q4);
+                    v.push(Chunk {
+                        global: g,
+                        shared: sw,
+                        plane: h.words(),
+                        elem: "i16",
+                        ring: &s_w,
+                        stage: w_stage,
+                        advance: TILE_K,
+                        guard: None,
+                    });
+                }
+                TileWeight::Quant(qt) => {
+                    // Row j's block of k-tile kt: bytes (j·k_tiles + kt)·qb..,
+                    // one or two chunks; thread tid copies chunk tid.
+                    let qb = qt.block_bytes();
+                    let per_row = b.index(qb / 16);
+                    let row = b.divui(&tid, &per_row);
+                    let part = b.remui(&tid, &per_row);
+                    let j = b.addi(&c0, &row);
+                    let row_bytes = b.index(k_tiles * qb);
+                    let jb = b.muli(&j, &row_bytes);
+                    let sixteen = b.index(16);
+                    let pb = b.muli(&part, &sixteen);
+                    let g = b.addi(&jb, &pb);
+                    let stride = b.index(qt.row_words());
+                    let rs = b.muli(&row, &stride);
+                    let pw = b.muli(&part, &four);
+                    let sw = b.addi(&rs, &pw);
+                    let chunks = b.index(TILE_N * qb / 16);
+                    let guard = b.def(format!("arith.cmpi ult, {tid}, {chunks} : index"));
+                    v.push(Chunk {
+                        global: g,
+                        shared: sw,
+                        plane: qt.buf,
+                        elem: "i8",
+                        ring: &s_w,
+                        stage: w_stage,
+                        advance: qb,
+                        guard: Some(guard),
+                    });
+                }
+            }
             v
         };
         // Copies k-tile `kt` (an index value) into ring stage `st` (an index value).
         let issue = |b: &mut KernelBuilder, kt: &str, st: &str| {
             let tk = b.index(TILE_K);
-            let k0 = b.muli(kt, &tk);
+            let k0_tile = b.muli(kt, &tk);
             for c in &copies {
-                let gi = b.addi(&c.global, &k0);
-                let per = b.index(c.stage);
-                let so = b.muli(st, &per);
-                let si = b.addi(&so, &c.shared);
-                let dst = b.shared_ptr(c.ring, &si);
-                b.cp_async16(&dst, c.plane, &gi, c.elem);
+                let copy = |b: &mut KernelBuilder| {
+                    let k0 = if c.advance == TILE_K {
+                        k0_tile.clone()
+                    } else {
+                        let adv = b.index(c.advance);
+                        b.muli(kt, &adv)
+                    };
+                    let gi = b.addi(&c.global, &k0);
+                    let per = b.index(c.stage);
+                    let so = b.muli(st, &per);
+                    let si = b.addi(&so, &c.shared);
+                    let dst = b.shared_ptr(c.ring, &si);
+                    b.cp_async16(&dst, c.plane, &gi, c.elem);
+                };
+                match &c.guard {
+                    Some(g) => b.if_then(g, copy),
+                    None => copy(b),
+                }
             }
         };
         // In flight before the loop: STAGES - 1 k-tiles, one group each;
@@ -241,16 +338,43 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
             let w32 = b.index(8 * nt);
             b.muli(&wn, &w32)
         };
+        // The lane's word in a weight row (16-bit values: 8t / 2; quants:
+        // `QuantTile::lane_word`) and, for Q4, the shift to its nibbles.
+        let (lane_w, shift) = match w {
+            TileWeight::Half(_) => (t4.clone(), None),
+            TileWeight::Quant(qt) => {
+                let (lw, sh) = qt.lane_word(b, &t);
+                (lw, Some(sh))
+            }
+        };
         let fw: Vec<V> = (0..nt)
             .map(|q| {
                 let off = b.index(8 * q);
                 let j0 = b.addi(&wn_base, &off);
                 let j = b.addi(&j0, &g);
-                let stride = b.index(W_STRIDE);
+                let stride = b.index(w.row_words());
                 let rp = b.muli(&j, &stride);
-                b.addi(&rp, &t4)
+                b.addi(&rp, &lane_w)
             })
             .collect();
+        // Quants: the first scale block (k-tile 0) of the lane's two output
+        // columns per n-tile (2t and 2t + 1, as its accumulators hold them).
+        let scale_blocks: Vec<[V; 2]> = match w {
+            TileWeight::Half(_) => Vec::new(),
+            TileWeight::Quant(_) => (0..nt)
+                .map(|q| {
+                    let two = b.index(2);
+                    let t2 = b.muli(&t, &two);
+                    let off = b.index(8 * q);
+                    let j0 = b.addi(&c0, &wn_base);
+                    let j1 = b.addi(&j0, &off);
+                    let j = b.addi(&j1, &t2);
+                    let j2 = b.addi(&j, &one);
+                    let kt = b.index(k_tiles);
+                    [b.muli(&j, &kt), b.muli(&j2, &kt)]
+                })
+                .collect(),
+        };
         let zero_i = b.index(0);
         let zero = b.f32(0.0);
         // With two n-tiles a warp, the `hi` and `lo` parts' products (with
@@ -260,15 +384,33 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
         // be the whole kernel's, and its decode GEMV lost 3% to them (GPT-2
         // 124M on an H200).
         let per = (nt * 4) as usize;
-        let sets = if nt <= 2 { 2 } else { 1 };
+        // Quants: one set (each k-tile's products have accumulators of their own).
+        let sets = if nt <= 2 && matches!(w, TileWeight::Half(_)) { 2 } else { 1 };
         let init: Vec<(V, String)> = (0..sets * per).map(|_| (zero.clone(), "f32".to_string())).collect();
         let (ktc, stages) = (b.index(k_tiles), b.index(ring));
         // One k-tile in stage `st` multiplied into `accs`.
-        let mma_tile = |b: &mut KernelBuilder, st: &str, accs: &[V]| -> Vec<V> {
+        let mma_tile = |b: &mut KernelBuilder, st: &str, kt: &str, accs: &[V]| -> Vec<V> {
             let (a_per, w_per) = (b.index(a_stage), b.index(w_stage));
             let a_off = b.muli(st, &a_per);
             let w_off = b.muli(st, &w_per);
             let kind = w.mma_type();
+            // Quants: the scales (and offsets) of the lane's columns for this
+            // k-tile, their loads issued before anything else of the tile.
+            let scales: Vec<Vec<(V, Option<V>)>> = match w {
+                TileWeight::Half(_) => Vec::new(),
+                TileWeight::Quant(qt) => scale_blocks
+                    .iter()
+                    .map(|blocks| {
+                        blocks
+                            .iter()
+                            .map(|base| {
+                                let blk = b.addi(base, kt);
+                                qt.planes.scale_offset(b, &blk)
+                            })
+                            .collect()
+                    })
+                    .collect(),
+            };
             // Per row: [hi, lo] of its 8 k, each as 4 words of two 16-bit
             // values (k 0-1, 2-3, 4-5, 6-7 of the lane's 8).
             let rows: Vec<[Vec<V>; 2]> = fa
@@ -292,35 +434,79 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
                     [hi, lo]
                 })
                 .collect();
-            // Per n-tile: its 8 k of weights as stored, 4 words of two values.
+            // Per n-tile: its 8 k of weights, 4 words of two values (as
+            // stored; quants made f16).
             let ws: Vec<Vec<V>> = fw
                 .iter()
                 .map(|at| {
                     let i = b.addi(&w_off, at);
-                    let p = b.shared_ptr(&s_w, &i);
-                    let raw = b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr<3> -> vector<4xi32>"));
-                    words(b, &raw, 4)
+                    match (w, &shift) {
+                        (TileWeight::Quant(qt), Some(sh)) => qt.fragment(b, &s_w, &i, sh),
+                        _ => {
+                            let p = b.shared_ptr(&s_w, &i);
+                            let raw = b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr<3> -> vector<4xi32>"));
+                            words(b, &raw, 4)
+                        }
+                    }
                 })
                 .collect();
             // Step s reads pairs 2s and 2s + 1 of the lane's 8 k (k 8t + 4s
             // ..) as fragment columns 2t, 2t + 1 and 2t + 8, 2t + 9, A and
             // B alike, so the sum over the k-tile is the same.
-            let mut accs: Vec<V> = accs.to_vec();
-            for step in 0..(TILE_K / 16) as usize {
+            // Split: the lo products, then the hi ones; half: one part.
+            let parts: &[usize] = if half { &[0] } else { &[1, 0] };
+            let frag = |step: usize, part: usize| {
                 let (c_lo, c_hi) = (2 * step, 2 * step + 1);
-                for (q, wq) in ws.iter().enumerate() {
-                    let bq = [wq[c_lo].clone(), wq[c_hi].clone()];
-                    // Split: the lo products, then the hi ones, each set its
-                    // own chain; half: the steps take the sets in turn.
-                    let parts: &[usize] = if half { &[0] } else { &[1, 0] };
-                    for &part in parts {
-                        let frag =
-                            [&rows[0][part][c_lo], &rows[1][part][c_lo], &rows[0][part][c_hi], &rows[1][part][c_hi]].map(|v| v.clone());
-                        let chain = if half { step } else { part };
-                        let at = (chain % sets) * per + q * 4;
-                        let d = mma_sync_half(b, kind, &frag, &bq, &accs[at..at + 4]);
-                        accs.splice(at..at + 4, d);
+                [&rows[0][part][c_lo], &rows[1][part][c_lo], &rows[0][part][c_hi], &rows[1][part][c_hi]].map(|v| v.clone())
+            };
+            let steps = (TILE_K / 16) as usize;
+            let TileWeight::Quant(qt) = w else {
+                // Each split part its own chain; half: the steps take the
+                // sets in turn.
+                let mut accs: Vec<V> = accs.to_vec();
+                for step in 0..steps {
+                    for (q, wq) in ws.iter().enumerate() {
+                        let bq = [wq[2 * step].clone(), wq[2 * step + 1].clone()];
+                        for &part in parts {
+                            let chain = if half { step } else { part };
+                            let at = (chain % sets) * per + q * 4;
+                            let d = mma_sync_half(b, kind, &frag(step, part), &bq, &accs[at..at + 4]);
+                            accs.splice(at..at + 4, d);
+                        }
                     }
+                }
+                return accs;
+            };
+            // Quants: the k-tile's products Σ a·q per n-tile and, with an
+            // offset, the row sums Σ a (a B of ones), from zero; then
+            // acc += d·Σ a·q (+ m·Σ a) with the block's scale per column
+            // (loaded first, above).
+            let mut prods: Vec<V> = vec![zero.clone(); per];
+            let mut row_sums: Option<Vec<V>> = qt.has_offset().then(|| vec![zero.clone(); 4]);
+            let ones = QuantTile::ones(b);
+            for step in 0..steps {
+                for (q, wq) in ws.iter().enumerate() {
+                    let bq = [wq[2 * step].clone(), wq[2 * step + 1].clone()];
+                    for &part in parts {
+                        let d = mma_sync_half(b, kind, &frag(step, part), &bq, &prods[q * 4..q * 4 + 4]);
+                        prods.splice(q * 4..q * 4 + 4, d);
+                    }
+                }
+                if let Some(sums) = row_sums.as_mut() {
+                    for &part in parts {
+                        *sums = mma_sync_half(b, kind, &frag(step, part), &[ones.clone(), ones.clone()], sums);
+                    }
+                }
+            }
+            let mut accs: Vec<V> = accs.to_vec();
+            for (q, scales) in scales.iter().enumerate() {
+                for i in 0..4 {
+                    let (d, off) = &scales[i % 2];
+                    let mut a = b.fma(d, &prods[q * 4 + i], &accs[q * 4 + i]);
+                    if let (Some(o), Some(sums)) = (off, &row_sums) {
+                        a = b.fma(o, &sums[i], &a);
+                    }
+                    accs[q * 4 + i] = a;
                 }
             }
             accs
@@ -352,7 +538,7 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
                 let ii = b.index(i);
                 let kt = b.addi(&first, &ii);
                 let st = b.remui(&kt, &stages);
-                accs = mma_tile(b, &st, &accs);
+                accs = mma_tile(b, &st, &kt, &accs);
             }
             accs
         });

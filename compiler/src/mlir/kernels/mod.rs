@@ -58,6 +58,7 @@ mod half_planes;
 mod matmul;
 mod mma_half;
 mod mma_matmul;
+mod mma_quant;
 mod mma_tiled;
 mod norm;
 mod quant_planes;
