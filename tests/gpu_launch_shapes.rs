@@ -1,8 +1,8 @@
 //! Which NVPTX path each prefill kernel takes, as its manifest records the
 //! launch (`KernelStep::gpu_mma_warps`, `gpu_mma_rows`, `gpu_mma_block`):
-//! shared-memory tiles of 64 rows for wide f16/bf16 matmuls and of 32 below
-//! 1024 features, a warp per 16×8 tile for widths that are not a multiple of
-//! 64, the tensor-core attention for plain attention over f16 caches, and the
+//! shared-memory tiles of 64 rows for wide f16/bf16 and quantized matmuls
+//! and of 32 below 1024 features (f32 weights: 32 rows at every width), a
+//! warp per 16×8 tile for widths that are not a multiple of 64, the tensor-core attention for plain attention over f16 caches, and the
 //! thread-per-unit kernels otherwise, and `--gpu-mma-activations half`'s
 //! single MMA per k-step; these run without a GPU. Where one exists, the
 //! tensor-core prefill kernels' filetests also run on it against the
@@ -89,9 +89,9 @@ fn matmuls_take_shared_memory_tiles_by_width_and_warp_tiles_otherwise() {
     let mm: Vec<&KernelStep> = s.iter().filter(|k| k.kernel.contains("matmul")).collect();
     assert_eq!(mm.len(), 7, "{:?}", s.iter().map(|k| &k.kernel).collect::<Vec<_>>());
     // In graph order: 64-row tiles, 8 warps per 64 features; 32-row tiles;
-    // a warp per 16×8 tile (40 is no multiple of 64); f32 weights: none;
-    // quantized weights take the shared-memory tiles by width as 16-bit ones
-    // do, and the warp GEMV where the width is no multiple of 64.
+    // a warp per 16×8 tile (40 is no multiple of 64); f32 weights: 32-row
+    // tiles; quantized weights take the shared-memory tiles by width as
+    // 16-bit ones do, and the warp GEMV where the width is no multiple of 64.
     let shapes: Vec<_> = mm.iter().map(|k| (k.gpu_mma_warps, k.gpu_mma_rows, k.gpu_mma_block)).collect();
     assert_eq!(
         shapes,
@@ -99,7 +99,7 @@ fn matmuls_take_shared_memory_tiles_by_width_and_warp_tiles_otherwise() {
             (Some(288), Some(64), None),
             (Some(72), Some(32), None),
             (Some(5), None, None),
-            (None, None, None),
+            (Some(16), Some(32), None),
             (Some(192), Some(64), None),
             (Some(24), Some(32), None),
             (None, None, None)
@@ -191,6 +191,7 @@ fn cuda_tensor_core_prefill_kernels_equal_the_interpreter_and_the_cpu() {
         ("lower-matmul-mma-tiled", 1e-4, 1e-4, GpuMmaActivations::Split),
         ("lower-matmul-mma-tiled-half", 5e-2, 5e-2, GpuMmaActivations::Half),
         ("lower-matmul-mma-tiled-quant", 1e-4, 1e-4, GpuMmaActivations::Split),
+        ("lower-matmul-mma-tiled-f32", 1e-4, 1e-4, GpuMmaActivations::Split),
         ("lower-attention-mma", 2e-3, 1e-4, GpuMmaActivations::Split),
     ];
     for (file, reference, against_cpu, mode) in cases {

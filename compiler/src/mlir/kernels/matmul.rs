@@ -78,7 +78,7 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
         let tile_w = match (&planes, &half) {
             (Some(q), _) => Some(TileWeight::Quant(QuantTile { dt: wq, buf: &ins[1], planes: q })),
             (None, Some(h)) => Some(TileWeight::Half(h)),
-            (None, None) => None,
+            (None, None) => Some(TileWeight::F32(&ins[1])),
         };
         match (super::mma_tiled::tiled(spec), super::mma_matmul::mma_tiles(spec), &half, tile_w) {
             // Calls of more than one row on tensor cores (shared-memory tiles

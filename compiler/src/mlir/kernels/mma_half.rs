@@ -12,10 +12,23 @@ use crate::mlir::builder::{KernelBuilder, V};
 /// bits of `x` for f16 (16 for bf16); an f16 `lo` below 2^-14 loses bits as a
 /// subnormal, at most 2^-25 absolute. f16 holds magnitudes up to 65504.
 pub(super) fn half_split(b: &mut KernelBuilder, x: &str, width: u32, kind: &str) -> [V; 2] {
+    half_split_scaled(b, x, width, kind, None)
+}
+
+/// `half_split` with the rest multiplied by `lo_scale` (a power of two)
+/// before it is rounded: with 2^11 an f16 `lo` stays clear of the subnormals
+/// for values down to 2^-3 (a product with it is then 2^11 too large, so it
+/// goes to sums of its own).
+pub(super) fn half_split_scaled(b: &mut KernelBuilder, x: &str, width: u32, kind: &str, lo_scale: Option<f64>) -> [V; 2] {
     let (fv, hv) = (KernelBuilder::vty(width), format!("vector<{width}x{kind}>"));
     let hi = b.def(format!("arith.truncf {x} : {fv} to {hv}"));
     let back = b.def(format!("arith.extf {hi} : {hv} to {fv}"));
-    let rest = b.def(format!("arith.subf {x}, {back} : {fv}"));
+    let mut rest = b.def(format!("arith.subf {x}, {back} : {fv}"));
+    if let Some(s) = lo_scale {
+        let sv = b.f32(s as f32);
+        let sv = b.vbroadcast(&sv, width);
+        rest = b.def(format!("arith.mulf {rest}, {sv} : {fv}"));
+    }
     let lo = b.def(format!("arith.truncf {rest} : {fv} to {hv}"));
     [hi, lo].map(|h| b.def(format!("llvm.bitcast {h} : {hv} to vector<{}xi32>", width / 2)))
 }

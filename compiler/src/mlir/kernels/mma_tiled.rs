@@ -1,7 +1,8 @@
 //! NVPTX matmul on tensor cores with shared-memory tiles, for calls of more
-//! than one row (prefill) of f16/bf16 or block-quantized (Q8_0, Q4_0, Q4_1:
-//! `mma_quant.rs`) weights whose k is a multiple of 32 and whose output width
-//! is a multiple of 64: a block of 8 warps computes 64 rows
+//! than one row (prefill) of f16/bf16, block-quantized (Q8_0, Q4_0, Q4_1:
+//! `mma_quant.rs`) or f32 (split as the activations are, `TileWeight::F32`)
+//! weights whose k is a multiple of 32 and whose output width is a multiple
+//! of 64: a block of 8 warps computes 64 rows
 //! (32 for outputs narrower than 1024) × 64 output features. k-tiles of 32
 //! (the activations as f32, the weights as stored) are copied into a ring of
 //! `STAGES` shared buffers with `cp.async`, `STAGES - 1` tiles ahead of the
@@ -20,7 +21,7 @@
 //! instead of once per warp.
 
 use super::half_planes::HalfPlane;
-use super::mma_half::{half_round, half_split, mma_sync_half, words};
+use super::mma_half::{half_round, half_split_scaled, mma_sync_half, words};
 use super::mma_matmul::store_tiles;
 use super::mma_quant::QuantTile;
 use super::{fixed_last, KernelSpec, WARP};
@@ -46,6 +47,8 @@ const STAGES: u64 = 3;
 /// The ring with pairs of k-tiles (`Tile::pairs`): the pair being multiplied
 /// and the next pair in flight (4 × 8.7 KB at 32 rows).
 const PAIR_STAGES: u64 = 4;
+/// The scale of the lo parts when the weights are f32 (`half_split_scaled`).
+const F32_LO_SCALE: f64 = 2048.0;
 /// Outputs at least this wide take 64-row tiles, narrower ones 32-row tiles,
 /// which give the GPU twice the blocks (a 576-wide output of 512 rows: 144
 /// blocks instead of 72 on 132 SMs). On an H200, against 64-row tiles
@@ -66,6 +69,10 @@ pub(crate) struct Tile {
     warps_m: u64,
     nt: u64,
     half: bool,
+    /// f32 weights: their k-tiles take as much shared memory as the
+    /// activations', so the tile keeps 32 rows and one k-tile per barrier
+    /// (three stages: 3 × 13.8 KB).
+    f32_weights: bool,
 }
 
 impl Tile {
@@ -78,14 +85,14 @@ impl Tile {
     /// k-step) they were 2-8% slower, so those take one k-tile at a time.
     /// 64-row tiles' four stages would not fit 48 KB of shared memory.
     fn pairs(&self, k_tiles: u64) -> bool {
-        self.m == 32 && !self.half && k_tiles.is_multiple_of(2)
+        self.m == 32 && !self.half && !self.f32_weights && k_tiles.is_multiple_of(2)
     }
 
-    fn for_width(n: u64, half: bool) -> Tile {
-        let m = if n >= WIDE { 64 } else { 32 };
+    fn for_width(n: u64, half: bool, f32_weights: bool) -> Tile {
+        let m = if n >= WIDE && !f32_weights { 64 } else { 32 };
         let warps_m = m / 16;
         let warps_n = THREADS / WARP / warps_m;
-        Tile { m, warps_m, nt: TILE_N / 8 / warps_n, half }
+        Tile { m, warps_m, nt: TILE_N / 8 / warps_n, half, f32_weights }
     }
 }
 
@@ -105,44 +112,100 @@ struct Chunk<'a> {
     guard: Option<V>,
 }
 
-/// The weights a tiled matmul reads: 16-bit values, or quantized blocks.
+/// The 16-byte copies of a k-tile of f32 rows (activations, f32 weights):
+/// thread `tid` copies chunks `tid`, `tid + THREADS`, ... (row c / 8, k
+/// 4·(c % 8)..), rows padded to `A_STRIDE` words in shared memory.
+struct F32Rows<'a> {
+    tid: &'a V,
+    four: &'a V,
+    eight: &'a V,
+    /// k, the global rows' length.
+    kc: &'a V,
+}
+
+impl F32Rows<'_> {
+    /// The chunks of `rows` rows from global row `first` (clamped to `last`
+    /// where given) of `plane` into the ring `ring` of `stage` words.
+    #[allow(clippy::too_many_arguments)]
+    fn chunks<'b>(
+        &self,
+        b: &mut KernelBuilder,
+        rows: u64,
+        first: &V,
+        last: Option<&V>,
+        plane: &'b str,
+        ring: &'b str,
+        stage: u64,
+    ) -> Vec<Chunk<'b>> {
+        (0..rows * 8 / THREADS)
+            .map(|i| {
+                let off = b.index(i * THREADS);
+                let c = b.addi(self.tid, &off);
+                let row = b.divui(&c, self.eight);
+                let q = b.remui(&c, self.eight);
+                let col = b.muli(&q, self.four);
+                let r = b.addi(first, &row);
+                let r = match last {
+                    Some(l) => b.minui(&r, l),
+                    None => r,
+                };
+                let rk = b.muli(&r, self.kc);
+                let g = b.addi(&rk, &col);
+                let stride = b.index(A_STRIDE);
+                let rs = b.muli(&row, &stride);
+                let shared = b.addi(&rs, &col);
+                Chunk { global: g, shared, plane, elem: "f32", ring, stage, advance: TILE_K, guard: None }
+            })
+            .collect()
+    }
+}
+
+/// The weights a tiled matmul reads: 16-bit values, quantized blocks, or f32
+/// values (the byte buffer), which are split into a hi and a lo f16 part as
+/// the activations are, three MMAs a k-step (hi·hi, lo·hi, hi·lo; two with
+/// `half` activations), so the products stay near f32 rounding.
 pub(super) enum TileWeight<'a> {
     Half(&'a HalfPlane),
     Quant(QuantTile<'a>),
+    F32(&'a str),
 }
 
 impl TileWeight<'_> {
-    /// The MMA operand type: the weights' own (f16/bf16), f16 for quants.
+    /// The MMA operand type: the weights' own (f16/bf16), f16 for quants and
+    /// the parts of f32 weights.
     fn mma_type(&self) -> &'static str {
         match self {
             TileWeight::Half(h) => h.mma_type(),
-            TileWeight::Quant(_) => "f16",
+            TileWeight::Quant(_) | TileWeight::F32(_) => "f16",
         }
     }
 
-    /// Shared-memory words of one weight row of a k-tile.
+    /// Shared-memory words of one weight row of a k-tile (f32 rows padded
+    /// as the activations' are).
     fn row_words(&self) -> u64 {
         match self {
             TileWeight::Half(_) => W_STRIDE,
             TileWeight::Quant(q) => q.row_words(),
+            TileWeight::F32(_) => A_STRIDE,
         }
     }
 }
 
 /// The tile and the warps per band of its rows when a matmul takes the
 /// shared-memory tiled path: whole blocks of `THREADS`, one per 64 output
-/// features. `None` unless the weight is f16/bf16 or Q8_0/Q4_0/Q4_1, k a
+/// features. `None` unless the weight is f16/bf16, Q8_0/Q4_0/Q4_1 or f32, k a
 /// multiple of 32 and the output width of 64.
 pub(crate) fn tiled(spec: &KernelSpec) -> Option<(Tile, u64)> {
     let (k, n) = (fixed_last(spec, spec.operands.first()?).ok()?, fixed_last(spec, &spec.result).ok()?);
-    let typed = match spec.operands.get(1)?.dtype {
-        DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => true,
-        DType::F32 | DType::I32 => false,
+    let (typed, f32_weights) = match spec.operands.get(1)?.dtype {
+        DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => (true, false),
+        DType::F32 => (true, true),
+        DType::I32 => (false, false),
     };
     if !spec.warp_matmul() || !typed || k % TILE_K != 0 || n % TILE_N != 0 {
         return None;
     }
-    Some((Tile::for_width(n, spec.half_mma_activations), n / TILE_N * THREADS / WARP))
+    Some((Tile::for_width(n, spec.half_mma_activations, f32_weights), n / TILE_N * THREADS / WARP))
 }
 
 /// `out[r, j] = a[r, :] · w[j, :]` for `seq` rows: block `blk` of the launch
@@ -151,7 +214,7 @@ pub(crate) fn tiled(spec: &KernelSpec) -> Option<(Tile, u64)> {
 /// `store_result` (the fused epilogue).
 /// `tile` is `tiled(spec)`'s, so the launch and the kernel agree.
 pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, ins: &[V], out: &str, w: &TileWeight<'_>) {
-    let Tile { m: tile_m, warps_m, nt, half } = tile;
+    let Tile { m: tile_m, warps_m, nt, half, .. } = tile;
     let (a_buf, seq) = (&ins[0], b.seq());
     let kc = b.index(k);
     let one = b.index(1);
@@ -182,31 +245,8 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
         // `tid` (row tid / 4, k 8·(tid % 4)..); global offsets at k-tile 0,
         // shared offsets in stage 0.
         let copies: Vec<Chunk> = {
-            let mut v = Vec::new();
-            for extra in (0..tile_m * 8 / THREADS).map(|i| i * THREADS) {
-                let off = b.index(extra);
-                let c = b.addi(&tid, &off);
-                let row = b.divui(&c, &eight);
-                let q = b.remui(&c, &eight);
-                let col = b.muli(&q, &four);
-                let r = b.addi(&r0, &row);
-                let r = b.minui(&r, &last_row);
-                let rk = b.muli(&r, &kc);
-                let g = b.addi(&rk, &col);
-                let stride = b.index(A_STRIDE);
-                let rs = b.muli(&row, &stride);
-                let sa = b.addi(&rs, &col);
-                v.push(Chunk {
-                    global: g,
-                    shared: sa,
-                    plane: a_buf,
-                    elem: "f32",
-                    ring: &s_a,
-                    stage: a_stage,
-                    advance: TILE_K,
-                    guard: None,
-                });
-            }
+            let rows = F32Rows { tid: &tid, four: &four, eight: &eight, kc: &kc };
+            let mut v = rows.chunks(b, tile_m, &r0, Some(&last_row), a_buf, &s_a, a_stage);
             match w {
                 TileWeight::Half(h) => {
                     let row = b.divui(&tid, &four);
@@ -231,6 +271,8 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
                         guard: None,
                     });
                 }
+                // Like the activations, the 64 weight rows' 32 k.
+                TileWeight::F32(buf) => v.extend(rows.chunks(b, TILE_N, &c0, None, buf, &s_w, w_stage)),
                 TileWeight::Quant(qt) => {
                     // Row j's block of k-tile kt: bytes (j·k_tiles + kt)·qb..,
                     // one or two chunks; thread tid copies chunk tid.
@@ -342,6 +384,7 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
         // `QuantTile::lane_word`) and, for Q4, the shift to its nibbles.
         let (lane_w, shift) = match w {
             TileWeight::Half(_) => (t4.clone(), None),
+            TileWeight::F32(_) => (t8.clone(), None),
             TileWeight::Quant(qt) => {
                 let (lw, sh) = qt.lane_word(b, &t);
                 (lw, Some(sh))
@@ -360,7 +403,7 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
         // Quants: the first scale block (k-tile 0) of the lane's two output
         // columns per n-tile (2t and 2t + 1, as its accumulators hold them).
         let scale_blocks: Vec<[V; 2]> = match w {
-            TileWeight::Half(_) => Vec::new(),
+            TileWeight::Half(_) | TileWeight::F32(_) => Vec::new(),
             TileWeight::Quant(_) => (0..nt)
                 .map(|q| {
                     let two = b.index(2);
@@ -384,8 +427,13 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
         // be the whole kernel's, and its decode GEMV lost 3% to them (GPT-2
         // 124M on an H200).
         let per = (nt * 4) as usize;
-        // Quants: one set (each k-tile's products have accumulators of their own).
-        let sets = if nt <= 2 && matches!(w, TileWeight::Half(_)) { 2 } else { 1 };
+        // Quants: one set (each k-tile's products have accumulators of their
+        // own); f32 weights (32-row tiles: two n-tiles) always two.
+        let sets = if nt <= 2 && !matches!(w, TileWeight::Quant(_)) { 2 } else { 1 };
+        debug_assert!(sets == 2 || !matches!(w, TileWeight::F32(_)));
+        // The lo parts of f32 weights and of the activations they meet are
+        // scaled clear of f16's subnormals.
+        let lo_scale = matches!(w, TileWeight::F32(_)).then_some(F32_LO_SCALE);
         let init: Vec<(V, String)> = (0..sets * per).map(|_| (zero.clone(), "f32".to_string())).collect();
         let (ktc, stages) = (b.index(k_tiles), b.index(ring));
         // One k-tile in stage `st` multiplied into `accs`.
@@ -397,7 +445,7 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
             // Quants: the scales (and offsets) of the lane's columns for this
             // k-tile, their loads issued before anything else of the tile.
             let scales: Vec<Vec<(V, Option<V>)>> = match w {
-                TileWeight::Half(_) => Vec::new(),
+                TileWeight::Half(_) | TileWeight::F32(_) => Vec::new(),
                 TileWeight::Quant(qt) => scale_blocks
                     .iter()
                     .map(|blocks| {
@@ -417,35 +465,22 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
                 .iter()
                 .map(|at| {
                     let i0 = b.addi(&a_off, at);
-                    let i1 = b.addi(&i0, &four);
-                    let halves = [b.load_shared_vec(&s_a, &i0, 4), b.load_shared_vec(&s_a, &i1, 4)];
-                    let (mut hi, mut lo) = (Vec::new(), Vec::new());
-                    for h in &halves {
-                        if half {
-                            let v = half_round(b, h, 4, kind);
-                            hi.extend(words(b, &v, 2));
-                            continue;
-                        }
-                        let [vh, vl] = half_split(b, h, 4, kind);
-                        for (v, dst) in [(&vh, &mut hi), (&vl, &mut lo)] {
-                            dst.extend(words(b, v, 2));
-                        }
-                    }
-                    [hi, lo]
+                    split_fragment(b, &s_a, &i0, &four, half, kind, lo_scale)
                 })
                 .collect();
             // Per n-tile: its 8 k of weights, 4 words of two values (as
-            // stored; quants made f16).
-            let ws: Vec<Vec<V>> = fw
+            // stored; quants made f16; f32 split into [hi, lo]).
+            let ws: Vec<[Vec<V>; 2]> = fw
                 .iter()
                 .map(|at| {
                     let i = b.addi(&w_off, at);
                     match (w, &shift) {
-                        (TileWeight::Quant(qt), Some(sh)) => qt.fragment(b, &s_w, &i, sh),
+                        (TileWeight::Quant(qt), Some(sh)) => [qt.fragment(b, &s_w, &i, sh), Vec::new()],
+                        (TileWeight::F32(_), _) => split_fragment(b, &s_w, &i, &four, false, kind, lo_scale),
                         _ => {
                             let p = b.shared_ptr(&s_w, &i);
                             let raw = b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr<3> -> vector<4xi32>"));
-                            words(b, &raw, 4)
+                            [words(b, &raw, 4), Vec::new()]
                         }
                     }
                 })
@@ -460,12 +495,31 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
                 [&rows[0][part][c_lo], &rows[1][part][c_lo], &rows[0][part][c_hi], &rows[1][part][c_hi]].map(|v| v.clone())
             };
             let steps = (TILE_K / 16) as usize;
+            if let TileWeight::F32(_) = w {
+                // Products of the parts, the small ones first: lo·hi and
+                // hi·lo (2^11 too large: their lo parts are scaled) into set
+                // 1, hi·hi into set 0 (half activations: hi·lo, hi·hi).
+                let mut accs: Vec<V> = accs.to_vec();
+                let products: &[(usize, usize)] = if half { &[(0, 1), (0, 0)] } else { &[(1, 0), (0, 1), (0, 0)] };
+                for step in 0..steps {
+                    for (q, wq) in ws.iter().enumerate() {
+                        for &(a_part, w_part) in products {
+                            let bq = [wq[w_part][2 * step].clone(), wq[w_part][2 * step + 1].clone()];
+                            let set = usize::from(a_part + w_part > 0);
+                            let at = set * per + q * 4;
+                            let d = mma_sync_half(b, kind, &frag(step, a_part), &bq, &accs[at..at + 4]);
+                            accs.splice(at..at + 4, d);
+                        }
+                    }
+                }
+                return accs;
+            }
             let TileWeight::Quant(qt) = w else {
                 // Each split part its own chain; half: the steps take the
                 // sets in turn.
                 let mut accs: Vec<V> = accs.to_vec();
                 for step in 0..steps {
-                    for (q, wq) in ws.iter().enumerate() {
+                    for (q, [wq, _]) in ws.iter().enumerate() {
                         let bq = [wq[2 * step].clone(), wq[2 * step + 1].clone()];
                         for &part in parts {
                             let chain = if half { step } else { part };
@@ -485,7 +539,7 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
             let mut row_sums: Option<Vec<V>> = qt.has_offset().then(|| vec![zero.clone(); 4]);
             let ones = QuantTile::ones(b);
             for step in 0..steps {
-                for (q, wq) in ws.iter().enumerate() {
+                for (q, [wq, _]) in ws.iter().enumerate() {
                     let bq = [wq[2 * step].clone(), wq[2 * step + 1].clone()];
                     for &part in parts {
                         let d = mma_sync_half(b, kind, &frag(step, part), &bq, &prods[q * 4..q * 4 + 4]);
@@ -542,9 +596,39 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
             }
             accs
         });
-        let sums: Vec<V> = if sets == 2 { (0..per).map(|i| b.add(&res[per + i], &res[i])).collect() } else { res };
+        let sums: Vec<V> = match (sets, w) {
+            // f32 weights: the lo products' sums scaled back.
+            (2, TileWeight::F32(_)) => {
+                let back = b.f32((1.0 / lo_scale.unwrap_or(1.0)) as f32);
+                (0..per).map(|i| b.fma(&res[per + i], &back, &res[i])).collect()
+            }
+            (2, _) => (0..per).map(|i| b.add(&res[per + i], &res[i])).collect(),
+            _ => res,
+        };
         let rows = [b.addi(&r0, &ra_t), b.addi(&r0, &rb_t)];
         let cbase = b.addi(&c0, &wn_base);
         store_tiles(b, [&rows[0], &rows[1]], &cbase, &t, &sums, n, out);
     });
+}
+
+/// The lane's 8 f32 values at word `i0` of the shared array `ring` (16-byte
+/// aligned) as `[hi, lo]`, each 4 words of `kind` pairs (k 0-1, 2-3, 4-5,
+/// 6-7), `lo` scaled by `lo_scale` (`half_split_scaled`); with `half`, `hi`
+/// alone, rounded (`lo` empty). `four` is the index constant 4.
+fn split_fragment(b: &mut KernelBuilder, ring: &str, i0: &str, four: &str, half: bool, kind: &str, lo_scale: Option<f64>) -> [Vec<V>; 2] {
+    let i1 = b.addi(i0, four);
+    let halves = [b.load_shared_vec(ring, i0, 4), b.load_shared_vec(ring, &i1, 4)];
+    let (mut hi, mut lo) = (Vec::new(), Vec::new());
+    for h in &halves {
+        if half {
+            let v = half_round(b, h, 4, kind);
+            hi.extend(words(b, &v, 2));
+            continue;
+        }
+        let [vh, vl] = half_split_scaled(b, h, 4, kind, lo_scale);
+        for (v, dst) in [(&vh, &mut hi), (&vl, &mut lo)] {
+            dst.extend(words(b, v, 2));
+        }
+    }
+    [hi, lo]
 }
