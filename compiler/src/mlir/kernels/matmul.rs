@@ -228,9 +228,9 @@ enum WarpWeight<'a> {
 /// with vector FMAs. f16/bf16 (`k` a multiple of 8): lane l reads 16 bytes of
 /// the weight row (8 values) at 8l, 8l + 256, ... and the 32 bytes of
 /// activations they meet, widens the weights in registers and accumulates in
-/// f32. Block-quantized weights (`planes`; `k` whole blocks of 32):
-/// lane l dequantizes elements l, l + 32, ... (a warp reads one block's bytes
-/// and its scale per step). The steps are unrolled (`warp_fold`): a lane's
+/// f32. Block-quantized weights (`planes`; `k` whole blocks of 32): lane l
+/// reads 16 bytes of quants a step (`quant_partial`: Q8_0 half a block, Q4 a
+/// block), the activations they meet and the block's scale. The steps are unrolled (`warp_fold`): a lane's
 /// loads of up to `UNROLL` steps are in flight together. The warps and their
 /// sums: `warp_per_output`.
 fn emit_warp_dot(b: &mut KernelBuilder, work: &str, k: u64, n: u64, ins: &[V], out: &str, weight: WarpWeight<'_>) {
@@ -239,23 +239,7 @@ fn emit_warp_dot(b: &mut KernelBuilder, work: &str, k: u64, n: u64, ins: &[V], o
         let kc = b.index(k);
         let wrow = b.muli(j, &kc);
         match weight {
-            WarpWeight::Quant(q) => {
-                let zero = b.f32(0.0);
-                warp_fold(
-                    b,
-                    lane,
-                    k,
-                    1,
-                    (zero, "f32".into()),
-                    |b, kk| {
-                        let ai = b.addi(arow, kk);
-                        let a = b.load(&a_buf, &ai);
-                        let wi = b.addi(&wrow, kk);
-                        (a, q.load(b, &w_buf, &wi))
-                    },
-                    |b, (a, w), acc| b.fma(a, w, acc),
-                )
-            }
+            WarpWeight::Quant(q) => quant_partial(b, &a_buf, arow, lane, k, q, &w_buf, &wrow),
             WarpWeight::F32 => vector_partial(b, &a_buf, arow, lane, k, 4, |b, kk| {
                 let i = b.addi(&wrow, kk);
                 f32_vload(b, &w_buf, &i, 4)
@@ -266,6 +250,80 @@ fn emit_warp_dot(b: &mut KernelBuilder, work: &str, k: u64, n: u64, ins: &[V], o
             }),
         }
     });
+}
+
+/// One lane's partial dot product over a block-quantized weight row (`wrow`,
+/// its first element): lane l takes the 16-byte runs of quants at l, l + 32,
+/// ... (Q8_0: half a block, 16 values; Q4_0/Q4_1: a whole block, its 32
+/// values as low and high nibbles), the activations they meet as 16-byte
+/// loads, and the block's scale: `d·Σ a·q`, plus `m·Σ a` with an offset.
+#[allow(clippy::too_many_arguments)]
+fn quant_partial(b: &mut KernelBuilder, a_buf: &str, arow: &str, lane: &str, k: u64, q: &QuantPlanes, w_buf: &str, wrow: &str) -> V {
+    let dt = q.dtype();
+    let qb = sparsec_ir::quant::quant_bytes(dt) as u64;
+    // Values a lane takes per step: the values of 16 bytes of quants.
+    let width: u32 = if dt == sparsec_ir::DType::Q8_0 { 16 } else { 32 };
+    let wc = b.index(width as u64);
+    let start = b.muli(lane, &wc);
+    let zero = b.f32(0.0);
+    warp_fold(
+        b,
+        &start,
+        k,
+        width as u64,
+        (zero, "f32".into()),
+        |b, kk| {
+            let ai = b.addi(arow, kk);
+            let a: Vec<V> = (0..width as u64 / 16)
+                .map(|h| {
+                    let off = b.index(16 * h);
+                    let i = b.addi(&ai, &off);
+                    f32_vload(b, a_buf, &i, 16)
+                })
+                .collect();
+            let flat = b.addi(wrow, kk);
+            let qk = b.index(sparsec_ir::quant::QK as u64);
+            let blk = b.divui(&flat, &qk);
+            let within = b.remui(&flat, &qk);
+            let (d, off) = q.scale_offset(b, &blk);
+            // Q8_0: byte `within` of the block; Q4: the block's 16 bytes.
+            let qbc = b.index(qb);
+            let at = b.muli(&blk, &qbc);
+            let at = if dt == sparsec_ir::DType::Q8_0 { b.addi(&at, &within) } else { at };
+            let bytes = {
+                let i = b.def(format!("arith.index_cast {at} : index to i64"));
+                let p = b.def(format!("llvm.getelementptr inbounds {w_buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, i8"));
+                b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr -> vector<16xi8>"))
+            };
+            let vf = KernelBuilder::vty(16);
+            let qs: Vec<V> = if dt == sparsec_ir::DType::Q8_0 {
+                vec![b.def(format!("arith.sitofp {bytes} : vector<16xi8> to {vf}"))]
+            } else {
+                let (mask, four) = (b.vsplat_int(15, 16, "i8"), b.vsplat_int(4, 16, "i8"));
+                let lo = b.def(format!("arith.andi {bytes}, {mask} : vector<16xi8>"));
+                let hi = b.def(format!("arith.shrui {bytes}, {four} : vector<16xi8>"));
+                [lo, hi].iter().map(|n| b.def(format!("arith.uitofp {n} : vector<16xi8> to {vf}"))).collect()
+            };
+            (a, qs, d, off)
+        },
+        |b, (a, qs, d, off), acc| {
+            let vf = KernelBuilder::vty(16);
+            let mut dot = b.def(format!("arith.mulf {}, {} : {vf}", a[0], qs[0]));
+            for (av, qv) in a.iter().zip(qs).skip(1) {
+                dot = b.def(format!("math.fma {av}, {qv}, {dot} : {vf}"));
+            }
+            let dot = f32_lanes_sum(b, &dot, 16);
+            let acc = b.fma(d, &dot, acc);
+            match off {
+                Some(o) => {
+                    let sum = a.iter().skip(1).fold(a[0].clone(), |s, v| b.def(format!("arith.addf {s}, {v} : {vf}")));
+                    let sum = f32_lanes_sum(b, &sum, 16);
+                    b.fma(o, &sum, &acc)
+                }
+                None => acc,
+            }
+        },
+    )
 }
 
 /// One lane's partial dot product over vectors of `width` elements: lane l

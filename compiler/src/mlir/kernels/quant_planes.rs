@@ -22,6 +22,11 @@ impl QuantPlanes {
         QuantPlanes { dt, d, m }
     }
 
+    /// The block type (Q8_0, Q4_0 or Q4_1).
+    pub(in crate::mlir) fn dtype(&self) -> DType {
+        self.dt
+    }
+
     /// The scale and the offset of block `blk`: x = scale·q + offset.
     pub(in crate::mlir) fn scale_offset(&self, b: &mut KernelBuilder, blk: &str) -> (V, Option<V>) {
         self.scales_offsets(b, blk, None)
