@@ -294,9 +294,17 @@ impl KernelBuilder {
         self.def(format!("arith.extf {h} : vector<{width}xf16> to {}", Self::vty(width)))
     }
 
-    /// `n` bytes at `buf[idx..]` as `vector<nxi8>` (CPU).
+    /// `n` bytes at `buf[idx..]` as `vector<nxi8>` (on NVPTX `idx` a
+    /// multiple of `n` up to 16: one aligned load).
     pub fn vload_bytes(&mut self, buf: &str, idx: &str, n: u32) -> V {
-        self.def(format!("vector.load {buf}[{idx}] : memref<?xi8>, vector<{n}xi8>"))
+        match self.device {
+            Device::Cpu => self.def(format!("vector.load {buf}[{idx}] : memref<?xi8>, vector<{n}xi8>")),
+            Device::Nvptx => {
+                let i = self.def(format!("arith.index_cast {idx} : index to i64"));
+                let p = self.def(format!("llvm.getelementptr inbounds {buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, i8"));
+                self.def(format!("llvm.load {p} {{alignment = {} : i64}} : !llvm.ptr -> vector<{n}xi8>", n.min(16)))
+            }
+        }
     }
 
     /// Hints that `buf[min(idx + ahead, last)]` (a `memref<?xELEM>`, CPU) will

@@ -10,7 +10,7 @@ use super::half_planes::{HalfPlane, HALF_VEC};
 use super::mma_matmul::emit_mma_matmul;
 use super::mma_quant::QuantTile;
 use super::mma_tiled::{emit_tiled_mma, TileWeight};
-use super::quant_planes::QuantPlanes;
+use super::quant_planes::{nibbles, QuantPlanes};
 use super::tiled_matmul::emit_tiled_matmul;
 use super::warp_fold::{f32_lanes_sum, f32_vload, warp_fold, warp_per_output};
 use super::{fixed_last, KernelCtx, VW};
@@ -76,19 +76,19 @@ fn emit_row_matmul(b: &mut KernelBuilder, cx: &KernelCtx<'_>, transpose_b: bool)
         };
         super::warp_fold::prefetch_warp_rows(b, &ins[1], n, row_bytes);
         let tile_w = match (&planes, &half) {
-            (Some(q), _) => Some(TileWeight::Quant(QuantTile { dt: wq, buf: &ins[1], planes: q })),
-            (None, Some(h)) => Some(TileWeight::Half(h)),
-            (None, None) => Some(TileWeight::F32(&ins[1])),
+            (Some(q), _) => TileWeight::Quant(QuantTile { dt: wq, buf: &ins[1], planes: q }),
+            (None, Some(h)) => TileWeight::Half(h),
+            (None, None) => TileWeight::F32(&ins[1]),
         };
-        match (super::mma_tiled::tiled(spec), super::mma_matmul::mma_tiles(spec), &half, tile_w) {
+        match (super::mma_tiled::tiled(spec), super::mma_matmul::mma_tiles(spec), &half) {
             // Calls of more than one row on tensor cores (shared-memory tiles
             // where the shape allows, else a tile per warp); one row: the warp GEMV.
-            (Some((tile, _)), _, _, Some(tw)) => {
+            (Some((tile, _)), _, _) => {
                 let (seq, one) = (b.seq(), b.index(1));
                 let rows = b.def(format!("arith.cmpi ugt, {seq}, {one} : index"));
-                b.if_else(&rows, |b| emit_tiled_mma(b, tile, k, n, ins, out, &tw), |b| emit_warp_dot(b, work, k, n, ins, out, w));
+                b.if_else(&rows, |b| emit_tiled_mma(b, tile, k, n, ins, out, &tile_w), |b| emit_warp_dot(b, work, k, n, ins, out, w));
             }
-            (None, Some((nt, warps)), Some(h), _) => {
+            (None, Some((nt, warps)), Some(h)) => {
                 let (seq, one) = (b.seq(), b.index(1));
                 let rows = b.def(format!("arith.cmpi ugt, {seq}, {one} : index"));
                 b.if_else(&rows, |b| emit_mma_matmul(b, k, n, nt, warps, ins, out, h), |b| emit_warp_dot(b, work, k, n, ins, out, w));
@@ -290,18 +290,12 @@ fn quant_partial(b: &mut KernelBuilder, a_buf: &str, arow: &str, lane: &str, k: 
             let qbc = b.index(qb);
             let at = b.muli(&blk, &qbc);
             let at = if dt == sparsec_ir::DType::Q8_0 { b.addi(&at, &within) } else { at };
-            let bytes = {
-                let i = b.def(format!("arith.index_cast {at} : index to i64"));
-                let p = b.def(format!("llvm.getelementptr inbounds {w_buf}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, i8"));
-                b.def(format!("llvm.load {p} {{alignment = 16 : i64}} : !llvm.ptr -> vector<16xi8>"))
-            };
             let vf = KernelBuilder::vty(16);
             let qs: Vec<V> = if dt == sparsec_ir::DType::Q8_0 {
+                let bytes = b.vload_bytes(w_buf, &at, 16);
                 vec![b.def(format!("arith.sitofp {bytes} : vector<16xi8> to {vf}"))]
             } else {
-                let (mask, four) = (b.vsplat_int(15, 16, "i8"), b.vsplat_int(4, 16, "i8"));
-                let lo = b.def(format!("arith.andi {bytes}, {mask} : vector<16xi8>"));
-                let hi = b.def(format!("arith.shrui {bytes}, {four} : vector<16xi8>"));
+                let (lo, hi) = nibbles(b, w_buf, &at);
                 [lo, hi].iter().map(|n| b.def(format!("arith.uitofp {n} : vector<16xi8> to {vf}"))).collect()
             };
             (a, qs, d, off)

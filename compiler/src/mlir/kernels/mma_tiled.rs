@@ -596,13 +596,13 @@ pub(super) fn emit_tiled_mma(b: &mut KernelBuilder, tile: Tile, k: u64, n: u64, 
             }
             accs
         });
-        let sums: Vec<V> = match (sets, w) {
-            // f32 weights: the lo products' sums scaled back.
-            (2, TileWeight::F32(_)) => {
-                let back = b.f32((1.0 / lo_scale.unwrap_or(1.0)) as f32);
+        let sums: Vec<V> = match (sets, lo_scale) {
+            // Scaled lo parts (f32 weights): their products' sums scaled back.
+            (2, Some(s)) => {
+                let back = b.f32((1.0 / s) as f32);
                 (0..per).map(|i| b.fma(&res[per + i], &back, &res[i])).collect()
             }
-            (2, _) => (0..per).map(|i| b.add(&res[per + i], &res[i])).collect(),
+            (2, None) => (0..per).map(|i| b.add(&res[per + i], &res[i])).collect(),
             _ => res,
         };
         let rows = [b.addi(&r0, &ra_t), b.addi(&r0, &rb_t)];
